@@ -1,0 +1,332 @@
+//! Lossless message editing for a proxy.
+//!
+//! An [`Editor`] records splices against the original bytes of a parsed [`Message`] —
+//! insert a header line, replace a value, delete a value or a line — and [`Editor::finish`]
+//! writes the original with the splices applied. Bytes no edit touches go out exactly as
+//! they came in: header order, compact names, folding and the body are preserved.
+
+use crate::header::HeaderName;
+use crate::parse::Message;
+
+#[derive(Debug, Clone)]
+struct Splice {
+    start: usize,
+    end: usize,
+    seq: u32,
+    with: Vec<u8>,
+}
+
+/// Records splices against one message; see the module docs.
+#[derive(Debug)]
+#[must_use = "an Editor does nothing until finish() or write_into()"]
+pub struct Editor<'m, 'b, 'h> {
+    msg: &'m Message<'b, 'h>,
+    splices: Vec<Splice>,
+    seq: u32,
+    body_len_delta: bool,
+}
+
+/// Why an edit could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EditError {
+    /// There is no such header to pop from.
+    NoSuchHeader(HeaderName),
+    /// The message is a response, and the edit applies to requests only.
+    NotARequest,
+}
+
+impl std::fmt::Display for EditError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EditError::NoSuchHeader(h) => write!(f, "no {h} header to edit"),
+            EditError::NotARequest => f.write_str("edit applies to requests only"),
+        }
+    }
+}
+
+impl std::error::Error for EditError {}
+
+impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
+    /// Starts editing `msg`.
+    pub fn new(msg: &'m Message<'b, 'h>) -> Self {
+        Editor {
+            msg,
+            splices: Vec::with_capacity(4),
+            seq: 0,
+            body_len_delta: false,
+        }
+    }
+
+    fn splice(&mut self, start: usize, end: usize, with: Vec<u8>) {
+        self.seq += 1;
+        self.splices.push(Splice {
+            start,
+            end,
+            seq: self.seq,
+            with,
+        });
+    }
+
+    fn line(name: &str, value: &[u8]) -> Vec<u8> {
+        let mut l = Vec::with_capacity(name.len() + value.len() + 4);
+        l.extend_from_slice(name.as_bytes());
+        l.extend_from_slice(b": ");
+        l.extend_from_slice(value);
+        l.extend_from_slice(b"\r\n");
+        l
+    }
+
+    /// Where a new header line goes when nothing better applies: the end of the head.
+    fn end_of_headers(&self) -> usize {
+        self.msg.head_len() - 2
+    }
+
+    /// Inserts `Via: value` above the topmost Via (RFC 3261 §16.6 step 8).
+    pub fn prepend_via(&mut self, value: &[u8]) -> &mut Self {
+        let at = self
+            .msg
+            .header(HeaderName::Via)
+            .map_or_else(|| self.end_of_headers(), |h| h.line_start as usize);
+        self.splice(at, at, Self::line("Via", value));
+        self
+    }
+
+    /// Removes the topmost value of a (possibly comma-separated) header: the whole line if
+    /// it held one value, else the first value and its comma.
+    pub fn pop_first_value(&mut self, name: HeaderName) -> Result<&mut Self, EditError> {
+        let h_index = self
+            .msg
+            .headers()
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or(EditError::NoSuchHeader(name))?;
+        let h = self.msg.headers()[h_index];
+        let values: Vec<_> = self
+            .msg
+            .values(name)
+            .into_iter()
+            .filter(|v| v.header_index == h_index)
+            .take(2)
+            .collect();
+        match values.as_slice() {
+            [first, second] => self.splice(first.start, second.start, Vec::new()),
+            _ => self.splice(h.line_start as usize, h.line_end as usize, Vec::new()),
+        }
+        Ok(self)
+    }
+
+    /// Removes the topmost Via value (a proxy forwarding a response, RFC 3261 §16.7 step 3).
+    pub fn pop_top_via(&mut self) -> Result<&mut Self, EditError> {
+        self.pop_first_value(HeaderName::Via)
+    }
+
+    /// Removes the topmost Route value (loose routing, RFC 3261 §16.4).
+    pub fn pop_top_route(&mut self) -> Result<&mut Self, EditError> {
+        self.pop_first_value(HeaderName::Route)
+    }
+
+    /// Sets `Max-Forwards` to `n`, replacing the value in place or adding the header.
+    pub fn set_max_forwards(&mut self, n: u8) -> &mut Self {
+        let v = n.to_string().into_bytes();
+        match self.msg.header(HeaderName::MaxForwards) {
+            Some(h) => {
+                let (s, e) = (h.value_start as usize, h.value_end() as usize);
+                self.splice(s, e, v);
+            }
+            None => {
+                let at = self.end_of_headers();
+                self.splice(at, at, Self::line("Max-Forwards", &v));
+            }
+        }
+        self
+    }
+
+    /// Inserts `Record-Route: value` above the existing Record-Route values (RFC 3261
+    /// §16.6 step 4), or at the end of the head if there are none.
+    pub fn insert_record_route(&mut self, value: &[u8]) -> &mut Self {
+        let at = self
+            .msg
+            .header(HeaderName::RecordRoute)
+            .map_or_else(|| self.end_of_headers(), |h| h.line_start as usize);
+        self.splice(at, at, Self::line("Record-Route", value));
+        self
+    }
+
+    /// Inserts `Route: value` above the existing Route values.
+    pub fn insert_route(&mut self, value: &[u8]) -> &mut Self {
+        let at = self
+            .msg
+            .header(HeaderName::Route)
+            .map_or_else(|| self.end_of_headers(), |h| h.line_start as usize);
+        self.splice(at, at, Self::line("Route", value));
+        self
+    }
+
+    /// Replaces the Request-URI.
+    pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<&mut Self, EditError> {
+        let (s, e) = self.msg.request_uri_span().ok_or(EditError::NotARequest)?;
+        self.splice(s, e, uri.to_vec());
+        Ok(self)
+    }
+
+    /// Appends a header line at the end of the head.
+    pub fn add_header(&mut self, name: &str, value: &[u8]) -> &mut Self {
+        let at = self.end_of_headers();
+        self.splice(at, at, Self::line(name, value));
+        self
+    }
+
+    /// Removes every line of a header.
+    pub fn remove_header(&mut self, name: HeaderName) -> &mut Self {
+        let lines: Vec<_> = self
+            .msg
+            .headers_named(name)
+            .map(|h| (h.line_start as usize, h.line_end as usize))
+            .collect();
+        for (s, e) in lines {
+            self.splice(s, e, Vec::new());
+        }
+        self
+    }
+
+    /// Adds `Content-Length` with the body's length if the message has none (a message
+    /// that came from a datagram-framed source going out on a stream).
+    pub fn ensure_content_length(&mut self) -> &mut Self {
+        if self.msg.content_length().is_none() && !self.body_len_delta {
+            self.body_len_delta = true;
+            let n = self.msg.body().len().to_string();
+            self.add_header("Content-Length", n.as_bytes());
+        }
+        self
+    }
+
+    /// Writes the edited message to `out`.
+    pub fn write_into(mut self, out: &mut Vec<u8>) {
+        self.splices.sort_by_key(|s| (s.start, s.seq));
+        let src = self.msg.bytes();
+        let growth: usize = self.splices.iter().map(|s| s.with.len()).sum();
+        out.reserve(src.len() + growth);
+        let mut pos = 0;
+        for s in &self.splices {
+            debug_assert!(s.start >= pos, "overlapping edits");
+            let start = s.start.max(pos);
+            out.extend_from_slice(&src[pos..start]);
+            out.extend_from_slice(&s.with);
+            pos = s.end.max(start);
+        }
+        out.extend_from_slice(&src[pos..]);
+    }
+
+    /// Returns the edited message.
+    pub fn finish(self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_into(&mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::Header;
+    use crate::parse::{Framing, Limits, Status, parse};
+
+    const REQ: &[u8] = b"INVITE sip:bob@example.com SIP/2.0\r\n\
+v: SIP/2.0/TLS a.example.com;branch=z9hG4bK1, SIP/2.0/TLS b.example.com;branch=z9hG4bK2\r\n\
+Route: <sip:proxy.example.com;lr>, <sip:next.example.net;lr>\r\n\
+Max-Forwards: 70\r\n\
+To: <sip:bob@example.com>\r\n\
+f: <sip:alice@example.com>;tag=1\r\n\
+i: abc\r\n\
+CSeq: 1 INVITE\r\n\
+X-Odd:   keep   these   spaces\r\n\
+l: 4\r\n\
+\r\n\
+body";
+
+    fn with<T>(buf: &[u8], f: impl FnOnce(&Message<'_, '_>) -> T) -> T {
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) = parse(buf, &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!("parse")
+        };
+        f(&m)
+    }
+
+    #[test]
+    fn proxy_edits_are_lossless() {
+        let out = with(REQ, |m| {
+            let mut e = Editor::new(m);
+            e.prepend_via(b"SIP/2.0/TLS proxy.example.com;branch=z9hG4bKp")
+                .set_max_forwards(69)
+                .insert_record_route(b"<sip:proxy.example.com;lr>");
+            e.pop_top_route().unwrap();
+            e.finish()
+        });
+        let s = String::from_utf8(out.clone()).unwrap();
+        assert!(s.starts_with("INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS proxy.example.com;branch=z9hG4bKp\r\nv: SIP/2.0/TLS a."));
+        assert!(s.contains("Route: <sip:next.example.net;lr>\r\n"));
+        assert!(!s.contains("proxy.example.com;lr>, "));
+        assert!(s.contains("Max-Forwards: 69\r\n"));
+        assert!(s.contains("X-Odd:   keep   these   spaces\r\n"));
+        assert!(s.contains("Record-Route: <sip:proxy.example.com;lr>\r\n\r\nbody"));
+        with(&out, |m| {
+            let e = m.validate(&Limits::default()).unwrap();
+            assert_eq!(e.via_count, 3);
+            assert_eq!(e.max_forwards, Some(69));
+        });
+    }
+
+    #[test]
+    fn pop_via_value_and_line() {
+        let once = with(REQ, |m| {
+            let mut e = Editor::new(m);
+            e.pop_top_via().unwrap();
+            e.finish()
+        });
+        assert!(
+            String::from_utf8_lossy(&once)
+                .contains("\r\nv: SIP/2.0/TLS b.example.com;branch=z9hG4bK2\r\n")
+        );
+        let twice = with(&once, |m| {
+            let mut e = Editor::new(m);
+            e.pop_top_via().unwrap();
+            e.finish()
+        });
+        assert!(!String::from_utf8_lossy(&twice).contains("Via"));
+        assert!(!String::from_utf8_lossy(&twice).contains("v: "));
+        with(&twice, |m| {
+            assert_eq!(
+                Editor::new(m).pop_top_via().err(),
+                Some(EditError::NoSuchHeader(HeaderName::Via))
+            )
+        });
+    }
+
+    #[test]
+    fn request_uri_and_content_length() {
+        let dgram = b"MESSAGE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\n\r\nhi";
+        let mut h = [Header::EMPTY; 8];
+        let Ok(Status::Complete(m)) = parse(dgram, &mut h, &Limits::default(), Framing::Datagram)
+        else {
+            panic!()
+        };
+        let mut e = Editor::new(&m);
+        e.set_request_uri(b"sip:a@10.0.0.1:5061;transport=tls")
+            .unwrap()
+            .ensure_content_length()
+            .ensure_content_length()
+            .set_max_forwards(70);
+        let out = e.finish();
+        assert_eq!(
+            out,
+            b"MESSAGE sip:a@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\nContent-Length: 2\r\nMax-Forwards: 70\r\n\r\nhi"
+        );
+    }
+
+    #[test]
+    fn untouched_message_is_identical() {
+        assert_eq!(with(REQ, |m| Editor::new(m).finish()), REQ);
+    }
+}

@@ -1,0 +1,166 @@
+//! Header names (with RFC 3261 §7.3.3 compact forms) and borrowed header fields.
+
+use std::fmt;
+
+macro_rules! header_names {
+    ($( $(#[$doc:meta])* $variant:ident => $canonical:literal $(, $compact:literal)? ;)*) => {
+        /// A header field name. Known names are recognised case-insensitively, in long and
+        /// compact form; anything else is [`HeaderName::Other`] and kept opaque.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum HeaderName {
+            $( $(#[$doc])* $variant, )*
+            /// A header this crate does not interpret; the raw name is on the [`Header`].
+            Other,
+        }
+
+        impl HeaderName {
+            /// The canonical (long) spelling, or `None` for [`HeaderName::Other`].
+            pub fn canonical(self) -> Option<&'static str> {
+                match self {
+                    $( HeaderName::$variant => Some($canonical), )*
+                    HeaderName::Other => None,
+                }
+            }
+
+            /// Recognises a header name, case-insensitively, in long or compact form.
+            pub fn from_bytes(name: &[u8]) -> HeaderName {
+                if let [c] = name {
+                    return match c.to_ascii_lowercase() {
+                        $( $( $compact => HeaderName::$variant, )? )*
+                        _ => HeaderName::Other,
+                    };
+                }
+                $(
+                    if name.len() == $canonical.len() && name.eq_ignore_ascii_case($canonical.as_bytes()) {
+                        return HeaderName::$variant;
+                    }
+                )*
+                HeaderName::Other
+            }
+        }
+    };
+}
+
+header_names! {
+    /// `Via` (`v`).
+    Via => "Via", b'v';
+    /// `From` (`f`).
+    From => "From", b'f';
+    /// `To` (`t`).
+    To => "To", b't';
+    /// `Call-ID` (`i`).
+    CallId => "Call-ID", b'i';
+    /// `CSeq`.
+    CSeq => "CSeq";
+    /// `Contact` (`m`).
+    Contact => "Contact", b'm';
+    /// `Content-Length` (`l`).
+    ContentLength => "Content-Length", b'l';
+    /// `Content-Type` (`c`).
+    ContentType => "Content-Type", b'c';
+    /// `Max-Forwards`.
+    MaxForwards => "Max-Forwards";
+    /// `Route`.
+    Route => "Route";
+    /// `Record-Route`.
+    RecordRoute => "Record-Route";
+    /// `Expires`.
+    Expires => "Expires";
+    /// `Min-Expires`.
+    MinExpires => "Min-Expires";
+    /// `Require`.
+    Require => "Require";
+    /// `Proxy-Require`.
+    ProxyRequire => "Proxy-Require";
+    /// `Supported` (`k`).
+    Supported => "Supported", b'k';
+    /// `Unsupported`.
+    Unsupported => "Unsupported";
+    /// `Content-Encoding` (`e`).
+    ContentEncoding => "Content-Encoding", b'e';
+    /// `Subject` (`s`).
+    Subject => "Subject", b's';
+    /// `Event` (`o`).
+    Event => "Event", b'o';
+    /// `Refer-To` (`r`).
+    ReferTo => "Refer-To", b'r';
+    /// `Allow-Events` (`u`).
+    AllowEvents => "Allow-Events", b'u';
+    /// `Path`.
+    Path => "Path";
+    /// `Allow`.
+    Allow => "Allow";
+    /// `Retry-After`.
+    RetryAfter => "Retry-After";
+    /// `Date`.
+    Date => "Date";
+}
+
+impl fmt::Display for HeaderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.canonical().unwrap_or("(other)"))
+    }
+}
+
+/// One header field line, borrowed from the message buffer.
+///
+/// Offsets are relative to the start of the message and let [`crate::edit`] splice the
+/// message without re-serialising anything it did not touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header<'b> {
+    /// The recognised name.
+    pub name: HeaderName,
+    /// The name exactly as it appeared (e.g. `v` or `VIA`).
+    pub raw_name: &'b [u8],
+    /// The value with leading and trailing white space removed. A folded value keeps its
+    /// inner `CRLF WSP` bytes; the value parsers treat them as white space.
+    pub value: &'b [u8],
+    /// Offset of the first byte of the line.
+    pub line_start: u32,
+    /// Offset of the first byte of `value`.
+    pub value_start: u32,
+    /// Offset one past the line's terminating CRLF.
+    pub line_end: u32,
+}
+
+impl Header<'_> {
+    /// A blank header used to initialise caller-provided header storage.
+    pub const EMPTY: Header<'static> = Header {
+        name: HeaderName::Other,
+        raw_name: b"",
+        value: b"",
+        line_start: 0,
+        value_start: 0,
+        line_end: 0,
+    };
+
+    /// Offset one past the last byte of `value`.
+    pub fn value_end(&self) -> u32 {
+        self.value_start + self.value.len() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeaderName as H;
+
+    macro_rules! names {
+        ($($raw:literal => $want:expr,)*) => {
+            $( assert_eq!(H::from_bytes($raw), $want, "{}", String::from_utf8_lossy($raw)); )*
+        };
+    }
+
+    #[test]
+    fn long_compact_and_case() {
+        names! {
+            b"Via" => H::Via, b"v" => H::Via, b"V" => H::Via, b"vIA" => H::Via,
+            b"i" => H::CallId, b"call-id" => H::CallId, b"CALL-ID" => H::CallId,
+            b"m" => H::Contact, b"f" => H::From, b"t" => H::To, b"l" => H::ContentLength,
+            b"c" => H::ContentType, b"k" => H::Supported, b"s" => H::Subject,
+            b"e" => H::ContentEncoding, b"cseq" => H::CSeq, b"Max-Forwards" => H::MaxForwards,
+            b"Record-Route" => H::RecordRoute, b"x" => H::Other, b"NewFangledHeader" => H::Other,
+            b"" => H::Other,
+        }
+    }
+}

@@ -1,0 +1,722 @@
+//! Proxy decisions (RFC 3261 §16): given a validated request and where it came from,
+//! decide whether to answer it locally, hand it to the registrar, look its target up, or
+//! forward it to a flow or a federated peer; and build the forwarded bytes.
+//!
+//! Decisions are pure. Lookups that need another shard's table are returned as
+//! [`Decision::Lookup`] for the engine to perform; [`Proxy::after_lookup`] finishes them.
+//!
+//! Dialog routing uses flow tokens in our Record-Route (RFC 5626 §5.3): the Record-Route we
+//! insert carries the inbound and outbound flows (`;fi=…;fo=…`), so an in-dialog request that
+//! arrives on one of them goes out on the other without any table lookup.
+
+use crate::edit::Editor;
+use crate::header::HeaderName;
+use crate::parse::{Essentials, Message, Method};
+use crate::registrar::FlowId;
+use crate::text::{self, is_token, trim};
+use crate::uri::{Scheme, Uri};
+use crate::values::{NameAddr, Via};
+
+/// A connection a request came from or goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Flow {
+    /// A client or peer connection accepted or opened by the engine.
+    Conn(FlowId),
+    /// The (pooled, reconnecting) outbound connection to a named federation peer.
+    Peer(String),
+}
+
+impl Flow {
+    /// The token form used in Record-Route parameters: `c<hex>` or `p<name>`.
+    pub fn encode(&self) -> String {
+        match self {
+            Flow::Conn(id) => format!("c{id:x}"),
+            Flow::Peer(name) => format!("p{name}"),
+        }
+    }
+
+    /// Parses a token made by [`Flow::encode`].
+    pub fn decode(t: &[u8]) -> Option<Flow> {
+        match t.split_first()? {
+            (b'c', hex) if !hex.is_empty() && hex.len() <= 16 => {
+                u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16)
+                    .ok()
+                    .map(Flow::Conn)
+            }
+            (b'p', name) if !name.is_empty() && name.iter().all(|&b| is_token(b)) => {
+                Some(Flow::Peer(String::from_utf8_lossy(name).into_owned()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A federation route: requests for `domain` go to the peer `peer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRoute {
+    /// The foreign SIP domain (lower case).
+    pub domain: String,
+    /// The peer's configured name.
+    pub peer: String,
+}
+
+/// Proxy settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// SIP domains this server is registrar and proxy for (lower case).
+    pub domains: Vec<String>,
+    /// This server's own host names and addresses, as they appear in Via, Route and
+    /// Request-URIs (lower case, no port).
+    pub local_hosts: Vec<String>,
+    /// The host we put in our Via and Record-Route.
+    pub via_host: String,
+    /// The port we put in our Via and Record-Route.
+    pub via_port: u16,
+    /// Federation routes.
+    pub peers: Vec<PeerRoute>,
+    /// Option tags we support in `Proxy-Require`.
+    pub supported: Vec<String>,
+    /// Add Record-Route to dialog-creating requests. Default true.
+    pub record_route: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            domains: vec!["example.com".into()],
+            local_hosts: vec!["127.0.0.1".into()],
+            via_host: "127.0.0.1".into(),
+            via_port: 5061,
+            peers: Vec::new(),
+            supported: Vec::new(),
+            record_route: true,
+        }
+    }
+}
+
+/// A locally generated answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Status code.
+    pub code: u16,
+    /// Reason phrase.
+    pub reason: &'static str,
+    /// Extra header lines.
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl Answer {
+    fn decision(code: u16, reason: &'static str) -> Decision {
+        Decision::Respond(Answer {
+            code,
+            reason,
+            headers: Vec::new(),
+        })
+    }
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Decision {
+    /// Answer it here (errors included). ACKs are never answered: see [`Decision::Drop`].
+    Respond(Answer),
+    /// A REGISTER for one of our domains: hand to the registrar on the AOR's shard.
+    Register,
+    /// Look up `aor`'s bindings (on its shard), then call [`Proxy::after_lookup`].
+    Lookup {
+        /// The address-of-record.
+        aor: String,
+    },
+    /// Forward over this flow (in-dialog, via our Record-Route flow tokens).
+    ToFlow(Flow),
+    /// Forward to the federation peer with this name.
+    ToPeer(String),
+    /// A CANCEL: match it to the INVITE server transaction with the same branch.
+    Cancel,
+    /// Nothing to send (e.g. an ACK with nowhere to go); the reason is for the log.
+    Drop(&'static str),
+}
+
+/// Result of a registrar lookup done by the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Live bindings, best first: (contact URI, flow).
+    Found(Vec<(String, FlowId)>),
+    /// The AOR is known but has no live binding.
+    NotRegistered,
+    /// The AOR was never seen.
+    Unknown,
+}
+
+/// A target chosen after lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The new Request-URI (the registered contact).
+    pub uri: String,
+    /// The flow to send on.
+    pub flow: Flow,
+}
+
+/// The proxy core.
+#[derive(Debug, Clone, Default)]
+pub struct Proxy {
+    cfg: ProxyConfig,
+}
+
+const ALLOW: &[u8] = b"INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, INFO, UPDATE, PRACK, SUBSCRIBE, NOTIFY, REFER, REGISTER";
+
+/// FNV-1a over several fields, separated so that field boundaries matter.
+fn fnv(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in p.iter().chain(std::iter::once(&0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The branch prefix that marks our Via values.
+pub const BRANCH_PREFIX: &str = "z9hG4bKsr";
+
+impl Proxy {
+    /// A proxy with this configuration.
+    pub fn new(cfg: ProxyConfig) -> Self {
+        Proxy { cfg }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
+    fn is_local_host(&self, host: &[u8]) -> bool {
+        self.cfg
+            .local_hosts
+            .iter()
+            .any(|h| text::eq_ic(h.as_bytes(), host))
+    }
+
+    /// Is `host` this server (a local host name or address, or our Via host)?
+    fn is_self(&self, host: &[u8]) -> bool {
+        self.is_local_host(host) || host == self.cfg.via_host.as_bytes()
+    }
+
+    fn is_our_domain(&self, host: &[u8]) -> bool {
+        self.cfg
+            .domains
+            .iter()
+            .any(|d| text::eq_ic(d.as_bytes(), host))
+    }
+
+    /// The loop-detection hash of a request (RFC 3261 §16.3 step 4): over Request-URI, From
+    /// and To tags, Call-ID, CSeq number and Proxy-Require. A request that comes back
+    /// unchanged hashes the same (a loop); a spiral with a new Request-URI does not.
+    pub fn loop_hash(msg: &Message<'_, '_>, ess: &Essentials<'_>) -> u64 {
+        let pr = msg
+            .header(HeaderName::ProxyRequire)
+            .map_or(&b""[..], |h| h.value);
+        fnv(&[
+            msg.request_uri().unwrap_or_default(),
+            ess.from.tag().unwrap_or_default(),
+            ess.to.tag().unwrap_or_default(),
+            ess.call_id,
+            ess.cseq.seq.to_string().as_bytes(),
+            pr,
+        ])
+    }
+
+    /// The branch for a request we forward: our prefix, the loop hash, and a per-shard
+    /// counter that makes it unique.
+    pub fn branch(msg: &Message<'_, '_>, ess: &Essentials<'_>, unique: u64) -> String {
+        format!(
+            "{BRANCH_PREFIX}{:016x}.{unique:x}",
+            Self::loop_hash(msg, ess)
+        )
+    }
+
+    /// Decides what to do with a validated request that arrived over `inbound`.
+    pub fn decide(&self, msg: &Message<'_, '_>, ess: &Essentials<'_>, inbound: &Flow) -> Decision {
+        let Some(method) = msg.method() else {
+            return Decision::Drop("not a request");
+        };
+        let is_ack = method == Method::Ack;
+        let reject = |code, reason| {
+            if is_ack {
+                Decision::Drop("ACK cannot be answered")
+            } else {
+                Answer::decision(code, reason)
+            }
+        };
+
+        if !ess.top_via.has_rfc3261_branch() && ess.top_via.branch().is_none_or(|b| b.len() <= 7) {
+            return reject(400, "Missing Via Branch");
+        }
+        let ruri = Uri::parse(msg.request_uri().unwrap_or_default()).expect("validated");
+        if !ruri.is_sip() {
+            return reject(416, "Unsupported URI Scheme");
+        }
+        // Loop detection: our own Via with the same loop hash.
+        let hash = format!("{BRANCH_PREFIX}{:016x}.", Self::loop_hash(msg, ess));
+        let mut ours = 0;
+        for v in msg.values(HeaderName::Via) {
+            let Some(via) = Via::parse(v.value) else {
+                continue;
+            };
+            if !self.is_self(via.host) {
+                continue;
+            }
+            if let Some(b) = via
+                .branch()
+                .filter(|b| b.starts_with(BRANCH_PREFIX.as_bytes()))
+            {
+                ours += 1;
+                if b.starts_with(hash.as_bytes()) {
+                    return reject(482, "Loop Detected");
+                }
+            }
+        }
+        if ours >= 8 {
+            return reject(482, "Loop Detected");
+        }
+        // Proxy-Require (RFC 3261 §16.3 step 5).
+        let mut unsupported = Vec::new();
+        for v in msg.values(HeaderName::ProxyRequire) {
+            if !self
+                .cfg
+                .supported
+                .iter()
+                .any(|s| text::eq_ic(s.as_bytes(), v.value))
+            {
+                if !unsupported.is_empty() {
+                    unsupported.extend_from_slice(b", ");
+                }
+                unsupported.extend_from_slice(v.value);
+            }
+        }
+        if !unsupported.is_empty() && !is_ack && method != Method::Cancel {
+            return Decision::Respond(Answer {
+                code: 420,
+                reason: "Bad Extension",
+                headers: vec![("Unsupported", unsupported)],
+            });
+        }
+        if method == Method::Cancel {
+            return Decision::Cancel;
+        }
+
+        // Route pre-processing (§16.4): our own Route on top carries the dialog's flows.
+        if let Some(top) = msg.values(HeaderName::Route).first() {
+            let Some(na) = NameAddr::parse(top.value) else {
+                return reject(400, "Bad Route");
+            };
+            let uri = na.uri();
+            if self.is_self(uri.host) {
+                let fi = uri.param("fi").flatten().and_then(Flow::decode);
+                let fo = uri.param("fo").flatten().and_then(Flow::decode);
+                return match (fi, fo) {
+                    (Some(fi), Some(fo)) if &fi == inbound => Decision::ToFlow(fo),
+                    (Some(fi), Some(fo)) if &fo == inbound => Decision::ToFlow(fi),
+                    (Some(fi), Some(Flow::Peer(p))) => {
+                        // The peer side reconnected: send toward the peer unless it came from it.
+                        if matches!(inbound, Flow::Peer(_)) {
+                            Decision::ToFlow(fi)
+                        } else {
+                            Decision::ToPeer(p)
+                        }
+                    }
+                    _ => reject(404, "Dialog Flow Not Found"),
+                };
+            }
+            // A Route to someone else: only peers are reachable that way.
+            return match self.peer_for(uri.host) {
+                Some(p) => Decision::ToPeer(p),
+                None => reject(403, "Route Not Allowed"),
+            };
+        }
+
+        // Target by Request-URI (§16.5).
+        let host = ruri.host;
+        let max_forwards = ess.max_forwards.unwrap_or(70);
+        let to_us = (self.is_local_host(host) || self.is_our_domain(host)) && ruri.user.is_none();
+        if to_us || self.is_our_domain(host) || self.is_local_host(host) {
+            if method == Method::Register {
+                return if self.is_our_domain(host) || self.is_local_host(host) {
+                    Decision::Register
+                } else {
+                    reject(403, "Domain Not Served")
+                };
+            }
+            if to_us {
+                return match method {
+                    Method::Options => Decision::Respond(Answer {
+                        code: 200,
+                        reason: "OK",
+                        headers: vec![
+                            ("Allow", ALLOW.to_vec()),
+                            ("Accept", b"application/sdp".to_vec()),
+                        ],
+                    }),
+                    Method::Ack => Decision::Drop("ACK to the server"),
+                    _ => Answer::decision(404, "Not Found"),
+                };
+            }
+            if max_forwards == 0 {
+                return reject(483, "Too Many Hops");
+            }
+            return match crate::registrar::aor_of(&ruri) {
+                Some(aor) => Decision::Lookup { aor },
+                None => reject(404, "Not Found"),
+            };
+        }
+        if max_forwards == 0 {
+            return reject(483, "Too Many Hops");
+        }
+        match self.peer_for(host) {
+            Some(p) => Decision::ToPeer(p),
+            None => reject(403, "Domain Not Served"),
+        }
+    }
+
+    fn peer_for(&self, host: &[u8]) -> Option<String> {
+        self.cfg
+            .peers
+            .iter()
+            .find(|p| text::eq_ic(p.domain.as_bytes(), host))
+            .map(|p| p.peer.clone())
+    }
+
+    /// Finishes a [`Decision::Lookup`]: the targets to fork to, or the answer.
+    pub fn after_lookup(
+        &self,
+        method: Method<'_>,
+        lookup: Lookup,
+    ) -> Result<Vec<Target>, Decision> {
+        let reject = |code, reason| {
+            if method == Method::Ack {
+                Decision::Drop("ACK for unknown target")
+            } else {
+                Answer::decision(code, reason)
+            }
+        };
+        match lookup {
+            Lookup::Found(b) if !b.is_empty() => Ok(b
+                .into_iter()
+                .map(|(uri, f)| Target {
+                    uri,
+                    flow: Flow::Conn(f),
+                })
+                .collect()),
+            Lookup::Found(_) | Lookup::NotRegistered => Err(reject(480, "Temporarily Unavailable")),
+            Lookup::Unknown => Err(reject(404, "Not Found")),
+        }
+    }
+
+    /// Builds the bytes to forward a request (RFC 3261 §16.6): our Via with `branch`
+    /// prepended, Max-Forwards decremented (or set to 70), our own Route popped, the
+    /// Request-URI replaced by `new_uri` if given, a Record-Route with both flow tokens for
+    /// dialog-creating requests, and a Content-Length if the message had none.
+    pub fn forward_request(
+        &self,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        branch: &str,
+        new_uri: Option<&[u8]>,
+        inbound: &Flow,
+        outbound: &Flow,
+    ) -> Vec<u8> {
+        let mut e = Editor::new(msg);
+        let via = format!(
+            "SIP/2.0/TLS {}:{};branch={branch}",
+            self.cfg.via_host, self.cfg.via_port
+        );
+        e.prepend_via(via.as_bytes());
+        e.set_max_forwards(ess.max_forwards.map_or(70, |m| m.saturating_sub(1)));
+        let top_route = msg
+            .values(HeaderName::Route)
+            .first()
+            .and_then(|r| NameAddr::parse(r.value));
+        if top_route.is_some_and(|na| self.is_self(na.uri().host)) {
+            let _ = e.pop_top_route();
+        }
+        if let Some(u) = new_uri {
+            let _ = e.set_request_uri(u);
+        }
+        let creates_dialog = matches!(
+            msg.method(),
+            Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
+        ) && ess.to.tag().is_none();
+        if self.cfg.record_route && creates_dialog {
+            let rr = format!(
+                "<sip:{}:{};transport=tls;lr;fi={};fo={}>",
+                self.cfg.via_host,
+                self.cfg.via_port,
+                inbound.encode(),
+                outbound.encode()
+            );
+            e.insert_record_route(rr.as_bytes());
+        }
+        e.ensure_content_length();
+        e.finish()
+    }
+
+    /// Is this response's top Via ours? Returns the branch to match the client
+    /// transaction, or `None` if the response must be dropped (RFC 3261 §16.7 step 1; RFC
+    /// 4475 §3.3.10).
+    pub fn response_branch<'b>(&self, ess: &Essentials<'b>) -> Option<&'b [u8]> {
+        let via = &ess.top_via;
+        let ours = self.is_self(via.host);
+        let b = via.branch()?;
+        (ours && b.starts_with(BRANCH_PREFIX.as_bytes())).then_some(b)
+    }
+
+    /// Builds the bytes to forward a response upstream: our top Via removed.
+    pub fn forward_response(&self, msg: &Message<'_, '_>) -> Vec<u8> {
+        let mut e = Editor::new(msg);
+        let _ = e.pop_top_via();
+        e.finish()
+    }
+}
+
+/// Extracts an option-tag list (e.g. `Require`) as trimmed tokens.
+pub fn option_tags<'b>(msg: &Message<'b, '_>, name: HeaderName) -> Vec<&'b [u8]> {
+    msg.values(name)
+        .into_iter()
+        .map(|v| trim(v.value))
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// Does `uri` use a scheme a proxy can route (`sip`/`sips`)?
+pub fn routable_scheme(uri: &Uri<'_>) -> bool {
+    matches!(uri.scheme, Scheme::Sip | Scheme::Sips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::Header;
+    use crate::parse::{Framing, Limits, Status, parse};
+
+    fn cfg() -> ProxyConfig {
+        ProxyConfig {
+            domains: vec!["example.com".into()],
+            local_hosts: vec!["proxy.example.com".into(), "127.0.0.1".into()],
+            via_host: "proxy.example.com".into(),
+            via_port: 5061,
+            peers: vec![PeerRoute {
+                domain: "partner.net".into(),
+                peer: "partner".into(),
+            }],
+            supported: vec!["outbound".into()],
+            record_route: true,
+        }
+    }
+
+    fn req(start: &str, extra: &str) -> String {
+        format!(
+            "{start} SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a\r\nCall-ID: c1\r\nCSeq: 1 {}\r\nMax-Forwards: 70\r\n{extra}Content-Length: 0\r\n\r\n",
+            start.split(' ').next().unwrap()
+        )
+    }
+
+    fn decide_on(p: &Proxy, s: &str, inbound: &Flow) -> Decision {
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(s.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!("{s}")
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        p.decide(&m, &e, inbound)
+    }
+
+    fn code(d: Decision) -> u16 {
+        match d {
+            Decision::Respond(a) => a.code,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn routing_table() {
+        let p = Proxy::new(cfg());
+        let f = Flow::Conn(1);
+        macro_rules! case {
+            ($start:literal, $extra:literal => $want:expr) => {
+                assert_eq!(decide_on(&p, &req($start, $extra), &f), $want, "{}", $start);
+            };
+        }
+        case!("INVITE sip:bob@example.com", "" => Decision::Lookup { aor: "sip:bob@example.com".into() });
+        case!("REGISTER sip:example.com", "" => Decision::Register);
+        case!("INVITE sip:carol@partner.net", "" => Decision::ToPeer("partner".into()));
+        case!("CANCEL sip:bob@example.com", "" => Decision::Cancel);
+        case!("ACK sip:bob@elsewhere.org", "" => Decision::Drop("ACK cannot be answered"));
+        assert_eq!(
+            code(decide_on(&p, &req("INVITE sip:bob@elsewhere.org", ""), &f)),
+            403
+        );
+        assert_eq!(
+            code(decide_on(&p, &req("INVITE tel:+15551234", ""), &f)),
+            416
+        );
+        assert_eq!(
+            code(decide_on(&p, &req("OPTIONS sip:proxy.example.com", ""), &f)),
+            200
+        );
+        assert_eq!(
+            code(decide_on(&p, &req("MESSAGE sip:example.com", ""), &f)),
+            404
+        );
+        let zero =
+            req("OPTIONS sip:bob@example.com", "").replace("Max-Forwards: 70", "Max-Forwards: 0");
+        assert_eq!(code(decide_on(&p, &zero, &f)), 483);
+        match decide_on(
+            &p,
+            &req(
+                "OPTIONS sip:bob@example.com",
+                "Proxy-Require: outbound, foo, bar\r\n",
+            ),
+            &f,
+        ) {
+            Decision::Respond(a) => {
+                assert_eq!(a.code, 420);
+                assert_eq!(a.headers, vec![("Unsupported", b"foo, bar".to_vec())]);
+            }
+            d => panic!("{d:?}"),
+        }
+        let nobranch = req("INVITE sip:bob@example.com", "").replace(";branch=z9hG4bKabc", "");
+        assert_eq!(code(decide_on(&p, &nobranch, &f)), 400);
+    }
+
+    #[test]
+    fn dialog_flow_tokens_and_forwarding() {
+        let p = Proxy::new(cfg());
+        let (a, b) = (Flow::Conn(0x1_0000_0007), Flow::Conn(0x2_0000_0009));
+        let inv = req(
+            "INVITE sip:bob@example.com",
+            "Contact: <sip:alice@10.0.0.1>\r\n",
+        );
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(inv.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!()
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        let branch = Proxy::branch(&m, &e, 1);
+        let out = p.forward_request(
+            &m,
+            &e,
+            &branch,
+            Some(b"sip:bob@10.0.0.2:5061;transport=tls"),
+            &a,
+            &b,
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("INVITE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch=z9hG4bKsr"));
+        assert!(s.contains("Max-Forwards: 69\r\n"));
+        let rr = format!(
+            "Record-Route: <sip:proxy.example.com:5061;transport=tls;lr;fi={};fo={}>\r\n",
+            a.encode(),
+            b.encode()
+        );
+        assert!(s.contains(&rr), "{s}");
+        // The forwarded request looping back to us is detected.
+        assert_eq!(
+            code(decide_on(
+                &p,
+                &s.replace("sip:bob@10.0.0.2:5061;transport=tls", "sip:bob@example.com"),
+                &b
+            )),
+            482
+        );
+        // ... but a spiral with another Request-URI is not a loop.
+        assert!(matches!(
+            decide_on(
+                &p,
+                &s.replace(
+                    "sip:bob@10.0.0.2:5061;transport=tls",
+                    "sip:bob2@example.com"
+                ),
+                &b
+            ),
+            Decision::Lookup { .. }
+        ));
+        // In-dialog BYE from the callee (on flow b) with our Route goes to flow a, and back.
+        let route = format!(
+            "Route: <sip:proxy.example.com:5061;transport=tls;lr;fi={};fo={}>\r\n",
+            a.encode(),
+            b.encode()
+        );
+        let bye = req("BYE sip:alice@10.0.0.1", &route).replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b",
+        );
+        assert_eq!(decide_on(&p, &bye, &b), Decision::ToFlow(a.clone()));
+        assert_eq!(decide_on(&p, &bye, &a), Decision::ToFlow(b.clone()));
+        assert_eq!(code(decide_on(&p, &bye, &Flow::Conn(99))), 404);
+        // Forwarding the BYE pops our Route and adds no Record-Route.
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(bye.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!()
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        let out = String::from_utf8(p.forward_request(&m, &e, "z9hG4bKsrx", None, &b, &a)).unwrap();
+        assert!(!out.contains("Route"), "{out}");
+    }
+
+    #[test]
+    fn responses_and_lookup() {
+        let p = Proxy::new(cfg());
+        assert_eq!(
+            p.after_lookup(Method::Invite, Lookup::Unknown),
+            Err(Answer::decision(404, "Not Found"))
+        );
+        assert_eq!(
+            p.after_lookup(Method::Message, Lookup::NotRegistered),
+            Err(Answer::decision(480, "Temporarily Unavailable"))
+        );
+        assert_eq!(
+            p.after_lookup(Method::Ack, Lookup::Unknown),
+            Err(Decision::Drop("ACK for unknown target"))
+        );
+        let t = p
+            .after_lookup(Method::Invite, Lookup::Found(vec![("sip:b@h".into(), 5)]))
+            .unwrap();
+        assert_eq!(
+            t,
+            vec![Target {
+                uri: "sip:b@h".into(),
+                flow: Flow::Conn(5)
+            }]
+        );
+        let resp = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch=z9hG4bKsr1.1\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo: <sip:b@example.com>;tag=x\r\nFrom: <sip:a@example.com>;tag=a\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let mut h = [Header::EMPTY; 16];
+        let Ok(Status::Complete(m)) = parse(resp, &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!()
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        assert_eq!(p.response_branch(&e), Some(&b"z9hG4bKsr1.1"[..]));
+        let fwd = p.forward_response(&m);
+        assert!(
+            String::from_utf8(fwd).unwrap().starts_with(
+                "SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo:"
+            )
+        );
+        for t in [
+            Flow::Conn(0),
+            Flow::Conn(u64::MAX),
+            Flow::Peer("partner-b".into()),
+        ] {
+            assert_eq!(Flow::decode(t.encode().as_bytes()), Some(t));
+        }
+        assert_eq!(Flow::decode(b"x1"), None);
+        assert_eq!(Flow::decode(b"c"), None);
+    }
+}

@@ -1,0 +1,627 @@
+//! Registrar logic (RFC 3261 §10.3, with RFC 5626 outbound flows and RFC 5923 connection
+//! reuse): pure functions over a [`BindingStore`] that the engine implements per shard.
+//!
+//! The registrar decides; it owns no table. Registrations are partitioned across shards by
+//! [`shard_for`], a pure function of the address-of-record, so every REGISTER and every
+//! lookup for one AOR reaches the same shard and its single-owner table.
+
+use crate::header::HeaderName;
+use crate::parse::{Essentials, Message};
+use crate::text::{self, trim};
+use crate::uri::{Scheme, Uri};
+use crate::values::NameAddr;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Index of a shard (one executor, one core).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub u16);
+
+/// Identifies the connection (flow) a binding was registered over. The engine encodes the
+/// owning shard in it; the core treats it as opaque.
+pub type FlowId = u64;
+
+/// The one shard function: which shard owns the registrations of `aor` (an AOR as produced
+/// by [`aor_of`]). FNV-1a, stable across runs and builds.
+pub fn shard_for(aor: &str, shards: usize) -> ShardId {
+    assert!(
+        shards > 0 && shards <= usize::from(u16::MAX),
+        "shard count out of range"
+    );
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in aor.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    ShardId((h % shards as u64) as u16)
+}
+
+/// The canonical address-of-record of a SIP/SIPS URI: `sip:` + unescaped user + `@` +
+/// lower-case host (port and parameters dropped; `sips` folds to `sip`). `None` for other
+/// schemes or a URI without a user.
+pub fn aor_of(uri: &Uri<'_>) -> Option<String> {
+    if !uri.is_sip() {
+        return None;
+    }
+    let user = uri.user_unescaped()?;
+    let mut s = String::with_capacity(5 + user.len() + uri.host.len());
+    s.push_str("sip:");
+    for &b in user.iter() {
+        // Keep the AOR printable and unambiguous: re-escape what is not plain.
+        if b.is_ascii_alphanumeric() || b"-_.!~*'()&=+$,;?/".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s.push('@');
+    s.push_str(&String::from_utf8_lossy(&uri.host_lower()));
+    Some(s)
+}
+
+/// One contact bound to an AOR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// The contact URI, with its URI parameters, without header parameters.
+    pub contact: String,
+    /// Preference, in thousandths (`q=0.5` → 500). Default 1000.
+    pub q: u16,
+    /// When it expires.
+    pub expires_at: Instant,
+    /// Call-ID of the REGISTER that created or last refreshed it.
+    pub call_id: String,
+    /// CSeq of that REGISTER.
+    pub cseq: u32,
+    /// The connection it was registered over; requests for the AOR go out over it.
+    pub flow: FlowId,
+    /// RFC 5626 `+sip.instance`, if given.
+    pub instance: Option<String>,
+    /// RFC 5626 `reg-id`, if given.
+    pub reg_id: Option<u32>,
+}
+
+impl Binding {
+    fn same_key(&self, other: &Binding) -> bool {
+        match (&self.instance, self.reg_id, &other.instance, other.reg_id) {
+            (Some(a), Some(ra), Some(b), Some(rb)) => a == b && ra == rb,
+            _ => self.contact.eq_ignore_ascii_case(&other.contact),
+        }
+    }
+}
+
+/// Where bindings live. The engine implements it with a per-shard table; the registrar
+/// only calls these methods.
+pub trait BindingStore {
+    /// Current bindings of `aor` (possibly including expired ones; the registrar filters).
+    fn get(&self, aor: &str) -> &[Binding];
+    /// Replaces the bindings of `aor`; an empty vector removes the AOR.
+    fn put(&mut self, aor: &str, bindings: Vec<Binding>);
+}
+
+/// A `HashMap` store: what the engine uses per shard, and what tests use.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    map: HashMap<String, Vec<Binding>>,
+}
+
+impl MemoryStore {
+    /// Number of AORs with bindings.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Is the table empty?
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Total bindings.
+    pub fn bindings(&self) -> usize {
+        self.map.values().map(Vec::len).sum()
+    }
+
+    /// Drops expired bindings and empty AORs; returns how many bindings were removed.
+    pub fn purge(&mut self, now: Instant) -> usize {
+        let before = self.bindings();
+        self.map.retain(|_, v| {
+            v.retain(|b| b.expires_at > now);
+            !v.is_empty()
+        });
+        before - self.bindings()
+    }
+
+    /// A flow died: drop every binding registered over it (RFC 5626 §5.2: a failed flow is
+    /// not used). Returns how many were removed.
+    pub fn remove_flow(&mut self, flow: FlowId) -> usize {
+        let before = self.bindings();
+        self.map.retain(|_, v| {
+            v.retain(|b| b.flow != flow);
+            !v.is_empty()
+        });
+        before - self.bindings()
+    }
+}
+
+impl BindingStore for MemoryStore {
+    fn get(&self, aor: &str) -> &[Binding] {
+        self.map.get(aor).map_or(&[], Vec::as_slice)
+    }
+
+    fn put(&mut self, aor: &str, bindings: Vec<Binding>) {
+        if bindings.is_empty() {
+            self.map.remove(aor);
+        } else {
+            self.map.insert(aor.to_owned(), bindings);
+        }
+    }
+}
+
+/// Registrar settings (all expiries in seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrarConfig {
+    /// Shortest accepted non-zero expiry; shorter ones get 423 with `Min-Expires`. Default 60.
+    pub min_expires: u32,
+    /// Longest granted expiry; longer requests are shortened. Default 3600.
+    pub max_expires: u32,
+    /// Expiry when the request gives none. Default 3600.
+    pub default_expires: u32,
+    /// Most contacts per AOR; more gets 403. Default 10.
+    pub max_contacts: usize,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            max_contacts: 10,
+        }
+    }
+}
+
+/// The registrar's answer: the status and the header lines to add to the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Status code.
+    pub code: u16,
+    /// Reason phrase.
+    pub reason: &'static str,
+    /// Header lines (`Contact`, `Min-Expires`, `Require`, …).
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl Reply {
+    fn err(code: u16, reason: &'static str) -> Reply {
+        Reply {
+            code,
+            reason,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// The registrar; see the module docs.
+#[derive(Debug, Clone, Default)]
+pub struct Registrar {
+    cfg: RegistrarConfig,
+}
+
+/// A REGISTER's Contact, parsed.
+struct NewContact {
+    binding: Binding,
+    expires: u32,
+}
+
+fn parse_q(v: &[u8]) -> Option<u16> {
+    // qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
+    let (int, frac) = match memchr::memchr(b'.', v) {
+        Some(d) => (&v[..d], &v[d + 1..]),
+        None => (v, &b""[..]),
+    };
+    if frac.len() > 3 || !frac.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut f: u16 = 0;
+    for i in 0..3 {
+        f = f * 10 + frac.get(i).map_or(0, |d| u16::from(d - b'0'));
+    }
+    match int {
+        b"0" => Some(f),
+        b"1" if f == 0 => Some(1000),
+        _ => None,
+    }
+}
+
+/// Parses an expiry, saturating overlarge values (RFC 4475 §3.1.2.4 allows treating them as
+/// the maximum).
+fn parse_expires(v: &[u8]) -> Option<u32> {
+    let v = trim(v);
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(text::parse_u32(v).unwrap_or(u32::MAX))
+}
+
+impl Registrar {
+    /// A registrar with this configuration.
+    pub fn new(cfg: RegistrarConfig) -> Self {
+        Registrar { cfg }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RegistrarConfig {
+        &self.cfg
+    }
+
+    /// The AOR a REGISTER is for (from `To`), or the reply that rejects it.
+    pub fn aor(&self, ess: &Essentials<'_>) -> Result<String, Reply> {
+        let uri = ess.to.uri();
+        if !matches!(uri.scheme, Scheme::Sip | Scheme::Sips) {
+            return Err(Reply::err(400, "To Must Be a SIP AOR"));
+        }
+        aor_of(&uri).ok_or_else(|| Reply::err(400, "To Must Be a SIP AOR"))
+    }
+
+    /// Handles a validated REGISTER that arrived over `flow`, updating `store` for `aor`
+    /// (from [`Registrar::aor`]), and returns the reply. Never partially applies: on any
+    /// error the store is untouched.
+    pub fn handle_register(
+        &self,
+        now: Instant,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        aor: &str,
+        flow: FlowId,
+        store: &mut impl BindingStore,
+    ) -> Reply {
+        let header_expires = match msg.header(HeaderName::Expires) {
+            Some(h) => match parse_expires(h.value) {
+                Some(e) => Some(e),
+                None => return Reply::err(400, "Bad Expires"),
+            },
+            None => None,
+        };
+        let call_id = String::from_utf8_lossy(ess.call_id).into_owned();
+        let cseq = ess.cseq.seq;
+        let contacts = msg.values(HeaderName::Contact);
+        let existing = store.get(aor);
+
+        // Contact: * (remove all) — only alone and with Expires: 0.
+        if contacts.iter().any(|c| c.value == b"*") {
+            if contacts.len() != 1 || header_expires != Some(0) {
+                return Reply::err(400, "Wildcard Contact Needs Expires 0");
+            }
+            if existing
+                .iter()
+                .any(|b| b.call_id == call_id && b.cseq >= cseq)
+            {
+                return Reply::err(400, "Out of Order CSeq");
+            }
+            store.put(aor, Vec::new());
+            return self.ok(now, &[], false);
+        }
+
+        let mut new = Vec::with_capacity(contacts.len());
+        let mut outbound = false;
+        for c in &contacts {
+            let Some(na) = NameAddr::parse(c.value) else {
+                return Reply::err(400, "Bad Contact");
+            };
+            let expires = match na.param("expires") {
+                Some(Some(v)) => match parse_expires(v) {
+                    Some(e) => e,
+                    None => return Reply::err(400, "Bad Contact Expires"),
+                },
+                Some(None) => return Reply::err(400, "Bad Contact Expires"),
+                None => header_expires.unwrap_or(self.cfg.default_expires),
+            };
+            if expires != 0 && expires < self.cfg.min_expires {
+                return Reply {
+                    code: 423,
+                    reason: "Interval Too Brief",
+                    headers: vec![("Min-Expires", self.cfg.min_expires.to_string().into_bytes())],
+                };
+            }
+            let q = match na.param("q") {
+                Some(Some(v)) => match parse_q(v) {
+                    Some(q) => q,
+                    None => return Reply::err(400, "Bad q-value"),
+                },
+                Some(None) => return Reply::err(400, "Bad q-value"),
+                None => 1000,
+            };
+            let instance = na
+                .param("+sip.instance")
+                .flatten()
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            let reg_id = match na.param("reg-id") {
+                Some(Some(v)) => match text::parse_u32(v) {
+                    Some(r) => Some(r),
+                    None => return Reply::err(400, "Bad reg-id"),
+                },
+                Some(None) => return Reply::err(400, "Bad reg-id"),
+                None => None,
+            };
+            outbound |= instance.is_some() && reg_id.is_some();
+            let expires = expires.min(self.cfg.max_expires);
+            new.push(NewContact {
+                binding: Binding {
+                    contact: String::from_utf8_lossy(na.uri).into_owned(),
+                    q,
+                    expires_at: now + Duration::from_secs(u64::from(expires)),
+                    call_id: call_id.clone(),
+                    cseq,
+                    flow,
+                    instance,
+                    reg_id,
+                },
+                expires,
+            });
+        }
+
+        // Apply to a copy of the live bindings, then store it whole.
+        let mut result: Vec<Binding> = existing
+            .iter()
+            .filter(|b| b.expires_at > now)
+            .cloned()
+            .collect();
+        for nc in new {
+            match result.iter().position(|b| b.same_key(&nc.binding)) {
+                Some(i) => {
+                    let old = &result[i];
+                    if old.call_id == nc.binding.call_id && old.cseq >= cseq {
+                        return Reply::err(400, "Out of Order CSeq");
+                    }
+                    if nc.expires == 0 {
+                        result.remove(i);
+                    } else {
+                        result[i] = nc.binding;
+                    }
+                }
+                None if nc.expires == 0 => {}
+                None => result.push(nc.binding),
+            }
+        }
+        if result.len() > self.cfg.max_contacts {
+            return Reply::err(403, "Too Many Contacts");
+        }
+        result.sort_by_key(|b| std::cmp::Reverse(b.q));
+        let reply = self.ok(now, &result, outbound);
+        store.put(aor, result);
+        reply
+    }
+
+    fn ok(&self, now: Instant, bindings: &[Binding], outbound: bool) -> Reply {
+        let mut headers = Vec::with_capacity(bindings.len() + 1);
+        for b in bindings {
+            let left = b.expires_at.saturating_duration_since(now).as_secs();
+            let mut v = format!("<{}>;expires={left}", b.contact);
+            if b.q != 1000 {
+                v.push_str(&format!(";q={}.{:03}", b.q / 1000, b.q % 1000));
+            }
+            headers.push(("Contact", v.into_bytes()));
+        }
+        if outbound {
+            headers.push(("Require", b"outbound".to_vec()));
+        }
+        Reply {
+            code: 200,
+            reason: "OK",
+            headers,
+        }
+    }
+
+    /// The live bindings of `aor`, best `q` first: the targets a proxy forks to.
+    pub fn lookup<'s>(
+        &self,
+        now: Instant,
+        store: &'s impl BindingStore,
+        aor: &str,
+    ) -> Vec<&'s Binding> {
+        let mut v: Vec<_> = store
+            .get(aor)
+            .iter()
+            .filter(|b| b.expires_at > now)
+            .collect();
+        v.sort_by_key(|b| std::cmp::Reverse(b.q));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::Header;
+    use crate::parse::{Framing, Limits, Status, parse};
+
+    fn register(
+        reg: &Registrar,
+        store: &mut MemoryStore,
+        now: Instant,
+        extra: &str,
+        cseq: u32,
+        flow: FlowId,
+    ) -> Reply {
+        let msg = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bK{cseq}\r\nTo: <sip:alice@Example.COM>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: reg-1\r\nCSeq: {cseq} REGISTER\r\n{extra}Content-Length: 0\r\n\r\n"
+        );
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(msg.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!("parse")
+        };
+        let ess = match m.validate(&Limits::default()) {
+            Ok(e) => e,
+            Err(e) => return Reply::err(e.response().0, e.response().1),
+        };
+        let aor = reg.aor(&ess).unwrap();
+        assert_eq!(aor, "sip:alice@example.com");
+        reg.handle_register(now, &m, &ess, &aor, flow, store)
+    }
+
+    #[test]
+    fn register_refresh_remove() {
+        let reg = Registrar::default();
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let r = register(
+            &reg,
+            &mut st,
+            t0,
+            "Contact: <sip:alice@10.0.0.1:5061;transport=tls>;q=0.5, <sip:alice@10.0.0.2>\r\nExpires: 600\r\n",
+            1,
+            7,
+        );
+        assert_eq!(r.code, 200);
+        assert_eq!(r.headers.len(), 2);
+        assert_eq!(r.headers[0].1, b"<sip:alice@10.0.0.2>;expires=600");
+        assert_eq!(
+            r.headers[1].1,
+            b"<sip:alice@10.0.0.1:5061;transport=tls>;expires=600;q=0.500"
+        );
+        let b = reg.lookup(t0, &st, "sip:alice@example.com");
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].flow, 7);
+        // Refresh one with a contact expires param overriding Expires.
+        let r = register(
+            &reg,
+            &mut st,
+            t0 + Duration::from_secs(10),
+            "Contact: <sip:alice@10.0.0.2>;expires=120\r\nExpires: 600\r\n",
+            2,
+            8,
+        );
+        assert_eq!(r.code, 200);
+        assert!(
+            r.headers
+                .iter()
+                .any(|(_, v)| v == b"<sip:alice@10.0.0.2>;expires=120")
+        );
+        // Stale CSeq is refused and changes nothing.
+        let r = register(
+            &reg,
+            &mut st,
+            t0,
+            "Contact: <sip:alice@10.0.0.2>;expires=0\r\n",
+            2,
+            8,
+        );
+        assert_eq!((r.code, st.bindings()), (400, 2));
+        // Expiry drops it.
+        assert_eq!(
+            reg.lookup(t0 + Duration::from_secs(200), &st, "sip:alice@example.com")
+                .len(),
+            1
+        );
+        assert_eq!(st.purge(t0 + Duration::from_secs(200)), 1);
+        // Remove explicitly.
+        let r = register(
+            &reg,
+            &mut st,
+            t0 + Duration::from_secs(201),
+            "Contact: <sip:alice@10.0.0.1:5061;transport=tls>;expires=0\r\n",
+            3,
+            7,
+        );
+        assert_eq!(r.code, 200);
+        assert!(st.is_empty());
+    }
+
+    #[test]
+    fn wildcard_interval_q_and_limits() {
+        let reg = Registrar::new(RegistrarConfig {
+            max_contacts: 2,
+            ..Default::default()
+        });
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let r = register(&reg, &mut st, t0, "Contact: <sip:a@h>;expires=30\r\n", 1, 1);
+        assert_eq!(r.code, 423);
+        assert_eq!(r.headers, vec![("Min-Expires", b"60".to_vec())]);
+        assert_eq!(
+            register(&reg, &mut st, t0, "Contact: <sip:a@h>;q=1.5\r\n", 1, 1).code,
+            400
+        );
+        assert_eq!(
+            register(
+                &reg,
+                &mut st,
+                t0,
+                "Contact: <sip:a@h>\r\nExpires: 99999999999999\r\n",
+                1,
+                1
+            )
+            .code,
+            200
+        );
+        assert_eq!(
+            reg.lookup(t0, &st, "sip:alice@example.com")[0].expires_at,
+            t0 + Duration::from_secs(3600)
+        );
+        assert_eq!(
+            register(&reg, &mut st, t0, "Contact: <sip:b@h>, <sip:c@h>\r\n", 2, 1).code,
+            403
+        );
+        assert_eq!(st.bindings(), 1);
+        assert_eq!(
+            register(&reg, &mut st, t0, "Contact: *\r\n", 3, 1).code,
+            400
+        );
+        assert_eq!(
+            register(
+                &reg,
+                &mut st,
+                t0,
+                "Contact: *, <sip:a@h>\r\nExpires: 0\r\n",
+                3,
+                1
+            )
+            .code,
+            400
+        );
+        assert_eq!(
+            register(&reg, &mut st, t0, "Contact: *\r\nExpires: 0\r\n", 3, 1).code,
+            200
+        );
+        assert!(st.is_empty());
+    }
+
+    #[test]
+    fn outbound_flows() {
+        let reg = Registrar::default();
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let inst = "Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\";reg-id=1\r\nSupported: outbound\r\n";
+        let r = register(&reg, &mut st, t0, inst, 1, 11);
+        assert!(r.headers.contains(&("Require", b"outbound".to_vec())));
+        // Same instance and reg-id over a new flow replaces the binding (new contact URI too).
+        let inst2 = inst.replace("192.0.2.9", "192.0.2.10");
+        register(&reg, &mut st, t0, &inst2, 2, 12);
+        let b = reg.lookup(t0, &st, "sip:alice@example.com");
+        assert_eq!((b.len(), b[0].flow), (1, 12));
+        assert_eq!(st.remove_flow(12), 1);
+        assert!(st.is_empty());
+    }
+
+    #[test]
+    fn shard_function_is_pure_and_spreads() {
+        assert_eq!(
+            shard_for("sip:alice@example.com", 4),
+            shard_for("sip:alice@example.com", 4)
+        );
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[shard_for(&format!("sip:user{i}@example.com"), 4).0 as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        let u = Uri::parse(b"sips:%61lice@EXAMPLE.com:5061;transport=tls").unwrap();
+        assert_eq!(aor_of(&u).as_deref(), Some("sip:alice@example.com"));
+        assert_eq!(aor_of(&Uri::parse(b"sip:example.com").unwrap()), None);
+        assert_eq!(parse_q(b"0.5"), Some(500));
+        assert_eq!(parse_q(b"1.000"), Some(1000));
+        assert_eq!(parse_q(b"1.001"), None);
+        assert_eq!(parse_q(b"0.1234"), None);
+    }
+}

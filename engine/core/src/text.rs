@@ -1,0 +1,220 @@
+//! Byte-level scanning helpers shared by the parsers.
+//!
+//! Header values handed to these helpers come from [`crate::parse`], which has already
+//! located the end of each (possibly folded) header line. Any CR or LF left inside a value
+//! is therefore part of a fold (`CRLF 1*WSP`) and counts as linear white space here.
+
+/// Is `b` linear white space (SP, HTAB, or the CR/LF of a fold)?
+#[inline]
+pub(crate) fn is_lws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// RFC 3261 `token` characters.
+#[inline]
+pub(crate) fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+        )
+}
+
+/// Trims linear white space at both ends.
+#[inline]
+pub(crate) fn trim(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if is_lws(*first) {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = s {
+        if is_lws(*last) {
+            s = rest;
+        } else {
+            break;
+        }
+    }
+    s
+}
+
+/// Index of the first LWS-free byte at or after `i`.
+#[inline]
+pub(crate) fn skip_lws(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && is_lws(s[i]) {
+        i += 1;
+    }
+    i
+}
+
+/// Case-insensitive ASCII equality.
+#[inline]
+pub(crate) fn eq_ic(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Parses a decimal number of at most `u64` range; `None` on empty, non-digit or overflow.
+pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &b in s {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(v)
+}
+
+/// Parses a decimal `u32`.
+pub(crate) fn parse_u32(s: &[u8]) -> Option<u32> {
+    parse_u64(s).and_then(|v| u32::try_from(v).ok())
+}
+
+/// Splits a header value into its comma-separated elements, honouring quoted strings
+/// (with quoted-pairs) and `<...>` brackets, and returns the byte range of each element
+/// (untrimmed) relative to `s`. Returns `None` when a quote or bracket is unbalanced.
+pub(crate) fn split_commas(s: &[u8], mut f: impl FnMut(usize, usize) -> bool) -> Option<()> {
+    let mut start = 0;
+    let mut i = 0;
+    let mut in_quote = false;
+    let mut in_angle = false;
+    while i < s.len() {
+        let b = s[i];
+        if in_quote {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_quote = false,
+                _ => {}
+            }
+        } else if in_angle {
+            if b == b'>' {
+                in_angle = false;
+            }
+        } else {
+            match b {
+                b'"' => in_quote = true,
+                b'<' => in_angle = true,
+                b',' => {
+                    if !f(start, i) {
+                        return Some(());
+                    }
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    if in_quote || in_angle {
+        return None;
+    }
+    f(start, s.len());
+    Some(())
+}
+
+/// Iterates over `;name[=value]` parameters in `s` (which starts right after the element
+/// the parameters belong to). Yields `(name, value)` with both trimmed; a missing value is
+/// `None`. Quoted values keep their quotes. Fails on an empty name (`;;`).
+pub(crate) fn for_each_param<'a>(
+    s: &'a [u8],
+    mut f: impl FnMut(&'a [u8], Option<&'a [u8]>),
+) -> Result<(), ()> {
+    let mut i = skip_lws(s, 0);
+    while i < s.len() {
+        if s[i] != b';' {
+            return Err(());
+        }
+        i += 1;
+        let start = i;
+        let mut in_quote = false;
+        while i < s.len() {
+            let b = s[i];
+            if in_quote {
+                if b == b'\\' {
+                    i += 1;
+                } else if b == b'"' {
+                    in_quote = false;
+                }
+            } else if b == b'"' {
+                in_quote = true;
+            } else if b == b';' {
+                break;
+            }
+            i += 1;
+        }
+        if in_quote {
+            return Err(());
+        }
+        let part = &s[start..i.min(s.len())];
+        let (name, value) = match memchr::memchr(b'=', part) {
+            Some(eq) => (trim(&part[..eq]), Some(trim(&part[eq + 1..]))),
+            None => (trim(part), None),
+        };
+        if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
+            return Err(());
+        }
+        if value.is_some_and(<[u8]>::is_empty) {
+            return Err(());
+        }
+        f(name, value);
+    }
+    Ok(())
+}
+
+/// Looks up parameter `name` (case-insensitive) in a `;`-parameter list.
+pub(crate) fn find_param<'a>(s: &'a [u8], name: &[u8]) -> Option<Option<&'a [u8]>> {
+    let mut found = None;
+    let _ = for_each_param(s, |n, v| {
+        if found.is_none() && eq_ic(n, name) {
+            found = Some(v);
+        }
+    });
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commas_respect_quotes_and_brackets() {
+        let s = br#""a,b" <sip:x@y;p=1,2>;q=1, <sip:z>"#;
+        let mut parts = Vec::new();
+        split_commas(s, |a, b| {
+            parts.push(trim(&s[a..b]).to_vec());
+            true
+        })
+        .unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[1], b"<sip:z>");
+        assert!(split_commas(b"\"open", |_, _| true).is_none());
+    }
+
+    #[test]
+    fn params() {
+        let mut v = Vec::new();
+        for_each_param(b";branch=z9hG4bK1 ; rport;x=\"a;b\"", |n, val| {
+            v.push((n.to_vec(), val.map(<[u8]>::to_vec)))
+        })
+        .unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[2].1.as_deref(), Some(&b"\"a;b\""[..]));
+        assert!(for_each_param(b";;", |_, _| {}).is_err());
+        assert!(for_each_param(b";a=", |_, _| {}).is_err());
+        assert_eq!(find_param(b";Branch=x", b"branch"), Some(Some(&b"x"[..])));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_u32(b"4294967295"), Some(u32::MAX));
+        assert_eq!(parse_u32(b"4294967296"), None);
+        assert_eq!(parse_u64(b"36893488147419103232"), None);
+        assert_eq!(parse_u64(b"-1"), None);
+        assert_eq!(parse_u64(b""), None);
+    }
+}

@@ -1,0 +1,280 @@
+//! URIs: SIP/SIPS parsed into their parts (RFC 3261 §19.1), other schemes kept opaque.
+
+use crate::text::{eq_ic, find_param, is_lws};
+use std::borrow::Cow;
+
+/// The URI scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    /// `sip:`
+    Sip,
+    /// `sips:`
+    Sips,
+    /// `tel:` (RFC 3966)
+    Tel,
+    /// Anything else (`http:`, `isbn:`, `soap.beep:` …); kept opaque.
+    Other,
+}
+
+/// A URI borrowed from a message. For `sip:`/`sips:` all parts are split out; for other
+/// schemes only `scheme` and `raw` are meaningful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uri<'b> {
+    /// The whole URI text.
+    pub raw: &'b [u8],
+    /// The scheme, classified.
+    pub scheme: Scheme,
+    /// User part, still %-escaped (may contain `;` per RFC 4475 §3.1.1.9).
+    pub user: Option<&'b [u8]>,
+    /// Password part, still %-escaped.
+    pub password: Option<&'b [u8]>,
+    /// Host: a domain name, an IPv4 address or a bracketed IPv6 reference (`[2001:db8::1]`).
+    pub host: &'b [u8],
+    /// Port, if present.
+    pub port: Option<u16>,
+    /// The raw `;uri-parameters`, starting with `;` (or empty).
+    pub params: &'b [u8],
+    /// The raw headers after `?` (without the `?`), if any.
+    pub headers: Option<&'b [u8]>,
+}
+
+/// Why a URI failed to parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UriError;
+
+fn is_scheme_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')
+}
+
+fn is_host_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')
+}
+
+impl<'b> Uri<'b> {
+    /// Parses a URI. SIP/SIPS URIs must have a valid host (domain, IPv4 or `[IPv6]`) and
+    /// an optional numeric port; user and parameter parts are taken as they are (escapes are
+    /// not decoded, RFC 4475 §3.1.1.3). No white space is allowed anywhere.
+    pub fn parse(raw: &'b [u8]) -> Result<Uri<'b>, UriError> {
+        let colon = memchr::memchr(b':', raw).ok_or(UriError)?;
+        let scheme_raw = &raw[..colon];
+        if scheme_raw.is_empty()
+            || !scheme_raw[0].is_ascii_alphabetic()
+            || !scheme_raw.iter().all(|&b| is_scheme_char(b))
+            || raw.iter().any(|&b| is_lws(b) || b < 0x21 || b == 0x7f)
+        {
+            return Err(UriError);
+        }
+        let scheme = if eq_ic(scheme_raw, b"sip") {
+            Scheme::Sip
+        } else if eq_ic(scheme_raw, b"sips") {
+            Scheme::Sips
+        } else if eq_ic(scheme_raw, b"tel") {
+            Scheme::Tel
+        } else {
+            Scheme::Other
+        };
+        let rest = &raw[colon + 1..];
+        let mut uri = Uri {
+            raw,
+            scheme,
+            user: None,
+            password: None,
+            host: b"",
+            port: None,
+            params: b"",
+            headers: None,
+        };
+        if !matches!(scheme, Scheme::Sip | Scheme::Sips) {
+            if rest.is_empty() {
+                return Err(UriError);
+            }
+            return Ok(uri);
+        }
+        // A raw '@' can only separate userinfo: user, password, params and headers do not
+        // allow it unescaped.
+        let hostport = match memchr::memchr(b'@', rest) {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                match memchr::memchr(b':', userinfo) {
+                    Some(c) => {
+                        uri.user = Some(&userinfo[..c]);
+                        uri.password = Some(&userinfo[c + 1..]);
+                    }
+                    None => uri.user = Some(userinfo),
+                }
+                if uri.user.is_some_and(<[u8]>::is_empty) {
+                    return Err(UriError);
+                }
+                &rest[at + 1..]
+            }
+            None => rest,
+        };
+        let (host_end, host) = if hostport.first() == Some(&b'[') {
+            let close = memchr::memchr(b']', hostport).ok_or(UriError)?;
+            let inner = &hostport[1..close];
+            if inner.is_empty()
+                || !inner
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            {
+                return Err(UriError);
+            }
+            (close + 1, &hostport[..close + 1])
+        } else {
+            let end = hostport
+                .iter()
+                .position(|&b| matches!(b, b':' | b';' | b'?'))
+                .unwrap_or(hostport.len());
+            let host = &hostport[..end];
+            if host.is_empty() || !host.iter().all(|&b| is_host_char(b)) {
+                return Err(UriError);
+            }
+            (end, host)
+        };
+        uri.host = host;
+        let mut rest = &hostport[host_end..];
+        if let Some(after) = rest.strip_prefix(b":") {
+            let end = after
+                .iter()
+                .position(|&b| matches!(b, b';' | b'?'))
+                .unwrap_or(after.len());
+            let port = crate::text::parse_u32(&after[..end]).ok_or(UriError)?;
+            uri.port = Some(u16::try_from(port).map_err(|_| UriError)?);
+            rest = &after[end..];
+        }
+        let q = memchr::memchr(b'?', rest);
+        let params = &rest[..q.unwrap_or(rest.len())];
+        if !params.is_empty() && params[0] != b';' {
+            return Err(UriError);
+        }
+        uri.params = params;
+        if let Some(q) = q {
+            uri.headers = Some(&rest[q + 1..]);
+        }
+        Ok(uri)
+    }
+
+    /// Is this a `sip:` or `sips:` URI?
+    pub fn is_sip(&self) -> bool {
+        matches!(self.scheme, Scheme::Sip | Scheme::Sips)
+    }
+
+    /// Looks up a URI parameter by name (case-insensitive): `Some(None)` for a flag such as
+    /// `;lr`, `Some(Some(value))` for `;name=value`.
+    pub fn param(&self, name: &str) -> Option<Option<&'b [u8]>> {
+        find_param(self.params, name.as_bytes())
+    }
+
+    /// The user part with `%HH` escapes decoded once (never recursively); `%00` stays a NUL
+    /// octet and does not truncate (RFC 4475 §3.1.1.4).
+    pub fn user_unescaped(&self) -> Option<Cow<'b, [u8]>> {
+        self.user.map(unescape)
+    }
+
+    /// The host in lower case, as used for domain comparisons.
+    pub fn host_lower(&self) -> Cow<'b, [u8]> {
+        if self.host.iter().any(u8::is_ascii_uppercase) {
+            Cow::Owned(self.host.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(self.host)
+        }
+    }
+}
+
+/// Decodes `%HH` escapes once. Malformed escapes are kept literally (RFC 4475 §3.1.1.5: a `%`
+/// that is not an escape is a literal character).
+pub fn unescape(s: &[u8]) -> Cow<'_, [u8]> {
+    if memchr::memchr(b'%', s).is_none() {
+        return Cow::Borrowed(s);
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        let escaped = (s[i] == b'%')
+            .then(|| {
+                Some((
+                    s.get(i + 1).copied().and_then(hex)?,
+                    s.get(i + 2).copied().and_then(hex)?,
+                ))
+            })
+            .flatten();
+        if let Some((h, l)) = escaped {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    macro_rules! uri_ok {
+        ($($raw:literal => ($scheme:expr, $user:expr, $host:literal, $port:expr, $params:literal, $headers:expr);)*) => {$(
+            let u = Uri::parse($raw).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy($raw)));
+            assert_eq!(u.scheme, $scheme);
+            assert_eq!(u.user, $user.map(|s: &str| s.as_bytes()));
+            assert_eq!(u.host, $host);
+            assert_eq!(u.port, $port);
+            assert_eq!(u.params, $params);
+            assert_eq!(u.headers, $headers.map(|s: &str| s.as_bytes()));
+        )*};
+    }
+
+    #[test]
+    fn sip_uris() {
+        uri_ok! {
+            b"sip:alice@example.com" => (Scheme::Sip, Some("alice"), b"example.com", None, b"", None::<&str>);
+            b"sips:bob@[2001:db8::10]:5061;transport=tls" => (Scheme::Sips, Some("bob"), b"[2001:db8::10]", Some(5061), b";transport=tls", None::<&str>);
+            b"sip:example.com;lr" => (Scheme::Sip, None::<&str>, b"example.com", None, b";lr", None::<&str>);
+            b"sip:user;par=u%40example.net@example.com" => (Scheme::Sip, Some("user;par=u%40example.net"), b"example.com", None, b"", None::<&str>);
+            b"sip:user@example.com?Route=%3Csip:example.com%3E" => (Scheme::Sip, Some("user"), b"example.com", None, b"", Some("Route=%3Csip:example.com%3E"));
+            b"SIP:192.0.2.1:5060" => (Scheme::Sip, None::<&str>, b"192.0.2.1", Some(5060), b"", None::<&str>);
+        }
+        let odd = b"sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:&it+has=1,weird!*pas$wo~d_too.(doesn't-it)@example.com";
+        let u = Uri::parse(odd).unwrap();
+        assert_eq!(u.host, b"example.com");
+        assert_eq!(
+            u.password,
+            Some(&b"&it+has=1,weird!*pas$wo~d_too.(doesn't-it)"[..])
+        );
+    }
+
+    #[test]
+    fn other_schemes_and_errors() {
+        assert_eq!(
+            Uri::parse(b"isbn:2983792873").unwrap().scheme,
+            Scheme::Other
+        );
+        assert_eq!(Uri::parse(b"tel:+15551234").unwrap().scheme, Scheme::Tel);
+        for bad in [
+            &b"sip:"[..],
+            b"sip:@host",
+            b"sip:a b@host",
+            b"sip:host:99999",
+            b"sip:host:port",
+            b"sip:[::1",
+            b"<sip:x@y>",
+            b"nocolon",
+            b"1sip:x",
+            b"sip:host x",
+        ] {
+            assert!(Uri::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn unescaping_is_single_pass() {
+        assert_eq!(&*unescape(b"null-%00-null"), b"null-\0-null");
+        assert_eq!(&*unescape(b"value%2541"), b"value%41");
+        assert_eq!(&*unescape(b"100%"), b"100%");
+        assert_eq!(&*unescape(b"%zz"), b"%zz");
+        let u = Uri::parse(b"sip:%75se%72@example.com").unwrap();
+        assert_eq!(&*u.user_unescaped().unwrap(), b"user");
+    }
+}

@@ -1,0 +1,140 @@
+//! Shared helpers for the sipring test suites: the RFC 4475 corpus and a small in-memory
+//! "what would sipring do with these bytes" pipeline built only from sipring-core.
+
+use sipring_core::proxy::{Decision, Flow, Lookup, PeerRoute, Proxy, ProxyConfig};
+use sipring_core::registrar::{MemoryStore, Registrar};
+use sipring_core::response::error_response;
+use sipring_core::{Framing, Header, Limits, Status, parse};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// One line of the corpus manifest.
+#[derive(Debug, Clone)]
+pub struct CorpusEntry {
+    /// File name, e.g. `wsinv.dat`.
+    pub file: String,
+    /// Size in octets according to the manifest.
+    pub size: usize,
+    /// `valid`, `invalid`, `transaction-layer`, `application-layer`, `backward-compatibility`.
+    pub class: String,
+    /// RFC section, e.g. `3.1.1.1`.
+    pub section: String,
+}
+
+/// The folder holding the RFC 4475 messages.
+pub fn corpus_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/rfc4475")
+}
+
+/// Reads `MANIFEST.txt`.
+pub fn corpus() -> Vec<CorpusEntry> {
+    let text = std::fs::read_to_string(corpus_dir().join("MANIFEST.txt")).expect("manifest");
+    text.lines()
+        .filter(|l| l.contains(".dat |") && !l.starts_with("extra/"))
+        .map(|l| {
+            let cols: Vec<&str> = l.split(" | ").map(str::trim).collect();
+            CorpusEntry {
+                file: cols[0].to_string(),
+                size: cols[1].parse().expect("size"),
+                class: cols[3].to_string(),
+                section: cols[4].to_string(),
+            }
+        })
+        .collect()
+}
+
+/// What sipring does with a message that arrived whole (as a datagram).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It answers with this status.
+    Respond(u16),
+    /// It drops it silently (bad responses, ACKs that cannot be answered).
+    Drop,
+    /// It routes it: look up this AOR (the corpus has no registered users).
+    Lookup(String),
+    /// It forwards it to this peer.
+    ToPeer(String),
+}
+
+/// A registrar + proxy with the test domain `example.com`, a peer route for `example.net`.
+pub struct Pipeline {
+    /// Proxy core.
+    pub proxy: Proxy,
+    /// Registrar.
+    pub registrar: Registrar,
+    /// Bindings.
+    pub store: MemoryStore,
+    /// Parse limits.
+    pub limits: Limits,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Pipeline {
+            proxy: Proxy::new(ProxyConfig {
+                domains: vec!["example.com".into()],
+                local_hosts: vec!["proxy.example.com".into()],
+                via_host: "proxy.example.com".into(),
+                via_port: 5061,
+                peers: vec![PeerRoute {
+                    domain: "example.net".into(),
+                    peer: "net-partner".into(),
+                }],
+                supported: vec![],
+                record_route: true,
+            }),
+            registrar: Registrar::default(),
+            store: MemoryStore::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Runs `bytes` through parse → validate → proxy/registrar, as a datagram.
+    pub fn process(&mut self, bytes: &[u8], now: Instant) -> Outcome {
+        let mut storage = vec![Header::EMPTY; 96];
+        let respond_err = |e: sipring_core::ParseError| match error_response(bytes, e, b"t") {
+            Some(_) => Outcome::Respond(e.response().0),
+            None => Outcome::Drop,
+        };
+        let msg = match parse(bytes, &mut storage, &self.limits, Framing::Datagram) {
+            Ok(Status::Complete(m)) => m,
+            Ok(Status::Partial) => unreachable!("datagrams are never partial"),
+            Err(e) => return respond_err(e),
+        };
+        let ess = match msg.validate(&self.limits) {
+            Ok(e) => e,
+            Err(e) if msg.is_request() => return respond_err(e),
+            Err(_) => return Outcome::Drop,
+        };
+        if !msg.is_request() {
+            return match self.proxy.response_branch(&ess) {
+                Some(_) => Outcome::Respond(0),
+                None => Outcome::Drop,
+            };
+        }
+        match self.proxy.decide(&msg, &ess, &Flow::Conn(1)) {
+            Decision::Respond(a) => Outcome::Respond(a.code),
+            Decision::Register => match self.registrar.aor(&ess) {
+                Err(r) => Outcome::Respond(r.code),
+                Ok(aor) => {
+                    let r =
+                        self.registrar
+                            .handle_register(now, &msg, &ess, &aor, 1, &mut self.store);
+                    Outcome::Respond(r.code)
+                }
+            },
+            Decision::Lookup { aor } => match self
+                .proxy
+                .after_lookup(msg.method().unwrap(), Lookup::Unknown)
+            {
+                Err(Decision::Respond(a)) if a.code == 404 => Outcome::Lookup(aor),
+                other => panic!("unexpected {other:?}"),
+            },
+            Decision::ToPeer(p) => Outcome::ToPeer(p),
+            Decision::Drop(_) => Outcome::Drop,
+            other => panic!("unexpected decision {other:?}"),
+        }
+    }
+}
