@@ -23,21 +23,16 @@ macro_rules! header_names {
                 }
             }
 
-            /// Recognises a header name, case-insensitively, in long or compact form.
-            pub fn from_bytes(name: &[u8]) -> HeaderName {
-                if let [c] = name {
-                    return match c.to_ascii_lowercase() {
-                        $( $( $compact => HeaderName::$variant, )? )*
-                        _ => HeaderName::Other,
-                    };
+            /// The compact form's letter, if the header has one.
+            pub fn compact(self) -> Option<u8> {
+                match self {
+                    $( $( HeaderName::$variant => Some($compact), )? )*
+                    _ => None,
                 }
-                $(
-                    if name.len() == $canonical.len() && name.eq_ignore_ascii_case($canonical.as_bytes()) {
-                        return HeaderName::$variant;
-                    }
-                )*
-                HeaderName::Other
             }
+
+            /// Every known name, for tests and documentation.
+            pub const ALL: &'static [HeaderName] = &[$( HeaderName::$variant, )*];
         }
     };
 }
@@ -97,6 +92,69 @@ header_names! {
     Date => "Date";
 }
 
+impl HeaderName {
+    /// Recognises a header name, case-insensitively, in long or compact form. Dispatches on
+    /// the length first: this runs once per header line.
+    pub fn from_bytes(name: &[u8]) -> HeaderName {
+        use HeaderName::*;
+        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        let pick = |cands: &[(&str, HeaderName)]| {
+            cands.iter().find(|(s, _)| is(s)).map_or(Other, |&(_, h)| h)
+        };
+        match name.len() {
+            1 => match name[0].to_ascii_lowercase() {
+                b'v' => Via,
+                b'f' => From,
+                b't' => To,
+                b'i' => CallId,
+                b'm' => Contact,
+                b'l' => ContentLength,
+                b'c' => ContentType,
+                b'k' => Supported,
+                b'e' => ContentEncoding,
+                b's' => Subject,
+                b'o' => Event,
+                b'r' => ReferTo,
+                b'u' => AllowEvents,
+                _ => Other,
+            },
+            2 => pick(&[("To", To)]),
+            3 => pick(&[("Via", Via)]),
+            4 => pick(&[
+                ("From", From),
+                ("CSeq", CSeq),
+                ("Path", Path),
+                ("Date", Date),
+            ]),
+            5 => pick(&[("Route", Route), ("Allow", Allow), ("Event", Event)]),
+            7 => pick(&[
+                ("Call-ID", CallId),
+                ("Contact", Contact),
+                ("Expires", Expires),
+                ("Require", Require),
+                ("Subject", Subject),
+            ]),
+            8 => pick(&[("Refer-To", ReferTo)]),
+            9 => pick(&[("Supported", Supported)]),
+            11 => pick(&[
+                ("Min-Expires", MinExpires),
+                ("Unsupported", Unsupported),
+                ("Retry-After", RetryAfter),
+            ]),
+            12 => pick(&[
+                ("Max-Forwards", MaxForwards),
+                ("Record-Route", RecordRoute),
+                ("Content-Type", ContentType),
+                ("Allow-Events", AllowEvents),
+            ]),
+            13 => pick(&[("Proxy-Require", ProxyRequire)]),
+            14 => pick(&[("Content-Length", ContentLength)]),
+            16 => pick(&[("Content-Encoding", ContentEncoding)]),
+            _ => Other,
+        }
+    }
+}
+
 impl fmt::Display for HeaderName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.canonical().unwrap_or("(other)"))
@@ -149,6 +207,19 @@ mod tests {
         ($($raw:literal => $want:expr,)*) => {
             $( assert_eq!(H::from_bytes($raw), $want, "{}", String::from_utf8_lossy($raw)); )*
         };
+    }
+
+    #[test]
+    fn every_name_round_trips() {
+        for &h in H::ALL {
+            let c = h.canonical().unwrap();
+            assert_eq!(H::from_bytes(c.as_bytes()), h, "{c}");
+            assert_eq!(H::from_bytes(c.to_ascii_uppercase().as_bytes()), h, "{c}");
+            if let Some(x) = h.compact() {
+                assert_eq!(H::from_bytes(&[x]), h);
+                assert_eq!(H::from_bytes(&[x.to_ascii_uppercase()]), h);
+            }
+        }
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub mod parse;
 pub mod proxy;
 pub mod registrar;
 pub mod response;
+pub mod stateful;
 mod text;
 pub mod transaction;
 pub mod uri;

@@ -306,14 +306,19 @@ fn parse_inner<'b, 'h>(
             return Err(ParseError::HeadTooLarge);
         }
         let line = &buf[pos..line_end - 2];
-        let colon = memchr::memchr(b':', line).ok_or(ParseError::InvalidHeaderName)?;
-        let mut name = &line[..colon];
-        while let [rest @ .., b' ' | b'\t'] = name {
-            name = rest;
+        // The name: token characters, optional SP/HT, then the colon (one pass).
+        let name_end = line
+            .iter()
+            .position(|&b| !is_token(b))
+            .unwrap_or(line.len());
+        let mut colon = name_end;
+        while colon < line.len() && matches!(line[colon], b' ' | b'\t') {
+            colon += 1;
         }
-        if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
+        if name_end == 0 || line.get(colon) != Some(&b':') {
             return Err(ParseError::InvalidHeaderName);
         }
+        let name = &line[..name_end];
         let raw_value = &line[colon + 1..];
         let value = trim(raw_value);
         let value_start = if value.is_empty() {
@@ -570,6 +575,16 @@ impl<'b, 'h> Message<'b, 'h> {
         out
     }
 
+    /// Like [`Message::values`], but `None` when a value has an unbalanced quote or `<`.
+    pub fn try_values(&self, name: HeaderName) -> Option<Vec<HeaderValue<'b>>> {
+        let ok = self
+            .headers
+            .iter()
+            .filter(|h| h.name == name)
+            .all(|h| text::split_commas(h.value, |_, _| true).is_some());
+        ok.then(|| self.values(name))
+    }
+
     /// Length of the head (start line, headers and blank line).
     pub fn head_len(&self) -> usize {
         self.head_len
@@ -599,9 +614,10 @@ impl<'b, 'h> Message<'b, 'h> {
 
     /// Checks the message against the grammar of the headers a proxy acts on and returns them
     /// typed: version 2.0; `Via`, `From`, `To`, `Call-ID`, `CSeq` present, the single-valued
-    /// ones exactly once and well-formed; every `Via` value and (in requests) every `Contact`
-    /// value well-formed; `CSeq` method equal to the request method; `Max-Forwards` 0..=255;
-    /// a Request-URI with a valid scheme and no `?headers` part.
+    /// ones exactly once and well-formed; the top `Via` value well-formed (the others are
+    /// counted against `max_vias`); `CSeq` method equal to the request method;
+    /// `Max-Forwards` 0..=255; a Request-URI with a valid scheme and no `?headers` part.
+    /// `Contact` is left to its users (the registrar rejects a malformed one with 400).
     pub fn validate(&self, limits: &Limits) -> Result<Essentials<'b>, ParseError> {
         if !self.version_2_0 {
             return Err(ParseError::UnsupportedVersion);
@@ -623,7 +639,6 @@ impl<'b, 'h> Message<'b, 'h> {
             }
             Ok(())
         }
-        let is_request = self.is_request();
         for h in self.headers {
             match h.name {
                 HeaderName::CallId => once(&mut call_id, h.value, h.name)?,
@@ -632,40 +647,35 @@ impl<'b, 'h> Message<'b, 'h> {
                 HeaderName::To => once(&mut to, h.value, h.name)?,
                 HeaderName::MaxForwards => once(&mut max_forwards, h.value, h.name)?,
                 HeaderName::Via => {
+                    // The top Via is parsed fully (a proxy acts on it); the others are
+                    // only counted, as RFC 3261 §16 needs nothing else from them.
                     let v = h.value;
-                    let mut bad = false;
-                    text::split_commas(v, |a, b| {
-                        via_count += 1;
-                        match Via::parse(&v[a..b]) {
-                            Some(via) => {
-                                if top_via.is_none() {
-                                    top_via = Some(via);
-                                }
-                            }
-                            None => bad = true,
-                        }
-                        !bad
-                    })
-                    .ok_or(ParseError::InvalidHeader(HeaderName::Via))?;
-                    if bad {
-                        return Err(ParseError::InvalidHeader(HeaderName::Via));
+                    if top_via.is_none() {
+                        let mut first = None;
+                        text::split_commas(v, |a, b| {
+                            first = Some(&v[a..b]);
+                            false
+                        })
+                        .ok_or(ParseError::InvalidHeader(HeaderName::Via))?;
+                        top_via = Some(
+                            first
+                                .and_then(Via::parse)
+                                .ok_or(ParseError::InvalidHeader(HeaderName::Via))?,
+                        );
                     }
+                    via_count += if memchr::memchr(b'"', v).is_some() {
+                        let mut n = 0;
+                        text::split_commas(v, |_, _| {
+                            n += 1;
+                            true
+                        })
+                        .ok_or(ParseError::InvalidHeader(HeaderName::Via))?;
+                        n
+                    } else {
+                        memchr::memchr_iter(b',', v).count() + 1
+                    };
                     if via_count > limits.max_vias {
                         return Err(ParseError::TooManyVias);
-                    }
-                }
-                HeaderName::Contact if is_request => {
-                    let v = h.value;
-                    if v != b"*" {
-                        let mut bad = false;
-                        text::split_commas(v, |a, b| {
-                            bad = NameAddr::parse(&v[a..b]).is_none();
-                            !bad
-                        })
-                        .ok_or(ParseError::InvalidHeader(HeaderName::Contact))?;
-                        if bad {
-                            return Err(ParseError::InvalidHeader(HeaderName::Contact));
-                        }
                     }
                 }
                 _ => {}

@@ -184,9 +184,14 @@ fn validate_rejections() {
             ParseError::InvalidHeader(HeaderName::To),
         ),
         (
-            "Max-Forwards: 70\r\n",
-            "Max-Forwards: 70\r\nContact: <sip:a@b>;;\r\n",
-            ParseError::InvalidHeader(HeaderName::Contact),
+            "Via: SIP/2.0/TLS h;branch=z9hG4bK1",
+            "Via: SIP/2.0/TLS h;;branch=z9hG4bK1",
+            ParseError::InvalidHeader(HeaderName::Via),
+        ),
+        (
+            "Via: SIP/2.0/TLS h;branch=z9hG4bK1",
+            "Via: SIP/2.0/TLS h;x=\"unterminated",
+            ParseError::InvalidHeader(HeaderName::Via),
         ),
     ];
     for (from, to, want) in cases {

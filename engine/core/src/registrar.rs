@@ -284,7 +284,9 @@ impl Registrar {
         };
         let call_id = String::from_utf8_lossy(ess.call_id).into_owned();
         let cseq = ess.cseq.seq;
-        let contacts = msg.values(HeaderName::Contact);
+        let Some(contacts) = msg.try_values(HeaderName::Contact) else {
+            return Reply::err(400, "Bad Contact");
+        };
         let existing = store.get(aor);
 
         // Contact: * (remove all) — only alone and with Expires: 0.

@@ -10,34 +10,45 @@ pub(crate) fn is_lws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
-/// RFC 3261 `token` characters.
+const fn token_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        i += 1;
+    }
+    t
+}
+
+static TOKEN: [bool; 256] = token_table();
+
+/// RFC 3261 `token` characters (a table lookup: this runs once per header-name byte).
 #[inline]
 pub(crate) fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
-        )
+    TOKEN[b as usize]
+}
+
+/// Does `s` contain white space, a control character or DEL? Written as a fold without
+/// early exit so that it vectorises.
+#[inline]
+pub(crate) fn has_space_or_ctl(s: &[u8]) -> bool {
+    s.iter()
+        .fold(false, |acc, &b| acc | (b <= 0x20) | (b == 0x7f))
 }
 
 /// Trims linear white space at both ends.
 #[inline]
-pub(crate) fn trim(mut s: &[u8]) -> &[u8] {
-    while let [first, rest @ ..] = s {
-        if is_lws(*first) {
-            s = rest;
-        } else {
-            break;
-        }
-    }
-    while let [rest @ .., last] = s {
-        if is_lws(*last) {
-            s = rest;
-        } else {
-            break;
-        }
-    }
-    s
+pub(crate) fn trim(s: &[u8]) -> &[u8] {
+    let Some(a) = s.iter().position(|&b| !is_lws(b)) else {
+        return &s[..0];
+    };
+    let b = s.iter().rposition(|&b| !is_lws(b)).map_or(a, |b| b + 1);
+    &s[a..b]
 }
 
 /// Index of the first LWS-free byte at or after `i`.
@@ -81,40 +92,35 @@ pub(crate) fn parse_u32(s: &[u8]) -> Option<u32> {
 pub(crate) fn split_commas(s: &[u8], mut f: impl FnMut(usize, usize) -> bool) -> Option<()> {
     let mut start = 0;
     let mut i = 0;
-    let mut in_quote = false;
-    let mut in_angle = false;
-    while i < s.len() {
-        let b = s[i];
-        if in_quote {
-            match b {
-                b'\\' => i += 1,
-                b'"' => in_quote = false,
-                _ => {}
-            }
-        } else if in_angle {
-            if b == b'>' {
-                in_angle = false;
-            }
-        } else {
-            match b {
-                b'"' => in_quote = true,
-                b'<' => in_angle = true,
-                b',' => {
-                    if !f(start, i) {
-                        return Some(());
-                    }
-                    start = i + 1;
+    // Jump between the only bytes that matter: ',' and the openers of '"' and '<'.
+    while let Some(p) = memchr::memchr3(b',', b'"', b'<', &s[i..]) {
+        let at = i + p;
+        match s[at] {
+            b',' => {
+                if !f(start, at) {
+                    return Some(());
                 }
-                _ => {}
+                start = at + 1;
+                i = at + 1;
             }
+            b'<' => i = at + 1 + memchr::memchr(b'>', &s[at + 1..])? + 1,
+            _ => i = skip_quoted(s, at + 1)?,
         }
-        i += 1;
-    }
-    if in_quote || in_angle {
-        return None;
     }
     f(start, s.len());
     Some(())
+}
+
+/// Given the index just after an opening `"`, returns the index just after the closing one
+/// (quoted-pairs honoured), or `None` if the string is unterminated.
+pub(crate) fn skip_quoted(s: &[u8], mut j: usize) -> Option<usize> {
+    loop {
+        let q = memchr::memchr2(b'"', b'\\', s.get(j..)?)?;
+        if s[j + q] == b'"' {
+            return Some(j + q + 1);
+        }
+        j += q + 2;
+    }
 }
 
 /// Iterates over `;name[=value]` parameters in `s` (which starts right after the element
@@ -131,26 +137,21 @@ pub(crate) fn for_each_param<'a>(
         }
         i += 1;
         let start = i;
-        let mut in_quote = false;
-        while i < s.len() {
-            let b = s[i];
-            if in_quote {
-                if b == b'\\' {
-                    i += 1;
-                } else if b == b'"' {
-                    in_quote = false;
+        // Jump to the next ';' or '"'; quoted strings may hold ';'.
+        loop {
+            match memchr::memchr2(b';', b'"', &s[i..]) {
+                None => {
+                    i = s.len();
+                    break;
                 }
-            } else if b == b'"' {
-                in_quote = true;
-            } else if b == b';' {
-                break;
+                Some(p) if s[i + p] == b';' => {
+                    i += p;
+                    break;
+                }
+                Some(p) => i = skip_quoted(s, i + p + 1).ok_or(())?,
             }
-            i += 1;
         }
-        if in_quote {
-            return Err(());
-        }
-        let part = &s[start..i.min(s.len())];
+        let part = &s[start..i];
         let (name, value) = match memchr::memchr(b'=', part) {
             Some(eq) => (trim(&part[..eq]), Some(trim(&part[eq + 1..]))),
             None => (trim(part), None),

@@ -1,6 +1,6 @@
 //! URIs: SIP/SIPS parsed into their parts (RFC 3261 §19.1), other schemes kept opaque.
 
-use crate::text::{eq_ic, find_param, is_lws};
+use crate::text::{eq_ic, find_param, has_space_or_ctl};
 use std::borrow::Cow;
 
 /// The URI scheme.
@@ -60,7 +60,7 @@ impl<'b> Uri<'b> {
         if scheme_raw.is_empty()
             || !scheme_raw[0].is_ascii_alphabetic()
             || !scheme_raw.iter().all(|&b| is_scheme_char(b))
-            || raw.iter().any(|&b| is_lws(b) || b < 0x21 || b == 0x7f)
+            || has_space_or_ctl(raw)
         {
             return Err(UriError);
         }

@@ -1,0 +1,919 @@
+//! The stateful proxy of one shard: transactions, forking, CANCEL, ACK and failure handling
+//! (RFC 3261 §16), driven entirely by its caller.
+//!
+//! [`ShardProxy`] ties the pieces of this crate together. The engine feeds it framed
+//! messages with the flow they came from, lookup and registrar results, flow closures and
+//! the time; it returns [`Output`]s: bytes to send on a flow, lookups and registrations to
+//! run on the shard that owns an AOR, and flows to close.
+//!
+//! ```text
+//!  handle_message(now, flow, bytes) ─┐          ┌─► Output::Send { flow, bytes }
+//!  handle_lookup(now, token, result) ┼─► ShardProxy ─► Output::Lookup { token, aor }
+//!  handle_register_reply(now, …)     │   (server + ├─► Output::Register { token, aor, … }
+//!  handle_flow_closed(now, flow)     │    client   └─► Output::Close { flow, reason }
+//!  handle_timeout(now) ──────────────┘    txns)        poll_timeout() → next deadline
+//! ```
+//!
+//! Call order: any `handle_*`, then drain [`ShardProxy::poll_output`], then re-arm the
+//! timer from [`ShardProxy::poll_timeout`]. State is `!Send` on purpose: one shard owns it.
+//!
+//! Not done here: Timer C (the 3-minute INVITE guard; a proxied INVITE without a final
+//! response lives until Timer B fires or the caller cancels), forking policy beyond
+//! parallel forking to all bindings, and RFC 2543 transaction matching.
+
+use crate::error::ParseError;
+use crate::header::Header;
+use crate::matching::{KeyMethod, TxKey};
+use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
+use crate::proxy::{Decision, Flow, Lookup, Proxy};
+use crate::registrar::Reply;
+use crate::response::{ResponseParts, ack_for_non_2xx, cancel_for, error_response, response_to};
+use crate::transaction::{
+    ClientTransaction, Event, ServerTransaction, TimerConfig, Timers, Transmit,
+};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Message bytes shared between a transaction and the output queue.
+pub type Bytes = Rc<[u8]>;
+
+/// What the shard proxy asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Output {
+    /// Write these bytes to this flow.
+    Send {
+        /// Destination flow.
+        flow: Flow,
+        /// One whole message.
+        bytes: Bytes,
+    },
+    /// Look up the bindings of `aor` (on its owner shard), then call
+    /// [`ShardProxy::handle_lookup`] with `token`.
+    Lookup {
+        /// Correlates the answer.
+        token: u64,
+        /// The address-of-record.
+        aor: String,
+    },
+    /// Run the registrar for `aor` on its owner shard with this REGISTER (which arrived on
+    /// `flow`), then call [`ShardProxy::handle_register_reply`] with `token`.
+    Register {
+        /// Correlates the answer.
+        token: u64,
+        /// The address-of-record.
+        aor: String,
+        /// The REGISTER as received.
+        request: Bytes,
+        /// The flow it arrived on (the binding's flow).
+        flow: Flow,
+    },
+    /// Close this flow: its byte stream cannot be trusted any more.
+    Close {
+        /// The flow.
+        flow: Flow,
+        /// Why, for the log.
+        reason: ParseError,
+    },
+}
+
+/// Counters a driver exports as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests rejected before reaching a transaction (parse/validation errors).
+    pub rejected: u64,
+    /// Responses dropped (not ours, no transaction, malformed).
+    pub dropped_responses: u64,
+    /// Requests forwarded (client transactions started, CANCELs included).
+    pub forwarded: u64,
+    /// ACKs forwarded statelessly (2xx ACKs).
+    pub acks_forwarded: u64,
+    /// Responses generated locally.
+    pub local_responses: u64,
+}
+
+#[derive(Debug)]
+struct Server {
+    txn: ServerTransaction<Bytes>,
+    inbound: Flow,
+    request: Bytes,
+    branches: Vec<TxKey>,
+    best: Option<(u16, Bytes)>,
+    got_2xx: bool,
+    final_sent: bool,
+    cancelled: bool,
+    to_tag: String,
+}
+
+#[derive(Debug)]
+struct Client {
+    txn: ClientTransaction<Bytes>,
+    /// The server transaction it works for; `None` for our own CANCELs.
+    server: Option<TxKey>,
+    outbound: Flow,
+    got_provisional: bool,
+    final_received: bool,
+    cancel_when_provisional: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKey {
+    Server(TxKey),
+    Client(TxKey),
+}
+
+#[derive(Debug)]
+enum Pending {
+    /// A server transaction waits for a lookup or registrar answer.
+    Server(TxKey),
+    /// A 2xx ACK waits for a lookup to be forwarded statelessly.
+    Ack { request: Bytes, inbound: Flow },
+}
+
+/// A branch's response, as the TU sees it.
+enum BranchResponse {
+    /// From downstream: our Via must be popped before it goes upstream.
+    Downstream(Bytes),
+    /// Made here (timeout, transport failure): already addressed upstream.
+    Local(Bytes),
+}
+
+/// The stateful proxy of one shard; see the module docs.
+#[derive(Debug)]
+pub struct ShardProxy {
+    proxy: Proxy,
+    limits: Limits,
+    timer_cfg: TimerConfig,
+    shard: u16,
+    servers: HashMap<TxKey, Server>,
+    clients: HashMap<TxKey, Client>,
+    timers: Timers<TimerKey>,
+    pending: HashMap<u64, Pending>,
+    out: VecDeque<Output>,
+    next_id: u64,
+    stats: Stats,
+}
+
+fn with_parsed<T>(
+    bytes: &[u8],
+    limits: &Limits,
+    f: impl FnOnce(&Message<'_, '_>, &Essentials<'_>) -> T,
+) -> Option<T> {
+    let mut h = [Header::EMPTY; 64];
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, limits, Framing::Stream) else {
+        return None;
+    };
+    let e = m.validate(limits).ok()?;
+    Some(f(&m, &e))
+}
+
+impl ShardProxy {
+    /// A shard proxy for shard number `shard` (used to keep branches unique across shards).
+    pub fn new(proxy: Proxy, limits: Limits, timer_cfg: TimerConfig, shard: u16) -> Self {
+        ShardProxy {
+            proxy,
+            limits,
+            timer_cfg,
+            shard,
+            servers: HashMap::new(),
+            clients: HashMap::new(),
+            timers: Timers::new(),
+            pending: HashMap::new(),
+            out: VecDeque::new(),
+            next_id: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The proxy decisions in use.
+    pub fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Live server and client transactions, and pending lookups.
+    pub fn load(&self) -> (usize, usize, usize) {
+        (self.servers.len(), self.clients.len(), self.pending.len())
+    }
+
+    /// Is there no state at all (no transactions, nothing pending)?
+    pub fn is_idle(&self) -> bool {
+        self.servers.is_empty() && self.clients.is_empty() && self.pending.is_empty()
+    }
+
+    /// The next output.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`ShardProxy::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    fn unique(&mut self) -> u64 {
+        self.next_id += 1;
+        (u64::from(self.shard) << 48) | self.next_id
+    }
+
+    fn send(&mut self, flow: &Flow, bytes: Bytes) {
+        self.out.push_back(Output::Send {
+            flow: flow.clone(),
+            bytes,
+        });
+    }
+
+    /// A framed message arrived on `flow`.
+    pub fn handle_message(&mut self, now: Instant, flow: &Flow, bytes: &[u8]) {
+        let mut storage = [Header::EMPTY; 64];
+        let msg = match parse(bytes, &mut storage, &self.limits, Framing::Stream) {
+            Ok(Status::Complete(m)) => m,
+            Ok(Status::Partial) => return self.reject(flow, bytes, ParseError::Truncated),
+            Err(e) => return self.reject(flow, bytes, e),
+        };
+        let ess = match msg.validate(&self.limits) {
+            Ok(e) => e,
+            Err(e) if msg.is_request() => return self.reject(flow, bytes, e),
+            Err(_) => {
+                self.stats.dropped_responses += 1;
+                return;
+            }
+        };
+        if msg.is_request() {
+            self.on_request(now, flow, &msg, &ess);
+        } else {
+            self.on_response(now, &msg, &ess);
+        }
+    }
+
+    fn reject(&mut self, flow: &Flow, bytes: &[u8], e: ParseError) {
+        self.stats.rejected += 1;
+        let tag = format!("sr{:x}", self.unique());
+        if let Some(resp) = error_response(bytes, e, tag.as_bytes()) {
+            self.send(flow, resp.into());
+        }
+        if e.closes_connection() {
+            self.out.push_back(Output::Close {
+                flow: flow.clone(),
+                reason: e,
+            });
+        }
+    }
+
+    fn respond_stateless(&mut self, flow: &Flow, msg: &Message<'_, '_>, code: u16, reason: &str) {
+        self.stats.local_responses += 1;
+        let tag = format!("sr{:x}", self.unique());
+        let r = response_to(
+            msg,
+            code,
+            reason,
+            ResponseParts {
+                to_tag: Some(tag.as_bytes()),
+                ..Default::default()
+            },
+        );
+        self.send(flow, r.into());
+    }
+
+    fn on_request(
+        &mut self,
+        now: Instant,
+        flow: &Flow,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+    ) {
+        let method = msg.method().expect("request");
+        let Some(key) = TxKey::server(msg, ess) else {
+            if method != Method::Ack {
+                self.respond_stateless(flow, msg, 400, "Missing Via Branch");
+            }
+            return;
+        };
+        let bytes: Bytes = msg.bytes().into();
+        if method == Method::Ack {
+            if let Some(s) = self.servers.get_mut(&key) {
+                s.txn.handle_ack(now, bytes);
+                return self.drive_server(now, &key);
+            }
+            return self.forward_ack(now, flow, msg, ess);
+        }
+        if let Some(s) = self.servers.get_mut(&key) {
+            s.txn.handle_request_retransmit(now);
+            return self.drive_server(now, &key);
+        }
+        let decision = self.proxy.decide(msg, ess, flow);
+        let to_tag = format!("sr{:x}", self.unique());
+        let txn = if method == Method::Invite {
+            let trying = response_to(msg, 100, "Trying", ResponseParts::default());
+            ServerTransaction::new_invite(now, &self.timer_cfg, bytes.clone(), trying.into())
+        } else {
+            ServerTransaction::new_non_invite(now, &self.timer_cfg, bytes.clone())
+        };
+        self.servers.insert(
+            key.clone(),
+            Server {
+                txn,
+                inbound: flow.clone(),
+                request: bytes.clone(),
+                branches: Vec::new(),
+                best: None,
+                got_2xx: false,
+                final_sent: false,
+                cancelled: false,
+                to_tag,
+            },
+        );
+        match decision {
+            Decision::Respond(a) => self.answer(now, &key, a.code, a.reason, &a.headers),
+            Decision::Register => match with_parsed(&bytes, &self.limits, |_, e| {
+                crate::registrar::Registrar::default().aor(e)
+            }) {
+                Some(Ok(aor)) => {
+                    let token = self.unique();
+                    self.pending.insert(token, Pending::Server(key.clone()));
+                    self.out.push_back(Output::Register {
+                        token,
+                        aor,
+                        request: bytes,
+                        flow: flow.clone(),
+                    });
+                }
+                Some(Err(r)) => self.answer(now, &key, r.code, r.reason, &r.headers),
+                None => self.answer(now, &key, 400, "Bad Request", &[]),
+            },
+            Decision::Lookup { aor } => {
+                let token = self.unique();
+                self.pending.insert(token, Pending::Server(key.clone()));
+                self.out.push_back(Output::Lookup { token, aor });
+            }
+            Decision::ToFlow(f) => self.fork(now, &key, &[(f, None)]),
+            Decision::ToPeer(p) => self.fork(now, &key, &[(Flow::Peer(p), None)]),
+            Decision::Cancel => self.on_cancel(now, &key),
+            Decision::Drop(_) => {}
+        }
+        self.drive_server(now, &key);
+    }
+
+    /// Answers a server transaction locally.
+    fn answer(
+        &mut self,
+        now: Instant,
+        key: &TxKey,
+        code: u16,
+        reason: &str,
+        headers: &[(&'static str, Vec<u8>)],
+    ) {
+        let limits = self.limits;
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        let hdrs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        let Some(resp) = with_parsed(&s.request, &limits, |m, _| {
+            response_to(
+                m,
+                code,
+                reason,
+                ResponseParts {
+                    to_tag: Some(s.to_tag.as_bytes()),
+                    headers: &hdrs,
+                    body: None,
+                },
+            )
+        }) else {
+            return;
+        };
+        self.stats.local_responses += 1;
+        if code >= 200 {
+            s.final_sent = true;
+        }
+        let _ = s.txn.send_response(now, code, resp.into());
+        self.drive_server(now, key);
+    }
+
+    fn on_cancel(&mut self, now: Instant, cancel_key: &TxKey) {
+        let Some(invite_key) = cancel_key.cancelled_invite() else {
+            return;
+        };
+        let cancellable = self
+            .servers
+            .get(&invite_key)
+            .is_some_and(|s| s.txn.is_cancellable() && !s.final_sent);
+        if !cancellable {
+            return self.answer(now, cancel_key, 481, "Call/Transaction Does Not Exist", &[]);
+        }
+        self.answer(now, cancel_key, 200, "OK", &[]);
+        let s = self.servers.get_mut(&invite_key).expect("checked");
+        s.cancelled = true;
+        if s.branches.is_empty() {
+            // Still waiting for a lookup: nothing downstream to cancel.
+            self.answer(now, &invite_key, 487, "Request Terminated", &[]);
+        } else {
+            self.cancel_branches(now, &invite_key, None);
+        }
+    }
+
+    /// Sends CANCEL on every INVITE branch without a final response, except `except`.
+    fn cancel_branches(&mut self, now: Instant, server: &TxKey, except: Option<&TxKey>) {
+        let Some(s) = self.servers.get(server) else {
+            return;
+        };
+        let branches: Vec<TxKey> = s
+            .branches
+            .iter()
+            .filter(|k| Some(*k) != except)
+            .cloned()
+            .collect();
+        for ck in branches {
+            let Some(c) = self.clients.get_mut(&ck) else {
+                continue;
+            };
+            if c.final_received || ck.method != KeyMethod::Invite {
+                continue;
+            }
+            if c.got_provisional {
+                self.send_cancel(now, &ck);
+            } else {
+                // RFC 3261 §9.1: wait for a provisional response before cancelling.
+                c.cancel_when_provisional = true;
+            }
+        }
+    }
+
+    fn send_cancel(&mut self, now: Instant, invite_branch: &TxKey) {
+        let limits = self.limits;
+        let Some(c) = self.clients.get(invite_branch) else {
+            return;
+        };
+        let Some(Some(cancel)) = with_parsed(c.txn.request(), &limits, |m, _| cancel_for(m)) else {
+            return;
+        };
+        let key = TxKey {
+            method: KeyMethod::Cancel,
+            ..invite_branch.clone()
+        };
+        let outbound = c.outbound.clone();
+        let txn = ClientTransaction::new_non_invite(now, &self.timer_cfg, cancel.into());
+        self.clients.insert(
+            key.clone(),
+            Client {
+                txn,
+                server: None,
+                outbound,
+                got_provisional: false,
+                final_received: false,
+                cancel_when_provisional: false,
+            },
+        );
+        self.stats.forwarded += 1;
+        self.drive_client(now, &key);
+    }
+
+    /// Forwards the server transaction's request to each `(flow, new Request-URI)`.
+    fn fork(&mut self, now: Instant, server: &TxKey, targets: &[(Flow, Option<String>)]) {
+        let limits = self.limits;
+        for (flow, uri) in targets {
+            let unique = self.unique();
+            let Some(s) = self.servers.get(server) else {
+                return;
+            };
+            let inbound = s.inbound.clone();
+            let proxy = &self.proxy;
+            let Some((branch, method, out)) = with_parsed(&s.request, &limits, |m, e| {
+                let branch = Proxy::branch(m, e, unique);
+                let out = proxy.forward_request(
+                    m,
+                    e,
+                    &branch,
+                    uri.as_deref().map(str::as_bytes),
+                    &inbound,
+                    flow,
+                );
+                (branch, m.method().expect("request") == Method::Invite, out)
+            }) else {
+                return;
+            };
+            let ckey = TxKey {
+                branch: branch.into_bytes().into(),
+                sent_by: Box::default(),
+                method: server.method.clone(),
+            };
+            let txn = if method {
+                ClientTransaction::new_invite(now, &self.timer_cfg, out.into())
+            } else {
+                ClientTransaction::new_non_invite(now, &self.timer_cfg, out.into())
+            };
+            self.clients.insert(
+                ckey.clone(),
+                Client {
+                    txn,
+                    server: Some(server.clone()),
+                    outbound: flow.clone(),
+                    got_provisional: false,
+                    final_received: false,
+                    cancel_when_provisional: false,
+                },
+            );
+            if let Some(s) = self.servers.get_mut(server) {
+                s.branches.push(ckey.clone());
+            }
+            self.stats.forwarded += 1;
+            self.drive_client(now, &ckey);
+        }
+    }
+
+    /// A 2xx ACK (no server transaction): forwarded statelessly along the dialog route.
+    fn forward_ack(
+        &mut self,
+        now: Instant,
+        flow: &Flow,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+    ) {
+        match self.proxy.decide(msg, ess, flow) {
+            Decision::ToFlow(f) => self.send_ack(flow, &f, None, msg, ess),
+            Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, msg, ess),
+            Decision::Lookup { aor } => {
+                let token = self.unique();
+                self.pending.insert(
+                    token,
+                    Pending::Ack {
+                        request: msg.bytes().into(),
+                        inbound: flow.clone(),
+                    },
+                );
+                self.out.push_back(Output::Lookup { token, aor });
+            }
+            _ => {}
+        }
+        let _ = now;
+    }
+
+    fn send_ack(
+        &mut self,
+        inbound: &Flow,
+        to: &Flow,
+        uri: Option<&str>,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+    ) {
+        let branch = Proxy::branch(msg, ess, self.unique());
+        let out =
+            self.proxy
+                .forward_request(msg, ess, &branch, uri.map(str::as_bytes), inbound, to);
+        self.stats.acks_forwarded += 1;
+        self.send(to, out.into());
+    }
+
+    /// The answer to an [`Output::Lookup`].
+    pub fn handle_lookup(&mut self, now: Instant, token: u64, result: Lookup) {
+        match self.pending.remove(&token) {
+            Some(Pending::Server(key)) => {
+                let Some(s) = self.servers.get(&key) else {
+                    return;
+                };
+                if s.cancelled || s.final_sent {
+                    return;
+                }
+                let method_is_invite = key.method == KeyMethod::Invite;
+                let method = if method_is_invite {
+                    Method::Invite
+                } else {
+                    Method::Message
+                };
+                match self.proxy.after_lookup(method, result) {
+                    Ok(targets) => {
+                        let t: Vec<_> =
+                            targets.into_iter().map(|t| (t.flow, Some(t.uri))).collect();
+                        self.fork(now, &key, &t);
+                    }
+                    Err(Decision::Respond(a)) => {
+                        self.answer(now, &key, a.code, a.reason, &a.headers)
+                    }
+                    Err(_) => {}
+                }
+                self.drive_server(now, &key);
+            }
+            Some(Pending::Ack { request, inbound }) => {
+                let Lookup::Found(b) = result else { return };
+                let Some((uri, f)) = b.into_iter().next() else {
+                    return;
+                };
+                let limits = self.limits;
+                let mut h = [Header::EMPTY; 64];
+                let Ok(Status::Complete(m)) = parse(&request, &mut h, &limits, Framing::Stream)
+                else {
+                    return;
+                };
+                if let Ok(e) = m.validate(&limits) {
+                    self.send_ack(&inbound, &Flow::Conn(f), Some(&uri), &m, &e);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The answer to an [`Output::Register`].
+    pub fn handle_register_reply(&mut self, now: Instant, token: u64, reply: Reply) {
+        if let Some(Pending::Server(key)) = self.pending.remove(&token) {
+            self.answer(now, &key, reply.code, reply.reason, &reply.headers);
+        }
+    }
+
+    fn on_response(&mut self, now: Instant, msg: &Message<'_, '_>, ess: &Essentials<'_>) {
+        if self.proxy.response_branch(ess).is_none() {
+            self.stats.dropped_responses += 1;
+            return;
+        }
+        let Some(key) = TxKey::client(ess) else {
+            return;
+        };
+        let Some(c) = self.clients.get_mut(&key) else {
+            self.stats.dropped_responses += 1;
+            return;
+        };
+        let code = msg.status().expect("response");
+        c.txn.handle_response(now, code, msg.bytes().into());
+        self.drive_client(now, &key);
+    }
+
+    fn drive_server(&mut self, now: Instant, key: &TxKey) {
+        let Some(s) = self.servers.get_mut(key) else {
+            return;
+        };
+        let mut sends = Vec::new();
+        while let Some(b) = s.txn.poll_transmit() {
+            sends.push(b);
+        }
+        let mut terminated = false;
+        while let Some(ev) = s.txn.poll_event() {
+            // Event::Ack: an ACK matched an Accepted INVITE (RFC 6026); a 2xx ACK normally
+            // carries a new branch and is forwarded by forward_ack, so this one ends here.
+            if matches!(ev, Event::Terminated) {
+                terminated = true;
+            }
+        }
+        let deadline = s.txn.poll_timeout();
+        let inbound = s.inbound.clone();
+        for b in sends {
+            self.send(&inbound, b);
+        }
+        if terminated {
+            self.servers.remove(key);
+            self.timers.cancel(&TimerKey::Server(key.clone()));
+        } else {
+            self.timers.set(TimerKey::Server(key.clone()), deadline);
+        }
+        let _ = now;
+    }
+
+    fn drive_client(&mut self, now: Instant, key: &TxKey) {
+        let limits = self.limits;
+        let Some(c) = self.clients.get_mut(key) else {
+            return;
+        };
+        let mut sends = Vec::new();
+        while let Some(t) = c.txn.poll_transmit() {
+            match t {
+                Transmit::Message(b) => sends.push(b),
+                Transmit::AckForNon2xx { request, response } => {
+                    let ack = with_parsed(&request, &limits, |inv, _| {
+                        with_parsed(&response, &limits, |resp, _| ack_for_non_2xx(inv, resp))
+                            .flatten()
+                    })
+                    .flatten();
+                    if let Some(a) = ack {
+                        sends.push(a.into());
+                    }
+                }
+            }
+        }
+        let mut events = Vec::new();
+        while let Some(ev) = c.txn.poll_event() {
+            events.push(ev);
+        }
+        let deadline = c.txn.poll_timeout();
+        let outbound = c.outbound.clone();
+        let server = c.server.clone();
+        for b in sends {
+            self.send(&outbound, b);
+        }
+        let mut terminated = false;
+        for ev in events {
+            match ev {
+                Event::Response { status, message } => self.on_branch_response(
+                    now,
+                    server.as_ref(),
+                    key,
+                    status,
+                    BranchResponse::Downstream(message),
+                ),
+                Event::Timeout => {
+                    self.fail_branch(now, server.as_ref(), key, 408, "Request Timeout")
+                }
+                Event::Terminated => terminated = true,
+                Event::Ack(_) | Event::AckTimeout => {}
+            }
+        }
+        if terminated {
+            self.clients.remove(key);
+            self.timers.cancel(&TimerKey::Client(key.clone()));
+        } else {
+            self.timers.set(TimerKey::Client(key.clone()), deadline);
+        }
+    }
+
+    /// A branch failed without a response (timeout, transport error): answer for it.
+    fn fail_branch(
+        &mut self,
+        now: Instant,
+        server: Option<&TxKey>,
+        key: &TxKey,
+        code: u16,
+        reason: &str,
+    ) {
+        let limits = self.limits;
+        let Some(sk) = server else { return };
+        let Some(s) = self.servers.get(sk) else {
+            return;
+        };
+        let Some(resp) = with_parsed(&s.request, &limits, |m, _| {
+            response_to(
+                m,
+                code,
+                reason,
+                ResponseParts {
+                    to_tag: Some(s.to_tag.as_bytes()),
+                    ..Default::default()
+                },
+            )
+        }) else {
+            return;
+        };
+        self.on_branch_response(now, Some(sk), key, code, BranchResponse::Local(resp.into()));
+    }
+
+    fn on_branch_response(
+        &mut self,
+        now: Instant,
+        server: Option<&TxKey>,
+        key: &TxKey,
+        status: u16,
+        resp: BranchResponse,
+    ) {
+        let mut cancel_now = false;
+        if let Some(c) = self.clients.get_mut(key) {
+            if status < 200 {
+                if !c.got_provisional && c.cancel_when_provisional {
+                    cancel_now = true;
+                }
+                c.got_provisional = true;
+            } else {
+                c.final_received = true;
+            }
+        }
+        if cancel_now {
+            self.send_cancel(now, key);
+        }
+        let Some(sk) = server else { return };
+        let limits = self.limits;
+        let upstream: Bytes = match resp {
+            BranchResponse::Local(b) => b,
+            BranchResponse::Downstream(b) => {
+                let proxy = &self.proxy;
+                let Some(out) = with_parsed(&b, &limits, |m, _| proxy.forward_response(m)) else {
+                    return;
+                };
+                out.into()
+            }
+        };
+        let Some(s) = self.servers.get_mut(sk) else {
+            return;
+        };
+        match status {
+            100 => return,
+            101..=199 => {
+                if !s.final_sent {
+                    let _ = s.txn.send_response(now, status, upstream);
+                }
+            }
+            200..=299 => {
+                s.got_2xx = true;
+                s.final_sent = true;
+                let _ = s.txn.send_response(now, status, upstream);
+                if sk.method == KeyMethod::Invite {
+                    let sk = sk.clone();
+                    self.cancel_branches(now, &sk, Some(key));
+                }
+            }
+            _ => {
+                let better = match &s.best {
+                    None => true,
+                    Some((b, _)) => *b < 600 && (status >= 600 || status < *b),
+                };
+                if better {
+                    s.best = Some((status, upstream));
+                }
+                if status >= 600 && sk.method == KeyMethod::Invite {
+                    let sk = sk.clone();
+                    self.cancel_branches(now, &sk, Some(key));
+                }
+            }
+        }
+        self.maybe_send_best(now, sk);
+        self.drive_server(now, sk);
+    }
+
+    /// When every branch has a final response and no 2xx went upstream, send the best one.
+    fn maybe_send_best(&mut self, now: Instant, sk: &TxKey) {
+        let Some(s) = self.servers.get(sk) else {
+            return;
+        };
+        if s.final_sent || s.best.is_none() {
+            return;
+        }
+        let all_done = s
+            .branches
+            .iter()
+            .all(|k| self.clients.get(k).is_none_or(|c| c.final_received));
+        if !all_done {
+            return;
+        }
+        let s = self.servers.get_mut(sk).expect("checked");
+        let (code, bytes) = s.best.take().expect("checked");
+        s.final_sent = true;
+        let _ = s.txn.send_response(now, code, bytes);
+    }
+
+    /// A flow closed: its client branches fail with 503 (RFC 3261 §8.1.3.1: a transport
+    /// error counts as 503), and server transactions that came over it are abandoned (their
+    /// branches are cancelled).
+    pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
+        let failed: Vec<(TxKey, Option<TxKey>)> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| &c.outbound == flow && !c.final_received)
+            .map(|(k, c)| (k.clone(), c.server.clone()))
+            .collect();
+        for (k, server) in failed {
+            self.fail_branch(now, server.as_ref(), &k, 503, "Service Unavailable");
+            self.clients.remove(&k);
+            self.timers.cancel(&TimerKey::Client(k));
+        }
+        let orphans: Vec<TxKey> = self
+            .servers
+            .iter()
+            .filter(|(_, s)| &s.inbound == flow)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in orphans {
+            self.cancel_branches(now, &k, None);
+            self.servers.remove(&k);
+            self.timers.cancel(&TimerKey::Server(k));
+        }
+        // Clients whose server is gone and that are not waiting for anything die with it.
+        let stale: Vec<TxKey> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                c.server
+                    .as_ref()
+                    .is_some_and(|s| !self.servers.contains_key(s))
+                    && c.final_received
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.clients.remove(&k);
+            self.timers.cancel(&TimerKey::Client(k));
+        }
+        self.pending.retain(|_, p| match p {
+            Pending::Server(k) => self.servers.contains_key(k),
+            Pending::Ack { inbound, .. } => inbound != flow,
+        });
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(k) = self.timers.pop_expired(now) {
+            match k {
+                TimerKey::Server(key) => {
+                    if let Some(s) = self.servers.get_mut(&key) {
+                        s.txn.handle_timeout(now);
+                        self.drive_server(now, &key);
+                    }
+                }
+                TimerKey::Client(key) => {
+                    if let Some(c) = self.clients.get_mut(&key) {
+                        c.txn.handle_timeout(now);
+                        self.drive_client(now, &key);
+                    }
+                }
+            }
+        }
+    }
+}

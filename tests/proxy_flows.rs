@@ -1,0 +1,505 @@
+//! The stateful proxy of one shard, driven in memory with a simulated clock (quinn-proto's
+//! `Pair` style): user agents are byte generators, the registrar runs on a `MemoryStore`,
+//! and time only moves when the test says so. Covers calls, CANCEL, ACK handling, forking,
+//! timers and flow failure, and checks that every table returns to empty.
+
+use sipring_core::proxy::{Flow, Lookup, Proxy, ProxyConfig};
+use sipring_core::registrar::{MemoryStore, Registrar};
+use sipring_core::response::{ResponseParts, response_to};
+use sipring_core::stateful::{Output, ShardProxy};
+use sipring_core::transaction::TimerConfig;
+use sipring_core::{Framing, Header, HeaderName, Limits, Method, Status, parse};
+use std::time::{Duration, Instant};
+
+const A: Flow = Flow::Conn(1);
+const B: Flow = Flow::Conn(2);
+const B2: Flow = Flow::Conn(3);
+
+struct Net {
+    now: Instant,
+    proxy: ShardProxy,
+    registrar: Registrar,
+    store: MemoryStore,
+    /// Everything the proxy sent, per flow, not yet read by the test.
+    inbox: Vec<(Flow, Vec<u8>)>,
+    closed: Vec<Flow>,
+}
+
+impl Net {
+    fn new() -> Net {
+        let cfg = ProxyConfig {
+            domains: vec!["example.com".into()],
+            local_hosts: vec!["proxy.example.com".into()],
+            via_host: "proxy.example.com".into(),
+            via_port: 5061,
+            ..ProxyConfig::default()
+        };
+        Net {
+            now: Instant::now(),
+            proxy: ShardProxy::new(
+                Proxy::new(cfg),
+                Limits::default(),
+                TimerConfig::default(),
+                0,
+            ),
+            registrar: Registrar::default(),
+            store: MemoryStore::default(),
+            inbox: Vec::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    /// Runs the proxy's outputs to completion, answering lookups and registrations inline
+    /// (as the owner shard would).
+    fn pump(&mut self) {
+        while let Some(o) = self.proxy.poll_output() {
+            match o {
+                Output::Send { flow, bytes } => self.inbox.push((flow, bytes.to_vec())),
+                Output::Lookup { token, aor } => {
+                    let b = self.registrar.lookup(self.now, &self.store, &aor);
+                    let r = if b.is_empty() {
+                        Lookup::Unknown
+                    } else {
+                        Lookup::Found(b.iter().map(|b| (b.contact.clone(), b.flow)).collect())
+                    };
+                    self.proxy.handle_lookup(self.now, token, r);
+                }
+                Output::Register {
+                    token,
+                    aor,
+                    request,
+                    flow,
+                } => {
+                    let Flow::Conn(fid) = flow else {
+                        panic!("register over a peer")
+                    };
+                    let mut h = [Header::EMPTY; 64];
+                    let Ok(Status::Complete(m)) =
+                        parse(&request, &mut h, &Limits::default(), Framing::Stream)
+                    else {
+                        panic!()
+                    };
+                    let e = m.validate(&Limits::default()).unwrap();
+                    let reply = self.registrar.handle_register(
+                        self.now,
+                        &m,
+                        &e,
+                        &aor,
+                        fid,
+                        &mut self.store,
+                    );
+                    self.proxy.handle_register_reply(self.now, token, reply);
+                }
+                Output::Close { flow, .. } => self.closed.push(flow),
+            }
+        }
+    }
+
+    fn send(&mut self, from: &Flow, msg: &[u8]) {
+        self.proxy.handle_message(self.now, from, msg);
+        self.pump();
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some(t) = self.proxy.poll_timeout().filter(|t| *t <= end) {
+            self.now = t.max(self.now);
+            self.proxy.handle_timeout(self.now);
+            self.pump();
+        }
+        self.now = end;
+    }
+
+    /// Takes every message sent to `flow`.
+    fn take(&mut self, flow: &Flow) -> Vec<Vec<u8>> {
+        let (mine, rest) = std::mem::take(&mut self.inbox)
+            .into_iter()
+            .partition(|(f, _)| f == flow);
+        self.inbox = rest;
+        mine.into_iter().map(|(_, b)| b).collect()
+    }
+
+    /// Takes exactly one message sent to `flow`.
+    fn one(&mut self, flow: &Flow) -> Vec<u8> {
+        let mut v = self.take(flow);
+        assert_eq!(
+            v.len(),
+            1,
+            "to {flow:?}: {:?}",
+            v.iter().map(|m| first_line(m)).collect::<Vec<_>>()
+        );
+        v.pop().unwrap()
+    }
+
+    fn register(&mut self, user: &str, flow: &Flow, contact: &str) {
+        let msg = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS {contact};branch=z9hG4bKreg{user}{n}\r\nTo: <sip:{user}@example.com>\r\nFrom: <sip:{user}@example.com>;tag=r\r\nCall-ID: reg-{user}-{n}\r\nCSeq: 1 REGISTER\r\nContact: <sip:{user}@{contact};transport=tls>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n",
+            n = flow.encode()
+        );
+        self.send(flow, msg.as_bytes());
+        let r = self.one(flow);
+        assert!(
+            r.starts_with(b"SIP/2.0 200 OK\r\n"),
+            "{}",
+            String::from_utf8_lossy(&r)
+        );
+    }
+
+    fn assert_idle_after_timers(&mut self) {
+        self.advance(Duration::from_secs(64));
+        assert!(self.proxy.is_idle(), "state left: {:?}", self.proxy.load());
+        assert_eq!(self.proxy.poll_timeout(), None);
+    }
+}
+
+fn first_line(m: &[u8]) -> String {
+    String::from_utf8_lossy(&m[..m.iter().position(|&b| b == b'\r').unwrap_or(m.len())])
+        .into_owned()
+}
+
+fn with_msg<T>(
+    bytes: &[u8],
+    f: impl FnOnce(&sipring_core::Message<'_, '_>, &sipring_core::Essentials<'_>) -> T,
+) -> T {
+    let mut h = [Header::EMPTY; 64];
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &Limits::default(), Framing::Stream) else {
+        panic!("unparseable: {}", String::from_utf8_lossy(bytes))
+    };
+    let e = m.validate(&Limits::default()).unwrap();
+    f(&m, &e)
+}
+
+/// A UA's answer to a request it received.
+fn answer(req: &[u8], code: u16, reason: &str, tag: &str) -> Vec<u8> {
+    with_msg(req, |m, _| {
+        response_to(
+            m,
+            code,
+            reason,
+            ResponseParts {
+                to_tag: Some(tag.as_bytes()),
+                headers: &[("Contact", b"<sip:callee@10.0.0.2;transport=tls>")],
+                body: None,
+            },
+        )
+    })
+}
+
+fn invite(branch: &str, call: &str) -> Vec<u8> {
+    format!("INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=0\n").into_bytes()
+}
+
+fn status(m: &[u8]) -> u16 {
+    // Parsed without validation: salvaged error responses may lack headers the request lacked.
+    let mut h = [Header::EMPTY; 64];
+    match parse(m, &mut h, &Limits::default(), Framing::Stream) {
+        Ok(Status::Complete(m)) => m.status().expect("a response"),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn method(m: &[u8]) -> String {
+    with_msg(m, |m, _| {
+        String::from_utf8_lossy(m.method().expect("a request").as_bytes()).into_owned()
+    })
+}
+
+/// The caller's 2xx ACK, routed by the Record-Route it learned (`route`).
+fn ack_2xx(ruri: &str, route: &[u8], to_tag: &str, via: &str, call: &str) -> Vec<u8> {
+    format!(
+        "ACK {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {via}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag={to_tag}\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(route)
+    )
+    .into_bytes()
+}
+
+#[test]
+fn call_setup_in_dialog_requests_and_teardown() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-1"));
+    let trying = n.one(&A);
+    assert_eq!(status(&trying), 100);
+    let fwd = n.one(&B);
+    let (rr, branch) = with_msg(&fwd, |m, e| {
+        assert_eq!(
+            m.request_uri(),
+            Some(&b"sip:bob@10.0.0.2:5061;transport=tls"[..])
+        );
+        assert_eq!(e.max_forwards, Some(69));
+        assert_eq!(e.via_count, 2);
+        assert_eq!(e.top_via.host, b"proxy.example.com");
+        assert_eq!(m.body(), b"v=0\n");
+        (
+            m.header(HeaderName::RecordRoute).unwrap().value.to_vec(),
+            e.top_via.branch().unwrap().to_vec(),
+        )
+    });
+    assert!(branch.starts_with(b"z9hG4bKsr"));
+    // 180 and 200 flow back with our Via removed.
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    let ringing = n.one(&A);
+    assert_eq!(status(&ringing), 180);
+    with_msg(&ringing, |_, e| {
+        assert_eq!(
+            (e.via_count, e.top_via.branch()),
+            (1, Some(&b"z9hG4bKa1"[..]))
+        )
+    });
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    // The 2xx ACK is end-to-end: a new transaction, routed by our Record-Route.
+    n.send(
+        &A,
+        &ack_2xx(
+            "sip:callee@10.0.0.2;transport=tls",
+            &rr,
+            "b1",
+            "10.0.0.1:5061;branch=z9hG4bKa2",
+            "call-1",
+        ),
+    );
+    let ack = n.one(&B);
+    assert_eq!(method(&ack), "ACK");
+    with_msg(&ack, |m, _| {
+        assert!(m.header(HeaderName::Route).is_none(), "our Route is popped")
+    });
+    // BYE from the callee goes back to the caller over its flow, and the 200 returns.
+    let bye = format!(
+        "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2:5061;branch=z9hG4bKb9\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:bob@example.com>;tag=b1\r\nCall-ID: call-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&rr)
+    );
+    n.send(&B, bye.as_bytes());
+    let bye_fwd = n.one(&A);
+    assert_eq!(method(&bye_fwd), "BYE");
+    n.send(&A, &answer(&bye_fwd, 200, "OK", "a1"));
+    assert_eq!(status(&n.one(&B)), 200);
+    assert!(n.inbox.is_empty());
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn busy_callee_gets_a_hop_by_hop_ack_and_the_callers_ack_is_absorbed() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-2"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 486, "Busy Here", "b1"));
+    let ack = n.one(&B);
+    assert_eq!(method(&ack), "ACK");
+    with_msg(&ack, |_, e| {
+        let fwd_branch = with_msg(&fwd, |_, fe| fe.top_via.branch().unwrap().to_vec());
+        assert_eq!(
+            e.top_via.branch(),
+            Some(&fwd_branch[..]),
+            "the ACK for a non-2xx is the INVITE's transaction"
+        );
+        assert_eq!(e.to.tag(), Some(&b"b1"[..]));
+    });
+    let busy = n.one(&A);
+    assert_eq!(status(&busy), 486);
+    // A retransmitted 486 is re-ACKed, not passed up again.
+    n.send(&B, &answer(&fwd, 486, "Busy Here", "b1"));
+    assert!(n.take(&A).is_empty());
+    // The caller's ACK matches our server transaction and stops there.
+    let to_tag = with_msg(&busy, |_, e| e.to.tag().unwrap().to_vec());
+    let caller_ack = format!(
+        "ACK sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>;tag={}\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-2\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&to_tag)
+    );
+    n.send(&A, caller_ack.as_bytes());
+    assert!(
+        n.inbox.is_empty(),
+        "ACK for a non-2xx must not be forwarded"
+    );
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn cancel_before_answer() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-3"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    n.take(&A);
+    let cancel = b"CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-3\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    n.send(&A, cancel);
+    let ok = n.one(&A);
+    assert_eq!(status(&ok), 200);
+    with_msg(&ok, |_, e| assert_eq!(e.cseq.method, b"CANCEL"));
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL");
+    with_msg(&c, |_, e| {
+        let fwd_branch = with_msg(&fwd, |_, fe| fe.top_via.branch().unwrap().to_vec());
+        assert_eq!(
+            e.top_via.branch(),
+            Some(&fwd_branch[..]),
+            "CANCEL uses the INVITE's branch"
+        );
+    });
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert_eq!(status(&n.one(&A)), 487);
+    // A CANCEL for an unknown transaction gets 481.
+    n.send(&A, &cancel.to_vec().replace_branch("z9hG4bKzz"));
+    assert_eq!(status(&n.one(&A)), 481);
+    n.assert_idle_after_timers();
+}
+
+trait ReplaceBranch {
+    fn replace_branch(&self, b: &str) -> Vec<u8>;
+}
+impl ReplaceBranch for Vec<u8> {
+    fn replace_branch(&self, b: &str) -> Vec<u8> {
+        String::from_utf8_lossy(self)
+            .replace("z9hG4bKa1", b)
+            .into_bytes()
+    }
+}
+
+#[test]
+fn cancel_waits_for_a_provisional_response() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-4"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&A, b"CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-4\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&n.one(&A)), 200);
+    assert!(
+        n.take(&B).is_empty(),
+        "no CANCEL before a provisional response (RFC 3261 9.1)"
+    );
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    let sent = n.take(&B);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(method(&sent[0]), "CANCEL");
+    n.send(&B, &answer(&sent[0], 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    n.take(&B);
+    let to_a: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(to_a, [180, 487]);
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn timer_b_answers_408_upstream() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-5"));
+    n.take(&A);
+    n.take(&B);
+    n.advance(Duration::from_millis(31_999));
+    assert!(n.take(&A).is_empty(), "Timer B is 64*T1 = 32 s");
+    n.advance(Duration::from_millis(1));
+    assert_eq!(status(&n.one(&A)), 408);
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn a_dead_flow_fails_its_transactions_and_leaves_no_state() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-6"));
+    n.take(&A);
+    n.take(&B);
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.pump();
+    assert_eq!(
+        n.store.remove_flow(2),
+        1,
+        "the engine drops the dead flow's bindings"
+    );
+    assert_eq!(status(&n.one(&A)), 503);
+    // And the caller's side dying mid-call abandons its transactions.
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa7", "call-7"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    n.take(&A);
+    n.proxy.handle_flow_closed(n.now, &A);
+    n.pump();
+    let c = n.one(&B);
+    assert_eq!(
+        method(&c),
+        "CANCEL",
+        "the callee is told the caller went away"
+    );
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    n.take(&B);
+    assert!(n.take(&A).is_empty());
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn forking_to_two_bindings_delivers_one_final_answer() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let reg2 = b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKreg2\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: reg-bob-2\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@10.0.0.3:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&B2, reg2);
+    assert_eq!(status(&n.one(&B2)), 200);
+    n.send(&A, &invite("z9hG4bKa1", "call-8"));
+    n.take(&A);
+    let f1 = n.one(&B);
+    let f2 = n.one(&B2);
+    n.send(&B, &answer(&f1, 180, "Ringing", "b1"));
+    n.send(&B2, &answer(&f2, 180, "Ringing", "b2"));
+    n.send(&B, &answer(&f1, 486, "Busy Here", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    let to_a: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(
+        to_a,
+        [180, 180],
+        "486 waits: another branch is still ringing"
+    );
+    n.send(&B2, &answer(&f2, 200, "OK", "b2"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert!(n.take(&B).is_empty());
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn local_answers_and_retransmissions() {
+    let mut n = Net::new();
+    // Unknown user: 404; the INVITE's 100 Trying comes first.
+    n.send(&A, &invite("z9hG4bKa1", "call-9"));
+    let v: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(v, [100, 404]);
+    // A retransmitted INVITE is answered from the transaction, not processed again.
+    n.send(&A, &invite("z9hG4bKa1", "call-9"));
+    let v: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(v, [404]);
+    // OPTIONS to the server itself.
+    n.send(&A, b"OPTIONS sip:proxy.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKo1\r\nTo: <sip:proxy.example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: o1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n");
+    let ok = n.one(&A);
+    assert_eq!(status(&ok), 200);
+    with_msg(&ok, |m, _| assert!(m.header(HeaderName::Allow).is_some()));
+    // Malformed: a 400 built from what could be salvaged; bad framing also closes the flow.
+    n.send(&A, b"OPTIONS sip:x@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKo2\r\nTo: <sip:x@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: o2\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&n.one(&A)), 400);
+    assert!(n.closed.is_empty());
+    n.send(&A, b"OPTIONS sip:x@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKo3\r\nContent-Length: -1\r\n\r\n");
+    assert_eq!(status(&n.one(&A)), 400);
+    assert_eq!(n.closed, [A]);
+    // MESSAGE to a registered user is forwarded; its 200 comes back.
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKm1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: m1\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi");
+    let m = n.one(&B);
+    assert_eq!(method(&m), "MESSAGE");
+    with_msg(&m, |m, _| {
+        assert_eq!(m.method(), Some(Method::Message));
+        assert!(
+            m.header(HeaderName::RecordRoute).is_none(),
+            "MESSAGE creates no dialog"
+        );
+    });
+    n.send(&B, &answer(&m, 200, "OK", "b"));
+    assert_eq!(status(&n.one(&A)), 200);
+    n.assert_idle_after_timers();
+}
