@@ -119,7 +119,7 @@ pub fn error_response(buf: &[u8], err: ParseError, to_tag: &[u8]) -> Option<Vec<
             end = memchr::memchr(b'\n', &buf[end..head_end]).map_or(head_end, |p| end + p + 1);
         }
         let line = &buf[pos..end];
-        if let Some(colon) = memchr::memchr(b':', line) {
+        if let Some(colon) = memchr::memchr(b':', line).filter(|_| line_is_clean(line)) {
             let value = trim(&line[colon + 1..]);
             let value_start = pos
                 + colon
@@ -145,6 +145,41 @@ pub fn error_response(buf: &[u8], err: ParseError, to_tag: &[u8]) -> Option<Vec<
     copy_dialog_headers(&headers, buf, &mut out, Some(to_tag));
     out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
     Some(out)
+}
+
+/// A line we may copy into a response: a token name, no control characters except HT and
+/// the CRLF of folds and of its end.
+fn line_is_clean(line: &[u8]) -> bool {
+    let Some(body) = line.strip_suffix(b"\r\n") else {
+        return false;
+    };
+    // Exactly the parser's rule: token characters, optional SP/HT, then the colon.
+    let name_end = body
+        .iter()
+        .position(|&b| !crate::text::is_token(b))
+        .unwrap_or(body.len());
+    let colon = body[name_end..]
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .map(|p| name_end + p);
+    if name_end == 0 || colon.is_none_or(|c| body[c] != b':') {
+        return false;
+    }
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'\r'
+                if body.get(i + 1) == Some(&b'\n')
+                    && matches!(body.get(i + 2), Some(b' ' | b'\t')) =>
+            {
+                i += 3
+            }
+            b'\t' => i += 1,
+            b if b < 0x20 || b == 0x7f => return false,
+            _ => i += 1,
+        }
+    }
+    true
 }
 
 /// Every copied line must end in CRLF, or the response we build would be malformed.

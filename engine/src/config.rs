@@ -1,0 +1,572 @@
+//! The configuration file: one `#[serde(default, deny_unknown_fields)]` tree, every field
+//! documented with its unit and default, validated once at load with errors that name the
+//! file, the key and the reason.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Identity, domains and cores.
+    pub server: ServerConfig,
+    /// Listening sockets (`[[listen]]`, one table per address).
+    pub listen: Vec<ListenConfig>,
+    /// TLS certificates and protocol policy.
+    pub tls: TlsConfig,
+    /// Federation partners (`[[peer]]`).
+    pub peer: Vec<PeerConfig>,
+    /// Registrar expiry policy.
+    pub registrar: RegistrarSection,
+    /// Message and connection limits.
+    pub limits: LimitsConfig,
+    /// Admin/metrics HTTP endpoint.
+    pub admin: AdminConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Number of shards (executors, one pinned per CPU). 0 = all online CPUs. Default 0.
+    pub shards: usize,
+    /// First CPU to pin shard 0 to; shard i runs on CPU `first_cpu + i`. Default 0.
+    pub first_cpu: usize,
+    /// SIP domains this server is registrar and proxy for. Default `["example.com"]`.
+    pub domains: Vec<String>,
+    /// The host name (or address) put in our Via and Record-Route. Default `"127.0.0.1"`.
+    pub hostname: String,
+    /// Further names and addresses that mean "this server" in Route and Request-URIs.
+    /// Default `[]` (the hostname and listen addresses are always included).
+    pub local_hosts: Vec<String>,
+    /// Busy-poll this long before an idle shard parks, in microseconds: lower tail latency
+    /// for CPU when idle. 0 disables. Default 0.
+    pub spin_before_park_us: u64,
+    /// glommio io_memory per shard, in KiB (only for direct file I/O, which sipring does not
+    /// use). Default 512.
+    pub io_memory_kib: usize,
+    /// On SIGTERM, how long transactions may take to finish before connections close, in
+    /// seconds. Default 10.
+    pub drain_timeout_s: u64,
+    /// Bounded capacity of each cross-shard channel, in messages. Default 1024.
+    pub mesh_capacity: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            shards: 0,
+            first_cpu: 0,
+            domains: vec!["example.com".into()],
+            hostname: "127.0.0.1".into(),
+            local_hosts: Vec::new(),
+            spin_before_park_us: 0,
+            io_memory_kib: 512,
+            drain_timeout_s: 10,
+            mesh_capacity: 1024,
+        }
+    }
+}
+
+/// The kind of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenKind {
+    /// TLS for clients: the server authenticates; clients may optionally present a cert.
+    Tls,
+    /// Mutual TLS for federation peers: both sides present certificates.
+    Mtls,
+    /// Plain TCP, for trusted internal legs and tests.
+    Tcp,
+}
+
+/// `[[listen]]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenConfig {
+    /// `tls`, `mtls` or `tcp`. Default `tls`.
+    pub kind: ListenKind,
+    /// Address and port, IPv4 or `[IPv6]`. Default `127.0.0.1:5061`.
+    pub address: SocketAddr,
+    /// Listen backlog (SYN queue is bounded by the kernel's somaxconn). Default 4096.
+    pub backlog: u32,
+    /// For `tls` listeners: ask clients for a certificate and verify it if given
+    /// (`client_roots` must be set). Default false.
+    pub optional_client_auth: bool,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            kind: ListenKind::Tls,
+            address: "127.0.0.1:5061".parse().expect("literal"),
+            backlog: 4096,
+            optional_client_auth: false,
+        }
+    }
+}
+
+/// One server certificate (chain + key), selected by SNI.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CertConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file with the private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// SNI names this certificate answers. The first `[[tls.certificate]]` is also the
+    /// default for clients that send no (or an unknown) SNI. Default `[]`.
+    pub sni: Vec<String>,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificates (`[[tls.certificate]]`); the first is the default.
+    pub certificate: Vec<CertConfig>,
+    /// Protocol versions: any of `"1.2"`, `"1.3"`. Default `["1.2", "1.3"]`.
+    pub versions: Vec<String>,
+    /// Cipher suites by IANA name (e.g. `TLS13_AES_128_GCM_SHA256`). Empty = rustls's
+    /// defaults. Default `[]`.
+    pub cipher_suites: Vec<String>,
+    /// Key-exchange groups in preference order: `X25519MLKEM768`, `X25519`, `secp256r1`,
+    /// `secp384r1`. Default `["X25519", "secp256r1", "X25519MLKEM768"]` (classical first:
+    /// 10-20 % more handshakes per second; put `X25519MLKEM768` first for
+    /// harvest-now-decrypt-later protection).
+    pub kx_groups: Vec<String>,
+    /// Session resumption for clients (TLS 1.3 tickets, TLS 1.2 session IDs). Default true.
+    pub resumption: bool,
+    /// Handshakes slower than this are aborted, in milliseconds. Default 5000.
+    pub handshake_timeout_ms: u64,
+    /// PEM roots for optional client-certificate auth on `tls` listeners. Default none.
+    pub client_roots: Option<PathBuf>,
+    /// Offload the record layer to kernel TLS when available. Default true.
+    pub ktls: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            certificate: Vec::new(),
+            versions: vec!["1.2".into(), "1.3".into()],
+            cipher_suites: Vec::new(),
+            kx_groups: vec!["X25519".into(), "secp256r1".into(), "X25519MLKEM768".into()],
+            resumption: true,
+            handshake_timeout_ms: 5000,
+            client_roots: None,
+            ktls: true,
+        }
+    }
+}
+
+/// What to do when no configured CRL covers a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownRevocation {
+    /// Reject: revocation status must be known (default for peers).
+    #[default]
+    Deny,
+    /// Accept.
+    Allow,
+}
+
+/// `[[peer]]`: a federation partner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// A short name used in logs, metrics and Record-Route flow tokens (token characters).
+    pub name: String,
+    /// SIP domains whose requests are forwarded to this peer. Default `[]`.
+    pub domains: Vec<String>,
+    /// Where to connect (`host:port`). Default none (inbound only).
+    pub address: Option<SocketAddr>,
+    /// The name we expect in the peer's certificate and send as SNI when we connect.
+    pub server_name: String,
+    /// PEM roots trusted for this peer only.
+    pub roots: PathBuf,
+    /// PEM or DER CRLs for this peer's CAs. Default `[]`.
+    pub crls: Vec<PathBuf>,
+    /// Identities (SAN dNSName or `sip:` URI, CN when no SAN) accepted from this peer.
+    /// Default: `[server_name]`.
+    pub trusted_names: Vec<String>,
+    /// Allow `*.example.net` certificate names to match. Default false.
+    pub allow_wildcards: bool,
+    /// When no CRL covers a certificate of the chain. Default `deny`.
+    pub unknown_revocation: UnknownRevocation,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            name: String::new(),
+            domains: Vec::new(),
+            address: None,
+            server_name: String::new(),
+            roots: PathBuf::new(),
+            crls: Vec::new(),
+            trusted_names: Vec::new(),
+            allow_wildcards: false,
+            unknown_revocation: UnknownRevocation::Deny,
+        }
+    }
+}
+
+/// `[registrar]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrarSection {
+    /// Shortest non-zero expiry accepted (shorter gets 423), in seconds. Default 60.
+    pub min_expires_s: u32,
+    /// Longest expiry granted, in seconds. Default 3600.
+    pub max_expires_s: u32,
+    /// Expiry when the REGISTER gives none, in seconds. Default 3600.
+    pub default_expires_s: u32,
+    /// Most contacts per address-of-record. Default 10.
+    pub max_contacts: usize,
+}
+
+impl Default for RegistrarSection {
+    fn default() -> Self {
+        RegistrarSection {
+            min_expires_s: 60,
+            max_expires_s: 3600,
+            default_expires_s: 3600,
+            max_contacts: 10,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest SIP message, in bytes. Default 65536.
+    pub max_message: usize,
+    /// Most header lines per message. Default 64.
+    pub max_headers: usize,
+    /// Longest header line, in bytes. Default 8192.
+    pub max_header_line: usize,
+    /// Most Via values per message. Default 70.
+    pub max_vias: usize,
+    /// Longest Request-URI, in bytes. Default 2048.
+    pub max_uri: usize,
+    /// Most connections per shard. Default 200000.
+    pub max_connections_per_shard: usize,
+    /// Most connections from one source IP address, per shard. Default 10000.
+    pub max_connections_per_ip: usize,
+    /// Most TLS handshakes in progress per shard. Default 1024.
+    pub max_handshakes_in_flight: usize,
+    /// Close connections idle this long (no bytes either way), in seconds. Default 900.
+    pub idle_timeout_s: u64,
+    /// Per-connection write queue cap, in bytes; beyond it the connection is closed as a slow
+    /// reader. Default 1048576.
+    pub write_queue_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message: 65536,
+            max_headers: 64,
+            max_header_line: 8192,
+            max_vias: 70,
+            max_uri: 2048,
+            max_connections_per_shard: 200_000,
+            max_connections_per_ip: 10_000,
+            max_handshakes_in_flight: 1024,
+            idle_timeout_s: 900,
+            write_queue_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin/metrics HTTP endpoint (keep it on loopback). `None` disables.
+    /// Default `127.0.0.1:9060`.
+    pub address: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: Some("127.0.0.1:9060".parse().expect("literal")),
+        }
+    }
+}
+
+/// One problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// The key, e.g. `peer[1].roots`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
+impl Config {
+    /// Reads and validates a file. Syntax errors come back as one error; semantic ones all
+    /// together.
+    pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let err = |key: &str, reason: String| {
+            vec![ConfigError {
+                file: path.to_path_buf(),
+                key: key.into(),
+                reason,
+            }]
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("(file)", format!("cannot read: {e}")))?;
+        let cfg = Config::parse(&text).map_err(|e| err("(syntax)", e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let cfg = cfg.resolve_paths(base);
+        let errors = cfg.validate(path);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Parses TOML text (no validation).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Makes relative file paths relative to the config file's folder.
+    pub fn resolve_paths(mut self, base: &Path) -> Config {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        for c in &mut self.tls.certificate {
+            fix(&mut c.cert);
+            fix(&mut c.key);
+        }
+        if let Some(r) = &mut self.tls.client_roots {
+            fix(r);
+        }
+        for p in &mut self.peer {
+            fix(&mut p.roots);
+            p.crls.iter_mut().for_each(fix);
+        }
+        self
+    }
+
+    /// Every semantic problem, each naming its key. File contents (certificates, keys) are
+    /// checked by the TLS layer when it loads them.
+    pub fn validate(&self, file: &Path) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut e = |key: String, reason: &str| {
+            errors.push(ConfigError {
+                file: file.to_path_buf(),
+                key,
+                reason: reason.to_string(),
+            })
+        };
+        if self.listen.is_empty() {
+            e(
+                "listen".into(),
+                "no [[listen]] table: the server would accept nothing",
+            );
+        }
+        let needs_tls = self.listen.iter().any(|l| l.kind != ListenKind::Tcp)
+            || self.peer.iter().any(|p| p.address.is_some());
+        if needs_tls && self.tls.certificate.is_empty() {
+            e(
+                "tls.certificate".into(),
+                "TLS listeners or outbound peers need at least one [[tls.certificate]]",
+            );
+        }
+        for (i, c) in self.tls.certificate.iter().enumerate() {
+            if c.cert.as_os_str().is_empty() {
+                e(format!("tls.certificate[{i}].cert"), "missing");
+            }
+            if c.key.as_os_str().is_empty() {
+                e(format!("tls.certificate[{i}].key"), "missing");
+            }
+        }
+        for (i, l) in self.listen.iter().enumerate() {
+            if l.optional_client_auth && self.tls.client_roots.is_none() {
+                e(
+                    format!("listen[{i}].optional_client_auth"),
+                    "needs tls.client_roots",
+                );
+            }
+            if l.optional_client_auth && l.kind != ListenKind::Tls {
+                e(
+                    format!("listen[{i}].optional_client_auth"),
+                    "only for kind = \"tls\" (mtls always requires a certificate)",
+                );
+            }
+            if l.backlog == 0 {
+                e(format!("listen[{i}].backlog"), "must be at least 1");
+            }
+        }
+        if self.listen.iter().any(|l| l.kind == ListenKind::Mtls) && self.peer.is_empty() {
+            e(
+                "peer".into(),
+                "an mtls listener with no [[peer]] would refuse every connection",
+            );
+        }
+        for v in &self.tls.versions {
+            if v != "1.2" && v != "1.3" {
+                e(
+                    "tls.versions".into(),
+                    "only \"1.2\" and \"1.3\" are supported",
+                );
+            }
+        }
+        if self.tls.versions.is_empty() {
+            e("tls.versions".into(), "at least one version");
+        }
+        for g in &self.tls.kx_groups {
+            if crate::tls::kx_group(g).is_none() {
+                e(
+                    "tls.kx_groups".into(),
+                    "unknown group (X25519MLKEM768, X25519, secp256r1, secp384r1)",
+                );
+            }
+        }
+        for s in &self.tls.cipher_suites {
+            if crate::tls::cipher_suite(s).is_none() {
+                e("tls.cipher_suites".into(), "unknown cipher suite name");
+            }
+        }
+        if self.tls.handshake_timeout_ms == 0 {
+            e("tls.handshake_timeout_ms".into(), "must be positive");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.peer.iter().enumerate() {
+            if !is_token(&p.name) {
+                e(
+                    format!("peer[{i}].name"),
+                    "must be a non-empty token (letters, digits, - . _)",
+                );
+            }
+            if !names.insert(p.name.clone()) {
+                e(format!("peer[{i}].name"), "duplicate peer name");
+            }
+            if p.server_name.is_empty() {
+                e(
+                    format!("peer[{i}].server_name"),
+                    "missing: the name expected in the peer's certificate",
+                );
+            }
+            if p.roots.as_os_str().is_empty() {
+                e(
+                    format!("peer[{i}].roots"),
+                    "missing: each peer needs its own trusted roots",
+                );
+            }
+        }
+        let r = &self.registrar;
+        if r.min_expires_s > r.max_expires_s {
+            e(
+                "registrar.min_expires_s".into(),
+                "greater than registrar.max_expires_s",
+            );
+        }
+        if r.default_expires_s < r.min_expires_s || r.default_expires_s > r.max_expires_s {
+            e(
+                "registrar.default_expires_s".into(),
+                "outside min_expires_s..=max_expires_s",
+            );
+        }
+        if self.limits.max_message < 1024 {
+            e(
+                "limits.max_message".into(),
+                "below 1024 bytes no real SIP message fits",
+            );
+        }
+        if self.limits.max_headers == 0 || self.limits.max_headers > 256 {
+            e("limits.max_headers".into(), "must be 1..=256");
+        }
+        if self.server.domains.is_empty() {
+            e("server.domains".into(), "at least one SIP domain");
+        }
+        if self.server.mesh_capacity == 0 {
+            e("server.mesh_capacity".into(), "must be positive");
+        }
+        errors
+    }
+
+    /// The effective trusted names of a peer (its `server_name` when none are listed).
+    pub fn peer_trusted_names(p: &PeerConfig) -> Vec<String> {
+        if p.trusted_names.is_empty() {
+            vec![p.server_name.clone()]
+        } else {
+            p.trusted_names.clone()
+        }
+    }
+
+    /// The SIP core's parse limits.
+    pub fn sip_limits(&self) -> sipring_core::Limits {
+        sipring_core::Limits {
+            max_message: self.limits.max_message,
+            max_headers: self.limits.max_headers,
+            max_header_line: self.limits.max_header_line,
+            max_vias: self.limits.max_vias,
+            max_uri: self.limits.max_uri,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_semantic_errors_name_the_key() {
+        let e = Config::parse("[server]\nshardz = 2\n").unwrap_err();
+        assert!(e.contains("shardz"), "{e}");
+        let cfg = Config::parse(
+            "[[listen]]\nkind = \"mtls\"\naddress = \"127.0.0.1:5062\"\n[tls]\nversions = [\"1.1\"]\n[registrar]\nmin_expires_s = 7200\n",
+        )
+        .unwrap();
+        let keys: Vec<String> = cfg
+            .validate(Path::new("x.toml"))
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        for k in [
+            "tls.certificate",
+            "peer",
+            "tls.versions",
+            "registrar.min_expires_s",
+            "registrar.default_expires_s",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_round_trip() {
+        let d = Config::default();
+        let text = toml::to_string(&d).unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), d);
+    }
+}

@@ -1,0 +1,2 @@
+//! sipring binary
+fn main() {}

@@ -1,0 +1,528 @@
+//! The TLS policy layer: loading certificates, keys, roots and CRLs; building rustls
+//! configurations for client listeners (`tls`), peer listeners (`mtls`) and outbound peer
+//! connections; classifying and counting every rejection.
+//!
+//! ```text
+//!   Config ──► TlsPolicy::load ──► Arc<TlsPolicy> ──(ArcSwap, reload)──► every shard
+//!                 │                    ├─ clients:  ServerConfig (SNI resolver, optional client auth)
+//!                 │                    ├─ peers:    ServerConfig (PeerClientVerifier: per-partner roots)
+//!                 │                    └─ outbound: ClientConfig per partner (PeerServerVerifier, our chain, SNI)
+//!                 └─ any broken file: Err(TlsLoadError { file, reason }) and the old policy stays
+//! ```
+//!
+//! Reload builds a complete new [`TlsPolicy`] first and swaps it in only if every file
+//! loaded; handshakes already running keep the configuration they started with.
+
+pub mod pki;
+pub mod session;
+pub mod verify;
+
+use crate::config::{Config, ListenKind};
+use rustls::crypto::{CryptoProvider, SupportedKxGroup, aws_lc_rs};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite, SupportedProtocolVersion,
+};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use verify::{PeerClientVerifier, PeerServerVerifier, PeerTrust, Rejected};
+
+/// Why a handshake was refused. Each has a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The peer presented no certificate where one is required.
+    NoCertificate,
+    /// The chain does not lead to any root we trust.
+    UnknownIssuer,
+    /// The chain leads to a root trusted for a different partner.
+    WrongPartnerRoot,
+    /// A certificate of the chain has expired.
+    Expired,
+    /// A certificate of the chain is not valid yet.
+    NotYetValid,
+    /// A certificate of the chain is revoked by a configured CRL.
+    Revoked,
+    /// No configured CRL covers a certificate and the policy denies unknown status.
+    UnknownRevocation,
+    /// The certificate's identity is on no trusted-server list.
+    NameNotTrusted,
+    /// The certificate does not name the server we meant to reach.
+    NameMismatch,
+    /// Extended key usage allows neither serverAuth nor clientAuth.
+    BadEku,
+    /// A signature does not verify.
+    BadSignature,
+    /// Any other certificate defect.
+    BadCertificate,
+    /// The handshake did not finish in time.
+    HandshakeTimeout,
+    /// No common protocol version.
+    ProtocolVersion,
+    /// No common cipher suite or group.
+    NoCommonAlgorithm,
+    /// The peer sent a fatal alert.
+    PeerAlert,
+    /// Malformed TLS or anything else.
+    Other,
+}
+
+impl Rejection {
+    /// All reasons, for metrics.
+    pub const ALL: [Rejection; 17] = [
+        Rejection::NoCertificate,
+        Rejection::UnknownIssuer,
+        Rejection::WrongPartnerRoot,
+        Rejection::Expired,
+        Rejection::NotYetValid,
+        Rejection::Revoked,
+        Rejection::UnknownRevocation,
+        Rejection::NameNotTrusted,
+        Rejection::NameMismatch,
+        Rejection::BadEku,
+        Rejection::BadSignature,
+        Rejection::BadCertificate,
+        Rejection::HandshakeTimeout,
+        Rejection::ProtocolVersion,
+        Rejection::NoCommonAlgorithm,
+        Rejection::PeerAlert,
+        Rejection::Other,
+    ];
+
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::NoCertificate => "no_certificate",
+            Rejection::UnknownIssuer => "unknown_issuer",
+            Rejection::WrongPartnerRoot => "wrong_partner_root",
+            Rejection::Expired => "expired",
+            Rejection::NotYetValid => "not_yet_valid",
+            Rejection::Revoked => "revoked",
+            Rejection::UnknownRevocation => "unknown_revocation",
+            Rejection::NameNotTrusted => "name_not_trusted",
+            Rejection::NameMismatch => "name_mismatch",
+            Rejection::BadEku => "bad_eku",
+            Rejection::BadSignature => "bad_signature",
+            Rejection::BadCertificate => "bad_certificate",
+            Rejection::HandshakeTimeout => "handshake_timeout",
+            Rejection::ProtocolVersion => "protocol_version",
+            Rejection::NoCommonAlgorithm => "no_common_algorithm",
+            Rejection::PeerAlert => "peer_alert",
+            Rejection::Other => "other",
+        }
+    }
+
+    /// Classifies a rustls error, returning our detailed rejection when the verifier made it.
+    pub fn classify(e: &rustls::Error) -> (Rejection, Option<Rejected>) {
+        use rustls::{CertificateError as C, Error as E, PeerIncompatible as P};
+        match e {
+            E::InvalidCertificate(C::Other(o)) => match o.0.downcast_ref::<Rejected>() {
+                Some(r) => (r.reason, Some(r.clone())),
+                None => (Rejection::BadCertificate, None),
+            },
+            E::InvalidCertificate(c) => (
+                match c {
+                    C::Expired | C::ExpiredContext { .. } => Rejection::Expired,
+                    C::NotValidYet | C::NotValidYetContext { .. } => Rejection::NotYetValid,
+                    C::Revoked => Rejection::Revoked,
+                    C::UnknownRevocationStatus => Rejection::UnknownRevocation,
+                    C::UnknownIssuer => Rejection::UnknownIssuer,
+                    C::NotValidForName | C::NotValidForNameContext { .. } => {
+                        Rejection::NameMismatch
+                    }
+                    C::InvalidPurpose | C::InvalidPurposeContext { .. } => Rejection::BadEku,
+                    C::BadSignature => Rejection::BadSignature,
+                    _ => Rejection::BadCertificate,
+                },
+                None,
+            ),
+            E::NoCertificatesPresented => (Rejection::NoCertificate, None),
+            E::PeerIncompatible(p) => (
+                match p {
+                    P::Tls12NotOffered
+                    | P::Tls12NotOfferedOrEnabled
+                    | P::Tls13RequiredForQuic
+                    | P::SupportedVersionsExtensionRequired
+                    | P::ServerDoesNotSupportTls12Or13 => Rejection::ProtocolVersion,
+                    _ => Rejection::NoCommonAlgorithm,
+                },
+                None,
+            ),
+            E::AlertReceived(a) => (
+                match a {
+                    rustls::AlertDescription::ProtocolVersion => Rejection::ProtocolVersion,
+                    rustls::AlertDescription::HandshakeFailure => Rejection::NoCommonAlgorithm,
+                    _ => Rejection::PeerAlert,
+                },
+                None,
+            ),
+            _ => (Rejection::Other, None),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Rejection counters shared by all shards (relaxed atomics: no lock on any path).
+#[derive(Debug, Default)]
+pub struct RejectCounters {
+    counts: [AtomicU64; 17],
+}
+
+impl RejectCounters {
+    /// Counts one rejection.
+    pub fn inc(&self, r: Rejection) {
+        let i = Rejection::ALL.iter().position(|x| *x == r).expect("listed");
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Current value for one reason.
+    pub fn get(&self, r: Rejection) -> u64 {
+        let i = Rejection::ALL.iter().position(|x| *x == r).expect("listed");
+        self.counts[i].load(Ordering::Relaxed)
+    }
+}
+
+/// A file that could not be loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsLoadError {
+    /// The file (or config key when no file is involved).
+    pub file: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for TlsLoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.reason)
+    }
+}
+
+impl std::error::Error for TlsLoadError {}
+
+fn load_err(file: &Path, reason: impl Into<String>) -> TlsLoadError {
+    TlsLoadError {
+        file: file.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads a PEM certificate chain (leaf first).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsLoadError> {
+    let data = std::fs::read(path).map_err(|e| load_err(path, format!("cannot read: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load_err(path, format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(load_err(path, "no CERTIFICATE block"));
+    }
+    for c in &certs {
+        x509_parser::parse_x509_certificate(c)
+            .map_err(|e| load_err(path, format!("bad certificate: {e}")))?;
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, SEC1 or PKCS#1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsLoadError> {
+    let data = std::fs::read(path).map_err(|e| load_err(path, format!("cannot read: {e}")))?;
+    PrivateKeyDer::from_pem_slice(&data)
+        .map_err(|e| load_err(path, format!("no usable private key: {e}")))
+}
+
+/// Reads CRLs, PEM (`X509 CRL` blocks) or a single DER CRL.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsLoadError> {
+    let data = std::fs::read(path).map_err(|e| load_err(path, format!("cannot read: {e}")))?;
+    let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| load_err(path, format!("bad PEM: {e}")))?;
+    let crls = if pem.is_empty() {
+        vec![CertificateRevocationListDer::from(data)]
+    } else {
+        pem
+    };
+    for c in &crls {
+        webpki::OwnedCertRevocationList::from_der(c.as_ref())
+            .map_err(|e| load_err(path, format!("bad CRL: {e}")))?;
+    }
+    Ok(crls)
+}
+
+/// A key-exchange group by name.
+pub fn kx_group(name: &str) -> Option<&'static dyn SupportedKxGroup> {
+    use aws_lc_rs::kx_group as k;
+    Some(match name {
+        "X25519MLKEM768" => k::X25519MLKEM768,
+        "X25519" => k::X25519,
+        "secp256r1" | "P-256" => k::SECP256R1,
+        "secp384r1" | "P-384" => k::SECP384R1,
+        _ => return None,
+    })
+}
+
+/// A cipher suite by IANA name.
+pub fn cipher_suite(name: &str) -> Option<SupportedCipherSuite> {
+    aws_lc_rs::ALL_CIPHER_SUITES
+        .iter()
+        .copied()
+        .find(|s| s.suite().as_str() == Some(name))
+}
+
+/// The crypto provider the configuration asks for.
+pub fn provider(cfg: &Config) -> CryptoProvider {
+    let mut p = aws_lc_rs::default_provider();
+    if !cfg.tls.cipher_suites.is_empty() {
+        p.cipher_suites = cfg
+            .tls
+            .cipher_suites
+            .iter()
+            .filter_map(|n| cipher_suite(n))
+            .collect();
+    }
+    if !cfg.tls.kx_groups.is_empty() {
+        p.kx_groups = cfg
+            .tls
+            .kx_groups
+            .iter()
+            .filter_map(|n| kx_group(n))
+            .collect();
+    }
+    p
+}
+
+fn versions(cfg: &Config) -> Vec<&'static SupportedProtocolVersion> {
+    let mut v = Vec::new();
+    if cfg.tls.versions.iter().any(|s| s == "1.3") {
+        v.push(&rustls::version::TLS13);
+    }
+    if cfg.tls.versions.iter().any(|s| s == "1.2") {
+        v.push(&rustls::version::TLS12);
+    }
+    v
+}
+
+/// Server certificates by SNI name, with a default.
+#[derive(Debug)]
+pub struct SniResolver {
+    default: Arc<CertifiedKey>,
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let by_sni = hello
+            .server_name()
+            .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()));
+        Some(by_sni.unwrap_or(&self.default).clone())
+    }
+}
+
+/// A loaded server certificate: key, chain, and facts for the doctor.
+#[derive(Debug, Clone)]
+pub struct LoadedCert {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Leaf notAfter (Unix seconds).
+    pub not_after: i64,
+    /// Our chain (for presenting as a client to peers too).
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+/// Everything TLS, built from one configuration; immutable, replaced whole on reload.
+#[derive(Debug)]
+pub struct TlsPolicy {
+    /// For `tls` listeners.
+    pub clients: Arc<ServerConfig>,
+    /// For `tls` listeners with `optional_client_auth`.
+    pub clients_optional_auth: Option<Arc<ServerConfig>>,
+    /// For `mtls` listeners.
+    pub peers: Option<Arc<ServerConfig>>,
+    /// For connecting to each partner: its client config and the name to reach.
+    pub outbound: HashMap<String, (Arc<ClientConfig>, ServerName<'static>)>,
+    /// Partner trust (for lookups by name).
+    pub partners: Arc<[Arc<PeerTrust>]>,
+    /// The server certificates, for expiry checks.
+    pub certs: Vec<LoadedCert>,
+}
+
+impl TlsPolicy {
+    /// The server config for a listener kind (`None` for `tcp`).
+    pub fn for_listener(
+        &self,
+        kind: ListenKind,
+        optional_client_auth: bool,
+    ) -> Option<Arc<ServerConfig>> {
+        match kind {
+            ListenKind::Tcp => None,
+            ListenKind::Tls if optional_client_auth => self.clients_optional_auth.clone(),
+            ListenKind::Tls => Some(self.clients.clone()),
+            ListenKind::Mtls => self.peers.clone(),
+        }
+    }
+
+    /// Loads every file the configuration names and builds all TLS configurations. Fails
+    /// on the first broken file, naming it; nothing is half-applied.
+    pub fn load(cfg: &Config) -> Result<TlsPolicy, TlsLoadError> {
+        let provider = Arc::new(provider(cfg));
+        let algs = provider.signature_verification_algorithms;
+        let versions = versions(cfg);
+        let cfg_path = Path::new("(config)");
+
+        // Server certificates.
+        let mut certs = Vec::new();
+        let mut default = None;
+        let mut by_name = HashMap::new();
+        let mut our_chain = None;
+        for c in &cfg.tls.certificate {
+            let chain = load_certs(&c.cert)?;
+            let key = load_key(&c.key)?;
+            let ck =
+                CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(|e| {
+                    load_err(
+                        &c.key,
+                        format!("key does not match certificate or is unsupported: {e}"),
+                    )
+                })?;
+            let ck = Arc::new(ck);
+            let summary = verify::summarize(&chain[0])
+                .ok_or_else(|| load_err(&c.cert, "unparseable leaf certificate"))?;
+            certs.push(LoadedCert {
+                file: c.cert.clone(),
+                not_after: summary.not_after,
+                chain: chain.clone(),
+            });
+            for n in &c.sni {
+                by_name.insert(n.to_ascii_lowercase(), ck.clone());
+            }
+            if default.is_none() {
+                default = Some(ck);
+                our_chain = Some((chain, key));
+            }
+        }
+        let resolver: Arc<dyn ResolvesServerCert> = match default {
+            Some(d) => Arc::new(SniResolver {
+                default: d,
+                by_name,
+            }),
+            None => Arc::new(rustls::server::ResolvesServerCertUsingSni::new()),
+        };
+
+        let server_base = |verifier: Option<
+            Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        >|
+         -> Result<ServerConfig, TlsLoadError> {
+            let b = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&versions)
+                .map_err(|e| {
+                    load_err(
+                        cfg_path,
+                        format!("tls.versions/cipher_suites/kx_groups: {e}"),
+                    )
+                })?;
+            let b = match verifier {
+                Some(v) => b.with_client_cert_verifier(v),
+                None => b.with_no_client_auth(),
+            };
+            let mut sc = b.with_cert_resolver(resolver.clone());
+            sc.enable_secret_extraction = true;
+            if cfg.tls.resumption {
+                sc.ticketer = aws_lc_rs::Ticketer::new()
+                    .map_err(|e| load_err(cfg_path, format!("ticketer: {e}")))?;
+                sc.send_tls13_tickets = 2;
+            } else {
+                sc.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+                sc.send_tls13_tickets = 0;
+            }
+            Ok(sc)
+        };
+
+        let clients = Arc::new(server_base(None)?);
+        let clients_optional_auth = match &cfg.tls.client_roots {
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                for r in load_certs(path)? {
+                    roots
+                        .add(r)
+                        .map_err(|e| load_err(path, format!("bad root: {e}")))?;
+                }
+                let v =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .allow_unauthenticated()
+                        .build()
+                        .map_err(|e| load_err(path, format!("client verifier: {e}")))?;
+                Some(Arc::new(server_base(Some(v))?))
+            }
+            None => None,
+        };
+
+        // Partners.
+        let mut partners = Vec::new();
+        for p in &cfg.peer {
+            let roots = load_certs(&p.roots)?;
+            let mut crls = Vec::new();
+            for f in &p.crls {
+                crls.extend(load_crls(f)?);
+            }
+            let t = PeerTrust::new(p, &roots, &crls).map_err(|e| load_err(&p.roots, e))?;
+            partners.push(Arc::new(t));
+        }
+        let partners: Arc<[Arc<PeerTrust>]> = partners.into();
+        let peers = if cfg.listen.iter().any(|l| l.kind == ListenKind::Mtls) || !partners.is_empty()
+        {
+            let v = Arc::new(PeerClientVerifier::new(partners.clone(), algs));
+            Some(Arc::new(server_base(Some(v))?))
+        } else {
+            None
+        };
+
+        // Outbound, one client config per partner, presenting our default chain.
+        let mut outbound = HashMap::new();
+        for (p, trust) in cfg.peer.iter().zip(partners.iter()) {
+            let Some((chain, key)) = &our_chain else {
+                return Err(load_err(
+                    cfg_path,
+                    "tls.certificate: outbound peers need our certificate",
+                ));
+            };
+            let verifier = Arc::new(PeerServerVerifier::new(
+                trust.clone(),
+                partners.clone(),
+                algs,
+            ));
+            let mut cc = ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&versions)
+                .map_err(|e| load_err(cfg_path, format!("tls: {e}")))?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| load_err(cfg_path, format!("our certificate as a client: {e}")))?;
+            cc.enable_secret_extraction = true;
+            cc.enable_sni = true;
+            if !cfg.tls.resumption {
+                cc.resumption = rustls::client::Resumption::disabled();
+            }
+            let name = ServerName::try_from(p.server_name.clone())
+                .map_err(|e| load_err(cfg_path, format!("peer {}: server_name: {e}", p.name)))?;
+            outbound.insert(p.name.clone(), (Arc::new(cc), name));
+        }
+
+        Ok(TlsPolicy {
+            clients,
+            clients_optional_auth,
+            peers,
+            outbound,
+            partners,
+            certs,
+        })
+    }
+}

@@ -1,0 +1,255 @@
+//! Throwaway PKIs (rcgen) for `sipring certs`, the demo and the tests: CAs, server, peer and
+//! client certificates with SIP identities (RFC 5922 SAN URIs), and CRLs.
+//!
+//! Not for production: keys are generated in memory and written unencrypted.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
+};
+use rustls::pki_types::CertificateDer;
+use std::path::Path;
+use time::{Duration, OffsetDateTime};
+
+/// What a certificate may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// serverAuth and clientAuth.
+    Both,
+    /// serverAuth only (what public CAs issue since 2026).
+    ServerOnly,
+    /// clientAuth only.
+    ClientOnly,
+    /// Neither (codeSigning): must be refused for TLS.
+    CodeSigning,
+}
+
+/// How to issue one certificate.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Subject CN.
+    pub cn: String,
+    /// SAN dNSNames.
+    pub dns: Vec<String>,
+    /// SAN URIs (e.g. `sip:example.com`).
+    pub uris: Vec<String>,
+    /// SAN IP addresses.
+    pub ips: Vec<std::net::IpAddr>,
+    /// EKU.
+    pub usage: Usage,
+    /// Valid from now + this (negative: in the past).
+    pub valid_from: Duration,
+    /// Valid until now + this.
+    pub valid_until: Duration,
+    /// Key algorithm: ECDSA P-256 (`false`) or RSA-2048 (`true`).
+    pub rsa: bool,
+}
+
+impl Spec {
+    /// A server/peer certificate for `name` (DNS and `sip:` URI SANs), valid for a year.
+    pub fn server(name: &str) -> Spec {
+        Spec {
+            cn: name.into(),
+            dns: vec![name.into()],
+            uris: vec![format!("sip:{name}")],
+            ips: Vec::new(),
+            usage: Usage::Both,
+            valid_from: Duration::days(-1),
+            valid_until: Duration::days(365),
+            rsa: false,
+        }
+    }
+}
+
+/// An issued certificate and its key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Certificate PEM.
+    pub cert_pem: String,
+    /// Private key PEM (PKCS#8).
+    pub key_pem: String,
+    /// Certificate DER.
+    pub der: CertificateDer<'static>,
+    /// Serial number.
+    pub serial: u64,
+}
+
+/// A certificate authority that can issue certificates and CRLs.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate.
+    pub cert: Issued,
+    next_serial: std::cell::Cell<u64>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("serial", &self.cert.serial)
+            .finish()
+    }
+}
+
+fn err(e: rcgen::Error) -> String {
+    format!("certificate generation failed: {e}")
+}
+
+impl Ca {
+    /// A new self-signed root CA named `name`, valid for ten years.
+    pub fn new(name: &str) -> Result<Ca, String> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.distinguished_name
+            .push(DnType::OrganizationName, "sipring test PKI");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - Duration::days(2);
+        p.not_after = now + Duration::days(3650);
+        p.serial_number = Some(SerialNumber::from(1u64));
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = p.self_signed(&key).map_err(err)?;
+        let issued = Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            serial: 1,
+        };
+        Ok(Ca {
+            issuer: Issuer::new(p, key),
+            cert: issued,
+            next_serial: std::cell::Cell::new(2),
+        })
+    }
+
+    /// Issues a certificate.
+    pub fn issue(&self, spec: &Spec) -> Result<Issued, String> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        p.distinguished_name
+            .push(DnType::CommonName, spec.cn.as_str());
+        for d in &spec.dns {
+            p.subject_alt_names
+                .push(SanType::DnsName(d.clone().try_into().map_err(err)?));
+        }
+        for u in &spec.uris {
+            p.subject_alt_names
+                .push(SanType::URI(u.clone().try_into().map_err(err)?));
+        }
+        for ip in &spec.ips {
+            p.subject_alt_names.push(SanType::IpAddress(*ip));
+        }
+        p.extended_key_usages = match spec.usage {
+            Usage::Both => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Usage::ServerOnly => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::ClientOnly => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::CodeSigning => vec![ExtendedKeyUsagePurpose::CodeSigning],
+        };
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now + spec.valid_from;
+        p.not_after = now + spec.valid_until;
+        let serial = self.next_serial.get();
+        self.next_serial.set(serial + 1);
+        p.serial_number = Some(SerialNumber::from(serial));
+        let key = if spec.rsa {
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                .map_err(err)?
+        } else {
+            KeyPair::generate().map_err(err)?
+        };
+        let cert = p.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            serial,
+        })
+    }
+
+    /// A CRL revoking these serial numbers, valid from yesterday for 30 days.
+    pub fn crl(&self, revoked: &[u64]) -> Result<String, String> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::days(1),
+            next_update: now + Duration::days(30),
+            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from(*s),
+                    revocation_time: now - Duration::hours(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .map_err(err)?
+            .pem()
+            .map_err(err)
+    }
+}
+
+/// Writes a demo PKI into `dir` and returns what it wrote. Files:
+/// `ca.pem`/`ca.key`/`ca.crl` (our CA), `server.pem`/`server.key` (this server: `localhost`,
+/// `sip.<domain>`, `127.0.0.1`, `sip:<domain>`), `client.pem`/`client.key`,
+/// `partner-ca.pem`/`partner-ca.crl` and `partner.pem`/`partner.key` (a federation partner
+/// with its own CA, named `sip.partner.<domain>`), and `revoked.pem`/`revoked.key` (revoked
+/// in `ca.crl`).
+pub fn write_demo(dir: &Path, domain: &str) -> Result<Vec<String>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let ca = Ca::new("sipring demo CA")?;
+    let partner_ca = Ca::new("sipring demo partner CA")?;
+    let mut server = Spec::server(&format!("sip.{domain}"));
+    server.dns.push("localhost".into());
+    server.uris.push(format!("sip:{domain}"));
+    server.ips.push([127, 0, 0, 1].into());
+    let server = ca.issue(&server)?;
+    let client = ca.issue(&Spec {
+        usage: Usage::ClientOnly,
+        ..Spec::server(&format!("client.{domain}"))
+    })?;
+    let partner = partner_ca.issue(&Spec::server(&format!("sip.partner.{domain}")))?;
+    let revoked = ca.issue(&Spec::server(&format!("revoked.{domain}")))?;
+    let files: Vec<(&str, String)> = vec![
+        ("ca.pem", ca.cert.cert_pem.clone()),
+        ("ca.key", ca.cert.key_pem.clone()),
+        ("ca.crl", ca.crl(&[revoked.serial])?),
+        (
+            "server.pem",
+            format!("{}{}", server.cert_pem, ca.cert.cert_pem),
+        ),
+        ("server.key", server.key_pem),
+        ("client.pem", client.cert_pem.clone()),
+        ("client.key", client.key_pem),
+        ("partner-ca.pem", partner_ca.cert.cert_pem.clone()),
+        ("partner-ca.key", partner_ca.cert.key_pem.clone()),
+        ("partner-ca.crl", partner_ca.crl(&[])?),
+        ("partner.pem", partner.cert_pem.clone()),
+        ("partner.key", partner.key_pem),
+        ("revoked.pem", revoked.cert_pem.clone()),
+        ("revoked.key", revoked.key_pem),
+    ];
+    let mut written = Vec::new();
+    for (name, content) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, content).map_err(|e| format!("{}: {e}", path.display()))?;
+        written.push(path.display().to_string());
+    }
+    Ok(written)
+}

@@ -1,0 +1,542 @@
+//! Federation trust: per-partner roots, CRLs, EKU and the trusted-server list.
+//!
+//! A peer certificate is accepted only if **all** of these hold, checked in this order so the
+//! reason given is the most specific one:
+//!
+//! 1. it names an identity (SAN `sip:` URI or dNSName, RFC 5922; CN only without SAN) that is
+//!    on some partner's trusted-server list (inbound) or equals the name we meant to reach and
+//!    is on that partner's list (outbound);
+//! 2. its chain verifies to a root trusted **for that partner** (a chain that verifies only
+//!    to another partner's root is refused as [`Rejection::WrongPartnerRoot`]);
+//! 3. every certificate of the chain is inside its validity period;
+//! 4. no certificate of the chain is revoked by that partner's CRLs (unknown status: the
+//!    partner's `unknown_revocation` policy);
+//! 5. its extended key usage allows TLS: serverAuth **or** clientAuth (clientAuth is not
+//!    required; public CAs stopped issuing it in 2026).
+//!
+//! Every refusal is a [`Rejected`] carried inside rustls's `CertificateError::Other`, with the
+//! presented identities and issuer, so the connection that failed can log all of it.
+
+use super::Rejection;
+use crate::config::{Config, PeerConfig, UnknownRevocation};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, ServerName, TrustAnchor, UnixTime,
+};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
+};
+use std::fmt;
+use std::sync::Arc;
+use webpki::{
+    CertRevocationList, EndEntityCert, ExtendedKeyUsageValidator, KeyPurposeId, KeyPurposeIdIter,
+    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
+};
+
+/// An identity a certificate presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// SAN dNSName.
+    Dns(String),
+    /// SAN `sip:`/`sips:` URI without user part: the domain (RFC 5922 §7.1).
+    Sip(String),
+    /// Subject CN (only reported when the certificate has no SAN URI or dNSName).
+    Cn(String),
+}
+
+impl Identity {
+    /// The name to compare.
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Dns(n) | Identity::Sip(n) | Identity::Cn(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Dns(n) => write!(f, "DNS:{n}"),
+            Identity::Sip(n) => write!(f, "URI:sip:{n}"),
+            Identity::Cn(n) => write!(f, "CN={n}"),
+        }
+    }
+}
+
+/// Facts about a certificate an operator needs in a log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertSummary {
+    /// Identities presented (see [`identities`]).
+    pub identities: Vec<Identity>,
+    /// The issuer's distinguished name.
+    pub issuer: String,
+    /// The subject's distinguished name.
+    pub subject: String,
+    /// notAfter, as Unix seconds.
+    pub not_after: i64,
+}
+
+/// Reads identities (RFC 5922 §7.1: SAN URIs `sip:domain` and dNSNames; the CN only when the
+/// certificate has neither) and the names for logs.
+pub fn summarize(cert: &[u8]) -> Option<CertSummary> {
+    use x509_parser::extensions::GeneralName;
+    let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let mut ids = Vec::new();
+    if let Ok(Some(san)) = x.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => ids.push(Identity::Dns(d.to_ascii_lowercase())),
+                GeneralName::URI(u) => {
+                    let lower = u.to_ascii_lowercase();
+                    let rest = lower
+                        .strip_prefix("sip:")
+                        .or_else(|| lower.strip_prefix("sips:"));
+                    // Only `sip:domain` (no user part) names a server (RFC 5922 §7.1).
+                    if let Some(host) = rest.filter(|r| !r.contains('@')) {
+                        let host = host.split([';', '?', ':']).next().unwrap_or_default();
+                        if !host.is_empty() {
+                            ids.push(Identity::Sip(host.to_string()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if ids.is_empty() {
+        for cn in x.subject().iter_common_name() {
+            if let Ok(s) = cn.as_str() {
+                ids.push(Identity::Cn(s.to_ascii_lowercase()));
+            }
+        }
+    }
+    Some(CertSummary {
+        identities: ids,
+        issuer: x.issuer().to_string(),
+        subject: x.subject().to_string(),
+        not_after: x.validity().not_after.timestamp(),
+    })
+}
+
+/// Does a certificate name (possibly `*.example.net`) match a configured name?
+pub fn name_matches(presented: &str, wanted: &str, allow_wildcards: bool) -> bool {
+    let (p, w) = (presented.to_ascii_lowercase(), wanted.to_ascii_lowercase());
+    if p == w {
+        return true;
+    }
+    match p.strip_prefix("*.") {
+        // One label only, never a bare TLD-like suffix.
+        Some(suffix) if allow_wildcards => {
+            suffix.contains('.')
+                && w.split_once('.')
+                    .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix)
+        }
+        _ => false,
+    }
+}
+
+/// Why a certificate was refused, with what it presented; carried in
+/// `CertificateError::Other` so the failing connection can log it.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// The reason (metric label).
+    pub reason: Rejection,
+    /// What the peer presented.
+    pub cert: CertSummary,
+    /// The partner whose policy applied, if one did.
+    pub peer: Option<String>,
+    /// Technical detail (the verifier's own error).
+    pub detail: String,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<String> = self
+            .cert
+            .identities
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        write!(
+            f,
+            "{}: presented [{}] issued by \"{}\"{}{}",
+            self.reason.label(),
+            ids.join(", "),
+            self.cert.issuer,
+            self.peer
+                .as_ref()
+                .map(|p| format!(" (partner {p})"))
+                .unwrap_or_default(),
+            if self.detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", self.detail)
+            }
+        )
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+fn reject(
+    reason: Rejection,
+    cert: CertSummary,
+    peer: Option<&str>,
+    detail: impl Into<String>,
+) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Rejected {
+        reason,
+        cert,
+        peer: peer.map(str::to_string),
+        detail: detail.into(),
+    }))))
+}
+
+const SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+const CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+
+/// EKU policy: serverAuth or clientAuth (or no EKU extension at all, RFC 5280 "any").
+struct TlsEku;
+
+impl ExtendedKeyUsageValidator for TlsEku {
+    #[allow(deprecated)] // the context variant wants a KeyUsage; ours is "either of two"
+    fn validate(&self, iter: KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
+        let mut any = false;
+        for id in iter {
+            let id = id?;
+            any = true;
+            if id == KeyPurposeId::new(SERVER_AUTH) || id == KeyPurposeId::new(CLIENT_AUTH) {
+                return Ok(());
+            }
+        }
+        if any {
+            Err(webpki::Error::RequiredEkuNotFound)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[allow(deprecated)] // RequiredEkuNotFound: the variant our own EKU validator returns
+fn classify(e: &webpki::Error) -> Rejection {
+    use webpki::Error as W;
+    match e {
+        W::CertExpired { .. } => Rejection::Expired,
+        W::CertNotValidYet { .. } => Rejection::NotYetValid,
+        W::CertRevoked => Rejection::Revoked,
+        W::UnknownRevocationStatus => Rejection::UnknownRevocation,
+        W::CrlExpired { .. } => Rejection::UnknownRevocation,
+        W::UnknownIssuer => Rejection::UnknownIssuer,
+        W::RequiredEkuNotFound | W::RequiredEkuNotFoundContext(_) => Rejection::BadEku,
+        W::InvalidSignatureForPublicKey
+        | W::UnsupportedSignatureAlgorithm
+        | W::UnsupportedSignatureAlgorithmForPublicKey => Rejection::BadSignature,
+        _ => Rejection::BadCertificate,
+    }
+}
+
+/// The trust settings of one federation partner.
+#[derive(Debug)]
+pub struct PeerTrust {
+    /// The partner's name.
+    pub name: String,
+    /// Names on its trusted-server list.
+    pub trusted_names: Vec<String>,
+    /// Whether `*.domain` certificate names may match.
+    pub allow_wildcards: bool,
+    /// The name we connect to (outbound) and expect.
+    pub server_name: String,
+    anchors: Vec<TrustAnchor<'static>>,
+    crls: Vec<CertRevocationList<'static>>,
+    unknown: UnknownStatusPolicy,
+    subjects: Vec<DistinguishedName>,
+}
+
+impl PeerTrust {
+    /// Builds a partner's trust from its configuration and already-loaded files.
+    pub fn new(
+        p: &PeerConfig,
+        roots: &[CertificateDer<'static>],
+        crls: &[CertificateRevocationListDer<'static>],
+    ) -> Result<PeerTrust, String> {
+        let mut anchors = Vec::new();
+        let mut subjects = Vec::new();
+        for r in roots {
+            let a = webpki::anchor_from_trusted_cert(r)
+                .map_err(|e| format!("bad root certificate: {e}"))?
+                .to_owned();
+            subjects.push(DistinguishedName::in_sequence(a.subject.as_ref()));
+            anchors.push(a);
+        }
+        if anchors.is_empty() {
+            return Err("no root certificate in file".into());
+        }
+        let crls = crls
+            .iter()
+            .map(|c| {
+                webpki::OwnedCertRevocationList::from_der(c.as_ref())
+                    .map(CertRevocationList::from)
+                    .map_err(|e| format!("bad CRL: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PeerTrust {
+            name: p.name.clone(),
+            trusted_names: Config::peer_trusted_names(p)
+                .into_iter()
+                .map(|n| n.to_ascii_lowercase())
+                .collect(),
+            allow_wildcards: p.allow_wildcards,
+            server_name: p.server_name.to_ascii_lowercase(),
+            anchors,
+            crls,
+            unknown: match p.unknown_revocation {
+                UnknownRevocation::Deny => UnknownStatusPolicy::Deny,
+                UnknownRevocation::Allow => UnknownStatusPolicy::Allow,
+            },
+            subjects,
+        })
+    }
+
+    /// Is one of `ids` on this partner's trusted-server list?
+    pub fn trusts(&self, ids: &[Identity]) -> bool {
+        ids.iter().any(|i| {
+            self.trusted_names
+                .iter()
+                .any(|t| name_matches(i.name(), t, self.allow_wildcards))
+        })
+    }
+
+    /// Verifies the chain against this partner's roots, CRLs and the EKU policy.
+    pub fn verify_chain(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), webpki::Error> {
+        let cert = EndEntityCert::try_from(ee)?;
+        let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
+            Ok(b) => Some(
+                b.with_depth(RevocationCheckDepth::Chain)
+                    .with_status_policy(self.unknown)
+                    .build(),
+            ),
+            // No CRL configured: status unknown for every certificate.
+            Err(_) if self.unknown == UnknownStatusPolicy::Deny => {
+                return Err(webpki::Error::UnknownRevocationStatus);
+            }
+            Err(_) => None,
+        };
+        cert.verify_for_usage(
+            algs.all,
+            &self.anchors,
+            intermediates,
+            now,
+            TlsEku,
+            revocation,
+            None,
+        )
+        .map(|_| ())
+    }
+}
+
+fn chain_summary(ee: &CertificateDer<'_>) -> CertSummary {
+    summarize(ee.as_ref()).unwrap_or_default()
+}
+
+/// Verifies federation peers connecting to an `mtls` listener.
+#[derive(Debug)]
+pub struct PeerClientVerifier {
+    peers: Arc<[Arc<PeerTrust>]>,
+    hints: Vec<DistinguishedName>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl PeerClientVerifier {
+    /// A verifier over all partners.
+    pub fn new(peers: Arc<[Arc<PeerTrust>]>, algs: WebPkiSupportedAlgorithms) -> Self {
+        let hints = peers
+            .iter()
+            .flat_map(|p| p.subjects.iter().cloned())
+            .collect();
+        PeerClientVerifier { peers, hints, algs }
+    }
+}
+
+impl ClientCertVerifier for PeerClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let summary = chain_summary(ee);
+        let candidates: Vec<&Arc<PeerTrust>> = self
+            .peers
+            .iter()
+            .filter(|p| p.trusts(&summary.identities))
+            .collect();
+        if candidates.is_empty() {
+            return Err(reject(
+                Rejection::NameNotTrusted,
+                summary,
+                None,
+                "no partner lists this identity",
+            ));
+        }
+        let mut first_err = None;
+        for p in &candidates {
+            match p.verify_chain(&self.algs, ee, intermediates, now) {
+                Ok(()) => return Ok(ClientCertVerified::assertion()),
+                Err(e) => {
+                    first_err.get_or_insert((p.name.clone(), e));
+                }
+            }
+        }
+        let (peer, e) = first_err.expect("at least one candidate");
+        let mut reason = classify(&e);
+        if reason == Rejection::UnknownIssuer
+            && self.peers.iter().any(|p| {
+                !candidates.iter().any(|c| Arc::ptr_eq(c, p))
+                    && p.verify_chain(&self.algs, ee, intermediates, now).is_ok()
+            })
+        {
+            reason = Rejection::WrongPartnerRoot;
+        }
+        Err(reject(reason, summary, Some(&peer), e.to_string()))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Verifies a partner's server when we connect to it: its partner roots, and the name we
+/// meant to reach, which must also be on its trusted-server list.
+#[derive(Debug)]
+pub struct PeerServerVerifier {
+    peer: Arc<PeerTrust>,
+    all: Arc<[Arc<PeerTrust>]>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl PeerServerVerifier {
+    /// A verifier for one partner (`all` partners are consulted only to tell a wrong
+    /// partner's root from an unknown one).
+    pub fn new(
+        peer: Arc<PeerTrust>,
+        all: Arc<[Arc<PeerTrust>]>,
+        algs: WebPkiSupportedAlgorithms,
+    ) -> Self {
+        PeerServerVerifier { peer, all, algs }
+    }
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let summary = chain_summary(ee);
+        let p = &self.peer;
+        if let Err(e) = p.verify_chain(&self.algs, ee, intermediates, now) {
+            let mut reason = classify(&e);
+            if reason == Rejection::UnknownIssuer
+                && self.all.iter().any(|o| {
+                    !Arc::ptr_eq(o, p) && o.verify_chain(&self.algs, ee, intermediates, now).is_ok()
+                })
+            {
+                reason = Rejection::WrongPartnerRoot;
+            }
+            return Err(reject(reason, summary, Some(&p.name), e.to_string()));
+        }
+        let wanted = server_name.to_str();
+        if !summary
+            .identities
+            .iter()
+            .any(|i| name_matches(i.name(), &wanted, p.allow_wildcards))
+        {
+            return Err(reject(
+                Rejection::NameMismatch,
+                summary,
+                Some(&p.name),
+                format!("expected {wanted}"),
+            ));
+        }
+        if !p.trusts(&summary.identities) {
+            return Err(reject(
+                Rejection::NameNotTrusted,
+                summary,
+                Some(&p.name),
+                "not on the partner's trusted-server list",
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_only_when_allowed_and_one_label() {
+        assert!(name_matches("SIP.Example.NET", "sip.example.net", false));
+        assert!(!name_matches("*.example.net", "sip.example.net", false));
+        assert!(name_matches("*.example.net", "sip.example.net", true));
+        assert!(!name_matches("*.example.net", "a.sip.example.net", true));
+        assert!(!name_matches("*.net", "example.net", true));
+        assert!(!name_matches("*.example.net", "example.net", true));
+    }
+}

@@ -1,0 +1,798 @@
+//! The trust model, in memory: rustls client/server pairs built from sipring's TLS policy,
+//! exchanging records through a `transfer` loop (no sockets). Every acceptance and rejection
+//! reason, inbound (a partner connects to our `mtls` listener) and outbound (we connect to a
+//! partner), for TLS 1.2 and 1.3.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use sipring::config::{
+    CertConfig, Config, ListenConfig, ListenKind, PeerConfig, UnknownRevocation,
+};
+use sipring::tls::pki::{Ca, Issued, Spec, Usage};
+use sipring::tls::session::TlsSession;
+use sipring::tls::{Rejection, TlsPolicy};
+use sipring_tests::TempDir;
+use std::sync::{Arc, Mutex};
+use time::Duration;
+
+/// The PKI of the tests: our CA, two partners' CAs, and a CA nobody trusts.
+struct World {
+    dir: TempDir,
+    ours: Ca,
+    alpha: Ca,
+    beta: Ca,
+    rogue: Ca,
+    alpha_revoked: u64,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = TempDir::new("tls");
+        let ours = Ca::new("Our CA").unwrap();
+        let alpha = Ca::new("Alpha CA").unwrap();
+        let beta = Ca::new("Beta CA").unwrap();
+        let rogue = Ca::new("Rogue CA").unwrap();
+        let revoked = alpha.issue(&Spec::server("sip.alpha.example")).unwrap();
+        let w = World {
+            dir,
+            ours,
+            alpha,
+            beta,
+            rogue,
+            alpha_revoked: revoked.serial,
+        };
+        let server = w.ours.issue(&Spec::server("sip.example.com")).unwrap();
+        let other = w
+            .ours
+            .issue(&Spec::server("sip.other-domain.example"))
+            .unwrap();
+        w.dir.write("server.pem", &server.cert_pem);
+        w.dir.write("server.key", &server.key_pem);
+        w.dir.write("other.pem", &other.cert_pem);
+        w.dir.write("other.key", &other.key_pem);
+        w.dir.write("alpha-ca.pem", &w.alpha.cert.cert_pem);
+        w.dir
+            .write("alpha.crl", w.alpha.crl(&[w.alpha_revoked]).unwrap());
+        w.dir.write("beta-ca.pem", &w.beta.cert.cert_pem);
+        w.dir.write("beta.crl", w.beta.crl(&[]).unwrap());
+        w
+    }
+
+    fn config(&self, versions: &[&str]) -> Config {
+        let peer =
+            |name: &str, server_name: &str, ca: &str, crl: Option<&str>, trusted: &[&str]| {
+                PeerConfig {
+                    name: name.into(),
+                    domains: vec![format!("{name}.example")],
+                    server_name: server_name.into(),
+                    roots: self.dir.join(ca),
+                    crls: crl.map(|c| vec![self.dir.join(c)]).unwrap_or_default(),
+                    trusted_names: trusted.iter().map(|s| s.to_string()).collect(),
+                    ..PeerConfig::default()
+                }
+            };
+        let mut cfg = Config {
+            listen: vec![ListenConfig {
+                kind: ListenKind::Mtls,
+                ..ListenConfig::default()
+            }],
+            ..Config::default()
+        };
+        cfg.tls.versions = versions.iter().map(|s| s.to_string()).collect();
+        cfg.tls.certificate = vec![
+            CertConfig {
+                cert: self.dir.join("server.pem"),
+                key: self.dir.join("server.key"),
+                sni: vec!["sip.example.com".into()],
+            },
+            CertConfig {
+                cert: self.dir.join("other.pem"),
+                key: self.dir.join("other.key"),
+                sni: vec!["sip.other-domain.example".into()],
+            },
+        ];
+        cfg.peer = vec![
+            peer(
+                "alpha",
+                "sip.alpha.example",
+                "alpha-ca.pem",
+                Some("alpha.crl"),
+                &["sip.alpha.example", "sip.alpha-cn.example"],
+            ),
+            peer(
+                "beta",
+                "sip.beta.example",
+                "beta-ca.pem",
+                Some("beta.crl"),
+                &["sip.beta.example"],
+            ),
+            // Gamma shares Alpha's CA but has no CRL: unknown revocation status, denied.
+            peer(
+                "gamma",
+                "sip.gamma.example",
+                "alpha-ca.pem",
+                None,
+                &["sip.gamma.example"],
+            ),
+            // Zeta: we connect to sip.alpha.example, but only trust the name sip.zeta.example.
+            peer(
+                "zeta",
+                "sip.alpha.example",
+                "alpha-ca.pem",
+                Some("alpha.crl"),
+                &["sip.zeta.example"],
+            ),
+        ];
+        cfg.peer.push(PeerConfig {
+            name: "wild".into(),
+            server_name: "sip.wild.example".into(),
+            roots: self.dir.join("beta-ca.pem"),
+            crls: vec![self.dir.join("beta.crl")],
+            trusted_names: vec!["sip.wild.example".into()],
+            allow_wildcards: true,
+            unknown_revocation: UnknownRevocation::Deny,
+            ..PeerConfig::default()
+        });
+        let errors = cfg.validate(std::path::Path::new("test.toml"));
+        assert!(errors.is_empty(), "{errors:?}");
+        cfg
+    }
+
+    fn policy(&self, versions: &[&str]) -> TlsPolicy {
+        TlsPolicy::load(&self.config(versions)).expect("policy loads")
+    }
+
+    fn ours_roots(&self) -> Arc<RootCertStore> {
+        let mut r = RootCertStore::empty();
+        r.add(self.ours.cert.der.clone()).unwrap();
+        Arc::new(r)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn versions(v: &str) -> Vec<&'static rustls::SupportedProtocolVersion> {
+    match v {
+        "1.2" => vec![&rustls::version::TLS12],
+        _ => vec![&rustls::version::TLS13],
+    }
+}
+
+fn key_of(i: &Issued) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_slice(i.key_pem.as_bytes()).unwrap()
+}
+
+/// A partner's client connecting to our mtls listener, presenting `cert` (or nothing).
+fn partner_client(w: &World, v: &str, cert: Option<&Issued>) -> Arc<ClientConfig> {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&versions(v))
+        .unwrap()
+        .with_root_certificates(w.ours_roots());
+    Arc::new(match cert {
+        Some(c) => b
+            .with_client_auth_cert(vec![c.der.clone()], key_of(c))
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    })
+}
+
+/// A partner's server we connect to, presenting `cert` and requiring our client cert.
+fn partner_server(
+    w: &World,
+    v: &str,
+    cert: &Issued,
+    sni_seen: Arc<Mutex<Option<String>>>,
+) -> Arc<ServerConfig> {
+    #[derive(Debug)]
+    struct Recorder(Arc<CertifiedKey>, Arc<Mutex<Option<String>>>);
+    impl ResolvesServerCert for Recorder {
+        fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            *self.1.lock().unwrap() = hello.server_name().map(str::to_string);
+            Some(self.0.clone())
+        }
+    }
+    let p = provider();
+    let ck = CertifiedKey::from_der(vec![cert.der.clone()], key_of(cert), &p).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(w.ours_roots(), p.clone())
+            .build()
+            .unwrap();
+    Arc::new(
+        ServerConfig::builder_with_provider(p)
+            .with_protocol_versions(&versions(v))
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Recorder(Arc::new(ck), sni_seen))),
+    )
+}
+
+/// Moves records between the two sessions, one record at a time as the engine reads them,
+/// until both are established or one fails. Returns (client result, server result).
+fn transfer(
+    client: &mut TlsSession,
+    server: &mut TlsSession,
+) -> (Result<(), rustls::Error>, Result<(), rustls::Error>) {
+    fn pass(from: &mut TlsSession, to: &mut TlsSession) -> Result<bool, rustls::Error> {
+        let out = from.take_outgoing();
+        if out.is_empty() {
+            return Ok(false);
+        }
+        let mut rest = &out[..];
+        while !rest.is_empty() {
+            let n = to.read_hint().min(rest.len());
+            to.receive(&rest[..n])?;
+            rest = &rest[n..];
+        }
+        Ok(true)
+    }
+    for _ in 0..50 {
+        let a = match pass(client, server) {
+            Ok(moved) => moved,
+            Err(e) => {
+                // The server failed; let its alert reach the client.
+                let _ = pass(server, client);
+                return (Ok(()), Err(e));
+            }
+        };
+        let b = match pass(server, client) {
+            Ok(moved) => moved,
+            Err(e) => {
+                let _ = pass(client, server);
+                return (Err(e), Ok(()));
+            }
+        };
+        if !a && !b {
+            break;
+        }
+    }
+    (Ok(()), Ok(()))
+}
+
+/// Inbound: a partner presenting `cert` connects to our mtls listener.
+fn inbound(w: &World, policy: &TlsPolicy, v: &str, cert: Option<&Issued>) -> Result<(), Rejection> {
+    let mut s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
+    let mut c = TlsSession::client(
+        partner_client(w, v, cert),
+        ServerName::try_from("sip.example.com").unwrap(),
+    )
+    .unwrap();
+    let (cr, sr) = transfer(&mut c, &mut s);
+    if let Err(e) = sr {
+        let (r, detail) = Rejection::classify(&e);
+        if let Some(d) = detail {
+            // The log line an operator sees names the reason, what was presented and the issuer.
+            let line = d.to_string();
+            assert!(line.starts_with(r.label()), "{line}");
+            if let Some(c) = cert {
+                let id = sipring::tls::verify::summarize(&c.der).unwrap();
+                assert!(line.contains(&id.issuer), "{line}");
+            }
+        }
+        return Err(r);
+    }
+    cr.expect("client side");
+    assert!(
+        !s.is_handshaking() && !c.is_handshaking(),
+        "handshake did not complete"
+    );
+    Ok(())
+}
+
+/// Outbound: we connect to `peer`, which presents `cert`.
+fn outbound(
+    w: &World,
+    policy: &TlsPolicy,
+    v: &str,
+    peer: &str,
+    cert: &Issued,
+) -> Result<Option<String>, Rejection> {
+    let sni = Arc::new(Mutex::new(None));
+    let (cc, name) = policy.outbound.get(peer).cloned().expect("peer configured");
+    let mut c = TlsSession::client(cc, name).unwrap();
+    let mut s = TlsSession::server(partner_server(w, v, cert, sni.clone())).unwrap();
+    let (cr, sr) = transfer(&mut c, &mut s);
+    if let Err(e) = cr {
+        return Err(Rejection::classify(&e).0);
+    }
+    sr.expect("partner server accepted our certificate");
+    assert!(!c.is_handshaking());
+    let seen = sni.lock().unwrap().clone();
+    Ok(seen)
+}
+
+fn spec(name: &str) -> Spec {
+    Spec::server(name)
+}
+
+#[test]
+fn inbound_partner_acceptance_and_every_rejection_reason() {
+    let w = World::new();
+    for v in ["1.3", "1.2"] {
+        let policy = w.policy(&["1.2", "1.3"]);
+        let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+        assert_eq!(inbound(&w, &policy, v, Some(&alpha)), Ok(()), "TLS {v}");
+        // clientAuth is not required: a serverAuth-only certificate is fine (public CAs, 2026).
+        let server_only = w
+            .alpha
+            .issue(&Spec {
+                usage: Usage::ServerOnly,
+                ..spec("sip.alpha.example")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&server_only)),
+            Ok(()),
+            "TLS {v} serverAuth-only"
+        );
+        // A SIP URI SAN alone identifies the server (RFC 5922).
+        let uri_only = w
+            .alpha
+            .issue(&Spec {
+                dns: vec![],
+                ..spec("sip.alpha.example")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&uri_only)),
+            Ok(()),
+            "TLS {v} sip URI only"
+        );
+        // CN only when there is no SAN.
+        let cn_only = w
+            .alpha
+            .issue(&Spec {
+                dns: vec![],
+                uris: vec![],
+                ..spec("sip.alpha-cn.example")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&cn_only)),
+            Ok(()),
+            "TLS {v} CN only"
+        );
+        // ... but a CN is ignored when SANs exist.
+        let cn_ignored = w
+            .alpha
+            .issue(&Spec {
+                dns: vec!["sip.nobody.example".into()],
+                uris: vec![],
+                ..spec("sip.alpha.example")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&cn_ignored)),
+            Err(Rejection::NameNotTrusted),
+            "TLS {v}"
+        );
+
+        let cases: Vec<(&str, Option<Issued>, Rejection)> = vec![
+            ("no certificate", None, Rejection::NoCertificate),
+            (
+                "unknown CA",
+                Some(w.rogue.issue(&spec("sip.alpha.example")).unwrap()),
+                Rejection::UnknownIssuer,
+            ),
+            (
+                "beta's root for alpha's name",
+                Some(w.beta.issue(&spec("sip.alpha.example")).unwrap()),
+                Rejection::WrongPartnerRoot,
+            ),
+            (
+                "expired",
+                Some(
+                    w.alpha
+                        .issue(&Spec {
+                            valid_from: Duration::days(-30),
+                            valid_until: Duration::days(-1),
+                            ..spec("sip.alpha.example")
+                        })
+                        .unwrap(),
+                ),
+                Rejection::Expired,
+            ),
+            (
+                "not yet valid",
+                Some(
+                    w.alpha
+                        .issue(&Spec {
+                            valid_from: Duration::days(2),
+                            valid_until: Duration::days(30),
+                            ..spec("sip.alpha.example")
+                        })
+                        .unwrap(),
+                ),
+                Rejection::NotYetValid,
+            ),
+            (
+                "name not on any list",
+                Some(w.alpha.issue(&spec("sip.mallory.example")).unwrap()),
+                Rejection::NameNotTrusted,
+            ),
+            (
+                "wrong EKU",
+                Some(
+                    w.alpha
+                        .issue(&Spec {
+                            usage: Usage::CodeSigning,
+                            ..spec("sip.alpha.example")
+                        })
+                        .unwrap(),
+                ),
+                Rejection::BadEku,
+            ),
+            (
+                "no CRL for gamma",
+                Some(w.alpha.issue(&spec("sip.gamma.example")).unwrap()),
+                Rejection::UnknownRevocation,
+            ),
+            (
+                "wildcard without permission",
+                Some(
+                    w.alpha
+                        .issue(&Spec {
+                            dns: vec!["*.alpha.example".into()],
+                            uris: vec![],
+                            ..spec("x")
+                        })
+                        .unwrap(),
+                ),
+                Rejection::NameNotTrusted,
+            ),
+        ];
+        for (what, cert, want) in cases {
+            assert_eq!(
+                inbound(&w, &policy, v, cert.as_ref()),
+                Err(want),
+                "TLS {v}: {what}"
+            );
+        }
+        // Wildcards where the partner allows them.
+        let wild = w
+            .beta
+            .issue(&Spec {
+                dns: vec!["*.wild.example".into()],
+                uris: vec![],
+                ..spec("x")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&wild)),
+            Ok(()),
+            "TLS {v}: allowed wildcard"
+        );
+    }
+}
+
+#[test]
+fn inbound_revocation_by_crl() {
+    let w = World::new();
+    let policy = w.policy(&["1.2", "1.3"]);
+    // Issue certificates until we reach the revoked serial? No: revoke a fresh one explicitly.
+    let victim = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    w.dir.write(
+        "alpha.crl",
+        w.alpha.crl(&[w.alpha_revoked, victim.serial]).unwrap(),
+    );
+    let policy2 = w.policy(&["1.2", "1.3"]);
+    assert_eq!(
+        inbound(&w, &policy, "1.3", Some(&victim)),
+        Ok(()),
+        "old CRL does not list it"
+    );
+    for v in ["1.3", "1.2"] {
+        assert_eq!(
+            inbound(&w, &policy2, v, Some(&victim)),
+            Err(Rejection::Revoked),
+            "TLS {v}"
+        );
+    }
+}
+
+#[test]
+fn outbound_partner_acceptance_and_rejections() {
+    let w = World::new();
+    let policy = w.policy(&["1.2", "1.3"]);
+    for v in ["1.3", "1.2"] {
+        let good = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+        assert_eq!(
+            outbound(&w, &policy, v, "alpha", &good),
+            Ok(Some("sip.alpha.example".into())),
+            "TLS {v}: SNI is the partner's name"
+        );
+        let cases: Vec<(&str, &str, Issued, Rejection)> = vec![
+            (
+                "other name",
+                "alpha",
+                w.alpha.issue(&spec("sip.alpha2.example")).unwrap(),
+                Rejection::NameMismatch,
+            ),
+            (
+                "unknown CA",
+                "alpha",
+                w.rogue.issue(&spec("sip.alpha.example")).unwrap(),
+                Rejection::UnknownIssuer,
+            ),
+            (
+                "beta's root",
+                "alpha",
+                w.beta.issue(&spec("sip.alpha.example")).unwrap(),
+                Rejection::WrongPartnerRoot,
+            ),
+            (
+                "expired",
+                "alpha",
+                w.alpha
+                    .issue(&Spec {
+                        valid_from: Duration::days(-30),
+                        valid_until: Duration::days(-1),
+                        ..spec("sip.alpha.example")
+                    })
+                    .unwrap(),
+                Rejection::Expired,
+            ),
+            (
+                "not yet valid",
+                "alpha",
+                w.alpha
+                    .issue(&Spec {
+                        valid_from: Duration::days(2),
+                        valid_until: Duration::days(9),
+                        ..spec("sip.alpha.example")
+                    })
+                    .unwrap(),
+                Rejection::NotYetValid,
+            ),
+            (
+                "bad EKU",
+                "alpha",
+                w.alpha
+                    .issue(&Spec {
+                        usage: Usage::CodeSigning,
+                        ..spec("sip.alpha.example")
+                    })
+                    .unwrap(),
+                Rejection::BadEku,
+            ),
+            (
+                "name right but not trusted",
+                "zeta",
+                w.alpha.issue(&spec("sip.alpha.example")).unwrap(),
+                Rejection::NameNotTrusted,
+            ),
+        ];
+        for (what, peer, cert, want) in cases {
+            assert_eq!(
+                outbound(&w, &policy, v, peer, &cert),
+                Err(want),
+                "TLS {v}: {what}"
+            );
+        }
+    }
+    let victim = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    w.dir
+        .write("alpha.crl", w.alpha.crl(&[victim.serial]).unwrap());
+    let policy = w.policy(&["1.2", "1.3"]);
+    assert_eq!(
+        outbound(&w, &policy, "1.3", "alpha", &victim),
+        Err(Rejection::Revoked)
+    );
+}
+
+#[test]
+fn protocol_versions_sni_resumption_and_groups() {
+    let w = World::new();
+    let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    // A TLS 1.3-only server refuses a TLS 1.2-only partner.
+    let only13 = w.policy(&["1.3"]);
+    assert_eq!(
+        inbound(&w, &only13, "1.2", Some(&alpha)),
+        Err(Rejection::ProtocolVersion)
+    );
+    // Client listener: SNI picks the certificate, unknown SNI gets the default.
+    let policy = w.policy(&["1.2", "1.3"]);
+    let client_cfg = Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&versions("1.3"))
+            .unwrap()
+            .with_root_certificates(w.ours_roots())
+            .with_no_client_auth(),
+    );
+    for (sni, want) in [
+        ("sip.example.com", "sip.example.com"),
+        ("sip.other-domain.example", "sip.other-domain.example"),
+        ("unknown.example", "sip.example.com"),
+    ] {
+        let mut s = TlsSession::server(policy.clients.clone()).unwrap();
+        // Unknown SNI: the client would refuse the default's name, so verify names by hand.
+        let mut cfg = (*client_cfg).clone();
+        if sni == "unknown.example" {
+            cfg.dangerous()
+                .set_certificate_verifier(Arc::new(AcceptAny));
+        }
+        let mut c = TlsSession::client(
+            Arc::new(cfg),
+            ServerName::try_from(sni.to_string()).unwrap(),
+        )
+        .unwrap();
+        let (cr, sr) = transfer(&mut c, &mut s);
+        cr.unwrap();
+        sr.unwrap();
+        let leaf = &c.peer_certificates().unwrap()[0];
+        let names = sipring::tls::verify::summarize(leaf).unwrap().identities;
+        assert!(names.iter().any(|i| i.name() == want), "{sni}: {names:?}");
+    }
+    // Resumption: the second handshake with the same client config resumes (1.3 tickets, 1.2 IDs).
+    for v in ["1.3", "1.2"] {
+        let cfg = Arc::new(
+            ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&versions(v))
+                .unwrap()
+                .with_root_certificates(w.ours_roots())
+                .with_no_client_auth(),
+        );
+        let mut resumed = Vec::new();
+        for _ in 0..2 {
+            let mut s = TlsSession::server(policy.clients.clone()).unwrap();
+            let mut c = TlsSession::client(
+                cfg.clone(),
+                ServerName::try_from("sip.example.com").unwrap(),
+            )
+            .unwrap();
+            let (cr, sr) = transfer(&mut c, &mut s);
+            cr.unwrap();
+            sr.unwrap();
+            // TLS 1.3 tickets arrive after the handshake: deliver them with some app data.
+            s.write(b"x").unwrap();
+            let _ = transfer(&mut c, &mut s);
+            resumed.push(s.resumed());
+        }
+        assert_eq!(resumed, [false, true], "TLS {v}");
+    }
+    // Groups: the configured preference is honoured (X25519MLKEM768 when asked first).
+    let mut cfg = w.config(&["1.3"]);
+    cfg.tls.kx_groups = vec!["X25519MLKEM768".into(), "X25519".into()];
+    let pq = TlsPolicy::load(&cfg).unwrap();
+    let mut s = TlsSession::server(pq.clients).unwrap();
+    let mut c = TlsSession::client(
+        client_cfg.clone(),
+        ServerName::try_from("sip.example.com").unwrap(),
+    )
+    .unwrap();
+    let (cr, sr) = transfer(&mut c, &mut s);
+    cr.unwrap();
+    sr.unwrap();
+    assert_eq!(s.kx_group(), Some(rustls::NamedGroup::X25519MLKEM768));
+    cfg.tls.kx_groups = vec!["X25519".into()];
+    let classic = TlsPolicy::load(&cfg).unwrap();
+    let mut s = TlsSession::server(classic.clients).unwrap();
+    let mut c =
+        TlsSession::client(client_cfg, ServerName::try_from("sip.example.com").unwrap()).unwrap();
+    let (cr, sr) = transfer(&mut c, &mut s);
+    cr.unwrap();
+    sr.unwrap();
+    assert_eq!(s.kx_group(), Some(rustls::NamedGroup::X25519));
+}
+
+#[test]
+fn application_data_and_close_notify_in_memory() {
+    let w = World::new();
+    let policy = w.policy(&["1.2", "1.3"]);
+    for v in ["1.3", "1.2"] {
+        let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+        let mut s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
+        let mut c = TlsSession::client(
+            partner_client(&w, v, Some(&alpha)),
+            ServerName::try_from("sip.example.com").unwrap(),
+        )
+        .unwrap();
+        // Pipelined: the client queues a SIP message before the handshake finishes.
+        c.write(b"OPTIONS sip:example.com SIP/2.0\r\n").unwrap();
+        let (cr, sr) = transfer(&mut c, &mut s);
+        cr.unwrap();
+        sr.unwrap();
+        let _ = transfer(&mut c, &mut s);
+        assert_eq!(
+            s.plaintext().as_slice(),
+            b"OPTIONS sip:example.com SIP/2.0\r\n",
+            "TLS {v}"
+        );
+        s.plaintext().clear();
+        let big = vec![b'x'; 40_000];
+        s.write(&big).unwrap();
+        let _ = transfer(&mut c, &mut s);
+        assert_eq!(c.plaintext().len(), 40_000);
+        c.close().unwrap();
+        let _ = transfer(&mut c, &mut s);
+        assert_eq!(
+            s.phase(),
+            sipring::tls::session::Phase::PeerClosed,
+            "TLS {v}"
+        );
+        // The peer chain is available to the engine for logs.
+        let peer = s.peer_certificates().unwrap();
+        assert_eq!(peer[0], alpha.der);
+    }
+}
+
+#[test]
+fn broken_files_name_the_file() {
+    let w = World::new();
+    let mut cfg = w.config(&["1.3"]);
+    let bad = w.dir.write(
+        "bad.key",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    );
+    cfg.tls.certificate[0].key = bad.clone();
+    let e = TlsPolicy::load(&cfg).unwrap_err();
+    assert_eq!(e.file, bad, "{e}");
+    let mut cfg = w.config(&["1.3"]);
+    cfg.peer[0].crls = vec![w.dir.write("bad.crl", "not a crl")];
+    let e = TlsPolicy::load(&cfg).unwrap_err();
+    assert!(e.file.ends_with("bad.crl"), "{e}");
+    let mut cfg = w.config(&["1.3"]);
+    cfg.tls.certificate[0].cert = w.dir.join("missing.pem");
+    assert!(
+        TlsPolicy::load(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("missing.pem")
+    );
+    // A key that does not match its certificate.
+    let mut cfg = w.config(&["1.3"]);
+    cfg.tls.certificate[0].key = w.dir.join("other.key");
+    let e = TlsPolicy::load(&cfg).unwrap_err();
+    assert!(e.reason.contains("does not match"), "{e}");
+}
+
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
