@@ -1,7 +1,27 @@
 //! # sipring: the engine
 //!
-//! The thread-per-core driver around [`sipring_core`]: TLS policy and sessions ([`tls`]),
-//! configuration ([`config`]).
+//! The thread-per-core driver around [`sipring_core`]. It owns sockets, timers and cores and
+//! shuttles bytes and events; every SIP decision is made by the sans-IO core.
+//!
+//! ```text
+//!  main ─► server::start ─► preflight (io_uring, memlock) ─► TlsPolicy::load ─► bind ×shards
+//!            │                                   (SO_REUSEPORT, socket2 backlog)
+//!            └─► one pinned glommio executor per shard:
+//!                   accept ─► conn (handshake, kTLS or userspace) ─► shard (ShardProxy,
+//!                   registrar slice, connections) ◄─► mesh ◄─► other shards
+//!  signals: SIGHUP ─► reload (ArcSwap the TLS policy)   SIGTERM ─► drain
+//!  admin thread: /metrics, /hgrm/<name>, /reload
+//! ```
+//!
+//! What it does not do: UDP (SIP over TLS/TCP only), DNS (partners are configured by
+//! address), media, authentication of users (trust is per connection, see `tls`).
 
+pub mod admin;
 pub mod config;
+pub mod conn;
+pub mod doctor;
+pub mod metrics;
+pub mod server;
+pub mod shard;
+pub mod sys;
 pub mod tls;

@@ -1,2 +1,147 @@
-//! sipring binary
-fn main() {}
+//! The `sipring` binary: `run`, `check-config`, `certs`, `doctor`.
+
+use clap::{Parser, Subcommand};
+use sipring::config::Config;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// sipring: a thread-per-core SIP-over-TLS registrar and stateful proxy.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Run {
+        /// The configuration file (TOML; see docs/OPERATIONS.md).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and every file it names; print each error with its key.
+    CheckConfig {
+        /// The configuration file.
+        config: PathBuf,
+    },
+    /// Write a throwaway PKI (CA, server, client, partner CA and certificate, CRLs).
+    Certs {
+        /// Output folder.
+        #[arg(long, default_value = "pki")]
+        out: PathBuf,
+        /// SIP domain for the names (`sip.<domain>`).
+        #[arg(long, default_value = "example.com")]
+        domain: String,
+    },
+    /// Check this host (and optionally a configuration) and print fixes.
+    Doctor {
+        /// A configuration file to check as well.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIPRING_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config } => run(config),
+        Cmd::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => match sipring::tls::TlsPolicy::load(&cfg) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    ExitCode::FAILURE
+                }
+            },
+            Err(errors) => {
+                for e in errors {
+                    eprintln!("{e}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Certs { out, domain } => match sipring::tls::pki::write_demo(&out, &domain) {
+            Ok(files) => {
+                for f in files {
+                    println!("{f}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Doctor { config } => {
+            let facts = sipring::doctor::HostFacts::gather();
+            let loaded = config.as_ref().map(|p| Config::load(p).map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")));
+            let checks = sipring::doctor::run(&facts, loaded.as_ref().map(|r| r.as_ref().map_err(Clone::clone)));
+            print!("{}", sipring::doctor::render(&checks));
+            if checks.iter().any(|c| c.verdict == sipring::doctor::Verdict::Fail) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+        }
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    init_logs();
+    let cfg = match Config::load(&path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in errors {
+                tracing::error!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let running = match sipring::server::start(cfg, Some(path)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(shards = running.shards, listen = ?running.listen_addrs, admin = ?running.admin_addr, "sipring running");
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("signals: {e}");
+            running.stop();
+            return ExitCode::FAILURE;
+        }
+    };
+    for sig in signals.forever() {
+        match sig {
+            signal_hook::consts::SIGHUP => {
+                let _ = running.reload();
+            }
+            _ => {
+                tracing::info!("draining");
+                running.drain();
+                break;
+            }
+        }
+    }
+    match running.join() {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -152,7 +152,7 @@ impl Pipeline {
                 None => Outcome::Drop,
             };
         }
-        match self.proxy.decide(&msg, &ess, &Flow::Conn(1)) {
+        match self.proxy.decide(&msg, &ess, &Flow::Conn(1), None) {
             Decision::Respond(a) => Outcome::Respond(a.code),
             Decision::Register => match self.registrar.aor(&ess) {
                 Err(r) => Outcome::Respond(r.code),

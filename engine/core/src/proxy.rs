@@ -147,6 +147,8 @@ pub enum Lookup {
     NotRegistered,
     /// The AOR was never seen.
     Unknown,
+    /// The owner shard could not be asked (its queue is full): answer 503 with Retry-After.
+    Unavailable,
 }
 
 /// A target chosen after lookup.
@@ -237,8 +239,16 @@ impl Proxy {
         )
     }
 
-    /// Decides what to do with a validated request that arrived over `inbound`.
-    pub fn decide(&self, msg: &Message<'_, '_>, ess: &Essentials<'_>, inbound: &Flow) -> Decision {
+    /// Decides what to do with a validated request that arrived over `inbound`, a connection
+    /// of the federation partner `inbound_peer` if it is one (partners are addressed as
+    /// [`Flow::Peer`] in dialog routes, whatever connection they use).
+    pub fn decide(
+        &self,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        inbound: &Flow,
+        inbound_peer: Option<&str>,
+    ) -> Decision {
         let Some(method) = msg.method() else {
             return Decision::Drop("not a request");
         };
@@ -316,16 +326,15 @@ impl Proxy {
             if self.is_self(uri.host) {
                 let fi = uri.param("fi").flatten().and_then(Flow::decode);
                 let fo = uri.param("fo").flatten().and_then(Flow::decode);
+                let came_from = |f: &Flow| {
+                    f == inbound || matches!(f, Flow::Peer(p) if inbound_peer == Some(p.as_str()))
+                };
                 return match (fi, fo) {
-                    (Some(fi), Some(fo)) if &fi == inbound => Decision::ToFlow(fo),
-                    (Some(fi), Some(fo)) if &fo == inbound => Decision::ToFlow(fi),
-                    (Some(fi), Some(Flow::Peer(p))) => {
-                        // The peer side reconnected: send toward the peer unless it came from it.
-                        if matches!(inbound, Flow::Peer(_)) {
-                            Decision::ToFlow(fi)
-                        } else {
-                            Decision::ToPeer(p)
-                        }
+                    (Some(fi), Some(fo)) if came_from(&fi) => Decision::ToFlow(fo),
+                    (Some(fi), Some(fo)) if came_from(&fo) => Decision::ToFlow(fi),
+                    // A partner's side is reachable whatever connection the other side uses now.
+                    (Some(_), Some(Flow::Peer(p))) | (Some(Flow::Peer(p)), Some(_)) => {
+                        Decision::ToPeer(p)
                     }
                     _ => reject(404, "Dialog Flow Not Found"),
                 };
@@ -411,6 +420,12 @@ impl Proxy {
                 .collect()),
             Lookup::Found(_) | Lookup::NotRegistered => Err(reject(480, "Temporarily Unavailable")),
             Lookup::Unknown => Err(reject(404, "Not Found")),
+            Lookup::Unavailable if method == Method::Ack => Err(Decision::Drop("overloaded")),
+            Lookup::Unavailable => Err(Decision::Respond(Answer {
+                code: 503,
+                reason: "Service Unavailable",
+                headers: vec![("Retry-After", b"1".to_vec())],
+            })),
         }
     }
 
@@ -530,7 +545,7 @@ mod tests {
             panic!("{s}")
         };
         let e = m.validate(&Limits::default()).unwrap();
-        p.decide(&m, &e, inbound)
+        p.decide(&m, &e, inbound, None)
     }
 
     fn code(d: Decision) -> u16 {

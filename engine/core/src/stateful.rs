@@ -150,6 +150,8 @@ pub struct ShardProxy {
     clients: HashMap<TxKey, Client>,
     timers: Timers<TimerKey>,
     pending: HashMap<u64, Pending>,
+    /// Connections that belong to a federation partner (verified MTLS identity).
+    flow_peers: HashMap<Flow, String>,
     out: VecDeque<Output>,
     next_id: u64,
     stats: Stats,
@@ -180,6 +182,7 @@ impl ShardProxy {
             clients: HashMap::new(),
             timers: Timers::new(),
             pending: HashMap::new(),
+            flow_peers: HashMap::new(),
             out: VecDeque::new(),
             next_id: 0,
             stats: Stats::default(),
@@ -204,6 +207,20 @@ impl ShardProxy {
     /// Is there no state at all (no transactions, nothing pending)?
     pub fn is_idle(&self) -> bool {
         self.servers.is_empty() && self.clients.is_empty() && self.pending.is_empty()
+    }
+
+    /// Marks `flow` as a connection of the federation partner `peer` (after its certificate
+    /// was verified): dialog routes then address the partner, not this connection.
+    pub fn set_flow_peer(&mut self, flow: Flow, peer: String) {
+        self.flow_peers.insert(flow, peer);
+    }
+
+    /// The partner-aware form of a flow for dialog routes.
+    fn route_flow(&self, flow: &Flow) -> Flow {
+        match self.flow_peers.get(flow) {
+            Some(p) => Flow::Peer(p.clone()),
+            None => flow.clone(),
+        }
     }
 
     /// The next output.
@@ -306,7 +323,12 @@ impl ShardProxy {
             s.txn.handle_request_retransmit(now);
             return self.drive_server(now, &key);
         }
-        let decision = self.proxy.decide(msg, ess, flow);
+        let decision = self.proxy.decide(
+            msg,
+            ess,
+            flow,
+            self.flow_peers.get(flow).map(String::as_str),
+        );
         let to_tag = format!("sr{:x}", self.unique());
         let txn = if method == Method::Invite {
             let trying = response_to(msg, 100, "Trying", ResponseParts::default());
@@ -481,7 +503,7 @@ impl ShardProxy {
             let Some(s) = self.servers.get(server) else {
                 return;
             };
-            let inbound = s.inbound.clone();
+            let inbound = self.route_flow(&s.inbound);
             let proxy = &self.proxy;
             let Some((branch, method, out)) = with_parsed(&s.request, &limits, |m, e| {
                 let branch = Proxy::branch(m, e, unique);
@@ -534,7 +556,12 @@ impl ShardProxy {
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
     ) {
-        match self.proxy.decide(msg, ess, flow) {
+        match self.proxy.decide(
+            msg,
+            ess,
+            flow,
+            self.flow_peers.get(flow).map(String::as_str),
+        ) {
             Decision::ToFlow(f) => self.send_ack(flow, &f, None, msg, ess),
             Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, msg, ess),
             Decision::Lookup { aor } => {
@@ -562,9 +589,8 @@ impl ShardProxy {
         ess: &Essentials<'_>,
     ) {
         let branch = Proxy::branch(msg, ess, self.unique());
-        let out =
-            self.proxy
-                .forward_request(msg, ess, &branch, uri.map(str::as_bytes), inbound, to);
+        let inbound = self.route_flow(inbound);
+        let out = self.proxy.forward_request(msg, ess, &branch, uri.map(str::as_bytes), &inbound, to);
         self.stats.acks_forwarded += 1;
         self.send(to, out.into());
     }
@@ -853,6 +879,7 @@ impl ShardProxy {
     /// error counts as 503), and server transactions that came over it are abandoned (their
     /// branches are cancelled).
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
+        self.flow_peers.remove(flow);
         let failed: Vec<(TxKey, Option<TxKey>)> = self
             .clients
             .iter()

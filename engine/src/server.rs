@@ -1,0 +1,338 @@
+//! Starting and stopping the shards: preflight, binding, the mesh, reload and drain.
+//!
+//! Lifecycle: [`start`] probes the host, loads TLS, binds every listener once per shard
+//! (`SO_REUSEPORT`), and spawns one pinned executor per shard. [`Running::drain`] (SIGTERM)
+//! stops accepting, lets transactions finish up to `drain_timeout_s`, then closes every
+//! connection with close_notify. [`Running::reload`] (SIGHUP) re-reads the configuration and
+//! every TLS file and swaps the policy in only if all of it loaded.
+
+use crate::config::{Config, ListenKind};
+use crate::metrics::{ShardMetrics, Snapshot};
+use crate::shard::{self, Shard, ShardMsg};
+use crate::sys;
+use crate::tls::{RejectCounters, TlsPolicy};
+use arc_swap::ArcSwap;
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Flags and publication slots shared by all shards and the control thread (atomics and
+/// `ArcSwap` only: nothing here is locked).
+#[derive(Debug)]
+pub struct Control {
+    draining: AtomicBool,
+    stopping: AtomicBool,
+    /// Latest metrics snapshot of each shard.
+    pub snapshots: Vec<ArcSwap<Snapshot>>,
+    /// TLS rejections by reason.
+    pub rejections: RejectCounters,
+    /// What the kernel offers for TLS.
+    pub ktls: sys::ktls::Support,
+    /// Shards that have finished.
+    pub stopped: AtomicUsize,
+    /// Reloads applied / refused.
+    pub reloads: [std::sync::atomic::AtomicU64; 2],
+}
+
+impl Control {
+    /// Is the server draining (no new connections)?
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Must shards close everything and exit now?
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running server.
+pub struct Running {
+    handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
+    /// Shared control.
+    pub control: Arc<Control>,
+    policy: Arc<ArcSwap<TlsPolicy>>,
+    cfg: Arc<Config>,
+    config_path: Option<PathBuf>,
+    /// The actual address of each `[[listen]]` entry (ports resolved).
+    pub listen_addrs: Vec<SocketAddr>,
+    /// Number of shards.
+    pub shards: usize,
+    /// The admin endpoint's address, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").field("shards", &self.shards).field("listen", &self.listen_addrs).finish()
+    }
+}
+
+/// The number of shards a configuration asks for.
+pub fn shard_count(cfg: &Config) -> usize {
+    if cfg.server.shards > 0 {
+        cfg.server.shards
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Starts the server. `config_path` is re-read on reload.
+pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+    let n = shard_count(&cfg);
+    sys::probe::raise_limits();
+    sys::probe::preflight(n).map_err(StartError)?;
+    let policy = TlsPolicy::load(&cfg).map_err(|e| StartError(format!("TLS configuration: {e}")))?;
+    let ktls = sys::ktls::probe();
+    tracing::info!(ktls = %ktls.describe(), "kernel TLS probe");
+    let control = Arc::new(Control {
+        draining: AtomicBool::new(false),
+        stopping: AtomicBool::new(false),
+        snapshots: (0..n).map(|i| ArcSwap::from_pointee(Snapshot { shard: i, metrics: ShardMetrics::default() })).collect(),
+        rejections: RejectCounters::default(),
+        ktls,
+        stopped: AtomicUsize::new(0),
+        reloads: Default::default(),
+    });
+    // Bind every listener now, in this thread, so errors surface before any shard starts.
+    let mut bound: Vec<Vec<(ListenKind, bool, sys::sock::BoundListener)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut listen_addrs = Vec::new();
+    for l in &cfg.listen {
+        let socks = sys::sock::bind_reuseport(l.address, n, l.backlog).map_err(|e| StartError(format!("cannot listen on {} ({:?}): {e}", l.address, l.kind)))?;
+        listen_addrs.push(socks[0].local);
+        for (i, s) in socks.into_iter().enumerate() {
+            bound[i].push((l.kind, l.optional_client_auth, s));
+        }
+    }
+    // Our Via/Record-Route port is the one we actually bound.
+    let mut cfg = cfg;
+    for (l, a) in cfg.listen.iter_mut().zip(&listen_addrs) {
+        l.address = *a;
+    }
+    let cfg = Arc::new(cfg);
+    let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let mesh = MeshBuilder::<ShardMsg, _>::full(n, cfg.server.mesh_capacity);
+    let online = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let mut handles = Vec::new();
+    for (i, listeners) in bound.into_iter().enumerate() {
+        let placement = if n <= online { Placement::Fixed((cfg.server.first_cpu + i) % online) } else { Placement::Unbound };
+        let mut b = LocalExecutorBuilder::new(placement).name(&format!("shard-{i}")).io_memory(cfg.server.io_memory_kib * 1024);
+        if cfg.server.spin_before_park_us > 0 {
+            b = b.spin_before_park(Duration::from_micros(cfg.server.spin_before_park_us));
+        }
+        let (mesh, cfg2, policy2, control2) = (mesh.clone(), cfg.clone(), policy.clone(), control.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("sipring-shard-{i}"))
+            .spawn(move || -> Result<(), String> {
+                let ex = b.make().map_err(|e| format!("shard {i}: executor: {e}"))?;
+                let r = ex.run(run_shard(i, n, cfg2, policy2, control2.clone(), mesh, listeners));
+                control2.stopped.fetch_add(1, Ordering::Relaxed);
+                r
+            })
+            .map_err(|e| StartError(format!("spawn shard thread: {e}")))?;
+        handles.push(h);
+    }
+    let mut running = Running { handles, control, policy, cfg, config_path, listen_addrs, shards: n, admin_addr: None };
+    if let Some(addr) = running.cfg.admin.address {
+        running.admin_addr = Some(crate::admin::spawn(addr, &running).map_err(|e| StartError(format!("admin endpoint {addr}: {e}")))?);
+    }
+    Ok(running)
+}
+
+async fn run_shard(
+    id: usize,
+    n: usize,
+    cfg: Arc<Config>,
+    policy: Arc<ArcSwap<TlsPolicy>>,
+    control: Arc<Control>,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    listeners: Vec<(ListenKind, bool, sys::sock::BoundListener)>,
+) -> Result<(), String> {
+    let (senders, receivers) = mesh.join().await.map_err(|_| format!("shard {id}: mesh join failed"))?;
+    let shard = Rc::new(Shard::new(id, n, cfg.clone(), policy, control.clone(), senders));
+    shard::spawn_mesh_receivers(&shard, receivers);
+    for (kind, optional_auth, l) in listeners {
+        let listener = l.into_glommio();
+        let s = shard.clone();
+        glommio::spawn_local(async move { accept_loop(s, listener, kind, optional_auth).await }).detach();
+    }
+    tracing::debug!(shard = id, "shard running");
+    shard::timer_loop(shard.clone()).await;
+    // Stopping: every connection got Close from its reader; give writers a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        for c in shard.conns.borrow().values() {
+            let _ = c.tx.try_send(shard::Out::Close);
+        }
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener, kind: ListenKind, optional_auth: bool) {
+    let stop = || async {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            if shard.control.draining() {
+                return None;
+            }
+        }
+    };
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, stop()).await;
+        let stream = match accepted {
+            None => return, // draining: stop accepting (the listener closes with this task)
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let limits = &shard.cfg.limits;
+        let ip = stream.peer_addr().map(|a| a.ip()).ok();
+        let total = shard.conns.borrow().len() + shard.handshakes.get();
+        let per_ip = ip.map_or(0, |ip| shard.per_ip.borrow().get(&ip).copied().unwrap_or(0));
+        let refuse = if total >= limits.max_connections_per_shard {
+            Some("max_connections_per_shard")
+        } else if per_ip >= limits.max_connections_per_ip {
+            Some("max_connections_per_ip")
+        } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
+            Some("max_handshakes_in_flight")
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            shard.count(&format!("sipring_connections_refused_total{{limit=\"{why}\"}}"));
+            tracing::warn!(?ip, limit = why, "connection refused by limit");
+            drop(stream);
+            continue;
+        }
+        if let Some(ip) = ip {
+            *shard.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+        }
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            crate::conn::serve_inbound(s.clone(), stream, kind, optional_auth).await;
+        })
+        .detach();
+    }
+}
+
+impl Running {
+    /// Re-reads the configuration file (if any) and every TLS file; swaps the new policy in
+    /// for new handshakes on every shard, or keeps the old one and says why.
+    pub fn reload(&self) -> Result<(), String> {
+        Reloader::of(self).reload()
+    }
+
+    /// Stops accepting; lets transactions finish for up to `drain_timeout_s`, then stops.
+    pub fn drain(&self) {
+        self.control.draining.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.server.drain_timeout_s);
+        while Instant::now() < deadline {
+            let busy: i64 = self.merged().gauges.iter().filter(|(k, _)| k.starts_with("sipring_transactions") || k.starts_with("sipring_pending")).map(|(_, v)| *v).sum();
+            if busy == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop();
+    }
+
+    /// Closes every connection (close_notify) and stops the shards.
+    pub fn stop(&self) {
+        self.control.draining.store(true, Ordering::Relaxed);
+        self.control.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for every shard to finish; `Err` lists shard failures.
+    pub fn join(self) -> Result<(), String> {
+        let mut errs = Vec::new();
+        for h in self.handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errs.push(e),
+                Err(_) => errs.push("a shard panicked".into()),
+            }
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+    }
+
+    /// All shards' latest metrics, merged.
+    pub fn merged(&self) -> ShardMetrics {
+        merge(&self.control)
+    }
+}
+
+/// Merges the latest snapshots of every shard.
+pub fn merge(control: &Control) -> ShardMetrics {
+    let mut m = ShardMetrics::default();
+    for s in &control.snapshots {
+        m.merge(&s.load().metrics);
+    }
+    for r in crate::tls::Rejection::ALL {
+        let v = control.rejections.get(r);
+        if v > 0 {
+            m.counters.insert(format!("sipring_tls_rejections_total{{reason=\"{}\"}}", r.label()), v);
+        }
+    }
+    m.counters.insert("sipring_reloads_total{result=\"ok\"}".into(), control.reloads[0].load(Ordering::Relaxed));
+    m.counters.insert("sipring_reloads_total{result=\"refused\"}".into(), control.reloads[1].load(Ordering::Relaxed));
+    m.gauges.insert("sipring_ktls_available".into(), i64::from(control.ktls.available()));
+    m
+}
+
+/// The handle the admin thread uses to reload (it has no `Running`).
+#[derive(Clone)]
+pub struct Reloader {
+    policy: Arc<ArcSwap<TlsPolicy>>,
+    cfg: Arc<Config>,
+    path: Option<PathBuf>,
+    control: Arc<Control>,
+}
+
+impl Reloader {
+    /// From a running server.
+    pub fn of(r: &Running) -> Reloader {
+        Reloader { policy: r.policy.clone(), cfg: r.cfg.clone(), path: r.config_path.clone(), control: r.control.clone() }
+    }
+
+    /// See [`Running::reload`].
+    pub fn reload(&self) -> Result<(), String> {
+        let cfg = match &self.path {
+            Some(p) => Config::load(p).map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?,
+            None => (*self.cfg).clone(),
+        };
+        match TlsPolicy::load(&cfg) {
+            Ok(p) => {
+                self.policy.store(Arc::new(p));
+                self.control.reloads[0].fetch_add(1, Ordering::Relaxed);
+                tracing::info!("TLS configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.control.reloads[1].fetch_add(1, Ordering::Relaxed);
+                tracing::error!(file = %e.file.display(), reason = %e.reason, "reload refused; the previous TLS configuration stays");
+                Err(e.to_string())
+            }
+        }
+    }
+}

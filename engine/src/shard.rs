@@ -1,0 +1,614 @@
+//! One shard: a pinned glommio executor that owns its listeners' connections, its slice of
+//! the registrar (AORs with `shard_for(aor) == self`), its transactions and its outbound
+//! peer connections. Other shards reach that state only through bounded mesh channels.
+//!
+//! ```text
+//!  listeners (SO_REUSEPORT) ─► accept ─► conn task (TLS handshake, kTLS or userspace)
+//!                                            │ framed messages
+//!                                            ▼
+//!   mesh ◄──────────────────────── Shard::on_message ─► ShardProxy (sans-IO core)
+//!   (Lookup/Register/Send/           │ outputs
+//!    FlowClosed to other shards)     ├─► Send to a local conn queue, or over the mesh to its owner
+//!                                    ├─► Lookup / Register on the AOR's owner (local or mesh)
+//!                                    └─► Close
+//! ```
+//!
+//! Everything here is `!Send` (`Rc`, `RefCell`); no lock is taken on the message path. A
+//! full cross-shard channel answers 503 (requests) instead of growing memory; replies and
+//! relayed bytes wait for room in a detached task so no two shards ever block on each other.
+
+use crate::config::{Config, ListenKind};
+use crate::metrics::{ShardMetrics, Snapshot};
+use crate::server::Control;
+use crate::tls::TlsPolicy;
+use arc_swap::ArcSwap;
+use glommio::channels::channel_mesh::{Receivers, Senders};
+use glommio::channels::local_channel::LocalSender;
+use sipring_core::proxy::{Flow, Lookup, PeerRoute, Proxy, ProxyConfig};
+use sipring_core::registrar::{FlowId, MemoryStore, Registrar, RegistrarConfig, Reply, shard_for};
+use sipring_core::stateful::{Output, ShardProxy};
+use sipring_core::transaction::TimerConfig;
+use sipring_core::{Framing, Header, Status, parse};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The shard that owns a connection id.
+pub fn owner_of(conn: FlowId) -> usize {
+    (conn >> 48) as usize
+}
+
+/// When a message's processing started and what it was, for the forward-latency histogram.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    /// Last byte of the request read.
+    pub t0: Instant,
+    /// Histogram label (method or `response`).
+    pub label: &'static str,
+}
+
+/// Messages between shards.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Look up an AOR on its owner.
+    Lookup {
+        /// Who asks.
+        from: usize,
+        /// Correlation.
+        token: u64,
+        /// The AOR.
+        aor: String,
+    },
+    /// The answer.
+    LookupReply {
+        /// Correlation.
+        token: u64,
+        /// The bindings.
+        result: Lookup,
+    },
+    /// Run the registrar on the AOR's owner.
+    Register {
+        /// Who asks.
+        from: usize,
+        /// Correlation.
+        token: u64,
+        /// The AOR.
+        aor: String,
+        /// The REGISTER.
+        request: Vec<u8>,
+        /// The connection it arrived on.
+        flow: FlowId,
+    },
+    /// The registrar's reply.
+    RegisterReply {
+        /// Correlation.
+        token: u64,
+        /// Reply.
+        reply: Reply,
+    },
+    /// Write bytes to a connection this shard owns.
+    Send {
+        /// The connection.
+        conn: FlowId,
+        /// One whole message.
+        bytes: Vec<u8>,
+        /// Latency stamp.
+        stamp: Option<Stamp>,
+    },
+    /// A connection closed: drop its bindings and fail its transactions.
+    FlowClosed {
+        /// The connection.
+        conn: FlowId,
+    },
+}
+
+/// What a connection's writer task receives.
+#[derive(Debug)]
+pub enum Out {
+    /// Write one message.
+    Msg(Rc<[u8]>, Option<Stamp>),
+    /// Write a CRLF keepalive pong (RFC 5626).
+    Pong,
+    /// Flush TLS output the reader produced (alerts, KeyUpdate answers).
+    Flush,
+    /// Close gracefully (close_notify).
+    Close,
+}
+
+/// A live connection, as the shard sees it.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Its writer's queue (shared with the connection's reader).
+    pub tx: Rc<LocalSender<Out>>,
+    /// Listener kind (or `Mtls` for outbound peer connections).
+    pub kind: ListenKind,
+    /// The federation partner, for verified MTLS connections.
+    pub peer: Option<String>,
+    /// Remote address.
+    pub remote: std::net::SocketAddr,
+    /// Whether the record layer runs in the kernel.
+    pub ktls: bool,
+}
+
+/// The state of this shard's outbound connection to one partner.
+#[derive(Debug)]
+pub enum PeerLink {
+    /// Not connected.
+    Idle,
+    /// Connecting; messages wait here.
+    Connecting(VecDeque<(Rc<[u8]>, Option<Stamp>)>),
+    /// Up, as this connection.
+    Up(FlowId),
+}
+
+/// One shard; see the module docs.
+pub struct Shard {
+    /// Shard index.
+    pub id: usize,
+    /// Number of shards.
+    pub n: usize,
+    /// Configuration (immutable; TLS reloads come through `policy`).
+    pub cfg: Arc<Config>,
+    /// The TLS policy, swapped on reload.
+    pub policy: Arc<ArcSwap<TlsPolicy>>,
+    /// Shared control flags and publication slots.
+    pub control: Arc<Control>,
+    /// The stateful proxy core.
+    pub proxy: RefCell<ShardProxy>,
+    registrar: Registrar,
+    store: RefCell<MemoryStore>,
+    known: RefCell<HashSet<String>>,
+    /// Live connections owned by this shard.
+    pub conns: RefCell<HashMap<FlowId, ConnHandle>>,
+    /// Outbound partner links.
+    pub peers: RefCell<HashMap<String, PeerLink>>,
+    mesh: Senders<ShardMsg>,
+    /// Metrics.
+    pub metrics: RefCell<ShardMetrics>,
+    next_conn: Cell<u64>,
+    stamps: RefCell<HashMap<u64, Stamp>>,
+    /// TLS handshakes in progress.
+    pub handshakes: Cell<usize>,
+    /// Connections per source address.
+    pub per_ip: RefCell<HashMap<IpAddr, usize>>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).finish()
+    }
+}
+
+/// Builds the proxy configuration from the config file.
+pub fn proxy_config(cfg: &Config) -> ProxyConfig {
+    let mut local_hosts: Vec<String> = cfg.server.local_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+    local_hosts.push(cfg.server.hostname.to_ascii_lowercase());
+    for l in &cfg.listen {
+        local_hosts.push(l.address.ip().to_string());
+    }
+    let port = cfg.listen.iter().find(|l| l.kind != ListenKind::Tcp).or(cfg.listen.first()).map_or(5061, |l| l.address.port());
+    ProxyConfig {
+        domains: cfg.server.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        local_hosts,
+        via_host: cfg.server.hostname.clone(),
+        via_port: port,
+        peers: cfg.peer.iter().flat_map(|p| p.domains.iter().map(move |d| PeerRoute { domain: d.to_ascii_lowercase(), peer: p.name.clone() })).collect(),
+        supported: vec!["outbound".into(), "path".into()],
+        record_route: true,
+    }
+}
+
+impl Shard {
+    /// A shard with its mesh senders.
+    pub fn new(id: usize, n: usize, cfg: Arc<Config>, policy: Arc<ArcSwap<TlsPolicy>>, control: Arc<Control>, mesh: Senders<ShardMsg>) -> Shard {
+        let r = &cfg.registrar;
+        let registrar = Registrar::new(RegistrarConfig {
+            min_expires: r.min_expires_s,
+            max_expires: r.max_expires_s,
+            default_expires: r.default_expires_s,
+            max_contacts: r.max_contacts,
+        });
+        let proxy = ShardProxy::new(Proxy::new(proxy_config(&cfg)), cfg.sip_limits(), TimerConfig::default(), id as u16);
+        Shard {
+            id,
+            n,
+            cfg,
+            policy,
+            control,
+            proxy: RefCell::new(proxy),
+            registrar,
+            store: RefCell::new(MemoryStore::default()),
+            known: RefCell::new(HashSet::new()),
+            conns: RefCell::new(HashMap::new()),
+            peers: RefCell::new(HashMap::new()),
+            mesh,
+            metrics: RefCell::new(ShardMetrics::default()),
+            next_conn: Cell::new(1),
+            stamps: RefCell::new(HashMap::new()),
+            handshakes: Cell::new(0),
+            per_ip: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// A fresh connection id owned by this shard.
+    pub fn new_conn_id(&self) -> FlowId {
+        let c = self.next_conn.get();
+        self.next_conn.set(c + 1);
+        ((self.id as u64) << 48) | c
+    }
+
+    /// Counts a metric.
+    pub fn count(&self, name: &str) {
+        self.metrics.borrow_mut().inc(name, 1);
+    }
+
+    /// A framed message arrived on `flow` (whose last byte was read at `t0`).
+    pub fn on_message(self: &Rc<Self>, flow: &Flow, bytes: &[u8], t0: Instant) {
+        let label = message_label(bytes);
+        {
+            let mut m = self.metrics.borrow_mut();
+            m.inc(&format!("sipring_messages_in_total{{kind=\"{label}\"}}"), 1);
+        }
+        self.proxy.borrow_mut().handle_message(t0, flow, bytes);
+        self.pump(Some(Stamp { t0, label }));
+    }
+
+    /// Drains the proxy's outputs.
+    pub fn pump(self: &Rc<Self>, stamp: Option<Stamp>) {
+        loop {
+            let out = self.proxy.borrow_mut().poll_output();
+            let Some(out) = out else { break };
+            match out {
+                Output::Send { flow, bytes } => self.send_to(&flow, bytes, stamp),
+                Output::Lookup { token, aor } => {
+                    let owner = shard_for(&aor, self.n).0 as usize;
+                    if owner == self.id {
+                        let r = self.lookup(&aor);
+                        self.proxy.borrow_mut().handle_lookup(Instant::now(), token, r);
+                    } else {
+                        self.count("sipring_cross_shard_total{op=\"lookup\"}");
+                        if let Some(s) = stamp {
+                            self.stamps.borrow_mut().insert(token, s);
+                        }
+                        if self.mesh.try_send_to(owner, ShardMsg::Lookup { from: self.id, token, aor }).is_err() {
+                            self.count("sipring_overload_503_total");
+                            self.stamps.borrow_mut().remove(&token);
+                            self.proxy.borrow_mut().handle_lookup(Instant::now(), token, Lookup::Unavailable);
+                        }
+                    }
+                }
+                Output::Register { token, aor, request, flow } => {
+                    let owner = shard_for(&aor, self.n).0 as usize;
+                    let Flow::Conn(fid) = flow else { continue };
+                    if owner == self.id {
+                        let reply = self.register(&aor, &request, fid);
+                        self.proxy.borrow_mut().handle_register_reply(Instant::now(), token, reply);
+                    } else {
+                        self.count("sipring_cross_shard_total{op=\"register\"}");
+                        if let Some(s) = stamp {
+                            self.stamps.borrow_mut().insert(token, s);
+                        }
+                        let msg = ShardMsg::Register { from: self.id, token, aor, request: request.to_vec(), flow: fid };
+                        if self.mesh.try_send_to(owner, msg).is_err() {
+                            self.count("sipring_overload_503_total");
+                            self.stamps.borrow_mut().remove(&token);
+                            let reply = Reply { code: 503, reason: "Service Unavailable", headers: vec![("Retry-After", b"1".to_vec())] };
+                            self.proxy.borrow_mut().handle_register_reply(Instant::now(), token, reply);
+                        }
+                    }
+                }
+                Output::Close { flow, reason } => {
+                    self.count(&format!("sipring_parse_errors_total{{reason=\"{}\"}}", reason.label()));
+                    if let Flow::Conn(id) = flow {
+                        tracing::warn!(conn = id, %reason, "closing connection: stream framing lost");
+                        if let Some(c) = self.conns.borrow().get(&id) {
+                            let _ = c.tx.try_send(Out::Close);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends bytes to a flow: a local connection, another shard's connection, or a partner.
+    pub fn send_to(self: &Rc<Self>, flow: &Flow, bytes: Rc<[u8]>, stamp: Option<Stamp>) {
+        match flow {
+            Flow::Conn(id) => {
+                let owner = owner_of(*id);
+                if owner == self.id {
+                    self.send_local(*id, bytes, stamp);
+                } else {
+                    self.count("sipring_cross_shard_total{op=\"send\"}");
+                    let msg = ShardMsg::Send { conn: *id, bytes: bytes.to_vec(), stamp };
+                    if let Some(msg) = self.mesh.try_send_to(owner, msg).err().and_then(channel_full) {
+                        // Relayed bytes wait for room without blocking this shard's loop.
+                        let me = self.clone();
+                        glommio::spawn_local(async move {
+                            let _ = me.mesh.send_to(owner, msg).await;
+                        })
+                        .detach();
+                    }
+                }
+            }
+            Flow::Peer(name) => {
+                let mut peers = self.peers.borrow_mut();
+                let link = peers.entry(name.clone()).or_insert(PeerLink::Idle);
+                match link {
+                    PeerLink::Up(id) => {
+                        let id = *id;
+                        drop(peers);
+                        self.send_local(id, bytes, stamp);
+                    }
+                    PeerLink::Connecting(q) => {
+                        if q.len() < 1024 {
+                            q.push_back((bytes, stamp));
+                        } else {
+                            drop(peers);
+                            self.count("sipring_queue_drops_total{queue=\"peer\"}");
+                        }
+                    }
+                    PeerLink::Idle => {
+                        *link = PeerLink::Connecting(VecDeque::from([(bytes, stamp)]));
+                        drop(peers);
+                        crate::conn::spawn_peer_connect(self.clone(), name.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_local(self: &Rc<Self>, id: FlowId, bytes: Rc<[u8]>, stamp: Option<Stamp>) {
+        let conns = self.conns.borrow();
+        match conns.get(&id) {
+            Some(c) => {
+                if c.tx.try_send(Out::Msg(bytes, stamp)).is_err() {
+                    // A reader this slow is dropped rather than buffered without bound.
+                    drop(conns);
+                    self.count("sipring_queue_drops_total{queue=\"connection\"}");
+                    tracing::warn!(conn = id, "write queue full: closing slow connection");
+                    if let Some(c) = self.conns.borrow().get(&id) {
+                        let _ = c.tx.try_send(Out::Close);
+                    }
+                }
+            }
+            None => {
+                drop(conns);
+                self.count("sipring_queue_drops_total{queue=\"gone\"}");
+            }
+        }
+    }
+
+    /// A connection finished its handshake and is ready for traffic.
+    pub fn conn_opened(&self, id: FlowId, handle: ConnHandle) {
+        if let Some(p) = &handle.peer {
+            self.proxy.borrow_mut().set_flow_peer(Flow::Conn(id), p.clone());
+        }
+        let kind = kind_label(handle.kind);
+        let mode = if handle.ktls { "kernel" } else if handle.kind == ListenKind::Tcp { "plain" } else { "userspace" };
+        {
+            let mut m = self.metrics.borrow_mut();
+            m.gauge(&format!("sipring_connections{{kind=\"{kind}\"}}"), 1);
+            m.inc(&format!("sipring_connections_total{{kind=\"{kind}\",record_layer=\"{mode}\"}}"), 1);
+        }
+        self.conns.borrow_mut().insert(id, handle);
+    }
+
+    /// A connection is gone: forget it, fail its transactions, drop its bindings everywhere.
+    pub fn conn_closed(self: &Rc<Self>, id: FlowId) {
+        let Some(h) = self.conns.borrow_mut().remove(&id) else { return };
+        if let Some(n) = self.per_ip.borrow_mut().get_mut(&h.remote.ip()) {
+            *n = n.saturating_sub(1);
+        }
+        self.metrics.borrow_mut().gauge(&format!("sipring_connections{{kind=\"{}\"}}", kind_label(h.kind)), -1);
+        self.flow_closed(id);
+        for s in 0..self.n {
+            if s != self.id {
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = me.mesh.send_to(s, ShardMsg::FlowClosed { conn: id }).await;
+                })
+                .detach();
+            }
+        }
+    }
+
+    fn flow_closed(self: &Rc<Self>, id: FlowId) {
+        let removed = self.store.borrow_mut().remove_flow(id);
+        if removed > 0 {
+            self.metrics.borrow_mut().gauge("sipring_bindings", -(removed as i64));
+        }
+        self.proxy.borrow_mut().handle_flow_closed(Instant::now(), &Flow::Conn(id));
+        self.pump(None);
+    }
+
+    /// An outbound partner link went down (or failed to come up).
+    pub fn peer_down(self: &Rc<Self>, name: &str) {
+        let prev = self.peers.borrow_mut().insert(name.to_string(), PeerLink::Idle);
+        if let Some(PeerLink::Connecting(q)) = prev {
+            self.metrics.borrow_mut().inc("sipring_queue_drops_total{queue=\"peer\"}", q.len() as u64);
+        }
+        self.proxy.borrow_mut().handle_flow_closed(Instant::now(), &Flow::Peer(name.to_string()));
+        self.pump(None);
+    }
+
+    /// An outbound partner link is up as connection `id`: flush what waited.
+    pub fn peer_up(self: &Rc<Self>, name: &str, id: FlowId) {
+        let prev = self.peers.borrow_mut().insert(name.to_string(), PeerLink::Up(id));
+        if let Some(PeerLink::Connecting(q)) = prev {
+            for (b, s) in q {
+                self.send_local(id, b, s);
+            }
+        }
+    }
+
+    /// Registrar lookup on this (owner) shard.
+    fn lookup(&self, aor: &str) -> Lookup {
+        debug_assert_eq!(shard_for(aor, self.n).0 as usize, self.id, "lookup reached the wrong shard");
+        let store = self.store.borrow();
+        let b = self.registrar.lookup(Instant::now(), &*store, aor);
+        if !b.is_empty() {
+            Lookup::Found(b.iter().map(|b| (b.contact.clone(), b.flow)).collect())
+        } else if self.known.borrow().contains(aor) {
+            Lookup::NotRegistered
+        } else {
+            Lookup::Unknown
+        }
+    }
+
+    /// Runs the registrar on this (owner) shard.
+    fn register(&self, aor: &str, request: &[u8], flow: FlowId) -> Reply {
+        debug_assert_eq!(shard_for(aor, self.n).0 as usize, self.id, "REGISTER reached the wrong shard");
+        let limits = self.cfg.sip_limits();
+        let mut h = [Header::EMPTY; 64];
+        let Ok(Status::Complete(m)) = parse(request, &mut h, &limits, Framing::Stream) else {
+            return Reply { code: 400, reason: "Bad Request", headers: Vec::new() };
+        };
+        let Ok(e) = m.validate(&limits) else {
+            return Reply { code: 400, reason: "Bad Request", headers: Vec::new() };
+        };
+        let mut store = self.store.borrow_mut();
+        let before = store.bindings();
+        let reply = self.registrar.handle_register(Instant::now(), &m, &e, aor, flow, &mut *store);
+        let after = store.bindings();
+        drop(store);
+        if reply.code == 200 {
+            self.known.borrow_mut().insert(aor.to_string());
+        }
+        let mut m = self.metrics.borrow_mut();
+        m.gauge("sipring_bindings", after as i64 - before as i64);
+        m.inc(&format!("sipring_register_total{{status=\"{}\"}}", reply.code), 1);
+        reply
+    }
+
+    /// A message from another shard.
+    pub fn on_mesh(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Lookup { from, token, aor } => {
+                let result = self.lookup(&aor);
+                self.reply(from, ShardMsg::LookupReply { token, result });
+            }
+            ShardMsg::LookupReply { token, result } => {
+                let stamp = self.stamps.borrow_mut().remove(&token);
+                self.proxy.borrow_mut().handle_lookup(Instant::now(), token, result);
+                self.pump(stamp);
+            }
+            ShardMsg::Register { from, token, aor, request, flow } => {
+                let reply = self.register(&aor, &request, flow);
+                self.reply(from, ShardMsg::RegisterReply { token, reply });
+            }
+            ShardMsg::RegisterReply { token, reply } => {
+                let stamp = self.stamps.borrow_mut().remove(&token);
+                self.proxy.borrow_mut().handle_register_reply(Instant::now(), token, reply);
+                self.pump(stamp);
+            }
+            ShardMsg::Send { conn, bytes, stamp } => {
+                debug_assert_eq!(owner_of(conn), self.id, "Send reached the wrong shard");
+                self.send_local(conn, bytes.into(), stamp);
+            }
+            ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
+        }
+    }
+
+    fn reply(self: &Rc<Self>, to: usize, msg: ShardMsg) {
+        if let Some(msg) = self.mesh.try_send_to(to, msg).err().and_then(channel_full) {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                let _ = me.mesh.send_to(to, msg).await;
+            })
+            .detach();
+        }
+    }
+
+    /// Fires transaction timers, expires bindings, publishes metrics.
+    pub fn tick(self: &Rc<Self>, now: Instant, publish: bool) {
+        self.proxy.borrow_mut().handle_timeout(now);
+        self.pump(None);
+        if publish {
+            let purged = self.store.borrow_mut().purge(now);
+            let mut m = self.metrics.borrow_mut();
+            if purged > 0 {
+                m.gauge("sipring_bindings", -(purged as i64));
+            }
+            let (servers, clients, pending) = self.proxy.borrow().load();
+            m.set_gauge("sipring_transactions{role=\"server\"}", servers as i64);
+            m.set_gauge("sipring_transactions{role=\"client\"}", clients as i64);
+            m.set_gauge("sipring_pending_lookups", pending as i64);
+            m.set_gauge("sipring_registered_aors", self.store.borrow().len() as i64);
+            m.set_gauge("sipring_handshakes_in_flight", self.handshakes.get() as i64);
+            let st = self.proxy.borrow().stats();
+            m.counters.insert("sipring_requests_forwarded_total".into(), st.forwarded);
+            m.counters.insert("sipring_responses_dropped_total".into(), st.dropped_responses);
+            m.counters.insert("sipring_requests_rejected_total".into(), st.rejected);
+            m.counters.insert("sipring_local_responses_total".into(), st.local_responses);
+            let snap = Snapshot { shard: self.id, metrics: m.clone() };
+            drop(m);
+            self.control.snapshots[self.id].store(Arc::new(snap));
+        }
+    }
+
+    /// Is there nothing in flight (transactions, pending lookups)?
+    pub fn idle(&self) -> bool {
+        self.proxy.borrow().is_idle()
+    }
+}
+
+/// The message back from a full channel (`None` for a closed one).
+fn channel_full<T>(e: glommio::GlommioError<T>) -> Option<T> {
+    match e {
+        glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// A metric label for a listener kind.
+pub fn kind_label(k: ListenKind) -> &'static str {
+    match k {
+        ListenKind::Tls => "tls",
+        ListenKind::Mtls => "mtls",
+        ListenKind::Tcp => "tcp",
+    }
+}
+
+/// The method of a request (or `response`), as a static label.
+pub fn message_label(bytes: &[u8]) -> &'static str {
+    if bytes.starts_with(b"SIP/") {
+        return "response";
+    }
+    let end = bytes.iter().position(|&b| b == b' ').unwrap_or(0);
+    sipring_core::Method::from_bytes(&bytes[..end]).label()
+}
+
+/// Runs the mesh receivers of a shard (one task per peer shard).
+pub fn spawn_mesh_receivers(shard: &Rc<Shard>, mut rx: Receivers<ShardMsg>) {
+    for (_, stream) in rx.streams() {
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = stream.recv().await {
+                s.on_mesh(msg);
+            }
+        })
+        .detach();
+    }
+}
+
+/// The shard's timer loop: transaction timers (10 ms granularity), binding expiry and
+/// metrics publication (every 500 ms). Returns when the shard must stop.
+pub async fn timer_loop(shard: Rc<Shard>) {
+    let mut last_publish = Instant::now();
+    loop {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        let now = Instant::now();
+        let publish = now.duration_since(last_publish) >= Duration::from_millis(500);
+        if publish {
+            last_publish = now;
+        }
+        shard.tick(now, publish);
+        if shard.control.stopping() {
+            shard.tick(now, true);
+            return;
+        }
+    }
+}

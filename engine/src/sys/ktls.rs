@@ -1,0 +1,201 @@
+//! Kernel TLS: attaching the `tls` upper-layer protocol to a socket, installing rustls's
+//! traffic secrets (via the `ktls` crate's `CryptoInfo`), and reading/writing records whose
+//! type is not application data through `recvmsg`/`sendmsg` control messages.
+//!
+//! Linux refuses `TCP_ULP "tls"` with `ENOENT` when the kernel lacks TLS (`CONFIG_TLS`), and
+//! on an unconnected socket with `ENOTCONN`, so [`probe`] uses a connected loopback pair.
+
+use std::io;
+use std::os::fd::RawFd;
+
+const SOL_TCP: libc::c_int = 6;
+const TCP_ULP: libc::c_int = 31;
+/// `SOL_TLS`
+pub const SOL_TLS: libc::c_int = 282;
+const TLS_TX: libc::c_int = 1;
+const TLS_RX: libc::c_int = 2;
+const TLS_SET_RECORD_TYPE: libc::c_int = 1;
+const TLS_GET_RECORD_TYPE: libc::c_int = 2;
+
+/// TLS record content types.
+pub mod content {
+    /// change_cipher_spec
+    pub const CHANGE_CIPHER_SPEC: u8 = 20;
+    /// alert
+    pub const ALERT: u8 = 21;
+    /// handshake (KeyUpdate, NewSessionTicket after the handshake)
+    pub const HANDSHAKE: u8 = 22;
+    /// application_data
+    pub const APPLICATION_DATA: u8 = 23;
+}
+
+/// What the kernel offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Support {
+    /// Kernel TLS works (module loaded, ULP attachable).
+    Available,
+    /// The kernel has no TLS (`CONFIG_TLS` unset or module not loadable).
+    KernelLacksTls(String),
+    /// The probe itself failed.
+    ProbeFailed(String),
+}
+
+impl Support {
+    /// Is kernel TLS usable?
+    pub fn available(&self) -> bool {
+        matches!(self, Support::Available)
+    }
+
+    /// A one-line description for logs and `sipring doctor`.
+    pub fn describe(&self) -> String {
+        match self {
+            Support::Available => "kernel TLS available".into(),
+            Support::KernelLacksTls(e) => format!("kernel lacks TLS ({e}): `modprobe tls`, or a kernel built with CONFIG_TLS; falling back to userspace TLS"),
+            Support::ProbeFailed(e) => format!("kernel TLS probe failed ({e}); falling back to userspace TLS"),
+        }
+    }
+}
+
+/// Attaches the `tls` ULP to a connected socket.
+pub fn attach_ulp(fd: RawFd) -> io::Result<()> {
+    // SAFETY: setsockopt reads `optlen` = 3 bytes from a pointer to the static string "tls",
+    // which outlives the call; `fd` is a socket descriptor owned by the caller.
+    let rc = unsafe { libc::setsockopt(fd, SOL_TCP, TCP_ULP, b"tls".as_ptr().cast(), 3) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Probes kernel TLS once with a connected loopback pair.
+pub fn probe() -> Support {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    let pair = (|| {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let c = TcpStream::connect(l.local_addr()?)?;
+        let (s, _) = l.accept()?;
+        Ok::<_, io::Error>((c, s))
+    })();
+    let (c, _s) = match pair {
+        Ok(p) => p,
+        Err(e) => return Support::ProbeFailed(format!("loopback pair: {e}")),
+    };
+    match attach_ulp(c.as_raw_fd()) {
+        Ok(()) => Support::Available,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Support::KernelLacksTls("TCP_ULP \"tls\": ENOENT".into()),
+        Err(e) => Support::ProbeFailed(format!("TCP_ULP: {e}")),
+    }
+}
+
+/// Direction of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Sending.
+    Tx,
+    /// Receiving.
+    Rx,
+}
+
+/// Installs a traffic key (with its record sequence number) for one direction.
+pub fn set_key(fd: RawFd, dir: Dir, info: &ktls::CryptoInfo) -> io::Result<()> {
+    let opt = match dir {
+        Dir::Tx => TLS_TX,
+        Dir::Rx => TLS_RX,
+    };
+    // SAFETY: `info.as_ptr()` points to the crypto-info struct held by `info`, which lives
+    // for the whole call, and `info.size()` is exactly that struct's size, as setsockopt
+    // requires; `fd` is a socket owned by the caller.
+    let rc = unsafe { libc::setsockopt(fd, SOL_TLS, opt, info.as_ptr(), info.size() as libc::socklen_t) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Converts rustls's secrets for one direction into the kernel's struct.
+pub fn crypto_info(suite: rustls::SupportedCipherSuite, seq: u64, secrets: rustls::ConnectionTrafficSecrets) -> Result<ktls::CryptoInfo, String> {
+    ktls::CryptoInfo::from_rustls(suite, (seq, secrets)).map_err(|e| e.to_string())
+}
+
+/// Reads one record's payload with its content type (non-blocking). Application data also
+/// arrives this way, as type 23; `Ok(None)` means nothing to read right now.
+pub fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(u8, usize)>> {
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut control = Control([0; 64]);
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: an all-zero msghdr is a valid "empty" value; the pointers set below refer to
+    // `iov`, `buf` and `control`, all alive until recvmsg returns.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = control.0.len() as _;
+    // SAFETY: `msg` describes writable buffers of the stated lengths (see above).
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    let mut typ = content::APPLICATION_DATA;
+    // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR/CMSG_DATA walk the control buffer the kernel just
+    // filled, within `msg_controllen`; we read one byte of data only when the header says it
+    // is SOL_TLS/TLS_GET_RECORD_TYPE, whose payload is one byte.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_TLS && (*c).cmsg_type == TLS_GET_RECORD_TYPE {
+                typ = *libc::CMSG_DATA(c);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Some((typ, n as usize)))
+}
+
+/// Sends one record of content type `typ` (alert, handshake) through the kernel.
+pub fn send_record(fd: RawFd, typ: u8, payload: &[u8]) -> io::Result<usize> {
+    #[repr(C, align(8))]
+    struct Control([u8; 32]);
+    let mut control = Control([0; 32]);
+    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: payload.len() };
+    // SAFETY: zeroed msghdr is valid; pointers below refer to live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic on a length of 1.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(1) } as _;
+    // SAFETY: the control buffer (32 bytes) is larger than CMSG_SPACE(1), so the first header
+    // and its one data byte lie inside it; sendmsg only reads the payload (not written).
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = SOL_TLS;
+        (*c).cmsg_type = TLS_SET_RECORD_TYPE;
+        (*c).cmsg_len = libc::CMSG_LEN(1) as _;
+        *libc::CMSG_DATA(c) = typ;
+        libc::sendmsg(fd, &msg, 0)
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// Sends a close_notify alert through the kernel.
+pub fn send_close_notify(fd: RawFd) -> io::Result<()> {
+    send_record(fd, content::ALERT, &[1, 0]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The probe agrees with the kernel's list of registered ULPs (read after the probe,
+    /// which may have auto-loaded the module): on this project's hosts the kernel has no TLS,
+    /// in the kTLS VM it has.
+    #[test]
+    fn probe_agrees_with_the_kernel() {
+        let s = super::probe();
+        let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+        let listed = ulps.split_whitespace().any(|u| u == "tls");
+        match s {
+            super::Support::Available => assert!(listed, "probe says available, kernel lists: {ulps}"),
+            super::Support::KernelLacksTls(_) => assert!(!listed, "probe says no TLS, kernel lists: {ulps}"),
+            super::Support::ProbeFailed(e) => panic!("probe failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Listening sockets bound with socket2 (so the backlog is ours to choose, unlike glommio's
+//! fixed 1024), one per shard on the same address with `SO_REUSEPORT`.
+
+use std::net::SocketAddr;
+use std::os::fd::{IntoRawFd, RawFd};
+
+/// A bound, listening socket that has not been given to an executor yet. `Send`: it is
+/// created on the main thread and moved to its shard.
+#[derive(Debug)]
+pub struct BoundListener {
+    fd: RawFd,
+    /// The address actually bound (port resolved when 0 was asked for).
+    pub local: SocketAddr,
+}
+
+/// Binds `shards` listening sockets on `addr` with `SO_REUSEPORT` and this `backlog`. A port
+/// of 0 is resolved by the first bind and reused by the others.
+pub fn bind_reuseport(addr: SocketAddr, shards: usize, backlog: u32) -> std::io::Result<Vec<BoundListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out = Vec::with_capacity(shards);
+    let mut addr = addr;
+    for _ in 0..shards {
+        let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_tcp_nodelay(true)?;
+        s.bind(&addr.into())?;
+        s.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+        let local = s.local_addr()?.as_socket().unwrap_or(addr);
+        addr = local;
+        out.push(BoundListener { fd: s.into_raw_fd(), local });
+    }
+    Ok(out)
+}
+
+impl BoundListener {
+    /// Hands the socket to the current glommio executor.
+    pub fn into_glommio(self) -> glommio::net::TcpListener {
+        use std::os::fd::FromRawFd;
+        let fd = self.fd;
+        std::mem::forget(self);
+        // SAFETY: `fd` came from `Socket::into_raw_fd` in `bind_reuseport`, is a bound and
+        // listening TCP socket, and this struct was its only owner (we forget `self` so its
+        // Drop does not close it); ownership moves to the glommio listener.
+        unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
+    }
+}
+
+impl Drop for BoundListener {
+    fn drop(&mut self) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: we still own `fd` (into_glommio forgets `self` before giving it away), so
+        // wrapping it in an OwnedFd closes it exactly once.
+        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(self.fd) });
+    }
+}
+
+/// A second handle on the same connected socket (`dup`), so one task can read while another
+/// writes.
+pub fn try_clone(s: &glommio::net::TcpStream) -> std::io::Result<glommio::net::TcpStream> {
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+    // SAFETY: `s` owns its descriptor and outlives this call; the borrow is only used to
+    // duplicate it (`try_clone_to_owned` calls dup with CLOEXEC) and is not kept.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) };
+    let owned = borrowed.try_clone_to_owned()?;
+    // SAFETY: `owned` is a fresh duplicate of a connected TCP socket that nothing else
+    // owns; `into_raw_fd` gives up that ownership to the new glommio stream.
+    Ok(unsafe { glommio::net::TcpStream::from_raw_fd(owned.into_raw_fd()) })
+}
