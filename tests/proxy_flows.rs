@@ -91,6 +91,7 @@ impl Net {
                     self.proxy.handle_register_reply(self.now, token, reply);
                 }
                 Output::Close { flow, .. } => self.closed.push(flow),
+                Output::Relay { .. } => panic!("a single shard never relays"),
             }
         }
     }

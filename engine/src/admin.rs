@@ -17,14 +17,16 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
     let local = listener.local_addr()?;
     let control = running.control.clone();
     let reloader = Reloader::of(running);
-    std::thread::Builder::new().name("sipring-admin".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if control.stopping() {
-                break;
+    std::thread::Builder::new()
+        .name("sipring-admin".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if control.stopping() {
+                    break;
+                }
+                let _ = handle(stream, &control, &reloader);
             }
-            let _ = handle(stream, &control, &reloader);
-        }
-    })?;
+        })?;
     Ok(local)
 }
 
@@ -51,19 +53,45 @@ fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std
             }
             ("200 OK", "text/plain; version=0.0.4", body)
         }
-        ("GET", "/hgrm") => ("200 OK", "text/plain", merge(control).histograms.keys().cloned().collect::<Vec<_>>().join("\n") + "\n"),
+        ("GET", "/hgrm") => (
+            "200 OK",
+            "text/plain",
+            merge(control)
+                .histograms
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n",
+        ),
         ("GET", p) if p.starts_with("/hgrm/") => match merge(control).histograms.get(&p[6..]) {
             Some(h) => ("200 OK", "text/plain", crate::metrics::hgrm(h, 1000.0)),
             None => ("404 Not Found", "text/plain", "no such histogram\n".into()),
         },
         ("POST", "/reload") => match reloader.reload() {
             Ok(()) => ("200 OK", "text/plain", "reloaded\n".into()),
-            Err(e) => ("409 Conflict", "text/plain", format!("reload refused: {e}\n")),
+            Err(e) => (
+                "409 Conflict",
+                "text/plain",
+                format!("reload refused: {e}\n"),
+            ),
         },
-        ("GET", "/health") => ("200 OK", "text/plain", if control.draining() { "draining\n".into() } else { "ok\n".into() }),
+        ("GET", "/health") => (
+            "200 OK",
+            "text/plain",
+            if control.draining() {
+                "draining\n".into()
+            } else {
+                "ok\n".into()
+            },
+        ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     };
     let mut s = stream;
-    write!(s, "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    write!(
+        s,
+        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     s.flush()
 }

@@ -105,23 +105,29 @@ fn offloadable(suite: rustls::SupportedCipherSuite) -> bool {
 
 /// Moves the record layer to the kernel, or says why it stays in userspace. `Err(None)`:
 /// the session was consumed and the connection must close.
-fn into_kernel(shard: &Shard, stream: &TcpStream, sess: TlsSession) -> Result<KernelState, (Option<TlsSession>, &'static str)> {
+fn into_kernel(
+    shard: &Shard,
+    stream: &TcpStream,
+    sess: TlsSession,
+) -> Result<KernelState, (Option<Box<TlsSession>>, &'static str)> {
     if !shard.cfg.tls.ktls {
-        return Err((Some(sess), "disabled"));
+        return Err((Some(Box::new(sess)), "disabled"));
     }
     if !shard.control.ktls.available() {
-        return Err((Some(sess), "kernel_lacks_tls"));
+        return Err((Some(Box::new(sess)), "kernel_lacks_tls"));
     }
-    let Some(suite) = sess.cipher_suite() else { return Err((Some(sess), "no_suite")) };
+    let Some(suite) = sess.cipher_suite() else {
+        return Err((Some(Box::new(sess)), "no_suite"));
+    };
     if !offloadable(suite) {
-        return Err((Some(sess), "cipher_not_offloadable"));
+        return Err((Some(Box::new(sess)), "cipher_not_offloadable"));
     }
     let tls13 = sess.protocol() == Some(rustls::ProtocolVersion::TLSv1_3);
     let handoff = match sess.dangerous_into_kernel() {
         Ok(h) => h,
         Err(refused) => {
             tracing::warn!(reason = %refused.reason, "kernel TLS hand-off refused");
-            return Err((refused.session.map(|b| *b), "handoff_refused"));
+            return Err((refused.session, "handoff_refused"));
         }
     };
     let (secrets, conn) = match handoff {
@@ -131,19 +137,33 @@ fn into_kernel(shard: &Shard, stream: &TcpStream, sess: TlsSession) -> Result<Ke
     let fd = stream.as_raw_fd();
     let tx = sys::ktls::crypto_info(suite, secrets.tx.0, secrets.tx.1);
     let rx = sys::ktls::crypto_info(suite, secrets.rx.0, secrets.rx.1);
-    let (Ok(tx), Ok(rx)) = (tx, rx) else { return Err((None, "crypto_info_failed")) };
+    let (Ok(tx), Ok(rx)) = (tx, rx) else {
+        return Err((None, "crypto_info_failed"));
+    };
     if let Err(e) = sys::ktls::attach_ulp(fd) {
         tracing::warn!(error = %e, "TCP_ULP tls failed after the probe succeeded");
         return Err((None, "ulp_failed"));
     }
-    if sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &tx).is_err() || sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &rx).is_err() {
+    if sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &tx).is_err()
+        || sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &rx).is_err()
+    {
         return Err((None, "set_key_failed"));
     }
-    Ok(KernelState { conn, suite, tls13, records_sent: 0 })
+    Ok(KernelState {
+        conn,
+        suite,
+        tls13,
+        records_sent: 0,
+    })
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve_inbound(shard: Rc<Shard>, mut stream: TcpStream, kind: ListenKind, optional_auth: bool) {
+pub async fn serve_inbound(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    kind: ListenKind,
+    optional_auth: bool,
+) {
     let remote = match stream.peer_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -154,7 +174,9 @@ pub async fn serve_inbound(shard: Rc<Shard>, mut stream: TcpStream, kind: Listen
         Layer::Plain
     } else {
         let policy = shard.policy.load_full();
-        let Some(cfg) = policy.for_listener(kind, optional_auth) else { return };
+        let Some(cfg) = policy.for_listener(kind, optional_auth) else {
+            return;
+        };
         let mut sess = match TlsSession::server(cfg) {
             Ok(s) => s,
             Err(_) => return,
@@ -168,7 +190,10 @@ pub async fn serve_inbound(shard: Rc<Shard>, mut stream: TcpStream, kind: Listen
             let _ = reason;
             return;
         }
-        shard.metrics.borrow_mut().record("handshake", t0.elapsed().as_micros() as u64);
+        shard
+            .metrics
+            .borrow_mut()
+            .record("handshake", t0.elapsed().as_micros() as u64);
         if kind == ListenKind::Mtls {
             peer = identify_peer(&shard, &sess);
         }
@@ -176,7 +201,7 @@ pub async fn serve_inbound(shard: Rc<Shard>, mut stream: TcpStream, kind: Listen
             Ok(k) => Layer::Kernel(Rc::new(RefCell::new(k))),
             Err((Some(s), why)) => {
                 shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
-                Layer::User(Rc::new(RefCell::new(s)))
+                Layer::User(Rc::new(RefCell::new(*s)))
             }
             Err((None, why)) => {
                 shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
@@ -186,7 +211,18 @@ pub async fn serve_inbound(shard: Rc<Shard>, mut stream: TcpStream, kind: Listen
         }
     };
     let id = shard.new_conn_id();
-    run(shard, stream, layer, id, Flow::Conn(id), kind, peer, remote, KeepaliveRole::Server).await;
+    run(
+        shard,
+        stream,
+        layer,
+        id,
+        Flow::Conn(id),
+        kind,
+        peer,
+        remote,
+        KeepaliveRole::Server,
+    )
+    .await;
 }
 
 /// Which partner a verified MTLS peer is (its presented identity on a trusted list).
@@ -194,15 +230,26 @@ fn identify_peer(shard: &Shard, sess: &TlsSession) -> Option<String> {
     let leaf = sess.peer_certificates()?.first()?;
     let ids = crate::tls::verify::summarize(leaf)?.identities;
     let policy = shard.policy.load();
-    policy.partners.iter().find(|p| p.trusts(&ids)).map(|p| p.name.clone())
+    policy
+        .partners
+        .iter()
+        .find(|p| p.trusts(&ids))
+        .map(|p| p.name.clone())
 }
 
 /// Logs and counts a handshake's end; `Err` when it failed.
-fn handshake_outcome(shard: &Shard, r: Option<Result<(), HsError>>, remote: std::net::SocketAddr, kind: ListenKind) -> Result<(), Rejection> {
+fn handshake_outcome(
+    shard: &Shard,
+    r: Option<Result<(), HsError>>,
+    remote: std::net::SocketAddr,
+    kind: ListenKind,
+) -> Result<(), Rejection> {
     let kind_l = crate::shard::kind_label(kind);
     let reason = match r {
         Some(Ok(())) => {
-            shard.count(&format!("sipring_handshakes_total{{kind=\"{kind_l}\",result=\"ok\"}}"));
+            shard.count(&format!(
+                "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"ok\"}}"
+            ));
             return Ok(());
         }
         None => {
@@ -210,12 +257,16 @@ fn handshake_outcome(shard: &Shard, r: Option<Result<(), HsError>>, remote: std:
             Rejection::HandshakeTimeout
         }
         Some(Err(HsError::Closed)) => {
-            shard.count(&format!("sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"));
+            shard.count(&format!(
+                "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"
+            ));
             return Err(Rejection::Other);
         }
         Some(Err(HsError::Io(e))) => {
             tracing::debug!(%remote, error = %e, "connection failed during the handshake");
-            shard.count(&format!("sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"));
+            shard.count(&format!(
+                "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"
+            ));
             return Err(Rejection::Other);
         }
         Some(Err(HsError::Tls(e))) => {
@@ -231,13 +282,18 @@ fn handshake_outcome(shard: &Shard, r: Option<Result<(), HsError>>, remote: std:
                     detail = %d.detail,
                     "TLS handshake rejected"
                 ),
-                None => tracing::warn!(%remote, kind = kind_l, reason = reason.label(), error = %e, "TLS handshake rejected"),
+                None => {
+                    tracing::warn!(%remote, kind = kind_l, reason = reason.label(), error = %e, "TLS handshake rejected")
+                }
             }
             reason
         }
     };
     shard.control.rejections.inc(reason);
-    shard.count(&format!("sipring_handshakes_total{{kind=\"{kind_l}\",result=\"{}\"}}", reason.label()));
+    shard.count(&format!(
+        "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"{}\"}}",
+        reason.label()
+    ));
     Err(reason)
 }
 
@@ -281,7 +337,7 @@ pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
             Ok(k) => Layer::Kernel(Rc::new(RefCell::new(k))),
             Err((Some(s), why)) => {
                 shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
-                Layer::User(Rc::new(RefCell::new(s)))
+                Layer::User(Rc::new(RefCell::new(*s)))
             }
             Err((None, _)) => return shard.peer_down(&name),
         };
@@ -296,7 +352,17 @@ pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
 
 /// Runs an established connection: spawns its writer, reads until it ends, cleans up.
 #[allow(clippy::too_many_arguments)] // one call site per direction; a struct would only rename them
-async fn run(shard: Rc<Shard>, stream: TcpStream, layer: Layer, id: u64, flow: Flow, kind: ListenKind, peer: Option<String>, remote: std::net::SocketAddr, role: KeepaliveRole) {
+async fn run(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    layer: Layer,
+    id: u64,
+    flow: Flow,
+    kind: ListenKind,
+    peer: Option<String>,
+    remote: std::net::SocketAddr,
+    role: KeepaliveRole,
+) {
     let writer_stream = match sys::sock::try_clone(&stream) {
         Ok(s) => s,
         Err(e) => {
@@ -308,11 +374,18 @@ async fn run(shard: Rc<Shard>, stream: TcpStream, layer: Layer, id: u64, flow: F
     let (tx, rx) = glommio::channels::local_channel::new_bounded::<Out>(cap);
     let tx = Rc::new(tx);
     let ktls = matches!(layer, Layer::Kernel(_));
-    shard.conn_opened(id, ConnHandle { tx: tx.clone(), kind, peer: peer.clone(), remote, ktls });
-    if matches!(flow, Flow::Peer(_)) {
-        if let Flow::Peer(name) = &flow {
-            shard.peer_up(name, id);
-        }
+    shard.conn_opened(
+        id,
+        ConnHandle {
+            tx: tx.clone(),
+            kind,
+            peer: peer.clone(),
+            remote,
+            ktls,
+        },
+    );
+    if let Flow::Peer(name) = &flow {
+        shard.peer_up(name, id);
     }
     let wlayer = match &layer {
         Layer::Plain => Layer::Plain,
@@ -320,7 +393,8 @@ async fn run(shard: Rc<Shard>, stream: TcpStream, layer: Layer, id: u64, flow: F
         Layer::Kernel(k) => Layer::Kernel(k.clone()),
     };
     let wshard = shard.clone();
-    let writer = glommio::spawn_local(async move { writer_loop(wshard, writer_stream, wlayer, rx).await });
+    let writer =
+        glommio::spawn_local(async move { writer_loop(wshard, writer_stream, wlayer, rx).await });
     let stream = reader_loop(&shard, stream, &layer, &flow, &tx, role).await;
     shard.conn_closed(id);
     // Wake a writer blocked on a dead peer, then let it finish (it ends on Close).
@@ -330,7 +404,12 @@ async fn run(shard: Rc<Shard>, stream: TcpStream, layer: Layer, id: u64, flow: F
     drop(stream);
 }
 
-async fn writer_loop(shard: Rc<Shard>, mut stream: TcpStream, layer: Layer, rx: glommio::channels::local_channel::LocalReceiver<Out>) {
+async fn writer_loop(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    layer: Layer,
+    rx: glommio::channels::local_channel::LocalReceiver<Out>,
+) {
     while let Some(o) = rx.recv().await {
         let (bytes, stamp, close): (Vec<u8>, _, bool) = match o {
             Out::Msg(b, stamp) => match &layer {
@@ -377,7 +456,10 @@ async fn writer_loop(shard: Rc<Shard>, mut stream: TcpStream, layer: Layer, rx: 
             break;
         }
         if let Some(st) = stamp {
-            shard.metrics.borrow_mut().record(&format!("forward_{}", st.label), st.t0.elapsed().as_micros() as u64);
+            shard.metrics.borrow_mut().record(
+                &format!("forward_{}", st.label),
+                st.t0.elapsed().as_micros() as u64,
+            );
         }
         if let Layer::Kernel(k) = &layer {
             let needs = {
@@ -400,7 +482,9 @@ async fn writer_loop(shard: Rc<Shard>, mut stream: TcpStream, layer: Layer, rx: 
 fn ktls_record_budget(suite: rustls::SupportedCipherSuite) -> u64 {
     use rustls::CipherSuite as C;
     match suite.suite() {
-        C::TLS13_CHACHA20_POLY1305_SHA256 | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256 | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 1 << 40,
+        C::TLS13_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 1 << 40,
         _ => 1 << 23,
     }
 }
@@ -429,7 +513,12 @@ fn rekey_or_close(stream: &TcpStream, k: &RefCell<KernelState>) -> Result<(), ()
 }
 
 /// A non-data record the kernel handed up: alerts, KeyUpdate, tickets.
-fn on_control_record(stream: &TcpStream, k: &RefCell<KernelState>, typ: u8, payload: &[u8]) -> Result<(), &'static str> {
+fn on_control_record(
+    stream: &TcpStream,
+    k: &RefCell<KernelState>,
+    typ: u8,
+    payload: &[u8],
+) -> Result<(), &'static str> {
     use sys::ktls::content;
     match typ {
         content::ALERT => {
@@ -453,8 +542,10 @@ fn on_control_record(stream: &TcpStream, k: &RefCell<KernelState>, typ: u8, payl
                         KernelConn::Client(c) => c.update_rx_secret(),
                     }
                     .map_err(|_| "key_update")?;
-                    let info = sys::ktls::crypto_info(suite, seq, secrets).map_err(|_| "key_update")?;
-                    sys::ktls::set_key(stream.as_raw_fd(), sys::ktls::Dir::Rx, &info).map_err(|_| "key_update")?;
+                    let info =
+                        sys::ktls::crypto_info(suite, seq, secrets).map_err(|_| "key_update")?;
+                    sys::ktls::set_key(stream.as_raw_fd(), sys::ktls::Dir::Rx, &info)
+                        .map_err(|_| "key_update")?;
                 }
                 if requested {
                     rekey_or_close(stream, k).map_err(|_| "key_update")?;
@@ -476,7 +567,14 @@ fn on_control_record(stream: &TcpStream, k: &RefCell<KernelState>, typ: u8, payl
 }
 
 /// Reads until the connection ends; returns the stream (still open) for the caller to drop.
-async fn reader_loop(shard: &Rc<Shard>, mut stream: TcpStream, layer: &Layer, flow: &Flow, tx: &glommio::channels::local_channel::LocalSender<Out>, role: KeepaliveRole) -> TcpStream {
+async fn reader_loop(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    layer: &Layer,
+    flow: &Flow,
+    tx: &glommio::channels::local_channel::LocalSender<Out>,
+    role: KeepaliveRole,
+) -> TcpStream {
     let limits = shard.cfg.sip_limits();
     let mut framer = Framer::new(limits, role);
     let idle = Duration::from_secs(shard.cfg.limits.idle_timeout_s);
@@ -502,7 +600,9 @@ async fn reader_loop(shard: &Rc<Shard>, mut stream: TcpStream, layer: &Layer, fl
                     let code = e.raw_os_error();
                     if code == Some(libc::EIO) || code == Some(libc::EKEYEXPIRED) {
                         match sys::ktls::recv_record(stream.as_raw_fd(), &mut scratch) {
-                            Ok(Some((typ, len))) if typ == sys::ktls::content::APPLICATION_DATA => len,
+                            Ok(Some((typ, len))) if typ == sys::ktls::content::APPLICATION_DATA => {
+                                len
+                            }
                             Ok(Some((typ, len))) => {
                                 let payload = scratch[..len].to_vec();
                                 if let Err(why) = on_control_record(&stream, k, typ, &payload) {
@@ -556,7 +656,14 @@ async fn reader_loop(shard: &Rc<Shard>, mut stream: TcpStream, layer: &Layer, fl
 }
 
 /// Frames and dispatches everything complete in `buf`; `false` when framing is lost.
-fn deliver(shard: &Rc<Shard>, framer: &mut Framer, buf: &mut Vec<u8>, flow: &Flow, tx: &glommio::channels::local_channel::LocalSender<Out>, t0: Instant) -> bool {
+fn deliver(
+    shard: &Rc<Shard>,
+    framer: &mut Framer,
+    buf: &mut Vec<u8>,
+    flow: &Flow,
+    tx: &glommio::channels::local_channel::LocalSender<Out>,
+    t0: Instant,
+) -> bool {
     let mut start = 0;
     let ok = loop {
         match framer.frame(&buf[start..]) {
@@ -571,9 +678,14 @@ fn deliver(shard: &Rc<Shard>, framer: &mut Framer, buf: &mut Vec<u8>, flow: &Flo
             Ok(Status::Complete(Frame::Pong)) => start += 2,
             Ok(Status::Partial) => break true,
             Err(e) => {
-                shard.count(&format!("sipring_parse_errors_total{{reason=\"{}\"}}", e.label()));
+                shard.count(&format!(
+                    "sipring_parse_errors_total{{reason=\"{}\"}}",
+                    e.label()
+                ));
                 tracing::warn!(error = %e, "stream framing lost; closing connection");
-                if let Some(resp) = sipring_core::response::error_response(&buf[start..], e, b"sr-framing") {
+                if let Some(resp) =
+                    sipring_core::response::error_response(&buf[start..], e, b"sr-framing")
+                {
                     let _ = tx.try_send(Out::Msg(resp.into(), None));
                 }
                 let _ = tx.try_send(Out::Close);

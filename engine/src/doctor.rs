@@ -65,15 +65,31 @@ pub fn profile() -> Vec<(String, String)> {
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.trim().to_string(), v.split_whitespace().collect::<Vec<_>>().join(" "))))
+        .filter_map(|l| {
+            l.split_once('=').map(|(k, v)| {
+                (
+                    k.trim().to_string(),
+                    v.split_whitespace().collect::<Vec<_>>().join(" "),
+                )
+            })
+        })
         .collect()
 }
 
 impl HostFacts {
     /// Reads this host.
     pub fn gather() -> HostFacts {
-        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).ok();
-        let sysctls = profile().into_iter().filter_map(|(k, _)| read(&format!("/proc/sys/{}", k.replace('.', "/"))).map(|v| (k, v))).collect();
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+                .ok()
+        };
+        let sysctls = profile()
+            .into_iter()
+            .filter_map(|(k, _)| {
+                read(&format!("/proc/sys/{}", k.replace('.', "/"))).map(|v| (k, v))
+            })
+            .collect();
         HostFacts {
             kernel: read("/proc/sys/kernel/osrelease").unwrap_or_default(),
             io_uring: crate::sys::probe::io_uring(),
@@ -82,14 +98,25 @@ impl HostFacts {
             nofile: crate::sys::probe::nofile(),
             sysctls,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            now: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+            now: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
             clock_synced: None,
         }
     }
 }
 
 fn check(name: &str, verdict: Verdict, found: impl Into<String>, fix: impl Into<String>) -> Check {
-    Check { name: name.into(), verdict, found: found.into(), fix: if verdict == Verdict::Pass { String::new() } else { fix.into() } }
+    Check {
+        name: name.into(),
+        verdict,
+        found: found.into(),
+        fix: if verdict == Verdict::Pass {
+            String::new()
+        } else {
+            fix.into()
+        },
+    }
 }
 
 fn kernel_version(s: &str) -> (u32, u32) {
@@ -100,8 +127,14 @@ fn kernel_version(s: &str) -> (u32, u32) {
 /// Does the current sysctl value meet the recommended one (numbers: at least; the port
 /// range: at least as wide)?
 pub fn sysctl_ok(key: &str, current: &str, want: &str) -> bool {
-    let cur: Vec<u64> = current.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    let w: Vec<u64> = want.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let cur: Vec<u64> = current
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let w: Vec<u64> = want
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
     if cur.len() != w.len() || cur.is_empty() {
         return current == want;
     }
@@ -120,13 +153,28 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
     out.push(if (maj, min) >= (6, 1) {
         check("kernel", Pass, f.kernel.clone(), "")
     } else if (maj, min) >= (5, 8) {
-        check("kernel", Warn, f.kernel.clone(), "kernel older than 6.1: kTLS KeyUpdate and io_uring fixes are missing; upgrade to 6.1+")
+        check(
+            "kernel",
+            Warn,
+            f.kernel.clone(),
+            "kernel older than 6.1: kTLS KeyUpdate and io_uring fixes are missing; upgrade to 6.1+",
+        )
     } else {
-        check("kernel", Fail, f.kernel.clone(), "io_uring needs Linux >= 5.8; upgrade the kernel")
+        check(
+            "kernel",
+            Fail,
+            f.kernel.clone(),
+            "io_uring needs Linux >= 5.8; upgrade the kernel",
+        )
     });
     out.push(match &f.io_uring {
         Ok(()) => check("io_uring", Pass, "io_uring_setup works", ""),
-        Err(e) => check("io_uring", Fail, e.clone(), "set kernel.io_uring_disabled=0 and allow io_uring_setup in seccomp"),
+        Err(e) => check(
+            "io_uring",
+            Fail,
+            e.clone(),
+            "set kernel.io_uring_disabled=0 and allow io_uring_setup in seccomp",
+        ),
     });
     out.push(match &f.ktls {
         Support::Available => check("kernel TLS", Pass, "tls ULP available", ""),
@@ -137,48 +185,130 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
         _ => f.cpus,
     };
     let need = crate::sys::probe::memlock_needed(shards);
-    let show = |v: u64| if v == u64::MAX { "unlimited".to_string() } else { format!("{} KiB", v / 1024) };
+    let show = |v: u64| {
+        if v == u64::MAX {
+            "unlimited".to_string()
+        } else {
+            format!("{} KiB", v / 1024)
+        }
+    };
     out.push(if f.memlock.0 >= need {
         check("memlock", Pass, show(f.memlock.0), "")
     } else if f.memlock.1 >= need {
-        check("memlock", Warn, format!("soft {} < {} needed (hard {}; sipring raises it at start)", show(f.memlock.0), show(need), show(f.memlock.1)), "LimitMEMLOCK=infinity in the unit")
+        check(
+            "memlock",
+            Warn,
+            format!(
+                "soft {} < {} needed (hard {}; sipring raises it at start)",
+                show(f.memlock.0),
+                show(need),
+                show(f.memlock.1)
+            ),
+            "LimitMEMLOCK=infinity in the unit",
+        )
     } else {
-        check("memlock", Fail, format!("{} < {} needed for {shards} shards", show(f.memlock.1), show(need)), "LimitMEMLOCK=infinity (systemd) or `ulimit -l unlimited`; see tuning/limits.conf")
+        check(
+            "memlock",
+            Fail,
+            format!(
+                "{} < {} needed for {shards} shards",
+                show(f.memlock.1),
+                show(need)
+            ),
+            "LimitMEMLOCK=infinity (systemd) or `ulimit -l unlimited`; see tuning/limits.conf",
+        )
     });
     let want_files = 1_048_576;
     out.push(if f.nofile.0 >= want_files || f.nofile.1 >= want_files {
-        check("nofile", Pass, format!("soft {} hard {}", f.nofile.0, f.nofile.1), "")
+        check(
+            "nofile",
+            Pass,
+            format!("soft {} hard {}", f.nofile.0, f.nofile.1),
+            "",
+        )
     } else {
-        check("nofile", Warn, format!("hard limit {} caps connections", f.nofile.1), "LimitNOFILE=1048576 in the unit; see tuning/limits.conf")
+        check(
+            "nofile",
+            Warn,
+            format!("hard limit {} caps connections", f.nofile.1),
+            "LimitNOFILE=1048576 in the unit; see tuning/limits.conf",
+        )
     });
     for (k, want) in profile() {
         out.push(match f.sysctls.get(&k) {
-            Some(cur) if sysctl_ok(&k, cur, &want) => check(&format!("sysctl {k}"), Pass, cur.clone(), ""),
-            Some(cur) => check(&format!("sysctl {k}"), Warn, format!("{cur} (recommended {want})"), format!("sysctl -w {k}=\"{want}\" (persist: tuning/sysctl.conf)")),
-            None => check(&format!("sysctl {k}"), Warn, "not readable", "check /proc/sys"),
+            Some(cur) if sysctl_ok(&k, cur, &want) => {
+                check(&format!("sysctl {k}"), Pass, cur.clone(), "")
+            }
+            Some(cur) => check(
+                &format!("sysctl {k}"),
+                Warn,
+                format!("{cur} (recommended {want})"),
+                format!("sysctl -w {k}=\"{want}\" (persist: tuning/sysctl.conf)"),
+            ),
+            None => check(
+                &format!("sysctl {k}"),
+                Warn,
+                "not readable",
+                "check /proc/sys",
+            ),
         });
     }
     match config {
-        None => out.push(check("config", Warn, "no --config given", "run `sipring doctor --config FILE`")),
-        Some(Err(e)) => out.push(check("config", Fail, e, "fix the keys named above (`sipring check-config FILE`)")),
+        None => out.push(check(
+            "config",
+            Warn,
+            "no --config given",
+            "run `sipring doctor --config FILE`",
+        )),
+        Some(Err(e)) => out.push(check(
+            "config",
+            Fail,
+            e,
+            "fix the keys named above (`sipring check-config FILE`)",
+        )),
         Some(Ok(c)) => {
             out.push(check("config", Pass, "valid", ""));
             let n = crate::server::shard_count(c);
             out.push(if n <= f.cpus {
-                check("shards vs CPUs", Pass, format!("{n} shards on {} CPUs", f.cpus), "")
+                check(
+                    "shards vs CPUs",
+                    Pass,
+                    format!("{n} shards on {} CPUs", f.cpus),
+                    "",
+                )
             } else {
-                check("shards vs CPUs", Warn, format!("{n} shards on {} CPUs", f.cpus), "set server.shards to at most the CPU count (0 = one per CPU)")
+                check(
+                    "shards vs CPUs",
+                    Warn,
+                    format!("{n} shards on {} CPUs", f.cpus),
+                    "set server.shards to at most the CPU count (0 = one per CPU)",
+                )
             });
             match crate::tls::TlsPolicy::load(c) {
-                Err(e) => out.push(check("certificates", Fail, e.to_string(), "fix or replace the file named")),
+                Err(e) => out.push(check(
+                    "certificates",
+                    Fail,
+                    e.to_string(),
+                    "fix or replace the file named",
+                )),
                 Ok(p) => {
                     for cert in &p.certs {
                         let days = (cert.not_after - f.now) / 86_400;
                         let name = format!("certificate {}", cert.file.display());
                         out.push(if days < 0 {
-                            check(&name, Fail, format!("expired {} days ago", -days), "renew it, then `kill -HUP` or POST /reload")
+                            check(
+                                &name,
+                                Fail,
+                                format!("expired {} days ago", -days),
+                                "renew it, then `kill -HUP` or POST /reload",
+                            )
                         } else if days <= 30 {
-                            check(&name, Warn, format!("expires in {days} days"), "renew it soon, then reload")
+                            check(
+                                &name,
+                                Warn,
+                                format!("expires in {days} days"),
+                                "renew it soon, then reload",
+                            )
                         } else {
                             check(&name, Pass, format!("expires in {days} days"), "")
                         });
@@ -189,12 +319,22 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
     }
     out.push(match f.clock_synced {
         Some(true) => check("clock", Pass, "synchronised", ""),
-        Some(false) => check("clock", Warn, "not synchronised", "enable chrony or systemd-timesyncd: certificate validity depends on it"),
+        Some(false) => check(
+            "clock",
+            Warn,
+            "not synchronised",
+            "enable chrony or systemd-timesyncd: certificate validity depends on it",
+        ),
         None => check("clock", Pass, format!("Unix time {}", f.now), ""),
     });
     if f.now < 1_700_000_000 {
         let last = out.len() - 1;
-        out[last] = check("clock", Fail, format!("Unix time {} is before 2023", f.now), "set the clock: every certificate would look not yet valid");
+        out[last] = check(
+            "clock",
+            Fail,
+            format!("Unix time {} is before 2023", f.now),
+            "set the clock: every certificate would look not yet valid",
+        );
     }
     out
 }

@@ -47,8 +47,12 @@ enum Cmd {
 }
 
 fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SIPRING_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIPRING_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -87,10 +91,27 @@ fn main() -> ExitCode {
         },
         Cmd::Doctor { config } => {
             let facts = sipring::doctor::HostFacts::gather();
-            let loaded = config.as_ref().map(|p| Config::load(p).map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")));
-            let checks = sipring::doctor::run(&facts, loaded.as_ref().map(|r| r.as_ref().map_err(Clone::clone)));
+            let loaded = config.as_ref().map(|p| {
+                Config::load(p).map_err(|e| {
+                    e.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+            });
+            let checks = sipring::doctor::run(
+                &facts,
+                loaded.as_ref().map(|r| r.as_ref().map_err(Clone::clone)),
+            );
             print!("{}", sipring::doctor::render(&checks));
-            if checks.iter().any(|c| c.verdict == sipring::doctor::Verdict::Fail) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if checks
+                .iter()
+                .any(|c| c.verdict == sipring::doctor::Verdict::Fail)
+            {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     }
 }
@@ -114,7 +135,11 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     tracing::info!(shards = running.shards, listen = ?running.listen_addrs, admin = ?running.admin_addr, "sipring running");
-    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP]) {
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("signals: {e}");

@@ -15,7 +15,7 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 /// One shard's metrics, owned by that shard.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ShardMetrics {
     /// Counters by full metric name with labels, e.g. `sipring_messages_total{method="INVITE"}`.
     pub counters: BTreeMap<String, u64>,
@@ -23,12 +23,6 @@ pub struct ShardMetrics {
     pub gauges: BTreeMap<String, i64>,
     /// Latency histograms (µs) by name, e.g. `forward_INVITE`, `handshake`.
     pub histograms: BTreeMap<String, Histogram<u64>>,
-}
-
-impl Default for ShardMetrics {
-    fn default() -> Self {
-        ShardMetrics { counters: BTreeMap::new(), gauges: BTreeMap::new(), histograms: BTreeMap::new() }
-    }
 }
 
 impl ShardMetrics {
@@ -124,9 +118,19 @@ impl ShardMetrics {
             }
             for q in [0.5, 0.9, 0.99, 0.999] {
                 let line = name.replace('}', &format!(",quantile=\"{q}\"}}"));
-                let _ = writeln!(out, "{} {:.6}", add_label(&line), h.value_at_quantile(q) as f64 / 1e6);
+                let _ = writeln!(
+                    out,
+                    "{} {:.6}",
+                    add_label(&line),
+                    h.value_at_quantile(q) as f64 / 1e6
+                );
             }
-            let _ = writeln!(out, "{} {}", add_label(&name.replace("seconds{", "seconds_count{")), h.len());
+            let _ = writeln!(
+                out,
+                "{} {}",
+                add_label(&name.replace("seconds{", "seconds_count{")),
+                h.len()
+            );
         }
         out
     }
@@ -146,29 +150,75 @@ pub struct Snapshot {
 /// from microseconds).
 pub fn hgrm(h: &Histogram<u64>, scale: f64) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
+    let _ = writeln!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    );
     if h.is_empty() {
-        let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", 0.0, 0.0);
-        let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", 0.0, 0);
-        let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), h.distinct_values());
+        let _ = writeln!(
+            out,
+            "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
+            0.0, 0.0
+        );
+        let _ = writeln!(
+            out,
+            "#[Max     = {:>12.3}, Total count    = {:>12}]",
+            0.0, 0
+        );
+        let _ = writeln!(
+            out,
+            "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
+            h.buckets(),
+            h.distinct_values()
+        );
         return out;
     }
     let mut total = 0u64;
     for v in h.iter_quantiles(5) {
         let p = v.quantile_iterated_to();
         total += v.count_since_last_iteration();
-        let inv = if p < 1.0 { format!("{:>14.2}", 1.0 / (1.0 - p)) } else { String::new() };
-        let _ = writeln!(out, "{:>12.3} {:>2.12} {:>10} {}", v.value_iterated_to() as f64 / scale, p, total, inv);
+        let inv = if p < 1.0 {
+            format!("{:>14.2}", 1.0 / (1.0 - p))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "{:>12.3} {:>2.12} {:>10} {}",
+            v.value_iterated_to() as f64 / scale,
+            p,
+            total,
+            inv
+        );
     }
-    let _ = writeln!(out, "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]", h.mean() / scale, h.stdev() / scale);
-    let _ = writeln!(out, "#[Max     = {:>12.3}, Total count    = {:>12}]", h.max() as f64 / scale, h.len());
-    let _ = writeln!(out, "#[Buckets = {:>12}, SubBuckets     = {:>12}]", h.buckets(), h.distinct_values());
+    let _ = writeln!(
+        out,
+        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]",
+        h.mean() / scale,
+        h.stdev() / scale
+    );
+    let _ = writeln!(
+        out,
+        "#[Max     = {:>12.3}, Total count    = {:>12}]",
+        h.max() as f64 / scale,
+        h.len()
+    );
+    let _ = writeln!(
+        out,
+        "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
+        h.buckets(),
+        h.distinct_values()
+    );
     out
 }
 
+/// Rows of a `.hgrm` file: (value, percentile, cumulative count).
+pub type HgrmRows = Vec<(f64, f64, u64)>;
+
 /// Parses a `.hgrm` text back into (value, percentile, total count) rows and the total count.
 /// Used by tests and by `sipring-load compare`.
-pub fn parse_hgrm(text: &str) -> Option<(Vec<(f64, f64, u64)>, u64)> {
+pub fn parse_hgrm(text: &str) -> Option<(HgrmRows, u64)> {
     let mut rows = Vec::new();
     let mut total = None;
     for line in text.lines() {
@@ -177,7 +227,13 @@ pub fn parse_hgrm(text: &str) -> Option<(Vec<(f64, f64, u64)>, u64)> {
             continue;
         }
         if let Some(rest) = l.strip_prefix("#[Max") {
-            total = rest.split("Total count").nth(1).and_then(|s| s.trim_start_matches([' ', '=']).trim_end_matches(']').trim().parse().ok());
+            total = rest.split("Total count").nth(1).and_then(|s| {
+                s.trim_start_matches([' ', '='])
+                    .trim_end_matches(']')
+                    .trim()
+                    .parse()
+                    .ok()
+            });
             continue;
         }
         if l.starts_with('#') {
@@ -214,10 +270,16 @@ mod tests {
         let (rows, total) = parse_hgrm(&text).unwrap();
         assert_eq!(total, 2000);
         assert_eq!(rows.last().unwrap().2, 2000, "TotalCount is cumulative");
-        assert!(rows.windows(2).all(|w| w[0].2 <= w[1].2 && w[0].1 <= w[1].1));
+        assert!(
+            rows.windows(2)
+                .all(|w| w[0].2 <= w[1].2 && w[0].1 <= w[1].1)
+        );
         assert!((rows.last().unwrap().0 - 10.0).abs() < 0.05, "max 10 ms");
         let prom = a.prometheus(Some(1));
-        assert!(prom.contains("sipring_messages_total{shard=\"1\",method=\"INVITE\"} 7"), "{prom}");
+        assert!(
+            prom.contains("sipring_messages_total{shard=\"1\",method=\"INVITE\"} 7"),
+            "{prom}"
+        );
         assert!(prom.contains("quantile=\"0.99\""));
     }
 }

@@ -81,7 +81,10 @@ pub struct Running {
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Running").field("shards", &self.shards).field("listen", &self.listen_addrs).finish()
+        f.debug_struct("Running")
+            .field("shards", &self.shards)
+            .field("listen", &self.listen_addrs)
+            .finish()
     }
 }
 
@@ -99,23 +102,37 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     let n = shard_count(&cfg);
     sys::probe::raise_limits();
     sys::probe::preflight(n).map_err(StartError)?;
-    let policy = TlsPolicy::load(&cfg).map_err(|e| StartError(format!("TLS configuration: {e}")))?;
+    let policy =
+        TlsPolicy::load(&cfg).map_err(|e| StartError(format!("TLS configuration: {e}")))?;
     let ktls = sys::ktls::probe();
     tracing::info!(ktls = %ktls.describe(), "kernel TLS probe");
     let control = Arc::new(Control {
         draining: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
-        snapshots: (0..n).map(|i| ArcSwap::from_pointee(Snapshot { shard: i, metrics: ShardMetrics::default() })).collect(),
+        snapshots: (0..n)
+            .map(|i| {
+                ArcSwap::from_pointee(Snapshot {
+                    shard: i,
+                    metrics: ShardMetrics::default(),
+                })
+            })
+            .collect(),
         rejections: RejectCounters::default(),
         ktls,
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
     });
     // Bind every listener now, in this thread, so errors surface before any shard starts.
-    let mut bound: Vec<Vec<(ListenKind, bool, sys::sock::BoundListener)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut bound: Vec<Vec<(ListenKind, bool, sys::sock::BoundListener)>> =
+        (0..n).map(|_| Vec::new()).collect();
     let mut listen_addrs = Vec::new();
     for l in &cfg.listen {
-        let socks = sys::sock::bind_reuseport(l.address, n, l.backlog).map_err(|e| StartError(format!("cannot listen on {} ({:?}): {e}", l.address, l.kind)))?;
+        let socks = sys::sock::bind_reuseport(l.address, n, l.backlog).map_err(|e| {
+            StartError(format!(
+                "cannot listen on {} ({:?}): {e}",
+                l.address, l.kind
+            ))
+        })?;
         listen_addrs.push(socks[0].local);
         for (i, s) in socks.into_iter().enumerate() {
             bound[i].push((l.kind, l.optional_client_auth, s));
@@ -132,26 +149,53 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     let online = std::thread::available_parallelism().map_or(1, |c| c.get());
     let mut handles = Vec::new();
     for (i, listeners) in bound.into_iter().enumerate() {
-        let placement = if n <= online { Placement::Fixed((cfg.server.first_cpu + i) % online) } else { Placement::Unbound };
-        let mut b = LocalExecutorBuilder::new(placement).name(&format!("shard-{i}")).io_memory(cfg.server.io_memory_kib * 1024);
+        let placement = if n <= online {
+            Placement::Fixed((cfg.server.first_cpu + i) % online)
+        } else {
+            Placement::Unbound
+        };
+        let mut b = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{i}"))
+            .io_memory(cfg.server.io_memory_kib * 1024);
         if cfg.server.spin_before_park_us > 0 {
             b = b.spin_before_park(Duration::from_micros(cfg.server.spin_before_park_us));
         }
-        let (mesh, cfg2, policy2, control2) = (mesh.clone(), cfg.clone(), policy.clone(), control.clone());
+        let (mesh, cfg2, policy2, control2) =
+            (mesh.clone(), cfg.clone(), policy.clone(), control.clone());
         let h = std::thread::Builder::new()
             .name(format!("sipring-shard-{i}"))
             .spawn(move || -> Result<(), String> {
                 let ex = b.make().map_err(|e| format!("shard {i}: executor: {e}"))?;
-                let r = ex.run(run_shard(i, n, cfg2, policy2, control2.clone(), mesh, listeners));
+                let r = ex.run(run_shard(
+                    i,
+                    n,
+                    cfg2,
+                    policy2,
+                    control2.clone(),
+                    mesh,
+                    listeners,
+                ));
                 control2.stopped.fetch_add(1, Ordering::Relaxed);
                 r
             })
             .map_err(|e| StartError(format!("spawn shard thread: {e}")))?;
         handles.push(h);
     }
-    let mut running = Running { handles, control, policy, cfg, config_path, listen_addrs, shards: n, admin_addr: None };
+    let mut running = Running {
+        handles,
+        control,
+        policy,
+        cfg,
+        config_path,
+        listen_addrs,
+        shards: n,
+        admin_addr: None,
+    };
     if let Some(addr) = running.cfg.admin.address {
-        running.admin_addr = Some(crate::admin::spawn(addr, &running).map_err(|e| StartError(format!("admin endpoint {addr}: {e}")))?);
+        running.admin_addr = Some(
+            crate::admin::spawn(addr, &running)
+                .map_err(|e| StartError(format!("admin endpoint {addr}: {e}")))?,
+        );
     }
     Ok(running)
 }
@@ -165,13 +209,27 @@ async fn run_shard(
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     listeners: Vec<(ListenKind, bool, sys::sock::BoundListener)>,
 ) -> Result<(), String> {
-    let (senders, receivers) = mesh.join().await.map_err(|_| format!("shard {id}: mesh join failed"))?;
-    let shard = Rc::new(Shard::new(id, n, cfg.clone(), policy, control.clone(), senders));
+    let (senders, receivers) = mesh
+        .join()
+        .await
+        .map_err(|_| format!("shard thread {id}: mesh join failed"))?;
+    // The mesh numbers peers in join order: that number is the shard id everywhere (connection
+    // ids, branches, the AOR shard function), whatever thread or CPU this is.
+    let id = senders.peer_id();
+    let shard = Rc::new(Shard::new(
+        id,
+        n,
+        cfg.clone(),
+        policy,
+        control.clone(),
+        senders,
+    ));
     shard::spawn_mesh_receivers(&shard, receivers);
     for (kind, optional_auth, l) in listeners {
         let listener = l.into_glommio();
         let s = shard.clone();
-        glommio::spawn_local(async move { accept_loop(s, listener, kind, optional_auth).await }).detach();
+        glommio::spawn_local(async move { accept_loop(s, listener, kind, optional_auth).await })
+            .detach();
     }
     tracing::debug!(shard = id, "shard running");
     shard::timer_loop(shard.clone()).await;
@@ -186,7 +244,12 @@ async fn run_shard(
     Ok(())
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener, kind: ListenKind, optional_auth: bool) {
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: glommio::net::TcpListener,
+    kind: ListenKind,
+    optional_auth: bool,
+) {
     let stop = || async {
         loop {
             glommio::timer::sleep(Duration::from_millis(50)).await;
@@ -196,7 +259,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener, kind
         }
     };
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, stop()).await;
+        let accepted =
+            futures_lite::future::or(async { Some(listener.accept().await) }, stop()).await;
         let stream = match accepted {
             None => return, // draining: stop accepting (the listener closes with this task)
             Some(Ok(s)) => s,
@@ -214,13 +278,17 @@ async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener, kind
             Some("max_connections_per_shard")
         } else if per_ip >= limits.max_connections_per_ip {
             Some("max_connections_per_ip")
-        } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
+        } else if kind != ListenKind::Tcp
+            && shard.handshakes.get() >= limits.max_handshakes_in_flight
+        {
             Some("max_handshakes_in_flight")
         } else {
             None
         };
         if let Some(why) = refuse {
-            shard.count(&format!("sipring_connections_refused_total{{limit=\"{why}\"}}"));
+            shard.count(&format!(
+                "sipring_connections_refused_total{{limit=\"{why}\"}}"
+            ));
             tracing::warn!(?ip, limit = why, "connection refused by limit");
             drop(stream);
             continue;
@@ -248,7 +316,15 @@ impl Running {
         self.control.draining.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(self.cfg.server.drain_timeout_s);
         while Instant::now() < deadline {
-            let busy: i64 = self.merged().gauges.iter().filter(|(k, _)| k.starts_with("sipring_transactions") || k.starts_with("sipring_pending")).map(|(_, v)| *v).sum();
+            let busy: i64 = self
+                .merged()
+                .gauges
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with("sipring_transactions") || k.starts_with("sipring_pending")
+                })
+                .map(|(_, v)| *v)
+                .sum();
             if busy == 0 {
                 break;
             }
@@ -273,7 +349,11 @@ impl Running {
                 Err(_) => errs.push("a shard panicked".into()),
             }
         }
-        if errs.is_empty() { Ok(()) } else { Err(errs.join("; ")) }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
     }
 
     /// All shards' latest metrics, merged.
@@ -291,12 +371,24 @@ pub fn merge(control: &Control) -> ShardMetrics {
     for r in crate::tls::Rejection::ALL {
         let v = control.rejections.get(r);
         if v > 0 {
-            m.counters.insert(format!("sipring_tls_rejections_total{{reason=\"{}\"}}", r.label()), v);
+            m.counters.insert(
+                format!("sipring_tls_rejections_total{{reason=\"{}\"}}", r.label()),
+                v,
+            );
         }
     }
-    m.counters.insert("sipring_reloads_total{result=\"ok\"}".into(), control.reloads[0].load(Ordering::Relaxed));
-    m.counters.insert("sipring_reloads_total{result=\"refused\"}".into(), control.reloads[1].load(Ordering::Relaxed));
-    m.gauges.insert("sipring_ktls_available".into(), i64::from(control.ktls.available()));
+    m.counters.insert(
+        "sipring_reloads_total{result=\"ok\"}".into(),
+        control.reloads[0].load(Ordering::Relaxed),
+    );
+    m.counters.insert(
+        "sipring_reloads_total{result=\"refused\"}".into(),
+        control.reloads[1].load(Ordering::Relaxed),
+    );
+    m.gauges.insert(
+        "sipring_ktls_available".into(),
+        i64::from(control.ktls.available()),
+    );
     m
 }
 
@@ -312,13 +404,23 @@ pub struct Reloader {
 impl Reloader {
     /// From a running server.
     pub fn of(r: &Running) -> Reloader {
-        Reloader { policy: r.policy.clone(), cfg: r.cfg.clone(), path: r.config_path.clone(), control: r.control.clone() }
+        Reloader {
+            policy: r.policy.clone(),
+            cfg: r.cfg.clone(),
+            path: r.config_path.clone(),
+            control: r.control.clone(),
+        }
     }
 
     /// See [`Running::reload`].
     pub fn reload(&self) -> Result<(), String> {
         let cfg = match &self.path {
-            Some(p) => Config::load(p).map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?,
+            Some(p) => Config::load(p).map_err(|errs| {
+                errs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })?,
             None => (*self.cfg).clone(),
         };
         match TlsPolicy::load(&cfg) {

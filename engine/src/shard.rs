@@ -98,6 +98,13 @@ pub enum ShardMsg {
         /// Latency stamp.
         stamp: Option<Stamp>,
     },
+    /// A response for a client transaction this shard owns, received elsewhere.
+    Response {
+        /// The flow it arrived on.
+        flow: Flow,
+        /// The response.
+        bytes: Vec<u8>,
+    },
     /// A connection closed: drop its bindings and fail its transactions.
     FlowClosed {
         /// The connection.
@@ -184,18 +191,42 @@ impl std::fmt::Debug for Shard {
 
 /// Builds the proxy configuration from the config file.
 pub fn proxy_config(cfg: &Config) -> ProxyConfig {
-    let mut local_hosts: Vec<String> = cfg.server.local_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+    let mut local_hosts: Vec<String> = cfg
+        .server
+        .local_hosts
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
     local_hosts.push(cfg.server.hostname.to_ascii_lowercase());
     for l in &cfg.listen {
         local_hosts.push(l.address.ip().to_string());
     }
-    let port = cfg.listen.iter().find(|l| l.kind != ListenKind::Tcp).or(cfg.listen.first()).map_or(5061, |l| l.address.port());
+    let port = cfg
+        .listen
+        .iter()
+        .find(|l| l.kind != ListenKind::Tcp)
+        .or(cfg.listen.first())
+        .map_or(5061, |l| l.address.port());
     ProxyConfig {
-        domains: cfg.server.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+        domains: cfg
+            .server
+            .domains
+            .iter()
+            .map(|d| d.to_ascii_lowercase())
+            .collect(),
         local_hosts,
         via_host: cfg.server.hostname.clone(),
         via_port: port,
-        peers: cfg.peer.iter().flat_map(|p| p.domains.iter().map(move |d| PeerRoute { domain: d.to_ascii_lowercase(), peer: p.name.clone() })).collect(),
+        peers: cfg
+            .peer
+            .iter()
+            .flat_map(|p| {
+                p.domains.iter().map(move |d| PeerRoute {
+                    domain: d.to_ascii_lowercase(),
+                    peer: p.name.clone(),
+                })
+            })
+            .collect(),
         supported: vec!["outbound".into(), "path".into()],
         record_route: true,
     }
@@ -203,7 +234,14 @@ pub fn proxy_config(cfg: &Config) -> ProxyConfig {
 
 impl Shard {
     /// A shard with its mesh senders.
-    pub fn new(id: usize, n: usize, cfg: Arc<Config>, policy: Arc<ArcSwap<TlsPolicy>>, control: Arc<Control>, mesh: Senders<ShardMsg>) -> Shard {
+    pub fn new(
+        id: usize,
+        n: usize,
+        cfg: Arc<Config>,
+        policy: Arc<ArcSwap<TlsPolicy>>,
+        control: Arc<Control>,
+        mesh: Senders<ShardMsg>,
+    ) -> Shard {
         let r = &cfg.registrar;
         let registrar = Registrar::new(RegistrarConfig {
             min_expires: r.min_expires_s,
@@ -211,7 +249,12 @@ impl Shard {
             default_expires: r.default_expires_s,
             max_contacts: r.max_contacts,
         });
-        let proxy = ShardProxy::new(Proxy::new(proxy_config(&cfg)), cfg.sip_limits(), TimerConfig::default(), id as u16);
+        let proxy = ShardProxy::new(
+            Proxy::new(proxy_config(&cfg)),
+            cfg.sip_limits(),
+            TimerConfig::default(),
+            id as u16,
+        );
         Shard {
             id,
             n,
@@ -267,41 +310,90 @@ impl Shard {
                     let owner = shard_for(&aor, self.n).0 as usize;
                     if owner == self.id {
                         let r = self.lookup(&aor);
-                        self.proxy.borrow_mut().handle_lookup(Instant::now(), token, r);
+                        self.proxy
+                            .borrow_mut()
+                            .handle_lookup(Instant::now(), token, r);
                     } else {
                         self.count("sipring_cross_shard_total{op=\"lookup\"}");
                         if let Some(s) = stamp {
                             self.stamps.borrow_mut().insert(token, s);
                         }
-                        if self.mesh.try_send_to(owner, ShardMsg::Lookup { from: self.id, token, aor }).is_err() {
+                        if self
+                            .mesh
+                            .try_send_to(
+                                owner,
+                                ShardMsg::Lookup {
+                                    from: self.id,
+                                    token,
+                                    aor,
+                                },
+                            )
+                            .is_err()
+                        {
                             self.count("sipring_overload_503_total");
                             self.stamps.borrow_mut().remove(&token);
-                            self.proxy.borrow_mut().handle_lookup(Instant::now(), token, Lookup::Unavailable);
+                            self.proxy.borrow_mut().handle_lookup(
+                                Instant::now(),
+                                token,
+                                Lookup::Unavailable,
+                            );
                         }
                     }
                 }
-                Output::Register { token, aor, request, flow } => {
+                Output::Register {
+                    token,
+                    aor,
+                    request,
+                    flow,
+                } => {
                     let owner = shard_for(&aor, self.n).0 as usize;
                     let Flow::Conn(fid) = flow else { continue };
                     if owner == self.id {
                         let reply = self.register(&aor, &request, fid);
-                        self.proxy.borrow_mut().handle_register_reply(Instant::now(), token, reply);
+                        self.proxy
+                            .borrow_mut()
+                            .handle_register_reply(Instant::now(), token, reply);
                     } else {
                         self.count("sipring_cross_shard_total{op=\"register\"}");
                         if let Some(s) = stamp {
                             self.stamps.borrow_mut().insert(token, s);
                         }
-                        let msg = ShardMsg::Register { from: self.id, token, aor, request: request.to_vec(), flow: fid };
+                        let msg = ShardMsg::Register {
+                            from: self.id,
+                            token,
+                            aor,
+                            request: request.to_vec(),
+                            flow: fid,
+                        };
                         if self.mesh.try_send_to(owner, msg).is_err() {
                             self.count("sipring_overload_503_total");
                             self.stamps.borrow_mut().remove(&token);
-                            let reply = Reply { code: 503, reason: "Service Unavailable", headers: vec![("Retry-After", b"1".to_vec())] };
-                            self.proxy.borrow_mut().handle_register_reply(Instant::now(), token, reply);
+                            let reply = Reply {
+                                code: 503,
+                                reason: "Service Unavailable",
+                                headers: vec![("Retry-After", b"1".to_vec())],
+                            };
+                            self.proxy.borrow_mut().handle_register_reply(
+                                Instant::now(),
+                                token,
+                                reply,
+                            );
                         }
                     }
                 }
+                Output::Relay { shard, flow, bytes } => {
+                    self.count("sipring_cross_shard_total{op=\"response\"}");
+                    let msg = ShardMsg::Response {
+                        flow,
+                        bytes: bytes.to_vec(),
+                    };
+                    self.reply(shard as usize, msg);
+                }
                 Output::Close { flow, reason } => {
-                    self.count(&format!("sipring_parse_errors_total{{reason=\"{}\"}}", reason.label()));
+                    self.count(&format!(
+                        "sipring_parse_errors_total{{reason=\"{}\"}}",
+                        reason.label()
+                    ));
                     if let Flow::Conn(id) = flow {
                         tracing::warn!(conn = id, %reason, "closing connection: stream framing lost");
                         if let Some(c) = self.conns.borrow().get(&id) {
@@ -322,8 +414,17 @@ impl Shard {
                     self.send_local(*id, bytes, stamp);
                 } else {
                     self.count("sipring_cross_shard_total{op=\"send\"}");
-                    let msg = ShardMsg::Send { conn: *id, bytes: bytes.to_vec(), stamp };
-                    if let Some(msg) = self.mesh.try_send_to(owner, msg).err().and_then(channel_full) {
+                    let msg = ShardMsg::Send {
+                        conn: *id,
+                        bytes: bytes.to_vec(),
+                        stamp,
+                    };
+                    if let Some(msg) = self
+                        .mesh
+                        .try_send_to(owner, msg)
+                        .err()
+                        .and_then(channel_full)
+                    {
                         // Relayed bytes wait for room without blocking this shard's loop.
                         let me = self.clone();
                         glommio::spawn_local(async move {
@@ -384,25 +485,41 @@ impl Shard {
     /// A connection finished its handshake and is ready for traffic.
     pub fn conn_opened(&self, id: FlowId, handle: ConnHandle) {
         if let Some(p) = &handle.peer {
-            self.proxy.borrow_mut().set_flow_peer(Flow::Conn(id), p.clone());
+            self.proxy
+                .borrow_mut()
+                .set_flow_peer(Flow::Conn(id), p.clone());
         }
         let kind = kind_label(handle.kind);
-        let mode = if handle.ktls { "kernel" } else if handle.kind == ListenKind::Tcp { "plain" } else { "userspace" };
+        let mode = if handle.ktls {
+            "kernel"
+        } else if handle.kind == ListenKind::Tcp {
+            "plain"
+        } else {
+            "userspace"
+        };
         {
             let mut m = self.metrics.borrow_mut();
             m.gauge(&format!("sipring_connections{{kind=\"{kind}\"}}"), 1);
-            m.inc(&format!("sipring_connections_total{{kind=\"{kind}\",record_layer=\"{mode}\"}}"), 1);
+            m.inc(
+                &format!("sipring_connections_total{{kind=\"{kind}\",record_layer=\"{mode}\"}}"),
+                1,
+            );
         }
         self.conns.borrow_mut().insert(id, handle);
     }
 
     /// A connection is gone: forget it, fail its transactions, drop its bindings everywhere.
     pub fn conn_closed(self: &Rc<Self>, id: FlowId) {
-        let Some(h) = self.conns.borrow_mut().remove(&id) else { return };
+        let Some(h) = self.conns.borrow_mut().remove(&id) else {
+            return;
+        };
         if let Some(n) = self.per_ip.borrow_mut().get_mut(&h.remote.ip()) {
             *n = n.saturating_sub(1);
         }
-        self.metrics.borrow_mut().gauge(&format!("sipring_connections{{kind=\"{}\"}}", kind_label(h.kind)), -1);
+        self.metrics.borrow_mut().gauge(
+            &format!("sipring_connections{{kind=\"{}\"}}", kind_label(h.kind)),
+            -1,
+        );
         self.flow_closed(id);
         for s in 0..self.n {
             if s != self.id {
@@ -418,25 +535,39 @@ impl Shard {
     fn flow_closed(self: &Rc<Self>, id: FlowId) {
         let removed = self.store.borrow_mut().remove_flow(id);
         if removed > 0 {
-            self.metrics.borrow_mut().gauge("sipring_bindings", -(removed as i64));
+            self.metrics
+                .borrow_mut()
+                .gauge("sipring_bindings", -(removed as i64));
         }
-        self.proxy.borrow_mut().handle_flow_closed(Instant::now(), &Flow::Conn(id));
+        self.proxy
+            .borrow_mut()
+            .handle_flow_closed(Instant::now(), &Flow::Conn(id));
         self.pump(None);
     }
 
     /// An outbound partner link went down (or failed to come up).
     pub fn peer_down(self: &Rc<Self>, name: &str) {
-        let prev = self.peers.borrow_mut().insert(name.to_string(), PeerLink::Idle);
+        let prev = self
+            .peers
+            .borrow_mut()
+            .insert(name.to_string(), PeerLink::Idle);
         if let Some(PeerLink::Connecting(q)) = prev {
-            self.metrics.borrow_mut().inc("sipring_queue_drops_total{queue=\"peer\"}", q.len() as u64);
+            self.metrics
+                .borrow_mut()
+                .inc("sipring_queue_drops_total{queue=\"peer\"}", q.len() as u64);
         }
-        self.proxy.borrow_mut().handle_flow_closed(Instant::now(), &Flow::Peer(name.to_string()));
+        self.proxy
+            .borrow_mut()
+            .handle_flow_closed(Instant::now(), &Flow::Peer(name.to_string()));
         self.pump(None);
     }
 
     /// An outbound partner link is up as connection `id`: flush what waited.
     pub fn peer_up(self: &Rc<Self>, name: &str, id: FlowId) {
-        let prev = self.peers.borrow_mut().insert(name.to_string(), PeerLink::Up(id));
+        let prev = self
+            .peers
+            .borrow_mut()
+            .insert(name.to_string(), PeerLink::Up(id));
         if let Some(PeerLink::Connecting(q)) = prev {
             for (b, s) in q {
                 self.send_local(id, b, s);
@@ -446,7 +577,11 @@ impl Shard {
 
     /// Registrar lookup on this (owner) shard.
     fn lookup(&self, aor: &str) -> Lookup {
-        debug_assert_eq!(shard_for(aor, self.n).0 as usize, self.id, "lookup reached the wrong shard");
+        debug_assert_eq!(
+            shard_for(aor, self.n).0 as usize,
+            self.id,
+            "lookup reached the wrong shard"
+        );
         let store = self.store.borrow();
         let b = self.registrar.lookup(Instant::now(), &*store, aor);
         if !b.is_empty() {
@@ -460,18 +595,32 @@ impl Shard {
 
     /// Runs the registrar on this (owner) shard.
     fn register(&self, aor: &str, request: &[u8], flow: FlowId) -> Reply {
-        debug_assert_eq!(shard_for(aor, self.n).0 as usize, self.id, "REGISTER reached the wrong shard");
+        debug_assert_eq!(
+            shard_for(aor, self.n).0 as usize,
+            self.id,
+            "REGISTER reached the wrong shard"
+        );
         let limits = self.cfg.sip_limits();
         let mut h = [Header::EMPTY; 64];
         let Ok(Status::Complete(m)) = parse(request, &mut h, &limits, Framing::Stream) else {
-            return Reply { code: 400, reason: "Bad Request", headers: Vec::new() };
+            return Reply {
+                code: 400,
+                reason: "Bad Request",
+                headers: Vec::new(),
+            };
         };
         let Ok(e) = m.validate(&limits) else {
-            return Reply { code: 400, reason: "Bad Request", headers: Vec::new() };
+            return Reply {
+                code: 400,
+                reason: "Bad Request",
+                headers: Vec::new(),
+            };
         };
         let mut store = self.store.borrow_mut();
         let before = store.bindings();
-        let reply = self.registrar.handle_register(Instant::now(), &m, &e, aor, flow, &mut *store);
+        let reply = self
+            .registrar
+            .handle_register(Instant::now(), &m, &e, aor, flow, &mut *store);
         let after = store.bindings();
         drop(store);
         if reply.code == 200 {
@@ -479,7 +628,10 @@ impl Shard {
         }
         let mut m = self.metrics.borrow_mut();
         m.gauge("sipring_bindings", after as i64 - before as i64);
-        m.inc(&format!("sipring_register_total{{status=\"{}\"}}", reply.code), 1);
+        m.inc(
+            &format!("sipring_register_total{{status=\"{}\"}}", reply.code),
+            1,
+        );
         reply
     }
 
@@ -492,21 +644,40 @@ impl Shard {
             }
             ShardMsg::LookupReply { token, result } => {
                 let stamp = self.stamps.borrow_mut().remove(&token);
-                self.proxy.borrow_mut().handle_lookup(Instant::now(), token, result);
+                self.proxy
+                    .borrow_mut()
+                    .handle_lookup(Instant::now(), token, result);
                 self.pump(stamp);
             }
-            ShardMsg::Register { from, token, aor, request, flow } => {
+            ShardMsg::Register {
+                from,
+                token,
+                aor,
+                request,
+                flow,
+            } => {
                 let reply = self.register(&aor, &request, flow);
                 self.reply(from, ShardMsg::RegisterReply { token, reply });
             }
             ShardMsg::RegisterReply { token, reply } => {
                 let stamp = self.stamps.borrow_mut().remove(&token);
-                self.proxy.borrow_mut().handle_register_reply(Instant::now(), token, reply);
+                self.proxy
+                    .borrow_mut()
+                    .handle_register_reply(Instant::now(), token, reply);
                 self.pump(stamp);
             }
             ShardMsg::Send { conn, bytes, stamp } => {
                 debug_assert_eq!(owner_of(conn), self.id, "Send reached the wrong shard");
                 self.send_local(conn, bytes.into(), stamp);
+            }
+            ShardMsg::Response { flow, bytes } => {
+                self.proxy
+                    .borrow_mut()
+                    .handle_message(Instant::now(), &flow, &bytes);
+                self.pump(Some(Stamp {
+                    t0: Instant::now(),
+                    label: "response",
+                }));
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
         }
@@ -539,11 +710,20 @@ impl Shard {
             m.set_gauge("sipring_registered_aors", self.store.borrow().len() as i64);
             m.set_gauge("sipring_handshakes_in_flight", self.handshakes.get() as i64);
             let st = self.proxy.borrow().stats();
-            m.counters.insert("sipring_requests_forwarded_total".into(), st.forwarded);
-            m.counters.insert("sipring_responses_dropped_total".into(), st.dropped_responses);
-            m.counters.insert("sipring_requests_rejected_total".into(), st.rejected);
-            m.counters.insert("sipring_local_responses_total".into(), st.local_responses);
-            let snap = Snapshot { shard: self.id, metrics: m.clone() };
+            m.counters
+                .insert("sipring_requests_forwarded_total".into(), st.forwarded);
+            m.counters.insert(
+                "sipring_responses_dropped_total".into(),
+                st.dropped_responses,
+            );
+            m.counters
+                .insert("sipring_requests_rejected_total".into(), st.rejected);
+            m.counters
+                .insert("sipring_local_responses_total".into(), st.local_responses);
+            let snap = Snapshot {
+                shard: self.id,
+                metrics: m.clone(),
+            };
             drop(m);
             self.control.snapshots[self.id].store(Arc::new(snap));
         }

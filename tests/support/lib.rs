@@ -1,6 +1,8 @@
 //! Shared helpers for the sipring test suites: the RFC 4475 corpus and a small in-memory
 //! "what would sipring do with these bytes" pipeline built only from sipring-core.
 
+pub mod ua;
+
 use sipring_core::proxy::{Decision, Flow, Lookup, PeerRoute, Proxy, ProxyConfig};
 use sipring_core::registrar::{MemoryStore, Registrar};
 use sipring_core::response::error_response;
@@ -173,6 +175,141 @@ impl Pipeline {
             Decision::ToPeer(p) => Outcome::ToPeer(p),
             Decision::Drop(_) => Outcome::Drop,
             other => panic!("unexpected decision {other:?}"),
+        }
+    }
+}
+
+/// A throwaway PKI (sipring's demo PKI) and the config of a 2-shard server using it.
+pub mod server {
+    use super::TempDir;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use sipring::config::{CertConfig, Config, ListenConfig, ListenKind, PeerConfig};
+    use std::net::SocketAddr;
+
+    /// The demo PKI in a temp dir.
+    pub struct Pki {
+        /// Where the files are.
+        pub dir: TempDir,
+    }
+
+    impl Pki {
+        /// Writes a fresh PKI for `example.com`.
+        pub fn new() -> Pki {
+            let dir = TempDir::new("pki");
+            sipring::tls::pki::write_demo(&dir.0, "example.com").expect("pki");
+            Pki { dir }
+        }
+
+        /// Certificates in a PEM file.
+        pub fn certs(&self, name: &str) -> Vec<CertificateDer<'static>> {
+            CertificateDer::pem_file_iter(self.dir.join(name))
+                .expect("pem")
+                .map(|c| c.expect("cert"))
+                .collect()
+        }
+
+        /// A private key.
+        pub fn key(&self, name: &str) -> PrivateKeyDer<'static> {
+            PrivateKeyDer::from_pem_file(self.dir.join(name)).expect("key")
+        }
+    }
+
+    impl Default for Pki {
+        fn default() -> Self {
+            Pki::new()
+        }
+    }
+
+    /// A free loopback port (bound and released; fine on loopback in tests).
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A 2-shard server config for `example.com`: TLS and MTLS listeners on ephemeral ports,
+    /// admin on an ephemeral port, partner `partner` (the demo partner CA) for
+    /// `partner.example.com`.
+    pub fn config(pki: &Pki) -> Config {
+        let d = |n: &str| pki.dir.join(n);
+        let mut cfg = Config::default();
+        cfg.server.shards = 2;
+        cfg.server.hostname = "sip.example.com".into();
+        cfg.server.local_hosts = vec!["127.0.0.1".into(), "localhost".into()];
+        cfg.server.drain_timeout_s = 5;
+        cfg.listen = vec![
+            ListenConfig {
+                kind: ListenKind::Tls,
+                address: "127.0.0.1:0".parse().unwrap(),
+                ..ListenConfig::default()
+            },
+            ListenConfig {
+                kind: ListenKind::Mtls,
+                address: "127.0.0.1:0".parse().unwrap(),
+                ..ListenConfig::default()
+            },
+        ];
+        cfg.tls.certificate = vec![CertConfig {
+            cert: d("server.pem"),
+            key: d("server.key"),
+            sni: vec!["sip.example.com".into()],
+        }];
+        cfg.peer = vec![PeerConfig {
+            name: "partner".into(),
+            domains: vec!["partner.example.com".into()],
+            server_name: "sip.partner.example.com".into(),
+            roots: d("partner-ca.pem"),
+            crls: vec![d("partner-ca.crl")],
+            ..PeerConfig::default()
+        }];
+        cfg.admin.address = Some("127.0.0.1:0".parse().unwrap());
+        cfg
+    }
+
+    /// Fetches an admin URL (`GET`) and returns the body.
+    pub fn admin_get(addr: SocketAddr, path: &str) -> String {
+        admin(addr, "GET", path).1
+    }
+
+    /// An admin request; returns (status line, body).
+    pub fn admin(addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("admin");
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// The value of one metric line in Prometheus text (first match of `name` exactly).
+    pub fn metric(text: &str, name: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// Waits (bounded) until `f` holds on the admin metrics.
+    pub fn wait_metrics(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let m = admin_get(addr, "/metrics");
+            if f(&m) {
+                return m;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "metrics never showed {what}:\n{m}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
 }

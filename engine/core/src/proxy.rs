@@ -230,8 +230,18 @@ impl Proxy {
         ])
     }
 
-    /// The branch for a request we forward: our prefix, the loop hash, and a per-shard
-    /// counter that makes it unique.
+    /// The shard that created one of our branches (the top 16 bits of its unique part, see
+    /// [`Proxy::branch`]); `None` for branches that are not ours.
+    pub fn branch_shard(branch: &[u8]) -> Option<u16> {
+        let rest = branch.strip_prefix(BRANCH_PREFIX.as_bytes())?;
+        let dot = rest.iter().position(|&b| b == b'.')?;
+        let unique = u64::from_str_radix(std::str::from_utf8(&rest[dot + 1..]).ok()?, 16).ok()?;
+        Some((unique >> 48) as u16)
+    }
+
+    /// The branch for a request we forward: our prefix, the loop hash, and a unique part whose
+    /// top 16 bits name the shard that owns the client transaction (so a response arriving on
+    /// another shard's connection can be relayed to it).
     pub fn branch(msg: &Message<'_, '_>, ess: &Essentials<'_>, unique: u64) -> String {
         format!(
             "{BRANCH_PREFIX}{:016x}.{unique:x}",

@@ -69,6 +69,16 @@ pub enum Output {
         /// The flow it arrived on (the binding's flow).
         flow: Flow,
     },
+    /// A response for a client transaction another shard owns (it arrived on a connection
+    /// of this shard): hand these bytes to that shard's [`ShardProxy::handle_message`].
+    Relay {
+        /// The owning shard.
+        shard: u16,
+        /// The flow it arrived on.
+        flow: Flow,
+        /// The response, as received.
+        bytes: Bytes,
+    },
     /// Close this flow: its byte stream cannot be trusted any more.
     Close {
         /// The flow.
@@ -264,7 +274,7 @@ impl ShardProxy {
         if msg.is_request() {
             self.on_request(now, flow, &msg, &ess);
         } else {
-            self.on_response(now, &msg, &ess);
+            self.on_response(now, flow, &msg, &ess);
         }
     }
 
@@ -590,7 +600,9 @@ impl ShardProxy {
     ) {
         let branch = Proxy::branch(msg, ess, self.unique());
         let inbound = self.route_flow(inbound);
-        let out = self.proxy.forward_request(msg, ess, &branch, uri.map(str::as_bytes), &inbound, to);
+        let out =
+            self.proxy
+                .forward_request(msg, ess, &branch, uri.map(str::as_bytes), &inbound, to);
         self.stats.acks_forwarded += 1;
         self.send(to, out.into());
     }
@@ -650,10 +662,27 @@ impl ShardProxy {
         }
     }
 
-    fn on_response(&mut self, now: Instant, msg: &Message<'_, '_>, ess: &Essentials<'_>) {
-        if self.proxy.response_branch(ess).is_none() {
+    fn on_response(
+        &mut self,
+        now: Instant,
+        flow: &Flow,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+    ) {
+        let Some(branch) = self.proxy.response_branch(ess) else {
             self.stats.dropped_responses += 1;
             return;
+        };
+        match Proxy::branch_shard(branch) {
+            Some(owner) if owner != self.shard => {
+                self.out.push_back(Output::Relay {
+                    shard: owner,
+                    flow: flow.clone(),
+                    bytes: msg.bytes().into(),
+                });
+                return;
+            }
+            _ => {}
         }
         let Some(key) = TxKey::client(ess) else {
             return;

@@ -50,8 +50,12 @@ impl Support {
     pub fn describe(&self) -> String {
         match self {
             Support::Available => "kernel TLS available".into(),
-            Support::KernelLacksTls(e) => format!("kernel lacks TLS ({e}): `modprobe tls`, or a kernel built with CONFIG_TLS; falling back to userspace TLS"),
-            Support::ProbeFailed(e) => format!("kernel TLS probe failed ({e}); falling back to userspace TLS"),
+            Support::KernelLacksTls(e) => format!(
+                "kernel lacks TLS ({e}): `modprobe tls`, or a kernel built with CONFIG_TLS; falling back to userspace TLS"
+            ),
+            Support::ProbeFailed(e) => {
+                format!("kernel TLS probe failed ({e}); falling back to userspace TLS")
+            }
         }
     }
 }
@@ -61,7 +65,11 @@ pub fn attach_ulp(fd: RawFd) -> io::Result<()> {
     // SAFETY: setsockopt reads `optlen` = 3 bytes from a pointer to the static string "tls",
     // which outlives the call; `fd` is a socket descriptor owned by the caller.
     let rc = unsafe { libc::setsockopt(fd, SOL_TCP, TCP_ULP, b"tls".as_ptr().cast(), 3) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Probes kernel TLS once with a connected loopback pair.
@@ -80,7 +88,9 @@ pub fn probe() -> Support {
     };
     match attach_ulp(c.as_raw_fd()) {
         Ok(()) => Support::Available,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Support::KernelLacksTls("TCP_ULP \"tls\": ENOENT".into()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            Support::KernelLacksTls("TCP_ULP \"tls\": ENOENT".into())
+        }
         Err(e) => Support::ProbeFailed(format!("TCP_ULP: {e}")),
     }
 }
@@ -103,12 +113,28 @@ pub fn set_key(fd: RawFd, dir: Dir, info: &ktls::CryptoInfo) -> io::Result<()> {
     // SAFETY: `info.as_ptr()` points to the crypto-info struct held by `info`, which lives
     // for the whole call, and `info.size()` is exactly that struct's size, as setsockopt
     // requires; `fd` is a socket owned by the caller.
-    let rc = unsafe { libc::setsockopt(fd, SOL_TLS, opt, info.as_ptr(), info.size() as libc::socklen_t) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_TLS,
+            opt,
+            info.as_ptr(),
+            info.size() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Converts rustls's secrets for one direction into the kernel's struct.
-pub fn crypto_info(suite: rustls::SupportedCipherSuite, seq: u64, secrets: rustls::ConnectionTrafficSecrets) -> Result<ktls::CryptoInfo, String> {
+pub fn crypto_info(
+    suite: rustls::SupportedCipherSuite,
+    seq: u64,
+    secrets: rustls::ConnectionTrafficSecrets,
+) -> Result<ktls::CryptoInfo, String> {
     ktls::CryptoInfo::from_rustls(suite, (seq, secrets)).map_err(|e| e.to_string())
 }
 
@@ -118,7 +144,10 @@ pub fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(u8, usize)>>
     #[repr(C, align(8))]
     struct Control([u8; 64]);
     let mut control = Control([0; 64]);
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: an all-zero msghdr is a valid "empty" value; the pointers set below refer to
     // `iov`, `buf` and `control`, all alive until recvmsg returns.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -156,7 +185,10 @@ pub fn send_record(fd: RawFd, typ: u8, payload: &[u8]) -> io::Result<usize> {
     #[repr(C, align(8))]
     struct Control([u8; 32]);
     let mut control = Control([0; 32]);
-    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: payload.len() };
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut _,
+        iov_len: payload.len(),
+    };
     // SAFETY: zeroed msghdr is valid; pointers below refer to live locals.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -174,7 +206,11 @@ pub fn send_record(fd: RawFd, typ: u8, payload: &[u8]) -> io::Result<usize> {
         *libc::CMSG_DATA(c) = typ;
         libc::sendmsg(fd, &msg, 0)
     };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Sends a close_notify alert through the kernel.
@@ -190,11 +226,16 @@ mod tests {
     #[test]
     fn probe_agrees_with_the_kernel() {
         let s = super::probe();
-        let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+        let ulps =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
         let listed = ulps.split_whitespace().any(|u| u == "tls");
         match s {
-            super::Support::Available => assert!(listed, "probe says available, kernel lists: {ulps}"),
-            super::Support::KernelLacksTls(_) => assert!(!listed, "probe says no TLS, kernel lists: {ulps}"),
+            super::Support::Available => {
+                assert!(listed, "probe says available, kernel lists: {ulps}")
+            }
+            super::Support::KernelLacksTls(_) => {
+                assert!(!listed, "probe says no TLS, kernel lists: {ulps}")
+            }
             super::Support::ProbeFailed(e) => panic!("probe failed: {e}"),
         }
     }

@@ -33,22 +33,38 @@ pub fn nofile() -> (u64, u64) {
 }
 
 fn rlimit(which: libc::__rlimit_resource_t) -> (u64, u64) {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes one `struct rlimit` through the pointer, which points to a
     // live local of exactly that type.
     let rc = unsafe { libc::getrlimit(which, &mut r) };
     if rc != 0 {
         return (0, 0);
     }
-    let conv = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { u64::MAX } else { v };
+    let conv = |v: libc::rlim_t| {
+        if v == libc::RLIM_INFINITY {
+            u64::MAX
+        } else {
+            v
+        }
+    };
     (conv(r.rlim_cur), conv(r.rlim_max))
 }
 
 /// Raises the soft limit of `which` to the hard limit; returns the new soft limit.
 fn raise(which: libc::__rlimit_resource_t) -> u64 {
     let (_, hard) = rlimit(which);
-    let hard_raw = if hard == u64::MAX { libc::RLIM_INFINITY } else { hard };
-    let r = libc::rlimit { rlim_cur: hard_raw, rlim_max: hard_raw };
+    let hard_raw = if hard == u64::MAX {
+        libc::RLIM_INFINITY
+    } else {
+        hard
+    };
+    let r = libc::rlimit {
+        rlim_cur: hard_raw,
+        rlim_max: hard_raw,
+    };
     // SAFETY: setrlimit only reads one `struct rlimit` through the pointer, a live local.
     unsafe { libc::setrlimit(which, &r) };
     rlimit(which).0

@@ -15,12 +15,20 @@ pub struct BoundListener {
 
 /// Binds `shards` listening sockets on `addr` with `SO_REUSEPORT` and this `backlog`. A port
 /// of 0 is resolved by the first bind and reused by the others.
-pub fn bind_reuseport(addr: SocketAddr, shards: usize, backlog: u32) -> std::io::Result<Vec<BoundListener>> {
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    shards: usize,
+    backlog: u32,
+) -> std::io::Result<Vec<BoundListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
     let mut out = Vec::with_capacity(shards);
     let mut addr = addr;
     for _ in 0..shards {
-        let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+        let domain = if addr.is_ipv6() {
+            Domain::IPV6
+        } else {
+            Domain::IPV4
+        };
         let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
@@ -32,7 +40,10 @@ pub fn bind_reuseport(addr: SocketAddr, shards: usize, backlog: u32) -> std::io:
         s.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
         let local = s.local_addr()?.as_socket().unwrap_or(addr);
         addr = local;
-        out.push(BoundListener { fd: s.into_raw_fd(), local });
+        out.push(BoundListener {
+            fd: s.into_raw_fd(),
+            local,
+        });
     }
     Ok(out)
 }

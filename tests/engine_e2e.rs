@@ -1,0 +1,444 @@
+//! End to end over loopback: a real sipring (2 shards, in this process) and test user agents
+//! speaking SIP over TLS. Registration, calls, MESSAGE, CANCEL, errors, the cross-shard
+//! path, federation over MTLS, a connection dying mid-transaction, and the admin endpoint.
+
+use rustls::pki_types::pem::PemObject;
+use sipring::server::{Running, start};
+use sipring_tests::server::{Pki, admin_get, config, free_port, metric, wait_metrics};
+use sipring_tests::ua::{Ua, answer, header, method, rr_shards, tls_config};
+use std::time::Duration;
+
+fn ua(pki: &Pki, srv: &Running, user: &str) -> Ua {
+    let cfg = tls_config(&pki.certs("ca.pem"), None, false);
+    Ua::tls(
+        srv.listen_addrs[0],
+        cfg,
+        "sip.example.com",
+        user,
+        "example.com",
+    )
+    .expect("connect")
+}
+
+fn registered(pki: &Pki, srv: &Running, user: &str) -> Ua {
+    let mut u = ua(pki, srv, user);
+    assert_eq!(u.register(600), 200, "{user} registers");
+    u
+}
+
+/// Runs INVITE → 180 → 200 → ACK between `a` and `b` and returns the callee's INVITE.
+fn call(a: &mut Ua, b: &mut Ua, call_id: &str) -> Vec<u8> {
+    let to = format!("<sip:{}@example.com>", b.user);
+    let inv = a.request(
+        "INVITE",
+        &format!("sip:{}@example.com", b.user),
+        &to,
+        call_id,
+        1,
+        "",
+        Some(("application/sdp", "v=0\r\n")),
+    );
+    a.send(&inv);
+    let got = b.expect("INVITE at callee");
+    assert_eq!(method(&got), "INVITE");
+    assert!(header(&got, "Record-Route").is_some());
+    b.send(&answer(
+        &got,
+        180,
+        "Ringing",
+        "b1",
+        &format!("sip:{}@{}", b.user, b.local),
+    ));
+    let (s, _) = a.expect_final_or_provisional("180");
+    assert_eq!(s, 180);
+    b.send(&answer(
+        &got,
+        200,
+        "OK",
+        "b1",
+        &format!("sip:{}@{}", b.user, b.local),
+    ));
+    let (s, ok) = a.expect_final_or_provisional("200");
+    assert_eq!(s, 200);
+    // ACK and BYE follow the Record-Route (our flow tokens).
+    let rr = header(&ok, "Record-Route").expect("200 carries Record-Route");
+    let ack = a.request(
+        "ACK",
+        &format!("sip:{}@{}", b.user, b.local),
+        &format!("{to};tag=b1"),
+        call_id,
+        1,
+        &format!("Route: {rr}\r\n"),
+        None,
+    );
+    a.send(&ack);
+    assert_eq!(method(&b.expect("ACK at callee")), "ACK");
+    got
+}
+
+fn hang_up(b: &mut Ua, a: &mut Ua, invite_at_b: &[u8], call_id: &str) {
+    let rr = sipring_tests::ua::header_all(invite_at_b, "Record-Route").unwrap();
+    let bye = format!(
+        "BYE sip:{a}@{al} SIP/2.0\r\nVia: SIP/2.0/TLS {bl};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:{b}@example.com>;tag=b1\r\nTo: <sip:{a}@example.com>;tag=t{a}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        a = a.user,
+        al = a.local,
+        b = b.user,
+        bl = b.local,
+        br = sipring_tests::ua::branch()
+    );
+    b.send(bye.as_bytes());
+    let got = a.expect("BYE at caller");
+    assert_eq!(method(&got), "BYE");
+    a.send(&answer(
+        &got,
+        200,
+        "OK",
+        "a",
+        &format!("sip:{}@{}", a.user, a.local),
+    ));
+    assert_eq!(b.expect_final_or_provisional("200 to BYE").0, 200);
+}
+
+#[test]
+fn register_call_message_cancel_and_errors() {
+    let pki = Pki::new();
+    let srv = start(config(&pki), None).expect("start");
+    let mut alice = registered(&pki, &srv, "alice");
+    let mut bob = registered(&pki, &srv, "bob");
+
+    let inv = call(&mut alice, &mut bob, "call-1");
+    hang_up(&mut bob, &mut alice, &inv, "call-1");
+
+    // MESSAGE both ways.
+    fn message(from: &mut Ua, to: &mut Ua) {
+        let m = from.request(
+            "MESSAGE",
+            &format!("sip:{}@example.com", to.user),
+            &format!("<sip:{}@example.com>", to.user),
+            &format!("msg-{}", from.user),
+            1,
+            "",
+            Some(("text/plain", "hello")),
+        );
+        from.send(&m);
+        let got = to.expect("MESSAGE");
+        assert_eq!(method(&got), "MESSAGE");
+        assert!(got.ends_with(b"hello"));
+        to.send(&answer(&got, 200, "OK", "m", "sip:x@127.0.0.1"));
+        assert_eq!(from.expect_final_or_provisional("200 to MESSAGE").0, 200);
+    }
+    message(&mut alice, &mut bob);
+    message(&mut bob, &mut alice);
+
+    // CANCEL before answer.
+    let inv = alice.request(
+        "INVITE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "call-2",
+        1,
+        "",
+        None,
+    );
+    alice.send(&inv);
+    let got = bob.expect("INVITE");
+    bob.send(&answer(&got, 180, "Ringing", "b2", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("180").0, 180);
+    let via = header(&inv, "Via").unwrap();
+    let cancel = format!(
+        "CANCEL sip:bob@example.com SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=talice\r\nCall-ID: call-2\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+    );
+    alice.send(cancel.as_bytes());
+    assert_eq!(alice.expect_final_or_provisional("200 to CANCEL").0, 200);
+    let c = bob.expect("CANCEL at callee");
+    assert_eq!(method(&c), "CANCEL");
+    bob.send(&answer(&c, 200, "OK", "b2", "sip:bob@127.0.0.1"));
+    bob.send(&answer(
+        &got,
+        487,
+        "Request Terminated",
+        "b2",
+        "sip:bob@127.0.0.1",
+    ));
+    assert_eq!(method(&bob.expect("ACK for 487")), "ACK");
+    assert_eq!(alice.expect_final_or_provisional("487").0, 487);
+
+    // Unknown user: 404. Known but unregistered: 480.
+    let inv = alice.request(
+        "INVITE",
+        "sip:carol@example.com",
+        "<sip:carol@example.com>",
+        "call-3",
+        1,
+        "",
+        None,
+    );
+    alice.send(&inv);
+    assert_eq!(alice.expect_final_or_provisional("404").0, 404);
+    let mut carol = registered(&pki, &srv, "carol");
+    assert_eq!(carol.register(0), 200, "unregister");
+    alice.send(&alice.request(
+        "INVITE",
+        "sip:carol@example.com",
+        "<sip:carol@example.com>",
+        "call-4",
+        1,
+        "",
+        None,
+    ));
+    assert_eq!(alice.expect_final_or_provisional("480").0, 480);
+    // A foreign domain without a partner: 403; malformed: 400.
+    alice.send(&alice.request(
+        "MESSAGE",
+        "sip:x@elsewhere.example",
+        "<sip:x@elsewhere.example>",
+        "m-5",
+        1,
+        "",
+        None,
+    ));
+    assert_eq!(alice.expect_final_or_provisional("403").0, 403);
+    alice.send(b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKbad\r\nTo: <sip:bob@example.com>\r\nCall-ID: x\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(alice.expect_final_or_provisional("400").0, 400);
+
+    srv.stop();
+    srv.join().expect("clean stop");
+}
+
+#[test]
+fn calls_cross_shards() {
+    let pki = Pki::new();
+    let srv = start(config(&pki), None).expect("start");
+    let mut bob = registered(&pki, &srv, "bob");
+    // Open callers until one lands on another shard than bob (the kernel spreads connections
+    // over the SO_REUSEPORT sockets); the Record-Route flow tokens name both shards.
+    let mut found = None;
+    for i in 0..40 {
+        let mut a = ua(&pki, &srv, &format!("caller{i}"));
+        let call_id = format!("x-{i}");
+        a.send(&a.request(
+            "INVITE",
+            "sip:bob@example.com",
+            "<sip:bob@example.com>",
+            &call_id,
+            1,
+            "",
+            None,
+        ));
+        let got = bob.expect("INVITE");
+        let (fi, fo) = rr_shards(&got).expect("flow tokens");
+        bob.send(&answer(&got, 486, "Busy Here", "b", "sip:bob@127.0.0.1"));
+        assert_eq!(method(&bob.expect("ACK")), "ACK");
+        assert_eq!(a.expect_final_or_provisional("486").0, 486);
+        if fi != fo {
+            found = Some(a);
+            break;
+        }
+    }
+    let mut alice = found.expect("no connection landed on the other shard in 40 tries");
+    alice.user = "alice".into();
+    let inv = call(&mut alice, &mut bob, "cross-1");
+    hang_up(&mut bob, &mut alice, &inv, "cross-1");
+    let m = wait_metrics(srv.admin_addr.unwrap(), "cross-shard sends", |m| {
+        metric(m, "sipring_cross_shard_total{op=\"send\"}").unwrap_or(0.0) > 0.0
+    });
+    assert!(metric(&m, "sipring_connections{kind=\"tls\"}").unwrap() >= 2.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_dead_connection_fails_its_transaction_and_leaves_no_state() {
+    let pki = Pki::new();
+    let srv = start(config(&pki), None).expect("start");
+    let admin = srv.admin_addr.unwrap();
+    let mut alice = registered(&pki, &srv, "alice");
+    let mut bob = registered(&pki, &srv, "bob");
+    wait_metrics(admin, "2 bindings", |m| {
+        metric(m, "sipring_bindings") == Some(2.0)
+    });
+    let inv = alice.request(
+        "INVITE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "dead-1",
+        1,
+        "",
+        None,
+    );
+    alice.send(&inv);
+    let _ = bob.expect("INVITE");
+    bob.kill();
+    let (s, resp) = alice.expect_final_or_provisional("503 after the callee's connection died");
+    assert_eq!(s, 503);
+    // ACK the 503 (hop-by-hop) so the server transaction completes.
+    let to = header(&resp, "To").unwrap();
+    let via = header(&inv, "Via").unwrap();
+    alice.send(format!("ACK sip:bob@example.com SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\nTo: {to}\r\nFrom: <sip:alice@example.com>;tag=talice\r\nCall-ID: dead-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n").as_bytes());
+    let m = wait_metrics(admin, "tables back to empty", |m| {
+        metric(m, "sipring_transactions{role=\"server\"}") == Some(0.0)
+            && metric(m, "sipring_transactions{role=\"client\"}") == Some(0.0)
+            && metric(m, "sipring_pending_lookups") == Some(0.0)
+            && metric(m, "sipring_bindings") == Some(1.0)
+    });
+    assert_eq!(metric(&m, "sipring_connections{kind=\"tls\"}"), Some(1.0));
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn admin_endpoint_reflects_traffic() {
+    let pki = Pki::new();
+    let srv = start(config(&pki), None).expect("start");
+    let admin = srv.admin_addr.unwrap();
+    let mut alice = registered(&pki, &srv, "alice");
+    let mut bob = registered(&pki, &srv, "bob");
+    let inv = call(&mut alice, &mut bob, "adm-1");
+    hang_up(&mut bob, &mut alice, &inv, "adm-1");
+    let m = wait_metrics(admin, "INVITE counted", |m| {
+        metric(m, "sipring_messages_in_total{kind=\"INVITE\"}").unwrap_or(0.0) >= 1.0
+    });
+    assert!(
+        metric(&m, "sipring_register_total{status=\"200\"}").unwrap() >= 2.0,
+        "{m}"
+    );
+    assert!(metric(&m, "sipring_handshakes_total{kind=\"tls\",result=\"ok\"}").unwrap() >= 2.0);
+    let list = admin_get(admin, "/hgrm");
+    for h in ["forward_INVITE", "forward_response", "handshake"] {
+        assert!(list.lines().any(|l| l == h), "{h} missing from {list}");
+    }
+    let (rows, total) = sipring::metrics::parse_hgrm(&admin_get(admin, "/hgrm/forward_INVITE"))
+        .expect("hgrm parses");
+    assert!(total >= 1 && !rows.is_empty());
+    assert_eq!(admin_get(admin, "/health"), "ok\n");
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn federation_over_mtls_and_an_untrusted_peer_is_refused() {
+    let pki = Pki::new();
+    let (port_a, port_b) = (free_port(), free_port());
+    // Instance A: example.com, partner "partner" = instance B.
+    let mut a_cfg = config(&pki);
+    a_cfg.listen[1].address = format!("127.0.0.1:{port_a}").parse().unwrap();
+    a_cfg.peer[0].address = Some(format!("127.0.0.1:{port_b}").parse().unwrap());
+    // Instance B: partner.example.com with the partner CA's certificate; its partner "home"
+    // is A, trusted through our CA.
+    let mut b_cfg = config(&pki);
+    b_cfg.server.domains = vec!["partner.example.com".into()];
+    b_cfg.server.hostname = "sip.partner.example.com".into();
+    b_cfg.listen[1].address = format!("127.0.0.1:{port_b}").parse().unwrap();
+    b_cfg.tls.certificate[0].cert = pki.dir.join("partner.pem");
+    b_cfg.tls.certificate[0].key = pki.dir.join("partner.key");
+    b_cfg.tls.certificate[0].sni = vec!["sip.partner.example.com".into()];
+    b_cfg.peer[0].name = "home".into();
+    b_cfg.peer[0].domains = vec!["example.com".into()];
+    b_cfg.peer[0].server_name = "sip.example.com".into();
+    b_cfg.peer[0].roots = pki.dir.join("ca.pem");
+    b_cfg.peer[0].crls = vec![pki.dir.join("ca.crl")];
+    b_cfg.peer[0].address = Some(format!("127.0.0.1:{port_a}").parse().unwrap());
+    let a = start(a_cfg, None).expect("start A");
+    let b = start(b_cfg, None).expect("start B");
+
+    let mut alice = registered(&pki, &a, "alice");
+    let roots_b = pki.certs("partner-ca.pem");
+    let mut bob = Ua::tls(
+        b.listen_addrs[0],
+        tls_config(&roots_b, None, false),
+        "sip.partner.example.com",
+        "bob",
+        "partner.example.com",
+    )
+    .unwrap();
+    assert_eq!(bob.register(600), 200);
+
+    // alice@example.com calls bob@partner.example.com through the partner route.
+    let inv = alice.request(
+        "INVITE",
+        "sip:bob@partner.example.com",
+        "<sip:bob@partner.example.com>",
+        "fed-1",
+        1,
+        "",
+        None,
+    );
+    alice.send(&inv);
+    let got = bob.expect("INVITE crossed the federation");
+    assert_eq!(method(&got), "INVITE");
+    let vias = header(&got, "Via").unwrap();
+    assert!(vias.contains("sip.partner.example.com"), "{vias}");
+    bob.send(&answer(
+        &got,
+        200,
+        "OK",
+        "fb",
+        &format!("sip:bob@{}", bob.local),
+    ));
+    let (s, ok) = alice.expect_final_or_provisional("200 across the federation");
+    assert_eq!(s, 200);
+    // The caller's route set is the Record-Route list reversed (RFC 3261 §12.1.2).
+    let rr = header(&ok, "Record-Route").unwrap();
+    let mut rr: Vec<&str> = rr.split(", ").collect();
+    rr.reverse();
+    let rr = rr.join(", ");
+    assert!(rr.starts_with("<sip:sip.example.com"), "{rr}");
+    alice.send(&alice.request(
+        "ACK",
+        &format!("sip:bob@{}", bob.local),
+        "<sip:bob@partner.example.com>;tag=fb",
+        "fed-1",
+        1,
+        &format!("Route: {rr}\r\n"),
+        None,
+    ));
+    assert_eq!(method(&bob.expect("ACK across")), "ACK");
+    // BYE back from bob's side travels B → A over B's own link to its partner "home".
+    let rr_b = sipring_tests::ua::header_all(&got, "Record-Route").unwrap();
+    let bye = format!(
+        "BYE sip:alice@{} SIP/2.0\r\nVia: SIP/2.0/TLS {};branch={}\r\nMax-Forwards: 70\r\nRoute: {rr_b}\r\nFrom: <sip:bob@partner.example.com>;tag=fb\r\nTo: <sip:alice@example.com>;tag=talice\r\nCall-ID: fed-1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        alice.local,
+        bob.local,
+        sipring_tests::ua::branch()
+    );
+    bob.send(bye.as_bytes());
+    let got = alice.expect("BYE across");
+    assert_eq!(method(&got), "BYE");
+    alice.send(&answer(&got, 200, "OK", "talice", "sip:alice@127.0.0.1"));
+    assert_eq!(bob.expect_final_or_provisional("200 to BYE across").0, 200);
+
+    // A peer with a certificate from a CA no partner uses is refused at the handshake.
+    let rogue = sipring::tls::pki::Ca::new("Rogue CA").unwrap();
+    let cert = rogue
+        .issue(&sipring::tls::pki::Spec::server("sip.partner.example.com"))
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let cfg = tls_config(
+        &pki.certs("ca.pem"),
+        Some((vec![cert.der.clone()], key)),
+        false,
+    );
+    let refused = Ua::tls(
+        format!("127.0.0.1:{port_a}").parse().unwrap(),
+        cfg,
+        "sip.example.com",
+        "rogue",
+        "x",
+    )
+    .and_then(|mut u| {
+        // TLS 1.3: the refusal may arrive after the client thinks it is done.
+        u.send(b"OPTIONS sip:example.com SIP/2.0\r\n\r\n");
+        match u.recv(Duration::from_secs(2)) {
+            Some(_) => Ok(()),
+            None => Err(std::io::Error::other("closed")),
+        }
+    });
+    assert!(refused.is_err(), "rogue peer was not refused");
+    wait_metrics(a.admin_addr.unwrap(), "the rejection counted", |m| {
+        metric(m, "sipring_tls_rejections_total{reason=\"unknown_issuer\"}").unwrap_or(0.0) >= 1.0
+    });
+    a.stop();
+    b.stop();
+    a.join().unwrap();
+    b.join().unwrap();
+}

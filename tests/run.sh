@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# sipring's test command (the one README.md names and .ci/run calls).
+# Installs what the tests need when it is missing, then: rustfmt check, clippy with
+# warnings as errors, the whole test suite, and the kernel-TLS tests inside a QEMU VM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() { # apt_install PKG... (only the missing ones)
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  step "installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+step "toolchain"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+cargo --version
+# openssl: the non-rustls peer in the TLS tests.
+apt_install openssl ca-certificates
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo build (binaries used by the process tests)"
+cargo build -p sipring --bins
+
+step "cargo test --workspace"
+cargo test --workspace
+
+if [ -x tests/vm/run.sh ] && [ "${SIPRING_SKIP_VM:-0}" != 1 ]; then
+  step "kernel TLS tests in a VM"
+  tests/vm/run.sh
+fi

@@ -1,0 +1,320 @@
+//! A small blocking SIP user agent for end-to-end tests: TLS (rustls) or TCP, frames what it
+//! receives with sipring-core's framer, and builds the requests and responses a phone sends.
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use sipring_core::response::{ResponseParts, response_to};
+use sipring_core::{Frame, Framer, Framing, Header, KeepaliveRole, Limits, Status, parse};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+trait Io: Read + Write + Send {}
+impl<T: Read + Write + Send> Io for T {}
+
+/// A test user agent over one connection.
+pub struct Ua {
+    io: Box<dyn Io>,
+    raw: TcpStream,
+    buf: Vec<u8>,
+    framer: Framer,
+    /// The user name (AOR `sip:<user>@<domain>`).
+    pub user: String,
+    /// The SIP domain.
+    pub domain: String,
+    /// Our local address.
+    pub local: SocketAddr,
+}
+
+static BRANCH: AtomicU64 = AtomicU64::new(1);
+
+/// A unique branch.
+pub fn branch() -> String {
+    format!("z9hG4bKua{}", BRANCH.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A client TLS configuration trusting `roots`, optionally presenting a client certificate.
+pub fn tls_config(
+    roots: &[CertificateDer<'static>],
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    tls12_only: bool,
+) -> Arc<ClientConfig> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let b = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(store);
+    Arc::new(match client {
+        Some((chain, key)) => b.with_client_auth_cert(chain, key).expect("client cert"),
+        None => b.with_no_client_auth(),
+    })
+}
+
+impl Ua {
+    /// Connects over TLS and completes the handshake.
+    pub fn tls(
+        addr: SocketAddr,
+        cfg: Arc<ClientConfig>,
+        sni: &str,
+        user: &str,
+        domain: &str,
+    ) -> std::io::Result<Ua> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.set_nodelay(true)?;
+        let raw = tcp.try_clone()?;
+        let conn = ClientConnection::new(cfg, ServerName::try_from(sni.to_string()).expect("name"))
+            .map_err(std::io::Error::other)?;
+        let mut s = StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        let local = raw.local_addr()?;
+        Ok(Ua {
+            io: Box::new(s),
+            raw,
+            buf: Vec::new(),
+            framer: Framer::new(Limits::default(), KeepaliveRole::Client),
+            user: user.into(),
+            domain: domain.into(),
+            local,
+        })
+    }
+
+    /// Connects over plain TCP.
+    pub fn tcp(addr: SocketAddr, user: &str, domain: &str) -> std::io::Result<Ua> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let raw = tcp.try_clone()?;
+        let local = raw.local_addr()?;
+        Ok(Ua {
+            io: Box::new(tcp),
+            raw,
+            buf: Vec::new(),
+            framer: Framer::new(Limits::default(), KeepaliveRole::Client),
+            user: user.into(),
+            domain: domain.into(),
+            local,
+        })
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).expect("send");
+        self.io.flush().expect("flush");
+    }
+
+    /// The next SIP message (keepalive pongs skipped), or `None` after `timeout` / on close.
+    pub fn recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let end = Instant::now() + timeout;
+        loop {
+            match self.framer.frame(&self.buf) {
+                Ok(Status::Complete(Frame::Message(n))) => {
+                    return Some(self.buf.drain(..n).collect());
+                }
+                Ok(Status::Complete(f)) => {
+                    self.buf.drain(..f.len());
+                    continue;
+                }
+                Ok(Status::Partial) => {}
+                Err(e) => panic!("server sent unframeable bytes: {e}"),
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let _ = self
+                .raw
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))));
+            let mut tmp = [0u8; 16384];
+            match self.io.read(&mut tmp) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next message, which must exist.
+    pub fn expect(&mut self, what: &str) -> Vec<u8> {
+        self.recv(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{}: no message ({what})", self.user))
+    }
+
+    /// The next response, skipping 100 Trying; returns its status.
+    pub fn expect_final_or_provisional(&mut self, what: &str) -> (u16, Vec<u8>) {
+        loop {
+            let m = self.expect(what);
+            let s = status(&m)
+                .unwrap_or_else(|| panic!("{what}: expected a response, got {}", first_line(&m)));
+            if s != 100 {
+                return (s, m);
+            }
+        }
+    }
+
+    /// Registers `sip:user@domain` with its own connection as contact; returns the status.
+    pub fn register(&mut self, expires: u32) -> u16 {
+        let msg = format!(
+            "REGISTER sip:{d} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={b};rport\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=reg{u}\r\nCall-ID: reg-{u}-{l}\r\nCSeq: {c} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\nContent-Length: 0\r\n\r\n",
+            d = self.domain,
+            u = self.user,
+            l = self.local,
+            b = branch(),
+            c = BRANCH.fetch_add(1, Ordering::Relaxed),
+        );
+        self.send(msg.as_bytes());
+        self.expect_final_or_provisional("REGISTER").0
+    }
+
+    /// A request from this UA (`body` with Content-Type `ctype` when given).
+    #[allow(clippy::too_many_arguments)] // one argument per request field a test varies
+    pub fn request(
+        &self,
+        method: &str,
+        ruri: &str,
+        to: &str,
+        call_id: &str,
+        cseq: u32,
+        extra: &str,
+        body: Option<(&str, &str)>,
+    ) -> Vec<u8> {
+        let (ct, b) = match body {
+            Some((ct, b)) => (format!("Content-Type: {ct}\r\n"), b.to_string()),
+            None => (String::new(), String::new()),
+        };
+        format!(
+            "{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={br};rport\r\nMax-Forwards: 70\r\nTo: {to}\r\nFrom: <sip:{u}@{d}>;tag=t{u}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\n{extra}{ct}Content-Length: {}\r\n\r\n{b}",
+            b.len(),
+            l = self.local,
+            br = branch(),
+            u = self.user,
+            d = self.domain,
+        )
+        .into_bytes()
+    }
+
+    /// Drops the connection abruptly (RST-ish: no close_notify, no FIN wait).
+    pub fn kill(self) {
+        let _ = self.raw.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Our answer to a request we received (with a To-tag and a Contact).
+pub fn answer(req: &[u8], code: u16, reason: &str, tag: &str, contact: &str) -> Vec<u8> {
+    let mut h = [Header::EMPTY; 64];
+    let Ok(Status::Complete(m)) = parse(req, &mut h, &Limits::default(), Framing::Stream) else {
+        panic!("unparseable request")
+    };
+    let c = format!("<{contact}>");
+    // A UAS copies Record-Route into its dialog-creating responses (RFC 3261 §12.1.1).
+    let rr: Vec<&[u8]> = m
+        .headers()
+        .iter()
+        .filter(|h| h.name == sipring_core::HeaderName::RecordRoute)
+        .map(|h| h.value)
+        .collect();
+    let rr = rr.join(&b", "[..]);
+    let mut hdrs: Vec<(&str, &[u8])> = vec![("Contact", c.as_bytes())];
+    if !rr.is_empty() && m.method() != Some(sipring_core::Method::Cancel) {
+        hdrs.push(("Record-Route", &rr));
+    }
+    response_to(
+        &m,
+        code,
+        reason,
+        ResponseParts {
+            to_tag: Some(tag.as_bytes()),
+            headers: &hdrs,
+            body: None,
+        },
+    )
+}
+
+/// The status of a response.
+pub fn status(m: &[u8]) -> Option<u16> {
+    let mut h = [Header::EMPTY; 64];
+    match parse(m, &mut h, &Limits::default(), Framing::Stream) {
+        Ok(Status::Complete(m)) => m.status(),
+        _ => None,
+    }
+}
+
+/// The method of a request.
+pub fn method(m: &[u8]) -> String {
+    first_line(m)
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The first line.
+pub fn first_line(m: &[u8]) -> String {
+    String::from_utf8_lossy(&m[..m.iter().position(|&b| b == b'\r').unwrap_or(m.len())])
+        .into_owned()
+}
+
+/// A header's first value (case-insensitive name).
+pub fn header(m: &[u8], name: &str) -> Option<String> {
+    let mut h = [Header::EMPTY; 64];
+    let Ok(Status::Complete(msg)) = parse(m, &mut h, &Limits::default(), Framing::Stream) else {
+        return None;
+    };
+    let hn = sipring_core::HeaderName::from_bytes(name.as_bytes());
+    msg.headers()
+        .iter()
+        .find(|x| {
+            if hn == sipring_core::HeaderName::Other {
+                x.raw_name.eq_ignore_ascii_case(name.as_bytes())
+            } else {
+                x.name == hn
+            }
+        })
+        .map(|x| String::from_utf8_lossy(x.value).into_owned())
+}
+
+/// The shard a Record-Route flow token (`fi=`/`fo=`) points at.
+pub fn rr_shards(m: &[u8]) -> Option<(u64, u64)> {
+    let rr = header(m, "Record-Route")?;
+    let tok = |k: &str| -> Option<u64> {
+        let v = rr
+            .split(';')
+            .find_map(|p| p.trim_end_matches('>').strip_prefix(k))?;
+        let hex = v.strip_prefix('c')?;
+        u64::from_str_radix(hex, 16).ok().map(|id| id >> 48)
+    };
+    Some((tok("fi=")?, tok("fo=")?))
+}
+
+/// Every value of a header, in order, joined with `, ` (e.g. the whole Record-Route set).
+pub fn header_all(m: &[u8], name: &str) -> Option<String> {
+    let mut h = [Header::EMPTY; 64];
+    let Ok(Status::Complete(msg)) = parse(m, &mut h, &Limits::default(), Framing::Stream) else {
+        return None;
+    };
+    let hn = sipring_core::HeaderName::from_bytes(name.as_bytes());
+    let v: Vec<String> = msg
+        .headers()
+        .iter()
+        .filter(|x| x.name == hn)
+        .map(|x| String::from_utf8_lossy(x.value).into_owned())
+        .collect();
+    (!v.is_empty()).then(|| v.join(", "))
+}
