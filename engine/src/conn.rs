@@ -186,8 +186,8 @@ pub async fn serve_inbound(
         let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
         let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
         shard.handshakes.set(shard.handshakes.get() - 1);
-        if let Err(reason) = handshake_outcome(&shard, r, remote, kind) {
-            let _ = reason;
+        if handshake_outcome(&shard, r, remote, kind).is_err() {
+            linger_close(stream).await;
             return;
         }
         shard
@@ -222,6 +222,18 @@ pub async fn serve_inbound(
         remote,
         KeepaliveRole::Server,
     )
+    .await;
+}
+
+/// After a refused handshake: half-close and drain briefly, so the alert we sent reaches the
+/// peer instead of being destroyed by a reset (closing with unread input sends RST).
+async fn linger_close(stream: TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let mut stream = stream;
+    let mut sink = [0u8; 4096];
+    let _ = with_timeout(Duration::from_millis(250), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
     .await;
 }
 

@@ -316,19 +316,18 @@ impl Running {
         self.control.draining.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(self.cfg.server.drain_timeout_s);
         while Instant::now() < deadline {
-            let busy: i64 = self
+            // Snapshots are published every 500 ms: give the shards time to publish once
+            // after draining began, then wait for requests still awaiting a final answer.
+            std::thread::sleep(Duration::from_millis(600));
+            let busy = self
                 .merged()
                 .gauges
-                .iter()
-                .filter(|(k, _)| {
-                    k.starts_with("sipring_transactions") || k.starts_with("sipring_pending")
-                })
-                .map(|(_, v)| *v)
-                .sum();
+                .get("sipring_requests_in_progress")
+                .copied()
+                .unwrap_or(0);
             if busy == 0 {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
         self.stop();
     }

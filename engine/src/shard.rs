@@ -707,6 +707,10 @@ impl Shard {
             m.set_gauge("sipring_transactions{role=\"server\"}", servers as i64);
             m.set_gauge("sipring_transactions{role=\"client\"}", clients as i64);
             m.set_gauge("sipring_pending_lookups", pending as i64);
+            m.set_gauge(
+                "sipring_requests_in_progress",
+                self.proxy.borrow().in_progress() as i64,
+            );
             m.set_gauge("sipring_registered_aors", self.store.borrow().len() as i64);
             m.set_gauge("sipring_handshakes_in_flight", self.handshakes.get() as i64);
             let st = self.proxy.borrow().stats();

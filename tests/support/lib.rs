@@ -313,3 +313,100 @@ pub mod server {
         }
     }
 }
+
+/// Running the real `sipring` binary.
+pub mod process {
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+
+    /// The `sipring` binary built by `cargo build -p sipring` (tests/run.sh builds it first).
+    pub fn sipring_bin() -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        let bin = target.join("debug/sipring");
+        assert!(
+            bin.exists(),
+            "{} not found: run `cargo build -p sipring` first (tests/run.sh does)",
+            bin.display()
+        );
+        bin
+    }
+
+    /// A `sipring run` child process, killed on drop.
+    pub struct Server {
+        /// The child.
+        pub child: Child,
+        /// Its log (stderr+stdout) file.
+        pub log: PathBuf,
+    }
+
+    impl Server {
+        /// Starts `sipring run --config <config>` logging to `<config>.log`.
+        pub fn start(config: &std::path::Path) -> Server {
+            let log = config.with_extension("log");
+            let f = std::fs::File::create(&log).unwrap();
+            let child = Command::new(sipring_bin())
+                .args(["run", "--config"])
+                .arg(config)
+                .env("SIPRING_LOG", "info")
+                .stdout(Stdio::from(f.try_clone().unwrap()))
+                .stderr(Stdio::from(f))
+                .spawn()
+                .expect("spawn sipring");
+            Server { child, log }
+        }
+
+        /// Sends a signal.
+        pub fn signal(&self, sig: &str) {
+            let ok = Command::new("kill")
+                .args([&format!("-{sig}"), &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -{sig}");
+        }
+
+        /// The log so far.
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// Waits (bounded) for the log to contain `needle`.
+        pub fn wait_log(&self, needle: &str) -> String {
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            loop {
+                let l = self.log();
+                if l.contains(needle) {
+                    return l;
+                }
+                assert!(
+                    std::time::Instant::now() < end,
+                    "log never showed {needle:?}:\n{l}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+
+        /// Waits (bounded) for the process to exit; returns its exit code.
+        pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+            loop {
+                if let Some(s) = self.child.try_wait().unwrap() {
+                    return s.code();
+                }
+                if std::time::Instant::now() > end {
+                    return None;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -214,6 +214,13 @@ impl ShardProxy {
         (self.servers.len(), self.clients.len(), self.pending.len())
     }
 
+    /// Requests still waiting for their final response (plus pending lookups): what a
+    /// draining server waits for. Transactions that already answered (and only absorb
+    /// retransmissions for Timer H/L) do not count.
+    pub fn in_progress(&self) -> usize {
+        self.servers.values().filter(|s| !s.final_sent).count() + self.pending.len()
+    }
+
     /// Is there no state at all (no transactions, nothing pending)?
     pub fn is_idle(&self) -> bool {
         self.servers.is_empty() && self.clients.is_empty() && self.pending.is_empty()

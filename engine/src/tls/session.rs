@@ -127,6 +127,25 @@ macro_rules! drive {
                 Ok(s) => s,
                 Err(e) => {
                     $self.failed = true;
+                    $self.incoming.drain(..discard);
+                    // rustls queued a fatal alert: collect it so the peer learns why.
+                    for _ in 0..4 {
+                        let UnbufferedStatus { state, discard, .. } =
+                            $conn.process_tls_records(&mut $self.incoming);
+                        let _ = discard;
+                        match state {
+                            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                                let _ = write_into(
+                                    &mut $self.outgoing,
+                                    64,
+                                    |b| enc.encode(b),
+                                    encode_needs,
+                                );
+                            }
+                            Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                            _ => break,
+                        }
+                    }
                     return Err(e);
                 }
             };

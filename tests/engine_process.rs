@@ -1,0 +1,221 @@
+//! The real binary: SIGTERM drains with calls in flight, SIGHUP reloads TLS while calls stay
+//! up (new handshakes see the new certificate; a corrupt key is refused and the previous
+//! configuration keeps serving), and `check-config` names broken keys.
+
+use sipring_tests::TempDir;
+use sipring_tests::process::{Server, sipring_bin};
+use sipring_tests::server::{Pki, admin, config, free_port};
+use sipring_tests::ua::{Ua, answer, method, tls_config};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Writes a config for the binary: fixed ports, the demo PKI copied into `dir`.
+fn write_config(pki: &Pki, dir: &TempDir) -> (PathBuf, u16, u16) {
+    for f in [
+        "server.pem",
+        "server.key",
+        "partner-ca.pem",
+        "partner-ca.crl",
+    ] {
+        std::fs::copy(pki.dir.join(f), dir.join(f)).unwrap();
+    }
+    let (tls, admin_port) = (free_port(), free_port());
+    let mut cfg = config(pki);
+    cfg.listen.truncate(1);
+    cfg.listen[0].address = format!("127.0.0.1:{tls}").parse().unwrap();
+    cfg.admin.address = Some(format!("127.0.0.1:{admin_port}").parse().unwrap());
+    cfg.tls.certificate[0].cert = "server.pem".into();
+    cfg.tls.certificate[0].key = "server.key".into();
+    cfg.peer[0].roots = "partner-ca.pem".into();
+    cfg.peer[0].crls = vec!["partner-ca.crl".into()];
+    cfg.server.drain_timeout_s = 10;
+    let path = dir.write("sipring.toml", toml::to_string(&cfg).unwrap());
+    (path, tls, admin_port)
+}
+
+fn wait_up(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server did not come up on {port}");
+}
+
+fn ua(pki: &Pki, port: u16, user: &str) -> Ua {
+    let cfg = tls_config(&pki.certs("ca.pem"), None, false);
+    let mut u = Ua::tls(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        cfg,
+        "sip.example.com",
+        user,
+        "example.com",
+    )
+    .unwrap();
+    assert_eq!(u.register(600), 200);
+    u
+}
+
+#[test]
+fn sigterm_drains_with_calls_in_flight() {
+    let pki = Pki::new();
+    let dir = TempDir::new("drain");
+    let (path, port, _) = write_config(&pki, &dir);
+    let mut srv = Server::start(&path);
+    wait_up(port);
+    let mut alice = ua(&pki, port, "alice");
+    let mut bob = ua(&pki, port, "bob");
+    alice.send(&alice.request(
+        "INVITE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "drain-1",
+        1,
+        "",
+        None,
+    ));
+    let inv = bob.expect("INVITE");
+    srv.signal("TERM");
+    srv.wait_log("draining");
+    // No new connections once draining...
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = Ua::tls(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        tls_config(&pki.certs("ca.pem"), None, false),
+        "sip.example.com",
+        "late",
+        "example.com",
+    );
+    assert!(refused.is_err(), "a connection was accepted while draining");
+    // ... but the call in flight completes.
+    bob.send(&answer(&inv, 200, "OK", "b1", "sip:bob@127.0.0.1"));
+    let (s, _) = alice.expect_final_or_provisional("200 while draining");
+    assert_eq!(s, 200);
+    // Then connections close (close_notify) and the process exits 0.
+    assert_eq!(srv.wait_exit(20), Some(0), "exit status\n{}", srv.log());
+    assert!(
+        alice.recv(Duration::from_secs(2)).is_none(),
+        "connection closed"
+    );
+}
+
+#[test]
+fn sighup_reload_keeps_calls_up_and_refuses_a_corrupt_key() {
+    let pki = Pki::new();
+    let dir = TempDir::new("reload");
+    let (path, port, admin_port) = write_config(&pki, &dir);
+    let srv = Server::start(&path);
+    wait_up(port);
+    let mut alice = ua(&pki, port, "alice");
+    let mut bob = ua(&pki, port, "bob");
+    alice.send(&alice.request(
+        "INVITE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "reload-1",
+        1,
+        "",
+        None,
+    ));
+    let inv = bob.expect("INVITE");
+    bob.send(&answer(&inv, 200, "OK", "b1", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("200").0, 200);
+
+    // Rotate the server certificate on disk and reload.
+    let ca = sipring::tls::pki::Ca::new("Rotated CA").unwrap();
+    let new = ca
+        .issue(&sipring::tls::pki::Spec::server("sip.example.com"))
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), &new.cert_pem).unwrap();
+    std::fs::write(dir.join("server.key"), &new.key_pem).unwrap();
+    srv.signal("HUP");
+    srv.wait_log("TLS configuration reloaded");
+    // The call's connections are still up: MESSAGE in the dialog's direction flows.
+    alice.send(&alice.request(
+        "MESSAGE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "reload-2",
+        1,
+        "",
+        Some(("text/plain", "still here")),
+    ));
+    let m = bob.expect("MESSAGE after reload");
+    assert_eq!(method(&m), "MESSAGE");
+    bob.send(&answer(&m, 200, "OK", "b2", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("200 after reload").0, 200);
+    // New handshakes present the new certificate (trusting only the old CA now fails).
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        Ua::tls(
+            addr,
+            tls_config(&pki.certs("ca.pem"), None, false),
+            "sip.example.com",
+            "x",
+            "example.com"
+        )
+        .is_err()
+    );
+    let mut carol = Ua::tls(
+        addr,
+        tls_config(std::slice::from_ref(&ca.cert.der), None, false),
+        "sip.example.com",
+        "carol",
+        "example.com",
+    )
+    .expect("new certificate served");
+    assert_eq!(carol.register(600), 200);
+
+    // A corrupt key is refused, names the file, and the rotated configuration keeps serving.
+    std::fs::write(
+        dir.join("server.key"),
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    srv.signal("HUP");
+    let log = srv.wait_log("reload refused");
+    assert!(log.contains("server.key"), "{log}");
+    let (status, body) = admin(
+        format!("127.0.0.1:{admin_port}").parse().unwrap(),
+        "POST",
+        "/reload",
+    );
+    assert!(status.contains("409"), "{status} {body}");
+    assert!(body.contains("server.key"), "{body}");
+    let mut dave = Ua::tls(
+        addr,
+        tls_config(std::slice::from_ref(&ca.cert.der), None, false),
+        "sip.example.com",
+        "dave",
+        "example.com",
+    )
+    .expect("still served");
+    assert_eq!(dave.register(600), 200);
+}
+
+#[test]
+fn check_config_names_keys_and_files() {
+    let dir = TempDir::new("check");
+    let bad = dir.write("bad.toml", "[server]\nshards = 2\n[[listen]]\nkind = \"mtls\"\naddress = \"127.0.0.1:5062\"\n[registrar]\nmin_expires_s = 9000\n");
+    let out = std::process::Command::new(sipring_bin())
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["tls.certificate", "peer", "registrar.min_expires_s"] {
+        assert!(
+            err.contains(&format!("bad.toml: {key}:")),
+            "{key} missing in:\n{err}"
+        );
+    }
+    let typo = dir.write("typo.toml", "[server]\nshardz = 2\n");
+    let out = std::process::Command::new(sipring_bin())
+        .args(["check-config"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shardz"));
+}

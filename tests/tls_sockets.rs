@@ -1,0 +1,300 @@
+//! The trust model over real sockets on loopback: a partner connecting to the `mtls` listener
+//! (TLS 1.2 and 1.3, accepted and refused for each kind of bad certificate, counted per
+//! reason), our outbound connection refusing a partner that presents the wrong name, and
+//! Debian's `openssl s_client` as a non-rustls peer, accepted and refused.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sipring::server::start;
+use sipring::tls::pki::{Ca, Issued, Spec, Usage};
+use sipring_tests::server::{Pki, config, metric, wait_metrics};
+use sipring_tests::ua::{Ua, tls_config};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn key(i: &Issued) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_slice(i.key_pem.as_bytes()).unwrap()
+}
+
+/// Connects to the mtls listener as a partner presenting `cert`, sends OPTIONS to the server
+/// and returns whether a 200 came back.
+fn partner_options(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    cert: Option<(&Issued, &[CertificateDer<'static>])>,
+    tls12: bool,
+) -> bool {
+    let client = cert.map(|(c, chain)| {
+        let mut v = vec![c.der.clone()];
+        v.extend_from_slice(chain);
+        (v, key(c))
+    });
+    let cfg = tls_config(&pki.certs("ca.pem"), client, tls12);
+    let Ok(mut u) = Ua::tls(
+        addr,
+        cfg,
+        "sip.example.com",
+        "partner",
+        "partner.example.com",
+    ) else {
+        return false;
+    };
+    let opt = b"OPTIONS sip:sip.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKopt1\r\nMax-Forwards: 70\r\nTo: <sip:sip.example.com>\r\nFrom: <sip:probe@partner.example.com>;tag=p\r\nCall-ID: opt-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+    let mut ok = false;
+    // The write may fail if the server already refused us.
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| u.send(opt))).is_ok() {
+        ok = u
+            .recv(Duration::from_secs(3))
+            .is_some_and(|m| m.starts_with(b"SIP/2.0 200"));
+    }
+    ok
+}
+
+#[test]
+fn mtls_listener_accepts_and_refuses_over_sockets() {
+    let pki = Pki::new();
+    let srv = start(config(&pki), None).expect("start");
+    let mtls = srv.listen_addrs[1];
+    let admin = srv.admin_addr.unwrap();
+    let good = (pki.certs("partner.pem"), pki.key("partner.key"));
+    for tls12 in [false, true] {
+        let cfg = tls_config(
+            &pki.certs("ca.pem"),
+            Some((good.0.clone(), good.1.clone_key())),
+            tls12,
+        );
+        let mut u = Ua::tls(mtls, cfg, "sip.example.com", "p", "partner.example.com")
+            .expect("partner handshake");
+        u.send(b"OPTIONS sip:sip.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKo9\r\nMax-Forwards: 70\r\nTo: <sip:sip.example.com>\r\nFrom: <sip:p@partner.example.com>;tag=p\r\nCall-ID: o9\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n");
+        let r = u.recv(Duration::from_secs(3)).expect("OPTIONS answered");
+        assert!(
+            r.starts_with(b"SIP/2.0 200"),
+            "TLS 1.{}",
+            if tls12 { 2 } else { 3 }
+        );
+    }
+    // Certificates the partner should never present.
+    let rogue = Ca::new("Rogue CA").unwrap();
+    let ours = {
+        // A certificate from *our* CA is not good enough for the partner's name.
+        let chain = pki.certs("client.pem");
+        (chain, pki.key("client.key"))
+    };
+    let expired = rogue
+        .issue(&Spec {
+            valid_from: time::Duration::days(-9),
+            valid_until: time::Duration::days(-1),
+            ..Spec::server("sip.partner.example.com")
+        })
+        .unwrap();
+    let unknown = rogue
+        .issue(&Spec::server("sip.partner.example.com"))
+        .unwrap();
+    let bad_eku = rogue
+        .issue(&Spec {
+            usage: Usage::CodeSigning,
+            ..Spec::server("sip.partner.example.com")
+        })
+        .unwrap();
+    for tls12 in [false, true] {
+        assert!(
+            !partner_options(&pki, mtls, None, tls12),
+            "no certificate accepted"
+        );
+        assert!(
+            !partner_options(&pki, mtls, Some((&unknown, &[])), tls12),
+            "unknown CA accepted"
+        );
+        assert!(
+            !partner_options(&pki, mtls, Some((&expired, &[])), tls12),
+            "expired accepted"
+        );
+        assert!(
+            !partner_options(&pki, mtls, Some((&bad_eku, &[])), tls12),
+            "bad EKU accepted"
+        );
+        let cfg = tls_config(
+            &pki.certs("ca.pem"),
+            Some((ours.0.clone(), ours.1.clone_key())),
+            tls12,
+        );
+        let r = Ua::tls(mtls, cfg, "sip.example.com", "x", "x")
+            .ok()
+            .and_then(|mut u| {
+                u.send(b"\r\n\r\n");
+                u.recv(Duration::from_secs(2))
+            });
+        assert!(
+            r.is_none(),
+            "our own client certificate accepted as a partner"
+        );
+    }
+    // Each refusal is counted under its own reason, once per TLS version (webpki checks a
+    // certificate's own validity and EKU before it looks for the issuer).
+    wait_metrics(admin, "rejections by reason", |m| {
+        [
+            "no_certificate",
+            "unknown_issuer",
+            "expired",
+            "bad_eku",
+            "name_not_trusted",
+        ]
+        .iter()
+        .all(|r| {
+            metric(
+                m,
+                &format!("sipring_tls_rejections_total{{reason=\"{r}\"}}"),
+            ) == Some(2.0)
+        })
+    });
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn outbound_refuses_a_partner_presenting_the_wrong_name() {
+    let pki = Pki::new();
+    // A fake partner: a TLS server presenting a certificate from the partner CA, but for
+    // another name. It never gets a SIP byte.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let wrong = pki_partner_issue(&pki, "sip.impostor.example.com");
+    let server_cfg = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![wrong.0], wrong.1)
+        .unwrap(),
+    );
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(4).flatten() {
+            let cfg = server_cfg.clone();
+            std::thread::spawn(move || {
+                let mut conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = s;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut tls = rustls::Stream::new(&mut conn, &mut s);
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf);
+            });
+        }
+    });
+    let mut cfg = config(&pki);
+    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let srv = start(cfg, None).expect("start");
+    let ca = pki.certs("ca.pem");
+    let mut alice = Ua::tls(
+        srv.listen_addrs[0],
+        tls_config(&ca, None, false),
+        "sip.example.com",
+        "alice",
+        "example.com",
+    )
+    .unwrap();
+    assert_eq!(alice.register(600), 200);
+    alice.send(&alice.request(
+        "MESSAGE",
+        "sip:bob@partner.example.com",
+        "<sip:bob@partner.example.com>",
+        "out-1",
+        1,
+        "",
+        Some(("text/plain", "hi")),
+    ));
+    let (s, _) = alice.expect_final_or_provisional("answer for an unreachable partner");
+    assert_eq!(
+        s, 503,
+        "a partner that fails verification is a transport failure (503)"
+    );
+    wait_metrics(srv.admin_addr.unwrap(), "name mismatch counted", |m| {
+        metric(m, "sipring_tls_rejections_total{reason=\"name_mismatch\"}").unwrap_or(0.0) >= 1.0
+    });
+    srv.stop();
+    srv.join().unwrap();
+}
+
+/// Issues a certificate from the demo partner CA (its key is in the PKI folder).
+fn pki_partner_issue(pki: &Pki, name: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let ca_key = rcgen_key(&std::fs::read_to_string(pki.dir.join("partner-ca.key")).unwrap());
+    let ca_cert = std::fs::read_to_string(pki.dir.join("partner-ca.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let k = rcgen::KeyPair::generate().unwrap();
+    let c = p.signed_by(&k, &issuer).unwrap();
+    (
+        c.der().clone(),
+        PrivateKeyDer::from_pem_slice(k.serialize_pem().as_bytes()).unwrap(),
+    )
+}
+
+fn rcgen_key(pem: &str) -> rcgen::KeyPair {
+    rcgen::KeyPair::from_pem(pem).unwrap()
+}
+
+/// `openssl s_client` with this certificate; returns its stdout+stderr.
+fn s_client(pki: &Pki, port: u16, cert: &str, key: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "sip.example.com",
+            "-CAfile",
+        ])
+        .arg(pki.dir.join("ca.pem"))
+        .arg("-cert")
+        .arg(pki.dir.join(cert))
+        .arg("-key")
+        .arg(pki.dir.join(key))
+        .args(["-verify_return_error", "-ign_eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed by tests/run.sh");
+    let mut stdin = child.stdin.take().unwrap();
+    let opt = "OPTIONS sip:sip.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKossl\r\nMax-Forwards: 70\r\nTo: <sip:sip.example.com>\r\nFrom: <sip:ossl@partner.example.com>;tag=o\r\nCall-ID: ossl-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = stdin.write_all(opt.as_bytes());
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(stdin);
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn openssl_s_client_as_a_partner() {
+    let pki = Pki::new();
+    let srv = start(config(&pki), None).expect("start");
+    let port = srv.listen_addrs[1].port();
+    let ok = s_client(&pki, port, "partner.pem", "partner.key");
+    assert!(ok.contains("Verify return code: 0"), "{ok}");
+    assert!(
+        ok.contains("SIP/2.0 200 OK"),
+        "MTLS with openssl: no 200 to OPTIONS\n{ok}"
+    );
+    // Our own CA's client certificate is not a partner identity: refused.
+    let refused = s_client(&pki, port, "client.pem", "client.key");
+    assert!(!refused.contains("SIP/2.0 200"), "{refused}");
+    assert!(
+        refused.to_lowercase().contains("alert"),
+        "expected a TLS alert:\n{refused}"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
