@@ -146,6 +146,14 @@ pub struct TlsConfig {
     pub client_roots: Option<PathBuf>,
     /// Offload the record layer to kernel TLS when available. Default true.
     pub ktls: bool,
+    /// Offload TLS 1.3 connections even on kernels that cannot follow a KeyUpdate (Linux <
+    /// 6.14): faster, but a peer-initiated KeyUpdate then closes the connection (the peer
+    /// reconnects). Default false: such connections stay in userspace.
+    pub ktls_tls13_without_rekey: bool,
+    /// Records one kernel TLS key may protect before we rekey (TLS 1.3) or close gracefully
+    /// (TLS 1.2); the kernel does not count for us. AES-GCM is safe to about 2^24.5 records.
+    /// Default 8388608 (2^23).
+    pub ktls_max_records: u64,
 }
 
 impl Default for TlsConfig {
@@ -159,6 +167,8 @@ impl Default for TlsConfig {
             handshake_timeout_ms: 5000,
             client_roots: None,
             ktls: true,
+            ktls_tls13_without_rekey: false,
+            ktls_max_records: 1 << 23,
         }
     }
 }
@@ -455,6 +465,9 @@ impl Config {
             if crate::tls::cipher_suite(s).is_none() {
                 e("tls.cipher_suites".into(), "unknown cipher suite name");
             }
+        }
+        if self.tls.ktls_max_records == 0 {
+            e("tls.ktls_max_records".into(), "must be positive");
         }
         if self.tls.handshake_timeout_ms == 0 {
             e("tls.handshake_timeout_ms".into(), "must be positive");

@@ -123,6 +123,9 @@ fn into_kernel(
         return Err((Some(Box::new(sess)), "cipher_not_offloadable"));
     }
     let tls13 = sess.protocol() == Some(rustls::ProtocolVersion::TLSv1_3);
+    if tls13 && !shard.control.ktls.rekey() && !shard.cfg.tls.ktls_tls13_without_rekey {
+        return Err((Some(Box::new(sess)), "kernel_cannot_rekey"));
+    }
     let handoff = match sess.dangerous_into_kernel() {
         Ok(h) => h,
         Err(refused) => {
@@ -476,7 +479,7 @@ async fn writer_loop(
         if let Layer::Kernel(k) = &layer {
             let needs = {
                 let k = k.borrow();
-                k.records_sent > ktls_record_budget(k.suite)
+                k.records_sent >= ktls_record_budget(k.suite).min(shard.cfg.tls.ktls_max_records)
             };
             if needs && rekey_or_close(&stream, k).is_err() {
                 break;

@@ -177,7 +177,8 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
         ),
     });
     out.push(match &f.ktls {
-        Support::Available => check("kernel TLS", Pass, "tls ULP available", ""),
+        Support::Available { rekey: true } => check("kernel TLS", Pass, "tls ULP available, KeyUpdate supported", ""),
+        Support::Available { rekey: false } => check("kernel TLS", Warn, "tls ULP available, no KeyUpdate (rekey) support", "Linux >= 6.14 lets TLS 1.3 connections use kernel TLS too; until then they stay in userspace"),
         other => check("kernel TLS", Warn, other.describe(), "`modprobe tls` and add `tls` to /etc/modules-load.d/sipring.conf (see tuning/); without it TLS runs in userspace"),
     });
     let shards = match &config {

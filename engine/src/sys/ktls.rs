@@ -32,8 +32,12 @@ pub mod content {
 /// What the kernel offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Support {
-    /// Kernel TLS works (module loaded, ULP attachable).
-    Available,
+    /// Kernel TLS works (module loaded, ULP attachable). `rekey`: the kernel accepts new
+    /// keys on a live socket (TLS 1.3 KeyUpdate; Linux 6.14+).
+    Available {
+        /// Can keys be replaced (KeyUpdate)?
+        rekey: bool,
+    },
     /// The kernel has no TLS (`CONFIG_TLS` unset or module not loadable).
     KernelLacksTls(String),
     /// The probe itself failed.
@@ -43,13 +47,19 @@ pub enum Support {
 impl Support {
     /// Is kernel TLS usable?
     pub fn available(&self) -> bool {
-        matches!(self, Support::Available)
+        matches!(self, Support::Available { .. })
+    }
+
+    /// Can the kernel follow a TLS 1.3 KeyUpdate?
+    pub fn rekey(&self) -> bool {
+        matches!(self, Support::Available { rekey: true })
     }
 
     /// A one-line description for logs and `sipring doctor`.
     pub fn describe(&self) -> String {
         match self {
-            Support::Available => "kernel TLS available".into(),
+            Support::Available { rekey: true } => "kernel TLS available, with KeyUpdate (rekey) support".into(),
+            Support::Available { rekey: false } => "kernel TLS available, without KeyUpdate support (Linux < 6.14): TLS 1.3 stays in userspace unless tls.ktls_tls13_without_rekey".into(),
             Support::KernelLacksTls(e) => format!(
                 "kernel lacks TLS ({e}): `modprobe tls`, or a kernel built with CONFIG_TLS; falling back to userspace TLS"
             ),
@@ -87,12 +97,52 @@ pub fn probe() -> Support {
         Err(e) => return Support::ProbeFailed(format!("loopback pair: {e}")),
     };
     match attach_ulp(c.as_raw_fd()) {
-        Ok(()) => Support::Available,
+        Ok(()) => Support::Available {
+            rekey: probe_rekey(c.as_raw_fd()),
+        },
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
             Support::KernelLacksTls("TCP_ULP \"tls\": ENOENT".into())
         }
         Err(e) => Support::ProbeFailed(format!("TCP_ULP: {e}")),
     }
+}
+
+/// `struct tls12_crypto_info_aes_gcm_128` (include/uapi/linux/tls.h), for the probe only.
+#[repr(C)]
+struct ProbeInfo {
+    version: u16,
+    cipher_type: u16,
+    iv: [u8; 8],
+    key: [u8; 16],
+    salt: [u8; 4],
+    rec_seq: [u8; 8],
+}
+
+/// Sets a throw-away TX key twice on the probe socket: the second succeeds only on kernels
+/// that support rekeying.
+fn probe_rekey(fd: RawFd) -> bool {
+    let info = ProbeInfo {
+        version: 0x0304,
+        cipher_type: 51,
+        iv: [1; 8],
+        key: [2; 16],
+        salt: [3; 4],
+        rec_seq: [0; 8],
+    };
+    let set = || {
+        // SAFETY: `info` is a live, correctly laid out tls12_crypto_info_aes_gcm_128 and the
+        // length passed is its exact size; `fd` is the probe's connected socket.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                SOL_TLS,
+                TLS_TX,
+                (&info as *const ProbeInfo).cast(),
+                size_of::<ProbeInfo>() as libc::socklen_t,
+            )
+        }
+    };
+    set() == 0 && set() == 0
 }
 
 /// Direction of a key.

@@ -1,0 +1,460 @@
+//! Kernel TLS, end to end. The same tests run twice:
+//! - on the host (no `CONFIG_TLS`): every connection must fall back to userspace TLS, with
+//!   the reason counted, and all traffic must still flow;
+//! - inside the kTLS VM (`tests/vm/run.sh` sets `SIPRING_EXPECT_KTLS=1`): every connection
+//!   must run its record layer in the kernel, and `/proc/net/tls_stat` must show it.
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
+use sipring::server::{Running, start};
+use sipring_tests::server::{Pki, config, free_port, metric, wait_metrics};
+use sipring_tests::ua::{Ua, answer, header, method, tls_config};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+fn expect_kernel() -> bool {
+    std::env::var("SIPRING_EXPECT_KTLS").is_ok_and(|v| v == "1")
+}
+
+/// `/proc/net/tls_stat` counters (all zero when the kernel has no TLS).
+fn tls_stat(name: &str) -> u64 {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some(name))
+                .then(|| it.next().and_then(|v| v.parse().ok()))
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// A 1-shard server. `tls13_anyway`: offload TLS 1.3 even where the kernel cannot follow a
+/// KeyUpdate (so the VM's 6.1 kernel exercises TLS 1.3 in the kernel too).
+fn server_with(pki: &Pki, tls13_anyway: bool) -> Running {
+    let mut cfg = config(pki);
+    cfg.server.shards = 1;
+    cfg.tls.ktls_tls13_without_rekey = tls13_anyway;
+    start(cfg, None).expect("start")
+}
+
+fn server(pki: &Pki) -> Running {
+    server_with(pki, true)
+}
+
+/// Which record layer a connection must use here.
+fn expected_layer(tls13: bool, tls13_anyway: bool) -> &'static str {
+    let k = sipring::sys::ktls::probe();
+    if expect_kernel() {
+        assert!(
+            k.available(),
+            "the VM must have kernel TLS: {}",
+            k.describe()
+        );
+    }
+    if k.available() && (!tls13 || k.rekey() || tls13_anyway) {
+        "kernel"
+    } else {
+        "userspace"
+    }
+}
+
+fn ua(pki: &Pki, srv: &Running, user: &str, tls12: bool) -> Ua {
+    let mut u = Ua::tls(
+        srv.listen_addrs[0],
+        tls_config(&pki.certs("ca.pem"), None, tls12),
+        "sip.example.com",
+        user,
+        "example.com",
+    )
+    .expect("connect");
+    assert_eq!(u.register(600), 200);
+    u
+}
+
+/// Every connection opened so far ran in the expected record layer (`want`).
+fn assert_layer(srv: &Running, kind: &str, n: f64, want: &str) {
+    let other = if want == "kernel" {
+        "userspace"
+    } else {
+        "kernel"
+    };
+    let m = wait_metrics(srv.admin_addr.unwrap(), "record layer", |m| {
+        metric(
+            m,
+            &format!("sipring_connections_total{{kind=\"{kind}\",record_layer=\"{want}\"}}"),
+        )
+        .unwrap_or(0.0)
+            >= n
+    });
+    assert_eq!(
+        metric(
+            &m,
+            &format!("sipring_connections_total{{kind=\"{kind}\",record_layer=\"{other}\"}}")
+        ),
+        None,
+        "{m}"
+    );
+    if !expect_kernel() && !sipring::sys::ktls::probe().available() {
+        assert!(
+            metric(
+                &m,
+                "sipring_ktls_fallback_total{reason=\"kernel_lacks_tls\"}"
+            )
+            .unwrap_or(0.0)
+                >= n,
+            "{m}"
+        );
+    }
+}
+
+/// As [`assert_layer`] for connections that offload TLS 1.3 regardless of rekey support.
+fn assert_record_layer(srv: &Running, kind: &str, n: f64) {
+    assert_layer(srv, kind, n, expected_layer(true, true));
+}
+
+fn message(from: &mut Ua, to: &mut Ua, body: &str) {
+    let m = from.request(
+        "MESSAGE",
+        &format!("sip:{}@example.com", to.user),
+        &format!("<sip:{}@example.com>", to.user),
+        &format!("m-{}-{}", from.user, body.len()),
+        1,
+        "",
+        Some(("text/plain", body)),
+    );
+    from.send(&m);
+    let got = to.expect("MESSAGE");
+    assert_eq!(method(&got), "MESSAGE");
+    assert!(
+        got.ends_with(body.as_bytes()),
+        "body intact ({} bytes)",
+        body.len()
+    );
+    to.send(&answer(&got, 200, "OK", "t", "sip:x@127.0.0.1"));
+    assert_eq!(from.expect_final_or_provisional("200").0, 200);
+}
+
+#[test]
+fn tls13_and_tls12_traffic_both_ways() {
+    let pki = Pki::new();
+    let srv = server(&pki);
+    let (tx0, rx0) = (tls_stat("TlsTxSw"), tls_stat("TlsRxSw"));
+    for tls12 in [false, true] {
+        let mut alice = ua(&pki, &srv, "alice", tls12);
+        let mut bob = ua(&pki, &srv, "bob", tls12);
+        message(&mut alice, &mut bob, "hello over the kernel");
+        message(&mut bob, &mut alice, "and back");
+    }
+    assert_record_layer(&srv, "tls", 4.0);
+    if expect_kernel() {
+        assert!(
+            tls_stat("TlsTxSw") >= tx0 + 4 && tls_stat("TlsRxSw") >= rx0 + 4,
+            "tls_stat: {}",
+            std::fs::read_to_string("/proc/net/tls_stat").unwrap_or_default()
+        );
+    }
+    srv.stop();
+    srv.join().unwrap();
+}
+
+/// A raw rustls client, for what the test UA hides: pipelining, KeyUpdate, close_notify.
+fn raw(pki: &Pki, srv: &Running) -> StreamOwned<ClientConnection, TcpStream> {
+    let cfg = tls_config(&pki.certs("ca.pem"), None, false);
+    let conn =
+        ClientConnection::new(cfg, ServerName::try_from("sip.example.com").unwrap()).unwrap();
+    let tcp = TcpStream::connect(srv.listen_addrs[0]).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    StreamOwned::new(conn, tcp)
+}
+
+fn register_bytes(user: &str, n: u32) -> String {
+    format!(
+        "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKraw{user}{n}\r\nMax-Forwards: 70\r\nTo: <sip:{user}@example.com>\r\nFrom: <sip:{user}@example.com>;tag=r\r\nCall-ID: raw-{user}\r\nCSeq: {n} REGISTER\r\nContact: <sip:{user}@127.0.0.1;transport=tls>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+fn read_response(s: &mut StreamOwned<ClientConnection, TcpStream>) -> String {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut tmp).expect("read");
+        assert!(n > 0, "connection closed");
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[test]
+fn a_message_pipelined_behind_finished_is_not_lost() {
+    let pki = Pki::new();
+    let srv = server(&pki);
+    let mut s = raw(&pki, &srv);
+    // Queue the REGISTER before the handshake: rustls sends it right behind its Finished,
+    // in the same write, before the server has handed the socket to the kernel.
+    s.conn
+        .writer()
+        .write_all(register_bytes("pipe", 1).as_bytes())
+        .unwrap();
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s.conn.complete_io(&mut s.sock).unwrap();
+    let r = read_response(&mut s);
+    assert!(r.starts_with("SIP/2.0 200 OK"), "{r}");
+    assert_record_layer(&srv, "tls", 1.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_peer_initiated_key_update_keeps_traffic_flowing() {
+    // Default policy: TLS 1.3 is offloaded only where the kernel can rekey, so a KeyUpdate
+    // from the peer never breaks the connection.
+    let pki = Pki::new();
+    let srv = server_with(&pki, false);
+    let mut s = raw(&pki, &srv);
+    s.write_all(register_bytes("ku", 1).as_bytes()).unwrap();
+    assert!(read_response(&mut s).starts_with("SIP/2.0 200"));
+    for n in 2..5 {
+        // KeyUpdate(update_requested): a new RX key for the server, which answers with its
+        // own KeyUpdate and switches TX too.
+        s.conn.refresh_traffic_keys().unwrap();
+        s.write_all(register_bytes("ku", n).as_bytes()).unwrap();
+        let r = read_response(&mut s);
+        assert!(r.starts_with("SIP/2.0 200"), "after KeyUpdate {n}: {r}");
+    }
+    assert_layer(&srv, "tls", 1.0, expected_layer(true, false));
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn key_update_on_a_kernel_that_cannot_rekey_closes_cleanly() {
+    // Offloading TLS 1.3 anyway: where the kernel cannot follow a KeyUpdate the connection
+    // closes (the peer reconnects); where it can, traffic continues.
+    let pki = Pki::new();
+    let srv = server_with(&pki, true);
+    let mut s = raw(&pki, &srv);
+    s.write_all(register_bytes("kx", 1).as_bytes()).unwrap();
+    assert!(read_response(&mut s).starts_with("SIP/2.0 200"));
+    s.conn.refresh_traffic_keys().unwrap();
+    s.write_all(register_bytes("kx", 2).as_bytes()).unwrap();
+    let k = sipring::sys::ktls::probe();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let answered = String::from_utf8_lossy(&buf).starts_with("SIP/2.0 200");
+    if k.available() && !k.rekey() {
+        assert!(
+            !answered,
+            "no answer after a KeyUpdate the kernel cannot follow"
+        );
+        wait_metrics(srv.admin_addr.unwrap(), "connection closed", |m| {
+            metric(m, "sipring_connections{kind=\"tls\"}") == Some(0.0)
+        });
+    } else {
+        assert!(
+            answered,
+            "traffic continues after KeyUpdate: {}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn close_notify_and_abrupt_reset_leave_no_connection() {
+    let pki = Pki::new();
+    let srv = server(&pki);
+    let admin = srv.admin_addr.unwrap();
+    let mut s = raw(&pki, &srv);
+    s.write_all(register_bytes("bye", 1).as_bytes()).unwrap();
+    assert!(read_response(&mut s).starts_with("SIP/2.0 200"));
+    wait_metrics(admin, "one connection", |m| {
+        metric(m, "sipring_connections{kind=\"tls\"}") == Some(1.0)
+    });
+    // close_notify from the client: the server answers with its own and closes.
+    s.conn.send_close_notify();
+    s.conn.complete_io(&mut s.sock).unwrap();
+    let mut tail = Vec::new();
+    let _ = s.read_to_end(&mut tail);
+    assert!(
+        s.conn.is_handshaking() || tail.is_empty(),
+        "no data after close_notify"
+    );
+    wait_metrics(admin, "connection gone after close_notify", |m| {
+        metric(m, "sipring_connections{kind=\"tls\"}") == Some(0.0)
+    });
+    // An abrupt reset (SO_LINGER 0): the server notices and cleans up.
+    let mut s = raw(&pki, &srv);
+    s.write_all(register_bytes("rst", 1).as_bytes()).unwrap();
+    assert!(read_response(&mut s).starts_with("SIP/2.0 200"));
+    let sock = socket2::SockRef::from(&s.sock);
+    sock.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+    let m = wait_metrics(admin, "connection gone after reset", |m| {
+        metric(m, "sipring_connections{kind=\"tls\"}") == Some(0.0)
+    });
+    assert_eq!(
+        metric(&m, "sipring_bindings"),
+        Some(0.0),
+        "the flows' bindings went with them"
+    );
+    assert_record_layer(&srv, "tls", 2.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn large_messages_span_records_and_small_ones_stream() {
+    let pki = Pki::new();
+    let srv = server(&pki);
+    let mut alice = ua(&pki, &srv, "alice", false);
+    let mut bob = ua(&pki, &srv, "bob", false);
+    let big = "x".repeat(40_000);
+    message(&mut alice, &mut bob, &big);
+    // 200 small MESSAGEs in one write, all delivered in order.
+    let mut burst = Vec::new();
+    for i in 0..200 {
+        burst.extend_from_slice(&alice.request(
+            "MESSAGE",
+            "sip:bob@example.com",
+            "<sip:bob@example.com>",
+            &format!("burst-{i}"),
+            1,
+            "",
+            Some(("text/plain", &format!("#{i}"))),
+        ));
+    }
+    alice.send(&burst);
+    for i in 0..200 {
+        let m = bob.expect("burst MESSAGE");
+        assert_eq!(
+            header(&m, "Call-ID").as_deref(),
+            Some(format!("burst-{i}").as_str())
+        );
+        bob.send(&answer(&m, 200, "OK", "t", "sip:bob@127.0.0.1"));
+    }
+    for _ in 0..200 {
+        assert_eq!(alice.expect_final_or_provisional("burst 200").0, 200);
+    }
+    assert_record_layer(&srv, "tls", 2.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn outbound_peer_connections_offload_too() {
+    let pki = Pki::new();
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a_cfg = config(&pki);
+    a_cfg.server.shards = 1;
+    a_cfg.tls.ktls_tls13_without_rekey = true;
+    a_cfg.listen[1].address = format!("127.0.0.1:{port_a}").parse().unwrap();
+    a_cfg.peer[0].address = Some(format!("127.0.0.1:{port_b}").parse().unwrap());
+    let mut b_cfg = config(&pki);
+    b_cfg.server.shards = 1;
+    b_cfg.tls.ktls_tls13_without_rekey = true;
+    b_cfg.server.domains = vec!["partner.example.com".into()];
+    b_cfg.server.hostname = "sip.partner.example.com".into();
+    b_cfg.listen[1].address = format!("127.0.0.1:{port_b}").parse().unwrap();
+    b_cfg.tls.certificate[0].cert = pki.dir.join("partner.pem");
+    b_cfg.tls.certificate[0].key = pki.dir.join("partner.key");
+    b_cfg.peer[0].name = "home".into();
+    b_cfg.peer[0].domains = vec!["example.com".into()];
+    b_cfg.peer[0].server_name = "sip.example.com".into();
+    b_cfg.peer[0].roots = pki.dir.join("ca.pem");
+    b_cfg.peer[0].crls = vec![pki.dir.join("ca.crl")];
+    let a = start(a_cfg, None).unwrap();
+    let b = start(b_cfg, None).unwrap();
+    let mut alice = ua(&pki, &a, "alice", false);
+    let mut bob = Ua::tls(
+        b.listen_addrs[0],
+        tls_config(&pki.certs("partner-ca.pem"), None, false),
+        "sip.partner.example.com",
+        "bob",
+        "partner.example.com",
+    )
+    .unwrap();
+    assert_eq!(bob.register(600), 200);
+    let m = alice.request(
+        "MESSAGE",
+        "sip:bob@partner.example.com",
+        "<sip:bob@partner.example.com>",
+        "fed-k",
+        1,
+        "",
+        Some(("text/plain", "across")),
+    );
+    alice.send(&m);
+    let got = bob.expect("MESSAGE across the federation");
+    bob.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("200 across").0, 200);
+    // A's outbound link and B's inbound peer connection both run in the expected layer.
+    assert_record_layer(&a, "mtls", 1.0);
+    assert_record_layer(&b, "mtls", 1.0);
+    a.stop();
+    b.stop();
+    a.join().unwrap();
+    b.join().unwrap();
+}
+
+#[test]
+fn the_record_budget_rekeys_or_closes() {
+    // A tiny budget: after 3 records under one key, TLS 1.2 closes gracefully and TLS 1.3
+    // rekeys (where the kernel can) — the kernel itself never counts.
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.tls.ktls_tls13_without_rekey = true;
+    cfg.tls.ktls_max_records = 3;
+    let srv = start(cfg, None).unwrap();
+    let k = sipring::sys::ktls::probe();
+    for tls12 in [true, false] {
+        let mut u = Ua::tls(
+            srv.listen_addrs[0],
+            tls_config(&pki.certs("ca.pem"), None, tls12),
+            "sip.example.com",
+            "budget",
+            "example.com",
+        )
+        .unwrap();
+        let mut answered = 0;
+        for _ in 0..6 {
+            u.send(&u.request(
+                "OPTIONS",
+                "sip:sip.example.com",
+                "<sip:sip.example.com>",
+                "budget",
+                1,
+                "",
+                None,
+            ));
+            match u.recv(Duration::from_secs(2)) {
+                Some(r) if r.starts_with(b"SIP/2.0 200") => answered += 1,
+                _ => break,
+            }
+        }
+        let closes = k.available() && (tls12 || !k.rekey());
+        if closes {
+            assert_eq!(
+                answered,
+                3,
+                "TLS 1.{}: closed after the budget",
+                if tls12 { 2 } else { 3 }
+            );
+        } else {
+            assert_eq!(
+                answered,
+                6,
+                "TLS 1.{}: rekeyed or in userspace, traffic continues",
+                if tls12 { 2 } else { 3 }
+            );
+        }
+    }
+    srv.stop();
+    srv.join().unwrap();
+}
