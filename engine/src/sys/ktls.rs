@@ -280,7 +280,7 @@ mod tests {
             std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
         let listed = ulps.split_whitespace().any(|u| u == "tls");
         match s {
-            super::Support::Available => {
+            super::Support::Available { .. } => {
                 assert!(listed, "probe says available, kernel lists: {ulps}")
             }
             super::Support::KernelLacksTls(_) => {
