@@ -30,8 +30,8 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-step "cargo build (binaries used by the process tests)"
-cargo build -p sipring --bins
+step "cargo build (binaries used by the process and load-generator tests)"
+cargo build -p sipring -p sipring-load --bins
 
 step "cargo test --workspace"
 cargo test --workspace

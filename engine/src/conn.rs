@@ -86,6 +86,16 @@ async fn handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), 
     }
 }
 
+/// Drives a client handshake over `stream` (for the load generator and outbound links);
+/// `Err` is a one-word cause for metrics (`tls_<reason>`, `closed`, `io`).
+pub async fn client_handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), String> {
+    handshake(stream, sess).await.map_err(|e| match e {
+        HsError::Tls(e) => format!("tls_{}", Rejection::classify(&e).0.label()),
+        HsError::Io(_) => "io".into(),
+        HsError::Closed => "closed".into(),
+    })
+}
+
 /// Can the kernel take this cipher suite? (The `ktls` crate maps AES-GCM and ChaCha20.)
 fn offloadable(suite: rustls::SupportedCipherSuite) -> bool {
     use rustls::CipherSuite as C;

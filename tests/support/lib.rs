@@ -321,15 +321,16 @@ pub mod process {
 
     /// The `sipring` binary built by `cargo build -p sipring` (tests/run.sh builds it first).
     pub fn sipring_bin() -> PathBuf {
+        bin("sipring")
+    }
+
+    /// A workspace binary from the debug build (tests/run.sh builds them first).
+    pub fn bin(name: &str) -> PathBuf {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-        let bin = target.join("debug/sipring");
-        assert!(
-            bin.exists(),
-            "{} not found: run `cargo build -p sipring` first (tests/run.sh does)",
-            bin.display()
-        );
+        let bin = target.join("debug").join(name);
+        assert!(bin.exists(), "{} not found: run `cargo build --bins` first (tests/run.sh does)", bin.display());
         bin
     }
 

@@ -82,3 +82,20 @@ pub fn try_clone(s: &glommio::net::TcpStream) -> std::io::Result<glommio::net::T
     // owns; `into_raw_fd` gives up that ownership to the new glommio stream.
     Ok(unsafe { glommio::net::TcpStream::from_raw_fd(owned.into_raw_fd()) })
 }
+
+/// Connects from a chosen local address (to spread load-generator connections over several
+/// source addresses), with a timeout, and hands the socket to the current glommio executor.
+/// Blocking connect: meant for loopback and lab networks, where it completes at once.
+pub fn connect_from(local: std::net::IpAddr, remote: SocketAddr, timeout: std::time::Duration) -> std::io::Result<glommio::net::TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::FromRawFd;
+    let domain = if remote.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::new(local, 0).into())?;
+    s.connect_timeout(&remote.into(), timeout)?;
+    s.set_tcp_nodelay(true)?;
+    // SAFETY: `s` is a connected TCP socket that nothing else owns; `into_raw_fd` gives that
+    // ownership to the glommio stream.
+    Ok(unsafe { glommio::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
+}

@@ -1,0 +1,418 @@
+//! `sipring-load`: drive a SIP server (sipring, Kamailio, anything RFC 3261) over TLS, MTLS or
+//! TCP and report exact latency distributions. See docs/LOADGEN.md.
+
+use clap::{Args, Parser, Subcommand};
+use sipring_load::run::{self, Plan, Progress, Scenario, Transport};
+use sipring_load::stats;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::io::IsTerminal;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// sipring-load: a thread-per-core SIP load generator with HdrHistogram latencies.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// N user agents open connections and REGISTER at the rate (cycling: refreshes).
+    Register(Common),
+    /// Registered UAs send MESSAGE to each other; the receiver answers 200.
+    Message(Common),
+    /// INVITE → 100/180/200 → ACK, hold, BYE → 200 between registered UAs.
+    Call(Common),
+    /// Connect, full TLS handshake (or resumption), one OPTIONS, close — at the rate.
+    Handshake(Common),
+    /// Open and hold N registered connections with RFC 5626 CRLF keepalives.
+    Idle(Common),
+    /// Run several scenarios at once from a TOML file (`[[scenario]]` tables).
+    Mix {
+        /// The scenario file.
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Plot two or more runs' JSON summaries in one SVG.
+    Compare {
+        /// JSON summaries (`--json` outputs).
+        files: Vec<PathBuf>,
+        /// Output SVG.
+        #[arg(long)]
+        plot: PathBuf,
+        /// Transaction type to compare.
+        #[arg(long, default_value = "invite_200")]
+        kind: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:5061")]
+    target: SocketAddr,
+    /// tls, mtls or tcp.
+    #[arg(long, default_value = "tls")]
+    transport: String,
+    /// PEM roots to verify the server (TLS/MTLS).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Client certificate chain (MTLS), shared by all UAs.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Client key (MTLS).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Name to verify in the server certificate and send as SNI.
+    #[arg(long, default_value = "sip.example.com")]
+    server_name: String,
+    /// SIP domain of the users.
+    #[arg(long, default_value = "example.com")]
+    domain: String,
+    /// User name prefix.
+    #[arg(long, default_value = "u")]
+    prefix: String,
+    /// TLS versions: 1.2, 1.3 or both.
+    #[arg(long, default_value = "both")]
+    tls_version: String,
+    /// Key-exchange groups, comma-separated (X25519MLKEM768, X25519, secp256r1, secp384r1).
+    #[arg(long)]
+    groups: Option<String>,
+    /// Disable TLS session resumption.
+    #[arg(long)]
+    no_resume: bool,
+    /// Executors (threads, one per core).
+    #[arg(long, default_value_t = default_shards())]
+    shards: usize,
+    /// User agents (connections).
+    #[arg(long, default_value_t = 100)]
+    users: usize,
+    /// Target rate, per second (transactions, calls or handshakes).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Measured duration, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many transactions.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Warm-up seconds (sent, not measured).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Ramp from 0 to the rate over this many seconds.
+    #[arg(long, default_value_t = 0.0)]
+    ramp: f64,
+    /// Call hold time, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    hold: f64,
+    /// Most calls up at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_concurrent: usize,
+    /// REGISTER expiry, seconds.
+    #[arg(long, default_value_t = 600)]
+    expires: u32,
+    /// Unregister at the end.
+    #[arg(long)]
+    unregister: bool,
+    /// Keepalive interval (idle), seconds.
+    #[arg(long, default_value_t = 30.0)]
+    keepalive: f64,
+    /// Transaction timeout, seconds.
+    #[arg(long, default_value_t = 32.0)]
+    timeout: f64,
+    /// Source addresses, e.g. 127.0.0.2-127.0.0.20 (beyond one address's ephemeral ports).
+    #[arg(long)]
+    local_addrs: Option<String>,
+    /// Connections opened at once per shard during setup.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write one .hgrm per transaction type into this folder.
+    #[arg(long)]
+    hgrm_dir: Option<PathBuf>,
+    /// Draw latency by percentile into this SVG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// Exit non-zero when failed/sent exceeds this ratio.
+    #[arg(long, default_value_t = 0.0)]
+    max_failures: f64,
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `a.b.c.d-a.b.c.e` or a comma list.
+fn parse_addrs(s: &str) -> Result<Vec<IpAddr>, String> {
+    if let Some((a, b)) = s.split_once('-') {
+        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (a.parse().map_err(|e| format!("{a}: {e}"))?, b.parse().map_err(|e| format!("{b}: {e}"))?);
+        let (a, b) = (u32::from(a), u32::from(b));
+        if b < a || b - a > 65_535 {
+            return Err("bad address range".into());
+        }
+        return Ok((a..=b).map(|x| IpAddr::V4(x.into())).collect());
+    }
+    s.split(',').map(|a| a.trim().parse().map_err(|e| format!("{a}: {e}"))).collect()
+}
+
+fn tls_config(c: &Common, transport: Transport) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+    if transport == Transport::Tcp {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = c.ca.as_ref().ok_or("--ca is required for TLS")?;
+    for r in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
+        roots.add(r.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    }
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(g) = &c.groups {
+        provider.kx_groups = g.split(',').map(|n| sipring::tls::kx_group(n.trim()).ok_or(format!("unknown group {n}"))).collect::<Result<_, _>>()?;
+    }
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match c.tls_version.as_str() {
+        "1.2" => vec![&rustls::version::TLS12],
+        "1.3" => vec![&rustls::version::TLS13],
+        _ => vec![&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(provider)).with_protocol_versions(&versions).map_err(|e| e.to_string())?.with_root_certificates(roots);
+    let mut cfg = if transport == Transport::Mtls {
+        let (cert, key) = (c.cert.as_ref().ok_or("--cert is required for mtls")?, c.key.as_ref().ok_or("--key is required for mtls")?);
+        let chain = CertificateDer::pem_file_iter(cert).map_err(|e| e.to_string())?.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| e.to_string())?;
+        b.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+    } else {
+        b.with_no_client_auth()
+    };
+    if c.no_resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(Some(Arc::new(cfg)))
+}
+
+fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
+    let transport = match c.transport.as_str() {
+        "tls" => Transport::Tls,
+        "mtls" => Transport::Mtls,
+        "tcp" => Transport::Tcp,
+        t => return Err(format!("unknown transport {t}")),
+    };
+    Ok(Plan {
+        name: name.into(),
+        scenario,
+        target: c.target,
+        transport,
+        tls: tls_config(c, transport)?,
+        server_name: c.server_name.clone(),
+        domain: c.domain.clone(),
+        prefix: c.prefix.clone(),
+        users: c.users,
+        rate: c.rate,
+        duration: Duration::from_secs_f64(c.duration),
+        count: c.count,
+        warmup: Duration::from_secs_f64(c.warmup),
+        ramp: Duration::from_secs_f64(c.ramp),
+        hold: Duration::from_secs_f64(c.hold),
+        max_concurrent: c.max_concurrent,
+        expires: c.expires,
+        unregister: c.unregister,
+        keepalive: Duration::from_secs_f64(c.keepalive),
+        timeout: Duration::from_secs_f64(c.timeout),
+        local_addrs: match &c.local_addrs {
+            Some(s) => parse_addrs(s)?,
+            None => Vec::new(),
+        },
+        connect_concurrency: c.connect_concurrency,
+    })
+}
+
+/// One `[[scenario]]` of a mix file: the scenario and the options it overrides.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MixEntry {
+    scenario: String,
+    users: Option<usize>,
+    rate: Option<f64>,
+    hold: Option<f64>,
+    prefix: Option<String>,
+    max_concurrent: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MixFile {
+    scenario: Vec<MixEntry>,
+}
+
+fn scenario_of(s: &str) -> Result<Scenario, String> {
+    Ok(match s {
+        "register" => Scenario::Register,
+        "message" => Scenario::Message,
+        "call" => Scenario::Call,
+        "handshake" => Scenario::Handshake,
+        "idle" => Scenario::Idle,
+        o => return Err(format!("unknown scenario {o}")),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (plans, common) = match cli.cmd {
+        Cmd::Compare { files, plot, kind } => return compare(&files, &plot, &kind),
+        Cmd::Register(c) => (plan("register", Scenario::Register, &c).map(|p| vec![p]), c),
+        Cmd::Message(c) => (plan("message", Scenario::Message, &c).map(|p| vec![p]), c),
+        Cmd::Call(c) => (plan("call", Scenario::Call, &c).map(|p| vec![p]), c),
+        Cmd::Handshake(c) => (plan("handshake", Scenario::Handshake, &c).map(|p| vec![p]), c),
+        Cmd::Idle(c) => (plan("idle", Scenario::Idle, &c).map(|p| vec![p]), c),
+        Cmd::Mix { file, common } => {
+            let r = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display())).and_then(|t| toml::from_str::<MixFile>(&t).map_err(|e| format!("{}: {e}", file.display()))).and_then(|m| {
+                m.scenario
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| {
+                        let mut c = common.clone();
+                        c.users = e.users.unwrap_or(c.users);
+                        c.rate = e.rate.unwrap_or(c.rate);
+                        c.hold = e.hold.unwrap_or(c.hold);
+                        c.max_concurrent = e.max_concurrent.unwrap_or(c.max_concurrent);
+                        c.prefix = e.prefix.clone().unwrap_or(format!("{}{i}-", e.scenario));
+                        plan(&e.scenario, scenario_of(&e.scenario)?, &c)
+                    })
+                    .collect()
+            });
+            (r, common)
+        }
+    };
+    let plans = match plans {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("sipring-load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Carrier scale: one connection = one descriptor. Raise the limit or say which one stops us.
+    let users: usize = plans.iter().map(|p| p.users).sum();
+    let (nofile, _) = sipring::sys::probe::raise_limits();
+    if users as u64 + 256 > nofile {
+        eprintln!("sipring-load: {users} connections need more file descriptors than RLIMIT_NOFILE ({nofile}) allows: raise it (ulimit -n, LimitNOFILE; see tuning/limits.conf)");
+        return ExitCode::from(2);
+    }
+    let ephemeral = 28_232usize; // Linux default 32768-60999 per source address
+    if plans.iter().any(|p| p.local_addrs.is_empty() && p.users > ephemeral) {
+        eprintln!("sipring-load: more than {ephemeral} connections from one source address exhaust its ephemeral ports: use --local-addrs 127.0.0.2-127.0.0.20 (or widen net.ipv4.ip_local_port_range)");
+        return ExitCode::from(2);
+    }
+    let progress = Arc::new(Progress::default());
+    let live = !common.quiet && std::io::stderr().is_terminal();
+    let p2 = progress.clone();
+    let started = Instant::now();
+    let ticker = std::thread::spawn(move || {
+        let mut last = 0;
+        while !live_done(&p2) {
+            std::thread::sleep(Duration::from_secs(1));
+            if live {
+                let a = p2.answered.load(Ordering::Relaxed);
+                let (s, f) = (p2.sent.load(Ordering::Relaxed), p2.failed.load(Ordering::Relaxed));
+                eprint!(
+                    "\r{:>5.0}s  {:>8} ok/s  sent {s}  failed {f}  in-flight {}  conns {}  p99 {:.2} ms   ",
+                    started.elapsed().as_secs_f64(),
+                    a - last,
+                    s.saturating_sub(a + f),
+                    p2.connections.load(Ordering::Relaxed),
+                    p2.p99_us.load(Ordering::Relaxed) as f64 / 1000.0
+                );
+                last = a;
+            }
+        }
+        if live {
+            eprintln!();
+        }
+    });
+    let shards = common.shards.max(1);
+    let result = run::run(plans, shards, progress.clone());
+    progress.sent.fetch_add(0, Ordering::Relaxed);
+    DONE.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    let stats = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sipring-load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", stats.table());
+    let summary = stats.summary();
+    if let Some(p) = &common.json {
+        if let Err(e) = std::fs::write(p, serde_json::to_string_pretty(&summary).expect("serialisable")) {
+            eprintln!("sipring-load: {}: {e}", p.display());
+        }
+    }
+    if let Some(d) = &common.hgrm_dir {
+        match stats.write_hgrm(d) {
+            Ok(files) => println!("histograms: {}", files.join(" ")),
+            Err(e) => eprintln!("sipring-load: {}: {e}", d.display()),
+        }
+    }
+    if let Some(p) = &common.plot {
+        let series: Vec<(String, Vec<(f64, f64)>)> = summary.kinds.iter().filter(|(_, k)| k.count > 0).map(|(n, k)| (n.clone(), k.percentiles.clone())).collect();
+        match stats::plot(&series, p, "latency by percentile") {
+            Ok(()) => println!("plot: {}", p.display()),
+            Err(e) => eprintln!("sipring-load: plot: {e}"),
+        }
+    }
+    let (sent, _, failed) = stats.totals();
+    if sent > 0 && failed as f64 / sent as f64 > common.max_failures {
+        eprintln!("sipring-load: {failed} of {sent} failed (more than --max-failures {})", common.max_failures);
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
+static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn live_done(_: &Progress) -> bool {
+    DONE.load(Ordering::Relaxed)
+}
+
+fn compare(files: &[PathBuf], plot: &PathBuf, kind: &str) -> ExitCode {
+    let mut series = Vec::new();
+    for f in files {
+        let s: stats::Summary = match std::fs::read_to_string(f).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string())) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sipring-load: {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        };
+        let Some(k) = s.kinds.get(kind) else {
+            eprintln!("sipring-load: {} has no {kind}", f.display());
+            return ExitCode::from(2);
+        };
+        println!("{:<40} p50 {:>8.3} ms  p99 {:>8.3} ms  p99.9 {:>8.3} ms  max {:>8.3} ms  {:>10.1}/s", f.display(), k.p50_ms, k.p99_ms, k.p999_ms, k.max_ms, k.rate_per_s);
+        series.push((f.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()), k.percentiles.clone()));
+    }
+    match stats::plot(&series, plot, &format!("{kind}: latency by percentile")) {
+        Ok(()) => {
+            println!("plot: {}", plot.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sipring-load: plot: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,840 @@
+//! The thread-per-core runner: one glommio executor per shard, each owning a share of the
+//! user agents (connections) and generating its share of the load open-loop.
+//!
+//! Rate control does not lie: the i-th transaction of a shard is *intended* at
+//! `start + i / rate` (with an optional linear ramp) and its latency is measured from that
+//! intended time, so when the server (or the generator) falls behind, the delay shows up in
+//! the tail instead of silently lowering the rate (coordinated-omission correction). Late
+//! sends are counted and reported.
+
+use crate::stats::Stats;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{LocalSender, new_bounded};
+use glommio::net::TcpStream;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use sipring::tls::session::TlsSession;
+use sipring_core::response::{ResponseParts, response_to};
+use sipring_core::{Frame, Framer, Framing, Header, HeaderName, KeepaliveRole, Limits, Method, Status, parse};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What a plan does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// REGISTER at the rate, cycling over the users (refreshes).
+    Register,
+    /// MESSAGE between registered users.
+    Message,
+    /// INVITE/180/200/ACK, hold, BYE.
+    Call,
+    /// Connect, handshake, one OPTIONS, close.
+    Handshake,
+    /// Hold registered connections with CRLF keepalives.
+    Idle,
+}
+
+/// How to connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS (server authenticated).
+    Tls,
+    /// Mutual TLS (client certificate).
+    Mtls,
+    /// Plain TCP.
+    Tcp,
+}
+
+/// One scenario's settings.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Name (for mix reports).
+    pub name: String,
+    /// What to do.
+    pub scenario: Scenario,
+    /// The server.
+    pub target: SocketAddr,
+    /// TLS, MTLS or TCP.
+    pub transport: Transport,
+    /// TLS client configuration (None for TCP).
+    pub tls: Option<Arc<ClientConfig>>,
+    /// SNI / expected server name.
+    pub server_name: String,
+    /// SIP domain of the users.
+    pub domain: String,
+    /// User name prefix (users are `<prefix><n>`).
+    pub prefix: String,
+    /// Number of user agents (connections).
+    pub users: usize,
+    /// Transactions (or calls, handshakes) per second, all shards together.
+    pub rate: f64,
+    /// Measured duration (after warm-up).
+    pub duration: Duration,
+    /// Stop after this many transactions (all shards), if set.
+    pub count: Option<u64>,
+    /// Sent but not measured at the start.
+    pub warmup: Duration,
+    /// Linear ramp from 0 to `rate` over this long.
+    pub ramp: Duration,
+    /// Call hold time.
+    pub hold: Duration,
+    /// Most calls up at once (all shards).
+    pub max_concurrent: usize,
+    /// REGISTER expiry, seconds.
+    pub expires: u32,
+    /// Unregister at the end.
+    pub unregister: bool,
+    /// Keepalive interval (idle scenario).
+    pub keepalive: Duration,
+    /// Transaction timeout.
+    pub timeout: Duration,
+    /// Source addresses to spread connections over (empty: the kernel's choice).
+    pub local_addrs: Vec<IpAddr>,
+    /// Connections opened at once per shard during setup.
+    pub connect_concurrency: usize,
+}
+
+/// Live counters the main thread prints once a second.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Transactions started.
+    pub sent: AtomicU64,
+    /// Answered.
+    pub answered: AtomicU64,
+    /// Failed.
+    pub failed: AtomicU64,
+    /// Worst p99 (µs) any shard has seen so far.
+    pub p99_us: AtomicU64,
+    /// Connections up.
+    pub connections: AtomicU64,
+    /// Shards done with setup, per plan index (a barrier so no one calls a user who is not
+    /// registered yet). At most [`MAX_PLANS`] plans.
+    pub ready: [std::sync::atomic::AtomicUsize; MAX_PLANS],
+}
+
+/// Most scenarios one run (a mix) can hold.
+pub const MAX_PLANS: usize = 16;
+
+struct Pending {
+    kind: &'static str,
+    t0: Instant,
+    measured: bool,
+    ua: usize,
+    invite: Option<InviteState>,
+}
+
+struct InviteState {
+    got100: bool,
+    got180: bool,
+}
+
+struct Ua {
+    tx: LocalSender<Vec<u8>>,
+    local: SocketAddr,
+    user: String,
+}
+
+struct Shard {
+    id: usize,
+    n: usize,
+    stats: RefCell<Stats>,
+    pending: RefCell<HashMap<String, Pending>>,
+    progress: Arc<Progress>,
+    uas: RefCell<HashMap<usize, Rc<Ua>>>,
+    active_calls: Cell<usize>,
+    handshakes: Cell<usize>,
+    seq: Cell<u64>,
+    rng: Cell<u64>,
+}
+
+impl Shard {
+    fn next(&self) -> u64 {
+        let s = self.seq.get() + 1;
+        self.seq.set(s);
+        s
+    }
+
+    fn rand(&self, n: usize) -> usize {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        (x % n as u64) as usize
+    }
+
+    fn ok(&self, p: &Pending, kind: &str) {
+        self.progress.answered.fetch_add(1, Ordering::Relaxed);
+        if p.measured {
+            let us = p.t0.elapsed().as_micros() as u64;
+            let mut st = self.stats.borrow_mut();
+            st.ok(kind, us);
+            if let Some(h) = st.hist.get(kind) {
+                if h.len() % 256 == 0 {
+                    self.progress.p99_us.fetch_max(h.value_at_quantile(0.99), Ordering::Relaxed);
+                }
+            }
+        } else {
+            *self.stats.borrow_mut().answered.entry(kind.into()).or_insert(0) += 1;
+        }
+    }
+
+    fn fail(&self, kind: &str, cause: &str) {
+        self.progress.failed.fetch_add(1, Ordering::Relaxed);
+        self.stats.borrow_mut().fail(kind, cause);
+    }
+
+    fn start(&self, kind: &'static str, call_id: String, t0: Instant, measured: bool, ua: usize) {
+        self.progress.sent.fetch_add(1, Ordering::Relaxed);
+        self.stats.borrow_mut().sent(kind);
+        let invite = (kind == "invite_200").then_some(InviteState { got100: false, got180: false });
+        self.pending.borrow_mut().insert(call_id, Pending { kind, t0, measured, ua, invite });
+    }
+}
+
+/// Runs every plan on `shards` executors; returns the merged results.
+pub fn run(plans: Vec<Plan>, shards: usize, progress: Arc<Progress>) -> Result<Stats, String> {
+    if plans.len() > MAX_PLANS {
+        return Err(format!("at most {MAX_PLANS} scenarios in one run"));
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let plans = Arc::new(plans);
+    let mut handles = Vec::new();
+    for id in 0..shards {
+        let (plans, progress) = (plans.clone(), progress.clone());
+        let placement = if shards <= cpus { glommio::Placement::Fixed(id % cpus) } else { glommio::Placement::Unbound };
+        let h = glommio::LocalExecutorBuilder::new(placement)
+            .name(&format!("load-{id}"))
+            .io_memory(512 * 1024)
+            .spawn(move || async move { shard_main(id, shards, plans, progress).await })
+            .map_err(|e| format!("executor: {e}"))?;
+        handles.push(h);
+    }
+    let mut total = Stats::default();
+    for h in handles {
+        let s = h.join().map_err(|e| format!("shard failed: {e:?}"))?;
+        total.merge(&s);
+    }
+    Ok(total)
+}
+
+async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Progress>) -> Stats {
+    let shard = Rc::new(Shard {
+        id,
+        n,
+        stats: RefCell::new(Stats::default()),
+        pending: RefCell::new(HashMap::new()),
+        progress,
+        uas: RefCell::new(HashMap::new()),
+        active_calls: Cell::new(0),
+        handshakes: Cell::new(0),
+        seq: Cell::new(0),
+        rng: Cell::new(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1)),
+    });
+    // Expire transactions that outlive their timeout.
+    let sweeper = {
+        let s = shard.clone();
+        let timeout = plans.iter().map(|p| p.timeout).max().unwrap_or(Duration::from_secs(32));
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+                let now = Instant::now();
+                let expired: Vec<(String, &'static str)> = s.pending.borrow().iter().filter(|(_, p)| now.duration_since(p.t0) > timeout).map(|(k, p)| (k.clone(), p.kind)).collect();
+                for (k, kind) in expired {
+                    if let Some(p) = s.pending.borrow_mut().remove(&k) {
+                        if p.kind == "invite_200" {
+                            s.active_calls.set(s.active_calls.get().saturating_sub(1));
+                        }
+                    }
+                    s.fail(kind, "timeout");
+                }
+            }
+        })
+    };
+    let t_start = Instant::now();
+    let mut tasks = Vec::new();
+    let mut user_base = 0;
+    for (index, plan) in plans.iter().enumerate() {
+        let (s, p, base) = (shard.clone(), plan.clone(), user_base);
+        user_base += plan.users;
+        tasks.push(glommio::spawn_local(async move { run_plan(s, p, base, index).await }));
+    }
+    for t in tasks {
+        t.await;
+    }
+    // Let what is in flight finish, then count the rest as timeouts.
+    let end = Instant::now() + plans.iter().map(|p| p.timeout).max().unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(10));
+    while (!shard.pending.borrow().is_empty() || shard.handshakes.get() > 0) && Instant::now() < end {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<&'static str> = shard.pending.borrow_mut().drain().map(|(_, p)| p.kind).collect();
+    for k in left {
+        shard.fail(k, "timeout");
+    }
+    for _ in 0..shard.handshakes.replace(0) {
+        shard.fail("options", "timeout");
+    }
+    drop(sweeper);
+    shard.uas.borrow_mut().clear();
+    let mut st = shard.stats.borrow().clone();
+    st.seconds = plans.iter().map(|p| p.duration.as_secs_f64()).fold(0.0, f64::max).max(t_start.elapsed().as_secs_f64().min(plans.iter().map(|p| (p.duration + p.warmup).as_secs_f64()).fold(0.0, f64::max)) - plans.iter().map(|p| p.warmup.as_secs_f64()).fold(0.0, f64::max));
+    st
+}
+
+/// The users of a plan this shard owns: global index `base + i` for `i ≡ shard (mod n)`.
+fn my_users(shard: &Shard, plan: &Plan, base: usize) -> Vec<usize> {
+    (0..plan.users).filter(|i| i % shard.n == shard.id).map(|i| base + i).collect()
+}
+
+async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
+    let users = my_users(&shard, &plan, base);
+    if plan.scenario != Scenario::Handshake {
+        setup(&shard, &plan, &users).await;
+    }
+    // Wait (bounded) until every shard has registered its users for this plan.
+    let ready = &shard.progress.ready[index % MAX_PLANS];
+    ready.fetch_add(1, Ordering::SeqCst);
+    let deadline = Instant::now() + plan.timeout;
+    while ready.load(Ordering::SeqCst) < shard.n && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = plan.rate / shard.n as f64;
+    let start = Instant::now();
+    let end = start + plan.warmup + plan.duration;
+    let limit = plan.count.map(|c| c.div_ceil(shard.n as u64));
+    if plan.scenario == Scenario::Idle {
+        idle(&shard, &plan, &users, end).await;
+        return;
+    }
+    if rate <= 0.0 || users.is_empty() && plan.scenario != Scenario::Handshake {
+        glommio::timer::sleep(end.saturating_duration_since(Instant::now())).await;
+        return;
+    }
+    let mut i: u64 = 0;
+    loop {
+        if limit.is_some_and(|l| i >= l) {
+            break;
+        }
+        let intended = start + intended_offset(i, rate, plan.ramp);
+        if intended >= end {
+            break;
+        }
+        let now = Instant::now();
+        if intended > now + Duration::from_micros(200) {
+            glommio::timer::sleep(intended - now).await;
+        }
+        let lag = Instant::now().saturating_duration_since(intended);
+        if lag > Duration::from_millis(1) {
+            let mut st = shard.stats.borrow_mut();
+            st.late_sends += 1;
+            st.max_lag_us = st.max_lag_us.max(lag.as_micros() as u64);
+        }
+        let measured = intended >= start + plan.warmup;
+        match plan.scenario {
+            Scenario::Register => {
+                let u = users[(i as usize) % users.len()];
+                send_register(&shard, &plan, u, intended, measured, plan.expires);
+            }
+            Scenario::Message => {
+                let from = users[shard.rand(users.len())];
+                let to = base + shard.rand(plan.users);
+                send_request(&shard, &plan, from, to, "MESSAGE", "message", intended, measured, "hello");
+            }
+            Scenario::Call => {
+                if shard.active_calls.get() * shard.n >= plan.max_concurrent {
+                    shard.stats.borrow_mut().blocked_calls += 1;
+                } else {
+                    let from = users[shard.rand(users.len())];
+                    let to = base + shard.rand(plan.users);
+                    shard.active_calls.set(shard.active_calls.get() + 1);
+                    send_request(&shard, &plan, from, to, "INVITE", "invite_200", intended, measured, "");
+                }
+            }
+            Scenario::Handshake => {
+                let (s, p) = (shard.clone(), plan.clone());
+                shard.handshakes.set(shard.handshakes.get() + 1);
+                glommio::spawn_local(async move {
+                    let counted = s.handshakes.get();
+                    handshake_once(s.clone(), p, intended, measured).await;
+                    // After the final drain, the count was reset and the rest declared lost.
+                    if counted > 0 && s.handshakes.get() > 0 {
+                        s.handshakes.set(s.handshakes.get() - 1);
+                    }
+                })
+                .detach();
+            }
+            Scenario::Idle => unreachable!(),
+        }
+        i += 1;
+        if i % 64 == 0 {
+            glommio::yield_if_needed().await;
+        }
+    }
+    // Wait for calls to finish their hold and BYE.
+    let deadline = Instant::now() + plan.hold + plan.timeout.min(Duration::from_secs(10));
+    while shard.active_calls.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    if plan.unregister {
+        for &u in &users {
+            send_register(&shard, &plan, u, Instant::now(), false, 0);
+        }
+        let d = Instant::now() + Duration::from_secs(5);
+        while !shard.pending.borrow().is_empty() && Instant::now() < d {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// When the i-th transaction is due, with a linear ramp from 0 to `rate` over `ramp`.
+pub fn intended_offset(i: u64, rate: f64, ramp: Duration) -> Duration {
+    let r = ramp.as_secs_f64();
+    let k = i as f64;
+    // Transactions sent during the ramp: rate * r / 2.
+    let ramp_count = rate * r / 2.0;
+    let t = if r > 0.0 && k < ramp_count { (2.0 * k * r / rate).sqrt() } else { r / 2.0 + k / rate };
+    Duration::from_secs_f64(t)
+}
+
+fn user_name(plan: &Plan, global: usize) -> String {
+    format!("{}{}", plan.prefix, global)
+}
+
+/// Opens and registers this shard's user agents, a few at a time.
+async fn setup(shard: &Rc<Shard>, plan: &Plan, users: &[usize]) {
+    for chunk in users.chunks(plan.connect_concurrency.max(1)) {
+        let mut ts = Vec::new();
+        for &u in chunk {
+            let (s, p) = (shard.clone(), plan.clone());
+            ts.push(glommio::spawn_local(async move {
+                if let Ok(ua) = connect(&s, &p, u).await {
+                    s.uas.borrow_mut().insert(u, ua);
+                    send_register(&s, &p, u, Instant::now(), true, p.expires);
+                }
+            }));
+        }
+        for t in ts {
+            t.await;
+        }
+    }
+    // Wait for the registrations.
+    let d = Instant::now() + plan.timeout;
+    while shard.pending.borrow().values().any(|p| p.kind == "register") && Instant::now() < d {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn idle(shard: &Rc<Shard>, plan: &Plan, _users: &[usize], end: Instant) {
+    while Instant::now() < end {
+        let wait = plan.keepalive.min(end.saturating_duration_since(Instant::now()));
+        glommio::timer::sleep(wait).await;
+        for ua in shard.uas.borrow().values() {
+            let _ = ua.tx.try_send(b"\r\n\r\n".to_vec());
+        }
+    }
+}
+
+/// Connects one user agent (TCP connect and TLS handshake measured), spawning its reader
+/// and writer.
+async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()> {
+    let t0 = Instant::now();
+    shard.stats.borrow_mut().sent("tcp_connect");
+    shard.progress.sent.fetch_add(1, Ordering::Relaxed);
+    let stream = match plan.local_addrs.get(u % plan.local_addrs.len().max(1)) {
+        Some(ip) if !plan.local_addrs.is_empty() => sipring::sys::sock::connect_from(*ip, plan.target, plan.timeout),
+        _ => TcpStream::connect(plan.target).await.map_err(|e| std::io::Error::other(e.to_string())),
+    };
+    let mut stream = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            shard.fail("tcp_connect", &format!("{:?}", e.kind()).to_lowercase());
+            return Err(());
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    shard.stats.borrow_mut().ok("tcp_connect", t0.elapsed().as_micros() as u64);
+    shard.progress.answered.fetch_add(1, Ordering::Relaxed);
+    let local = stream.local_addr().unwrap_or_else(|_| "0.0.0.0:0".parse().expect("literal"));
+    let sess = match &plan.tls {
+        Some(cfg) => {
+            let t1 = Instant::now();
+            shard.stats.borrow_mut().sent("tls_handshake");
+            shard.progress.sent.fetch_add(1, Ordering::Relaxed);
+            let name = ServerName::try_from(plan.server_name.clone()).map_err(|_| ())?;
+            let mut sess = TlsSession::client(cfg.clone(), name).map_err(|_| ())?;
+            if let Err(cause) = sipring::conn::client_handshake(&mut stream, &mut sess).await {
+                shard.fail("tls_handshake", &cause);
+                return Err(());
+            }
+            shard.stats.borrow_mut().ok("tls_handshake", t1.elapsed().as_micros() as u64);
+            shard.progress.answered.fetch_add(1, Ordering::Relaxed);
+            Some(Rc::new(RefCell::new(sess)))
+        }
+        None => None,
+    };
+    let (tx, rx) = new_bounded::<Vec<u8>>(4096);
+    let ua = Rc::new(Ua { tx, local, user: user_name(plan, u) });
+    let writer_stream = sipring::sys::sock::try_clone(&stream).map_err(|_| ())?;
+    let wsess = sess.clone();
+    glommio::spawn_local(async move {
+        let mut w = writer_stream;
+        while let Some(b) = rx.recv().await {
+            let out = match &wsess {
+                Some(s) => {
+                    let mut s = s.borrow_mut();
+                    if s.write(&b).is_err() {
+                        break;
+                    }
+                    s.take_outgoing()
+                }
+                None => b,
+            };
+            if w.write_all(&out).await.is_err() {
+                break;
+            }
+        }
+    })
+    .detach();
+    shard.progress.connections.fetch_add(1, Ordering::Relaxed);
+    let (s, p, r) = (shard.clone(), plan.clone(), ua.clone());
+    glommio::spawn_local(async move {
+        reader(&s, &p, &r, stream, sess).await;
+        s.progress.connections.fetch_sub(1, Ordering::Relaxed);
+    })
+    .detach();
+    let _ = u;
+    Ok(ua)
+}
+
+async fn reader(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, mut stream: TcpStream, sess: Option<Rc<RefCell<TlsSession>>>) {
+    let mut framer = Framer::new(Limits::default(), KeepaliveRole::Client);
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut tmp).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        match &sess {
+            Some(s) => {
+                let mut s = s.borrow_mut();
+                if s.receive(&tmp[..n]).is_err() {
+                    return;
+                }
+                buf.extend_from_slice(s.plaintext());
+                s.plaintext().clear();
+            }
+            None => buf.extend_from_slice(&tmp[..n]),
+        }
+        let mut start = 0;
+        loop {
+            match framer.frame(&buf[start..]) {
+                Ok(Status::Complete(Frame::Message(len))) => {
+                    on_message(shard, plan, ua, &buf[start..start + len]);
+                    start += len;
+                }
+                Ok(Status::Complete(Frame::Pong)) => {
+                    shard.stats.borrow_mut().pongs += 1;
+                    start += 2;
+                }
+                Ok(Status::Complete(Frame::Ping)) => start += 4,
+                Ok(Status::Partial) => break,
+                Err(_) => return,
+            }
+        }
+        buf.drain(..start);
+    }
+}
+
+fn header<'b>(m: &sipring_core::Message<'b, '_>, name: HeaderName) -> &'b [u8] {
+    m.header(name).map_or(&b""[..], |h| h.value)
+}
+
+fn on_message(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, bytes: &[u8]) {
+    let mut h = [Header::EMPTY; 64];
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &Limits::default(), Framing::Stream) else { return };
+    let call_id = String::from_utf8_lossy(header(&m, HeaderName::CallId)).into_owned();
+    match m.status() {
+        Some(code) => on_response(shard, plan, ua, &m, code, &call_id),
+        None => on_request(ua, &m),
+    }
+}
+
+fn on_response(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, m: &sipring_core::Message<'_, '_>, code: u16, call_id: &str) {
+    let cseq = sipring_core::CSeq::parse(header(m, HeaderName::CSeq));
+    let method = cseq.map(|c| c.method).unwrap_or_default();
+    let mut pending = shard.pending.borrow_mut();
+    let Some(p) = pending.get_mut(call_id) else { return };
+    if method == b"INVITE" && p.kind == "invite_200" {
+        let st = p.invite.as_mut().expect("invite state");
+        match code {
+            100 if !st.got100 => {
+                st.got100 = true;
+                if p.measured {
+                    shard.stats.borrow_mut().latency("invite_100", p.t0.elapsed().as_micros() as u64);
+                }
+                return;
+            }
+            180 if !st.got180 => {
+                st.got180 = true;
+                if p.measured {
+                    shard.stats.borrow_mut().latency("invite_180", p.t0.elapsed().as_micros() as u64);
+                }
+                return;
+            }
+            100..=199 => return,
+            _ => {}
+        }
+        let p = pending.remove(call_id).expect("present");
+        drop(pending);
+        // ACK every final response (hop-by-hop for non-2xx, end-to-end for 2xx).
+        let ack = ack_for(m, ua, code >= 300);
+        let _ = ua.tx.try_send(ack);
+        if (200..300).contains(&code) {
+            shard.ok(&p, "invite_200");
+            // Hang up after the hold time; the BYE's latency counts from its intended time.
+            let route = route_set(m);
+            let remote = header(m, HeaderName::Contact).to_vec();
+            let to = header(m, HeaderName::To).to_vec();
+            let (s, pl, u, cid) = (shard.clone(), plan.clone(), ua.clone(), call_id.to_string());
+            let measured = p.measured;
+            glommio::spawn_local(async move {
+                let due = Instant::now() + pl.hold;
+                glommio::timer::sleep(pl.hold).await;
+                let bye = bye_for(&u, &pl, &cid, &route, &remote, &to);
+                s.start("bye", cid, due, measured, 0);
+                let _ = u.tx.try_send(bye);
+            })
+            .detach();
+        } else {
+            shard.fail("invite_200", &format!("status_{code}"));
+            shard.active_calls.set(shard.active_calls.get().saturating_sub(1));
+        }
+        return;
+    }
+    if code < 200 {
+        return;
+    }
+    let p = pending.remove(call_id).expect("present");
+    drop(pending);
+    let kind = p.kind;
+    if (200..300).contains(&code) {
+        shard.ok(&p, kind);
+    } else {
+        shard.fail(kind, &format!("status_{code}"));
+    }
+    if kind == "bye" {
+        shard.active_calls.set(shard.active_calls.get().saturating_sub(1));
+    }
+    let _ = p.ua;
+}
+
+/// Answers requests as a phone would: MESSAGE/OPTIONS/BYE 200, INVITE 180 then 200.
+fn on_request(ua: &Rc<Ua>, m: &sipring_core::Message<'_, '_>) {
+    let rr: Vec<&[u8]> = m.headers().iter().filter(|h| h.name == HeaderName::RecordRoute).map(|h| h.value).collect();
+    let rr = rr.join(&b", "[..]);
+    let contact = format!("<sip:{}@{};transport=tls>", ua.user, ua.local);
+    let mut hdrs: Vec<(&str, &[u8])> = vec![("Contact", contact.as_bytes())];
+    if !rr.is_empty() {
+        hdrs.push(("Record-Route", &rr));
+    }
+    let tag = format!("ua{}", ua.local.port());
+    let reply = |code, reason| response_to(m, code, reason, ResponseParts { to_tag: Some(tag.as_bytes()), headers: &hdrs, body: None });
+    match m.method() {
+        Some(Method::Invite) => {
+            let _ = ua.tx.try_send(reply(180, "Ringing"));
+            let _ = ua.tx.try_send(reply(200, "OK"));
+        }
+        Some(Method::Ack) => {}
+        Some(_) => {
+            let _ = ua.tx.try_send(reply(200, "OK"));
+        }
+        None => {}
+    }
+}
+
+fn route_set(m: &sipring_core::Message<'_, '_>) -> Vec<u8> {
+    // The caller's route set: Record-Route reversed (RFC 3261 §12.1.2).
+    let mut v: Vec<&[u8]> = m.values(HeaderName::RecordRoute).iter().map(|v| v.value).collect();
+    v.reverse();
+    v.join(&b", "[..])
+}
+
+fn via(ua: &Ua, shard_seq: u64) -> String {
+    format!("SIP/2.0/TLS {};branch=z9hG4bKlg{}x{};rport", ua.local, ua.local.port(), shard_seq)
+}
+
+fn ack_for(resp: &sipring_core::Message<'_, '_>, ua: &Ua, non2xx: bool) -> Vec<u8> {
+    let call_id = String::from_utf8_lossy(header(resp, HeaderName::CallId)).into_owned();
+    let from = String::from_utf8_lossy(header(resp, HeaderName::From)).into_owned();
+    let to = String::from_utf8_lossy(header(resp, HeaderName::To)).into_owned();
+    let cseq = sipring_core::CSeq::parse(header(resp, HeaderName::CSeq)).map_or(1, |c| c.seq);
+    if non2xx {
+        // Same branch as the INVITE: the top Via of the response.
+        let top = resp.top_via_raw().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
+        let ruri = to.trim_start_matches(|c| c != '<').trim_start_matches('<').split('>').next().unwrap_or_default().to_string();
+        return format!("ACK {ruri} SIP/2.0\r\nVia: {top}\r\nMax-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n").into_bytes();
+    }
+    let route = String::from_utf8_lossy(&route_set(resp)).into_owned();
+    let contact = header(resp, HeaderName::Contact);
+    let ruri = String::from_utf8_lossy(contact).trim_start_matches('<').split('>').next().unwrap_or_default().to_string();
+    let route_line = if route.is_empty() { String::new() } else { format!("Route: {route}\r\n") };
+    format!("ACK {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n", via(ua, cseq as u64 * 7919 + ua.local.port() as u64)).into_bytes()
+}
+
+fn bye_for(ua: &Ua, plan: &Plan, call_id: &str, route: &[u8], remote_contact: &[u8], to: &[u8]) -> Vec<u8> {
+    let ruri = String::from_utf8_lossy(remote_contact).trim_start_matches('<').split('>').next().unwrap_or_default().to_string();
+    let route = String::from_utf8_lossy(route);
+    let route_line = if route.is_empty() { String::new() } else { format!("Route: {route}\r\n") };
+    format!(
+        "BYE {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: <sip:{}@{}>;tag=lg{}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        via(ua, call_id.len() as u64 * 31 + 2),
+        ua.user,
+        plan.domain,
+        ua.local.port(),
+        String::from_utf8_lossy(to)
+    )
+    .into_bytes()
+}
+
+fn send_register(shard: &Rc<Shard>, plan: &Plan, u: usize, t0: Instant, measured: bool, expires: u32) {
+    let Some(ua) = shard.uas.borrow().get(&u).cloned() else { return };
+    let seq = shard.next();
+    let call_id = format!("reg-{}-{}", ua.user, ua.local.port());
+    let msg = format!(
+        "REGISTER sip:{d} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=r{p}\r\nCall-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\nContent-Length: 0\r\n\r\n",
+        d = plan.domain,
+        v = via(&ua, seq),
+        u = ua.user,
+        p = ua.local.port(),
+        l = ua.local,
+    );
+    if shard.pending.borrow().contains_key(&call_id) {
+        // The previous REGISTER of this user is still out: count it as blocked, not as load.
+        shard.stats.borrow_mut().late_sends += 1;
+        return;
+    }
+    shard.start("register", call_id, t0, measured, u);
+    if ua.tx.try_send(msg.into_bytes()).is_err() {
+        shard.fail("register", "local_queue_full");
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one per field of the request the scenario varies
+fn send_request(shard: &Rc<Shard>, plan: &Plan, from: usize, to: usize, method: &str, kind: &'static str, t0: Instant, measured: bool, body: &str) {
+    let Some(ua) = shard.uas.borrow().get(&from).cloned() else {
+        shard.progress.sent.fetch_add(1, Ordering::Relaxed);
+        shard.stats.borrow_mut().sent(kind);
+        shard.fail(kind, "not_connected");
+        if kind == "invite_200" {
+            shard.active_calls.set(shard.active_calls.get().saturating_sub(1));
+        }
+        return;
+    };
+    let seq = shard.next();
+    let call_id = format!("{}-{}-{}", kind, shard.id, seq);
+    let callee = user_name(plan, to);
+    let (ctype, sdp) = if method == "INVITE" { ("application/sdp", "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n") } else { ("text/plain", body) };
+    let msg = format!(
+        "{method} sip:{callee}@{d} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{callee}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=lg{p}\r\nCall-ID: {call_id}\r\nCSeq: 1 {method}\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len(),
+        d = plan.domain,
+        v = via(&ua, seq),
+        u = ua.user,
+        p = ua.local.port(),
+        l = ua.local,
+    );
+    shard.start(kind, call_id, t0, measured, from);
+    if ua.tx.try_send(msg.into_bytes()).is_err() {
+        shard.fail(kind, "local_queue_full");
+    }
+}
+
+/// One `handshake` transaction: connect, handshake, OPTIONS, close.
+async fn handshake_once(shard: Rc<Shard>, plan: Plan, intended: Instant, measured: bool) {
+    shard.progress.sent.fetch_add(1, Ordering::Relaxed);
+    shard.stats.borrow_mut().sent("options");
+    let t0 = Instant::now();
+    let stream = TcpStream::connect(plan.target).await;
+    let Ok(mut stream) = stream else {
+        shard.fail("options", "connect");
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    if measured {
+        shard.stats.borrow_mut().latency("tcp_connect", t0.elapsed().as_micros() as u64);
+    }
+    let mut sess = None;
+    if let Some(cfg) = &plan.tls {
+        let t1 = Instant::now();
+        let Ok(name) = ServerName::try_from(plan.server_name.clone()) else { return };
+        let Ok(mut s) = TlsSession::client(cfg.clone(), name) else { return };
+        if let Err(cause) = sipring::conn::client_handshake(&mut stream, &mut s).await {
+            shard.fail("options", &cause);
+            return;
+        }
+        if measured {
+            shard.stats.borrow_mut().latency("tls_handshake", t1.elapsed().as_micros() as u64);
+        }
+        sess = Some(s);
+    }
+    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let opt = format!("OPTIONS sip:{} SIP/2.0\r\nVia: SIP/2.0/TLS {local};branch=z9hG4bKhs{}\r\nMax-Forwards: 70\r\nTo: <sip:{}>\r\nFrom: <sip:probe@{}>;tag=h\r\nCall-ID: hs-{local}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n", plan.server_name, shard.next(), plan.server_name, plan.domain);
+    let out = match &mut sess {
+        Some(s) => {
+            let _ = s.write(opt.as_bytes());
+            s.take_outgoing()
+        }
+        None => opt.into_bytes(),
+    };
+    if stream.write_all(&out).await.is_err() {
+        shard.fail("options", "io");
+        return;
+    }
+    let mut framer = Framer::new(Limits::default(), KeepaliveRole::Client);
+    let mut buf = Vec::new();
+    let mut tmp = vec![0u8; 16 * 1024];
+    let deadline = Instant::now() + plan.timeout;
+    let ok = loop {
+        if Instant::now() > deadline {
+            break false;
+        }
+        let n = match stream.read(&mut tmp).await {
+            Ok(0) | Err(_) => break false,
+            Ok(n) => n,
+        };
+        match &mut sess {
+            Some(s) => {
+                if s.receive(&tmp[..n]).is_err() {
+                    break false;
+                }
+                buf.extend_from_slice(s.plaintext());
+                s.plaintext().clear();
+            }
+            None => buf.extend_from_slice(&tmp[..n]),
+        }
+        if let Ok(Status::Complete(Frame::Message(len))) = framer.frame(&buf) {
+            break buf[..len].starts_with(b"SIP/2.0 200");
+        }
+    };
+    if ok {
+        shard.progress.answered.fetch_add(1, Ordering::Relaxed);
+        let mut st = shard.stats.borrow_mut();
+        if measured {
+            st.ok("options", intended.elapsed().as_micros() as u64);
+        } else {
+            *st.answered.entry("options".into()).or_insert(0) += 1;
+        }
+    } else {
+        shard.fail("options", "no_200");
+    }
+    if let Some(s) = &mut sess {
+        let _ = s.close();
+        let _ = stream.write_all(&s.take_outgoing()).await;
+    }
+}
