@@ -44,6 +44,23 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// The one-command demo: a throwaway PKI, a sipring server on every core (in this
+    /// process), a short register + call + message mix with live progress, the latency table,
+    /// and a clean shutdown.
+    Demo {
+        /// Where to put the PKI, histograms, JSON and plot (default: a new temp folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Calls per second.
+        #[arg(long, default_value_t = 200.0)]
+        cps: f64,
+        /// MESSAGEs per second.
+        #[arg(long, default_value_t = 1000.0)]
+        mps: f64,
+    },
     /// Plot two or more runs' JSON summaries in one SVG.
     Compare {
         /// JSON summaries (`--json` outputs).
@@ -273,6 +290,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (plans, common) = match cli.cmd {
         Cmd::Compare { files, plot, kind } => return compare(&files, &plot, &kind),
+        Cmd::Demo { out, duration, cps, mps } => return demo(out, duration, cps, mps),
         Cmd::Register(c) => (plan("register", Scenario::Register, &c).map(|p| vec![p]), c),
         Cmd::Message(c) => (plan("message", Scenario::Message, &c).map(|p| vec![p]), c),
         Cmd::Call(c) => (plan("call", Scenario::Call, &c).map(|p| vec![p]), c),
@@ -414,5 +432,111 @@ fn compare(files: &[PathBuf], plot: &PathBuf, kind: &str) -> ExitCode {
             eprintln!("sipring-load: plot: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
+    let dir = out.unwrap_or_else(|| std::env::temp_dir().join(format!("sipring-demo-{}", std::process::id())));
+    let fail = |e: String| {
+        eprintln!("demo: {e}");
+        ExitCode::from(2)
+    };
+    if let Err(e) = sipring::tls::pki::write_demo(&dir.join("pki"), "example.com") {
+        return fail(e);
+    }
+    println!("demo: throwaway PKI in {}", dir.join("pki").display());
+    let mut cfg = sipring::config::Config::default();
+    cfg.server.hostname = "sip.example.com".into();
+    cfg.server.local_hosts = vec!["127.0.0.1".into()];
+    cfg.listen = vec![sipring::config::ListenConfig { address: "127.0.0.1:0".parse().expect("literal"), ..Default::default() }];
+    cfg.tls.certificate = vec![sipring::config::CertConfig { cert: dir.join("pki/server.pem"), key: dir.join("pki/server.key"), sni: vec!["sip.example.com".into()] }];
+    cfg.admin.address = Some("127.0.0.1:0".parse().expect("literal"));
+    let server = match sipring::server::start(cfg, None) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("server: {e}")),
+    };
+    let target = server.listen_addrs[0];
+    println!("demo: sipring on {target} with {} shard(s); metrics at http://{}/metrics", server.shards, server.admin_addr.map_or("-".into(), |a| a.to_string()));
+    let common = |prefix: &str, users: usize, rate: f64| Common {
+        target,
+        transport: "tls".into(),
+        ca: Some(dir.join("pki/ca.pem")),
+        cert: None,
+        key: None,
+        server_name: "sip.example.com".into(),
+        domain: "example.com".into(),
+        prefix: prefix.into(),
+        tls_version: "both".into(),
+        groups: None,
+        no_resume: false,
+        shards: default_shards(),
+        users,
+        rate,
+        duration,
+        count: None,
+        warmup: 1.0,
+        ramp: 1.0,
+        hold: 2.0,
+        max_concurrent: 10_000,
+        expires: 600,
+        unregister: false,
+        keepalive: 30.0,
+        timeout: 32.0,
+        local_addrs: None,
+        connect_concurrency: 64,
+        json: None,
+        hgrm_dir: None,
+        plot: None,
+        quiet: false,
+        max_failures: 0.0,
+    };
+    let plans = [plan("register", Scenario::Register, &common("reg", 200, 100.0)), plan("call", Scenario::Call, &common("call", 200, cps)), plan("message", Scenario::Message, &common("msg", 200, mps))];
+    let plans: Result<Vec<Plan>, String> = plans.into_iter().collect();
+    let plans = match plans {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    println!("demo: {duration:.0} s of {cps:.0} calls/s, {mps:.0} MESSAGE/s and 100 REGISTER/s from {} UAs", 600);
+    let progress = Arc::new(Progress::default());
+    let p2 = progress.clone();
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let ticker = std::thread::spawn(move || {
+        let mut last = 0;
+        while !DONE.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_secs(1));
+            let a = p2.answered.load(Ordering::Relaxed);
+            let line = format!("{:>4.0}s {:>7} ok/s  failed {}  conns {}  p99 {:.2} ms", started.elapsed().as_secs_f64(), a - last, p2.failed.load(Ordering::Relaxed), p2.connections.load(Ordering::Relaxed), p2.p99_us.load(Ordering::Relaxed) as f64 / 1000.0);
+            if tty { eprint!("\r{line}   ") } else { eprintln!("{line}") }
+            last = a;
+        }
+        if tty {
+            eprintln!();
+        }
+    });
+    let result = run::run(plans, default_shards(), progress);
+    DONE.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    server.stop();
+    let stopped = server.join();
+    let stats = match result {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    print!("{}", stats.table());
+    let hgrm = dir.join("hgrm");
+    let files = stats.write_hgrm(&hgrm).unwrap_or_default();
+    let summary = stats.summary();
+    let _ = std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("serialisable"));
+    let series: Vec<(String, Vec<(f64, f64)>)> = summary.kinds.iter().filter(|(_, k)| k.count > 0).map(|(n, k)| (n.clone(), k.percentiles.clone())).collect();
+    let _ = stats::plot(&series, &dir.join("latency.svg"), "sipring demo: latency by percentile");
+    println!("demo: {} histogram files in {}", files.len(), hgrm.display());
+    println!("demo: summary {}, plot {}", dir.join("summary.json").display(), dir.join("latency.svg").display());
+    match stopped {
+        Ok(()) => {
+            println!("demo: server stopped cleanly");
+            if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(e) => fail(format!("server: {e}")),
     }
 }

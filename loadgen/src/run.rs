@@ -414,7 +414,7 @@ async fn setup(shard: &Rc<Shard>, plan: &Plan, users: &[usize]) {
             ts.push(glommio::spawn_local(async move {
                 if let Ok(ua) = connect(&s, &p, u).await {
                     s.uas.borrow_mut().insert(u, ua);
-                    send_register(&s, &p, u, Instant::now(), true, p.expires);
+                    send_register(&s, &p, u, Instant::now(), false, p.expires);
                 }
             }));
         }
