@@ -86,9 +86,10 @@ async fn handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), 
     }
 }
 
-/// Drives a client handshake over `stream` (for the load generator and outbound links);
+/// Drives a handshake (either side) over `stream`, one record at a time (for the load
+/// generator and its reflector);
 /// `Err` is a one-word cause for metrics (`tls_<reason>`, `closed`, `io`).
-pub async fn client_handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), String> {
+pub async fn drive_handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), String> {
     handshake(stream, sess).await.map_err(|e| match e {
         HsError::Tls(e) => format!("tls_{}", Rejection::classify(&e).0.label()),
         HsError::Io(_) => "io".into(),
@@ -395,14 +396,18 @@ async fn run(
             return;
         }
     };
+    // Messages are ~1 KB: the byte budget becomes a message count.
     let cap = (shard.cfg.limits.write_queue_bytes / 1024).clamp(16, 65_536);
-    let (tx, rx) = glommio::channels::local_channel::new_bounded::<Out>(cap);
+    let (tx, rx) = glommio::channels::local_channel::new_unbounded::<Out>();
     let tx = Rc::new(tx);
+    let queued = Rc::new(std::cell::Cell::new(0usize));
     let ktls = matches!(layer, Layer::Kernel(_));
     shard.conn_opened(
         id,
         ConnHandle {
             tx: tx.clone(),
+            queued: queued.clone(),
+            cap,
             kind,
             peer: peer.clone(),
             remote,
@@ -419,7 +424,7 @@ async fn run(
     };
     let wshard = shard.clone();
     let writer =
-        glommio::spawn_local(async move { writer_loop(wshard, writer_stream, wlayer, rx).await });
+        glommio::spawn_local(async move { writer_loop(wshard, writer_stream, wlayer, rx, queued).await });
     let stream = reader_loop(&shard, stream, &layer, &flow, &tx, role).await;
     shard.conn_closed(id);
     // Wake a writer blocked on a dead peer, then let it finish (it ends on Close).
@@ -434,8 +439,12 @@ async fn writer_loop(
     mut stream: TcpStream,
     layer: Layer,
     rx: glommio::channels::local_channel::LocalReceiver<Out>,
+    queued: Rc<std::cell::Cell<usize>>,
 ) {
     while let Some(o) = rx.recv().await {
+        if matches!(o, Out::Msg(..)) {
+            queued.set(queued.get().saturating_sub(1));
+        }
         let (bytes, stamp, close): (Vec<u8>, _, bool) = match o {
             Out::Msg(b, stamp) => match &layer {
                 Layer::User(s) => {
@@ -594,7 +603,7 @@ fn on_control_record(
 /// Reads until the connection ends; returns the stream (still open) for the caller to drop.
 async fn reader_loop(
     shard: &Rc<Shard>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     layer: &Layer,
     flow: &Flow,
     tx: &glommio::channels::local_channel::LocalSender<Out>,
@@ -603,48 +612,57 @@ async fn reader_loop(
     let limits = shard.cfg.sip_limits();
     let mut framer = Framer::new(limits, role);
     let idle = Duration::from_secs(shard.cfg.limits.idle_timeout_s);
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut scratch = vec![0u8; 64 * 1024];
+    let mut buf: Vec<u8> = Vec::new();
+    let mut probe = [0u8; 1];
     loop {
         if shard.control.stopping() {
             let _ = tx.try_send(Out::Close);
             return stream;
         }
-        let r = with_timeout(idle, stream.read(&mut scratch)).await;
-        let n = match r {
+        // Wait for data without holding a read buffer (idle connections cost no buffer).
+        match with_timeout(idle, stream.peek(&mut probe)).await {
             None => {
                 tracing::debug!("idle timeout");
                 let _ = tx.try_send(Out::Close);
                 return stream;
             }
             Some(Ok(0)) => return stream,
-            Some(Ok(n)) => n,
-            Some(Err(e)) => {
-                // kTLS: a non-data record surfaces as EIO (or EKEYEXPIRED after a KeyUpdate).
-                if let Layer::Kernel(k) = layer {
-                    let code = e.raw_os_error();
-                    if code == Some(libc::EIO) || code == Some(libc::EKEYEXPIRED) {
-                        match sys::ktls::recv_record(stream.as_raw_fd(), &mut scratch) {
-                            Ok(Some((typ, len))) if typ == sys::ktls::content::APPLICATION_DATA => {
-                                len
-                            }
-                            Ok(Some((typ, len))) => {
-                                let payload = scratch[..len].to_vec();
-                                if let Err(why) = on_control_record(&stream, k, typ, &payload) {
-                                    tracing::debug!(why, "kTLS connection ends");
-                                    let _ = tx.try_send(Out::Close);
-                                    return stream;
-                                }
-                                continue;
-                            }
-                            Ok(None) => continue,
-                            Err(_) => return stream,
-                        }
-                    } else {
-                        return stream;
-                    }
-                } else {
+            Some(Ok(_)) => {}
+            // kTLS reports a pending non-data record as EIO (EKEYEXPIRED after a KeyUpdate):
+            // the recv below takes the same path.
+            Some(Err(e)) if matches!(layer, Layer::Kernel(_)) && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EKEYEXPIRED)) => {}
+            Some(Err(_)) => return stream,
+        }
+        let mut scratch = shard.take_read_buf();
+        let n = match sys::sock::recv_now(&stream, &mut scratch) {
+            Ok(Some(0)) => return stream,
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                shard.give_read_buf(scratch);
+                continue;
+            }
+            Err(e) => {
+                let Layer::Kernel(k) = layer else { return stream };
+                if !matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EKEYEXPIRED)) {
                     return stream;
+                }
+                match sys::ktls::recv_record(stream.as_raw_fd(), &mut scratch) {
+                    Ok(Some((typ, len))) if typ == sys::ktls::content::APPLICATION_DATA => len,
+                    Ok(Some((typ, len))) => {
+                        let payload = scratch[..len].to_vec();
+                        shard.give_read_buf(scratch);
+                        if let Err(why) = on_control_record(&stream, k, typ, &payload) {
+                            tracing::debug!(why, "kTLS connection ends");
+                            let _ = tx.try_send(Out::Close);
+                            return stream;
+                        }
+                        continue;
+                    }
+                    Ok(None) => {
+                        shard.give_read_buf(scratch);
+                        continue;
+                    }
+                    Err(_) => return stream,
                 }
             }
         };
@@ -657,8 +675,12 @@ async fn reader_loop(
                     let _ = tx.try_send(Out::Flush);
                     return stream;
                 }
-                buf.extend_from_slice(s.plaintext());
-                s.plaintext().clear();
+                let pt = std::mem::take(s.plaintext());
+                if buf.is_empty() {
+                    buf = pt;
+                } else {
+                    buf.extend_from_slice(&pt);
+                }
                 let closed = s.phase() == crate::tls::session::Phase::PeerClosed;
                 let has_out = s.has_outgoing();
                 drop(s);
@@ -674,8 +696,13 @@ async fn reader_loop(
             }
             _ => buf.extend_from_slice(&scratch[..n]),
         }
+        shard.give_read_buf(scratch);
         if !deliver(shard, &mut framer, &mut buf, flow, tx, t0) {
             return stream;
+        }
+        if buf.is_empty() {
+            // Nothing partial is waiting: release the memory of an idle connection.
+            buf = Vec::new();
         }
     }
 }

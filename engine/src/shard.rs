@@ -128,8 +128,13 @@ pub enum Out {
 /// A live connection, as the shard sees it.
 #[derive(Debug)]
 pub struct ConnHandle {
-    /// Its writer's queue (shared with the connection's reader).
+    /// Its writer's queue (shared with the connection's reader). Unbounded in the channel
+    /// (so an idle connection reserves nothing) and bounded by `queued`/`cap` here.
     pub tx: Rc<LocalSender<Out>>,
+    /// Messages queued and not yet written.
+    pub queued: Rc<Cell<usize>>,
+    /// Most messages queued before the connection is closed as a slow reader.
+    pub cap: usize,
     /// Listener kind (or `Mtls` for outbound peer connections).
     pub kind: ListenKind,
     /// The federation partner, for verified MTLS connections.
@@ -181,6 +186,8 @@ pub struct Shard {
     pub handshakes: Cell<usize>,
     /// Connections per source address.
     pub per_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// Read buffers lent to connections only while they have data (idle ones hold none).
+    read_pool: RefCell<Vec<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -273,6 +280,20 @@ impl Shard {
             stamps: RefCell::new(HashMap::new()),
             handshakes: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),
+            read_pool: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// A 64 KiB read buffer from the pool.
+    pub fn take_read_buf(&self) -> Vec<u8> {
+        self.read_pool.borrow_mut().pop().unwrap_or_else(|| vec![0u8; 64 * 1024])
+    }
+
+    /// Returns a read buffer to the pool (a few are kept).
+    pub fn give_read_buf(&self, b: Vec<u8>) {
+        let mut p = self.read_pool.borrow_mut();
+        if p.len() < 64 {
+            p.push(b);
         }
     }
 
@@ -465,7 +486,11 @@ impl Shard {
         let conns = self.conns.borrow();
         match conns.get(&id) {
             Some(c) => {
-                if c.tx.try_send(Out::Msg(bytes, stamp)).is_err() {
+                let full = c.queued.get() >= c.cap;
+                if !full {
+                    c.queued.set(c.queued.get() + 1);
+                }
+                if full || c.tx.try_send(Out::Msg(bytes, stamp)).is_err() {
                     // A reader this slow is dropped rather than buffered without bound.
                     drop(conns);
                     self.count("sipring_queue_drops_total{queue=\"connection\"}");

@@ -14,5 +14,6 @@
 //! It speaks plain SIP (RFC 3261) and works against any server, so benchmarks compare servers
 //! with the same tool.
 
+pub mod reflect;
 pub mod run;
 pub mod stats;

@@ -61,6 +61,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1000.0)]
         mps: f64,
     },
+    /// The ceiling: a server on the same runtime that answers every request with a stateless
+    /// 200 (no proxying). Measure it like any server to know what the runtime can move.
+    Reflect {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:5081")]
+        listen: SocketAddr,
+        /// Certificate chain (PEM); without it, plain TCP.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Private key (PEM).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Executors.
+        #[arg(long, default_value_t = default_shards())]
+        shards: usize,
+    },
     /// Plot two or more runs' JSON summaries in one SVG.
     Compare {
         /// JSON summaries (`--json` outputs).
@@ -291,6 +307,29 @@ fn main() -> ExitCode {
     let (plans, common) = match cli.cmd {
         Cmd::Compare { files, plot, kind } => return compare(&files, &plot, &kind),
         Cmd::Demo { out, duration, cps, mps } => return demo(out, duration, cps, mps),
+        Cmd::Reflect { listen, cert, key, shards } => {
+            let tls = match (cert, key) {
+                (Some(c), Some(k)) => {
+                    let chain = match CertificateDer::pem_file_iter(&c).map_err(|e| e.to_string()).and_then(|i| i.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())) {
+                        Ok(v) => v,
+                        Err(e) => return fail2(&format!("{}: {e}", c.display())),
+                    };
+                    let key = match PrivateKeyDer::from_pem_file(&k) {
+                        Ok(v) => v,
+                        Err(e) => return fail2(&format!("{}: {e}", k.display())),
+                    };
+                    match rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider())).with_safe_default_protocol_versions().and_then(|b| b.with_no_client_auth().with_single_cert(chain, key)) {
+                        Ok(cfg) => Some(Arc::new(cfg)),
+                        Err(e) => return fail2(&e.to_string()),
+                    }
+                }
+                _ => None,
+            };
+            return match sipring_load::reflect::serve(listen, shards, tls) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail2(&e),
+            };
+        }
         Cmd::Register(c) => (plan("register", Scenario::Register, &c).map(|p| vec![p]), c),
         Cmd::Message(c) => (plan("message", Scenario::Message, &c).map(|p| vec![p]), c),
         Cmd::Call(c) => (plan("call", Scenario::Call, &c).map(|p| vec![p]), c),
@@ -539,4 +578,9 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         }
         Err(e) => fail(format!("server: {e}")),
     }
+}
+
+fn fail2(e: &str) -> ExitCode {
+    eprintln!("sipring-load: {e}");
+    ExitCode::from(2)
 }

@@ -342,7 +342,7 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             }
             Scenario::Message => {
                 let from = users[shard.rand(users.len())];
-                let to = base + shard.rand(plan.users);
+                let to = callee(&shard, base, plan.users, from);
                 send_request(&shard, &plan, from, to, "MESSAGE", "message", intended, measured, "hello");
             }
             Scenario::Call => {
@@ -350,7 +350,7 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
                     shard.stats.borrow_mut().blocked_calls += 1;
                 } else {
                     let from = users[shard.rand(users.len())];
-                    let to = base + shard.rand(plan.users);
+                    let to = callee(&shard, base, plan.users, from);
                     shard.active_calls.set(shard.active_calls.get() + 1);
                     send_request(&shard, &plan, from, to, "INVITE", "invite_200", intended, measured, "");
                 }
@@ -389,6 +389,12 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             glommio::timer::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A random other user (a UA never calls itself when it has someone else to call).
+fn callee(shard: &Shard, base: usize, users: usize, from: usize) -> usize {
+    let to = base + shard.rand(users);
+    if to == from && users > 1 { base + (to - base + 1) % users } else { to }
 }
 
 /// When the i-th transaction is due, with a linear ramp from 0 to `rate` over `ramp`.
@@ -467,7 +473,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
             shard.progress.sent.fetch_add(1, Ordering::Relaxed);
             let name = ServerName::try_from(plan.server_name.clone()).map_err(|_| ())?;
             let mut sess = TlsSession::client(cfg.clone(), name).map_err(|_| ())?;
-            if let Err(cause) = sipring::conn::client_handshake(&mut stream, &mut sess).await {
+            if let Err(cause) = sipring::conn::drive_handshake(&mut stream, &mut sess).await {
                 shard.fail("tls_handshake", &cause);
                 return Err(());
             }
@@ -774,7 +780,7 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, intended: Instant, measure
         let t1 = Instant::now();
         let Ok(name) = ServerName::try_from(plan.server_name.clone()) else { return };
         let Ok(mut s) = TlsSession::client(cfg.clone(), name) else { return };
-        if let Err(cause) = sipring::conn::client_handshake(&mut stream, &mut s).await {
+        if let Err(cause) = sipring::conn::drive_handshake(&mut stream, &mut s).await {
             shard.fail("options", &cause);
             return;
         }

@@ -99,3 +99,18 @@ pub fn connect_from(local: std::net::IpAddr, remote: SocketAddr, timeout: std::t
     // ownership to the glommio stream.
     Ok(unsafe { glommio::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
 }
+
+/// Reads what is available now without blocking: `Ok(None)` when nothing is (a spurious
+/// wake-up). Used after a zero-copy readiness wait (`peek`), so idle connections hold no read
+/// buffer: the buffer comes from the shard's pool only while there is data.
+pub fn recv_now(s: &glommio::net::TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes for the whole call, and
+    // recv writes at most that many; `s` owns the descriptor and outlives the call.
+    let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) }
+}

@@ -205,6 +205,10 @@ macro_rules! drive {
             }
             $self.incoming.drain(..discard);
             if stop {
+                if $self.incoming.is_empty() {
+                    // Keep no buffer for an idle connection.
+                    $self.incoming = Vec::new();
+                }
                 return Ok(());
             }
         }

@@ -1,0 +1,106 @@
+//! In-memory TLS with sipring's sessions (rustls unbuffered API, aws-lc-rs): full handshakes
+//! (TLS 1.3 and 1.2; ECDSA P-256 and RSA-2048 server keys; X25519 and X25519MLKEM768) and the
+//! record layer on a 1 KB SIP message.
+//!
+//! Run: `cargo bench -p sipring-benches --bench tls`
+//!
+//! A handshake is measured as the whole client+server exchange in one thread (the server's
+//! share is about half). The figure to compare with sockets is handshakes per second per core.
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{PrivateKeyDer, ServerName};
+use sipring::tls::pki::{Ca, Spec};
+use sipring::tls::session::TlsSession;
+use std::sync::Arc;
+
+fn pass(from: &mut TlsSession, to: &mut TlsSession) -> bool {
+    let out = from.take_outgoing();
+    if out.is_empty() {
+        return false;
+    }
+    to.receive(&out).expect("receive");
+    true
+}
+
+fn handshake(c: &mut TlsSession, s: &mut TlsSession) {
+    for _ in 0..20 {
+        let a = pass(c, s);
+        let b = pass(s, c);
+        if !a && !b {
+            break;
+        }
+    }
+    assert!(!c.is_handshaking() && !s.is_handshaking());
+}
+
+struct Setup {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+fn setup(rsa: bool, tls13: bool, group: &str) -> Setup {
+    let ca = Ca::new("Bench CA").unwrap();
+    let cert = ca.issue(&Spec { rsa, ..Spec::server("sip.example.com") }).unwrap();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![sipring::tls::kx_group(group).unwrap()];
+    let provider = Arc::new(provider);
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13 { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS12] };
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions).unwrap().with_no_client_auth().with_single_cert(vec![cert.der.clone()], key).unwrap();
+    server.send_tls13_tickets = 0;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der.clone()).unwrap();
+    let mut client = rustls::ClientConfig::builder_with_provider(provider).with_protocol_versions(versions).unwrap().with_root_certificates(roots).with_no_client_auth();
+    client.resumption = rustls::client::Resumption::disabled();
+    Setup { server: Arc::new(server), client: Arc::new(client) }
+}
+
+fn bench_handshakes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tls_handshake");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(30);
+    for (name, rsa, tls13, group) in [
+        ("tls13_p256_x25519", false, true, "X25519"),
+        ("tls13_p256_x25519mlkem768", false, true, "X25519MLKEM768"),
+        ("tls13_rsa2048_x25519", true, true, "X25519"),
+        ("tls12_p256_x25519", false, false, "X25519"),
+        ("tls12_rsa2048_x25519", true, false, "X25519"),
+    ] {
+        let s = setup(rsa, tls13, group);
+        let name_sn = ServerName::try_from("sip.example.com").unwrap();
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || (TlsSession::client(s.client.clone(), name_sn.clone()).unwrap(), TlsSession::server(s.server.clone()).unwrap()),
+                |(mut cl, mut sv)| handshake(&mut cl, &mut sv),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn bench_records(c: &mut Criterion) {
+    let s = setup(false, true, "X25519");
+    let mut cl = TlsSession::client(s.client.clone(), ServerName::try_from("sip.example.com").unwrap()).unwrap();
+    let mut sv = TlsSession::server(s.server.clone()).unwrap();
+    handshake(&mut cl, &mut sv);
+    let msg = sipring_benches::INVITE;
+    let kb = &msg[..1024.min(msg.len())];
+    let mut g = c.benchmark_group("tls_record_1KB");
+    g.throughput(Throughput::Bytes(kb.len() as u64));
+    g.bench_function("encrypt+decrypt", |b| {
+        b.iter(|| {
+            sv.write(kb).unwrap();
+            let rec = sv.take_outgoing();
+            cl.receive(&rec).unwrap();
+            let n = cl.plaintext().len();
+            cl.plaintext().clear();
+            n
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_handshakes, bench_records);
+criterion_main!(benches);
