@@ -5,17 +5,28 @@
 use sipring::config::{CertConfig, Config, ListenConfig, PeerConfig};
 
 fn repo(path: &str) -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path),
+    )
+    .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// Every key of a TOML table, dotted, with array-of-table entries under `name[]`.
 fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
     if let toml::Value::Table(t) = v {
         for (k, v) in t {
-            let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let name = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             match v {
                 toml::Value::Table(_) => keys(&name, v, out),
-                toml::Value::Array(a) if a.first().is_some_and(toml::Value::is_table) => keys(&name, &a[0], out),
+                toml::Value::Array(a) if a.first().is_some_and(toml::Value::is_table) => {
+                    keys(&name, &a[0], out)
+                }
                 _ => out.push(name),
             }
         }
@@ -27,7 +38,10 @@ fn every_config_key_is_documented() {
     let mut cfg = Config::default();
     // Array tables and optional keys appear only when present: fill one of each.
     cfg.listen = vec![ListenConfig::default()];
-    cfg.peer = vec![PeerConfig { address: Some("127.0.0.1:1".parse().unwrap()), ..PeerConfig::default() }];
+    cfg.peer = vec![PeerConfig {
+        address: Some("127.0.0.1:1".parse().unwrap()),
+        ..PeerConfig::default()
+    }];
     cfg.tls.certificate = vec![CertConfig::default()];
     cfg.tls.client_roots = Some("x".into());
     let value = toml::Value::try_from(&cfg).unwrap();
@@ -38,12 +52,16 @@ fn every_config_key_is_documented() {
     for k in &all {
         // `listen.kind` etc. come from arrays: the doc writes them as `[[listen]] kind`.
         let (table, key) = k.rsplit_once('.').unwrap_or(("", k));
-        let documented = ops.contains(&format!("`{k}`")) || ops.contains(&format!("`[[{table}]] {key}`"));
+        let documented =
+            ops.contains(&format!("`{k}`")) || ops.contains(&format!("`[[{table}]] {key}`"));
         if !documented {
             missing.push(k.clone());
         }
     }
-    assert!(missing.is_empty(), "undocumented config keys (add them to docs/OPERATIONS.md): {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "undocumented config keys (add them to docs/OPERATIONS.md): {missing:?}"
+    );
     assert!(all.len() > 40, "walked only {} keys", all.len());
 }
 
@@ -51,15 +69,25 @@ fn every_config_key_is_documented() {
 fn every_exported_metric_is_documented() {
     let ops = repo("docs/OPERATIONS.md");
     let mut names = std::collections::BTreeSet::new();
-    for f in ["engine/src/shard.rs", "engine/src/conn.rs", "engine/src/server.rs"] {
+    for f in [
+        "engine/src/shard.rs",
+        "engine/src/conn.rs",
+        "engine/src/server.rs",
+    ] {
         let src = repo(f);
         for part in src.split("\"sipring_").skip(1) {
-            let name: String = part.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
             names.insert(format!("sipring_{name}"));
         }
     }
     let missing: Vec<_> = names.iter().filter(|n| !ops.contains(n.as_str())).collect();
-    assert!(missing.is_empty(), "metrics missing from docs/OPERATIONS.md: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "metrics missing from docs/OPERATIONS.md: {missing:?}"
+    );
     assert!(names.len() > 15, "found only {names:?}");
 }
 

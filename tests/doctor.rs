@@ -23,7 +23,11 @@ fn healthy() -> HostFacts {
 }
 
 fn verdict(checks: &[Check], name: &str) -> Verdict {
-    checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}: {checks:?}")).verdict
+    checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no check {name}: {checks:?}"))
+        .verdict
 }
 
 #[test]
@@ -42,18 +46,74 @@ fn a_healthy_host_passes_everything() {
 #[test]
 fn each_host_check_fails_with_a_fix() {
     let cases: Vec<(&str, Box<dyn Fn(&mut HostFacts)>, Verdict)> = vec![
-        ("kernel", Box::new(|f| f.kernel = "5.4.0".into()), Verdict::Fail),
-        ("kernel", Box::new(|f| f.kernel = "5.15.0-91-generic".into()), Verdict::Warn),
-        ("io_uring", Box::new(|f| f.io_uring = Err("disabled".into())), Verdict::Fail),
-        ("kernel TLS", Box::new(|f| f.ktls = Support::KernelLacksTls("ENOENT".into())), Verdict::Warn),
-        ("kernel TLS", Box::new(|f| f.ktls = Support::Available { rekey: false }), Verdict::Warn),
-        ("memlock", Box::new(|f| f.memlock = (64 * 1024, 64 * 1024)), Verdict::Fail),
-        ("memlock", Box::new(|f| f.memlock = (64 * 1024, u64::MAX)), Verdict::Warn),
-        ("nofile", Box::new(|f| f.nofile = (1024, 4096)), Verdict::Warn),
-        ("sysctl net.core.somaxconn", Box::new(|f| { f.sysctls.insert("net.core.somaxconn".into(), "4096".into()); }), Verdict::Warn),
-        ("sysctl net.ipv4.ip_local_port_range", Box::new(|f| { f.sysctls.insert("net.ipv4.ip_local_port_range".into(), "32768 60999".into()); }), Verdict::Warn),
-        ("sysctl kernel.io_uring_disabled", Box::new(|f| { f.sysctls.insert("kernel.io_uring_disabled".into(), "2".into()); }), Verdict::Warn),
-        ("clock", Box::new(|f| f.clock_synced = Some(false)), Verdict::Warn),
+        (
+            "kernel",
+            Box::new(|f| f.kernel = "5.4.0".into()),
+            Verdict::Fail,
+        ),
+        (
+            "kernel",
+            Box::new(|f| f.kernel = "5.15.0-91-generic".into()),
+            Verdict::Warn,
+        ),
+        (
+            "io_uring",
+            Box::new(|f| f.io_uring = Err("disabled".into())),
+            Verdict::Fail,
+        ),
+        (
+            "kernel TLS",
+            Box::new(|f| f.ktls = Support::KernelLacksTls("ENOENT".into())),
+            Verdict::Warn,
+        ),
+        (
+            "kernel TLS",
+            Box::new(|f| f.ktls = Support::Available { rekey: false }),
+            Verdict::Warn,
+        ),
+        (
+            "memlock",
+            Box::new(|f| f.memlock = (64 * 1024, 64 * 1024)),
+            Verdict::Fail,
+        ),
+        (
+            "memlock",
+            Box::new(|f| f.memlock = (64 * 1024, u64::MAX)),
+            Verdict::Warn,
+        ),
+        (
+            "nofile",
+            Box::new(|f| f.nofile = (1024, 4096)),
+            Verdict::Warn,
+        ),
+        (
+            "sysctl net.core.somaxconn",
+            Box::new(|f| {
+                f.sysctls.insert("net.core.somaxconn".into(), "4096".into());
+            }),
+            Verdict::Warn,
+        ),
+        (
+            "sysctl net.ipv4.ip_local_port_range",
+            Box::new(|f| {
+                f.sysctls
+                    .insert("net.ipv4.ip_local_port_range".into(), "32768 60999".into());
+            }),
+            Verdict::Warn,
+        ),
+        (
+            "sysctl kernel.io_uring_disabled",
+            Box::new(|f| {
+                f.sysctls
+                    .insert("kernel.io_uring_disabled".into(), "2".into());
+            }),
+            Verdict::Warn,
+        ),
+        (
+            "clock",
+            Box::new(|f| f.clock_synced = Some(false)),
+            Verdict::Warn,
+        ),
         ("clock", Box::new(|f| f.now = 1_000_000_000), Verdict::Fail),
     ];
     for (name, break_it, want) in cases {
@@ -66,8 +126,12 @@ fn each_host_check_fails_with_a_fix() {
     }
     // Numbers above the profile are fine too.
     let mut f = healthy();
-    f.sysctls.insert("net.core.somaxconn".into(), "1000000".into());
-    assert_eq!(verdict(&run(&f, None), "sysctl net.core.somaxconn"), Verdict::Pass);
+    f.sysctls
+        .insert("net.core.somaxconn".into(), "1000000".into());
+    assert_eq!(
+        verdict(&run(&f, None), "sysctl net.core.somaxconn"),
+        Verdict::Pass
+    );
 }
 
 #[test]
@@ -75,42 +139,89 @@ fn config_checks_shards_and_certificate_expiry() {
     let dir = TempDir::new("doctor");
     let ca = Ca::new("Doctor CA").unwrap();
     let cert = |name: &str, days: i64| {
-        let i = ca.issue(&Spec { valid_from: time::Duration::days(-400), valid_until: time::Duration::days(days), ..Spec::server("sip.example.com") }).unwrap();
-        (dir.write(&format!("{name}.pem"), &i.cert_pem), dir.write(&format!("{name}.key"), &i.key_pem))
+        let i = ca
+            .issue(&Spec {
+                valid_from: time::Duration::days(-400),
+                valid_until: time::Duration::days(days),
+                ..Spec::server("sip.example.com")
+            })
+            .unwrap();
+        (
+            dir.write(&format!("{name}.pem"), &i.cert_pem),
+            dir.write(&format!("{name}.key"), &i.key_pem),
+        )
     };
     let cfg_with = |c: (std::path::PathBuf, std::path::PathBuf)| Config {
         listen: vec![ListenConfig::default()],
-        tls: sipring::config::TlsConfig { certificate: vec![CertConfig { cert: c.0, key: c.1, sni: vec![] }], ..Default::default() },
+        tls: sipring::config::TlsConfig {
+            certificate: vec![CertConfig {
+                cert: c.0,
+                key: c.1,
+                sni: vec![],
+            }],
+            ..Default::default()
+        },
         ..Config::default()
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let facts = HostFacts { now, ..healthy() };
-    for (name, days, want) in [("ok", 200, Verdict::Pass), ("soon", 10, Verdict::Warn), ("expired", -3, Verdict::Fail)] {
+    for (name, days, want) in [
+        ("ok", 200, Verdict::Pass),
+        ("soon", 10, Verdict::Warn),
+        ("expired", -3, Verdict::Fail),
+    ] {
         let cfg = cfg_with(cert(name, days));
         let checks = run(&facts, Some(Ok(&cfg)));
-        let c = checks.iter().find(|c| c.name.starts_with("certificate") && c.name.contains(name)).unwrap();
+        let c = checks
+            .iter()
+            .find(|c| c.name.starts_with("certificate") && c.name.contains(name))
+            .unwrap();
         assert_eq!(c.verdict, want, "{c:?}");
     }
     let mut cfg = cfg_with(cert("ok2", 200));
     cfg.server.shards = 64;
     let checks = run(&facts, Some(Ok(&cfg)));
     assert_eq!(verdict(&checks, "shards vs CPUs"), Verdict::Warn);
-    assert_eq!(verdict(&checks, "memlock"), Verdict::Pass, "unlimited memlock covers 64 shards");
+    assert_eq!(
+        verdict(&checks, "memlock"),
+        Verdict::Pass,
+        "unlimited memlock covers 64 shards"
+    );
     cfg.server.shards = 2;
-    assert_eq!(verdict(&run(&facts, Some(Ok(&cfg))), "shards vs CPUs"), Verdict::Pass);
+    assert_eq!(
+        verdict(&run(&facts, Some(Ok(&cfg))), "shards vs CPUs"),
+        Verdict::Pass
+    );
     let broken = run(&facts, Some(Err("x.toml: listen: missing".into())));
     assert_eq!(verdict(&broken, "config"), Verdict::Fail);
     let mut cfg = cfg_with(cert("ok3", 200));
     cfg.tls.certificate[0].key = dir.write("bad.key", "junk");
-    assert_eq!(verdict(&run(&facts, Some(Ok(&cfg))), "certificates"), Verdict::Fail);
+    assert_eq!(
+        verdict(&run(&facts, Some(Ok(&cfg))), "certificates"),
+        Verdict::Fail
+    );
 }
 
 #[test]
 fn the_binary_reports_this_host() {
-    let out = std::process::Command::new(sipring_tests::process::sipring_bin()).arg("doctor").output().unwrap();
+    let out = std::process::Command::new(sipring_tests::process::sipring_bin())
+        .arg("doctor")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["kernel", "io_uring", "kernel TLS", "memlock", "nofile", "sysctl net.core.somaxconn", "config"] {
-        assert!(text.lines().any(|l| l.contains(name)), "{name} missing:\n{text}");
+    for name in [
+        "kernel",
+        "io_uring",
+        "kernel TLS",
+        "memlock",
+        "nofile",
+        "sysctl net.core.somaxconn",
+        "config",
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(name)),
+            "{name} missing:\n{text}"
+        );
     }
     // This project's hosts have io_uring but no kernel TLS: that is a warning, not a failure.
     assert!(text.contains("PASS io_uring"), "{text}");

@@ -442,3 +442,35 @@ fn federation_over_mtls_and_an_untrusted_peer_is_refused() {
     a.join().unwrap();
     b.join().unwrap();
 }
+
+#[test]
+fn balanced_accept_spreads_long_lived_connections_evenly() {
+    // A few long-lived trunks: with SO_REUSEPORT the kernel's hash may put them on one core;
+    // the balanced mode hands each to the least-loaded shard.
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.accept = sipring::config::AcceptMode::Balanced;
+    let srv = start(cfg, None).expect("start");
+    let mut uas: Vec<Ua> = (0..6)
+        .map(|i| registered(&pki, &srv, &format!("trunk{i}")))
+        .collect();
+    let m = wait_metrics(srv.admin_addr.unwrap(), "6 connections", |m| {
+        metric(m, "sipring_connections{kind=\"tls\"}") == Some(6.0)
+    });
+    for shard in 0..2 {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("sipring_connections{{shard=\"{shard}\",kind=\"tls\"}}")
+            ),
+            Some(3.0),
+            "shard {shard}:\n{m}"
+        );
+    }
+    // Calls still work across the adopted connections.
+    let (a, b) = uas.split_at_mut(1);
+    let inv = call(&mut a[0], &mut b[0], "bal-1");
+    hang_up(&mut b[0], &mut a[0], &inv, "bal-1");
+    srv.stop();
+    srv.join().unwrap();
+}

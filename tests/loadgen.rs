@@ -29,23 +29,43 @@ fn load(out: &TempDir, tag: &str, args: &[&str]) -> (i32, String, Summary) {
         .output()
         .expect("run sipring-load");
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    let summary: Summary = serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_else(|_| panic!("{tag}: no JSON\n{stdout}\n{}", String::from_utf8_lossy(&o.stderr)))).expect("JSON summary parses");
+    let summary: Summary =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap_or_else(|_| {
+            panic!(
+                "{tag}: no JSON\n{stdout}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        }))
+        .expect("JSON summary parses");
     check_outputs(tag, &summary, &hgrm, &svg);
     (o.status.code().unwrap_or(-1), stdout, summary)
 }
 
 /// The JSON and the `.hgrm` files agree; the SVG exists; the counts add up.
 fn check_outputs(tag: &str, s: &Summary, hgrm: &Path, svg: &Path) {
-    assert_eq!(s.sent, s.answered + s.failed, "{tag}: sent = answered + failed");
+    assert_eq!(
+        s.sent,
+        s.answered + s.failed,
+        "{tag}: sent = answered + failed"
+    );
     for (kind, k) in &s.kinds {
-        let text = std::fs::read_to_string(hgrm.join(format!("{kind}.hgrm"))).unwrap_or_else(|_| panic!("{tag}: {kind}.hgrm missing"));
-        let (rows, total) = sipring::metrics::parse_hgrm(&text).unwrap_or_else(|| panic!("{tag}: {kind}.hgrm does not parse"));
+        let text = std::fs::read_to_string(hgrm.join(format!("{kind}.hgrm")))
+            .unwrap_or_else(|_| panic!("{tag}: {kind}.hgrm missing"));
+        let (rows, total) = sipring::metrics::parse_hgrm(&text)
+            .unwrap_or_else(|| panic!("{tag}: {kind}.hgrm does not parse"));
         assert_eq!(total, k.count, "{tag}: {kind}: .hgrm total = JSON count");
         let max = rows.last().unwrap().0;
-        assert!((max - k.max_ms).abs() <= k.max_ms * 0.01 + 0.002, "{tag}: {kind}: .hgrm max {max} vs JSON {}", k.max_ms);
+        assert!(
+            (max - k.max_ms).abs() <= k.max_ms * 0.01 + 0.002,
+            "{tag}: {kind}: .hgrm max {max} vs JSON {}",
+            k.max_ms
+        );
     }
     let svg = std::fs::read_to_string(svg).unwrap_or_else(|_| panic!("{tag}: SVG missing"));
-    assert!(svg.contains("<svg") && svg.contains("latency"), "{tag}: SVG");
+    assert!(
+        svg.contains("<svg") && svg.contains("latency"),
+        "{tag}: SVG"
+    );
 }
 
 #[test]
@@ -55,7 +75,18 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
     let out = TempDir::new("load");
     let tls = srv.listen_addrs[0].to_string();
     let ca = pki.dir.join("ca.pem").display().to_string();
-    let common = |t: &str| vec!["--target".to_string(), t.to_string(), "--ca".into(), ca.clone(), "--duration".into(), "2".into(), "--warmup".into(), "0.5".into()];
+    let common = |t: &str| {
+        vec![
+            "--target".to_string(),
+            t.to_string(),
+            "--ca".into(),
+            ca.clone(),
+            "--duration".into(),
+            "2".into(),
+            "--warmup".into(),
+            "0.5".into(),
+        ]
+    };
     let run = |tag: &str, scenario: &str, extra: &[&str]| {
         let mut a: Vec<String> = vec![scenario.to_string()];
         a.extend(common(&tls));
@@ -63,28 +94,77 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
         let args: Vec<&str> = a.iter().map(String::as_str).collect();
         load(&out, tag, &args)
     };
-    let (code, table, s) = run("register", "register", &["--users", "20", "--rate", "50", "--unregister", "--prefix", "r"]);
+    let (code, table, s) = run(
+        "register",
+        "register",
+        &[
+            "--users",
+            "20",
+            "--rate",
+            "50",
+            "--unregister",
+            "--prefix",
+            "r",
+        ],
+    );
     assert_eq!(code, 0, "{table}");
-    assert!(s.kinds["register"].answered >= 20 && s.failed == 0, "{table}");
-    let (code, table, s) = run("message", "message", &["--users", "20", "--rate", "200", "--prefix", "m"]);
+    assert!(
+        s.kinds["register"].answered >= 20 && s.failed == 0,
+        "{table}"
+    );
+    let (code, table, s) = run(
+        "message",
+        "message",
+        &["--users", "20", "--rate", "200", "--prefix", "m"],
+    );
     assert_eq!(code, 0, "{table}");
     assert!(s.kinds["message"].count >= 300 && s.failed == 0, "{table}");
-    let (code, table, s) = run("call", "call", &["--users", "20", "--rate", "40", "--hold", "0.2", "--prefix", "c"]);
+    let (code, table, s) = run(
+        "call",
+        "call",
+        &[
+            "--users", "20", "--rate", "40", "--hold", "0.2", "--prefix", "c",
+        ],
+    );
     assert_eq!(code, 0, "{table}");
     for k in ["invite_100", "invite_180", "invite_200", "bye"] {
         assert!(s.kinds[k].count >= 60, "{k}: {table}");
     }
     let (code, table, s) = run("handshake", "handshake", &["--rate", "40"]);
     assert_eq!(code, 0, "{table}");
-    assert!(s.kinds["tls_handshake"].count >= 60 && s.kinds["options"].answered >= 60, "{table}");
-    let (code, table, s) = run("idle", "idle", &["--users", "30", "--keepalive", "0.5", "--prefix", "i"]);
+    assert!(
+        s.kinds["tls_handshake"].count >= 60 && s.kinds["options"].answered >= 60,
+        "{table}"
+    );
+    let (code, table, s) = run(
+        "idle",
+        "idle",
+        &["--users", "30", "--keepalive", "0.5", "--prefix", "i"],
+    );
     assert_eq!(code, 0, "{table}");
     assert!(s.pongs >= 30 * 3, "keepalive pongs: {}\n{table}", s.pongs);
     // MTLS: the partner's certificate on the mtls listener.
     let mtls = srv.listen_addrs[1].to_string();
     let mut a = vec!["message".to_string()];
     a.extend(common(&mtls));
-    a.extend(["--transport", "mtls", "--cert", &pki.dir.join("partner.pem").display().to_string(), "--key", &pki.dir.join("partner.key").display().to_string(), "--users", "10", "--rate", "100", "--prefix", "x"].iter().map(|s| s.to_string()));
+    a.extend(
+        [
+            "--transport",
+            "mtls",
+            "--cert",
+            &pki.dir.join("partner.pem").display().to_string(),
+            "--key",
+            &pki.dir.join("partner.key").display().to_string(),
+            "--users",
+            "10",
+            "--rate",
+            "100",
+            "--prefix",
+            "x",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     let args: Vec<&str> = a.iter().map(String::as_str).collect();
     let (code, table, s) = load(&out, "mtls", &args);
     assert_eq!(code, 0, "{table}");
@@ -96,10 +176,27 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
     let args: Vec<&str> = a.iter().map(String::as_str).collect();
     let (code, table, s) = load(&out, "mix", &args);
     assert_eq!(code, 0, "{table}");
-    assert!(s.kinds["message"].count > 0 && s.kinds["invite_200"].count > 0, "{table}");
-    let cmp = Command::new(bin("sipring-load")).args(["compare", "--kind", "message", "--plot"]).arg(out.join("cmp.svg")).arg(out.join("message.json")).arg(out.join("mix.json")).output().unwrap();
-    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stderr));
-    assert!(std::fs::read_to_string(out.join("cmp.svg")).unwrap().contains("<svg"));
+    assert!(
+        s.kinds["message"].count > 0 && s.kinds["invite_200"].count > 0,
+        "{table}"
+    );
+    let cmp = Command::new(bin("sipring-load"))
+        .args(["compare", "--kind", "message", "--plot"])
+        .arg(out.join("cmp.svg"))
+        .arg(out.join("message.json"))
+        .arg(out.join("mix.json"))
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+    assert!(
+        std::fs::read_to_string(out.join("cmp.svg"))
+            .unwrap()
+            .contains("<svg")
+    );
     srv.stop();
     srv.join().unwrap();
 }
@@ -109,7 +206,25 @@ fn failures_set_the_exit_code() {
     // Nothing listens there: every connection fails, and --max-failures makes it an error.
     let out = TempDir::new("load-fail");
     let port = sipring_tests::server::free_port();
-    let (code, _, s) = load(&out, "fail", &["message", "--transport", "tcp", "--target", &format!("127.0.0.1:{port}"), "--users", "4", "--rate", "10", "--duration", "1", "--warmup", "0"]);
+    let (code, _, s) = load(
+        &out,
+        "fail",
+        &[
+            "message",
+            "--transport",
+            "tcp",
+            "--target",
+            &format!("127.0.0.1:{port}"),
+            "--users",
+            "4",
+            "--rate",
+            "10",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+        ],
+    );
     assert_eq!(code, 1);
     assert!(s.failed > 0 && s.sent == s.answered + s.failed);
 }
@@ -129,9 +244,14 @@ fn stalling_server(stall: Duration, after: Duration) -> u16 {
                 s.set_nodelay(true).unwrap();
                 let mut buf = Vec::new();
                 let mut tmp = [0u8; 65536];
-                let mut framer = sipring_core::Framer::new(sipring_core::Limits::default(), sipring_core::KeepaliveRole::Server);
+                let mut framer = sipring_core::Framer::new(
+                    sipring_core::Limits::default(),
+                    sipring_core::KeepaliveRole::Server,
+                );
                 loop {
-                    if t0.elapsed() >= after && !stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    if t0.elapsed() >= after
+                        && !stalled.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
                         std::thread::sleep(stall);
                     }
                     let n = match s.read(&mut tmp) {
@@ -139,12 +259,28 @@ fn stalling_server(stall: Duration, after: Duration) -> u16 {
                         Ok(n) => n,
                     };
                     buf.extend_from_slice(&tmp[..n]);
-                    while let Ok(sipring_core::Status::Complete(sipring_core::Frame::Message(len))) = framer.frame(&buf) {
+                    while let Ok(sipring_core::Status::Complete(sipring_core::Frame::Message(
+                        len,
+                    ))) = framer.frame(&buf)
+                    {
                         let msg: Vec<u8> = buf.drain(..len).collect();
                         let mut h = [sipring_core::Header::EMPTY; 64];
-                        if let Ok(sipring_core::Status::Complete(m)) = sipring_core::parse(&msg, &mut h, &sipring_core::Limits::default(), sipring_core::Framing::Stream) {
+                        if let Ok(sipring_core::Status::Complete(m)) = sipring_core::parse(
+                            &msg,
+                            &mut h,
+                            &sipring_core::Limits::default(),
+                            sipring_core::Framing::Stream,
+                        ) {
                             if m.is_request() {
-                                let r = sipring_core::response::response_to(&m, 200, "OK", sipring_core::response::ResponseParts { to_tag: Some(b"s"), ..Default::default() });
+                                let r = sipring_core::response::response_to(
+                                    &m,
+                                    200,
+                                    "OK",
+                                    sipring_core::response::ResponseParts {
+                                        to_tag: Some(b"s"),
+                                        ..Default::default()
+                                    },
+                                );
                                 let _ = s.write_all(&r);
                             }
                         }
@@ -163,10 +299,38 @@ fn the_tail_includes_a_server_stall() {
     // about 100 requests see 0..500 ms, so the 99th percentile is well above 300 ms.
     let port = stalling_server(Duration::from_millis(500), Duration::from_millis(1500));
     let out = TempDir::new("load-co");
-    let (_, table, s) = load(&out, "co", &["message", "--transport", "tcp", "--target", &format!("127.0.0.1:{port}"), "--users", "1", "--rate", "200", "--duration", "3", "--warmup", "0", "--shards", "1"]);
+    let (_, table, s) = load(
+        &out,
+        "co",
+        &[
+            "message",
+            "--transport",
+            "tcp",
+            "--target",
+            &format!("127.0.0.1:{port}"),
+            "--users",
+            "1",
+            "--rate",
+            "200",
+            "--duration",
+            "3",
+            "--warmup",
+            "0",
+            "--shards",
+            "1",
+        ],
+    );
     let m = &s.kinds["message"];
-    assert!(m.max_ms >= 400.0, "the stall is in the tail: max {} ms\n{table}", m.max_ms);
+    assert!(
+        m.max_ms >= 400.0,
+        "the stall is in the tail: max {} ms\n{table}",
+        m.max_ms
+    );
     assert!(m.p99_ms >= 300.0, "p99 {} ms\n{table}", m.p99_ms);
-    assert!(m.p50_ms < 50.0, "but not in the median: {} ms\n{table}", m.p50_ms);
+    assert!(
+        m.p50_ms < 50.0,
+        "but not in the median: {} ms\n{table}",
+        m.p50_ms
+    );
     assert_eq!(s.failed, 0, "{table}");
 }

@@ -298,3 +298,30 @@ fn openssl_s_client_as_a_partner() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn a_stalled_handshake_times_out_and_is_counted() {
+    // A peer that connects and never says a word, and one that stops mid-handshake.
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.tls.handshake_timeout_ms = 300;
+    let srv = start(cfg, None).expect("start");
+    let silent = std::net::TcpStream::connect(srv.listen_addrs[1]).unwrap();
+    let mut half = std::net::TcpStream::connect(srv.listen_addrs[0]).unwrap();
+    // A ClientHello record header promising 512 bytes, then nothing.
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
+    wait_metrics(srv.admin_addr.unwrap(), "two handshake timeouts", |m| {
+        metric(
+            m,
+            "sipring_tls_rejections_total{reason=\"handshake_timeout\"}",
+        ) == Some(2.0)
+    });
+    // The server closed both.
+    let mut b = [0u8; 16];
+    half.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(matches!(half.read(&mut b), Ok(0) | Err(_)));
+    drop(silent);
+    srv.stop();
+    srv.join().unwrap();
+}

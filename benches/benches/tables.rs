@@ -8,7 +8,20 @@ use sipring_core::registrar::{Binding, BindingStore, MemoryStore, Registrar, sha
 use std::time::{Duration, Instant};
 
 fn binding(i: u64, now: Instant) -> Binding {
-    Binding { contact: format!("sip:u{i}@10.0.{}.{}:5061;transport=tls", i / 250 % 250, i % 250), q: 1000, expires_at: now + Duration::from_secs(600), call_id: format!("c{i}"), cseq: 1, flow: i, instance: None, reg_id: None }
+    Binding {
+        contact: format!(
+            "sip:u{i}@10.0.{}.{}:5061;transport=tls",
+            i / 250 % 250,
+            i % 250
+        ),
+        q: 1000,
+        expires_at: now + Duration::from_secs(600),
+        call_id: format!("c{i}"),
+        cseq: 1,
+        flow: i,
+        instance: None,
+        reg_id: None,
+    }
 }
 
 fn bench_registrar(c: &mut Criterion) {
@@ -24,7 +37,8 @@ fn bench_registrar(c: &mut Criterion) {
     g.bench_function("lookup", |b| {
         b.iter(|| {
             i = (i + 7919) % 100_000;
-            reg.lookup(now, &store, &format!("sip:u{i}@example.com")).len()
+            reg.lookup(now, &store, &format!("sip:u{i}@example.com"))
+                .len()
         })
     });
     g.bench_function("insert_replace", |b| {
@@ -37,7 +51,9 @@ fn bench_registrar(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    g.bench_function("shard_for", |b| b.iter(|| shard_for("sip:alice@example.com", 16)));
+    g.bench_function("shard_for", |b| {
+        b.iter(|| shard_for("sip:alice@example.com", 16))
+    });
     g.finish();
 }
 
@@ -74,8 +90,13 @@ fn bench_mesh_hop(c: &mut Criterion) {
                         .unwrap()
                 })
                 .collect();
-            let results: Vec<(usize, Duration)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-            results.iter().find(|(me, _)| *me == 1).map(|r| r.1).unwrap()
+            let results: Vec<(usize, Duration)> =
+                hs.into_iter().map(|h| h.join().unwrap()).collect();
+            results
+                .iter()
+                .find(|(me, _)| *me == 1)
+                .map(|r| r.1)
+                .unwrap()
         })
     });
     g.finish();

@@ -41,19 +41,40 @@ struct Setup {
 
 fn setup(rsa: bool, tls13: bool, group: &str) -> Setup {
     let ca = Ca::new("Bench CA").unwrap();
-    let cert = ca.issue(&Spec { rsa, ..Spec::server("sip.example.com") }).unwrap();
+    let cert = ca
+        .issue(&Spec {
+            rsa,
+            ..Spec::server("sip.example.com")
+        })
+        .unwrap();
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.kx_groups = vec![sipring::tls::kx_group(group).unwrap()];
     let provider = Arc::new(provider);
-    let versions: &[&rustls::SupportedProtocolVersion] = if tls13 { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS12] };
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls13 {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS12]
+    };
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions).unwrap().with_no_client_auth().with_single_cert(vec![cert.der.clone()], key).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der.clone()], key)
+        .unwrap();
     server.send_tls13_tickets = 0;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.cert.der.clone()).unwrap();
-    let mut client = rustls::ClientConfig::builder_with_provider(provider).with_protocol_versions(versions).unwrap().with_root_certificates(roots).with_no_client_auth();
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     client.resumption = rustls::client::Resumption::disabled();
-    Setup { server: Arc::new(server), client: Arc::new(client) }
+    Setup {
+        server: Arc::new(server),
+        client: Arc::new(client),
+    }
 }
 
 fn bench_handshakes(c: &mut Criterion) {
@@ -71,7 +92,12 @@ fn bench_handshakes(c: &mut Criterion) {
         let name_sn = ServerName::try_from("sip.example.com").unwrap();
         g.bench_function(name, |b| {
             b.iter_batched(
-                || (TlsSession::client(s.client.clone(), name_sn.clone()).unwrap(), TlsSession::server(s.server.clone()).unwrap()),
+                || {
+                    (
+                        TlsSession::client(s.client.clone(), name_sn.clone()).unwrap(),
+                        TlsSession::server(s.server.clone()).unwrap(),
+                    )
+                },
                 |(mut cl, mut sv)| handshake(&mut cl, &mut sv),
                 BatchSize::SmallInput,
             )
@@ -82,7 +108,11 @@ fn bench_handshakes(c: &mut Criterion) {
 
 fn bench_records(c: &mut Criterion) {
     let s = setup(false, true, "X25519");
-    let mut cl = TlsSession::client(s.client.clone(), ServerName::try_from("sip.example.com").unwrap()).unwrap();
+    let mut cl = TlsSession::client(
+        s.client.clone(),
+        ServerName::try_from("sip.example.com").unwrap(),
+    )
+    .unwrap();
     let mut sv = TlsSession::server(s.server.clone()).unwrap();
     handshake(&mut cl, &mut sv);
     let msg = sipring_benches::INVITE;

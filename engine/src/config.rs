@@ -53,6 +53,22 @@ pub struct ServerConfig {
     pub drain_timeout_s: u64,
     /// Bounded capacity of each cross-shard channel, in messages. Default 1024.
     pub mesh_capacity: usize,
+    /// How connections reach shards: `reuseport` (every shard listens; the kernel hashes
+    /// connections over them — cheapest, but a few long-lived trunks can land on one core) or
+    /// `balanced` (shard 0 accepts and hands each connection to the least-loaded shard).
+    /// Default `reuseport`.
+    pub accept: AcceptMode,
+}
+
+/// See [`ServerConfig::accept`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptMode {
+    /// One SO_REUSEPORT listener per shard.
+    #[default]
+    Reuseport,
+    /// Shard 0 accepts and balances.
+    Balanced,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +83,7 @@ impl Default for ServerConfig {
             io_memory_kib: 512,
             drain_timeout_s: 10,
             mesh_capacity: 1024,
+            accept: AcceptMode::Reuseport,
         }
     }
 }

@@ -423,8 +423,9 @@ async fn run(
         Layer::Kernel(k) => Layer::Kernel(k.clone()),
     };
     let wshard = shard.clone();
-    let writer =
-        glommio::spawn_local(async move { writer_loop(wshard, writer_stream, wlayer, rx, queued).await });
+    let writer = glommio::spawn_local(async move {
+        writer_loop(wshard, writer_stream, wlayer, rx, queued).await
+    });
     let stream = reader_loop(&shard, stream, &layer, &flow, &tx, role).await;
     shard.conn_closed(id);
     // Wake a writer blocked on a dead peer, then let it finish (it ends on Close).
@@ -630,7 +631,9 @@ async fn reader_loop(
             Some(Ok(_)) => {}
             // kTLS reports a pending non-data record as EIO (EKEYEXPIRED after a KeyUpdate):
             // the recv below takes the same path.
-            Some(Err(e)) if matches!(layer, Layer::Kernel(_)) && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EKEYEXPIRED)) => {}
+            Some(Err(e))
+                if matches!(layer, Layer::Kernel(_))
+                    && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EKEYEXPIRED)) => {}
             Some(Err(_)) => return stream,
         }
         let mut scratch = shard.take_read_buf();
@@ -642,7 +645,9 @@ async fn reader_loop(
                 continue;
             }
             Err(e) => {
-                let Layer::Kernel(k) = layer else { return stream };
+                let Layer::Kernel(k) = layer else {
+                    return stream;
+                };
                 if !matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EKEYEXPIRED)) {
                     return stream;
                 }

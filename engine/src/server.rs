@@ -6,7 +6,7 @@
 //! connection with close_notify. [`Running::reload`] (SIGHUP) re-reads the configuration and
 //! every TLS file and swaps the policy in only if all of it loaded.
 
-use crate::config::{Config, ListenKind};
+use crate::config::{AcceptMode, Config, ListenKind};
 use crate::metrics::{ShardMetrics, Snapshot};
 use crate::shard::{self, Shard, ShardMsg};
 use crate::sys;
@@ -37,6 +37,8 @@ pub struct Control {
     pub stopped: AtomicUsize,
     /// Reloads applied / refused.
     pub reloads: [std::sync::atomic::AtomicU64; 2],
+    /// Connections (and handshakes) per shard, for the balanced accept mode.
+    pub load: Vec<AtomicUsize>,
 }
 
 impl Control {
@@ -121,13 +123,19 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         ktls,
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
+        load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
     });
     // Bind every listener now, in this thread, so errors surface before any shard starts.
     let mut bound: Vec<Vec<(ListenKind, bool, sys::sock::BoundListener)>> =
         (0..n).map(|_| Vec::new()).collect();
     let mut listen_addrs = Vec::new();
+    let per_address = if cfg.server.accept == AcceptMode::Balanced {
+        1
+    } else {
+        n
+    };
     for l in &cfg.listen {
-        let socks = sys::sock::bind_reuseport(l.address, n, l.backlog).map_err(|e| {
+        let socks = sys::sock::bind_reuseport(l.address, per_address, l.backlog).map_err(|e| {
             StartError(format!(
                 "cannot listen on {} ({:?}): {e}",
                 l.address, l.kind
@@ -270,38 +278,71 @@ async fn accept_loop(
                 continue;
             }
         };
-        let limits = &shard.cfg.limits;
-        let ip = stream.peer_addr().map(|a| a.ip()).ok();
-        let total = shard.conns.borrow().len() + shard.handshakes.get();
-        let per_ip = ip.map_or(0, |ip| shard.per_ip.borrow().get(&ip).copied().unwrap_or(0));
-        let refuse = if total >= limits.max_connections_per_shard {
-            Some("max_connections_per_shard")
-        } else if per_ip >= limits.max_connections_per_ip {
-            Some("max_connections_per_ip")
-        } else if kind != ListenKind::Tcp
-            && shard.handshakes.get() >= limits.max_handshakes_in_flight
-        {
-            Some("max_handshakes_in_flight")
-        } else {
-            None
-        };
-        if let Some(why) = refuse {
-            shard.count(&format!(
-                "sipring_connections_refused_total{{limit=\"{why}\"}}"
-            ));
-            tracing::warn!(?ip, limit = why, "connection refused by limit");
-            drop(stream);
-            continue;
+        if shard.cfg.server.accept == AcceptMode::Balanced && shard.n > 1 {
+            // Hand the connection to the least-loaded shard (which checks the limits).
+            let target = least_loaded(&shard.control);
+            if target != shard.id {
+                shard.count("sipring_cross_shard_total{op=\"adopt\"}");
+                let fd = stream_into_fd(stream);
+                shard.adopt_elsewhere(target, fd, kind, optional_auth);
+                continue;
+            }
         }
-        if let Some(ip) = ip {
-            *shard.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
-        }
-        let s = shard.clone();
-        glommio::spawn_local(async move {
-            crate::conn::serve_inbound(s.clone(), stream, kind, optional_auth).await;
-        })
-        .detach();
+        admit(&shard, stream, kind, optional_auth);
     }
+}
+
+/// The shard with the fewest connections and handshakes.
+fn least_loaded(control: &Control) -> usize {
+    control
+        .load
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, l)| l.load(Ordering::Relaxed))
+        .map_or(0, |(i, _)| i)
+}
+
+fn stream_into_fd(stream: glommio::net::TcpStream) -> std::os::fd::OwnedFd {
+    sys::sock::into_owned_fd(stream)
+}
+
+/// Applies the connection limits and serves the connection on this shard.
+pub fn admit(
+    shard: &Rc<Shard>,
+    stream: glommio::net::TcpStream,
+    kind: ListenKind,
+    optional_auth: bool,
+) {
+    let limits = &shard.cfg.limits;
+    let ip = stream.peer_addr().map(|a| a.ip()).ok();
+    let total = shard.conns.borrow().len() + shard.handshakes.get();
+    let per_ip = ip.map_or(0, |ip| shard.per_ip.borrow().get(&ip).copied().unwrap_or(0));
+    let refuse = if total >= limits.max_connections_per_shard {
+        Some("max_connections_per_shard")
+    } else if per_ip >= limits.max_connections_per_ip {
+        Some("max_connections_per_ip")
+    } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
+        Some("max_handshakes_in_flight")
+    } else {
+        None
+    };
+    if let Some(why) = refuse {
+        shard.count(&format!(
+            "sipring_connections_refused_total{{limit=\"{why}\"}}"
+        ));
+        tracing::warn!(?ip, limit = why, "connection refused by limit");
+        return;
+    }
+    if let Some(ip) = ip {
+        *shard.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+    }
+    let s = shard.clone();
+    s.control.load[s.id].fetch_add(1, Ordering::Relaxed);
+    glommio::spawn_local(async move {
+        crate::conn::serve_inbound(s.clone(), stream, kind, optional_auth).await;
+        s.control.load[s.id].fetch_sub(1, Ordering::Relaxed);
+    })
+    .detach();
 }
 
 impl Running {

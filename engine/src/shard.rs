@@ -105,6 +105,15 @@ pub enum ShardMsg {
         /// The response.
         bytes: Vec<u8>,
     },
+    /// Serve this accepted connection here (balanced accept mode).
+    Adopt {
+        /// The socket.
+        fd: std::os::fd::OwnedFd,
+        /// Listener kind.
+        kind: ListenKind,
+        /// Optional client auth on that listener.
+        optional_auth: bool,
+    },
     /// A connection closed: drop its bindings and fail its transactions.
     FlowClosed {
         /// The connection.
@@ -286,7 +295,10 @@ impl Shard {
 
     /// A 64 KiB read buffer from the pool.
     pub fn take_read_buf(&self) -> Vec<u8> {
-        self.read_pool.borrow_mut().pop().unwrap_or_else(|| vec![0u8; 64 * 1024])
+        self.read_pool
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u8; 64 * 1024])
     }
 
     /// Returns a read buffer to the pool (a few are kept).
@@ -704,8 +716,38 @@ impl Shard {
                     label: "response",
                 }));
             }
+            ShardMsg::Adopt {
+                fd,
+                kind,
+                optional_auth,
+            } => {
+                crate::server::admit(
+                    self,
+                    crate::sys::sock::from_owned_fd(fd),
+                    kind,
+                    optional_auth,
+                );
+            }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
         }
+    }
+
+    /// Sends an accepted connection to shard `to` (balanced accept mode).
+    pub fn adopt_elsewhere(
+        self: &Rc<Self>,
+        to: usize,
+        fd: std::os::fd::OwnedFd,
+        kind: ListenKind,
+        optional_auth: bool,
+    ) {
+        self.reply(
+            to,
+            ShardMsg::Adopt {
+                fd,
+                kind,
+                optional_auth,
+            },
+        );
     }
 
     fn reply(self: &Rc<Self>, to: usize, msg: ShardMsg) {

@@ -2,10 +2,10 @@
 //! TCP and report exact latency distributions. See docs/LOADGEN.md.
 
 use clap::{Args, Parser, Subcommand};
-use sipring_load::run::{self, Plan, Progress, Scenario, Transport};
-use sipring_load::stats;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sipring_load::run::{self, Plan, Progress, Scenario, Transport};
+use sipring_load::stats;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -122,6 +122,9 @@ struct Common {
     /// Key-exchange groups, comma-separated (X25519MLKEM768, X25519, secp256r1, secp384r1).
     #[arg(long)]
     groups: Option<String>,
+    /// Cipher suites by IANA name, comma-separated (default: rustls's).
+    #[arg(long)]
+    cipher_suites: Option<String>,
     /// Disable TLS session resumption.
     #[arg(long)]
     no_resume: bool,
@@ -194,40 +197,71 @@ fn default_shards() -> usize {
 /// `a.b.c.d-a.b.c.e` or a comma list.
 fn parse_addrs(s: &str) -> Result<Vec<IpAddr>, String> {
     if let Some((a, b)) = s.split_once('-') {
-        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (a.parse().map_err(|e| format!("{a}: {e}"))?, b.parse().map_err(|e| format!("{b}: {e}"))?);
+        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (
+            a.parse().map_err(|e| format!("{a}: {e}"))?,
+            b.parse().map_err(|e| format!("{b}: {e}"))?,
+        );
         let (a, b) = (u32::from(a), u32::from(b));
         if b < a || b - a > 65_535 {
             return Err("bad address range".into());
         }
         return Ok((a..=b).map(|x| IpAddr::V4(x.into())).collect());
     }
-    s.split(',').map(|a| a.trim().parse().map_err(|e| format!("{a}: {e}"))).collect()
+    s.split(',')
+        .map(|a| a.trim().parse().map_err(|e| format!("{a}: {e}")))
+        .collect()
 }
 
-fn tls_config(c: &Common, transport: Transport) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+fn tls_config(
+    c: &Common,
+    transport: Transport,
+) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
     if transport == Transport::Tcp {
         return Ok(None);
     }
     let mut roots = rustls::RootCertStore::empty();
     let ca = c.ca.as_ref().ok_or("--ca is required for TLS")?;
     for r in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
-        roots.add(r.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        roots
+            .add(r.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(cs) = &c.cipher_suites {
+        provider.cipher_suites = cs
+            .split(',')
+            .map(|n| {
+                sipring::tls::cipher_suite(n.trim()).ok_or(format!("unknown cipher suite {n}"))
+            })
+            .collect::<Result<_, _>>()?;
+    }
     if let Some(g) = &c.groups {
-        provider.kx_groups = g.split(',').map(|n| sipring::tls::kx_group(n.trim()).ok_or(format!("unknown group {n}"))).collect::<Result<_, _>>()?;
+        provider.kx_groups = g
+            .split(',')
+            .map(|n| sipring::tls::kx_group(n.trim()).ok_or(format!("unknown group {n}")))
+            .collect::<Result<_, _>>()?;
     }
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = match c.tls_version.as_str() {
         "1.2" => vec![&rustls::version::TLS12],
         "1.3" => vec![&rustls::version::TLS13],
         _ => vec![&rustls::version::TLS13, &rustls::version::TLS12],
     };
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(provider)).with_protocol_versions(&versions).map_err(|e| e.to_string())?.with_root_certificates(roots);
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&versions)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
     let mut cfg = if transport == Transport::Mtls {
-        let (cert, key) = (c.cert.as_ref().ok_or("--cert is required for mtls")?, c.key.as_ref().ok_or("--key is required for mtls")?);
-        let chain = CertificateDer::pem_file_iter(cert).map_err(|e| e.to_string())?.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        let (cert, key) = (
+            c.cert.as_ref().ok_or("--cert is required for mtls")?,
+            c.key.as_ref().ok_or("--key is required for mtls")?,
+        );
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| e.to_string())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| e.to_string())?;
-        b.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
+        b.with_client_auth_cert(chain, key)
+            .map_err(|e| e.to_string())?
     } else {
         b.with_no_client_auth()
     };
@@ -306,11 +340,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (plans, common) = match cli.cmd {
         Cmd::Compare { files, plot, kind } => return compare(&files, &plot, &kind),
-        Cmd::Demo { out, duration, cps, mps } => return demo(out, duration, cps, mps),
-        Cmd::Reflect { listen, cert, key, shards } => {
+        Cmd::Demo {
+            out,
+            duration,
+            cps,
+            mps,
+        } => return demo(out, duration, cps, mps),
+        Cmd::Reflect {
+            listen,
+            cert,
+            key,
+            shards,
+        } => {
             let tls = match (cert, key) {
                 (Some(c), Some(k)) => {
-                    let chain = match CertificateDer::pem_file_iter(&c).map_err(|e| e.to_string()).and_then(|i| i.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())) {
+                    let chain = match CertificateDer::pem_file_iter(&c)
+                        .map_err(|e| e.to_string())
+                        .and_then(|i| i.collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string()))
+                    {
                         Ok(v) => v,
                         Err(e) => return fail2(&format!("{}: {e}", c.display())),
                     };
@@ -318,7 +365,12 @@ fn main() -> ExitCode {
                         Ok(v) => v,
                         Err(e) => return fail2(&format!("{}: {e}", k.display())),
                     };
-                    match rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider())).with_safe_default_protocol_versions().and_then(|b| b.with_no_client_auth().with_single_cert(chain, key)) {
+                    match rustls::ServerConfig::builder_with_provider(Arc::new(
+                        rustls::crypto::aws_lc_rs::default_provider(),
+                    ))
+                    .with_safe_default_protocol_versions()
+                    .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+                    {
                         Ok(cfg) => Some(Arc::new(cfg)),
                         Err(e) => return fail2(&e.to_string()),
                     }
@@ -333,24 +385,32 @@ fn main() -> ExitCode {
         Cmd::Register(c) => (plan("register", Scenario::Register, &c).map(|p| vec![p]), c),
         Cmd::Message(c) => (plan("message", Scenario::Message, &c).map(|p| vec![p]), c),
         Cmd::Call(c) => (plan("call", Scenario::Call, &c).map(|p| vec![p]), c),
-        Cmd::Handshake(c) => (plan("handshake", Scenario::Handshake, &c).map(|p| vec![p]), c),
+        Cmd::Handshake(c) => (
+            plan("handshake", Scenario::Handshake, &c).map(|p| vec![p]),
+            c,
+        ),
         Cmd::Idle(c) => (plan("idle", Scenario::Idle, &c).map(|p| vec![p]), c),
         Cmd::Mix { file, common } => {
-            let r = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display())).and_then(|t| toml::from_str::<MixFile>(&t).map_err(|e| format!("{}: {e}", file.display()))).and_then(|m| {
-                m.scenario
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| {
-                        let mut c = common.clone();
-                        c.users = e.users.unwrap_or(c.users);
-                        c.rate = e.rate.unwrap_or(c.rate);
-                        c.hold = e.hold.unwrap_or(c.hold);
-                        c.max_concurrent = e.max_concurrent.unwrap_or(c.max_concurrent);
-                        c.prefix = e.prefix.clone().unwrap_or(format!("{}{i}-", e.scenario));
-                        plan(&e.scenario, scenario_of(&e.scenario)?, &c)
-                    })
-                    .collect()
-            });
+            let r = std::fs::read_to_string(&file)
+                .map_err(|e| format!("{}: {e}", file.display()))
+                .and_then(|t| {
+                    toml::from_str::<MixFile>(&t).map_err(|e| format!("{}: {e}", file.display()))
+                })
+                .and_then(|m| {
+                    m.scenario
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| {
+                            let mut c = common.clone();
+                            c.users = e.users.unwrap_or(c.users);
+                            c.rate = e.rate.unwrap_or(c.rate);
+                            c.hold = e.hold.unwrap_or(c.hold);
+                            c.max_concurrent = e.max_concurrent.unwrap_or(c.max_concurrent);
+                            c.prefix = e.prefix.clone().unwrap_or(format!("{}{i}-", e.scenario));
+                            plan(&e.scenario, scenario_of(&e.scenario)?, &c)
+                        })
+                        .collect()
+                });
             (r, common)
         }
     };
@@ -365,12 +425,19 @@ fn main() -> ExitCode {
     let users: usize = plans.iter().map(|p| p.users).sum();
     let (nofile, _) = sipring::sys::probe::raise_limits();
     if users as u64 + 256 > nofile {
-        eprintln!("sipring-load: {users} connections need more file descriptors than RLIMIT_NOFILE ({nofile}) allows: raise it (ulimit -n, LimitNOFILE; see tuning/limits.conf)");
+        eprintln!(
+            "sipring-load: {users} connections need more file descriptors than RLIMIT_NOFILE ({nofile}) allows: raise it (ulimit -n, LimitNOFILE; see tuning/limits.conf)"
+        );
         return ExitCode::from(2);
     }
     let ephemeral = 28_232usize; // Linux default 32768-60999 per source address
-    if plans.iter().any(|p| p.local_addrs.is_empty() && p.users > ephemeral) {
-        eprintln!("sipring-load: more than {ephemeral} connections from one source address exhaust its ephemeral ports: use --local-addrs 127.0.0.2-127.0.0.20 (or widen net.ipv4.ip_local_port_range)");
+    if plans
+        .iter()
+        .any(|p| p.local_addrs.is_empty() && p.users > ephemeral)
+    {
+        eprintln!(
+            "sipring-load: more than {ephemeral} connections from one source address exhaust its ephemeral ports: use --local-addrs 127.0.0.2-127.0.0.20 (or widen net.ipv4.ip_local_port_range)"
+        );
         return ExitCode::from(2);
     }
     let progress = Arc::new(Progress::default());
@@ -383,7 +450,10 @@ fn main() -> ExitCode {
             std::thread::sleep(Duration::from_secs(1));
             if live {
                 let a = p2.answered.load(Ordering::Relaxed);
-                let (s, f) = (p2.sent.load(Ordering::Relaxed), p2.failed.load(Ordering::Relaxed));
+                let (s, f) = (
+                    p2.sent.load(Ordering::Relaxed),
+                    p2.failed.load(Ordering::Relaxed),
+                );
                 eprint!(
                     "\r{:>5.0}s  {:>8} ok/s  sent {s}  failed {f}  in-flight {}  conns {}  p99 {:.2} ms   ",
                     started.elapsed().as_secs_f64(),
@@ -414,7 +484,10 @@ fn main() -> ExitCode {
     print!("{}", stats.table());
     let summary = stats.summary();
     if let Some(p) = &common.json {
-        if let Err(e) = std::fs::write(p, serde_json::to_string_pretty(&summary).expect("serialisable")) {
+        if let Err(e) = std::fs::write(
+            p,
+            serde_json::to_string_pretty(&summary).expect("serialisable"),
+        ) {
             eprintln!("sipring-load: {}: {e}", p.display());
         }
     }
@@ -425,7 +498,12 @@ fn main() -> ExitCode {
         }
     }
     if let Some(p) = &common.plot {
-        let series: Vec<(String, Vec<(f64, f64)>)> = summary.kinds.iter().filter(|(_, k)| k.count > 0).map(|(n, k)| (n.clone(), k.percentiles.clone())).collect();
+        let series: Vec<(String, Vec<(f64, f64)>)> = summary
+            .kinds
+            .iter()
+            .filter(|(_, k)| k.count > 0)
+            .map(|(n, k)| (n.clone(), k.percentiles.clone()))
+            .collect();
         match stats::plot(&series, p, "latency by percentile") {
             Ok(()) => println!("plot: {}", p.display()),
             Err(e) => eprintln!("sipring-load: plot: {e}"),
@@ -433,7 +511,10 @@ fn main() -> ExitCode {
     }
     let (sent, _, failed) = stats.totals();
     if sent > 0 && failed as f64 / sent as f64 > common.max_failures {
-        eprintln!("sipring-load: {failed} of {sent} failed (more than --max-failures {})", common.max_failures);
+        eprintln!(
+            "sipring-load: {failed} of {sent} failed (more than --max-failures {})",
+            common.max_failures
+        );
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
@@ -448,7 +529,10 @@ fn live_done(_: &Progress) -> bool {
 fn compare(files: &[PathBuf], plot: &PathBuf, kind: &str) -> ExitCode {
     let mut series = Vec::new();
     for f in files {
-        let s: stats::Summary = match std::fs::read_to_string(f).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string())) {
+        let s: stats::Summary = match std::fs::read_to_string(f)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("sipring-load: {}: {e}", f.display());
@@ -459,8 +543,20 @@ fn compare(files: &[PathBuf], plot: &PathBuf, kind: &str) -> ExitCode {
             eprintln!("sipring-load: {} has no {kind}", f.display());
             return ExitCode::from(2);
         };
-        println!("{:<40} p50 {:>8.3} ms  p99 {:>8.3} ms  p99.9 {:>8.3} ms  max {:>8.3} ms  {:>10.1}/s", f.display(), k.p50_ms, k.p99_ms, k.p999_ms, k.max_ms, k.rate_per_s);
-        series.push((f.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned()), k.percentiles.clone()));
+        println!(
+            "{:<40} p50 {:>8.3} ms  p99 {:>8.3} ms  p99.9 {:>8.3} ms  max {:>8.3} ms  {:>10.1}/s",
+            f.display(),
+            k.p50_ms,
+            k.p99_ms,
+            k.p999_ms,
+            k.max_ms,
+            k.rate_per_s
+        );
+        series.push((
+            f.file_stem()
+                .map_or("run".into(), |s| s.to_string_lossy().into_owned()),
+            k.percentiles.clone(),
+        ));
     }
     match stats::plot(&series, plot, &format!("{kind}: latency by percentile")) {
         Ok(()) => {
@@ -475,7 +571,9 @@ fn compare(files: &[PathBuf], plot: &PathBuf, kind: &str) -> ExitCode {
 }
 
 fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
-    let dir = out.unwrap_or_else(|| std::env::temp_dir().join(format!("sipring-demo-{}", std::process::id())));
+    let dir = out.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("sipring-demo-{}", std::process::id()))
+    });
     let fail = |e: String| {
         eprintln!("demo: {e}");
         ExitCode::from(2)
@@ -487,15 +585,26 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
     let mut cfg = sipring::config::Config::default();
     cfg.server.hostname = "sip.example.com".into();
     cfg.server.local_hosts = vec!["127.0.0.1".into()];
-    cfg.listen = vec![sipring::config::ListenConfig { address: "127.0.0.1:0".parse().expect("literal"), ..Default::default() }];
-    cfg.tls.certificate = vec![sipring::config::CertConfig { cert: dir.join("pki/server.pem"), key: dir.join("pki/server.key"), sni: vec!["sip.example.com".into()] }];
+    cfg.listen = vec![sipring::config::ListenConfig {
+        address: "127.0.0.1:0".parse().expect("literal"),
+        ..Default::default()
+    }];
+    cfg.tls.certificate = vec![sipring::config::CertConfig {
+        cert: dir.join("pki/server.pem"),
+        key: dir.join("pki/server.key"),
+        sni: vec!["sip.example.com".into()],
+    }];
     cfg.admin.address = Some("127.0.0.1:0".parse().expect("literal"));
     let server = match sipring::server::start(cfg, None) {
         Ok(s) => s,
         Err(e) => return fail(format!("server: {e}")),
     };
     let target = server.listen_addrs[0];
-    println!("demo: sipring on {target} with {} shard(s); metrics at http://{}/metrics", server.shards, server.admin_addr.map_or("-".into(), |a| a.to_string()));
+    println!(
+        "demo: sipring on {target} with {} shard(s); metrics at http://{}/metrics",
+        server.shards,
+        server.admin_addr.map_or("-".into(), |a| a.to_string())
+    );
     let common = |prefix: &str, users: usize, rate: f64| Common {
         target,
         transport: "tls".into(),
@@ -507,6 +616,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         prefix: prefix.into(),
         tls_version: "both".into(),
         groups: None,
+        cipher_suites: None,
         no_resume: false,
         shards: default_shards(),
         users,
@@ -529,13 +639,20 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         quiet: false,
         max_failures: 0.0,
     };
-    let plans = [plan("register", Scenario::Register, &common("reg", 200, 100.0)), plan("call", Scenario::Call, &common("call", 200, cps)), plan("message", Scenario::Message, &common("msg", 200, mps))];
+    let plans = [
+        plan("register", Scenario::Register, &common("reg", 200, 100.0)),
+        plan("call", Scenario::Call, &common("call", 200, cps)),
+        plan("message", Scenario::Message, &common("msg", 200, mps)),
+    ];
     let plans: Result<Vec<Plan>, String> = plans.into_iter().collect();
     let plans = match plans {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
-    println!("demo: {duration:.0} s of {cps:.0} calls/s, {mps:.0} MESSAGE/s and 100 REGISTER/s from {} UAs", 600);
+    println!(
+        "demo: {duration:.0} s of {cps:.0} calls/s, {mps:.0} MESSAGE/s and 100 REGISTER/s from {} UAs",
+        600
+    );
     let progress = Arc::new(Progress::default());
     let p2 = progress.clone();
     let started = Instant::now();
@@ -545,8 +662,19 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         while !DONE.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_secs(1));
             let a = p2.answered.load(Ordering::Relaxed);
-            let line = format!("{:>4.0}s {:>7} ok/s  failed {}  conns {}  p99 {:.2} ms", started.elapsed().as_secs_f64(), a - last, p2.failed.load(Ordering::Relaxed), p2.connections.load(Ordering::Relaxed), p2.p99_us.load(Ordering::Relaxed) as f64 / 1000.0);
-            if tty { eprint!("\r{line}   ") } else { eprintln!("{line}") }
+            let line = format!(
+                "{:>4.0}s {:>7} ok/s  failed {}  conns {}  p99 {:.2} ms",
+                started.elapsed().as_secs_f64(),
+                a - last,
+                p2.failed.load(Ordering::Relaxed),
+                p2.connections.load(Ordering::Relaxed),
+                p2.p99_us.load(Ordering::Relaxed) as f64 / 1000.0
+            );
+            if tty {
+                eprint!("\r{line}   ")
+            } else {
+                eprintln!("{line}")
+            }
             last = a;
         }
         if tty {
@@ -566,15 +694,39 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
     let hgrm = dir.join("hgrm");
     let files = stats.write_hgrm(&hgrm).unwrap_or_default();
     let summary = stats.summary();
-    let _ = std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("serialisable"));
-    let series: Vec<(String, Vec<(f64, f64)>)> = summary.kinds.iter().filter(|(_, k)| k.count > 0).map(|(n, k)| (n.clone(), k.percentiles.clone())).collect();
-    let _ = stats::plot(&series, &dir.join("latency.svg"), "sipring demo: latency by percentile");
-    println!("demo: {} histogram files in {}", files.len(), hgrm.display());
-    println!("demo: summary {}, plot {}", dir.join("summary.json").display(), dir.join("latency.svg").display());
+    let _ = std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary).expect("serialisable"),
+    );
+    let series: Vec<(String, Vec<(f64, f64)>)> = summary
+        .kinds
+        .iter()
+        .filter(|(_, k)| k.count > 0)
+        .map(|(n, k)| (n.clone(), k.percentiles.clone()))
+        .collect();
+    let _ = stats::plot(
+        &series,
+        &dir.join("latency.svg"),
+        "sipring demo: latency by percentile",
+    );
+    println!(
+        "demo: {} histogram files in {}",
+        files.len(),
+        hgrm.display()
+    );
+    println!(
+        "demo: summary {}, plot {}",
+        dir.join("summary.json").display(),
+        dir.join("latency.svg").display()
+    );
     match stopped {
         Ok(()) => {
             println!("demo: server stopped cleanly");
-            if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
+            if summary.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         Err(e) => fail(format!("server: {e}")),
     }

@@ -14,9 +14,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Serves until the process is killed. `tls`: `None` for plain TCP.
-pub fn serve(addr: SocketAddr, shards: usize, tls: Option<Arc<ServerConfig>>) -> Result<(), String> {
-    let socks = sipring::sys::sock::bind_reuseport(addr, shards, 4096).map_err(|e| format!("{addr}: {e}"))?;
-    println!("reflect: listening on {} with {shards} shard(s)", socks[0].local);
+pub fn serve(
+    addr: SocketAddr,
+    shards: usize,
+    tls: Option<Arc<ServerConfig>>,
+) -> Result<(), String> {
+    let socks = sipring::sys::sock::bind_reuseport(addr, shards, 4096)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    println!(
+        "reflect: listening on {} with {shards} shard(s)",
+        socks[0].local
+    );
     let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
     let mut hs = Vec::new();
     for (i, s) in socks.into_iter().enumerate() {
@@ -45,8 +53,13 @@ async fn conn(mut s: TcpStream, tls: Option<Arc<ServerConfig>>) {
     let _ = s.set_nodelay(true);
     let mut sess = match tls {
         Some(cfg) => {
-            let Ok(mut sess) = TlsSession::server(cfg) else { return };
-            if sipring::conn::drive_handshake(&mut s, &mut sess).await.is_err() {
+            let Ok(mut sess) = TlsSession::server(cfg) else {
+                return;
+            };
+            if sipring::conn::drive_handshake(&mut s, &mut sess)
+                .await
+                .is_err()
+            {
                 return;
             }
             Some(sess)
@@ -77,9 +90,22 @@ async fn conn(mut s: TcpStream, tls: Option<Arc<ServerConfig>>) {
             match framer.frame(&buf[start..]) {
                 Ok(Status::Complete(Frame::Message(len))) => {
                     let mut h = [Header::EMPTY; 64];
-                    if let Ok(Status::Complete(m)) = parse(&buf[start..start + len], &mut h, &Limits::default(), Framing::Stream) {
+                    if let Ok(Status::Complete(m)) = parse(
+                        &buf[start..start + len],
+                        &mut h,
+                        &Limits::default(),
+                        Framing::Stream,
+                    ) {
                         if m.is_request() && m.method() != Some(sipring_core::Method::Ack) {
-                            out.extend_from_slice(&response_to(&m, 200, "OK", ResponseParts { to_tag: Some(b"reflect"), ..Default::default() }));
+                            out.extend_from_slice(&response_to(
+                                &m,
+                                200,
+                                "OK",
+                                ResponseParts {
+                                    to_tag: Some(b"reflect"),
+                                    ..Default::default()
+                                },
+                            ));
                         }
                     }
                     start += len;

@@ -15,7 +15,9 @@ use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use sipring::tls::session::TlsSession;
 use sipring_core::response::{ResponseParts, response_to};
-use sipring_core::{Frame, Framer, Framing, Header, HeaderName, KeepaliveRole, Limits, Method, Status, parse};
+use sipring_core::{
+    Frame, Framer, Framing, Header, HeaderName, KeepaliveRole, Limits, Method, Status, parse,
+};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -176,11 +178,18 @@ impl Shard {
             st.ok(kind, us);
             if let Some(h) = st.hist.get(kind) {
                 if h.len() % 256 == 0 {
-                    self.progress.p99_us.fetch_max(h.value_at_quantile(0.99), Ordering::Relaxed);
+                    self.progress
+                        .p99_us
+                        .fetch_max(h.value_at_quantile(0.99), Ordering::Relaxed);
                 }
             }
         } else {
-            *self.stats.borrow_mut().answered.entry(kind.into()).or_insert(0) += 1;
+            *self
+                .stats
+                .borrow_mut()
+                .answered
+                .entry(kind.into())
+                .or_insert(0) += 1;
         }
     }
 
@@ -192,8 +201,20 @@ impl Shard {
     fn start(&self, kind: &'static str, call_id: String, t0: Instant, measured: bool, ua: usize) {
         self.progress.sent.fetch_add(1, Ordering::Relaxed);
         self.stats.borrow_mut().sent(kind);
-        let invite = (kind == "invite_200").then_some(InviteState { got100: false, got180: false });
-        self.pending.borrow_mut().insert(call_id, Pending { kind, t0, measured, ua, invite });
+        let invite = (kind == "invite_200").then_some(InviteState {
+            got100: false,
+            got180: false,
+        });
+        self.pending.borrow_mut().insert(
+            call_id,
+            Pending {
+                kind,
+                t0,
+                measured,
+                ua,
+                invite,
+            },
+        );
     }
 }
 
@@ -207,7 +228,11 @@ pub fn run(plans: Vec<Plan>, shards: usize, progress: Arc<Progress>) -> Result<S
     let mut handles = Vec::new();
     for id in 0..shards {
         let (plans, progress) = (plans.clone(), progress.clone());
-        let placement = if shards <= cpus { glommio::Placement::Fixed(id % cpus) } else { glommio::Placement::Unbound };
+        let placement = if shards <= cpus {
+            glommio::Placement::Fixed(id % cpus)
+        } else {
+            glommio::Placement::Unbound
+        };
         let h = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("load-{id}"))
             .io_memory(512 * 1024)
@@ -239,12 +264,22 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
     // Expire transactions that outlive their timeout.
     let sweeper = {
         let s = shard.clone();
-        let timeout = plans.iter().map(|p| p.timeout).max().unwrap_or(Duration::from_secs(32));
+        let timeout = plans
+            .iter()
+            .map(|p| p.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(32));
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(Duration::from_millis(100)).await;
                 let now = Instant::now();
-                let expired: Vec<(String, &'static str)> = s.pending.borrow().iter().filter(|(_, p)| now.duration_since(p.t0) > timeout).map(|(k, p)| (k.clone(), p.kind)).collect();
+                let expired: Vec<(String, &'static str)> = s
+                    .pending
+                    .borrow()
+                    .iter()
+                    .filter(|(_, p)| now.duration_since(p.t0) > timeout)
+                    .map(|(k, p)| (k.clone(), p.kind))
+                    .collect();
                 for (k, kind) in expired {
                     if let Some(p) = s.pending.borrow_mut().remove(&k) {
                         if p.kind == "invite_200" {
@@ -262,17 +297,31 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
     for (index, plan) in plans.iter().enumerate() {
         let (s, p, base) = (shard.clone(), plan.clone(), user_base);
         user_base += plan.users;
-        tasks.push(glommio::spawn_local(async move { run_plan(s, p, base, index).await }));
+        tasks.push(glommio::spawn_local(async move {
+            run_plan(s, p, base, index).await
+        }));
     }
     for t in tasks {
         t.await;
     }
     // Let what is in flight finish, then count the rest as timeouts.
-    let end = Instant::now() + plans.iter().map(|p| p.timeout).max().unwrap_or(Duration::from_secs(5)).min(Duration::from_secs(10));
-    while (!shard.pending.borrow().is_empty() || shard.handshakes.get() > 0) && Instant::now() < end {
+    let end = Instant::now()
+        + plans
+            .iter()
+            .map(|p| p.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(5))
+            .min(Duration::from_secs(10));
+    while (!shard.pending.borrow().is_empty() || shard.handshakes.get() > 0) && Instant::now() < end
+    {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
-    let left: Vec<&'static str> = shard.pending.borrow_mut().drain().map(|(_, p)| p.kind).collect();
+    let left: Vec<&'static str> = shard
+        .pending
+        .borrow_mut()
+        .drain()
+        .map(|(_, p)| p.kind)
+        .collect();
     for k in left {
         shard.fail(k, "timeout");
     }
@@ -282,13 +331,30 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
     drop(sweeper);
     shard.uas.borrow_mut().clear();
     let mut st = shard.stats.borrow().clone();
-    st.seconds = plans.iter().map(|p| p.duration.as_secs_f64()).fold(0.0, f64::max).max(t_start.elapsed().as_secs_f64().min(plans.iter().map(|p| (p.duration + p.warmup).as_secs_f64()).fold(0.0, f64::max)) - plans.iter().map(|p| p.warmup.as_secs_f64()).fold(0.0, f64::max));
+    st.seconds = plans
+        .iter()
+        .map(|p| p.duration.as_secs_f64())
+        .fold(0.0, f64::max)
+        .max(
+            t_start.elapsed().as_secs_f64().min(
+                plans
+                    .iter()
+                    .map(|p| (p.duration + p.warmup).as_secs_f64())
+                    .fold(0.0, f64::max),
+            ) - plans
+                .iter()
+                .map(|p| p.warmup.as_secs_f64())
+                .fold(0.0, f64::max),
+        );
     st
 }
 
 /// The users of a plan this shard owns: global index `base + i` for `i ≡ shard (mod n)`.
 fn my_users(shard: &Shard, plan: &Plan, base: usize) -> Vec<usize> {
-    (0..plan.users).filter(|i| i % shard.n == shard.id).map(|i| base + i).collect()
+    (0..plan.users)
+        .filter(|i| i % shard.n == shard.id)
+        .map(|i| base + i)
+        .collect()
 }
 
 async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
@@ -343,7 +409,9 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             Scenario::Message => {
                 let from = users[shard.rand(users.len())];
                 let to = callee(&shard, base, plan.users, from);
-                send_request(&shard, &plan, from, to, "MESSAGE", "message", intended, measured, "hello");
+                send_request(
+                    &shard, &plan, from, to, "MESSAGE", "message", intended, measured, "hello",
+                );
             }
             Scenario::Call => {
                 if shard.active_calls.get() * shard.n >= plan.max_concurrent {
@@ -352,7 +420,17 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
                     let from = users[shard.rand(users.len())];
                     let to = callee(&shard, base, plan.users, from);
                     shard.active_calls.set(shard.active_calls.get() + 1);
-                    send_request(&shard, &plan, from, to, "INVITE", "invite_200", intended, measured, "");
+                    send_request(
+                        &shard,
+                        &plan,
+                        from,
+                        to,
+                        "INVITE",
+                        "invite_200",
+                        intended,
+                        measured,
+                        "",
+                    );
                 }
             }
             Scenario::Handshake => {
@@ -394,7 +472,11 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
 /// A random other user (a UA never calls itself when it has someone else to call).
 fn callee(shard: &Shard, base: usize, users: usize, from: usize) -> usize {
     let to = base + shard.rand(users);
-    if to == from && users > 1 { base + (to - base + 1) % users } else { to }
+    if to == from && users > 1 {
+        base + (to - base + 1) % users
+    } else {
+        to
+    }
 }
 
 /// When the i-th transaction is due, with a linear ramp from 0 to `rate` over `ramp`.
@@ -403,7 +485,11 @@ pub fn intended_offset(i: u64, rate: f64, ramp: Duration) -> Duration {
     let k = i as f64;
     // Transactions sent during the ramp: rate * r / 2.
     let ramp_count = rate * r / 2.0;
-    let t = if r > 0.0 && k < ramp_count { (2.0 * k * r / rate).sqrt() } else { r / 2.0 + k / rate };
+    let t = if r > 0.0 && k < ramp_count {
+        (2.0 * k * r / rate).sqrt()
+    } else {
+        r / 2.0 + k / rate
+    };
     Duration::from_secs_f64(t)
 }
 
@@ -430,14 +516,22 @@ async fn setup(shard: &Rc<Shard>, plan: &Plan, users: &[usize]) {
     }
     // Wait for the registrations.
     let d = Instant::now() + plan.timeout;
-    while shard.pending.borrow().values().any(|p| p.kind == "register") && Instant::now() < d {
+    while shard
+        .pending
+        .borrow()
+        .values()
+        .any(|p| p.kind == "register")
+        && Instant::now() < d
+    {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
 }
 
 async fn idle(shard: &Rc<Shard>, plan: &Plan, _users: &[usize], end: Instant) {
     while Instant::now() < end {
-        let wait = plan.keepalive.min(end.saturating_duration_since(Instant::now()));
+        let wait = plan
+            .keepalive
+            .min(end.saturating_duration_since(Instant::now()));
         glommio::timer::sleep(wait).await;
         for ua in shard.uas.borrow().values() {
             let _ = ua.tx.try_send(b"\r\n\r\n".to_vec());
@@ -452,8 +546,12 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
     shard.stats.borrow_mut().sent("tcp_connect");
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
     let stream = match plan.local_addrs.get(u % plan.local_addrs.len().max(1)) {
-        Some(ip) if !plan.local_addrs.is_empty() => sipring::sys::sock::connect_from(*ip, plan.target, plan.timeout),
-        _ => TcpStream::connect(plan.target).await.map_err(|e| std::io::Error::other(e.to_string())),
+        Some(ip) if !plan.local_addrs.is_empty() => {
+            sipring::sys::sock::connect_from(*ip, plan.target, plan.timeout)
+        }
+        _ => TcpStream::connect(plan.target)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string())),
     };
     let mut stream = match stream {
         Ok(s) => s,
@@ -463,9 +561,14 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
         }
     };
     let _ = stream.set_nodelay(true);
-    shard.stats.borrow_mut().ok("tcp_connect", t0.elapsed().as_micros() as u64);
+    shard
+        .stats
+        .borrow_mut()
+        .ok("tcp_connect", t0.elapsed().as_micros() as u64);
     shard.progress.answered.fetch_add(1, Ordering::Relaxed);
-    let local = stream.local_addr().unwrap_or_else(|_| "0.0.0.0:0".parse().expect("literal"));
+    let local = stream
+        .local_addr()
+        .unwrap_or_else(|_| "0.0.0.0:0".parse().expect("literal"));
     let sess = match &plan.tls {
         Some(cfg) => {
             let t1 = Instant::now();
@@ -477,14 +580,21 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
                 shard.fail("tls_handshake", &cause);
                 return Err(());
             }
-            shard.stats.borrow_mut().ok("tls_handshake", t1.elapsed().as_micros() as u64);
+            shard
+                .stats
+                .borrow_mut()
+                .ok("tls_handshake", t1.elapsed().as_micros() as u64);
             shard.progress.answered.fetch_add(1, Ordering::Relaxed);
             Some(Rc::new(RefCell::new(sess)))
         }
         None => None,
     };
     let (tx, rx) = new_bounded::<Vec<u8>>(4096);
-    let ua = Rc::new(Ua { tx, local, user: user_name(plan, u) });
+    let ua = Rc::new(Ua {
+        tx,
+        local,
+        user: user_name(plan, u),
+    });
     let writer_stream = sipring::sys::sock::try_clone(&stream).map_err(|_| ())?;
     let wsess = sess.clone();
     glommio::spawn_local(async move {
@@ -517,7 +627,13 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
     Ok(ua)
 }
 
-async fn reader(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, mut stream: TcpStream, sess: Option<Rc<RefCell<TlsSession>>>) {
+async fn reader(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    ua: &Rc<Ua>,
+    mut stream: TcpStream,
+    sess: Option<Rc<RefCell<TlsSession>>>,
+) {
     let mut framer = Framer::new(Limits::default(), KeepaliveRole::Client);
     let mut buf = Vec::new();
     let mut tmp = vec![0u8; 64 * 1024];
@@ -563,7 +679,9 @@ fn header<'b>(m: &sipring_core::Message<'b, '_>, name: HeaderName) -> &'b [u8] {
 
 fn on_message(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, bytes: &[u8]) {
     let mut h = [Header::EMPTY; 64];
-    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &Limits::default(), Framing::Stream) else { return };
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &Limits::default(), Framing::Stream) else {
+        return;
+    };
     let call_id = String::from_utf8_lossy(header(&m, HeaderName::CallId)).into_owned();
     match m.status() {
         Some(code) => on_response(shard, plan, ua, &m, code, &call_id),
@@ -571,25 +689,40 @@ fn on_message(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, bytes: &[u8]) {
     }
 }
 
-fn on_response(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, m: &sipring_core::Message<'_, '_>, code: u16, call_id: &str) {
+fn on_response(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    ua: &Rc<Ua>,
+    m: &sipring_core::Message<'_, '_>,
+    code: u16,
+    call_id: &str,
+) {
     let cseq = sipring_core::CSeq::parse(header(m, HeaderName::CSeq));
     let method = cseq.map(|c| c.method).unwrap_or_default();
     let mut pending = shard.pending.borrow_mut();
-    let Some(p) = pending.get_mut(call_id) else { return };
+    let Some(p) = pending.get_mut(call_id) else {
+        return;
+    };
     if method == b"INVITE" && p.kind == "invite_200" {
         let st = p.invite.as_mut().expect("invite state");
         match code {
             100 if !st.got100 => {
                 st.got100 = true;
                 if p.measured {
-                    shard.stats.borrow_mut().latency("invite_100", p.t0.elapsed().as_micros() as u64);
+                    shard
+                        .stats
+                        .borrow_mut()
+                        .latency("invite_100", p.t0.elapsed().as_micros() as u64);
                 }
                 return;
             }
             180 if !st.got180 => {
                 st.got180 = true;
                 if p.measured {
-                    shard.stats.borrow_mut().latency("invite_180", p.t0.elapsed().as_micros() as u64);
+                    shard
+                        .stats
+                        .borrow_mut()
+                        .latency("invite_180", p.t0.elapsed().as_micros() as u64);
                 }
                 return;
             }
@@ -599,7 +732,7 @@ fn on_response(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, m: &sipring_core::Me
         let p = pending.remove(call_id).expect("present");
         drop(pending);
         // ACK every final response (hop-by-hop for non-2xx, end-to-end for 2xx).
-        let ack = ack_for(m, ua, code >= 300);
+        let ack = ack_for(m, ua, code >= 300, shard.next());
         let _ = ua.tx.try_send(ack);
         if (200..300).contains(&code) {
             shard.ok(&p, "invite_200");
@@ -612,14 +745,16 @@ fn on_response(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, m: &sipring_core::Me
             glommio::spawn_local(async move {
                 let due = Instant::now() + pl.hold;
                 glommio::timer::sleep(pl.hold).await;
-                let bye = bye_for(&u, &pl, &cid, &route, &remote, &to);
+                let bye = bye_for(&u, &pl, &cid, &route, &remote, &to, s.next());
                 s.start("bye", cid, due, measured, 0);
                 let _ = u.tx.try_send(bye);
             })
             .detach();
         } else {
             shard.fail("invite_200", &format!("status_{code}"));
-            shard.active_calls.set(shard.active_calls.get().saturating_sub(1));
+            shard
+                .active_calls
+                .set(shard.active_calls.get().saturating_sub(1));
         }
         return;
     }
@@ -635,14 +770,21 @@ fn on_response(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, m: &sipring_core::Me
         shard.fail(kind, &format!("status_{code}"));
     }
     if kind == "bye" {
-        shard.active_calls.set(shard.active_calls.get().saturating_sub(1));
+        shard
+            .active_calls
+            .set(shard.active_calls.get().saturating_sub(1));
     }
     let _ = p.ua;
 }
 
 /// Answers requests as a phone would: MESSAGE/OPTIONS/BYE 200, INVITE 180 then 200.
 fn on_request(ua: &Rc<Ua>, m: &sipring_core::Message<'_, '_>) {
-    let rr: Vec<&[u8]> = m.headers().iter().filter(|h| h.name == HeaderName::RecordRoute).map(|h| h.value).collect();
+    let rr: Vec<&[u8]> = m
+        .headers()
+        .iter()
+        .filter(|h| h.name == HeaderName::RecordRoute)
+        .map(|h| h.value)
+        .collect();
     let rr = rr.join(&b", "[..]);
     let contact = format!("<sip:{}@{};transport=tls>", ua.user, ua.local);
     let mut hdrs: Vec<(&str, &[u8])> = vec![("Contact", contact.as_bytes())];
@@ -650,7 +792,18 @@ fn on_request(ua: &Rc<Ua>, m: &sipring_core::Message<'_, '_>) {
         hdrs.push(("Record-Route", &rr));
     }
     let tag = format!("ua{}", ua.local.port());
-    let reply = |code, reason| response_to(m, code, reason, ResponseParts { to_tag: Some(tag.as_bytes()), headers: &hdrs, body: None });
+    let reply = |code, reason| {
+        response_to(
+            m,
+            code,
+            reason,
+            ResponseParts {
+                to_tag: Some(tag.as_bytes()),
+                headers: &hdrs,
+                body: None,
+            },
+        )
+    };
     match m.method() {
         Some(Method::Invite) => {
             let _ = ua.tx.try_send(reply(180, "Ringing"));
@@ -666,40 +819,86 @@ fn on_request(ua: &Rc<Ua>, m: &sipring_core::Message<'_, '_>) {
 
 fn route_set(m: &sipring_core::Message<'_, '_>) -> Vec<u8> {
     // The caller's route set: Record-Route reversed (RFC 3261 §12.1.2).
-    let mut v: Vec<&[u8]> = m.values(HeaderName::RecordRoute).iter().map(|v| v.value).collect();
+    let mut v: Vec<&[u8]> = m
+        .values(HeaderName::RecordRoute)
+        .iter()
+        .map(|v| v.value)
+        .collect();
     v.reverse();
     v.join(&b", "[..])
 }
 
-fn via(ua: &Ua, shard_seq: u64) -> String {
-    format!("SIP/2.0/TLS {};branch=z9hG4bKlg{}x{};rport", ua.local, ua.local.port(), shard_seq)
+/// Our Via: the branch is unique per connection (port) and shard sequence number, so no
+/// stateful server mistakes a new request for a retransmission.
+fn via(ua: &Ua, unique: u64) -> String {
+    format!(
+        "SIP/2.0/TLS {};branch=z9hG4bKlg{}x{};rport",
+        ua.local,
+        ua.local.port(),
+        unique
+    )
 }
 
-fn ack_for(resp: &sipring_core::Message<'_, '_>, ua: &Ua, non2xx: bool) -> Vec<u8> {
+fn ack_for(resp: &sipring_core::Message<'_, '_>, ua: &Ua, non2xx: bool, unique: u64) -> Vec<u8> {
     let call_id = String::from_utf8_lossy(header(resp, HeaderName::CallId)).into_owned();
     let from = String::from_utf8_lossy(header(resp, HeaderName::From)).into_owned();
     let to = String::from_utf8_lossy(header(resp, HeaderName::To)).into_owned();
     let cseq = sipring_core::CSeq::parse(header(resp, HeaderName::CSeq)).map_or(1, |c| c.seq);
     if non2xx {
         // Same branch as the INVITE: the top Via of the response.
-        let top = resp.top_via_raw().map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
-        let ruri = to.trim_start_matches(|c| c != '<').trim_start_matches('<').split('>').next().unwrap_or_default().to_string();
+        let top = resp
+            .top_via_raw()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let ruri = to
+            .trim_start_matches(|c| c != '<')
+            .trim_start_matches('<')
+            .split('>')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         return format!("ACK {ruri} SIP/2.0\r\nVia: {top}\r\nMax-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n").into_bytes();
     }
     let route = String::from_utf8_lossy(&route_set(resp)).into_owned();
     let contact = header(resp, HeaderName::Contact);
-    let ruri = String::from_utf8_lossy(contact).trim_start_matches('<').split('>').next().unwrap_or_default().to_string();
-    let route_line = if route.is_empty() { String::new() } else { format!("Route: {route}\r\n") };
-    format!("ACK {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n", via(ua, cseq as u64 * 7919 + ua.local.port() as u64)).into_bytes()
+    let ruri = String::from_utf8_lossy(contact)
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let route_line = if route.is_empty() {
+        String::new()
+    } else {
+        format!("Route: {route}\r\n")
+    };
+    format!("ACK {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n", via(ua, unique)).into_bytes()
 }
 
-fn bye_for(ua: &Ua, plan: &Plan, call_id: &str, route: &[u8], remote_contact: &[u8], to: &[u8]) -> Vec<u8> {
-    let ruri = String::from_utf8_lossy(remote_contact).trim_start_matches('<').split('>').next().unwrap_or_default().to_string();
+fn bye_for(
+    ua: &Ua,
+    plan: &Plan,
+    call_id: &str,
+    route: &[u8],
+    remote_contact: &[u8],
+    to: &[u8],
+    unique: u64,
+) -> Vec<u8> {
+    let ruri = String::from_utf8_lossy(remote_contact)
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let route = String::from_utf8_lossy(route);
-    let route_line = if route.is_empty() { String::new() } else { format!("Route: {route}\r\n") };
+    let route_line = if route.is_empty() {
+        String::new()
+    } else {
+        format!("Route: {route}\r\n")
+    };
     format!(
         "BYE {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: <sip:{}@{}>;tag=lg{}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-        via(ua, call_id.len() as u64 * 31 + 2),
+        via(ua, unique),
         ua.user,
         plan.domain,
         ua.local.port(),
@@ -708,8 +907,17 @@ fn bye_for(ua: &Ua, plan: &Plan, call_id: &str, route: &[u8], remote_contact: &[
     .into_bytes()
 }
 
-fn send_register(shard: &Rc<Shard>, plan: &Plan, u: usize, t0: Instant, measured: bool, expires: u32) {
-    let Some(ua) = shard.uas.borrow().get(&u).cloned() else { return };
+fn send_register(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    u: usize,
+    t0: Instant,
+    measured: bool,
+    expires: u32,
+) {
+    let Some(ua) = shard.uas.borrow().get(&u).cloned() else {
+        return;
+    };
     let seq = shard.next();
     let call_id = format!("reg-{}-{}", ua.user, ua.local.port());
     let msg = format!(
@@ -732,20 +940,39 @@ fn send_register(shard: &Rc<Shard>, plan: &Plan, u: usize, t0: Instant, measured
 }
 
 #[allow(clippy::too_many_arguments)] // one per field of the request the scenario varies
-fn send_request(shard: &Rc<Shard>, plan: &Plan, from: usize, to: usize, method: &str, kind: &'static str, t0: Instant, measured: bool, body: &str) {
+fn send_request(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    from: usize,
+    to: usize,
+    method: &str,
+    kind: &'static str,
+    t0: Instant,
+    measured: bool,
+    body: &str,
+) {
     let Some(ua) = shard.uas.borrow().get(&from).cloned() else {
         shard.progress.sent.fetch_add(1, Ordering::Relaxed);
         shard.stats.borrow_mut().sent(kind);
         shard.fail(kind, "not_connected");
         if kind == "invite_200" {
-            shard.active_calls.set(shard.active_calls.get().saturating_sub(1));
+            shard
+                .active_calls
+                .set(shard.active_calls.get().saturating_sub(1));
         }
         return;
     };
     let seq = shard.next();
     let call_id = format!("{}-{}-{}", kind, shard.id, seq);
     let callee = user_name(plan, to);
-    let (ctype, sdp) = if method == "INVITE" { ("application/sdp", "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n") } else { ("text/plain", body) };
+    let (ctype, sdp) = if method == "INVITE" {
+        (
+            "application/sdp",
+            "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n",
+        )
+    } else {
+        ("text/plain", body)
+    };
     let msg = format!(
         "{method} sip:{callee}@{d} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{callee}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=lg{p}\r\nCall-ID: {call_id}\r\nCSeq: 1 {method}\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{sdp}",
         sdp.len(),
@@ -773,24 +1000,43 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, intended: Instant, measure
     };
     let _ = stream.set_nodelay(true);
     if measured {
-        shard.stats.borrow_mut().latency("tcp_connect", t0.elapsed().as_micros() as u64);
+        shard
+            .stats
+            .borrow_mut()
+            .latency("tcp_connect", t0.elapsed().as_micros() as u64);
     }
     let mut sess = None;
     if let Some(cfg) = &plan.tls {
         let t1 = Instant::now();
-        let Ok(name) = ServerName::try_from(plan.server_name.clone()) else { return };
-        let Ok(mut s) = TlsSession::client(cfg.clone(), name) else { return };
+        let Ok(name) = ServerName::try_from(plan.server_name.clone()) else {
+            return;
+        };
+        let Ok(mut s) = TlsSession::client(cfg.clone(), name) else {
+            return;
+        };
         if let Err(cause) = sipring::conn::drive_handshake(&mut stream, &mut s).await {
             shard.fail("options", &cause);
             return;
         }
         if measured {
-            shard.stats.borrow_mut().latency("tls_handshake", t1.elapsed().as_micros() as u64);
+            shard
+                .stats
+                .borrow_mut()
+                .latency("tls_handshake", t1.elapsed().as_micros() as u64);
         }
         sess = Some(s);
     }
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let opt = format!("OPTIONS sip:{} SIP/2.0\r\nVia: SIP/2.0/TLS {local};branch=z9hG4bKhs{}\r\nMax-Forwards: 70\r\nTo: <sip:{}>\r\nFrom: <sip:probe@{}>;tag=h\r\nCall-ID: hs-{local}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n", plan.server_name, shard.next(), plan.server_name, plan.domain);
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let opt = format!(
+        "OPTIONS sip:{} SIP/2.0\r\nVia: SIP/2.0/TLS {local};branch=z9hG4bKhs{}\r\nMax-Forwards: 70\r\nTo: <sip:{}>\r\nFrom: <sip:probe@{}>;tag=h\r\nCall-ID: hs-{local}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        plan.server_name,
+        shard.next(),
+        plan.server_name,
+        plan.domain
+    );
     let out = match &mut sess {
         Some(s) => {
             let _ = s.write(opt.as_bytes());

@@ -8,7 +8,17 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// Transaction types with their own histogram.
-pub const KINDS: &[&str] = &["tcp_connect", "tls_handshake", "register", "options", "message", "invite_100", "invite_180", "invite_200", "bye"];
+pub const KINDS: &[&str] = &[
+    "tcp_connect",
+    "tls_handshake",
+    "register",
+    "options",
+    "message",
+    "invite_100",
+    "invite_180",
+    "invite_200",
+    "bye",
+];
 
 /// Everything one run (or one shard of it) measured.
 #[derive(Debug, Clone, Default)]
@@ -46,17 +56,28 @@ impl Stats {
     /// A successful answer after `us` µs (from the intended time).
     pub fn ok(&mut self, kind: &str, us: u64) {
         *self.answered.entry(kind.into()).or_insert(0) += 1;
-        self.hist.entry(kind.into()).or_insert_with(new_hist).saturating_record(us.max(1));
+        self.hist
+            .entry(kind.into())
+            .or_insert_with(new_hist)
+            .saturating_record(us.max(1));
     }
 
     /// Records a latency without counting an answer (provisional responses, setup steps).
     pub fn latency(&mut self, kind: &str, us: u64) {
-        self.hist.entry(kind.into()).or_insert_with(new_hist).saturating_record(us.max(1));
+        self.hist
+            .entry(kind.into())
+            .or_insert_with(new_hist)
+            .saturating_record(us.max(1));
     }
 
     /// A failure.
     pub fn fail(&mut self, kind: &str, cause: &str) {
-        *self.failed.entry(kind.into()).or_default().entry(cause.into()).or_insert(0) += 1;
+        *self
+            .failed
+            .entry(kind.into())
+            .or_default()
+            .entry(cause.into())
+            .or_insert(0) += 1;
     }
 
     /// Failures of a kind.
@@ -85,7 +106,12 @@ impl Stats {
         }
         for (k, m) in &o.failed {
             for (c, v) in m {
-                *self.failed.entry(k.clone()).or_default().entry(c.clone()).or_insert(0) += v;
+                *self
+                    .failed
+                    .entry(k.clone())
+                    .or_default()
+                    .entry(c.clone())
+                    .or_insert(0) += v;
             }
         }
         self.late_sends += o.late_sends;
@@ -98,11 +124,28 @@ impl Stats {
     /// The percentile table printed at exit.
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}", "type", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "p99.99 ms", "max ms", "count", "rate/s", "failed");
+        let _ = writeln!(
+            s,
+            "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8}",
+            "type",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "p99.99 ms",
+            "max ms",
+            "count",
+            "rate/s",
+            "failed"
+        );
         for k in KINDS {
             let Some(h) = self.hist.get(*k) else { continue };
             let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
-            let rate = if self.seconds > 0.0 { h.len() as f64 / self.seconds } else { 0.0 };
+            let rate = if self.seconds > 0.0 {
+                h.len() as f64 / self.seconds
+            } else {
+                0.0
+            };
             let _ = writeln!(
                 s,
                 "{:<14} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10} {:>10.1} {:>8}",
@@ -119,7 +162,13 @@ impl Stats {
             );
         }
         let (sent, ok, failed) = self.totals();
-        let _ = writeln!(s, "transactions: {sent} sent, {ok} answered, {failed} failed; {} late sends (max lag {:.1} ms), {} calls blocked by max-concurrent", self.late_sends, self.max_lag_us as f64 / 1000.0, self.blocked_calls);
+        let _ = writeln!(
+            s,
+            "transactions: {sent} sent, {ok} answered, {failed} failed; {} late sends (max lag {:.1} ms), {} calls blocked by max-concurrent",
+            self.late_sends,
+            self.max_lag_us as f64 / 1000.0,
+            self.blocked_calls
+        );
         for (k, m) in &self.failed {
             for (c, v) in m {
                 let _ = writeln!(s, "  failed {k}: {c} x{v}");
@@ -148,13 +197,35 @@ impl Stats {
                     p9999_ms: q(0.9999),
                     max_ms: h.max() as f64 / 1000.0,
                     mean_ms: h.mean() / 1000.0,
-                    rate_per_s: if self.seconds > 0.0 { h.len() as f64 / self.seconds } else { 0.0 },
-                    percentiles: h.iter_quantiles(2).map(|v| (v.quantile_iterated_to(), v.value_iterated_to() as f64 / 1000.0)).collect(),
+                    rate_per_s: if self.seconds > 0.0 {
+                        h.len() as f64 / self.seconds
+                    } else {
+                        0.0
+                    },
+                    percentiles: h
+                        .iter_quantiles(2)
+                        .map(|v| {
+                            (
+                                v.quantile_iterated_to(),
+                                v.value_iterated_to() as f64 / 1000.0,
+                            )
+                        })
+                        .collect(),
                 },
             );
         }
         let (sent, answered, failed) = self.totals();
-        Summary { seconds: self.seconds, sent, answered, failed, late_sends: self.late_sends, max_lag_ms: self.max_lag_us as f64 / 1000.0, blocked_calls: self.blocked_calls, pongs: self.pongs, kinds }
+        Summary {
+            seconds: self.seconds,
+            sent,
+            answered,
+            failed,
+            late_sends: self.late_sends,
+            max_lag_ms: self.max_lag_us as f64 / 1000.0,
+            blocked_calls: self.blocked_calls,
+            pongs: self.pongs,
+            kinds,
+        }
     }
 
     /// Writes one `.hgrm` per transaction type into `dir` (milliseconds).
@@ -230,7 +301,11 @@ pub struct Summary {
 pub fn plot(series: &[(String, Vec<(f64, f64)>)], path: &Path, title: &str) -> Result<(), String> {
     use plotters::prelude::*;
     let nines = |p: f64| -(1.0 - p.min(0.999_999)).log10();
-    let max_y = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)).fold(0.001f64, f64::max) * 1.1;
+    let max_y = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|p| p.1))
+        .fold(0.001f64, f64::max)
+        * 1.1;
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let mut chart = ChartBuilder::on(&root)
@@ -250,11 +325,21 @@ pub fn plot(series: &[(String, Vec<(f64, f64)>)], path: &Path, title: &str) -> R
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(pts.iter().map(|(p, v)| (nines(*p), *v)), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                pts.iter().map(|(p, v)| (nines(*p), *v)),
+                color.stroke_width(2),
+            ))
             .map_err(|e| e.to_string())?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }

@@ -330,7 +330,11 @@ pub mod process {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
         let bin = target.join("debug").join(name);
-        assert!(bin.exists(), "{} not found: run `cargo build --bins` first (tests/run.sh does)", bin.display());
+        assert!(
+            bin.exists(),
+            "{} not found: run `cargo build --bins` first (tests/run.sh does)",
+            bin.display()
+        );
         bin
     }
 

@@ -12,6 +12,7 @@
 #        named in $KTLSVM_ENV are passed through.
 #
 # Env: KTLSVM_DIR (default /var/cache/sipring/ktlsvm), KTLSVM_TIMEOUT (default 600 s),
+#      KTLSVM_MEM (MiB, default 512), KTLSVM_CPUS (default 1),
 #      KTLSVM_ACCEL (default tcg; "kvm" does NOT work on the PVM-based hosts).
 set -euo pipefail
 D=${KTLSVM_DIR:-/var/cache/sipring/ktlsvm}
@@ -121,7 +122,7 @@ boot() { # boot [extra qemu args] -- [extra kernel args]
   [ $# -gt 0 ] && shift; ka=("$@")
   local cpu=max; [ "$ACCEL" = kvm ] && cpu=host
   local log; log=$(mktemp)
-  timeout "$TIMEOUT" qemu-system-x86_64 -accel "$ACCEL" -cpu "$cpu" -m 512 -smp 1 \
+  timeout "$TIMEOUT" qemu-system-x86_64 -accel "$ACCEL" -cpu "$cpu" -m "${KTLSVM_MEM:-512}" -smp "${KTLSVM_CPUS:-1}" \
       -nodefaults -no-user-config -display none -serial stdio -no-reboot \
       -kernel "$D/vmlinux" -initrd "$D/initramfs.cpio.gz" \
       -append "console=ttyS0 quiet loglevel=3 panic=-1 ${ka[*]}" \

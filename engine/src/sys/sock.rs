@@ -86,10 +86,18 @@ pub fn try_clone(s: &glommio::net::TcpStream) -> std::io::Result<glommio::net::T
 /// Connects from a chosen local address (to spread load-generator connections over several
 /// source addresses), with a timeout, and hands the socket to the current glommio executor.
 /// Blocking connect: meant for loopback and lab networks, where it completes at once.
-pub fn connect_from(local: std::net::IpAddr, remote: SocketAddr, timeout: std::time::Duration) -> std::io::Result<glommio::net::TcpStream> {
+pub fn connect_from(
+    local: std::net::IpAddr,
+    remote: SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<glommio::net::TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::FromRawFd;
-    let domain = if remote.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let domain = if remote.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.bind(&SocketAddr::new(local, 0).into())?;
@@ -107,10 +115,39 @@ pub fn recv_now(s: &glommio::net::TcpStream, buf: &mut [u8]) -> std::io::Result<
     use std::os::fd::AsRawFd;
     // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes for the whole call, and
     // recv writes at most that many; `s` owns the descriptor and outlives the call.
-    let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
     if n >= 0 {
         return Ok(Some(n as usize));
     }
     let e = std::io::Error::last_os_error();
-    if e.kind() == std::io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) }
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// Takes a stream's descriptor out of glommio (to move the connection to another shard).
+pub fn into_owned_fd(s: glommio::net::TcpStream) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let fd = s.as_raw_fd();
+    std::mem::forget(s);
+    // SAFETY: `fd` belonged to `s`, which we forgot without running its Drop, so nothing
+    // else owns or will close it; the OwnedFd becomes its only owner.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Gives an adopted descriptor to the current glommio executor.
+pub fn from_owned_fd(fd: std::os::fd::OwnedFd) -> glommio::net::TcpStream {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `fd` is an owned, connected TCP socket; `into_raw_fd` hands that ownership to
+    // the new stream.
+    unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) }
 }
