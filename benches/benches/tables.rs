@@ -4,7 +4,7 @@
 //! Run: `cargo bench -p sipring-benches --bench tables`
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use sipring_core::registrar::{Binding, BindingStore, MemoryStore, Registrar, shard_for};
+use sipring_core::registrar::{Binding, BindingStore, MemoryStore, Registrar};
 use std::time::{Duration, Instant};
 
 fn binding(i: u64, now: Instant) -> Binding {
