@@ -474,3 +474,58 @@ fn balanced_accept_spreads_long_lived_connections_evenly() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn ipv6_listeners_and_every_method_passes_through() {
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.listen.push(sipring::config::ListenConfig { address: "[::1]:0".parse().unwrap(), ..Default::default() });
+    cfg.server.local_hosts.push("::1".into());
+    let srv = start(cfg, None).expect("start");
+    let v6 = srv.listen_addrs[2];
+    assert!(v6.is_ipv6());
+    let mut alice = Ua::tls(v6, tls_config(&pki.certs("ca.pem"), None, false), "sip.example.com", "alice", "example.com").unwrap();
+    assert!(alice.local.is_ipv6());
+    assert_eq!(alice.register(600), 200, "REGISTER over IPv6");
+    let mut bob = registered(&pki, &srv, "bob");
+    // A call between an IPv6 and an IPv4 phone, then in-dialog INFO, UPDATE and PRACK
+    // (anything with our Route follows the dialog's flows), then SUBSCRIBE/NOTIFY.
+    let inv = call(&mut alice, &mut bob, "v6-1");
+    let rr_b = sipring_tests::ua::header_all(&inv, "Record-Route").unwrap();
+    for (n, m) in ["INFO", "UPDATE", "PRACK"].iter().enumerate() {
+        let req = format!(
+            "{m} sip:bob@{} SIP/2.0\r\nVia: SIP/2.0/TLS {};branch={}\r\nMax-Forwards: 70\r\nRoute: {rr_b}\r\nFrom: <sip:alice@example.com>;tag=talice\r\nTo: <sip:bob@example.com>;tag=b1\r\nCall-ID: v6-1\r\nCSeq: {} {m}\r\nContent-Length: 0\r\n\r\n",
+            bob.local,
+            alice.local,
+            sipring_tests::ua::branch(),
+            10 + n
+        );
+        alice.send(req.as_bytes());
+        let got = bob.expect(m);
+        assert_eq!(&method(&got), m);
+        bob.send(&answer(&got, 200, "OK", "b1", "sip:bob@127.0.0.1"));
+        assert_eq!(alice.expect_final_or_provisional(m).0, 200, "{m}");
+    }
+    hang_up(&mut bob, &mut alice, &inv, "v6-1");
+    let sub = alice.request("SUBSCRIBE", "sip:bob@example.com", "<sip:bob@example.com>", "sub-1", 1, "Event: presence\r\nExpires: 60\r\n", None);
+    alice.send(&sub);
+    let got = bob.expect("SUBSCRIBE");
+    assert_eq!(method(&got), "SUBSCRIBE");
+    assert!(header(&got, "Record-Route").is_some(), "SUBSCRIBE creates a dialog: Record-Route");
+    bob.send(&answer(&got, 200, "OK", "bs", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("200 to SUBSCRIBE").0, 200);
+    let rr = sipring_tests::ua::header_all(&got, "Record-Route").unwrap();
+    let notify = format!(
+        "NOTIFY sip:alice@{} SIP/2.0\r\nVia: SIP/2.0/TLS {};branch={}\r\nMax-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:bob@example.com>;tag=bs\r\nTo: <sip:alice@example.com>;tag=talice\r\nCall-ID: sub-1\r\nCSeq: 1 NOTIFY\r\nEvent: presence\r\nSubscription-State: active\r\nContent-Length: 0\r\n\r\n",
+        alice.local,
+        bob.local,
+        sipring_tests::ua::branch()
+    );
+    bob.send(notify.as_bytes());
+    let got = alice.expect("NOTIFY over IPv6");
+    assert_eq!(method(&got), "NOTIFY");
+    alice.send(&answer(&got, 200, "OK", "talice", "sip:alice@[::1]"));
+    assert_eq!(bob.expect_final_or_provisional("200 to NOTIFY").0, 200);
+    srv.stop();
+    srv.join().unwrap();
+}
