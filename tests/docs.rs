@@ -35,13 +35,15 @@ fn keys(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
 
 #[test]
 fn every_config_key_is_documented() {
-    let mut cfg = Config::default();
     // Array tables and optional keys appear only when present: fill one of each.
-    cfg.listen = vec![ListenConfig::default()];
-    cfg.peer = vec![PeerConfig {
-        address: Some("127.0.0.1:1".parse().unwrap()),
-        ..PeerConfig::default()
-    }];
+    let mut cfg = Config {
+        listen: vec![ListenConfig::default()],
+        peer: vec![PeerConfig {
+            address: Some("127.0.0.1:1".parse().unwrap()),
+            ..PeerConfig::default()
+        }],
+        ..Config::default()
+    };
     cfg.tls.certificate = vec![CertConfig::default()];
     cfg.tls.client_roots = Some("x".into());
     let value = toml::Value::try_from(&cfg).unwrap();

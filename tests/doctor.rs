@@ -45,7 +45,8 @@ fn a_healthy_host_passes_everything() {
 
 #[test]
 fn each_host_check_fails_with_a_fix() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut HostFacts)>, Verdict)> = vec![
+    type Breaker = Box<dyn Fn(&mut HostFacts)>;
+    let cases: Vec<(&str, Breaker, Verdict)> = vec![
         (
             "kernel",
             Box::new(|f| f.kernel = "5.4.0".into()),

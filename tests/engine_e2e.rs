@@ -479,12 +479,22 @@ fn balanced_accept_spreads_long_lived_connections_evenly() {
 fn ipv6_listeners_and_every_method_passes_through() {
     let pki = Pki::new();
     let mut cfg = config(&pki);
-    cfg.listen.push(sipring::config::ListenConfig { address: "[::1]:0".parse().unwrap(), ..Default::default() });
+    cfg.listen.push(sipring::config::ListenConfig {
+        address: "[::1]:0".parse().unwrap(),
+        ..Default::default()
+    });
     cfg.server.local_hosts.push("::1".into());
     let srv = start(cfg, None).expect("start");
     let v6 = srv.listen_addrs[2];
     assert!(v6.is_ipv6());
-    let mut alice = Ua::tls(v6, tls_config(&pki.certs("ca.pem"), None, false), "sip.example.com", "alice", "example.com").unwrap();
+    let mut alice = Ua::tls(
+        v6,
+        tls_config(&pki.certs("ca.pem"), None, false),
+        "sip.example.com",
+        "alice",
+        "example.com",
+    )
+    .unwrap();
     assert!(alice.local.is_ipv6());
     assert_eq!(alice.register(600), 200, "REGISTER over IPv6");
     let mut bob = registered(&pki, &srv, "bob");
@@ -507,11 +517,22 @@ fn ipv6_listeners_and_every_method_passes_through() {
         assert_eq!(alice.expect_final_or_provisional(m).0, 200, "{m}");
     }
     hang_up(&mut bob, &mut alice, &inv, "v6-1");
-    let sub = alice.request("SUBSCRIBE", "sip:bob@example.com", "<sip:bob@example.com>", "sub-1", 1, "Event: presence\r\nExpires: 60\r\n", None);
+    let sub = alice.request(
+        "SUBSCRIBE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "sub-1",
+        1,
+        "Event: presence\r\nExpires: 60\r\n",
+        None,
+    );
     alice.send(&sub);
     let got = bob.expect("SUBSCRIBE");
     assert_eq!(method(&got), "SUBSCRIBE");
-    assert!(header(&got, "Record-Route").is_some(), "SUBSCRIBE creates a dialog: Record-Route");
+    assert!(
+        header(&got, "Record-Route").is_some(),
+        "SUBSCRIBE creates a dialog: Record-Route"
+    );
     bob.send(&answer(&got, 200, "OK", "bs", "sip:bob@127.0.0.1"));
     assert_eq!(alice.expect_final_or_provisional("200 to SUBSCRIBE").0, 200);
     let rr = sipring_tests::ua::header_all(&got, "Record-Route").unwrap();

@@ -265,24 +265,22 @@ fn stalling_server(stall: Duration, after: Duration) -> u16 {
                     {
                         let msg: Vec<u8> = buf.drain(..len).collect();
                         let mut h = [sipring_core::Header::EMPTY; 64];
-                        if let Ok(sipring_core::Status::Complete(m)) = sipring_core::parse(
+                        let parsed = sipring_core::parse(
                             &msg,
                             &mut h,
                             &sipring_core::Limits::default(),
                             sipring_core::Framing::Stream,
-                        ) {
-                            if m.is_request() {
-                                let r = sipring_core::response::response_to(
-                                    &m,
-                                    200,
-                                    "OK",
-                                    sipring_core::response::ResponseParts {
-                                        to_tag: Some(b"s"),
-                                        ..Default::default()
-                                    },
-                                );
-                                let _ = s.write_all(&r);
-                            }
+                        );
+                        if let Ok(sipring_core::Status::Complete(m)) = parsed
+                            && m.is_request()
+                        {
+                            let parts = sipring_core::response::ResponseParts {
+                                to_tag: Some(b"s"),
+                                ..Default::default()
+                            };
+                            let _ = s.write_all(&sipring_core::response::response_to(
+                                &m, 200, "OK", parts,
+                            ));
                         }
                     }
                 }

@@ -51,9 +51,6 @@ fn bench_registrar(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    g.bench_function("shard_for", |b| {
-        b.iter(|| shard_for("sip:alice@example.com", 16))
-    });
     g.finish();
 }
 

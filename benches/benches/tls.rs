@@ -113,7 +113,7 @@ fn bench_records(c: &mut Criterion) {
         ServerName::try_from("sip.example.com").unwrap(),
     )
     .unwrap();
-    let mut sv = TlsSession::server(s.server.clone()).unwrap();
+    let mut sv = TlsSession::server(s.server).unwrap();
     handshake(&mut cl, &mut sv);
     let msg = sipring_benches::INVITE;
     let kb = &msg[..1024.min(msg.len())];

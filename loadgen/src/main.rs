@@ -483,13 +483,13 @@ fn main() -> ExitCode {
     };
     print!("{}", stats.table());
     let summary = stats.summary();
-    if let Some(p) = &common.json {
-        if let Err(e) = std::fs::write(
+    if let Some(p) = &common.json
+        && let Err(e) = std::fs::write(
             p,
             serde_json::to_string_pretty(&summary).expect("serialisable"),
-        ) {
-            eprintln!("sipring-load: {}: {e}", p.display());
-        }
+        )
+    {
+        eprintln!("sipring-load: {}: {e}", p.display());
     }
     if let Some(d) = &common.hgrm_dir {
         match stats.write_hgrm(d) {
@@ -526,7 +526,7 @@ fn live_done(_: &Progress) -> bool {
     DONE.load(Ordering::Relaxed)
 }
 
-fn compare(files: &[PathBuf], plot: &PathBuf, kind: &str) -> ExitCode {
+fn compare(files: &[PathBuf], plot: &std::path::Path, kind: &str) -> ExitCode {
     let mut series = Vec::new();
     for f in files {
         let s: stats::Summary = match std::fs::read_to_string(f)

@@ -90,23 +90,21 @@ async fn conn(mut s: TcpStream, tls: Option<Arc<ServerConfig>>) {
             match framer.frame(&buf[start..]) {
                 Ok(Status::Complete(Frame::Message(len))) => {
                     let mut h = [Header::EMPTY; 64];
-                    if let Ok(Status::Complete(m)) = parse(
+                    let parsed = parse(
                         &buf[start..start + len],
                         &mut h,
                         &Limits::default(),
                         Framing::Stream,
-                    ) {
-                        if m.is_request() && m.method() != Some(sipring_core::Method::Ack) {
-                            out.extend_from_slice(&response_to(
-                                &m,
-                                200,
-                                "OK",
-                                ResponseParts {
-                                    to_tag: Some(b"reflect"),
-                                    ..Default::default()
-                                },
-                            ));
-                        }
+                    );
+                    if let Ok(Status::Complete(m)) = parsed
+                        && m.is_request()
+                        && m.method() != Some(sipring_core::Method::Ack)
+                    {
+                        let parts = ResponseParts {
+                            to_tag: Some(b"reflect"),
+                            ..Default::default()
+                        };
+                        out.extend_from_slice(&response_to(&m, 200, "OK", parts));
                     }
                     start += len;
                 }

@@ -176,12 +176,10 @@ impl Shard {
             let us = p.t0.elapsed().as_micros() as u64;
             let mut st = self.stats.borrow_mut();
             st.ok(kind, us);
-            if let Some(h) = st.hist.get(kind) {
-                if h.len() % 256 == 0 {
-                    self.progress
-                        .p99_us
-                        .fetch_max(h.value_at_quantile(0.99), Ordering::Relaxed);
-                }
+            if let Some(h) = st.hist.get(kind).filter(|h| h.len().is_multiple_of(256)) {
+                self.progress
+                    .p99_us
+                    .fetch_max(h.value_at_quantile(0.99), Ordering::Relaxed);
             }
         } else {
             *self
@@ -281,10 +279,13 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
                     .map(|(k, p)| (k.clone(), p.kind))
                     .collect();
                 for (k, kind) in expired {
-                    if let Some(p) = s.pending.borrow_mut().remove(&k) {
-                        if p.kind == "invite_200" {
-                            s.active_calls.set(s.active_calls.get().saturating_sub(1));
-                        }
+                    let was_call = s
+                        .pending
+                        .borrow_mut()
+                        .remove(&k)
+                        .is_some_and(|p| p.kind == "invite_200");
+                    if was_call {
+                        s.active_calls.set(s.active_calls.get().saturating_sub(1));
                     }
                     s.fail(kind, "timeout");
                 }
@@ -449,7 +450,7 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             Scenario::Idle => unreachable!(),
         }
         i += 1;
-        if i % 64 == 0 {
+        if i.is_multiple_of(64) {
             glommio::yield_if_needed().await;
         }
     }
