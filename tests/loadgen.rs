@@ -46,7 +46,11 @@ fn check_outputs(tag: &str, s: &Summary, hgrm: &Path, svg: &Path) {
     assert_eq!(
         s.sent,
         s.answered + s.failed,
-        "{tag}: sent = answered + failed"
+        "{tag}: sent = answered + failed: {:?}",
+        s.kinds
+            .iter()
+            .map(|(k, v)| (k, v.sent, v.answered, v.failed))
+            .collect::<Vec<_>>()
     );
     for (kind, k) in &s.kinds {
         let text = std::fs::read_to_string(hgrm.join(format!("{kind}.hgrm")))
@@ -331,4 +335,68 @@ fn the_tail_includes_a_server_stall() {
         m.p50_ms
     );
     assert_eq!(s.failed, 0, "{table}");
+}
+
+#[test]
+fn a_restart_becomes_a_measured_reconnect_storm() {
+    // 20 registered UAs hold their connections; the server stops and comes back on the same
+    // port; with --reconnect every UA connects again and re-registers, and the `reconnect`
+    // histogram (loss → new 200) has exactly one entry per UA.
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.listen.truncate(1);
+    let srv = start(cfg.clone(), None).expect("start");
+    let addr = srv.listen_addrs[0];
+    let ca = pki.dir.join("ca.pem").display().to_string();
+    let generator = std::thread::spawn(move || {
+        let out = TempDir::new("load-reconnect");
+        let target = addr.to_string();
+        let r = load(
+            &out,
+            "reconnect",
+            &[
+                "idle",
+                "--target",
+                &target,
+                "--ca",
+                &ca,
+                "--users",
+                "20",
+                "--keepalive",
+                "0.5",
+                "--duration",
+                "7",
+                "--warmup",
+                "0",
+                "--reconnect",
+            ],
+        );
+        drop(out);
+        r
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    srv.stop();
+    srv.join().unwrap();
+    // A stopped server has released its port (no listener left behind in the reuseport group).
+    drop(std::net::TcpListener::bind(addr).expect("port released after stop"));
+    // Down for a moment: the first attempts are refused and back off.
+    std::thread::sleep(Duration::from_millis(300));
+    cfg.listen[0].address = addr;
+    let srv = start(cfg, None).expect("restart on the same port");
+    let (_, table, s) = generator.join().unwrap();
+    let r = s
+        .kinds
+        .get("reconnect")
+        .unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(r.count, 20, "one re-registration per UA: {table}");
+    assert!(
+        r.p50_ms >= 300.0,
+        "measured from the loss, not the reconnect: {table}"
+    );
+    assert_eq!(r.answered, 20, "{table}");
+    // Attempts while the server was down were refused, counted under their cause.
+    let refused = s.kinds["tcp_connect"].failures.get("connection_refused");
+    assert!(refused.is_some_and(|&n| n >= 20), "{table}");
+    srv.stop();
+    srv.join().unwrap();
 }

@@ -233,14 +233,21 @@ async fn run_shard(
         senders,
     ));
     shard::spawn_mesh_receivers(&shard, receivers);
+    let mut accepting = Vec::new();
     for (kind, optional_auth, l) in listeners {
         let listener = l.into_glommio();
         let s = shard.clone();
-        glommio::spawn_local(async move { accept_loop(s, listener, kind, optional_auth).await })
-            .detach();
+        accepting.push(glommio::spawn_local(async move {
+            accept_loop(s, listener, kind, optional_auth).await
+        }));
     }
     tracing::debug!(shard = id, "shard running");
     shard::timer_loop(shard.clone()).await;
+    // The accept loops end (closing their listeners) within 50 ms of draining; wait for them
+    // so a stopped server has released its ports when `join` returns.
+    for a in accepting {
+        a.await;
+    }
     // Stopping: every connection got Close from its reader; give writers a moment.
     let deadline = Instant::now() + Duration::from_secs(2);
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
@@ -377,6 +384,11 @@ impl Running {
     pub fn stop(&self) {
         self.control.draining.store(true, Ordering::Relaxed);
         self.control.stopping.store(true, Ordering::Relaxed);
+        // The admin thread blocks in accept(): one connection wakes it to see `stopping` and
+        // close its listener.
+        if let Some(a) = self.admin_addr {
+            let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200));
+        }
     }
 
     /// Waits for every shard to finish; `Err` lists shard failures.

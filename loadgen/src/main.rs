@@ -173,6 +173,9 @@ struct Common {
     /// Connections opened at once per shard during setup.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Re-establish and re-register lost connections (measures a server restart's storm).
+    #[arg(long)]
+    reconnect: bool,
     /// Write a JSON summary here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -304,6 +307,7 @@ fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
             None => Vec::new(),
         },
         connect_concurrency: c.connect_concurrency,
+        reconnect: c.reconnect,
     })
 }
 
@@ -633,6 +637,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         timeout: 32.0,
         local_addrs: None,
         connect_concurrency: 64,
+        reconnect: false,
         json: None,
         hgrm_dir: None,
         plot: None,

@@ -99,6 +99,10 @@ pub struct Plan {
     pub local_addrs: Vec<IpAddr>,
     /// Connections opened at once per shard during setup.
     pub connect_concurrency: usize,
+    /// Reconnect (and re-register) a user agent whose connection is lost, until the run ends:
+    /// a server restart becomes a measured reconnect storm (`reconnect` histogram: from the
+    /// loss to the new registration's 200).
+    pub reconnect: bool,
 }
 
 /// Live counters the main thread prints once a second.
@@ -149,6 +153,8 @@ struct Shard {
     progress: Arc<Progress>,
     uas: RefCell<HashMap<usize, Rc<Ua>>>,
     active_calls: Cell<usize>,
+    /// The run is ending: lost connections are not re-established.
+    stopping: Cell<bool>,
     handshakes: Cell<usize>,
     seq: Cell<u64>,
     rng: Cell<u64>,
@@ -255,6 +261,7 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
         progress,
         uas: RefCell::new(HashMap::new()),
         active_calls: Cell::new(0),
+        stopping: Cell::new(false),
         handshakes: Cell::new(0),
         seq: Cell::new(0),
         rng: Cell::new(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1)),
@@ -305,6 +312,7 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
     for t in tasks {
         t.await;
     }
+    shard.stopping.set(true);
     // Let what is in flight finish, then count the rest as timeouts.
     let end = Instant::now()
         + plans
@@ -552,12 +560,12 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
         }
         _ => TcpStream::connect(plan.target)
             .await
-            .map_err(|e| std::io::Error::other(e.to_string())),
+            .map_err(std::io::Error::from),
     };
     let mut stream = match stream {
         Ok(s) => s,
         Err(e) => {
-            shard.fail("tcp_connect", &format!("{:?}", e.kind()).to_lowercase());
+            shard.fail("tcp_connect", &io_cause(e.kind()));
             return Err(());
         }
     };
@@ -577,7 +585,16 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
             shard.progress.sent.fetch_add(1, Ordering::Relaxed);
             let name = ServerName::try_from(plan.server_name.clone()).map_err(|_| ())?;
             let mut sess = TlsSession::client(cfg.clone(), name).map_err(|_| ())?;
-            if let Err(cause) = sipring::conn::drive_handshake(&mut stream, &mut sess).await {
+            // Bounded: a listener that accepted in the kernel but never serves (a server going
+            // down) must not hold the UA forever.
+            let handshake = futures_lite::future::or(
+                sipring::conn::drive_handshake(&mut stream, &mut sess),
+                async {
+                    glommio::timer::sleep(plan.timeout).await;
+                    Err("timeout".to_string())
+                },
+            );
+            if let Err(cause) = handshake.await {
                 shard.fail("tls_handshake", &cause);
                 return Err(());
             }
@@ -622,10 +639,53 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
     glommio::spawn_local(async move {
         reader(&s, &p, &r, stream, sess).await;
         s.progress.connections.fetch_sub(1, Ordering::Relaxed);
+        // The last handle on the UA's sender: once `uas` forgets it too, its writer ends and
+        // closes the socket.
+        drop(r);
+        if p.reconnect && !s.stopping.get() {
+            // Boxed: reconnect() calls connect(), which spawns this task again.
+            let again: std::pin::Pin<Box<dyn Future<Output = ()>>> = Box::pin(reconnect(s, p, u));
+            again.await;
+        }
     })
     .detach();
-    let _ = u;
     Ok(ua)
+}
+
+/// `ConnectionRefused` → `connection_refused`: the failure cause as the table prints it.
+fn io_cause(kind: std::io::ErrorKind) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{kind:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// Re-establishes user agent `u` after its connection was lost and registers it again. The
+/// attempts back off exponentially (100 ms doubling to 5 s) with full jitter over the upper
+/// half, so a server restart does not meet a synchronized herd; the `reconnect` histogram runs
+/// from the loss to the new registration's 200, failed attempts count under `tcp_connect` /
+/// `tls_handshake`.
+async fn reconnect(shard: Rc<Shard>, plan: Plan, u: usize) {
+    let lost = Instant::now();
+    shard.uas.borrow_mut().remove(&u);
+    let mut backoff_ms = 100usize;
+    while !shard.stopping.get() {
+        let wait = backoff_ms / 2 + shard.rand(backoff_ms / 2 + 1);
+        glommio::timer::sleep(Duration::from_millis(wait as u64)).await;
+        if shard.stopping.get() {
+            return;
+        }
+        if let Ok(ua) = connect(&shard, &plan, u).await {
+            shard.uas.borrow_mut().insert(u, ua);
+            send_register_as(&shard, &plan, u, lost, true, plan.expires, "reconnect");
+            return;
+        }
+        backoff_ms = (backoff_ms * 2).min(5000);
+    }
 }
 
 async fn reader(
@@ -916,6 +976,19 @@ fn send_register(
     measured: bool,
     expires: u32,
 ) {
+    send_register_as(shard, plan, u, t0, measured, expires, "register");
+}
+
+#[allow(clippy::too_many_arguments)] // send_register plus the histogram it counts under
+fn send_register_as(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    u: usize,
+    t0: Instant,
+    measured: bool,
+    expires: u32,
+    kind: &'static str,
+) {
     let Some(ua) = shard.uas.borrow().get(&u).cloned() else {
         return;
     };
@@ -934,9 +1007,9 @@ fn send_register(
         shard.stats.borrow_mut().late_sends += 1;
         return;
     }
-    shard.start("register", call_id, t0, measured, u);
+    shard.start(kind, call_id, t0, measured, u);
     if ua.tx.try_send(msg.into_bytes()).is_err() {
-        shard.fail("register", "local_queue_full");
+        shard.fail(kind, "local_queue_full");
     }
 }
 

@@ -18,6 +18,7 @@ pub const KINDS: &[&str] = &[
     "invite_180",
     "invite_200",
     "bye",
+    "reconnect",
 ];
 
 /// Everything one run (or one shard of it) measured.
