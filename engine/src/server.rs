@@ -337,7 +337,15 @@ pub fn admit(
         shard.count(&format!(
             "sipring_connections_refused_total{{limit=\"{why}\"}}"
         ));
-        tracing::warn!(?ip, limit = why, "connection refused by limit");
+        if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
+            tracing::warn!(
+                ?ip,
+                limit = why,
+                left_out,
+                "connection refused by limit (at most one line a second; \
+                 sipring_connections_refused_total counts all)"
+            );
+        }
         return;
     }
     if let Some(ip) = ip {

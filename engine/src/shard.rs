@@ -165,6 +165,31 @@ pub enum PeerLink {
     Up(FlowId),
 }
 
+/// At most one log line a second for an event that can repeat thousands of times a second (a
+/// reconnect storm meeting a limit); the next line says how many were left out. The counters
+/// in `/metrics` still count every one.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    next: Cell<Option<Instant>>,
+    suppressed: Cell<u64>,
+}
+
+impl LogLimiter {
+    /// `Some(lines left out since the last one)` when a line may be written at `now`.
+    pub fn allow(&self, now: Instant) -> Option<u64> {
+        match self.next.get() {
+            Some(t) if now < t => {
+                self.suppressed.set(self.suppressed.get() + 1);
+                None
+            }
+            _ => {
+                self.next.set(Some(now + Duration::from_secs(1)));
+                Some(self.suppressed.replace(0))
+            }
+        }
+    }
+}
+
 /// One shard; see the module docs.
 pub struct Shard {
     /// Shard index.
@@ -195,6 +220,8 @@ pub struct Shard {
     pub handshakes: Cell<usize>,
     /// Connections per source address.
     pub per_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// Connections refused by a `[limits]` key are logged at most once a second.
+    pub refusal_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
 }
@@ -289,6 +316,7 @@ impl Shard {
             stamps: RefCell::new(HashMap::new()),
             handshakes: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),
+            refusal_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
         }
     }
@@ -861,5 +889,24 @@ pub async fn timer_loop(shard: Rc<Shard>) {
             shard.tick(now, true);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogLimiter;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_flood_logs_once_a_second_and_counts_what_it_left_out() {
+        let l = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(l.allow(t0), Some(0));
+        for i in 1..=999u64 {
+            assert_eq!(l.allow(t0 + Duration::from_micros(i * 900)), None);
+        }
+        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(999));
+        assert_eq!(l.allow(t0 + Duration::from_millis(1500)), None);
+        assert_eq!(l.allow(t0 + Duration::from_secs(3)), Some(1));
     }
 }

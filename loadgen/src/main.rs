@@ -425,10 +425,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Carrier scale: one connection = one descriptor. Raise the limit or say which one stops us.
+    // Carrier scale: one connection = two descriptors (the reader's and the writer's dup).
+    // Raise the limit or say which one stops us.
     let users: usize = plans.iter().map(|p| p.users).sum();
     let (nofile, _) = sipring::sys::probe::raise_limits();
-    if users as u64 + 256 > nofile {
+    if 2 * users as u64 + 256 > nofile {
         eprintln!(
             "sipring-load: {users} connections need more file descriptors than RLIMIT_NOFILE ({nofile}) allows: raise it (ulimit -n, LimitNOFILE; see tuning/limits.conf)"
         );
@@ -445,6 +446,18 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let progress = Arc::new(Progress::default());
+    // An idle run holds connections until told to stop: SIGTERM/SIGINT end it with results
+    // (a second one kills). Other scenarios keep the default: a signal ends the process.
+    if plans.iter().all(|p| p.scenario == Scenario::Idle) {
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            let stop = progress.stop.clone();
+            let r = signal_hook::flag::register_conditional_shutdown(sig, 1, stop.clone())
+                .and_then(|_| signal_hook::flag::register(sig, stop));
+            if let Err(e) = r {
+                eprintln!("sipring-load: cannot handle signal {sig}: {e}");
+            }
+        }
+    }
     let live = !common.quiet && std::io::stderr().is_terminal();
     let p2 = progress.clone();
     let started = Instant::now();

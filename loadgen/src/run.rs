@@ -121,6 +121,8 @@ pub struct Progress {
     /// Shards done with setup, per plan index (a barrier so no one calls a user who is not
     /// registered yet). At most [`MAX_PLANS`] plans.
     pub ready: [std::sync::atomic::AtomicUsize; MAX_PLANS],
+    /// Set by SIGTERM/SIGINT: an `idle` run ends at once and reports what it measured.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Most scenarios one run (a mix) can hold.
@@ -537,13 +539,17 @@ async fn setup(shard: &Rc<Shard>, plan: &Plan, users: &[usize]) {
 }
 
 async fn idle(shard: &Rc<Shard>, plan: &Plan, _users: &[usize], end: Instant) {
-    while Instant::now() < end {
-        let wait = plan
-            .keepalive
+    let mut due = Instant::now() + plan.keepalive;
+    while Instant::now() < end && !shard.progress.stop.load(Ordering::Relaxed) {
+        let slice = Duration::from_millis(250)
+            .min(due.saturating_duration_since(Instant::now()))
             .min(end.saturating_duration_since(Instant::now()));
-        glommio::timer::sleep(wait).await;
-        for ua in shard.uas.borrow().values() {
-            let _ = ua.tx.try_send(b"\r\n\r\n".to_vec());
+        glommio::timer::sleep(slice).await;
+        if Instant::now() >= due {
+            due += plan.keepalive;
+            for ua in shard.uas.borrow().values() {
+                let _ = ua.tx.try_send(b"\r\n\r\n".to_vec());
+            }
         }
     }
 }
@@ -697,7 +703,7 @@ async fn reader(
 ) {
     let mut framer = Framer::new(Limits::default(), KeepaliveRole::Client);
     let mut buf = Vec::new();
-    let mut tmp = vec![0u8; 64 * 1024];
+    let mut tmp = vec![0u8; 16 * 1024];
     loop {
         let n = match stream.read(&mut tmp).await {
             Ok(0) | Err(_) => return,
