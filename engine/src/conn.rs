@@ -88,9 +88,21 @@ async fn handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), 
 
 /// Drives a handshake (either side) over `stream`, one record at a time (for the load
 /// generator and its reflector);
-/// `Err` is a one-word cause for metrics (`tls_<reason>`, `closed`, `io`).
+/// `Err` is a one-word cause for metrics (`tls_<reason>`, `tls_alert_<alert the peer sent>`,
+/// `closed`, `io`).
 pub async fn drive_handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), String> {
     handshake(stream, sess).await.map_err(|e| match e {
+        HsError::Tls(rustls::Error::AlertReceived(alert)) => {
+            // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.
+            let mut cause = String::from("tls_alert");
+            for c in format!("{alert:?}").chars() {
+                if c.is_ascii_uppercase() {
+                    cause.push('_');
+                }
+                cause.push(c.to_ascii_lowercase());
+            }
+            cause
+        }
         HsError::Tls(e) => format!("tls_{}", Rejection::classify(&e).0.label()),
         HsError::Io(_) => "io".into(),
         HsError::Closed => "closed".into(),

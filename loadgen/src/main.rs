@@ -102,11 +102,15 @@ struct Common {
     #[arg(long)]
     ca: Option<PathBuf>,
     /// Client certificate chain (MTLS), shared by all UAs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cert_dir")]
     cert: Option<PathBuf>,
     /// Client key (MTLS).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cert_dir")]
     key: Option<PathBuf>,
+    /// Client certificates per UA (MTLS): every NAME.pem with a NAME.key in this folder,
+    /// sorted by name; UA i presents pair i mod their number.
+    #[arg(long)]
+    cert_dir: Option<PathBuf>,
     /// Name to verify in the server certificate and send as SNI.
     #[arg(long, default_value = "sip.example.com")]
     server_name: String,
@@ -215,12 +219,38 @@ fn parse_addrs(s: &str) -> Result<Vec<IpAddr>, String> {
         .collect()
 }
 
-fn tls_config(
-    c: &Common,
-    transport: Transport,
-) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+/// TLS client configurations: the first (shared by every UA unless `--cert-dir`) and, with
+/// `--cert-dir`, one per certificate pair.
+type TlsConfigs = (
+    Option<Arc<rustls::ClientConfig>>,
+    Vec<Arc<rustls::ClientConfig>>,
+);
+
+/// The `NAME.pem` + `NAME.key` pairs in `dir`, sorted by name.
+fn cert_pairs(dir: &std::path::Path) -> Result<Vec<(PathBuf, PathBuf)>, String> {
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut pairs: Vec<(PathBuf, PathBuf)> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pem"))
+        .filter_map(|p| {
+            let k = p.with_extension("key");
+            k.exists().then_some((p, k))
+        })
+        .collect();
+    pairs.sort();
+    if pairs.is_empty() {
+        return Err(format!(
+            "{}: no NAME.pem with a matching NAME.key",
+            dir.display()
+        ));
+    }
+    Ok(pairs)
+}
+
+fn tls_config(c: &Common, transport: Transport) -> Result<TlsConfigs, String> {
     if transport == Transport::Tcp {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
     let mut roots = rustls::RootCertStore::empty();
     let ca = c.ca.as_ref().ok_or("--ca is required for TLS")?;
@@ -249,29 +279,48 @@ fn tls_config(
         "1.3" => vec![&rustls::version::TLS13],
         _ => vec![&rustls::version::TLS13, &rustls::version::TLS12],
     };
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&versions)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let mut cfg = if transport == Transport::Mtls {
-        let (cert, key) = (
-            c.cert.as_ref().ok_or("--cert is required for mtls")?,
-            c.key.as_ref().ok_or("--key is required for mtls")?,
-        );
-        let chain = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| e.to_string())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| e.to_string())?;
-        b.with_client_auth_cert(chain, key)
-            .map_err(|e| e.to_string())?
-    } else {
-        b.with_no_client_auth()
+    let provider = Arc::new(provider);
+    let builder = || {
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&versions)
+            .map(|b| b.with_root_certificates(roots.clone()))
+            .map_err(|e| e.to_string())
     };
-    if c.no_resume {
-        cfg.resumption = rustls::client::Resumption::disabled();
+    let finish = |mut cfg: rustls::ClientConfig| {
+        if c.no_resume {
+            cfg.resumption = rustls::client::Resumption::disabled();
+        }
+        Arc::new(cfg)
+    };
+    let with_cert = |cert: &std::path::Path, key: &std::path::Path| {
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| format!("{}: {e}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", cert.display()))?;
+        let key =
+            PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        builder()?
+            .with_client_auth_cert(chain, key)
+            .map(finish)
+            .map_err(|e| format!("{}: {e}", cert.display()))
+    };
+    if transport != Transport::Mtls {
+        return Ok((Some(finish(builder()?.with_no_client_auth())), Vec::new()));
     }
-    Ok(Some(Arc::new(cfg)))
+    if let Some(dir) = &c.cert_dir {
+        let per_ua = cert_pairs(dir)?
+            .iter()
+            .map(|(cert, key)| with_cert(cert, key))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok((per_ua.first().cloned(), per_ua));
+    }
+    let (cert, key) = (
+        c.cert
+            .as_ref()
+            .ok_or("--cert/--key or --cert-dir is required for mtls")?,
+        c.key.as_ref().ok_or("--key is required with --cert")?,
+    );
+    Ok((Some(with_cert(cert, key)?), Vec::new()))
 }
 
 fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
@@ -281,12 +330,14 @@ fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
         "tcp" => Transport::Tcp,
         t => return Err(format!("unknown transport {t}")),
     };
+    let (tls, tls_per_ua) = tls_config(c, transport)?;
     Ok(Plan {
         name: name.into(),
         scenario,
         target: c.target,
         transport,
-        tls: tls_config(c, transport)?,
+        tls,
+        tls_per_ua,
         server_name: c.server_name.clone(),
         domain: c.domain.clone(),
         prefix: c.prefix.clone(),
@@ -628,6 +679,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         ca: Some(dir.join("pki/ca.pem")),
         cert: None,
         key: None,
+        cert_dir: None,
         server_name: "sip.example.com".into(),
         domain: "example.com".into(),
         prefix: prefix.into(),

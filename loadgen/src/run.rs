@@ -65,6 +65,9 @@ pub struct Plan {
     pub transport: Transport,
     /// TLS client configuration (None for TCP).
     pub tls: Option<Arc<ClientConfig>>,
+    /// Per-UA client configurations (MTLS with `--cert-dir`): UA `u` uses entry
+    /// `u % len`; empty when every UA shares `tls`.
+    pub tls_per_ua: Vec<Arc<ClientConfig>>,
     /// SNI / expected server name.
     pub server_name: String,
     /// SIP domain of the users.
@@ -103,6 +106,16 @@ pub struct Plan {
     /// a server restart becomes a measured reconnect storm (`reconnect` histogram: from the
     /// loss to the new registration's 200).
     pub reconnect: bool,
+}
+
+impl Plan {
+    /// The TLS client configuration UA `u` connects with.
+    pub fn tls_for(&self, u: usize) -> Option<&Arc<ClientConfig>> {
+        match self.tls_per_ua.len() {
+            0 => self.tls.as_ref(),
+            n => self.tls_per_ua.get(u % n),
+        }
+    }
 }
 
 /// Live counters the main thread prints once a second.
@@ -196,6 +209,24 @@ impl Shard {
                 .answered
                 .entry(kind.into())
                 .or_insert(0) += 1;
+        }
+    }
+
+    /// Hands a started transaction's request to the UA's writer. If the writer cannot take it
+    /// (its connection is gone, or its queue is full) the transaction fails now and is no
+    /// longer pending, so it is not counted a second time as a timeout.
+    fn hand_to_writer(&self, ua: &Ua, bytes: Vec<u8>, kind: &str, call_id: &str) {
+        if let Err(e) = ua.tx.try_send(bytes) {
+            self.pending.borrow_mut().remove(call_id);
+            if kind == "invite_200" {
+                self.active_calls
+                    .set(self.active_calls.get().saturating_sub(1));
+            }
+            let cause = match e {
+                glommio::GlommioError::Closed(_) => "connection_closed",
+                _ => "local_queue_full",
+            };
+            self.fail(kind, cause);
         }
     }
 
@@ -584,7 +615,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| "0.0.0.0:0".parse().expect("literal"));
-    let sess = match &plan.tls {
+    let sess = match plan.tls_for(u) {
         Some(cfg) => {
             let t1 = Instant::now();
             shard.stats.borrow_mut().sent("tls_handshake");
@@ -1013,10 +1044,8 @@ fn send_register_as(
         shard.stats.borrow_mut().late_sends += 1;
         return;
     }
-    shard.start(kind, call_id, t0, measured, u);
-    if ua.tx.try_send(msg.into_bytes()).is_err() {
-        shard.fail(kind, "local_queue_full");
-    }
+    shard.start(kind, call_id.clone(), t0, measured, u);
+    shard.hand_to_writer(&ua, msg.into_bytes(), kind, &call_id);
 }
 
 #[allow(clippy::too_many_arguments)] // one per field of the request the scenario varies
@@ -1062,10 +1091,8 @@ fn send_request(
         p = ua.local.port(),
         l = ua.local,
     );
-    shard.start(kind, call_id, t0, measured, from);
-    if ua.tx.try_send(msg.into_bytes()).is_err() {
-        shard.fail(kind, "local_queue_full");
-    }
+    shard.start(kind, call_id.clone(), t0, measured, from);
+    shard.hand_to_writer(&ua, msg.into_bytes(), kind, &call_id);
 }
 
 /// One `handshake` transaction: connect, handshake, OPTIONS, close.
@@ -1086,7 +1113,7 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, intended: Instant, measure
             .latency("tcp_connect", t0.elapsed().as_micros() as u64);
     }
     let mut sess = None;
-    if let Some(cfg) = &plan.tls {
+    if let Some(cfg) = plan.tls_for(shard.next() as usize) {
         let t1 = Instant::now();
         let Ok(name) = ServerName::try_from(plan.server_name.clone()) else {
             return;
