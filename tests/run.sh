@@ -21,8 +21,8 @@ apt_install() { # apt_install PKG... (only the missing ones)
 step "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo --version
-# openssl: the non-rustls peer in the TLS tests.
-apt_install openssl ca-certificates
+# openssl: the non-rustls peer in the TLS tests; valgrind: the instruction-count gate.
+apt_install openssl ca-certificates valgrind
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -35,6 +35,9 @@ cargo build -p sipring -p sipring-load --bins
 
 step "cargo test --workspace"
 cargo test --workspace
+
+step "instruction-count gate (callgrind): parse and handshake vs benches/icount/baseline.txt"
+benches/icount/run.sh
 
 if [ -x tests/vm/run.sh ] && [ "${SIPRING_SKIP_VM:-0}" != 1 ]; then
   step "kernel TLS tests in a VM"
