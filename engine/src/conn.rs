@@ -94,14 +94,10 @@ pub async fn drive_handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> R
     handshake(stream, sess).await.map_err(|e| match e {
         HsError::Tls(rustls::Error::AlertReceived(alert)) => {
             // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.
-            let mut cause = String::from("tls_alert");
-            for c in format!("{alert:?}").chars() {
-                if c.is_ascii_uppercase() {
-                    cause.push('_');
-                }
-                cause.push(c.to_ascii_lowercase());
-            }
-            cause
+            format!(
+                "tls_alert_{}",
+                crate::metrics::snake_label(&format!("{alert:?}"))
+            )
         }
         HsError::Tls(e) => format!("tls_{}", Rejection::classify(&e).0.label()),
         HsError::Io(_) => "io".into(),

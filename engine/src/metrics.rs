@@ -145,6 +145,18 @@ pub struct Snapshot {
     pub metrics: ShardMetrics,
 }
 
+/// A Rust variant name as a metric label: `ConnectionRefused` → `connection_refused`.
+pub fn snake_label(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
 /// Writes a histogram in HdrHistogram's percentile-distribution text format (the `.hgrm`
 /// format its plotter reads), values scaled by `scale` (e.g. 1000.0 to print milliseconds
 /// from microseconds).
@@ -250,6 +262,12 @@ pub fn parse_hgrm(text: &str) -> Option<(HgrmRows, u64)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn variant_names_become_labels() {
+        assert_eq!(snake_label("ConnectionRefused"), "connection_refused");
+        assert_eq!(snake_label("Other"), "other");
+    }
+
     use super::*;
 
     #[test]

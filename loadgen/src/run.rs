@@ -602,7 +602,10 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
     let mut stream = match stream {
         Ok(s) => s,
         Err(e) => {
-            shard.fail("tcp_connect", &io_cause(e.kind()));
+            shard.fail(
+                "tcp_connect",
+                &sipring::metrics::snake_label(&format!("{:?}", e.kind())),
+            );
             return Err(());
         }
     };
@@ -687,18 +690,6 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
     })
     .detach();
     Ok(ua)
-}
-
-/// `ConnectionRefused` → `connection_refused`: the failure cause as the table prints it.
-fn io_cause(kind: std::io::ErrorKind) -> String {
-    let mut out = String::new();
-    for (i, c) in format!("{kind:?}").chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
 }
 
 /// Re-establishes user agent `u` after its connection was lost and registers it again. The
@@ -802,30 +793,25 @@ fn on_response(
         return;
     };
     if method == b"INVITE" && p.kind == "invite_200" {
+        let (measured, t0) = (p.measured, p.t0);
         let st = p.invite.as_mut().expect("invite state");
-        match code {
-            100 if !st.got100 => {
-                st.got100 = true;
-                if p.measured {
-                    shard
-                        .stats
-                        .borrow_mut()
-                        .latency("invite_100", p.t0.elapsed().as_micros() as u64);
-                }
-                return;
-            }
-            180 if !st.got180 => {
-                st.got180 = true;
-                if p.measured {
-                    shard
-                        .stats
-                        .borrow_mut()
-                        .latency("invite_180", p.t0.elapsed().as_micros() as u64);
-                }
-                return;
-            }
-            100..=199 => return,
-            _ => {}
+        // The first 100 and the first 180 are timed; every provisional stops here.
+        let first = match code {
+            100 => Some((&mut st.got100, "invite_100")),
+            180 => Some((&mut st.got180, "invite_180")),
+            _ => None,
+        };
+        if let Some((seen, kind)) = first
+            && !std::mem::replace(seen, true)
+            && measured
+        {
+            shard
+                .stats
+                .borrow_mut()
+                .latency(kind, t0.elapsed().as_micros() as u64);
+        }
+        if code < 200 {
+            return;
         }
         let p = pending.remove(call_id).expect("present");
         drop(pending);
