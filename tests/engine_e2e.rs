@@ -239,10 +239,15 @@ fn calls_cross_shards() {
     alice.user = "alice".into();
     let inv = call(&mut alice, &mut bob, "cross-1");
     hang_up(&mut bob, &mut alice, &inv, "cross-1");
-    let m = wait_metrics(srv.admin_addr.unwrap(), "cross-shard sends", |m| {
-        metric(m, "sipring_cross_shard_total{op=\"send\"}").unwrap_or(0.0) > 0.0
-    });
-    assert!(metric(&m, "sipring_connections{kind=\"tls\"}").unwrap() >= 2.0);
+    // Each shard publishes its snapshot every 500 ms: wait until both counts are in.
+    wait_metrics(
+        srv.admin_addr.unwrap(),
+        "cross-shard sends and both connections",
+        |m| {
+            metric(m, "sipring_cross_shard_total{op=\"send\"}").unwrap_or(0.0) > 0.0
+                && metric(m, "sipring_connections{kind=\"tls\"}").unwrap_or(0.0) >= 2.0
+        },
+    );
     srv.stop();
     srv.join().unwrap();
 }
@@ -280,6 +285,7 @@ fn a_dead_connection_fails_its_transaction_and_leaves_no_state() {
             && metric(m, "sipring_transactions{role=\"client\"}") == Some(0.0)
             && metric(m, "sipring_pending_lookups") == Some(0.0)
             && metric(m, "sipring_bindings") == Some(1.0)
+            && metric(m, "sipring_connections{kind=\"tls\"}") == Some(1.0)
     });
     assert_eq!(metric(&m, "sipring_connections{kind=\"tls\"}"), Some(1.0));
     srv.stop();
@@ -295,14 +301,13 @@ fn admin_endpoint_reflects_traffic() {
     let mut bob = registered(&pki, &srv, "bob");
     let inv = call(&mut alice, &mut bob, "adm-1");
     hang_up(&mut bob, &mut alice, &inv, "adm-1");
-    let m = wait_metrics(admin, "INVITE counted", |m| {
+    // Each shard publishes its snapshot every 500 ms: wait until every count is in.
+    wait_metrics(admin, "INVITE, registrations and handshakes counted", |m| {
         metric(m, "sipring_messages_in_total{kind=\"INVITE\"}").unwrap_or(0.0) >= 1.0
+            && metric(m, "sipring_register_total{status=\"200\"}").unwrap_or(0.0) >= 2.0
+            && metric(m, "sipring_handshakes_total{kind=\"tls\",result=\"ok\"}").unwrap_or(0.0)
+                >= 2.0
     });
-    assert!(
-        metric(&m, "sipring_register_total{status=\"200\"}").unwrap() >= 2.0,
-        "{m}"
-    );
-    assert!(metric(&m, "sipring_handshakes_total{kind=\"tls\",result=\"ok\"}").unwrap() >= 2.0);
     let list = admin_get(admin, "/hgrm");
     for h in ["forward_INVITE", "forward_response", "handshake"] {
         assert!(list.lines().any(|l| l == h), "{h} missing from {list}");
@@ -547,6 +552,180 @@ fn ipv6_listeners_and_every_method_passes_through() {
     assert_eq!(method(&got), "NOTIFY");
     alice.send(&answer(&got, 200, "OK", "talice", "sip:alice@[::1]"));
     assert_eq!(bob.expect_final_or_provisional("200 to NOTIFY").0, 200);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+/// A MESSAGE from `from` to `to` with a body of `len` bytes whose first line is `tag`.
+fn big_message(from: &Ua, to: &str, call_id: &str, tag: &str, len: usize) -> Vec<u8> {
+    let mut body = format!("{tag}\n");
+    while body.len() < len {
+        body.push('x');
+    }
+    from.request(
+        "MESSAGE",
+        &format!("sip:{to}@example.com"),
+        &format!("<sip:{to}@example.com>"),
+        call_id,
+        1,
+        "",
+        Some(("text/plain", &body)),
+    )
+}
+
+#[test]
+fn a_reader_that_stalls_is_queued_for_then_flushed_in_order() {
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.limits.write_queue_bytes = 64 << 20;
+    let srv = start(cfg, None).expect("start");
+    let mut alice = registered(&pki, &srv, "alice");
+    let mut bob = registered(&pki, &srv, "bob");
+    // Bob stops reading while MESSAGEs are forwarded to him until the kernel's socket
+    // buffers are full and the server has to queue (bounded: at most 40 MB).
+    let admin = srv.admin_addr.unwrap();
+    let mut n = 0;
+    while n < 5000 {
+        for _ in 0..100 {
+            alice.send(&big_message(
+                &alice,
+                "bob",
+                &format!("q-{n}"),
+                &format!("seq {n}"),
+                8000,
+            ));
+            n += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let m = admin_get(admin, "/metrics");
+        if metric(&m, "sipring_writes_queued_total").unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        if n % 1000 == 0 {
+            // Snapshots are published every 500 ms.
+            std::thread::sleep(Duration::from_millis(600));
+        }
+    }
+    wait_metrics(admin, "queued writes", |m| {
+        metric(m, "sipring_writes_queued_total").unwrap_or(0.0) > 0.0
+    });
+    for i in 0..n {
+        let got = bob.expect("queued MESSAGE");
+        assert_eq!(method(&got), "MESSAGE");
+        let body = got.split(|&b| b == b'\n').find(|l| l.starts_with(b"seq "));
+        assert_eq!(
+            body,
+            Some(format!("seq {i}").as_bytes()),
+            "message {i} in order"
+        );
+        bob.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
+    }
+    for _ in 0..n {
+        assert_eq!(alice.expect_final_or_provisional("200 to MESSAGE").0, 200);
+    }
+    let m = admin_get(srv.admin_addr.unwrap(), "/metrics");
+    assert_eq!(
+        metric(&m, "sipring_queue_drops_total{queue=\"connection\"}"),
+        None
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_reader_slower_than_its_write_queue_is_disconnected_and_the_shard_goes_on() {
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.limits.write_queue_bytes = 64 << 10;
+    let srv = start(cfg, None).expect("start");
+    let mut alice = registered(&pki, &srv, "alice");
+    let mut bob = registered(&pki, &srv, "bob");
+    let admin = srv.admin_addr.unwrap();
+    let mut sent = 0;
+    let dropped = |m: &str| {
+        metric(m, "sipring_queue_drops_total{queue=\"connection\"}").unwrap_or(0.0) >= 1.0
+    };
+    while sent < 5000 {
+        for _ in 0..100 {
+            alice.send(&big_message(
+                &alice,
+                "bob",
+                &format!("s-{sent}"),
+                &format!("seq {sent}"),
+                8000,
+            ));
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(600));
+        if dropped(&admin_get(admin, "/metrics")) {
+            break;
+        }
+    }
+    wait_metrics(admin, "the slow reader dropped", |m| {
+        dropped(m) && metric(m, "sipring_bindings").unwrap_or(1.0) == 1.0
+    });
+    // Bob gets what the kernel buffered, then the end of the connection.
+    let mut got = 0;
+    while bob.recv(Duration::from_secs(5)).is_some() {
+        got += 1;
+        assert!(got <= sent, "more messages than were sent");
+    }
+    assert!(
+        got < sent,
+        "a dropped slow reader cannot have received everything"
+    );
+    // The shard still serves others: a new UA registers and reaches alice.
+    let mut carol = registered(&pki, &srv, "carol");
+    carol.send(&big_message(&carol, "alice", "c-1", "hello alice", 100));
+    loop {
+        let m = alice.expect("carol's MESSAGE among alice's answers");
+        if method(&m) == "MESSAGE" {
+            alice.send(&answer(&m, 200, "OK", "a", "sip:alice@127.0.0.1"));
+            break;
+        }
+    }
+    assert_eq!(carol.expect_final_or_provisional("200").0, 200);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn an_idle_connection_is_closed_by_the_sweep_and_keepalives_keep_one_open() {
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.limits.idle_timeout_s = 1;
+    let srv = start(cfg, None).expect("start");
+    let mut quiet = registered(&pki, &srv, "quiet");
+    let mut chatty = registered(&pki, &srv, "chatty");
+    let t0 = std::time::Instant::now();
+    // chatty pings every 300 ms (RFC 5626 CRLF keepalive) and gets pongs.
+    while t0.elapsed() < Duration::from_millis(2500) {
+        chatty.send(b"\r\n\r\n");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // quiet sent nothing for over a second: the server closed it (close_notify → EOF).
+    assert!(
+        quiet.recv(Duration::from_secs(2)).is_none(),
+        "idle connection closed"
+    );
+    let m = wait_metrics(srv.admin_addr.unwrap(), "one idle timeout", |m| {
+        metric(m, "sipring_idle_timeouts_total") == Some(1.0)
+    });
+    assert_eq!(
+        metric(&m, "sipring_bindings"),
+        Some(1.0),
+        "quiet's binding went with it"
+    );
+    // chatty is still registered and reachable.
+    let mut x = ua(&pki, &srv, "x");
+    x.send(&big_message(&x, "chatty", "i-1", "still there", 10));
+    let got = chatty.expect("MESSAGE to the chatty UA");
+    assert_eq!(method(&got), "MESSAGE");
+    chatty.send(&answer(&got, 200, "OK", "c", "sip:chatty@127.0.0.1"));
+    assert_eq!(x.expect_final_or_provisional("200").0, 200);
     srv.stop();
     srv.join().unwrap();
 }

@@ -295,8 +295,10 @@ fn close_notify_and_abrupt_reset_leave_no_connection() {
     let sock = socket2::SockRef::from(&s.sock);
     sock.set_linger(Some(Duration::ZERO)).unwrap();
     drop(s);
-    let m = wait_metrics(admin, "connection gone after reset", |m| {
+    // The bindings may live on the other shard (told over the mesh): wait for both.
+    let m = wait_metrics(admin, "connection and its bindings gone after reset", |m| {
         metric(m, "sipring_connections{kind=\"tls\"}") == Some(0.0)
+            && metric(m, "sipring_bindings") == Some(0.0)
     });
     assert_eq!(
         metric(&m, "sipring_bindings"),

@@ -42,7 +42,7 @@ CFG
   sleep 2
   before=$(awk '/VmRSS/{print $2}' /proc/$spid/status)
   target/release/sipring-load idle --target 127.0.0.1:15061 --ca "$W/pki/ca.pem" --users "$N" --duration 20 --warmup 0 \
-    --keepalive 60 --shards 1 --quiet --connect-concurrency 128 --timeout 120 > "$W/load-$mode.txt" 2>&1 &
+    --keepalive 60 --shards 1 --quiet --connect-concurrency ${CC:-128} --timeout 120 > "$W/load-$mode.txt" 2>&1 &
   lpid=$!
   # Wait until all connections are up, then read the RSS while they idle.
   for _ in $(seq 1 600); do

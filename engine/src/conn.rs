@@ -1,27 +1,39 @@
 //! Connection tasks: the TLS handshake (one record at a time), the hand-off of the record
-//! layer to the kernel when it can take it, then a reader and a writer task per connection.
+//! layer to the kernel when it can take it, then **one task per connection**.
 //!
 //! ```text
-//!  accept/connect ─► handshake (userspace rustls, exact record reads, timeout)
+//!  accept/connect ─► handshake (boxed: its buffers and rustls state are freed when it ends)
 //!                      ├─ kTLS available + cipher offloadable ─► kernel record layer
 //!                      └─ otherwise ─────────────────────────► userspace TlsSession
-//!  reader task: read ─► (decrypt) ─► Framer ─► Shard::on_message / CRLF pong
-//!  writer task: Out queue (bounded) ─► (encrypt) ─► write; Close ─► close_notify, shutdown
+//!  the task:  wait readable (no buffer held) ─► read into the shard's scratch buffer
+//!             ─► (decrypt) ─► Framer ─► Shard::on_message / CRLF pong
+//!  output:    Conn::send writes at once from whoever produced it (no task hop);
+//!             only what the socket cannot take is queued, and the task flushes it
+//!             when the socket is writable
 //! ```
+//!
+//! An idle connection costs its [`Conn`] (one descriptor, no buffers), the task's small
+//! future, the pending readiness poll and, in userspace mode, the rustls record state.
+//! Idle timeouts are a per-shard sweep over `last_rx`, not a timer per connection.
 
 use crate::config::ListenKind;
-use crate::shard::{ConnHandle, Out, Shard};
+use crate::shard::{Shard, Stamp};
 use crate::sys;
 use crate::tls::Rejection;
 use crate::tls::session::{KernelHandoff, TlsSession};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use sipring_core::proxy::Flow;
+use sipring_core::registrar::FlowId;
 use sipring_core::{Frame, Framer, KeepaliveRole, Status};
-use std::cell::RefCell;
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// How the record layer runs after the handshake.
@@ -29,9 +41,9 @@ enum Layer {
     /// No TLS (`tcp` listeners).
     Plain,
     /// rustls in userspace.
-    User(Rc<RefCell<TlsSession>>),
+    User(Box<TlsSession>),
     /// The kernel; rustls keeps only what KeyUpdate and tickets need.
-    Kernel(Rc<RefCell<KernelState>>),
+    Kernel(Box<KernelState>),
 }
 
 /// What stays in userspace when the kernel does the records.
@@ -179,72 +191,108 @@ fn into_kernel(
     })
 }
 
-/// Serves one accepted connection until it closes.
-pub async fn serve_inbound(
-    shard: Rc<Shard>,
+/// What a finished handshake hands to the connection task.
+struct Established {
+    stream: TcpStream,
+    layer: Layer,
+    peer: Option<String>,
+}
+
+/// Picks the record layer after a handshake: the kernel, or userspace with the reason
+/// counted. `None`: the hand-off failed mid-way and the connection must close.
+fn choose_layer(shard: &Shard, stream: &TcpStream, sess: TlsSession) -> Option<Layer> {
+    match into_kernel(shard, stream, sess) {
+        Ok(k) => Some(Layer::Kernel(Box::new(k))),
+        Err((session, why)) => {
+            shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
+            if session.is_none() {
+                tracing::warn!(why, "kernel TLS hand-off failed mid-way; closing");
+            }
+            session.map(Layer::User)
+        }
+    }
+}
+
+/// The server side of a handshake, up to the choice of record layer.
+async fn accept_tls(
+    shard: &Rc<Shard>,
     mut stream: TcpStream,
     kind: ListenKind,
     optional_auth: bool,
-) {
-    let remote = match stream.peer_addr() {
-        Ok(a) => a,
-        Err(_) => return,
-    };
-    let _ = stream.set_nodelay(true);
-    let mut peer = None;
-    let layer = if kind == ListenKind::Tcp {
-        Layer::Plain
+    remote: std::net::SocketAddr,
+) -> Option<Established> {
+    if kind == ListenKind::Tcp {
+        return Some(Established {
+            stream,
+            layer: Layer::Plain,
+            peer: None,
+        });
+    }
+    let policy = shard.policy.load_full();
+    let cfg = policy.for_listener(kind, optional_auth)?;
+    let mut sess = TlsSession::server(cfg).ok()?;
+    let t0 = Instant::now();
+    shard.handshakes.set(shard.handshakes.get() + 1);
+    let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
+    let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
+    shard.handshakes.set(shard.handshakes.get() - 1);
+    if handshake_outcome(shard, r, remote, kind).is_err() {
+        linger_close(stream).await;
+        return None;
+    }
+    shard
+        .metrics
+        .borrow_mut()
+        .record("handshake", t0.elapsed().as_micros() as u64);
+    let peer = if kind == ListenKind::Mtls {
+        identify_peer(shard, &sess)
     } else {
-        let policy = shard.policy.load_full();
-        let Some(cfg) = policy.for_listener(kind, optional_auth) else {
-            return;
-        };
-        let mut sess = match TlsSession::server(cfg) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        let t0 = Instant::now();
-        shard.handshakes.set(shard.handshakes.get() + 1);
-        let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
-        let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
-        shard.handshakes.set(shard.handshakes.get() - 1);
-        if handshake_outcome(&shard, r, remote, kind).is_err() {
-            linger_close(stream).await;
-            return;
-        }
-        shard
-            .metrics
-            .borrow_mut()
-            .record("handshake", t0.elapsed().as_micros() as u64);
-        if kind == ListenKind::Mtls {
-            peer = identify_peer(&shard, &sess);
-        }
-        match into_kernel(&shard, &stream, sess) {
-            Ok(k) => Layer::Kernel(Rc::new(RefCell::new(k))),
-            Err((Some(s), why)) => {
-                shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
-                Layer::User(Rc::new(RefCell::new(*s)))
-            }
-            Err((None, why)) => {
-                shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
-                tracing::warn!(%remote, why, "kernel TLS hand-off failed mid-way; closing");
-                return;
-            }
-        }
+        None
     };
-    let id = shard.new_conn_id();
-    run(
-        shard,
+    let layer = choose_layer(shard, &stream, sess)?;
+    Some(Established {
         stream,
         layer,
-        id,
-        Flow::Conn(id),
-        kind,
         peer,
-        remote,
-        KeepaliveRole::Server,
-    )
-    .await;
+    })
+}
+
+/// Serves one accepted connection until it closes.
+///
+/// Not an `async fn`: an async fn keeps its arguments (the 120-byte stream among them) in
+/// its future for its whole life. Here the stream moves into the boxed handshake future,
+/// freed when the handshake ends, and the task's future is only what an established
+/// connection needs.
+pub fn serve_inbound(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    kind: ListenKind,
+    optional_auth: bool,
+) -> impl Future<Output = ()> {
+    // The shard's load (connections and handshakes, for balanced accept) counts this one
+    // until it ends.
+    shard.control.load[shard.id].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let open = Box::pin(open_inbound(shard.clone(), stream, kind, optional_auth));
+    async move {
+        if let Some(conn) = open.await {
+            let flow = Flow::Conn(conn.id);
+            established(shard.clone(), conn, flow, KeepaliveRole::Server).await;
+        }
+        shard.control.load[shard.id].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Handshake and record-layer choice for an accepted connection.
+async fn open_inbound(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    kind: ListenKind,
+    optional_auth: bool,
+) -> Option<Rc<Conn>> {
+    let remote = stream.peer_addr().ok()?;
+    let _ = stream.set_nodelay(true);
+    let est = accept_tls(&shard, stream, kind, optional_auth, remote).await?;
+    Some(Conn::new(shard.new_conn_id(), est, kind, remote))
 }
 
 /// After a refused handshake: half-close and drain briefly, so the alert we sent reaches the
@@ -331,193 +379,556 @@ fn handshake_outcome(
     Err(reason)
 }
 
+/// The client side of an outbound MTLS connection to partner `name`, up to the choice of
+/// record layer.
+async fn connect_peer(
+    shard: &Rc<Shard>,
+    name: &str,
+) -> Option<(Established, std::net::SocketAddr)> {
+    let policy = shard.policy.load_full();
+    let addr = shard
+        .cfg
+        .peer
+        .iter()
+        .find(|p| p.name == name)
+        .and_then(|p| p.address);
+    let (Some((cc, server_name)), Some(addr)) = (policy.outbound.get(name).cloned(), addr) else {
+        tracing::warn!(peer = %name, "no address or TLS config for partner; dropping its messages");
+        return None;
+    };
+    let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
+    let t0 = Instant::now();
+    let mut stream = match with_timeout(timeout, TcpStream::connect(addr)).await {
+        Some(Ok(s)) => s,
+        other => {
+            let why = match other {
+                Some(Err(e)) => e.to_string(),
+                _ => "connect timeout".into(),
+            };
+            tracing::warn!(peer = %name, %addr, error = %why, "cannot reach partner");
+            shard.count("sipring_peer_connect_failures_total");
+            return None;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut sess = TlsSession::client(cc, server_name).ok()?;
+    let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
+    handshake_outcome(shard, r, addr, ListenKind::Mtls).ok()?;
+    shard
+        .metrics
+        .borrow_mut()
+        .record("handshake_outbound", t0.elapsed().as_micros() as u64);
+    let layer = choose_layer(shard, &stream, sess)?;
+    tracing::info!(peer = %name, %addr, "partner link up");
+    Some((
+        Established {
+            stream,
+            layer,
+            peer: Some(name.to_string()),
+        },
+        addr,
+    ))
+}
+
 /// Opens (in the background) this shard's outbound MTLS connection to partner `name`.
 pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
     glommio::spawn_local(async move {
-        let policy = shard.policy.load_full();
-        let addr = shard.cfg.peer.iter().find(|p| p.name == name).and_then(|p| p.address);
-        let (Some((cc, server_name)), Some(addr)) = (policy.outbound.get(&name).cloned(), addr) else {
-            tracing::warn!(peer = %name, "no address or TLS config for partner; dropping its messages");
-            shard.peer_down(&name);
-            return;
-        };
-        let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
-        let t0 = Instant::now();
-        let connected = with_timeout(timeout, TcpStream::connect(addr)).await;
-        let mut stream = match connected {
-            Some(Ok(s)) => s,
-            other => {
-                let why = match other {
-                    Some(Err(e)) => e.to_string(),
-                    _ => "connect timeout".into(),
-                };
-                tracing::warn!(peer = %name, %addr, error = %why, "cannot reach partner");
-                shard.count("sipring_peer_connect_failures_total");
-                shard.peer_down(&name);
-                return;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let mut sess = match TlsSession::client(cc, server_name) {
-            Ok(s) => s,
-            Err(_) => return shard.peer_down(&name),
-        };
-        let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
-        if handshake_outcome(&shard, r, addr, ListenKind::Mtls).is_err() {
-            return shard.peer_down(&name);
+        let opened = Box::pin(async {
+            let (est, addr) = connect_peer(&shard, &name).await?;
+            Some(Conn::new(shard.new_conn_id(), est, ListenKind::Mtls, addr))
+        })
+        .await;
+        if let Some(conn) = opened {
+            let flow = Flow::Peer(name.clone());
+            established(shard.clone(), conn, flow, KeepaliveRole::Client).await;
         }
-        shard.metrics.borrow_mut().record("handshake_outbound", t0.elapsed().as_micros() as u64);
-        let layer = match into_kernel(&shard, &stream, sess) {
-            Ok(k) => Layer::Kernel(Rc::new(RefCell::new(k))),
-            Err((Some(s), why)) => {
-                shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
-                Layer::User(Rc::new(RefCell::new(*s)))
-            }
-            Err((None, _)) => return shard.peer_down(&name),
-        };
-        tracing::info!(peer = %name, %addr, "partner link up");
-        let id = shard.new_conn_id();
-        let flow = Flow::Peer(name.clone());
-        run(shard.clone(), stream, layer, id, flow, ListenKind::Mtls, Some(name.clone()), addr, KeepaliveRole::Client).await;
         shard.peer_down(&name);
     })
     .detach();
 }
 
-/// Runs an established connection: spawns its writer, reads until it ends, cleans up.
-#[allow(clippy::too_many_arguments)] // one call site per direction; a struct would only rename them
-async fn run(
-    shard: Rc<Shard>,
-    stream: TcpStream,
-    layer: Layer,
-    id: u64,
-    flow: Flow,
-    kind: ListenKind,
-    peer: Option<String>,
-    remote: std::net::SocketAddr,
-    role: KeepaliveRole,
-) {
-    let writer_stream = match sys::sock::try_clone(&stream) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "dup failed");
-            return;
-        }
-    };
-    // Messages are ~1 KB: the byte budget becomes a message count.
-    let cap = (shard.cfg.limits.write_queue_bytes / 1024).clamp(16, 65_536);
-    let (tx, rx) = glommio::channels::local_channel::new_unbounded::<Out>();
-    let tx = Rc::new(tx);
-    let queued = Rc::new(std::cell::Cell::new(0usize));
-    let ktls = matches!(layer, Layer::Kernel(_));
-    shard.conn_opened(
-        id,
-        ConnHandle {
-            tx: tx.clone(),
-            queued: queued.clone(),
-            cap,
-            kind,
-            peer: peer.clone(),
-            remote,
-            ktls,
-        },
-    );
-    if let Flow::Peer(name) = &flow {
-        shard.peer_up(name, id);
-    }
-    let wlayer = match &layer {
-        Layer::Plain => Layer::Plain,
-        Layer::User(s) => Layer::User(s.clone()),
-        Layer::Kernel(k) => Layer::Kernel(k.clone()),
-    };
-    let wshard = shard.clone();
-    let writer = glommio::spawn_local(async move {
-        writer_loop(wshard, writer_stream, wlayer, rx, queued).await
-    });
-    let stream = reader_loop(&shard, stream, &layer, &flow, &tx, role).await;
-    shard.conn_closed(id);
-    // Wake a writer blocked on a dead peer, then let it finish (it ends on Close).
-    let _ = tx.send(Out::Close).await;
-    drop(tx);
-    let _ = writer.await;
-    drop(stream);
+/// Why a connection is closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Open.
+    No,
+    /// Flush what is queued, send close_notify, shut down.
+    Graceful(&'static str),
+    /// Shut down now (the peer is gone, or too slow to be waited for).
+    Abort(&'static str),
 }
 
-async fn writer_loop(
-    shard: Rc<Shard>,
-    mut stream: TcpStream,
+/// One bytes-on-the-wire chunk the socket could not take at once.
+struct Queued {
+    bytes: Vec<u8>,
+    off: usize,
+    stamp: Option<Stamp>,
+}
+
+/// The socket and its record layer.
+struct Io {
+    stream: TcpStream,
     layer: Layer,
-    rx: glommio::channels::local_channel::LocalReceiver<Out>,
-    queued: Rc<std::cell::Cell<usize>>,
-) {
-    while let Some(o) = rx.recv().await {
-        if matches!(o, Out::Msg(..)) {
-            queued.set(queued.get().saturating_sub(1));
-        }
-        let (bytes, stamp, close): (Vec<u8>, _, bool) = match o {
-            Out::Msg(b, stamp) => match &layer {
-                Layer::User(s) => {
-                    let mut s = s.borrow_mut();
-                    if s.write(&b).is_err() {
-                        break;
-                    }
-                    (s.take_outgoing(), stamp, false)
+    /// Output waiting for the socket to become writable (empty while it keeps up).
+    out: VecDeque<Queued>,
+    out_bytes: usize,
+}
+
+/// How a write attempt ended.
+enum Wrote {
+    /// All on the wire.
+    Done(Option<Stamp>),
+    /// Some or all of it queued for the task.
+    Queued,
+    /// The socket failed.
+    Failed,
+}
+
+impl Io {
+    /// Writes `wire` now if nothing is queued ahead of it; queues what the socket refuses.
+    fn write_or_queue(&mut self, wire: Cow<'_, [u8]>, stamp: Option<Stamp>) -> Wrote {
+        let mut off = 0;
+        if self.out.is_empty() {
+            // No waker: the task registers its own when it flushes the queue.
+            let mut cx = Context::from_waker(Waker::noop());
+            while off < wire.len() {
+                match Pin::new(&mut self.stream).poll_write(&mut cx, &wire[off..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => off += n,
+                    Poll::Ready(_) => return Wrote::Failed,
+                    Poll::Pending => break,
                 }
-                Layer::Kernel(k) => {
-                    let mut k = k.borrow_mut();
-                    k.records_sent += (b.len() as u64).div_ceil(1 << 14);
-                    (b.to_vec(), stamp, false)
-                }
-                Layer::Plain => (b.to_vec(), stamp, false),
-            },
-            Out::Pong => match &layer {
-                Layer::User(s) => {
-                    let mut s = s.borrow_mut();
-                    let _ = s.write(b"\r\n");
-                    (s.take_outgoing(), None, false)
-                }
-                _ => (b"\r\n".to_vec(), None, false),
-            },
-            Out::Flush => match &layer {
-                Layer::User(s) => (s.borrow_mut().take_outgoing(), None, false),
-                _ => (Vec::new(), None, false),
-            },
-            Out::Close => match &layer {
-                Layer::User(s) => {
-                    let mut s = s.borrow_mut();
-                    let _ = s.close();
-                    (s.take_outgoing(), None, true)
-                }
-                Layer::Kernel(_) => {
-                    let _ = sys::ktls::send_close_notify(stream.as_raw_fd());
-                    (Vec::new(), None, true)
-                }
-                Layer::Plain => (Vec::new(), None, true),
-            },
-        };
-        if !bytes.is_empty() && stream.write_all(&bytes).await.is_err() {
-            break;
-        }
-        if let Some(st) = stamp {
-            shard.metrics.borrow_mut().record(
-                &format!("forward_{}", st.label),
-                st.t0.elapsed().as_micros() as u64,
-            );
-        }
-        if let Layer::Kernel(k) = &layer {
-            let needs = {
-                let k = k.borrow();
-                k.records_sent >= ktls_record_budget(k.suite).min(shard.cfg.tls.ktls_max_records)
-            };
-            if needs && rekey_or_close(&stream, k).is_err() {
-                break;
+            }
+            if off == wire.len() {
+                return Wrote::Done(stamp);
             }
         }
-        if close {
-            break;
+        let bytes = match wire {
+            Cow::Owned(mut v) if off == 0 => {
+                v.shrink_to_fit();
+                v
+            }
+            w => w[off..].to_vec(),
+        };
+        self.out_bytes += bytes.len();
+        self.out.push_back(Queued {
+            bytes,
+            off: 0,
+            stamp,
+        });
+        Wrote::Queued
+    }
+
+    /// Flushes the queue as far as the socket allows; `Ready(Err)` when the socket failed.
+    fn poll_flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        done: &mut impl FnMut(Stamp),
+    ) -> Poll<Result<(), ()>> {
+        while let Some(front) = self.out.front_mut() {
+            match Pin::new(&mut self.stream).poll_write(cx, &front.bytes[front.off..]) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    front.off += n;
+                    self.out_bytes -= n;
+                    if front.off == front.bytes.len()
+                        && let Some(q) = self.out.pop_front()
+                        && let Some(s) = q.stamp
+                    {
+                        done(s);
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(Err(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Nothing queued: release the queue's memory.
+        self.out = VecDeque::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends whatever TLS output the userspace session has (alerts, KeyUpdate answers).
+    fn push_tls_output(&mut self) -> Wrote {
+        let wire = match &mut self.layer {
+            Layer::User(s) if s.has_outgoing() => s.take_outgoing(),
+            _ => return Wrote::Done(None),
+        };
+        self.write_or_queue(Cow::Owned(wire), None)
+    }
+
+    /// kTLS: past the record budget, rekey (TLS 1.3) or end the connection (TLS 1.2).
+    /// Only at a point where nothing is queued, so the KeyUpdate follows every record
+    /// protected by the old key.
+    fn maybe_rekey(&mut self, max_records: u64) -> Result<(), &'static str> {
+        let Layer::Kernel(k) = &mut self.layer else {
+            return Ok(());
+        };
+        if !self.out.is_empty() || k.records_sent < ktls_record_budget(k.suite).min(max_records) {
+            return Ok(());
+        }
+        rekey_or_close(self.stream.as_raw_fd(), k)
+    }
+}
+
+/// What woke a connection's task.
+enum Event {
+    /// Bytes read (the shard's scratch buffer and how much of it is filled); for kTLS,
+    /// `Some(type)` when it is a control record.
+    Data(Vec<u8>, usize, Option<u8>),
+    /// The peer closed (or reset) the connection.
+    Eof,
+    /// Close, gracefully or not.
+    Close(Closing),
+}
+
+/// An established connection, shared by its task and its shard's table.
+pub struct Conn {
+    /// Connection id (its owner shard in the top bits).
+    pub id: FlowId,
+    /// Listener kind (or `Mtls` for outbound peer connections).
+    pub kind: ListenKind,
+    /// The federation partner, for verified MTLS connections.
+    pub peer: Option<String>,
+    /// Remote address.
+    pub remote: std::net::SocketAddr,
+    /// Whether the record layer runs in the kernel.
+    pub ktls: bool,
+    io: RefCell<Io>,
+    waker: Cell<Option<Waker>>,
+    last_rx: Cell<Instant>,
+    closing: Cell<Closing>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("remote", &self.remote)
+            .field("ktls", &self.ktls)
+            .finish()
+    }
+}
+
+/// Why [`Conn::send`] did not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The connection is closing.
+    Closed,
+    /// Its queue passed `limits.write_queue_bytes`: it is being dropped as a slow reader.
+    SlowReader,
+}
+
+impl Conn {
+    fn new(
+        id: FlowId,
+        est: Established,
+        kind: ListenKind,
+        remote: std::net::SocketAddr,
+    ) -> Rc<Conn> {
+        Rc::new(Conn {
+            id,
+            kind,
+            peer: est.peer,
+            remote,
+            ktls: matches!(est.layer, Layer::Kernel(_)),
+            io: RefCell::new(Io {
+                stream: est.stream,
+                layer: est.layer,
+                out: VecDeque::new(),
+                out_bytes: 0,
+            }),
+            waker: Cell::new(None),
+            last_rx: Cell::new(Instant::now()),
+            closing: Cell::new(Closing::No),
+        })
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+
+    /// Asks the connection to close gracefully (queued output, then close_notify).
+    pub fn close(&self, why: &'static str) {
+        if self.closing.get() == Closing::No {
+            self.closing.set(Closing::Graceful(why));
+        }
+        self.wake();
+    }
+
+    fn abort(&self, why: &'static str) {
+        if !matches!(self.closing.get(), Closing::Abort(_)) {
+            self.closing.set(Closing::Abort(why));
+        }
+        self.wake();
+    }
+
+    /// Not closing yet?
+    pub fn is_open(&self) -> bool {
+        self.closing.get() == Closing::No
+    }
+
+    /// When bytes last arrived (for the shard's idle sweep).
+    pub fn last_rx(&self) -> Instant {
+        self.last_rx.get()
+    }
+
+    /// Sends one message (or a CRLF pong): encrypted in userspace mode, written at once if
+    /// the socket takes it, else queued for the connection's task.
+    pub fn send(&self, shard: &Shard, bytes: &[u8], stamp: Option<Stamp>) -> Result<(), SendError> {
+        if self.closing.get() != Closing::No {
+            return Err(SendError::Closed);
+        }
+        let mut io = self.io.borrow_mut();
+        let wire = match &mut io.layer {
+            Layer::User(s) => {
+                if s.write(bytes).is_err() {
+                    drop(io);
+                    self.abort("tls_error");
+                    return Err(SendError::Closed);
+                }
+                Cow::Owned(s.take_outgoing())
+            }
+            Layer::Kernel(k) => {
+                k.records_sent = k
+                    .records_sent
+                    .saturating_add((bytes.len() as u64).div_ceil(1 << 14).max(1));
+                Cow::Borrowed(bytes)
+            }
+            Layer::Plain => Cow::Borrowed(bytes),
+        };
+        match io.write_or_queue(wire, stamp) {
+            Wrote::Done(stamp) => {
+                let rekey = io.maybe_rekey(shard.cfg.tls.ktls_max_records);
+                drop(io);
+                if let Some(s) = stamp {
+                    record_forward(shard, s);
+                }
+                if let Err(why) = rekey {
+                    self.abort(why);
+                }
+                Ok(())
+            }
+            Wrote::Queued => {
+                let slow = io.out_bytes > shard.cfg.limits.write_queue_bytes;
+                drop(io);
+                shard.count("sipring_writes_queued_total");
+                if slow {
+                    shard.count("sipring_queue_drops_total{queue=\"connection\"}");
+                    tracing::warn!(
+                        conn = self.id,
+                        remote = %self.remote,
+                        limit = shard.cfg.limits.write_queue_bytes,
+                        "write queue full: closing slow connection"
+                    );
+                    self.abort("slow_reader");
+                    return Err(SendError::SlowReader);
+                }
+                self.wake();
+                Ok(())
+            }
+            Wrote::Failed => {
+                drop(io);
+                self.abort("write_error");
+                Err(SendError::Closed)
+            }
+        }
+    }
+
+    /// The task's wait: flushes queued output, then reads into the shard's scratch buffer.
+    /// No buffer is held while pending (only the readiness poll).
+    fn poll_event(&self, cx: &mut Context<'_>, shard: &Shard) -> Poll<Event> {
+        if let c @ (Closing::Graceful(_) | Closing::Abort(_)) = self.closing.get() {
+            return Poll::Ready(Event::Close(c));
+        }
+        let mut io = self.io.borrow_mut();
+        if !io.out.is_empty() {
+            match io.poll_flush(cx, &mut |s| record_forward(shard, s)) {
+                Poll::Ready(Err(())) => {
+                    return Poll::Ready(Event::Close(Closing::Abort("write_error")));
+                }
+                Poll::Ready(Ok(())) => {
+                    if let Err(why) = io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
+                        return Poll::Ready(Event::Close(Closing::Abort(why)));
+                    }
+                }
+                Poll::Pending => {}
+            }
+        }
+        let mut scratch = shard.take_read_buf();
+        loop {
+            match Pin::new(&mut io.stream).poll_read(cx, &mut scratch) {
+                Poll::Ready(Ok(0)) => {
+                    shard.give_read_buf(scratch);
+                    return Poll::Ready(Event::Eof);
+                }
+                Poll::Ready(Ok(n)) => return Poll::Ready(Event::Data(scratch, n, None)),
+                // kTLS hands a non-data record up as EIO (EKEYEXPIRED after a KeyUpdate on
+                // kernels ≥ 6.14): recvmsg with room for its record type.
+                Poll::Ready(Err(e))
+                    if matches!(io.layer, Layer::Kernel(_))
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO) | Some(libc::EKEYEXPIRED)
+                        ) =>
+                {
+                    match sys::ktls::recv_record(io.stream.as_raw_fd(), &mut scratch) {
+                        Ok(Some((typ, len))) if typ == sys::ktls::content::APPLICATION_DATA => {
+                            return Poll::Ready(Event::Data(scratch, len, None));
+                        }
+                        Ok(Some((typ, len))) => {
+                            return Poll::Ready(Event::Data(scratch, len, Some(typ)));
+                        }
+                        Ok(None) => continue,
+                        Err(_) => {
+                            shard.give_read_buf(scratch);
+                            return Poll::Ready(Event::Eof);
+                        }
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(conn = self.id, error = %e, "read failed");
+                    shard.give_read_buf(scratch);
+                    return Poll::Ready(Event::Eof);
+                }
+                Poll::Pending => {
+                    shard.give_read_buf(scratch);
+                    self.waker.set(Some(cx.waker().clone()));
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Records a forwarded message's latency (first byte read → last byte written).
+fn record_forward(shard: &Shard, s: Stamp) {
+    shard.metrics.borrow_mut().record(
+        &format!("forward_{}", s.label),
+        s.t0.elapsed().as_micros() as u64,
+    );
+}
+
+/// Runs an established connection until it closes: reads, frames, dispatches; then the
+/// close sequence.
+async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: KeepaliveRole) {
+    shard.conn_opened(conn.clone());
+    if let Flow::Peer(name) = &flow {
+        shard.peer_up(name, conn.id);
+    }
+    if shard.control.stopping() {
+        conn.close("stopping");
+    }
+    let mut framer = Framer::new(shard.cfg.sip_limits(), role);
+    let mut partial: Vec<u8> = Vec::new();
+    let closing = loop {
+        let ev = std::future::poll_fn(|cx| conn.poll_event(cx, &shard)).await;
+        let (scratch, n, control) = match ev {
+            Event::Close(c) => break c,
+            Event::Eof => break Closing::Abort("peer_closed"),
+            Event::Data(scratch, n, control) => (scratch, n, control),
+        };
+        let t0 = Instant::now();
+        conn.last_rx.set(t0);
+        if let Some(typ) = control {
+            let r = on_control_record(&conn, typ, &scratch[..n]);
+            shard.give_read_buf(scratch);
+            match r {
+                Ok(()) => continue,
+                Err(why) => {
+                    tracing::debug!(conn = conn.id, why, "kTLS connection ends");
+                    break Closing::Graceful(why);
+                }
+            }
+        }
+        let mut io = conn.io.borrow_mut();
+        let mut peer_closed = false;
+        if let Layer::User(s) = &mut io.layer {
+            if let Err(e) = s.receive(&scratch[..n]) {
+                tracing::info!(conn = conn.id, error = %e, "TLS error on established connection");
+                let _ = io.push_tls_output();
+                drop(io);
+                shard.give_read_buf(scratch);
+                break Closing::Graceful("tls_error");
+            }
+            let pt = std::mem::take(s.plaintext());
+            peer_closed = s.phase() == crate::tls::session::Phase::PeerClosed;
+            shard.give_read_buf(scratch);
+            if partial.is_empty() {
+                partial = pt;
+            } else {
+                partial.extend_from_slice(&pt);
+            }
+            if let Wrote::Failed = io.push_tls_output() {
+                drop(io);
+                break Closing::Abort("write_error");
+            }
+            drop(io);
+        } else {
+            drop(io);
+            if partial.is_empty() {
+                // Frame straight from the scratch buffer; keep only an incomplete tail.
+                let r = deliver(&shard, &conn, &mut framer, &scratch[..n], &flow, t0);
+                if let Ok(used) = r {
+                    partial.extend_from_slice(&scratch[used..n]);
+                }
+                shard.give_read_buf(scratch);
+                if r.is_err() {
+                    break Closing::Graceful("framing_lost");
+                }
+                continue;
+            }
+            partial.extend_from_slice(&scratch[..n]);
+            shard.give_read_buf(scratch);
+        }
+        match deliver(&shard, &conn, &mut framer, &partial, &flow, t0) {
+            Ok(used) => {
+                partial.drain(..used);
+            }
+            Err(()) => break Closing::Graceful("framing_lost"),
+        }
+        if partial.is_empty() {
+            // Nothing partial is waiting: an idle connection keeps no buffer.
+            partial = Vec::new();
+        }
+        if peer_closed {
+            // Answer close_notify with ours after delivering what came before it.
+            break Closing::Graceful("close_notify");
+        }
+    };
+    drop(partial);
+    shard.conn_closed(conn.id);
+    // Boxed: the close sequence's timer is only paid for while closing.
+    Box::pin(close(&shard, &conn, closing)).await;
+}
+
+/// The close sequence: graceful (queued output, close_notify, within 2 s) or abrupt; then
+/// shutdown. The descriptor closes when the last `Rc<Conn>` goes.
+async fn close(shard: &Shard, conn: &Conn, closing: Closing) {
+    conn.closing.set(closing);
+    tracing::debug!(conn = conn.id, ?closing, "connection closing");
+    if let Closing::Graceful(_) = closing {
+        {
+            let mut io = conn.io.borrow_mut();
+            if let Layer::User(s) = &mut io.layer {
+                let _ = s.close();
+                let _ = io.push_tls_output();
+            }
+        }
+        let flushed = with_timeout(
+            Duration::from_secs(2),
+            std::future::poll_fn(|cx| {
+                conn.io
+                    .borrow_mut()
+                    .poll_flush(cx, &mut |s| record_forward(shard, s))
+            }),
+        )
+        .await;
+        let io = conn.io.borrow();
+        if let (Some(Ok(())), Layer::Kernel(_)) = (flushed, &io.layer) {
+            let _ = sys::ktls::send_close_notify(io.stream.as_raw_fd());
+        }
+    }
+    let _ = sys::sock::shutdown(conn.io.borrow().stream.as_raw_fd());
 }
 
 /// Records we let one key protect: well below the AES-GCM confidentiality limit (2^24.5
@@ -532,44 +943,43 @@ fn ktls_record_budget(suite: rustls::SupportedCipherSuite) -> u64 {
     }
 }
 
-/// TLS 1.3: send a KeyUpdate and install the new TX key. TLS 1.2 has no KeyUpdate: close.
-fn rekey_or_close(stream: &TcpStream, k: &RefCell<KernelState>) -> Result<(), ()> {
-    let mut k = k.borrow_mut();
+/// TLS 1.3: send a KeyUpdate and install the new TX key. TLS 1.2 has no KeyUpdate: send
+/// close_notify and end the connection (`Err`).
+fn rekey_or_close(fd: std::os::fd::RawFd, k: &mut KernelState) -> Result<(), &'static str> {
     if !k.tls13 {
         tracing::info!("TLS 1.2 connection reached its record budget; closing gracefully");
-        let _ = sys::ktls::send_close_notify(stream.as_raw_fd());
-        return Err(());
+        let _ = sys::ktls::send_close_notify(fd);
+        return Err("record_budget");
     }
-    let fd = stream.as_raw_fd();
     // KeyUpdate(update_not_requested): type 24, length 1, value 0.
-    sys::ktls::send_record(fd, sys::ktls::content::HANDSHAKE, &[24, 0, 0, 1, 0]).map_err(|_| ())?;
-    let suite = k.suite;
+    sys::ktls::send_record(fd, sys::ktls::content::HANDSHAKE, &[24, 0, 0, 1, 0])
+        .map_err(|_| "key_update")?;
     let (seq, secrets) = match &mut k.conn {
         KernelConn::Server(c) => c.update_tx_secret(),
         KernelConn::Client(c) => c.update_tx_secret(),
     }
-    .map_err(|_| ())?;
-    let info = sys::ktls::crypto_info(suite, seq, secrets).map_err(|_| ())?;
-    sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &info).map_err(|_| ())?;
+    .map_err(|_| "key_update")?;
+    let info = sys::ktls::crypto_info(k.suite, seq, secrets).map_err(|_| "key_update")?;
+    sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &info).map_err(|_| "key_update")?;
     k.records_sent = 0;
     Ok(())
 }
 
-/// A non-data record the kernel handed up: alerts, KeyUpdate, tickets.
-fn on_control_record(
-    stream: &TcpStream,
-    k: &RefCell<KernelState>,
-    typ: u8,
-    payload: &[u8],
-) -> Result<(), &'static str> {
+/// A non-data record the kernel handed up: alerts, KeyUpdate, tickets. `Err`: the
+/// connection ends (close_notify is answered by the close sequence).
+fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<(), &'static str> {
     use sys::ktls::content;
+    let mut io = conn.io.borrow_mut();
+    let fd = io.stream.as_raw_fd();
+    let Layer::Kernel(k) = &mut io.layer else {
+        return Err("unexpected_record");
+    };
     match typ {
         content::ALERT => {
             if payload == [1, 0] {
-                let _ = sys::ktls::send_close_notify(stream.as_raw_fd());
                 Err("close_notify")
             } else {
-                tracing::info!(alert = ?payload, "TLS alert from peer");
+                tracing::info!(conn = conn.id, alert = ?payload, "TLS alert from peer");
                 Err("alert")
             }
         }
@@ -577,27 +987,31 @@ fn on_control_record(
             // KeyUpdate: new RX key; answer with our own update if the peer asked.
             Some(24) => {
                 let requested = payload.get(4) == Some(&1);
-                {
-                    let mut k = k.borrow_mut();
-                    let suite = k.suite;
-                    let (seq, secrets) = match &mut k.conn {
-                        KernelConn::Server(c) => c.update_rx_secret(),
-                        KernelConn::Client(c) => c.update_rx_secret(),
-                    }
-                    .map_err(|_| "key_update")?;
-                    let info =
-                        sys::ktls::crypto_info(suite, seq, secrets).map_err(|_| "key_update")?;
-                    sys::ktls::set_key(stream.as_raw_fd(), sys::ktls::Dir::Rx, &info)
-                        .map_err(|_| "key_update")?;
+                let (seq, secrets) = match &mut k.conn {
+                    KernelConn::Server(c) => c.update_rx_secret(),
+                    KernelConn::Client(c) => c.update_rx_secret(),
                 }
+                .map_err(|_| "key_update")?;
+                let info =
+                    sys::ktls::crypto_info(k.suite, seq, secrets).map_err(|_| "key_update")?;
+                sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &info).map_err(|_| "key_update")?;
                 if requested {
-                    rekey_or_close(stream, k).map_err(|_| "key_update")?;
+                    // Our update must follow every record sent under the old key: with
+                    // output queued, let the task do it once the queue drains.
+                    if io.out.is_empty() {
+                        let Layer::Kernel(k) = &mut io.layer else {
+                            unreachable!("checked above")
+                        };
+                        rekey_or_close(fd, k)?;
+                    } else if let Layer::Kernel(k) = &mut io.layer {
+                        k.records_sent = u64::MAX;
+                    }
                 }
                 Ok(())
             }
             // NewSessionTicket (client side): keep it for resumption.
             Some(4) => {
-                if let KernelConn::Client(c) = &mut k.borrow_mut().conn {
+                if let KernelConn::Client(c) = &mut k.conn {
                     let _ = c.handle_new_session_ticket(&payload[4..]);
                 }
                 Ok(())
@@ -609,155 +1023,42 @@ fn on_control_record(
     }
 }
 
-/// Reads until the connection ends; returns the stream (still open) for the caller to drop.
-async fn reader_loop(
-    shard: &Rc<Shard>,
-    stream: TcpStream,
-    layer: &Layer,
-    flow: &Flow,
-    tx: &glommio::channels::local_channel::LocalSender<Out>,
-    role: KeepaliveRole,
-) -> TcpStream {
-    let limits = shard.cfg.sip_limits();
-    let mut framer = Framer::new(limits, role);
-    let idle = Duration::from_secs(shard.cfg.limits.idle_timeout_s);
-    let mut buf: Vec<u8> = Vec::new();
-    let mut probe = [0u8; 1];
-    loop {
-        if shard.control.stopping() {
-            let _ = tx.try_send(Out::Close);
-            return stream;
-        }
-        // Wait for data without holding a read buffer (idle connections cost no buffer).
-        match with_timeout(idle, stream.peek(&mut probe)).await {
-            None => {
-                tracing::debug!("idle timeout");
-                let _ = tx.try_send(Out::Close);
-                return stream;
-            }
-            Some(Ok(0)) => return stream,
-            Some(Ok(_)) => {}
-            // kTLS reports a pending non-data record as EIO (EKEYEXPIRED after a KeyUpdate):
-            // the recv below takes the same path.
-            Some(Err(e))
-                if matches!(layer, Layer::Kernel(_))
-                    && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EKEYEXPIRED)) => {}
-            Some(Err(_)) => return stream,
-        }
-        let mut scratch = shard.take_read_buf();
-        let n = match sys::sock::recv_now(&stream, &mut scratch) {
-            Ok(Some(0)) => return stream,
-            Ok(Some(n)) => n,
-            Ok(None) => {
-                shard.give_read_buf(scratch);
-                continue;
-            }
-            Err(e) => {
-                let Layer::Kernel(k) = layer else {
-                    return stream;
-                };
-                if !matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EKEYEXPIRED)) {
-                    return stream;
-                }
-                match sys::ktls::recv_record(stream.as_raw_fd(), &mut scratch) {
-                    Ok(Some((typ, len))) if typ == sys::ktls::content::APPLICATION_DATA => len,
-                    Ok(Some((typ, len))) => {
-                        let payload = scratch[..len].to_vec();
-                        shard.give_read_buf(scratch);
-                        if let Err(why) = on_control_record(&stream, k, typ, &payload) {
-                            tracing::debug!(why, "kTLS connection ends");
-                            let _ = tx.try_send(Out::Close);
-                            return stream;
-                        }
-                        continue;
-                    }
-                    Ok(None) => {
-                        shard.give_read_buf(scratch);
-                        continue;
-                    }
-                    Err(_) => return stream,
-                }
-            }
-        };
-        let t0 = Instant::now();
-        match layer {
-            Layer::User(s) => {
-                let mut s = s.borrow_mut();
-                if let Err(e) = s.receive(&scratch[..n]) {
-                    tracing::info!(error = %e, "TLS error on established connection");
-                    let _ = tx.try_send(Out::Flush);
-                    return stream;
-                }
-                let pt = std::mem::take(s.plaintext());
-                if buf.is_empty() {
-                    buf = pt;
-                } else {
-                    buf.extend_from_slice(&pt);
-                }
-                let closed = s.phase() == crate::tls::session::Phase::PeerClosed;
-                let has_out = s.has_outgoing();
-                drop(s);
-                if has_out {
-                    let _ = tx.try_send(Out::Flush);
-                }
-                if closed {
-                    // Answer close_notify with ours after delivering what came before it.
-                    deliver(shard, &mut framer, &mut buf, flow, tx, t0);
-                    let _ = tx.try_send(Out::Close);
-                    return stream;
-                }
-            }
-            _ => buf.extend_from_slice(&scratch[..n]),
-        }
-        shard.give_read_buf(scratch);
-        if !deliver(shard, &mut framer, &mut buf, flow, tx, t0) {
-            return stream;
-        }
-        if buf.is_empty() {
-            // Nothing partial is waiting: release the memory of an idle connection.
-            buf = Vec::new();
-        }
-    }
-}
-
-/// Frames and dispatches everything complete in `buf`; `false` when framing is lost.
+/// Frames and dispatches everything complete in `buf`; `Ok(bytes used)`, or `Err` when
+/// framing is lost (an error response is sent first where one can be).
 fn deliver(
     shard: &Rc<Shard>,
+    conn: &Conn,
     framer: &mut Framer,
-    buf: &mut Vec<u8>,
+    buf: &[u8],
     flow: &Flow,
-    tx: &glommio::channels::local_channel::LocalSender<Out>,
     t0: Instant,
-) -> bool {
+) -> Result<usize, ()> {
     let mut start = 0;
-    let ok = loop {
+    loop {
         match framer.frame(&buf[start..]) {
             Ok(Status::Complete(Frame::Message(n))) => {
                 shard.on_message(flow, &buf[start..start + n], t0);
                 start += n;
             }
             Ok(Status::Complete(Frame::Ping)) => {
-                let _ = tx.try_send(Out::Pong);
+                let _ = conn.send(shard, b"\r\n", None);
                 start += 4;
             }
             Ok(Status::Complete(Frame::Pong)) => start += 2,
-            Ok(Status::Partial) => break true,
+            Ok(Status::Partial) => return Ok(start),
             Err(e) => {
                 shard.count(&format!(
                     "sipring_parse_errors_total{{reason=\"{}\"}}",
                     e.label()
                 ));
-                tracing::warn!(error = %e, "stream framing lost; closing connection");
+                tracing::warn!(conn = conn.id, remote = %conn.remote, error = %e, "stream framing lost; closing connection");
                 if let Some(resp) =
                     sipring_core::response::error_response(&buf[start..], e, b"sr-framing")
                 {
-                    let _ = tx.try_send(Out::Msg(resp.into(), None));
+                    let _ = conn.send(shard, &resp, None);
                 }
-                let _ = tx.try_send(Out::Close);
-                break false;
+                return Err(());
             }
         }
-    };
-    buf.drain(..start);
-    ok
+    }
 }

@@ -248,12 +248,14 @@ async fn run_shard(
     for a in accepting {
         a.await;
     }
-    // Stopping: every connection got Close from its reader; give writers a moment.
+    // Stopping: ask every connection to close (close_notify after its queued output) and
+    // give them a moment.
+    let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for c in conns {
+        c.close("stopping");
+    }
     let deadline = Instant::now() + Duration::from_secs(2);
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
-        for c in shard.conns.borrow().values() {
-            let _ = c.tx.try_send(shard::Out::Close);
-        }
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
@@ -351,12 +353,12 @@ pub fn admit(
     if let Some(ip) = ip {
         *shard.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
     }
-    let s = shard.clone();
-    s.control.load[s.id].fetch_add(1, Ordering::Relaxed);
-    glommio::spawn_local(async move {
-        crate::conn::serve_inbound(s.clone(), stream, kind, optional_auth).await;
-        s.control.load[s.id].fetch_sub(1, Ordering::Relaxed);
-    })
+    glommio::spawn_local(crate::conn::serve_inbound(
+        shard.clone(),
+        stream,
+        kind,
+        optional_auth,
+    ))
     .detach();
 }
 

@@ -23,7 +23,6 @@ use crate::server::Control;
 use crate::tls::TlsPolicy;
 use arc_swap::ArcSwap;
 use glommio::channels::channel_mesh::{Receivers, Senders};
-use glommio::channels::local_channel::LocalSender;
 use sipring_core::proxy::{Flow, Lookup, PeerRoute, Proxy, ProxyConfig};
 use sipring_core::registrar::{FlowId, MemoryStore, Registrar, RegistrarConfig, Reply, shard_for};
 use sipring_core::stateful::{Output, ShardProxy};
@@ -121,38 +120,8 @@ pub enum ShardMsg {
     },
 }
 
-/// What a connection's writer task receives.
-#[derive(Debug)]
-pub enum Out {
-    /// Write one message.
-    Msg(Rc<[u8]>, Option<Stamp>),
-    /// Write a CRLF keepalive pong (RFC 5626).
-    Pong,
-    /// Flush TLS output the reader produced (alerts, KeyUpdate answers).
-    Flush,
-    /// Close gracefully (close_notify).
-    Close,
-}
-
-/// A live connection, as the shard sees it.
-#[derive(Debug)]
-pub struct ConnHandle {
-    /// Its writer's queue (shared with the connection's reader). Unbounded in the channel
-    /// (so an idle connection reserves nothing) and bounded by `queued`/`cap` here.
-    pub tx: Rc<LocalSender<Out>>,
-    /// Messages queued and not yet written.
-    pub queued: Rc<Cell<usize>>,
-    /// Most messages queued before the connection is closed as a slow reader.
-    pub cap: usize,
-    /// Listener kind (or `Mtls` for outbound peer connections).
-    pub kind: ListenKind,
-    /// The federation partner, for verified MTLS connections.
-    pub peer: Option<String>,
-    /// Remote address.
-    pub remote: std::net::SocketAddr,
-    /// Whether the record layer runs in the kernel.
-    pub ktls: bool,
-}
+/// A live connection, as the shard sees it (shared with its task).
+pub type ConnHandle = Rc<crate::conn::Conn>;
 
 /// The state of this shard's outbound connection to one partner.
 #[derive(Debug)]
@@ -458,7 +427,7 @@ impl Shard {
                     if let Flow::Conn(id) = flow {
                         tracing::warn!(conn = id, %reason, "closing connection: stream framing lost");
                         if let Some(c) = self.conns.borrow().get(&id) {
-                            let _ = c.tx.try_send(Out::Close);
+                            c.close("framing_lost");
                         }
                     }
                 }
@@ -523,32 +492,22 @@ impl Shard {
     }
 
     fn send_local(self: &Rc<Self>, id: FlowId, bytes: Rc<[u8]>, stamp: Option<Stamp>) {
-        let conns = self.conns.borrow();
-        match conns.get(&id) {
+        // Clone the handle out of the table: a write can close the connection, which
+        // removes it from the table.
+        let conn = self.conns.borrow().get(&id).cloned();
+        match conn {
             Some(c) => {
-                let full = c.queued.get() >= c.cap;
-                if !full {
-                    c.queued.set(c.queued.get() + 1);
-                }
-                if full || c.tx.try_send(Out::Msg(bytes, stamp)).is_err() {
-                    // A reader this slow is dropped rather than buffered without bound.
-                    drop(conns);
-                    self.count("sipring_queue_drops_total{queue=\"connection\"}");
-                    tracing::warn!(conn = id, "write queue full: closing slow connection");
-                    if let Some(c) = self.conns.borrow().get(&id) {
-                        let _ = c.tx.try_send(Out::Close);
-                    }
+                if c.send(self, &bytes, stamp) == Err(crate::conn::SendError::Closed) {
+                    self.count("sipring_queue_drops_total{queue=\"closing\"}");
                 }
             }
-            None => {
-                drop(conns);
-                self.count("sipring_queue_drops_total{queue=\"gone\"}");
-            }
+            None => self.count("sipring_queue_drops_total{queue=\"gone\"}"),
         }
     }
 
     /// A connection finished its handshake and is ready for traffic.
-    pub fn conn_opened(&self, id: FlowId, handle: ConnHandle) {
+    pub fn conn_opened(&self, handle: ConnHandle) {
+        let id = handle.id;
         if let Some(p) = &handle.peer {
             self.proxy
                 .borrow_mut()
@@ -793,6 +752,7 @@ impl Shard {
         self.proxy.borrow_mut().handle_timeout(now);
         self.pump(None);
         if publish {
+            self.sweep_idle(now);
             let purged = self.store.borrow_mut().purge(now);
             let mut m = self.metrics.borrow_mut();
             if purged > 0 {
@@ -825,6 +785,25 @@ impl Shard {
             };
             drop(m);
             self.control.snapshots[self.id].store(Arc::new(snap));
+        }
+    }
+
+    /// Closes connections that received nothing for `limits.idle_timeout_s` (half-open
+    /// peers): one pass over the table every publication tick instead of a timer per
+    /// connection.
+    fn sweep_idle(&self, now: Instant) {
+        let idle = Duration::from_secs(self.cfg.limits.idle_timeout_s);
+        let stale: Vec<ConnHandle> = self
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| c.is_open() && now.saturating_duration_since(c.last_rx()) >= idle)
+            .cloned()
+            .collect();
+        for c in stale {
+            tracing::debug!(conn = c.id, remote = %c.remote, "idle timeout");
+            self.count("sipring_idle_timeouts_total");
+            c.close("idle_timeout");
         }
     }
 

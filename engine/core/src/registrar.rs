@@ -147,10 +147,13 @@ impl BindingStore for MemoryStore {
         self.map.get(aor).map_or(&[], Vec::as_slice)
     }
 
-    fn put(&mut self, aor: &str, bindings: Vec<Binding>) {
+    fn put(&mut self, aor: &str, mut bindings: Vec<Binding>) {
         if bindings.is_empty() {
             self.map.remove(aor);
         } else {
+            // Stored for the registration's life: no spare capacity (a pushed-to Vec has
+            // room for four bindings; most AORs have one).
+            bindings.shrink_to_fit();
             self.map.insert(aor.to_owned(), bindings);
         }
     }

@@ -71,7 +71,7 @@ impl Drop for BoundListener {
 }
 
 /// A second handle on the same connected socket (`dup`), so one task can read while another
-/// writes.
+/// writes (the load generator's clients; the server uses one descriptor per connection).
 pub fn try_clone(s: &glommio::net::TcpStream) -> std::io::Result<glommio::net::TcpStream> {
     use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
     // SAFETY: `s` owns its descriptor and outlives this call; the borrow is only used to
@@ -108,29 +108,15 @@ pub fn connect_from(
     Ok(unsafe { glommio::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
 }
 
-/// Reads what is available now without blocking: `Ok(None)` when nothing is (a spurious
-/// wake-up). Used after a zero-copy readiness wait (`peek`), so idle connections hold no read
-/// buffer: the buffer comes from the shard's pool only while there is data.
-pub fn recv_now(s: &glommio::net::TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes for the whole call, and
-    // recv writes at most that many; `s` owns the descriptor and outlives the call.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n >= 0 {
-        return Ok(Some(n as usize));
-    }
-    let e = std::io::Error::last_os_error();
-    if e.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(None)
+/// Shuts a connected socket down both ways, synchronously (the end of a connection's close
+/// sequence; the descriptor itself closes when its stream is dropped).
+pub fn shutdown(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: shutdown takes a descriptor and a constant and touches no memory of ours; a
+    // stale descriptor yields EBADF, which is returned, not undefined behaviour.
+    if unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0 {
+        Ok(())
     } else {
-        Err(e)
+        Err(std::io::Error::last_os_error())
     }
 }
 
