@@ -5,7 +5,8 @@
 #   benches/scale/storm.sh [OUT_DIR]      (as root; N=100000 by default, ~5 minutes)
 #
 # The server runs on SERVER_CPU (default 0), sipring-load on LOAD_CPU (default 1), both on this
-# host. sipring-load holds N UAs (idle scenario, CRLF keepalive every KEEPALIVE_S) spread over
+# host. sipring-load holds N UAs (in GENS processes when one process may not hold them all: it
+# uses two descriptors per connection; idle scenario, CRLF keepalive every KEEPALIVE_S) spread over
 # 8 loopback source addresses and, with --reconnect, connects again and re-registers when the
 # server goes away. The script: waits until N connections are up, reads the server's RSS and
 # its CPU over an idle window of IDLE_S seconds, stops it (SIGTERM), starts it again on the
@@ -20,14 +21,21 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 IDLE_S=${IDLE_S:-30}
 KEEPALIVE_S=${KEEPALIVE_S:-30}
+SETUP_TIMEOUT_S=${SETUP_TIMEOUT_S:-600}
+STORM_TIMEOUT_S=${STORM_TIMEOUT_S:-300}
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-scale.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 
-# Two fds per connection on each side, plus slack: raise the hard limit (root) first.
+# The server needs one descriptor per connection, the generator two: raise the hard limit
+# (root) first; where it cannot be raised, split the UAs over GENS generator processes.
 ulimit -Hn 1048576 2>/dev/null || true
 ulimit -n "$(ulimit -Hn)"
-[ "$(ulimit -n)" -ge $((2 * N + 1000)) ] || { echo "nofile limit $(ulimit -n) is too low for N=$N"; exit 1; }
+NOFILE=$(ulimit -n)
+[ "$NOFILE" -ge $((N + 500)) ] || { echo "nofile limit $NOFILE is too low for a server holding N=$N"; exit 1; }
+PER_GEN=$(( (NOFILE - 500) / 2 ))
+GENS=${GENS:-$(( (N + PER_GEN - 1) / PER_GEN ))}
+[ $(( (N + GENS - 1) / GENS )) -le "$PER_GEN" ] || { echo "GENS=$GENS generators cannot hold N=$N under nofile $NOFILE"; exit 1; }
 
 cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
 SIPRING=$ROOT/target/release/sipring
@@ -83,13 +91,18 @@ wait_for() { # wait_for COUNT TIMEOUT_S -> seconds until COUNT contacts are regi
 
 start; sleep 1
 rss0=$(rss_kib)
-# The run phase (after setup) outlasts everything below; the generator stops at its end.
-taskset -c "$LOAD_CPU" "$LOAD" idle --target 127.0.0.1:16061 --ca "$W/pki/ca.pem" --shards 1 --quiet \
-  --users "$N" --keepalive "$KEEPALIVE_S" --duration $((IDLE_S + 200)) --warmup 0 --timeout 30 \
-  --connect-concurrency 512 --local-addrs 127.0.0.2-127.0.0.9 --reconnect \
-  --json "$OUT/storm.json" --hgrm-dir "$OUT/storm-hgrm" --plot "$OUT/storm.svg" >"$OUT/storm.txt" 2>&1 &
-lp=$!
-setup=$(wait_for "$N" 600)
+# The run phase (after setup) outlasts everything below; the generators stop at its end.
+lps=()
+for g in $(seq 1 "$GENS"); do
+  n=$(( N / GENS + (g <= N % GENS ? 1 : 0) ))
+  taskset -c "$LOAD_CPU" "$LOAD" idle --target 127.0.0.1:16061 --ca "$W/pki/ca.pem" --shards 1 --quiet \
+    --users "$n" --prefix "g${g}u" --keepalive "$KEEPALIVE_S" --duration $((IDLE_S + STORM_TIMEOUT_S + 60)) \
+    --warmup 0 --timeout 30 --connect-concurrency $(( 512 / GENS )) --local-addrs 127.0.0.2-127.0.0.9 --reconnect \
+    --json "$OUT/storm-$g.json" --hgrm-dir "$OUT/storm-$g-hgrm" --plot "$OUT/storm-$g.svg" >"$OUT/storm-$g.txt" 2>&1 &
+  lps+=($!)
+done
+echo "$N UAs in $GENS generator process(es) (nofile $NOFILE)"
+setup=$(wait_for "$N" "$SETUP_TIMEOUT_S")
 echo "setup: $N connections registered in ${setup}s"
 sleep 5
 rss1=$(rss_kib)
@@ -100,11 +113,11 @@ echo "keepalive: $(python3 -c "print(round(($c1-$c0)*100/$(getconf CLK_TCK)/$IDL
 kill -TERM "$(cat "$W/pid")"; wait "$(cat "$W/pid")" || true
 echo "server stopped (SIGTERM); restarting on the same port"
 start
-storm=$(wait_for "$N" 300)
+storm=$(wait_for "$N" "$STORM_TIMEOUT_S")
 echo "reconnect storm: all $N connections back and registered ${storm}s after the restart"
 sleep 3
 echo "3 s later: $(metric sipring_connections) connections up, $(metric sipring_bindings) bindings"
 echo "server still running: $(kill -0 "$(cat "$W/pid")" && echo yes)"
-kill -TERM $lp 2>/dev/null || true; wait $lp || true
+kill -TERM "${lps[@]}" 2>/dev/null || true; wait "${lps[@]}" || true
 kill -TERM "$(cat "$W/pid")"; wait "$(cat "$W/pid")" || true
-cat "$OUT/storm.txt"
+for g in $(seq 1 "$GENS"); do echo "== generator $g"; cat "$OUT/storm-$g.txt"; done

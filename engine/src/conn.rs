@@ -335,7 +335,16 @@ fn handshake_outcome(
             return Ok(());
         }
         None => {
-            tracing::warn!(%remote, kind = kind_l, reason = "handshake_timeout", "TLS handshake rejected");
+            if let Some(left_out) = shard.timeout_log.allow(Instant::now()) {
+                tracing::warn!(
+                    %remote,
+                    kind = kind_l,
+                    reason = "handshake_timeout",
+                    left_out,
+                    "TLS handshake rejected (timeouts: at most one line a second; \
+                     sipring_handshakes_total counts all)"
+                );
+            }
             Rejection::HandshakeTimeout
         }
         Some(Err(HsError::Closed)) => {

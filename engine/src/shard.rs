@@ -191,6 +191,8 @@ pub struct Shard {
     pub per_ip: RefCell<HashMap<IpAddr, usize>>,
     /// Connections refused by a `[limits]` key are logged at most once a second.
     pub refusal_log: LogLimiter,
+    /// Handshake timeouts (an overload symptom: they come in storms) likewise.
+    pub timeout_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
 }
@@ -286,6 +288,7 @@ impl Shard {
             handshakes: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),
             refusal_log: LogLimiter::default(),
+            timeout_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
         }
     }
