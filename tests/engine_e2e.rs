@@ -573,6 +573,30 @@ fn big_message(from: &Ua, to: &str, call_id: &str, tag: &str, len: usize) -> Vec
     )
 }
 
+/// Sends 8 KB MESSAGEs from `from` to `to` (body line `seq N`) in batches of 100 until the
+/// metrics satisfy `done` (bounded: 5,000 messages, 40 MB); returns how many were sent.
+fn flood_until(
+    from: &mut Ua,
+    to: &str,
+    admin: std::net::SocketAddr,
+    done: impl Fn(&str) -> bool,
+) -> usize {
+    let mut n = 0;
+    while n < 5000 {
+        for _ in 0..100 {
+            let m = big_message(from, to, &format!("f-{n}"), &format!("seq {n}"), 8000);
+            from.send(&m);
+            n += 1;
+        }
+        // Snapshots are published every 500 ms.
+        std::thread::sleep(Duration::from_millis(100));
+        if done(&admin_get(admin, "/metrics")) {
+            break;
+        }
+    }
+    n
+}
+
 #[test]
 fn a_reader_that_stalls_is_queued_for_then_flushed_in_order() {
     let pki = Pki::new();
@@ -583,30 +607,11 @@ fn a_reader_that_stalls_is_queued_for_then_flushed_in_order() {
     let mut alice = registered(&pki, &srv, "alice");
     let mut bob = registered(&pki, &srv, "bob");
     // Bob stops reading while MESSAGEs are forwarded to him until the kernel's socket
-    // buffers are full and the server has to queue (bounded: at most 40 MB).
+    // buffers are full and the server has to queue.
     let admin = srv.admin_addr.unwrap();
-    let mut n = 0;
-    while n < 5000 {
-        for _ in 0..100 {
-            alice.send(&big_message(
-                &alice,
-                "bob",
-                &format!("q-{n}"),
-                &format!("seq {n}"),
-                8000,
-            ));
-            n += 1;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        let m = admin_get(admin, "/metrics");
-        if metric(&m, "sipring_writes_queued_total").unwrap_or(0.0) > 0.0 {
-            break;
-        }
-        if n % 1000 == 0 {
-            // Snapshots are published every 500 ms.
-            std::thread::sleep(Duration::from_millis(600));
-        }
-    }
+    let n = flood_until(&mut alice, "bob", admin, |m| {
+        metric(m, "sipring_writes_queued_total").unwrap_or(0.0) > 0.0
+    });
     wait_metrics(admin, "queued writes", |m| {
         metric(m, "sipring_writes_queued_total").unwrap_or(0.0) > 0.0
     });
@@ -643,26 +648,10 @@ fn a_reader_slower_than_its_write_queue_is_disconnected_and_the_shard_goes_on() 
     let mut alice = registered(&pki, &srv, "alice");
     let mut bob = registered(&pki, &srv, "bob");
     let admin = srv.admin_addr.unwrap();
-    let mut sent = 0;
     let dropped = |m: &str| {
         metric(m, "sipring_queue_drops_total{queue=\"connection\"}").unwrap_or(0.0) >= 1.0
     };
-    while sent < 5000 {
-        for _ in 0..100 {
-            alice.send(&big_message(
-                &alice,
-                "bob",
-                &format!("s-{sent}"),
-                &format!("seq {sent}"),
-                8000,
-            ));
-            sent += 1;
-        }
-        std::thread::sleep(Duration::from_millis(600));
-        if dropped(&admin_get(admin, "/metrics")) {
-            break;
-        }
-    }
+    let sent = flood_until(&mut alice, "bob", admin, dropped);
     wait_metrics(admin, "the slow reader dropped", |m| {
         dropped(m) && metric(m, "sipring_bindings").unwrap_or(1.0) == 1.0
     });
