@@ -718,3 +718,36 @@ fn an_idle_connection_is_closed_by_the_sweep_and_keepalives_keep_one_open() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn connections_that_never_finish_a_handshake_release_their_source_address_slot() {
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.limits.max_connections_per_ip = 2;
+    let srv = start(cfg, None).expect("start");
+    let admin = srv.admin_addr.unwrap();
+    // A load balancer's TCP health checks, one after the other: connect, close, no TLS.
+    for i in 1..=5 {
+        drop(std::net::TcpStream::connect(srv.listen_addrs[0]).expect("connect"));
+        wait_metrics(admin, "the health check's handshake aborted", |m| {
+            metric(
+                m,
+                "sipring_handshakes_total{kind=\"tls\",result=\"aborted\"}",
+            ) == Some(f64::from(i))
+        });
+    }
+    // The limit is 2 per address: both real clients still get in.
+    let _a = registered(&pki, &srv, "a");
+    let _b = registered(&pki, &srv, "b");
+    let m = admin_get(admin, "/metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "sipring_connections_refused_total{limit=\"max_connections_per_ip\"}"
+        ),
+        None
+    );
+    srv.stop();
+    srv.join().unwrap();
+}

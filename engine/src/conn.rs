@@ -268,17 +268,17 @@ pub fn serve_inbound(
     stream: TcpStream,
     kind: ListenKind,
     optional_auth: bool,
+    admission: crate::shard::Admission,
 ) -> impl Future<Output = ()> {
-    // The shard's load (connections and handshakes, for balanced accept) counts this one
-    // until it ends.
-    shard.control.load[shard.id].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let open = Box::pin(open_inbound(shard.clone(), stream, kind, optional_auth));
     async move {
+        // Held to the end, whatever happens: the source address's count and the shard's
+        // load are released when this future ends or is dropped.
+        let _admission = admission;
         if let Some(conn) = open.await {
             let flow = Flow::Conn(conn.id);
-            established(shard.clone(), conn, flow, KeepaliveRole::Server).await;
+            established(shard, conn, flow, KeepaliveRole::Server).await;
         }
-        shard.control.load[shard.id].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -496,13 +496,19 @@ enum Wrote {
 impl Io {
     /// Writes `wire` now if nothing is queued ahead of it; queues what the socket refuses.
     fn write_or_queue(&mut self, wire: Cow<'_, [u8]>, stamp: Option<Stamp>) -> Wrote {
+        if wire.is_empty() {
+            return Wrote::Done(stamp);
+        }
         let mut off = 0;
         if self.out.is_empty() {
             // No waker: the task registers its own when it flushes the queue.
             let mut cx = Context::from_waker(Waker::noop());
             while off < wire.len() {
                 match Pin::new(&mut self.stream).poll_write(&mut cx, &wire[off..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => off += n,
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        off += n;
+                        count_records(&mut self.layer, n);
+                    }
                     Poll::Ready(_) => return Wrote::Failed,
                     Poll::Pending => break,
                 }
@@ -538,6 +544,7 @@ impl Io {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     front.off += n;
                     self.out_bytes -= n;
+                    count_records(&mut self.layer, n);
                     if front.off == front.bytes.len()
                         && let Some(q) = self.out.pop_front()
                         && let Some(s) = q.stamp
@@ -563,17 +570,26 @@ impl Io {
         self.write_or_queue(Cow::Owned(wire), None)
     }
 
-    /// kTLS: past the record budget, rekey (TLS 1.3) or end the connection (TLS 1.2).
-    /// Only at a point where nothing is queued, so the KeyUpdate follows every record
-    /// protected by the old key.
+    /// kTLS: past the record budget (or asked by the peer), rekey (TLS 1.3) or end the
+    /// connection (TLS 1.2). Called before application data goes to the kernel. The queue
+    /// holds plaintext the kernel has not seen, so a KeyUpdate now precedes it correctly.
     fn maybe_rekey(&mut self, max_records: u64) -> Result<(), &'static str> {
         let Layer::Kernel(k) = &mut self.layer else {
             return Ok(());
         };
-        if !self.out.is_empty() || k.records_sent < ktls_record_budget(k.suite).min(max_records) {
+        if k.records_sent < ktls_record_budget(k.suite).min(max_records) {
             return Ok(());
         }
-        rekey_or_close(self.stream.as_raw_fd(), k)
+        // `Later`: the socket is full; records_sent stays over budget and the next write
+        // tries again.
+        rekey_or_close(self.stream.as_raw_fd(), k).map(|_| ())
+    }
+}
+
+/// kTLS: one write of `n` bytes makes at least one record (the kernel does not count for us).
+fn count_records(layer: &mut Layer, n: usize) {
+    if let Layer::Kernel(k) = layer {
+        k.records_sent = k.records_sent.saturating_add((n as u64).div_ceil(1 << 14));
     }
 }
 
@@ -688,6 +704,11 @@ impl Conn {
             return Err(SendError::Closed);
         }
         let mut io = self.io.borrow_mut();
+        if let Err(why) = io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
+            drop(io);
+            self.abort(why);
+            return Err(SendError::Closed);
+        }
         let wire = match &mut io.layer {
             Layer::User(s) => {
                 if s.write(bytes).is_err() {
@@ -697,23 +718,13 @@ impl Conn {
                 }
                 Cow::Owned(s.take_outgoing())
             }
-            Layer::Kernel(k) => {
-                k.records_sent = k
-                    .records_sent
-                    .saturating_add((bytes.len() as u64).div_ceil(1 << 14).max(1));
-                Cow::Borrowed(bytes)
-            }
-            Layer::Plain => Cow::Borrowed(bytes),
+            Layer::Kernel(_) | Layer::Plain => Cow::Borrowed(bytes),
         };
         match io.write_or_queue(wire, stamp) {
             Wrote::Done(stamp) => {
-                let rekey = io.maybe_rekey(shard.cfg.tls.ktls_max_records);
                 drop(io);
                 if let Some(s) = stamp {
                     record_forward(shard, s);
-                }
-                if let Err(why) = rekey {
-                    self.abort(why);
                 }
                 Ok(())
             }
@@ -751,16 +762,11 @@ impl Conn {
         }
         let mut io = self.io.borrow_mut();
         if !io.out.is_empty() {
-            match io.poll_flush(cx, &mut |s| record_forward(shard, s)) {
-                Poll::Ready(Err(())) => {
-                    return Poll::Ready(Event::Close(Closing::Abort("write_error")));
-                }
-                Poll::Ready(Ok(())) => {
-                    if let Err(why) = io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
-                        return Poll::Ready(Event::Close(Closing::Abort(why)));
-                    }
-                }
-                Poll::Pending => {}
+            if let Err(why) = io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
+                return Poll::Ready(Event::Close(Closing::Abort(why)));
+            }
+            if let Poll::Ready(Err(())) = io.poll_flush(cx, &mut |s| record_forward(shard, s)) {
+                return Poll::Ready(Event::Close(Closing::Abort("write_error")));
             }
         }
         let mut scratch = shard.take_read_buf();
@@ -905,9 +911,18 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         }
     };
     drop(partial);
+    // An abort decided meanwhile (a slow reader dropped while delivering) wins over a
+    // graceful close: there is no point flushing to it.
+    let closing = match conn.closing.get() {
+        c @ Closing::Abort(_) => c,
+        _ => closing,
+    };
     shard.conn_closed(conn.id);
+    // Counted until the close sequence ends, so a stopping shard waits for it.
+    shard.closing.set(shard.closing.get() + 1);
     // Boxed: the close sequence's timer is only paid for while closing.
     Box::pin(close(&shard, &conn, closing)).await;
+    shard.closing.set(shard.closing.get() - 1);
 }
 
 /// The close sequence: graceful (queued output, close_notify, within 2 s) or abrupt; then
@@ -952,17 +967,28 @@ fn ktls_record_budget(suite: rustls::SupportedCipherSuite) -> u64 {
     }
 }
 
+/// Whether a KeyUpdate went out.
+enum Rekey {
+    /// Sent, and the new TX key installed.
+    Done,
+    /// The socket had no room: nothing sent, try again before the next write.
+    Later,
+}
+
 /// TLS 1.3: send a KeyUpdate and install the new TX key. TLS 1.2 has no KeyUpdate: send
-/// close_notify and end the connection (`Err`).
-fn rekey_or_close(fd: std::os::fd::RawFd, k: &mut KernelState) -> Result<(), &'static str> {
+/// close_notify and end the connection (`Err`). Never blocks.
+fn rekey_or_close(fd: std::os::fd::RawFd, k: &mut KernelState) -> Result<Rekey, &'static str> {
     if !k.tls13 {
         tracing::info!("TLS 1.2 connection reached its record budget; closing gracefully");
         let _ = sys::ktls::send_close_notify(fd);
         return Err("record_budget");
     }
     // KeyUpdate(update_not_requested): type 24, length 1, value 0.
-    sys::ktls::send_record(fd, sys::ktls::content::HANDSHAKE, &[24, 0, 0, 1, 0])
-        .map_err(|_| "key_update")?;
+    match sys::ktls::send_record(fd, sys::ktls::content::HANDSHAKE, &[24, 0, 0, 1, 0]) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Rekey::Later),
+        Err(_) => return Err("key_update"),
+    }
     let (seq, secrets) = match &mut k.conn {
         KernelConn::Server(c) => c.update_tx_secret(),
         KernelConn::Client(c) => c.update_tx_secret(),
@@ -971,7 +997,7 @@ fn rekey_or_close(fd: std::os::fd::RawFd, k: &mut KernelState) -> Result<(), &'s
     let info = sys::ktls::crypto_info(k.suite, seq, secrets).map_err(|_| "key_update")?;
     sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &info).map_err(|_| "key_update")?;
     k.records_sent = 0;
-    Ok(())
+    Ok(Rekey::Done)
 }
 
 /// A non-data record the kernel handed up: alerts, KeyUpdate, tickets. `Err`: the
@@ -1004,17 +1030,9 @@ fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<(), &'stati
                 let info =
                     sys::ktls::crypto_info(k.suite, seq, secrets).map_err(|_| "key_update")?;
                 sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &info).map_err(|_| "key_update")?;
-                if requested {
-                    // Our update must follow every record sent under the old key: with
-                    // output queued, let the task do it once the queue drains.
-                    if io.out.is_empty() {
-                        let Layer::Kernel(k) = &mut io.layer else {
-                            unreachable!("checked above")
-                        };
-                        rekey_or_close(fd, k)?;
-                    } else if let Layer::Kernel(k) = &mut io.layer {
-                        k.records_sent = u64::MAX;
-                    }
+                // Asked to update ours too: now, or (socket full) before our next write.
+                if requested && let Rekey::Later = rekey_or_close(fd, k)? {
+                    k.records_sent = u64::MAX;
                 }
                 Ok(())
             }

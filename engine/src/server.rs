@@ -255,7 +255,8 @@ async fn run_shard(
         c.close("stopping");
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+    while (!shard.conns.borrow().is_empty() || shard.closing.get() > 0) && Instant::now() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
@@ -292,8 +293,12 @@ async fn accept_loop(
             let target = least_loaded(&shard.control);
             if target != shard.id {
                 shard.count("sipring_cross_shard_total{op=\"adopt\"}");
-                let fd = stream_into_fd(stream);
-                shard.adopt_elsewhere(target, fd, kind, optional_auth);
+                match sys::sock::into_owned_fd(stream) {
+                    Ok(fd) => shard.adopt_elsewhere(target, fd, kind, optional_auth),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot hand a connection to another shard")
+                    }
+                }
                 continue;
             }
         }
@@ -309,10 +314,6 @@ fn least_loaded(control: &Control) -> usize {
         .enumerate()
         .min_by_key(|(_, l)| l.load(Ordering::Relaxed))
         .map_or(0, |(i, _)| i)
-}
-
-fn stream_into_fd(stream: glommio::net::TcpStream) -> std::os::fd::OwnedFd {
-    sys::sock::into_owned_fd(stream)
 }
 
 /// Applies the connection limits and serves the connection on this shard.
@@ -350,14 +351,13 @@ pub fn admit(
         }
         return;
     }
-    if let Some(ip) = ip {
-        *shard.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
-    }
+    let admission = shard::Admission::take(shard, ip);
     glommio::spawn_local(crate::conn::serve_inbound(
         shard.clone(),
         stream,
         kind,
         optional_auth,
+        admission,
     ))
     .detach();
 }

@@ -123,6 +123,44 @@ pub enum ShardMsg {
 /// A live connection, as the shard sees it (shared with its task).
 pub type ConnHandle = Rc<crate::conn::Conn>;
 
+/// An accepted connection's place in the shard's limits (its source address's count and the
+/// shard's load for balanced accept), held by its task from admission to its end, whatever
+/// the outcome (refused handshake, error, close) — released on drop.
+#[derive(Debug)]
+pub struct Admission {
+    shard: Rc<Shard>,
+    ip: Option<IpAddr>,
+}
+
+impl Admission {
+    /// Counts a connection from `ip` against this shard's limits.
+    pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> Admission {
+        if let Some(ip) = ip {
+            *shard.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+        }
+        shard.control.load[shard.id].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Admission {
+            shard: shard.clone(),
+            ip,
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.shard.per_ip.borrow_mut();
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        self.shard.control.load[self.shard.id].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The state of this shard's outbound connection to one partner.
 #[derive(Debug)]
 pub enum PeerLink {
@@ -189,6 +227,8 @@ pub struct Shard {
     pub handshakes: Cell<usize>,
     /// Connections per source address.
     pub per_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// Connections out of the table but still in their close sequence (flushing, close_notify).
+    pub closing: Cell<usize>,
     /// Connections refused by a `[limits]` key are logged at most once a second.
     pub refusal_log: LogLimiter,
     /// Handshake timeouts (an overload symptom: they come in storms) likewise.
@@ -287,6 +327,7 @@ impl Shard {
             stamps: RefCell::new(HashMap::new()),
             handshakes: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),
+            closing: Cell::new(0),
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
@@ -540,9 +581,6 @@ impl Shard {
         let Some(h) = self.conns.borrow_mut().remove(&id) else {
             return;
         };
-        if let Some(n) = self.per_ip.borrow_mut().get_mut(&h.remote.ip()) {
-            *n = n.saturating_sub(1);
-        }
         self.metrics.borrow_mut().gauge(
             &format!("sipring_connections{{kind=\"{}\"}}", kind_label(h.kind)),
             -1,

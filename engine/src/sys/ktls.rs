@@ -230,7 +230,9 @@ pub fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(u8, usize)>>
     Ok(Some((typ, n as usize)))
 }
 
-/// Sends one record of content type `typ` (alert, handshake) through the kernel.
+/// Sends one record of content type `typ` (alert, handshake) through the kernel, without
+/// blocking (the shard's thread must never wait on one peer): `WouldBlock` when the socket
+/// has no room now.
 pub fn send_record(fd: RawFd, typ: u8, payload: &[u8]) -> io::Result<usize> {
     #[repr(C, align(8))]
     struct Control([u8; 32]);
@@ -254,7 +256,7 @@ pub fn send_record(fd: RawFd, typ: u8, payload: &[u8]) -> io::Result<usize> {
         (*c).cmsg_type = TLS_SET_RECORD_TYPE;
         (*c).cmsg_len = libc::CMSG_LEN(1) as _;
         *libc::CMSG_DATA(c) = typ;
-        libc::sendmsg(fd, &msg, 0)
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT)
     };
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -263,7 +265,7 @@ pub fn send_record(fd: RawFd, typ: u8, payload: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Sends a close_notify alert through the kernel.
+/// Sends a close_notify alert through the kernel (best effort: not when the socket is full).
 pub fn send_close_notify(fd: RawFd) -> io::Result<()> {
     send_record(fd, content::ALERT, &[1, 0]).map(|_| ())
 }

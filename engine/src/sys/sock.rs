@@ -121,13 +121,14 @@ pub fn shutdown(fd: RawFd) -> std::io::Result<()> {
 }
 
 /// Takes a stream's descriptor out of glommio (to move the connection to another shard).
-pub fn into_owned_fd(s: glommio::net::TcpStream) -> std::os::fd::OwnedFd {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let fd = s.as_raw_fd();
-    std::mem::forget(s);
-    // SAFETY: `fd` belonged to `s`, which we forgot without running its Drop, so nothing
-    // else owns or will close it; the OwnedFd becomes its only owner.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+pub fn into_owned_fd(s: glommio::net::TcpStream) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // A duplicate, then the glommio stream is dropped normally: forgetting it instead would
+    // leak its pending readiness poll (which also keeps the socket open in io_uring).
+    // SAFETY: `s` owns its descriptor and outlives this borrow, used only to duplicate it.
+    let owned = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) }.try_clone_to_owned()?;
+    drop(s);
+    Ok(owned)
 }
 
 /// Gives an adopted descriptor to the current glommio executor.
