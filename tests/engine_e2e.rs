@@ -556,6 +556,14 @@ fn ipv6_listeners_and_every_method_passes_through() {
     srv.join().unwrap();
 }
 
+/// A one-shard server with the test's configuration changes.
+fn one_shard(pki: &Pki, change: impl FnOnce(&mut sipring::config::Config)) -> Running {
+    let mut cfg = config(pki);
+    cfg.server.shards = 1;
+    change(&mut cfg);
+    start(cfg, None).expect("start")
+}
+
 /// A MESSAGE from `from` to `to` with a body of `len` bytes whose first line is `tag`.
 fn big_message(from: &Ua, to: &str, call_id: &str, tag: &str, len: usize) -> Vec<u8> {
     let mut body = format!("{tag}\n");
@@ -600,10 +608,7 @@ fn flood_until(
 #[test]
 fn a_reader_that_stalls_is_queued_for_then_flushed_in_order() {
     let pki = Pki::new();
-    let mut cfg = config(&pki);
-    cfg.server.shards = 1;
-    cfg.limits.write_queue_bytes = 64 << 20;
-    let srv = start(cfg, None).expect("start");
+    let srv = one_shard(&pki, |cfg| cfg.limits.write_queue_bytes = 64 << 20);
     let mut alice = registered(&pki, &srv, "alice");
     let mut bob = registered(&pki, &srv, "bob");
     // Bob stops reading while MESSAGEs are forwarded to him until the kernel's socket
@@ -641,10 +646,7 @@ fn a_reader_that_stalls_is_queued_for_then_flushed_in_order() {
 #[test]
 fn a_reader_slower_than_its_write_queue_is_disconnected_and_the_shard_goes_on() {
     let pki = Pki::new();
-    let mut cfg = config(&pki);
-    cfg.server.shards = 1;
-    cfg.limits.write_queue_bytes = 64 << 10;
-    let srv = start(cfg, None).expect("start");
+    let srv = one_shard(&pki, |cfg| cfg.limits.write_queue_bytes = 64 << 10);
     let mut alice = registered(&pki, &srv, "alice");
     let mut bob = registered(&pki, &srv, "bob");
     let admin = srv.admin_addr.unwrap();
@@ -683,10 +685,7 @@ fn a_reader_slower_than_its_write_queue_is_disconnected_and_the_shard_goes_on() 
 #[test]
 fn an_idle_connection_is_closed_by_the_sweep_and_keepalives_keep_one_open() {
     let pki = Pki::new();
-    let mut cfg = config(&pki);
-    cfg.server.shards = 1;
-    cfg.limits.idle_timeout_s = 1;
-    let srv = start(cfg, None).expect("start");
+    let srv = one_shard(&pki, |cfg| cfg.limits.idle_timeout_s = 1);
     let mut quiet = registered(&pki, &srv, "quiet");
     let mut chatty = registered(&pki, &srv, "chatty");
     let t0 = std::time::Instant::now();
@@ -722,10 +721,7 @@ fn an_idle_connection_is_closed_by_the_sweep_and_keepalives_keep_one_open() {
 #[test]
 fn connections_that_never_finish_a_handshake_release_their_source_address_slot() {
     let pki = Pki::new();
-    let mut cfg = config(&pki);
-    cfg.server.shards = 1;
-    cfg.limits.max_connections_per_ip = 2;
-    let srv = start(cfg, None).expect("start");
+    let srv = one_shard(&pki, |cfg| cfg.limits.max_connections_per_ip = 2);
     let admin = srv.admin_addr.unwrap();
     // A load balancer's TCP health checks, one after the other: connect, close, no TLS.
     for i in 1..=5 {
