@@ -747,3 +747,35 @@ fn connections_that_never_finish_a_handshake_release_their_source_address_slot()
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn a_framing_error_is_answered_then_the_connection_closes() {
+    let pki = Pki::new();
+    let srv = one_shard(&pki, |_| {});
+    let admin = srv.admin_addr.unwrap();
+    let mut u = ua(&pki, &srv, "mallory");
+    // A Content-Length that is not a number loses the stream's framing; 200 KB more follow
+    // in the same write, which the server will never read.
+    let mut bytes = b"OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKfr\r\nTo: <sip:example.com>\r\nFrom: <sip:m@example.com>;tag=m\r\nCall-ID: fr-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: abc\r\n\r\n".to_vec();
+    bytes.extend(std::iter::repeat_n(b'x', 200_000));
+    u.send(&bytes);
+    let (code, _) = u.expect_final_or_provisional("the framing error's answer");
+    assert_eq!(code, 400);
+    assert!(
+        u.recv(Duration::from_secs(2)).is_none(),
+        "then the connection ends"
+    );
+    wait_metrics(
+        admin,
+        "the framing error counted and the connection gone",
+        |m| {
+            metric(
+                m,
+                "sipring_parse_errors_total{reason=\"invalid_content_length\"}",
+            ) == Some(1.0)
+                && metric(m, "sipring_connections{kind=\"tls\"}") == Some(0.0)
+        },
+    );
+    srv.stop();
+    srv.join().unwrap();
+}

@@ -947,12 +947,49 @@ async fn close(shard: &Shard, conn: &Conn, closing: Closing) {
             }),
         )
         .await;
-        let io = conn.io.borrow();
-        if let (Some(Ok(())), Layer::Kernel(_)) = (flushed, &io.layer) {
-            let _ = sys::ktls::send_close_notify(io.stream.as_raw_fd());
+        {
+            let io = conn.io.borrow();
+            let fd = io.stream.as_raw_fd();
+            if let (Some(Ok(())), Layer::Kernel(_)) = (flushed, &io.layer) {
+                let _ = sys::ktls::send_close_notify(fd);
+            }
+            let _ = sys::sock::shutdown(fd, std::net::Shutdown::Write);
         }
+        // Closing with unread input sends RST, which can destroy what we just sent (an error
+        // response, close_notify) before the peer reads it: drain briefly until its FIN.
+        let _ = with_timeout(
+            Duration::from_millis(250),
+            std::future::poll_fn(|cx| drain(cx, shard, conn)),
+        )
+        .await;
     }
-    let _ = sys::sock::shutdown(conn.io.borrow().stream.as_raw_fd());
+    let _ = sys::sock::shutdown(
+        conn.io.borrow().stream.as_raw_fd(),
+        std::net::Shutdown::Both,
+    );
+}
+
+/// Reads and discards until the peer's end of stream (or an error); no buffer held while
+/// waiting.
+fn drain(cx: &mut Context<'_>, shard: &Shard, conn: &Conn) -> Poll<()> {
+    let mut io = conn.io.borrow_mut();
+    let mut scratch = shard.take_read_buf();
+    let mut reads = 0;
+    let r = loop {
+        match Pin::new(&mut io.stream).poll_read(cx, &mut scratch) {
+            // A peer that keeps sending must not hold the shard: yield every 16 reads so
+            // the timer bounding the drain (and everything else) runs.
+            Poll::Ready(Ok(n)) if n > 0 && reads == 16 => {
+                cx.waker().wake_by_ref();
+                break Poll::Pending;
+            }
+            Poll::Ready(Ok(n)) if n > 0 => reads += 1,
+            Poll::Ready(_) => break Poll::Ready(()),
+            Poll::Pending => break Poll::Pending,
+        }
+    };
+    shard.give_read_buf(scratch);
+    r
 }
 
 /// Records we let one key protect: well below the AES-GCM confidentiality limit (2^24.5

@@ -108,12 +108,17 @@ pub fn connect_from(
     Ok(unsafe { glommio::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
 }
 
-/// Shuts a connected socket down both ways, synchronously (the end of a connection's close
-/// sequence; the descriptor itself closes when its stream is dropped).
-pub fn shutdown(fd: RawFd) -> std::io::Result<()> {
+/// Shuts a connected socket down, synchronously (a connection's close sequence; the
+/// descriptor itself closes when its stream is dropped).
+pub fn shutdown(fd: RawFd, how: std::net::Shutdown) -> std::io::Result<()> {
+    let how = match how {
+        std::net::Shutdown::Read => libc::SHUT_RD,
+        std::net::Shutdown::Write => libc::SHUT_WR,
+        std::net::Shutdown::Both => libc::SHUT_RDWR,
+    };
     // SAFETY: shutdown takes a descriptor and a constant and touches no memory of ours; a
     // stale descriptor yields EBADF, which is returned, not undefined behaviour.
-    if unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0 {
+    if unsafe { libc::shutdown(fd, how) } == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
