@@ -447,11 +447,11 @@ pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
             Some(Conn::new(shard.new_conn_id(), est, ListenKind::Mtls, addr))
         })
         .await;
-        if let Some(conn) = opened {
-            let flow = Flow::Peer(name.clone());
-            established(shard.clone(), conn, flow, KeepaliveRole::Client).await;
+        match opened {
+            // `established` marks the link down as soon as the connection leaves the table.
+            Some(conn) => established(shard, conn, Flow::Peer(name), KeepaliveRole::Client).await,
+            None => shard.peer_down(&name),
         }
-        shard.peer_down(&name);
     })
     .detach();
 }
@@ -918,6 +918,11 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         _ => closing,
     };
     shard.conn_closed(conn.id);
+    if let Flow::Peer(name) = &flow {
+        // At once, not after the close sequence: messages for the partner meanwhile start a
+        // new link instead of being dropped as sent to a connection that is gone.
+        shard.peer_down(name);
+    }
     // Counted until the close sequence ends, so a stopping shard waits for it.
     shard.closing.set(shard.closing.get() + 1);
     // Boxed: the close sequence's timer is only paid for while closing.
