@@ -237,7 +237,7 @@ async fn accept_tls(
     let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
     shard.handshakes.set(shard.handshakes.get() - 1);
     if handshake_outcome(shard, r, remote, kind).is_err() {
-        linger_close(stream).await;
+        linger_close(shard, stream).await;
         return None;
     }
     shard
@@ -297,15 +297,19 @@ async fn open_inbound(
 
 /// After a refused handshake: half-close and drain briefly, so the alert we sent reaches the
 /// peer instead of being destroyed by a reset (closing with unread input sends RST).
-async fn linger_close(stream: TcpStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Write).await;
-    let mut stream = stream;
-    let mut sink = [0u8; 4096];
-    let _ = with_timeout(Duration::from_millis(250), async {
-        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
+async fn linger_close(shard: &Shard, mut stream: TcpStream) {
+    let _ = sys::sock::shutdown(stream.as_raw_fd(), std::net::Shutdown::Write);
+    let _ = with_timeout(
+        LINGER,
+        std::future::poll_fn(|cx| drain(cx, shard, &mut stream)),
+    )
     .await;
 }
+
+/// How long a closing connection reads (and discards) what the peer still sends, after our
+/// half-close: closing with unread input sends RST, which can destroy what we sent last (an
+/// alert, an error response, close_notify) before the peer reads it.
+const LINGER: Duration = Duration::from_millis(250);
 
 /// Which partner a verified MTLS peer is (its presented identity on a trusted list).
 fn identify_peer(shard: &Shard, sess: &TlsSession) -> Option<String> {
@@ -960,11 +964,9 @@ async fn close(shard: &Shard, conn: &Conn, closing: Closing) {
             }
             let _ = sys::sock::shutdown(fd, std::net::Shutdown::Write);
         }
-        // Closing with unread input sends RST, which can destroy what we just sent (an error
-        // response, close_notify) before the peer reads it: drain briefly until its FIN.
         let _ = with_timeout(
-            Duration::from_millis(250),
-            std::future::poll_fn(|cx| drain(cx, shard, conn)),
+            LINGER,
+            std::future::poll_fn(|cx| drain(cx, shard, &mut conn.io.borrow_mut().stream)),
         )
         .await;
     }
@@ -974,14 +976,13 @@ async fn close(shard: &Shard, conn: &Conn, closing: Closing) {
     );
 }
 
-/// Reads and discards until the peer's end of stream (or an error); no buffer held while
-/// waiting.
-fn drain(cx: &mut Context<'_>, shard: &Shard, conn: &Conn) -> Poll<()> {
-    let mut io = conn.io.borrow_mut();
+/// Reads and discards until the peer's end of stream (or an error), for [`LINGER`]; no
+/// buffer held while waiting.
+fn drain(cx: &mut Context<'_>, shard: &Shard, stream: &mut TcpStream) -> Poll<()> {
     let mut scratch = shard.take_read_buf();
     let mut reads = 0;
     let r = loop {
-        match Pin::new(&mut io.stream).poll_read(cx, &mut scratch) {
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch) {
             // A peer that keeps sending must not hold the shard: yield every 16 reads so
             // the timer bounding the drain (and everything else) runs.
             Poll::Ready(Ok(n)) if n > 0 && reads == 16 => {
