@@ -8,7 +8,16 @@ use sipring_tests::server::{Pki, admin_get, config, free_port, metric, wait_metr
 use sipring_tests::ua::{Ua, answer, header, method, rr_shards, tls_config};
 use std::time::Duration;
 
+/// A connected UA that has authenticated (it answers the challenge of a REGISTER query), so
+/// its requests carry credentials.
 fn ua(pki: &Pki, srv: &Running, user: &str) -> Ua {
+    let mut u = anonymous(pki, srv, user);
+    assert_eq!(u.login(), 200, "{user} authenticates");
+    u
+}
+
+/// A connected UA that has not authenticated.
+fn anonymous(pki: &Pki, srv: &Running, user: &str) -> Ua {
     let cfg = tls_config(&pki.certs("ca.pem"), None, false);
     Ua::tls(
         srv.listen_addrs[0],
@@ -235,8 +244,8 @@ fn calls_cross_shards() {
             break;
         }
     }
+    // (It stays `caller<i>`: it authenticated as that user, and From must say so.)
     let mut alice = found.expect("no connection landed on the other shard in 40 tries");
-    alice.user = "alice".into();
     let inv = call(&mut alice, &mut bob, "cross-1");
     hang_up(&mut bob, &mut alice, &inv, "cross-1");
     // Each shard publishes its snapshot every 500 ms: wait until both counts are in.
@@ -343,6 +352,10 @@ fn federation_over_mtls_and_an_untrusted_peer_is_refused() {
     b_cfg.peer[0].roots = pki.dir.join("ca.pem");
     b_cfg.peer[0].crls = vec![pki.dir.join("ca.crl")];
     b_cfg.peer[0].address = Some(format!("127.0.0.1:{port_a}").parse().unwrap());
+    b_cfg.auth.subscribers = Some(sipring_tests::server::write_subscribers(
+        &pki.dir,
+        "partner.example.com",
+    ));
     let a = start(a_cfg, None).expect("start A");
     let b = start(b_cfg, None).expect("start B");
 

@@ -37,6 +37,9 @@ fn server_with(pki: &Pki, tls13_anyway: bool) -> Running {
     let mut cfg = config(pki);
     cfg.server.shards = 1;
     cfg.tls.ktls_tls13_without_rekey = tls13_anyway;
+    // These tests are about the record layer: raw clients send bare REGISTERs and read the
+    // 200. Who may register is tested elsewhere (policy unit tests, engine_e2e, identity).
+    cfg.auth.enabled = false;
     start(cfg, None).expect("start")
 }
 
@@ -370,6 +373,10 @@ fn outbound_peer_connections_offload_too() {
     b_cfg.peer[0].server_name = "sip.example.com".into();
     b_cfg.peer[0].roots = pki.dir.join("ca.pem");
     b_cfg.peer[0].crls = vec![pki.dir.join("ca.crl")];
+    b_cfg.auth.subscribers = Some(sipring_tests::server::write_subscribers(
+        &pki.dir,
+        "partner.example.com",
+    ));
     let a = start(a_cfg, None).unwrap();
     let b = start(b_cfg, None).unwrap();
     let mut alice = ua(&pki, &a, "alice", false);

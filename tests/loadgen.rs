@@ -1,5 +1,5 @@
 //! `sipring-load` against a real sipring on loopback: every scenario for a few seconds over
-//! TLS and MTLS, the counts add up (sent = answered + failed), the `.hgrm` and JSON outputs
+//! TLS (digest-authenticated UAs) and MTLS (UAs whose client certificates name their AORs), the counts add up (sent = answered + failed), the `.hgrm` and JSON outputs
 //! parse and agree, the SVG is written; and coordinated-omission correction against a server
 //! that stalls for a known time.
 
@@ -75,7 +75,13 @@ fn check_outputs(tag: &str, s: &Summary, hgrm: &Path, svg: &Path) {
 #[test]
 fn every_scenario_against_sipring_over_tls_and_mtls() {
     let pki = Pki::new();
-    let srv = start(config(&pki), None).expect("start");
+    // Clients may present certificates (the MTLS run below: each UA's certificate names its
+    // AOR, which then needs no password); the others authenticate with digest.
+    let client_ca = sipring::tls::pki::Ca::new("client CA").unwrap();
+    let mut cfg = config(&pki);
+    cfg.listen[0].client_auth = sipring::config::ClientAuth::Optional;
+    cfg.tls.client_roots = Some(pki.dir.write("client-ca.pem", &client_ca.cert.cert_pem));
+    let srv = start(cfg, None).expect("start");
     let out = TempDir::new("load");
     let tls = srv.listen_addrs[0].to_string();
     let ca = pki.dir.join("ca.pem").display().to_string();
@@ -89,6 +95,8 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
             "2".into(),
             "--warmup".into(),
             "0.5".into(),
+            "--password".into(),
+            "pw-{user}".into(),
         ]
     };
     let run = |tag: &str, scenario: &str, extra: &[&str]| {
@@ -147,18 +155,33 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
     );
     assert_eq!(code, 0, "{table}");
     assert!(s.pongs >= 30 * 3, "keepalive pongs: {}\n{table}", s.pongs);
-    // MTLS: the partner's certificate on the mtls listener.
-    let mtls = srv.listen_addrs[1].to_string();
+    // MTLS: each UA presents its own client certificate, whose SAN sip:x<i>@example.com
+    // authenticates that AOR (no password: the generator's credentials are left out).
+    let certs = out.join("ua-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    for i in 0..10 {
+        let c = client_ca
+            .issue(&sipring::tls::pki::Spec {
+                uris: vec![format!("sip:x{i}@example.com")],
+                usage: sipring::tls::pki::Usage::ClientOnly,
+                ..sipring::tls::pki::Spec::server(&format!("x{i}.example.com"))
+            })
+            .unwrap();
+        std::fs::write(certs.join(format!("x{i}.pem")), &c.cert_pem).unwrap();
+        std::fs::write(certs.join(format!("x{i}.key")), &c.key_pem).unwrap();
+    }
     let mut a = vec!["message".to_string()];
-    a.extend(common(&mtls));
+    a.extend(
+        common(&tls)
+            .into_iter()
+            .filter(|s| s != "--password" && s != "pw-{user}"),
+    );
     a.extend(
         [
             "--transport",
             "mtls",
-            "--cert",
-            &pki.dir.join("partner.pem").display().to_string(),
-            "--key",
-            &pki.dir.join("partner.key").display().to_string(),
+            "--cert-dir",
+            &certs.display().to_string(),
             "--users",
             "10",
             "--rate",
@@ -174,7 +197,7 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
     assert_eq!(code, 0, "{table}");
     assert!(s.kinds["message"].count >= 150 && s.failed == 0, "{table}");
     // A mix from a scenario file, and compare.
-    let mix = out.write("mix.toml", "[[scenario]]\nscenario = \"message\"\nusers = 10\nrate = 100\n[[scenario]]\nscenario = \"call\"\nusers = 10\nrate = 20\nhold = 0.2\n");
+    let mix = out.write("mix.toml", "[[scenario]]\nscenario = \"message\"\nusers = 10\nrate = 100\nprefix = \"m\"\n[[scenario]]\nscenario = \"call\"\nusers = 10\nrate = 20\nhold = 0.2\nprefix = \"c\"\n");
     let mut a = vec!["mix".to_string(), mix.display().to_string()];
     a.extend(common(&tls));
     let args: Vec<&str> = a.iter().map(String::as_str).collect();
@@ -369,6 +392,8 @@ fn a_restart_becomes_a_measured_reconnect_storm() {
                 "--warmup",
                 "0",
                 "--reconnect",
+                "--password",
+                "pw-{user}",
             ],
         );
         drop(out);

@@ -3,6 +3,7 @@
 //! and time only moves when the test says so. Covers calls, CANCEL, ACK handling, forking,
 //! timers and flow failure, and checks that every table returns to empty.
 
+use sipring_core::policy::Policy;
 use sipring_core::proxy::{Flow, Lookup, Proxy, ProxyConfig};
 use sipring_core::registrar::{MemoryStore, Registrar};
 use sipring_core::response::{ResponseParts, response_to};
@@ -38,6 +39,7 @@ impl Net {
             now: Instant::now(),
             proxy: ShardProxy::new(
                 Proxy::new(cfg),
+                Policy::open(),
                 Limits::default(),
                 TimerConfig::default(),
                 0,
@@ -92,6 +94,7 @@ impl Net {
                 }
                 Output::Close { flow, .. } => self.closed.push(flow),
                 Output::Relay { .. } => panic!("a single shard never relays"),
+                Output::Refused(r) => panic!("an open policy refused {r:?}"),
             }
         }
     }

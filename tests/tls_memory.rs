@@ -470,6 +470,66 @@ fn inbound_partner_acceptance_and_every_rejection_reason() {
 }
 
 #[test]
+fn a_partner_is_the_one_whose_roots_verified_it_and_a_san_hides_the_cn() {
+    let w = World::new();
+    for v in ["1.3", "1.2"] {
+        let policy = w.policy(&["1.2", "1.3"]);
+        // RFC 5922 §7.1: a subjectAltName extension holding only an IP address still means
+        // the CN is not an identity (the CN is on alpha's list, the IP on nobody's).
+        let ip_san = w
+            .alpha
+            .issue(&Spec {
+                dns: vec![],
+                uris: vec![],
+                ips: vec![[127, 0, 0, 1].into()],
+                ..spec("sip.alpha-cn.example")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&ip_san)),
+            Err(Rejection::NameNotTrusted),
+            "TLS {v}: CN used despite a SAN extension"
+        );
+        // A certificate from beta's CA naming beta *and* alpha verifies only to beta's roots:
+        // the connection is beta's, never alpha's (alpha is listed first and lists the name).
+        let both = w
+            .beta
+            .issue(&Spec {
+                dns: vec!["sip.beta.example".into(), "sip.alpha.example".into()],
+                uris: vec![],
+                ..spec("sip.beta.example")
+            })
+            .unwrap();
+        assert_eq!(inbound(&w, &policy, v, Some(&both)), Ok(()), "TLS {v}");
+        assert_eq!(
+            policy
+                .partner_of(std::slice::from_ref(&both.der))
+                .as_deref(),
+            Some("beta")
+        );
+        // Alpha and zeta share a CA (with CRLs): a certificate naming both verifies for both,
+        // so whose connection it is cannot be told, and it is refused.
+        let ambiguous = w
+            .alpha
+            .issue(&Spec {
+                dns: vec!["sip.alpha.example".into(), "sip.zeta.example".into()],
+                uris: vec![],
+                ..spec("sip.alpha.example")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&ambiguous)),
+            Err(Rejection::NameNotTrusted),
+            "TLS {v}: ambiguous partner"
+        );
+        assert_eq!(
+            policy.partner_of(std::slice::from_ref(&ambiguous.der)),
+            None
+        );
+    }
+}
+
+#[test]
 fn inbound_revocation_by_crl() {
     let w = World::new();
     let policy = w.policy(&["1.2", "1.3"]);

@@ -4,6 +4,7 @@
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use sipring_benches::{INVITE, OK_200, REGISTER, stream_of};
+use sipring_core::policy::IdentityEdit;
 use sipring_core::proxy::{Flow, Proxy, ProxyConfig};
 use sipring_core::{Framer, Framing, Header, KeepaliveRole, Limits, Status, parse};
 use std::hint::black_box;
@@ -75,6 +76,7 @@ fn bench_edit(c: &mut Criterion) {
                 Some(b"sip:bob@203.0.113.7:49152;transport=tls"),
                 &a,
                 &b,
+                &IdentityEdit::default(),
             )
         })
     });

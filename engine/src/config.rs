@@ -25,6 +25,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Admin/metrics HTTP endpoint.
     pub admin: AdminConfig,
+    /// Who may do what: client authentication (digest, client certificates) and the keys
+    /// that sign what we hand out.
+    pub auth: AuthSection,
 }
 
 /// `[server]`
@@ -110,9 +113,24 @@ pub struct ListenConfig {
     pub address: SocketAddr,
     /// Listen backlog (SYN queue is bounded by the kernel's somaxconn). Default 4096.
     pub backlog: u32,
-    /// For `tls` listeners: ask clients for a certificate and verify it if given
-    /// (`client_roots` must be set). Default false.
-    pub optional_client_auth: bool,
+    /// For `tls` listeners: client certificates. `none` (not asked for), `optional` (asked
+    /// for, verified against `tls.client_roots` if sent; a SAN `sip:user@domain` then
+    /// authenticates that AOR without digest) or `required` (a handshake without a valid one
+    /// is refused). Default `none`.
+    pub client_auth: ClientAuth,
+}
+
+/// See [`ListenConfig::client_auth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Clients are not asked for a certificate.
+    #[default]
+    None,
+    /// Asked for; verified if sent.
+    Optional,
+    /// Required.
+    Required,
 }
 
 impl Default for ListenConfig {
@@ -121,7 +139,7 @@ impl Default for ListenConfig {
             kind: ListenKind::Tls,
             address: "127.0.0.1:5061".parse().expect("literal"),
             backlog: 4096,
-            optional_client_auth: false,
+            client_auth: ClientAuth::None,
         }
     }
 }
@@ -159,8 +177,11 @@ pub struct TlsConfig {
     pub resumption: bool,
     /// Handshakes slower than this are aborted, in milliseconds. Default 5000.
     pub handshake_timeout_ms: u64,
-    /// PEM roots for optional client-certificate auth on `tls` listeners. Default none.
+    /// PEM roots for client certificates on `tls` listeners (`client_auth`). Default none.
     pub client_roots: Option<PathBuf>,
+    /// PEM or DER CRLs for the client roots' CAs; a revoked client certificate is refused.
+    /// Default `[]`.
+    pub client_crls: Vec<PathBuf>,
     /// Offload the record layer to kernel TLS when available. Default true.
     pub ktls: bool,
     /// Offload TLS 1.3 connections even on kernels that cannot follow a KeyUpdate (Linux <
@@ -183,6 +204,7 @@ impl Default for TlsConfig {
             resumption: true,
             handshake_timeout_ms: 5000,
             client_roots: None,
+            client_crls: Vec::new(),
             ktls: true,
             ktls_tls13_without_rekey: false,
             ktls_max_records: 1 << 23,
@@ -224,6 +246,12 @@ pub struct PeerConfig {
     pub allow_wildcards: bool,
     /// When no CRL covers a certificate of the chain. Default `deny`.
     pub unknown_revocation: UnknownRevocation,
+    /// Partners this partner's requests may be relayed to (by `name`). Default `[]`: an edge
+    /// is not a transit between federation partners.
+    pub relay_to: Vec<String>,
+    /// Send this partner P-Asserted-Identity for our authenticated users (RFC 3325: it is in
+    /// our trust domain). Default true.
+    pub assert_identity: bool,
 }
 
 impl Default for PeerConfig {
@@ -238,6 +266,63 @@ impl Default for PeerConfig {
             trusted_names: Vec::new(),
             allow_wildcards: false,
             unknown_revocation: UnknownRevocation::Deny,
+            relay_to: Vec::new(),
+            assert_identity: true,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// Authenticate clients (digest or client certificate) before they register or send as
+    /// one of our users or toward a partner. `false` makes an open server where any client
+    /// may claim any identity: for closed labs only (logged at start). Default true.
+    pub enabled: bool,
+    /// Subscriber file: `[[subscriber]]` tables with HA1 hashes per realm and algorithm
+    /// (`sipring subscriber` writes them; never plaintext). Reloaded on SIGHUP. Default none
+    /// (then only client certificates authenticate).
+    pub subscribers: Option<PathBuf>,
+    /// Digest algorithms offered, one challenge each, in this order: `SHA-256`,
+    /// `SHA-512-256`, `MD5` (old phones only). Default `["SHA-256", "SHA-512-256"]`.
+    pub algorithms: Vec<String>,
+    /// Out-of-dialog methods clients must authenticate for. A request that claims one of our
+    /// domains in From, or goes to a partner, is challenged whatever its method. Default:
+    /// REGISTER, INVITE, MESSAGE, SUBSCRIBE, NOTIFY, PUBLISH, REFER, OPTIONS, INFO, UPDATE,
+    /// PRACK.
+    pub challenge: Vec<String>,
+    /// How long a nonce is accepted, in seconds (then `stale=true`). Default 300.
+    pub nonce_expiry_s: u64,
+    /// Failed attempts from one address within `failure_window_s` before it is refused.
+    /// Default 10.
+    pub max_failures: u32,
+    /// Window for `max_failures`, in seconds. Default 60.
+    pub failure_window_s: u64,
+    /// How long an address that failed too often is refused (403), in seconds. Default 300.
+    pub block_s: u64,
+    /// A file holding this node's secret (at least 32 bytes) that signs nonces and the flow
+    /// tokens in our Record-Route. Keep it to make routes outlive a restart (an in-dialog
+    /// request for a connection that is gone then gets 430, not 403). Default none: a random
+    /// secret at each start.
+    pub secret_file: Option<PathBuf>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            enabled: true,
+            subscribers: None,
+            algorithms: vec!["SHA-256".into(), "SHA-512-256".into()],
+            challenge: sipring_core::policy::DEFAULT_CHALLENGE
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            nonce_expiry_s: 300,
+            max_failures: 10,
+            failure_window_s: 60,
+            block_s: 300,
+            secret_file: None,
         }
     }
 }
@@ -396,6 +481,13 @@ impl Config {
         if let Some(r) = &mut self.tls.client_roots {
             fix(r);
         }
+        self.tls.client_crls.iter_mut().for_each(fix);
+        if let Some(f) = &mut self.auth.subscribers {
+            fix(f);
+        }
+        if let Some(f) = &mut self.auth.secret_file {
+            fix(f);
+        }
         for p in &mut self.peer {
             fix(&mut p.roots);
             p.crls.iter_mut().for_each(fix);
@@ -437,16 +529,13 @@ impl Config {
             }
         }
         for (i, l) in self.listen.iter().enumerate() {
-            if l.optional_client_auth && self.tls.client_roots.is_none() {
-                e(
-                    format!("listen[{i}].optional_client_auth"),
-                    "needs tls.client_roots",
-                );
+            if l.client_auth != ClientAuth::None && self.tls.client_roots.is_none() {
+                e(format!("listen[{i}].client_auth"), "needs tls.client_roots");
             }
-            if l.optional_client_auth && l.kind != ListenKind::Tls {
+            if l.client_auth != ClientAuth::None && l.kind != ListenKind::Tls {
                 e(
-                    format!("listen[{i}].optional_client_auth"),
-                    "only for kind = \"tls\" (mtls always requires a certificate)",
+                    format!("listen[{i}].client_auth"),
+                    "only for kind = \"tls\" (mtls always requires a partner certificate)",
                 );
             }
             if l.backlog == 0 {
@@ -512,6 +601,48 @@ impl Config {
                     "missing: each peer needs its own trusted roots",
                 );
             }
+        }
+        for (i, p) in self.peer.iter().enumerate() {
+            for r in &p.relay_to {
+                if !self.peer.iter().any(|q| q.name == *r) {
+                    e(
+                        format!("peer[{i}].relay_to"),
+                        "names no [[peer]] (use partner names)",
+                    );
+                }
+            }
+        }
+        let a = &self.auth;
+        if a.algorithms.is_empty() {
+            e("auth.algorithms".into(), "at least one algorithm");
+        }
+        for alg in &a.algorithms {
+            if sipring_core::auth::Algorithm::from_name(alg.as_bytes()).is_none() {
+                e(
+                    "auth.algorithms".into(),
+                    "unknown algorithm (SHA-256, SHA-512-256, MD5)",
+                );
+            }
+        }
+        for m in &a.challenge {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                e(
+                    "auth.challenge".into(),
+                    "methods in upper case, e.g. \"INVITE\"",
+                );
+            }
+            if m == "ACK" || m == "CANCEL" {
+                e(
+                    "auth.challenge".into(),
+                    "ACK and CANCEL cannot be challenged",
+                );
+            }
+        }
+        if a.nonce_expiry_s == 0 {
+            e("auth.nonce_expiry_s".into(), "must be positive");
+        }
+        if a.max_failures == 0 {
+            e("auth.max_failures".into(), "must be positive");
         }
         let r = &self.registrar;
         if r.min_expires_s > r.max_expires_s {

@@ -16,13 +16,14 @@
 //! future, the pending readiness poll and, in userspace mode, the rustls record state.
 //! Idle timeouts are a per-shard sweep over `last_rx`, not a timer per connection.
 
-use crate::config::ListenKind;
+use crate::config::{ClientAuth, ListenKind};
 use crate::shard::{Shard, Stamp};
 use crate::sys;
 use crate::tls::Rejection;
 use crate::tls::session::{KernelHandoff, TlsSession};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
+use sipring_core::policy::Principal;
 use sipring_core::proxy::Flow;
 use sipring_core::registrar::FlowId;
 use sipring_core::{Frame, Framer, KeepaliveRole, Status};
@@ -195,7 +196,7 @@ fn into_kernel(
 struct Established {
     stream: TcpStream,
     layer: Layer,
-    peer: Option<String>,
+    principal: Principal,
 }
 
 /// Picks the record layer after a handshake: the kernel, or userspace with the reason
@@ -218,18 +219,18 @@ async fn accept_tls(
     shard: &Rc<Shard>,
     mut stream: TcpStream,
     kind: ListenKind,
-    optional_auth: bool,
+    client_auth: ClientAuth,
     remote: std::net::SocketAddr,
 ) -> Option<Established> {
     if kind == ListenKind::Tcp {
         return Some(Established {
             stream,
             layer: Layer::Plain,
-            peer: None,
+            principal: Principal::anonymous(),
         });
     }
     let policy = shard.policy.load_full();
-    let cfg = policy.for_listener(kind, optional_auth)?;
+    let cfg = policy.for_listener(kind, client_auth)?;
     let mut sess = TlsSession::server(cfg).ok()?;
     let t0 = Instant::now();
     shard.handshakes.set(shard.handshakes.get() + 1);
@@ -244,16 +245,27 @@ async fn accept_tls(
         .metrics
         .borrow_mut()
         .record("handshake", t0.elapsed().as_micros() as u64);
-    let peer = if kind == ListenKind::Mtls {
-        identify_peer(shard, &sess)
+    let chain = sess.peer_certificates().unwrap_or_default();
+    let principal = if kind == ListenKind::Mtls {
+        // The partner whose roots verified the chain (and which lists its name).
+        match policy.partner_of(chain) {
+            Some(p) => Principal::Partner(p),
+            None => {
+                tracing::warn!(%remote, "verified partner certificate matches no single partner now (reloaded?); closing");
+                linger_close(shard, stream).await;
+                return None;
+            }
+        }
     } else {
-        None
+        Principal::Client {
+            cert_aors: client_cert_aors(shard, chain),
+        }
     };
     let layer = choose_layer(shard, &stream, sess)?;
     Some(Established {
         stream,
         layer,
-        peer,
+        principal,
     })
 }
 
@@ -267,10 +279,10 @@ pub fn serve_inbound(
     shard: Rc<Shard>,
     stream: TcpStream,
     kind: ListenKind,
-    optional_auth: bool,
+    client_auth: ClientAuth,
     admission: crate::shard::Admission,
 ) -> impl Future<Output = ()> {
-    let open = Box::pin(open_inbound(shard.clone(), stream, kind, optional_auth));
+    let open = Box::pin(open_inbound(shard.clone(), stream, kind, client_auth));
     async move {
         // Held to the end, whatever happens: the source address's count and the shard's
         // load are released when this future ends or is dropped.
@@ -287,11 +299,11 @@ async fn open_inbound(
     shard: Rc<Shard>,
     stream: TcpStream,
     kind: ListenKind,
-    optional_auth: bool,
+    client_auth: ClientAuth,
 ) -> Option<Rc<Conn>> {
     let remote = stream.peer_addr().ok()?;
     let _ = stream.set_nodelay(true);
-    let est = accept_tls(&shard, stream, kind, optional_auth, remote).await?;
+    let est = accept_tls(&shard, stream, kind, client_auth, remote).await?;
     Some(Conn::new(shard.new_conn_id(), est, kind, remote))
 }
 
@@ -311,16 +323,24 @@ async fn linger_close(shard: &Shard, mut stream: TcpStream) {
 /// alert, an error response, close_notify) before the peer reads it.
 const LINGER: Duration = Duration::from_millis(250);
 
-/// Which partner a verified MTLS peer is (its presented identity on a trusted list).
-fn identify_peer(shard: &Shard, sess: &TlsSession) -> Option<String> {
-    let leaf = sess.peer_certificates()?.first()?;
-    let ids = crate::tls::verify::summarize(leaf)?.identities;
-    let policy = shard.policy.load();
-    policy
-        .partners
-        .iter()
-        .find(|p| p.trusts(&ids))
-        .map(|p| p.name.clone())
+/// The AORs a verified client certificate proves: its SAN `sip:user@domain` URIs in one of
+/// our domains (a certificate cannot speak for someone else's users).
+fn client_cert_aors(shard: &Shard, chain: &[rustls::pki_types::CertificateDer<'_>]) -> Vec<String> {
+    let Some(leaf) = chain.first() else {
+        return Vec::new();
+    };
+    crate::tls::verify::user_aors(leaf.as_ref())
+        .into_iter()
+        .filter(|aor| {
+            let host = aor.rsplit_once('@').map_or("", |(_, h)| h);
+            shard
+                .cfg
+                .server
+                .domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(host))
+        })
+        .collect()
 }
 
 /// Logs and counts a handshake's end; `Err` when it failed.
@@ -437,7 +457,7 @@ async fn connect_peer(
         Established {
             stream,
             layer,
-            peer: Some(name.to_string()),
+            principal: Principal::Partner(name.to_string()),
         },
         addr,
     ))
@@ -614,8 +634,8 @@ pub struct Conn {
     pub id: FlowId,
     /// Listener kind (or `Mtls` for outbound peer connections).
     pub kind: ListenKind,
-    /// The federation partner, for verified MTLS connections.
-    pub peer: Option<String>,
+    /// Who it is: a client (with the AORs its certificate proves) or a verified partner.
+    pub principal: Principal,
     /// Remote address.
     pub remote: std::net::SocketAddr,
     /// Whether the record layer runs in the kernel.
@@ -655,7 +675,7 @@ impl Conn {
         Rc::new(Conn {
             id,
             kind,
-            peer: est.peer,
+            principal: est.principal,
             remote,
             ktls: matches!(est.layer, Layer::Kernel(_)),
             io: RefCell::new(Io {

@@ -9,14 +9,20 @@
 //!            └─► one pinned glommio executor per shard:
 //!                   accept ─► conn (handshake, kTLS or userspace) ─► shard (ShardProxy,
 //!                   registrar slice, connections) ◄─► mesh ◄─► other shards
-//!  signals: SIGHUP ─► reload (ArcSwap the TLS policy)   SIGTERM ─► drain
+//!  signals: SIGHUP ─► reload (ArcSwap the TLS policy and the subscribers)   SIGTERM ─► drain
 //!  admin thread: /metrics, /hgrm/<name>, /reload
 //! ```
 //!
+//! Who a connection is (anonymous client, client certificate AORs, partner) is established
+//! here (`conn`, `tls`) and handed to the core as a `Principal`; what its messages may claim
+//! is decided by the core (`sipring_core::policy`). `auth` loads the subscriber file and
+//! this node's secret.
+//!
 //! What it does not do: UDP (SIP over TLS/TCP only), DNS (partners are configured by
-//! address), media, authentication of users (trust is per connection, see `tls`).
+//! address), media.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod conn;
 pub mod doctor;

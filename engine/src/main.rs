@@ -1,4 +1,4 @@
-//! The `sipring` binary: `run`, `check-config`, `certs`, `doctor`.
+//! The `sipring` binary: `run`, `check-config`, `certs`, `subscriber`, `doctor`.
 
 use clap::{Parser, Subcommand};
 use sipring::config::Config;
@@ -38,6 +38,19 @@ enum Cmd {
         #[arg(long, default_value = "example.com")]
         domain: String,
     },
+    /// Print a `[[subscriber]]` table for the subscriber file: HA1 hashes of a password read
+    /// from standard input (one line), for every algorithm. The password is never stored.
+    Subscriber {
+        /// Digest user name.
+        #[arg(long)]
+        username: String,
+        /// Realm (one of the server's domains).
+        #[arg(long)]
+        realm: String,
+        /// AORs the subscriber may register and send as (default `sip:<username>@<realm>`).
+        #[arg(long)]
+        aor: Vec<String>,
+    },
     /// Check this host (and optionally a configuration) and print fixes.
     Doctor {
         /// A configuration file to check as well.
@@ -60,7 +73,11 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Run { config } => run(config),
         Cmd::CheckConfig { config } => match Config::load(&config) {
-            Ok(cfg) => match sipring::tls::TlsPolicy::load(&cfg) {
+            Ok(cfg) => match sipring::tls::TlsPolicy::load(&cfg)
+                .map_err(|e| e.to_string())
+                .and_then(|_| sipring::auth::subscribers(&cfg))
+                .and_then(|_| sipring::auth::node_key(&cfg))
+            {
                 Ok(_) => {
                     println!("{}: ok", config.display());
                     ExitCode::SUCCESS
@@ -77,6 +94,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Subscriber {
+            username,
+            realm,
+            aor,
+        } => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err()
+                || line.trim_end_matches(['\r', '\n']).is_empty()
+            {
+                eprintln!("give the password on standard input (one line)");
+                return ExitCode::FAILURE;
+            }
+            let password = line.trim_end_matches(['\r', '\n']);
+            print!(
+                "{}",
+                sipring::auth::SubscriberEntry::new(&username, &realm, aor, password).to_toml()
+            );
+            ExitCode::SUCCESS
+        }
         Cmd::Certs { out, domain } => match sipring::tls::pki::write_demo(&out, &domain) {
             Ok(files) => {
                 for f in files {

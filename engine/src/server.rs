@@ -6,7 +6,7 @@
 //! connection with close_notify. [`Running::reload`] (SIGHUP) re-reads the configuration and
 //! every TLS file and swaps the policy in only if all of it loaded.
 
-use crate::config::{AcceptMode, Config, ListenKind};
+use crate::config::{AcceptMode, ClientAuth, Config, ListenKind};
 use crate::metrics::{ShardMetrics, Snapshot};
 use crate::shard::{self, Shard, ShardMsg};
 use crate::sys;
@@ -39,6 +39,20 @@ pub struct Control {
     pub reloads: [std::sync::atomic::AtomicU64; 2],
     /// Connections (and handshakes) per shard, for the balanced accept mode.
     pub load: Vec<AtomicUsize>,
+    /// This node's secret and subscribers.
+    pub identity: Identity,
+}
+
+/// What every shard's policy shares: this node's secret (nonces, flow tokens), when its
+/// nonces count from, and the subscribers (swapped whole on reload).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Signs nonces and flow tokens.
+    pub key: sipring_core::auth::NodeKey,
+    /// When this node's nonces count from.
+    pub epoch: Instant,
+    /// The subscriber table.
+    pub subscribers: crate::auth::SharedSubscribers,
 }
 
 impl Control {
@@ -106,6 +120,21 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     sys::probe::preflight(n).map_err(StartError)?;
     let policy =
         TlsPolicy::load(&cfg).map_err(|e| StartError(format!("TLS configuration: {e}")))?;
+    let subscribers =
+        crate::auth::subscribers(&cfg).map_err(|e| StartError(format!("auth.subscribers: {e}")))?;
+    let key =
+        crate::auth::node_key(&cfg).map_err(|e| StartError(format!("auth.secret_file: {e}")))?;
+    if cfg.auth.enabled {
+        tracing::info!(
+            subscribers = subscribers.len(),
+            algorithms = ?cfg.auth.algorithms,
+            "client authentication on"
+        );
+    } else {
+        tracing::warn!(
+            "auth.enabled = false: any client may register any address-of-record and send as anyone (closed labs only)"
+        );
+    }
     let ktls = sys::ktls::probe();
     tracing::info!(ktls = %ktls.describe(), "kernel TLS probe");
     let control = Arc::new(Control {
@@ -124,9 +153,16 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+        identity: Identity {
+            key,
+            epoch: Instant::now(),
+            subscribers: crate::auth::SharedSubscribers(Arc::new(ArcSwap::from_pointee(
+                subscribers,
+            ))),
+        },
     });
     // Bind every listener now, in this thread, so errors surface before any shard starts.
-    let mut bound: Vec<Vec<(ListenKind, bool, sys::sock::BoundListener)>> =
+    let mut bound: Vec<Vec<(ListenKind, ClientAuth, sys::sock::BoundListener)>> =
         (0..n).map(|_| Vec::new()).collect();
     let mut listen_addrs = Vec::new();
     let per_address = if cfg.server.accept == AcceptMode::Balanced {
@@ -143,7 +179,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         })?;
         listen_addrs.push(socks[0].local);
         for (i, s) in socks.into_iter().enumerate() {
-            bound[i].push((l.kind, l.optional_client_auth, s));
+            bound[i].push((l.kind, l.client_auth, s));
         }
     }
     // Our Via/Record-Route port is the one we actually bound.
@@ -215,7 +251,7 @@ async fn run_shard(
     policy: Arc<ArcSwap<TlsPolicy>>,
     control: Arc<Control>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
-    listeners: Vec<(ListenKind, bool, sys::sock::BoundListener)>,
+    listeners: Vec<(ListenKind, ClientAuth, sys::sock::BoundListener)>,
 ) -> Result<(), String> {
     let (senders, receivers) = mesh
         .join()
@@ -234,11 +270,11 @@ async fn run_shard(
     ));
     shard::spawn_mesh_receivers(&shard, receivers);
     let mut accepting = Vec::new();
-    for (kind, optional_auth, l) in listeners {
+    for (kind, client_auth, l) in listeners {
         let listener = l.into_glommio();
         let s = shard.clone();
         accepting.push(glommio::spawn_local(async move {
-            accept_loop(s, listener, kind, optional_auth).await
+            accept_loop(s, listener, kind, client_auth).await
         }));
     }
     tracing::debug!(shard = id, "shard running");
@@ -266,7 +302,7 @@ async fn accept_loop(
     shard: Rc<Shard>,
     listener: glommio::net::TcpListener,
     kind: ListenKind,
-    optional_auth: bool,
+    client_auth: ClientAuth,
 ) {
     let stop = || async {
         loop {
@@ -294,7 +330,7 @@ async fn accept_loop(
             if target != shard.id {
                 shard.count("sipring_cross_shard_total{op=\"adopt\"}");
                 match sys::sock::into_owned_fd(stream) {
-                    Ok(fd) => shard.adopt_elsewhere(target, fd, kind, optional_auth),
+                    Ok(fd) => shard.adopt_elsewhere(target, fd, kind, client_auth),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot hand a connection to another shard")
                     }
@@ -302,7 +338,7 @@ async fn accept_loop(
                 continue;
             }
         }
-        admit(&shard, stream, kind, optional_auth);
+        admit(&shard, stream, kind, client_auth);
     }
 }
 
@@ -321,7 +357,7 @@ pub fn admit(
     shard: &Rc<Shard>,
     stream: glommio::net::TcpStream,
     kind: ListenKind,
-    optional_auth: bool,
+    client_auth: ClientAuth,
 ) {
     let limits = &shard.cfg.limits;
     let ip = stream.peer_addr().map(|a| a.ip()).ok();
@@ -356,7 +392,7 @@ pub fn admit(
         shard.clone(),
         stream,
         kind,
-        optional_auth,
+        client_auth,
         admission,
     ))
     .detach();
@@ -485,17 +521,35 @@ impl Reloader {
             })?,
             None => (*self.cfg).clone(),
         };
-        match TlsPolicy::load(&cfg) {
-            Ok(p) => {
+        let loaded = TlsPolicy::load(&cfg)
+            .map_err(|e| {
+                (
+                    e.file.display().to_string(),
+                    e.reason.clone(),
+                    e.to_string(),
+                )
+            })
+            .and_then(|p| {
+                crate::auth::subscribers(&cfg)
+                    .map(|s| (p, s))
+                    .map_err(|e| ("auth.subscribers".to_string(), e.clone(), e))
+            });
+        match loaded {
+            Ok((p, subs)) => {
                 self.policy.store(Arc::new(p));
+                let n = subs.len();
+                self.control.identity.subscribers.0.store(Arc::new(subs));
                 self.control.reloads[0].fetch_add(1, Ordering::Relaxed);
-                tracing::info!("TLS configuration reloaded");
+                tracing::info!(
+                    subscribers = n,
+                    "TLS configuration reloaded (and the subscriber file)"
+                );
                 Ok(())
             }
-            Err(e) => {
+            Err((file, reason, whole)) => {
                 self.control.reloads[1].fetch_add(1, Ordering::Relaxed);
-                tracing::error!(file = %e.file.display(), reason = %e.reason, "reload refused; the previous TLS configuration stays");
-                Err(e.to_string())
+                tracing::error!(%file, %reason, "reload refused; the previous TLS configuration and subscribers stay");
+                Err(whole)
             }
         }
     }

@@ -17,12 +17,14 @@
 //! full cross-shard channel answers 503 (requests) instead of growing memory; replies and
 //! relayed bytes wait for room in a detached task so no two shards ever block on each other.
 
-use crate::config::{Config, ListenKind};
+use crate::config::{ClientAuth, Config, ListenKind};
 use crate::metrics::{ShardMetrics, Snapshot};
 use crate::server::Control;
 use crate::tls::TlsPolicy;
 use arc_swap::ArcSwap;
 use glommio::channels::channel_mesh::{Receivers, Senders};
+use sipring_core::auth::NodeKey;
+use sipring_core::policy::{FlowInfo, Policy};
 use sipring_core::proxy::{Flow, Lookup, PeerRoute, Proxy, ProxyConfig};
 use sipring_core::registrar::{FlowId, MemoryStore, Registrar, RegistrarConfig, Reply, shard_for};
 use sipring_core::stateful::{Output, ShardProxy};
@@ -111,7 +113,7 @@ pub enum ShardMsg {
         /// Listener kind.
         kind: ListenKind,
         /// Optional client auth on that listener.
-        optional_auth: bool,
+        client_auth: ClientAuth,
     },
     /// A connection closed: drop its bindings and fail its transactions.
     FlowClosed {
@@ -233,6 +235,8 @@ pub struct Shard {
     pub refusal_log: LogLimiter,
     /// Handshake timeouts (an overload symptom: they come in storms) likewise.
     pub timeout_log: LogLimiter,
+    /// Requests refused by the identity policy (failed logins come in storms) likewise.
+    pub policy_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
 }
@@ -243,8 +247,8 @@ impl std::fmt::Debug for Shard {
     }
 }
 
-/// Builds the proxy configuration from the config file.
-pub fn proxy_config(cfg: &Config) -> ProxyConfig {
+/// Builds the proxy configuration from the config file; `key` signs our flow tokens.
+pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
     let mut local_hosts: Vec<String> = cfg
         .server
         .local_hosts
@@ -283,6 +287,7 @@ pub fn proxy_config(cfg: &Config) -> ProxyConfig {
             .collect(),
         supported: vec!["outbound".into(), "path".into()],
         record_route: true,
+        key,
     }
 }
 
@@ -303,8 +308,15 @@ impl Shard {
             default_expires: r.default_expires_s,
             max_contacts: r.max_contacts,
         });
+        let policy_core = Policy::new(
+            crate::auth::policy_config(&cfg),
+            control.identity.key.clone(),
+            control.identity.epoch,
+            Rc::new(control.identity.subscribers.clone()),
+        );
         let proxy = ShardProxy::new(
-            Proxy::new(proxy_config(&cfg)),
+            Proxy::new(proxy_config(&cfg, control.identity.key.clone())),
+            policy_core,
             cfg.sip_limits(),
             TimerConfig::default(),
             id as u16,
@@ -330,6 +342,7 @@ impl Shard {
             closing: Cell::new(0),
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
+            policy_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
         }
     }
@@ -463,6 +476,7 @@ impl Shard {
                     };
                     self.reply(shard as usize, msg);
                 }
+                Output::Refused(r) => self.refused(&r),
                 Output::Close { flow, reason } => {
                     self.count(&format!(
                         "sipring_parse_errors_total{{reason=\"{}\"}}",
@@ -476,6 +490,23 @@ impl Shard {
                     }
                 }
             }
+        }
+    }
+
+    /// A request refused for who sent it: counted by reason, logged at most once a second.
+    fn refused(&self, r: &sipring_core::policy::Refusal) {
+        self.count(&format!(
+            "sipring_sip_refusals_total{{reason=\"{}\"}}",
+            r.label
+        ));
+        if let Some(left_out) = self.policy_log.allow(Instant::now()) {
+            tracing::warn!(
+                source = ?r.source,
+                reason = r.label,
+                claimed = %r.detail,
+                left_out,
+                "SIP request refused (at most one line a second; sipring_sip_refusals_total counts all)"
+            );
         }
     }
 
@@ -509,6 +540,12 @@ impl Shard {
                 }
             }
             Flow::Peer(name) => {
+                // Links exist only for configured partners (the core never routes to others;
+                // this keeps the table bounded whatever happens above).
+                if !self.cfg.peer.iter().any(|p| p.name == *name) {
+                    self.count("sipring_queue_drops_total{queue=\"unknown_partner\"}");
+                    return;
+                }
                 let mut peers = self.peers.borrow_mut();
                 let link = peers.entry(name.clone()).or_insert(PeerLink::Idle);
                 match link {
@@ -552,11 +589,13 @@ impl Shard {
     /// A connection finished its handshake and is ready for traffic.
     pub fn conn_opened(&self, handle: ConnHandle) {
         let id = handle.id;
-        if let Some(p) = &handle.peer {
-            self.proxy
-                .borrow_mut()
-                .set_flow_peer(Flow::Conn(id), p.clone());
-        }
+        self.proxy.borrow_mut().set_flow_info(
+            Flow::Conn(id),
+            FlowInfo {
+                principal: handle.principal.clone(),
+                source: Some(handle.remote.ip()),
+            },
+        );
         let kind = kind_label(handle.kind);
         let mode = if handle.ktls {
             "kernel"
@@ -747,14 +786,9 @@ impl Shard {
             ShardMsg::Adopt {
                 fd,
                 kind,
-                optional_auth,
+                client_auth,
             } => {
-                crate::server::admit(
-                    self,
-                    crate::sys::sock::from_owned_fd(fd),
-                    kind,
-                    optional_auth,
-                );
+                crate::server::admit(self, crate::sys::sock::from_owned_fd(fd), kind, client_auth);
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
         }
@@ -766,14 +800,14 @@ impl Shard {
         to: usize,
         fd: std::os::fd::OwnedFd,
         kind: ListenKind,
-        optional_auth: bool,
+        client_auth: ClientAuth,
     ) {
         self.reply(
             to,
             ShardMsg::Adopt {
                 fd,
                 kind,
-                optional_auth,
+                client_auth,
             },
         );
     }
@@ -809,6 +843,9 @@ impl Shard {
             );
             m.set_gauge("sipring_registered_aors", self.store.borrow().len() as i64);
             m.set_gauge("sipring_handshakes_in_flight", self.handshakes.get() as i64);
+            let (sources, nonce_flows) = self.proxy.borrow().policy().tracked();
+            m.set_gauge("sipring_auth_failure_sources", sources as i64);
+            m.set_gauge("sipring_auth_nonce_flows", nonce_flows as i64);
             let st = self.proxy.borrow().stats();
             m.counters
                 .insert("sipring_requests_forwarded_total".into(), st.forwarded);
@@ -820,6 +857,8 @@ impl Shard {
                 .insert("sipring_requests_rejected_total".into(), st.rejected);
             m.counters
                 .insert("sipring_local_responses_total".into(), st.local_responses);
+            m.counters
+                .insert("sipring_auth_challenges_total".into(), st.challenges);
             let snap = Snapshot {
                 shard: self.id,
                 metrics: m.clone(),

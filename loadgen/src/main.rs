@@ -77,6 +77,22 @@ enum Cmd {
         #[arg(long, default_value_t = default_shards())]
         shards: usize,
     },
+    /// Print a subscriber file (`[[subscriber]]` HA1 tables) for the UAs a run uses:
+    /// `<prefix>0` … `<prefix><users-1>` with password `--password` (`{user}` replaced).
+    Subscribers {
+        /// User name prefix.
+        #[arg(long, default_value = "u")]
+        prefix: String,
+        /// Number of users.
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        /// SIP domain (the realm).
+        #[arg(long, default_value = "example.com")]
+        domain: String,
+        /// Password template.
+        #[arg(long, default_value = "pw-{user}")]
+        password: String,
+    },
     /// Plot two or more runs' JSON summaries in one SVG.
     Compare {
         /// JSON summaries (`--json` outputs).
@@ -180,6 +196,10 @@ struct Common {
     /// Re-establish and re-register lost connections (measures a server restart's storm).
     #[arg(long)]
     reconnect: bool,
+    /// Digest password of each UA, `{user}` replaced by its name (e.g. `pw-{user}`; see the
+    /// `subscribers` command). Without it the UAs send no credentials.
+    #[arg(long)]
+    password: Option<String>,
     /// Write a JSON summary here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -359,7 +379,25 @@ fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
         },
         connect_concurrency: c.connect_concurrency,
         reconnect: c.reconnect,
+        password: c.password.clone(),
     })
+}
+
+/// A subscriber file for `<prefix>0..<prefix><users-1>` in `domain`.
+fn subscriber_file(prefix: &str, users: usize, domain: &str, password: &str) -> String {
+    (0..users)
+        .map(|i| {
+            let user = format!("{prefix}{i}");
+            sipring::auth::SubscriberEntry::new(
+                &user,
+                domain,
+                vec![],
+                &password.replace("{user}", &user),
+            )
+            .to_toml()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One `[[scenario]]` of a mix file: the scenario and the options it overrides.
@@ -395,6 +433,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (plans, common) = match cli.cmd {
         Cmd::Compare { files, plot, kind } => return compare(&files, &plot, &kind),
+        Cmd::Subscribers {
+            prefix,
+            users,
+            domain,
+            password,
+        } => {
+            print!("{}", subscriber_file(&prefix, users, &domain, &password));
+            return ExitCode::SUCCESS;
+        }
         Cmd::Demo {
             out,
             duration,
@@ -638,6 +685,9 @@ fn compare(files: &[PathBuf], plot: &std::path::Path, kind: &str) -> ExitCode {
     }
 }
 
+/// The demo UAs' password template.
+const DEMO_PASSWORD: &str = "demo-{user}";
+
 fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
     let dir = out.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("sipring-demo-{}", std::process::id()))
@@ -650,6 +700,16 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         return fail(e);
     }
     println!("demo: throwaway PKI in {}", dir.join("pki").display());
+    // Every demo UA authenticates with digest (SHA-256), as phones do.
+    let subs = dir.join("subscribers.toml");
+    let text: String = [("reg", 200), ("call", 200), ("msg", 200)]
+        .iter()
+        .map(|(p, n)| subscriber_file(p, *n, "example.com", DEMO_PASSWORD))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if let Err(e) = std::fs::write(&subs, text) {
+        return fail(format!("{}: {e}", subs.display()));
+    }
     let mut cfg = sipring::config::Config::default();
     cfg.server.hostname = "sip.example.com".into();
     cfg.server.local_hosts = vec!["127.0.0.1".into()];
@@ -663,6 +723,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         sni: vec!["sip.example.com".into()],
     }];
     cfg.admin.address = Some("127.0.0.1:0".parse().expect("literal"));
+    cfg.auth.subscribers = Some(subs);
     let server = match sipring::server::start(cfg, None) {
         Ok(s) => s,
         Err(e) => return fail(format!("server: {e}")),
@@ -703,6 +764,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         local_addrs: None,
         connect_concurrency: 64,
         reconnect: false,
+        password: Some(DEMO_PASSWORD.into()),
         json: None,
         hgrm_dir: None,
         plot: None,

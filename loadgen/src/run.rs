@@ -106,6 +106,10 @@ pub struct Plan {
     /// a server restart becomes a measured reconnect storm (`reconnect` histogram: from the
     /// loss to the new registration's 200).
     pub reconnect: bool,
+    /// Digest password of each UA, `{user}` replaced by its user name (e.g. `pw-{user}`):
+    /// the UAs answer 401/407 challenges and then send credentials with every request, the
+    /// nonce reused with a rising nonce-count, as phones do. `None`: no credentials.
+    pub password: Option<String>,
 }
 
 impl Plan {
@@ -147,6 +151,31 @@ struct Pending {
     measured: bool,
     ua: usize,
     invite: Option<InviteState>,
+    /// How to send it again with credentials after a 401/407 (once).
+    retry: Option<Retry>,
+}
+
+/// What a challenged transaction needs to be sent again.
+#[derive(Clone)]
+enum Retry {
+    Register {
+        expires: u32,
+    },
+    Request {
+        to: usize,
+        method: &'static str,
+        body: &'static str,
+        cseq: u32,
+    },
+}
+
+/// A UA's digest state: the challenge it answered (realm, nonce, algorithm) and its
+/// nonce-count.
+struct Digest {
+    realm: String,
+    nonce: String,
+    alg: sipring_core::auth::Algorithm,
+    nc: u32,
 }
 
 struct InviteState {
@@ -158,6 +187,64 @@ struct Ua {
     tx: LocalSender<Vec<u8>>,
     local: SocketAddr,
     user: String,
+    password: Option<String>,
+    digest: RefCell<Option<Digest>>,
+}
+
+impl Ua {
+    /// Takes a challenge from a 401/407; `false` when there is none we can answer.
+    fn take_challenge(&self, m: &sipring_core::Message<'_, '_>) -> bool {
+        if self.password.is_none() {
+            return false;
+        }
+        for h in m.headers() {
+            if (h.raw_name.eq_ignore_ascii_case(b"WWW-Authenticate")
+                || h.raw_name.eq_ignore_ascii_case(b"Proxy-Authenticate"))
+                && let Some((realm, nonce, alg, _)) = sipring_core::auth::parse_challenge(h.value)
+            {
+                *self.digest.borrow_mut() = Some(Digest {
+                    realm,
+                    nonce,
+                    alg,
+                    nc: 0,
+                });
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The credentials header line for a request, or nothing before the first challenge.
+    fn credentials(&self, method: &str, uri: &str) -> String {
+        let (Some(pw), Some(d)) = (
+            &self.password,
+            self.digest.borrow_mut().as_mut().map(|d| {
+                d.nc += 1;
+                (d.realm.clone(), d.nonce.clone(), d.alg, d.nc)
+            }),
+        ) else {
+            return String::new();
+        };
+        let (realm, nonce, alg, nc) = d;
+        let ha1 = alg.ha1(&self.user, &realm, pw);
+        let v = sipring_core::auth::authorization(
+            alg,
+            &self.user,
+            &realm,
+            &ha1,
+            &nonce,
+            nc,
+            &format!("{:x}{nc:x}", self.local.port()),
+            method,
+            uri,
+        );
+        let name = if method == "REGISTER" {
+            "Authorization"
+        } else {
+            "Proxy-Authorization"
+        };
+        format!("{name}: {v}\r\n")
+    }
 }
 
 struct Shard {
@@ -235,9 +322,21 @@ impl Shard {
         self.stats.borrow_mut().fail(kind, cause);
     }
 
-    fn start(&self, kind: &'static str, call_id: String, t0: Instant, measured: bool, ua: usize) {
-        self.progress.sent.fetch_add(1, Ordering::Relaxed);
-        self.stats.borrow_mut().sent(kind);
+    #[allow(clippy::too_many_arguments)] // the transaction's facts, one each
+    fn start(
+        &self,
+        kind: &'static str,
+        call_id: String,
+        t0: Instant,
+        measured: bool,
+        ua: usize,
+        retry: Option<Retry>,
+        again: bool,
+    ) {
+        if !again {
+            self.progress.sent.fetch_add(1, Ordering::Relaxed);
+            self.stats.borrow_mut().sent(kind);
+        }
         let invite = (kind == "invite_200").then_some(InviteState {
             got100: false,
             got180: false,
@@ -250,6 +349,7 @@ impl Shard {
                 measured,
                 ua,
                 invite,
+                retry: if again { None } else { retry },
             },
         );
     }
@@ -648,10 +748,13 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
         None => None,
     };
     let (tx, rx) = new_bounded::<Vec<u8>>(4096);
+    let user = user_name(plan, u);
     let ua = Rc::new(Ua {
         tx,
         local,
-        user: user_name(plan, u),
+        password: plan.password.as_ref().map(|p| p.replace("{user}", &user)),
+        user,
+        digest: RefCell::new(None),
     });
     let writer_stream = sipring::sys::sock::try_clone(&stream).map_err(|_| ())?;
     let wsess = sess.clone();
@@ -818,19 +921,23 @@ fn on_response(
         // ACK every final response (hop-by-hop for non-2xx, end-to-end for 2xx).
         let ack = ack_for(m, ua, code >= 300, shard.next());
         let _ = ua.tx.try_send(ack);
+        if matches!(code, 401 | 407) && retry_challenged(shard, plan, ua, m, &p, call_id) {
+            return;
+        }
         if (200..300).contains(&code) {
             shard.ok(&p, "invite_200");
             // Hang up after the hold time; the BYE's latency counts from its intended time.
             let route = route_set(m);
             let remote = header(m, HeaderName::Contact).to_vec();
             let to = header(m, HeaderName::To).to_vec();
+            let bye_cseq = cseq.map_or(1, |c| c.seq) + 1;
             let (s, pl, u, cid) = (shard.clone(), plan.clone(), ua.clone(), call_id.to_string());
             let measured = p.measured;
             glommio::spawn_local(async move {
                 let due = Instant::now() + pl.hold;
                 glommio::timer::sleep(pl.hold).await;
-                let bye = bye_for(&u, &pl, &cid, &route, &remote, &to, s.next());
-                s.start("bye", cid, due, measured, 0);
+                let bye = bye_for(&u, &pl, &cid, &route, &remote, &to, s.next(), bye_cseq);
+                s.start("bye", cid, due, measured, 0, None, false);
                 let _ = u.tx.try_send(bye);
             })
             .detach();
@@ -847,6 +954,9 @@ fn on_response(
     }
     let p = pending.remove(call_id).expect("present");
     drop(pending);
+    if matches!(code, 401 | 407) && retry_challenged(shard, plan, ua, m, &p, call_id) {
+        return;
+    }
     let kind = p.kind;
     if (200..300).contains(&code) {
         shard.ok(&p, kind);
@@ -859,6 +969,47 @@ fn on_response(
             .set(shard.active_calls.get().saturating_sub(1));
     }
     let _ = p.ua;
+}
+
+/// A 401/407 to a transaction we may send again: take the challenge and send it with
+/// credentials (once; the latency still counts from the first send). `false`: it stays failed.
+fn retry_challenged(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    ua: &Rc<Ua>,
+    m: &sipring_core::Message<'_, '_>,
+    p: &Pending,
+    call_id: &str,
+) -> bool {
+    let Some(retry) = p.retry.clone() else {
+        return false;
+    };
+    if !ua.take_challenge(m) {
+        return false;
+    }
+    match retry {
+        Retry::Register { expires } => {
+            send_register_again(shard, plan, p.ua, p.t0, p.measured, expires, p.kind)
+        }
+        Retry::Request {
+            to,
+            method,
+            body,
+            cseq,
+        } => send_request_as(
+            shard,
+            plan,
+            p.ua,
+            to,
+            method,
+            p.kind,
+            p.t0,
+            p.measured,
+            body,
+            Some((call_id.to_string(), cseq + 1)),
+        ),
+    }
+    true
 }
 
 /// Answers requests as a phone would: MESSAGE/OPTIONS/BYE 200, INVITE 180 then 200.
@@ -959,6 +1110,7 @@ fn ack_for(resp: &sipring_core::Message<'_, '_>, ua: &Ua, non2xx: bool, unique: 
     format!("ACK {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} ACK\r\nContent-Length: 0\r\n\r\n", via(ua, unique)).into_bytes()
 }
 
+#[allow(clippy::too_many_arguments)] // the dialog's facts, one each
 fn bye_for(
     ua: &Ua,
     plan: &Plan,
@@ -967,6 +1119,7 @@ fn bye_for(
     remote_contact: &[u8],
     to: &[u8],
     unique: u64,
+    cseq: u32,
 ) -> Vec<u8> {
     let ruri = String::from_utf8_lossy(remote_contact)
         .trim_start_matches('<')
@@ -981,7 +1134,7 @@ fn bye_for(
         format!("Route: {route}\r\n")
     };
     format!(
-        "BYE {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: <sip:{}@{}>;tag=lg{}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        "BYE {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n{route_line}From: <sip:{}@{}>;tag=lg{}\r\nTo: {}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} BYE\r\nContent-Length: 0\r\n\r\n",
         via(ua, unique),
         ua.user,
         plan.domain,
@@ -1012,25 +1165,62 @@ fn send_register_as(
     expires: u32,
     kind: &'static str,
 ) {
+    register(shard, plan, u, t0, measured, expires, kind, false);
+}
+
+/// A REGISTER sent again with credentials after a 401.
+fn send_register_again(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    u: usize,
+    t0: Instant,
+    measured: bool,
+    expires: u32,
+    kind: &'static str,
+) {
+    register(shard, plan, u, t0, measured, expires, kind, true);
+}
+
+#[allow(clippy::too_many_arguments)] // see send_register_as
+fn register(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    u: usize,
+    t0: Instant,
+    measured: bool,
+    expires: u32,
+    kind: &'static str,
+    again: bool,
+) {
     let Some(ua) = shard.uas.borrow().get(&u).cloned() else {
         return;
     };
     let seq = shard.next();
     let call_id = format!("reg-{}-{}", ua.user, ua.local.port());
+    let ruri = format!("sip:{}", plan.domain);
     let msg = format!(
-        "REGISTER sip:{d} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=r{p}\r\nCall-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\nContent-Length: 0\r\n\r\n",
+        "REGISTER {ruri} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=r{p}\r\nCall-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\n{creds}Content-Length: 0\r\n\r\n",
         d = plan.domain,
         v = via(&ua, seq),
         u = ua.user,
         p = ua.local.port(),
         l = ua.local,
+        creds = ua.credentials("REGISTER", &ruri),
     );
     if shard.pending.borrow().contains_key(&call_id) {
         // The previous REGISTER of this user is still out: count it as blocked, not as load.
         shard.stats.borrow_mut().late_sends += 1;
         return;
     }
-    shard.start(kind, call_id.clone(), t0, measured, u);
+    shard.start(
+        kind,
+        call_id.clone(),
+        t0,
+        measured,
+        u,
+        Some(Retry::Register { expires }),
+        again,
+    );
     shard.hand_to_writer(&ua, msg.into_bytes(), kind, &call_id);
 }
 
@@ -1040,15 +1230,37 @@ fn send_request(
     plan: &Plan,
     from: usize,
     to: usize,
-    method: &str,
+    method: &'static str,
     kind: &'static str,
     t0: Instant,
     measured: bool,
-    body: &str,
+    body: &'static str,
+) {
+    send_request_as(
+        shard, plan, from, to, method, kind, t0, measured, body, None,
+    );
+}
+
+/// [`send_request`], or (`again`: its Call-ID and the CSeq to use) the same request sent
+/// again with credentials after a challenge.
+#[allow(clippy::too_many_arguments)] // see send_request
+fn send_request_as(
+    shard: &Rc<Shard>,
+    plan: &Plan,
+    from: usize,
+    to: usize,
+    method: &'static str,
+    kind: &'static str,
+    t0: Instant,
+    measured: bool,
+    body: &'static str,
+    again: Option<(String, u32)>,
 ) {
     let Some(ua) = shard.uas.borrow().get(&from).cloned() else {
-        shard.progress.sent.fetch_add(1, Ordering::Relaxed);
-        shard.stats.borrow_mut().sent(kind);
+        if again.is_none() {
+            shard.progress.sent.fetch_add(1, Ordering::Relaxed);
+            shard.stats.borrow_mut().sent(kind);
+        }
         shard.fail(kind, "not_connected");
         if kind == "invite_200" {
             shard
@@ -1058,7 +1270,8 @@ fn send_request(
         return;
     };
     let seq = shard.next();
-    let call_id = format!("{}-{}-{}", kind, shard.id, seq);
+    let retried = again.is_some();
+    let (call_id, cseq) = again.unwrap_or_else(|| (format!("{}-{}-{}", kind, shard.id, seq), 1));
     let callee = user_name(plan, to);
     let (ctype, sdp) = if method == "INVITE" {
         (
@@ -1068,16 +1281,31 @@ fn send_request(
     } else {
         ("text/plain", body)
     };
+    let ruri = format!("sip:{callee}@{}", plan.domain);
     let msg = format!(
-        "{method} sip:{callee}@{d} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{callee}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=lg{p}\r\nCall-ID: {call_id}\r\nCSeq: 1 {method}\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{sdp}",
+        "{method} {ruri} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{callee}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=lg{p}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\n{creds}Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{sdp}",
         sdp.len(),
         d = plan.domain,
         v = via(&ua, seq),
         u = ua.user,
         p = ua.local.port(),
         l = ua.local,
+        creds = ua.credentials(method, &ruri),
     );
-    shard.start(kind, call_id.clone(), t0, measured, from);
+    shard.start(
+        kind,
+        call_id.clone(),
+        t0,
+        measured,
+        from,
+        Some(Retry::Request {
+            to,
+            method,
+            body,
+            cseq,
+        }),
+        retried,
+    );
     shard.hand_to_writer(&ua, msg.into_bytes(), kind, &call_id);
 }
 

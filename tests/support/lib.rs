@@ -122,6 +122,7 @@ impl Default for Pipeline {
                 }],
                 supported: vec![],
                 record_route: true,
+                key: sipring_core::auth::NodeKey::new([0; 32]),
             }),
             registrar: Registrar::default(),
             store: MemoryStore::default(),
@@ -174,6 +175,7 @@ impl Pipeline {
             },
             Decision::ToPeer(p) => Outcome::ToPeer(p),
             Decision::Drop(_) => Outcome::Drop,
+            Decision::Refuse(d) => Outcome::Respond(d.code),
             other => panic!("unexpected decision {other:?}"),
         }
     }
@@ -266,7 +268,23 @@ pub mod server {
             ..PeerConfig::default()
         }];
         cfg.admin.address = Some("127.0.0.1:0".parse().unwrap());
+        cfg.auth.subscribers = Some(write_subscribers(&pki.dir, "example.com"));
         cfg
+    }
+
+    /// Writes `subscribers-<domain>.toml` into `dir` for the test users
+    /// ([`crate::ua::test_users`], password [`crate::ua::password_for`]) in `domain`, and
+    /// returns its path.
+    pub fn write_subscribers(dir: &TempDir, domain: &str) -> std::path::PathBuf {
+        let text: String = crate::ua::test_users()
+            .iter()
+            .map(|u| {
+                sipring::auth::SubscriberEntry::new(u, domain, vec![], &crate::ua::password_for(u))
+                    .to_toml()
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        dir.write(&format!("subscribers-{domain}.toml"), text)
     }
 
     /// Fetches an admin URL (`GET`) and returns the body.

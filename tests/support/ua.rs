@@ -3,6 +3,7 @@
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use sipring_core::auth::Algorithm;
 use sipring_core::response::{ResponseParts, response_to};
 use sipring_core::{Frame, Framer, Framing, Header, KeepaliveRole, Limits, Status, parse};
 use std::io::{Read, Write};
@@ -26,8 +27,33 @@ pub struct Ua {
     pub domain: String,
     /// Our local address.
     pub local: SocketAddr,
+    /// The digest password (default [`password_for`] the user); `None` sends no credentials.
+    pub password: Option<String>,
+    /// The last challenge we answered: realm, nonce, algorithm and nonce-count, reused (with
+    /// the count going up) for the requests that follow, as phones do.
+    digest: std::cell::RefCell<Option<(String, String, Algorithm, u32)>>,
 }
 
+/// The password the test subscriber file gives `user`.
+pub fn password_for(user: &str) -> String {
+    format!("pw-{user}")
+}
+
+/// Users in the test subscriber files (`server::write_subscribers`): a few names, and
+/// numbered families (`caller0`..`caller49`, …) for tests that make many UAs.
+pub fn test_users() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "alice", "bob", "carol", "dave", "mallory", "quiet", "chatty", "a", "b", "x", "slow",
+        "fast",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for family in ["caller", "callee", "trunk", "u", "ua", "r", "m", "c", "i"] {
+        v.extend((0..50).map(|i| format!("{family}{i}")));
+    }
+    v
+}
 static BRANCH: AtomicU64 = AtomicU64::new(1);
 
 /// A unique branch.
@@ -89,6 +115,8 @@ impl Ua {
             user: user.into(),
             domain: domain.into(),
             local,
+            password: Some(password_for(user)),
+            digest: Default::default(),
         })
     }
 
@@ -106,7 +134,84 @@ impl Ua {
             user: user.into(),
             domain: domain.into(),
             local,
+            password: Some(password_for(user)),
+            digest: Default::default(),
         })
+    }
+
+    /// Takes the challenge in a 401/407 (the first one with an algorithm we know).
+    pub fn take_challenge(&self, resp: &[u8]) -> bool {
+        let mut h = [Header::EMPTY; 64];
+        let Ok(Status::Complete(m)) = parse(resp, &mut h, &Limits::default(), Framing::Stream)
+        else {
+            return false;
+        };
+        for x in m.headers() {
+            let n = x.raw_name;
+            if (n.eq_ignore_ascii_case(b"WWW-Authenticate")
+                || n.eq_ignore_ascii_case(b"Proxy-Authenticate"))
+                && let Some((realm, nonce, alg, _)) = sipring_core::auth::parse_challenge(x.value)
+            {
+                *self.digest.borrow_mut() = Some((realm, nonce, alg, 0));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The credentials line for a request (`Authorization` for REGISTER, else
+    /// `Proxy-Authorization`), if we have a password and a challenge to answer.
+    pub fn credentials(&self, method: &str, uri: &str) -> String {
+        let Some(pw) = &self.password else {
+            return String::new();
+        };
+        let mut d = self.digest.borrow_mut();
+        let Some((realm, nonce, alg, nc)) = d.as_mut() else {
+            return String::new();
+        };
+        *nc += 1;
+        let ha1 = alg.ha1(&self.user, realm, pw);
+        let v = sipring_core::auth::authorization(
+            *alg,
+            &self.user,
+            realm,
+            &ha1,
+            nonce,
+            *nc,
+            &format!("cn{}", *nc),
+            method,
+            uri,
+        );
+        let name = if method == "REGISTER" {
+            "Authorization"
+        } else {
+            "Proxy-Authorization"
+        };
+        format!("{name}: {v}\r\n")
+    }
+
+    /// Authenticates without registering a contact: a REGISTER query (no Contact, RFC 3261
+    /// §10.2.3) answered with credentials, so that requests that follow carry them.
+    pub fn login(&mut self) -> u16 {
+        for attempt in 0..2 {
+            let ruri = format!("sip:{}", self.domain);
+            let msg = format!(
+                "REGISTER {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={b};rport\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=q{u}\r\nCall-ID: login-{u}-{l}\r\nCSeq: {c} REGISTER\r\n{creds}Content-Length: 0\r\n\r\n",
+                d = self.domain,
+                u = self.user,
+                l = self.local,
+                b = branch(),
+                c = BRANCH.fetch_add(1, Ordering::Relaxed),
+                creds = self.credentials("REGISTER", &ruri),
+            );
+            self.send(msg.as_bytes());
+            let (s, resp) = self.expect_final_or_provisional("REGISTER query");
+            if s == 401 && attempt == 0 && self.take_challenge(&resp) {
+                continue;
+            }
+            return s;
+        }
+        unreachable!()
     }
 
     /// Sends raw bytes.
@@ -169,18 +274,33 @@ impl Ua {
         }
     }
 
-    /// Registers `sip:user@domain` with its own connection as contact; returns the status.
+    /// Registers `sip:user@domain` with its own connection as contact, answering a digest
+    /// challenge once (as a phone does); returns the final status.
     pub fn register(&mut self, expires: u32) -> u16 {
-        let msg = format!(
-            "REGISTER sip:{d} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={b};rport\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=reg{u}\r\nCall-ID: reg-{u}-{l}\r\nCSeq: {c} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\nContent-Length: 0\r\n\r\n",
-            d = self.domain,
-            u = self.user,
-            l = self.local,
-            b = branch(),
-            c = BRANCH.fetch_add(1, Ordering::Relaxed),
-        );
-        self.send(msg.as_bytes());
-        self.expect_final_or_provisional("REGISTER").0
+        self.register_with(expires, "").0
+    }
+
+    /// [`Ua::register`] with extra header lines; returns the final status and response.
+    pub fn register_with(&mut self, expires: u32, extra: &str) -> (u16, Vec<u8>) {
+        for attempt in 0..2 {
+            let ruri = format!("sip:{}", self.domain);
+            let msg = format!(
+                "REGISTER {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={b};rport\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=reg{u}\r\nCall-ID: reg-{u}-{l}\r\nCSeq: {c} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\n{creds}{extra}Content-Length: 0\r\n\r\n",
+                d = self.domain,
+                u = self.user,
+                l = self.local,
+                b = branch(),
+                c = BRANCH.fetch_add(1, Ordering::Relaxed),
+                creds = self.credentials("REGISTER", &ruri),
+            );
+            self.send(msg.as_bytes());
+            let (s, resp) = self.expect_final_or_provisional("REGISTER");
+            if s == 401 && attempt == 0 && self.password.is_some() && self.take_challenge(&resp) {
+                continue;
+            }
+            return (s, resp);
+        }
+        unreachable!()
     }
 
     /// A request from this UA (`body` with Content-Type `ctype` when given).
@@ -199,8 +319,15 @@ impl Ua {
             Some((ct, b)) => (format!("Content-Type: {ct}\r\n"), b.to_string()),
             None => (String::new(), String::new()),
         };
+        // Out-of-dialog requests carry credentials once we have a nonce (phones reuse it with
+        // a rising nonce-count); ACK and CANCEL never do.
+        let creds = if to.contains(";tag=") || method == "ACK" || method == "CANCEL" {
+            String::new()
+        } else {
+            self.credentials(method, ruri)
+        };
         format!(
-            "{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={br};rport\r\nMax-Forwards: 70\r\nTo: {to}\r\nFrom: <sip:{u}@{d}>;tag=t{u}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\n{extra}{ct}Content-Length: {}\r\n\r\n{b}",
+            "{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={br};rport\r\nMax-Forwards: 70\r\nTo: {to}\r\nFrom: <sip:{u}@{d}>;tag=t{u}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\n{creds}{extra}{ct}Content-Length: {}\r\n\r\n{b}",
             b.len(),
             l = self.local,
             br = branch(),

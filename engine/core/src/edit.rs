@@ -190,6 +190,25 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         self
     }
 
+    /// Removes the lines of a header whose value satisfies `pred` (credentials for one
+    /// realm among several).
+    pub fn remove_header_where(
+        &mut self,
+        name: HeaderName,
+        pred: impl Fn(&[u8]) -> bool,
+    ) -> &mut Self {
+        let lines: Vec<_> = self
+            .msg
+            .headers_named(name)
+            .filter(|h| pred(h.value))
+            .map(|h| (h.line_start as usize, h.line_end as usize))
+            .collect();
+        for (s, e) in lines {
+            self.splice(s, e, Vec::new());
+        }
+        self
+    }
+
     /// Adds `Content-Length` with the body's length if the message has none (a message
     /// that came from a datagram-framed source going out on a stream).
     pub fn ensure_content_length(&mut self) -> &mut Self {

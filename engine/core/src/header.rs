@@ -90,6 +90,16 @@ header_names! {
     RetryAfter => "Retry-After";
     /// `Date`.
     Date => "Date";
+    /// `Authorization` (RFC 3261 §20.7).
+    Authorization => "Authorization";
+    /// `Proxy-Authorization` (RFC 3261 §20.28).
+    ProxyAuthorization => "Proxy-Authorization";
+    /// `P-Asserted-Identity` (RFC 3325 §9.1).
+    PAssertedIdentity => "P-Asserted-Identity";
+    /// `P-Preferred-Identity` (RFC 3325 §9.2).
+    PPreferredIdentity => "P-Preferred-Identity";
+    /// `Privacy` (RFC 3323 §4.2).
+    Privacy => "Privacy";
 }
 
 impl HeaderName {
@@ -128,6 +138,7 @@ impl HeaderName {
             ]),
             5 => pick(&[("Route", Route), ("Allow", Allow), ("Event", Event)]),
             7 => pick(&[
+                ("Privacy", Privacy),
                 ("Call-ID", CallId),
                 ("Contact", Contact),
                 ("Expires", Expires),
@@ -147,9 +158,17 @@ impl HeaderName {
                 ("Content-Type", ContentType),
                 ("Allow-Events", AllowEvents),
             ]),
-            13 => pick(&[("Proxy-Require", ProxyRequire)]),
+            13 => pick(&[
+                ("Proxy-Require", ProxyRequire),
+                ("Authorization", Authorization),
+            ]),
             14 => pick(&[("Content-Length", ContentLength)]),
             16 => pick(&[("Content-Encoding", ContentEncoding)]),
+            19 => pick(&[
+                ("Proxy-Authorization", ProxyAuthorization),
+                ("P-Asserted-Identity", PAssertedIdentity),
+            ]),
+            20 => pick(&[("P-Preferred-Identity", PPreferredIdentity)]),
             _ => Other,
         }
     }

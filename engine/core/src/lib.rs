@@ -41,11 +41,13 @@
 //! - Header names and values borrow from the input; editing splices the original bytes, so
 //!   what a proxy did not touch goes out exactly as it came in.
 
+pub mod auth;
 pub mod edit;
 pub mod error;
 pub mod header;
 pub mod matching;
 pub mod parse;
+pub mod policy;
 pub mod proxy;
 pub mod registrar;
 pub mod response;

@@ -9,9 +9,11 @@
 //! insert carries the inbound and outbound flows (`;fi=…;fo=…`), so an in-dialog request that
 //! arrives on one of them goes out on the other without any table lookup.
 
+use crate::auth::NodeKey;
 use crate::edit::Editor;
 use crate::header::HeaderName;
 use crate::parse::{Essentials, Message, Method};
+use crate::policy::{Denial, IdentityEdit};
 use crate::registrar::FlowId;
 use crate::text::{self, is_token, trim};
 use crate::uri::{Scheme, Uri};
@@ -78,6 +80,10 @@ pub struct ProxyConfig {
     pub supported: Vec<String>,
     /// Add Record-Route to dialog-creating requests. Default true.
     pub record_route: bool,
+    /// Signs the flow tokens in our Record-Route (RFC 5626 §5.2) so that only routes we
+    /// handed out are followed. Default: an all-zero key (tests only; the engine sets a
+    /// secret one).
+    pub key: NodeKey,
 }
 
 impl Default for ProxyConfig {
@@ -90,6 +96,7 @@ impl Default for ProxyConfig {
             peers: Vec::new(),
             supported: Vec::new(),
             record_route: true,
+            key: NodeKey::new([0; 32]),
         }
     }
 }
@@ -136,6 +143,8 @@ pub enum Decision {
     Cancel,
     /// Nothing to send (e.g. an ACK with nowhere to go); the reason is for the log.
     Drop(&'static str),
+    /// Refuse it for what it forged (a route we never signed): answer, count and log it.
+    Refuse(Denial),
 }
 
 /// Result of a registrar lookup done by the engine.
@@ -178,6 +187,12 @@ fn fnv(parts: &[&[u8]]) -> u64 {
         }
     }
     h
+}
+
+/// The tag that signs a dialog's flow pair: an HMAC over both tokens and the Call-ID, so a
+/// route is good for the dialog it was made for and nothing else (10 bytes, hex).
+fn flow_tag(key: &NodeKey, fi: &[u8], fo: &[u8], call_id: &[u8]) -> String {
+    key.tag(10, &[b"flow", fi, fo, call_id])
 }
 
 /// The branch prefix that marks our Via values.
@@ -334,8 +349,37 @@ impl Proxy {
             };
             let uri = na.uri();
             if self.is_self(uri.host) {
-                let fi = uri.param("fi").flatten().and_then(Flow::decode);
-                let fo = uri.param("fo").flatten().and_then(Flow::decode);
+                let (fi_raw, fo_raw) = (uri.param("fi").flatten(), uri.param("fo").flatten());
+                if fi_raw.is_some() || fo_raw.is_some() {
+                    // Only routes we signed are followed, and nothing is created for them.
+                    let want = flow_tag(
+                        &self.cfg.key,
+                        fi_raw.unwrap_or_default(),
+                        fo_raw.unwrap_or_default(),
+                        ess.call_id,
+                    );
+                    let signed = uri
+                        .param("ft")
+                        .flatten()
+                        .is_some_and(|t| crate::auth::ct_eq(t, want.as_bytes()));
+                    if !signed {
+                        return if is_ack {
+                            Decision::Drop("forged flow token")
+                        } else {
+                            Decision::Refuse(Denial {
+                                code: 403,
+                                reason: "Invalid Flow Token",
+                                label: "forged_flow_token",
+                            })
+                        };
+                    }
+                }
+                let known = |f: Option<Flow>| match f {
+                    Some(Flow::Peer(p)) if !self.cfg.peers.iter().any(|r| r.peer == p) => None,
+                    f => f,
+                };
+                let fi = known(fi_raw.and_then(Flow::decode));
+                let fo = known(fo_raw.and_then(Flow::decode));
                 let came_from = |f: &Flow| {
                     f == inbound || matches!(f, Flow::Peer(p) if inbound_peer == Some(p.as_str()))
                 };
@@ -443,6 +487,7 @@ impl Proxy {
     /// prepended, Max-Forwards decremented (or set to 70), our own Route popped, the
     /// Request-URI replaced by `new_uri` if given, a Record-Route with both flow tokens for
     /// dialog-creating requests, and a Content-Length if the message had none.
+    #[allow(clippy::too_many_arguments)] // the request, where it goes, and its identity edits
     pub fn forward_request(
         &self,
         msg: &Message<'_, '_>,
@@ -451,8 +496,30 @@ impl Proxy {
         new_uri: Option<&[u8]>,
         inbound: &Flow,
         outbound: &Flow,
+        ident: &IdentityEdit,
     ) -> Vec<u8> {
         let mut e = Editor::new(msg);
+        if ident.strip_pai {
+            e.remove_header(HeaderName::PAssertedIdentity);
+        }
+        if ident.strip_ppi {
+            e.remove_header(HeaderName::PPreferredIdentity);
+        }
+        if !ident.consume_realms.is_empty() {
+            for name in [HeaderName::ProxyAuthorization, HeaderName::Authorization] {
+                e.remove_header_where(name, |v| {
+                    crate::auth::credentials_realm(v).is_some_and(|r| {
+                        ident
+                            .consume_realms
+                            .iter()
+                            .any(|d| d.eq_ignore_ascii_case(&r))
+                    })
+                });
+            }
+        }
+        if let Some(pai) = &ident.add_pai {
+            e.add_header("P-Asserted-Identity", pai.as_bytes());
+        }
         let via = format!(
             "SIP/2.0/TLS {}:{};branch={branch}",
             self.cfg.via_host, self.cfg.via_port
@@ -474,12 +541,12 @@ impl Proxy {
             Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
         ) && ess.to.tag().is_none();
         if self.cfg.record_route && creates_dialog {
+            let (fi, fo) = (inbound.encode(), outbound.encode());
             let rr = format!(
-                "<sip:{}:{};transport=tls;lr;fi={};fo={}>",
+                "<sip:{}:{};transport=tls;lr;fi={fi};fo={fo};ft={}>",
                 self.cfg.via_host,
                 self.cfg.via_port,
-                inbound.encode(),
-                outbound.encode()
+                flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id)
             );
             e.insert_record_route(rr.as_bytes());
         }
@@ -537,6 +604,7 @@ mod tests {
             }],
             supported: vec!["outbound".into()],
             record_route: true,
+            key: NodeKey::new([3; 32]),
         }
     }
 
@@ -561,6 +629,7 @@ mod tests {
     fn code(d: Decision) -> u16 {
         match d {
             Decision::Respond(a) => a.code,
+            Decision::Refuse(d) => d.code,
             other => panic!("{other:?}"),
         }
     }
@@ -639,16 +708,22 @@ mod tests {
             Some(b"sip:bob@10.0.0.2:5061;transport=tls"),
             &a,
             &b,
+            &IdentityEdit::default(),
         );
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("INVITE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch=z9hG4bKsr"));
         assert!(s.contains("Max-Forwards: 69\r\n"));
         let rr = format!(
-            "Record-Route: <sip:proxy.example.com:5061;transport=tls;lr;fi={};fo={}>\r\n",
+            "Record-Route: <sip:proxy.example.com:5061;transport=tls;lr;fi={};fo={};ft=",
             a.encode(),
             b.encode()
         );
         assert!(s.contains(&rr), "{s}");
+        let rr_value = s
+            .lines()
+            .find_map(|l| l.strip_prefix("Record-Route: "))
+            .unwrap()
+            .to_string();
         // The forwarded request looping back to us is detected.
         assert_eq!(
             code(decide_on(
@@ -671,11 +746,7 @@ mod tests {
             Decision::Lookup { .. }
         ));
         // In-dialog BYE from the callee (on flow b) with our Route goes to flow a, and back.
-        let route = format!(
-            "Route: <sip:proxy.example.com:5061;transport=tls;lr;fi={};fo={}>\r\n",
-            a.encode(),
-            b.encode()
-        );
+        let route = format!("Route: {rr_value}\r\n");
         let bye = req("BYE sip:alice@10.0.0.1", &route).replace(
             "To: <sip:bob@example.com>",
             "To: <sip:bob@example.com>;tag=b",
@@ -683,6 +754,19 @@ mod tests {
         assert_eq!(decide_on(&p, &bye, &b), Decision::ToFlow(a.clone()));
         assert_eq!(decide_on(&p, &bye, &a), Decision::ToFlow(b.clone()));
         assert_eq!(code(decide_on(&p, &bye, &Flow::Conn(99))), 404);
+        // The token is bound to the flows and the dialog: forged, altered or moved to
+        // another Call-ID, it is refused (403) and nothing is created for it.
+        for forged in [
+            route.replace(&format!("fo={}", b.encode()), "fo=c2b"),
+            route.replace(&format!("fo={}", b.encode()), "fo=pnowhere"),
+            route.replace(";ft=", ";x="),
+            "Route: <sip:proxy.example.com;lr;fi=pa;fo=c2b>\r\n".to_string(),
+        ] {
+            let m = req("BYE sip:alice@10.0.0.1", &forged);
+            assert_eq!(code(decide_on(&p, &m, &b)), 403, "{forged}");
+        }
+        let other_dialog = bye.replace("Call-ID: c1", "Call-ID: c2");
+        assert_eq!(code(decide_on(&p, &other_dialog, &b)), 403);
         // Forwarding the BYE pops our Route and adds no Record-Route.
         let mut h = [Header::EMPTY; 32];
         let Ok(Status::Complete(m)) =
@@ -691,7 +775,16 @@ mod tests {
             panic!()
         };
         let e = m.validate(&Limits::default()).unwrap();
-        let out = String::from_utf8(p.forward_request(&m, &e, "z9hG4bKsrx", None, &b, &a)).unwrap();
+        let out = String::from_utf8(p.forward_request(
+            &m,
+            &e,
+            "z9hG4bKsrx",
+            None,
+            &b,
+            &a,
+            &IdentityEdit::default(),
+        ))
+        .unwrap();
         assert!(!out.contains("Route"), "{out}");
     }
 

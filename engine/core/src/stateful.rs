@@ -25,6 +25,7 @@ use crate::error::ParseError;
 use crate::header::Header;
 use crate::matching::{KeyMethod, TxKey};
 use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
+use crate::policy::{Authz, FlowInfo, Grant, Policy, Refusal, Source};
 use crate::proxy::{Decision, Flow, Lookup, Proxy};
 use crate::registrar::Reply;
 use crate::response::{ResponseParts, ack_for_non_2xx, cancel_for, error_response, response_to};
@@ -86,6 +87,9 @@ pub enum Output {
         /// Why, for the log.
         reason: ParseError,
     },
+    /// A request was refused for who sent it (a failed authentication, an identity it may
+    /// not claim, a relay it may not use): count it and log it (rate-limited).
+    Refused(Refusal),
 }
 
 /// Counters a driver exports as metrics.
@@ -101,6 +105,8 @@ pub struct Stats {
     pub acks_forwarded: u64,
     /// Responses generated locally.
     pub local_responses: u64,
+    /// Digest challenges sent (401/407).
+    pub challenges: u64,
 }
 
 #[derive(Debug)]
@@ -114,6 +120,8 @@ struct Server {
     final_sent: bool,
     cancelled: bool,
     to_tag: String,
+    /// What the policy allowed (identity headers downstream).
+    grant: Grant,
 }
 
 #[derive(Debug)]
@@ -160,8 +168,9 @@ pub struct ShardProxy {
     clients: HashMap<TxKey, Client>,
     timers: Timers<TimerKey>,
     pending: HashMap<u64, Pending>,
-    /// Connections that belong to a federation partner (verified MTLS identity).
-    flow_peers: HashMap<Flow, String>,
+    /// Who each connection is (set by the driver when it opens).
+    flows: HashMap<Flow, FlowInfo>,
+    policy: Policy,
     out: VecDeque<Output>,
     next_id: u64,
     stats: Stats,
@@ -181,8 +190,15 @@ fn with_parsed<T>(
 }
 
 impl ShardProxy {
-    /// A shard proxy for shard number `shard` (used to keep branches unique across shards).
-    pub fn new(proxy: Proxy, limits: Limits, timer_cfg: TimerConfig, shard: u16) -> Self {
+    /// A shard proxy for shard number `shard` (used to keep branches unique across shards)
+    /// that authorizes requests with `policy`.
+    pub fn new(
+        proxy: Proxy,
+        policy: Policy,
+        limits: Limits,
+        timer_cfg: TimerConfig,
+        shard: u16,
+    ) -> Self {
         ShardProxy {
             proxy,
             limits,
@@ -192,7 +208,8 @@ impl ShardProxy {
             clients: HashMap::new(),
             timers: Timers::new(),
             pending: HashMap::new(),
-            flow_peers: HashMap::new(),
+            flows: HashMap::new(),
+            policy,
             out: VecDeque::new(),
             next_id: 0,
             stats: Stats::default(),
@@ -206,7 +223,15 @@ impl ShardProxy {
 
     /// Counters.
     pub fn stats(&self) -> Stats {
-        self.stats
+        Stats {
+            challenges: self.policy.challenges(),
+            ..self.stats
+        }
+    }
+
+    /// The policy (for its gauges).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Live server and client transactions, and pending lookups.
@@ -226,16 +251,23 @@ impl ShardProxy {
         self.servers.is_empty() && self.clients.is_empty() && self.pending.is_empty()
     }
 
-    /// Marks `flow` as a connection of the federation partner `peer` (after its certificate
-    /// was verified): dialog routes then address the partner, not this connection.
-    pub fn set_flow_peer(&mut self, flow: Flow, peer: String) {
-        self.flow_peers.insert(flow, peer);
+    /// Tells who `flow` is (call when a connection opens, after its handshake). A partner's
+    /// connection is then addressed as the partner in dialog routes.
+    pub fn set_flow_info(&mut self, flow: Flow, info: FlowInfo) {
+        self.flows.insert(flow, info);
+    }
+
+    fn partner_of<'a>(&'a self, flow: &'a Flow) -> Option<&'a str> {
+        match flow {
+            Flow::Peer(p) => Some(p),
+            Flow::Conn(_) => self.flows.get(flow).and_then(|i| i.principal.partner()),
+        }
     }
 
     /// The partner-aware form of a flow for dialog routes.
     fn route_flow(&self, flow: &Flow) -> Flow {
-        match self.flow_peers.get(flow) {
-            Some(p) => Flow::Peer(p.clone()),
+        match self.partner_of(flow) {
+            Some(p) => Flow::Peer(p.to_string()),
             None => flow.clone(),
         }
     }
@@ -340,12 +372,45 @@ impl ShardProxy {
             s.txn.handle_request_retransmit(now);
             return self.drive_server(now, &key);
         }
-        let decision = self.proxy.decide(
+        let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
+        let info = self.flows.get(flow).cloned().unwrap_or_default();
+        let authz = self.policy.authorize(
+            now,
+            flow,
+            &info,
             msg,
             ess,
-            flow,
-            self.flow_peers.get(flow).map(String::as_str),
+            &decision,
+            &self.proxy.config().domains,
         );
+        self.drain_refusals();
+        let (decision, grant) = match authz {
+            Authz::Allow(g) => (decision, g),
+            Authz::Challenge { code, headers } => (
+                Decision::Respond(crate::proxy::Answer {
+                    code,
+                    reason: if code == 401 {
+                        "Unauthorized"
+                    } else {
+                        "Proxy Authentication Required"
+                    },
+                    headers,
+                }),
+                Grant {
+                    source: Source::Client(None),
+                },
+            ),
+            Authz::Deny(d) => (
+                Decision::Respond(crate::proxy::Answer {
+                    code: d.code,
+                    reason: d.reason,
+                    headers: Vec::new(),
+                }),
+                Grant {
+                    source: Source::Client(None),
+                },
+            ),
+        };
         let to_tag = format!("sr{:x}", self.unique());
         let txn = if method == Method::Invite {
             let trying = response_to(msg, 100, "Trying", ResponseParts::default());
@@ -365,6 +430,7 @@ impl ShardProxy {
                 final_sent: false,
                 cancelled: false,
                 to_tag,
+                grant,
             },
         );
         match decision {
@@ -394,6 +460,15 @@ impl ShardProxy {
             Decision::ToPeer(p) => self.fork(now, &key, &[(Flow::Peer(p), None)]),
             Decision::Cancel => self.on_cancel(now, &key),
             Decision::Drop(_) => {}
+            Decision::Refuse(d) => {
+                self.out.push_back(Output::Refused(Refusal {
+                    label: d.label,
+                    detail: String::from_utf8_lossy(msg.request_uri().unwrap_or_default())
+                        .into_owned(),
+                    source: info.source,
+                }));
+                self.answer(now, &key, d.code, d.reason, &[]);
+            }
         }
         self.drive_server(now, &key);
     }
@@ -522,8 +597,12 @@ impl ShardProxy {
             };
             let inbound = self.route_flow(&s.inbound);
             let proxy = &self.proxy;
+            let policy = &self.policy;
+            let to_partner = self.partner_of(flow);
             let Some((branch, method, out)) = with_parsed(&s.request, &limits, |m, e| {
                 let branch = Proxy::branch(m, e, unique);
+                let ident =
+                    policy.identity_edit(&s.grant, m, flow, to_partner, &proxy.config().domains);
                 let out = proxy.forward_request(
                     m,
                     e,
@@ -531,6 +610,7 @@ impl ShardProxy {
                     uri.as_deref().map(str::as_bytes),
                     &inbound,
                     flow,
+                    &ident,
                 );
                 (branch, m.method().expect("request") == Method::Invite, out)
             }) else {
@@ -573,12 +653,23 @@ impl ShardProxy {
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
     ) {
-        match self.proxy.decide(
+        let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
+        let info = self.flows.get(flow).cloned().unwrap_or_default();
+        let authz = self.policy.authorize(
+            now,
+            flow,
+            &info,
             msg,
             ess,
-            flow,
-            self.flow_peers.get(flow).map(String::as_str),
-        ) {
+            &decision,
+            &self.proxy.config().domains,
+        );
+        self.drain_refusals();
+        if !matches!(authz, Authz::Allow(_)) {
+            // An ACK cannot be challenged or answered: one that may not pass is dropped.
+            return;
+        }
+        match decision {
             Decision::ToFlow(f) => self.send_ack(flow, &f, None, msg, ess),
             Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, msg, ess),
             Decision::Lookup { aor } => {
@@ -594,7 +685,12 @@ impl ShardProxy {
             }
             _ => {}
         }
-        let _ = now;
+    }
+
+    fn drain_refusals(&mut self) {
+        while let Some(r) = self.policy.poll_refusal() {
+            self.out.push_back(Output::Refused(r));
+        }
     }
 
     fn send_ack(
@@ -606,10 +702,27 @@ impl ShardProxy {
         ess: &Essentials<'_>,
     ) {
         let branch = Proxy::branch(msg, ess, self.unique());
+        let source = match self.partner_of(inbound) {
+            Some(p) => Source::Partner(p.to_string()),
+            None => Source::Client(None),
+        };
+        let ident = self.policy.identity_edit(
+            &Grant { source },
+            msg,
+            to,
+            self.partner_of(to),
+            &self.proxy.config().domains,
+        );
         let inbound = self.route_flow(inbound);
-        let out =
-            self.proxy
-                .forward_request(msg, ess, &branch, uri.map(str::as_bytes), &inbound, to);
+        let out = self.proxy.forward_request(
+            msg,
+            ess,
+            &branch,
+            uri.map(str::as_bytes),
+            &inbound,
+            to,
+            &ident,
+        );
         self.stats.acks_forwarded += 1;
         self.send(to, out.into());
     }
@@ -915,7 +1028,8 @@ impl ShardProxy {
     /// error counts as 503), and server transactions that came over it are abandoned (their
     /// branches are cancelled).
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
-        self.flow_peers.remove(flow);
+        self.flows.remove(flow);
+        self.policy.flow_closed(flow);
         let failed: Vec<(TxKey, Option<TxKey>)> = self
             .clients
             .iter()

@@ -17,7 +17,7 @@ pub mod pki;
 pub mod session;
 pub mod verify;
 
-use crate::config::{Config, ListenKind};
+use crate::config::{ClientAuth, Config, ListenKind};
 use rustls::crypto::{CryptoProvider, SupportedKxGroup, aws_lc_rs};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
@@ -343,8 +343,10 @@ pub struct LoadedCert {
 pub struct TlsPolicy {
     /// For `tls` listeners.
     pub clients: Arc<ServerConfig>,
-    /// For `tls` listeners with `optional_client_auth`.
-    pub clients_optional_auth: Option<Arc<ServerConfig>>,
+    /// For `tls` listeners with `client_auth = "optional"`.
+    pub clients_cert_optional: Option<Arc<ServerConfig>>,
+    /// For `tls` listeners with `client_auth = "required"`.
+    pub clients_cert_required: Option<Arc<ServerConfig>>,
     /// For `mtls` listeners.
     pub peers: Option<Arc<ServerConfig>>,
     /// For connecting to each partner: its client config and the name to reach.
@@ -353,6 +355,8 @@ pub struct TlsPolicy {
     pub partners: Arc<[Arc<PeerTrust>]>,
     /// The server certificates, for expiry checks.
     pub certs: Vec<LoadedCert>,
+    /// Signature algorithms, for re-checking a partner's chain after its handshake.
+    pub algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
 impl TlsPolicy {
@@ -360,14 +364,26 @@ impl TlsPolicy {
     pub fn for_listener(
         &self,
         kind: ListenKind,
-        optional_client_auth: bool,
+        client_auth: ClientAuth,
     ) -> Option<Arc<ServerConfig>> {
-        match kind {
-            ListenKind::Tcp => None,
-            ListenKind::Tls if optional_client_auth => self.clients_optional_auth.clone(),
-            ListenKind::Tls => Some(self.clients.clone()),
-            ListenKind::Mtls => self.peers.clone(),
+        match (kind, client_auth) {
+            (ListenKind::Tcp, _) => None,
+            (ListenKind::Tls, ClientAuth::None) => Some(self.clients.clone()),
+            (ListenKind::Tls, ClientAuth::Optional) => self.clients_cert_optional.clone(),
+            (ListenKind::Tls, ClientAuth::Required) => self.clients_cert_required.clone(),
+            (ListenKind::Mtls, _) => self.peers.clone(),
         }
+    }
+
+    /// The partner a verified MTLS peer is: the one whose roots verified its chain and whose
+    /// trusted-server list names it (`verify::partner_of_chain`).
+    pub fn partner_of(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
+        verify::partner_of_chain(
+            &self.partners,
+            &self.algs,
+            chain,
+            rustls::pki_types::UnixTime::now(),
+        )
     }
 
     /// Loads every file the configuration names and builds all TLS configurations. Fails
@@ -447,7 +463,7 @@ impl TlsPolicy {
         };
 
         let clients = Arc::new(server_base(None)?);
-        let clients_optional_auth = match &cfg.tls.client_roots {
+        let (clients_cert_optional, clients_cert_required) = match &cfg.tls.client_roots {
             Some(path) => {
                 let mut roots = RootCertStore::empty();
                 for r in load_certs(path)? {
@@ -455,14 +471,31 @@ impl TlsPolicy {
                         .add(r)
                         .map_err(|e| load_err(path, format!("bad root: {e}")))?;
                 }
-                let v =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        .allow_unauthenticated()
-                        .build()
-                        .map_err(|e| load_err(path, format!("client verifier: {e}")))?;
-                Some(Arc::new(server_base(Some(v))?))
+                let roots = Arc::new(roots);
+                let mut crls = Vec::new();
+                for f in &cfg.tls.client_crls {
+                    crls.extend(load_crls(f)?);
+                }
+                let verifier = |optional: bool| {
+                    let mut b = WebPkiClientVerifier::builder_with_provider(
+                        roots.clone(),
+                        provider.clone(),
+                    );
+                    if !crls.is_empty() {
+                        b = b.with_crls(crls.clone()).only_check_end_entity_revocation();
+                    }
+                    if optional {
+                        b = b.allow_unauthenticated();
+                    }
+                    b.build()
+                        .map_err(|e| load_err(path, format!("client verifier: {e}")))
+                };
+                (
+                    Some(Arc::new(server_base(Some(verifier(true)?))?)),
+                    Some(Arc::new(server_base(Some(verifier(false)?))?)),
+                )
             }
-            None => None,
+            None => (None, None),
         };
 
         // Partners.
@@ -518,11 +551,13 @@ impl TlsPolicy {
 
         Ok(TlsPolicy {
             clients,
-            clients_optional_auth,
+            clients_cert_optional,
+            clients_cert_required,
             peers,
             outbound,
             partners,
             certs,
+            algs,
         })
     }
 }

@@ -79,12 +79,16 @@ pub struct CertSummary {
 }
 
 /// Reads identities (RFC 5922 §7.1: SAN URIs `sip:domain` and dNSNames; the CN only when the
-/// certificate has neither) and the names for logs.
+/// certificate has **no subjectAltName extension at all** — a SAN holding only an IP address
+/// or a user URI means the CN is not an identity) and the names for logs.
 pub fn summarize(cert: &[u8]) -> Option<CertSummary> {
     use x509_parser::extensions::GeneralName;
     let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
     let mut ids = Vec::new();
-    if let Ok(Some(san)) = x.subject_alternative_name() {
+    let san_ext = x.subject_alternative_name();
+    // An unparseable SAN extension still counts as present: never fall back to the CN.
+    let has_san = !matches!(san_ext, Ok(None));
+    if let Ok(Some(san)) = san_ext {
         for n in &san.value.general_names {
             match n {
                 GeneralName::DNSName(d) => ids.push(Identity::Dns(d.to_ascii_lowercase())),
@@ -105,7 +109,7 @@ pub fn summarize(cert: &[u8]) -> Option<CertSummary> {
             }
         }
     }
-    if ids.is_empty() {
+    if !has_san {
         for cn in x.subject().iter_common_name() {
             if let Ok(s) = cn.as_str() {
                 ids.push(Identity::Cn(s.to_ascii_lowercase()));
@@ -118,6 +122,30 @@ pub fn summarize(cert: &[u8]) -> Option<CertSummary> {
         subject: x.subject().to_string(),
         not_after: x.validity().not_after.timestamp(),
     })
+}
+
+/// The AORs a client certificate names: SAN URIs `sip:user@domain` (or `sips:`), canonical
+/// (`sip:user@host`, host lower case), for a `tls` listener that accepts client certificates
+/// as user identity.
+pub fn user_aors(cert: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = x.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) if u.contains('@') => {
+                let uri = sipring_core::Uri::parse(u.as_bytes()).ok()?;
+                sipring_core::registrar::aor_of(&uri)
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Does a certificate name (possibly `*.example.net`) match a configured name?
@@ -343,6 +371,25 @@ impl PeerTrust {
     }
 }
 
+/// The partner a verified client chain belongs to: the one partner that lists one of its
+/// identities **and** whose roots (and CRLs) verify it — never a partner that merely lists a
+/// name it presents. `None` when no partner, or more than one, qualifies (the verifier refused
+/// those handshakes already).
+pub fn partner_of_chain(
+    partners: &[Arc<PeerTrust>],
+    algs: &WebPkiSupportedAlgorithms,
+    chain: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Option<String> {
+    let (ee, intermediates) = chain.split_first()?;
+    let ids = summarize(ee.as_ref())?.identities;
+    let mut found = partners
+        .iter()
+        .filter(|p| p.trusts(&ids) && p.verify_chain(algs, ee, intermediates, now).is_ok());
+    let p = found.next()?;
+    found.next().is_none().then(|| p.name.clone())
+}
+
 fn chain_summary(ee: &CertificateDer<'_>) -> CertSummary {
     summarize(ee.as_ref()).unwrap_or_default()
 }
@@ -392,13 +439,31 @@ impl ClientCertVerifier for PeerClientVerifier {
             ));
         }
         let mut first_err = None;
+        let mut verified = Vec::new();
         for p in &candidates {
             match p.verify_chain(&self.algs, ee, intermediates, now) {
-                Ok(()) => return Ok(ClientCertVerified::assertion()),
+                Ok(()) => verified.push(p.name.clone()),
                 Err(e) => {
                     first_err.get_or_insert((p.name.clone(), e));
                 }
             }
+        }
+        match verified.len() {
+            1 => return Ok(ClientCertVerified::assertion()),
+            n if n > 1 => {
+                // Two partners list its names and trust its root (a shared CA): whose
+                // connection it is cannot be told, so it is nobody's.
+                return Err(reject(
+                    Rejection::NameNotTrusted,
+                    summary,
+                    None,
+                    format!(
+                        "ambiguous: names and roots of several partners ({})",
+                        verified.join(", ")
+                    ),
+                ));
+            }
+            _ => {}
         }
         let (peer, e) = first_err.expect("at least one candidate");
         let mut reason = classify(&e);

@@ -11,7 +11,18 @@ pub fn run(data: &[u8]) {
 
     let limits = Limits { max_message: 4096, ..Limits::default() };
     let mut framer = Framer::new(limits, KeepaliveRole::Server);
-    let mut proxy = ShardProxy::new(Proxy::new(ProxyConfig::default()), limits, TimerConfig::default(), 0);
+    // Two proxies see the same bytes: an open one (routing reaches everywhere) and one that
+    // authenticates (the credentials parser and the digest checks see every request).
+    let strict = sipring_core::policy::Policy::new(
+        sipring_core::policy::PolicyConfig::default(),
+        sipring_core::auth::NodeKey::new([0; 32]),
+        std::time::Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    );
+    let mut proxies = [
+        ShardProxy::new(Proxy::new(ProxyConfig::default()), sipring_core::policy::Policy::open(), limits, TimerConfig::default(), 0),
+        ShardProxy::new(Proxy::new(ProxyConfig::default()), strict, limits, TimerConfig::default(), 0),
+    ];
     let now = std::time::Instant::now();
     let flow = Flow::Conn(1);
     let mut buf = data;
@@ -33,12 +44,14 @@ pub fn run(data: &[u8]) {
                         }
                     }
                 }
-                proxy.handle_message(now, &flow, &buf[..n]);
-                while let Some(o) = proxy.poll_output() {
-                    if let Output::Send { bytes, .. } = o {
-                        let mut h3 = [Header::EMPTY; 128];
-                        let big = Limits { max_message: usize::MAX, max_header_line: usize::MAX, max_headers: 128, ..limits };
-                        assert!(!matches!(parse(&bytes, &mut h3, &big, Framing::Stream), Ok(Status::Partial)), "emitted a truncated message");
+                for proxy in &mut proxies {
+                    proxy.handle_message(now, &flow, &buf[..n]);
+                    while let Some(o) = proxy.poll_output() {
+                        if let Output::Send { bytes, .. } = o {
+                            let mut h3 = [Header::EMPTY; 128];
+                            let big = Limits { max_message: usize::MAX, max_header_line: usize::MAX, max_headers: 128, ..limits };
+                            assert!(!matches!(parse(&bytes, &mut h3, &big, Framing::Stream), Ok(Status::Partial)), "emitted a truncated message");
+                        }
                     }
                 }
                 buf = &buf[n..];
@@ -47,6 +60,8 @@ pub fn run(data: &[u8]) {
             Ok(Status::Partial) | Err(_) => break,
         }
     }
-    proxy.handle_flow_closed(now, &flow);
-    proxy.handle_timeout(now + std::time::Duration::from_secs(3600));
+    for proxy in &mut proxies {
+        proxy.handle_flow_closed(now, &flow);
+        proxy.handle_timeout(now + std::time::Duration::from_secs(3600));
+    }
 }

@@ -1,0 +1,1161 @@
+//! Digest authentication of SIP requests (RFC 3261 §22, RFC 8760 algorithms, RFC 7616
+//! nonces), sans-IO: the caller gives the time, the flow and the credentials header; the
+//! [`Authenticator`] answers who it is, or what challenge to send.
+//!
+//! ```text
+//!  request ─► Authorization / Proxy-Authorization for one of our realms?
+//!               │ no ──────────────────────────────► Challenge { stale: false }
+//!               ▼ parse (Digest, qop=auth, nc, cnonce, uri = Request-URI)
+//!             subscriber (CredentialStore) and its HA1 for the algorithm
+//!               │ unknown, or wrong response ─────► failure counted ─► Challenge
+//!               ▼ response right
+//!             nonce: our HMAC for *this flow*, not expired, nc never seen on it
+//!               │ no ──────────────────────────────► Challenge { stale: true }
+//!               ▼
+//!             Authenticated(subscriber)
+//! ```
+//!
+//! **Stateless nonces.** A nonce is the time it was made and an HMAC (SHA-256, with a key
+//! only this node holds) over that time, the flow (connection) it was made for and the realm.
+//! Nothing is stored when a challenge goes out. A nonce is accepted only on the connection
+//! it was issued on, for [`AuthConfig::nonce_ttl`]; after that the answer is a challenge with
+//! `stale=true`, which a UA answers without asking its user again.
+//!
+//! **Replays.** Because a nonce belongs to one flow, the nonce-counts seen are kept per flow
+//! (the few newest nonces, each with a 64-wide window of `nc` values) and dropped with the
+//! flow: the state is bounded by the connection limits, not by what peers send.
+//!
+//! **Failures.** Wrong passwords, unknown users, replays and malformed credentials are
+//! counted per source address; past [`AuthConfig::max_failures`] within
+//! [`AuthConfig::failure_window`] the source is refused ([`Verdict::Blocked`]) for
+//! [`AuthConfig::block`] without any credential being checked. The table is bounded.
+//!
+//! Credentials are HA1 hashes per realm and algorithm ([`Subscriber`]); plaintext passwords
+//! never reach this module except through [`Algorithm::ha1`], which makes those hashes.
+
+use crate::text::{eq_ic, is_lws, is_token};
+use hmac::{KeyInit, Mac};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A digest algorithm (RFC 8760 §2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Algorithm {
+    /// `MD5` (RFC 2617): only for old phones, and only where configured.
+    Md5,
+    /// `SHA-256`.
+    Sha256,
+    /// `SHA-512-256` (SHA-512/256).
+    Sha512_256,
+}
+
+impl Algorithm {
+    /// Every algorithm, strongest first.
+    pub const ALL: [Algorithm; 3] = [Algorithm::Sha512_256, Algorithm::Sha256, Algorithm::Md5];
+
+    /// The name used in `algorithm=` and in configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Md5 => "MD5",
+            Algorithm::Sha256 => "SHA-256",
+            Algorithm::Sha512_256 => "SHA-512-256",
+        }
+    }
+
+    /// Parses an `algorithm=` value (case-insensitive). The `-sess` variants are not
+    /// supported.
+    pub fn from_name(s: &[u8]) -> Option<Algorithm> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| eq_ic(a.name().as_bytes(), s))
+    }
+
+    /// `H(p1:p2:…)` as lower-case hex.
+    pub fn hex(self, parts: &[&[u8]]) -> String {
+        fn run<D: Digest>(parts: &[&[u8]]) -> String {
+            let mut d = D::new();
+            for (i, p) in parts.iter().enumerate() {
+                if i > 0 {
+                    d.update(b":");
+                }
+                d.update(p);
+            }
+            hex(&d.finalize())
+        }
+        match self {
+            Algorithm::Md5 => run::<md5::Md5>(parts),
+            Algorithm::Sha256 => run::<sha2::Sha256>(parts),
+            Algorithm::Sha512_256 => run::<sha2::Sha512_256>(parts),
+        }
+    }
+
+    /// `HA1 = H(username:realm:password)`: what a subscriber file stores instead of the
+    /// password.
+    pub fn ha1(self, username: &str, realm: &str, password: &str) -> String {
+        self.hex(&[username.as_bytes(), realm.as_bytes(), password.as_bytes()])
+    }
+
+    /// The `response` a UA computes (RFC 7616 §3.4.1, `qop=auth`).
+    #[allow(clippy::too_many_arguments)] // the RFC's inputs, one each
+    pub fn response(
+        self,
+        ha1: &str,
+        nonce: &[u8],
+        nc: &[u8],
+        cnonce: &[u8],
+        qop: &[u8],
+        method: &[u8],
+        uri: &[u8],
+    ) -> String {
+        let ha2 = self.hex(&[method, uri]);
+        self.hex(&[ha1.as_bytes(), nonce, nc, cnonce, qop, ha2.as_bytes()])
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(D[usize::from(x >> 4)] as char);
+        s.push(D[usize::from(x & 15)] as char);
+    }
+    s
+}
+
+fn unhex(s: &[u8]) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let d = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
+    s.chunks(2)
+        .map(|p| Some(d(p[0])? << 4 | d(p[1])?))
+        .collect()
+}
+
+/// Constant-time equality (the comparison must not tell how much of a guess was right).
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One subscriber: who it is, which addresses-of-record it may use, and its HA1 hashes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Subscriber {
+    /// The digest user name.
+    pub username: String,
+    /// The realm (normally one of our SIP domains).
+    pub realm: String,
+    /// The canonical AORs (`sip:user@domain`, as [`crate::registrar::aor_of`] writes them)
+    /// this identity may register and send as; the first is the one asserted
+    /// (P-Asserted-Identity). Default: `sip:<username>@<realm>`.
+    pub aors: Vec<String>,
+    /// HA1 per algorithm, lower-case hex.
+    pub ha1: Vec<(Algorithm, String)>,
+}
+
+impl fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // HA1s are password equivalents: never in logs.
+        f.debug_struct("Subscriber")
+            .field("username", &self.username)
+            .field("realm", &self.realm)
+            .field("aors", &self.aors)
+            .field(
+                "ha1",
+                &self.ha1.iter().map(|(a, _)| a.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Subscriber {
+    /// The HA1 for `alg`, if the subscriber has one.
+    pub fn ha1_for(&self, alg: Algorithm) -> Option<&str> {
+        self.ha1
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, h)| h.as_str())
+    }
+}
+
+/// Where subscribers come from: a file today (the engine's table), the cluster store later.
+/// Called on the message path: an implementation must answer from memory, without blocking.
+pub trait CredentialStore {
+    /// The subscriber `username` in `realm`.
+    fn subscriber(&self, username: &str, realm: &str) -> Option<Arc<Subscriber>>;
+}
+
+/// An in-memory subscriber table.
+#[derive(Debug, Default, Clone)]
+pub struct SubscriberTable {
+    map: HashMap<(String, String), Arc<Subscriber>>,
+}
+
+impl SubscriberTable {
+    /// Adds (or replaces) a subscriber.
+    pub fn insert(&mut self, s: Subscriber) {
+        self.map.insert(
+            (s.realm.to_ascii_lowercase(), s.username.clone()),
+            Arc::new(s),
+        );
+    }
+
+    /// Number of subscribers.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Is it empty?
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl CredentialStore for SubscriberTable {
+    fn subscriber(&self, username: &str, realm: &str) -> Option<Arc<Subscriber>> {
+        // Realms compare case-insensitively (they are our domain names); user names exactly.
+        self.map
+            .get(&(realm.to_ascii_lowercase(), username.to_string()))
+            .cloned()
+    }
+}
+
+/// `Digest` credentials from an `Authorization` or `Proxy-Authorization` value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// `username`.
+    pub username: String,
+    /// `realm`.
+    pub realm: String,
+    /// `nonce`.
+    pub nonce: String,
+    /// `uri` (the digest-uri).
+    pub uri: String,
+    /// `response`.
+    pub response: String,
+    /// `algorithm` (absent means MD5, RFC 2617).
+    pub algorithm: Option<String>,
+    /// `cnonce`.
+    pub cnonce: Option<String>,
+    /// `qop`.
+    pub qop: Option<String>,
+    /// `nc`, as written (8 hex digits).
+    pub nc: Option<String>,
+}
+
+/// Parses `Digest k=v, k="v", …` (RFC 3261 §25.1 `credentials`). `None` for another scheme
+/// or a malformed list; unknown parameters are ignored.
+pub fn parse_credentials(value: &[u8]) -> Option<Credentials> {
+    let v = value;
+    let mut i = v.iter().position(|&b| !is_lws(b))?;
+    let scheme_end = i + v[i..]
+        .iter()
+        .position(|&b| !is_token(b))
+        .unwrap_or(v.len() - i);
+    if !eq_ic(&v[i..scheme_end], b"Digest") {
+        return None;
+    }
+    i = scheme_end;
+    let mut c = Credentials::default();
+    let (mut have_user, mut have_realm, mut have_nonce, mut have_uri, mut have_resp) =
+        (false, false, false, false, false);
+    loop {
+        while i < v.len() && (is_lws(v[i]) || v[i] == b',') {
+            i += 1;
+        }
+        if i >= v.len() {
+            break;
+        }
+        let ks = i;
+        while i < v.len() && is_token(v[i]) {
+            i += 1;
+        }
+        let key = &v[ks..i];
+        if key.is_empty() {
+            return None;
+        }
+        while i < v.len() && is_lws(v[i]) {
+            i += 1;
+        }
+        if v.get(i) != Some(&b'=') {
+            return None;
+        }
+        i += 1;
+        while i < v.len() && is_lws(v[i]) {
+            i += 1;
+        }
+        let val = if v.get(i) == Some(&b'"') {
+            i += 1;
+            let mut out = Vec::new();
+            loop {
+                match *v.get(i)? {
+                    b'\\' => {
+                        out.push(*v.get(i + 1)?);
+                        i += 2;
+                    }
+                    b'"' => {
+                        i += 1;
+                        break;
+                    }
+                    b => {
+                        out.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            out
+        } else {
+            let s = i;
+            while i < v.len() && is_token(v[i]) {
+                i += 1;
+            }
+            if s == i {
+                return None;
+            }
+            v[s..i].to_vec()
+        };
+        let val = String::from_utf8(val).ok()?;
+        let k = |n: &str| eq_ic(key, n.as_bytes());
+        if k("username") {
+            (c.username, have_user) = (val, true);
+        } else if k("realm") {
+            (c.realm, have_realm) = (val, true);
+        } else if k("nonce") {
+            (c.nonce, have_nonce) = (val, true);
+        } else if k("uri") {
+            (c.uri, have_uri) = (val, true);
+        } else if k("response") {
+            (c.response, have_resp) = (val, true);
+        } else if k("algorithm") {
+            c.algorithm = Some(val);
+        } else if k("cnonce") {
+            c.cnonce = Some(val);
+        } else if k("qop") {
+            c.qop = Some(val);
+        } else if k("nc") {
+            c.nc = Some(val);
+        }
+    }
+    (have_user && have_realm && have_nonce && have_uri && have_resp).then_some(c)
+}
+
+/// The realm in a `Digest` credentials value, without parsing the rest (to pick the
+/// credentials meant for us among several).
+pub fn credentials_realm(value: &[u8]) -> Option<String> {
+    parse_credentials(value).map(|c| c.realm)
+}
+
+/// A secret key only this node holds (signs nonces and flow tokens). Its `Debug` does not
+/// show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeKey([u8; 32]);
+
+impl NodeKey {
+    /// A key from 32 secret bytes (random at start, or read from a file the operator keeps).
+    pub fn new(bytes: [u8; 32]) -> NodeKey {
+        NodeKey(bytes)
+    }
+
+    /// HMAC-SHA-256 over the parts (each length-prefixed, so boundaries count).
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key size");
+        for p in parts {
+            m.update(&(p.len() as u32).to_be_bytes());
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    /// The first `n` bytes of [`NodeKey::mac`], as hex: a tag for text we hand out.
+    pub fn tag(&self, n: usize, parts: &[&[u8]]) -> String {
+        hex(&self.mac(parts)[..n])
+    }
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NodeKey(..)")
+    }
+}
+
+/// Authentication settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Algorithms offered, one challenge each, in this order (RFC 8760 §2.4). Default
+    /// SHA-256, SHA-512-256; MD5 only where configured.
+    pub algorithms: Vec<Algorithm>,
+    /// How long a nonce is accepted. Default 300 s.
+    pub nonce_ttl: Duration,
+    /// Failed attempts from one source address within `failure_window` before it is
+    /// refused. Default 10.
+    pub max_failures: u32,
+    /// Default 60 s.
+    pub failure_window: Duration,
+    /// How long a source that failed too often is refused. Default 300 s.
+    pub block: Duration,
+    /// Most source addresses tracked for failures (the table is bounded). Default 65536.
+    pub max_tracked_sources: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            algorithms: vec![Algorithm::Sha256, Algorithm::Sha512_256],
+            nonce_ttl: Duration::from_secs(300),
+            max_failures: 10,
+            failure_window: Duration::from_secs(60),
+            block: Duration::from_secs(300),
+            max_tracked_sources: 65536,
+        }
+    }
+}
+
+/// Why an attempt failed (a metric label each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Credentials that do not parse, or miss `qop=auth`/`nc`/`cnonce`.
+    Malformed,
+    /// `uri` is not the Request-URI.
+    UriMismatch,
+    /// An algorithm we did not offer.
+    Algorithm,
+    /// No such subscriber in that realm (or no HA1 for that algorithm).
+    UnknownUser,
+    /// The response does not match (wrong password).
+    WrongPassword,
+    /// A nonce-count already used with this nonce.
+    Replay,
+}
+
+impl Failure {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Malformed => "malformed",
+            Failure::UriMismatch => "uri_mismatch",
+            Failure::Algorithm => "algorithm",
+            Failure::UnknownUser => "unknown_user",
+            Failure::WrongPassword => "wrong_password",
+            Failure::Replay => "replay",
+        }
+    }
+}
+
+/// The outcome of [`Authenticator::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The credentials prove this subscriber.
+    Authenticated(Arc<Subscriber>),
+    /// Send a challenge (`stale=true`: the password was right but the nonce is old, from
+    /// another connection, or its count was used).
+    Challenge {
+        /// Whether to say `stale=true`.
+        stale: bool,
+    },
+    /// The source failed too often: refuse without checking (403).
+    Blocked,
+}
+
+/// What one verification says, with the failure to count and log, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// A failed attempt, for metrics and the log.
+    pub failure: Option<(Failure, String)>,
+}
+
+/// Nonce-counts seen for one nonce: the highest, and a window of the 64 below it.
+#[derive(Debug, Clone, Copy)]
+struct NcWindow {
+    issued_ms: u64,
+    max: u32,
+    seen: u64,
+}
+
+impl NcWindow {
+    /// Marks `nc` used; `false` if it was already (or is too old to tell).
+    fn accept(&mut self, nc: u32) -> bool {
+        if nc > self.max {
+            let shift = nc - self.max;
+            self.seen = if shift >= 64 { 0 } else { self.seen << shift };
+            // Bit 0 stands for `max` itself.
+            self.seen |= 1;
+            self.max = nc;
+            true
+        } else {
+            let back = self.max - nc;
+            if back >= 64 || self.seen & (1 << back) != 0 {
+                return false;
+            }
+            self.seen |= 1 << back;
+            true
+        }
+    }
+}
+
+/// Nonces in use per flow (bounded: the newest few).
+const NONCES_PER_FLOW: usize = 4;
+
+#[derive(Debug, Clone, Copy)]
+struct SourceFailures {
+    count: u32,
+    since: Instant,
+    blocked_until: Option<Instant>,
+}
+
+/// Digest authentication for one shard; see the module docs.
+#[derive(Debug)]
+pub struct Authenticator {
+    cfg: AuthConfig,
+    key: NodeKey,
+    epoch: Instant,
+    nonces: HashMap<u64, Vec<NcWindow>>,
+    failures: HashMap<IpAddr, SourceFailures>,
+}
+
+impl Authenticator {
+    /// An authenticator; `epoch` is the time nonces count from (any instant before now).
+    pub fn new(cfg: AuthConfig, key: NodeKey, epoch: Instant) -> Authenticator {
+        Authenticator {
+            cfg,
+            key,
+            epoch,
+            nonces: HashMap::new(),
+            failures: HashMap::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AuthConfig {
+        &self.cfg
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// A fresh nonce for `flow` and `realm`: 8 bytes of time, 16 of HMAC, as hex.
+    pub fn nonce(&self, now: Instant, flow: u64, realm: &str) -> String {
+        let t = self.ms(now).to_be_bytes();
+        let mut s = hex(&t);
+        s.push_str(
+            &self
+                .key
+                .tag(16, &[b"nonce", &t, &flow.to_be_bytes(), realm.as_bytes()]),
+        );
+        s
+    }
+
+    /// The challenge header values for `realm` (one per configured algorithm).
+    pub fn challenges(&self, now: Instant, flow: u64, realm: &str, stale: bool) -> Vec<Vec<u8>> {
+        let nonce = self.nonce(now, flow, realm);
+        self.cfg
+            .algorithms
+            .iter()
+            .map(|a| {
+                let mut v = format!(
+                    "Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"",
+                    a.name()
+                );
+                if stale {
+                    v.push_str(", stale=TRUE");
+                }
+                v.into_bytes()
+            })
+            .collect()
+    }
+
+    /// When the nonce was issued (ms after the epoch), if it is ours for this flow and realm.
+    fn nonce_issued(&self, nonce: &str, flow: u64, realm: &str) -> Option<u64> {
+        let raw = unhex(nonce.as_bytes())?;
+        if raw.len() != 24 {
+            return None;
+        }
+        let t: [u8; 8] = raw[..8].try_into().ok()?;
+        let want = self
+            .key
+            .mac(&[b"nonce", &t, &flow.to_be_bytes(), realm.as_bytes()]);
+        ct_eq(&raw[8..], &want[..16]).then(|| u64::from_be_bytes(t))
+    }
+
+    /// Is this source refused for failing too often?
+    pub fn is_blocked(&self, now: Instant, source: Option<IpAddr>) -> bool {
+        source
+            .and_then(|ip| self.failures.get(&ip))
+            .and_then(|f| f.blocked_until)
+            .is_some_and(|t| now < t)
+    }
+
+    fn fail(&mut self, now: Instant, source: Option<IpAddr>) {
+        let Some(ip) = source else { return };
+        if !self.failures.contains_key(&ip) && self.failures.len() >= self.cfg.max_tracked_sources {
+            // Bounded: forget what no longer matters, else make room.
+            let w = self.cfg.failure_window;
+            self.failures.retain(|_, f| {
+                now.saturating_duration_since(f.since) < w
+                    || f.blocked_until.is_some_and(|t| now < t)
+            });
+            if self.failures.len() >= self.cfg.max_tracked_sources {
+                let victim = self
+                    .failures
+                    .iter()
+                    .filter(|(_, f)| f.blocked_until.is_none())
+                    .min_by_key(|(_, f)| f.since)
+                    .or_else(|| self.failures.iter().min_by_key(|(_, f)| f.since))
+                    .map(|(ip, _)| *ip);
+                if let Some(v) = victim {
+                    self.failures.remove(&v);
+                }
+            }
+        }
+        let f = self.failures.entry(ip).or_insert(SourceFailures {
+            count: 0,
+            since: now,
+            blocked_until: None,
+        });
+        if now.saturating_duration_since(f.since) >= self.cfg.failure_window {
+            f.count = 0;
+            f.since = now;
+        }
+        f.count += 1;
+        if f.count >= self.cfg.max_failures {
+            f.blocked_until = Some(now + self.cfg.block);
+            f.count = 0;
+            f.since = now;
+        }
+    }
+
+    /// Sources tracked for failures (a gauge).
+    pub fn tracked_sources(&self) -> usize {
+        self.failures.len()
+    }
+
+    /// Verifies the credentials in `values` (the `Authorization` or `Proxy-Authorization`
+    /// values of a request) for a request with `method` and `request_uri` that arrived on
+    /// `flow` from `source`. `realms` are the realms we answer for.
+    #[allow(clippy::too_many_arguments)] // the request's facts, one each
+    pub fn verify(
+        &mut self,
+        now: Instant,
+        flow: u64,
+        source: Option<IpAddr>,
+        method: &[u8],
+        request_uri: &[u8],
+        values: &[&[u8]],
+        realms: &[String],
+        store: &dyn CredentialStore,
+    ) -> Checked {
+        let ok = |verdict| Checked {
+            verdict,
+            failure: None,
+        };
+        if self.is_blocked(now, source) {
+            return ok(Verdict::Blocked);
+        }
+        // The credentials meant for us (a request may carry others' too, RFC 3261 §22.3).
+        let mut mine = None;
+        for v in values {
+            match parse_credentials(v) {
+                Some(c) if realms.iter().any(|r| r.eq_ignore_ascii_case(&c.realm)) => {
+                    mine = Some(Ok(c));
+                    break;
+                }
+                Some(_) => {}
+                None if mine.is_none() && trimmed_scheme_is_digest(v) => mine = Some(Err(())),
+                None => {}
+            }
+        }
+        let c = match mine {
+            None => return ok(Verdict::Challenge { stale: false }),
+            Some(Err(())) => return self.failed(now, source, Failure::Malformed, String::new()),
+            Some(Ok(c)) => c,
+        };
+        let who = format!("{}@{}", c.username, c.realm);
+        let alg = match &c.algorithm {
+            None => Algorithm::Md5,
+            Some(a) => match Algorithm::from_name(a.as_bytes()) {
+                Some(a) => a,
+                None => return self.failed(now, source, Failure::Algorithm, who),
+            },
+        };
+        if !self.cfg.algorithms.contains(&alg) {
+            return self.failed(now, source, Failure::Algorithm, who);
+        }
+        let (Some(qop), Some(nc_s), Some(cnonce)) = (&c.qop, &c.nc, &c.cnonce) else {
+            return self.failed(now, source, Failure::Malformed, who);
+        };
+        let nc = match u32::from_str_radix(nc_s, 16) {
+            Ok(n) if qop.eq_ignore_ascii_case("auth") && nc_s.len() == 8 && n > 0 => n,
+            _ => return self.failed(now, source, Failure::Malformed, who),
+        };
+        if !c.uri.as_bytes().eq_ignore_ascii_case(request_uri) {
+            return self.failed(now, source, Failure::UriMismatch, who);
+        }
+        let Some(sub) = store.subscriber(&c.username, &c.realm) else {
+            return self.failed(now, source, Failure::UnknownUser, who);
+        };
+        let Some(ha1) = sub.ha1_for(alg) else {
+            return self.failed(now, source, Failure::UnknownUser, who);
+        };
+        let want = alg.response(
+            ha1,
+            c.nonce.as_bytes(),
+            nc_s.as_bytes(),
+            cnonce.as_bytes(),
+            qop.as_bytes(),
+            method,
+            c.uri.as_bytes(),
+        );
+        if !ct_eq(want.as_bytes(), c.response.to_ascii_lowercase().as_bytes()) {
+            return self.failed(now, source, Failure::WrongPassword, who);
+        }
+        // The password is right: what remains decides between success and `stale`.
+        let stale = ok(Verdict::Challenge { stale: true });
+        let Some(issued) = self.nonce_issued(&c.nonce, flow, &c.realm) else {
+            return stale;
+        };
+        if self.ms(now).saturating_sub(issued) > self.cfg.nonce_ttl.as_millis() as u64 {
+            return stale;
+        }
+        let windows = self.nonces.entry(flow).or_default();
+        let w = match windows.iter_mut().position(|w| w.issued_ms == issued) {
+            Some(i) => &mut windows[i],
+            None => {
+                if windows.len() >= NONCES_PER_FLOW {
+                    // Keep the newest: an older nonce than all we track is stale.
+                    let (oldest, at) = windows
+                        .iter()
+                        .enumerate()
+                        .map(|(i, w)| (w.issued_ms, i))
+                        .min()
+                        .expect("non-empty");
+                    if issued < oldest {
+                        return stale;
+                    }
+                    windows.swap_remove(at);
+                }
+                windows.push(NcWindow {
+                    issued_ms: issued,
+                    max: 0,
+                    seen: 0,
+                });
+                windows.last_mut().expect("pushed")
+            }
+        };
+        if !w.accept(nc) {
+            let mut r = self.failed(now, source, Failure::Replay, who);
+            if r.verdict != Verdict::Blocked {
+                r.verdict = Verdict::Challenge { stale: true };
+            }
+            return r;
+        }
+        ok(Verdict::Authenticated(sub))
+    }
+
+    fn failed(
+        &mut self,
+        now: Instant,
+        source: Option<IpAddr>,
+        why: Failure,
+        who: String,
+    ) -> Checked {
+        self.fail(now, source);
+        Checked {
+            verdict: if self.is_blocked(now, source) {
+                Verdict::Blocked
+            } else {
+                Verdict::Challenge { stale: false }
+            },
+            failure: Some((why, who)),
+        }
+    }
+
+    /// A flow closed: its nonces die with it.
+    pub fn flow_closed(&mut self, flow: u64) {
+        self.nonces.remove(&flow);
+    }
+
+    /// Flows with nonce state (a gauge; bounded by the connections).
+    pub fn flows_tracked(&self) -> usize {
+        self.nonces.len()
+    }
+}
+
+fn trimmed_scheme_is_digest(v: &[u8]) -> bool {
+    let v = crate::text::trim(v);
+    v.len() >= 6 && eq_ic(&v[..6], b"Digest")
+}
+
+/// What a UA does with a challenge: the `Authorization` value for a request (for tests, the
+/// load generator and `sipring subscriber`). `challenge` is a `WWW-Authenticate` or
+/// `Proxy-Authenticate` value; `ha1` the subscriber's hash for the challenge's algorithm.
+#[allow(clippy::too_many_arguments)] // the RFC's inputs, one each
+pub fn authorization(
+    alg: Algorithm,
+    username: &str,
+    realm: &str,
+    ha1: &str,
+    nonce: &str,
+    nc: u32,
+    cnonce: &str,
+    method: &str,
+    uri: &str,
+) -> String {
+    let nc = format!("{nc:08x}");
+    let r = alg.response(
+        ha1,
+        nonce.as_bytes(),
+        nc.as_bytes(),
+        cnonce.as_bytes(),
+        b"auth",
+        method.as_bytes(),
+        uri.as_bytes(),
+    );
+    format!(
+        "Digest username=\"{username}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", response=\"{r}\", algorithm={}, cnonce=\"{cnonce}\", qop=auth, nc={nc}",
+        alg.name()
+    )
+}
+
+/// A challenge's parameters (for the UA side): `(realm, nonce, algorithm, stale)`.
+pub fn parse_challenge(value: &[u8]) -> Option<(String, String, Algorithm, bool)> {
+    // A challenge has the same auth-param syntax as credentials; reuse the parser by
+    // supplying the fields it insists on.
+    let mut v = value.to_vec();
+    v.extend_from_slice(b", username=\"-\", uri=\"-\", response=\"-\"");
+    let c = parse_credentials(&v)?;
+    let alg = match c.algorithm.as_deref() {
+        None => Algorithm::Md5,
+        Some(a) => Algorithm::from_name(a.as_bytes())?,
+    };
+    let stale = String::from_utf8_lossy(value)
+        .to_ascii_lowercase()
+        .contains("stale=true");
+    Some((c.realm, c.nonce, alg, stale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 7616 §3.9.1: the same request with MD5 and SHA-256 (HTTP, but the algorithm is
+    /// the same: `response = H(HA1:nonce:nc:cnonce:qop:H(method:uri))`).
+    #[test]
+    fn rfc7616_known_answers() {
+        let (user, realm, pass) = ("Mufasa", "http-auth@example.org", "Circle of Life");
+        let nonce = b"7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v";
+        let cnonce = b"f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ";
+        for (alg, want) in [
+            (Algorithm::Md5, "8ca523f5e9506fed4657c9700eebdbec"),
+            (
+                Algorithm::Sha256,
+                "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1",
+            ),
+        ] {
+            let ha1 = alg.ha1(user, realm, pass);
+            let r = alg.response(
+                &ha1,
+                nonce,
+                b"00000001",
+                cnonce,
+                b"auth",
+                b"GET",
+                b"/dir/index.html",
+            );
+            assert_eq!(r, want, "{alg}");
+        }
+        // SHA-512/256 (FIPS 180-4) of "abc".
+        assert_eq!(
+            Algorithm::Sha512_256.hex(&[b"abc"]),
+            "53048e2681941ef99b2e29b76b4c7dabe4c2d0c634fc6d46e0e2f13107e7af23"
+        );
+    }
+
+    #[test]
+    fn credentials_parse_with_quotes_escapes_and_lws() {
+        let c = parse_credentials(
+            b"Digest  username=\"al\\\"ice\" ,realm=\"example.com\",\r\n nonce=\"n1\", uri=\"sip:example.com\",response=\"abc\", algorithm=SHA-256, cnonce=\"c\", qop=auth, nc=00000001, opaque=\"x\"",
+        )
+        .unwrap();
+        assert_eq!(c.username, "al\"ice");
+        assert_eq!(c.realm, "example.com");
+        assert_eq!(c.algorithm.as_deref(), Some("SHA-256"));
+        assert_eq!(c.nc.as_deref(), Some("00000001"));
+        for bad in [
+            &b"Basic YWxhZGRpbjpvcGVuc2VzYW1l"[..],
+            b"Digest username=\"a\", realm=\"r\"",
+            b"Digest username=\"a, realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\"",
+            b"Digest username=, realm=\"r\"",
+            b"",
+        ] {
+            assert_eq!(
+                parse_credentials(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    struct Fixture {
+        auth: Authenticator,
+        store: SubscriberTable,
+        t0: Instant,
+    }
+
+    const SRC: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7)));
+
+    fn fixture(algs: &[Algorithm]) -> Fixture {
+        let t0 = Instant::now();
+        let mut store = SubscriberTable::default();
+        store.insert(Subscriber {
+            username: "alice".into(),
+            realm: "example.com".into(),
+            aors: vec!["sip:alice@example.com".into()],
+            ha1: Algorithm::ALL
+                .iter()
+                .map(|a| (*a, a.ha1("alice", "example.com", "secret")))
+                .collect(),
+        });
+        Fixture {
+            auth: Authenticator::new(
+                AuthConfig {
+                    algorithms: algs.to_vec(),
+                    max_failures: 3,
+                    ..AuthConfig::default()
+                },
+                NodeKey::new([7; 32]),
+                t0,
+            ),
+            store,
+            t0,
+        }
+    }
+
+    impl Fixture {
+        #[allow(clippy::too_many_arguments)]
+        fn answer(
+            &mut self,
+            at: Duration,
+            flow: u64,
+            alg: Algorithm,
+            password: &str,
+            nonce: &str,
+            nc: u32,
+            uri: &str,
+        ) -> Checked {
+            let ha1 = alg.ha1("alice", "example.com", password);
+            let a = authorization(
+                alg,
+                "alice",
+                "example.com",
+                &ha1,
+                nonce,
+                nc,
+                "cn",
+                "REGISTER",
+                uri,
+            );
+            self.auth.verify(
+                self.t0 + at,
+                flow,
+                SRC,
+                b"REGISTER",
+                b"sip:example.com",
+                &[a.as_bytes()],
+                &["example.com".to_string()],
+                &self.store,
+            )
+        }
+    }
+
+    fn authenticated(c: &Checked) -> bool {
+        matches!(c.verdict, Verdict::Authenticated(_))
+    }
+
+    #[test]
+    fn digest_table() {
+        let s = Duration::from_secs(1);
+        let mut f = fixture(&[Algorithm::Sha256, Algorithm::Sha512_256, Algorithm::Md5]);
+        let n = f.auth.nonce(f.t0, 9, "example.com");
+        // Every offered algorithm works; nc must increase.
+        for (i, alg) in [Algorithm::Sha256, Algorithm::Sha512_256, Algorithm::Md5]
+            .into_iter()
+            .enumerate()
+        {
+            let c = f.answer(s, 9, alg, "secret", &n, i as u32 + 1, "sip:example.com");
+            assert!(authenticated(&c), "{alg}: {c:?}");
+        }
+        // Replayed nc: stale, and counted.
+        let c = f.answer(s, 9, Algorithm::Sha256, "secret", &n, 2, "sip:example.com");
+        assert_eq!(c.verdict, Verdict::Challenge { stale: true });
+        assert_eq!(c.failure.unwrap().0, Failure::Replay);
+        // Out of order inside the window is fine once.
+        assert!(authenticated(&f.answer(
+            s,
+            9,
+            Algorithm::Sha256,
+            "secret",
+            &n,
+            10,
+            "sip:example.com"
+        )));
+        assert!(authenticated(&f.answer(
+            s,
+            9,
+            Algorithm::Sha256,
+            "secret",
+            &n,
+            7,
+            "sip:example.com"
+        )));
+        // The nonce belongs to flow 9: on flow 10 it is stale (the password was right).
+        let c = f.answer(
+            s,
+            10,
+            Algorithm::Sha256,
+            "secret",
+            &n,
+            11,
+            "sip:example.com",
+        );
+        assert_eq!(c.verdict, Verdict::Challenge { stale: true });
+        assert!(c.failure.is_none());
+        // Expired.
+        let c = f.answer(
+            Duration::from_secs(301),
+            9,
+            Algorithm::Sha256,
+            "secret",
+            &n,
+            12,
+            "sip:example.com",
+        );
+        assert_eq!(c.verdict, Verdict::Challenge { stale: true });
+        // Forged nonce with the right password: stale, not success.
+        let c = f.answer(
+            s,
+            9,
+            Algorithm::Sha256,
+            "secret",
+            "00",
+            1,
+            "sip:example.com",
+        );
+        assert_eq!(c.verdict, Verdict::Challenge { stale: true });
+    }
+
+    #[test]
+    fn failures_are_counted_and_a_source_that_keeps_failing_is_blocked() {
+        let s = Duration::from_secs(1);
+        let mut f = fixture(&[Algorithm::Sha256]);
+        let n = f.auth.nonce(f.t0, 1, "example.com");
+        // MD5 was not offered.
+        let c = f.answer(s, 1, Algorithm::Md5, "secret", &n, 1, "sip:example.com");
+        assert_eq!(c.failure.unwrap().0, Failure::Algorithm);
+        // The digest-uri must be the Request-URI.
+        let c = f.answer(s, 1, Algorithm::Sha256, "secret", &n, 1, "sip:evil.com");
+        assert_eq!(c.failure.unwrap().0, Failure::UriMismatch);
+        assert_eq!(c.verdict, Verdict::Challenge { stale: false });
+        // Third failure (max 3): blocked, even with the right password afterwards.
+        let c = f.answer(s, 1, Algorithm::Sha256, "wrong", &n, 1, "sip:example.com");
+        assert_eq!(
+            c.failure.unwrap(),
+            (Failure::WrongPassword, "alice@example.com".into())
+        );
+        assert_eq!(c.verdict, Verdict::Blocked);
+        let c = f.answer(s, 1, Algorithm::Sha256, "secret", &n, 2, "sip:example.com");
+        assert_eq!(c.verdict, Verdict::Blocked);
+        assert!(c.failure.is_none());
+        // ... until the block ends.
+        let c = f.answer(
+            Duration::from_secs(302),
+            1,
+            Algorithm::Sha256,
+            "secret",
+            &f.auth
+                .nonce(f.t0 + Duration::from_secs(302), 1, "example.com"),
+            1,
+            "sip:example.com",
+        );
+        assert!(authenticated(&c), "{c:?}");
+    }
+
+    #[test]
+    fn no_credentials_for_our_realm_is_a_plain_challenge_and_not_a_failure() {
+        let mut f = fixture(&[Algorithm::Sha256]);
+        let other = authorization(
+            Algorithm::Sha256,
+            "alice",
+            "elsewhere.org",
+            "00",
+            "n",
+            1,
+            "c",
+            "INVITE",
+            "sip:x",
+        );
+        let c = f.auth.verify(
+            f.t0,
+            1,
+            SRC,
+            b"INVITE",
+            b"sip:x",
+            &[other.as_bytes()],
+            &["example.com".into()],
+            &f.store,
+        );
+        assert_eq!(c.verdict, Verdict::Challenge { stale: false });
+        assert!(c.failure.is_none());
+        let ch = f.auth.challenges(f.t0, 1, "example.com", true);
+        let (realm, nonce, alg, stale) = parse_challenge(&ch[0]).unwrap();
+        assert_eq!(
+            (realm.as_str(), alg, stale),
+            ("example.com", Algorithm::Sha256, true)
+        );
+        assert_eq!(f.auth.nonce_issued(&nonce, 1, "example.com"), Some(0));
+        assert_eq!(f.auth.nonce_issued(&nonce, 1, "example.net"), None);
+    }
+
+    #[test]
+    fn the_failure_table_is_bounded() {
+        let mut f = fixture(&[Algorithm::Sha256]);
+        f.auth.cfg.max_tracked_sources = 100;
+        for i in 0..1000u32 {
+            f.auth.fail(f.t0, Some(IpAddr::V4(i.into())));
+        }
+        assert_eq!(f.auth.tracked_sources(), 100);
+    }
+
+    #[test]
+    fn nonce_state_per_flow_is_bounded_and_dies_with_the_flow() {
+        let mut f = fixture(&[Algorithm::Sha256]);
+        for i in 0..10u64 {
+            let at = Duration::from_secs(i);
+            let n = f.auth.nonce(f.t0 + at, 5, "example.com");
+            assert!(authenticated(&f.answer(
+                at,
+                5,
+                Algorithm::Sha256,
+                "secret",
+                &n,
+                1,
+                "sip:example.com"
+            )));
+        }
+        assert_eq!(f.auth.nonces[&5].len(), NONCES_PER_FLOW);
+        f.auth.flow_closed(5);
+        assert_eq!(f.auth.flows_tracked(), 0);
+    }
+}

@@ -1,0 +1,1119 @@
+//! Who sent a request, and what it may do: authentication of clients, authorization of
+//! every identity a request claims, and the federation rules (STYLE 17).
+//!
+//! A certificate proves who the *connection* is; this module decides what the *message* may
+//! say. The driver hands the core a typed [`Principal`] per flow (from the TLS layer); the
+//! proxy's routing [`Decision`] says what the request wants (register an AOR, reach a local
+//! user, reach a partner, follow a dialog route); [`Policy::authorize`] answers
+//! [`Authz::Allow`] with a [`Grant`] (what identity may be asserted downstream), a
+//! [`Authz::Challenge`] (digest, RFC 3261 §22) or a [`Authz::Deny`].
+//!
+//! | who sent it | register AOR X | reach a local user | reach partner Y | dialog route |
+//! | --- | --- | --- | --- | --- |
+//! | client, certificate for X (SAN `sip:user@domain`) | yes, if X is its AOR | From must be its AOR | same | yes (signed token) |
+//! | client, digest user with AORs S | yes, if X ∈ S | From ∈ S | From ∈ S | yes |
+//! | client, no credentials | challenge (401) | challenge (407) if the method is challenged, or if From claims one of our domains; else allowed | challenge | yes |
+//! | partner P | 403 | From (and every PAI) in P's domains | only if `relay_to` lists Y | yes |
+//!
+//! Identity headers (RFC 3325): P-Asserted-Identity and P-Preferred-Identity from clients
+//! are removed; a partner's PAI (checked against its domains) is kept; toward a partner that
+//! takes our assertions, an authenticated client's identity goes out as PAI; toward a client,
+//! a PAI is removed when the request asks for `Privacy: id`. Credentials for our realms are
+//! consumed (removed) before forwarding.
+
+use crate::auth::{AuthConfig, Authenticator, CredentialStore, NodeKey, Verdict};
+use crate::header::HeaderName;
+use crate::parse::{Essentials, Message, Method};
+use crate::proxy::{Decision, Flow};
+use crate::registrar::aor_of;
+use crate::text;
+use crate::uri::Uri;
+use crate::values::NameAddr;
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Who a flow is, as the TLS layer established it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A client connection (`tls` or `tcp` listener). `cert_aors` are the AORs its client
+    /// certificate proves (SAN `sip:user@domain` in one of our domains, verified against
+    /// `tls.client_roots`); empty when it presented none.
+    Client {
+        /// AORs proven by the client certificate.
+        cert_aors: Vec<String>,
+    },
+    /// A federation partner whose certificate chain verified to *its* roots.
+    Partner(String),
+}
+
+impl Principal {
+    /// A client without a certificate.
+    pub fn anonymous() -> Principal {
+        Principal::Client {
+            cert_aors: Vec::new(),
+        }
+    }
+
+    /// The partner's name, if this is one.
+    pub fn partner(&self) -> Option<&str> {
+        match self {
+            Principal::Partner(p) => Some(p),
+            Principal::Client { .. } => None,
+        }
+    }
+}
+
+/// What the driver knows about a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// Who it is.
+    pub principal: Principal,
+    /// The remote address (failed attempts are counted per address).
+    pub source: Option<IpAddr>,
+}
+
+impl Default for FlowInfo {
+    fn default() -> Self {
+        FlowInfo {
+            principal: Principal::anonymous(),
+            source: None,
+        }
+    }
+}
+
+/// What one partner may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerPolicy {
+    /// The partner's name.
+    pub name: String,
+    /// Its SIP domains (lower case): its requests must come From one of them.
+    pub domains: Vec<String>,
+    /// Partners its requests may be relayed to (default none: we are not a transit).
+    pub relay_to: Vec<String>,
+    /// Send it P-Asserted-Identity for our authenticated users (it is in our trust domain,
+    /// RFC 3325). Default true.
+    pub assert_identity: bool,
+}
+
+/// Policy settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Authenticate clients. `false` is an open server (any client may claim any identity):
+    /// for closed labs only.
+    pub authenticate: bool,
+    /// Methods that need authentication from clients when out of a dialog (upper case).
+    pub challenge: Vec<String>,
+    /// Digest settings.
+    pub auth: AuthConfig,
+    /// The partners.
+    pub partners: Vec<PartnerPolicy>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            authenticate: true,
+            challenge: DEFAULT_CHALLENGE.iter().map(|s| s.to_string()).collect(),
+            auth: AuthConfig::default(),
+            partners: Vec::new(),
+        }
+    }
+}
+
+/// Methods challenged by default: every request that can start something (ACK and CANCEL
+/// cannot be challenged; in-dialog requests follow signed routes).
+pub const DEFAULT_CHALLENGE: &[&str] = &[
+    "REGISTER",
+    "INVITE",
+    "MESSAGE",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "PUBLISH",
+    "REFER",
+    "OPTIONS",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+];
+
+/// Where a request came from, as far as identity headers go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A client; the AOR it authenticated as (and used in From), if it did.
+    Client(Option<String>),
+    /// A partner (its PAI was checked against its domains).
+    Partner(String),
+}
+
+/// What an allowed request may carry downstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Its source.
+    pub source: Source,
+}
+
+/// A refusal: the answer and a metric/log label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Denial {
+    /// Status code.
+    pub code: u16,
+    /// Reason phrase.
+    pub reason: &'static str,
+    /// Label for `sipring_sip_refusals_total{reason}` and the log.
+    pub label: &'static str,
+}
+
+/// The policy's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Authz {
+    /// Go on.
+    Allow(Grant),
+    /// Ask for credentials: 401 (`WWW-Authenticate`) or 407 (`Proxy-Authenticate`).
+    Challenge {
+        /// 401 or 407.
+        code: u16,
+        /// The challenge header lines.
+        headers: Vec<(&'static str, Vec<u8>)>,
+    },
+    /// Refuse.
+    Deny(Denial),
+}
+
+/// A security event for the driver to count and log (rate-limited).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Label (`auth_wrong_password`, `from_not_identity`, `relay_not_allowed`, …).
+    pub label: &'static str,
+    /// Who was claimed (user, AOR or partner), for the log.
+    pub detail: String,
+    /// The source address.
+    pub source: Option<IpAddr>,
+}
+
+/// How to edit a forwarded request's identity headers for one target.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityEdit {
+    /// Remove every P-Asserted-Identity.
+    pub strip_pai: bool,
+    /// Remove every P-Preferred-Identity.
+    pub strip_ppi: bool,
+    /// Add this P-Asserted-Identity (a URI).
+    pub add_pai: Option<String>,
+    /// Remove the Proxy-Authorization/Authorization lines for these realms (consumed).
+    pub consume_realms: Vec<String>,
+}
+
+/// The policy of one shard; see the module docs.
+pub struct Policy {
+    cfg: PolicyConfig,
+    auth: Authenticator,
+    store: Rc<dyn CredentialStore>,
+    refusals: Vec<Refusal>,
+    challenges: u64,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy").field("cfg", &self.cfg).finish()
+    }
+}
+
+/// A credential store with nobody in it.
+#[derive(Debug, Default)]
+pub struct NoSubscribers;
+
+impl CredentialStore for NoSubscribers {
+    fn subscriber(&self, _: &str, _: &str) -> Option<std::sync::Arc<crate::auth::Subscriber>> {
+        None
+    }
+}
+
+fn host_of(uri: &[u8]) -> Option<Vec<u8>> {
+    let u = Uri::parse(uri).ok()?;
+    u.is_sip().then(|| u.host_lower().into_owned())
+}
+
+fn in_list(host: &[u8], list: &[String]) -> bool {
+    list.iter().any(|d| text::eq_ic(d.as_bytes(), host))
+}
+
+impl Policy {
+    /// A policy; `key` signs nonces, `epoch` is when this node's nonces count from.
+    pub fn new(
+        cfg: PolicyConfig,
+        key: NodeKey,
+        epoch: Instant,
+        store: Rc<dyn CredentialStore>,
+    ) -> Policy {
+        Policy {
+            auth: Authenticator::new(cfg.auth.clone(), key, epoch),
+            cfg,
+            store,
+            refusals: Vec::new(),
+            challenges: 0,
+        }
+    }
+
+    /// No authentication, no partners: every client is taken at its word. For in-memory
+    /// tests of routing only.
+    pub fn open() -> Policy {
+        Policy::new(
+            PolicyConfig {
+                authenticate: false,
+                ..PolicyConfig::default()
+            },
+            NodeKey::new([0; 32]),
+            Instant::now(),
+            Rc::new(NoSubscribers),
+        )
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+
+    /// The next security event.
+    pub fn poll_refusal(&mut self) -> Option<Refusal> {
+        self.refusals.pop()
+    }
+
+    /// Challenges sent (a counter).
+    pub fn challenges(&self) -> u64 {
+        self.challenges
+    }
+
+    /// Sources tracked for failed attempts, and flows with nonce state (gauges).
+    pub fn tracked(&self) -> (usize, usize) {
+        (self.auth.tracked_sources(), self.auth.flows_tracked())
+    }
+
+    /// A flow closed: forget its nonces.
+    pub fn flow_closed(&mut self, flow: &Flow) {
+        if let Flow::Conn(id) = flow {
+            self.auth.flow_closed(*id);
+        }
+    }
+
+    fn partner(&self, name: &str) -> Option<&PartnerPolicy> {
+        self.cfg.partners.iter().find(|p| p.name == name)
+    }
+
+    fn deny(
+        &mut self,
+        info: &FlowInfo,
+        code: u16,
+        reason: &'static str,
+        label: &'static str,
+        detail: String,
+    ) -> Authz {
+        self.refusals.push(Refusal {
+            label,
+            detail,
+            source: info.source,
+        });
+        Authz::Deny(Denial {
+            code,
+            reason,
+            label,
+        })
+    }
+
+    /// Decides whether the request (which routing decided to handle as `decision`) may
+    /// proceed, given who sent it. `domains` are our SIP domains (lower case); `flow` is the
+    /// flow it arrived on.
+    #[allow(clippy::too_many_arguments)] // the request, where it came from, what it wants
+    pub fn authorize(
+        &mut self,
+        now: Instant,
+        flow: &Flow,
+        info: &FlowInfo,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        decision: &Decision,
+        domains: &[String],
+    ) -> Authz {
+        let partner_source = match (&info.principal, flow) {
+            (Principal::Partner(p), _) => Some(p.clone()),
+            (_, Flow::Peer(p)) => Some(p.clone()),
+            _ => None,
+        };
+        if let Some(p) = partner_source {
+            return self.authorize_partner(info, msg, ess, decision, p);
+        }
+        let cert_aors = match &info.principal {
+            Principal::Client { cert_aors } => cert_aors.as_slice(),
+            Principal::Partner(_) => &[],
+        };
+        match decision {
+            Decision::ToFlow(_) => {
+                return Authz::Allow(Grant {
+                    source: Source::Client(None),
+                });
+            }
+            Decision::Register | Decision::Lookup { .. } | Decision::ToPeer(_) => {}
+            // Answered or dropped here: nothing to authorize.
+            _ => {
+                return Authz::Allow(Grant {
+                    source: Source::Client(None),
+                });
+            }
+        }
+        if !self.cfg.authenticate {
+            return Authz::Allow(Grant {
+                source: Source::Client(None),
+            });
+        }
+        let register = matches!(decision, Decision::Register);
+        // The identity the request claims: To for REGISTER (RFC 3261 §10.3), else From.
+        let claimed_uri = if register {
+            ess.to.uri()
+        } else {
+            ess.from.uri()
+        };
+        let claimed = aor_of(&claimed_uri);
+        if register {
+            let ours = claimed_uri.is_sip() && in_list(&claimed_uri.host_lower(), domains);
+            if !ours || claimed.is_none() {
+                return self.deny(
+                    info,
+                    404,
+                    "Not Found",
+                    "register_foreign_aor",
+                    String::from_utf8_lossy(claimed_uri.raw).into_owned(),
+                );
+            }
+        }
+        let method = msg.method().expect("request");
+        let claims_ours = claimed_uri.is_sip() && in_list(&claimed_uri.host_lower(), domains);
+        let needs_auth = register
+            || claims_ours
+            || matches!(decision, Decision::ToPeer(_))
+            || self
+                .cfg
+                .challenge
+                .iter()
+                .any(|m| text::eq_ic(m.as_bytes(), method.as_bytes()));
+        // The identities this request has proven.
+        let mut identity: Vec<String> = cert_aors.to_vec();
+        if identity.is_empty() && needs_auth && never_challenged(method) {
+            // An ACK cannot be challenged: one that would need credentials is dropped.
+            return Authz::Deny(Denial {
+                code: 403,
+                reason: "Forbidden",
+                label: "ack_unauthenticated",
+            });
+        }
+        if identity.is_empty() && needs_auth {
+            let realm = if claims_ours {
+                String::from_utf8_lossy(&claimed_uri.host_lower()).into_owned()
+            } else {
+                domains.first().cloned().unwrap_or_default()
+            };
+            let (primary, secondary) = if register {
+                (HeaderName::Authorization, HeaderName::ProxyAuthorization)
+            } else {
+                (HeaderName::ProxyAuthorization, HeaderName::Authorization)
+            };
+            let values: Vec<&[u8]> = msg
+                .headers_named(primary)
+                .chain(msg.headers_named(secondary))
+                .map(|h| h.value)
+                .collect();
+            let fid = match flow {
+                Flow::Conn(id) => *id,
+                Flow::Peer(_) => 0,
+            };
+            let checked = self.auth.verify(
+                now,
+                fid,
+                info.source,
+                method.as_bytes(),
+                msg.request_uri().unwrap_or_default(),
+                &values,
+                domains,
+                &*self.store,
+            );
+            if let Some((why, who)) = &checked.failure {
+                self.refusals.push(Refusal {
+                    label: auth_label(*why),
+                    detail: who.clone(),
+                    source: info.source,
+                });
+            }
+            match checked.verdict {
+                Verdict::Authenticated(sub) => identity = sub.aors.clone(),
+                Verdict::Blocked => {
+                    self.refusals.push(Refusal {
+                        label: "auth_blocked",
+                        detail: String::new(),
+                        source: info.source,
+                    });
+                    return Authz::Deny(Denial {
+                        code: 403,
+                        reason: "Too Many Failed Attempts",
+                        label: "auth_blocked",
+                    });
+                }
+                Verdict::Challenge { stale } => {
+                    self.challenges += 1;
+                    let (code, name) = if register {
+                        (401, "WWW-Authenticate")
+                    } else {
+                        (407, "Proxy-Authenticate")
+                    };
+                    let headers = self
+                        .auth
+                        .challenges(now, fid, &realm, stale)
+                        .into_iter()
+                        .map(|v| (name, v))
+                        .collect();
+                    return Authz::Challenge { code, headers };
+                }
+            }
+        }
+        if identity.is_empty() {
+            // Anonymous, and allowed so (the method is not challenged, From is not ours,
+            // the target is local).
+            return Authz::Allow(Grant {
+                source: Source::Client(None),
+            });
+        }
+        let claimed = claimed.unwrap_or_default();
+        if !identity.contains(&claimed) {
+            let (reason, label) = if register {
+                ("Not Allowed To Register This AOR", "register_not_owner")
+            } else {
+                ("From Does Not Match Identity", "from_not_identity")
+            };
+            return self.deny(
+                info,
+                403,
+                reason,
+                label,
+                format!("{claimed} (authenticated as {})", identity.join(",")),
+            );
+        }
+        Authz::Allow(Grant {
+            source: Source::Client(Some(claimed)),
+        })
+    }
+
+    fn authorize_partner(
+        &mut self,
+        info: &FlowInfo,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        decision: &Decision,
+        name: String,
+    ) -> Authz {
+        let allow = |name: String| {
+            Authz::Allow(Grant {
+                source: Source::Partner(name),
+            })
+        };
+        match decision {
+            Decision::ToFlow(_) => return allow(name),
+            Decision::Register => {
+                return self.deny(
+                    info,
+                    403,
+                    "Partners Do Not Register",
+                    "partner_register",
+                    name,
+                );
+            }
+            Decision::Lookup { .. } | Decision::ToPeer(_) => {}
+            _ => return allow(name),
+        }
+        let Some(p) = self.partner(&name).cloned() else {
+            return self.deny(info, 403, "Unknown Partner", "unknown_partner", name);
+        };
+        let from_ok = host_of(ess.from.uri).is_some_and(|h| in_list(&h, &p.domains));
+        if !from_ok {
+            return self.deny(
+                info,
+                403,
+                "From Not In Partner Domains",
+                "partner_from_domain",
+                format!(
+                    "{} from partner {name}",
+                    String::from_utf8_lossy(ess.from.uri)
+                ),
+            );
+        }
+        for v in msg.values(HeaderName::PAssertedIdentity) {
+            let ok = NameAddr::parse(v.value)
+                .and_then(|na| host_of(na.uri))
+                .is_some_and(|h| in_list(&h, &p.domains));
+            if !ok {
+                return self.deny(
+                    info,
+                    403,
+                    "Asserted Identity Not In Partner Domains",
+                    "partner_pai_domain",
+                    format!("{} from partner {name}", String::from_utf8_lossy(v.value)),
+                );
+            }
+        }
+        if let Decision::ToPeer(to) = decision
+            && !p.relay_to.iter().any(|r| r == to)
+        {
+            return self.deny(
+                info,
+                403,
+                "Relay Not Allowed",
+                "relay_not_allowed",
+                format!("partner {name} to partner {to}"),
+            );
+        }
+        allow(name)
+    }
+
+    /// The identity-header edits for a request with `grant` going out to `to`.
+    pub fn identity_edit(
+        &self,
+        grant: &Grant,
+        msg: &Message<'_, '_>,
+        to: &Flow,
+        to_partner: Option<&str>,
+        domains: &[String],
+    ) -> IdentityEdit {
+        let dest_partner = match to {
+            Flow::Peer(p) => Some(p.as_str()),
+            Flow::Conn(_) => to_partner,
+        };
+        let mut e = IdentityEdit {
+            strip_ppi: true,
+            consume_realms: domains.to_vec(),
+            ..IdentityEdit::default()
+        };
+        match &grant.source {
+            Source::Client(auth) => {
+                e.strip_pai = true;
+                if let (Some(aor), Some(p)) = (auth, dest_partner)
+                    && self.partner(p).is_some_and(|p| p.assert_identity)
+                {
+                    e.add_pai = Some(format!("<{aor}>"));
+                }
+            }
+            Source::Partner(_) => {
+                // Kept toward trusted partners; toward clients only without `Privacy: id`.
+                if dest_partner.is_none() && wants_id_privacy(msg) {
+                    e.strip_pai = true;
+                }
+            }
+        }
+        e
+    }
+}
+
+/// Does the request ask that its asserted identity be withheld (`Privacy: id`, RFC 3325)?
+pub fn wants_id_privacy(msg: &Message<'_, '_>) -> bool {
+    msg.headers_named(HeaderName::Privacy).any(|h| {
+        h.value
+            .split(|&b| b == b';' || b == b',')
+            .any(|t| text::eq_ic(text::trim(t), b"id"))
+    })
+}
+
+fn auth_label(f: crate::auth::Failure) -> &'static str {
+    use crate::auth::Failure as F;
+    match f {
+        F::Malformed => "auth_malformed",
+        F::UriMismatch => "auth_uri_mismatch",
+        F::Algorithm => "auth_algorithm",
+        F::UnknownUser => "auth_unknown_user",
+        F::WrongPassword => "auth_wrong_password",
+        F::Replay => "auth_replay",
+    }
+}
+
+/// Is this method one that ACK/CANCEL semantics exempt from challenges?
+pub fn never_challenged(m: Method<'_>) -> bool {
+    matches!(m, Method::Ack | Method::Cancel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Algorithm, Subscriber, SubscriberTable, authorization};
+    use crate::header::Header;
+    use crate::parse::{Framing, Limits, Status, parse};
+
+    const DOMAINS: &[&str] = &["example.com"];
+
+    fn policy() -> Policy {
+        let mut store = SubscriberTable::default();
+        for u in ["alice", "bob"] {
+            store.insert(Subscriber {
+                username: u.into(),
+                realm: "example.com".into(),
+                aors: vec![format!("sip:{u}@example.com")],
+                ha1: vec![(
+                    Algorithm::Sha256,
+                    Algorithm::Sha256.ha1(u, "example.com", "pw"),
+                )],
+            });
+        }
+        let partner = |name: &str, domain: &str, relay: &[&str]| PartnerPolicy {
+            name: name.into(),
+            domains: vec![domain.into()],
+            relay_to: relay.iter().map(|s| s.to_string()).collect(),
+            assert_identity: true,
+        };
+        Policy::new(
+            PolicyConfig {
+                partners: vec![
+                    partner("a", "peer-a.test", &[]),
+                    partner("b", "peer-b.test", &["a"]),
+                ],
+                ..PolicyConfig::default()
+            },
+            NodeKey::new([1; 32]),
+            Instant::now(),
+            Rc::new(store),
+        )
+    }
+
+    /// A request `method ruri` From `from` To `to`, with `extra` header lines.
+    fn req(method: &str, ruri: &str, from: &str, to: &str, extra: &str) -> String {
+        format!(
+            "{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKp\r\nFrom: <{from}>;tag=f\r\nTo: <{to}>\r\nCall-ID: c\r\nCSeq: 1 {method}\r\nMax-Forwards: 70\r\n{extra}Content-Length: 0\r\n\r\n"
+        )
+    }
+
+    fn creds(p: &Policy, user: &str, pw: &str, method: &str, ruri: &str, nc: u32) -> String {
+        let nonce = p.auth.nonce(Instant::now(), 1, "example.com");
+        let ha1 = Algorithm::Sha256.ha1(user, "example.com", pw);
+        let hdr = if method == "REGISTER" {
+            "Authorization"
+        } else {
+            "Proxy-Authorization"
+        };
+        let v = authorization(
+            Algorithm::Sha256,
+            user,
+            "example.com",
+            &ha1,
+            &nonce,
+            nc,
+            "cn",
+            method,
+            ruri,
+        );
+        format!("{hdr}: {v}\r\n")
+    }
+
+    fn run(p: &mut Policy, who: &Principal, text: &str, d: &Decision) -> Authz {
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(text.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!("{text}")
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        let info = FlowInfo {
+            principal: who.clone(),
+            source: Some("192.0.2.1".parse().unwrap()),
+        };
+        let domains: Vec<String> = DOMAINS.iter().map(|s| s.to_string()).collect();
+        p.authorize(Instant::now(), &Flow::Conn(1), &info, &m, &e, d, &domains)
+    }
+
+    /// 0 = allowed, else the status sent (challenge or refusal).
+    fn outcome(a: &Authz) -> u16 {
+        match a {
+            Authz::Allow(_) => 0,
+            Authz::Challenge { code, .. } => *code,
+            Authz::Deny(d) => d.code,
+        }
+    }
+
+    #[test]
+    fn who_may_do_what() {
+        let anon = Principal::anonymous();
+        let cert_alice = Principal::Client {
+            cert_aors: vec!["sip:alice@example.com".into()],
+        };
+        let (pa, pb) = (
+            Principal::Partner("a".into()),
+            Principal::Partner("b".into()),
+        );
+        let reg = Decision::Register;
+        let local = Decision::Lookup {
+            aor: "sip:bob@example.com".into(),
+        };
+        let to_b = Decision::ToPeer("b".into());
+        let to_a = Decision::ToPeer("a".into());
+        let in_dialog = Decision::ToFlow(Flow::Conn(7));
+        let alice = "sip:alice@example.com";
+        let bob = "sip:bob@example.com";
+        let mut p = policy();
+        let c = |p: &Policy, m: &str, ruri: &str, nc| creds(p, "alice", "pw", m, ruri, nc);
+        let cases: Vec<(&str, &Principal, String, &Decision, u16)> = vec![
+            // Registration.
+            (
+                "anonymous REGISTER",
+                &anon,
+                req("REGISTER", "sip:example.com", alice, alice, ""),
+                &reg,
+                401,
+            ),
+            (
+                "anonymous wildcard de-REGISTER",
+                &anon,
+                req(
+                    "REGISTER",
+                    "sip:example.com",
+                    bob,
+                    bob,
+                    "Contact: *\r\nExpires: 0\r\n",
+                ),
+                &reg,
+                401,
+            ),
+            (
+                "digest REGISTER own AOR",
+                &anon,
+                req(
+                    "REGISTER",
+                    "sip:example.com",
+                    alice,
+                    alice,
+                    &c(&p, "REGISTER", "sip:example.com", 1),
+                ),
+                &reg,
+                0,
+            ),
+            (
+                "digest REGISTER another's AOR",
+                &anon,
+                req(
+                    "REGISTER",
+                    "sip:example.com",
+                    alice,
+                    bob,
+                    &c(&p, "REGISTER", "sip:example.com", 2),
+                ),
+                &reg,
+                403,
+            ),
+            (
+                "wrong password",
+                &anon,
+                req(
+                    "REGISTER",
+                    "sip:example.com",
+                    alice,
+                    alice,
+                    &creds(&p, "alice", "nope", "REGISTER", "sip:example.com", 3),
+                ),
+                &reg,
+                401,
+            ),
+            (
+                "REGISTER a foreign AOR (RFC 3261 §10.3)",
+                &anon,
+                req(
+                    "REGISTER",
+                    "sip:example.com",
+                    alice,
+                    "sip:alice@elsewhere.org",
+                    "",
+                ),
+                &reg,
+                404,
+            ),
+            (
+                "certificate REGISTER own AOR",
+                &cert_alice,
+                req("REGISTER", "sip:example.com", alice, alice, ""),
+                &reg,
+                0,
+            ),
+            (
+                "certificate REGISTER another's AOR",
+                &cert_alice,
+                req("REGISTER", "sip:example.com", bob, bob, ""),
+                &reg,
+                403,
+            ),
+            (
+                "partner REGISTER",
+                &pa,
+                req(
+                    "REGISTER",
+                    "sip:example.com",
+                    "sip:x@peer-a.test",
+                    alice,
+                    "",
+                ),
+                &reg,
+                403,
+            ),
+            // Requests from clients.
+            (
+                "anonymous MESSAGE claiming a partner's user, to a partner",
+                &anon,
+                req(
+                    "MESSAGE",
+                    "sip:bob@peer-b.test",
+                    "sip:mallory@peer-a.test",
+                    "sip:bob@peer-b.test",
+                    "",
+                ),
+                &to_b,
+                407,
+            ),
+            (
+                "anonymous INVITE to a local user",
+                &anon,
+                req("INVITE", bob, "sip:x@elsewhere.org", bob, ""),
+                &local,
+                407,
+            ),
+            (
+                "digest INVITE with someone else's From",
+                &anon,
+                req(
+                    "INVITE",
+                    bob,
+                    "sip:mallory@peer-a.test",
+                    bob,
+                    &c(&p, "INVITE", bob, 4),
+                ),
+                &local,
+                403,
+            ),
+            (
+                "digest INVITE as itself to a partner",
+                &anon,
+                req(
+                    "INVITE",
+                    "sip:carol@peer-b.test",
+                    alice,
+                    "sip:carol@peer-b.test",
+                    &c(&p, "INVITE", "sip:carol@peer-b.test", 5),
+                ),
+                &to_b,
+                0,
+            ),
+            (
+                "certificate MESSAGE as itself",
+                &cert_alice,
+                req("MESSAGE", bob, alice, bob, ""),
+                &local,
+                0,
+            ),
+            (
+                "certificate MESSAGE as another",
+                &cert_alice,
+                req("MESSAGE", bob, bob, bob, ""),
+                &local,
+                403,
+            ),
+            (
+                "in-dialog request on a signed route",
+                &anon,
+                req("BYE", "sip:bob@10.0.0.2", "sip:x@elsewhere.org", bob, ""),
+                &in_dialog,
+                0,
+            ),
+            (
+                "ACK that would need credentials",
+                &anon,
+                req("ACK", bob, alice, bob, ""),
+                &local,
+                403,
+            ),
+            // Partners.
+            (
+                "partner From its own domain to a local user",
+                &pa,
+                req("MESSAGE", bob, "sip:x@peer-a.test", bob, ""),
+                &local,
+                0,
+            ),
+            (
+                "partner From another partner's domain",
+                &pa,
+                req("MESSAGE", bob, "sip:x@peer-b.test", bob, ""),
+                &local,
+                403,
+            ),
+            (
+                "partner From ours",
+                &pa,
+                req("MESSAGE", bob, alice, bob, ""),
+                &local,
+                403,
+            ),
+            (
+                "partner PAI in another partner's domain",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: <sip:y@peer-b.test>\r\n",
+                ),
+                &local,
+                403,
+            ),
+            (
+                "partner PAI as a tel: URI",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: <tel:+15551234>\r\n",
+                ),
+                &local,
+                403,
+            ),
+            (
+                "partner relaying to another partner",
+                &pa,
+                req(
+                    "MESSAGE",
+                    "sip:bob@peer-b.test",
+                    "sip:x@peer-a.test",
+                    "sip:bob@peer-b.test",
+                    "",
+                ),
+                &to_b,
+                403,
+            ),
+            (
+                "partner relaying where configured",
+                &pb,
+                req(
+                    "MESSAGE",
+                    "sip:z@peer-a.test",
+                    "sip:x@peer-b.test",
+                    "sip:z@peer-a.test",
+                    "",
+                ),
+                &to_a,
+                0,
+            ),
+            (
+                "partner in dialog",
+                &pa,
+                req("BYE", bob, "sip:x@peer-b.test", bob, ""),
+                &in_dialog,
+                0,
+            ),
+        ];
+        for (what, who, text, d, want) in cases {
+            let got = run(&mut p, who, &text, d);
+            assert_eq!(outcome(&got), want, "{what}: {got:?}");
+        }
+        let labels: Vec<&str> = std::iter::from_fn(|| p.poll_refusal())
+            .map(|r| r.label)
+            .collect();
+        for l in [
+            "register_not_owner",
+            "auth_wrong_password",
+            "register_foreign_aor",
+            "partner_register",
+            "from_not_identity",
+            "partner_from_domain",
+            "partner_pai_domain",
+            "relay_not_allowed",
+        ] {
+            assert!(labels.contains(&l), "{l} not in {labels:?}");
+        }
+        // An open policy takes clients at their word (labs only), but partner rules hold.
+        let mut open = Policy::open();
+        assert_eq!(
+            outcome(&run(
+                &mut open,
+                &anon,
+                &req("REGISTER", "sip:example.com", bob, bob, ""),
+                &reg
+            )),
+            0
+        );
+    }
+
+    #[test]
+    fn challenges_offer_each_algorithm_and_say_which_header() {
+        let mut p = policy();
+        let a = run(
+            &mut p,
+            &Principal::anonymous(),
+            &req(
+                "INVITE",
+                "sip:bob@example.com",
+                "sip:alice@example.com",
+                "sip:bob@example.com",
+                "",
+            ),
+            &Decision::Lookup {
+                aor: "sip:bob@example.com".into(),
+            },
+        );
+        let Authz::Challenge { code, headers } = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(code, 407);
+        let algs: Vec<Algorithm> = headers
+            .iter()
+            .map(|(n, v)| {
+                assert_eq!(*n, "Proxy-Authenticate");
+                crate::auth::parse_challenge(v).unwrap().2
+            })
+            .collect();
+        assert_eq!(algs, vec![Algorithm::Sha256, Algorithm::Sha512_256]);
+        assert_eq!(p.challenges(), 1);
+    }
+
+    #[test]
+    fn identity_headers_follow_rfc_3325() {
+        let p = policy();
+        let text = req(
+            "INVITE",
+            "sip:carol@peer-a.test",
+            "sip:alice@example.com",
+            "sip:carol@peer-a.test",
+            "Privacy: id\r\n",
+        );
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(text.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!()
+        };
+        let domains = vec!["example.com".to_string()];
+        let client = Grant {
+            source: Source::Client(Some("sip:alice@example.com".into())),
+        };
+        let to_partner = p.identity_edit(&client, &m, &Flow::Peer("a".into()), None, &domains);
+        assert!(to_partner.strip_pai && to_partner.strip_ppi);
+        assert_eq!(
+            to_partner.add_pai.as_deref(),
+            Some("<sip:alice@example.com>")
+        );
+        let to_client = p.identity_edit(&client, &m, &Flow::Conn(3), None, &domains);
+        assert_eq!(to_client.add_pai, None);
+        let from_partner = Grant {
+            source: Source::Partner("a".into()),
+        };
+        // Privacy: id toward a client removes the partner's assertion; toward a partner it stays.
+        assert!(
+            p.identity_edit(&from_partner, &m, &Flow::Conn(3), None, &domains)
+                .strip_pai
+        );
+        assert!(
+            !p.identity_edit(&from_partner, &m, &Flow::Peer("b".into()), None, &domains)
+                .strip_pai
+        );
+    }
+}

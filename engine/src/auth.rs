@@ -1,0 +1,278 @@
+//! The driver's side of authentication: the subscriber file (loaded at start, swapped whole
+//! on SIGHUP), this node's secret, and the policy settings handed to the sans-IO core
+//! (`sipring_core::policy`), which makes every decision.
+//!
+//! The subscriber file holds HA1 hashes, never passwords:
+//!
+//! ```toml
+//! [[subscriber]]
+//! username = "alice"
+//! realm = "example.com"
+//! aors = ["sip:alice@example.com"]   # default: sip:<username>@<realm>
+//! ha1_sha256 = "…"                  # H(username:realm:password), lower-case hex
+//! ha1_sha512_256 = "…"
+//! ha1_md5 = "…"                     # only for phones that need MD5
+//! ```
+//!
+//! `sipring subscriber --username alice --realm example.com` reads a password on stdin and
+//! prints such a table.
+
+use crate::config::Config;
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use sipring_core::auth::{
+    Algorithm, AuthConfig, CredentialStore, NodeKey, Subscriber, SubscriberTable,
+};
+use sipring_core::policy::{PartnerPolicy, PolicyConfig};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One `[[subscriber]]` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubscriberEntry {
+    /// Digest user name.
+    pub username: String,
+    /// Realm (one of our domains).
+    pub realm: String,
+    /// AORs this subscriber may register and send as. Default `["sip:<username>@<realm>"]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aors: Vec<String>,
+    /// `MD5(username:realm:password)`, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_md5: Option<String>,
+    /// `SHA-256(username:realm:password)`, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_sha256: Option<String>,
+    /// `SHA-512/256(username:realm:password)`, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_sha512_256: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct SubscriberFile {
+    subscriber: Vec<SubscriberEntry>,
+}
+
+impl SubscriberEntry {
+    /// An entry for `username@realm` with every algorithm's HA1 of `password`.
+    pub fn new(username: &str, realm: &str, aors: Vec<String>, password: &str) -> SubscriberEntry {
+        // Challenges name the realm in lower case (our domains are), and the HA1 covers it.
+        let realm = realm.to_ascii_lowercase();
+        let h = |a: Algorithm| Some(a.ha1(username, &realm, password));
+        SubscriberEntry {
+            username: username.into(),
+            realm: realm.clone(),
+            aors,
+            ha1_md5: h(Algorithm::Md5),
+            ha1_sha256: h(Algorithm::Sha256),
+            ha1_sha512_256: h(Algorithm::Sha512_256),
+        }
+    }
+
+    /// The entry as a TOML `[[subscriber]]` table.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&SubscriberFile {
+            subscriber: vec![self.clone()],
+        })
+        .expect("plain strings serialize")
+    }
+}
+
+/// The canonical form of an AOR as the registrar writes it (`sip:user@host`, host lower case,
+/// `sips` folded), or why it is not one.
+fn canonical_aor(s: &str) -> Result<String, String> {
+    let uri = sipring_core::Uri::parse(s.as_bytes()).map_err(|_| format!("{s:?} is not a URI"))?;
+    sipring_core::registrar::aor_of(&uri)
+        .ok_or_else(|| format!("{s:?} is not a sip: AOR with a user"))
+}
+
+/// Loads a subscriber file. Errors name the file and the entry.
+pub fn load_subscribers(path: &Path) -> Result<SubscriberTable, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let file: SubscriberFile =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut table = SubscriberTable::default();
+    for (i, s) in file.subscriber.into_iter().enumerate() {
+        let at = |what: &str| {
+            format!(
+                "{}: subscriber[{i}] ({}@{}): {what}",
+                path.display(),
+                s.username,
+                s.realm
+            )
+        };
+        if s.username.is_empty() || s.realm.is_empty() {
+            return Err(at("username and realm are required"));
+        }
+        let mut ha1 = Vec::new();
+        for (alg, h) in [
+            (Algorithm::Md5, &s.ha1_md5),
+            (Algorithm::Sha256, &s.ha1_sha256),
+            (Algorithm::Sha512_256, &s.ha1_sha512_256),
+        ] {
+            if let Some(h) = h {
+                let want = if alg == Algorithm::Md5 { 32 } else { 64 };
+                if h.len() != want || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(at(&format!("{} HA1 must be {want} hex digits", alg.name())));
+                }
+                ha1.push((alg, h.to_ascii_lowercase()));
+            }
+        }
+        if ha1.is_empty() {
+            return Err(at("no ha1_* hash"));
+        }
+        let aors = if s.aors.is_empty() {
+            vec![format!("sip:{}@{}", s.username, s.realm)]
+        } else {
+            s.aors.clone()
+        };
+        let aors = aors
+            .iter()
+            .map(|a| canonical_aor(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| at(&e))?;
+        table.insert(Subscriber {
+            username: s.username.clone(),
+            realm: s.realm.to_ascii_lowercase(),
+            aors,
+            ha1,
+        });
+    }
+    Ok(table)
+}
+
+/// The subscribers every shard reads, swapped whole on reload (readers never block).
+#[derive(Debug, Clone, Default)]
+pub struct SharedSubscribers(pub Arc<ArcSwap<SubscriberTable>>);
+
+impl CredentialStore for SharedSubscribers {
+    fn subscriber(&self, username: &str, realm: &str) -> Option<Arc<Subscriber>> {
+        self.0.load().subscriber(username, realm)
+    }
+}
+
+/// Loads the configured subscribers (an empty table when none are configured).
+pub fn subscribers(cfg: &Config) -> Result<SubscriberTable, String> {
+    match &cfg.auth.subscribers {
+        Some(p) => load_subscribers(p),
+        None => Ok(SubscriberTable::default()),
+    }
+}
+
+/// This node's secret: from `auth.secret_file` (SHA-256 of its contents, at least 32 bytes),
+/// or random.
+pub fn node_key(cfg: &Config) -> Result<NodeKey, String> {
+    match &cfg.auth.secret_file {
+        Some(p) => {
+            let data =
+                std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
+            if data.len() < 32 {
+                return Err(format!(
+                    "{}: a secret needs at least 32 bytes (e.g. `head -c 32 /dev/urandom > {}`)",
+                    p.display(),
+                    p.display()
+                ));
+            }
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&NodeKey::new([0; 32]).mac(&[b"secret-file", &data]));
+            Ok(NodeKey::new(key))
+        }
+        None => {
+            let mut key = [0u8; 32];
+            rustls::crypto::aws_lc_rs::default_provider()
+                .secure_random
+                .fill(&mut key)
+                .map_err(|_| "no system randomness for the node secret".to_string())?;
+            Ok(NodeKey::new(key))
+        }
+    }
+}
+
+/// The core's policy settings from the configuration.
+pub fn policy_config(cfg: &Config) -> PolicyConfig {
+    let a = &cfg.auth;
+    PolicyConfig {
+        authenticate: a.enabled,
+        challenge: a.challenge.clone(),
+        auth: AuthConfig {
+            algorithms: a
+                .algorithms
+                .iter()
+                .filter_map(|n| Algorithm::from_name(n.as_bytes()))
+                .collect(),
+            nonce_ttl: Duration::from_secs(a.nonce_expiry_s),
+            max_failures: a.max_failures,
+            failure_window: Duration::from_secs(a.failure_window_s),
+            block: Duration::from_secs(a.block_s),
+            ..AuthConfig::default()
+        },
+        partners: cfg
+            .peer
+            .iter()
+            .map(|p| PartnerPolicy {
+                name: p.name.clone(),
+                domains: p.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                relay_to: p.relay_to.clone(),
+                assert_identity: p.assert_identity,
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_entry_loads_back_and_bad_files_name_the_entry() {
+        let dir = std::env::temp_dir().join(format!("sipring-subs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        let e = SubscriberEntry::new("alice", "Example.com", vec![], "secret");
+        std::fs::write(&good, e.to_toml()).unwrap();
+        let t = load_subscribers(&good).unwrap();
+        let s = t.subscriber("alice", "example.com").unwrap();
+        assert_eq!(s.aors, vec!["sip:alice@example.com".to_string()]);
+        assert_eq!(
+            s.ha1_for(Algorithm::Sha256),
+            Some(
+                Algorithm::Sha256
+                    .ha1("alice", "example.com", "secret")
+                    .as_str()
+            )
+        );
+        assert!(!e.to_toml().contains("secret"));
+        for (name, text, needle) in [
+            (
+                "nohash.toml",
+                "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\n",
+                "no ha1_",
+            ),
+            (
+                "short.toml",
+                "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\nha1_sha256 = \"abc\"\n",
+                "64 hex",
+            ),
+            (
+                "aor.toml",
+                "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\naors = [\"tel:+1\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n",
+                "not a sip: AOR",
+            ),
+            (
+                "key.toml",
+                "[[subscriber]]\nusername = \"bob\"\npassword = \"x\"\n",
+                "unknown field",
+            ),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            let err = load_subscribers(&p).unwrap_err();
+            assert!(err.contains(needle) && err.contains(name), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

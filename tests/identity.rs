@@ -1,0 +1,759 @@
+//! Who may do what, end to end over loopback (issue: "identity does not stop at the
+//! handshake"). Each attack found against the first engine is replayed here against a
+//! configuration an operator following the README would write, and must be refused:
+//!
+//! 1. registering (or wiping) someone else's AOR;
+//! 2. a client claiming to be a partner's user, toward a partner;
+//! 3. a partner speaking for another partner's users, or relayed to another partner;
+//! 4. forged Record-Route flow tokens;
+//! 5. a certificate naming two partners labelled as the wrong one;
+//! 6. (RFC 5922 §7.1, in memory: `tls_memory.rs`).
+//!
+//! and the positive paths: digest with SHA-256, SHA-512-256 and MD5, stale nonces, wrong
+//! passwords, replayed nonce-counts, a source that keeps failing, client certificates bound
+//! to an AOR, P-Asserted-Identity added toward partners and removed from clients, subscriber
+//! reload.
+
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
+use sipring::config::{ClientAuth, Config, PeerConfig};
+use sipring::server::{Running, start};
+use sipring::tls::pki::{Ca, Issued, Spec, Usage};
+use sipring_core::auth::{Algorithm, authorization, parse_challenge};
+use sipring_tests::server::{Pki, config, metric, wait_metrics};
+use sipring_tests::ua::{Ua, answer, branch, header, header_all, method, status, tls_config};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Our PKI plus two partners with their own CAs: `peer-a` (peer-a.test) and `peer-b`
+/// (peer-b.test). Peer B's address is a fake partner server that records what it receives.
+struct World {
+    pki: Pki,
+    ca_a: Ca,
+    ca_b: Ca,
+    b_inbox: Arc<Mutex<Vec<Vec<u8>>>>,
+    b_addr: SocketAddr,
+}
+
+impl World {
+    fn new() -> World {
+        let pki = Pki::new();
+        let ca_a = Ca::new("Peer A CA").unwrap();
+        let ca_b = Ca::new("Peer B CA").unwrap();
+        pki.dir.write("a-ca.pem", &ca_a.cert.cert_pem);
+        pki.dir.write("a.crl", ca_a.crl(&[]).unwrap());
+        pki.dir.write("b-ca.pem", &ca_b.cert.cert_pem);
+        pki.dir.write("b.crl", ca_b.crl(&[]).unwrap());
+        let b_server = ca_b.issue(&Spec::server("sip.peer-b.test")).unwrap();
+        let (b_addr, b_inbox) = fake_partner(&b_server);
+        World {
+            pki,
+            ca_a,
+            ca_b,
+            b_inbox,
+            b_addr,
+        }
+    }
+
+    /// The README's configuration plus the two partners.
+    fn config(&self) -> Config {
+        let d = |n: &str| self.pki.dir.join(n);
+        let mut cfg = config(&self.pki);
+        let partner = |name: &str, domain: &str, ca: &str, crl: &str| PeerConfig {
+            name: name.into(),
+            domains: vec![domain.into()],
+            server_name: format!("sip.{domain}"),
+            roots: d(ca),
+            crls: vec![d(crl)],
+            ..PeerConfig::default()
+        };
+        cfg.peer = vec![
+            partner("peer-a", "peer-a.test", "a-ca.pem", "a.crl"),
+            PeerConfig {
+                address: Some(self.b_addr),
+                ..partner("peer-b", "peer-b.test", "b-ca.pem", "b.crl")
+            },
+        ];
+        cfg
+    }
+
+    fn start(&self, f: impl FnOnce(&mut Config)) -> Running {
+        let mut cfg = self.config();
+        f(&mut cfg);
+        start(cfg, None).expect("start")
+    }
+
+    /// What fake partner B received so far.
+    fn at_b(&self) -> Vec<Vec<u8>> {
+        self.b_inbox.lock().unwrap().clone()
+    }
+
+    /// A client over TLS (password `pw-<user>`, not yet challenged).
+    fn client(&self, srv: &Running, user: &str) -> Ua {
+        Ua::tls(
+            srv.listen_addrs[0],
+            tls_config(&self.pki.certs("ca.pem"), None, false),
+            "sip.example.com",
+            user,
+            "example.com",
+        )
+        .expect("connect")
+    }
+
+    /// A partner connection to our mtls listener presenting `cert`, speaking for `domain`.
+    fn partner(&self, srv: &Running, cert: &Issued, domain: &str) -> Ua {
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let cfg = tls_config(
+            &self.pki.certs("ca.pem"),
+            Some((vec![cert.der.clone()], key)),
+            false,
+        );
+        let mut u = Ua::tls(srv.listen_addrs[1], cfg, "sip.example.com", "x", domain)
+            .expect("partner connects");
+        u.password = None;
+        u
+    }
+}
+
+/// A partner's server: accepts our MTLS connections, records every message, answers every
+/// request but ACK with 200.
+fn fake_partner(cert: &Issued) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    use sipring_core::{Frame, Framer, KeepaliveRole, Limits, Status};
+    use std::io::{Read, Write};
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let sc = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der.clone()], key)
+        .unwrap(),
+    );
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let inbox = Arc::new(Mutex::new(Vec::new()));
+    let ib = inbox.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let (sc, ib) = (sc.clone(), ib.clone());
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(sc).unwrap();
+                let mut t = rustls::StreamOwned::new(conn, s);
+                let mut framer = Framer::new(Limits::default(), KeepaliveRole::Server);
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 16384];
+                loop {
+                    let n = match t.read(&mut tmp) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&tmp[..n]);
+                    while let Ok(Status::Complete(f)) = framer.frame(&buf) {
+                        let m: Vec<u8> = buf.drain(..f.len()).collect();
+                        if let Frame::Message(_) = f {
+                            if !m.starts_with(b"SIP/") && !m.starts_with(b"ACK ") {
+                                let r = answer(&m, 200, "OK", "pb", "sip:x@sip.peer-b.test");
+                                let _ = t.write_all(&r);
+                            }
+                            ib.lock().unwrap().push(m);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, inbox)
+}
+
+/// Sends a MESSAGE from `ua` (From `<from>`) to `ruri`, with extra header lines.
+fn send_message(ua: &mut Ua, ruri: &str, from: &str, extra: &str) {
+    let m = ua.request(
+        "MESSAGE",
+        ruri,
+        &format!("<{ruri}>"),
+        &format!("m-{}", branch()),
+        1,
+        extra,
+        Some(("text/plain", "hi")),
+    );
+    let m = String::from_utf8(m).unwrap().replacen(
+        &format!("From: <sip:{}@{}>", ua.user, ua.domain),
+        &format!("From: <{from}>"),
+        1,
+    );
+    ua.send(m.as_bytes());
+}
+
+/// [`send_message`] and its final status (refused here, or answered by a partner).
+fn message(ua: &mut Ua, ruri: &str, from: &str, extra: &str) -> u16 {
+    send_message(ua, ruri, from, extra);
+    ua.expect_final_or_provisional("answer to MESSAGE").0
+}
+
+/// [`send_message`] to a local user `to`, who receives and answers it; returns what `to` got.
+fn deliver(ua: &mut Ua, to: &mut Ua, from: &str, extra: &str) -> Vec<u8> {
+    send_message(ua, &format!("sip:{}@example.com", to.user), from, extra);
+    let got = receive(to);
+    assert_eq!(ua.expect_final_or_provisional("200 to MESSAGE").0, 200);
+    got
+}
+
+/// Receives a MESSAGE at `ua` and answers it.
+fn receive(ua: &mut Ua) -> Vec<u8> {
+    let got = ua.expect("MESSAGE");
+    assert_eq!(method(&got), "MESSAGE");
+    ua.send(&answer(&got, 200, "OK", "r", "sip:r@127.0.0.1"));
+    got
+}
+
+fn refusals(srv: &Running, reason: &str) -> f64 {
+    let m = sipring_tests::server::admin_get(srv.admin_addr.unwrap(), "/metrics");
+    metric(
+        &m,
+        &format!("sipring_sip_refusals_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+fn wait_refusals(srv: &Running, reason: &str, at_least: f64) {
+    wait_metrics(srv.admin_addr.unwrap(), reason, |m| {
+        metric(
+            m,
+            &format!("sipring_sip_refusals_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or(0.0)
+            >= at_least
+    });
+}
+
+static CSEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(100);
+
+/// A REGISTER for `aor` from `ua`'s connection, with `extra` lines (credentials, Contact).
+fn register_for(ua: &Ua, aor_user: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={b}\r\nMax-Forwards: 70\r\nTo: <sip:{aor_user}@example.com>\r\nFrom: <sip:{u}@example.com>;tag=x\r\nCall-ID: reg-{aor_user}-{l}\r\nCSeq: {c} REGISTER\r\n{extra}Content-Length: 0\r\n\r\n",
+        l = ua.local,
+        u = ua.user,
+        b = branch(),
+        c = CSEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    )
+    .into_bytes()
+}
+
+#[test]
+fn attack_1_nobody_registers_or_wipes_someone_elses_aor() {
+    let w = World::new();
+    let srv = w.start(|_| {});
+    // Without credentials: challenged, never bound.
+    let mut anon = w.client(&srv, "alice");
+    anon.password = None;
+    assert_eq!(anon.register(600), 401);
+    // The owner registers with digest (SHA-256, the first challenge).
+    let mut alice = w.client(&srv, "alice");
+    assert_eq!(alice.register(600), 200);
+    // mallory authenticates as herself and tries alice's AOR, then to wipe it.
+    let mut mallory = w.client(&srv, "mallory");
+    assert_eq!(mallory.login(), 200);
+    let creds = mallory.credentials("REGISTER", "sip:example.com");
+    mallory.send(&register_for(
+        &mallory,
+        "alice",
+        &format!(
+            "{creds}Contact: <sip:mallory@{}>\r\nExpires: 600\r\n",
+            mallory.local
+        ),
+    ));
+    assert_eq!(mallory.expect_final_or_provisional("REGISTER alice").0, 403);
+    let creds = mallory.credentials("REGISTER", "sip:example.com");
+    mallory.send(&register_for(
+        &mallory,
+        "alice",
+        &format!("{creds}Contact: *\r\nExpires: 0\r\n"),
+    ));
+    assert_eq!(mallory.expect_final_or_provisional("wipe alice").0, 403);
+    wait_refusals(&srv, "register_not_owner", 2.0);
+    // alice still gets her messages, and only she does.
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(bob.login(), 200);
+    deliver(&mut bob, &mut alice, "sip:bob@example.com", "");
+    assert!(mallory.recv(Duration::from_millis(300)).is_none());
+    // A wrong password is challenged again and counted.
+    let mut liar = w.client(&srv, "carol");
+    liar.password = Some("wrong".into());
+    assert_eq!(liar.register(600), 401);
+    wait_refusals(&srv, "auth_wrong_password", 1.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+/// Sends REGISTER for `ua`'s own AOR with `auth` (an Authorization value) and returns the
+/// response.
+fn register_with_auth(ua: &mut Ua, auth: &str) -> Vec<u8> {
+    let extra = if auth.is_empty() {
+        format!(
+            "Contact: <sip:{}@{}>\r\nExpires: 600\r\n",
+            ua.user, ua.local
+        )
+    } else {
+        format!(
+            "Authorization: {auth}\r\nContact: <sip:{}@{}>\r\nExpires: 600\r\n",
+            ua.user, ua.local
+        )
+    };
+    let user = ua.user.clone();
+    ua.send(&register_for(ua, &user, &extra));
+    ua.expect_final_or_provisional("REGISTER").1
+}
+
+/// The challenge for `alg` in a 401.
+fn challenge_for(resp: &[u8], alg: Algorithm) -> (String, String, bool) {
+    let text = String::from_utf8_lossy(resp);
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("WWW-Authenticate: ")
+            && let Some((realm, nonce, a, stale)) = parse_challenge(v.as_bytes())
+            && a == alg
+        {
+            return (realm, nonce, stale);
+        }
+    }
+    panic!("no {alg} challenge in {text}")
+}
+
+fn creds_for(user: &str, alg: Algorithm, nonce: &str, nc: u32) -> String {
+    let ha1 = alg.ha1(user, "example.com", &sipring_tests::ua::password_for(user));
+    authorization(
+        alg,
+        user,
+        "example.com",
+        &ha1,
+        nonce,
+        nc,
+        "c0ffee",
+        "REGISTER",
+        "sip:example.com",
+    )
+}
+
+#[test]
+fn digest_algorithms_stale_nonces_replays_and_a_source_that_keeps_failing() {
+    let w = World::new();
+    let srv = w.start(|c| {
+        c.auth.algorithms = vec!["SHA-512-256".into(), "SHA-256".into(), "MD5".into()];
+        c.auth.nonce_expiry_s = 1;
+        c.auth.max_failures = 4;
+    });
+    let mut ua = w.client(&srv, "dave");
+    ua.password = None;
+    let r = register_with_auth(&mut ua, "");
+    assert_eq!(status(&r), Some(401));
+    // One challenge per algorithm, in the configured order.
+    let offered: Vec<Algorithm> = String::from_utf8_lossy(&r)
+        .lines()
+        .filter_map(|l| l.strip_prefix("WWW-Authenticate: "))
+        .map(|v| parse_challenge(v.as_bytes()).unwrap().2)
+        .collect();
+    assert_eq!(
+        offered,
+        vec![Algorithm::Sha512_256, Algorithm::Sha256, Algorithm::Md5]
+    );
+    // Each algorithm authenticates, on the same nonce with a rising nonce-count.
+    let (_, nonce, _) = challenge_for(&r, Algorithm::Md5);
+    for (nc, alg) in [
+        (1, Algorithm::Md5),
+        (2, Algorithm::Sha256),
+        (3, Algorithm::Sha512_256),
+    ] {
+        let r = register_with_auth(&mut ua, &creds_for("dave", alg, &nonce, nc));
+        assert_eq!(
+            status(&r),
+            Some(200),
+            "{alg}: {}",
+            String::from_utf8_lossy(&r)
+        );
+    }
+    // The same credentials again (a captured REGISTER replayed): nc=3 was used.
+    let r = register_with_auth(
+        &mut ua,
+        &creds_for("dave", Algorithm::Sha512_256, &nonce, 3),
+    );
+    assert_eq!(status(&r), Some(401));
+    assert!(
+        challenge_for(&r, Algorithm::Sha256).2,
+        "a replay is answered stale=true"
+    );
+    wait_refusals(&srv, "auth_replay", 1.0);
+    // Past the nonce's life: stale, then the new nonce works.
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = register_with_auth(&mut ua, &creds_for("dave", Algorithm::Sha256, &nonce, 4));
+    assert_eq!(status(&r), Some(401));
+    let (_, fresh, stale) = challenge_for(&r, Algorithm::Sha256);
+    assert!(stale, "an expired nonce is answered stale=true");
+    let r = register_with_auth(&mut ua, &creds_for("dave", Algorithm::Sha256, &fresh, 1));
+    assert_eq!(status(&r), Some(200));
+    // The nonce belongs to the connection it was issued on.
+    let mut other = w.client(&srv, "dave");
+    let r = register_with_auth(&mut other, &creds_for("dave", Algorithm::Sha256, &fresh, 2));
+    assert_eq!(status(&r), Some(401));
+    assert!(challenge_for(&r, Algorithm::Sha256).2);
+    // Wrong passwords from one address: after max_failures, refused even with the right one.
+    let mut liar = w.client(&srv, "carol");
+    for _ in 0..4 {
+        liar.password = Some("wrong".into());
+        let _ = liar.register(600);
+    }
+    liar.password = Some(sipring_tests::ua::password_for("carol"));
+    let (code, resp) = liar.register_with(600, "");
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&resp));
+    assert!(String::from_utf8_lossy(&resp).contains("Too Many Failed Attempts"));
+    wait_refusals(&srv, "auth_blocked", 1.0);
+    srv.stop();
+    srv.join().unwrap();
+
+    // MD5 is not offered unless configured: MD5 credentials are refused by default.
+    let srv = w.start(|_| {});
+    let mut ua = w.client(&srv, "dave");
+    ua.password = None;
+    let r = register_with_auth(&mut ua, "");
+    let (_, nonce, _) = challenge_for(&r, Algorithm::Sha256);
+    assert!(!String::from_utf8_lossy(&r).contains("algorithm=MD5"));
+    let r = register_with_auth(&mut ua, &creds_for("dave", Algorithm::Md5, &nonce, 1));
+    assert_eq!(status(&r), Some(401));
+    wait_refusals(&srv, "auth_algorithm", 1.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_client_certificate_binds_its_aor() {
+    let w = World::new();
+    let users = Ca::new("Phones CA").unwrap();
+    w.pki.dir.write("phones-ca.pem", &users.cert.cert_pem);
+    let phone = |aor: &str| {
+        users
+            .issue(&Spec {
+                uris: vec![aor.into()],
+                usage: Usage::ClientOnly,
+                ..Spec::server("phone.example.com")
+            })
+            .unwrap()
+    };
+    let carol_cert = phone("sip:carol@example.com");
+    let revoked = phone("sip:carol@example.com");
+    w.pki
+        .dir
+        .write("phones.crl", users.crl(&[revoked.serial]).unwrap());
+    let srv = w.start(|c| {
+        c.listen[0].client_auth = ClientAuth::Optional;
+        c.tls.client_roots = Some(w.pki.dir.join("phones-ca.pem"));
+        c.tls.client_crls = vec![w.pki.dir.join("phones.crl")];
+    });
+    let connect = |cert: &Issued, user: &str| {
+        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+        let cfg = tls_config(
+            &w.pki.certs("ca.pem"),
+            Some((vec![cert.der.clone()], key)),
+            true,
+        );
+        Ua::tls(
+            srv.listen_addrs[0],
+            cfg,
+            "sip.example.com",
+            user,
+            "example.com",
+        )
+    };
+    // No password: the certificate is the credential.
+    let mut carol = connect(&carol_cert, "carol").unwrap();
+    carol.password = None;
+    assert_eq!(carol.register(600), 200);
+    // ... for carol only.
+    carol.send(&register_for(
+        &carol,
+        "dave",
+        &format!("Contact: <sip:x@{}>\r\n", carol.local),
+    ));
+    assert_eq!(carol.expect_final_or_provisional("REGISTER dave").0, 403);
+    assert_eq!(
+        message(
+            &mut carol,
+            "sip:bob@example.com",
+            "sip:dave@example.com",
+            ""
+        ),
+        403
+    );
+    // A revoked phone certificate is refused at the handshake (TLS 1.2: inside it).
+    let refused = connect(&revoked, "carol").and_then(|mut u| {
+        u.send(b"OPTIONS sip:example.com SIP/2.0\r\n\r\n");
+        u.recv(Duration::from_secs(2))
+            .map(|_| ())
+            .ok_or_else(|| std::io::Error::other("closed"))
+    });
+    assert!(refused.is_err(), "revoked client certificate accepted");
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn attack_2_clients_cannot_speak_for_partners_and_pai_is_ours_to_assert() {
+    let w = World::new();
+    let srv = w.start(|_| {});
+    // A client without credentials claiming a partner's user, toward the other partner.
+    let mut anon = w.client(&srv, "mallory");
+    anon.password = None;
+    assert_eq!(
+        message(
+            &mut anon,
+            "sip:bob@peer-b.test",
+            "sip:mallory@peer-a.test",
+            ""
+        ),
+        407
+    );
+    // Authenticated, but still not as that user.
+    let mut mallory = w.client(&srv, "mallory");
+    assert_eq!(mallory.login(), 200);
+    assert_eq!(
+        message(
+            &mut mallory,
+            "sip:bob@peer-b.test",
+            "sip:mallory@peer-a.test",
+            ""
+        ),
+        403
+    );
+    wait_refusals(&srv, "from_not_identity", 1.0);
+    assert!(w.at_b().is_empty(), "partner B received a forged request");
+    // alice, as herself, toward partner B: a forged PAI and a PPI are removed, our assertion
+    // added, and her credentials for our realm consumed.
+    let mut alice = w.client(&srv, "alice");
+    assert_eq!(alice.login(), 200);
+    assert_eq!(
+        message(
+            &mut alice,
+            "sip:bob@peer-b.test",
+            "sip:alice@example.com",
+            "P-Asserted-Identity: <sip:ceo@example.com>\r\nP-Preferred-Identity: <sip:ceo@example.com>\r\n"
+        ),
+        200
+    );
+    let got = w
+        .at_b()
+        .into_iter()
+        .find(|m| method(m) == "MESSAGE")
+        .expect("at B");
+    assert_eq!(
+        header_all(&got, "P-Asserted-Identity").as_deref(),
+        Some("<sip:alice@example.com>")
+    );
+    assert_eq!(header(&got, "P-Preferred-Identity"), None);
+    assert_eq!(header(&got, "Proxy-Authorization"), None);
+    // Toward a local user, a client's PAI is removed and none is added.
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(bob.register(600), 200);
+    let got = deliver(
+        &mut alice,
+        &mut bob,
+        "sip:alice@example.com",
+        "P-Asserted-Identity: <sip:ceo@example.com>\r\n",
+    );
+    assert_eq!(header(&got, "P-Asserted-Identity"), None);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn attacks_3_and_5_partners_speak_for_their_own_domains_and_are_not_relayed() {
+    let w = World::new();
+    let srv = w.start(|_| {});
+    let mut alice = w.client(&srv, "alice");
+    assert_eq!(alice.register(600), 200);
+    let a_cert = w.ca_a.issue(&Spec::server("sip.peer-a.test")).unwrap();
+    let mut a = w.partner(&srv, &a_cert, "peer-a.test");
+    // Another partner's users: refused.
+    assert_eq!(
+        message(&mut a, "sip:alice@example.com", "sip:x@peer-b.test", ""),
+        403
+    );
+    assert_eq!(
+        message(&mut a, "sip:alice@example.com", "sip:x@example.com", ""),
+        403
+    );
+    assert_eq!(
+        message(
+            &mut a,
+            "sip:alice@example.com",
+            "sip:x@peer-a.test",
+            "P-Asserted-Identity: <sip:y@peer-b.test>\r\n"
+        ),
+        403
+    );
+    wait_refusals(&srv, "partner_from_domain", 2.0);
+    wait_refusals(&srv, "partner_pai_domain", 1.0);
+    assert!(alice.recv(Duration::from_millis(200)).is_none());
+    // Its own users, with its assertion: delivered, the assertion kept.
+    let got = deliver(
+        &mut a,
+        &mut alice,
+        "sip:x@peer-a.test",
+        "P-Asserted-Identity: <sip:x@peer-a.test>\r\n",
+    );
+    assert_eq!(
+        header(&got, "P-Asserted-Identity").as_deref(),
+        Some("<sip:x@peer-a.test>")
+    );
+    // ... unless it asks for privacy: then a client does not see it (RFC 3325).
+    let got = deliver(
+        &mut a,
+        &mut alice,
+        "sip:x@peer-a.test",
+        "P-Asserted-Identity: <sip:x@peer-a.test>\r\nPrivacy: id\r\n",
+    );
+    assert_eq!(header(&got, "P-Asserted-Identity"), None);
+    // Through us to partner B: we are not a transit.
+    assert_eq!(
+        message(&mut a, "sip:bob@peer-b.test", "sip:x@peer-a.test", ""),
+        403
+    );
+    wait_refusals(&srv, "relay_not_allowed", 1.0);
+    assert!(w.at_b().is_empty(), "partner A was relayed to partner B");
+
+    // Attack 5: a certificate from B's CA naming both B and A is B's connection.
+    let both = w
+        .ca_b
+        .issue(&Spec {
+            dns: vec!["sip.peer-b.test".into(), "sip.peer-a.test".into()],
+            uris: vec![],
+            ..Spec::server("sip.peer-b.test")
+        })
+        .unwrap();
+    let mut b = w.partner(&srv, &both, "peer-b.test");
+    assert_eq!(
+        message(&mut b, "sip:alice@example.com", "sip:x@peer-a.test", ""),
+        403
+    );
+    deliver(&mut b, &mut alice, "sip:x@peer-b.test", "");
+    srv.stop();
+    srv.join().unwrap();
+
+    // Relaying is for pairs the operator names.
+    let srv = w.start(|c| c.peer[0].relay_to = vec!["peer-b".into()]);
+    let mut a = w.partner(&srv, &a_cert, "peer-a.test");
+    assert_eq!(
+        message(&mut a, "sip:bob@peer-b.test", "sip:x@peer-a.test", ""),
+        200
+    );
+    assert!(w.at_b().iter().any(|m| method(m) == "MESSAGE"));
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn attack_4_flow_tokens_cannot_be_forged_or_moved() {
+    let w = World::new();
+    let srv = w.start(|_| {});
+    let mut alice = w.client(&srv, "alice");
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(alice.register(600), 200);
+    assert_eq!(bob.register(600), 200);
+    // A real dialog: alice calls bob; bob's INVITE carries our signed Record-Route.
+    alice.send(&alice.request(
+        "INVITE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "ft-1",
+        1,
+        "",
+        None,
+    ));
+    let inv = bob.expect("INVITE");
+    let rr = header(&inv, "Record-Route").unwrap();
+    assert!(rr.contains(";ft="), "{rr}");
+    bob.send(&answer(&inv, 486, "Busy Here", "b", "sip:bob@127.0.0.1"));
+    assert_eq!(method(&bob.expect("ACK")), "ACK");
+    assert_eq!(alice.expect_final_or_provisional("486").0, 486);
+    // mallory forges routes toward bob's connection: no signature, a signature from another
+    // dialog, an unknown partner name.
+    let mut mallory = w.client(&srv, "mallory");
+    assert_eq!(mallory.login(), 200);
+    let unsigned = rr.split(";ft=").next().unwrap().to_string() + ">";
+    let bye = |route: &str, call_id: &str| {
+        format!(
+            "BYE sip:bob@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch={}\r\nMax-Forwards: 70\r\nRoute: {route}\r\nFrom: <sip:mallory@example.com>;tag=m\r\nTo: <sip:bob@example.com>;tag=b\r\nCall-ID: {call_id}\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n",
+            branch()
+        )
+    };
+    for (route, call_id) in [
+        (unsigned.as_str(), "ft-1"),
+        (rr.as_str(), "another-dialog"),
+        ("<sip:127.0.0.1;lr;fi=pa;fo=c2b>", "ft-1"),
+    ] {
+        mallory.send(bye(route, call_id).as_bytes());
+        assert_eq!(
+            mallory.expect_final_or_provisional("forged route").0,
+            403,
+            "{route}"
+        );
+    }
+    // Unknown partner names create nothing (before: a table entry and a WARN line each).
+    for i in 0..50 {
+        let route = format!("<sip:127.0.0.1;lr;fi=c1;fo=pnowhere{i}>");
+        mallory.send(bye(&route, "ft-1").as_bytes());
+        assert_eq!(mallory.expect_final_or_provisional("forged partner").0, 403);
+    }
+    assert!(
+        bob.recv(Duration::from_millis(300)).is_none(),
+        "bob received a forged BYE"
+    );
+    let m = wait_metrics(srv.admin_addr.unwrap(), "53 forged tokens", |m| {
+        metric(
+            m,
+            "sipring_sip_refusals_total{reason=\"forged_flow_token\"}",
+        )
+        .unwrap_or(0.0)
+            >= 53.0
+    });
+    assert_eq!(metric(&m, "sipring_peer_connect_failures_total"), None);
+    assert_eq!(refusals(&srv, "forged_flow_token"), 53.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn subscribers_reload_without_a_restart() {
+    let w = World::new();
+    let file = w.pki.dir.join("subs-reload.toml");
+    let entry = |u: &str| {
+        sipring::auth::SubscriberEntry::new(
+            u,
+            "example.com",
+            vec![],
+            &sipring_tests::ua::password_for(u),
+        )
+        .to_toml()
+    };
+    std::fs::write(&file, entry("alice")).unwrap();
+    let mut cfg = w.config();
+    cfg.auth.subscribers = Some(file.clone());
+    let path = w.pki.dir.join("reload.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let srv = start(cfg, Some(path)).expect("start");
+    let mut newbie = w.client(&srv, "bob");
+    assert_eq!(newbie.register(600), 401, "not a subscriber yet");
+    std::fs::write(&file, entry("bob")).unwrap();
+    srv.reload().expect("reload");
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(bob.register(600), 200, "added by the reload");
+    let mut alice = w.client(&srv, "alice");
+    assert_eq!(alice.register(600), 401, "removed by the reload");
+    // A broken file is refused and the previous table stays.
+    std::fs::write(&file, "[[subscriber]]\nusername = \"bob\"\n").unwrap();
+    assert!(srv.reload().is_err());
+    assert_eq!(bob.register(600), 200);
+    srv.stop();
+    srv.join().unwrap();
+}
