@@ -219,3 +219,74 @@ fn check_config_names_keys_and_files() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("shardz"));
 }
+
+#[test]
+fn shards_and_the_generator_pin_inside_the_allowed_cpu_set() {
+    // Give each process one CPU with taskset: the last one this test may use (on a 2-CPU
+    // host, CPU 1 — so an absolute "CPU 0" would be outside the set).
+    let cpu = *sipring::sys::cpus::allowed().last().unwrap();
+    let only = cpu.to_string();
+    let pki = Pki::new();
+    let dir = TempDir::new("pin");
+    let (path, port, _) = write_config(&pki, &dir);
+    let mut cfg: sipring::config::Config =
+        toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg.server.shards = 1;
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let srv = Server::start_under(&path, &["taskset", "-c", &only]);
+    wait_up(port);
+    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    // (glommio's helper threads inherit the shard's name and its placement.)
+    assert!(!threads.is_empty(), "no shard thread found");
+    assert!(
+        threads.iter().all(|(_, c)| *c == only),
+        "shard outside the allowed set: {threads:?}"
+    );
+    // The generator too, with its reflector-free idle scenario.
+    let mut gen_cmd = std::process::Command::new("taskset");
+    gen_cmd
+        .args(["-c", &only])
+        .arg(sipring_tests::process::bin("sipring-load"))
+        .args([
+            "idle",
+            "--quiet",
+            "--shards",
+            "1",
+            "--users",
+            "2",
+            "--duration",
+            "3",
+            "--warmup",
+            "0",
+        ])
+        .args([
+            "--target",
+            &format!("127.0.0.1:{port}"),
+            "--password",
+            "pw-{user}",
+            "--ca",
+        ])
+        .arg(pki.dir.join("ca.pem"))
+        .stdout(std::process::Stdio::null());
+    let mut generator = gen_cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let threads = sipring_tests::process::thread_cpus(generator.id(), "load-");
+    let _ = generator.kill();
+    let _ = generator.wait();
+    assert!(!threads.is_empty(), "no generator thread found");
+    assert!(
+        threads.iter().all(|(_, c)| *c == only),
+        "generator outside the allowed set: {threads:?}"
+    );
+    drop(srv);
+    // Shards that do not fit the allowed CPUs refuse to start, naming the keys.
+    cfg.server.first_cpu = 1;
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let mut srv = Server::start_under(&path, &["taskset", "-c", &only]);
+    assert_eq!(srv.wait_exit(10), Some(1), "{}", srv.log());
+    let log = srv.log();
+    assert!(
+        log.contains("server.first_cpu (1)") && log.contains(&format!("({only})")),
+        "{log}"
+    );
+}

@@ -34,6 +34,10 @@ ktls = $ktls
 ktls_tls13_without_rekey = true
 [limits]
 max_connections_per_ip = 1000000
+[auth]
+# Routing work only, as in the Kamailio config it is compared with (and earlier figures);
+# benches/auth/run.sh measures what authentication costs.
+enabled = false
 [admin]
 address = "127.0.0.1:15060"
 CFG

@@ -62,6 +62,10 @@ sni = ["sip.example.com"]
 max_handshakes_in_flight = 4096
 max_connections_per_ip = 1000000
 max_connections_per_shard = 1000000
+[auth]
+# Routing work only, as in the Kamailio config it is compared with (and earlier figures);
+# benches/auth/run.sh measures what authentication costs.
+enabled = false
 [admin]
 address = "127.0.0.1:16060"
 CFG

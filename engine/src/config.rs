@@ -34,9 +34,12 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Number of shards (executors, one pinned per CPU). 0 = all online CPUs. Default 0.
+    /// Number of shards (executors, one pinned per CPU). 0 = every CPU this process may use
+    /// from `first_cpu` on. Default 0.
     pub shards: usize,
-    /// First CPU to pin shard 0 to; shard i runs on CPU `first_cpu + i`. Default 0.
+    /// Index, in the process's allowed CPU set (`taskset`, systemd `CPUAffinity=`, cpuset),
+    /// of shard 0's CPU: shard i runs on the `(first_cpu + i)`-th allowed CPU. A value that
+    /// does not fit (`first_cpu + shards` beyond the allowed CPUs) refuses to start. Default 0.
     pub first_cpu: usize,
     /// SIP domains this server is registrar and proxy for. Default `["example.com"]`.
     pub domains: Vec<String>,

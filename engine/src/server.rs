@@ -104,18 +104,34 @@ impl std::fmt::Debug for Running {
     }
 }
 
-/// The number of shards a configuration asks for.
+/// The number of shards a configuration asks for: `server.shards`, or (0) every allowed CPU
+/// from `server.first_cpu` on.
 pub fn shard_count(cfg: &Config) -> usize {
     if cfg.server.shards > 0 {
         cfg.server.shards
     } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        sys::cpus::allowed()
+            .len()
+            .saturating_sub(cfg.server.first_cpu)
+            .max(1)
     }
 }
 
 /// Starts the server. `config_path` is re-read on reload.
 pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
     let n = shard_count(&cfg);
+    // Shard i runs on the (first_cpu + i)-th CPU this process may use; refuse what does not
+    // fit instead of wrapping onto CPUs that are not ours.
+    let allowed = sys::cpus::allowed();
+    let cpus = (0..n)
+        .map(|i| sys::cpus::pick(&allowed, cfg.server.first_cpu, n, i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            StartError(format!(
+                "server.shards ({n}) and server.first_cpu ({}): {e}",
+                cfg.server.first_cpu
+            ))
+        })?;
     sys::probe::raise_limits();
     sys::probe::preflight(n).map_err(StartError)?;
     let policy =
@@ -190,14 +206,9 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     let cfg = Arc::new(cfg);
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, cfg.server.mesh_capacity);
-    let online = std::thread::available_parallelism().map_or(1, |c| c.get());
     let mut handles = Vec::new();
     for (i, listeners) in bound.into_iter().enumerate() {
-        let placement = if n <= online {
-            Placement::Fixed((cfg.server.first_cpu + i) % online)
-        } else {
-            Placement::Unbound
-        };
+        let placement = Placement::Fixed(cpus[i]);
         let mut b = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{i}"))
             .io_memory(cfg.server.io_memory_kib * 1024);

@@ -218,7 +218,7 @@ struct Common {
 }
 
 fn default_shards() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    sipring::sys::cpus::allowed().len()
 }
 
 /// `a.b.c.d-a.b.c.e` or a comma list.
@@ -688,6 +688,9 @@ fn compare(files: &[PathBuf], plot: &std::path::Path, kind: &str) -> ExitCode {
 /// The demo UAs' password template.
 const DEMO_PASSWORD: &str = "demo-{user}";
 
+/// The demo's plans: user prefix and number of UAs (register, call, message).
+const DEMO_PLANS: [(&str, usize); 3] = [("reg", 200), ("call", 200), ("msg", 200)];
+
 fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
     let dir = out.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("sipring-demo-{}", std::process::id()))
@@ -700,11 +703,29 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         return fail(e);
     }
     println!("demo: throwaway PKI in {}", dir.join("pki").display());
-    // Every demo UA authenticates with digest (SHA-256), as phones do.
+    // Every demo UA authenticates with digest (SHA-256), as phones do. A run numbers users
+    // across its plans (plan k's users continue where plan k-1's ended).
     let subs = dir.join("subscribers.toml");
-    let text: String = [("reg", 200), ("call", 200), ("msg", 200)]
+    let mut base = 0;
+    let text: String = DEMO_PLANS
         .iter()
-        .map(|(p, n)| subscriber_file(p, *n, "example.com", DEMO_PASSWORD))
+        .map(|(p, n)| {
+            let users: Vec<String> = (base..base + n).map(|i| format!("{p}{i}")).collect();
+            base += n;
+            users
+                .iter()
+                .map(|u| {
+                    sipring::auth::SubscriberEntry::new(
+                        u,
+                        "example.com",
+                        vec![],
+                        &DEMO_PASSWORD.replace("{user}", u),
+                    )
+                    .to_toml()
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
         .collect::<Vec<_>>()
         .join("\n");
     if let Err(e) = std::fs::write(&subs, text) {
@@ -771,10 +792,11 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         quiet: false,
         max_failures: 0.0,
     };
+    let [(reg, n_reg), (call, n_call), (msg, n_msg)] = DEMO_PLANS;
     let plans = [
-        plan("register", Scenario::Register, &common("reg", 200, 100.0)),
-        plan("call", Scenario::Call, &common("call", 200, cps)),
-        plan("message", Scenario::Message, &common("msg", 200, mps)),
+        plan("register", Scenario::Register, &common(reg, n_reg, 100.0)),
+        plan("call", Scenario::Call, &common(call, n_call, cps)),
+        plan("message", Scenario::Message, &common(msg, n_msg, mps)),
     ];
     let plans: Result<Vec<Plan>, String> = plans.into_iter().collect();
     let plans = match plans {

@@ -25,11 +25,11 @@ pub fn serve(
         "reflect: listening on {} with {shards} shard(s)",
         socks[0].local
     );
-    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let cpus = sipring::sys::cpus::allowed();
     let mut hs = Vec::new();
     for (i, s) in socks.into_iter().enumerate() {
         let tls = tls.clone();
-        let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(i % cpus))
+        let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(cpus[i % cpus.len()]))
             .name(&format!("reflect-{i}"))
             .io_memory(512 * 1024)
             .spawn(move || async move {

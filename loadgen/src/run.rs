@@ -360,16 +360,14 @@ pub fn run(plans: Vec<Plan>, shards: usize, progress: Arc<Progress>) -> Result<S
     if plans.len() > MAX_PLANS {
         return Err(format!("at most {MAX_PLANS} scenarios in one run"));
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // Pinned within the allowed CPU set (run it under `taskset` to keep it off the server's
+    // CPUs); more executors than allowed CPUs share them round-robin.
+    let cpus = sipring::sys::cpus::allowed();
     let plans = Arc::new(plans);
     let mut handles = Vec::new();
     for id in 0..shards {
         let (plans, progress) = (plans.clone(), progress.clone());
-        let placement = if shards <= cpus {
-            glommio::Placement::Fixed(id % cpus)
-        } else {
-            glommio::Placement::Unbound
-        };
+        let placement = glommio::Placement::Fixed(cpus[id % cpus.len()]);
         let h = glommio::LocalExecutorBuilder::new(placement)
             .name(&format!("load-{id}"))
             .io_memory(512 * 1024)

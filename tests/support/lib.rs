@@ -367,9 +367,23 @@ pub mod process {
     impl Server {
         /// Starts `sipring run --config <config>` logging to `<config>.log`.
         pub fn start(config: &std::path::Path) -> Server {
+            Server::start_under(config, &[])
+        }
+
+        /// [`Server::start`] under a wrapper command (e.g. `["taskset", "-c", "1"]`).
+        pub fn start_under(config: &std::path::Path, wrapper: &[&str]) -> Server {
             let log = config.with_extension("log");
             let f = std::fs::File::create(&log).unwrap();
-            let child = Command::new(sipring_bin())
+            let bin = sipring_bin();
+            let mut cmd = match wrapper.split_first() {
+                Some((w, rest)) => {
+                    let mut c = Command::new(w);
+                    c.args(rest).arg(&bin);
+                    c
+                }
+                None => Command::new(&bin),
+            };
+            let child = cmd
                 .args(["run", "--config"])
                 .arg(config)
                 .env("SIPRING_LOG", "info")
@@ -424,6 +438,30 @@ pub mod process {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
+    }
+
+    /// Each thread of process `pid` whose name starts with `prefix`: (name, its
+    /// `Cpus_allowed_list`).
+    pub fn thread_cpus(pid: u32, prefix: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return out;
+        };
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let comm = comm.trim().to_string();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            if let Some(l) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            {
+                out.push((comm, l.trim().to_string()));
+            }
+        }
+        out
     }
 
     impl Drop for Server {

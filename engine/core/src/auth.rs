@@ -36,6 +36,7 @@
 use crate::text::{eq_ic, is_lws, is_token};
 use hmac::{KeyInit, Mac};
 use sha2::Digest;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -76,7 +77,12 @@ impl Algorithm {
 
     /// `H(p1:p2:…)` as lower-case hex.
     pub fn hex(self, parts: &[&[u8]]) -> String {
-        fn run<D: Digest>(parts: &[&[u8]]) -> String {
+        String::from_utf8(self.hex_buf(parts).as_bytes().to_vec()).expect("hex is ASCII")
+    }
+
+    /// [`Algorithm::hex`] without allocating (the verification path).
+    fn hex_buf(self, parts: &[&[u8]]) -> HexBuf {
+        fn run<D: Digest>(parts: &[&[u8]]) -> HexBuf {
             let mut d = D::new();
             for (i, p) in parts.iter().enumerate() {
                 if i > 0 {
@@ -84,7 +90,7 @@ impl Algorithm {
                 }
                 d.update(p);
             }
-            hex(&d.finalize())
+            HexBuf::of(&d.finalize())
         }
         match self {
             Algorithm::Md5 => run::<md5::Md5>(parts),
@@ -111,14 +117,58 @@ impl Algorithm {
         method: &[u8],
         uri: &[u8],
     ) -> String {
-        let ha2 = self.hex(&[method, uri]);
-        self.hex(&[ha1.as_bytes(), nonce, nc, cnonce, qop, ha2.as_bytes()])
+        String::from_utf8(
+            self.response_buf(ha1, nonce, nc, cnonce, qop, method, uri)
+                .as_bytes()
+                .to_vec(),
+        )
+        .expect("hex is ASCII")
+    }
+
+    #[allow(clippy::too_many_arguments)] // see `response`
+    fn response_buf(
+        self,
+        ha1: &str,
+        nonce: &[u8],
+        nc: &[u8],
+        cnonce: &[u8],
+        qop: &[u8],
+        method: &[u8],
+        uri: &[u8],
+    ) -> HexBuf {
+        let ha2 = self.hex_buf(&[method, uri]);
+        self.hex_buf(&[ha1.as_bytes(), nonce, nc, cnonce, qop, ha2.as_bytes()])
     }
 }
 
 impl fmt::Display for Algorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A digest (at most 32 bytes here) as lower-case hex, on the stack.
+struct HexBuf {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl HexBuf {
+    fn of(b: &[u8]) -> HexBuf {
+        const D: &[u8; 16] = b"0123456789abcdef";
+        let mut h = HexBuf {
+            buf: [0; 64],
+            len: (b.len() * 2).min(64),
+        };
+        for (i, &x) in b.iter().take(32).enumerate() {
+            h.buf[2 * i] = D[usize::from(x >> 4)];
+            h.buf[2 * i + 1] = D[usize::from(x & 15)];
+        }
+        h
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -132,19 +182,32 @@ fn hex(b: &[u8]) -> String {
     s
 }
 
-fn unhex(s: &[u8]) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+/// Decodes exactly `N` bytes of hex.
+fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
         return None;
     }
     let d = |c: u8| (c as char).to_digit(16).map(|v| v as u8);
-    s.chunks(2)
-        .map(|p| Some(d(p[0])? << 4 | d(p[1])?))
-        .collect()
+    let mut out = [0u8; N];
+    for (o, p) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = d(p[0])? << 4 | d(p[1])?;
+    }
+    Some(out)
 }
 
 /// Constant-time equality (the comparison must not tell how much of a guess was right).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// [`ct_eq`], ASCII case-insensitive on the second argument (a peer may send hex in upper
+/// case).
+fn ct_eq_lower(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y.to_ascii_lowercase()))
+            == 0
 }
 
 /// One subscriber: who it is, which addresses-of-record it may use, and its HA1 hashes.
@@ -194,67 +257,74 @@ pub trait CredentialStore {
     fn subscriber(&self, username: &str, realm: &str) -> Option<Arc<Subscriber>>;
 }
 
-/// An in-memory subscriber table.
+/// An in-memory subscriber table: realm (lower case), then user name.
 #[derive(Debug, Default, Clone)]
 pub struct SubscriberTable {
-    map: HashMap<(String, String), Arc<Subscriber>>,
+    realms: HashMap<String, HashMap<String, Arc<Subscriber>>>,
+    len: usize,
 }
 
 impl SubscriberTable {
     /// Adds (or replaces) a subscriber.
     pub fn insert(&mut self, s: Subscriber) {
-        self.map.insert(
-            (s.realm.to_ascii_lowercase(), s.username.clone()),
-            Arc::new(s),
-        );
+        let users = self.realms.entry(s.realm.to_ascii_lowercase()).or_default();
+        if users.insert(s.username.clone(), Arc::new(s)).is_none() {
+            self.len += 1;
+        }
     }
 
     /// Number of subscribers.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     /// Is it empty?
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
     }
 }
 
 impl CredentialStore for SubscriberTable {
     fn subscriber(&self, username: &str, realm: &str) -> Option<Arc<Subscriber>> {
         // Realms compare case-insensitively (they are our domain names); user names exactly.
-        self.map
-            .get(&(realm.to_ascii_lowercase(), username.to_string()))
-            .cloned()
+        let users = match self.realms.get(realm) {
+            Some(u) => u,
+            None if realm.bytes().any(|b| b.is_ascii_uppercase()) => {
+                self.realms.get(&realm.to_ascii_lowercase())?
+            }
+            None => return None,
+        };
+        users.get(username).cloned()
     }
 }
 
-/// `Digest` credentials from an `Authorization` or `Proxy-Authorization` value.
+/// `Digest` credentials from an `Authorization` or `Proxy-Authorization` value, borrowed from
+/// the message (a value is copied only when it holds a quoted-pair escape).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Credentials {
+pub struct Credentials<'a> {
     /// `username`.
-    pub username: String,
+    pub username: Cow<'a, str>,
     /// `realm`.
-    pub realm: String,
+    pub realm: Cow<'a, str>,
     /// `nonce`.
-    pub nonce: String,
+    pub nonce: Cow<'a, str>,
     /// `uri` (the digest-uri).
-    pub uri: String,
+    pub uri: Cow<'a, str>,
     /// `response`.
-    pub response: String,
+    pub response: Cow<'a, str>,
     /// `algorithm` (absent means MD5, RFC 2617).
-    pub algorithm: Option<String>,
+    pub algorithm: Option<Cow<'a, str>>,
     /// `cnonce`.
-    pub cnonce: Option<String>,
+    pub cnonce: Option<Cow<'a, str>>,
     /// `qop`.
-    pub qop: Option<String>,
+    pub qop: Option<Cow<'a, str>>,
     /// `nc`, as written (8 hex digits).
-    pub nc: Option<String>,
+    pub nc: Option<Cow<'a, str>>,
 }
 
 /// Parses `Digest k=v, k="v", …` (RFC 3261 §25.1 `credentials`). `None` for another scheme
 /// or a malformed list; unknown parameters are ignored.
-pub fn parse_credentials(value: &[u8]) -> Option<Credentials> {
+pub fn parse_credentials(value: &[u8]) -> Option<Credentials<'_>> {
     let v = value;
     let mut i = v.iter().position(|&b| !is_lws(b))?;
     let scheme_end = i + v[i..]
@@ -266,8 +336,7 @@ pub fn parse_credentials(value: &[u8]) -> Option<Credentials> {
     }
     i = scheme_end;
     let mut c = Credentials::default();
-    let (mut have_user, mut have_realm, mut have_nonce, mut have_uri, mut have_resp) =
-        (false, false, false, false, false);
+    let mut have = 0u8;
     loop {
         while i < v.len() && (is_lws(v[i]) || v[i] == b',') {
             i += 1;
@@ -293,26 +362,37 @@ pub fn parse_credentials(value: &[u8]) -> Option<Credentials> {
         while i < v.len() && is_lws(v[i]) {
             i += 1;
         }
-        let val = if v.get(i) == Some(&b'"') {
+        let val: Cow<'_, str> = if v.get(i) == Some(&b'"') {
             i += 1;
-            let mut out = Vec::new();
+            let s = i;
+            let mut escaped = false;
             loop {
                 match *v.get(i)? {
                     b'\\' => {
-                        out.push(*v.get(i + 1)?);
+                        v.get(i + 1)?;
+                        escaped = true;
                         i += 2;
                     }
-                    b'"' => {
-                        i += 1;
-                        break;
-                    }
-                    b => {
-                        out.push(b);
-                        i += 1;
-                    }
+                    b'"' => break,
+                    _ => i += 1,
                 }
             }
-            out
+            let raw = &v[s..i];
+            i += 1;
+            if escaped {
+                let mut out = Vec::with_capacity(raw.len());
+                let mut j = 0;
+                while j < raw.len() {
+                    if raw[j] == b'\\' {
+                        j += 1;
+                    }
+                    out.push(raw[j]);
+                    j += 1;
+                }
+                Cow::Owned(String::from_utf8(out).ok()?)
+            } else {
+                Cow::Borrowed(std::str::from_utf8(raw).ok()?)
+            }
         } else {
             let s = i;
             while i < v.len() && is_token(v[i]) {
@@ -321,20 +401,19 @@ pub fn parse_credentials(value: &[u8]) -> Option<Credentials> {
             if s == i {
                 return None;
             }
-            v[s..i].to_vec()
+            Cow::Borrowed(std::str::from_utf8(&v[s..i]).ok()?)
         };
-        let val = String::from_utf8(val).ok()?;
         let k = |n: &str| eq_ic(key, n.as_bytes());
         if k("username") {
-            (c.username, have_user) = (val, true);
+            (c.username, have) = (val, have | 1);
         } else if k("realm") {
-            (c.realm, have_realm) = (val, true);
+            (c.realm, have) = (val, have | 2);
         } else if k("nonce") {
-            (c.nonce, have_nonce) = (val, true);
+            (c.nonce, have) = (val, have | 4);
         } else if k("uri") {
-            (c.uri, have_uri) = (val, true);
+            (c.uri, have) = (val, have | 8);
         } else if k("response") {
-            (c.response, have_resp) = (val, true);
+            (c.response, have) = (val, have | 16);
         } else if k("algorithm") {
             c.algorithm = Some(val);
         } else if k("cnonce") {
@@ -345,29 +424,44 @@ pub fn parse_credentials(value: &[u8]) -> Option<Credentials> {
             c.nc = Some(val);
         }
     }
-    (have_user && have_realm && have_nonce && have_uri && have_resp).then_some(c)
+    (have == 31).then_some(c)
 }
 
-/// The realm in a `Digest` credentials value, without parsing the rest (to pick the
-/// credentials meant for us among several).
-pub fn credentials_realm(value: &[u8]) -> Option<String> {
+/// The realm in a `Digest` credentials value (to pick the credentials meant for us among
+/// several).
+pub fn credentials_realm(value: &[u8]) -> Option<Cow<'_, str>> {
     parse_credentials(value).map(|c| c.realm)
 }
 
 /// A secret key only this node holds (signs nonces and flow tokens). Its `Debug` does not
 /// show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct NodeKey([u8; 32]);
+#[derive(Clone)]
+pub struct NodeKey {
+    key: [u8; 32],
+    /// The HMAC state after the key (its inner and outer pads hashed once, not per use).
+    keyed: hmac::Hmac<sha2::Sha256>,
+}
+
+impl PartialEq for NodeKey {
+    fn eq(&self, other: &NodeKey) -> bool {
+        ct_eq(&self.key, &other.key)
+    }
+}
+
+impl Eq for NodeKey {}
 
 impl NodeKey {
     /// A key from 32 secret bytes (random at start, or read from a file the operator keeps).
     pub fn new(bytes: [u8; 32]) -> NodeKey {
-        NodeKey(bytes)
+        NodeKey {
+            key: bytes,
+            keyed: hmac::Hmac::<sha2::Sha256>::new_from_slice(&bytes).expect("any key size"),
+        }
     }
 
     /// HMAC-SHA-256 over the parts (each length-prefixed, so boundaries count).
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
-        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("any key size");
+        let mut m = self.keyed.clone();
         for p in parts {
             m.update(&(p.len() as u32).to_be_bytes());
             m.update(p);
@@ -378,6 +472,13 @@ impl NodeKey {
     /// The first `n` bytes of [`NodeKey::mac`], as hex: a tag for text we hand out.
     pub fn tag(&self, n: usize, parts: &[&[u8]]) -> String {
         hex(&self.mac(parts)[..n])
+    }
+
+    /// Does `tag` (hex, any case) equal [`NodeKey::tag`] of `n` bytes over `parts`? In
+    /// constant time, without allocating.
+    pub fn verify_tag(&self, n: usize, parts: &[&[u8]], tag: &[u8]) -> bool {
+        let mac = self.mac(parts);
+        ct_eq_lower(HexBuf::of(&mac[..n.min(32)]).as_bytes(), tag)
     }
 }
 
@@ -578,10 +679,7 @@ impl Authenticator {
 
     /// When the nonce was issued (ms after the epoch), if it is ours for this flow and realm.
     fn nonce_issued(&self, nonce: &str, flow: u64, realm: &str) -> Option<u64> {
-        let raw = unhex(nonce.as_bytes())?;
-        if raw.len() != 24 {
-            return None;
-        }
+        let raw: [u8; 24] = unhex(nonce.as_bytes())?;
         let t: [u8; 8] = raw[..8].try_into().ok()?;
         let want = self
             .key
@@ -681,34 +779,34 @@ impl Authenticator {
             Some(Err(())) => return self.failed(now, source, Failure::Malformed, String::new()),
             Some(Ok(c)) => c,
         };
-        let who = format!("{}@{}", c.username, c.realm);
+        let who = || format!("{}@{}", c.username, c.realm);
         let alg = match &c.algorithm {
             None => Algorithm::Md5,
             Some(a) => match Algorithm::from_name(a.as_bytes()) {
                 Some(a) => a,
-                None => return self.failed(now, source, Failure::Algorithm, who),
+                None => return self.failed(now, source, Failure::Algorithm, who()),
             },
         };
         if !self.cfg.algorithms.contains(&alg) {
-            return self.failed(now, source, Failure::Algorithm, who);
+            return self.failed(now, source, Failure::Algorithm, who());
         }
         let (Some(qop), Some(nc_s), Some(cnonce)) = (&c.qop, &c.nc, &c.cnonce) else {
-            return self.failed(now, source, Failure::Malformed, who);
+            return self.failed(now, source, Failure::Malformed, who());
         };
         let nc = match u32::from_str_radix(nc_s, 16) {
             Ok(n) if qop.eq_ignore_ascii_case("auth") && nc_s.len() == 8 && n > 0 => n,
-            _ => return self.failed(now, source, Failure::Malformed, who),
+            _ => return self.failed(now, source, Failure::Malformed, who()),
         };
         if !c.uri.as_bytes().eq_ignore_ascii_case(request_uri) {
-            return self.failed(now, source, Failure::UriMismatch, who);
+            return self.failed(now, source, Failure::UriMismatch, who());
         }
         let Some(sub) = store.subscriber(&c.username, &c.realm) else {
-            return self.failed(now, source, Failure::UnknownUser, who);
+            return self.failed(now, source, Failure::UnknownUser, who());
         };
         let Some(ha1) = sub.ha1_for(alg) else {
-            return self.failed(now, source, Failure::UnknownUser, who);
+            return self.failed(now, source, Failure::UnknownUser, who());
         };
-        let want = alg.response(
+        let want = alg.response_buf(
             ha1,
             c.nonce.as_bytes(),
             nc_s.as_bytes(),
@@ -717,8 +815,8 @@ impl Authenticator {
             method,
             c.uri.as_bytes(),
         );
-        if !ct_eq(want.as_bytes(), c.response.to_ascii_lowercase().as_bytes()) {
-            return self.failed(now, source, Failure::WrongPassword, who);
+        if !ct_eq_lower(want.as_bytes(), c.response.as_bytes()) {
+            return self.failed(now, source, Failure::WrongPassword, who());
         }
         // The password is right: what remains decides between success and `stale`.
         let stale = ok(Verdict::Challenge { stale: true });
@@ -754,7 +852,7 @@ impl Authenticator {
             }
         };
         if !w.accept(nc) {
-            let mut r = self.failed(now, source, Failure::Replay, who);
+            let mut r = self.failed(now, source, Failure::Replay, who());
             if r.verdict != Verdict::Blocked {
                 r.verdict = Verdict::Challenge { stale: true };
             }
@@ -842,7 +940,7 @@ pub fn parse_challenge(value: &[u8]) -> Option<(String, String, Algorithm, bool)
     let stale = String::from_utf8_lossy(value)
         .to_ascii_lowercase()
         .contains("stale=true");
-    Some((c.realm, c.nonce, alg, stale))
+    Some((c.realm.into_owned(), c.nonce.into_owned(), alg, stale))
 }
 
 #[cfg(test)]

@@ -397,8 +397,9 @@ impl Policy {
                 .iter()
                 .any(|m| text::eq_ic(m.as_bytes(), method.as_bytes()));
         // The identities this request has proven.
-        let mut identity: Vec<String> = cert_aors.to_vec();
-        if identity.is_empty() && needs_auth && never_challenged(method) {
+        // The identities this request has proven: its certificate's, or its digest user's.
+        let mut digest_user = None;
+        if cert_aors.is_empty() && needs_auth && never_challenged(method) {
             // An ACK cannot be challenged: one that would need credentials is dropped.
             return Authz::Deny(Denial {
                 code: 403,
@@ -406,7 +407,7 @@ impl Policy {
                 label: "ack_unauthenticated",
             });
         }
-        if identity.is_empty() && needs_auth {
+        if cert_aors.is_empty() && needs_auth {
             let realm = if claims_ours {
                 String::from_utf8_lossy(&claimed_uri.host_lower()).into_owned()
             } else {
@@ -444,7 +445,7 @@ impl Policy {
                 });
             }
             match checked.verdict {
-                Verdict::Authenticated(sub) => identity = sub.aors.clone(),
+                Verdict::Authenticated(sub) => digest_user = Some(sub),
                 Verdict::Blocked => {
                     self.refusals.push(Refusal {
                         label: "auth_blocked",
@@ -474,6 +475,10 @@ impl Policy {
                 }
             }
         }
+        let identity: &[String] = match &digest_user {
+            Some(sub) => &sub.aors,
+            None => cert_aors,
+        };
         if identity.is_empty() {
             // Anonymous, and allowed so (the method is not challenged, From is not ours,
             // the target is local).
@@ -488,13 +493,8 @@ impl Policy {
             } else {
                 ("From Does Not Match Identity", "from_not_identity")
             };
-            return self.deny(
-                info,
-                403,
-                reason,
-                label,
-                format!("{claimed} (authenticated as {})", identity.join(",")),
-            );
+            let detail = format!("{claimed} (authenticated as {})", identity.join(","));
+            return self.deny(info, 403, reason, label, detail);
         }
         Authz::Allow(Grant {
             source: Source::Client(Some(claimed)),

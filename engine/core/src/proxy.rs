@@ -192,8 +192,11 @@ fn fnv(parts: &[&[u8]]) -> u64 {
 /// The tag that signs a dialog's flow pair: an HMAC over both tokens and the Call-ID, so a
 /// route is good for the dialog it was made for and nothing else (10 bytes, hex).
 fn flow_tag(key: &NodeKey, fi: &[u8], fo: &[u8], call_id: &[u8]) -> String {
-    key.tag(10, &[b"flow", fi, fo, call_id])
+    key.tag(FLOW_TAG_BYTES, &[b"flow", fi, fo, call_id])
 }
+
+/// 80 bits: a forger gets one guess per request, and a guess costs a round trip.
+const FLOW_TAG_BYTES: usize = 10;
 
 /// The branch prefix that marks our Via values.
 pub const BRANCH_PREFIX: &str = "z9hG4bKsr";
@@ -352,16 +355,18 @@ impl Proxy {
                 let (fi_raw, fo_raw) = (uri.param("fi").flatten(), uri.param("fo").flatten());
                 if fi_raw.is_some() || fo_raw.is_some() {
                     // Only routes we signed are followed, and nothing is created for them.
-                    let want = flow_tag(
-                        &self.cfg.key,
-                        fi_raw.unwrap_or_default(),
-                        fo_raw.unwrap_or_default(),
-                        ess.call_id,
-                    );
-                    let signed = uri
-                        .param("ft")
-                        .flatten()
-                        .is_some_and(|t| crate::auth::ct_eq(t, want.as_bytes()));
+                    let signed = uri.param("ft").flatten().is_some_and(|t| {
+                        self.cfg.key.verify_tag(
+                            FLOW_TAG_BYTES,
+                            &[
+                                b"flow",
+                                fi_raw.unwrap_or_default(),
+                                fo_raw.unwrap_or_default(),
+                                ess.call_id,
+                            ],
+                            t,
+                        )
+                    });
                     if !signed {
                         return if is_ack {
                             Decision::Drop("forged flow token")
