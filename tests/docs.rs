@@ -46,6 +46,9 @@ fn every_config_key_is_documented() {
     };
     cfg.tls.certificate = vec![CertConfig::default()];
     cfg.tls.client_roots = Some("x".into());
+    cfg.listen[0].advertise = Some("sip.example.com".into());
+    cfg.auth.subscribers = Some("x".into());
+    cfg.auth.secret_file = Some("x".into());
     let value = toml::Value::try_from(&cfg).unwrap();
     let mut all = Vec::new();
     keys("", &value, &mut all);

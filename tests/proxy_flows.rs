@@ -62,7 +62,15 @@ impl Net {
                     let r = if b.is_empty() {
                         Lookup::Unknown
                     } else {
-                        Lookup::Found(b.iter().map(|b| (b.contact.clone(), b.flow)).collect())
+                        Lookup::Found(
+                            b.iter()
+                                .map(|b| sipring_core::proxy::Reach {
+                                    contact: b.contact.clone(),
+                                    flow: b.flow,
+                                    path: b.path.clone(),
+                                })
+                                .collect(),
+                        )
                     };
                     self.proxy.handle_lookup(self.now, token, r);
                 }

@@ -9,7 +9,7 @@ use sipring_core::auth::{
     Algorithm, AuthConfig, Authenticator, NodeKey, Subscriber, SubscriberTable, authorization,
 };
 use sipring_core::policy::{FlowInfo, Policy, PolicyConfig, Principal};
-use sipring_core::proxy::{Decision, Flow, Proxy, ProxyConfig};
+use sipring_core::proxy::{Decision, Flow, Hop, Proxy, ProxyConfig};
 use sipring_core::{Framing, Header, Limits, Status, parse};
 use std::hint::black_box;
 use std::rc::Rc;
@@ -106,7 +106,8 @@ fn bench_policy(c: &mut Criterion) {
     );
     let info = FlowInfo {
         principal: Principal::anonymous(),
-        source: Some("192.0.2.1".parse().unwrap()),
+        source: Some("192.0.2.1:5061".parse().unwrap()),
+        iface: None,
     };
     let domains = vec!["example.com".to_string()];
     // The nonce this shard would issue for flow 1 (the policy's key and epoch).
@@ -182,14 +183,21 @@ fn bench_policy(c: &mut Criterion) {
         unreachable!()
     };
     let e = m.validate(&Limits::default()).unwrap();
+    let i = proxy.default_interface();
     let fwd = proxy.forward_request(
         &m,
         &e,
         "z9hG4bKsr1",
         None,
-        &Flow::Conn(1),
-        &Flow::Conn(2),
-        &Default::default(),
+        &Hop {
+            inbound: &Flow::Conn(1),
+            outbound: &Flow::Conn(2),
+            in_iface: &i,
+            out_iface: &i,
+            source: None,
+            ident: &Default::default(),
+            path: &[],
+        },
     );
     let fwd = String::from_utf8(fwd).unwrap();
     let rr = fwd

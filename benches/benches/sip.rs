@@ -5,6 +5,7 @@
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use sipring_benches::{INVITE, OK_200, REGISTER, stream_of};
 use sipring_core::policy::IdentityEdit;
+use sipring_core::proxy::Hop;
 use sipring_core::proxy::{Flow, Proxy, ProxyConfig};
 use sipring_core::{Framer, Framing, Header, KeepaliveRole, Limits, Status, parse};
 use std::hint::black_box;
@@ -58,6 +59,7 @@ fn bench_edit(c: &mut Criterion) {
     let (a, b) = (Flow::Conn(1), Flow::Conn(2));
     let mut g = c.benchmark_group("proxy_edit/invite");
     g.throughput(Throughput::Bytes(INVITE.len() as u64));
+    let iface = proxy.default_interface();
     g.bench_function("parse+validate+forward", |bch| {
         bch.iter(|| {
             let mut h = [Header::EMPTY; 64];
@@ -74,9 +76,15 @@ fn bench_edit(c: &mut Criterion) {
                 &e,
                 &branch,
                 Some(b"sip:bob@203.0.113.7:49152;transport=tls"),
-                &a,
-                &b,
-                &IdentityEdit::default(),
+                &Hop {
+                    inbound: &a,
+                    outbound: &b,
+                    in_iface: &iface,
+                    out_iface: &iface,
+                    source: None,
+                    ident: &IdentityEdit::default(),
+                    path: &[],
+                },
             )
         })
     });

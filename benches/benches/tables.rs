@@ -21,6 +21,8 @@ fn binding(i: u64, now: Instant) -> Binding {
         flow: i,
         instance: None,
         reg_id: None,
+        params: String::new(),
+        path: Vec::new(),
     }
 }
 

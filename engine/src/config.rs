@@ -121,6 +121,10 @@ pub struct ListenConfig {
     /// authenticates that AOR without digest) or `required` (a handshake without a valid one
     /// is refused). Default `none`.
     pub client_auth: ClientAuth,
+    /// The host peers reach this listener by, put in our Via and Record-Route toward flows
+    /// of this listener (a name or address; no port — the listener's is used). Default:
+    /// `server.hostname`.
+    pub advertise: Option<String>,
 }
 
 /// See [`ListenConfig::client_auth`].
@@ -143,6 +147,7 @@ impl Default for ListenConfig {
             address: "127.0.0.1:5061".parse().expect("literal"),
             backlog: 4096,
             client_auth: ClientAuth::None,
+            advertise: None,
         }
     }
 }

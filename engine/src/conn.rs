@@ -302,9 +302,14 @@ async fn open_inbound(
     client_auth: ClientAuth,
 ) -> Option<Rc<Conn>> {
     let remote = stream.peer_addr().ok()?;
+    let listener = stream
+        .local_addr()
+        .ok()
+        .and_then(|l| crate::shard::listener_of(&shard.cfg, l));
     let _ = stream.set_nodelay(true);
     let est = accept_tls(&shard, stream, kind, client_auth, remote).await?;
-    Some(Conn::new(shard.new_conn_id(), est, kind, remote))
+    let conn = Conn::new(shard.new_conn_id(), est, kind, remote, listener);
+    Some(conn)
 }
 
 /// After a refused handshake: half-close and drain briefly, so the alert we sent reaches the
@@ -468,7 +473,13 @@ pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
     glommio::spawn_local(async move {
         let opened = Box::pin(async {
             let (est, addr) = connect_peer(&shard, &name).await?;
-            Some(Conn::new(shard.new_conn_id(), est, ListenKind::Mtls, addr))
+            Some(Conn::new(
+                shard.new_conn_id(),
+                est,
+                ListenKind::Mtls,
+                addr,
+                None,
+            ))
         })
         .await;
         match opened {
@@ -640,6 +651,8 @@ pub struct Conn {
     pub remote: std::net::SocketAddr,
     /// Whether the record layer runs in the kernel.
     pub ktls: bool,
+    /// The `[[listen]]` entry it came through (`None`: our own link to a partner).
+    pub listener: Option<usize>,
     io: RefCell<Io>,
     waker: Cell<Option<Waker>>,
     last_rx: Cell<Instant>,
@@ -671,10 +684,12 @@ impl Conn {
         est: Established,
         kind: ListenKind,
         remote: std::net::SocketAddr,
+        listener: Option<usize>,
     ) -> Rc<Conn> {
         Rc::new(Conn {
             id,
             kind,
+            listener,
             principal: est.principal,
             remote,
             ktls: matches!(est.layer, Layer::Kernel(_)),

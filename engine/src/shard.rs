@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 use sipring_core::auth::NodeKey;
 use sipring_core::policy::{FlowInfo, Policy};
-use sipring_core::proxy::{Flow, Lookup, PeerRoute, Proxy, ProxyConfig};
+use sipring_core::proxy::{Flow, Interface, Lookup, PeerRoute, Proxy, ProxyConfig, Transport};
 use sipring_core::registrar::{FlowId, MemoryStore, Registrar, RegistrarConfig, Reply, shard_for};
 use sipring_core::stateful::{Output, ShardProxy};
 use sipring_core::transaction::TimerConfig;
@@ -239,12 +239,40 @@ pub struct Shard {
     pub policy_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
+    /// How peers address each listener (shared by the flows of that listener).
+    ifaces: Vec<Rc<Interface>>,
 }
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard").field("id", &self.id).finish()
     }
+}
+
+/// How peers address each `[[listen]]` entry (its advertised host, its port, its transport).
+pub fn interfaces(cfg: &Config) -> Vec<Interface> {
+    cfg.listen
+        .iter()
+        .map(|l| Interface {
+            host: l
+                .advertise
+                .clone()
+                .unwrap_or_else(|| cfg.server.hostname.clone()),
+            port: l.address.port(),
+            transport: match l.kind {
+                ListenKind::Tcp => Transport::Tcp,
+                ListenKind::Tls | ListenKind::Mtls => Transport::Tls,
+            },
+        })
+        .collect()
+}
+
+/// The `[[listen]]` entry a connection with this local address came through.
+pub fn listener_of(cfg: &Config, local: std::net::SocketAddr) -> Option<usize> {
+    cfg.listen.iter().position(|l| {
+        l.address.port() == local.port()
+            && (l.address.ip() == local.ip() || l.address.ip().is_unspecified())
+    })
 }
 
 /// Builds the proxy configuration from the config file; `key` signs our flow tokens.
@@ -265,7 +293,15 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
         .find(|l| l.kind != ListenKind::Tcp)
         .or(cfg.listen.first())
         .map_or(5061, |l| l.address.port());
+    let ifaces = interfaces(cfg);
+    let partner_interface = cfg
+        .listen
+        .iter()
+        .position(|l| l.kind == ListenKind::Mtls)
+        .map(|i| ifaces[i].clone());
     ProxyConfig {
+        ports: cfg.listen.iter().map(|l| l.address.port()).collect(),
+        partner_interface,
         domains: cfg
             .server
             .domains
@@ -308,6 +344,7 @@ impl Shard {
             default_expires: r.default_expires_s,
             max_contacts: r.max_contacts,
         });
+        let ifaces = interfaces(&cfg).into_iter().map(Rc::new).collect();
         let policy_core = Policy::new(
             crate::auth::policy_config(&cfg),
             control.identity.key.clone(),
@@ -344,6 +381,7 @@ impl Shard {
             timeout_log: LogLimiter::default(),
             policy_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
+            ifaces,
         }
     }
 
@@ -593,7 +631,8 @@ impl Shard {
             Flow::Conn(id),
             FlowInfo {
                 principal: handle.principal.clone(),
-                source: Some(handle.remote.ip()),
+                source: Some(handle.remote),
+                iface: handle.listener.map(|i| self.ifaces[i].clone()),
             },
         );
         let kind = kind_label(handle.kind);
@@ -689,7 +728,15 @@ impl Shard {
         let store = self.store.borrow();
         let b = self.registrar.lookup(Instant::now(), &*store, aor);
         if !b.is_empty() {
-            Lookup::Found(b.iter().map(|b| (b.contact.clone(), b.flow)).collect())
+            Lookup::Found(
+                b.iter()
+                    .map(|b| sipring_core::proxy::Reach {
+                        contact: b.contact.clone(),
+                        flow: b.flow,
+                        path: b.path.clone(),
+                    })
+                    .collect(),
+            )
         } else if self.known.borrow().contains(aor) {
             Lookup::NotRegistered
         } else {

@@ -116,6 +116,8 @@ impl Default for Pipeline {
                 local_hosts: vec!["proxy.example.com".into()],
                 via_host: "proxy.example.com".into(),
                 via_port: 5061,
+                ports: vec![5061],
+                partner_interface: None,
                 peers: vec![PeerRoute {
                     domain: "example.net".into(),
                     peer: "net-partner".into(),

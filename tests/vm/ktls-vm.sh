@@ -90,8 +90,12 @@ EOF
   done | awk '!seen[$0]++' > mods.list
   while read -r p; do cp "$p" initramfs/mods/; done < mods.list
   xargs -n1 basename < mods.list > initramfs/mods/order
-  local T; T=$(dirname "$SELF")/ktlstest/target/x86_64-unknown-linux-musl/release/ktlstest
-  [ -x "$T" ] && cp "$T" initramfs/bin/ktlstest
+  # Where cargo put it: CARGO_TARGET_DIR (CI sets one) or the crate's own target/.
+  local T; T=${CARGO_TARGET_DIR:-$(dirname "$SELF")/ktlstest/target}/x86_64-unknown-linux-musl/release/ktlstest
+  if [ -d "$(dirname "$SELF")/ktlstest" ]; then
+    [ -x "$T" ] || { echo "ktls-vm: self-test binary not built at $T" >&2; exit 1; }
+    cp "$T" initramfs/bin/ktlstest
+  fi
   cat > initramfs/init <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin

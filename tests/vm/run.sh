@@ -13,7 +13,8 @@ VM="bash tests/vm/ktls-vm.sh"
 D=${KTLSVM_DIR:-/var/cache/sipring/ktlsvm}
 export KTLSVM_DIR=$D
 
-if [ ! -s "$D/vmlinux" ] || [ ! -s "$D/initramfs.cpio.gz" ] || ! command -v qemu-system-x86_64 >/dev/null; then
+if [ ! -s "$D/vmlinux" ] || [ ! -s "$D/initramfs.cpio.gz" ] || [ ! -x "$D/initramfs/bin/ktlstest" ] \
+   || ! command -v qemu-system-x86_64 >/dev/null; then
   echo "ktls-vm: first use, setting up in $D"
   $VM setup
 fi

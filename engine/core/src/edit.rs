@@ -116,6 +116,95 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         Ok(self)
     }
 
+    /// Removes `count` values of a (possibly comma-separated, possibly multi-line) header,
+    /// starting with the `skip`-th: whole lines where every value goes, else the values and
+    /// their commas.
+    pub fn remove_values_from(
+        &mut self,
+        name: HeaderName,
+        skip: usize,
+        count: usize,
+    ) -> Result<&mut Self, EditError> {
+        let values = self.msg.values(name);
+        if skip + count > values.len() || count == 0 {
+            return Err(EditError::NoSuchHeader(name));
+        }
+        let targets = skip..skip + count;
+        let mut i = 0;
+        while i < values.len() {
+            let line = values[i].header_index;
+            let end = i + values[i..]
+                .iter()
+                .take_while(|v| v.header_index == line)
+                .count();
+            // This line's values are i..end; the targeted ones a contiguous part of them.
+            let lo = targets.start.max(i);
+            let hi = targets.end.min(end);
+            if lo < hi {
+                let h = self.msg.headers()[line];
+                if lo == i && hi == end {
+                    self.splice(h.line_start as usize, h.line_end as usize, Vec::new());
+                } else if hi < end {
+                    self.splice(values[lo].start, values[hi].start, Vec::new());
+                } else {
+                    self.splice(values[lo - 1].end, values[hi - 1].end, Vec::new());
+                }
+            }
+            i = end;
+        }
+        Ok(self)
+    }
+
+    /// Completes the top Via of a request from a client (RFC 3261 §18.2.1, RFC 3581): fills
+    /// an empty `rport` with the source port and, when `received` (the sent-by host is not
+    /// the source address, or `rport` was asked for), adds `received=<source address>`.
+    pub fn complete_top_via(
+        &mut self,
+        source: &std::net::SocketAddr,
+        received: bool,
+    ) -> Result<&mut Self, EditError> {
+        let top = self
+            .msg
+            .values(HeaderName::Via)
+            .into_iter()
+            .next()
+            .ok_or(EditError::NoSuchHeader(HeaderName::Via))?;
+        let v = top.value;
+        // An `rport` parameter without a value: `;rport` followed by `;`, `,`, space or the end.
+        let mut rport_end = None;
+        let mut at = 0;
+        while let Some(i) = memchr::memchr(b';', &v[at..]).map(|i| at + i) {
+            let name_start = i
+                + 1
+                + v[i + 1..]
+                    .iter()
+                    .take_while(|b| crate::text::is_lws(**b))
+                    .count();
+            let name_end = name_start
+                + v[name_start..]
+                    .iter()
+                    .take_while(|b| crate::text::is_token(**b))
+                    .count();
+            if v[name_start..name_end].eq_ignore_ascii_case(b"rport") {
+                let rest = v[name_end..].iter().find(|b| !crate::text::is_lws(**b));
+                if rest != Some(&b'=') {
+                    rport_end = Some(name_end);
+                }
+                break;
+            }
+            at = i + 1;
+        }
+        if let Some(e) = rport_end {
+            let pos = top.start + e;
+            self.splice(pos, pos, format!("={}", source.port()).into_bytes());
+        }
+        if received || rport_end.is_some() {
+            let pos = top.end;
+            self.splice(pos, pos, format!(";received={}", source.ip()).into_bytes());
+        }
+        Ok(self)
+    }
+
     /// Removes the topmost Via value (a proxy forwarding a response, RFC 3261 §16.7 step 3).
     pub fn pop_top_via(&mut self) -> Result<&mut Self, EditError> {
         self.pop_first_value(HeaderName::Via)

@@ -69,8 +69,12 @@ impl Principal {
 pub struct FlowInfo {
     /// Who it is.
     pub principal: Principal,
-    /// The remote address (failed attempts are counted per address).
-    pub source: Option<IpAddr>,
+    /// The remote address (failed attempts are counted per address; a client's Via gets
+    /// `received`/`rport` from it).
+    pub source: Option<std::net::SocketAddr>,
+    /// The listener it came through, as peers address it (our Via and Record-Route name it
+    /// toward this flow). `None`: the proxy's default interface.
+    pub iface: Option<Rc<crate::proxy::Interface>>,
 }
 
 impl Default for FlowInfo {
@@ -78,6 +82,7 @@ impl Default for FlowInfo {
         FlowInfo {
             principal: Principal::anonymous(),
             source: None,
+            iface: None,
         }
     }
 }
@@ -312,7 +317,7 @@ impl Policy {
         self.refusals.push(Refusal {
             label,
             detail,
-            source: info.source,
+            source: info.source.map(|s| s.ip()),
         });
         Authz::Deny(Denial {
             code,
@@ -430,7 +435,7 @@ impl Policy {
             let checked = self.auth.verify(
                 now,
                 fid,
-                info.source,
+                info.source.map(|s| s.ip()),
                 method.as_bytes(),
                 msg.request_uri().unwrap_or_default(),
                 &values,
@@ -441,7 +446,7 @@ impl Policy {
                 self.refusals.push(Refusal {
                     label: auth_label(*why),
                     detail: who.clone(),
-                    source: info.source,
+                    source: info.source.map(|s| s.ip()),
                 });
             }
             match checked.verdict {
@@ -450,7 +455,7 @@ impl Policy {
                     self.refusals.push(Refusal {
                         label: "auth_blocked",
                         detail: String::new(),
-                        source: info.source,
+                        source: info.source.map(|s| s.ip()),
                     });
                     return Authz::Deny(Denial {
                         code: 403,
@@ -717,7 +722,8 @@ mod tests {
         let e = m.validate(&Limits::default()).unwrap();
         let info = FlowInfo {
             principal: who.clone(),
-            source: Some("192.0.2.1".parse().unwrap()),
+            source: Some("192.0.2.1:5060".parse().unwrap()),
+            iface: None,
         };
         let domains: Vec<String> = DOMAINS.iter().map(|s| s.to_string()).collect();
         p.authorize(Instant::now(), &Flow::Conn(1), &info, &m, &e, d, &domains)

@@ -62,6 +62,67 @@ pub struct PeerRoute {
     pub peer: String,
 }
 
+/// The transport of one of our listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// TLS (`tls` and `mtls` listeners).
+    Tls,
+    /// Plain TCP (`tcp` listeners).
+    Tcp,
+}
+
+impl Transport {
+    /// As in a Via's sent-protocol (`TLS`, `TCP`).
+    pub fn via_name(self) -> &'static str {
+        match self {
+            Transport::Tls => "TLS",
+            Transport::Tcp => "TCP",
+        }
+    }
+
+    /// As in a URI's `transport=` parameter.
+    pub fn uri_name(self) -> &'static str {
+        match self {
+            Transport::Tls => "tls",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// One of our listeners as peers must address it: the host and port in our Via and
+/// Record-Route, and its transport.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Interface {
+    /// Host (name or address) peers reach it by.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Transport.
+    pub transport: Transport,
+}
+
+/// How one forwarded request travels: the flows it came by and leaves by, the interfaces
+/// they belong to (our Via and Record-Route name them), who sent it (Via `received`/`rport`)
+/// and its identity-header edits.
+#[derive(Debug, Clone, Copy)]
+pub struct Hop<'a> {
+    /// The flow it arrived on (partner-aware, as dialog routes name it).
+    pub inbound: &'a Flow,
+    /// The flow it leaves on.
+    pub outbound: &'a Flow,
+    /// The listener it arrived through.
+    pub in_iface: &'a Interface,
+    /// The listener the destination reaches us through.
+    pub out_iface: &'a Interface,
+    /// The client's address, when it came from a client: the top Via gets `received` and
+    /// `rport` (RFC 3261 §18.2.1, RFC 3581).
+    pub source: Option<std::net::SocketAddr>,
+    /// Identity headers.
+    pub ident: &'a IdentityEdit,
+    /// Route values to add first (the target's registered Path, RFC 3327).
+    pub path: &'a [String],
+}
+
 /// Proxy settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
@@ -70,10 +131,16 @@ pub struct ProxyConfig {
     /// This server's own host names and addresses, as they appear in Via, Route and
     /// Request-URIs (lower case, no port).
     pub local_hosts: Vec<String>,
-    /// The host we put in our Via and Record-Route.
+    /// The host we put in our Via and Record-Route where no listener says otherwise.
     pub via_host: String,
-    /// The port we put in our Via and Record-Route.
+    /// The port of that default interface.
     pub via_port: u16,
+    /// Every port we listen on: a URI naming one of our hosts *with a port* is ours only if
+    /// the port is one of these (another server may share the address). Default `[5061]`.
+    pub ports: Vec<u16>,
+    /// The interface partners reach us by (our `mtls` listener), for requests that go out
+    /// on our own links to them. Default: the default interface.
+    pub partner_interface: Option<Interface>,
     /// Federation routes.
     pub peers: Vec<PeerRoute>,
     /// Option tags we support in `Proxy-Require`.
@@ -93,6 +160,8 @@ impl Default for ProxyConfig {
             local_hosts: vec!["127.0.0.1".into()],
             via_host: "127.0.0.1".into(),
             via_port: 5061,
+            ports: vec![5061],
+            partner_interface: None,
             peers: Vec::new(),
             supported: Vec::new(),
             record_route: true,
@@ -147,11 +216,22 @@ pub enum Decision {
     Refuse(Denial),
 }
 
+/// A registered contact, as a lookup returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    /// The contact URI (the new Request-URI).
+    pub contact: String,
+    /// The connection it registered over.
+    pub flow: FlowId,
+    /// The Path it registered through (RFC 3327): Route values for requests to it.
+    pub path: Vec<String>,
+}
+
 /// Result of a registrar lookup done by the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// Live bindings, best first: (contact URI, flow).
-    Found(Vec<(String, FlowId)>),
+    /// Live bindings, best first.
+    Found(Vec<Reach>),
     /// The AOR is known but has no live binding.
     NotRegistered,
     /// The AOR was never seen.
@@ -167,6 +247,8 @@ pub struct Target {
     pub uri: String,
     /// The flow to send on.
     pub flow: Flow,
+    /// Route values to add (the contact's Path).
+    pub path: Vec<String>,
 }
 
 /// The proxy core.
@@ -221,7 +303,25 @@ impl Proxy {
 
     /// Is `host` this server (a local host name or address, or our Via host)?
     fn is_self(&self, host: &[u8]) -> bool {
-        self.is_local_host(host) || host == self.cfg.via_host.as_bytes()
+        self.is_local_host(host) || text::eq_ic(host, self.cfg.via_host.as_bytes())
+    }
+
+    /// Does this URI name us: one of our hosts, and (when it has one) one of our ports?
+    /// Without a port a URI with our host is ours (an outbound-proxy setting rarely has one).
+    pub fn is_self_uri(&self, uri: &Uri<'_>) -> bool {
+        self.is_self(uri.host)
+            && uri
+                .port
+                .is_none_or(|p| p == self.cfg.via_port || self.cfg.ports.contains(&p))
+    }
+
+    /// The default interface (our Via host and port, TLS).
+    pub fn default_interface(&self) -> Interface {
+        Interface {
+            host: self.cfg.via_host.clone(),
+            port: self.cfg.via_port,
+            transport: Transport::Tls,
+        }
     }
 
     fn is_our_domain(&self, host: &[u8]) -> bool {
@@ -345,64 +445,29 @@ impl Proxy {
             return Decision::Cancel;
         }
 
-        // Route pre-processing (§16.4): our own Route on top carries the dialog's flows.
-        if let Some(top) = msg.values(HeaderName::Route).first() {
-            let Some(na) = NameAddr::parse(top.value) else {
+        // Route pre-processing (§16.4). A strict-routing predecessor put our Record-Route
+        // in the Request-URI: it carries the dialog's flows (the real target is the last
+        // Route, which forwarding restores). Else the Routes on top that name us are ours to
+        // remove: the first with flow tokens carries the dialog's flows; one without (a UA's
+        // preloaded outbound proxy) is simply removed and routing goes on.
+        if ruri.param("fi").is_some() && self.is_self_uri(&ruri) {
+            return self.dialog_route(&ruri, ess, inbound, inbound_peer, is_ack, &reject);
+        }
+        for r in msg.values(HeaderName::Route) {
+            let Some(na) = NameAddr::parse(r.value) else {
                 return reject(400, "Bad Route");
             };
             let uri = na.uri();
-            if self.is_self(uri.host) {
-                let (fi_raw, fo_raw) = (uri.param("fi").flatten(), uri.param("fo").flatten());
-                if fi_raw.is_some() || fo_raw.is_some() {
-                    // Only routes we signed are followed, and nothing is created for them.
-                    let signed = uri.param("ft").flatten().is_some_and(|t| {
-                        self.cfg.key.verify_tag(
-                            FLOW_TAG_BYTES,
-                            &[
-                                b"flow",
-                                fi_raw.unwrap_or_default(),
-                                fo_raw.unwrap_or_default(),
-                                ess.call_id,
-                            ],
-                            t,
-                        )
-                    });
-                    if !signed {
-                        return if is_ack {
-                            Decision::Drop("forged flow token")
-                        } else {
-                            Decision::Refuse(Denial {
-                                code: 403,
-                                reason: "Invalid Flow Token",
-                                label: "forged_flow_token",
-                            })
-                        };
-                    }
-                }
-                let known = |f: Option<Flow>| match f {
-                    Some(Flow::Peer(p)) if !self.cfg.peers.iter().any(|r| r.peer == p) => None,
-                    f => f,
-                };
-                let fi = known(fi_raw.and_then(Flow::decode));
-                let fo = known(fo_raw.and_then(Flow::decode));
-                let came_from = |f: &Flow| {
-                    f == inbound || matches!(f, Flow::Peer(p) if inbound_peer == Some(p.as_str()))
-                };
-                return match (fi, fo) {
-                    (Some(fi), Some(fo)) if came_from(&fi) => Decision::ToFlow(fo),
-                    (Some(fi), Some(fo)) if came_from(&fo) => Decision::ToFlow(fi),
-                    // A partner's side is reachable whatever connection the other side uses now.
-                    (Some(_), Some(Flow::Peer(p))) | (Some(Flow::Peer(p)), Some(_)) => {
-                        Decision::ToPeer(p)
-                    }
-                    _ => reject(404, "Dialog Flow Not Found"),
+            if !self.is_self_uri(&uri) {
+                // A Route to someone else: only partners are reachable that way.
+                return match self.peer_for(uri.host) {
+                    Some(p) => Decision::ToPeer(p),
+                    None => reject(403, "Route Not Allowed"),
                 };
             }
-            // A Route to someone else: only peers are reachable that way.
-            return match self.peer_for(uri.host) {
-                Some(p) => Decision::ToPeer(p),
-                None => reject(403, "Route Not Allowed"),
-            };
+            if uri.param("fi").is_some() || uri.param("fo").is_some() {
+                return self.dialog_route(&uri, ess, inbound, inbound_peer, is_ack, &reject);
+            }
         }
 
         // Target by Request-URI (§16.5).
@@ -448,6 +513,60 @@ impl Proxy {
         }
     }
 
+    /// A request on one of our dialog routes (`uri` is our Record-Route with its flow
+    /// tokens): only a route we signed, for this dialog, is followed.
+    fn dialog_route(
+        &self,
+        uri: &Uri<'_>,
+        ess: &Essentials<'_>,
+        inbound: &Flow,
+        inbound_peer: Option<&str>,
+        is_ack: bool,
+        reject: &dyn Fn(u16, &'static str) -> Decision,
+    ) -> Decision {
+        let (fi_raw, fo_raw) = (uri.param("fi").flatten(), uri.param("fo").flatten());
+        let signed = uri.param("ft").flatten().is_some_and(|t| {
+            self.cfg.key.verify_tag(
+                FLOW_TAG_BYTES,
+                &[
+                    b"flow",
+                    fi_raw.unwrap_or_default(),
+                    fo_raw.unwrap_or_default(),
+                    ess.call_id,
+                ],
+                t,
+            )
+        });
+        if !signed {
+            return if is_ack {
+                Decision::Drop("forged flow token")
+            } else {
+                Decision::Refuse(Denial {
+                    code: 403,
+                    reason: "Invalid Flow Token",
+                    label: "forged_flow_token",
+                })
+            };
+        }
+        // Nothing is created for a name that is not a configured partner.
+        let known = |f: Option<Flow>| match f {
+            Some(Flow::Peer(p)) if !self.cfg.peers.iter().any(|r| r.peer == p) => None,
+            f => f,
+        };
+        let fi = known(fi_raw.and_then(Flow::decode));
+        let fo = known(fo_raw.and_then(Flow::decode));
+        let came_from = |f: &Flow| {
+            f == inbound || matches!(f, Flow::Peer(p) if inbound_peer == Some(p.as_str()))
+        };
+        match (fi, fo) {
+            (Some(fi), Some(fo)) if came_from(&fi) => Decision::ToFlow(fo),
+            (Some(fi), Some(fo)) if came_from(&fo) => Decision::ToFlow(fi),
+            // A partner's side is reachable whatever connection the other side uses now.
+            (Some(_), Some(Flow::Peer(p))) | (Some(Flow::Peer(p)), Some(_)) => Decision::ToPeer(p),
+            _ => reject(404, "Dialog Flow Not Found"),
+        }
+    }
+
     fn peer_for(&self, host: &[u8]) -> Option<String> {
         self.cfg
             .peers
@@ -472,9 +591,10 @@ impl Proxy {
         match lookup {
             Lookup::Found(b) if !b.is_empty() => Ok(b
                 .into_iter()
-                .map(|(uri, f)| Target {
-                    uri,
-                    flow: Flow::Conn(f),
+                .map(|r| Target {
+                    uri: r.contact,
+                    flow: Flow::Conn(r.flow),
+                    path: r.path,
                 })
                 .collect()),
             Lookup::Found(_) | Lookup::NotRegistered => Err(reject(480, "Temporarily Unavailable")),
@@ -488,21 +608,23 @@ impl Proxy {
         }
     }
 
-    /// Builds the bytes to forward a request (RFC 3261 §16.6): our Via with `branch`
-    /// prepended, Max-Forwards decremented (or set to 70), our own Route popped, the
-    /// Request-URI replaced by `new_uri` if given, a Record-Route with both flow tokens for
-    /// dialog-creating requests, and a Content-Length if the message had none.
-    #[allow(clippy::too_many_arguments)] // the request, where it goes, and its identity edits
+    /// Builds the bytes to forward a request (RFC 3261 §16.6): our Via (naming the interface
+    /// it leaves by) with `branch` prepended, the sender's Via completed with `received` and
+    /// `rport` (a client's), Max-Forwards decremented (or set to 70), the Routes that name us
+    /// removed (a strict router's Request-URI restored from the last Route), the Request-URI
+    /// replaced by `new_uri` if given, Record-Route for dialog-creating requests — one naming
+    /// the interface the request came in by, and a second naming the one it leaves by when
+    /// they differ (RFC 5658), both with the signed flow tokens — identity edits, and a
+    /// Content-Length if the message had none.
     pub fn forward_request(
         &self,
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
         branch: &str,
         new_uri: Option<&[u8]>,
-        inbound: &Flow,
-        outbound: &Flow,
-        ident: &IdentityEdit,
+        hop: &Hop<'_>,
     ) -> Vec<u8> {
+        let ident = hop.ident;
         let mut e = Editor::new(msg);
         if ident.strip_pai {
             e.remove_header(HeaderName::PAssertedIdentity);
@@ -525,35 +647,67 @@ impl Proxy {
         if let Some(pai) = &ident.add_pai {
             e.add_header("P-Asserted-Identity", pai.as_bytes());
         }
+        if let Some(src) = hop.source {
+            let received = ess.top_via.host != src.ip().to_string().as_bytes();
+            let _ = e.complete_top_via(&src, received);
+        }
+        let out = hop.out_iface;
         let via = format!(
-            "SIP/2.0/TLS {}:{};branch={branch}",
-            self.cfg.via_host, self.cfg.via_port
+            "SIP/2.0/{} {}:{};branch={branch}",
+            out.transport.via_name(),
+            out.host,
+            out.port
         );
         e.prepend_via(via.as_bytes());
         e.set_max_forwards(ess.max_forwards.map_or(70, |m| m.saturating_sub(1)));
-        let top_route = msg
-            .values(HeaderName::Route)
-            .first()
-            .and_then(|r| NameAddr::parse(r.value));
-        if top_route.is_some_and(|na| self.is_self(na.uri().host)) {
-            let _ = e.pop_top_route();
+        // Routes: a strict router's Request-URI (our Record-Route) is replaced by the last
+        // Route; else the Routes on top that name us go.
+        let routes = msg.values(HeaderName::Route);
+        let ruri = msg.request_uri().and_then(|u| Uri::parse(u).ok());
+        let strict = ruri.is_some_and(|u| u.param("fi").is_some() && self.is_self_uri(&u));
+        if strict {
+            if let Some(last) = routes.last().and_then(|r| NameAddr::parse(r.value)) {
+                let _ = e.set_request_uri(last.uri);
+                let _ = e.remove_values_from(HeaderName::Route, routes.len() - 1, 1);
+            }
+        } else {
+            let ours = routes
+                .iter()
+                .take_while(|r| {
+                    NameAddr::parse(r.value).is_some_and(|na| self.is_self_uri(&na.uri()))
+                })
+                .count();
+            if ours > 0 {
+                let _ = e.remove_values_from(HeaderName::Route, 0, ours);
+            }
         }
         if let Some(u) = new_uri {
             let _ = e.set_request_uri(u);
+        }
+        for p in hop.path {
+            e.insert_route(p.as_bytes());
         }
         let creates_dialog = matches!(
             msg.method(),
             Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
         ) && ess.to.tag().is_none();
         if self.cfg.record_route && creates_dialog {
-            let (fi, fo) = (inbound.encode(), outbound.encode());
-            let rr = format!(
-                "<sip:{}:{};transport=tls;lr;fi={fi};fo={fo};ft={}>",
-                self.cfg.via_host,
-                self.cfg.via_port,
-                flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id)
-            );
-            e.insert_record_route(rr.as_bytes());
+            let (fi, fo) = (hop.inbound.encode(), hop.outbound.encode());
+            let ft = flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id);
+            let rr = |i: &Interface| {
+                format!(
+                    "<sip:{}:{};transport={};lr;fi={fi};fo={fo};ft={ft}>",
+                    i.host,
+                    i.port,
+                    i.transport.uri_name()
+                )
+            };
+            // Downstream reads the set top first (our outbound side first), upstream
+            // reversed (our inbound side first).
+            if hop.out_iface != hop.in_iface {
+                e.insert_record_route(rr(hop.out_iface).as_bytes());
+            }
+            e.insert_record_route(rr(hop.in_iface).as_bytes());
         }
         e.ensure_content_length();
         e.finish()
@@ -603,6 +757,8 @@ mod tests {
             local_hosts: vec!["proxy.example.com".into(), "127.0.0.1".into()],
             via_host: "proxy.example.com".into(),
             via_port: 5061,
+            ports: vec![5061],
+            partner_interface: None,
             peers: vec![PeerRoute {
                 domain: "partner.net".into(),
                 peer: "partner".into(),
@@ -617,6 +773,34 @@ mod tests {
         format!(
             "{start} SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a\r\nCall-ID: c1\r\nCSeq: 1 {}\r\nMax-Forwards: 70\r\n{extra}Content-Length: 0\r\n\r\n",
             start.split(' ').next().unwrap()
+        )
+    }
+
+    /// Forwards over the default interface both ways, no edits.
+    fn fwd(
+        p: &Proxy,
+        m: &Message<'_, '_>,
+        e: &Essentials<'_>,
+        branch: &str,
+        uri: Option<&[u8]>,
+        a: &Flow,
+        b: &Flow,
+    ) -> Vec<u8> {
+        let i = p.default_interface();
+        p.forward_request(
+            m,
+            e,
+            branch,
+            uri,
+            &Hop {
+                inbound: a,
+                outbound: b,
+                in_iface: &i,
+                out_iface: &i,
+                source: None,
+                ident: &IdentityEdit::default(),
+                path: &[],
+            },
         )
     }
 
@@ -706,14 +890,14 @@ mod tests {
         };
         let e = m.validate(&Limits::default()).unwrap();
         let branch = Proxy::branch(&m, &e, 1);
-        let out = p.forward_request(
+        let out = fwd(
+            &p,
             &m,
             &e,
             &branch,
             Some(b"sip:bob@10.0.0.2:5061;transport=tls"),
             &a,
             &b,
-            &IdentityEdit::default(),
         );
         let s = String::from_utf8(out).unwrap();
         assert!(s.starts_with("INVITE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch=z9hG4bKsr"));
@@ -780,17 +964,270 @@ mod tests {
             panic!()
         };
         let e = m.validate(&Limits::default()).unwrap();
-        let out = String::from_utf8(p.forward_request(
-            &m,
-            &e,
-            "z9hG4bKsrx",
-            None,
-            &b,
-            &a,
-            &IdentityEdit::default(),
-        ))
-        .unwrap();
+        let out = String::from_utf8(fwd(&p, &m, &e, "z9hG4bKsrx", None, &b, &a)).unwrap();
         assert!(!out.contains("Route"), "{out}");
+    }
+
+    fn parsed<T>(s: &str, f: impl FnOnce(&Message<'_, '_>, &Essentials<'_>) -> T) -> T {
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(s.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!("{s}")
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        f(&m, &e)
+    }
+
+    fn iface(port: u16, transport: Transport) -> Interface {
+        Interface {
+            host: "proxy.example.com".into(),
+            port,
+            transport,
+        }
+    }
+
+    #[test]
+    fn record_route_per_side_via_per_interface_and_received_rport() {
+        let p = Proxy::new(ProxyConfig {
+            ports: vec![5061, 5062, 5060],
+            ..cfg()
+        });
+        let (a, b) = (Flow::Conn(1), Flow::Peer("partner".into()));
+        let (tls, mtls, tcp) = (
+            iface(5061, Transport::Tls),
+            iface(5062, Transport::Tls),
+            iface(5060, Transport::Tcp),
+        );
+        let inv = req("INVITE sip:carol@partner.net", "")
+            .replace(";branch=z9hG4bKabc", ";branch=z9hG4bKabc;rport");
+        let out = |in_i: &Interface, out_i: &Interface, src: Option<std::net::SocketAddr>| {
+            parsed(&inv, |m, e| {
+                String::from_utf8(p.forward_request(
+                    m,
+                    e,
+                    "z9hG4bKsr1",
+                    None,
+                    &Hop {
+                        inbound: &a,
+                        outbound: &b,
+                        in_iface: in_i,
+                        out_iface: out_i,
+                        source: src,
+                        ident: &IdentityEdit::default(),
+                        path: &[],
+                    },
+                ))
+                .unwrap()
+            })
+        };
+        // Client TLS in, partner MTLS out: our Via names the MTLS side; two Record-Routes,
+        // the partner's side on top (RFC 5658), both carrying the signed tokens.
+        let s = out(&tls, &mtls, Some("192.0.2.9:40000".parse().unwrap()));
+        assert!(
+            s.contains("Via: SIP/2.0/TLS proxy.example.com:5062;branch=z9hG4bKsr1\r\n"),
+            "{s}"
+        );
+        let rrs: Vec<&str> = s
+            .lines()
+            .filter_map(|l| l.strip_prefix("Record-Route: "))
+            .collect();
+        assert_eq!(rrs.len(), 2, "{s}");
+        assert!(
+            rrs[0]
+                .starts_with("<sip:proxy.example.com:5062;transport=tls;lr;fi=c1;fo=ppartner;ft=")
+        );
+        assert!(
+            rrs[1]
+                .starts_with("<sip:proxy.example.com:5061;transport=tls;lr;fi=c1;fo=ppartner;ft=")
+        );
+        // The client's Via: rport filled, received added (RFC 3581, RFC 3261 §18.2.1).
+        assert!(
+            s.contains(
+                "Via: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc;rport=40000;received=192.0.2.9\r\n"
+            ),
+            "{s}"
+        );
+        // Same listener both ways: one Record-Route. A TCP listener says TCP, not TLS.
+        let s = out(&tcp, &tcp, None);
+        assert!(
+            s.contains("Via: SIP/2.0/TCP proxy.example.com:5060;branch="),
+            "{s}"
+        );
+        let rrs: Vec<&str> = s
+            .lines()
+            .filter_map(|l| l.strip_prefix("Record-Route: "))
+            .collect();
+        assert_eq!(rrs.len(), 1, "{s}");
+        assert!(
+            rrs[0].starts_with("<sip:proxy.example.com:5060;transport=tcp;lr;"),
+            "{s}"
+        );
+        assert!(
+            s.contains(";branch=z9hG4bKabc;rport\r\n"),
+            "no source: Via untouched: {s}"
+        );
+        // A Via whose sent-by is the source address and asks nothing stays as it is.
+        let plain = req("INVITE sip:carol@partner.net", "");
+        let s = parsed(&plain, |m, e| {
+            String::from_utf8(p.forward_request(
+                m,
+                e,
+                "z9hG4bKsr2",
+                None,
+                &Hop {
+                    inbound: &a,
+                    outbound: &b,
+                    in_iface: &tls,
+                    out_iface: &tls,
+                    source: Some("10.0.0.1:5061".parse().unwrap()),
+                    ident: &IdentityEdit::default(),
+                    path: &[],
+                },
+            ))
+            .unwrap()
+        });
+        assert!(
+            s.contains("Via: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\n"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn routes_that_name_us_by_host_and_port() {
+        let p = Proxy::new(ProxyConfig {
+            ports: vec![5061, 5062],
+            ..cfg()
+        });
+        let f = Flow::Conn(1);
+        // A UA's preloaded outbound-proxy Route (no flow tokens) is removed and routing goes on
+        // (RFC 3261 §16.4): REGISTER reaches the registrar, INVITE the location service.
+        for route in [
+            "Route: <sip:proxy.example.com;lr>\r\n",
+            "Route: <sip:127.0.0.1:5061;transport=tls;lr>\r\n",
+            "Route: <sip:127.0.0.1:5062;lr>, <sip:proxy.example.com;lr>\r\n",
+        ] {
+            assert_eq!(
+                decide_on(&p, &req("REGISTER sip:example.com", route), &f),
+                Decision::Register,
+                "{route}"
+            );
+            assert!(matches!(
+                decide_on(&p, &req("INVITE sip:bob@example.com", route), &f),
+                Decision::Lookup { .. }
+            ));
+        }
+        // Our host on another port is someone else (a server sharing the address).
+        assert_eq!(
+            code(decide_on(
+                &p,
+                &req(
+                    "INVITE sip:bob@example.com",
+                    "Route: <sip:127.0.0.1:5070;lr>\r\n"
+                ),
+                &f
+            )),
+            403
+        );
+        // Forwarding removes every Route that names us, and only those.
+        let inv = req(
+            "INVITE sip:carol@partner.net",
+            "Route: <sip:proxy.example.com;lr>\r\nRoute: <sip:127.0.0.1:5062;lr>, <sip:partner.net;lr>\r\n",
+        );
+        let s = parsed(&inv, |m, e| {
+            String::from_utf8(fwd(
+                &p,
+                m,
+                e,
+                "z9hG4bKsr3",
+                None,
+                &f,
+                &Flow::Peer("partner".into()),
+            ))
+            .unwrap()
+        });
+        let routes: Vec<&str> = s.lines().filter(|l| l.starts_with("Route:")).collect();
+        assert_eq!(routes, vec!["Route: <sip:partner.net;lr>"], "{s}");
+    }
+
+    #[test]
+    fn double_record_route_and_a_strict_routing_predecessor() {
+        let p = Proxy::new(ProxyConfig {
+            ports: vec![5061, 5062],
+            ..cfg()
+        });
+        let (a, b) = (Flow::Conn(0x1_0000_0007), Flow::Peer("partner".into()));
+        let (tls, mtls) = (iface(5061, Transport::Tls), iface(5062, Transport::Tls));
+        let inv = req("INVITE sip:carol@partner.net", "");
+        let fwd_inv = parsed(&inv, |m, e| {
+            String::from_utf8(p.forward_request(
+                m,
+                e,
+                "z9hG4bKsr1",
+                None,
+                &Hop {
+                    inbound: &a,
+                    outbound: &b,
+                    in_iface: &tls,
+                    out_iface: &mtls,
+                    source: None,
+                    ident: &IdentityEdit::default(),
+                    path: &[],
+                },
+            ))
+            .unwrap()
+        });
+        let rrs: Vec<String> = fwd_inv
+            .lines()
+            .filter_map(|l| l.strip_prefix("Record-Route: "))
+            .map(str::to_string)
+            .collect();
+        // The partner's BYE carries both of our entries on top (its route set, in order).
+        let bye = req(
+            "BYE sip:alice@10.0.0.1",
+            &format!("Route: {}, {}\r\n", rrs[0], rrs[1]),
+        )
+        .replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b",
+        );
+        let pf = |d| parsed(&bye, |m, e| p.decide(m, e, &Flow::Conn(9), Some("partner"))) == d;
+        assert!(pf(Decision::ToFlow(a.clone())));
+        let out = parsed(&bye, |m, e| {
+            String::from_utf8(fwd(&p, m, e, "z9hG4bKsr4", None, &b, &a)).unwrap()
+        });
+        assert!(
+            !out.contains("Route:"),
+            "both of our entries removed: {out}"
+        );
+        // A strict router (RFC 2543) puts our Record-Route in the Request-URI and the remote
+        // target last in Route: the tokens still route, and the target is restored.
+        let uri = rrs[1].trim_start_matches('<').trim_end_matches('>');
+        let strict = req(
+            &format!("BYE {uri}"),
+            "Route: <sip:alice@10.0.0.1:5061;transport=tls>\r\n",
+        )
+        .replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b",
+        );
+        assert_eq!(
+            parsed(&strict, |m, e| p.decide(
+                m,
+                e,
+                &Flow::Conn(9),
+                Some("partner")
+            )),
+            Decision::ToFlow(a.clone())
+        );
+        let out = parsed(&strict, |m, e| {
+            String::from_utf8(fwd(&p, m, e, "z9hG4bKsr5", None, &b, &a)).unwrap()
+        });
+        assert!(
+            out.starts_with("BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Route:"), "{out}");
     }
 
     #[test]
@@ -809,13 +1246,21 @@ mod tests {
             Err(Decision::Drop("ACK for unknown target"))
         );
         let t = p
-            .after_lookup(Method::Invite, Lookup::Found(vec![("sip:b@h".into(), 5)]))
+            .after_lookup(
+                Method::Invite,
+                Lookup::Found(vec![Reach {
+                    contact: "sip:b@h".into(),
+                    flow: 5,
+                    path: vec![],
+                }]),
+            )
             .unwrap();
         assert_eq!(
             t,
             vec![Target {
                 uri: "sip:b@h".into(),
-                flow: Flow::Conn(5)
+                flow: Flow::Conn(5),
+                path: vec![]
             }]
         );
         let resp = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch=z9hG4bKsr1.1\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo: <sip:b@example.com>;tag=x\r\nFrom: <sip:a@example.com>;tag=a\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";

@@ -78,6 +78,12 @@ pub struct Binding {
     pub instance: Option<String>,
     /// RFC 5626 `reg-id`, if given.
     pub reg_id: Option<u32>,
+    /// The Contact's header parameters other than `expires` and `q`, as written
+    /// (`;+sip.instance="<urn:…>";reg-id=1`): echoed in the 200 OK (RFC 5626 §6).
+    pub params: String,
+    /// The Path the REGISTER came through (RFC 3327), first hop first: requests to this
+    /// contact carry it as Route.
+    pub path: Vec<String>,
 }
 
 impl Binding {
@@ -287,6 +293,16 @@ impl Registrar {
         };
         let call_id = String::from_utf8_lossy(ess.call_id).into_owned();
         let cseq = ess.cseq.seq;
+        let path: Vec<String> = msg
+            .values(HeaderName::Path)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.value).into_owned())
+            .collect();
+        let echo_path = !path.is_empty()
+            && msg
+                .values(HeaderName::Supported)
+                .iter()
+                .any(|v| text::eq_ic(v.value, b"path"));
         let Some(contacts) = msg.try_values(HeaderName::Contact) else {
             return Reply::err(400, "Bad Contact");
         };
@@ -304,7 +320,7 @@ impl Registrar {
                 return Reply::err(400, "Out of Order CSeq");
             }
             store.put(aor, Vec::new());
-            return self.ok(now, &[], false);
+            return self.ok(now, &[], false, &[]);
         }
 
         let mut new = Vec::with_capacity(contacts.len());
@@ -350,6 +366,18 @@ impl Registrar {
             };
             outbound |= instance.is_some() && reg_id.is_some();
             let expires = expires.min(self.cfg.max_expires);
+            let mut params = String::new();
+            let _ = text::for_each_param(na.params, |name, value| {
+                if text::eq_ic(name, b"expires") || text::eq_ic(name, b"q") {
+                    return;
+                }
+                params.push(';');
+                params.push_str(&String::from_utf8_lossy(name));
+                if let Some(v) = value {
+                    params.push('=');
+                    params.push_str(&String::from_utf8_lossy(v));
+                }
+            });
             new.push(NewContact {
                 binding: Binding {
                     contact: String::from_utf8_lossy(na.uri).into_owned(),
@@ -360,6 +388,8 @@ impl Registrar {
                     flow,
                     instance,
                     reg_id,
+                    params,
+                    path: path.clone(),
                 },
                 expires,
             });
@@ -392,23 +422,27 @@ impl Registrar {
             return Reply::err(403, "Too Many Contacts");
         }
         result.sort_by_key(|b| std::cmp::Reverse(b.q));
-        let reply = self.ok(now, &result, outbound);
+        let reply = self.ok(now, &result, outbound, if echo_path { &path } else { &[] });
         store.put(aor, result);
         reply
     }
 
-    fn ok(&self, now: Instant, bindings: &[Binding], outbound: bool) -> Reply {
-        let mut headers = Vec::with_capacity(bindings.len() + 1);
+    fn ok(&self, now: Instant, bindings: &[Binding], outbound: bool, path: &[String]) -> Reply {
+        let mut headers = Vec::with_capacity(bindings.len() + 1 + path.len());
         for b in bindings {
             let left = b.expires_at.saturating_duration_since(now).as_secs();
             let mut v = format!("<{}>;expires={left}", b.contact);
             if b.q != 1000 {
                 v.push_str(&format!(";q={}.{:03}", b.q / 1000, b.q % 1000));
             }
+            v.push_str(&b.params);
             headers.push(("Contact", v.into_bytes()));
         }
         if outbound {
             headers.push(("Require", b"outbound".to_vec()));
+        }
+        for p in path {
+            headers.push(("Path", p.clone().into_bytes()));
         }
         Reply {
             code: 200,
@@ -601,6 +635,12 @@ mod tests {
         let inst = "Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\";reg-id=1\r\nSupported: outbound\r\n";
         let r = register(&reg, &mut st, t0, inst, 1, 11);
         assert!(r.headers.contains(&("Require", b"outbound".to_vec())));
+        // The 200 echoes +sip.instance and reg-id (RFC 5626 §6).
+        let contact = r.headers.iter().find(|(n, _)| *n == "Contact").unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&contact.1),
+            "<sip:alice@192.0.2.9;ob>;expires=3600;+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\";reg-id=1"
+        );
         // Same instance and reg-id over a new flow replaces the binding (new contact URI too).
         let inst2 = inst.replace("192.0.2.9", "192.0.2.10");
         register(&reg, &mut st, t0, &inst2, 2, 12);
@@ -608,6 +648,36 @@ mod tests {
         assert_eq!((b.len(), b[0].flow), (1, 12));
         assert_eq!(st.remove_flow(12), 1);
         assert!(st.is_empty());
+    }
+
+    #[test]
+    fn path_is_stored_and_echoed_when_supported() {
+        let reg = Registrar::default();
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let via_edge = "Contact: <sip:alice@192.0.2.9>\r\nPath: <sip:edge1.example.net;lr>, <sip:edge2.example.net;lr>\r\n";
+        let r = register(
+            &reg,
+            &mut st,
+            t0,
+            &format!("{via_edge}Supported: path\r\n"),
+            1,
+            5,
+        );
+        assert_eq!(r.code, 200);
+        let paths: Vec<_> = r.headers.iter().filter(|(n, _)| *n == "Path").collect();
+        assert_eq!(paths.len(), 2);
+        let b = reg.lookup(t0, &st, "sip:alice@example.com");
+        assert_eq!(
+            b[0].path,
+            vec![
+                "<sip:edge1.example.net;lr>".to_string(),
+                "<sip:edge2.example.net;lr>".to_string()
+            ]
+        );
+        // Without `Supported: path` the Path is still used, but not echoed (RFC 3327 §5.3).
+        let r = register(&reg, &mut st, t0, via_edge, 2, 5);
+        assert!(!r.headers.iter().any(|(n, _)| *n == "Path"));
     }
 
     #[test]

@@ -264,6 +264,28 @@ impl ShardProxy {
         }
     }
 
+    /// The interface a flow reaches us by (named in our Via and Record-Route toward it).
+    fn iface_of(&self, flow: &Flow) -> crate::proxy::Interface {
+        let cfg = self.proxy.config();
+        match flow {
+            Flow::Peer(_) => cfg.partner_interface.clone(),
+            Flow::Conn(_) => self
+                .flows
+                .get(flow)
+                .and_then(|i| i.iface.as_deref().cloned()),
+        }
+        .unwrap_or_else(|| self.proxy.default_interface())
+    }
+
+    /// A client's address, for its Via (`received`, `rport`); none for partners.
+    fn client_source(&self, flow: &Flow) -> Option<std::net::SocketAddr> {
+        let info = self.flows.get(flow)?;
+        match info.principal {
+            crate::policy::Principal::Client { .. } => info.source,
+            crate::policy::Principal::Partner(_) => None,
+        }
+    }
+
     /// The partner-aware form of a flow for dialog routes.
     fn route_flow(&self, flow: &Flow) -> Flow {
         match self.partner_of(flow) {
@@ -456,8 +478,8 @@ impl ShardProxy {
                 self.pending.insert(token, Pending::Server(key.clone()));
                 self.out.push_back(Output::Lookup { token, aor });
             }
-            Decision::ToFlow(f) => self.fork(now, &key, &[(f, None)]),
-            Decision::ToPeer(p) => self.fork(now, &key, &[(Flow::Peer(p), None)]),
+            Decision::ToFlow(f) => self.fork(now, &key, &[(f, None, Vec::new())]),
+            Decision::ToPeer(p) => self.fork(now, &key, &[(Flow::Peer(p), None, Vec::new())]),
             Decision::Cancel => self.on_cancel(now, &key),
             Decision::Drop(_) => {}
             Decision::Refuse(d) => {
@@ -465,7 +487,7 @@ impl ShardProxy {
                     label: d.label,
                     detail: String::from_utf8_lossy(msg.request_uri().unwrap_or_default())
                         .into_owned(),
-                    source: info.source,
+                    source: info.source.map(|s| s.ip()),
                 }));
                 self.answer(now, &key, d.code, d.reason, &[]);
             }
@@ -588,14 +610,21 @@ impl ShardProxy {
     }
 
     /// Forwards the server transaction's request to each `(flow, new Request-URI)`.
-    fn fork(&mut self, now: Instant, server: &TxKey, targets: &[(Flow, Option<String>)]) {
+    fn fork(
+        &mut self,
+        now: Instant,
+        server: &TxKey,
+        targets: &[(Flow, Option<String>, Vec<String>)],
+    ) {
         let limits = self.limits;
-        for (flow, uri) in targets {
+        for (flow, uri, path) in targets {
             let unique = self.unique();
             let Some(s) = self.servers.get(server) else {
                 return;
             };
             let inbound = self.route_flow(&s.inbound);
+            let (in_iface, out_iface) = (self.iface_of(&s.inbound), self.iface_of(flow));
+            let source = self.client_source(&s.inbound);
             let proxy = &self.proxy;
             let policy = &self.policy;
             let to_partner = self.partner_of(flow);
@@ -603,15 +632,17 @@ impl ShardProxy {
                 let branch = Proxy::branch(m, e, unique);
                 let ident =
                     policy.identity_edit(&s.grant, m, flow, to_partner, &proxy.config().domains);
-                let out = proxy.forward_request(
-                    m,
-                    e,
-                    &branch,
-                    uri.as_deref().map(str::as_bytes),
-                    &inbound,
-                    flow,
-                    &ident,
-                );
+                let hop = crate::proxy::Hop {
+                    inbound: &inbound,
+                    outbound: flow,
+                    in_iface: &in_iface,
+                    out_iface: &out_iface,
+                    source,
+                    ident: &ident,
+                    path,
+                };
+                let out =
+                    proxy.forward_request(m, e, &branch, uri.as_deref().map(str::as_bytes), &hop);
                 (branch, m.method().expect("request") == Method::Invite, out)
             }) else {
                 return;
@@ -713,16 +744,18 @@ impl ShardProxy {
             self.partner_of(to),
             &self.proxy.config().domains,
         );
-        let inbound = self.route_flow(inbound);
-        let out = self.proxy.forward_request(
-            msg,
-            ess,
-            &branch,
-            uri.map(str::as_bytes),
-            &inbound,
-            to,
-            &ident,
-        );
+        let hop = crate::proxy::Hop {
+            inbound: &self.route_flow(inbound),
+            outbound: to,
+            in_iface: &self.iface_of(inbound),
+            out_iface: &self.iface_of(to),
+            source: self.client_source(inbound),
+            ident: &ident,
+            path: &[],
+        };
+        let out = self
+            .proxy
+            .forward_request(msg, ess, &branch, uri.map(str::as_bytes), &hop);
         self.stats.acks_forwarded += 1;
         self.send(to, out.into());
     }
@@ -745,8 +778,10 @@ impl ShardProxy {
                 };
                 match self.proxy.after_lookup(method, result) {
                     Ok(targets) => {
-                        let t: Vec<_> =
-                            targets.into_iter().map(|t| (t.flow, Some(t.uri))).collect();
+                        let t: Vec<_> = targets
+                            .into_iter()
+                            .map(|t| (t.flow, Some(t.uri), t.path))
+                            .collect();
                         self.fork(now, &key, &t);
                     }
                     Err(Decision::Respond(a)) => {
@@ -758,7 +793,7 @@ impl ShardProxy {
             }
             Some(Pending::Ack { request, inbound }) => {
                 let Lookup::Found(b) = result else { return };
-                let Some((uri, f)) = b.into_iter().next() else {
+                let Some(r) = b.into_iter().next() else {
                     return;
                 };
                 let limits = self.limits;
@@ -768,7 +803,7 @@ impl ShardProxy {
                     return;
                 };
                 if let Ok(e) = m.validate(&limits) {
-                    self.send_ack(&inbound, &Flow::Conn(f), Some(&uri), &m, &e);
+                    self.send_ack(&inbound, &Flow::Conn(r.flow), Some(&r.contact), &m, &e);
                 }
             }
             None => {}
