@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # sipring's test command (the one README.md names and .ci/run calls).
 # Installs what the tests need when it is missing, then: rustfmt check, clippy with
-# warnings as errors, the whole test suite, and the kernel-TLS tests inside a QEMU VM.
+# warnings as errors, the whole test suite, the interop suite (Kamailio, baresip, SIPp from
+# Debian's packages), the instruction-count gate, and the kernel-TLS tests inside a QEMU VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ cargo build -p sipring -p sipring-load --bins
 
 step "cargo test --workspace"
 cargo test --workspace
+
+step "interop: Kamailio (MTLS federation), baresip (TLS), SIPp (TCP)"
+tests/interop/run.sh
 
 step "instruction-count gate (callgrind): parse and handshake vs benches/icount/baseline.txt"
 benches/icount/run.sh

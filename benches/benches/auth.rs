@@ -75,6 +75,7 @@ fn bench_digest(c: &mut Criterion) {
                         None,
                         b"INVITE",
                         b"sip:u78@example.com",
+                        &|_| false,
                         &[v.as_bytes()],
                         &realms,
                         &store,
@@ -109,7 +110,7 @@ fn bench_policy(c: &mut Criterion) {
         source: Some("192.0.2.1:5061".parse().unwrap()),
         iface: None,
     };
-    let domains = vec!["example.com".to_string()];
+    let domain_proxy = Proxy::new(ProxyConfig::default());
     // The nonce this shard would issue for flow 1 (the policy's key and epoch).
     let nonce = Authenticator::new(AuthConfig::default(), NodeKey::new([9; 32]), t0).nonce(
         t0,
@@ -149,7 +150,7 @@ fn bench_policy(c: &mut Criterion) {
                 unreachable!()
             };
             let e = m.validate(&Limits::default()).unwrap();
-            let a = policy.authorize(t0, &Flow::Conn(1), &info, &m, &e, &decision, &domains);
+            let a = policy.authorize(t0, &Flow::Conn(1), &info, &m, &e, &decision, &domain_proxy);
             assert!(matches!(a, sipring_core::policy::Authz::Allow(_)), "{a:?}");
             black_box(a)
         }, BatchSize::SmallInput)
@@ -169,7 +170,7 @@ fn bench_policy(c: &mut Criterion) {
                 unreachable!()
             };
             let e = m.validate(&Limits::default()).unwrap();
-            black_box(open.authorize(t0, &Flow::Conn(1), &info, &m, &e, &decision, &domains))
+            black_box(open.authorize(t0, &Flow::Conn(1), &info, &m, &e, &decision, &domain_proxy))
         })
     });
     // An in-dialog BYE on a signed route: the flow-token HMAC is checked on every one.

@@ -741,7 +741,9 @@ impl Authenticator {
 
     /// Verifies the credentials in `values` (the `Authorization` or `Proxy-Authorization`
     /// values of a request) for a request with `method` and `request_uri` that arrived on
-    /// `flow` from `source`. `realms` are the realms we answer for.
+    /// `flow` from `source`. `realms` are the realms we answer for. The digest-uri must be
+    /// the Request-URI, or a URI `also_ok` accepts (one naming this server: SIPp and some
+    /// gateways put the next hop's address there; the response covers it either way).
     #[allow(clippy::too_many_arguments)] // the request's facts, one each
     pub fn verify(
         &mut self,
@@ -750,6 +752,7 @@ impl Authenticator {
         source: Option<IpAddr>,
         method: &[u8],
         request_uri: &[u8],
+        also_ok: &dyn Fn(&[u8]) -> bool,
         values: &[&[u8]],
         realms: &[String],
         store: &dyn CredentialStore,
@@ -797,7 +800,7 @@ impl Authenticator {
             Ok(n) if qop.eq_ignore_ascii_case("auth") && nc_s.len() == 8 && n > 0 => n,
             _ => return self.failed(now, source, Failure::Malformed, who()),
         };
-        if !c.uri.as_bytes().eq_ignore_ascii_case(request_uri) {
+        if !c.uri.as_bytes().eq_ignore_ascii_case(request_uri) && !also_ok(c.uri.as_bytes()) {
             return self.failed(now, source, Failure::UriMismatch, who());
         }
         let Some(sub) = store.subscriber(&c.username, &c.realm) else {
@@ -1071,6 +1074,7 @@ mod tests {
                 SRC,
                 b"REGISTER",
                 b"sip:example.com",
+                &|_| false,
                 &[a.as_bytes()],
                 &["example.com".to_string()],
                 &self.store,
@@ -1210,6 +1214,7 @@ mod tests {
             SRC,
             b"INVITE",
             b"sip:x",
+            &|_| false,
             &[other.as_bytes()],
             &["example.com".into()],
             &f.store,

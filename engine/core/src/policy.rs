@@ -327,7 +327,7 @@ impl Policy {
     }
 
     /// Decides whether the request (which routing decided to handle as `decision`) may
-    /// proceed, given who sent it. `domains` are our SIP domains (lower case); `flow` is the
+    /// proceed, given who sent it. `proxy` knows our domains and addresses; `flow` is the
     /// flow it arrived on.
     #[allow(clippy::too_many_arguments)] // the request, where it came from, what it wants
     pub fn authorize(
@@ -338,8 +338,9 @@ impl Policy {
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
         decision: &Decision,
-        domains: &[String],
+        proxy: &crate::proxy::Proxy,
     ) -> Authz {
+        let domains = &proxy.config().domains;
         let partner_source = match (&info.principal, flow) {
             (Principal::Partner(p), _) => Some(p.clone()),
             (_, Flow::Peer(p)) => Some(p.clone()),
@@ -438,6 +439,7 @@ impl Policy {
                 info.source.map(|s| s.ip()),
                 method.as_bytes(),
                 msg.request_uri().unwrap_or_default(),
+                &|u| Uri::parse(u).is_ok_and(|u| proxy.is_self_uri(&u)),
                 &values,
                 domains,
                 &*self.store,
@@ -725,8 +727,11 @@ mod tests {
             source: Some("192.0.2.1:5060".parse().unwrap()),
             iface: None,
         };
-        let domains: Vec<String> = DOMAINS.iter().map(|s| s.to_string()).collect();
-        p.authorize(Instant::now(), &Flow::Conn(1), &info, &m, &e, d, &domains)
+        let proxy = crate::proxy::Proxy::new(crate::proxy::ProxyConfig {
+            domains: DOMAINS.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+        p.authorize(Instant::now(), &Flow::Conn(1), &info, &m, &e, d, &proxy)
     }
 
     /// 0 = allowed, else the status sent (challenge or refusal).

@@ -396,15 +396,9 @@ impl ShardProxy {
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
-        let authz = self.policy.authorize(
-            now,
-            flow,
-            &info,
-            msg,
-            ess,
-            &decision,
-            &self.proxy.config().domains,
-        );
+        let authz = self
+            .policy
+            .authorize(now, flow, &info, msg, ess, &decision, &self.proxy);
         self.drain_refusals();
         let (decision, grant) = match authz {
             Authz::Allow(g) => (decision, g),
@@ -686,15 +680,9 @@ impl ShardProxy {
     ) {
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
-        let authz = self.policy.authorize(
-            now,
-            flow,
-            &info,
-            msg,
-            ess,
-            &decision,
-            &self.proxy.config().domains,
-        );
+        let authz = self
+            .policy
+            .authorize(now, flow, &info, msg, ess, &decision, &self.proxy);
         self.drain_refusals();
         if !matches!(authz, Authz::Allow(_)) {
             // An ACK cannot be challenged or answered: one that may not pass is dropped.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The interop suite (tests/interop/run.py): sipring against Kamailio (federation over mutual
+# TLS, both directions), baresip (TLS, with and without an outbound proxy) and SIPp (TCP).
+# Installs what it needs from Debian's packages when missing; uses the debug `sipring`
+# binary (built here if absent). Loopback only; about half a minute.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+for p in kamailio kamailio-tls-modules baresip sip-tester; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "interop: installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts a system Kamailio on install: the suite runs its own.
+as_root systemctl disable --now kamailio >/dev/null 2>&1 || true
+
+cargo build -q -p sipring --bins
+exec python3 tests/interop/run.py "$@"
