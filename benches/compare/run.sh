@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-compare.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -f "$W/run/kamailio.pid" ] && kill "$(cat "$W/run/kamailio.pid")" 2>/dev/null; rm -rf "$W"' EXIT
 
-need() { dpkg -s "$1" >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
 need kamailio kamailio-tls-modules
 need procps
 

@@ -6,10 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+# Installed, not merely known to dpkg (a removed package keeps its config files).
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 for p in kamailio kamailio-tls-modules baresip sip-tester; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  installed "$p" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "interop: installing ${missing[*]}"
