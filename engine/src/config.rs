@@ -185,6 +185,9 @@ pub struct TlsConfig {
     pub resumption: bool,
     /// Handshakes slower than this are aborted, in milliseconds. Default 5000.
     pub handshake_timeout_ms: u64,
+    /// A client must send its ClientHello within this long of connecting, in milliseconds;
+    /// a silent connection then frees its handshake slot. Default 1000.
+    pub client_hello_timeout_ms: u64,
     /// PEM roots for client certificates on `tls` listeners (`client_auth`). Default none.
     pub client_roots: Option<PathBuf>,
     /// PEM or DER CRLs for the client roots' CAs; a revoked client certificate is refused.
@@ -211,6 +214,7 @@ impl Default for TlsConfig {
             kx_groups: vec!["X25519".into(), "secp256r1".into(), "X25519MLKEM768".into()],
             resumption: true,
             handshake_timeout_ms: 5000,
+            client_hello_timeout_ms: 1000,
             client_roots: None,
             client_crls: Vec::new(),
             ktls: true,
@@ -345,8 +349,13 @@ pub struct RegistrarSection {
     pub max_expires_s: u32,
     /// Expiry when the REGISTER gives none, in seconds. Default 3600.
     pub default_expires_s: u32,
-    /// Most contacts per address-of-record. Default 10.
+    /// Most contacts per address-of-record (more gets 403). Default 10.
     pub max_contacts: usize,
+    /// Longest Contact value stored, in bytes (longer gets 400). Default 1024.
+    pub max_contact_bytes: usize,
+    /// Most AORs one connection may register (another gets 403): with `max_contacts`, this
+    /// bounds the bindings a connection creates. Default 16.
+    pub max_aors_per_connection: usize,
 }
 
 impl Default for RegistrarSection {
@@ -356,6 +365,8 @@ impl Default for RegistrarSection {
             max_expires_s: 3600,
             default_expires_s: 3600,
             max_contacts: 10,
+            max_contact_bytes: 1024,
+            max_aors_per_connection: 16,
         }
     }
 }
@@ -374,17 +385,33 @@ pub struct LimitsConfig {
     pub max_vias: usize,
     /// Longest Request-URI, in bytes. Default 2048.
     pub max_uri: usize,
+    /// Most client and partner connections the process holds (all shards). 0 = what the
+    /// descriptor limit allows: RLIMIT_NOFILE less a reserve (64 + 8 per shard + one per
+    /// partner and shard) for the admin endpoint, partner links and files; a larger value is
+    /// lowered to that, with a warning. Default 0.
+    pub max_connections: usize,
     /// Most connections per shard. Default 200000.
     pub max_connections_per_shard: usize,
-    /// Most connections from one source IP address, per shard. Default 10000.
+    /// Most connections from one source IP address, all shards together. Default 10000.
     pub max_connections_per_ip: usize,
     /// Most TLS handshakes in progress per shard. Default 1024.
     pub max_handshakes_in_flight: usize,
-    /// Close connections idle this long (no bytes either way), in seconds. Default 900.
+    /// Most TLS handshakes in progress from one source IP address, per shard: silent or slow
+    /// handshakes from one address cannot take every slot. Default 64.
+    pub max_handshakes_per_ip: usize,
+    /// Close connections that sent no complete message and no keepalive (CRLFCRLF) for this
+    /// long, in seconds: bytes that trickle do not count. Default 900.
     pub idle_timeout_s: u64,
     /// Per-connection write queue cap, in bytes; beyond it the connection is closed as a slow
     /// reader. Default 1048576.
     pub write_queue_bytes: usize,
+    /// A message (SIP head and body, or a TLS record) must complete within this long of its
+    /// first byte, in milliseconds; else the connection is closed (a trickle, or a peer that
+    /// stalled mid-message). Default 5000.
+    pub partial_timeout_ms: u64,
+    /// Bytes all connections of a shard may hold for incomplete messages; past it the
+    /// connection holding the most is dropped. Default 67108864 (64 MiB).
+    pub partial_bytes_per_shard: usize,
 }
 
 impl Default for LimitsConfig {
@@ -395,11 +422,15 @@ impl Default for LimitsConfig {
             max_header_line: 8192,
             max_vias: 70,
             max_uri: 2048,
+            max_connections: 0,
             max_connections_per_shard: 200_000,
             max_connections_per_ip: 10_000,
             max_handshakes_in_flight: 1024,
+            max_handshakes_per_ip: 64,
             idle_timeout_s: 900,
             write_queue_bytes: 1 << 20,
+            partial_timeout_ms: 5000,
+            partial_bytes_per_shard: 64 << 20,
         }
     }
 }

@@ -14,7 +14,11 @@
 //!
 //! An idle connection costs its [`Conn`] (one descriptor, no buffers), the task's small
 //! future, the pending readiness poll and, in userspace mode, the rustls record state.
-//! Idle timeouts are a per-shard sweep over `last_rx`, not a timer per connection.
+//! Deadlines are a per-shard sweep, not a timer per connection: `last_rx` (the last complete
+//! message or keepalive: bytes that trickle do not count) for the idle timeout, and
+//! `partial_since` (the first byte of a message still incomplete, SIP or TLS record) for the
+//! partial-message deadline. The bytes held for incomplete messages are counted per shard
+//! against `limits.partial_bytes_per_shard`; past it the largest holder is dropped.
 
 use crate::config::{ClientAuth, ListenKind};
 use crate::shard::{Shard, Stamp};
@@ -233,10 +237,30 @@ async fn accept_tls(
     let cfg = policy.for_listener(kind, client_auth)?;
     let mut sess = TlsSession::server(cfg).ok()?;
     let t0 = Instant::now();
-    shard.handshakes.set(shard.handshakes.get() + 1);
+    let slot = crate::shard::HandshakeSlot::take(shard, Some(remote.ip()));
+    // A client speaks first (its ClientHello): a connection that stays silent holds a
+    // handshake slot for `tls.client_hello_timeout_ms` only, not the whole handshake timeout.
+    let first = Duration::from_millis(shard.cfg.tls.client_hello_timeout_ms);
+    let spoke = with_timeout(first, stream.peek(&mut [0u8; 1])).await;
+    let silent = match spoke {
+        Some(Ok(n)) if n > 0 => None,
+        // Closed before a word (a TCP health check): an aborted handshake.
+        Some(Ok(_)) => Some(Some(Err(HsError::Closed))),
+        Some(Err(e)) => Some(Some(Err(HsError::Io(e.into())))),
+        None => {
+            shard.count("sipring_client_hello_timeouts_total");
+            Some(None)
+        }
+    };
+    if let Some(outcome) = silent {
+        drop(slot);
+        let _ = handshake_outcome(shard, outcome, remote, kind);
+        linger_close(shard, stream).await;
+        return None;
+    }
     let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
     let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
-    shard.handshakes.set(shard.handshakes.get() - 1);
+    drop(slot);
     if handshake_outcome(shard, r, remote, kind).is_err() {
         linger_close(shard, stream).await;
         return None;
@@ -657,6 +681,10 @@ pub struct Conn {
     waker: Cell<Option<Waker>>,
     last_rx: Cell<Instant>,
     closing: Cell<Closing>,
+    /// When the incomplete message now held began (its first byte), if one is.
+    partial_since: Cell<Option<Instant>>,
+    /// Bytes held for it (plaintext and undecrypted TLS input).
+    partial_len: Cell<usize>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -702,6 +730,8 @@ impl Conn {
             waker: Cell::new(None),
             last_rx: Cell::new(Instant::now()),
             closing: Cell::new(Closing::No),
+            partial_since: Cell::new(None),
+            partial_len: Cell::new(0),
         })
     }
 
@@ -731,9 +761,45 @@ impl Conn {
         self.closing.get() == Closing::No
     }
 
-    /// When bytes last arrived (for the shard's idle sweep).
+    /// When the last complete message or keepalive arrived (for the shard's idle sweep).
     pub fn last_rx(&self) -> Instant {
         self.last_rx.get()
+    }
+
+    /// When the incomplete message it holds began, if it holds one (the partial deadline).
+    pub fn partial_since(&self) -> Option<Instant> {
+        self.partial_since.get()
+    }
+
+    /// Bytes it holds for an incomplete message.
+    pub fn partial_len(&self) -> usize {
+        self.partial_len.get()
+    }
+
+    /// The shard stopped counting what it holds (it is being dropped for it).
+    pub fn forget_partial(&self) {
+        self.partial_len.set(0);
+        self.partial_since.set(None);
+    }
+
+    /// Drops the connection now (a limit it broke; nothing more is sent to it).
+    pub fn drop_now(&self, why: &'static str) {
+        self.abort(why);
+    }
+
+    /// Records how much it holds for an incomplete message (0: none) and keeps the shard's
+    /// total; past the shard's budget, the largest holder is dropped.
+    fn hold_partial(&self, shard: &Shard, held: usize, now: Instant) {
+        let before = self.partial_len.replace(held);
+        shard.partial_changed(before, held);
+        match (held, self.partial_since.get()) {
+            (0, _) => self.partial_since.set(None),
+            (_, None) => self.partial_since.set(Some(now)),
+            _ => {}
+        }
+        if held > before {
+            shard.enforce_partial_budget();
+        }
     }
 
     /// Sends one message (or a CRLF pong): encrypted in userspace mode, written at once if
@@ -854,6 +920,23 @@ impl Conn {
     }
 }
 
+/// Stream framing is lost (garbage after valid requests): read nothing more, but let the
+/// requests that came before it get their answers (the registrar may be on another shard) —
+/// for at most [`FRAMING_DRAIN`] — then close gracefully.
+async fn finish_after_framing_error(shard: &Rc<Shard>, conn: &Conn, flow: &Flow) -> Closing {
+    let deadline = Instant::now() + FRAMING_DRAIN;
+    while shard.proxy.borrow().in_progress_on(flow) > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+        if matches!(conn.closing.get(), Closing::Abort(_)) {
+            break;
+        }
+    }
+    Closing::Graceful("framing_lost")
+}
+
+/// How long a connection whose framing is lost waits for the answers to what it sent before.
+const FRAMING_DRAIN: Duration = Duration::from_secs(2);
+
 /// Records a forwarded message's latency (first byte read → last byte written).
 fn record_forward(shard: &Shard, s: Stamp) {
     shard.metrics.borrow_mut().record(
@@ -874,7 +957,7 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     }
     let mut framer = Framer::new(shard.cfg.sip_limits(), role);
     let mut partial: Vec<u8> = Vec::new();
-    let closing = loop {
+    let closing = 'conn: loop {
         let ev = std::future::poll_fn(|cx| conn.poll_event(cx, &shard)).await;
         let (scratch, n, control) = match ev {
             Event::Close(c) => break c,
@@ -882,7 +965,6 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             Event::Data(scratch, n, control) => (scratch, n, control),
         };
         let t0 = Instant::now();
-        conn.last_rx.set(t0);
         if let Some(typ) = control {
             let r = on_control_record(&conn, typ, &scratch[..n]);
             shard.give_read_buf(scratch);
@@ -894,62 +976,76 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
                 }
             }
         }
-        let mut io = conn.io.borrow_mut();
         let mut peer_closed = false;
-        if let Layer::User(s) = &mut io.layer {
-            if let Err(e) = s.receive(&scratch[..n]) {
-                tracing::info!(conn = conn.id, error = %e, "TLS error on established connection");
-                let _ = io.push_tls_output();
-                drop(io);
+        // The connection's state is borrowed only inside this block (never across an await).
+        let framing_lost = 'read: {
+            let mut io = conn.io.borrow_mut();
+            if let Layer::User(s) = &mut io.layer {
+                if let Err(e) = s.receive(&scratch[..n]) {
+                    tracing::info!(conn = conn.id, error = %e, "TLS error on established connection");
+                    let _ = io.push_tls_output();
+                    drop(io);
+                    shard.give_read_buf(scratch);
+                    break 'conn Closing::Graceful("tls_error");
+                }
+                let pt = std::mem::take(s.plaintext());
+                peer_closed = s.phase() == crate::tls::session::Phase::PeerClosed;
                 shard.give_read_buf(scratch);
-                break Closing::Graceful("tls_error");
-            }
-            let pt = std::mem::take(s.plaintext());
-            peer_closed = s.phase() == crate::tls::session::Phase::PeerClosed;
-            shard.give_read_buf(scratch);
-            if partial.is_empty() {
-                partial = pt;
+                if partial.is_empty() {
+                    partial = pt;
+                } else {
+                    partial.extend_from_slice(&pt);
+                }
+                if let Wrote::Failed = io.push_tls_output() {
+                    drop(io);
+                    break 'conn Closing::Abort("write_error");
+                }
+                drop(io);
             } else {
-                partial.extend_from_slice(&pt);
-            }
-            if let Wrote::Failed = io.push_tls_output() {
                 drop(io);
-                break Closing::Abort("write_error");
-            }
-            drop(io);
-        } else {
-            drop(io);
-            if partial.is_empty() {
-                // Frame straight from the scratch buffer; keep only an incomplete tail.
-                let r = deliver(&shard, &conn, &mut framer, &scratch[..n], &flow, t0);
-                if let Ok(used) = r {
-                    partial.extend_from_slice(&scratch[used..n]);
+                if partial.is_empty() {
+                    // Frame straight from the scratch buffer; keep only an incomplete tail.
+                    let r = deliver(&shard, &conn, &mut framer, &scratch[..n], &flow, t0);
+                    if let Ok(used) = r {
+                        partial.extend_from_slice(&scratch[used..n]);
+                    }
+                    shard.give_read_buf(scratch);
+                    if r.is_err() {
+                        break 'read true;
+                    }
+                    conn.hold_partial(&shard, partial.len(), t0);
+                    continue 'conn;
                 }
+                partial.extend_from_slice(&scratch[..n]);
                 shard.give_read_buf(scratch);
-                if r.is_err() {
-                    break Closing::Graceful("framing_lost");
-                }
-                continue;
             }
-            partial.extend_from_slice(&scratch[..n]);
-            shard.give_read_buf(scratch);
+            false
+        };
+        if framing_lost {
+            break finish_after_framing_error(&shard, &conn, &flow).await;
         }
         match deliver(&shard, &conn, &mut framer, &partial, &flow, t0) {
             Ok(used) => {
                 partial.drain(..used);
             }
-            Err(()) => break Closing::Graceful("framing_lost"),
+            Err(()) => break finish_after_framing_error(&shard, &conn, &flow).await,
         }
         if partial.is_empty() {
             // Nothing partial is waiting: an idle connection keeps no buffer.
             partial = Vec::new();
         }
+        let tls_held = match &conn.io.borrow().layer {
+            Layer::User(s) => s.buffered_incoming(),
+            _ => 0,
+        };
+        conn.hold_partial(&shard, partial.len() + tls_held, t0);
         if peer_closed {
             // Answer close_notify with ours after delivering what came before it.
             break Closing::Graceful("close_notify");
         }
     };
     drop(partial);
+    conn.hold_partial(&shard, 0, Instant::now());
     // An abort decided meanwhile (a slow reader dropped while delivering) wins over a
     // graceful close: there is no point flushing to it.
     let closing = match conn.closing.get() {
@@ -1142,10 +1238,13 @@ fn deliver(
     loop {
         match framer.frame(&buf[start..]) {
             Ok(Status::Complete(Frame::Message(n))) => {
+                conn.last_rx.set(t0);
                 shard.on_message(flow, &buf[start..start + n], t0);
                 start += n;
             }
             Ok(Status::Complete(Frame::Ping)) => {
+                // RFC 5626 keepalive: activity. Lone CRLFs (pongs) are not.
+                conn.last_rx.set(t0);
                 let _ = conn.send(shard, b"\r\n", None);
                 start += 4;
             }

@@ -37,10 +37,82 @@ pub struct Control {
     pub stopped: AtomicUsize,
     /// Reloads applied / refused.
     pub reloads: [std::sync::atomic::AtomicU64; 2],
-    /// Connections (and handshakes) per shard, for the balanced accept mode.
+    /// Connections (and handshakes) per shard, for the balanced accept mode and the
+    /// process-wide connection budget.
     pub load: Vec<AtomicUsize>,
+    /// Connections per source address, process-wide (all shards).
+    pub per_source: PerSource,
+    /// The most connections the process holds: below RLIMIT_NOFILE, leaving descriptors for
+    /// the admin endpoint, partner links and the rest.
+    pub budget: usize,
     /// This node's secret and subscribers.
     pub identity: Identity,
+}
+
+/// Connections per source address across every shard, lock-free: addresses hash (with a
+/// per-process random key) into a fixed table of counters, so memory is bounded whatever
+/// peers do. Two addresses sharing a counter share the limit (2^16 counters: rare, and only
+/// ever stricter).
+#[derive(Debug)]
+pub struct PerSource {
+    counts: Box<[std::sync::atomic::AtomicU32]>,
+    key: std::collections::hash_map::RandomState,
+}
+
+impl Default for PerSource {
+    fn default() -> Self {
+        PerSource {
+            counts: (0..1 << 16)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+            key: std::collections::hash_map::RandomState::new(),
+        }
+    }
+}
+
+impl PerSource {
+    fn slot(&self, ip: std::net::IpAddr) -> &std::sync::atomic::AtomicU32 {
+        use std::hash::BuildHasher;
+        &self.counts[self.key.hash_one(ip) as usize & (self.counts.len() - 1)]
+    }
+
+    /// Connections from `ip` now.
+    pub fn get(&self, ip: std::net::IpAddr) -> usize {
+        self.slot(ip).load(Ordering::Relaxed) as usize
+    }
+
+    /// One more from `ip`.
+    pub fn add(&self, ip: std::net::IpAddr) {
+        self.slot(ip).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One fewer from `ip`.
+    pub fn sub(&self, ip: std::net::IpAddr) {
+        let _ = self
+            .slot(ip)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
+
+/// The connection budget: `limits.max_connections`, or (0) the descriptors the process may
+/// open less a reserve for everything that is not a client connection.
+pub fn connection_budget(cfg: &Config, shards: usize) -> usize {
+    let (nofile, _) = sys::probe::nofile();
+    let reserve = 64 + 8 * shards + cfg.peer.len() * shards;
+    let room = (nofile as usize).saturating_sub(reserve).max(1);
+    match cfg.limits.max_connections {
+        0 => room,
+        n if n > room => {
+            tracing::warn!(
+                configured = n,
+                nofile,
+                room,
+                "limits.max_connections is more than the descriptors allow: using {room}"
+            );
+            room
+        }
+        n => n,
+    }
 }
 
 /// What every shard's policy shares: this node's secret (nonces, flow tokens), when its
@@ -169,6 +241,8 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+        per_source: PerSource::default(),
+        budget: connection_budget(&cfg, n),
         identity: Identity {
             key,
             epoch: Instant::now(),
@@ -323,6 +397,7 @@ async fn accept_loop(
             }
         }
     };
+    let mut backoff = Duration::from_millis(10);
     loop {
         let accepted =
             futures_lite::future::or(async { Some(listener.accept().await) }, stop()).await;
@@ -330,11 +405,38 @@ async fn accept_loop(
             None => return, // draining: stop accepting (the listener closes with this task)
             Some(Ok(s)) => s,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                let e = std::io::Error::from(e);
+                let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                shard.count(if out_of_fds {
+                    "sipring_accept_errors_total{reason=\"descriptors\"}"
+                } else {
+                    "sipring_accept_errors_total{reason=\"other\"}"
+                });
+                if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
+                    tracing::warn!(error = %e, left_out, "accept failed (at most one line a second)");
+                }
+                if out_of_fds {
+                    // Give the reserve descriptor back for a moment to take the waiting
+                    // connection off the queue and close it: the peer is told at once
+                    // instead of waiting, and the loop does not spin on the same error.
+                    shard.release_reserve_fd();
+                    if let Some(Ok(c)) =
+                        futures_lite::future::or(async { Some(listener.accept().await) }, async {
+                            glommio::timer::sleep(Duration::from_millis(5)).await;
+                            None
+                        })
+                        .await
+                    {
+                        drop(c);
+                    }
+                    shard.take_reserve_fd();
+                }
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
+        backoff = Duration::from_millis(10);
         if shard.cfg.server.accept == AcceptMode::Balanced && shard.n > 1 {
             // Hand the connection to the least-loaded shard (which checks the limits).
             let target = least_loaded(&shard.control);
@@ -373,13 +475,20 @@ pub fn admit(
     let limits = &shard.cfg.limits;
     let ip = stream.peer_addr().map(|a| a.ip()).ok();
     let total = shard.conns.borrow().len() + shard.handshakes.get();
-    let per_ip = ip.map_or(0, |ip| shard.per_ip.borrow().get(&ip).copied().unwrap_or(0));
-    let refuse = if total >= limits.max_connections_per_shard {
+    let control = &shard.control;
+    let process_total: usize = control.load.iter().map(|l| l.load(Ordering::Relaxed)).sum();
+    let per_ip = ip.map_or(0, |ip| control.per_source.get(ip));
+    let handshakes_from = ip.map_or(0, |ip| shard.handshakes_from(ip));
+    let refuse = if process_total >= control.budget {
+        Some("max_connections")
+    } else if total >= limits.max_connections_per_shard {
         Some("max_connections_per_shard")
     } else if per_ip >= limits.max_connections_per_ip {
         Some("max_connections_per_ip")
     } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
         Some("max_handshakes_in_flight")
+    } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
+        Some("max_handshakes_per_ip")
     } else {
         None
     };

@@ -135,10 +135,11 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Counts a connection from `ip` against this shard's limits.
+    /// Counts a connection from `ip` against the limits (its source's process-wide count,
+    /// the shard's load and the process budget).
     pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> Admission {
         if let Some(ip) = ip {
-            *shard.per_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+            shard.control.per_source.add(ip);
         }
         shard.control.load[shard.id].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Admission {
@@ -151,15 +152,47 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if let Some(ip) = self.ip {
-            let mut per_ip = self.shard.per_ip.borrow_mut();
-            if let Some(n) = per_ip.get_mut(&ip) {
-                *n = n.saturating_sub(1);
+            self.shard.control.per_source.sub(ip);
+        }
+        self.shard.control.load[self.shard.id].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A TLS handshake in progress: counted per shard and per source address from its start to
+/// its end, whatever the outcome (released on drop).
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    shard: Rc<Shard>,
+    ip: Option<IpAddr>,
+}
+
+impl HandshakeSlot {
+    /// A handshake from `ip` starts.
+    pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> HandshakeSlot {
+        shard.handshakes.set(shard.handshakes.get() + 1);
+        if let Some(ip) = ip {
+            *shard.handshakes_by_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+        }
+        HandshakeSlot {
+            shard: shard.clone(),
+            ip,
+        }
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let s = &self.shard;
+        s.handshakes.set(s.handshakes.get().saturating_sub(1));
+        if let Some(ip) = self.ip {
+            let mut by_ip = s.handshakes_by_ip.borrow_mut();
+            if let Some(n) = by_ip.get_mut(&ip) {
+                *n -= 1;
                 if *n == 0 {
-                    per_ip.remove(&ip);
+                    by_ip.remove(&ip);
                 }
             }
         }
-        self.shard.control.load[self.shard.id].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -227,8 +260,10 @@ pub struct Shard {
     stamps: RefCell<HashMap<u64, Stamp>>,
     /// TLS handshakes in progress.
     pub handshakes: Cell<usize>,
-    /// Connections per source address.
-    pub per_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// TLS handshakes in progress per source address (bounded by the handshakes in flight).
+    handshakes_by_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// A spare descriptor, given back for a moment when accept fails for want of them.
+    reserve_fd: RefCell<Option<std::fs::File>>,
     /// Connections out of the table but still in their close sequence (flushing, close_notify).
     pub closing: Cell<usize>,
     /// Connections refused by a `[limits]` key are logged at most once a second.
@@ -239,6 +274,8 @@ pub struct Shard {
     pub policy_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
+    /// Bytes all connections hold for incomplete messages.
+    partial_total: Cell<usize>,
     /// How peers address each listener (shared by the flows of that listener).
     ifaces: Vec<Rc<Interface>>,
 }
@@ -343,6 +380,7 @@ impl Shard {
             max_expires: r.max_expires_s,
             default_expires: r.default_expires_s,
             max_contacts: r.max_contacts,
+            max_contact_bytes: r.max_contact_bytes,
         });
         let ifaces = interfaces(&cfg).into_iter().map(Rc::new).collect();
         let policy_core = Policy::new(
@@ -351,13 +389,14 @@ impl Shard {
             control.identity.epoch,
             Rc::new(control.identity.subscribers.clone()),
         );
-        let proxy = ShardProxy::new(
+        let mut proxy = ShardProxy::new(
             Proxy::new(proxy_config(&cfg, control.identity.key.clone())),
             policy_core,
             cfg.sip_limits(),
             TimerConfig::default(),
             id as u16,
         );
+        proxy.set_max_aors_per_flow(r.max_aors_per_connection);
         Shard {
             id,
             n,
@@ -375,13 +414,37 @@ impl Shard {
             next_conn: Cell::new(1),
             stamps: RefCell::new(HashMap::new()),
             handshakes: Cell::new(0),
-            per_ip: RefCell::new(HashMap::new()),
+            handshakes_by_ip: RefCell::new(HashMap::new()),
+            reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
             closing: Cell::new(0),
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
             policy_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
+            partial_total: Cell::new(0),
             ifaces,
+        }
+    }
+
+    /// Handshakes in progress from `ip` on this shard.
+    pub fn handshakes_from(&self, ip: IpAddr) -> usize {
+        self.handshakes_by_ip
+            .borrow()
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Closes the spare descriptor (accept failed with EMFILE).
+    pub fn release_reserve_fd(&self) {
+        self.reserve_fd.borrow_mut().take();
+    }
+
+    /// Opens the spare descriptor again.
+    pub fn take_reserve_fd(&self) {
+        let mut r = self.reserve_fd.borrow_mut();
+        if r.is_none() {
+            *r = std::fs::File::open("/dev/null").ok();
         }
     }
 
@@ -890,6 +953,7 @@ impl Shard {
             );
             m.set_gauge("sipring_registered_aors", self.store.borrow().len() as i64);
             m.set_gauge("sipring_handshakes_in_flight", self.handshakes.get() as i64);
+            m.set_gauge("sipring_partial_bytes", self.partial_total.get() as i64);
             let (sources, nonce_flows) = self.proxy.borrow().policy().tracked();
             m.set_gauge("sipring_auth_failure_sources", sources as i64);
             m.set_gauge("sipring_auth_nonce_flows", nonce_flows as i64);
@@ -920,17 +984,78 @@ impl Shard {
     /// connection.
     fn sweep_idle(&self, now: Instant) {
         let idle = Duration::from_secs(self.cfg.limits.idle_timeout_s);
-        let stale: Vec<ConnHandle> = self
-            .conns
-            .borrow()
-            .values()
-            .filter(|c| c.is_open() && now.saturating_duration_since(c.last_rx()) >= idle)
-            .cloned()
-            .collect();
-        for c in stale {
+        let partial = Duration::from_millis(self.cfg.limits.partial_timeout_ms);
+        let mut idle_out = Vec::new();
+        let mut slow = Vec::new();
+        for c in self.conns.borrow().values().filter(|c| c.is_open()) {
+            if c.partial_since()
+                .is_some_and(|t| now.saturating_duration_since(t) >= partial)
+            {
+                slow.push(c.clone());
+            } else if now.saturating_duration_since(c.last_rx()) >= idle {
+                idle_out.push(c.clone());
+            }
+        }
+        for c in idle_out {
             tracing::debug!(conn = c.id, remote = %c.remote, "idle timeout");
             self.count("sipring_idle_timeouts_total");
             c.close("idle_timeout");
+        }
+        for c in slow {
+            // A message (or TLS record) that does not complete in time: a trickle, or a
+            // peer that stalled mid-message. Nothing is answered for a message never whole.
+            self.count("sipring_partial_timeouts_total");
+            if let Some(left_out) = self.refusal_log.allow(now) {
+                tracing::warn!(
+                    conn = c.id,
+                    remote = %c.remote,
+                    held = c.partial_len(),
+                    left_out,
+                    "message incomplete after limits.partial_timeout_ms: closing (at most one \
+                     line a second; sipring_partial_timeouts_total counts all)"
+                );
+            }
+            c.drop_now("partial_timeout");
+        }
+    }
+
+    /// A connection's bytes held for an incomplete message went from `before` to `after`.
+    pub fn partial_changed(&self, before: usize, after: usize) {
+        self.partial_total
+            .set(self.partial_total.get().saturating_sub(before) + after);
+    }
+
+    /// Past `limits.partial_bytes_per_shard`, drops the connection holding the most.
+    pub fn enforce_partial_budget(&self) {
+        let budget = self.cfg.limits.partial_bytes_per_shard;
+        while self.partial_total.get() > budget {
+            let victim = self
+                .conns
+                .borrow()
+                .values()
+                .filter(|c| c.is_open() && c.partial_len() > 0)
+                .max_by_key(|c| c.partial_len())
+                .cloned();
+            let Some(c) = victim else { break };
+            self.count("sipring_partial_budget_drops_total");
+            if let Some(left_out) = self.refusal_log.allow(Instant::now()) {
+                tracing::warn!(
+                    conn = c.id,
+                    remote = %c.remote,
+                    held = c.partial_len(),
+                    total = self.partial_total.get(),
+                    budget,
+                    left_out,
+                    "incomplete messages past limits.partial_bytes_per_shard: dropping the \
+                     largest holder"
+                );
+            }
+            // Its bytes leave the total when its task ends; do not pick it twice.
+            let held = c.partial_len();
+            self.partial_total
+                .set(self.partial_total.get().saturating_sub(held));
+            c.drop_now("partial_budget");
+            c.forget_partial();
         }
     }
 

@@ -344,17 +344,43 @@ pub mod process {
         bin("sipring")
     }
 
-    /// A workspace binary from the debug build (tests/run.sh builds them first).
+    /// A workspace binary from the debug build. The binaries of other packages are not
+    /// built by `cargo test` for this one, so the first call in a test process builds them
+    /// (`cargo build --bins`: quick when they are up to date), and a plain `cargo test`
+    /// works on a fresh clone.
     pub fn bin(name: &str) -> PathBuf {
+        static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+        let built = BUILT.get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+            let out = Command::new(cargo)
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "sipring",
+                    "-p",
+                    "sipring-load",
+                    "--bins",
+                ])
+                .arg("--manifest-path")
+                .arg(&manifest)
+                .output()
+                .map_err(|e| format!("cargo build: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        });
+        if let Err(e) = built {
+            panic!("building the binaries for the process tests failed:\n{e}");
+        }
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
         let bin = target.join("debug").join(name);
-        assert!(
-            bin.exists(),
-            "{} not found: run `cargo build --bins` first (tests/run.sh does)",
-            bin.display()
-        );
+        assert!(bin.exists(), "{} not found after building", bin.display());
         bin
     }
 

@@ -176,6 +176,9 @@ pub struct RegistrarConfig {
     pub default_expires: u32,
     /// Most contacts per AOR; more gets 403. Default 10.
     pub max_contacts: usize,
+    /// Longest Contact value stored (URI and parameters), in bytes; longer gets 400: a
+    /// binding's memory is bounded whatever the message size. Default 1024.
+    pub max_contact_bytes: usize,
 }
 
 impl Default for RegistrarConfig {
@@ -185,6 +188,7 @@ impl Default for RegistrarConfig {
             max_expires: 3600,
             default_expires: 3600,
             max_contacts: 10,
+            max_contact_bytes: 1024,
         }
     }
 }
@@ -329,6 +333,9 @@ impl Registrar {
             let Some(na) = NameAddr::parse(c.value) else {
                 return Reply::err(400, "Bad Contact");
             };
+            if c.value.len() > self.cfg.max_contact_bytes {
+                return Reply::err(400, "Contact Too Long");
+            }
             let expires = match na.param("expires") {
                 Some(Some(v)) => match parse_expires(v) {
                     Some(e) => e,

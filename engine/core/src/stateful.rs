@@ -170,6 +170,9 @@ pub struct ShardProxy {
     pending: HashMap<u64, Pending>,
     /// Who each connection is (set by the driver when it opens).
     flows: HashMap<Flow, FlowInfo>,
+    /// The AORs each connection registered (bounded: `max_aors_per_flow` each).
+    flow_aors: HashMap<Flow, Vec<String>>,
+    max_aors_per_flow: usize,
     policy: Policy,
     out: VecDeque<Output>,
     next_id: u64,
@@ -209,6 +212,8 @@ impl ShardProxy {
             timers: Timers::new(),
             pending: HashMap::new(),
             flows: HashMap::new(),
+            flow_aors: HashMap::new(),
+            max_aors_per_flow: 16,
             policy,
             out: VecDeque::new(),
             next_id: 0,
@@ -246,9 +251,40 @@ impl ShardProxy {
         self.servers.values().filter(|s| !s.final_sent).count() + self.pending.len()
     }
 
+    /// Requests that arrived on `flow` and still wait for their final response: what a
+    /// connection closing after a framing error waits for, so a valid request ahead of the
+    /// garbage is answered.
+    pub fn in_progress_on(&self, flow: &Flow) -> usize {
+        self.servers
+            .values()
+            .filter(|s| &s.inbound == flow && !s.final_sent)
+            .count()
+    }
+
     /// Is there no state at all (no transactions, nothing pending)?
     pub fn is_idle(&self) -> bool {
         self.servers.is_empty() && self.clients.is_empty() && self.pending.is_empty()
+    }
+
+    /// Most AORs one connection may register (its bindings are then at most this times the
+    /// registrar's contacts per AOR). Default 16.
+    pub fn set_max_aors_per_flow(&mut self, n: usize) {
+        self.max_aors_per_flow = n;
+    }
+
+    /// May `flow` register `aor`: it has, or it holds fewer than the most AORs a connection
+    /// may register. Remembers it.
+    fn flow_may_register(&mut self, flow: &Flow, aor: &str) -> bool {
+        let Flow::Conn(_) = flow else { return true };
+        let aors = self.flow_aors.entry(flow.clone()).or_default();
+        if aors.iter().any(|a| a == aor) {
+            return true;
+        }
+        if aors.len() >= self.max_aors_per_flow {
+            return false;
+        }
+        aors.push(aor.to_string());
+        true
     }
 
     /// Tells who `flow` is (call when a connection opens, after its handshake). A partner's
@@ -454,6 +490,14 @@ impl ShardProxy {
             Decision::Register => match with_parsed(&bytes, &self.limits, |_, e| {
                 crate::registrar::Registrar::default().aor(e)
             }) {
+                Some(Ok(aor)) if !self.flow_may_register(flow, &aor) => {
+                    self.out.push_back(Output::Refused(Refusal {
+                        label: "register_aors_per_connection",
+                        detail: aor,
+                        source: info.source.map(|s| s.ip()),
+                    }));
+                    self.answer(now, &key, 403, "Too Many AORs On This Connection", &[]);
+                }
                 Some(Ok(aor)) => {
                     let token = self.unique();
                     self.pending.insert(token, Pending::Server(key.clone()));
@@ -1052,6 +1096,7 @@ impl ShardProxy {
     /// branches are cancelled).
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
         self.flows.remove(flow);
+        self.flow_aors.remove(flow);
         self.policy.flow_closed(flow);
         let failed: Vec<(TxKey, Option<TxKey>)> = self
             .clients

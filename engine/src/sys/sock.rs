@@ -15,12 +15,41 @@ pub struct BoundListener {
 
 /// Binds `shards` listening sockets on `addr` with `SO_REUSEPORT` and this `backlog`. A port
 /// of 0 is resolved by the first bind and reused by the others.
+///
+/// `SO_REUSEPORT` would also let a *second* sipring (or anything else setting it) join the
+/// group and take half the connections silently: before binding, a probe socket without
+/// `SO_REUSEPORT` must be able to bind the address, else it is in use and we refuse
+/// (`ErrorKind::AddrInUse`, naming the process holding it where /proc tells).
 pub fn bind_reuseport(
     addr: SocketAddr,
     shards: usize,
     backlog: u32,
 ) -> std::io::Result<Vec<BoundListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() != 0 {
+        let domain = if addr.is_ipv6() {
+            Domain::IPV6
+        } else {
+            Domain::IPV4
+        };
+        let probe = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() {
+            probe.set_only_v6(true)?;
+        }
+        probe.set_reuse_address(true)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                let who = listener_owner(addr.port())
+                    .map(|(pid, name)| format!(" by {name} (pid {pid})"))
+                    .unwrap_or_default();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{addr} is already in use{who}: another instance? stop it first"),
+                ));
+            }
+            return Err(e);
+        }
+    }
     let mut out = Vec::with_capacity(shards);
     let mut addr = addr;
     for _ in 0..shards {
@@ -46,6 +75,53 @@ pub fn bind_reuseport(
         });
     }
     Ok(out)
+}
+
+/// The process listening on TCP `port` (any address), from /proc: its pid and name.
+pub fn listener_owner(port: u16) -> Option<(u32, String)> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEX_IP:HEX_PORT; state 0A is LISTEN; field 9 the inode.
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let p = local
+                .rsplit(':')
+                .next()
+                .and_then(|h| u16::from_str_radix(h, 16).ok());
+            if p == Some(port) && *state == "0A" {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = proc_dir.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {
+                let name = std::fs::read_to_string(proc_dir.path().join("comm"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                return Some((pid, name));
+            }
+        }
+    }
+    None
 }
 
 impl BoundListener {

@@ -1,0 +1,518 @@
+//! A hostile network (issue "every resource bounded, every stall timed out, every valid
+//! request answered"): each attack runs for a few seconds on loopback beside a well-behaved
+//! background load (two registered UAs exchanging MESSAGEs), which must see no failure, and
+//! the server must survive, keep its limits and answer its admin endpoint.
+//!
+//! Attackers connect from 127.0.0.2, real clients from 127.0.0.3, the background from
+//! 127.0.0.1, so per-source limits tell them apart as they would on a network.
+
+use rustls::pki_types::ServerName;
+use sipring::config::{Config, ListenConfig, ListenKind};
+use sipring::server::{Running, start};
+use sipring_tests::TempDir;
+use sipring_tests::process::Server;
+use sipring_tests::server::{Pki, config, free_port, metric, wait_metrics};
+use sipring_tests::ua::{Ua, answer, status, tls_config};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const ATTACKER: [u8; 4] = [127, 0, 0, 2];
+const CLIENT: [u8; 4] = [127, 0, 0, 3];
+
+/// A TCP connection from `local` to `to`.
+fn connect_from(local: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::new(IpAddr::from(local), 0).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// Reads until the server closes (`true`) or `within` passes (`false`).
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Two registered UAs exchanging a MESSAGE every 50 ms until stopped.
+struct Background {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(u32, u32, Vec<Duration>)>,
+}
+
+impl Background {
+    fn start(pki: &Pki, addr: SocketAddr) -> Background {
+        let roots = pki.certs("ca.pem");
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let cfg = tls_config(&roots, None, false);
+            let mut a =
+                Ua::tls(addr, cfg.clone(), "sip.example.com", "alice", "example.com").unwrap();
+            let mut b = Ua::tls(addr, cfg, "sip.example.com", "bob", "example.com").unwrap();
+            assert_eq!(a.register(600), 200);
+            assert_eq!(b.register(600), 200);
+            ready_tx.send(()).unwrap();
+            let (mut sent, mut failed, mut lat) = (0, 0, Vec::new());
+            while !st.load(Ordering::Relaxed) {
+                sent += 1;
+                let t0 = Instant::now();
+                let m = a.request(
+                    "MESSAGE",
+                    "sip:bob@example.com",
+                    "<sip:bob@example.com>",
+                    &format!("bg-{sent}"),
+                    1,
+                    "",
+                    Some(("text/plain", "hi")),
+                );
+                a.send(&m);
+                let ok = match b.recv(Duration::from_secs(3)) {
+                    Some(got) => {
+                        b.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
+                        a.recv(Duration::from_secs(3)).and_then(|r| status(&r)) == Some(200)
+                    }
+                    None => false,
+                };
+                if ok {
+                    lat.push(t0.elapsed());
+                } else {
+                    failed += 1;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (sent, failed, lat)
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("background load registered");
+        Background { stop, handle }
+    }
+
+    /// Stops it and checks: no failure, p99 under `p99_max`.
+    fn check(self, p99_max: Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (sent, failed, mut lat) = self.handle.join().expect("background thread");
+        lat.sort();
+        let p99 = lat
+            .get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default();
+        assert!(sent > 10, "background sent only {sent}");
+        assert_eq!(failed, 0, "background load: {failed} of {sent} failed");
+        assert!(p99 <= p99_max, "background p99 {p99:?} > {p99_max:?}");
+    }
+}
+
+/// One shard, a `tls` and a `tcp` listener; `f` adjusts the config.
+fn server(pki: &Pki, f: impl FnOnce(&mut Config)) -> Running {
+    let mut cfg = config(pki);
+    cfg.server.shards = 1;
+    cfg.listen = vec![
+        ListenConfig {
+            kind: ListenKind::Tls,
+            address: "127.0.0.1:0".parse().unwrap(),
+            ..ListenConfig::default()
+        },
+        ListenConfig {
+            kind: ListenKind::Tcp,
+            address: "127.0.0.1:0".parse().unwrap(),
+            ..ListenConfig::default()
+        },
+    ];
+    f(&mut cfg);
+    start(cfg, None).expect("start")
+}
+
+#[test]
+fn descriptor_exhaustion_is_refused_at_the_budget_and_the_server_keeps_serving() {
+    // The server process gets 600 descriptors; 700 silent connections try to take them.
+    let pki = Pki::new();
+    let dir = TempDir::new("fds");
+    let (tls, tcp, admin) = (free_port(), free_port(), free_port());
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.listen = vec![
+        ListenConfig {
+            kind: ListenKind::Tls,
+            address: format!("127.0.0.1:{tls}").parse().unwrap(),
+            ..ListenConfig::default()
+        },
+        ListenConfig {
+            kind: ListenKind::Tcp,
+            address: format!("127.0.0.1:{tcp}").parse().unwrap(),
+            ..ListenConfig::default()
+        },
+    ];
+    cfg.peer.clear();
+    cfg.admin.address = Some(format!("127.0.0.1:{admin}").parse().unwrap());
+    let path = dir.write("sipring.toml", toml::to_string(&cfg).unwrap());
+    let srv = Server::start_under(&path, &["prlimit", "--nofile=600:600", "--"]);
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let up = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(admin).is_err() {
+        assert!(Instant::now() < up, "server did not start:\n{}", srv.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bg = Background::start(&pki, format!("127.0.0.1:{tls}").parse().unwrap());
+    let tcp_addr: SocketAddr = format!("127.0.0.1:{tcp}").parse().unwrap();
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", srv.child.id())).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let mut attack = Vec::new();
+    for _ in 0..700 {
+        if let Ok(s) = connect_from(ATTACKER, tcp_addr) {
+            attack.push(s);
+        }
+    }
+    // Held for 2 s: the server must not spin on accept errors, and must keep answering.
+    let t0 = ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let busy = (ticks() - t0) as f64 / 100.0 / 2.0;
+    assert!(
+        busy < 0.5,
+        "server used {:.0}% of a core while held at its limit",
+        busy * 100.0
+    );
+    let m = wait_metrics(admin, "refusals at the budget", |m| {
+        metric(
+            m,
+            "sipring_connections_refused_total{limit=\"max_connections\"}",
+        )
+        .unwrap_or(0.0)
+            > 0.0
+    });
+    assert_eq!(
+        metric(&m, "sipring_accept_errors_total{reason=\"descriptors\"}"),
+        None,
+        "the budget keeps the process off EMFILE"
+    );
+    // The refused ones were closed at once, not left hanging.
+    let closed = attack
+        .iter_mut()
+        .map(|s| closed_within(s, Duration::from_millis(20)))
+        .filter(|c| *c)
+        .count();
+    assert!(
+        closed >= 100,
+        "{closed} of the attack's connections were closed by the server"
+    );
+    bg.check(Duration::from_millis(500));
+    drop(attack);
+    // Afterwards a new client gets in.
+    let mut u = Ua::tls(
+        format!("127.0.0.1:{tls}").parse().unwrap(),
+        tls_config(&pki.certs("ca.pem"), None, false),
+        "sip.example.com",
+        "carol",
+        "example.com",
+    )
+    .unwrap();
+    assert_eq!(u.register(600), 200);
+    drop(srv);
+}
+
+#[test]
+fn one_source_is_bounded_across_shards() {
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.server.shards = 2;
+        c.limits.max_connections_per_ip = 100;
+    });
+    let tcp = srv.listen_addrs[1];
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = connect_from(ATTACKER, tcp) {
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let open = held
+        .iter_mut()
+        .map(|s| closed_within(s, Duration::from_millis(10)))
+        .filter(|c| !*c)
+        .count();
+    assert_eq!(open, 100, "the limit holds for the process, not per shard");
+    // Another address is not affected.
+    let mut c = Ua::tcp(tcp, "dave", "example.com").unwrap();
+    assert_eq!(c.register(600), 200);
+    drop(held);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn silent_connections_do_not_crowd_out_real_handshakes() {
+    let pki = Pki::new();
+    let srv = server(&pki, |_| {});
+    let tls = srv.listen_addrs[0];
+    let bg = Background::start(&pki, tls);
+    // 400 connections that never say a word, from one address.
+    let mut silent = Vec::new();
+    for _ in 0..400 {
+        if let Ok(s) = connect_from(ATTACKER, tls) {
+            silent.push(s);
+        }
+    }
+    // Meanwhile real clients from another address complete their handshakes.
+    let cfg = tls_config(&pki.certs("ca.pem"), None, false);
+    let t0 = Instant::now();
+    for i in 0..30 {
+        let tcp = connect_from(CLIENT, tls).unwrap();
+        let conn = rustls::ClientConnection::new(
+            cfg.clone(),
+            ServerName::try_from("sip.example.com").unwrap(),
+        )
+        .unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .unwrap_or_else(|e| panic!("real client {i}: {e}"));
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    // The silent ones lost their slots within the ClientHello deadline (1 s).
+    let m = wait_metrics(
+        srv.admin_addr.unwrap(),
+        "silent connections timed out",
+        |m| metric(m, "sipring_client_hello_timeouts_total").unwrap_or(0.0) >= 1.0,
+    );
+    assert!(
+        metric(
+            &m,
+            "sipring_connections_refused_total{limit=\"max_handshakes_per_ip\"}"
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{m}"
+    );
+    bg.check(Duration::from_millis(500));
+    drop(silent);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn trickles_and_stalled_messages_are_cut_and_their_memory_is_bounded() {
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.limits.partial_timeout_ms = 1000;
+        c.limits.idle_timeout_s = 2;
+        c.limits.partial_bytes_per_shard = 300_000;
+    });
+    let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
+    let bg = Background::start(&pki, tls);
+    // A head sent one byte every 100 ms: cut at the partial deadline, not kept forever.
+    let mut trickle = connect_from(ATTACKER, tcp).unwrap();
+    let head = b"OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.2;branch=z9hG4bKt\r\n";
+    let t0 = Instant::now();
+    let mut cut = false;
+    for &b in head.iter().cycle().take(60) {
+        if trickle.write_all(&[b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cut |= closed_within(&mut trickle, Duration::from_secs(2));
+    assert!(cut, "a trickled head was kept for {:?}", t0.elapsed());
+    // A body that never arrives (Content-Length 5000, 10 bytes sent).
+    let mut stalled = connect_from(ATTACKER, tcp).unwrap();
+    stalled
+        .write_all(b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.2;branch=z9hG4bKs\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@example.net>;tag=1\r\nCall-ID: s\r\nCSeq: 1 MESSAGE\r\nContent-Length: 5000\r\n\r\n0123456789")
+        .unwrap();
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(3)),
+        "stalled body kept"
+    );
+    // A TLS record that never completes (its header promises 100 bytes; 10 come).
+    let tcp_conn = connect_from(ATTACKER, tls).unwrap();
+    let conn = rustls::ClientConnection::new(
+        tls_config(&pki.certs("ca.pem"), None, false),
+        ServerName::try_from("sip.example.com").unwrap(),
+    )
+    .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp_conn);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s.sock
+        .write_all(&[23, 3, 3, 0, 100, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
+        .unwrap();
+    assert!(
+        closed_within(&mut s.sock, Duration::from_secs(3)),
+        "truncated record kept"
+    );
+    // A silent connection is closed by the idle timeout (2 s); a half keepalive (one CR,
+    // held forever) by the partial deadline; RFC 5626 keepalives (CRLFCRLF, answered with
+    // CRLF) keep a connection.
+    let mut silent = connect_from(ATTACKER, tcp).unwrap();
+    let mut half = connect_from(ATTACKER, tcp).unwrap();
+    half.write_all(b"\r").unwrap();
+    let mut keep = connect_from(CLIENT, tcp).unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        keep.write_all(b"\r\n\r\n").unwrap();
+        let mut pong = [0u8; 2];
+        keep.read_exact(&mut pong).unwrap();
+        assert_eq!(&pong, b"\r\n");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        closed_within(&mut silent, Duration::from_millis(500)),
+        "silent connection kept"
+    );
+    assert!(
+        closed_within(&mut half, Duration::from_millis(500)),
+        "a lone CR kept its connection"
+    );
+    assert!(
+        !closed_within(&mut keep, Duration::from_millis(100)),
+        "keepalives lost their connection"
+    );
+    // Heads held incomplete by many connections: the shard's budget (300 kB) holds.
+    let line = format!("X-Pad: {}\r\n", "a".repeat(7990));
+    let mut holders = Vec::new();
+    for _ in 0..8 {
+        let mut h = connect_from(ATTACKER, tcp).unwrap();
+        h.write_all(b"OPTIONS sip:example.com SIP/2.0\r\n").unwrap();
+        for _ in 0..7 {
+            h.write_all(line.as_bytes()).unwrap();
+        }
+        holders.push(h);
+    }
+    let m = wait_metrics(srv.admin_addr.unwrap(), "budget drops", |m| {
+        metric(m, "sipring_partial_budget_drops_total").unwrap_or(0.0) >= 1.0
+    });
+    assert!(
+        metric(&m, "sipring_partial_bytes").unwrap_or(f64::MAX) <= 300_000.0,
+        "{m}"
+    );
+    let m = wait_metrics(srv.admin_addr.unwrap(), "partial timeouts", |m| {
+        metric(m, "sipring_partial_timeouts_total").unwrap_or(0.0) >= 3.0
+    });
+    assert!(
+        metric(&m, "sipring_idle_timeouts_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    bg.check(Duration::from_millis(500));
+    drop(holders);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn one_connection_cannot_register_without_limit() {
+    let pki = Pki::new();
+    // Open registration (a lab): only the connection limits bound what one client does.
+    let srv = server(&pki, |c| {
+        c.auth.enabled = false;
+        c.registrar.max_aors_per_connection = 16;
+    });
+    let mut u = Ua::tcp(srv.listen_addrs[1], "u0", "example.com").unwrap();
+    for i in 0..17 {
+        u.user = format!("u{i}");
+        let want = if i < 16 { 200 } else { 403 };
+        assert_eq!(u.register(600), want, "AOR {i}");
+    }
+    // A contact longer than registrar.max_contact_bytes is not stored.
+    u.user = "u0".into();
+    let (code, _) = u.register_with(
+        600,
+        &format!("Contact: <sip:u0@{};x={}>\r\n", u.local, "y".repeat(2000)),
+    );
+    assert_eq!(code, 400);
+    let m = wait_metrics(srv.admin_addr.unwrap(), "refusal counted", |m| {
+        metric(
+            m,
+            "sipring_sip_refusals_total{reason=\"register_aors_per_connection\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    });
+    assert_eq!(metric(&m, "sipring_bindings"), Some(16.0));
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_valid_request_ahead_of_garbage_is_answered() {
+    // Two shards, open registration: the REGISTER's answer often comes from the other shard,
+    // after the framing error — it must still be written before the connection closes.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.server.shards = 2;
+        c.auth.enabled = false;
+    });
+    for i in 0..20 {
+        let mut s = connect_from(CLIENT, srv.listen_addrs[1]).unwrap();
+        let reg = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKg{i}\r\nMax-Forwards: 70\r\nTo: <sip:g{i}@example.com>\r\nFrom: <sip:g{i}@example.com>;tag=1\r\nCall-ID: g{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:g{i}@127.0.0.3>\r\nContent-Length: 0\r\n\r\n"
+        );
+        let mut bytes = reg.into_bytes();
+        bytes.extend_from_slice(b"GARBAGE\x00\x01 not SIP at all\r\nContent-Length: zz\r\n\r\n");
+        s.write_all(&bytes).unwrap();
+        let mut got = Vec::new();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.contains("SIP/2.0 200 OK") && text.contains(&format!("Call-ID: g{i}")),
+            "attempt {i}: the REGISTER was not answered before the close:\n{text}"
+        );
+    }
+    wait_metrics(srv.admin_addr.unwrap(), "the framing errors counted", |m| {
+        m.lines()
+            .any(|l| l.starts_with("sipring_parse_errors_total{reason=") && !l.contains("shard="))
+    });
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_second_instance_on_the_same_address_is_refused() {
+    let pki = Pki::new();
+    let port = free_port();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.listen.truncate(1);
+    cfg.listen[0].address = format!("127.0.0.1:{port}").parse().unwrap();
+    let first = start(cfg.clone(), None).expect("first");
+    // Before: a second instance joined the SO_REUSEPORT group and took half the connections.
+    let err = start(cfg, None).expect_err("second instance started");
+    let e = err.to_string();
+    assert!(
+        e.contains(&format!("127.0.0.1:{port} is already in use by")) && e.contains("pid"),
+        "{e}"
+    );
+    first.stop();
+    first.join().unwrap();
+}
