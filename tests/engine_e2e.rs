@@ -472,9 +472,10 @@ fn balanced_accept_spreads_long_lived_connections_evenly() {
     let mut uas: Vec<Ua> = (0..6)
         .map(|i| registered(&pki, &srv, &format!("trunk{i}")))
         .collect();
-    let m = wait_metrics(srv.admin_addr.unwrap(), "6 connections", |m| {
+    wait_metrics(srv.admin_addr.unwrap(), "6 connections", |m| {
         metric(m, "sipring_connections{kind=\"tls\"}") == Some(6.0)
     });
+    let m = admin_get(srv.admin_addr.unwrap(), "/metrics/shards");
     for shard in 0..2 {
         assert_eq!(
             metric(

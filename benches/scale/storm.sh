@@ -75,7 +75,7 @@ metric() { # metric NAME -> its total on /metrics (0 when the server is down)
 import sys, urllib.request
 t = urllib.request.urlopen("http://127.0.0.1:16060/metrics", timeout=2).read().decode()
 n = sys.argv[1]
-# The totals only: each metric also has one series per shard (label shard="i").
+# /metrics holds the totals (per-shard series are on /metrics/shards).
 print(int(sum(float(l.split()[-1]) for l in t.splitlines()
               if (l.startswith(n + "{") or l.startswith(n + " ")) and 'shard="' not in l)))
 PY

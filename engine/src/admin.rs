@@ -1,6 +1,7 @@
 //! The admin endpoint: a tiny HTTP/1.0 server on its own thread (keep it on loopback).
 //!
-//! - `GET /metrics`: Prometheus text, all shards merged (plus per-shard series).
+//! - `GET /metrics`: Prometheus text, all shards merged, each family once.
+//! - `GET /metrics/shards`: the same families with one series per shard (`shard` label).
 //! - `GET /hgrm`: the histogram names; `GET /hgrm/<name>`: one histogram in `.hgrm` format
 //!   (milliseconds), merged across shards.
 //! - `POST /reload`: like SIGHUP.
@@ -20,11 +21,18 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
     std::thread::Builder::new()
         .name("sipring-admin".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
+            for stream in listener.incoming() {
                 if control.stopping() {
                     break;
                 }
-                let _ = handle(stream, &control, &reloader);
+                match stream {
+                    Ok(s) => {
+                        let _ = handle(s, &control, &reloader);
+                    }
+                    // Out of descriptors for a moment (closes still pending): wait, do not
+                    // spin; the connection stays queued and is served next.
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
             }
         })?;
     Ok(local)
@@ -32,7 +40,8 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
 
 fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std::io::Result<()> {
     stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    // Read and write through one descriptor (no dup: it must work with few to spare).
+    let mut reader = BufReader::new(&stream);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     // Drain the request headers.
@@ -45,13 +54,21 @@ fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            let mut body = merge(control).prometheus(None);
-            for s in &control.snapshots {
-                let snap = s.load();
-                body.push_str(&snap.metrics.prometheus(Some(snap.shard)));
-            }
-            ("200 OK", "text/plain; version=0.0.4", body)
+        // All shards merged: what `sum(rate(...))` should see, each family once.
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            merge(control).prometheus(),
+        ),
+        // The same families, one series per shard (label `shard`): scrape one or the other.
+        ("GET", "/metrics/shards") => {
+            let snaps: Vec<_> = control.snapshots.iter().map(|s| s.load_full()).collect();
+            let sets: Vec<_> = snaps.iter().map(|s| (Some(s.shard), &s.metrics)).collect();
+            (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                crate::metrics::exposition(&sets),
+            )
         }
         ("GET", "/hgrm") => (
             "200 OK",
@@ -87,7 +104,7 @@ fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     };
-    let mut s = stream;
+    let mut s = &stream;
     write!(
         s,
         "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -386,8 +386,8 @@ pub struct LimitsConfig {
     /// Longest Request-URI, in bytes. Default 2048.
     pub max_uri: usize,
     /// Most client and partner connections the process holds (all shards). 0 = what the
-    /// descriptor limit allows: RLIMIT_NOFILE less a reserve (64 + 8 per shard + one per
-    /// partner and shard) for the admin endpoint, partner links and files; a larger value is
+    /// descriptor limit allows: RLIMIT_NOFILE less a reserve (128 + 16 per shard + one
+    /// per partner and shard) for the admin endpoint, partner links and files; a larger value is
     /// lowered to that, with a warning. Default 0.
     pub max_connections: usize,
     /// Most connections per shard. Default 200000.

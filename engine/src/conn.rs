@@ -940,7 +940,7 @@ const FRAMING_DRAIN: Duration = Duration::from_secs(2);
 /// Records a forwarded message's latency (first byte read → last byte written).
 fn record_forward(shard: &Shard, s: Stamp) {
     shard.metrics.borrow_mut().record(
-        &format!("forward_{}", s.label),
+        crate::shard::forward_name(s.label),
         s.t0.elapsed().as_micros() as u64,
     );
 }

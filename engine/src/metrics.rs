@@ -84,55 +84,123 @@ impl ShardMetrics {
     }
 
     /// Prometheus text exposition of the counters and gauges, plus summary quantiles of each
-    /// histogram (in seconds).
-    pub fn prometheus(&self, shard_label: Option<usize>) -> String {
-        let mut out = String::new();
-        let add_label = |name: &str| -> String {
-            match shard_label {
-                None => name.to_string(),
-                Some(s) => match name.find('{') {
-                    Some(i) => format!("{}{{shard=\"{s}\",{}", &name[..i], &name[i + 1..]),
-                    None => format!("{name}{{shard=\"{s}\"}}"),
-                },
-            }
-        };
-        let mut typed = std::collections::BTreeSet::new();
-        for (k, v) in &self.counters {
-            let base = k.split('{').next().unwrap_or(k);
-            if typed.insert(base.to_string()) {
-                let _ = writeln!(out, "# TYPE {base} counter");
-            }
-            let _ = writeln!(out, "{} {v}", add_label(k));
+    /// histogram (in seconds): each family once, with its `# HELP` and `# TYPE`.
+    pub fn prometheus(&self) -> String {
+        exposition(&[(None, self)])
+    }
+}
+
+/// Prometheus text for several label sets of the same families (`shard` = `Some(i)` adds
+/// `shard="i"`): each family is written once, its HELP and TYPE, then every set's samples,
+/// so the output passes `promtool check metrics`.
+pub fn exposition(sets: &[(Option<usize>, &ShardMetrics)]) -> String {
+    let with_shard = |name: &str, shard: Option<usize>| -> String {
+        match shard {
+            None => name.to_string(),
+            Some(s) => match name.find('{') {
+                Some(i) => format!("{}{{shard=\"{s}\",{}", &name[..i], &name[i + 1..]),
+                None => format!("{name}{{shard=\"{s}\"}}"),
+            },
         }
-        for (k, v) in &self.gauges {
-            let base = k.split('{').next().unwrap_or(k);
-            if typed.insert(base.to_string()) {
-                let _ = writeln!(out, "# TYPE {base} gauge");
-            }
-            let _ = writeln!(out, "{} {v}", add_label(k));
+    };
+    // family -> (type, samples)
+    let mut families: BTreeMap<String, (&'static str, Vec<String>)> = BTreeMap::new();
+    for (shard, m) in sets {
+        let base = |k: &str| k.split('{').next().unwrap_or(k).to_string();
+        for (k, v) in &m.counters {
+            families
+                .entry(base(k))
+                .or_insert(("counter", Vec::new()))
+                .1
+                .push(format!("{} {v}", with_shard(k, *shard)));
         }
-        for (k, h) in &self.histograms {
+        for (k, v) in &m.gauges {
+            families
+                .entry(base(k))
+                .or_insert(("gauge", Vec::new()))
+                .1
+                .push(format!("{} {v}", with_shard(k, *shard)));
+        }
+        for (k, h) in &m.histograms {
+            let f = &mut families
+                .entry("sipring_latency_seconds".into())
+                .or_insert(("summary", Vec::new()))
+                .1;
             let name = format!("sipring_latency_seconds{{histogram=\"{k}\"}}");
-            if typed.insert("sipring_latency_seconds".into()) {
-                let _ = writeln!(out, "# TYPE sipring_latency_seconds summary");
-            }
             for q in [0.5, 0.9, 0.99, 0.999] {
                 let line = name.replace('}', &format!(",quantile=\"{q}\"}}"));
-                let _ = writeln!(
-                    out,
+                f.push(format!(
                     "{} {:.6}",
-                    add_label(&line),
+                    with_shard(&line, *shard),
                     h.value_at_quantile(q) as f64 / 1e6
-                );
+                ));
             }
-            let _ = writeln!(
-                out,
+            // The sum of the recorded latencies (the histogram keeps the mean exactly enough).
+            f.push(format!(
+                "{} {:.6}",
+                with_shard(&name.replace("seconds{", "seconds_sum{"), *shard),
+                h.mean() * h.len() as f64 / 1e6
+            ));
+            f.push(format!(
                 "{} {}",
-                add_label(&name.replace("seconds{", "seconds_count{")),
+                with_shard(&name.replace("seconds{", "seconds_count{"), *shard),
                 h.len()
-            );
+            ));
         }
-        out
+    }
+    let mut out = String::new();
+    for (family, (kind, samples)) in families {
+        let _ = writeln!(out, "# HELP {family} {}", help(&family));
+        let _ = writeln!(out, "# TYPE {family} {kind}");
+        for s in samples {
+            out.push_str(&s);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// One line about each metric family (docs/OPERATIONS.md has the full table).
+fn help(family: &str) -> &'static str {
+    match family {
+        "sipring_connections" => "Connections up.",
+        "sipring_connections_total" => "Connections established.",
+        "sipring_connections_refused_total" => "Connections refused by a [limits] key.",
+        "sipring_accept_errors_total" => "Accept failures.",
+        "sipring_handshakes_total" => "TLS handshakes by result.",
+        "sipring_handshakes_in_flight" => "TLS handshakes in progress.",
+        "sipring_client_hello_timeouts_total" => "Connections that sent no ClientHello in time.",
+        "sipring_tls_rejections_total" => "Refused TLS peers by reason.",
+        "sipring_ktls_available" => "1 when the kernel TLS probe succeeded.",
+        "sipring_ktls_fallback_total" => "Connections kept in userspace TLS, by reason.",
+        "sipring_messages_in_total" => "Framed messages received, by method or response.",
+        "sipring_register_total" => "REGISTER outcomes by status.",
+        "sipring_bindings" => "Registered contacts.",
+        "sipring_registered_aors" => "AORs with bindings.",
+        "sipring_transactions" => "Live transactions by role.",
+        "sipring_requests_in_progress" => "Requests waiting for a final answer.",
+        "sipring_pending_lookups" => "Cross-shard lookups and registrations in flight.",
+        "sipring_requests_forwarded_total" => "Client transactions started.",
+        "sipring_local_responses_total" => "Responses generated here.",
+        "sipring_requests_rejected_total" => "Malformed requests answered with an error.",
+        "sipring_responses_dropped_total" => "Responses not ours or without a transaction.",
+        "sipring_parse_errors_total" => "Framing or parse errors that closed a connection.",
+        "sipring_cross_shard_total" => "Mesh messages sent, by operation.",
+        "sipring_overload_503_total" => "503s because a cross-shard channel was full.",
+        "sipring_queue_drops_total" => "Messages dropped, by queue.",
+        "sipring_writes_queued_total" => "Writes queued for back-pressure.",
+        "sipring_idle_timeouts_total" => "Connections closed by the idle sweep.",
+        "sipring_partial_timeouts_total" => "Connections closed for an incomplete message.",
+        "sipring_partial_budget_drops_total" => "Connections dropped for the partial budget.",
+        "sipring_partial_bytes" => "Bytes held for incomplete messages.",
+        "sipring_peer_connect_failures_total" => "Outbound partner connections that failed.",
+        "sipring_reloads_total" => "Reloads applied or refused.",
+        "sipring_auth_challenges_total" => "Digest challenges sent.",
+        "sipring_sip_refusals_total" => "Requests refused for who sent them, by reason.",
+        "sipring_auth_failure_sources" => "Source addresses tracked for failed attempts.",
+        "sipring_auth_nonce_flows" => "Connections with nonce-count state.",
+        "sipring_latency_seconds" => "Latency quantiles of each histogram.",
+        _ => "A sipring metric (docs/OPERATIONS.md).",
     }
 }
 
@@ -293,9 +361,15 @@ mod tests {
                 .all(|w| w[0].2 <= w[1].2 && w[0].1 <= w[1].1)
         );
         assert!((rows.last().unwrap().0 - 10.0).abs() < 0.05, "max 10 ms");
-        let prom = a.prometheus(Some(1));
+        let prom = exposition(&[(Some(1), &a), (Some(2), &b)]);
         assert!(
             prom.contains("sipring_messages_total{shard=\"1\",method=\"INVITE\"} 7"),
+            "{prom}"
+        );
+        assert_eq!(
+            prom.matches("# TYPE sipring_messages_total counter")
+                .count(),
+            1,
             "{prom}"
         );
         assert!(prom.contains("quantile=\"0.99\""));

@@ -98,7 +98,9 @@ impl PerSource {
 /// open less a reserve for everything that is not a client connection.
 pub fn connection_budget(cfg: &Config, shards: usize) -> usize {
     let (nofile, _) = sys::probe::nofile();
-    let reserve = 64 + 8 * shards + cfg.peer.len() * shards;
+    // The admin endpoint, listeners, io_uring rings and event fds, partner links, files, and
+    // descriptors of refused connections whose asynchronous close is still pending.
+    let reserve = 128 + 16 * shards + cfg.peer.len() * shards;
     let room = (nofile as usize).saturating_sub(reserve).max(1);
     match cfg.limits.max_connections {
         0 => room,

@@ -481,7 +481,7 @@ impl Shard {
         let label = message_label(bytes);
         {
             let mut m = self.metrics.borrow_mut();
-            m.inc(&format!("sipring_messages_in_total{{kind=\"{label}\"}}"), 1);
+            m.inc(messages_in_name(label), 1);
         }
         self.proxy.borrow_mut().handle_message(t0, flow, bytes);
         self.pump(Some(Stamp { t0, label }));
@@ -596,10 +596,7 @@ impl Shard {
 
     /// A request refused for who sent it: counted by reason, logged at most once a second.
     fn refused(&self, r: &sipring_core::policy::Refusal) {
-        self.count(&format!(
-            "sipring_sip_refusals_total{{reason=\"{}\"}}",
-            r.label
-        ));
+        self.count(refusal_name(r.label));
         if let Some(left_out) = self.policy_log.allow(Instant::now()) {
             tracing::warn!(
                 source = ?r.source,
@@ -842,10 +839,7 @@ impl Shard {
         }
         let mut m = self.metrics.borrow_mut();
         m.gauge("sipring_bindings", after as i64 - before as i64);
-        m.inc(
-            &format!("sipring_register_total{{status=\"{}\"}}", reply.code),
-            1,
-        );
+        m.inc(register_name(reply.code), 1);
         reply
     }
 
@@ -1089,6 +1083,108 @@ pub fn message_label(bytes: &[u8]) -> &'static str {
     }
     let end = bytes.iter().position(|&b| b == b' ').unwrap_or(0);
     sipring_core::Method::from_bytes(&bytes[..end]).label()
+}
+
+/// `sipring_messages_in_total{kind="<label>"}` without formatting a name per message.
+pub fn messages_in_name(label: &'static str) -> &'static str {
+    macro_rules! names {
+        ($($l:literal),*) => {
+            match label {
+                $($l => concat!("sipring_messages_in_total{kind=\"", $l, "\"}"),)*
+                _ => "sipring_messages_in_total{kind=\"other\"}",
+            }
+        };
+    }
+    names!(
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "REGISTER",
+        "OPTIONS",
+        "MESSAGE",
+        "INFO",
+        "UPDATE",
+        "PRACK",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "REFER",
+        "PUBLISH",
+        "response"
+    )
+}
+
+/// `sipring_register_total{status="…"}` for a registrar reply, without formatting.
+pub fn register_name(code: u16) -> &'static str {
+    macro_rules! names {
+        ($($c:literal),*) => {
+            match code {
+                $($c => concat!("sipring_register_total{status=\"", $c, "\"}"),)*
+                _ => "sipring_register_total{status=\"other\"}",
+            }
+        };
+    }
+    names!(200, 400, 401, 403, 404, 420, 423, 480, 500, 503)
+}
+
+/// `sipring_sip_refusals_total{reason="…"}` for a policy refusal label, without formatting.
+pub fn refusal_name(label: &'static str) -> &'static str {
+    macro_rules! names {
+        ($($l:literal),*) => {
+            match label {
+                $($l => concat!("sipring_sip_refusals_total{reason=\"", $l, "\"}"),)*
+                _ => "sipring_sip_refusals_total{reason=\"other\"}",
+            }
+        };
+    }
+    names!(
+        "auth_malformed",
+        "auth_uri_mismatch",
+        "auth_algorithm",
+        "auth_unknown_user",
+        "auth_wrong_password",
+        "auth_replay",
+        "auth_blocked",
+        "register_not_owner",
+        "register_foreign_aor",
+        "register_aors_per_connection",
+        "from_not_identity",
+        "partner_from_domain",
+        "partner_pai_domain",
+        "partner_register",
+        "relay_not_allowed",
+        "unknown_partner",
+        "forged_flow_token"
+    )
+}
+
+/// The forward-latency histogram of a message label, likewise.
+pub fn forward_name(label: &'static str) -> &'static str {
+    macro_rules! names {
+        ($($l:literal),*) => {
+            match label {
+                $($l => concat!("forward_", $l),)*
+                _ => "forward_other",
+            }
+        };
+    }
+    names!(
+        "INVITE",
+        "ACK",
+        "BYE",
+        "CANCEL",
+        "REGISTER",
+        "OPTIONS",
+        "MESSAGE",
+        "INFO",
+        "UPDATE",
+        "PRACK",
+        "SUBSCRIBE",
+        "NOTIFY",
+        "REFER",
+        "PUBLISH",
+        "response"
+    )
 }
 
 /// Runs the mesh receivers of a shard (one task per peer shard).

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(__file__))
 from harness import (SIPRING, Baresip, Proc, free_port, metric, metrics, wait_for,  # noqa: E402
@@ -86,6 +87,15 @@ address = "127.0.0.1:{self.admin}"
 
     def stop(self):
         self.proc.stop()
+
+
+def promtool_clean(srv):
+    """Both metrics endpoints pass `promtool check metrics` (each family once, with HELP and
+    TYPE): what a Prometheus user would lint."""
+    for path in ("/metrics", "/metrics/shards"):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{srv.admin}{path}", timeout=5).read()
+        r = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
+        assert r.returncode == 0, f"promtool on {path}: {r.stdout.decode()} {r.stderr.decode()}"
 
 
 def quiet_after_ack(srv, settle=1.6):
@@ -167,6 +177,7 @@ def scenario_baresip(work, outbound, algorithms="[\"MD5\"]"):
         quiet_after_ack(srv)
         hang_up(a, b, name)
         crossed(srv, acks, byes)
+        promtool_clean(srv)
     except BaseException:
         print(srv.proc.log()[-4000:])
         raise
@@ -253,6 +264,7 @@ crls = ["{kpki}/ca.crl"]
         assert m.get('sipring_tls_rejections_total{reason="name_not_trusted"}', 0) == 0
         refused = {k: v for k, v in m.items() if k.startswith("sipring_sip_refusals_total")}
         assert not refused, f"sipring refused requests: {refused}"
+        promtool_clean(srv)
     except BaseException:
         print(srv.proc.log()[-4000:])
         if kam is not None:

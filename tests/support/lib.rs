@@ -296,16 +296,25 @@ pub mod server {
 
     /// An admin request; returns (status line, body).
     pub fn admin(addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+        try_admin(addr, method, path).expect("admin")
+    }
+
+    /// [`admin`], or the error (a server under attack may refuse one for a moment).
+    pub fn try_admin(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+    ) -> std::io::Result<(String, String)> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).expect("admin");
-        write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
         let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        s.read_to_string(&mut out)?;
         let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        (
+        Ok((
             head.lines().next().unwrap_or_default().to_string(),
             body.to_string(),
-        )
+        ))
     }
 
     /// The value of one metric line in Prometheus text (first match of `name` exactly).
@@ -321,7 +330,9 @@ pub mod server {
     pub fn wait_metrics(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let m = admin_get(addr, "/metrics");
+            let m = try_admin(addr, "GET", "/metrics")
+                .map(|(_, b)| b)
+                .unwrap_or_default();
             if f(&m) {
                 return m;
             }
