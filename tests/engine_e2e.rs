@@ -297,6 +297,30 @@ fn a_dead_connection_fails_its_transaction_and_leaves_no_state() {
             && metric(m, "sipring_connections{kind=\"tls\"}") == Some(1.0)
     });
     assert_eq!(metric(&m, "sipring_connections{kind=\"tls\"}"), Some(1.0));
+    // A connection whose binding lives on the other shard (its AOR's owner): closing it
+    // must reach that shard, and only the shards involved hear of it.
+    let mut others = Vec::new();
+    for i in 0..40 {
+        others.push(registered(&pki, &srv, &format!("u{i}")));
+        let m = admin_get(admin, "/metrics");
+        if metric(&m, "sipring_cross_shard_total{op=\"register\"}").unwrap_or(0.0) > 0.0 {
+            break;
+        }
+    }
+    wait_metrics(admin, "a REGISTER that crossed shards", |m| {
+        metric(m, "sipring_cross_shard_total{op=\"register\"}").unwrap_or(0.0) > 0.0
+    });
+    let n = others.len() as f64;
+    wait_metrics(admin, "their bindings", |m| {
+        metric(m, "sipring_bindings") == Some(1.0 + n)
+    });
+    for ua in others {
+        ua.kill();
+    }
+    wait_metrics(admin, "their bindings gone, on every shard", |m| {
+        metric(m, "sipring_bindings") == Some(1.0)
+            && metric(m, "sipring_connections{kind=\"tls\"}") == Some(1.0)
+    });
     srv.stop();
     srv.join().unwrap();
 }

@@ -24,6 +24,8 @@ struct Net {
     /// Everything the proxy sent, per flow, not yet read by the test.
     inbox: Vec<(Flow, Vec<u8>)>,
     closed: Vec<Flow>,
+    /// Refusals for load (the open policy refuses nothing else).
+    refused: Vec<&'static str>,
 }
 
 impl Net {
@@ -48,6 +50,7 @@ impl Net {
             store: MemoryStore::default(),
             inbox: Vec::new(),
             closed: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -102,6 +105,7 @@ impl Net {
                 }
                 Output::Close { flow, .. } => self.closed.push(flow),
                 Output::Relay { .. } => panic!("a single shard never relays"),
+                Output::Refused(r) if r.label == "transactions_full" => self.refused.push(r.label),
                 Output::Refused(r) => panic!("an open policy refused {r:?}"),
             }
         }
@@ -514,4 +518,130 @@ fn local_answers_and_retransmissions() {
     n.send(&B, &answer(&m, 200, "OK", "b"));
     assert_eq!(status(&n.one(&A)), 200);
     n.assert_idle_after_timers();
+}
+
+#[test]
+fn timer_c_cancels_a_branch_that_rings_forever() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-c1"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    assert_eq!(status(&n.one(&A)), 180);
+    // A provisional response restarts Timer C (RFC 3261 16.7 step 2).
+    n.advance(Duration::from_secs(100));
+    n.send(&B, &answer(&fwd, 183, "Session Progress", "b1"));
+    assert_eq!(status(&n.one(&A)), 183);
+    n.advance(Duration::from_secs(180));
+    assert!(n.take(&B).is_empty(), "Timer C is more than 3 minutes");
+    n.advance(Duration::from_secs(1));
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL", "Timer C cancels a branch that rang");
+    // The callee answers the CANCEL but never the INVITE: 64*T1 later the branch fails.
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.advance(Duration::from_secs(31));
+    assert!(n.take(&A).is_empty());
+    n.advance(Duration::from_secs(1));
+    assert_eq!(status(&n.one(&A)), 408);
+    n.assert_idle_after_timers();
+    // A callee that does answer the CANCEL ends the call with its 487, as usual.
+    n.send(&A, &invite("z9hG4bKa2", "call-c2"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    n.advance(Duration::from_secs(181));
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL");
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    let to_a: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(to_a, [180, 487]);
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn transactions_are_capped() {
+    let mut n = Net::new();
+    n.proxy.set_max_transactions(3);
+    n.register("bob", &B, "10.0.0.2:5061");
+    // The REGISTER's transaction has ended (reliable transport: Timer J is zero).
+    n.advance(Duration::from_millis(1));
+    for i in 0..3 {
+        n.send(&A, &invite(&format!("z9hG4bKcap{i}"), &format!("cap-{i}")));
+    }
+    assert_eq!(n.take(&B).len(), 3);
+    n.take(&A);
+    n.send(&A, &invite("z9hG4bKcap3", "cap-3"));
+    let r = n.one(&A);
+    assert_eq!(status(&r), 503, "{}", String::from_utf8_lossy(&r));
+    assert!(
+        String::from_utf8_lossy(&r).contains("\r\nRetry-After: 5\r\n"),
+        "{}",
+        String::from_utf8_lossy(&r)
+    );
+    assert_eq!(n.refused, ["transactions_full"]);
+    assert!(
+        n.take(&B).is_empty(),
+        "the request beyond the cap is not forwarded"
+    );
+    assert_eq!(n.proxy.load().0, 3, "and holds no state");
+    // Timer B ends the three; then there is room again.
+    n.advance(Duration::from_secs(32));
+    assert_eq!(n.take(&A).len(), 3);
+    n.assert_idle_after_timers();
+    n.send(&A, &invite("z9hG4bKcap4", "cap-4"));
+    assert_eq!(n.take(&B).len(), 1);
+}
+
+#[test]
+fn a_closing_flow_touches_only_its_own_transactions() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.register("carol", &B2, "10.0.0.3:5061");
+    // Many calls to bob from many callers, one call to carol.
+    for i in 0..200u64 {
+        let caller = Flow::Conn(100 + i);
+        n.send(
+            &caller,
+            &invite(&format!("z9hG4bKm{i}"), &format!("many-{i}")),
+        );
+        n.take(&caller);
+    }
+    let to_bob = n.take(&B);
+    assert_eq!(to_bob.len(), 200);
+    let carol = invite("z9hG4bKc1", "carol-1");
+    let carol = String::from_utf8_lossy(&carol).replace("sip:bob@", "sip:carol@");
+    n.send(&A, carol.as_bytes());
+    n.take(&A);
+    let fwd = n.one(&B2);
+    n.send(&B2, &answer(&fwd, 180, "Ringing", "c1"));
+    n.take(&A);
+    // Carol's connection dies: her caller gets 503, bob's 200 callers nothing.
+    n.proxy.handle_flow_closed(n.now, &B2);
+    n.pump();
+    assert_eq!(status(&n.one(&A)), 503);
+    assert!(n.inbox.is_empty(), "{:?}", n.inbox.len());
+    assert_eq!(n.proxy.in_progress(), 200, "bob's calls still ring");
+    // Bob answers every call, one after another on the same connection: the connection's
+    // index of transactions stays bounded by what is live, not by what it ever carried.
+    for (i, f) in to_bob.iter().enumerate() {
+        n.send(&B, &answer(f, 486, "Busy Here", "b"));
+        n.take(&B);
+        n.take(&Flow::Conn(100 + i as u64));
+        n.advance(Duration::from_millis(1));
+        assert!(
+            n.proxy.indexed(&B) <= (2 * (199 - i)).max(16),
+            "{} entries for {} live transactions",
+            n.proxy.indexed(&B),
+            199 - i
+        );
+    }
+    n.assert_idle_after_timers();
+    // Bob's connection closing now has nothing to fail.
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.pump();
+    assert!(n.inbox.is_empty());
+    assert_eq!(n.proxy.indexed(&B), 0);
 }

@@ -1,5 +1,7 @@
 //! Per-shard tables and the cross-shard hop: registrar insert/lookup on a 100k-binding table,
-//! and one message over glommio's mesh channel between two pinned executors.
+//! a whole REGISTER (parse, validate, registrar) and a connection's close at 1,000 and at
+//! 1,000,000 AORs (issue 15 #5: the registrar must not grow with its table), and one message
+//! over glommio's mesh channel between two pinned executors.
 //!
 //! Run: `cargo bench -p sipring-benches --bench tables`
 
@@ -56,6 +58,91 @@ fn bench_registrar(c: &mut Criterion) {
     g.finish();
 }
 
+/// A REGISTER refreshing `sip:u{i}@example.com` from flow `i` (CSeq `cseq`).
+fn register_bytes(i: u64, cseq: u32) -> Vec<u8> {
+    format!(
+        "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.{a}.{b}:5061;branch=z9hG4bK{i}x{cseq}\r\nMax-Forwards: 70\r\nTo: <sip:u{i}@example.com>\r\nFrom: <sip:u{i}@example.com>;tag=t{i}\r\nCall-ID: c{i}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:u{i}@10.0.{a}.{b}:5061;transport=tls>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n",
+        a = i / 250 % 250,
+        b = i % 250
+    )
+    .into_bytes()
+}
+
+/// Runs one REGISTER through parse, validation and the registrar, as the owner shard does.
+fn register_once(
+    reg: &Registrar,
+    store: &mut MemoryStore,
+    now: Instant,
+    bytes: &[u8],
+    flow: u64,
+) -> u16 {
+    use sipring_core::{Framing, Header, Limits, Status, parse};
+    let limits = Limits::default();
+    let mut h = [Header::EMPTY; 64];
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
+        panic!("unparseable REGISTER")
+    };
+    let e = m.validate(&limits).expect("valid REGISTER");
+    let aor = reg.aor(&e).expect("an AOR");
+    reg.handle_register(now, &m, &e, &aor, flow, store).code
+}
+
+fn bench_registrar_scale(c: &mut Criterion) {
+    let mut g = c.benchmark_group("registrar_scale");
+    g.throughput(Throughput::Elements(1));
+    let reg = Registrar::default();
+    for n in [1_000u64, 100_000, 1_000_000] {
+        let now = Instant::now();
+        let mut store = MemoryStore::default();
+        for i in 0..n {
+            store.put(&format!("sip:u{i}@example.com"), vec![binding(i, now)]);
+        }
+        let store = std::cell::RefCell::new(store);
+        let mut i = 0u64;
+        let mut cseq = 1u32;
+        let mut next_flow = n;
+        // A refresh of a random registered AOR: the message is built outside the timing.
+        g.bench_function(format!("register_refresh/{n}"), |b| {
+            b.iter_batched(
+                || {
+                    i = (i + 7919) % n;
+                    cseq += 1;
+                    (i, register_bytes(i, cseq))
+                },
+                |(i, bytes)| {
+                    let code = register_once(&reg, &mut store.borrow_mut(), now, &bytes, i);
+                    assert_eq!(code, 200);
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        // A connection closes: its one binding goes (the AOR keeps its other one); the rest
+        // of the table is not visited.
+        g.bench_function(format!("close_flow/{n}"), |b| {
+            b.iter_batched(
+                || {
+                    i = (i + 7919) % n;
+                    let aor = format!("sip:u{i}@example.com");
+                    let mut store = store.borrow_mut();
+                    let mut v = store.get(&aor).to_vec();
+                    let mut extra = binding(i, now);
+                    // A flow of its own each time (a batch may visit an AOR twice).
+                    next_flow += 1;
+                    extra.flow = next_flow;
+                    extra.contact = format!("sip:f{next_flow}@10.9.0.1:5061;transport=tls");
+                    v.push(extra);
+                    store.put(&aor, v);
+                    next_flow
+                },
+                |flow| assert_eq!(store.borrow_mut().remove_flow(flow), 1),
+                BatchSize::SmallInput,
+            )
+        });
+        assert_eq!(store.borrow().len() as u64, n, "the table kept its size");
+    }
+    g.finish();
+}
+
 fn bench_mesh_hop(c: &mut Criterion) {
     use glommio::channels::channel_mesh::MeshBuilder;
     let mut g = c.benchmark_group("mesh");
@@ -101,5 +188,10 @@ fn bench_mesh_hop(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_registrar, bench_mesh_hop);
+criterion_group!(
+    benches,
+    bench_registrar,
+    bench_registrar_scale,
+    bench_mesh_hop
+);
 criterion_main!(benches);

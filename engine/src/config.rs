@@ -356,6 +356,12 @@ pub struct RegistrarSection {
     /// Most AORs one connection may register (another gets 403): with `max_contacts`, this
     /// bounds the bindings a connection creates. Default 16.
     pub max_aors_per_connection: usize,
+    /// How many AORs that registered once (and have no binding now) the node remembers, to
+    /// answer 480 rather than 404 for them; the oldest are forgotten first. Default 1000000.
+    pub remember_aors: usize,
+    /// Timer C (RFC 3261 §16.6, more than 3 minutes): an INVITE branch ringing this long is
+    /// cancelled, in seconds. Default 181.
+    pub timer_c_s: u64,
 }
 
 impl Default for RegistrarSection {
@@ -367,6 +373,8 @@ impl Default for RegistrarSection {
             max_contacts: 10,
             max_contact_bytes: 1024,
             max_aors_per_connection: 16,
+            remember_aors: 1_000_000,
+            timer_c_s: 181,
         }
     }
 }
@@ -412,6 +420,9 @@ pub struct LimitsConfig {
     /// Bytes all connections of a shard may hold for incomplete messages; past it the
     /// connection holding the most is dropped. Default 67108864 (64 MiB).
     pub partial_bytes_per_shard: usize,
+    /// Most server transactions per shard (requests being answered or absorbing
+    /// retransmissions); a request beyond gets a stateless 503 with Retry-After. Default 50000.
+    pub max_transactions_per_shard: usize,
 }
 
 impl Default for LimitsConfig {
@@ -431,6 +442,7 @@ impl Default for LimitsConfig {
             write_queue_bytes: 1 << 20,
             partial_timeout_ms: 5000,
             partial_bytes_per_shard: 64 << 20,
+            max_transactions_per_shard: 50_000,
         }
     }
 }
@@ -694,6 +706,18 @@ impl Config {
             e(
                 "registrar.default_expires_s".into(),
                 "outside min_expires_s..=max_expires_s",
+            );
+        }
+        if r.timer_c_s <= 180 {
+            e(
+                "registrar.timer_c_s".into(),
+                "RFC 3261 §16.6 requires more than 3 minutes (181 or more)",
+            );
+        }
+        if self.limits.max_transactions_per_shard == 0 {
+            e(
+                "limits.max_transactions_per_shard".into(),
+                "must be positive",
             );
         }
         if self.limits.max_message < 1024 {

@@ -685,6 +685,9 @@ pub struct Conn {
     partial_since: Cell<Option<Instant>>,
     /// Bytes held for it (plaintext and undecrypted TLS input).
     partial_len: Cell<usize>,
+    /// The other shards that hold state on this connection (bindings it registered, client
+    /// transactions sent over it), one bit each: only they hear that it closed.
+    involved: Cell<u64>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -707,6 +710,19 @@ pub enum SendError {
 }
 
 impl Conn {
+    /// Notes that shard `shard` holds state on this connection. Beyond 64 shards every
+    /// shard counts as involved.
+    pub fn involve(&self, shard: usize) {
+        let bit = if shard < 64 { 1u64 << shard } else { u64::MAX };
+        self.involved.set(self.involved.get() | bit);
+    }
+
+    /// Whether shard `shard` may hold state on this connection.
+    pub fn involves(&self, shard: usize) -> bool {
+        let bits = self.involved.get();
+        bits == u64::MAX || (shard < 64 && bits & (1u64 << shard) != 0)
+    }
+
     fn new(
         id: FlowId,
         est: Established,
@@ -732,6 +748,7 @@ impl Conn {
             closing: Cell::new(Closing::No),
             partial_since: Cell::new(None),
             partial_len: Cell::new(0),
+            involved: Cell::new(0),
         })
     }
 

@@ -31,7 +31,7 @@ use sipring_core::stateful::{Output, ShardProxy};
 use sipring_core::transaction::TimerConfig;
 use sipring_core::{Framing, Header, Status, parse};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -92,6 +92,8 @@ pub enum ShardMsg {
     },
     /// Write bytes to a connection this shard owns.
     Send {
+        /// The sending shard (it now holds state on the connection: it hears of its close).
+        from: usize,
         /// The connection.
         conn: FlowId,
         /// One whole message.
@@ -248,7 +250,7 @@ pub struct Shard {
     pub proxy: RefCell<ShardProxy>,
     registrar: Registrar,
     store: RefCell<MemoryStore>,
-    known: RefCell<HashSet<String>>,
+    known: RefCell<sipring_core::registrar::KnownAors>,
     /// Live connections owned by this shard.
     pub conns: RefCell<HashMap<FlowId, ConnHandle>>,
     /// Outbound partner links.
@@ -397,6 +399,9 @@ impl Shard {
             id as u16,
         );
         proxy.set_max_aors_per_flow(r.max_aors_per_connection);
+        proxy.set_max_transactions(cfg.limits.max_transactions_per_shard);
+        proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
+        let remember = r.remember_aors.div_ceil(n.max(1));
         Shard {
             id,
             n,
@@ -406,7 +411,7 @@ impl Shard {
             proxy: RefCell::new(proxy),
             registrar,
             store: RefCell::new(MemoryStore::default()),
-            known: RefCell::new(HashSet::new()),
+            known: RefCell::new(sipring_core::registrar::KnownAors::new(remember)),
             conns: RefCell::new(HashMap::new()),
             peers: RefCell::new(HashMap::new()),
             mesh,
@@ -536,6 +541,12 @@ impl Shard {
                 } => {
                     let owner = shard_for(&aor, self.n).0 as usize;
                     let Flow::Conn(fid) = flow else { continue };
+                    if owner != self.id {
+                        // Its binding will live on `owner`: it must hear when this closes.
+                        if let Some(h) = self.conns.borrow().get(&fid) {
+                            h.involve(owner);
+                        }
+                    }
                     if owner == self.id {
                         let reply = self.register(&aor, &request, fid);
                         self.proxy
@@ -618,6 +629,7 @@ impl Shard {
                 } else {
                     self.count("sipring_cross_shard_total{op=\"send\"}");
                     let msg = ShardMsg::Send {
+                        from: self.id,
                         conn: *id,
                         bytes: bytes.to_vec(),
                         stamp,
@@ -714,7 +726,8 @@ impl Shard {
         self.conns.borrow_mut().insert(id, handle);
     }
 
-    /// A connection is gone: forget it, fail its transactions, drop its bindings everywhere.
+    /// A connection is gone: forget it, fail its transactions, drop its bindings — here and
+    /// on the shards that hold state on it (no other shard hears of it).
     pub fn conn_closed(self: &Rc<Self>, id: FlowId) {
         let Some(h) = self.conns.borrow_mut().remove(&id) else {
             return;
@@ -725,7 +738,7 @@ impl Shard {
         );
         self.flow_closed(id);
         for s in 0..self.n {
-            if s != self.id {
+            if s != self.id && h.involves(s) {
                 let me = self.clone();
                 glommio::spawn_local(async move {
                     let _ = me.mesh.send_to(s, ShardMsg::FlowClosed { conn: id }).await;
@@ -835,7 +848,7 @@ impl Shard {
         let after = store.bindings();
         drop(store);
         if reply.code == 200 {
-            self.known.borrow_mut().insert(aor.to_string());
+            self.known.borrow_mut().insert(aor);
         }
         let mut m = self.metrics.borrow_mut();
         m.gauge("sipring_bindings", after as i64 - before as i64);
@@ -874,9 +887,26 @@ impl Shard {
                     .handle_register_reply(Instant::now(), token, reply);
                 self.pump(stamp);
             }
-            ShardMsg::Send { conn, bytes, stamp } => {
+            ShardMsg::Send {
+                from,
+                conn,
+                bytes,
+                stamp,
+            } => {
                 debug_assert_eq!(owner_of(conn), self.id, "Send reached the wrong shard");
-                self.send_local(conn, bytes.into(), stamp);
+                let handle = self.conns.borrow().get(&conn).cloned();
+                match handle {
+                    Some(h) => {
+                        h.involve(from);
+                        self.send_local(conn, bytes.into(), stamp);
+                    }
+                    None => {
+                        // Closed before the sender heard: tell it, so its transactions
+                        // on the connection fail now instead of timing out.
+                        self.count("sipring_queue_drops_total{queue=\"gone\"}");
+                        self.reply(from, ShardMsg::FlowClosed { conn });
+                    }
+                }
             }
             ShardMsg::Response { flow, bytes } => {
                 self.proxy
@@ -1154,7 +1184,8 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "partner_register",
         "relay_not_allowed",
         "unknown_partner",
-        "forged_flow_token"
+        "forged_flow_token",
+        "transactions_full"
     )
 }
 

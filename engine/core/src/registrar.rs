@@ -10,7 +10,8 @@ use crate::parse::{Essentials, Message};
 use crate::text::{self, trim};
 use crate::uri::{Scheme, Uri};
 use crate::values::NameAddr;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Index of a shard (one executor, one core).
@@ -104,10 +105,84 @@ pub trait BindingStore {
     fn put(&mut self, aor: &str, bindings: Vec<Binding>);
 }
 
+/// The AORs that registered recently, so a lookup can tell "registered once, not now" (480)
+/// from "never heard of" (404) — bounded, because every AOR in it came from a peer.
+///
+/// Two generations: names go into the current one; when it holds half the capacity it
+/// becomes the previous one (the older generation is dropped). A name is known while it is
+/// in either, so at most `capacity` names are held, each insert costs O(1) amortized, and an
+/// AOR is forgotten only after at least `capacity / 2` newer registrations.
+#[derive(Debug)]
+pub struct KnownAors {
+    current: std::collections::HashSet<Box<str>>,
+    previous: std::collections::HashSet<Box<str>>,
+    half: usize,
+}
+
+impl KnownAors {
+    /// A set holding at most `capacity` names (at least 2).
+    pub fn new(capacity: usize) -> KnownAors {
+        KnownAors {
+            current: Default::default(),
+            previous: Default::default(),
+            half: (capacity / 2).max(1),
+        }
+    }
+
+    /// Remembers `aor`.
+    pub fn insert(&mut self, aor: &str) {
+        if self.current.contains(aor) {
+            return;
+        }
+        if self.current.len() >= self.half {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(aor.into());
+    }
+
+    /// Did `aor` register recently?
+    pub fn contains(&self, aor: &str) -> bool {
+        self.current.contains(aor) || self.previous.contains(aor)
+    }
+
+    /// Names held (both generations; one name may count twice).
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    /// Is it empty?
+    pub fn is_empty(&self) -> bool {
+        self.current.is_empty() && self.previous.is_empty()
+    }
+}
+
 /// A `HashMap` store: what the engine uses per shard, and what tests use.
+///
+/// Every operation costs what it touches, not the table's size (the registrar must stay fast
+/// at millions of AORs): the binding count is kept, not summed; expiries sit in a wheel of
+/// one-second buckets (a small ordered map of seconds, so a refresh touches no big tree), and
+/// a purge visits only due buckets; flows are indexed to the AORs they hold, so a closed
+/// connection removes its bindings without a scan.
+///
+/// The wheel is lazy: an AOR is filed under the second its earliest binding expires, and
+/// filed again only when that moves earlier; an entry found early (the AOR was refreshed) is
+/// filed again at its new time, one found for a removed AOR is dropped. Whenever the wheel
+/// holds more than twice the AORs (plus 1024) it is rebuilt from the table, so it stays
+/// within that bound at O(1) amortized cost per operation.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    map: HashMap<String, Vec<Binding>>,
+    map: HashMap<Rc<str>, Vec<Binding>>,
+    bindings: usize,
+    /// Second (since `base`, rounded up) → AORs filed there.
+    wheel: BTreeMap<u64, Vec<Rc<str>>>,
+    wheel_len: usize,
+    base: Option<Instant>,
+    /// Flow → AORs with at least one binding over it (with multiplicity per binding).
+    by_flow: HashMap<FlowId, Vec<Rc<str>>>,
+}
+
+fn earliest(bindings: &[Binding]) -> Option<Instant> {
+    bindings.iter().map(|b| b.expires_at).min()
 }
 
 impl MemoryStore {
@@ -121,30 +196,151 @@ impl MemoryStore {
         self.map.is_empty()
     }
 
-    /// Total bindings.
+    /// Total bindings (kept, not counted: O(1)).
     pub fn bindings(&self) -> usize {
-        self.map.values().map(Vec::len).sum()
+        self.bindings
+    }
+
+    /// The wheel's second for `t`: rounded up (an AOR is never looked at before it is due).
+    fn second_after(&mut self, t: Instant) -> u64 {
+        // A day before the first time seen: times before the base all land in second 0.
+        let base = *self
+            .base
+            .get_or_insert_with(|| t.checked_sub(Duration::from_secs(86_400)).unwrap_or(t));
+        let d = t.saturating_duration_since(base);
+        d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    }
+
+    /// The wheel's second for `now`, rounded down.
+    fn second_before(&self, now: Instant) -> u64 {
+        self.base
+            .map_or(0, |b| now.saturating_duration_since(b).as_secs())
+    }
+
+    fn file(&mut self, at: Instant, aor: Rc<str>) {
+        let s = self.second_after(at);
+        self.file_in(s, aor);
+    }
+
+    fn file_in(&mut self, s: u64, aor: Rc<str>) {
+        self.wheel.entry(s).or_default().push(aor);
+        self.wheel_len += 1;
+        if self.wheel_len > 2 * self.map.len() + 1024 {
+            self.rebuild_wheel();
+        }
+    }
+
+    fn rebuild_wheel(&mut self) {
+        let filed: Vec<(Instant, Rc<str>)> = self
+            .map
+            .iter()
+            .filter_map(|(k, v)| Some((earliest(v)?, k.clone())))
+            .collect();
+        self.wheel.clear();
+        self.wheel_len = filed.len();
+        for (t, k) in filed {
+            let s = self.second_after(t);
+            self.wheel.entry(s).or_default().push(k);
+        }
+    }
+
+    /// Entries held by the expiry wheel (at most twice the AORs, plus 1024).
+    pub fn wheel_len(&self) -> usize {
+        self.wheel_len
     }
 
     /// Drops expired bindings and empty AORs; returns how many bindings were removed.
+    /// Visits only the AORs filed in seconds that are due.
     pub fn purge(&mut self, now: Instant) -> usize {
-        let before = self.bindings();
-        self.map.retain(|_, v| {
-            v.retain(|b| b.expires_at > now);
-            !v.is_empty()
-        });
-        before - self.bindings()
+        let due = self.second_before(now);
+        let mut removed = 0;
+        while let Some(entry) = self.wheel.first_entry() {
+            if *entry.key() > due {
+                break;
+            }
+            let aors = entry.remove();
+            self.wheel_len -= aors.len();
+            for aor in aors {
+                let Some(old) = self.map.get(&aor) else {
+                    continue; // removed since it was filed
+                };
+                let Some(t) = earliest(old) else { continue };
+                if t > now {
+                    // Refreshed since it was filed: file it again at its time (after this
+                    // purge's seconds whatever the rounding, so the loop ends).
+                    let s = self.second_after(t).max(due + 1);
+                    self.file_in(s, aor);
+                    continue;
+                }
+                let live: Vec<Binding> =
+                    old.iter().filter(|b| b.expires_at > now).cloned().collect();
+                removed += old.len() - live.len();
+                if let Some(t) = earliest(&live) {
+                    // `put` files an AOR only when its expiry moves earlier; this one's entry
+                    // was just taken from the wheel.
+                    let s = self.second_after(t).max(due + 1);
+                    self.file_in(s, aor.clone());
+                }
+                self.put(&aor, live);
+            }
+        }
+        removed
     }
 
     /// A flow died: drop every binding registered over it (RFC 5626 §5.2: a failed flow is
-    /// not used). Returns how many were removed.
+    /// not used). Returns how many were removed. Visits only the AORs that flow holds.
     pub fn remove_flow(&mut self, flow: FlowId) -> usize {
-        let before = self.bindings();
-        self.map.retain(|_, v| {
-            v.retain(|b| b.flow != flow);
-            !v.is_empty()
-        });
-        before - self.bindings()
+        let Some(mut aors) = self.by_flow.remove(&flow) else {
+            return 0;
+        };
+        aors.sort();
+        aors.dedup();
+        let mut removed = 0;
+        for aor in aors {
+            let Some(old) = self.map.get(&aor) else {
+                continue;
+            };
+            // The flow's index entries went with its list; the other bindings' stay, and
+            // the wheel entry (filed at an expiry no later than what remains) refiles itself.
+            let keep: Vec<Binding> = old.iter().filter(|b| b.flow != flow).cloned().collect();
+            let gone = old.len() - keep.len();
+            removed += gone;
+            self.bindings -= gone;
+            if keep.is_empty() {
+                self.map.remove(&aor);
+            } else if let Some(v) = self.map.get_mut(&aor) {
+                *v = keep;
+            }
+        }
+        removed
+    }
+}
+
+/// Updates the flow index of `aor` from `old` to `new` bindings: flows that stay are not
+/// touched (a refresh over the same connection costs no index work).
+fn reindex(
+    by_flow: &mut HashMap<FlowId, Vec<Rc<str>>>,
+    aor: &Rc<str>,
+    old: &[Binding],
+    new: &[Binding],
+) {
+    let mut unmatched: Vec<FlowId> = new.iter().map(|b| b.flow).collect();
+    for b in old {
+        if let Some(i) = unmatched.iter().position(|f| *f == b.flow) {
+            unmatched.swap_remove(i);
+            continue;
+        }
+        if let Some(v) = by_flow.get_mut(&b.flow) {
+            if let Some(i) = v.iter().position(|a| a == aor) {
+                v.swap_remove(i);
+            }
+            if v.is_empty() {
+                by_flow.remove(&b.flow);
+            }
+        }
+    }
+    for f in unmatched {
+        by_flow.entry(f).or_default().push(aor.clone());
     }
 }
 
@@ -154,13 +350,40 @@ impl BindingStore for MemoryStore {
     }
 
     fn put(&mut self, aor: &str, mut bindings: Vec<Binding>) {
-        if bindings.is_empty() {
-            self.map.remove(aor);
-        } else {
-            // Stored for the registration's life: no spare capacity (a pushed-to Vec has
-            // room for four bindings; most AORs have one).
-            bindings.shrink_to_fit();
-            self.map.insert(aor.to_owned(), bindings);
+        // Stored for the registration's life: no spare capacity (a pushed-to Vec has room for
+        // four bindings; most AORs have one).
+        bindings.shrink_to_fit();
+        let new = earliest(&bindings);
+        let existing = self.map.get_key_value(aor).map(|(k, _)| k.clone());
+        let (key, old) = match existing {
+            None if bindings.is_empty() => return,
+            None => {
+                let key: Rc<str> = Rc::from(aor);
+                reindex(&mut self.by_flow, &key, &[], &bindings);
+                self.bindings += bindings.len();
+                self.map.insert(key.clone(), bindings);
+                (key, None)
+            }
+            // Emptied: its wheel entries are dropped when they come due.
+            Some(key) if bindings.is_empty() => {
+                let old = self.map.remove(&key).unwrap_or_default();
+                reindex(&mut self.by_flow, &key, &old, &[]);
+                self.bindings -= old.len();
+                return;
+            }
+            Some(key) => {
+                let slot = self.map.get_mut(&key).expect("just found");
+                reindex(&mut self.by_flow, &key, slot, &bindings);
+                self.bindings = self.bindings - slot.len() + bindings.len();
+                let old = std::mem::replace(slot, bindings);
+                (key, earliest(&old))
+            }
+        };
+        // Filed again only when its expiry moved earlier than where it is filed.
+        if let Some(t) = new
+            && old.is_none_or(|o| t < o)
+        {
+            self.file(t, key);
         }
     }
 }
@@ -685,6 +908,117 @@ mod tests {
         // Without `Supported: path` the Path is still used, but not echoed (RFC 3327 §5.3).
         let r = register(&reg, &mut st, t0, via_edge, 2, 5);
         assert!(!r.headers.iter().any(|(n, _)| *n == "Path"));
+    }
+
+    proptest::proptest! {
+        /// The store's indexes (count, expiries, flows) agree with a plain map whatever the
+        /// sequence of puts, flow closes and purges.
+        #[test]
+        fn store_indexes_agree_with_a_plain_map(ops in proptest::collection::vec((0u8..3, 0u8..6, 0u8..4, 0u8..40, 1u8..3), 1..120)) {
+            let t0 = Instant::now();
+            let mut st = MemoryStore::default();
+            let mut model: HashMap<String, Vec<Binding>> = HashMap::new();
+            let mut now = t0;
+            for (op, aor, flow, ttl, n) in ops {
+                let aor = format!("sip:u{aor}@example.com");
+                match op {
+                    0 => {
+                        let v: Vec<Binding> = (0..n)
+                            .map(|i| Binding {
+                                contact: format!("sip:c{i}@h"),
+                                q: 1000,
+                                expires_at: now + Duration::from_secs(u64::from(ttl)),
+                                call_id: "c".into(),
+                                cseq: 1,
+                                flow: u64::from(flow) + u64::from(i),
+                                instance: None,
+                                reg_id: None,
+                                params: String::new(),
+                                path: Vec::new(),
+                            })
+                            .collect();
+                        st.put(&aor, v.clone());
+                        if v.is_empty() { model.remove(&aor); } else { model.insert(aor, v); }
+                    }
+                    1 => {
+                        let f = u64::from(flow);
+                        let a = st.remove_flow(f);
+                        let mut b = 0;
+                        model.retain(|_, v| { let l = v.len(); v.retain(|x| x.flow != f); b += l - v.len(); !v.is_empty() });
+                        proptest::prop_assert_eq!(a, b);
+                    }
+                    _ => {
+                        now += Duration::from_secs(u64::from(ttl) / 2);
+                        let a = st.purge(now);
+                        let mut b = 0;
+                        model.retain(|_, v| { let l = v.len(); v.retain(|x| x.expires_at > now); b += l - v.len(); !v.is_empty() });
+                        proptest::prop_assert_eq!(a, b);
+                    }
+                }
+                proptest::prop_assert_eq!(st.bindings(), model.values().map(Vec::len).sum::<usize>());
+                proptest::prop_assert_eq!(st.len(), model.len());
+                proptest::prop_assert!(st.wheel_len() <= 2 * st.len() + 1024);
+                for (k, v) in &model {
+                    proptest::prop_assert_eq!(st.get(k), v.as_slice());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_expiry_wheel_stays_bounded_under_ever_shorter_refreshes() {
+        // Each refresh moves the AOR's expiry one second earlier: the worst case for a lazy
+        // wheel (every one files the AOR again).
+        let t0 = Instant::now();
+        let mut st = MemoryStore::default();
+        let b = |flow: u64, ttl: u64| Binding {
+            contact: format!("sip:c{flow}@h"),
+            q: 1000,
+            expires_at: t0 + Duration::from_secs(ttl),
+            call_id: "c".into(),
+            cseq: 1,
+            flow,
+            instance: None,
+            reg_id: None,
+            params: String::new(),
+            path: Vec::new(),
+        };
+        for round in 0..3000u64 {
+            for a in 0..100u64 {
+                st.put(&format!("sip:u{a}@example.com"), vec![b(a, 3600 - round)]);
+            }
+            assert!(st.wheel_len() <= 2 * 100 + 1024, "{}", st.wheel_len());
+        }
+        assert_eq!(st.bindings(), 100);
+        assert_eq!(
+            st.purge(t0 + Duration::from_secs(600)),
+            0,
+            "they expire at 601 s"
+        );
+        assert_eq!(st.purge(t0 + Duration::from_secs(601)), 100);
+        assert_eq!(st.len(), 0);
+        // Entries filed for later seconds go when those seconds come.
+        assert!(st.wheel_len() > 0);
+        assert_eq!(st.purge(t0 + Duration::from_secs(3600)), 0);
+        assert_eq!(st.wheel_len(), 0);
+    }
+
+    #[test]
+    fn known_aors_are_bounded_and_keep_the_recent_ones() {
+        let mut k = KnownAors::new(100);
+        for i in 0..10_000 {
+            k.insert(&format!("sip:u{i}@example.com"));
+            assert!(k.len() <= 100, "bounded: {} at {i}", k.len());
+        }
+        // The last half-capacity names are always remembered; old ones are gone.
+        for i in 9_950..10_000 {
+            assert!(k.contains(&format!("sip:u{i}@example.com")), "{i}");
+        }
+        assert!(!k.contains("sip:u0@example.com"));
+        // Re-registering an old name does not grow the set.
+        let before = k.len();
+        k.insert("sip:u9999@example.com");
+        assert_eq!(k.len(), before);
     }
 
     #[test]

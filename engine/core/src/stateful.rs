@@ -17,9 +17,13 @@
 //! Call order: any `handle_*`, then drain [`ShardProxy::poll_output`], then re-arm the
 //! timer from [`ShardProxy::poll_timeout`]. State is `!Send` on purpose: one shard owns it.
 //!
-//! Not done here: Timer C (the 3-minute INVITE guard; a proxied INVITE without a final
-//! response lives until Timer B fires or the caller cancels), forking policy beyond
-//! parallel forking to all bindings, and RFC 2543 transaction matching.
+//! Bounded: server transactions are capped ([`ShardProxy::set_max_transactions`]; past it a
+//! request is answered 503 statelessly), a proxied INVITE branch is guarded by Timer C
+//! (RFC 3261 §16.8: CANCEL if it rang, 408 if it did not), and every transaction is indexed by
+//! its connection, so a closing connection costs what it holds, not the table size.
+//!
+//! Not done here: forking policy beyond parallel forking to all bindings, and RFC 2543
+//! transaction matching.
 
 use crate::error::ParseError;
 use crate::header::Header;
@@ -35,6 +39,9 @@ use crate::transaction::{
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
+
+/// Timer C's default: RFC 3261 §16.6 asks for more than 3 minutes.
+pub const TIMER_C: std::time::Duration = std::time::Duration::from_secs(181);
 
 /// Message bytes shared between a transaction and the output queue.
 pub type Bytes = Rc<[u8]>;
@@ -133,12 +140,16 @@ struct Client {
     got_provisional: bool,
     final_received: bool,
     cancel_when_provisional: bool,
+    /// Timer C fired once (a CANCEL went out): the next firing fails the branch.
+    timer_c_fired: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKey {
     Server(TxKey),
     Client(TxKey),
+    /// RFC 3261 §16.6 step 11: an INVITE branch's guard against ringing forever.
+    TimerC(TxKey),
 }
 
 #[derive(Debug)]
@@ -157,6 +168,15 @@ enum BranchResponse {
     Local(Bytes),
 }
 
+/// The transactions of one flow. Entries of finished transactions are dropped lazily:
+/// when they outnumber the live ones (from 16 entries), so the list stays within twice its
+/// live transactions and each entry is dropped once (O(1) amortized); an idle flow has none.
+#[derive(Debug, Default)]
+struct FlowTxns {
+    keys: Vec<TimerKey>,
+    live: usize,
+}
+
 /// The stateful proxy of one shard; see the module docs.
 #[derive(Debug)]
 pub struct ShardProxy {
@@ -173,6 +193,10 @@ pub struct ShardProxy {
     /// The AORs each connection registered (bounded: `max_aors_per_flow` each).
     flow_aors: HashMap<Flow, Vec<String>>,
     max_aors_per_flow: usize,
+    /// The transactions each flow carries (server: came in on it; client: goes out on it).
+    by_flow: HashMap<Flow, FlowTxns>,
+    max_transactions: usize,
+    timer_c: std::time::Duration,
     policy: Policy,
     out: VecDeque<Output>,
     next_id: u64,
@@ -214,6 +238,9 @@ impl ShardProxy {
             flows: HashMap::new(),
             flow_aors: HashMap::new(),
             max_aors_per_flow: 16,
+            by_flow: HashMap::new(),
+            max_transactions: 50_000,
+            timer_c: TIMER_C,
             policy,
             out: VecDeque::new(),
             next_id: 0,
@@ -255,10 +282,77 @@ impl ShardProxy {
     /// connection closing after a framing error waits for, so a valid request ahead of the
     /// garbage is answered.
     pub fn in_progress_on(&self, flow: &Flow) -> usize {
-        self.servers
-            .values()
-            .filter(|s| &s.inbound == flow && !s.final_sent)
+        let Some(t) = self.by_flow.get(flow) else {
+            return 0;
+        };
+        t.keys
+            .iter()
+            .filter(|k| match k {
+                TimerKey::Server(k) => self
+                    .servers
+                    .get(k)
+                    .is_some_and(|s| &s.inbound == flow && !s.final_sent),
+                _ => false,
+            })
             .count()
+    }
+
+    /// Index entries held for `flow` (live transactions plus not yet compacted ones): at most
+    /// twice its live transactions, or 16.
+    pub fn indexed(&self, flow: &Flow) -> usize {
+        self.by_flow.get(flow).map_or(0, |t| t.keys.len())
+    }
+
+    /// Most server transactions this shard holds at once (a request beyond gets a stateless
+    /// 503 with Retry-After). Default 50,000.
+    pub fn set_max_transactions(&mut self, n: usize) {
+        self.max_transactions = n;
+    }
+
+    /// Timer C (RFC 3261 §16.6: more than 3 minutes). Default 3 minutes 1 second.
+    pub fn set_timer_c(&mut self, d: std::time::Duration) {
+        self.timer_c = d;
+    }
+
+    /// Records that `key` (just inserted) runs over `flow`.
+    fn index(&mut self, flow: &Flow, key: TimerKey) {
+        let t = self.by_flow.entry(flow.clone()).or_default();
+        t.keys.push(key);
+        t.live += 1;
+    }
+
+    /// A transaction over `flow` ended (already removed from its table).
+    fn unindex(&mut self, flow: &Flow) {
+        let Some(t) = self.by_flow.get_mut(flow) else {
+            return;
+        };
+        t.live = t.live.saturating_sub(1);
+        if t.live == 0 {
+            self.by_flow.remove(flow);
+        } else if t.keys.len() >= 16 && t.keys.len() > 2 * t.live {
+            let (servers, clients) = (&self.servers, &self.clients);
+            t.keys.retain(|k| match k {
+                TimerKey::Server(k) => servers.get(k).is_some_and(|s| &s.inbound == flow),
+                TimerKey::Client(k) => clients.get(k).is_some_and(|c| &c.outbound == flow),
+                TimerKey::TimerC(_) => false,
+            });
+        }
+    }
+
+    fn remove_server(&mut self, k: &TxKey) -> Option<Server> {
+        let s = self.servers.remove(k)?;
+        self.timers.cancel(&TimerKey::Server(k.clone()));
+        self.unindex(&s.inbound);
+        Some(s)
+    }
+
+    fn remove_client(&mut self, k: &TxKey) {
+        let Some(c) = self.clients.remove(k) else {
+            return;
+        };
+        self.timers.cancel(&TimerKey::Client(k.clone()));
+        self.timers.cancel(&TimerKey::TimerC(k.clone()));
+        self.unindex(&c.outbound);
     }
 
     /// Is there no state at all (no transactions, nothing pending)?
@@ -463,6 +557,26 @@ impl ShardProxy {
                 },
             ),
         };
+        if self.servers.len() >= self.max_transactions {
+            self.out.push_back(Output::Refused(Refusal {
+                label: "transactions_full",
+                detail: format!("{} transactions", self.servers.len()),
+                source: info.source.map(|s| s.ip()),
+            }));
+            self.stats.local_responses += 1;
+            let tag = format!("sr{:x}", self.unique());
+            let r = response_to(
+                msg,
+                503,
+                "Service Unavailable",
+                ResponseParts {
+                    to_tag: Some(tag.as_bytes()),
+                    headers: &[("Retry-After", b"5")],
+                    ..Default::default()
+                },
+            );
+            return self.send(flow, r.into());
+        }
         let to_tag = format!("sr{:x}", self.unique());
         let txn = if method == Method::Invite {
             let trying = response_to(msg, 100, "Trying", ResponseParts::default());
@@ -485,6 +599,7 @@ impl ShardProxy {
                 grant,
             },
         );
+        self.index(flow, TimerKey::Server(key.clone()));
         match decision {
             Decision::Respond(a) => self.answer(now, &key, a.code, a.reason, &a.headers),
             Decision::Register => match with_parsed(&bytes, &self.limits, |_, e| {
@@ -632,6 +747,7 @@ impl ShardProxy {
         };
         let outbound = c.outbound.clone();
         let txn = ClientTransaction::new_non_invite(now, &self.timer_cfg, cancel.into());
+        self.index(&outbound, TimerKey::Client(key.clone()));
         self.clients.insert(
             key.clone(),
             Client {
@@ -641,6 +757,7 @@ impl ShardProxy {
                 got_provisional: false,
                 final_received: false,
                 cancel_when_provisional: false,
+                timer_c_fired: false,
             },
         );
         self.stats.forwarded += 1;
@@ -704,8 +821,14 @@ impl ShardProxy {
                     got_provisional: false,
                     final_received: false,
                     cancel_when_provisional: false,
+                    timer_c_fired: false,
                 },
             );
+            self.index(flow, TimerKey::Client(ckey.clone()));
+            if method {
+                self.timers
+                    .set(TimerKey::TimerC(ckey.clone()), Some(now + self.timer_c));
+            }
             if let Some(s) = self.servers.get_mut(server) {
                 s.branches.push(ckey.clone());
             }
@@ -905,8 +1028,7 @@ impl ShardProxy {
             self.send(&inbound, b);
         }
         if terminated {
-            self.servers.remove(key);
-            self.timers.cancel(&TimerKey::Server(key.clone()));
+            self.remove_server(key);
         } else {
             self.timers.set(TimerKey::Server(key.clone()), deadline);
         }
@@ -962,8 +1084,7 @@ impl ShardProxy {
             }
         }
         if terminated {
-            self.clients.remove(key);
-            self.timers.cancel(&TimerKey::Client(key.clone()));
+            self.remove_client(key);
         } else {
             self.timers.set(TimerKey::Client(key.clone()), deadline);
         }
@@ -1008,15 +1129,26 @@ impl ShardProxy {
         resp: BranchResponse,
     ) {
         let mut cancel_now = false;
+        let mut timer_c = None;
         if let Some(c) = self.clients.get_mut(key) {
             if status < 200 {
                 if !c.got_provisional && c.cancel_when_provisional {
                     cancel_now = true;
                 }
                 c.got_provisional = true;
+                // §16.7 step 2: a provisional (other than 100) restarts Timer C.
+                if status > 100 && key.method == KeyMethod::Invite && !c.timer_c_fired {
+                    timer_c = Some(Some(now + self.timer_c));
+                }
             } else {
                 c.final_received = true;
+                timer_c = Some(None);
             }
+        }
+        match timer_c {
+            Some(Some(at)) => self.timers.set(TimerKey::TimerC(key.clone()), Some(at)),
+            Some(None) => self.timers.set(TimerKey::TimerC(key.clone()), None),
+            None => {}
         }
         if cancel_now {
             self.send_cancel(now, key);
@@ -1098,48 +1230,68 @@ impl ShardProxy {
         self.flows.remove(flow);
         self.flow_aors.remove(flow);
         self.policy.flow_closed(flow);
-        let failed: Vec<(TxKey, Option<TxKey>)> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| &c.outbound == flow && !c.final_received)
-            .map(|(k, c)| (k.clone(), c.server.clone()))
-            .collect();
-        for (k, server) in failed {
-            self.fail_branch(now, server.as_ref(), &k, 503, "Service Unavailable");
-            self.clients.remove(&k);
-            self.timers.cancel(&TimerKey::Client(k));
+        // Only what this flow carried: O(its transactions), not the table size. Lookups
+        // and registrations still pending for its server transactions find them gone when
+        // answered.
+        let keys = self
+            .by_flow
+            .get(flow)
+            .map(|t| t.keys.clone())
+            .unwrap_or_default();
+        for k in &keys {
+            let TimerKey::Client(k) = k else { continue };
+            let Some(c) = self.clients.get(k) else {
+                continue;
+            };
+            if &c.outbound != flow {
+                continue;
+            }
+            if !c.final_received {
+                let server = c.server.clone();
+                self.fail_branch(now, server.as_ref(), k, 503, "Service Unavailable");
+            }
+            self.remove_client(k);
         }
-        let orphans: Vec<TxKey> = self
-            .servers
-            .iter()
-            .filter(|(_, s)| &s.inbound == flow)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in orphans {
-            self.cancel_branches(now, &k, None);
-            self.servers.remove(&k);
-            self.timers.cancel(&TimerKey::Server(k));
+        for k in &keys {
+            let TimerKey::Server(k) = k else { continue };
+            if !self.servers.get(k).is_some_and(|s| &s.inbound == flow) {
+                continue;
+            }
+            self.cancel_branches(now, k, None);
+            let Some(s) = self.remove_server(k) else {
+                continue;
+            };
+            // Branches that already answered only wait out their timers for a server
+            // transaction that is gone: they go with it.
+            for b in &s.branches {
+                if self.clients.get(b).is_some_and(|c| c.final_received) {
+                    self.remove_client(b);
+                }
+            }
         }
-        // Clients whose server is gone and that are not waiting for anything die with it.
-        let stale: Vec<TxKey> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| {
-                c.server
-                    .as_ref()
-                    .is_some_and(|s| !self.servers.contains_key(s))
-                    && c.final_received
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in stale {
-            self.clients.remove(&k);
-            self.timers.cancel(&TimerKey::Client(k));
+        self.by_flow.remove(flow);
+    }
+
+    /// Timer C fired on an INVITE branch (RFC 3261 §16.8): one that rang is cancelled (and
+    /// gets 64·T1 more to answer the CANCEL); one that never rang, or did not answer the
+    /// CANCEL, fails as 408.
+    fn on_timer_c(&mut self, now: Instant, key: &TxKey) {
+        let Some(c) = self.clients.get_mut(key) else {
+            return;
+        };
+        if c.final_received {
+            return;
         }
-        self.pending.retain(|_, p| match p {
-            Pending::Server(k) => self.servers.contains_key(k),
-            Pending::Ack { inbound, .. } => inbound != flow,
-        });
+        if c.got_provisional && !c.timer_c_fired {
+            c.timer_c_fired = true;
+            let again = now + self.timer_cfg.t1.saturating_mul(64);
+            self.timers.set(TimerKey::TimerC(key.clone()), Some(again));
+            self.send_cancel(now, key);
+            return;
+        }
+        let server = c.server.clone();
+        self.fail_branch(now, server.as_ref(), key, 408, "Request Timeout");
+        self.remove_client(key);
     }
 
     /// Fires every timer due at `now`.
@@ -1158,6 +1310,7 @@ impl ShardProxy {
                         self.drive_client(now, &key);
                     }
                 }
+                TimerKey::TimerC(key) => self.on_timer_c(now, &key),
             }
         }
     }
