@@ -645,3 +645,105 @@ fn a_closing_flow_touches_only_its_own_transactions() {
     assert!(n.inbox.is_empty());
     assert_eq!(n.proxy.indexed(&B), 0);
 }
+
+#[test]
+fn an_overloaded_shard_sheds_new_work_and_finishes_what_it_admitted() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-ov"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    assert_eq!(status(&n.one(&A)), 180);
+    let before = n.proxy.load();
+    n.proxy.set_overloaded(true);
+    // New work: a second call, a MESSAGE, a REGISTER — 503 with Retry-After, no state, no
+    // lookup, nothing forwarded.
+    n.send(&A, &invite("z9hG4bKa2", "call-ov2"));
+    let r = n.one(&A);
+    assert_eq!(status(&r), 503);
+    let text = String::from_utf8_lossy(&r).into_owned();
+    let retry: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Retry-After: "))
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!((2..=9).contains(&retry), "{retry}");
+    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKov3\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: ov3\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&n.one(&A)), 503);
+    n.send(&B2, b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKov4\r\nTo: <sip:carol@example.com>\r\nFrom: <sip:carol@example.com>;tag=r\r\nCall-ID: ov4\r\nCSeq: 1 REGISTER\r\nContact: <sip:carol@10.0.0.3:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&n.one(&B2)), 503);
+    assert!(n.take(&B).is_empty());
+    assert_eq!(n.proxy.load(), before, "shed requests hold no state");
+    assert_eq!(n.proxy.stats().shed, 3);
+    // What was admitted finishes: the callee answers, the caller ACKs and hangs up.
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    let ok = n.one(&A);
+    assert_eq!(status(&ok), 200);
+    let route = with_msg(&fwd, |m, _| {
+        m.header(HeaderName::RecordRoute)
+            .map(|h| h.value.to_vec())
+            .expect("Record-Route")
+    });
+    n.send(
+        &A,
+        &ack_2xx(
+            "sip:callee@10.0.0.2;transport=tls",
+            &route,
+            "b1",
+            "10.0.0.1:5061;branch=z9hG4bKack",
+            "call-ov",
+        ),
+    );
+    assert_eq!(method(&n.one(&B)), "ACK", "an ACK passes while overloaded");
+    let bye = format!(
+        "BYE sip:callee@10.0.0.2;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKbye\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-ov\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&route)
+    );
+    n.send(&A, bye.as_bytes());
+    let b = n.one(&B);
+    assert_eq!(
+        method(&b),
+        "BYE",
+        "an in-dialog request passes while overloaded"
+    );
+    n.send(&B, &answer(&b, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    // Caught up: new work is admitted again.
+    n.proxy.set_overloaded(false);
+    n.send(&A, &invite("z9hG4bKa5", "call-ov5"));
+    n.take(&A);
+    assert_eq!(method(&n.one(&B)), "INVITE");
+}
+
+#[test]
+fn partial_admission_spreads_what_it_admits_evenly() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.proxy.set_admission(0.25);
+    let mut admitted = Vec::new();
+    for i in 0..40 {
+        let m = format!(
+            "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKpa{i}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: pa{i}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+        );
+        n.send(&A, m.as_bytes());
+        let forwarded = n.take(&B);
+        let answered = n.take(&A);
+        match (forwarded.len(), answered.len()) {
+            (1, 0) => admitted.push(i),
+            (0, 1) => assert_eq!(status(&answered[0]), 503),
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    // One in four, one every fourth request: not a burst of admissions then a burst of 503s.
+    assert_eq!(admitted.len(), 10, "{admitted:?}");
+    assert!(
+        admitted.windows(2).all(|w| w[1] - w[0] == 4),
+        "{admitted:?}"
+    );
+    assert_eq!(n.proxy.stats().shed, 30);
+    n.proxy.set_admission(1.0);
+    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKpaz\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: paz\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(n.take(&B).len(), 1, "all admitted again");
+}

@@ -268,6 +268,15 @@ pub struct Shard {
     reserve_fd: RefCell<Option<std::fs::File>>,
     /// Connections out of the table but still in their close sequence (flushing, close_notify).
     pub closing: Cell<usize>,
+    /// Mesh messages waiting for room in a full channel.
+    mesh_backlog: Cell<usize>,
+    /// The fraction of new requests admitted (see [`Shard::observe_lag`]); below 1.0 the
+    /// shard is overloaded.
+    admission: Cell<f32>,
+    /// The previous tick was past the lag limit.
+    over_ticks: Cell<bool>,
+    /// Overload episodes are logged at most once a second.
+    overload_log: LogLimiter,
     /// Connections refused by a `[limits]` key are logged at most once a second.
     pub refusal_log: LogLimiter,
     /// Handshake timeouts (an overload symptom: they come in storms) likewise.
@@ -422,6 +431,10 @@ impl Shard {
             handshakes_by_ip: RefCell::new(HashMap::new()),
             reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
             closing: Cell::new(0),
+            mesh_backlog: Cell::new(0),
+            admission: Cell::new(1.0),
+            over_ticks: Cell::new(false),
+            overload_log: LogLimiter::default(),
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
             policy_log: LogLimiter::default(),
@@ -641,11 +654,7 @@ impl Shard {
                         .and_then(channel_full)
                     {
                         // Relayed bytes wait for room without blocking this shard's loop.
-                        let me = self.clone();
-                        glommio::spawn_local(async move {
-                            let _ = me.mesh.send_to(owner, msg).await;
-                        })
-                        .detach();
+                        self.send_later(owner, msg);
                     }
                 }
             }
@@ -948,11 +957,76 @@ impl Shard {
 
     fn reply(self: &Rc<Self>, to: usize, msg: ShardMsg) {
         if let Some(msg) = self.mesh.try_send_to(to, msg).err().and_then(channel_full) {
-            let me = self.clone();
-            glommio::spawn_local(async move {
-                let _ = me.mesh.send_to(to, msg).await;
-            })
-            .detach();
+            self.send_later(to, msg);
+        }
+    }
+
+    /// A mesh message that found its channel full waits in a task of its own; those waiting
+    /// are counted (past `server.mesh_capacity` of them the shard counts as overloaded).
+    fn send_later(self: &Rc<Self>, to: usize, msg: ShardMsg) {
+        self.mesh_backlog.set(self.mesh_backlog.get() + 1);
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let _ = me.mesh.send_to(to, msg).await;
+            me.mesh_backlog.set(me.mesh_backlog.get() - 1);
+        })
+        .detach();
+    }
+
+    /// The timer loop woke `late` after it asked to, `since` after its previous wake: the
+    /// loop's lag, which is how long work waits here before it is looked at. Admission of new
+    /// requests follows it, AIMD as TCP does: each tick whose lag is past
+    /// `limits.overload_lag_ms` (or whose mesh backlog is past `server.mesh_capacity`), after
+    /// one that was too, cuts
+    /// the admitted fraction by a quarter; each tick below half of both adds
+    /// [`ADMISSION_STEP`] back. What is admitted is kept near the lag target instead of
+    /// everything queueing behind an all-or-nothing switch. Each tick's lag goes to the
+    /// `loop_lag` latency histogram.
+    pub fn observe_lag(&self, late: Duration) {
+        let sample = late.as_micros().min(u128::from(u32::MAX)) as u64;
+        self.metrics.borrow_mut().record("loop_lag", sample);
+        let limit_us = self.cfg.limits.overload_lag_ms * 1000;
+        if limit_us == 0 {
+            return;
+        }
+        let backlog = self.mesh_backlog.get();
+        let cap = self.cfg.server.mesh_capacity;
+        let was = self.admission.get();
+        let over = sample > limit_us || backlog > cap;
+        // One late tick is one long task (a handshake, a big table walk); two in a row are
+        // a queue.
+        let standing = over && self.over_ticks.replace(true);
+        if !over {
+            self.over_ticks.set(false);
+        }
+        let next = if standing {
+            (was * 0.75).max(MIN_ADMISSION)
+        } else if sample < limit_us / 2 && backlog <= cap / 2 {
+            (was + ADMISSION_STEP).min(1.0)
+        } else {
+            was
+        };
+        if next == was {
+            return;
+        }
+        self.admission.set(next);
+        self.proxy.borrow_mut().set_admission(next);
+        if was >= 1.0 {
+            self.count("sipring_overload_episodes_total");
+            if let Some(left_out) = self.overload_log.allow(Instant::now()) {
+                tracing::warn!(
+                    shard = self.id,
+                    lag_ms = sample as f64 / 1000.0,
+                    mesh_backlog = backlog,
+                    left_out,
+                    "shard overloaded: part of new requests get 503 with Retry-After until it catches up"
+                );
+            }
+        } else if next >= 1.0 {
+            tracing::info!(
+                shard = self.id,
+                "shard caught up: admitting every new request again"
+            );
         }
     }
 
@@ -994,6 +1068,10 @@ impl Shard {
                 .insert("sipring_local_responses_total".into(), st.local_responses);
             m.counters
                 .insert("sipring_auth_challenges_total".into(), st.challenges);
+            m.counters
+                .insert("sipring_overload_shed_total".into(), st.shed);
+            m.set_gauge("sipring_overloaded", i64::from(self.admission.get() < 1.0));
+            m.set_gauge("sipring_mesh_backlog", self.mesh_backlog.get() as i64);
             let snap = Snapshot {
                 shard: self.id,
                 metrics: m.clone(),
@@ -1231,13 +1309,25 @@ pub fn spawn_mesh_receivers(shard: &Rc<Shard>, mut rx: Receivers<ShardMsg>) {
     }
 }
 
+/// The timer loop's period.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Admission regained per calm tick: from the floor to everything in half a second.
+const ADMISSION_STEP: f32 = 0.02;
+
+/// Admission never falls below this: some new work always gets through, so a shard that
+/// has caught up shows it.
+const MIN_ADMISSION: f32 = 0.02;
+
 /// The shard's timer loop: transaction timers (10 ms granularity), binding expiry and
 /// metrics publication (every 500 ms). Returns when the shard must stop.
 pub async fn timer_loop(shard: Rc<Shard>) {
     let mut last_publish = Instant::now();
     loop {
-        glommio::timer::sleep(Duration::from_millis(10)).await;
+        let asked = Instant::now() + TICK;
+        glommio::timer::sleep(TICK).await;
         let now = Instant::now();
+        shard.observe_lag(now.saturating_duration_since(asked));
         let publish = now.duration_since(last_publish) >= Duration::from_millis(500);
         if publish {
             last_publish = now;

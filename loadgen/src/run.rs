@@ -258,6 +258,10 @@ struct Shard {
     /// The run is ending: lost connections are not re-established.
     stopping: Cell<bool>,
     handshakes: Cell<usize>,
+    /// Setup registrations told to come back later (503 + Retry-After), not yet sent again.
+    setup_retries: Cell<usize>,
+    /// Some setup registration was told to retry.
+    setup_retried: Cell<bool>,
     seq: Cell<u64>,
     rng: Cell<u64>,
 }
@@ -394,6 +398,8 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
         active_calls: Cell::new(0),
         stopping: Cell::new(false),
         handshakes: Cell::new(0),
+        setup_retries: Cell::new(0),
+        setup_retried: Cell::new(false),
         seq: Cell::new(0),
         rng: Cell::new(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1)),
     });
@@ -654,14 +660,18 @@ async fn setup(shard: &Rc<Shard>, plan: &Plan, users: &[usize]) {
             t.await;
         }
     }
-    // Wait for the registrations.
-    let d = Instant::now() + plan.timeout;
-    while shard
-        .pending
-        .borrow()
-        .values()
-        .any(|p| p.kind == "register")
-        && Instant::now() < d
+    // Wait for the registrations, and for those told to retry (503 + Retry-After, at most
+    // 10 s each) for as long again as they may take: bounded, however often they are shed.
+    let start = Instant::now();
+    let d = start + plan.timeout;
+    let d_retries = d + Duration::from_secs(30);
+    while (shard.setup_retries.get() > 0
+        || shard
+            .pending
+            .borrow()
+            .values()
+            .any(|p| p.kind == "register"))
+        && (Instant::now() < d || (shard.setup_retried.get() && Instant::now() < d_retries))
     {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
@@ -953,6 +963,25 @@ fn on_response(
     let p = pending.remove(call_id).expect("present");
     drop(pending);
     if matches!(code, 401 | 407) && retry_challenged(shard, plan, ua, m, &p, call_id) {
+        return;
+    }
+    if code == 503 && !p.measured && p.kind == "register" {
+        // A setup registration shed by an overloaded server: come back when it says, as a
+        // phone would (RFC 3261 §21.5.4), rather than start the run unregistered.
+        let after = std::str::from_utf8(header(m, HeaderName::RetryAfter))
+            .ok()
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .unwrap_or(1u64)
+            .min(10);
+        shard.setup_retries.set(shard.setup_retries.get() + 1);
+        shard.setup_retried.set(true);
+        let (s, pl, u) = (shard.clone(), plan.clone(), p.ua);
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_secs(after)).await;
+            s.setup_retries.set(s.setup_retries.get() - 1);
+            send_register(&s, &pl, u, Instant::now(), false, pl.expires);
+        })
+        .detach();
         return;
     }
     let kind = p.kind;

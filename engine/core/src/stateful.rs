@@ -114,6 +114,8 @@ pub struct Stats {
     pub local_responses: u64,
     /// Digest challenges sent (401/407).
     pub challenges: u64,
+    /// New requests answered 503 at the door because the shard was overloaded.
+    pub shed: u64,
 }
 
 #[derive(Debug)]
@@ -197,6 +199,9 @@ pub struct ShardProxy {
     by_flow: HashMap<Flow, FlowTxns>,
     max_transactions: usize,
     timer_c: std::time::Duration,
+    /// The fraction of new requests admitted (1.0: all), and the credit that spreads it.
+    admission: f32,
+    admit_credit: f32,
     policy: Policy,
     out: VecDeque<Output>,
     next_id: u64,
@@ -241,6 +246,8 @@ impl ShardProxy {
             by_flow: HashMap::new(),
             max_transactions: 50_000,
             timer_c: TIMER_C,
+            admission: 1.0,
+            admit_credit: 0.0,
             policy,
             out: VecDeque::new(),
             next_id: 0,
@@ -307,6 +314,38 @@ impl ShardProxy {
     /// 503 with Retry-After). Default 50,000.
     pub fn set_max_transactions(&mut self, n: usize) {
         self.max_transactions = n;
+    }
+
+    /// The fraction of new requests to admit, 0.0–1.0 (its driver decides, from loop lag
+    /// and queues). Requests that would start new work — out of dialog, not CANCEL — beyond
+    /// that fraction are answered 503 with Retry-After before any other work (no
+    /// authentication, lookup or state); admitted ones are spread evenly (a credit, not a
+    /// coin). In-dialog requests (BYE, re-INVITE), CANCEL, ACK and responses always pass:
+    /// they finish what was admitted.
+    pub fn set_admission(&mut self, fraction: f32) {
+        self.admission = fraction.clamp(0.0, 1.0);
+        if self.admission >= 1.0 {
+            self.admit_credit = 0.0;
+        }
+    }
+
+    /// All or nothing: [`ShardProxy::set_admission`] with 0.0 (`true`) or 1.0.
+    pub fn set_overloaded(&mut self, on: bool) {
+        self.set_admission(if on { 0.0 } else { 1.0 });
+    }
+
+    /// Whether a new request is admitted under the current admission fraction.
+    fn admit(&mut self) -> bool {
+        if self.admission >= 1.0 {
+            return true;
+        }
+        self.admit_credit += self.admission;
+        if self.admit_credit >= 1.0 {
+            self.admit_credit -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Timer C (RFC 3261 §16.6: more than 3 minutes). Default 3 minutes 1 second.
@@ -483,6 +522,25 @@ impl ShardProxy {
         }
     }
 
+    /// 503 at the door, Retry-After spread over 2–9 s so shed clients do not return together.
+    fn shed(&mut self, flow: &Flow, msg: &Message<'_, '_>) {
+        self.stats.shed += 1;
+        let id = self.unique();
+        let tag = format!("sr{id:x}");
+        let retry = [b'2' + (id % 8) as u8];
+        let r = response_to(
+            msg,
+            503,
+            "Service Unavailable",
+            ResponseParts {
+                to_tag: Some(tag.as_bytes()),
+                headers: &[("Retry-After", &retry)],
+                ..Default::default()
+            },
+        );
+        self.send(flow, r.into());
+    }
+
     fn respond_stateless(&mut self, flow: &Flow, msg: &Message<'_, '_>, code: u16, reason: &str) {
         self.stats.local_responses += 1;
         let tag = format!("sr{:x}", self.unique());
@@ -523,6 +581,9 @@ impl ShardProxy {
         if let Some(s) = self.servers.get_mut(&key) {
             s.txn.handle_request_retransmit(now);
             return self.drive_server(now, &key);
+        }
+        if method != Method::Cancel && ess.to.tag().is_none() && !self.admit() {
+            return self.shed(flow, msg);
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
