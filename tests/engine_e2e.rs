@@ -817,3 +817,79 @@ fn a_framing_error_is_answered_then_the_connection_closes() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn a_burst_past_the_mesh_capacity_waits_in_order_instead_of_503() {
+    let pki = Pki::new();
+    // Channels of two messages between the shards: any burst overflows them.
+    let mut cfg = config(&pki);
+    cfg.server.mesh_capacity = 2;
+    let srv = start(cfg, None).expect("start");
+    let mut bob = registered(&pki, &srv, "bob");
+    // A caller on the other shard than bob's connection: every MESSAGE and every answer
+    // crosses the mesh.
+    let mut found = None;
+    for i in 0..40 {
+        let mut a = ua(&pki, &srv, &format!("caller{i}"));
+        let call_id = format!("probe-{i}");
+        a.send(&a.request(
+            "INVITE",
+            "sip:bob@example.com",
+            "<sip:bob@example.com>",
+            &call_id,
+            1,
+            "",
+            None,
+        ));
+        let got = bob.expect("INVITE");
+        let (fi, fo) = rr_shards(&got).expect("flow tokens");
+        bob.send(&answer(&got, 486, "Busy Here", "b", "sip:bob@127.0.0.1"));
+        assert_eq!(method(&bob.expect("ACK")), "ACK");
+        assert_eq!(a.expect_final_or_provisional("486").0, 486);
+        if fi != fo {
+            found = Some(a);
+            break;
+        }
+    }
+    let mut alice = found.expect("no connection landed on the other shard in 40 tries");
+    const N: u32 = 200;
+    let mut burst = Vec::new();
+    for n in 1..=N {
+        burst.extend(alice.request(
+            "MESSAGE",
+            "sip:bob@example.com",
+            "<sip:bob@example.com>",
+            "burst",
+            n,
+            "",
+            Some(("text/plain", "hi")),
+        ));
+    }
+    alice.send(&burst);
+    for n in 1..=N {
+        let got = bob.expect("a MESSAGE of the burst");
+        let cseq = header(&got, "CSeq").expect("CSeq");
+        if cseq.trim() != format!("{n} MESSAGE") {
+            while let Some(r) = alice.recv(Duration::from_millis(500)) {
+                eprintln!("alice got: {}", String::from_utf8_lossy(&r));
+            }
+        }
+        assert_eq!(cseq.trim(), format!("{n} MESSAGE"), "in the order sent");
+        bob.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
+    }
+    for n in 1..=N {
+        let r = alice.expect("an answer");
+        let cseq = header(&r, "CSeq").expect("CSeq");
+        assert_eq!(
+            (sipring_tests::ua::status(&r), cseq.trim()),
+            (Some(200), format!("{n} MESSAGE").as_str()),
+            "every MESSAGE answered 200, in order"
+        );
+    }
+    let m = wait_metrics(srv.admin_addr.unwrap(), "cross-shard sends", |m| {
+        metric(m, "sipring_cross_shard_total{op=\"send\"}").unwrap_or(0.0) >= f64::from(N)
+    });
+    assert_eq!(metric(&m, "sipring_overload_503_total"), None);
+    srv.stop();
+    srv.join().unwrap();
+}

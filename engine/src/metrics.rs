@@ -186,7 +186,9 @@ fn help(family: &str) -> &'static str {
         "sipring_responses_dropped_total" => "Responses not ours or without a transaction.",
         "sipring_parse_errors_total" => "Framing or parse errors that closed a connection.",
         "sipring_cross_shard_total" => "Mesh messages sent, by operation.",
-        "sipring_overload_503_total" => "503s because a cross-shard channel was full.",
+        "sipring_overload_503_total" => {
+            "503s because too many mesh messages waited for a full channel."
+        }
         "sipring_overloaded" => "Shards shedding part of new requests (per shard: 1 or 0).",
         "sipring_overload_episodes_total" => "Times a shard started shedding.",
         "sipring_overload_shed_total" => "New requests answered 503 at the door under overload.",

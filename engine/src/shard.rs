@@ -268,7 +268,9 @@ pub struct Shard {
     reserve_fd: RefCell<Option<std::fs::File>>,
     /// Connections out of the table but still in their close sequence (flushing, close_notify).
     pub closing: Cell<usize>,
-    /// Mesh messages waiting for room in a full channel.
+    /// Mesh messages waiting for room in a full channel, by destination shard, in order.
+    overflow: RefCell<Vec<Overflow>>,
+    /// How many wait in `overflow`, all destinations together.
     mesh_backlog: Cell<usize>,
     /// The fraction of new requests admitted (see [`Shard::observe_lag`]); below 1.0 the
     /// shard is overloaded.
@@ -431,6 +433,7 @@ impl Shard {
             handshakes_by_ip: RefCell::new(HashMap::new()),
             reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
             closing: Cell::new(0),
+            overflow: RefCell::new((0..n).map(|_| Default::default()).collect()),
             mesh_backlog: Cell::new(0),
             admission: Cell::new(1.0),
             over_ticks: Cell::new(false),
@@ -524,18 +527,12 @@ impl Shard {
                         if let Some(s) = stamp {
                             self.stamps.borrow_mut().insert(token, s);
                         }
-                        if self
-                            .mesh
-                            .try_send_to(
-                                owner,
-                                ShardMsg::Lookup {
-                                    from: self.id,
-                                    token,
-                                    aor,
-                                },
-                            )
-                            .is_err()
-                        {
+                        let msg = ShardMsg::Lookup {
+                            from: self.id,
+                            token,
+                            aor,
+                        };
+                        if !self.mesh_send(owner, msg, true) {
                             self.count("sipring_overload_503_total");
                             self.stamps.borrow_mut().remove(&token);
                             self.proxy.borrow_mut().handle_lookup(
@@ -577,7 +574,7 @@ impl Shard {
                             request: request.to_vec(),
                             flow: fid,
                         };
-                        if self.mesh.try_send_to(owner, msg).is_err() {
+                        if !self.mesh_send(owner, msg, true) {
                             self.count("sipring_overload_503_total");
                             self.stamps.borrow_mut().remove(&token);
                             let reply = Reply {
@@ -647,15 +644,7 @@ impl Shard {
                         bytes: bytes.to_vec(),
                         stamp,
                     };
-                    if let Some(msg) = self
-                        .mesh
-                        .try_send_to(owner, msg)
-                        .err()
-                        .and_then(channel_full)
-                    {
-                        // Relayed bytes wait for room without blocking this shard's loop.
-                        self.send_later(owner, msg);
-                    }
+                    self.mesh_send(owner, msg, false);
                 }
             }
             Flow::Peer(name) => {
@@ -955,30 +944,70 @@ impl Shard {
         );
     }
 
+    /// Sends what finishes admitted work (replies, relayed responses, closes): never
+    /// refused for a full channel.
     fn reply(self: &Rc<Self>, to: usize, msg: ShardMsg) {
-        if let Some(msg) = self.mesh.try_send_to(to, msg).err().and_then(channel_full) {
-            self.send_later(to, msg);
+        self.mesh_send(to, msg, false);
+    }
+
+    /// Sends on the mesh. A full channel does not refuse: the message waits in shard `to`'s
+    /// overflow queue, in order behind any already waiting there (one task per destination
+    /// drains it as room frees up; while it runs, every newer message queues), so bursts past `server.mesh_capacity` are absorbed and a
+    /// connection's messages are never reordered. The waiting ones are the
+    /// `sipring_mesh_backlog` gauge: past 2× `mesh_capacity` of them the shard sheds new
+    /// requests ([`Shard::observe_lag`]); with `new_work`, past [`MESH_OVERFLOW`]× it refuses
+    /// (false: the caller answers 503), as it does when the destination is gone.
+    fn mesh_send(self: &Rc<Self>, to: usize, msg: ShardMsg, new_work: bool) -> bool {
+        let cap = self.cfg.server.mesh_capacity;
+        let mut overflow = self.overflow.borrow_mut();
+        let waiting = &mut overflow[to];
+        let msg = if waiting.draining {
+            msg
+        } else {
+            match self.mesh.try_send_to(to, msg) {
+                Ok(()) => return true,
+                Err(e) => match channel_full(e) {
+                    Some(m) => m,
+                    None => return false,
+                },
+            }
+        };
+        if new_work && self.mesh_backlog.get() >= cap.saturating_mul(MESH_OVERFLOW) {
+            return false;
         }
-    }
-
-    /// A mesh message that found its channel full waits in a task of its own; those waiting
-    /// are counted (past `server.mesh_capacity` of them the shard counts as overloaded).
-    fn send_later(self: &Rc<Self>, to: usize, msg: ShardMsg) {
+        waiting.queue.push_back(msg);
         self.mesh_backlog.set(self.mesh_backlog.get() + 1);
-        let me = self.clone();
-        glommio::spawn_local(async move {
-            let _ = me.mesh.send_to(to, msg).await;
-            me.mesh_backlog.set(me.mesh_backlog.get() - 1);
-        })
-        .detach();
+        if !waiting.draining {
+            waiting.draining = true;
+            drop(overflow);
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                // Until the queue is empty, newer messages to `to` queue behind it (even the
+                // one being sent has left the queue) instead of overtaking.
+                loop {
+                    let next = me.overflow.borrow_mut()[to].queue.pop_front();
+                    let Some(msg) = next else { break };
+                    let sent = me.mesh.send_to(to, msg).await;
+                    me.mesh_backlog.set(me.mesh_backlog.get() - 1);
+                    if sent.is_err() {
+                        // The destination is gone (shutdown): what waits for it goes too.
+                        let dropped = std::mem::take(&mut me.overflow.borrow_mut()[to].queue);
+                        me.mesh_backlog.set(me.mesh_backlog.get() - dropped.len());
+                        break;
+                    }
+                }
+                me.overflow.borrow_mut()[to].draining = false;
+            })
+            .detach();
+        }
+        true
     }
 
-    /// The timer loop woke `late` after it asked to, `since` after its previous wake: the
-    /// loop's lag, which is how long work waits here before it is looked at. Admission of new
-    /// requests follows it, AIMD as TCP does: each tick whose lag is past
-    /// `limits.overload_lag_ms` (or whose mesh backlog is past `server.mesh_capacity`), after
-    /// one that was too, cuts
-    /// the admitted fraction by a quarter; each tick below half of both adds
+    /// The timer loop woke `late` after it asked to: the loop's lag, which is how long work
+    /// waits here before it is looked at. Admission of new requests follows it, AIMD as TCP
+    /// does: a tick whose lag is past `limits.overload_lag_ms` (or whose mesh backlog is past
+    /// 2× `server.mesh_capacity`), after one that was too, cuts the admitted fraction by a
+    /// quarter; a tick under half the lag and with at most `mesh_capacity` waiting gives
     /// [`ADMISSION_STEP`] back. What is admitted is kept near the lag target instead of
     /// everything queueing behind an all-or-nothing switch. Each tick's lag goes to the
     /// `loop_lag` latency histogram.
@@ -992,7 +1021,7 @@ impl Shard {
         let backlog = self.mesh_backlog.get();
         let cap = self.cfg.server.mesh_capacity;
         let was = self.admission.get();
-        let over = sample > limit_us || backlog > cap;
+        let over = sample > limit_us || backlog > cap.saturating_mul(2);
         // One late tick is one long task (a handshake, a big table walk); two in a row are
         // a queue.
         let standing = over && self.over_ticks.replace(true);
@@ -1001,7 +1030,7 @@ impl Shard {
         }
         let next = if standing {
             (was * 0.75).max(MIN_ADMISSION)
-        } else if sample < limit_us / 2 && backlog <= cap / 2 {
+        } else if sample < limit_us / 2 && backlog <= cap {
             (was + ADMISSION_STEP).min(1.0)
         } else {
             was
@@ -1167,6 +1196,14 @@ impl Shard {
     }
 }
 
+/// Mesh messages for one shard that found its channel full, oldest first.
+#[derive(Default)]
+struct Overflow {
+    queue: VecDeque<ShardMsg>,
+    /// A task is moving them into the channel: newer messages queue behind.
+    draining: bool,
+}
+
 /// The message back from a full channel (`None` for a closed one).
 fn channel_full<T>(e: glommio::GlommioError<T>) -> Option<T> {
     match e {
@@ -1308,6 +1345,10 @@ pub fn spawn_mesh_receivers(shard: &Rc<Shard>, mut rx: Receivers<ShardMsg>) {
         .detach();
     }
 }
+
+/// New work is refused (503) once this many times `server.mesh_capacity` messages wait in a
+/// shard's overflow queues.
+pub const MESH_OVERFLOW: usize = 4;
 
 /// The timer loop's period.
 const TICK: Duration = Duration::from_millis(10);
