@@ -484,3 +484,51 @@ fn per_ua_client_certificates_from_a_folder() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn a_run_on_many_generator_shards_ends_without_failures_of_its_own() {
+    // Issue 15 #9: the generator's shards end at slightly different times; one that stopped
+    // answering (or unregistered its users) while another still sent BYEs or INVITEs to them
+    // made failures that were the generator's, not the server's. Now every shard drains,
+    // then they all stop answering together. Eight shards on this host's CPUs, calls with a
+    // hold and an unregistration at the end, three runs: none may fail.
+    let pki = Pki::new();
+    let srv = start(config(&pki), None).expect("start");
+    let out = TempDir::new("load-shards");
+    let tls = srv.listen_addrs[0].to_string();
+    let ca = pki.dir.join("ca.pem").display().to_string();
+    for run in 0..3 {
+        let (code, table, s) = load(
+            &out,
+            &format!("shards-{run}"),
+            &[
+                "call",
+                "--target",
+                &tls,
+                "--ca",
+                &ca,
+                "--shards",
+                "8",
+                "--users",
+                "40",
+                "--rate",
+                "40",
+                "--hold",
+                "0.3",
+                "--duration",
+                "1.5",
+                "--warmup",
+                "0",
+                "--password",
+                "pw-{user}",
+                "--prefix",
+                "u",
+                "--unregister",
+            ],
+        );
+        assert_eq!((code, s.failed), (0, 0), "run {run}:\n{table}");
+        assert!(s.kinds["bye"].count >= 40, "run {run}:\n{table}");
+    }
+    srv.stop();
+    srv.join().unwrap();
+}

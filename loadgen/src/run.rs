@@ -138,6 +138,13 @@ pub struct Progress {
     /// Shards done with setup, per plan index (a barrier so no one calls a user who is not
     /// registered yet). At most [`MAX_PLANS`] plans.
     pub ready: [std::sync::atomic::AtomicUsize; MAX_PLANS],
+    /// Shards done sending for a plan, their own calls finished (a barrier before anyone
+    /// unregisters: a user must not leave while another shard may still call it).
+    pub quiet: [std::sync::atomic::AtomicUsize; MAX_PLANS],
+    /// Shards whose transactions are all answered or timed out (a barrier before anyone
+    /// closes its connections: a UA keeps answering until every shard has drained, so the
+    /// end of a run never shows the generator's own failures).
+    pub drained: std::sync::atomic::AtomicUsize,
     /// Set by SIGTERM/SIGINT: an `idle` run ends at once and reports what it measured.
     pub stop: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -475,6 +482,19 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
         shard.fail("options", "timeout");
     }
     drop(sweeper);
+    // This shard's UAs keep answering until the others have drained too.
+    barrier(
+        &shard,
+        &shard.progress.drained,
+        Duration::from_secs(10).min(
+            plans
+                .iter()
+                .map(|p| p.timeout)
+                .max()
+                .unwrap_or(Duration::from_secs(5)),
+        ) + Duration::from_secs(1),
+    )
+    .await;
     shard.uas.borrow_mut().clear();
     let mut st = shard.stats.borrow().clone();
     st.seconds = plans
@@ -493,6 +513,15 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
                 .fold(0.0, f64::max),
         );
     st
+}
+
+/// Arrives at `count` and waits (at most `bound`) until every shard has.
+async fn barrier(shard: &Shard, count: &std::sync::atomic::AtomicUsize, bound: Duration) {
+    count.fetch_add(1, Ordering::SeqCst);
+    let deadline = Instant::now() + bound;
+    while count.load(Ordering::SeqCst) < shard.n && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The users of a plan this shard owns: global index `base + i` for `i ≡ shard (mod n)`.
@@ -604,6 +633,14 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
     while shard.active_calls.get() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
+    // Stop measuring, drain, then stop answering: wait (bounded) until every shard is done
+    // with this plan before its users leave.
+    barrier(
+        &shard,
+        &shard.progress.quiet[index % MAX_PLANS],
+        plan.hold + plan.timeout.min(Duration::from_secs(10)) + Duration::from_secs(1),
+    )
+    .await;
     if plan.unregister {
         for &u in &users {
             send_register(&shard, &plan, u, Instant::now(), false, 0);
