@@ -426,7 +426,7 @@ pub struct LimitsConfig {
     /// Overload shedding: each 10 ms tick a shard's event loop lags more than this, in
     /// milliseconds (two in a row), cuts the fraction of new requests (out of dialog, not ACK or CANCEL) it
     /// admits by a quarter; the others are answered 503 with Retry-After before any work.
-    /// Each tick below half of it gives 2 % back. 0 disables. Default 5.
+    /// Each tick below half of it gives 2 % back. 0 disables. Default 10.
     pub overload_lag_ms: u64,
 }
 
@@ -448,7 +448,7 @@ impl Default for LimitsConfig {
             partial_timeout_ms: 5000,
             partial_bytes_per_shard: 64 << 20,
             max_transactions_per_shard: 50_000,
-            overload_lag_ms: 5,
+            overload_lag_ms: 10,
         }
     }
 }
