@@ -35,6 +35,33 @@ fn registered(pki: &Pki, srv: &Running, user: &str) -> Ua {
     u
 }
 
+/// Opens callers (`caller<i>`, authenticated) until one lands on another shard than `bob`'s
+/// connection (the kernel spreads connections over the SO_REUSEPORT sockets): each probes
+/// with an INVITE that bob refuses, whose Record-Route flow tokens name both shards.
+fn caller_on_another_shard(pki: &Pki, srv: &Running, bob: &mut Ua) -> Ua {
+    for i in 0..40 {
+        let mut a = ua(pki, srv, &format!("caller{i}"));
+        a.send(&a.request(
+            "INVITE",
+            "sip:bob@example.com",
+            "<sip:bob@example.com>",
+            &format!("probe-{i}"),
+            1,
+            "",
+            None,
+        ));
+        let got = bob.expect("INVITE");
+        let (fi, fo) = rr_shards(&got).expect("flow tokens");
+        bob.send(&answer(&got, 486, "Busy Here", "b", "sip:bob@127.0.0.1"));
+        assert_eq!(method(&bob.expect("ACK")), "ACK");
+        assert_eq!(a.expect_final_or_provisional("486").0, 486);
+        if fi != fo {
+            return a;
+        }
+    }
+    panic!("no connection landed on the other shard in 40 tries");
+}
+
 /// Runs INVITE → 180 → 200 → ACK between `a` and `b` and returns the callee's INVITE.
 fn call(a: &mut Ua, b: &mut Ua, call_id: &str) -> Vec<u8> {
     let to = format!("<sip:{}@example.com>", b.user);
@@ -219,33 +246,8 @@ fn calls_cross_shards() {
     let pki = Pki::new();
     let srv = start(config(&pki), None).expect("start");
     let mut bob = registered(&pki, &srv, "bob");
-    // Open callers until one lands on another shard than bob (the kernel spreads connections
-    // over the SO_REUSEPORT sockets); the Record-Route flow tokens name both shards.
-    let mut found = None;
-    for i in 0..40 {
-        let mut a = ua(&pki, &srv, &format!("caller{i}"));
-        let call_id = format!("x-{i}");
-        a.send(&a.request(
-            "INVITE",
-            "sip:bob@example.com",
-            "<sip:bob@example.com>",
-            &call_id,
-            1,
-            "",
-            None,
-        ));
-        let got = bob.expect("INVITE");
-        let (fi, fo) = rr_shards(&got).expect("flow tokens");
-        bob.send(&answer(&got, 486, "Busy Here", "b", "sip:bob@127.0.0.1"));
-        assert_eq!(method(&bob.expect("ACK")), "ACK");
-        assert_eq!(a.expect_final_or_provisional("486").0, 486);
-        if fi != fo {
-            found = Some(a);
-            break;
-        }
-    }
     // (It stays `caller<i>`: it authenticated as that user, and From must say so.)
-    let mut alice = found.expect("no connection landed on the other shard in 40 tries");
+    let mut alice = caller_on_another_shard(&pki, &srv, &mut bob);
     let inv = call(&mut alice, &mut bob, "cross-1");
     hang_up(&mut bob, &mut alice, &inv, "cross-1");
     // Each shard publishes its snapshot every 500 ms: wait until both counts are in.
@@ -828,30 +830,7 @@ fn a_burst_past_the_mesh_capacity_waits_in_order_instead_of_503() {
     let mut bob = registered(&pki, &srv, "bob");
     // A caller on the other shard than bob's connection: every MESSAGE and every answer
     // crosses the mesh.
-    let mut found = None;
-    for i in 0..40 {
-        let mut a = ua(&pki, &srv, &format!("caller{i}"));
-        let call_id = format!("probe-{i}");
-        a.send(&a.request(
-            "INVITE",
-            "sip:bob@example.com",
-            "<sip:bob@example.com>",
-            &call_id,
-            1,
-            "",
-            None,
-        ));
-        let got = bob.expect("INVITE");
-        let (fi, fo) = rr_shards(&got).expect("flow tokens");
-        bob.send(&answer(&got, 486, "Busy Here", "b", "sip:bob@127.0.0.1"));
-        assert_eq!(method(&bob.expect("ACK")), "ACK");
-        assert_eq!(a.expect_final_or_provisional("486").0, 486);
-        if fi != fo {
-            found = Some(a);
-            break;
-        }
-    }
-    let mut alice = found.expect("no connection landed on the other shard in 40 tries");
+    let mut alice = caller_on_another_shard(&pki, &srv, &mut bob);
     const N: u32 = 200;
     let mut burst = Vec::new();
     for n in 1..=N {
