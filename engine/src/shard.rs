@@ -1230,6 +1230,30 @@ pub fn message_label(bytes: &[u8]) -> &'static str {
     sipring_core::Method::from_bytes(&bytes[..end]).label()
 }
 
+/// Calls macro `$m` with every label [`message_label`] can return but `other`: the one list
+/// the per-label metric names below are built from.
+macro_rules! with_message_labels {
+    ($m:ident) => {
+        $m!(
+            "INVITE",
+            "ACK",
+            "BYE",
+            "CANCEL",
+            "REGISTER",
+            "OPTIONS",
+            "MESSAGE",
+            "INFO",
+            "UPDATE",
+            "PRACK",
+            "SUBSCRIBE",
+            "NOTIFY",
+            "REFER",
+            "PUBLISH",
+            "response"
+        )
+    };
+}
+
 /// `sipring_messages_in_total{kind="<label>"}` without formatting a name per message.
 pub fn messages_in_name(label: &'static str) -> &'static str {
     macro_rules! names {
@@ -1240,23 +1264,7 @@ pub fn messages_in_name(label: &'static str) -> &'static str {
             }
         };
     }
-    names!(
-        "INVITE",
-        "ACK",
-        "BYE",
-        "CANCEL",
-        "REGISTER",
-        "OPTIONS",
-        "MESSAGE",
-        "INFO",
-        "UPDATE",
-        "PRACK",
-        "SUBSCRIBE",
-        "NOTIFY",
-        "REFER",
-        "PUBLISH",
-        "response"
-    )
+    with_message_labels!(names)
 }
 
 /// `sipring_register_total{status="…"}` for a registrar reply, without formatting.
@@ -1314,23 +1322,7 @@ pub fn forward_name(label: &'static str) -> &'static str {
             }
         };
     }
-    names!(
-        "INVITE",
-        "ACK",
-        "BYE",
-        "CANCEL",
-        "REGISTER",
-        "OPTIONS",
-        "MESSAGE",
-        "INFO",
-        "UPDATE",
-        "PRACK",
-        "SUBSCRIBE",
-        "NOTIFY",
-        "REFER",
-        "PUBLISH",
-        "response"
-    )
+    with_message_labels!(names)
 }
 
 /// Runs the mesh receivers of a shard (one task per peer shard).

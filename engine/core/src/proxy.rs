@@ -751,6 +751,13 @@ mod tests {
     use crate::header::Header;
     use crate::parse::{Framing, Limits, Status, parse};
 
+    /// The Record-Route values of a message's text, top first.
+    fn record_routes(s: &str) -> Vec<&str> {
+        s.lines()
+            .filter_map(|l| l.strip_prefix("Record-Route: "))
+            .collect()
+    }
+
     fn cfg() -> ProxyConfig {
         ProxyConfig {
             domains: vec!["example.com".into()],
@@ -1028,10 +1035,7 @@ mod tests {
             s.contains("Via: SIP/2.0/TLS proxy.example.com:5062;branch=z9hG4bKsr1\r\n"),
             "{s}"
         );
-        let rrs: Vec<&str> = s
-            .lines()
-            .filter_map(|l| l.strip_prefix("Record-Route: "))
-            .collect();
+        let rrs = record_routes(&s);
         assert_eq!(rrs.len(), 2, "{s}");
         assert!(
             rrs[0]
@@ -1054,10 +1058,7 @@ mod tests {
             s.contains("Via: SIP/2.0/TCP proxy.example.com:5060;branch="),
             "{s}"
         );
-        let rrs: Vec<&str> = s
-            .lines()
-            .filter_map(|l| l.strip_prefix("Record-Route: "))
-            .collect();
+        let rrs = record_routes(&s);
         assert_eq!(rrs.len(), 1, "{s}");
         assert!(
             rrs[0].starts_with("<sip:proxy.example.com:5060;transport=tcp;lr;"),
@@ -1177,9 +1178,8 @@ mod tests {
             ))
             .unwrap()
         });
-        let rrs: Vec<String> = fwd_inv
-            .lines()
-            .filter_map(|l| l.strip_prefix("Record-Route: "))
+        let rrs: Vec<String> = record_routes(&fwd_inv)
+            .into_iter()
             .map(str::to_string)
             .collect();
         // The partner's BYE carries both of our entries on top (its route set, in order).
