@@ -49,6 +49,13 @@ fn every_config_key_is_documented() {
     cfg.listen[0].advertise = Some("sip.example.com".into());
     cfg.auth.subscribers = Some("x".into());
     cfg.auth.secret_file = Some("x".into());
+    cfg.cluster = Some(sipring::config::ClusterConfig {
+        nodes: vec![sipring::config::NodeConfig {
+            address: Some("127.0.0.1:1".parse().unwrap()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
     let value = toml::Value::try_from(&cfg).unwrap();
     let mut all = Vec::new();
     keys("", &value, &mut all);

@@ -60,7 +60,7 @@ impl Net {
         while let Some(o) = self.proxy.poll_output() {
             match o {
                 Output::Send { flow, bytes } => self.inbox.push((flow, bytes.to_vec())),
-                Output::Lookup { token, aor } => {
+                Output::Lookup { token, aor, .. } => {
                     let b = self.registrar.lookup(self.now, &self.store, &aor);
                     let r = if b.is_empty() {
                         Lookup::Unknown

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # sipring's test command (the one README.md names and .ci/run calls).
 # Installs what the tests need when it is missing, then: rustfmt check, clippy with
-# warnings as errors, the whole test suite, the interop suite (Kamailio, baresip, SIPp from
+# warnings as errors, the whole test suite, the cluster suite (Redis Cluster), the interop suite (Kamailio, baresip, SIPp from
 # Debian's packages), the instruction-count gate, and the kernel-TLS tests inside a QEMU VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,20 +24,26 @@ apt_install() { # apt_install PKG... (only the missing ones)
 step "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo --version
-# openssl: the non-rustls peer in the TLS tests; valgrind: the instruction-count gate.
-apt_install openssl ca-certificates valgrind
+# openssl: the non-rustls peer in the TLS tests; valgrind: the instruction-count gate;
+# redis-server (with redis-cli): the cluster suite's location store.
+apt_install openssl ca-certificates valgrind redis-server
+# Debian starts a redis-server on 6379 when it installs one; the tests start their own.
+systemctl disable --now redis-server >/dev/null 2>&1 || true
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+step "cargo clippy --all-targets -- -D warnings (with the cluster suite)"
+cargo clippy --all-targets --features sipring-tests/cluster-suite -- -D warnings
 
 step "cargo build (binaries used by the process and load-generator tests)"
 cargo build -p sipring -p sipring-load --bins
 
 step "cargo test --workspace"
 cargo test --workspace
+
+step "cluster: 3 sipring nodes and a Redis Cluster of 3 masters + 3 replicas (tests/cluster.rs)"
+cargo test -p sipring-tests --features cluster-suite --test cluster
 
 step "interop: Kamailio (MTLS federation), baresip (TLS), SIPp (TCP)"
 tests/interop/run.sh

@@ -218,6 +218,7 @@ pub fn policy_config(cfg: &Config) -> PolicyConfig {
                 domains: p.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
                 relay_to: p.relay_to.clone(),
                 assert_identity: p.assert_identity,
+                node: p.node,
             })
             .collect(),
     }

@@ -28,6 +28,62 @@ pub struct Config {
     /// Who may do what: client authentication (digest, client certificates) and the keys
     /// that sign what we hand out.
     pub auth: AuthSection,
+    /// Several nodes sharing one location service (`[cluster]`); absent: a single node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's place in a cluster of sipring nodes whose location service lives
+/// in Redis Cluster (docs/CLUSTER.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name (one of `nodes`).
+    pub node: String,
+    /// Redis Cluster seed addresses (`host:port`); the client learns the rest of the cluster
+    /// from them.
+    pub store: Vec<String>,
+    /// PEM roots trusted for the other nodes' certificates (the cluster's own CA).
+    pub roots: PathBuf,
+    /// PEM or DER CRLs for those roots. Default `[]`.
+    pub crls: Vec<PathBuf>,
+    /// How often this node refreshes its liveness key, in milliseconds. Default 1000.
+    pub heartbeat_ms: u64,
+    /// How long the liveness key lives without a refresh: a node silent this long is dead
+    /// to the others (their calls to its users get 480). Default 3000.
+    pub liveness_ms: u64,
+    /// How long a store request may take before the request waiting on it gets 503
+    /// (milliseconds). Default 500.
+    pub store_timeout_ms: u64,
+    /// Every node of the cluster, this one included (`[[cluster.nodes]]`): the topology is
+    /// the list of trusted servers for inter-node links.
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node: String::new(),
+            store: Vec::new(),
+            roots: PathBuf::new(),
+            crls: Vec::new(),
+            heartbeat_ms: 1000,
+            liveness_ms: 3000,
+            store_timeout_ms: 500,
+            nodes: Vec::new(),
+        }
+    }
+}
+
+/// `[[cluster.nodes]]`: one node of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Its name (a token): in logs, metrics, the store and Record-Route flow tokens.
+    pub name: String,
+    /// Its inter-node (`mtls` listener) address.
+    pub address: Option<SocketAddr>,
+    /// The identity its certificate must carry (SAN dNSName or `sip:` URI, RFC 5922).
+    pub identity: String,
 }
 
 /// `[server]`
@@ -264,6 +320,10 @@ pub struct PeerConfig {
     /// Send this partner P-Asserted-Identity for our authenticated users (RFC 3325: it is in
     /// our trust domain). Default true.
     pub assert_identity: bool,
+    /// Made from `[[cluster.nodes]]` at load (never written in a file): another node of our
+    /// cluster, linked like a partner but trusted with any From (docs/CLUSTER.md).
+    #[serde(skip)]
+    pub node: bool,
 }
 
 impl Default for PeerConfig {
@@ -280,6 +340,7 @@ impl Default for PeerConfig {
             unknown_revocation: UnknownRevocation::Deny,
             relay_to: Vec::new(),
             assert_identity: true,
+            node: false,
         }
     }
 }
@@ -513,7 +574,7 @@ impl Config {
         let cfg = cfg.resolve_paths(base);
         let errors = cfg.validate(path);
         if errors.is_empty() {
-            Ok(cfg)
+            Ok(cfg.with_cluster_links())
         } else {
             Err(errors)
         }
@@ -522,6 +583,34 @@ impl Config {
     /// Parses TOML text (no validation).
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Adds a link (a `[[peer]]` marked `node`) to every other node of `[cluster]`: MTLS
+    /// with the cluster's roots, trusted only as the identity the topology gives it, no
+    /// domains (lookups, not domains, send requests to a node).
+    pub fn with_cluster_links(mut self) -> Config {
+        let Some(c) = self.cluster.clone() else {
+            return self;
+        };
+        for n in c.nodes.iter().filter(|n| n.name != c.node) {
+            self.peer.push(PeerConfig {
+                name: n.name.clone(),
+                address: n.address,
+                server_name: n.identity.clone(),
+                roots: c.roots.clone(),
+                crls: c.crls.clone(),
+                trusted_names: vec![n.identity.clone()],
+                // The cluster's CA is ours: a node without a CRL is not refused for it.
+                unknown_revocation: if c.crls.is_empty() {
+                    UnknownRevocation::Allow
+                } else {
+                    UnknownRevocation::Deny
+                },
+                node: true,
+                ..PeerConfig::default()
+            });
+        }
+        self
     }
 
     /// Makes relative file paths relative to the config file's folder.
@@ -548,6 +637,10 @@ impl Config {
         for p in &mut self.peer {
             fix(&mut p.roots);
             p.crls.iter_mut().for_each(fix);
+        }
+        if let Some(c) = &mut self.cluster {
+            fix(&mut c.roots);
+            c.crls.iter_mut().for_each(fix);
         }
         self
     }
@@ -599,7 +692,10 @@ impl Config {
                 e(format!("listen[{i}].backlog"), "must be at least 1");
             }
         }
-        if self.listen.iter().any(|l| l.kind == ListenKind::Mtls) && self.peer.is_empty() {
+        if self.listen.iter().any(|l| l.kind == ListenKind::Mtls)
+            && self.peer.is_empty()
+            && self.cluster.is_none()
+        {
             e(
                 "peer".into(),
                 "an mtls listener with no [[peer]] would refuse every connection",
@@ -740,6 +836,62 @@ impl Config {
         }
         if self.server.mesh_capacity == 0 {
             e("server.mesh_capacity".into(), "must be positive");
+        }
+        if let Some(c) = &self.cluster {
+            if !c.nodes.iter().any(|n| n.name == c.node) {
+                e(
+                    "cluster.node".into(),
+                    "names no [[cluster.nodes]] entry (list this node too)",
+                );
+            }
+            if c.store.is_empty() {
+                e(
+                    "cluster.store".into(),
+                    "at least one Redis Cluster address (host:port)",
+                );
+            }
+            if c.roots.as_os_str().is_empty() {
+                e(
+                    "cluster.roots".into(),
+                    "missing: the roots trusted for the other nodes' certificates",
+                );
+            }
+            if c.heartbeat_ms == 0 || c.liveness_ms < 2 * c.heartbeat_ms {
+                e(
+                    "cluster.liveness_ms".into(),
+                    "must be at least twice cluster.heartbeat_ms (and that positive)",
+                );
+            }
+            if c.store_timeout_ms == 0 {
+                e("cluster.store_timeout_ms".into(), "must be positive");
+            }
+            if !self.listen.iter().any(|l| l.kind == ListenKind::Mtls) {
+                e(
+                    "cluster".into(),
+                    "needs an mtls [[listen]]: the other nodes connect to it",
+                );
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, n) in c.nodes.iter().enumerate() {
+                if !is_token(&n.name) || !seen.insert(n.name.clone()) {
+                    e(
+                        format!("cluster.nodes[{i}].name"),
+                        "must be a unique token (letters, digits, - . _)",
+                    );
+                }
+                if self.peer.iter().any(|p| p.name == n.name) {
+                    e(
+                        format!("cluster.nodes[{i}].name"),
+                        "is also a [[peer]] name",
+                    );
+                }
+                if n.name != c.node && (n.address.is_none() || n.identity.is_empty()) {
+                    e(
+                        format!("cluster.nodes[{i}]"),
+                        "another node needs its address and its certificate identity",
+                    );
+                }
+            }
         }
         errors
     }

@@ -37,6 +37,10 @@ enum Cmd {
         /// SIP domain for the names (`sip.<domain>`).
         #[arg(long, default_value = "example.com")]
         domain: String,
+        /// Also a certificate for this cluster node (`<node>.pem`/`.key`, SANs
+        /// `<node>.<domain>` and `sip.<domain>`); repeat for each node.
+        #[arg(long = "node")]
+        nodes: Vec<String>,
     },
     /// Print a `[[subscriber]]` table for the subscriber file: HA1 hashes of a password read
     /// from standard input (one line), for every algorithm. The password is never stored.
@@ -113,18 +117,20 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Cmd::Certs { out, domain } => match sipring::tls::pki::write_demo(&out, &domain) {
-            Ok(files) => {
-                for f in files {
-                    println!("{f}");
+        Cmd::Certs { out, domain, nodes } => {
+            match sipring::tls::pki::write_demo_with_nodes(&out, &domain, &nodes) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{f}");
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Cmd::Doctor { config } => {
             let facts = sipring::doctor::HostFacts::gather();
             let loaded = config.as_ref().map(|p| {

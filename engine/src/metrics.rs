@@ -194,6 +194,7 @@ fn help(family: &str) -> &'static str {
         "sipring_overload_shed_total" => "New requests answered 503 at the door under overload.",
         "sipring_mesh_backlog" => "Mesh messages waiting for room in a full channel.",
         "sipring_queue_drops_total" => "Messages dropped, by queue.",
+        "sipring_store_total" => "Cluster location-store requests, by operation and result.",
         "sipring_writes_queued_total" => "Writes queued for back-pressure.",
         "sipring_idle_timeouts_total" => "Connections closed by the idle sweep.",
         "sipring_partial_timeouts_total" => "Connections closed for an incomplete message.",

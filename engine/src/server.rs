@@ -47,6 +47,8 @@ pub struct Control {
     pub budget: usize,
     /// This node's secret and subscribers.
     pub identity: Identity,
+    /// The cluster's location store (its thread), when `[cluster]` is configured.
+    pub store: Option<crate::cluster::StoreSender>,
 }
 
 /// Connections per source address across every shard, lock-free: addresses hash (with a
@@ -227,7 +229,15 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     }
     let ktls = sys::ktls::probe();
     tracing::info!(ktls = %ktls.describe(), "kernel TLS probe");
+    let store = match &cfg.cluster {
+        Some(c) => Some(
+            crate::cluster::start(c)
+                .map_err(|e| StartError(format!("cluster store thread: {e}")))?,
+        ),
+        None => None,
+    };
     let control = Arc::new(Control {
+        store,
         draining: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         snapshots: (0..n)
@@ -356,6 +366,7 @@ async fn run_shard(
         senders,
     ));
     shard::spawn_mesh_receivers(&shard, receivers);
+    shard::spawn_store_replies(&shard);
     let mut accepting = Vec::new();
     for (kind, client_auth, l) in listeners {
         let listener = l.into_glommio();

@@ -26,7 +26,9 @@ use glommio::channels::channel_mesh::{Receivers, Senders};
 use sipring_core::auth::NodeKey;
 use sipring_core::policy::{FlowInfo, Policy};
 use sipring_core::proxy::{Flow, Interface, Lookup, PeerRoute, Proxy, ProxyConfig, Transport};
-use sipring_core::registrar::{FlowId, MemoryStore, Registrar, RegistrarConfig, Reply, shard_for};
+use sipring_core::registrar::{
+    BindingStore, FlowId, MemoryStore, Registrar, RegistrarConfig, Reply, shard_for,
+};
 use sipring_core::stateful::{Output, ShardProxy};
 use sipring_core::transaction::TimerConfig;
 use sipring_core::{Framing, Header, Status, parse};
@@ -62,11 +64,17 @@ pub enum ShardMsg {
         token: u64,
         /// The AOR.
         aor: String,
+        /// Asked by another cluster node: a miss is final.
+        local_only: bool,
     },
     /// The answer.
     LookupReply {
         /// Correlation.
         token: u64,
+        /// The AOR.
+        aor: String,
+        /// As asked.
+        local_only: bool,
         /// The bindings.
         result: Lookup,
     },
@@ -291,6 +299,17 @@ pub struct Shard {
     partial_total: Cell<usize>,
     /// How peers address each listener (shared by the flows of that listener).
     ifaces: Vec<Rc<Interface>>,
+    /// This node's link to the cluster's location store, when clustered.
+    cluster: Option<ClusterLink>,
+}
+
+/// A shard's side of the location store: its handle, the channel answers come back on, and
+/// the lookups waiting for one (with what the local tables said).
+struct ClusterLink {
+    store: crate::cluster::Store,
+    reply: async_channel::Sender<crate::cluster::Found>,
+    replies: RefCell<Option<async_channel::Receiver<crate::cluster::Found>>>,
+    waiting: RefCell<HashMap<u64, (Lookup, Option<Stamp>)>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -371,6 +390,12 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
                 })
             })
             .collect(),
+        nodes: cfg
+            .peer
+            .iter()
+            .filter(|p| p.node)
+            .map(|p| p.name.clone())
+            .collect(),
         supported: vec!["outbound".into(), "path".into()],
         record_route: true,
         key,
@@ -413,6 +438,15 @@ impl Shard {
         proxy.set_max_transactions(cfg.limits.max_transactions_per_shard);
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
         let remember = r.remember_aors.div_ceil(n.max(1));
+        let cluster = control.store.as_ref().map(|s| {
+            let (reply, replies) = async_channel::unbounded();
+            ClusterLink {
+                store: s.handle(),
+                reply,
+                replies: RefCell::new(Some(replies)),
+                waiting: RefCell::new(HashMap::new()),
+            }
+        });
         Shard {
             id,
             n,
@@ -444,6 +478,7 @@ impl Shard {
             read_pool: RefCell::new(Vec::new()),
             partial_total: Cell::new(0),
             ifaces,
+            cluster,
         }
     }
 
@@ -515,13 +550,15 @@ impl Shard {
             let Some(out) = out else { break };
             match out {
                 Output::Send { flow, bytes } => self.send_to(&flow, bytes, stamp),
-                Output::Lookup { token, aor } => {
+                Output::Lookup {
+                    token,
+                    aor,
+                    local_only,
+                } => {
                     let owner = shard_for(&aor, self.n).0 as usize;
                     if owner == self.id {
                         let r = self.lookup(&aor);
-                        self.proxy
-                            .borrow_mut()
-                            .handle_lookup(Instant::now(), token, r);
+                        self.lookup_done(token, &aor, local_only, r, None);
                     } else {
                         self.count("sipring_cross_shard_total{op=\"lookup\"}");
                         if let Some(s) = stamp {
@@ -531,6 +568,7 @@ impl Shard {
                             from: self.id,
                             token,
                             aor,
+                            local_only,
                         };
                         if !self.mesh_send(owner, msg, true) {
                             self.count("sipring_overload_503_total");
@@ -747,7 +785,15 @@ impl Shard {
     }
 
     fn flow_closed(self: &Rc<Self>, id: FlowId) {
+        let aors = if self.cluster.is_some() {
+            self.store.borrow().flow_aors(id)
+        } else {
+            Vec::new()
+        };
         let removed = self.store.borrow_mut().remove_flow(id);
+        for aor in &aors {
+            self.write_through(aor);
+        }
         if removed > 0 {
             self.metrics
                 .borrow_mut()
@@ -786,6 +832,93 @@ impl Shard {
             for (b, s) in q {
                 self.send_local(id, b, s);
             }
+        }
+    }
+
+    /// A lookup's local answer. A miss, in a cluster, asks the location store which other
+    /// nodes hold the AOR (unless the request came from a node: one hop, no loops); the
+    /// store's answer finishes it in [`Shard::on_store_reply`].
+    fn lookup_done(
+        self: &Rc<Self>,
+        token: u64,
+        aor: &str,
+        local_only: bool,
+        result: Lookup,
+        stamp: Option<Stamp>,
+    ) {
+        let miss = matches!(result, Lookup::NotRegistered | Lookup::Unknown);
+        let result = match &self.cluster {
+            Some(c) if miss && !local_only => {
+                if c.store.lookup(aor, token, &c.reply) {
+                    self.count("sipring_store_total{op=\"lookup\",result=\"asked\"}");
+                    c.waiting.borrow_mut().insert(token, (result, stamp));
+                    return;
+                }
+                self.count("sipring_store_total{op=\"lookup\",result=\"queue_full\"}");
+                Lookup::Unavailable
+            }
+            _ => result,
+        };
+        self.proxy
+            .borrow_mut()
+            .handle_lookup(Instant::now(), token, result);
+        self.pump(stamp);
+    }
+
+    /// The location store's answer to a lookup this shard asked.
+    pub fn on_store_reply(self: &Rc<Self>, found: crate::cluster::Found) {
+        let Some(c) = &self.cluster else { return };
+        let Some((miss, stamp)) = c.waiting.borrow_mut().remove(&found.token) else {
+            return;
+        };
+        let (label, result) = match found.nodes {
+            Some(n) if !n.is_empty() => ("found", Lookup::Nodes(n)),
+            // Bindings of a dead node: the user exists and cannot be reached now.
+            Some(_) if found.known => ("miss", Lookup::NotRegistered),
+            Some(_) => ("miss", miss),
+            None => ("error", Lookup::Unavailable),
+        };
+        self.count(match label {
+            "found" => "sipring_store_total{op=\"lookup\",result=\"found\"}",
+            "miss" => "sipring_store_total{op=\"lookup\",result=\"miss\"}",
+            _ => "sipring_store_total{op=\"lookup\",result=\"error\"}",
+        });
+        self.proxy
+            .borrow_mut()
+            .handle_lookup(Instant::now(), found.token, result);
+        self.pump(stamp);
+    }
+
+    /// Writes this node's bindings of `aor` through to the location store (its owner shard
+    /// calls this after every change).
+    fn write_through(&self, aor: &str) {
+        let Some(c) = &self.cluster else { return };
+        let now = Instant::now();
+        let now_ms = crate::cluster::unix_ms();
+        let store = self.store.borrow();
+        let list: Vec<_> = store
+            .get(aor)
+            .iter()
+            .filter(|b| b.expires_at > now)
+            .map(|b| {
+                (
+                    now_ms + (b.expires_at - now).as_millis() as u64,
+                    b.flow,
+                    b.instance.as_deref().unwrap_or(""),
+                    b.reg_id,
+                    b.contact.as_str(),
+                )
+            })
+            .collect();
+        let (value, ttl) = match c.store.value(&list) {
+            Some((v, latest)) => (Some(v), latest.saturating_sub(now_ms)),
+            None => (None, 0),
+        };
+        drop(store);
+        if c.store.write(aor, value, ttl) {
+            self.count("sipring_store_total{op=\"write\",result=\"queued\"}");
+        } else {
+            self.count("sipring_store_total{op=\"write\",result=\"queue_full\"}");
         }
     }
 
@@ -847,6 +980,7 @@ impl Shard {
         drop(store);
         if reply.code == 200 {
             self.known.borrow_mut().insert(aor);
+            self.write_through(aor);
         }
         let mut m = self.metrics.borrow_mut();
         m.gauge("sipring_bindings", after as i64 - before as i64);
@@ -857,16 +991,31 @@ impl Shard {
     /// A message from another shard.
     pub fn on_mesh(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
-            ShardMsg::Lookup { from, token, aor } => {
+            ShardMsg::Lookup {
+                from,
+                token,
+                aor,
+                local_only,
+            } => {
                 let result = self.lookup(&aor);
-                self.reply(from, ShardMsg::LookupReply { token, result });
+                self.reply(
+                    from,
+                    ShardMsg::LookupReply {
+                        token,
+                        aor,
+                        local_only,
+                        result,
+                    },
+                );
             }
-            ShardMsg::LookupReply { token, result } => {
+            ShardMsg::LookupReply {
+                token,
+                aor,
+                local_only,
+                result,
+            } => {
                 let stamp = self.stamps.borrow_mut().remove(&token);
-                self.proxy
-                    .borrow_mut()
-                    .handle_lookup(Instant::now(), token, result);
-                self.pump(stamp);
+                self.lookup_done(token, &aor, local_only, result, stamp);
             }
             ShardMsg::Register {
                 from,
@@ -1323,6 +1472,24 @@ pub fn forward_name(label: &'static str) -> &'static str {
         };
     }
     with_message_labels!(names)
+}
+
+/// Feeds the location store's answers to the shard (a no-op when not clustered).
+pub fn spawn_store_replies(shard: &Rc<Shard>) {
+    let Some(rx) = shard
+        .cluster
+        .as_ref()
+        .and_then(|c| c.replies.borrow_mut().take())
+    else {
+        return;
+    };
+    let s = shard.clone();
+    glommio::spawn_local(async move {
+        while let Ok(f) = rx.recv().await {
+            s.on_store_reply(f);
+        }
+    })
+    .detach();
 }
 
 /// Runs the mesh receivers of a shard (one task per peer shard).

@@ -108,9 +108,10 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// Server address.
-    #[arg(long, default_value = "127.0.0.1:5061")]
-    target: SocketAddr,
+    /// Server address; several (comma-separated: the nodes of a cluster) spread the UAs
+    /// over them, UA i on address i mod their number.
+    #[arg(long, default_value = "127.0.0.1:5061", value_delimiter = ',', num_args = 1..)]
+    target: Vec<SocketAddr>,
     /// tls, mtls or tcp.
     #[arg(long, default_value = "tls")]
     transport: String,
@@ -354,7 +355,7 @@ fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
     Ok(Plan {
         name: name.into(),
         scenario,
-        target: c.target,
+        targets: c.target.clone(),
         transport,
         tls,
         tls_per_ua,
@@ -756,7 +757,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         server.admin_addr.map_or("-".into(), |a| a.to_string())
     );
     let common = |prefix: &str, users: usize, rate: f64| Common {
-        target,
+        target: vec![target],
         transport: "tls".into(),
         ca: Some(dir.join("pki/ca.pem")),
         cert: None,

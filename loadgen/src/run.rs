@@ -59,8 +59,8 @@ pub struct Plan {
     pub name: String,
     /// What to do.
     pub scenario: Scenario,
-    /// The server.
-    pub target: SocketAddr,
+    /// The servers (cluster nodes): UA `u` connects to `targets[u % len]`.
+    pub targets: Vec<SocketAddr>,
     /// TLS, MTLS or TCP.
     pub transport: Transport,
     /// TLS client configuration (None for TCP).
@@ -113,6 +113,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The server UA `u` (or handshake `u`) connects to.
+    pub fn target(&self, u: usize) -> SocketAddr {
+        self.targets[u % self.targets.len().max(1)]
+    }
+
     /// The TLS client configuration UA `u` connects with.
     pub fn tls_for(&self, u: usize) -> Option<&Arc<ClientConfig>> {
         match self.tls_per_ua.len() {
@@ -613,7 +618,7 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
                 shard.handshakes.set(shard.handshakes.get() + 1);
                 glommio::spawn_local(async move {
                     let counted = s.handshakes.get();
-                    handshake_once(s.clone(), p, intended, measured).await;
+                    handshake_once(s.clone(), p, counted, intended, measured).await;
                     // After the final drain, the count was reset and the rest declared lost.
                     if counted > 0 && s.handshakes.get() > 0 {
                         s.handshakes.set(s.handshakes.get() - 1);
@@ -687,7 +692,7 @@ async fn setup(shard: &Rc<Shard>, plan: &Plan, users: &[usize]) {
         for &u in chunk {
             let (s, p) = (shard.clone(), plan.clone());
             ts.push(glommio::spawn_local(async move {
-                if let Ok(ua) = connect(&s, &p, u).await {
+                if let Ok(ua) = connect(&s, &p, u, 0).await {
                     s.uas.borrow_mut().insert(u, ua);
                     send_register(&s, &p, u, Instant::now(), false, p.expires);
                 }
@@ -730,17 +735,19 @@ async fn idle(shard: &Rc<Shard>, plan: &Plan, _users: &[usize], end: Instant) {
     }
 }
 
-/// Connects one user agent (TCP connect and TLS handshake measured), spawning its reader
-/// and writer.
-async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()> {
+/// Connects one user agent (TCP connect and TLS handshake measured) to its `nth` choice of
+/// target (0: its own, `u mod targets`; then the next ones, as a phone with several
+/// outbound proxies fails over, RFC 5626 §4.2), spawning its reader and writer.
+async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result<Rc<Ua>, ()> {
+    let target = plan.target(u + nth);
     let t0 = Instant::now();
     shard.stats.borrow_mut().sent("tcp_connect");
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
     let stream = match plan.local_addrs.get(u % plan.local_addrs.len().max(1)) {
         Some(ip) if !plan.local_addrs.is_empty() => {
-            sipring::sys::sock::connect_from(*ip, plan.target, plan.timeout)
+            sipring::sys::sock::connect_from(*ip, target, plan.timeout)
         }
-        _ => TcpStream::connect(plan.target)
+        _ => TcpStream::connect(target)
             .await
             .map_err(std::io::Error::from),
     };
@@ -842,24 +849,27 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize) -> Result<Rc<Ua>, ()>
 
 /// Re-establishes user agent `u` after its connection was lost and registers it again. The
 /// attempts back off exponentially (100 ms doubling to 5 s) with full jitter over the upper
-/// half, so a server restart does not meet a synchronized herd; the `reconnect` histogram runs
-/// from the loss to the new registration's 200, failed attempts count under `tcp_connect` /
-/// `tls_handshake`.
+/// half, so a server restart does not meet a synchronized herd; with several targets each
+/// failed attempt moves to the next one (a cluster node lost: its UAs re-register on the
+/// others). The `reconnect` histogram runs from the loss to the new registration's 200,
+/// failed attempts count under `tcp_connect` / `tls_handshake`.
 async fn reconnect(shard: Rc<Shard>, plan: Plan, u: usize) {
     let lost = Instant::now();
     shard.uas.borrow_mut().remove(&u);
     let mut backoff_ms = 100usize;
+    let mut nth = 0;
     while !shard.stopping.get() {
         let wait = backoff_ms / 2 + shard.rand(backoff_ms / 2 + 1);
         glommio::timer::sleep(Duration::from_millis(wait as u64)).await;
         if shard.stopping.get() {
             return;
         }
-        if let Ok(ua) = connect(&shard, &plan, u).await {
+        if let Ok(ua) = connect(&shard, &plan, u, nth).await {
             shard.uas.borrow_mut().insert(u, ua);
             send_register_as(&shard, &plan, u, lost, true, plan.expires, "reconnect");
             return;
         }
+        nth += 1;
         backoff_ms = (backoff_ms * 2).min(5000);
     }
 }
@@ -1374,11 +1384,11 @@ fn send_request_as(
 }
 
 /// One `handshake` transaction: connect, handshake, OPTIONS, close.
-async fn handshake_once(shard: Rc<Shard>, plan: Plan, intended: Instant, measured: bool) {
+async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instant, measured: bool) {
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
     shard.stats.borrow_mut().sent("options");
     let t0 = Instant::now();
-    let stream = TcpStream::connect(plan.target).await;
+    let stream = TcpStream::connect(plan.target(n)).await;
     let Ok(mut stream) = stream else {
         shard.fail("options", "connect");
         return;

@@ -122,6 +122,7 @@ impl Default for Pipeline {
                     domain: "example.net".into(),
                     peer: "net-partner".into(),
                 }],
+                nodes: vec![],
                 supported: vec![],
                 record_route: true,
                 key: sipring_core::auth::NodeKey::new([0; 32]),

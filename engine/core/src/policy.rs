@@ -99,6 +99,11 @@ pub struct PartnerPolicy {
     /// Send it P-Asserted-Identity for our authenticated users (it is in our trust domain,
     /// RFC 3325). Default true.
     pub assert_identity: bool,
+    /// Another node of our own cluster: it authenticated and authorized the request before
+    /// relaying it (its From may be any of ours or a partner's), so a lookup it asks for is
+    /// allowed whatever the From; it still never registers, and is relayed to partners
+    /// only per `relay_to`.
+    pub node: bool,
 }
 
 /// Policy settings.
@@ -538,6 +543,9 @@ impl Policy {
         let Some(p) = self.partner(&name).cloned() else {
             return self.deny(info, 403, "Unknown Partner", "unknown_partner", name);
         };
+        if p.node && matches!(decision, Decision::Lookup { .. }) {
+            return allow(name);
+        }
         let from_ok = host_of(ess.from.uri).is_some_and(|h| in_list(&h, &p.domains));
         if !from_ok {
             return self.deny(
@@ -670,12 +678,18 @@ mod tests {
             domains: vec![domain.into()],
             relay_to: relay.iter().map(|s| s.to_string()).collect(),
             assert_identity: true,
+            node: false,
         };
         Policy::new(
             PolicyConfig {
                 partners: vec![
                     partner("a", "peer-a.test", &[]),
                     partner("b", "peer-b.test", &["a"]),
+                    PartnerPolicy {
+                        node: true,
+                        domains: vec![],
+                        ..partner("node-b", "", &[])
+                    },
                 ],
                 ..PolicyConfig::default()
             },
@@ -741,6 +755,56 @@ mod tests {
             Authz::Challenge { code, .. } => *code,
             Authz::Deny(d) => d.code,
         }
+    }
+
+    #[test]
+    fn a_cluster_node_relays_lookups_for_anyone_but_never_registers_or_transits() {
+        let mut p = policy();
+        let node = Principal::Partner("node-b".into());
+        let lookup = Decision::Lookup {
+            aor: "sip:alice@example.com".into(),
+        };
+        // A call from a partner's user, or from ours, relayed by the node holding the caller.
+        for from in ["sip:x@peer-a.test", "sip:bob@example.com"] {
+            let r = req(
+                "INVITE",
+                "sip:alice@example.com",
+                from,
+                "sip:alice@example.com",
+                "",
+            );
+            assert_eq!(outcome(&run(&mut p, &node, &r, &lookup)), 0, "{from}");
+        }
+        // An ordinary partner is held to its domains for the same request.
+        let a = Principal::Partner("a".into());
+        let r = req(
+            "INVITE",
+            "sip:alice@example.com",
+            "sip:bob@example.com",
+            "sip:alice@example.com",
+            "",
+        );
+        assert_eq!(outcome(&run(&mut p, &a, &r, &lookup)), 403);
+        let r = req(
+            "REGISTER",
+            "sip:example.com",
+            "sip:bob@example.com",
+            "sip:bob@example.com",
+            "",
+        );
+        assert_eq!(outcome(&run(&mut p, &node, &r, &Decision::Register)), 403);
+        let r = req(
+            "INVITE",
+            "sip:x@peer-a.test",
+            "sip:bob@example.com",
+            "sip:x@peer-a.test",
+            "",
+        );
+        assert_eq!(
+            outcome(&run(&mut p, &node, &r, &Decision::ToPeer("a".into()))),
+            403,
+            "a node is not a transit to partners unless relay_to says so"
+        );
     }
 
     #[test]

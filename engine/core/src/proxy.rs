@@ -143,6 +143,9 @@ pub struct ProxyConfig {
     pub partner_interface: Option<Interface>,
     /// Federation routes.
     pub peers: Vec<PeerRoute>,
+    /// The other nodes of our cluster (their links are [`Flow::Peer`]s with these names; they
+    /// have no domains of their own: lookups send requests to them).
+    pub nodes: Vec<String>,
     /// Option tags we support in `Proxy-Require`.
     pub supported: Vec<String>,
     /// Add Record-Route to dialog-creating requests. Default true.
@@ -163,6 +166,7 @@ impl Default for ProxyConfig {
             ports: vec![5061],
             partner_interface: None,
             peers: Vec::new(),
+            nodes: Vec::new(),
             supported: Vec::new(),
             record_route: true,
             key: NodeKey::new([0; 32]),
@@ -238,13 +242,18 @@ pub enum Lookup {
     Unknown,
     /// The owner shard could not be asked (its queue is full): answer 503 with Retry-After.
     Unavailable,
+    /// No binding here, but these (live) cluster nodes hold the AOR's flows: relay the
+    /// request to each over its inter-node link, Request-URI unchanged (the node delivers
+    /// it on the UA's own connection).
+    Nodes(Vec<String>),
 }
 
 /// A target chosen after lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// The new Request-URI (the registered contact).
-    pub uri: String,
+    /// The new Request-URI (the registered contact); `None` keeps it (a relay to the
+    /// cluster node that holds the contact).
+    pub uri: Option<String>,
     /// The flow to send on.
     pub flow: Flow,
     /// Route values to add (the contact's Path).
@@ -550,7 +559,7 @@ impl Proxy {
         }
         // Nothing is created for a name that is not a configured partner.
         let known = |f: Option<Flow>| match f {
-            Some(Flow::Peer(p)) if !self.cfg.peers.iter().any(|r| r.peer == p) => None,
+            Some(Flow::Peer(p)) if !self.is_peer_name(&p) => None,
             f => f,
         };
         let fi = known(fi_raw.and_then(Flow::decode));
@@ -565,6 +574,16 @@ impl Proxy {
             (Some(_), Some(Flow::Peer(p))) | (Some(Flow::Peer(p)), Some(_)) => Decision::ToPeer(p),
             _ => reject(404, "Dialog Flow Not Found"),
         }
+    }
+
+    /// A configured partner or cluster node of this name?
+    fn is_peer_name(&self, name: &str) -> bool {
+        self.cfg.peers.iter().any(|r| r.peer == name) || self.is_node(name)
+    }
+
+    /// Is `name` one of our cluster's other nodes?
+    pub fn is_node(&self, name: &str) -> bool {
+        self.cfg.nodes.iter().any(|n| n == name)
     }
 
     fn peer_for(&self, host: &[u8]) -> Option<String> {
@@ -592,11 +611,20 @@ impl Proxy {
             Lookup::Found(b) if !b.is_empty() => Ok(b
                 .into_iter()
                 .map(|r| Target {
-                    uri: r.contact,
+                    uri: Some(r.contact),
                     flow: Flow::Conn(r.flow),
                     path: r.path,
                 })
                 .collect()),
+            Lookup::Nodes(n) if !n.is_empty() => Ok(n
+                .into_iter()
+                .map(|node| Target {
+                    uri: None,
+                    flow: Flow::Peer(node),
+                    path: Vec::new(),
+                })
+                .collect()),
+            Lookup::Nodes(_) => Err(reject(480, "Temporarily Unavailable")),
             Lookup::Found(_) | Lookup::NotRegistered => Err(reject(480, "Temporarily Unavailable")),
             Lookup::Unknown => Err(reject(404, "Not Found")),
             Lookup::Unavailable if method == Method::Ack => Err(Decision::Drop("overloaded")),
@@ -770,6 +798,7 @@ mod tests {
                 domain: "partner.net".into(),
                 peer: "partner".into(),
             }],
+            nodes: vec!["node-b".into()],
             supported: vec!["outbound".into()],
             record_route: true,
             key: NodeKey::new([3; 32]),
@@ -1258,10 +1287,23 @@ mod tests {
         assert_eq!(
             t,
             vec![Target {
-                uri: "sip:b@h".into(),
+                uri: Some("sip:b@h".into()),
                 flow: Flow::Conn(5),
                 path: vec![]
             }]
+        );
+        // A cluster node holds the flow: relayed there with the Request-URI kept.
+        assert_eq!(
+            p.after_lookup(Method::Invite, Lookup::Nodes(vec!["node-b".into()])),
+            Ok(vec![Target {
+                uri: None,
+                flow: Flow::Peer("node-b".into()),
+                path: vec![]
+            }])
+        );
+        assert_eq!(
+            p.after_lookup(Method::Invite, Lookup::Nodes(vec![])),
+            Err(Answer::decision(480, "Temporarily Unavailable"))
         );
         let resp = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch=z9hG4bKsr1.1\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo: <sip:b@example.com>;tag=x\r\nFrom: <sip:a@example.com>;tag=a\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
         let mut h = [Header::EMPTY; 16];

@@ -287,6 +287,18 @@ impl MemoryStore {
         removed
     }
 
+    /// The AORs with bindings over `flow` (O(its AORs)).
+    pub fn flow_aors(&self, flow: FlowId) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .by_flow
+            .get(&flow)
+            .map(|a| a.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// A flow died: drop every binding registered over it (RFC 5626 §5.2: a failed flow is
     /// not used). Returns how many were removed. Visits only the AORs that flow holds.
     pub fn remove_flow(&mut self, flow: FlowId) -> usize {

@@ -64,6 +64,9 @@ pub enum Output {
         token: u64,
         /// The address-of-record.
         aor: String,
+        /// The request came from another node of our cluster: only this node's own bindings
+        /// count (a miss is not looked up in the cluster's store again: one hop, no loops).
+        local_only: bool,
     },
     /// Run the registrar for `aor` on its owner shard with this REGISTER (which arrived on
     /// `flow`), then call [`ShardProxy::handle_register_reply`] with `token`.
@@ -433,6 +436,11 @@ impl ShardProxy {
         }
     }
 
+    /// Did this flow come from another node of our cluster?
+    fn came_from_node(&self, flow: &Flow) -> bool {
+        self.partner_of(flow).is_some_and(|p| self.proxy.is_node(p))
+    }
+
     /// The interface a flow reaches us by (named in our Via and Record-Route toward it).
     fn iface_of(&self, flow: &Flow) -> crate::proxy::Interface {
         let cfg = self.proxy.config();
@@ -690,7 +698,12 @@ impl ShardProxy {
             Decision::Lookup { aor } => {
                 let token = self.unique();
                 self.pending.insert(token, Pending::Server(key.clone()));
-                self.out.push_back(Output::Lookup { token, aor });
+                let local_only = self.came_from_node(flow);
+                self.out.push_back(Output::Lookup {
+                    token,
+                    aor,
+                    local_only,
+                });
             }
             Decision::ToFlow(f) => self.fork(now, &key, &[(f, None, Vec::new())]),
             Decision::ToPeer(p) => self.fork(now, &key, &[(Flow::Peer(p), None, Vec::new())]),
@@ -928,7 +941,12 @@ impl ShardProxy {
                         inbound: flow.clone(),
                     },
                 );
-                self.out.push_back(Output::Lookup { token, aor });
+                let local_only = self.came_from_node(flow);
+                self.out.push_back(Output::Lookup {
+                    token,
+                    aor,
+                    local_only,
+                });
             }
             _ => {}
         }
@@ -996,7 +1014,7 @@ impl ShardProxy {
                     Ok(targets) => {
                         let t: Vec<_> = targets
                             .into_iter()
-                            .map(|t| (t.flow, Some(t.uri), t.path))
+                            .map(|t| (t.flow, t.uri, t.path))
                             .collect();
                         self.fork(now, &key, &t);
                     }
@@ -1008,9 +1026,16 @@ impl ShardProxy {
                 self.drive_server(now, &key);
             }
             Some(Pending::Ack { request, inbound }) => {
-                let Lookup::Found(b) = result else { return };
-                let Some(r) = b.into_iter().next() else {
-                    return;
+                let (to, uri) = match result {
+                    Lookup::Found(b) => match b.into_iter().next() {
+                        Some(r) => (Flow::Conn(r.flow), Some(r.contact)),
+                        None => return,
+                    },
+                    Lookup::Nodes(n) => match n.into_iter().next() {
+                        Some(node) => (Flow::Peer(node), None),
+                        None => return,
+                    },
+                    _ => return,
                 };
                 let limits = self.limits;
                 let mut h = [Header::EMPTY; 64];
@@ -1019,7 +1044,7 @@ impl ShardProxy {
                     return;
                 };
                 if let Ok(e) = m.validate(&limits) {
-                    self.send_ack(&inbound, &Flow::Conn(r.flow), Some(&r.contact), &m, &e);
+                    self.send_ack(&inbound, &to, uri.as_deref(), &m, &e);
                 }
             }
             None => {}

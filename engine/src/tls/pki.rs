@@ -212,6 +212,17 @@ impl Ca {
 /// with its own CA, named `sip.partner.<domain>`), and `revoked.pem`/`revoked.key` (revoked
 /// in `ca.crl`).
 pub fn write_demo(dir: &Path, domain: &str) -> Result<Vec<String>, String> {
+    write_demo_with_nodes(dir, domain, &[])
+}
+
+/// [`write_demo`], plus for each cluster node `n` of `nodes` a `<n>.pem` (chain) and
+/// `<n>.key` from the demo CA, whose SANs are `<n>.<domain>` (the identity the topology
+/// lists) and `sip.<domain>` (what clients ask for).
+pub fn write_demo_with_nodes(
+    dir: &Path,
+    domain: &str,
+    nodes: &[String],
+) -> Result<Vec<String>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ca = Ca::new("sipring demo CA")?;
     let partner_ca = Ca::new("sipring demo partner CA")?;
@@ -226,6 +237,17 @@ pub fn write_demo(dir: &Path, domain: &str) -> Result<Vec<String>, String> {
     })?;
     let partner = partner_ca.issue(&Spec::server(&format!("sip.partner.{domain}")))?;
     let revoked = ca.issue(&Spec::server(&format!("revoked.{domain}")))?;
+    let mut node_files = Vec::new();
+    for n in nodes {
+        let mut spec = Spec::server(&format!("{n}.{domain}"));
+        spec.dns.push(format!("sip.{domain}"));
+        let c = ca.issue(&spec)?;
+        node_files.push((
+            format!("{n}.pem"),
+            format!("{}{}", c.cert_pem, ca.cert.cert_pem),
+        ));
+        node_files.push((format!("{n}.key"), c.key_pem));
+    }
     let files: Vec<(&str, String)> = vec![
         ("ca.pem", ca.cert.cert_pem.clone()),
         ("ca.key", ca.cert.key_pem.clone()),
@@ -246,8 +268,12 @@ pub fn write_demo(dir: &Path, domain: &str) -> Result<Vec<String>, String> {
         ("revoked.key", revoked.key_pem),
     ];
     let mut written = Vec::new();
-    for (name, content) in files {
-        let path = dir.join(name);
+    let all = files
+        .into_iter()
+        .map(|(n, c)| (n.to_string(), c))
+        .chain(node_files);
+    for (name, content) in all {
+        let path = dir.join(&name);
         std::fs::write(&path, content).map_err(|e| format!("{}: {e}", path.display()))?;
         written.push(path.display().to_string());
     }

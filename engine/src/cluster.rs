@@ -1,0 +1,465 @@
+//! The cluster's location service: bindings written through to Redis Cluster, looked up
+//! there when this node has none, and the other nodes' liveness (docs/CLUSTER.md).
+//!
+//! The Redis client (the `redis` crate's cluster-async client: slot routing, MOVED/ASK and
+//! failover are its job) runs on tokio, so it lives on **one store thread per node** with a
+//! current-thread runtime. Shards never block on it: they `try_send` requests on a bounded
+//! `async-channel` (runtime-neutral), and lookups come back on each shard's own reply
+//! channel, which a glommio task awaits (glommio wakes a task from a foreign thread).
+//!
+//! The store holds, per AOR, one hash `b:{<aor>}` with one field per node that has bindings
+//! for it. The field's value is that node's bindings for the AOR, written whole on every
+//! change (REGISTER, flow close) by the shard that owns the AOR:
+//!
+//! ```text
+//! <node epoch> <latest expiry, unix ms>\n
+//! <expiry, unix ms>\t<flow>\t<instance>\t<reg-id>\t<contact>\n   (one line per binding)
+//! ```
+//!
+//! The key's TTL is the latest expiry of any node's bindings. Each node refreshes
+//! `n:<node>` = its epoch (random per start) with a TTL of `liveness_ms`; a field is used
+//! only while its node's key holds the field's epoch, so the bindings of a dead node stop
+//! being routed to within `liveness_ms` + `heartbeat_ms`, and those of a node's previous
+//! life at once.
+
+use crate::config::ClusterConfig;
+use redis::cluster_async::ClusterConnection;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Requests waiting for the store thread, all shards together; past it a lookup is answered
+/// 503 and a write is dropped (counted; the binding is written at its next refresh).
+pub const STORE_QUEUE: usize = 16_384;
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The store key of an AOR's bindings (the AOR is the hash tag: one slot per AOR).
+pub fn aor_key(aor: &str) -> String {
+    format!("b:{{{aor}}}")
+}
+
+/// The liveness key of a node.
+pub fn node_key(node: &str) -> String {
+    format!("n:{node}")
+}
+
+/// A lookup's answer, on the asking shard's reply channel.
+#[derive(Debug)]
+pub struct Found {
+    /// The shard's correlation token.
+    pub token: u64,
+    /// Live nodes (not this one) holding bindings for the AOR; `None`: the store failed or
+    /// timed out.
+    pub nodes: Option<Vec<String>>,
+    /// The store has bindings for the AOR, live or not (a dead node's, until their TTL):
+    /// the user exists and is unreachable (480), not unknown (404).
+    pub known: bool,
+}
+
+/// What a shard asks of the store thread.
+#[derive(Debug)]
+enum Req {
+    /// Replace this node's field of `aor` (`None` removes it).
+    Write {
+        aor: String,
+        value: Option<String>,
+        ttl_ms: u64,
+    },
+    /// Which live nodes hold bindings for `aor`?
+    Lookup {
+        aor: String,
+        token: u64,
+        reply: async_channel::Sender<Found>,
+    },
+}
+
+/// A shard's handle on the store thread (cheap to clone; `Send`).
+#[derive(Debug, Clone)]
+pub struct Store {
+    tx: async_channel::Sender<Req>,
+    /// This node's name.
+    pub node: Rc<str>,
+    /// This node's epoch (this process's life).
+    pub epoch: u64,
+}
+
+/// The `Send` half that creates per-shard [`Store`] handles.
+#[derive(Debug, Clone)]
+pub struct StoreSender {
+    tx: async_channel::Sender<Req>,
+    node: String,
+    epoch: u64,
+}
+
+impl StoreSender {
+    /// A handle for one shard.
+    pub fn handle(&self) -> Store {
+        Store {
+            tx: self.tx.clone(),
+            node: self.node.as_str().into(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+impl Store {
+    /// Queues a write of this node's bindings for `aor` (`None`: it has none left). False
+    /// when the queue is full (the caller counts it).
+    pub fn write(&self, aor: &str, value: Option<String>, ttl_ms: u64) -> bool {
+        self.tx
+            .try_send(Req::Write {
+                aor: aor.to_string(),
+                value,
+                ttl_ms,
+            })
+            .is_ok()
+    }
+
+    /// Asks which live nodes hold `aor`; the answer comes on `reply` with `token`. False
+    /// when the queue is full.
+    pub fn lookup(&self, aor: &str, token: u64, reply: &async_channel::Sender<Found>) -> bool {
+        self.tx
+            .try_send(Req::Lookup {
+                aor: aor.to_string(),
+                token,
+                reply: reply.clone(),
+            })
+            .is_ok()
+    }
+
+    /// The store value for this node's bindings of an AOR: `(expiry unix ms, flow,
+    /// instance, reg-id, contact)` each; `None` when there are none left.
+    pub fn value(&self, bindings: &[(u64, u64, &str, Option<u32>, &str)]) -> Option<(String, u64)> {
+        let latest = bindings.iter().map(|b| b.0).max()?;
+        let mut v = format!("{} {latest}\n", self.epoch);
+        for (exp, flow, inst, reg, contact) in bindings {
+            let reg = reg.map_or(String::new(), |r| r.to_string());
+            // Tabs and newlines cannot occur in a parsed header value.
+            v.push_str(&format!("{exp}\t{flow:x}\t{inst}\t{reg}\t{contact}\n"));
+        }
+        Some((v, latest))
+    }
+}
+
+/// The header line of a stored value: (epoch, latest expiry in unix ms).
+pub fn parse_value(v: &str) -> Option<(u64, u64)> {
+    let line = v.lines().next()?;
+    let (e, x) = line.split_once(' ')?;
+    Some((e.parse().ok()?, x.parse().ok()?))
+}
+
+/// The nodes whose fields of an AOR may be routed to: alive with the same epoch, bindings
+/// not all expired, and not `me` (this node's own bindings are in its tables).
+pub fn live_holders(
+    fields: &[(String, String)],
+    alive: &HashMap<String, u64>,
+    me: &str,
+    now_ms: u64,
+) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|(node, v)| {
+            node != me
+                && parse_value(v).is_some_and(|(epoch, latest)| {
+                    latest > now_ms && alive.get(node.as_str()) == Some(&epoch)
+                })
+        })
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
+/// Starts the store thread; returns the sender shards get their handles from.
+pub fn start(cfg: &ClusterConfig) -> std::io::Result<StoreSender> {
+    let (tx, rx) = async_channel::bounded(STORE_QUEUE);
+    // Unique per start: a node that comes back has a new epoch, so what it registered in its
+    // previous life is never routed to again.
+    let epoch = unix_ms()
+        .wrapping_mul(1_000_003)
+        .wrapping_add(u64::from(std::process::id()))
+        | 1;
+    let cfg = cfg.clone();
+    let sender = StoreSender {
+        tx,
+        node: cfg.node.clone(),
+        epoch,
+    };
+    std::thread::Builder::new()
+        .name("sipring-store".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "store thread: cannot start its runtime");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(cfg, epoch, rx));
+        })?;
+    Ok(sender)
+}
+
+struct State {
+    conn: RefCell<Option<ClusterConnection>>,
+    alive: RefCell<HashMap<String, u64>>,
+    cfg: ClusterConfig,
+    epoch: u64,
+    errors: crate::shard::LogLimiter,
+}
+
+impl State {
+    fn conn(&self) -> Option<ClusterConnection> {
+        self.conn.borrow().clone()
+    }
+
+    fn failed(&self, what: &str, e: &redis::RedisError) {
+        if let Some(left_out) = self.errors.allow(std::time::Instant::now()) {
+            tracing::warn!(
+                op = what,
+                error = %e,
+                left_out,
+                "location store request failed (at most one line a second)"
+            );
+        }
+    }
+}
+
+async fn run(cfg: ClusterConfig, epoch: u64, rx: async_channel::Receiver<Req>) {
+    let seeds: Vec<String> = cfg
+        .store
+        .iter()
+        .map(|a| {
+            if a.contains("://") {
+                a.clone()
+            } else {
+                format!("redis://{a}")
+            }
+        })
+        .collect();
+    let timeout = Duration::from_millis(cfg.store_timeout_ms);
+    let client = match redis::cluster::ClusterClient::builder(seeds)
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .retries(2)
+        .min_retry_wait(50)
+        .max_retry_wait(200)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cluster.store: not a usable Redis Cluster address list");
+            return;
+        }
+    };
+    let st = Rc::new(State {
+        conn: RefCell::new(None),
+        alive: RefCell::new(HashMap::new()),
+        cfg,
+        epoch,
+        errors: crate::shard::LogLimiter::default(),
+    });
+    // Connect (and keep trying) in the background; until then requests fail fast.
+    {
+        let st = st.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                match client.get_async_connection().await {
+                    Ok(c) => {
+                        tracing::info!(node = %st.cfg.node, epoch = st.epoch, "location store connected");
+                        *st.conn.borrow_mut() = Some(c);
+                        return;
+                    }
+                    Err(e) => {
+                        st.failed("connect", &e);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+    }
+    tokio::task::spawn_local(heartbeat(st.clone()));
+    while let Ok(req) = rx.recv().await {
+        let st = st.clone();
+        tokio::task::spawn_local(async move { serve(&st, req).await });
+    }
+}
+
+async fn serve(st: &State, req: Req) {
+    let me = st.cfg.node.as_str();
+    match req {
+        Req::Write { aor, value, ttl_ms } => {
+            let Some(mut c) = st.conn() else { return };
+            let key = aor_key(&aor);
+            let r: redis::RedisResult<()> = match value {
+                Some(v) => {
+                    let ttl = ttl_ms.max(1);
+                    // NX sets a TTL on a new key; GT lengthens it (a longer binding of
+                    // another node keeps its time).
+                    redis::pipe()
+                        .hset(&key, me, v)
+                        .ignore()
+                        .cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(ttl)
+                        .arg("NX")
+                        .ignore()
+                        .cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(ttl)
+                        .arg("GT")
+                        .ignore()
+                        .query_async(&mut c)
+                        .await
+                }
+                None => {
+                    redis::cmd("HDEL")
+                        .arg(&key)
+                        .arg(me)
+                        .query_async(&mut c)
+                        .await
+                }
+            };
+            if let Err(e) = r {
+                st.failed("write", &e);
+            }
+        }
+        Req::Lookup { aor, token, reply } => {
+            let mut known = false;
+            let nodes = match st.conn() {
+                None => None,
+                Some(mut c) => {
+                    let r: redis::RedisResult<Vec<(String, String)>> = redis::cmd("HGETALL")
+                        .arg(aor_key(&aor))
+                        .query_async(&mut c)
+                        .await;
+                    match r {
+                        Ok(fields) => {
+                            known = !fields.is_empty();
+                            Some(live_holders(&fields, &st.alive.borrow(), me, unix_ms()))
+                        }
+                        Err(e) => {
+                            st.failed("lookup", &e);
+                            None
+                        }
+                    }
+                }
+            };
+            let _ = reply
+                .send(Found {
+                    token,
+                    nodes,
+                    known,
+                })
+                .await;
+        }
+    }
+}
+
+/// Refreshes this node's liveness key and reads the others' every `heartbeat_ms`. A node
+/// whose key is gone is dead to this one (logged once); a store error changes nothing.
+async fn heartbeat(st: Rc<State>) {
+    let period = Duration::from_millis(st.cfg.heartbeat_ms);
+    let me = st.cfg.node.clone();
+    let others: Vec<String> = st
+        .cfg
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .filter(|n| *n != me)
+        .collect();
+    loop {
+        if let Some(mut c) = st.conn() {
+            let r: redis::RedisResult<()> = redis::cmd("SET")
+                .arg(node_key(&me))
+                .arg(st.epoch)
+                .arg("PX")
+                .arg(st.cfg.liveness_ms)
+                .query_async(&mut c)
+                .await;
+            if let Err(e) = r {
+                st.failed("heartbeat", &e);
+            }
+            for n in &others {
+                let r: redis::RedisResult<Option<u64>> =
+                    redis::cmd("GET").arg(node_key(n)).query_async(&mut c).await;
+                match r {
+                    Ok(Some(epoch)) => {
+                        let prev = st.alive.borrow_mut().insert(n.clone(), epoch);
+                        if prev != Some(epoch) {
+                            tracing::info!(node = %n, epoch, "cluster node up");
+                        }
+                    }
+                    Ok(None) => {
+                        if st.alive.borrow_mut().remove(n).is_some() {
+                            tracing::warn!(node = %n, "cluster node down: its liveness key expired; its users get 480 until they register elsewhere");
+                        }
+                    }
+                    Err(e) => st.failed("liveness", &e),
+                }
+            }
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_live_nodes_of_the_same_life_with_unexpired_bindings_are_routed_to() {
+        let (tx, _rx) = async_channel::bounded(1);
+        let store = |node: &str, epoch| Store {
+            tx: tx.clone(),
+            node: node.into(),
+            epoch,
+        };
+        let now = 1_000_000;
+        let b = |exp| {
+            (
+                exp,
+                7u64,
+                "<urn:uuid:1>",
+                Some(1),
+                "sip:u@192.0.2.1:5061;transport=tls",
+            )
+        };
+        let (va, _) = store("a", 11).value(&[b(now + 5000)]).unwrap();
+        let (vb, latest) = store("b", 22)
+            .value(&[b(now + 100), b(now + 9000)])
+            .unwrap();
+        assert_eq!(latest, now + 9000);
+        let (vc, _) = store("c", 33).value(&[b(now - 1)]).unwrap();
+        assert!(store("a", 1).value(&[]).is_none());
+        let fields = vec![
+            ("a".to_string(), va),
+            ("b".to_string(), vb),
+            ("c".to_string(), vc),
+            ("d".to_string(), "garbage".to_string()),
+        ];
+        let alive: HashMap<String, u64> = [("a", 11), ("b", 22), ("c", 33), ("d", 1)]
+            .into_iter()
+            .map(|(n, e)| (n.to_string(), e))
+            .collect();
+        // c's bindings have all expired; d's value is not ours to read; "me" is skipped.
+        assert_eq!(live_holders(&fields, &alive, "me", now), vec!["a", "b"]);
+        assert_eq!(live_holders(&fields, &alive, "a", now), vec!["b"]);
+        // b restarted (a new epoch): what it stored in its previous life is not routed to.
+        let mut restarted = alive;
+        restarted.insert("b".into(), 23);
+        assert_eq!(live_holders(&fields, &restarted, "me", now), vec!["a"]);
+        // a's liveness key expired: dead.
+        restarted.remove("a");
+        assert!(live_holders(&fields, &restarted, "me", now).is_empty());
+    }
+}

@@ -1,0 +1,586 @@
+//! Three sipring nodes (separate processes on 127.0.0.2–4) sharing one location service in a
+//! Redis Cluster of 3 masters and 3 replicas (Debian's redis-server 7.0, on loopback ports),
+//! linked by MTLS with the topology as the list of trusted servers (issue 14):
+//!
+//! - register on A, call from a UA on C: the call completes across nodes (INVITE, ACK and
+//!   BYE both ways on the Record-Route);
+//! - a node whose certificate is not on the topology list is refused;
+//! - `kill -9` A: calls to its user get 480 within the liveness window (not 408 after 32 s);
+//! - the user registers on B: calls reach it there;
+//! - A comes back: what it registered in its previous life is not routed to;
+//! - `kill -9` the Redis master holding the user's binding: after the failover, calls go on
+//!   without the user registering again (no binding of a live node is lost).
+//!
+//! Needs `redis-server` and `redis-cli` (apt `redis-server`; `tests/run.sh` installs it).
+//! Run with `cargo test -p sipring-tests --features cluster-suite --test cluster`.
+
+use rustls::pki_types::pem::PemObject;
+use sipring::config::{ClusterConfig, NodeConfig};
+use sipring::tls::pki::{Ca, Spec};
+use sipring_tests::TempDir;
+use sipring_tests::process::Server;
+use sipring_tests::server::{Pki, config, metric, wait_metrics};
+use sipring_tests::ua::{Ua, answer, header_all, method, status, tls_config};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Six redis-server processes in cluster mode, killed on drop.
+struct RedisCluster {
+    ports: Vec<u16>,
+    procs: Vec<Option<Child>>,
+    _dir: TempDir,
+}
+
+fn bindable(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (apt install redis-server; tests/run.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = TempDir::new("redis-cluster");
+        // Six ports whose cluster-bus ports (+10000) are free too.
+        let mut base = 20_000 + (std::process::id() % 900) as u16 * 10;
+        let ports = loop {
+            let p: Vec<u16> = (base..base + 6).collect();
+            if p.iter().all(|&x| bindable(x) && bindable(x + 10_000)) {
+                break p;
+            }
+            base += 10;
+            assert!(base < 29_000, "no free port range for redis");
+        };
+        let mut procs = Vec::new();
+        for &p in &ports {
+            let d = dir.join(&p.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            let log = std::fs::File::create(d.join("redis.log")).unwrap();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &p.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(&d)
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server (apt install redis-server; tests/run.sh installs it)");
+            procs.push(Some(child));
+        }
+        for &p in &ports {
+            wait_for(Duration::from_secs(10), "redis-server up", || {
+                redis_cli(p, &["ping"]).contains("PONG")
+            });
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let rc = RedisCluster {
+            ports,
+            procs,
+            _dir: dir,
+        };
+        rc.wait_ok(Duration::from_secs(20));
+        rc
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and every slot has a master.
+    fn wait_ok(&self, max: Duration) {
+        wait_for(max, "redis cluster_state:ok", || {
+            self.ports
+                .iter()
+                .zip(&self.procs)
+                .filter(|(_, c)| c.is_some())
+                .all(|(&p, _)| {
+                    let i = redis_cli(p, &["cluster", "info"]);
+                    i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384")
+                })
+        });
+    }
+
+    /// The port of the master serving `key`'s slot.
+    fn master_of(&self, key: &str) -> u16 {
+        let live = self
+            .ports
+            .iter()
+            .zip(&self.procs)
+            .find(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .unwrap();
+        let slot: u16 = redis_cli(live, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        for line in redis_cli(live, &["cluster", "nodes"]).lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let port: u16 = f[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            for r in &f[8..] {
+                let (lo, hi) = match r.split_once('-') {
+                    Some((a, b)) => (a.parse::<u16>().unwrap(), b.parse::<u16>().unwrap()),
+                    None => match r.parse::<u16>() {
+                        Ok(s) => (s, s),
+                        Err(_) => continue,
+                    },
+                };
+                if (lo..=hi).contains(&slot) {
+                    return port;
+                }
+            }
+        }
+        panic!("no master for slot {slot}");
+    }
+
+    fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).unwrap();
+        if let Some(mut c) = self.procs[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in self.procs.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for(max: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + max;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One node of the cluster under test.
+struct Node {
+    tls: SocketAddr,
+    admin: SocketAddr,
+    config: std::path::PathBuf,
+    server: Option<Server>,
+}
+
+impl Node {
+    fn start(&mut self) {
+        self.server = Some(Server::start(&self.config));
+        let tls = self.tls;
+        wait_for(Duration::from_secs(20), "node up", || {
+            std::net::TcpStream::connect(tls).is_ok()
+        });
+    }
+
+    fn kill9(&mut self) {
+        if let Some(s) = &self.server {
+            s.signal("KILL");
+        }
+        if let Some(mut s) = self.server.take() {
+            let _ = s.wait_exit(5);
+        }
+    }
+
+    fn metrics(&self) -> String {
+        sipring_tests::server::admin_get(self.admin, "/metrics")
+    }
+}
+
+struct Cluster {
+    pki: Pki,
+    ca_pem: Vec<rustls::pki_types::CertificateDer<'static>>,
+    dir: TempDir,
+    nodes: Vec<Node>,
+    mtls: Vec<SocketAddr>,
+}
+
+fn free_port_on(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    fn new(seeds: &[String]) -> Cluster {
+        let pki = Pki::new();
+        let dir = TempDir::new("cluster");
+        let ca = Ca::new("sipring cluster CA").unwrap();
+        dir.write("cluster-ca.pem", &ca.cert.cert_pem);
+        let names = ["node-a", "node-b", "node-c"];
+        let ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+        let tls: Vec<SocketAddr> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port_on(ip)).parse().unwrap())
+            .collect();
+        let mtls: Vec<SocketAddr> = ips
+            .iter()
+            .map(|ip| format!("{ip}:{}", free_port_on(ip)).parse().unwrap())
+            .collect();
+        let topology: Vec<NodeConfig> = names
+            .iter()
+            .zip(&mtls)
+            .map(|(n, a)| NodeConfig {
+                name: n.to_string(),
+                address: Some(*a),
+                identity: format!("{n}.example.com"),
+            })
+            .collect();
+        // A rogue: issued by the cluster's own CA, but not on the list.
+        let rogue = ca.issue(&Spec::server("node-x.example.com")).unwrap();
+        dir.write("rogue.pem", &rogue.cert_pem);
+        dir.write("rogue.key", &rogue.key_pem);
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let mut spec = Spec::server(&format!("{name}.example.com"));
+            spec.dns.push("sip.example.com".into());
+            let cert = ca.issue(&spec).unwrap();
+            let pem = dir.write(
+                &format!("{name}.pem"),
+                format!("{}{}", cert.cert_pem, ca.cert.cert_pem),
+            );
+            let key = dir.write(&format!("{name}.key"), &cert.key_pem);
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port_on("127.0.0.1"))
+                .parse()
+                .unwrap();
+            let mut cfg = config(&pki);
+            cfg.server.hostname = format!("{name}.example.com");
+            cfg.server.domains = vec!["example.com".into()];
+            cfg.server.local_hosts = vec![ips[i].into()];
+            cfg.listen[0].address = tls[i];
+            cfg.listen[1].address = mtls[i];
+            cfg.admin.address = Some(admin);
+            cfg.tls.certificate[0].cert = pem;
+            cfg.tls.certificate[0].key = key;
+            cfg.cluster = Some(ClusterConfig {
+                node: name.to_string(),
+                store: seeds.to_vec(),
+                roots: dir.join("cluster-ca.pem"),
+                nodes: topology.clone(),
+                ..ClusterConfig::default()
+            });
+            let path = dir.write(&format!("{name}.toml"), toml::to_string(&cfg).unwrap());
+            nodes.push(Node {
+                tls: tls[i],
+                admin,
+                config: path,
+                server: None,
+            });
+        }
+        let ca_pem = vec![ca.cert.der.clone()];
+        Cluster {
+            pki,
+            ca_pem,
+            dir,
+            nodes,
+            mtls,
+        }
+    }
+
+    fn ua(&self, node: usize, user: &str) -> Ua {
+        let cfg = tls_config(&self.ca_pem, None, false);
+        let mut u = Ua::tls(
+            self.nodes[node].tls,
+            cfg,
+            "sip.example.com",
+            user,
+            "example.com",
+        )
+        .expect("connect");
+        assert_eq!(u.login(), 200, "{user} authenticates");
+        u
+    }
+}
+
+/// A full call from `a` to `b` (INVITE, 180, 200, ACK, then BYE from the callee), with the
+/// route sets each UA would build (RFC 3261 §12.1: the caller reverses Record-Route). Returns
+/// the final status the caller got for the INVITE.
+fn call(a: &mut Ua, b: &mut Ua, call_id: &str) {
+    let to = format!("<sip:{}@example.com>", b.user);
+    let inv = a.request(
+        "INVITE",
+        &format!("sip:{}@example.com", b.user),
+        &to,
+        call_id,
+        1,
+        "",
+        Some(("application/sdp", "v=0\r\n")),
+    );
+    a.send(&inv);
+    let got = b.expect("INVITE at callee");
+    assert_eq!(method(&got), "INVITE");
+    let contact = format!("sip:{}@{}", b.user, b.local);
+    b.send(&answer(&got, 180, "Ringing", "b1", &contact));
+    assert_eq!(a.expect_final_or_provisional("180").0, 180);
+    b.send(&answer(&got, 200, "OK", "b1", &contact));
+    let (s, ok) = a.expect_final_or_provisional("200");
+    assert_eq!(s, 200);
+    let rr = header_all(&ok, "Record-Route").expect("Record-Route");
+    let hops: Vec<&str> = rr.split(", ").collect();
+    assert_eq!(
+        hops.len(),
+        4,
+        "two nodes, each with its inbound and outbound interface: {rr}"
+    );
+    let route: Vec<&str> = hops.iter().rev().copied().collect();
+    a.send(&a.request(
+        "ACK",
+        &contact,
+        &format!("{to};tag=b1"),
+        call_id,
+        1,
+        &format!("Route: {}\r\n", route.join(", ")),
+        None,
+    ));
+    assert_eq!(method(&b.expect("ACK at callee")), "ACK");
+    // The callee hangs up along its own route set (Record-Route as received).
+    let rr_b = header_all(&got, "Record-Route").unwrap();
+    let bye = format!(
+        "BYE sip:{au}@{al} SIP/2.0\r\nVia: SIP/2.0/TLS {bl};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr_b}\r\nFrom: <sip:{bu}@example.com>;tag=b1\r\nTo: <sip:{au}@example.com>;tag=t{au}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        au = a.user,
+        al = a.local,
+        bu = b.user,
+        bl = b.local,
+        br = sipring_tests::ua::branch()
+    );
+    b.send(bye.as_bytes());
+    let got = a.expect("BYE at caller");
+    assert_eq!(method(&got), "BYE");
+    a.send(&answer(
+        &got,
+        200,
+        "OK",
+        "a",
+        &format!("sip:{}@{}", a.user, a.local),
+    ));
+    assert_eq!(b.expect_final_or_provisional("200 to BYE").0, 200);
+}
+
+/// A MESSAGE from `a` to `user`; the callee side, if given, answers 200. Returns the final
+/// status at `a`.
+fn message(a: &mut Ua, user: &str, callee: Option<&mut Ua>, n: u32) -> u16 {
+    let req = a.request(
+        "MESSAGE",
+        &format!("sip:{user}@example.com"),
+        &format!("<sip:{user}@example.com>"),
+        &format!("msg-{}-{n}", a.user),
+        n,
+        "",
+        Some(("text/plain", "hi")),
+    );
+    a.send(&req);
+    if let Some(b) = callee
+        && let Some(got) = b.recv(Duration::from_secs(3))
+    {
+        assert_eq!(method(&got), "MESSAGE");
+        b.send(&answer(
+            &got,
+            200,
+            "OK",
+            "m",
+            &format!("sip:{user}@{}", b.local),
+        ));
+    }
+    loop {
+        let Some(r) = a.recv(Duration::from_secs(40)) else {
+            return 0;
+        };
+        match status(&r) {
+            Some(s) if s >= 200 => return s,
+            _ => continue,
+        }
+    }
+}
+
+#[test]
+fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master() {
+    let mut redis = RedisCluster::start();
+    let mut c = Cluster::new(&redis.seeds());
+    for i in 0..3 {
+        c.nodes[i].start();
+    }
+    for n in &c.nodes {
+        n.server
+            .as_ref()
+            .unwrap()
+            .wait_log("location store connected");
+    }
+    // Each node has seen the others alive.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Register on A, call from C.
+    let mut callee = c.ua(0, "callee0");
+    assert_eq!(callee.register(600), 200);
+    let mut caller = c.ua(2, "caller0");
+    call(&mut caller, &mut callee, "cross-node-1");
+    assert_eq!(message(&mut caller, "callee0", Some(&mut callee), 10), 200);
+    // C found the callee through the store (metrics are published every few hundred ms).
+    wait_metrics(c.nodes[2].admin, "C's store lookups", |m| {
+        metric(m, "sipring_store_total{op=\"lookup\",result=\"found\"}").unwrap_or(0.0) >= 2.0
+    });
+    // An unknown user is still 404 (the store knows nobody of that name).
+    assert_eq!(message(&mut caller, "nobody", None, 11), 404);
+
+    // A node whose certificate is not on the topology list is refused at the handshake.
+    {
+        let roots = c.ca_pem.clone();
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(c.dir.join("rogue.pem"))
+            .unwrap()
+            .map(|x| x.unwrap())
+            .collect::<Vec<_>>();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(c.dir.join("rogue.key")).unwrap();
+        let cfg = tls_config(&roots, Some((chain, key)), false);
+        let r = Ua::tls(c.mtls[0], cfg, "node-a.example.com", "rogue", "example.com");
+        let refused = match r {
+            Err(_) => true,
+            Ok(mut u) => {
+                u.send(b"OPTIONS sip:example.com SIP/2.0\r\n\r\n");
+                u.recv(Duration::from_secs(2)).is_none()
+            }
+        };
+        assert!(refused, "a node off the topology list got a link");
+        // The refusal's log line names what the rogue presented.
+        c.nodes[0]
+            .server
+            .as_ref()
+            .unwrap()
+            .wait_log("node-x.example.com");
+    }
+
+    // kill -9 A: its user's calls get 480 within the liveness window.
+    c.nodes[0].kill9();
+    drop(callee);
+    let t0 = Instant::now();
+    let mut n = 100;
+    let mut seen = Vec::new();
+    loop {
+        n += 1;
+        let s = message(&mut caller, "callee0", None, n);
+        seen.push(s);
+        if s == 480 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "no 480 within 8 s of the node's death: {seen:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = t0.elapsed();
+    eprintln!("480 after {took:?} (answers meanwhile: {seen:?})");
+    assert!(took <= Duration::from_secs(6), "{took:?}");
+
+    // The user registers on B: calls reach it there.
+    let mut callee = c.ua(1, "callee0");
+    assert_eq!(callee.register(600), 200);
+    call(&mut caller, &mut callee, "cross-node-2");
+
+    // A comes back (a new life): what it held before is not routed to.
+    c.nodes[0].start();
+    c.nodes[0]
+        .server
+        .as_ref()
+        .unwrap()
+        .wait_log("location store connected");
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 0..3 {
+        assert_eq!(
+            message(&mut caller, "callee0", Some(&mut callee), 200 + i),
+            200
+        );
+    }
+    let m = c.nodes[0].metrics();
+    assert_eq!(
+        metric(&m, "sipring_messages_in_total{kind=\"MESSAGE\"}").unwrap_or(0.0),
+        0.0,
+        "the restarted node got requests for a binding of its previous life:\n{m}"
+    );
+
+    // Kill the Redis master holding the callee's binding: after the failover, calls go on
+    // without anyone registering again.
+    let key = "b:{sip:callee0@example.com}";
+    let master = redis.master_of(key);
+    redis.kill(master);
+    let t0 = Instant::now();
+    // Calls while the cluster notices (node timeout 1 s) and promotes the replica.
+    let (mut ok, mut errors) = (0, 0);
+    while redis.master_of(key) == master {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no failover in 20 s"
+        );
+        match message(&mut caller, "callee0", Some(&mut callee), 300 + ok + errors) {
+            200 => ok += 1,
+            _ => errors += 1,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    redis.wait_ok(Duration::from_secs(20));
+    eprintln!(
+        "redis failover took {:?}; meanwhile {ok} MESSAGEs answered 200, {errors} not",
+        t0.elapsed()
+    );
+    let (mut ok, mut errors) = (0, errors);
+    let end = Instant::now() + Duration::from_secs(20);
+    while ok < 5 {
+        assert!(
+            Instant::now() < end,
+            "no service after failover ({errors} errors)"
+        );
+        match message(&mut caller, "callee0", Some(&mut callee), 400 + ok + errors) {
+            200 => ok += 1,
+            _ => {
+                ok = 0;
+                errors += 1
+            }
+        }
+    }
+    eprintln!("{errors} errors in all after the master's death, then 5 in a row");
+    call(&mut caller, &mut callee, "cross-node-3");
+    let _ = &c.pki;
+}
