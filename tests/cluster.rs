@@ -4,6 +4,7 @@
 //!
 //! - register on A, call from a UA on C: the call completes across nodes (INVITE, ACK and
 //!   BYE both ways on the Record-Route);
+//! - a subscriber whose credentials are only in the store registers;
 //! - a node whose certificate is not on the topology list is refused;
 //! - `kill -9` A: calls to its user get 480 within the liveness window (not 408 after 32 s);
 //! - the user registers on B: calls reach it there;
@@ -302,6 +303,7 @@ impl Cluster {
                 store: seeds.to_vec(),
                 roots: dir.join("cluster-ca.pem"),
                 nodes: topology.clone(),
+                subscribers_key: Some("subscribers".into()),
                 ..ClusterConfig::default()
             });
             let path = dir.write(&format!("{name}.toml"), toml::to_string(&cfg).unwrap());
@@ -440,6 +442,24 @@ fn message(a: &mut Ua, user: &str, callee: Option<&mut Ua>, n: u32) -> u16 {
 #[test]
 fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master() {
     let mut redis = RedisCluster::start();
+    // A subscriber no node's file has, only the store.
+    let entry = sipring::auth::SubscriberEntry::new(
+        "roamer0",
+        "example.com",
+        vec![],
+        &sipring_tests::ua::password_for("roamer0"),
+    );
+    let out = Command::new("redis-cli")
+        .args(["-c", "-p", &redis.ports[0].to_string()])
+        .args([
+            "hset",
+            "subscribers",
+            "roamer0@example.com",
+            &entry.to_toml(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
     let mut c = Cluster::new(&redis.seeds());
     for i in 0..3 {
         c.nodes[i].start();
@@ -465,6 +485,10 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     });
     // An unknown user is still 404 (the store knows nobody of that name).
     assert_eq!(message(&mut caller, "nobody", None, 11), 404);
+    // A subscriber known only to the store authenticates and registers on B, and C reaches it.
+    let mut roamer = c.ua(1, "roamer0");
+    assert_eq!(roamer.register(600), 200);
+    assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 12), 200);
 
     // A node whose certificate is not on the topology list is refused at the handshake.
     {

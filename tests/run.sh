@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # sipring's test command (the one README.md names and .ci/run calls).
 # Installs what the tests need when it is missing, then: rustfmt check, clippy with
-# warnings as errors, the whole test suite, the cluster suite (Redis Cluster), the interop suite (Kamailio, baresip, SIPp from
-# Debian's packages), the instruction-count gate, and the kernel-TLS tests inside a QEMU VM.
+# warnings as errors, the whole test suite, the cluster suite (a Redis Cluster and three
+# nodes), the interop suite (Kamailio, baresip, SIPp from Debian's packages), the
+# instruction-count gate, and the kernel-TLS tests inside a QEMU VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# What one binding costs in Redis, stored as docs/CLUSTER.md proposes (a hash per binding
-# with its TTL, and a set per AOR), in a cluster-enabled redis-server (7.0, Debian) holding
-# every slot: used_memory before and after N bindings, and how long a pipelined load of them
-# takes (redis-cli --pipe: the server's write rate, not a client's).
+# What one binding costs in Redis, stored as sipring's cluster stores it (docs/CLUSTER.md,
+# engine/src/cluster.rs: one hash `b:{aor}` per AOR, one field per node whose value lists
+# that node's bindings, the key's TTL the latest expiry), in a cluster-enabled redis-server
+# (7.0, Debian) holding every slot: used_memory before and after N bindings (a phone-sized
+# contact and +sip.instance each), and how long a pipelined load of them takes
+# (redis-cli --pipe: the server's write rate, not a client's).
 #
 #   benches/cluster/redis-binding-memory.sh [OUT_DIR]      (N=200000 by default, ~15 s)
 set -euo pipefail
@@ -28,12 +30,13 @@ for i in range(n):
     aor = f"sip:user{i}@example.com"
     inst = f"<urn:uuid:{hashlib.md5(str(i).encode()).hexdigest()[:8]}-1c2d-4e5f-8a9b-{i:012d}>"
     contact = f'<sip:user{i}@203.0.113.{i % 250}:{40000 + i % 20000};transport=tls;ob>;+sip.instance="{inst}";reg-id=1'
-    key = f"b:{{{aor}}}:{hashlib.sha1(inst.encode()).hexdigest()[:16]}"
-    cmd("HSET", key, "contact", contact, "node", "node-a", "flow", f"{i % 16}:{1000000 + i}",
-        "instance", inst, "reg_id", "1", "expires_at", 1790000000 + i % 3600)
-    cmd("PEXPIRE", key, 3600000)
-    cmd("SADD", f"a:{{{aor}}}", key)
-    cmd("PEXPIRE", f"a:{{{aor}}}", 3600000)
+    exp = 1790000000000 + (i % 3600) * 1000
+    flow = (i % 16) << 48 | (1000000 + i)
+    value = f"1790000000000123 {exp}\n{exp}\t{flow:x}\t{inst}\t1\t{contact}\n"
+    key = f"b:{{{aor}}}"
+    cmd("HSET", key, "node-a", value)
+    cmd("PEXPIRE", key, 3600000, "NX")
+    cmd("PEXPIRE", key, 3600000, "GT")
 PY
 mem() { redis-cli -p "$PORT" info memory | awk -F: '/^used_memory:/{print $2}' | tr -d '\r'; }
 before=$(mem)
@@ -46,5 +49,5 @@ after=$(mem)
   tail -1 "$W/pipe.txt"
   echo "bindings: $N; keys: $(redis-cli -p "$PORT" dbsize)"
   echo "used_memory: $before -> $after bytes: $(( (after - before) / N )) B per binding (one copy; a replica doubles it)"
-  python3 -c "print(f'pipelined load: {($t1 - $t0):.2f} s, {$N / ($t1 - $t0):.0f} bindings/s (4 commands each)')"
+  python3 -c "print(f'pipelined load: {($t1 - $t0):.2f} s, {$N / ($t1 - $t0):.0f} bindings/s (3 commands each, as sipring writes one)')"
 } | tee "$OUT/results.txt"

@@ -12,6 +12,8 @@
 #   REG_RATES, CALL_RATES   the ladders (a rate passes with no failure and p99 <= 10 ms)
 #   MSG_RATE            the MESSAGE rate of the latency comparison (default 500)
 #   USERS               UAs of the memory and node-loss steps (default 3000)
+#   PARTS               which parts run (default "ladders message loss"); results.md is built
+#                       from whatever OUT_DIR holds, so a part can be rerun into it alone
 #
 # Everything shares this machine's CPUs (servers, six redis-server, the generator): figures
 # are comparisons within one run, not capacities.
@@ -24,7 +26,9 @@ REG_RATES=${REG_RATES:-"500 1000 2000 3000 4000 6000"}
 CALL_RATES=${CALL_RATES:-"100 200 300 400 600"}
 MSG_RATE=${MSG_RATE:-500}
 USERS=${USERS:-3000}
-mkdir -p "$OUT"
+PARTS=${PARTS:-ladders message loss}
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+mkdir -p "$OUT/logs"
 dpkg-query -W -f='${Status}' redis-server 2>/dev/null | grep -q "install ok installed" ||
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 if [ -n "${BIN:-}" ]; then
@@ -66,7 +70,7 @@ store_mem() { local t=0 p; for p in $(masters); do
 "$SIPRING" certs --out "$W/pki" --node node-a --node node-b --node node-c >/dev/null
 NAMES=(node-a node-b node-c); IPS=(127.0.0.2 127.0.0.3 127.0.0.4)
 node_cfg() { # node_cfg INDEX CLUSTER(0|1)
-  local n=${NAMES[$1]} ip=${IPS[$1]}
+  local n=${NAMES[$1]} ip=${IPS[$1]} j
   {
     cat <<EOF
 [server]
@@ -100,9 +104,9 @@ node = "$n"
 store = $SEEDS
 roots = "$W/pki/ca.pem"
 EOF
-      for i in 0 1 2; do
+      for j in 0 1 2; do
         printf '[[cluster.nodes]]\nname = "%s"\naddress = "%s:15062"\nidentity = "%s.example.com"\n' \
-          "${NAMES[$i]}" "${IPS[$i]}" "${NAMES[$i]}"
+          "${NAMES[$j]}" "${IPS[$j]}" "${NAMES[$j]}"
       done
     else
       # A lone node still needs a partner for its mtls listener.
@@ -116,7 +120,7 @@ start_nodes() { # start_nodes COUNT CLUSTER(0|1)
   local i
   for i in $(seq 0 $(( $1 - 1 ))); do
     node_cfg "$i" "$2"
-    SIPRING_LOG=warn "$SIPRING" run --config "$W/${NAMES[$i]}.toml" >"$W/${NAMES[$i]}.log" 2>&1 &
+    SIPRING_LOG=warn "$SIPRING" run --config "$W/${NAMES[$i]}.toml" >>"$OUT/logs/${NAMES[$i]}.log" 2>&1 &
     PIDS+=($!)
   done
   for i in $(seq 0 $(( $1 - 1 ))); do
@@ -157,39 +161,49 @@ ladder() { # ladder NAME NODES CLUSTER SCENARIO KIND "RATES" ARGS...
   echo "$name: $best/s ($(( $(date +%s) - T0 )) s so far)"
 }
 
-echo "== registrations/s and calls/s: 1 node, 1 node + store, 3 nodes + store"
-ladder reg-1 1 0 register register "$REG_RATES" --users 3000 --expires 600
-ladder reg-1s 1 1 register register "$REG_RATES" --users 3000 --expires 600
-ladder reg-3 3 1 register register "$REG_RATES" --users 3000 --expires 600
-ladder call-1 1 0 call invite_200 "$CALL_RATES" --users 600 --hold 1
-ladder call-1s 1 1 call invite_200 "$CALL_RATES" --users 600 --hold 1
-ladder call-3 3 1 call invite_200 "$CALL_RATES" --users 600 --hold 1
+if part ladders; then
+  echo "== registrations/s and calls/s: 1 node, 1 node + store, 3 nodes + store"
+  ladder reg-1 1 0 register register "$REG_RATES" --users 3000 --expires 600
+  ladder reg-1s 1 1 register register "$REG_RATES" --users 3000 --expires 600
+  ladder reg-3 3 1 register register "$REG_RATES" --users 3000 --expires 600
+  ladder call-1 1 0 call invite_200 "$CALL_RATES" --users 600 --hold 1
+  ladder call-1s 1 1 call invite_200 "$CALL_RATES" --users 600 --hold 1
+  ladder call-3 3 1 call invite_200 "$CALL_RATES" --users 600 --hold 1
+fi
 
-echo "== MESSAGE at $MSG_RATE/s: 1 node vs 3 (2 in 3 requests cross nodes)"
-for n in 1 3; do
-  start_nodes "$n" 1
-  load "msg-$n" "$n" message --rate "$MSG_RATE" --duration "$STEP_S" --users 300
-  stop_nodes
-done
+if part message; then
+  echo "== MESSAGE at $MSG_RATE/s: 1 node vs 3 (2 in 3 requests cross nodes)"
+  for n in 1 3; do
+    start_nodes "$n" 1
+    load "msg-$n" "$n" message --rate "$MSG_RATE" --duration "$STEP_S" --users 300
+    stop_nodes
+  done
+fi
 
-echo "== store memory per binding ($USERS UAs over 3 nodes) and re-registration after a node loss"
-start_nodes 3 1
-before=$(store_mem)
-"$LOAD" hold --target "$(targets 3)" --server-name sip.example.com --ca "$W/pki/ca.pem" --shards 1 --quiet \
-  --users "$USERS" --expires 600 --duration 25 --reconnect --timeout 5 --connect-concurrency 64 \
-  --json "$OUT/node-loss.json" >"$OUT/node-loss.txt" 2>&1 &
-HOLD=$!
-for _ in $(seq 60); do # until every UA is registered (bindings in the store)
-  sleep 0.5
+before=0; after=0; keys=0
+if part loss; then
+  echo "== store memory per binding ($USERS UAs over 3 nodes) and re-registration after a node loss"
+  start_nodes 3 1
+  before=$(store_mem)
+  # Long enough for the setup of every UA, the kill, and every re-registration after it.
+  "$LOAD" idle --target "$(targets 3)" --server-name sip.example.com --ca "$W/pki/ca.pem" --shards 1 --quiet \
+    --users "$USERS" --expires 600 --duration 50 --reconnect --timeout 5 --connect-concurrency 64 \
+    --json "$OUT/node-loss.json" >"$OUT/node-loss.txt" 2>&1 &
+  HOLD=$!
+  for _ in $(seq 80); do # until every UA is registered (bindings in the store)
+    sleep 0.5
+    keys=0; for p in $(masters); do keys=$(( keys + $(redis-cli -p "$p" dbsize) )); done
+    [ "$keys" -ge "$USERS" ] && break
+  done
+  sleep 1
+  after=$(store_mem)
   keys=0; for p in $(masters); do keys=$(( keys + $(redis-cli -p "$p" dbsize) )); done
-  [ "$keys" -ge "$USERS" ] && break
-done
-sleep 1
-after=$(store_mem)
-keys=0; for p in $(masters); do keys=$(( keys + $(redis-cli -p "$p" dbsize) )); done
-kill -9 "${PIDS[0]}"; KILLED=$(date +%s.%N)
-wait "$HOLD" || true
-stop_nodes
+  echo "$before $after $keys" > "$OUT/store-memory"
+  kill -9 "${PIDS[0]}"
+  wait "$HOLD" || true
+  stop_nodes
+fi
+[ -f "$OUT/store-memory" ] && read -r before after keys < "$OUT/store-memory"
 
 python3 - "$OUT" "$STEP_S" "$MSG_RATE" "$USERS" "$before" "$after" "$keys" <<'PY' | tee "$OUT/results.md"
 import json, os, sys

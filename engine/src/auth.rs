@@ -93,16 +93,19 @@ fn canonical_aor(s: &str) -> Result<String, String> {
 pub fn load_subscribers(path: &Path) -> Result<SubscriberTable, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let file: SubscriberFile =
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    parse_subscribers(&text, &path.display().to_string())
+}
+
+/// Parses `[[subscriber]]` tables (a subscriber file's text, or the entries of the cluster
+/// store's subscriber hash joined); errors name `origin` and the entry.
+pub fn parse_subscribers(text: &str, origin: &str) -> Result<SubscriberTable, String> {
+    let file: SubscriberFile = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
     let mut table = SubscriberTable::default();
     for (i, s) in file.subscriber.into_iter().enumerate() {
         let at = |what: &str| {
             format!(
-                "{}: subscriber[{i}] ({}@{}): {what}",
-                path.display(),
-                s.username,
-                s.realm
+                "{origin}: subscriber[{i}] ({}@{}): {what}",
+                s.username, s.realm
             )
         };
         if s.username.is_empty() || s.realm.is_empty() {
@@ -152,6 +155,24 @@ pub struct SharedSubscribers(pub Arc<ArcSwap<SubscriberTable>>);
 impl CredentialStore for SharedSubscribers {
     fn subscriber(&self, username: &str, realm: &str) -> Option<Arc<Subscriber>> {
         self.0.load().subscriber(username, realm)
+    }
+}
+
+/// The subscriber file first, then the subscribers read from the cluster's store
+/// (`cluster.subscribers_key`; empty when not configured).
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// From `auth.subscribers` (swapped on reload).
+    pub file: SharedSubscribers,
+    /// From the store (swapped by the store thread on each refresh).
+    pub store: SharedSubscribers,
+}
+
+impl CredentialStore for Credentials {
+    fn subscriber(&self, username: &str, realm: &str) -> Option<Arc<Subscriber>> {
+        self.file
+            .subscriber(username, realm)
+            .or_else(|| self.store.subscriber(username, realm))
     }
 }
 

@@ -175,8 +175,12 @@ pub fn live_holders(
         .collect()
 }
 
-/// Starts the store thread; returns the sender shards get their handles from.
-pub fn start(cfg: &ClusterConfig) -> std::io::Result<StoreSender> {
+/// Starts the store thread; returns the sender shards get their handles from. With
+/// `subscribers_key`, the thread keeps `subscribers` filled from the store.
+pub fn start(
+    cfg: &ClusterConfig,
+    subscribers: crate::auth::SharedSubscribers,
+) -> std::io::Result<StoreSender> {
     let (tx, rx) = async_channel::bounded(STORE_QUEUE);
     // Unique per start: a node that comes back has a new epoch, so what it registered in its
     // previous life is never routed to again.
@@ -204,7 +208,7 @@ pub fn start(cfg: &ClusterConfig) -> std::io::Result<StoreSender> {
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, run(cfg, epoch, rx));
+            local.block_on(&rt, run(cfg, epoch, rx, subscribers));
         })?;
     Ok(sender)
 }
@@ -234,7 +238,12 @@ impl State {
     }
 }
 
-async fn run(cfg: ClusterConfig, epoch: u64, rx: async_channel::Receiver<Req>) {
+async fn run(
+    cfg: ClusterConfig,
+    epoch: u64,
+    rx: async_channel::Receiver<Req>,
+    subscribers: crate::auth::SharedSubscribers,
+) {
     let seeds: Vec<String> = cfg
         .store
         .iter()
@@ -288,6 +297,9 @@ async fn run(cfg: ClusterConfig, epoch: u64, rx: async_channel::Receiver<Req>) {
         });
     }
     tokio::task::spawn_local(heartbeat(st.clone()));
+    if let Some(key) = st.cfg.subscribers_key.clone() {
+        tokio::task::spawn_local(refresh_subscribers(st.clone(), key, subscribers));
+    }
     while let Ok(req) = rx.recv().await {
         let st = st.clone();
         tokio::task::spawn_local(async move { serve(&st, req).await });
@@ -362,6 +374,47 @@ async fn serve(st: &State, req: Req) {
                 })
                 .await;
         }
+    }
+}
+
+/// Reads the subscriber hash `key` now and every `subscribers_refresh_s`, and swaps the
+/// parsed table in whole (shards never wait for it). A read or parse error keeps the
+/// previous table and is logged.
+async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::SharedSubscribers) {
+    let period = Duration::from_secs(st.cfg.subscribers_refresh_s);
+    let mut loaded = false;
+    loop {
+        if let Some(mut c) = st.conn() {
+            let r: redis::RedisResult<Vec<(String, String)>> =
+                redis::cmd("HGETALL").arg(&key).query_async(&mut c).await;
+            match r {
+                Ok(entries) => {
+                    let text: Vec<&str> = entries.iter().map(|(_, v)| v.as_str()).collect();
+                    match crate::auth::parse_subscribers(&text.join("\n"), &format!("store {key}"))
+                    {
+                        Ok(t) => {
+                            let n = t.len();
+                            into.0.store(std::sync::Arc::new(t));
+                            if !loaded {
+                                tracing::info!(key = %key, subscribers = n, "subscribers read from the location store");
+                                loaded = true;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "subscribers in the store refused; the previous ones stay")
+                        }
+                    }
+                }
+                Err(e) => st.failed("subscribers", &e),
+            }
+        }
+        // Until the first read, try again soon.
+        let wait = if loaded {
+            period
+        } else {
+            Duration::from_millis(500)
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -54,6 +54,12 @@ pub struct ClusterConfig {
     /// How long a store request may take before the request waiting on it gets 503
     /// (milliseconds). Default 500.
     pub store_timeout_ms: u64,
+    /// A Redis hash of subscribers (field: `user@realm`, value: its `[[subscriber]]` table as
+    /// `sipring subscriber` prints it), read at start and every `subscribers_refresh_s`, used
+    /// after the subscriber file. Default none.
+    pub subscribers_key: Option<String>,
+    /// How often the store's subscribers are read again, seconds. Default 30.
+    pub subscribers_refresh_s: u64,
     /// Every node of the cluster, this one included (`[[cluster.nodes]]`): the topology is
     /// the list of trusted servers for inter-node links.
     pub nodes: Vec<NodeConfig>,
@@ -69,6 +75,8 @@ impl Default for ClusterConfig {
             heartbeat_ms: 1000,
             liveness_ms: 3000,
             store_timeout_ms: 500,
+            subscribers_key: None,
+            subscribers_refresh_s: 30,
             nodes: Vec::new(),
         }
     }
@@ -864,6 +872,9 @@ impl Config {
             }
             if c.store_timeout_ms == 0 {
                 e("cluster.store_timeout_ms".into(), "must be positive");
+            }
+            if c.subscribers_refresh_s == 0 {
+                e("cluster.subscribers_refresh_s".into(), "must be positive");
             }
             if !self.listen.iter().any(|l| l.kind == ListenKind::Mtls) {
                 e(

@@ -11,6 +11,7 @@
 //!                   registrar slice, connections) ◄─► mesh ◄─► other shards
 //!  signals: SIGHUP ─► reload (ArcSwap the TLS policy and the subscribers)   SIGTERM ─► drain
 //!  admin thread: /metrics, /hgrm/<name>, /reload
+//!  store thread (`[cluster]` only): Redis Cluster client on tokio ◄─ async-channel ─► shards
 //! ```
 //!
 //! Who a connection is (anonymous client, client certificate AORs, partner) is established

@@ -127,8 +127,10 @@ pub struct Identity {
     pub key: sipring_core::auth::NodeKey,
     /// When this node's nonces count from.
     pub epoch: Instant,
-    /// The subscriber table.
+    /// The subscriber table (from the file).
     pub subscribers: crate::auth::SharedSubscribers,
+    /// Subscribers read from the cluster's store (refreshed by the store thread).
+    pub store_subscribers: crate::auth::SharedSubscribers,
 }
 
 impl Control {
@@ -229,9 +231,10 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     }
     let ktls = sys::ktls::probe();
     tracing::info!(ktls = %ktls.describe(), "kernel TLS probe");
+    let store_subscribers = crate::auth::SharedSubscribers::default();
     let store = match &cfg.cluster {
         Some(c) => Some(
-            crate::cluster::start(c)
+            crate::cluster::start(c, store_subscribers.clone())
                 .map_err(|e| StartError(format!("cluster store thread: {e}")))?,
         ),
         None => None,
@@ -261,6 +264,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
             subscribers: crate::auth::SharedSubscribers(Arc::new(ArcSwap::from_pointee(
                 subscribers,
             ))),
+            store_subscribers,
         },
     });
     // Bind every listener now, in this thread, so errors surface before any shard starts.

@@ -425,7 +425,10 @@ impl Shard {
             crate::auth::policy_config(&cfg),
             control.identity.key.clone(),
             control.identity.epoch,
-            Rc::new(control.identity.subscribers.clone()),
+            Rc::new(crate::auth::Credentials {
+                file: control.identity.subscribers.clone(),
+                store: control.identity.store_subscribers.clone(),
+            }),
         );
         let mut proxy = ShardProxy::new(
             Proxy::new(proxy_config(&cfg, control.identity.key.clone())),

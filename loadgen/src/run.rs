@@ -1031,6 +1031,24 @@ fn on_response(
         .detach();
         return;
     }
+    if code == 503 && p.kind == "reconnect" && !shard.stopping.get() {
+        // A re-registration shed by a node taking a failed node's UAs: come back when it
+        // says, as a phone would; the histogram keeps counting from the loss.
+        let after = std::str::from_utf8(header(m, HeaderName::RetryAfter))
+            .ok()
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .unwrap_or(1u64)
+            .min(10);
+        let (s, pl, u, t0) = (shard.clone(), plan.clone(), p.ua, p.t0);
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(Duration::from_secs(after)).await;
+            if !s.stopping.get() {
+                send_register_again(&s, &pl, u, t0, true, pl.expires, "reconnect");
+            }
+        })
+        .detach();
+        return;
+    }
     let kind = p.kind;
     if (200..300).contains(&code) {
         shard.ok(&p, kind);
