@@ -69,7 +69,7 @@ fn node(name: &'static str, other: &'static str) -> Node {
     let cfg = ProxyConfig {
         domains: vec!["example.com".into()],
         local_hosts: vec![host.clone()],
-        via_host: host.clone(),
+        via_host: host,
         via_port: 5061,
         ports: vec![5061, 5062],
         partner_interface: Some(node_iface.clone()),

@@ -485,6 +485,62 @@ fn one_connection_cannot_register_without_limit() {
 }
 
 #[test]
+fn one_source_cannot_register_without_limit_across_connections_and_shards() {
+    // limits.max_bindings_per_ip counts every binding whose connection comes from one
+    // address, whichever shard holds the AOR and whichever connection registered it.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.server.shards = 2;
+        c.auth.enabled = false;
+        c.limits.max_bindings_per_ip = 40;
+    });
+    let mut conns: Vec<Ua> = (0..5)
+        .map(|_| Ua::tcp(srv.listen_addrs[1], "u0", "example.com").unwrap())
+        .collect();
+    let mut ok = 0;
+    for (c, u) in conns.iter_mut().enumerate() {
+        for i in 0..10 {
+            u.user = format!("u{}", c * 10 + i);
+            match u.register(600) {
+                200 => ok += 1,
+                403 => {}
+                s => panic!("REGISTER {c}/{i}: {s}"),
+            }
+        }
+    }
+    assert_eq!(ok, 40, "exactly the limit was admitted");
+    // A refresh at the limit adds nothing, so it passes.
+    conns[0].user = "u0".into();
+    assert_eq!(conns[0].register(600), 200);
+    let m = wait_metrics(srv.admin_addr.unwrap(), "refusals counted", |m| {
+        metric(
+            m,
+            "sipring_sip_refusals_total{reason=\"register_bindings_per_ip\"}",
+        )
+        .unwrap_or(0.0)
+            >= 10.0
+    });
+    assert_eq!(metric(&m, "sipring_bindings"), Some(40.0));
+    // A connection's close gives its bindings' share back: new AORs register again.
+    conns.remove(0).kill();
+    let m = wait_metrics(srv.admin_addr.unwrap(), "bindings dropped", |m| {
+        metric(m, "sipring_bindings") == Some(30.0)
+    });
+    drop(m);
+    // (A fresh connection: the others have used their AORs per connection.)
+    let mut fresh = Ua::tcp(srv.listen_addrs[1], "n0", "example.com").unwrap();
+    let u = &mut fresh;
+    for i in 0..10 {
+        u.user = format!("n{i}");
+        assert_eq!(u.register(600), 200, "after the close, AOR {i}");
+    }
+    u.user = "n10".into();
+    assert_eq!(u.register(600), 403);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_valid_request_ahead_of_garbage_is_answered() {
     // Two shards, open registration: the REGISTER's answer often comes from the other shard,
     // after the framing error — it must still be written before the connection closes.

@@ -471,6 +471,9 @@ pub struct LimitsConfig {
     pub max_connections_per_shard: usize,
     /// Most connections from one source IP address, all shards together. Default 10000.
     pub max_connections_per_ip: usize,
+    /// Registered bindings whose connection comes from one address, all shards together
+    /// (0: no limit). Past it a REGISTER that would add one gets 403. Default 50000.
+    pub max_bindings_per_ip: usize,
     /// Most TLS handshakes in progress per shard. Default 1024.
     pub max_handshakes_in_flight: usize,
     /// Most TLS handshakes in progress from one source IP address, per shard: silent or slow
@@ -510,6 +513,7 @@ impl Default for LimitsConfig {
             max_connections: 0,
             max_connections_per_shard: 200_000,
             max_connections_per_ip: 10_000,
+            max_bindings_per_ip: 50_000,
             max_handshakes_in_flight: 1024,
             max_handshakes_per_ip: 64,
             idle_timeout_s: 900,

@@ -42,6 +42,8 @@ pub struct Control {
     pub load: Vec<AtomicUsize>,
     /// Connections per source address, process-wide (all shards).
     pub per_source: PerSource,
+    /// Registered bindings per source address, process-wide (`limits.max_bindings_per_ip`).
+    pub bindings_per_source: PerSource,
     /// The most connections the process holds: below RLIMIT_NOFILE, leaving descriptors for
     /// the admin endpoint, partner links and the rest.
     pub budget: usize,
@@ -90,9 +92,16 @@ impl PerSource {
 
     /// One fewer from `ip`.
     pub fn sub(&self, ip: std::net::IpAddr) {
+        self.add_n(ip, -1);
+    }
+
+    /// `n` more (or fewer, never below zero) from `ip`.
+    pub fn add_n(&self, ip: std::net::IpAddr, n: i64) {
         let _ = self
             .slot(ip)
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some((i64::from(c) + n).clamp(0, i64::from(u32::MAX)) as u32)
+            });
     }
 }
 
@@ -257,6 +266,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         reloads: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         per_source: PerSource::default(),
+        bindings_per_source: PerSource::default(),
         budget: connection_budget(&cfg, n),
         identity: Identity {
             key,

@@ -90,6 +90,8 @@ pub enum ShardMsg {
         request: Vec<u8>,
         /// The connection it arrived on.
         flow: FlowId,
+        /// That connection's address (for `limits.max_bindings_per_ip`).
+        source: Option<IpAddr>,
     },
     /// The registrar's reply.
     RegisterReply {
@@ -301,6 +303,9 @@ pub struct Shard {
     ifaces: Vec<Rc<Interface>>,
     /// This node's link to the cluster's location store, when clustered.
     cluster: Option<ClusterLink>,
+    /// Flows with bindings on this (owner) shard: their address and how many, for the
+    /// per-source count (`limits.max_bindings_per_ip`).
+    flow_src: RefCell<HashMap<FlowId, (IpAddr, i64)>>,
 }
 
 /// A shard's side of the location store: its handle, the channel answers come back on, and
@@ -458,7 +463,11 @@ impl Shard {
             control,
             proxy: RefCell::new(proxy),
             registrar,
-            store: RefCell::new(MemoryStore::default()),
+            store: RefCell::new({
+                let mut s = MemoryStore::default();
+                s.track_flows();
+                s
+            }),
             known: RefCell::new(sipring_core::registrar::KnownAors::new(remember)),
             conns: RefCell::new(HashMap::new()),
             peers: RefCell::new(HashMap::new()),
@@ -482,6 +491,7 @@ impl Shard {
             partial_total: Cell::new(0),
             ifaces,
             cluster,
+            flow_src: RefCell::new(HashMap::new()),
         }
     }
 
@@ -561,7 +571,12 @@ impl Shard {
                     let owner = shard_for(&aor, self.n).0 as usize;
                     if owner == self.id {
                         let r = self.lookup(&aor);
-                        self.lookup_done(token, &aor, local_only, r, None);
+                        // Handed over now, its outputs go out in this loop with this stamp.
+                        if let Some(r) = self.via_store(token, &aor, local_only, r, stamp) {
+                            self.proxy
+                                .borrow_mut()
+                                .handle_lookup(Instant::now(), token, r);
+                        }
                     } else {
                         self.count("sipring_cross_shard_total{op=\"lookup\"}");
                         if let Some(s) = stamp {
@@ -592,6 +607,7 @@ impl Shard {
                 } => {
                     let owner = shard_for(&aor, self.n).0 as usize;
                     let Flow::Conn(fid) = flow else { continue };
+                    let source = self.conns.borrow().get(&fid).map(|h| h.remote.ip());
                     if owner != self.id {
                         // Its binding will live on `owner`: it must hear when this closes.
                         if let Some(h) = self.conns.borrow().get(&fid) {
@@ -599,7 +615,7 @@ impl Shard {
                         }
                     }
                     if owner == self.id {
-                        let reply = self.register(&aor, &request, fid);
+                        let reply = self.register(&aor, &request, fid, source);
                         self.proxy
                             .borrow_mut()
                             .handle_register_reply(Instant::now(), token, reply);
@@ -614,6 +630,7 @@ impl Shard {
                             aor,
                             request: request.to_vec(),
                             flow: fid,
+                            source,
                         };
                         if !self.mesh_send(owner, msg, true) {
                             self.count("sipring_overload_503_total");
@@ -794,6 +811,8 @@ impl Shard {
             Vec::new()
         };
         let removed = self.store.borrow_mut().remove_flow(id);
+        let changes = self.store.borrow_mut().take_flow_changes();
+        self.account_bindings(changes, None);
         for aor in &aors {
             self.write_through(aor);
         }
@@ -840,32 +859,29 @@ impl Shard {
 
     /// A lookup's local answer. A miss, in a cluster, asks the location store which other
     /// nodes hold the AOR (unless the request came from a node: one hop, no loops); the
-    /// store's answer finishes it in [`Shard::on_store_reply`].
-    fn lookup_done(
-        self: &Rc<Self>,
+    /// store's answer finishes it in [`Shard::on_store_reply`] and this returns `None`.
+    /// Otherwise: the result to hand the proxy now.
+    fn via_store(
+        &self,
         token: u64,
         aor: &str,
         local_only: bool,
         result: Lookup,
         stamp: Option<Stamp>,
-    ) {
+    ) -> Option<Lookup> {
         let miss = matches!(result, Lookup::NotRegistered | Lookup::Unknown);
-        let result = match &self.cluster {
+        match &self.cluster {
             Some(c) if miss && !local_only => {
                 if c.store.lookup(aor, token, &c.reply) {
                     self.count("sipring_store_total{op=\"lookup\",result=\"asked\"}");
                     c.waiting.borrow_mut().insert(token, (result, stamp));
-                    return;
+                    return None;
                 }
                 self.count("sipring_store_total{op=\"lookup\",result=\"queue_full\"}");
-                Lookup::Unavailable
+                Some(Lookup::Unavailable)
             }
-            _ => result,
-        };
-        self.proxy
-            .borrow_mut()
-            .handle_lookup(Instant::now(), token, result);
-        self.pump(stamp);
+            _ => Some(result),
+        }
     }
 
     /// The location store's answer to a lookup this shard asked.
@@ -951,8 +967,10 @@ impl Shard {
         }
     }
 
-    /// Runs the registrar on this (owner) shard.
-    fn register(&self, aor: &str, request: &[u8], flow: FlowId) -> Reply {
+    /// Runs the registrar on this (owner) shard. A REGISTER that would take its source
+    /// address past `limits.max_bindings_per_ip` (all shards together) is undone and
+    /// answered 403.
+    fn register(&self, aor: &str, request: &[u8], flow: FlowId, source: Option<IpAddr>) -> Reply {
         debug_assert_eq!(
             shard_for(aor, self.n).0 as usize,
             self.id,
@@ -974,13 +992,45 @@ impl Shard {
                 headers: Vec::new(),
             };
         };
+        let limit = self.cfg.limits.max_bindings_per_ip;
         let mut store = self.store.borrow_mut();
+        let snapshot = (limit > 0 && source.is_some()).then(|| store.get(aor).to_vec());
         let before = store.bindings();
         let reply = self
             .registrar
             .handle_register(Instant::now(), &m, &e, aor, flow, &mut *store);
+        let changes = store.take_flow_changes();
+        if let (Some(ip), Some(snapshot)) = (source, snapshot) {
+            let added: i64 = changes
+                .iter()
+                .filter(|(f, _)| {
+                    *f == flow || self.flow_src.borrow().get(f).is_some_and(|s| s.0 == ip)
+                })
+                .map(|(_, d)| d)
+                .sum();
+            let have = self.control.bindings_per_source.get(ip) as i64;
+            if added > 0 && have + added > limit as i64 {
+                store.put(aor, snapshot);
+                let _ = store.take_flow_changes();
+                drop(store);
+                self.refused(&sipring_core::policy::Refusal {
+                    label: "register_bindings_per_ip",
+                    detail: format!(
+                        "{aor}: {have} bindings from {ip} (limits.max_bindings_per_ip {limit})"
+                    ),
+                    source: Some(ip),
+                });
+                self.metrics.borrow_mut().inc(register_name(403), 1);
+                return Reply {
+                    code: 403,
+                    reason: "Too Many Bindings From This Address",
+                    headers: Vec::new(),
+                };
+            }
+        }
         let after = store.bindings();
         drop(store);
+        self.account_bindings(changes, source.map(|ip| (flow, ip)));
         if reply.code == 200 {
             self.known.borrow_mut().insert(aor);
             self.write_through(aor);
@@ -989,6 +1039,26 @@ impl Shard {
         m.gauge("sipring_bindings", after as i64 - before as i64);
         m.inc(register_name(reply.code), 1);
         reply
+    }
+
+    /// Applies the registrar's per-flow changes to the per-source binding counts (shared by
+    /// every shard); `new_flow` names the address of a flow this shard may not know yet.
+    fn account_bindings(&self, changes: Vec<(FlowId, i64)>, new_flow: Option<(FlowId, IpAddr)>) {
+        let mut src = self.flow_src.borrow_mut();
+        for (f, d) in changes {
+            let ip = match (src.get(&f), new_flow) {
+                (Some((ip, _)), _) => *ip,
+                (None, Some((nf, ip))) if nf == f => ip,
+                // A flow without an address (none for a partner's): not counted.
+                _ => continue,
+            };
+            let e = src.entry(f).or_insert((ip, 0));
+            e.1 += d;
+            if e.1 <= 0 {
+                src.remove(&f);
+            }
+            self.control.bindings_per_source.add_n(ip, d);
+        }
     }
 
     /// A message from another shard.
@@ -1018,7 +1088,12 @@ impl Shard {
                 result,
             } => {
                 let stamp = self.stamps.borrow_mut().remove(&token);
-                self.lookup_done(token, &aor, local_only, result, stamp);
+                if let Some(r) = self.via_store(token, &aor, local_only, result, stamp) {
+                    self.proxy
+                        .borrow_mut()
+                        .handle_lookup(Instant::now(), token, r);
+                    self.pump(stamp);
+                }
             }
             ShardMsg::Register {
                 from,
@@ -1026,8 +1101,9 @@ impl Shard {
                 aor,
                 request,
                 flow,
+                source,
             } => {
-                let reply = self.register(&aor, &request, flow);
+                let reply = self.register(&aor, &request, flow, source);
                 self.reply(from, ShardMsg::RegisterReply { token, reply });
             }
             ShardMsg::RegisterReply { token, reply } => {
@@ -1218,6 +1294,8 @@ impl Shard {
         if publish {
             self.sweep_idle(now);
             let purged = self.store.borrow_mut().purge(now);
+            let changes = self.store.borrow_mut().take_flow_changes();
+            self.account_bindings(changes, None);
             let mut m = self.metrics.borrow_mut();
             if purged > 0 {
                 m.gauge("sipring_bindings", -(purged as i64));
@@ -1453,6 +1531,7 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "register_not_owner",
         "register_foreign_aor",
         "register_aors_per_connection",
+        "register_bindings_per_ip",
         "from_not_identity",
         "partner_from_domain",
         "partner_pai_domain",

@@ -179,6 +179,20 @@ pub struct MemoryStore {
     base: Option<Instant>,
     /// Flow → AORs with at least one binding over it (with multiplicity per binding).
     by_flow: HashMap<FlowId, Vec<Rc<str>>>,
+    /// When tracking ([`MemoryStore::track_flows`]): bindings gained (+) or lost (−) per flow
+    /// since the last [`MemoryStore::take_flow_changes`].
+    flow_changes: Option<HashMap<FlowId, i64>>,
+}
+
+/// Notes `old` → `new` in a flow ledger.
+fn note_flows(ledger: &mut Option<HashMap<FlowId, i64>>, old: &[Binding], new: &[Binding]) {
+    let Some(l) = ledger else { return };
+    for b in old {
+        *l.entry(b.flow).or_default() -= 1;
+    }
+    for b in new {
+        *l.entry(b.flow).or_default() += 1;
+    }
 }
 
 fn earliest(bindings: &[Binding]) -> Option<Instant> {
@@ -199,6 +213,21 @@ impl MemoryStore {
     /// Total bindings (kept, not counted: O(1)).
     pub fn bindings(&self) -> usize {
         self.bindings
+    }
+
+    /// Keeps a ledger of bindings gained and lost per flow (every change: REGISTER, expiry,
+    /// a flow's close), for the engine's per-source count; drain it with
+    /// [`MemoryStore::take_flow_changes`] after each operation.
+    pub fn track_flows(&mut self) {
+        self.flow_changes.get_or_insert_with(HashMap::new);
+    }
+
+    /// The ledger since the last call: (flow, bindings gained − lost), zeros left out.
+    pub fn take_flow_changes(&mut self) -> Vec<(FlowId, i64)> {
+        match &mut self.flow_changes {
+            Some(l) => l.drain().filter(|(_, d)| *d != 0).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// The wheel's second for `t`: rounded up (an AOR is never looked at before it is due).
@@ -316,6 +345,9 @@ impl MemoryStore {
             // the wheel entry (filed at an expiry no later than what remains) refiles itself.
             let keep: Vec<Binding> = old.iter().filter(|b| b.flow != flow).cloned().collect();
             let gone = old.len() - keep.len();
+            if let Some(l) = &mut self.flow_changes {
+                *l.entry(flow).or_default() -= gone as i64;
+            }
             removed += gone;
             self.bindings -= gone;
             if keep.is_empty() {
@@ -372,6 +404,7 @@ impl BindingStore for MemoryStore {
             None => {
                 let key: Rc<str> = Rc::from(aor);
                 reindex(&mut self.by_flow, &key, &[], &bindings);
+                note_flows(&mut self.flow_changes, &[], &bindings);
                 self.bindings += bindings.len();
                 self.map.insert(key.clone(), bindings);
                 (key, None)
@@ -380,12 +413,14 @@ impl BindingStore for MemoryStore {
             Some(key) if bindings.is_empty() => {
                 let old = self.map.remove(&key).unwrap_or_default();
                 reindex(&mut self.by_flow, &key, &old, &[]);
+                note_flows(&mut self.flow_changes, &old, &[]);
                 self.bindings -= old.len();
                 return;
             }
             Some(key) => {
                 let slot = self.map.get_mut(&key).expect("just found");
                 reindex(&mut self.by_flow, &key, slot, &bindings);
+                note_flows(&mut self.flow_changes, slot, &bindings);
                 self.bindings = self.bindings - slot.len() + bindings.len();
                 let old = std::mem::replace(slot, bindings);
                 (key, earliest(&old))
@@ -929,7 +964,10 @@ mod tests {
         fn store_indexes_agree_with_a_plain_map(ops in proptest::collection::vec((0u8..3, 0u8..6, 0u8..4, 0u8..40, 1u8..3), 1..120)) {
             let t0 = Instant::now();
             let mut st = MemoryStore::default();
+            st.track_flows();
             let mut model: HashMap<String, Vec<Binding>> = HashMap::new();
+            // Bindings per flow as the ledger reports them, summed over every change.
+            let mut per_flow: HashMap<FlowId, i64> = HashMap::new();
             let mut now = t0;
             for (op, aor, flow, ttl, n) in ops {
                 let aor = format!("sip:u{aor}@example.com");
@@ -969,6 +1007,15 @@ mod tests {
                 }
                 proptest::prop_assert_eq!(st.bindings(), model.values().map(Vec::len).sum::<usize>());
                 proptest::prop_assert_eq!(st.len(), model.len());
+                for (f, d) in st.take_flow_changes() {
+                    *per_flow.entry(f).or_default() += d;
+                }
+                let mut want: HashMap<FlowId, i64> = HashMap::new();
+                for b in model.values().flatten() {
+                    *want.entry(b.flow).or_default() += 1;
+                }
+                per_flow.retain(|_, d| *d != 0);
+                proptest::prop_assert_eq!(&per_flow, &want);
                 proptest::prop_assert!(st.wheel_len() <= 2 * st.len() + 1024);
                 for (k, v) in &model {
                     proptest::prop_assert_eq!(st.get(k), v.as_slice());
