@@ -8,7 +8,8 @@
 //! - a node whose certificate is not on the topology list is refused;
 //! - `kill -9` A: calls to its user get 480 within the liveness window (not 408 after 32 s);
 //! - the user registers on B: calls reach it there;
-//! - A comes back: what it registered in its previous life is not routed to;
+//! - A comes back: what it registered in its previous life is not routed to, and is cleared
+//!   from the store;
 //! - `kill -9` the Redis master holding the user's binding: after the failover, calls go on
 //!   without the user registering again (no binding of a live node is lost).
 //!
@@ -134,15 +135,19 @@ impl RedisCluster {
         });
     }
 
-    /// The port of the master serving `key`'s slot.
-    fn master_of(&self, key: &str) -> u16 {
-        let live = self
-            .ports
+    /// A port of a redis-server still running.
+    fn live_port(&self) -> u16 {
+        self.ports
             .iter()
             .zip(&self.procs)
             .find(|(_, c)| c.is_some())
             .map(|(p, _)| *p)
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The port of the master serving `key`'s slot.
+    fn master_of(&self, key: &str) -> u16 {
+        let live = self.live_port();
         let slot: u16 = redis_cli(live, &["cluster", "keyslot", key])
             .trim()
             .parse()
@@ -519,6 +524,8 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     // kill -9 A: its user's calls get 480 within the liveness window.
     c.nodes[0].kill9();
     drop(callee);
+    // The other nodes' bindings are untouched: the roamer on B is reachable from C at once.
+    assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 13), 200);
     let t0 = Instant::now();
     let mut n = 100;
     let mut seen = Vec::new();
@@ -544,13 +551,35 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     assert_eq!(callee.register(600), 200);
     call(&mut caller, &mut callee, "cross-node-2");
 
-    // A comes back (a new life): what it held before is not routed to.
+    // A comes back (a new life): what it held before is not routed to, and is cleared.
+    let stale = |redis: &RedisCluster| {
+        let live = redis.live_port();
+        redis_cli(
+            live,
+            &["-c", "hget", "b:{sip:callee0@example.com}", "node-a"],
+        )
+    };
+    assert!(
+        stale(&redis).contains("transport=tls"),
+        "A died with the callee's binding in the store: {}",
+        stale(&redis)
+    );
     c.nodes[0].start();
     c.nodes[0]
         .server
         .as_ref()
         .unwrap()
         .wait_log("location store connected");
+    c.nodes[0]
+        .server
+        .as_ref()
+        .unwrap()
+        .wait_log("previous life cleared");
+    assert_eq!(
+        stale(&redis).trim(),
+        "",
+        "A's previous life is gone from the store"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     for i in 0..3 {
         assert_eq!(
@@ -606,5 +635,7 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     }
     eprintln!("{errors} errors in all after the master's death, then 5 in a row");
     call(&mut caller, &mut callee, "cross-node-3");
+    // Registered long before the master died, wherever its slot was: still reachable.
+    assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 500), 200);
     let _ = &c.pki;
 }

@@ -297,6 +297,7 @@ async fn run(
         });
     }
     tokio::task::spawn_local(heartbeat(st.clone()));
+    tokio::task::spawn_local(sweep_previous_life(st.clone()));
     if let Some(key) = st.cfg.subscribers_key.clone() {
         tokio::task::spawn_local(refresh_subscribers(st.clone(), key, subscribers));
     }
@@ -375,6 +376,108 @@ async fn serve(st: &State, req: Req) {
                 .await;
         }
     }
+}
+
+/// Deletes field `ARGV[1]` of hash `KEYS[1]` only if it still holds `ARGV[2]`.
+const DELETE_IF_SAME: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+     return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
+
+/// The masters' addresses in a `CLUSTER NODES` reply.
+fn masters(nodes: &str) -> Vec<String> {
+    nodes
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let master = f.get(2)?.split(',').any(|x| x == "master");
+            let failed = f.get(2)?.contains("fail");
+            (master && !failed).then(|| f.get(1)?.split('@').next().map(str::to_string))?
+        })
+        .collect()
+}
+
+/// Clears what this node stored in a previous life (killed before it could remove its
+/// fields): once connected, every master is scanned for AOR keys in pages (`SCAN MATCH b:*`,
+/// in the background, traffic flowing meanwhile), and a field of this node's whose epoch is
+/// not this life's is deleted if it still holds what was read (a compare-and-delete script,
+/// so a binding written by this life meanwhile is never lost). Those fields were never routed
+/// to (their epoch is dead); this gives their memory back before their TTL.
+async fn sweep_previous_life(st: Rc<State>) {
+    let mut c = loop {
+        if let Some(c) = st.conn() {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let nodes: String = match redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await {
+        Ok(n) => n,
+        Err(e) => return st.failed("sweep", &e),
+    };
+    let me = st.cfg.node.as_str();
+    let (mut scanned, mut cleared) = (0u64, 0u64);
+    for addr in masters(&nodes) {
+        let conn = match redis::Client::open(format!("redis://{addr}")) {
+            Ok(client) => client.get_multiplexed_async_connection().await,
+            Err(e) => Err(e),
+        };
+        let mut m = match conn {
+            Ok(m) => m,
+            Err(e) => {
+                st.failed("sweep", &e);
+                continue;
+            }
+        };
+        let mut cursor = 0u64;
+        loop {
+            let page: redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg("b:*")
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut m)
+                .await;
+            let (next, keys) = match page {
+                Ok(p) => p,
+                Err(e) => {
+                    st.failed("sweep", &e);
+                    break;
+                }
+            };
+            for k in keys {
+                scanned += 1;
+                let v: Option<String> = redis::cmd("HGET")
+                    .arg(&k)
+                    .arg(me)
+                    .query_async(&mut m)
+                    .await
+                    .unwrap_or(None);
+                if let Some(v) = v
+                    && parse_value(&v).is_none_or(|(epoch, _)| epoch != st.epoch)
+                {
+                    let n: i64 = redis::cmd("EVAL")
+                        .arg(DELETE_IF_SAME)
+                        .arg(1)
+                        .arg(&k)
+                        .arg(me)
+                        .arg(&v)
+                        .query_async(&mut m)
+                        .await
+                        .unwrap_or(0);
+                    cleared += n as u64;
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    tracing::info!(
+        node = %me,
+        scanned,
+        cleared,
+        "bindings of this node's previous life cleared from the location store"
+    );
 }
 
 /// Reads the subscriber hash `key` now and every `subscribers_refresh_s`, and swaps the
@@ -468,6 +571,15 @@ async fn heartbeat(st: Rc<State>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masters_are_read_from_cluster_nodes() {
+        let nodes = "a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460\n\
+                     b2 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
+                     c3 127.0.0.1:7003@17003 master,fail - 0 0 2 disconnected\n\
+                     d4 127.0.0.1:7004@17004 master - 0 0 3 connected 5461-16383\n";
+        assert_eq!(masters(nodes), vec!["127.0.0.1:7001", "127.0.0.1:7004"]);
+    }
 
     #[test]
     fn only_live_nodes_of_the_same_life_with_unexpired_bindings_are_routed_to() {
