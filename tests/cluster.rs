@@ -22,7 +22,7 @@ use sipring::tls::pki::{Ca, Spec};
 use sipring_tests::TempDir;
 use sipring_tests::process::Server;
 use sipring_tests::server::{Pki, config, metric, wait_metrics};
-use sipring_tests::ua::{Ua, answer, header_all, method, status, tls_config};
+use sipring_tests::ua::{Ua, answer, hang_up, header_all, invite, method, status, tls_config};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -345,22 +345,10 @@ impl Cluster {
 }
 
 /// A full call from `a` to `b` (INVITE, 180, 200, ACK, then BYE from the callee), with the
-/// route sets each UA would build (RFC 3261 §12.1: the caller reverses Record-Route). Returns
-/// the final status the caller got for the INVITE.
+/// route sets each UA would build (RFC 3261 §12.1: the caller reverses Record-Route).
 fn call(a: &mut Ua, b: &mut Ua, call_id: &str) {
     let to = format!("<sip:{}@example.com>", b.user);
-    let inv = a.request(
-        "INVITE",
-        &format!("sip:{}@example.com", b.user),
-        &to,
-        call_id,
-        1,
-        "",
-        Some(("application/sdp", "v=0\r\n")),
-    );
-    a.send(&inv);
-    let got = b.expect("INVITE at callee");
-    assert_eq!(method(&got), "INVITE");
+    let got = invite(a, b, call_id);
     let contact = format!("sip:{}@{}", b.user, b.local);
     b.send(&answer(&got, 180, "Ringing", "b1", &contact));
     assert_eq!(a.expect_final_or_provisional("180").0, 180);
@@ -386,26 +374,7 @@ fn call(a: &mut Ua, b: &mut Ua, call_id: &str) {
     ));
     assert_eq!(method(&b.expect("ACK at callee")), "ACK");
     // The callee hangs up along its own route set (Record-Route as received).
-    let rr_b = header_all(&got, "Record-Route").unwrap();
-    let bye = format!(
-        "BYE sip:{au}@{al} SIP/2.0\r\nVia: SIP/2.0/TLS {bl};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr_b}\r\nFrom: <sip:{bu}@example.com>;tag=b1\r\nTo: <sip:{au}@example.com>;tag=t{au}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-        au = a.user,
-        al = a.local,
-        bu = b.user,
-        bl = b.local,
-        br = sipring_tests::ua::branch()
-    );
-    b.send(bye.as_bytes());
-    let got = a.expect("BYE at caller");
-    assert_eq!(method(&got), "BYE");
-    a.send(&answer(
-        &got,
-        200,
-        "OK",
-        "a",
-        &format!("sip:{}@{}", a.user, a.local),
-    ));
-    assert_eq!(b.expect_final_or_provisional("200 to BYE").0, 200);
+    hang_up(b, a, &got, call_id);
 }
 
 /// A MESSAGE from `a` to `user`; the callee side, if given, answers 200. Returns the final

@@ -189,11 +189,7 @@ impl World {
                         Lookup::Found(
                             local
                                 .iter()
-                                .map(|b| sipring_core::proxy::Reach {
-                                    contact: b.contact.clone(),
-                                    flow: b.flow,
-                                    path: b.path.clone(),
-                                })
+                                .map(|b| sipring_core::proxy::Reach::of(b))
                                 .collect(),
                         )
                     } else if !local_only && self.location.get(&aor) == Some(&other) {

@@ -5,7 +5,7 @@
 use rustls::pki_types::pem::PemObject;
 use sipring::server::{Running, start};
 use sipring_tests::server::{Pki, admin_get, config, free_port, metric, wait_metrics};
-use sipring_tests::ua::{Ua, answer, header, method, rr_shards, tls_config};
+use sipring_tests::ua::{Ua, answer, hang_up, header, invite, method, rr_shards, tls_config};
 use std::time::Duration;
 
 /// A connected UA that has authenticated (it answers the challenge of a REGISTER query), so
@@ -65,18 +65,7 @@ fn caller_on_another_shard(pki: &Pki, srv: &Running, bob: &mut Ua) -> Ua {
 /// Runs INVITE → 180 → 200 → ACK between `a` and `b` and returns the callee's INVITE.
 fn call(a: &mut Ua, b: &mut Ua, call_id: &str) -> Vec<u8> {
     let to = format!("<sip:{}@example.com>", b.user);
-    let inv = a.request(
-        "INVITE",
-        &format!("sip:{}@example.com", b.user),
-        &to,
-        call_id,
-        1,
-        "",
-        Some(("application/sdp", "v=0\r\n")),
-    );
-    a.send(&inv);
-    let got = b.expect("INVITE at callee");
-    assert_eq!(method(&got), "INVITE");
+    let got = invite(a, b, call_id);
     assert!(header(&got, "Record-Route").is_some());
     b.send(&answer(
         &got,
@@ -110,29 +99,6 @@ fn call(a: &mut Ua, b: &mut Ua, call_id: &str) -> Vec<u8> {
     a.send(&ack);
     assert_eq!(method(&b.expect("ACK at callee")), "ACK");
     got
-}
-
-fn hang_up(b: &mut Ua, a: &mut Ua, invite_at_b: &[u8], call_id: &str) {
-    let rr = sipring_tests::ua::header_all(invite_at_b, "Record-Route").unwrap();
-    let bye = format!(
-        "BYE sip:{a}@{al} SIP/2.0\r\nVia: SIP/2.0/TLS {bl};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:{b}@example.com>;tag=b1\r\nTo: <sip:{a}@example.com>;tag=t{a}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-        a = a.user,
-        al = a.local,
-        b = b.user,
-        bl = b.local,
-        br = sipring_tests::ua::branch()
-    );
-    b.send(bye.as_bytes());
-    let got = a.expect("BYE at caller");
-    assert_eq!(method(&got), "BYE");
-    a.send(&answer(
-        &got,
-        200,
-        "OK",
-        "a",
-        &format!("sip:{}@{}", a.user, a.local),
-    ));
-    assert_eq!(b.expect_final_or_provisional("200 to BYE").0, 200);
 }
 
 #[test]

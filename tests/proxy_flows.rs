@@ -67,11 +67,7 @@ impl Net {
                     } else {
                         Lookup::Found(
                             b.iter()
-                                .map(|b| sipring_core::proxy::Reach {
-                                    contact: b.contact.clone(),
-                                    flow: b.flow,
-                                    path: b.path.clone(),
-                                })
+                                .map(|b| sipring_core::proxy::Reach::of(b))
                                 .collect(),
                         )
                     };

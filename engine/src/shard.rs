@@ -953,11 +953,7 @@ impl Shard {
         if !b.is_empty() {
             Lookup::Found(
                 b.iter()
-                    .map(|b| sipring_core::proxy::Reach {
-                        contact: b.contact.clone(),
-                        flow: b.flow,
-                        path: b.path.clone(),
-                    })
+                    .map(|b| sipring_core::proxy::Reach::of(b))
                     .collect(),
             )
         } else if self.known.borrow().contains(aor) {

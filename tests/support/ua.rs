@@ -343,6 +343,50 @@ impl Ua {
     }
 }
 
+/// `a` calls `b` (an INVITE with SDP for `sip:<b>@example.com`); returns the INVITE as `b`
+/// received it.
+pub fn invite(a: &mut Ua, b: &mut Ua, call_id: &str) -> Vec<u8> {
+    let to = format!("<sip:{}@example.com>", b.user);
+    let inv = a.request(
+        "INVITE",
+        &format!("sip:{}@example.com", b.user),
+        &to,
+        call_id,
+        1,
+        "",
+        Some(("application/sdp", "v=0\r\n")),
+    );
+    a.send(&inv);
+    let got = b.expect("INVITE at callee");
+    assert_eq!(method(&got), "INVITE");
+    got
+}
+
+/// The callee `b` hangs up the call `call_id` it took as `invite_at_b` (To-tag `b1`), along
+/// its route set (the INVITE's Record-Route as received); the caller `a` answers 200.
+pub fn hang_up(b: &mut Ua, a: &mut Ua, invite_at_b: &[u8], call_id: &str) {
+    let rr = header_all(invite_at_b, "Record-Route").unwrap();
+    let bye = format!(
+        "BYE sip:{a}@{al} SIP/2.0\r\nVia: SIP/2.0/TLS {bl};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:{b}@example.com>;tag=b1\r\nTo: <sip:{a}@example.com>;tag=t{a}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        a = a.user,
+        al = a.local,
+        b = b.user,
+        bl = b.local,
+        br = branch()
+    );
+    b.send(bye.as_bytes());
+    let got = a.expect("BYE at caller");
+    assert_eq!(method(&got), "BYE");
+    a.send(&answer(
+        &got,
+        200,
+        "OK",
+        "a",
+        &format!("sip:{}@{}", a.user, a.local),
+    ));
+    assert_eq!(b.expect_final_or_provisional("200 to BYE").0, 200);
+}
+
 /// Our answer to a request we received (with a To-tag and a Contact).
 pub fn answer(req: &[u8], code: u16, reason: &str, tag: &str, contact: &str) -> Vec<u8> {
     let mut h = [Header::EMPTY; 64];

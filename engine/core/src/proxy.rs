@@ -231,6 +231,17 @@ pub struct Reach {
     pub path: Vec<String>,
 }
 
+impl Reach {
+    /// How to reach a registered binding.
+    pub fn of(b: &crate::registrar::Binding) -> Reach {
+        Reach {
+            contact: b.contact.clone(),
+            flow: b.flow,
+            path: b.path.clone(),
+        }
+    }
+}
+
 /// Result of a registrar lookup done by the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
