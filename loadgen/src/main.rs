@@ -194,6 +194,11 @@ struct Common {
     /// Connections opened at once per shard during setup.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// AORs each UA registers over its connection (`<user>`, `<user>x1`, …; open
+    /// registration only): millions of AORs within a descriptor limit. Setup registers the
+    /// first; `register` goes through all of them (a warm-up of users × N fills the table).
+    #[arg(long, default_value_t = 1)]
+    aors_per_ua: usize,
     /// Re-establish and re-register lost connections (measures a server restart's storm).
     #[arg(long)]
     reconnect: bool,
@@ -379,6 +384,7 @@ fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
             None => Vec::new(),
         },
         connect_concurrency: c.connect_concurrency,
+        aors_per_ua: c.aors_per_ua,
         reconnect: c.reconnect,
         password: c.password.clone(),
     })
@@ -785,6 +791,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         timeout: 32.0,
         local_addrs: None,
         connect_concurrency: 64,
+        aors_per_ua: 1,
         reconnect: false,
         password: Some(DEMO_PASSWORD.into()),
         json: None,

@@ -102,6 +102,12 @@ pub struct Plan {
     pub local_addrs: Vec<IpAddr>,
     /// Connections opened at once per shard during setup.
     pub connect_concurrency: usize,
+    /// AORs each UA registers (`<user>`, `<user>x1`, …): a table of millions of AORs within
+    /// a descriptor limit. Setup registers each UA's first; the `register` scenario's
+    /// transactions go through all of them, every UA's first AOR, then every UA's second, …
+    /// (so a warm-up of users × N transactions fills the table). Open registration only (the
+    /// UA authenticates as `<user>`).
+    pub aors_per_ua: usize,
     /// Reconnect (and re-register) a user agent whose connection is lost, until the run ends:
     /// a server restart becomes a measured reconnect storm (`reconnect` histogram: from the
     /// loss to the new registration's 200).
@@ -172,6 +178,8 @@ struct Pending {
 enum Retry {
     Register {
         expires: u32,
+        /// Which of the UA's AORs.
+        k: usize,
     },
     Request {
         to: usize,
@@ -583,8 +591,10 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
         let measured = intended >= start + plan.warmup;
         match plan.scenario {
             Scenario::Register => {
+                // Every UA's first AOR, then every UA's second, and so on.
                 let u = users[(i as usize) % users.len()];
-                send_register(&shard, &plan, u, intended, measured, plan.expires);
+                let k = (i as usize / users.len()) % plan.aors_per_ua.max(1);
+                send_register(&shard, &plan, u, k, intended, measured, plan.expires);
             }
             Scenario::Message => {
                 let from = users[shard.rand(users.len())];
@@ -648,7 +658,9 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
     .await;
     if plan.unregister {
         for &u in &users {
-            send_register(&shard, &plan, u, Instant::now(), false, 0);
+            for k in 0..plan.aors_per_ua.max(1) {
+                send_register(&shard, &plan, u, k, Instant::now(), false, 0);
+            }
         }
         let d = Instant::now() + Duration::from_secs(5);
         while !shard.pending.borrow().is_empty() && Instant::now() < d {
@@ -694,7 +706,9 @@ async fn setup(shard: &Rc<Shard>, plan: &Plan, users: &[usize]) {
             ts.push(glommio::spawn_local(async move {
                 if let Ok(ua) = connect(&s, &p, u, 0).await {
                     s.uas.borrow_mut().insert(u, ua);
-                    send_register(&s, &p, u, Instant::now(), false, p.expires);
+                    // Its first AOR; the `register` scenario's load goes through the rest
+                    // (at its rate: a million at once would only meet the overload shedding).
+                    send_register(&s, &p, u, 0, Instant::now(), false, p.expires);
                 }
             }));
         }
@@ -866,7 +880,7 @@ async fn reconnect(shard: Rc<Shard>, plan: Plan, u: usize) {
         }
         if let Ok(ua) = connect(&shard, &plan, u, nth).await {
             shard.uas.borrow_mut().insert(u, ua);
-            send_register_as(&shard, &plan, u, lost, true, plan.expires, "reconnect");
+            send_register_as(&shard, &plan, u, 0, lost, true, plan.expires, "reconnect");
             return;
         }
         nth += 1;
@@ -1022,11 +1036,15 @@ fn on_response(
             .min(10);
         shard.setup_retries.set(shard.setup_retries.get() + 1);
         shard.setup_retried.set(true);
+        let k = match p.retry {
+            Some(Retry::Register { k, .. }) => k,
+            _ => 0,
+        };
         let (s, pl, u) = (shard.clone(), plan.clone(), p.ua);
         glommio::spawn_local(async move {
             glommio::timer::sleep(Duration::from_secs(after)).await;
             s.setup_retries.set(s.setup_retries.get() - 1);
-            send_register(&s, &pl, u, Instant::now(), false, pl.expires);
+            send_register(&s, &pl, u, k, Instant::now(), false, pl.expires);
         })
         .detach();
         return;
@@ -1043,7 +1061,7 @@ fn on_response(
         glommio::spawn_local(async move {
             glommio::timer::sleep(Duration::from_secs(after)).await;
             if !s.stopping.get() {
-                send_register_again(&s, &pl, u, t0, true, pl.expires, "reconnect");
+                send_register_again(&s, &pl, u, 0, t0, true, pl.expires, "reconnect");
             }
         })
         .detach();
@@ -1080,8 +1098,8 @@ fn retry_challenged(
         return false;
     }
     match retry {
-        Retry::Register { expires } => {
-            send_register_again(shard, plan, p.ua, p.t0, p.measured, expires, p.kind)
+        Retry::Register { expires, k } => {
+            send_register_again(shard, plan, p.ua, k, p.t0, p.measured, expires, p.kind)
         }
         Retry::Request {
             to,
@@ -1236,15 +1254,18 @@ fn bye_for(
     .into_bytes()
 }
 
+/// UA `u` registers its `k`-th AOR (`--aors-per-ua`).
+#[allow(clippy::too_many_arguments)] // the REGISTER's facts, one each
 fn send_register(
     shard: &Rc<Shard>,
     plan: &Plan,
     u: usize,
+    k: usize,
     t0: Instant,
     measured: bool,
     expires: u32,
 ) {
-    send_register_as(shard, plan, u, t0, measured, expires, "register");
+    send_register_as(shard, plan, u, k, t0, measured, expires, "register");
 }
 
 #[allow(clippy::too_many_arguments)] // send_register plus the histogram it counts under
@@ -1252,25 +1273,37 @@ fn send_register_as(
     shard: &Rc<Shard>,
     plan: &Plan,
     u: usize,
+    k: usize,
     t0: Instant,
     measured: bool,
     expires: u32,
     kind: &'static str,
 ) {
-    register(shard, plan, u, t0, measured, expires, kind, false);
+    register(shard, plan, u, k, t0, measured, expires, kind, false);
 }
 
 /// A REGISTER sent again with credentials after a 401.
+#[allow(clippy::too_many_arguments)] // see send_register_as
 fn send_register_again(
     shard: &Rc<Shard>,
     plan: &Plan,
     u: usize,
+    k: usize,
     t0: Instant,
     measured: bool,
     expires: u32,
     kind: &'static str,
 ) {
-    register(shard, plan, u, t0, measured, expires, kind, true);
+    register(shard, plan, u, k, t0, measured, expires, kind, true);
+}
+
+/// The user part of UA `user`'s `k`-th AOR: its own name first, then `<name>x<k>`.
+fn aor_user(user: &str, k: usize) -> std::borrow::Cow<'_, str> {
+    if k == 0 {
+        user.into()
+    } else {
+        format!("{user}x{k}").into()
+    }
 }
 
 #[allow(clippy::too_many_arguments)] // see send_register_as
@@ -1278,6 +1311,7 @@ fn register(
     shard: &Rc<Shard>,
     plan: &Plan,
     u: usize,
+    k: usize,
     t0: Instant,
     measured: bool,
     expires: u32,
@@ -1288,13 +1322,14 @@ fn register(
         return;
     };
     let seq = shard.next();
-    let call_id = format!("reg-{}-{}", ua.user, ua.local.port());
+    let user = aor_user(&ua.user, k);
+    let call_id = format!("reg-{}-{}", user, ua.local.port());
     let ruri = format!("sip:{}", plan.domain);
     let msg = format!(
         "REGISTER {ruri} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=r{p}\r\nCall-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\n{creds}Content-Length: 0\r\n\r\n",
         d = plan.domain,
         v = via(&ua, seq),
-        u = ua.user,
+        u = user,
         p = ua.local.port(),
         l = ua.local,
         creds = ua.credentials("REGISTER", &ruri),
@@ -1310,7 +1345,7 @@ fn register(
         t0,
         measured,
         u,
-        Some(Retry::Register { expires }),
+        Some(Retry::Register { expires, k }),
         again,
     );
     shard.hand_to_writer(&ua, msg.into_bytes(), kind, &call_id);
