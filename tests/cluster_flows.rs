@@ -394,6 +394,32 @@ fn a_call_crosses_two_nodes_once_and_its_dialog_needs_no_lookup() {
 }
 
 #[test]
+fn a_node_that_cannot_be_reached_makes_its_users_480_not_503() {
+    let mut w = World::new();
+    register(&mut w, "callee");
+    // B relays the call to A, and the link to A fails before any answer.
+    let inv = b"INVITE sip:callee@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2;branch=z9hG4bKinv2\r\nMax-Forwards: 70\r\nFrom: <sip:caller@example.com>;tag=c\r\nTo: <sip:callee@example.com>\r\nCall-ID: x2\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    let now = w.now;
+    w.b.proxy.handle_message(now, &CALLER, inv);
+    w.pump(At::B);
+    assert!(
+        w.wire
+            .iter()
+            .any(|(to, _, b)| *to == At::A && b.starts_with(b"INVITE")),
+        "relayed to A"
+    );
+    w.wire.clear();
+    w.b.proxy.handle_flow_closed(now, &Flow::Peer("a".into()));
+    w.pump(At::B);
+    let r = World::take_final(&mut w.caller_got);
+    assert!(
+        r.starts_with(b"SIP/2.0 480 Temporarily Unavailable"),
+        "{}",
+        first_line(&r)
+    );
+}
+
+#[test]
 fn a_request_from_a_node_is_looked_up_locally_only_so_it_never_loops() {
     let mut w = World::new();
     // A relayed a request for a user the store (stale, say after a race) says A holds: B,

@@ -1310,7 +1310,8 @@ impl ShardProxy {
     }
 
     /// A flow closed: its client branches fail with 503 (RFC 3261 §8.1.3.1: a transport
-    /// error counts as 503), and server transactions that came over it are abandoned (their
+    /// error counts as 503; 480 for a link to another cluster node, which held the user's
+    /// flow), and server transactions that came over it are abandoned (their
     /// branches are cancelled).
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
         self.flows.remove(flow);
@@ -1334,7 +1335,13 @@ impl ShardProxy {
             }
             if !c.final_received {
                 let server = c.server.clone();
-                self.fail_branch(now, server.as_ref(), k, 503, "Service Unavailable");
+                // A cluster node that cannot be reached holds the user's only flow: the user
+                // is unreachable now (480), as it will be once that node is known dead.
+                let (code, reason) = match flow {
+                    Flow::Peer(n) if self.proxy.is_node(n) => (480, "Temporarily Unavailable"),
+                    _ => (503, "Service Unavailable"),
+                };
+                self.fail_branch(now, server.as_ref(), k, code, reason);
             }
             self.remove_client(k);
         }
