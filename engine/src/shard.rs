@@ -1179,7 +1179,8 @@ impl Shard {
     /// drains it as room frees up; while it runs, every newer message queues), so bursts past `server.mesh_capacity` are absorbed and a
     /// connection's messages are never reordered. The waiting ones are the
     /// `sipring_mesh_backlog` gauge: past 2× `mesh_capacity` of them the shard sheds new
-    /// requests ([`Shard::observe_lag`]); with `new_work`, past [`MESH_OVERFLOW`]× it refuses
+    /// requests ([`Shard::observe_lag`]); with `new_work`, past [`MESH_OVERFLOW`]× (at least
+    /// [`MESH_OVERFLOW_MIN`]) it refuses
     /// (false: the caller answers 503), as it does when the destination is gone.
     fn mesh_send(self: &Rc<Self>, to: usize, msg: ShardMsg, new_work: bool) -> bool {
         let cap = self.cfg.server.mesh_capacity;
@@ -1196,7 +1197,9 @@ impl Shard {
                 },
             }
         };
-        if new_work && self.mesh_backlog.get() >= cap.saturating_mul(MESH_OVERFLOW) {
+        if new_work
+            && self.mesh_backlog.get() >= cap.saturating_mul(MESH_OVERFLOW).max(MESH_OVERFLOW_MIN)
+        {
             return false;
         }
         waiting.queue.push_back(msg);
@@ -1584,8 +1587,13 @@ pub fn spawn_mesh_receivers(shard: &Rc<Shard>, mut rx: Receivers<ShardMsg>) {
 }
 
 /// New work is refused (503) once this many times `server.mesh_capacity` messages wait in a
-/// shard's overflow queues.
+/// shard's overflow queues (and at least [`MESH_OVERFLOW_MIN`]).
 pub const MESH_OVERFLOW: usize = 4;
+
+/// The least backlog that refuses new work, whatever `server.mesh_capacity`: with small
+/// channels a single client's pipelined burst (a few hundred messages) must wait, not be
+/// refused; the memory it bounds stays small (about a megabyte per destination).
+pub const MESH_OVERFLOW_MIN: usize = 1024;
 
 /// The timer loop's period.
 const TICK: Duration = Duration::from_millis(10);
