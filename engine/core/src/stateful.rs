@@ -534,30 +534,41 @@ impl ShardProxy {
     fn shed(&mut self, flow: &Flow, msg: &Message<'_, '_>) {
         self.stats.shed += 1;
         let id = self.unique();
-        let tag = format!("sr{id:x}");
         let retry = [b'2' + (id % 8) as u8];
-        let r = response_to(
+        self.send_stateless(
+            flow,
             msg,
+            id,
             503,
             "Service Unavailable",
-            ResponseParts {
-                to_tag: Some(tag.as_bytes()),
-                headers: &[("Retry-After", &retry)],
-                ..Default::default()
-            },
+            &[("Retry-After", &retry)],
         );
-        self.send(flow, r.into());
     }
 
     fn respond_stateless(&mut self, flow: &Flow, msg: &Message<'_, '_>, code: u16, reason: &str) {
         self.stats.local_responses += 1;
-        let tag = format!("sr{:x}", self.unique());
+        let id = self.unique();
+        self.send_stateless(flow, msg, id, code, reason, &[]);
+    }
+
+    /// A response sent without a transaction, its To-tag made from `id`.
+    fn send_stateless(
+        &mut self,
+        flow: &Flow,
+        msg: &Message<'_, '_>,
+        id: u64,
+        code: u16,
+        reason: &str,
+        headers: &[(&str, &[u8])],
+    ) {
+        let tag = format!("sr{id:x}");
         let r = response_to(
             msg,
             code,
             reason,
             ResponseParts {
                 to_tag: Some(tag.as_bytes()),
+                headers,
                 ..Default::default()
             },
         );
@@ -633,18 +644,15 @@ impl ShardProxy {
                 source: info.source.map(|s| s.ip()),
             }));
             self.stats.local_responses += 1;
-            let tag = format!("sr{:x}", self.unique());
-            let r = response_to(
+            let id = self.unique();
+            return self.send_stateless(
+                flow,
                 msg,
+                id,
                 503,
                 "Service Unavailable",
-                ResponseParts {
-                    to_tag: Some(tag.as_bytes()),
-                    headers: &[("Retry-After", b"5")],
-                    ..Default::default()
-                },
+                &[("Retry-After", b"5")],
             );
-            return self.send(flow, r.into());
         }
         let to_tag = format!("sr{:x}", self.unique());
         let txn = if method == Method::Invite {
