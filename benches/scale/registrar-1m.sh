@@ -47,6 +47,7 @@ enabled = false
 [admin]
 address = "127.0.0.1:17079"
 EOF
+threads() { for t in /proc/"$1"/task/*; do printf '%s=%s ' "$(cat "$t/comm" 2>/dev/null)" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status" 2>/dev/null)"; done; }
 metric() { curl -s 127.0.0.1:17079/metrics | awk -v n="$1" '$1 == n {print $2}'; }
 run() { # run TAG USERS AORS_PER_UA
   local warm=$(( $2 * $3 / RATE + 2 ))
@@ -63,7 +64,9 @@ run() { # run TAG USERS AORS_PER_UA
     b=$(metric sipring_bindings); [ "${b:-0}" -ge "$want" ] && break
     kill -0 "$lpid" 2>/dev/null || break; sleep 0.5
   done
-  echo "$1: bindings ${b:-0}, RSS $(awk '/VmRSS/{print $2}' /proc/$spid/status) kB, server threads $(for t in /proc/$spid/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")"; done)" | tee -a "$OUT/placement.txt"
+  echo "$1: bindings ${b:-0}, RSS $(awk '/VmRSS/{print $2}' /proc/$spid/status) kB" | tee -a "$OUT/placement.txt"
+  echo "$1 server threads: $(threads "$spid")" >> "$OUT/placement.txt"
+  echo "$1 generator threads: $(threads "$lpid")" >> "$OUT/placement.txt"
   wait "$lpid" || true
   # The server's own view (read to reply written, warm-up included).
   curl -s 127.0.0.1:17079/metrics | grep 'histogram="forward_REGISTER"' > "$OUT/$1-server-latency.txt" || true
