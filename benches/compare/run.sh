@@ -50,6 +50,7 @@ key = "pki/server.key"
 sni = ["sip.example.com"]
 [limits]
 max_handshakes_in_flight = 100000
+max_handshakes_per_ip = 100000
 max_connections_per_ip = 1000000
 [auth]
 # Routing work only, as in the Kamailio config it is compared with (and earlier figures);
@@ -76,10 +77,15 @@ stop_reflect() { kill "$(cat "$W/reflect.pid")" 2>/dev/null || true; wait "$(cat
 port_of() { case $1 in sipring) echo 15061;; kamailio) echo 15071;; reflect) echo 15081;; esac; }
 pid_of() { case $1 in sipring) cat "$W/sipring.pid";; kamailio) pgrep -f "kamailio -f $W" | tr '\n' ' ';; reflect) cat "$W/reflect.pid";; esac; }
 
+threads() { for p in "$@"; do for t in /proc/"$p"/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")"; done; done 2>/dev/null; }
 load() { # load SERVER TAG SCENARIO ARGS... -> JSON in $OUT/TAG.json, exit status of sipring-load
   local srv=$1 tag=$2; shift 2
   taskset -c "$LOAD_CPU" "$LOAD" "$@" --target "127.0.0.1:$(port_of "$srv")" --ca "$W/pki/ca.pem" --shards 1 --quiet \
-    --json "$OUT/$tag.json" --hgrm-dir "$OUT/$tag-hgrm" >"$OUT/$tag.txt" 2>&1
+    --json "$OUT/$tag.json" --hgrm-dir "$OUT/$tag-hgrm" >"$OUT/$tag.txt" 2>&1 &
+  local lp=$!
+  sleep 1 # each thread's allowed CPUs, server and generator, once it runs
+  echo "$tag server: $(threads $(pid_of "$srv")) generator: $(threads "$lp")" >> "$OUT/placement.txt"
+  wait "$lp"
 }
 
 passes() { # passes JSON KIND -> exit 0 if no failures and p99 <= 10 ms

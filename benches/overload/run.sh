@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Overload shedding at the door: the same sipring (one shard) with `limits.overload_lag_ms`
-# at its default (10) and 0 (no shedding), offered MESSAGE load past its capacity by one
+# at LAG_MS (default: 10, the server's default) and 0 (no shedding), offered MESSAGE load past its capacity by one
 # generator. Reported per mode and rate: what was admitted (answered 200) and its latency,
 # what was shed (503) or timed out, and the server's RSS idle and at its peak.
 #
@@ -9,7 +9,12 @@
 # Server on SERVER_CPU (default: the first allowed CPU), generator on LOAD_CPU (default: the
 # last), pinned with taskset; each process's threads' Cpus_allowed_list goes to
 # placement.txt. Capacity C is the best MESSAGE/s with no failure and p99 <= 10 ms, found
-# first (shedding on, as deployed); then C x FACTORS is offered to both modes, alternating.
+# first (shedding on, as deployed; CAPACITY=N skips the search); then C x FACTORS is offered
+# to both modes, alternating.
+#
+# SERVER_CPU_PERCENT=N (1-99) runs the server in a CPU cgroup holding it to N % of its core
+# (CFS quota of 1 ms per 100/N ms, cgroup v2 or v1; root): a slower server core, so that one
+# generator core can offer 3x the server's capacity without being the bottleneck itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -20,9 +25,24 @@ LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 CAP_RATES=${CAP_RATES:-"8000 12000 16000 20000 24000 28000 32000"}
 FACTORS=${FACTORS:-"2 3"}
 STEP_S=${STEP_S:-8}
+SERVER_CPU_PERCENT=${SERVER_CPU_PERCENT:-}
+LAG_MS=${LAG_MS:-10} # limits.overload_lag_ms with shedding on (the default: 10)
+CONNECT_CONCURRENCY=${CONNECT_CONCURRENCY:-64} # handshakes at once during setup
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-bench-overload.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
+CG=
+if [ -n "$SERVER_CPU_PERCENT" ]; then
+  quota=1000 period=$((100000 / SERVER_CPU_PERCENT)) # the kernel's least quota is 1 ms
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    CG=/sys/fs/cgroup/sipring-bench-overload-$$
+    echo +cpu > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    mkdir "$CG"; echo "$quota $period" > "$CG/cpu.max"
+  else
+    CG=/sys/fs/cgroup/cpu/sipring-bench-overload-$$
+    mkdir "$CG"; echo "$period" > "$CG/cpu.cfs_period_us"; echo "$quota" > "$CG/cpu.cfs_quota_us"
+  fi
+fi
+trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; [ -n "$CG" ] && rmdir "$CG" 2>/dev/null; rm -rf "$W"' EXIT
 
 cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -32,7 +52,7 @@ ulimit -n "$(ulimit -Hn)"
 "$SIPRING" certs --out "$W/pki" >/dev/null
 
 for mode in shed noshed; do
-  lag=10; [ $mode = noshed ] && lag=0
+  lag=$LAG_MS; [ $mode = noshed ] && lag=0
   cat > "$W/$mode.toml" <<CFG
 [server]
 shards = 1
@@ -56,7 +76,9 @@ address = "127.0.0.1:17060"
 CFG
 done
 
-start() { SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/$1.toml" >"$W/$1.log" 2>&1 & echo $! > "$W/pid"; sleep 1; }
+start() { # the server joins the cgroup (if any) before it execs, so every thread is held to it
+  SIPRING_LOG=warn CG="$CG" taskset -c "$SERVER_CPU" sh -c '[ -z "$CG" ] || echo $$ > "$CG/cgroup.procs"; exec "$@"' sh \
+    "$SIPRING" run --config "$W/$1.toml" >"$W/$1.log" 2>&1 & echo $! > "$W/pid"; sleep 1; }
 stop() { kill "$(cat "$W/pid")" 2>/dev/null || true; wait "$(cat "$W/pid")" 2>/dev/null || true; }
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$(cat "$W/pid")/status"; }
 threads() { for t in /proc/"$1"/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")"; done; }
@@ -64,7 +86,7 @@ shed_total() { curl -s http://127.0.0.1:17060/metrics | awk '/^sipring_overload_
 load() { # load TAG RATE
   local tag=$1 rate=$2
   taskset -c "$LOAD_CPU" "$LOAD" message --target 127.0.0.1:17061 --ca "$W/pki/ca.pem" --shards 1 --quiet \
-    --users 400 --rate "$rate" --duration "$STEP_S" --warmup 1 --timeout 5 --prefix u \
+    --users 400 --connect-concurrency "$CONNECT_CONCURRENCY" --rate "$rate" --duration "$STEP_S" --warmup 1 --timeout 5 --prefix u \
     --json "$OUT/$tag.json" >"$OUT/$tag.txt" 2>&1 &
   local lp=$! peak=0 r
   sleep 1
@@ -85,16 +107,20 @@ sys.exit(0 if k and s["failed"] == 0 and k["p99_ms"] <= 10.0 and k["count"] > 0 
 PY
 }
 
-echo "== capacity (shedding on): best MESSAGE/s with no failure and p99 <= 10 ms"
-cap=0
-for r in $CAP_RATES; do
-  ok=0
-  for try in 1 2; do
-    start shed; load "cap-$r" "$r"; stop
-    if passes "$OUT/cap-$r.json"; then ok=1; break; fi
+if [ -n "${CAPACITY:-}" ]; then
+  cap=$CAPACITY # given (e.g. found by an earlier run with another LAG_MS): no search
+else
+  echo "== capacity (shedding on): best MESSAGE/s with no failure and p99 <= 10 ms"
+  cap=0
+  for r in $CAP_RATES; do
+    ok=0
+    for try in 1 2; do
+      start shed; load "cap-$r" "$r"; stop
+      if passes "$OUT/cap-$r.json"; then ok=1; break; fi
+    done
+    if [ $ok = 1 ]; then cap=$r; echo "$r/s: pass"; else echo "$r/s: fail (twice)"; break; fi
   done
-  if [ $ok = 1 ]; then cap=$r; echo "$r/s: pass"; else echo "$r/s: fail (twice)"; break; fi
-done
+fi
 echo "$cap" > "$OUT/capacity"
 [ "$cap" -gt 0 ] || { echo "no passing rate"; exit 1; }
 
@@ -113,14 +139,14 @@ for f in $FACTORS; do
   done
 done
 
-python3 - "$OUT" "$SERVER_CPU" "$LOAD_CPU" "$FACTORS" <<'PY' | tee "$OUT/results.md"
+python3 - "$OUT" "$SERVER_CPU" "$LOAD_CPU" "$FACTORS" "${SERVER_CPU_PERCENT:-100}" "$LAG_MS" <<'PY' | tee "$OUT/results.md"
 import json, sys
-out, scpu, lcpu, factors = sys.argv[1:5]
+out, scpu, lcpu, factors, pct, lag = sys.argv[1:7]
 cap = int(open(f"{out}/capacity").read())
 def rd(p, d="0"):
     try: return open(p).read().strip() or d
     except OSError: return d
-print(f"server on CPU {scpu}, generator on CPU {lcpu} (threads: placement.txt); capacity C = {cap} MESSAGE/s\n")
+print(f"server on CPU {scpu} ({pct} % of it), generator on CPU {lcpu} (threads: placement.txt); capacity C = {cap} MESSAGE/s; shedding on = overload_lag_ms {lag}\n")
 print("| offered | shedding | admitted/s | admitted p50 / p99 / p99.9 ms | 503 | timeouts | other failures | generator late sends | RSS idle → peak → 3 s after (MiB) |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for f in factors.split():

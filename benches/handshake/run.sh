@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Issue 15 #4: how close the server's handshake path at the socket comes to rustls's own
+# server half in memory, measured without a generator bigger than the server.
+#
+#   benches/handshake/run.sh [OUT_DIR]      (~3 minutes plus the bench build; Debian 12, 2+ CPUs, root for perf)
+#
+# Status (2026-11-30): written, not yet run to the end here (the session ran out while the
+# criterion bench built); no figure in BENCHMARKS.md comes from it yet.
+#
+# In one run, A/B:
+#  1. the criterion bench `tls_handshake_server` (the server's calls of a full TLS 1.3
+#     handshake, ECDSA P-256, X25519, sipring's own rustls config, client work off the clock);
+#  2. sipring (one shard, SERVER_CPU) under `sipring-load handshake` (connect, full TLS 1.3
+#     handshake, one OPTIONS, close; generator on LOAD_CPU) at RATES, each STEP_S seconds;
+#     the server's CPU time (utime + stime of the process, /proc/<pid>/stat) over the step
+#     divided by the handshakes completed = CPU per handshake at the socket, the accept,
+#     the TCP teardown, the OPTIONS and the kernel's share of loopback included.
+# Efficiency = in-memory server half / CPU per handshake at the socket: the fraction of the
+# in-memory rate one fully used core would reach. PERF=1 also records a profile of the server
+# during the highest rate (perf-report.txt: where the time outside rustls goes).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+OUT=${1:-$ROOT/target/bench-handshake/$(date -u +%Y%m%dT%H%M%SZ)}
+CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
+LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
+RATES=${RATES:-"500 1000 1500"}
+STEP_S=${STEP_S:-8}
+mkdir -p "$OUT"
+W=$(mktemp -d /tmp/sipring-bench-handshake.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
+
+cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+SIPRING=$TARGET/release/sipring
+LOAD=$TARGET/release/sipring-load
+ulimit -n "$(ulimit -Hn)"
+"$SIPRING" certs --out "$W/pki" >/dev/null
+
+echo "== 1. criterion: the server half in memory"
+cargo bench -p sipring-benches --bench tls --no-run >/dev/null 2>&1 # built on every CPU, run on one
+taskset -c "$SERVER_CPU" cargo bench -p sipring-benches --bench tls -- 'tls_handshake_server/sipring_policy_tls13_p256_x25519' \
+  --warm-up-time 1 --measurement-time 4 2>&1 | tee "$OUT/criterion.txt" | grep -E "^tls_handshake|time:" || true
+
+cat > "$W/s.toml" <<CFG
+[server]
+shards = 1
+domains = ["example.com"]
+hostname = "sip.example.com"
+local_hosts = ["127.0.0.1"]
+[[listen]]
+kind = "tls"
+address = "127.0.0.1:17161"
+[[tls.certificate]]
+cert = "$W/pki/server.pem"
+key = "$W/pki/server.key"
+sni = ["sip.example.com"]
+[limits]
+max_handshakes_in_flight = 100000
+max_handshakes_per_ip = 100000
+max_connections_per_ip = 1000000
+[auth]
+enabled = false
+CFG
+
+echo "== 2. at the socket: server CPU per handshake"
+SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/s.toml" >"$W/server.log" 2>&1 &
+SP=$!
+sleep 1
+ticks() { awk '{print $14 + $15}' "/proc/$SP/stat"; }
+HZ=$(getconf CLK_TCK)
+last=${RATES##* }
+for r in $RATES; do
+  taskset -c "$LOAD_CPU" "$LOAD" handshake --target 127.0.0.1:17161 --ca "$W/pki/ca.pem" --shards 1 --quiet \
+    --rate "$r" --duration "$STEP_S" --warmup 0 --timeout 5 --no-resume --tls-version 1.3 \
+    --json "$OUT/rate-$r.json" >"$OUT/rate-$r.txt" 2>&1 &
+  lp=$!
+  t0=$(ticks)
+  if [ "${PERF:-}" = 1 ] && [ "$r" = "$last" ]; then
+    sleep 2
+    perf record -F 999 -g -p "$SP" -o "$W/perf.data" -- sleep 4 >/dev/null 2>&1 || true
+  fi
+  wait $lp || true
+  t1=$(ticks)
+  echo "$r $((t1 - t0)) $HZ" > "$OUT/rate-$r.cpu"
+  echo "rate $r: server $(( (t1 - t0) * 1000 / HZ )) ms CPU"
+done
+printf 'server: ' > "$OUT/placement.txt"
+for t in /proc/"$SP"/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")" >> "$OUT/placement.txt"; done
+echo "(generator: taskset -c $LOAD_CPU)" >> "$OUT/placement.txt"
+kill $SP; wait $SP 2>/dev/null || true
+if [ -f "$W/perf.data" ]; then
+  perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 > "$OUT/perf-report.txt" || true
+fi
+
+python3 - "$OUT" "$RATES" <<'PY' | tee "$OUT/results.md"
+import json, re, sys
+out, rates = sys.argv[1], sys.argv[2].split()
+crit = open(f"{out}/criterion.txt").read()
+m = re.search(r"time:\s+\[\S+ \S+ (\S+) (\S+)", crit)
+unit = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3}
+mem_us = float(m.group(1)) * unit[m.group(2)] if m else float("nan")
+print(f"in memory (criterion, server half, sipring's config): median {mem_us:.1f} µs = {1e6 / mem_us:.0f}/s per core\n")
+print("| offered/s | completed | failed | handshake p50 / p99 ms | server CPU (ms) | CPU per handshake (µs) | in-memory / at the socket |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for r in rates:
+    s = json.load(open(f"{out}/rate-{r}.json"))
+    k = s["kinds"].get("tls_handshake", {})
+    done = k.get("count", 0)
+    _, ticks, hz = open(f"{out}/rate-{r}.cpu").read().split()
+    cpu_ms = int(ticks) * 1000 / int(hz)
+    per = cpu_ms * 1000 / done if done else float("nan")
+    print(f"| {r} | {done} | {s['failed']} | {k.get('p50_ms', 0):.2f} / {k.get('p99_ms', 0):.2f} | {cpu_ms:.0f} | {per:.0f} | {mem_us / per:.0%} |")
+PY
