@@ -2,22 +2,22 @@
 # Issue 15 #4: how close the server's handshake path at the socket comes to rustls's own
 # server half in memory, measured without a generator bigger than the server.
 #
-#   benches/handshake/run.sh [OUT_DIR]      (~3 minutes plus the bench build; Debian 12, 2+ CPUs, root for perf)
+#   benches/handshake/run.sh [OUT_DIR]      (~2 minutes plus the bench build; Debian 12, 2+ CPUs, root for perf)
 #
-# Status (2026-11-30): written, not yet run to the end here (the session ran out while the
-# criterion bench built); no figure in BENCHMARKS.md comes from it yet.
 #
 # In one run, A/B:
 #  1. the criterion bench `tls_handshake_server` (the server's calls of a full TLS 1.3
 #     handshake, ECDSA P-256, X25519, sipring's own rustls config, client work off the clock);
 #  2. sipring (one shard, SERVER_CPU) under `sipring-load handshake` (connect, full TLS 1.3
-#     handshake, one OPTIONS, close; generator on LOAD_CPU) at RATES, each STEP_S seconds;
+#     handshake with X25519 as in the bench, one OPTIONS, close; generator on LOAD_CPU) at
+#     RATES, each STEP_S seconds;
 #     the server's CPU time (utime + stime of the process, /proc/<pid>/stat) over the step
 #     divided by the handshakes completed = CPU per handshake at the socket, the accept,
 #     the TCP teardown, the OPTIONS and the kernel's share of loopback included.
 # Efficiency = in-memory server half / CPU per handshake at the socket: the fraction of the
 # in-memory rate one fully used core would reach. PERF=1 also records a profile of the server
-# during the highest rate (perf-report.txt: where the time outside rustls goes).
+# (DWARF call graphs, 3 s) during the highest rate: perf-dso.txt (kernel vs userspace),
+# perf-report.txt (self time), perf-children.txt (inclusive: rustls, io_uring, sends, ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -73,13 +73,13 @@ HZ=$(getconf CLK_TCK)
 last=${RATES##* }
 for r in $RATES; do
   taskset -c "$LOAD_CPU" "$LOAD" handshake --target 127.0.0.1:17161 --ca "$W/pki/ca.pem" --shards 1 --quiet \
-    --rate "$r" --duration "$STEP_S" --warmup 0 --timeout 5 --no-resume --tls-version 1.3 \
+    --rate "$r" --duration "$STEP_S" --warmup 0 --timeout 5 --no-resume --tls-version 1.3 --groups X25519 \
     --json "$OUT/rate-$r.json" >"$OUT/rate-$r.txt" 2>&1 &
   lp=$!
   t0=$(ticks)
   if [ "${PERF:-}" = 1 ] && [ "$r" = "$last" ]; then
     sleep 2
-    perf record -F 999 -g -p "$SP" -o "$W/perf.data" -- sleep 4 >/dev/null 2>&1 || true
+    perf record -F 499 --call-graph dwarf,16384 -p "$SP" -o "$W/perf.data" -- sleep 3 >/dev/null 2>&1 || true
   fi
   wait $lp || true
   t1=$(ticks)
@@ -92,6 +92,10 @@ echo "(generator: taskset -c $LOAD_CPU)" >> "$OUT/placement.txt"
 kill $SP; wait $SP 2>/dev/null || true
 if [ -f "$W/perf.data" ]; then
   perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 > "$OUT/perf-report.txt" || true
+  perf report -i "$W/perf.data" --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' > "$OUT/perf-dso.txt" || true
+  # Inclusive time of the server's own steps and of the crates under them.
+  perf report -i "$W/perf.data" --children --sort symbol -g none 2>/dev/null | grep -v '^#' | grep -v '^$' \
+    | head -150 > "$OUT/perf-children.txt" || true
 fi
 
 python3 - "$OUT" "$RATES" <<'PY' | tee "$OUT/results.md"
