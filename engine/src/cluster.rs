@@ -218,7 +218,7 @@ struct State {
     alive: RefCell<HashMap<String, u64>>,
     cfg: ClusterConfig,
     epoch: u64,
-    errors: crate::shard::LogLimiter,
+    errors: crate::metrics::LogLimiter,
 }
 
 impl State {
@@ -275,7 +275,7 @@ async fn run(
         alive: RefCell::new(HashMap::new()),
         cfg,
         epoch,
-        errors: crate::shard::LogLimiter::default(),
+        errors: crate::metrics::LogLimiter::default(),
     });
     // Connect (and keep trying) in the background; until then requests fail fast.
     {

@@ -6,8 +6,10 @@
 //! thread reads. Merging adds counters and histograms across shards.
 
 use hdrhistogram::Histogram;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 /// A latency histogram in microseconds, 1 µs .. 60 s, 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {
@@ -380,5 +382,49 @@ mod tests {
             "{prom}"
         );
         assert!(prom.contains("quantile=\"0.99\""));
+    }
+}
+
+/// At most one log line a second for an event that can repeat thousands of times a second (a
+/// reconnect storm meeting a limit); the next line says how many were left out. The counters
+/// in `/metrics` still count every one.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    next: Cell<Option<Instant>>,
+    suppressed: Cell<u64>,
+}
+
+impl LogLimiter {
+    /// `Some(lines left out since the last one)` when a line may be written at `now`.
+    pub fn allow(&self, now: Instant) -> Option<u64> {
+        match self.next.get() {
+            Some(t) if now < t => {
+                self.suppressed.set(self.suppressed.get() + 1);
+                None
+            }
+            _ => {
+                self.next.set(Some(now + Duration::from_secs(1)));
+                Some(self.suppressed.replace(0))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_limiter_tests {
+    use super::LogLimiter;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_flood_logs_once_a_second_and_counts_what_it_left_out() {
+        let l = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(l.allow(t0), Some(0));
+        for i in 1..=999u64 {
+            assert_eq!(l.allow(t0 + Duration::from_micros(i * 900)), None);
+        }
+        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(999));
+        assert_eq!(l.allow(t0 + Duration::from_millis(1500)), None);
+        assert_eq!(l.allow(t0 + Duration::from_secs(3)), Some(1));
     }
 }

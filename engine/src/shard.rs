@@ -18,7 +18,9 @@
 //! relayed bytes wait for room in a detached task so no two shards ever block on each other.
 
 use crate::config::{ClientAuth, Config, ListenKind};
-use crate::metrics::{ShardMetrics, Snapshot};
+use crate::labels::{kind_label, message_label, messages_in_name, refusal_name, register_name};
+use crate::metrics::{LogLimiter, ShardMetrics, Snapshot};
+use crate::overload::{Shedding, Tick};
 use crate::server::Control;
 use crate::tls::TlsPolicy;
 use arc_swap::ArcSwap;
@@ -219,31 +221,6 @@ pub enum PeerLink {
     Up(FlowId),
 }
 
-/// At most one log line a second for an event that can repeat thousands of times a second (a
-/// reconnect storm meeting a limit); the next line says how many were left out. The counters
-/// in `/metrics` still count every one.
-#[derive(Debug, Default)]
-pub struct LogLimiter {
-    next: Cell<Option<Instant>>,
-    suppressed: Cell<u64>,
-}
-
-impl LogLimiter {
-    /// `Some(lines left out since the last one)` when a line may be written at `now`.
-    pub fn allow(&self, now: Instant) -> Option<u64> {
-        match self.next.get() {
-            Some(t) if now < t => {
-                self.suppressed.set(self.suppressed.get() + 1);
-                None
-            }
-            _ => {
-                self.next.set(Some(now + Duration::from_secs(1)));
-                Some(self.suppressed.replace(0))
-            }
-        }
-    }
-}
-
 /// One shard; see the module docs.
 pub struct Shard {
     /// Shard index.
@@ -282,11 +259,8 @@ pub struct Shard {
     overflow: RefCell<Vec<Overflow>>,
     /// How many wait in `overflow`, all destinations together.
     mesh_backlog: Cell<usize>,
-    /// The fraction of new requests admitted (see [`Shard::observe_lag`]); below 1.0 the
-    /// shard is overloaded.
-    admission: Cell<f32>,
-    /// The previous tick was past the lag limit.
-    over_ticks: Cell<bool>,
+    /// The fraction of new requests admitted (see [`Shard::observe_lag`]).
+    shedding: Shedding,
     /// Overload episodes are logged at most once a second.
     overload_log: LogLimiter,
     /// Connections refused by a `[limits]` key are logged at most once a second.
@@ -481,8 +455,7 @@ impl Shard {
             closing: Cell::new(0),
             overflow: RefCell::new((0..n).map(|_| Default::default()).collect()),
             mesh_backlog: Cell::new(0),
-            admission: Cell::new(1.0),
-            over_ticks: Cell::new(false),
+            shedding: Shedding::default(),
             overload_log: LogLimiter::default(),
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
@@ -1231,41 +1204,22 @@ impl Shard {
     }
 
     /// The timer loop woke `late` after it asked to: the loop's lag, which is how long work
-    /// waits here before it is looked at. Admission of new requests follows it, AIMD as TCP
-    /// does: a tick whose lag is past `limits.overload_lag_ms` (or whose mesh backlog is past
-    /// 2× `server.mesh_capacity`), after one that was too, cuts the admitted fraction by a
-    /// quarter; a tick under half the lag and with at most `mesh_capacity` waiting gives
-    /// [`ADMISSION_STEP`] back. What is admitted is kept near the lag target instead of
-    /// everything queueing behind an all-or-nothing switch. Each tick's lag goes to the
-    /// `loop_lag` latency histogram.
+    /// waits here before it is looked at. Admission of new requests follows it and the mesh
+    /// backlog ([`crate::overload::Shedding`]): what is admitted is kept near the lag target
+    /// instead of everything queueing behind an all-or-nothing switch. Each tick's lag goes
+    /// to the `loop_lag` latency histogram.
     pub fn observe_lag(&self, late: Duration) {
         let sample = late.as_micros().min(u128::from(u32::MAX)) as u64;
         self.metrics.borrow_mut().record("loop_lag", sample);
-        let limit_us = self.cfg.limits.overload_lag_ms * 1000;
-        if limit_us == 0 {
-            return;
-        }
         let backlog = self.mesh_backlog.get();
-        let cap = self.cfg.server.mesh_capacity;
-        let was = self.admission.get();
-        let over = sample > limit_us || backlog > cap.saturating_mul(2);
-        // One late tick is one long task (a handshake, a big table walk); two in a row are
-        // a queue.
-        let standing = over && self.over_ticks.replace(true);
-        if !over {
-            self.over_ticks.set(false);
-        }
-        let next = if standing {
-            (was * 0.75).max(MIN_ADMISSION)
-        } else if sample < limit_us / 2 && backlog <= cap {
-            (was + ADMISSION_STEP).min(1.0)
-        } else {
-            was
-        };
-        if next == was {
+        let Some((was, next)) = self.shedding.observe(Tick {
+            lag_us: sample,
+            limit_us: self.cfg.limits.overload_lag_ms * 1000,
+            backlog,
+            mesh_capacity: self.cfg.server.mesh_capacity,
+        }) else {
             return;
-        }
-        self.admission.set(next);
+        };
         self.proxy.borrow_mut().set_admission(next);
         if was >= 1.0 {
             self.count("sipring_overload_episodes_total");
@@ -1328,7 +1282,10 @@ impl Shard {
                 .insert("sipring_auth_challenges_total".into(), st.challenges);
             m.counters
                 .insert("sipring_overload_shed_total".into(), st.shed);
-            m.set_gauge("sipring_overloaded", i64::from(self.admission.get() < 1.0));
+            m.set_gauge(
+                "sipring_overloaded",
+                i64::from(self.shedding.admitted() < 1.0),
+            );
             m.set_gauge("sipring_mesh_backlog", self.mesh_backlog.get() as i64);
             let snap = Snapshot {
                 shard: self.id,
@@ -1441,120 +1398,6 @@ fn channel_full<T>(e: glommio::GlommioError<T>) -> Option<T> {
     }
 }
 
-/// A metric label for a listener kind.
-pub fn kind_label(k: ListenKind) -> &'static str {
-    match k {
-        ListenKind::Tls => "tls",
-        ListenKind::Mtls => "mtls",
-        ListenKind::Tcp => "tcp",
-    }
-}
-
-/// The method of a request (or `response`), as a static label.
-pub fn message_label(bytes: &[u8]) -> &'static str {
-    if bytes.starts_with(b"SIP/") {
-        return "response";
-    }
-    let end = bytes.iter().position(|&b| b == b' ').unwrap_or(0);
-    sipring_core::Method::from_bytes(&bytes[..end]).label()
-}
-
-/// Calls macro `$m` with every label [`message_label`] can return but `other`: the one list
-/// the per-label metric names below are built from.
-macro_rules! with_message_labels {
-    ($m:ident) => {
-        $m!(
-            "INVITE",
-            "ACK",
-            "BYE",
-            "CANCEL",
-            "REGISTER",
-            "OPTIONS",
-            "MESSAGE",
-            "INFO",
-            "UPDATE",
-            "PRACK",
-            "SUBSCRIBE",
-            "NOTIFY",
-            "REFER",
-            "PUBLISH",
-            "response"
-        )
-    };
-}
-
-/// `sipring_messages_in_total{kind="<label>"}` without formatting a name per message.
-pub fn messages_in_name(label: &'static str) -> &'static str {
-    macro_rules! names {
-        ($($l:literal),*) => {
-            match label {
-                $($l => concat!("sipring_messages_in_total{kind=\"", $l, "\"}"),)*
-                _ => "sipring_messages_in_total{kind=\"other\"}",
-            }
-        };
-    }
-    with_message_labels!(names)
-}
-
-/// `sipring_register_total{status="…"}` for a registrar reply, without formatting.
-pub fn register_name(code: u16) -> &'static str {
-    macro_rules! names {
-        ($($c:literal),*) => {
-            match code {
-                $($c => concat!("sipring_register_total{status=\"", $c, "\"}"),)*
-                _ => "sipring_register_total{status=\"other\"}",
-            }
-        };
-    }
-    names!(200, 400, 401, 403, 404, 420, 423, 480, 500, 503)
-}
-
-/// `sipring_sip_refusals_total{reason="…"}` for a policy refusal label, without formatting.
-pub fn refusal_name(label: &'static str) -> &'static str {
-    macro_rules! names {
-        ($($l:literal),*) => {
-            match label {
-                $($l => concat!("sipring_sip_refusals_total{reason=\"", $l, "\"}"),)*
-                _ => "sipring_sip_refusals_total{reason=\"other\"}",
-            }
-        };
-    }
-    names!(
-        "auth_malformed",
-        "auth_uri_mismatch",
-        "auth_algorithm",
-        "auth_unknown_user",
-        "auth_wrong_password",
-        "auth_replay",
-        "auth_blocked",
-        "register_not_owner",
-        "register_foreign_aor",
-        "register_aors_per_connection",
-        "register_bindings_per_ip",
-        "from_not_identity",
-        "partner_from_domain",
-        "partner_pai_domain",
-        "partner_register",
-        "relay_not_allowed",
-        "unknown_partner",
-        "forged_flow_token",
-        "transactions_full"
-    )
-}
-
-/// The forward-latency histogram of a message label, likewise.
-pub fn forward_name(label: &'static str) -> &'static str {
-    macro_rules! names {
-        ($($l:literal),*) => {
-            match label {
-                $($l => concat!("forward_", $l),)*
-                _ => "forward_other",
-            }
-        };
-    }
-    with_message_labels!(names)
-}
-
 /// Feeds the location store's answers to the shard (a no-op when not clustered).
 pub fn spawn_store_replies(shard: &Rc<Shard>) {
     let Some(rx) = shard
@@ -1598,13 +1441,6 @@ pub const MESH_OVERFLOW_MIN: usize = 1024;
 /// The timer loop's period.
 const TICK: Duration = Duration::from_millis(10);
 
-/// Admission regained per calm tick: from the floor to everything in half a second.
-const ADMISSION_STEP: f32 = 0.02;
-
-/// Admission never falls below this: some new work always gets through, so a shard that
-/// has caught up shows it.
-const MIN_ADMISSION: f32 = 0.02;
-
 /// The shard's timer loop: transaction timers (10 ms granularity), binding expiry and
 /// metrics publication (every 500 ms). Returns when the shard must stop.
 pub async fn timer_loop(shard: Rc<Shard>) {
@@ -1623,24 +1459,5 @@ pub async fn timer_loop(shard: Rc<Shard>) {
             shard.tick(now, true);
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LogLimiter;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn a_flood_logs_once_a_second_and_counts_what_it_left_out() {
-        let l = LogLimiter::default();
-        let t0 = Instant::now();
-        assert_eq!(l.allow(t0), Some(0));
-        for i in 1..=999u64 {
-            assert_eq!(l.allow(t0 + Duration::from_micros(i * 900)), None);
-        }
-        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(999));
-        assert_eq!(l.allow(t0 + Duration::from_millis(1500)), None);
-        assert_eq!(l.allow(t0 + Duration::from_secs(3)), Some(1));
     }
 }

@@ -1,0 +1,456 @@
+//! The TLS handshake of a connection, both ways: accepting a client or a partner (deadline,
+//! per-source slot, what the certificate proves, the hand-off of the record layer to the
+//! kernel when it can take it) and dialing a partner or a cluster node.
+
+use super::*;
+
+/// Races `fut` against a timer.
+pub(super) async fn with_timeout<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        glommio::timer::sleep(d).await;
+        None
+    })
+    .await
+}
+
+enum HsError {
+    Tls(rustls::Error),
+    Io(std::io::Error),
+    Closed,
+}
+
+/// Drives a handshake to completion, reading exactly one TLS record at a time.
+async fn handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), HsError> {
+    let mut buf = vec![0u8; crate::tls::session::MAX_RECORD];
+    loop {
+        let out = sess.take_outgoing();
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(HsError::Io)?;
+        }
+        if !sess.is_handshaking() {
+            return Ok(());
+        }
+        let want = sess.read_hint().min(buf.len());
+        let n = stream.read(&mut buf[..want]).await.map_err(HsError::Io)?;
+        if n == 0 {
+            return Err(HsError::Closed);
+        }
+        if let Err(e) = sess.receive(&buf[..n]) {
+            let alert = sess.take_outgoing();
+            let _ = stream.write_all(&alert).await;
+            return Err(HsError::Tls(e));
+        }
+    }
+}
+
+/// Drives a handshake (either side) over `stream`, one record at a time (for the load
+/// generator and its reflector);
+/// `Err` is a one-word cause for metrics (`tls_<reason>`, `tls_alert_<alert the peer sent>`,
+/// `closed`, `io`).
+pub async fn drive_handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), String> {
+    handshake(stream, sess).await.map_err(|e| match e {
+        HsError::Tls(rustls::Error::AlertReceived(alert)) => {
+            // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.
+            format!(
+                "tls_alert_{}",
+                crate::metrics::snake_label(&format!("{alert:?}"))
+            )
+        }
+        HsError::Tls(e) => format!("tls_{}", Rejection::classify(&e).0.label()),
+        HsError::Io(_) => "io".into(),
+        HsError::Closed => "closed".into(),
+    })
+}
+
+/// Can the kernel take this cipher suite? (The `ktls` crate maps AES-GCM and ChaCha20.)
+fn offloadable(suite: rustls::SupportedCipherSuite) -> bool {
+    use rustls::CipherSuite as C;
+    matches!(
+        suite.suite(),
+        C::TLS13_AES_128_GCM_SHA256
+            | C::TLS13_AES_256_GCM_SHA384
+            | C::TLS13_CHACHA20_POLY1305_SHA256
+            | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+            | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+            | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+    )
+}
+
+/// Moves the record layer to the kernel, or says why it stays in userspace. `Err(None)`:
+/// the session was consumed and the connection must close.
+fn into_kernel(
+    shard: &Shard,
+    stream: &TcpStream,
+    sess: TlsSession,
+) -> Result<KernelState, (Option<Box<TlsSession>>, &'static str)> {
+    if !shard.cfg.tls.ktls {
+        return Err((Some(Box::new(sess)), "disabled"));
+    }
+    if !shard.control.ktls.available() {
+        return Err((Some(Box::new(sess)), "kernel_lacks_tls"));
+    }
+    let Some(suite) = sess.cipher_suite() else {
+        return Err((Some(Box::new(sess)), "no_suite"));
+    };
+    if !offloadable(suite) {
+        return Err((Some(Box::new(sess)), "cipher_not_offloadable"));
+    }
+    let tls13 = sess.protocol() == Some(rustls::ProtocolVersion::TLSv1_3);
+    if tls13 && !shard.control.ktls.rekey() && !shard.cfg.tls.ktls_tls13_without_rekey {
+        return Err((Some(Box::new(sess)), "kernel_cannot_rekey"));
+    }
+    let handoff = match sess.dangerous_into_kernel() {
+        Ok(h) => h,
+        Err(refused) => {
+            tracing::warn!(reason = %refused.reason, "kernel TLS hand-off refused");
+            return Err((refused.session, "handoff_refused"));
+        }
+    };
+    let (secrets, conn) = match handoff {
+        KernelHandoff::Server(s, k) => (s, KernelConn::Server(k)),
+        KernelHandoff::Client(s, k) => (s, KernelConn::Client(k)),
+    };
+    let fd = stream.as_raw_fd();
+    let tx = sys::ktls::crypto_info(suite, secrets.tx.0, secrets.tx.1);
+    let rx = sys::ktls::crypto_info(suite, secrets.rx.0, secrets.rx.1);
+    let (Ok(tx), Ok(rx)) = (tx, rx) else {
+        return Err((None, "crypto_info_failed"));
+    };
+    if let Err(e) = sys::ktls::attach_ulp(fd) {
+        tracing::warn!(error = %e, "TCP_ULP tls failed after the probe succeeded");
+        return Err((None, "ulp_failed"));
+    }
+    if sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &tx).is_err()
+        || sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &rx).is_err()
+    {
+        return Err((None, "set_key_failed"));
+    }
+    Ok(KernelState {
+        conn,
+        suite,
+        tls13,
+        records_sent: 0,
+    })
+}
+
+/// What a finished handshake hands to the connection task.
+pub(super) struct Established {
+    pub(super) stream: TcpStream,
+    pub(super) layer: Layer,
+    pub(super) principal: Principal,
+}
+
+/// Picks the record layer after a handshake: the kernel, or userspace with the reason
+/// counted. `None`: the hand-off failed mid-way and the connection must close.
+fn choose_layer(shard: &Shard, stream: &TcpStream, sess: TlsSession) -> Option<Layer> {
+    match into_kernel(shard, stream, sess) {
+        Ok(k) => Some(Layer::Kernel(Box::new(k))),
+        Err((session, why)) => {
+            shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
+            if session.is_none() {
+                tracing::warn!(why, "kernel TLS hand-off failed mid-way; closing");
+            }
+            session.map(Layer::User)
+        }
+    }
+}
+
+/// The server side of a handshake, up to the choice of record layer.
+async fn accept_tls(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    kind: ListenKind,
+    client_auth: ClientAuth,
+    remote: std::net::SocketAddr,
+) -> Option<Established> {
+    if kind == ListenKind::Tcp {
+        return Some(Established {
+            stream,
+            layer: Layer::Plain,
+            principal: Principal::anonymous(),
+        });
+    }
+    let policy = shard.policy.load_full();
+    let cfg = policy.for_listener(kind, client_auth)?;
+    let mut sess = TlsSession::server(cfg).ok()?;
+    let t0 = Instant::now();
+    let slot = crate::shard::HandshakeSlot::take(shard, Some(remote.ip()));
+    // A client speaks first (its ClientHello): a connection that stays silent holds a
+    // handshake slot for `tls.client_hello_timeout_ms` only, not the whole handshake timeout.
+    let first = Duration::from_millis(shard.cfg.tls.client_hello_timeout_ms);
+    let spoke = with_timeout(first, stream.peek(&mut [0u8; 1])).await;
+    let silent = match spoke {
+        Some(Ok(n)) if n > 0 => None,
+        // Closed before a word (a TCP health check): an aborted handshake.
+        Some(Ok(_)) => Some(Some(Err(HsError::Closed))),
+        Some(Err(e)) => Some(Some(Err(HsError::Io(e.into())))),
+        None => {
+            shard.count("sipring_client_hello_timeouts_total");
+            Some(None)
+        }
+    };
+    if let Some(outcome) = silent {
+        drop(slot);
+        let _ = handshake_outcome(shard, outcome, remote, kind);
+        linger_close(shard, stream).await;
+        return None;
+    }
+    let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
+    let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
+    drop(slot);
+    if handshake_outcome(shard, r, remote, kind).is_err() {
+        linger_close(shard, stream).await;
+        return None;
+    }
+    shard
+        .metrics
+        .borrow_mut()
+        .record("handshake", t0.elapsed().as_micros() as u64);
+    let chain = sess.peer_certificates().unwrap_or_default();
+    let principal = if kind == ListenKind::Mtls {
+        // The partner whose roots verified the chain (and which lists its name).
+        match policy.partner_of(chain) {
+            Some(p) => Principal::Partner(p),
+            None => {
+                tracing::warn!(%remote, "verified partner certificate matches no single partner now (reloaded?); closing");
+                linger_close(shard, stream).await;
+                return None;
+            }
+        }
+    } else {
+        Principal::Client {
+            cert_aors: client_cert_aors(shard, chain),
+        }
+    };
+    let layer = choose_layer(shard, &stream, sess)?;
+    Some(Established {
+        stream,
+        layer,
+        principal,
+    })
+}
+
+/// Serves one accepted connection until it closes.
+///
+/// Not an `async fn`: an async fn keeps its arguments (the 120-byte stream among them) in
+/// its future for its whole life. Here the stream moves into the boxed handshake future,
+/// freed when the handshake ends, and the task's future is only what an established
+/// connection needs.
+pub fn serve_inbound(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    kind: ListenKind,
+    client_auth: ClientAuth,
+    admission: crate::shard::Admission,
+) -> impl Future<Output = ()> {
+    let open = Box::pin(open_inbound(shard.clone(), stream, kind, client_auth));
+    async move {
+        // Held to the end, whatever happens: the source address's count and the shard's
+        // load are released when this future ends or is dropped.
+        let _admission = admission;
+        if let Some(conn) = open.await {
+            let flow = Flow::Conn(conn.id);
+            established(shard, conn, flow, KeepaliveRole::Server).await;
+        }
+    }
+}
+
+/// Handshake and record-layer choice for an accepted connection.
+async fn open_inbound(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    kind: ListenKind,
+    client_auth: ClientAuth,
+) -> Option<Rc<Conn>> {
+    let remote = stream.peer_addr().ok()?;
+    let listener = stream
+        .local_addr()
+        .ok()
+        .and_then(|l| crate::shard::listener_of(&shard.cfg, l));
+    let _ = stream.set_nodelay(true);
+    let est = accept_tls(&shard, stream, kind, client_auth, remote).await?;
+    let conn = Conn::new(shard.new_conn_id(), est, kind, remote, listener);
+    Some(conn)
+}
+
+/// After a refused handshake: half-close and drain briefly, so the alert we sent reaches the
+/// peer instead of being destroyed by a reset (closing with unread input sends RST).
+async fn linger_close(shard: &Shard, mut stream: TcpStream) {
+    let _ = sys::sock::shutdown(stream.as_raw_fd(), std::net::Shutdown::Write);
+    let _ = with_timeout(
+        LINGER,
+        std::future::poll_fn(|cx| drain(cx, shard, &mut stream)),
+    )
+    .await;
+}
+
+/// How long a closing connection reads (and discards) what the peer still sends, after our
+/// half-close: closing with unread input sends RST, which can destroy what we sent last (an
+/// alert, an error response, close_notify) before the peer reads it.
+pub(super) const LINGER: Duration = Duration::from_millis(250);
+
+/// The AORs a verified client certificate proves: its SAN `sip:user@domain` URIs in one of
+/// our domains (a certificate cannot speak for someone else's users).
+fn client_cert_aors(shard: &Shard, chain: &[rustls::pki_types::CertificateDer<'_>]) -> Vec<String> {
+    let Some(leaf) = chain.first() else {
+        return Vec::new();
+    };
+    crate::tls::verify::user_aors(leaf.as_ref())
+        .into_iter()
+        .filter(|aor| {
+            let host = aor.rsplit_once('@').map_or("", |(_, h)| h);
+            shard
+                .cfg
+                .server
+                .domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(host))
+        })
+        .collect()
+}
+
+/// Logs and counts a handshake's end; `Err` when it failed.
+fn handshake_outcome(
+    shard: &Shard,
+    r: Option<Result<(), HsError>>,
+    remote: std::net::SocketAddr,
+    kind: ListenKind,
+) -> Result<(), Rejection> {
+    let kind_l = crate::labels::kind_label(kind);
+    let reason = match r {
+        Some(Ok(())) => {
+            shard.count(&format!(
+                "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"ok\"}}"
+            ));
+            return Ok(());
+        }
+        None => {
+            if let Some(left_out) = shard.timeout_log.allow(Instant::now()) {
+                tracing::warn!(
+                    %remote,
+                    kind = kind_l,
+                    reason = "handshake_timeout",
+                    left_out,
+                    "TLS handshake rejected (timeouts: at most one line a second; \
+                     sipring_handshakes_total counts all)"
+                );
+            }
+            Rejection::HandshakeTimeout
+        }
+        Some(Err(HsError::Closed)) => {
+            shard.count(&format!(
+                "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"
+            ));
+            return Err(Rejection::Other);
+        }
+        Some(Err(HsError::Io(e))) => {
+            tracing::debug!(%remote, error = %e, "connection failed during the handshake");
+            shard.count(&format!(
+                "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"
+            ));
+            return Err(Rejection::Other);
+        }
+        Some(Err(HsError::Tls(e))) => {
+            let (reason, detail) = Rejection::classify(&e);
+            match detail {
+                Some(d) => tracing::warn!(
+                    %remote,
+                    kind = kind_l,
+                    reason = reason.label(),
+                    identities = %d.cert.identities.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                    issuer = %d.cert.issuer,
+                    partner = d.peer.as_deref().unwrap_or("-"),
+                    detail = %d.detail,
+                    "TLS handshake rejected"
+                ),
+                None => {
+                    tracing::warn!(%remote, kind = kind_l, reason = reason.label(), error = %e, "TLS handshake rejected")
+                }
+            }
+            reason
+        }
+    };
+    shard.control.rejections.inc(reason);
+    shard.count(&format!(
+        "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"{}\"}}",
+        reason.label()
+    ));
+    Err(reason)
+}
+
+/// The client side of an outbound MTLS connection to partner `name`, up to the choice of
+/// record layer.
+async fn connect_peer(
+    shard: &Rc<Shard>,
+    name: &str,
+) -> Option<(Established, std::net::SocketAddr)> {
+    let policy = shard.policy.load_full();
+    let addr = shard
+        .cfg
+        .peer
+        .iter()
+        .find(|p| p.name == name)
+        .and_then(|p| p.address);
+    let (Some((cc, server_name)), Some(addr)) = (policy.outbound.get(name).cloned(), addr) else {
+        tracing::warn!(peer = %name, "no address or TLS config for partner; dropping its messages");
+        return None;
+    };
+    let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
+    let t0 = Instant::now();
+    let mut stream = match with_timeout(timeout, TcpStream::connect(addr)).await {
+        Some(Ok(s)) => s,
+        other => {
+            let why = match other {
+                Some(Err(e)) => e.to_string(),
+                _ => "connect timeout".into(),
+            };
+            tracing::warn!(peer = %name, %addr, error = %why, "cannot reach partner");
+            shard.count("sipring_peer_connect_failures_total");
+            return None;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut sess = TlsSession::client(cc, server_name).ok()?;
+    let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
+    handshake_outcome(shard, r, addr, ListenKind::Mtls).ok()?;
+    shard
+        .metrics
+        .borrow_mut()
+        .record("handshake_outbound", t0.elapsed().as_micros() as u64);
+    let layer = choose_layer(shard, &stream, sess)?;
+    tracing::info!(peer = %name, %addr, "partner link up");
+    Some((
+        Established {
+            stream,
+            layer,
+            principal: Principal::Partner(name.to_string()),
+        },
+        addr,
+    ))
+}
+
+/// Opens (in the background) this shard's outbound MTLS connection to partner `name`.
+pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
+    glommio::spawn_local(async move {
+        let opened = Box::pin(async {
+            let (est, addr) = connect_peer(&shard, &name).await?;
+            Some(Conn::new(
+                shard.new_conn_id(),
+                est,
+                ListenKind::Mtls,
+                addr,
+                None,
+            ))
+        })
+        .await;
+        match opened {
+            // `established` marks the link down as soon as the connection leaves the table.
+            Some(conn) => established(shard, conn, Flow::Peer(name), KeepaliveRole::Client).await,
+            None => shard.peer_down(&name),
+        }
+    })
+    .detach();
+}
