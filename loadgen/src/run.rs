@@ -794,7 +794,11 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
             // Bounded: a listener that accepted in the kernel but never serves (a server going
             // down) must not hold the UA forever.
             let handshake = futures_lite::future::or(
-                sipring::conn::drive_handshake(&mut stream, &mut sess),
+                async {
+                    sipring::conn::drive_handshake(&mut stream, &mut sess)
+                        .await
+                        .map_err(|e| e.label())
+                },
                 async {
                     glommio::timer::sleep(plan.timeout).await;
                     Err("timeout".to_string())
@@ -1462,8 +1466,8 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
         let Ok(mut s) = TlsSession::client(cfg.clone(), name) else {
             return;
         };
-        if let Err(cause) = sipring::conn::drive_handshake(&mut stream, &mut s).await {
-            shard.fail("options", &cause);
+        if let Err(e) = sipring::conn::drive_handshake(&mut stream, &mut s).await {
+            shard.fail("options", &e.label());
             return;
         }
         if measured {

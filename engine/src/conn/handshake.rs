@@ -13,53 +13,89 @@ pub(super) async fn with_timeout<T>(d: Duration, fut: impl Future<Output = T>) -
     .await
 }
 
-enum HsError {
+/// Why a handshake failed.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// rustls refused the peer's flight, or the peer sent an alert
+    /// (`rustls::Error::AlertReceived`).
     Tls(rustls::Error),
+    /// The socket failed.
     Io(std::io::Error),
+    /// The peer closed the connection before the handshake finished.
     Closed,
 }
 
+impl HandshakeError {
+    /// A one-word cause for metrics: `tls_alert_<the alert the peer sent>`, `tls_<reason>`
+    /// (the server's own refusal classes), `io`, `closed`.
+    pub fn label(&self) -> String {
+        match self {
+            // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.
+            HandshakeError::Tls(rustls::Error::AlertReceived(alert)) => format!(
+                "tls_alert_{}",
+                crate::metrics::snake_label(&format!("{alert:?}"))
+            ),
+            HandshakeError::Tls(e) => format!("tls_{}", Rejection::classify(e).0.label()),
+            HandshakeError::Io(_) => "io".into(),
+            HandshakeError::Closed => "closed".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Tls(e) => write!(f, "TLS handshake refused: {e}"),
+            HandshakeError::Io(e) => write!(f, "TLS handshake: socket error: {e}"),
+            HandshakeError::Closed => f.write_str("TLS handshake: the peer closed the connection"),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HandshakeError::Tls(e) => Some(e),
+            HandshakeError::Io(e) => Some(e),
+            HandshakeError::Closed => None,
+        }
+    }
+}
+
 /// Drives a handshake to completion, reading exactly one TLS record at a time.
-async fn handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), HsError> {
+async fn handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), HandshakeError> {
     let mut buf = vec![0u8; crate::tls::session::MAX_RECORD];
     loop {
         let out = sess.take_outgoing();
         if !out.is_empty() {
-            stream.write_all(&out).await.map_err(HsError::Io)?;
+            stream.write_all(&out).await.map_err(HandshakeError::Io)?;
         }
         if !sess.is_handshaking() {
             return Ok(());
         }
         let want = sess.read_hint().min(buf.len());
-        let n = stream.read(&mut buf[..want]).await.map_err(HsError::Io)?;
+        let n = stream
+            .read(&mut buf[..want])
+            .await
+            .map_err(HandshakeError::Io)?;
         if n == 0 {
-            return Err(HsError::Closed);
+            return Err(HandshakeError::Closed);
         }
         if let Err(e) = sess.receive(&buf[..n]) {
             let alert = sess.take_outgoing();
             let _ = stream.write_all(&alert).await;
-            return Err(HsError::Tls(e));
+            return Err(HandshakeError::Tls(e));
         }
     }
 }
 
 /// Drives a handshake (either side) over `stream`, one record at a time (for the load
-/// generator and its reflector);
-/// `Err` is a one-word cause for metrics (`tls_<reason>`, `tls_alert_<alert the peer sent>`,
-/// `closed`, `io`).
-pub async fn drive_handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), String> {
-    handshake(stream, sess).await.map_err(|e| match e {
-        HsError::Tls(rustls::Error::AlertReceived(alert)) => {
-            // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.
-            format!(
-                "tls_alert_{}",
-                crate::metrics::snake_label(&format!("{alert:?}"))
-            )
-        }
-        HsError::Tls(e) => format!("tls_{}", Rejection::classify(&e).0.label()),
-        HsError::Io(_) => "io".into(),
-        HsError::Closed => "closed".into(),
-    })
+/// generator and its reflector); [`HandshakeError::label`] names the cause for metrics.
+pub async fn drive_handshake(
+    stream: &mut TcpStream,
+    sess: &mut TlsSession,
+) -> Result<(), HandshakeError> {
+    handshake(stream, sess).await
 }
 
 /// Can the kernel take this cipher suite? (The `ktls` crate maps AES-GCM and ChaCha20.)
@@ -185,8 +221,8 @@ async fn accept_tls(
     let silent = match spoke {
         Some(Ok(n)) if n > 0 => None,
         // Closed before a word (a TCP health check): an aborted handshake.
-        Some(Ok(_)) => Some(Some(Err(HsError::Closed))),
-        Some(Err(e)) => Some(Some(Err(HsError::Io(e.into())))),
+        Some(Ok(_)) => Some(Some(Err(HandshakeError::Closed))),
+        Some(Err(e)) => Some(Some(Err(HandshakeError::Io(e.into())))),
         None => {
             shard.count("sipring_client_hello_timeouts_total");
             Some(None)
@@ -315,7 +351,7 @@ fn client_cert_aors(shard: &Shard, chain: &[rustls::pki_types::CertificateDer<'_
 /// Logs and counts a handshake's end; `Err` when it failed.
 fn handshake_outcome(
     shard: &Shard,
-    r: Option<Result<(), HsError>>,
+    r: Option<Result<(), HandshakeError>>,
     remote: std::net::SocketAddr,
     kind: ListenKind,
 ) -> Result<(), Rejection> {
@@ -340,20 +376,20 @@ fn handshake_outcome(
             }
             Rejection::HandshakeTimeout
         }
-        Some(Err(HsError::Closed)) => {
+        Some(Err(HandshakeError::Closed)) => {
             shard.count(&format!(
                 "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"
             ));
             return Err(Rejection::Other);
         }
-        Some(Err(HsError::Io(e))) => {
+        Some(Err(HandshakeError::Io(e))) => {
             tracing::debug!(%remote, error = %e, "connection failed during the handshake");
             shard.count(&format!(
                 "sipring_handshakes_total{{kind=\"{kind_l}\",result=\"aborted\"}}"
             ));
             return Err(Rejection::Other);
         }
-        Some(Err(HsError::Tls(e))) => {
+        Some(Err(HandshakeError::Tls(e))) => {
             let (reason, detail) = Rejection::classify(&e);
             match detail {
                 Some(d) => tracing::warn!(

@@ -49,7 +49,7 @@ mod handshake;
 mod records;
 
 use handshake::{Established, LINGER, with_timeout};
-pub use handshake::{drive_handshake, serve_inbound, spawn_peer_connect};
+pub use handshake::{HandshakeError, drive_handshake, serve_inbound, spawn_peer_connect};
 use records::{ktls_record_budget, on_control_record, rekey_or_close};
 
 /// How the record layer runs after the handshake.
