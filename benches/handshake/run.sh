@@ -22,7 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${1:-$ROOT/target/bench-handshake/$(date -u +%Y%m%dT%H%M%SZ)}
-CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+source benches/lib.sh
+CPUS=($(allowed_cpus))
 SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
 LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 RATES=${RATES:-"500 1000 1500"}
@@ -31,10 +32,7 @@ mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-bench-handshake.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 
-cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-SIPRING=$TARGET/release/sipring
-LOAD=$TARGET/release/sipring-load
+build_bins
 ulimit -n "$(ulimit -Hn)"
 "$SIPRING" certs --out "$W/pki" >/dev/null
 
@@ -43,26 +41,7 @@ cargo bench -p sipring-benches --bench tls --no-run >/dev/null 2>&1 # built on e
 taskset -c "$SERVER_CPU" cargo bench -p sipring-benches --bench tls -- 'tls_handshake_server/sipring_policy_tls13_p256_x25519' \
   --warm-up-time 1 --measurement-time 4 2>&1 | tee "$OUT/criterion.txt" | grep -E "^tls_handshake|time:" || true
 
-cat > "$W/s.toml" <<CFG
-[server]
-shards = 1
-domains = ["example.com"]
-hostname = "sip.example.com"
-local_hosts = ["127.0.0.1"]
-[[listen]]
-kind = "tls"
-address = "127.0.0.1:17161"
-[[tls.certificate]]
-cert = "$W/pki/server.pem"
-key = "$W/pki/server.key"
-sni = ["sip.example.com"]
-[limits]
-max_handshakes_in_flight = 100000
-max_handshakes_per_ip = 100000
-max_connections_per_ip = 1000000
-[auth]
-enabled = false
-CFG
+tls_server_toml "$W/s.toml" "$W/pki" 127.0.0.1:17161 1 ""
 
 echo "== 2. at the socket: server CPU per handshake"
 SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/s.toml" >"$W/server.log" 2>&1 &
@@ -86,9 +65,7 @@ for r in $RATES; do
   echo "$r $((t1 - t0)) $HZ" > "$OUT/rate-$r.cpu"
   echo "rate $r: server $(( (t1 - t0) * 1000 / HZ )) ms CPU"
 done
-printf 'server: ' > "$OUT/placement.txt"
-for t in /proc/"$SP"/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")" >> "$OUT/placement.txt"; done
-echo "(generator: taskset -c $LOAD_CPU)" >> "$OUT/placement.txt"
+echo "server: $(threads "$SP") (generator: taskset -c $LOAD_CPU)" > "$OUT/placement.txt"
 kill $SP; wait $SP 2>/dev/null || true
 if [ -f "$W/perf.data" ]; then
   perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 > "$OUT/perf-report.txt" || true

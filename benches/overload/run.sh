@@ -19,7 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${1:-$ROOT/target/bench-overload/$(date -u +%Y%m%dT%H%M%SZ)}
-CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+source benches/lib.sh
+CPUS=($(allowed_cpus))
 SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
 LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 CAP_RATES=${CAP_RATES:-"8000 12000 16000 20000 24000 28000 32000"}
@@ -30,58 +31,21 @@ LAG_MS=${LAG_MS:-10} # limits.overload_lag_ms with shedding on (the default: 10)
 CONNECT_CONCURRENCY=${CONNECT_CONCURRENCY:-64} # handshakes at once during setup
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-bench-overload.XXXXXX)
-CG=
-if [ -n "$SERVER_CPU_PERCENT" ]; then
-  quota=1000 period=$((100000 / SERVER_CPU_PERCENT)) # the kernel's least quota is 1 ms
-  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-    CG=/sys/fs/cgroup/sipring-bench-overload-$$
-    echo +cpu > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
-    mkdir "$CG"; echo "$quota $period" > "$CG/cpu.max"
-  else
-    CG=/sys/fs/cgroup/cpu/sipring-bench-overload-$$
-    mkdir "$CG"; echo "$period" > "$CG/cpu.cfs_period_us"; echo "$quota" > "$CG/cpu.cfs_quota_us"
-  fi
-fi
-trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; [ -n "$CG" ] && rmdir "$CG" 2>/dev/null; rm -rf "$W"' EXIT
+[ -z "$SERVER_CPU_PERCENT" ] || cpu_cgroup sipring-bench-overload "$SERVER_CPU_PERCENT" 1
+trap 'kill $(jobs -p) 2>/dev/null || true; cgroup_cleanup; rm -rf "$W"' EXIT
 
-cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-SIPRING=$TARGET/release/sipring
-LOAD=$TARGET/release/sipring-load
+build_bins
 ulimit -n "$(ulimit -Hn)"
 "$SIPRING" certs --out "$W/pki" >/dev/null
 
 for mode in shed noshed; do
   lag=$LAG_MS; [ $mode = noshed ] && lag=0
-  cat > "$W/$mode.toml" <<CFG
-[server]
-shards = 1
-domains = ["example.com"]
-hostname = "sip.example.com"
-local_hosts = ["127.0.0.1"]
-[[listen]]
-kind = "tls"
-address = "127.0.0.1:17061"
-[[tls.certificate]]
-cert = "$W/pki/server.pem"
-key = "$W/pki/server.key"
-sni = ["sip.example.com"]
-[limits]
-max_connections_per_ip = 1000000
-overload_lag_ms = $lag
-[auth]
-enabled = false
-[admin]
-address = "127.0.0.1:17060"
-CFG
+  tls_server_toml "$W/$mode.toml" "$W/pki" 127.0.0.1:17061 1 "" "overload_lag_ms = $lag" "[admin]" 'address = "127.0.0.1:17060"'
 done
 
-start() { # the server joins the cgroup (if any) before it execs, so every thread is held to it
-  SIPRING_LOG=warn CG="$CG" taskset -c "$SERVER_CPU" sh -c '[ -z "$CG" ] || echo $$ > "$CG/cgroup.procs"; exec "$@"' sh \
-    "$SIPRING" run --config "$W/$1.toml" >"$W/$1.log" 2>&1 & echo $! > "$W/pid"; sleep 1; }
+start() { SIPRING_LOG=warn "${CG_RUN[@]}" taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/$1.toml" >"$W/$1.log" 2>&1 & echo $! > "$W/pid"; sleep 1; }
 stop() { kill "$(cat "$W/pid")" 2>/dev/null || true; wait "$(cat "$W/pid")" 2>/dev/null || true; }
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$(cat "$W/pid")/status"; }
-threads() { for t in /proc/"$1"/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")"; done; }
 shed_total() { curl -s http://127.0.0.1:17060/metrics | awk '/^sipring_overload_shed_total /{print $2}'; }
 load() { # load TAG RATE
   local tag=$1 rate=$2

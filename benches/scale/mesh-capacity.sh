@@ -16,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${1:-$ROOT/target/bench-mesh-capacity/$(date -u +%Y%m%dT%H%M%SZ)}
-CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+source benches/lib.sh
+CPUS=($(allowed_cpus))
 LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 RATES=${RATES:-"1000 1500 2000 2500 3000 3500 4000"}
 STEP_S=${STEP_S:-8}
@@ -24,52 +25,20 @@ PCT=${SERVER_CPU_PERCENT:-30}
 CAPS=${CAPS:-"1024 16384"} # mesh_capacity values, A/B/...
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-bench-mesh.XXXXXX)
-quota=$((2 * 1000)) period=$((100000 / PCT)) # two CPUs' worth of 1 ms slices per period
-if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-  CG=/sys/fs/cgroup/sipring-bench-mesh-$$
-  echo +cpu > /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
-  mkdir "$CG"; echo "$quota $period" > "$CG/cpu.max"
-else
-  CG=/sys/fs/cgroup/cpu/sipring-bench-mesh-$$
-  mkdir "$CG"; echo "$period" > "$CG/cpu.cfs_period_us"; echo "$quota" > "$CG/cpu.cfs_quota_us"
-fi
-trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rmdir "$CG" 2>/dev/null; rm -rf "$W"' EXIT
+cpu_cgroup sipring-bench-mesh "$PCT" 2 # both shards together: 2 x PCT % of a CPU
+trap 'kill $(jobs -p) 2>/dev/null || true; cgroup_cleanup; rm -rf "$W"' EXIT
 
-cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-SIPRING=$TARGET/release/sipring
-LOAD=$TARGET/release/sipring-load
+build_bins
 ulimit -n "$(ulimit -Hn)"
 "$SIPRING" certs --out "$W/pki" >/dev/null
 
 for cap in $CAPS; do
-  cat > "$W/m$cap.toml" <<CFG
-[server]
-shards = 2
-mesh_capacity = $cap
-domains = ["example.com"]
-hostname = "sip.example.com"
-local_hosts = ["127.0.0.1"]
-[[listen]]
-kind = "tls"
-address = "127.0.0.1:17261"
-[[tls.certificate]]
-cert = "$W/pki/server.pem"
-key = "$W/pki/server.key"
-sni = ["sip.example.com"]
-[limits]
-max_connections_per_ip = 1000000
-max_handshakes_per_ip = 100000
-[auth]
-enabled = false
-CFG
+  tls_server_toml "$W/m$cap.toml" "$W/pki" 127.0.0.1:17261 2 "mesh_capacity = $cap"
 done
 
-threads() { for t in /proc/"$1"/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")"; done; }
 for r in $RATES; do
   for cap in $CAPS; do
-    SIPRING_LOG=warn CG="$CG" sh -c 'echo $$ > "$CG/cgroup.procs"; exec "$@"' sh \
-      "$SIPRING" run --config "$W/m$cap.toml" >"$W/m$cap.log" 2>&1 &
+    SIPRING_LOG=warn "${CG_RUN[@]}" "$SIPRING" run --config "$W/m$cap.toml" >"$W/m$cap.log" 2>&1 &
     sp=$!
     sleep 1
     taskset -c "$LOAD_CPU" "$LOAD" message --target 127.0.0.1:17261 --ca "$W/pki/ca.pem" --shards 1 --quiet \
