@@ -4,7 +4,7 @@
 //! shuttles bytes and events; every SIP decision is made by the sans-IO core.
 //!
 //! ```text
-//!  main ─► server::start ─► preflight (io_uring, memlock) ─► TlsPolicy::load ─► bind ×shards
+//!  main ─► server::start ─► preflight (io_uring, memlock) ─► TlsPolicy::load ─► bind (×shards)
 //!            │                                   (SO_REUSEPORT, socket2 backlog)
 //!            └─► one pinned glommio executor per shard:
 //!                   accept ─► conn (handshake, kTLS or userspace) ─► shard (ShardProxy,

@@ -1,7 +1,7 @@
 //! Starting and stopping the shards: preflight, binding, the mesh, reload and drain.
 //!
 //! Lifecycle: [`start`] probes the host, loads TLS, binds every listener once per shard
-//! (`SO_REUSEPORT`), and spawns one pinned executor per shard. [`Running::drain`] (SIGTERM)
+//! (`SO_REUSEPORT`; once in all with `server.accept = "balanced"`), and spawns one pinned executor per shard. [`Running::drain`] (SIGTERM)
 //! stops accepting, lets transactions finish up to `drain_timeout_s`, then closes every
 //! connection with close_notify. [`Running::reload`] (SIGHUP) re-reads the configuration and
 //! every TLS file and swaps the policy in only if all of it loaded.

@@ -14,8 +14,9 @@
 //! ```
 //!
 //! Everything here is `!Send` (`Rc`, `RefCell`); no lock is taken on the message path. A
-//! full cross-shard channel answers 503 (requests) instead of growing memory; replies and
-//! relayed bytes wait for room in a detached task so no two shards ever block on each other.
+//! message that finds a cross-shard channel full waits, in order, in a bounded overflow
+//! queue drained by one task per destination, so no two shards ever block on each other;
+//! past 4× `server.mesh_capacity` waiting (at least 1,024) new requests get 503 instead.
 
 use crate::config::{ClientAuth, Config, ListenKind};
 use crate::labels::{kind_label, message_label, messages_in_name, refusal_name, register_name};
