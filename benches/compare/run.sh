@@ -16,6 +16,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 STEP_S=${STEP_S:-5}
 PARTS=${PARTS:-message call handshake idle}
+source benches/lib.sh # threads
 has() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-compare.XXXXXX)
@@ -77,7 +78,6 @@ stop_reflect() { kill "$(cat "$W/reflect.pid")" 2>/dev/null || true; wait "$(cat
 port_of() { case $1 in sipring) echo 15061;; kamailio) echo 15071;; reflect) echo 15081;; esac; }
 pid_of() { case $1 in sipring) cat "$W/sipring.pid";; kamailio) pgrep -f "kamailio -f $W" | tr '\n' ' ';; reflect) cat "$W/reflect.pid";; esac; }
 
-threads() { for p in "$@"; do for t in /proc/"$p"/task/*; do printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")"; done; done 2>/dev/null; }
 load() { # load SERVER TAG SCENARIO ARGS... -> JSON in $OUT/TAG.json, exit status of sipring-load
   local srv=$1 tag=$2; shift 2
   taskset -c "$LOAD_CPU" "$LOAD" "$@" --target "127.0.0.1:$(port_of "$srv")" --ca "$W/pki/ca.pem" --shards 1 --quiet \
