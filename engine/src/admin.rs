@@ -7,7 +7,8 @@
 //! - `POST /reload`: like SIGHUP.
 //! - `GET /health`: `ok`, or `draining`.
 
-use crate::server::{Control, Reloader, Running, merge};
+use crate::control::Control;
+use crate::server::{Reloader, Running, merge};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;

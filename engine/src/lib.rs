@@ -27,6 +27,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod doctor;
 pub mod labels;
 pub mod metrics;

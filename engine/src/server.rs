@@ -7,8 +7,9 @@
 //! every TLS file and swaps the policy in only if all of it loaded.
 
 use crate::config::{AcceptMode, ClientAuth, Config, ListenKind};
+use crate::control::{Control, Identity, PerSource, connection_budget};
 use crate::metrics::{ShardMetrics, Snapshot};
-use crate::shard::{self, Shard, ShardMsg};
+use crate::shard::{self, Shard, ShardMsg, admit};
 use crate::sys;
 use crate::tls::{RejectCounters, TlsPolicy};
 use arc_swap::ArcSwap;
@@ -20,139 +21,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-/// Flags and publication slots shared by all shards and the control thread (atomics and
-/// `ArcSwap` only: nothing here is locked).
-#[derive(Debug)]
-pub struct Control {
-    draining: AtomicBool,
-    stopping: AtomicBool,
-    /// Latest metrics snapshot of each shard.
-    pub snapshots: Vec<ArcSwap<Snapshot>>,
-    /// TLS rejections by reason.
-    pub rejections: RejectCounters,
-    /// What the kernel offers for TLS.
-    pub ktls: sys::ktls::Support,
-    /// Shards that have finished.
-    pub stopped: AtomicUsize,
-    /// Reloads applied / refused.
-    pub reloads: [std::sync::atomic::AtomicU64; 2],
-    /// Connections (and handshakes) per shard, for the balanced accept mode and the
-    /// process-wide connection budget.
-    pub load: Vec<AtomicUsize>,
-    /// Connections per source address, process-wide (all shards).
-    pub per_source: PerSource,
-    /// Registered bindings per source address, process-wide (`limits.max_bindings_per_ip`).
-    pub bindings_per_source: PerSource,
-    /// The most connections the process holds: below RLIMIT_NOFILE, leaving descriptors for
-    /// the admin endpoint, partner links and the rest.
-    pub budget: usize,
-    /// This node's secret and subscribers.
-    pub identity: Identity,
-    /// The cluster's location store (its thread), when `[cluster]` is configured.
-    pub store: Option<crate::cluster::StoreSender>,
-}
-
-/// Connections per source address across every shard, lock-free: addresses hash (with a
-/// per-process random key) into a fixed table of counters, so memory is bounded whatever
-/// peers do. Two addresses sharing a counter share the limit (2^16 counters: rare, and only
-/// ever stricter).
-#[derive(Debug)]
-pub struct PerSource {
-    counts: Box<[std::sync::atomic::AtomicU32]>,
-    key: std::collections::hash_map::RandomState,
-}
-
-impl Default for PerSource {
-    fn default() -> Self {
-        PerSource {
-            counts: (0..1 << 16)
-                .map(|_| std::sync::atomic::AtomicU32::new(0))
-                .collect(),
-            key: std::collections::hash_map::RandomState::new(),
-        }
-    }
-}
-
-impl PerSource {
-    fn slot(&self, ip: std::net::IpAddr) -> &std::sync::atomic::AtomicU32 {
-        use std::hash::BuildHasher;
-        &self.counts[self.key.hash_one(ip) as usize & (self.counts.len() - 1)]
-    }
-
-    /// Connections from `ip` now.
-    pub fn get(&self, ip: std::net::IpAddr) -> usize {
-        self.slot(ip).load(Ordering::Relaxed) as usize
-    }
-
-    /// One more from `ip`.
-    pub fn add(&self, ip: std::net::IpAddr) {
-        self.slot(ip).fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// One fewer from `ip`.
-    pub fn sub(&self, ip: std::net::IpAddr) {
-        self.add_n(ip, -1);
-    }
-
-    /// `n` more (or fewer, never below zero) from `ip`.
-    pub fn add_n(&self, ip: std::net::IpAddr, n: i64) {
-        let _ = self
-            .slot(ip)
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                Some((i64::from(c) + n).clamp(0, i64::from(u32::MAX)) as u32)
-            });
-    }
-}
-
-/// The connection budget: `limits.max_connections`, or (0) the descriptors the process may
-/// open less a reserve for everything that is not a client connection.
-pub fn connection_budget(cfg: &Config, shards: usize) -> usize {
-    let (nofile, _) = sys::probe::nofile();
-    // The admin endpoint, listeners, io_uring rings and event fds, partner links, files, and
-    // descriptors of refused connections whose asynchronous close is still pending.
-    let reserve = 128 + 16 * shards + cfg.peer.len() * shards;
-    let room = (nofile as usize).saturating_sub(reserve).max(1);
-    match cfg.limits.max_connections {
-        0 => room,
-        n if n > room => {
-            tracing::warn!(
-                configured = n,
-                nofile,
-                room,
-                "limits.max_connections is more than the descriptors allow: using {room}"
-            );
-            room
-        }
-        n => n,
-    }
-}
-
-/// What every shard's policy shares: this node's secret (nonces, flow tokens), when its
-/// nonces count from, and the subscribers (swapped whole on reload).
-#[derive(Debug, Clone)]
-pub struct Identity {
-    /// Signs nonces and flow tokens.
-    pub key: sipring_core::auth::NodeKey,
-    /// When this node's nonces count from.
-    pub epoch: Instant,
-    /// The subscriber table (from the file).
-    pub subscribers: crate::auth::SharedSubscribers,
-    /// Subscribers read from the cluster's store (refreshed by the store thread).
-    pub store_subscribers: crate::auth::SharedSubscribers,
-}
-
-impl Control {
-    /// Is the server draining (no new connections)?
-    pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Must shards close everything and exit now?
-    pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
-    }
-}
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -490,59 +358,6 @@ fn least_loaded(control: &Control) -> usize {
         .enumerate()
         .min_by_key(|(_, l)| l.load(Ordering::Relaxed))
         .map_or(0, |(i, _)| i)
-}
-
-/// Applies the connection limits and serves the connection on this shard.
-pub fn admit(
-    shard: &Rc<Shard>,
-    stream: glommio::net::TcpStream,
-    kind: ListenKind,
-    client_auth: ClientAuth,
-) {
-    let limits = &shard.cfg.limits;
-    let ip = stream.peer_addr().map(|a| a.ip()).ok();
-    let total = shard.conns.borrow().len() + shard.handshakes.get();
-    let control = &shard.control;
-    let process_total: usize = control.load.iter().map(|l| l.load(Ordering::Relaxed)).sum();
-    let per_ip = ip.map_or(0, |ip| control.per_source.get(ip));
-    let handshakes_from = ip.map_or(0, |ip| shard.handshakes_from(ip));
-    let refuse = if process_total >= control.budget {
-        Some("max_connections")
-    } else if total >= limits.max_connections_per_shard {
-        Some("max_connections_per_shard")
-    } else if per_ip >= limits.max_connections_per_ip {
-        Some("max_connections_per_ip")
-    } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
-        Some("max_handshakes_in_flight")
-    } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
-        Some("max_handshakes_per_ip")
-    } else {
-        None
-    };
-    if let Some(why) = refuse {
-        shard.count(&format!(
-            "sipring_connections_refused_total{{limit=\"{why}\"}}"
-        ));
-        if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
-            tracing::warn!(
-                ?ip,
-                limit = why,
-                left_out,
-                "connection refused by limit (at most one line a second; \
-                 sipring_connections_refused_total counts all)"
-            );
-        }
-        return;
-    }
-    let admission = shard::Admission::take(shard, ip);
-    glommio::spawn_local(crate::conn::serve_inbound(
-        shard.clone(),
-        stream,
-        kind,
-        client_auth,
-        admission,
-    ))
-    .detach();
 }
 
 impl Running {

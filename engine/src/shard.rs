@@ -19,10 +19,10 @@
 //! past 4× `server.mesh_capacity` waiting (at least 1,024) new requests get 503 instead.
 
 use crate::config::{ClientAuth, Config, ListenKind};
+use crate::control::Control;
 use crate::labels::{kind_label, message_label, messages_in_name, refusal_name, register_name};
 use crate::metrics::{LogLimiter, ShardMetrics, Snapshot};
 use crate::overload::{Shedding, Tick};
-use crate::server::Control;
 use crate::tls::TlsPolicy;
 use arc_swap::ArcSwap;
 use glommio::channels::channel_mesh::{Receivers, Senders};
@@ -1118,7 +1118,7 @@ impl Shard {
                 kind,
                 client_auth,
             } => {
-                crate::server::admit(self, crate::sys::sock::from_owned_fd(fd), kind, client_auth);
+                admit(self, crate::sys::sock::from_owned_fd(fd), kind, client_auth);
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
         }
@@ -1381,6 +1381,63 @@ impl Shard {
     pub fn idle(&self) -> bool {
         self.proxy.borrow().is_idle()
     }
+}
+
+/// Applies the connection limits and serves the connection on this shard.
+pub fn admit(
+    shard: &Rc<Shard>,
+    stream: glommio::net::TcpStream,
+    kind: ListenKind,
+    client_auth: ClientAuth,
+) {
+    let limits = &shard.cfg.limits;
+    let ip = stream.peer_addr().map(|a| a.ip()).ok();
+    let total = shard.conns.borrow().len() + shard.handshakes.get();
+    let control = &shard.control;
+    let process_total: usize = control
+        .load
+        .iter()
+        .map(|l| l.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let per_ip = ip.map_or(0, |ip| control.per_source.get(ip));
+    let handshakes_from = ip.map_or(0, |ip| shard.handshakes_from(ip));
+    let refuse = if process_total >= control.budget {
+        Some("max_connections")
+    } else if total >= limits.max_connections_per_shard {
+        Some("max_connections_per_shard")
+    } else if per_ip >= limits.max_connections_per_ip {
+        Some("max_connections_per_ip")
+    } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
+        Some("max_handshakes_in_flight")
+    } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
+        Some("max_handshakes_per_ip")
+    } else {
+        None
+    };
+    if let Some(why) = refuse {
+        shard.count(&format!(
+            "sipring_connections_refused_total{{limit=\"{why}\"}}"
+        ));
+        if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
+            tracing::warn!(
+                ?ip,
+                limit = why,
+                left_out,
+                "connection refused by limit (at most one line a second; \
+                 sipring_connections_refused_total counts all)"
+            );
+        }
+        return;
+    }
+    let admission = Admission::take(shard, ip);
+    glommio::spawn_local(crate::conn::serve_inbound(
+        shard.clone(),
+        stream,
+        kind,
+        client_auth,
+        admission,
+    ))
+    .detach();
 }
 
 /// Mesh messages for one shard that found its channel full, oldest first.
