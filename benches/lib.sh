@@ -14,6 +14,8 @@
 #                             address; SERVER_LINES (newline-separated, may be empty) go
 #                             under [server], further lines under [limits] unless they open
 #                             a table themselves
+#   tcp_server_toml FILE ADDR SHARDS SERVER_LINES [TOML...]
+#                             the same with one plain TCP listener
 # Nothing here starts a process that outlives the caller's trap.
 
 allowed_cpus() { python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'; }
@@ -59,9 +61,9 @@ threads() {
   done 2>/dev/null
 }
 
-tls_server_toml() { # FILE PKI ADDR SHARDS SERVER_LINES [TOML...]
-  local file=$1 pki=$2 addr=$3 shards=$4 server=$5
-  shift 5
+server_toml() { # FILE SHARDS SERVER_LINES LISTEN_TOML [TOML...]
+  local file=$1 shards=$2 server=$3 listen=$4
+  shift 4
   {
     cat <<CFG
 [server]
@@ -70,13 +72,7 @@ $server
 domains = ["example.com"]
 hostname = "sip.example.com"
 local_hosts = ["127.0.0.1"]
-[[listen]]
-kind = "tls"
-address = "$addr"
-[[tls.certificate]]
-cert = "$pki/server.pem"
-key = "$pki/server.key"
-sni = ["sip.example.com"]
+$listen
 [auth]
 enabled = false
 [limits]
@@ -86,4 +82,24 @@ max_handshakes_per_ip = 100000
 CFG
     printf '%s\n' "$@"
   } > "$file"
+}
+
+tls_server_toml() { # FILE PKI ADDR SHARDS SERVER_LINES [TOML...]
+  local file=$1 pki=$2 addr=$3 shards=$4 server=$5
+  shift 5
+  server_toml "$file" "$shards" "$server" "[[listen]]
+kind = \"tls\"
+address = \"$addr\"
+[[tls.certificate]]
+cert = \"$pki/server.pem\"
+key = \"$pki/server.key\"
+sni = [\"sip.example.com\"]" "$@"
+}
+
+tcp_server_toml() { # FILE ADDR SHARDS SERVER_LINES [TOML...]
+  local file=$1 addr=$2 shards=$3 server=$4
+  shift 4
+  server_toml "$file" "$shards" "$server" "[[listen]]
+kind = \"tcp\"
+address = \"$addr\"" "$@"
 }

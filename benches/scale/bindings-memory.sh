@@ -14,30 +14,15 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${1:-$ROOT/target/bench-bindings/$(date -u +%Y%m%dT%H%M%SZ)}
 CONNS=${CONNS:-300}
-CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+source benches/lib.sh
+CPUS=($(allowed_cpus))
 SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-bench-bindings.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; cp "$W/log" "$OUT/server.log" 2>/dev/null; rm -rf "$W"' EXIT
-cargo build --release -q -p sipring
-SIPRING=${CARGO_TARGET_DIR:-$ROOT/target}/release/sipring
+build_bins
 ulimit -n "$(ulimit -Hn)"
-cat > "$W/s.toml" <<EOF
-[server]
-shards = 1
-domains = ["example.com"]
-hostname = "sip.example.com"
-local_hosts = ["127.0.0.1"]
-[[listen]]
-kind = "tcp"
-address = "127.0.0.1:17070"
-[limits]
-max_connections_per_ip = 1000000
-[auth]
-enabled = false
-[admin]
-address = "127.0.0.1:17069"
-EOF
+tcp_server_toml "$W/s.toml" 127.0.0.1:17070 1 "" "[admin]" 'address = "127.0.0.1:17069"'
 SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/s.toml" >"$W/log" 2>&1 &
 PID=$!
 sleep 1

@@ -17,37 +17,17 @@ ROOT=$PWD
 OUT=${1:-$ROOT/target/bench-registrar-1m/$(date -u +%Y%m%dT%H%M%SZ)}
 RATE=${RATE:-8000}
 STEP_S=${STEP_S:-10}
-CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+source benches/lib.sh
+CPUS=($(allowed_cpus))
 [ "${#CPUS[@]}" -ge 2 ] || { echo "need 2 allowed CPUs"; exit 1; }
 SERVER_CPU=${CPUS[0]}; GEN_CPU=${CPUS[1]}
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/sipring-registrar-1m.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
-cargo build --release -q -p sipring -p sipring-load
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-SIPRING=$TARGET/release/sipring; LOAD=$TARGET/release/sipring-load
+build_bins
 ulimit -n "$(ulimit -Hn)"
-cat > "$W/s.toml" <<EOF
-[server]
-shards = 1
-domains = ["example.com"]
-hostname = "sip.example.com"
-local_hosts = ["127.0.0.1"]
-[[listen]]
-kind = "tcp"
-address = "127.0.0.1:17080"
-[registrar]
-max_aors_per_connection = 200
-[limits]
-max_connections_per_ip = 1000000
-max_handshakes_per_ip = 100000
-max_bindings_per_ip = 0
-[auth]
-enabled = false
-[admin]
-address = "127.0.0.1:17079"
-EOF
-threads() { for t in /proc/"$1"/task/*; do printf '%s=%s ' "$(cat "$t/comm" 2>/dev/null)" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status" 2>/dev/null)"; done; }
+tcp_server_toml "$W/s.toml" 127.0.0.1:17080 1 "" "max_bindings_per_ip = 0" \
+  "[registrar]" "max_aors_per_connection = 200" "[admin]" 'address = "127.0.0.1:17079"'
 metric() { curl -s 127.0.0.1:17079/metrics | awk -v n="$1" '$1 == n {print $2}'; }
 run() { # run TAG USERS AORS_PER_UA
   local warm=$(( $2 * $3 / RATE + 2 ))
