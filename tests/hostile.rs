@@ -629,6 +629,95 @@ fn flood(to: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::J
 }
 
 #[test]
+fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instead_of_refusing() {
+    // RFC 7339 between a cooperating upstream (here trusted whoever it is) and an overloaded
+    // shard: its new requests pass the door, and the Via of each answer says what share of
+    // new requests to drop before sending; once the shard caught up, the feedback stops.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.limits.overload_lag_ms = 10;
+        c.limits.overload_control = sipring::config::OverloadControl::All;
+    });
+    let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
+    let admin = srv.admin_addr.unwrap();
+    let roots = pki.certs("ca.pem");
+    let ua = |user: &str| {
+        let mut u = Ua::tls(
+            tls,
+            tls_config(&roots, None, false),
+            "sip.example.com",
+            user,
+            "example.com",
+        )
+        .unwrap();
+        assert_eq!(u.register(600), 200, "{user} registers");
+        u
+    };
+    let (mut upstream, mut bob) = (ua("alice"), ua("bob"));
+    // One MESSAGE through to bob and back; the 200 as the upstream got it.
+    let exchange = |a: &mut Ua, b: &mut Ua, n: u32| -> Vec<u8> {
+        let m = a.request(
+            "MESSAGE",
+            "sip:bob@example.com",
+            "<sip:bob@example.com>",
+            &format!("oc-{n}"),
+            1,
+            "",
+            Some(("text/plain", "hi")),
+        );
+        let m = String::from_utf8(m).unwrap().replacen(
+            ";rport\r\n",
+            ";rport;oc;oc-algo=\"loss\"\r\n",
+            1,
+        );
+        a.send(m.as_bytes());
+        let got = b
+            .recv(Duration::from_secs(5))
+            .expect("passed the door to bob");
+        b.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
+        let r = a.recv(Duration::from_secs(5)).expect("bob's answer");
+        assert_eq!(status(&r), Some(200), "{}", String::from_utf8_lossy(&r));
+        r
+    };
+    let top_via = |r: &[u8]| sipring_tests::ua::header(r, "Via").expect("Via");
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..16).flat_map(|i| flood(tcp, i, stop.clone())).collect();
+    wait_metrics(admin, "the shard declares itself overloaded", |m| {
+        metric(m, "sipring_overloaded") == Some(1.0)
+    });
+    let mut told = 0;
+    for n in 0..20 {
+        let r = exchange(&mut upstream, &mut bob, n);
+        let via = top_via(&r);
+        if let Some(f) = sipring_core::overload_control::Feedback::parse(via.as_bytes()) {
+            assert_eq!(f.validity_ms, 500, "{via}");
+            assert!(via.contains("oc-algo=\"loss\""), "{via}");
+            told += usize::from(f.oc > 0);
+        }
+    }
+    assert!(told > 0, "no answer told the upstream to drop anything");
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let m = wait_metrics(admin, "the shard caught up", |m| {
+        metric(m, "sipring_overloaded") == Some(0.0)
+    });
+    assert!(metric(&m, "sipring_overload_feedback_total").unwrap_or(0.0) >= 1.0);
+    // Past one validity period after catching up, answers carry no feedback.
+    std::thread::sleep(Duration::from_millis(600));
+    let r = exchange(&mut upstream, &mut bob, 1000);
+    let via = top_via(&r);
+    assert!(!via.contains("oc="), "{via}");
+    assert!(
+        via.contains(";oc;"),
+        "the upstream's own Via comes back: {via}"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn an_overloaded_shard_sheds_new_requests_at_the_door_and_recovers() {
     let pki = Pki::new();
     let srv = server(&pki, |c| c.limits.overload_lag_ms = 10);

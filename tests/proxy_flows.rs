@@ -30,6 +30,10 @@ struct Net {
 
 impl Net {
     fn new() -> Net {
+        Net::with_policy(Policy::open())
+    }
+
+    fn with_policy(policy: Policy) -> Net {
         let cfg = ProxyConfig {
             domains: vec!["example.com".into()],
             local_hosts: vec!["proxy.example.com".into()],
@@ -41,7 +45,7 @@ impl Net {
             now: Instant::now(),
             proxy: ShardProxy::new(
                 Proxy::new(cfg),
-                Policy::open(),
+                policy,
                 Limits::default(),
                 TimerConfig::default(),
                 0,
@@ -742,4 +746,158 @@ fn partial_admission_spreads_what_it_admits_evenly() {
     n.proxy.set_admission(1.0);
     n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKpaz\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: paz\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(n.take(&B).len(), 1, "all admitted again");
+}
+
+/// A new MESSAGE from `a` to bob whose Via advertises RFC 7339 overload control.
+fn oc_message(i: usize) -> String {
+    oc_message_from(i, "example.com")
+}
+
+fn oc_message_from(i: usize, domain: &str) -> String {
+    format!(
+        "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKoc{i};oc;oc-algo=\"loss\"\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@{domain}>;tag=1\r\nCall-ID: oc{i}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// The overload-control feedback in a response's topmost Via.
+fn feedback(resp: &[u8]) -> Option<sipring_core::overload_control::Feedback> {
+    let mut h = [Header::EMPTY; 32];
+    let Ok(Status::Complete(m)) = parse(resp, &mut h, &Limits::default(), Framing::Stream) else {
+        panic!("parse")
+    };
+    sipring_core::overload_control::Feedback::parse(m.values(HeaderName::Via)[0].value)
+}
+
+/// Answers every MESSAGE bob was sent with 200 and returns what reached `a` for them.
+fn bob_answers(n: &mut Net) -> Vec<Vec<u8>> {
+    for req in n.take(&B) {
+        let ok = answer(&req, 200, "OK", "bob");
+        n.send(&B, &ok);
+    }
+    n.take(&A)
+}
+
+#[test]
+fn a_trusted_client_doing_overload_control_is_told_the_share_to_drop_and_not_shed() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.proxy
+        .set_overload_control(sipring_core::overload_control::Trust::All);
+    n.proxy.set_admission(0.25);
+    // Advertising `oc`, trusted: it drops 75 % itself, so all it sends passes the door, and
+    // every answer tells it what to drop.
+    for i in 0..8 {
+        n.send(&A, oc_message(i).as_bytes());
+        let answers = bob_answers(&mut n);
+        assert_eq!(answers.len(), 1, "request {i}: forwarded and answered");
+        assert_eq!(status(&answers[0]), 200);
+        let f = feedback(&answers[0]).expect("feedback in the top Via");
+        assert_eq!((f.oc, f.validity_ms), (75, 500));
+    }
+    assert_eq!(n.proxy.stats().shed, 0);
+    assert_eq!(n.proxy.stats().oc_feedback, 8);
+    let seq = feedback(&{
+        n.send(&A, oc_message(100).as_bytes());
+        bob_answers(&mut n).remove(0)
+    })
+    .unwrap()
+    .seq;
+    // A client on another flow that does not advertise it is still shed at the door.
+    let mut shed = 0;
+    for i in 0..8 {
+        let m = format!(
+            "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKno{i}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:c@example.com>;tag=1\r\nCall-ID: no{i}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+        );
+        n.send(&B2, m.as_bytes());
+        for r in n.take(&B2) {
+            assert_eq!(status(&r), 503);
+            assert_eq!(feedback(&r), None, "no oc in its Via: nothing written");
+            shed += 1;
+        }
+        n.take(&B);
+    }
+    assert_eq!(shed, 6, "three in four of 8 shed at 25 % admission");
+    // A change of admission is a new sequence number; caught up, the client hears `oc=0`
+    // for one validity period (it stops dropping now, not when its state expires), then
+    // nothing.
+    n.proxy.set_admission(0.5);
+    n.send(&A, oc_message(200).as_bytes());
+    let f = feedback(&bob_answers(&mut n)[0]).unwrap();
+    assert_eq!(f.oc, 50);
+    assert!(f.seq > seq);
+    n.proxy.set_admission(1.0);
+    n.send(&A, oc_message(201).as_bytes());
+    let f = feedback(&bob_answers(&mut n)[0]).unwrap();
+    assert_eq!(f.oc, 0);
+    n.advance(Duration::from_millis(600));
+    n.send(&A, oc_message(202).as_bytes());
+    let r = bob_answers(&mut n).remove(0);
+    assert_eq!(feedback(&r), None);
+    assert!(
+        String::from_utf8_lossy(&r).contains(";oc;oc-algo=\"loss\""),
+        "the client's own Via comes back as it sent it"
+    );
+}
+
+#[test]
+fn overload_control_from_a_client_that_is_not_trusted_changes_nothing() {
+    // The default trusts partners only: a plain client claiming `oc` is shed like any
+    // other (three in four at 25 %) and told nothing, so it cannot drop twice or escape.
+    let policy = Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: false,
+            partners: vec![sipring_core::policy::PartnerPolicy {
+                name: "carrier".into(),
+                domains: vec!["carrier.example".into()],
+                relay_to: vec![],
+                assert_identity: false,
+                node: false,
+            }],
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    );
+    let mut n = Net::with_policy(policy);
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.proxy.set_admission(0.25);
+    let mut shed = 0;
+    for i in 0..8 {
+        n.send(&A, oc_message(i).as_bytes());
+        for r in bob_answers(&mut n) {
+            assert_eq!(feedback(&r), None);
+            if status(&r) == 503 {
+                shed += 1;
+            }
+        }
+    }
+    assert_eq!(shed, 6);
+    assert_eq!(n.proxy.stats().oc_feedback, 0);
+    // The same client once it is a configured partner: honoured.
+    n.proxy.set_flow_info(
+        A,
+        sipring_core::policy::FlowInfo {
+            principal: sipring_core::policy::Principal::Partner("carrier".into()),
+            ..Default::default()
+        },
+    );
+    for i in 10..14 {
+        n.send(&A, oc_message_from(i, "carrier.example").as_bytes());
+        let r = bob_answers(&mut n);
+        assert_eq!(r.len(), 1);
+        assert_eq!(feedback(&r[0]).map(|f| f.oc), Some(75));
+    }
+    // Off: nobody is honoured, whatever they are.
+    n.proxy
+        .set_overload_control(sipring_core::overload_control::Trust::Off);
+    let mut shed = 0;
+    for i in 20..28 {
+        n.send(&A, oc_message_from(i, "carrier.example").as_bytes());
+        for r in bob_answers(&mut n) {
+            assert_eq!(feedback(&r), None);
+            shed += usize::from(status(&r) == 503);
+        }
+    }
+    assert_eq!(shed, 6);
 }

@@ -500,6 +500,43 @@ pub struct LimitsConfig {
     /// admits by a quarter; the others are answered 503 with Retry-After before any work.
     /// Each tick below half of it gives 2 % back. 0 disables. Default 10.
     pub overload_lag_ms: u64,
+    /// Whose RFC 7339 overload control to honour while shedding: `partners` (connections
+    /// authenticated as a configured partner), `all` (any client that advertises `oc` in
+    /// its Via: only where every client honours it) or `off`. Those honoured are told the
+    /// share of new requests to drop before sending (`oc` in the Via of their responses) and
+    /// their new requests pass the door. Default `partners`.
+    pub overload_control: OverloadControl,
+    /// The loop-lag limit, in milliseconds, while clients doing overload control are
+    /// connected: their share is dropped before it is sent (a refusal costs the shard
+    /// nothing), so the shard steers tighter than `overload_lag_ms`: a cut on the first late
+    /// tick, 0.5 % back per calm tick. Applies only while shedding is on
+    /// (`overload_lag_ms` > 0). Default 1.
+    pub overload_control_lag_ms: u64,
+}
+
+/// `limits.overload_control`: whose RFC 7339 overload control is honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverloadControl {
+    /// Nobody: every client is shed at the door.
+    Off,
+    /// Configured partners (mutual TLS).
+    #[default]
+    Partners,
+    /// Any client that advertises it.
+    All,
+}
+
+impl OverloadControl {
+    /// The core's trust setting.
+    pub fn trust(self) -> sipring_core::overload_control::Trust {
+        use sipring_core::overload_control::Trust;
+        match self {
+            OverloadControl::Off => Trust::Off,
+            OverloadControl::Partners => Trust::Partners,
+            OverloadControl::All => Trust::All,
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -522,6 +559,8 @@ impl Default for LimitsConfig {
             partial_bytes_per_shard: 64 << 20,
             max_transactions_per_shard: 50_000,
             overload_lag_ms: 10,
+            overload_control: OverloadControl::Partners,
+            overload_control_lag_ms: 1,
         }
     }
 }

@@ -194,6 +194,9 @@ fn help(family: &str) -> &'static str {
         "sipring_overloaded" => "Shards shedding part of new requests (per shard: 1 or 0).",
         "sipring_overload_episodes_total" => "Times a shard started shedding.",
         "sipring_overload_shed_total" => "New requests answered 503 at the door under overload.",
+        "sipring_overload_feedback_total" => {
+            "Responses that told a client advertising overload control (RFC 7339) what share of new requests to drop."
+        }
         "sipring_mesh_backlog" => "Mesh messages waiting for room in a full channel.",
         "sipring_queue_drops_total" => "Messages dropped, by queue.",
         "sipring_store_total" => "Cluster location-store requests, by operation and result.",

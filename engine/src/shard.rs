@@ -420,6 +420,7 @@ impl Shard {
         proxy.set_max_aors_per_flow(r.max_aors_per_connection);
         proxy.set_max_transactions(cfg.limits.max_transactions_per_shard);
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
+        proxy.set_overload_control(cfg.limits.overload_control.trust());
         let remember = r.remember_aors.div_ceil(n.max(1));
         let cluster = control.store.as_ref().map(|s| {
             let (reply, replies) = async_channel::unbounded();
@@ -1213,11 +1214,21 @@ impl Shard {
         let sample = late.as_micros().min(u128::from(u32::MAX)) as u64;
         self.metrics.borrow_mut().record("loop_lag", sample);
         let backlog = self.mesh_backlog.get();
+        let limits = &self.cfg.limits;
+        // Clients doing overload control (RFC 7339) are connected: their share is dropped
+        // before it is sent, so steer finely (`overload::Tick::fine`).
+        let fine = self.proxy.borrow().cooperating() > 0;
+        let limit_ms = match (limits.overload_lag_ms, fine) {
+            (0, _) => 0,
+            (_, true) => limits.overload_control_lag_ms.max(1),
+            (ms, false) => ms,
+        };
         let Some((was, next)) = self.shedding.observe(Tick {
             lag_us: sample,
-            limit_us: self.cfg.limits.overload_lag_ms * 1000,
+            limit_us: limit_ms * 1000,
             backlog,
             mesh_capacity: self.cfg.server.mesh_capacity,
+            fine,
         }) else {
             return;
         };
@@ -1283,6 +1294,8 @@ impl Shard {
                 .insert("sipring_auth_challenges_total".into(), st.challenges);
             m.counters
                 .insert("sipring_overload_shed_total".into(), st.shed);
+            m.counters
+                .insert("sipring_overload_feedback_total".into(), st.oc_feedback);
             m.set_gauge(
                 "sipring_overloaded",
                 i64::from(self.shedding.admitted() < 1.0),

@@ -206,6 +206,12 @@ struct Common {
     /// `subscribers` command). Without it the UAs send no credentials.
     #[arg(long)]
     password: Option<String>,
+    /// Do RFC 7339 overload control as a cooperating upstream would: advertise `oc` in
+    /// every Via and drop the share of new requests the server asks for before sending
+    /// them (reported as dropped, not failed). The server honours it from partners, or from
+    /// anyone with `limits.overload_control = "all"`.
+    #[arg(long)]
+    overload_control: bool,
     /// Write a JSON summary here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -387,6 +393,7 @@ fn plan(name: &str, scenario: Scenario, c: &Common) -> Result<Plan, String> {
         aors_per_ua: c.aors_per_ua,
         reconnect: c.reconnect,
         password: c.password.clone(),
+        overload_control: c.overload_control,
     })
 }
 
@@ -794,6 +801,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         aors_per_ua: 1,
         reconnect: false,
         password: Some(DEMO_PASSWORD.into()),
+        overload_control: false,
         json: None,
         hgrm_dir: None,
         plot: None,

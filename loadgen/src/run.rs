@@ -116,6 +116,11 @@ pub struct Plan {
     /// the UAs answer 401/407 challenges and then send credentials with every request, the
     /// nonce reused with a rising nonce-count, as phones do. `None`: no credentials.
     pub password: Option<String>,
+    /// Do RFC 7339 overload control, loss-based, as a cooperating upstream proxy or SBC
+    /// would: advertise `oc` in every Via, and drop the share of new requests (MESSAGE,
+    /// INVITE, REGISTER of the measured phase) each server asks for before sending them
+    /// (counted as `oc_dropped`, neither sent nor failed).
+    pub overload_control: bool,
 }
 
 impl Plan {
@@ -206,6 +211,10 @@ struct InviteState {
 struct Ua {
     tx: LocalSender<Vec<u8>>,
     local: SocketAddr,
+    /// The server it is connected to.
+    target: SocketAddr,
+    /// Advertises overload control (`oc` in its Via).
+    oc: bool,
     user: String,
     password: Option<String>,
     digest: RefCell<Option<Digest>>,
@@ -284,6 +293,8 @@ struct Shard {
     setup_retried: Cell<bool>,
     seq: Cell<u64>,
     rng: Cell<u64>,
+    /// RFC 7339 state per server (`--overload-control`).
+    throttles: RefCell<HashMap<SocketAddr, sipring_core::overload_control::Throttle>>,
 }
 
 impl Shard {
@@ -422,6 +433,7 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
         setup_retried: Cell::new(false),
         seq: Cell::new(0),
         rng: Cell::new(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1)),
+        throttles: RefCell::new(HashMap::new()),
     });
     // Expire transactions that outlive their timeout.
     let sweeper = {
@@ -594,33 +606,39 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
                 // Every UA's first AOR, then every UA's second, and so on.
                 let u = users[(i as usize) % users.len()];
                 let k = (i as usize / users.len()) % plan.aors_per_ua.max(1);
-                send_register(&shard, &plan, u, k, intended, measured, plan.expires);
+                if !oc_drops(&shard, &plan, u) {
+                    send_register(&shard, &plan, u, k, intended, measured, plan.expires);
+                }
             }
             Scenario::Message => {
                 let from = users[shard.rand(users.len())];
                 let to = callee(&shard, base, plan.users, from);
-                send_request(
-                    &shard, &plan, from, to, "MESSAGE", "message", intended, measured, "hello",
-                );
+                if !oc_drops(&shard, &plan, from) {
+                    send_request(
+                        &shard, &plan, from, to, "MESSAGE", "message", intended, measured, "hello",
+                    );
+                }
             }
             Scenario::Call => {
                 if shard.active_calls.get() * shard.n >= plan.max_concurrent {
                     shard.stats.borrow_mut().blocked_calls += 1;
                 } else {
                     let from = users[shard.rand(users.len())];
-                    let to = callee(&shard, base, plan.users, from);
-                    shard.active_calls.set(shard.active_calls.get() + 1);
-                    send_request(
-                        &shard,
-                        &plan,
-                        from,
-                        to,
-                        "INVITE",
-                        "invite_200",
-                        intended,
-                        measured,
-                        "",
-                    );
+                    if !oc_drops(&shard, &plan, from) {
+                        let to = callee(&shard, base, plan.users, from);
+                        shard.active_calls.set(shard.active_calls.get() + 1);
+                        send_request(
+                            &shard,
+                            &plan,
+                            from,
+                            to,
+                            "INVITE",
+                            "invite_200",
+                            intended,
+                            measured,
+                            "",
+                        );
+                    }
                 }
             }
             Scenario::Handshake => {
@@ -667,6 +685,27 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             glommio::timer::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// RFC 7339, loss-based: whether UA `u`'s next new request is dropped here, as its server
+/// asked (`--overload-control`), and counted as such.
+fn oc_drops(shard: &Shard, plan: &Plan, u: usize) -> bool {
+    if !plan.overload_control {
+        return false;
+    }
+    let Some(target) = shard.uas.borrow().get(&u).map(|ua| ua.target) else {
+        return false;
+    };
+    let admit = shard
+        .throttles
+        .borrow_mut()
+        .entry(target)
+        .or_default()
+        .admit(Instant::now());
+    if !admit {
+        shard.stats.borrow_mut().oc_dropped += 1;
+    }
+    !admit
 }
 
 /// A random other user (a UA never calls itself when it has someone else to call).
@@ -822,6 +861,8 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
     let ua = Rc::new(Ua {
         tx,
         local,
+        target,
+        oc: plan.overload_control,
         password: plan.password.as_ref().map(|p| p.replace("{user}", &user)),
         user,
         digest: RefCell::new(None),
@@ -948,6 +989,17 @@ fn on_message(shard: &Rc<Shard>, plan: &Plan, ua: &Rc<Ua>, bytes: &[u8]) {
         return;
     };
     let call_id = String::from_utf8_lossy(header(&m, HeaderName::CallId)).into_owned();
+    if ua.oc
+        && m.status().is_some()
+        && let Some(top) = m.values(HeaderName::Via).first()
+    {
+        shard
+            .throttles
+            .borrow_mut()
+            .entry(ua.target)
+            .or_default()
+            .observe(Instant::now(), top.value);
+    }
     match m.status() {
         Some(code) => on_response(shard, plan, ua, &m, code, &call_id),
         None => on_request(ua, &m),
@@ -1181,10 +1233,11 @@ fn route_set(m: &sipring_core::Message<'_, '_>) -> Vec<u8> {
 /// stateful server mistakes a new request for a retransmission.
 fn via(ua: &Ua, unique: u64) -> String {
     format!(
-        "SIP/2.0/TLS {};branch=z9hG4bKlg{}x{};rport",
+        "SIP/2.0/TLS {};branch=z9hG4bKlg{}x{};rport{}",
         ua.local,
         ua.local.port(),
-        unique
+        unique,
+        if ua.oc { ";oc;oc-algo=\"loss\"" } else { "" }
     )
 }
 

@@ -38,6 +38,9 @@ pub struct Stats {
     pub max_lag_us: u64,
     /// Calls not started because `max_concurrent` calls were up.
     pub blocked_calls: u64,
+    /// New requests not sent because their server asked for that share to be dropped
+    /// (RFC 7339 overload control, `--overload-control`).
+    pub oc_dropped: u64,
     /// Keepalive pongs received (idle scenario).
     pub pongs: u64,
     /// Wall-clock seconds of the measured phase.
@@ -118,6 +121,7 @@ impl Stats {
         self.late_sends += o.late_sends;
         self.max_lag_us = self.max_lag_us.max(o.max_lag_us);
         self.blocked_calls += o.blocked_calls;
+        self.oc_dropped += o.oc_dropped;
         self.pongs += o.pongs;
         self.seconds = self.seconds.max(o.seconds);
     }
@@ -170,6 +174,13 @@ impl Stats {
             self.max_lag_us as f64 / 1000.0,
             self.blocked_calls
         );
+        if self.oc_dropped > 0 {
+            let _ = writeln!(
+                s,
+                "overload control: {} new requests dropped here as the server asked (RFC 7339)",
+                self.oc_dropped
+            );
+        }
         for (k, m) in &self.failed {
             for (c, v) in m {
                 let _ = writeln!(s, "  failed {k}: {c} x{v}");
@@ -224,6 +235,7 @@ impl Stats {
             late_sends: self.late_sends,
             max_lag_ms: self.max_lag_us as f64 / 1000.0,
             blocked_calls: self.blocked_calls,
+            oc_dropped: self.oc_dropped,
             pongs: self.pongs,
             kinds,
         }
@@ -292,6 +304,9 @@ pub struct Summary {
     pub max_lag_ms: f64,
     /// Calls not started (max concurrent).
     pub blocked_calls: u64,
+    /// New requests dropped here as the server asked (RFC 7339).
+    #[serde(default)]
+    pub oc_dropped: u64,
     /// Keepalive pongs.
     pub pongs: u64,
     /// Per transaction type.

@@ -205,6 +205,47 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         Ok(self)
     }
 
+    /// Writes overload-control feedback (RFC 7339) into the topmost Via of a response whose
+    /// client advertised support (`oc` in that Via, copied from its request): the client's
+    /// `oc`, `oc-algo`, `oc-validity` and `oc-seq` give way to the server's, every other
+    /// parameter stays. `Ok(false)`, untouched, when the topmost Via carries no `oc`.
+    pub fn overload_feedback(
+        &mut self,
+        f: &crate::overload_control::Feedback,
+    ) -> Result<bool, EditError> {
+        let top = self
+            .msg
+            .values(HeaderName::Via)
+            .into_iter()
+            .next()
+            .ok_or(EditError::NoSuchHeader(HeaderName::Via))?;
+        let Some(via) = crate::values::Via::parse(top.value) else {
+            return Ok(false);
+        };
+        if via.param("oc").is_none() {
+            return Ok(false);
+        }
+        let at = via.params.as_ptr() as usize - top.value.as_ptr() as usize;
+        let mut value = top.value[..at].to_vec();
+        let _ = crate::text::for_each_param(via.params, |name, v| {
+            if [&b"oc"[..], b"oc-algo", b"oc-validity", b"oc-seq"]
+                .iter()
+                .any(|n| crate::text::eq_ic(name, n))
+            {
+                return;
+            }
+            value.push(b';');
+            value.extend_from_slice(name);
+            if let Some(v) = v {
+                value.push(b'=');
+                value.extend_from_slice(v);
+            }
+        });
+        f.write_params(&mut value);
+        self.splice(top.start, top.end, value);
+        Ok(true)
+    }
+
     /// Removes the topmost Via value (a proxy forwarding a response, RFC 3261 §16.7 step 3).
     pub fn pop_top_via(&mut self) -> Result<&mut Self, EditError> {
         self.pop_first_value(HeaderName::Via)
@@ -431,6 +472,40 @@ body";
             out,
             b"MESSAGE sip:a@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\nContent-Length: 2\r\nMax-Forwards: 70\r\n\r\nhi"
         );
+    }
+
+    #[test]
+    fn overload_feedback_replaces_the_clients_oc_in_the_top_via_only() {
+        use crate::overload_control::Feedback;
+        let resp = b"SIP/2.0 503 Service Unavailable\r\n\
+Via: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa;oc;oc-algo=\"loss,A\";rport=5061;received=10.0.0.1, SIP/2.0/TLS b;branch=z9hG4bKb;oc\r\n\
+To: <sip:bob@example.com>;tag=x\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: c\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+        let f = Feedback {
+            oc: 40,
+            validity_ms: 500,
+            seq: 7,
+        };
+        let out = with(resp, |m| {
+            let mut e = Editor::new(m);
+            assert!(e.overload_feedback(&f).unwrap());
+            e.finish()
+        });
+        let s = String::from_utf8(out.clone()).unwrap();
+        assert!(
+            s.contains("Via: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa;rport=5061;received=10.0.0.1;oc=40;oc-algo=\"loss\";oc-validity=500;oc-seq=0.00007, SIP/2.0/TLS b;branch=z9hG4bKb;oc\r\n"),
+            "{s}"
+        );
+        with(&out, |m| {
+            let top = m.values(HeaderName::Via)[0].value;
+            assert_eq!(Feedback::parse(top), Some(f));
+        });
+        // Without `oc` in the top Via (the client did not advertise): untouched.
+        let plain = with(REQ, |m| {
+            let mut e = Editor::new(m);
+            assert!(!e.overload_feedback(&f).unwrap());
+            e.finish()
+        });
+        assert_eq!(plain, REQ);
     }
 
     #[test]

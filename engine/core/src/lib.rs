@@ -46,6 +46,7 @@ pub mod edit;
 pub mod error;
 pub mod header;
 pub mod matching;
+pub mod overload_control;
 pub mod parse;
 pub mod policy;
 pub mod proxy;

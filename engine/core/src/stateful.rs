@@ -28,6 +28,7 @@
 use crate::error::ParseError;
 use crate::header::Header;
 use crate::matching::{KeyMethod, TxKey};
+use crate::overload_control::{self as oc, Feedback};
 use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
 use crate::policy::{Authz, FlowInfo, Grant, Policy, Refusal, Source};
 use crate::proxy::{Decision, Flow, Lookup, Proxy};
@@ -36,7 +37,7 @@ use crate::response::{ResponseParts, ack_for_non_2xx, cancel_for, error_response
 use crate::transaction::{
     ClientTransaction, Event, ServerTransaction, TimerConfig, Timers, Transmit,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -119,6 +120,8 @@ pub struct Stats {
     pub challenges: u64,
     /// New requests answered 503 at the door because the shard was overloaded.
     pub shed: u64,
+    /// Responses that carried overload-control feedback (RFC 7339 `oc`) to a client.
+    pub oc_feedback: u64,
 }
 
 #[derive(Debug)]
@@ -205,6 +208,16 @@ pub struct ShardProxy {
     /// The fraction of new requests admitted (1.0: all), and the credit that spreads it.
     admission: f32,
     admit_credit: f32,
+    /// RFC 7339: whose `oc` is honoured, the flows that advertised it and are trusted to
+    /// (their new requests pass the door; their responses carry the feedback), the
+    /// feedback's sequence number (rises with each change of admission), and until when a
+    /// shard that caught up still tells them `oc=0`.
+    oc_trust: oc::Trust,
+    oc_flows: HashSet<Flow>,
+    oc_seq: u64,
+    oc_calm_until: Option<Instant>,
+    /// The latest time handed in (responses are written without one).
+    clock: Option<Instant>,
     policy: Policy,
     out: VecDeque<Output>,
     next_id: u64,
@@ -251,6 +264,11 @@ impl ShardProxy {
             timer_c: TIMER_C,
             admission: 1.0,
             admit_credit: 0.0,
+            oc_trust: oc::Trust::default(),
+            oc_flows: HashSet::new(),
+            oc_seq: 0,
+            oc_calm_until: None,
+            clock: None,
             policy,
             out: VecDeque::new(),
             next_id: 0,
@@ -325,11 +343,82 @@ impl ShardProxy {
     /// authentication, lookup or state); admitted ones are spread evenly (a credit, not a
     /// coin). In-dialog requests (BYE, re-INVITE), CANCEL, ACK and responses always pass:
     /// they finish what was admitted.
+    ///
+    /// Clients that advertise overload control (RFC 7339, `oc` in their Via) and are
+    /// trusted to honour it ([`ShardProxy::set_overload_control`]) are told the same
+    /// fraction instead: their responses carry `oc` = the share to drop before sending, and
+    /// their new requests pass the door, since they already dropped it.
     pub fn set_admission(&mut self, fraction: f32) {
+        let was = self.admission;
         self.admission = fraction.clamp(0.0, 1.0);
+        if self.admission != was {
+            self.oc_seq += 1;
+        }
         if self.admission >= 1.0 {
             self.admit_credit = 0.0;
+            if was < 1.0 {
+                self.oc_calm_until = self.clock.map(|c| {
+                    c + std::time::Duration::from_millis(u64::from(oc::DEFAULT_VALIDITY_MS))
+                });
+            }
         }
+    }
+
+    /// Whose overload-control claims (RFC 7339) are honoured. Default
+    /// [`oc::Trust::Partners`].
+    pub fn set_overload_control(&mut self, trust: oc::Trust) {
+        self.oc_trust = trust;
+        if trust == oc::Trust::Off {
+            self.oc_flows.clear();
+        }
+    }
+
+    /// Connections doing overload control (RFC 7339) that are trusted to, known since
+    /// they first sent a new request while this shard was shedding.
+    pub fn cooperating(&self) -> usize {
+        self.oc_flows.len()
+    }
+
+    /// Does this request come from a client that does its own overload control (RFC 7339)
+    /// and is trusted to? Remembers the flow, so its responses carry the feedback.
+    fn cooperates(&mut self, flow: &Flow, msg: &Message<'_, '_>) -> bool {
+        let trusted = match self.oc_trust {
+            oc::Trust::Off => false,
+            oc::Trust::Partners => self.partner_of(flow).is_some(),
+            oc::Trust::All => true,
+        };
+        if !trusted {
+            return false;
+        }
+        let Some(top) = msg
+            .values(crate::header::HeaderName::Via)
+            .into_iter()
+            .next()
+        else {
+            return false;
+        };
+        if !oc::advertises_loss(top.value) {
+            return false;
+        }
+        if !self.oc_flows.contains(flow) {
+            self.oc_flows.insert(flow.clone());
+        }
+        true
+    }
+
+    /// Overload-control feedback for a response going to `flow`, when it is due: the flow
+    /// advertised support and the shard is shedding, or caught up less than one validity
+    /// period ago (`oc=0` ends the clients' reduction before it would expire).
+    fn feedback_for(&self, flow: &Flow) -> Option<Feedback> {
+        let calming = matches!((self.clock, self.oc_calm_until), (Some(c), Some(u)) if c < u);
+        if (self.admission >= 1.0 && !calming) || !self.oc_flows.contains(flow) {
+            return None;
+        }
+        Some(Feedback::for_admission(
+            self.admission,
+            oc::DEFAULT_VALIDITY_MS,
+            self.oc_seq,
+        ))
     }
 
     /// All or nothing: [`ShardProxy::set_admission`] with 0.0 (`true`) or 1.0.
@@ -486,7 +575,17 @@ impl ShardProxy {
         (u64::from(self.shard) << 48) | self.next_id
     }
 
-    fn send(&mut self, flow: &Flow, bytes: Bytes) {
+    fn send(&mut self, flow: &Flow, mut bytes: Bytes) {
+        if bytes.starts_with(b"SIP/2.0 ")
+            && let Some(f) = self.feedback_for(flow)
+            && let Some(Some(with)) = with_parsed(&bytes, &self.limits, |m, _| {
+                let mut e = crate::edit::Editor::new(m);
+                matches!(e.overload_feedback(&f), Ok(true)).then(|| e.finish())
+            })
+        {
+            self.stats.oc_feedback += 1;
+            bytes = with.into();
+        }
         self.out.push_back(Output::Send {
             flow: flow.clone(),
             bytes,
@@ -495,6 +594,7 @@ impl ShardProxy {
 
     /// A framed message arrived on `flow`.
     pub fn handle_message(&mut self, now: Instant, flow: &Flow, bytes: &[u8]) {
+        self.clock = Some(now);
         let mut storage = [Header::EMPTY; 64];
         let msg = match parse(bytes, &mut storage, &self.limits, Framing::Stream) {
             Ok(Status::Complete(m)) => m,
@@ -601,7 +701,12 @@ impl ShardProxy {
             s.txn.handle_request_retransmit(now);
             return self.drive_server(now, &key);
         }
-        if method != Method::Cancel && ess.to.tag().is_none() && !self.admit() {
+        if method != Method::Cancel
+            && ess.to.tag().is_none()
+            && self.admission < 1.0
+            && !(self.oc_trust != oc::Trust::Off && self.cooperates(flow, msg))
+            && !self.admit()
+        {
             return self.shed(flow, msg);
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
@@ -1323,6 +1428,7 @@ impl ShardProxy {
     /// branches are cancelled).
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
         self.flows.remove(flow);
+        self.oc_flows.remove(flow);
         self.flow_aors.remove(flow);
         self.policy.flow_closed(flow);
         // Only what this flow carried: O(its transactions), not the table size. Lookups
@@ -1397,6 +1503,7 @@ impl ShardProxy {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = Some(now);
         while let Some(k) = self.timers.pop_expired(now) {
             match k {
                 TimerKey::Server(key) => {
