@@ -628,8 +628,13 @@ fn flood(to: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::J
     vec![reader, writer]
 }
 
+/// The tests that flood a shard until it sheds take turns: two floods at once on a small host
+/// starve each other's servers, and neither shard stays overloaded long enough to measure.
+static FLOOD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instead_of_refusing() {
+    let _turn = FLOOD_TURN.lock().unwrap_or_else(|e| e.into_inner());
     // RFC 7339 between a cooperating upstream (here trusted whoever it is) and an overloaded
     // shard: its new requests pass the door, and the Via of each answer says what share of
     // new requests to drop before sending; once the shard caught up, the feedback stops.
@@ -704,11 +709,19 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
         metric(m, "sipring_overloaded") == Some(0.0)
     });
     assert!(metric(&m, "sipring_overload_feedback_total").unwrap_or(0.0) >= 1.0);
-    // Past one validity period after catching up, answers carry no feedback.
-    std::thread::sleep(Duration::from_millis(600));
-    let r = exchange(&mut upstream, &mut bob, 1000);
-    let via = top_via(&r);
-    assert!(!via.contains("oc="), "{via}");
+    // Past one validity period after catching up, answers carry no feedback (polled: on a
+    // busy host the shard may shed again for a moment, and then says so).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 1000;
+    let via = loop {
+        std::thread::sleep(Duration::from_millis(600));
+        let via = top_via(&exchange(&mut upstream, &mut bob, n));
+        n += 1;
+        if !via.contains("oc=") || Instant::now() > deadline {
+            break via;
+        }
+    };
+    assert!(!via.contains("oc="), "still told to drop 20 s after: {via}");
     assert!(
         via.contains(";oc;"),
         "the upstream's own Via comes back: {via}"
@@ -719,6 +732,7 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
 
 #[test]
 fn an_overloaded_shard_sheds_new_requests_at_the_door_and_recovers() {
+    let _turn = FLOOD_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let pki = Pki::new();
     let srv = server(&pki, |c| c.limits.overload_lag_ms = 10);
     let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);

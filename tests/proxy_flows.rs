@@ -34,13 +34,18 @@ impl Net {
     }
 
     fn with_policy(policy: Policy) -> Net {
-        let cfg = ProxyConfig {
+        Net::build(policy, |_| {})
+    }
+
+    fn build(policy: Policy, edit: impl FnOnce(&mut ProxyConfig)) -> Net {
+        let mut cfg = ProxyConfig {
             domains: vec!["example.com".into()],
             local_hosts: vec!["proxy.example.com".into()],
             via_host: "proxy.example.com".into(),
             via_port: 5061,
             ..ProxyConfig::default()
         };
+        edit(&mut cfg);
         Net {
             now: Instant::now(),
             proxy: ShardProxy::new(
@@ -843,23 +848,7 @@ fn a_trusted_client_doing_overload_control_is_told_the_share_to_drop_and_not_she
 fn overload_control_from_a_client_that_is_not_trusted_changes_nothing() {
     // The default trusts partners only: a plain client claiming `oc` is shed like any
     // other (three in four at 25 %) and told nothing, so it cannot drop twice or escape.
-    let policy = Policy::new(
-        sipring_core::policy::PolicyConfig {
-            authenticate: false,
-            partners: vec![sipring_core::policy::PartnerPolicy {
-                name: "carrier".into(),
-                domains: vec!["carrier.example".into()],
-                relay_to: vec![],
-                assert_identity: false,
-                node: false,
-            }],
-            ..Default::default()
-        },
-        sipring_core::auth::NodeKey::new([0; 32]),
-        Instant::now(),
-        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
-    );
-    let mut n = Net::with_policy(policy);
+    let mut n = Net::with_policy(carrier_policy());
     n.register("bob", &B, "10.0.0.2:5061");
     n.proxy.set_admission(0.25);
     let mut shed = 0;
@@ -900,4 +889,91 @@ fn overload_control_from_a_client_that_is_not_trusted_changes_nothing() {
         }
     }
     assert_eq!(shed, 6);
+}
+
+/// An open policy with one partner, `carrier`, speaking for `carrier.example`.
+fn carrier_policy() -> Policy {
+    Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: false,
+            partners: vec![sipring_core::policy::PartnerPolicy {
+                name: "carrier".into(),
+                domains: vec!["carrier.example".into()],
+                relay_to: vec![],
+                assert_identity: false,
+                node: false,
+            }],
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    )
+}
+
+#[test]
+fn an_overloaded_partner_is_spared_the_share_it_asked_us_to_drop() {
+    // RFC 7339 toward a partner: our Via advertises it, the partner's answer says drop 75 %,
+    // and three in four of the next new requests for it are answered 503 here, without a
+    // transaction toward it, until the feedback's validity runs out.
+    let carrier = Flow::Peer("carrier".into());
+    let mut n = Net::build(carrier_policy(), |c| {
+        c.peers = vec![sipring_core::proxy::PeerRoute {
+            domain: "carrier.example".into(),
+            peer: "carrier".into(),
+        }];
+    });
+    let to_carrier = |i: usize| {
+        format!(
+            "MESSAGE sip:x@carrier.example SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKpd{i}\r\nMax-Forwards: 70\r\nTo: <sip:x@carrier.example>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: pd{i}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    n.send(&A, to_carrier(0).as_bytes());
+    let fwd = n.one(&carrier);
+    let via = String::from_utf8_lossy(&fwd)
+        .lines()
+        .find(|l| l.starts_with("Via: "))
+        .unwrap()
+        .to_string();
+    assert!(
+        via.contains("proxy.example.com") && via.ends_with(";oc;oc-algo=\"loss\""),
+        "{via}"
+    );
+    let ok = String::from_utf8(answer(&fwd, 200, "OK", "c"))
+        .unwrap()
+        .replacen(
+            ";oc;oc-algo=\"loss\"",
+            ";oc=75;oc-algo=\"loss\";oc-validity=500;oc-seq=1.0",
+            1,
+        );
+    n.send(&carrier, ok.as_bytes());
+    let back = n.one(&A);
+    assert_eq!(status(&back), 200);
+    assert!(
+        !String::from_utf8_lossy(&back).contains("oc="),
+        "our Via is gone"
+    );
+    let mut forwarded = 0;
+    for i in 1..=8 {
+        n.send(&A, to_carrier(i).as_bytes());
+        forwarded += n.take(&carrier).len();
+        for r in n.take(&A) {
+            assert_eq!(status(&r), 503);
+            assert!(sipring_tests::ua::header(&r, "Retry-After").is_some());
+        }
+    }
+    assert_eq!(forwarded, 2, "one in four of eight");
+    assert_eq!(n.proxy.stats().oc_dropped, 6);
+    // The validity (500 ms) ran out: everything goes to the partner again.
+    n.advance(Duration::from_millis(600));
+    for i in 20..24 {
+        n.send(&A, to_carrier(i).as_bytes());
+        assert_eq!(n.take(&carrier).len(), 1);
+    }
+    // With overload control off, nothing is advertised and feedback is ignored.
+    n.proxy
+        .set_overload_control(sipring_core::overload_control::Trust::Off);
+    n.send(&A, to_carrier(30).as_bytes());
+    let fwd = n.one(&carrier);
+    assert!(!String::from_utf8_lossy(&fwd).contains(";oc"));
 }

@@ -198,6 +198,7 @@ fn bench_policy(c: &mut Criterion) {
             source: None,
             ident: &Default::default(),
             path: &[],
+            overload_control: false,
         },
     );
     let fwd = String::from_utf8(fwd).unwrap();

@@ -84,6 +84,7 @@ fn bench_edit(c: &mut Criterion) {
                     source: None,
                     ident: &IdentityEdit::default(),
                     path: &[],
+                    overload_control: false,
                 },
             )
         })

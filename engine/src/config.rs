@@ -504,13 +504,15 @@ pub struct LimitsConfig {
     /// authenticated as a configured partner), `all` (any client that advertises `oc` in
     /// its Via: only where every client honours it) or `off`. Those honoured are told the
     /// share of new requests to drop before sending (`oc` in the Via of their responses) and
-    /// their new requests pass the door. Default `partners`.
+    /// their new requests pass the door. Unless `off`, requests forwarded to partners (and
+    /// cluster nodes) advertise it too, and the share an overloaded one asks us to drop gets
+    /// 503 here. Default `partners`.
     pub overload_control: OverloadControl,
-    /// The loop-lag limit, in milliseconds, while clients doing overload control are
-    /// connected: their share is dropped before it is sent (a refusal costs the shard
-    /// nothing), so the shard steers tighter than `overload_lag_ms`: a cut on the first late
-    /// tick, 0.5 % back per calm tick. Applies only while shedding is on
-    /// (`overload_lag_ms` > 0). Default 1.
+    /// The loop-lag limit, in milliseconds, of a shard that is shedding while clients doing
+    /// overload control are connected: their share is dropped before it is sent (a refusal
+    /// costs the shard nothing), so it steers tighter than `overload_lag_ms`: a cut on the
+    /// first late tick, 0.5 % back per calm tick (2 % after 50 in a row). Shedding still
+    /// starts by `overload_lag_ms`, and only while it is on (> 0). Default 1.
     pub overload_control_lag_ms: u64,
 }
 

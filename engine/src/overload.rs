@@ -6,17 +6,33 @@
 //! written: about a third of a forwarded MESSAGE), so by default it steers loosely: a lag
 //! limit of 10 ms, a cut only when two ticks in a row are late, 2 % back per calm tick.
 //! Clients doing RFC 7339 overload control drop their share before sending, which costs
-//! the shard nothing, so once such clients are connected it steers finely ([`Tick::fine`]):
-//! a tighter limit (`limits.overload_control_lag_ms`), a cut on the first late tick and
-//! [`FINE_STEP`] back per calm tick, which keeps what it admits within a few milliseconds.
+//! the shard nothing, so while such clients are connected an overloaded shard steers finely
+//! ([`Tick::fine_limit_us`]): a tighter limit (`limits.overload_control_lag_ms`), a cut on
+//! the first late tick and [`FINE_STEP`] back per calm tick, which keeps what it admits
+//! within a few milliseconds. Shedding still starts only by the loose rule: a shard
+//! admitting everything does not start refusing on one late millisecond of a noisy host; and
+//! the fine gear needs the shard to be busy with messages ([`FINE_MIN_WORK`]): once the
+//! load is gone, a late tick is the host's noise, judged loosely, and the shard recovers.
 
 use std::cell::Cell;
 
 /// Admission regained per calm tick: from the floor to everything in half a second.
 pub const ADMISSION_STEP: f32 = 0.02;
 
-/// Admission regained per calm tick while clients doing overload control are connected.
+/// Admission regained per calm tick while clients doing overload control are connected, for
+/// the first [`FINE_TICKS`] calm ticks in a row; [`ADMISSION_STEP`] after them, so a shard
+/// whose overload ended (or whose last cut was a noisy host's late tick) recovers within
+/// about a second.
 pub const FINE_STEP: f32 = 0.005;
+
+/// Calm ticks in a row (500 ms) after which the fine gear gives back [`ADMISSION_STEP`]:
+/// under a sustained overload a cut comes sooner (+25 % admitted without one is not a steady
+/// state), so this only speeds up the recovery once the overload is over.
+pub const FINE_TICKS: u32 = 50;
+
+/// Messages per tick (averaged over the last few ticks) below which the fine gear does not apply: a shard
+/// this quiet is not queueing requests, whatever its timer says.
+pub const FINE_MIN_WORK: f32 = 2.0;
 
 /// Admission never falls below this: some new work always gets through, so a shard that
 /// has caught up shows it.
@@ -33,9 +49,11 @@ pub struct Tick {
     pub backlog: usize,
     /// `server.mesh_capacity`.
     pub mesh_capacity: usize,
-    /// Clients doing overload control are connected: refusals are free, steer finely (cut
-    /// on the first late tick, [`FINE_STEP`] back).
-    pub fine: bool,
+    /// Clients doing overload control are connected: once shedding, steer finely against
+    /// this lag limit (cut on the first late tick, [`FINE_STEP`] back). `None`: loosely.
+    pub fine_limit_us: Option<u64>,
+    /// SIP messages the shard handled since the previous tick.
+    pub work: u32,
 }
 
 /// The fraction of new requests a shard admits.
@@ -44,6 +62,10 @@ pub struct Shedding {
     admitted: Cell<f32>,
     /// The previous tick was over the limit.
     over: Cell<bool>,
+    /// Calm ticks in a row (under half the limit, no backlog).
+    calm: Cell<u32>,
+    /// Messages per tick, an average that forgets in a few ticks.
+    busy: Cell<f32>,
 }
 
 impl Default for Shedding {
@@ -51,6 +73,8 @@ impl Default for Shedding {
         Shedding {
             admitted: Cell::new(1.0),
             over: Cell::new(false),
+            calm: Cell::new(0),
+            busy: Cell::new(0.0),
         }
     }
 }
@@ -65,20 +89,34 @@ impl Shedding {
     /// the channel capacity), after one that was too, cuts the admitted fraction by a
     /// quarter (floor [`MIN_ADMISSION`]): one late tick is one long task, two are a queue. A
     /// tick under half the lag and with at most one channel's worth waiting gives
-    /// [`ADMISSION_STEP`] back. In the fine gear ([`Tick::fine`]) the first late tick cuts
-    /// and [`FINE_STEP`] is given back. `Some((was, now))` when the fraction changed.
+    /// [`ADMISSION_STEP`] back. In the fine gear ([`Tick::fine_limit_us`], only while
+    /// already shedding) the limit is the fine one, the first late tick cuts and
+    /// [`FINE_STEP`] is given back. `Some((was, now))` when the fraction changed.
     pub fn observe(&self, t: Tick) -> Option<(f32, f32)> {
         if t.limit_us == 0 {
             return None;
         }
         let was = self.admitted.get();
-        let over = t.lag_us > t.limit_us || t.backlog > t.mesh_capacity.saturating_mul(2);
+        let busy = self.busy.get() * 0.7 + t.work as f32 * 0.3;
+        self.busy.set(busy);
+        let fine = t
+            .fine_limit_us
+            .filter(|_| was < 1.0 && busy >= FINE_MIN_WORK);
+        let limit_us = fine.unwrap_or(t.limit_us);
+        let over = t.lag_us > limit_us || t.backlog > t.mesh_capacity.saturating_mul(2);
         let previous = self.over.replace(over);
-        let standing = over && (previous || t.fine);
-        let step = if t.fine { FINE_STEP } else { ADMISSION_STEP };
+        let standing = over && (previous || fine.is_some());
+        let calm = t.lag_us < limit_us / 2 && t.backlog <= t.mesh_capacity;
+        let run = if calm { self.calm.get() + 1 } else { 0 };
+        self.calm.set(run);
+        let step = if fine.is_some() && run <= FINE_TICKS {
+            FINE_STEP
+        } else {
+            ADMISSION_STEP
+        };
         let now = if standing {
             (was * 0.75).max(MIN_ADMISSION)
-        } else if t.lag_us < t.limit_us / 2 && t.backlog <= t.mesh_capacity {
+        } else if calm {
             (was + step).min(1.0)
         } else {
             was
@@ -101,23 +139,71 @@ mod tests {
             limit_us: 10_000,
             backlog,
             mesh_capacity: 1024,
-            fine: false,
+            fine_limit_us: None,
+            work: 0,
         }
     }
 
     #[test]
-    fn with_cooperating_clients_the_first_late_tick_cuts_and_little_comes_back() {
+    fn with_cooperating_clients_a_busy_shedding_shard_steers_finely() {
         let s = Shedding::default();
-        let fine = |lag_ms| Tick {
-            fine: true,
-            ..tick(lag_ms, 0)
+        let fine = |lag_us| Tick {
+            lag_us,
+            fine_limit_us: Some(1000),
+            work: 50,
+            ..tick(0, 0)
         };
-        assert_eq!(s.observe(fine(50)), Some((1.0, 0.75)), "one late tick cuts");
-        assert_eq!(s.observe(fine(50)), Some((0.75, 0.5625)));
-        assert_eq!(s.observe(fine(1)), Some((0.5625, 0.5625 + FINE_STEP)));
-        // Back to the loose gear (the clients left): one late tick no longer cuts.
+        // Admitting everything, a late millisecond (or one late tick) starts nothing: the
+        // loose rule decides when shedding starts.
+        assert_eq!(s.observe(fine(5_000)), None);
+        assert_eq!(s.observe(fine(200)), None);
+        assert_eq!(s.observe(fine(50_000)), None);
+        assert_eq!(s.observe(fine(50_000)), Some((1.0, 0.75)));
+        // Shedding: the fine limit, the first late tick cuts, little comes back.
+        assert_eq!(s.observe(fine(1_500)), Some((0.75, 0.5625)));
+        assert_eq!(
+            s.observe(fine(800)),
+            None,
+            "between half the limit and it: hold"
+        );
+        assert_eq!(s.observe(fine(100)), Some((0.5625, 0.5625 + FINE_STEP)));
+        // Calm for long (the overload ended): back at the loose pace, all within a second.
+        let mut ticks = 1;
+        while s.admitted() < 1.0 {
+            s.observe(fine(100));
+            ticks += 1;
+        }
+        assert!(ticks <= 100, "{ticks} ticks of 10 ms to recover");
+        s.observe(fine(50_000));
+        assert_eq!(s.observe(fine(50_000)), Some((1.0, 0.75)));
+        // The clients left: the loose gear again, one late tick no longer cuts.
+        s.observe(tick(1, 0));
         assert_eq!(s.observe(tick(50, 0)), None);
         assert!(s.observe(tick(50, 0)).is_some());
+    }
+
+    #[test]
+    fn a_quiet_shard_is_judged_loosely_even_with_cooperating_clients() {
+        // The overload is over (a few messages a tick) but the host is noisy (late
+        // milliseconds): the shard recovers as the loose rule would, at 2 % a tick.
+        let s = Shedding::default();
+        let t = |lag_us, work| Tick {
+            lag_us,
+            fine_limit_us: Some(1000),
+            work,
+            ..tick(0, 0)
+        };
+        for _ in 0..5 {
+            s.observe(t(50_000, 100));
+        }
+        assert!(s.admitted() < 0.5);
+        assert!(s.observe(t(3_000, 100)).is_some(), "busy: 3 ms is late");
+        let mut ticks = 0;
+        while s.admitted() < 1.0 && ticks < 200 {
+            s.observe(t(3_000, 0));
+            ticks += 1;
+        }
+        assert!(ticks <= 70, "{ticks} ticks of 10 ms to recover");
     }
 
     #[test]

@@ -262,6 +262,8 @@ pub struct Shard {
     mesh_backlog: Cell<usize>,
     /// The fraction of new requests admitted (see [`Shard::observe_lag`]).
     shedding: Shedding,
+    /// Messages handled since the last timer tick (the shedding's sign of real load).
+    work: Cell<u32>,
     /// Overload episodes are logged at most once a second.
     overload_log: LogLimiter,
     /// Connections refused by a `[limits]` key are logged at most once a second.
@@ -458,6 +460,7 @@ impl Shard {
             overflow: RefCell::new((0..n).map(|_| Default::default()).collect()),
             mesh_backlog: Cell::new(0),
             shedding: Shedding::default(),
+            work: Cell::new(0),
             overload_log: LogLimiter::default(),
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
@@ -522,6 +525,7 @@ impl Shard {
 
     /// A framed message arrived on `flow` (whose last byte was read at `t0`).
     pub fn on_message(self: &Rc<Self>, flow: &Flow, bytes: &[u8], t0: Instant) {
+        self.work.set(self.work.get().wrapping_add(1));
         let label = message_label(bytes);
         {
             let mut m = self.metrics.borrow_mut();
@@ -1218,17 +1222,13 @@ impl Shard {
         // Clients doing overload control (RFC 7339) are connected: their share is dropped
         // before it is sent, so steer finely (`overload::Tick::fine`).
         let fine = self.proxy.borrow().cooperating() > 0;
-        let limit_ms = match (limits.overload_lag_ms, fine) {
-            (0, _) => 0,
-            (_, true) => limits.overload_control_lag_ms.max(1),
-            (ms, false) => ms,
-        };
         let Some((was, next)) = self.shedding.observe(Tick {
             lag_us: sample,
-            limit_us: limit_ms * 1000,
+            limit_us: limits.overload_lag_ms * 1000,
             backlog,
             mesh_capacity: self.cfg.server.mesh_capacity,
-            fine,
+            fine_limit_us: fine.then(|| limits.overload_control_lag_ms.max(1) * 1000),
+            work: self.work.replace(0),
         }) else {
             return;
         };
@@ -1296,6 +1296,10 @@ impl Shard {
                 .insert("sipring_overload_shed_total".into(), st.shed);
             m.counters
                 .insert("sipring_overload_feedback_total".into(), st.oc_feedback);
+            m.counters.insert(
+                "sipring_overload_partner_dropped_total".into(),
+                st.oc_dropped,
+            );
             m.set_gauge(
                 "sipring_overloaded",
                 i64::from(self.shedding.admitted() < 1.0),

@@ -97,7 +97,11 @@ impl Feedback {
     /// or with a value out of range. A missing `oc-validity` is the default; a missing or
     /// malformed `oc-seq` reads as 0.
     pub fn parse(via: &[u8]) -> Option<Feedback> {
-        let v = Via::parse(via)?;
+        Feedback::of(&Via::parse(via)?)
+    }
+
+    /// [`Feedback::parse`] of an already parsed Via.
+    pub fn of(v: &Via<'_>) -> Option<Feedback> {
         let oc = parse_u32(v.param("oc")??).filter(|&n| n <= 100)? as u8;
         let validity_ms = match v.param("oc-validity") {
             Some(Some(ms)) => parse_u32(ms)?,
@@ -147,9 +151,13 @@ impl Throttle {
     /// Takes the feedback in a response's topmost Via, if any. Feedback older than what the
     /// throttle holds (a lower `oc-seq`) is ignored; `oc-validity=0` ends overload control.
     pub fn observe(&mut self, now: Instant, top_via: &[u8]) {
-        let Some(f) = Feedback::parse(top_via) else {
-            return;
-        };
+        if let Some(f) = Feedback::parse(top_via) {
+            self.apply(now, f);
+        }
+    }
+
+    /// Takes feedback already read ([`Throttle::observe`]).
+    pub fn apply(&mut self, now: Instant, f: Feedback) {
         if self.until.is_some() && f.seq < self.seq {
             return;
         }

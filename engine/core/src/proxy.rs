@@ -121,6 +121,9 @@ pub struct Hop<'a> {
     pub ident: &'a IdentityEdit,
     /// Route values to add first (the target's registered Path, RFC 3327).
     pub path: &'a [String],
+    /// Advertise RFC 7339 overload control in our Via (`oc;oc-algo="loss"`): the next hop is
+    /// a partner whose feedback we honour.
+    pub overload_control: bool,
 }
 
 /// Proxy settings.
@@ -692,10 +695,15 @@ impl Proxy {
         }
         let out = hop.out_iface;
         let via = format!(
-            "SIP/2.0/{} {}:{};branch={branch}",
+            "SIP/2.0/{} {}:{};branch={branch}{}",
             out.transport.via_name(),
             out.host,
-            out.port
+            out.port,
+            if hop.overload_control {
+                ";oc;oc-algo=\"loss\""
+            } else {
+                ""
+            }
         );
         e.prepend_via(via.as_bytes());
         e.set_max_forwards(ess.max_forwards.map_or(70, |m| m.saturating_sub(1)));
@@ -847,6 +855,7 @@ mod tests {
                 source: None,
                 ident: &IdentityEdit::default(),
                 path: &[],
+                overload_control: false,
             },
         )
     }
@@ -1063,6 +1072,7 @@ mod tests {
                         source: src,
                         ident: &IdentityEdit::default(),
                         path: &[],
+                        overload_control: false,
                     },
                 ))
                 .unwrap()
@@ -1124,6 +1134,7 @@ mod tests {
                     source: Some("10.0.0.1:5061".parse().unwrap()),
                     ident: &IdentityEdit::default(),
                     path: &[],
+                    overload_control: false,
                 },
             ))
             .unwrap()
@@ -1214,6 +1225,7 @@ mod tests {
                     source: None,
                     ident: &IdentityEdit::default(),
                     path: &[],
+                    overload_control: false,
                 },
             ))
             .unwrap()

@@ -122,6 +122,9 @@ pub struct Stats {
     pub shed: u64,
     /// Responses that carried overload-control feedback (RFC 7339 `oc`) to a client.
     pub oc_feedback: u64,
+    /// New requests answered 503 here because the partner they were going to asked, by
+    /// RFC 7339 feedback, for that share of its new requests to be dropped.
+    pub oc_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -216,6 +219,9 @@ pub struct ShardProxy {
     oc_flows: HashSet<Flow>,
     oc_seq: u64,
     oc_calm_until: Option<Instant>,
+    /// RFC 7339 toward partners: the feedback each partner flow gave us, and the share of
+    /// new requests to it we drop (503 here) as it asked.
+    oc_down: HashMap<Flow, oc::Throttle>,
     /// The latest time handed in (responses are written without one).
     clock: Option<Instant>,
     policy: Policy,
@@ -268,6 +274,7 @@ impl ShardProxy {
             oc_flows: HashSet::new(),
             oc_seq: 0,
             oc_calm_until: None,
+            oc_down: HashMap::new(),
             clock: None,
             policy,
             out: VecDeque::new(),
@@ -959,17 +966,29 @@ impl ShardProxy {
         targets: &[(Flow, Option<String>, Vec<String>)],
     ) {
         let limits = self.limits;
+        let mut dropped = 0;
         for (flow, uri, path) in targets {
             let unique = self.unique();
             let Some(s) = self.servers.get(server) else {
                 return;
             };
+            // A partner that told us (RFC 7339) to drop part of its new requests: this one
+            // may be in that part.
+            if self.oc_down.contains_key(flow)
+                && server.method != KeyMethod::Cancel
+                && with_parsed(&s.request, &limits, |_, e| e.to.tag().is_none()) == Some(true)
+                && self.oc_down.get_mut(flow).is_some_and(|t| !t.admit(now))
+            {
+                dropped += 1;
+                continue;
+            }
             let inbound = self.route_flow(&s.inbound);
             let (in_iface, out_iface) = (self.iface_of(&s.inbound), self.iface_of(flow));
             let source = self.client_source(&s.inbound);
             let proxy = &self.proxy;
             let policy = &self.policy;
             let to_partner = self.partner_of(flow);
+            let overload_control = to_partner.is_some() && self.oc_trust != oc::Trust::Off;
             let Some((branch, method, out)) = with_parsed(&s.request, &limits, |m, e| {
                 let branch = Proxy::branch(m, e, unique);
                 let ident =
@@ -982,6 +1001,7 @@ impl ShardProxy {
                     source,
                     ident: &ident,
                     path,
+                    overload_control,
                 };
                 let out =
                     proxy.forward_request(m, e, &branch, uri.as_deref().map(str::as_bytes), &hop);
@@ -1021,6 +1041,23 @@ impl ShardProxy {
             }
             self.stats.forwarded += 1;
             self.drive_client(now, &ckey);
+        }
+        if dropped > 0 {
+            self.stats.oc_dropped += dropped;
+            let none_left = self
+                .servers
+                .get(server)
+                .is_some_and(|s| s.branches.is_empty());
+            if none_left {
+                let retry = [b'2' + (self.unique() % 8) as u8].to_vec();
+                self.answer(
+                    now,
+                    server,
+                    503,
+                    "Service Unavailable",
+                    &[("Retry-After", retry)],
+                );
+            }
         }
     }
 
@@ -1099,6 +1136,7 @@ impl ShardProxy {
             source: self.client_source(inbound),
             ident: &ident,
             path: &[],
+            overload_control: false,
         };
         let out = self
             .proxy
@@ -1198,6 +1236,17 @@ impl ShardProxy {
         };
         let Some(c) = self.clients.get_mut(&key) else {
             self.stats.dropped_responses += 1;
+            return;
+        };
+        // RFC 7339 feedback in our Via, from a partner we advertised it to.
+        if let Some(f) = Feedback::of(&ess.top_via)
+            && c.outbound == *flow
+            && self.oc_trust != oc::Trust::Off
+            && self.partner_of(flow).is_some()
+        {
+            self.oc_down.entry(flow.clone()).or_default().apply(now, f);
+        }
+        let Some(c) = self.clients.get_mut(&key) else {
             return;
         };
         let code = msg.status().expect("response");
@@ -1429,6 +1478,7 @@ impl ShardProxy {
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
         self.flows.remove(flow);
         self.oc_flows.remove(flow);
+        self.oc_down.remove(flow);
         self.flow_aors.remove(flow);
         self.policy.flow_closed(flow);
         // Only what this flow carried: O(its transactions), not the table size. Lookups
