@@ -628,6 +628,20 @@ fn flood(to: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::J
     vec![reader, writer]
 }
 
+/// A TLS UA of `example.com` registered at `tls` (trusting the test PKI's CA).
+fn registered(pki: &Pki, tls: SocketAddr, user: &str) -> Ua {
+    let mut u = Ua::tls(
+        tls,
+        tls_config(&pki.certs("ca.pem"), None, false),
+        "sip.example.com",
+        user,
+        "example.com",
+    )
+    .unwrap();
+    assert_eq!(u.register(600), 200, "{user} registers");
+    u
+}
+
 /// The tests that flood a shard until it sheds take turns: two floods at once on a small host
 /// starve each other's servers, and neither shard stays overloaded long enough to measure.
 static FLOOD_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -645,19 +659,7 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
     });
     let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
     let admin = srv.admin_addr.unwrap();
-    let roots = pki.certs("ca.pem");
-    let ua = |user: &str| {
-        let mut u = Ua::tls(
-            tls,
-            tls_config(&roots, None, false),
-            "sip.example.com",
-            user,
-            "example.com",
-        )
-        .unwrap();
-        assert_eq!(u.register(600), 200, "{user} registers");
-        u
-    };
+    let ua = |user: &str| registered(&pki, tls, user);
     let (mut upstream, mut bob) = (ua("alice"), ua("bob"));
     // One MESSAGE through to bob and back; the 200 as the upstream got it.
     let exchange = |a: &mut Ua, b: &mut Ua, n: u32| -> Vec<u8> {
@@ -737,19 +739,7 @@ fn an_overloaded_shard_sheds_new_requests_at_the_door_and_recovers() {
     let srv = server(&pki, |c| c.limits.overload_lag_ms = 10);
     let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
     let admin = srv.admin_addr.unwrap();
-    let roots = pki.certs("ca.pem");
-    let ua = |user: &str| {
-        let mut u = Ua::tls(
-            tls,
-            tls_config(&roots, None, false),
-            "sip.example.com",
-            user,
-            "example.com",
-        )
-        .unwrap();
-        assert_eq!(u.register(600), 200, "{user} registers");
-        u
-    };
+    let ua = |user: &str| registered(&pki, tls, user);
     let (mut alice, mut bob) = (ua("alice"), ua("bob"));
     let message = |a: &mut Ua, n: u32| {
         let m = a.request(

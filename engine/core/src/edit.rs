@@ -155,6 +155,15 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         Ok(self)
     }
 
+    /// The topmost Via value.
+    fn top_via(&self) -> Result<crate::parse::HeaderValue<'b>, EditError> {
+        self.msg
+            .values(HeaderName::Via)
+            .into_iter()
+            .next()
+            .ok_or(EditError::NoSuchHeader(HeaderName::Via))
+    }
+
     /// Completes the top Via of a request from a client (RFC 3261 §18.2.1, RFC 3581): fills
     /// an empty `rport` with the source port and, when `received` (the sent-by host is not
     /// the source address, or `rport` was asked for), adds `received=<source address>`.
@@ -163,12 +172,7 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         source: &std::net::SocketAddr,
         received: bool,
     ) -> Result<&mut Self, EditError> {
-        let top = self
-            .msg
-            .values(HeaderName::Via)
-            .into_iter()
-            .next()
-            .ok_or(EditError::NoSuchHeader(HeaderName::Via))?;
+        let top = self.top_via()?;
         let v = top.value;
         // An `rport` parameter without a value: `;rport` followed by `;`, `,`, space or the end.
         let mut rport_end = None;
@@ -213,12 +217,7 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         &mut self,
         f: &crate::overload_control::Feedback,
     ) -> Result<bool, EditError> {
-        let top = self
-            .msg
-            .values(HeaderName::Via)
-            .into_iter()
-            .next()
-            .ok_or(EditError::NoSuchHeader(HeaderName::Via))?;
+        let top = self.top_via()?;
         let Some(via) = crate::values::Via::parse(top.value) else {
             return Ok(false);
         };
