@@ -662,7 +662,8 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
     let ua = |user: &str| registered(&pki, tls, user);
     let (mut upstream, mut bob) = (ua("alice"), ua("bob"));
     // One MESSAGE through to bob and back; the 200 as the upstream got it.
-    let exchange = |a: &mut Ua, b: &mut Ua, n: u32| -> Vec<u8> {
+    // None: no answer in time (the flood's host may be slow; what comes is still checked).
+    let exchange = |a: &mut Ua, b: &mut Ua, n: u32| -> Option<Vec<u8>> {
         let m = a.request(
             "MESSAGE",
             "sip:bob@example.com",
@@ -678,13 +679,17 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
             1,
         );
         a.send(m.as_bytes());
-        let got = b
-            .recv(Duration::from_secs(5))
-            .expect("passed the door to bob");
-        b.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
-        let r = a.recv(Duration::from_secs(5)).expect("bob's answer");
-        assert_eq!(status(&r), Some(200), "{}", String::from_utf8_lossy(&r));
-        r
+        if let Some(got) = b.recv(Duration::from_secs(5)) {
+            b.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
+        }
+        let r = a.recv(Duration::from_secs(5))?;
+        assert_eq!(
+            status(&r),
+            Some(200),
+            "passed the door to bob and back: {}",
+            String::from_utf8_lossy(&r)
+        );
+        Some(r)
     };
     let top_via = |r: &[u8]| sipring_tests::ua::header(r, "Via").expect("Via");
     let stop = Arc::new(AtomicBool::new(false));
@@ -692,9 +697,12 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
     wait_metrics(admin, "the shard declares itself overloaded", |m| {
         metric(m, "sipring_overloaded") == Some(1.0)
     });
-    let mut told = 0;
+    let (mut told, mut answered) = (0, 0);
     for n in 0..20 {
-        let r = exchange(&mut upstream, &mut bob, n);
+        let Some(r) = exchange(&mut upstream, &mut bob, n) else {
+            continue;
+        };
+        answered += 1;
         let via = top_via(&r);
         if let Some(f) = sipring_core::overload_control::Feedback::parse(via.as_bytes()) {
             assert_eq!(f.validity_ms, 500, "{via}");
@@ -702,6 +710,7 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
             told += usize::from(f.oc > 0);
         }
     }
+    assert!(answered >= 5, "{answered} of 20 answered while overloaded");
     assert!(told > 0, "no answer told the upstream to drop anything");
     stop.store(true, Ordering::Relaxed);
     for t in threads {
@@ -717,7 +726,11 @@ fn an_overloaded_shard_tells_a_client_doing_overload_control_what_to_drop_instea
     let mut n = 1000;
     let via = loop {
         std::thread::sleep(Duration::from_millis(600));
-        let via = top_via(&exchange(&mut upstream, &mut bob, n));
+        let Some(r) = exchange(&mut upstream, &mut bob, n) else {
+            assert!(Instant::now() < deadline, "no answer 20 s after the flood");
+            continue;
+        };
+        let via = top_via(&r);
         n += 1;
         if !via.contains("oc=") || Instant::now() > deadline {
             break via;

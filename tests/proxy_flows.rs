@@ -822,9 +822,10 @@ fn a_trusted_client_doing_overload_control_is_told_the_share_to_drop_and_not_she
         n.take(&B);
     }
     assert_eq!(shed, 6, "three in four of 8 shed at 25 % admission");
-    // A change of admission is a new sequence number; caught up, the client hears `oc=0`
-    // for one validity period (it stops dropping now, not when its state expires), then
-    // nothing.
+    // Later feedback has a higher sequence number (time since the shards' epoch); caught
+    // up, the client hears `oc=0` for one validity period (it stops dropping now, not when
+    // its state expires), then nothing.
+    n.advance(Duration::from_millis(1));
     n.proxy.set_admission(0.5);
     n.send(&A, oc_message(200).as_bytes());
     let f = feedback(&bob_answers(&mut n)[0]).unwrap();
@@ -959,11 +960,23 @@ fn an_overloaded_partner_is_spared_the_share_it_asked_us_to_drop() {
         forwarded += n.take(&carrier).len();
         for r in n.take(&A) {
             assert_eq!(status(&r), 503);
-            assert!(sipring_tests::ua::header(&r, "Retry-After").is_some());
+            assert!(
+                sipring_tests::ua::header(&r, "Retry-After").is_none(),
+                "not 'we are unavailable': only this partner asked"
+            );
         }
     }
     assert_eq!(forwarded, 2, "one in four of eight");
     assert_eq!(n.proxy.stats().oc_dropped, 6);
+    // In-dialog requests finish what was admitted: never dropped.
+    for i in 10..18 {
+        let m = to_carrier(i).replace(
+            "To: <sip:x@carrier.example>",
+            "To: <sip:x@carrier.example>;tag=c",
+        );
+        n.send(&A, m.as_bytes());
+        assert_eq!(n.take(&carrier).len(), 1, "in-dialog request {i}");
+    }
     // The validity (500 ms) ran out: everything goes to the partner again.
     n.advance(Duration::from_millis(600));
     for i in 20..24 {
@@ -976,4 +989,47 @@ fn an_overloaded_partner_is_spared_the_share_it_asked_us_to_drop() {
     n.send(&A, to_carrier(30).as_bytes());
     let fwd = n.one(&carrier);
     assert!(!String::from_utf8_lossy(&fwd).contains(";oc"));
+    let ok = String::from_utf8(answer(&fwd, 200, "OK", "c"))
+        .unwrap()
+        .replacen(
+            ";branch=z9hG4bKsr",
+            ";oc=100;oc-validity=500;oc-seq=9.0;branch=z9hG4bKsr",
+            1,
+        );
+    assert!(ok.contains("oc=100"));
+    n.send(&carrier, ok.as_bytes());
+    assert_eq!(status(&n.one(&A)), 200);
+    for i in 31..35 {
+        n.send(&A, to_carrier(i).as_bytes());
+        assert_eq!(n.take(&carrier).len(), 1, "request {i} forwarded");
+    }
+}
+
+#[test]
+fn feedback_a_downstream_ua_writes_into_an_upstreams_via_does_not_reach_it() {
+    // Bob answers with `oc=100` forged into the Via of the upstream (a cooperating partner
+    // or cluster node, which would then stop sending to us): we forward the answer with the
+    // forgery taken out, the upstream's own `oc` kept.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.proxy
+        .set_overload_control(sipring_core::overload_control::Trust::All);
+    n.send(&A, oc_message(1).as_bytes());
+    let req = n.one(&B);
+    let forged = String::from_utf8(answer(&req, 200, "OK", "bob"))
+        .unwrap()
+        .replacen(
+            ";oc;oc-algo=\"loss\"",
+            ";oc=100;oc-algo=\"loss\";oc-validity=4294967295;oc-seq=999999999999.99999",
+            1,
+        );
+    assert!(forged.contains("oc=100"));
+    n.send(&B, forged.as_bytes());
+    let back = n.one(&A);
+    assert_eq!(status(&back), 200);
+    let via = sipring_tests::ua::header(&back, "Via").unwrap();
+    assert_eq!(
+        via,
+        "SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKoc1;oc;oc-algo=\"loss\""
+    );
 }

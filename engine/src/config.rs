@@ -506,13 +506,14 @@ pub struct LimitsConfig {
     /// share of new requests to drop before sending (`oc` in the Via of their responses) and
     /// their new requests pass the door. Unless `off`, requests forwarded to partners (and
     /// cluster nodes) advertise it too, and the share an overloaded one asks us to drop gets
-    /// 503 here. Default `partners`.
+    /// 503 (no Retry-After) here. Default `partners`.
     pub overload_control: OverloadControl,
-    /// The loop-lag limit, in milliseconds, of a shard that is shedding while clients doing
-    /// overload control are connected: their share is dropped before it is sent (a refusal
-    /// costs the shard nothing), so it steers tighter than `overload_lag_ms`: a cut on the
-    /// first late tick, 0.5 % back per calm tick (2 % after 50 in a row). Shedding still
-    /// starts by `overload_lag_ms`, and only while it is on (> 0). Default 1.
+    /// The loop-lag limit, in milliseconds, of a shard that is shedding, busy, and getting
+    /// most new requests from clients doing overload control: their share is dropped before
+    /// it is sent (a refusal costs the shard nothing), so it steers tighter than
+    /// `overload_lag_ms`: a cut on the first late tick, 0.5 % back per calm tick (2 % after
+    /// 50 in a row). Shedding still starts by `overload_lag_ms`, and only while it is on
+    /// (> 0). Default 1.
     pub overload_control_lag_ms: u64,
 }
 

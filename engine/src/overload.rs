@@ -9,7 +9,8 @@
 //! the shard nothing, so while such clients are connected an overloaded shard steers finely
 //! ([`Tick::fine_limit_us`]): a tighter limit (`limits.overload_control_lag_ms`), a cut on
 //! the first late tick and [`FINE_STEP`] back per calm tick, which keeps what it admits
-//! within a few milliseconds. Shedding still starts only by the loose rule: a shard
+//! within a few milliseconds. It does so only while most new requests reaching its door
+//! come from such clients ([`FINE_MIN_SHARE`]): where they are few, refusals still cost. Shedding still starts only by the loose rule: a shard
 //! admitting everything does not start refusing on one late millisecond of a noisy host; and
 //! the fine gear needs the shard to be busy with messages ([`FINE_MIN_WORK`]): once the
 //! load is gone, a late tick is the host's noise, judged loosely, and the shard recovers.
@@ -34,6 +35,10 @@ pub const FINE_TICKS: u32 = 50;
 /// this quiet is not queueing requests, whatever its timer says.
 pub const FINE_MIN_WORK: f32 = 2.0;
 
+/// Share of new requests at the door (a short average) that must come from clients doing
+/// overload control for the fine gear.
+pub const FINE_MIN_SHARE: f32 = 0.5;
+
 /// Admission never falls below this: some new work always gets through, so a shard that
 /// has caught up shows it.
 pub const MIN_ADMISSION: f32 = 0.02;
@@ -49,9 +54,13 @@ pub struct Tick {
     pub backlog: usize,
     /// `server.mesh_capacity`.
     pub mesh_capacity: usize,
-    /// Clients doing overload control are connected: once shedding, steer finely against
-    /// this lag limit (cut on the first late tick, [`FINE_STEP`] back). `None`: loosely.
+    /// Overload control is on: once shedding, busy, and with most new requests from
+    /// clients doing it, steer finely against this lag limit (cut on the first late tick,
+    /// [`FINE_STEP`] back). `None`: loosely.
     pub fine_limit_us: Option<u64>,
+    /// New requests that reached the door since the previous tick (while shedding), and
+    /// how many of them came from clients doing overload control.
+    pub door: (u32, u32),
     /// SIP messages the shard handled since the previous tick.
     pub work: u32,
 }
@@ -66,6 +75,8 @@ pub struct Shedding {
     calm: Cell<u32>,
     /// Messages per tick, an average that forgets in a few ticks.
     busy: Cell<f32>,
+    /// Share of new requests at the door from clients doing overload control, likewise.
+    cooperative: Cell<f32>,
 }
 
 impl Default for Shedding {
@@ -75,6 +86,7 @@ impl Default for Shedding {
             over: Cell::new(false),
             calm: Cell::new(0),
             busy: Cell::new(0.0),
+            cooperative: Cell::new(0.0),
         }
     }
 }
@@ -99,9 +111,15 @@ impl Shedding {
         let was = self.admitted.get();
         let busy = self.busy.get() * 0.7 + t.work as f32 * 0.3;
         self.busy.set(busy);
-        let fine = t
-            .fine_limit_us
-            .filter(|_| was < 1.0 && busy >= FINE_MIN_WORK);
+        let (new, coop) = t.door;
+        if new > 0 {
+            let share = coop as f32 / new as f32;
+            self.cooperative
+                .set(self.cooperative.get() * 0.7 + share * 0.3);
+        }
+        let fine = t.fine_limit_us.filter(|_| {
+            was < 1.0 && busy >= FINE_MIN_WORK && self.cooperative.get() >= FINE_MIN_SHARE
+        });
         let limit_us = fine.unwrap_or(t.limit_us);
         let over = t.lag_us > limit_us || t.backlog > t.mesh_capacity.saturating_mul(2);
         let previous = self.over.replace(over);
@@ -140,6 +158,7 @@ mod tests {
             backlog,
             mesh_capacity: 1024,
             fine_limit_us: None,
+            door: (0, 0),
             work: 0,
         }
     }
@@ -150,6 +169,7 @@ mod tests {
         let fine = |lag_us| Tick {
             lag_us,
             fine_limit_us: Some(1000),
+            door: (20, 20),
             work: 50,
             ..tick(0, 0)
         };
@@ -183,6 +203,23 @@ mod tests {
     }
 
     #[test]
+    fn where_few_new_requests_come_from_cooperating_clients_the_gear_stays_loose() {
+        // One partner link doing overload control among many phones: refusals at the door
+        // still cost, so a late millisecond is not a reason to refuse more of the phones.
+        let s = Shedding::default();
+        let t = |lag_us| Tick {
+            lag_us,
+            fine_limit_us: Some(1000),
+            door: (100, 5),
+            work: 100,
+            ..tick(0, 0)
+        };
+        s.observe(t(50_000));
+        assert_eq!(s.observe(t(50_000)), Some((1.0, 0.75)));
+        assert_eq!(s.observe(t(3_000)), Some((0.75, 0.77)), "3 ms: calm, loose");
+    }
+
+    #[test]
     fn a_quiet_shard_is_judged_loosely_even_with_cooperating_clients() {
         // The overload is over (a few messages a tick) but the host is noisy (late
         // milliseconds): the shard recovers as the loose rule would, at 2 % a tick.
@@ -190,6 +227,7 @@ mod tests {
         let t = |lag_us, work| Tick {
             lag_us,
             fine_limit_us: Some(1000),
+            door: (work, work),
             work,
             ..tick(0, 0)
         };

@@ -423,6 +423,7 @@ impl Shard {
         proxy.set_max_transactions(cfg.limits.max_transactions_per_shard);
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
         proxy.set_overload_control(cfg.limits.overload_control.trust());
+        proxy.set_overload_control_epoch(control.identity.epoch);
         let remember = r.remember_aors.div_ceil(n.max(1));
         let cluster = control.store.as_ref().map(|s| {
             let (reply, replies) = async_channel::unbounded();
@@ -1219,15 +1220,17 @@ impl Shard {
         self.metrics.borrow_mut().record("loop_lag", sample);
         let backlog = self.mesh_backlog.get();
         let limits = &self.cfg.limits;
-        // Clients doing overload control (RFC 7339) are connected: their share is dropped
-        // before it is sent, so steer finely (`overload::Tick::fine`).
-        let fine = self.proxy.borrow().cooperating() > 0;
+        // Clients doing overload control (RFC 7339) drop their share before sending: where
+        // they bring most of the load, steer finely (`overload::Tick::fine_limit_us`).
+        let oc_on = limits.overload_control != crate::config::OverloadControl::Off;
+        let door = self.proxy.borrow_mut().take_door_counts();
         let Some((was, next)) = self.shedding.observe(Tick {
             lag_us: sample,
             limit_us: limits.overload_lag_ms * 1000,
             backlog,
             mesh_capacity: self.cfg.server.mesh_capacity,
-            fine_limit_us: fine.then(|| limits.overload_control_lag_ms.max(1) * 1000),
+            fine_limit_us: oc_on.then(|| limits.overload_control_lag_ms.max(1) * 1000),
+            door,
             work: self.work.replace(0),
         }) else {
             return;

@@ -218,31 +218,68 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         f: &crate::overload_control::Feedback,
     ) -> Result<bool, EditError> {
         let top = self.top_via()?;
-        let Some(via) = crate::values::Via::parse(top.value) else {
-            return Ok(false);
+        Ok(self.rewrite_oc(top, Some(f)))
+    }
+
+    /// Takes out overload-control feedback (RFC 7339 `oc=…`, `oc-validity`, `oc-seq`) that
+    /// someone downstream wrote into the Via value at `index` (0: the topmost) of a response
+    /// we forward: only the next hop, in its own Via, may tell our upstream what to drop. A
+    /// valueless `oc` (the upstream's own advertisement) stays. `false`, untouched, when
+    /// there is none.
+    pub fn strip_overload_feedback(&mut self, index: usize) -> bool {
+        let Some(v) = self.msg.values(HeaderName::Via).into_iter().nth(index) else {
+            return false;
+        };
+        // Cheap test first: most Vias name no `oc` at all.
+        if !v.value.windows(2).any(|w| w.eq_ignore_ascii_case(b"oc")) {
+            return false;
+        }
+        let valued = crate::values::Via::parse(v.value).is_some_and(|via| {
+            matches!(via.param("oc"), Some(Some(_)))
+                || via.param("oc-validity").is_some()
+                || via.param("oc-seq").is_some()
+        });
+        valued && self.rewrite_oc(v, None)
+    }
+
+    /// Rewrites the overload-control parameters of one Via value: `Some`: replaced by that
+    /// feedback; `None`: the feedback dropped, a bare `oc` kept. `false` without `oc`.
+    fn rewrite_oc(
+        &mut self,
+        v: crate::parse::HeaderValue<'_>,
+        f: Option<&crate::overload_control::Feedback>,
+    ) -> bool {
+        let Some(via) = crate::values::Via::parse(v.value) else {
+            return false;
         };
         if via.param("oc").is_none() {
-            return Ok(false);
+            return false;
         }
-        let at = via.params.as_ptr() as usize - top.value.as_ptr() as usize;
-        let mut value = top.value[..at].to_vec();
-        let _ = crate::text::for_each_param(via.params, |name, v| {
-            if [&b"oc"[..], b"oc-algo", b"oc-validity", b"oc-seq"]
-                .iter()
-                .any(|n| crate::text::eq_ic(name, n))
-            {
+        let at = via.params.as_ptr() as usize - v.value.as_ptr() as usize;
+        let mut value = v.value[..at].to_vec();
+        let _ = crate::text::for_each_param(via.params, |name, pv| {
+            let is = |n: &[u8]| crate::text::eq_ic(name, n);
+            if is(b"oc-validity") || is(b"oc-seq") || (f.is_some() && is(b"oc-algo")) {
+                return;
+            }
+            if is(b"oc") {
+                if f.is_none() {
+                    value.extend_from_slice(b";oc");
+                }
                 return;
             }
             value.push(b';');
             value.extend_from_slice(name);
-            if let Some(v) = v {
+            if let Some(pv) = pv {
                 value.push(b'=');
-                value.extend_from_slice(v);
+                value.extend_from_slice(pv);
             }
         });
-        f.write_params(&mut value);
-        self.splice(top.start, top.end, value);
-        Ok(true)
+        if let Some(f) = f {
+            f.write_params(&mut value);
+        }
+        self.splice(v.start, v.end, value);
+        true
     }
 
     /// Removes the topmost Via value (a proxy forwarding a response, RFC 3261 §16.7 step 3).
@@ -505,6 +542,29 @@ To: <sip:bob@example.com>;tag=x\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-I
             e.finish()
         });
         assert_eq!(plain, REQ);
+    }
+
+    #[test]
+    fn overload_feedback_written_downstream_into_an_upstream_via_is_taken_out() {
+        let resp = b"SIP/2.0 200 OK\r\n\
+Via: SIP/2.0/TLS proxy.example.com;branch=z9hG4bKp\r\n\
+Via: SIP/2.0/TLS node-a.example.com;branch=z9hG4bKa;oc=100;oc-algo=\"loss\";oc-validity=4294967295;oc-seq=999.9, SIP/2.0/TLS ua;branch=z9hG4bKu\r\n\
+To: <sip:bob@example.com>;tag=x\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: c\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+        let out = with(resp, |m| {
+            let mut e = Editor::new(m);
+            e.pop_top_via().unwrap();
+            assert!(e.strip_overload_feedback(1));
+            e.finish()
+        });
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.starts_with("SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS node-a.example.com;branch=z9hG4bKa;oc;oc-algo=\"loss\", SIP/2.0/TLS ua;branch=z9hG4bKu\r\n"),
+            "{s}"
+        );
+        // Nothing to take out: untouched.
+        assert!(!with(REQ, |m| Editor::new(m).strip_overload_feedback(1)));
+        let advertised = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS p;branch=z9hG4bKp\r\nVia: SIP/2.0/TLS a;branch=z9hG4bKa;oc\r\nTo: <sip:b@e>;tag=x\r\nFrom: <sip:a@e>;tag=1\r\nCall-ID: c\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+        assert!(!with(advertised, |m| Editor::new(m).strip_overload_feedback(1)));
     }
 
     #[test]

@@ -20,6 +20,11 @@ use crate::values::Via;
 /// `oc-validity` a server sends, in milliseconds (RFC 7339 §4: the default, 500).
 pub const DEFAULT_VALIDITY_MS: u32 = 500;
 
+/// The longest `oc-validity` a client takes, in milliseconds: feedback asks again soon, and
+/// one answer (from a server, or forged by someone downstream of a proxy that did not strip
+/// it) cannot stop traffic for longer than this.
+pub const MAX_VALIDITY_MS: u32 = 5_000;
+
 /// Whose `oc` a server honours by letting their new requests past its door shedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Trust {
@@ -44,6 +49,11 @@ pub fn advertises_loss(via: &[u8]) -> bool {
     if v.param("oc").is_none() {
         return false;
     }
+    loss_allowed(&v)
+}
+
+/// `oc-algo` absent (loss, the default) or naming `loss`.
+fn loss_allowed(v: &Via<'_>) -> bool {
     match v.param("oc-algo") {
         None | Some(None) => true,
         Some(Some(list)) => {
@@ -93,9 +103,10 @@ impl Feedback {
         );
     }
 
-    /// Reads the feedback a response's topmost Via carries; `None` without a valued `oc`
-    /// or with a value out of range. A missing `oc-validity` is the default; a missing or
-    /// malformed `oc-seq` reads as 0.
+    /// Reads the feedback a response's topmost Via carries; `None` without a valued `oc`,
+    /// with a value out of range, or for another algorithm than loss. A missing
+    /// `oc-validity` is the default, a longer one than [`MAX_VALIDITY_MS`] is cut to it; a
+    /// missing or malformed `oc-seq` reads as 0.
     pub fn parse(via: &[u8]) -> Option<Feedback> {
         Feedback::of(&Via::parse(via)?)
     }
@@ -103,8 +114,11 @@ impl Feedback {
     /// [`Feedback::parse`] of an already parsed Via.
     pub fn of(v: &Via<'_>) -> Option<Feedback> {
         let oc = parse_u32(v.param("oc")??).filter(|&n| n <= 100)? as u8;
+        if !loss_allowed(v) {
+            return None;
+        }
         let validity_ms = match v.param("oc-validity") {
-            Some(Some(ms)) => parse_u32(ms)?,
+            Some(Some(ms)) => parse_u32(ms)?.min(MAX_VALIDITY_MS),
             _ => DEFAULT_VALIDITY_MS,
         };
         let seq = v.param("oc-seq").flatten().and_then(parse_seq).unwrap_or(0);
@@ -149,7 +163,8 @@ pub struct Throttle {
 
 impl Throttle {
     /// Takes the feedback in a response's topmost Via, if any. Feedback older than what the
-    /// throttle holds (a lower `oc-seq`) is ignored; `oc-validity=0` ends overload control.
+    /// throttle holds while that is valid (a lower `oc-seq`) is ignored; `oc-validity=0`
+    /// ends overload control.
     pub fn observe(&mut self, now: Instant, top_via: &[u8]) {
         if let Some(f) = Feedback::parse(top_via) {
             self.apply(now, f);
@@ -158,7 +173,7 @@ impl Throttle {
 
     /// Takes feedback already read ([`Throttle::observe`]).
     pub fn apply(&mut self, now: Instant, f: Feedback) {
-        if self.until.is_some() && f.seq < self.seq {
+        if self.until.is_some_and(|u| now < u) && f.seq < self.seq {
             return;
         }
         self.seq = f.seq;
@@ -249,6 +264,14 @@ mod tests {
             Feedback::parse(b"SIP/2.0/TLS h;branch=z9hG4bKa;oc=101"),
             None
         );
+        assert_eq!(
+            Feedback::parse(b"SIP/2.0/TLS h;branch=z9hG4bKa;oc=20;oc-algo=\"rate\""),
+            None,
+            "a rate is not a percentage"
+        );
+        let f =
+            Feedback::parse(b"SIP/2.0/TLS h;branch=z9hG4bKa;oc=20;oc-validity=4294967295").unwrap();
+        assert_eq!(f.validity_ms, MAX_VALIDITY_MS);
         let f = Feedback::parse(b"SIP/2.0/TLS h;branch=z9hG4bKa;oc=20").unwrap();
         assert_eq!((f.oc, f.validity_ms, f.seq), (20, DEFAULT_VALIDITY_MS, 0));
     }
@@ -289,5 +312,10 @@ mod tests {
         );
         assert_eq!(t.dropping(t0), 0);
         assert!(t.admit(t0));
+        // Once what it held ran out, a lower sequence (a restarted server) is taken.
+        t.observe(t0, b"SIP/2.0/TLS h;branch=z9hG4bKa;oc=40;oc-seq=9");
+        let later = t0 + Duration::from_secs(1);
+        t.observe(later, b"SIP/2.0/TLS h;branch=z9hG4bKa;oc=30;oc-seq=1");
+        assert_eq!(t.dropping(later), 30);
     }
 }

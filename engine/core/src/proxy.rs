@@ -774,6 +774,9 @@ impl Proxy {
     pub fn forward_response(&self, msg: &Message<'_, '_>) -> Vec<u8> {
         let mut e = Editor::new(msg);
         let _ = e.pop_top_via();
+        // Overload-control feedback for our upstream is ours to write (RFC 7339), not a
+        // downstream UA's: what one wrote into the upstream's Via goes.
+        e.strip_overload_feedback(1);
         e.finish()
     }
 }

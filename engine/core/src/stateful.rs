@@ -212,12 +212,16 @@ pub struct ShardProxy {
     admission: f32,
     admit_credit: f32,
     /// RFC 7339: whose `oc` is honoured, the flows that advertised it and are trusted to
-    /// (their new requests pass the door; their responses carry the feedback), the
-    /// feedback's sequence number (rises with each change of admission), and until when a
-    /// shard that caught up still tells them `oc=0`.
+    /// (their new requests pass the door; their responses carry the feedback), the time
+    /// the feedback's sequence number counts from (shared by the shards: a client that
+    /// talks to several compares their feedback in time), and until when a shard that
+    /// caught up still tells them `oc=0`.
     oc_trust: oc::Trust,
     oc_flows: HashSet<Flow>,
-    oc_seq: u64,
+    oc_epoch: Instant,
+    /// New requests that reached the door while shedding, and those of them from clients
+    /// doing overload control, since the driver last asked.
+    door: (u32, u32),
     oc_calm_until: Option<Instant>,
     /// RFC 7339 toward partners: the feedback each partner flow gave us, and the share of
     /// new requests to it we drop (503 here) as it asked.
@@ -272,7 +276,8 @@ impl ShardProxy {
             admit_credit: 0.0,
             oc_trust: oc::Trust::default(),
             oc_flows: HashSet::new(),
-            oc_seq: 0,
+            oc_epoch: Instant::now(),
+            door: (0, 0),
             oc_calm_until: None,
             oc_down: HashMap::new(),
             clock: None,
@@ -358,9 +363,6 @@ impl ShardProxy {
     pub fn set_admission(&mut self, fraction: f32) {
         let was = self.admission;
         self.admission = fraction.clamp(0.0, 1.0);
-        if self.admission != was {
-            self.oc_seq += 1;
-        }
         if self.admission >= 1.0 {
             self.admit_credit = 0.0;
             if was < 1.0 {
@@ -377,13 +379,21 @@ impl ShardProxy {
         self.oc_trust = trust;
         if trust == oc::Trust::Off {
             self.oc_flows.clear();
+            self.oc_down.clear();
         }
     }
 
-    /// Connections doing overload control (RFC 7339) that are trusted to, known since
-    /// they first sent a new request while this shard was shedding.
-    pub fn cooperating(&self) -> usize {
-        self.oc_flows.len()
+    /// The instant `oc-seq` counts from (default: when this proxy was made). Give every
+    /// shard the same one.
+    pub fn set_overload_control_epoch(&mut self, epoch: Instant) {
+        self.oc_epoch = epoch;
+    }
+
+    /// New requests that reached the door while this shard was shedding, and how many of
+    /// them came from clients doing overload control, since the last call (the driver
+    /// steers finely when those are most of the load).
+    pub fn take_door_counts(&mut self) -> (u32, u32) {
+        std::mem::take(&mut self.door)
     }
 
     /// Does this request come from a client that does its own overload control (RFC 7339)
@@ -421,10 +431,15 @@ impl ShardProxy {
         if (self.admission >= 1.0 && !calming) || !self.oc_flows.contains(flow) {
             return None;
         }
+        // oc-seq: the time since the shared epoch, in 10 µs steps (seconds and five
+        // fraction digits as written), so it rises with every change, on every shard.
+        let seq = self.clock.map_or(0, |c| {
+            (c.saturating_duration_since(self.oc_epoch).as_micros() / 10) as u64
+        });
         Some(Feedback::for_admission(
             self.admission,
             oc::DEFAULT_VALIDITY_MS,
-            self.oc_seq,
+            seq,
         ))
     }
 
@@ -582,6 +597,12 @@ impl ShardProxy {
         (u64::from(self.shard) << 48) | self.next_id
     }
 
+    /// Moves the clock on (never back: a message read before the last timer tick may be
+    /// handled after it, and `oc-seq` must not fall).
+    fn tick_clock(&mut self, now: Instant) {
+        self.clock = Some(self.clock.map_or(now, |c| c.max(now)));
+    }
+
     fn send(&mut self, flow: &Flow, mut bytes: Bytes) {
         if bytes.starts_with(b"SIP/2.0 ")
             && let Some(f) = self.feedback_for(flow)
@@ -601,7 +622,7 @@ impl ShardProxy {
 
     /// A framed message arrived on `flow`.
     pub fn handle_message(&mut self, now: Instant, flow: &Flow, bytes: &[u8]) {
-        self.clock = Some(now);
+        self.tick_clock(now);
         let mut storage = [Header::EMPTY; 64];
         let msg = match parse(bytes, &mut storage, &self.limits, Framing::Stream) {
             Ok(Status::Complete(m)) => m,
@@ -708,13 +729,13 @@ impl ShardProxy {
             s.txn.handle_request_retransmit(now);
             return self.drive_server(now, &key);
         }
-        if method != Method::Cancel
-            && ess.to.tag().is_none()
-            && self.admission < 1.0
-            && !(self.oc_trust != oc::Trust::Off && self.cooperates(flow, msg))
-            && !self.admit()
-        {
-            return self.shed(flow, msg);
+        if method != Method::Cancel && ess.to.tag().is_none() && self.admission < 1.0 {
+            let cooperating = self.oc_trust != oc::Trust::Off && self.cooperates(flow, msg);
+            self.door.0 = self.door.0.saturating_add(1);
+            self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
+            if !cooperating && !self.admit() {
+                return self.shed(flow, msg);
+            }
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
@@ -1049,14 +1070,9 @@ impl ShardProxy {
                 .get(server)
                 .is_some_and(|s| s.branches.is_empty());
             if none_left {
-                let retry = [b'2' + (self.unique() % 8) as u8].to_vec();
-                self.answer(
-                    now,
-                    server,
-                    503,
-                    "Service Unavailable",
-                    &[("Retry-After", retry)],
-                );
+                // No Retry-After: that would tell the upstream that *we* are unavailable,
+                // for every destination (RFC 3261 §21.5.4), when only this partner asked.
+                self.answer(now, server, 503, "Service Unavailable", &[]);
             }
         }
     }
@@ -1244,6 +1260,10 @@ impl ShardProxy {
             && self.oc_trust != oc::Trust::Off
             && self.partner_of(flow).is_some()
         {
+            if self.oc_down.len() >= 256 && !self.oc_down.contains_key(flow) {
+                // Partners' links are few; old entries (closed elsewhere) hold nothing live.
+                self.oc_down.retain(|_, t| t.dropping(now) > 0);
+            }
             self.oc_down.entry(flow.clone()).or_default().apply(now, f);
         }
         let Some(c) = self.clients.get_mut(&key) else {
@@ -1553,7 +1573,7 @@ impl ShardProxy {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.clock = Some(now);
+        self.tick_clock(now);
         while let Some(k) = self.timers.pop_expired(now) {
             match k {
                 TimerKey::Server(key) => {
