@@ -4,6 +4,7 @@ and baresip driven over its ctrl_tcp interface (netstring JSON commands and even
 import json
 import os
 import queue
+import random
 import socket
 import subprocess
 import threading
@@ -16,10 +17,28 @@ TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 SIPRING = os.path.join(TARGET, "debug", "sipring")
 
 
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range: a port the kernel handed out for
+    port 0 can be handed out again, to some client's outgoing connection, before the
+    process it was meant for binds it (baresip then fails with 'Address already in use')."""
+    high = max(_ephemeral_low() - 1, 11000)
+    for _ in range(200):
+        port = random.randint(10000, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def wait_port(port, timeout=15):
