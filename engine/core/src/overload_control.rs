@@ -43,13 +43,12 @@ pub enum Trust {
 /// algorithm? `oc` present, and `oc-algo` absent (loss is the default every implementation
 /// supports) or listing `loss`.
 pub fn advertises_loss(via: &[u8]) -> bool {
-    let Some(v) = Via::parse(via) else {
-        return false;
-    };
-    if v.param("oc").is_none() {
-        return false;
-    }
-    loss_allowed(&v)
+    Via::parse(via).is_some_and(|v| advertises(&v))
+}
+
+/// [`advertises_loss`] of an already parsed Via.
+pub fn advertises(v: &Via<'_>) -> bool {
+    v.param("oc").is_some() && loss_allowed(v)
 }
 
 /// `oc-algo` absent (loss, the default) or naming `loss`.

@@ -398,7 +398,7 @@ impl ShardProxy {
 
     /// Does this request come from a client that does its own overload control (RFC 7339)
     /// and is trusted to? Remembers the flow, so its responses carry the feedback.
-    fn cooperates(&mut self, flow: &Flow, msg: &Message<'_, '_>) -> bool {
+    fn cooperates(&mut self, flow: &Flow, ess: &Essentials<'_>) -> bool {
         let trusted = match self.oc_trust {
             oc::Trust::Off => false,
             oc::Trust::Partners => self.partner_of(flow).is_some(),
@@ -407,14 +407,7 @@ impl ShardProxy {
         if !trusted {
             return false;
         }
-        let Some(top) = msg
-            .values(crate::header::HeaderName::Via)
-            .into_iter()
-            .next()
-        else {
-            return false;
-        };
-        if !oc::advertises_loss(top.value) {
+        if !oc::advertises(&ess.top_via) {
             return false;
         }
         if !self.oc_flows.contains(flow) {
@@ -730,7 +723,7 @@ impl ShardProxy {
             return self.drive_server(now, &key);
         }
         if method != Method::Cancel && ess.to.tag().is_none() && self.admission < 1.0 {
-            let cooperating = self.oc_trust != oc::Trust::Off && self.cooperates(flow, msg);
+            let cooperating = self.oc_trust != oc::Trust::Off && self.cooperates(flow, ess);
             self.door.0 = self.door.0.saturating_add(1);
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
             if !cooperating && !self.admit() {
@@ -1255,9 +1248,9 @@ impl ShardProxy {
             return;
         };
         // RFC 7339 feedback in our Via, from a partner we advertised it to.
-        if let Some(f) = Feedback::of(&ess.top_via)
+        if self.oc_trust != oc::Trust::Off
             && c.outbound == *flow
-            && self.oc_trust != oc::Trust::Off
+            && let Some(f) = Feedback::of(&ess.top_via)
             && self.partner_of(flow).is_some()
         {
             if self.oc_down.len() >= 256 && !self.oc_down.contains_key(flow) {
