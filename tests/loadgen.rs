@@ -533,3 +533,46 @@ fn a_run_on_many_generator_shards_ends_without_failures_of_its_own() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn the_demo_runs_the_sipring_binary_and_stops_it_cleanly() {
+    // The generator links the SIP core and the shared TLS crate, not the server: its demo
+    // starts the real binary (PKI from `sipring certs`, a config on free ports), loads it
+    // with digest-authenticated UAs, and stops it with SIGTERM.
+    let out = TempDir::new("load-demo");
+    let o = Command::new(bin("sipring-load"))
+        .args([
+            "demo",
+            "--duration",
+            "2",
+            "--cps",
+            "20",
+            "--mps",
+            "100",
+            "--out",
+        ])
+        .arg(out.join(""))
+        .arg("--server")
+        .arg(bin("sipring"))
+        .output()
+        .expect("run the demo");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let log = std::fs::read_to_string(out.join("sipring.log")).unwrap_or_default();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "demo failed\n{stdout}\n{}\nserver log:\n{log}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("demo: server stopped cleanly"), "{stdout}");
+    assert!(log.contains("draining") && log.contains("stopped"), "{log}");
+    let s: Summary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for kind in ["register", "message", "invite_200", "bye"] {
+        assert!(
+            s.kinds.get(kind).is_some_and(|k| k.count > 0),
+            "no {kind} measured: {stdout}"
+        );
+    }
+    assert_eq!(s.failed, 0, "{stdout}");
+}

@@ -263,7 +263,7 @@ fn inbound(w: &World, policy: &TlsPolicy, v: &str, cert: Option<&Issued>) -> Res
     .unwrap();
     let (cr, sr) = transfer(&mut c, &mut s);
     if let Err(e) = sr {
-        let (r, detail) = Rejection::classify(&e);
+        let (r, detail) = sipring::tls::classify(&e);
         if let Some(d) = detail {
             // The log line an operator sees names the reason, what was presented and the issuer.
             let line = d.to_string();
@@ -297,7 +297,7 @@ fn outbound(
     let mut s = TlsSession::server(partner_server(w, v, cert, sni.clone())).unwrap();
     let (cr, sr) = transfer(&mut c, &mut s);
     if let Err(e) = cr {
-        return Err(Rejection::classify(&e).0);
+        return Err(sipring::tls::classify(&e).0);
     }
     sr.expect("partner server accepted our certificate");
     assert!(!c.is_handshaking());

@@ -19,7 +19,6 @@
 
 use crate::config::Config;
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
 use sipring_core::auth::{
     Algorithm, AuthConfig, CredentialStore, NodeKey, Subscriber, SubscriberTable,
 };
@@ -28,58 +27,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// One `[[subscriber]]` table.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SubscriberEntry {
-    /// Digest user name.
-    pub username: String,
-    /// Realm (one of our domains).
-    pub realm: String,
-    /// AORs this subscriber may register and send as. Default `["sip:<username>@<realm>"]`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub aors: Vec<String>,
-    /// `MD5(username:realm:password)`, hex.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ha1_md5: Option<String>,
-    /// `SHA-256(username:realm:password)`, hex.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ha1_sha256: Option<String>,
-    /// `SHA-512/256(username:realm:password)`, hex.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ha1_sha512_256: Option<String>,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct SubscriberFile {
-    subscriber: Vec<SubscriberEntry>,
-}
-
-impl SubscriberEntry {
-    /// An entry for `username@realm` with every algorithm's HA1 of `password`.
-    pub fn new(username: &str, realm: &str, aors: Vec<String>, password: &str) -> SubscriberEntry {
-        // Challenges name the realm in lower case (our domains are), and the HA1 covers it.
-        let realm = realm.to_ascii_lowercase();
-        let h = |a: Algorithm| Some(a.ha1(username, &realm, password));
-        SubscriberEntry {
-            username: username.into(),
-            realm: realm.clone(),
-            aors,
-            ha1_md5: h(Algorithm::Md5),
-            ha1_sha256: h(Algorithm::Sha256),
-            ha1_sha512_256: h(Algorithm::Sha512_256),
-        }
-    }
-
-    /// The entry as a TOML `[[subscriber]]` table.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(&SubscriberFile {
-            subscriber: vec![self.clone()],
-        })
-        .expect("plain strings serialize")
-    }
-}
+pub use sipring_core::subscriber_file::SubscriberEntry;
+use sipring_core::subscriber_file::SubscriberFile;
 
 /// The canonical form of an AOR as the registrar writes it (`sip:user@host`, host lower case,
 /// `sips` folded), or why it is not one.
@@ -99,7 +48,7 @@ pub fn load_subscribers(path: &Path) -> Result<SubscriberTable, String> {
 /// Parses `[[subscriber]]` tables (a subscriber file's text, or the entries of the cluster
 /// store's subscriber hash joined); errors name `origin` and the entry.
 pub fn parse_subscribers(text: &str, origin: &str) -> Result<SubscriberTable, String> {
-    let file: SubscriberFile = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+    let file = SubscriberFile::parse(text).map_err(|e| format!("{origin}: {e}"))?;
     let mut table = SubscriberTable::default();
     for (i, s) in file.subscriber.into_iter().enumerate() {
         let at = |what: &str| {

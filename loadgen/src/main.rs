@@ -4,12 +4,13 @@
 use clap::{Args, Parser, Subcommand};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sipring_core::subscriber_file::SubscriberEntry;
 use sipring_load::run::{self, Plan, Progress, Scenario, Transport};
 use sipring_load::stats;
 use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -44,9 +45,9 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
-    /// The one-command demo: a throwaway PKI, a sipring server on every core (in this
-    /// process), a short register + call + message mix with live progress, the latency table,
-    /// and a clean shutdown.
+    /// The one-command demo: a throwaway PKI, a sipring server on every core (the `sipring`
+    /// binary, started and stopped by the demo), a short register + call + message mix with
+    /// live progress, the latency table, and a clean shutdown.
     Demo {
         /// Where to put the PKI, histograms, JSON and plot (default: a new temp folder).
         #[arg(long)]
@@ -60,6 +61,9 @@ enum Cmd {
         /// MESSAGEs per second.
         #[arg(long, default_value_t = 1000.0)]
         mps: f64,
+        /// The `sipring` binary to run (default: the one beside `sipring-load`, else `PATH`).
+        #[arg(long)]
+        server: Option<PathBuf>,
     },
     /// The ceiling: a server on the same runtime that answers every request with a stateless
     /// 200 (no proxying). Measure it like any server to know what the runtime can move.
@@ -230,7 +234,7 @@ struct Common {
 }
 
 fn default_shards() -> usize {
-    sipring::sys::cpus::allowed().len()
+    sipring_net::sys::cpus::allowed().len()
 }
 
 /// `a.b.c.d-a.b.c.e` or a comma list.
@@ -296,14 +300,15 @@ fn tls_config(c: &Common, transport: Transport) -> Result<TlsConfigs, String> {
         provider.cipher_suites = cs
             .split(',')
             .map(|n| {
-                sipring::tls::cipher_suite(n.trim()).ok_or(format!("unknown cipher suite {n}"))
+                sipring_net::suites::cipher_suite(n.trim())
+                    .ok_or(format!("unknown cipher suite {n}"))
             })
             .collect::<Result<_, _>>()?;
     }
     if let Some(g) = &c.groups {
         provider.kx_groups = g
             .split(',')
-            .map(|n| sipring::tls::kx_group(n.trim()).ok_or(format!("unknown group {n}")))
+            .map(|n| sipring_net::suites::kx_group(n.trim()).ok_or(format!("unknown group {n}")))
             .collect::<Result<_, _>>()?;
     }
     let versions: Vec<&'static rustls::SupportedProtocolVersion> = match c.tls_version.as_str() {
@@ -402,13 +407,8 @@ fn subscriber_file(prefix: &str, users: usize, domain: &str, password: &str) -> 
     (0..users)
         .map(|i| {
             let user = format!("{prefix}{i}");
-            sipring::auth::SubscriberEntry::new(
-                &user,
-                domain,
-                vec![],
-                &password.replace("{user}", &user),
-            )
-            .to_toml()
+            SubscriberEntry::new(&user, domain, vec![], &password.replace("{user}", &user))
+                .to_toml()
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -461,7 +461,8 @@ fn main() -> ExitCode {
             duration,
             cps,
             mps,
-        } => return demo(out, duration, cps, mps),
+            server,
+        } => return demo(out, duration, cps, mps, server),
         Cmd::Reflect {
             listen,
             cert,
@@ -540,7 +541,7 @@ fn main() -> ExitCode {
     // Carrier scale: one connection = two descriptors (the reader's and the writer's dup).
     // Raise the limit or say which one stops us.
     let users: usize = plans.iter().map(|p| p.users).sum();
-    let (nofile, _) = sipring::sys::probe::raise_limits();
+    let (nofile, _) = sipring_net::sys::probe::raise_limits();
     if 2 * users as u64 + 256 > nofile {
         eprintln!(
             "sipring-load: {users} connections need more file descriptors than RLIMIT_NOFILE ({nofile}) allows: raise it (ulimit -n, LimitNOFILE; see tuning/limits.conf)"
@@ -705,7 +706,13 @@ const DEMO_PASSWORD: &str = "demo-{user}";
 /// The demo's plans: user prefix and number of UAs (register, call, message).
 const DEMO_PLANS: [(&str, usize); 3] = [("reg", 200), ("call", 200), ("msg", 200)];
 
-fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
+fn demo(
+    out: Option<PathBuf>,
+    duration: f64,
+    cps: f64,
+    mps: f64,
+    server_bin: Option<PathBuf>,
+) -> ExitCode {
     let dir = out.unwrap_or_else(|| {
         std::env::temp_dir().join(format!("sipring-demo-{}", std::process::id()))
     });
@@ -713,10 +720,25 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         eprintln!("demo: {e}");
         ExitCode::from(2)
     };
-    if let Err(e) = sipring::tls::pki::write_demo(&dir.join("pki"), "example.com") {
-        return fail(e);
+    let bin = sipring_binary(server_bin);
+    // The PKI from the server's own `certs` command.
+    let pki = dir.join("pki");
+    match Command::new(&bin)
+        .args(["certs", "--domain", "example.com", "--out"])
+        .arg(&pki)
+        .stdout(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(s) => return fail(format!("{} certs: {s}", bin.display())),
+        Err(e) => {
+            return fail(format!(
+                "cannot run {} ({e}): build it (cargo build --release --bins) or give --server",
+                bin.display()
+            ));
+        }
     }
-    println!("demo: throwaway PKI in {}", dir.join("pki").display());
+    println!("demo: throwaway PKI in {}", pki.display());
     // Every demo UA authenticates with digest (SHA-256), as phones do. A run numbers users
     // across its plans (plan k's users continue where plan k-1's ended).
     let subs = dir.join("subscribers.toml");
@@ -729,7 +751,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
             users
                 .iter()
                 .map(|u| {
-                    sipring::auth::SubscriberEntry::new(
+                    SubscriberEntry::new(
                         u,
                         "example.com",
                         vec![],
@@ -745,29 +767,54 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
     if let Err(e) = std::fs::write(&subs, text) {
         return fail(format!("{}: {e}", subs.display()));
     }
-    let mut cfg = sipring::config::Config::default();
-    cfg.server.hostname = "sip.example.com".into();
-    cfg.server.local_hosts = vec!["127.0.0.1".into()];
-    cfg.listen = vec![sipring::config::ListenConfig {
-        address: "127.0.0.1:0".parse().expect("literal"),
-        ..Default::default()
-    }];
-    cfg.tls.certificate = vec![sipring::config::CertConfig {
-        cert: dir.join("pki/server.pem"),
-        key: dir.join("pki/server.key"),
-        sni: vec!["sip.example.com".into()],
-    }];
-    cfg.admin.address = Some("127.0.0.1:0".parse().expect("literal"));
-    cfg.auth.subscribers = Some(subs);
-    let server = match sipring::server::start(cfg, None) {
-        Ok(s) => s,
-        Err(e) => return fail(format!("server: {e}")),
+    let (Some(port), Some(admin)) = (
+        sipring_net::sys::sock::free_port(),
+        sipring_net::sys::sock::free_port(),
+    ) else {
+        return fail("no free port on 127.0.0.1".into());
     };
-    let target = server.listen_addrs[0];
+    let target: SocketAddr = ([127, 0, 0, 1], port).into();
+    let q = |p: &std::path::Path| toml::Value::String(p.display().to_string()).to_string();
+    let config = format!(
+        "[server]\nhostname = \"sip.example.com\"\nlocal_hosts = [\"127.0.0.1\"]\n\n\
+         [[listen]]\naddress = \"{target}\"\n\n\
+         [[tls.certificate]]\ncert = {}\nkey = {}\nsni = [\"sip.example.com\"]\n\n\
+         [admin]\naddress = \"127.0.0.1:{admin}\"\n\n\
+         [auth]\nsubscribers = {}\n",
+        q(&pki.join("server.pem")),
+        q(&pki.join("server.key")),
+        q(&subs),
+    );
+    let config_path = dir.join("sipring.toml");
+    if let Err(e) = std::fs::write(&config_path, config) {
+        return fail(format!("{}: {e}", config_path.display()));
+    }
+    let log_path = dir.join("sipring.log");
+    let log = match std::fs::File::create(&log_path) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("{}: {e}", log_path.display())),
+    };
+    let spawned = log.try_clone().and_then(|err| {
+        Command::new(&bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+    });
+    let mut server = match spawned {
+        Ok(c) => Spawned(c),
+        Err(e) => return fail(format!("{} run: {e}", bin.display())),
+    };
+    if let Err(e) = wait_listening(&mut server.0, target, Duration::from_secs(15)) {
+        return fail(format!("{e} (its log: {})", log_path.display()));
+    }
     println!(
-        "demo: sipring on {target} with {} shard(s); metrics at http://{}/metrics",
-        server.shards,
-        server.admin_addr.map_or("-".into(), |a| a.to_string())
+        "demo: {} (pid {}) on {target}; metrics at http://127.0.0.1:{admin}/metrics, log {}",
+        bin.display(),
+        server.0.id(),
+        log_path.display()
     );
     let common = |prefix: &str, users: usize, rate: f64| Common {
         target: vec![target],
@@ -797,7 +844,10 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
         keepalive: 30.0,
         timeout: 32.0,
         local_addrs: None,
-        connect_concurrency: 64,
+        // All the demo's UAs come from 127.0.0.1, and the server lets one address have 64
+        // handshakes in progress (`limits.max_handshakes_per_ip`): the plans' shards together
+        // stay under it, so a slow (debug) build is not refused as a connection storm.
+        connect_concurrency: (48 / (DEMO_PLANS.len() * default_shards())).max(1),
         aors_per_ua: 1,
         reconnect: false,
         password: Some(DEMO_PASSWORD.into()),
@@ -854,8 +904,7 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
     let result = run::run(plans, default_shards(), progress);
     DONE.store(true, Ordering::Relaxed);
     let _ = ticker.join();
-    server.stop();
-    let stopped = server.join();
+    let stopped = stop_server(&mut server.0, Duration::from_secs(20));
     let stats = match result {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -898,7 +947,74 @@ fn demo(out: Option<PathBuf>, duration: f64, cps: f64, mps: f64) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => fail(format!("server: {e}")),
+        Err(e) => fail(format!("server: {e} (its log: {})", log_path.display())),
+    }
+}
+
+/// The demo's server process, killed if the demo returns without stopping it.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The `sipring` binary the demo runs: `--server`, else the one beside this executable
+/// (cargo builds both into the same folder), else `sipring` on the `PATH`.
+fn sipring_binary(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| {
+            let beside = std::env::current_exe().ok()?.with_file_name("sipring");
+            beside.is_file().then_some(beside)
+        })
+        .unwrap_or_else(|| PathBuf::from("sipring"))
+}
+
+/// Waits until `addr` accepts TCP connections, or says why not (the server exited, or did
+/// not listen within `limit`).
+fn wait_listening(server: &mut Child, addr: SocketAddr, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = server.try_wait() {
+            return Err(format!("the server exited before listening: {status}"));
+        }
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "the server did not listen on {addr} within {limit:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM (the server drains and exits 0), then waits up to `limit` before SIGKILL.
+fn stop_server(server: &mut Child, limit: Duration) -> Result<(), String> {
+    let term = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    if !matches!(term, Ok(s) if s.success()) {
+        let _ = server.kill();
+    }
+    let start = Instant::now();
+    loop {
+        match server.try_wait() {
+            Ok(Some(s)) if s.success() => return Ok(()),
+            Ok(Some(s)) => return Err(format!("it exited with {s}")),
+            Ok(None) if start.elapsed() > limit => {
+                let _ = server.kill();
+                let _ = server.wait();
+                return Err(format!("it did not stop within {limit:?} of SIGTERM"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 

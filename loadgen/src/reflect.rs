@@ -7,9 +7,9 @@
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use rustls::ServerConfig;
-use sipring::tls::session::TlsSession;
 use sipring_core::response::{ResponseParts, response_to};
 use sipring_core::{Frame, Framer, Framing, Header, KeepaliveRole, Limits, Status, parse};
+use sipring_net::session::TlsSession;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -19,13 +19,13 @@ pub fn serve(
     shards: usize,
     tls: Option<Arc<ServerConfig>>,
 ) -> Result<(), String> {
-    let socks = sipring::sys::sock::bind_reuseport(addr, shards, 4096)
+    let socks = sipring_net::sys::sock::bind_reuseport(addr, shards, 4096)
         .map_err(|e| format!("{addr}: {e}"))?;
     println!(
         "reflect: listening on {} with {shards} shard(s)",
         socks[0].local
     );
-    let cpus = sipring::sys::cpus::allowed();
+    let cpus = sipring_net::sys::cpus::allowed();
     let mut hs = Vec::new();
     for (i, s) in socks.into_iter().enumerate() {
         let tls = tls.clone();
@@ -56,7 +56,7 @@ async fn conn(mut s: TcpStream, tls: Option<Arc<ServerConfig>>) {
             let Ok(mut sess) = TlsSession::server(cfg) else {
                 return;
             };
-            if sipring::conn::drive_handshake(&mut s, &mut sess)
+            if sipring_net::handshake::drive_handshake(&mut s, &mut sess)
                 .await
                 .is_err()
             {

@@ -13,11 +13,11 @@ use glommio::channels::local_channel::{LocalSender, new_bounded};
 use glommio::net::TcpStream;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use sipring::tls::session::TlsSession;
 use sipring_core::response::{ResponseParts, response_to};
 use sipring_core::{
     Frame, Framer, Framing, Header, HeaderName, KeepaliveRole, Limits, Method, Status, parse,
 };
+use sipring_net::session::TlsSession;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -397,7 +397,7 @@ pub fn run(plans: Vec<Plan>, shards: usize, progress: Arc<Progress>) -> Result<S
     }
     // Pinned within the allowed CPU set (run it under `taskset` to keep it off the server's
     // CPUs); more executors than allowed CPUs share them round-robin.
-    let cpus = sipring::sys::cpus::allowed();
+    let cpus = sipring_net::sys::cpus::allowed();
     let plans = Arc::new(plans);
     let mut handles = Vec::new();
     for id in 0..shards {
@@ -798,7 +798,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
     let stream = match plan.local_addrs.get(u % plan.local_addrs.len().max(1)) {
         Some(ip) if !plan.local_addrs.is_empty() => {
-            sipring::sys::sock::connect_from(*ip, target, plan.timeout)
+            sipring_net::sys::sock::connect_from(*ip, target, plan.timeout)
         }
         _ => TcpStream::connect(target)
             .await
@@ -809,7 +809,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
         Err(e) => {
             shard.fail(
                 "tcp_connect",
-                &sipring::metrics::snake_label(&format!("{:?}", e.kind())),
+                &sipring_net::snake_label(&format!("{:?}", e.kind())),
             );
             return Err(());
         }
@@ -834,7 +834,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
             // down) must not hold the UA forever.
             let handshake = futures_lite::future::or(
                 async {
-                    sipring::conn::drive_handshake(&mut stream, &mut sess)
+                    sipring_net::handshake::drive_handshake(&mut stream, &mut sess)
                         .await
                         .map_err(|e| e.label())
                 },
@@ -867,7 +867,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
         user,
         digest: RefCell::new(None),
     });
-    let writer_stream = sipring::sys::sock::try_clone(&stream).map_err(|_| ())?;
+    let writer_stream = sipring_net::sys::sock::try_clone(&stream).map_err(|_| ())?;
     let wsess = sess.clone();
     glommio::spawn_local(async move {
         let mut w = writer_stream;
@@ -1519,7 +1519,7 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
         let Ok(mut s) = TlsSession::client(cfg.clone(), name) else {
             return;
         };
-        if let Err(e) = sipring::conn::drive_handshake(&mut stream, &mut s).await {
+        if let Err(e) = sipring_net::handshake::drive_handshake(&mut stream, &mut s).await {
             shard.fail("options", &e.label());
             return;
         }

@@ -247,7 +247,7 @@ impl Stats {
         let mut out = Vec::new();
         for (k, h) in &self.hist {
             let p = dir.join(format!("{k}.hgrm"));
-            std::fs::write(&p, sipring::metrics::hgrm(h, 1000.0))?;
+            std::fs::write(&p, sipring_net::hgrm::hgrm(h, 1000.0))?;
             out.push(p.display().to_string());
         }
         Ok(out)

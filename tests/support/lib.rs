@@ -230,26 +230,7 @@ pub mod server {
     /// the kernel's ephemeral range: a port handed out for port 0 can be handed out again,
     /// to some test's outgoing connection, before the server binds it.
     pub fn free_port() -> u16 {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .unwrap_or(32768)
-            .max(11_000);
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ (u64::from(std::process::id()) << 20);
-        for _ in 0..200 {
-            let n = NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) ^ seed;
-            let n = n.wrapping_mul(0xff51_afd7_ed55_8ccd) >> 17;
-            let port = (10_000 + n % (low - 10_000)) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-        panic!("no free port below the ephemeral range");
+        sipring::sys::sock::free_port().expect("no free port below the ephemeral range")
     }
 
     /// A 2-shard server config for `example.com`: TLS and MTLS listeners on ephemeral ports,

@@ -53,6 +53,8 @@ pub mod proxy;
 pub mod registrar;
 pub mod response;
 pub mod stateful;
+#[cfg(feature = "serde")]
+pub mod subscriber_file;
 mod text;
 pub mod transaction;
 pub mod uri;

@@ -13,91 +13,6 @@ pub(super) async fn with_timeout<T>(d: Duration, fut: impl Future<Output = T>) -
     .await
 }
 
-/// Why a handshake failed.
-#[derive(Debug)]
-pub enum HandshakeError {
-    /// rustls refused the peer's flight, or the peer sent an alert
-    /// (`rustls::Error::AlertReceived`).
-    Tls(rustls::Error),
-    /// The socket failed.
-    Io(std::io::Error),
-    /// The peer closed the connection before the handshake finished.
-    Closed,
-}
-
-impl HandshakeError {
-    /// A one-word cause for metrics: `tls_alert_<the alert the peer sent>`, `tls_<reason>`
-    /// (the server's own refusal classes), `io`, `closed`.
-    pub fn label(&self) -> String {
-        match self {
-            // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.
-            HandshakeError::Tls(rustls::Error::AlertReceived(alert)) => format!(
-                "tls_alert_{}",
-                crate::metrics::snake_label(&format!("{alert:?}"))
-            ),
-            HandshakeError::Tls(e) => format!("tls_{}", Rejection::classify(e).0.label()),
-            HandshakeError::Io(_) => "io".into(),
-            HandshakeError::Closed => "closed".into(),
-        }
-    }
-}
-
-impl std::fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HandshakeError::Tls(e) => write!(f, "TLS handshake refused: {e}"),
-            HandshakeError::Io(e) => write!(f, "TLS handshake: socket error: {e}"),
-            HandshakeError::Closed => f.write_str("TLS handshake: the peer closed the connection"),
-        }
-    }
-}
-
-impl std::error::Error for HandshakeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            HandshakeError::Tls(e) => Some(e),
-            HandshakeError::Io(e) => Some(e),
-            HandshakeError::Closed => None,
-        }
-    }
-}
-
-/// Drives a handshake to completion, reading exactly one TLS record at a time.
-async fn handshake(stream: &mut TcpStream, sess: &mut TlsSession) -> Result<(), HandshakeError> {
-    let mut buf = vec![0u8; crate::tls::session::MAX_RECORD];
-    loop {
-        let out = sess.take_outgoing();
-        if !out.is_empty() {
-            stream.write_all(&out).await.map_err(HandshakeError::Io)?;
-        }
-        if !sess.is_handshaking() {
-            return Ok(());
-        }
-        let want = sess.read_hint().min(buf.len());
-        let n = stream
-            .read(&mut buf[..want])
-            .await
-            .map_err(HandshakeError::Io)?;
-        if n == 0 {
-            return Err(HandshakeError::Closed);
-        }
-        if let Err(e) = sess.receive(&buf[..n]) {
-            let alert = sess.take_outgoing();
-            let _ = stream.write_all(&alert).await;
-            return Err(HandshakeError::Tls(e));
-        }
-    }
-}
-
-/// Drives a handshake (either side) over `stream`, one record at a time (for the load
-/// generator and its reflector); [`HandshakeError::label`] names the cause for metrics.
-pub async fn drive_handshake(
-    stream: &mut TcpStream,
-    sess: &mut TlsSession,
-) -> Result<(), HandshakeError> {
-    handshake(stream, sess).await
-}
-
 /// Can the kernel take this cipher suite? (The `ktls` crate maps AES-GCM and ChaCha20.)
 fn offloadable(suite: rustls::SupportedCipherSuite) -> bool {
     use rustls::CipherSuite as C;
@@ -235,7 +150,7 @@ async fn accept_tls(
         return None;
     }
     let timeout = Duration::from_millis(shard.cfg.tls.handshake_timeout_ms);
-    let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
+    let r = with_timeout(timeout, drive_handshake(&mut stream, &mut sess)).await;
     drop(slot);
     if handshake_outcome(shard, r, remote, kind).is_err() {
         linger_close(shard, stream).await;
@@ -390,7 +305,7 @@ fn handshake_outcome(
             return Err(Rejection::Other);
         }
         Some(Err(HandshakeError::Tls(e))) => {
-            let (reason, detail) = Rejection::classify(&e);
+            let (reason, detail) = crate::tls::classify(&e);
             match detail {
                 Some(d) => tracing::warn!(
                     %remote,
@@ -450,7 +365,7 @@ async fn connect_peer(
     };
     let _ = stream.set_nodelay(true);
     let mut sess = TlsSession::client(cc, server_name).ok()?;
-    let r = with_timeout(timeout, handshake(&mut stream, &mut sess)).await;
+    let r = with_timeout(timeout, drive_handshake(&mut stream, &mut sess)).await;
     handshake_outcome(shard, r, addr, ListenKind::Mtls).ok()?;
     shard
         .metrics

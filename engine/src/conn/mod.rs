@@ -29,7 +29,7 @@ use crate::shard::{Shard, Stamp};
 use crate::sys;
 use crate::tls::Rejection;
 use crate::tls::session::{KernelHandoff, TlsSession};
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use sipring_core::policy::Principal;
 use sipring_core::proxy::Flow;
@@ -49,8 +49,9 @@ mod handshake;
 mod records;
 
 use handshake::{Established, LINGER, with_timeout};
-pub use handshake::{HandshakeError, drive_handshake, serve_inbound, spawn_peer_connect};
+pub use handshake::{serve_inbound, spawn_peer_connect};
 use records::{ktls_record_budget, on_control_record, rekey_or_close};
+pub use sipring_net::handshake::{HandshakeError, drive_handshake};
 
 /// How the record layer runs after the handshake.
 enum Layer {

@@ -1,8 +1,7 @@
 //! Operating-system specifics, one small module per concern, and the only places with
-//! `unsafe` in the engine: listening sockets ([`sock`]), host probes ([`probe`]) and kernel
-//! TLS ([`ktls`]); CPU placement ([`cpus`]) needs none.
+//! `unsafe`: kernel TLS ([`ktls`]) here; listening sockets ([`sock`]) and host probes
+//! ([`probe`]) live in `sipring-net`, shared with the load generator, as does CPU placement
+//! ([`cpus`]), which needs none.
 
-pub mod cpus;
 pub mod ktls;
-pub mod probe;
-pub mod sock;
+pub use sipring_net::sys::{cpus, probe, sock};

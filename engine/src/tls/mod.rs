@@ -14,18 +14,19 @@
 //! loaded; handshakes already running keep the configuration they started with.
 
 pub mod pki;
-pub mod session;
+pub use sipring_net::Rejection;
+/// The TLS session the server and the load generator share (`sipring-net`).
+pub use sipring_net::session;
+pub use sipring_net::suites::{cipher_suite, kx_group};
 pub mod verify;
 
 use crate::config::{ClientAuth, Config, ListenKind};
-use rustls::crypto::{CryptoProvider, SupportedKxGroup, aws_lc_rs};
+use rustls::crypto::{CryptoProvider, aws_lc_rs};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite, SupportedProtocolVersion,
-};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -33,144 +34,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use verify::{PeerClientVerifier, PeerServerVerifier, PeerTrust, Rejected};
 
-/// Why a handshake was refused. Each has a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Rejection {
-    /// The peer presented no certificate where one is required.
-    NoCertificate,
-    /// The chain does not lead to any root we trust.
-    UnknownIssuer,
-    /// The chain leads to a root trusted for a different partner.
-    WrongPartnerRoot,
-    /// A certificate of the chain has expired.
-    Expired,
-    /// A certificate of the chain is not valid yet.
-    NotYetValid,
-    /// A certificate of the chain is revoked by a configured CRL.
-    Revoked,
-    /// No configured CRL covers a certificate and the policy denies unknown status.
-    UnknownRevocation,
-    /// The certificate's identity is on no trusted-server list.
-    NameNotTrusted,
-    /// The certificate does not name the server we meant to reach.
-    NameMismatch,
-    /// Extended key usage allows neither serverAuth nor clientAuth.
-    BadEku,
-    /// A signature does not verify.
-    BadSignature,
-    /// Any other certificate defect.
-    BadCertificate,
-    /// The handshake did not finish in time.
-    HandshakeTimeout,
-    /// No common protocol version.
-    ProtocolVersion,
-    /// No common cipher suite or group.
-    NoCommonAlgorithm,
-    /// The peer sent a fatal alert.
-    PeerAlert,
-    /// Malformed TLS or anything else.
-    Other,
-}
-
-impl Rejection {
-    /// All reasons, for metrics.
-    pub const ALL: [Rejection; 17] = [
-        Rejection::NoCertificate,
-        Rejection::UnknownIssuer,
-        Rejection::WrongPartnerRoot,
-        Rejection::Expired,
-        Rejection::NotYetValid,
-        Rejection::Revoked,
-        Rejection::UnknownRevocation,
-        Rejection::NameNotTrusted,
-        Rejection::NameMismatch,
-        Rejection::BadEku,
-        Rejection::BadSignature,
-        Rejection::BadCertificate,
-        Rejection::HandshakeTimeout,
-        Rejection::ProtocolVersion,
-        Rejection::NoCommonAlgorithm,
-        Rejection::PeerAlert,
-        Rejection::Other,
-    ];
-
-    /// Metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Rejection::NoCertificate => "no_certificate",
-            Rejection::UnknownIssuer => "unknown_issuer",
-            Rejection::WrongPartnerRoot => "wrong_partner_root",
-            Rejection::Expired => "expired",
-            Rejection::NotYetValid => "not_yet_valid",
-            Rejection::Revoked => "revoked",
-            Rejection::UnknownRevocation => "unknown_revocation",
-            Rejection::NameNotTrusted => "name_not_trusted",
-            Rejection::NameMismatch => "name_mismatch",
-            Rejection::BadEku => "bad_eku",
-            Rejection::BadSignature => "bad_signature",
-            Rejection::BadCertificate => "bad_certificate",
-            Rejection::HandshakeTimeout => "handshake_timeout",
-            Rejection::ProtocolVersion => "protocol_version",
-            Rejection::NoCommonAlgorithm => "no_common_algorithm",
-            Rejection::PeerAlert => "peer_alert",
-            Rejection::Other => "other",
-        }
+/// Classifies a rustls error, returning our detailed rejection when our verifier made it
+/// (carried inside `CertificateError::Other`), else what rustls says ([`Rejection::of`]).
+pub fn classify(e: &rustls::Error) -> (Rejection, Option<Rejected>) {
+    if let rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) = e {
+        return match o.0.downcast_ref::<Rejected>() {
+            Some(r) => (r.reason, Some(r.clone())),
+            None => (Rejection::BadCertificate, None),
+        };
     }
-
-    /// Classifies a rustls error, returning our detailed rejection when the verifier made it.
-    pub fn classify(e: &rustls::Error) -> (Rejection, Option<Rejected>) {
-        use rustls::{CertificateError as C, Error as E, PeerIncompatible as P};
-        match e {
-            E::InvalidCertificate(C::Other(o)) => match o.0.downcast_ref::<Rejected>() {
-                Some(r) => (r.reason, Some(r.clone())),
-                None => (Rejection::BadCertificate, None),
-            },
-            E::InvalidCertificate(c) => (
-                match c {
-                    C::Expired | C::ExpiredContext { .. } => Rejection::Expired,
-                    C::NotValidYet | C::NotValidYetContext { .. } => Rejection::NotYetValid,
-                    C::Revoked => Rejection::Revoked,
-                    C::UnknownRevocationStatus => Rejection::UnknownRevocation,
-                    C::UnknownIssuer => Rejection::UnknownIssuer,
-                    C::NotValidForName | C::NotValidForNameContext { .. } => {
-                        Rejection::NameMismatch
-                    }
-                    C::InvalidPurpose | C::InvalidPurposeContext { .. } => Rejection::BadEku,
-                    C::BadSignature => Rejection::BadSignature,
-                    _ => Rejection::BadCertificate,
-                },
-                None,
-            ),
-            E::NoCertificatesPresented => (Rejection::NoCertificate, None),
-            E::PeerIncompatible(p) => (
-                match p {
-                    P::Tls12NotOffered
-                    | P::Tls12NotOfferedOrEnabled
-                    | P::Tls13RequiredForQuic
-                    | P::SupportedVersionsExtensionRequired
-                    | P::ServerDoesNotSupportTls12Or13 => Rejection::ProtocolVersion,
-                    _ => Rejection::NoCommonAlgorithm,
-                },
-                None,
-            ),
-            E::AlertReceived(a) => (
-                match a {
-                    rustls::AlertDescription::ProtocolVersion => Rejection::ProtocolVersion,
-                    rustls::AlertDescription::HandshakeFailure => Rejection::NoCommonAlgorithm,
-                    _ => Rejection::PeerAlert,
-                },
-                None,
-            ),
-            _ => (Rejection::Other, None),
-        }
-    }
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
-    }
+    (Rejection::of(e), None)
 }
 
 /// Rejection counters shared by all shards (relaxed atomics: no lock on any path).
@@ -256,26 +129,6 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
             .map_err(|e| load_err(path, format!("bad CRL: {e}")))?;
     }
     Ok(crls)
-}
-
-/// A key-exchange group by name.
-pub fn kx_group(name: &str) -> Option<&'static dyn SupportedKxGroup> {
-    use aws_lc_rs::kx_group as k;
-    Some(match name {
-        "X25519MLKEM768" => k::X25519MLKEM768,
-        "X25519" => k::X25519,
-        "secp256r1" | "P-256" => k::SECP256R1,
-        "secp384r1" | "P-384" => k::SECP384R1,
-        _ => return None,
-    })
-}
-
-/// A cipher suite by IANA name.
-pub fn cipher_suite(name: &str) -> Option<SupportedCipherSuite> {
-    aws_lc_rs::ALL_CIPHER_SUITES
-        .iter()
-        .copied()
-        .find(|s| s.suite().as_str() == Some(name))
 }
 
 /// The crypto provider the configuration asks for.

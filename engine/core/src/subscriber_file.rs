@@ -1,0 +1,108 @@
+//! The subscriber file's format (feature `serde`): `[[subscriber]]` tables holding HA1
+//! hashes, never passwords. The server loads it (and checks each entry's AORs); the load
+//! generator and `sipring subscriber` write it, so the format lives once, here.
+//!
+//! ```toml
+//! [[subscriber]]
+//! username = "alice"
+//! realm = "example.com"
+//! aors = ["sip:alice@example.com"]   # default: sip:<username>@<realm>
+//! ha1_sha256 = "…"                  # H(username:realm:password), lower-case hex
+//! ha1_sha512_256 = "…"
+//! ha1_md5 = "…"                     # only for phones that need MD5
+//! ```
+
+use crate::auth::Algorithm;
+use serde::{Deserialize, Serialize};
+
+/// One `[[subscriber]]` table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubscriberEntry {
+    /// Digest user name.
+    pub username: String,
+    /// Realm (one of our domains).
+    pub realm: String,
+    /// AORs this subscriber may register and send as. Default `["sip:<username>@<realm>"]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aors: Vec<String>,
+    /// `MD5(username:realm:password)`, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_md5: Option<String>,
+    /// `SHA-256(username:realm:password)`, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_sha256: Option<String>,
+    /// `SHA-512/256(username:realm:password)`, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_sha512_256: Option<String>,
+}
+
+/// A whole subscriber file: its `[[subscriber]]` tables.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubscriberFile {
+    /// The entries, in file order.
+    pub subscriber: Vec<SubscriberEntry>,
+}
+
+impl SubscriberFile {
+    /// Parses a file's text (unknown keys are errors, naming the key).
+    pub fn parse(text: &str) -> Result<SubscriberFile, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+impl SubscriberEntry {
+    /// An entry for `username@realm` with every algorithm's HA1 of `password`.
+    pub fn new(username: &str, realm: &str, aors: Vec<String>, password: &str) -> SubscriberEntry {
+        // Challenges name the realm in lower case (our domains are), and the HA1 covers it.
+        let realm = realm.to_ascii_lowercase();
+        let h = |a: Algorithm| Some(a.ha1(username, &realm, password));
+        SubscriberEntry {
+            username: username.into(),
+            realm: realm.clone(),
+            aors,
+            ha1_md5: h(Algorithm::Md5),
+            ha1_sha256: h(Algorithm::Sha256),
+            ha1_sha512_256: h(Algorithm::Sha512_256),
+        }
+    }
+
+    /// The entry as a TOML `[[subscriber]]` table.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&SubscriberFile {
+            subscriber: vec![self.clone()],
+        })
+        .expect("plain strings serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_round_trips_through_its_toml() {
+        let e = SubscriberEntry::new(
+            "alice",
+            "Example.COM",
+            vec!["sip:a@example.com".into()],
+            "pw",
+        );
+        assert_eq!(
+            e.realm, "example.com",
+            "realms are lower case, as challenges name them"
+        );
+        assert_eq!(
+            e.ha1_sha256.as_deref(),
+            Some(Algorithm::Sha256.ha1("alice", "example.com", "pw").as_str())
+        );
+        let back = SubscriberFile::parse(&e.to_toml()).unwrap();
+        assert_eq!(back.subscriber, vec![e]);
+        assert!(
+            SubscriberFile::parse("[[subscriber]]\nusername = \"a\"\npassword = \"x\"\n")
+                .unwrap_err()
+                .contains("password")
+        );
+    }
+}

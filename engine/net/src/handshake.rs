@@ -1,0 +1,87 @@
+//! Driving a TLS handshake over a glommio socket, one record at a time (either side): the
+//! server's accept path and the load generator's clients and reflector share it.
+
+use crate::session::{MAX_RECORD, TlsSession};
+use crate::{Rejection, snake_label};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+/// Why a handshake failed.
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// rustls refused the peer's flight, or the peer sent an alert
+    /// (`rustls::Error::AlertReceived`).
+    Tls(rustls::Error),
+    /// The socket failed.
+    Io(std::io::Error),
+    /// The peer closed the connection before the handshake finished.
+    Closed,
+}
+
+impl HandshakeError {
+    /// A one-word cause for metrics: `tls_alert_<the alert the peer sent>`, `tls_<reason>`
+    /// (this side's refusal classes, [`Rejection`]), `io`, `closed`.
+    pub fn label(&self) -> String {
+        match self {
+            // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.
+            HandshakeError::Tls(rustls::Error::AlertReceived(alert)) => {
+                format!("tls_alert_{}", snake_label(&format!("{alert:?}")))
+            }
+            HandshakeError::Tls(e) => format!("tls_{}", Rejection::of(e).label()),
+            HandshakeError::Io(_) => "io".into(),
+            HandshakeError::Closed => "closed".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Tls(e) => write!(f, "TLS handshake refused: {e}"),
+            HandshakeError::Io(e) => write!(f, "TLS handshake: socket error: {e}"),
+            HandshakeError::Closed => f.write_str("TLS handshake: the peer closed the connection"),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HandshakeError::Tls(e) => Some(e),
+            HandshakeError::Io(e) => Some(e),
+            HandshakeError::Closed => None,
+        }
+    }
+}
+
+/// Drives a handshake to completion, reading exactly one TLS record at a time (so nothing the
+/// peer pipelines behind its Finished is read into userspace before a kernel hand-off). On a
+/// refusal the alert rustls wrote is sent before the error returns.
+pub async fn drive_handshake(
+    stream: &mut TcpStream,
+    sess: &mut TlsSession,
+) -> Result<(), HandshakeError> {
+    let mut buf = vec![0u8; MAX_RECORD];
+    loop {
+        let out = sess.take_outgoing();
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(HandshakeError::Io)?;
+        }
+        if !sess.is_handshaking() {
+            return Ok(());
+        }
+        let want = sess.read_hint().min(buf.len());
+        let n = stream
+            .read(&mut buf[..want])
+            .await
+            .map_err(HandshakeError::Io)?;
+        if n == 0 {
+            return Err(HandshakeError::Closed);
+        }
+        if let Err(e) = sess.receive(&buf[..n]) {
+            let alert = sess.take_outgoing();
+            let _ = stream.write_all(&alert).await;
+            return Err(HandshakeError::Tls(e));
+        }
+    }
+}
