@@ -289,4 +289,22 @@ fn shards_and_the_generator_pin_inside_the_allowed_cpu_set() {
         log.contains("server.first_cpu (1)") && log.contains(&format!("({only})")),
         "{log}"
     );
+    drop(srv);
+    // Floating shards (`pin_shards = false`): more shards than CPUs start, each thread may
+    // run on the whole allowed set (not one CPU of it), and they serve.
+    let all = sipring::sys::cpus::list(&sipring::sys::cpus::allowed());
+    cfg.server.pin_shards = false;
+    cfg.server.shards = 3;
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let srv = Server::start(&path);
+    wait_up(port);
+    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    let shards: std::collections::BTreeSet<&str> =
+        threads.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(shards.len(), 3, "{threads:?}");
+    assert!(
+        threads.iter().all(|(_, c)| *c == all),
+        "pinned: {threads:?}"
+    );
+    let _alice = ua(&pki, port, "alice");
 }

@@ -2,17 +2,8 @@
 //! on SIGHUP), this node's secret, and the policy settings handed to the sans-IO core
 //! (`sipring_core::policy`), which makes every decision.
 //!
-//! The subscriber file holds HA1 hashes, never passwords:
-//!
-//! ```toml
-//! [[subscriber]]
-//! username = "alice"
-//! realm = "example.com"
-//! aors = ["sip:alice@example.com"]   # default: sip:<username>@<realm>
-//! ha1_sha256 = "…"                  # H(username:realm:password), lower-case hex
-//! ha1_sha512_256 = "…"
-//! ha1_md5 = "…"                     # only for phones that need MD5
-//! ```
+//! The subscriber file holds HA1 hashes, never passwords; its format is
+//! `sipring_core::subscriber_file` (shared with the tools that write it).
 //!
 //! `sipring subscriber --username alice --realm example.com` reads a password on stdin and
 //! prints such a table.

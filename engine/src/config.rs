@@ -105,6 +105,12 @@ pub struct ServerConfig {
     /// of shard 0's CPU: shard i runs on the `(first_cpu + i)`-th allowed CPU. A value that
     /// does not fit (`first_cpu + shards` beyond the allowed CPUs) refuses to start. Default 0.
     pub first_cpu: usize,
+    /// Pin each shard to its CPU (default). `false`: shards float within the allowed set and
+    /// the scheduler places them (`first_cpu` unused; `shards` may exceed the CPUs) — for
+    /// hosts whose CPUs are shared and capped by a quota rather than given by a cpuset (a
+    /// container with a CPU limit), and for oversubscribed tests. Pinned is the fast choice
+    /// on cores of its own.
+    pub pin_shards: bool,
     /// SIP domains this server is registrar and proxy for. Default `["example.com"]`.
     pub domains: Vec<String>,
     /// The host name (or address) put in our Via and Record-Route. Default `"127.0.0.1"`.
@@ -146,6 +152,7 @@ impl Default for ServerConfig {
         ServerConfig {
             shards: 0,
             first_cpu: 0,
+            pin_shards: true,
             domains: vec!["example.com".into()],
             hostname: "127.0.0.1".into(),
             local_hosts: Vec::new(),

@@ -60,10 +60,12 @@ impl std::fmt::Debug for Running {
 }
 
 /// The number of shards a configuration asks for: `server.shards`, or (0) every allowed CPU
-/// from `server.first_cpu` on.
+/// from `server.first_cpu` on (every allowed CPU when shards float).
 pub fn shard_count(cfg: &Config) -> usize {
     if cfg.server.shards > 0 {
         cfg.server.shards
+    } else if !cfg.server.pin_shards {
+        sys::cpus::allowed().len().max(1)
     } else {
         sys::cpus::allowed()
             .len()
@@ -77,9 +79,13 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     let n = shard_count(&cfg);
     // Shard i runs on the (first_cpu + i)-th CPU this process may use; refuse what does not
     // fit instead of wrapping onto CPUs that are not ours.
+    // Unpinned (`pin_shards = false`), each shard floats within the allowed set.
     let allowed = sys::cpus::allowed();
     let cpus = (0..n)
-        .map(|i| sys::cpus::pick(&allowed, cfg.server.first_cpu, n, i))
+        .map(|i| match cfg.server.pin_shards {
+            true => sys::cpus::pick(&allowed, cfg.server.first_cpu, n, i).map(Some),
+            false => Ok(None),
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
             StartError(format!(
@@ -176,7 +182,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     let mesh = MeshBuilder::<ShardMsg, _>::full(n, cfg.server.mesh_capacity);
     let mut handles = Vec::new();
     for (i, listeners) in bound.into_iter().enumerate() {
-        let placement = Placement::Fixed(cpus[i]);
+        let placement = cpus[i].map_or(Placement::Unbound, Placement::Fixed);
         let mut b = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{i}"))
             .io_memory(cfg.server.io_memory_kib * 1024);
