@@ -8,6 +8,12 @@
 #                             every thread it starts is held too, and `$!` of `... &` is
 #                             CMD's own pid (each step execs)
 #   threads PID...            each thread's name=Cpus_allowed_list, for placement records
+#   ladder_step TAG SERVER_CMD... -- LOAD_ARGS...
+#                             one step of a rate ladder: the server (inside $CG, log in
+#                             $W/TAG.log), 1 s later the generator on $LOAD_CPU with
+#                             LOAD_ARGS (--quiet, --json $OUT/TAG.json, output TAG.txt), both
+#                             processes' placement into $OUT/placement.txt, then it waits
+#                             for the generator and stops the server
 #   tls_server_toml FILE PKI ADDR SHARDS SERVER_LINES [TOML...]
 #                             a sipring config: one TLS listener with the PKI's certificate,
 #                             no authentication, limits fit for a generator that is one
@@ -59,6 +65,22 @@ threads() {
       printf '%s=%s ' "$(cat "$t/comm")" "$(awk '/Cpus_allowed_list/{print $2}' "$t/status")"
     done
   done 2>/dev/null
+}
+
+ladder_step() { # TAG SERVER_CMD... -- LOAD_ARGS...
+  local tag=$1 srv=() sp lp
+  shift
+  while [ "$1" != "--" ]; do srv+=("$1"); shift; done
+  shift
+  SIPRING_LOG=warn "${CG_RUN[@]}" "${srv[@]}" >"$W/$tag.log" 2>&1 &
+  sp=$!
+  sleep 1
+  taskset -c "$LOAD_CPU" "$LOAD" "$@" --quiet --json "$OUT/$tag.json" >"$OUT/$tag.txt" 2>&1 &
+  lp=$!
+  sleep 2
+  echo "$tag server: $(threads $sp) generator: $(threads $lp)" >> "$OUT/placement.txt"
+  wait $lp || true
+  kill $sp; wait $sp 2>/dev/null || true
 }
 
 server_toml() { # FILE SHARDS SERVER_LINES LISTEN_TOML [TOML...]

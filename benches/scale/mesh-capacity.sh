@@ -38,17 +38,9 @@ done
 
 for r in $RATES; do
   for cap in $CAPS; do
-    SIPRING_LOG=warn "${CG_RUN[@]}" "$SIPRING" run --config "$W/m$cap.toml" >"$W/m$cap.log" 2>&1 &
-    sp=$!
-    sleep 1
-    taskset -c "$LOAD_CPU" "$LOAD" message --target 127.0.0.1:17261 --ca "$W/pki/ca.pem" --shards 1 --quiet \
-      --users 400 --connect-concurrency 8 --rate "$r" --duration "$STEP_S" --warmup 1 --timeout 5 --prefix u \
-      --json "$OUT/m$cap-$r.json" >"$OUT/m$cap-$r.txt" 2>&1 &
-    lp=$!
-    sleep 2
-    echo "m$cap-$r server: $(threads $sp) generator: $(threads $lp)" >> "$OUT/placement.txt"
-    wait $lp || true
-    kill $sp; wait $sp 2>/dev/null || true
+    ladder_step "m$cap-$r" "$SIPRING" run --config "$W/m$cap.toml" -- \
+      message --target 127.0.0.1:17261 --ca "$W/pki/ca.pem" --shards 1 --users 400 \
+      --connect-concurrency 8 --rate "$r" --duration "$STEP_S" --warmup 1 --timeout 5 --prefix u
     echo "$r/s mesh_capacity $cap: done"
   done
 done

@@ -53,17 +53,9 @@ done
 
 for r in $RATES; do
   for n in $SHARDS; do
-    SIPRING_LOG=warn "${CG_RUN[@]}" taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/s$n.toml" >"$W/s$n.log" 2>&1 &
-    sp=$!
-    sleep 1
-    taskset -c "$LOAD_CPU" "$LOAD" "$SCENARIO" --target 127.0.0.1:17263 --ca "$W/pki/ca.pem" --shards 1 --quiet \
-      "${EXTRA[@]}" --connect-concurrency 8 --rate "$r" --duration "$STEP_S" --warmup 1 --timeout 5 --prefix u \
-      --json "$OUT/s$n-$r.json" >"$OUT/s$n-$r.txt" 2>&1 &
-    lp=$!
-    sleep 2
-    echo "s$n-$r server: $(threads $sp) generator: $(threads $lp)" >> "$OUT/placement.txt"
-    wait $lp || true
-    kill $sp; wait $sp 2>/dev/null || true
+    ladder_step "s$n-$r" taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/s$n.toml" -- \
+      "$SCENARIO" --target 127.0.0.1:17263 --ca "$W/pki/ca.pem" --shards 1 "${EXTRA[@]}" \
+      --connect-concurrency 8 --rate "$r" --duration "$STEP_S" --warmup 1 --timeout 5 --prefix u
     echo "$SCENARIO $r/s, $n shard(s): done"
   done
 done
