@@ -80,7 +80,8 @@ ladder_step() { # TAG SERVER_CMD... -- LOAD_ARGS...
   sleep 2
   echo "$tag server: $(threads $sp) generator: $(threads $lp)" >> "$OUT/placement.txt"
   wait $lp || true
-  kill $sp; wait $sp 2>/dev/null || true
+  kill $sp 2>/dev/null || true # (a server that died early must not end the ladder)
+  wait $sp 2>/dev/null || true
 }
 
 server_toml() { # FILE SHARDS SERVER_LINES LISTEN_TOML [TOML...]

@@ -539,8 +539,11 @@ fn the_demo_runs_the_sipring_binary_and_stops_it_cleanly() {
     // The generator links the SIP core and the shared TLS crate, not the server: its demo
     // starts the real binary (PKI from `sipring certs`, a config on free ports), loads it
     // with digest-authenticated UAs, and stops it with SIGTERM.
-    let out = TempDir::new("load-demo");
+    // `--out` relative to where it runs: the server must still find its files.
+    let cwd = TempDir::new("load-demo");
+    let out = cwd.join("demo");
     let o = Command::new(bin("sipring-load"))
+        .current_dir(cwd.join(""))
         .args([
             "demo",
             "--duration",
@@ -550,8 +553,8 @@ fn the_demo_runs_the_sipring_binary_and_stops_it_cleanly() {
             "--mps",
             "100",
             "--out",
+            "demo",
         ])
-        .arg(out.join(""))
         .arg("--server")
         .arg(bin("sipring"))
         .output()

@@ -720,6 +720,12 @@ fn demo(
         eprintln!("demo: {e}");
         ExitCode::from(2)
     };
+    // The server reads relative paths in its config from the config's folder: write them
+    // absolute.
+    let dir = match std::path::absolute(&dir) {
+        Ok(d) => d,
+        Err(e) => return fail(format!("{}: {e}", dir.display())),
+    };
     let bin = sipring_binary(server_bin);
     // The PKI from the server's own `certs` command.
     let pki = dir.join("pki");
@@ -767,10 +773,14 @@ fn demo(
     if let Err(e) = std::fs::write(&subs, text) {
         return fail(format!("{}: {e}", subs.display()));
     }
-    let (Some(port), Some(admin)) = (
-        sipring_net::sys::sock::free_port(),
-        sipring_net::sys::sock::free_port(),
-    ) else {
+    let ports = std::iter::from_fn(sipring_net::sys::sock::free_port).take(8);
+    let mut ports = ports.fold(Vec::new(), |mut v, p| {
+        if !v.contains(&p) {
+            v.push(p);
+        }
+        v
+    });
+    let (Some(admin), Some(port)) = (ports.pop(), ports.pop()) else {
         return fail("no free port on 127.0.0.1".into());
     };
     let target: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -795,7 +805,8 @@ fn demo(
         Err(e) => return fail(format!("{}: {e}", log_path.display())),
     };
     let spawned = log.try_clone().and_then(|err| {
-        Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        sipring_net::sys::process::end_with_parent(&mut cmd)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -844,9 +855,10 @@ fn demo(
         keepalive: 30.0,
         timeout: 32.0,
         local_addrs: None,
-        // All the demo's UAs come from 127.0.0.1, and the server lets one address have 64
+        // All the demo's UAs come from 127.0.0.1, and a server shard lets one address have 64
         // handshakes in progress (`limits.max_handshakes_per_ip`): the plans' shards together
-        // stay under it, so a slow (debug) build is not refused as a connection storm.
+        // open at most 48 at once (one each past 16 CPUs, spread over as many server
+        // shards), so a slow (debug) build is not refused as a connection storm.
         connect_concurrency: (48 / (DEMO_PLANS.len() * default_shards())).max(1),
         aors_per_ua: 1,
         reconnect: false,
@@ -996,10 +1008,7 @@ fn wait_listening(server: &mut Child, addr: SocketAddr, limit: Duration) -> Resu
 
 /// SIGTERM (the server drains and exits 0), then waits up to `limit` before SIGKILL.
 fn stop_server(server: &mut Child, limit: Duration) -> Result<(), String> {
-    let term = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status();
-    if !matches!(term, Ok(s) if s.success()) {
+    if sipring_net::sys::process::terminate(server).is_err() {
         let _ = server.kill();
     }
     let start = Instant::now();

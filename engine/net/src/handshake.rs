@@ -20,7 +20,9 @@ pub enum HandshakeError {
 
 impl HandshakeError {
     /// A one-word cause for metrics: `tls_alert_<the alert the peer sent>`, `tls_<reason>`
-    /// (this side's refusal classes, [`Rejection`]), `io`, `closed`.
+    /// (this side's refusal, classed by what rustls says: [`Rejection::of`]; the server's
+    /// own verifier carries finer reasons, which its metrics read with
+    /// `sipring::tls::classify`), `io`, `closed`.
     pub fn label(&self) -> String {
         match self {
             // `CertificateRevoked` → `tls_alert_certificate_revoked`: what the peer objected to.

@@ -1,7 +1,8 @@
 //! Operating-system specifics, one small module per concern, and (with the server's kernel
-//! TLS module) the only places with `unsafe`: sockets ([`sock`]) and host probes
-//! ([`probe`]); CPU placement ([`cpus`]) needs none.
+//! TLS module) the only places with `unsafe`: sockets ([`sock`]), host probes ([`probe`])
+//! and child processes ([`process`]); CPU placement ([`cpus`]) needs none.
 
 pub mod cpus;
 pub mod probe;
+pub mod process;
 pub mod sock;
