@@ -14,8 +14,12 @@
 #     the server's CPU time (utime + stime of the process, /proc/<pid>/stat) over the step
 #     divided by the handshakes completed = CPU per handshake at the socket, the accept,
 #     the TCP teardown, the OPTIONS and the kernel's share of loopback included.
+#  3. the same ladder against the reflector (`sipring-load reflect`: the same runtime, socket
+#     code, TLS session and handshake driver, a stateless 200 for the OPTIONS, no SIP state):
+#     the least a TLS server on these sockets can spend per handshake.
 # Efficiency = in-memory server half / CPU per handshake at the socket: the fraction of the
-# in-memory rate one fully used core would reach. PERF=1 also records a profile of the server
+# in-memory rate one fully used core would reach; and reflector / sipring CPU per handshake:
+# what sipring's own server path costs beyond the minimal server. PERF=1 also records a profile of the server
 # (DWARF call graphs, 3 s) during the highest rate: perf-dso.txt (kernel vs userspace),
 # perf-report.txt (self time), perf-children.txt (inclusive: rustls, io_uring, sends, ...).
 set -euo pipefail
@@ -43,30 +47,43 @@ taskset -c "$SERVER_CPU" cargo bench -p sipring-benches --bench tls -- 'tls_hand
 
 tls_server_toml "$W/s.toml" "$W/pki" 127.0.0.1:17161 1 ""
 
-echo "== 2. at the socket: server CPU per handshake"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+last=${RATES##* }
+ladder() { # NAME PID PORT: the handshake ladder against one server, its CPU per step
+  local name=$1 pid=$2 port=$3 r lp t0 t1
+  for r in $RATES; do
+    taskset -c "$LOAD_CPU" "$LOAD" handshake --target "127.0.0.1:$port" --ca "$W/pki/ca.pem" --shards 1 --quiet \
+      --rate "$r" --duration "$STEP_S" --warmup 0 --timeout 5 --no-resume --tls-version 1.3 --groups X25519 \
+      --json "$OUT/$name-$r.json" >"$OUT/$name-$r.txt" 2>&1 &
+    lp=$!
+    t0=$(ticks "$pid")
+    if [ "${PERF:-}" = 1 ] && [ "$name" = sipring ] && [ "$r" = "$last" ]; then
+      sleep 2
+      perf record -F 499 --call-graph dwarf,16384 -p "$pid" -o "$W/perf.data" -- sleep 3 >/dev/null 2>&1 || true
+    fi
+    wait $lp || true
+    t1=$(ticks "$pid")
+    echo "$r $((t1 - t0)) $HZ" > "$OUT/$name-$r.cpu"
+    echo "$name, rate $r: server $(( (t1 - t0) * 1000 / HZ )) ms CPU"
+  done
+  echo "$name: $(threads "$pid") (generator: taskset -c $LOAD_CPU)" >> "$OUT/placement.txt"
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+echo "== 2. at the socket: sipring's CPU per handshake"
 SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/s.toml" >"$W/server.log" 2>&1 &
 SP=$!
 sleep 1
-ticks() { awk '{print $14 + $15}' "/proc/$SP/stat"; }
-HZ=$(getconf CLK_TCK)
-last=${RATES##* }
-for r in $RATES; do
-  taskset -c "$LOAD_CPU" "$LOAD" handshake --target 127.0.0.1:17161 --ca "$W/pki/ca.pem" --shards 1 --quiet \
-    --rate "$r" --duration "$STEP_S" --warmup 0 --timeout 5 --no-resume --tls-version 1.3 --groups X25519 \
-    --json "$OUT/rate-$r.json" >"$OUT/rate-$r.txt" 2>&1 &
-  lp=$!
-  t0=$(ticks)
-  if [ "${PERF:-}" = 1 ] && [ "$r" = "$last" ]; then
-    sleep 2
-    perf record -F 499 --call-graph dwarf,16384 -p "$SP" -o "$W/perf.data" -- sleep 3 >/dev/null 2>&1 || true
-  fi
-  wait $lp || true
-  t1=$(ticks)
-  echo "$r $((t1 - t0)) $HZ" > "$OUT/rate-$r.cpu"
-  echo "rate $r: server $(( (t1 - t0) * 1000 / HZ )) ms CPU"
-done
-echo "server: $(threads "$SP") (generator: taskset -c $LOAD_CPU)" > "$OUT/placement.txt"
-kill $SP; wait $SP 2>/dev/null || true
+ladder sipring "$SP" 17161
+
+echo "== 3. at the socket: the reflector's CPU per handshake"
+taskset -c "$SERVER_CPU" "$LOAD" reflect --listen 127.0.0.1:17162 --shards 1 \
+  --cert "$W/pki/server.pem" --key "$W/pki/server.key" >"$W/reflector.log" 2>&1 &
+RP=$!
+sleep 1
+ladder reflector "$RP" 17162
 if [ -f "$W/perf.data" ]; then
   perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 > "$OUT/perf-report.txt" || true
   perf report -i "$W/perf.data" --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' > "$OUT/perf-dso.txt" || true
@@ -83,14 +100,23 @@ m = re.search(r"time:\s+\[\S+ \S+ (\S+) (\S+)", crit)
 unit = {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3}
 mem_us = float(m.group(1)) * unit[m.group(2)] if m else float("nan")
 print(f"in memory (criterion, server half, sipring's config): median {mem_us:.1f} µs = {1e6 / mem_us:.0f}/s per core\n")
-print("| offered/s | completed | failed | handshake p50 / p99 ms | server CPU (ms) | CPU per handshake (µs) | in-memory / at the socket |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
-for r in rates:
-    s = json.load(open(f"{out}/rate-{r}.json"))
+def step(name, r):
+    s = json.load(open(f"{out}/{name}-{r}.json"))
     k = s["kinds"].get("tls_handshake", {})
     done = k.get("count", 0)
-    _, ticks, hz = open(f"{out}/rate-{r}.cpu").read().split()
+    _, ticks, hz = open(f"{out}/{name}-{r}.cpu").read().split()
     cpu_ms = int(ticks) * 1000 / int(hz)
-    per = cpu_ms * 1000 / done if done else float("nan")
-    print(f"| {r} | {done} | {s['failed']} | {k.get('p50_ms', 0):.2f} / {k.get('p99_ms', 0):.2f} | {cpu_ms:.0f} | {per:.0f} | {mem_us / per:.0%} |")
+    return done, s["failed"], k, cpu_ms, (cpu_ms * 1000 / done if done else float("nan"))
+print("| offered/s | server | completed | failed | handshake p50 / p99 ms | server CPU (ms) | CPU per handshake (µs) | in-memory / at the socket |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+per = {}
+for r in rates:
+    for name in ("sipring", "reflector"):
+        done, failed, k, cpu_ms, p = step(name, r)
+        per[(name, r)] = p
+        print(f"| {r} | {name} | {done} | {failed} | {k.get('p50_ms', 0):.2f} / {k.get('p99_ms', 0):.2f} | {cpu_ms:.0f} | {p:.0f} | {mem_us / p:.0%} |")
+print("\n| offered/s | reflector / sipring CPU per handshake |")
+print("| --- | --- |")
+for r in rates:
+    print(f"| {r} | {per[('reflector', r)] / per[('sipring', r)]:.2f} |")
 PY
