@@ -235,6 +235,7 @@ fn shards_and_the_generator_pin_inside_the_allowed_cpu_set() {
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
     let srv = Server::start_under(&path, &["taskset", "-c", &only]);
     wait_up(port);
+    srv.wait_log("sipring running"); // (the listener accepts before the shards run)
     let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
     // (glommio's helper threads inherit the shard's name and its placement.)
     assert!(!threads.is_empty(), "no shard thread found");
@@ -298,6 +299,7 @@ fn shards_and_the_generator_pin_inside_the_allowed_cpu_set() {
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
     let srv = Server::start(&path);
     wait_up(port);
+    srv.wait_log("sipring running"); // (the listener accepts before the shards run)
     let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
     let shards: std::collections::BTreeSet<&str> =
         threads.iter().map(|(n, _)| n.as_str()).collect();
@@ -307,4 +309,86 @@ fn shards_and_the_generator_pin_inside_the_allowed_cpu_set() {
         "pinned: {threads:?}"
     );
     let _alice = ua(&pki, port, "alice");
+}
+
+/// A CPU cgroup holding its members to `cpus` CPUs (v2 `cpu.max` or v1 CFS quota), removed
+/// on drop. Needs root, as the suite does.
+struct CpuCgroup(PathBuf);
+
+impl CpuCgroup {
+    fn new(name: &str, cpus: u32) -> CpuCgroup {
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let dir = if v2 {
+            let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu");
+            PathBuf::from(format!("/sys/fs/cgroup/{name}-{}", std::process::id()))
+        } else {
+            PathBuf::from(format!("/sys/fs/cgroup/cpu/{name}-{}", std::process::id()))
+        };
+        std::fs::create_dir(&dir).expect("create a CPU cgroup (the suite runs as root)");
+        if v2 {
+            std::fs::write(dir.join("cpu.max"), format!("{} 100000", cpus * 100_000)).unwrap();
+        } else {
+            std::fs::write(dir.join("cpu.cfs_period_us"), "100000").unwrap();
+            std::fs::write(dir.join("cpu.cfs_quota_us"), (cpus * 100_000).to_string()).unwrap();
+        }
+        CpuCgroup(dir)
+    }
+
+    /// A wrapper for `Server::start_under` that joins the cgroup, then execs.
+    fn procs(&self) -> String {
+        format!("echo $$ > {}/cgroup.procs && exec \"$@\"", self.0.display())
+    }
+}
+
+impl Drop for CpuCgroup {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn shards_default_to_the_cgroup_cpu_quota() {
+    // A container with a CPU limit sees every CPU of the node: `shards = 0` must take the
+    // limit (rounded up), not the CPU count.
+    let allowed = sipring::sys::cpus::allowed().len();
+    assert!(
+        allowed >= 2,
+        "this test needs 2 allowed CPUs to tell the quota from the count"
+    );
+    let pki = Pki::new();
+    let dir = TempDir::new("quota");
+    let (path, port, _) = write_config(&pki, &dir);
+    let mut cfg: sipring::config::Config =
+        toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg.server.shards = 0;
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let cg = CpuCgroup::new("sipring-test-quota", 1);
+    let wrapper = cg.procs();
+    let srv = Server::start_under(&path, &["sh", "-c", &wrapper, "sh"]);
+    wait_up(port);
+    // (The listener accepts before the shards run: wait for the server to say it is up.)
+    srv.wait_log("sipring running");
+    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    let shards: std::collections::BTreeSet<&str> =
+        threads.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(shards.len(), 1, "{allowed} CPUs, quota 1: {threads:?}");
+    let log = srv.log();
+    assert!(log.contains("within the cgroup's CPU quota"), "{log}");
+    let _alice = ua(&pki, port, "alice");
+    drop(srv);
+    drop(cg);
+    // Outside the cgroup, the same config takes every allowed CPU.
+    let srv = Server::start(&path);
+    wait_up(port);
+    // (The listener accepts before the shards run: wait for the server to say it is up.)
+    srv.wait_log("sipring running");
+    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    let shards: std::collections::BTreeSet<&str> =
+        threads.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(shards.len(), allowed, "{threads:?}\n{}", srv.log());
 }

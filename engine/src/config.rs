@@ -99,7 +99,7 @@ pub struct NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Number of shards (executors, one pinned per CPU). 0 = every CPU this process may use
-    /// from `first_cpu` on. Default 0.
+    /// from `first_cpu` on, and no more than its cgroup's CPU quota (rounded down). Default 0.
     pub shards: usize,
     /// Index, in the process's allowed CPU set (`taskset`, systemd `CPUAffinity=`, cpuset),
     /// of shard 0's CPU: shard i runs on the `(first_cpu + i)`-th allowed CPU. A value that

@@ -60,23 +60,34 @@ impl std::fmt::Debug for Running {
 }
 
 /// The number of shards a configuration asks for: `server.shards`, or (0) every allowed CPU
-/// from `server.first_cpu` on (every allowed CPU when shards float).
+/// from `server.first_cpu` on (every allowed CPU when shards float), and no more than the
+/// cgroup's CPU quota ([`sys::cpus::usable`]: a container with a CPU limit sees the whole
+/// node's CPUs).
 pub fn shard_count(cfg: &Config) -> usize {
     if cfg.server.shards > 0 {
-        cfg.server.shards
-    } else if !cfg.server.pin_shards {
-        sys::cpus::allowed().len().max(1)
-    } else {
-        sys::cpus::allowed()
-            .len()
-            .saturating_sub(cfg.server.first_cpu)
-            .max(1)
+        return cfg.server.shards;
     }
+    let allowed = sys::cpus::allowed().len();
+    let n = if cfg.server.pin_shards {
+        allowed.saturating_sub(cfg.server.first_cpu)
+    } else {
+        allowed
+    };
+    n.min(sys::cpus::usable()).max(1)
 }
 
 /// Starts the server. `config_path` is re-read on reload.
 pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
     let n = shard_count(&cfg);
+    let (allowed, usable) = (sys::cpus::allowed().len(), sys::cpus::usable());
+    if cfg.server.shards == 0 && usable < allowed {
+        tracing::info!(
+            allowed_cpus = allowed,
+            quota_cpus = usable,
+            shards = n,
+            "server.shards = 0: one shard per CPU, within the cgroup's CPU quota"
+        );
+    }
     // Shard i runs on the (first_cpu + i)-th CPU this process may use; refuse what does not
     // fit instead of wrapping onto CPUs that are not ours.
     // Unpinned (`pin_shards = false`), each shard floats within the allowed set.

@@ -47,6 +47,14 @@ pub fn pick(allowed: &[usize], first: usize, count: usize, i: usize) -> Result<u
     Ok(allowed[first + i])
 }
 
+/// How many CPUs' worth of time this process may use: the allowed set's size, lowered to the
+/// cgroup's CPU quota where there is one (std's `available_parallelism` reads cgroup v1 and
+/// v2 quotas on Linux, rounded down, at least 1). A container with a CPU limit and no cpuset
+/// sees every CPU of its node in its allowed set: this is what it may actually use.
+pub fn usable() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
