@@ -11,7 +11,7 @@ use sipring::config::{Config, ListenConfig, ListenKind};
 use sipring::server::{Running, start};
 use sipring_tests::TempDir;
 use sipring_tests::process::Server;
-use sipring_tests::server::{Pki, config, free_port, metric, wait_metrics};
+use sipring_tests::server::{Pki, admin_get, config, free_port, metric, wait_metrics};
 use sipring_tests::ua::{Ua, answer, status, tls_config};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -821,6 +821,127 @@ fn an_overloaded_shard_sheds_new_requests_at_the_door_and_recovers() {
     bob.send(&answer(&got, 200, "OK", "b", "sip:bob@127.0.0.1"));
     let r = alice.recv(Duration::from_secs(5)).expect("an answer");
     assert_eq!(status(&r), Some(200));
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_keepalive_flood_costs_one_pong_per_read_not_one_per_ping() {
+    // 1,000,000 RFC 5626 pings (4 MB) on a connection that does not read: before, each ping
+    // queued its own 2-byte pong (≈ 100 bytes of queue entry each, 40× what the write-queue
+    // limit counted) and cost a write each; now one pong answers a read's worth of pings.
+    let pki = Pki::new();
+    let srv = server(&pki, |_| {});
+    let tcp = srv.listen_addrs[1];
+    let admin = srv.admin_addr.unwrap();
+    let queued_before =
+        metric(&admin_get(admin, "/metrics"), "sipring_writes_queued_total").unwrap_or(0.0);
+    let mut s = {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.bind(&SocketAddr::new(IpAddr::from(ATTACKER), 0).into())
+            .unwrap();
+        s.connect_timeout(&tcp.into(), Duration::from_secs(2))
+            .unwrap();
+        TcpStream::from(s)
+    };
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let chunk = b"\r\n\r\n".repeat(16 * 1024);
+    let mut sent = 0usize;
+    for _ in 0..16 {
+        if s.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += chunk.len() / 4;
+    }
+    assert_eq!(sent, 262_144, "the server stopped reading a ping flood");
+    // Every ping read (the server keeps up), then the pongs are counted.
+    std::thread::sleep(Duration::from_millis(500));
+    let m = admin_get(admin, "/metrics");
+    let queued = metric(&m, "sipring_writes_queued_total").unwrap_or(0.0) - queued_before;
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut pongs = 0usize;
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n].iter().all(|&b| b == b'\r' || b == b'\n'));
+        pongs += n / 2;
+    }
+    assert!(pongs >= 1, "no pong at all");
+    assert!(
+        pongs * 100 < sent && queued * 100.0 < sent as f64,
+        "{sent} pings: {pongs} pongs, {queued} queued writes"
+    );
+    // Pings still keep a quiet connection: one at a time, each answered.
+    s.write_all(b"\r\n\r\n").unwrap();
+    let mut pong = [0u8; 2];
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"\r\n");
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_busy_pipeline_whose_reads_end_mid_message_is_not_cut_as_stalled() {
+    // Every write ends inside the next OPTIONS: the connection always holds a partial
+    // message, but a new one each time. Before, the first partial's timestamp stayed and the
+    // connection was cut after `partial_timeout_ms` with everything on it.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| c.limits.partial_timeout_ms = 1000);
+    let mut s = connect_from(CLIENT, srv.listen_addrs[1]).unwrap();
+    let options = |k: u32| {
+        format!("OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKbusy{k}\r\nMax-Forwards: 70\r\nTo: <sip:127.0.0.1>\r\nFrom: <sip:busy@example.com>;tag=b\r\nCall-ID: busy-{k}\r\nCSeq: {k} OPTIONS\r\nContent-Length: 0\r\n\r\n")
+            .into_bytes()
+    };
+    let split = 40;
+    s.write_all(&options(0)[..split]).unwrap();
+    let (reader, answered) = {
+        let mut r = s.try_clone().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        (
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let mut buf = [0u8; 4096];
+                let _ = r.set_read_timeout(Some(Duration::from_secs(6)));
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                    let _ = tx.send(String::from_utf8_lossy(&all).matches("SIP/2.0 200").count());
+                }
+            }),
+            rx,
+        )
+    };
+    let rounds = 30; // 3 s, three partial deadlines
+    for k in 0..rounds {
+        std::thread::sleep(Duration::from_millis(100));
+        let mut w = options(k)[split..].to_vec();
+        w.extend_from_slice(&options(k + 1)[..split]);
+        s.write_all(&w).expect("the connection was cut");
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut got = 0;
+    while got < rounds as usize && Instant::now() < end {
+        if let Ok(n) = answered.recv_timeout(Duration::from_millis(200)) {
+            got = n;
+        }
+    }
+    assert_eq!(got, rounds as usize, "answered {got} of {rounds}");
+    let m = admin_get(srv.admin_addr.unwrap(), "/metrics");
+    assert_eq!(
+        metric(&m, "sipring_partial_timeouts_total").unwrap_or(0.0),
+        0.0,
+        "{m}"
+    );
+    drop(s);
+    let _ = reader.join();
     srv.stop();
     srv.join().unwrap();
 }

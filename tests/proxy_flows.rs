@@ -182,11 +182,16 @@ fn with_msg<T>(
     bytes: &[u8],
     f: impl FnOnce(&sipring_core::Message<'_, '_>, &sipring_core::Essentials<'_>) -> T,
 ) -> T {
-    let mut h = [Header::EMPTY; 64];
-    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &Limits::default(), Framing::Stream) else {
+    // The UAs read more than the proxy accepts (what it forwards has grown by its lines).
+    let ua = Limits {
+        max_headers: 128,
+        ..Limits::default()
+    };
+    let mut h = [Header::EMPTY; 128];
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &ua, Framing::Stream) else {
         panic!("unparseable: {}", String::from_utf8_lossy(bytes))
     };
-    let e = m.validate(&Limits::default()).unwrap();
+    let e = m.validate(&ua).unwrap();
     f(&m, &e)
 }
 
@@ -1032,4 +1037,113 @@ fn feedback_a_downstream_ua_writes_into_an_upstreams_via_does_not_reach_it() {
         via,
         "SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKoc1;oc;oc-algo=\"loss\""
     );
+}
+
+#[test]
+fn a_request_accepted_at_the_header_limit_is_still_cancelled_after_forwarding_grew_it() {
+    // 64 header lines (the limit) and no Max-Forwards: forwarding adds Via, Max-Forwards and
+    // Record-Route, 67 lines. Before, the kept copy could not be re-read: the CANCEL was
+    // answered 200 upstream and never sent to bob, and bob's 487 was never ACKed.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let head = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-big\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n";
+    let pad: String = (0..64 - 7).map(|i| format!("X-Pad-{i}: {i}\r\n")).collect();
+    let inv = format!("{head}{pad}\r\n");
+    with_msg(inv.as_bytes(), |m, _| assert_eq!(m.headers().len(), 64));
+    n.send(&A, inv.as_bytes());
+    assert_eq!(status(&n.one(&A)), 100);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    assert_eq!(status(&n.one(&A)), 180);
+    n.send(&A, b"CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-big\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&n.one(&A)), 200);
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL");
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK", "bob's 487 is ACKed");
+    assert_eq!(status(&n.one(&A)), 487);
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn cancel_only_from_the_invites_connection_and_answered_after_the_final() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "call-c"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    n.take(&A);
+    let cancel = b"CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-c\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    // Bob's other device (or anyone who saw alice's Via) sends her CANCEL on its own
+    // connection: 481, and the call goes on (before: 200, and every branch cancelled).
+    n.send(&B2, cancel);
+    assert_eq!(status(&n.one(&B2)), 481);
+    assert!(n.take(&B).is_empty(), "no CANCEL went to bob");
+    // Bob answers; alice's CANCEL crosses the 200: answered 200 (was 481), nothing else.
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    n.send(&A, cancel);
+    assert_eq!(status(&n.one(&A)), 200);
+    assert!(n.take(&B).is_empty(), "nothing to cancel after the answer");
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn what_an_answer_asserts_is_checked_like_what_a_request_asserts() {
+    // RFC 3325 on responses: a local UA's P-Asserted-Identity never leaves (a partner trusts
+    // what we pass as ours); a partner's passes only inside its domains. Before, responses
+    // went through untouched both ways.
+    let carrier = Flow::Peer("carrier".into());
+    let mut n = Net::build(carrier_policy(), |c| {
+        c.peers = vec![sipring_core::proxy::PeerRoute {
+            domain: "carrier.example".into(),
+            peer: "carrier".into(),
+        }];
+    });
+    n.register("bob", &B, "10.0.0.2:5061");
+    let with_pai = |resp: Vec<u8>, pai: &str| {
+        String::from_utf8(resp)
+            .unwrap()
+            .replacen(
+                "\r\n\r\n",
+                &format!("\r\nP-Asserted-Identity: {pai}\r\nP-Preferred-Identity: {pai}\r\n\r\n"),
+                1,
+            )
+            .into_bytes()
+    };
+    let pai_of = |m: &[u8]| sipring_tests::ua::header(m, "P-Asserted-Identity");
+    // The carrier calls bob; bob's 200 claims to be the CEO: the carrier does not see it.
+    let from_carrier = "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 192.0.2.7;branch=z9hG4bKc1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=1\r\nCall-ID: r1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+    n.send(&carrier, from_carrier.as_bytes());
+    let fwd = n.one(&B);
+    n.send(
+        &B,
+        &with_pai(answer(&fwd, 200, "OK", "b"), "<sip:ceo@example.com>"),
+    );
+    let back = n.one(&carrier);
+    assert_eq!(status(&back), 200);
+    assert_eq!(pai_of(&back), None, "{}", String::from_utf8_lossy(&back));
+    assert!(sipring_tests::ua::header(&back, "P-Preferred-Identity").is_none());
+    // Alice messages the carrier: its answer asserting its own user passes; one asserting
+    // a user of ours does not.
+    for (i, (pai, passes)) in [
+        ("<sip:y@carrier.example>", true),
+        ("<sip:ceo@example.com>", false),
+        ("\"Bob \\\" <sip:ceo@example.com>", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let m = format!(
+            "MESSAGE sip:y@carrier.example SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKr{i}\r\nMax-Forwards: 70\r\nTo: <sip:y@carrier.example>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: r2-{i}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+        );
+        n.send(&A, m.as_bytes());
+        let fwd = n.one(&carrier);
+        n.send(&carrier, &with_pai(answer(&fwd, 200, "OK", "c"), pai));
+        let back = n.one(&A);
+        assert_eq!(status(&back), 200);
+        assert_eq!(pai_of(&back).is_some(), passes, "{pai}");
+    }
 }

@@ -33,6 +33,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// 503 and a write is dropped (counted; the binding is written at its next refresh).
 pub const STORE_QUEUE: usize = 16_384;
 
+/// Requests the store thread has at the store at once (each bounded by the store timeout
+/// and its retries); the rest wait in the queue.
+pub const STORE_IN_FLIGHT: usize = 1024;
+
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -301,9 +305,19 @@ async fn run(
     if let Some(key) = st.cfg.subscribers_key.clone() {
         tokio::task::spawn_local(refresh_subscribers(st.clone(), key, subscribers));
     }
+    // At most STORE_IN_FLIGHT requests at the store at once: past it the thread stops taking
+    // from the queue, the queue fills, and the shards' `try_send` counts `queue_full` (a
+    // stalled store no longer turns a REGISTER flood into unbounded pending work here).
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
     while let Ok(req) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
         let st = st.clone();
-        tokio::task::spawn_local(async move { serve(&st, req).await });
+        tokio::task::spawn_local(async move {
+            serve(&st, req).await;
+            drop(permit);
+        });
     }
 }
 

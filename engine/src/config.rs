@@ -427,7 +427,8 @@ pub struct RegistrarSection {
     pub default_expires_s: u32,
     /// Most contacts per address-of-record (more gets 403). Default 10.
     pub max_contacts: usize,
-    /// Longest Contact value stored, in bytes (longer gets 400). Default 1024.
+    /// Longest Contact value stored, and longest Path (RFC 3327, its values together), in
+    /// bytes (longer gets 400). Default 1024.
     pub max_contact_bytes: usize,
     /// Most AORs one connection may register (another gets 403): with `max_contacts`, this
     /// bounds the bindings a connection creates. Default 16.
@@ -889,8 +890,11 @@ impl Config {
                 "below 1024 bytes no real SIP message fits",
             );
         }
-        if self.limits.max_headers == 0 || self.limits.max_headers > 256 {
-            e("limits.max_headers".into(), "must be 1..=256");
+        if self.limits.max_headers == 0 || self.limits.max_headers > 64 {
+            e(
+                "limits.max_headers".into(),
+                "must be 1..=64 (the parser's header storage)",
+            );
         }
         if self.server.domains.is_empty() {
             e("server.domains".into(), "at least one SIP domain");

@@ -336,7 +336,15 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
         .collect();
     local_hosts.push(cfg.server.hostname.to_ascii_lowercase());
     for l in &cfg.listen {
-        local_hosts.push(l.address.ip().to_string());
+        // As URIs and Vias write it: an IPv6 address in brackets (RFC 3261 §25.1).
+        local_hosts.push(match l.address.ip() {
+            IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        });
+        // The host our Via and Record-Route name on this listener is us too.
+        if let Some(a) = &l.advertise {
+            local_hosts.push(a.to_ascii_lowercase());
+        }
     }
     let port = cfg
         .listen
@@ -775,11 +783,10 @@ impl Shard {
         self.flow_closed(id);
         for s in 0..self.n {
             if s != self.id && h.involves(s) {
-                let me = self.clone();
-                glommio::spawn_local(async move {
-                    let _ = me.mesh.send_to(s, ShardMsg::FlowClosed { conn: id }).await;
-                })
-                .detach();
+                // In order behind what already waits for `s` (a REGISTER on this connection
+                // queued in the overflow must not arrive after the news that it closed and
+                // leave a binding on a dead connection); never refused for backlog.
+                self.mesh_send(s, ShardMsg::FlowClosed { conn: id }, false);
             }
         }
     }
@@ -1536,6 +1543,44 @@ pub async fn timer_loop(shard: Rc<Shard>) {
         if shard.control.stopping() {
             shard.tick(now, true);
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sipring_core::proxy::Proxy;
+    use sipring_core::uri::Uri;
+
+    #[test]
+    fn every_host_our_vias_and_record_routes_name_is_us() {
+        // A listener advertised under its own name (not `server.hostname`): its Via and
+        // Record-Route name that host, so responses and in-dialog requests naming it are
+        // ours. Before, they were dropped (responses) and refused 403 (Routes). An IPv6
+        // listener is us as URIs write it, in brackets.
+        let cfg = Config::parse(
+            "[server]\nhostname = \"sip.example.com\"\ndomains = [\"example.com\"]\n\
+             [[listen]]\nkind = \"tls\"\naddress = \"127.0.0.1:5061\"\n\
+             [[listen]]\nkind = \"tls\"\naddress = \"127.0.0.1:5062\"\nadvertise = \"Edge.example.net\"\n\
+             [[listen]]\nkind = \"tls\"\naddress = \"[2001:db8::1]:5063\"\n",
+        )
+        .unwrap();
+        let p = Proxy::new(proxy_config(&cfg, NodeKey::new([1; 32])));
+        for us in [
+            "sip:sip.example.com:5061",
+            "sip:edge.example.net:5062",
+            "sip:edge.example.net",
+            "sip:[2001:db8::1]:5063",
+            "sip:example.com",
+        ] {
+            assert!(p.is_self_uri(&Uri::parse(us.as_bytes()).unwrap()), "{us}");
+        }
+        for them in ["sip:other.example.net:5062", "sip:edge.example.net:5099"] {
+            assert!(
+                !p.is_self_uri(&Uri::parse(them.as_bytes()).unwrap()),
+                "{them}"
+            );
         }
     }
 }

@@ -388,7 +388,11 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
 
     /// Writes the edited message to `out`.
     pub fn write_into(mut self, out: &mut Vec<u8>) {
-        self.splices.sort_by_key(|s| (s.start, s.seq));
+        // At one position, insertions go before a removal or replacement that starts there
+        // (a Route line removed and a Path's Route inserted at its start), each group in the
+        // order it was asked for.
+        self.splices
+            .sort_by_key(|s| (s.start, s.end > s.start, s.seq));
         let src = self.msg.bytes();
         let growth: usize = self.splices.iter().map(|s| s.with.len()).sum();
         out.reserve(src.len() + growth);
@@ -461,6 +465,25 @@ body";
             assert_eq!(e.via_count, 3);
             assert_eq!(e.max_forwards, Some(69));
         });
+    }
+
+    #[test]
+    fn a_route_inserted_where_a_removed_route_line_began_goes_first() {
+        // A request to us (`Route: <us>, <next>` removed whole) towards a contact with a
+        // Path: the Path's Route is inserted at the removed line's start. This tripped the
+        // overlap assertion in debug builds (release wrote the same bytes).
+        let out = with(REQ, |m| {
+            let mut e = Editor::new(m);
+            e.remove_values_from(HeaderName::Route, 0, 2).unwrap();
+            e.insert_route(b"<sip:edge.example.net;lr>");
+            e.finish()
+        });
+        let s = String::from_utf8(out).unwrap();
+        assert!(
+            s.contains("Route: <sip:edge.example.net;lr>\r\nMax-Forwards: 70\r\n"),
+            "{s}"
+        );
+        assert!(!s.contains("proxy.example.com;lr"), "{s}");
     }
 
     #[test]

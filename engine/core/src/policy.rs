@@ -527,7 +527,16 @@ impl Policy {
             })
         };
         match decision {
-            Decision::ToFlow(_) => return allow(name),
+            // In a dialog the partner's From is the dialog's and is not checked again; what
+            // it asserts (P-Asserted-Identity) is, as on a new request: a route we signed
+            // says where the request may go, not who it may claim to be.
+            Decision::ToFlow(_) => {
+                return match self.partner(&name).cloned() {
+                    Some(p) if p.node || asserted_in(msg, &p.domains) => allow(name),
+                    Some(_) => self.deny_pai(info, msg, name),
+                    None => self.deny(info, 403, "Unknown Partner", "unknown_partner", name),
+                };
+            }
             Decision::Register => {
                 return self.deny(
                     info,
@@ -559,19 +568,8 @@ impl Policy {
                 ),
             );
         }
-        for v in msg.values(HeaderName::PAssertedIdentity) {
-            let ok = NameAddr::parse(v.value)
-                .and_then(|na| host_of(na.uri))
-                .is_some_and(|h| in_list(&h, &p.domains));
-            if !ok {
-                return self.deny(
-                    info,
-                    403,
-                    "Asserted Identity Not In Partner Domains",
-                    "partner_pai_domain",
-                    format!("{} from partner {name}", String::from_utf8_lossy(v.value)),
-                );
-            }
+        if !asserted_in(msg, &p.domains) {
+            return self.deny_pai(info, msg, name);
         }
         if let Decision::ToPeer(to) = decision
             && !p.relay_to.iter().any(|r| r == to)
@@ -585,6 +583,38 @@ impl Policy {
             );
         }
         allow(name)
+    }
+
+    fn deny_pai(&mut self, info: &FlowInfo, msg: &Message<'_, '_>, name: String) -> Authz {
+        let claimed: Vec<String> = msg
+            .headers_named(HeaderName::PAssertedIdentity)
+            .map(|h| String::from_utf8_lossy(h.value).into_owned())
+            .collect();
+        self.deny(
+            info,
+            403,
+            "Asserted Identity Not In Partner Domains",
+            "partner_pai_domain",
+            format!("{} from partner {name}", claimed.join(", ")),
+        )
+    }
+
+    /// Must a response's asserted identity (P-Asserted-Identity, P-Preferred-Identity) be
+    /// removed before it goes upstream? `from_partner`: the partner or node it came from
+    /// (`None`: a client); `to_partner`: whether it goes to a partner. A client's assertion
+    /// is never passed on (as on requests); a partner's only inside its domains, and not to
+    /// a client that asked for privacy; a cluster node's is ours.
+    pub fn strips_response_identity(
+        &self,
+        msg: &Message<'_, '_>,
+        from_partner: Option<&str>,
+        to_partner: bool,
+    ) -> bool {
+        match from_partner.and_then(|n| self.partner(n)) {
+            None => true,
+            Some(p) if p.node => false,
+            Some(p) => !asserted_in(msg, &p.domains) || (!to_partner && wants_id_privacy(msg)),
+        }
     }
 
     /// The identity-header edits for a request with `grant` going out to `to`.
@@ -623,6 +653,20 @@ impl Policy {
         }
         e
     }
+}
+
+/// Is every P-Asserted-Identity of `msg` a SIP URI in one of `domains`? One that cannot be
+/// read (an unbalanced quote or bracket) is not: what this parser cannot split, a
+/// downstream one may read as something else.
+fn asserted_in(msg: &Message<'_, '_>, domains: &[String]) -> bool {
+    let Some(values) = msg.try_values(HeaderName::PAssertedIdentity) else {
+        return false;
+    };
+    values.iter().all(|v| {
+        NameAddr::parse(v.value)
+            .and_then(|na| host_of(na.uri))
+            .is_some_and(|h| in_list(&h, domains))
+    })
 }
 
 /// Does the request ask that its asserted identity be withheld (`Privacy: id`, RFC 3325)?
@@ -1084,6 +1128,50 @@ mod tests {
                 req("BYE", bob, "sip:x@peer-b.test", bob, ""),
                 &in_dialog,
                 0,
+            ),
+            (
+                // A signed dialog route says where a request may go, not who it may claim
+                // to be: before, this reached bob with the CEO asserted.
+                "partner in dialog asserting one of our users",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: <sip:ceo@example.com>\r\n",
+                ),
+                &in_dialog,
+                403,
+            ),
+            (
+                "partner in dialog asserting its own user",
+                &pa,
+                req(
+                    "BYE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: <sip:x@peer-a.test>\r\n",
+                ),
+                &in_dialog,
+                0,
+            ),
+            (
+                // An unbalanced quote: this parser cannot split it, a downstream one may
+                // read `sip:ceo@example.com` in it. Before, it was neither checked nor
+                // removed.
+                "partner PAI that cannot be read",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: \"Bob \\\" <sip:ceo@example.com>\r\n",
+                ),
+                &local,
+                403,
             ),
         ];
         for (what, who, text, d, want) in cases {

@@ -329,10 +329,12 @@ impl Proxy {
         self.is_local_host(host) || text::eq_ic(host, self.cfg.via_host.as_bytes())
     }
 
-    /// Does this URI name us: one of our hosts, and (when it has one) one of our ports?
-    /// Without a port a URI with our host is ours (an outbound-proxy setting rarely has one).
+    /// Does this URI name us: one of our hosts or domains, and (when it has one) one of our
+    /// ports? Without a port a URI with our host is ours (an outbound-proxy setting rarely
+    /// has one); a domain we serve is us as a Route (a phone whose outbound proxy is its
+    /// SIP domain, resolved to us by SRV — as Kamailio's `loose_route` counts its aliases).
     pub fn is_self_uri(&self, uri: &Uri<'_>) -> bool {
-        self.is_self(uri.host)
+        (self.is_self(uri.host) || self.is_our_domain(uri.host))
             && uri
                 .port
                 .is_none_or(|p| p == self.cfg.via_port || self.cfg.ports.contains(&p))
@@ -467,6 +469,10 @@ impl Proxy {
         if method == Method::Cancel {
             return Decision::Cancel;
         }
+        // Max-Forwards (§16.3 step 3), for every request this decision forwards; one that
+        // ends here (a REGISTER, an OPTIONS to us) is answered whatever its count.
+        let max_forwards = ess.max_forwards.unwrap_or(70);
+        let exhausted = max_forwards == 0;
 
         // Route pre-processing (§16.4). A strict-routing predecessor put our Record-Route
         // in the Request-URI: it carries the dialog's flows (the real target is the last
@@ -474,6 +480,9 @@ impl Proxy {
         // remove: the first with flow tokens carries the dialog's flows; one without (a UA's
         // preloaded outbound proxy) is simply removed and routing goes on.
         if ruri.param("fi").is_some() && self.is_self_uri(&ruri) {
+            if exhausted {
+                return reject(483, "Too Many Hops");
+            }
             return self.dialog_route(&ruri, ess, inbound, inbound_peer, is_ack, &reject);
         }
         for r in msg.values(HeaderName::Route) {
@@ -484,18 +493,21 @@ impl Proxy {
             if !self.is_self_uri(&uri) {
                 // A Route to someone else: only partners are reachable that way.
                 return match self.peer_for(uri.host) {
+                    Some(_) if exhausted => reject(483, "Too Many Hops"),
                     Some(p) => Decision::ToPeer(p),
                     None => reject(403, "Route Not Allowed"),
                 };
             }
             if uri.param("fi").is_some() || uri.param("fo").is_some() {
+                if exhausted {
+                    return reject(483, "Too Many Hops");
+                }
                 return self.dialog_route(&uri, ess, inbound, inbound_peer, is_ack, &reject);
             }
         }
 
         // Target by Request-URI (§16.5).
         let host = ruri.host;
-        let max_forwards = ess.max_forwards.unwrap_or(70);
         let to_us = (self.is_local_host(host) || self.is_our_domain(host)) && ruri.user.is_none();
         if to_us || self.is_our_domain(host) || self.is_local_host(host) {
             if method == Method::Register {
@@ -519,7 +531,7 @@ impl Proxy {
                     _ => Answer::decision(404, "Not Found"),
                 };
             }
-            if max_forwards == 0 {
+            if exhausted {
                 return reject(483, "Too Many Hops");
             }
             return match crate::registrar::aor_of(&ruri) {
@@ -527,7 +539,7 @@ impl Proxy {
                 None => reject(404, "Not Found"),
             };
         }
-        if max_forwards == 0 {
+        if exhausted {
             return reject(483, "Too Many Hops");
         }
         match self.peer_for(host) {
@@ -570,6 +582,11 @@ impl Proxy {
                     label: "forged_flow_token",
                 })
             };
+        }
+        // Our Record-Route is for requests inside the dialog it was made for: one without a
+        // To tag (a new request that reuses the Call-ID and the route) is not followed.
+        if ess.to.tag().is_none() {
+            return reject(403, "Dialog Route Outside A Dialog");
         }
         // Nothing is created for a name that is not a configured partner.
         let known = |f: Option<Flow>| match f {
@@ -771,9 +788,17 @@ impl Proxy {
     }
 
     /// Builds the bytes to forward a response upstream: our top Via removed.
-    pub fn forward_response(&self, msg: &Message<'_, '_>) -> Vec<u8> {
+    ///
+    /// `strip_identity`: remove what it asserts about the answering party
+    /// (P-Asserted-Identity, P-Preferred-Identity), as the policy decides
+    /// (`Policy::strips_response_identity`).
+    pub fn forward_response(&self, msg: &Message<'_, '_>, strip_identity: bool) -> Vec<u8> {
         let mut e = Editor::new(msg);
         let _ = e.pop_top_via();
+        if strip_identity {
+            e.remove_header(HeaderName::PAssertedIdentity)
+                .remove_header(HeaderName::PPreferredIdentity);
+        }
         // Overload-control feedback for our upstream is ours to write (RFC 7339), not a
         // downstream UA's: what one wrote into the upstream's Via goes.
         e.strip_overload_feedback(1);
@@ -931,6 +956,10 @@ mod tests {
         }
         let nobranch = req("INVITE sip:bob@example.com", "").replace(";branch=z9hG4bKabc", "");
         assert_eq!(code(decide_on(&p, &nobranch, &f)), 400);
+        // A phone whose outbound proxy is its SIP domain (SRV to us) preloads a Route naming
+        // the domain: it is ours and removed (was 403 "Route Not Allowed").
+        case!("REGISTER sip:example.com", "Route: <sip:example.com;lr>\r\n" => Decision::Register);
+        case!("INVITE sip:bob@example.com", "Route: <sip:example.com:5061;transport=tls;lr>\r\n" => Decision::Lookup { aor: "sip:bob@example.com".into() });
     }
 
     #[test]
@@ -1015,6 +1044,28 @@ mod tests {
         }
         let other_dialog = bye.replace("Call-ID: c1", "Call-ID: c2");
         assert_eq!(code(decide_on(&p, &other_dialog, &b)), 403);
+        // A new request (no To tag) reusing the dialog's Call-ID and our route is not
+        // followed: the route is for the dialog (before, it reached the other side).
+        let outside = req("MESSAGE sip:alice@10.0.0.1", &route);
+        assert_eq!(code(decide_on(&p, &outside, &b)), 403);
+        // Max-Forwards 0 stops a routed request too (§16.3 step 3): on our dialog route and
+        // on a Route to a partner. Before, it went out with Max-Forwards 0.
+        let spent = bye.replace("Max-Forwards: 70", "Max-Forwards: 0");
+        assert_eq!(code(decide_on(&p, &spent, &b)), 483);
+        let to_partner = req(
+            "MESSAGE sip:carol@partner.net",
+            "Route: <sip:partner.net;lr>\r\n",
+        );
+        assert_eq!(
+            decide_on(&p, &to_partner, &b),
+            Decision::ToPeer("partner".into())
+        );
+        let spent = to_partner.replace("Max-Forwards: 70", "Max-Forwards: 0");
+        assert_eq!(code(decide_on(&p, &spent, &b)), 483);
+        // A request that ends here is answered whatever its count.
+        let reg =
+            req("REGISTER sip:example.com", "").replace("Max-Forwards: 70", "Max-Forwards: 0");
+        assert_eq!(decide_on(&p, &reg, &b), Decision::Register);
         // Forwarding the BYE pops our Route and adds no Record-Route.
         let mut h = [Header::EMPTY; 32];
         let Ok(Status::Complete(m)) =
@@ -1339,7 +1390,7 @@ mod tests {
         };
         let e = m.validate(&Limits::default()).unwrap();
         assert_eq!(p.response_branch(&e), Some(&b"z9hG4bKsr1.1"[..]));
-        let fwd = p.forward_response(&m);
+        let fwd = p.forward_response(&m, false);
         assert!(
             String::from_utf8(fwd).unwrap().starts_with(
                 "SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo:"

@@ -435,6 +435,10 @@ impl BindingStore for MemoryStore {
     }
 }
 
+/// Most Path entries kept with a binding (RFC 3327): each becomes a Route line on every
+/// request forwarded to it.
+pub const MAX_PATH: usize = 8;
+
 /// Registrar settings (all expiries in seconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistrarConfig {
@@ -446,8 +450,9 @@ pub struct RegistrarConfig {
     pub default_expires: u32,
     /// Most contacts per AOR; more gets 403. Default 10.
     pub max_contacts: usize,
-    /// Longest Contact value stored (URI and parameters), in bytes; longer gets 400: a
-    /// binding's memory is bounded whatever the message size. Default 1024.
+    /// Longest Contact value stored (URI and parameters), and longest Path (its values
+    /// together), in bytes; longer gets 400: a binding's memory is bounded whatever the
+    /// message size. Default 1024.
     pub max_contact_bytes: usize,
 }
 
@@ -572,6 +577,13 @@ impl Registrar {
             .iter()
             .map(|v| String::from_utf8_lossy(v.value).into_owned())
             .collect();
+        // Stored with every binding and replayed as Route on each request to it: bounded
+        // like the Contact it goes with.
+        if path.len() > MAX_PATH
+            || path.iter().map(|p| p.len() + 2).sum::<usize>() > self.cfg.max_contact_bytes
+        {
+            return Reply::err(400, "Path Too Long");
+        }
         let echo_path = !path.is_empty()
             && msg
                 .values(HeaderName::Supported)
@@ -955,6 +967,33 @@ mod tests {
         // Without `Supported: path` the Path is still used, but not echoed (RFC 3327 §5.3).
         let r = register(&reg, &mut st, t0, via_edge, 2, 5);
         assert!(!r.headers.iter().any(|(n, _)| *n == "Path"));
+        // A Path is kept with every binding: bounded like its Contact (was unbounded, up to
+        // the message size, per binding).
+        let hop = "<sip:edge.example.net;lr;x=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa>";
+        let long = [hop; 12].join(", ");
+        let r = register(
+            &reg,
+            &mut st,
+            t0,
+            &format!("Contact: <sip:alice@192.0.2.9>\r\nPath: {long}\r\n"),
+            3,
+            5,
+        );
+        assert_eq!((r.code, r.reason), (400, "Path Too Long"));
+        let many = ["<sip:e.example.net;lr>"; MAX_PATH + 1].join(", ");
+        let r = register(
+            &reg,
+            &mut st,
+            t0,
+            &format!("Contact: <sip:alice@192.0.2.9>\r\nPath: {many}\r\n"),
+            4,
+            5,
+        );
+        assert_eq!((r.code, r.reason), (400, "Path Too Long"));
+        assert_eq!(
+            reg.lookup(t0, &st, "sip:alice@example.com")[0].path.len(),
+            2
+        );
     }
 
     proptest::proptest! {

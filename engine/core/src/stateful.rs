@@ -234,16 +234,29 @@ pub struct ShardProxy {
     stats: Stats,
 }
 
+/// Header storage for re-reading messages this shard keeps or made: what it forwards has
+/// grown by its own lines (Via, Max-Forwards, Record-Route, a Path's Routes, an asserted
+/// identity) past what it accepts from a peer.
+const KEPT_HEADERS: usize = 128;
+
+/// Re-reads a message this shard already accepted (and may have grown), within limits
+/// widened by what forwarding adds: before, a request accepted at the limits could not be
+/// re-read once forwarded, and its CANCEL or hop-by-hop ACK was silently never sent.
 fn with_parsed<T>(
     bytes: &[u8],
     limits: &Limits,
     f: impl FnOnce(&Message<'_, '_>, &Essentials<'_>) -> T,
 ) -> Option<T> {
-    let mut h = [Header::EMPTY; 64];
-    let Ok(Status::Complete(m)) = parse(bytes, &mut h, limits, Framing::Stream) else {
+    let limits = Limits {
+        max_message: limits.max_message + 16 * 1024,
+        max_headers: KEPT_HEADERS,
+        ..*limits
+    };
+    let mut h = [Header::EMPTY; KEPT_HEADERS];
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
         return None;
     };
-    let e = m.validate(limits).ok()?;
+    let e = m.validate(&limits).ok()?;
     Some(f(&m, &e))
 }
 
@@ -896,12 +909,21 @@ impl ShardProxy {
         let Some(invite_key) = cancel_key.cancelled_invite() else {
             return;
         };
-        let cancellable = self
+        let from = self.servers.get(cancel_key).map(|c| c.inbound.clone());
+        // The INVITE it names, when it came the way the CANCEL did: anyone downstream sees
+        // the caller's Via (branch and sent-by), and must not be able to cancel its call
+        // from another connection.
+        let Some(invite) = self
             .servers
             .get(&invite_key)
-            .is_some_and(|s| s.txn.is_cancellable() && !s.final_sent);
-        if !cancellable {
+            .filter(|s| Some(&s.inbound) == from.as_ref())
+        else {
             return self.answer(now, cancel_key, 481, "Call/Transaction Does Not Exist", &[]);
+        };
+        if !invite.txn.is_cancellable() || invite.final_sent {
+            // Answered already: the CANCEL changes nothing, and is answered 200 (§9.2,
+            // §16.10) — a CANCEL crossing the final response is normal, not an error.
+            return self.answer(now, cancel_key, 200, "OK", &[]);
         }
         self.answer(now, cancel_key, 200, "OK", &[]);
         let s = self.servers.get_mut(&invite_key).expect("checked");
@@ -1198,14 +1220,9 @@ impl ShardProxy {
                     _ => return,
                 };
                 let limits = self.limits;
-                let mut h = [Header::EMPTY; 64];
-                let Ok(Status::Complete(m)) = parse(&request, &mut h, &limits, Framing::Stream)
-                else {
-                    return;
-                };
-                if let Ok(e) = m.validate(&limits) {
-                    self.send_ack(&inbound, &to, uri.as_deref(), &m, &e);
-                }
+                with_parsed(&request, &limits, |m, e| {
+                    self.send_ack(&inbound, &to, uri.as_deref(), m, e)
+                });
             }
             None => {}
         }
@@ -1419,8 +1436,19 @@ impl ShardProxy {
         let upstream: Bytes = match resp {
             BranchResponse::Local(b) => b,
             BranchResponse::Downstream(b) => {
-                let proxy = &self.proxy;
-                let Some(out) = with_parsed(&b, &limits, |m, _| proxy.forward_response(m)) else {
+                // Who answered, and to whom: what the answer asserts is checked as a
+                // request's would be.
+                let from = self.clients.get(key).map(|c| c.outbound.clone());
+                let from_partner = from.as_ref().and_then(|f| self.partner_of(f));
+                let to_partner = self
+                    .servers
+                    .get(sk)
+                    .is_some_and(|s| self.partner_of(&s.inbound).is_some());
+                let (proxy, policy) = (&self.proxy, &self.policy);
+                let Some(out) = with_parsed(&b, &limits, |m, _| {
+                    let strip = policy.strips_response_identity(m, from_partner, to_partner);
+                    proxy.forward_response(m, strip)
+                }) else {
                     return;
                 };
                 out.into()

@@ -84,6 +84,7 @@ fn into_kernel(
         suite,
         tls13,
         records_sent: 0,
+        peer_key_updates: 0,
     })
 }
 

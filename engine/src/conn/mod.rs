@@ -69,6 +69,8 @@ pub struct KernelState {
     suite: rustls::SupportedCipherSuite,
     tls13: bool,
     records_sent: u64,
+    /// KeyUpdates from the peer since its last application data.
+    peer_key_updates: u32,
 }
 
 enum KernelConn {
@@ -88,6 +90,10 @@ enum Closing {
 }
 
 /// One bytes-on-the-wire chunk the socket could not take at once.
+/// What one queued write costs beyond its bytes (the entry and its allocation), counted
+/// against `limits.write_queue_bytes` so that many small writes cannot hide behind it.
+const QUEUED_ENTRY_COST: usize = size_of::<Queued>() + 16;
+
 struct Queued {
     bytes: Vec<u8>,
     off: usize,
@@ -144,7 +150,7 @@ impl Io {
             }
             w => w[off..].to_vec(),
         };
-        self.out_bytes += bytes.len();
+        self.out_bytes += bytes.len() + QUEUED_ENTRY_COST;
         self.out.push_back(Queued {
             bytes,
             off: 0,
@@ -167,9 +173,11 @@ impl Io {
                     count_records(&mut self.layer, n);
                     if front.off == front.bytes.len()
                         && let Some(q) = self.out.pop_front()
-                        && let Some(s) = q.stamp
                     {
-                        done(s);
+                        self.out_bytes -= QUEUED_ENTRY_COST;
+                        if let Some(s) = q.stamp {
+                            done(s);
+                        }
                     }
                 }
                 Poll::Ready(_) => return Poll::Ready(Err(())),
@@ -367,12 +375,16 @@ impl Conn {
 
     /// Records how much it holds for an incomplete message (0: none) and keeps the shard's
     /// total; past the shard's budget, the largest holder is dropped.
-    fn hold_partial(&self, shard: &Shard, held: usize, now: Instant) {
+    ///
+    /// `progressed`: this read completed at least one message, so what is held now began
+    /// with it — a busy connection whose reads all end mid-message is not a stalled one.
+    fn hold_partial(&self, shard: &Shard, held: usize, now: Instant, progressed: bool) {
         let before = self.partial_len.replace(held);
         shard.partial_changed(before, held);
         match (held, self.partial_since.get()) {
             (0, _) => self.partial_since.set(None),
             (_, None) => self.partial_since.set(Some(now)),
+            (_, Some(_)) if progressed => self.partial_since.set(Some(now)),
             _ => {}
         }
         if held > before {
@@ -558,6 +570,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         // The connection's state is borrowed only inside this block (never across an await).
         let framing_lost = 'read: {
             let mut io = conn.io.borrow_mut();
+            if let Layer::Kernel(k) = &mut io.layer {
+                k.peer_key_updates = 0;
+            }
             if let Layer::User(s) = &mut io.layer {
                 if let Err(e) = s.receive(&scratch[..n]) {
                     tracing::info!(conn = conn.id, error = %e, "TLS error on established connection");
@@ -588,10 +603,10 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
                         partial.extend_from_slice(&scratch[used..n]);
                     }
                     shard.give_read_buf(scratch);
-                    if r.is_err() {
+                    let Ok(used) = r else {
                         break 'read true;
-                    }
-                    conn.hold_partial(&shard, partial.len(), t0);
+                    };
+                    conn.hold_partial(&shard, partial.len(), t0, used > 0);
                     continue 'conn;
                 }
                 partial.extend_from_slice(&scratch[..n]);
@@ -602,12 +617,13 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         if framing_lost {
             break finish_after_framing_error(&shard, &conn, &flow).await;
         }
-        match deliver(&shard, &conn, &mut framer, &partial, &flow, t0) {
+        let progressed = match deliver(&shard, &conn, &mut framer, &partial, &flow, t0) {
             Ok(used) => {
                 partial.drain(..used);
+                used > 0
             }
             Err(()) => break finish_after_framing_error(&shard, &conn, &flow).await,
-        }
+        };
         if partial.is_empty() {
             // Nothing partial is waiting: an idle connection keeps no buffer.
             partial = Vec::new();
@@ -616,14 +632,14 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             Layer::User(s) => s.buffered_incoming(),
             _ => 0,
         };
-        conn.hold_partial(&shard, partial.len() + tls_held, t0);
+        conn.hold_partial(&shard, partial.len() + tls_held, t0, progressed);
         if peer_closed {
             // Answer close_notify with ours after delivering what came before it.
             break Closing::Graceful("close_notify");
         }
     };
     drop(partial);
-    conn.hold_partial(&shard, 0, Instant::now());
+    conn.hold_partial(&shard, 0, Instant::now(), false);
     // An abort decided meanwhile (a slow reader dropped while delivering) wins over a
     // graceful close: there is no point flushing to it.
     let closing = match conn.closing.get() {
@@ -718,6 +734,14 @@ fn deliver(
     t0: Instant,
 ) -> Result<usize, ()> {
     let mut start = 0;
+    // RFC 5626 keepalives: however many pings one read held, one pong answers them (a
+    // flood of pings must not become a flood of writes, or a queue of two-byte entries).
+    let mut ping = false;
+    let pong = |ping: bool| {
+        if ping {
+            let _ = conn.send(shard, b"\r\n", None);
+        }
+    };
     loop {
         match framer.frame(&buf[start..]) {
             Ok(Status::Complete(Frame::Message(n))) => {
@@ -728,12 +752,16 @@ fn deliver(
             Ok(Status::Complete(Frame::Ping)) => {
                 // RFC 5626 keepalive: activity. Lone CRLFs (pongs) are not.
                 conn.last_rx.set(t0);
-                let _ = conn.send(shard, b"\r\n", None);
+                ping = true;
                 start += 4;
             }
             Ok(Status::Complete(Frame::Pong)) => start += 2,
-            Ok(Status::Partial) => return Ok(start),
+            Ok(Status::Partial) => {
+                pong(ping);
+                return Ok(start);
+            }
             Err(e) => {
+                pong(ping);
                 shard.count(&format!(
                     "sipring_parse_errors_total{{reason=\"{}\"}}",
                     e.label()

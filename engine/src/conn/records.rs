@@ -51,6 +51,35 @@ pub(super) fn rekey_or_close(
     Ok(Rekey::Done)
 }
 
+/// KeyUpdates a peer may send in a row with no application data between them (rustls, in
+/// userspace, refuses a flood of them the same way): each costs two key derivations and
+/// two `setsockopt`s here.
+pub(super) const MAX_KEY_UPDATES_WITHOUT_DATA: u32 = 32;
+
+/// The handshake messages of one handshake record: `(type, body)` each. A message split
+/// across records (legal, and what no TLS stack does after the handshake) or a record that
+/// ends inside a header is refused, not reassembled.
+pub(super) fn handshake_messages(payload: &[u8]) -> Result<Vec<(u8, &[u8])>, &'static str> {
+    let mut out = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let [kind, a, b, c, tail @ ..] = rest else {
+            return Err("fragmented_handshake");
+        };
+        let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+        if tail.len() < len {
+            return Err("fragmented_handshake");
+        }
+        let (body, next) = tail.split_at(len);
+        out.push((*kind, body));
+        rest = next;
+    }
+    if out.is_empty() {
+        return Err("fragmented_handshake");
+    }
+    Ok(out)
+}
+
 /// A non-data record the kernel handed up: alerts, KeyUpdate, tickets. `Err`: the
 /// connection ends (close_notify is answered by the close sequence).
 pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<(), &'static str> {
@@ -69,34 +98,76 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
                 Err("alert")
             }
         }
-        content::HANDSHAKE => match payload.first() {
-            // KeyUpdate: new RX key; answer with our own update if the peer asked.
-            Some(24) => {
-                let requested = payload.get(4) == Some(&1);
-                let (seq, secrets) = match &mut k.conn {
-                    KernelConn::Server(c) => c.update_rx_secret(),
-                    KernelConn::Client(c) => c.update_rx_secret(),
+        content::HANDSHAKE => {
+            for (kind, body) in handshake_messages(payload)? {
+                match kind {
+                    // KeyUpdate: new RX key; answer with our own update if the peer asked.
+                    24 => {
+                        let requested = match body {
+                            [0] => false,
+                            [1] => true,
+                            _ => return Err("bad_key_update"),
+                        };
+                        k.peer_key_updates += 1;
+                        if k.peer_key_updates > MAX_KEY_UPDATES_WITHOUT_DATA {
+                            tracing::warn!(
+                                conn = conn.id,
+                                remote = %conn.remote,
+                                "peer sent {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without data; closing"
+                            );
+                            return Err("key_update_flood");
+                        }
+                        let (seq, secrets) = match &mut k.conn {
+                            KernelConn::Server(c) => c.update_rx_secret(),
+                            KernelConn::Client(c) => c.update_rx_secret(),
+                        }
+                        .map_err(|_| "key_update")?;
+                        let info = sys::ktls::crypto_info(k.suite, seq, secrets)
+                            .map_err(|_| "key_update")?;
+                        sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &info)
+                            .map_err(|_| "key_update")?;
+                        // Asked to update ours too: now, or (socket full) before our next write.
+                        if requested && let Rekey::Later = rekey_or_close(fd, k)? {
+                            k.records_sent = u64::MAX;
+                        }
+                    }
+                    // NewSessionTicket (client side): keep it for resumption.
+                    4 => match &mut k.conn {
+                        KernelConn::Client(c) => {
+                            let _ = c.handle_new_session_ticket(body);
+                        }
+                        KernelConn::Server(_) => return Err("unexpected_handshake"),
+                    },
+                    _ => return Err("unexpected_handshake"),
                 }
-                .map_err(|_| "key_update")?;
-                let info =
-                    sys::ktls::crypto_info(k.suite, seq, secrets).map_err(|_| "key_update")?;
-                sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &info).map_err(|_| "key_update")?;
-                // Asked to update ours too: now, or (socket full) before our next write.
-                if requested && let Rekey::Later = rekey_or_close(fd, k)? {
-                    k.records_sent = u64::MAX;
-                }
-                Ok(())
             }
-            // NewSessionTicket (client side): keep it for resumption.
-            Some(4) => {
-                if let KernelConn::Client(c) = &mut k.conn {
-                    let _ = c.handle_new_session_ticket(&payload[4..]);
-                }
-                Ok(())
-            }
-            _ => Err("unexpected_handshake"),
-        },
+            Ok(())
+        }
         content::CHANGE_CIPHER_SPEC => Ok(()),
         _ => Err("unexpected_record"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::handshake_messages;
+
+    #[test]
+    fn handshake_records_are_split_into_whole_messages_or_refused() {
+        // A record of `[4]` (a ticket's type byte alone: legal TLS, split across records)
+        // panicked the shard before (`&payload[4..]`); it is refused now.
+        for short in [&[4u8][..], &[4, 0, 0], &[24], &[], &[4, 0, 0, 9, 1, 2]] {
+            assert_eq!(
+                handshake_messages(short),
+                Err("fragmented_handshake"),
+                "{short:?}"
+            );
+        }
+        // Two messages in one record (a ticket, then a KeyUpdate): both, in order.
+        let two = [4, 0, 0, 2, 7, 7, 24, 0, 0, 1, 1];
+        assert_eq!(
+            handshake_messages(&two),
+            Ok(vec![(4, &[7u8, 7][..]), (24, &[1u8][..])])
+        );
     }
 }
