@@ -251,9 +251,10 @@ fn a_dead_connection_fails_its_transaction_and_leaves_no_state() {
     alice.send(&inv);
     let _ = bob.expect("INVITE");
     bob.kill();
-    let (s, resp) = alice.expect_final_or_provisional("503 after the callee's connection died");
-    assert_eq!(s, 503);
-    // ACK the 503 (hop-by-hop) so the server transaction completes.
+    // A transport error counts as a 503 (RFC 3261 §16.9), which goes upstream as 500.
+    let (s, resp) = alice.expect_final_or_provisional("500 after the callee's connection died");
+    assert_eq!(s, 500);
+    // ACK the 500 (hop-by-hop) so the server transaction completes.
     let to = header(&resp, "To").unwrap();
     let via = header(&inv, "Via").unwrap();
     alice.send(format!("ACK sip:bob@example.com SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\nTo: {to}\r\nFrom: <sip:alice@example.com>;tag=talice\r\nCall-ID: dead-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n").as_bytes());

@@ -440,7 +440,8 @@ fn a_dead_flow_fails_its_transactions_and_leaves_no_state() {
         1,
         "the engine drops the dead flow's bindings"
     );
-    assert_eq!(status(&n.one(&A)), 503);
+    // A transport error counts as a 503 (§16.9), which goes upstream as 500 (§16.7 step 6).
+    assert_eq!(status(&n.one(&A)), 500);
     // And the caller's side dying mid-call abandons its transactions.
     n.register("bob", &B, "10.0.0.2:5061");
     n.send(&A, &invite("z9hG4bKa7", "call-7"));
@@ -628,10 +629,11 @@ fn a_closing_flow_touches_only_its_own_transactions() {
     let fwd = n.one(&B2);
     n.send(&B2, &answer(&fwd, 180, "Ringing", "c1"));
     n.take(&A);
-    // Carol's connection dies: her caller gets 503, bob's 200 callers nothing.
+    // Carol's connection dies: her caller gets 500 (a 503 upstream would say we are
+    // unavailable), bob's 200 callers nothing.
     n.proxy.handle_flow_closed(n.now, &B2);
     n.pump();
-    assert_eq!(status(&n.one(&A)), 503);
+    assert_eq!(status(&n.one(&A)), 500);
     assert!(n.inbox.is_empty(), "{:?}", n.inbox.len());
     assert_eq!(n.proxy.in_progress(), 200, "bob's calls still ring");
     // Bob answers every call, one after another on the same connection: the connection's
@@ -1146,4 +1148,83 @@ fn what_an_answer_asserts_is_checked_like_what_a_request_asserts() {
         assert_eq!(status(&back), 200);
         assert_eq!(pai_of(&back).is_some(), passes, "{pai}");
     }
+}
+
+#[test]
+fn the_best_answer_of_a_fork_carries_every_challenge_and_a_503_goes_up_as_500() {
+    // RFC 3261 §16.7 steps 6 and 7. Two devices of bob answer a forked MESSAGE with 404 and
+    // 407: the 407 wins (it tells the caller how to try again; before, the lower 404 did)
+    // and carries both branches' challenges. A lone 503 goes upstream as 500 (before, as
+    // 503: "this proxy is unavailable", and the caller would stop using us).
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let reg2 = b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKreg2\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: reg-bob-2\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@10.0.0.3:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&B2, reg2);
+    assert_eq!(status(&n.one(&B2)), 200);
+    let message = |branch: &str, call: &str| {
+        format!("MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n").into_bytes()
+    };
+    let challenge = |resp: Vec<u8>, name: &str, realm: &str| {
+        String::from_utf8(resp)
+            .unwrap()
+            .replacen(
+                "\r\n\r\n",
+                &format!("\r\n{name}: Digest realm=\"{realm}\", nonce=\"n\"\r\n\r\n"),
+                1,
+            )
+            .into_bytes()
+    };
+    n.send(&A, &message("z9hG4bKm1", "fork-1"));
+    let (f1, f2) = (n.one(&B), n.one(&B2));
+    n.send(&B, &answer(&f1, 404, "Not Found", "b1"));
+    n.send(
+        &B2,
+        &challenge(
+            answer(&f2, 407, "Proxy Authentication Required", "b2"),
+            "Proxy-Authenticate",
+            "b2.example",
+        ),
+    );
+    let best = n.one(&A);
+    assert_eq!(status(&best), 407, "{}", String::from_utf8_lossy(&best));
+    // Now both branches challenge, with different realms: both challenges go up.
+    n.send(&A, &message("z9hG4bKm2", "fork-2"));
+    let (f1, f2) = (n.one(&B), n.one(&B2));
+    n.send(
+        &B,
+        &challenge(
+            answer(&f1, 401, "Unauthorized", "b1"),
+            "WWW-Authenticate",
+            "b1.example",
+        ),
+    );
+    n.send(
+        &B2,
+        &challenge(
+            answer(&f2, 407, "Proxy Authentication Required", "b2"),
+            "Proxy-Authenticate",
+            "b2.example",
+        ),
+    );
+    let best = String::from_utf8(n.one(&A)).unwrap();
+    assert!(
+        best.starts_with("SIP/2.0 401 ")
+            && best.contains("WWW-Authenticate: Digest realm=\"b1.example\"")
+            && best.contains("Proxy-Authenticate: Digest realm=\"b2.example\""),
+        "{best}"
+    );
+    assert_eq!(best.matches("WWW-Authenticate:").count(), 1, "{best}");
+    // A 503 from the only branch left.
+    n.send(&B2, b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKreg3\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: reg-bob-2\r\nCSeq: 2 REGISTER\r\nContact: <sip:bob@10.0.0.3:5061;transport=tls>;expires=0\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&n.one(&B2)), 200);
+    n.send(&A, &message("z9hG4bKm3", "fork-3"));
+    let f1 = n.one(&B);
+    let busy = String::from_utf8(answer(&f1, 503, "Service Unavailable", "b1"))
+        .unwrap()
+        .replacen("\r\n\r\n", "\r\nRetry-After: 300\r\n\r\n", 1);
+    n.send(&B, busy.as_bytes());
+    let up = String::from_utf8(n.one(&A)).unwrap();
+    assert!(up.starts_with("SIP/2.0 500 "), "{up}");
+    assert!(up.contains("Call-ID: fork-3"), "{up}");
+    n.assert_idle_after_timers();
 }

@@ -555,6 +555,29 @@ fn inbound_revocation_by_crl() {
 }
 
 #[test]
+fn a_crl_past_its_next_update_is_no_crl() {
+    // A CRL file nobody refreshed: it cannot say what was revoked since it was due, so under
+    // the default policy (unknown status denied) a certificate it does not list is refused
+    // as of unknown status. Before, a stale CRL was read as current.
+    let w = World::new();
+    let fresh = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    assert_eq!(
+        inbound(&w, &w.policy(&["1.3"]), "1.3", Some(&fresh)),
+        Ok(())
+    );
+    w.dir.write(
+        "alpha.crl",
+        w.alpha
+            .crl_next_update(&[w.alpha_revoked], Duration::days(-1))
+            .unwrap(),
+    );
+    assert_eq!(
+        inbound(&w, &w.policy(&["1.3"]), "1.3", Some(&fresh)),
+        Err(Rejection::UnknownRevocation)
+    );
+}
+
+#[test]
 fn outbound_partner_acceptance_and_rejections() {
     let w = World::new();
     let policy = w.policy(&["1.2", "1.3"]);

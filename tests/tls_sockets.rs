@@ -207,8 +207,9 @@ fn outbound_refuses_a_partner_presenting_the_wrong_name() {
     ));
     let (s, _) = alice.expect_final_or_provisional("answer for an unreachable partner");
     assert_eq!(
-        s, 503,
-        "a partner that fails verification is a transport failure (503)"
+        s, 500,
+        "a partner that fails verification is a transport failure (a 503, RFC 3261 §16.9), \
+         which goes upstream as 500 (§16.7 step 6)"
     );
     wait_metrics(srv.admin_addr.unwrap(), "name mismatch counted", |m| {
         metric(m, "sipring_tls_rejections_total{reason=\"name_mismatch\"}").unwrap_or(0.0) >= 1.0

@@ -390,9 +390,11 @@ pub struct AuthSection {
     /// How long an address that failed too often is refused (403), in seconds. Default 300.
     pub block_s: u64,
     /// A file holding this node's secret (at least 32 bytes) that signs nonces and the flow
-    /// tokens in our Record-Route. Keep it to make routes outlive a restart (an in-dialog
-    /// request for a connection that is gone then gets 430, not 403). Default none: a random
-    /// secret at each start.
+    /// tokens in our Record-Route. Keep it to make routes outlive a restart: a dialog with a
+    /// partner (a route naming the partner, not a connection) goes on, and a request on a
+    /// route naming a connection of the last life is not refused as forged (403) but finds
+    /// no connection (connection numbers start at random each life, so it never names a
+    /// new one). Default none: a random secret at each start.
     pub secret_file: Option<PathBuf>,
 }
 

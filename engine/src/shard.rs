@@ -300,6 +300,26 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+/// The connection number's bits (below the shard's, `id << 48`).
+const CONN_NUMBER_MASK: u64 = (1 << 48) - 1;
+
+/// Where this life's connection numbers start: at random, not at 1. Flow tokens and nonces
+/// name connections; with a kept `auth.secret_file` they verify after a restart, and a
+/// token or an `Authorization` of the last life must not name a connection of this one.
+fn first_conn_number() -> u64 {
+    let mut b = [0u8; 8];
+    if rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut b)
+        .is_err()
+    {
+        tracing::warn!("no system randomness: connection numbers start at 1");
+        return 1;
+    }
+    // Room for 2^46 connections before the wrap.
+    (u64::from_be_bytes(b) & (CONN_NUMBER_MASK >> 2)).max(1)
+}
+
 /// How peers address each `[[listen]]` entry (its advertised host, its port, its transport).
 pub fn interfaces(cfg: &Config) -> Vec<Interface> {
     cfg.listen
@@ -460,7 +480,7 @@ impl Shard {
             peers: RefCell::new(HashMap::new()),
             mesh,
             metrics: RefCell::new(ShardMetrics::default()),
-            next_conn: Cell::new(1),
+            next_conn: Cell::new(first_conn_number()),
             stamps: RefCell::new(HashMap::new()),
             handshakes: Cell::new(0),
             handshakes_by_ip: RefCell::new(HashMap::new()),
@@ -523,7 +543,7 @@ impl Shard {
     /// A fresh connection id owned by this shard.
     pub fn new_conn_id(&self) -> FlowId {
         let c = self.next_conn.get();
-        self.next_conn.set(c + 1);
+        self.next_conn.set((c + 1) & CONN_NUMBER_MASK);
         ((self.id as u64) << 48) | c
     }
 

@@ -826,7 +826,10 @@ impl Authenticator {
         let Some(issued) = self.nonce_issued(&c.nonce, flow, &c.realm) else {
             return stale;
         };
-        if self.ms(now).saturating_sub(issued) > self.cfg.nonce_ttl.as_millis() as u64 {
+        // Issued "in the future": by an earlier life of this node (its clock counts from
+        // its start), not by this one.
+        let age = self.ms(now).checked_sub(issued);
+        if age.is_none_or(|a| a > self.cfg.nonce_ttl.as_millis() as u64) {
             return stale;
         }
         let windows = self.nonces.entry(flow).or_default();
@@ -1239,6 +1242,34 @@ mod tests {
             f.auth.fail(f.t0, Some(IpAddr::V4(i.into())));
         }
         assert_eq!(f.auth.tracked_sources(), 100);
+    }
+
+    #[test]
+    fn a_nonce_of_an_earlier_life_is_stale() {
+        // The same kept secret, an earlier start: its nonce, issued 60 s into that life, is
+        // "from the future" for this one (10 s old) and must not be taken as fresh.
+        let mut f = fixture(&[Algorithm::Sha256]);
+        let earlier = Authenticator::new(
+            AuthConfig::default(),
+            NodeKey::new([7; 32]),
+            f.t0.checked_sub(Duration::from_secs(300))
+                .expect("a clock that far back"),
+        );
+        let future = earlier.nonce(
+            f.t0.checked_sub(Duration::from_secs(240)).unwrap(),
+            5,
+            "example.com",
+        );
+        let c = f.answer(
+            Duration::from_secs(10),
+            5,
+            Algorithm::Sha256,
+            "secret",
+            &future,
+            1,
+            "sip:example.com",
+        );
+        assert_eq!(c.verdict, Verdict::Challenge { stale: true });
     }
 
     #[test]

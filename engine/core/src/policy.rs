@@ -145,6 +145,9 @@ pub const DEFAULT_CHALLENGE: &[&str] = &[
     "INFO",
     "UPDATE",
     "PRACK",
+    // In a dialog a BYE follows our signed route; one without it, sent anonymously to a
+    // local user, would let anyone who learnt a dialog's Call-ID and tags hang it up.
+    "BYE",
 ];
 
 /// Where a request came from, as far as identity headers go.
@@ -1033,6 +1036,15 @@ mod tests {
                 req("MESSAGE", bob, bob, bob, ""),
                 &local,
                 403,
+            ),
+            (
+                // Without our route, an anonymous BYE to a local user was looked up and
+                // delivered: anyone who knew a dialog's Call-ID and tags could end it.
+                "anonymous BYE to a local user, outside our route",
+                &anon,
+                req("BYE", bob, "sip:x@elsewhere.org", bob, ""),
+                &local,
+                407,
             ),
             (
                 "in-dialog request on a signed route",

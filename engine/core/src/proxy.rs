@@ -758,13 +758,24 @@ impl Proxy {
         if self.cfg.record_route && creates_dialog {
             let (fi, fo) = (hop.inbound.encode(), hop.outbound.encode());
             let ft = flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id);
+            // A sips Request-URI or top Route: our Record-Route is sips too (§16.6 step 4),
+            // where the side is TLS (sips implies it: no `transport` parameter, RFC 5630).
+            let secure = ruri.as_ref().is_some_and(|u| u.scheme == Scheme::Sips)
+                || routes
+                    .first()
+                    .and_then(|r| NameAddr::parse(r.value))
+                    .is_some_and(|na| na.uri().scheme == Scheme::Sips);
             let rr = |i: &Interface| {
-                format!(
-                    "<sip:{}:{};transport={};lr;fi={fi};fo={fo};ft={ft}>",
-                    i.host,
-                    i.port,
-                    i.transport.uri_name()
-                )
+                if secure && i.transport == Transport::Tls {
+                    format!("<sips:{}:{};lr;fi={fi};fo={fo};ft={ft}>", i.host, i.port)
+                } else {
+                    format!(
+                        "<sip:{}:{};transport={};lr;fi={fi};fo={fo};ft={ft}>",
+                        i.host,
+                        i.port,
+                        i.transport.uri_name()
+                    )
+                }
             };
             // Downstream reads the set top first (our outbound side first), upstream
             // reversed (our inbound side first).
@@ -1076,6 +1087,49 @@ mod tests {
         let e = m.validate(&Limits::default()).unwrap();
         let out = String::from_utf8(fwd(&p, &m, &e, "z9hG4bKsrx", None, &b, &a)).unwrap();
         assert!(!out.contains("Route"), "{out}");
+    }
+
+    #[test]
+    fn a_sips_request_gets_a_sips_record_route_that_routes_its_dialog() {
+        // §16.6 step 4: before, a sips INVITE got `<sip:…;transport=tls>`.
+        let p = Proxy::new(cfg());
+        let (a, b) = (Flow::Conn(0x1_0000_0007), Flow::Conn(0x2_0000_0009));
+        let out = parsed(
+            &req(
+                "INVITE sips:bob@example.com",
+                "Contact: <sips:alice@10.0.0.1>\r\n",
+            ),
+            |m, e| {
+                fwd(
+                    &p,
+                    m,
+                    e,
+                    "z9hG4bKsr1",
+                    Some(b"sips:bob@10.0.0.2:5061"),
+                    &a,
+                    &b,
+                )
+            },
+        );
+        let s = String::from_utf8(out).unwrap();
+        let rr = record_routes(&s);
+        assert_eq!(rr.len(), 1, "{s}");
+        assert!(
+            rr[0].starts_with("<sips:proxy.example.com:5061;lr;fi=")
+                && !rr[0].contains("transport"),
+            "{s}"
+        );
+        let bye = req("BYE sips:alice@10.0.0.1", &format!("Route: {}\r\n", rr[0])).replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b",
+        );
+        assert_eq!(decide_on(&p, &bye, &b), Decision::ToFlow(a.clone()));
+        // A sip request keeps a sip Record-Route.
+        let out = parsed(&req("INVITE sip:bob@example.com", ""), |m, e| {
+            fwd(&p, m, e, "z9hG4bKsr2", None, &a, &b)
+        });
+        let s = String::from_utf8(out).unwrap();
+        assert!(record_routes(&s)[0].starts_with("<sip:proxy.example.com:5061;transport=tls;lr"));
     }
 
     fn parsed<T>(s: &str, f: impl FnOnce(&Message<'_, '_>, &Essentials<'_>) -> T) -> T {

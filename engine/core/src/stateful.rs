@@ -25,6 +25,7 @@
 //! Not done here: forking policy beyond parallel forking to all bindings, and RFC 2543
 //! transaction matching.
 
+use crate::edit::Editor;
 use crate::error::ParseError;
 use crate::header::Header;
 use crate::matching::{KeyMethod, TxKey};
@@ -134,6 +135,9 @@ struct Server {
     request: Bytes,
     branches: Vec<TxKey>,
     best: Option<(u16, Bytes)>,
+    /// The challenges (`WWW-Authenticate` / `Proxy-Authenticate` lines) of every 401/407 a
+    /// branch answered: the one sent upstream carries them all (§16.7 step 7).
+    challenges: Vec<(&'static str, Vec<u8>)>,
     got_2xx: bool,
     final_sent: bool,
     cancelled: bool,
@@ -242,6 +246,43 @@ const KEPT_HEADERS: usize = 128;
 /// Re-reads a message this shard already accepted (and may have grown), within limits
 /// widened by what forwarding adds: before, a request accepted at the limits could not be
 /// re-read once forwarded, and its CANCEL or hop-by-hop ACK was silently never sent.
+/// How good a final answer is to send upstream when no branch answered 2xx (RFC 3261
+/// §16.7 step 6), lowest best: any 6xx; else the lowest class; within 4xx the answers that
+/// tell the caller how to try again (401, 407, 415, 420, 484) first; then the lowest code.
+fn response_rank(code: u16) -> (u16, u8, u16) {
+    let class = if code >= 600 { 0 } else { code / 100 };
+    let retry_info = u8::from(!matches!(code, 401 | 407 | 415 | 420 | 484));
+    (class, retry_info, code)
+}
+
+/// The `WWW-Authenticate` and `Proxy-Authenticate` lines of a response, as (name, value).
+fn challenges_of(m: &Message<'_, '_>) -> Vec<(&'static str, Vec<u8>)> {
+    m.headers()
+        .iter()
+        .filter_map(|h| {
+            let name = if h.raw_name.eq_ignore_ascii_case(b"WWW-Authenticate") {
+                "WWW-Authenticate"
+            } else if h.raw_name.eq_ignore_ascii_case(b"Proxy-Authenticate") {
+                "Proxy-Authenticate"
+            } else {
+                return None;
+            };
+            Some((name, h.value.to_vec()))
+        })
+        .collect()
+}
+
+/// A 503 response rewritten as 500 (its status line only; everything else is kept).
+fn status_500(resp: &[u8]) -> Vec<u8> {
+    let end = resp
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(resp.len());
+    let mut out = b"SIP/2.0 500 Server Internal Error".to_vec();
+    out.extend_from_slice(&resp[end..]);
+    out
+}
+
 fn with_parsed<T>(
     bytes: &[u8],
     limits: &Limits,
@@ -613,7 +654,7 @@ impl ShardProxy {
         if bytes.starts_with(b"SIP/2.0 ")
             && let Some(f) = self.feedback_for(flow)
             && let Some(Some(with)) = with_parsed(&bytes, &self.limits, |m, _| {
-                let mut e = crate::edit::Editor::new(m);
+                let mut e = Editor::new(m);
                 matches!(e.overload_feedback(&f), Ok(true)).then(|| e.finish())
             })
         {
@@ -808,6 +849,7 @@ impl ShardProxy {
                 request: bytes.clone(),
                 branches: Vec::new(),
                 best: None,
+                challenges: Vec::new(),
                 got_2xx: false,
                 final_sent: false,
                 cancelled: false,
@@ -1474,9 +1516,14 @@ impl ShardProxy {
                 }
             }
             _ => {
+                if matches!(status, 401 | 407) {
+                    with_parsed(&upstream, &limits, |m, _| {
+                        s.challenges.extend(challenges_of(m));
+                    });
+                }
                 let better = match &s.best {
                     None => true,
-                    Some((b, _)) => *b < 600 && (status >= 600 || status < *b),
+                    Some((b, _)) => response_rank(status) < response_rank(*b),
                 };
                 if better {
                     s.best = Some((status, upstream));
@@ -1506,8 +1553,32 @@ impl ShardProxy {
         if !all_done {
             return;
         }
+        let limits = self.limits;
         let s = self.servers.get_mut(sk).expect("checked");
-        let (code, bytes) = s.best.take().expect("checked");
+        let (code, mut bytes) = s.best.take().expect("checked");
+        let challenges = std::mem::take(&mut s.challenges);
+        // §16.7 step 7: a 401/407 upstream carries every branch's challenge, so the caller
+        // can answer all of them at once.
+        if matches!(code, 401 | 407)
+            && let Some(out) = with_parsed(&bytes, &limits, |m, _| {
+                let own = challenges_of(m);
+                let mut e = Editor::new(m);
+                for (name, value) in challenges.iter().filter(|c| !own.contains(c)) {
+                    e.add_header(name, value);
+                }
+                e.finish()
+            })
+        {
+            bytes = out.into();
+        }
+        // §16.7 step 6: a 503 is not forwarded as ours ("this proxy is unavailable", RFC
+        // 3261 §21.5.4): the upstream would stop sending to us; it becomes a 500.
+        let code = if code == 503 {
+            bytes = status_500(&bytes).into();
+            500
+        } else {
+            code
+        };
         s.final_sent = true;
         let _ = s.txn.send_response(now, code, bytes);
     }

@@ -335,7 +335,12 @@ impl TlsPolicy {
                         provider.clone(),
                     );
                     if !crls.is_empty() {
-                        b = b.with_crls(crls.clone()).only_check_end_entity_revocation();
+                        // A CRL past its nextUpdate says nothing about what was revoked since:
+                        // refused as unknown status, not trusted as current.
+                        b = b
+                            .with_crls(crls.clone())
+                            .only_check_end_entity_revocation()
+                            .enforce_revocation_expiration();
                     }
                     if optional {
                         b = b.allow_unauthenticated();

@@ -180,10 +180,16 @@ impl Ca {
 
     /// A CRL revoking these serial numbers, valid from yesterday for 30 days.
     pub fn crl(&self, revoked: &[u64]) -> Result<String, String> {
+        self.crl_next_update(revoked, Duration::days(30))
+    }
+
+    /// A CRL revoking these serial numbers whose next update is `next` from now (negative:
+    /// a stale CRL, for tests); issued a day before that, or yesterday.
+    pub fn crl_next_update(&self, revoked: &[u64], next: Duration) -> Result<String, String> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::days(1),
-            next_update: now + Duration::days(30),
+            this_update: now - Duration::days(1) + next.min(Duration::ZERO),
+            next_update: now + next,
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
             issuing_distribution_point: None,
             revoked_certs: revoked

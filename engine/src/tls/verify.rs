@@ -347,9 +347,17 @@ impl PeerTrust {
         let cert = EndEntityCert::try_from(ee)?;
         let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
         let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
+            // A CRL past its nextUpdate says nothing about what was revoked since: under the
+            // default policy (unknown status denied) it counts as no CRL; with unknown
+            // status allowed, as the operator chose, it is still read.
             Ok(b) => Some(
                 b.with_depth(RevocationCheckDepth::Chain)
                     .with_status_policy(self.unknown)
+                    .with_expiration_policy(if self.unknown == UnknownStatusPolicy::Deny {
+                        webpki::ExpirationPolicy::Enforce
+                    } else {
+                        webpki::ExpirationPolicy::Ignore
+                    })
                     .build(),
             ),
             // No CRL configured: status unknown for every certificate.
