@@ -236,7 +236,7 @@ fn shards_and_the_generator_pin_inside_the_allowed_cpu_set() {
     let srv = Server::start_under(&path, &["taskset", "-c", &only]);
     wait_up(port);
     srv.wait_log("sipring running"); // (the listener accepts before the shards run)
-    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    let threads = sipring_tests::process::settled_thread_cpus(srv.child.id(), "sipring-shard");
     // (glommio's helper threads inherit the shard's name and its placement.)
     assert!(!threads.is_empty(), "no shard thread found");
     assert!(
@@ -300,7 +300,7 @@ fn shards_and_the_generator_pin_inside_the_allowed_cpu_set() {
     let srv = Server::start(&path);
     wait_up(port);
     srv.wait_log("sipring running"); // (the listener accepts before the shards run)
-    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    let threads = sipring_tests::process::settled_thread_cpus(srv.child.id(), "sipring-shard");
     let shards: std::collections::BTreeSet<&str> =
         threads.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(shards.len(), 3, "{threads:?}");
@@ -373,7 +373,7 @@ fn shards_default_to_the_cgroup_cpu_quota() {
     wait_up(port);
     // (The listener accepts before the shards run: wait for the server to say it is up.)
     srv.wait_log("sipring running");
-    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    let threads = sipring_tests::process::settled_thread_cpus(srv.child.id(), "sipring-shard");
     let shards: std::collections::BTreeSet<&str> =
         threads.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(shards.len(), 1, "{allowed} CPUs, quota 1: {threads:?}");
@@ -387,7 +387,7 @@ fn shards_default_to_the_cgroup_cpu_quota() {
     wait_up(port);
     // (The listener accepts before the shards run: wait for the server to say it is up.)
     srv.wait_log("sipring running");
-    let threads = sipring_tests::process::thread_cpus(srv.child.id(), "sipring-shard");
+    let threads = sipring_tests::process::settled_thread_cpus(srv.child.id(), "sipring-shard");
     let shards: std::collections::BTreeSet<&str> =
         threads.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(shards.len(), allowed, "{threads:?}\n{}", srv.log());

@@ -185,6 +185,7 @@ fn with_msg<T>(
     // The UAs read more than the proxy accepts (what it forwards has grown by its lines).
     let ua = Limits {
         max_headers: 128,
+        max_vias: 80,
         ..Limits::default()
     };
     let mut h = [Header::EMPTY; 128];
@@ -342,16 +343,28 @@ fn busy_callee_gets_a_hop_by_hop_ack_and_the_callers_ack_is_absorbed() {
     n.assert_idle_after_timers();
 }
 
-#[test]
-fn cancel_before_answer() {
-    let mut n = Net::new();
+/// Bob registered on B, alice's INVITE (branch `z9hG4bKa1`, Call-ID `call`) ringing there:
+/// the forwarded INVITE.
+fn ringing(n: &mut Net, call: &str) -> Vec<u8> {
     n.register("bob", &B, "10.0.0.2:5061");
-    n.send(&A, &invite("z9hG4bKa1", "call-3"));
+    n.send(&A, &invite("z9hG4bKa1", call));
     n.take(&A);
     let fwd = n.one(&B);
     n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
     n.take(&A);
-    let cancel = b"CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-3\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    fwd
+}
+
+/// Alice's CANCEL of that INVITE.
+fn cancel_of(call: &str) -> Vec<u8> {
+    format!("CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n").into_bytes()
+}
+
+#[test]
+fn cancel_before_answer() {
+    let mut n = Net::new();
+    let fwd = ringing(&mut n, "call-3");
+    let cancel = &cancel_of("call-3");
     n.send(&A, cancel);
     let ok = n.one(&A);
     assert_eq!(status(&ok), 200);
@@ -1057,7 +1070,7 @@ fn a_request_accepted_at_the_header_limit_is_still_cancelled_after_forwarding_gr
     let fwd = n.one(&B);
     n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
     assert_eq!(status(&n.one(&A)), 180);
-    n.send(&A, b"CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-big\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n");
+    n.send(&A, &cancel_of("call-big"));
     assert_eq!(status(&n.one(&A)), 200);
     let c = n.one(&B);
     assert_eq!(method(&c), "CANCEL");
@@ -1071,13 +1084,8 @@ fn a_request_accepted_at_the_header_limit_is_still_cancelled_after_forwarding_gr
 #[test]
 fn cancel_only_from_the_invites_connection_and_answered_after_the_final() {
     let mut n = Net::new();
-    n.register("bob", &B, "10.0.0.2:5061");
-    n.send(&A, &invite("z9hG4bKa1", "call-c"));
-    n.take(&A);
-    let fwd = n.one(&B);
-    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
-    n.take(&A);
-    let cancel = b"CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-c\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n";
+    let fwd = ringing(&mut n, "call-c");
+    let cancel = &cancel_of("call-c");
     // Bob's other device (or anyone who saw alice's Via) sends her CANCEL on its own
     // connection: 481, and the call goes on (before: 200, and every branch cancelled).
     n.send(&B2, cancel);
@@ -1134,6 +1142,8 @@ fn what_an_answer_asserts_is_checked_like_what_a_request_asserts() {
         ("<sip:y@carrier.example>", true),
         ("<sip:ceo@example.com>", false),
         ("\"Bob \\\" <sip:ceo@example.com>", false),
+        // Its own user, but the answer asks for privacy and goes to a client.
+        ("<sip:y@carrier.example>\r\nPrivacy: id", false),
     ]
     .into_iter()
     .enumerate()
@@ -1147,6 +1157,7 @@ fn what_an_answer_asserts_is_checked_like_what_a_request_asserts() {
         let back = n.one(&A);
         assert_eq!(status(&back), 200);
         assert_eq!(pai_of(&back).is_some(), passes, "{pai}");
+        assert!(sipring_tests::ua::header(&back, "P-Preferred-Identity").is_none());
     }
 }
 
@@ -1227,4 +1238,31 @@ fn the_best_answer_of_a_fork_carries_every_challenge_and_a_503_goes_up_as_500() 
     assert!(up.starts_with("SIP/2.0 500 "), "{up}");
     assert!(up.contains("Call-ID: fork-3"), "{up}");
     n.assert_idle_after_timers();
+}
+
+#[test]
+fn a_request_at_the_via_limit_is_still_cancelled_after_forwarding_added_ours() {
+    // 70 Via values (the limit), ours makes 71: the kept copy is re-read with room for it,
+    // so the CANCEL reaches bob (before: answered 200 upstream, never sent downstream).
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let more: Vec<String> = (1..70)
+        .map(|i| format!("SIP/2.0/TLS 10.9.0.{i}:5061;branch=z9hG4bKv{i}"))
+        .collect();
+    let inv = String::from_utf8(invite("z9hG4bKa1", "call-vias"))
+        .unwrap()
+        .replacen(
+            "Max-Forwards: 70\r\n",
+            &format!("Via: {}\r\nMax-Forwards: 70\r\n", more.join(", ")),
+            1,
+        );
+    with_msg(inv.as_bytes(), |_, e| assert_eq!(e.via_count, 70));
+    n.send(&A, inv.as_bytes());
+    assert_eq!(status(&n.one(&A)), 100);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    assert_eq!(status(&n.one(&A)), 180);
+    n.send(&A, &cancel_of("call-vias"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(method(&n.one(&B)), "CANCEL");
 }

@@ -543,7 +543,7 @@ impl Shard {
     /// A fresh connection id owned by this shard.
     pub fn new_conn_id(&self) -> FlowId {
         let c = self.next_conn.get();
-        self.next_conn.set((c + 1) & CONN_NUMBER_MASK);
+        self.next_conn.set(((c + 1) & CONN_NUMBER_MASK).max(1));
         ((self.id as u64) << 48) | c
     }
 

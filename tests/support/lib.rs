@@ -481,6 +481,26 @@ pub mod process {
         }
     }
 
+    /// [`thread_cpus`] once it stops changing (three equal reads 100 ms apart, within 3 s):
+    /// a thread names itself and pins itself after it starts, which can be after the
+    /// process says it runs.
+    pub fn settled_thread_cpus(pid: u32, prefix: &str) -> Vec<(String, String)> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let read = || {
+            let mut t = thread_cpus(pid, prefix);
+            t.sort();
+            t
+        };
+        let (mut last, mut same) = (read(), 0);
+        while same < 2 && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = read();
+            same = if now == last { same + 1 } else { 0 };
+            last = now;
+        }
+        last
+    }
+
     /// Each thread of process `pid` whose name starts with `prefix`: (name, its
     /// `Cpus_allowed_list`).
     pub fn thread_cpus(pid: u32, prefix: &str) -> Vec<(String, String)> {

@@ -157,6 +157,10 @@ pub enum Source {
     Client(Option<String>),
     /// A partner (its PAI was checked against its domains).
     Partner(String),
+    /// A partner inside a dialog whose PAI is not in its domains (a carrier's `tel:` or
+    /// an address it asserts mid-call): the request goes on, without its PAI. Refusing it
+    /// would hang the call (a BYE) or drop it (a session refresh).
+    PartnerUnasserted(String),
 }
 
 /// What an allowed request may carry downstream.
@@ -536,7 +540,9 @@ impl Policy {
             Decision::ToFlow(_) => {
                 return match self.partner(&name).cloned() {
                     Some(p) if p.node || asserted_in(msg, &p.domains) => allow(name),
-                    Some(_) => self.deny_pai(info, msg, name),
+                    Some(_) => Authz::Allow(Grant {
+                        source: Source::PartnerUnasserted(name),
+                    }),
                     None => self.deny(info, 403, "Unknown Partner", "unknown_partner", name),
                 };
             }
@@ -602,21 +608,23 @@ impl Policy {
         )
     }
 
-    /// Must a response's asserted identity (P-Asserted-Identity, P-Preferred-Identity) be
-    /// removed before it goes upstream? `from_partner`: the partner or node it came from
-    /// (`None`: a client); `to_partner`: whether it goes to a partner. A client's assertion
-    /// is never passed on (as on requests); a partner's only inside its domains, and not to
-    /// a client that asked for privacy; a cluster node's is ours.
+    /// Must a response's P-Asserted-Identity be removed before it goes upstream?
+    /// `from_partner`: the partner or cluster node it came from (`None`: a client);
+    /// `to_partner`: whether it goes to a partner (not a node: the node it goes to decides
+    /// for its own client). A client's assertion is never passed on (as on requests); a
+    /// partner's only inside its domains; and toward a client, not when the answer itself
+    /// asks `Privacy: id`. (P-Preferred-Identity never goes upstream in an answer.)
     pub fn strips_response_identity(
         &self,
         msg: &Message<'_, '_>,
         from_partner: Option<&str>,
         to_partner: bool,
     ) -> bool {
+        let private = !to_partner && wants_id_privacy(msg);
         match from_partner.and_then(|n| self.partner(n)) {
             None => true,
-            Some(p) if p.node => false,
-            Some(p) => !asserted_in(msg, &p.domains) || (!to_partner && wants_id_privacy(msg)),
+            Some(p) if p.node => private,
+            Some(p) => !asserted_in(msg, &p.domains) || private,
         }
     }
 
@@ -647,6 +655,7 @@ impl Policy {
                     e.add_pai = Some(format!("<{aor}>"));
                 }
             }
+            Source::PartnerUnasserted(_) => e.strip_pai = true,
             Source::Partner(_) => {
                 // Kept toward trusted partners; toward clients only without `Privacy: id`.
                 if dest_partner.is_none() && wants_id_privacy(msg) {
@@ -1143,7 +1152,8 @@ mod tests {
             ),
             (
                 // A signed dialog route says where a request may go, not who it may claim
-                // to be: before, this reached bob with the CEO asserted.
+                // to be: before, this reached bob with the CEO asserted; now it goes on
+                // without its PAI (checked below).
                 "partner in dialog asserting one of our users",
                 &pa,
                 req(
@@ -1154,7 +1164,7 @@ mod tests {
                     "P-Asserted-Identity: <sip:ceo@example.com>\r\n",
                 ),
                 &in_dialog,
-                403,
+                0,
             ),
             (
                 "partner in dialog asserting its own user",
@@ -1204,6 +1214,31 @@ mod tests {
             "relay_not_allowed",
         ] {
             assert!(labels.contains(&l), "{l} not in {labels:?}");
+        }
+        // In a dialog, a partner's PAI outside its domains is removed, not passed on.
+        let forged = req(
+            "BYE",
+            bob,
+            "sip:x@peer-a.test",
+            bob,
+            "P-Asserted-Identity: <sip:ceo@example.com>\r\n",
+        );
+        match run(&mut p, &pa, &forged, &in_dialog) {
+            Authz::Allow(g) => {
+                assert_eq!(g.source, Source::PartnerUnasserted("a".into()));
+                let mut h = [Header::EMPTY; 32];
+                let Ok(Status::Complete(m)) = parse(
+                    forged.as_bytes(),
+                    &mut h,
+                    &Limits::default(),
+                    Framing::Stream,
+                ) else {
+                    panic!()
+                };
+                let edit = p.identity_edit(&g, &m, &Flow::Conn(7), None, &["example.com".into()]);
+                assert!(edit.strip_pai);
+            }
+            other => panic!("{other:?}"),
         }
         // An open policy takes clients at their word (labs only), but partner rules hold.
         let mut open = Policy::open();

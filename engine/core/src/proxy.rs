@@ -758,14 +758,26 @@ impl Proxy {
         if self.cfg.record_route && creates_dialog {
             let (fi, fo) = (hop.inbound.encode(), hop.outbound.encode());
             let ft = flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id);
-            // A sips Request-URI or top Route: our Record-Route is sips too (§16.6 step 4),
-            // where the side is TLS (sips implies it: no `transport` parameter, RFC 5630).
-            let secure = ruri.as_ref().is_some_and(|u| u.scheme == Scheme::Sips)
-                || routes
-                    .first()
-                    .and_then(|r| NameAddr::parse(r.value))
-                    .is_some_and(|na| na.uri().scheme == Scheme::Sips);
-            let rr = |i: &Interface| {
+            // §16.6 step 4: a Record-Route is sips exactly when the request it is read with
+            // is (its Request-URI or top Route), where that side is TLS (sips implies it:
+            // no `transport` parameter, RFC 5630). The upstream reads our inbound side with
+            // the request as it came; the downstream our outbound side with the request as
+            // it goes (a sips request to a sip contact: sips upstream, sip downstream).
+            let sips = |u: &[u8]| Uri::parse(u).is_ok_and(|u| u.scheme == Scheme::Sips);
+            let route_sips =
+                |r: Option<&[u8]>| r.and_then(NameAddr::parse).is_some_and(|na| sips(na.uri));
+            let secure_in =
+                msg.request_uri().is_some_and(sips) || route_sips(routes.first().map(|r| r.value));
+            let next_route = match hop.path.first() {
+                Some(p) => Some(p.as_bytes()),
+                None => routes
+                    .iter()
+                    .map(|r| r.value)
+                    .find(|v| NameAddr::parse(v).is_none_or(|na| !self.is_self_uri(&na.uri()))),
+            };
+            let secure_out = new_uri.or(msg.request_uri()).is_some_and(sips)
+                || (!strict && route_sips(next_route));
+            let rr = |i: &Interface, secure: bool| {
                 if secure && i.transport == Transport::Tls {
                     format!("<sips:{}:{};lr;fi={fi};fo={fo};ft={ft}>", i.host, i.port)
                 } else {
@@ -778,11 +790,12 @@ impl Proxy {
                 }
             };
             // Downstream reads the set top first (our outbound side first), upstream
-            // reversed (our inbound side first).
-            if hop.out_iface != hop.in_iface {
-                e.insert_record_route(rr(hop.out_iface).as_bytes());
+            // reversed (our inbound side first); two entries where the sides differ.
+            let (inside, outside) = (rr(hop.in_iface, secure_in), rr(hop.out_iface, secure_out));
+            if outside != inside {
+                e.insert_record_route(outside.as_bytes());
             }
-            e.insert_record_route(rr(hop.in_iface).as_bytes());
+            e.insert_record_route(inside.as_bytes());
         }
         e.ensure_content_length();
         e.finish()
@@ -798,17 +811,17 @@ impl Proxy {
         (ours && b.starts_with(BRANCH_PREFIX.as_bytes())).then_some(b)
     }
 
-    /// Builds the bytes to forward a response upstream: our top Via removed.
+    /// Builds the bytes to forward a response upstream: our top Via removed, and
+    /// P-Preferred-Identity (a UA's wish to its proxy, RFC 3325, never for upstream).
     ///
     /// `strip_identity`: remove what it asserts about the answering party
-    /// (P-Asserted-Identity, P-Preferred-Identity), as the policy decides
-    /// (`Policy::strips_response_identity`).
+    /// (P-Asserted-Identity) too, as the policy decides (`Policy::strips_response_identity`).
     pub fn forward_response(&self, msg: &Message<'_, '_>, strip_identity: bool) -> Vec<u8> {
         let mut e = Editor::new(msg);
         let _ = e.pop_top_via();
+        e.remove_header(HeaderName::PPreferredIdentity);
         if strip_identity {
-            e.remove_header(HeaderName::PAssertedIdentity)
-                .remove_header(HeaderName::PPreferredIdentity);
+            e.remove_header(HeaderName::PAssertedIdentity);
         }
         // Overload-control feedback for our upstream is ours to write (RFC 7339), not a
         // downstream UA's: what one wrote into the upstream's Via goes.
@@ -1124,6 +1137,29 @@ mod tests {
             "To: <sip:bob@example.com>;tag=b",
         );
         assert_eq!(decide_on(&p, &bye, &b), Decision::ToFlow(a.clone()));
+        // A sips request to a sip contact: sips for the upstream (which reads it with its
+        // sips request), sip for the downstream (§16.6 step 4: "MUST insert a Record-Route
+        // that is not a SIPS URI"), two entries for one interface.
+        let out = parsed(&req("INVITE sips:bob@example.com", ""), |m, e| {
+            fwd(
+                &p,
+                m,
+                e,
+                "z9hG4bKsr3",
+                Some(b"sip:bob@10.0.0.2:5061;transport=tls"),
+                &a,
+                &b,
+            )
+        });
+        let s = String::from_utf8(out).unwrap();
+        let rr = record_routes(&s);
+        assert_eq!(rr.len(), 2, "{s}");
+        // Top first: the downstream's side (its route set's first hop), then the upstream's.
+        assert!(
+            rr[0].starts_with("<sip:proxy.example.com:5061;transport=tls;lr;"),
+            "{s}"
+        );
+        assert!(rr[1].starts_with("<sips:proxy.example.com:5061;lr;"), "{s}");
         // A sip request keeps a sip Record-Route.
         let out = parsed(&req("INVITE sip:bob@example.com", ""), |m, e| {
             fwd(&p, m, e, "z9hG4bKsr2", None, &a, &b)

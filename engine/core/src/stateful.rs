@@ -243,9 +243,6 @@ pub struct ShardProxy {
 /// identity) past what it accepts from a peer.
 const KEPT_HEADERS: usize = 128;
 
-/// Re-reads a message this shard already accepted (and may have grown), within limits
-/// widened by what forwarding adds: before, a request accepted at the limits could not be
-/// re-read once forwarded, and its CANCEL or hop-by-hop ACK was silently never sent.
 /// How good a final answer is to send upstream when no branch answered 2xx (RFC 3261
 /// §16.7 step 6), lowest best: any 6xx; else the lowest class; within 4xx the answers that
 /// tell the caller how to try again (401, 407, 415, 420, 484) first; then the lowest code.
@@ -283,15 +280,24 @@ fn status_500(resp: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Re-reads a message this shard already accepted (and may have grown), within limits
+/// widened by what forwarding adds: before, a request accepted at the limits could not be
+/// re-read once forwarded, and its CANCEL or hop-by-hop ACK was silently never sent.
 fn with_parsed<T>(
     bytes: &[u8],
     limits: &Limits,
     f: impl FnOnce(&Message<'_, '_>, &Essentials<'_>) -> T,
 ) -> Option<T> {
+    // Forwarding adds one Via (and `received`/`rport` to the one below), Max-Forwards,
+    // Record-Routes and a PAI of its own, a Path's Routes (each a value of a REGISTER that
+    // met these limits, ≤ 8 of them, together ≤ `max_contact_bytes`) and a Request-URI
+    // taken from a Contact (itself within a REGISTER's limits).
     let limits = Limits {
-        max_message: limits.max_message + 16 * 1024,
+        max_message: 3 * limits.max_message + 16 * 1024,
         max_headers: KEPT_HEADERS,
-        ..*limits
+        max_header_line: limits.max_header_line + 1024,
+        max_vias: limits.max_vias + 1,
+        max_uri: limits.max_uri.max(limits.max_message),
     };
     let mut h = [Header::EMPTY; KEPT_HEADERS];
     let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
@@ -676,7 +682,17 @@ impl ShardProxy {
             Ok(Status::Partial) => return self.reject(flow, bytes, ParseError::Truncated),
             Err(e) => return self.reject(flow, bytes, e),
         };
-        let ess = match msg.validate(&self.limits) {
+        // An answer to a request we forwarded carries its Vias and ours: one more than a
+        // request at the limit had.
+        let limits = if msg.is_request() {
+            self.limits
+        } else {
+            Limits {
+                max_vias: self.limits.max_vias + 1,
+                ..self.limits
+            }
+        };
+        let ess = match msg.validate(&limits) {
             Ok(e) => e,
             Err(e) if msg.is_request() => return self.reject(flow, bytes, e),
             Err(_) => {
@@ -955,11 +971,11 @@ impl ShardProxy {
         // The INVITE it names, when it came the way the CANCEL did: anyone downstream sees
         // the caller's Via (branch and sent-by), and must not be able to cancel its call
         // from another connection.
-        let Some(invite) = self
-            .servers
-            .get(&invite_key)
-            .filter(|s| Some(&s.inbound) == from.as_ref())
-        else {
+        let Some(invite) = self.servers.get(&invite_key).filter(|s| {
+            // A partner is one sender whichever of its connections it used.
+            from.as_ref()
+                .is_some_and(|f| self.route_flow(f) == self.route_flow(&s.inbound))
+        }) else {
             return self.answer(now, cancel_key, 481, "Call/Transaction Does Not Exist", &[]);
         };
         if !invite.txn.is_cancellable() || invite.final_sent {
@@ -1482,10 +1498,10 @@ impl ShardProxy {
                 // request's would be.
                 let from = self.clients.get(key).map(|c| c.outbound.clone());
                 let from_partner = from.as_ref().and_then(|f| self.partner_of(f));
-                let to_partner = self
-                    .servers
-                    .get(sk)
-                    .is_some_and(|s| self.partner_of(&s.inbound).is_some());
+                let to_partner = self.servers.get(sk).is_some_and(|s| {
+                    self.partner_of(&s.inbound)
+                        .is_some_and(|p| !self.proxy.is_node(p))
+                });
                 let (proxy, policy) = (&self.proxy, &self.policy);
                 let Some(out) = with_parsed(&b, &limits, |m, _| {
                     let strip = policy.strips_response_identity(m, from_partner, to_partner);

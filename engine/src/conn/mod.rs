@@ -89,11 +89,11 @@ enum Closing {
     Abort(&'static str),
 }
 
-/// One bytes-on-the-wire chunk the socket could not take at once.
 /// What one queued write costs beyond its bytes (the entry and its allocation), counted
 /// against `limits.write_queue_bytes` so that many small writes cannot hide behind it.
 const QUEUED_ENTRY_COST: usize = size_of::<Queued>() + 16;
 
+/// One bytes-on-the-wire chunk the socket could not take at once.
 struct Queued {
     bytes: Vec<u8>,
     off: usize,
@@ -376,8 +376,9 @@ impl Conn {
     /// Records how much it holds for an incomplete message (0: none) and keeps the shard's
     /// total; past the shard's budget, the largest holder is dropped.
     ///
-    /// `progressed`: this read completed at least one message, so what is held now began
-    /// with it — a busy connection whose reads all end mid-message is not a stalled one.
+    /// `progressed`: this read completed at least one message (a keepalive ping is not
+    /// one), so what is held now began with it — a busy connection whose reads all end
+    /// mid-message is not a stalled one.
     fn hold_partial(&self, shard: &Shard, held: usize, now: Instant, progressed: bool) {
         let before = self.partial_len.replace(held);
         shard.partial_changed(before, held);
@@ -599,14 +600,14 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
                 if partial.is_empty() {
                     // Frame straight from the scratch buffer; keep only an incomplete tail.
                     let r = deliver(&shard, &conn, &mut framer, &scratch[..n], &flow, t0);
-                    if let Ok(used) = r {
+                    if let Ok((used, _)) = r {
                         partial.extend_from_slice(&scratch[used..n]);
                     }
                     shard.give_read_buf(scratch);
-                    let Ok(used) = r else {
+                    let Ok((_, progressed)) = r else {
                         break 'read true;
                     };
-                    conn.hold_partial(&shard, partial.len(), t0, used > 0);
+                    conn.hold_partial(&shard, partial.len(), t0, progressed);
                     continue 'conn;
                 }
                 partial.extend_from_slice(&scratch[..n]);
@@ -618,9 +619,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             break finish_after_framing_error(&shard, &conn, &flow).await;
         }
         let progressed = match deliver(&shard, &conn, &mut framer, &partial, &flow, t0) {
-            Ok(used) => {
+            Ok((used, message)) => {
                 partial.drain(..used);
-                used > 0
+                message
             }
             Err(()) => break finish_after_framing_error(&shard, &conn, &flow).await,
         };
@@ -723,7 +724,8 @@ fn drain(cx: &mut Context<'_>, shard: &Shard, stream: &mut TcpStream) -> Poll<()
     r
 }
 
-/// Frames and dispatches everything complete in `buf`; `Ok(bytes used)`, or `Err` when
+/// Frames and dispatches everything complete in `buf`; `Ok((bytes used, whether a message
+/// was among them))` — keepalive pings are not progress on a message — or `Err` when
 /// framing is lost (an error response is sent first where one can be).
 fn deliver(
     shard: &Rc<Shard>,
@@ -732,8 +734,9 @@ fn deliver(
     buf: &[u8],
     flow: &Flow,
     t0: Instant,
-) -> Result<usize, ()> {
+) -> Result<(usize, bool), ()> {
     let mut start = 0;
+    let mut message = false;
     // RFC 5626 keepalives: however many pings one read held, one pong answers them (a
     // flood of pings must not become a flood of writes, or a queue of two-byte entries).
     let mut ping = false;
@@ -748,6 +751,7 @@ fn deliver(
                 conn.last_rx.set(t0);
                 shard.on_message(flow, &buf[start..start + n], t0);
                 start += n;
+                message = true;
             }
             Ok(Status::Complete(Frame::Ping)) => {
                 // RFC 5626 keepalive: activity. Lone CRLFs (pongs) are not.
@@ -758,7 +762,7 @@ fn deliver(
             Ok(Status::Complete(Frame::Pong)) => start += 2,
             Ok(Status::Partial) => {
                 pong(ping);
-                return Ok(start);
+                return Ok((start, message));
             }
             Err(e) => {
                 pong(ping);

@@ -99,8 +99,13 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
             }
         }
         content::HANDSHAKE => {
-            for (kind, body) in handshake_messages(payload)? {
+            let messages = handshake_messages(payload)?;
+            let last = messages.len() - 1;
+            for (i, (kind, body)) in messages.into_iter().enumerate() {
                 match kind {
+                    // A KeyUpdate ends its record (RFC 8446 §5.1): what follows it in the
+                    // same record was protected by the key it retires.
+                    24 if i != last => return Err("key_update_not_last"),
                     // KeyUpdate: new RX key; answer with our own update if the peer asked.
                     24 => {
                         let requested = match body {
