@@ -523,6 +523,19 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     // The user registers on B: calls reach it there.
     let mut callee = c.ua(1, "callee0");
     assert_eq!(callee.register(600), 200);
+    // B writes the binding through to the store after answering the REGISTER; with a Redis
+    // master failed over earlier, the write can land a little later: C routes to B from
+    // then on (once failed here: the call went out before the write had landed).
+    let t0 = Instant::now();
+    let mut k = 1000;
+    while message(&mut caller, "callee0", Some(&mut callee), k) != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "C never found callee0 on B"
+        );
+        k += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
     call(&mut caller, &mut callee, "cross-node-2");
 
     // A comes back (a new life): what it held before is not routed to, and is cleared.
