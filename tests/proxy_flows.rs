@@ -930,18 +930,23 @@ fn carrier_policy() -> Policy {
     )
 }
 
-#[test]
-fn an_overloaded_partner_is_spared_the_share_it_asked_us_to_drop() {
-    // RFC 7339 toward a partner: our Via advertises it, the partner's answer says drop 75 %,
-    // and three in four of the next new requests for it are answered 503 here, without a
-    // transaction toward it, until the feedback's validity runs out.
-    let carrier = Flow::Peer("carrier".into());
-    let mut n = Net::build(carrier_policy(), |c| {
+/// A proxy with the `carrier` partner routed for `carrier.example`, and its flow.
+fn carrier_net() -> (Flow, Net) {
+    let n = Net::build(carrier_policy(), |c| {
         c.peers = vec![sipring_core::proxy::PeerRoute {
             domain: "carrier.example".into(),
             peer: "carrier".into(),
         }];
     });
+    (Flow::Peer("carrier".into()), n)
+}
+
+#[test]
+fn an_overloaded_partner_is_spared_the_share_it_asked_us_to_drop() {
+    // RFC 7339 toward a partner: our Via advertises it, the partner's answer says drop 75 %,
+    // and three in four of the next new requests for it are answered 503 here, without a
+    // transaction toward it, until the feedback's validity runs out.
+    let (carrier, mut n) = carrier_net();
     let to_carrier = |i: usize| {
         format!(
             "MESSAGE sip:x@carrier.example SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKpd{i}\r\nMax-Forwards: 70\r\nTo: <sip:x@carrier.example>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: pd{i}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
@@ -1103,13 +1108,7 @@ fn what_an_answer_asserts_is_checked_like_what_a_request_asserts() {
     // RFC 3325 on responses: a local UA's P-Asserted-Identity never leaves (a partner trusts
     // what we pass as ours); a partner's passes only inside its domains. Before, responses
     // went through untouched both ways.
-    let carrier = Flow::Peer("carrier".into());
-    let mut n = Net::build(carrier_policy(), |c| {
-        c.peers = vec![sipring_core::proxy::PeerRoute {
-            domain: "carrier.example".into(),
-            peer: "carrier".into(),
-        }];
-    });
+    let (carrier, mut n) = carrier_net();
     n.register("bob", &B, "10.0.0.2:5061");
     let with_pai = |resp: Vec<u8>, pai: &str| {
         String::from_utf8(resp)

@@ -12,23 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-$PWD/target/bench-handshake-ops/$(date -u +%Y%m%dT%H%M%SZ)}
-source benches/lib.sh
-CPUS=($(allowed_cpus))
-SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
-LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 RATE=${RATE:-500}
-mkdir -p "$OUT"
-W=$(mktemp -d /tmp/sipring-bench-ops.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
-build_bins
-ulimit -n "$(ulimit -Hn)"
-"$SIPRING" certs --out "$W/pki" >/dev/null
+source benches/handshake/common.sh
 tls_server_toml "$W/s.toml" "$W/pki" 127.0.0.1:17171 1 ""
 EVENTS=io_uring:io_uring_submit_req,syscalls:sys_enter_io_uring_enter,raw_syscalls:sys_enter,context-switches
 one() { # NAME PID PORT
-  taskset -c "$LOAD_CPU" "$LOAD" handshake --target "127.0.0.1:$3" --ca "$W/pki/ca.pem" --shards 1 --quiet \
-    --rate "$RATE" --duration 6 --warmup 0 --timeout 5 --no-resume --tls-version 1.3 --groups X25519 \
-    --json "$OUT/$1.json" >"$OUT/$1.txt" 2>&1 &
+  handshake_load "$3" "$RATE" 6 "$1"
   local lp=$!
   sleep 1
   perf stat -x, -e "$EVENTS" -p "$2" -- sleep 4 2>"$OUT/$1.stat"
@@ -42,8 +31,7 @@ one() { # NAME PID PORT
 SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/s.toml" >"$W/server.log" 2>&1 &
 sleep 1
 one sipring $! 17171
-taskset -c "$SERVER_CPU" "$LOAD" reflect --listen 127.0.0.1:17172 --shards 1 \
-  --cert "$W/pki/server.pem" --key "$W/pki/server.key" >"$W/reflector.log" 2>&1 &
+start_reflector 17172
 sleep 1
 one reflector $! 17172
 python3 - "$OUT" "$RATE" <<'PY' | tee "$OUT/results.md"

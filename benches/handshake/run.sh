@@ -26,19 +26,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${1:-$ROOT/target/bench-handshake/$(date -u +%Y%m%dT%H%M%SZ)}
-source benches/lib.sh
-CPUS=($(allowed_cpus))
-SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
-LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 RATES=${RATES:-"500 1000 1500"}
 STEP_S=${STEP_S:-8}
-mkdir -p "$OUT"
-W=$(mktemp -d /tmp/sipring-bench-handshake.XXXXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
-
-build_bins
-ulimit -n "$(ulimit -Hn)"
-"$SIPRING" certs --out "$W/pki" >/dev/null
+source benches/handshake/common.sh
 
 echo "== 1. criterion: the server half in memory"
 cargo bench -p sipring-benches --bench tls --no-run >/dev/null 2>&1 # built on every CPU, run on one
@@ -53,9 +43,7 @@ last=${RATES##* }
 ladder() { # NAME PID PORT: the handshake ladder against one server, its CPU per step
   local name=$1 pid=$2 port=$3 r lp t0 t1
   for r in $RATES; do
-    taskset -c "$LOAD_CPU" "$LOAD" handshake --target "127.0.0.1:$port" --ca "$W/pki/ca.pem" --shards 1 --quiet \
-      --rate "$r" --duration "$STEP_S" --warmup 0 --timeout 5 --no-resume --tls-version 1.3 --groups X25519 \
-      --json "$OUT/$name-$r.json" >"$OUT/$name-$r.txt" 2>&1 &
+    handshake_load "$port" "$r" "$STEP_S" "$name-$r"
     lp=$!
     t0=$(ticks "$pid")
     if [ "${PERF:-}" = 1 ] && [ "$name" = sipring ] && [ "$r" = "$last" ]; then
@@ -79,8 +67,7 @@ sleep 1
 ladder sipring "$SP" 17161
 
 echo "== 3. at the socket: the reflector's CPU per handshake"
-taskset -c "$SERVER_CPU" "$LOAD" reflect --listen 127.0.0.1:17162 --shards 1 \
-  --cert "$W/pki/server.pem" --key "$W/pki/server.key" >"$W/reflector.log" 2>&1 &
+start_reflector 17162
 RP=$!
 sleep 1
 ladder reflector "$RP" 17162

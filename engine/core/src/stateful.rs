@@ -299,12 +299,24 @@ fn with_parsed<T>(
         max_vias: limits.max_vias + 1,
         max_uri: limits.max_uri.max(limits.max_message),
     };
-    let mut h = [Header::EMPTY; KEPT_HEADERS];
-    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
-        return None;
-    };
-    let e = m.validate(&limits).ok()?;
-    Some(f(&m, &e))
+    // The usual storage first (this runs for every answer forwarded); the larger one only
+    // for a message that grew past it.
+    let mut h = [Header::EMPTY; 64];
+    match parse(bytes, &mut h, &limits, Framing::Stream) {
+        Ok(Status::Complete(m)) => {
+            let e = m.validate(&limits).ok()?;
+            Some(f(&m, &e))
+        }
+        Err(ParseError::TooManyHeaders) => {
+            let mut h = [Header::EMPTY; KEPT_HEADERS];
+            let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
+                return None;
+            };
+            let e = m.validate(&limits).ok()?;
+            Some(f(&m, &e))
+        }
+        _ => None,
+    }
 }
 
 impl ShardProxy {
