@@ -5,7 +5,7 @@
 use rustls::pki_types::pem::PemObject;
 use sipring::server::{Running, start};
 use sipring_tests::server::{Pki, admin_get, config, free_port, metric, wait_metrics};
-use sipring_tests::ua::{Ua, answer, hang_up, header, invite, method, rr_shards, tls_config};
+use sipring_tests::ua::{Ua, answer, bye, hang_up, header, invite, method, rr_shards, tls_config};
 use std::time::Duration;
 
 /// A connected UA that has authenticated (it answers the challenge of a REGISTER query), so
@@ -251,10 +251,10 @@ fn a_dead_connection_fails_its_transaction_and_leaves_no_state() {
     alice.send(&inv);
     let _ = bob.expect("INVITE");
     bob.kill();
-    // A transport error counts as a 503 (RFC 3261 §16.9), which goes upstream as 500.
-    let (s, resp) = alice.expect_final_or_provisional("500 after the callee's connection died");
-    assert_eq!(s, 500);
-    // ACK the 500 (hop-by-hop) so the server transaction completes.
+    // The callee's connection died under the call: the user is unreachable (480).
+    let (s, resp) = alice.expect_final_or_provisional("480 after the callee's connection died");
+    assert_eq!(s, 480);
+    // ACK the 480 (hop-by-hop) so the server transaction completes.
     let to = header(&resp, "To").unwrap();
     let via = header(&inv, "Via").unwrap();
     alice.send(format!("ACK sip:bob@example.com SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\nTo: {to}\r\nFrom: <sip:alice@example.com>;tag=talice\r\nCall-ID: dead-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n").as_bytes());
@@ -292,6 +292,42 @@ fn a_dead_connection_fails_its_transaction_and_leaves_no_state() {
     });
     srv.stop();
     srv.join().unwrap();
+}
+
+#[test]
+fn a_dialog_route_to_a_connection_that_is_gone_is_answered_430() {
+    // RFC 5626 §5.3: a request whose route names a flow that failed gets 430 at once, not a
+    // 408 after 32 s. The caller's connection on the callee's shard (the send finds it gone)
+    // and on the other shard (its owner tells the sender over the mesh).
+    let pki = Pki::new();
+    for shards in [1, 2] {
+        let srv = one_shard(&pki, |c| c.server.shards = shards);
+        let admin = srv.admin_addr.unwrap();
+        let mut bob = registered(&pki, &srv, "bob");
+        let mut alice = if shards == 1 {
+            ua(&pki, &srv, "alice")
+        } else {
+            caller_on_another_shard(&pki, &srv, &mut bob)
+        };
+        let inv = call(&mut alice, &mut bob, "gone-1");
+        let hang_up = bye(&bob, &alice, &inv, "gone-1");
+        // Only bob and alice are connected (the probes for another shard have closed).
+        let open = |m: &str| metric(m, "sipring_connections{kind=\"tls\"}");
+        wait_metrics(admin, "bob and alice connected", |m| open(m) == Some(2.0));
+        alice.kill();
+        wait_metrics(admin, "the caller's connection closed", |m| {
+            open(m) == Some(1.0)
+        });
+        bob.send(&hang_up);
+        let (s, resp) = bob.expect_final_or_provisional("430 for the BYE");
+        assert_eq!(s, 430, "{}", String::from_utf8_lossy(&resp));
+        wait_metrics(admin, "the send found the connection gone", |m| {
+            metric(m, "sipring_queue_drops_total{queue=\"gone\"}").unwrap_or(0.0) >= 1.0
+                && metric(m, "sipring_transactions{role=\"client\"}") == Some(0.0)
+        });
+        srv.stop();
+        srv.join().unwrap();
+    }
 }
 
 #[test]

@@ -306,6 +306,34 @@ fn call_setup_in_dialog_requests_and_teardown() {
 }
 
 #[test]
+fn a_dialog_route_to_a_flow_that_failed_is_answered_430() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKf1", "flow-1"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    let rr = with_msg(&fwd, |m, _| {
+        m.header(HeaderName::RecordRoute).unwrap().value.to_vec()
+    });
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    // Bob hangs up along the route; the caller's connection fails before it answers.
+    let bye = format!(
+        "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2:5061;branch=z9hG4bKf2\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:bob@example.com>;tag=b1\r\nCall-ID: flow-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&rr)
+    );
+    n.send(&B, bye.as_bytes());
+    assert_eq!(method(&n.one(&A)), "BYE");
+    n.proxy.handle_flow_closed(n.now, &A);
+    n.pump();
+    // RFC 5626 §5.3: the route named a flow that is gone — 430, not a 408 after Timer F.
+    let up = n.one(&B);
+    assert_eq!(status(&up), 430, "{}", first_line(&up));
+    assert!(n.inbox.is_empty());
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn busy_callee_gets_a_hop_by_hop_ack_and_the_callers_ack_is_absorbed() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");
@@ -453,8 +481,9 @@ fn a_dead_flow_fails_its_transactions_and_leaves_no_state() {
         1,
         "the engine drops the dead flow's bindings"
     );
-    // A transport error counts as a 503 (§16.9), which goes upstream as 500 (§16.7 step 6).
-    assert_eq!(status(&n.one(&A)), 500);
+    // The callee's connection died under the call: the user is unreachable (480), not a
+    // server error.
+    assert_eq!(status(&n.one(&A)), 480);
     // And the caller's side dying mid-call abandons its transactions.
     n.register("bob", &B, "10.0.0.2:5061");
     n.send(&A, &invite("z9hG4bKa7", "call-7"));
@@ -640,11 +669,11 @@ fn a_closing_flow_touches_only_its_own_transactions() {
     let fwd = n.one(&B2);
     n.send(&B2, &answer(&fwd, 180, "Ringing", "c1"));
     n.take(&A);
-    // Carol's connection dies: her caller gets 500 (a 503 upstream would say we are
-    // unavailable), bob's 200 callers nothing.
+    // Carol's connection dies: her caller gets 480 (she is unreachable), bob's 200 callers
+    // nothing.
     n.proxy.handle_flow_closed(n.now, &B2);
     n.pump();
-    assert_eq!(status(&n.one(&A)), 500);
+    assert_eq!(status(&n.one(&A)), 480);
     assert!(n.inbox.is_empty(), "{:?}", n.inbox.len());
     assert_eq!(n.proxy.in_progress(), 200, "bob's calls still ring");
     // Bob answers every call, one after another on the same connection: the connection's

@@ -365,16 +365,7 @@ pub fn invite(a: &mut Ua, b: &mut Ua, call_id: &str) -> Vec<u8> {
 /// The callee `b` hangs up the call `call_id` it took as `invite_at_b` (To-tag `b1`), along
 /// its route set (the INVITE's Record-Route as received); the caller `a` answers 200.
 pub fn hang_up(b: &mut Ua, a: &mut Ua, invite_at_b: &[u8], call_id: &str) {
-    let rr = header_all(invite_at_b, "Record-Route").unwrap();
-    let bye = format!(
-        "BYE sip:{a}@{al} SIP/2.0\r\nVia: SIP/2.0/TLS {bl};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:{b}@example.com>;tag=b1\r\nTo: <sip:{a}@example.com>;tag=t{a}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-        a = a.user,
-        al = a.local,
-        b = b.user,
-        bl = b.local,
-        br = branch()
-    );
-    b.send(bye.as_bytes());
+    b.send(&bye(b, a, invite_at_b, call_id));
     let got = a.expect("BYE at caller");
     assert_eq!(method(&got), "BYE");
     a.send(&answer(
@@ -385,6 +376,21 @@ pub fn hang_up(b: &mut Ua, a: &mut Ua, invite_at_b: &[u8], call_id: &str) {
         &format!("sip:{}@{}", a.user, a.local),
     ));
     assert_eq!(b.expect_final_or_provisional("200 to BYE").0, 200);
+}
+
+/// The BYE the callee `b` sends to hang up the call `call_id` it took as `invite_at_b`
+/// (To-tag `b1`), along its route set (the INVITE's Record-Route as received).
+pub fn bye(b: &Ua, a: &Ua, invite_at_b: &[u8], call_id: &str) -> Vec<u8> {
+    let rr = header_all(invite_at_b, "Record-Route").unwrap();
+    format!(
+        "BYE sip:{a}@{al} SIP/2.0\r\nVia: SIP/2.0/TLS {bl};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:{b}@example.com>;tag=b1\r\nTo: <sip:{a}@example.com>;tag=t{a}\r\nCall-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        a = a.user,
+        al = a.local,
+        b = b.user,
+        bl = b.local,
+        br = branch()
+    )
+    .into_bytes()
 }
 
 /// Our answer to a request we received (with a To-tag and a Contact).

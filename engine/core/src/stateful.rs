@@ -157,6 +157,9 @@ struct Client {
     cancel_when_provisional: bool,
     /// Timer C fired once (a CANCEL went out): the next firing fails the branch.
     timer_c_fired: bool,
+    /// Sent over a connection named by one of our flow tokens (a dialog route), not to a
+    /// registered contact: if that connection is gone the answer is 430 (RFC 5626 §5.3).
+    by_token: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -1058,6 +1061,7 @@ impl ShardProxy {
                 final_received: false,
                 cancel_when_provisional: false,
                 timer_c_fired: false,
+                by_token: false,
             },
         );
         self.stats.forwarded += 1;
@@ -1135,6 +1139,8 @@ impl ShardProxy {
                     final_received: false,
                     cancel_when_provisional: false,
                     timer_c_fired: false,
+                    // No new Request-URI: the route named this connection.
+                    by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
                 },
             );
             self.index(flow, TimerKey::Client(ckey.clone()));
@@ -1611,10 +1617,11 @@ impl ShardProxy {
         let _ = s.txn.send_response(now, code, bytes);
     }
 
-    /// A flow closed: its client branches fail with 503 (RFC 3261 §8.1.3.1: a transport
-    /// error counts as 503; 480 for a link to another cluster node, which held the user's
-    /// flow), and server transactions that came over it are abandoned (their
-    /// branches are cancelled).
+    /// A flow closed: its client branches fail — 430 for a dialog route to it (RFC 5626
+    /// §5.3), 480 for a registered contact on it or a link to the cluster node that held the
+    /// user's flow, 503 for a partner link (RFC 3261 §8.1.3.1: a transport error) — and
+    /// server transactions that came over it are abandoned (their branches are cancelled).
+    /// The engine calls it again when it finds a connection gone as it sends on it.
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
         self.flows.remove(flow);
         self.oc_flows.remove(flow);
@@ -1639,10 +1646,16 @@ impl ShardProxy {
             }
             if !c.final_received {
                 let server = c.server.clone();
-                // A cluster node that cannot be reached holds the user's only flow: the user
-                // is unreachable now (480), as it will be once that node is known dead.
                 let (code, reason) = match flow {
+                    // A dialog route to a connection that is gone (RFC 5626 §5.3): the UA
+                    // learns its peer's flow failed and may recover (re-register, re-INVITE).
+                    Flow::Conn(_) if c.by_token => (430, "Flow Failed"),
+                    // A registered contact whose connection died: the user is unreachable
+                    // now (480), as a lookup would say once the binding is gone. The same
+                    // for a cluster node that cannot be reached and holds the user's flow.
+                    Flow::Conn(_) => (480, "Temporarily Unavailable"),
                     Flow::Peer(n) if self.proxy.is_node(n) => (480, "Temporarily Unavailable"),
+                    // A partner link: a transport error, 503 (§8.1.3.1; upstream as 500).
                     _ => (503, "Service Unavailable"),
                 };
                 self.fail_branch(now, server.as_ref(), k, code, reason);
