@@ -454,6 +454,105 @@ fn cancel_waits_for_a_provisional_response() {
 }
 
 #[test]
+fn an_ack_that_kept_the_invites_branch_still_reaches_the_callee() {
+    // Older UAs send the 2xx's ACK with the INVITE's branch: it matches the INVITE's server
+    // transaction in Accepted (RFC 6026), and must still be forwarded — the callee waits for
+    // it, and without it hangs up after 64·T1.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKa1", "same-1"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    let rr = with_msg(&fwd, |m, _| {
+        m.header(HeaderName::RecordRoute).unwrap().value.to_vec()
+    });
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    n.send(
+        &A,
+        &ack_2xx(
+            "sip:callee@10.0.0.2;transport=tls",
+            &rr,
+            "b1",
+            "10.0.0.1:5061;branch=z9hG4bKa1",
+            "same-1",
+        ),
+    );
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert!(n.inbox.is_empty());
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn an_invite_refused_here_holds_no_transaction_and_its_ack_ends_here() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.advance(Duration::from_millis(1));
+    let hops = String::from_utf8_lossy(&invite("z9hG4bKa1", "refused-1"))
+        .replace("Max-Forwards: 70", "Max-Forwards: 0");
+    n.send(&A, hops.as_bytes());
+    let r = n.one(&A);
+    assert_eq!(status(&r), 483, "{}", first_line(&r));
+    // Answered without a transaction: nothing waits 64·T1 (Timer H) for its ACK.
+    assert!(n.proxy.is_idle(), "{:?}", n.proxy.load());
+    assert_eq!(n.proxy.poll_timeout(), None);
+    // Its ACK carries our To-tag: it ends here, not looked up and sent to bob.
+    let to = with_msg(&r, |m, _| m.header(HeaderName::To).unwrap().value.to_vec());
+    let ack = format!(
+        "ACK sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKa1\r\nMax-Forwards: 70\r\nTo: {}\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: refused-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&to)
+    );
+    n.send(&A, ack.as_bytes());
+    assert!(n.inbox.is_empty(), "{:?}", n.inbox);
+    // The same tag on another call is not ours: that ACK goes on.
+    n.send(&A, ack.replace("refused-1", "refused-2").as_bytes());
+    assert_eq!(method(&n.one(&B)), "ACK");
+}
+
+#[test]
+fn a_branch_is_cancelled_once_and_abandoned_64_t1_after() {
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.register("bob", &B2, "10.0.0.3:5061");
+    n.send(&A, &invite("z9hG4bKa1", "once-1"));
+    n.take(&A);
+    let f1 = n.one(&B);
+    let f2 = n.one(&B2);
+    n.send(&B, &answer(&f1, 180, "Ringing", "b1"));
+    n.send(&B2, &answer(&f2, 180, "Ringing", "b2"));
+    n.take(&A);
+    n.send(&A, &cancel_of("once-1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(method(&n.one(&B)), "CANCEL");
+    assert_eq!(method(&n.one(&B2)), "CANCEL");
+    // B declines (6xx: the other branches are cancelled — B2 already was: no second one).
+    n.send(&B, &answer(&f1, 603, "Decline", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert!(n.take(&B2).is_empty(), "one CANCEL per branch");
+    // B2 never answers its INVITE: abandoned 64·T1 after its CANCEL (§9.1), not after
+    // Timer C (181 s).
+    n.advance(Duration::from_millis(31_999));
+    assert!(n.take(&A).is_empty());
+    n.advance(Duration::from_millis(1));
+    assert_eq!(status(&n.one(&A)), 603);
+    n.assert_idle_after_timers();
+    assert_eq!(n.proxy.indexed(&B2), 0);
+    assert_eq!(n.proxy.indexed(&B), 0);
+}
+
+#[test]
+fn a_non_invite_that_times_out_is_not_answered_408() {
+    // RFC 4320 §4.2: by then the sender's own Timer F has fired; a 408 would only be noise.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, oc_message(1).as_bytes());
+    assert_eq!(method(&n.one(&B)), "MESSAGE");
+    n.advance(Duration::from_secs(33));
+    assert!(n.take(&A).is_empty());
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn timer_b_answers_408_upstream() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");
@@ -638,6 +737,10 @@ fn transactions_are_capped() {
         "the request beyond the cap is not forwarded"
     );
     assert_eq!(n.proxy.load().0, 3, "and holds no state");
+    // A CANCEL is never refused for room: it is what frees it.
+    n.send(&A, &cancel_of("cap-0").replace_branch("z9hG4bKcap0"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(n.refused, ["transactions_full"]);
     // Timer B ends the three; then there is room again.
     n.advance(Duration::from_secs(32));
     assert_eq!(n.take(&A).len(), 3);

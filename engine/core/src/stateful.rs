@@ -45,6 +45,10 @@ use std::time::Instant;
 /// Timer C's default: RFC 3261 §16.6 asks for more than 3 minutes.
 pub const TIMER_C: std::time::Duration = std::time::Duration::from_secs(181);
 
+/// MAC bytes in a stateless answer's To-tag (64 bits: a UAS would have to guess them to
+/// have its own ACKs dropped, and gains nothing by it).
+const STATELESS_TAG_BYTES: usize = 8;
+
 /// Message bytes shared between a transaction and the output queue.
 pub type Bytes = Rc<[u8]>;
 
@@ -155,8 +159,9 @@ struct Client {
     got_provisional: bool,
     final_received: bool,
     cancel_when_provisional: bool,
-    /// Timer C fired once (a CANCEL went out): the next firing fails the branch.
-    timer_c_fired: bool,
+    /// A CANCEL went out on it (once per branch): Timer C now runs 64·T1 for its answer,
+    /// and its next firing fails the branch (RFC 3261 §9.1, §16.8).
+    cancel_sent: bool,
     /// Sent over a connection named by one of our flow tokens (a dialog route), not to a
     /// registered contact: if that connection is gone the answer is 430 (RFC 5626 §5.3).
     by_token: bool,
@@ -737,37 +742,63 @@ impl ShardProxy {
     }
 
     /// 503 at the door, Retry-After spread over 2–9 s so shed clients do not return together.
-    fn shed(&mut self, flow: &Flow, msg: &Message<'_, '_>) {
+    fn shed(&mut self, flow: &Flow, msg: &Message<'_, '_>, call_id: &[u8]) {
         self.stats.shed += 1;
         let id = self.unique();
         let retry = [b'2' + (id % 8) as u8];
         self.send_stateless(
             flow,
             msg,
-            id,
+            call_id,
             503,
             "Service Unavailable",
             &[("Retry-After", &retry)],
         );
     }
 
-    fn respond_stateless(&mut self, flow: &Flow, msg: &Message<'_, '_>, code: u16, reason: &str) {
+    fn respond_stateless(
+        &mut self,
+        flow: &Flow,
+        msg: &Message<'_, '_>,
+        call_id: &[u8],
+        code: u16,
+        reason: &str,
+    ) {
         self.stats.local_responses += 1;
-        let id = self.unique();
-        self.send_stateless(flow, msg, id, code, reason, &[]);
+        self.send_stateless(flow, msg, call_id, code, reason, &[]);
     }
 
-    /// A response sent without a transaction, its To-tag made from `id`.
+    /// The To-tag of our stateless answers: a MAC of the Call-ID, so the ACK of one is
+    /// recognised and dropped — not looked up and sent to a callee that never saw the INVITE.
+    fn stateless_tag(&self, call_id: &[u8]) -> String {
+        let key = &self.proxy.config().key;
+        format!(
+            "sl{}",
+            key.tag(STATELESS_TAG_BYTES, &[b"stateless", call_id])
+        )
+    }
+
+    /// Is `tag` the To-tag of one of our stateless answers for this Call-ID?
+    fn is_stateless_tag(&self, call_id: &[u8], tag: &[u8]) -> bool {
+        tag.strip_prefix(b"sl").is_some_and(|t| {
+            self.proxy
+                .config()
+                .key
+                .verify_tag(STATELESS_TAG_BYTES, &[b"stateless", call_id], t)
+        })
+    }
+
+    /// A response sent without a transaction (To-tag: [`Self::stateless_tag`]).
     fn send_stateless(
         &mut self,
         flow: &Flow,
         msg: &Message<'_, '_>,
-        id: u64,
+        call_id: &[u8],
         code: u16,
         reason: &str,
         headers: &[(&str, &[u8])],
     ) {
-        let tag = format!("sr{id:x}");
+        let tag = self.stateless_tag(call_id);
         let r = response_to(
             msg,
             code,
@@ -791,13 +822,18 @@ impl ShardProxy {
         let method = msg.method().expect("request");
         let Some(key) = TxKey::server(msg, ess) else {
             if method != Method::Ack {
-                self.respond_stateless(flow, msg, 400, "Missing Via Branch");
+                self.respond_stateless(flow, msg, ess.call_id, 400, "Missing Via Branch");
             }
             return;
         };
         let bytes: Bytes = msg.bytes().into();
         if method == Method::Ack {
-            if let Some(s) = self.servers.get_mut(&key) {
+            // An ACK that matches an INVITE we answered with 2xx (it kept the INVITE's
+            // branch, as older UAs do) is that 2xx's ACK: the UAS waits for it, so it is
+            // forwarded like any 2xx ACK (RFC 6026 §8.7: Accepted passes it to the TU).
+            if let Some(s) = self.servers.get_mut(&key)
+                && s.txn.state() != crate::transaction::State::Accepted
+            {
                 s.txn.handle_ack(now, bytes);
                 return self.drive_server(now, &key);
             }
@@ -812,7 +848,7 @@ impl ShardProxy {
             self.door.0 = self.door.0.saturating_add(1);
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
             if !cooperating && !self.admit() {
-                return self.shed(flow, msg);
+                return self.shed(flow, msg, ess.call_id);
             }
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
@@ -848,18 +884,39 @@ impl ShardProxy {
                 },
             ),
         };
-        if self.servers.len() >= self.max_transactions {
+        if method == Method::Invite {
+            // An INVITE refused here (challenged, denied, malformed, looping) is answered
+            // statelessly: a transaction would wait 64·T1 (Timer H) for an ACK that a flood
+            // never sends, and hold the table against everyone else. Its ACK carries our
+            // stateless To-tag and is dropped (`forward_ack`).
+            let refused = match &decision {
+                Decision::Respond(a) if a.code >= 300 => Some((a.code, a.reason, &a.headers)),
+                Decision::Refuse(d) => {
+                    self.refused(d, msg, &info);
+                    Some((d.code, d.reason, &Vec::new()))
+                }
+                _ => None,
+            };
+            if let Some((code, reason, headers)) = refused {
+                self.stats.local_responses += 1;
+                let hdrs: Vec<(&str, &[u8])> =
+                    headers.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+                return self.send_stateless(flow, msg, ess.call_id, code, reason, &hdrs);
+            }
+        }
+        // A CANCEL's transaction ends as soon as it is answered: never refused for room (it
+        // is what frees room), as at the door.
+        if self.servers.len() >= self.max_transactions && method != Method::Cancel {
             self.out.push_back(Output::Refused(Refusal {
                 label: "transactions_full",
                 detail: format!("{} transactions", self.servers.len()),
                 source: info.source.map(|s| s.ip()),
             }));
             self.stats.local_responses += 1;
-            let id = self.unique();
             return self.send_stateless(
                 flow,
                 msg,
-                id,
+                ess.call_id,
                 503,
                 "Service Unavailable",
                 &[("Retry-After", b"5")],
@@ -930,16 +987,20 @@ impl ShardProxy {
             Decision::Cancel => self.on_cancel(now, &key),
             Decision::Drop(_) => {}
             Decision::Refuse(d) => {
-                self.out.push_back(Output::Refused(Refusal {
-                    label: d.label,
-                    detail: String::from_utf8_lossy(msg.request_uri().unwrap_or_default())
-                        .into_owned(),
-                    source: info.source.map(|s| s.ip()),
-                }));
+                self.refused(&d, msg, &info);
                 self.answer(now, &key, d.code, d.reason, &[]);
             }
         }
         self.drive_server(now, &key);
+    }
+
+    /// Reports a request refused for what it forged (counted and logged by the engine).
+    fn refused(&mut self, d: &crate::policy::Denial, msg: &Message<'_, '_>, info: &FlowInfo) {
+        self.out.push_back(Output::Refused(Refusal {
+            label: d.label,
+            detail: String::from_utf8_lossy(msg.request_uri().unwrap_or_default()).into_owned(),
+            source: info.source.map(|s| s.ip()),
+        }));
     }
 
     /// Answers a server transaction locally.
@@ -1036,11 +1097,23 @@ impl ShardProxy {
         }
     }
 
+    /// Cancels an INVITE branch that rang: once per branch (a 2xx retransmission, a 6xx or
+    /// Timer C asking again sends nothing more), and a branch that does not answer within
+    /// 64·T1 is abandoned as 408 (RFC 3261 §9.1) instead of waiting out Timer C.
     fn send_cancel(&mut self, now: Instant, invite_branch: &TxKey) {
         let limits = self.limits;
-        let Some(c) = self.clients.get(invite_branch) else {
+        let t1 = self.timer_cfg.t1;
+        let Some(c) = self.clients.get_mut(invite_branch) else {
             return;
         };
+        if std::mem::replace(&mut c.cancel_sent, true) {
+            return;
+        }
+        self.timers.set(
+            TimerKey::TimerC(invite_branch.clone()),
+            Some(now + t1.saturating_mul(64)),
+        );
+        let c = &self.clients[invite_branch];
         let Some(Some(cancel)) = with_parsed(c.txn.request(), &limits, |m, _| cancel_for(m)) else {
             return;
         };
@@ -1060,7 +1133,7 @@ impl ShardProxy {
                 got_provisional: false,
                 final_received: false,
                 cancel_when_provisional: false,
-                timer_c_fired: false,
+                cancel_sent: false,
                 by_token: false,
             },
         );
@@ -1138,7 +1211,7 @@ impl ShardProxy {
                     got_provisional: false,
                     final_received: false,
                     cancel_when_provisional: false,
-                    timer_c_fired: false,
+                    cancel_sent: false,
                     // No new Request-URI: the route named this connection.
                     by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
                 },
@@ -1176,6 +1249,14 @@ impl ShardProxy {
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
     ) {
+        // The ACK of a non-2xx we sent without a transaction: it ends here.
+        if ess
+            .to
+            .tag()
+            .is_some_and(|t| self.is_stateless_tag(ess.call_id, t))
+        {
+            return;
+        }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
         let authz = self
@@ -1491,7 +1572,7 @@ impl ShardProxy {
                 }
                 c.got_provisional = true;
                 // §16.7 step 2: a provisional (other than 100) restarts Timer C.
-                if status > 100 && key.method == KeyMethod::Invite && !c.timer_c_fired {
+                if status > 100 && key.method == KeyMethod::Invite && !c.cancel_sent {
                     timer_c = Some(Some(now + self.timer_c));
                 }
             } else {
@@ -1590,6 +1671,12 @@ impl ShardProxy {
         let limits = self.limits;
         let s = self.servers.get_mut(sk).expect("checked");
         let (code, mut bytes) = s.best.take().expect("checked");
+        if code == 408 && sk.method != KeyMethod::Invite {
+            // RFC 4320 §4.2: no 408 to a non-INVITE request — by the time we would send it
+            // the sender's own Timer F has fired. The transaction ends without an answer.
+            self.remove_server(sk);
+            return;
+        }
         let challenges = std::mem::take(&mut s.challenges);
         // §16.7 step 7: a 401/407 upstream carries every branch's challenge, so the caller
         // can answer all of them at once.
@@ -1692,12 +1779,8 @@ impl ShardProxy {
         if c.final_received {
             return;
         }
-        if c.got_provisional && !c.timer_c_fired {
-            c.timer_c_fired = true;
-            let again = now + self.timer_cfg.t1.saturating_mul(64);
-            self.timers.set(TimerKey::TimerC(key.clone()), Some(again));
-            self.send_cancel(now, key);
-            return;
+        if c.got_provisional && !c.cancel_sent {
+            return self.send_cancel(now, key);
         }
         let server = c.server.clone();
         self.fail_branch(now, server.as_ref(), key, 408, "Request Timeout");
