@@ -117,10 +117,10 @@ impl World {
                 None,
                 &["sip.gamma.example"],
             ),
-            // Zeta: we connect to sip.alpha.example, but only trust the name sip.zeta.example.
+            // Zeta shares Alpha's CA and CRL.
             peer(
                 "zeta",
-                "sip.alpha.example",
+                "sip.zeta.example",
                 "alpha-ca.pem",
                 Some("alpha.crl"),
                 &["sip.zeta.example"],
@@ -526,7 +526,152 @@ fn a_partner_is_the_one_whose_roots_verified_it_and_a_san_hides_the_cn() {
             policy.partner_of(std::slice::from_ref(&ambiguous.der)),
             None
         );
+        // Gamma shares alpha's CA too, without a CRL (so its own checks would fail): the
+        // certificate is still both partners' by names and roots — ambiguous, not alpha's.
+        let alpha_and_gamma = w
+            .alpha
+            .issue(&Spec {
+                dns: vec!["sip.alpha.example".into(), "sip.gamma.example".into()],
+                uris: vec![],
+                ..spec("sip.alpha.example")
+            })
+            .unwrap();
+        assert_eq!(
+            inbound(&w, &policy, v, Some(&alpha_and_gamma)),
+            Err(Rejection::NameNotTrusted),
+            "TLS {v}: ambiguous whatever the CRL settings"
+        );
+        assert_eq!(
+            policy.partner_of(std::slice::from_ref(&alpha_and_gamma.der)),
+            None
+        );
+        // RFC 5922 §7.1: only a `sip:` URI is an identity (not `sips:`), and §7.2: no
+        // wildcard in one, even for a partner that allows them in dNSNames.
+        for (uri, what) in [
+            ("sips:sip.alpha.example", "a sips: URI"),
+            ("sip:*.wild.example", "a wildcard sip: URI"),
+        ] {
+            let c = w
+                .alpha
+                .issue(&Spec {
+                    dns: vec![],
+                    uris: vec![uri.into()],
+                    ..spec("sip.alpha.example")
+                })
+                .unwrap();
+            assert_eq!(
+                inbound(&w, &policy, v, Some(&c)),
+                Err(Rejection::NameNotTrusted),
+                "TLS {v}: {what}"
+            );
+        }
     }
+}
+
+#[test]
+fn of_two_crls_from_one_issuer_the_newest_counts() {
+    // An old CRL listed first (a file a job appends to) must not hide a newer revocation.
+    let w = World::new();
+    let victim = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let old = w
+        .alpha
+        .crl_issued(&[], now - Duration::days(2), now + Duration::days(30))
+        .unwrap();
+    let new = w
+        .alpha
+        .crl_issued(
+            &[victim.serial],
+            now - Duration::days(1),
+            now + Duration::days(30),
+        )
+        .unwrap();
+    for (order, file) in [
+        ("old first", format!("{old}{new}")),
+        ("new first", format!("{new}{old}")),
+    ] {
+        w.dir.write("alpha.crl", &file);
+        let policy = w.policy(&["1.3"]);
+        assert_eq!(
+            inbound(&w, &policy, "1.3", Some(&victim)),
+            Err(Rejection::Revoked),
+            "{order}"
+        );
+    }
+}
+
+#[test]
+fn client_certificate_chains_are_checked_whole_and_again_when_resumed() {
+    let w = World::new();
+    let root = Ca::new("Phones Root").unwrap();
+    let sub = root.intermediate("Phones Sub CA").unwrap();
+    let phone = sub
+        .issue(&Spec {
+            uris: vec!["sip:carol@example.com".into()],
+            usage: Usage::ClientOnly,
+            ..spec("phone.example.com")
+        })
+        .unwrap();
+    w.dir.write("phones-root.pem", &root.cert.cert_pem);
+    w.dir.write("phones-sub.crl", sub.crl(&[]).unwrap());
+    let policy_with = |root_crl: String| {
+        w.dir.write("phones-root.crl", root_crl);
+        let mut cfg = w.config(&["1.2", "1.3"]);
+        cfg.tls.client_roots = Some(w.dir.join("phones-root.pem"));
+        cfg.tls.client_crls = vec![w.dir.join("phones-root.crl"), w.dir.join("phones-sub.crl")];
+        TlsPolicy::load(&cfg).expect("policy loads")
+    };
+    let good = policy_with(root.crl(&[]).unwrap());
+    // The root's CRL revokes the sub-CA: what it issued is revoked with it.
+    let sub_revoked = policy_with(root.crl(&[sub.cert.serial]).unwrap());
+    let chain = vec![phone.der.clone(), sub.cert.der.clone()];
+    let client = Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&versions("1.3"))
+            .unwrap()
+            .with_root_certificates(w.ours_roots())
+            .with_client_auth_cert(chain.clone(), key_of(&phone))
+            .unwrap(),
+    );
+    let handshake = |server: Arc<ServerConfig>| {
+        let mut s = TlsSession::server(server).unwrap();
+        let mut c = TlsSession::client(
+            client.clone(),
+            ServerName::try_from("sip.example.com").unwrap(),
+        )
+        .unwrap();
+        let (cr, sr) = transfer(&mut c, &mut s);
+        if let Err(e) = sr {
+            return Err(sipring::tls::classify(&e).0);
+        }
+        cr.expect("client side");
+        // TLS 1.3 tickets arrive after the handshake: deliver them with some app data.
+        s.write(b"x").unwrap();
+        let _ = transfer(&mut c, &mut s);
+        Ok((
+            s.resumed(),
+            s.peer_certificates().unwrap_or_default().to_vec(),
+        ))
+    };
+    assert_eq!(
+        handshake(sub_revoked.clients_cert_required.clone().unwrap()),
+        Err(Rejection::Revoked),
+        "a revoked intermediate revokes the phone"
+    );
+    let server = good.clients_cert_required.clone().unwrap();
+    let (resumed, first) = handshake(server.clone()).expect("full handshake");
+    assert!(!resumed);
+    assert_eq!(good.verify_client_chain(&first), Ok(()));
+    // The same session resumed: rustls hands back the ticket's chain without checking it.
+    let (resumed, again) = handshake(server).expect("resumed");
+    assert!(resumed, "the second handshake resumes");
+    assert_eq!(again, chain);
+    // What the engine checks before trusting it: the chain, verified now.
+    assert_eq!(good.verify_client_chain(&again), Ok(()));
+    assert_eq!(
+        sub_revoked.verify_client_chain(&again),
+        Err(Rejection::Revoked)
+    );
 }
 
 #[test]
@@ -643,10 +788,10 @@ fn outbound_partner_acceptance_and_rejections() {
                 Rejection::BadEku,
             ),
             (
-                "name right but not trusted",
+                "another partner's name, from the CA they share",
                 "zeta",
                 w.alpha.issue(&spec("sip.alpha.example")).unwrap(),
-                Rejection::NameNotTrusted,
+                Rejection::NameMismatch,
             ),
         ];
         for (what, peer, cert, want) in cases {

@@ -322,8 +322,8 @@ pub struct PeerConfig {
     pub roots: PathBuf,
     /// PEM or DER CRLs for this peer's CAs. Default `[]`.
     pub crls: Vec<PathBuf>,
-    /// Identities (SAN dNSName or `sip:` URI, CN when no SAN) accepted from this peer.
-    /// Default: `[server_name]`.
+    /// Identities (SAN dNSName or `sip:` URI, CN when no SAN) accepted from this peer; must
+    /// include `server_name`. Default: `[server_name]`.
     pub trusted_names: Vec<String>,
     /// Allow `*.example.net` certificate names to match. Default false.
     pub allow_wildcards: bool,
@@ -811,6 +811,18 @@ impl Config {
                     format!("peer[{i}].server_name"),
                     "missing: the name expected in the peer's certificate",
                 );
+            } else if !p.trusted_names.is_empty()
+                && !p
+                    .trusted_names
+                    .iter()
+                    .any(|t| crate::tls::verify::name_matches(&p.server_name, t, false))
+            {
+                // We connect to `server_name` and accept only a certificate naming it with a
+                // trusted identity: a list without it could never connect.
+                e(
+                    format!("peer[{i}].trusted_names"),
+                    "must include server_name (the name we connect to)",
+                );
             }
             if p.roots.as_os_str().is_empty() {
                 e(
@@ -1013,6 +1025,23 @@ mod tests {
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_partner_we_connect_to_must_trust_the_name_we_dial() {
+        let with = |trusted: &str| {
+            Config::parse(&format!(
+                "[[peer]]\nname = \"acme\"\nserver_name = \"sip.acme.example\"\nroots = \"acme.pem\"\ntrusted_names = [{trusted}]\n"
+            ))
+            .unwrap()
+            .validate(Path::new("x.toml"))
+            .into_iter()
+            .map(|e| e.key)
+            .collect::<Vec<_>>()
+        };
+        let key = "peer[0].trusted_names".to_string();
+        assert!(with("\"sip.other.example\"").contains(&key));
+        assert!(!with("\"sip.other.example\", \"SIP.acme.example.\"").contains(&key));
     }
 
     #[test]

@@ -373,7 +373,8 @@ impl TlsSession {
         }
     }
 
-    /// Was this a resumed handshake?
+    /// Was this a resumed handshake (a ticket or session ID)? Then the peer's chain is the
+    /// one stored with the session, not verified again by rustls.
     pub fn resumed(&self) -> bool {
         let k = match &self.conn {
             Conn::Server(c) => c.handshake_kind(),

@@ -173,6 +173,17 @@ async fn accept_tls(
             }
         }
     } else {
+        // rustls restored a resumed session's chain from the ticket without checking it: one
+        // that has since expired or been revoked proves nothing now.
+        if !chain.is_empty()
+            && sess.resumed()
+            && let Err(reason) = policy.verify_client_chain(chain)
+        {
+            tracing::warn!(%remote, reason = reason.label(), "resumed session's client certificate no longer verifies; closing");
+            shard.control.rejections.inc(reason);
+            linger_close(shard, stream).await;
+            return None;
+        }
         Principal::Client {
             cert_aors: client_cert_aors(shard, chain),
         }

@@ -131,6 +131,51 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
+/// Keeps one CRL per issuer, the newest (latest thisUpdate, then highest CRL number): the
+/// verifier reads the first CRL whose issuer matches, so an older one listed first (a file a
+/// job appends to, two files of one CA) would hide what the newer one revoked.
+pub fn newest_crl_per_issuer(
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Vec<CertificateRevocationListDer<'static>> {
+    /// A CRL's issuer (raw DER name) and rank: thisUpdate, then CRL number (as a big-endian
+    /// integer: longer is larger). `None` when x509-parser cannot read it (webpki did).
+    type Rank = (i64, usize, Vec<u8>);
+    type Kept = (
+        Option<(Vec<u8>, Rank)>,
+        CertificateRevocationListDer<'static>,
+    );
+    fn key(c: &CertificateRevocationListDer<'_>) -> Option<(Vec<u8>, Rank, String)> {
+        let (_, x) = x509_parser::parse_x509_crl(c.as_ref()).ok()?;
+        let number = x.crl_number().map(|n| n.to_bytes_be()).unwrap_or_default();
+        Some((
+            x.issuer().as_raw().to_vec(),
+            (x.last_update().timestamp(), number.len(), number),
+            x.issuer().to_string(),
+        ))
+    }
+    let mut kept: Vec<Kept> = Vec::new();
+    for c in crls {
+        let Some((issuer, rank, name)) = key(&c) else {
+            kept.push((None, c));
+            continue;
+        };
+        match kept
+            .iter_mut()
+            .find(|(k, _)| k.as_ref().is_some_and(|(i, _)| *i == issuer))
+        {
+            Some(slot) => {
+                let newer = slot.0.as_ref().is_some_and(|(_, r)| rank > *r);
+                tracing::info!(issuer = %name, "two CRLs of one issuer: only the newest is used");
+                if newer {
+                    *slot = (Some((issuer, rank)), c);
+                }
+            }
+            None => kept.push((Some((issuer, rank)), c)),
+        }
+    }
+    kept.into_iter().map(|(_, c)| c).collect()
+}
+
 /// The crypto provider the configuration asks for.
 pub fn provider(cfg: &Config) -> CryptoProvider {
     let mut p = aws_lc_rs::default_provider();
@@ -200,6 +245,9 @@ pub struct TlsPolicy {
     pub clients_cert_optional: Option<Arc<ServerConfig>>,
     /// For `tls` listeners with `client_auth = "required"`.
     pub clients_cert_required: Option<Arc<ServerConfig>>,
+    /// The client-certificate verifier of `clients_cert_*`, to check again the chain a
+    /// resumed session brings (rustls restores it from the ticket without verifying it).
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     /// For `mtls` listeners.
     pub peers: Option<Arc<ServerConfig>>,
     /// For connecting to each partner: its client config and the name to reach.
@@ -226,6 +274,18 @@ impl TlsPolicy {
             (ListenKind::Tls, ClientAuth::Required) => self.clients_cert_required.clone(),
             (ListenKind::Mtls, _) => self.peers.clone(),
         }
+    }
+
+    /// Is a client chain (from a resumed session) still good, verified now against the
+    /// client roots and CRLs? Why not, when it is not (always refused without client roots).
+    pub fn verify_client_chain(&self, chain: &[CertificateDer<'_>]) -> Result<(), Rejection> {
+        let (Some(v), Some((ee, intermediates))) = (&self.client_verifier, chain.split_first())
+        else {
+            return Err(Rejection::UnknownIssuer);
+        };
+        v.verify_client_cert(ee, intermediates, rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| classify(&e).0)
     }
 
     /// The partner a verified MTLS peer is: the one whose roots verified its chain and whose
@@ -316,45 +376,47 @@ impl TlsPolicy {
         };
 
         let clients = Arc::new(server_base(None)?);
-        let (clients_cert_optional, clients_cert_required) = match &cfg.tls.client_roots {
-            Some(path) => {
-                let mut roots = RootCertStore::empty();
-                for r in load_certs(path)? {
-                    roots
-                        .add(r)
-                        .map_err(|e| load_err(path, format!("bad root: {e}")))?;
-                }
-                let roots = Arc::new(roots);
-                let mut crls = Vec::new();
-                for f in &cfg.tls.client_crls {
-                    crls.extend(load_crls(f)?);
-                }
-                let verifier = |optional: bool| {
-                    let mut b = WebPkiClientVerifier::builder_with_provider(
-                        roots.clone(),
-                        provider.clone(),
-                    );
-                    if !crls.is_empty() {
-                        // A CRL past its nextUpdate says nothing about what was revoked since:
-                        // refused as unknown status, not trusted as current.
-                        b = b
-                            .with_crls(crls.clone())
-                            .only_check_end_entity_revocation()
-                            .enforce_revocation_expiration();
+        let (clients_cert_optional, clients_cert_required, client_verifier) =
+            match &cfg.tls.client_roots {
+                Some(path) => {
+                    let mut roots = RootCertStore::empty();
+                    for r in load_certs(path)? {
+                        roots
+                            .add(r)
+                            .map_err(|e| load_err(path, format!("bad root: {e}")))?;
                     }
-                    if optional {
-                        b = b.allow_unauthenticated();
+                    let roots = Arc::new(roots);
+                    let mut crls = Vec::new();
+                    for f in &cfg.tls.client_crls {
+                        crls.extend(load_crls(f)?);
                     }
-                    b.build()
-                        .map_err(|e| load_err(path, format!("client verifier: {e}")))
-                };
-                (
-                    Some(Arc::new(server_base(Some(verifier(true)?))?)),
-                    Some(Arc::new(server_base(Some(verifier(false)?))?)),
-                )
-            }
-            None => (None, None),
-        };
+                    let crls = newest_crl_per_issuer(crls);
+                    let verifier = |optional: bool| {
+                        let mut b = WebPkiClientVerifier::builder_with_provider(
+                            roots.clone(),
+                            provider.clone(),
+                        );
+                        if !crls.is_empty() {
+                            // Every certificate of the chain (a revoked intermediate CA revokes
+                            // what it issued). A CRL past its nextUpdate says nothing about what
+                            // was revoked since: refused as unknown status, not trusted as current.
+                            b = b.with_crls(crls.clone()).enforce_revocation_expiration();
+                        }
+                        if optional {
+                            b = b.allow_unauthenticated();
+                        }
+                        b.build()
+                            .map_err(|e| load_err(path, format!("client verifier: {e}")))
+                    };
+                    let required = verifier(false)?;
+                    (
+                        Some(Arc::new(server_base(Some(verifier(true)?))?)),
+                        Some(Arc::new(server_base(Some(required.clone()))?)),
+                        Some(required),
+                    )
+                }
+                None => (None, None, None),
+            };
 
         // Partners.
         let mut partners = Vec::new();
@@ -364,6 +426,7 @@ impl TlsPolicy {
             for f in &p.crls {
                 crls.extend(load_crls(f)?);
             }
+            let crls = newest_crl_per_issuer(crls);
             let t = PeerTrust::new(p, &roots, &crls).map_err(|e| load_err(&p.roots, e))?;
             partners.push(Arc::new(t));
         }
@@ -399,9 +462,11 @@ impl TlsPolicy {
                 .map_err(|e| load_err(cfg_path, format!("our certificate as a client: {e}")))?;
             cc.enable_secret_extraction = true;
             cc.enable_sni = true;
-            if !cfg.tls.resumption {
-                cc.resumption = rustls::client::Resumption::disabled();
-            }
+            // No resumption toward partners: rustls would not run our verifier on a resumed
+            // session (the partner's chain comes from a ticket it may keep for days, past a
+            // revocation or expiry), and a partner link is long-lived — one full handshake
+            // per (re)connect costs nothing that matters.
+            cc.resumption = rustls::client::Resumption::disabled();
             let name = ServerName::try_from(p.server_name.clone())
                 .map_err(|e| load_err(cfg_path, format!("peer {}: server_name: {e}", p.name)))?;
             outbound.insert(p.name.clone(), (Arc::new(cc), name));
@@ -411,6 +476,7 @@ impl TlsPolicy {
             clients,
             clients_cert_optional,
             clients_cert_required,
+            client_verifier,
             peers,
             outbound,
             partners,

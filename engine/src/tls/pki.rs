@@ -127,6 +127,41 @@ impl Ca {
         })
     }
 
+    /// A CA named `name` under this one (an intermediate: its certificate is issued, and can
+    /// be revoked, by this CA), valid for five years.
+    pub fn intermediate(&self, name: &str) -> Result<Ca, String> {
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.distinguished_name
+            .push(DnType::OrganizationName, "sipring test PKI");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - Duration::days(1);
+        p.not_after = now + Duration::days(1825);
+        let serial = self.next_serial.get();
+        self.next_serial.set(serial + 1);
+        p.serial_number = Some(SerialNumber::from(serial));
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = p.signed_by(&key, &self.issuer).map_err(err)?;
+        let issued = Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            serial,
+        };
+        Ok(Ca {
+            issuer: Issuer::new(p, key),
+            cert: issued,
+            next_serial: std::cell::Cell::new(2),
+        })
+    }
+
     /// Issues a certificate.
     pub fn issue(&self, spec: &Spec) -> Result<Issued, String> {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
@@ -187,10 +222,26 @@ impl Ca {
     /// a stale CRL, for tests); issued a day before that, or yesterday.
     pub fn crl_next_update(&self, revoked: &[u64], next: Duration) -> Result<String, String> {
         let now = OffsetDateTime::now_utc();
+        self.crl_issued(
+            revoked,
+            now - Duration::days(1) + next.min(Duration::ZERO),
+            now + next,
+        )
+    }
+
+    /// A CRL revoking these serial numbers, issued at `this_update` (also its CRL number, in
+    /// seconds) and due again at `next_update`.
+    pub fn crl_issued(
+        &self,
+        revoked: &[u64],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, String> {
+        let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::days(1) + next.min(Duration::ZERO),
-            next_update: now + next,
-            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            this_update,
+            next_update,
+            crl_number: SerialNumber::from(this_update.unix_timestamp().max(0) as u64),
             issuing_distribution_point: None,
             revoked_certs: revoked
                 .iter()

@@ -40,7 +40,8 @@ use webpki::{
 pub enum Identity {
     /// SAN dNSName.
     Dns(String),
-    /// SAN `sip:`/`sips:` URI without user part: the domain (RFC 5922 §7.1).
+    /// SAN `sip:` URI without user part: the domain (RFC 5922 §7.1; a `sips:` URI, or any
+    /// other scheme, is not an identity).
     Sip(String),
     /// Subject CN (only reported when the certificate has no SAN URI or dNSName).
     Cn(String),
@@ -52,6 +53,16 @@ impl Identity {
         match self {
             Identity::Dns(n) | Identity::Sip(n) | Identity::Cn(n) => n,
         }
+    }
+
+    /// Does it name `wanted`? A wildcard (`allow_wildcards`) only in a dNSName: RFC 5922
+    /// §7.2 has none for SIP URIs, and a CN is no place for one.
+    pub fn matches(&self, wanted: &str, allow_wildcards: bool) -> bool {
+        name_matches(
+            self.name(),
+            wanted,
+            allow_wildcards && matches!(self, Identity::Dns(_)),
+        )
     }
 }
 
@@ -94,9 +105,8 @@ pub fn summarize(cert: &[u8]) -> Option<CertSummary> {
                 GeneralName::DNSName(d) => ids.push(Identity::Dns(d.to_ascii_lowercase())),
                 GeneralName::URI(u) => {
                     let lower = u.to_ascii_lowercase();
-                    let rest = lower
-                        .strip_prefix("sip:")
-                        .or_else(|| lower.strip_prefix("sips:"));
+                    // RFC 5922 §7.1: a URI whose scheme is not "sip" is not an identity.
+                    let rest = lower.strip_prefix("sip:");
                     // Only `sip:domain` (no user part) names a server (RFC 5922 §7.1).
                     if let Some(host) = rest.filter(|r| !r.contains('@')) {
                         let host = host.split([';', '?', ':']).next().unwrap_or_default();
@@ -148,9 +158,14 @@ pub fn user_aors(cert: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Does a certificate name (possibly `*.example.net`) match a configured name?
+/// Does a certificate name (possibly `*.example.net`) match a configured name? Case and one
+/// trailing dot (an absolute DNS name) do not count.
 pub fn name_matches(presented: &str, wanted: &str, allow_wildcards: bool) -> bool {
     let (p, w) = (presented.to_ascii_lowercase(), wanted.to_ascii_lowercase());
+    let (p, w) = (
+        p.strip_suffix('.').unwrap_or(&p),
+        w.strip_suffix('.').unwrap_or(&w),
+    );
     if p == w {
         return true;
     }
@@ -329,10 +344,36 @@ impl PeerTrust {
 
     /// Is one of `ids` on this partner's trusted-server list?
     pub fn trusts(&self, ids: &[Identity]) -> bool {
-        ids.iter().any(|i| {
-            self.trusted_names
-                .iter()
-                .any(|t| name_matches(i.name(), t, self.allow_wildcards))
+        ids.iter().any(|i| self.trusts_one(i))
+    }
+
+    fn trusts_one(&self, id: &Identity) -> bool {
+        self.trusted_names
+            .iter()
+            .any(|t| id.matches(t, self.allow_wildcards))
+    }
+
+    /// Does the chain lead to this partner's roots (validity and EKU included, revocation
+    /// not)? This decides *whose* certificate it is; [`Self::verify_chain`] whether it is
+    /// good.
+    fn reaches_roots(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> bool {
+        EndEntityCert::try_from(ee).is_ok_and(|cert| {
+            cert.verify_for_usage(
+                algs.all,
+                &self.anchors,
+                intermediates,
+                now,
+                TlsEku,
+                None,
+                None,
+            )
+            .is_ok()
         })
     }
 
@@ -379,10 +420,27 @@ impl PeerTrust {
     }
 }
 
+/// Whose a presented chain is: the partners that list one of its identities **and** whose
+/// roots it leads to (revocation aside — two partners sharing a CA must not be told apart by
+/// their CRL settings). More than one: nobody's (ambiguous).
+fn owners<'p>(
+    partners: &'p [Arc<PeerTrust>],
+    algs: &WebPkiSupportedAlgorithms,
+    ids: &[Identity],
+    ee: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Vec<&'p Arc<PeerTrust>> {
+    partners
+        .iter()
+        .filter(|p| p.trusts(ids) && p.reaches_roots(algs, ee, intermediates, now))
+        .collect()
+}
+
 /// The partner a verified client chain belongs to: the one partner that lists one of its
-/// identities **and** whose roots (and CRLs) verify it — never a partner that merely lists a
-/// name it presents. `None` when no partner, or more than one, qualifies (the verifier refused
-/// those handshakes already).
+/// identities and whose roots lead to it, if its full checks (CRLs included) pass — never a
+/// partner that merely lists a name it presents. `None` when no partner, or more than one,
+/// qualifies (the verifier refused those handshakes already).
 pub fn partner_of_chain(
     partners: &[Arc<PeerTrust>],
     algs: &WebPkiSupportedAlgorithms,
@@ -391,11 +449,10 @@ pub fn partner_of_chain(
 ) -> Option<String> {
     let (ee, intermediates) = chain.split_first()?;
     let ids = summarize(ee.as_ref())?.identities;
-    let mut found = partners
-        .iter()
-        .filter(|p| p.trusts(&ids) && p.verify_chain(algs, ee, intermediates, now).is_ok());
-    let p = found.next()?;
-    found.next().is_none().then(|| p.name.clone())
+    match owners(partners, algs, &ids, ee, intermediates, now).as_slice() {
+        [p] if p.verify_chain(algs, ee, intermediates, now).is_ok() => Some(p.name.clone()),
+        _ => None,
+    }
 }
 
 fn chain_summary(ee: &CertificateDer<'_>) -> CertSummary {
@@ -446,34 +503,45 @@ impl ClientCertVerifier for PeerClientVerifier {
                 "no partner lists this identity",
             ));
         }
-        let mut first_err = None;
-        let mut verified = Vec::new();
-        for p in &candidates {
-            match p.verify_chain(&self.algs, ee, intermediates, now) {
-                Ok(()) => verified.push(p.name.clone()),
-                Err(e) => {
-                    first_err.get_or_insert((p.name.clone(), e));
-                }
+        let owners = owners(
+            &self.peers,
+            &self.algs,
+            &summary.identities,
+            ee,
+            intermediates,
+            now,
+        );
+        match owners.as_slice() {
+            // Its partner: now its full checks (CRLs, their freshness).
+            [p] => {
+                return match p.verify_chain(&self.algs, ee, intermediates, now) {
+                    Ok(()) => Ok(ClientCertVerified::assertion()),
+                    Err(e) => Err(reject(classify(&e), summary, Some(&p.name), e.to_string())),
+                };
             }
-        }
-        match verified.len() {
-            1 => return Ok(ClientCertVerified::assertion()),
-            n if n > 1 => {
+            [] => {}
+            several => {
                 // Two partners list its names and trust its root (a shared CA): whose
-                // connection it is cannot be told, so it is nobody's.
+                // connection it is cannot be told, so it is nobody's — whatever their CRLs.
+                let names: Vec<&str> = several.iter().map(|p| p.name.as_str()).collect();
                 return Err(reject(
                     Rejection::NameNotTrusted,
                     summary,
                     None,
                     format!(
                         "ambiguous: names and roots of several partners ({})",
-                        verified.join(", ")
+                        names.join(", ")
                     ),
                 ));
             }
-            _ => {}
         }
-        let (peer, e) = first_err.expect("at least one candidate");
+        // No partner that lists it is reached by its chain: say why, for the first of them.
+        let p = candidates[0];
+        let e = match p.verify_chain(&self.algs, ee, intermediates, now) {
+            Err(e) => e,
+            Ok(()) => webpki::Error::UnknownIssuer,
+        };
+        let peer = p.name.clone();
         let mut reason = classify(&e);
         if reason == Rejection::UnknownIssuer
             && self.peers.iter().any(|p| {
@@ -553,11 +621,12 @@ impl ServerCertVerifier for PeerServerVerifier {
             return Err(reject(reason, summary, Some(&p.name), e.to_string()));
         }
         let wanted = server_name.to_str();
-        if !summary
+        let named: Vec<&Identity> = summary
             .identities
             .iter()
-            .any(|i| name_matches(i.name(), &wanted, p.allow_wildcards))
-        {
+            .filter(|i| i.matches(&wanted, p.allow_wildcards))
+            .collect();
+        if named.is_empty() {
             return Err(reject(
                 Rejection::NameMismatch,
                 summary,
@@ -565,7 +634,9 @@ impl ServerCertVerifier for PeerServerVerifier {
                 format!("expected {wanted}"),
             ));
         }
-        if !p.trusts(&summary.identities) {
+        // The identity that names the server we dialled must itself be trusted (another
+        // name on the same certificate does not make it so).
+        if !named.iter().any(|i| p.trusts_one(i)) {
             return Err(reject(
                 Rejection::NameNotTrusted,
                 summary,
@@ -611,5 +682,15 @@ mod tests {
         assert!(!name_matches("*.example.net", "a.sip.example.net", true));
         assert!(!name_matches("*.net", "example.net", true));
         assert!(!name_matches("*.example.net", "example.net", true));
+        // One trailing dot (an absolute name) on either side does not count.
+        assert!(name_matches("sip.example.net.", "sip.example.net", false));
+        assert!(name_matches("sip.example.net", "SIP.example.net.", false));
+        assert!(!name_matches("sip.example.net..", "sip.example.net", false));
+        // Wildcards only in dNSNames (RFC 5922 §7.2).
+        let wanted = "sip.example.net";
+        assert!(Identity::Dns("*.example.net".into()).matches(wanted, true));
+        assert!(!Identity::Sip("*.example.net".into()).matches(wanted, true));
+        assert!(!Identity::Cn("*.example.net".into()).matches(wanted, true));
+        assert!(Identity::Sip("sip.example.net".into()).matches(wanted, false));
     }
 }
