@@ -310,6 +310,8 @@ impl Cluster {
                 roots: dir.join("cluster-ca.pem"),
                 nodes: topology.clone(),
                 subscribers_key: Some("subscribers".into()),
+                // Read often, so the test sees what a refresh does after the store is emptied.
+                subscribers_refresh_s: 1,
                 ..ClusterConfig::default()
             });
             let path = dir.write(&format!("{name}.toml"), toml::to_string(&cfg).unwrap());
@@ -624,5 +626,54 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     call(&mut caller, &mut callee, "cross-node-3");
     // Registered long before the master died, wherever its slot was: still reachable.
     assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 500), 200);
+
+    // The store loses everything (a restart without persistence): each node's next beat
+    // finds its liveness key gone and its shards write every binding again — C reaches B's
+    // users without anyone registering again. The subscriber hash is gone too: the roamer's
+    // credentials, read from it before, stay.
+    for (&p, proc_) in redis.ports.iter().zip(&redis.procs) {
+        if proc_.is_some() {
+            redis_cli(p, &["flushall"]); // masters empty; replicas follow (or refuse: READONLY)
+        }
+    }
+    assert!(
+        stale(&redis).trim().is_empty()
+            && redis_cli(
+                redis.live_port(),
+                &["-c", "hgetall", "b:{sip:callee0@example.com}"]
+            )
+            .trim()
+            .is_empty(),
+        "the store was emptied"
+    );
+    c.nodes[1]
+        .server
+        .as_ref()
+        .unwrap()
+        .wait_log("liveness key was gone");
+    let t0 = Instant::now();
+    let mut k = 600;
+    while message(&mut caller, "callee0", Some(&mut callee), k) != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "B's bindings never came back to the store"
+        );
+        k += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 700), 200);
+    // A refresh (every second here) has read the emptied hash by now.
+    std::thread::sleep(Duration::from_millis(1500));
+    c.nodes[1]
+        .server
+        .as_ref()
+        .unwrap()
+        .wait_log("the previous ones stay");
+    let mut roamer2 = c.ua(1, "roamer0");
+    assert_eq!(
+        roamer2.register(600),
+        200,
+        "store-only subscriber still known"
+    );
     let _ = &c.pki;
 }

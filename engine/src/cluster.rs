@@ -3,9 +3,12 @@
 //!
 //! The Redis client (the `redis` crate's cluster-async client: slot routing, MOVED/ASK and
 //! failover are its job) runs on tokio, so it lives on **one store thread per node** with a
-//! current-thread runtime. Shards never block on it: they `try_send` requests on a bounded
-//! `async-channel` (runtime-neutral), and lookups come back on each shard's own reply
-//! channel, which a glommio task awaits (glommio wakes a task from a foreign thread).
+//! current-thread runtime. Shards never block on it: they `try_send` writes and lookups on
+//! two bounded `async-channel`s (runtime-neutral; lookups cannot crowd writes out), and
+//! lookups come back on each shard's own reply channel, which a glommio task awaits (glommio
+//! wakes a task from a foreign thread). The thread keeps the newest value per AOR until the
+//! store has it (retried while the store fails), and when its heartbeat finds this node's
+//! liveness key gone (the store lost data) the shards write all their bindings again.
 //!
 //! The store holds, per AOR, one hash `b:{<aor>}` with one field per node that has bindings
 //! for it. The field's value is that node's bindings for the AOR, written whole on every
@@ -25,17 +28,22 @@
 use crate::config::ClusterConfig;
 use redis::cluster_async::ClusterConnection;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Requests waiting for the store thread, all shards together; past it a lookup is answered
-/// 503 and a write is dropped (counted; the binding is written at its next refresh).
+/// Lookups waiting for the store thread, all shards together; past it a lookup is answered
+/// 503. Writes have a queue of their own of this size, so lookups never crowd them out.
 pub const STORE_QUEUE: usize = 16_384;
 
-/// Requests the store thread has at the store at once (each bounded by the store timeout
-/// and its retries); the rest wait in the queue.
+/// Lookups the store thread has at the store at once (each bounded by the store timeout
+/// and its retries); the rest wait in the queue. Writes have as many again.
 pub const STORE_IN_FLIGHT: usize = 1024;
+
+/// How long a write that failed waits before it is tried again.
+const WRITE_RETRY: Duration = Duration::from_millis(500);
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
@@ -67,27 +75,33 @@ pub struct Found {
     pub known: bool,
 }
 
-/// What a shard asks of the store thread.
+/// This node's field of an AOR as it should be: its value and the latest expiry of its
+/// bindings (unix ms), or `None` (no bindings: remove the field).
+type Field = Option<(String, u64)>;
+
+/// A shard's write: replace this node's field of `aor`.
 #[derive(Debug)]
-enum Req {
-    /// Replace this node's field of `aor` (`None` removes it).
-    Write {
-        aor: String,
-        value: Option<String>,
-        ttl_ms: u64,
-    },
-    /// Which live nodes hold bindings for `aor`?
-    Lookup {
-        aor: String,
-        token: u64,
-        reply: async_channel::Sender<Found>,
-    },
+struct Write {
+    aor: String,
+    field: Field,
+}
+
+/// A shard's question: which live nodes hold bindings for `aor`?
+#[derive(Debug)]
+struct Ask {
+    aor: String,
+    token: u64,
+    reply: async_channel::Sender<Found>,
+    /// When it was queued: past the store timeout it is answered "store failed" unasked.
+    at: Instant,
 }
 
 /// A shard's handle on the store thread (cheap to clone; `Send`).
 #[derive(Debug, Clone)]
 pub struct Store {
-    tx: async_channel::Sender<Req>,
+    writes: async_channel::Sender<Write>,
+    asks: async_channel::Sender<Ask>,
+    resync: Arc<AtomicU64>,
     /// This node's name.
     pub node: Rc<str>,
     /// This node's epoch (this process's life).
@@ -97,7 +111,9 @@ pub struct Store {
 /// The `Send` half that creates per-shard [`Store`] handles.
 #[derive(Debug, Clone)]
 pub struct StoreSender {
-    tx: async_channel::Sender<Req>,
+    writes: async_channel::Sender<Write>,
+    asks: async_channel::Sender<Ask>,
+    resync: Arc<AtomicU64>,
     node: String,
     epoch: u64,
 }
@@ -106,7 +122,9 @@ impl StoreSender {
     /// A handle for one shard.
     pub fn handle(&self) -> Store {
         Store {
-            tx: self.tx.clone(),
+            writes: self.writes.clone(),
+            asks: self.asks.clone(),
+            resync: self.resync.clone(),
             node: self.node.as_str().into(),
             epoch: self.epoch,
         }
@@ -114,14 +132,15 @@ impl StoreSender {
 }
 
 impl Store {
-    /// Queues a write of this node's bindings for `aor` (`None`: it has none left). False
-    /// when the queue is full (the caller counts it).
-    pub fn write(&self, aor: &str, value: Option<String>, ttl_ms: u64) -> bool {
-        self.tx
-            .try_send(Req::Write {
+    /// Queues a write of this node's bindings for `aor` (`None`: it has none left; else the
+    /// value and the latest expiry, from [`Store::value`]). The store thread keeps the
+    /// newest value per AOR until the store has it, retrying while it fails. False when the
+    /// queue is full (the caller counts it).
+    pub fn write(&self, aor: &str, field: Option<(String, u64)>) -> bool {
+        self.writes
+            .try_send(Write {
                 aor: aor.to_string(),
-                value,
-                ttl_ms,
+                field,
             })
             .is_ok()
     }
@@ -129,13 +148,21 @@ impl Store {
     /// Asks which live nodes hold `aor`; the answer comes on `reply` with `token`. False
     /// when the queue is full.
     pub fn lookup(&self, aor: &str, token: u64, reply: &async_channel::Sender<Found>) -> bool {
-        self.tx
-            .try_send(Req::Lookup {
+        self.asks
+            .try_send(Ask {
                 aor: aor.to_string(),
                 token,
                 reply: reply.clone(),
+                at: Instant::now(),
             })
             .is_ok()
+    }
+
+    /// Bumped when the store lost what this node wrote (its liveness key was gone: a store
+    /// restarted empty, a failover that lost writes, or this node stalled past its
+    /// liveness): every shard then writes all its bindings again.
+    pub fn resync_generation(&self) -> u64 {
+        self.resync.load(Ordering::Relaxed)
     }
 
     /// The store value for this node's bindings of an AOR: `(expiry unix ms, flow,
@@ -185,7 +212,9 @@ pub fn start(
     cfg: &ClusterConfig,
     subscribers: crate::auth::SharedSubscribers,
 ) -> std::io::Result<StoreSender> {
-    let (tx, rx) = async_channel::bounded(STORE_QUEUE);
+    let (writes, write_rx) = async_channel::bounded(STORE_QUEUE);
+    let (asks, ask_rx) = async_channel::bounded(STORE_QUEUE);
+    let resync = Arc::new(AtomicU64::new(0));
     // Unique per start: a node that comes back has a new epoch, so what it registered in its
     // previous life is never routed to again.
     let epoch = unix_ms()
@@ -194,7 +223,9 @@ pub fn start(
         | 1;
     let cfg = cfg.clone();
     let sender = StoreSender {
-        tx,
+        writes,
+        asks,
+        resync: resync.clone(),
         node: cfg.node.clone(),
         epoch,
     };
@@ -212,7 +243,10 @@ pub fn start(
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, run(cfg, epoch, rx, subscribers));
+            local.block_on(
+                &rt,
+                run(cfg, epoch, (write_rx, ask_rx), resync, subscribers),
+            );
         })?;
     Ok(sender)
 }
@@ -223,6 +257,14 @@ struct State {
     cfg: ClusterConfig,
     epoch: u64,
     errors: crate::metrics::LogLimiter,
+    /// The newest field per AOR not yet in the store (coalesced: a newer write replaces an
+    /// older one waiting). Bounded by the AORs this node holds.
+    dirty: RefCell<HashMap<String, Field>>,
+    /// AORs with a write at the store now: one at a time per AOR, so writes land in order.
+    writing: RefCell<HashSet<String>>,
+    /// Wakes the writer when `dirty` gains an entry or a write ends.
+    wake: tokio::sync::Notify,
+    resync: Arc<AtomicU64>,
 }
 
 impl State {
@@ -231,7 +273,7 @@ impl State {
     }
 
     fn failed(&self, what: &str, e: &redis::RedisError) {
-        if let Some(left_out) = self.errors.allow(std::time::Instant::now()) {
+        if let Some(left_out) = self.errors.allow(Instant::now()) {
             tracing::warn!(
                 op = what,
                 error = %e,
@@ -245,7 +287,8 @@ impl State {
 async fn run(
     cfg: ClusterConfig,
     epoch: u64,
-    rx: async_channel::Receiver<Req>,
+    (write_rx, ask_rx): (async_channel::Receiver<Write>, async_channel::Receiver<Ask>),
+    resync: Arc<AtomicU64>,
     subscribers: crate::auth::SharedSubscribers,
 ) {
     let seeds: Vec<String> = cfg
@@ -280,6 +323,10 @@ async fn run(
         cfg,
         epoch,
         errors: crate::metrics::LogLimiter::default(),
+        dirty: RefCell::new(HashMap::new()),
+        writing: RefCell::new(HashSet::new()),
+        wake: tokio::sync::Notify::new(),
+        resync,
     });
     // Connect (and keep trying) in the background; until then requests fail fast.
     {
@@ -305,96 +352,177 @@ async fn run(
     if let Some(key) = st.cfg.subscribers_key.clone() {
         tokio::task::spawn_local(refresh_subscribers(st.clone(), key, subscribers));
     }
-    // At most STORE_IN_FLIGHT requests at the store at once: past it the thread stops taking
-    // from the queue, the queue fills, and the shards' `try_send` counts `queue_full` (a
-    // stalled store no longer turns a REGISTER flood into unbounded pending work here).
-    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
-    while let Ok(req) = rx.recv().await {
+    // Writes: taken from their queue into `dirty` at once (newest per AOR), written by
+    // `write_dirty`, which keeps each until the store has it.
+    {
+        let st = st.clone();
+        tokio::task::spawn_local(async move {
+            while let Ok(w) = write_rx.recv().await {
+                st.dirty.borrow_mut().insert(w.aor, w.field);
+                st.wake.notify_one();
+            }
+        });
+    }
+    tokio::task::spawn_local(write_dirty(st.clone()));
+    // At most STORE_IN_FLIGHT lookups at the store at once: past it the thread stops taking
+    // from the queue, the queue fills, and the shards' `try_send` counts `queue_full`.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
+    while let Ok(ask) = ask_rx.recv().await {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
         let st = st.clone();
         tokio::task::spawn_local(async move {
-            serve(&st, req).await;
+            serve(&st, ask).await;
             drop(permit);
         });
     }
 }
 
-async fn serve(st: &State, req: Req) {
-    let me = st.cfg.node.as_str();
-    match req {
-        Req::Write { aor, value, ttl_ms } => {
-            let Some(mut c) = st.conn() else { return };
-            let key = aor_key(&aor);
-            let r: redis::RedisResult<()> = match value {
-                Some(v) => {
-                    let ttl = ttl_ms.max(1);
-                    // NX sets a TTL on a new key; GT lengthens it (a longer binding of
-                    // another node keeps its time).
-                    redis::pipe()
-                        .hset(&key, me, v)
-                        .ignore()
-                        .cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(ttl)
-                        .arg("NX")
-                        .ignore()
-                        .cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(ttl)
-                        .arg("GT")
-                        .ignore()
-                        .query_async(&mut c)
-                        .await
-                }
-                None => {
-                    redis::cmd("HDEL")
-                        .arg(&key)
-                        .arg(me)
-                        .query_async(&mut c)
-                        .await
-                }
-            };
-            if let Err(e) = r {
-                st.failed("write", &e);
+/// Writes what `dirty` holds, at most STORE_IN_FLIGHT at once and one per AOR; a write that
+/// fails goes back (unless a newer one came meanwhile) and is tried again after
+/// [`WRITE_RETRY`]. Without a connection, writes wait (logged, at most a line a second).
+async fn write_dirty(st: Rc<State>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
+    loop {
+        let Some(c) = st.conn() else {
+            if !st.dirty.borrow().is_empty()
+                && let Some(left_out) = st.errors.allow(Instant::now())
+            {
+                tracing::warn!(
+                    waiting = st.dirty.borrow().len(),
+                    left_out,
+                    "location store not connected: binding writes wait for it"
+                );
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let batch: Vec<(String, Field)> = {
+            let writing = st.writing.borrow();
+            let mut dirty = st.dirty.borrow_mut();
+            let aors: Vec<String> = dirty
+                .keys()
+                .filter(|a| !writing.contains(*a))
+                .take(256)
+                .cloned()
+                .collect();
+            aors.into_iter()
+                .filter_map(|a| dirty.remove(&a).map(|f| (a, f)))
+                .collect()
+        };
+        if batch.is_empty() {
+            st.wake.notified().await;
+            continue;
         }
-        Req::Lookup { aor, token, reply } => {
-            let mut known = false;
-            let nodes = match st.conn() {
-                None => None,
-                Some(mut c) => {
-                    let r: redis::RedisResult<Vec<(String, String)>> = redis::cmd("HGETALL")
-                        .arg(aor_key(&aor))
-                        .query_async(&mut c)
-                        .await;
-                    match r {
-                        Ok(fields) => {
-                            known = !fields.is_empty();
-                            Some(live_holders(&fields, &st.alive.borrow(), me, unix_ms()))
-                        }
-                        Err(e) => {
-                            st.failed("lookup", &e);
-                            None
-                        }
-                    }
-                }
+        for (aor, field) in batch {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
             };
-            let _ = reply
-                .send(Found {
-                    token,
-                    nodes,
-                    known,
-                })
-                .await;
+            st.writing.borrow_mut().insert(aor.clone());
+            let (st, mut c) = (st.clone(), c.clone());
+            tokio::task::spawn_local(async move {
+                if let Err(e) = write_field(&st, &mut c, &aor, &field).await {
+                    st.failed("write", &e);
+                    tokio::time::sleep(WRITE_RETRY).await;
+                    // A newer value that came meanwhile wins; else this one is tried again.
+                    st.dirty.borrow_mut().entry(aor.clone()).or_insert(field);
+                }
+                st.writing.borrow_mut().remove(&aor);
+                drop(permit);
+                st.wake.notify_one();
+            });
         }
     }
+}
+
+/// Writes this node's field of `aor` (or removes it: no bindings, or all expired by now).
+async fn write_field(
+    st: &State,
+    c: &mut ClusterConnection,
+    aor: &str,
+    field: &Field,
+) -> redis::RedisResult<()> {
+    let me = st.cfg.node.as_str();
+    let key = aor_key(aor);
+    let now = unix_ms();
+    match field {
+        Some((v, latest)) if *latest > now => {
+            let ttl = latest - now;
+            // NX sets a TTL on a new key; GT lengthens it (a longer binding of another node
+            // keeps its time).
+            redis::pipe()
+                .hset(&key, me, v)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ttl)
+                .arg("NX")
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ttl)
+                .arg("GT")
+                .ignore()
+                .query_async(c)
+                .await
+        }
+        _ => redis::cmd("HDEL").arg(&key).arg(me).query_async(c).await,
+    }
+}
+
+/// Answers one lookup.
+async fn serve(st: &State, ask: Ask) {
+    let me = st.cfg.node.as_str();
+    let mut known = false;
+    // Waited in the queue past the store timeout (a stalled store): answered now (503), not
+    // after its turn at the store.
+    let late = ask.at.elapsed() > Duration::from_millis(st.cfg.store_timeout_ms);
+    let nodes = match st.conn() {
+        None => None,
+        Some(_) if late => None,
+        Some(mut c) => {
+            let r: redis::RedisResult<Vec<(String, String)>> = redis::cmd("HGETALL")
+                .arg(aor_key(&ask.aor))
+                .query_async(&mut c)
+                .await;
+            match r {
+                Ok(fields) => {
+                    known = !fields.is_empty();
+                    Some(live_holders(&fields, &st.alive.borrow(), me, unix_ms()))
+                }
+                Err(e) => {
+                    st.failed("lookup", &e);
+                    None
+                }
+            }
+        }
+    };
+    let _ = ask
+        .reply
+        .send(Found {
+            token: ask.token,
+            nodes,
+            known,
+        })
+        .await;
 }
 
 /// Deletes field `ARGV[1]` of hash `KEYS[1]` only if it still holds `ARGV[2]`.
 const DELETE_IF_SAME: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
      return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
+
+/// The URL of one master, with the credentials (`redis://user:pass@…`) of the first
+/// configured seed: the sweep talks to each master directly and needs them too.
+fn master_url(seeds: &[String], addr: &str) -> String {
+    let auth = seeds
+        .first()
+        .and_then(|s| s.split_once("://"))
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .map(|(userinfo, _)| format!("{userinfo}@"))
+        .unwrap_or_default();
+    format!("redis://{auth}{addr}")
+}
 
 /// The masters' addresses in a `CLUSTER NODES` reply.
 fn masters(nodes: &str) -> Vec<String> {
@@ -429,7 +557,7 @@ async fn sweep_previous_life(st: Rc<State>) {
     let me = st.cfg.node.as_str();
     let (mut scanned, mut cleared) = (0u64, 0u64);
     for addr in masters(&nodes) {
-        let conn = match redis::Client::open(format!("redis://{addr}")) {
+        let conn = match redis::Client::open(master_url(&st.cfg.store, &addr)) {
             Ok(client) => client.get_multiplexed_async_connection().await,
             Err(e) => Err(e),
         };
@@ -509,9 +637,15 @@ async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::Shar
                     let text: Vec<&str> = entries.iter().map(|(_, v)| v.as_str()).collect();
                     match crate::auth::parse_subscribers(&text.join("\n"), &format!("store {key}"))
                     {
+                        Ok(t) if t.is_empty() && !into.0.load().is_empty() => {
+                            // The key is gone (deleted, lost in a failover, a store restarted
+                            // without persistence): keeping who could sign in beats locking
+                            // everyone out.
+                            tracing::error!(key = %key, "subscribers in the store: none (the key is missing or empty); the previous ones stay");
+                        }
                         Ok(t) => {
                             let n = t.len();
-                            into.0.store(std::sync::Arc::new(t));
+                            into.0.store(Arc::new(t));
                             if !loaded {
                                 tracing::info!(key = %key, subscribers = n, "subscribers read from the location store");
                                 loaded = true;
@@ -547,17 +681,29 @@ async fn heartbeat(st: Rc<State>) {
         .map(|n| n.name.clone())
         .filter(|n| *n != me)
         .collect();
+    let mut beats = 0u64;
     loop {
         if let Some(mut c) = st.conn() {
-            let r: redis::RedisResult<()> = redis::cmd("SET")
+            // GET: what the key held. Gone after this node set it (a store that restarted
+            // empty or lost writes in a failover — or this node stalled past its liveness):
+            // what this node wrote may be gone too, so every shard writes its bindings again.
+            let r: redis::RedisResult<Option<u64>> = redis::cmd("SET")
                 .arg(node_key(&me))
                 .arg(st.epoch)
                 .arg("PX")
                 .arg(st.cfg.liveness_ms)
+                .arg("GET")
                 .query_async(&mut c)
                 .await;
-            if let Err(e) = r {
-                st.failed("heartbeat", &e);
+            match r {
+                Ok(prev) => {
+                    if beats > 0 && prev != Some(st.epoch) {
+                        tracing::warn!(node = %me, "this node's liveness key was gone from the location store (data lost, or this node stalled): writing all its bindings again");
+                        st.resync.fetch_add(1, Ordering::Relaxed);
+                    }
+                    beats += 1;
+                }
+                Err(e) => st.failed("heartbeat", &e),
             }
             for n in &others {
                 let r: redis::RedisResult<Option<u64>> =
@@ -587,6 +733,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_sweep_reaches_each_master_with_the_seeds_credentials() {
+        let seeds = |s: &str| vec![s.to_string()];
+        assert_eq!(
+            master_url(&seeds("redis://sip:s3cret@10.0.0.1:7000"), "10.0.0.2:7001"),
+            "redis://sip:s3cret@10.0.0.2:7001"
+        );
+        assert_eq!(
+            master_url(&seeds("10.0.0.1:7000"), "10.0.0.2:7001"),
+            "redis://10.0.0.2:7001"
+        );
+    }
+
+    #[test]
     fn masters_are_read_from_cluster_nodes() {
         let nodes = "a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460\n\
                      b2 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
@@ -597,9 +756,12 @@ mod tests {
 
     #[test]
     fn only_live_nodes_of_the_same_life_with_unexpired_bindings_are_routed_to() {
-        let (tx, _rx) = async_channel::bounded(1);
+        let (writes, _w) = async_channel::bounded(1);
+        let (asks, _a) = async_channel::bounded(1);
         let store = |node: &str, epoch| Store {
-            tx: tx.clone(),
+            writes: writes.clone(),
+            asks: asks.clone(),
+            resync: Arc::default(),
             node: node.into(),
             epoch,
         };

@@ -940,6 +940,13 @@ impl Config {
                     "cluster.liveness_ms".into(),
                     "must be at least twice cluster.heartbeat_ms (and that positive)",
                 );
+            } else if c.liveness_ms <= c.heartbeat_ms.saturating_add(3 * c.store_timeout_ms) {
+                // A beat whose SET takes its full timeout and two retries must still land
+                // before the key expires, or a slow store makes a healthy node look dead.
+                e(
+                    "cluster.liveness_ms".into(),
+                    "must exceed cluster.heartbeat_ms + 3 × cluster.store_timeout_ms",
+                );
             }
             if c.store_timeout_ms == 0 {
                 e("cluster.store_timeout_ms".into(), "must be positive");

@@ -292,7 +292,14 @@ struct ClusterLink {
     reply: async_channel::Sender<crate::cluster::Found>,
     replies: RefCell<Option<async_channel::Receiver<crate::cluster::Found>>>,
     waiting: RefCell<HashMap<u64, (Lookup, Option<Stamp>)>>,
+    /// The store's resync generation this shard has answered, and the AORs it still has to
+    /// write again for it (a few thousand per tick, so a large table does not flood the
+    /// write queue).
+    resync: RefCell<(u64, Vec<String>)>,
 }
+
+/// AORs a shard writes again per tick (every 500 ms) after the store lost its data.
+const RESYNC_PER_TICK: usize = 2000;
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -460,6 +467,7 @@ impl Shard {
                 reply,
                 replies: RefCell::new(Some(replies)),
                 waiting: RefCell::new(HashMap::new()),
+                resync: RefCell::new((0, Vec::new())),
             }
         });
         Shard {
@@ -941,15 +949,31 @@ impl Shard {
                 )
             })
             .collect();
-        let (value, ttl) = match c.store.value(&list) {
-            Some((v, latest)) => (Some(v), latest.saturating_sub(now_ms)),
-            None => (None, 0),
-        };
+        let field = c.store.value(&list);
         drop(store);
-        if c.store.write(aor, value, ttl) {
+        if c.store.write(aor, field) {
             self.count("sipring_store_total{op=\"write\",result=\"queued\"}");
         } else {
             self.count("sipring_store_total{op=\"write\",result=\"queue_full\"}");
+        }
+    }
+
+    /// After the location store lost this node's data (its generation moved): writes every
+    /// AOR this shard holds again, [`RESYNC_PER_TICK`] per call.
+    fn resync_store(&self) {
+        let Some(c) = &self.cluster else { return };
+        let generation = c.store.resync_generation();
+        let batch: Vec<String> = {
+            let mut r = c.resync.borrow_mut();
+            if r.0 != generation {
+                r.0 = generation;
+                r.1 = self.store.borrow().aors().map(str::to_string).collect();
+            }
+            let keep = r.1.len().saturating_sub(RESYNC_PER_TICK);
+            r.1.split_off(keep)
+        };
+        for aor in &batch {
+            self.write_through(aor);
         }
     }
 
@@ -1292,6 +1316,7 @@ impl Shard {
         self.proxy.borrow_mut().handle_timeout(now);
         self.pump(None);
         if publish {
+            self.resync_store();
             self.sweep_idle(now);
             let purged = self.store.borrow_mut().purge(now);
             let changes = self.store.borrow_mut().take_flow_changes();

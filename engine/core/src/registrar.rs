@@ -210,6 +210,11 @@ impl MemoryStore {
         self.map.is_empty()
     }
 
+    /// The AORs with bindings (O(AORs): for a rare full rewrite, never per message).
+    pub fn aors(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(|k| &**k)
+    }
+
     /// Total bindings (kept, not counted: O(1)).
     pub fn bindings(&self) -> usize {
         self.bindings
