@@ -198,6 +198,16 @@ impl Drop for RedisCluster {
     }
 }
 
+/// Waits (bounded) until `node`'s binding of `user` is in the store.
+fn wait_stored(redis: &RedisCluster, user: &str, node: &str) {
+    let key = format!("b:{{sip:{user}@example.com}}");
+    wait_for(
+        Duration::from_secs(10),
+        &format!("{node}'s binding of {user} in the store"),
+        || redis_cli(redis.live_port(), &["-c", "hget", &key, node]).contains("transport=tls"),
+    );
+}
+
 fn wait_for(max: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + max;
     while !f() {
@@ -450,9 +460,11 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     // Each node has seen the others alive.
     std::thread::sleep(Duration::from_millis(1500));
 
-    // Register on A, call from C.
+    // Register on A, call from C (once A's write-through has landed: the REGISTER is
+    // answered before the store has it).
     let mut callee = c.ua(0, "callee0");
     assert_eq!(callee.register(600), 200);
+    wait_stored(&redis, "callee0", "node-a");
     let mut caller = c.ua(2, "caller0");
     call(&mut caller, &mut callee, "cross-node-1");
     assert_eq!(message(&mut caller, "callee0", Some(&mut callee), 10), 200);
@@ -465,6 +477,7 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     // A subscriber known only to the store authenticates and registers on B, and C reaches it.
     let mut roamer = c.ua(1, "roamer0");
     assert_eq!(roamer.register(600), 200);
+    wait_stored(&redis, "roamer0", "node-b");
     assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 12), 200);
 
     // A node whose certificate is not on the topology list is refused at the handshake.
