@@ -507,6 +507,27 @@ fn an_invite_refused_here_holds_no_transaction_and_its_ack_ends_here() {
     // The same tag on another call is not ours: that ACK goes on.
     n.send(&A, ack.replace("refused-1", "refused-2").as_bytes());
     assert_eq!(method(&n.one(&B)), "ACK");
+    // A re-INVITE keeps its dialog's To-tag: refused, it keeps a transaction, which absorbs
+    // its ACK (a stateless answer's ACK could not be told from the dialog's own).
+    let reinvite = hops
+        .replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b1",
+        )
+        .replace("z9hG4bKa1", "z9hG4bKre1");
+    n.send(&A, reinvite.as_bytes());
+    let answers: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(answers, [100, 483]);
+    assert!(!n.proxy.is_idle(), "a transaction waits for the ACK");
+    let ack = ack
+        .replace(
+            &String::from_utf8_lossy(&to).into_owned(),
+            "<sip:bob@example.com>;tag=b1",
+        )
+        .replace("z9hG4bKa1", "z9hG4bKre1");
+    n.send(&A, ack.as_bytes());
+    assert!(n.inbox.is_empty(), "{:?}", n.inbox);
+    n.assert_idle_after_timers();
 }
 
 #[test]

@@ -621,6 +621,13 @@ fn client_certificate_chains_are_checked_whole_and_again_when_resumed() {
         cfg.tls.client_crls = vec![w.dir.join("phones-root.crl"), w.dir.join("phones-sub.crl")];
         TlsPolicy::load(&cfg).expect("policy loads")
     };
+    // Only the sub-CA's CRL: nothing says whether the sub-CA itself is revoked, so every
+    // phone under it would be refused — the configuration is refused instead, naming why.
+    let mut cfg = w.config(&["1.3"]);
+    cfg.tls.client_roots = Some(w.dir.join("phones-root.pem"));
+    cfg.tls.client_crls = vec![w.dir.join("phones-sub.crl")];
+    let e = TlsPolicy::load(&cfg).expect_err("an intermediate's CRL without the root's");
+    assert!(e.to_string().contains("Phones Root"), "{e}");
     let good = policy_with(root.crl(&[]).unwrap());
     // The root's CRL revokes the sub-CA: what it issued is revoked with it.
     let sub_revoked = policy_with(root.crl(&[sub.cert.serial]).unwrap());

@@ -42,8 +42,11 @@ pub const STORE_QUEUE: usize = 16_384;
 /// and its retries); the rest wait in the queue. Writes have as many again.
 pub const STORE_IN_FLIGHT: usize = 1024;
 
-/// How long a write that failed waits before it is tried again.
+/// How long a write that failed waits before it is tried again; doubled per failure in a
+/// row (a store refusing every write — no memory, bad credentials — is not hammered), up to
+/// [`WRITE_RETRY_MAX`].
 const WRITE_RETRY: Duration = Duration::from_millis(500);
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
@@ -258,12 +261,14 @@ struct State {
     epoch: u64,
     errors: crate::metrics::LogLimiter,
     /// The newest field per AOR not yet in the store (coalesced: a newer write replaces an
-    /// older one waiting). Bounded by the AORs this node holds.
+    /// older one waiting). Bounded by the AORs this node wrote that the store has not taken.
     dirty: RefCell<HashMap<String, Field>>,
     /// AORs with a write at the store now: one at a time per AOR, so writes land in order.
     writing: RefCell<HashSet<String>>,
     /// Wakes the writer when `dirty` gains an entry or a write ends.
     wake: tokio::sync::Notify,
+    /// Writes that failed in a row (0 after any success): the retry backoff.
+    write_failures: std::cell::Cell<u32>,
     resync: Arc<AtomicU64>,
 }
 
@@ -326,6 +331,7 @@ async fn run(
         dirty: RefCell::new(HashMap::new()),
         writing: RefCell::new(HashSet::new()),
         wake: tokio::sync::Notify::new(),
+        write_failures: std::cell::Cell::new(0),
         resync,
     });
     // Connect (and keep trying) in the background; until then requests fail fast.
@@ -424,9 +430,14 @@ async fn write_dirty(st: Rc<State>) {
             tokio::task::spawn_local(async move {
                 if let Err(e) = write_field(&st, &mut c, &aor, &field).await {
                     st.failed("write", &e);
-                    tokio::time::sleep(WRITE_RETRY).await;
+                    let n = st.write_failures.get().saturating_add(1);
+                    st.write_failures.set(n);
+                    let wait = WRITE_RETRY.saturating_mul(1 << (n - 1).min(6));
+                    tokio::time::sleep(wait.min(WRITE_RETRY_MAX)).await;
                     // A newer value that came meanwhile wins; else this one is tried again.
                     st.dirty.borrow_mut().entry(aor.clone()).or_insert(field);
+                } else {
+                    st.write_failures.set(0);
                 }
                 st.writing.borrow_mut().remove(&aor);
                 drop(permit);

@@ -815,7 +815,7 @@ impl Config {
                 && !p
                     .trusted_names
                     .iter()
-                    .any(|t| crate::tls::verify::name_matches(&p.server_name, t, false))
+                    .any(|t| crate::tls::verify::name_matches(t, &p.server_name, p.allow_wildcards))
             {
                 // We connect to `server_name` and accept only a certificate naming it with a
                 // trusted identity: a list without it could never connect.
@@ -940,12 +940,12 @@ impl Config {
                     "cluster.liveness_ms".into(),
                     "must be at least twice cluster.heartbeat_ms (and that positive)",
                 );
-            } else if c.liveness_ms <= c.heartbeat_ms.saturating_add(3 * c.store_timeout_ms) {
-                // A beat whose SET takes its full timeout and two retries must still land
-                // before the key expires, or a slow store makes a healthy node look dead.
+            } else if c.liveness_ms <= c.heartbeat_ms.saturating_add(c.store_timeout_ms) {
+                // A beat whose SET takes its full timeout must still land before the key
+                // expires, or a slow store makes a healthy node look dead.
                 e(
                     "cluster.liveness_ms".into(),
-                    "must exceed cluster.heartbeat_ms + 3 × cluster.store_timeout_ms",
+                    "must exceed cluster.heartbeat_ms + cluster.store_timeout_ms",
                 );
             }
             if c.store_timeout_ms == 0 {
@@ -1036,9 +1036,9 @@ mod tests {
 
     #[test]
     fn a_partner_we_connect_to_must_trust_the_name_we_dial() {
-        let with = |trusted: &str| {
+        let with = |trusted: &str, extra: &str| {
             Config::parse(&format!(
-                "[[peer]]\nname = \"acme\"\nserver_name = \"sip.acme.example\"\nroots = \"acme.pem\"\ntrusted_names = [{trusted}]\n"
+                "[[peer]]\nname = \"acme\"\nserver_name = \"sip.acme.example\"\nroots = \"acme.pem\"\ntrusted_names = [{trusted}]\n{extra}"
             ))
             .unwrap()
             .validate(Path::new("x.toml"))
@@ -1047,8 +1047,15 @@ mod tests {
             .collect::<Vec<_>>()
         };
         let key = "peer[0].trusted_names".to_string();
-        assert!(with("\"sip.other.example\"").contains(&key));
-        assert!(!with("\"sip.other.example\", \"SIP.acme.example.\"").contains(&key));
+        assert!(with("\"sip.other.example\"", "").contains(&key));
+        assert!(!with("\"sip.other.example\", \"SIP.acme.example.\"", "").contains(&key));
+        // A wildcard on the list covers it where wildcards are allowed.
+        assert!(
+            with("\"*.acme.example\"", "allow_wildcards = true\n")
+                .iter()
+                .all(|k| *k != key)
+        );
+        assert!(with("\"*.acme.example\"", "").contains(&key));
     }
 
     #[test]

@@ -884,11 +884,12 @@ impl ShardProxy {
                 },
             ),
         };
-        if method == Method::Invite {
-            // An INVITE refused here (challenged, denied, malformed, looping) is answered
-            // statelessly: a transaction would wait 64·T1 (Timer H) for an ACK that a flood
-            // never sends, and hold the table against everyone else. Its ACK carries our
-            // stateless To-tag and is dropped (`forward_ack`).
+        if method == Method::Invite && ess.to.tag().is_none() {
+            // A new INVITE refused here (challenged, denied, looping) is answered statelessly:
+            // a transaction would wait 64·T1 (Timer H) for an ACK that a flood never sends,
+            // and hold the table against everyone else. Its ACK carries our stateless To-tag
+            // and is dropped (`forward_ack`). A re-INVITE keeps its dialog's To-tag, so its
+            // ACK could not be told from the dialog's: it keeps a transaction.
             let refused = match &decision {
                 Decision::Respond(a) if a.code >= 300 => Some((a.code, a.reason, &a.headers)),
                 Decision::Refuse(d) => {
@@ -1451,8 +1452,8 @@ impl ShardProxy {
         }
         let mut terminated = false;
         while let Some(ev) = s.txn.poll_event() {
-            // Event::Ack: an ACK matched an Accepted INVITE (RFC 6026); a 2xx ACK normally
-            // carries a new branch and is forwarded by forward_ack, so this one ends here.
+            // Event::Ack comes only from an Accepted INVITE, and `on_request` forwards an ACK
+            // matching one before the transaction sees it: nothing to do here.
             if matches!(ev, Event::Terminated) {
                 terminated = true;
             }

@@ -131,9 +131,10 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
-/// Keeps one CRL per issuer, the newest (latest thisUpdate, then highest CRL number): the
-/// verifier reads the first CRL whose issuer matches, so an older one listed first (a file a
-/// job appends to, two files of one CA) would hide what the newer one revoked.
+/// Keeps one CRL per scope (issuer, issuing distribution point, authority key identifier),
+/// the newest (latest thisUpdate, then highest CRL number): the verifier reads the first CRL
+/// that covers a certificate, so an older one listed first (a file a job appends to, two
+/// files of one CA) would hide what the newer one revoked.
 pub fn newest_crl_per_issuer(
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Vec<CertificateRevocationListDer<'static>> {
@@ -147,8 +148,18 @@ pub fn newest_crl_per_issuer(
     fn key(c: &CertificateRevocationListDer<'_>) -> Option<(Vec<u8>, Rank, String)> {
         let (_, x) = x509_parser::parse_x509_crl(c.as_ref()).ok()?;
         let number = x.crl_number().map(|n| n.to_bytes_be()).unwrap_or_default();
+        // Its scope: the issuer, and the issuing distribution point and authority key
+        // identifier when present — a CA's CRL for CAs and its CRL for users, partitioned
+        // CRLs, or a re-keyed CA under the same name are different lists, all kept.
+        let mut scope = x.issuer().as_raw().to_vec();
+        for e in x.extensions() {
+            if matches!(e.oid.to_id_string().as_str(), "2.5.29.28" | "2.5.29.35") {
+                scope.extend_from_slice(&(e.value.len() as u32).to_be_bytes());
+                scope.extend_from_slice(e.value);
+            }
+        }
         Some((
-            x.issuer().as_raw().to_vec(),
+            scope,
             (x.last_update().timestamp(), number.len(), number),
             x.issuer().to_string(),
         ))
@@ -174,6 +185,43 @@ pub fn newest_crl_per_issuer(
         }
     }
     kept.into_iter().map(|(_, c)| c).collect()
+}
+
+/// Client CRLs are checked for every certificate of a chain, an unknown status refused: when
+/// an intermediate CA's CRL is configured, every client root needs its own CRL too (it says
+/// whether the intermediate is revoked), or every certificate under it would be refused.
+fn check_client_crls(
+    roots_file: &Path,
+    roots: &[CertificateDer<'_>],
+    crls: &[CertificateRevocationListDer<'_>],
+) -> Result<(), TlsLoadError> {
+    let issuers: Vec<Vec<u8>> = crls
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_crl(c.as_ref()).ok())
+        .map(|(_, x)| x.issuer().as_raw().to_vec())
+        .collect();
+    let subjects: Vec<(Vec<u8>, String)> = roots
+        .iter()
+        .filter_map(|r| x509_parser::parse_x509_certificate(r.as_ref()).ok())
+        .map(|(_, x)| (x.subject().as_raw().to_vec(), x.subject().to_string()))
+        .collect();
+    let from_intermediate = issuers
+        .iter()
+        .any(|i| !subjects.iter().any(|(s, _)| s == i));
+    if let Some((_, name)) = subjects
+        .iter()
+        .find(|(s, _)| from_intermediate && !issuers.contains(s))
+    {
+        return Err(load_err(
+            roots_file,
+            format!(
+                "tls.client_crls: an intermediate CA's CRL is configured but not the CRL of \
+                 client root \"{name}\"; every certificate of a client chain is checked, so \
+                 add the root's CRL (or every client certificate under it is refused)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The crypto provider the configuration asks for.
@@ -391,6 +439,7 @@ impl TlsPolicy {
                         crls.extend(load_crls(f)?);
                     }
                     let crls = newest_crl_per_issuer(crls);
+                    check_client_crls(path, &load_certs(path)?, &crls)?;
                     let verifier = |optional: bool| {
                         let mut b = WebPkiClientVerifier::builder_with_provider(
                             roots.clone(),
