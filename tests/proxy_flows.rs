@@ -305,11 +305,11 @@ fn call_setup_in_dialog_requests_and_teardown() {
     n.assert_idle_after_timers();
 }
 
-#[test]
-fn a_dialog_route_to_a_flow_that_failed_is_answered_430() {
-    let mut n = Net::new();
+/// Bob registered on B; alice's INVITE (`branch`, `call`) answered 200 by bob (To-tag `b1`):
+/// the Record-Route bob received.
+fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
     n.register("bob", &B, "10.0.0.2:5061");
-    n.send(&A, &invite("z9hG4bKf1", "flow-1"));
+    n.send(&A, &invite(branch, call));
     n.take(&A);
     let fwd = n.one(&B);
     let rr = with_msg(&fwd, |m, _| {
@@ -317,6 +317,13 @@ fn a_dialog_route_to_a_flow_that_failed_is_answered_430() {
     });
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     assert_eq!(status(&n.one(&A)), 200);
+    rr
+}
+
+#[test]
+fn a_dialog_route_to_a_flow_that_failed_is_answered_430() {
+    let mut n = Net::new();
+    let rr = answered(&mut n, "z9hG4bKf1", "flow-1");
     // Bob hangs up along the route; the caller's connection fails before it answers.
     let bye = format!(
         "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2:5061;branch=z9hG4bKf2\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:bob@example.com>;tag=b1\r\nCall-ID: flow-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
@@ -459,15 +466,7 @@ fn an_ack_that_kept_the_invites_branch_still_reaches_the_callee() {
     // transaction in Accepted (RFC 6026), and must still be forwarded — the callee waits for
     // it, and without it hangs up after 64·T1.
     let mut n = Net::new();
-    n.register("bob", &B, "10.0.0.2:5061");
-    n.send(&A, &invite("z9hG4bKa1", "same-1"));
-    n.take(&A);
-    let fwd = n.one(&B);
-    let rr = with_msg(&fwd, |m, _| {
-        m.header(HeaderName::RecordRoute).unwrap().value.to_vec()
-    });
-    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
-    assert_eq!(status(&n.one(&A)), 200);
+    let rr = answered(&mut n, "z9hG4bKa1", "same-1");
     n.send(
         &A,
         &ack_2xx(
@@ -530,17 +529,24 @@ fn an_invite_refused_here_holds_no_transaction_and_its_ack_ends_here() {
     n.assert_idle_after_timers();
 }
 
-#[test]
-fn a_branch_is_cancelled_once_and_abandoned_64_t1_after() {
-    let mut n = Net::new();
+/// Bob registered on B and B2, alice's INVITE (branch `z9hG4bKa1`) forked to both, both
+/// ringing (their 180s not yet read at A): the two forwarded INVITEs.
+fn ringing_at_two(n: &mut Net, call: &str) -> (Vec<u8>, Vec<u8>) {
     n.register("bob", &B, "10.0.0.2:5061");
     n.register("bob", &B2, "10.0.0.3:5061");
-    n.send(&A, &invite("z9hG4bKa1", "once-1"));
+    n.send(&A, &invite("z9hG4bKa1", call));
     n.take(&A);
     let f1 = n.one(&B);
     let f2 = n.one(&B2);
     n.send(&B, &answer(&f1, 180, "Ringing", "b1"));
     n.send(&B2, &answer(&f2, 180, "Ringing", "b2"));
+    (f1, f2)
+}
+
+#[test]
+fn a_branch_is_cancelled_once_and_abandoned_64_t1_after() {
+    let mut n = Net::new();
+    let (f1, _) = ringing_at_two(&mut n, "once-1");
     n.take(&A);
     n.send(&A, &cancel_of("once-1"));
     assert_eq!(status(&n.one(&A)), 200);
@@ -629,14 +635,7 @@ fn a_dead_flow_fails_its_transactions_and_leaves_no_state() {
 #[test]
 fn forking_to_two_bindings_delivers_one_final_answer() {
     let mut n = Net::new();
-    n.register("bob", &B, "10.0.0.2:5061");
-    n.register("bob", &B2, "10.0.0.3:5061");
-    n.send(&A, &invite("z9hG4bKa1", "call-8"));
-    n.take(&A);
-    let f1 = n.one(&B);
-    let f2 = n.one(&B2);
-    n.send(&B, &answer(&f1, 180, "Ringing", "b1"));
-    n.send(&B2, &answer(&f2, 180, "Ringing", "b2"));
+    let (f1, f2) = ringing_at_two(&mut n, "call-8");
     n.send(&B, &answer(&f1, 486, "Busy Here", "b1"));
     assert_eq!(method(&n.one(&B)), "ACK");
     let to_a: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();

@@ -98,6 +98,17 @@ fn err(e: rcgen::Error) -> String {
 impl Ca {
     /// A new self-signed root CA named `name`, valid for ten years.
     pub fn new(name: &str) -> Result<Ca, String> {
+        Ca::create(name, Duration::days(3650), None)
+    }
+
+    /// A CA named `name` under this one (an intermediate: its certificate is issued, and can
+    /// be revoked, by this CA), valid for five years.
+    pub fn intermediate(&self, name: &str) -> Result<Ca, String> {
+        Ca::create(name, Duration::days(1825), Some(self))
+    }
+
+    /// A CA certificate and key: self-signed (serial 1), or issued by `parent`.
+    fn create(name: &str, valid: Duration, parent: Option<&Ca>) -> Result<Ca, String> {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
         p.distinguished_name.push(DnType::CommonName, name);
         p.distinguished_name
@@ -110,45 +121,20 @@ impl Ca {
         ];
         let now = OffsetDateTime::now_utc();
         p.not_before = now - Duration::days(2);
-        p.not_after = now + Duration::days(3650);
-        p.serial_number = Some(SerialNumber::from(1u64));
-        let key = KeyPair::generate().map_err(err)?;
-        let cert = p.self_signed(&key).map_err(err)?;
-        let issued = Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-            serial: 1,
-        };
-        Ok(Ca {
-            issuer: Issuer::new(p, key),
-            cert: issued,
-            next_serial: std::cell::Cell::new(2),
-        })
-    }
-
-    /// A CA named `name` under this one (an intermediate: its certificate is issued, and can
-    /// be revoked, by this CA), valid for five years.
-    pub fn intermediate(&self, name: &str) -> Result<Ca, String> {
-        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.distinguished_name
-            .push(DnType::OrganizationName, "sipring test PKI");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        p.not_before = now - Duration::days(1);
-        p.not_after = now + Duration::days(1825);
-        let serial = self.next_serial.get();
-        self.next_serial.set(serial + 1);
+        p.not_after = now + valid;
+        let serial = parent.map_or(1, |ca| {
+            let s = ca.next_serial.get();
+            ca.next_serial.set(s + 1);
+            s
+        });
         p.serial_number = Some(SerialNumber::from(serial));
+        p.use_authority_key_identifier_extension = parent.is_some();
         let key = KeyPair::generate().map_err(err)?;
-        let cert = p.signed_by(&key, &self.issuer).map_err(err)?;
+        let cert = match parent {
+            Some(ca) => p.signed_by(&key, &ca.issuer),
+            None => p.self_signed(&key),
+        }
+        .map_err(err)?;
         let issued = Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),

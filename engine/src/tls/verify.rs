@@ -363,18 +363,29 @@ impl PeerTrust {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> bool {
-        EndEntityCert::try_from(ee).is_ok_and(|cert| {
-            cert.verify_for_usage(
+        self.verify_with(algs, ee, intermediates, now, None).is_ok()
+    }
+
+    /// Verifies the chain against this partner's roots and the EKU policy, with `revocation`.
+    fn verify_with(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        revocation: Option<webpki::RevocationOptions<'_>>,
+    ) -> Result<(), webpki::Error> {
+        EndEntityCert::try_from(ee)?
+            .verify_for_usage(
                 algs.all,
                 &self.anchors,
                 intermediates,
                 now,
                 TlsEku,
-                None,
+                revocation,
                 None,
             )
-            .is_ok()
-        })
+            .map(|_| ())
     }
 
     /// Verifies the chain against this partner's roots, CRLs and the EKU policy.
@@ -385,7 +396,6 @@ impl PeerTrust {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), webpki::Error> {
-        let cert = EndEntityCert::try_from(ee)?;
         let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
         let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
             // A CRL past its nextUpdate says nothing about what was revoked since: under the
@@ -407,16 +417,7 @@ impl PeerTrust {
             }
             Err(_) => None,
         };
-        cert.verify_for_usage(
-            algs.all,
-            &self.anchors,
-            intermediates,
-            now,
-            TlsEku,
-            revocation,
-            None,
-        )
-        .map(|_| ())
+        self.verify_with(algs, ee, intermediates, now, revocation)
     }
 }
 
