@@ -34,6 +34,8 @@ struct World {
     ca_b: Ca,
     b_inbox: Arc<Mutex<Vec<Vec<u8>>>>,
     b_addr: SocketAddr,
+    /// The serial of fake partner B's server certificate.
+    b_serial: u64,
 }
 
 impl World {
@@ -53,6 +55,7 @@ impl World {
             ca_b,
             b_inbox,
             b_addr,
+            b_serial: b_server.serial,
         }
     }
 
@@ -430,42 +433,15 @@ fn digest_algorithms_stale_nonces_replays_and_a_source_that_keeps_failing() {
 #[test]
 fn a_client_certificate_binds_its_aor() {
     let w = World::new();
-    let users = Ca::new("Phones CA").unwrap();
-    w.pki.dir.write("phones-ca.pem", &users.cert.cert_pem);
-    let phone = |aor: &str| {
-        users
-            .issue(&Spec {
-                uris: vec![aor.into()],
-                usage: Usage::ClientOnly,
-                ..Spec::server("phone.example.com")
-            })
-            .unwrap()
-    };
-    let carol_cert = phone("sip:carol@example.com");
-    let revoked = phone("sip:carol@example.com");
+    let users = phones(&w);
+    let year = time::Duration::days(365);
+    let carol_cert = phone_cert(&users, "sip:carol@example.com", year);
+    let revoked = phone_cert(&users, "sip:carol@example.com", year);
     w.pki
         .dir
         .write("phones.crl", users.crl(&[revoked.serial]).unwrap());
-    let srv = w.start(|c| {
-        c.listen[0].client_auth = ClientAuth::Optional;
-        c.tls.client_roots = Some(w.pki.dir.join("phones-ca.pem"));
-        c.tls.client_crls = vec![w.pki.dir.join("phones.crl")];
-    });
-    let connect = |cert: &Issued, user: &str| {
-        let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-        let cfg = tls_config(
-            &w.pki.certs("ca.pem"),
-            Some((vec![cert.der.clone()], key)),
-            true,
-        );
-        Ua::tls(
-            srv.listen_addrs[0],
-            cfg,
-            "sip.example.com",
-            user,
-            "example.com",
-        )
-    };
+    let srv = w.start(|c| with_phones(&w, c));
+    let connect = |cert: &Issued, user: &str| connect_phone(&w, &srv, cert, user);
     // No password: the certificate is the credential.
     let mut carol = connect(&carol_cert, "carol").unwrap();
     carol.password = None;
@@ -754,6 +730,178 @@ fn subscribers_reload_without_a_restart() {
     std::fs::write(&file, "[[subscriber]]\nusername = \"bob\"\n").unwrap();
     assert!(srv.reload().is_err());
     assert_eq!(bob.register(600), 200);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+/// A phone CA (its root and an empty CRL written where [`with_phones`] points).
+fn phones(w: &World) -> Ca {
+    let users = Ca::new("Phones CA").unwrap();
+    w.pki.dir.write("phones-ca.pem", &users.cert.cert_pem);
+    w.pki.dir.write("phones.crl", users.crl(&[]).unwrap());
+    users
+}
+
+/// A phone certificate for `aor` from `users`, valid for `valid_for` from now.
+fn phone_cert(users: &Ca, aor: &str, valid_for: time::Duration) -> Issued {
+    users
+        .issue(&Spec {
+            uris: vec![aor.into()],
+            usage: Usage::ClientOnly,
+            valid_until: valid_for,
+            ..Spec::server("phone.example.com")
+        })
+        .unwrap()
+}
+
+/// Client certificates from the phone CA accepted (optional) on the first listener.
+fn with_phones(w: &World, c: &mut Config) {
+    c.listen[0].client_auth = ClientAuth::Optional;
+    c.tls.client_roots = Some(w.pki.dir.join("phones-ca.pem"));
+    c.tls.client_crls = vec![w.pki.dir.join("phones.crl")];
+}
+
+/// A connection to the first listener presenting `cert`.
+fn connect_phone(w: &World, srv: &Running, cert: &Issued, user: &str) -> std::io::Result<Ua> {
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let cfg = tls_config(
+        &w.pki.certs("ca.pem"),
+        Some((vec![cert.der.clone()], key)),
+        true,
+    );
+    Ua::tls(
+        srv.listen_addrs[0],
+        cfg,
+        "sip.example.com",
+        user,
+        "example.com",
+    )
+}
+
+/// A phone presenting `cert` (no password: the certificate is the credential).
+fn phone(w: &World, srv: &Running, cert: &Issued, user: &str) -> Ua {
+    let mut u = connect_phone(w, srv, cert, user).expect("phone connects");
+    u.password = None;
+    u
+}
+
+fn recheck_closed(srv: &Running, reason: &str) -> f64 {
+    let m = sipring_tests::server::admin_get(srv.admin_addr.unwrap(), "/metrics");
+    metric(
+        &m,
+        &format!("sipring_tls_recheck_closed_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn a_reload_closes_live_connections_whose_certificates_no_longer_pass() {
+    // A handshake verifies a chain once; carrier links and phones stay up for days. A CRL
+    // that revokes a partner or a phone must reach the connections already up.
+    let w = World::new();
+    let users = phones(&w);
+    let year = time::Duration::days(365);
+    let (carol_cert, erin_cert) = (
+        phone_cert(&users, "sip:carol@example.com", year),
+        phone_cert(&users, "sip:erin@example.com", year),
+    );
+    let mut cfg = w.config();
+    with_phones(&w, &mut cfg);
+    let path = w.pki.dir.join("recheck.toml");
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let srv = start(cfg, Some(path)).expect("start");
+    let mut carol = phone(&w, &srv, &carol_cert, "carol");
+    let mut erin = phone(&w, &srv, &erin_cert, "erin");
+    let mut alice = w.client(&srv, "alice");
+    assert_eq!(carol.register(600), 200);
+    assert_eq!(erin.register(600), 200);
+    assert_eq!(alice.register(600), 200);
+    let a_cert = w.ca_a.issue(&Spec::server("sip.peer-a.test")).unwrap();
+    let mut a = w.partner(&srv, &a_cert, "peer-a.test");
+    deliver(&mut a, &mut alice, "sip:x@peer-a.test", "");
+    // Our own link to partner B, up.
+    assert_eq!(
+        message(
+            &mut alice,
+            "sip:bob@peer-b.test",
+            "sip:alice@example.com",
+            ""
+        ),
+        200
+    );
+    // A reload that changes nothing closes nothing.
+    srv.reload().expect("reload");
+    assert!(!carol.closed_within(Duration::from_millis(1500)));
+    deliver(&mut a, &mut carol, "sip:x@peer-a.test", "");
+
+    // The phone CA revokes carol, partner A's CA revokes A, partner B's CA revokes B's
+    // server certificate; the operator reloads.
+    w.pki
+        .dir
+        .write("phones.crl", users.crl(&[carol_cert.serial]).unwrap());
+    w.pki
+        .dir
+        .write("a.crl", w.ca_a.crl(&[a_cert.serial]).unwrap());
+    w.pki.dir.write("b.crl", w.ca_b.crl(&[w.b_serial]).unwrap());
+    srv.reload().expect("reload");
+    assert!(
+        carol.closed_within(Duration::from_secs(5)),
+        "revoked phone stays up"
+    );
+    assert!(
+        a.closed_within(Duration::from_secs(5)),
+        "revoked partner stays up"
+    );
+    wait_metrics(srv.admin_addr.unwrap(), "recheck closures", |m| {
+        metric(m, "sipring_tls_recheck_closed_total{reason=\"revoked\"}") == Some(3.0)
+    });
+    // What carol registered went with her connection; everyone else is untouched.
+    assert_eq!(
+        message(
+            &mut alice,
+            "sip:carol@example.com",
+            "sip:alice@example.com",
+            ""
+        ),
+        480
+    );
+    assert_eq!(erin.register(600), 200);
+    assert_eq!(alice.register(600), 200);
+    deliver(&mut alice, &mut erin, "sip:alice@example.com", "");
+    // B is not dialled again with a revoked certificate: the failed link counts as a 503
+    // from it (§16.9), which goes upstream as 500 (§16.7 step 6).
+    assert_eq!(
+        message(
+            &mut alice,
+            "sip:bob@peer-b.test",
+            "sip:alice@example.com",
+            ""
+        ),
+        500
+    );
+    assert_eq!(recheck_closed(&srv, "revoked"), 3.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_connection_closes_when_its_certificate_expires() {
+    let w = World::new();
+    let users = phones(&w);
+    let brief = phone_cert(&users, "sip:carol@example.com", time::Duration::seconds(3));
+    let lasting = phone_cert(&users, "sip:erin@example.com", time::Duration::days(1));
+    let srv = w.start(|c| with_phones(&w, c));
+    let mut carol = phone(&w, &srv, &brief, "carol");
+    let mut erin = phone(&w, &srv, &lasting, "erin");
+    assert_eq!(carol.register(600), 200);
+    assert_eq!(erin.register(600), 200);
+    assert!(
+        carol.closed_within(Duration::from_secs(8)),
+        "expired certificate's connection stays up"
+    );
+    assert_eq!(recheck_closed(&srv, "expired"), 1.0);
+    assert!(!erin.closed_within(Duration::from_millis(600)));
+    assert_eq!(erin.register(600), 200);
     srv.stop();
     srv.join().unwrap();
 }

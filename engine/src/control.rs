@@ -26,6 +26,9 @@ pub struct Control {
     pub stopped: AtomicUsize,
     /// Reloads applied / refused.
     pub reloads: [std::sync::atomic::AtomicU64; 2],
+    /// How many TLS policies were swapped in (0: the one the server started with). Shards
+    /// check again the certificates of connections verified under an older one.
+    pub tls_generation: std::sync::atomic::AtomicU64,
     /// Connections (and handshakes) per shard, for the balanced accept mode and the
     /// process-wide connection budget.
     pub load: Vec<AtomicUsize>,
@@ -140,5 +143,10 @@ impl Control {
     /// Must shards close everything and exit now?
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The TLS policy generation now (see [`Control::tls_generation`]).
+    pub fn tls_generation(&self) -> u64 {
+        self.tls_generation.load(Ordering::Acquire)
     }
 }

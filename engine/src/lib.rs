@@ -17,7 +17,8 @@
 //! Who a connection is (anonymous client, client certificate AORs, partner) is established
 //! here (`conn`, `tls`) and handed to the core as a `Principal`; what its messages may claim
 //! is decided by the core (`sipring_core::policy`). `auth` loads the subscriber file and
-//! this node's secret.
+//! this node's secret. `recheck` verifies the certificates of connections already up again
+//! after a reload and when one expires.
 //!
 //! What it does not do: UDP (SIP over TLS/TCP only), DNS (partners are configured by
 //! address), media.
@@ -32,6 +33,7 @@ pub mod doctor;
 pub mod labels;
 pub mod metrics;
 pub mod overload;
+pub mod recheck;
 pub mod server;
 pub mod shard;
 pub mod sys;

@@ -149,6 +149,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         ktls,
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
+        tls_generation: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         per_source: PerSource::default(),
         bindings_per_source: PerSource::default(),
@@ -516,6 +517,7 @@ impl Reloader {
         match loaded {
             Ok((p, subs)) => {
                 self.policy.store(Arc::new(p));
+                self.control.tls_generation.fetch_add(1, Ordering::Release);
                 let n = subs.len();
                 self.control.identity.subscribers.0.store(Arc::new(subs));
                 self.control.reloads[0].fetch_add(1, Ordering::Relaxed);

@@ -283,6 +283,8 @@ pub struct Shard {
     /// Flows with bindings on this (owner) shard: their address and how many, for the
     /// per-source count (`limits.max_bindings_per_ip`).
     flow_src: RefCell<HashMap<FlowId, (IpAddr, i64)>>,
+    /// Connections whose certificates are to be checked again (reload, expiry).
+    pub rechecks: crate::recheck::Rechecks,
 }
 
 /// A shard's side of the location store: its handle, the channel answers come back on, and
@@ -507,6 +509,7 @@ impl Shard {
             ifaces,
             cluster,
             flow_src: RefCell::new(HashMap::new()),
+            rechecks: Default::default(),
         }
     }
 
@@ -776,6 +779,7 @@ impl Shard {
     /// A connection finished its handshake and is ready for traffic.
     pub fn conn_opened(&self, handle: ConnHandle) {
         let id = handle.id;
+        self.rechecks.opened(&handle);
         self.proxy.borrow_mut().set_flow_info(
             Flow::Conn(id),
             FlowInfo {
@@ -1315,6 +1319,7 @@ impl Shard {
     pub fn tick(self: &Rc<Self>, now: Instant, publish: bool) {
         self.proxy.borrow_mut().handle_timeout(now);
         self.pump(None);
+        crate::recheck::tick(self, publish, now);
         if publish {
             self.resync_store();
             self.sweep_idle(now);

@@ -256,6 +256,32 @@ impl Ua {
         }
     }
 
+    /// Whether the server closes the connection within `timeout` (what it sends meanwhile
+    /// is dropped unread).
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = self
+                .raw
+                .set_read_timeout(Some(left.min(Duration::from_millis(200))));
+            let mut tmp = [0u8; 16384];
+            match self.io.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return true,
+            }
+        }
+    }
+
     /// The next message, which must exist.
     pub fn expect(&mut self, what: &str) -> Vec<u8> {
         self.recv(Duration::from_secs(5))

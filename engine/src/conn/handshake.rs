@@ -93,6 +93,9 @@ pub(super) struct Established {
     pub(super) stream: TcpStream,
     pub(super) layer: Layer,
     pub(super) principal: Principal,
+    /// The certificate chain the peer presented (kept to check it again on reload and at
+    /// its expiry); `None` when it presented none.
+    pub(super) chain: Option<PeerChain>,
 }
 
 /// Picks the record layer after a handshake: the kernel, or userspace with the reason
@@ -123,8 +126,10 @@ async fn accept_tls(
             stream,
             layer: Layer::Plain,
             principal: Principal::anonymous(),
+            chain: None,
         });
     }
+    let generation = shard.control.tls_generation();
     let policy = shard.policy.load_full();
     let cfg = policy.for_listener(kind, client_auth)?;
     let mut sess = TlsSession::server(cfg).ok()?;
@@ -188,11 +193,13 @@ async fn accept_tls(
             cert_aors: client_cert_aors(shard, chain),
         }
     };
+    let chain = PeerChain::of(chain, generation);
     let layer = choose_layer(shard, &stream, sess)?;
     Some(Established {
         stream,
         layer,
         principal,
+        chain,
     })
 }
 
@@ -350,6 +357,7 @@ async fn connect_peer(
     shard: &Rc<Shard>,
     name: &str,
 ) -> Option<(Established, std::net::SocketAddr)> {
+    let generation = shard.control.tls_generation();
     let policy = shard.policy.load_full();
     let addr = shard
         .cfg
@@ -383,6 +391,7 @@ async fn connect_peer(
         .metrics
         .borrow_mut()
         .record("handshake_outbound", t0.elapsed().as_micros() as u64);
+    let chain = PeerChain::of(sess.peer_certificates().unwrap_or_default(), generation);
     let layer = choose_layer(shard, &stream, sess)?;
     tracing::info!(peer = %name, %addr, "partner link up");
     Some((
@@ -390,6 +399,7 @@ async fn connect_peer(
             stream,
             layer,
             principal: Principal::Partner(name.to_string()),
+            chain,
         },
         addr,
     ))

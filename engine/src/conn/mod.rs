@@ -78,6 +78,44 @@ enum KernelConn {
     Client(rustls::kernel::KernelConnection<rustls::client::ClientConnectionData>),
 }
 
+/// The certificate chain a peer presented, kept while its connection lives so that a reload
+/// (a new CRL, a partner removed) and the chain's own expiry reach connections already up.
+#[derive(Debug)]
+pub struct PeerChain {
+    /// End-entity first.
+    pub certs: Box<[rustls::pki_types::CertificateDer<'static>]>,
+    /// The earliest notAfter in the chain (Unix seconds): past it, the connection is checked
+    /// again (and closed if the chain no longer verifies).
+    pub expires: Cell<i64>,
+    /// The TLS policy generation ([`crate::control::Control::tls_generation`]) it was last
+    /// verified under: older than the shard's, it is checked again.
+    pub generation: Cell<u64>,
+}
+
+impl PeerChain {
+    /// `None` for an empty chain (no certificate presented). `generation`: the policy
+    /// generation read before the handshake loaded its policy.
+    pub fn of(
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+        generation: u64,
+    ) -> Option<PeerChain> {
+        if chain.is_empty() {
+            return None;
+        }
+        let expires = chain
+            .iter()
+            .filter_map(|c| crate::tls::verify::summarize(c.as_ref()))
+            .map(|s| s.not_after)
+            .min()
+            .unwrap_or(i64::MAX);
+        Some(PeerChain {
+            certs: chain.into(),
+            expires: Cell::new(expires),
+            generation: Cell::new(generation),
+        })
+    }
+}
+
 /// Why a connection is closing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closing {
@@ -246,6 +284,8 @@ pub struct Conn {
     pub ktls: bool,
     /// The `[[listen]]` entry it came through (`None`: our own link to a partner).
     pub listener: Option<usize>,
+    /// The chain its peer presented, if any (re-checked on reload and at its expiry).
+    pub chain: Option<Box<PeerChain>>,
     io: RefCell<Io>,
     waker: Cell<Option<Waker>>,
     last_rx: Cell<Instant>,
@@ -304,6 +344,7 @@ impl Conn {
             kind,
             listener,
             principal: est.principal,
+            chain: est.chain.map(Box::new),
             remote,
             ktls: matches!(est.layer, Layer::Kernel(_)),
             io: RefCell::new(Io {

@@ -336,6 +336,68 @@ impl TlsPolicy {
             .map_err(|e| classify(&e).0)
     }
 
+    /// Does an established connection's peer still pass this policy? Its chain is verified
+    /// now (roots, validity, CRLs, EKU) as its handshake verified it, and a partner must
+    /// still be the partner it was: run when a reload swaps a policy in and when a
+    /// certificate of the chain expires. `outbound`: our own link to `principal`'s server
+    /// (its certificate must still name the server we dial and be trusted). A client that
+    /// presented no certificate has nothing to re-check. `Err`: why not, and a detail for
+    /// the operator's log line.
+    pub fn recheck(
+        &self,
+        principal: &sipring_core::policy::Principal,
+        outbound: bool,
+        chain: &[CertificateDer<'_>],
+    ) -> Result<(), (Rejection, String)> {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::server::danger::ClientCertVerifier;
+        let Some((ee, intermediates)) = chain.split_first() else {
+            return Ok(());
+        };
+        let now = rustls::pki_types::UnixTime::now();
+        let why = |e: rustls::Error| match classify(&e) {
+            (r, Some(d)) => (r, d.detail),
+            (r, None) => (r, e.to_string()),
+        };
+        let Some(name) = principal.partner() else {
+            return self
+                .verify_client_chain(chain)
+                .map_err(|r| (r, String::new()));
+        };
+        let Some(p) = self.partners.iter().find(|p| p.name == name) else {
+            return Err((
+                Rejection::NameNotTrusted,
+                format!("partner {name} is no longer configured"),
+            ));
+        };
+        if outbound {
+            let Some((_, server_name)) = self.outbound.get(name) else {
+                return Err((
+                    Rejection::NameNotTrusted,
+                    format!("no outbound configuration for partner {name}"),
+                ));
+            };
+            PeerServerVerifier::new(p.clone(), self.partners.clone(), self.algs)
+                .verify_server_cert(ee, intermediates, server_name, &[], now)
+                .map(|_| ())
+                .map_err(why)
+        } else {
+            PeerClientVerifier::new(self.partners.clone(), self.algs)
+                .verify_client_cert(ee, intermediates, now)
+                .map_err(why)?;
+            match self.partner_of(chain) {
+                Some(n) if n == name => Ok(()),
+                other => Err((
+                    Rejection::NameNotTrusted,
+                    format!(
+                        "connected as partner {name}, now {}",
+                        other.as_deref().unwrap_or("nobody's")
+                    ),
+                )),
+            }
+        }
+    }
+
     /// The partner a verified MTLS peer is: the one whose roots verified its chain and whose
     /// trusted-server list names it (`verify::partner_of_chain`).
     pub fn partner_of(&self, chain: &[CertificateDer<'_>]) -> Option<String> {

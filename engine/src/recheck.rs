@@ -1,0 +1,147 @@
+//! Certificates of connections already up, checked again: a handshake verifies a chain once,
+//! but a carrier link or a phone stays connected for days. When a reload swaps in a new TLS
+//! policy (a CRL that revokes a partner or a phone, a partner removed, new roots) and when a
+//! certificate of a chain passes its notAfter, each affected connection's chain is verified
+//! again against the policy in force ([`TlsPolicy::recheck`]); one that no longer passes is
+//! closed (close_notify), which ends its bindings and transactions like any close.
+//!
+//! ```text
+//!  reload ─► Control::tls_generation += 1
+//!  shard tick ─► generation moved? queue every connection verified under an older one
+//!           ─► (every 500 ms) a chain past its notAfter? queue it
+//!           ─► verify at most RECHECK_PER_TICK queued chains (10 ms ticks: thousands of
+//!              certificate-bearing phones are spread over seconds, not one stall)
+//! ```
+//!
+//! [`TlsPolicy::recheck`]: crate::tls::TlsPolicy::recheck
+
+use crate::shard::Shard;
+use sipring_core::registrar::FlowId;
+use std::cell::{Cell, RefCell};
+use std::time::Instant;
+
+/// Chains verified per 10 ms tick (a chain costs tens of microseconds).
+const RECHECK_PER_TICK: usize = 16;
+
+/// A shard's re-check state.
+#[derive(Debug, Default)]
+pub struct Rechecks {
+    /// The policy generation this shard has queued its connections for.
+    seen: Cell<u64>,
+    /// Connections still to check.
+    queue: RefCell<Vec<FlowId>>,
+}
+
+impl Rechecks {
+    /// A connection just opened: if its handshake ran under a policy older than the one this
+    /// shard has already re-checked for (a reload during its handshake), it is checked too.
+    pub fn opened(&self, conn: &crate::conn::Conn) {
+        if conn
+            .chain
+            .as_ref()
+            .is_some_and(|c| c.generation.get() < self.seen.get())
+        {
+            self.queue.borrow_mut().push(conn.id);
+        }
+    }
+
+    /// Connections waiting to be checked (for tests and the metric).
+    pub fn pending(&self) -> usize {
+        self.queue.borrow().len()
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// One tick of re-checking on `shard` (`publish`: the 500 ms tick, which also looks for
+/// expired chains).
+pub fn tick(shard: &Shard, publish: bool, now: Instant) {
+    let r = &shard.rechecks;
+    let generation = shard.control.tls_generation();
+    if generation != r.seen.get() {
+        r.seen.set(generation);
+        let mut q = r.queue.borrow_mut();
+        q.clear();
+        q.extend(
+            shard
+                .conns
+                .borrow()
+                .values()
+                .filter(|c| {
+                    c.chain
+                        .as_ref()
+                        .is_some_and(|ch| ch.generation.get() < generation)
+                })
+                .map(|c| c.id),
+        );
+    }
+    if publish {
+        let t = unix_now();
+        let mut q = r.queue.borrow_mut();
+        for c in shard.conns.borrow().values() {
+            // Checked once at its expiry (then never again for it unless a reload comes):
+            // a chain that still verifies (a presented root webpki does not use) stays.
+            // notAfter is the last valid second (RFC 5280 §4.1.2.5): past it, not at it.
+            if let Some(ch) = &c.chain
+                && ch.expires.get() < t
+            {
+                ch.expires.set(i64::MAX);
+                q.push(c.id);
+            }
+        }
+    }
+    if r.queue.borrow().is_empty() {
+        return;
+    }
+    let policy = shard.policy.load_full();
+    for _ in 0..RECHECK_PER_TICK {
+        let Some(id) = r.queue.borrow_mut().pop() else {
+            break;
+        };
+        let Some(c) = shard.conns.borrow().get(&id).cloned() else {
+            continue;
+        };
+        let Some(chain) = c.chain.as_ref().filter(|_| c.is_open()) else {
+            continue;
+        };
+        chain.generation.set(generation);
+        let outbound = c.listener.is_none();
+        let Err((reason, detail)) = policy.recheck(&c.principal, outbound, &chain.certs) else {
+            continue;
+        };
+        shard.count(&format!(
+            "sipring_tls_recheck_closed_total{{reason=\"{}\"}}",
+            reason.label()
+        ));
+        match c.principal.partner() {
+            // Partners are few and each one matters: every closure is logged.
+            Some(partner) => tracing::warn!(
+                conn = c.id,
+                remote = %c.remote,
+                partner,
+                direction = if outbound { "outbound" } else { "inbound" },
+                reason = reason.label(),
+                %detail,
+                "partner certificate no longer passes the TLS policy in force: closing its connection"
+            ),
+            None => {
+                if let Some(left_out) = shard.refusal_log.allow(now) {
+                    tracing::warn!(
+                        conn = c.id,
+                        remote = %c.remote,
+                        reason = reason.label(),
+                        left_out,
+                        "client certificate no longer passes the TLS policy in force: closing \
+                         its connection (at most one line a second; \
+                         sipring_tls_recheck_closed_total counts all)"
+                    );
+                }
+            }
+        }
+        c.close("certificate_recheck");
+    }
+}
