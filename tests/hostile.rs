@@ -945,3 +945,63 @@ fn a_busy_pipeline_whose_reads_end_mid_message_is_not_cut_as_stalled() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn a_connection_that_never_runs_dry_does_not_starve_its_shard() {
+    // A peer that keeps more than a read's worth of cheap messages (stray responses, dropped
+    // at once) waiting on its socket: every read returns a full buffer, so its task never
+    // waited — and before, never gave the shard back: the other connections, the timers
+    // and the mesh of that shard stopped until the flood did.
+    let pki = Pki::new();
+    let srv = server(&pki, |_| {});
+    let tcp = srv.listen_addrs[1];
+    let mut client = connect_from(CLIENT, tcp).unwrap();
+    let options = |k: u32| {
+        format!("OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKdry{k}\r\nMax-Forwards: 70\r\nTo: <sip:127.0.0.1>\r\nFrom: <sip:dry@example.com>;tag=d\r\nCall-ID: dry-{k}\r\nCSeq: {k} OPTIONS\r\nContent-Length: 0\r\n\r\n")
+            .into_bytes()
+    };
+    let answered = |s: &mut TcpStream, within: Duration| {
+        let _ = s.set_read_timeout(Some(within));
+        let mut buf = [0u8; 4096];
+        matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"SIP/2.0 200"))
+    };
+    client.write_all(&options(0)).unwrap();
+    assert!(answered(&mut client, Duration::from_secs(5)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooding = {
+        let stop = stop.clone();
+        let mut s = connect_from(ATTACKER, tcp).unwrap();
+        std::thread::spawn(move || {
+            let stray = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 192.0.2.1;branch=z9hG4bKstray\r\nTo: <sip:a@example.com>;tag=1\r\nFrom: <sip:b@example.com>;tag=2\r\nCall-ID: stray\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+            let chunk = stray.repeat(65536 / stray.len() + 1);
+            let end = Instant::now() + Duration::from_secs(8);
+            let mut sent = 0usize;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            sent
+        })
+    };
+    // The flood is under way (its socket stays full)...
+    std::thread::sleep(Duration::from_millis(500));
+    let mut late = 0;
+    for k in 1..=3 {
+        client.write_all(&options(k)).unwrap();
+        if !answered(&mut client, Duration::from_secs(2)) {
+            late += 1;
+        }
+    }
+    let still_flooding = !flooding.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    let sent = flooding.join().unwrap();
+    assert!(still_flooding, "the flood ended early ({sent} bytes)");
+    assert_eq!(
+        late, 0,
+        "OPTIONS unanswered within 2 s while one connection flooded its shard"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}

@@ -566,6 +566,10 @@ async fn finish_after_framing_error(shard: &Rc<Shard>, conn: &Conn, flow: &Flow)
     Closing::Graceful("framing_lost")
 }
 
+/// Reads (or control records) a connection handles in a row without its socket running dry
+/// before its task yields the shard to the others.
+const READY_IN_A_ROW: u32 = 16;
+
 /// How long a connection whose framing is lost waits for the answers to what it sent before.
 const FRAMING_DRAIN: Duration = Duration::from_secs(2);
 
@@ -589,8 +593,29 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     }
     let mut framer = Framer::new(shard.cfg.sip_limits(), role);
     let mut partial: Vec<u8> = Vec::new();
+    // Events in a row that came without waiting (see READY_IN_A_ROW).
+    let mut ready_in_a_row = 0u32;
     let closing = 'conn: loop {
-        let ev = std::future::poll_fn(|cx| conn.poll_event(cx, &shard)).await;
+        let mut waited = false;
+        let ev = std::future::poll_fn(|cx| {
+            let p = conn.poll_event(cx, &shard);
+            waited |= p.is_pending();
+            p
+        })
+        .await;
+        if waited {
+            ready_in_a_row = 0;
+        } else {
+            ready_in_a_row += 1;
+            if ready_in_a_row == READY_IN_A_ROW {
+                // A peer whose socket never runs dry (every read fills the buffer, or a
+                // stream of small control records) would otherwise keep this task running
+                // for as long as it sends: the other connections, the timers and the mesh
+                // of the shard wait. Give them a turn.
+                ready_in_a_row = 0;
+                futures_lite::future::yield_now().await;
+            }
+        }
         let (scratch, n, control) = match ev {
             Event::Close(c) => break c,
             Event::Eof => break Closing::Abort("peer_closed"),
