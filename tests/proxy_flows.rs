@@ -110,7 +110,11 @@ impl Net {
                 }
                 Output::Close { flow, .. } => self.closed.push(flow),
                 Output::Relay { .. } => panic!("a single shard never relays"),
-                Output::Refused(r) if r.label == "transactions_full" => self.refused.push(r.label),
+                Output::Refused(r)
+                    if matches!(r.label, "transactions_full" | "partner_pai_domain") =>
+                {
+                    self.refused.push(r.label)
+                }
                 Output::Refused(r) => panic!("an open policy refused {r:?}"),
             }
         }
@@ -1412,4 +1416,105 @@ fn a_request_at_the_via_limit_is_still_cancelled_after_forwarding_added_ours() {
     n.send(&A, &cancel_of("call-vias"));
     assert_eq!(status(&n.one(&A)), 200);
     assert_eq!(method(&n.one(&B)), "CANCEL");
+}
+
+#[test]
+fn a_partners_ack_asserts_only_what_its_other_requests_may() {
+    // Inside a dialog, a partner's P-Asserted-Identity outside its domains is removed (the
+    // request goes on: refusing would hang the call). Its 2xx ACK went through another path
+    // that rebuilt the grant as "partner" and kept the PAI: the callee saw our CEO.
+    let (carrier, mut n) = carrier_net();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let invite = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 192.0.2.7;branch=z9hG4bKpa1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=c1\r\nCall-ID: pack-1\r\nCSeq: 1 INVITE\r\nContact: <sip:x@192.0.2.7;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&carrier, invite.as_bytes());
+    n.take(&carrier);
+    let fwd = n.one(&B);
+    let rr = with_msg(&fwd, |m, _| {
+        m.header(HeaderName::RecordRoute).unwrap().value.to_vec()
+    });
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&carrier)), 200);
+    let ack = |pai: &str, branch: &str| {
+        format!(
+            "ACK sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 192.0.2.7;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:x@carrier.example>;tag=c1\r\nCall-ID: pack-1\r\nCSeq: 1 ACK\r\nP-Asserted-Identity: {pai}\r\nContent-Length: 0\r\n\r\n",
+            String::from_utf8_lossy(&rr)
+        )
+    };
+    let pai_of = |m: &[u8]| sipring_tests::ua::header(m, "P-Asserted-Identity");
+    n.send(
+        &carrier,
+        ack("<sip:ceo@example.com>", "z9hG4bKpa2").as_bytes(),
+    );
+    let got = n.one(&B);
+    assert_eq!(method(&got), "ACK");
+    assert_eq!(pai_of(&got), None, "{}", String::from_utf8_lossy(&got));
+    // Its own user: kept, as on its other requests.
+    n.send(
+        &carrier,
+        ack("<sip:x@carrier.example>", "z9hG4bKpa3").as_bytes(),
+    );
+    assert_eq!(
+        pai_of(&n.one(&B)).as_deref(),
+        Some("<sip:x@carrier.example>")
+    );
+}
+
+#[test]
+fn remote_party_id_is_an_assertion_like_pai() {
+    // Remote-Party-ID never became an RFC, but phones and PBXes display it as the caller:
+    // passed through untouched, a client chose the caller ID its callee saw.
+    let (carrier, mut n) = carrier_net();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let rpid_of = |m: &[u8]| sipring_tests::ua::header(m, "Remote-Party-ID");
+    let msg = |from: &str, call: &str, rpid: &str| {
+        format!(
+            "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 192.0.2.7;branch=z9hG4bK{call}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <{from}>;tag=1\r\nCall-ID: {call}\r\nCSeq: 1 MESSAGE\r\nRemote-Party-ID: {rpid}\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let ceo = "\"CEO\" <sip:ceo@example.com>;party=calling;screen=yes";
+    // A client's: removed.
+    n.send(&A, msg("sip:alice@example.com", "rp1", ceo).as_bytes());
+    let got = n.one(&B);
+    assert_eq!(rpid_of(&got), None, "{}", String::from_utf8_lossy(&got));
+    n.send(&B, &answer(&got, 200, "OK", "b"));
+    n.take(&A);
+    // A partner's for one of our users: refused, like such a PAI.
+    n.send(
+        &carrier,
+        msg("sip:x@carrier.example", "rp2", ceo).as_bytes(),
+    );
+    assert_eq!(status(&n.one(&carrier)), 403);
+    assert_eq!(n.refused, ["partner_pai_domain"]);
+    // ... for its own user: kept.
+    let own = "<sip:x@carrier.example>;party=calling";
+    n.send(
+        &carrier,
+        msg("sip:x@carrier.example", "rp3", own).as_bytes(),
+    );
+    let got = n.one(&B);
+    assert_eq!(rpid_of(&got).as_deref(), Some(own));
+    // Bob's answer naming the CEO does not reach the carrier.
+    let resp = String::from_utf8(answer(&got, 200, "OK", "b"))
+        .unwrap()
+        .replacen(
+            "\r\n\r\n",
+            &format!("\r\nRemote-Party-ID: {ceo}\r\n\r\n"),
+            1,
+        );
+    n.send(&B, resp.as_bytes());
+    let back = n.one(&carrier);
+    assert_eq!(status(&back), 200);
+    assert_eq!(rpid_of(&back), None);
+}
+
+#[test]
+fn a_from_that_two_parsers_read_as_two_people_is_refused() {
+    // `sip:alice@…;x=<sip:ceo@…>`: an addr-spec whose parameter holds a bracket. We read
+    // alice (and would check that); a parser taking the first `<…>` reads the CEO.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let m = "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKtwo\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: sip:alice@example.com;x=<sip:ceo@example.com>;tag=1\r\nCall-ID: two\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+    n.send(&A, m.as_bytes());
+    assert_eq!(status(&n.one(&A)), 400);
+    assert!(n.inbox.is_empty(), "it reached bob");
 }

@@ -100,6 +100,9 @@ header_names! {
     PPreferredIdentity => "P-Preferred-Identity";
     /// `Privacy` (RFC 3323 §4.2).
     Privacy => "Privacy";
+    /// `Remote-Party-ID` (draft-ietf-sip-privacy-04: never an RFC, still what many PBXes
+    /// and phones show as the caller): an assertion like P-Asserted-Identity.
+    RemotePartyId => "Remote-Party-ID";
 }
 
 impl HeaderName {
@@ -163,6 +166,7 @@ impl HeaderName {
                 ("Authorization", Authorization),
             ]),
             14 => pick(&[("Content-Length", ContentLength)]),
+            15 => pick(&[("Remote-Party-ID", RemotePartyId)]),
             16 => pick(&[("Content-Encoding", ContentEncoding)]),
             19 => pick(&[
                 ("Proxy-Authorization", ProxyAuthorization),

@@ -212,7 +212,7 @@ pub struct Refusal {
 /// How to edit a forwarded request's identity headers for one target.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityEdit {
-    /// Remove every P-Asserted-Identity.
+    /// Remove every assertion (P-Asserted-Identity, Remote-Party-ID: [`ASSERTIONS`]).
     pub strip_pai: bool,
     /// Remove every P-Preferred-Identity.
     pub strip_ppi: bool,
@@ -595,8 +595,9 @@ impl Policy {
     }
 
     fn deny_pai(&mut self, info: &FlowInfo, msg: &Message<'_, '_>, name: String) -> Authz {
-        let claimed: Vec<String> = msg
-            .headers_named(HeaderName::PAssertedIdentity)
+        let claimed: Vec<String> = ASSERTIONS
+            .iter()
+            .flat_map(|&n| msg.headers_named(n))
             .map(|h| String::from_utf8_lossy(h.value).into_owned())
             .collect();
         self.deny(
@@ -667,17 +668,24 @@ impl Policy {
     }
 }
 
-/// Is every P-Asserted-Identity of `msg` a SIP URI in one of `domains`? One that cannot be
-/// read (an unbalanced quote or bracket) is not: what this parser cannot split, a
+/// The headers that assert who a party is, checked and removed together: P-Asserted-Identity
+/// (RFC 3325) and Remote-Party-ID (its pre-standard cousin, which phones and PBXes still
+/// display: passing a client's on would let it pick the caller ID its callee sees).
+pub const ASSERTIONS: [HeaderName; 2] = [HeaderName::PAssertedIdentity, HeaderName::RemotePartyId];
+
+/// Is every assertion ([`ASSERTIONS`]) of `msg` a SIP URI in one of `domains`? One that
+/// cannot be read (an unbalanced quote or bracket) is not: what this parser cannot split, a
 /// downstream one may read as something else.
 fn asserted_in(msg: &Message<'_, '_>, domains: &[String]) -> bool {
-    let Some(values) = msg.try_values(HeaderName::PAssertedIdentity) else {
-        return false;
-    };
-    values.iter().all(|v| {
-        NameAddr::parse(v.value)
-            .and_then(|na| host_of(na.uri))
-            .is_some_and(|h| in_list(&h, domains))
+    ASSERTIONS.iter().all(|&name| {
+        let Some(values) = msg.try_values(name) else {
+            return false;
+        };
+        values.iter().all(|v| {
+            NameAddr::parse(v.value)
+                .and_then(|na| host_of(na.uri))
+                .is_some_and(|h| in_list(&h, domains))
+        })
     })
 }
 

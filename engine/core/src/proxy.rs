@@ -686,7 +686,9 @@ impl Proxy {
         let ident = hop.ident;
         let mut e = Editor::new(msg);
         if ident.strip_pai {
-            e.remove_header(HeaderName::PAssertedIdentity);
+            for name in crate::policy::ASSERTIONS {
+                e.remove_header(name);
+            }
         }
         if ident.strip_ppi {
             e.remove_header(HeaderName::PPreferredIdentity);
@@ -821,7 +823,9 @@ impl Proxy {
         let _ = e.pop_top_via();
         e.remove_header(HeaderName::PPreferredIdentity);
         if strip_identity {
-            e.remove_header(HeaderName::PAssertedIdentity);
+            for name in crate::policy::ASSERTIONS {
+                e.remove_header(name);
+            }
         }
         // Overload-control feedback for our upstream is ours to write (RFC 7339), not a
         // downstream UA's: what one wrote into the upstream's Via goes.

@@ -180,7 +180,12 @@ enum Pending {
     /// A server transaction waits for a lookup or registrar answer.
     Server(TxKey),
     /// A 2xx ACK waits for a lookup to be forwarded statelessly.
-    Ack { request: Bytes, inbound: Flow },
+    Ack {
+        request: Bytes,
+        inbound: Flow,
+        /// Who the policy said it is from (what its PAI may say downstream).
+        source: Source,
+    },
 }
 
 /// A branch's response, as the TU sees it.
@@ -1264,13 +1269,15 @@ impl ShardProxy {
             .policy
             .authorize(now, flow, &info, msg, ess, &decision, &self.proxy);
         self.drain_refusals();
-        if !matches!(authz, Authz::Allow(_)) {
-            // An ACK cannot be challenged or answered: one that may not pass is dropped.
+        // An ACK cannot be challenged or answered: one that may not pass is dropped. One
+        // that may carries what the policy granted (a partner's PAI outside its domains is
+        // removed, as from any other in-dialog request).
+        let Authz::Allow(Grant { source }) = authz else {
             return;
-        }
+        };
         match decision {
-            Decision::ToFlow(f) => self.send_ack(flow, &f, None, msg, ess),
-            Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, msg, ess),
+            Decision::ToFlow(f) => self.send_ack(flow, &f, None, source, msg, ess),
+            Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, source, msg, ess),
             Decision::Lookup { aor } => {
                 let token = self.unique();
                 self.pending.insert(
@@ -1278,6 +1285,7 @@ impl ShardProxy {
                     Pending::Ack {
                         request: msg.bytes().into(),
                         inbound: flow.clone(),
+                        source,
                     },
                 );
                 let local_only = self.came_from_node(flow);
@@ -1302,14 +1310,11 @@ impl ShardProxy {
         inbound: &Flow,
         to: &Flow,
         uri: Option<&str>,
+        source: Source,
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
     ) {
         let branch = Proxy::branch(msg, ess, self.unique());
-        let source = match self.partner_of(inbound) {
-            Some(p) => Source::Partner(p.to_string()),
-            None => Source::Client(None),
-        };
         let ident = self.policy.identity_edit(
             &Grant { source },
             msg,
@@ -1365,7 +1370,11 @@ impl ShardProxy {
                 }
                 self.drive_server(now, &key);
             }
-            Some(Pending::Ack { request, inbound }) => {
+            Some(Pending::Ack {
+                request,
+                inbound,
+                source,
+            }) => {
                 let (to, uri) = match result {
                     Lookup::Found(b) => match b.into_iter().next() {
                         Some(r) => (Flow::Conn(r.flow), Some(r.contact)),
@@ -1379,7 +1388,7 @@ impl ShardProxy {
                 };
                 let limits = self.limits;
                 with_parsed(&request, &limits, |m, e| {
-                    self.send_ack(&inbound, &to, uri.as_deref(), m, e)
+                    self.send_ack(&inbound, &to, uri.as_deref(), source.clone(), m, e)
                 });
             }
             None => {}

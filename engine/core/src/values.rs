@@ -186,7 +186,20 @@ impl<'b> NameAddr<'b> {
         }
         Uri::parse(uri).ok()?;
         let params = &v[semi..];
-        for_each_param(params, |_, _| {}).ok()?;
+        // A parameter value is a token, a host or a quoted string (RFC 3261 §25.1
+        // gen-value). An unquoted `<` or `>` is none of them, and here it is worse than
+        // malformed: a parser that takes the first `<…>` it sees reads
+        // `sip:alice@example.com;x=<sip:ceo@example.com>` as the CEO while we read alice.
+        let mut bracket = false;
+        for_each_param(params, |_, val| {
+            bracket |= val.is_some_and(|v| {
+                v.first() != Some(&b'"') && v.iter().any(|&b| b == b'<' || b == b'>')
+            });
+        })
+        .ok()?;
+        if bracket {
+            return None;
+        }
         Some(NameAddr {
             display: None,
             uri,
@@ -291,6 +304,9 @@ mod tests {
         let n = NameAddr::parse(b"sip:caller@example.net;tag=134161461246").unwrap();
         assert!(!n.bracketed);
         assert_eq!(n.tag(), Some(&b"134161461246"[..]));
+        // A bracket inside a quoted parameter value is text.
+        let n = NameAddr::parse(b"sip:a@example.com;+sip.instance=\"<urn:uuid:1>\"").unwrap();
+        assert_eq!(n.uri, b"sip:a@example.com");
         let n = NameAddr::parse(b"caller<sip:caller@example.com>;tag=323").unwrap();
         assert_eq!(n.display, Some(&b"caller"[..]));
         assert_eq!(
@@ -304,6 +320,9 @@ mod tests {
             b"sip:user@example.com?Route=%3Csip:sip.example.com%3E",
             b"<sip:joe@example.org>;;;;",
             b"<sip:a@b",
+            // Read as alice here, as the CEO by a parser that takes the first `<…>`.
+            b"sip:alice@example.com;x=<sip:ceo@example.com>;tag=1",
+            b"sip:alice@example.com;x=a>b",
         ] {
             assert!(
                 NameAddr::parse(bad).is_none(),
