@@ -284,12 +284,16 @@ const ALLOW: &[u8] = b"INVITE, ACK, BYE, CANCEL, OPTIONS, MESSAGE, INFO, UPDATE,
 
 /// FNV-1a over several fields, separated so that field boundaries matter.
 fn fnv(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in p.iter().chain(std::iter::once(&0xff)) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+    parts
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, p| fnv_from(h, p))
+}
+
+/// FNV-1a of `part` (and a separator) continued from `h`.
+fn fnv_from(mut h: u64, part: &[u8]) -> u64 {
+    for &b in part.iter().chain(std::iter::once(&0xff)) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
 }
@@ -356,21 +360,26 @@ impl Proxy {
             .any(|d| text::eq_ic(d.as_bytes(), host))
     }
 
-    /// The loop-detection hash of a request (RFC 3261 §16.3 step 4): over Request-URI, From
-    /// and To tags, Call-ID, CSeq number and Proxy-Require. A request that comes back
-    /// unchanged hashes the same (a loop); a spiral with a new Request-URI does not.
+    /// The loop-detection hash of a request (RFC 3261 §16.3 step 4, as RFC 5393 §4.2 has it:
+    /// without the topmost Via, with the Route values): over Request-URI, From and To tags,
+    /// Call-ID, CSeq number, Proxy-Require and every Route value as received. A request that
+    /// comes back unchanged hashes the same (a loop); a spiral does not — a new Request-URI,
+    /// or (in a dialog that passes us twice, through a partner) the same Request-URI with
+    /// the route set consumed up to our second entry.
     pub fn loop_hash(msg: &Message<'_, '_>, ess: &Essentials<'_>) -> u64 {
         let pr = msg
             .header(HeaderName::ProxyRequire)
             .map_or(&b""[..], |h| h.value);
-        fnv(&[
+        let h = fnv(&[
             msg.request_uri().unwrap_or_default(),
             ess.from.tag().unwrap_or_default(),
             ess.to.tag().unwrap_or_default(),
             ess.call_id,
-            ess.cseq.seq.to_string().as_bytes(),
+            &ess.cseq.seq.to_be_bytes(),
             pr,
-        ])
+        ]);
+        msg.headers_named(HeaderName::Route)
+            .fold(h, |h, r| fnv_from(h, r.value))
     }
 
     /// The shard that created one of our branches (the top 16 bits of its unique part, see
@@ -988,6 +997,81 @@ mod tests {
         // the domain: it is ours and removed (was 403 "Route Not Allowed").
         case!("REGISTER sip:example.com", "Route: <sip:example.com;lr>\r\n" => Decision::Register);
         case!("INVITE sip:bob@example.com", "Route: <sip:example.com:5061;transport=tls;lr>\r\n" => Decision::Lookup { aor: "sip:bob@example.com".into() });
+    }
+
+    /// The Record-Route we add forwarding `s` from `a` to `b`.
+    fn record_route(p: &Proxy, s: &str, a: &Flow, b: &Flow) -> String {
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(s.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!("{s}")
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        let out = String::from_utf8(fwd(p, &m, &e, &Proxy::branch(&m, &e, 1), None, a, b)).unwrap();
+        out.lines()
+            .find_map(|l| l.strip_prefix("Record-Route: "))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn a_dialog_that_passes_us_twice_is_a_spiral_not_a_loop() {
+        // alice → us → partner (a call-forwarding proxy) → us → bob. Bob's BYE carries the
+        // route set <us, on the way back in>, <partner>, <us, on the way out>; we send it to
+        // the partner, which sends it back with the same Request-URI, tags, Call-ID and
+        // CSeq. Hashing without the Route values (and without the top Via), that was our
+        // own branch again: 482, the call never torn down (and the ACK of its 200 dropped).
+        let p = Proxy::new(cfg());
+        let (a, b, partner) = (
+            Flow::Conn(0x1_0000_0007),
+            Flow::Conn(0x2_0000_0009),
+            Flow::Peer("partner".into()),
+        );
+        let inv = req("INVITE sip:bob@example.com", "");
+        let rr_out = record_route(&p, &inv, &a, &partner);
+        let rr_in = record_route(&p, &inv, &partner, &b);
+        let bye = |via: &str, route: &str| {
+            req("BYE sip:alice@10.0.0.1", &format!("Route: {route}\r\n"))
+                .replace(
+                    "To: <sip:bob@example.com>",
+                    "To: <sip:bob@example.com>;tag=b",
+                )
+                .replace("Via: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc", via)
+        };
+        let first = bye(
+            "Via: SIP/2.0/TLS 10.0.0.2;branch=z9hG4bKbob",
+            &format!("{rr_in}, <sip:partner.net;lr>, {rr_out}"),
+        );
+        assert_eq!(decide_on(&p, &first, &b), Decision::ToFlow(partner.clone()));
+        let ours = {
+            let mut h = [Header::EMPTY; 32];
+            let Ok(Status::Complete(m)) = parse(
+                first.as_bytes(),
+                &mut h,
+                &Limits::default(),
+                Framing::Stream,
+            ) else {
+                panic!()
+            };
+            let e = m.validate(&Limits::default()).unwrap();
+            Proxy::branch(&m, &e, 2)
+        };
+        let again = bye(
+            &format!(
+                "Via: SIP/2.0/TLS partner.net;branch=z9hG4bKp1\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch={ours}\r\nVia: SIP/2.0/TLS 10.0.0.2;branch=z9hG4bKbob"
+            ),
+            &rr_out,
+        );
+        assert_eq!(decide_on(&p, &again, &partner), Decision::ToFlow(a.clone()));
+        // The same request coming back unchanged (its route set as it was) is a loop.
+        let looped = bye(
+            &format!(
+                "Via: SIP/2.0/TLS partner.net;branch=z9hG4bKp1\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch={ours}\r\nVia: SIP/2.0/TLS 10.0.0.2;branch=z9hG4bKbob"
+            ),
+            &format!("{rr_in}, <sip:partner.net;lr>, {rr_out}"),
+        );
+        assert_eq!(code(decide_on(&p, &looped, &b)), 482);
     }
 
     #[test]
