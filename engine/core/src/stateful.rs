@@ -848,7 +848,14 @@ impl ShardProxy {
             s.txn.handle_request_retransmit(now);
             return self.drive_server(now, &key);
         }
-        if method != Method::Cancel && ess.to.tag().is_none() && self.admission < 1.0 {
+        let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
+        // The door: new work under overload. What finishes admitted work passes — a CANCEL,
+        // and a request in a dialog, which is one routed by a flow token we signed. A To-tag
+        // alone proves nothing: anyone can write one on a new INVITE or a REGISTER.
+        if method != Method::Cancel
+            && !matches!(decision, Decision::ToFlow(_))
+            && self.admission < 1.0
+        {
             let cooperating = self.oc_trust != oc::Trust::Off && self.cooperates(flow, ess);
             self.door.0 = self.door.0.saturating_add(1);
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
@@ -856,7 +863,6 @@ impl ShardProxy {
                 return self.shed(flow, msg, ess.call_id);
             }
         }
-        let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
         let authz = self
             .policy
