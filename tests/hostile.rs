@@ -1005,3 +1005,36 @@ fn a_connection_that_never_runs_dry_does_not_starve_its_shard() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn a_client_keeping_alive_with_single_crlfs_is_not_cut_as_stalled() {
+    // RFC 5626 pings are CRLFCRLF; some phones send one CRLF (RFC 3261 §7.5: ignored before
+    // a start line). The framer holds it to see whether a second follows, and the connection
+    // was cut after `partial_timeout_ms` as if stalled mid-message.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| c.limits.partial_timeout_ms = 1000);
+    let mut s = connect_from(CLIENT, srv.listen_addrs[1]).unwrap();
+    for _ in 0..3 {
+        s.write_all(b"\r\n").unwrap();
+        assert!(
+            !closed_within(&mut s, Duration::from_millis(1200)),
+            "cut for a lone CRLF"
+        );
+    }
+    s.write_all(b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKcrlf\r\nMax-Forwards: 70\r\nTo: <sip:127.0.0.1>\r\nFrom: <sip:k@example.com>;tag=k\r\nCall-ID: crlf\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = s.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"SIP/2.0 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let m = admin_get(srv.admin_addr.unwrap(), "/metrics");
+    assert_eq!(
+        metric(&m, "sipring_partial_timeouts_total").unwrap_or(0.0),
+        0.0
+    );
+    srv.stop();
+    srv.join().unwrap();
+}

@@ -856,7 +856,10 @@ fn an_overloaded_shard_sheds_new_work_and_finishes_what_it_admitted() {
     // A To-tag does not make a request part of a dialog: only our signed route does.
     let tagged = String::from_utf8(invite("z9hG4bKov6", "ov6"))
         .unwrap()
-        .replace("To: <sip:bob@example.com>", "To: <sip:bob@example.com>;tag=x");
+        .replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=x",
+        );
     n.send(&A, tagged.as_bytes());
     assert_eq!(status(&n.one(&A)), 503);
     n.send(&B2, b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKov7\r\nTo: <sip:carol@example.com>;tag=x\r\nFrom: <sip:carol@example.com>;tag=r\r\nCall-ID: ov7\r\nCSeq: 1 REGISTER\r\nContact: <sip:carol@10.0.0.3:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n");

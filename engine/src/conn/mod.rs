@@ -566,6 +566,22 @@ async fn finish_after_framing_error(shard: &Rc<Shard>, conn: &Conn, flow: &Flow)
     Closing::Graceful("framing_lost")
 }
 
+/// What a connection holds of an incomplete message, for the partial deadline and budget.
+/// A lone CRLF is none: the framer keeps it to see whether a second one makes it an RFC 5626
+/// ping, but a client that sends single CRLFs as keepalives (RFC 3261 §7.5: ignored before
+/// a start line) is not stalled mid-message — it was cut after `limits.partial_timeout_ms`.
+/// Such a CRLF keeps the connection alive, as a ping does.
+fn held(conn: &Conn, partial: &[u8], now: Instant) -> usize {
+    if !partial.is_empty()
+        && partial.len() <= 3
+        && partial.iter().all(|&b| b == b'\r' || b == b'\n')
+    {
+        conn.last_rx.set(now);
+        return 0;
+    }
+    partial.len()
+}
+
 /// Reads (or control records) a connection handles in a row without its socket running dry
 /// before its task yields the shard to the others.
 const READY_IN_A_ROW: u32 = 16;
@@ -673,7 +689,7 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
                     let Ok((_, progressed)) = r else {
                         break 'read true;
                     };
-                    conn.hold_partial(&shard, partial.len(), t0, progressed);
+                    conn.hold_partial(&shard, held(&conn, &partial, t0), t0, progressed);
                     continue 'conn;
                 }
                 partial.extend_from_slice(&scratch[..n]);
@@ -699,7 +715,7 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             Layer::User(s) => s.buffered_incoming(),
             _ => 0,
         };
-        conn.hold_partial(&shard, partial.len() + tls_held, t0, progressed);
+        conn.hold_partial(&shard, held(&conn, &partial, t0) + tls_held, t0, progressed);
         if peer_closed {
             // Answer close_notify with ours after delivering what came before it.
             break Closing::Graceful("close_notify");
