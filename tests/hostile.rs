@@ -1038,3 +1038,55 @@ fn a_client_keeping_alive_with_single_crlfs_is_not_cut_as_stalled() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn refused_handshakes_are_logged_at_most_once_a_second() {
+    // Anyone can open connections that fail their handshake; each one wrote a WARN line, so
+    // a loop of them filled the journal. Now one line a second (per listener kind), with
+    // how many were left out, and the counter counts them all.
+    let pki = Pki::new();
+    let dir = TempDir::new("rejectlog");
+    let (tls, admin) = (free_port(), free_port());
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.listen = vec![ListenConfig {
+        kind: ListenKind::Tls,
+        address: format!("127.0.0.1:{tls}").parse().unwrap(),
+        ..ListenConfig::default()
+    }];
+    cfg.peer.clear();
+    cfg.admin.address = Some(format!("127.0.0.1:{admin}").parse().unwrap());
+    let path = dir.write("sipring.toml", toml::to_string(&cfg).unwrap());
+    let srv = Server::start(&path);
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let up = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(admin).is_err() {
+        assert!(Instant::now() < up, "server did not start:\n{}", srv.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Clients that trust nothing: each refuses our certificate with an alert.
+    let distrustful = tls_config(&[], None, false);
+    let addr: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
+    for _ in 0..40 {
+        assert!(
+            Ua::tls(
+                addr,
+                distrustful.clone(),
+                "sip.example.com",
+                "x",
+                "example.com"
+            )
+            .is_err()
+        );
+    }
+    wait_metrics(admin, "40 refused handshakes", |m| {
+        metric(m, "sipring_tls_rejections_total{reason=\"peer_alert\"}").unwrap_or(0.0) >= 40.0
+    });
+    let lines = srv.log().matches("TLS handshake rejected").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} lines for 40 refusals:\n{}",
+        srv.log()
+    );
+    drop(srv);
+}

@@ -210,6 +210,9 @@ fn help(family: &str) -> &'static str {
         "sipring_partial_bytes" => "Bytes held for incomplete messages.",
         "sipring_peer_connect_failures_total" => "Outbound partner connections that failed.",
         "sipring_reloads_total" => "Reloads applied or refused.",
+        "sipring_ktls_closes_total" => {
+            "Kernel-TLS connections ended by a TLS control record from the peer, by reason."
+        }
         "sipring_tls_recheck_closed_total" => {
             "Connections closed because their certificate no longer passed the TLS policy in force (checked again on reload and at expiry), by reason."
         }

@@ -272,6 +272,12 @@ pub struct Shard {
     pub timeout_log: LogLimiter,
     /// Requests refused by the identity policy (failed logins come in storms) likewise.
     pub policy_log: LogLimiter,
+    /// Refused client handshakes, and refused partner handshakes apart (so a flood of bad
+    /// client certificates does not hide a partner whose certificate broke), likewise.
+    pub reject_log: [LogLimiter; 2],
+    /// Connections closed for what their peer did (slow reader, framing lost, KeyUpdate
+    /// flood) likewise: one peer can cause one per connection it opens.
+    pub conn_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
     /// Bytes all connections hold for incomplete messages.
@@ -504,6 +510,8 @@ impl Shard {
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
             policy_log: LogLimiter::default(),
+            reject_log: Default::default(),
+            conn_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
             partial_total: Cell::new(0),
             ifaces,
@@ -682,7 +690,9 @@ impl Shard {
                         reason.label()
                     ));
                     if let Flow::Conn(id) = flow {
-                        tracing::warn!(conn = id, %reason, "closing connection: stream framing lost");
+                        if let Some(left_out) = self.conn_log.allow(Instant::now()) {
+                            tracing::warn!(conn = id, %reason, left_out, "closing connection: stream framing lost (connection closures: at most one line a second; sipring_parse_errors_total counts all)");
+                        }
                         if let Some(c) = self.conns.borrow().get(&id) {
                             c.close("framing_lost");
                         }

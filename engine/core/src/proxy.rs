@@ -1063,7 +1063,7 @@ mod tests {
             ),
             &rr_out,
         );
-        assert_eq!(decide_on(&p, &again, &partner), Decision::ToFlow(a.clone()));
+        assert_eq!(decide_on(&p, &again, &partner), Decision::ToFlow(a));
         // The same request coming back unchanged (its route set as it was) is a loop.
         let looped = bye(
             &format!(

@@ -325,19 +325,32 @@ fn handshake_outcome(
         }
         Some(Err(HandshakeError::Tls(e))) => {
             let (reason, detail) = crate::tls::classify(&e);
-            match detail {
-                Some(d) => tracing::warn!(
-                    %remote,
-                    kind = kind_l,
-                    reason = reason.label(),
-                    identities = %d.cert.identities.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                    issuer = %d.cert.issuer,
-                    partner = d.peer.as_deref().unwrap_or("-"),
-                    detail = %d.detail,
-                    "TLS handshake rejected"
-                ),
-                None => {
-                    tracing::warn!(%remote, kind = kind_l, reason = reason.label(), error = %e, "TLS handshake rejected")
+            // One line a second per listener kind: anyone can open connections with broken
+            // certificates, and a flood of them must not hide a partner's.
+            let limiter = &shard.reject_log[usize::from(kind == ListenKind::Mtls)];
+            if let Some(left_out) = limiter.allow(Instant::now()) {
+                match detail {
+                    Some(d) => tracing::warn!(
+                        %remote,
+                        kind = kind_l,
+                        reason = reason.label(),
+                        identities = %d.cert.identities.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                        issuer = %d.cert.issuer,
+                        partner = d.peer.as_deref().unwrap_or("-"),
+                        detail = %d.detail,
+                        left_out,
+                        "TLS handshake rejected (at most one line a second per listener kind; \
+                         sipring_tls_rejections_total counts all)"
+                    ),
+                    None => tracing::warn!(
+                        %remote,
+                        kind = kind_l,
+                        reason = reason.label(),
+                        error = %e,
+                        left_out,
+                        "TLS handshake rejected (at most one line a second per listener kind; \
+                         sipring_tls_rejections_total counts all)"
+                    ),
                 }
             }
             reason

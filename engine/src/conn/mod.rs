@@ -471,12 +471,16 @@ impl Conn {
                 shard.count("sipring_writes_queued_total");
                 if slow {
                     shard.count("sipring_queue_drops_total{queue=\"connection\"}");
-                    tracing::warn!(
-                        conn = self.id,
-                        remote = %self.remote,
-                        limit = shard.cfg.limits.write_queue_bytes,
-                        "write queue full: closing slow connection"
-                    );
+                    if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+                        tracing::warn!(
+                            conn = self.id,
+                            remote = %self.remote,
+                            limit = shard.cfg.limits.write_queue_bytes,
+                            left_out,
+                            "write queue full: closing slow connection (connection closures: at \
+                             most one line a second; sipring_queue_drops_total counts all)"
+                        );
+                    }
                     self.abort("slow_reader");
                     return Err(SendError::SlowReader);
                 }
@@ -644,7 +648,19 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             match r {
                 Ok(()) => continue,
                 Err(why) => {
-                    tracing::debug!(conn = conn.id, why, "kTLS connection ends");
+                    shard.count(&format!("sipring_ktls_closes_total{{reason=\"{why}\"}}"));
+                    if matches!(why, "close_notify" | "alert") {
+                        tracing::debug!(conn = conn.id, why, "kTLS connection ends");
+                    } else if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+                        tracing::warn!(
+                            conn = conn.id,
+                            remote = %conn.remote,
+                            why,
+                            left_out,
+                            "closing a kTLS connection for a TLS record its peer sent (connection \
+                             closures: at most one line a second; sipring_ktls_closes_total counts all)"
+                        );
+                    }
                     break Closing::Graceful(why);
                 }
             }
@@ -852,7 +868,9 @@ fn deliver(
                     "sipring_parse_errors_total{{reason=\"{}\"}}",
                     e.label()
                 ));
-                tracing::warn!(conn = conn.id, remote = %conn.remote, error = %e, "stream framing lost; closing connection");
+                if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+                    tracing::warn!(conn = conn.id, remote = %conn.remote, error = %e, left_out, "stream framing lost; closing connection (connection closures: at most one line a second; sipring_parse_errors_total counts all)");
+                }
                 if let Some(resp) =
                     sipring_core::response::error_response(&buf[start..], e, b"sr-framing")
                 {

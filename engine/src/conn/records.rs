@@ -115,11 +115,6 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
                         };
                         k.peer_key_updates += 1;
                         if k.peer_key_updates > MAX_KEY_UPDATES_WITHOUT_DATA {
-                            tracing::warn!(
-                                conn = conn.id,
-                                remote = %conn.remote,
-                                "peer sent {MAX_KEY_UPDATES_WITHOUT_DATA} KeyUpdates without data; closing"
-                            );
                             return Err("key_update_flood");
                         }
                         let (seq, secrets) = match &mut k.conn {
