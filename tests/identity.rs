@@ -431,6 +431,36 @@ fn digest_algorithms_stale_nonces_replays_and_a_source_that_keeps_failing() {
 }
 
 #[test]
+fn a_source_that_keeps_failing_is_refused_on_every_shard() {
+    // Each shard counted failures alone: an address whose connections landed on N shards
+    // had N times the guesses, and a block on one shard stopped nothing on the others.
+    let w = World::new();
+    let srv = w.start(|c| {
+        c.server.shards = 2;
+        c.auth.max_failures = 3;
+    });
+    for i in 0..3 {
+        let mut guess = w.client(&srv, "carol");
+        guess.password = Some("wrong".into());
+        // The third failure blocks at once.
+        assert_eq!(guess.register(600), if i < 2 { 401 } else { 403 });
+    }
+    // Fresh connections (spread over both shards), the right password: refused on each.
+    for i in 0..6 {
+        let mut u = w.client(&srv, "carol");
+        let (code, resp) = u.register_with(600, "");
+        assert_eq!(
+            code,
+            403,
+            "connection {i}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+    }
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_client_certificate_binds_its_aor() {
     let w = World::new();
     let users = phones(&w);

@@ -132,6 +132,8 @@ pub struct Identity {
     pub subscribers: crate::auth::SharedSubscribers,
     /// Subscribers read from the cluster's store (refreshed by the store thread).
     pub store_subscribers: crate::auth::SharedSubscribers,
+    /// Failed authentication attempts per source, all shards together.
+    pub failures: std::sync::Arc<sipring_core::auth::FailureLedger>,
 }
 
 impl Control {

@@ -133,6 +133,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         ),
         None => None,
     };
+    let epoch = Instant::now();
     let control = Arc::new(Control {
         store,
         draining: AtomicBool::new(false),
@@ -156,7 +157,11 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         budget: connection_budget(&cfg, n),
         identity: Identity {
             key,
-            epoch: Instant::now(),
+            epoch,
+            failures: Arc::new(sipring_core::auth::FailureLedger::new(
+                crate::auth::policy_config(&cfg).auth.max_tracked_sources,
+                epoch,
+            )),
             subscribers: crate::auth::SharedSubscribers(Arc::new(ArcSwap::from_pointee(
                 subscribers,
             ))),

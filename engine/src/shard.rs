@@ -446,7 +446,7 @@ impl Shard {
             max_contact_bytes: r.max_contact_bytes,
         });
         let ifaces = interfaces(&cfg).into_iter().map(Rc::new).collect();
-        let policy_core = Policy::new(
+        let mut policy_core = Policy::new(
             crate::auth::policy_config(&cfg),
             control.identity.key.clone(),
             control.identity.epoch,
@@ -455,6 +455,8 @@ impl Shard {
                 store: control.identity.store_subscribers.clone(),
             }),
         );
+        // One source's failed attempts count on every shard it reaches.
+        policy_core.share_failures(control.identity.failures.clone());
         let mut proxy = ShardProxy::new(
             Proxy::new(proxy_config(&cfg, control.identity.key.clone())),
             policy_core,
@@ -1351,8 +1353,12 @@ impl Shard {
             m.set_gauge("sipring_registered_aors", self.store.borrow().len() as i64);
             m.set_gauge("sipring_handshakes_in_flight", self.handshakes.get() as i64);
             m.set_gauge("sipring_partial_bytes", self.partial_total.get() as i64);
-            let (sources, nonce_flows) = self.proxy.borrow().policy().tracked();
-            m.set_gauge("sipring_auth_failure_sources", sources as i64);
+            // The failure ledger is the process's: shard 0 reports it (the gauges are summed).
+            if self.id == 0 {
+                let sources = self.proxy.borrow().policy().failure_sources(now);
+                m.set_gauge("sipring_auth_failure_sources", sources as i64);
+            }
+            let nonce_flows = self.proxy.borrow().policy().nonce_flows();
             m.set_gauge("sipring_auth_nonce_flows", nonce_flows as i64);
             let st = self.proxy.borrow().stats();
             m.counters

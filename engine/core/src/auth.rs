@@ -26,9 +26,11 @@
 //! flow: the state is bounded by the connection limits, not by what peers send.
 //!
 //! **Failures.** Wrong passwords, unknown users, replays and malformed credentials are
-//! counted per source address; past [`AuthConfig::max_failures`] within
-//! [`AuthConfig::failure_window`] the source is refused ([`Verdict::Blocked`]) for
-//! [`AuthConfig::block`] without any credential being checked. The table is bounded.
+//! counted per source — an IPv4 address, an IPv6 /64 (what one host can draw addresses
+//! from) — in a [`FailureLedger`] that every shard of a process shares; past
+//! [`AuthConfig::max_failures`] within [`AuthConfig::failure_window`] the source is refused
+//! ([`Verdict::Blocked`]) for [`AuthConfig::block`] without any credential being checked,
+//! on every shard. The ledger is a fixed table of atomic counters (no lock, no growth).
 //!
 //! Credentials are HA1 hashes per realm and algorithm ([`Subscriber`]); plaintext passwords
 //! never reach this module except through [`Algorithm::ha1`], which makes those hashes.
@@ -41,6 +43,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A digest algorithm (RFC 8760 §2.3).
@@ -503,7 +506,8 @@ pub struct AuthConfig {
     pub failure_window: Duration,
     /// How long a source that failed too often is refused. Default 300 s.
     pub block: Duration,
-    /// Most source addresses tracked for failures (the table is bounded). Default 65536.
+    /// Slots of the failure ledger (rounded up to a power of two; fixed memory, 16 bytes
+    /// each). Default 65536.
     pub max_tracked_sources: usize,
 }
 
@@ -608,11 +612,104 @@ impl NcWindow {
 /// Nonces in use per flow (bounded: the newest few).
 const NONCES_PER_FLOW: usize = 4;
 
-#[derive(Debug, Clone, Copy)]
-struct SourceFailures {
-    count: u32,
-    since: Instant,
-    blocked_until: Option<Instant>,
+/// Failed attempts per source, shared by every shard of a process: a fixed table of atomic
+/// counters indexed by a keyed hash of the source (an IPv4 address, or an IPv6 address's
+/// /64 — a host rotating through its prefix is one source). Memory is fixed whatever peers
+/// do; two sources that share a slot share its count (rare with a random key, and only
+/// ever stricter). Races between shards on one slot can lose a count, never a block.
+pub struct FailureLedger {
+    /// Per slot: the window's start (ms after `epoch`) in the top 40 bits, the count in the
+    /// low 24.
+    window: Box<[AtomicU64]>,
+    /// Per slot: refused until (ms after `epoch`; 0: not refused).
+    blocked_until: Box<[AtomicU64]>,
+    key: std::collections::hash_map::RandomState,
+    epoch: Instant,
+}
+
+impl fmt::Debug for FailureLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailureLedger")
+            .field("slots", &self.window.len())
+            .finish()
+    }
+}
+
+/// What a source is, for counting failures: an IPv4 address, or the /64 of an IPv6 one.
+fn source_key(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u128::from(u32::from(v4)),
+            None => (u128::from(v6) >> 64 << 64) | 1 << 32,
+        },
+    }
+}
+
+impl FailureLedger {
+    /// A ledger of at least `slots` counters (rounded up to a power of two); times count
+    /// from `epoch` (any instant before now).
+    pub fn new(slots: usize, epoch: Instant) -> FailureLedger {
+        let n = slots.max(1).next_power_of_two();
+        FailureLedger {
+            window: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            blocked_until: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            key: std::collections::hash_map::RandomState::new(),
+            epoch,
+        }
+    }
+
+    fn slot(&self, ip: IpAddr) -> usize {
+        use std::hash::BuildHasher;
+        self.key.hash_one(source_key(ip)) as usize & (self.window.len() - 1)
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        // +1: 0 means "never" in `blocked_until`.
+        now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    /// Is `ip` refused at `now`?
+    pub fn is_blocked(&self, now: Instant, ip: IpAddr) -> bool {
+        self.ms(now) < self.blocked_until[self.slot(ip)].load(Ordering::Relaxed)
+    }
+
+    /// Counts one failure from `ip`; past `cfg.max_failures` within `cfg.failure_window`
+    /// the source is refused for `cfg.block`.
+    pub fn fail(&self, now: Instant, ip: IpAddr, cfg: &AuthConfig) {
+        let i = self.slot(ip);
+        let t = self.ms(now);
+        let window = cfg.failure_window.as_millis() as u64;
+        let mut reached = false;
+        let _ = self.window[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+            let (start, count) = (w >> 24, w & 0xff_ffff);
+            let (start, count) = if t.saturating_sub(start) >= window || start == 0 {
+                (t, 1)
+            } else {
+                (start, (count + 1).min(0xff_ffff))
+            };
+            reached = count >= u64::from(cfg.max_failures);
+            // Reaching the limit blocks and starts the count again (a source that keeps
+            // failing after its block is blocked again after as many more).
+            Some(if reached { 0 } else { start << 24 | count })
+        });
+        if reached {
+            self.blocked_until[i].fetch_max(t + cfg.block.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Slots counting failures in their window or refusing now (a gauge; a scan).
+    pub fn tracked(&self, now: Instant, cfg: &AuthConfig) -> usize {
+        let t = self.ms(now);
+        let window = cfg.failure_window.as_millis() as u64;
+        (0..self.window.len())
+            .filter(|&i| {
+                let w = self.window[i].load(Ordering::Relaxed);
+                (w != 0 && t.saturating_sub(w >> 24) < window)
+                    || t < self.blocked_until[i].load(Ordering::Relaxed)
+            })
+            .count()
+    }
 }
 
 /// Digest authentication for one shard; see the module docs.
@@ -622,19 +719,24 @@ pub struct Authenticator {
     key: NodeKey,
     epoch: Instant,
     nonces: HashMap<u64, Vec<NcWindow>>,
-    failures: HashMap<IpAddr, SourceFailures>,
+    failures: Arc<FailureLedger>,
 }
 
 impl Authenticator {
     /// An authenticator; `epoch` is the time nonces count from (any instant before now).
     pub fn new(cfg: AuthConfig, key: NodeKey, epoch: Instant) -> Authenticator {
         Authenticator {
+            failures: Arc::new(FailureLedger::new(cfg.max_tracked_sources, epoch)),
             cfg,
             key,
             epoch,
             nonces: HashMap::new(),
-            failures: HashMap::new(),
         }
+    }
+
+    /// Counts failures in `ledger` (shared with the other shards) instead of its own.
+    pub fn share_failures(&mut self, ledger: Arc<FailureLedger>) {
+        self.failures = ledger;
     }
 
     /// The configuration.
@@ -689,54 +791,18 @@ impl Authenticator {
 
     /// Is this source refused for failing too often?
     pub fn is_blocked(&self, now: Instant, source: Option<IpAddr>) -> bool {
-        source
-            .and_then(|ip| self.failures.get(&ip))
-            .and_then(|f| f.blocked_until)
-            .is_some_and(|t| now < t)
+        source.is_some_and(|ip| self.failures.is_blocked(now, ip))
     }
 
     fn fail(&mut self, now: Instant, source: Option<IpAddr>) {
-        let Some(ip) = source else { return };
-        if !self.failures.contains_key(&ip) && self.failures.len() >= self.cfg.max_tracked_sources {
-            // Bounded: forget what no longer matters, else make room.
-            let w = self.cfg.failure_window;
-            self.failures.retain(|_, f| {
-                now.saturating_duration_since(f.since) < w
-                    || f.blocked_until.is_some_and(|t| now < t)
-            });
-            if self.failures.len() >= self.cfg.max_tracked_sources {
-                let victim = self
-                    .failures
-                    .iter()
-                    .filter(|(_, f)| f.blocked_until.is_none())
-                    .min_by_key(|(_, f)| f.since)
-                    .or_else(|| self.failures.iter().min_by_key(|(_, f)| f.since))
-                    .map(|(ip, _)| *ip);
-                if let Some(v) = victim {
-                    self.failures.remove(&v);
-                }
-            }
-        }
-        let f = self.failures.entry(ip).or_insert(SourceFailures {
-            count: 0,
-            since: now,
-            blocked_until: None,
-        });
-        if now.saturating_duration_since(f.since) >= self.cfg.failure_window {
-            f.count = 0;
-            f.since = now;
-        }
-        f.count += 1;
-        if f.count >= self.cfg.max_failures {
-            f.blocked_until = Some(now + self.cfg.block);
-            f.count = 0;
-            f.since = now;
+        if let Some(ip) = source {
+            self.failures.fail(now, ip, &self.cfg);
         }
     }
 
-    /// Sources tracked for failures (a gauge).
-    pub fn tracked_sources(&self) -> usize {
-        self.failures.len()
+    /// Sources counting failures or refused now (a gauge; scans the ledger).
+    pub fn tracked_sources(&self, now: Instant) -> usize {
+        self.failures.tracked(now, &self.cfg)
     }
 
     /// Verifies the credentials in `values` (the `Authorization` or `Proxy-Authorization`
@@ -1235,13 +1301,54 @@ mod tests {
     }
 
     #[test]
-    fn the_failure_table_is_bounded() {
-        let mut f = fixture(&[Algorithm::Sha256]);
-        f.auth.cfg.max_tracked_sources = 100;
+    fn the_failure_ledger_is_bounded() {
+        let cfg = AuthConfig {
+            max_tracked_sources: 100,
+            ..AuthConfig::default()
+        };
+        let mut a = Authenticator::new(cfg, NodeKey::new([7; 32]), Instant::now());
+        let t = Instant::now();
         for i in 0..1000u32 {
-            f.auth.fail(f.t0, Some(IpAddr::V4(i.into())));
+            a.fail(t, Some(IpAddr::V4(i.into())));
         }
-        assert_eq!(f.auth.tracked_sources(), 100);
+        // 128 slots (100 rounded up), whatever the number of sources.
+        let tracked = a.tracked_sources(t);
+        assert!((100..=128).contains(&tracked), "{tracked}");
+        assert_eq!(a.failures.window.len(), 128);
+    }
+
+    #[test]
+    fn failures_count_on_every_shard_and_per_ipv6_prefix() {
+        // Two shards' authenticators sharing the process's ledger: what a source failed on
+        // one counts on the other (before, each shard counted alone: N shards, N times the
+        // guesses). An IPv6 host drawing new addresses from its /64 is one source.
+        let t0 = Instant::now();
+        let cfg = AuthConfig {
+            max_failures: 3,
+            ..AuthConfig::default()
+        };
+        let ledger = Arc::new(FailureLedger::new(1 << 16, t0));
+        let shard = |l: &Arc<FailureLedger>| {
+            let mut a = Authenticator::new(cfg.clone(), NodeKey::new([7; 32]), t0);
+            a.share_failures(l.clone());
+            a
+        };
+        let (mut s0, mut s1) = (shard(&ledger), shard(&ledger));
+        let v4 = Some(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7)));
+        s0.fail(t0, v4);
+        s1.fail(t0, v4);
+        assert!(!s0.is_blocked(t0, v4) && !s1.is_blocked(t0, v4));
+        s0.fail(t0, v4);
+        assert!(s1.is_blocked(t0, v4), "the third failure, on another shard");
+        assert!(!s1.is_blocked(t0 + cfg.block + Duration::from_millis(1), v4));
+        let v6 = |s: &str| Some(IpAddr::V6(s.parse().unwrap()));
+        for host in ["2001:db8:0:7::1", "2001:db8:0:7::2", "2001:db8:0:7:ffff::3"] {
+            s0.fail(t0, v6(host));
+        }
+        assert!(s1.is_blocked(t0, v6("2001:db8:0:7::99")));
+        assert!(!s1.is_blocked(t0, v6("2001:db8:0:8::1")), "another /64");
+        // An IPv4-mapped IPv6 address is its IPv4 address.
+        assert!(s1.is_blocked(t0, v6("::ffff:192.0.2.7")));
     }
 
     #[test]

@@ -302,9 +302,20 @@ impl Policy {
         self.challenges
     }
 
-    /// Sources tracked for failed attempts, and flows with nonce state (gauges).
-    pub fn tracked(&self) -> (usize, usize) {
-        (self.auth.tracked_sources(), self.auth.flows_tracked())
+    /// Sources counting failed attempts or refused (a gauge over the failure ledger, which
+    /// the shards of a process share: a scan).
+    pub fn failure_sources(&self, now: Instant) -> usize {
+        self.auth.tracked_sources(now)
+    }
+
+    /// Flows with nonce state (a gauge).
+    pub fn nonce_flows(&self) -> usize {
+        self.auth.flows_tracked()
+    }
+
+    /// Counts failed attempts in `ledger`, shared with the other shards.
+    pub fn share_failures(&mut self, ledger: std::sync::Arc<crate::auth::FailureLedger>) {
+        self.auth.share_failures(ledger);
     }
 
     /// A flow closed: forget its nonces.
