@@ -45,7 +45,8 @@ pub struct Control {
     pub store: Option<crate::cluster::StoreSender>,
 }
 
-/// Connections per source address across every shard, lock-free: addresses hash (with a
+/// Connections per source (an IPv4 address, an IPv6 /64: `sipring_core::auth::source_of`)
+/// across every shard, lock-free: sources hash (with a
 /// per-process random key) into a fixed table of counters, so memory is bounded whatever
 /// peers do. Two addresses sharing a counter share the limit (2^16 counters: rare, and only
 /// ever stricter).
@@ -69,7 +70,8 @@ impl Default for PerSource {
 impl PerSource {
     fn slot(&self, ip: std::net::IpAddr) -> &std::sync::atomic::AtomicU32 {
         use std::hash::BuildHasher;
-        &self.counts[self.key.hash_one(ip) as usize & (self.counts.len() - 1)]
+        let source = sipring_core::auth::source_of(ip);
+        &self.counts[self.key.hash_one(source) as usize & (self.counts.len() - 1)]
     }
 
     /// Connections from `ip` now.
@@ -150,5 +152,30 @@ impl Control {
     /// The TLS policy generation now (see [`Control::tls_generation`]).
     pub fn tls_generation(&self) -> u64 {
         self.tls_generation.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PerSource;
+    use std::net::IpAddr;
+
+    #[test]
+    fn an_ipv6_host_is_one_source_however_it_draws_from_its_prefix() {
+        // Per-address limits keyed by the /128 bounded nothing: one host has 2^64 addresses.
+        let p = PerSource::default();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for host in ["2001:db8:0:7::1", "2001:db8:0:7::2", "2001:db8:0:7:abcd::3"] {
+            p.add(ip(host));
+        }
+        assert_eq!(p.get(ip("2001:db8:0:7::ffff")), 3);
+        p.add(ip("192.0.2.1"));
+        assert_eq!(
+            p.get(ip("::ffff:192.0.2.1")),
+            1,
+            "IPv4-mapped is the IPv4 source"
+        );
+        p.sub(ip("2001:db8:0:7::9"));
+        assert_eq!(p.get(ip("2001:db8:0:7::1")), 2);
     }
 }

@@ -184,6 +184,7 @@ pub struct HandshakeSlot {
 impl HandshakeSlot {
     /// A handshake from `ip` starts.
     pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> HandshakeSlot {
+        let ip = ip.map(sipring_core::auth::source_of);
         shard.handshakes.set(shard.handshakes.get() + 1);
         if let Some(ip) = ip {
             *shard.handshakes_by_ip.borrow_mut().entry(ip).or_insert(0) += 1;
@@ -527,7 +528,7 @@ impl Shard {
     pub fn handshakes_from(&self, ip: IpAddr) -> usize {
         self.handshakes_by_ip
             .borrow()
-            .get(&ip)
+            .get(&sipring_core::auth::source_of(ip))
             .copied()
             .unwrap_or(0)
     }

@@ -635,13 +635,15 @@ impl fmt::Debug for FailureLedger {
     }
 }
 
-/// What a source is, for counting failures: an IPv4 address, or the /64 of an IPv6 one.
-fn source_key(ip: IpAddr) -> u128 {
+/// What a source is, for per-source limits and counts: an IPv4 address (an IPv4-mapped
+/// IPv6 address is its IPv4 address), or the /64 of an IPv6 address — one host (or one LAN)
+/// draws addresses from its /64 at will, so counting per /128 bounds nothing.
+pub fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => u128::from(u32::from(v4)),
-            None => (u128::from(v6) >> 64 << 64) | 1 << 32,
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) >> 64 << 64).into()),
         },
     }
 }
@@ -661,7 +663,7 @@ impl FailureLedger {
 
     fn slot(&self, ip: IpAddr) -> usize {
         use std::hash::BuildHasher;
-        self.key.hash_one(source_key(ip)) as usize & (self.window.len() - 1)
+        self.key.hash_one(source_of(ip)) as usize & (self.window.len() - 1)
     }
 
     fn ms(&self, now: Instant) -> u64 {
