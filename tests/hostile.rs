@@ -1090,3 +1090,67 @@ fn refused_handshakes_are_logged_at_most_once_a_second() {
     );
     drop(srv);
 }
+
+#[test]
+fn peers_that_never_read_cannot_together_take_the_memory() {
+    // Each connection's queue is capped (`write_queue_bytes`), but many peers that pipeline
+    // requests and never read, each under its cap, held cap × connections. The shard's
+    // queued output is now bounded too: past it, the connection holding the most goes.
+    let pki = Pki::new();
+    let budget = 256 * 1024;
+    let srv = server(&pki, |c| c.limits.write_queue_bytes_per_shard = budget);
+    let tcp = srv.listen_addrs[1];
+    let admin = srv.admin_addr.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = (0..4)
+        .map(|a| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                use socket2::{Domain, Socket, Type};
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                s.set_recv_buffer_size(4096).unwrap();
+                s.bind(&SocketAddr::new(IpAddr::from(ATTACKER), 0).into())
+                    .unwrap();
+                s.connect_timeout(&tcp.into(), Duration::from_secs(2))
+                    .unwrap();
+                let mut s = TcpStream::from(s);
+                s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                let batch: Vec<u8> = (0..100)
+                    .flat_map(|k| format!("OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.2;branch=z9hG4bKnr{a}x{k}\r\nMax-Forwards: 70\r\nTo: <sip:127.0.0.1>\r\nFrom: <sip:nr@example.com>;tag=n\r\nCall-ID: nr-{a}-{k}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").into_bytes())
+                    .collect();
+                let end = Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    if s.write_all(&batch).is_err() {
+                        break;
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    let m = wait_metrics(admin, "a drop for the shard's write budget", |m| {
+        metric(m, "sipring_queue_drops_total{queue=\"shard_budget\"}").unwrap_or(0.0) >= 1.0
+    });
+    let held = metric(&m, "sipring_write_queue_bytes").unwrap_or(0.0);
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        let _ = a.join();
+    }
+    assert!(
+        held <= (budget + 64 * 1024) as f64,
+        "{held} bytes queued, budget {budget}"
+    );
+    assert_eq!(
+        metric(&m, "sipring_queue_drops_total{queue=\"connection\"}"),
+        None,
+        "no connection reached its own cap: the shard's budget did it"
+    );
+    // The server still serves.
+    let mut c = connect_from(CLIENT, tcp).unwrap();
+    c.write_all(b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKafter\r\nMax-Forwards: 70\r\nTo: <sip:127.0.0.1>\r\nFrom: <sip:ok@example.com>;tag=o\r\nCall-ID: after\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    let n = c.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"SIP/2.0 200"));
+    srv.stop();
+    srv.join().unwrap();
+}

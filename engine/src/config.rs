@@ -495,6 +495,10 @@ pub struct LimitsConfig {
     /// Per-connection write queue cap, in bytes; beyond it the connection is closed as a slow
     /// reader. Default 1048576.
     pub write_queue_bytes: usize,
+    /// Bytes all connections of a shard may hold queued for the socket; past it the
+    /// connection holding the most is dropped (many peers that do not read, each under its
+    /// own cap). Default 268435456 (256 MiB).
+    pub write_queue_bytes_per_shard: usize,
     /// A message (SIP head and body, or a TLS record) must complete within this long of its
     /// first byte, in milliseconds; else the connection is closed (a trickle, or a peer that
     /// stalled mid-message). Default 5000.
@@ -568,6 +572,7 @@ impl Default for LimitsConfig {
             max_handshakes_per_ip: 64,
             idle_timeout_s: 900,
             write_queue_bytes: 1 << 20,
+            write_queue_bytes_per_shard: 256 << 20,
             partial_timeout_ms: 5000,
             partial_bytes_per_shard: 64 << 20,
             max_transactions_per_shard: 50_000,

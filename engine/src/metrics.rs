@@ -208,6 +208,9 @@ fn help(family: &str) -> &'static str {
         "sipring_partial_timeouts_total" => "Connections closed for an incomplete message.",
         "sipring_partial_budget_drops_total" => "Connections dropped for the partial budget.",
         "sipring_partial_bytes" => "Bytes held for incomplete messages.",
+        "sipring_write_queue_bytes" => {
+            "Bytes of output queued for sockets that could not take it at once."
+        }
         "sipring_peer_connect_failures_total" => "Outbound partner connections that failed.",
         "sipring_reloads_total" => "Reloads applied or refused.",
         "sipring_ktls_closes_total" => {

@@ -283,6 +283,8 @@ pub struct Shard {
     read_pool: RefCell<Vec<Vec<u8>>>,
     /// Bytes all connections hold for incomplete messages.
     partial_total: Cell<usize>,
+    /// Bytes all connections hold queued for their sockets.
+    queued_total: Cell<usize>,
     /// How peers address each listener (shared by the flows of that listener).
     ifaces: Vec<Rc<Interface>>,
     /// This node's link to the cluster's location store, when clustered.
@@ -517,6 +519,7 @@ impl Shard {
             conn_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
             partial_total: Cell::new(0),
+            queued_total: Cell::new(0),
             ifaces,
             cluster,
             flow_src: RefCell::new(HashMap::new()),
@@ -1354,6 +1357,7 @@ impl Shard {
             m.set_gauge("sipring_registered_aors", self.store.borrow().len() as i64);
             m.set_gauge("sipring_handshakes_in_flight", self.handshakes.get() as i64);
             m.set_gauge("sipring_partial_bytes", self.partial_total.get() as i64);
+            m.set_gauge("sipring_write_queue_bytes", self.queued_total.get() as i64);
             // The failure ledger is the process's: shard 0 reports it (the gauges are summed).
             if self.id == 0 {
                 let sources = self.proxy.borrow().policy().failure_sources(now);
@@ -1473,6 +1477,45 @@ impl Shard {
                 .set(self.partial_total.get().saturating_sub(held));
             c.drop_now("partial_budget");
             c.forget_partial();
+        }
+    }
+
+    /// A connection's queued output went from `before` to `after` bytes; past
+    /// `limits.write_queue_bytes_per_shard` the connection holding the most is dropped.
+    pub fn queue_changed(&self, before: usize, after: usize) {
+        self.queued_total
+            .set(self.queued_total.get().saturating_sub(before) + after);
+        if after <= before {
+            return;
+        }
+        let budget = self.cfg.limits.write_queue_bytes_per_shard;
+        while self.queued_total.get() > budget {
+            let victim = self
+                .conns
+                .borrow()
+                .values()
+                .filter(|c| c.is_open() && c.queued() > 0)
+                .max_by_key(|c| c.queued())
+                .cloned();
+            let Some(c) = victim else { break };
+            self.count("sipring_queue_drops_total{queue=\"shard_budget\"}");
+            if let Some(left_out) = self.conn_log.allow(Instant::now()) {
+                tracing::warn!(
+                    conn = c.id,
+                    remote = %c.remote,
+                    queued = c.queued(),
+                    total = self.queued_total.get(),
+                    budget,
+                    left_out,
+                    "queued output past limits.write_queue_bytes_per_shard: dropping the \
+                     connection holding the most (at most one line a second)"
+                );
+            }
+            // Its bytes leave the total now; its close does not count them again.
+            self.queued_total
+                .set(self.queued_total.get().saturating_sub(c.queued()));
+            c.forget_queued();
+            c.drop_now("write_budget");
         }
     }
 

@@ -297,6 +297,8 @@ pub struct Conn {
     /// The other shards that hold state on this connection (bindings it registered, client
     /// transactions sent over it), one bit each: only they hear that it closed.
     involved: Cell<u64>,
+    /// Its queued output as last counted in the shard's total (`Shard::queue_changed`).
+    queued: Cell<usize>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -359,6 +361,7 @@ impl Conn {
             partial_since: Cell::new(None),
             partial_len: Cell::new(0),
             involved: Cell::new(0),
+            queued: Cell::new(0),
         })
     }
 
@@ -381,6 +384,26 @@ impl Conn {
             self.closing.set(Closing::Abort(why));
         }
         self.wake();
+    }
+
+    /// Bytes of output it holds queued (as last counted).
+    pub fn queued(&self) -> usize {
+        self.queued.get()
+    }
+
+    /// The shard dropped it for its queue and no longer counts it.
+    pub fn forget_queued(&self) {
+        self.queued.set(0);
+    }
+
+    /// Brings the shard's count of queued output up to date with this connection's queue
+    /// (`out_bytes`, or 0 once it is gone); past the shard's budget, the largest holder is
+    /// dropped.
+    fn account_queue(&self, shard: &Shard, out_bytes: usize) {
+        let before = self.queued.replace(out_bytes);
+        if before != out_bytes {
+            shard.queue_changed(before, out_bytes);
+        }
     }
 
     /// Not closing yet?
@@ -466,8 +489,10 @@ impl Conn {
                 Ok(())
             }
             Wrote::Queued => {
-                let slow = io.out_bytes > shard.cfg.limits.write_queue_bytes;
+                let out_bytes = io.out_bytes;
+                let slow = out_bytes > shard.cfg.limits.write_queue_bytes;
                 drop(io);
+                self.account_queue(shard, out_bytes);
                 shard.count("sipring_writes_queued_total");
                 if slow {
                     shard.count("sipring_queue_drops_total{queue=\"connection\"}");
@@ -506,7 +531,9 @@ impl Conn {
             if let Err(why) = io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
                 return Poll::Ready(Event::Close(Closing::Abort(why)));
             }
-            if let Poll::Ready(Err(())) = io.poll_flush(cx, &mut |s| record_forward(shard, s)) {
+            let flushed = io.poll_flush(cx, &mut |s| record_forward(shard, s));
+            self.account_queue(shard, io.out_bytes);
+            if let Poll::Ready(Err(())) = flushed {
                 return Poll::Ready(Event::Close(Closing::Abort("write_error")));
             }
         }
@@ -798,6 +825,13 @@ async fn close(shard: &Shard, conn: &Conn, closing: Closing) {
         conn.io.borrow().stream.as_raw_fd(),
         std::net::Shutdown::Both,
     );
+    // What was never sent goes now, not when the last handle to the connection does.
+    {
+        let mut io = conn.io.borrow_mut();
+        io.out = VecDeque::new();
+        io.out_bytes = 0;
+    }
+    conn.account_queue(shard, 0);
 }
 
 /// Reads and discards until the peer's end of stream (or an error), for [`LINGER`]; no
