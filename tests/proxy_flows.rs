@@ -1529,3 +1529,33 @@ fn a_from_that_two_parsers_read_as_two_people_is_refused() {
     assert_eq!(status(&n.one(&A)), 400);
     assert!(n.inbox.is_empty(), "it reached bob");
 }
+
+#[test]
+fn a_retransmitted_2xx_ack_leaves_with_the_same_branch() {
+    // RFC 3261 §16.11: a request forwarded statelessly keeps its branch on retransmission;
+    // a new one per copy looked like new transactions to anything stateful downstream.
+    let mut n = Net::new();
+    let rr = answered(&mut n, "z9hG4bKr1", "rtx-1");
+    let ack = ack_2xx(
+        "sip:callee@10.0.0.2;transport=tls",
+        &rr,
+        "b1",
+        "10.0.0.1:5061;branch=z9hG4bKr2",
+        "rtx-1",
+    );
+    let top_branch = |m: &[u8]| with_msg(m, |_, e| e.top_via.branch().unwrap().to_vec());
+    n.send(&A, &ack);
+    let first = top_branch(&n.one(&B));
+    n.send(&A, &ack);
+    assert_eq!(top_branch(&n.one(&B)), first);
+    // Another ACK (another branch upstream) gets another.
+    let other = ack_2xx(
+        "sip:callee@10.0.0.2;transport=tls",
+        &rr,
+        "b1",
+        "10.0.0.1:5061;branch=z9hG4bKr3",
+        "rtx-1",
+    );
+    n.send(&A, &other);
+    assert_ne!(top_branch(&n.one(&B)), first);
+}

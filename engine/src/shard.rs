@@ -343,10 +343,7 @@ pub fn interfaces(cfg: &Config) -> Vec<Interface> {
     cfg.listen
         .iter()
         .map(|l| Interface {
-            host: l
-                .advertise
-                .clone()
-                .unwrap_or_else(|| cfg.server.hostname.clone()),
+            host: uri_host(l.advertise.as_deref().unwrap_or(&cfg.server.hostname)),
             port: l.address.port(),
             transport: match l.kind {
                 ListenKind::Tcp => Transport::Tcp,
@@ -354,6 +351,15 @@ pub fn interfaces(cfg: &Config) -> Vec<Interface> {
             },
         })
         .collect()
+}
+
+/// A configured host as URIs and Vias write it: an IPv6 address in brackets (RFC 3261
+/// §25.1: `2001:db8::1:5061` would read as a host and a port).
+fn uri_host(h: &str) -> String {
+    match h.parse::<std::net::Ipv6Addr>() {
+        Ok(ip) => format!("[{ip}]"),
+        Err(_) => h.to_string(),
+    }
 }
 
 /// The `[[listen]]` entry a connection with this local address came through.
@@ -370,9 +376,9 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
         .server
         .local_hosts
         .iter()
-        .map(|h| h.to_ascii_lowercase())
+        .map(|h| uri_host(h).to_ascii_lowercase())
         .collect();
-    local_hosts.push(cfg.server.hostname.to_ascii_lowercase());
+    local_hosts.push(uri_host(&cfg.server.hostname).to_ascii_lowercase());
     for l in &cfg.listen {
         // As URIs and Vias write it: an IPv6 address in brackets (RFC 3261 §25.1).
         local_hosts.push(match l.address.ip() {
@@ -381,7 +387,7 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
         });
         // The host our Via and Record-Route name on this listener is us too.
         if let Some(a) = &l.advertise {
-            local_hosts.push(a.to_ascii_lowercase());
+            local_hosts.push(uri_host(a).to_ascii_lowercase());
         }
     }
     let port = cfg
@@ -406,7 +412,7 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
             .map(|d| d.to_ascii_lowercase())
             .collect(),
         local_hosts,
-        via_host: cfg.server.hostname.clone(),
+        via_host: uri_host(&cfg.server.hostname),
         via_port: port,
         peers: cfg
             .peer
@@ -1691,6 +1697,14 @@ mod tests {
         ] {
             assert!(p.is_self_uri(&Uri::parse(us.as_bytes()).unwrap()), "{us}");
         }
+        // An IPv6 hostname written bare in the file is bracketed in what we send.
+        let v6 = Config::parse(
+            "[server]\nhostname = \"2001:db8::7\"\n[[listen]]\nkind = \"tls\"\naddress = \"[::]:5061\"\n",
+        )
+        .unwrap();
+        assert_eq!(interfaces(&v6)[0].host, "[2001:db8::7]");
+        let p6 = Proxy::new(proxy_config(&v6, NodeKey::new([1; 32])));
+        assert!(p6.is_self_uri(&Uri::parse(b"sip:[2001:db8::7]:5061").unwrap()));
         for them in ["sip:other.example.net:5062", "sip:edge.example.net:5099"] {
             assert!(
                 !p.is_self_uri(&Uri::parse(them.as_bytes()).unwrap()),

@@ -762,10 +762,14 @@ impl Proxy {
         for p in hop.path {
             e.insert_route(p.as_bytes());
         }
-        let creates_dialog = matches!(
-            msg.method(),
-            Some(Method::Invite | Method::Subscribe | Method::Refer | Method::Notify)
-        ) && ess.to.tag().is_none();
+        // A NOTIFY always carries a To-tag, yet the one answering a forked SUBSCRIBE creates
+        // a dialog, whose route set comes from it (RFC 6665 §4.1.2.4): NOTIFYs are always
+        // record-routed (in an established dialog the extra entry changes nothing, §12.2).
+        let creates_dialog = match msg.method() {
+            Some(Method::Notify) => true,
+            Some(Method::Invite | Method::Subscribe | Method::Refer) => ess.to.tag().is_none(),
+            _ => false,
+        };
         if self.cfg.record_route && creates_dialog {
             let (fi, fo) = (hop.inbound.encode(), hop.outbound.encode());
             let ft = flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id);
@@ -1013,6 +1017,50 @@ mod tests {
             .find_map(|l| l.strip_prefix("Record-Route: "))
             .unwrap()
             .to_string()
+    }
+
+    #[test]
+    fn every_notify_is_record_routed() {
+        // The NOTIFY of a second phone answering a forked SUBSCRIBE creates its dialog;
+        // without our Record-Route the refresh went straight to a contact behind NAT.
+        let p = Proxy::new(cfg());
+        let notify = req(
+            "NOTIFY sip:alice@10.0.0.1",
+            "Event: dialog\r\nSubscription-State: active;expires=600\r\n",
+        )
+        .replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=n2",
+        );
+        let rr = record_route(
+            &p,
+            &notify,
+            &Flow::Conn(0x2_0000_0009),
+            &Flow::Conn(0x1_0000_0007),
+        );
+        assert!(rr.contains(";lr;fi="), "{rr}");
+        // Other requests inside a dialog are not.
+        let bye = req("BYE sip:alice@10.0.0.1", "").replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=n2",
+        );
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(bye.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!()
+        };
+        let e = m.validate(&Limits::default()).unwrap();
+        let out = fwd(
+            &p,
+            &m,
+            &e,
+            "z9hG4bKsrx",
+            None,
+            &Flow::Conn(1),
+            &Flow::Conn(2),
+        );
+        assert!(!String::from_utf8(out).unwrap().contains("Record-Route"));
     }
 
     #[test]

@@ -1320,7 +1320,18 @@ impl ShardProxy {
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
     ) {
-        let branch = Proxy::branch(msg, ess, self.unique());
+        // A 2xx ACK is forwarded statelessly: its retransmissions must leave with the same
+        // branch (§16.11), so the unique part comes from the branch it arrived with (and
+        // the shard, in the top bits as for every branch of ours; bit 47 keeps it apart
+        // from the counter's values).
+        let unique = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            ess.top_via.branch().unwrap_or_default().hash(&mut h);
+            ess.call_id.hash(&mut h);
+            (u64::from(self.shard) << 48) | 1 << 47 | (h.finish() & ((1 << 47) - 1))
+        };
+        let branch = Proxy::branch(msg, ess, unique);
         let ident = self.policy.identity_edit(
             &Grant { source },
             msg,
