@@ -1014,10 +1014,11 @@ fn a_client_keeping_alive_with_single_crlfs_is_not_cut_as_stalled() {
     let pki = Pki::new();
     let srv = server(&pki, |c| c.limits.partial_timeout_ms = 1000);
     let mut s = connect_from(CLIENT, srv.listen_addrs[1]).unwrap();
+    // Each wait is past the 1 s deadline plus the 500 ms sweep: a cut would have come.
     for _ in 0..3 {
         s.write_all(b"\r\n").unwrap();
         assert!(
-            !closed_within(&mut s, Duration::from_millis(1200)),
+            !closed_within(&mut s, Duration::from_millis(1800)),
             "cut for a lone CRLF"
         );
     }
@@ -1067,6 +1068,7 @@ fn refused_handshakes_are_logged_at_most_once_a_second() {
     // Clients that trust nothing: each refuses our certificate with an alert.
     let distrustful = tls_config(&[], None, false);
     let addr: SocketAddr = format!("127.0.0.1:{tls}").parse().unwrap();
+    let t0 = Instant::now();
     for _ in 0..40 {
         assert!(
             Ua::tls(
@@ -1082,9 +1084,11 @@ fn refused_handshakes_are_logged_at_most_once_a_second() {
     wait_metrics(admin, "40 refused handshakes", |m| {
         metric(m, "sipring_tls_rejections_total{reason=\"peer_alert\"}").unwrap_or(0.0) >= 40.0
     });
+    // One a second at most, however long the 40 took on a loaded machine.
+    let most = (t0.elapsed().as_secs() as usize + 2).min(20);
     let lines = srv.log().matches("TLS handshake rejected").count();
     assert!(
-        (1..=3).contains(&lines),
+        (1..=most).contains(&lines),
         "{lines} lines for 40 refusals:\n{}",
         srv.log()
     );

@@ -110,11 +110,7 @@ impl Net {
                 }
                 Output::Close { flow, .. } => self.closed.push(flow),
                 Output::Relay { .. } => panic!("a single shard never relays"),
-                Output::Refused(r)
-                    if matches!(r.label, "transactions_full" | "partner_pai_domain") =>
-                {
-                    self.refused.push(r.label)
-                }
+                Output::Refused(r) if r.label == "transactions_full" => self.refused.push(r.label),
                 Output::Refused(r) => panic!("an open policy refused {r:?}"),
             }
         }
@@ -1489,13 +1485,16 @@ fn remote_party_id_is_an_assertion_like_pai() {
     assert_eq!(rpid_of(&got), None, "{}", String::from_utf8_lossy(&got));
     n.send(&B, &answer(&got, 200, "OK", "b"));
     n.take(&A);
-    // A partner's for one of our users: refused, like such a PAI.
+    // A partner's for one of our users (or a carrier's own IP or tel: form): removed, the
+    // request goes on — unlike such a PAI, which is refused (carriers write RPIDs freely).
     n.send(
         &carrier,
         msg("sip:x@carrier.example", "rp2", ceo).as_bytes(),
     );
-    assert_eq!(status(&n.one(&carrier)), 403);
-    assert_eq!(n.refused, ["partner_pai_domain"]);
+    let got = n.one(&B);
+    assert_eq!(rpid_of(&got), None, "{}", String::from_utf8_lossy(&got));
+    n.send(&B, &answer(&got, 200, "OK", "b"));
+    assert_eq!(status(&n.one(&carrier)), 200);
     // ... for its own user: kept.
     let own = "<sip:x@carrier.example>;party=calling";
     n.send(

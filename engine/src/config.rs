@@ -797,6 +797,12 @@ impl Config {
         if self.tls.ktls_max_records == 0 {
             e("tls.ktls_max_records".into(), "must be positive");
         }
+        if self.limits.write_queue_bytes_per_shard < self.limits.write_queue_bytes {
+            e(
+                "limits.write_queue_bytes_per_shard".into(),
+                "must be at least limits.write_queue_bytes (one connection's cap)",
+            );
+        }
         if self.tls.handshake_timeout_ms == 0 {
             e("tls.handshake_timeout_ms".into(), "must be positive");
         }
@@ -1020,7 +1026,7 @@ mod tests {
         let e = Config::parse("[server]\nshardz = 2\n").unwrap_err();
         assert!(e.contains("shardz"), "{e}");
         let cfg = Config::parse(
-            "[[listen]]\nkind = \"mtls\"\naddress = \"127.0.0.1:5062\"\n[tls]\nversions = [\"1.1\"]\n[registrar]\nmin_expires_s = 7200\n",
+            "[[listen]]\nkind = \"mtls\"\naddress = \"127.0.0.1:5062\"\n[tls]\nversions = [\"1.1\"]\n[registrar]\nmin_expires_s = 7200\n[limits]\nwrite_queue_bytes_per_shard = 1024\n",
         )
         .unwrap();
         let keys: Vec<String> = cfg
@@ -1034,6 +1040,7 @@ mod tests {
             "tls.versions",
             "registrar.min_expires_s",
             "registrar.default_expires_s",
+            "limits.write_queue_bytes_per_shard",
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} not in {keys:?}");
         }

@@ -83,13 +83,13 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
         let t = unix_now();
         let mut q = r.queue.borrow_mut();
         for c in shard.conns.borrow().values() {
-            // Checked once at its expiry (then never again for it unless a reload comes):
-            // a chain that still verifies (a presented root webpki does not use) stays.
-            // notAfter is the last valid second (RFC 5280 §4.1.2.5): past it, not at it.
+            // Checked at each expiry in its chain: one that still verifies (a presented root
+            // webpki does not use expired) stays until the next. notAfter is the last valid
+            // second (RFC 5280 §4.1.2.5): past it, not at it.
             if let Some(ch) = &c.chain
                 && ch.expires.get() < t
             {
-                ch.expires.set(i64::MAX);
+                ch.expires.set(ch.next_expiry(t));
                 q.push(c.id);
             }
         }
@@ -109,7 +109,7 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
             continue;
         };
         chain.generation.set(generation);
-        let outbound = c.listener.is_none();
+        let outbound = c.outbound;
         let Err((reason, detail)) = policy.recheck(&c.principal, outbound, &chain.certs) else {
             continue;
         };

@@ -1496,12 +1496,14 @@ impl Shard {
         }
         let budget = self.cfg.limits.write_queue_bytes_per_shard;
         while self.queued_total.get() > budget {
+            // Clients before partner links: a peer must not make itself look smaller than a
+            // busy carrier link to have the link dropped instead of itself.
             let victim = self
                 .conns
                 .borrow()
                 .values()
                 .filter(|c| c.is_open() && c.queued() > 0)
-                .max_by_key(|c| c.queued())
+                .max_by_key(|c| (c.principal.partner().is_none(), c.queued()))
                 .cloned();
             let Some(c) = victim else { break };
             self.count("sipring_queue_drops_total{queue=\"shard_budget\"}");

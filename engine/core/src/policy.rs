@@ -212,8 +212,10 @@ pub struct Refusal {
 /// How to edit a forwarded request's identity headers for one target.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityEdit {
-    /// Remove every assertion (P-Asserted-Identity, Remote-Party-ID: [`ASSERTIONS`]).
+    /// Remove every P-Asserted-Identity.
     pub strip_pai: bool,
+    /// Remove every Remote-Party-ID (see `rpid_in`).
+    pub strip_rpid: bool,
     /// Remove every P-Preferred-Identity.
     pub strip_ppi: bool,
     /// Add this P-Asserted-Identity (a URI).
@@ -606,9 +608,8 @@ impl Policy {
     }
 
     fn deny_pai(&mut self, info: &FlowInfo, msg: &Message<'_, '_>, name: String) -> Authz {
-        let claimed: Vec<String> = ASSERTIONS
-            .iter()
-            .flat_map(|&n| msg.headers_named(n))
+        let claimed: Vec<String> = msg
+            .headers_named(HeaderName::PAssertedIdentity)
             .map(|h| String::from_utf8_lossy(h.value).into_owned())
             .collect();
         self.deny(
@@ -626,17 +627,21 @@ impl Policy {
     /// for its own client). A client's assertion is never passed on (as on requests); a
     /// partner's only inside its domains; and toward a client, not when the answer itself
     /// asks `Privacy: id`. (P-Preferred-Identity never goes upstream in an answer.)
+    /// Returns (remove its P-Asserted-Identity, remove its Remote-Party-ID).
     pub fn strips_response_identity(
         &self,
         msg: &Message<'_, '_>,
         from_partner: Option<&str>,
         to_partner: bool,
-    ) -> bool {
+    ) -> (bool, bool) {
         let private = !to_partner && wants_id_privacy(msg);
         match from_partner.and_then(|n| self.partner(n)) {
-            None => true,
-            Some(p) if p.node => private,
-            Some(p) => !asserted_in(msg, &p.domains) || private,
+            None => (true, true),
+            Some(p) if p.node => (private, private),
+            Some(p) => (
+                !asserted_in(msg, &p.domains) || private,
+                !rpid_in(msg, &p.domains) || private,
+            ),
         }
     }
 
@@ -658,20 +663,32 @@ impl Policy {
             consume_realms: domains.to_vec(),
             ..IdentityEdit::default()
         };
+        // A partner's RPID passes only inside its domains (a node's: as its PAI does).
+        let foreign_rpid = |name: &str| {
+            self.partner(name)
+                .is_none_or(|p| !p.node && !rpid_in(msg, &p.domains))
+        };
         match &grant.source {
             Source::Client(auth) => {
                 e.strip_pai = true;
+                e.strip_rpid = true;
                 if let (Some(aor), Some(p)) = (auth, dest_partner)
                     && self.partner(p).is_some_and(|p| p.assert_identity)
                 {
                     e.add_pai = Some(format!("<{aor}>"));
                 }
             }
-            Source::PartnerUnasserted(_) => e.strip_pai = true,
-            Source::Partner(_) => {
+            Source::PartnerUnasserted(name) => {
+                e.strip_pai = true;
+                e.strip_rpid = foreign_rpid(name);
+            }
+            Source::Partner(name) => {
                 // Kept toward trusted partners; toward clients only without `Privacy: id`.
                 if dest_partner.is_none() && wants_id_privacy(msg) {
                     e.strip_pai = true;
+                    e.strip_rpid = true;
+                } else {
+                    e.strip_rpid = foreign_rpid(name);
                 }
             }
         }
@@ -679,24 +696,30 @@ impl Policy {
     }
 }
 
-/// The headers that assert who a party is, checked and removed together: P-Asserted-Identity
-/// (RFC 3325) and Remote-Party-ID (its pre-standard cousin, which phones and PBXes still
-/// display: passing a client's on would let it pick the caller ID its callee sees).
-pub const ASSERTIONS: [HeaderName; 2] = [HeaderName::PAssertedIdentity, HeaderName::RemotePartyId];
-
-/// Is every assertion ([`ASSERTIONS`]) of `msg` a SIP URI in one of `domains`? One that
-/// cannot be read (an unbalanced quote or bracket) is not: what this parser cannot split, a
+/// Is every P-Asserted-Identity of `msg` a SIP URI in one of `domains`? One that cannot be
+/// read (an unbalanced quote or bracket) is not: what this parser cannot split, a
 /// downstream one may read as something else.
 fn asserted_in(msg: &Message<'_, '_>, domains: &[String]) -> bool {
-    ASSERTIONS.iter().all(|&name| {
-        let Some(values) = msg.try_values(name) else {
-            return false;
-        };
-        values.iter().all(|v| {
-            NameAddr::parse(v.value)
-                .and_then(|na| host_of(na.uri))
-                .is_some_and(|h| in_list(&h, domains))
-        })
+    all_in(msg, HeaderName::PAssertedIdentity, domains)
+}
+
+/// Is every Remote-Party-ID of `msg` in one of `domains` (as [`asserted_in`])? RPID never
+/// became an RFC, but phones and PBXes display it as the caller: it is an assertion like
+/// PAI — removed from clients, kept from a partner only inside its domains. Unlike a PAI, a
+/// partner's RPID outside them (carriers write their own IP or a `tel:`) is removed, not
+/// refused: the request goes on without it.
+fn rpid_in(msg: &Message<'_, '_>, domains: &[String]) -> bool {
+    all_in(msg, HeaderName::RemotePartyId, domains)
+}
+
+fn all_in(msg: &Message<'_, '_>, name: HeaderName, domains: &[String]) -> bool {
+    let Some(values) = msg.try_values(name) else {
+        return false;
+    };
+    values.iter().all(|v| {
+        NameAddr::parse(v.value)
+            .and_then(|na| host_of(na.uri))
+            .is_some_and(|h| in_list(&h, domains))
     })
 }
 

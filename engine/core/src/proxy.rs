@@ -695,9 +695,10 @@ impl Proxy {
         let ident = hop.ident;
         let mut e = Editor::new(msg);
         if ident.strip_pai {
-            for name in crate::policy::ASSERTIONS {
-                e.remove_header(name);
-            }
+            e.remove_header(HeaderName::PAssertedIdentity);
+        }
+        if ident.strip_rpid {
+            e.remove_header(HeaderName::RemotePartyId);
         }
         if ident.strip_ppi {
             e.remove_header(HeaderName::PPreferredIdentity);
@@ -829,16 +830,22 @@ impl Proxy {
     /// Builds the bytes to forward a response upstream: our top Via removed, and
     /// P-Preferred-Identity (a UA's wish to its proxy, RFC 3325, never for upstream).
     ///
-    /// `strip_identity`: remove what it asserts about the answering party
-    /// (P-Asserted-Identity) too, as the policy decides (`Policy::strips_response_identity`).
-    pub fn forward_response(&self, msg: &Message<'_, '_>, strip_identity: bool) -> Vec<u8> {
+    /// `(strip_pai, strip_rpid)`: remove what it asserts about the answering party
+    /// (P-Asserted-Identity, Remote-Party-ID) too, as the policy decides
+    /// (`Policy::strips_response_identity`).
+    pub fn forward_response(
+        &self,
+        msg: &Message<'_, '_>,
+        (strip_pai, strip_rpid): (bool, bool),
+    ) -> Vec<u8> {
         let mut e = Editor::new(msg);
         let _ = e.pop_top_via();
         e.remove_header(HeaderName::PPreferredIdentity);
-        if strip_identity {
-            for name in crate::policy::ASSERTIONS {
-                e.remove_header(name);
-            }
+        if strip_pai {
+            e.remove_header(HeaderName::PAssertedIdentity);
+        }
+        if strip_rpid {
+            e.remove_header(HeaderName::RemotePartyId);
         }
         // Overload-control feedback for our upstream is ours to write (RFC 7339), not a
         // downstream UA's: what one wrote into the upstream's Via goes.
@@ -1616,7 +1623,7 @@ mod tests {
         };
         let e = m.validate(&Limits::default()).unwrap();
         assert_eq!(p.response_branch(&e), Some(&b"z9hG4bKsr1.1"[..]));
-        let fwd = p.forward_response(&m, false);
+        let fwd = p.forward_response(&m, (false, false));
         assert!(
             String::from_utf8(fwd).unwrap().starts_with(
                 "SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\nTo:"

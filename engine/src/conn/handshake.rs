@@ -96,6 +96,8 @@ pub(super) struct Established {
     /// The certificate chain the peer presented (kept to check it again on reload and at
     /// its expiry); `None` when it presented none.
     pub(super) chain: Option<PeerChain>,
+    /// We dialled it (a partner link), rather than accepted it.
+    pub(super) outbound: bool,
 }
 
 /// Picks the record layer after a handshake: the kernel, or userspace with the reason
@@ -127,6 +129,7 @@ async fn accept_tls(
             layer: Layer::Plain,
             principal: Principal::anonymous(),
             chain: None,
+            outbound: false,
         });
     }
     let generation = shard.control.tls_generation();
@@ -200,6 +203,7 @@ async fn accept_tls(
         layer,
         principal,
         chain,
+        outbound: false,
     })
 }
 
@@ -413,6 +417,7 @@ async fn connect_peer(
             layer,
             principal: Principal::Partner(name.to_string()),
             chain,
+            outbound: true,
         },
         addr,
     ))

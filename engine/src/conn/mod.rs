@@ -102,17 +102,26 @@ impl PeerChain {
         if chain.is_empty() {
             return None;
         }
-        let expires = chain
+        let chain = PeerChain {
+            certs: chain.into(),
+            expires: Cell::new(i64::MAX),
+            generation: Cell::new(generation),
+        };
+        chain.expires.set(chain.next_expiry(i64::MIN));
+        Some(chain)
+    }
+
+    /// The earliest notAfter in the chain later than `after` (`i64::MAX`: none). A chain
+    /// checked at one certificate's expiry is checked again at the next one's (a presented
+    /// root webpki does not use may expire before the certificates that matter).
+    pub fn next_expiry(&self, after: i64) -> i64 {
+        self.certs
             .iter()
             .filter_map(|c| crate::tls::verify::summarize(c.as_ref()))
             .map(|s| s.not_after)
+            .filter(|&t| t > after)
             .min()
-            .unwrap_or(i64::MAX);
-        Some(PeerChain {
-            certs: chain.into(),
-            expires: Cell::new(expires),
-            generation: Cell::new(generation),
-        })
+            .unwrap_or(i64::MAX)
     }
 }
 
@@ -286,6 +295,8 @@ pub struct Conn {
     pub listener: Option<usize>,
     /// The chain its peer presented, if any (re-checked on reload and at its expiry).
     pub chain: Option<Box<PeerChain>>,
+    /// Our own connection to a partner (we dialled; its certificate is a server's).
+    pub outbound: bool,
     io: RefCell<Io>,
     waker: Cell<Option<Waker>>,
     last_rx: Cell<Instant>,
@@ -347,6 +358,7 @@ impl Conn {
             listener,
             principal: est.principal,
             chain: est.chain.map(Box::new),
+            outbound: est.outbound,
             remote,
             ktls: matches!(est.layer, Layer::Kernel(_)),
             io: RefCell::new(Io {
@@ -493,6 +505,10 @@ impl Conn {
                 let slow = out_bytes > shard.cfg.limits.write_queue_bytes;
                 drop(io);
                 self.account_queue(shard, out_bytes);
+                if !self.is_open() {
+                    // The shard's write budget dropped this very connection.
+                    return Err(SendError::SlowReader);
+                }
                 shard.count("sipring_writes_queued_total");
                 if slow {
                     shard.count("sipring_queue_drops_total{queue=\"connection\"}");
@@ -789,6 +805,10 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
 /// shutdown. The descriptor closes when the last `Rc<Conn>` goes.
 async fn close(shard: &Shard, conn: &Conn, closing: Closing) {
     conn.closing.set(closing);
+    // Out of the shard's table, its queue leaves the shard's write budget too (it is freed
+    // within the 2 s flush at most): bytes the budget could no longer reclaim by dropping
+    // their holder would make it drop every open connection that queued anything.
+    conn.account_queue(shard, 0);
     tracing::debug!(conn = conn.id, ?closing, "connection closing");
     if let Closing::Graceful(_) = closing {
         {
