@@ -298,7 +298,7 @@ fn reply(req: &[u8], code: u16, reason: &str, tag: &str) -> Vec<u8> {
             ResponseParts {
                 to_tag: Some(tag.as_bytes()),
                 headers: &h,
-                body: None,
+                ..Default::default()
             },
         )
     })

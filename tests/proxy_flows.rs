@@ -206,7 +206,7 @@ fn answer(req: &[u8], code: u16, reason: &str, tag: &str) -> Vec<u8> {
             ResponseParts {
                 to_tag: Some(tag.as_bytes()),
                 headers: &[("Contact", b"<sip:callee@10.0.0.2;transport=tls>")],
-                body: None,
+                ..Default::default()
             },
         )
     })
@@ -1557,4 +1557,50 @@ fn a_retransmitted_2xx_ack_leaves_with_the_same_branch() {
     );
     n.send(&A, &other);
     assert_ne!(top_branch(&n.one(&B)), first);
+}
+
+#[test]
+fn our_own_answers_fill_in_rport_and_received() {
+    // RFC 3581 §4: the server receiving a request whose top Via asks `rport` sets it (and
+    // `received`); our answers copy that Via. Forwarded copies had it, our own 100 Trying,
+    // challenges, REGISTER 200s and errors echoed a bare `;rport` — a client learning its
+    // public address from the REGISTER answer learned nothing.
+    let mut n = Net::new();
+    let src: std::net::SocketAddr = "203.0.113.9:40123".parse().unwrap();
+    n.proxy.set_flow_info(
+        A,
+        sipring_core::policy::FlowInfo {
+            source: Some(src),
+            ..Default::default()
+        },
+    );
+    let reg = "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;rport;branch=z9hG4bKrp1\r\nMax-Forwards: 70\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:alice@example.com>;tag=r\r\nCall-ID: rp-1\r\nCSeq: 1 REGISTER\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&A, reg.as_bytes());
+    let ok = n.one(&A);
+    assert_eq!(status(&ok), 200);
+    let via = sipring_tests::ua::header(&ok, "Via").unwrap();
+    assert_eq!(
+        via,
+        "SIP/2.0/TLS 10.0.0.1:5061;rport=40123;branch=z9hG4bKrp1;received=203.0.113.9"
+    );
+    // The 100 Trying of an INVITE too; a Via without rport is copied as it came.
+    n.register("bob", &B, "10.0.0.2:5061");
+    let inv = String::from_utf8(invite("z9hG4bKrp2", "rp-2"))
+        .unwrap()
+        .replace(";branch=z9hG4bKrp2", ";rport;branch=z9hG4bKrp2");
+    n.send(&A, inv.as_bytes());
+    let trying = n.one(&A);
+    assert_eq!(status(&trying), 100);
+    assert!(
+        sipring_tests::ua::header(&trying, "Via")
+            .unwrap()
+            .contains(";rport=40123;branch=z9hG4bKrp2;received=203.0.113.9")
+    );
+    n.take(&B);
+    n.send(&A, &invite("z9hG4bKrp3", "rp-3"));
+    let trying = n.one(&A);
+    assert_eq!(
+        sipring_tests::ua::header(&trying, "Via").unwrap(),
+        "SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrp3"
+    );
 }

@@ -1580,12 +1580,17 @@ pub fn admit(
         return;
     }
     let admission = Admission::take(shard, ip);
+    // The handshake counts from now: its task may not run before the next accepts are
+    // admitted, and they must see it (before, a burst of accepts passed both handshake
+    // limits, none having started yet).
+    let slot = (kind != ListenKind::Tcp).then(|| HandshakeSlot::take(shard, ip));
     glommio::spawn_local(crate::conn::serve_inbound(
         shard.clone(),
         stream,
         kind,
         client_auth,
         admission,
+        slot,
     ))
     .detach();
 }

@@ -1202,6 +1202,7 @@ fn on_request(ua: &Rc<Ua>, m: &sipring_core::Message<'_, '_>) {
                 to_tag: Some(tag.as_bytes()),
                 headers: &hdrs,
                 body: None,
+                source: None,
             },
         )
     };

@@ -445,7 +445,7 @@ pub fn answer(req: &[u8], code: u16, reason: &str, tag: &str, contact: &str) -> 
         ResponseParts {
             to_tag: Some(tag.as_bytes()),
             headers: &hdrs,
-            body: None,
+            ..Default::default()
         },
     )
 }

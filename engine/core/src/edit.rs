@@ -47,6 +47,31 @@ impl std::fmt::Display for EditError {
 
 impl std::error::Error for EditError {}
 
+/// Where a Via value's `rport` parameter without a value ends (an offset in `v`), if it has
+/// one: `;rport` followed by `;`, `,`, space or the end (RFC 3581 §4: the server fills it).
+pub(crate) fn bare_rport_end(v: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(i) = memchr::memchr(b';', &v[at..]).map(|i| at + i) {
+        let name_start = i
+            + 1
+            + v[i + 1..]
+                .iter()
+                .take_while(|b| crate::text::is_lws(**b))
+                .count();
+        let name_end = name_start
+            + v[name_start..]
+                .iter()
+                .take_while(|b| crate::text::is_token(**b))
+                .count();
+        if v[name_start..name_end].eq_ignore_ascii_case(b"rport") {
+            let rest = v[name_end..].iter().find(|b| !crate::text::is_lws(**b));
+            return (rest != Some(&b'=')).then_some(name_end);
+        }
+        at = i + 1;
+    }
+    None
+}
+
 impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
     /// Starts editing `msg`.
     pub fn new(msg: &'m Message<'b, 'h>) -> Self {
@@ -173,31 +198,7 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         received: bool,
     ) -> Result<&mut Self, EditError> {
         let top = self.top_via()?;
-        let v = top.value;
-        // An `rport` parameter without a value: `;rport` followed by `;`, `,`, space or the end.
-        let mut rport_end = None;
-        let mut at = 0;
-        while let Some(i) = memchr::memchr(b';', &v[at..]).map(|i| at + i) {
-            let name_start = i
-                + 1
-                + v[i + 1..]
-                    .iter()
-                    .take_while(|b| crate::text::is_lws(**b))
-                    .count();
-            let name_end = name_start
-                + v[name_start..]
-                    .iter()
-                    .take_while(|b| crate::text::is_token(**b))
-                    .count();
-            if v[name_start..name_end].eq_ignore_ascii_case(b"rport") {
-                let rest = v[name_end..].iter().find(|b| !crate::text::is_lws(**b));
-                if rest != Some(&b'=') {
-                    rport_end = Some(name_end);
-                }
-                break;
-            }
-            at = i + 1;
-        }
+        let rport_end = bare_rport_end(top.value);
         if let Some(e) = rport_end {
             let pos = top.start + e;
             self.splice(pos, pos, format!("={}", source.port()).into_bytes());

@@ -24,6 +24,9 @@ pub struct ResponseParts<'a> {
     pub headers: &'a [(&'a str, &'a [u8])],
     /// Body and its content type.
     pub body: Option<(&'a str, &'a [u8])>,
+    /// Where the request came from: a top Via asking `rport` gets `rport=<port>` and
+    /// `received=<ip>` (RFC 3581 §4), as in the copy we forward.
+    pub source: Option<std::net::SocketAddr>,
 }
 
 /// Builds a response to `req`: the status line, all `Via` lines, `From`, `To` (tagged),
@@ -48,6 +51,7 @@ pub fn response_to(
         src,
         &mut out,
         if code > 100 { parts.to_tag } else { None },
+        &via_completion(req, parts.source),
     );
     for (n, v) in parts.headers {
         put(&mut out, n, v);
@@ -68,15 +72,47 @@ pub fn response_to(
     out
 }
 
+/// What the top Via of `req` needs filled in (RFC 3581 §4): `(offset in the message, text)`,
+/// in order; empty without a source or without a bare `rport`.
+fn via_completion(
+    req: &Message<'_, '_>,
+    source: Option<std::net::SocketAddr>,
+) -> Vec<(usize, String)> {
+    let Some(from) = source else {
+        return Vec::new();
+    };
+    let Some(top) = req.values(HeaderName::Via).into_iter().next() else {
+        return Vec::new();
+    };
+    match crate::edit::bare_rport_end(top.value) {
+        Some(e) => vec![
+            (top.start + e, format!("={}", from.port())),
+            (top.end, format!(";received={}", from.ip())),
+        ],
+        None => Vec::new(),
+    }
+}
+
 fn copy_dialog_headers(
     headers: &[Header<'_>],
     src: &[u8],
     out: &mut Vec<u8>,
     to_tag: Option<&[u8]>,
+    via_fill: &[(usize, String)],
 ) {
     for h in headers {
         let line = &src[h.line_start as usize..h.line_end as usize];
         match h.name {
+            HeaderName::Via if !via_fill.is_empty() => {
+                let (start, end) = (h.line_start as usize, h.line_end as usize);
+                let mut at = start;
+                for (pos, text) in via_fill.iter().filter(|(p, _)| (start..end).contains(p)) {
+                    out.extend_from_slice(&src[at..*pos]);
+                    out.extend_from_slice(text.as_bytes());
+                    at = *pos;
+                }
+                out.extend_from_slice(&src[at..h.line_end as usize]);
+            }
             HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
                 out.extend_from_slice(line)
             }
@@ -142,7 +178,7 @@ pub fn error_response(buf: &[u8], err: ParseError, to_tag: &[u8]) -> Option<Vec<
     }
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
-    copy_dialog_headers(&headers, buf, &mut out, Some(to_tag));
+    copy_dialog_headers(&headers, buf, &mut out, Some(to_tag), &[]);
     out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
     Some(out)
 }

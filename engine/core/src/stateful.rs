@@ -811,6 +811,7 @@ impl ShardProxy {
             ResponseParts {
                 to_tag: Some(tag.as_bytes()),
                 headers,
+                source: self.client_source(flow),
                 ..Default::default()
             },
         );
@@ -936,7 +937,15 @@ impl ShardProxy {
         }
         let to_tag = format!("sr{:x}", self.unique());
         let txn = if method == Method::Invite {
-            let trying = response_to(msg, 100, "Trying", ResponseParts::default());
+            let trying = response_to(
+                msg,
+                100,
+                "Trying",
+                ResponseParts {
+                    source: self.client_source(flow),
+                    ..Default::default()
+                },
+            );
             ServerTransaction::new_invite(now, &self.timer_cfg, bytes.clone(), trying.into())
         } else {
             ServerTransaction::new_non_invite(now, &self.timer_cfg, bytes.clone())
@@ -1025,6 +1034,10 @@ impl ShardProxy {
         headers: &[(&'static str, Vec<u8>)],
     ) {
         let limits = self.limits;
+        let source = self
+            .servers
+            .get(key)
+            .and_then(|s| self.client_source(&s.inbound));
         let Some(s) = self.servers.get_mut(key) else {
             return;
         };
@@ -1038,6 +1051,7 @@ impl ShardProxy {
                     to_tag: Some(s.to_tag.as_bytes()),
                     headers: &hdrs,
                     body: None,
+                    source,
                 },
             )
         }) else {
@@ -1566,6 +1580,7 @@ impl ShardProxy {
         let Some(s) = self.servers.get(sk) else {
             return;
         };
+        let source = self.client_source(&s.inbound);
         let Some(resp) = with_parsed(&s.request, &limits, |m, _| {
             response_to(
                 m,
@@ -1573,6 +1588,7 @@ impl ShardProxy {
                 reason,
                 ResponseParts {
                     to_tag: Some(s.to_tag.as_bytes()),
+                    source,
                     ..Default::default()
                 },
             )

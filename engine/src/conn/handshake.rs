@@ -122,6 +122,7 @@ async fn accept_tls(
     kind: ListenKind,
     client_auth: ClientAuth,
     remote: std::net::SocketAddr,
+    slot: Option<crate::shard::HandshakeSlot>,
 ) -> Option<Established> {
     if kind == ListenKind::Tcp {
         return Some(Established {
@@ -137,7 +138,9 @@ async fn accept_tls(
     let cfg = policy.for_listener(kind, client_auth)?;
     let mut sess = TlsSession::server(cfg).ok()?;
     let t0 = Instant::now();
-    let slot = crate::shard::HandshakeSlot::take(shard, Some(remote.ip()));
+    // Taken when the connection was admitted (so a burst of accepts is counted before any
+    // of their tasks runs), or now.
+    let slot = slot.unwrap_or_else(|| crate::shard::HandshakeSlot::take(shard, Some(remote.ip())));
     // A client speaks first (its ClientHello): a connection that stays silent holds a
     // handshake slot for `tls.client_hello_timeout_ms` only, not the whole handshake timeout.
     let first = Duration::from_millis(shard.cfg.tls.client_hello_timeout_ms);
@@ -219,8 +222,9 @@ pub fn serve_inbound(
     kind: ListenKind,
     client_auth: ClientAuth,
     admission: crate::shard::Admission,
+    slot: Option<crate::shard::HandshakeSlot>,
 ) -> impl Future<Output = ()> {
-    let open = Box::pin(open_inbound(shard.clone(), stream, kind, client_auth));
+    let open = Box::pin(open_inbound(shard.clone(), stream, kind, client_auth, slot));
     async move {
         // Held to the end, whatever happens: the source address's count and the shard's
         // load are released when this future ends or is dropped.
@@ -238,6 +242,7 @@ async fn open_inbound(
     stream: TcpStream,
     kind: ListenKind,
     client_auth: ClientAuth,
+    slot: Option<crate::shard::HandshakeSlot>,
 ) -> Option<Rc<Conn>> {
     let remote = stream.peer_addr().ok()?;
     let listener = stream
@@ -245,7 +250,7 @@ async fn open_inbound(
         .ok()
         .and_then(|l| crate::shard::listener_of(&shard.cfg, l));
     let _ = stream.set_nodelay(true);
-    let est = accept_tls(&shard, stream, kind, client_auth, remote).await?;
+    let est = accept_tls(&shard, stream, kind, client_auth, remote, slot).await?;
     let conn = Conn::new(shard.new_conn_id(), est, kind, remote, listener);
     Some(conn)
 }
