@@ -208,6 +208,9 @@ macro_rules! drive {
                 if $self.incoming.is_empty() {
                     // Keep no buffer for an idle connection.
                     $self.incoming = Vec::new();
+                } else if $self.incoming.capacity() > 2 * $self.incoming.len() + 4096 {
+                    // Hold what is counted (part of one record), not a whole read's room.
+                    $self.incoming.shrink_to($self.incoming.len() + 1024);
                 }
                 return Ok(());
             }

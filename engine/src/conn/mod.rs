@@ -769,6 +769,10 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         if partial.is_empty() {
             // Nothing partial is waiting: an idle connection keeps no buffer.
             partial = Vec::new();
+        } else if partial.capacity() > 2 * partial.len() + 4096 {
+            // What is counted against the partial budget is what is held: a 64 KiB read
+            // followed by one byte must not keep 64 KiB behind a 1-byte count.
+            partial.shrink_to(partial.len() + 1024);
         }
         let tls_held = match &conn.io.borrow().layer {
             Layer::User(s) => s.buffered_incoming(),
