@@ -418,10 +418,19 @@ impl Policy {
             }
         }
         let method = msg.method().expect("request");
-        let claims_ours = claimed_uri.is_sip() && in_list(&claimed_uri.host_lower(), domains);
+        // Ours however it is written: one trailing dot (an absolute name) is the same host,
+        // and this server's own names and addresses are ours too (`sip:ceo@<our address>`
+        // is displayed as "ceo" as surely as `sip:ceo@example.com`).
+        let host = claimed_uri.host_lower();
+        let host: &[u8] = host.strip_suffix(b".").unwrap_or(&host);
+        let in_our_domain = claimed_uri.is_sip() && in_list(host, domains);
+        let claims_ours = in_our_domain || (claimed_uri.is_sip() && proxy.is_self(host));
         let needs_auth = register
             || claims_ours
             || matches!(decision, Decision::ToPeer(_))
+            // An extension method is challenged whatever the list: the list names the
+            // methods an operator knows, and one nobody listed must not pass anonymously.
+            || matches!(method, Method::Other(_))
             || self
                 .cfg
                 .challenge
@@ -439,8 +448,8 @@ impl Policy {
             });
         }
         if cert_aors.is_empty() && needs_auth {
-            let realm = if claims_ours {
-                String::from_utf8_lossy(&claimed_uri.host_lower()).into_owned()
+            let realm = if in_our_domain {
+                String::from_utf8_lossy(host).into_owned()
             } else {
                 domains.first().cloned().unwrap_or_default()
             };
@@ -841,9 +850,55 @@ mod tests {
         };
         let proxy = crate::proxy::Proxy::new(crate::proxy::ProxyConfig {
             domains: DOMAINS.iter().map(|s| s.to_string()).collect(),
+            local_hosts: vec!["proxy.example.com".into()],
             ..Default::default()
         });
         p.authorize(Instant::now(), &Flow::Conn(1), &info, &m, &e, d, &proxy)
+    }
+
+    #[test]
+    fn what_an_operator_did_not_list_is_not_a_way_around_authentication() {
+        // With a short `auth.challenge` (an operator who lets anonymous MESSAGEs reach
+        // users), a From in one of our domains is still challenged — also written with a
+        // trailing dot, or naming this server itself; an extension method nobody listed is
+        // challenged whatever its From.
+        let mut p = policy();
+        p.cfg.challenge = vec!["REGISTER".into(), "INVITE".into()];
+        let anon = Principal::anonymous();
+        let local = Decision::Lookup {
+            aor: "sip:bob@example.com".into(),
+        };
+        let bob = "sip:bob@example.com";
+        for (what, method, from, want) in [
+            (
+                "foreign From, unlisted method",
+                "MESSAGE",
+                "sip:x@elsewhere.org",
+                0,
+            ),
+            ("our domain", "MESSAGE", "sip:ceo@example.com", 407),
+            (
+                "our domain, absolute",
+                "MESSAGE",
+                "sip:ceo@example.com.",
+                407,
+            ),
+            (
+                "this server's host",
+                "MESSAGE",
+                "sip:ceo@proxy.example.com",
+                407,
+            ),
+            ("an extension method", "FOO", "sip:x@elsewhere.org", 407),
+        ] {
+            let got = outcome(&run(
+                &mut p,
+                &anon,
+                &req(method, bob, from, bob, ""),
+                &local,
+            ));
+            assert_eq!(got, want, "{what}");
+        }
     }
 
     /// 0 = allowed, else the status sent (challenge or refusal).

@@ -329,7 +329,7 @@ impl Proxy {
     }
 
     /// Is `host` this server (a local host name or address, or our Via host)?
-    fn is_self(&self, host: &[u8]) -> bool {
+    pub(crate) fn is_self(&self, host: &[u8]) -> bool {
         self.is_local_host(host) || text::eq_ic(host, self.cfg.via_host.as_bytes())
     }
 
