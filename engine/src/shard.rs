@@ -1264,6 +1264,33 @@ impl Shard {
         {
             return false;
         }
+        // Past MESH_HARD× the new-work bound, what a peer can make us relay without limit
+        // (bytes for another shard's connection, responses relayed by their branch — forged
+        // ones included —, adopted sockets) is dropped rather than queued: the backlog is
+        // memory. Replies and closes are never dropped (they end state the other shard
+        // holds), and are bounded by the work admitted and the connections.
+        if matches!(
+            msg,
+            ShardMsg::Send { .. } | ShardMsg::Response { .. } | ShardMsg::Adopt { .. }
+        ) && self.mesh_backlog.get()
+            >= cap
+                .saturating_mul(MESH_OVERFLOW)
+                .max(MESH_OVERFLOW_MIN)
+                .saturating_mul(MESH_HARD)
+        {
+            drop(overflow);
+            self.count("sipring_queue_drops_total{queue=\"mesh\"}");
+            if let Some(left_out) = self.overload_log.allow(Instant::now()) {
+                tracing::warn!(
+                    to,
+                    backlog = self.mesh_backlog.get(),
+                    left_out,
+                    "mesh backlog at its hard bound: dropping a relayed message (at most one \
+                     line a second; sipring_queue_drops_total{{queue=\"mesh\"}} counts all)"
+                );
+            }
+            return false;
+        }
         waiting.queue.push_back(msg);
         self.mesh_backlog.set(self.mesh_backlog.get() + 1);
         if !waiting.draining {
@@ -1645,6 +1672,10 @@ pub fn spawn_mesh_receivers(shard: &Rc<Shard>, mut rx: Receivers<ShardMsg>) {
 /// New work is refused (503) once this many times `server.mesh_capacity` messages wait in a
 /// shard's overflow queues (and at least [`MESH_OVERFLOW_MIN`]).
 pub const MESH_OVERFLOW: usize = 4;
+
+/// How many times the new-work bound the backlog may reach before relayed messages are
+/// dropped ([`Shard::mesh_send`]).
+pub const MESH_HARD: usize = 16;
 
 /// The least backlog that refuses new work, whatever `server.mesh_capacity`: with small
 /// channels a single client's pipelined burst (a few hundred messages) must wait, not be
