@@ -259,27 +259,14 @@ impl Ua {
     /// Whether the server closes the connection within `timeout` (what it sends meanwhile
     /// is dropped unread).
     pub fn closed_within(&mut self, timeout: Duration) -> bool {
-        let end = Instant::now() + timeout;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            let _ = self
-                .raw
-                .set_read_timeout(Some(left.min(Duration::from_millis(200))));
-            let mut tmp = [0u8; 16384];
-            match self.io.read(&mut tmp) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return true,
-            }
-        }
+        let raw = &self.raw;
+        read_until_closed(
+            &mut self.io,
+            |d| {
+                let _ = raw.set_read_timeout(Some(d));
+            },
+            timeout,
+        )
     }
 
     /// The next message, which must exist.
@@ -448,6 +435,34 @@ pub fn answer(req: &[u8], code: u16, reason: &str, tag: &str, contact: &str) -> 
             ..Default::default()
         },
     )
+}
+
+/// Reads from `r` (dropping what comes) until the peer closes it (`true`) or `within`
+/// passes (`false`); `set_timeout` bounds each read (the socket under `r`).
+pub fn read_until_closed(
+    r: &mut impl Read,
+    set_timeout: impl Fn(Duration),
+    within: Duration,
+) -> bool {
+    let end = Instant::now() + within;
+    let mut tmp = [0u8; 16384];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        set_timeout(left.min(Duration::from_millis(100)));
+        match r.read(&mut tmp) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
 }
 
 /// The status of a response.

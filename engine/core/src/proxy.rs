@@ -936,7 +936,8 @@ mod tests {
         )
     }
 
-    fn decide_on(p: &Proxy, s: &str, inbound: &Flow) -> Decision {
+    /// `f` on `s` parsed and validated.
+    fn with_req<T>(s: &str, f: impl FnOnce(&Message<'_, '_>, &Essentials<'_>) -> T) -> T {
         let mut h = [Header::EMPTY; 32];
         let Ok(Status::Complete(m)) =
             parse(s.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
@@ -944,7 +945,11 @@ mod tests {
             panic!("{s}")
         };
         let e = m.validate(&Limits::default()).unwrap();
-        p.decide(&m, &e, inbound, None)
+        f(&m, &e)
+    }
+
+    fn decide_on(p: &Proxy, s: &str, inbound: &Flow) -> Decision {
+        with_req(s, |m, e| p.decide(m, e, inbound, None))
     }
 
     fn code(d: Decision) -> u16 {
@@ -1012,14 +1017,8 @@ mod tests {
 
     /// The Record-Route we add forwarding `s` from `a` to `b`.
     fn record_route(p: &Proxy, s: &str, a: &Flow, b: &Flow) -> String {
-        let mut h = [Header::EMPTY; 32];
-        let Ok(Status::Complete(m)) =
-            parse(s.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
-        else {
-            panic!("{s}")
-        };
-        let e = m.validate(&Limits::default()).unwrap();
-        let out = String::from_utf8(fwd(p, &m, &e, &Proxy::branch(&m, &e, 1), None, a, b)).unwrap();
+        let out = with_req(s, |m, e| fwd(p, m, e, &Proxy::branch(m, e, 1), None, a, b));
+        let out = String::from_utf8(out).unwrap();
         out.lines()
             .find_map(|l| l.strip_prefix("Record-Route: "))
             .unwrap()
@@ -1051,22 +1050,9 @@ mod tests {
             "To: <sip:bob@example.com>",
             "To: <sip:bob@example.com>;tag=n2",
         );
-        let mut h = [Header::EMPTY; 32];
-        let Ok(Status::Complete(m)) =
-            parse(bye.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
-        else {
-            panic!()
-        };
-        let e = m.validate(&Limits::default()).unwrap();
-        let out = fwd(
-            &p,
-            &m,
-            &e,
-            "z9hG4bKsrx",
-            None,
-            &Flow::Conn(1),
-            &Flow::Conn(2),
-        );
+        let out = with_req(&bye, |m, e| {
+            fwd(&p, m, e, "z9hG4bKsrx", None, &Flow::Conn(1), &Flow::Conn(2))
+        });
         assert!(!String::from_utf8(out).unwrap().contains("Record-Route"));
     }
 
@@ -1099,19 +1085,7 @@ mod tests {
             &format!("{rr_in}, <sip:partner.net;lr>, {rr_out}"),
         );
         assert_eq!(decide_on(&p, &first, &b), Decision::ToFlow(partner.clone()));
-        let ours = {
-            let mut h = [Header::EMPTY; 32];
-            let Ok(Status::Complete(m)) = parse(
-                first.as_bytes(),
-                &mut h,
-                &Limits::default(),
-                Framing::Stream,
-            ) else {
-                panic!()
-            };
-            let e = m.validate(&Limits::default()).unwrap();
-            Proxy::branch(&m, &e, 2)
-        };
+        let ours = with_req(&first, |m, e| Proxy::branch(m, e, 2));
         let again = bye(
             &format!(
                 "Via: SIP/2.0/TLS partner.net;branch=z9hG4bKp1\r\nVia: SIP/2.0/TLS proxy.example.com:5061;branch={ours}\r\nVia: SIP/2.0/TLS 10.0.0.2;branch=z9hG4bKbob"
