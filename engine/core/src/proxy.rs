@@ -453,21 +453,26 @@ impl Proxy {
         if ours >= 8 {
             return reject(482, "Loop Detected");
         }
-        // Proxy-Require (RFC 3261 §16.3 step 5).
-        let mut unsupported = Vec::new();
-        for v in msg.values(HeaderName::ProxyRequire) {
-            if !self
-                .cfg
-                .supported
-                .iter()
-                .any(|s| text::eq_ic(s.as_bytes(), v.value))
-            {
-                if !unsupported.is_empty() {
-                    unsupported.extend_from_slice(b", ");
+        // The option tags of a Require-like header we do not support, comma-separated.
+        let unsupported_in = |name: HeaderName| {
+            let mut unsupported = Vec::new();
+            for v in msg.values(name) {
+                if !self
+                    .cfg
+                    .supported
+                    .iter()
+                    .any(|s| text::eq_ic(s.as_bytes(), v.value))
+                {
+                    if !unsupported.is_empty() {
+                        unsupported.extend_from_slice(b", ");
+                    }
+                    unsupported.extend_from_slice(v.value);
                 }
-                unsupported.extend_from_slice(v.value);
             }
-        }
+            unsupported
+        };
+        // Proxy-Require (RFC 3261 §16.3 step 5).
+        let unsupported = unsupported_in(HeaderName::ProxyRequire);
         if !unsupported.is_empty() && !is_ack && method != Method::Cancel {
             return Decision::Respond(Answer {
                 code: 420,
@@ -527,7 +532,14 @@ impl Proxy {
                 };
             }
             if to_us {
+                // We answer as a UAS here: a Require we do not support is 420 (§8.2.2.3).
+                let required = unsupported_in(HeaderName::Require);
                 return match method {
+                    Method::Options if !required.is_empty() => Decision::Respond(Answer {
+                        code: 420,
+                        reason: "Bad Extension",
+                        headers: vec![("Unsupported", required)],
+                    }),
                     Method::Options => Decision::Respond(Answer {
                         code: 200,
                         reason: "OK",
@@ -758,7 +770,7 @@ impl Proxy {
             }
         }
         if let Some(u) = new_uri {
-            let _ = e.set_request_uri(u);
+            let _ = e.set_request_uri(&request_uri_of(u));
         }
         for p in hop.path {
             e.insert_route(p.as_bytes());
@@ -852,6 +864,35 @@ impl Proxy {
         e.strip_overload_feedback(1);
         e.finish()
     }
+}
+
+/// A registered contact as a Request-URI: RFC 3261 §19.1.1 allows neither the `method`
+/// parameter nor headers there (a Contact may carry both; copied verbatim, the request is
+/// refused by the next parser — ours included). Anything else is kept as registered.
+pub fn request_uri_of(contact: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use std::borrow::Cow;
+    let Ok(u) = Uri::parse(contact) else {
+        return Cow::Borrowed(contact);
+    };
+    let has_method = text::find_param(u.params, b"method").is_some();
+    if u.headers.is_none() && !has_method {
+        return Cow::Borrowed(contact);
+    }
+    // The parameters run up to the headers (`?…`), which end the URI.
+    let end = contact.len() - u.headers.map_or(0, |h| h.len() + 1);
+    let mut out = contact[..end - u.params.len()].to_vec();
+    let _ = text::for_each_param(u.params, |name, value| {
+        if text::eq_ic(name, b"method") {
+            return;
+        }
+        out.push(b';');
+        out.extend_from_slice(name);
+        if let Some(v) = value {
+            out.push(b'=');
+            out.extend_from_slice(v);
+        }
+    });
+    Cow::Owned(out)
 }
 
 /// Extracts an option-tag list (e.g. `Require`) as trimmed tokens.
@@ -1023,6 +1064,45 @@ mod tests {
             .find_map(|l| l.strip_prefix("Record-Route: "))
             .unwrap()
             .to_string()
+    }
+
+    #[test]
+    fn uas_rules_for_what_we_answer_and_request_uris_from_contacts() {
+        let p = Proxy::new(cfg());
+        let f = Flow::Conn(1);
+        // OPTIONS to us with a Require we do not support: 420 (§8.2.2.3).
+        match decide_on(
+            &p,
+            &req("OPTIONS sip:proxy.example.com", "Require: foo\r\n"),
+            &f,
+        ) {
+            Decision::Respond(a) => {
+                assert_eq!(a.code, 420);
+                assert_eq!(a.headers, vec![("Unsupported", b"foo".to_vec())]);
+            }
+            d => panic!("{d:?}"),
+        }
+        // A 100 Trying copies the request's Timestamp (§8.2.6.1).
+        let inv = req("INVITE sip:bob@example.com", "Timestamp: 54.2\r\n");
+        let trying = with_req(&inv, |m, _| {
+            crate::response::response_to(m, 100, "Trying", Default::default())
+        });
+        assert!(
+            String::from_utf8(trying)
+                .unwrap()
+                .contains("\r\nTimestamp: 54.2\r\n")
+        );
+        // A contact's `method` parameter and headers do not go into a Request-URI.
+        for (contact, want) in [
+            (
+                "sip:bob@10.0.0.2:5061;transport=tls;method=INVITE?Subject=hi",
+                "sip:bob@10.0.0.2:5061;transport=tls",
+            ),
+            ("sip:bob@10.0.0.2?X-A=1", "sip:bob@10.0.0.2"),
+            ("sip:bob@10.0.0.2;ob", "sip:bob@10.0.0.2;ob"),
+        ] {
+            assert_eq!(request_uri_of(contact.as_bytes()).as_ref(), want.as_bytes());
+        }
     }
 
     #[test]

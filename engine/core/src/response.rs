@@ -53,6 +53,14 @@ pub fn response_to(
         if code > 100 { parts.to_tag } else { None },
         &via_completion(req, parts.source),
     );
+    if code == 100 {
+        // §8.2.6.1: a 100 copies the request's Timestamp (the client measures the delay).
+        for h in req.headers() {
+            if h.name == HeaderName::Other && h.raw_name.eq_ignore_ascii_case(b"Timestamp") {
+                out.extend_from_slice(&src[h.line_start as usize..h.line_end as usize]);
+            }
+        }
+    }
     for (n, v) in parts.headers {
         put(&mut out, n, v);
     }
