@@ -1267,17 +1267,27 @@ impl Shard {
         // Past MESH_HARD× the new-work bound, what a peer can make us relay without limit
         // (bytes for another shard's connection, responses relayed by their branch — forged
         // ones included —, adopted sockets) is dropped rather than queued: the backlog is
-        // memory. Replies and closes are never dropped (they end state the other shard
-        // holds), and are bounded by the work admitted and the connections.
-        if matches!(
-            msg,
-            ShardMsg::Send { .. } | ShardMsg::Response { .. } | ShardMsg::Adopt { .. }
-        ) && self.mesh_backlog.get()
-            >= cap
-                .saturating_mul(MESH_OVERFLOW)
-                .max(MESH_OVERFLOW_MIN)
-                .saturating_mul(MESH_HARD)
-        {
+        // memory. Provisional responses and sockets go first; final responses and requests
+        // (a CANCEL, a BYE: losing one leaves a call ringing or up) only past twice that.
+        // Replies and closes are never dropped (they end state the other shard holds), and
+        // are bounded by the work admitted and the connections.
+        let hard = cap
+            .saturating_mul(MESH_OVERFLOW)
+            .max(MESH_OVERFLOW_MIN)
+            .saturating_mul(MESH_HARD);
+        let provisional = |b: &[u8]| b.starts_with(b"SIP/2.0 1");
+        let bound = match &msg {
+            ShardMsg::Adopt { .. } => Some(hard),
+            ShardMsg::Send { bytes, .. } | ShardMsg::Response { bytes, .. } => {
+                Some(if provisional(bytes) {
+                    hard
+                } else {
+                    hard.saturating_mul(2)
+                })
+            }
+            _ => None,
+        };
+        if bound.is_some_and(|b| self.mesh_backlog.get() >= b) {
             drop(overflow);
             self.count("sipring_queue_drops_total{queue=\"mesh\"}");
             if let Some(left_out) = self.overload_log.allow(Instant::now()) {

@@ -881,7 +881,7 @@ pub fn request_uri_of(contact: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     // The parameters run up to the headers (`?…`), which end the URI.
     let end = contact.len() - u.headers.map_or(0, |h| h.len() + 1);
     let mut out = contact[..end - u.params.len()].to_vec();
-    let _ = text::for_each_param(u.params, |name, value| {
+    let split = text::for_each_param(u.params, |name, value| {
         if text::eq_ic(name, b"method") {
             return;
         }
@@ -892,6 +892,12 @@ pub fn request_uri_of(contact: &[u8]) -> std::borrow::Cow<'_, [u8]> {
             out.extend_from_slice(v);
         }
     });
+    if split.is_err() {
+        // Parameters this splitter cannot read (a URI parser accepts more characters in
+        // them than a token): kept as registered, only the headers cut — never dropped,
+        // `transport` and `maddr` among them.
+        return Cow::Owned(contact[..end].to_vec());
+    }
     Cow::Owned(out)
 }
 
@@ -1100,6 +1106,10 @@ mod tests {
             ),
             ("sip:bob@10.0.0.2?X-A=1", "sip:bob@10.0.0.2"),
             ("sip:bob@10.0.0.2;ob", "sip:bob@10.0.0.2;ob"),
+            (
+                "sip:bob@h;x[1]=a;transport=tls?X=1",
+                "sip:bob@h;x[1]=a;transport=tls",
+            ),
         ] {
             assert_eq!(request_uri_of(contact.as_bytes()).as_ref(), want.as_bytes());
         }
