@@ -406,7 +406,9 @@ impl Policy {
         };
         let claimed = aor_of(&claimed_uri);
         if register {
-            let ours = claimed_uri.is_sip() && in_list(&claimed_uri.host_lower(), domains);
+            let host = claimed_uri.host_lower();
+            let host: &[u8] = host.strip_suffix(b".").unwrap_or(&host);
+            let ours = claimed_uri.is_sip() && in_list(host, domains);
             if !ours || claimed.is_none() {
                 return self.deny(
                     info,
@@ -1028,6 +1030,21 @@ mod tests {
                 ),
                 &reg,
                 403,
+            ),
+            (
+                // An absolute domain name (one trailing dot) is the same AOR: before, the
+                // REGISTER was refused 404 and such a From failed the identity check.
+                "digest REGISTER own AOR, written absolute",
+                &anon,
+                req(
+                    "REGISTER",
+                    "sip:example.com",
+                    alice,
+                    "sip:alice@example.com.",
+                    &c(&p, "REGISTER", "sip:example.com", 40),
+                ),
+                &reg,
+                0,
             ),
             (
                 "wrong password",

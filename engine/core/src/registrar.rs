@@ -56,7 +56,10 @@ pub fn aor_of(uri: &Uri<'_>) -> Option<String> {
         }
     }
     s.push('@');
-    s.push_str(&String::from_utf8_lossy(&uri.host_lower()));
+    // One trailing dot (an absolute domain name) names the same host: one AOR, one shard.
+    let host = uri.host_lower();
+    let host: &[u8] = host.strip_suffix(b".").unwrap_or(&host);
+    s.push_str(&String::from_utf8_lossy(host));
     Some(s)
 }
 
@@ -1138,6 +1141,8 @@ mod tests {
         let u = Uri::parse(b"sips:%61lice@EXAMPLE.com:5061;transport=tls").unwrap();
         assert_eq!(aor_of(&u).as_deref(), Some("sip:alice@example.com"));
         assert_eq!(aor_of(&Uri::parse(b"sip:example.com").unwrap()), None);
+        let absolute = Uri::parse(b"sip:alice@Example.COM.").unwrap();
+        assert_eq!(aor_of(&absolute).as_deref(), Some("sip:alice@example.com"));
         assert_eq!(parse_q(b"0.5"), Some(500));
         assert_eq!(parse_q(b"1.000"), Some(1000));
         assert_eq!(parse_q(b"1.001"), None);
