@@ -44,17 +44,6 @@ impl Rechecks {
             self.queue.borrow_mut().push(conn.id);
         }
     }
-
-    /// Connections waiting to be checked (for tests and the metric).
-    pub fn pending(&self) -> usize {
-        self.queue.borrow().len()
-    }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// One tick of re-checking on `shard` (`publish`: the 500 ms tick, which also looks for
@@ -80,7 +69,7 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
         );
     }
     if publish {
-        let t = unix_now();
+        let t = (crate::cluster::unix_ms() / 1000) as i64;
         let mut q = r.queue.borrow_mut();
         for c in shard.conns.borrow().values() {
             // Checked at each expiry in its chain: one that still verifies (a presented root

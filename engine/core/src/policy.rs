@@ -405,28 +405,22 @@ impl Policy {
             ess.from.uri()
         };
         let claimed = aor_of(&claimed_uri);
-        if register {
-            let host = claimed_uri.host_lower();
-            let host: &[u8] = host.strip_suffix(b".").unwrap_or(&host);
-            let ours = claimed_uri.is_sip() && in_list(host, domains);
-            if !ours || claimed.is_none() {
-                return self.deny(
-                    info,
-                    404,
-                    "Not Found",
-                    "register_foreign_aor",
-                    String::from_utf8_lossy(claimed_uri.raw).into_owned(),
-                );
-            }
-        }
-        let method = msg.method().expect("request");
         // Ours however it is written: one trailing dot (an absolute name) is the same host,
         // and this server's own names and addresses are ours too (`sip:ceo@<our address>`
         // is displayed as "ceo" as surely as `sip:ceo@example.com`).
-        let host = claimed_uri.host_lower();
-        let host: &[u8] = host.strip_suffix(b".").unwrap_or(&host);
-        let in_our_domain = claimed_uri.is_sip() && in_list(host, domains);
-        let claims_ours = in_our_domain || (claimed_uri.is_sip() && proxy.is_self(host));
+        let host = claimed_uri.host_canonical();
+        let in_our_domain = claimed_uri.is_sip() && in_list(&host, domains);
+        if register && (!in_our_domain || claimed.is_none()) {
+            return self.deny(
+                info,
+                404,
+                "Not Found",
+                "register_foreign_aor",
+                String::from_utf8_lossy(claimed_uri.raw).into_owned(),
+            );
+        }
+        let method = msg.method().expect("request");
+        let claims_ours = in_our_domain || (claimed_uri.is_sip() && proxy.is_self(&host));
         let needs_auth = register
             || claims_ours
             || matches!(decision, Decision::ToPeer(_))
@@ -451,7 +445,7 @@ impl Policy {
         }
         if cert_aors.is_empty() && needs_auth {
             let realm = if in_our_domain {
-                String::from_utf8_lossy(host).into_owned()
+                String::from_utf8_lossy(&host).into_owned()
             } else {
                 domains.first().cloned().unwrap_or_default()
             };

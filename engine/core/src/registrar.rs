@@ -57,9 +57,7 @@ pub fn aor_of(uri: &Uri<'_>) -> Option<String> {
     }
     s.push('@');
     // One trailing dot (an absolute domain name) names the same host: one AOR, one shard.
-    let host = uri.host_lower();
-    let host: &[u8] = host.strip_suffix(b".").unwrap_or(&host);
-    s.push_str(&String::from_utf8_lossy(host));
+    s.push_str(&String::from_utf8_lossy(&uri.host_canonical()));
     Some(s)
 }
 

@@ -171,6 +171,20 @@ impl<'b> Uri<'b> {
         self.user.map(unescape)
     }
 
+    /// The host as it identifies: lower case, one trailing dot (an absolute domain name)
+    /// dropped — `Example.COM.` and `example.com` are one host.
+    pub fn host_canonical(&self) -> Cow<'b, [u8]> {
+        match self.host_lower() {
+            Cow::Borrowed(h) => Cow::Borrowed(h.strip_suffix(b".").unwrap_or(h)),
+            Cow::Owned(mut h) => {
+                if h.last() == Some(&b'.') {
+                    h.pop();
+                }
+                Cow::Owned(h)
+            }
+        }
+    }
+
     /// The host in lower case, as used for domain comparisons.
     pub fn host_lower(&self) -> Cow<'b, [u8]> {
         if self.host.iter().any(u8::is_ascii_uppercase) {
