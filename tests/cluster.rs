@@ -480,6 +480,43 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     wait_stored(&redis, "roamer0", "node-b");
     assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 12), 200);
 
+    // A second process configured as node A (a copied configuration; its own ports) must
+    // not run as A: its writes and its start-up sweep would erase A's bindings. It waits
+    // out the liveness key (a previous life's would expire), finds it refreshed, and exits 1.
+    {
+        let text = std::fs::read_to_string(&c.nodes[0].config).unwrap();
+        let mut copy: sipring::config::Config = toml::from_str(&text).unwrap();
+        for l in &mut copy.listen {
+            l.address = format!("127.0.0.1:{}", free_port_on("127.0.0.1"))
+                .parse()
+                .unwrap();
+        }
+        copy.admin.address = Some(
+            format!("127.0.0.1:{}", free_port_on("127.0.0.1"))
+                .parse()
+                .unwrap(),
+        );
+        let path = c
+            .dir
+            .write("node-a-copy.toml", toml::to_string(&copy).unwrap());
+        let mut twin = Server::start(&path);
+        assert_eq!(
+            twin.wait_exit(15),
+            Some(1),
+            "the twin's log:\n{}",
+            twin.log()
+        );
+        assert!(
+            twin.log()
+                .contains("another live process runs as this cluster node"),
+            "{}",
+            twin.log()
+        );
+        // A's binding and its calls are untouched.
+        wait_stored(&redis, "callee0", "node-a");
+        assert_eq!(message(&mut caller, "callee0", Some(&mut callee), 14), 200);
+    }
+
     // A node whose certificate is not on the topology list is refused at the handshake.
     {
         let roots = c.ca_pem.clone();

@@ -103,6 +103,23 @@ fn each_host_check_fails_with_a_fix() {
             Verdict::Warn,
         ),
         (
+            // The kernel's default: two hours before the first probe (more is worse).
+            "sysctl net.ipv4.tcp_keepalive_time",
+            Box::new(|f| {
+                f.sysctls
+                    .insert("net.ipv4.tcp_keepalive_time".into(), "7200".into());
+            }),
+            Verdict::Warn,
+        ),
+        (
+            // The kernel's default 2 is loopback only.
+            "sysctl net.ipv4.tcp_tw_reuse",
+            Box::new(|f| {
+                f.sysctls.insert("net.ipv4.tcp_tw_reuse".into(), "2".into());
+            }),
+            Verdict::Warn,
+        ),
+        (
             "sysctl kernel.io_uring_disabled",
             Box::new(|f| {
                 f.sysctls

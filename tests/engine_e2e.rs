@@ -726,39 +726,110 @@ fn a_reader_slower_than_its_write_queue_is_disconnected_and_the_shard_goes_on() 
 }
 
 #[test]
-fn an_idle_connection_is_closed_by_the_sweep_and_keepalives_keep_one_open() {
+fn an_idle_connection_is_closed_by_the_sweep_unless_keepalives_or_a_binding_keep_it() {
     let pki = Pki::new();
-    let srv = one_shard(&pki, |cfg| cfg.limits.idle_timeout_s = 1);
-    let mut quiet = registered(&pki, &srv, "quiet");
+    let srv = one_shard(&pki, |cfg| {
+        cfg.limits.idle_timeout_s = 1;
+        cfg.registrar.min_expires_s = 1;
+    });
+    // Silent after connecting: nothing keeps it.
+    let mut silent = anonymous(&pki, &srv, "x");
+    // Registered for 2 s, then silent: kept until its binding runs out, not after.
+    let mut quiet = ua(&pki, &srv, "quiet");
+    assert_eq!(quiet.register(2), 200);
+    // Registered for 600 s and silent, as a phone without keepalives is: the idle sweep
+    // used to close it after idle_timeout_s, taking the binding its 200 OK granted.
+    let mut held = registered(&pki, &srv, "slow");
+    // Registered for 600 s, then unregistered: nothing keeps it any more.
+    let mut gone = registered(&pki, &srv, "fast");
+    assert_eq!(gone.register(0), 200);
     let mut chatty = registered(&pki, &srv, "chatty");
     let t0 = std::time::Instant::now();
     // chatty pings every 300 ms (RFC 5626 CRLF keepalive) and gets pongs.
-    while t0.elapsed() < Duration::from_millis(2500) {
+    while t0.elapsed() < Duration::from_millis(3000) {
         chatty.send(b"\r\n\r\n");
         std::thread::sleep(Duration::from_millis(300));
     }
-    // quiet sent nothing for over a second: the server closed it (close_notify → EOF).
+    // The server closed both (close_notify → EOF).
     assert!(
-        quiet.recv(Duration::from_secs(2)).is_none(),
+        silent.recv(Duration::from_secs(2)).is_none(),
         "idle connection closed"
     );
-    let m = wait_metrics(srv.admin_addr.unwrap(), "one idle timeout", |m| {
-        metric(m, "sipring_idle_timeouts_total") == Some(1.0)
+    assert!(
+        quiet.recv(Duration::from_secs(2)).is_none(),
+        "idle connection closed once its binding ran out"
+    );
+    assert!(
+        gone.recv(Duration::from_secs(2)).is_none(),
+        "idle connection closed once its binding was removed"
+    );
+    let m = wait_metrics(srv.admin_addr.unwrap(), "three idle timeouts", |m| {
+        metric(m, "sipring_idle_timeouts_total") == Some(3.0)
     });
     assert_eq!(
         metric(&m, "sipring_bindings"),
-        Some(1.0),
-        "quiet's binding went with it"
+        Some(2.0),
+        "held's and chatty's bindings are left"
     );
-    // chatty is still registered and reachable.
+    // Both are still registered and reachable.
     let mut x = ua(&pki, &srv, "x");
-    x.send(&big_message(&x, "chatty", "i-1", "still there", 10));
-    let got = chatty.expect("MESSAGE to the chatty UA");
-    assert_eq!(method(&got), "MESSAGE");
-    chatty.send(&answer(&got, 200, "OK", "c", "sip:chatty@127.0.0.1"));
-    assert_eq!(x.expect_final_or_provisional("200").0, 200);
+    for (i, (u, name)) in [(&mut chatty, "chatty"), (&mut held, "slow")]
+        .into_iter()
+        .enumerate()
+    {
+        x.send(&big_message(&x, name, &format!("i-{i}"), "still there", 10));
+        let got = u.expect("MESSAGE to a UA the sweep left open");
+        assert_eq!(method(&got), "MESSAGE");
+        u.send(&answer(
+            &got,
+            200,
+            "OK",
+            "c",
+            &format!("sip:{name}@127.0.0.1"),
+        ));
+        assert_eq!(x.expect_final_or_provisional("200").0, 200);
+    }
     srv.stop();
     srv.join().unwrap();
+}
+
+/// Whether the kernel runs a keepalive timer on the server's side of a connection from
+/// `client` (`/proc/net/tcp`: the `tr` field is 2 for the keepalive timer — once nothing
+/// waits for an ACK, since a pending retransmit timer shows as 1), if it is there.
+fn keepalive_timer(server_port: u16, client: std::net::SocketAddr) -> Option<bool> {
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+    let t0 = std::time::Instant::now();
+    loop {
+        let t = std::fs::read_to_string("/proc/net/tcp").ok()?;
+        let f: Vec<String> = t.lines().skip(1).find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 5 && port(f[1])? == server_port && port(f[2])? == client.port())
+                .then(|| f.iter().map(|s| s.to_string()).collect())
+        })?;
+        let unacked = !f[4].starts_with("00000000:");
+        if !unacked || t0.elapsed() > Duration::from_secs(3) {
+            return Some(f[5].starts_with("02:"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn connections_carry_tcp_keepalive() {
+    // A registration keeps its connection past the idle sweep: a phone that vanished
+    // behind it (powered off, its NAT binding gone) must still be found dead.
+    let pki = Pki::new();
+    for (secs, want) in [(300, true), (0, false)] {
+        let srv = one_shard(&pki, |cfg| cfg.limits.tcp_keepalive_s = secs);
+        let alice = registered(&pki, &srv, "alice");
+        assert_eq!(
+            keepalive_timer(srv.listen_addrs[0].port(), alice.local),
+            Some(want),
+            "tcp_keepalive_s = {secs}"
+        );
+        srv.stop();
+        srv.join().unwrap();
+    }
 }
 
 #[test]

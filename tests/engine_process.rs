@@ -5,7 +5,7 @@
 use sipring_tests::TempDir;
 use sipring_tests::process::{Server, sipring_bin};
 use sipring_tests::server::{Pki, admin, config, free_port};
-use sipring_tests::ua::{Ua, answer, method, tls_config};
+use sipring_tests::ua::{Ua, answer, invite, method, tls_config};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,27 +57,32 @@ fn ua(pki: &Pki, port: u16, user: &str) -> Ua {
     u
 }
 
+/// alice (registered) INVITEs bob (registered); returns both and the INVITE bob received,
+/// not yet answered.
+fn ringing(pki: &Pki, port: u16, call_id: &str) -> (Ua, Ua, Vec<u8>) {
+    let mut alice = ua(pki, port, "alice");
+    let mut bob = ua(pki, port, "bob");
+    let inv = invite(&mut alice, &mut bob, call_id);
+    (alice, bob, inv)
+}
+
 #[test]
 fn sigterm_drains_with_calls_in_flight() {
     let pki = Pki::new();
     let dir = TempDir::new("drain");
-    let (path, port, _) = write_config(&pki, &dir);
+    let (path, port, admin_port) = write_config(&pki, &dir);
     let mut srv = Server::start(&path);
     wait_up(port);
-    let mut alice = ua(&pki, port, "alice");
-    let mut bob = ua(&pki, port, "bob");
-    alice.send(&alice.request(
-        "INVITE",
-        "sip:bob@example.com",
-        "<sip:bob@example.com>",
-        "drain-1",
-        1,
-        "",
-        None,
-    ));
-    let inv = bob.expect("INVITE");
+    let admin_addr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert_eq!(admin(admin_addr, "GET", "/health").0, "HTTP/1.0 200 OK");
+    let (mut alice, mut bob, inv) = ringing(&pki, port, "drain-1");
     srv.signal("TERM");
     srv.wait_log("draining");
+    // A load balancer's health check sees it: no new work here.
+    assert_eq!(
+        admin(admin_addr, "GET", "/health").0,
+        "HTTP/1.0 503 Service Unavailable"
+    );
     // No new connections once draining...
     std::thread::sleep(Duration::from_millis(300));
     let refused = Ua::tls(
@@ -101,24 +106,29 @@ fn sigterm_drains_with_calls_in_flight() {
 }
 
 #[test]
+fn a_second_sigterm_cuts_the_drain_short() {
+    let pki = Pki::new();
+    let dir = TempDir::new("hurry");
+    let (path, port, _) = write_config(&pki, &dir);
+    let mut srv = Server::start(&path);
+    wait_up(port);
+    let (_alice, _bob, _inv) = ringing(&pki, port, "hurry-1");
+    srv.signal("TERM");
+    srv.wait_log("draining");
+    std::thread::sleep(Duration::from_millis(700));
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(5), Some(0), "exit status\n{}", srv.log());
+    assert!(srv.log().contains("stopping now"), "{}", srv.log());
+}
+
+#[test]
 fn sighup_reload_keeps_calls_up_and_refuses_a_corrupt_key() {
     let pki = Pki::new();
     let dir = TempDir::new("reload");
     let (path, port, admin_port) = write_config(&pki, &dir);
     let srv = Server::start(&path);
     wait_up(port);
-    let mut alice = ua(&pki, port, "alice");
-    let mut bob = ua(&pki, port, "bob");
-    alice.send(&alice.request(
-        "INVITE",
-        "sip:bob@example.com",
-        "<sip:bob@example.com>",
-        "reload-1",
-        1,
-        "",
-        None,
-    ));
-    let inv = bob.expect("INVITE");
+    let (mut alice, mut bob, inv) = ringing(&pki, port, "reload-1");
     bob.send(&answer(&inv, 200, "OK", "b1", "sip:bob@127.0.0.1"));
     assert_eq!(alice.expect_final_or_provisional("200").0, 200);
 

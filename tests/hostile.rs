@@ -567,6 +567,130 @@ fn a_valid_request_ahead_of_garbage_is_answered() {
 }
 
 #[test]
+fn a_response_naming_a_shard_that_does_not_exist_is_dropped() {
+    // Our branch names the shard that owns the client transaction; one naming no shard of
+    // ours (forged: a response skips the door and authentication) was relayed to it, and
+    // indexing the mesh by it took the shard down.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| c.server.shards = 2);
+    let tcp = srv.listen_addrs[1];
+    // Several connections, so both shards get one.
+    for i in 0..8 {
+        let mut s = connect_from(ATTACKER, tcp).unwrap();
+        s.write_all(format!(
+            "SIP/2.0 180 Ringing\r\nVia: SIP/2.0/TLS sip.example.com:5061;branch=z9hG4bKsr0000000000000000.ffff00000000000{i}\r\nTo: <sip:x@example.com>;tag=1\r\nFrom: <sip:y@example.com>;tag=2\r\nCall-ID: forged-{i}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        ).as_bytes())
+        .unwrap();
+    }
+    wait_metrics(
+        srv.admin_addr.unwrap(),
+        "the forged responses dropped",
+        |m| metric(m, "sipring_responses_dropped_total").unwrap_or(0.0) >= 8.0,
+    );
+    // Both shards still answer.
+    for i in 0..12 {
+        let mut s = connect_from(CLIENT, tcp).unwrap();
+        s.write_all(format!(
+            "OPTIONS sip:sip.example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKo{i}\r\nMax-Forwards: 70\r\nTo: <sip:sip.example.com>\r\nFrom: <sip:o@example.com>;tag=1\r\nCall-ID: o{i}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        ).as_bytes())
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert!(
+            buf[..n].starts_with(b"SIP/2.0 200 OK"),
+            "OPTIONS {i} unanswered: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn the_admin_endpoint_cannot_be_held_or_made_to_reload_by_a_browser() {
+    // It served one request at a time with an unbounded line read: bytes with no newline
+    // grew without limit (the process's memory), one byte every 1.9 s held it, and a
+    // client that never read its /metrics/shards answer blocked it for good.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| c.server.shards = 2);
+    let admin_addr = srv.admin_addr.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // A request line that never ends (64 MiB, unless the server stops reading it).
+    let endless = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(admin_addr).unwrap();
+            let chunk = vec![b'A'; 64 * 1024];
+            let mut sent = 0usize;
+            while sent < 64 << 20 && !stop.load(Ordering::Relaxed) {
+                match s.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(_) => break,
+                }
+            }
+            sent
+        })
+    };
+    // Readers that never read a large answer.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(admin_addr).unwrap();
+        s.write_all(b"GET /metrics/shards HTTP/1.0\r\n\r\n")
+            .unwrap();
+        idle.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The endpoint still answers, within its deadline.
+    let t0 = Instant::now();
+    let (status, body) = sipring_tests::server::admin(admin_addr, "GET", "/health");
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("HTTP/1.0 200 OK", "ok\n")
+    );
+    assert!(t0.elapsed() < Duration::from_secs(7), "{:?}", t0.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let sent = endless.join().unwrap();
+    assert!(
+        sent < 64 << 20,
+        "the endless line was read to the end ({sent} bytes)"
+    );
+    drop(idle);
+    // A request line trickled a byte at a time, each within the read timeout: cut at the
+    // deadline (5 s), not after its 16 KiB.
+    let trickle = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(admin_addr).unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if s.write_all(b"G").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        t0.elapsed()
+    });
+    let held = trickle.join().unwrap();
+    // Served (held until the deadline, not turned away as a fifth), and cut there.
+    assert!(
+        held > Duration::from_secs(3) && held < Duration::from_secs(9),
+        "a trickle held a slot for {held:?}"
+    );
+    // A browser's POST carries Origin: a page the operator visits cannot reload the server.
+    let mut s = TcpStream::connect(admin_addr).unwrap();
+    s.write_all(b"POST /reload HTTP/1.0\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.0 403"), "{out}");
+    let m = admin_get(admin_addr, "/metrics");
+    assert_eq!(
+        metric(&m, "sipring_reloads_total{result=\"ok\"}").unwrap_or(0.0),
+        0.0
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_second_instance_on_the_same_address_is_refused() {
     let pki = Pki::new();
     let port = free_port();

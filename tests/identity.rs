@@ -21,7 +21,9 @@ use sipring::server::{Running, start};
 use sipring::tls::pki::{Ca, Issued, Spec, Usage};
 use sipring_core::auth::{Algorithm, authorization, parse_challenge};
 use sipring_tests::server::{Pki, config, metric, wait_metrics};
-use sipring_tests::ua::{Ua, answer, branch, header, header_all, method, status, tls_config};
+use sipring_tests::ua::{
+    Ua, answer, branch, first_line, header, header_all, invite, method, status, tls_config,
+};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -658,6 +660,115 @@ fn attacks_3_and_5_partners_speak_for_their_own_domains_and_are_not_relayed() {
     srv.join().unwrap();
 }
 
+/// The shard that handled a request `a` sent: the one named in the branch of our Via on what
+/// `bob` received (the shard that owns the client transaction is the one the request came in
+/// on). The probe call is refused 486.
+fn shard_of(a: &mut Ua, bob: &mut Ua, call_id: &str) -> u16 {
+    let got = invite(a, bob, call_id);
+    let via = header(&got, "Via").unwrap();
+    let br = via
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("branch="))
+        .unwrap();
+    let shard = sipring_core::proxy::Proxy::branch_shard(br.as_bytes()).expect("our branch");
+    bob.send(&answer(&got, 486, "Busy Here", "b", "sip:bob@127.0.0.1"));
+    assert_eq!(method(&bob.expect("ACK")), "ACK");
+    assert_eq!(a.expect_final_or_provisional("486").0, 486);
+    shard
+}
+
+/// A partner connection (presenting `cert`, speaking for `domain`) whose requests another
+/// shard than `not` handles.
+fn partner_off_shard(
+    w: &World,
+    srv: &Running,
+    bob: &mut Ua,
+    cert: &Issued,
+    domain: &str,
+    not: u16,
+) -> Ua {
+    for i in 0..40 {
+        let mut p = w.partner(srv, cert, domain);
+        if shard_of(&mut p, bob, &format!("probe-{domain}-{i}")) != not {
+            return p;
+        }
+    }
+    panic!("no connection of {domain} landed on another shard than {not} in 40 tries");
+}
+
+/// The CANCEL of an INVITE as its sender wrote it (RFC 3261 §9.1).
+fn cancel_of(inv: &[u8]) -> Vec<u8> {
+    let h = |n: &str| header(inv, n).unwrap();
+    let line = first_line(inv);
+    let ruri = line.split(' ').nth(1).unwrap();
+    format!(
+        "CANCEL {ruri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\nTo: {}\r\nFrom: {}\r\nCall-ID: {}\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n",
+        h("Via"),
+        h("To"),
+        h("From"),
+        h("Call-ID")
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_partners_cancel_finds_its_invite_on_another_shard() {
+    // A partner's pool of connections lands on several shards, and its CANCEL may come on
+    // another connection than its INVITE (§9.2 matches the transaction, not the
+    // connection): it was answered 481 and the call rang on. Another partner still cannot
+    // cancel it, from either shard.
+    let w = World::new();
+    let srv = w.start(|c| c.server.shards = 2);
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(bob.register(600), 200);
+    let a_cert = w.ca_a.issue(&Spec::server("sip.peer-a.test")).unwrap();
+    let b_cert = w.ca_b.issue(&Spec::server("sip.peer-b.test")).unwrap();
+    let mut a1 = w.partner(&srv, &a_cert, "peer-a.test");
+    let s1 = shard_of(&mut a1, &mut bob, "probe-first");
+    let mut a2 = partner_off_shard(&w, &srv, &mut bob, &a_cert, "peer-a.test", s1);
+    let mut b = partner_off_shard(&w, &srv, &mut bob, &b_cert, "peer-b.test", s1);
+
+    let inv = a1.request(
+        "INVITE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "pool-call",
+        1,
+        "",
+        None,
+    );
+    a1.send(&inv);
+    let got = bob.expect("INVITE");
+    bob.send(&answer(&got, 180, "Ringing", "b", "sip:bob@127.0.0.1"));
+    assert_eq!(a1.expect_final_or_provisional("180").0, 180);
+    let cancel = cancel_of(&inv);
+
+    // Partner B, on the other shard, writing A's CANCEL: refused, and nothing reaches bob.
+    b.send(&cancel);
+    let (code, _) = b.expect_final_or_provisional("B's CANCEL refused");
+    assert_eq!(code, 481, "B's CANCEL");
+    assert!(bob.recv(Duration::from_millis(300)).is_none());
+
+    // Partner A, on the other shard: 200, the call is cancelled downstream, 487 upstream.
+    a2.send(&cancel);
+    let (code, resp) = a2.expect_final_or_provisional("200 to CANCEL");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&resp));
+    let c = bob.expect("CANCEL");
+    assert_eq!(method(&c), "CANCEL");
+    bob.send(&answer(&c, 200, "OK", "b", "sip:bob@127.0.0.1"));
+    bob.send(&answer(
+        &got,
+        487,
+        "Request Terminated",
+        "b",
+        "sip:bob@127.0.0.1",
+    ));
+    assert_eq!(method(&bob.expect("ACK")), "ACK");
+    assert_eq!(a1.expect_final_or_provisional("487").0, 487);
+    srv.stop();
+    srv.join().unwrap();
+}
+
 #[test]
 fn attack_4_flow_tokens_cannot_be_forged_or_moved() {
     let w = World::new();
@@ -822,6 +933,59 @@ fn recheck_closed(srv: &Running, reason: &str) -> f64 {
         &format!("sipring_tls_recheck_closed_total{{reason=\"{reason}\"}}"),
     )
     .unwrap_or(0.0)
+}
+
+#[test]
+fn a_reload_that_changes_who_a_partner_is_needs_a_restart() {
+    // The shards judge partners by a SIP policy built at start; a reload swaps only the
+    // TLS policy that names connections. A partner added or given other rights by a reload
+    // was trusted by one and judged by the other: such a reload is refused whole.
+    let w = World::new();
+    let path = w.pki.dir.join("partners-reload.toml");
+    let cfg = w.config();
+    let write = |c: &Config| std::fs::write(&path, toml::to_string(c).unwrap()).unwrap();
+    write(&cfg);
+    let srv = start(cfg.clone(), Some(path.clone())).expect("start");
+    let mut wider = cfg.clone();
+    wider.peer[0].domains.push("example.org".into());
+    write(&wider);
+    let e = srv.reload().unwrap_err();
+    assert!(e.contains("peer-a") && e.contains("restart"), "{e}");
+    let mut more = cfg.clone();
+    more.peer.push(PeerConfig {
+        name: "peer-c".into(),
+        domains: vec!["peer-c.test".into()],
+        ..cfg.peer[0].clone()
+    });
+    write(&more);
+    let e = srv.reload().unwrap_err();
+    assert!(e.contains("peer-c") && e.contains("added"), "{e}");
+    // Any other key the shards read once, at start: refused, not "reloaded" for nothing.
+    let mut auth_off = cfg.clone();
+    auth_off.auth.enabled = !cfg.auth.enabled;
+    write(&auth_off);
+    let e = srv.reload().unwrap_err();
+    assert!(e.contains("[auth]") && e.contains("restart"), "{e}");
+    let mut limits = cfg.clone();
+    limits.limits.max_connections_per_ip += 1;
+    write(&limits);
+    assert!(srv.reload().unwrap_err().contains("[limits]"));
+    // Removing one is a reload; so is what TLS reads (here: the trusted names).
+    let mut names = cfg.clone();
+    names.peer[0].trusted_names = vec!["sip.peer-a.test".into()];
+    write(&names);
+    srv.reload().expect("trusted names are reloaded");
+    let mut reordered = cfg.clone();
+    reordered.peer.reverse();
+    write(&reordered);
+    srv.reload()
+        .expect("the order of [[peer]] tables means nothing");
+    let mut fewer = cfg;
+    fewer.peer.remove(1);
+    write(&fewer);
+    srv.reload().expect("removing a partner");
+    srv.stop();
+    srv.join().unwrap();
 }
 
 #[test]

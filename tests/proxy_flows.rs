@@ -24,7 +24,7 @@ struct Net {
     /// Everything the proxy sent, per flow, not yet read by the test.
     inbox: Vec<(Flow, Vec<u8>)>,
     closed: Vec<Flow>,
-    /// Refusals for load (the open policy refuses nothing else).
+    /// Refusals for load and per-connection limits (the open policy refuses nothing else).
     refused: Vec<&'static str>,
 }
 
@@ -110,7 +110,14 @@ impl Net {
                 }
                 Output::Close { flow, .. } => self.closed.push(flow),
                 Output::Relay { .. } => panic!("a single shard never relays"),
-                Output::Refused(r) if r.label == "transactions_full" => self.refused.push(r.label),
+                Output::CancelElsewhere { .. } => panic!("a single shard asks no other"),
+                Output::Refused(r)
+                    if r.label == "transactions_full"
+                        || r.label == "transactions_per_connection"
+                        || r.label == "register_aors_per_connection" =>
+                {
+                    self.refused.push(r.label)
+                }
                 Output::Refused(r) => panic!("an open policy refused {r:?}"),
             }
         }
@@ -503,9 +510,13 @@ fn an_invite_refused_here_holds_no_transaction_and_its_ack_ends_here() {
     );
     n.send(&A, ack.as_bytes());
     assert!(n.inbox.is_empty(), "{:?}", n.inbox);
-    // The same tag on another call is not ours: that ACK goes on.
+    assert_eq!(n.proxy.stats().dropped_requests, 0, "ours: it ends here");
+    // The same tag on another call is not ours. With no route of ours in it, it is not the
+    // ACK of a dialog we record-routed either: dropped (counted), not looked up and sent
+    // to bob unauthenticated (Kamailio's default script drops it too).
     n.send(&A, ack.replace("refused-1", "refused-2").as_bytes());
-    assert_eq!(method(&n.one(&B)), "ACK");
+    assert!(n.inbox.is_empty(), "{:?}", n.inbox);
+    assert_eq!(n.proxy.stats().dropped_requests, 1);
     // A re-INVITE keeps its dialog's To-tag: refused, it keeps a transaction, which absorbs
     // its ACK (a stateless answer's ACK could not be told from the dialog's own).
     let reinvite = hops
@@ -526,6 +537,45 @@ fn an_invite_refused_here_holds_no_transaction_and_its_ack_ends_here() {
         .replace("z9hG4bKa1", "z9hG4bKre1");
     n.send(&A, ack.as_bytes());
     assert!(n.inbox.is_empty(), "{:?}", n.inbox);
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn only_its_sender_acks_or_retransmits_a_transaction() {
+    // Anyone who saw the caller's Via (the callee sees it) could end the caller's INVITE
+    // transaction with an ACK from its own connection, or have its answer sent again.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.advance(Duration::from_millis(1));
+    let inv = invite("z9hG4bKown", "own-1");
+    n.send(&A, &inv);
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 486, "Busy Here", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert_eq!(status(&n.one(&A)), 486);
+    let to = with_msg(&fwd, |m, _| {
+        m.header(HeaderName::To).unwrap().value.to_vec()
+    });
+    let ack = format!(
+        "ACK sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKown\r\nMax-Forwards: 70\r\nTo: {};tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: own-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&to)
+    );
+    // From bob's connection: the INVITE retransmitted, then its ACK. Neither touches A's.
+    n.send(&B, &inv);
+    n.send(&B, ack.as_bytes());
+    assert!(n.inbox.is_empty(), "{:?}", n.inbox);
+    assert_eq!(n.proxy.stats().dropped_requests, 2);
+    assert_eq!(
+        n.proxy.load().0,
+        1,
+        "A's transaction still waits for A's ACK"
+    );
+    // A's own retransmission gets its answer again; its ACK ends the transaction.
+    n.send(&A, &inv);
+    assert_eq!(status(&n.one(&A)), 486);
+    n.send(&A, ack.as_bytes());
+    assert_eq!(n.proxy.load().0, 0);
     n.assert_idle_after_timers();
 }
 
@@ -767,6 +817,66 @@ fn transactions_are_capped() {
     n.assert_idle_after_timers();
     n.send(&A, &invite("z9hG4bKcap4", "cap-4"));
     assert_eq!(n.take(&B).len(), 1);
+}
+
+#[test]
+fn a_refused_register_gives_its_connections_aor_place_back() {
+    // A connection may register a few AORs (set_max_aors_per_flow); a REGISTER the
+    // registrar refused (423, a bad Contact) used to keep its place, so a UA whose first
+    // tries failed could no longer register at all over that connection.
+    let mut n = Net::new();
+    n.proxy.set_max_aors_per_flow(2);
+    let reg = |user: &str, expires: u32, cseq: u32| {
+        format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKslot{user}{cseq}\r\nTo: <sip:{user}@example.com>\r\nFrom: <sip:{user}@example.com>;tag=r\r\nCall-ID: slot-{user}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:{user}@10.0.0.1:5061;transport=tls>\r\nExpires: {expires}\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    for (i, user) in ["u1", "u2", "u3"].into_iter().enumerate() {
+        n.send(&A, reg(user, 1, i as u32 + 1).as_bytes());
+        assert_eq!(status(&n.one(&A)), 423, "{user}: interval too brief");
+    }
+    for (i, user) in ["u1", "u2"].into_iter().enumerate() {
+        n.send(&A, reg(user, 600, i as u32 + 10).as_bytes());
+        assert_eq!(status(&n.one(&A)), 200, "{user}");
+    }
+    n.send(&A, reg("u3", 600, 20).as_bytes());
+    assert_eq!(status(&n.one(&A)), 403, "the limit still holds");
+}
+
+#[test]
+fn one_client_connection_cannot_take_the_whole_table() {
+    // A user whose device rings forever (a 180 every few minutes restarts Timer C) held
+    // every transaction of the shard; now a client connection has its share of new work.
+    let mut n = Net::new();
+    n.proxy.set_max_transactions(40);
+    n.proxy.set_max_transactions_per_flow(3);
+    // One call up (its INVITE transaction waits out Timer L: it counts), two ringing.
+    let rr = answered(&mut n, "z9hG4bKpfd", "pf-d");
+    n.advance(Duration::from_millis(1));
+    for i in 0..2 {
+        n.send(&A, &invite(&format!("z9hG4bKpf{i}"), &format!("pf-{i}")));
+    }
+    assert_eq!(n.take(&B).len(), 2);
+    n.take(&A);
+    n.send(&A, &invite("z9hG4bKpf3", "pf-3"));
+    let r = n.one(&A);
+    assert_eq!(status(&r), 503, "{}", String::from_utf8_lossy(&r));
+    assert_eq!(n.refused, ["transactions_per_connection"]);
+    assert!(n.take(&B).is_empty());
+    // What ends a dialog (a PBX trunk hanging up its calls) passes, as at the door.
+    let bye = format!(
+        "BYE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKpfbye\r\nMax-Forwards: 70\r\nRoute: {}\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>;tag=b1\r\nCall-ID: pf-d\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&rr)
+    );
+    n.send(&A, bye.as_bytes());
+    assert_eq!(method(&n.one(&B)), "BYE");
+    // Another connection is served, and A's CANCEL still passes.
+    let c = Flow::Conn(9);
+    n.send(&c, &invite("z9hG4bKpfc", "pf-c"));
+    assert_eq!(n.take(&B).len(), 1);
+    n.send(&A, &cancel_of("pf-0").replace_branch("z9hG4bKpf0"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(n.refused, ["transactions_per_connection"]);
 }
 
 #[test]

@@ -157,7 +157,7 @@ fn routes_via_and_registrar_parameters() {
     // The registrar echoes the outbound parameters (RFC 5626 §6).
     let (code, ok) = carol.register_with(
         600,
-        "Contact: <sip:carol@192.0.2.1;ob>;+sip.instance=\"<urn:uuid:0001>\";reg-id=1\r\n",
+        "Contact: <sip:carol@192.0.2.1;ob>;+sip.instance=\"<urn:uuid:0001>\";reg-id=1\r\nSupported: outbound\r\n",
     );
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&ok));
     let contacts = header_all(&ok, "Contact").unwrap();

@@ -707,6 +707,47 @@ fn inbound_revocation_by_crl() {
 }
 
 #[test]
+fn a_partner_ca_re_keyed_under_its_name_keeps_its_crls_working() {
+    // A CA renewing its key under the same name (as a Windows CA does) publishes one CRL
+    // per key, both in the partner's file. webpki reads the first CRL whose issuer *name*
+    // matches: signed by the other key, it failed every certificate of that key (as
+    // bad_certificate, under `allow` too).
+    let w = World::new();
+    let renewed = Ca::new("Alpha CA").unwrap();
+    let old_leaf = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    let new_leaf = renewed.issue(&spec("sip.alpha.example")).unwrap();
+    let new_revoked = renewed.issue(&spec("sip.alpha.example")).unwrap();
+    w.dir.write(
+        "alpha-ca.pem",
+        format!("{}{}", w.alpha.cert.cert_pem, renewed.cert.cert_pem),
+    );
+    w.dir.write(
+        "alpha.crl",
+        format!(
+            "{}{}",
+            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
+            renewed.crl(&[new_revoked.serial]).unwrap()
+        ),
+    );
+    let policy = w.policy(&["1.3"]);
+    assert_eq!(
+        inbound(&w, &policy, "1.3", Some(&old_leaf)),
+        Ok(()),
+        "old key"
+    );
+    assert_eq!(
+        inbound(&w, &policy, "1.3", Some(&new_leaf)),
+        Ok(()),
+        "new key"
+    );
+    assert_eq!(
+        inbound(&w, &policy, "1.3", Some(&new_revoked)),
+        Err(Rejection::Revoked),
+        "revoked by the new key's CRL"
+    );
+}
+
+#[test]
 fn a_crl_past_its_next_update_is_no_crl() {
     // A CRL file nobody refreshed: it cannot say what was revoked since it was due, so under
     // the default policy (unknown status denied) a certificate it does not list is refused
@@ -789,6 +830,18 @@ fn outbound_partner_acceptance_and_rejections() {
                 w.alpha
                     .issue(&Spec {
                         usage: Usage::CodeSigning,
+                        ..spec("sip.alpha.example")
+                    })
+                    .unwrap(),
+                Rejection::BadEku,
+            ),
+            (
+                // The server we dial must be one: a clientAuth-only certificate is not.
+                "client-only EKU",
+                "alpha",
+                w.alpha
+                    .issue(&Spec {
+                        usage: Usage::ClientOnly,
                         ..spec("sip.alpha.example")
                     })
                     .unwrap(),

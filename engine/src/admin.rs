@@ -4,21 +4,39 @@
 //! - `GET /metrics/shards`: the same families with one series per shard (`shard` label).
 //! - `GET /hgrm`: the histogram names; `GET /hgrm/<name>`: one histogram in `.hgrm` format
 //!   (milliseconds), merged across shards.
-//! - `POST /reload`: like SIGHUP.
-//! - `GET /health`: `ok`, or `draining`.
+//! - `POST /reload`: like SIGHUP (refused, 403, with an `Origin` header: a browser's).
+//! - `GET /health`: `200 ok`, or `503 draining`.
+//!
+//! Whoever reaches the port cannot hold it or the process's memory: a request is read
+//! within [`REQUEST_BYTES`] and [`DEADLINE`], answered within the deadline too, and at most
+//! [`CONCURRENT`] are served at once (more are closed unanswered).
 
 use crate::control::Control;
 use crate::server::{Reloader, Running, merge};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The most bytes of a request (line and headers) read; the rest is not.
+pub const REQUEST_BYTES: u64 = 16 * 1024;
+/// How long one request may take, read and answer together.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+/// Requests served at once, each on a thread of its own.
+pub const CONCURRENT: usize = 4;
 
 /// Starts the admin thread; returns the bound address.
 pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
+    if !local.ip().is_loopback() {
+        tracing::warn!(%local, "the admin endpoint listens beyond loopback: it has no authentication (metrics, reload); restrict who reaches it");
+    }
     let control = running.control.clone();
     let reloader = Reloader::of(running);
+    let reloader = Arc::new(reloader);
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("sipring-admin".into())
         .spawn(move || {
@@ -28,11 +46,26 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
                 }
                 match stream {
                     Ok(s) => {
-                        let _ = handle(s, &control, &reloader);
+                        // A slow client holds its own thread, not the endpoint.
+                        if busy.fetch_add(1, Ordering::AcqRel) >= CONCURRENT {
+                            busy.fetch_sub(1, Ordering::AcqRel);
+                            continue;
+                        }
+                        let (control, reloader, done) =
+                            (control.clone(), reloader.clone(), busy.clone());
+                        let served = std::thread::Builder::new()
+                            .name("sipring-admin-req".into())
+                            .spawn(move || {
+                                let _ = handle(s, &control, &reloader);
+                                done.fetch_sub(1, Ordering::AcqRel);
+                            });
+                        if served.is_err() {
+                            busy.fetch_sub(1, Ordering::AcqRel);
+                        }
                     }
                     // Out of descriptors for a moment (closes still pending): wait, do not
                     // spin; the connection stays queued and is served next.
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         })?;
@@ -40,20 +73,45 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
 }
 
 fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
-    // Read and write through one descriptor (no dup: it must work with few to spare).
-    let mut reader = BufReader::new(&stream);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    // Drain the request headers.
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
-            break;
+    let deadline = Instant::now() + DEADLINE;
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    // Read and write through one descriptor (no dup: it must work with few to spare). The
+    // deadline is checked after every read, not every line: a client sending a byte at a
+    // time within the read timeout is still cut at the deadline.
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
         }
-    }
+        if let Some(i) = head.windows(2).position(|w| w == b"\n\n") {
+            break i;
+        }
+        if Instant::now() >= deadline || head.len() as u64 >= REQUEST_BYTES {
+            return Ok(()); // too slow or too long: nothing to answer
+        }
+        stream.set_read_timeout(Some(left()))?;
+        let room = (REQUEST_BYTES as usize - head.len()).min(buf.len());
+        let n = (&stream).read(&mut buf[..room])?;
+        if n == 0 {
+            return Ok(()); // cut short
+        }
+        head.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&head[..end]);
+    let mut lines = head.lines();
+    let line = lines.next().unwrap_or("");
+    let origin = lines.any(|h| {
+        h.split_once(':')
+            .is_some_and(|(name, _)| name.trim().eq_ignore_ascii_case("origin"))
+    });
     let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
         // All shards merged: what `sum(rate(...))` should see, each family once.
         ("GET", "/metrics") => (
@@ -86,6 +144,13 @@ fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std
             Some(h) => ("200 OK", "text/plain", crate::metrics::hgrm(h, 1000.0)),
             None => ("404 Not Found", "text/plain", "no such histogram\n".into()),
         },
+        // A browser says where its page came from on every POST: a page the operator
+        // visited must not reload the server (curl and scripts send no Origin).
+        ("POST", "/reload") if origin => (
+            "403 Forbidden",
+            "text/plain",
+            "a browser may not reload the server (Origin header)\n".into(),
+        ),
         ("POST", "/reload") => match reloader.reload() {
             Ok(()) => ("200 OK", "text/plain", "reloaded\n".into()),
             Err(e) => (
@@ -94,22 +159,34 @@ fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std
                 format!("reload refused: {e}\n"),
             ),
         },
-        ("GET", "/health") => (
-            "200 OK",
+        // A load balancer's check: a draining node takes no new work.
+        ("GET", "/health") if control.draining() => {
+            ("503 Service Unavailable", "text/plain", "draining\n".into())
+        }
+        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".into()),
+        (_, "/metrics" | "/metrics/shards" | "/hgrm" | "/health" | "/reload") => (
+            "405 Method Not Allowed",
             "text/plain",
-            if control.draining() {
-                "draining\n".into()
-            } else {
-                "ok\n".into()
-            },
+            "method not allowed\n".into(),
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     };
-    let mut s = &stream;
-    write!(
-        s,
-        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
+    );
+    // A client that does not read (or reads a byte at a time) gets what it took by the
+    // deadline, then is closed: the deadline is checked after every write.
+    let mut s = &stream;
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    let mut sent = 0;
+    while sent < out.len() {
+        if Instant::now() >= deadline {
+            return Ok(());
+        }
+        stream.set_write_timeout(Some(left()))?;
+        sent += s.write(&out[sent..(sent + 16 * 1024).min(out.len())])?;
+    }
     s.flush()
 }

@@ -31,7 +31,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Lookups waiting for the store thread, all shards together; past it a lookup is answered
@@ -119,9 +119,17 @@ pub struct StoreSender {
     resync: Arc<AtomicU64>,
     node: String,
     epoch: u64,
+    name_taken: Arc<AtomicBool>,
 }
 
 impl StoreSender {
+    /// Another live process holds this node's name in the store (a copied configuration,
+    /// or an old process still running): this one must not run as that node — its writes
+    /// and its start-up sweep would erase the other's bindings. The process stops.
+    pub fn name_taken(&self) -> bool {
+        self.name_taken.load(Ordering::Relaxed)
+    }
+
     /// A handle for one shard.
     pub fn handle(&self) -> Store {
         Store {
@@ -209,6 +217,31 @@ pub fn live_holders(
         .collect()
 }
 
+/// The Redis URLs of `cluster.store` (`host:port` means `redis://host:port`).
+pub fn seeds(store: &[String]) -> Vec<String> {
+    store
+        .iter()
+        .map(|a| {
+            if a.contains("://") {
+                a.clone()
+            } else {
+                format!("redis://{a}")
+            }
+        })
+        .collect()
+}
+
+/// The `cluster.store` entry that is not a Redis address, if one is (checked before start:
+/// the store thread could only log it, and the node would run outside its cluster).
+pub fn bad_seed(store: &[String]) -> Option<String> {
+    use redis::IntoConnectionInfo;
+    store
+        .iter()
+        .zip(seeds(store))
+        .find(|(_, s)| s.as_str().into_connection_info().is_err())
+        .map(|(a, _)| a.clone())
+}
+
 /// Starts the store thread; returns the sender shards get their handles from. With
 /// `subscribers_key`, the thread keeps `subscribers` filled from the store.
 pub fn start(
@@ -225,12 +258,14 @@ pub fn start(
         .wrapping_add(u64::from(std::process::id()))
         | 1;
     let cfg = cfg.clone();
+    let name_taken = Arc::new(AtomicBool::new(false));
     let sender = StoreSender {
         writes,
         asks,
         resync: resync.clone(),
         node: cfg.node.clone(),
         epoch,
+        name_taken: name_taken.clone(),
     };
     std::thread::Builder::new()
         .name("sipring-store".into())
@@ -248,7 +283,13 @@ pub fn start(
             let local = tokio::task::LocalSet::new();
             local.block_on(
                 &rt,
-                run(cfg, epoch, (write_rx, ask_rx), resync, subscribers),
+                run(
+                    cfg,
+                    epoch,
+                    (write_rx, ask_rx),
+                    (resync, name_taken),
+                    subscribers,
+                ),
             );
         })?;
     Ok(sender)
@@ -270,6 +311,10 @@ struct State {
     /// Writes that failed in a row (0 after any success): the retry backoff.
     write_failures: std::cell::Cell<u32>,
     resync: Arc<AtomicU64>,
+    /// This life holds the node's liveness key: until then nothing is written under the
+    /// node's name (it may be another live process's), nor swept.
+    claimed: std::cell::Cell<bool>,
+    name_taken: Arc<AtomicBool>,
 }
 
 impl State {
@@ -293,20 +338,10 @@ async fn run(
     cfg: ClusterConfig,
     epoch: u64,
     (write_rx, ask_rx): (async_channel::Receiver<Write>, async_channel::Receiver<Ask>),
-    resync: Arc<AtomicU64>,
+    (resync, name_taken): (Arc<AtomicU64>, Arc<AtomicBool>),
     subscribers: crate::auth::SharedSubscribers,
 ) {
-    let seeds: Vec<String> = cfg
-        .store
-        .iter()
-        .map(|a| {
-            if a.contains("://") {
-                a.clone()
-            } else {
-                format!("redis://{a}")
-            }
-        })
-        .collect();
+    let seeds = seeds(&cfg.store);
     let timeout = Duration::from_millis(cfg.store_timeout_ms);
     let client = match redis::cluster::ClusterClient::builder(seeds)
         .connection_timeout(timeout)
@@ -333,6 +368,8 @@ async fn run(
         wake: tokio::sync::Notify::new(),
         write_failures: std::cell::Cell::new(0),
         resync,
+        claimed: std::cell::Cell::new(false),
+        name_taken,
     });
     // Connect (and keep trying) in the background; until then requests fail fast.
     {
@@ -391,7 +428,7 @@ async fn run(
 async fn write_dirty(st: Rc<State>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
     loop {
-        let Some(c) = st.conn() else {
+        let Some(c) = st.conn().filter(|_| st.claimed.get()) else {
             if !st.dirty.borrow().is_empty()
                 && let Some(left_out) = st.errors.allow(Instant::now())
             {
@@ -428,7 +465,12 @@ async fn write_dirty(st: Rc<State>) {
             st.writing.borrow_mut().insert(aor.clone());
             let (st, mut c) = (st.clone(), c.clone());
             tokio::task::spawn_local(async move {
-                if let Err(e) = write_field(&st, &mut c, &aor, &field).await {
+                let written = write_field(&st, &mut c, &aor, &field).await;
+                // The slot is for a request at the store, not for a wait: writes to the
+                // healthy masters go on while this one backs off (the AOR stays in
+                // `writing` meanwhile, so it is not written twice at once).
+                drop(permit);
+                if let Err(e) = written {
                     st.failed("write", &e);
                     let n = st.write_failures.get().saturating_add(1);
                     st.write_failures.set(n);
@@ -440,7 +482,6 @@ async fn write_dirty(st: Rc<State>) {
                     st.write_failures.set(0);
                 }
                 st.writing.borrow_mut().remove(&aor);
-                drop(permit);
                 st.wake.notify_one();
             });
         }
@@ -519,6 +560,14 @@ async fn serve(st: &State, ask: Ask) {
         .await;
 }
 
+/// Sets the liveness key `KEYS[1]` to this life's epoch `ARGV[1]` for `ARGV[2]` ms unless
+/// another epoch holds it; returns what it held (nil: nothing). A compare-and-set, so a node
+/// never overwrites a key that another process running under its name refreshes — not to
+/// claim the name, nor after its own store link was down past its liveness.
+const LIVENESS_IF_OURS: &str = "local v = redis.call('GET', KEYS[1]) \
+     if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end \
+     return v";
+
 /// Deletes field `ARGV[1]` of hash `KEYS[1]` only if it still holds `ARGV[2]`.
 const DELETE_IF_SAME: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
      return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
@@ -556,8 +605,11 @@ fn masters(nodes: &str) -> Vec<String> {
 /// to (their epoch is dead); this gives their memory back before their TTL.
 async fn sweep_previous_life(st: Rc<State>) {
     let mut c = loop {
-        if let Some(c) = st.conn() {
+        if let Some(c) = st.conn().filter(|_| st.claimed.get()) {
             break c;
+        }
+        if st.name_taken.load(Ordering::Relaxed) {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -693,20 +745,53 @@ async fn heartbeat(st: Rc<State>) {
         .filter(|n| *n != me)
         .collect();
     let mut beats = 0u64;
+    // Beats a period apart from start to start: a slow store delays one beat by at most its
+    // request timeout (config: heartbeat_ms + store_timeout_ms < liveness_ms), however
+    // many nodes there are to read.
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The other nodes' keys are read in tasks of their own, one at a time per node.
+    let reading: Rc<RefCell<HashSet<String>>> = Rc::default();
+    // Claiming the name: the key held by another epoch is a previous life's until it has
+    // outlived its TTL (a dead process stops refreshing it); past that, a live process
+    // refreshes it, and this one must not run as the same node.
+    let mut held_since: Option<Instant> = None;
+    let patience = Duration::from_millis(st.cfg.liveness_ms + 2 * st.cfg.heartbeat_ms);
     loop {
+        tick.tick().await;
         if let Some(mut c) = st.conn() {
-            // GET: what the key held. Gone after this node set it (a store that restarted
-            // empty or lost writes in a failover — or this node stalled past its liveness):
-            // what this node wrote may be gone too, so every shard writes its bindings again.
-            let r: redis::RedisResult<Option<u64>> = redis::cmd("SET")
+            // Set unless another epoch holds it, and what it held: gone after this node set
+            // it (a store that restarted empty or lost writes in a failover — or this node
+            // stalled past its liveness), what this node wrote may be gone too, so every
+            // shard writes its bindings again. Another epoch's is never overwritten.
+            let r: redis::RedisResult<Option<u64>> = redis::cmd("EVAL")
+                .arg(LIVENESS_IF_OURS)
+                .arg(1)
                 .arg(node_key(&me))
                 .arg(st.epoch)
-                .arg("PX")
                 .arg(st.cfg.liveness_ms)
-                .arg("GET")
                 .query_async(&mut c)
                 .await;
             match r {
+                // Ours: set now, or by an earlier SET whose answer was lost.
+                Ok(prev) if !st.claimed.get() && prev.is_none_or(|e| e == st.epoch) => {
+                    st.claimed.set(true);
+                    beats += 1;
+                    st.wake.notify_one();
+                    tracing::info!(node = %me, epoch = st.epoch, "this node's liveness key is held by this process");
+                }
+                Ok(Some(other)) if other != st.epoch => {
+                    if st.claimed.get()
+                        || held_since.get_or_insert_with(Instant::now).elapsed() > patience
+                    {
+                        tracing::error!(node = %me, other_epoch = other, "another live process runs as this cluster node (a copied configuration, or an old process still running): this one stops rather than erase its bindings");
+                        st.name_taken.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    if held_since.is_some_and(|t| t.elapsed() < period) {
+                        tracing::info!(node = %me, "this node's liveness key is held by another epoch (a previous life?): waiting for it to expire before writing anything");
+                    }
+                }
                 Ok(prev) => {
                     if beats > 0 && prev != Some(st.epoch) {
                         tracing::warn!(node = %me, "this node's liveness key was gone from the location store (data lost, or this node stalled): writing all its bindings again");
@@ -716,26 +801,36 @@ async fn heartbeat(st: Rc<State>) {
                 }
                 Err(e) => st.failed("heartbeat", &e),
             }
+            // The other nodes are read claimed or not: a node that waits to claim its name
+            // (a quick restart) still routes to them.
             for n in &others {
-                let r: redis::RedisResult<Option<u64>> =
-                    redis::cmd("GET").arg(node_key(n)).query_async(&mut c).await;
-                match r {
-                    Ok(Some(epoch)) => {
-                        let prev = st.alive.borrow_mut().insert(n.clone(), epoch);
-                        if prev != Some(epoch) {
-                            tracing::info!(node = %n, epoch, "cluster node up");
-                        }
-                    }
-                    Ok(None) => {
-                        if st.alive.borrow_mut().remove(n).is_some() {
-                            tracing::warn!(node = %n, "cluster node down: its liveness key expired; its users get 480 until they register elsewhere");
-                        }
-                    }
-                    Err(e) => st.failed("liveness", &e),
+                if !reading.borrow_mut().insert(n.clone()) {
+                    continue;
                 }
+                let (st, reading, n, mut c) = (st.clone(), reading.clone(), n.clone(), c.clone());
+                tokio::task::spawn_local(async move {
+                    let r: redis::RedisResult<Option<u64>> = redis::cmd("GET")
+                        .arg(node_key(&n))
+                        .query_async(&mut c)
+                        .await;
+                    match r {
+                        Ok(Some(epoch)) => {
+                            let prev = st.alive.borrow_mut().insert(n.clone(), epoch);
+                            if prev != Some(epoch) {
+                                tracing::info!(node = %n, epoch, "cluster node up");
+                            }
+                        }
+                        Ok(None) => {
+                            if st.alive.borrow_mut().remove(&n).is_some() {
+                                tracing::warn!(node = %n, "cluster node down: its liveness key expired; its users get 480 until they register elsewhere");
+                            }
+                        }
+                        Err(e) => st.failed("liveness", &e),
+                    }
+                    reading.borrow_mut().remove(&n);
+                });
             }
         }
-        tokio::time::sleep(period).await;
     }
 }
 

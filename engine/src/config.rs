@@ -490,8 +490,12 @@ pub struct LimitsConfig {
     /// handshakes from one address cannot take every slot. Default 64.
     pub max_handshakes_per_ip: usize,
     /// Close connections that sent no complete message and no keepalive (CRLFCRLF) for this
-    /// long, in seconds: bytes that trickle do not count. Default 900.
+    /// long, in seconds: bytes that trickle do not count; a connection is kept while a
+    /// binding registered over it lasts. Default 900.
     pub idle_timeout_s: u64,
+    /// TCP keepalive on every connection: the first probe after this many seconds without
+    /// traffic (then every 30 s; 4 unanswered fail it). 0: off. Default 300.
+    pub tcp_keepalive_s: u64,
     /// Per-connection write queue cap, in bytes; beyond it the connection is closed as a slow
     /// reader. Default 1048576.
     pub write_queue_bytes: usize,
@@ -509,6 +513,10 @@ pub struct LimitsConfig {
     /// Most server transactions per shard (requests being answered or absorbing
     /// retransmissions); a request beyond gets a stateless 503 with Retry-After. Default 50000.
     pub max_transactions_per_shard: usize,
+    /// Most server transactions one client connection holds at once (partners: not
+    /// limited); a request beyond gets a stateless 503 with Retry-After. 0: no limit.
+    /// Default 1024.
+    pub max_transactions_per_connection: usize,
     /// Overload shedding: each 10 ms tick a shard's event loop lags more than this, in
     /// milliseconds (two in a row), cuts the fraction of new requests (out of dialog, not ACK or CANCEL) it
     /// admits by a quarter; the others are answered 503 with Retry-After before any work.
@@ -571,11 +579,13 @@ impl Default for LimitsConfig {
             max_handshakes_in_flight: 1024,
             max_handshakes_per_ip: 64,
             idle_timeout_s: 900,
+            tcp_keepalive_s: 300,
             write_queue_bytes: 1 << 20,
             write_queue_bytes_per_shard: 256 << 20,
             partial_timeout_ms: 5000,
             partial_bytes_per_shard: 64 << 20,
             max_transactions_per_shard: 50_000,
+            max_transactions_per_connection: 1024,
             overload_lag_ms: 10,
             overload_control: OverloadControl::Partners,
             overload_control_lag_ms: 1,
@@ -822,11 +832,18 @@ impl Config {
                     format!("peer[{i}].server_name"),
                     "missing: the name expected in the peer's certificate",
                 );
+            } else if p.trusted_names.iter().any(|t| t.contains('*')) {
+                // Trusted names are names: `allow_wildcards` lets a *certificate's* dNSName
+                // be a wildcard, never a list entry (which matched only a literal `*`).
+                e(
+                    format!("peer[{i}].trusted_names"),
+                    "names, not patterns: no '*' (allow_wildcards is about the certificate)",
+                );
             } else if !p.trusted_names.is_empty()
                 && !p
                     .trusted_names
                     .iter()
-                    .any(|t| crate::tls::verify::name_matches(t, &p.server_name, p.allow_wildcards))
+                    .any(|t| crate::tls::verify::name_matches(t, &p.server_name, false))
             {
                 // We connect to `server_name` and accept only a certificate naming it with a
                 // trusted identity: a list without it could never connect.
@@ -897,11 +914,58 @@ impl Config {
                 "outside min_expires_s..=max_expires_s",
             );
         }
-        if r.timer_c_s <= 180 {
+        if r.timer_c_s <= 180 || r.timer_c_s > 86_400 {
             e(
                 "registrar.timer_c_s".into(),
-                "RFC 3261 §16.6 requires more than 3 minutes (181 or more)",
+                "RFC 3261 §16.6 requires more than 3 minutes (181 or more), and at most a day",
             );
+        }
+        if r.min_expires_s > 3600 {
+            e(
+                "registrar.min_expires_s".into(),
+                "at most 3600: RFC 3261 §10.3 allows 423 Interval Too Brief only below an hour",
+            );
+        }
+        // Zero here refuses or cuts every connection (each is compared with `>=`, or is a
+        // deadline); none means "no limit".
+        for (key, v) in [
+            (
+                "limits.max_connections_per_shard",
+                self.limits.max_connections_per_shard as u64,
+            ),
+            (
+                "limits.max_connections_per_ip",
+                self.limits.max_connections_per_ip as u64,
+            ),
+            (
+                "limits.max_handshakes_in_flight",
+                self.limits.max_handshakes_in_flight as u64,
+            ),
+            ("limits.idle_timeout_s", self.limits.idle_timeout_s),
+            (
+                "limits.write_queue_bytes",
+                self.limits.write_queue_bytes as u64,
+            ),
+            (
+                "tls.client_hello_timeout_ms",
+                self.tls.client_hello_timeout_ms,
+            ),
+        ] {
+            if v == 0 {
+                e(
+                    key.into(),
+                    "must be positive (0 would refuse or cut every connection)",
+                );
+            }
+        }
+        if self.limits.tcp_keepalive_s > 32_767 {
+            e(
+                "limits.tcp_keepalive_s".into(),
+                "at most 32767 (the kernel's bound for TCP_KEEPIDLE)",
+            );
+        }
+        if self.server.drain_timeout_s > 3600 {
+            e("server.drain_timeout_s".into(), "at most 3600");
         }
         if self.limits.max_transactions_per_shard == 0 {
             e(
@@ -938,6 +1002,11 @@ impl Config {
                 e(
                     "cluster.store".into(),
                     "at least one Redis Cluster address (host:port)",
+                );
+            } else if let Some(bad) = crate::cluster::bad_seed(&c.store) {
+                e(
+                    "cluster.store".into(),
+                    &format!("{bad:?} is not a Redis address (host:port or redis://…)"),
                 );
             }
             if c.roots.as_os_str().is_empty() {
@@ -1047,6 +1116,57 @@ mod tests {
     }
 
     #[test]
+    fn values_that_would_fail_at_run_time_are_refused_at_load() {
+        // A Redis address the store thread could only log (the node then ran outside its
+        // cluster), a Timer C that overflows the clock at the first INVITE, a Min-Expires
+        // of more than an hour (§10.3 allows 423 only below one).
+        let keys = |text: &str| -> Vec<String> {
+            Config::parse(text)
+                .unwrap()
+                .validate(Path::new("x.toml"))
+                .into_iter()
+                .map(|e| e.key)
+                .collect()
+        };
+        let k = keys(
+            "[registrar]\nmin_expires_s = 7200\nmax_expires_s = 86400\ndefault_expires_s = 7200\ntimer_c_s = 18446744073709551615\n[cluster]\nnode = \"a\"\nstore = [\"redis://[bad\"]\nroots = \"r.pem\"\n[[cluster.nodes]]\nname = \"a\"\naddress = \"127.0.0.1:5070\"\nidentity = \"a.example\"\n",
+        );
+        for key in [
+            "registrar.min_expires_s",
+            "registrar.timer_c_s",
+            "cluster.store",
+        ] {
+            assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
+        }
+        // Zeros that refuse or cut every connection, and a drain that overflows the clock.
+        let k = keys(
+            "[server]\ndrain_timeout_s = 18446744073709551615\n[tls]\nclient_hello_timeout_ms = 0\n[limits]\ntcp_keepalive_s = 40000\nidle_timeout_s = 0\nwrite_queue_bytes = 0\nmax_connections_per_ip = 0\nmax_connections_per_shard = 0\nmax_handshakes_in_flight = 0\n",
+        );
+        for key in [
+            "server.drain_timeout_s",
+            "limits.tcp_keepalive_s",
+            "tls.client_hello_timeout_ms",
+            "limits.idle_timeout_s",
+            "limits.write_queue_bytes",
+            "limits.max_connections_per_ip",
+            "limits.max_connections_per_shard",
+            "limits.max_handshakes_in_flight",
+        ] {
+            assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
+        }
+        let k = keys(
+            "[registrar]\nmin_expires_s = 3600\ntimer_c_s = 600\n[cluster]\nnode = \"a\"\nstore = [\"10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\nroots = \"r.pem\"\n[[cluster.nodes]]\nname = \"a\"\naddress = \"127.0.0.1:5070\"\nidentity = \"a.example\"\n",
+        );
+        for key in [
+            "registrar.min_expires_s",
+            "registrar.timer_c_s",
+            "cluster.store",
+        ] {
+            assert!(!k.iter().any(|x| x == key), "{key} in {k:?}");
+        }
+    }
+
+    #[test]
     fn a_partner_we_connect_to_must_trust_the_name_we_dial() {
         let with = |trusted: &str, extra: &str| {
             Config::parse(&format!(
@@ -1061,11 +1181,16 @@ mod tests {
         let key = "peer[0].trusted_names".to_string();
         assert!(with("\"sip.other.example\"", "").contains(&key));
         assert!(!with("\"sip.other.example\", \"SIP.acme.example.\"", "").contains(&key));
-        // A wildcard on the list covers it where wildcards are allowed.
+        // The list holds names, not patterns: a wildcard entry matched only a certificate
+        // with a literal `*` where one was allowed (a sip: URI or a CN), and never the
+        // wildcard certificates allow_wildcards is for.
+        assert!(with("\"*.acme.example\"", "allow_wildcards = true\n").contains(&key));
         assert!(
-            with("\"*.acme.example\"", "allow_wildcards = true\n")
-                .iter()
-                .all(|k| *k != key)
+            with(
+                "\"sip.acme.example\", \"*.acme.example\"",
+                "allow_wildcards = true\n"
+            )
+            .contains(&key)
         );
         assert!(with("\"*.acme.example\"", "").contains(&key));
     }

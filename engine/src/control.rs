@@ -16,6 +16,7 @@ use std::time::Instant;
 pub struct Control {
     pub(crate) draining: AtomicBool,
     pub(crate) stopping: AtomicBool,
+    pub(crate) hurry: AtomicBool,
     /// Latest metrics snapshot of each shard.
     pub snapshots: Vec<ArcSwap<Snapshot>>,
     /// TLS rejections by reason.
@@ -26,6 +27,9 @@ pub struct Control {
     pub stopped: AtomicUsize,
     /// Reloads applied / refused.
     pub reloads: [std::sync::atomic::AtomicU64; 2],
+    /// One reload at a time (SIGHUP and the admin endpoint may ask together): the TLS
+    /// policy and the subscribers then come from the same file. Not on the message path.
+    pub reload_lock: std::sync::Mutex<()>,
     /// How many TLS policies were swapped in (0: the one the server started with). Shards
     /// check again the certificates of connections verified under an older one.
     pub tls_generation: std::sync::atomic::AtomicU64,
@@ -142,6 +146,17 @@ impl Control {
     /// Is the server draining (no new connections)?
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Cut a drain short (a second SIGTERM): [`crate::server::Running::drain`] stops
+    /// waiting for requests in progress.
+    pub fn hurry(&self) {
+        self.hurry.store(true, Ordering::Relaxed);
+    }
+
+    /// Was the drain cut short?
+    pub fn hurried(&self) -> bool {
+        self.hurry.load(Ordering::Relaxed)
     }
 
     /// Must shards close everything and exit now?

@@ -125,7 +125,8 @@ fn kernel_version(s: &str) -> (u32, u32) {
 }
 
 /// Does the current sysctl value meet the recommended one (numbers: at least; the port
-/// range: at least as wide)?
+/// range: at least as wide; a keepalive time: at most; `tcp_tw_reuse`: exactly, since its
+/// default 2 means loopback only)?
 pub fn sysctl_ok(key: &str, current: &str, want: &str) -> bool {
     let cur: Vec<u64> = current
         .split_whitespace()
@@ -140,7 +141,8 @@ pub fn sysctl_ok(key: &str, current: &str, want: &str) -> bool {
     }
     match key {
         "net.ipv4.ip_local_port_range" => cur[0] <= w[0] && cur[1] >= w[1],
-        "kernel.io_uring_disabled" => cur[0] <= w[0],
+        "kernel.io_uring_disabled" | "net.ipv4.tcp_keepalive_time" => cur[0] <= w[0],
+        "net.ipv4.tcp_tw_reuse" => cur == w,
         _ => cur.iter().zip(&w).all(|(c, w)| c >= w),
     }
 }

@@ -100,7 +100,8 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "relay_not_allowed",
         "unknown_partner",
         "forged_flow_token",
-        "transactions_full"
+        "transactions_full",
+        "transactions_per_connection"
     )
 }
 

@@ -69,6 +69,7 @@ fn init_logs() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .init();
 }
 
@@ -169,14 +170,10 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let running = match sipring::server::start(cfg, Some(path)) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot start: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    tracing::info!(shards = running.shards, listen = ?running.listen_addrs, admin = ?running.admin_addr, "sipring running");
+    // Signals are caught before the (slow: certificates, CRLs, subscribers) start: a
+    // SIGHUP from a certificate-renewal hook then waits for it instead of killing the
+    // process with its default action — which systemd counts as a clean exit and does not
+    // restart.
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -185,23 +182,57 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("signals: {e}");
-            running.stop();
             return ExitCode::FAILURE;
         }
     };
-    for sig in signals.forever() {
-        match sig {
-            signal_hook::consts::SIGHUP => {
-                let _ = running.reload();
-            }
-            _ => {
-                tracing::info!("draining");
-                running.drain();
-                break;
+    let running = match sipring::server::start(cfg, Some(path)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(shards = running.shards, listen = ?running.listen_addrs, admin = ?running.admin_addr, "sipring running");
+    // A shard that died (a panic) leaves a process that looks alive — to the admin port, to
+    // the cluster's liveness key — while the users on that shard get nothing: stop, so the
+    // supervisor restarts it whole.
+    let mut fatal = false;
+    let drain = 'serve: loop {
+        for sig in signals.pending() {
+            match sig {
+                signal_hook::consts::SIGHUP => {
+                    let _ = running.reload();
+                }
+                _ => break 'serve true,
             }
         }
+        if let Some(why) = running.fatal() {
+            tracing::error!("{why}: stopping the process");
+            running.stop();
+            fatal = true;
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    if drain {
+        tracing::info!("draining");
+        // A second SIGTERM/SIGINT stops at once instead of waiting out `drain_timeout_s`.
+        let control = running.control.clone();
+        let handle = signals.handle();
+        let hurry = std::thread::spawn(move || {
+            for sig in signals.forever() {
+                if sig != signal_hook::consts::SIGHUP {
+                    tracing::info!("stopping now");
+                    control.hurry();
+                }
+            }
+        });
+        running.drain();
+        handle.close();
+        let _ = hurry.join();
     }
     match running.join() {
+        Ok(()) if fatal => ExitCode::FAILURE,
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS

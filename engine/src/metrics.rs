@@ -185,6 +185,9 @@ fn help(family: &str) -> &'static str {
         "sipring_requests_forwarded_total" => "Client transactions started.",
         "sipring_local_responses_total" => "Responses generated here.",
         "sipring_requests_rejected_total" => "Malformed requests answered with an error.",
+        "sipring_requests_dropped_total" => {
+            "Requests dropped unanswered: an ACK matching nothing with no route of ours, or an ACK or retransmission from another sender than its transaction's."
+        }
         "sipring_responses_dropped_total" => "Responses not ours or without a transaction.",
         "sipring_parse_errors_total" => "Framing or parse errors that closed a connection.",
         "sipring_cross_shard_total" => "Mesh messages sent, by operation.",
@@ -243,6 +246,19 @@ pub use sipring_net::snake_label;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_stops_families_say_what_they_count() {
+        // A family without its own HELP falls back to a pointer at the docs.
+        for f in [
+            "sipring_requests_dropped_total",
+            "sipring_tls_recheck_closed_total",
+            "sipring_ktls_closes_total",
+            "sipring_sip_refusals_total",
+        ] {
+            assert_ne!(help(f), help("sipring_no_such_family"), "{f}");
+        }
+    }
 
     #[test]
     fn hgrm_round_trips_and_merges() {

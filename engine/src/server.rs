@@ -137,6 +137,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     let control = Arc::new(Control {
         store,
         draining: AtomicBool::new(false),
+        hurry: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         snapshots: (0..n)
             .map(|i| {
@@ -150,6 +151,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         ktls,
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
+        reload_lock: std::sync::Mutex::new(()),
         tls_generation: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         per_source: PerSource::default(),
@@ -394,7 +396,7 @@ impl Running {
     pub fn drain(&self) {
         self.control.draining.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(self.cfg.server.drain_timeout_s);
-        while Instant::now() < deadline {
+        while Instant::now() < deadline && !self.control.hurried() {
             // Snapshots are published every 500 ms: give the shards time to publish once
             // after draining began, then wait for requests still awaiting a final answer.
             std::thread::sleep(Duration::from_millis(600));
@@ -419,6 +421,39 @@ impl Running {
         // close its listener.
         if let Some(a) = self.admin_addr {
             let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200));
+        }
+    }
+
+    /// Shards that ended while nothing asked them to stop (a panic): their connections and
+    /// tables are gone while the others, the admin port and the cluster heartbeat go on.
+    pub fn failed_shards(&self) -> Vec<usize> {
+        if self.control.stopping.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        (0..self.handles.len())
+            .filter(|&i| self.handles[i].is_finished())
+            .collect()
+    }
+
+    /// Why this process must stop on its own, if it must: a shard that died, or another live
+    /// process running as this cluster node.
+    pub fn fatal(&self) -> Option<String> {
+        let failed = self.failed_shards();
+        if !failed.is_empty() {
+            return Some(format!(
+                "shards {failed:?} stopped on their own (see the panic above)"
+            ));
+        }
+        match &self.control.store {
+            Some(s) if s.name_taken() => Some(format!(
+                "another live process runs as cluster node {:?}",
+                self.cfg
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.node.as_str())
+                    .unwrap_or("")
+            )),
+            _ => None,
         }
     }
 
@@ -484,6 +519,77 @@ pub struct Reloader {
     control: Arc<Control>,
 }
 
+/// What a reload may not change, if the new configuration changes it. The shards' SIP
+/// policy (who each partner and cluster node is, what it may do) and our domains are built
+/// once at start, while a reload swaps the TLS policy that names connections: a partner
+/// added, or a name given other rights, would be trusted by one and judged by the other
+/// (a node's name moved to a partner kept a node's rights). Removing a partner is fine:
+/// its connections are closed ([`crate::recheck`]) and nothing else can take its name.
+fn needs_restart(running: &Config, new: &Config) -> Option<String> {
+    let old = crate::auth::policy_config(running);
+    let new_policy = crate::auth::policy_config(new);
+    for p in &new_policy.partners {
+        match old.partners.iter().find(|o| o.name == p.name) {
+            None => return Some(format!("partner {:?} added", p.name)),
+            Some(o) if o != p => {
+                return Some(format!(
+                    "partner {:?} changed (domains, relay_to, assert_identity or node)",
+                    p.name
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    // Everything else is read once, at start, by the shards, the listeners or the store
+    // thread: a reload that changes it would say "reloaded" and change nothing. What a
+    // reload swaps is blanked out before comparing: certificates, versions, suites,
+    // resumption, roots, CRLs, trusted names and subscribers; and a removed partner.
+    let reloadable = |c: &Config, keep: &[String]| {
+        let mut c = c.clone();
+        let t = &mut c.tls;
+        t.certificate.clear();
+        (t.versions, t.cipher_suites, t.kx_groups) = Default::default();
+        t.resumption = false;
+        (t.client_roots, t.client_crls) = Default::default();
+        c.peer.retain(|p| keep.contains(&p.name));
+        // The order of [[peer]] tables means nothing.
+        c.peer.sort_by(|a, b| a.name.cmp(&b.name));
+        for p in &mut c.peer {
+            (p.roots, p.crls, p.trusted_names) = Default::default();
+            (p.server_name, p.allow_wildcards) = Default::default();
+            p.unknown_revocation = Default::default();
+        }
+        if let Some(cl) = &mut c.cluster {
+            (cl.roots, cl.crls) = Default::default();
+        }
+        c.auth.subscribers = None;
+        c
+    };
+    let names: Vec<String> = new.peer.iter().map(|p| p.name.clone()).collect();
+    let (a, mut b) = (reloadable(running, &names), reloadable(new, &names));
+    // A listener on port 0 was given its port at start (the running copy says which).
+    for (n, r) in b.listen.iter_mut().zip(&a.listen) {
+        if n.address.port() == 0 && n.address.ip() == r.address.ip() {
+            n.address = r.address;
+        }
+    }
+    let differs = [
+        ("server", a.server != b.server),
+        ("listen", a.listen != b.listen),
+        ("tls", a.tls != b.tls),
+        ("peer (addresses and routes)", a.peer != b.peer),
+        ("registrar", a.registrar != b.registrar),
+        ("limits", a.limits != b.limits),
+        ("admin", a.admin != b.admin),
+        ("auth", a.auth != b.auth),
+        ("cluster", a.cluster != b.cluster),
+    ];
+    differs
+        .iter()
+        .find(|(_, d)| *d)
+        .map(|(what, _)| format!("[{what}] changed"))
+}
+
 impl Reloader {
     /// From a running server.
     pub fn of(r: &Running) -> Reloader {
@@ -497,6 +603,11 @@ impl Reloader {
 
     /// See [`Running::reload`].
     pub fn reload(&self) -> Result<(), String> {
+        let _one_at_a_time = self
+            .control
+            .reload_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let cfg = match &self.path {
             Some(p) => Config::load(p).map_err(|errs| {
                 errs.iter()
@@ -506,6 +617,11 @@ impl Reloader {
             })?,
             None => (*self.cfg).clone(),
         };
+        if let Some(what) = needs_restart(&self.cfg, &cfg) {
+            self.control.reloads[1].fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%what, "reload refused: this change needs a restart; the previous TLS configuration and subscribers stay");
+            return Err(format!("{what}: needs a restart"));
+        }
         let loaded = TlsPolicy::load(&cfg)
             .map_err(|e| {
                 (

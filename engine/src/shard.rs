@@ -102,6 +102,12 @@ pub enum ShardMsg {
         token: u64,
         /// Reply.
         reply: Reply,
+        /// The AOR.
+        aor: String,
+        /// The connection the REGISTER arrived on.
+        flow: FlowId,
+        /// Until when its bindings of the AOR last, if it holds any.
+        hold: Option<Instant>,
     },
     /// Write bytes to a connection this shard owns.
     Send {
@@ -134,6 +140,25 @@ pub enum ShardMsg {
     FlowClosed {
         /// The connection.
         conn: FlowId,
+    },
+    /// A partner's CANCEL that names no INVITE on the shard it arrived on: cancel its
+    /// INVITE if it is here ([`ShardProxy::cancel_from_elsewhere`]).
+    Cancel {
+        /// Who asks.
+        from: usize,
+        /// Correlation.
+        token: u64,
+        /// The partner that sent it.
+        partner: String,
+        /// The CANCEL.
+        request: Vec<u8>,
+    },
+    /// The answer: whether the INVITE was here.
+    CancelReply {
+        /// Correlation.
+        token: u64,
+        /// It was (and is cancelled).
+        matched: bool,
     },
 }
 
@@ -249,6 +274,10 @@ pub struct Shard {
     pub metrics: RefCell<ShardMetrics>,
     next_conn: Cell<u64>,
     stamps: RefCell<HashMap<u64, Stamp>>,
+    /// Partner CANCELs asked of the other shards: the answers still to come, and whether
+    /// one matched (at most [`MAX_CANCELS_ASKED`]: CANCEL passes the door and the
+    /// transaction cap, so a flood of unmatched ones is bounded here).
+    cancels_asked: RefCell<HashMap<u64, (usize, bool)>>,
     /// TLS handshakes in progress.
     pub handshakes: Cell<usize>,
     /// TLS handshakes in progress per source address (bounded by the handshakes in flight).
@@ -474,7 +503,9 @@ impl Shard {
             id as u16,
         );
         proxy.set_max_aors_per_flow(r.max_aors_per_connection);
+        proxy.set_shards(n as u16);
         proxy.set_max_transactions(cfg.limits.max_transactions_per_shard);
+        proxy.set_max_transactions_per_flow(cfg.limits.max_transactions_per_connection);
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
         proxy.set_overload_control(cfg.limits.overload_control.trust());
         proxy.set_overload_control_epoch(control.identity.epoch);
@@ -509,6 +540,7 @@ impl Shard {
             metrics: RefCell::new(ShardMetrics::default()),
             next_conn: Cell::new(first_conn_number()),
             stamps: RefCell::new(HashMap::new()),
+            cancels_asked: RefCell::new(HashMap::new()),
             handshakes: Cell::new(0),
             handshakes_by_ip: RefCell::new(HashMap::new()),
             reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
@@ -654,7 +686,8 @@ impl Shard {
                         }
                     }
                     if owner == self.id {
-                        let reply = self.register(&aor, &request, fid, source);
+                        let (reply, hold) = self.register(&aor, &request, fid, source);
+                        self.hold_conn(fid, &aor, hold);
                         self.proxy
                             .borrow_mut()
                             .handle_register_reply(Instant::now(), token, reply);
@@ -696,6 +729,49 @@ impl Shard {
                     self.reply(shard as usize, msg);
                 }
                 Output::Refused(r) => self.refused(&r),
+                Output::CancelElsewhere {
+                    token,
+                    partner,
+                    request,
+                } => {
+                    // Every other shard is asked; the CANCEL is answered once all have said.
+                    if self.cancels_asked.borrow().len() >= MAX_CANCELS_ASKED {
+                        self.count("sipring_queue_drops_total{queue=\"cancel\"}");
+                        self.proxy.borrow_mut().handle_cancel_elsewhere(
+                            Instant::now(),
+                            token,
+                            false,
+                        );
+                        continue;
+                    }
+                    self.count("sipring_cross_shard_total{op=\"cancel\"}");
+                    let mut asked = 0;
+                    for to in (0..self.n).filter(|&to| to != self.id) {
+                        let msg = ShardMsg::Cancel {
+                            from: self.id,
+                            token,
+                            partner: partner.clone(),
+                            request: request.to_vec(),
+                        };
+                        // Not refused for a full channel (it ends a call that rings on),
+                        // but dropped at the hard bound like a relayed request: a shard
+                        // that was not asked counts as one that had no INVITE.
+                        if self.mesh_send(to, msg, false) {
+                            asked += 1;
+                        }
+                    }
+                    if asked == 0 {
+                        self.proxy.borrow_mut().handle_cancel_elsewhere(
+                            Instant::now(),
+                            token,
+                            false,
+                        );
+                    } else {
+                        self.cancels_asked
+                            .borrow_mut()
+                            .insert(token, (asked, false));
+                    }
+                }
                 Output::Close { flow, reason } => {
                     self.count(&format!(
                         "sipring_parse_errors_total{{reason=\"{}\"}}",
@@ -733,7 +809,9 @@ impl Shard {
         match flow {
             Flow::Conn(id) => {
                 let owner = owner_of(*id);
-                if owner == self.id {
+                // A connection id naming no shard of ours (a route of another life of the
+                // node, with more shards) is one that is gone.
+                if owner == self.id || owner >= self.n {
                     self.send_local(*id, bytes, stamp);
                 } else {
                     self.count("sipring_cross_shard_total{op=\"send\"}");
@@ -1028,7 +1106,43 @@ impl Shard {
     /// Runs the registrar on this (owner) shard. A REGISTER that would take its source
     /// address past `limits.max_bindings_per_ip` (all shards together) is undone and
     /// answered 403.
-    fn register(&self, aor: &str, request: &[u8], flow: FlowId, source: Option<IpAddr>) -> Reply {
+    /// A binding over connection `flow` lasts until `hold`: the idle sweep keeps the
+    /// connection that long (RFC 5923: the registration is the reason it stays open; a
+    /// phone without keepalives refreshes only when its registration runs out).
+    fn hold_conn(&self, flow: FlowId, aor: &str, hold: Option<Instant>) {
+        if let Some(c) = self.conns.borrow().get(&flow) {
+            c.hold(aor, hold);
+        }
+    }
+
+    /// Runs the registrar for `aor` on its owner (this shard); also returns until when the
+    /// AOR's bindings over `flow` last, if it has any.
+    fn register(
+        &self,
+        aor: &str,
+        request: &[u8],
+        flow: FlowId,
+        source: Option<IpAddr>,
+    ) -> (Reply, Option<Instant>) {
+        let reply = self.run_registrar(aor, request, flow, source);
+        let hold = self
+            .store
+            .borrow()
+            .get(aor)
+            .iter()
+            .filter(|b| b.flow == flow)
+            .map(|b| b.expires_at)
+            .max();
+        (reply, hold)
+    }
+
+    fn run_registrar(
+        &self,
+        aor: &str,
+        request: &[u8],
+        flow: FlowId,
+        source: Option<IpAddr>,
+    ) -> Reply {
         debug_assert_eq!(
             shard_for(aor, self.n).0 as usize,
             self.id,
@@ -1161,10 +1275,26 @@ impl Shard {
                 flow,
                 source,
             } => {
-                let reply = self.register(&aor, &request, flow, source);
-                self.reply(from, ShardMsg::RegisterReply { token, reply });
+                let (reply, hold) = self.register(&aor, &request, flow, source);
+                self.reply(
+                    from,
+                    ShardMsg::RegisterReply {
+                        token,
+                        reply,
+                        aor,
+                        flow,
+                        hold,
+                    },
+                );
             }
-            ShardMsg::RegisterReply { token, reply } => {
+            ShardMsg::RegisterReply {
+                token,
+                reply,
+                aor,
+                flow,
+                hold,
+            } => {
+                self.hold_conn(flow, &aor, hold);
                 let stamp = self.stamps.borrow_mut().remove(&token);
                 self.proxy
                     .borrow_mut()
@@ -1209,6 +1339,41 @@ impl Shard {
                 admit(self, crate::sys::sock::from_owned_fd(fd), kind, client_auth);
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
+            ShardMsg::Cancel {
+                from,
+                token,
+                partner,
+                request,
+            } => {
+                let matched = self.proxy.borrow_mut().cancel_from_elsewhere(
+                    Instant::now(),
+                    &partner,
+                    &request,
+                );
+                self.pump(None);
+                self.reply(from, ShardMsg::CancelReply { token, matched });
+            }
+            ShardMsg::CancelReply { token, matched } => {
+                let done = {
+                    let mut asked = self.cancels_asked.borrow_mut();
+                    let Some(entry) = asked.get_mut(&token) else {
+                        return;
+                    };
+                    entry.0 -= 1;
+                    entry.1 |= matched;
+                    let done = (entry.0 == 0).then_some(entry.1);
+                    if done.is_some() {
+                        asked.remove(&token);
+                    }
+                    done
+                };
+                if let Some(matched) = done {
+                    self.proxy
+                        .borrow_mut()
+                        .handle_cancel_elsewhere(Instant::now(), token, matched);
+                    self.pump(None);
+                }
+            }
         }
     }
 
@@ -1245,6 +1410,11 @@ impl Shard {
     /// [`MESH_OVERFLOW_MIN`]) it refuses
     /// (false: the caller answers 503), as it does when the destination is gone.
     fn mesh_send(self: &Rc<Self>, to: usize, msg: ShardMsg, new_work: bool) -> bool {
+        if to >= self.n {
+            // No such shard: what names one is forged or stale (its callers checked; this
+            // keeps the table index safe whatever happens above).
+            return false;
+        }
         let cap = self.cfg.server.mesh_capacity;
         let mut overflow = self.overflow.borrow_mut();
         let waiting = &mut overflow[to];
@@ -1278,6 +1448,7 @@ impl Shard {
         let provisional = |b: &[u8]| b.starts_with(b"SIP/2.0 1");
         let bound = match &msg {
             ShardMsg::Adopt { .. } => Some(hard),
+            ShardMsg::Cancel { .. } => Some(hard.saturating_mul(2)),
             ShardMsg::Send { bytes, .. } | ShardMsg::Response { bytes, .. } => {
                 Some(if provisional(bytes) {
                     hard
@@ -1418,6 +1589,8 @@ impl Shard {
             m.counters
                 .insert("sipring_requests_rejected_total".into(), st.rejected);
             m.counters
+                .insert("sipring_requests_dropped_total".into(), st.dropped_requests);
+            m.counters
                 .insert("sipring_local_responses_total".into(), st.local_responses);
             m.counters
                 .insert("sipring_auth_challenges_total".into(), st.challenges);
@@ -1444,8 +1617,8 @@ impl Shard {
     }
 
     /// Closes connections that received nothing for `limits.idle_timeout_s` (half-open
-    /// peers): one pass over the table every publication tick instead of a timer per
-    /// connection.
+    /// peers) and hold no binding that still lasts: one pass over the table every
+    /// publication tick instead of a timer per connection.
     fn sweep_idle(&self, now: Instant) {
         let idle = Duration::from_secs(self.cfg.limits.idle_timeout_s);
         let partial = Duration::from_millis(self.cfg.limits.partial_timeout_ms);
@@ -1456,7 +1629,9 @@ impl Shard {
                 .is_some_and(|t| now.saturating_duration_since(t) >= partial)
             {
                 slow.push(c.clone());
-            } else if now.saturating_duration_since(c.last_rx()) >= idle {
+            } else if now.saturating_duration_since(c.last_rx()) >= idle
+                && c.held_until().is_none_or(|t| now >= t)
+            {
                 idle_out.push(c.clone());
             }
         }
@@ -1691,6 +1866,10 @@ pub const MESH_HARD: usize = 16;
 /// channels a single client's pipelined burst (a few hundred messages) must wait, not be
 /// refused; the memory it bounds stays small (about a megabyte per destination).
 pub const MESH_OVERFLOW_MIN: usize = 1024;
+
+/// Partner CANCELs a shard may have out asking the other shards for their INVITE; past
+/// it one is answered 481 at once (`sipring_queue_drops_total{queue="cancel"}`).
+pub const MAX_CANCELS_ASKED: usize = 1024;
 
 /// The timer loop's period.
 const TICK: Duration = Duration::from_millis(10);

@@ -392,12 +392,35 @@ impl Policy {
                 });
             }
         }
+        let register = matches!(decision, Decision::Register);
+        if register {
+            // An AOR of ours, of the domain the REGISTER was sent to (RFC 3261 §10.3 steps
+            // 1 and 3: a Request-URI naming this server rather than a domain takes any of
+            // ours) — whether or not anyone authenticates: the table is for our users.
+            let to = ess.to.uri();
+            let host = to.host_canonical();
+            let ruri_host = msg
+                .request_uri()
+                .and_then(|r| Uri::parse(r).ok())
+                .map(|r| r.host_canonical().into_owned())
+                .unwrap_or_default();
+            let for_this_domain = !in_list(&ruri_host, domains) || text::eq_ic(&ruri_host, &host);
+            if !to.is_sip() || !in_list(&host, domains) || aor_of(&to).is_none() || !for_this_domain
+            {
+                return self.deny(
+                    info,
+                    404,
+                    "Not Found",
+                    "register_foreign_aor",
+                    String::from_utf8_lossy(to.raw).into_owned(),
+                );
+            }
+        }
         if !self.cfg.authenticate {
             return Authz::Allow(Grant {
                 source: Source::Client(None),
             });
         }
-        let register = matches!(decision, Decision::Register);
         // The identity the request claims: To for REGISTER (RFC 3261 §10.3), else From.
         let claimed_uri = if register {
             ess.to.uri()
@@ -410,15 +433,6 @@ impl Policy {
         // is displayed as "ceo" as surely as `sip:ceo@example.com`).
         let host = claimed_uri.host_canonical();
         let in_our_domain = claimed_uri.is_sip() && in_list(&host, domains);
-        if register && (!in_our_domain || claimed.is_none()) {
-            return self.deny(
-                info,
-                404,
-                "Not Found",
-                "register_foreign_aor",
-                String::from_utf8_lossy(claimed_uri.raw).into_owned(),
-            );
-        }
         let method = msg.method().expect("request");
         let claims_ours = in_our_domain || (claimed_uri.is_sip() && proxy.is_self(&host));
         let needs_auth = register
@@ -761,7 +775,7 @@ mod tests {
     use crate::header::Header;
     use crate::parse::{Framing, Limits, Status, parse};
 
-    const DOMAINS: &[&str] = &["example.com"];
+    const DOMAINS: &[&str] = &["example.com", "example.net"];
 
     fn policy() -> Policy {
         let mut store = SubscriberTable::default();
@@ -894,6 +908,51 @@ mod tests {
                 &local,
             ));
             assert_eq!(got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_register_is_for_one_of_our_aors_in_the_domain_it_was_sent_to() {
+        // RFC 3261 §10.3 steps 1 and 3; with authentication off as well (the table is for
+        // our users, whoever may write it).
+        for authenticate in [true, false] {
+            let mut p = policy();
+            p.cfg.authenticate = authenticate;
+            let anon = Principal::anonymous();
+            for (what, ruri, to, want) in [
+                (
+                    "a foreign AOR",
+                    "sip:example.com",
+                    "sip:x@elsewhere.org",
+                    404,
+                ),
+                (
+                    "another of our domains than the Request-URI's",
+                    "sip:example.com",
+                    "sip:bob@example.net",
+                    404,
+                ),
+                (
+                    "any of ours, sent to this server",
+                    "sip:proxy.example.com",
+                    "sip:bob@example.net",
+                    if authenticate { 401 } else { 0 },
+                ),
+                (
+                    "the Request-URI's domain",
+                    "sip:example.com",
+                    "sip:bob@EXAMPLE.com.",
+                    if authenticate { 401 } else { 0 },
+                ),
+            ] {
+                let got = outcome(&run(
+                    &mut p,
+                    &anon,
+                    &req("REGISTER", ruri, to, to, ""),
+                    &Decision::Register,
+                ));
+                assert_eq!(got, want, "{what} (authenticate = {authenticate})");
+            }
         }
     }
 

@@ -471,14 +471,23 @@ impl Proxy {
             }
             unsupported
         };
+        // 420 with Unsupported, when a Require-like header names a tag we do not support.
+        let bad_extension = |name: HeaderName| {
+            let unsupported = unsupported_in(name);
+            (!unsupported.is_empty()).then(|| {
+                Decision::Respond(Answer {
+                    code: 420,
+                    reason: "Bad Extension",
+                    headers: vec![("Unsupported", unsupported)],
+                })
+            })
+        };
         // Proxy-Require (RFC 3261 §16.3 step 5).
-        let unsupported = unsupported_in(HeaderName::ProxyRequire);
-        if !unsupported.is_empty() && !is_ack && method != Method::Cancel {
-            return Decision::Respond(Answer {
-                code: 420,
-                reason: "Bad Extension",
-                headers: vec![("Unsupported", unsupported)],
-            });
+        if !is_ack
+            && method != Method::Cancel
+            && let Some(d) = bad_extension(HeaderName::ProxyRequire)
+        {
+            return d;
         }
         if method == Method::Cancel {
             return Decision::Cancel;
@@ -525,28 +534,25 @@ impl Proxy {
         let to_us = (self.is_local_host(host) || self.is_our_domain(host)) && ruri.user.is_none();
         if to_us || self.is_our_domain(host) || self.is_local_host(host) {
             if method == Method::Register {
-                return if self.is_our_domain(host) || self.is_local_host(host) {
-                    Decision::Register
-                } else {
-                    reject(403, "Domain Not Served")
-                };
+                if !(self.is_our_domain(host) || self.is_local_host(host)) {
+                    return reject(403, "Domain Not Served");
+                }
+                // The registrar is a UAS: a Require it does not support is 420, before any
+                // challenge (RFC 3261 §10.3 step 2, §8.2.2.3).
+                return bad_extension(HeaderName::Require).unwrap_or(Decision::Register);
             }
             if to_us {
                 // We answer as a UAS here: a Require we do not support is 420 (§8.2.2.3).
-                let required = unsupported_in(HeaderName::Require);
                 return match method {
-                    Method::Options if !required.is_empty() => Decision::Respond(Answer {
-                        code: 420,
-                        reason: "Bad Extension",
-                        headers: vec![("Unsupported", required)],
-                    }),
-                    Method::Options => Decision::Respond(Answer {
-                        code: 200,
-                        reason: "OK",
-                        headers: vec![
-                            ("Allow", ALLOW.to_vec()),
-                            ("Accept", b"application/sdp".to_vec()),
-                        ],
+                    Method::Options => bad_extension(HeaderName::Require).unwrap_or_else(|| {
+                        Decision::Respond(Answer {
+                            code: 200,
+                            reason: "OK",
+                            headers: vec![
+                                ("Allow", ALLOW.to_vec()),
+                                ("Accept", b"application/sdp".to_vec()),
+                            ],
+                        })
                     }),
                     Method::Ack => Decision::Drop("ACK to the server"),
                     _ => Answer::decision(404, "Not Found"),
@@ -1076,18 +1082,33 @@ mod tests {
     fn uas_rules_for_what_we_answer_and_request_uris_from_contacts() {
         let p = Proxy::new(cfg());
         let f = Flow::Conn(1);
-        // OPTIONS to us with a Require we do not support: 420 (§8.2.2.3).
-        match decide_on(
-            &p,
-            &req("OPTIONS sip:proxy.example.com", "Require: foo\r\n"),
-            &f,
-        ) {
+        // 420, naming what is unsupported.
+        let bad_extension = |text: &str, unsupported: &[u8]| match decide_on(&p, text, &f) {
             Decision::Respond(a) => {
                 assert_eq!(a.code, 420);
-                assert_eq!(a.headers, vec![("Unsupported", b"foo".to_vec())]);
+                assert_eq!(a.headers, vec![("Unsupported", unsupported.to_vec())]);
             }
             d => panic!("{d:?}"),
-        }
+        };
+        // OPTIONS to us with a Require we do not support: 420 (§8.2.2.3).
+        bad_extension(
+            &req("OPTIONS sip:proxy.example.com", "Require: foo\r\n"),
+            b"foo",
+        );
+        // REGISTER with a Require we do not support: 420 before any challenge (§10.3 step 2);
+        // one we support (outbound) is registered.
+        bad_extension(
+            &req("REGISTER sip:example.com", "Require: outbound, pref\r\n"),
+            b"pref",
+        );
+        assert!(matches!(
+            decide_on(
+                &p,
+                &req("REGISTER sip:example.com", "Require: outbound\r\n"),
+                &f
+            ),
+            Decision::Register
+        ));
         // A 100 Trying copies the request's Timestamp (§8.2.6.1).
         let inv = req("INVITE sip:bob@example.com", "Timestamp: 54.2\r\n");
         let trying = with_req(&inv, |m, _| {

@@ -88,10 +88,23 @@ pub struct Binding {
     pub path: Vec<String>,
 }
 
+/// Are two contact URIs the same but for their port (user, host and parameters alike)?
+fn same_but_port(a: &str, b: &str) -> bool {
+    match (Uri::parse(a.as_bytes()), Uri::parse(b.as_bytes())) {
+        (Ok(x), Ok(y)) => {
+            x.user == y.user && x.host_canonical() == y.host_canonical() && x.params == y.params
+        }
+        _ => false,
+    }
+}
+
 impl Binding {
     fn same_key(&self, other: &Binding) -> bool {
         match (&self.instance, self.reg_id, &other.instance, other.reg_id) {
             (Some(a), Some(ra), Some(b), Some(rb)) => a == b && ra == rb,
+            // The same device (RFC 5626 §4.1: the instance ID is the UA's, for good),
+            // whatever address its contact names now.
+            (Some(a), None, Some(b), None) => a == b,
             _ => self.contact.eq_ignore_ascii_case(&other.contact),
         }
     }
@@ -659,7 +672,6 @@ impl Registrar {
                 Some(None) => return Reply::err(400, "Bad reg-id"),
                 None => None,
             };
-            outbound |= instance.is_some() && reg_id.is_some();
             let expires = expires.min(self.cfg.max_expires);
             let mut params = String::new();
             let _ = text::for_each_param(na.params, |name, value| {
@@ -690,6 +702,34 @@ impl Registrar {
             });
         }
 
+        // RFC 5626 §6: outbound applies when the UA asked for it (Supported: outbound) at
+        // the first hop, or behind an edge proxy that did it (`ob` on the first Path URI).
+        // Otherwise reg-id is ignored (the binding is an RFC 3261 one, keyed by contact) —
+        // or, when the UA asked through an edge without it, 439.
+        let with_reg_id = new.iter().filter(|c| c.binding.reg_id.is_some()).count();
+        if with_reg_id > 0 {
+            let asked = msg
+                .values(HeaderName::Supported)
+                .iter()
+                .any(|v| text::eq_ic(v.value, b"outbound"));
+            let first_hop_ok = path.first().is_none_or(|p| {
+                NameAddr::parse(p.as_bytes()).is_some_and(|na| na.uri().param("ob").is_some())
+            });
+            if asked && !first_hop_ok {
+                return Reply::err(439, "First Hop Lacks Outbound Support");
+            }
+            if asked && with_reg_id > 1 {
+                return Reply::err(400, "More Than One reg-id");
+            }
+            for c in &mut new {
+                if asked {
+                    outbound |= c.binding.instance.is_some() && c.binding.reg_id.is_some();
+                } else {
+                    c.binding.reg_id = None;
+                }
+            }
+        }
+
         // Apply to a copy of the live bindings, then store it whole.
         let mut result: Vec<Binding> = existing
             .iter()
@@ -710,11 +750,44 @@ impl Registrar {
                     }
                 }
                 None if nc.expires == 0 => {}
-                None => result.push(nc.binding),
+                None => {
+                    // The same UA in the same boot cycle (its Call-ID, RFC 3261 §10.2.4)
+                    // registering, over a new connection, the contact it had but for the
+                    // port has reconnected: a phone whose contact names its ephemeral
+                    // port. Its old binding goes, or each reconnection would add one until
+                    // the AOR is full. Another address (a dual-stack UA's second flow) is a
+                    // second binding, as RFC 3261 has it.
+                    let b = &nc.binding;
+                    result.retain(|o| {
+                        !(o.call_id == b.call_id
+                            && o.flow != b.flow
+                            && o.reg_id.is_none()
+                            && o.cseq < b.cseq
+                            && same_but_port(&o.contact, &b.contact))
+                    });
+                    result.push(nc.binding);
+                }
             }
         }
         if result.len() > self.cfg.max_contacts {
-            return Reply::err(403, "Too Many Contacts");
+            // Full: the bindings this REGISTER did not name go, the one refreshed longest
+            // ago (first to expire) first — the AOR's own devices make room for the one
+            // registering now, rather than locking it out (403) until the stale ones
+            // expire. A REGISTER that names more contacts than the limit is refused.
+            let named = |b: &Binding| b.call_id == call_id && b.cseq == cseq;
+            if result.iter().filter(|b| named(b)).count() > self.cfg.max_contacts {
+                return Reply::err(403, "Too Many Contacts");
+            }
+            while result.len() > self.cfg.max_contacts {
+                let oldest = result
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| !named(b))
+                    .min_by_key(|(_, b)| b.expires_at)
+                    .map(|(i, _)| i)
+                    .expect("more bindings than this REGISTER named");
+                result.remove(oldest);
+            }
         }
         result.sort_by_key(|b| std::cmp::Reverse(b.q));
         let reply = self.ok(now, &result, outbound, if echo_path { &path } else { &[] });
@@ -758,7 +831,19 @@ impl Registrar {
             .iter()
             .filter(|b| b.expires_at > now)
             .collect();
-        v.sort_by_key(|b| std::cmp::Reverse(b.q));
+        // Best q first; among equals, the most recently refreshed first.
+        v.sort_by_key(|b| (std::cmp::Reverse(b.q), std::cmp::Reverse(b.expires_at)));
+        // One flow per device (RFC 5626 §5.3): its other flows (reg-ids) are for when
+        // that one fails, not a second ring on the same phone.
+        let mut seen: Vec<&str> = Vec::new();
+        v.retain(|b| match (&b.instance, b.reg_id) {
+            (Some(i), Some(_)) if seen.contains(&i.as_str()) => false,
+            (Some(i), Some(_)) => {
+                seen.push(i);
+                true
+            }
+            _ => true,
+        });
         v
     }
 }
@@ -894,11 +979,31 @@ mod tests {
             reg.lookup(t0, &st, "sip:alice@example.com")[0].expires_at,
             t0 + Duration::from_secs(3600)
         );
+        // More contacts than the limit in one REGISTER: 403, nothing changes.
         assert_eq!(
-            register(&reg, &mut st, t0, "Contact: <sip:b@h>, <sip:c@h>\r\n", 2, 1).code,
+            register(
+                &reg,
+                &mut st,
+                t0,
+                "Contact: <sip:b@h>, <sip:c@h>, <sip:d@h>\r\n",
+                2,
+                1
+            )
+            .code,
             403
         );
         assert_eq!(st.bindings(), 1);
+        // Two new ones with one registered already: it makes room (it expires first).
+        assert_eq!(
+            register(&reg, &mut st, t0, "Contact: <sip:b@h>, <sip:c@h>\r\n", 2, 1).code,
+            200
+        );
+        let left: Vec<_> = reg
+            .lookup(t0, &st, "sip:alice@example.com")
+            .iter()
+            .map(|b| b.contact.clone())
+            .collect();
+        assert_eq!(left, ["sip:b@h", "sip:c@h"]);
         assert_eq!(
             register(&reg, &mut st, t0, "Contact: *\r\n", 3, 1).code,
             400
@@ -923,6 +1028,55 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_reconnects_does_not_fill_its_aor() {
+        // A phone whose contact names its ephemeral port registers anew after each
+        // reconnection; its stale bindings stay until they expire (their connections may
+        // be half-open). It used to reach max_contacts and get 403 until they did.
+        let reg = Registrar::new(RegistrarConfig {
+            max_contacts: 3,
+            ..Default::default()
+        });
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        // Same Call-ID (one boot cycle, RFC 3261 §10.2.4), a new contact, a new flow:
+        // the binding moves.
+        for (i, flow) in (1..=6).enumerate() {
+            let c = format!(
+                "Contact: <sip:alice@192.0.2.9:{};transport=tls>\r\n",
+                50000 + i
+            );
+            assert_eq!(register(&reg, &mut st, t0, &c, flow as u32, flow).code, 200);
+        }
+        let b = reg.lookup(t0, &st, "sip:alice@example.com");
+        assert_eq!((b.len(), b[0].flow), (1, 6));
+        // Over the same flow, a second contact is a second binding (as RFC 3261 has it).
+        let c = "Contact: <sip:alice@192.0.2.9:6000;transport=tls>\r\n";
+        assert_eq!(register(&reg, &mut st, t0, c, 7, 6).code, 200);
+        assert_eq!(reg.lookup(t0, &st, "sip:alice@example.com").len(), 2);
+        // The same Call-ID over another connection from another address (a dual-stack UA's
+        // second flow) is a second binding.
+        let mut st = MemoryStore::default();
+        let v4 = "Contact: <sip:alice@192.0.2.9:5061;transport=tls>\r\n";
+        let v6 = "Contact: <sip:alice@[2001:db8::9]:5061;transport=tls>\r\n";
+        assert_eq!(register(&reg, &mut st, t0, v4, 1, 21).code, 200);
+        assert_eq!(register(&reg, &mut st, t0, v6, 2, 22).code, 200);
+        assert_eq!(reg.lookup(t0, &st, "sip:alice@example.com").len(), 2);
+        // The same instance without reg-id is the same device, whatever its contact says.
+        let mut st = MemoryStore::default();
+        for (i, flow) in (1..=4).enumerate() {
+            let c = format!(
+                "Contact: <sip:alice@192.0.2.9:{}>;+sip.instance=\"<urn:uuid:7>\"\r\n",
+                50000 + i
+            );
+            // Over one flow, so that only the instance says it is the same device.
+            assert_eq!(register(&reg, &mut st, t0, &c, flow as u32, 11).code, 200);
+        }
+        let b = reg.lookup(t0, &st, "sip:alice@example.com");
+        assert_eq!(b.len(), 1);
+        assert!(b[0].contact.ends_with(":50003"), "{}", b[0].contact);
+    }
+
+    #[test]
     fn outbound_flows() {
         let reg = Registrar::default();
         let mut st = MemoryStore::default();
@@ -936,6 +1090,14 @@ mod tests {
             String::from_utf8_lossy(&contact.1),
             "<sip:alice@192.0.2.9;ob>;expires=3600;+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\";reg-id=1"
         );
+        // Another reg-id of the same instance is a second flow to the same device: both are
+        // kept, and requests go to one of them (RFC 5626 §5.3), the latest refreshed.
+        let flow2 = inst.replace("reg-id=1", "reg-id=2");
+        register(&reg, &mut st, t0 + Duration::from_secs(1), &flow2, 2, 13);
+        assert_eq!(st.bindings(), 2);
+        let b = reg.lookup(t0, &st, "sip:alice@example.com");
+        assert_eq!((b.len(), b[0].flow), (1, 13));
+        assert_eq!(st.remove_flow(13), 1);
         // Same instance and reg-id over a new flow replaces the binding (new contact URI too).
         let inst2 = inst.replace("192.0.2.9", "192.0.2.10");
         register(&reg, &mut st, t0, &inst2, 2, 12);
@@ -943,6 +1105,33 @@ mod tests {
         assert_eq!((b.len(), b[0].flow), (1, 12));
         assert_eq!(st.remove_flow(12), 1);
         assert!(st.is_empty());
+    }
+
+    #[test]
+    fn outbound_only_when_asked_for_and_at_a_first_hop_that_can() {
+        // RFC 5626 §6, and RFC 3261 §8.2.2.3: no Require a UA did not list as Supported.
+        let reg = Registrar::default();
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let c = "Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=1\r\n";
+        // reg-id without Supported: outbound is ignored: an RFC 3261 binding, no Require.
+        let r = register(&reg, &mut st, t0, c, 1, 11);
+        assert_eq!(r.code, 200);
+        assert!(!r.headers.iter().any(|(n, _)| *n == "Require"), "{r:?}");
+        assert_eq!(reg.lookup(t0, &st, "sip:alice@example.com")[0].reg_id, None);
+        // Asked for through an edge proxy that did not do outbound (no ob on its Path): 439.
+        let edge = format!("{c}Supported: outbound\r\nPath: <sip:edge.example.net;lr>\r\n");
+        assert_eq!(register(&reg, &mut st, t0, &edge, 2, 11).code, 439);
+        // Through one that did: applied.
+        let edge_ob = edge.replace(";lr>", ";lr;ob>");
+        let r = register(&reg, &mut st, t0, &edge_ob, 3, 11);
+        assert_eq!(r.code, 200);
+        assert!(r.headers.contains(&("Require", b"outbound".to_vec())));
+        // Two reg-ids in one REGISTER: 400.
+        let two = format!(
+            "{c}Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2\r\nSupported: outbound\r\n"
+        );
+        assert_eq!(register(&reg, &mut st, t0, &two, 4, 11).code, 400);
     }
 
     #[test]

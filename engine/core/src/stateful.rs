@@ -106,6 +106,18 @@ pub enum Output {
     /// A request was refused for who sent it (a failed authentication, an identity it may
     /// not claim, a relay it may not use): count it and log it (rate-limited).
     Refused(Refusal),
+    /// A partner's CANCEL names no INVITE on this shard: its INVITE may have come on one of
+    /// the partner's connections that another shard owns. Hand `request` to every other
+    /// shard's [`ShardProxy::cancel_from_elsewhere`], then call
+    /// [`ShardProxy::handle_cancel_elsewhere`] with `token` and whether one of them matched.
+    CancelElsewhere {
+        /// Correlates the answer.
+        token: u64,
+        /// The partner that sent it (only that partner's INVITEs may match).
+        partner: String,
+        /// The CANCEL as received.
+        request: Bytes,
+    },
 }
 
 /// Counters a driver exports as metrics.
@@ -115,6 +127,10 @@ pub struct Stats {
     pub rejected: u64,
     /// Responses dropped (not ours, no transaction, malformed).
     pub dropped_responses: u64,
+    /// Requests dropped unanswered: an ACK that matches no transaction and that no route of
+    /// ours names, or an ACK or retransmission matching a transaction another connection
+    /// started.
+    pub dropped_requests: u64,
     /// Requests forwarded (client transactions started, CANCELs included).
     pub forwarded: u64,
     /// ACKs forwarded statelessly (2xx ACKs).
@@ -179,6 +195,14 @@ enum TimerKey {
 enum Pending {
     /// A server transaction waits for a lookup or registrar answer.
     Server(TxKey),
+    /// A CANCEL's server transaction waits for the other shards to look for its INVITE.
+    Cancel(TxKey),
+    /// A REGISTER waits for its AOR's owner; `slot`: the AOR it took a place for on its
+    /// connection (given back if the registrar refuses it).
+    Register {
+        key: TxKey,
+        slot: Option<(Flow, String)>,
+    },
     /// A 2xx ACK waits for a lookup to be forwarded statelessly.
     Ack {
         request: Bytes,
@@ -203,6 +227,8 @@ enum BranchResponse {
 struct FlowTxns {
     keys: Vec<TimerKey>,
     live: usize,
+    /// Of them, server transactions (requests that came in on the flow).
+    servers: usize,
 }
 
 /// The stateful proxy of one shard; see the module docs.
@@ -212,6 +238,8 @@ pub struct ShardProxy {
     limits: Limits,
     timer_cfg: TimerConfig,
     shard: u16,
+    /// How many shards there are (a partner's CANCEL may name another shard's INVITE).
+    shards: u16,
     servers: HashMap<TxKey, Server>,
     clients: HashMap<TxKey, Client>,
     timers: Timers<TimerKey>,
@@ -224,6 +252,7 @@ pub struct ShardProxy {
     /// The transactions each flow carries (server: came in on it; client: goes out on it).
     by_flow: HashMap<Flow, FlowTxns>,
     max_transactions: usize,
+    max_transactions_per_flow: usize,
     timer_c: std::time::Duration,
     /// The fraction of new requests admitted (1.0: all), and the credit that spreads it.
     admission: f32,
@@ -347,6 +376,7 @@ impl ShardProxy {
             limits,
             timer_cfg,
             shard,
+            shards: shard + 1,
             servers: HashMap::new(),
             clients: HashMap::new(),
             timers: Timers::new(),
@@ -356,6 +386,7 @@ impl ShardProxy {
             max_aors_per_flow: 16,
             by_flow: HashMap::new(),
             max_transactions: 50_000,
+            max_transactions_per_flow: 1024,
             timer_c: TIMER_C,
             admission: 1.0,
             admit_credit: 0.0,
@@ -371,6 +402,13 @@ impl ShardProxy {
             next_id: 0,
             stats: Stats::default(),
         }
+    }
+
+    /// How many shards share the work (unless told: this one and those numbered before it).
+    /// With more than one, a partner's CANCEL that names no INVITE here is asked of the
+    /// others ([`Output::CancelElsewhere`]); a response naming a shard past them is dropped.
+    pub fn set_shards(&mut self, n: u16) {
+        self.shards = n.max(self.shard + 1);
     }
 
     /// The proxy decisions in use.
@@ -432,6 +470,13 @@ impl ShardProxy {
     /// 503 with Retry-After). Default 50,000.
     pub fn set_max_transactions(&mut self, n: usize) {
         self.max_transactions = n;
+    }
+
+    /// Most server transactions one client connection may hold at once (0: no limit;
+    /// partners are not limited): one client cannot take the shard's table from everyone
+    /// else. Past it, its new requests get 503. Default 1024.
+    pub fn set_max_transactions_per_flow(&mut self, n: usize) {
+        self.max_transactions_per_flow = n;
     }
 
     /// The fraction of new requests to admit, 0.0–1.0 (its driver decides, from loop lag
@@ -548,15 +593,19 @@ impl ShardProxy {
     /// Records that `key` (just inserted) runs over `flow`.
     fn index(&mut self, flow: &Flow, key: TimerKey) {
         let t = self.by_flow.entry(flow.clone()).or_default();
+        t.servers += usize::from(matches!(key, TimerKey::Server(_)));
         t.keys.push(key);
         t.live += 1;
     }
 
     /// A transaction over `flow` ended (already removed from its table).
-    fn unindex(&mut self, flow: &Flow) {
+    fn unindex(&mut self, flow: &Flow, server: bool) {
         let Some(t) = self.by_flow.get_mut(flow) else {
             return;
         };
+        if server {
+            t.servers = t.servers.saturating_sub(1);
+        }
         t.live = t.live.saturating_sub(1);
         if t.live == 0 {
             self.by_flow.remove(flow);
@@ -573,7 +622,7 @@ impl ShardProxy {
     fn remove_server(&mut self, k: &TxKey) -> Option<Server> {
         let s = self.servers.remove(k)?;
         self.timers.cancel(&TimerKey::Server(k.clone()));
-        self.unindex(&s.inbound);
+        self.unindex(&s.inbound, true);
         Some(s)
     }
 
@@ -583,7 +632,7 @@ impl ShardProxy {
         };
         self.timers.cancel(&TimerKey::Client(k.clone()));
         self.timers.cancel(&TimerKey::TimerC(k.clone()));
-        self.unindex(&c.outbound);
+        self.unindex(&c.outbound, false);
     }
 
     /// Is there no state at all (no transactions, nothing pending)?
@@ -597,19 +646,21 @@ impl ShardProxy {
         self.max_aors_per_flow = n;
     }
 
-    /// May `flow` register `aor`: it has, or it holds fewer than the most AORs a connection
-    /// may register. Remembers it.
-    fn flow_may_register(&mut self, flow: &Flow, aor: &str) -> bool {
-        let Flow::Conn(_) = flow else { return true };
+    /// May `flow` register `aor`: it has (`Some(false)`), or it holds fewer than the most
+    /// AORs a connection may register (`Some(true)`: a place is taken for it). `None`: no.
+    fn flow_may_register(&mut self, flow: &Flow, aor: &str) -> Option<bool> {
+        let Flow::Conn(_) = flow else {
+            return Some(false);
+        };
         let aors = self.flow_aors.entry(flow.clone()).or_default();
         if aors.iter().any(|a| a == aor) {
-            return true;
+            return Some(false);
         }
         if aors.len() >= self.max_aors_per_flow {
-            return false;
+            return None;
         }
         aors.push(aor.to_string());
-        true
+        Some(true)
     }
 
     /// Tells who `flow` is (call when a connection opens, after its handshake). A partner's
@@ -653,6 +704,17 @@ impl ShardProxy {
     }
 
     /// The partner-aware form of a flow for dialog routes.
+    /// Do two flows speak for the same sender: one connection, or one partner whichever of
+    /// its connections (or our link to it) it used? (No allocation, unlike comparing
+    /// [`Self::route_flow`]s.)
+    fn same_sender(&self, a: &Flow, b: &Flow) -> bool {
+        match (self.partner_of(a), self.partner_of(b)) {
+            (Some(x), Some(y)) => x == y,
+            (None, None) => a == b,
+            _ => false,
+        }
+    }
+
     fn route_flow(&self, flow: &Flow) -> Flow {
         match self.partner_of(flow) {
             Some(p) => Flow::Peer(p.to_string()),
@@ -833,21 +895,38 @@ impl ShardProxy {
             return;
         };
         let bytes: Bytes = msg.bytes().into();
-        if method == Method::Ack {
+        // Only a transaction's own sender (a partner: on any of its connections) goes on
+        // with it: anyone who saw the caller's Via — the callee — could otherwise end its
+        // INVITE transaction with an ACK, or have its last answer sent again.
+        // (One lookup on the path of every new request: a miss.)
+        let existing = self
+            .servers
+            .get(&key)
+            .map(|s| (self.same_sender(&s.inbound, flow), s.txn.state()));
+        match existing {
+            Some((false, _)) => {
+                self.stats.dropped_requests += 1;
+                return;
+            }
             // An ACK that matches an INVITE we answered with 2xx (it kept the INVITE's
             // branch, as older UAs do) is that 2xx's ACK: the UAS waits for it, so it is
             // forwarded like any 2xx ACK (RFC 6026 §8.7: Accepted passes it to the TU).
-            if let Some(s) = self.servers.get_mut(&key)
-                && s.txn.state() != crate::transaction::State::Accepted
+            Some((true, state))
+                if method == Method::Ack && state != crate::transaction::State::Accepted =>
             {
-                s.txn.handle_ack(now, bytes);
+                if let Some(s) = self.servers.get_mut(&key) {
+                    s.txn.handle_ack(now, bytes);
+                }
                 return self.drive_server(now, &key);
             }
-            return self.forward_ack(now, flow, msg, ess);
-        }
-        if let Some(s) = self.servers.get_mut(&key) {
-            s.txn.handle_request_retransmit(now);
-            return self.drive_server(now, &key);
+            _ if method == Method::Ack => return self.forward_ack(now, flow, msg, ess),
+            Some((true, _)) => {
+                if let Some(s) = self.servers.get_mut(&key) {
+                    s.txn.handle_request_retransmit(now);
+                }
+                return self.drive_server(now, &key);
+            }
+            None => {}
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         // The door: new work under overload. What finishes admitted work passes — a CANCEL,
@@ -918,11 +997,28 @@ impl ShardProxy {
             }
         }
         // A CANCEL's transaction ends as soon as it is answered: never refused for room (it
-        // is what frees room), as at the door.
-        if self.servers.len() >= self.max_transactions && method != Method::Cancel {
+        // is what frees room), as at the door. A client connection has its share of the
+        // table for new work (a partner carries many users: the table's bound is its
+        // bound); what ends a dialog routed by our token (a PBX trunk's BYEs) is not refused
+        // for it, as at the door.
+        let on_flow = self.by_flow.get(flow).map_or(0, |t| t.servers);
+        let full = if self.servers.len() >= self.max_transactions {
+            Some(("transactions_full", self.servers.len()))
+        } else if self.max_transactions_per_flow > 0
+            && on_flow >= self.max_transactions_per_flow
+            && self.partner_of(flow).is_none()
+            && !matches!(decision, Decision::ToFlow(_))
+        {
+            Some(("transactions_per_connection", on_flow))
+        } else {
+            None
+        };
+        if let Some((label, n)) = full
+            && method != Method::Cancel
+        {
             self.out.push_back(Output::Refused(Refusal {
-                label: "transactions_full",
-                detail: format!("{} transactions", self.servers.len()),
+                label,
+                detail: format!("{n} transactions"),
                 source: info.source.map(|s| s.ip()),
             }));
             self.stats.local_responses += 1;
@@ -972,24 +1068,33 @@ impl ShardProxy {
             Decision::Register => match with_parsed(&bytes, &self.limits, |_, e| {
                 crate::registrar::Registrar::default().aor(e)
             }) {
-                Some(Ok(aor)) if !self.flow_may_register(flow, &aor) => {
-                    self.out.push_back(Output::Refused(Refusal {
-                        label: "register_aors_per_connection",
-                        detail: aor,
-                        source: info.source.map(|s| s.ip()),
-                    }));
-                    self.answer(now, &key, 403, "Too Many AORs On This Connection", &[]);
-                }
-                Some(Ok(aor)) => {
-                    let token = self.unique();
-                    self.pending.insert(token, Pending::Server(key.clone()));
-                    self.out.push_back(Output::Register {
-                        token,
-                        aor,
-                        request: bytes,
-                        flow: flow.clone(),
-                    });
-                }
+                Some(Ok(aor)) => match self.flow_may_register(flow, &aor) {
+                    None => {
+                        self.out.push_back(Output::Refused(Refusal {
+                            label: "register_aors_per_connection",
+                            detail: aor,
+                            source: info.source.map(|s| s.ip()),
+                        }));
+                        self.answer(now, &key, 403, "Too Many AORs On This Connection", &[]);
+                    }
+                    Some(new) => {
+                        let token = self.unique();
+                        let slot = new.then(|| (flow.clone(), aor.clone()));
+                        self.pending.insert(
+                            token,
+                            Pending::Register {
+                                key: key.clone(),
+                                slot,
+                            },
+                        );
+                        self.out.push_back(Output::Register {
+                            token,
+                            aor,
+                            request: bytes,
+                            flow: flow.clone(),
+                        });
+                    }
+                },
                 Some(Err(r)) => self.answer(now, &key, r.code, r.reason, &r.headers),
                 None => self.answer(now, &key, 400, "Bad Request", &[]),
             },
@@ -1073,26 +1178,92 @@ impl ShardProxy {
         // The INVITE it names, when it came the way the CANCEL did: anyone downstream sees
         // the caller's Via (branch and sent-by), and must not be able to cancel its call
         // from another connection.
-        let Some(invite) = self.servers.get(&invite_key).filter(|s| {
-            // A partner is one sender whichever of its connections it used.
-            from.as_ref()
-                .is_some_and(|f| self.route_flow(f) == self.route_flow(&s.inbound))
-        }) else {
+        let sender = from.as_ref().map(|f| self.route_flow(f));
+        let Some(pending) = self.cancellable(&invite_key, sender.as_ref()) else {
+            // A partner's connections may be owned by several shards: its INVITE may be on
+            // another one. The others are asked before the CANCEL is answered.
+            if self.shards > 1
+                && let Some(Flow::Peer(partner)) = sender
+                && let Some(request) = self.servers.get(cancel_key).map(|s| s.request.clone())
+            {
+                let token = self.unique();
+                self.pending
+                    .insert(token, Pending::Cancel(cancel_key.clone()));
+                self.out.push_back(Output::CancelElsewhere {
+                    token,
+                    partner,
+                    request,
+                });
+                return;
+            }
             return self.answer(now, cancel_key, 481, "Call/Transaction Does Not Exist", &[]);
         };
-        if !invite.txn.is_cancellable() || invite.final_sent {
-            // Answered already: the CANCEL changes nothing, and is answered 200 (§9.2,
-            // §16.10) — a CANCEL crossing the final response is normal, not an error.
-            return self.answer(now, cancel_key, 200, "OK", &[]);
-        }
         self.answer(now, cancel_key, 200, "OK", &[]);
-        let s = self.servers.get_mut(&invite_key).expect("checked");
+        if pending {
+            self.cancel_invite(now, &invite_key);
+        }
+    }
+
+    /// Whether the INVITE server transaction `invite_key` came from `sender` (a connection,
+    /// or a partner whichever of its connections it used) — None when not: anyone
+    /// downstream sees the caller's Via (branch and sent-by) and must not be able to cancel
+    /// its call from another connection — and then whether it is still pending. One answered
+    /// already is left as it is: the CANCEL changes nothing and is answered 200 (§9.2,
+    /// §16.10) — a CANCEL crossing the final response is normal, not an error.
+    fn cancellable(&self, invite_key: &TxKey, sender: Option<&Flow>) -> Option<bool> {
+        let invite = self
+            .servers
+            .get(invite_key)
+            .filter(|s| sender.is_some_and(|f| self.same_sender(f, &s.inbound)))?;
+        Some(invite.txn.is_cancellable() && !invite.final_sent)
+    }
+
+    /// Cancels a pending INVITE server transaction: 487 at once while it waits for its
+    /// lookup, otherwise CANCEL on each branch (whose 487 comes back up).
+    fn cancel_invite(&mut self, now: Instant, invite_key: &TxKey) {
+        let Some(s) = self.servers.get_mut(invite_key) else {
+            return;
+        };
         s.cancelled = true;
         if s.branches.is_empty() {
             // Still waiting for a lookup: nothing downstream to cancel.
-            self.answer(now, &invite_key, 487, "Request Terminated", &[]);
+            self.answer(now, invite_key, 487, "Request Terminated", &[]);
         } else {
-            self.cancel_branches(now, &invite_key, None);
+            self.cancel_branches(now, invite_key, None);
+        }
+    }
+
+    /// A partner's CANCEL that arrived on another shard ([`Output::CancelElsewhere`]):
+    /// cancels the INVITE it names when that INVITE came from the same partner on one of
+    /// this shard's connections. True when it did (the asking shard answers the CANCEL 200).
+    pub fn cancel_from_elsewhere(&mut self, now: Instant, partner: &str, request: &[u8]) -> bool {
+        self.tick_clock(now);
+        let key = with_parsed(request, &self.limits, TxKey::server).flatten();
+        let Some(invite_key) = key.as_ref().and_then(TxKey::cancelled_invite) else {
+            return false;
+        };
+        match self.cancellable(&invite_key, Some(&Flow::Peer(partner.to_string()))) {
+            None => false,
+            Some(pending) => {
+                if pending {
+                    self.cancel_invite(now, &invite_key);
+                }
+                true
+            }
+        }
+    }
+
+    /// The other shards' answer to [`Output::CancelElsewhere`]: the CANCEL is answered 200
+    /// when one of them had its INVITE, 481 otherwise.
+    pub fn handle_cancel_elsewhere(&mut self, now: Instant, token: u64, matched: bool) {
+        self.tick_clock(now);
+        let Some(Pending::Cancel(key)) = self.pending.remove(&token) else {
+            return;
+        };
+        if matched {
+            self.answer(now, &key, 200, "OK", &[]);
+        } else {
+            self.answer(now, &key, 481, "Call/Transaction Does Not Exist", &[]);
         }
     }
 
@@ -1298,6 +1469,14 @@ impl ShardProxy {
         match decision {
             Decision::ToFlow(f) => self.send_ack(flow, &f, None, source, msg, ess),
             Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, source, msg, ess),
+            // An ACK with a To-tag, no transaction and no route of ours: not the ACK of a
+            // dialog we record-routed (its route set names us), so nobody's. Dropped, as
+            // Kamailio's default script does — it would otherwise reach any registered
+            // device unauthenticated and past the door. A cluster node's is looked up (one
+            // hop: locally only).
+            Decision::Lookup { .. } if !self.came_from_node(flow) => {
+                self.stats.dropped_requests += 1;
+            }
             Decision::Lookup { aor } => {
                 let token = self.unique();
                 self.pending.insert(
@@ -1422,13 +1601,21 @@ impl ShardProxy {
                     self.send_ack(&inbound, &to, uri.as_deref(), source.clone(), m, e)
                 });
             }
-            None => {}
+            Some(Pending::Cancel(_) | Pending::Register { .. }) | None => {}
         }
     }
 
     /// The answer to an [`Output::Register`].
     pub fn handle_register_reply(&mut self, now: Instant, token: u64, reply: Reply) {
-        if let Some(Pending::Server(key)) = self.pending.remove(&token) {
+        if let Some(Pending::Register { key, slot }) = self.pending.remove(&token) {
+            // Refused: the place it took on its connection is given back (a UA whose
+            // REGISTERs fail — 423, a bad Contact — must not use its connection's AORs up).
+            if reply.code != 200
+                && let Some((flow, aor)) = slot
+                && let Some(aors) = self.flow_aors.get_mut(&flow)
+            {
+                aors.retain(|a| *a != aor);
+            }
             self.answer(now, &key, reply.code, reply.reason, &reply.headers);
         }
     }
@@ -1445,6 +1632,12 @@ impl ShardProxy {
             return;
         };
         match Proxy::branch_shard(branch) {
+            // A shard that does not exist: the branch is forged (or of another life of the
+            // node with more shards). Nothing of ours waits for it.
+            Some(owner) if owner >= self.shards => {
+                self.stats.dropped_responses += 1;
+                return;
+            }
             Some(owner) if owner != self.shard => {
                 self.out.push_back(Output::Relay {
                     shard: owner,

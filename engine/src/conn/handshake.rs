@@ -250,9 +250,19 @@ async fn open_inbound(
         .ok()
         .and_then(|l| crate::shard::listener_of(&shard.cfg, l));
     let _ = stream.set_nodelay(true);
+    keepalive(&shard, &stream);
     let est = accept_tls(&shard, stream, kind, client_auth, remote, slot).await?;
     let conn = Conn::new(shard.new_conn_id(), est, kind, remote, listener);
     Some(conn)
+}
+
+/// TCP keepalive per `limits.tcp_keepalive_s`: a connection a registration keeps open
+/// (the idle sweep leaves it) is still found dead when its peer vanished.
+fn keepalive(shard: &Shard, stream: &TcpStream) {
+    let s = shard.cfg.limits.tcp_keepalive_s;
+    if s > 0 {
+        let _ = sys::sock::keepalive(stream, Duration::from_secs(s));
+    }
 }
 
 /// After a refused handshake: half-close and drain briefly, so the alert we sent reaches the
@@ -406,6 +416,7 @@ async fn connect_peer(
         }
     };
     let _ = stream.set_nodelay(true);
+    keepalive(shard, &stream);
     let mut sess = TlsSession::client(cc, server_name).ok()?;
     let r = with_timeout(timeout, drive_handshake(&mut stream, &mut sess)).await;
     handshake_outcome(shard, r, addr, ListenKind::Mtls).ok()?;

@@ -300,6 +300,9 @@ pub struct Conn {
     io: RefCell<Io>,
     waker: Cell<Option<Waker>>,
     last_rx: Cell<Instant>,
+    /// Until when the bindings registered over it last, per AOR, as their owners last said
+    /// (the idle sweep keeps it while one does). At most the AORs a connection may register.
+    holds: RefCell<Vec<(Box<str>, Instant)>>,
     closing: Cell<Closing>,
     /// When the incomplete message now held began (its first byte), if one is.
     partial_since: Cell<Option<Instant>>,
@@ -369,6 +372,7 @@ impl Conn {
             }),
             waker: Cell::new(None),
             last_rx: Cell::new(Instant::now()),
+            holds: RefCell::new(Vec::new()),
             closing: Cell::new(Closing::No),
             partial_since: Cell::new(None),
             partial_len: Cell::new(0),
@@ -426,6 +430,22 @@ impl Conn {
     /// When the last complete message or keepalive arrived (for the shard's idle sweep).
     pub fn last_rx(&self) -> Instant {
         self.last_rx.get()
+    }
+
+    /// The bindings of `aor` registered over it last until `until` (`None`: it holds none of
+    /// that AOR's any more — unregistered, moved). The idle sweep leaves it open while one
+    /// lasts.
+    pub fn hold(&self, aor: &str, until: Option<Instant>) {
+        let mut h = self.holds.borrow_mut();
+        h.retain(|(a, _)| &**a != aor);
+        if let Some(t) = until {
+            h.push((aor.into(), t));
+        }
+    }
+
+    /// Until when a binding registered over it lasts, if one does.
+    pub fn held_until(&self) -> Option<Instant> {
+        self.holds.borrow().iter().map(|(_, t)| *t).max()
     }
 
     /// When the incomplete message it holds began, if it holds one (the partial deadline).

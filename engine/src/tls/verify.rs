@@ -69,11 +69,30 @@ impl Identity {
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Identity::Dns(n) => write!(f, "DNS:{n}"),
-            Identity::Sip(n) => write!(f, "URI:sip:{n}"),
-            Identity::Cn(n) => write!(f, "CN={n}"),
+            Identity::Dns(n) => write!(f, "DNS:{}", printable(n)),
+            Identity::Sip(n) => write!(f, "URI:sip:{}", printable(n)),
+            Identity::Cn(n) => write!(f, "CN={}", printable(n)),
         }
     }
+}
+
+/// Text from a certificate nobody verified yet, made safe for a log line: control
+/// characters (a CN with a newline forges log lines) are written escaped.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 /// Facts about a certificate an operator needs in a log line.
@@ -128,8 +147,8 @@ pub fn summarize(cert: &[u8]) -> Option<CertSummary> {
     }
     Some(CertSummary {
         identities: ids,
-        issuer: x.issuer().to_string(),
-        subject: x.subject().to_string(),
+        issuer: printable(&x.issuer().to_string()).into_owned(),
+        subject: printable(&x.subject().to_string()).into_owned(),
         not_after: x.validity().not_after.timestamp(),
     })
 }
@@ -166,12 +185,14 @@ pub fn name_matches(presented: &str, wanted: &str, allow_wildcards: bool) -> boo
         p.strip_suffix('.').unwrap_or(&p),
         w.strip_suffix('.').unwrap_or(&w),
     );
-    if p == w {
+    // A `*` is a wildcard or nothing: never matched as a character (a `sip:*.x` URI or a
+    // CN of `*.x` is no identity, RFC 5922 §7.2).
+    if p == w && !p.contains('*') {
         return true;
     }
     match p.strip_prefix("*.") {
         // One label only, never a bare TLD-like suffix.
-        Some(suffix) if allow_wildcards => {
+        Some(suffix) if allow_wildcards && !w.contains('*') => {
             suffix.contains('.')
                 && w.split_once('.')
                     .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix)
@@ -240,8 +261,18 @@ fn reject(
 const SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
 const CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
 
-/// EKU policy: serverAuth or clientAuth (or no EKU extension at all, RFC 5280 "any").
-struct TlsEku;
+/// EKU policy (or no EKU extension at all, RFC 5280 "any"). A partner that dials us
+/// presents the certificate it serves with as often as a client one, so inbound either
+/// serverAuth or clientAuth will do; the server we dial must be a server (serverAuth).
+#[derive(Clone, Copy)]
+struct TlsEku {
+    server_only: bool,
+}
+
+impl TlsEku {
+    const EITHER: TlsEku = TlsEku { server_only: false };
+    const SERVER: TlsEku = TlsEku { server_only: true };
+}
 
 impl ExtendedKeyUsageValidator for TlsEku {
     #[allow(deprecated)] // the context variant wants a KeyUsage; ours is "either of two"
@@ -250,7 +281,9 @@ impl ExtendedKeyUsageValidator for TlsEku {
         for id in iter {
             let id = id?;
             any = true;
-            if id == KeyPurposeId::new(SERVER_AUTH) || id == KeyPurposeId::new(CLIENT_AUTH) {
+            if id == KeyPurposeId::new(SERVER_AUTH)
+                || (!self.server_only && id == KeyPurposeId::new(CLIENT_AUTH))
+            {
                 return Ok(());
             }
         }
@@ -297,7 +330,26 @@ pub struct PeerTrust {
     subjects: Vec<DistinguishedName>,
 }
 
+/// The issuer names (DER) of a presented chain, for [`PeerTrust::roots_named`].
+fn chain_issuers(ee: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Vec<Vec<u8>> {
+    std::iter::once(ee)
+        .chain(intermediates)
+        .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+        .map(|(_, x)| x.issuer().as_raw().to_vec())
+        .collect()
+}
+
 impl PeerTrust {
+    /// Does a certificate of the chain name one of this partner's roots as its issuer? A
+    /// label for the log (`wrong_partner_root`), by name only: verifying the chain against
+    /// every other partner's roots to choose it cost an unauthenticated peer's handshake up
+    /// to 100 signature checks per partner, on the shard's thread.
+    fn roots_named(&self, issuers: &[Vec<u8>]) -> bool {
+        issuers
+            .iter()
+            .any(|i| self.subjects.iter().any(|s| s.as_ref() == i.as_slice()))
+    }
+
     /// Builds a partner's trust from its configuration and already-loaded files.
     pub fn new(
         p: &PeerConfig,
@@ -363,7 +415,8 @@ impl PeerTrust {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> bool {
-        self.verify_with(algs, ee, intermediates, now, None).is_ok()
+        self.verify_with(algs, ee, intermediates, now, None, TlsEku::EITHER)
+            .is_ok()
     }
 
     /// Verifies the chain against this partner's roots and the EKU policy, with `revocation`.
@@ -374,6 +427,7 @@ impl PeerTrust {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         revocation: Option<webpki::RevocationOptions<'_>>,
+        eku: TlsEku,
     ) -> Result<(), webpki::Error> {
         EndEntityCert::try_from(ee)?
             .verify_for_usage(
@@ -381,14 +435,15 @@ impl PeerTrust {
                 &self.anchors,
                 intermediates,
                 now,
-                TlsEku,
+                eku,
                 revocation,
                 None,
             )
             .map(|_| ())
     }
 
-    /// Verifies the chain against this partner's roots, CRLs and the EKU policy.
+    /// Verifies the chain against this partner's roots, CRLs and the EKU policy, as the
+    /// partner dialling us presented it (serverAuth or clientAuth).
     pub fn verify_chain(
         &self,
         algs: &WebPkiSupportedAlgorithms,
@@ -396,8 +451,78 @@ impl PeerTrust {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), webpki::Error> {
-        let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
-        let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
+        self.verify_chain_for(algs, ee, intermediates, now, TlsEku::EITHER)
+    }
+
+    /// [`Self::verify_chain`] for the server we dial: serverAuth.
+    pub fn verify_server_chain(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), webpki::Error> {
+        self.verify_chain_for(algs, ee, intermediates, now, TlsEku::SERVER)
+    }
+
+    fn verify_chain_for(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        eku: TlsEku,
+    ) -> Result<(), webpki::Error> {
+        let all: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
+        let first = self.verify_with_crls(algs, ee, intermediates, now, eku, &all);
+        if first.is_ok() {
+            return first;
+        }
+        // A CA re-keyed under the same name (a Windows CA's renewal does that) has one list
+        // per key, and webpki reads the first list whose issuer *name* matches: signed by
+        // the other key, it fails the whole chain (reported as a bad signature once the
+        // other anchor of that name was tried too). Each list that shares its name with an
+        // earlier one is tried first in turn. Safe: whichever list is read must still be
+        // signed by the certificate's own issuer. An answer that is not a signature
+        // failure (passed, revoked, expired) stands; else the first.
+        let signature = |r: &Result<(), webpki::Error>| {
+            matches!(
+                r,
+                Err(webpki::Error::InvalidCrlSignatureForPublicKey
+                    | webpki::Error::InvalidSignatureForPublicKey)
+            )
+        };
+        for (i, c) in self.crls.iter().enumerate() {
+            if !self.crls[..i].iter().any(|e| e.issuer() == c.issuer()) {
+                continue;
+            }
+            let order: Vec<&CertRevocationList<'_>> = std::iter::once(c)
+                .chain(
+                    self.crls
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, _)| j != i)
+                        .map(|(_, o)| o),
+                )
+                .collect();
+            let r = self.verify_with_crls(algs, ee, intermediates, now, eku, &order);
+            if !signature(&r) {
+                return r;
+            }
+        }
+        first
+    }
+
+    fn verify_with_crls(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        eku: TlsEku,
+        crl_refs: &[&CertRevocationList<'_>],
+    ) -> Result<(), webpki::Error> {
+        let revocation = match RevocationOptionsBuilder::new(crl_refs) {
             // A CRL past its nextUpdate says nothing about what was revoked since: under the
             // default policy (unknown status denied) it counts as no CRL; with unknown
             // status allowed, as the operator chose, it is still read.
@@ -417,7 +542,7 @@ impl PeerTrust {
             }
             Err(_) => None,
         };
-        self.verify_with(algs, ee, intermediates, now, revocation)
+        self.verify_with(algs, ee, intermediates, now, revocation, eku)
     }
 }
 
@@ -544,13 +669,15 @@ impl ClientCertVerifier for PeerClientVerifier {
         };
         let peer = p.name.clone();
         let mut reason = classify(&e);
-        if reason == Rejection::UnknownIssuer
-            && self.peers.iter().any(|p| {
-                !candidates.iter().any(|c| Arc::ptr_eq(c, p))
-                    && p.verify_chain(&self.algs, ee, intermediates, now).is_ok()
-            })
-        {
-            reason = Rejection::WrongPartnerRoot;
+        if reason == Rejection::UnknownIssuer {
+            let issuers = chain_issuers(ee, intermediates);
+            if self
+                .peers
+                .iter()
+                .any(|p| !candidates.iter().any(|c| Arc::ptr_eq(c, p)) && p.roots_named(&issuers))
+            {
+                reason = Rejection::WrongPartnerRoot;
+            }
         }
         Err(reject(reason, summary, Some(&peer), e.to_string()))
     }
@@ -610,14 +737,17 @@ impl ServerCertVerifier for PeerServerVerifier {
     ) -> Result<ServerCertVerified, Error> {
         let summary = chain_summary(ee);
         let p = &self.peer;
-        if let Err(e) = p.verify_chain(&self.algs, ee, intermediates, now) {
+        if let Err(e) = p.verify_server_chain(&self.algs, ee, intermediates, now) {
             let mut reason = classify(&e);
-            if reason == Rejection::UnknownIssuer
-                && self.all.iter().any(|o| {
-                    !Arc::ptr_eq(o, p) && o.verify_chain(&self.algs, ee, intermediates, now).is_ok()
-                })
-            {
-                reason = Rejection::WrongPartnerRoot;
+            if reason == Rejection::UnknownIssuer {
+                let issuers = chain_issuers(ee, intermediates);
+                if self
+                    .all
+                    .iter()
+                    .any(|o| !Arc::ptr_eq(o, p) && o.roots_named(&issuers))
+                {
+                    reason = Rejection::WrongPartnerRoot;
+                }
             }
             return Err(reject(reason, summary, Some(&p.name), e.to_string()));
         }
@@ -683,6 +813,14 @@ mod tests {
         assert!(!name_matches("*.example.net", "a.sip.example.net", true));
         assert!(!name_matches("*.net", "example.net", true));
         assert!(!name_matches("*.example.net", "example.net", true));
+        // What a certificate says is logged without its control characters.
+        assert_eq!(
+            Identity::Cn("a\nWARN forged".into()).to_string(),
+            "CN=a\\nWARN forged"
+        );
+        // A `*` is never a character that matches itself.
+        assert!(!name_matches("*.example.net", "*.example.net", false));
+        assert!(!name_matches("*.example.net", "*.example.net", true));
         // One trailing dot (an absolute name) on either side does not count.
         assert!(name_matches("sip.example.net.", "sip.example.net", false));
         assert!(name_matches("sip.example.net", "SIP.example.net.", false));
