@@ -1714,3 +1714,58 @@ fn our_own_answers_fill_in_rport_and_received() {
         "SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrp3"
     );
 }
+
+#[test]
+fn an_answer_with_only_our_via_is_not_forwarded() {
+    // RFC 3261 §16.7 step 3: after our Via is popped nothing is left — the downstream lost
+    // the caller's Via. Forwarded, it would reach alice without one (her parser refuses
+    // it); it is dropped and counted, and the branch still answers properly after.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKvl1", "call-vl"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    let busy = answer(&fwd, 486, "Busy Here", "b1");
+    let text = String::from_utf8(busy.clone()).unwrap();
+    let mut vias = 0;
+    let lost: String = text
+        .split_inclusive("\r\n")
+        .filter(|l| {
+            if l.starts_with("Via:") {
+                vias += 1;
+                return vias == 1;
+            }
+            true
+        })
+        .collect();
+    assert_eq!(vias, 2, "{text}");
+    let before = n.proxy.stats().dropped_responses;
+    n.send(&B, lost.as_bytes());
+    assert!(n.take(&A).is_empty(), "nothing reached alice");
+    assert_eq!(n.proxy.stats().dropped_responses, before + 1);
+    n.send(&B, &busy);
+    assert_eq!(status(&n.one(&A)), 486);
+}
+
+#[test]
+fn an_answer_counts_only_from_the_connection_its_request_went_to() {
+    // A forked INVITE: bob's second device read the branch of the first (the loop-hash
+    // part is the same on every branch, the rest a counter) and answers on it from its own
+    // connection. Before, its 486 ended the first branch; now it answers nothing, and the
+    // first device's own answer still counts.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.register("bob", &B2, "10.0.0.3:5061");
+    n.send(&A, &invite("z9hG4bKsn1", "call-sn"));
+    n.take(&A);
+    let (f1, _f2) = (n.one(&B), n.one(&B2));
+    let before = n.proxy.stats().dropped_responses;
+    n.send(&B2, &answer(&f1, 200, "OK", "forged"));
+    assert!(n.take(&A).is_empty(), "the forged answer went nowhere");
+    assert!(n.take(&B).is_empty(), "the first branch was not cancelled");
+    assert_eq!(n.proxy.stats().dropped_responses, before + 1);
+    n.send(&B, &answer(&f1, 200, "OK", "b1"));
+    let ok = n.one(&A);
+    assert_eq!(status(&ok), 200);
+    assert!(String::from_utf8_lossy(&ok).contains("tag=b1"));
+}

@@ -188,7 +188,9 @@ fn help(family: &str) -> &'static str {
         "sipring_requests_dropped_total" => {
             "Requests dropped unanswered: an ACK matching nothing with no route of ours, or an ACK or retransmission from another sender than its transaction's."
         }
-        "sipring_responses_dropped_total" => "Responses not ours or without a transaction.",
+        "sipring_responses_dropped_total" => {
+            "Responses not ours, without a transaction, from another connection than the request went to, or with no Via left for upstream."
+        }
         "sipring_parse_errors_total" => "Framing or parse errors that closed a connection.",
         "sipring_cross_shard_total" => "Mesh messages sent, by operation.",
         "sipring_overload_503_total" => {

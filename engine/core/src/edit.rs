@@ -330,6 +330,19 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         self
     }
 
+    /// Appends `Route: value` below the existing Route values (a strict-routing next hop's
+    /// Request-URI kept as the last Route, RFC 3261 §16.6 step 6), or at the end of the
+    /// head if there are none.
+    pub fn append_route(&mut self, value: &[u8]) -> &mut Self {
+        let at = self
+            .msg
+            .headers_named(HeaderName::Route)
+            .last()
+            .map_or_else(|| self.end_of_headers(), |h| h.line_end as usize);
+        self.splice(at, at, Self::line("Route", value));
+        self
+    }
+
     /// Replaces the Request-URI.
     pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<&mut Self, EditError> {
         let (s, e) = self.msg.request_uri_span().ok_or(EditError::NotARequest)?;

@@ -12,7 +12,7 @@
 use crate::auth::NodeKey;
 use crate::edit::Editor;
 use crate::header::HeaderName;
-use crate::parse::{Essentials, Message, Method};
+use crate::parse::{Essentials, HeaderValue, Message, Method};
 use crate::policy::{Denial, IdentityEdit};
 use crate::registrar::FlowId;
 use crate::text::{self, is_token, trim};
@@ -575,6 +575,38 @@ impl Proxy {
         }
     }
 
+    /// How many of the Routes on top are this hop's to remove (§16.4): those naming us
+    /// without flow tokens (a UA's preloaded outbound proxy, under any of our names), then
+    /// the first with tokens — the entry this dialog's route was made of — and its RFC 5658
+    /// twin (our other interface, the same tokens). A later entry naming us is a later pass
+    /// through us (a hairpin through a partner that does not record-route): it stays, for
+    /// the hop that reaches it. `strict`: a strict router's Request-URI, already the entry
+    /// with tokens, so only its twin goes.
+    fn consumed(&self, routes: &[HeaderValue<'_>], strict: Option<&Uri<'_>>) -> usize {
+        fn tokens<'a>(u: &Uri<'a>) -> (Option<&'a [u8]>, Option<&'a [u8]>) {
+            (u.param("fi").flatten(), u.param("fo").flatten())
+        }
+        let mut pass = strict.map(tokens);
+        let mut n = 0;
+        for r in routes {
+            let Some(uri) = NameAddr::parse(r.value).map(|na| na.uri()) else {
+                break;
+            };
+            if !self.is_self_uri(&uri) {
+                break;
+            }
+            let t = tokens(&uri);
+            match pass {
+                Some(p) if t == p => {}
+                Some(_) => break,
+                None if t == (None, None) => {}
+                None => pass = Some(t),
+            }
+            n += 1;
+        }
+        n
+    }
+
     /// A request on one of our dialog routes (`uri` is our Record-Route with its flow
     /// tokens): only a route we signed, for this dialog, is followed.
     fn dialog_route(
@@ -737,7 +769,17 @@ impl Proxy {
             e.add_header("P-Asserted-Identity", pai.as_bytes());
         }
         if let Some(src) = hop.source {
-            let received = ess.top_via.host != src.ip().to_string().as_bytes();
+            // §18.2.1: `received` unless sent-by is the source address itself (an IPv6
+            // reference in brackets, as a Via writes it).
+            let host = ess.top_via.host;
+            let literal = host
+                .strip_prefix(b"[")
+                .and_then(|h| h.strip_suffix(b"]"))
+                .unwrap_or(host);
+            let received = std::str::from_utf8(literal)
+                .ok()
+                .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                != Some(src.ip());
             let _ = e.complete_top_via(&src, received);
         }
         let out = hop.out_iface;
@@ -754,29 +796,55 @@ impl Proxy {
         );
         e.prepend_via(via.as_bytes());
         e.set_max_forwards(ess.max_forwards.map_or(70, |m| m.saturating_sub(1)));
-        // Routes: a strict router's Request-URI (our Record-Route) is replaced by the last
-        // Route; else the Routes on top that name us go.
+        // Routes (§16.4): a strict router's Request-URI (our Record-Route) is replaced by
+        // the last Route; then the Routes on top that are this hop's go — see `consumed`.
         let routes = msg.values(HeaderName::Route);
         let ruri = msg.request_uri().and_then(|u| Uri::parse(u).ok());
-        let strict = ruri.is_some_and(|u| u.param("fi").is_some() && self.is_self_uri(&u));
-        if strict {
-            if let Some(last) = routes.last().and_then(|r| NameAddr::parse(r.value)) {
-                let _ = e.set_request_uri(last.uri);
-                let _ = e.remove_values_from(HeaderName::Route, routes.len() - 1, 1);
+        let strict_in = ruri
+            .as_ref()
+            .filter(|u| u.param("fi").is_some() && self.is_self_uri(u));
+        let strict = strict_in.is_some();
+        // The last Route holds the remote target a strict router moved there.
+        let end = routes.len() - usize::from(strict && !routes.is_empty());
+        let restored = (end < routes.len())
+            .then(|| NameAddr::parse(routes[end].value))
+            .flatten()
+            .map(|na| na.uri);
+        let ours = self.consumed(&routes[..end], strict_in);
+        let new_target = new_uri.map(request_uri_of);
+        let target: Option<&[u8]> = new_target.as_deref().or(restored);
+        // §16.6 step 6: a next hop that routes strictly (no `lr`) gets the request addressed
+        // to it, with the Request-URI kept as the last Route.
+        let strict_next = routes[ours..end]
+            .first()
+            .filter(|_| hop.path.is_empty())
+            .and_then(|r| NameAddr::parse(r.value))
+            .filter(|na| na.uri().param("lr").is_none());
+        let removed = ours + usize::from(strict_next.is_some());
+        match (removed, end < routes.len()) {
+            // Adjacent to the restored target: one run.
+            (n, true) if n == end => {
+                let _ = e.remove_values_from(HeaderName::Route, 0, routes.len());
             }
-        } else {
-            let ours = routes
-                .iter()
-                .take_while(|r| {
-                    NameAddr::parse(r.value).is_some_and(|na| self.is_self_uri(&na.uri()))
-                })
-                .count();
-            if ours > 0 {
-                let _ = e.remove_values_from(HeaderName::Route, 0, ours);
+            (n, tail) => {
+                if n > 0 {
+                    let _ = e.remove_values_from(HeaderName::Route, 0, n);
+                }
+                if tail {
+                    let _ = e.remove_values_from(HeaderName::Route, end, 1);
+                }
             }
         }
-        if let Some(u) = new_uri {
-            let _ = e.set_request_uri(&request_uri_of(u));
+        if let Some(next) = &strict_next {
+            let last = target.or(msg.request_uri()).unwrap_or_default();
+            let _ = e.set_request_uri(next.uri);
+            let mut v = Vec::with_capacity(last.len() + 2);
+            v.push(b'<');
+            v.extend_from_slice(last);
+            v.push(b'>');
+            e.append_route(&v);
+        } else if let Some(t) = target {
+            let _ = e.set_request_uri(t);
         }
         for p in hop.path {
             e.insert_route(p.as_bytes());
@@ -804,10 +872,7 @@ impl Proxy {
                 msg.request_uri().is_some_and(sips) || route_sips(routes.first().map(|r| r.value));
             let next_route = match hop.path.first() {
                 Some(p) => Some(p.as_bytes()),
-                None => routes
-                    .iter()
-                    .map(|r| r.value)
-                    .find(|v| NameAddr::parse(v).is_none_or(|na| !self.is_self_uri(&na.uri()))),
+                None => routes[ours..end].first().map(|r| r.value),
             };
             let secure_out = new_uri.or(msg.request_uri()).is_some_and(sips)
                 || (!strict && route_sips(next_route));
@@ -1515,6 +1580,40 @@ mod tests {
             s.contains("Via: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc\r\n"),
             "{s}"
         );
+        // The same for an IPv6 sent-by, written in brackets; another address gets
+        // `received` (without brackets, RFC 3261 §18.2.1's grammar: IPv6address).
+        let v6 = plain.replace("10.0.0.1;", "[2001:db8::1];");
+        let via6 = |src: &str| {
+            parsed(&v6, |m, e| {
+                String::from_utf8(p.forward_request(
+                    m,
+                    e,
+                    "z9hG4bKsr6",
+                    None,
+                    &Hop {
+                        inbound: &a,
+                        outbound: &b,
+                        in_iface: &tls,
+                        out_iface: &tls,
+                        source: Some(src.parse().unwrap()),
+                        ident: &IdentityEdit::default(),
+                        path: &[],
+                        overload_control: false,
+                    },
+                ))
+                .unwrap()
+            })
+        };
+        let s = via6("[2001:db8::1]:5061");
+        assert!(
+            s.contains("Via: SIP/2.0/TLS [2001:db8::1];branch=z9hG4bKabc\r\n"),
+            "{s}"
+        );
+        let s = via6("[2001:db8::2]:5061");
+        assert!(
+            s.contains("Via: SIP/2.0/TLS [2001:db8::1];branch=z9hG4bKabc;received="),
+            "{s}"
+        );
     }
 
     #[test]
@@ -1624,12 +1723,18 @@ mod tests {
             !out.contains("Route:"),
             "both of our entries removed: {out}"
         );
-        // A strict router (RFC 2543) puts our Record-Route in the Request-URI and the remote
-        // target last in Route: the tokens still route, and the target is restored.
-        let uri = rrs[1].trim_start_matches('<').trim_end_matches('>');
+        // A strict router (RFC 2543) puts the top of its route set (our first entry) in the
+        // Request-URI, the rest in Route (our twin first) and the remote target last: the
+        // tokens still route, the target is restored, and the twin goes too (§16.4: the
+        // request is then processed as if it had come so) — else the next hop would send it
+        // back to us on the twin.
+        let uri = rrs[0].trim_start_matches('<').trim_end_matches('>');
         let strict = req(
             &format!("BYE {uri}"),
-            "Route: <sip:alice@10.0.0.1:5061;transport=tls>\r\n",
+            &format!(
+                "Route: {}\r\nRoute: <sip:alice@10.0.0.1:5061;transport=tls>\r\n",
+                rrs[1]
+            ),
         )
         .replace(
             "To: <sip:bob@example.com>",
@@ -1652,6 +1757,155 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("Route:"), "{out}");
+    }
+
+    #[test]
+    fn a_later_pass_through_us_keeps_its_routes() {
+        // alice (ours) → us → partner P (which does not record-route) → us → bob (ours):
+        // bob's route set is our entries of the second pass, then those of the first. His
+        // BYE goes to P with the first pass's entries still on it, for P to route back.
+        let p = Proxy::new(ProxyConfig {
+            ports: vec![5061, 5062],
+            ..cfg()
+        });
+        let (alice, bob, partner) = (
+            Flow::Conn(0x1_0000_0001),
+            Flow::Conn(0x1_0000_0002),
+            Flow::Peer("partner".into()),
+        );
+        let (tls, mtls) = (iface(5061, Transport::Tls), iface(5062, Transport::Tls));
+        let pass = |inv: &str, a: &Flow, b: &Flow, ia: &Interface, ib: &Interface| {
+            parsed(inv, |m, e| {
+                String::from_utf8(p.forward_request(
+                    m,
+                    e,
+                    "z9hG4bKhp",
+                    None,
+                    &Hop {
+                        inbound: a,
+                        outbound: b,
+                        in_iface: ia,
+                        out_iface: ib,
+                        source: None,
+                        ident: &IdentityEdit::default(),
+                        path: &[],
+                        overload_control: false,
+                    },
+                ))
+                .unwrap()
+            })
+        };
+        let first = pass(
+            &req("INVITE sip:carol@partner.net", ""),
+            &alice,
+            &partner,
+            &tls,
+            &mtls,
+        );
+        // P sends it back (Record-Route kept as it came, its own Via on top).
+        let second = pass(&first, &partner, &bob, &mtls, &tls);
+        let rrs = record_routes(&second);
+        assert_eq!(rrs.len(), 4, "{second}");
+        let bye = req(
+            "BYE sip:alice@10.0.0.1",
+            &format!("Route: {}\r\n", rrs.join(", ")),
+        )
+        .replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b",
+        );
+        assert_eq!(
+            parsed(&bye, |m, e| p.decide(m, e, &bob, None)),
+            Decision::ToFlow(partner.clone())
+        );
+        let out = parsed(&bye, |m, e| {
+            String::from_utf8(fwd(&p, m, e, "z9hG4bKhp2", None, &bob, &partner)).unwrap()
+        });
+        let routes: Vec<&str> = out.lines().filter(|l| l.starts_with("Route:")).collect();
+        assert_eq!(
+            routes,
+            vec![format!("Route: {}, {}", rrs[2], rrs[3])],
+            "only the second pass's entries go: {out}"
+        );
+        // P routes it back to us: the first pass's entries route it on to alice.
+        let back = out.replacen(
+            "Via: ",
+            "Via: SIP/2.0/TLS partner.net;branch=z9hG4bKp\r\nVia: ",
+            1,
+        );
+        assert_eq!(
+            parsed(&back, |m, e| p.decide(
+                m,
+                e,
+                &Flow::Conn(9),
+                Some("partner")
+            )),
+            Decision::ToFlow(alice.clone())
+        );
+        let last = parsed(&back, |m, e| {
+            String::from_utf8(fwd(&p, m, e, "z9hG4bKhp3", None, &partner, &alice)).unwrap()
+        });
+        assert!(!last.contains("Route:"), "{last}");
+    }
+
+    #[test]
+    fn a_strict_routing_next_hop_gets_the_request_addressed_to_it() {
+        // RFC 3261 §16.6 step 6: the next Route has no `lr` — it becomes the Request-URI and
+        // the Request-URI goes last in Route. Our own preloaded entry is removed first.
+        let p = Proxy::new(cfg());
+        let f = Flow::Conn(1);
+        let inv = req(
+            "INVITE sip:carol@partner.net",
+            "Route: <sip:proxy.example.com;lr>, <sip:partner.net>, <sip:core.partner.net;lr>\r\n",
+        );
+        assert_eq!(decide_on(&p, &inv, &f), Decision::ToPeer("partner".into()));
+        let out = parsed(&inv, |m, e| {
+            String::from_utf8(fwd(
+                &p,
+                m,
+                e,
+                "z9hG4bKst",
+                None,
+                &f,
+                &Flow::Peer("partner".into()),
+            ))
+            .unwrap()
+        });
+        assert!(
+            out.starts_with("INVITE sip:partner.net SIP/2.0\r\n"),
+            "{out}"
+        );
+        let routes: Vec<&str> = out.lines().filter(|l| l.starts_with("Route:")).collect();
+        assert_eq!(
+            routes,
+            vec![
+                "Route: <sip:core.partner.net;lr>",
+                "Route: <sip:carol@partner.net>"
+            ],
+            "{out}"
+        );
+        // A loose next hop: nothing moves.
+        let loose = inv.replace("<sip:partner.net>", "<sip:partner.net;lr>");
+        let out = parsed(&loose, |m, e| {
+            String::from_utf8(fwd(
+                &p,
+                m,
+                e,
+                "z9hG4bKst2",
+                None,
+                &f,
+                &Flow::Peer("partner".into()),
+            ))
+            .unwrap()
+        });
+        assert!(
+            out.starts_with("INVITE sip:carol@partner.net SIP/2.0\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Route: <sip:partner.net;lr>, <sip:core.partner.net;lr>\r\n"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@
 
 use crate::edit::Editor;
 use crate::error::ParseError;
-use crate::header::Header;
+use crate::header::{Header, HeaderName};
 use crate::matching::{KeyMethod, TxKey};
 use crate::overload_control::{self as oc, Feedback};
 use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
@@ -1651,10 +1651,27 @@ impl ShardProxy {
         let Some(key) = TxKey::client(ess) else {
             return;
         };
-        let Some(c) = self.clients.get_mut(&key) else {
+        let Some(c) = self.clients.get(&key) else {
             self.stats.dropped_responses += 1;
             return;
         };
+        // An answer comes from where its request went (RFC 3261 §18.2.2: on that
+        // connection): one from anyone else — a sibling device of a fork that read the
+        // branch, which is no secret — answers nothing.
+        if *flow != c.outbound && !self.same_sender(flow, &c.outbound) {
+            self.stats.dropped_responses += 1;
+            return;
+        }
+        // An answer to a request we forwarded with nothing left under our Via was meant for
+        // no one upstream and is not forwarded (§16.7 step 3): the downstream lost the
+        // Vias; the branch waits on, as if it had not answered.
+        if c.server.is_some()
+            && msg.headers_named(HeaderName::Via).nth(1).is_none()
+            && msg.values(HeaderName::Via).len() < 2
+        {
+            self.stats.dropped_responses += 1;
+            return;
+        }
         // RFC 7339 feedback in our Via, from a partner we advertised it to.
         if self.oc_trust != oc::Trust::Off
             && c.outbound == *flow
