@@ -859,6 +859,32 @@ impl Config {
                 );
             }
         }
+        // Each domain is spoken for by one side: a partner's domain that is ours (or another
+        // partner's) would let it assert our users' (or that partner's) identities — the
+        // From and P-Asserted-Identity checks pass — while routing, first match first, hid
+        // the overlap.
+        let domain = |d: &str| d.trim_end_matches('.').to_ascii_lowercase();
+        let ours: std::collections::HashSet<String> =
+            self.server.domains.iter().map(|d| domain(d)).collect();
+        let mut owner: std::collections::HashMap<String, &str> = Default::default();
+        for (i, p) in self.peer.iter().enumerate() {
+            for d in &p.domains {
+                let d = domain(d);
+                if ours.contains(&d) {
+                    e(
+                        format!("peer[{i}].domains"),
+                        "names one of server.domains: the partner would speak for our users",
+                    );
+                } else if let Some(other) = owner.insert(d, &p.name)
+                    && other != p.name
+                {
+                    e(
+                        format!("peer[{i}].domains"),
+                        "names a domain another [[peer]] has: each domain is one partner's",
+                    );
+                }
+            }
+        }
         for (i, p) in self.peer.iter().enumerate() {
             for r in &p.relay_to {
                 if !self.peer.iter().any(|q| q.name == *r) {
@@ -1193,6 +1219,41 @@ mod tests {
             .contains(&key)
         );
         assert!(with("\"*.acme.example\"", "").contains(&key));
+    }
+
+    #[test]
+    fn a_domain_is_spoken_for_by_one_side() {
+        let keys = |text: &str| {
+            Config::parse(text)
+                .unwrap()
+                .validate(Path::new("x.toml"))
+                .into_iter()
+                .map(|e| e.key)
+                .collect::<Vec<_>>()
+        };
+        let peer = |i: u8, domains: &str| {
+            format!(
+                "[[peer]]\nname = \"p{i}\"\nserver_name = \"sip.p{i}.example\"\nroots = \"p.pem\"\ndomains = [{domains}]\n"
+            )
+        };
+        let ours = "[server]\ndomains = [\"example.com\"]\n";
+        let clean = keys(&format!(
+            "{ours}{}{}",
+            peer(0, "\"a.example\""),
+            peer(1, "\"b.example\"")
+        ));
+        assert!(!clean.iter().any(|k| k.ends_with(".domains")), "{clean:?}");
+        // One of ours, written otherwise.
+        let k = keys(&format!("{ours}{}", peer(0, "\"Example.COM.\"")));
+        assert!(k.contains(&"peer[0].domains".to_string()), "{k:?}");
+        // Another partner's.
+        let k = keys(&format!(
+            "{ours}{}{}",
+            peer(0, "\"a.example\""),
+            peer(1, "\"b.example\", \"A.example\"")
+        ));
+        assert!(k.contains(&"peer[1].domains".to_string()), "{k:?}");
+        assert!(!k.contains(&"peer[0].domains".to_string()), "{k:?}");
     }
 
     #[test]

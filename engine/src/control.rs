@@ -83,9 +83,14 @@ impl PerSource {
         self.slot(ip).load(Ordering::Relaxed) as usize
     }
 
-    /// One more from `ip`.
-    pub fn add(&self, ip: std::net::IpAddr) {
-        self.slot(ip).fetch_add(1, Ordering::Relaxed);
+    /// One more from `ip`, if it has fewer than `limit`: the check and the count are one
+    /// step, so shards admitting at once cannot both take the last place.
+    pub fn try_add(&self, ip: std::net::IpAddr, limit: usize) -> bool {
+        self.slot(ip)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                ((c as usize) < limit).then_some(c + 1)
+            })
+            .is_ok()
     }
 
     /// One fewer from `ip`.
@@ -181,10 +186,13 @@ mod tests {
         let p = PerSource::default();
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         for host in ["2001:db8:0:7::1", "2001:db8:0:7::2", "2001:db8:0:7:abcd::3"] {
-            p.add(ip(host));
+            assert!(p.try_add(ip(host), 3));
         }
         assert_eq!(p.get(ip("2001:db8:0:7::ffff")), 3);
-        p.add(ip("192.0.2.1"));
+        // Full: the check and the count are one step.
+        assert!(!p.try_add(ip("2001:db8:0:7::4"), 3));
+        assert_eq!(p.get(ip("2001:db8:0:7::1")), 3);
+        assert!(p.try_add(ip("192.0.2.1"), 3));
         assert_eq!(
             p.get(ip("::ffff:192.0.2.1")),
             1,

@@ -175,17 +175,23 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Counts a connection from `ip` against the limits (its source's process-wide count,
-    /// the shard's load and the process budget).
-    pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> Admission {
-        if let Some(ip) = ip {
-            shard.control.per_source.add(ip);
+    /// Counts a connection from `ip` against the limits: its source's process-wide count
+    /// (`None` when that is full: taken and checked in one step, as every shard admits at
+    /// once), the shard's load and the process budget.
+    pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> Option<Admission> {
+        if let Some(ip) = ip
+            && !shard
+                .control
+                .per_source
+                .try_add(ip, shard.cfg.limits.max_connections_per_ip)
+        {
+            return None;
         }
         shard.control.load[shard.id].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Admission {
+        Some(Admission {
             shard: shard.clone(),
             ip,
-        }
+        })
     }
 }
 
@@ -797,7 +803,7 @@ impl Shard {
             tracing::warn!(
                 source = ?r.source,
                 reason = r.label,
-                claimed = %r.detail,
+                claimed = %crate::tls::verify::printable(&r.detail),
                 left_out,
                 "SIP request refused (at most one line a second; sipring_sip_refusals_total counts all)"
             );
@@ -1761,14 +1767,11 @@ pub fn admit(
         .iter()
         .map(|l| l.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
-    let per_ip = ip.map_or(0, |ip| control.per_source.get(ip));
     let handshakes_from = ip.map_or(0, |ip| shard.handshakes_from(ip));
     let refuse = if process_total >= control.budget {
         Some("max_connections")
     } else if total >= limits.max_connections_per_shard {
         Some("max_connections_per_shard")
-    } else if per_ip >= limits.max_connections_per_ip {
-        Some("max_connections_per_ip")
     } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
         Some("max_handshakes_in_flight")
     } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
@@ -1776,22 +1779,18 @@ pub fn admit(
     } else {
         None
     };
-    if let Some(why) = refuse {
-        shard.count(&format!(
-            "sipring_connections_refused_total{{limit=\"{why}\"}}"
-        ));
-        if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
-            tracing::warn!(
-                ?ip,
-                limit = why,
-                left_out,
-                "connection refused by limit (at most one line a second; \
-                 sipring_connections_refused_total counts all)"
-            );
+    // The per-source limit last: its check takes the place.
+    let admission = match refuse {
+        Some(why) => Err(why),
+        None => Admission::take(shard, ip).ok_or("max_connections_per_ip"),
+    };
+    let admission = match admission {
+        Ok(a) => a,
+        Err(why) => {
+            refused(shard, ip, why);
+            return;
         }
-        return;
-    }
-    let admission = Admission::take(shard, ip);
+    };
     // The handshake counts from now: its task may not run before the next accepts are
     // admitted, and they must see it (before, a burst of accepts passed both handshake
     // limits, none having started yet).
@@ -1805,6 +1804,22 @@ pub fn admit(
         slot,
     ))
     .detach();
+}
+
+/// Counts and (at most once a second) logs a connection refused by limit `why`.
+fn refused(shard: &Shard, ip: Option<IpAddr>, why: &str) {
+    shard.count(&format!(
+        "sipring_connections_refused_total{{limit=\"{why}\"}}"
+    ));
+    if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
+        tracing::warn!(
+            ?ip,
+            limit = why,
+            left_out,
+            "connection refused by limit (at most one line a second; \
+             sipring_connections_refused_total counts all)"
+        );
+    }
 }
 
 /// Mesh messages for one shard that found its channel full, oldest first.

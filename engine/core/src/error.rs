@@ -37,7 +37,7 @@ pub enum ParseError {
     UnsupportedVersion,
     /// A header name with characters outside `token`, or a line without a colon.
     InvalidHeaderName,
-    /// A bare CR or LF, or a NUL, in the header section.
+    /// A bare CR or LF in the start line or the header section.
     InvalidLineEnding,
     /// A mandatory header is missing.
     MissingHeader(HeaderName),

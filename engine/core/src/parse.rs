@@ -219,6 +219,16 @@ fn find_line_end(buf: &[u8], from: usize) -> Option<usize> {
     memchr::memchr(b'\n', &buf[from..]).map(|p| from + p)
 }
 
+/// Does one physical line (its CRLF excluded) hold a CR? A CR ends a line only with its LF
+/// — no SIP production allows one alone, not even a quoted-pair (RFC 3261 §25.1; a NUL
+/// may be one, RFC 4475 §3.1.1.2): a bare one is a line break to some parsers and none to
+/// others — a header we never saw (a `P-Asserted-Identity` past the policy) for the next
+/// hop, a forged line in a log.
+#[inline]
+fn stray_cr(line: &[u8]) -> bool {
+    memchr::memchr(b'\r', line).is_some()
+}
+
 /// Parses one message from the start of `buf`.
 ///
 /// Headers are stored in `headers`; its length (capped by `limits.max_headers`) is the header
@@ -252,7 +262,7 @@ fn parse_inner<'b, 'h>(
             Ok(Status::Partial)
         };
     };
-    if nl == 0 || buf[nl - 1] != b'\r' {
+    if nl == 0 || buf[nl - 1] != b'\r' || stray_cr(&buf[..nl - 1]) {
         return Err(ParseError::InvalidLineEnding);
     }
     if nl > limits.max_header_line {
@@ -290,7 +300,7 @@ fn parse_inner<'b, 'h>(
                 }
                 return partial_or(buf, limits);
             };
-            if buf[lf - 1] != b'\r' {
+            if buf[lf - 1] != b'\r' || stray_cr(&buf[end..lf - 1]) {
                 return Err(ParseError::InvalidLineEnding);
             }
             match buf.get(lf + 1) {

@@ -37,6 +37,11 @@ parse_cases! {
     huge_content_length: b"OPTIONS sip:a@b SIP/2.0\r\nl: 99999999999\r\n\r\n" => Err(ParseError::BodyTooLarge);
     bare_lf: b"OPTIONS sip:a@b SIP/2.0\nl: 0\r\n\r\n" => Err(ParseError::InvalidLineEnding);
     bare_lf_in_header: b"OPTIONS sip:a@b SIP/2.0\r\nl: 0\n\r\n" => Err(ParseError::InvalidLineEnding);
+    // A bare CR inside a value: a header line to some parsers (a smuggled identity).
+    bare_cr_in_value: b"OPTIONS sip:a@b SIP/2.0\r\nSubject: hi\rP-Asserted-Identity: <sip:ceo@b>\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidLineEnding);
+    bare_cr_in_folded_value: b"OPTIONS sip:a@b SIP/2.0\r\nSubject: hi\r\n there\rX: y\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidLineEnding);
+    bare_cr_in_reason: b"SIP/2.0 200 OK\rP-Asserted-Identity: <sip:ceo@b>\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidLineEnding);
+    folded_value_is_fine: b"OPTIONS sip:a@b SIP/2.0\r\nSubject: hi\r\n there\r\nl: 0\r\n\r\n" => Ok(Status::Complete(54));
     no_colon: b"OPTIONS sip:a@b SIP/2.0\r\nVia x\r\n\r\n" => Err(ParseError::InvalidHeaderName);
     bad_name: b"OPTIONS sip:a@b SIP/2.0\r\nV(a): x\r\n\r\n" => Err(ParseError::InvalidHeaderName);
     double_space: b"INVITE  sip:a@b SIP/2.0\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidStartLine);
