@@ -465,6 +465,15 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     let mut callee = c.ua(0, "callee0");
     assert_eq!(callee.register(600), 200);
     wait_stored(&redis, "callee0", "node-a");
+    // The field and its key's expiry are one write: the key expires with the binding.
+    let pttl: i64 = redis_cli(
+        redis.live_port(),
+        &["-c", "pttl", "b:{sip:callee0@example.com}"],
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    assert!((500_000..=600_000).contains(&pttl), "PTTL {pttl}");
     let mut caller = c.ua(2, "caller0");
     call(&mut caller, &mut callee, "cross-node-1");
     assert_eq!(message(&mut caller, "callee0", Some(&mut callee), 10), 200);
@@ -725,5 +734,24 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
         200,
         "store-only subscriber still known"
     );
+
+    // A graceful stop takes the node out of the cluster: its liveness key is gone when the
+    // process has exited (before, it lived on for up to liveness_ms, 3 s here, and the
+    // other nodes kept routing its users there).
+    assert!(
+        !redis_cli(redis.live_port(), &["-c", "get", "n:node-b"])
+            .trim()
+            .is_empty()
+    );
+    let mut b = c.nodes[1].server.take().unwrap();
+    b.signal("TERM");
+    assert_eq!(b.wait_exit(15), Some(0), "{}", b.log());
+    assert_eq!(
+        redis_cli(redis.live_port(), &["-c", "get", "n:node-b"]).trim(),
+        "",
+        "B's liveness key outlived it:\n{}",
+        b.log()
+    );
+    assert!(b.log().contains("liveness withdrawn"), "{}", b.log());
     let _ = &c.pki;
 }

@@ -120,9 +120,19 @@ pub struct StoreSender {
     node: String,
     epoch: u64,
     name_taken: Arc<AtomicBool>,
+    withdraw: async_channel::Sender<std::sync::mpsc::SyncSender<bool>>,
 }
 
 impl StoreSender {
+    /// Stops the heartbeat and deletes this node's liveness key (if this life holds it):
+    /// the other nodes stop routing here at their next read, not a liveness period later
+    /// (they answered 480 for this node's users meanwhile). Waits up to `wait`; true when
+    /// the store confirmed.
+    pub fn withdraw(&self, wait: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.withdraw.try_send(tx).is_ok() && rx.recv_timeout(wait).unwrap_or(false)
+    }
+
     /// Another live process holds this node's name in the store (a copied configuration,
     /// or an old process still running): this one must not run as that node — its writes
     /// and its start-up sweep would erase the other's bindings. The process stops.
@@ -250,6 +260,7 @@ pub fn start(
 ) -> std::io::Result<StoreSender> {
     let (writes, write_rx) = async_channel::bounded(STORE_QUEUE);
     let (asks, ask_rx) = async_channel::bounded(STORE_QUEUE);
+    let (withdraw, withdraw_rx) = async_channel::bounded(1);
     let resync = Arc::new(AtomicU64::new(0));
     // Unique per start: a node that comes back has a new epoch, so what it registered in its
     // previous life is never routed to again.
@@ -266,6 +277,7 @@ pub fn start(
         node: cfg.node.clone(),
         epoch,
         name_taken: name_taken.clone(),
+        withdraw,
     };
     std::thread::Builder::new()
         .name("sipring-store".into())
@@ -286,7 +298,7 @@ pub fn start(
                 run(
                     cfg,
                     epoch,
-                    (write_rx, ask_rx),
+                    (write_rx, ask_rx, withdraw_rx),
                     (resync, name_taken),
                     subscribers,
                 ),
@@ -315,6 +327,9 @@ struct State {
     /// node's name (it may be another live process's), nor swept.
     claimed: std::cell::Cell<bool>,
     name_taken: Arc<AtomicBool>,
+    /// The process stops: no more heartbeats (one after the key's deletion would bring the
+    /// node back to life for the others).
+    stopping: std::cell::Cell<bool>,
 }
 
 impl State {
@@ -337,7 +352,11 @@ impl State {
 async fn run(
     cfg: ClusterConfig,
     epoch: u64,
-    (write_rx, ask_rx): (async_channel::Receiver<Write>, async_channel::Receiver<Ask>),
+    (write_rx, ask_rx, withdraw_rx): (
+        async_channel::Receiver<Write>,
+        async_channel::Receiver<Ask>,
+        async_channel::Receiver<std::sync::mpsc::SyncSender<bool>>,
+    ),
     (resync, name_taken): (Arc<AtomicU64>, Arc<AtomicBool>),
     subscribers: crate::auth::SharedSubscribers,
 ) {
@@ -370,6 +389,7 @@ async fn run(
         resync,
         claimed: std::cell::Cell::new(false),
         name_taken,
+        stopping: std::cell::Cell::new(false),
     });
     // Connect (and keep trying) in the background; until then requests fail fast.
     {
@@ -391,6 +411,14 @@ async fn run(
         });
     }
     tokio::task::spawn_local(heartbeat(st.clone()));
+    {
+        let st = st.clone();
+        tokio::task::spawn_local(async move {
+            if let Ok(done) = withdraw_rx.recv().await {
+                let _ = done.send(withdraw(&st).await);
+            }
+        });
+    }
     tokio::task::spawn_local(sweep_previous_life(st.clone()));
     if let Some(key) = st.cfg.subscribers_key.clone() {
         tokio::task::spawn_local(refresh_subscribers(st.clone(), key, subscribers));
@@ -488,40 +516,49 @@ async fn write_dirty(st: Rc<State>) {
     }
 }
 
-/// Writes this node's field of `aor` (or removes it: no bindings, or all expired by now).
+/// Writes this node's field of `aor` (or removes it: no bindings, or all expired by now),
+/// in one [`WRITE_FIELD`] script: atomic, so a field is never left without the key's TTL.
+/// Sent as text each time (`EVAL`): `EVALSHA` writes 1.2–1.5× as many per second
+/// (BENCHMARKS.md §14), not worth the redis crate's `script` feature and a `SCRIPT LOAD`
+/// to every master (which fails while one is down) at the write rates a cluster needs.
 async fn write_field(
     st: &State,
     c: &mut ClusterConnection,
     aor: &str,
     field: &Field,
 ) -> redis::RedisResult<()> {
-    let me = st.cfg.node.as_str();
-    let key = aor_key(aor);
-    let now = unix_ms();
-    match field {
-        Some((v, latest)) if *latest > now => {
-            let ttl = latest - now;
-            // NX sets a TTL on a new key; GT lengthens it (a longer binding of another node
-            // keeps its time).
-            redis::pipe()
-                .hset(&key, me, v)
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(ttl)
-                .arg("NX")
-                .ignore()
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(ttl)
-                .arg("GT")
-                .ignore()
-                .query_async(c)
-                .await
-        }
-        _ => redis::cmd("HDEL").arg(&key).arg(me).query_async(c).await,
-    }
+    let (value, latest) = match field {
+        Some((v, latest)) if *latest > unix_ms() => (v.as_str(), *latest),
+        _ => ("", 0),
+    };
+    redis::cmd("EVAL")
+        .arg(WRITE_FIELD)
+        .arg(1)
+        .arg(aor_key(aor))
+        .arg(st.cfg.node.as_str())
+        .arg(value)
+        .arg(latest)
+        .arg(st.epoch)
+        .query_async::<i64>(c)
+        .await
+        .map(drop)
 }
+
+/// Sets field `ARGV[1]` (this node) of binding hash `KEYS[1]` to `ARGV[2]`, or deletes it
+/// when that is empty; the key then expires at `ARGV[3]` (unix ms) unless another node's
+/// bindings last longer (NX gives a new key its time, GT lengthens it). One script, so the
+/// field and the TTL are one write (a pipeline applied halfway left a key that never
+/// expired), at one frozen clock. A field a later life of this node wrote (a greater epoch
+/// `ARGV[4]`, compared as decimal text: epochs pass Lua's exact numbers) is left alone: a
+/// write of an earlier life that arrives late loses.
+const WRITE_FIELD: &str = "local cur = redis.call('HGET', KEYS[1], ARGV[1]) \
+     if cur then local e = string.match(cur, '^(%d+) ') \
+       if e and (#e > #ARGV[4] or (#e == #ARGV[4] and e > ARGV[4])) then return 0 end end \
+     if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) end \
+     redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
+     redis.call('PEXPIREAT', KEYS[1], ARGV[3], 'NX') \
+     redis.call('PEXPIREAT', KEYS[1], ARGV[3], 'GT') \
+     return 1";
 
 /// Answers one lookup.
 async fn serve(st: &State, ask: Ask) {
@@ -567,6 +604,39 @@ async fn serve(st: &State, ask: Ask) {
 const LIVENESS_IF_OURS: &str = "local v = redis.call('GET', KEYS[1]) \
      if v == false or v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end \
      return v";
+
+/// Deletes the liveness key `KEYS[1]` only if it holds this life's epoch `ARGV[1]` (a
+/// process that lost its name to another must not delete the other's).
+const DELETE_IF_OURS: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+     return redis.call('DEL', KEYS[1]) end return 0";
+
+/// The withdrawal ([`StoreSender::withdraw`]): heartbeats stop (one already sent is ahead
+/// of the deletion on the connection), then the key goes if it is this life's.
+async fn withdraw(st: &State) -> bool {
+    st.stopping.set(true);
+    let Some(mut c) = st.conn() else {
+        return false;
+    };
+    let me = st.cfg.node.as_str();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(DELETE_IF_OURS)
+        .arg(1)
+        .arg(node_key(me))
+        .arg(st.epoch);
+    let del = cmd.query_async::<i64>(&mut c);
+    let timeout = Duration::from_millis(st.cfg.store_timeout_ms);
+    match tokio::time::timeout(timeout, del).await {
+        Ok(Ok(n)) => {
+            tracing::info!(node = %me, held = n == 1, "liveness withdrawn: the other nodes stop routing here");
+            true
+        }
+        Ok(Err(e)) => {
+            st.failed("withdraw", &e);
+            false
+        }
+        Err(_) => false,
+    }
+}
 
 /// Deletes field `ARGV[1]` of hash `KEYS[1]` only if it still holds `ARGV[2]`.
 const DELETE_IF_SAME: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
@@ -759,6 +829,9 @@ async fn heartbeat(st: Rc<State>) {
     let patience = Duration::from_millis(st.cfg.liveness_ms + 2 * st.cfg.heartbeat_ms);
     loop {
         tick.tick().await;
+        if st.stopping.get() {
+            return;
+        }
         if let Some(mut c) = st.conn() {
             // Set unless another epoch holds it, and what it held: gone after this node set
             // it (a store that restarted empty or lost writes in a failover — or this node

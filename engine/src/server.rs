@@ -416,6 +416,12 @@ impl Running {
     /// Closes every connection (close_notify) and stops the shards.
     pub fn stop(&self) {
         self.control.draining.store(true, Ordering::Relaxed);
+        // Out of the cluster first: its peers stop routing here before the connections go.
+        if let (Some(store), Some(c)) = (&self.control.store, &self.cfg.cluster)
+            && !self.control.stopping.load(Ordering::Relaxed)
+        {
+            store.withdraw(Duration::from_millis(c.store_timeout_ms));
+        }
         self.control.stopping.store(true, Ordering::Relaxed);
         // The admin thread blocks in accept(): one connection wakes it to see `stopping` and
         // close its listener.
