@@ -841,6 +841,14 @@ fn a_refused_register_gives_its_connections_aor_place_back() {
     }
     n.send(&A, reg("u3", 600, 20).as_bytes());
     assert_eq!(status(&n.one(&A)), 403, "the limit still holds");
+    // An AOR unregistered gives its place back too (before, only a closed connection did):
+    // a connection can serve one AOR after another.
+    n.send(&A, reg("u1", 0, 30).as_bytes());
+    assert_eq!(status(&n.one(&A)), 200, "u1 unregistered");
+    n.send(&A, reg("u3", 600, 31).as_bytes());
+    assert_eq!(status(&n.one(&A)), 200, "u3 takes u1's place");
+    n.send(&A, reg("u1", 600, 32).as_bytes());
+    assert_eq!(status(&n.one(&A)), 403, "and the limit holds with it");
 }
 
 #[test]

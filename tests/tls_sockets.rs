@@ -218,6 +218,70 @@ fn outbound_refuses_a_partner_presenting_the_wrong_name() {
     srv.join().unwrap();
 }
 
+#[test]
+fn a_partner_that_is_down_is_not_dialled_once_per_request() {
+    // Nothing listens at the partner's address: each dial fails at once. Before, every
+    // request to the partner dialled again (a connect storm, and a WARN line each); now a
+    // failed dial holds the next off (1 s, doubling), and requests meanwhile fail at once.
+    let pki = Pki::new();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut cfg = config(&pki);
+    cfg.peer[0].address = Some(addr);
+    let srv = start(cfg, None).expect("start");
+    let ca = pki.certs("ca.pem");
+    let mut alice = Ua::tls(
+        srv.listen_addrs[0],
+        tls_config(&ca, None, false),
+        "sip.example.com",
+        "alice",
+        "example.com",
+    )
+    .unwrap();
+    assert_eq!(alice.register(600), 200);
+    let t0 = std::time::Instant::now();
+    for i in 0..20 {
+        alice.send(&alice.request(
+            "MESSAGE",
+            "sip:bob@partner.example.com",
+            "<sip:bob@partner.example.com>",
+            &format!("down-{i}"),
+            1,
+            "",
+            Some(("text/plain", "hi")),
+        ));
+        let (s, _) = alice.expect_final_or_provisional("answer for a partner that is down");
+        assert_eq!(
+            s, 500,
+            "a transport failure, at once (not a 408 after 32 s)"
+        );
+    }
+    let took = t0.elapsed();
+    // Metrics are published every few hundred ms; nothing dials after the last request.
+    wait_metrics(
+        srv.admin_addr.unwrap(),
+        "the dials and the backoff counted",
+        |m| {
+            metric(m, "sipring_peer_connect_failures_total").unwrap_or(0.0) >= 1.0
+                && metric(m, "sipring_queue_drops_total{queue=\"peer_down\"}").unwrap_or(0.0) >= 1.0
+        },
+    );
+    let m = sipring_tests::server::admin_get(srv.admin_addr.unwrap(), "/metrics");
+    let dials = metric(&m, "sipring_peer_connect_failures_total").unwrap_or(0.0);
+    // One dial per elapsed second at most (the backoff doubles): 20 requests, few dials.
+    assert!(
+        dials >= 1.0 && dials <= 1.0 + took.as_secs_f64().ceil(),
+        "{dials} dials for 20 requests in {took:?}"
+    );
+    assert!(
+        metric(&m, "sipring_queue_drops_total{queue=\"peer_down\"}").unwrap_or(0.0) >= 1.0,
+        "requests during the backoff are counted"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
 /// Issues a certificate from the demo partner CA (its key is in the PKI folder).
 fn pki_partner_issue(pki: &Pki, name: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
     let ca_key = rcgen_key(&std::fs::read_to_string(pki.dir.join("partner-ca.key")).unwrap());

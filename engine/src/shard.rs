@@ -275,6 +275,11 @@ pub struct Shard {
     pub conns: RefCell<HashMap<FlowId, ConnHandle>>,
     /// Outbound partner links.
     pub peers: RefCell<HashMap<String, PeerLink>>,
+    /// Partners whose last dial failed: not dialled again before the instant (1 s after
+    /// the first failure, doubling to 30 s), the failures in a row. Meanwhile what is sent
+    /// to them fails at once: one request per dial against a partner that is down was a
+    /// connect storm (and a log line each).
+    peer_backoff: RefCell<HashMap<String, (Instant, u32)>>,
     mesh: Senders<ShardMsg>,
     /// Metrics.
     pub metrics: RefCell<ShardMetrics>,
@@ -296,6 +301,8 @@ pub struct Shard {
     overflow: RefCell<Vec<Overflow>>,
     /// How many wait in `overflow`, all destinations together.
     mesh_backlog: Cell<usize>,
+    /// The bytes of SIP those messages hold (relayed sends and responses).
+    mesh_backlog_bytes: Cell<usize>,
     /// The fraction of new requests admitted (see [`Shard::observe_lag`]).
     shedding: Shedding,
     /// Messages handled since the last timer tick (the shedding's sign of real load).
@@ -542,6 +549,7 @@ impl Shard {
             known: RefCell::new(sipring_core::registrar::KnownAors::new(remember)),
             conns: RefCell::new(HashMap::new()),
             peers: RefCell::new(HashMap::new()),
+            peer_backoff: RefCell::new(HashMap::new()),
             mesh,
             metrics: RefCell::new(ShardMetrics::default()),
             next_conn: Cell::new(first_conn_number()),
@@ -553,6 +561,7 @@ impl Shard {
             closing: Cell::new(0),
             overflow: RefCell::new((0..n).map(|_| Default::default()).collect()),
             mesh_backlog: Cell::new(0),
+            mesh_backlog_bytes: Cell::new(0),
             shedding: Shedding::default(),
             work: Cell::new(0),
             overload_log: LogLimiter::default(),
@@ -717,6 +726,7 @@ impl Shard {
                                 code: 503,
                                 reason: "Service Unavailable",
                                 headers: vec![("Retry-After", b"1".to_vec())],
+                                flow_holds: false,
                             };
                             self.proxy.borrow_mut().handle_register_reply(
                                 Instant::now(),
@@ -854,6 +864,21 @@ impl Shard {
                         }
                     }
                     PeerLink::Idle => {
+                        let now = Instant::now();
+                        if self
+                            .peer_backoff
+                            .borrow()
+                            .get(name)
+                            .is_some_and(|(until, _)| now < *until)
+                        {
+                            drop(peers);
+                            self.count("sipring_queue_drops_total{queue=\"peer_down\"}");
+                            self.proxy
+                                .borrow_mut()
+                                .handle_flow_closed(now, &Flow::Peer(name.clone()));
+                            self.pump(None);
+                            return;
+                        }
                         *link = PeerLink::Connecting(VecDeque::from([(bytes, stamp)]));
                         drop(peers);
                         crate::conn::spawn_peer_connect(self.clone(), name.clone());
@@ -967,6 +992,14 @@ impl Shard {
             self.metrics
                 .borrow_mut()
                 .inc("sipring_queue_drops_total{queue=\"peer\"}", q.len() as u64);
+            // The dial failed: the next one waits.
+            let mut backoff = self.peer_backoff.borrow_mut();
+            let failures = backoff.get(name).map_or(0, |b| b.1).saturating_add(1);
+            let wait = PEER_BACKOFF.saturating_mul(1 << (failures - 1).min(5));
+            backoff.insert(
+                name.to_string(),
+                (Instant::now() + wait.min(PEER_BACKOFF_MAX), failures),
+            );
         }
         self.proxy
             .borrow_mut()
@@ -976,6 +1009,7 @@ impl Shard {
 
     /// An outbound partner link is up as connection `id`: flush what waited.
     pub fn peer_up(self: &Rc<Self>, name: &str, id: FlowId) {
+        self.peer_backoff.borrow_mut().remove(name);
         let prev = self
             .peers
             .borrow_mut()
@@ -1161,6 +1195,7 @@ impl Shard {
                 code: 400,
                 reason: "Bad Request",
                 headers: Vec::new(),
+                flow_holds: false,
             };
         };
         let Ok(e) = m.validate(&limits) else {
@@ -1168,6 +1203,7 @@ impl Shard {
                 code: 400,
                 reason: "Bad Request",
                 headers: Vec::new(),
+                flow_holds: false,
             };
         };
         let limit = self.cfg.limits.max_bindings_per_ip;
@@ -1203,6 +1239,7 @@ impl Shard {
                     code: 403,
                     reason: "Too Many Bindings From This Address",
                     headers: Vec::new(),
+                    flow_holds: false,
                 };
             }
         }
@@ -1464,13 +1501,23 @@ impl Shard {
             }
             _ => None,
         };
-        if bound.is_some_and(|b| self.mesh_backlog.get() >= b) {
+        // And by bytes: messages of up to `max_message` each (a peer's forged responses
+        // among them) made the count bound a memory bound of gigabytes.
+        let weight = mesh_weight(&msg);
+        let byte_bound = if bound == Some(hard) {
+            MESH_BACKLOG_BYTES / 2
+        } else {
+            MESH_BACKLOG_BYTES
+        };
+        let over_bytes = weight > 0 && self.mesh_backlog_bytes.get() + weight > byte_bound;
+        if over_bytes || bound.is_some_and(|b| self.mesh_backlog.get() >= b) {
             drop(overflow);
             self.count("sipring_queue_drops_total{queue=\"mesh\"}");
             if let Some(left_out) = self.overload_log.allow(Instant::now()) {
                 tracing::warn!(
                     to,
                     backlog = self.mesh_backlog.get(),
+                    backlog_bytes = self.mesh_backlog_bytes.get(),
                     left_out,
                     "mesh backlog at its hard bound: dropping a relayed message (at most one \
                      line a second; sipring_queue_drops_total{{queue=\"mesh\"}} counts all)"
@@ -1480,6 +1527,8 @@ impl Shard {
         }
         waiting.queue.push_back(msg);
         self.mesh_backlog.set(self.mesh_backlog.get() + 1);
+        self.mesh_backlog_bytes
+            .set(self.mesh_backlog_bytes.get() + weight);
         if !waiting.draining {
             waiting.draining = true;
             drop(overflow);
@@ -1490,12 +1539,16 @@ impl Shard {
                 loop {
                     let next = me.overflow.borrow_mut()[to].queue.pop_front();
                     let Some(msg) = next else { break };
+                    let w = mesh_weight(&msg);
                     let sent = me.mesh.send_to(to, msg).await;
                     me.mesh_backlog.set(me.mesh_backlog.get() - 1);
+                    me.mesh_backlog_bytes.set(me.mesh_backlog_bytes.get() - w);
                     if sent.is_err() {
                         // The destination is gone (shutdown): what waits for it goes too.
                         let dropped = std::mem::take(&mut me.overflow.borrow_mut()[to].queue);
                         me.mesh_backlog.set(me.mesh_backlog.get() - dropped.len());
+                        let w: usize = dropped.iter().map(mesh_weight).sum();
+                        me.mesh_backlog_bytes.set(me.mesh_backlog_bytes.get() - w);
                         break;
                     }
                 }
@@ -1822,6 +1875,11 @@ fn refused(shard: &Shard, ip: Option<IpAddr>, why: &str) {
     }
 }
 
+/// The wait before dialling a partner again after a failed dial, doubled per failure in a row.
+const PEER_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest such wait.
+const PEER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Mesh messages for one shard that found its channel full, oldest first.
 #[derive(Default)]
 struct Overflow {
@@ -1872,6 +1930,18 @@ pub fn spawn_mesh_receivers(shard: &Rc<Shard>, mut rx: Receivers<ShardMsg>) {
 /// New work is refused (503) once this many times `server.mesh_capacity` messages wait in a
 /// shard's overflow queues (and at least [`MESH_OVERFLOW_MIN`]).
 pub const MESH_OVERFLOW: usize = 4;
+
+/// The bytes of relayed SIP a shard's mesh backlog may hold (provisional responses half of
+/// it): past it they are dropped like those past [`MESH_HARD`].
+pub const MESH_BACKLOG_BYTES: usize = 64 << 20;
+
+/// The bytes a mesh message holds that a peer chose: relayed sends and responses.
+fn mesh_weight(msg: &ShardMsg) -> usize {
+    match msg {
+        ShardMsg::Send { bytes, .. } | ShardMsg::Response { bytes, .. } => bytes.len(),
+        _ => 0,
+    }
+}
 
 /// How many times the new-work bound the backlog may reach before relayed messages are
 /// dropped ([`Shard::mesh_send`]).

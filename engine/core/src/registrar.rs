@@ -88,13 +88,20 @@ pub struct Binding {
     pub path: Vec<String>,
 }
 
-/// Are two contact URIs the same but for their port (user, host and parameters alike)?
+/// Are two contact URIs the same but for their port (RFC 3261 §19.1.4 otherwise)?
 fn same_but_port(a: &str, b: &str) -> bool {
     match (Uri::parse(a.as_bytes()), Uri::parse(b.as_bytes())) {
-        (Ok(x), Ok(y)) => {
-            x.user == y.user && x.host_canonical() == y.host_canonical() && x.params == y.params
-        }
+        (Ok(x), Ok(y)) => x.equivalent_but_port(&y),
         _ => false,
+    }
+}
+
+/// Are two contact URIs one (RFC 3261 §10.3 step 7 compares them by §19.1.4: a refresh that
+/// orders the parameters otherwise, or escapes the user part, is the same contact)?
+fn same_contact(a: &str, b: &str) -> bool {
+    match (Uri::parse(a.as_bytes()), Uri::parse(b.as_bytes())) {
+        (Ok(x), Ok(y)) => x.equivalent(&y),
+        _ => a.eq_ignore_ascii_case(b),
     }
 }
 
@@ -105,7 +112,7 @@ impl Binding {
             // The same device (RFC 5626 §4.1: the instance ID is the UA's, for good),
             // whatever address its contact names now.
             (Some(a), None, Some(b), None) => a == b,
-            _ => self.contact.eq_ignore_ascii_case(&other.contact),
+            _ => same_contact(&self.contact, &other.contact),
         }
     }
 }
@@ -496,6 +503,10 @@ pub struct Reply {
     pub reason: &'static str,
     /// Header lines (`Contact`, `Min-Expires`, `Require`, …).
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// After a 200: the connection the REGISTER came on holds a binding of the AOR now (an
+    /// unregistration, or a move to another connection, leaves it none: its place among the
+    /// connection's AORs is free again).
+    pub flow_holds: bool,
 }
 
 impl Reply {
@@ -504,6 +515,7 @@ impl Reply {
             code,
             reason,
             headers: Vec::new(),
+            flow_holds: false,
         }
     }
 }
@@ -582,13 +594,11 @@ impl Registrar {
         flow: FlowId,
         store: &mut impl BindingStore,
     ) -> Reply {
-        let header_expires = match msg.header(HeaderName::Expires) {
-            Some(h) => match parse_expires(h.value) {
-                Some(e) => Some(e),
-                None => return Reply::err(400, "Bad Expires"),
-            },
-            None => None,
-        };
+        // A malformed expiry (an RFC 2543 date a legacy ATA still sends) counts as the
+        // default (RFC 3261 §10.2.1.1, §20.19: "SHOULD be treated as 3600").
+        let header_expires = msg
+            .header(HeaderName::Expires)
+            .map(|h| parse_expires(h.value).unwrap_or(self.cfg.default_expires));
         let call_id = String::from_utf8_lossy(ess.call_id).into_owned();
         let cseq = ess.cseq.seq;
         let path: Vec<String> = msg
@@ -638,11 +648,9 @@ impl Registrar {
                 return Reply::err(400, "Contact Too Long");
             }
             let expires = match na.param("expires") {
-                Some(Some(v)) => match parse_expires(v) {
-                    Some(e) => e,
-                    None => return Reply::err(400, "Bad Contact Expires"),
-                },
-                Some(None) => return Reply::err(400, "Bad Contact Expires"),
+                Some(v) => v
+                    .and_then(parse_expires)
+                    .unwrap_or(self.cfg.default_expires),
                 None => header_expires.unwrap_or(self.cfg.default_expires),
             };
             if expires != 0 && expires < self.cfg.min_expires {
@@ -650,6 +658,7 @@ impl Registrar {
                     code: 423,
                     reason: "Interval Too Brief",
                     headers: vec![("Min-Expires", self.cfg.min_expires.to_string().into_bytes())],
+                    flow_holds: false,
                 };
             }
             let q = match na.param("q") {
@@ -665,6 +674,8 @@ impl Registrar {
                 .flatten()
                 .map(|v| String::from_utf8_lossy(v).into_owned());
             let reg_id = match na.param("reg-id") {
+                // A reg-id without an instance ID is ignored (RFC 5626 §6).
+                _ if instance.is_none() => None,
                 Some(Some(v)) => match text::parse_u32(v) {
                     Some(r) => Some(r),
                     None => return Reply::err(400, "Bad reg-id"),
@@ -712,9 +723,15 @@ impl Registrar {
                 .values(HeaderName::Supported)
                 .iter()
                 .any(|v| text::eq_ic(v.value, b"outbound"));
-            let first_hop_ok = path.first().is_none_or(|p| {
-                NameAddr::parse(p.as_bytes()).is_some_and(|na| na.uri().param("ob").is_some())
-            });
+            // The first hop is us when the REGISTER has one Via; else the edge proxy that
+            // added the first Path URI must have said `ob` (one that added no Path cannot
+            // keep the flow).
+            let first_hop_ok = match path.first() {
+                Some(p) => {
+                    NameAddr::parse(p.as_bytes()).is_some_and(|na| na.uri().param("ob").is_some())
+                }
+                None => ess.via_count == 1,
+            };
             if asked && !first_hop_ok {
                 return Reply::err(439, "First Hop Lacks Outbound Support");
             }
@@ -730,23 +747,37 @@ impl Registrar {
             }
         }
 
-        // Apply to a copy of the live bindings, then store it whole.
+        // Apply to a copy of the live bindings, then store it whole. `fresh`: which of them
+        // this REGISTER set. A contact updates the binding with its very URI, else one of
+        // the same key this REGISTER has not set: two contacts of one instance in one
+        // REGISTER (a dual-stack phone's, or a moved phone's new one and its old one with
+        // expires=0) are two updates, not one binding updated twice (which failed the CSeq
+        // check against the request itself, or removed what the request had just added).
         let mut result: Vec<Binding> = existing
             .iter()
             .filter(|b| b.expires_at > now)
             .cloned()
             .collect();
+        let mut fresh = vec![false; result.len()];
         for nc in new {
-            match result.iter().position(|b| b.same_key(&nc.binding)) {
+            let b = &nc.binding;
+            let at = result
+                .iter()
+                .position(|o| o.same_key(b) && same_contact(&o.contact, &b.contact))
+                .or_else(|| (0..result.len()).find(|&i| !fresh[i] && result[i].same_key(b)));
+            match at {
                 Some(i) => {
                     let old = &result[i];
-                    if old.call_id == nc.binding.call_id && old.cseq >= cseq {
+                    // §10.3 step 7: against what was registered before, not this request.
+                    if !fresh[i] && old.call_id == b.call_id && old.cseq >= cseq {
                         return Reply::err(400, "Out of Order CSeq");
                     }
                     if nc.expires == 0 {
                         result.remove(i);
+                        fresh.remove(i);
                     } else {
                         result[i] = nc.binding;
+                        fresh[i] = true;
                     }
                 }
                 None if nc.expires == 0 => {}
@@ -757,15 +788,23 @@ impl Registrar {
                     // port. Its old binding goes, or each reconnection would add one until
                     // the AOR is full. Another address (a dual-stack UA's second flow) is a
                     // second binding, as RFC 3261 has it.
-                    let b = &nc.binding;
-                    result.retain(|o| {
-                        !(o.call_id == b.call_id
+                    let mut i = 0;
+                    while i < result.len() {
+                        let o = &result[i];
+                        if o.call_id == b.call_id
                             && o.flow != b.flow
                             && o.reg_id.is_none()
                             && o.cseq < b.cseq
-                            && same_but_port(&o.contact, &b.contact))
-                    });
+                            && same_but_port(&o.contact, &b.contact)
+                        {
+                            result.remove(i);
+                            fresh.remove(i);
+                        } else {
+                            i += 1;
+                        }
+                    }
                     result.push(nc.binding);
+                    fresh.push(true);
                 }
             }
         }
@@ -790,7 +829,8 @@ impl Registrar {
             }
         }
         result.sort_by_key(|b| std::cmp::Reverse(b.q));
-        let reply = self.ok(now, &result, outbound, if echo_path { &path } else { &[] });
+        let mut reply = self.ok(now, &result, outbound, if echo_path { &path } else { &[] });
+        reply.flow_holds = result.iter().any(|b| b.flow == flow);
         store.put(aor, result);
         reply
     }
@@ -816,6 +856,7 @@ impl Registrar {
             code: 200,
             reason: "OK",
             headers,
+            flow_holds: false,
         }
     }
 
@@ -1122,6 +1163,12 @@ mod tests {
         // Asked for through an edge proxy that did not do outbound (no ob on its Path): 439.
         let edge = format!("{c}Supported: outbound\r\nPath: <sip:edge.example.net;lr>\r\n");
         assert_eq!(register(&reg, &mut st, t0, &edge, 2, 11).code, 439);
+        // Relayed by a proxy that added no Path (a second Via): it cannot keep the flow,
+        // so the first hop is not us — 439 as well (RFC 5626 §6).
+        let relayed = format!(
+            "{c}Supported: outbound\r\nVia: SIP/2.0/TLS edge.example.net;branch=z9hG4bKe\r\n"
+        );
+        assert_eq!(register(&reg, &mut st, t0, &relayed, 2, 11).code, 439);
         // Through one that did: applied.
         let edge_ob = edge.replace(";lr>", ";lr;ob>");
         let r = register(&reg, &mut st, t0, &edge_ob, 3, 11);
@@ -1132,6 +1179,89 @@ mod tests {
             "{c}Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2\r\nSupported: outbound\r\n"
         );
         assert_eq!(register(&reg, &mut st, t0, &two, 4, 11).code, 400);
+    }
+
+    #[test]
+    fn contacts_compare_as_uris_and_one_register_may_name_an_instance_twice() {
+        let reg = Registrar::default();
+        let t0 = Instant::now();
+        let aor = "sip:alice@example.com";
+        // §10.3 step 7 compares contacts by §19.1.4: a refresh or a removal that writes
+        // the parameters in another order (or escapes the user part) names the same one.
+        let mut st = MemoryStore::default();
+        let c1 = "Contact: <sip:alice@192.0.2.9:5061;transport=tls;ob>\r\n";
+        assert_eq!(register(&reg, &mut st, t0, c1, 1, 11).code, 200);
+        let refresh = "Contact: <sip:%61lice@192.0.2.9:5061;ob;transport=TLS>\r\n";
+        assert_eq!(register(&reg, &mut st, t0, refresh, 2, 11).code, 200);
+        assert_eq!(reg.lookup(t0, &st, aor).len(), 1, "refreshed, not added");
+        let gone = "Contact: <sip:alice@192.0.2.9:5061;ob;transport=tls>;expires=0\r\n";
+        assert_eq!(register(&reg, &mut st, t0, gone, 3, 11).code, 200);
+        assert!(reg.lookup(t0, &st, aor).is_empty(), "removed");
+        // The user part is case-sensitive: Alice is another contact.
+        assert_eq!(register(&reg, &mut st, t0, c1, 4, 11).code, 200);
+        let other = "Contact: <sip:Alice@192.0.2.9:5061;transport=tls;ob>\r\n";
+        assert_eq!(register(&reg, &mut st, t0, other, 5, 11).code, 200);
+        assert_eq!(reg.lookup(t0, &st, aor).len(), 2);
+
+        // Two contacts of one instance (no reg-id) in one REGISTER — a dual-stack phone:
+        // both bound (before: 400 Out of Order CSeq, the second checked against the first).
+        let mut st = MemoryStore::default();
+        let inst = ";+sip.instance=\"<urn:uuid:1>\"";
+        let dual = format!(
+            "Contact: <sip:alice@192.0.2.9:5061;transport=tls>{inst}, <sip:alice@[2001:db8::9]:5061;transport=tls>{inst}\r\n"
+        );
+        assert_eq!(register(&reg, &mut st, t0, &dual, 1, 11).code, 200);
+        assert_eq!(reg.lookup(t0, &st, aor).len(), 2);
+        // Refreshed as they are: still two.
+        assert_eq!(register(&reg, &mut st, t0, &dual, 2, 11).code, 200);
+        assert_eq!(reg.lookup(t0, &st, aor).len(), 2);
+        // A moved phone: its new contact, then its old one with expires=0. The new one
+        // stays (before: 400, or removed by the second contact).
+        let mut st = MemoryStore::default();
+        let old = format!("Contact: <sip:alice@192.0.2.9:5061;transport=tls>{inst}\r\n");
+        assert_eq!(register(&reg, &mut st, t0, &old, 1, 11).code, 200);
+        let moved = format!(
+            "Contact: <sip:alice@198.51.100.7:5061;transport=tls>{inst}, <sip:alice@192.0.2.9:5061;transport=tls>{inst};expires=0\r\n"
+        );
+        assert_eq!(register(&reg, &mut st, t0, &moved, 2, 12).code, 200);
+        let b = reg.lookup(t0, &st, aor);
+        assert_eq!(b.len(), 1);
+        assert!(b[0].contact.contains("198.51.100.7"), "{}", b[0].contact);
+        // An older CSeq of the same Call-ID still fails against what was registered.
+        assert_eq!(register(&reg, &mut st, t0, &old, 2, 12).code, 400);
+    }
+
+    #[test]
+    fn malformed_expiries_count_as_the_default_and_reg_id_needs_an_instance() {
+        let reg = Registrar::default();
+        let t0 = Instant::now();
+        let aor = "sip:alice@example.com";
+        // An RFC 2543 date (legacy ATAs), a bare `expires`: 3600 (§10.2.1.1, §20.19), not 400.
+        for (i, extra) in [
+            "Contact: <sip:alice@192.0.2.9>\r\nExpires: Thu, 01 Dec 1994 16:00:00 GMT\r\n",
+            "Contact: <sip:alice@192.0.2.9>;expires=\"Thu, 01 Dec 1994 16:00:00 GMT\"\r\n",
+            "Contact: <sip:alice@192.0.2.9>;expires\r\n",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut st = MemoryStore::default();
+            let r = register(&reg, &mut st, t0, extra, i as u32 + 1, 11);
+            assert_eq!(r.code, 200, "{extra}");
+            let b = reg.lookup(t0, &st, aor);
+            assert_eq!(b[0].expires_at, t0 + Duration::from_secs(3600), "{extra}");
+        }
+        // A reg-id without +sip.instance is ignored (RFC 5626 §6): a plain binding, even
+        // asked through an edge without `ob` (before: 439), and two of them are no error.
+        let mut st = MemoryStore::default();
+        let edge = "Supported: outbound\r\nPath: <sip:edge.example.net;lr>\r\n";
+        let plain = format!("Contact: <sip:alice@192.0.2.9>;reg-id=1\r\n{edge}");
+        assert_eq!(register(&reg, &mut st, t0, &plain, 1, 11).code, 200);
+        let two = format!(
+            "Contact: <sip:alice@192.0.2.9>;reg-id=1, <sip:alice@192.0.2.10>;reg-id=2\r\n{edge}"
+        );
+        assert_eq!(register(&reg, &mut st, t0, &two, 2, 11).code, 200);
+        assert!(reg.lookup(t0, &st, aor).iter().all(|b| b.reg_id.is_none()));
     }
 
     #[test]

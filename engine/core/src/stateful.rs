@@ -197,11 +197,12 @@ enum Pending {
     Server(TxKey),
     /// A CANCEL's server transaction waits for the other shards to look for its INVITE.
     Cancel(TxKey),
-    /// A REGISTER waits for its AOR's owner; `slot`: the AOR it took a place for on its
-    /// connection (given back if the registrar refuses it).
+    /// A REGISTER waits for its AOR's owner; `slot`: its connection, the AOR, and whether
+    /// this REGISTER took the AOR's place on the connection (the answer keeps the places
+    /// in step with what the registrar holds).
     Register {
         key: TxKey,
-        slot: Option<(Flow, String)>,
+        slot: Option<(Flow, String, bool)>,
     },
     /// A 2xx ACK waits for a lookup to be forwarded statelessly.
     Ack {
@@ -1079,7 +1080,8 @@ impl ShardProxy {
                     }
                     Some(new) => {
                         let token = self.unique();
-                        let slot = new.then(|| (flow.clone(), aor.clone()));
+                        let slot =
+                            matches!(flow, Flow::Conn(_)).then(|| (flow.clone(), aor.clone(), new));
                         self.pending.insert(
                             token,
                             Pending::Register {
@@ -1608,13 +1610,21 @@ impl ShardProxy {
     /// The answer to an [`Output::Register`].
     pub fn handle_register_reply(&mut self, now: Instant, token: u64, reply: Reply) {
         if let Some(Pending::Register { key, slot }) = self.pending.remove(&token) {
-            // Refused: the place it took on its connection is given back (a UA whose
-            // REGISTERs fail — 423, a bad Contact — must not use its connection's AORs up).
-            if reply.code != 200
-                && let Some((flow, aor)) = slot
+            // The connection's places follow what the registrar holds: refused, the place
+            // this REGISTER took is given back (a UA whose REGISTERs fail — 423, a bad
+            // Contact — must not use its connection's AORs up); answered 200, the AOR keeps
+            // its place while the connection holds a binding of it, and gives it back when
+            // not (unregistered, or moved to another connection).
+            if let Some((flow, aor, new)) = slot
                 && let Some(aors) = self.flow_aors.get_mut(&flow)
             {
-                aors.retain(|a| *a != aor);
+                let holds = reply.code == 200 && reply.flow_holds;
+                let had = aors.contains(&aor);
+                if holds && !had {
+                    aors.push(aor);
+                } else if !holds && had && (reply.code == 200 || new) {
+                    aors.retain(|a| *a != aor);
+                }
             }
             self.answer(now, &key, reply.code, reply.reason, &reply.headers);
         }

@@ -185,6 +185,58 @@ impl<'b> Uri<'b> {
         }
     }
 
+    /// RFC 3261 §19.1.4: do two SIP or SIPS URIs name the same resource? The scheme; the
+    /// userinfo, case-sensitive, escapes decoded; the host, case-insensitive (one trailing
+    /// dot dropped); the port, an omitted one differing from any written (5060 too); the
+    /// parameters both have, case-insensitive and decoded, where `user`, `ttl`, `method`,
+    /// `maddr` and `transport` must be in both or neither and any other in one only is
+    /// ignored; and the same headers. Parameter order and the case of their names never
+    /// matter. URIs of other schemes, or with parameters this parser cannot split, are
+    /// compared as text, ignoring case.
+    pub fn equivalent(&self, other: &Uri<'_>) -> bool {
+        self.equivalent_but_port(other) && self.port == other.port
+    }
+
+    /// [`Uri::equivalent`] whatever the two ports are.
+    pub fn equivalent_but_port(&self, other: &Uri<'_>) -> bool {
+        if self.scheme != other.scheme {
+            return false;
+        }
+        if !self.is_sip() {
+            return self.raw.eq_ignore_ascii_case(other.raw);
+        }
+        let (Some(a), Some(b)) = (params_of(self.params), params_of(other.params)) else {
+            return self.raw.eq_ignore_ascii_case(other.raw);
+        };
+        let must_match = |n: &[u8]| {
+            [&b"user"[..], b"ttl", b"method", b"maddr", b"transport"]
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(n))
+        };
+        fn find<'p>(ps: &[Param<'p>], n: &[u8]) -> Option<Option<&'p [u8]>> {
+            ps.iter()
+                .find(|(m, _)| m.eq_ignore_ascii_case(n))
+                .map(|(_, v)| *v)
+        }
+        let one_way = |x: &[Param<'_>], y: &[Param<'_>]| {
+            x.iter().all(|(n, v)| match find(y, n) {
+                Some(w) => match (*v, w) {
+                    (Some(v), Some(w)) => unescape(v).eq_ignore_ascii_case(&unescape(w)),
+                    (v, w) => v == w,
+                },
+                None => !must_match(n),
+            })
+        };
+        self.user.map(unescape) == other.user.map(unescape)
+            && self.password.map(unescape) == other.password.map(unescape)
+            && self
+                .host_canonical()
+                .eq_ignore_ascii_case(&other.host_canonical())
+            && one_way(&a, &b)
+            && one_way(&b, &a)
+            && headers_equivalent(self.headers, other.headers)
+    }
+
     /// The host in lower case, as used for domain comparisons.
     pub fn host_lower(&self) -> Cow<'b, [u8]> {
         if self.host.iter().any(u8::is_ascii_uppercase) {
@@ -193,6 +245,37 @@ impl<'b> Uri<'b> {
             Cow::Borrowed(self.host)
         }
     }
+}
+
+type Param<'b> = (&'b [u8], Option<&'b [u8]>);
+
+/// A URI's parameters, in order (`None`: this parser cannot split them).
+fn params_of(params: &[u8]) -> Option<Vec<Param<'_>>> {
+    let mut out = Vec::new();
+    crate::text::for_each_param(params, |n, v| out.push((n, v))).ok()?;
+    Some(out)
+}
+
+/// §19.1.4: "URI header components are never ignored": the same `name=value` pairs, in any
+/// order, names case-insensitive, values decoded.
+fn headers_equivalent(a: Option<&[u8]>, b: Option<&[u8]>) -> bool {
+    fn pairs(h: Option<&[u8]>) -> Vec<(Vec<u8>, Cow<'_, [u8]>)> {
+        let mut v: Vec<(Vec<u8>, Cow<'_, [u8]>)> = h
+            .unwrap_or_default()
+            .split(|&c| c == b'&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (n, v) = match memchr::memchr(b'=', p) {
+                    Some(i) => (&p[..i], &p[i + 1..]),
+                    None => (p, &b""[..]),
+                };
+                (unescape(n).to_ascii_lowercase(), unescape(v))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+    pairs(a) == pairs(b)
 }
 
 /// Decodes `%HH` escapes once. Malformed escapes are kept literally (RFC 4475 §3.1.1.5: a `%`
@@ -280,6 +363,80 @@ mod tests {
         ] {
             assert!(Uri::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn equivalence_follows_rfc_3261_19_1_4() {
+        let eq = |a: &str, b: &str| {
+            Uri::parse(a.as_bytes())
+                .unwrap()
+                .equivalent(&Uri::parse(b.as_bytes()).unwrap())
+        };
+        // RFC 3261 §19.1.4's own examples of equivalent URIs.
+        for (a, b) in [
+            (
+                "sip:%61lice@atlanta.com;transport=TCP",
+                "sip:alice@AtLanTa.CoM;Transport=tcp",
+            ),
+            ("sip:carol@chicago.com", "sip:carol@chicago.com;newparam=5"),
+            ("sip:carol@chicago.com", "sip:carol@chicago.com;security=on"),
+            (
+                "sip:carol@chicago.com;newparam=5",
+                "sip:carol@chicago.com;security=on",
+            ),
+            (
+                "sip:biloxi.com;transport=tcp;method=REGISTER?to=sip:bob%40biloxi.com",
+                "sip:biloxi.com;method=REGISTER;transport=tcp?to=sip:bob%40biloxi.com",
+            ),
+            (
+                "sip:alice@atlanta.com?subject=project%20x&priority=urgent",
+                "sip:alice@atlanta.com?priority=urgent&subject=project%20x",
+            ),
+            // What a phone's refresh may do: another parameter order, `ob` dropped.
+            (
+                "sip:alice@192.0.2.9:5061;transport=tls;ob",
+                "sip:alice@192.0.2.9:5061;ob;transport=tls",
+            ),
+            (
+                "sip:alice@192.0.2.9:5061;transport=tls;ob",
+                "sip:alice@192.0.2.9:5061;transport=TLS",
+            ),
+        ] {
+            assert!(eq(a, b), "{a} == {b}");
+            assert!(eq(b, a), "{b} == {a}");
+        }
+        // And its examples of URIs that are not.
+        for (a, b) in [
+            (
+                "SIP:ALICE@AtLanTa.CoM;Transport=udp",
+                "sip:alice@AtLanTa.CoM;Transport=UDP",
+            ),
+            ("sip:bob@biloxi.com", "sip:bob@biloxi.com:5060"),
+            ("sip:bob@biloxi.com", "sip:bob@biloxi.com;transport=udp"),
+            (
+                "sip:bob@biloxi.com",
+                "sip:bob@biloxi.com:6000;transport=tcp",
+            ),
+            (
+                "sip:carol@chicago.com",
+                "sip:carol@chicago.com?Subject=next%20meeting",
+            ),
+            ("sip:bob@phone21.boxesbybob.com", "sip:bob@192.0.2.4"),
+            (
+                "sip:carol@chicago.com;security=on",
+                "sip:carol@chicago.com;security=off",
+            ),
+            ("sip:alice@h", "sips:alice@h"),
+            ("sip:alice@h;maddr=10.0.0.1", "sip:alice@h"),
+        ] {
+            assert!(!eq(a, b), "{a} != {b}");
+            assert!(!eq(b, a), "{b} != {a}");
+        }
+        fn p(s: &str) -> Uri<'_> {
+            Uri::parse(s.as_bytes()).unwrap()
+        }
+        assert!(p("sip:a@h:5070;ob").equivalent_but_port(&p("sip:a@h:5071")));
+        assert!(!p("sip:a@h:5070").equivalent_but_port(&p("sip:a@g:5070")));
     }
 
     #[test]

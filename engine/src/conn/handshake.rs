@@ -190,7 +190,9 @@ async fn accept_tls(
             && sess.resumed()
             && let Err(reason) = policy.verify_client_chain(chain)
         {
-            tracing::warn!(%remote, reason = reason.label(), "resumed session's client certificate no longer verifies; closing");
+            if let Some(left_out) = shard.reject_log[0].allow(Instant::now()) {
+                tracing::warn!(%remote, reason = reason.label(), left_out, "resumed session's client certificate no longer verifies; closing (refused client handshakes: at most one line a second)");
+            }
             shard.control.rejections.inc(reason);
             linger_close(shard, stream).await;
             return None;

@@ -737,7 +737,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             }
             if let Layer::User(s) = &mut io.layer {
                 if let Err(e) = s.receive(&scratch[..n]) {
-                    tracing::info!(conn = conn.id, error = %e, "TLS error on established connection");
+                    if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+                        tracing::info!(conn = conn.id, error = %e, left_out, "TLS error on established connection (connection closures: at most one line a second)");
+                    }
                     let _ = io.push_tls_output();
                     drop(io);
                     shard.give_read_buf(scratch);

@@ -94,7 +94,9 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
             if payload == [1, 0] {
                 Err("close_notify")
             } else {
-                tracing::info!(conn = conn.id, alert = ?payload, "TLS alert from peer");
+                // One per connection, which ends here: debug (a peer opening connections to
+                // send alerts must not write the log at its pace).
+                tracing::debug!(conn = conn.id, alert = ?payload, "TLS alert from peer");
                 Err("alert")
             }
         }
