@@ -815,6 +815,27 @@ fn keepalive_timer(server_port: u16, client: std::net::SocketAddr) -> Option<boo
 }
 
 #[test]
+fn a_registration_is_answered_with_the_date() {
+    // RFC 3261 §10.3 step 8: phones without NTP (many ATAs) set their clocks by it.
+    let pki = Pki::new();
+    let srv = one_shard(&pki, |_| {});
+    let mut alice = ua(&pki, &srv, "alice");
+    let (code, resp) = alice.register_with(600, "");
+    assert_eq!(code, 200);
+    let text = String::from_utf8_lossy(&resp);
+    let date = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Date: "))
+        .unwrap_or_else(|| panic!("no Date in\n{text}"));
+    let at = httpdate::parse_http_date(date).expect("an RFC 1123 date");
+    let now = std::time::SystemTime::now();
+    let off = now.duration_since(at).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_secs(5), "{date} is {off:?} from now");
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn connections_carry_tcp_keepalive() {
     // A registration keeps its connection past the idle sweep: a phone that vanished
     // behind it (powered off, its NAT binding gone) must still be found dead.

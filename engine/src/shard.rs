@@ -1246,9 +1246,15 @@ impl Shard {
         let after = store.bindings();
         drop(store);
         self.account_bindings(changes, source.map(|ip| (flow, ip)));
+        let mut reply = reply;
         if reply.code == 200 {
             self.known.borrow_mut().insert(aor);
             self.write_through(aor);
+            // RFC 3261 §10.3 step 8: a Date, which phones without NTP set their clocks by.
+            reply.headers.push((
+                "Date",
+                httpdate::fmt_http_date(std::time::SystemTime::now()).into_bytes(),
+            ));
         }
         let mut m = self.metrics.borrow_mut();
         m.gauge("sipring_bindings", after as i64 - before as i64);

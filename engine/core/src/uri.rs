@@ -126,7 +126,14 @@ impl<'b> Uri<'b> {
                 .position(|&b| matches!(b, b':' | b';' | b'?'))
                 .unwrap_or(hostport.len());
             let host = &hostport[..end];
-            if host.is_empty() || !host.iter().all(|&b| is_host_char(b)) {
+            // Labels are never empty (RFC 3261 §25.1 hostname; one trailing dot is an
+            // absolute name): `example.com..` compared as none of our domains while a
+            // resolver may read it as one.
+            if host.is_empty()
+                || !host.iter().all(|&b| is_host_char(b))
+                || host[0] == b'.'
+                || host.windows(2).any(|w| w == b"..")
+            {
                 return Err(UriError);
             }
             (end, host)
@@ -360,6 +367,9 @@ mod tests {
             b"nocolon",
             b"1sip:x",
             b"sip:host x",
+            b"sip:ceo@example.com..",
+            b"sip:a@.example.com",
+            b"sip:a@ex..ample.com",
         ] {
             assert!(Uri::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
