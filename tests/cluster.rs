@@ -474,6 +474,31 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     .parse()
     .unwrap();
     assert!((500_000..=600_000).contains(&pttl), "PTTL {pttl}");
+    // A write of an earlier life of node A (a smaller epoch: a process that lost its name,
+    // writing late) changes nothing, neither a value nor a removal.
+    let key = "b:{sip:callee0@example.com}";
+    let field = redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"]);
+    for value in ["1 9999999999999\n", ""] {
+        let r = redis_cli(
+            redis.live_port(),
+            &[
+                "-c",
+                "eval",
+                sipring::cluster::WRITE_FIELD,
+                "1",
+                key,
+                "node-a",
+                value,
+                "9999999999999",
+                "1",
+            ],
+        );
+        assert_eq!(r.trim(), "0", "an earlier life's write was applied");
+        assert_eq!(
+            redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"]),
+            field
+        );
+    }
     let mut caller = c.ua(2, "caller0");
     call(&mut caller, &mut callee, "cross-node-1");
     assert_eq!(message(&mut caller, "callee0", Some(&mut callee), 10), 200);

@@ -551,7 +551,7 @@ async fn write_field(
 /// expired), at one frozen clock. A field a later life of this node wrote (a greater epoch
 /// `ARGV[4]`, compared as decimal text: epochs pass Lua's exact numbers) is left alone: a
 /// write of an earlier life that arrives late loses.
-const WRITE_FIELD: &str = "local cur = redis.call('HGET', KEYS[1], ARGV[1]) \
+pub const WRITE_FIELD: &str = "local cur = redis.call('HGET', KEYS[1], ARGV[1]) \
      if cur then local e = string.match(cur, '^(%d+) ') \
        if e and (#e > #ARGV[4] or (#e == #ARGV[4] and e > ARGV[4])) then return 0 end end \
      if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) end \

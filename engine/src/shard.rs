@@ -911,6 +911,10 @@ impl Shard {
     pub fn conn_opened(&self, handle: ConnHandle) {
         let id = handle.id;
         self.rechecks.opened(&handle);
+        // A partner that connected to us is up: dial it again at once.
+        if let Some(p) = handle.principal.partner() {
+            self.peer_backoff.borrow_mut().remove(p);
+        }
         self.proxy.borrow_mut().set_flow_info(
             Flow::Conn(id),
             FlowInfo {
@@ -992,14 +996,19 @@ impl Shard {
             self.metrics
                 .borrow_mut()
                 .inc("sipring_queue_drops_total{queue=\"peer\"}", q.len() as u64);
-            // The dial failed: the next one waits.
+            // The dial failed: the next one waits — for a partner, not for another node of
+            // our cluster (its liveness key says when it is gone; one that restarted must
+            // be reachable at once, not after a backoff grown while it was down).
+            let node = self.cfg.peer.iter().any(|p| p.name == name && p.node);
             let mut backoff = self.peer_backoff.borrow_mut();
-            let failures = backoff.get(name).map_or(0, |b| b.1).saturating_add(1);
-            let wait = PEER_BACKOFF.saturating_mul(1 << (failures - 1).min(5));
-            backoff.insert(
-                name.to_string(),
-                (Instant::now() + wait.min(PEER_BACKOFF_MAX), failures),
-            );
+            if !node {
+                let failures = backoff.get(name).map_or(0, |b| b.1).saturating_add(1);
+                let wait = PEER_BACKOFF.saturating_mul(1 << (failures - 1).min(5));
+                backoff.insert(
+                    name.to_string(),
+                    (Instant::now() + wait.min(PEER_BACKOFF_MAX), failures),
+                );
+            }
         }
         self.proxy
             .borrow_mut()

@@ -804,12 +804,14 @@ impl Proxy {
             .as_ref()
             .filter(|u| u.param("fi").is_some() && self.is_self_uri(u));
         let strict = strict_in.is_some();
-        // The last Route holds the remote target a strict router moved there.
-        let end = routes.len() - usize::from(strict && !routes.is_empty());
-        let restored = (end < routes.len())
-            .then(|| NameAddr::parse(routes[end].value))
-            .flatten()
+        // The last Route holds the remote target a strict router moved there (one that does
+        // not parse stays where it is, and so does the Request-URI).
+        let restored = routes
+            .last()
+            .filter(|_| strict)
+            .and_then(|r| NameAddr::parse(r.value))
             .map(|na| na.uri);
+        let end = routes.len() - usize::from(restored.is_some());
         let ours = self.consumed(&routes[..end], strict_in);
         let new_target = new_uri.map(request_uri_of);
         let target: Option<&[u8]> = new_target.as_deref().or(restored);
@@ -1652,7 +1654,8 @@ mod tests {
             )),
             403
         );
-        // Forwarding removes every Route that names us, and only those.
+        // Forwarding removes the Routes on top that name us (token-less ones: every one of
+        // them), and only those.
         let inv = req(
             "INVITE sip:carol@partner.net",
             "Route: <sip:proxy.example.com;lr>\r\nRoute: <sip:127.0.0.1:5062;lr>, <sip:partner.net;lr>\r\n",
@@ -1904,6 +1907,75 @@ mod tests {
         );
         assert!(
             out.contains("Route: <sip:partner.net;lr>, <sip:core.partner.net;lr>\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_strict_router_on_each_side_on_one_route_line() {
+        // A strict predecessor (our Record-Route in the Request-URI, our twin next, the
+        // remote target last) and a strict next hop, every Route on one line: the twin and
+        // the target's Route go, the next hop becomes the Request-URI, the target the last
+        // Route — the removals on either side of the next hop do not overlap.
+        let p = Proxy::new(ProxyConfig {
+            ports: vec![5061, 5062],
+            ..cfg()
+        });
+        let (a, b) = (Flow::Conn(0x1_0000_0007), Flow::Peer("partner".into()));
+        let (tls, mtls) = (iface(5061, Transport::Tls), iface(5062, Transport::Tls));
+        let fwd_inv = parsed(&req("INVITE sip:carol@partner.net", ""), |m, e| {
+            String::from_utf8(p.forward_request(
+                m,
+                e,
+                "z9hG4bKss1",
+                None,
+                &Hop {
+                    inbound: &a,
+                    outbound: &b,
+                    in_iface: &tls,
+                    out_iface: &mtls,
+                    source: None,
+                    ident: &IdentityEdit::default(),
+                    path: &[],
+                    overload_control: false,
+                },
+            ))
+            .unwrap()
+        });
+        let rrs: Vec<String> = record_routes(&fwd_inv)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let uri = rrs[0].trim_start_matches('<').trim_end_matches('>');
+        let bye = req(
+            &format!("BYE {uri}"),
+            &format!(
+                "Route: {}, <sip:sbc.example.org>, <sip:core.example.org;lr>, <sip:alice@10.0.0.1:5061;transport=tls>\r\n",
+                rrs[1]
+            ),
+        )
+        .replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b",
+        );
+        assert_eq!(
+            parsed(&bye, |m, e| p.decide(m, e, &Flow::Conn(9), Some("partner"))),
+            Decision::ToFlow(a.clone())
+        );
+        let out = parsed(&bye, |m, e| {
+            String::from_utf8(fwd(&p, m, e, "z9hG4bKss2", None, &b, &a)).unwrap()
+        });
+        assert!(
+            out.starts_with("BYE sip:sbc.example.org SIP/2.0\r\n"),
+            "{out}"
+        );
+        let routes: Vec<&str> = out.lines().filter(|l| l.starts_with("Route:")).collect();
+        assert_eq!(
+            routes,
+            vec![
+                "Route: <sip:core.example.org;lr>",
+                "Route: <sip:alice@10.0.0.1:5061;transport=tls>"
+            ],
             "{out}"
         );
     }

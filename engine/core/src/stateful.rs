@@ -27,7 +27,7 @@
 
 use crate::edit::Editor;
 use crate::error::ParseError;
-use crate::header::{Header, HeaderName};
+use crate::header::Header;
 use crate::matching::{KeyMethod, TxKey};
 use crate::overload_control::{self as oc, Feedback};
 use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
@@ -1649,9 +1649,11 @@ impl ShardProxy {
                 return;
             }
             Some(owner) if owner != self.shard => {
+                // A partner's connection as the partner: the owner of the branch knows only
+                // its own connections' principals, and any of the partner's may answer.
                 self.out.push_back(Output::Relay {
                     shard: owner,
-                    flow: flow.clone(),
+                    flow: self.route_flow(flow),
                     bytes: msg.bytes().into(),
                 });
                 return;
@@ -1675,10 +1677,7 @@ impl ShardProxy {
         // An answer to a request we forwarded with nothing left under our Via was meant for
         // no one upstream and is not forwarded (§16.7 step 3): the downstream lost the
         // Vias; the branch waits on, as if it had not answered.
-        if c.server.is_some()
-            && msg.headers_named(HeaderName::Via).nth(1).is_none()
-            && msg.values(HeaderName::Via).len() < 2
-        {
+        if c.server.is_some() && ess.via_count < 2 {
             self.stats.dropped_responses += 1;
             return;
         }
