@@ -148,6 +148,41 @@ pub fn exposition(sets: &[(Option<usize>, &ShardMetrics)]) -> String {
                 with_shard(&name.replace("seconds{", "seconds_count{"), *shard),
                 h.len()
             ));
+            // The same as a histogram: buckets a query can rate() over a window (the
+            // summary's quantiles are since the start, which hides a slow minute).
+            let f = &mut families
+                .entry("sipring_latency_bucketed_seconds".into())
+                .or_insert(("histogram", Vec::new()))
+                .1;
+            let mut counts = [0u64; LATENCY_BUCKETS_US.len()];
+            for v in h.iter_recorded() {
+                // The start of the value's equivalence range (within 0.1 % of it): a
+                // bound that is a recorded value counts that value in.
+                let us = h.lowest_equivalent(v.value_iterated_to());
+                if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&le| us <= le) {
+                    counts[i] += v.count_since_last_iteration();
+                }
+            }
+            let name = format!("sipring_latency_bucketed_seconds_bucket{{histogram=\"{k}\"}}");
+            let mut cumulative = 0;
+            for (le, n) in LATENCY_BUCKETS_US.iter().zip(counts) {
+                cumulative += n;
+                let line = name.replace('}', &format!(",le=\"{}\"}}", *le as f64 / 1e6));
+                f.push(format!("{} {cumulative}", with_shard(&line, *shard)));
+            }
+            let line = name.replace('}', ",le=\"+Inf\"}");
+            f.push(format!("{} {}", with_shard(&line, *shard), h.len()));
+            let name = format!("sipring_latency_bucketed_seconds{{histogram=\"{k}\"}}");
+            f.push(format!(
+                "{} {:.6}",
+                with_shard(&name.replace("seconds{", "seconds_sum{"), *shard),
+                h.mean() * h.len() as f64 / 1e6
+            ));
+            f.push(format!(
+                "{} {}",
+                with_shard(&name.replace("seconds{", "seconds_count{"), *shard),
+                h.len()
+            ));
         }
     }
     let mut out = String::new();
@@ -161,6 +196,12 @@ pub fn exposition(sets: &[(Option<usize>, &ShardMetrics)]) -> String {
     }
     out
 }
+
+/// The upper bounds (µs) of `sipring_latency_bucketed_seconds`'s buckets: 100 µs to 10 s.
+const LATENCY_BUCKETS_US: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
 
 /// One line about each metric family (docs/OPERATIONS.md has the full table).
 fn help(family: &str) -> &'static str {
@@ -228,7 +269,10 @@ fn help(family: &str) -> &'static str {
         "sipring_sip_refusals_total" => "Requests refused for who sent them, by reason.",
         "sipring_auth_failure_sources" => "Source addresses tracked for failed attempts.",
         "sipring_auth_nonce_flows" => "Connections with nonce-count state.",
-        "sipring_latency_seconds" => "Latency quantiles of each histogram.",
+        "sipring_latency_seconds" => "Latency quantiles of each histogram, since the start.",
+        "sipring_latency_bucketed_seconds" => {
+            "Latency of each histogram in buckets (rate() them for a window)."
+        }
         _ => "A sipring metric (docs/OPERATIONS.md).",
     }
 }
@@ -297,6 +341,24 @@ mod tests {
             "{prom}"
         );
         assert!(prom.contains("quantile=\"0.99\""));
+        // The buckets: cumulative, +Inf the count. Shard 2 recorded 10 µs .. 10 ms in steps
+        // of 10 µs: 10 of its 1000 values are at most 100 µs, 100 at most 1 ms, all at
+        // most 10 ms (a bound that is a recorded value counts it in).
+        let bucket = |le: &str| -> u64 {
+            let key = format!(
+                "sipring_latency_bucketed_seconds_bucket{{shard=\"2\",histogram=\"x\",le=\"{le}\"}} "
+            );
+            let line = prom
+                .lines()
+                .find(|l| l.starts_with(&key))
+                .unwrap_or_else(|| panic!("{key} in {prom}"));
+            line[key.len()..].parse().unwrap()
+        };
+        assert_eq!(bucket("0.0001"), 10);
+        assert_eq!(bucket("0.001"), 100);
+        assert_eq!(bucket("0.01"), 1000);
+        assert_eq!(bucket("+Inf"), 1000);
+        assert!(prom.contains("# TYPE sipring_latency_bucketed_seconds histogram"));
     }
 }
 
