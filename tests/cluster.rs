@@ -551,6 +551,54 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
         assert_eq!(message(&mut caller, "callee0", Some(&mut callee), 14), 200);
     }
 
+    // A phone moves from A to B (it registers its +sip.instance at B while its connection
+    // to A stays open, half-dead as far as it cares): B passes the removal to A, A drops
+    // its binding (its field leaves the store), and A's own callers — a local hit before,
+    // which never read the store — reach the phone on B.
+    {
+        let inst = ";+sip.instance=\"<urn:uuid:6d6f7665-7200-4000-8000-000000000001>\"";
+        let mut old = c.ua(0, "m0");
+        old.contact_params = inst.into();
+        assert_eq!(old.register(600), 200);
+        wait_stored(&redis, "m0", "node-a");
+        let mut moved = c.ua(1, "m0");
+        moved.contact_params = inst.into();
+        assert_eq!(moved.register(600), 200);
+        wait_stored(&redis, "m0", "node-b");
+        let key = "b:{sip:m0@example.com}";
+        wait_for(Duration::from_secs(10), "A's binding of m0 removed", || {
+            redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"])
+                .trim()
+                .is_empty()
+        });
+        let mut on_a = c.ua(0, "caller1");
+        assert_eq!(message(&mut on_a, "m0", Some(&mut moved), 20), 200);
+        assert!(
+            old.recv(Duration::from_millis(300)).is_none(),
+            "the old binding on A still got it"
+        );
+        // The device comes back to A (its binding on B goes the same way), then unregisters
+        // at B (expires=0): what A holds of that instance goes too.
+        assert_eq!(old.register(600), 200);
+        wait_stored(&redis, "m0", "node-a");
+        wait_for(Duration::from_secs(10), "B's binding of m0 removed", || {
+            redis_cli(redis.live_port(), &["-c", "hget", key, "node-b"])
+                .trim()
+                .is_empty()
+        });
+        let (code, _) = moved.register_with(0, "");
+        assert_eq!(code, 200);
+        wait_for(
+            Duration::from_secs(10),
+            "A's binding of m0 removed by B",
+            || {
+                redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"])
+                    .trim()
+                    .is_empty()
+            },
+        );
+    }
+
     // A node whose certificate is not on the topology list is refused at the handshake.
     {
         let roots = c.ca_pem.clone();

@@ -345,6 +345,11 @@ struct ClusterLink {
     reply: async_channel::Sender<crate::cluster::Found>,
     replies: RefCell<Option<async_channel::Receiver<crate::cluster::Found>>>,
     waiting: RefCell<HashMap<u64, (Lookup, Option<Stamp>)>>,
+    /// REGISTERs answered here whose removals go to the other nodes holding their AOR, by
+    /// the token of the store read that names those nodes ([`REMOVAL_TOKEN`] set).
+    removals: RefCell<HashMap<u64, Vec<u8>>>,
+    /// The last removal token's number.
+    removal_seq: Cell<u64>,
     /// The store's resync generation this shard has answered, and the AORs it still has to
     /// write again for it (a few thousand per tick, so a large table does not flood the
     /// write queue).
@@ -353,6 +358,18 @@ struct ClusterLink {
 
 /// AORs a shard writes again per tick (every 500 ms) after the store lost its data.
 const RESYNC_PER_TICK: usize = 2000;
+
+/// The bit that marks a store read's token as a removal's (the core's tokens carry a shard
+/// number below 2^15 in bits 48..63).
+const REMOVAL_TOKEN: u64 = 1 << 63;
+
+/// REGISTERs whose removals wait for the store to name the nodes holding their AOR, per
+/// shard; past it the removal is not sent (counted): the bindings elsewhere then expire.
+const MAX_REMOVALS_WAITING: usize = 4096;
+
+/// The flow a REGISTER from another cluster node is registered under: none of ours (it
+/// only removes; nothing is bound to it).
+pub const NODE_FLOW: FlowId = u64::MAX;
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -530,6 +547,8 @@ impl Shard {
                 reply,
                 replies: RefCell::new(Some(replies)),
                 waiting: RefCell::new(HashMap::new()),
+                removals: RefCell::new(HashMap::new()),
+                removal_seq: Cell::new(0),
                 resync: RefCell::new((0, Vec::new())),
             }
         });
@@ -692,7 +711,12 @@ impl Shard {
                     flow,
                 } => {
                     let owner = shard_for(&aor, self.n).0 as usize;
-                    let Flow::Conn(fid) = flow else { continue };
+                    // A node's removal-only REGISTER (the policy admits no other from a
+                    // peer) binds nothing to its flow.
+                    let fid = match flow {
+                        Flow::Conn(fid) => fid,
+                        Flow::Peer(_) => NODE_FLOW,
+                    };
                     let source = self.conns.borrow().get(&fid).map(|h| h.remote.ip());
                     if owner != self.id {
                         // Its binding will live on `owner`: it must hear when this closes.
@@ -1057,9 +1081,46 @@ impl Shard {
         }
     }
 
+    /// Asks the store which other nodes hold `aor`, to send them what the REGISTER
+    /// `request` (answered 200 here) removes ([`Shard::on_store_reply`] sends it).
+    fn remove_elsewhere(&self, aor: &str, request: &[u8]) {
+        let Some(c) = &self.cluster else { return };
+        if c.removals.borrow().len() >= MAX_REMOVALS_WAITING {
+            self.count("sipring_store_total{op=\"removal\",result=\"queue_full\"}");
+            return;
+        }
+        c.removal_seq.set(c.removal_seq.get() + 1);
+        let token = REMOVAL_TOKEN | c.removal_seq.get();
+        if c.store.lookup(aor, token, &c.reply) {
+            c.removals.borrow_mut().insert(token, request.to_vec());
+        } else {
+            self.count("sipring_store_total{op=\"removal\",result=\"queue_full\"}");
+        }
+    }
+
     /// The location store's answer to a lookup this shard asked.
     pub fn on_store_reply(self: &Rc<Self>, found: crate::cluster::Found) {
         let Some(c) = &self.cluster else { return };
+        let removal = c.removals.borrow_mut().remove(&found.token);
+        if let Some(request) = removal {
+            let nodes = found.nodes.unwrap_or_default();
+            let default_expires = self.registrar.config().default_expires;
+            let now = Instant::now();
+            let mut sent = 0;
+            for node in &nodes {
+                sent += u64::from(self.proxy.borrow_mut().send_removals(
+                    now,
+                    node,
+                    &request,
+                    default_expires,
+                ));
+            }
+            self.metrics
+                .borrow_mut()
+                .inc("sipring_store_total{op=\"removal\",result=\"sent\"}", sent);
+            self.pump(None);
+            return;
+        }
         let Some((miss, stamp)) = c.waiting.borrow_mut().remove(&found.token) else {
             return;
         };
@@ -1264,6 +1325,18 @@ impl Shard {
                 "Date",
                 httpdate::fmt_http_date(std::time::SystemTime::now()).into_bytes(),
             ));
+            // A UA's REGISTER (not another node's) that removes bindings, or binds an
+            // instance here: what other nodes hold of it goes too.
+            if flow != NODE_FLOW
+                && self.cluster.is_some()
+                && sipring_core::registrar::removals_for_nodes(
+                    &m,
+                    self.registrar.config().default_expires,
+                )
+                .is_some()
+            {
+                self.remove_elsewhere(aor, request);
+            }
         }
         let mut m = self.metrics.borrow_mut();
         m.gauge("sipring_bindings", after as i64 - before as i64);

@@ -29,6 +29,8 @@ pub struct Ua {
     pub local: SocketAddr,
     /// The digest password (default [`password_for`] the user); `None` sends no credentials.
     pub password: Option<String>,
+    /// Contact parameters [`Ua::register`] adds (`;+sip.instance="<urn:uuid:…>"`).
+    pub contact_params: String,
     /// The last challenge we answered: realm, nonce, algorithm and nonce-count, reused (with
     /// the count going up) for the requests that follow, as phones do.
     digest: std::cell::RefCell<Option<(String, String, Algorithm, u32)>>,
@@ -116,6 +118,7 @@ impl Ua {
             domain: domain.into(),
             local,
             password: Some(password_for(user)),
+            contact_params: String::new(),
             digest: Default::default(),
         })
     }
@@ -135,6 +138,7 @@ impl Ua {
             domain: domain.into(),
             local,
             password: Some(password_for(user)),
+            contact_params: String::new(),
             digest: Default::default(),
         })
     }
@@ -300,7 +304,8 @@ impl Ua {
         for attempt in 0..2 {
             let ruri = format!("sip:{}", self.domain);
             let msg = format!(
-                "REGISTER {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={b};rport\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=reg{u}\r\nCall-ID: reg-{u}-{l}\r\nCSeq: {c} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\n{creds}{extra}Content-Length: 0\r\n\r\n",
+                "REGISTER {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS {l};branch={b};rport\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=reg{u}\r\nCall-ID: reg-{u}-{l}\r\nCSeq: {c} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>{p}\r\nExpires: {expires}\r\n{creds}{extra}Content-Length: 0\r\n\r\n",
+                p = self.contact_params,
                 d = self.domain,
                 u = self.user,
                 l = self.local,

@@ -578,6 +578,14 @@ impl Policy {
                     None => self.deny(info, 403, "Unknown Partner", "unknown_partner", name),
                 };
             }
+            // Another node of our cluster passes on what a REGISTER it answered removes
+            // (only the node holding a binding writes it): removals only.
+            Decision::Register
+                if self.partner(&name).is_some_and(|p| p.node)
+                    && crate::registrar::removes_only(msg) =>
+            {
+                return allow(name);
+            }
             Decision::Register => {
                 return self.deny(
                     info,
@@ -966,7 +974,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_node_relays_lookups_for_anyone_but_never_registers_or_transits() {
+    fn a_cluster_node_relays_lookups_for_anyone_removes_but_never_registers_or_transits() {
         let mut p = policy();
         let node = Principal::Partner("node-b".into());
         let lookup = Decision::Lookup {
@@ -1001,6 +1009,33 @@ mod tests {
             "",
         );
         assert_eq!(outcome(&run(&mut p, &node, &r, &Decision::Register)), 403);
+        // Except to pass on what a REGISTER it answered removes (only the node holding a
+        // binding writes it): removals only, and only from a node.
+        for (extra, want) in [
+            ("Contact: *\r\nExpires: 0\r\n", 0),
+            (
+                "Contact: <sip:bob@192.0.2.9>;+sip.instance=\"<urn:uuid:1>\";expires=0\r\n",
+                0,
+            ),
+            (
+                "Contact: <sip:bob@192.0.2.9>;expires=0, <sip:bob@h>\r\n",
+                403,
+            ),
+        ] {
+            let r = req(
+                "REGISTER",
+                "sip:example.com",
+                "sip:bob@example.com",
+                "sip:bob@example.com",
+                extra,
+            );
+            assert_eq!(
+                outcome(&run(&mut p, &node, &r, &Decision::Register)),
+                want,
+                "{extra}"
+            );
+            assert_eq!(outcome(&run(&mut p, &a, &r, &Decision::Register)), 403);
+        }
         let r = req(
             "INVITE",
             "sip:x@peer-a.test",

@@ -554,6 +554,71 @@ fn parse_q(v: &[u8]) -> Option<u16> {
 
 /// Parses an expiry, saturating overlarge values (RFC 4475 §3.1.2.4 allows treating them as
 /// the maximum).
+/// Does this REGISTER only remove bindings (`Contact: *`, or every Contact with expiry 0 by
+/// its `expires` or the Expires header)? What one cluster node may send another
+/// ([`removals_for_nodes`]): it changes nothing but the receiver's own bindings.
+pub fn removes_only(msg: &Message<'_, '_>) -> bool {
+    let header_zero = msg
+        .header(HeaderName::Expires)
+        .is_some_and(|h| parse_expires(h.value) == Some(0));
+    let Some(contacts) = msg.try_values(HeaderName::Contact) else {
+        return false;
+    };
+    !contacts.is_empty()
+        && contacts.iter().all(|c| {
+            if c.value == b"*" {
+                return header_zero;
+            }
+            NameAddr::parse(c.value).is_some_and(|na| match na.param("expires") {
+                Some(v) => v.and_then(parse_expires) == Some(0),
+                None => header_zero,
+            })
+        })
+}
+
+/// What a REGISTER this node accepted removes from the bindings other cluster nodes hold
+/// for its AOR, as Contact values of a removal-only REGISTER: `*` for `Contact: *`; each
+/// contact it removes (expiry 0); and each `+sip.instance` it binds here (the device moved
+/// to this node: its binding elsewhere, keyed by instance and reg-id, is stale). `None`:
+/// nothing to remove elsewhere. Only the node holding a binding writes it (its field in the
+/// location store, its tables), so each holder is sent these and applies them under the
+/// usual Call-ID/CSeq rules.
+pub fn removals_for_nodes(msg: &Message<'_, '_>, default_expires: u32) -> Option<Vec<String>> {
+    let header = msg
+        .header(HeaderName::Expires)
+        .map(|h| parse_expires(h.value).unwrap_or(default_expires));
+    let contacts = msg.try_values(HeaderName::Contact)?;
+    if contacts.iter().any(|c| c.value == b"*") {
+        return Some(vec!["*".into()]);
+    }
+    let mut out = Vec::new();
+    for c in &contacts {
+        let Some(na) = NameAddr::parse(c.value) else {
+            continue;
+        };
+        let expires = match na.param("expires") {
+            Some(v) => v.and_then(parse_expires).unwrap_or(default_expires),
+            None => header.unwrap_or(default_expires),
+        };
+        let instance = na.param("+sip.instance").flatten();
+        if expires != 0 && instance.is_none() {
+            continue;
+        }
+        let mut v = format!("<{}>", String::from_utf8_lossy(na.uri));
+        if let Some(i) = instance {
+            v.push_str(";+sip.instance=");
+            v.push_str(&String::from_utf8_lossy(i));
+            if let Some(Some(r)) = na.param("reg-id") {
+                v.push_str(";reg-id=");
+                v.push_str(&String::from_utf8_lossy(r));
+            }
+        }
+        v.push_str(";expires=0");
+        out.push(v);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 fn parse_expires(v: &[u8]) -> Option<u32> {
     let v = trim(v);
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
@@ -735,7 +800,12 @@ impl Registrar {
             if asked && !first_hop_ok {
                 return Reply::err(439, "First Hop Lacks Outbound Support");
             }
-            if asked && with_reg_id > 1 {
+            // Flows a device registers at once; removing several (expires=0) is fine.
+            let binding_reg_ids = new
+                .iter()
+                .filter(|c| c.binding.reg_id.is_some() && c.expires != 0)
+                .count();
+            if asked && binding_reg_ids > 1 {
                 return Reply::err(400, "More Than One reg-id");
             }
             for c in &mut new {
@@ -1262,6 +1332,58 @@ mod tests {
         );
         assert_eq!(register(&reg, &mut st, t0, &two, 2, 11).code, 200);
         assert!(reg.lookup(t0, &st, aor).iter().all(|b| b.reg_id.is_none()));
+    }
+
+    #[test]
+    fn what_a_register_removes_at_the_other_nodes() {
+        let with = |extra: &str, f: &dyn Fn(&Message<'_, '_>)| {
+            let msg = format!(
+                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKx\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: c\r\nCSeq: 2 REGISTER\r\n{extra}Content-Length: 0\r\n\r\n"
+            );
+            let mut h = [Header::EMPTY; 32];
+            let Ok(Status::Complete(m)) =
+                parse(msg.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+            else {
+                panic!("parse")
+            };
+            f(&m);
+        };
+        let mut cases: Vec<(&str, Option<Vec<&str>>)> = vec![
+            // A plain refresh: nothing elsewhere.
+            ("Contact: <sip:alice@192.0.2.9>\r\nExpires: 600\r\n", None),
+            ("Contact: *\r\nExpires: 0\r\n", Some(vec!["*"])),
+            (
+                "Contact: <sip:alice@192.0.2.9>;expires=0, <sip:alice@192.0.2.10>\r\n",
+                Some(vec!["<sip:alice@192.0.2.9>;expires=0"]),
+            ),
+            // An instance bound here: its binding elsewhere (by instance and reg-id) goes.
+            (
+                "Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2;q=0.5\r\n",
+                Some(vec![
+                    "<sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2;expires=0",
+                ]),
+            ),
+        ];
+        for (extra, want) in cases.drain(..) {
+            let want: Option<Vec<String>> = want.map(|v| v.iter().map(|s| s.to_string()).collect());
+            with(extra, &|m| {
+                assert_eq!(removals_for_nodes(m, 3600), want, "{extra}")
+            });
+        }
+        // What a node accepts from another: removals only.
+        for (extra, only) in [
+            ("Contact: *\r\nExpires: 0\r\n", true),
+            (
+                "Contact: <sip:a@h>;expires=0, <sip:b@h>;expires=0\r\n",
+                true,
+            ),
+            ("Contact: <sip:a@h>\r\nExpires: 0\r\n", true),
+            ("Contact: <sip:a@h>;expires=0, <sip:b@h>\r\n", false),
+            ("Contact: *\r\n", false),
+            ("Expires: 0\r\n", false),
+        ] {
+            with(extra, &|m| assert_eq!(removes_only(m), only, "{extra}"));
+        }
     }
 
     #[test]

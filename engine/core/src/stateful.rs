@@ -27,7 +27,7 @@
 
 use crate::edit::Editor;
 use crate::error::ParseError;
-use crate::header::Header;
+use crate::header::{Header, HeaderName};
 use crate::matching::{KeyMethod, TxKey};
 use crate::overload_control::{self as oc, Feedback};
 use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
@@ -662,6 +662,103 @@ impl ShardProxy {
         }
         aors.push(aor.to_string());
         Some(true)
+    }
+
+    /// Sends cluster node `node` what the REGISTER `request` (answered 200 here) removes
+    /// from the bindings other nodes hold for its AOR
+    /// ([`crate::registrar::removals_for_nodes`]): a removal-only REGISTER with the UA's
+    /// To, From, Call-ID and CSeq, so the node applies it under the usual Call-ID/CSeq rules
+    /// (a REGISTER made there since wins). A client transaction of our own: its answer ends
+    /// here. Returns whether anything was sent.
+    pub fn send_removals(
+        &mut self,
+        now: Instant,
+        node: &str,
+        request: &[u8],
+        default_expires: u32,
+    ) -> bool {
+        let flow = Flow::Peer(node.to_string());
+        let iface = self.iface_of(&flow);
+        let unique = self.unique();
+        let limits = self.limits;
+        let built = with_parsed(request, &limits, |m, e| {
+            let contacts = crate::registrar::removals_for_nodes(m, default_expires)?;
+            let branch = Proxy::branch(m, e, unique);
+            let header = |name: HeaderName| m.header(name).map(|h| h.value);
+            let (Some(uri), Some(to), Some(from)) = (
+                m.request_uri(),
+                header(HeaderName::To),
+                header(HeaderName::From),
+            ) else {
+                return None;
+            };
+            let mut out = Vec::with_capacity(512);
+            let mut line = |name: &str, value: &[u8]| {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+                out.extend_from_slice(b"\r\n");
+            };
+            line(
+                "Via",
+                format!(
+                    "SIP/2.0/{} {}:{};branch={branch}",
+                    iface.transport.via_name(),
+                    iface.host,
+                    iface.port
+                )
+                .as_bytes(),
+            );
+            line("Max-Forwards", b"70");
+            line("To", to);
+            line("From", from);
+            line("Call-ID", e.call_id);
+            line("CSeq", format!("{} REGISTER", e.cseq.seq).as_bytes());
+            for c in &contacts {
+                line("Contact", c.as_bytes());
+            }
+            if contacts.iter().any(|c| c == "*") {
+                line("Expires", b"0");
+            }
+            // Keyed by reg-id where the UA did outbound (RFC 5626): the node must read it.
+            if contacts.iter().any(|c| c.contains(";reg-id=")) {
+                line("Supported", b"outbound");
+            }
+            line("Content-Length", b"0");
+            let mut msg = Vec::with_capacity(out.len() + uri.len() + 32);
+            msg.extend_from_slice(b"REGISTER ");
+            msg.extend_from_slice(uri);
+            msg.extend_from_slice(b" SIP/2.0\r\n");
+            msg.extend_from_slice(&out);
+            msg.extend_from_slice(b"\r\n");
+            Some((branch, msg))
+        })
+        .flatten();
+        let Some((branch, msg)) = built else {
+            return false;
+        };
+        let key = TxKey {
+            branch: branch.into_bytes().into(),
+            sent_by: Box::default(),
+            method: KeyMethod::Other(b"REGISTER".to_vec().into()),
+        };
+        let txn = ClientTransaction::new_non_invite(now, &self.timer_cfg, msg.into());
+        self.index(&flow, TimerKey::Client(key.clone()));
+        self.clients.insert(
+            key.clone(),
+            Client {
+                txn,
+                server: None,
+                outbound: flow,
+                got_provisional: false,
+                final_received: false,
+                cancel_when_provisional: false,
+                cancel_sent: false,
+                by_token: false,
+            },
+        );
+        self.drive_client(now, &key);
+        true
     }
 
     /// Tells who `flow` is (call when a connection opens, after its handshake). A partner's
