@@ -129,10 +129,14 @@ impl<'b> Uri<'b> {
             // Labels are never empty (RFC 3261 §25.1 hostname; one trailing dot is an
             // absolute name): `example.com..` compared as none of our domains while a
             // resolver may read it as one.
+            // One pass: a dot after a dot (or first) is an empty label.
+            let mut prev = b'.';
             if host.is_empty()
-                || !host.iter().all(|&b| is_host_char(b))
-                || host[0] == b'.'
-                || host.windows(2).any(|w| w == b"..")
+                || !host.iter().all(|&b| {
+                    let ok = is_host_char(b) && !(b == b'.' && prev == b'.');
+                    prev = b;
+                    ok
+                })
             {
                 return Err(UriError);
             }
