@@ -586,6 +586,22 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
                 .trim()
                 .is_empty()
         });
+        // A third device of the user, on C, with no instance: the removal reaches A and C,
+        // and neither passes it on (a node's REGISTER is never fanned out: A and C, both
+        // holders, would send it to each other without end).
+        let mut third = c.ua(2, "m0");
+        assert_eq!(third.register(600), 200);
+        wait_stored(&redis, "m0", "node-c");
+        let sent = |n: usize| {
+            metric(
+                &c.nodes[n].metrics(),
+                "sipring_store_total{op=\"removal\",result=\"sent\"}",
+            )
+            .unwrap_or(0.0)
+        };
+        // Metrics are published every few hundred ms: settled before reading.
+        std::thread::sleep(Duration::from_millis(1200));
+        let (a0, c0) = (sent(0), sent(2));
         let (code, _) = moved.register_with(0, "");
         assert_eq!(code, 200);
         wait_for(
@@ -597,6 +613,10 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
                     .is_empty()
             },
         );
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!((sent(0), sent(2)), (a0, c0), "a node passed a removal on");
+        // C's device (another contact, no instance) stays.
+        wait_stored(&redis, "m0", "node-c");
     }
 
     // A node whose certificate is not on the topology list is refused at the handshake.

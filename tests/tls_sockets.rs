@@ -186,16 +186,7 @@ fn outbound_refuses_a_partner_presenting_the_wrong_name() {
     let mut cfg = config(&pki);
     cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
     let srv = start(cfg, None).expect("start");
-    let ca = pki.certs("ca.pem");
-    let mut alice = Ua::tls(
-        srv.listen_addrs[0],
-        tls_config(&ca, None, false),
-        "sip.example.com",
-        "alice",
-        "example.com",
-    )
-    .unwrap();
-    assert_eq!(alice.register(600), 200);
+    let mut alice = registered_alice(&pki, &srv);
     alice.send(&alice.request(
         "MESSAGE",
         "sip:bob@partner.example.com",
@@ -230,16 +221,7 @@ fn a_partner_that_is_down_is_not_dialled_once_per_request() {
     let mut cfg = config(&pki);
     cfg.peer[0].address = Some(addr);
     let srv = start(cfg, None).expect("start");
-    let ca = pki.certs("ca.pem");
-    let mut alice = Ua::tls(
-        srv.listen_addrs[0],
-        tls_config(&ca, None, false),
-        "sip.example.com",
-        "alice",
-        "example.com",
-    )
-    .unwrap();
-    assert_eq!(alice.register(600), 200);
+    let mut alice = registered_alice(&pki, &srv);
     let t0 = std::time::Instant::now();
     for i in 0..20 {
         alice.send(&alice.request(
@@ -280,6 +262,20 @@ fn a_partner_that_is_down_is_not_dialled_once_per_request() {
     );
     srv.stop();
     srv.join().unwrap();
+}
+
+/// alice, registered over TLS to `srv`, to send requests toward the partner.
+fn registered_alice(pki: &Pki, srv: &sipring::server::Running) -> Ua {
+    let mut alice = Ua::tls(
+        srv.listen_addrs[0],
+        tls_config(&pki.certs("ca.pem"), None, false),
+        "sip.example.com",
+        "alice",
+        "example.com",
+    )
+    .unwrap();
+    assert_eq!(alice.register(600), 200);
+    alice
 }
 
 /// Issues a certificate from the demo partner CA (its key is in the PKI folder).

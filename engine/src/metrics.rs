@@ -124,6 +124,19 @@ pub fn exposition(sets: &[(Option<usize>, &ShardMetrics)]) -> String {
                 .push(format!("{} {v}", with_shard(k, *shard)));
         }
         for (k, h) in &m.histograms {
+            // `_sum` (the histogram keeps the mean exactly enough) and `_count` of `name`.
+            let sum_and_count = |f: &mut Vec<String>, name: &str, shard: Option<usize>| {
+                f.push(format!(
+                    "{} {:.6}",
+                    with_shard(&name.replace("seconds{", "seconds_sum{"), shard),
+                    h.mean() * h.len() as f64 / 1e6
+                ));
+                f.push(format!(
+                    "{} {}",
+                    with_shard(&name.replace("seconds{", "seconds_count{"), shard),
+                    h.len()
+                ));
+            };
             let f = &mut families
                 .entry("sipring_latency_seconds".into())
                 .or_insert(("summary", Vec::new()))
@@ -137,17 +150,7 @@ pub fn exposition(sets: &[(Option<usize>, &ShardMetrics)]) -> String {
                     h.value_at_quantile(q) as f64 / 1e6
                 ));
             }
-            // The sum of the recorded latencies (the histogram keeps the mean exactly enough).
-            f.push(format!(
-                "{} {:.6}",
-                with_shard(&name.replace("seconds{", "seconds_sum{"), *shard),
-                h.mean() * h.len() as f64 / 1e6
-            ));
-            f.push(format!(
-                "{} {}",
-                with_shard(&name.replace("seconds{", "seconds_count{"), *shard),
-                h.len()
-            ));
+            sum_and_count(f, &name, *shard);
             // The same as a histogram: buckets a query can rate() over a window (the
             // summary's quantiles are since the start, which hides a slow minute).
             let f = &mut families
@@ -173,16 +176,7 @@ pub fn exposition(sets: &[(Option<usize>, &ShardMetrics)]) -> String {
             let line = name.replace('}', ",le=\"+Inf\"}");
             f.push(format!("{} {}", with_shard(&line, *shard), h.len()));
             let name = format!("sipring_latency_bucketed_seconds{{histogram=\"{k}\"}}");
-            f.push(format!(
-                "{} {:.6}",
-                with_shard(&name.replace("seconds{", "seconds_sum{"), *shard),
-                h.mean() * h.len() as f64 / 1e6
-            ));
-            f.push(format!(
-                "{} {}",
-                with_shard(&name.replace("seconds{", "seconds_count{"), *shard),
-                h.len()
-            ));
+            sum_and_count(f, &name, *shard);
         }
     }
     let mut out = String::new();

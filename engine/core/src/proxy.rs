@@ -1136,6 +1136,34 @@ mod tests {
     }
 
     /// The Record-Route we add forwarding `s` from `a` to `b`.
+    /// Forwards `m` from `a` (reached by interface `ia`) to `b` (by `ib`), as text.
+    fn fwd_between(
+        p: &Proxy,
+        m: &Message<'_, '_>,
+        e: &Essentials<'_>,
+        branch: &str,
+        (a, ia): (&Flow, &Interface),
+        (b, ib): (&Flow, &Interface),
+    ) -> String {
+        String::from_utf8(p.forward_request(
+            m,
+            e,
+            branch,
+            None,
+            &Hop {
+                inbound: a,
+                outbound: b,
+                in_iface: ia,
+                out_iface: ib,
+                source: None,
+                ident: &IdentityEdit::default(),
+                path: &[],
+                overload_control: false,
+            },
+        ))
+        .unwrap()
+    }
+
     fn record_route(p: &Proxy, s: &str, a: &Flow, b: &Flow) -> String {
         let out = with_req(s, |m, e| fwd(p, m, e, &Proxy::branch(m, e, 1), None, a, b));
         let out = String::from_utf8(out).unwrap();
@@ -1686,23 +1714,7 @@ mod tests {
         let (tls, mtls) = (iface(5061, Transport::Tls), iface(5062, Transport::Tls));
         let inv = req("INVITE sip:carol@partner.net", "");
         let fwd_inv = parsed(&inv, |m, e| {
-            String::from_utf8(p.forward_request(
-                m,
-                e,
-                "z9hG4bKsr1",
-                None,
-                &Hop {
-                    inbound: &a,
-                    outbound: &b,
-                    in_iface: &tls,
-                    out_iface: &mtls,
-                    source: None,
-                    ident: &IdentityEdit::default(),
-                    path: &[],
-                    overload_control: false,
-                },
-            ))
-            .unwrap()
+            fwd_between(&p, m, e, "z9hG4bKsr1", (&a, &tls), (&b, &mtls))
         });
         let rrs: Vec<String> = record_routes(&fwd_inv)
             .into_iter()
@@ -1779,23 +1791,7 @@ mod tests {
         let (tls, mtls) = (iface(5061, Transport::Tls), iface(5062, Transport::Tls));
         let pass = |inv: &str, a: &Flow, b: &Flow, ia: &Interface, ib: &Interface| {
             parsed(inv, |m, e| {
-                String::from_utf8(p.forward_request(
-                    m,
-                    e,
-                    "z9hG4bKhp",
-                    None,
-                    &Hop {
-                        inbound: a,
-                        outbound: b,
-                        in_iface: ia,
-                        out_iface: ib,
-                        source: None,
-                        ident: &IdentityEdit::default(),
-                        path: &[],
-                        overload_control: false,
-                    },
-                ))
-                .unwrap()
+                fwd_between(&p, m, e, "z9hG4bKhp", (a, ia), (b, ib))
             })
         };
         let first = pass(
@@ -1924,23 +1920,7 @@ mod tests {
         let (a, b) = (Flow::Conn(0x1_0000_0007), Flow::Peer("partner".into()));
         let (tls, mtls) = (iface(5061, Transport::Tls), iface(5062, Transport::Tls));
         let fwd_inv = parsed(&req("INVITE sip:carol@partner.net", ""), |m, e| {
-            String::from_utf8(p.forward_request(
-                m,
-                e,
-                "z9hG4bKss1",
-                None,
-                &Hop {
-                    inbound: &a,
-                    outbound: &b,
-                    in_iface: &tls,
-                    out_iface: &mtls,
-                    source: None,
-                    ident: &IdentityEdit::default(),
-                    path: &[],
-                    overload_control: false,
-                },
-            ))
-            .unwrap()
+            fwd_between(&p, m, e, "z9hG4bKss1", (&a, &tls), (&b, &mtls))
         });
         let rrs: Vec<String> = record_routes(&fwd_inv)
             .into_iter()

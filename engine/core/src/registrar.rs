@@ -556,8 +556,6 @@ fn parse_q(v: &[u8]) -> Option<u16> {
     }
 }
 
-/// Parses an expiry, saturating overlarge values (RFC 4475 §3.1.2.4 allows treating them as
-/// the maximum).
 /// Does this REGISTER only remove bindings (`Contact: *`, or every Contact with expiry 0 by
 /// its `expires` or the Expires header)? What one cluster node may send another
 /// ([`removals_for_nodes`]): it changes nothing but the receiver's own bindings.
@@ -595,6 +593,10 @@ pub fn removals_for_nodes(msg: &Message<'_, '_>, default_expires: u32) -> Option
     if contacts.iter().any(|c| c.value == b"*") {
         return Some(vec!["*".into()]);
     }
+    let outbound = msg
+        .values(HeaderName::Supported)
+        .iter()
+        .any(|v| text::eq_ic(v.value, b"outbound"));
     let mut out = Vec::new();
     for c in &contacts {
         let Some(na) = NameAddr::parse(c.value) else {
@@ -612,7 +614,9 @@ pub fn removals_for_nodes(msg: &Message<'_, '_>, default_expires: u32) -> Option
         if let Some(i) = instance {
             v.push_str(";+sip.instance=");
             v.push_str(&String::from_utf8_lossy(i));
-            if let Some(Some(r)) = na.param("reg-id") {
+            // A reg-id counts only where the UA did outbound (else the bindings are keyed
+            // by instance alone, here and there).
+            if outbound && let Some(Some(r)) = na.param("reg-id") {
                 v.push_str(";reg-id=");
                 v.push_str(&String::from_utf8_lossy(r));
             }
@@ -623,6 +627,8 @@ pub fn removals_for_nodes(msg: &Message<'_, '_>, default_expires: u32) -> Option
     (!out.is_empty()).then_some(out)
 }
 
+/// Parses an expiry, saturating overlarge values (RFC 4475 §3.1.2.4 allows treating them as
+/// the maximum).
 fn parse_expires(v: &[u8]) -> Option<u32> {
     let v = trim(v);
     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
@@ -1362,9 +1368,16 @@ mod tests {
             ),
             // An instance bound here: its binding elsewhere (by instance and reg-id) goes.
             (
-                "Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2;q=0.5\r\n",
+                "Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2;q=0.5\r\nSupported: outbound\r\n",
                 Some(vec![
                     "<sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2;expires=0",
+                ]),
+            ),
+            // Without outbound the reg-id was ignored here, and there: by instance alone.
+            (
+                "Contact: <sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";reg-id=2\r\n",
+                Some(vec![
+                    "<sip:alice@192.0.2.9;ob>;+sip.instance=\"<urn:uuid:1>\";expires=0",
                 ]),
             ),
         ];

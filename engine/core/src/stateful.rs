@@ -183,6 +183,21 @@ struct Client {
     by_token: bool,
 }
 
+impl Client {
+    fn new(txn: ClientTransaction<Bytes>, server: Option<TxKey>, outbound: Flow) -> Client {
+        Client {
+            txn,
+            server,
+            outbound,
+            got_provisional: false,
+            final_received: false,
+            cancel_when_provisional: false,
+            cancel_sent: false,
+            by_token: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum TimerKey {
     Server(TxKey),
@@ -744,19 +759,8 @@ impl ShardProxy {
         };
         let txn = ClientTransaction::new_non_invite(now, &self.timer_cfg, msg.into());
         self.index(&flow, TimerKey::Client(key.clone()));
-        self.clients.insert(
-            key.clone(),
-            Client {
-                txn,
-                server: None,
-                outbound: flow,
-                got_provisional: false,
-                final_received: false,
-                cancel_when_provisional: false,
-                cancel_sent: false,
-                by_token: false,
-            },
-        );
+        self.clients
+            .insert(key.clone(), Client::new(txn, None, flow));
         self.drive_client(now, &key);
         true
     }
@@ -1166,6 +1170,26 @@ impl ShardProxy {
             Decision::Register => match with_parsed(&bytes, &self.limits, |_, e| {
                 crate::registrar::Registrar::default().aor(e)
             }) {
+                // Another node's removal (the policy admits no other REGISTER from one),
+                // on whichever connection of it: registered as from the node — it binds
+                // nothing, takes no place on the connection, and is not passed on.
+                Some(Ok(aor)) if self.came_from_node(flow) => {
+                    let node = self.partner_of(flow).unwrap_or_default().to_string();
+                    let token = self.unique();
+                    self.pending.insert(
+                        token,
+                        Pending::Register {
+                            key: key.clone(),
+                            slot: None,
+                        },
+                    );
+                    self.out.push_back(Output::Register {
+                        token,
+                        aor,
+                        request: bytes,
+                        flow: Flow::Peer(node),
+                    });
+                }
                 Some(Ok(aor)) => match self.flow_may_register(flow, &aor) {
                     None => {
                         self.out.push_back(Output::Refused(Refusal {
@@ -1420,19 +1444,8 @@ impl ShardProxy {
         let outbound = c.outbound.clone();
         let txn = ClientTransaction::new_non_invite(now, &self.timer_cfg, cancel.into());
         self.index(&outbound, TimerKey::Client(key.clone()));
-        self.clients.insert(
-            key.clone(),
-            Client {
-                txn,
-                server: None,
-                outbound,
-                got_provisional: false,
-                final_received: false,
-                cancel_when_provisional: false,
-                cancel_sent: false,
-                by_token: false,
-            },
-        );
+        self.clients
+            .insert(key.clone(), Client::new(txn, None, outbound));
         self.stats.forwarded += 1;
         self.drive_client(now, &key);
     }
@@ -1501,15 +1514,9 @@ impl ShardProxy {
             self.clients.insert(
                 ckey.clone(),
                 Client {
-                    txn,
-                    server: Some(server.clone()),
-                    outbound: flow.clone(),
-                    got_provisional: false,
-                    final_received: false,
-                    cancel_when_provisional: false,
-                    cancel_sent: false,
                     // No new Request-URI: the route named this connection.
                     by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
+                    ..Client::new(txn, Some(server.clone()), flow.clone())
                 },
             );
             self.index(flow, TimerKey::Client(ckey.clone()));
