@@ -1136,6 +1136,20 @@ mod tests {
     }
 
     /// The Record-Route we add forwarding `s` from `a` to `b`.
+    /// A request of bob's dialog (its To has bob's tag).
+    trait InDialog {
+        fn in_dialog(self) -> String;
+    }
+
+    impl InDialog for String {
+        fn in_dialog(self) -> String {
+            self.replace(
+                "To: <sip:bob@example.com>",
+                "To: <sip:bob@example.com>;tag=b",
+            )
+        }
+    }
+
     /// Forwards `m` from `a` (reached by interface `ia`) to `b` (by `ib`), as text.
     fn fwd_between(
         p: &Proxy,
@@ -1280,10 +1294,7 @@ mod tests {
         let rr_in = record_route(&p, &inv, &partner, &b);
         let bye = |via: &str, route: &str| {
             req("BYE sip:alice@10.0.0.1", &format!("Route: {route}\r\n"))
-                .replace(
-                    "To: <sip:bob@example.com>",
-                    "To: <sip:bob@example.com>;tag=b",
-                )
+                .in_dialog()
                 .replace("Via: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKabc", via)
         };
         let first = bye(
@@ -1371,10 +1382,7 @@ mod tests {
         ));
         // In-dialog BYE from the callee (on flow b) with our Route goes to flow a, and back.
         let route = format!("Route: {rr_value}\r\n");
-        let bye = req("BYE sip:alice@10.0.0.1", &route).replace(
-            "To: <sip:bob@example.com>",
-            "To: <sip:bob@example.com>;tag=b",
-        );
+        let bye = req("BYE sip:alice@10.0.0.1", &route).in_dialog();
         assert_eq!(decide_on(&p, &bye, &b), Decision::ToFlow(a.clone()));
         assert_eq!(decide_on(&p, &bye, &a), Decision::ToFlow(b.clone()));
         assert_eq!(code(decide_on(&p, &bye, &Flow::Conn(99))), 404);
@@ -1455,10 +1463,7 @@ mod tests {
                 && !rr[0].contains("transport"),
             "{s}"
         );
-        let bye = req("BYE sips:alice@10.0.0.1", &format!("Route: {}\r\n", rr[0])).replace(
-            "To: <sip:bob@example.com>",
-            "To: <sip:bob@example.com>;tag=b",
-        );
+        let bye = req("BYE sips:alice@10.0.0.1", &format!("Route: {}\r\n", rr[0])).in_dialog();
         assert_eq!(decide_on(&p, &bye, &b), Decision::ToFlow(a.clone()));
         // A sips request to a sip contact: sips for the upstream (which reads it with its
         // sips request), sip for the downstream (§16.6 step 4: "MUST insert a Record-Route
@@ -1725,10 +1730,7 @@ mod tests {
             "BYE sip:alice@10.0.0.1",
             &format!("Route: {}, {}\r\n", rrs[0], rrs[1]),
         )
-        .replace(
-            "To: <sip:bob@example.com>",
-            "To: <sip:bob@example.com>;tag=b",
-        );
+        .in_dialog();
         let pf = |d| parsed(&bye, |m, e| p.decide(m, e, &Flow::Conn(9), Some("partner"))) == d;
         assert!(pf(Decision::ToFlow(a.clone())));
         let out = parsed(&bye, |m, e| {
@@ -1751,10 +1753,7 @@ mod tests {
                 rrs[1]
             ),
         )
-        .replace(
-            "To: <sip:bob@example.com>",
-            "To: <sip:bob@example.com>;tag=b",
-        );
+        .in_dialog();
         assert_eq!(
             parsed(&strict, |m, e| p.decide(
                 m,
@@ -1809,10 +1808,7 @@ mod tests {
             "BYE sip:alice@10.0.0.1",
             &format!("Route: {}\r\n", rrs.join(", ")),
         )
-        .replace(
-            "To: <sip:bob@example.com>",
-            "To: <sip:bob@example.com>;tag=b",
-        );
+        .in_dialog();
         assert_eq!(
             parsed(&bye, |m, e| p.decide(m, e, &bob, None)),
             Decision::ToFlow(partner.clone())
@@ -1934,10 +1930,7 @@ mod tests {
                 rrs[1]
             ),
         )
-        .replace(
-            "To: <sip:bob@example.com>",
-            "To: <sip:bob@example.com>;tag=b",
-        );
+        .in_dialog();
         assert_eq!(
             parsed(&bye, |m, e| p.decide(m, e, &Flow::Conn(9), Some("partner"))),
             Decision::ToFlow(a.clone())
