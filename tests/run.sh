@@ -26,16 +26,17 @@ step "toolchain"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 cargo --version
 # openssl: the non-rustls peer in the TLS tests; valgrind: the instruction-count gate;
-# redis-server (with redis-cli): the cluster suite's location store.
-apt_install openssl ca-certificates valgrind redis-server
+# redis-server (with redis-cli): the cluster suite's location store; iproute2: the network
+# namespaces of the netns suite.
+apt_install openssl ca-certificates valgrind redis-server iproute2
 # Debian starts a redis-server on 6379 when it installs one; the tests start their own.
 systemctl disable --now redis-server >/dev/null 2>&1 || true
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings (with the cluster suite)"
-cargo clippy --all-targets --features sipring-tests/cluster-suite -- -D warnings
+step "cargo clippy --all-targets -- -D warnings (with the cluster and netns suites)"
+cargo clippy --all-targets --features sipring-tests/cluster-suite,sipring-tests/netns-suite -- -D warnings
 
 step "cargo build (binaries used by the process and load-generator tests)"
 cargo build -p sipring -p sipring-load --bins
@@ -45,6 +46,9 @@ cargo test --workspace
 
 step "cluster: 3 sipring nodes and a Redis Cluster of 3 masters + 3 replicas (tests/cluster.rs)"
 cargo test -p sipring-tests --features cluster-suite --test cluster
+
+step "netns: a vanished peer, in network namespaces of its own (tests/netns.rs, root)"
+cargo test -p sipring-tests --features netns-suite --test netns
 
 step "interop: Kamailio (MTLS federation), baresip (TLS), SIPp (TCP)"
 tests/interop/run.sh

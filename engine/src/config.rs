@@ -494,8 +494,15 @@ pub struct LimitsConfig {
     /// binding registered over it lasts. Default 900.
     pub idle_timeout_s: u64,
     /// TCP keepalive on every connection: the first probe after this many seconds without
-    /// traffic (then every 30 s; 4 unanswered fail it). 0: off. Default 300.
+    /// traffic (then every 30 s; the first unanswered one fails it when `tcp_user_timeout_s`
+    /// is set, 4 when it is 0). 0: off. Default 300.
     pub tcp_keepalive_s: u64,
+    /// TCP_USER_TIMEOUT on every connection, in seconds: output left unacknowledged this
+    /// long (a peer that vanished while we were sending to it) fails the connection, instead
+    /// of TCP's retransmission give-up after 15–30 minutes. With keepalive on, the kernel
+    /// also ends a silent connection at the first unanswered probe once this long has passed
+    /// since the peer last sent anything. 0: the kernel's default. Default 60; at most 3600.
+    pub tcp_user_timeout_s: u64,
     /// Per-connection write queue cap, in bytes; beyond it the connection is closed as a slow
     /// reader. Default 1048576.
     pub write_queue_bytes: usize,
@@ -580,6 +587,7 @@ impl Default for LimitsConfig {
             max_handshakes_per_ip: 64,
             idle_timeout_s: 900,
             tcp_keepalive_s: 300,
+            tcp_user_timeout_s: 60,
             write_queue_bytes: 1 << 20,
             write_queue_bytes_per_shard: 256 << 20,
             partial_timeout_ms: 5000,
@@ -990,6 +998,9 @@ impl Config {
                 "at most 32767 (the kernel's bound for TCP_KEEPIDLE)",
             );
         }
+        if self.limits.tcp_user_timeout_s > 3600 {
+            e("limits.tcp_user_timeout_s".into(), "at most 3600");
+        }
         if self.server.drain_timeout_s > 3600 {
             e("server.drain_timeout_s".into(), "at most 3600");
         }
@@ -1166,11 +1177,12 @@ mod tests {
         }
         // Zeros that refuse or cut every connection, and a drain that overflows the clock.
         let k = keys(
-            "[server]\ndrain_timeout_s = 18446744073709551615\n[tls]\nclient_hello_timeout_ms = 0\n[limits]\ntcp_keepalive_s = 40000\nidle_timeout_s = 0\nwrite_queue_bytes = 0\nmax_connections_per_ip = 0\nmax_connections_per_shard = 0\nmax_handshakes_in_flight = 0\n",
+            "[server]\ndrain_timeout_s = 18446744073709551615\n[tls]\nclient_hello_timeout_ms = 0\n[limits]\ntcp_keepalive_s = 40000\ntcp_user_timeout_s = 3601\nidle_timeout_s = 0\nwrite_queue_bytes = 0\nmax_connections_per_ip = 0\nmax_connections_per_shard = 0\nmax_handshakes_in_flight = 0\n",
         );
         for key in [
             "server.drain_timeout_s",
             "limits.tcp_keepalive_s",
+            "limits.tcp_user_timeout_s",
             "tls.client_hello_timeout_ms",
             "limits.idle_timeout_s",
             "limits.write_queue_bytes",

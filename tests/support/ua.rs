@@ -98,7 +98,17 @@ impl Ua {
         user: &str,
         domain: &str,
     ) -> std::io::Result<Ua> {
-        let tcp = TcpStream::connect(addr)?;
+        Ua::tls_over(TcpStream::connect(addr)?, cfg, sni, user, domain)
+    }
+
+    /// [`Ua::tls`] over a TCP connection the caller opened (from an address of its choice).
+    pub fn tls_over(
+        tcp: TcpStream,
+        cfg: Arc<ClientConfig>,
+        sni: &str,
+        user: &str,
+        domain: &str,
+    ) -> std::io::Result<Ua> {
         tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
         tcp.set_nodelay(true)?;
         let raw = tcp.try_clone()?;

@@ -258,12 +258,16 @@ async fn open_inbound(
     Some(conn)
 }
 
-/// TCP keepalive per `limits.tcp_keepalive_s`: a connection a registration keeps open
-/// (the idle sweep leaves it) is still found dead when its peer vanished.
+/// TCP keepalive per `limits.tcp_keepalive_s` and TCP_USER_TIMEOUT per
+/// `limits.tcp_user_timeout_s`: a connection a registration keeps open (the idle sweep
+/// leaves it) is still found dead when its peer vanished, whether or not we were sending.
 fn keepalive(shard: &Shard, stream: &TcpStream) {
-    let s = shard.cfg.limits.tcp_keepalive_s;
-    if s > 0 {
-        let _ = sys::sock::keepalive(stream, Duration::from_secs(s));
+    let l = &shard.cfg.limits;
+    if l.tcp_keepalive_s > 0 {
+        let _ = sys::sock::keepalive(stream, Duration::from_secs(l.tcp_keepalive_s));
+    }
+    if l.tcp_user_timeout_s > 0 {
+        let _ = sys::sock::user_timeout(stream, Duration::from_secs(l.tcp_user_timeout_s));
     }
 }
 

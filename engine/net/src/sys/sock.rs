@@ -217,6 +217,14 @@ pub fn keepalive(s: &glommio::net::TcpStream, idle: std::time::Duration) -> std:
     )
 }
 
+/// Sets TCP_USER_TIMEOUT: output unacknowledged for `t` fails the connection (ETIMEDOUT).
+pub fn user_timeout(s: &glommio::net::TcpStream, t: std::time::Duration) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: `s` owns its descriptor and outlives this borrow, used only for setsockopt.
+    let fd = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) };
+    socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(t))
+}
+
 /// Takes a stream's descriptor out of glommio (to move the connection to another shard).
 pub fn into_owned_fd(s: glommio::net::TcpStream) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, BorrowedFd};

@@ -1,0 +1,160 @@
+//! A hostile network that loopback alone cannot make: a peer that vanishes (its packets stop,
+//! nothing answers, no RST). Each test runs itself again inside a network namespace of its own
+//! (`ip netns`, so it needs root and iproute2), where it adds and removes addresses without
+//! touching the host. tests/run.sh runs this suite as root with `--features netns-suite`; a
+//! plain `cargo test` leaves it out.
+
+use sipring::server::start;
+use sipring_tests::server::{Pki, config, metric, wait_metrics};
+use sipring_tests::ua::{Ua, status, tls_config};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Set in the copy of the test binary that runs inside the namespace.
+const INNER: &str = "SIPRING_NETNS_INNER";
+
+/// Runs `cmd args…`, failing the test with its output when it fails.
+fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (this suite needs iproute2)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{} (this suite needs root)",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the namespace however the test ends.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// `true` inside the namespace (the caller runs the test's body). Outside it, creates a
+/// namespace with loopback up, runs this test binary's test `name` in it, checks that exactly
+/// that test ran and passed, and returns `false`.
+fn inside_netns(name: &str) -> bool {
+    if std::env::var_os(INNER).is_some() {
+        return true;
+    }
+    let ns = Netns(format!("sipring-test-{}", std::process::id()));
+    sh("ip", &["netns", "add", &ns.0]);
+    sh("ip", &["-n", &ns.0, "link", "set", "lo", "up"]);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(std::env::current_exe().expect("test binary"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INNER, "1")
+        .output()
+        .expect("ip netns exec");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("test result: ok. 1 passed"),
+        "{name} inside {}:\n{text}",
+        ns.0
+    );
+    false
+}
+
+/// A TCP connection to `to` from `local`.
+fn connect_from(local: IpAddr, to: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::new(local, 0).into()).expect("bind");
+    s.connect_timeout(&to.into(), Duration::from_secs(2))
+        .expect("connect");
+    s.into()
+}
+
+#[test]
+fn a_peer_that_vanishes_while_we_send_to_it_is_closed_within_the_user_timeout() {
+    if !inside_netns("a_peer_that_vanishes_while_we_send_to_it_is_closed_within_the_user_timeout") {
+        return;
+    }
+    // alice's phone sits at 10.77.0.2; the address disappears (the phone lost power, or its
+    // NAT binding went) while sipring is sending her a MESSAGE: nothing acknowledges it, and
+    // no RST ever comes. Without TCP_USER_TIMEOUT the connection (and the binding that keeps
+    // it) lingers until TCP's retransmissions give up, 15–30 minutes later.
+    sh("ip", &["addr", "add", "10.77.0.2/32", "dev", "lo"]);
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.limits.tcp_user_timeout_s = 2;
+    let srv = start(cfg, None).expect("start");
+    let admin = srv.admin_addr.unwrap();
+    let tls = || tls_config(&pki.certs("ca.pem"), None, false);
+    let phone = "10.77.0.2".parse().unwrap();
+    let tcp = connect_from(phone, srv.listen_addrs[0]);
+    let mut alice = Ua::tls_over(tcp, tls(), "sip.example.com", "alice", "example.com")
+        .expect("alice connects");
+    assert_eq!(alice.register(600), 200, "alice registers");
+    let mut bob = Ua::tls(
+        srv.listen_addrs[0],
+        tls(),
+        "sip.example.com",
+        "bob",
+        "example.com",
+    )
+    .expect("bob connects");
+    assert_eq!(bob.login(), 200, "bob authenticates");
+    let up = |n: f64| move |m: &str| metric(m, "sipring_connections{kind=\"tls\"}") == Some(n);
+    wait_metrics(admin, "alice's and bob's connections", up(2.0));
+
+    sh("ip", &["addr", "del", "10.77.0.2/32", "dev", "lo"]);
+    let t0 = Instant::now();
+    bob.send(&bob.request(
+        "MESSAGE",
+        "sip:alice@example.com",
+        "<sip:alice@example.com>",
+        "vanished-1",
+        1,
+        "",
+        Some(("text/plain", "are you there?")),
+    ));
+    // The MESSAGE reached sipring and went out on alice's connection (bob hears nothing
+    // final yet: the answer can only come from alice).
+    wait_metrics(admin, "alice's connection closed", up(1.0));
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(9),
+        "closed after {took:?}, the user timeout is 2 s"
+    );
+    // The binding went with its connection: the next request for alice fails at once.
+    bob.send(&bob.request(
+        "MESSAGE",
+        "sip:alice@example.com",
+        "<sip:alice@example.com>",
+        "vanished-2",
+        1,
+        "",
+        Some(("text/plain", "hello?")),
+    ));
+    let mut finals = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end && !finals.iter().any(|c| *c == 480 || *c == 430) {
+        if let Some(c) = bob
+            .recv(Duration::from_millis(500))
+            .and_then(|m| status(&m))
+            .filter(|c| *c >= 200)
+        {
+            finals.push(c);
+        }
+    }
+    assert!(
+        finals.iter().any(|c| *c == 480 || *c == 430),
+        "bob's second MESSAGE failed at once (480 or 430), got {finals:?}"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
