@@ -169,7 +169,7 @@ pub fn policy_config(cfg: &Config) -> PolicyConfig {
             max_failures: a.max_failures,
             failure_window: Duration::from_secs(a.failure_window_s),
             block: Duration::from_secs(a.block_s),
-            ..AuthConfig::default()
+            max_tracked_sources: a.max_tracked_sources,
         },
         partners: cfg
             .peer

@@ -389,6 +389,11 @@ pub struct AuthSection {
     pub failure_window_s: u64,
     /// How long an address that failed too often is refused (403), in seconds. Default 300.
     pub block_s: u64,
+    /// Slots in the failed-login table (one for the whole process, 16 bytes each): sources
+    /// are hashed into it, and two that share a slot share its count and its block. Size it
+    /// well above the sources that may fail at once (an attacker holding many IPv6 /64s
+    /// fills slots). Default 65536; at least 1024.
+    pub max_tracked_sources: usize,
     /// A file holding this node's secret (at least 32 bytes) that signs nonces and the flow
     /// tokens in our Record-Route. Keep it to make routes outlive a restart: a dialog with a
     /// partner (a route naming the partner, not a connection) goes on, and a request on a
@@ -412,6 +417,7 @@ impl Default for AuthSection {
             max_failures: 10,
             failure_window_s: 60,
             block_s: 300,
+            max_tracked_sources: 65536,
             secret_file: None,
         }
     }
@@ -934,6 +940,12 @@ impl Config {
         }
         if a.max_failures == 0 {
             e("auth.max_failures".into(), "must be positive");
+        }
+        if !(1024..=1 << 26).contains(&a.max_tracked_sources) {
+            e(
+                "auth.max_tracked_sources".into(),
+                "between 1024 and 67108864",
+            );
         }
         let r = &self.registrar;
         if r.min_expires_s > r.max_expires_s {

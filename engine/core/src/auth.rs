@@ -583,7 +583,9 @@ pub struct Checked {
 /// Nonce-counts seen for one nonce: the highest, and a window of the 64 below it.
 #[derive(Debug, Clone, Copy)]
 struct NcWindow {
+    /// The nonce's issue time and serial (which nonce this is).
     issued_ms: u64,
+    serial: u32,
     max: u32,
     seen: u64,
 }
@@ -609,8 +611,10 @@ impl NcWindow {
     }
 }
 
-/// Nonces in use per flow (bounded: the newest few).
-const NONCES_PER_FLOW: usize = 4;
+/// Nonces in use per flow (bounded: the newest few). An SBC or PBX trunk registers many
+/// accounts over one connection, each answering its own challenge: twice the default
+/// `registrar.max_aors_per_connection`, so they do not push each other out.
+const NONCES_PER_FLOW: usize = 32;
 
 /// Failed attempts per source, shared by every shard of a process: a fixed table of atomic
 /// counters indexed by a keyed hash of the source (an IPv4 address, or an IPv6 address's
@@ -722,6 +726,9 @@ pub struct Authenticator {
     epoch: Instant,
     nonces: HashMap<u64, Vec<NcWindow>>,
     failures: Arc<FailureLedger>,
+    /// Tells apart the nonces of one millisecond: every challenge has its own, so two
+    /// accounts challenged together on one connection never share a nonce-count window.
+    serial: std::sync::atomic::AtomicU32,
 }
 
 impl Authenticator {
@@ -733,6 +740,7 @@ impl Authenticator {
             key,
             epoch,
             nonces: HashMap::new(),
+            serial: Default::default(),
         }
     }
 
@@ -750,15 +758,17 @@ impl Authenticator {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
-    /// A fresh nonce for `flow` and `realm`: 8 bytes of time, 16 of HMAC, as hex.
+    /// A fresh nonce for `flow` and `realm`: 8 bytes of time, 4 of serial (no two nonces
+    /// alike), 16 of HMAC, as hex.
     pub fn nonce(&self, now: Instant, flow: u64, realm: &str) -> String {
         let t = self.ms(now).to_be_bytes();
+        let n = self.serial.fetch_add(1, Ordering::Relaxed).to_be_bytes();
         let mut s = hex(&t);
-        s.push_str(
-            &self
-                .key
-                .tag(16, &[b"nonce", &t, &flow.to_be_bytes(), realm.as_bytes()]),
-        );
+        s.push_str(&hex(&n));
+        s.push_str(&self.key.tag(
+            16,
+            &[b"nonce", &t, &n, &flow.to_be_bytes(), realm.as_bytes()],
+        ));
         s
     }
 
@@ -782,13 +792,15 @@ impl Authenticator {
     }
 
     /// When the nonce was issued (ms after the epoch), if it is ours for this flow and realm.
-    fn nonce_issued(&self, nonce: &str, flow: u64, realm: &str) -> Option<u64> {
-        let raw: [u8; 24] = unhex(nonce.as_bytes())?;
+    /// The issue time and serial of a nonce we gave `flow` for `realm`.
+    fn nonce_issued(&self, nonce: &str, flow: u64, realm: &str) -> Option<(u64, u32)> {
+        let raw: [u8; 28] = unhex(nonce.as_bytes())?;
         let t: [u8; 8] = raw[..8].try_into().ok()?;
+        let n: [u8; 4] = raw[8..12].try_into().ok()?;
         let want = self
             .key
-            .mac(&[b"nonce", &t, &flow.to_be_bytes(), realm.as_bytes()]);
-        ct_eq(&raw[8..], &want[..16]).then(|| u64::from_be_bytes(t))
+            .mac(&[b"nonce", &t, &n, &flow.to_be_bytes(), realm.as_bytes()]);
+        ct_eq(&raw[12..], &want[..16]).then(|| (u64::from_be_bytes(t), u32::from_be_bytes(n)))
     }
 
     /// Is this source refused for failing too often?
@@ -891,7 +903,7 @@ impl Authenticator {
         }
         // The password is right: what remains decides between success and `stale`.
         let stale = ok(Verdict::Challenge { stale: true });
-        let Some(issued) = self.nonce_issued(&c.nonce, flow, &c.realm) else {
+        let Some((issued, serial)) = self.nonce_issued(&c.nonce, flow, &c.realm) else {
             return stale;
         };
         // Issued "in the future": by an earlier life of this node (its clock counts from
@@ -901,7 +913,10 @@ impl Authenticator {
             return stale;
         }
         let windows = self.nonces.entry(flow).or_default();
-        let w = match windows.iter_mut().position(|w| w.issued_ms == issued) {
+        let w = match windows
+            .iter_mut()
+            .position(|w| (w.issued_ms, w.serial) == (issued, serial))
+        {
             Some(i) => &mut windows[i],
             None => {
                 if windows.len() >= NONCES_PER_FLOW {
@@ -909,16 +924,17 @@ impl Authenticator {
                     let (oldest, at) = windows
                         .iter()
                         .enumerate()
-                        .map(|(i, w)| (w.issued_ms, i))
+                        .map(|(i, w)| ((w.issued_ms, w.serial), i))
                         .min()
                         .expect("non-empty");
-                    if issued < oldest {
+                    if (issued, serial) < oldest {
                         return stale;
                     }
                     windows.swap_remove(at);
                 }
                 windows.push(NcWindow {
                     issued_ms: issued,
+                    serial,
                     max: 0,
                     seen: 0,
                 });
@@ -926,11 +942,13 @@ impl Authenticator {
             }
         };
         if !w.accept(nc) {
-            let mut r = self.failed(now, source, Failure::Replay, who());
-            if r.verdict != Verdict::Blocked {
-                r.verdict = Verdict::Challenge { stale: true };
-            }
-            return r;
+            // Reported, not counted against the source: the response proves the password,
+            // and the nonce is this connection's own, so this is the client itself
+            // repeating a count (a buggy phone), not someone guessing.
+            return Checked {
+                verdict: Verdict::Challenge { stale: true },
+                failure: Some((Failure::Replay, who())),
+            };
         }
         ok(Verdict::Authenticated(sub))
     }
@@ -1158,6 +1176,70 @@ mod tests {
     }
 
     #[test]
+    fn challenges_issued_together_on_one_connection_each_have_their_own_count() {
+        // An SBC re-registering its accounts in one burst: the REGISTERs of one read share
+        // one instant, and each account answers its own challenge with nc=1. Sharing a nonce
+        // made every answer after the first a "replay".
+        let s = Duration::from_secs(1);
+        let mut f = fixture(&[Algorithm::Sha256]);
+        let nonces: Vec<String> = (0..20)
+            .map(|_| f.auth.nonce(f.t0, 9, "example.com"))
+            .collect();
+        for (i, n) in nonces.iter().enumerate() {
+            assert!(
+                nonces[..i].iter().all(|m| m != n),
+                "nonce {i} was issued before"
+            );
+            let c = f.answer(s, 9, Algorithm::Sha256, "secret", n, 1, "sip:example.com");
+            assert!(authenticated(&c), "account {i}: {c:?}");
+        }
+        // All twenty are tracked: the first one's count goes on.
+        let c = f.answer(
+            s,
+            9,
+            Algorithm::Sha256,
+            "secret",
+            &nonces[0],
+            2,
+            "sip:example.com",
+        );
+        assert!(authenticated(&c), "{c:?}");
+    }
+
+    #[test]
+    fn a_repeated_count_with_the_right_password_is_stale_but_never_blocks_the_source() {
+        let s = Duration::from_secs(1);
+        let mut f = fixture(&[Algorithm::Sha256]);
+        let n = f.auth.nonce(f.t0, 9, "example.com");
+        assert!(authenticated(&f.answer(
+            s,
+            9,
+            Algorithm::Sha256,
+            "secret",
+            &n,
+            1,
+            "sip:example.com"
+        )));
+        // max_failures is 3: five repeats are reported, not counted.
+        for _ in 0..5 {
+            let c = f.answer(s, 9, Algorithm::Sha256, "secret", &n, 1, "sip:example.com");
+            assert_eq!(c.verdict, Verdict::Challenge { stale: true });
+            assert_eq!(c.failure.map(|f| f.0), Some(Failure::Replay));
+        }
+        assert!(!f.auth.is_blocked(f.t0 + s, SRC));
+        let fresh = f.auth.nonce(f.t0 + s, 9, "example.com");
+        assert!(authenticated(&f.answer(
+            s,
+            9,
+            Algorithm::Sha256,
+            "secret",
+            &fresh,
+            1,
+            "sip:example.com"
+        )));
+    }
+
+    #[test]
     fn digest_table() {
         let s = Duration::from_secs(1);
         let mut f = fixture(&[Algorithm::Sha256, Algorithm::Sha512_256, Algorithm::Md5]);
@@ -1298,7 +1380,7 @@ mod tests {
             (realm.as_str(), alg, stale),
             ("example.com", Algorithm::Sha256, true)
         );
-        assert_eq!(f.auth.nonce_issued(&nonce, 1, "example.com"), Some(0));
+        assert_eq!(f.auth.nonce_issued(&nonce, 1, "example.com"), Some((0, 0)));
         assert_eq!(f.auth.nonce_issued(&nonce, 1, "example.net"), None);
     }
 
@@ -1384,7 +1466,7 @@ mod tests {
     #[test]
     fn nonce_state_per_flow_is_bounded_and_dies_with_the_flow() {
         let mut f = fixture(&[Algorithm::Sha256]);
-        for i in 0..10u64 {
+        for i in 0..NONCES_PER_FLOW as u64 + 10 {
             let at = Duration::from_secs(i);
             let n = f.auth.nonce(f.t0 + at, 5, "example.com");
             assert!(authenticated(&f.answer(
