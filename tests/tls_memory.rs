@@ -748,6 +748,111 @@ fn a_partner_ca_re_keyed_under_its_name_keeps_its_crls_working() {
 }
 
 #[test]
+fn a_certificate_revoked_in_one_of_its_cas_partitioned_lists_is_revoked_whatever_the_order() {
+    // A CA that partitions its CRLs publishes a full list and one for end entities; both
+    // cover a partner's certificate. webpki reads only the first that covers it: with the
+    // full list (which does not list the victim yet) first, the revocation was never read;
+    // with the partitioned one first, the retry for re-keyed CAs put the full list first
+    // and took its pass.
+    let w = World::new();
+    let victim = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    let fine = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    let full = w.alpha.crl(&[w.alpha_revoked]).unwrap();
+    let users = w
+        .alpha
+        .crl_for_end_entities(&[victim.serial], "http://crl.alpha.example/users.crl")
+        .unwrap();
+    for (order, file) in [
+        ("full list first", format!("{full}{users}")),
+        ("end-entity list first", format!("{users}{full}")),
+    ] {
+        w.dir.write("alpha.crl", &file);
+        let policy = w.policy(&["1.3"]);
+        assert_eq!(
+            inbound(&w, &policy, "1.3", Some(&victim)),
+            Err(Rejection::Revoked),
+            "{order}"
+        );
+        assert_eq!(inbound(&w, &policy, "1.3", Some(&fine)), Ok(()), "{order}");
+    }
+}
+
+#[test]
+fn client_certificates_under_a_ca_with_several_lists_are_checked_against_each() {
+    // The same two cases for phones' certificates (rustls's client verifier reads only the
+    // first list that covers a certificate, too): a CA that partitions its lists, and a CA
+    // re-keyed under its name with one list per key.
+    let w = World::new();
+    let phone_spec = || Spec {
+        uris: vec!["sip:carol@example.com".into()],
+        usage: Usage::ClientOnly,
+        ..spec("phone.example.com")
+    };
+    let policy = |roots: String, crls: String| {
+        w.dir.write("phones-root.pem", roots);
+        w.dir.write("phones.crl", crls);
+        let mut cfg = w.config(&["1.3"]);
+        cfg.tls.client_roots = Some(w.dir.join("phones-root.pem"));
+        cfg.tls.client_crls = vec![w.dir.join("phones.crl")];
+        TlsPolicy::load(&cfg).expect("policy loads")
+    };
+    let ca = Ca::new("Phones CA").unwrap();
+    let victim = ca.issue(&phone_spec()).unwrap();
+    let fine = ca.issue(&phone_spec()).unwrap();
+    let full = ca.crl(&[]).unwrap();
+    let users = ca
+        .crl_for_end_entities(&[victim.serial], "http://crl.example.com/phones.crl")
+        .unwrap();
+    for (order, crls) in [
+        ("full list first", format!("{full}{users}")),
+        ("end-entity list first", format!("{users}{full}")),
+    ] {
+        let p = policy(ca.cert.cert_pem.clone(), crls);
+        assert_eq!(
+            p.verify_client_chain(std::slice::from_ref(&victim.der)),
+            Err(Rejection::Revoked),
+            "{order}"
+        );
+        assert_eq!(
+            p.verify_client_chain(std::slice::from_ref(&fine.der)),
+            Ok(()),
+            "{order}"
+        );
+    }
+    let renewed = Ca::new("Phones CA").unwrap();
+    let new_phone = renewed.issue(&phone_spec()).unwrap();
+    let new_revoked = renewed.issue(&phone_spec()).unwrap();
+    let p = policy(
+        format!("{}{}", ca.cert.cert_pem, renewed.cert.cert_pem),
+        format!(
+            "{}{}",
+            ca.crl(&[victim.serial]).unwrap(),
+            renewed.crl(&[new_revoked.serial]).unwrap()
+        ),
+    );
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&fine.der)),
+        Ok(()),
+        "old key"
+    );
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&new_phone.der)),
+        Ok(()),
+        "new key"
+    );
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&victim.der)),
+        Err(Rejection::Revoked),
+        "revoked by the old key's list"
+    );
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&new_revoked.der)),
+        Err(Rejection::Revoked),
+        "revoked by the new key's list"
+    );
+}
+
+#[test]
 fn a_crl_past_its_next_update_is_no_crl() {
     // A CRL file nobody refreshed: it cannot say what was revoked since it was due, so under
     // the default policy (unknown status denied) a certificate it does not list is refused

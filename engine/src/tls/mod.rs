@@ -502,22 +502,34 @@ impl TlsPolicy {
                     }
                     let crls = newest_crl_per_issuer(crls);
                     check_client_crls(path, &load_certs(path)?, &crls)?;
+                    let orders = verify::crl_orders(&crls);
                     let verifier = |optional: bool| {
-                        let mut b = WebPkiClientVerifier::builder_with_provider(
-                            roots.clone(),
-                            provider.clone(),
-                        );
-                        if !crls.is_empty() {
-                            // Every certificate of the chain (a revoked intermediate CA revokes
-                            // what it issued). A CRL past its nextUpdate says nothing about what
-                            // was revoked since: refused as unknown status, not trusted as current.
-                            b = b.with_crls(crls.clone()).enforce_revocation_expiration();
-                        }
-                        if optional {
-                            b = b.allow_unauthenticated();
-                        }
-                        b.build()
-                            .map_err(|e| load_err(path, format!("client verifier: {e}")))
+                        let one = |crls: &Vec<CertificateRevocationListDer<'static>>| {
+                            let mut b = WebPkiClientVerifier::builder_with_provider(
+                                roots.clone(),
+                                provider.clone(),
+                            );
+                            if !crls.is_empty() {
+                                // Every certificate of the chain (a revoked intermediate CA
+                                // revokes what it issued). A CRL past its nextUpdate says
+                                // nothing about what was revoked since: refused as unknown
+                                // status, not trusted as current.
+                                b = b.with_crls(crls.clone()).enforce_revocation_expiration();
+                            }
+                            if optional {
+                                b = b.allow_unauthenticated();
+                            }
+                            b.build()
+                                .map_err(|e| load_err(path, format!("client verifier: {e}")))
+                        };
+                        let mut all = orders.iter().map(one).collect::<Result<Vec<_>, _>>()?;
+                        Ok::<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsLoadError>(
+                            if all.len() == 1 {
+                                all.remove(0)
+                            } else {
+                                Arc::new(verify::CrlOrders(all))
+                            },
+                        )
                     };
                     let required = verifier(false)?;
                     (

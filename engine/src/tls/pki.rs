@@ -223,12 +223,39 @@ impl Ca {
         this_update: OffsetDateTime,
         next_update: OffsetDateTime,
     ) -> Result<String, String> {
+        self.crl_scoped(revoked, this_update, next_update, None)
+    }
+
+    /// A partitioned CRL, as a CA that splits its lists publishes: an issuing distribution
+    /// point at `uri` covering end-entity certificates only, valid from yesterday for 30 days.
+    pub fn crl_for_end_entities(&self, revoked: &[u64], uri: &str) -> Result<String, String> {
+        let now = OffsetDateTime::now_utc();
+        self.crl_scoped(
+            revoked,
+            now - Duration::days(1),
+            now + Duration::days(30),
+            Some(rcgen::CrlIssuingDistributionPoint {
+                distribution_point: rcgen::CrlDistributionPoint {
+                    uris: vec![uri.into()],
+                },
+                scope: Some(rcgen::CrlScope::UserCertsOnly),
+            }),
+        )
+    }
+
+    fn crl_scoped(
+        &self,
+        revoked: &[u64],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+        issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
+    ) -> Result<String, String> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update,
             next_update,
             crl_number: SerialNumber::from(this_update.unix_timestamp().max(0) as u64),
-            issuing_distribution_point: None,
+            issuing_distribution_point,
             revoked_certs: revoked
                 .iter()
                 .map(|s| RevokedCertParams {

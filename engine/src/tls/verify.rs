@@ -475,16 +475,6 @@ impl PeerTrust {
     ) -> Result<(), webpki::Error> {
         let all: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
         let first = self.verify_with_crls(algs, ee, intermediates, now, eku, &all);
-        if first.is_ok() {
-            return first;
-        }
-        // A CA re-keyed under the same name (a Windows CA's renewal does that) has one list
-        // per key, and webpki reads the first list whose issuer *name* matches: signed by
-        // the other key, it fails the whole chain (reported as a bad signature once the
-        // other anchor of that name was tried too). Each list that shares its name with an
-        // earlier one is tried first in turn. Safe: whichever list is read must still be
-        // signed by the certificate's own issuer. An answer that is not a signature
-        // failure (passed, revoked, expired) stands; else the first.
         let signature = |r: &Result<(), webpki::Error>| {
             matches!(
                 r,
@@ -492,6 +482,21 @@ impl PeerTrust {
                     | webpki::Error::InvalidSignatureForPublicKey)
             )
         };
+        // webpki reads only the first CRL that covers a certificate (same issuer name, and
+        // a scope that includes it). One issuer may have several:
+        // - a CA re-keyed under the same name (a Windows CA's renewal does that) has one list
+        //   per key; read first, the other key's list fails the chain as a bad signature;
+        // - a CA that partitions its lists (a full one and one for end entities, say) has
+        //   several that cover one certificate, and only one of them may list it.
+        // So each list that shares its issuer with an earlier one is also read first in
+        // turn: a certificate any correctly signed list revokes is revoked (webpki reports
+        // `CertRevoked` only after the list's signature and expiry passed); otherwise a pass
+        // stands; otherwise the first answer that is not a signature failure; else the first.
+        if first == Err(webpki::Error::CertRevoked) {
+            return first;
+        }
+        let mut passed = first.is_ok();
+        let mut other = None;
         for (i, c) in self.crls.iter().enumerate() {
             if !self.crls[..i].iter().any(|e| e.issuer() == c.issuer()) {
                 continue;
@@ -505,12 +510,20 @@ impl PeerTrust {
                         .map(|(_, o)| o),
                 )
                 .collect();
-            let r = self.verify_with_crls(algs, ee, intermediates, now, eku, &order);
-            if !signature(&r) {
-                return r;
+            match self.verify_with_crls(algs, ee, intermediates, now, eku, &order) {
+                Err(webpki::Error::CertRevoked) => return Err(webpki::Error::CertRevoked),
+                Ok(()) => passed = true,
+                r if signature(&r) => {}
+                r => {
+                    other.get_or_insert(r);
+                }
             }
         }
-        first
+        match (passed, other) {
+            (true, _) => Ok(()),
+            (false, Some(r)) if signature(&first) => r,
+            _ => first,
+        }
     }
 
     fn verify_with_crls(
@@ -583,6 +596,129 @@ pub fn partner_of_chain(
 
 fn chain_summary(ee: &CertificateDer<'_>) -> CertSummary {
     summarize(ee.as_ref()).unwrap_or_default()
+}
+
+/// The orders to read `crls` in: as given, then, for each list that shares its issuer with
+/// an earlier one, that list first (see [`CrlOrders`]). One order when no issuer has two.
+pub fn crl_orders(
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Vec<Vec<CertificateRevocationListDer<'static>>> {
+    let issuer = |c: &CertificateRevocationListDer<'_>| {
+        x509_parser::parse_x509_crl(c.as_ref())
+            .ok()
+            .map(|(_, x)| x.issuer().as_raw().to_vec())
+    };
+    let issuers: Vec<Option<Vec<u8>>> = crls.iter().map(issuer).collect();
+    let mut orders = vec![crls.to_vec()];
+    for (i, c) in crls.iter().enumerate() {
+        if issuers[i].is_some() && issuers[..i].contains(&issuers[i]) {
+            let mut o = vec![c.clone()];
+            o.extend(
+                crls.iter()
+                    .enumerate()
+                    .filter(|&(j, _)| j != i)
+                    .map(|(_, x)| x.clone()),
+            );
+            orders.push(o);
+        }
+    }
+    orders
+}
+
+/// Client certificates against CRLs of which one issuer has several: webpki (behind rustls's
+/// client verifier) reads only the first list that covers a certificate, so a CA re-keyed
+/// under its name (one list per key: read first, the other key's fails the chain) or one
+/// that partitions its lists (a full one and one for end entities: only one may list a
+/// certificate) needs each such list read first in turn. One verifier per order of
+/// [`crl_orders`]; a certificate any of them finds revoked is revoked (rustls reports
+/// `Revoked` only from a list whose signature and expiry passed), else a pass stands, else
+/// the first answer that is not a list's bad signature.
+#[derive(Debug)]
+pub struct CrlOrders(pub Vec<Arc<dyn ClientCertVerifier>>);
+
+impl CrlOrders {
+    fn combine(
+        &self,
+        verify: impl Fn(&dyn ClientCertVerifier) -> Result<ClientCertVerified, Error>,
+    ) -> Result<ClientCertVerified, Error> {
+        let signature = |r: &Result<ClientCertVerified, Error>| {
+            matches!(
+                r,
+                Err(Error::InvalidCertificate(CertificateError::BadSignature)
+                    | Error::InvalidCertRevocationList(
+                        rustls::CertRevocationListError::BadSignature
+                    ))
+            )
+        };
+        let revoked = |r: &Result<ClientCertVerified, Error>| {
+            matches!(r, Err(Error::InvalidCertificate(CertificateError::Revoked)))
+        };
+        let first = verify(self.0[0].as_ref());
+        if self.0.len() == 1 || revoked(&first) {
+            return first;
+        }
+        let (mut passed, mut other) = (first.is_ok(), None);
+        for v in &self.0[1..] {
+            match verify(v.as_ref()) {
+                r if revoked(&r) => return r,
+                Ok(_) => passed = true,
+                r if signature(&r) => {}
+                r => {
+                    other.get_or_insert(r);
+                }
+            }
+        }
+        match (passed, other) {
+            (true, _) => Ok(ClientCertVerified::assertion()),
+            (false, Some(r)) if signature(&first) => r,
+            _ => first,
+        }
+    }
+}
+
+impl ClientCertVerifier for CrlOrders {
+    fn offer_client_auth(&self) -> bool {
+        self.0[0].offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0[0].client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0[0].root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.combine(|v| v.verify_client_cert(ee, intermediates, now))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0[0].verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.0[0].verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0[0].supported_verify_schemes()
+    }
 }
 
 /// Verifies federation peers connecting to an `mtls` listener.
