@@ -255,12 +255,18 @@ fn transfer(
 
 /// Inbound: a partner presenting `cert` connects to our mtls listener.
 fn inbound(w: &World, policy: &TlsPolicy, v: &str, cert: Option<&Issued>) -> Result<(), Rejection> {
+    inbound_as(policy, partner_client(w, v, cert), cert)
+}
+
+/// [`inbound`] with a partner's client configuration of the caller's making (a chain).
+fn inbound_as(
+    policy: &TlsPolicy,
+    client: Arc<ClientConfig>,
+    cert: Option<&Issued>,
+) -> Result<(), Rejection> {
     let mut s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
-    let mut c = TlsSession::client(
-        partner_client(w, v, cert),
-        ServerName::try_from("sip.example.com").unwrap(),
-    )
-    .unwrap();
+    let mut c =
+        TlsSession::client(client, ServerName::try_from("sip.example.com").unwrap()).unwrap();
     let (cr, sr) = transfer(&mut c, &mut s);
     if let Err(e) = sr {
         let (r, detail) = sipring::tls::classify(&e);
@@ -850,6 +856,54 @@ fn client_certificates_under_a_ca_with_several_lists_are_checked_against_each() 
         Err(Rejection::Revoked),
         "revoked by the new key's list"
     );
+}
+
+#[test]
+fn a_sub_ca_limited_to_its_domain_cannot_name_another_partner_by_uri_or_cn() {
+    // Alpha and Zeta share Alpha's root, as carriers under one federation root do; Alpha's
+    // sub-CA may issue only names under alpha.example (nameConstraints). webpki holds the
+    // chain's dNSNames to that, but not a `sip:` URI's host or a CN, which RFC 5922 makes
+    // identities: a certificate from Alpha's sub-CA naming only `sip:sip.zeta.example`, or
+    // only CN=sip.zeta.example, was Zeta.
+    let w = World::new();
+    let sub = w
+        .alpha
+        .constrained_intermediate("Alpha Sub CA", &["alpha.example"])
+        .unwrap();
+    w.dir.write(
+        "alpha.crl",
+        format!(
+            "{}{}",
+            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
+            sub.crl(&[]).unwrap()
+        ),
+    );
+    let policy = w.policy(&["1.3"]);
+    let via_sub = |s: Spec| {
+        let leaf = sub.issue(&s).unwrap();
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&versions("1.3"))
+            .unwrap()
+            .with_root_certificates(w.ours_roots())
+            .with_client_auth_cert(vec![leaf.der.clone(), sub.cert.der.clone()], key_of(&leaf))
+            .unwrap();
+        inbound_as(&policy, Arc::new(client), Some(&leaf))
+    };
+    assert_eq!(via_sub(spec("sip.alpha.example")), Ok(()), "its own name");
+    let uri_only = Spec {
+        dns: Vec::new(),
+        uris: vec!["sip:sip.zeta.example".into()],
+        ..spec("sip.alpha.example")
+    };
+    assert_eq!(via_sub(uri_only), Err(Rejection::NameNotTrusted), "URI");
+    let cn_only = Spec {
+        dns: Vec::new(),
+        uris: Vec::new(),
+        ..spec("sip.zeta.example")
+    };
+    assert_eq!(via_sub(cn_only), Err(Rejection::NameNotTrusted), "CN");
+    // A dNSName outside the constraint: webpki refuses the chain itself.
+    assert!(via_sub(spec("sip.zeta.example")).is_err(), "dNSName");
 }
 
 #[test]

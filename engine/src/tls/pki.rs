@@ -98,18 +98,40 @@ fn err(e: rcgen::Error) -> String {
 impl Ca {
     /// A new self-signed root CA named `name`, valid for ten years.
     pub fn new(name: &str) -> Result<Ca, String> {
-        Ca::create(name, Duration::days(3650), None)
+        Ca::create(name, Duration::days(3650), None, &[])
     }
 
     /// A CA named `name` under this one (an intermediate: its certificate is issued, and can
     /// be revoked, by this CA), valid for five years.
     pub fn intermediate(&self, name: &str) -> Result<Ca, String> {
-        Ca::create(name, Duration::days(1825), Some(self))
+        Ca::create(name, Duration::days(1825), Some(self), &[])
     }
 
-    /// A CA certificate and key: self-signed (serial 1), or issued by `parent`.
-    fn create(name: &str, valid: Duration, parent: Option<&Ca>) -> Result<Ca, String> {
+    /// An intermediate CA allowed to issue only names under these DNS domains (a
+    /// nameConstraints extension with permitted dNSName subtrees), as a federation's root
+    /// gives each carrier's sub-CA.
+    pub fn constrained_intermediate(&self, name: &str, dns: &[&str]) -> Result<Ca, String> {
+        Ca::create(name, Duration::days(1825), Some(self), dns)
+    }
+
+    /// A CA certificate and key: self-signed (serial 1), or issued by `parent`; limited to
+    /// the DNS domains `permitted` when not empty.
+    fn create(
+        name: &str,
+        valid: Duration,
+        parent: Option<&Ca>,
+        permitted: &[&str],
+    ) -> Result<Ca, String> {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        if !permitted.is_empty() {
+            p.name_constraints = Some(rcgen::NameConstraints {
+                permitted_subtrees: permitted
+                    .iter()
+                    .map(|d| rcgen::GeneralSubtree::DnsName(d.to_string()))
+                    .collect(),
+                excluded_subtrees: Vec::new(),
+            });
+        }
         p.distinguished_name.push(DnType::CommonName, name);
         p.distinguished_name
             .push(DnType::OrganizationName, "sipring test PKI");

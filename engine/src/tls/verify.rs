@@ -587,15 +587,77 @@ pub fn partner_of_chain(
     now: UnixTime,
 ) -> Option<String> {
     let (ee, intermediates) = chain.split_first()?;
-    let ids = summarize(ee.as_ref())?.identities;
+    let mut ids = summarize(ee.as_ref())?.identities;
+    within_name_constraints(&mut ids, intermediates);
     match owners(partners, algs, &ids, ee, intermediates, now).as_slice() {
         [p] if p.verify_chain(algs, ee, intermediates, now).is_ok() => Some(p.name.clone()),
         _ => None,
     }
 }
 
-fn chain_summary(ee: &CertificateDer<'_>) -> CertSummary {
-    summarize(ee.as_ref()).unwrap_or_default()
+/// The end entity's summary, its identities limited to what the presented CA certificates'
+/// name constraints allow ([`within_name_constraints`]).
+fn chain_summary(ee: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> CertSummary {
+    let mut s = summarize(ee.as_ref()).unwrap_or_default();
+    within_name_constraints(&mut s.identities, intermediates);
+    s
+}
+
+/// Drops the identities that a presented CA certificate's dNSName name constraints (RFC 5280
+/// §4.2.1.10) do not allow. webpki holds a chain's dNSName SANs to them (a violation fails
+/// the chain) but not a `sip:` URI's host or a CN, which are identities here (RFC 5922): a
+/// carrier's sub-CA limited to `carrier-a.example` under a root that federation partners
+/// share could otherwise issue `sip:carrier-b.example` and pass as partner B. A CA
+/// certificate whose constraints cannot be read keeps only the dNSName identities.
+pub fn within_name_constraints(ids: &mut Vec<Identity>, intermediates: &[CertificateDer<'_>]) {
+    use x509_parser::extensions::GeneralName;
+    for ca in intermediates {
+        let Ok((_, x)) = x509_parser::parse_x509_certificate(ca.as_ref()) else {
+            continue; // webpki refuses a chain it cannot parse
+        };
+        let nc = match x.name_constraints() {
+            Ok(None) => continue,
+            Ok(Some(nc)) => nc.value,
+            Err(_) => {
+                ids.retain(|i| matches!(i, Identity::Dns(_)));
+                continue;
+            }
+        };
+        let dns = |t: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>| -> Vec<String> {
+            t.iter()
+                .flatten()
+                .filter_map(|g| match g.base {
+                    GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (permitted, excluded) = (dns(&nc.permitted_subtrees), dns(&nc.excluded_subtrees));
+        ids.retain(|i| {
+            let host = match i {
+                Identity::Dns(h) | Identity::Sip(h) | Identity::Cn(h) => h,
+            };
+            (permitted.is_empty() || permitted.iter().any(|c| in_dns_subtree(host, c)))
+                && !excluded.iter().any(|c| in_dns_subtree(host, c))
+        });
+    }
+}
+
+/// RFC 5280 §4.2.1.10: a DNS name is within `subtree` when adding zero or more labels on
+/// the left of `subtree` makes it (`.example.net`, as some CAs write it: one or more).
+fn in_dns_subtree(host: &str, subtree: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let subtree = subtree.strip_suffix('.').unwrap_or(subtree);
+    if subtree.is_empty() {
+        return true;
+    }
+    if subtree.starts_with('.') {
+        return host.len() > subtree.len() && host.ends_with(subtree);
+    }
+    host == subtree
+        || host
+            .strip_suffix(subtree)
+            .is_some_and(|rest| rest.ends_with('.'))
 }
 
 /// The orders to read `crls` in: as given, then, for each list that shares its issuer with
@@ -751,7 +813,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let summary = chain_summary(ee);
+        let summary = chain_summary(ee, intermediates);
         let candidates: Vec<&Arc<PeerTrust>> = self
             .peers
             .iter()
@@ -871,7 +933,7 @@ impl ServerCertVerifier for PeerServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let summary = chain_summary(ee);
+        let summary = chain_summary(ee, intermediates);
         let p = &self.peer;
         if let Err(e) = p.verify_server_chain(&self.algs, ee, intermediates, now) {
             let mut reason = classify(&e);
@@ -967,5 +1029,17 @@ mod tests {
         assert!(!Identity::Sip("*.example.net".into()).matches(wanted, true));
         assert!(!Identity::Cn("*.example.net".into()).matches(wanted, true));
         assert!(Identity::Sip("sip.example.net".into()).matches(wanted, false));
+    }
+
+    #[test]
+    fn dns_name_constraints_by_labels_not_by_characters() {
+        assert!(in_dns_subtree("alpha.example", "alpha.example"));
+        assert!(in_dns_subtree("sip.alpha.example", "alpha.example"));
+        assert!(in_dns_subtree("sip.alpha.example.", "alpha.example"));
+        assert!(!in_dns_subtree("evilalpha.example", "alpha.example"));
+        assert!(!in_dns_subtree("alpha.example.net", "alpha.example"));
+        assert!(in_dns_subtree("sip.alpha.example", ".alpha.example"));
+        assert!(!in_dns_subtree("alpha.example", ".alpha.example"));
+        assert!(in_dns_subtree("anything", ""));
     }
 }
