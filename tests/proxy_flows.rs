@@ -1517,6 +1517,36 @@ fn the_best_answer_of_a_fork_carries_every_challenge_and_a_503_goes_up_as_500() 
 }
 
 #[test]
+fn a_fork_whose_one_branch_timed_out_answers_with_the_others_final() {
+    // A MESSAGE forked to bob's two devices: one says 486, the other never answers. The
+    // local 408 (Timer F) ranked best (lowest 4xx), and a non-INVITE gets no 408 (RFC 4320):
+    // the caller heard nothing at all. Now the 486 goes up.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.register("bob", &B2, "10.0.0.3:5061");
+    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKto1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: fork-to-1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    let (f1, _silent) = (n.one(&B), n.one(&B2));
+    n.send(&B, &answer(&f1, 486, "Busy Here", "b1"));
+    assert!(n.take(&A).is_empty(), "the other branch may still answer");
+    n.advance(Duration::from_secs(33));
+    let up: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(up, [486]);
+    n.assert_idle_after_timers();
+    // An INVITE whose one branch answers 408 (downstream timed out) and whose other is busy:
+    // the caller hears busy, not a timeout.
+    n.send(&A, &invite("z9hG4bKto2", "fork-to-2"));
+    n.take(&A);
+    let (i1, i2) = (n.one(&B), n.one(&B2));
+    n.send(&B, &answer(&i1, 408, "Request Timeout", "b1"));
+    n.send(&B2, &answer(&i2, 486, "Busy Here", "b2"));
+    n.take(&B);
+    n.take(&B2);
+    let up: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(up, [486]);
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn a_request_at_the_via_limit_is_still_cancelled_after_forwarding_added_ours() {
     // 70 Via values (the limit), ours makes 71: the kept copy is re-read with room for it,
     // so the CANCEL reaches bob (before: answered 200 upstream, never sent downstream).

@@ -303,11 +303,20 @@ const KEPT_HEADERS: usize = 128;
 
 /// How good a final answer is to send upstream when no branch answered 2xx (RFC 3261
 /// §16.7 step 6), lowest best: any 6xx; else the lowest class; within 4xx the answers that
-/// tell the caller how to try again (401, 407, 415, 420, 484) first; then the lowest code.
-fn response_rank(code: u16) -> (u16, u8, u16) {
-    let class = if code >= 600 { 0 } else { code / 100 };
+/// tell the caller how to try again (401, 407, 415, 420, 484) first, a 408 (a branch that
+/// timed out, ours or downstream's) last; then the lowest code. For a non-INVITE request a
+/// 408 is worse than anything: it is never sent upstream (RFC 4320 §4.2), so any other
+/// branch's answer must win over it — a forked MESSAGE whose one branch timed out and
+/// whose other said 486 went unanswered.
+fn response_rank(code: u16, invite: bool) -> (u16, u8, u8, u16) {
+    let timeout = code == 408;
+    let class = match code {
+        _ if timeout && !invite => 7,
+        600.. => 0,
+        _ => code / 100,
+    };
     let retry_info = u8::from(!matches!(code, 401 | 407 | 415 | 420 | 484));
-    (class, retry_info, code)
+    (class, retry_info, u8::from(timeout), code)
 }
 
 /// The `WWW-Authenticate` and `Proxy-Authenticate` lines of a response, as (name, value).
@@ -2004,7 +2013,10 @@ impl ShardProxy {
                 }
                 let better = match &s.best {
                     None => true,
-                    Some((b, _)) => response_rank(status) < response_rank(*b),
+                    Some((b, _)) => {
+                        let invite = sk.method == KeyMethod::Invite;
+                        response_rank(status, invite) < response_rank(*b, invite)
+                    }
                 };
                 if better {
                     s.best = Some((status, upstream));
