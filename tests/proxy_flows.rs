@@ -1615,6 +1615,51 @@ fn a_partners_ack_asserts_only_what_its_other_requests_may() {
 }
 
 #[test]
+fn a_partners_call_outlives_the_connection_it_came_over() {
+    // RFC 3261 §18.2.2: a carrier closes (recycles) the connection its INVITE came over
+    // while bob's phone rings. Before, the call was torn down (bob got a CANCEL); now the
+    // answers go over the link to the carrier.
+    let (carrier, mut n) = carrier_net();
+    let inbound = Flow::Conn(77);
+    n.proxy.set_flow_info(
+        inbound.clone(),
+        sipring_core::policy::FlowInfo {
+            principal: sipring_core::policy::Principal::Partner("carrier".into()),
+            ..Default::default()
+        },
+    );
+    n.register("bob", &B, "10.0.0.2:5061");
+    let from_carrier = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 192.0.2.7;branch=z9hG4bKrh1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=c1\r\nCall-ID: rehome-1\r\nCSeq: 1 INVITE\r\nContact: <sip:x@192.0.2.7;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&inbound, from_carrier.as_bytes());
+    assert_eq!(status(&n.one(&inbound)), 100);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    assert_eq!(status(&n.one(&inbound)), 180);
+    n.proxy.handle_flow_closed(n.now, &inbound);
+    n.pump();
+    assert!(n.take(&B).is_empty(), "bob's phone keeps ringing");
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    let up = n.one(&carrier);
+    assert_eq!(status(&up), 200, "{}", String::from_utf8_lossy(&up));
+    assert!(n.take(&inbound).is_empty());
+    // A client's connection closing still ends its calls (its caller is gone).
+    n.send(&A, &invite("z9hG4bKrh2", "rehome-2"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    n.take(&A);
+    n.proxy.handle_flow_closed(n.now, &A);
+    n.pump();
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL");
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    n.take(&B);
+    n.assert_idle_after_timers();
+    assert_eq!(n.proxy.indexed(&carrier), 0);
+}
+
+#[test]
 fn remote_party_id_is_an_assertion_like_pai() {
     // Remote-Party-ID never became an RFC, but phones and PBXes display it as the caller:
     // passed through untouched, a client chose the caller ID its callee saw.

@@ -2085,9 +2085,20 @@ impl ShardProxy {
     /// A flow closed: its client branches fail — 430 for a dialog route to it (RFC 5626
     /// §5.3), 480 for a registered contact on it or a link to the cluster node that held the
     /// user's flow, 503 for a partner link (RFC 3261 §8.1.3.1: a transport error) — and
-    /// server transactions that came over it are abandoned (their branches are cancelled).
-    /// The engine calls it again when it finds a connection gone as it sends on it.
+    /// server transactions that came over it are abandoned (their branches are cancelled),
+    /// except a partner's, which are answered over the link to the partner. The engine
+    /// calls it again when it finds a connection gone as it sends on it.
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
+        // A partner's connection: its requests still in progress are answered over the
+        // link to it (RFC 3261 §18.2.2: a server whose connection closed SHOULD open one to
+        // the sender), instead of cancelled — a carrier that recycles a connection mid-call
+        // does not lose the call. Not a cluster node's: a node's link closes when the node
+        // went away, and its callers with it.
+        let rehome = self
+            .partner_of(flow)
+            .filter(|p| !self.proxy.is_node(p))
+            .map(|p| Flow::Peer(p.to_string()))
+            .filter(|p| p != flow);
         self.flows.remove(flow);
         self.oc_flows.remove(flow);
         self.oc_down.remove(flow);
@@ -2130,6 +2141,13 @@ impl ShardProxy {
         for k in &keys {
             let TimerKey::Server(k) = k else { continue };
             if !self.servers.get(k).is_some_and(|s| &s.inbound == flow) {
+                continue;
+            }
+            if let Some(peer) = &rehome {
+                if let Some(s) = self.servers.get_mut(k) {
+                    s.inbound = peer.clone();
+                }
+                self.index(peer, TimerKey::Server(k.clone()));
                 continue;
             }
             self.cancel_branches(now, k, None);
