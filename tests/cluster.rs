@@ -571,6 +571,23 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
                 .trim()
                 .is_empty()
         });
+        // Refreshes of the binding B now holds ask the store nothing (before: a read per
+        // refresh of every phone with an instance).
+        let asked = |n: usize| {
+            metric(
+                &c.nodes[n].metrics(),
+                "sipring_store_total{op=\"removal\",result=\"asked\"}",
+            )
+            .unwrap_or(0.0)
+        };
+        std::thread::sleep(Duration::from_millis(1200));
+        let b0 = asked(1);
+        assert!(b0 >= 1.0, "the move asked the store who else holds m0");
+        for _ in 0..3 {
+            assert_eq!(moved.register(600), 200);
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        assert_eq!(asked(1), b0, "a refresh asked the store");
         let mut on_a = c.ua(0, "caller1");
         assert_eq!(message(&mut on_a, "m0", Some(&mut moved), 20), 200);
         assert!(

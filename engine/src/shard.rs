@@ -1093,6 +1093,7 @@ impl Shard {
         let token = REMOVAL_TOKEN | c.removal_seq.get();
         if c.store.lookup(aor, token, &c.reply) {
             c.removals.borrow_mut().insert(token, request.to_vec());
+            self.count("sipring_store_total{op=\"removal\",result=\"asked\"}");
         } else {
             self.count("sipring_store_total{op=\"removal\",result=\"queue_full\"}");
         }
@@ -1315,6 +1316,9 @@ impl Shard {
         }
         let after = store.bindings();
         drop(store);
+        // A binding new here (not a refresh of one this node holds): the device may have
+        // moved from another node.
+        let bound_here = changes.iter().any(|&(_, d)| d > 0);
         self.account_bindings(changes, source.map(|ip| (flow, ip)));
         let mut reply = reply;
         if reply.code == 200 {
@@ -1326,9 +1330,13 @@ impl Shard {
                 httpdate::fmt_http_date(std::time::SystemTime::now()).into_bytes(),
             ));
             // A UA's REGISTER (not another node's) that removes bindings, or binds an
-            // instance here: what other nodes hold of it goes too.
+            // instance here anew: what other nodes hold of it goes too. A refresh of a
+            // binding this node already holds asks nothing (the store read is what the
+            // fan-out costs: one per refresh of every phone, before); the move that put
+            // the binding here already removed it elsewhere.
             if flow != NODE_FLOW
                 && self.cluster.is_some()
+                && (bound_here || sipring_core::registrar::removes_any(&m))
                 && sipring_core::registrar::removals_for_nodes(
                     &m,
                     self.registrar.config().default_expires,

@@ -556,6 +556,23 @@ fn parse_q(v: &[u8]) -> Option<u16> {
     }
 }
 
+/// Does this REGISTER remove any binding (`Contact: *`, or a Contact with expiry 0 by its
+/// `expires` or the Expires header)?
+pub fn removes_any(msg: &Message<'_, '_>) -> bool {
+    let header_zero = msg
+        .header(HeaderName::Expires)
+        .is_some_and(|h| parse_expires(h.value) == Some(0));
+    msg.values(HeaderName::Contact).iter().any(|c| {
+        if c.value == b"*" {
+            return header_zero;
+        }
+        NameAddr::parse(c.value).is_some_and(|na| match na.param("expires") {
+            Some(v) => v.and_then(parse_expires) == Some(0),
+            None => header_zero,
+        })
+    })
+}
+
 /// Does this REGISTER only remove bindings (`Contact: *`, or every Contact with expiry 0 by
 /// its `expires` or the Expires header)? What one cluster node may send another
 /// ([`removals_for_nodes`]): it changes nothing but the receiver's own bindings.
@@ -1400,6 +1417,18 @@ mod tests {
             ("Expires: 0\r\n", false),
         ] {
             with(extra, &|m| assert_eq!(removes_only(m), only, "{extra}"));
+        }
+        // What makes a refresh ask the other nodes anyway: any removal in it.
+        for (extra, any) in [
+            ("Contact: *\r\nExpires: 0\r\n", true),
+            ("Contact: <sip:a@h>;expires=0, <sip:b@h>\r\n", true),
+            ("Contact: <sip:a@h>\r\nExpires: 0\r\n", true),
+            ("Contact: <sip:a@h>;expires=600\r\nExpires: 0\r\n", false),
+            ("Contact: <sip:a@h>\r\nExpires: 600\r\n", false),
+            ("Contact: *\r\n", false),
+            ("Expires: 0\r\n", false),
+        ] {
+            with(extra, &|m| assert_eq!(removes_any(m), any, "{extra}"));
         }
     }
 
