@@ -57,6 +57,8 @@ struct World {
     lookups: Vec<(&'static str, String, bool)>,
     /// First lines of what crossed the node links.
     links: Vec<String>,
+    /// The labels of the requests a node's policy refused.
+    refused: Vec<&'static str>,
 }
 
 fn node(name: &'static str, other: &'static str) -> Node {
@@ -157,6 +159,7 @@ impl World {
             caller_got: Vec::new(),
             lookups: Vec::new(),
             links: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -218,6 +221,7 @@ impl World {
                     }
                     self.node(at).proxy.handle_register_reply(now, token, reply);
                 }
+                Output::Refused(r) => self.refused.push(r.label),
                 other => panic!("unexpected output {other:?}"),
             }
         }
@@ -391,6 +395,30 @@ fn a_call_crosses_two_nodes_once_and_its_dialog_needs_no_lookup() {
         lookups,
         "in-dialog requests looked nothing up"
     );
+
+    // The caller keeps B's signed entries of this dialog's route and drops A's: B follows
+    // its token to A, where the request came to a lookup of any user, any From, challenged
+    // on neither node. A refuses it; nothing reaches its users.
+    register(&mut w, "victim");
+    let b_only: Vec<String> = route
+        .iter()
+        .filter(|r| r.contains("b.example.com"))
+        .cloned()
+        .collect();
+    assert_eq!(b_only.len(), 2, "{route:?}");
+    let forged = format!(
+        "MESSAGE sip:victim@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2;branch=z9hG4bKfrg1\r\nMax-Forwards: 70\r\nRoute: {}\r\nFrom: <sip:ceo@example.com>;tag=z\r\nTo: <sip:victim@example.com>;tag=any\r\nCall-ID: x1\r\nCSeq: 3 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
+        b_only.join(", ")
+    );
+    w.callee_got.clear();
+    w.deliver(At::B, CALLER, forged.as_bytes());
+    assert!(
+        w.callee_got.iter().all(|m| !m.starts_with(b"MESSAGE")),
+        "the forged MESSAGE reached A's users"
+    );
+    let r = World::take_final(&mut w.caller_got);
+    assert!(r.starts_with(b"SIP/2.0 403 "), "{}", first_line(&r));
+    assert_eq!(w.refused, ["node_dialog_without_route"]);
 }
 
 #[test]

@@ -97,6 +97,7 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "partner_from_domain",
         "partner_pai_domain",
         "partner_register",
+        "node_dialog_without_route",
         "relay_not_allowed",
         "unknown_partner",
         "forged_flow_token",

@@ -602,6 +602,25 @@ impl Policy {
             return self.deny(info, 403, "Unknown Partner", "unknown_partner", name);
         };
         if p.node && matches!(decision, Decision::Lookup { .. }) {
+            // A request inside a dialog reaches this node with our own Record-Route entry
+            // (every dialog through a node is record-routed by it), which routes it to a
+            // flow. One that names only the sending node's entry, and falls through to a
+            // lookup here, is a client (or partner) that kept the sending node's signed
+            // route of one dialog and dropped ours: it would reach any of our users with
+            // any From, unchallenged on either node. ACK is left to the stray-ACK rules.
+            if ess.to.tag().is_some() && msg.method() != Some(Method::Ack) {
+                return self.deny(
+                    info,
+                    403,
+                    "In-Dialog Request Without Our Route",
+                    "node_dialog_without_route",
+                    format!(
+                        "{} from {} via node {name}",
+                        String::from_utf8_lossy(msg.request_uri().unwrap_or_default()),
+                        String::from_utf8_lossy(ess.from.uri)
+                    ),
+                );
+            }
             return allow(name);
         }
         let from_ok = host_of(ess.from.uri).is_some_and(|h| in_list(&h, &p.domains));
@@ -1001,6 +1020,23 @@ mod tests {
             "",
         );
         assert_eq!(outcome(&run(&mut p, &a, &r, &lookup)), 403);
+        // Inside a dialog a node's request carries our Record-Route entry: one that comes to
+        // a lookup here (a client that kept the other node's signed route of one dialog and
+        // dropped ours, naming any of our users, any From) is refused. Its ACK is not.
+        for (method, want) in [("MESSAGE", 403), ("BYE", 403), ("INVITE", 403), ("ACK", 0)] {
+            let r = req(
+                method,
+                "sip:alice@example.com",
+                "sip:ceo@example.com",
+                "sip:alice@example.com",
+                "",
+            )
+            .replace(
+                "To: <sip:alice@example.com>",
+                "To: <sip:alice@example.com>;tag=t1",
+            );
+            assert_eq!(outcome(&run(&mut p, &node, &r, &lookup)), want, "{method}");
+        }
         let r = req(
             "REGISTER",
             "sip:example.com",
