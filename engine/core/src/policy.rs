@@ -538,7 +538,11 @@ impl Policy {
             });
         }
         let claimed = claimed.unwrap_or_default();
-        if !identity.contains(&claimed) {
+        // Only an AOR of ours is an identity we vouch for: a subscriber entry listing
+        // `sip:x@partner.example` (a mistake in the file or the store) must not let its
+        // user speak for a partner's domain with our P-Asserted-Identity. Certificate AORs
+        // are held to our domains when the connection is set up.
+        if !identity.contains(&claimed) || !in_our_domain {
             let (reason, label) = if register {
                 ("Not Allowed To Register This AOR", "register_not_owner")
             } else {
@@ -806,11 +810,16 @@ mod tests {
 
     fn policy() -> Policy {
         let mut store = SubscriberTable::default();
-        for u in ["alice", "bob"] {
+        for u in ["alice", "bob", "trunk"] {
+            let mut aors = vec![format!("sip:{u}@example.com")];
+            if u == "trunk" {
+                // A subscriber entry that lists a partner's AOR (a mistake in the file).
+                aors.push("sip:x@peer-a.test".into());
+            }
             store.insert(Subscriber {
                 username: u.into(),
                 realm: "example.com".into(),
-                aors: vec![format!("sip:{u}@example.com")],
+                aors,
                 ha1: vec![(
                     Algorithm::Sha256,
                     Algorithm::Sha256.ha1(u, "example.com", "pw"),
@@ -1266,6 +1275,34 @@ mod tests {
                     alice,
                     "sip:carol@peer-b.test",
                     &c(&p, "INVITE", "sip:carol@peer-b.test", 5),
+                ),
+                &to_b,
+                0,
+            ),
+            (
+                // Only AORs of ours are identities we vouch for: a subscriber entry listing
+                // a partner's AOR spoke for the partner's domain, with our PAI.
+                "digest INVITE to a partner From a partner's AOR its entry lists",
+                &anon,
+                req(
+                    "INVITE",
+                    "sip:carol@peer-b.test",
+                    "sip:x@peer-a.test",
+                    "sip:carol@peer-b.test",
+                    &creds(&p, "trunk", "pw", "INVITE", "sip:carol@peer-b.test", 6),
+                ),
+                &to_b,
+                403,
+            ),
+            (
+                "digest INVITE to a partner as its own AOR of ours",
+                &anon,
+                req(
+                    "INVITE",
+                    "sip:carol@peer-b.test",
+                    "sip:trunk@example.com",
+                    "sip:carol@peer-b.test",
+                    &creds(&p, "trunk", "pw", "INVITE", "sip:carol@peer-b.test", 7),
                 ),
                 &to_b,
                 0,
