@@ -202,6 +202,23 @@ fn sighup_reload_keeps_calls_up_and_refuses_a_corrupt_key() {
     )
     .expect("still served");
     assert_eq!(dave.register(600), 200);
+
+    // A typo in the configuration file itself: refused, logged and counted, not silent.
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{good}\n[limits\n")).unwrap();
+    let before = srv.log().matches("reload refused").count();
+    srv.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while srv.log().matches("reload refused").count() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a broken configuration file was refused silently:\n{}",
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(srv.log().contains(&name), "{}", srv.log());
 }
 
 #[test]

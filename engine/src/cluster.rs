@@ -252,6 +252,22 @@ pub fn bad_seed(store: &[String]) -> Option<String> {
         .map(|(a, _)| a.clone())
 }
 
+/// A store address fit for a log line: the password of a `redis://user:password@host`
+/// replaced by `…` (a seed refused at load is most often one whose password has a
+/// character that needs escaping).
+pub fn without_password(addr: &str) -> String {
+    match addr.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+                format!("{scheme}://{user}:…@{host}")
+            }
+            None => addr.to_string(),
+        },
+        None => addr.to_string(),
+    }
+}
+
 /// Starts the store thread; returns the sender shards get their handles from. With
 /// `subscribers_key`, the thread keeps `subscribers` filled from the store.
 pub fn start(
@@ -910,6 +926,17 @@ async fn heartbeat(st: Rc<State>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_address_in_a_log_line_has_no_password() {
+        assert_eq!(
+            without_password("redis://sip:s3cr@t@10.0.0.1:7000"),
+            "redis://sip:…@10.0.0.1:7000"
+        );
+        assert_eq!(without_password("rediss://:pw@h:1"), "rediss://:…@h:1");
+        assert_eq!(without_password("10.0.0.1:7000"), "10.0.0.1:7000");
+        assert_eq!(without_password("redis://h:1"), "redis://h:1");
+    }
 
     #[test]
     fn the_sweep_reaches_each_master_with_the_seeds_credentials() {

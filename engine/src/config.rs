@@ -675,7 +675,7 @@ impl Config {
 
     /// Parses TOML text (no validation).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| sipring_core::subscriber_file::toml_error(text, &e))
     }
 
     /// Adds a link (a `[[peer]]` marked `node`) to every other node of `[cluster]`: MTLS
@@ -941,6 +941,16 @@ impl Config {
         if a.max_failures == 0 {
             e("auth.max_failures".into(), "must be positive");
         }
+        // 0 would switch the lockout off without a word (never blocked; a window that
+        // forgets every failure at once); past a day the block arithmetic is meaningless.
+        for (key, v) in [
+            ("auth.block_s", a.block_s),
+            ("auth.failure_window_s", a.failure_window_s),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                e(key.into(), "between 1 and 86400");
+            }
+        }
         if !(1024..=1 << 26).contains(&a.max_tracked_sources) {
             e(
                 "auth.max_tracked_sources".into(),
@@ -996,6 +1006,11 @@ impl Config {
                 "tls.client_hello_timeout_ms",
                 self.tls.client_hello_timeout_ms,
             ),
+            (
+                "limits.max_handshakes_per_ip",
+                self.limits.max_handshakes_per_ip as u64,
+            ),
+            ("limits.partial_timeout_ms", self.limits.partial_timeout_ms),
         ] {
             if v == 0 {
                 e(
@@ -1037,6 +1052,29 @@ impl Config {
         if self.server.domains.is_empty() {
             e("server.domains".into(), "at least one SIP domain");
         }
+        // Bounds that keep the arithmetic on them from overflowing (each far past any use).
+        for (key, v, max) in [
+            (
+                "limits.overload_lag_ms",
+                self.limits.overload_lag_ms,
+                60_000,
+            ),
+            (
+                "server.io_memory_kib",
+                self.server.io_memory_kib as u64,
+                1 << 30,
+            ),
+            ("server.first_cpu", self.server.first_cpu as u64, 1 << 16),
+            (
+                "server.mesh_capacity",
+                self.server.mesh_capacity as u64,
+                1 << 24,
+            ),
+        ] {
+            if v > max {
+                e(key.into(), &format!("at most {max}"));
+            }
+        }
         if self.server.mesh_capacity == 0 {
             e("server.mesh_capacity".into(), "must be positive");
         }
@@ -1055,7 +1093,10 @@ impl Config {
             } else if let Some(bad) = crate::cluster::bad_seed(&c.store) {
                 e(
                     "cluster.store".into(),
-                    &format!("{bad:?} is not a Redis address (host:port or redis://…)"),
+                    &format!(
+                        "{:?} is not a Redis address (host:port or redis://…)",
+                        crate::cluster::without_password(&bad)
+                    ),
                 );
             }
             if c.roots.as_os_str().is_empty() {
@@ -1064,7 +1105,10 @@ impl Config {
                     "missing: the roots trusted for the other nodes' certificates",
                 );
             }
-            if c.heartbeat_ms == 0 || c.liveness_ms < 2 * c.heartbeat_ms {
+            if c.heartbeat_ms == 0
+                || c.heartbeat_ms > 3_600_000
+                || c.liveness_ms < 2 * c.heartbeat_ms
+            {
                 e(
                     "cluster.liveness_ms".into(),
                     "must be at least twice cluster.heartbeat_ms (and that positive)",
@@ -1189,12 +1233,15 @@ mod tests {
         }
         // Zeros that refuse or cut every connection, and a drain that overflows the clock.
         let k = keys(
-            "[server]\ndrain_timeout_s = 18446744073709551615\n[tls]\nclient_hello_timeout_ms = 0\n[limits]\ntcp_keepalive_s = 40000\ntcp_user_timeout_s = 3601\nidle_timeout_s = 0\nwrite_queue_bytes = 0\nmax_connections_per_ip = 0\nmax_connections_per_shard = 0\nmax_handshakes_in_flight = 0\n",
+            "[server]\ndrain_timeout_s = 18446744073709551615\n[tls]\nclient_hello_timeout_ms = 0\n[limits]\ntcp_keepalive_s = 40000\ntcp_user_timeout_s = 3601\nmax_handshakes_per_ip = 0\npartial_timeout_ms = 0\noverload_lag_ms = 18446744073709551615\nidle_timeout_s = 0\nwrite_queue_bytes = 0\nmax_connections_per_ip = 0\nmax_connections_per_shard = 0\nmax_handshakes_in_flight = 0\n",
         );
         for key in [
             "server.drain_timeout_s",
             "limits.tcp_keepalive_s",
             "limits.tcp_user_timeout_s",
+            "limits.max_handshakes_per_ip",
+            "limits.partial_timeout_ms",
+            "limits.overload_lag_ms",
             "tls.client_hello_timeout_ms",
             "limits.idle_timeout_s",
             "limits.write_queue_bytes",
@@ -1202,6 +1249,11 @@ mod tests {
             "limits.max_connections_per_shard",
             "limits.max_handshakes_in_flight",
         ] {
+            assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
+        }
+        // A lockout switched off without a word, or one whose arithmetic overflows.
+        let k = keys("[auth]\nblock_s = 0\nfailure_window_s = 18446744073709551615\n");
+        for key in ["auth.block_s", "auth.failure_window_s"] {
             assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
         }
         let k = keys(

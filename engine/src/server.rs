@@ -615,12 +615,21 @@ impl Reloader {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let cfg = match &self.path {
-            Some(p) => Config::load(p).map_err(|errs| {
-                errs.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })?,
+            Some(p) => match Config::load(p) {
+                Ok(c) => c,
+                Err(errs) => {
+                    // The commonest mistake (a typo in the main file) is logged and counted
+                    // like any other refusal: SIGHUP has nobody to answer to.
+                    let reason = errs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    self.control.reloads[1].fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(file = %p.display(), %reason, "reload refused; the previous TLS configuration and subscribers stay");
+                    return Err(reason);
+                }
+            },
             None => (*self.cfg).clone(),
         };
         if let Some(what) = needs_restart(&self.cfg, &cfg) {

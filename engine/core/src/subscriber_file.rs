@@ -46,9 +46,27 @@ pub struct SubscriberFile {
 }
 
 impl SubscriberFile {
-    /// Parses a file's text (unknown keys are errors, naming the key).
+    /// Parses a file's text (unknown keys are errors, naming the key). Errors name the line
+    /// and column, never quote it: the line may hold an HA1 ([`toml_error`]).
     pub fn parse(text: &str) -> Result<SubscriberFile, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| toml_error(text, &e))
+    }
+}
+
+/// A TOML error as `line L, column C: message`, without the quoted source line toml's own
+/// text adds: in a subscriber file that line may hold an HA1 (as good as the password for
+/// its realm), in a configuration a store URL with its password, and errors reach logs and
+/// the admin endpoint's answers.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg.to_string(),
     }
 }
 
@@ -104,5 +122,24 @@ mod tests {
                 .unwrap_err()
                 .contains("password")
         );
+    }
+
+    #[test]
+    fn an_error_names_the_line_and_never_quotes_it() {
+        // A typo in a key: toml's own text quoted the line, HA1 and all, into the log.
+        let hash = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let text = format!(
+            "[[subscriber]]\nusername = \"a\"\nrealm = \"example.com\"\nha1_sha265 = \"{hash}\"\n"
+        );
+        let e = SubscriberFile::parse(&text).unwrap_err();
+        assert!(!e.contains(hash), "{e}");
+        assert!(
+            e.starts_with("line 4, column 1:") && e.contains("ha1_sha265"),
+            "{e}"
+        );
+        let e =
+            SubscriberFile::parse(&format!("[[subscriber]]\nha1_sha256 = \"{hash}\n")).unwrap_err();
+        assert!(!e.contains(hash), "{e}");
+        assert!(e.starts_with("line 2, "), "{e}");
     }
 }

@@ -24,7 +24,9 @@ pub fn terminate(child: &Child) -> io::Result<()> {
 pub fn end_with_parent(cmd: &mut Command) -> &mut Command {
     // SAFETY: the closure runs in the child between fork and exec, where only
     // async-signal-safe calls are allowed: prctl(2) and getppid(2) are plain system calls
-    // that allocate nothing and take no lock, and the closure captures nothing.
+    // that take no lock, the closure captures nothing, and its errors are raw OS error
+    // codes (an `io::Error` made from a message would allocate, which after fork in a
+    // multi-threaded parent can deadlock on the allocator's lock).
     unsafe {
         cmd.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
@@ -32,9 +34,7 @@ pub fn end_with_parent(cmd: &mut Command) -> &mut Command {
             }
             // The parent may have gone between fork and prctl: then nobody will signal us.
             if libc::getppid() == 1 {
-                return Err(io::Error::other(
-                    "the parent exited before the child started",
-                ));
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         })
