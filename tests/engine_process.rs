@@ -93,6 +93,20 @@ fn sigterm_drains_with_calls_in_flight() {
         "example.com",
     );
     assert!(refused.is_err(), "a connection was accepted while draining");
+    // ... nor new requests on the connections already up: 503 with Retry-After, so the
+    // sender tries another server (before, they were taken for the whole drain).
+    let msg = alice.request(
+        "MESSAGE",
+        "sip:bob@example.com",
+        "<sip:bob@example.com>",
+        "drain-msg",
+        1,
+        "",
+        Some(("text/plain", "late")),
+    );
+    alice.send(&msg);
+    let (s, _) = alice.expect_final_or_provisional("503 while draining");
+    assert_eq!(s, 503);
     // ... but the call in flight completes.
     bob.send(&answer(&inv, 200, "OK", "b1", "sip:bob@127.0.0.1"));
     let (s, _) = alice.expect_final_or_provisional("200 while draining");

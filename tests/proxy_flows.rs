@@ -1022,6 +1022,56 @@ fn an_overloaded_shard_sheds_new_work_and_finishes_what_it_admitted() {
 }
 
 #[test]
+fn a_draining_node_refuses_new_work_and_finishes_its_calls() {
+    // SIGTERM: new requests get 503 with Retry-After at the door (their senders try another
+    // server), whoever sends them; the call in progress is answered, ACKed and hung up.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKdr1", "call-dr"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.proxy.set_draining();
+    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKdr2\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: dr2\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    let r = String::from_utf8(n.one(&A)).unwrap();
+    assert!(
+        r.starts_with("SIP/2.0 503 ") && r.contains("\r\nRetry-After: "),
+        "{r}"
+    );
+    n.send(&B2, b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKdr3\r\nTo: <sip:carol@example.com>\r\nFrom: <sip:carol@example.com>;tag=r\r\nCall-ID: dr3\r\nCSeq: 1 REGISTER\r\nContact: <sip:carol@10.0.0.3:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&n.one(&B2)), 503);
+    assert!(n.take(&B).is_empty(), "nothing new forwarded");
+    assert_eq!(n.proxy.stats().drained, 2);
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    let route = with_msg(&fwd, |m, _| {
+        m.header(HeaderName::RecordRoute)
+            .map(|h| h.value.to_vec())
+            .expect("Record-Route")
+    });
+    n.send(
+        &A,
+        &ack_2xx(
+            "sip:callee@10.0.0.2;transport=tls",
+            &route,
+            "b1",
+            "10.0.0.1:5061;branch=z9hG4bKdrack",
+            "call-dr",
+        ),
+    );
+    assert_eq!(method(&n.one(&B)), "ACK");
+    let bye = format!(
+        "BYE sip:callee@10.0.0.2;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKdrbye\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: call-dr\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&route)
+    );
+    n.send(&A, bye.as_bytes());
+    let b = n.one(&B);
+    assert_eq!(method(&b), "BYE");
+    n.send(&B, &answer(&b, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn partial_admission_spreads_what_it_admits_evenly() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");

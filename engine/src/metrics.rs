@@ -234,6 +234,7 @@ fn help(family: &str) -> &'static str {
         "sipring_overloaded" => "Shards shedding part of new requests (per shard: 1 or 0).",
         "sipring_overload_episodes_total" => "Times a shard started shedding.",
         "sipring_overload_shed_total" => "New requests answered 503 at the door under overload.",
+        "sipring_drain_refused_total" => "New requests answered 503 at the door while draining.",
         "sipring_overload_partner_dropped_total" => {
             "New requests answered 503 here because the partner they were for asked (RFC 7339) for that share to be dropped."
         }

@@ -1661,6 +1661,9 @@ impl Shard {
     /// instead of everything queueing behind an all-or-nothing switch. Each tick's lag goes
     /// to the `loop_lag` latency histogram.
     pub fn observe_lag(&self, late: Duration) {
+        if self.control.draining() {
+            self.proxy.borrow_mut().set_draining();
+        }
         let sample = late.as_micros().min(u128::from(u32::MAX)) as u64;
         self.metrics.borrow_mut().record("loop_lag", sample);
         let backlog = self.mesh_backlog.get();
@@ -1751,6 +1754,8 @@ impl Shard {
                 .insert("sipring_auth_challenges_total".into(), st.challenges);
             m.counters
                 .insert("sipring_overload_shed_total".into(), st.shed);
+            m.counters
+                .insert("sipring_drain_refused_total".into(), st.drained);
             m.counters
                 .insert("sipring_overload_feedback_total".into(), st.oc_feedback);
             m.counters.insert(

@@ -141,6 +141,8 @@ pub struct Stats {
     pub challenges: u64,
     /// New requests answered 503 at the door because the shard was overloaded.
     pub shed: u64,
+    /// New requests answered 503 at the door because the node is draining.
+    pub drained: u64,
     /// Responses that carried overload-control feedback (RFC 7339 `oc`) to a client.
     pub oc_feedback: u64,
     /// New requests answered 503 here because the partner they were going to asked, by
@@ -272,6 +274,9 @@ pub struct ShardProxy {
     timer_c: std::time::Duration,
     /// The fraction of new requests admitted (1.0: all), and the credit that spreads it.
     admission: f32,
+    /// The node is going away: every new request is answered 503 at the door (the work in
+    /// progress, and what finishes it, goes on), so what is in flight reaches zero.
+    draining: bool,
     admit_credit: f32,
     /// RFC 7339: whose `oc` is honoured, the flows that advertised it and are trusted to
     /// (their new requests pass the door; their responses carry the feedback), the time
@@ -414,6 +419,7 @@ impl ShardProxy {
             max_transactions_per_flow: 1024,
             timer_c: TIMER_C,
             admission: 1.0,
+            draining: false,
             admit_credit: 0.0,
             oc_trust: oc::Trust::default(),
             oc_flows: HashSet::new(),
@@ -515,6 +521,17 @@ impl ShardProxy {
     /// trusted to honour it ([`ShardProxy::set_overload_control`]) are told the same
     /// fraction instead: their responses carry `oc` = the share to drop before sending, and
     /// their new requests pass the door, since they already dropped it.
+    /// Draining (a SIGTERM): from now on every new request — a REGISTER, a call, a
+    /// MESSAGE, from clients, partners and cluster nodes alike — is answered 503 with
+    /// Retry-After at the door, so its sender tries another server (a phone with a second
+    /// flow, a carrier's next destination, another node), while CANCEL and requests inside
+    /// our dialogs still pass. Without it a busy node took new work for its whole drain and
+    /// calls set up near the end were cut when it stopped.
+    pub fn set_draining(&mut self) {
+        self.draining = true;
+    }
+
+    /// Answers a share of new requests 503 at the door (overload), from 0 to 1.
     pub fn set_admission(&mut self, fraction: f32) {
         let was = self.admission;
         self.admission = fraction.clamp(0.0, 1.0);
@@ -921,7 +938,6 @@ impl ShardProxy {
 
     /// 503 at the door, Retry-After spread over 2–9 s so shed clients do not return together.
     fn shed(&mut self, flow: &Flow, msg: &Message<'_, '_>, call_id: &[u8]) {
-        self.stats.shed += 1;
         let id = self.unique();
         let retry = [b'2' + (id % 8) as u8];
         self.send_stateless(
@@ -1043,6 +1059,10 @@ impl ShardProxy {
         // The door: new work under overload. What finishes admitted work passes — a CANCEL,
         // and a request in a dialog, which is one routed by a flow token we signed. A To-tag
         // alone proves nothing: anyone can write one on a new INVITE or a REGISTER.
+        if method != Method::Cancel && !matches!(decision, Decision::ToFlow(_)) && self.draining {
+            self.stats.drained += 1;
+            return self.shed(flow, msg, ess.call_id);
+        }
         if method != Method::Cancel
             && !matches!(decision, Decision::ToFlow(_))
             && self.admission < 1.0
@@ -1051,6 +1071,7 @@ impl ShardProxy {
             self.door.0 = self.door.0.saturating_add(1);
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
             if !cooperating && !self.admit() {
+                self.stats.shed += 1;
                 return self.shed(flow, msg, ess.call_id);
             }
         }
