@@ -1,7 +1,7 @@
-//! A hostile network that loopback alone cannot make: a peer that vanishes (its packets stop,
-//! nothing answers, no RST). Each test runs itself again inside a network namespace of its own
-//! (`ip netns`, so it needs root and iproute2), where it adds and removes addresses without
-//! touching the host. tests/run.sh runs this suite as root with `--features netns-suite`; a
+//! What loopback alone cannot show: a peer that vanishes (its packets stop, nothing answers,
+//! no RST), and a client that is not on loopback. Each test runs itself again inside a
+//! network namespace of its own (`ip netns`, so it needs root and iproute2), where it adds
+//! and removes addresses without touching the host. tests/run.sh runs this suite as root with `--features netns-suite`; a
 //! plain `cargo test` leaves it out.
 
 use sipring::server::start;
@@ -44,7 +44,10 @@ fn inside_netns(name: &str) -> bool {
     if std::env::var_os(INNER).is_some() {
         return true;
     }
-    let ns = Netns(format!("sipring-test-{}", std::process::id()));
+    // Tests run side by side in one process: one namespace each.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ns = Netns(format!("sipring-test-{}-{n}", std::process::id()));
     sh("ip", &["netns", "add", &ns.0]);
     sh("ip", &["-n", &ns.0, "link", "set", "lo", "up"]);
     let out = Command::new("ip")
@@ -157,4 +160,44 @@ fn a_peer_that_vanishes_while_we_send_to_it_is_closed_within_the_user_timeout() 
     );
     srv.stop();
     srv.join().unwrap();
+}
+
+/// Sends `POST /reload` to the admin endpoint at `to` from `from`; returns the status line.
+fn reload_from(from: IpAddr, to: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = connect_from(from, to);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"POST /reload HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn admin_reload_from_beyond_loopback_is_refused_unless_allowed() {
+    if !inside_netns("admin_reload_from_beyond_loopback_is_refused_unless_allowed") {
+        return;
+    }
+    // An endpoint opened beyond loopback for a scraper or a load balancer's health check:
+    // whoever reaches it must not be able to reload (every reload re-checks each
+    // certificate connection and starts new session tickets).
+    sh("ip", &["addr", "add", "10.77.0.9/32", "dev", "lo"]);
+    let pki = Pki::new();
+    let remote: IpAddr = "10.77.0.9".parse().unwrap();
+    let local: IpAddr = "127.0.0.1".parse().unwrap();
+    for allowed in [false, true] {
+        let mut cfg = config(&pki);
+        cfg.server.shards = 1;
+        cfg.admin.address = Some("0.0.0.0:0".parse().unwrap());
+        cfg.admin.remote_reload = allowed;
+        let srv = start(cfg, None).expect("start");
+        let port = srv.admin_addr.unwrap().port();
+        let status = reload_from(remote, SocketAddr::new(remote, port));
+        let want = if allowed { "200" } else { "403" };
+        assert!(status.contains(want), "remote_reload = {allowed}: {status}");
+        let status = reload_from(local, SocketAddr::new(local, port));
+        assert!(status.contains("200"), "from loopback: {status}");
+        srv.stop();
+        srv.join().unwrap();
+    }
 }

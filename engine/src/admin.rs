@@ -4,7 +4,8 @@
 //! - `GET /metrics/shards`: the same families with one series per shard (`shard` label).
 //! - `GET /hgrm`: the histogram names; `GET /hgrm/<name>`: one histogram in `.hgrm` format
 //!   (milliseconds), merged across shards.
-//! - `POST /reload`: like SIGHUP (refused, 403, with an `Origin` header: a browser's).
+//! - `POST /reload`: like SIGHUP (refused, 403, with an `Origin` header — a browser's — or
+//!   from beyond loopback unless `admin.remote_reload`).
 //! - `GET /health`: `200 ok`, or `503 draining`.
 //!
 //! Whoever reaches the port cannot hold it or the process's memory: a request is read
@@ -34,6 +35,7 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
         tracing::warn!(%local, "the admin endpoint listens beyond loopback: it has no authentication (metrics, reload); restrict who reaches it");
     }
     let control = running.control.clone();
+    let remote_reload = running.cfg.admin.remote_reload;
     let reloader = Reloader::of(running);
     let reloader = Arc::new(reloader);
     let busy = Arc::new(AtomicUsize::new(0));
@@ -51,17 +53,16 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
                             busy.fetch_sub(1, Ordering::AcqRel);
                             continue;
                         }
-                        let (control, reloader, done) =
-                            (control.clone(), reloader.clone(), busy.clone());
-                        let served = std::thread::Builder::new()
+                        let (control, reloader) = (control.clone(), reloader.clone());
+                        // The slot goes back however the request ends, a panic included
+                        // (four panics would otherwise leave the endpoint dead).
+                        let slot = Slot(busy.clone());
+                        let _ = std::thread::Builder::new()
                             .name("sipring-admin-req".into())
                             .spawn(move || {
-                                let _ = handle(s, &control, &reloader);
-                                done.fetch_sub(1, Ordering::AcqRel);
+                                let _slot = slot;
+                                let _ = handle(s, &control, &reloader, remote_reload);
                             });
-                        if served.is_err() {
-                            busy.fetch_sub(1, Ordering::AcqRel);
-                        }
                     }
                     // Out of descriptors for a moment (closes still pending): wait, do not
                     // spin; the connection stays queued and is served next.
@@ -72,7 +73,22 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
     Ok(local)
 }
 
-fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std::io::Result<()> {
+/// One request slot of [`CONCURRENT`], given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn handle(
+    stream: TcpStream,
+    control: &Arc<Control>,
+    reloader: &Reloader,
+    remote_reload: bool,
+) -> std::io::Result<()> {
+    let local_peer = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
     let deadline = Instant::now() + DEADLINE;
     let left = || {
         deadline
@@ -150,6 +166,11 @@ fn handle(stream: TcpStream, control: &Arc<Control>, reloader: &Reloader) -> std
             "403 Forbidden",
             "text/plain",
             "a browser may not reload the server (Origin header)\n".into(),
+        ),
+        ("POST", "/reload") if !local_peer && !remote_reload => (
+            "403 Forbidden",
+            "text/plain",
+            "reload from beyond loopback is off (admin.remote_reload); SIGHUP works\n".into(),
         ),
         ("POST", "/reload") => match reloader.reload() {
             Ok(()) => ("200 OK", "text/plain", "reloaded\n".into()),

@@ -614,12 +614,18 @@ pub struct AdminConfig {
     /// Address of the admin/metrics HTTP endpoint (keep it on loopback). `None` disables.
     /// Default `127.0.0.1:9060`.
     pub address: Option<SocketAddr>,
+    /// Whether `POST /reload` is served to a client that is not on loopback. Off by
+    /// default: an endpoint opened beyond loopback for a scraper or a load balancer's health
+    /// check does not let whoever reaches it reload (each reload re-checks every
+    /// certificate connection and starts new session tickets). SIGHUP always works.
+    pub remote_reload: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: Some("127.0.0.1:9060".parse().expect("literal")),
+            remote_reload: false,
         }
     }
 }

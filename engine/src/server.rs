@@ -40,7 +40,7 @@ pub struct Running {
     /// Shared control.
     pub control: Arc<Control>,
     policy: Arc<ArcSwap<TlsPolicy>>,
-    cfg: Arc<Config>,
+    pub(crate) cfg: Arc<Config>,
     config_path: Option<PathBuf>,
     /// The actual address of each `[[listen]]` entry (ports resolved).
     pub listen_addrs: Vec<SocketAddr>,
