@@ -1665,6 +1665,29 @@ fn a_partners_ack_asserts_only_what_its_other_requests_may() {
 }
 
 #[test]
+fn what_goes_to_a_partner_has_no_folded_line() {
+    // Request smuggling toward a Kamailio or OpenSIPS trunk: their stream readers take a
+    // folded ` l: 0` for a Content-Length and would read the body as a second request on
+    // our trusted connection. What we forward is unfolded; the body is passed as it came.
+    let (carrier, mut n) = carrier_net();
+    let body = "INVITE sip:y@carrier.example SIP/2.0\r\nFrom: <sip:ceo@example.com>;tag=2\r\n\r\n";
+    let invite = format!(
+        "INVITE sip:x@carrier.example SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKsm1\r\nMax-Forwards: 70\r\nTo: <sip:x@carrier.example>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: smuggle-1\r\nCSeq: 1 INVITE\r\nSubject: x\r\n l: 0\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    n.send(&A, invite.as_bytes());
+    let out = n.one(&carrier);
+    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&out[..head_end]);
+    assert!(head.starts_with("INVITE sip:x@carrier.example"), "{head}");
+    assert!(
+        !head.contains("\r\n ") && !head.contains("\r\n\t"),
+        "{head}"
+    );
+    assert_eq!(&out[head_end..], body.as_bytes());
+}
+
+#[test]
 fn a_partners_call_outlives_the_connection_it_came_over() {
     // RFC 3261 §18.2.2: a carrier closes (recycles) the connection its INVITE came over
     // while bob's phone rings. Before, the call was torn down (bob got a CANCEL); now the

@@ -400,8 +400,13 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         self
     }
 
-    /// Writes the edited message to `out`.
+    /// Writes the edited message to `out`. A folded header line goes out unfolded: each fold's
+    /// CRLF becomes two spaces (the length stays, RFC 3261 §7.3.1 lets a proxy replace a fold
+    /// with SP). Passed on as received, a fold is read differently by parsers downstream —
+    /// Kamailio's and OpenSIPS's stream readers take a folded ` l: 0` for a Content-Length,
+    /// and would find a second, unchecked request in the body we forward.
     pub fn write_into(mut self, out: &mut Vec<u8>) {
+        let base = out.len();
         // At one position, insertions go before a removal or replacement that starts there
         // (a Route line removed and a Path's Route inserted at its start), each group in the
         // order it was asked for.
@@ -419,13 +424,34 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
             pos = s.end.max(start);
         }
         out.extend_from_slice(&src[pos..]);
+        if self.msg.folded() {
+            unfold(&mut out[base..]);
+        }
     }
 
-    /// Returns the edited message.
+    /// Returns the edited message (unfolded, as [`Editor::write_into`]).
     pub fn finish(self) -> Vec<u8> {
         let mut out = Vec::new();
         self.write_into(&mut out);
         out
+    }
+}
+
+/// Replaces the CRLF of every folded line in a message's head with two spaces; the body
+/// (after the blank line) is left alone.
+fn unfold(m: &mut [u8]) {
+    let mut i = 0;
+    while let Some(off) = memchr::memchr(b'\n', &m[i..]) {
+        let lf = i + off;
+        match m.get(lf + 1) {
+            Some(b' ' | b'\t') if lf > 0 && m[lf - 1] == b'\r' => {
+                m[lf - 1] = b' ';
+                m[lf] = b' ';
+            }
+            Some(b'\r') | None => break,
+            _ => {}
+        }
+        i = lf + 1;
     }
 }
 
@@ -602,6 +628,50 @@ To: <sip:bob@example.com>;tag=x\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-I
         assert!(!with(REQ, |m| Editor::new(m).strip_overload_feedback(1)));
         let advertised = b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS p;branch=z9hG4bKp\r\nVia: SIP/2.0/TLS a;branch=z9hG4bKa;oc\r\nTo: <sip:b@e>;tag=x\r\nFrom: <sip:a@e>;tag=1\r\nCall-ID: c\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
         assert!(!with(advertised, |m| Editor::new(m).strip_overload_feedback(1)));
+    }
+
+    #[test]
+    fn a_folded_line_goes_out_unfolded_and_the_body_untouched() {
+        // Request smuggling: a fold is part of the Subject here; Kamailio's and OpenSIPS's
+        // stream readers take the folded ` l: 0` for a Content-Length, end the message at
+        // the blank line and read the body — a second request — as a new one.
+        let smuggle = b"INVITE sip:x@partner.example SIP/2.0\r\n\
+Via: SIP/2.0/TLS 10.0.0.5;branch=z9hG4bKa1\r\n\
+From: <sip:alice@example.com>;tag=1\r\n\
+To: <sip:x@partner.example>\r\n\
+Call-ID: c1\r\n\
+CSeq: 1 INVITE\r\n\
+Subject: x\r\n l: 0\r\n\
+Content-Length: 29\r\n\
+\r\n\
+INVITE sip:y SIP/2.0\r\n\t\r\n a\r\n";
+        let out = with(smuggle, |m| {
+            assert!(m.folded());
+            let mut e = Editor::new(m);
+            e.set_max_forwards(69);
+            e.finish()
+        });
+        let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let (head, body) = out.split_at(head_end);
+        let head = String::from_utf8_lossy(head);
+        assert!(head.contains("Subject: x   l: 0\r\n"), "{head}");
+        assert!(
+            !head.contains("\r\n ") && !head.contains("\r\n\t"),
+            "a line of the head starts with white space: {head}"
+        );
+        assert_eq!(
+            body, b"INVITE sip:y SIP/2.0\r\n\t\r\n a\r\n",
+            "the body is not ours"
+        );
+        assert_eq!(out.len(), smuggle.len() + "Max-Forwards: 69\r\n".len());
+        // Unfolded, it still parses the same: one message, the same body.
+        with(&out, |m| {
+            assert!(!m.folded());
+            assert_eq!(m.content_length(), Some(29));
+            assert_eq!(m.body(), body);
+        });
+        // Without a fold nothing is touched.
+        assert_eq!(with(REQ, |m| Editor::new(m).finish()), REQ);
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub struct Message<'b, 'h> {
     headers: &'h [Header<'b>],
     head_len: usize,
     content_length: Option<usize>,
+    /// Whether a header line was folded (continued on a line that starts with SP/HT).
+    folded: bool,
 }
 
 /// The headers every request and response must carry, typed (see [`Message::validate`]).
@@ -277,6 +279,7 @@ fn parse_inner<'b, 'h>(
     let mut count = 0;
     let mut pos = nl + 1;
     let mut content_length: Option<usize> = None;
+    let mut folded = false;
     let head_len = loop {
         if pos >= buf.len() {
             return partial_or(buf, limits);
@@ -304,7 +307,10 @@ fn parse_inner<'b, 'h>(
                 return Err(ParseError::InvalidLineEnding);
             }
             match buf.get(lf + 1) {
-                Some(b' ' | b'\t') => end = lf + 1,
+                Some(b' ' | b'\t') => {
+                    end = lf + 1;
+                    folded = true;
+                }
                 Some(_) => break lf + 1,
                 None => return partial_or(buf, limits),
             }
@@ -337,6 +343,16 @@ fn parse_inner<'b, 'h>(
             value.as_ptr() as usize - buf.as_ptr() as usize
         };
         let hname = HeaderName::from_bytes(name);
+        // `Content_Length` is Content-Length to Kamailio's and OpenSIPS's stream readers
+        // (their state machine takes `_` for `-`), a header we would not know: the two would
+        // frame the message differently, and what we forward could carry a second request
+        // in its body. Refused.
+        if hname == HeaderName::Other
+            && name.len() == 14
+            && name.eq_ignore_ascii_case(b"Content_Length")
+        {
+            return Err(ParseError::InvalidHeaderName);
+        }
         if hname == HeaderName::ContentLength {
             let n = text::parse_u64(value).ok_or(ParseError::InvalidContentLength)?;
             if content_length.is_some() {
@@ -395,6 +411,7 @@ fn parse_inner<'b, 'h>(
         headers: &headers[..count],
         head_len,
         content_length,
+        folded,
     }))
 }
 
@@ -608,6 +625,12 @@ impl<'b, 'h> Message<'b, 'h> {
     /// The `Content-Length` value, if the header is present.
     pub fn content_length(&self) -> Option<usize> {
         self.content_length
+    }
+
+    /// Whether a header line was folded (RFC 3261 §7.3.1: continued on a line that starts
+    /// with SP or HT). What the proxy forwards is unfolded ([`crate::edit::Editor`]).
+    pub fn folded(&self) -> bool {
+        self.folded
     }
 
     /// The topmost Via value (unparsed), as found in the first Via header.

@@ -768,9 +768,29 @@ fn all_in(msg: &Message<'_, '_>, name: HeaderName, domains: &[String]) -> bool {
     };
     values.iter().all(|v| {
         NameAddr::parse(v.value)
+            .filter(|na| !ambiguous_params(na.params))
             .and_then(|na| host_of(na.uri))
             .is_some_and(|h| in_list(&h, domains))
     })
+}
+
+/// Does a name-addr's parameter part hold a `<` or `>` outside a quoted string? No
+/// parameter value may (RFC 3261 §25.1: token, host or quoted-string); one that does is
+/// where parsers part ways: `<sip:a@partner>;x=<y, <sip:ceo@ours>` is one identity to our
+/// comma splitter (the `<` opens a bracket) and two to Kamailio's, the second ours.
+fn ambiguous_params(params: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(off) = memchr::memchr3(b'<', b'>', b'"', &params[i..]) {
+        let at = i + off;
+        if params[at] != b'"' {
+            return true;
+        }
+        match text::skip_quoted(params, at + 1) {
+            Some(next) => i = next,
+            None => return true,
+        }
+    }
+    false
 }
 
 /// Does the request ask that its asserted identity be withheld (`Privacy: id`, RFC 3325)?
@@ -1452,6 +1472,34 @@ mod tests {
                     "P-Asserted-Identity: <sip:x@peer-a.test>\r\n",
                 ),
                 &in_dialog,
+                0,
+            ),
+            (
+                // A `<` in a parameter value: one identity to our splitter, two to
+                // Kamailio's (the second ours). Refused like an unreadable one.
+                "partner PAI hiding a second identity in a parameter",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: <sip:x@peer-a.test>;x=<y, <sip:ceo@example.com>\r\n",
+                ),
+                &local,
+                403,
+            ),
+            (
+                "partner PAI with a quoted parameter holding brackets",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: <sip:x@peer-a.test>;note=\"<a>\"\r\n",
+                ),
+                &local,
                 0,
             ),
             (
