@@ -5,12 +5,17 @@
 //! `icount parse N`     — parse + validate the INVITE, REGISTER and 200 OK fixtures
 //! `icount handshake N` — full in-memory TLS 1.3 handshakes (ECDSA P-256, X25519), client and
 //!                        server, with sipring's sessions
+//! `icount forward N`   — parse + validate the INVITE fixture, then the proxy's forwarding
+//!                        edit (Via, Max-Forwards, Record-Route, Request-URI), as the
+//!                        `proxy_edit/invite` criterion bench does
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{PrivateKeyDer, ServerName};
 use sipring::tls::pki::{Ca, Spec};
 use sipring::tls::session::TlsSession;
 use sipring_benches::{INVITE, OK_200, REGISTER};
+use sipring_core::policy::IdentityEdit;
+use sipring_core::proxy::{Flow, Hop, Proxy, ProxyConfig};
 use sipring_core::{Framing, Header, Limits, Status, parse};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -22,6 +27,36 @@ fn parse_validate(bytes: &[u8]) -> usize {
         Ok(Status::Complete(m)) => m.validate(&limits).expect("valid fixture").via_count,
         other => panic!("fixture did not parse: {other:?}"),
     }
+}
+
+fn forward(proxy: &Proxy, bytes: &[u8]) -> usize {
+    let (a, b) = (Flow::Conn(1), Flow::Conn(2));
+    let iface = proxy.default_interface();
+    let mut h = [Header::EMPTY; 64];
+    let limits = Limits::default();
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
+        panic!("fixture did not parse")
+    };
+    let e = m.validate(&limits).expect("valid fixture");
+    let branch = Proxy::branch(&m, &e, 7);
+    proxy
+        .forward_request(
+            &m,
+            &e,
+            &branch,
+            Some(b"sip:bob@203.0.113.7:49152;transport=tls"),
+            &Hop {
+                inbound: &a,
+                outbound: &b,
+                in_iface: &iface,
+                out_iface: &iface,
+                source: None,
+                ident: &IdentityEdit::default(),
+                path: &[],
+                overload_control: false,
+            },
+        )
+        .len()
 }
 
 fn handshake(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::ServerConfig>) {
@@ -76,7 +111,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(what), Some(n)) = (args.get(1), args.get(2).and_then(|n| n.parse::<u64>().ok()))
     else {
-        eprintln!("usage: icount parse|handshake N");
+        eprintln!("usage: icount parse|forward|handshake N");
         std::process::exit(2);
     };
     match what.as_str() {
@@ -86,6 +121,14 @@ fn main() {
                 for m in [INVITE, REGISTER, OK_200] {
                     sum += parse_validate(black_box(m));
                 }
+            }
+            black_box(sum);
+        }
+        "forward" => {
+            let proxy = Proxy::new(ProxyConfig::default());
+            let mut sum = 0;
+            for _ in 0..n {
+                sum += forward(&proxy, black_box(INVITE));
             }
             black_box(sum);
         }
