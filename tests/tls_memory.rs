@@ -335,6 +335,26 @@ fn inbound_partner_acceptance_and_every_rejection_reason() {
             Ok(()),
             "TLS {v} serverAuth-only"
         );
+        // RFC 5924: a SIP domain certificate (id-kp-sipDomain), or one for any purpose.
+        for usage in [Usage::SipDomain, Usage::Any] {
+            let c = w
+                .alpha
+                .issue(&Spec {
+                    usage,
+                    ..spec("sip.alpha.example")
+                })
+                .unwrap();
+            assert_eq!(
+                inbound(&w, &policy, v, Some(&c)),
+                Ok(()),
+                "TLS {v} {usage:?}"
+            );
+            assert_eq!(
+                outbound(&w, &policy, v, "alpha", &c),
+                Ok(Some("sip.alpha.example".into())),
+                "TLS {v} {usage:?}, dialled"
+            );
+        }
         // A SIP URI SAN alone identifies the server (RFC 5922).
         let uri_only = w
             .alpha

@@ -23,6 +23,10 @@ pub enum Usage {
     ClientOnly,
     /// Neither (codeSigning): must be refused for TLS.
     CodeSigning,
+    /// id-kp-sipDomain only (RFC 5924): a SIP domain certificate.
+    SipDomain,
+    /// anyExtendedKeyUsage only.
+    Any,
 }
 
 /// How to issue one certificate.
@@ -194,6 +198,10 @@ impl Ca {
             Usage::ServerOnly => vec![ExtendedKeyUsagePurpose::ServerAuth],
             Usage::ClientOnly => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Usage::CodeSigning => vec![ExtendedKeyUsagePurpose::CodeSigning],
+            Usage::SipDomain => vec![ExtendedKeyUsagePurpose::Other(vec![
+                1, 3, 6, 1, 5, 5, 7, 3, 20,
+            ])],
+            Usage::Any => vec![ExtendedKeyUsagePurpose::Any],
         };
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

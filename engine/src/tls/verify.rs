@@ -260,6 +260,10 @@ fn reject(
 
 const SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
 const CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+/// id-kp-sipDomain, 1.3.6.1.5.5.7.3.20 (RFC 5924 §4).
+const SIP_DOMAIN: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x14];
+/// anyExtendedKeyUsage, 2.5.29.37.0 (RFC 5280 §4.2.1.12).
+const ANY_EKU: &[u8] = &[0x55, 0x1d, 0x25, 0x00];
 
 /// EKU policy (or no EKU extension at all, RFC 5280 "any"). A partner that dials us
 /// presents the certificate it serves with as often as a client one, so inbound either
@@ -281,7 +285,11 @@ impl ExtendedKeyUsageValidator for TlsEku {
         for id in iter {
             let id = id?;
             any = true;
+            // RFC 5924 §5: a certificate whose EKU names id-kp-sipDomain (or any purpose)
+            // is a SIP domain certificate, for either end of a SIP-over-TLS link.
             if id == KeyPurposeId::new(SERVER_AUTH)
+                || id == KeyPurposeId::new(SIP_DOMAIN)
+                || id == KeyPurposeId::new(ANY_EKU)
                 || (!self.server_only && id == KeyPurposeId::new(CLIENT_AUTH))
             {
                 return Ok(());
