@@ -336,8 +336,8 @@ struct State {
     writing: RefCell<HashSet<String>>,
     /// Wakes the writer when `dirty` gains an entry or a write ends.
     wake: tokio::sync::Notify,
-    /// Writes that failed in a row (0 after any success): the retry backoff.
-    write_failures: std::cell::Cell<u32>,
+    /// Each AOR's failed writes in a row: its retry backoff.
+    write_failures: RefCell<WriteBackoff>,
     resync: Arc<AtomicU64>,
     /// This life holds the node's liveness key: until then nothing is written under the
     /// node's name (it may be another live process's), nor swept.
@@ -401,7 +401,7 @@ async fn run(
         dirty: RefCell::new(HashMap::new()),
         writing: RefCell::new(HashSet::new()),
         wake: tokio::sync::Notify::new(),
-        write_failures: std::cell::Cell::new(0),
+        write_failures: RefCell::new(WriteBackoff::default()),
         resync,
         claimed: std::cell::Cell::new(false),
         name_taken,
@@ -516,19 +516,43 @@ async fn write_dirty(st: Rc<State>) {
                 drop(permit);
                 if let Err(e) = written {
                     st.failed("write", &e);
-                    let n = st.write_failures.get().saturating_add(1);
-                    st.write_failures.set(n);
-                    let wait = WRITE_RETRY.saturating_mul(1 << (n - 1).min(6));
-                    tokio::time::sleep(wait.min(WRITE_RETRY_MAX)).await;
+                    let wait = st.write_failures.borrow_mut().failed(&aor);
+                    tokio::time::sleep(wait).await;
                     // A newer value that came meanwhile wins; else this one is tried again.
                     st.dirty.borrow_mut().entry(aor.clone()).or_insert(field);
                 } else {
-                    st.write_failures.set(0);
+                    st.write_failures.borrow_mut().succeeded(&aor);
                 }
                 st.writing.borrow_mut().remove(&aor);
                 st.wake.notify_one();
             });
         }
+    }
+}
+
+/// The retry backoff of failed writes, per AOR: [`WRITE_RETRY`] doubled per failure of that
+/// AOR in a row, up to [`WRITE_RETRY_MAX`]. One counter for all (as before) let the AORs of
+/// a master that failed over back each other off to 30 s, and let a success on a healthy
+/// master reset the backoff of AORs still failing on a dead one. Holds only AORs whose last
+/// write failed.
+#[derive(Debug, Default)]
+pub struct WriteBackoff {
+    failures: HashMap<String, u32>,
+}
+
+impl WriteBackoff {
+    /// `aor`'s write failed: how long to wait before trying it again.
+    pub fn failed(&mut self, aor: &str) -> Duration {
+        let n = self.failures.entry(aor.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        WRITE_RETRY
+            .saturating_mul(1 << (*n - 1).min(6))
+            .min(WRITE_RETRY_MAX)
+    }
+
+    /// `aor`'s write went through.
+    pub fn succeeded(&mut self, aor: &str) {
+        self.failures.remove(aor);
     }
 }
 
@@ -926,6 +950,28 @@ async fn heartbeat(st: Rc<State>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_backs_off_for_its_own_failures_only() {
+        let mut b = WriteBackoff::default();
+        // A master fails over: its AORs fail, each its own backoff from 500 ms.
+        assert_eq!(b.failed("a"), Duration::from_millis(500));
+        assert_eq!(b.failed("a"), Duration::from_secs(1));
+        for _ in 0..10 {
+            b.failed("a");
+        }
+        assert_eq!(b.failed("a"), WRITE_RETRY_MAX);
+        // Another AOR's first failure starts at 500 ms, not at a's 30 s...
+        assert_eq!(b.failed("b"), Duration::from_millis(500));
+        // ... and a success elsewhere does not reset a's.
+        b.succeeded("c");
+        assert_eq!(b.failed("a"), WRITE_RETRY_MAX);
+        b.succeeded("a");
+        assert_eq!(b.failed("a"), Duration::from_millis(500));
+        b.succeeded("a");
+        b.succeeded("b");
+        assert!(b.failures.is_empty(), "only failing AORs are held");
+    }
 
     #[test]
     fn a_store_address_in_a_log_line_has_no_password() {
