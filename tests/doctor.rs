@@ -19,6 +19,7 @@ fn healthy() -> HostFacts {
         cpus: 4,
         now: 1_800_000_000,
         clock_synced: Some(true),
+        allowed_cpus: 4,
     }
 }
 
@@ -156,11 +157,11 @@ fn each_host_check_fails_with_a_fix() {
 fn config_checks_shards_and_certificate_expiry() {
     let dir = TempDir::new("doctor");
     let ca = Ca::new("Doctor CA").unwrap();
-    let cert = |name: &str, days: i64| {
+    let cert = |name: &str, hours: i64| {
         let i = ca
             .issue(&Spec {
                 valid_from: time::Duration::days(-400),
-                valid_until: time::Duration::days(days),
+                valid_until: time::Duration::hours(hours),
                 ..Spec::server("sip.example.com")
             })
             .unwrap();
@@ -183,12 +184,14 @@ fn config_checks_shards_and_certificate_expiry() {
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let facts = HostFacts { now, ..healthy() };
-    for (name, days, want) in [
-        ("ok", 200, Verdict::Pass),
-        ("soon", 10, Verdict::Warn),
-        ("expired", -3, Verdict::Fail),
+    for (name, hours, want) in [
+        ("ok", 200 * 24, Verdict::Pass),
+        ("soon", 10 * 24, Verdict::Warn),
+        ("expired", -3 * 24, Verdict::Fail),
+        // An hour ago: expired, not "expires in 0 days" (a warning, exit status 0).
+        ("just-gone", -1, Verdict::Fail),
     ] {
-        let cfg = cfg_with(cert(name, days));
+        let cfg = cfg_with(cert(name, hours));
         let checks = run(&facts, Some(Ok(&cfg)));
         let c = checks
             .iter()
@@ -196,7 +199,7 @@ fn config_checks_shards_and_certificate_expiry() {
             .unwrap();
         assert_eq!(c.verdict, want, "{c:?}");
     }
-    let mut cfg = cfg_with(cert("ok2", 200));
+    let mut cfg = cfg_with(cert("ok2", 200 * 24));
     cfg.server.shards = 64;
     let checks = run(&facts, Some(Ok(&cfg)));
     assert_eq!(verdict(&checks, "shards vs CPUs"), Verdict::Warn);
@@ -212,7 +215,27 @@ fn config_checks_shards_and_certificate_expiry() {
     );
     let broken = run(&facts, Some(Err("x.toml: listen: missing".into())));
     assert_eq!(verdict(&broken, "config"), Verdict::Fail);
-    let mut cfg = cfg_with(cert("ok3", 200));
+    // What `start` would refuse: pinned shards that do not fit the allowed CPUs, a broken
+    // subscriber file, a short node secret.
+    let mut cfg = cfg_with(cert("ok4", 200 * 24));
+    cfg.server.shards = 2;
+    cfg.server.first_cpu = 3;
+    assert_eq!(
+        verdict(&run(&facts, Some(Ok(&cfg))), "shard placement"),
+        Verdict::Fail
+    );
+    cfg.server.first_cpu = 2;
+    let checks = run(&facts, Some(Ok(&cfg)));
+    assert!(
+        checks.iter().all(|c| c.name != "shard placement"),
+        "{checks:?}"
+    );
+    cfg.auth.subscribers = Some(dir.write("subs.toml", "[[subscriber]]\nusername = \"a\"\n"));
+    cfg.auth.secret_file = Some(dir.write("secret", "short"));
+    let checks = run(&facts, Some(Ok(&cfg)));
+    assert_eq!(verdict(&checks, "subscribers"), Verdict::Fail);
+    assert_eq!(verdict(&checks, "auth.secret_file"), Verdict::Fail);
+    let mut cfg = cfg_with(cert("ok3", 200 * 24));
     cfg.tls.certificate[0].key = dir.write("bad.key", "junk");
     assert_eq!(
         verdict(&run(&facts, Some(Ok(&cfg))), "certificates"),

@@ -51,9 +51,10 @@ pub struct HostFacts {
     pub cpus: usize,
     /// Now, Unix seconds (for certificate expiry).
     pub now: i64,
-    /// Wall clock minus a monotonic-derived estimate is not available portably; instead
-    /// this is whether the system clock is synchronised (adjtimex), if known.
+    /// Whether the system clock is synchronised (adjtimex), if the kernel says.
     pub clock_synced: Option<bool>,
+    /// The CPUs this process may run on (sched_getaffinity), for `server.first_cpu`.
+    pub allowed_cpus: usize,
 }
 
 /// The recommended sysctls (the `tuning/sysctl.conf` profile).
@@ -101,7 +102,8 @@ impl HostFacts {
             now: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
-            clock_synced: None,
+            clock_synced: crate::sys::probe::clock_synced(),
+            allowed_cpus: crate::sys::cpus::allowed().len(),
         }
     }
 }
@@ -287,6 +289,35 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                     "set server.shards to at most the CPU count (0 = one per CPU)",
                 )
             });
+            // What `start` refuses, the doctor must not pass: pinned shards from
+            // `first_cpu` on must fit the CPUs this process may use.
+            if c.server.pin_shards && c.server.first_cpu + n > f.allowed_cpus {
+                out.push(check(
+                    "shard placement",
+                    Fail,
+                    format!(
+                        "{n} pinned shards from allowed CPU {} do not fit the {} CPUs this process may use",
+                        c.server.first_cpu, f.allowed_cpus
+                    ),
+                    "lower server.first_cpu or server.shards (or widen the CPU set: taskset, CPUAffinity=)",
+                ));
+            }
+            if let Err(e) = crate::auth::subscribers(c) {
+                out.push(check(
+                    "subscribers",
+                    Fail,
+                    e,
+                    "fix the subscriber file (`sipring subscriber` writes entries)",
+                ));
+            }
+            if let Err(e) = crate::auth::node_key(c) {
+                out.push(check(
+                    "auth.secret_file",
+                    Fail,
+                    e,
+                    "at least 32 bytes, readable by sipring (e.g. `head -c 32 /dev/urandom`)",
+                ));
+            }
             match crate::tls::TlsPolicy::load(c) {
                 Err(e) => out.push(check(
                     "certificates",
@@ -296,13 +327,16 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                 )),
                 Ok(p) => {
                     for cert in &p.certs {
-                        let days = (cert.not_after - f.now) / 86_400;
+                        let left = cert.not_after - f.now;
+                        let days = left.div_euclid(86_400);
                         let name = format!("certificate {}", cert.file.display());
-                        out.push(if days < 0 {
+                        // Expired is expired, however recently (an hour ago read as
+                        // "expires in 0 days", a warning with exit status 0).
+                        out.push(if left < 0 {
                             check(
                                 &name,
                                 Fail,
-                                format!("expired {} days ago", -days),
+                                format!("expired {} days ago", (-left as u64).div_ceil(86_400)),
                                 "renew it, then `kill -HUP` or POST /reload",
                             )
                         } else if days <= 30 {

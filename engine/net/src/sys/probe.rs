@@ -22,6 +22,25 @@ pub fn io_uring() -> Result<(), String> {
     })
 }
 
+/// Is the system clock synchronised (NTP/PTP, as the kernel knows it)? `None` when the
+/// kernel does not say. Certificate validity, CRL due dates and the cluster's absolute
+/// binding expiries all read this clock.
+pub fn clock_synced() -> Option<bool> {
+    // SAFETY: an all-zero `struct timex` is a valid value (it is plain data); with `modes`
+    // 0 adjtimex only reads the kernel's clock state into the struct the pointer names,
+    // which lives on this stack frame for the whole call.
+    let mut t: libc::timex = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    let state = unsafe { libc::adjtimex(&mut t) };
+    match state {
+        -1 => None,
+        // TIME_ERROR: the clock is not synchronised (STA_UNSYNC, or the NTP daemon stopped
+        // telling the kernel).
+        libc::TIME_ERROR => Some(false),
+        _ => Some(t.status & libc::STA_UNSYNC == 0),
+    }
+}
+
 /// The soft and hard RLIMIT_MEMLOCK in bytes (`u64::MAX` = unlimited).
 pub fn memlock() -> (u64, u64) {
     rlimit(libc::RLIMIT_MEMLOCK)
