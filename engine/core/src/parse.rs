@@ -683,6 +683,12 @@ impl<'b, 'h> Message<'b, 'h> {
                     // The top Via is parsed fully (a proxy acts on it); the others are
                     // only counted, as RFC 3261 §16 needs nothing else from them.
                     let v = h.value;
+                    // No Via production holds `<` or `>` (RFC 3261 §25.1), and our comma
+                    // splitter reads one as a bracket: `a;x=<, SIP/2.0/TLS evil;…;y=>` was one
+                    // Via to us (branch `evil`'s) and two to Kamailio.
+                    if memchr::memchr2(b'<', b'>', v).is_some() {
+                        return Err(ParseError::InvalidHeader(HeaderName::Via));
+                    }
                     if top_via.is_none() {
                         let mut first = None;
                         text::split_commas(v, |a, b| {

@@ -109,6 +109,15 @@ fn limits_are_distinct_errors() {
     };
     assert_eq!(m.validate(&vias), Err(ParseError::TooManyVias));
     assert_eq!(m.validate(&Limits::default()).unwrap().via_count, 2);
+    // A `<` in a Via: one Via to our comma splitter (branch `evil`'s), two to Kamailio.
+    let merged = b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/TLS a;x=<, SIP/2.0/TLS evil;branch=z9hG4bKevil;y=>\r\nTo: <sip:a@b>\r\nFrom: <sip:c@d>;tag=1\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\nl: 0\r\n\r\n";
+    let Ok(Status::Complete(m)) = parse(merged, &mut h, &Limits::default(), Framing::Stream) else {
+        panic!()
+    };
+    assert_eq!(
+        m.validate(&Limits::default()),
+        Err(ParseError::InvalidHeader(HeaderName::Via))
+    );
     // Every limit error maps to its own response and closes where framing is lost.
     assert_eq!(ParseError::TooManyHeaders.response().0, 513);
     assert_eq!(ParseError::BodyTooLarge.response().0, 413);
