@@ -1072,6 +1072,35 @@ fn a_draining_node_refuses_new_work_and_finishes_its_calls() {
 }
 
 #[test]
+fn a_draining_node_passes_a_dialog_request_from_a_reconnected_ua_to_a_partner() {
+    // alice called the carrier, then her phone reconnected (new connection): her BYE follows
+    // our signed route, whose token falls back to the carrier's link (ToPeer). It is inside
+    // a dialog; the drain (and the overload door) let it through.
+    let (carrier, mut n) = carrier_net();
+    let inv = "INVITE sip:x@carrier.example SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKdp1\r\nMax-Forwards: 70\r\nTo: <sip:x@carrier.example>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: drain-peer\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&A, inv.as_bytes());
+    n.take(&A);
+    let fwd = n.one(&carrier);
+    let route = with_msg(&fwd, |m, _| {
+        m.header(HeaderName::RecordRoute)
+            .map(|h| h.value.to_vec())
+            .expect("Record-Route")
+    });
+    n.send(&carrier, &answer(&fwd, 200, "OK", "c1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    n.proxy.set_draining();
+    let bye = format!(
+        "BYE sip:x@192.0.2.7 SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKdp2\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:x@carrier.example>;tag=c1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: drain-peer\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&route)
+    );
+    n.send(&B2, bye.as_bytes());
+    let got = n.take(&carrier);
+    assert_eq!(got.len(), 1, "the BYE reaches the carrier");
+    assert_eq!(method(&got[0]), "BYE");
+    assert_eq!(n.proxy.stats().drained, 0);
+}
+
+#[test]
 fn partial_admission_spreads_what_it_admits_evenly() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");

@@ -181,11 +181,13 @@ fn partner_client(w: &World, v: &str, cert: Option<&Issued>) -> Arc<ClientConfig
     })
 }
 
-/// A partner's server we connect to, presenting `cert` and requiring our client cert.
-fn partner_server(
+/// A partner's server we connect to, presenting `chain` (leaf first) and requiring our
+/// client certificate.
+fn partner_server_chain(
     w: &World,
     v: &str,
-    cert: &Issued,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
     sni_seen: Arc<Mutex<Option<String>>>,
 ) -> Arc<ServerConfig> {
     #[derive(Debug)]
@@ -197,7 +199,7 @@ fn partner_server(
         }
     }
     let p = provider();
-    let ck = CertifiedKey::from_der(vec![cert.der.clone()], key_of(cert), &p).unwrap();
+    let ck = CertifiedKey::from_der(chain, key, &p).unwrap();
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(w.ours_roots(), p.clone())
             .build()
@@ -297,10 +299,22 @@ fn outbound(
     peer: &str,
     cert: &Issued,
 ) -> Result<Option<String>, Rejection> {
+    outbound_chain(w, policy, v, peer, vec![cert.der.clone()], key_of(cert))
+}
+
+/// [`outbound`] to a partner server presenting a chain (leaf first).
+fn outbound_chain(
+    w: &World,
+    policy: &TlsPolicy,
+    v: &str,
+    peer: &str,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Option<String>, Rejection> {
     let sni = Arc::new(Mutex::new(None));
     let (cc, name) = policy.outbound.get(peer).cloned().expect("peer configured");
     let mut c = TlsSession::client(cc, name).unwrap();
-    let mut s = TlsSession::server(partner_server(w, v, cert, sni.clone())).unwrap();
+    let mut s = TlsSession::server(partner_server_chain(w, v, chain, key, sni.clone())).unwrap();
     let (cr, sr) = transfer(&mut c, &mut s);
     if let Err(e) = cr {
         return Err(sipring::tls::classify(&e).0);
@@ -922,6 +936,27 @@ fn a_sub_ca_limited_to_its_domain_cannot_name_another_partner_by_uri_or_cn() {
         ..spec("sip.zeta.example")
     };
     assert_eq!(via_sub(cn_only), Err(Rejection::NameNotTrusted), "CN");
+    // Outbound the same: dialling Zeta, a server with Alpha's sub-CA's `sip:sip.zeta.example`
+    // certificate is not Zeta.
+    let leaf = sub
+        .issue(&Spec {
+            dns: Vec::new(),
+            uris: vec!["sip:sip.zeta.example".into()],
+            ..spec("sip.alpha.example")
+        })
+        .unwrap();
+    assert_eq!(
+        outbound_chain(
+            &w,
+            &policy,
+            "1.3",
+            "zeta",
+            vec![leaf.der.clone(), sub.cert.der.clone()],
+            key_of(&leaf)
+        ),
+        Err(Rejection::NameMismatch),
+        "outbound"
+    );
     // A dNSName outside the constraint: webpki refuses the chain itself.
     assert!(via_sub(spec("sip.zeta.example")).is_err(), "dNSName");
 }

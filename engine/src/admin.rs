@@ -88,7 +88,10 @@ fn handle(
     reloader: &Reloader,
     remote_reload: bool,
 ) -> std::io::Result<()> {
-    let local_peer = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+    // `::ffff:127.0.0.1` (a local client of an `[::]` listener) is loopback too.
+    let local_peer = stream
+        .peer_addr()
+        .is_ok_and(|a| a.ip().to_canonical().is_loopback());
     let deadline = Instant::now() + DEADLINE;
     let left = || {
         deadline

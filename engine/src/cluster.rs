@@ -258,10 +258,10 @@ pub fn bad_seed(store: &[String]) -> Option<String> {
 pub fn without_password(addr: &str) -> String {
     match addr.split_once("://") {
         Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-                format!("{scheme}://{user}:…@{host}")
-            }
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:…@{host}"),
+                None => addr.to_string(), // a user name alone: nothing secret
+            },
             None => addr.to_string(),
         },
         None => addr.to_string(),
@@ -982,6 +982,7 @@ mod tests {
         assert_eq!(without_password("rediss://:pw@h:1"), "rediss://:…@h:1");
         assert_eq!(without_password("10.0.0.1:7000"), "10.0.0.1:7000");
         assert_eq!(without_password("redis://h:1"), "redis://h:1");
+        assert_eq!(without_password("redis://user@h:1"), "redis://user@h:1");
     }
 
     #[test]

@@ -1113,6 +1113,7 @@ impl Config {
             }
             if c.heartbeat_ms == 0
                 || c.heartbeat_ms > 3_600_000
+                || c.liveness_ms > 3_600_000
                 || c.liveness_ms < 2 * c.heartbeat_ms
             {
                 e(

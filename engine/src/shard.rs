@@ -36,7 +36,7 @@ use sipring_core::stateful::{Output, ShardProxy};
 use sipring_core::transaction::TimerConfig;
 use sipring_core::{Framing, Header, Status, parse};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -350,6 +350,9 @@ struct ClusterLink {
     removals: RefCell<HashMap<u64, Vec<u8>>>,
     /// The last removal token's number.
     removal_seq: Cell<u64>,
+    /// AORs whose removal could not be asked for (the store's queue was full): their next
+    /// REGISTER asks again, even a refresh. Bounded like `removals`.
+    removal_retry: RefCell<HashSet<String>>,
     /// The store's resync generation this shard has answered, and the AORs it still has to
     /// write again for it (a few thousand per tick, so a large table does not flood the
     /// write queue).
@@ -549,6 +552,7 @@ impl Shard {
                 waiting: RefCell::new(HashMap::new()),
                 removals: RefCell::new(HashMap::new()),
                 removal_seq: Cell::new(0),
+                removal_retry: RefCell::new(HashSet::new()),
                 resync: RefCell::new((0, Vec::new())),
             }
         });
@@ -1085,9 +1089,15 @@ impl Shard {
     /// `request` (answered 200 here) removes ([`Shard::on_store_reply`] sends it).
     fn remove_elsewhere(&self, aor: &str, request: &[u8]) {
         let Some(c) = &self.cluster else { return };
-        if c.removals.borrow().len() >= MAX_REMOVALS_WAITING {
+        let full = || {
             self.count("sipring_store_total{op=\"removal\",result=\"queue_full\"}");
-            return;
+            let mut retry = c.removal_retry.borrow_mut();
+            if retry.len() < MAX_REMOVALS_WAITING {
+                retry.insert(aor.to_string());
+            }
+        };
+        if c.removals.borrow().len() >= MAX_REMOVALS_WAITING {
+            return full();
         }
         c.removal_seq.set(c.removal_seq.get() + 1);
         let token = REMOVAL_TOKEN | c.removal_seq.get();
@@ -1095,7 +1105,7 @@ impl Shard {
             c.removals.borrow_mut().insert(token, request.to_vec());
             self.count("sipring_store_total{op=\"removal\",result=\"asked\"}");
         } else {
-            self.count("sipring_store_total{op=\"removal\",result=\"queue_full\"}");
+            full();
         }
     }
 
@@ -1334,9 +1344,11 @@ impl Shard {
             // binding this node already holds asks nothing (the store read is what the
             // fan-out costs: one per refresh of every phone, before); the move that put
             // the binding here already removed it elsewhere.
+            let retry = |c: &ClusterLink| c.removal_retry.borrow_mut().remove(aor);
             if flow != NODE_FLOW
-                && self.cluster.is_some()
-                && (bound_here || sipring_core::registrar::removes_any(&m))
+                && self.cluster.as_ref().is_some_and(|c| {
+                    retry(c) || bound_here || sipring_core::registrar::removes_any(&m)
+                })
                 && sipring_core::registrar::removals_for_nodes(
                     &m,
                     self.registrar.config().default_expires,

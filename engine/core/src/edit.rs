@@ -438,8 +438,9 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
 }
 
 /// Replaces the CRLF of every folded line in a message's head with two spaces; the body
-/// (after the blank line) is left alone.
-fn unfold(m: &mut [u8]) {
+/// (after the blank line) is left alone. For every message sipring sends that carries
+/// header text it received: see [`Editor::write_into`].
+pub fn unfold(m: &mut [u8]) {
     let mut i = 0;
     while let Some(off) = memchr::memchr(b'\n', &m[i..]) {
         let lf = i + off;

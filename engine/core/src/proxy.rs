@@ -607,6 +607,34 @@ impl Proxy {
         n
     }
 
+    /// Does `msg` follow one of our dialog routes (a Route of ours, or a strict router's
+    /// Request-URI, with flow tokens, before any Route that is not ours)? What
+    /// [`Proxy::decide`] routes by [`Proxy::dialog_route`]; for the door of an overloaded or
+    /// draining shard, which lets requests inside our dialogs pass even when the token's
+    /// fallback routes them to a partner (`ToPeer`: a UA that reconnected). Only consulted
+    /// after `decide` accepted the token (a forged one is refused there).
+    pub fn follows_our_dialog_route(&self, msg: &Message<'_, '_>) -> bool {
+        let has_tokens = |u: &Uri<'_>| u.param("fi").is_some() || u.param("fo").is_some();
+        if let Some(ruri) = msg.request_uri().and_then(|u| Uri::parse(u).ok())
+            && ruri.param("fi").is_some()
+            && self.is_self_uri(&ruri)
+        {
+            return true;
+        }
+        for r in msg.values(HeaderName::Route) {
+            let Some(uri) = NameAddr::parse(r.value).map(|na| na.uri()) else {
+                return false;
+            };
+            if !self.is_self_uri(&uri) {
+                return false;
+            }
+            if has_tokens(&uri) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// A request on one of our dialog routes (`uri` is our Record-Route with its flow
     /// tokens): only a route we signed, for this dialog, is followed.
     fn dialog_route(

@@ -693,10 +693,12 @@ impl Registrar {
             .map(|h| parse_expires(h.value).unwrap_or(self.cfg.default_expires));
         let call_id = String::from_utf8_lossy(ess.call_id).into_owned();
         let cseq = ess.cseq.seq;
+        // Unfolded as it is stored: it goes out as Route on every request to the binding
+        // (a fold kept in it would be a header of its own to the edge proxy downstream).
         let path: Vec<String> = msg
             .values(HeaderName::Path)
             .iter()
-            .map(|v| String::from_utf8_lossy(v.value).into_owned())
+            .map(|v| String::from_utf8_lossy(v.value).replace(['\r', '\n'], " "))
             .collect();
         // Stored with every binding and replayed as Route on each request to it: bounded
         // like the Contact it goes with.
@@ -1456,6 +1458,18 @@ mod tests {
                 "<sip:edge1.example.net;lr>".to_string(),
                 "<sip:edge2.example.net;lr>".to_string()
             ]
+        );
+        // A fold inside a Path value is stored unfolded: the Path goes out as a Route on
+        // every request to the binding, where a fold would be a header of its own to the
+        // edge proxy (` l: 0`, a Content-Length to Kamailio's stream reader).
+        let folded = "Contact: <sip:alice@192.0.2.9>\r\nPath: <sip:edge1.example.net;lr>;x=\"a\r\n l: 0\"\r\n";
+        let mut fresh = MemoryStore::default();
+        assert_eq!(register(&reg, &mut fresh, t0, folded, 1, 6).code, 200);
+        let b = reg.lookup(t0, &fresh, "sip:alice@example.com");
+        assert!(
+            b[0].path.iter().all(|p| !p.contains(['\r', '\n'])),
+            "{:?}",
+            b[0].path
         );
         // Without `Supported: path` the Path is still used, but not echoed (RFC 3327 §5.3).
         let r = register(&reg, &mut st, t0, via_edge, 2, 5);

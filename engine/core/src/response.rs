@@ -77,6 +77,11 @@ pub fn response_to(
         }
         None => out.extend_from_slice(b"Content-Length: 0\r\n\r\n"),
     }
+    // What we copied is unfolded, as what we forward is ([`crate::edit::unfold`]): a fold
+    // passed back to a partner that relayed it is read as a header of its own there.
+    if req.folded() {
+        crate::edit::unfold(&mut out);
+    }
     out
 }
 
@@ -188,6 +193,7 @@ pub fn error_response(buf: &[u8], err: ParseError, to_tag: &[u8]) -> Option<Vec<
     out.extend_from_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
     copy_dialog_headers(&headers, buf, &mut out, Some(to_tag), &[]);
     out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+    crate::edit::unfold(&mut out);
     Some(out)
 }
 
@@ -256,6 +262,9 @@ pub fn ack_for_non_2xx(invite: &Message<'_, '_>, response: &Message<'_, '_>) -> 
     let cseq = crate::values::CSeq::parse(invite.header(HeaderName::CSeq)?.value)?;
     put(&mut out, "CSeq", format!("{} ACK", cseq.seq).as_bytes());
     out.extend_from_slice(b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
+    if invite.folded() || response.folded() {
+        crate::edit::unfold(&mut out);
+    }
     Some(out)
 }
 
@@ -280,6 +289,9 @@ pub fn cancel_for(invite: &Message<'_, '_>) -> Option<Vec<u8>> {
     let cseq = crate::values::CSeq::parse(invite.header(HeaderName::CSeq)?.value)?;
     put(&mut out, "CSeq", format!("{} CANCEL", cseq.seq).as_bytes());
     out.extend_from_slice(b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
+    if invite.folded() {
+        crate::edit::unfold(&mut out);
+    }
     Some(out)
 }
 
@@ -341,6 +353,24 @@ Content-Length: 0\r\n\r\n";
             )
         });
         assert!(!String::from_utf8_lossy(&trying).contains("tag=x"));
+        // A folded From (a partner relays what its UA wrote) goes back unfolded, as what we
+        // forward does: to the partner's stream reader ` l: 0` would be a Content-Length.
+        let folded = String::from_utf8_lossy(INV)
+            .replacen("\r\nCall-ID:", ";x=y\r\n l: 0\r\nCall-ID:", 1)
+            .into_bytes();
+        let r = parsed(&folded, |m| {
+            assert!(m.folded());
+            response_to(
+                m,
+                407,
+                "Proxy Authentication Required",
+                ResponseParts::default(),
+            )
+        });
+        let s = String::from_utf8(r).unwrap();
+        assert!(!s.contains("\r\n ") && s.contains(";x=y   l: 0\r\n"), "{s}");
+        let e = error_response(&folded, ParseError::InvalidRequestUri, b"t").unwrap();
+        assert!(!String::from_utf8_lossy(&e).contains("\r\n "));
     }
 
     #[test]

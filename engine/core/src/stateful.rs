@@ -1059,14 +1059,18 @@ impl ShardProxy {
         // The door: new work under overload. What finishes admitted work passes — a CANCEL,
         // and a request in a dialog, which is one routed by a flow token we signed. A To-tag
         // alone proves nothing: anyone can write one on a new INVITE or a REGISTER.
-        if method != Method::Cancel && !matches!(decision, Decision::ToFlow(_)) && self.draining {
+        // A request our signed dialog route sends to a partner's link (the UA reconnected
+        // since: `ToPeer` by the token's fallback) is inside a dialog too.
+        let in_dialog = |proxy: &Proxy| match &decision {
+            Decision::ToFlow(_) => true,
+            Decision::ToPeer(_) => proxy.follows_our_dialog_route(msg),
+            _ => false,
+        };
+        if method != Method::Cancel && self.draining && !in_dialog(&self.proxy) {
             self.stats.drained += 1;
             return self.shed(flow, msg, ess.call_id);
         }
-        if method != Method::Cancel
-            && !matches!(decision, Decision::ToFlow(_))
-            && self.admission < 1.0
-        {
+        if method != Method::Cancel && self.admission < 1.0 && !in_dialog(&self.proxy) {
             let cooperating = self.oc_trust != oc::Trust::Off && self.cooperates(flow, ess);
             self.door.0 = self.door.0.saturating_add(1);
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));

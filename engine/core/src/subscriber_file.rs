@@ -58,7 +58,16 @@ impl SubscriberFile {
 /// its realm), in a configuration a store URL with its password, and errors reach logs and
 /// the admin endpoint's answers.
 pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim_end();
+    // serde's type errors quote the value (`invalid type: string "redis://u:pw@h", expected
+    // a sequence`): what is between double quotes is left out too.
+    let mut msg = String::new();
+    for (i, part) in e.message().trim_end().split('"').enumerate() {
+        if i % 2 == 0 {
+            msg.push_str(part);
+        } else {
+            msg.push_str("\"…\"");
+        }
+    }
     match e.span() {
         Some(span) => {
             let before = &text.as_bytes()[..span.start.min(text.len())];
@@ -66,7 +75,7 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
             format!("line {line}, column {col}: {msg}")
         }
-        None => msg.to_string(),
+        None => msg,
     }
 }
 
@@ -141,5 +150,11 @@ mod tests {
             SubscriberFile::parse(&format!("[[subscriber]]\nha1_sha256 = \"{hash}\n")).unwrap_err();
         assert!(!e.contains(hash), "{e}");
         assert!(e.starts_with("line 2, "), "{e}");
+        // A value of the wrong type: serde quotes it.
+        let e = SubscriberFile::parse(&format!(
+            "[[subscriber]]\nusername = \"a\"\naors = \"{hash}\"\n"
+        ))
+        .unwrap_err();
+        assert!(!e.contains(hash) && e.contains("invalid type"), "{e}");
     }
 }

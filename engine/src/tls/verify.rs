@@ -334,6 +334,9 @@ pub struct PeerTrust {
     pub server_name: String,
     anchors: Vec<TrustAnchor<'static>>,
     crls: Vec<CertRevocationList<'static>>,
+    /// The CRLs (by index) whose issuer an earlier one shares: each is also read first
+    /// ([`PeerTrust::verify_chain`]). Worked out once, at load; empty for most partners.
+    shared_issuer: Vec<usize>,
     unknown: UnknownStatusPolicy,
     subjects: Vec<DistinguishedName>,
 }
@@ -393,6 +396,9 @@ impl PeerTrust {
             allow_wildcards: p.allow_wildcards,
             server_name: p.server_name.to_ascii_lowercase(),
             anchors,
+            shared_issuer: (0..crls.len())
+                .filter(|&i| crls[..i].iter().any(|e| e.issuer() == crls[i].issuer()))
+                .collect(),
             crls,
             unknown: match p.unknown_revocation {
                 UnknownRevocation::Deny => UnknownStatusPolicy::Deny,
@@ -505,10 +511,8 @@ impl PeerTrust {
         }
         let mut passed = first.is_ok();
         let mut other = None;
-        for (i, c) in self.crls.iter().enumerate() {
-            if !self.crls[..i].iter().any(|e| e.issuer() == c.issuer()) {
-                continue;
-            }
+        for &i in &self.shared_issuer {
+            let c = &self.crls[i];
             let order: Vec<&CertRevocationList<'_>> = std::iter::once(c)
                 .chain(
                     self.crls
@@ -603,12 +607,17 @@ pub fn partner_of_chain(
     }
 }
 
-/// The end entity's summary, its identities limited to what the presented CA certificates'
-/// name constraints allow ([`within_name_constraints`]).
-fn chain_summary(ee: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> CertSummary {
-    let mut s = summarize(ee.as_ref()).unwrap_or_default();
-    within_name_constraints(&mut s.identities, intermediates);
-    s
+/// The end entity's summary (what it presents, for log lines) and its identities limited
+/// to what the presented CA certificates' name constraints allow
+/// ([`within_name_constraints`]: what is matched).
+fn chain_summary(
+    ee: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> (CertSummary, Vec<Identity>) {
+    let s = summarize(ee.as_ref()).unwrap_or_default();
+    let mut ids = s.identities.clone();
+    within_name_constraints(&mut ids, intermediates);
+    (s, ids)
 }
 
 /// Drops the identities that a presented CA certificate's dNSName name constraints (RFC 5280
@@ -821,12 +830,9 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let summary = chain_summary(ee, intermediates);
-        let candidates: Vec<&Arc<PeerTrust>> = self
-            .peers
-            .iter()
-            .filter(|p| p.trusts(&summary.identities))
-            .collect();
+        let (summary, ids) = chain_summary(ee, intermediates);
+        let candidates: Vec<&Arc<PeerTrust>> =
+            self.peers.iter().filter(|p| p.trusts(&ids)).collect();
         if candidates.is_empty() {
             return Err(reject(
                 Rejection::NameNotTrusted,
@@ -835,14 +841,7 @@ impl ClientCertVerifier for PeerClientVerifier {
                 "no partner lists this identity",
             ));
         }
-        let owners = owners(
-            &self.peers,
-            &self.algs,
-            &summary.identities,
-            ee,
-            intermediates,
-            now,
-        );
+        let owners = owners(&self.peers, &self.algs, &ids, ee, intermediates, now);
         match owners.as_slice() {
             // Its partner: now its full checks (CRLs, their freshness).
             [p] => {
@@ -941,7 +940,7 @@ impl ServerCertVerifier for PeerServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let summary = chain_summary(ee, intermediates);
+        let (summary, ids) = chain_summary(ee, intermediates);
         let p = &self.peer;
         if let Err(e) = p.verify_server_chain(&self.algs, ee, intermediates, now) {
             let mut reason = classify(&e);
@@ -958,8 +957,7 @@ impl ServerCertVerifier for PeerServerVerifier {
             return Err(reject(reason, summary, Some(&p.name), e.to_string()));
         }
         let wanted = server_name.to_str();
-        let named: Vec<&Identity> = summary
-            .identities
+        let named: Vec<&Identity> = ids
             .iter()
             .filter(|i| i.matches(&wanted, p.allow_wildcards))
             .collect();
