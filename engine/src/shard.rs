@@ -353,6 +353,8 @@ struct ClusterLink {
     /// AORs whose removal could not be asked for (the store's queue was full): their next
     /// REGISTER asks again, even a refresh. Bounded like `removals`.
     removal_retry: RefCell<HashSet<String>>,
+    /// The bytes of the REGISTERs held in `removals` (bounded by [`MAX_REMOVAL_BYTES`]).
+    removal_bytes: Cell<usize>,
     /// The store's resync generation this shard has answered, and the AORs it still has to
     /// write again for it (a few thousand per tick, so a large table does not flood the
     /// write queue).
@@ -553,6 +555,7 @@ impl Shard {
                 removals: RefCell::new(HashMap::new()),
                 removal_seq: Cell::new(0),
                 removal_retry: RefCell::new(HashSet::new()),
+                removal_bytes: Cell::new(0),
                 resync: RefCell::new((0, Vec::new())),
             }
         });
@@ -1096,13 +1099,16 @@ impl Shard {
                 retry.insert(aor.to_string());
             }
         };
-        if c.removals.borrow().len() >= MAX_REMOVALS_WAITING {
+        if c.removals.borrow().len() >= MAX_REMOVALS_WAITING
+            || c.removal_bytes.get() + request.len() > MAX_REMOVAL_BYTES
+        {
             return full();
         }
         c.removal_seq.set(c.removal_seq.get() + 1);
         let token = REMOVAL_TOKEN | c.removal_seq.get();
         if c.store.lookup(aor, token, &c.reply) {
             c.removals.borrow_mut().insert(token, request.to_vec());
+            c.removal_bytes.set(c.removal_bytes.get() + request.len());
             self.count("sipring_store_total{op=\"removal\",result=\"asked\"}");
         } else {
             full();
@@ -1114,6 +1120,8 @@ impl Shard {
         let Some(c) = &self.cluster else { return };
         let removal = c.removals.borrow_mut().remove(&found.token);
         if let Some(request) = removal {
+            c.removal_bytes
+                .set(c.removal_bytes.get().saturating_sub(request.len()));
             let nodes = found.nodes.unwrap_or_default();
             let default_expires = self.registrar.config().default_expires;
             let now = Instant::now();
@@ -1617,7 +1625,10 @@ impl Shard {
         } else {
             MESH_BACKLOG_BYTES
         };
-        let over_bytes = weight > 0 && self.mesh_backlog_bytes.get() + weight > byte_bound;
+        // Only relayed sends and responses are dropped for bytes (a REGISTER or a CANCEL
+        // waits for its answer: bounded by count); all of them count toward the total.
+        let over_bytes = matches!(msg, ShardMsg::Send { .. } | ShardMsg::Response { .. })
+            && self.mesh_backlog_bytes.get() + weight > byte_bound;
         if over_bytes || bound.is_some_and(|b| self.mesh_backlog.get() >= b) {
             drop(overflow);
             self.count("sipring_queue_drops_total{queue=\"mesh\"}");
@@ -2052,6 +2063,9 @@ pub const MESH_BACKLOG_BYTES: usize = 64 << 20;
 fn mesh_weight(msg: &ShardMsg) -> usize {
     match msg {
         ShardMsg::Send { bytes, .. } | ShardMsg::Response { bytes, .. } => bytes.len(),
+        // A REGISTER relayed to its AOR's shard, or a partner's CANCEL asked of every other
+        // shard, carries a whole request too (up to `limits.max_message` each).
+        ShardMsg::Register { request, .. } | ShardMsg::Cancel { request, .. } => request.len(),
         _ => 0,
     }
 }
@@ -2064,6 +2078,11 @@ pub const MESH_HARD: usize = 16;
 /// channels a single client's pipelined burst (a few hundred messages) must wait, not be
 /// refused; the memory it bounds stays small (about a megabyte per destination).
 pub const MESH_OVERFLOW_MIN: usize = 1024;
+
+/// The bytes of REGISTERs a shard may hold waiting for the store to say which other nodes
+/// their removals go to (besides [`MAX_REMOVALS_WAITING`] of them): 4,096 of up to
+/// `limits.max_message` each were 256 MiB. Past it the AOR's next REGISTER asks again.
+pub const MAX_REMOVAL_BYTES: usize = 16 << 20;
 
 /// Partner CANCELs a shard may have out asking the other shards for their INVITE; past
 /// it one is answered 481 at once (`sipring_queue_drops_total{queue="cancel"}`).

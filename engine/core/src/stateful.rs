@@ -324,6 +324,10 @@ fn response_rank(code: u16, invite: bool) -> (u16, u8, u8, u16) {
     (class, retry_info, u8::from(timeout), code)
 }
 
+/// The most bytes of challenge values a fork's merged 401/407 carries from its branches
+/// (RFC 3261 §16.7 step 7); past it the rest are left out.
+const MERGED_CHALLENGE_BYTES: usize = 8 * 1024;
+
 /// The `WWW-Authenticate` and `Proxy-Authenticate` lines of a response, as (name, value).
 fn challenges_of(m: &Message<'_, '_>) -> Vec<(&'static str, Vec<u8>)> {
     m.headers()
@@ -1134,17 +1138,20 @@ impl ShardProxy {
         }
         // A CANCEL's transaction ends as soon as it is answered: never refused for room (it
         // is what frees room), as at the door. A client connection has its share of the
-        // table for new work (a partner carries many users: the table's bound is its
-        // bound); what ends a dialog routed by our token (a PBX trunk's BYEs) is not refused
-        // for it, as at the door.
+        // table (a partner carries many users: the table's bound is its bound), requests
+        // inside its dialogs included — an account with one dialog could otherwise pipeline
+        // re-INVITEs and INFOs on its route and hold the whole shard's table. A BYE inside a
+        // dialog (a PBX trunk hanging up its calls) has twice the share: a connection at its
+        // limit can still end what it holds.
         let on_flow = self.by_flow.get(flow).map_or(0, |t| t.servers);
+        let share = if method == Method::Bye && matches!(decision, Decision::ToFlow(_)) {
+            self.max_transactions_per_flow.saturating_mul(2)
+        } else {
+            self.max_transactions_per_flow
+        };
         let full = if self.servers.len() >= self.max_transactions {
             Some(("transactions_full", self.servers.len()))
-        } else if self.max_transactions_per_flow > 0
-            && on_flow >= self.max_transactions_per_flow
-            && self.partner_of(flow).is_none()
-            && !matches!(decision, Decision::ToFlow(_))
-        {
+        } else if share > 0 && on_flow >= share && self.partner_of(flow).is_none() {
             Some(("transactions_per_connection", on_flow))
         } else {
             None
@@ -2033,7 +2040,18 @@ impl ShardProxy {
             _ => {
                 if matches!(status, 401 | 407) {
                     with_parsed(&upstream, &limits, |m, _| {
-                        s.challenges.extend(challenges_of(m));
+                        // Bounded: every branch's challenges go up in one answer, which
+                        // must still fit a peer's message limit (ten devices answering
+                        // 60 KiB of Proxy-Authenticate each made one of 600 KiB, which cut
+                        // the link to the node or partner it went to).
+                        let mut held: usize = s.challenges.iter().map(|(_, v)| v.len()).sum();
+                        for c in challenges_of(m) {
+                            if held + c.1.len() > MERGED_CHALLENGE_BYTES {
+                                break;
+                            }
+                            held += c.1.len();
+                            s.challenges.push(c);
+                        }
                     });
                 }
                 let better = match &s.best {
@@ -2087,7 +2105,14 @@ impl ShardProxy {
             && let Some(out) = with_parsed(&bytes, &limits, |m, _| {
                 let own = challenges_of(m);
                 let mut e = Editor::new(m);
+                // What the answer may grow by and still fit a peer's message limit.
+                let mut room = limits.max_message.saturating_sub(m.bytes().len());
                 for (name, value) in challenges.iter().filter(|c| !own.contains(c)) {
+                    let line = name.len() + 2 + value.len() + 2;
+                    if line > room {
+                        break;
+                    }
+                    room -= line;
                     e.add_header(name, value);
                 }
                 e.finish()
