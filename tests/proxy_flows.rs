@@ -177,6 +177,7 @@ impl Net {
         self.advance(Duration::from_secs(64));
         assert!(self.proxy.is_idle(), "state left: {:?}", self.proxy.load());
         assert_eq!(self.proxy.poll_timeout(), None);
+        assert_eq!(self.proxy.transaction_bytes(), 0, "bytes still counted");
     }
 }
 
@@ -899,6 +900,70 @@ fn one_client_connection_cannot_take_the_whole_table() {
     n.send(&A, &cancel_of("pf-0").replace_branch("z9hG4bKpf0"));
     assert_eq!(status(&n.one(&A)), 200);
     assert!(n.refused.is_empty(), "{:?}", n.refused);
+}
+
+#[test]
+fn the_transactions_bytes_are_bounded_too() {
+    // Counted only by number, ringing INVITEs of up to `max_message` each (kept here, a
+    // copy sent on each branch) held gigabytes. Past the byte bound new requests get 503.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.proxy.set_max_transaction_bytes(60_000);
+    let body = "v=0\r\n".to_string() + &"a=x\r\n".repeat(2000);
+    let big = |branch: &str, call: &str| {
+        String::from_utf8(invite(branch, call))
+            .unwrap()
+            .replacen(
+                "Content-Length: 4\r\n\r\nv=0\n",
+                &format!("Content-Length: {}\r\n\r\n{body}", body.len()),
+                1,
+            )
+            .into_bytes()
+    };
+    let mut ringing = Vec::new();
+    let mut refused = 0;
+    for i in 0..8 {
+        n.send(
+            &Flow::Conn(50 + i),
+            &big(&format!("z9hG4bKtb{i}"), &format!("tb-{i}")),
+        );
+        let answers: Vec<u16> = n
+            .take(&Flow::Conn(50 + i))
+            .iter()
+            .map(|m| status(m))
+            .collect();
+        if answers.contains(&503) {
+            refused += 1;
+        } else {
+            ringing.push(n.one(&B));
+        }
+    }
+    assert!(
+        n.proxy.transaction_bytes() <= 60_000,
+        "{}",
+        n.proxy.transaction_bytes()
+    );
+    assert!(
+        refused > 0 && !ringing.is_empty(),
+        "{refused} refused, {} ringing",
+        ringing.len()
+    );
+    assert_eq!(
+        n.refused
+            .iter()
+            .filter(|l| **l == "transactions_full")
+            .count(),
+        refused
+    );
+    // The calls end: their bytes are given back, and the next call goes through.
+    for f in &ringing {
+        n.send(&B, &answer(f, 486, "Busy Here", "b"));
+    }
+    n.take(&B);
+    n.advance(Duration::from_secs(1));
+    n.send(&Flow::Conn(70), &big("z9hG4bKtb9", "tb-9"));
+    n.take(&Flow::Conn(70));
+    assert_eq!(method(&n.one(&B)), "INVITE");
 }
 
 #[test]

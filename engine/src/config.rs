@@ -530,6 +530,11 @@ pub struct LimitsConfig {
     /// limited); a request beyond gets a stateless 503 with Retry-After. 0: no limit.
     /// Default 1024.
     pub max_transactions_per_connection: usize,
+    /// Most bytes the transactions of one shard hold (each keeps the request it received,
+    /// each branch the request it sent); past it new requests get 503 with Retry-After, as
+    /// past `max_transactions_per_shard`: a count alone let ringing INVITEs of up to
+    /// `max_message` each hold gigabytes. Default 536870912 (512 MiB).
+    pub max_transaction_bytes_per_shard: usize,
     /// Overload shedding: each 10 ms tick a shard's event loop lags more than this, in
     /// milliseconds (two in a row), cuts the fraction of new requests (out of dialog, not ACK or CANCEL) it
     /// admits by a quarter; the others are answered 503 with Retry-After before any work.
@@ -600,6 +605,7 @@ impl Default for LimitsConfig {
             partial_bytes_per_shard: 64 << 20,
             max_transactions_per_shard: 50_000,
             max_transactions_per_connection: 1024,
+            max_transaction_bytes_per_shard: 512 << 20,
             overload_lag_ms: 10,
             overload_control: OverloadControl::Partners,
             overload_control_lag_ms: 1,
@@ -1036,6 +1042,12 @@ impl Config {
         }
         if self.server.drain_timeout_s > 3600 {
             e("server.drain_timeout_s".into(), "at most 3600");
+        }
+        if self.limits.max_transaction_bytes_per_shard < 1 << 20 {
+            e(
+                "limits.max_transaction_bytes_per_shard".into(),
+                "at least 1048576 (a few dozen messages of max_message)",
+            );
         }
         if self.limits.max_transactions_per_shard == 0 {
             e(

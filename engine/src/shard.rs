@@ -541,6 +541,7 @@ impl Shard {
         proxy.set_shards(n as u16);
         proxy.set_max_transactions(cfg.limits.max_transactions_per_shard);
         proxy.set_max_transactions_per_flow(cfg.limits.max_transactions_per_connection);
+        proxy.set_max_transaction_bytes(cfg.limits.max_transaction_bytes_per_shard);
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
         proxy.set_overload_control(cfg.limits.overload_control.trust());
         proxy.set_overload_control_epoch(control.identity.epoch);

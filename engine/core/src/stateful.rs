@@ -166,6 +166,8 @@ struct Server {
     to_tag: String,
     /// What the policy allowed (identity headers downstream).
     grant: Grant,
+    /// The bytes it holds, as counted in the table's byte total.
+    weight: usize,
 }
 
 #[derive(Debug)]
@@ -183,11 +185,14 @@ struct Client {
     /// Sent over a connection named by one of our flow tokens (a dialog route), not to a
     /// registered contact: if that connection is gone the answer is 430 (RFC 5626 §5.3).
     by_token: bool,
+    /// The bytes it holds (the request it sent), as counted in the table's byte total.
+    weight: usize,
 }
 
 impl Client {
     fn new(txn: ClientTransaction<Bytes>, server: Option<TxKey>, outbound: Flow) -> Client {
         Client {
+            weight: txn.request().len(),
             txn,
             server,
             outbound,
@@ -271,6 +276,9 @@ pub struct ShardProxy {
     by_flow: HashMap<Flow, FlowTxns>,
     max_transactions: usize,
     max_transactions_per_flow: usize,
+    /// The bytes the transactions hold (requests kept and sent), and its bound.
+    txn_bytes: usize,
+    max_txn_bytes: usize,
     timer_c: std::time::Duration,
     /// The fraction of new requests admitted (1.0: all), and the credit that spreads it.
     admission: f32,
@@ -421,6 +429,8 @@ impl ShardProxy {
             by_flow: HashMap::new(),
             max_transactions: 50_000,
             max_transactions_per_flow: 1024,
+            txn_bytes: 0,
+            max_txn_bytes: 512 << 20,
             timer_c: TIMER_C,
             admission: 1.0,
             draining: false,
@@ -512,6 +522,18 @@ impl ShardProxy {
     /// else. Past it, its new requests get 503. Default 1024.
     pub fn set_max_transactions_per_flow(&mut self, n: usize) {
         self.max_transactions_per_flow = n;
+    }
+
+    /// Most bytes the transactions may hold (each keeps the request it received, each branch
+    /// the request it sent): past it new requests get 503 like past the count. A count alone
+    /// let ringing INVITEs of up to `max_message` each hold gigabytes. Default 512 MiB.
+    pub fn set_max_transaction_bytes(&mut self, n: usize) {
+        self.max_txn_bytes = n;
+    }
+
+    /// The bytes the transactions hold now.
+    pub fn transaction_bytes(&self) -> usize {
+        self.txn_bytes
     }
 
     /// The fraction of new requests to admit, 0.0–1.0 (its driver decides, from loop lag
@@ -667,6 +689,7 @@ impl ShardProxy {
 
     fn remove_server(&mut self, k: &TxKey) -> Option<Server> {
         let s = self.servers.remove(k)?;
+        self.txn_bytes = self.txn_bytes.saturating_sub(s.weight);
         self.timers.cancel(&TimerKey::Server(k.clone()));
         self.unindex(&s.inbound, true);
         Some(s)
@@ -676,6 +699,7 @@ impl ShardProxy {
         let Some(c) = self.clients.remove(k) else {
             return;
         };
+        self.txn_bytes = self.txn_bytes.saturating_sub(c.weight);
         self.timers.cancel(&TimerKey::Client(k.clone()));
         self.timers.cancel(&TimerKey::TimerC(k.clone()));
         self.unindex(&c.outbound, false);
@@ -1149,8 +1173,12 @@ impl ShardProxy {
         } else {
             self.max_transactions_per_flow
         };
+        // The request is kept here, and a copy of it (at least) goes out: room for both.
+        let weight = 2 * msg.bytes().len();
         let full = if self.servers.len() >= self.max_transactions {
             Some(("transactions_full", self.servers.len()))
+        } else if self.txn_bytes + weight > self.max_txn_bytes {
+            Some(("transactions_full", self.txn_bytes))
         } else if share > 0 && on_flow >= share && self.partner_of(flow).is_none() {
             Some(("transactions_per_connection", on_flow))
         } else {
@@ -1189,7 +1217,7 @@ impl ShardProxy {
         } else {
             ServerTransaction::new_non_invite(now, &self.timer_cfg, bytes.clone())
         };
-        self.servers.insert(
+        let replaced = self.servers.insert(
             key.clone(),
             Server {
                 txn,
@@ -1203,8 +1231,13 @@ impl ShardProxy {
                 cancelled: false,
                 to_tag,
                 grant,
+                weight: bytes.len(),
             },
         );
+        self.txn_bytes += bytes.len();
+        if let Some(old) = replaced {
+            self.txn_bytes = self.txn_bytes.saturating_sub(old.weight);
+        }
         self.index(flow, TimerKey::Server(key.clone()));
         match decision {
             Decision::Respond(a) => self.answer(now, &key, a.code, a.reason, &a.headers),
@@ -1485,8 +1518,11 @@ impl ShardProxy {
         let outbound = c.outbound.clone();
         let txn = ClientTransaction::new_non_invite(now, &self.timer_cfg, cancel.into());
         self.index(&outbound, TimerKey::Client(key.clone()));
-        self.clients
-            .insert(key.clone(), Client::new(txn, None, outbound));
+        let client = Client::new(txn, None, outbound);
+        self.txn_bytes += client.weight;
+        if let Some(old) = self.clients.insert(key.clone(), client) {
+            self.txn_bytes = self.txn_bytes.saturating_sub(old.weight);
+        }
         self.stats.forwarded += 1;
         self.drive_client(now, &key);
     }
@@ -1552,14 +1588,15 @@ impl ShardProxy {
             } else {
                 ClientTransaction::new_non_invite(now, &self.timer_cfg, out.into())
             };
-            self.clients.insert(
-                ckey.clone(),
-                Client {
-                    // No new Request-URI: the route named this connection.
-                    by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
-                    ..Client::new(txn, Some(server.clone()), flow.clone())
-                },
-            );
+            let client = Client {
+                // No new Request-URI: the route named this connection.
+                by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
+                ..Client::new(txn, Some(server.clone()), flow.clone())
+            };
+            self.txn_bytes += client.weight;
+            if let Some(old) = self.clients.insert(ckey.clone(), client) {
+                self.txn_bytes = self.txn_bytes.saturating_sub(old.weight);
+            }
             self.index(flow, TimerKey::Client(ckey.clone()));
             if method {
                 self.timers
