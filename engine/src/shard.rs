@@ -888,7 +888,11 @@ impl Shard {
                         self.send_local(id, bytes, stamp);
                     }
                     PeerLink::Connecting(q) => {
-                        if q.len() < 1024 {
+                        // Bounded in count and bytes while the dial lasts (at most the
+                        // connect and handshake timeouts): 1,024 messages of up to
+                        // `max_message` each were 64 MiB per partner and shard.
+                        let held: usize = q.iter().map(|(b, _)| b.len()).sum();
+                        if q.len() < 1024 && held + bytes.len() <= PEER_QUEUE_BYTES {
                             q.push_back((bytes, stamp));
                         } else {
                             drop(peers);
@@ -2084,6 +2088,9 @@ pub const MESH_OVERFLOW_MIN: usize = 1024;
 /// their removals go to (besides [`MAX_REMOVALS_WAITING`] of them): 4,096 of up to
 /// `limits.max_message` each were 256 MiB. Past it the AOR's next REGISTER asks again.
 pub const MAX_REMOVAL_BYTES: usize = 16 << 20;
+
+/// The bytes that may wait for a partner (or node) link being dialled, per shard.
+pub const PEER_QUEUE_BYTES: usize = 4 << 20;
 
 /// Partner CANCELs a shard may have out asking the other shards for their INVITE; past
 /// it one is answered 481 at once (`sipring_queue_drops_total{queue="cancel"}`).
