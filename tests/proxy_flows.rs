@@ -181,6 +181,15 @@ impl Net {
     }
 }
 
+/// The Record-Route value of a request the proxy forwarded.
+fn record_route(fwd: &[u8]) -> Vec<u8> {
+    with_msg(fwd, |m, _| {
+        m.header(HeaderName::RecordRoute)
+            .map(|h| h.value.to_vec())
+            .expect("Record-Route")
+    })
+}
+
 fn first_line(m: &[u8]) -> String {
     String::from_utf8_lossy(&m[..m.iter().position(|&b| b == b'\r').unwrap_or(m.len())])
         .into_owned()
@@ -320,9 +329,7 @@ fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
     n.send(&A, &invite(branch, call));
     n.take(&A);
     let fwd = n.one(&B);
-    let rr = with_msg(&fwd, |m, _| {
-        m.header(HeaderName::RecordRoute).unwrap().value.to_vec()
-    });
+    let rr = record_route(&fwd);
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     assert_eq!(status(&n.one(&A)), 200);
     rr
@@ -1064,11 +1071,7 @@ fn an_overloaded_shard_sheds_new_work_and_finishes_what_it_admitted() {
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     let ok = n.one(&A);
     assert_eq!(status(&ok), 200);
-    let route = with_msg(&fwd, |m, _| {
-        m.header(HeaderName::RecordRoute)
-            .map(|h| h.value.to_vec())
-            .expect("Record-Route")
-    });
+    let route = record_route(&fwd);
     n.send(
         &A,
         &ack_2xx(
@@ -1122,11 +1125,7 @@ fn a_draining_node_refuses_new_work_and_finishes_its_calls() {
     assert_eq!(n.proxy.stats().drained, 2);
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     assert_eq!(status(&n.one(&A)), 200);
-    let route = with_msg(&fwd, |m, _| {
-        m.header(HeaderName::RecordRoute)
-            .map(|h| h.value.to_vec())
-            .expect("Record-Route")
-    });
+    let route = record_route(&fwd);
     n.send(
         &A,
         &ack_2xx(
@@ -1160,11 +1159,7 @@ fn a_draining_node_passes_a_dialog_request_from_a_reconnected_ua_to_a_partner() 
     n.send(&A, inv.as_bytes());
     n.take(&A);
     let fwd = n.one(&carrier);
-    let route = with_msg(&fwd, |m, _| {
-        m.header(HeaderName::RecordRoute)
-            .map(|h| h.value.to_vec())
-            .expect("Record-Route")
-    });
+    let route = record_route(&fwd);
     n.send(&carrier, &answer(&fwd, 200, "OK", "c1"));
     assert_eq!(status(&n.one(&A)), 200);
     n.proxy.set_draining();
@@ -1792,9 +1787,7 @@ fn a_partners_ack_asserts_only_what_its_other_requests_may() {
     n.send(&carrier, invite.as_bytes());
     n.take(&carrier);
     let fwd = n.one(&B);
-    let rr = with_msg(&fwd, |m, _| {
-        m.header(HeaderName::RecordRoute).unwrap().value.to_vec()
-    });
+    let rr = record_route(&fwd);
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     assert_eq!(status(&n.one(&carrier)), 200);
     let ack = |pai: &str, branch: &str| {

@@ -3,10 +3,8 @@
 //! Run: `cargo bench -p sipring-benches --bench sip`
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use sipring_benches::{INVITE, OK_200, REGISTER, stream_of};
-use sipring_core::policy::IdentityEdit;
-use sipring_core::proxy::Hop;
-use sipring_core::proxy::{Flow, Proxy, ProxyConfig};
+use sipring_benches::{INVITE, OK_200, REGISTER, parse_and_forward, stream_of};
+use sipring_core::proxy::{Proxy, ProxyConfig};
 use sipring_core::{Framer, Framing, Header, KeepaliveRole, Limits, Status, parse};
 use std::hint::black_box;
 
@@ -56,38 +54,10 @@ fn bench_parse(c: &mut Criterion) {
 
 fn bench_edit(c: &mut Criterion) {
     let proxy = Proxy::new(ProxyConfig::default());
-    let (a, b) = (Flow::Conn(1), Flow::Conn(2));
     let mut g = c.benchmark_group("proxy_edit/invite");
     g.throughput(Throughput::Bytes(INVITE.len() as u64));
-    let iface = proxy.default_interface();
     g.bench_function("parse+validate+forward", |bch| {
-        bch.iter(|| {
-            let mut h = [Header::EMPTY; 64];
-            let limits = Limits::default();
-            let Ok(Status::Complete(m)) =
-                parse(black_box(INVITE), &mut h, &limits, Framing::Stream)
-            else {
-                unreachable!()
-            };
-            let e = m.validate(&limits).unwrap();
-            let branch = Proxy::branch(&m, &e, 7);
-            proxy.forward_request(
-                &m,
-                &e,
-                &branch,
-                Some(b"sip:bob@203.0.113.7:49152;transport=tls"),
-                &Hop {
-                    inbound: &a,
-                    outbound: &b,
-                    in_iface: &iface,
-                    out_iface: &iface,
-                    source: None,
-                    ident: &IdentityEdit::default(),
-                    path: &[],
-                    overload_control: false,
-                },
-            )
-        })
+        bch.iter(|| parse_and_forward(&proxy, black_box(INVITE)))
     });
     g.finish();
 }

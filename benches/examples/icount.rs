@@ -13,9 +13,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{PrivateKeyDer, ServerName};
 use sipring::tls::pki::{Ca, Spec};
 use sipring::tls::session::TlsSession;
-use sipring_benches::{INVITE, OK_200, REGISTER};
-use sipring_core::policy::IdentityEdit;
-use sipring_core::proxy::{Flow, Hop, Proxy, ProxyConfig};
+use sipring_benches::{INVITE, OK_200, REGISTER, parse_and_forward};
+use sipring_core::proxy::{Proxy, ProxyConfig};
 use sipring_core::{Framing, Header, Limits, Status, parse};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -27,36 +26,6 @@ fn parse_validate(bytes: &[u8]) -> usize {
         Ok(Status::Complete(m)) => m.validate(&limits).expect("valid fixture").via_count,
         other => panic!("fixture did not parse: {other:?}"),
     }
-}
-
-fn forward(proxy: &Proxy, bytes: &[u8]) -> usize {
-    let (a, b) = (Flow::Conn(1), Flow::Conn(2));
-    let iface = proxy.default_interface();
-    let mut h = [Header::EMPTY; 64];
-    let limits = Limits::default();
-    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
-        panic!("fixture did not parse")
-    };
-    let e = m.validate(&limits).expect("valid fixture");
-    let branch = Proxy::branch(&m, &e, 7);
-    proxy
-        .forward_request(
-            &m,
-            &e,
-            &branch,
-            Some(b"sip:bob@203.0.113.7:49152;transport=tls"),
-            &Hop {
-                inbound: &a,
-                outbound: &b,
-                in_iface: &iface,
-                out_iface: &iface,
-                source: None,
-                ident: &IdentityEdit::default(),
-                path: &[],
-                overload_control: false,
-            },
-        )
-        .len()
 }
 
 fn handshake(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::ServerConfig>) {
@@ -128,7 +97,7 @@ fn main() {
             let proxy = Proxy::new(ProxyConfig::default());
             let mut sum = 0;
             for _ in 0..n {
-                sum += forward(&proxy, black_box(INVITE));
+                sum += parse_and_forward(&proxy, black_box(INVITE)).len();
             }
             black_box(sum);
         }

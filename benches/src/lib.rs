@@ -62,6 +62,41 @@ Content-Type: application/sdp\r\n\
 Content-Length: 0\r\n\
 \r\n";
 
+/// Parses and validates `bytes` (a request fixture) and makes the proxy's forwarding edit
+/// of it — Via, Max-Forwards, Record-Route, a new Request-URI — as a stateful forward does
+/// per branch; returns the forwarded bytes. The `proxy_edit/invite` criterion bench and the
+/// instruction-count gate's `forward` workload both run this.
+pub fn parse_and_forward(proxy: &sipring_core::proxy::Proxy, bytes: &[u8]) -> Vec<u8> {
+    use sipring_core::policy::IdentityEdit;
+    use sipring_core::proxy::{Flow, Hop, Proxy};
+    use sipring_core::{Framing, Header, Limits, Status, parse};
+    let (a, b) = (Flow::Conn(1), Flow::Conn(2));
+    let iface = proxy.default_interface();
+    let mut h = [Header::EMPTY; 64];
+    let limits = Limits::default();
+    let Ok(Status::Complete(m)) = parse(bytes, &mut h, &limits, Framing::Stream) else {
+        panic!("fixture did not parse")
+    };
+    let e = m.validate(&limits).expect("valid fixture");
+    let branch = Proxy::branch(&m, &e, 7);
+    proxy.forward_request(
+        &m,
+        &e,
+        &branch,
+        Some(b"sip:bob@203.0.113.7:49152;transport=tls"),
+        &Hop {
+            inbound: &a,
+            outbound: &b,
+            in_iface: &iface,
+            out_iface: &iface,
+            source: None,
+            ident: &IdentityEdit::default(),
+            path: &[],
+            overload_control: false,
+        },
+    )
+}
+
 /// `n` bytes (at least) of back-to-back messages, as a busy trunk delivers them.
 pub fn stream_of(n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n + INVITE.len());
