@@ -628,7 +628,17 @@ fn chain_summary(
 /// certificate whose constraints cannot be read keeps only the dNSName identities.
 pub fn within_name_constraints(ids: &mut Vec<Identity>, intermediates: &[CertificateDer<'_>]) {
     use x509_parser::extensions::GeneralName;
+    /// The nameConstraints extension's OID (2.5.29.30) as DER: a certificate without these
+    /// bytes has no constraints, and is not parsed.
+    const NAME_CONSTRAINTS_OID: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x1e];
     for ca in intermediates {
+        if !ca
+            .as_ref()
+            .windows(NAME_CONSTRAINTS_OID.len())
+            .any(|w| w == NAME_CONSTRAINTS_OID)
+        {
+            continue;
+        }
         let Ok((_, x)) = x509_parser::parse_x509_certificate(ca.as_ref()) else {
             continue; // webpki refuses a chain it cannot parse
         };
