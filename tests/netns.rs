@@ -200,4 +200,15 @@ fn admin_reload_from_beyond_loopback_is_refused_unless_allowed() {
         srv.stop();
         srv.join().unwrap();
     }
+    // On a dual-stack `[::]` listener a local IPv4 client arrives as ::ffff:127.0.0.1: still
+    // loopback.
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.admin.address = Some("[::]:0".parse().unwrap());
+    let srv = start(cfg, None).expect("start");
+    let port = srv.admin_addr.unwrap().port();
+    let status = reload_from(local, SocketAddr::new(local, port));
+    assert!(status.contains("200"), "IPv4 loopback on [::]: {status}");
+    srv.stop();
+    srv.join().unwrap();
 }
