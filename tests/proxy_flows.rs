@@ -229,6 +229,11 @@ fn answer(req: &[u8], code: u16, reason: &str, tag: &str) -> Vec<u8> {
     })
 }
 
+/// A MESSAGE to bob, with no body.
+fn message(branch: &str, call: &str) -> Vec<u8> {
+    format!("MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n").into_bytes()
+}
+
 fn invite(branch: &str, call: &str) -> Vec<u8> {
     format!("INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=0\n").into_bytes()
 }
@@ -1049,7 +1054,7 @@ fn an_overloaded_shard_sheds_new_work_and_finishes_what_it_admitted() {
         .parse()
         .unwrap();
     assert!((2..=9).contains(&retry), "{retry}");
-    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKov3\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: ov3\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    n.send(&A, &message("z9hG4bKov3", "ov3"));
     assert_eq!(status(&n.one(&A)), 503);
     n.send(&B2, b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.3:5061;branch=z9hG4bKov4\r\nTo: <sip:carol@example.com>\r\nFrom: <sip:carol@example.com>;tag=r\r\nCall-ID: ov4\r\nCSeq: 1 REGISTER\r\nContact: <sip:carol@10.0.0.3:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(status(&n.one(&B2)), 503);
@@ -1113,7 +1118,7 @@ fn a_draining_node_refuses_new_work_and_finishes_its_calls() {
     n.take(&A);
     let fwd = n.one(&B);
     n.proxy.set_draining();
-    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKdr2\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: dr2\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    n.send(&A, &message("z9hG4bKdr2", "dr2"));
     let r = String::from_utf8(n.one(&A)).unwrap();
     assert!(
         r.starts_with("SIP/2.0 503 ") && r.contains("\r\nRetry-After: "),
@@ -1181,10 +1186,7 @@ fn partial_admission_spreads_what_it_admits_evenly() {
     n.proxy.set_admission(0.25);
     let mut admitted = Vec::new();
     for i in 0..40 {
-        let m = format!(
-            "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKpa{i}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: pa{i}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
-        );
-        n.send(&A, m.as_bytes());
+        n.send(&A, &message(&format!("z9hG4bKpa{i}"), &format!("pa{i}")));
         let forwarded = n.take(&B);
         let answered = n.take(&A);
         match (forwarded.len(), answered.len()) {
@@ -1201,7 +1203,7 @@ fn partial_admission_spreads_what_it_admits_evenly() {
     );
     assert_eq!(n.proxy.stats().shed, 30);
     n.proxy.set_admission(1.0);
-    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKpaz\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: paz\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    n.send(&A, &message("z9hG4bKpaz", "paz"));
     assert_eq!(n.take(&B).len(), 1, "all admitted again");
 }
 
@@ -1601,9 +1603,6 @@ fn the_best_answer_of_a_fork_carries_every_challenge_and_a_503_goes_up_as_500() 
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");
     n.register("bob", &B2, "10.0.0.3:5061");
-    let message = |branch: &str, call: &str| {
-        format!("MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n").into_bytes()
-    };
     let challenge = |resp: Vec<u8>, name: &str, realm: &str| {
         String::from_utf8(resp)
             .unwrap()
@@ -1677,7 +1676,7 @@ fn a_fork_whose_one_branch_timed_out_answers_with_the_others_final() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");
     n.register("bob", &B2, "10.0.0.3:5061");
-    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKto1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: fork-to-1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    n.send(&A, &message("z9hG4bKto1", "fork-to-1"));
     let (f1, _silent) = (n.one(&B), n.one(&B2));
     n.send(&B, &answer(&f1, 486, "Busy Here", "b1"));
     assert!(n.take(&A).is_empty(), "the other branch may still answer");
@@ -1707,7 +1706,7 @@ fn a_merged_challenge_still_fits_a_peers_message_limit() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");
     n.register("bob", &B2, "10.0.0.3:5061");
-    n.send(&A, b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKbig\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: big-ch\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n");
+    n.send(&A, &message("z9hG4bKbig", "big-ch"));
     let (f1, f2) = (n.one(&B), n.one(&B2));
     let challenged = |resp: Vec<u8>, name: &str, realm: &str| {
         let lines: String = (0..7)

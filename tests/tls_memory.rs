@@ -325,6 +325,15 @@ fn outbound_chain(
     Ok(seen)
 }
 
+/// Writes Alpha's CRL file with the two lists `a` and `b` in each order and runs `check`
+/// on the policy loaded from it, with the order's name.
+fn in_both_orders(w: &World, a: (&str, &str), b: (&str, &str), check: impl Fn(&TlsPolicy, &str)) {
+    for (first, second) in [(a, b), (b, a)] {
+        w.dir.write("alpha.crl", format!("{}{}", first.1, second.1));
+        check(&w.policy(&["1.3"]), &format!("{} list first", first.0));
+    }
+}
+
 fn spec(name: &str) -> Spec {
     Spec::server(name)
 }
@@ -626,18 +635,13 @@ fn of_two_crls_from_one_issuer_the_newest_counts() {
             now + Duration::days(30),
         )
         .unwrap();
-    for (order, file) in [
-        ("old first", format!("{old}{new}")),
-        ("new first", format!("{new}{old}")),
-    ] {
-        w.dir.write("alpha.crl", &file);
-        let policy = w.policy(&["1.3"]);
+    in_both_orders(&w, ("old", &old), ("new", &new), |policy, order| {
         assert_eq!(
-            inbound(&w, &policy, "1.3", Some(&victim)),
+            inbound(&w, policy, "1.3", Some(&victim)),
             Err(Rejection::Revoked),
             "{order}"
         );
-    }
+    });
 }
 
 #[test]
@@ -802,19 +806,19 @@ fn a_certificate_revoked_in_one_of_its_cas_partitioned_lists_is_revoked_whatever
         .alpha
         .crl_for_end_entities(&[victim.serial], "http://crl.alpha.example/users.crl")
         .unwrap();
-    for (order, file) in [
-        ("full list first", format!("{full}{users}")),
-        ("end-entity list first", format!("{users}{full}")),
-    ] {
-        w.dir.write("alpha.crl", &file);
-        let policy = w.policy(&["1.3"]);
-        assert_eq!(
-            inbound(&w, &policy, "1.3", Some(&victim)),
-            Err(Rejection::Revoked),
-            "{order}"
-        );
-        assert_eq!(inbound(&w, &policy, "1.3", Some(&fine)), Ok(()), "{order}");
-    }
+    in_both_orders(
+        &w,
+        ("full", &full),
+        ("end-entity", &users),
+        |policy, order| {
+            assert_eq!(
+                inbound(&w, policy, "1.3", Some(&victim)),
+                Err(Rejection::Revoked),
+                "{order}"
+            );
+            assert_eq!(inbound(&w, policy, "1.3", Some(&fine)), Ok(()), "{order}");
+        },
+    );
 }
 
 #[test]
