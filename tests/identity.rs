@@ -536,6 +536,26 @@ fn attack_2_clients_cannot_speak_for_partners_and_pai_is_ours_to_assert() {
     );
     wait_refusals(&srv, "from_not_identity", 1.0);
     assert!(w.at_b().is_empty(), "partner B received a forged request");
+    // Authenticated, registering a partner's user at the partner (by Request-URI, and by a
+    // Route naming it): never relayed, so B's registrar never sees it with our assertion.
+    for (ruri, route) in [
+        ("sip:peer-b.test", ""),
+        ("sip:example.com", "Route: <sip:peer-b.test;lr>\r\n"),
+    ] {
+        let reg = mallory.request(
+            "REGISTER",
+            ruri,
+            "<sip:bob@peer-b.test>",
+            &format!("relay-{ruri}"),
+            1,
+            &format!("{route}Expires: 600\r\n"),
+            None,
+        );
+        mallory.send(&reg);
+        assert_eq!(mallory.expect_final_or_provisional("REGISTER").0, 403);
+    }
+    wait_refusals(&srv, "register_relay", 2.0);
+    assert!(w.at_b().is_empty(), "partner B received a relayed REGISTER");
     // alice, as herself, toward partner B: a forged PAI and a PPI are removed, our assertion
     // added, and her credentials for our realm consumed.
     let mut alice = w.client(&srv, "alice");

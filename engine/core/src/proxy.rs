@@ -411,6 +411,33 @@ impl Proxy {
         inbound: &Flow,
         inbound_peer: Option<&str>,
     ) -> Decision {
+        let d = self.route(msg, ess, inbound, inbound_peer);
+        // A REGISTER ends at our registrar or is answered: relayed to a partner (a
+        // Request-URI or Route naming its domain, a dialog route) it would arrive over our
+        // trusted link, with our assertion of who sent it, to change the partner's users'
+        // bindings — its To is checked only by our registrar.
+        match d {
+            Decision::ToPeer(_) | Decision::ToFlow(_) | Decision::Lookup { .. }
+                if msg.method() == Some(Method::Register) =>
+            {
+                Decision::Refuse(Denial {
+                    code: 403,
+                    reason: "Registrations Are Not Relayed",
+                    label: "register_relay",
+                })
+            }
+            d => d,
+        }
+    }
+
+    /// [`Proxy::decide`]'s routing (§16.3–16.5), for any method.
+    fn route(
+        &self,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        inbound: &Flow,
+        inbound_peer: Option<&str>,
+    ) -> Decision {
         let Some(method) = msg.method() else {
             return Decision::Drop("not a request");
         };
@@ -1120,6 +1147,15 @@ mod tests {
         case!("INVITE sip:bob@example.com", "" => Decision::Lookup { aor: "sip:bob@example.com".into() });
         case!("REGISTER sip:example.com", "" => Decision::Register);
         case!("INVITE sip:carol@partner.net", "" => Decision::ToPeer("partner".into()));
+        // A REGISTER is never relayed to a partner, by Request-URI or by Route.
+        let relay = Decision::Refuse(Denial {
+            code: 403,
+            reason: "Registrations Are Not Relayed",
+            label: "register_relay",
+        });
+        case!("REGISTER sip:partner.net", "" => relay);
+        case!("REGISTER sip:example.com", "Route: <sip:partner.net;lr>\r\n" => relay);
+        case!("OPTIONS sip:example.com", "Route: <sip:partner.net;lr>\r\n" => Decision::ToPeer("partner".into()));
         case!("CANCEL sip:bob@example.com", "" => Decision::Cancel);
         case!("ACK sip:bob@elsewhere.org", "" => Decision::Drop("ACK cannot be answered"));
         assert_eq!(
