@@ -1185,6 +1185,85 @@ fn protocol_versions_sni_resumption_and_groups() {
     assert_eq!(s.kx_group(), Some(rustls::NamedGroup::X25519));
 }
 
+/// A handshake message cut into many small records (a client's choice: a big ClientHello or
+/// certificate chain in 64-byte records) is still read a record at a time — a header, then
+/// the rest of that record — never a byte at a time: one-byte reads of a 64 KiB ClientHello
+/// kept a shard busy for a tenth of a second per connection.
+#[test]
+fn a_handshake_message_cut_into_small_records_is_read_a_record_at_a_time() {
+    let w = World::new();
+    let policy = w.policy(&["1.2", "1.3"]);
+    let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    for v in ["1.3", "1.2"] {
+        let mut cfg = (*partner_client(&w, v, Some(&alpha))).clone();
+        cfg.max_fragment_size = Some(64);
+        let mut c = TlsSession::client(
+            Arc::new(cfg),
+            ServerName::try_from("sip.example.com").unwrap(),
+        )
+        .unwrap();
+        let mut s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
+        let (mut records, mut reads) = (0, 0);
+        for _ in 0..20 {
+            let out = c.take_outgoing();
+            let mut at = 0;
+            while at + 5 <= out.len() {
+                records += 1;
+                at += 5 + usize::from(u16::from_be_bytes([out[at + 3], out[at + 4]]));
+            }
+            let mut rest = &out[..];
+            while !rest.is_empty() {
+                let n = s.read_hint().min(rest.len());
+                s.receive(&rest[..n]).unwrap();
+                reads += 1;
+                rest = &rest[n..];
+            }
+            let back = s.take_outgoing();
+            if !back.is_empty() {
+                c.receive(&back).unwrap();
+            }
+            if !s.is_handshaking() && !c.is_handshaking() {
+                break;
+            }
+        }
+        assert!(!s.is_handshaking(), "TLS {v}");
+        assert!(records > 10, "TLS {v}: {records} records");
+        assert!(
+            reads <= 2 * records,
+            "TLS {v}: {reads} reads for {records} records"
+        );
+    }
+    // One-byte records: a 3 KiB ClientHello is more records than any handshake needs, and
+    // refused as such before rustls has seen them all.
+    let mut cfg = (*partner_client(&w, "1.3", Some(&alpha))).clone();
+    cfg.alpn_protocols = (0..30).map(|i| vec![b'a' + i as u8; 100]).collect();
+    let mut c = TlsSession::client(
+        Arc::new(cfg),
+        ServerName::try_from("sip.example.com").unwrap(),
+    )
+    .unwrap();
+    let hello = c.take_outgoing();
+    assert!(hello.len() > 3000);
+    let mut s = TlsSession::server(policy.peers.unwrap()).unwrap();
+    let body = &hello[5..];
+    let mut fed = 0;
+    let refused = body.iter().find_map(|&b| {
+        fed += 1;
+        s.receive(&[22, 3, 1, 0, 1, b]).err()
+    });
+    assert_eq!(
+        refused.map(|e| e.to_string()),
+        Some(format!(
+            "unexpected error: handshake of more than {} records",
+            sipring::tls::session::MAX_HANDSHAKE_RECORDS
+        ))
+    );
+    assert_eq!(
+        fed,
+        sipring::tls::session::MAX_HANDSHAKE_RECORDS as usize + 1
+    );
+}
+
 #[test]
 fn application_data_and_close_notify_in_memory() {
     let w = World::new();

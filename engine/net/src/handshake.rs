@@ -72,6 +72,9 @@ pub async fn drive_handshake(
         if !sess.is_handshaking() {
             return Ok(());
         }
+        // A record is one read and one pass of rustls: a peer that cuts its flight into
+        // many small records does not keep the other connections of this core waiting.
+        glommio::yield_if_needed().await;
         let want = sess.read_hint().min(buf.len());
         let n = stream
             .read(&mut buf[..want])

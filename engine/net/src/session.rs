@@ -21,6 +21,12 @@ use std::sync::Arc;
 /// Largest TLS record we accept: header + 2^14 plaintext + 2048 expansion (RFC 8446 §5.2).
 pub const MAX_RECORD: usize = 5 + (1 << 14) + 2048;
 
+/// Most records a peer may send during a handshake: a ClientHello of 64 KiB (the most a
+/// handshake message of rustls may be) cut into 64-byte records (the least RFC 8449 allows)
+/// is 1024, twice that covers its certificate flight. Each record is a read and a pass of
+/// rustls: without a bound, one-byte records made a handshake cost 100 000 of each.
+pub const MAX_HANDSHAKE_RECORDS: u32 = 2048;
+
 enum Conn {
     Server(Box<UnbufferedServerConnection>),
     Client(Box<UnbufferedClientConnection>),
@@ -50,6 +56,15 @@ pub struct TlsSession {
     close_sent: bool,
     phase: Phase,
     failed: bool,
+    /// Where the peer's byte stream stands in its records, as read during the handshake
+    /// (rustls may join a handshake message's records in `incoming`, so its first header
+    /// says nothing about the next read): the header bytes of the next record seen so far.
+    wire_header: [u8; 5],
+    wire_header_len: u8,
+    /// The bytes of the current record's body still to come.
+    wire_body_left: usize,
+    /// Records the peer sent during the handshake (at most [`MAX_HANDSHAKE_RECORDS`]).
+    wire_records: u32,
 }
 
 impl std::fmt::Debug for TlsSession {
@@ -248,6 +263,10 @@ impl TlsSession {
             close_sent: false,
             phase: Phase::Handshaking,
             failed: false,
+            wire_header: [0; 5],
+            wire_header_len: 0,
+            wire_body_left: 0,
+            wire_records: 0,
         }
     }
 
@@ -262,22 +281,64 @@ impl TlsSession {
     }
 
     /// How many bytes to read next. During the handshake: exactly what completes the current
-    /// TLS record (never more). Afterwards: up to one record at a time is not needed, so a
-    /// large read size.
+    /// TLS record on the wire (its header, then its body; never more), whatever rustls holds
+    /// of earlier records. Afterwards: up to one record at a time is not needed, so a large
+    /// read size.
     pub fn read_hint(&self) -> usize {
         if self.phase != Phase::Handshaking {
             return 64 * 1024;
         }
-        let have = self.incoming.len();
-        if have < 5 {
-            return 5 - have;
+        if self.wire_body_left > 0 {
+            self.wire_body_left
+        } else {
+            5 - usize::from(self.wire_header_len)
         }
-        let total = 5 + usize::from(u16::from_be_bytes([self.incoming[3], self.incoming[4]]));
-        total.saturating_sub(have).max(1)
+    }
+
+    /// Follows the record boundaries of `tls`, the peer's next bytes (during the handshake).
+    fn track_records(&mut self, mut tls: &[u8]) -> Result<(), Error> {
+        while !tls.is_empty() {
+            if self.wire_body_left > 0 {
+                let k = self.wire_body_left.min(tls.len());
+                self.wire_body_left -= k;
+                tls = &tls[k..];
+                continue;
+            }
+            let have = usize::from(self.wire_header_len);
+            let k = (5 - have).min(tls.len());
+            self.wire_header[have..have + k].copy_from_slice(&tls[..k]);
+            self.wire_header_len += k as u8;
+            tls = &tls[k..];
+            if self.wire_header_len == 5 {
+                self.wire_header_len = 0;
+                let body = usize::from(u16::from_be_bytes([
+                    self.wire_header[3],
+                    self.wire_header[4],
+                ]));
+                if 5 + body > MAX_RECORD {
+                    self.failed = true;
+                    return Err(Error::General(format!(
+                        "TLS record of {body} bytes exceeds the limit"
+                    )));
+                }
+                self.wire_body_left = body;
+                self.wire_records += 1;
+                if self.wire_records > MAX_HANDSHAKE_RECORDS {
+                    self.failed = true;
+                    return Err(Error::General(format!(
+                        "handshake of more than {MAX_HANDSHAKE_RECORDS} records"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Feeds bytes received from the peer.
     pub fn receive(&mut self, tls: &[u8]) -> Result<(), Error> {
+        if self.phase == Phase::Handshaking {
+            self.track_records(tls)?;
+        }
         self.incoming.extend_from_slice(tls);
         if self.incoming.len() >= 5 {
             let body = usize::from(u16::from_be_bytes([self.incoming[3], self.incoming[4]]));
