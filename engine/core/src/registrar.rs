@@ -722,9 +722,10 @@ impl Registrar {
             if contacts.len() != 1 || header_expires != Some(0) {
                 return Reply::err(400, "Wildcard Contact Needs Expires 0");
             }
+            // Against live bindings only (`get` may still hold expired ones, as below).
             if existing
                 .iter()
-                .any(|b| b.call_id == call_id && b.cseq >= cseq)
+                .any(|b| b.expires_at > now && b.call_id == call_id && b.cseq >= cseq)
             {
                 return Reply::err(400, "Out of Order CSeq");
             }
@@ -1165,6 +1166,41 @@ mod tests {
             200
         );
         assert!(st.is_empty());
+    }
+
+    #[test]
+    fn a_wildcard_is_ordered_against_live_bindings_only() {
+        // A phone rebooted (its CSeq starts again) after its binding expired, before the
+        // purge: its `Contact: *` is not "out of order" against a binding that is gone.
+        let reg = Registrar::new(RegistrarConfig::default());
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            register(
+                &reg,
+                &mut st,
+                t0,
+                "Contact: <sip:a@h>;expires=60\r\n",
+                10,
+                1
+            )
+            .code,
+            200
+        );
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(
+            register(&reg, &mut st, later, "Contact: *\r\nExpires: 0\r\n", 3, 1).code,
+            200
+        );
+        // A live one still orders it.
+        assert_eq!(
+            register(&reg, &mut st, later, "Contact: <sip:a@h>\r\n", 20, 1).code,
+            200
+        );
+        assert_eq!(
+            register(&reg, &mut st, later, "Contact: *\r\nExpires: 0\r\n", 4, 1).code,
+            400
+        );
     }
 
     #[test]
