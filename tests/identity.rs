@@ -153,6 +153,8 @@ fn fake_partner(cert: &Issued) -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
                 let mut tmp = [0u8; 16384];
                 loop {
                     let n = match t.read(&mut tmp) {
+                        // A signal meant for a server thread of this test process.
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };

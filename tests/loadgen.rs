@@ -287,6 +287,8 @@ fn stalling_server(stall: Duration, after: Duration) -> u16 {
                         std::thread::sleep(stall);
                     }
                     let n = match s.read(&mut tmp) {
+                        // A signal meant for a server thread of this test process.
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Ok(0) | Err(_) => return,
                         Ok(n) => n,
                     };

@@ -263,7 +263,10 @@ impl Ua {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            // A signal meant for a server thread of this test process.
+                            | std::io::ErrorKind::Interrupted
                     ) => {}
                 Err(_) => return None,
             }
@@ -475,7 +478,10 @@ pub fn read_until_closed(
             Err(e)
                 if matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            // A signal meant for a server thread of this test process.
+                            | std::io::ErrorKind::Interrupted
                 ) => {}
             Err(_) => return true,
         }
