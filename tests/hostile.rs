@@ -40,7 +40,10 @@ fn closed_now(s: &mut TcpStream) -> bool {
     let closed = match s.read(&mut buf) {
         Ok(0) => true,
         Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
     };
     let _ = s.set_nonblocking(false);
     closed
@@ -472,6 +475,44 @@ fn one_connection_cannot_register_without_limit() {
             >= 1.0
     });
     assert_eq!(metric(&m, "sipring_bindings"), Some(16.0));
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_connections_places_follow_the_bindings_it_holds() {
+    // An SBC's connection registers its users; one of them is wiped from elsewhere (the
+    // user's own phone sends `Contact: *`): that AOR's place on the SBC's connection is
+    // given back, wherever the AOR's shard is, and the SBC registers a new user. It kept
+    // the place until the connection closed, and every new user got 403.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.server.shards = 2;
+        c.auth.enabled = false;
+        c.registrar.max_aors_per_connection = 3;
+    });
+    let mut sbc = Ua::tcp(srv.listen_addrs[1], "u0", "example.com").unwrap();
+    for i in 0..4 {
+        sbc.user = format!("u{i}");
+        assert_eq!(sbc.register(600), if i < 3 { 200 } else { 403 }, "u{i}");
+    }
+    let mut phone = Ua::tcp(srv.listen_addrs[1], "u0", "example.com").unwrap();
+    for (i, user) in ["u0", "u1"].into_iter().enumerate() {
+        phone.send(
+            format!(
+                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {l};branch=z9hG4bKw{i};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@example.com>\r\nFrom: <sip:{user}@example.com>;tag=w\r\nCall-ID: wipe-{i}\r\nCSeq: 1 REGISTER\r\nContact: *\r\nExpires: 0\r\nContent-Length: 0\r\n\r\n",
+                l = phone.local
+            )
+            .as_bytes(),
+        );
+        assert_eq!(phone.expect_final_or_provisional("wipe").0, 200);
+    }
+    for i in [3, 4] {
+        sbc.user = format!("u{i}");
+        assert_eq!(sbc.register(600), 200, "u{i} after the wipes");
+    }
+    sbc.user = "u5".into();
+    assert_eq!(sbc.register(600), 403, "u5: the places are full again");
     srv.stop();
     srv.join().unwrap();
 }

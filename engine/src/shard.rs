@@ -136,6 +136,14 @@ pub enum ShardMsg {
         /// Optional client auth on that listener.
         client_auth: ClientAuth,
     },
+    /// A connection of this shard no longer holds a binding of `aor` (expired, or removed
+    /// by a REGISTER from elsewhere): its place for the AOR and its hold are given back.
+    Released {
+        /// The connection.
+        conn: FlowId,
+        /// The AOR.
+        aor: String,
+    },
     /// A connection closed: drop its bindings and fail its transactions.
     FlowClosed {
         /// The connection.
@@ -734,6 +742,7 @@ impl Shard {
                     }
                     if owner == self.id {
                         let (reply, hold) = self.register(&aor, &request, fid, source);
+                        self.release_places();
                         self.hold_conn(fid, &aor, hold);
                         self.proxy
                             .borrow_mut()
@@ -1008,6 +1017,7 @@ impl Shard {
         let removed = self.store.borrow_mut().remove_flow(id);
         let changes = self.store.borrow_mut().take_flow_changes();
         self.account_bindings(changes, None);
+        self.release_places();
         for aor in &aors {
             self.write_through(aor);
         }
@@ -1320,6 +1330,9 @@ impl Shard {
             if added > 0 && have + added > limit as i64 {
                 store.put(aor, snapshot);
                 let _ = store.take_flow_changes();
+                // Undone: what it released holds again (and the flow's own place follows
+                // the 403 below).
+                let _ = store.take_released();
                 drop(store);
                 self.refused(&sipring_core::policy::Refusal {
                     label: "register_bindings_per_ip",
@@ -1375,6 +1388,31 @@ impl Shard {
         m.gauge("sipring_bindings", after as i64 - before as i64);
         m.inc(register_name(reply.code), 1);
         reply
+    }
+
+    /// Tells the shards of the connections that no longer hold a binding of an AOR (the
+    /// registrar's [`MemoryStore::take_released`]) to give back their place for it, before
+    /// any answer to a later REGISTER of theirs (the mesh keeps order between two shards).
+    fn release_places(self: &Rc<Self>) {
+        let released = self.store.borrow_mut().take_released();
+        for (conn, aor) in released {
+            if conn == NODE_FLOW {
+                continue;
+            }
+            let owner = owner_of(conn);
+            if owner == self.id || owner >= self.n {
+                self.release_place(conn, &aor);
+            } else {
+                let aor = aor.to_string();
+                self.mesh_send(owner, ShardMsg::Released { conn, aor }, false);
+            }
+        }
+    }
+
+    /// One of this shard's connections no longer holds a binding of `aor`.
+    fn release_place(&self, conn: FlowId, aor: &str) {
+        self.hold_conn(conn, aor, None);
+        self.proxy.borrow_mut().release_aor(&Flow::Conn(conn), aor);
     }
 
     /// Applies the registrar's per-flow changes to the per-source binding counts (shared by
@@ -1440,6 +1478,7 @@ impl Shard {
                 source,
             } => {
                 let (reply, hold) = self.register(&aor, &request, flow, source);
+                self.release_places();
                 self.reply(
                     from,
                     ShardMsg::RegisterReply {
@@ -1503,6 +1542,7 @@ impl Shard {
                 admit(self, crate::sys::sock::from_owned_fd(fd), kind, client_auth);
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
+            ShardMsg::Released { conn, aor } => self.release_place(conn, &aor),
             ShardMsg::Cancel {
                 from,
                 token,
@@ -1742,6 +1782,7 @@ impl Shard {
             let purged = self.store.borrow_mut().purge(now);
             let changes = self.store.borrow_mut().take_flow_changes();
             self.account_bindings(changes, None);
+            self.release_places();
             let mut m = self.metrics.borrow_mut();
             if purged > 0 {
                 m.gauge("sipring_bindings", -(purged as i64));

@@ -207,6 +207,9 @@ pub struct MemoryStore {
     /// When tracking ([`MemoryStore::track_flows`]): bindings gained (+) or lost (−) per flow
     /// since the last [`MemoryStore::take_flow_changes`].
     flow_changes: Option<HashMap<FlowId, i64>>,
+    /// When tracking: (flow, AOR) pairs whose last binding over that flow went, other than
+    /// by the flow's close, since the last [`MemoryStore::take_released`].
+    released: Vec<(FlowId, Rc<str>)>,
 }
 
 /// Notes `old` → `new` in a flow ledger.
@@ -258,6 +261,13 @@ impl MemoryStore {
             Some(l) => l.drain().filter(|(_, d)| *d != 0).collect(),
             None => Vec::new(),
         }
+    }
+
+    /// (flow, AOR) pairs whose flow no longer holds a binding of the AOR (expired, removed
+    /// by `Contact: *` or by another device of the AOR, made room for, or unregistered),
+    /// since the last call; only while tracking. The connection's places for AORs follow it.
+    pub fn take_released(&mut self) -> Vec<(FlowId, Rc<str>)> {
+        std::mem::take(&mut self.released)
     }
 
     /// The wheel's second for `t`: rounded up (an AOR is never looked at before it is due).
@@ -397,7 +407,9 @@ fn reindex(
     aor: &Rc<str>,
     old: &[Binding],
     new: &[Binding],
+    released: Option<&mut Vec<(FlowId, Rc<str>)>>,
 ) {
+    let mut released = released;
     let mut unmatched: Vec<FlowId> = new.iter().map(|b| b.flow).collect();
     for b in old {
         if let Some(i) = unmatched.iter().position(|f| *f == b.flow) {
@@ -407,6 +419,11 @@ fn reindex(
         if let Some(v) = by_flow.get_mut(&b.flow) {
             if let Some(i) = v.iter().position(|a| a == aor) {
                 v.swap_remove(i);
+            }
+            if let Some(r) = released.as_deref_mut()
+                && !v.contains(aor)
+            {
+                r.push((b.flow, aor.clone()));
             }
             if v.is_empty() {
                 by_flow.remove(&b.flow);
@@ -433,7 +450,7 @@ impl BindingStore for MemoryStore {
             None if bindings.is_empty() => return,
             None => {
                 let key: Rc<str> = Rc::from(aor);
-                reindex(&mut self.by_flow, &key, &[], &bindings);
+                reindex(&mut self.by_flow, &key, &[], &bindings, None);
                 note_flows(&mut self.flow_changes, &[], &bindings);
                 self.bindings += bindings.len();
                 self.map.insert(key.clone(), bindings);
@@ -442,14 +459,16 @@ impl BindingStore for MemoryStore {
             // Emptied: its wheel entries are dropped when they come due.
             Some(key) if bindings.is_empty() => {
                 let old = self.map.remove(&key).unwrap_or_default();
-                reindex(&mut self.by_flow, &key, &old, &[]);
+                let released = self.flow_changes.is_some().then_some(&mut self.released);
+                reindex(&mut self.by_flow, &key, &old, &[], released);
                 note_flows(&mut self.flow_changes, &old, &[]);
                 self.bindings -= old.len();
                 return;
             }
             Some(key) => {
                 let slot = self.map.get_mut(&key).expect("just found");
-                reindex(&mut self.by_flow, &key, slot, &bindings);
+                let released = self.flow_changes.is_some().then_some(&mut self.released);
+                reindex(&mut self.by_flow, &key, slot, &bindings, released);
                 note_flows(&mut self.flow_changes, slot, &bindings);
                 self.bindings = self.bindings - slot.len() + bindings.len();
                 let old = std::mem::replace(slot, bindings);
@@ -1642,6 +1661,55 @@ mod tests {
         assert!(st.wheel_len() > 0);
         assert_eq!(st.purge(t0 + Duration::from_secs(3600)), 0);
         assert_eq!(st.wheel_len(), 0);
+    }
+
+    #[test]
+    fn the_store_says_which_flows_no_longer_hold_an_aor() {
+        let t0 = Instant::now();
+        let mut st = MemoryStore::default();
+        st.track_flows();
+        let b = |flow: u64, n: u64, ttl: u64| Binding {
+            contact: format!("sip:c{flow}-{n}@h"),
+            q: 1000,
+            expires_at: t0 + Duration::from_secs(ttl),
+            call_id: "c".into(),
+            cseq: 1,
+            flow,
+            instance: None,
+            reg_id: None,
+            params: String::new(),
+            path: Vec::new(),
+        };
+        let released = |st: &mut MemoryStore| {
+            let mut r: Vec<(u64, String)> = st
+                .take_released()
+                .into_iter()
+                .map(|(f, a)| (f, a.to_string()))
+                .collect();
+            r.sort();
+            r
+        };
+        let (a, z) = ("sip:a@example.com", "sip:z@example.com");
+        // Flow 1 holds two bindings of a, flow 2 one; flow 1 holds z too.
+        st.put(a, vec![b(1, 1, 100), b(1, 2, 200), b(2, 1, 200)]);
+        st.put(z, vec![b(1, 1, 200)]);
+        assert_eq!(released(&mut st), []);
+        // One of flow 1's two bindings of a expires: it still holds a.
+        st.purge(t0 + Duration::from_secs(150));
+        assert_eq!(released(&mut st), []);
+        // The binding moves to flow 3 (a REGISTER over another connection): flow 1 lets go.
+        st.put(a, vec![b(3, 2, 200), b(2, 1, 200)]);
+        assert_eq!(released(&mut st), [(1, a.to_string())]);
+        // Everything expires: flows 2 and 3 let go of a, flow 1 of z.
+        st.purge(t0 + Duration::from_secs(250));
+        assert_eq!(
+            released(&mut st),
+            [(1, z.to_string()), (2, a.to_string()), (3, a.to_string())]
+        );
+        // A flow's close is not a release (its places go with it).
+        st.put(a, vec![b(4, 1, 900)]);
+        assert_eq!(st.remove_flow(4), 1);
+        assert_eq!(released(&mut st), []);
     }
 
     #[test]

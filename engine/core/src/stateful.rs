@@ -716,6 +716,18 @@ impl ShardProxy {
         self.max_aors_per_flow = n;
     }
 
+    /// `flow` no longer holds a binding of `aor` (it expired, or went by a REGISTER from
+    /// elsewhere: `Contact: *`, another device of the instance, room made for newer ones):
+    /// its place among the connection's AORs is given back. A connection whose users come
+    /// and go (an SBC's, a PBX's) would otherwise reach `max_aors_per_flow` for good.
+    pub fn release_aor(&mut self, flow: &Flow, aor: &str) {
+        if let Some(aors) = self.flow_aors.get_mut(flow) {
+            // The entry stays (a REGISTER of the flow's may be on its way back; the flow's
+            // close drops it).
+            aors.retain(|a| a != aor);
+        }
+    }
+
     /// May `flow` register `aor`: it has (`Some(false)`), or it holds fewer than the most
     /// AORs a connection may register (`Some(true)`: a place is taken for it). `None`: no.
     fn flow_may_register(&mut self, flow: &Flow, aor: &str) -> Option<bool> {
