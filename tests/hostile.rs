@@ -518,6 +518,52 @@ fn a_connections_places_follow_the_bindings_it_holds() {
 }
 
 #[test]
+fn what_a_dropped_slow_reader_pipelined_is_not_served() {
+    // A client that never reads pipelines requests: once its write queue passes the cap it
+    // is dropped, and the requests left in the read that dropped it are not served (their
+    // answers had nowhere to go: each counted a drop on a closing connection).
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.auth.enabled = false;
+        c.limits.write_queue_bytes = 4096;
+    });
+    let s = {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect_timeout(&srv.listen_addrs[1].into(), Duration::from_secs(2))
+            .unwrap();
+        TcpStream::from(s)
+    };
+    let local = s.local_addr().unwrap();
+    let batch: Vec<u8> = (0..100)
+        .flat_map(|i| {
+            format!(
+                "OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKp{i}\r\nMax-Forwards: 70\r\nTo: <sip:example.com>\r\nFrom: <sip:x@elsewhere.test>;tag=p\r\nCall-ID: pipe-{i}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+            )
+            .into_bytes()
+        })
+        .collect();
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut sent = 0;
+    while sent < 40_000 && w.write_all(&batch).is_ok() {
+        sent += 100;
+    }
+    let m = wait_metrics(srv.admin_addr.unwrap(), "the slow reader dropped", |m| {
+        metric(m, "sipring_queue_drops_total{queue=\"connection\"}").unwrap_or(0.0) >= 1.0
+    });
+    assert_eq!(
+        metric(&m, "sipring_queue_drops_total{queue=\"closing\"}").unwrap_or(0.0),
+        0.0,
+        "requests served after the connection was dropped"
+    );
+    drop(s);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn one_source_cannot_register_without_limit_across_connections_and_shards() {
     // limits.max_bindings_per_ip counts every binding whose connection comes from one
     // address, whichever shard holds the AOR and whichever connection registered it.

@@ -925,6 +925,13 @@ fn deliver(
     };
     loop {
         match framer.frame(&buf[start..]) {
+            // Closing (a slow reader dropped, the partial budget, a revoked certificate,
+            // decided while this read was delivered): what it pipelined behind is not
+            // served — its answers could not go out, and nobody would cancel its branches.
+            Ok(Status::Complete(Frame::Message(_))) if !conn.is_open() => {
+                pong(ping);
+                return Ok((buf.len(), message));
+            }
             Ok(Status::Complete(Frame::Message(n))) => {
                 conn.last_rx.set(t0);
                 shard.on_message(flow, &buf[start..start + n], t0);
