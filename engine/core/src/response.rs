@@ -158,6 +158,10 @@ pub fn error_response(buf: &[u8], err: ParseError, to_tag: &[u8]) -> Option<Vec<
     if buf.len() >= 4 && buf[..4].eq_ignore_ascii_case(b"SIP/") {
         return None;
     }
+    // An ACK is never answered (RFC 3261 §17.1.1.3, §17.2.3), however malformed.
+    if buf.starts_with(b"ACK ") {
+        return None;
+    }
     // Re-read the header lines leniently: only names and line boundaries matter here.
     let head_end = memchr::memmem::find(buf, b"\r\n\r\n").map_or(buf.len(), |p| p + 2);
     let mut headers = Vec::new();
@@ -425,6 +429,15 @@ Content-Length: 0\r\n\r\n";
         );
         assert_eq!(
             error_response(b"JUNK\r\nX: y\r\n\r\n", ParseError::InvalidStartLine, b"t"),
+            None
+        );
+        // A malformed ACK (its CSeq names INVITE) is dropped, not answered.
+        let ack = String::from_utf8_lossy(bad).replace(
+            "INVITE  sip:user@example.com  ",
+            "ACK sip:user@example.com ",
+        );
+        assert_eq!(
+            error_response(ack.as_bytes(), ParseError::CSeqMethodMismatch, b"t"),
             None
         );
     }
