@@ -607,6 +607,29 @@ fn ringing_at_two(n: &mut Net, call: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 #[test]
+fn the_other_branches_of_an_answered_call_hear_it_was_completed_elsewhere() {
+    // RFC 3326: bob's second phone shows "answered elsewhere", not a missed call.
+    let mut n = Net::new();
+    let (f1, _) = ringing_at_two(&mut n, "elsewhere-1");
+    n.take(&A);
+    n.send(&B, &answer(&f1, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    let c = n.one(&B2);
+    assert_eq!(method(&c), "CANCEL");
+    assert_eq!(
+        sipring_tests::ua::header(&c, "Reason").as_deref(),
+        Some("SIP;cause=200;text=\"Call completed elsewhere\"")
+    );
+    // A caller's CANCEL says nothing of the kind.
+    let mut n = Net::new();
+    ringing_at_two(&mut n, "elsewhere-2");
+    n.send(&A, &cancel_of("elsewhere-2"));
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL");
+    assert_eq!(sipring_tests::ua::header(&c, "Reason"), None);
+}
+
+#[test]
 fn a_branch_is_cancelled_once_and_abandoned_64_t1_after() {
     let mut n = Net::new();
     let (f1, _) = ringing_at_two(&mut n, "once-1");

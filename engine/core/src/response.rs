@@ -272,9 +272,13 @@ pub fn ack_for_non_2xx(invite: &Message<'_, '_>, response: &Message<'_, '_>) -> 
     Some(out)
 }
 
+/// `Reason` (RFC 3326) of the CANCELs sent to the other branches of a call answered on one:
+/// phones then show "answered elsewhere", not a missed call.
+pub const COMPLETED_ELSEWHERE: &[u8] = b"SIP;cause=200;text=\"Call completed elsewhere\"";
+
 /// A CANCEL for a forwarded INVITE (RFC 3261 §9.1): same Request-URI, top Via, Route set,
-/// To, From, Call-ID and CSeq number.
-pub fn cancel_for(invite: &Message<'_, '_>) -> Option<Vec<u8>> {
+/// To, From, Call-ID and CSeq number; with `reason` as its `Reason` (RFC 3326) if given.
+pub fn cancel_for(invite: &Message<'_, '_>, reason: Option<&[u8]>) -> Option<Vec<u8>> {
     let uri = invite.request_uri()?;
     let src = invite.bytes();
     let mut out = Vec::with_capacity(invite.head_len());
@@ -292,6 +296,9 @@ pub fn cancel_for(invite: &Message<'_, '_>) -> Option<Vec<u8>> {
     }
     let cseq = crate::values::CSeq::parse(invite.header(HeaderName::CSeq)?.value)?;
     put(&mut out, "CSeq", format!("{} CANCEL", cseq.seq).as_bytes());
+    if let Some(r) = reason {
+        put(&mut out, "Reason", r);
+    }
     out.extend_from_slice(b"Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n");
     if invite.folded() {
         crate::edit::unfold(&mut out);
@@ -402,7 +409,7 @@ Content-Length: 0\r\n\r\n";
             assert_eq!(e.cseq.seq, 7);
             assert!(a.header(HeaderName::Route).is_some());
         });
-        let cancel = parsed(INV, |inv| cancel_for(inv).unwrap());
+        let cancel = parsed(INV, |inv| cancel_for(inv, None).unwrap());
         parsed(&cancel, |c| {
             let e = c.validate(&Limits::default()).unwrap();
             assert_eq!(e.cseq.method, b"CANCEL");

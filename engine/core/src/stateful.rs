@@ -1520,7 +1520,16 @@ impl ShardProxy {
             Some(now + t1.saturating_mul(64)),
         );
         let c = &self.clients[invite_branch];
-        let Some(Some(cancel)) = with_parsed(c.txn.request(), &limits, |m, _| cancel_for(m)) else {
+        // Another branch answered (§16.7 step 10 cancels the rest): say so (RFC 3326).
+        let elsewhere = c
+            .server
+            .as_ref()
+            .and_then(|k| self.servers.get(k))
+            .is_some_and(|s| s.got_2xx);
+        let reason = elsewhere.then_some(crate::response::COMPLETED_ELSEWHERE);
+        let Some(Some(cancel)) =
+            with_parsed(c.txn.request(), &limits, |m, _| cancel_for(m, reason))
+        else {
             return;
         };
         let key = TxKey {
