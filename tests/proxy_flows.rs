@@ -2036,11 +2036,28 @@ fn our_own_answers_fill_in_rport_and_received() {
             .contains(";rport=40123;branch=z9hG4bKrp2;received=203.0.113.9")
     );
     n.take(&B);
-    n.send(&A, &invite("z9hG4bKrp3", "rp-3"));
+    // Without rport, a sent-by that is not the source still gets `received` (§18.2.1), in
+    // our answers as in the copy we forward (before: only the copy); one the client wrote
+    // itself is replaced, not passed on beside ours.
+    let inv = String::from_utf8(invite("z9hG4bKrp3", "rp-3"))
+        .unwrap()
+        .replace(";branch=z9hG4bKrp3", ";received=6.6.6.6;branch=z9hG4bKrp3");
+    n.send(&A, inv.as_bytes());
     let trying = n.one(&A);
     assert_eq!(
         sipring_tests::ua::header(&trying, "Via").unwrap(),
-        "SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrp3"
+        "SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrp3;received=203.0.113.9"
+    );
+    let fwd = n.one(&B);
+    let client_via = String::from_utf8_lossy(&fwd)
+        .lines()
+        .filter(|l| l.starts_with("Via:"))
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        client_via,
+        "Via: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrp3;received=203.0.113.9"
     );
 }
 

@@ -72,6 +72,80 @@ pub(crate) fn bare_rport_end(v: &[u8]) -> Option<usize> {
     None
 }
 
+/// The ranges (offsets in `v`) of the `;received=…` parameters of a Via value, each from
+/// its `;` to the next parameter's (a quoted string of another parameter is not looked in).
+fn received_params(v: &[u8]) -> Vec<(usize, usize)> {
+    // Cheap test first (a look after each `;`): most Vias from clients carry none.
+    let named = |i: usize| {
+        let rest = &v[i + 1..];
+        let rest = &rest[rest.iter().take_while(|b| crate::text::is_lws(**b)).count()..];
+        rest.len() >= 8 && rest[..8].eq_ignore_ascii_case(b"received")
+    };
+    if !memchr::memchr_iter(b';', v).any(named) {
+        return Vec::new();
+    }
+    let mut starts = Vec::new();
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &b) in v.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b';' if !quoted => starts.push(i),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (k, &i) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(v.len());
+        let name = v[i + 1..end]
+            .iter()
+            .skip_while(|b| crate::text::is_lws(**b))
+            .take_while(|b| crate::text::is_token(**b))
+            .copied()
+            .collect::<Vec<u8>>();
+        if name.eq_ignore_ascii_case(b"received") {
+            // Trailing whitespace before the next `;` stays with this parameter.
+            out.push((i, end));
+        }
+    }
+    out
+}
+
+/// What completes the top Via `v` of a client's request that came from `source` (RFC 3261
+/// §18.2.1, RFC 3581 §4), as `(start, end, replacement)` in `v`, in order: an empty `rport`
+/// gets the source port; `received=<source address>` is added when the sent-by `host` is not
+/// that address (an IPv6 reference in brackets, as a Via writes it) or `rport` was asked
+/// for; and any `received` the client wrote itself goes — only the hop that received the
+/// request may say where from (a forged one misleads whoever reads it downstream).
+pub(crate) fn via_completion(
+    v: &[u8],
+    host: &[u8],
+    source: &std::net::SocketAddr,
+) -> Vec<(usize, usize, String)> {
+    let mut edits: Vec<(usize, usize, String)> = received_params(v)
+        .into_iter()
+        .map(|(s, e)| (s, e, String::new()))
+        .collect();
+    let rport_end = bare_rport_end(v);
+    if let Some(e) = rport_end {
+        edits.push((e, e, format!("={}", source.port())));
+    }
+    let literal = host
+        .strip_prefix(b"[")
+        .and_then(|h| h.strip_suffix(b"]"))
+        .unwrap_or(host);
+    let sent_by_is_source = std::str::from_utf8(literal)
+        .ok()
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        == Some(source.ip());
+    if !sent_by_is_source || rport_end.is_some() {
+        edits.push((v.len(), v.len(), format!(";received={}", source.ip())));
+    }
+    edits.sort_by_key(|e| (e.0, e.1));
+    edits
+}
+
 impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
     /// Starts editing `msg`.
     pub fn new(msg: &'m Message<'b, 'h>) -> Self {
@@ -189,23 +263,16 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
             .ok_or(EditError::NoSuchHeader(HeaderName::Via))
     }
 
-    /// Completes the top Via of a request from a client (RFC 3261 §18.2.1, RFC 3581): fills
-    /// an empty `rport` with the source port and, when `received` (the sent-by host is not
-    /// the source address, or `rport` was asked for), adds `received=<source address>`.
+    /// Completes the top Via of a request from a client, whose sent-by host is `host`, as
+    /// [`via_completion`] says.
     pub fn complete_top_via(
         &mut self,
         source: &std::net::SocketAddr,
-        received: bool,
+        host: &[u8],
     ) -> Result<&mut Self, EditError> {
         let top = self.top_via()?;
-        let rport_end = bare_rport_end(top.value);
-        if let Some(e) = rport_end {
-            let pos = top.start + e;
-            self.splice(pos, pos, format!("={}", source.port()).into_bytes());
-        }
-        if received || rport_end.is_some() {
-            let pos = top.end;
-            self.splice(pos, pos, format!(";received={}", source.ip()).into_bytes());
+        for (s, e, text) in via_completion(top.value, host, source) {
+            self.splice(top.start + s, top.start + e, text.into_bytes());
         }
         Ok(self)
     }
@@ -482,6 +549,61 @@ body";
             panic!("parse")
         };
         f(&m)
+    }
+
+    #[test]
+    fn a_clients_via_is_completed_and_what_it_claimed_to_be_received_goes() {
+        let src: std::net::SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let done = |v: &str| {
+            let via = crate::values::Via::parse(v.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            let mut at = 0;
+            for (s, e, t) in via_completion(v.as_bytes(), via.host, &src) {
+                out.extend_from_slice(&v.as_bytes()[at..s]);
+                out.extend_from_slice(t.as_bytes());
+                at = e;
+            }
+            out.extend_from_slice(&v.as_bytes()[at..]);
+            String::from_utf8(out).unwrap()
+        };
+        for (via, want) in [
+            // A name, not the source: received added (§18.2.1).
+            (
+                "SIP/2.0/TLS phone.invalid;branch=z9hG4bK1",
+                "SIP/2.0/TLS phone.invalid;branch=z9hG4bK1;received=10.0.0.1",
+            ),
+            // The source itself: nothing to add.
+            (
+                "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1",
+                "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1",
+            ),
+            // rport asked for: filled, and received added (RFC 3581 §4).
+            (
+                "SIP/2.0/TLS 10.0.0.1;rport;branch=z9hG4bK1",
+                "SIP/2.0/TLS 10.0.0.1;rport=5000;branch=z9hG4bK1;received=10.0.0.1",
+            ),
+            // A received the client wrote (in any case) is not passed on: one, ours.
+            (
+                "SIP/2.0/TLS phone.invalid;received=6.6.6.6;branch=z9hG4bK1;RECEIVED=7.7.7.7",
+                "SIP/2.0/TLS phone.invalid;branch=z9hG4bK1;received=10.0.0.1",
+            ),
+            (
+                "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1;received=6.6.6.6",
+                "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1",
+            ),
+            // Inside another parameter's quoted string it is text, not a parameter.
+            (
+                "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1;x=\";received=6.6.6.6\"",
+                "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1;x=\";received=6.6.6.6\"",
+            ),
+            // IPv6 sent-by in brackets, as a Via writes it.
+            (
+                "SIP/2.0/TLS [2001:db8::1]:5061;branch=z9hG4bK1",
+                "SIP/2.0/TLS [2001:db8::1]:5061;branch=z9hG4bK1;received=10.0.0.1",
+            ),
+        ] {
+            assert_eq!(done(via), want, "{via}");
+        }
     }
 
     #[test]

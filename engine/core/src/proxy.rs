@@ -824,18 +824,7 @@ impl Proxy {
             e.add_header("P-Asserted-Identity", pai.as_bytes());
         }
         if let Some(src) = hop.source {
-            // §18.2.1: `received` unless sent-by is the source address itself (an IPv6
-            // reference in brackets, as a Via writes it).
-            let host = ess.top_via.host;
-            let literal = host
-                .strip_prefix(b"[")
-                .and_then(|h| h.strip_suffix(b"]"))
-                .unwrap_or(host);
-            let received = std::str::from_utf8(literal)
-                .ok()
-                .and_then(|h| h.parse::<std::net::IpAddr>().ok())
-                != Some(src.ip());
-            let _ = e.complete_top_via(&src, received);
+            let _ = e.complete_top_via(&src, ess.top_via.host);
         }
         let out = hop.out_iface;
         let via = format!(

@@ -85,25 +85,26 @@ pub fn response_to(
     out
 }
 
-/// What the top Via of `req` needs filled in (RFC 3581 §4): `(offset in the message, text)`,
-/// in order; empty without a source or without a bare `rport`.
+/// What the top Via of `req` needs filled in, as in the copy we forward
+/// ([`crate::edit::via_completion`]): `(start, end, replacement)` in the message, in order;
+/// empty without a source or a readable top Via.
 fn via_completion(
     req: &Message<'_, '_>,
     source: Option<std::net::SocketAddr>,
-) -> Vec<(usize, String)> {
+) -> Vec<(usize, usize, String)> {
     let Some(from) = source else {
         return Vec::new();
     };
     let Some(top) = req.values(HeaderName::Via).into_iter().next() else {
         return Vec::new();
     };
-    match crate::edit::bare_rport_end(top.value) {
-        Some(e) => vec![
-            (top.start + e, format!("={}", from.port())),
-            (top.end, format!(";received={}", from.ip())),
-        ],
-        None => Vec::new(),
-    }
+    let Some(via) = crate::values::Via::parse(top.value) else {
+        return Vec::new();
+    };
+    crate::edit::via_completion(top.value, via.host, &from)
+        .into_iter()
+        .map(|(s, e, t)| (top.start + s, top.start + e, t))
+        .collect()
 }
 
 fn copy_dialog_headers(
@@ -111,7 +112,7 @@ fn copy_dialog_headers(
     src: &[u8],
     out: &mut Vec<u8>,
     to_tag: Option<&[u8]>,
-    via_fill: &[(usize, String)],
+    via_fill: &[(usize, usize, String)],
 ) {
     for h in headers {
         let line = &src[h.line_start as usize..h.line_end as usize];
@@ -119,10 +120,10 @@ fn copy_dialog_headers(
             HeaderName::Via if !via_fill.is_empty() => {
                 let (start, end) = (h.line_start as usize, h.line_end as usize);
                 let mut at = start;
-                for (pos, text) in via_fill.iter().filter(|(p, _)| (start..end).contains(p)) {
-                    out.extend_from_slice(&src[at..*pos]);
+                for (from, to, text) in via_fill.iter().filter(|(p, ..)| (start..end).contains(p)) {
+                    out.extend_from_slice(&src[at..*from]);
                     out.extend_from_slice(text.as_bytes());
-                    at = *pos;
+                    at = *to;
                 }
                 out.extend_from_slice(&src[at..h.line_end as usize]);
             }
