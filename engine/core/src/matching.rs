@@ -41,10 +41,27 @@ pub struct TxKey {
 }
 
 impl TxKey {
-    /// The server transaction a request belongs to. `None` without a branch (RFC 2543
-    /// peers are not supported; the proxy answers those 400).
+    /// The server transaction a request belongs to. `None` without a branch (the proxy
+    /// answers those 400). A branch without the RFC 3261 magic cookie is not taken to be
+    /// unique (§17.2.3: an RFC 2543 element may reuse one for a re-INVITE): its key also
+    /// holds the Call-ID, the CSeq number and the From tag, which its retransmissions, its
+    /// CANCEL and the ACK of its non-2xx answer share.
     pub fn server(msg: &Message<'_, '_>, ess: &Essentials<'_>) -> Option<TxKey> {
         let branch = ess.top_via.branch()?;
+        let legacy;
+        let branch = if ess.top_via.has_rfc3261_branch() {
+            branch
+        } else {
+            let mut k = branch.to_vec();
+            for part in [ess.call_id, ess.cseq.seq.to_string().as_bytes()] {
+                k.push(0);
+                k.extend_from_slice(part);
+            }
+            k.push(0);
+            k.extend_from_slice(ess.from.tag().unwrap_or_default());
+            legacy = k;
+            &legacy[..]
+        };
         let mut sent_by = ess.top_via.host.to_ascii_lowercase();
         if let Some(p) = ess.top_via.port {
             sent_by.extend_from_slice(format!(":{p}").as_bytes());
@@ -125,5 +142,30 @@ mod tests {
             inv
         );
         assert!(!key(&req("BYE", "a.example.com;branch=z9hG4bK1")).is_invite());
+    }
+
+    #[test]
+    fn a_branch_without_the_cookie_is_told_apart_by_its_cseq_and_call() {
+        // An RFC 2543 element reusing its branch for a re-INVITE: a new transaction, not a
+        // retransmission of the first (which sat in Accepted and swallowed it).
+        let via = "a.example.com;branch=0123456789ab";
+        let inv = key(&req("INVITE", via));
+        assert_eq!(key(&req("INVITE", via)), inv, "a retransmission matches");
+        assert_eq!(key(&req("ACK", via)), inv, "its non-2xx ACK matches");
+        assert_eq!(
+            key(&req("CANCEL", via)).cancelled_invite(),
+            Some(inv.clone()),
+            "its CANCEL names it"
+        );
+        let reinvite = req("INVITE", via).replace("CSeq: 1 INVITE", "CSeq: 2 INVITE");
+        assert_ne!(key(&reinvite), inv);
+        let other_call = req("INVITE", via).replace("Call-ID: c", "Call-ID: d");
+        assert_ne!(key(&other_call), inv);
+        // With the cookie the branch alone is the transaction, as before.
+        let cookie = "a.example.com;branch=z9hG4bK1";
+        assert_eq!(
+            key(&req("INVITE", cookie).replace("CSeq: 1", "CSeq: 2")),
+            key(&req("INVITE", cookie))
+        );
     }
 }
