@@ -607,6 +607,58 @@ fn ringing_at_two(n: &mut Net, call: &str) -> (Vec<u8>, Vec<u8>) {
 }
 
 #[test]
+fn parallel_branches_share_the_requests_breadth() {
+    // RFC 5393 §5.3: the branches of a parallel fork carry Max-Breadth values that add up
+    // to at most what the request had (60 without one, at most 60), each at least 1; a
+    // breadth too small for every branch is 440. A single target passes it on as it came.
+    let breadth = |m: &[u8]| sipring_tests::ua::header(m, "Max-Breadth");
+    let with = |b: &str, branch: &str, call: &str| {
+        let inv = String::from_utf8(invite(branch, call)).unwrap();
+        if b.is_empty() {
+            inv.into_bytes()
+        } else {
+            inv.replace(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\nMax-Breadth: {b}\r\n"),
+            )
+            .into_bytes()
+        }
+    };
+    for (given, want) in [("", ["30", "30"]), ("3", ["2", "1"]), ("500", ["30", "30"])] {
+        let mut n = Net::new();
+        n.register("bob", &B, "10.0.0.2:5061");
+        n.register("bob", &B2, "10.0.0.3:5061");
+        n.send(&A, &with(given, "z9hG4bKmb1", "mb-1"));
+        let got = [breadth(&n.one(&B)), breadth(&n.one(&B2))];
+        assert_eq!(
+            got,
+            want.map(|w| Some(w.to_string())),
+            "Max-Breadth {given:?}"
+        );
+    }
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.register("bob", &B2, "10.0.0.3:5061");
+    n.send(&A, &with("1", "z9hG4bKmb2", "mb-2"));
+    let answers = n.take(&A);
+    assert!(
+        answers.iter().any(|m| status(m) == 440),
+        "440 for a breadth of 1"
+    );
+    assert!(
+        n.take(&B).is_empty() && n.take(&B2).is_empty(),
+        "nothing forked"
+    );
+    // One binding: forwarded as it came (none added, the received one kept).
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &with("", "z9hG4bKmb3", "mb-3"));
+    assert_eq!(breadth(&n.one(&B)), None);
+    n.send(&A, &with("7", "z9hG4bKmb4", "mb-4"));
+    assert_eq!(breadth(&n.one(&B)).as_deref(), Some("7"));
+}
+
+#[test]
 fn the_other_branches_of_an_answered_call_hear_it_was_completed_elsewhere() {
     // RFC 3326: bob's second phone shows "answered elsewhere", not a missed call.
     let mut n = Net::new();

@@ -199,6 +199,7 @@ fn bench_policy(c: &mut Criterion) {
             ident: &Default::default(),
             path: &[],
             overload_control: false,
+            max_breadth: None,
         },
     );
     let fwd = String::from_utf8(fwd).unwrap();

@@ -93,6 +93,7 @@ pub fn parse_and_forward(proxy: &sipring_core::proxy::Proxy, bytes: &[u8]) -> Ve
             ident: &IdentityEdit::default(),
             path: &[],
             overload_control: false,
+            max_breadth: None,
         },
     )
 }

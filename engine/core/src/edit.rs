@@ -424,6 +424,21 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
         self
     }
 
+    /// Sets a header this parser has no name for (`name` compared case-insensitively): its
+    /// lines are removed and one with `value` is added.
+    pub fn set_other_header(&mut self, name: &str, value: &[u8]) -> &mut Self {
+        let lines: Vec<_> = self
+            .msg
+            .headers_named(HeaderName::Other)
+            .filter(|h| h.raw_name.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|h| (h.line_start as usize, h.line_end as usize))
+            .collect();
+        for (s, e) in lines {
+            self.splice(s, e, Vec::new());
+        }
+        self.add_header(name, value)
+    }
+
     /// Removes every line of a header.
     pub fn remove_header(&mut self, name: HeaderName) -> &mut Self {
         let lines: Vec<_> = self

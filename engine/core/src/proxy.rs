@@ -124,6 +124,9 @@ pub struct Hop<'a> {
     /// Advertise RFC 7339 overload control in our Via (`oc;oc-algo="loss"`): the next hop is
     /// a partner whose feedback we honour.
     pub overload_control: bool,
+    /// This branch's share of the request's breadth when it is forked in parallel
+    /// (RFC 5393 §5.3): written as its `Max-Breadth`, replacing the one received.
+    pub max_breadth: Option<u32>,
 }
 
 /// Proxy settings.
@@ -826,6 +829,9 @@ impl Proxy {
         if let Some(src) = hop.source {
             let _ = e.complete_top_via(&src, ess.top_via.host);
         }
+        if let Some(b) = hop.max_breadth {
+            e.set_other_header("Max-Breadth", b.to_string().as_bytes());
+        }
         let out = hop.out_iface;
         let via = format!(
             "SIP/2.0/{} {}:{};branch={branch}{}",
@@ -1096,6 +1102,7 @@ mod tests {
                 ident: &IdentityEdit::default(),
                 path: &[],
                 overload_control: false,
+                max_breadth: None,
             },
         )
     }
@@ -1226,6 +1233,7 @@ mod tests {
                 ident: &IdentityEdit::default(),
                 path: &[],
                 overload_control: false,
+                max_breadth: None,
             },
         ))
         .unwrap()
@@ -1598,6 +1606,7 @@ mod tests {
                         ident: &IdentityEdit::default(),
                         path: &[],
                         overload_control: false,
+                        max_breadth: None,
                     },
                 ))
                 .unwrap()
@@ -1660,6 +1669,7 @@ mod tests {
                     ident: &IdentityEdit::default(),
                     path: &[],
                     overload_control: false,
+                    max_breadth: None,
                 },
             ))
             .unwrap()
@@ -1687,6 +1697,7 @@ mod tests {
                         ident: &IdentityEdit::default(),
                         path: &[],
                         overload_control: false,
+                        max_breadth: None,
                     },
                 ))
                 .unwrap()

@@ -235,6 +235,29 @@ enum Pending {
     },
 }
 
+/// The breadth of a request that carries no `Max-Breadth`, and the most this proxy lets one
+/// have (RFC 5393 §5.3: 60 recommended for both).
+pub const MAX_BREADTH: u32 = 60;
+
+/// The request's `Max-Breadth`, if it has a readable one (RFC 5393 §5.3.1; a value past
+/// `u32` reads as the largest, which the proxy caps anyway).
+fn max_breadth(m: &Message<'_, '_>) -> Option<u32> {
+    let h = m
+        .headers()
+        .iter()
+        .find(|h| h.name == HeaderName::Other && h.raw_name.eq_ignore_ascii_case(b"Max-Breadth"))?;
+    let v = crate::text::trim(h.value);
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        std::str::from_utf8(v)
+            .ok()?
+            .parse::<u32>()
+            .unwrap_or(u32::MAX),
+    )
+}
+
 /// A branch's response, as the TU sees it.
 enum BranchResponse {
     /// From downstream: our Via must be popped before it goes upstream.
@@ -1557,7 +1580,24 @@ impl ShardProxy {
     ) {
         let limits = self.limits;
         let mut dropped = 0;
-        for (flow, uri, path) in targets {
+        // RFC 5393 §5.3: branches forked in parallel share the request's breadth (60 when it
+        // carries none, at most 60), each at least 1; too little for them all is 440.
+        let breadth = if targets.len() > 1 {
+            let Some(s) = self.servers.get(server) else {
+                return;
+            };
+            let received = with_parsed(&s.request, &limits, |m, _| max_breadth(m)).flatten();
+            let total = received.map_or(MAX_BREADTH, |b| b.min(MAX_BREADTH));
+            if (total as usize) < targets.len() {
+                self.answer(now, server, 440, "Max-Breadth Exceeded", &[]);
+                return;
+            }
+            Some((total, targets.len() as u32))
+        } else {
+            None
+        };
+        let share = |total: u32, n: u32, i: usize| total / n + u32::from((i as u32) < total % n);
+        for (i, (flow, uri, path)) in targets.iter().enumerate() {
             let unique = self.unique();
             let Some(s) = self.servers.get(server) else {
                 return;
@@ -1592,6 +1632,7 @@ impl ShardProxy {
                     ident: &ident,
                     path,
                     overload_control,
+                    max_breadth: breadth.map(|(total, n)| share(total, n, i)),
                 };
                 let out =
                     proxy.forward_request(m, e, &branch, uri.as_deref().map(str::as_bytes), &hop);
@@ -1746,6 +1787,7 @@ impl ShardProxy {
             ident: &ident,
             path: &[],
             overload_control: false,
+            max_breadth: None,
         };
         let out = self
             .proxy
