@@ -295,9 +295,9 @@ fn a_dead_connection_fails_its_transaction_and_leaves_no_state() {
 }
 
 #[test]
-fn a_dialog_route_to_a_connection_that_is_gone_is_answered_430() {
-    // RFC 5626 §5.3: a request whose route names a flow that failed gets 430 at once, not a
-    // 408 after 32 s. The caller's connection on the callee's shard (the send finds it gone)
+fn a_dialog_route_to_a_connection_that_is_gone_is_answered_at_once() {
+    // RFC 5626 §5.3: a request whose route names a flow that failed is answered at once, not
+    // with a 408 after 32 s — 480 to a phone (430 is for proxies, §11.5). The caller's connection on the callee's shard (the send finds it gone)
     // and on the other shard (its owner tells the sender over the mesh).
     let pki = Pki::new();
     for shards in [1, 2] {
@@ -319,8 +319,8 @@ fn a_dialog_route_to_a_connection_that_is_gone_is_answered_430() {
             open(m) == Some(1.0)
         });
         bob.send(&hang_up);
-        let (s, resp) = bob.expect_final_or_provisional("430 for the BYE");
-        assert_eq!(s, 430, "{}", String::from_utf8_lossy(&resp));
+        let (s, resp) = bob.expect_final_or_provisional("480 for the BYE");
+        assert_eq!(s, 480, "{}", String::from_utf8_lossy(&resp));
         wait_metrics(admin, "the send found the connection gone", |m| {
             metric(m, "sipring_queue_drops_total{queue=\"gone\"}").unwrap_or(0.0) >= 1.0
                 && metric(m, "sipring_transactions{role=\"client\"}") == Some(0.0)

@@ -341,7 +341,7 @@ fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
 }
 
 #[test]
-fn a_dialog_route_to_a_flow_that_failed_is_answered_430() {
+fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_phone() {
     let mut n = Net::new();
     let rr = answered(&mut n, "z9hG4bKf1", "flow-1");
     // Bob hangs up along the route; the caller's connection fails before it answers.
@@ -353,11 +353,36 @@ fn a_dialog_route_to_a_flow_that_failed_is_answered_430() {
     assert_eq!(method(&n.one(&A)), "BYE");
     n.proxy.handle_flow_closed(n.now, &A);
     n.pump();
-    // RFC 5626 §5.3: the route named a flow that is gone — 430, not a 408 after Timer F.
+    // The route named a flow that is gone: answered at once, not with a 408 after Timer F;
+    // 480, not RFC 5626's 430, which is for proxies (§11.5: a phone would read 400).
     let up = n.one(&B);
-    assert_eq!(status(&up), 430, "{}", first_line(&up));
+    assert_eq!(status(&up), 480, "{}", first_line(&up));
     assert!(n.inbox.is_empty());
     n.assert_idle_after_timers();
+}
+
+#[test]
+fn a_dialog_route_to_a_flow_that_failed_is_answered_430_to_a_proxy() {
+    // RFC 5626 §5.3: toward the proxy before us (a partner), the flow's failure is 430.
+    let (carrier, mut n) = carrier_net();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let inv = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sbc.carrier.example;branch=z9hG4bKc1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=c1\r\nCall-ID: flow-c\r\nCSeq: 1 INVITE\r\nContact: <sip:x@sbc.carrier.example;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&carrier, inv.as_bytes());
+    n.take(&carrier);
+    let fwd = n.one(&B);
+    let rr = record_route(&fwd);
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&carrier)), 200);
+    let bye = format!(
+        "BYE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS sbc.carrier.example;branch=z9hG4bKc2\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:x@carrier.example>;tag=c1\r\nCall-ID: flow-c\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&rr)
+    );
+    n.send(&carrier, bye.as_bytes());
+    assert_eq!(method(&n.one(&B)), "BYE");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.pump();
+    let up = n.one(&carrier);
+    assert_eq!(status(&up), 430, "{}", first_line(&up));
 }
 
 #[test]

@@ -944,7 +944,7 @@ impl Shard {
                 }
             }
             None => {
-                // Closed before this was sent: what was just started on it fails now (430
+                // Closed before this was sent: what was just started on it fails now (430/480
                 // for a dialog route, RFC 5626 §5.3) instead of timing out.
                 self.count("sipring_queue_drops_total{queue=\"gone\"}");
                 self.flow_closed(id);

@@ -2272,10 +2272,17 @@ impl ShardProxy {
             }
             if !c.final_received {
                 let server = c.server.clone();
+                // Who waits for the answer: a proxy (a partner, a cluster node) or a phone.
+                let upstream_is_proxy = server
+                    .as_ref()
+                    .and_then(|k| self.servers.get(k))
+                    .is_some_and(|s| self.partner_of(&s.inbound).is_some());
                 let (code, reason) = match flow {
-                    // A dialog route to a connection that is gone (RFC 5626 §5.3): the UA
-                    // learns its peer's flow failed and may recover (re-register, re-INVITE).
-                    Flow::Conn(_) if c.by_token => (430, "Flow Failed"),
+                    // A dialog route to a connection that is gone (RFC 5626 §5.3): 430 is for
+                    // the proxy before us; a phone never gets one (§11.5: it would read 400,
+                    // and a re-INVITE or UPDATE that failed so leaves the call up): 480,
+                    // as for a registered contact on it.
+                    Flow::Conn(_) if c.by_token && upstream_is_proxy => (430, "Flow Failed"),
                     // A registered contact whose connection died: the user is unreachable
                     // now (480), as a lookup would say once the binding is gone. The same
                     // for a cluster node that cannot be reached and holds the user's flow.
