@@ -83,6 +83,7 @@ fn into_kernel(
         conn,
         suite,
         tls13,
+        can_rekey: shard.control.ktls.rekey(),
         records_sent: 0,
         peer_key_updates: 0,
     })

@@ -50,7 +50,7 @@ mod records;
 
 use handshake::{Established, LINGER, with_timeout};
 pub use handshake::{serve_inbound, spawn_peer_connect};
-use records::{ktls_record_budget, on_control_record, rekey_or_close};
+use records::{Rekey, ktls_record_budget, on_control_record, rekey_or_close};
 pub use sipring_net::handshake::{HandshakeError, drive_handshake};
 
 /// How the record layer runs after the handshake.
@@ -68,6 +68,8 @@ pub struct KernelState {
     conn: KernelConn,
     suite: rustls::SupportedCipherSuite,
     tls13: bool,
+    /// The kernel can take a new TX key on a live socket (TLS 1.3 KeyUpdate; Linux 6.14+).
+    can_rekey: bool,
     records_sent: u64,
     /// KeyUpdates from the peer since its last application data.
     peer_key_updates: u32,
@@ -245,19 +247,23 @@ impl Io {
         self.write_or_queue(Cow::Owned(wire), None)
     }
 
-    /// kTLS: past the record budget (or asked by the peer), rekey (TLS 1.3) or end the
-    /// connection (TLS 1.2). Called before application data goes to the kernel. The queue
-    /// holds plaintext the kernel has not seen, so a KeyUpdate now precedes it correctly.
-    fn maybe_rekey(&mut self, max_records: u64) -> Result<(), &'static str> {
+    /// kTLS: past the record budget (or asked by the peer), rekey (TLS 1.3) or retire the
+    /// key (TLS 1.2: `Ok(true)`, the connection is to end gracefully after this write).
+    /// Called before application data goes to the kernel. The queue holds plaintext the
+    /// kernel has not seen, so a KeyUpdate now precedes it correctly.
+    fn maybe_rekey(&mut self, max_records: u64) -> Result<bool, &'static str> {
         let Layer::Kernel(k) = &mut self.layer else {
-            return Ok(());
+            return Ok(false);
         };
         if k.records_sent < ktls_record_budget(k.suite).min(max_records) {
-            return Ok(());
+            return Ok(false);
         }
         // `Later`: the socket is full; records_sent stays over budget and the next write
         // tries again.
-        rekey_or_close(self.stream.as_raw_fd(), k).map(|_| ())
+        match rekey_or_close(self.stream.as_raw_fd(), k)? {
+            Rekey::Done | Rekey::Later => Ok(false),
+            Rekey::Retire => Ok(true),
+        }
     }
 }
 
@@ -496,11 +502,25 @@ impl Conn {
             return Err(SendError::Closed);
         }
         let mut io = self.io.borrow_mut();
-        if let Err(why) = io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
-            drop(io);
-            self.abort(why);
-            return Err(SendError::Closed);
-        }
+        let retire = match io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
+            Ok(r) => r,
+            Err(why) => {
+                drop(io);
+                self.abort(why);
+                return Err(SendError::Closed);
+            }
+        };
+        // This message still goes out; then the close sequence flushes the queue and sends
+        // close_notify. Later messages see the connection closing.
+        let retire = || {
+            if retire {
+                tracing::info!(
+                    conn = self.id,
+                    "kTLS connection reached its record budget and cannot rekey (TLS 1.2, or a kernel without KeyUpdate); closing gracefully"
+                );
+                self.close("record_budget");
+            }
+        };
         let wire = match &mut io.layer {
             Layer::User(s) => {
                 if s.write(bytes).is_err() {
@@ -518,6 +538,7 @@ impl Conn {
                 if let Some(s) = stamp {
                     record_forward(shard, s);
                 }
+                retire();
                 Ok(())
             }
             Wrote::Queued => {
@@ -546,6 +567,7 @@ impl Conn {
                     return Err(SendError::SlowReader);
                 }
                 self.wake();
+                retire();
                 Ok(())
             }
             Wrote::Failed => {
@@ -564,8 +586,11 @@ impl Conn {
         }
         let mut io = self.io.borrow_mut();
         if !io.out.is_empty() {
-            if let Err(why) = io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
-                return Poll::Ready(Event::Close(Closing::Abort(why)));
+            match io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
+                Ok(false) => {}
+                // The close sequence flushes what is queued, then close_notify.
+                Ok(true) => return Poll::Ready(Event::Close(Closing::Graceful("record_budget"))),
+                Err(why) => return Poll::Ready(Event::Close(Closing::Abort(why))),
             }
             let flushed = io.poll_flush(cx, &mut |s| record_forward(shard, s));
             self.account_queue(shard, io.out_bytes);

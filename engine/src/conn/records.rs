@@ -21,18 +21,21 @@ pub(super) enum Rekey {
     Done,
     /// The socket had no room: nothing sent, try again before the next write.
     Later,
+    /// No KeyUpdate is possible (TLS 1.2, or a kernel that cannot take a new key): the key
+    /// is spent. The connection ends gracefully — what is being sent and what is queued
+    /// still go out (the budget sits far below the AEAD limit), then close_notify.
+    Retire,
 }
 
-/// TLS 1.3: send a KeyUpdate and install the new TX key. TLS 1.2 has no KeyUpdate: send
-/// close_notify and end the connection (`Err`). Never blocks.
+/// TLS 1.3: send a KeyUpdate and install the new TX key. TLS 1.2, or a kernel that cannot
+/// rekey: [`Rekey::Retire`] (before, a KeyUpdate went out that the kernel then could not
+/// follow, and the connection was cut). Never blocks.
 pub(super) fn rekey_or_close(
     fd: std::os::fd::RawFd,
     k: &mut KernelState,
 ) -> Result<Rekey, &'static str> {
-    if !k.tls13 {
-        tracing::info!("TLS 1.2 connection reached its record budget; closing gracefully");
-        let _ = sys::ktls::send_close_notify(fd);
-        return Err("record_budget");
+    if !k.tls13 || !k.can_rekey {
+        return Ok(Rekey::Retire);
     }
     // KeyUpdate(update_not_requested): type 24, length 1, value 0.
     match sys::ktls::send_record(fd, sys::ktls::content::HANDSHAKE, &[24, 0, 0, 1, 0]) {
