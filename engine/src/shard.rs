@@ -1138,16 +1138,10 @@ impl Shard {
             c.removal_bytes
                 .set(c.removal_bytes.get().saturating_sub(request.len()));
             let nodes = found.nodes.unwrap_or_default();
-            let default_expires = self.registrar.config().default_expires;
             let now = Instant::now();
             let mut sent = 0;
             for node in &nodes {
-                sent += u64::from(self.proxy.borrow_mut().send_removals(
-                    now,
-                    node,
-                    &request,
-                    default_expires,
-                ));
+                sent += u64::from(self.proxy.borrow_mut().send_removals(now, node, &request));
             }
             self.metrics
                 .borrow_mut()
@@ -1375,11 +1369,7 @@ impl Shard {
                 && self.cluster.as_ref().is_some_and(|c| {
                     retry(c) || bound_here || sipring_core::registrar::removes_any(&m)
                 })
-                && sipring_core::registrar::removals_for_nodes(
-                    &m,
-                    self.registrar.config().default_expires,
-                )
-                .is_some()
+                && sipring_core::registrar::removals_for_nodes(&m).is_some()
             {
                 self.remove_elsewhere(aor, request);
             }

@@ -616,15 +616,15 @@ pub fn removes_only(msg: &Message<'_, '_>) -> bool {
 
 /// What a REGISTER this node accepted removes from the bindings other cluster nodes hold
 /// for its AOR, as Contact values of a removal-only REGISTER: `*` for `Contact: *`; each
-/// contact it removes (expiry 0); and each `+sip.instance` it binds here (the device moved
-/// to this node: its binding elsewhere, keyed by instance and reg-id, is stale). `None`:
-/// nothing to remove elsewhere. Only the node holding a binding writes it (its field in the
+/// contact it removes (expiry 0); each `+sip.instance` it binds here (the device moved to
+/// this node: its binding elsewhere, keyed by instance and reg-id, is stale); and each plain
+/// contact it binds here (the same AOR and contact URI are the same binding, RFC 3261
+/// §10.3: held elsewhere, it is the device's old one). The engine asks only when the
+/// REGISTER binds something new here or removes something. `None`: nothing to remove
+/// elsewhere. Only the node holding a binding writes it (its field in the
 /// location store, its tables), so each holder is sent these and applies them under the
 /// usual Call-ID/CSeq rules.
-pub fn removals_for_nodes(msg: &Message<'_, '_>, default_expires: u32) -> Option<Vec<String>> {
-    let header = msg
-        .header(HeaderName::Expires)
-        .map(|h| parse_expires(h.value).unwrap_or(default_expires));
+pub fn removals_for_nodes(msg: &Message<'_, '_>) -> Option<Vec<String>> {
     let contacts = msg.try_values(HeaderName::Contact)?;
     if contacts.iter().any(|c| c.value == b"*") {
         return Some(vec!["*".into()]);
@@ -638,14 +638,7 @@ pub fn removals_for_nodes(msg: &Message<'_, '_>, default_expires: u32) -> Option
         let Some(na) = NameAddr::parse(c.value) else {
             continue;
         };
-        let expires = match na.param("expires") {
-            Some(v) => v.and_then(parse_expires).unwrap_or(default_expires),
-            None => header.unwrap_or(default_expires),
-        };
         let instance = na.param("+sip.instance").flatten();
-        if expires != 0 && instance.is_none() {
-            continue;
-        }
         let mut v = format!("<{}>", String::from_utf8_lossy(na.uri));
         if let Some(i) = instance {
             v.push_str(";+sip.instance=");
@@ -1433,12 +1426,19 @@ mod tests {
             f(&m);
         };
         let mut cases: Vec<(&str, Option<Vec<&str>>)> = vec![
-            // A plain refresh: nothing elsewhere.
-            ("Contact: <sip:alice@192.0.2.9>\r\nExpires: 600\r\n", None),
+            // A plain contact bound here: the same binding held elsewhere is the device's old
+            // one (it moved to this node), and goes.
+            (
+                "Contact: <sip:alice@192.0.2.9>\r\nExpires: 600\r\n",
+                Some(vec!["<sip:alice@192.0.2.9>;expires=0"]),
+            ),
             ("Contact: *\r\nExpires: 0\r\n", Some(vec!["*"])),
             (
                 "Contact: <sip:alice@192.0.2.9>;expires=0, <sip:alice@192.0.2.10>\r\n",
-                Some(vec!["<sip:alice@192.0.2.9>;expires=0"]),
+                Some(vec![
+                    "<sip:alice@192.0.2.9>;expires=0",
+                    "<sip:alice@192.0.2.10>;expires=0",
+                ]),
             ),
             // An instance bound here: its binding elsewhere (by instance and reg-id) goes.
             (
@@ -1458,7 +1458,7 @@ mod tests {
         for (extra, want) in cases.drain(..) {
             let want: Option<Vec<String>> = want.map(|v| v.iter().map(|s| s.to_string()).collect());
             with(extra, &|m| {
-                assert_eq!(removals_for_nodes(m, 3600), want, "{extra}")
+                assert_eq!(removals_for_nodes(m), want, "{extra}")
             });
         }
         // What a node accepts from another: removals only.

@@ -774,19 +774,13 @@ impl ShardProxy {
     /// To, From, Call-ID and CSeq, so the node applies it under the usual Call-ID/CSeq rules
     /// (a REGISTER made there since wins). A client transaction of our own: its answer ends
     /// here. Returns whether anything was sent.
-    pub fn send_removals(
-        &mut self,
-        now: Instant,
-        node: &str,
-        request: &[u8],
-        default_expires: u32,
-    ) -> bool {
+    pub fn send_removals(&mut self, now: Instant, node: &str, request: &[u8]) -> bool {
         let flow = Flow::Peer(node.to_string());
         let iface = self.iface_of(&flow);
         let unique = self.unique();
         let limits = self.limits;
         let built = with_parsed(request, &limits, |m, e| {
-            let contacts = crate::registrar::removals_for_nodes(m, default_expires)?;
+            let contacts = crate::registrar::removals_for_nodes(m)?;
             let branch = Proxy::branch(m, e, unique);
             let header = |name: HeaderName| m.header(name).map(|h| h.value);
             let (Some(uri), Some(to), Some(from)) = (
