@@ -518,6 +518,50 @@ fn a_connections_places_follow_the_bindings_it_holds() {
 }
 
 #[test]
+fn a_peer_that_half_closes_still_gets_its_answers() {
+    // A client sends its REGISTERs and ends its side (FIN) at once, then reads: each is
+    // answered, those whose AOR lives on the other shard too. Before, the FIN aborted the
+    // connection: answers still on their way from the other shard were lost.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.server.shards = 2;
+        c.auth.enabled = false;
+    });
+    let mut s = TcpStream::connect(srv.listen_addrs[1]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let local = s.local_addr().unwrap();
+    let n = 8;
+    let batch: Vec<u8> = (0..n)
+        .flat_map(|i| {
+            format!(
+                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKhc{i}\r\nMax-Forwards: 70\r\nTo: <sip:hc{i}@example.com>\r\nFrom: <sip:hc{i}@example.com>;tag=h\r\nCall-ID: hc-{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:hc{i}@{local};transport=tcp>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+            )
+            .into_bytes()
+        })
+        .collect();
+    s.write_all(&batch).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(
+        text.matches("SIP/2.0 200 OK\r\n").count(),
+        n,
+        "every REGISTER answered before the close: {text}"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn what_a_dropped_slow_reader_pipelined_is_not_served() {
     // A client that never reads pipelines requests: once its write queue passes the cap it
     // is dropped, and the requests left in the read that dropped it are not served (their

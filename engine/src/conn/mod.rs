@@ -644,10 +644,18 @@ impl Conn {
     }
 }
 
-/// Stream framing is lost (garbage after valid requests): read nothing more, but let the
-/// requests that came before it get their answers (the registrar may be on another shard) —
-/// for at most [`FRAMING_DRAIN`] — then close gracefully.
-async fn finish_after_framing_error(shard: &Rc<Shard>, conn: &Conn, flow: &Flow) -> Closing {
+/// Nothing more is read (stream framing is lost, or the peer ended its side with FIN or
+/// close_notify, as a client that sends its requests and then half-closes does), but the
+/// requests that came before get their answers (the registrar may be on another shard) —
+/// for at most [`FRAMING_DRAIN`] — then the connection closes gracefully, its queued
+/// output flushed. Before, a peer's FIN aborted at once and a close_notify failed its
+/// transactions: answers still being made were lost.
+async fn finish_in_progress(
+    shard: &Rc<Shard>,
+    conn: &Conn,
+    flow: &Flow,
+    why: &'static str,
+) -> Closing {
     let deadline = Instant::now() + FRAMING_DRAIN;
     while shard.proxy.borrow().in_progress_on(flow) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
@@ -655,7 +663,7 @@ async fn finish_after_framing_error(shard: &Rc<Shard>, conn: &Conn, flow: &Flow)
             break;
         }
     }
-    Closing::Graceful("framing_lost")
+    Closing::Graceful(why)
 }
 
 /// What a connection holds of an incomplete message, for the partial deadline and budget.
@@ -726,7 +734,7 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         }
         let (scratch, n, control) = match ev {
             Event::Close(c) => break c,
-            Event::Eof => break Closing::Abort("peer_closed"),
+            Event::Eof => break finish_in_progress(&shard, &conn, &flow, "peer_closed").await,
             Event::Data(scratch, n, control) => (scratch, n, control),
         };
         let t0 = Instant::now();
@@ -748,6 +756,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
                             "closing a kTLS connection for a TLS record its peer sent (connection \
                              closures: at most one line a second; sipring_ktls_closes_total counts all)"
                         );
+                    }
+                    if why == "close_notify" {
+                        break finish_in_progress(&shard, &conn, &flow, why).await;
                     }
                     break Closing::Graceful(why);
                 }
@@ -804,14 +815,14 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             false
         };
         if framing_lost {
-            break finish_after_framing_error(&shard, &conn, &flow).await;
+            break finish_in_progress(&shard, &conn, &flow, "framing_lost").await;
         }
         let progressed = match deliver(&shard, &conn, &mut framer, &partial, &flow, t0) {
             Ok((used, message)) => {
                 partial.drain(..used);
                 message
             }
-            Err(()) => break finish_after_framing_error(&shard, &conn, &flow).await,
+            Err(()) => break finish_in_progress(&shard, &conn, &flow, "framing_lost").await,
         };
         if partial.is_empty() {
             // Nothing partial is waiting: an idle connection keeps no buffer.
@@ -827,8 +838,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         };
         conn.hold_partial(&shard, held(&conn, &partial, t0) + tls_held, t0, progressed);
         if peer_closed {
-            // Answer close_notify with ours after delivering what came before it.
-            break Closing::Graceful("close_notify");
+            // Answer close_notify with ours after delivering what came before it, and
+            // answering it.
+            break finish_in_progress(&shard, &conn, &flow, "close_notify").await;
         }
     };
     drop(partial);
