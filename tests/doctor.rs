@@ -3,7 +3,7 @@
 
 use sipring::config::{CertConfig, Config, ListenConfig};
 use sipring::doctor::{Check, HostFacts, Verdict, profile, run};
-use sipring::sys::ktls::Support;
+use sipring::sys::ktls::{Cipher, Ciphers, Support};
 use sipring::tls::pki::{Ca, Spec};
 use sipring_tests::TempDir;
 use std::collections::BTreeMap;
@@ -12,7 +12,10 @@ fn healthy() -> HostFacts {
     HostFacts {
         kernel: "6.14.2-amd64".into(),
         io_uring: Ok(()),
-        ktls: Support::Available { rekey: true },
+        ktls: Support::Available {
+            rekey: true,
+            ciphers: Ciphers::ALL,
+        },
         memlock: (u64::MAX, u64::MAX),
         nofile: (1 << 20, 1 << 20),
         sysctls: profile().into_iter().collect::<BTreeMap<_, _>>(),
@@ -70,7 +73,27 @@ fn each_host_check_fails_with_a_fix() {
         ),
         (
             "kernel TLS",
-            Box::new(|f| f.ktls = Support::Available { rekey: false }),
+            Box::new(|f| {
+                f.ktls = Support::Available {
+                    rekey: false,
+                    ciphers: Ciphers::ALL,
+                }
+            }),
+            Verdict::Warn,
+        ),
+        (
+            // A kernel with TLS but without ChaCha20-Poly1305's crypto.
+            "kernel TLS",
+            Box::new(|f| {
+                f.ktls = Support::Available {
+                    rekey: true,
+                    ciphers: Ciphers::default()
+                        .with(false, Cipher::Aes128Gcm)
+                        .with(true, Cipher::Aes128Gcm)
+                        .with(false, Cipher::Aes256Gcm)
+                        .with(true, Cipher::Aes256Gcm),
+                }
+            }),
             Verdict::Warn,
         ),
         (

@@ -412,6 +412,112 @@ fn outbound_peer_connections_offload_too() {
 }
 
 #[test]
+fn each_cipher_goes_to_the_kernel_only_where_the_kernel_took_its_key() {
+    // The probe sets a throw-away key of every (version, cipher) both ways; a session whose
+    // cipher the kernel did not take stays in userspace (the hand-off would consume it and
+    // the refused key cut the connection). Every suite's traffic flows either way.
+    use rustls::crypto::aws_lc_rs::{cipher_suite as cs, default_provider};
+    use sipring::sys::ktls::Cipher;
+    let pki = Pki::new();
+    let srv = server_with(&pki, true);
+    let k = sipring::sys::ktls::probe();
+    if expect_kernel() {
+        for v13 in [false, true] {
+            assert!(
+                k.ciphers().has(v13, Cipher::Aes128Gcm),
+                "the VM's kernel takes AES-128-GCM: {}",
+                k.describe()
+            );
+        }
+    }
+    let suites = [
+        (true, Cipher::Aes128Gcm, vec![cs::TLS13_AES_128_GCM_SHA256]),
+        (true, Cipher::Aes256Gcm, vec![cs::TLS13_AES_256_GCM_SHA384]),
+        (
+            true,
+            Cipher::Chacha20Poly1305,
+            vec![cs::TLS13_CHACHA20_POLY1305_SHA256],
+        ),
+        (
+            false,
+            Cipher::Aes128Gcm,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+            ],
+        ),
+        (
+            false,
+            Cipher::Aes256Gcm,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ],
+        ),
+        (
+            false,
+            Cipher::Chacha20Poly1305,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+        ),
+    ];
+    let layer = |m: &str, l: &str| {
+        metric(
+            m,
+            &format!("sipring_connections_total{{kind=\"tls\",record_layer=\"{l}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let admin = srv.admin_addr.unwrap();
+    for (i, (v13, cipher, list)) in suites.into_iter().enumerate() {
+        let m = sipring_tests::server::admin_get(admin, "/metrics");
+        let (k0, u0) = (layer(&m, "kernel"), layer(&m, "userspace"));
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: list,
+            ..default_provider()
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for r in pki.certs("ca.pem") {
+            roots.add(r).unwrap();
+        }
+        let version: &[&rustls::SupportedProtocolVersion] = if v13 {
+            &[&rustls::version::TLS13]
+        } else {
+            &[&rustls::version::TLS12]
+        };
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+            .with_protocol_versions(version)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut u = Ua::tls(
+            srv.listen_addrs[0],
+            std::sync::Arc::new(cfg),
+            "sip.example.com",
+            &format!("c{i}"),
+            "example.com",
+        )
+        .unwrap();
+        assert_eq!(
+            u.register(600),
+            200,
+            "{cipher:?} TLS 1.{}",
+            2 + u8::from(v13)
+        );
+        let kernel = k.available() && k.ciphers().has(v13, cipher);
+        let want = if kernel { "kernel" } else { "userspace" };
+        wait_metrics(admin, "the record layer of the new connection", |m| {
+            layer(m, want) >= if kernel { k0 } else { u0 } + 1.0
+        });
+        drop(u);
+    }
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn the_record_budget_rekeys_or_closes() {
     // A tiny budget: after 3 records under one key, TLS 1.2 (and TLS 1.3 on a kernel that
     // cannot rekey) closes gracefully — the answer that crossed the budget still arrives,

@@ -13,21 +13,25 @@ pub(super) async fn with_timeout<T>(d: Duration, fut: impl Future<Output = T>) -
     .await
 }
 
-/// Can the kernel take this cipher suite? (The `ktls` crate maps AES-GCM and ChaCha20.)
-fn offloadable(suite: rustls::SupportedCipherSuite) -> bool {
+/// The kernel cipher of a suite, with whether it is TLS 1.3 (`None`: not one the kernel
+/// holds; the `ktls` crate maps AES-GCM and ChaCha20-Poly1305).
+fn kernel_cipher(suite: rustls::SupportedCipherSuite) -> Option<(bool, sys::ktls::Cipher)> {
     use rustls::CipherSuite as C;
-    matches!(
-        suite.suite(),
-        C::TLS13_AES_128_GCM_SHA256
-            | C::TLS13_AES_256_GCM_SHA384
-            | C::TLS13_CHACHA20_POLY1305_SHA256
-            | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-            | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
-            | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
-            | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
-            | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-            | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
-    )
+    use sys::ktls::Cipher;
+    Some(match suite.suite() {
+        C::TLS13_AES_128_GCM_SHA256 => (true, Cipher::Aes128Gcm),
+        C::TLS13_AES_256_GCM_SHA384 => (true, Cipher::Aes256Gcm),
+        C::TLS13_CHACHA20_POLY1305_SHA256 => (true, Cipher::Chacha20Poly1305),
+        C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => {
+            (false, Cipher::Aes128Gcm)
+        }
+        C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => {
+            (false, Cipher::Aes256Gcm)
+        }
+        C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => (false, Cipher::Chacha20Poly1305),
+        _ => return None,
+    })
 }
 
 /// Moves the record layer to the kernel, or says why it stays in userspace. `Err(None)`:
@@ -46,8 +50,15 @@ fn into_kernel(
     let Some(suite) = sess.cipher_suite() else {
         return Err((Some(Box::new(sess)), "no_suite"));
     };
-    if !offloadable(suite) {
-        return Err((Some(Box::new(sess)), "cipher_not_offloadable"));
+    // The kernel must take this cipher under this version (the probe set a key of each
+    // both ways): the hand-off below consumes the session, so a key the kernel refused
+    // there would cut the connection instead of leaving it in userspace.
+    match kernel_cipher(suite) {
+        None => return Err((Some(Box::new(sess)), "cipher_not_offloadable")),
+        Some((v13, c)) if !shard.control.ktls.ciphers().has(v13, c) => {
+            return Err((Some(Box::new(sess)), "kernel_lacks_cipher"));
+        }
+        Some(_) => {}
     }
     let tls13 = sess.protocol() == Some(rustls::ProtocolVersion::TLSv1_3);
     if tls13 && !shard.control.ktls.rekey() && !shard.cfg.tls.ktls_tls13_without_rekey {
@@ -56,7 +67,9 @@ fn into_kernel(
     let handoff = match sess.dangerous_into_kernel() {
         Ok(h) => h,
         Err(refused) => {
-            tracing::warn!(reason = %refused.reason, "kernel TLS hand-off refused");
+            if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+                tracing::warn!(reason = %refused.reason, left_out, "kernel TLS hand-off refused (at most one line a second; sipring_ktls_fallback_total counts all)");
+            }
             return Err((refused.session, "handoff_refused"));
         }
     };
@@ -71,7 +84,9 @@ fn into_kernel(
         return Err((None, "crypto_info_failed"));
     };
     if let Err(e) = sys::ktls::attach_ulp(fd) {
-        tracing::warn!(error = %e, "TCP_ULP tls failed after the probe succeeded");
+        if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+            tracing::warn!(error = %e, left_out, "TCP_ULP tls failed after the probe succeeded (at most one line a second)");
+        }
         return Err((None, "ulp_failed"));
     }
     if sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &tx).is_err()
@@ -108,8 +123,14 @@ fn choose_layer(shard: &Shard, stream: &TcpStream, sess: TlsSession) -> Option<L
         Ok(k) => Some(Layer::Kernel(Box::new(k))),
         Err((session, why)) => {
             shard.count(&format!("sipring_ktls_fallback_total{{reason=\"{why}\"}}"));
-            if session.is_none() {
-                tracing::warn!(why, "kernel TLS hand-off failed mid-way; closing");
+            if session.is_none()
+                && let Some(left_out) = shard.conn_log.allow(Instant::now())
+            {
+                tracing::warn!(
+                    why,
+                    left_out,
+                    "kernel TLS hand-off failed mid-way; closing (at most one line a second; sipring_ktls_fallback_total counts all)"
+                );
             }
             session.map(Layer::User)
         }

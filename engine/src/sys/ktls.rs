@@ -29,6 +29,73 @@ pub mod content {
     pub const APPLICATION_DATA: u8 = 23;
 }
 
+/// The AEADs kernel TLS may hold (`TLS_CIPHER_*` of include/uapi/linux/tls.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    /// AES-128-GCM.
+    Aes128Gcm = 0,
+    /// AES-256-GCM.
+    Aes256Gcm = 1,
+    /// ChaCha20-Poly1305.
+    Chacha20Poly1305 = 2,
+}
+
+impl Cipher {
+    const ALL: [Cipher; 3] = [
+        Cipher::Aes128Gcm,
+        Cipher::Aes256Gcm,
+        Cipher::Chacha20Poly1305,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Cipher::Aes128Gcm => "AES-128-GCM",
+            Cipher::Aes256Gcm => "AES-256-GCM",
+            Cipher::Chacha20Poly1305 => "ChaCha20-Poly1305",
+        }
+    }
+}
+
+/// The (TLS version, cipher) pairs the kernel took keys for, both ways, in the probe: a
+/// kernel with TLS may still lack a cipher's crypto (ChaCha20-Poly1305 came in Linux 5.11,
+/// and each is a module that may be missing). A session is handed to the kernel only with
+/// one of these: the hand-off consumes it, and a key the kernel then refused cut the
+/// connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ciphers(u8);
+
+impl Ciphers {
+    /// Every pair.
+    pub const ALL: Ciphers = Ciphers(0b11_1111);
+
+    fn bit(tls13: bool, c: Cipher) -> u8 {
+        1 << (u8::from(tls13) * 3 + c as u8)
+    }
+
+    /// Does the kernel take `c` under TLS 1.3 (`tls13`) or TLS 1.2?
+    pub fn has(self, tls13: bool, c: Cipher) -> bool {
+        self.0 & Self::bit(tls13, c) != 0
+    }
+
+    /// With `c` under that version added.
+    pub fn with(self, tls13: bool, c: Cipher) -> Ciphers {
+        Ciphers(self.0 | Self::bit(tls13, c))
+    }
+
+    /// The pairs missing, for logs and `sipring doctor` (empty when none is).
+    pub fn missing(self) -> String {
+        let mut out = Vec::new();
+        for tls13 in [false, true] {
+            for c in Cipher::ALL {
+                if !self.has(tls13, c) {
+                    out.push(format!("TLS 1.{} {}", if tls13 { 3 } else { 2 }, c.name()));
+                }
+            }
+        }
+        out.join(", ")
+    }
+}
+
 /// What the kernel offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Support {
@@ -37,6 +104,8 @@ pub enum Support {
     Available {
         /// Can keys be replaced (KeyUpdate)?
         rekey: bool,
+        /// What it took keys for.
+        ciphers: Ciphers,
     },
     /// The kernel has no TLS (`CONFIG_TLS` unset or module not loadable).
     KernelLacksTls(String),
@@ -52,14 +121,38 @@ impl Support {
 
     /// Can the kernel follow a TLS 1.3 KeyUpdate?
     pub fn rekey(&self) -> bool {
-        matches!(self, Support::Available { rekey: true })
+        matches!(self, Support::Available { rekey: true, .. })
+    }
+
+    /// The ciphers the kernel takes (none when it has no TLS).
+    pub fn ciphers(&self) -> Ciphers {
+        match self {
+            Support::Available { ciphers, .. } => *ciphers,
+            _ => Ciphers::default(),
+        }
     }
 
     /// A one-line description for logs and `sipring doctor`.
     pub fn describe(&self) -> String {
+        let gaps = |c: &Ciphers| match c.missing() {
+            m if m.is_empty() => String::new(),
+            m => format!("; without {m} (those sessions stay in userspace)"),
+        };
         match self {
-            Support::Available { rekey: true } => "kernel TLS available, with KeyUpdate (rekey) support".into(),
-            Support::Available { rekey: false } => "kernel TLS available, without KeyUpdate support (Linux < 6.14): TLS 1.3 stays in userspace unless tls.ktls_tls13_without_rekey".into(),
+            Support::Available {
+                rekey: true,
+                ciphers,
+            } => format!(
+                "kernel TLS available, with KeyUpdate (rekey) support{}",
+                gaps(ciphers)
+            ),
+            Support::Available {
+                rekey: false,
+                ciphers,
+            } => format!(
+                "kernel TLS available, without KeyUpdate support (Linux < 6.14): TLS 1.3 stays in userspace unless tls.ktls_tls13_without_rekey{}",
+                gaps(ciphers)
+            ),
             Support::KernelLacksTls(e) => format!(
                 "kernel lacks TLS ({e}): `modprobe tls`, or a kernel built with CONFIG_TLS; falling back to userspace TLS"
             ),
@@ -99,6 +192,7 @@ pub fn probe() -> Support {
     match attach_ulp(c.as_raw_fd()) {
         Ok(()) => Support::Available {
             rekey: probe_rekey(c.as_raw_fd()),
+            ciphers: probe_ciphers(),
         },
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
             Support::KernelLacksTls("TCP_ULP \"tls\": ENOENT".into())
@@ -107,42 +201,102 @@ pub fn probe() -> Support {
     }
 }
 
-/// `struct tls12_crypto_info_aes_gcm_128` (include/uapi/linux/tls.h), for the probe only.
+/// `struct tls12_crypto_info_<cipher>` (include/uapi/linux/tls.h), for the probe only: a
+/// `tls_crypto_info` header, then the cipher's IV, key, salt and record sequence, all bytes
+/// (no padding: 4 + IV + KEY + SALT + 8 is 40 for AES-128-GCM and 56 for AES-256-GCM and
+/// ChaCha20-Poly1305, the kernel's sizes).
 #[repr(C)]
-struct ProbeInfo {
+struct ProbeInfo<const IV: usize, const KEY: usize, const SALT: usize> {
     version: u16,
     cipher_type: u16,
-    iv: [u8; 8],
-    key: [u8; 16],
-    salt: [u8; 4],
+    iv: [u8; IV],
+    key: [u8; KEY],
+    salt: [u8; SALT],
     rec_seq: [u8; 8],
+}
+
+impl<const IV: usize, const KEY: usize, const SALT: usize> ProbeInfo<IV, KEY, SALT> {
+    fn new(tls13: bool, cipher_type: u16) -> Self {
+        ProbeInfo {
+            version: if tls13 { 0x0304 } else { 0x0303 },
+            cipher_type,
+            iv: [1; IV],
+            key: [2; KEY],
+            salt: [3; SALT],
+            rec_seq: [0; 8],
+        }
+    }
+}
+
+/// Installs a throw-away key on the probe socket `fd`; true when the kernel takes it.
+fn set_probe_key<T>(fd: RawFd, dir: libc::c_int, info: &T) -> bool {
+    // SAFETY: `info` is a live `ProbeInfo`, laid out as the kernel's crypto-info struct of
+    // its cipher (see `ProbeInfo`), and the length passed is its exact size; `fd` is a
+    // connected socket of the probe's own.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_TLS,
+            dir,
+            (info as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// Which (version, cipher) pairs the kernel takes keys for, both ways: one fresh loopback
+/// pair each (a socket takes one key per direction).
+fn probe_ciphers() -> Ciphers {
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    let mut out = Ciphers::default();
+    for tls13 in [false, true] {
+        for c in Cipher::ALL {
+            let pair = (|| {
+                let l = TcpListener::bind("127.0.0.1:0")?;
+                let c = TcpStream::connect(l.local_addr()?)?;
+                let (s, _) = l.accept()?;
+                Ok::<_, io::Error>((c, s))
+            })();
+            let Ok((sock, _peer)) = pair else { continue };
+            let fd = sock.as_raw_fd();
+            if attach_ulp(fd).is_err() {
+                continue;
+            }
+            let both = |tx: &dyn Fn() -> bool, rx: &dyn Fn() -> bool| tx() && rx();
+            let ok = match c {
+                Cipher::Aes128Gcm => {
+                    let i = ProbeInfo::<8, 16, 4>::new(tls13, 51);
+                    both(&|| set_probe_key(fd, TLS_TX, &i), &|| {
+                        set_probe_key(fd, TLS_RX, &i)
+                    })
+                }
+                Cipher::Aes256Gcm => {
+                    let i = ProbeInfo::<8, 32, 4>::new(tls13, 52);
+                    both(&|| set_probe_key(fd, TLS_TX, &i), &|| {
+                        set_probe_key(fd, TLS_RX, &i)
+                    })
+                }
+                Cipher::Chacha20Poly1305 => {
+                    let i = ProbeInfo::<12, 32, 0>::new(tls13, 54);
+                    both(&|| set_probe_key(fd, TLS_TX, &i), &|| {
+                        set_probe_key(fd, TLS_RX, &i)
+                    })
+                }
+            };
+            if ok {
+                out = out.with(tls13, c);
+            }
+        }
+    }
+    out
 }
 
 /// Sets a throw-away TX key twice on the probe socket: the second succeeds only on kernels
 /// that support rekeying.
 fn probe_rekey(fd: RawFd) -> bool {
-    let info = ProbeInfo {
-        version: 0x0304,
-        cipher_type: 51,
-        iv: [1; 8],
-        key: [2; 16],
-        salt: [3; 4],
-        rec_seq: [0; 8],
-    };
-    let set = || {
-        // SAFETY: `info` is a live, correctly laid out tls12_crypto_info_aes_gcm_128 and the
-        // length passed is its exact size; `fd` is the probe's connected socket.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                SOL_TLS,
-                TLS_TX,
-                (&info as *const ProbeInfo).cast(),
-                size_of::<ProbeInfo>() as libc::socklen_t,
-            )
-        }
-    };
-    set() == 0 && set() == 0
+    let info = ProbeInfo::<8, 16, 4>::new(true, 51);
+    set_probe_key(fd, TLS_TX, &info) && set_probe_key(fd, TLS_TX, &info)
 }
 
 /// Direction of a key.
