@@ -1305,6 +1305,41 @@ fn application_data_and_close_notify_in_memory() {
     }
 }
 
+/// A read holding a good record and then a bad one: the session fails, and the plaintext of
+/// the good one is still there for the connection to deliver before it closes (as the
+/// kernel's record layer delivers it).
+#[test]
+fn the_plaintext_before_a_bad_record_is_kept() {
+    let w = World::new();
+    let policy = w.policy(&["1.2", "1.3"]);
+    for v in ["1.3", "1.2"] {
+        let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+        let mut s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
+        let mut c = TlsSession::client(
+            partner_client(&w, v, Some(&alpha)),
+            ServerName::try_from("sip.example.com").unwrap(),
+        )
+        .unwrap();
+        let (cr, sr) = transfer(&mut c, &mut s);
+        cr.unwrap();
+        sr.unwrap();
+        let _ = transfer(&mut c, &mut s);
+        c.write(b"OPTIONS sip:example.com SIP/2.0\r\n").unwrap();
+        let mut wire = c.take_outgoing();
+        wire.extend_from_slice(&[23, 3, 3, 0, 32]);
+        wire.extend_from_slice(&[0x5a; 32]);
+        // (In a debug build rustls asserted here: the bad record was processed twice and a
+        // second fatal alert sent.)
+        assert!(s.receive(&wire).is_err(), "TLS {v}: the forged record");
+        assert_eq!(
+            s.plaintext().as_slice(),
+            b"OPTIONS sip:example.com SIP/2.0\r\n",
+            "TLS {v}"
+        );
+        assert!(!s.take_outgoing().is_empty(), "TLS {v}: the alert goes out");
+    }
+}
+
 #[test]
 fn broken_files_name_the_file() {
     let w = World::new();

@@ -143,6 +143,14 @@ macro_rules! drive {
                 Err(e) => {
                     $self.failed = true;
                     $self.incoming.drain(..discard);
+                    // Once established, nothing more of the peer's is read: the record that
+                    // failed (one that did not decrypt) would only fail again, and rustls,
+                    // asked again, would send a second fatal alert (a debug assertion of its
+                    // own). During the handshake rustls's deframer still refers to what it
+                    // holds, and the failed message was taken already.
+                    if $self.phase != Phase::Handshaking {
+                        $self.incoming.clear();
+                    }
                     // rustls queued a fatal alert: collect it so the peer learns why.
                     for _ in 0..4 {
                         let UnbufferedStatus { state, discard, .. } =

@@ -765,6 +765,7 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             }
         }
         let mut peer_closed = false;
+        let mut tls_failed = false;
         // The connection's state is borrowed only inside this block (never across an await).
         let framing_lost = 'read: {
             let mut io = conn.io.borrow_mut();
@@ -776,10 +777,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
                     if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
                         tracing::info!(conn = conn.id, error = %e, left_out, "TLS error on established connection (connection closures: at most one line a second)");
                     }
-                    let _ = io.push_tls_output();
-                    drop(io);
-                    shard.give_read_buf(scratch);
-                    break 'conn Closing::Graceful("tls_error");
+                    // What the records before the bad one carried is delivered first, as
+                    // the kernel's record layer would.
+                    tls_failed = true;
                 }
                 let pt = std::mem::take(s.plaintext());
                 peer_closed = s.phase() == crate::tls::session::Phase::PeerClosed;
@@ -837,6 +837,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             _ => 0,
         };
         conn.hold_partial(&shard, held(&conn, &partial, t0) + tls_held, t0, progressed);
+        if tls_failed {
+            break Closing::Graceful("tls_error");
+        }
         if peer_closed {
             // Answer close_notify with ours after delivering what came before it, and
             // answering it.
