@@ -2126,6 +2126,20 @@ fn our_own_answers_fill_in_rport_and_received() {
         "SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrp3;received=203.0.113.9"
     );
     let fwd = n.one(&B);
+    // A received written as a quoted string holding `;rport`: answered (before: the 100
+    // Trying was built from overlapping edits, and the shard panicked).
+    let inv = String::from_utf8(invite("z9hG4bKrp4", "rp-4"))
+        .unwrap()
+        .replace(
+            ";branch=z9hG4bKrp4",
+            ";branch=z9hG4bKrp4;received=\";rport\"",
+        );
+    n.send(&A, inv.as_bytes());
+    assert_eq!(
+        sipring_tests::ua::header(&n.one(&A), "Via").unwrap(),
+        "SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrp4;received=203.0.113.9"
+    );
+    n.take(&B);
     let client_via = String::from_utf8_lossy(&fwd)
         .lines()
         .filter(|l| l.starts_with("Via:"))

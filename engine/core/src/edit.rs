@@ -50,26 +50,54 @@ impl std::error::Error for EditError {}
 /// Where a Via value's `rport` parameter without a value ends (an offset in `v`), if it has
 /// one: `;rport` followed by `;`, `,`, space or the end (RFC 3581 §4: the server fills it).
 pub(crate) fn bare_rport_end(v: &[u8]) -> Option<usize> {
-    let mut at = 0;
-    while let Some(i) = memchr::memchr(b';', &v[at..]).map(|i| at + i) {
-        let name_start = i
-            + 1
-            + v[i + 1..]
-                .iter()
-                .take_while(|b| crate::text::is_lws(**b))
-                .count();
-        let name_end = name_start
-            + v[name_start..]
-                .iter()
-                .take_while(|b| crate::text::is_token(**b))
-                .count();
-        if v[name_start..name_end].eq_ignore_ascii_case(b"rport") {
-            let rest = v[name_end..].iter().find(|b| !crate::text::is_lws(**b));
-            return (rest != Some(&b'=')).then_some(name_end);
+    let i = param_starts(v).find(|&i| param_name(v, i).eq_ignore_ascii_case(b"rport"))?;
+    let name_end = param_name_range(v, i).1;
+    let rest = v[name_end..].iter().find(|b| !crate::text::is_lws(**b));
+    (rest != Some(&b'=')).then_some(name_end)
+}
+
+/// Where the name of the parameter whose `;` is at `i` lies in `v`.
+fn param_name_range(v: &[u8], i: usize) -> (usize, usize) {
+    let start = i
+        + 1
+        + v[i + 1..]
+            .iter()
+            .take_while(|b| crate::text::is_lws(**b))
+            .count();
+    let end = start
+        + v[start..]
+            .iter()
+            .take_while(|b| crate::text::is_token(**b))
+            .count();
+    (start, end)
+}
+
+/// The name of the parameter whose `;` is at `i`.
+fn param_name(v: &[u8], i: usize) -> &[u8] {
+    let (s, e) = param_name_range(v, i);
+    &v[s..e]
+}
+
+/// The offsets of the `;` that start the parameters of a Via value. Inside another
+/// parameter's quoted string a `;` is text: taken for a parameter there, a `;rport` was filled
+/// in inside the `;received="…"` being removed around it — overlapping edits, and a slice
+/// panic on the answer built from them.
+fn param_starts(v: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let quoted_anywhere = memchr::memchr(b'"', v).is_some();
+    let (mut quoted, mut escaped) = (false, false);
+    v.iter().enumerate().filter_map(move |(i, &b)| {
+        if !quoted_anywhere {
+            return (b == b';').then_some(i);
         }
-        at = i + 1;
-    }
-    None
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b';' if !quoted => return Some(i),
+            _ => {}
+        }
+        None
+    })
 }
 
 /// The ranges (offsets in `v`) of the `;received=…` parameters of a Via value, each from
@@ -84,29 +112,12 @@ fn received_params(v: &[u8]) -> Vec<(usize, usize)> {
     if !memchr::memchr_iter(b';', v).any(named) {
         return Vec::new();
     }
-    let mut starts = Vec::new();
-    let (mut quoted, mut escaped) = (false, false);
-    for (i, &b) in v.iter().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b';' if !quoted => starts.push(i),
-            _ => {}
-        }
-    }
+    let starts: Vec<usize> = param_starts(v).collect();
     let mut out = Vec::new();
     for (k, &i) in starts.iter().enumerate() {
-        let end = starts.get(k + 1).copied().unwrap_or(v.len());
-        let name = v[i + 1..end]
-            .iter()
-            .skip_while(|b| crate::text::is_lws(**b))
-            .take_while(|b| crate::text::is_token(**b))
-            .copied()
-            .collect::<Vec<u8>>();
-        if name.eq_ignore_ascii_case(b"received") {
+        if param_name(v, i).eq_ignore_ascii_case(b"received") {
             // Trailing whitespace before the next `;` stays with this parameter.
-            out.push((i, end));
+            out.push((i, starts.get(k + 1).copied().unwrap_or(v.len())));
         }
     }
     out
@@ -143,6 +154,15 @@ pub(crate) fn via_completion(
         edits.push((v.len(), v.len(), format!(";received={}", source.ip())));
     }
     edits.sort_by_key(|e| (e.0, e.1));
+    // Never two edits over the same bytes (whoever applies them slices between them).
+    let mut end = 0;
+    edits.retain(|e| {
+        let keep = e.0 >= end;
+        if keep {
+            end = e.1;
+        }
+        keep
+    });
     edits
 }
 
@@ -605,6 +625,16 @@ body";
             (
                 "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1;received=6.6.6.6",
                 "SIP/2.0/TLS 10.0.0.1:5000;branch=z9hG4bK1",
+            ),
+            // A quoted `;rport` inside a received the client wrote: the received goes, and
+            // nothing is filled in inside it (before: overlapping edits, a slice panic).
+            (
+                "SIP/2.0/TLS h.invalid;branch=z9hG4bKx;received=\";rport\"",
+                "SIP/2.0/TLS h.invalid;branch=z9hG4bKx;received=10.0.0.1",
+            ),
+            (
+                "SIP/2.0/TLS h.invalid;x=\";rport\";rport;branch=z9hG4bKx",
+                "SIP/2.0/TLS h.invalid;x=\";rport\";rport=5000;branch=z9hG4bKx;received=10.0.0.1",
             ),
             // Inside another parameter's quoted string it is text, not a parameter.
             (

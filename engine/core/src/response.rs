@@ -120,7 +120,12 @@ fn copy_dialog_headers(
             HeaderName::Via if !via_fill.is_empty() => {
                 let (start, end) = (h.line_start as usize, h.line_end as usize);
                 let mut at = start;
+                // In order and never overlapping (edit::via_completion); a start before
+                // where the last edit ended is skipped rather than sliced backwards.
                 for (from, to, text) in via_fill.iter().filter(|(p, ..)| (start..end).contains(p)) {
+                    if *from < at {
+                        continue;
+                    }
                     out.extend_from_slice(&src[at..*from]);
                     out.extend_from_slice(text.as_bytes());
                     at = *to;
