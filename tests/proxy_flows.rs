@@ -362,6 +362,48 @@ fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_phone() {
 }
 
 #[test]
+fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_cluster_node() {
+    // Another node of our cluster relays what we answer to its phone: 480, as to a phone
+    // (430 went through it to the caller).
+    let policy = Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: false,
+            partners: vec![sipring_core::policy::PartnerPolicy {
+                name: "node-c".into(),
+                domains: vec![],
+                relay_to: vec![],
+                assert_identity: false,
+                node: true,
+            }],
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    );
+    let mut n = Net::build(policy, |c| c.nodes = vec!["node-c".into()]);
+    let node = Flow::Peer("node-c".into());
+    n.register("bob", &B, "10.0.0.2:5061");
+    let inv = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKn1\r\nVia: SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKphone\r\nMax-Forwards: 69\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:carol@example.com>;tag=n1\r\nCall-ID: flow-n\r\nCSeq: 1 INVITE\r\nContact: <sip:carol@10.0.0.9;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+    n.send(&node, inv.as_bytes());
+    n.take(&node);
+    let fwd = n.one(&B);
+    let rr = record_route(&fwd);
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&node)), 200);
+    let bye = format!(
+        "BYE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKn2\r\nVia: SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKphone2\r\nMax-Forwards: 69\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:carol@example.com>;tag=n1\r\nCall-ID: flow-n\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(&rr)
+    );
+    n.send(&node, bye.as_bytes());
+    assert_eq!(method(&n.one(&B)), "BYE");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.pump();
+    let up = n.one(&node);
+    assert_eq!(status(&up), 480, "{}", first_line(&up));
+}
+
+#[test]
 fn a_dialog_route_to_a_flow_that_failed_is_answered_430_to_a_proxy() {
     // RFC 5626 §5.3: toward the proxy before us (a partner), the flow's failure is 430.
     let (carrier, mut n) = carrier_net();

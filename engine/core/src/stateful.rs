@@ -2266,11 +2266,13 @@ impl ShardProxy {
             }
             if !c.final_received {
                 let server = c.server.clone();
-                // Who waits for the answer: a proxy (a partner, a cluster node) or a phone.
+                // Who waits for the answer: a partner's proxy, or a phone (directly, or
+                // through another node of our cluster, which relays what we answer).
                 let upstream_is_proxy = server
                     .as_ref()
                     .and_then(|k| self.servers.get(k))
-                    .is_some_and(|s| self.partner_of(&s.inbound).is_some());
+                    .and_then(|s| self.partner_of(&s.inbound))
+                    .is_some_and(|p| !self.proxy.is_node(p));
                 let (code, reason) = match flow {
                     // A dialog route to a connection that is gone (RFC 5626 §5.3): 430 is for
                     // the proxy before us; a phone never gets one (§11.5: it would read 400,
