@@ -33,6 +33,17 @@ fn connect_from(local: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
+/// `r.read(buf)`, again when a signal meant for a server thread of this test process
+/// interrupted it (EINTR is not an answer).
+fn read_once(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Whether the peer has closed `s`, without waiting.
 fn closed_now(s: &mut TcpStream) -> bool {
     let _ = s.set_nonblocking(true);
@@ -726,7 +737,7 @@ fn a_response_naming_a_shard_that_does_not_exist_is_dropped() {
         ).as_bytes())
         .unwrap();
         let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).unwrap_or(0);
+        let n = read_once(&mut s, &mut buf).unwrap_or(0);
         assert!(
             buf[..n].starts_with(b"SIP/2.0 200 OK"),
             "OPTIONS {i} unanswered: {}",
@@ -853,7 +864,7 @@ fn flood(to: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::J
         let mut buf = vec![0u8; 65536];
         let _ = r.set_read_timeout(Some(Duration::from_millis(100)));
         while !st.load(Ordering::Relaxed) {
-            if let Ok(0) = r.read(&mut buf) {
+            if let Ok(0) = read_once(&mut r, &mut buf) {
                 return;
             }
         }
@@ -1111,7 +1122,7 @@ fn a_keepalive_flood_costs_one_pong_per_read_not_one_per_ping() {
         .unwrap();
     let mut pongs = 0usize;
     let mut buf = [0u8; 65536];
-    while let Ok(n) = s.read(&mut buf) {
+    while let Ok(n) = read_once(&mut s, &mut buf) {
         if n == 0 {
             break;
         }
@@ -1155,7 +1166,7 @@ fn a_busy_pipeline_whose_reads_end_mid_message_is_not_cut_as_stalled() {
                 let mut all = Vec::new();
                 let mut buf = [0u8; 4096];
                 let _ = r.set_read_timeout(Some(Duration::from_secs(6)));
-                while let Ok(n) = r.read(&mut buf) {
+                while let Ok(n) = read_once(&mut r, &mut buf) {
                     if n == 0 {
                         break;
                     }
@@ -1210,7 +1221,7 @@ fn a_connection_that_never_runs_dry_does_not_starve_its_shard() {
     let answered = |s: &mut TcpStream, within: Duration| {
         let _ = s.set_read_timeout(Some(within));
         let mut buf = [0u8; 4096];
-        matches!(s.read(&mut buf), Ok(n) if n > 0 && buf.starts_with(b"SIP/2.0 200"))
+        matches!(read_once(s, &mut buf), Ok(n) if n > 0 && buf.starts_with(b"SIP/2.0 200"))
     };
     client.write_all(&options(0)).unwrap();
     assert!(answered(&mut client, Duration::from_secs(5)));
@@ -1272,7 +1283,7 @@ fn a_client_keeping_alive_with_single_crlfs_is_not_cut_as_stalled() {
     s.write_all(b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKcrlf\r\nMax-Forwards: 70\r\nTo: <sip:127.0.0.1>\r\nFrom: <sip:k@example.com>;tag=k\r\nCall-ID: crlf\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").unwrap();
     let mut buf = [0u8; 4096];
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let n = s.read(&mut buf).unwrap();
+    let n = read_once(&mut s, &mut buf).unwrap();
     assert!(
         buf[..n].starts_with(b"SIP/2.0 200"),
         "{}",
@@ -1411,7 +1422,7 @@ fn peers_that_never_read_cannot_together_take_the_memory() {
     let mut c = connect_from(CLIENT, tcp).unwrap();
     c.write_all(b"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.3;branch=z9hG4bKafter\r\nMax-Forwards: 70\r\nTo: <sip:127.0.0.1>\r\nFrom: <sip:ok@example.com>;tag=o\r\nCall-ID: after\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").unwrap();
     let mut buf = [0u8; 4096];
-    let n = c.read(&mut buf).unwrap();
+    let n = read_once(&mut c, &mut buf).unwrap();
     assert!(buf[..n].starts_with(b"SIP/2.0 200"));
     srv.stop();
     srv.join().unwrap();
