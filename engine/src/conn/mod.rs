@@ -283,6 +283,9 @@ enum Event {
     Eof,
     /// Close, gracefully or not.
     Close(Closing),
+    /// The kernel key is spent and cannot be replaced (TLS 1.2, or no kernel rekey): read
+    /// nothing more, let what is in progress be answered, then close gracefully.
+    Retire,
 }
 
 /// An established connection, shared by its task and its shard's table.
@@ -310,6 +313,8 @@ pub struct Conn {
     /// (the idle sweep keeps it while one does). At most the AORs a connection may register.
     holds: RefCell<Vec<(Box<str>, Instant)>>,
     closing: Cell<Closing>,
+    /// Its kernel key is spent ([`Event::Retire`]): what it sends still goes out.
+    retiring: Cell<bool>,
     /// When the incomplete message now held began (its first byte), if one is.
     partial_since: Cell<Option<Instant>>,
     /// Bytes held for it (plaintext and undecrypted TLS input).
@@ -380,6 +385,7 @@ impl Conn {
             last_rx: Cell::new(Instant::now()),
             holds: RefCell::new(Vec::new()),
             closing: Cell::new(Closing::No),
+            retiring: Cell::new(false),
             partial_since: Cell::new(None),
             partial_len: Cell::new(0),
             involved: Cell::new(0),
@@ -510,15 +516,15 @@ impl Conn {
                 return Err(SendError::Closed);
             }
         };
-        // This message still goes out; then the close sequence flushes the queue and sends
-        // close_notify. Later messages see the connection closing.
+        // This message still goes out, and so do the answers to what is in progress; the
+        // task then reads nothing more and closes gracefully ([`Event::Retire`]).
         let retire = || {
-            if retire {
+            if retire && !self.retiring.replace(true) {
                 tracing::info!(
                     conn = self.id,
                     "kTLS connection reached its record budget and cannot rekey (TLS 1.2, or a kernel without KeyUpdate); closing gracefully"
                 );
-                self.close("record_budget");
+                self.wake();
             }
         };
         let wire = match &mut io.layer {
@@ -584,12 +590,18 @@ impl Conn {
         if let c @ (Closing::Graceful(_) | Closing::Abort(_)) = self.closing.get() {
             return Poll::Ready(Event::Close(c));
         }
+        if self.retiring.get() {
+            return Poll::Ready(Event::Retire);
+        }
         let mut io = self.io.borrow_mut();
         if !io.out.is_empty() {
             match io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
                 Ok(false) => {}
                 // The close sequence flushes what is queued, then close_notify.
-                Ok(true) => return Poll::Ready(Event::Close(Closing::Graceful("record_budget"))),
+                Ok(true) => {
+                    self.retiring.set(true);
+                    return Poll::Ready(Event::Retire);
+                }
                 Err(why) => return Poll::Ready(Event::Close(Closing::Abort(why))),
             }
             let flushed = io.poll_flush(cx, &mut |s| record_forward(shard, s));
@@ -656,10 +668,18 @@ async fn finish_in_progress(
     flow: &Flow,
     why: &'static str,
 ) -> Closing {
+    // A link we dialled (a partner, a node) is not waited for: its requests in progress are
+    // answered over the link dialled anew (or abandoned with it), and until `peer_down` runs
+    // new requests for the partner would be written into this closed socket.
+    if matches!(flow, Flow::Peer(_)) {
+        return Closing::Graceful(why);
+    }
     let deadline = Instant::now() + FRAMING_DRAIN;
     while shard.proxy.borrow().in_progress_on(flow) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
-        if matches!(conn.closing.get(), Closing::Abort(_)) {
+        // Closed meanwhile (stopping, the idle sweep, a revoked certificate, a slow reader):
+        // nothing more would be sent anyway.
+        if conn.closing.get() != Closing::No {
             break;
         }
     }
@@ -735,6 +755,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         let (scratch, n, control) = match ev {
             Event::Close(c) => break c,
             Event::Eof => break finish_in_progress(&shard, &conn, &flow, "peer_closed").await,
+            Event::Retire => {
+                break finish_in_progress(&shard, &conn, &flow, "record_budget").await;
+            }
             Event::Data(scratch, n, control) => (scratch, n, control),
         };
         let t0 = Instant::now();
