@@ -89,7 +89,8 @@ pub fn parse_and_forward(proxy: &sipring_core::proxy::Proxy, bytes: &[u8]) -> Ve
             outbound: &b,
             in_iface: &iface,
             out_iface: &iface,
-            source: None,
+            // From a client, as most requests are: its Via is completed (received, rport).
+            source: Some(std::net::SocketAddr::from(([198, 51, 100, 7], 49152))),
             ident: &IdentityEdit::default(),
             path: &[],
             overload_control: false,

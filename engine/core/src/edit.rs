@@ -83,21 +83,29 @@ fn param_name(v: &[u8], i: usize) -> &[u8] {
 /// in inside the `;received="…"` being removed around it — overlapping edits, and a slice
 /// panic on the answer built from them.
 fn param_starts(v: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    // Most Vias hold no quote at all: then every `;` is one (memchr finds them).
     let quoted_anywhere = memchr::memchr(b'"', v).is_some();
+    let plain = (!quoted_anywhere)
+        .then(|| memchr::memchr_iter(b';', v))
+        .into_iter()
+        .flatten();
     let (mut quoted, mut escaped) = (false, false);
-    v.iter().enumerate().filter_map(move |(i, &b)| {
-        if !quoted_anywhere {
-            return (b == b';').then_some(i);
-        }
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b';' if !quoted => return Some(i),
-            _ => {}
-        }
-        None
-    })
+    let careful = quoted_anywhere
+        .then(|| {
+            v.iter().enumerate().filter_map(move |(i, &b)| {
+                match b {
+                    _ if escaped => escaped = false,
+                    b'\\' if quoted => escaped = true,
+                    b'"' => quoted = !quoted,
+                    b';' if !quoted => return Some(i),
+                    _ => {}
+                }
+                None
+            })
+        })
+        .into_iter()
+        .flatten();
+    plain.chain(careful)
 }
 
 /// The ranges (offsets in `v`) of the `;received=…` parameters of a Via value, each from
@@ -133,14 +141,17 @@ pub(crate) fn via_completion(
     v: &[u8],
     host: &[u8],
     source: &std::net::SocketAddr,
-) -> Vec<(usize, usize, String)> {
-    let mut edits: Vec<(usize, usize, String)> = received_params(v)
+) -> Vec<(usize, usize, Vec<u8>)> {
+    let mut edits: Vec<(usize, usize, Vec<u8>)> = received_params(v)
         .into_iter()
-        .map(|(s, e)| (s, e, String::new()))
+        .map(|(s, e)| (s, e, Vec::new()))
         .collect();
     let rport_end = bare_rport_end(v);
     if let Some(e) = rport_end {
-        edits.push((e, e, format!("={}", source.port())));
+        let mut t = Vec::with_capacity(6);
+        t.push(b'=');
+        push_decimal(&mut t, u32::from(source.port()));
+        edits.push((e, e, t));
     }
     let literal = host
         .strip_prefix(b"[")
@@ -151,7 +162,10 @@ pub(crate) fn via_completion(
         .and_then(|h| h.parse::<std::net::IpAddr>().ok())
         == Some(source.ip());
     if !sent_by_is_source || rport_end.is_some() {
-        edits.push((v.len(), v.len(), format!(";received={}", source.ip())));
+        let mut t = Vec::with_capacity(26);
+        t.extend_from_slice(b";received=");
+        push_ip(&mut t, source.ip());
+        edits.push((v.len(), v.len(), t));
     }
     edits.sort_by_key(|e| (e.0, e.1));
     // Never two edits over the same bytes (whoever applies them slices between them).
@@ -164,6 +178,40 @@ pub(crate) fn via_completion(
         keep
     });
     edits
+}
+
+/// Appends `n` in decimal (what `format!` does, without its machinery: this runs for every
+/// request from a client).
+fn push_decimal(out: &mut Vec<u8>, mut n: u32) {
+    let mut buf = [0u8; 10];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// Appends an address as a Via's `received` writes it (IPv4 dotted, IPv6 as `Display` does).
+fn push_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(a) => {
+            for (k, o) in a.octets().into_iter().enumerate() {
+                if k > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, u32::from(o));
+            }
+        }
+        std::net::IpAddr::V6(a) => {
+            use std::io::Write;
+            let _ = write!(out, "{a}");
+        }
+    }
 }
 
 impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
@@ -292,7 +340,7 @@ impl<'m, 'b, 'h> Editor<'m, 'b, 'h> {
     ) -> Result<&mut Self, EditError> {
         let top = self.top_via()?;
         for (s, e, text) in via_completion(top.value, host, source) {
-            self.splice(top.start + s, top.start + e, text.into_bytes());
+            self.splice(top.start + s, top.start + e, text);
         }
         Ok(self)
     }
@@ -595,7 +643,7 @@ body";
             let mut at = 0;
             for (s, e, t) in via_completion(v.as_bytes(), via.host, &src) {
                 out.extend_from_slice(&v.as_bytes()[at..s]);
-                out.extend_from_slice(t.as_bytes());
+                out.extend_from_slice(&t);
                 at = e;
             }
             out.extend_from_slice(&v.as_bytes()[at..]);

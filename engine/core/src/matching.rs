@@ -49,7 +49,8 @@ impl TxKey {
     pub fn server(msg: &Message<'_, '_>, ess: &Essentials<'_>) -> Option<TxKey> {
         let branch = ess.top_via.branch()?;
         let legacy;
-        let branch = if ess.top_via.has_rfc3261_branch() {
+        let cookie = crate::values::MAGIC_COOKIE;
+        let branch = if branch.len() > cookie.len() && branch.starts_with(cookie) {
             branch
         } else {
             let mut k = branch.to_vec();

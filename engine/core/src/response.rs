@@ -91,7 +91,7 @@ pub fn response_to(
 fn via_completion(
     req: &Message<'_, '_>,
     source: Option<std::net::SocketAddr>,
-) -> Vec<(usize, usize, String)> {
+) -> Vec<(usize, usize, Vec<u8>)> {
     let Some(from) = source else {
         return Vec::new();
     };
@@ -112,7 +112,7 @@ fn copy_dialog_headers(
     src: &[u8],
     out: &mut Vec<u8>,
     to_tag: Option<&[u8]>,
-    via_fill: &[(usize, usize, String)],
+    via_fill: &[(usize, usize, Vec<u8>)],
 ) {
     for h in headers {
         let line = &src[h.line_start as usize..h.line_end as usize];
@@ -127,7 +127,7 @@ fn copy_dialog_headers(
                         continue;
                     }
                     out.extend_from_slice(&src[at..*from]);
-                    out.extend_from_slice(text.as_bytes());
+                    out.extend_from_slice(text);
                     at = *to;
                 }
                 out.extend_from_slice(&src[at..h.line_end as usize]);
