@@ -502,13 +502,27 @@ fn a_connections_places_follow_the_bindings_it_holds() {
         c.auth.enabled = false;
         c.registrar.max_aors_per_connection = 3;
     });
+    // The two users wiped live on different shards: whichever shard holds the SBC's
+    // connection, one of them tells it across the mesh (ShardMsg::Released).
+    let shard_of =
+        |u: &str| sipring_core::registrar::shard_for(&format!("sip:{u}@example.com"), 2).0;
+    let other = (1..64)
+        .map(|i| format!("u{i}"))
+        .find(|u| shard_of(u) != shard_of("u0"))
+        .unwrap();
+    let users = [
+        "u0".to_string(),
+        other.clone(),
+        "keep".into(),
+        "late".into(),
+    ];
     let mut sbc = Ua::tcp(srv.listen_addrs[1], "u0", "example.com").unwrap();
-    for i in 0..4 {
-        sbc.user = format!("u{i}");
-        assert_eq!(sbc.register(600), if i < 3 { 200 } else { 403 }, "u{i}");
+    for (i, u) in users.iter().enumerate() {
+        sbc.user = u.clone();
+        assert_eq!(sbc.register(600), if i < 3 { 200 } else { 403 }, "{u}");
     }
     let mut phone = Ua::tcp(srv.listen_addrs[1], "u0", "example.com").unwrap();
-    for (i, user) in ["u0", "u1"].into_iter().enumerate() {
+    for (i, user) in ["u0", other.as_str()].into_iter().enumerate() {
         phone.send(
             format!(
                 "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {l};branch=z9hG4bKw{i};rport\r\nMax-Forwards: 70\r\nTo: <sip:{user}@example.com>\r\nFrom: <sip:{user}@example.com>;tag=w\r\nCall-ID: wipe-{i}\r\nCSeq: 1 REGISTER\r\nContact: *\r\nExpires: 0\r\nContent-Length: 0\r\n\r\n",
@@ -518,12 +532,12 @@ fn a_connections_places_follow_the_bindings_it_holds() {
         );
         assert_eq!(phone.expect_final_or_provisional("wipe").0, 200);
     }
-    for i in [3, 4] {
-        sbc.user = format!("u{i}");
-        assert_eq!(sbc.register(600), 200, "u{i} after the wipes");
+    for u in ["late", "later"] {
+        sbc.user = u.into();
+        assert_eq!(sbc.register(600), 200, "{u} after the wipes");
     }
-    sbc.user = "u5".into();
-    assert_eq!(sbc.register(600), 403, "u5: the places are full again");
+    sbc.user = "last".into();
+    assert_eq!(sbc.register(600), 403, "the places are full again");
     srv.stop();
     srv.join().unwrap();
 }
@@ -542,15 +556,17 @@ fn a_peer_that_half_closes_still_gets_its_answers() {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let local = s.local_addr().unwrap();
     let n = 8;
-    let batch: Vec<u8> = (0..n)
+    let batch = |tag: &str| -> Vec<u8> {
+        (0..n)
         .flat_map(|i| {
             format!(
-                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKhc{i}\r\nMax-Forwards: 70\r\nTo: <sip:hc{i}@example.com>\r\nFrom: <sip:hc{i}@example.com>;tag=h\r\nCall-ID: hc-{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:hc{i}@{local};transport=tcp>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bK{tag}{i}\r\nMax-Forwards: 70\r\nTo: <sip:hc{i}@example.com>\r\nFrom: <sip:hc{i}@example.com>;tag=h\r\nCall-ID: {tag}-{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:hc{i}@{local};transport=tcp>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
             )
             .into_bytes()
         })
-        .collect();
-    s.write_all(&batch).unwrap();
+        .collect()
+    };
+    s.write_all(&batch("hc")).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 16384];
@@ -567,6 +583,30 @@ fn a_peer_that_half_closes_still_gets_its_answers() {
         text.matches("SIP/2.0 200 OK\r\n").count(),
         n,
         "every REGISTER answered before the close: {text}"
+    );
+    // The same over TLS, ended by close_notify instead of FIN.
+    let cfg = tls_config(&pki.certs("ca.pem"), None, false);
+    let conn = rustls::ClientConnection::new(cfg, ServerName::try_from("sip.example.com").unwrap())
+        .unwrap();
+    let tcp = TcpStream::connect(srv.listen_addrs[0]).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut t = rustls::StreamOwned::new(conn, tcp);
+    t.write_all(&batch("ht")).unwrap();
+    t.conn.send_close_notify();
+    t.flush().unwrap();
+    let mut got = Vec::new();
+    loop {
+        match read_once(&mut t, &mut buf) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(
+        text.matches("SIP/2.0 200 OK\r\n").count(),
+        n,
+        "every REGISTER answered before close_notify was answered: {text}"
     );
     srv.stop();
     srv.join().unwrap();

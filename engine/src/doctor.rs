@@ -181,7 +181,16 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
         ),
     });
     out.push(match &f.ktls {
-        Support::Available { ciphers, .. } if *ciphers != crate::sys::ktls::Ciphers::ALL => check("kernel TLS", Warn, format!("tls ULP available, but the kernel takes no key for {}", ciphers.missing()), "load the kernel's crypto modules for them (`modprobe chacha20poly1305 gcm aes`); sessions with those ciphers stay in userspace"),
+        Support::Available { ciphers, rekey } if *ciphers != crate::sys::ktls::Ciphers::ALL => check(
+            "kernel TLS",
+            Warn,
+            format!(
+                "tls ULP available ({}), but the kernel takes no key for {}",
+                if *rekey { "KeyUpdate supported" } else { "no KeyUpdate (rekey) support" },
+                ciphers.missing()
+            ),
+            "load the kernel's crypto modules for them (`modprobe chacha20poly1305 gcm aes`); sessions with those ciphers stay in userspace",
+        ),
         Support::Available { rekey: true, .. } => check("kernel TLS", Pass, "tls ULP available, KeyUpdate supported, every cipher", ""),
         Support::Available { rekey: false, .. } => check("kernel TLS", Warn, "tls ULP available, no KeyUpdate (rekey) support", "Linux >= 6.14 lets TLS 1.3 connections use kernel TLS too; until then they stay in userspace"),
         other => check("kernel TLS", Warn, other.describe(), "`modprobe tls` and add `tls` to /etc/modules-load.d/sipring.conf (see tuning/); without it TLS runs in userspace"),

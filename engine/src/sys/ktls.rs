@@ -229,7 +229,11 @@ impl<const IV: usize, const KEY: usize, const SALT: usize> ProbeInfo<IV, KEY, SA
 }
 
 /// Installs a throw-away key on the probe socket `fd`; true when the kernel takes it.
-fn set_probe_key<T>(fd: RawFd, dir: libc::c_int, info: &T) -> bool {
+fn set_probe_key<const IV: usize, const KEY: usize, const SALT: usize>(
+    fd: RawFd,
+    dir: libc::c_int,
+    info: &ProbeInfo<IV, KEY, SALT>,
+) -> bool {
     // SAFETY: `info` is a live `ProbeInfo`, laid out as the kernel's crypto-info struct of
     // its cipher (see `ProbeInfo`), and the length passed is its exact size; `fd` is a
     // connected socket of the probe's own.
@@ -238,8 +242,8 @@ fn set_probe_key<T>(fd: RawFd, dir: libc::c_int, info: &T) -> bool {
             fd,
             SOL_TLS,
             dir,
-            (info as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
+            (info as *const ProbeInfo<IV, KEY, SALT>).cast(),
+            size_of::<ProbeInfo<IV, KEY, SALT>>() as libc::socklen_t,
         ) == 0
     }
 }
