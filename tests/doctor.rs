@@ -258,6 +258,34 @@ fn config_checks_shards_and_certificate_expiry() {
     let checks = run(&facts, Some(Ok(&cfg)));
     assert_eq!(verdict(&checks, "subscribers"), Verdict::Fail);
     assert_eq!(verdict(&checks, "auth.secret_file"), Verdict::Fail);
+    // Good files any local user may read: HA1s and the signing secret given away.
+    use std::os::unix::fs::PermissionsExt;
+    let subs = dir.write(
+        "subs-ok.toml",
+        format!(
+            "[[subscriber]]\nusername = \"a\"\nrealm = \"example.com\"\nha1_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        ),
+    );
+    let secret = dir.write("secret-ok", [7u8; 32]);
+    for f in [&subs, &secret] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    cfg.auth.subscribers = Some(subs.clone());
+    cfg.auth.secret_file = Some(secret.clone());
+    let checks = run(&facts, Some(Ok(&cfg)));
+    assert_eq!(verdict(&checks, "subscribers"), Verdict::Warn, "{checks:?}");
+    assert_eq!(verdict(&checks, "auth.secret_file"), Verdict::Warn);
+    for f in [&subs, &secret] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let checks = run(&facts, Some(Ok(&cfg)));
+    assert!(
+        checks
+            .iter()
+            .all(|c| c.name != "subscribers" && c.name != "auth.secret_file"),
+        "{checks:?}"
+    );
     let mut cfg = cfg_with(cert("ok3", 200 * 24));
     cfg.tls.certificate[0].key = dir.write("bad.key", "junk");
     assert_eq!(

@@ -893,6 +893,12 @@ fn subscribers_reload_without_a_restart() {
     std::fs::write(&file, "[[subscriber]]\nusername = \"bob\"\n").unwrap();
     assert!(srv.reload().is_err());
     assert_eq!(bob.register(600), 200);
+    // So is an empty one (`> file` truncates before it writes: a reload in between saw no
+    // subscriber at all and shut everyone out).
+    std::fs::write(&file, "").unwrap();
+    let e = srv.reload().unwrap_err();
+    assert!(e.contains("no subscribers"), "{e}");
+    assert_eq!(bob.register(600), 200);
     srv.stop();
     srv.join().unwrap();
 }

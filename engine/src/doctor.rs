@@ -108,6 +108,13 @@ impl HostFacts {
     }
 }
 
+/// A file's permission bits when its group or others may read it.
+fn open_to_others(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then_some(mode)
+}
+
 fn check(name: &str, verdict: Verdict, found: impl Into<String>, fix: impl Into<String>) -> Check {
     Check {
         name: name.into(),
@@ -327,6 +334,24 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                     e,
                     "at least 32 bytes, readable by sipring (e.g. `head -c 32 /dev/urandom`)",
                 ));
+            }
+            // Password equivalents (HA1s) and the key that signs nonces and routes: a file
+            // any local user may read gives them away.
+            for (what, path) in [
+                ("subscribers", c.auth.subscribers.as_ref()),
+                ("auth.secret_file", c.auth.secret_file.as_ref()),
+            ] {
+                if let Some(mode) = path.and_then(|p| open_to_others(p)) {
+                    out.push(check(
+                        what,
+                        Warn,
+                        format!(
+                            "{} is readable beyond its owner (mode {mode:o})",
+                            path.map(|p| p.display().to_string()).unwrap_or_default()
+                        ),
+                        "chmod 600 it (it holds password equivalents or the node's signing secret)",
+                    ));
+                }
             }
             match crate::tls::TlsPolicy::load(c) {
                 Err(e) => out.push(check(

@@ -486,12 +486,20 @@ impl Running {
     }
 }
 
-/// Merges the latest snapshots of every shard.
+/// Merges the latest snapshots of every shard, with the process's own families
+/// ([`process_metrics`]).
 pub fn merge(control: &Control) -> ShardMetrics {
-    let mut m = ShardMetrics::default();
+    let mut m = process_metrics(control);
     for s in &control.snapshots {
         m.merge(&s.load().metrics);
     }
+    m
+}
+
+/// The families no shard holds (TLS rejections, reloads, kernel TLS): both `/metrics` and
+/// `/metrics/shards` carry them.
+pub fn process_metrics(control: &Control) -> ShardMetrics {
+    let mut m = ShardMetrics::default();
     for r in crate::tls::Rejection::ALL {
         let v = control.rejections.get(r);
         if v > 0 {
@@ -647,8 +655,21 @@ impl Reloader {
             })
             .and_then(|p| {
                 crate::auth::subscribers(&cfg)
-                    .map(|s| (p, s))
                     .map_err(|e| ("auth.subscribers".to_string(), e.clone(), e))
+                    .and_then(|s| {
+                        // An empty file where there were subscribers is a file caught
+                        // mid-write (`sipring subscriber … > file` truncates it first), not
+                        // an operator removing everyone: refused, as the cluster's table is.
+                        let before = self.control.identity.subscribers.0.load().len();
+                        if s.is_empty() && before > 0 {
+                            let why = format!(
+                                "the subscriber file has no subscribers (it had {before}): caught mid-write? \
+                                 Write it elsewhere and rename it over"
+                            );
+                            return Err(("auth.subscribers".to_string(), why.clone(), why));
+                        }
+                        Ok((p, s))
+                    })
             });
         match loaded {
             Ok((p, subs)) => {
