@@ -1049,6 +1049,42 @@ impl Config {
                 "at least 1048576 (a few dozen messages of max_message)",
             );
         }
+        // Each transaction holds its request and the branch's copy (twice max_message); one
+        // message that cannot fit is always refused (503).
+        if self.limits.max_transaction_bytes_per_shard < 2 * self.limits.max_message {
+            e(
+                "limits.max_transaction_bytes_per_shard".into(),
+                "at least twice limits.max_message (a transaction holds its request and its branch's copy)",
+            );
+        }
+        // Below one message, every message that spans two reads drops its connection.
+        if self.limits.partial_bytes_per_shard < self.limits.max_message {
+            e(
+                "limits.partial_bytes_per_shard".into(),
+                "at least limits.max_message (one message read in parts must fit)",
+            );
+        }
+        for (key, v) in [
+            ("limits.max_vias", self.limits.max_vias),
+            ("limits.max_header_line", self.limits.max_header_line),
+            ("limits.max_uri", self.limits.max_uri),
+            ("registrar.max_contacts", self.registrar.max_contacts),
+            (
+                "registrar.max_contact_bytes",
+                self.registrar.max_contact_bytes,
+            ),
+            (
+                "registrar.max_aors_per_connection",
+                self.registrar.max_aors_per_connection,
+            ),
+        ] {
+            if v == 0 {
+                e(
+                    key.into(),
+                    "must be positive (0 refuses every request or registration)",
+                );
+            }
+        }
         if self.limits.max_transactions_per_shard == 0 {
             e(
                 "limits.max_transactions_per_shard".into(),
@@ -1267,6 +1303,23 @@ mod tests {
             "limits.max_connections_per_ip",
             "limits.max_connections_per_shard",
             "limits.max_handshakes_in_flight",
+        ] {
+            assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
+        }
+        // Values that pass alone but break traffic: zero limits on what a message may hold,
+        // budgets smaller than one message.
+        let k = keys(
+            "[limits]\nmax_vias = 0\nmax_header_line = 0\nmax_uri = 0\nmax_message = 1000000\npartial_bytes_per_shard = 500000\nmax_transaction_bytes_per_shard = 1500000\n[registrar]\nmax_contacts = 0\nmax_contact_bytes = 0\nmax_aors_per_connection = 0\n",
+        );
+        for key in [
+            "limits.max_vias",
+            "limits.max_header_line",
+            "limits.max_uri",
+            "limits.partial_bytes_per_shard",
+            "limits.max_transaction_bytes_per_shard",
+            "registrar.max_contacts",
+            "registrar.max_contact_bytes",
+            "registrar.max_aors_per_connection",
         ] {
             assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
         }
