@@ -9,8 +9,10 @@
 //! - `GET /health`: `200 ok`, or `503 draining`.
 //!
 //! Whoever reaches the port cannot hold it or the process's memory: a request is read
-//! within [`REQUEST_BYTES`] and [`DEADLINE`], answered within the deadline too, and at most
-//! [`CONCURRENT`] are served at once (more are closed unanswered).
+//! within [`REQUEST_BYTES`] and [`HEAD_DEADLINE`], answered within [`DEADLINE`], and at most
+//! [`CONCURRENT`] are served at once (more are closed unanswered). Reloads are at most one
+//! per [`RELOAD_SPACING`]: a later one waits its turn (each makes every shard check its
+//! connections' certificates again).
 
 use crate::control::Control;
 use crate::server::{Reloader, Running, merge};
@@ -22,10 +24,16 @@ use std::time::{Duration, Instant};
 
 /// The most bytes of a request (line and headers) read; the rest is not.
 pub const REQUEST_BYTES: u64 = 16 * 1024;
-/// How long one request may take, read and answer together.
+/// How long a client may take to send its request (line and headers): a client that connects
+/// and says nothing gives its slot back after this.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(1);
+/// How long the answer may take to go out, from when it is ready (a reload that waited its
+/// turn is still answered).
 pub const DEADLINE: Duration = Duration::from_secs(5);
 /// Requests served at once, each on a thread of its own.
-pub const CONCURRENT: usize = 4;
+pub const CONCURRENT: usize = 16;
+/// The least time between two reloads through the endpoint.
+pub const RELOAD_SPACING: Duration = Duration::from_secs(1);
 
 /// Starts the admin thread; returns the bound address.
 pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr> {
@@ -39,6 +47,7 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
     let reloader = Reloader::of(running);
     let reloader = Arc::new(reloader);
     let busy = Arc::new(AtomicUsize::new(0));
+    let last_reload = Arc::new(std::sync::Mutex::new(None::<Instant>));
     std::thread::Builder::new()
         .name("sipring-admin".into())
         .spawn(move || {
@@ -54,6 +63,7 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
                             continue;
                         }
                         let (control, reloader) = (control.clone(), reloader.clone());
+                        let last_reload = last_reload.clone();
                         // The slot goes back however the request ends, a panic included
                         // (four panics would otherwise leave the endpoint dead).
                         let slot = Slot(busy.clone());
@@ -61,7 +71,7 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
                             .name("sipring-admin-req".into())
                             .spawn(move || {
                                 let _slot = slot;
-                                let _ = handle(s, &control, &reloader, remote_reload);
+                                let _ = handle(s, &control, &reloader, remote_reload, &last_reload);
                             });
                     }
                     // Out of descriptors for a moment (closes still pending): wait, do not
@@ -71,6 +81,21 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
             }
         })?;
     Ok(local)
+}
+
+/// Reloads, one at a time and at most one per [`RELOAD_SPACING`]: a loop of POSTs is
+/// slowed, each still answered.
+fn spaced_reload(
+    reloader: &Reloader,
+    last_reload: &std::sync::Mutex<Option<Instant>>,
+) -> Result<(), String> {
+    let mut last = last_reload.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(wait) = last.map(|t| RELOAD_SPACING.saturating_sub(t.elapsed())) {
+        std::thread::sleep(wait);
+    }
+    let r = reloader.reload();
+    *last = Some(Instant::now());
+    r
 }
 
 /// One request slot of [`CONCURRENT`], given back when dropped.
@@ -87,17 +112,13 @@ fn handle(
     control: &Arc<Control>,
     reloader: &Reloader,
     remote_reload: bool,
+    last_reload: &std::sync::Mutex<Option<Instant>>,
 ) -> std::io::Result<()> {
     // `::ffff:127.0.0.1` (a local client of an `[::]` listener) is loopback too.
     let local_peer = stream
         .peer_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
-    let deadline = Instant::now() + DEADLINE;
-    let left = || {
-        deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1))
-    };
+    let head_deadline = Instant::now() + HEAD_DEADLINE;
     // Read and write through one descriptor (no dup: it must work with few to spare). The
     // deadline is checked after every read, not every line: a client sending a byte at a
     // time within the read timeout is still cut at the deadline.
@@ -110,10 +131,13 @@ fn handle(
         if let Some(i) = head.windows(2).position(|w| w == b"\n\n") {
             break i;
         }
-        if Instant::now() >= deadline || head.len() as u64 >= REQUEST_BYTES {
+        if Instant::now() >= head_deadline || head.len() as u64 >= REQUEST_BYTES {
             return Ok(()); // too slow or too long: nothing to answer
         }
-        stream.set_read_timeout(Some(left()))?;
+        let left = head_deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(left))?;
         let room = (REQUEST_BYTES as usize - head.len()).min(buf.len());
         let n = (&stream).read(&mut buf[..room])?;
         if n == 0 {
@@ -141,7 +165,10 @@ fn handle(
         // The same families, one series per shard (label `shard`): scrape one or the other.
         ("GET", "/metrics/shards") => {
             let snaps: Vec<_> = control.snapshots.iter().map(|s| s.load_full()).collect();
-            let sets: Vec<_> = snaps.iter().map(|s| (Some(s.shard), &s.metrics)).collect();
+            let process = crate::server::process_metrics(control);
+            let mut sets: Vec<_> = snaps.iter().map(|s| (Some(s.shard), &s.metrics)).collect();
+            // The process's own families (reloads, TLS rejections), without a shard label.
+            sets.push((None, &process));
             (
                 "200 OK",
                 "text/plain; version=0.0.4",
@@ -175,7 +202,7 @@ fn handle(
             "text/plain",
             "reload from beyond loopback is off (admin.remote_reload); SIGHUP works\n".into(),
         ),
-        ("POST", "/reload") => match reloader.reload() {
+        ("POST", "/reload") => match spaced_reload(reloader, last_reload) {
             Ok(()) => ("200 OK", "text/plain", "reloaded\n".into()),
             Err(e) => (
                 "409 Conflict",
@@ -199,6 +226,12 @@ fn handle(
         "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
+    let deadline = Instant::now() + DEADLINE;
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
     // A client that does not read (or reads a byte at a time) gets what it took by the
     // deadline, then is closed: the deadline is checked after every write.
     let mut s = &stream;
