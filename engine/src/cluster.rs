@@ -326,6 +326,9 @@ pub fn start(
 struct State {
     conn: RefCell<Option<ClusterConnection>>,
     alive: RefCell<HashMap<String, u64>>,
+    /// The other nodes whose liveness key was read at least once (present or not). Until
+    /// every one was, `alive` says nothing: a lookup found no holder where it had not looked.
+    liveness_read: RefCell<HashSet<String>>,
     cfg: ClusterConfig,
     epoch: u64,
     errors: crate::metrics::LogLimiter,
@@ -395,6 +398,7 @@ async fn run(
     let st = Rc::new(State {
         conn: RefCell::new(None),
         alive: RefCell::new(HashMap::new()),
+        liveness_read: RefCell::new(HashSet::new()),
         cfg,
         epoch,
         errors: crate::metrics::LogLimiter::default(),
@@ -607,9 +611,14 @@ async fn serve(st: &State, ask: Ask) {
     // Waited in the queue past the store timeout (a stalled store): answered now (503), not
     // after its turn at the store.
     let late = ask.at.elapsed() > Duration::from_millis(st.cfg.store_timeout_ms);
+    // Just started: which nodes live is not known yet (the first liveness reads are on
+    // their way). "No holder" then would answer 480 for users online elsewhere, and drop the
+    // removals a moved device needs: answered as a store error instead (503; retried).
+    let others = st.cfg.nodes.iter().filter(|n| n.name != me).count();
+    let unsure = st.liveness_read.borrow().len() < others;
     let nodes = match st.conn() {
         None => None,
-        Some(_) if late => None,
+        Some(_) if late || unsure => None,
         Some(mut c) => {
             let r: redis::RedisResult<Vec<(String, String)>> = redis::cmd("HGETALL")
                 .arg(aor_key(&ask.aor))
@@ -926,6 +935,9 @@ async fn heartbeat(st: Rc<State>) {
                         .arg(node_key(&n))
                         .query_async(&mut c)
                         .await;
+                    if r.is_ok() {
+                        st.liveness_read.borrow_mut().insert(n.clone());
+                    }
                     match r {
                         Ok(Some(epoch)) => {
                             let prev = st.alive.borrow_mut().insert(n.clone(), epoch);

@@ -355,7 +355,7 @@ struct ClusterLink {
     waiting: RefCell<HashMap<u64, (Lookup, Option<Stamp>)>>,
     /// REGISTERs answered here whose removals go to the other nodes holding their AOR, by
     /// the token of the store read that names those nodes ([`REMOVAL_TOKEN`] set).
-    removals: RefCell<HashMap<u64, Vec<u8>>>,
+    removals: RefCell<HashMap<u64, (String, Vec<u8>)>>,
     /// The last removal token's number.
     removal_seq: Cell<u64>,
     /// AORs whose removal could not be asked for (the store's queue was full): their next
@@ -1122,7 +1122,9 @@ impl Shard {
         c.removal_seq.set(c.removal_seq.get() + 1);
         let token = REMOVAL_TOKEN | c.removal_seq.get();
         if c.store.lookup(aor, token, &c.reply) {
-            c.removals.borrow_mut().insert(token, request.to_vec());
+            c.removals
+                .borrow_mut()
+                .insert(token, (aor.to_string(), request.to_vec()));
             c.removal_bytes.set(c.removal_bytes.get() + request.len());
             self.count("sipring_store_total{op=\"removal\",result=\"asked\"}");
         } else {
@@ -1134,10 +1136,20 @@ impl Shard {
     pub fn on_store_reply(self: &Rc<Self>, found: crate::cluster::Found) {
         let Some(c) = &self.cluster else { return };
         let removal = c.removals.borrow_mut().remove(&found.token);
-        if let Some(request) = removal {
+        if let Some((aor, request)) = removal {
             c.removal_bytes
                 .set(c.removal_bytes.get().saturating_sub(request.len()));
-            let nodes = found.nodes.unwrap_or_default();
+            let Some(nodes) = found.nodes else {
+                // The store could not say who holds it (a failover, a timeout, liveness not
+                // read yet): asked again at the AOR's next REGISTER here, as when the queue
+                // was full — dropped, the old node kept the device's stale binding.
+                self.count("sipring_store_total{op=\"removal\",result=\"error\"}");
+                let mut retry = c.removal_retry.borrow_mut();
+                if retry.len() < MAX_REMOVALS_WAITING {
+                    retry.insert(aor);
+                }
+                return;
+            };
             let now = Instant::now();
             let mut sent = 0;
             for node in &nodes {
