@@ -1184,8 +1184,8 @@ impl Shard {
 
     /// Writes this node's bindings of `aor` through to the location store (its owner shard
     /// calls this after every change).
-    fn write_through(&self, aor: &str) {
-        let Some(c) = &self.cluster else { return };
+    fn write_through(&self, aor: &str) -> bool {
+        let Some(c) = &self.cluster else { return true };
         let now = Instant::now();
         let now_ms = crate::cluster::unix_ms();
         let store = self.store.borrow();
@@ -1207,8 +1207,10 @@ impl Shard {
         drop(store);
         if c.store.write(aor, field) {
             self.count("sipring_store_total{op=\"write\",result=\"queued\"}");
+            true
         } else {
             self.count("sipring_store_total{op=\"write\",result=\"queue_full\"}");
+            false
         }
     }
 
@@ -1226,8 +1228,14 @@ impl Shard {
             let keep = r.1.len().saturating_sub(RESYNC_PER_TICK);
             r.1.split_off(keep)
         };
-        for aor in &batch {
-            self.write_through(aor);
+        // What the queue could not take (every shard resyncs at once) waits for the next
+        // tick: dropped, the AOR stayed out of the store until its phone's next refresh.
+        let left: Vec<String> = batch
+            .into_iter()
+            .filter(|aor| !self.write_through(aor))
+            .collect();
+        if !left.is_empty() {
+            c.resync.borrow_mut().1.extend(left);
         }
     }
 
