@@ -383,47 +383,51 @@ fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_cluster_node() {
     );
     let mut n = Net::build(policy, |c| c.nodes = vec!["node-c".into()]);
     let node = Flow::Peer("node-c".into());
+    let vias = "Via: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKn{}\r\nVia: SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKphone{}\r\n";
+    let up = bye_to_a_dead_callee(&mut n, &node, vias, "<sip:carol@example.com>", "flow-n");
+    assert_eq!(status(&up), 480, "{}", first_line(&up));
+}
+
+/// `upstream` calls bob (on B) with the Vias `vias` (`{}`: a number per request) and From
+/// `from`, bob answers, then `upstream` hangs up along the route while B's connection
+/// fails: the answer `upstream` gets.
+fn bye_to_a_dead_callee(
+    n: &mut Net,
+    upstream: &Flow,
+    vias: &str,
+    from: &str,
+    call: &str,
+) -> Vec<u8> {
+    let via = |i: u32| vias.replace("{}", &i.to_string());
     n.register("bob", &B, "10.0.0.2:5061");
-    let inv = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKn1\r\nVia: SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKphone\r\nMax-Forwards: 69\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:carol@example.com>;tag=n1\r\nCall-ID: flow-n\r\nCSeq: 1 INVITE\r\nContact: <sip:carol@10.0.0.9;transport=tls>\r\nContent-Length: 0\r\n\r\n";
-    n.send(&node, inv.as_bytes());
-    n.take(&node);
+    let inv = format!(
+        "INVITE sip:bob@example.com SIP/2.0\r\n{}Max-Forwards: 69\r\nTo: <sip:bob@example.com>\r\nFrom: {from};tag=u1\r\nCall-ID: {call}\r\nCSeq: 1 INVITE\r\nContact: <sip:up@10.0.0.9;transport=tls>\r\nContent-Length: 0\r\n\r\n",
+        via(1)
+    );
+    n.send(upstream, inv.as_bytes());
+    n.take(upstream);
     let fwd = n.one(&B);
     let rr = record_route(&fwd);
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
-    assert_eq!(status(&n.one(&node)), 200);
+    assert_eq!(status(&n.one(upstream)), 200);
     let bye = format!(
-        "BYE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKn2\r\nVia: SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKphone2\r\nMax-Forwards: 69\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:carol@example.com>;tag=n1\r\nCall-ID: flow-n\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        "BYE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\n{}Max-Forwards: 69\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: {from};tag=u1\r\nCall-ID: {call}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
+        via(2),
         String::from_utf8_lossy(&rr)
     );
-    n.send(&node, bye.as_bytes());
+    n.send(upstream, bye.as_bytes());
     assert_eq!(method(&n.one(&B)), "BYE");
     n.proxy.handle_flow_closed(n.now, &B);
     n.pump();
-    let up = n.one(&node);
-    assert_eq!(status(&up), 480, "{}", first_line(&up));
+    n.one(upstream)
 }
 
 #[test]
 fn a_dialog_route_to_a_flow_that_failed_is_answered_430_to_a_proxy() {
     // RFC 5626 §5.3: toward the proxy before us (a partner), the flow's failure is 430.
     let (carrier, mut n) = carrier_net();
-    n.register("bob", &B, "10.0.0.2:5061");
-    let inv = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sbc.carrier.example;branch=z9hG4bKc1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=c1\r\nCall-ID: flow-c\r\nCSeq: 1 INVITE\r\nContact: <sip:x@sbc.carrier.example;transport=tls>\r\nContent-Length: 0\r\n\r\n";
-    n.send(&carrier, inv.as_bytes());
-    n.take(&carrier);
-    let fwd = n.one(&B);
-    let rr = record_route(&fwd);
-    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
-    assert_eq!(status(&n.one(&carrier)), 200);
-    let bye = format!(
-        "BYE sip:bob@10.0.0.2:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS sbc.carrier.example;branch=z9hG4bKc2\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:x@carrier.example>;tag=c1\r\nCall-ID: flow-c\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n",
-        String::from_utf8_lossy(&rr)
-    );
-    n.send(&carrier, bye.as_bytes());
-    assert_eq!(method(&n.one(&B)), "BYE");
-    n.proxy.handle_flow_closed(n.now, &B);
-    n.pump();
-    let up = n.one(&carrier);
+    let vias = "Via: SIP/2.0/TLS sbc.carrier.example;branch=z9hG4bKc{}\r\n";
+    let up = bye_to_a_dead_callee(&mut n, &carrier, vias, "<sip:x@carrier.example>", "flow-c");
     assert_eq!(status(&up), 430, "{}", first_line(&up));
 }
 

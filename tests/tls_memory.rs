@@ -1264,18 +1264,29 @@ fn a_handshake_message_cut_into_small_records_is_read_a_record_at_a_time() {
     );
 }
 
+/// A partner's client presenting `alpha` (TLS `v`) and our mtls server, not yet connected.
+fn partner_pair(
+    w: &World,
+    policy: &TlsPolicy,
+    v: &str,
+    alpha: &Issued,
+) -> (TlsSession, TlsSession) {
+    let s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
+    let c = TlsSession::client(
+        partner_client(w, v, Some(alpha)),
+        ServerName::try_from("sip.example.com").unwrap(),
+    )
+    .unwrap();
+    (c, s)
+}
+
 #[test]
 fn application_data_and_close_notify_in_memory() {
     let w = World::new();
     let policy = w.policy(&["1.2", "1.3"]);
     for v in ["1.3", "1.2"] {
         let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
-        let mut s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
-        let mut c = TlsSession::client(
-            partner_client(&w, v, Some(&alpha)),
-            ServerName::try_from("sip.example.com").unwrap(),
-        )
-        .unwrap();
+        let (mut c, mut s) = partner_pair(&w, &policy, v, &alpha);
         // Pipelined: the client queues a SIP message before the handshake finishes.
         c.write(b"OPTIONS sip:example.com SIP/2.0\r\n").unwrap();
         let (cr, sr) = transfer(&mut c, &mut s);
@@ -1314,12 +1325,7 @@ fn the_plaintext_before_a_bad_record_is_kept() {
     let policy = w.policy(&["1.2", "1.3"]);
     for v in ["1.3", "1.2"] {
         let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
-        let mut s = TlsSession::server(policy.peers.clone().unwrap()).unwrap();
-        let mut c = TlsSession::client(
-            partner_client(&w, v, Some(&alpha)),
-            ServerName::try_from("sip.example.com").unwrap(),
-        )
-        .unwrap();
+        let (mut c, mut s) = partner_pair(&w, &policy, v, &alpha);
         let (cr, sr) = transfer(&mut c, &mut s);
         cr.unwrap();
         sr.unwrap();

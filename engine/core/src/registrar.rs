@@ -1625,14 +1625,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_expiry_wheel_stays_bounded_under_ever_shorter_refreshes() {
-        // Each refresh moves the AOR's expiry one second earlier: the worst case for a lazy
-        // wheel (every one files the AOR again).
-        let t0 = Instant::now();
-        let mut st = MemoryStore::default();
-        let b = |flow: u64, ttl: u64| Binding {
-            contact: format!("sip:c{flow}@h"),
+    /// A binding of `contact` over `flow` for `ttl` seconds from `t0`, without instance.
+    fn plain_binding(t0: Instant, flow: u64, contact: String, ttl: u64) -> Binding {
+        Binding {
+            contact,
             q: 1000,
             expires_at: t0 + Duration::from_secs(ttl),
             call_id: "c".into(),
@@ -1642,7 +1638,16 @@ mod tests {
             reg_id: None,
             params: String::new(),
             path: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn the_expiry_wheel_stays_bounded_under_ever_shorter_refreshes() {
+        // Each refresh moves the AOR's expiry one second earlier: the worst case for a lazy
+        // wheel (every one files the AOR again).
+        let t0 = Instant::now();
+        let mut st = MemoryStore::default();
+        let b = |flow: u64, ttl: u64| plain_binding(t0, flow, format!("sip:c{flow}@h"), ttl);
         for round in 0..3000u64 {
             for a in 0..100u64 {
                 st.put(&format!("sip:u{a}@example.com"), vec![b(a, 3600 - round)]);
@@ -1668,17 +1673,8 @@ mod tests {
         let t0 = Instant::now();
         let mut st = MemoryStore::default();
         st.track_flows();
-        let b = |flow: u64, n: u64, ttl: u64| Binding {
-            contact: format!("sip:c{flow}-{n}@h"),
-            q: 1000,
-            expires_at: t0 + Duration::from_secs(ttl),
-            call_id: "c".into(),
-            cseq: 1,
-            flow,
-            instance: None,
-            reg_id: None,
-            params: String::new(),
-            path: Vec::new(),
+        let b = |flow: u64, n: u64, ttl: u64| {
+            plain_binding(t0, flow, format!("sip:c{flow}-{n}@h"), ttl)
         };
         let released = |st: &mut MemoryStore| {
             let mut r: Vec<(u64, String)> = st
