@@ -276,9 +276,12 @@ fn config_checks_shards_and_certificate_expiry() {
     let checks = run(&facts, Some(Ok(&cfg)));
     assert_eq!(verdict(&checks, "subscribers"), Verdict::Warn, "{checks:?}");
     assert_eq!(verdict(&checks, "auth.secret_file"), Verdict::Warn);
-    for f in [&subs, &secret] {
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    // Group-readable (the service's group) is fine; group-writable is not.
+    std::fs::set_permissions(&subs, std::fs::Permissions::from_mode(0o620)).unwrap();
+    let checks = run(&facts, Some(Ok(&cfg)));
+    assert_eq!(verdict(&checks, "subscribers"), Verdict::Warn, "{checks:?}");
+    std::fs::set_permissions(&subs, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let checks = run(&facts, Some(Ok(&cfg)));
     assert!(
         checks

@@ -878,6 +878,16 @@ fn the_admin_endpoint_cannot_be_held_or_made_to_reload_by_a_browser() {
         metric(&m, "sipring_reloads_total{result=\"ok\"}").unwrap_or(0.0),
         0.0
     );
+    // Reloads: one a second at most; one sooner is told to come back, at once.
+    let (first, _) = sipring_tests::server::admin(admin_addr, "POST", "/reload");
+    let t0 = Instant::now();
+    let (second, _) = sipring_tests::server::admin(admin_addr, "POST", "/reload");
+    assert!(first.starts_with("HTTP/1.0 200"), "{first}");
+    assert!(second.starts_with("HTTP/1.0 429"), "{second}");
+    assert!(t0.elapsed() < Duration::from_millis(500));
+    std::thread::sleep(sipring::admin::RELOAD_SPACING);
+    let (third, _) = sipring_tests::server::admin(admin_addr, "POST", "/reload");
+    assert!(third.starts_with("HTTP/1.0 200"), "{third}");
     // Per shard or merged, the same families: the process's own ones (reloads, kernel TLS)
     // were missing per shard.
     let per_shard = admin_get(admin_addr, "/metrics/shards");

@@ -899,6 +899,11 @@ fn subscribers_reload_without_a_restart() {
     let e = srv.reload().unwrap_err();
     assert!(e.contains("no subscribers"), "{e}");
     assert_eq!(bob.register(600), 200);
+    // Emptied on purpose (a comment says so): taken, and bob is out.
+    std::fs::write(&file, "# nobody for now\n").unwrap();
+    srv.reload().expect("a deliberate empty file");
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(bob.register(600), 401);
     srv.stop();
     srv.join().unwrap();
 }

@@ -11,8 +11,8 @@
 //! Whoever reaches the port cannot hold it or the process's memory: a request is read
 //! within [`REQUEST_BYTES`] and [`HEAD_DEADLINE`], answered within [`DEADLINE`], and at most
 //! [`CONCURRENT`] are served at once (more are closed unanswered). Reloads are at most one
-//! per [`RELOAD_SPACING`]: a later one waits its turn (each makes every shard check its
-//! connections' certificates again).
+//! per [`RELOAD_SPACING`] (each makes every shard check its
+//! connections' certificates again): one sooner is answered `429` with `Retry-After`.
 
 use crate::control::Control;
 use crate::server::{Reloader, Running, merge};
@@ -83,19 +83,24 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
     Ok(local)
 }
 
-/// Reloads, one at a time and at most one per [`RELOAD_SPACING`]: a loop of POSTs is
-/// slowed, each still answered.
+/// Reloads, one at a time and at most one per [`RELOAD_SPACING`]; `None`: too soon after
+/// the last one (answered at once, so waiting reloads never hold the endpoint's slots).
 fn spaced_reload(
     reloader: &Reloader,
     last_reload: &std::sync::Mutex<Option<Instant>>,
-) -> Result<(), String> {
-    let mut last = last_reload.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(wait) = last.map(|t| RELOAD_SPACING.saturating_sub(t.elapsed())) {
-        std::thread::sleep(wait);
+) -> Option<Result<(), String>> {
+    // Another reload in progress is "too soon" as well: nobody waits on the lock.
+    let mut last = match last_reload.try_lock() {
+        Ok(l) => l,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return None,
+    };
+    if last.is_some_and(|t| t.elapsed() < RELOAD_SPACING) {
+        return None;
     }
     let r = reloader.reload();
     *last = Some(Instant::now());
-    r
+    Some(r)
 }
 
 /// One request slot of [`CONCURRENT`], given back when dropped.
@@ -203,8 +208,13 @@ fn handle(
             "reload from beyond loopback is off (admin.remote_reload); SIGHUP works\n".into(),
         ),
         ("POST", "/reload") => match spaced_reload(reloader, last_reload) {
-            Ok(()) => ("200 OK", "text/plain", "reloaded\n".into()),
-            Err(e) => (
+            None => (
+                "429 Too Many Requests\r\nRetry-After: 1",
+                "text/plain",
+                "one reload a second at most: try again\n".into(),
+            ),
+            Some(Ok(())) => ("200 OK", "text/plain", "reloaded\n".into()),
+            Some(Err(e)) => (
                 "409 Conflict",
                 "text/plain",
                 format!("reload refused: {e}\n"),

@@ -327,8 +327,10 @@ struct State {
     conn: RefCell<Option<ClusterConnection>>,
     alive: RefCell<HashMap<String, u64>>,
     /// The other nodes whose liveness key was read at least once (present or not). Until
-    /// every one was, `alive` says nothing: a lookup found no holder where it had not looked.
+    /// every one was — for at most `liveness_ms` after start — `alive` says nothing: a lookup
+    /// found no holder where it had not looked.
     liveness_read: RefCell<HashSet<String>>,
+    started: Instant,
     cfg: ClusterConfig,
     epoch: u64,
     errors: crate::metrics::LogLimiter,
@@ -399,6 +401,7 @@ async fn run(
         conn: RefCell::new(None),
         alive: RefCell::new(HashMap::new()),
         liveness_read: RefCell::new(HashSet::new()),
+        started: Instant::now(),
         cfg,
         epoch,
         errors: crate::metrics::LogLimiter::default(),
@@ -614,8 +617,11 @@ async fn serve(st: &State, ask: Ask) {
     // Just started: which nodes live is not known yet (the first liveness reads are on
     // their way). "No holder" then would answer 480 for users online elsewhere, and drop the
     // removals a moved device needs: answered as a store error instead (503; retried).
+    // Bounded: a peer whose key cannot be read (its master down) is as dead as it would
+    // have been before, once a liveness period has passed.
     let others = st.cfg.nodes.iter().filter(|n| n.name != me).count();
-    let unsure = st.liveness_read.borrow().len() < others;
+    let unsure = st.liveness_read.borrow().len() < others
+        && st.started.elapsed() < Duration::from_millis(st.cfg.liveness_ms);
     let nodes = match st.conn() {
         None => None,
         Some(_) if late || unsure => None,

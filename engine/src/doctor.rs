@@ -108,11 +108,12 @@ impl HostFacts {
     }
 }
 
-/// A file's permission bits when its group or others may read it.
+/// A file's permission bits when others may read it, or group or others may write it
+/// (`root:sipring 0640`, read through the service's group, is fine).
 fn open_to_others(path: &std::path::Path) -> Option<u32> {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-    (mode & 0o044 != 0).then_some(mode)
+    (mode & 0o026 != 0).then_some(mode)
 }
 
 fn check(name: &str, verdict: Verdict, found: impl Into<String>, fix: impl Into<String>) -> Check {
@@ -346,10 +347,10 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                         what,
                         Warn,
                         format!(
-                            "{} is readable beyond its owner (mode {mode:o})",
+                            "{} is readable by others or writable beyond its owner (mode {mode:o})",
                             path.map(|p| p.display().to_string()).unwrap_or_default()
                         ),
-                        "chmod 600 it (it holds password equivalents or the node's signing secret)",
+                        "chmod 600 (or 640 with sipring's group): it holds password equivalents or the node's signing secret",
                     ));
                 }
             }
