@@ -70,15 +70,11 @@ impl Net {
             match o {
                 Output::Send { flow, bytes } => self.inbox.push((flow, bytes.to_vec())),
                 Output::Lookup { token, aor, .. } => {
-                    let b = self.registrar.lookup(self.now, &self.store, &aor);
+                    let b = self.registrar.reaches(self.now, &self.store, &aor);
                     let r = if b.is_empty() {
                         Lookup::Unknown
                     } else {
-                        Lookup::Found(
-                            b.iter()
-                                .map(|b| sipring_core::proxy::Reach::of(b))
-                                .collect(),
-                        )
+                        Lookup::Found(b)
                     };
                     self.proxy.handle_lookup(self.now, token, r);
                 }
@@ -338,6 +334,42 @@ fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     assert_eq!(status(&n.one(&A)), 200);
     rr
+}
+
+#[test]
+fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
+    // RFC 5626 §5.3: one device (one +sip.instance), two flows (reg-id 1 over B, 2 over
+    // B2). A request goes to one of them; that connection fails before the answer: the
+    // request goes to the other flow instead of being answered 480.
+    let mut n = Net::new();
+    for (flow, reg_id) in [(&B, 1), (&B2, 2)] {
+        let msg = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2:5061;branch=z9hG4bKob{reg_id}\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: ob-{reg_id}\r\nCSeq: 1 REGISTER\r\nSupported: outbound\r\nContact: <sip:bob@10.0.0.2:5061;transport=tls;ob>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-00000000000b>\";reg-id={reg_id}\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+        );
+        n.send(flow, msg.as_bytes());
+        assert_eq!(status(&n.one(flow)), 200);
+    }
+    n.send(&A, &invite("z9hG4bKfo1", "fo-1"));
+    n.take(&A);
+    // One ring per device: the INVITE went over one flow only.
+    let (first, other) = if n.take(&B).is_empty() {
+        (B2, B)
+    } else {
+        (B, B2)
+    };
+    assert!(n.take(&other).is_empty(), "one device rings once");
+    n.proxy.handle_flow_closed(n.now, &first);
+    n.pump();
+    let again = n.one(&other);
+    assert_eq!(method(&again), "INVITE");
+    assert_eq!(n.proxy.stats().flow_failovers, 1);
+    n.send(&other, &answer(&again, 200, "OK", "b1"));
+    let up = n.take(&A);
+    assert!(
+        up.iter().any(|m| status(m) == 200) && !up.iter().any(|m| status(m) == 480),
+        "{:?}",
+        up.iter().map(|m| first_line(m)).collect::<Vec<_>>()
+    );
 }
 
 #[test]

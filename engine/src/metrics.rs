@@ -238,6 +238,9 @@ fn help(family: &str) -> &'static str {
         "sipring_overload_partner_dropped_total" => {
             "New requests answered 503 here because the partner they were for asked (RFC 7339) for that share to be dropped."
         }
+        "sipring_flow_failovers_total" => {
+            "Requests sent to a device's other flow because the one they were on failed (RFC 5626)."
+        }
         "sipring_overload_feedback_total" => {
             "Responses that told a client advertising overload control (RFC 7339) what share of new requests to drop."
         }

@@ -1247,13 +1247,9 @@ impl Shard {
             "lookup reached the wrong shard"
         );
         let store = self.store.borrow();
-        let b = self.registrar.lookup(Instant::now(), &*store, aor);
+        let b = self.registrar.reaches(Instant::now(), &*store, aor);
         if !b.is_empty() {
-            Lookup::Found(
-                b.iter()
-                    .map(|b| sipring_core::proxy::Reach::of(b))
-                    .collect(),
-            )
+            Lookup::Found(b)
         } else if self.known.borrow().contains(aor) {
             Lookup::NotRegistered
         } else {
@@ -1841,6 +1837,8 @@ impl Shard {
                 "sipring_overload_partner_dropped_total".into(),
                 st.oc_dropped,
             );
+            m.counters
+                .insert("sipring_flow_failovers_total".into(), st.flow_failovers);
             m.set_gauge(
                 "sipring_overloaded",
                 i64::from(self.shedding.admitted() < 1.0),

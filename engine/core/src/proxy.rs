@@ -235,6 +235,9 @@ pub struct Reach {
     pub flow: FlowId,
     /// The Path it registered through (RFC 3327): Route values for requests to it.
     pub path: Vec<String>,
+    /// The same device's other flows (other reg-ids, RFC 5626 §5.3), best first: tried in
+    /// turn when this one's connection fails with the request on it.
+    pub fallbacks: Vec<Reach>,
 }
 
 impl Reach {
@@ -244,6 +247,7 @@ impl Reach {
             contact: b.contact.clone(),
             flow: b.flow,
             path: b.path.clone(),
+            fallbacks: Vec::new(),
         }
     }
 }
@@ -275,6 +279,29 @@ pub struct Target {
     pub flow: Flow,
     /// Route values to add (the contact's Path).
     pub path: Vec<String>,
+    /// Where to send it instead if `flow` fails with it (the device's other flows).
+    pub fallbacks: Vec<Target>,
+}
+
+impl Target {
+    /// A target with no fallback.
+    pub fn to(flow: Flow, uri: Option<String>, path: Vec<String>) -> Target {
+        Target {
+            uri,
+            flow,
+            path,
+            fallbacks: Vec::new(),
+        }
+    }
+
+    fn of(r: Reach) -> Target {
+        Target {
+            uri: Some(r.contact),
+            flow: Flow::Conn(r.flow),
+            path: r.path,
+            fallbacks: r.fallbacks.into_iter().map(Target::of).collect(),
+        }
+    }
 }
 
 /// The proxy core.
@@ -756,21 +783,10 @@ impl Proxy {
             }
         };
         match lookup {
-            Lookup::Found(b) if !b.is_empty() => Ok(b
-                .into_iter()
-                .map(|r| Target {
-                    uri: Some(r.contact),
-                    flow: Flow::Conn(r.flow),
-                    path: r.path,
-                })
-                .collect()),
+            Lookup::Found(b) if !b.is_empty() => Ok(b.into_iter().map(Target::of).collect()),
             Lookup::Nodes(n) if !n.is_empty() => Ok(n
                 .into_iter()
-                .map(|node| Target {
-                    uri: None,
-                    flow: Flow::Peer(node),
-                    path: Vec::new(),
-                })
+                .map(|node| Target::to(Flow::Peer(node), None, Vec::new()))
                 .collect()),
             Lookup::Nodes(_) => Err(reject(480, "Temporarily Unavailable")),
             Lookup::Found(_) | Lookup::NotRegistered => Err(reject(480, "Temporarily Unavailable")),
@@ -2039,25 +2055,18 @@ mod tests {
                     contact: "sip:b@h".into(),
                     flow: 5,
                     path: vec![],
+                    fallbacks: vec![],
                 }]),
             )
             .unwrap();
         assert_eq!(
             t,
-            vec![Target {
-                uri: Some("sip:b@h".into()),
-                flow: Flow::Conn(5),
-                path: vec![]
-            }]
+            vec![Target::to(Flow::Conn(5), Some("sip:b@h".into()), vec![])]
         );
         // A cluster node holds the flow: relayed there with the Request-URI kept.
         assert_eq!(
             p.after_lookup(Method::Invite, Lookup::Nodes(vec!["node-b".into()])),
-            Ok(vec![Target {
-                uri: None,
-                flow: Flow::Peer("node-b".into()),
-                path: vec![]
-            }])
+            Ok(vec![Target::to(Flow::Peer("node-b".into()), None, vec![])])
         );
         assert_eq!(
             p.after_lookup(Method::Invite, Lookup::Nodes(vec![])),

@@ -999,6 +999,38 @@ impl Registrar {
         });
         v
     }
+
+    /// What the proxy routes to for `aor`: [`Registrar::lookup`]'s bindings, each with the
+    /// same device's other flows (RFC 5626 §5.3: other reg-ids, best first), to be tried
+    /// when its flow fails with the request on it.
+    pub fn reaches(
+        &self,
+        now: Instant,
+        store: &impl BindingStore,
+        aor: &str,
+    ) -> Vec<crate::proxy::Reach> {
+        let mut v: Vec<_> = store
+            .get(aor)
+            .iter()
+            .filter(|b| b.expires_at > now)
+            .collect();
+        v.sort_by_key(|b| (std::cmp::Reverse(b.q), std::cmp::Reverse(b.expires_at)));
+        let mut out: Vec<crate::proxy::Reach> = Vec::with_capacity(v.len());
+        let mut devices: Vec<(&str, usize)> = Vec::new();
+        for b in v {
+            match (&b.instance, b.reg_id) {
+                (Some(i), Some(_)) => match devices.iter().find(|(d, _)| d == i) {
+                    Some(&(_, at)) => out[at].fallbacks.push(crate::proxy::Reach::of(b)),
+                    None => {
+                        devices.push((i, out.len()));
+                        out.push(crate::proxy::Reach::of(b));
+                    }
+                },
+                _ => out.push(crate::proxy::Reach::of(b)),
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

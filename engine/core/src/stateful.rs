@@ -32,7 +32,7 @@ use crate::matching::{KeyMethod, TxKey};
 use crate::overload_control::{self as oc, Feedback};
 use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
 use crate::policy::{Authz, FlowInfo, Grant, Policy, Refusal, Source};
-use crate::proxy::{Decision, Flow, Lookup, Proxy};
+use crate::proxy::{Decision, Flow, Lookup, Proxy, Target};
 use crate::registrar::Reply;
 use crate::response::{ResponseParts, ack_for_non_2xx, cancel_for, error_response, response_to};
 use crate::transaction::{
@@ -148,6 +148,9 @@ pub struct Stats {
     /// New requests answered 503 here because the partner they were going to asked, by
     /// RFC 7339 feedback, for that share of its new requests to be dropped.
     pub oc_dropped: u64,
+    /// Requests sent to a device's other flow because the one they were on failed
+    /// (RFC 5626 §5.3).
+    pub flow_failovers: u64,
 }
 
 #[derive(Debug)]
@@ -187,6 +190,9 @@ struct Client {
     by_token: bool,
     /// The bytes it holds (the request it sent), as counted in the table's byte total.
     weight: usize,
+    /// The device's other flows, tried in turn if this branch's connection fails before
+    /// the answer (RFC 5626 §5.3).
+    fallbacks: Vec<Target>,
 }
 
 impl Client {
@@ -201,6 +207,7 @@ impl Client {
             cancel_when_provisional: false,
             cancel_sent: false,
             by_token: false,
+            fallbacks: Vec::new(),
         }
     }
 }
@@ -1334,8 +1341,10 @@ impl ShardProxy {
                     local_only,
                 });
             }
-            Decision::ToFlow(f) => self.fork(now, &key, &[(f, None, Vec::new())]),
-            Decision::ToPeer(p) => self.fork(now, &key, &[(Flow::Peer(p), None, Vec::new())]),
+            Decision::ToFlow(f) => self.fork(now, &key, &[Target::to(f, None, Vec::new())]),
+            Decision::ToPeer(p) => {
+                self.fork(now, &key, &[Target::to(Flow::Peer(p), None, Vec::new())])
+            }
             Decision::Cancel => self.on_cancel(now, &key),
             Decision::Drop(_) => {}
             Decision::Refuse(d) => {
@@ -1566,12 +1575,7 @@ impl ShardProxy {
     }
 
     /// Forwards the server transaction's request to each `(flow, new Request-URI)`.
-    fn fork(
-        &mut self,
-        now: Instant,
-        server: &TxKey,
-        targets: &[(Flow, Option<String>, Vec<String>)],
-    ) {
+    fn fork(&mut self, now: Instant, server: &TxKey, targets: &[Target]) {
         let limits = self.limits;
         let mut dropped = 0;
         // RFC 5393 §5.3: branches forked in parallel share the request's breadth (60 when it
@@ -1591,7 +1595,8 @@ impl ShardProxy {
             None
         };
         let share = |total: u32, n: u32, i: usize| total / n + u32::from((i as u32) < total % n);
-        for (i, (flow, uri, path)) in targets.iter().enumerate() {
+        for (i, target) in targets.iter().enumerate() {
+            let (flow, uri, path) = (&target.flow, &target.uri, &target.path);
             let unique = self.unique();
             let Some(s) = self.servers.get(server) else {
                 return;
@@ -1647,6 +1652,7 @@ impl ShardProxy {
             let client = Client {
                 // No new Request-URI: the route named this connection.
                 by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
+                fallbacks: target.fallbacks.clone(),
                 ..Client::new(txn, Some(server.clone()), flow.clone())
             };
             self.txn_bytes += client.weight;
@@ -1807,13 +1813,7 @@ impl ShardProxy {
                     Method::Message
                 };
                 match self.proxy.after_lookup(method, result) {
-                    Ok(targets) => {
-                        let t: Vec<_> = targets
-                            .into_iter()
-                            .map(|t| (t.flow, t.uri, t.path))
-                            .collect();
-                        self.fork(now, &key, &t);
-                    }
+                    Ok(targets) => self.fork(now, &key, &targets),
                     Err(Decision::Respond(a)) => {
                         self.answer(now, &key, a.code, a.reason, &a.headers)
                     }
@@ -2266,6 +2266,28 @@ impl ShardProxy {
             }
             if !c.final_received {
                 let server = c.server.clone();
+                // A registered device's flow failed with the request on it: its other flow
+                // (another reg-id) gets it instead (RFC 5626 §5.3), while the request is
+                // still unanswered and not cancelled.
+                let retry = (matches!(flow, Flow::Conn(_)) && !c.by_token)
+                    .then(|| c.fallbacks.split_first())
+                    .flatten()
+                    .filter(|_| {
+                        server
+                            .as_ref()
+                            .and_then(|sk| self.servers.get(sk))
+                            .is_some_and(|s| !s.final_sent && !s.cancelled)
+                    })
+                    .map(|(next, rest)| Target {
+                        fallbacks: rest.to_vec(),
+                        ..next.clone()
+                    });
+                if let (Some(next), Some(sk)) = (retry, server.as_ref()) {
+                    self.stats.flow_failovers += 1;
+                    self.fork(now, sk, &[next]);
+                    self.remove_client(k);
+                    continue;
+                }
                 // Who waits for the answer: a partner's proxy, or a phone (directly, or
                 // through another node of our cluster, which relays what we answer).
                 let upstream_is_proxy = server
