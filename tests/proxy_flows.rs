@@ -26,6 +26,8 @@ struct Net {
     closed: Vec<Flow>,
     /// Refusals for load and per-connection limits (the open policy refuses nothing else).
     refused: Vec<&'static str>,
+    /// Lookups go unanswered (a store thread that died, a lost mesh message).
+    lost_lookups: bool,
 }
 
 impl Net {
@@ -60,6 +62,7 @@ impl Net {
             inbox: Vec::new(),
             closed: Vec::new(),
             refused: Vec::new(),
+            lost_lookups: false,
         }
     }
 
@@ -69,6 +72,7 @@ impl Net {
         while let Some(o) = self.proxy.poll_output() {
             match o {
                 Output::Send { flow, bytes } => self.inbox.push((flow, bytes.to_vec())),
+                Output::Lookup { .. } if self.lost_lookups => {}
                 Output::Lookup { token, aor, .. } => {
                     let b = self.registrar.reaches(self.now, &self.store, &aor);
                     let r = if b.is_empty() {
@@ -334,6 +338,26 @@ fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     assert_eq!(status(&n.one(&A)), 200);
     rr
+}
+
+#[test]
+fn a_lookup_that_is_never_answered_ends_its_request_after_64_t1() {
+    // The store thread died, or a mesh message was lost: the INVITE waiting for its lookup
+    // held its transaction (and the caller's 100 Trying) until the caller's connection
+    // closed. Answered 503 after 64·T1 now, and nothing is left.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.lost_lookups = true;
+    n.send(&A, &invite("z9hG4bKll1", "ll-1"));
+    assert_eq!(status(&n.one(&A)), 100);
+    n.advance(Duration::from_millis(31_900));
+    assert!(n.take(&A).is_empty(), "answered before 64·T1");
+    n.advance(Duration::from_millis(200));
+    let up = n.one(&A);
+    assert_eq!(status(&up), 503, "{}", first_line(&up));
+    assert_eq!(n.proxy.stats().unanswered_lookups, 1);
+    // (No ACK: Timer H ends the transaction.)
+    n.assert_idle_after_timers();
 }
 
 #[test]

@@ -238,6 +238,9 @@ fn help(family: &str) -> &'static str {
         "sipring_overload_partner_dropped_total" => {
             "New requests answered 503 here because the partner they were for asked (RFC 7339) for that share to be dropped."
         }
+        "sipring_unanswered_lookups_total" => {
+            "Lookups, registrations and CANCEL questions with no answer within 64*T1 (their requests answered 503 or 481)."
+        }
         "sipring_flow_failovers_total" => {
             "Requests sent to a device's other flow because the one they were on failed (RFC 5626)."
         }

@@ -1839,6 +1839,10 @@ impl Shard {
             );
             m.counters
                 .insert("sipring_flow_failovers_total".into(), st.flow_failovers);
+            m.counters.insert(
+                "sipring_unanswered_lookups_total".into(),
+                st.unanswered_lookups,
+            );
             m.set_gauge(
                 "sipring_overloaded",
                 i64::from(self.shedding.admitted() < 1.0),

@@ -151,6 +151,9 @@ pub struct Stats {
     /// Requests sent to a device's other flow because the one they were on failed
     /// (RFC 5626 §5.3).
     pub flow_failovers: u64,
+    /// Lookups, registrations and CANCEL questions that got no answer within 64·T1 (their
+    /// requests were answered 503 or 481 then).
+    pub unanswered_lookups: u64,
 }
 
 #[derive(Debug)]
@@ -218,6 +221,9 @@ enum TimerKey {
     Client(TxKey),
     /// RFC 3261 §16.6 step 11: an INVITE branch's guard against ringing forever.
     TimerC(TxKey),
+    /// A lookup, registration or question to the other shards that never got its answer
+    /// (a store thread gone, a lost message): the request is answered anyway, 64·T1 on.
+    Pending(u64),
 }
 
 #[derive(Debug)]
@@ -712,7 +718,7 @@ impl ShardProxy {
             t.keys.retain(|k| match k {
                 TimerKey::Server(k) => servers.get(k).is_some_and(|s| &s.inbound == flow),
                 TimerKey::Client(k) => clients.get(k).is_some_and(|c| &c.outbound == flow),
-                TimerKey::TimerC(_) => false,
+                TimerKey::TimerC(_) | TimerKey::Pending(_) => false,
             });
         }
     }
@@ -744,6 +750,46 @@ impl ShardProxy {
     /// registrar's contacts per AOR). Default 16.
     pub fn set_max_aors_per_flow(&mut self, n: usize) {
         self.max_aors_per_flow = n;
+    }
+
+    /// Holds `p` until its answer comes (token `token`), at most 64·T1.
+    fn wait_for(&mut self, token: u64, p: Pending) {
+        self.pending.insert(token, p);
+        // The latest time seen (every caller is handling a message or an answer now).
+        if let Some(now) = self.clock {
+            let at = now + self.timer_cfg.t1.saturating_mul(64);
+            self.timers.set(TimerKey::Pending(token), Some(at));
+        }
+    }
+
+    /// The answer for `token` came: what waited for it, if anything still does.
+    fn answered(&mut self, token: u64) -> Option<Pending> {
+        let p = self.pending.remove(&token)?;
+        self.timers.set(TimerKey::Pending(token), None);
+        Some(p)
+    }
+
+    /// No answer for `token` in 64·T1: the request that waited is answered now — 503 for a
+    /// lookup or a registration (the caller may try again), 481 for a CANCEL — instead of
+    /// holding its transaction until its connection closes. Counted as a dropped request.
+    fn never_answered(&mut self, now: Instant, token: u64) {
+        let Some(p) = self.pending.remove(&token) else {
+            return;
+        };
+        self.stats.unanswered_lookups += 1;
+        match p {
+            Pending::Server(key) | Pending::Register { key, .. } => self.answer(
+                now,
+                &key,
+                503,
+                "Service Unavailable",
+                &[("Retry-After", b"5".to_vec())],
+            ),
+            Pending::Cancel(key) => {
+                self.answer(now, &key, 481, "Call/Transaction Does Not Exist", &[])
+            }
+            Pending::Ack { .. } => {}
+        }
     }
 
     /// `flow` no longer holds a binding of `aor` (it expired, or went by a REGISTER from
@@ -1286,7 +1332,7 @@ impl ShardProxy {
                 Some(Ok(aor)) if self.came_from_node(flow) => {
                     let node = self.partner_of(flow).unwrap_or_default().to_string();
                     let token = self.unique();
-                    self.pending.insert(
+                    self.wait_for(
                         token,
                         Pending::Register {
                             key: key.clone(),
@@ -1313,7 +1359,7 @@ impl ShardProxy {
                         let token = self.unique();
                         let slot =
                             matches!(flow, Flow::Conn(_)).then(|| (flow.clone(), aor.clone(), new));
-                        self.pending.insert(
+                        self.wait_for(
                             token,
                             Pending::Register {
                                 key: key.clone(),
@@ -1333,7 +1379,7 @@ impl ShardProxy {
             },
             Decision::Lookup { aor } => {
                 let token = self.unique();
-                self.pending.insert(token, Pending::Server(key.clone()));
+                self.wait_for(token, Pending::Server(key.clone()));
                 let local_only = self.came_from_node(flow);
                 self.out.push_back(Output::Lookup {
                     token,
@@ -1422,8 +1468,7 @@ impl ShardProxy {
                 && let Some(request) = self.servers.get(cancel_key).map(|s| s.request.clone())
             {
                 let token = self.unique();
-                self.pending
-                    .insert(token, Pending::Cancel(cancel_key.clone()));
+                self.wait_for(token, Pending::Cancel(cancel_key.clone()));
                 self.out.push_back(Output::CancelElsewhere {
                     token,
                     partner,
@@ -1492,7 +1537,7 @@ impl ShardProxy {
     /// when one of them had its INVITE, 481 otherwise.
     pub fn handle_cancel_elsewhere(&mut self, now: Instant, token: u64, matched: bool) {
         self.tick_clock(now);
-        let Some(Pending::Cancel(key)) = self.pending.remove(&token) else {
+        let Some(Pending::Cancel(key)) = self.answered(token) else {
             return;
         };
         if matched {
@@ -1725,7 +1770,7 @@ impl ShardProxy {
             }
             Decision::Lookup { aor } => {
                 let token = self.unique();
-                self.pending.insert(
+                self.wait_for(
                     token,
                     Pending::Ack {
                         request: msg.bytes().into(),
@@ -1798,7 +1843,7 @@ impl ShardProxy {
 
     /// The answer to an [`Output::Lookup`].
     pub fn handle_lookup(&mut self, now: Instant, token: u64, result: Lookup) {
-        match self.pending.remove(&token) {
+        match self.answered(token) {
             Some(Pending::Server(key)) => {
                 let Some(s) = self.servers.get(&key) else {
                     return;
@@ -1848,7 +1893,7 @@ impl ShardProxy {
 
     /// The answer to an [`Output::Register`].
     pub fn handle_register_reply(&mut self, now: Instant, token: u64, reply: Reply) {
-        if let Some(Pending::Register { key, slot }) = self.pending.remove(&token) {
+        if let Some(Pending::Register { key, slot }) = self.answered(token) {
             // The connection's places follow what the registrar holds: refused, the place
             // this REGISTER took is given back (a UA whose REGISTERs fail — 423, a bad
             // Contact — must not use its connection's AORs up); answered 200, the AOR keeps
@@ -2376,6 +2421,7 @@ impl ShardProxy {
                     }
                 }
                 TimerKey::TimerC(key) => self.on_timer_c(now, &key),
+                TimerKey::Pending(token) => self.never_answered(now, token),
             }
         }
     }
