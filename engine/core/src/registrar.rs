@@ -979,13 +979,7 @@ impl Registrar {
         store: &'s impl BindingStore,
         aor: &str,
     ) -> Vec<&'s Binding> {
-        let mut v: Vec<_> = store
-            .get(aor)
-            .iter()
-            .filter(|b| b.expires_at > now)
-            .collect();
-        // Best q first; among equals, the most recently refreshed first.
-        v.sort_by_key(|b| (std::cmp::Reverse(b.q), std::cmp::Reverse(b.expires_at)));
+        let mut v = live_best_first(now, store, aor);
         // One flow per device (RFC 5626 §5.3): its other flows (reg-ids) are for when
         // that one fails, not a second ring on the same phone.
         let mut seen: Vec<&str> = Vec::new();
@@ -1009,12 +1003,7 @@ impl Registrar {
         store: &impl BindingStore,
         aor: &str,
     ) -> Vec<crate::proxy::Reach> {
-        let mut v: Vec<_> = store
-            .get(aor)
-            .iter()
-            .filter(|b| b.expires_at > now)
-            .collect();
-        v.sort_by_key(|b| (std::cmp::Reverse(b.q), std::cmp::Reverse(b.expires_at)));
+        let v = live_best_first(now, store, aor);
         let mut out: Vec<crate::proxy::Reach> = Vec::with_capacity(v.len());
         let mut devices: Vec<(&str, usize)> = Vec::new();
         for b in v {
@@ -1031,6 +1020,17 @@ impl Registrar {
         }
         out
     }
+}
+
+/// The live bindings of `aor`: best `q` first; among equals, the most recently refreshed.
+fn live_best_first<'s>(now: Instant, store: &'s impl BindingStore, aor: &str) -> Vec<&'s Binding> {
+    let mut v: Vec<_> = store
+        .get(aor)
+        .iter()
+        .filter(|b| b.expires_at > now)
+        .collect();
+    v.sort_by_key(|b| (std::cmp::Reverse(b.q), std::cmp::Reverse(b.expires_at)));
+    v
 }
 
 #[cfg(test)]
