@@ -341,6 +341,39 @@ fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
 }
 
 #[test]
+fn a_430_from_the_flow_a_request_took_sends_it_over_the_devices_other_flow() {
+    // RFC 5626 §5.3: an edge proxy on the flow says it failed (430): the device's other
+    // flow gets the request, and the caller never sees the 430.
+    let mut n = Net::new();
+    one_device_two_flows(&mut n);
+    n.send(&A, &invite("z9hG4bKf4", "f4-1"));
+    n.take(&A);
+    let mut on_b = n.take(&B);
+    let (first, other, fwd) = match on_b.pop() {
+        Some(f) => (B, B2, f),
+        None => (B2, B, n.one(&B2)),
+    };
+    n.send(&first, &answer(&fwd, 430, "Flow Failed", "e1"));
+    assert_eq!(
+        method(&n.one(&first)),
+        "ACK",
+        "the 430 is acknowledged hop by hop"
+    );
+    let again = n.one(&other);
+    assert_eq!(method(&again), "INVITE");
+    assert_eq!(n.proxy.stats().flow_failovers, 1);
+    n.send(&other, &answer(&again, 200, "OK", "b1"));
+    let up = n.take(&A);
+    assert!(
+        up.iter().any(|m| status(m) == 200) && !up.iter().any(|m| status(m) == 430),
+        "{:?}",
+        up.iter().map(|m| first_line(m)).collect::<Vec<_>>()
+    );
+    n.take(&first);
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn a_lookup_that_is_never_answered_ends_its_request_after_64_t1() {
     // The store thread died, or a mesh message was lost: the INVITE waiting for its lookup
     // held its transaction (and the caller's 100 Trying) until the caller's connection
@@ -360,12 +393,8 @@ fn a_lookup_that_is_never_answered_ends_its_request_after_64_t1() {
     n.assert_idle_after_timers();
 }
 
-#[test]
-fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
-    // RFC 5626 §5.3: one device (one +sip.instance), two flows (reg-id 1 over B, 2 over
-    // B2). A request goes to one of them; that connection fails before the answer: the
-    // request goes to the other flow instead of being answered 480.
-    let mut n = Net::new();
+/// One device (one +sip.instance) registered over two flows: reg-id 1 over B, 2 over B2.
+fn one_device_two_flows(n: &mut Net) {
     for (flow, reg_id) in [(&B, 1), (&B2, 2)] {
         let msg = format!(
             "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2:5061;branch=z9hG4bKob{reg_id}\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: ob-{reg_id}\r\nCSeq: 1 REGISTER\r\nSupported: outbound\r\nContact: <sip:bob@10.0.0.2:5061;transport=tls;ob>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-00000000000b>\";reg-id={reg_id}\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
@@ -373,6 +402,14 @@ fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
         n.send(flow, msg.as_bytes());
         assert_eq!(status(&n.one(flow)), 200);
     }
+}
+
+#[test]
+fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
+    // RFC 5626 §5.3: a request goes to one of the device's flows; that connection fails
+    // before the answer: the request goes to the other flow instead of being answered 480.
+    let mut n = Net::new();
+    one_device_two_flows(&mut n);
     n.send(&A, &invite("z9hG4bKfo1", "fo-1"));
     n.take(&A);
     // One ring per device: the INVITE went over one flow only.

@@ -2048,6 +2048,9 @@ impl ShardProxy {
         let mut terminated = false;
         for ev in events {
             match ev {
+                // An edge proxy's "this flow failed" (RFC 5626 §5.3): the device's next flow
+                // gets the request; the 430 goes no further.
+                Event::Response { status: 430, .. } if self.try_next_flow(now, key) => {}
                 Event::Response { status, message } => self.on_branch_response(
                     now,
                     server.as_ref(),
@@ -2067,6 +2070,38 @@ impl ShardProxy {
         } else {
             self.timers.set(TimerKey::Client(key.clone()), deadline);
         }
+    }
+
+    /// The branch `key` to a registered device failed (its connection died, or an edge proxy
+    /// answered 430): if the device has another flow (another reg-id, RFC 5626 §5.3) and the
+    /// request is still unanswered and not cancelled, a branch to it replaces this one (which
+    /// counts as done) and this returns true.
+    fn try_next_flow(&mut self, now: Instant, key: &TxKey) -> bool {
+        let Some(c) = self.clients.get(key) else {
+            return false;
+        };
+        let Some(sk) = c.server.clone() else {
+            return false;
+        };
+        if c.by_token
+            || c.fallbacks.is_empty()
+            || !self
+                .servers
+                .get(&sk)
+                .is_some_and(|s| !s.final_sent && !s.cancelled)
+        {
+            return false;
+        }
+        let c = self.clients.get_mut(key).expect("checked");
+        c.final_received = true;
+        let mut rest = std::mem::take(&mut c.fallbacks);
+        let next = Target {
+            fallbacks: rest.split_off(1),
+            ..rest.remove(0)
+        };
+        self.stats.flow_failovers += 1;
+        self.fork(now, &sk, &[next]);
+        true
     }
 
     /// A branch failed without a response (timeout, transport error): answer for it.
@@ -2311,25 +2346,10 @@ impl ShardProxy {
             }
             if !c.final_received {
                 let server = c.server.clone();
+                let by_token = c.by_token;
                 // A registered device's flow failed with the request on it: its other flow
-                // (another reg-id) gets it instead (RFC 5626 §5.3), while the request is
-                // still unanswered and not cancelled.
-                let retry = (matches!(flow, Flow::Conn(_)) && !c.by_token)
-                    .then(|| c.fallbacks.split_first())
-                    .flatten()
-                    .filter(|_| {
-                        server
-                            .as_ref()
-                            .and_then(|sk| self.servers.get(sk))
-                            .is_some_and(|s| !s.final_sent && !s.cancelled)
-                    })
-                    .map(|(next, rest)| Target {
-                        fallbacks: rest.to_vec(),
-                        ..next.clone()
-                    });
-                if let (Some(next), Some(sk)) = (retry, server.as_ref()) {
-                    self.stats.flow_failovers += 1;
-                    self.fork(now, sk, &[next]);
+                // (another reg-id) gets it instead.
+                if matches!(flow, Flow::Conn(_)) && self.try_next_flow(now, k) {
                     self.remove_client(k);
                     continue;
                 }
@@ -2345,7 +2365,7 @@ impl ShardProxy {
                     // the proxy before us; a phone never gets one (§11.5: it would read 400,
                     // and a re-INVITE or UPDATE that failed so leaves the call up): 480,
                     // as for a registered contact on it.
-                    Flow::Conn(_) if c.by_token && upstream_is_proxy => (430, "Flow Failed"),
+                    Flow::Conn(_) if by_token && upstream_is_proxy => (430, "Flow Failed"),
                     // A registered contact whose connection died: the user is unreachable
                     // now (480), as a lookup would say once the binding is gone. The same
                     // for a cluster node that cannot be reached and holds the user's flow.
