@@ -359,16 +359,7 @@ fn a_430_from_the_flow_a_request_took_sends_it_over_the_devices_other_flow() {
         "ACK",
         "the 430 is acknowledged hop by hop"
     );
-    let again = n.one(&other);
-    assert_eq!(method(&again), "INVITE");
-    assert_eq!(n.proxy.stats().flow_failovers, 1);
-    n.send(&other, &answer(&again, 200, "OK", "b1"));
-    let up = n.take(&A);
-    assert!(
-        up.iter().any(|m| status(m) == 200) && !up.iter().any(|m| status(m) == 430),
-        "{:?}",
-        up.iter().map(|m| first_line(m)).collect::<Vec<_>>()
-    );
+    the_other_flow_answers(&mut n, &other, 430);
     n.take(&first);
     n.assert_idle_after_timers();
 }
@@ -391,6 +382,21 @@ fn a_lookup_that_is_never_answered_ends_its_request_after_64_t1() {
     assert_eq!(n.proxy.stats().unanswered_lookups, 1);
     // (No ACK: Timer H ends the transaction.)
     n.assert_idle_after_timers();
+}
+
+/// The INVITE went over to `other` (one failover): answered there, the caller gets the 200
+/// and never `not` (what the failed flow would have told it).
+fn the_other_flow_answers(n: &mut Net, other: &Flow, not: u16) {
+    let again = n.one(other);
+    assert_eq!(method(&again), "INVITE");
+    assert_eq!(n.proxy.stats().flow_failovers, 1);
+    n.send(other, &answer(&again, 200, "OK", "b1"));
+    let up = n.take(&A);
+    assert!(
+        up.iter().any(|m| status(m) == 200) && !up.iter().any(|m| status(m) == not),
+        "{:?}",
+        up.iter().map(|m| first_line(m)).collect::<Vec<_>>()
+    );
 }
 
 /// One device (one +sip.instance) registered over two flows: reg-id 1 over B, 2 over B2.
@@ -421,16 +427,7 @@ fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
     assert!(n.take(&other).is_empty(), "one device rings once");
     n.proxy.handle_flow_closed(n.now, &first);
     n.pump();
-    let again = n.one(&other);
-    assert_eq!(method(&again), "INVITE");
-    assert_eq!(n.proxy.stats().flow_failovers, 1);
-    n.send(&other, &answer(&again, 200, "OK", "b1"));
-    let up = n.take(&A);
-    assert!(
-        up.iter().any(|m| status(m) == 200) && !up.iter().any(|m| status(m) == 480),
-        "{:?}",
-        up.iter().map(|m| first_line(m)).collect::<Vec<_>>()
-    );
+    the_other_flow_answers(&mut n, &other, 480);
 }
 
 #[test]

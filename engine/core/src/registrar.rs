@@ -7,7 +7,7 @@
 
 use crate::header::HeaderName;
 use crate::parse::{Essentials, Message};
-use crate::text::{self, trim};
+use crate::text;
 use crate::uri::{Scheme, Uri};
 use crate::values::NameAddr;
 use std::collections::{BTreeMap, HashMap};
@@ -659,11 +659,7 @@ pub fn removals_for_nodes(msg: &Message<'_, '_>) -> Option<Vec<String>> {
 /// Parses an expiry, saturating overlarge values (RFC 4475 §3.1.2.4 allows treating them as
 /// the maximum).
 fn parse_expires(v: &[u8]) -> Option<u32> {
-    let v = trim(v);
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(text::parse_u32(v).unwrap_or(u32::MAX))
+    text::parse_u32_saturating(v)
 }
 
 impl Registrar {

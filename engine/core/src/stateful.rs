@@ -259,16 +259,7 @@ fn max_breadth(m: &Message<'_, '_>) -> Option<u32> {
         .headers()
         .iter()
         .find(|h| h.name == HeaderName::Other && h.raw_name.eq_ignore_ascii_case(b"Max-Breadth"))?;
-    let v = crate::text::trim(h.value);
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(
-        std::str::from_utf8(v)
-            .ok()?
-            .parse::<u32>()
-            .unwrap_or(u32::MAX),
-    )
+    crate::text::parse_u32_saturating(h.value)
 }
 
 /// A branch's response, as the TU sees it.
@@ -771,7 +762,7 @@ impl ShardProxy {
 
     /// No answer for `token` in 64·T1: the request that waited is answered now — 503 for a
     /// lookup or a registration (the caller may try again), 481 for a CANCEL — instead of
-    /// holding its transaction until its connection closes. Counted as a dropped request.
+    /// holding its transaction until its connection closes (`Stats::unanswered_lookups`).
     fn never_answered(&mut self, now: Instant, token: u64) {
         let Some(p) = self.pending.remove(&token) else {
             return;

@@ -86,6 +86,16 @@ pub(crate) fn parse_u32(s: &[u8]) -> Option<u32> {
     parse_u64(s).and_then(|v| u32::try_from(v).ok())
 }
 
+/// Parses a header value that is a decimal count (whitespace around it allowed), an
+/// overlarge one as `u32::MAX` (RFC 4475 §3.1.2.4 allows treating it as the maximum).
+pub(crate) fn parse_u32_saturating(v: &[u8]) -> Option<u32> {
+    let v = trim(v);
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(parse_u32(v).unwrap_or(u32::MAX))
+}
+
 /// Splits a header value into its comma-separated elements, honouring quoted strings
 /// (with quoted-pairs) and `<...>` brackets, and returns the byte range of each element
 /// (untrimmed) relative to `s`. Returns `None` when a quote or bracket is unbalanced.
