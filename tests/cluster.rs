@@ -5,6 +5,8 @@
 //! - register on A, call from a UA on C: the call completes across nodes (INVITE, ACK and
 //!   BYE both ways on the Record-Route);
 //! - a subscriber whose credentials are only in the store registers;
+//! - a phone that moves between nodes leaves no binding behind, also when the store could not
+//!   say who held it at the move (asked again at its next REGISTER);
 //! - a node whose certificate is not on the topology list is refused;
 //! - `kill -9` A: calls to its user get 480 at once (not 408 after 32 s), before and after
 //!   the liveness window tells the others A is dead;
@@ -634,6 +636,53 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
         assert_eq!((sent(0), sent(2)), (a0, c0), "a node passed a removal on");
         // C's device (another contact, no instance) stays.
         wait_stored(&redis, "m0", "node-c");
+    }
+
+    // A move while the store cannot answer (its master paused longer than the store
+    // timeout): B cannot learn who else holds the AOR, so the removal is asked again at the
+    // device's next REGISTER at B — before, it was dropped and A kept the stale binding (and
+    // a refresh asks the store nothing) until it expired.
+    {
+        let inst = ";+sip.instance=\"<urn:uuid:6d6f7665-7200-4000-8000-000000000002>\"";
+        let key = "b:{sip:m1@example.com}";
+        let mut old = c.ua(0, "m1");
+        old.contact_params = inst.into();
+        assert_eq!(old.register(600), 200);
+        wait_stored(&redis, "m1", "node-a");
+        let errors = |m: &str| {
+            metric(m, "sipring_store_total{op=\"removal\",result=\"error\"}").unwrap_or(0.0)
+        };
+        let e0 = errors(&c.nodes[1].metrics());
+        let mut moved = c.ua(1, "m1");
+        moved.contact_params = inst.into();
+        let master = redis.master_of(key);
+        let paused = Instant::now();
+        assert_eq!(
+            redis_cli(master, &["client", "pause", "1500", "ALL"]).trim(),
+            "OK"
+        );
+        assert_eq!(moved.register(600), 200);
+        wait_metrics(c.nodes[1].admin, "B's removal lookup failing", |m| {
+            errors(m) > e0
+        });
+        std::thread::sleep(Duration::from_millis(1600).saturating_sub(paused.elapsed()));
+        wait_stored(&redis, "m1", "node-b");
+        assert!(
+            !redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"])
+                .trim()
+                .is_empty(),
+            "A's binding went although B could not ask who held it"
+        );
+        assert_eq!(moved.register(600), 200);
+        wait_for(
+            Duration::from_secs(10),
+            "A's binding of m1 removed at the refresh",
+            || {
+                redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"])
+                    .trim()
+                    .is_empty()
+            },
+        );
     }
 
     // A node whose certificate is not on the topology list is refused at the handshake.
