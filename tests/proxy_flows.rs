@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 const A: Flow = Flow::Conn(1);
 const B: Flow = Flow::Conn(2);
 const B2: Flow = Flow::Conn(3);
+const C: Flow = Flow::Conn(4);
 
 struct Net {
     now: Instant,
@@ -428,6 +429,98 @@ fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
     n.proxy.handle_flow_closed(n.now, &first);
     n.pump();
     the_other_flow_answers(&mut n, &other, 480);
+}
+
+/// Bob's device X over B and B2 (one instance, two flows) and device Y over C; alice's
+/// INVITE forks to both, Y declines with 603 (the caller gets nothing yet: X's branch is
+/// still out). Returns the flow X's INVITE took, X's other flow and the INVITE X got.
+fn declined_while_one_device_has_two_flows(n: &mut Net, call: &str) -> (Flow, Flow, Vec<u8>) {
+    one_device_two_flows(n);
+    n.register("bob", &C, "10.0.0.3:5061");
+    n.send(&A, &invite(&format!("z9hG4bK{call}"), call));
+    n.take(&A);
+    let mut on_b = n.take(&B);
+    let (first, other, x) = match on_b.pop() {
+        Some(f) => (B, B2, f),
+        None => (B2, B, n.one(&B2)),
+    };
+    let y = n.one(&C);
+    n.send(&C, &answer(&y, 603, "Decline", "y1"));
+    assert_eq!(method(&n.one(&C)), "ACK");
+    assert!(n.take(&A).is_empty(), "X's branch is still out");
+    (first, other, x)
+}
+
+#[test]
+fn after_a_6xx_no_branch_is_started_by_flow_failover() {
+    // RFC 3261 §16.7 step 5: after a 6xx the proxy MUST NOT create new branches. X's flow
+    // fails (its connection closes, or an edge proxy answers 430): before, the INVITE
+    // went over X's other flow with a fresh Timer C and could connect a declined call.
+    for by_430 in [false, true] {
+        let mut n = Net::new();
+        let call = if by_430 { "d6b" } else { "d6a" };
+        let (first, other, x) = declined_while_one_device_has_two_flows(&mut n, call);
+        if by_430 {
+            // X had not rung: the CANCEL waits for a provisional; the edge's 430 ends it.
+            n.send(&first, &answer(&x, 430, "Flow Failed", "e1"));
+        } else {
+            n.proxy.handle_flow_closed(n.now, &first);
+            n.pump();
+        }
+        assert!(
+            n.take(&other).is_empty(),
+            "a new branch after the 603 ({})",
+            if by_430 { "430" } else { "close" }
+        );
+        assert_eq!(n.proxy.stats().flow_failovers, 0);
+        let up: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+        assert_eq!(up, [603], "the decline goes up once X's branch is done");
+        n.take(&first);
+        n.assert_idle_after_timers();
+    }
+}
+
+#[test]
+fn a_provisional_other_than_100_to_a_non_invite_stops_here() {
+    // RFC 4320 §4.1: no element sends a provisional other than 100 to a non-INVITE request;
+    // a callee's 183 to a MESSAGE was forwarded to the caller.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &message("z9hG4bKp1", "p-1"));
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 183, "Session Progress", "b1"));
+    assert!(n.take(&A).is_empty(), "the 183 went up");
+    n.send(&B, &answer(&fwd, 200, "OK", "b1"));
+    let up: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(up, [200]);
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn a_branch_timer_c_cancelled_does_not_ring_again_over_the_other_flow() {
+    // Timer C CANCELs a device that rang too long; its flow then fails: before, the INVITE
+    // went over the device's other flow and rang for another three minutes.
+    let mut n = Net::new();
+    one_device_two_flows(&mut n);
+    n.send(&A, &invite("z9hG4bKtc1", "tc-1"));
+    n.take(&A);
+    let mut on_b = n.take(&B);
+    let (first, other, fwd) = match on_b.pop() {
+        Some(f) => (B, B2, f),
+        None => (B2, B, n.one(&B2)),
+    };
+    n.send(&first, &answer(&fwd, 180, "Ringing", "b1"));
+    assert_eq!(status(&n.one(&A)), 180);
+    n.advance(Duration::from_secs(181));
+    assert_eq!(method(&n.one(&first)), "CANCEL");
+    n.proxy.handle_flow_closed(n.now, &first);
+    n.pump();
+    assert!(n.take(&other).is_empty(), "rang again after Timer C");
+    assert_eq!(n.proxy.stats().flow_failovers, 0);
+    let up: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert!(up[0] >= 400, "{up:?}");
+    n.assert_idle_after_timers();
 }
 
 #[test]

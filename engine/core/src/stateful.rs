@@ -2066,7 +2066,9 @@ impl ShardProxy {
     /// The branch `key` to a registered device failed (its connection died, or an edge proxy
     /// answered 430): if the device has another flow (another reg-id, RFC 5626 §5.3) and the
     /// request is still unanswered and not cancelled, a branch to it replaces this one (which
-    /// counts as done) and this returns true.
+    /// counts as done) and this returns true. A branch we cancelled (a 2xx or 6xx came from
+    /// another, Timer C, the caller's CANCEL) is not replaced: after a 6xx no new branch
+    /// may start (RFC 3261 §16.7 step 5), nor may a request Timer C ended ring again.
     fn try_next_flow(&mut self, now: Instant, key: &TxKey) -> bool {
         let Some(c) = self.clients.get(key) else {
             return false;
@@ -2076,10 +2078,11 @@ impl ShardProxy {
         };
         if c.by_token
             || c.fallbacks.is_empty()
-            || !self
-                .servers
-                .get(&sk)
-                .is_some_and(|s| !s.final_sent && !s.cancelled)
+            || c.cancel_sent
+            || c.cancel_when_provisional
+            || !self.servers.get(&sk).is_some_and(|s| {
+                !s.final_sent && !s.cancelled && s.best.as_ref().is_none_or(|b| b.0 < 600)
+            })
         {
             return false;
         }
@@ -2188,6 +2191,9 @@ impl ShardProxy {
         };
         match status {
             100 => return,
+            // No provisional but 100 answers a non-INVITE (RFC 4320 §4.1): a callee's 18x to
+            // a MESSAGE stops here.
+            101..=199 if sk.method != KeyMethod::Invite => return,
             101..=199 => {
                 if !s.final_sent {
                     let _ = s.txn.send_response(now, status, upstream);
