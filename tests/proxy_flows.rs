@@ -1043,6 +1043,27 @@ fn forking_to_two_bindings_delivers_one_final_answer() {
 }
 
 #[test]
+fn a_head_other_readers_would_frame_differently_closes_the_connection() {
+    // `Content_Length` is Content-Length to Kamailio's and OpenSIPS's stream readers, and a
+    // first header line with leading white space (` l: 48`) one to lenient ones: we frame
+    // by the `l: 0`, so the 48 bytes behind are a request to us and a body to them. It was
+    // a 400 with the connection kept open, and those bytes were served as a request.
+    for head in [
+        "Content_Length: 48\r\nl: 0",
+        "Content_LENGTH: 0\r\nContent-Length: 0",
+    ] {
+        let mut n = Net::new();
+        n.send(&A, format!("OPTIONS sip:proxy.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKsm1\r\nTo: <sip:proxy.example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: sm1\r\nCSeq: 1 OPTIONS\r\n{head}\r\n\r\n").as_bytes());
+        assert_eq!(status(&n.one(&A)), 400, "{head}");
+        assert_eq!(n.closed, [A], "{head}");
+    }
+    let mut n = Net::new();
+    n.send(&A, b"OPTIONS sip:proxy.example.com SIP/2.0\r\n l: 48\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKsm2\r\nTo: <sip:proxy.example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: sm2\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n");
+    n.take(&A);
+    assert_eq!(n.closed, [A]);
+}
+
+#[test]
 fn local_answers_and_retransmissions() {
     let mut n = Net::new();
     // Unknown user: 404; the INVITE's 100 Trying comes first.

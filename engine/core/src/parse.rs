@@ -332,6 +332,12 @@ fn parse_inner<'b, 'h>(
             colon += 1;
         }
         if name_end == 0 || line.get(colon) != Some(&b':') {
+            // A first header line that starts with white space continues the start line
+            // (other readers take ` l: 40` there as a Content-Length of their own):
+            // framing is in doubt, and the connection closes.
+            if matches!(line.first(), Some(b' ' | b'\t')) {
+                return Err(ParseError::InvalidLineEnding);
+            }
             return Err(ParseError::InvalidHeaderName);
         }
         let name = &line[..name_end];
@@ -346,12 +352,14 @@ fn parse_inner<'b, 'h>(
         // `Content_Length` is Content-Length to Kamailio's and OpenSIPS's stream readers
         // (their state machine takes `_` for `-`), a header we would not know: the two would
         // frame the message differently, and what we forward could carry a second request
-        // in its body. Refused.
+        // in its body. Refused, and the connection closes: what follows on the stream is
+        // framed by the one we know, so the bytes after it are not to be trusted as a
+        // message of their own.
         if hname == HeaderName::Other
             && name.len() == 14
             && name.eq_ignore_ascii_case(b"Content_Length")
         {
-            return Err(ParseError::InvalidHeaderName);
+            return Err(ParseError::InvalidContentLength);
         }
         if hname == HeaderName::ContentLength {
             let n = text::parse_u64(value).ok_or(ParseError::InvalidContentLength)?;

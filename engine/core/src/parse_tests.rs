@@ -46,8 +46,9 @@ parse_cases! {
     bad_name: b"OPTIONS sip:a@b SIP/2.0\r\nV(a): x\r\n\r\n" => Err(ParseError::InvalidHeaderName);
     // Content-Length to Kamailio's and OpenSIPS's stream readers, unknown to us: framing
     // would differ (a second request smuggled in the body).
-    underscore_content_length: b"OPTIONS sip:a@b SIP/2.0\r\nContent_Length: 0\r\nl: 9\r\n\r\n123456789" => Err(ParseError::InvalidHeaderName);
-    underscore_content_length_any_case: b"OPTIONS sip:a@b SIP/2.0\r\ncontent_LENGTH: 0\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidHeaderName);
+    underscore_content_length: b"OPTIONS sip:a@b SIP/2.0\r\nContent_Length: 0\r\nl: 9\r\n\r\n123456789" => Err(ParseError::InvalidContentLength);
+    underscore_content_length_any_case: b"OPTIONS sip:a@b SIP/2.0\r\ncontent_LENGTH: 0\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidContentLength);
+    folded_start_line: b"OPTIONS sip:a@b SIP/2.0\r\n l: 40\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidLineEnding);
     double_space: b"INVITE  sip:a@b SIP/2.0\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidStartLine);
     trailing_space: b"INVITE sip:a@b SIP/2.0 \r\nl: 0\r\n\r\n" => Err(ParseError::InvalidStartLine);
     bracketed_uri: b"INVITE <sip:a@b> SIP/2.0\r\nl: 0\r\n\r\n" => Err(ParseError::InvalidStartLine);

@@ -772,10 +772,12 @@ impl Registrar {
                 Some(None) => return Reply::err(400, "Bad q-value"),
                 None => 1000,
             };
+            // Unfolded as they are stored, as Path is: they go out in the Contact of every
+            // later 200 (a fold kept in them would be a header of its own to an edge proxy).
             let instance = na
                 .param("+sip.instance")
                 .flatten()
-                .map(|v| String::from_utf8_lossy(v).into_owned());
+                .map(|v| String::from_utf8_lossy(v).replace(['\r', '\n'], " "));
             let reg_id = match na.param("reg-id") {
                 // A reg-id without an instance ID is ignored (RFC 5626 §6).
                 _ if instance.is_none() => None,
@@ -799,6 +801,9 @@ impl Registrar {
                     params.push_str(&String::from_utf8_lossy(v));
                 }
             });
+            if params.contains(['\r', '\n']) {
+                params = params.replace(['\r', '\n'], " ");
+            }
             new.push(NewContact {
                 binding: Binding {
                     contact: String::from_utf8_lossy(na.uri).into_owned(),
@@ -1554,6 +1559,31 @@ mod tests {
             "{:?}",
             b[0].path
         );
+        // The same for a Contact's parameters and instance: they go out in the Contact of
+        // every later 200, also to an unfolded refresh (the fold would be replayed there).
+        let folded = "Contact: <sip:alice@192.0.2.9>;x=\"a\r\n l: 200\";y=b\r\n l: 9;+sip.instance=\"<urn:x\r\n l: 7>\"\r\n";
+        let mut fresh = MemoryStore::default();
+        assert_eq!(register(&reg, &mut fresh, t0, folded, 1, 6).code, 200);
+        let b = reg.lookup(t0, &fresh, "sip:alice@example.com");
+        assert!(!b[0].params.contains(['\r', '\n']), "{:?}", b[0].params);
+        assert!(
+            !b[0]
+                .instance
+                .as_deref()
+                .unwrap_or("")
+                .contains(['\r', '\n']),
+            "{:?}",
+            b[0].instance
+        );
+        let r = register(&reg, &mut fresh, t0, "", 2, 6);
+        assert_eq!(r.code, 200);
+        for (n, v) in &r.headers {
+            assert!(
+                !v.iter().any(|&c| c == b'\r' || c == b'\n'),
+                "{n}: {}",
+                String::from_utf8_lossy(v)
+            );
+        }
         // Without `Supported: path` the Path is still used, but not echoed (RFC 3327 §5.3).
         let r = register(&reg, &mut st, t0, via_edge, 2, 5);
         assert!(!r.headers.iter().any(|(n, _)| *n == "Path"));
