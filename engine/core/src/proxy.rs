@@ -879,8 +879,10 @@ impl Proxy {
             .map(|na| na.uri);
         let end = routes.len() - usize::from(restored.is_some());
         let ours = self.consumed(&routes[..end], strict_in);
-        let new_target = new_uri.map(request_uri_of);
-        let target: Option<&[u8]> = new_target.as_deref().or(restored);
+        let new_target = new_uri
+            .map(request_uri_of)
+            .or_else(|| restored.map(request_uri_of));
+        let target: Option<&[u8]> = new_target.as_deref();
         // §16.6 step 6: a next hop that routes strictly (no `lr`) gets the request addressed
         // to it, with the Request-URI kept as the last Route.
         let strict_next = routes[ours..end]
@@ -905,7 +907,9 @@ impl Proxy {
         }
         if let Some(next) = &strict_next {
             let last = target.or(msg.request_uri()).unwrap_or_default();
-            let _ = e.set_request_uri(next.uri);
+            // A Request-URI carries no `?headers` nor `method=` (RFC 3261 §19.1.1): a Route
+            // may.
+            let _ = e.set_request_uri(&request_uri_of(next.uri));
             let mut v = Vec::with_capacity(last.len() + 2);
             v.push(b'<');
             v.extend_from_slice(last);
@@ -1959,6 +1963,26 @@ mod tests {
             ],
             "{out}"
         );
+        // A Route may carry headers and `method=`; a Request-URI may not (§19.1.1): the next
+        // hop gets the URI without them (it refused the request before).
+        let with_headers = inv.replace("<sip:partner.net>", "<sip:partner.net;method=INVITE?X=1>");
+        let out = parsed(&with_headers, |m, e| {
+            fwd(
+                &p,
+                m,
+                e,
+                "z9hG4bKst3",
+                None,
+                &f,
+                &Flow::Peer("partner".into()),
+            )
+        });
+        assert!(
+            out.starts_with(b"INVITE sip:partner.net SIP/2.0\r\n"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        parsed(&String::from_utf8(out).unwrap(), |_, _| ());
         // A loose next hop: nothing moves.
         let loose = inv.replace("<sip:partner.net>", "<sip:partner.net;lr>");
         let out = parsed(&loose, |m, e| {

@@ -67,8 +67,14 @@ pub(crate) fn eq_ic(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Parses a decimal number of at most `u64` range; `None` on empty, non-digit or overflow.
+/// Leading zeros are digits like any other (`1*DIGIT`): `000…0005` is 5, however many.
 pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 20 {
+    let s = match s.iter().position(|&b| b != b'0') {
+        Some(i) => &s[i..],
+        None if s.is_empty() => return None,
+        None => return Some(0),
+    };
+    if s.len() > 20 {
         return None;
     }
     let mut v: u64 = 0;
@@ -227,5 +233,12 @@ mod tests {
         assert_eq!(parse_u64(b"36893488147419103232"), None);
         assert_eq!(parse_u64(b"-1"), None);
         assert_eq!(parse_u64(b""), None);
+        // Leading zeros are digits (`1*DIGIT`): a value past 20 characters was refused, and
+        // an `Expires` of 22 zeros read as the maximum (a de-registration that registered).
+        assert_eq!(parse_u64(b"000000000000000000000005"), Some(5));
+        assert_eq!(parse_u64(&[b'0'; 22]), Some(0));
+        assert_eq!(parse_u32_saturating(&[b'0'; 22]), Some(0));
+        assert_eq!(parse_u64(b"00x5"), None);
+        assert_eq!(parse_u64(b"0000000000000000000036893488147419103232"), None);
     }
 }
