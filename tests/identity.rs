@@ -582,9 +582,37 @@ fn attack_2_clients_cannot_speak_for_partners_and_pai_is_ours_to_assert() {
     );
     assert_eq!(header(&got, "P-Preferred-Identity"), None);
     assert_eq!(header(&got, "Proxy-Authorization"), None);
+    // alice withholds her caller ID (RFC 3323: an anonymous From, Privacy: id): allowed (it
+    // was 403), and B — in our trust domain — gets her identity asserted, with the Privacy
+    // request it must honour.
+    let anonymous = "sip:anonymous@anonymous.invalid";
+    let before = w.at_b().len();
+    assert_eq!(
+        message(
+            &mut alice,
+            "sip:bob@peer-b.test",
+            anonymous,
+            "Privacy: id\r\n"
+        ),
+        200
+    );
+    let got = w.at_b()[before..]
+        .iter()
+        .find(|m| method(m) == "MESSAGE")
+        .expect("at B")
+        .clone();
+    assert_eq!(
+        header_all(&got, "P-Asserted-Identity").as_deref(),
+        Some("<sip:alice@example.com>")
+    );
+    assert!(header(&got, "From").unwrap().contains(anonymous));
+    assert_eq!(header(&got, "Privacy").as_deref(), Some("id"));
     // Toward a local user, a client's PAI is removed and none is added.
     let mut bob = w.client(&srv, "bob");
     assert_eq!(bob.register(600), 200);
+    let got = deliver(&mut alice, &mut bob, anonymous, "Privacy: id\r\n");
+    assert_eq!(header(&got, "P-Asserted-Identity"), None);
+    assert!(header(&got, "From").unwrap().contains(anonymous));
     let got = deliver(
         &mut alice,
         &mut bob,

@@ -221,8 +221,9 @@ pub struct Subscriber {
     /// The realm (normally one of our SIP domains).
     pub realm: String,
     /// The canonical AORs (`sip:user@domain`, as [`crate::registrar::aor_of`] writes them)
-    /// this identity may register and send as; the first is the one asserted
-    /// (P-Asserted-Identity). Default: `sip:<username>@<realm>`.
+    /// this identity may register and send as. The one asserted (P-Asserted-Identity) is
+    /// the request's From; for an anonymous From, the one a P-Preferred-Identity names,
+    /// else the first of our domains. Default: `sip:<username>@<realm>`.
     pub aors: Vec<String>,
     /// HA1 per algorithm, lower-case hex.
     pub ha1: Vec<(Algorithm, String)>,

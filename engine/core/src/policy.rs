@@ -537,6 +537,32 @@ impl Policy {
                 source: Source::Client(None),
             });
         }
+        if !register && is_anonymous(&claimed_uri) {
+            // An anonymous From (RFC 3323 §4.1.1.3, a withheld caller ID): the identity we
+            // vouch for is the one authenticated — the AOR of ours a P-Preferred-Identity
+            // names (RFC 3325 §9.2), else the first — asserted only toward partners in our
+            // trust domain, which honour the request's `Privacy: id`.
+            let ours = |a: &&String| {
+                Uri::parse(a.as_bytes()).is_ok_and(|u| in_list(&u.host_canonical(), domains))
+            };
+            let preferred = msg
+                .headers_named(HeaderName::PPreferredIdentity)
+                .filter_map(|h| NameAddr::parse(h.value))
+                .find_map(|na| aor_of(&na.uri()).filter(|a| identity.contains(a) && ours(&a)));
+            let Some(aor) = preferred.or_else(|| identity.iter().find(ours).cloned()) else {
+                let detail = format!("anonymous (authenticated as {})", identity.join(","));
+                return self.deny(
+                    info,
+                    403,
+                    "From Does Not Match Identity",
+                    "from_not_identity",
+                    detail,
+                );
+            };
+            return Authz::Allow(Grant {
+                source: Source::Client(Some(aor)),
+            });
+        }
         let claimed = claimed.unwrap_or_default();
         // Only an AOR of ours is an identity we vouch for: a subscriber entry listing
         // `sip:x@partner.example` (a mistake in the file or the store) must not let its
@@ -627,7 +653,10 @@ impl Policy {
             }
             return allow(name);
         }
-        let from_ok = host_of(ess.from.uri).is_some_and(|h| in_list(&h, &p.domains));
+        // An anonymous From claims nobody (RFC 3323 §4.1.1.3): who the caller is, the
+        // partner asserts (P-Asserted-Identity, checked next), as for any other From.
+        let from_ok = host_of(ess.from.uri).is_some_and(|h| in_list(&h, &p.domains))
+            || Uri::parse(ess.from.uri).is_ok_and(|u| is_anonymous(&u));
         if !from_ok {
             return self.deny(
                 info,
@@ -682,9 +711,9 @@ impl Policy {
         &self,
         msg: &Message<'_, '_>,
         from_partner: Option<&str>,
-        to_partner: bool,
+        to_partner: Option<&str>,
     ) -> (bool, bool) {
-        let private = !to_partner && wants_id_privacy(msg);
+        let private = !to_partner.is_some_and(|p| self.in_trust_domain(p)) && wants_id_privacy(msg);
         match from_partner.and_then(|n| self.partner(n)) {
             None => (true, true),
             Some(p) if p.node => (private, private),
@@ -693,6 +722,13 @@ impl Policy {
                 !rpid_in(msg, &p.domains) || private,
             ),
         }
+    }
+
+    /// Is partner `name` in our trust domain (RFC 3325): one we assert identities to, or
+    /// another node of our cluster?
+    fn in_trust_domain(&self, name: &str) -> bool {
+        self.partner(name)
+            .is_some_and(|p| p.node || p.assert_identity)
     }
 
     /// The identity-header edits for a request with `grant` going out to `to`.
@@ -733,8 +769,10 @@ impl Policy {
                 e.strip_rpid = foreign_rpid(name);
             }
             Source::Partner(name) => {
-                // Kept toward trusted partners; toward clients only without `Privacy: id`.
-                if dest_partner.is_none() && wants_id_privacy(msg) {
+                // Kept toward partners in our trust domain; toward clients, and partners
+                // outside it (`assert_identity = false`), only without `Privacy: id`
+                // (RFC 3325 §5).
+                if !dest_partner.is_some_and(|p| self.in_trust_domain(p)) && wants_id_privacy(msg) {
                     e.strip_pai = true;
                     e.strip_rpid = true;
                 } else {
@@ -791,6 +829,12 @@ fn ambiguous_params(params: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// Is this the anonymous URI of RFC 3323 §4.1.1.3 (`sip:anonymous@anonymous.invalid`; any
+/// user: the `.invalid` domain is nobody's, RFC 2606)?
+fn is_anonymous(uri: &Uri<'_>) -> bool {
+    uri.is_sip() && text::eq_ic(&uri.host_canonical(), b"anonymous.invalid")
 }
 
 /// Does the request ask that its asserted identity be withheld (`Privacy: id`, RFC 3325)?
@@ -1606,6 +1650,181 @@ mod tests {
             .collect();
         assert_eq!(algs, vec![Algorithm::Sha256, Algorithm::Sha512_256]);
         assert_eq!(p.challenges(), 1);
+    }
+
+    #[test]
+    fn anonymous_callers_rfc_3323() {
+        // A withheld caller ID (From `sip:anonymous@anonymous.invalid`) was refused: 403
+        // "From Does Not Match Identity" to an authenticated client, 403 "From Not In
+        // Partner Domains" to a partner — every carrier's anonymous call.
+        let anonymous = "sip:anonymous@anonymous.invalid";
+        let bob = "sip:bob@example.com";
+        let local = Decision::Lookup { aor: bob.into() };
+        let to_a = Decision::ToPeer("a".into());
+        let mut p = policy();
+        let granted = |a: &Authz| match a {
+            Authz::Allow(Grant {
+                source: Source::Client(Some(aor)),
+            }) => aor.clone(),
+            other => panic!("{other:?}"),
+        };
+        // An authenticated client: the identity vouched for (toward partners in our trust
+        // domain) is the authenticated one.
+        let creds = creds(&p, "alice", "pw", "INVITE", bob, 1);
+        let r = run(
+            &mut p,
+            &Principal::anonymous(),
+            &req(
+                "INVITE",
+                bob,
+                anonymous,
+                bob,
+                &format!("Privacy: id\r\n{creds}"),
+            ),
+            &local,
+        );
+        assert_eq!(granted(&r), "sip:alice@example.com");
+        // A certificate with two AORs: the one a P-Preferred-Identity names, if it is ours;
+        // else the first of ours (never a partner's AOR an entry lists by mistake).
+        let two = Principal::Client {
+            cert_aors: vec![
+                "sip:x@peer-a.test".into(),
+                "sip:alice@example.com".into(),
+                "sip:al@example.com".into(),
+            ],
+        };
+        for (ppi, want) in [
+            ("", "sip:alice@example.com"),
+            (
+                "P-Preferred-Identity: <sip:al@example.com>\r\n",
+                "sip:al@example.com",
+            ),
+            (
+                "P-Preferred-Identity: <sip:x@peer-a.test>\r\n",
+                "sip:alice@example.com",
+            ),
+            (
+                "P-Preferred-Identity: <sip:bob@example.com>\r\n",
+                "sip:alice@example.com",
+            ),
+        ] {
+            let r = run(
+                &mut p,
+                &two,
+                &req(
+                    "INVITE",
+                    "sip:carol@peer-a.test",
+                    anonymous,
+                    "sip:carol@peer-a.test",
+                    ppi,
+                ),
+                &to_a,
+            );
+            assert_eq!(granted(&r), want, "{ppi}");
+        }
+        // Nobody authenticated: challenged as before where the request needs it.
+        assert_eq!(
+            outcome(&run(
+                &mut p,
+                &Principal::anonymous(),
+                &req(
+                    "INVITE",
+                    "sip:carol@peer-a.test",
+                    anonymous,
+                    "sip:carol@peer-a.test",
+                    ""
+                ),
+                &to_a
+            )),
+            407
+        );
+        // A partner's anonymous call: allowed, its assertion still held to its domains.
+        let pa = Principal::Partner("a".into());
+        for (pai, want) in [
+            ("", 0),
+            (
+                "P-Asserted-Identity: <sip:+15551234@peer-a.test;user=phone>\r\n",
+                0,
+            ),
+            ("P-Asserted-Identity: <sip:ceo@example.com>\r\n", 403),
+        ] {
+            let text = req(
+                "INVITE",
+                bob,
+                anonymous,
+                bob,
+                &format!("{pai}Privacy: id\r\n"),
+            );
+            assert_eq!(outcome(&run(&mut p, &pa, &text, &local)), want, "{pai}");
+        }
+        // An anonymous REGISTER is still for the AOR in To, and an `anonymous` user in
+        // another host is not anonymous.
+        let r = run(
+            &mut p,
+            &pa,
+            &req("INVITE", bob, "sip:anonymous@elsewhere.org", bob, ""),
+            &local,
+        );
+        assert_eq!(outcome(&r), 403);
+    }
+
+    #[test]
+    fn an_asserted_identity_asked_private_stays_inside_the_trust_domain() {
+        // RFC 3325 §5: with `Privacy: id`, P-Asserted-Identity is removed toward anyone
+        // outside the trust domain — a partner we do not assert identities to
+        // (`assert_identity = false`) as much as a client. It went to such a partner.
+        let mut p = policy();
+        p.cfg.partners.push(PartnerPolicy {
+            name: "c".into(),
+            domains: vec!["peer-c.test".into()],
+            relay_to: vec![],
+            assert_identity: false,
+            node: false,
+        });
+        let domains = vec!["example.com".to_string()];
+        let from_b = Grant {
+            source: Source::Partner("b".into()),
+        };
+        for (privacy, to, strip) in [
+            ("Privacy: id\r\n", "c", true),
+            ("Privacy: id\r\n", "a", false),
+            ("Privacy: id\r\n", "node-b", false),
+            ("", "c", false),
+        ] {
+            let text = req(
+                "INVITE",
+                "sip:x@peer-c.test",
+                "sip:alice@peer-b.test",
+                "sip:x@peer-c.test",
+                &format!("P-Asserted-Identity: <sip:alice@peer-b.test>\r\n{privacy}"),
+            );
+            let mut h = [Header::EMPTY; 32];
+            let Ok(Status::Complete(m)) =
+                parse(text.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+            else {
+                panic!()
+            };
+            let e = p.identity_edit(&from_b, &m, &Flow::Peer(to.into()), None, &domains);
+            assert_eq!(e.strip_pai, strip, "request to {to} {privacy:?}");
+            // An answer that asks privacy, going up to `to`.
+            let resp = format!(
+                "SIP/2.0 200 OK\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKp\r\nFrom: <sip:x@peer-c.test>;tag=f\r\nTo: <sip:alice@peer-b.test>;tag=t\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nP-Asserted-Identity: <sip:alice@peer-b.test>\r\n{privacy}Content-Length: 0\r\n\r\n"
+            );
+            let mut h = [Header::EMPTY; 32];
+            let Ok(Status::Complete(m)) =
+                parse(resp.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+            else {
+                panic!()
+            };
+            // (An answer for a node's client is stripped here, as for ours: the caller
+            // passes no partner for a node.)
+            let (to_partner, strip) = match to {
+                "node-b" => (None, !privacy.is_empty()),
+                _ => (Some(to), strip),
+            };
+            let (pai, _) = p.strips_response_identity(&m, Some("b"), to_partner);
+            assert_eq!(pai, strip, "answer to {to} {privacy:?}");
+        }
     }
 
     #[test]

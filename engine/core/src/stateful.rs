@@ -2172,10 +2172,11 @@ impl ShardProxy {
                 // request's would be.
                 let from = self.clients.get(key).map(|c| c.outbound.clone());
                 let from_partner = from.as_ref().and_then(|f| self.partner_of(f));
-                let to_partner = self.servers.get(sk).is_some_and(|s| {
-                    self.partner_of(&s.inbound)
-                        .is_some_and(|p| !self.proxy.is_node(p))
-                });
+                let to_partner = self
+                    .servers
+                    .get(sk)
+                    .and_then(|s| self.partner_of(&s.inbound))
+                    .filter(|p| !self.proxy.is_node(p));
                 let (proxy, policy) = (&self.proxy, &self.policy);
                 let Some(out) = with_parsed(&b, &limits, |m, _| {
                     let strip = policy.strips_response_identity(m, from_partner, to_partner);
