@@ -29,6 +29,13 @@ fn canonical_aor(s: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{s:?} is not a sip: AOR with a user"))
 }
 
+/// The host of a canonical AOR ([`canonical_aor`]), without a trailing dot.
+fn aor_host(aor: &str) -> String {
+    sipring_core::Uri::parse(aor.as_bytes())
+        .map(|u| String::from_utf8_lossy(&u.host_canonical()).into_owned())
+        .unwrap_or_default()
+}
+
 /// Loads a subscriber file. Errors name the file and the entry.
 pub fn load_subscribers(path: &Path) -> Result<SubscriberTable, String> {
     let text = std::fs::read_to_string(path)
@@ -78,9 +85,18 @@ pub fn parse_subscribers(text: &str, origin: &str) -> Result<SubscriberTable, St
             .map(|a| canonical_aor(a))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| at(&e))?;
+        // A digest user is challenged in the realm of the AOR it claims (its host), so an
+        // AOR in another domain could never authenticate: each try would count as a failed
+        // login against the phone's address until it was blocked. Refused here, by name.
+        let realm = s.realm.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(a) = aors.iter().find(|a| aor_host(a) != realm) {
+            return Err(at(&format!(
+                "AOR {a} is not in realm {realm}: a user is challenged in the realm of the AOR it claims, so this one could never authenticate (give it its own entry, with its realm)"
+            )));
+        }
         table.insert(Subscriber {
             username: s.username.clone(),
-            realm: s.realm.to_ascii_lowercase(),
+            realm,
             aors,
             ha1,
         });
@@ -223,6 +239,13 @@ mod tests {
                 "aor.toml",
                 "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\naors = [\"tel:+1\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n",
                 "not a sip: AOR",
+            ),
+            (
+                // An alias in another of our domains: challenged in that domain's realm,
+                // it could never authenticate (each try counted as a failed login).
+                "realm.toml",
+                "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\naors = [\"sip:bob@example.com\", \"sip:bob@example.net\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n",
+                "sip:bob@example.net is not in realm example.com",
             ),
             (
                 "key.toml",

@@ -112,10 +112,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             let password = line.trim_end_matches(['\r', '\n']);
-            print!(
-                "{}",
-                sipring::auth::SubscriberEntry::new(&username, &realm, aor, password).to_toml()
-            );
+            let entry = sipring::auth::SubscriberEntry::new(&username, &realm, aor, password);
+            // What the server would refuse to load is refused here, with its reason.
+            if let Err(e) = sipring::auth::parse_subscribers(&entry.to_toml(), "the entry") {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+            print!("{}", entry.to_toml());
             ExitCode::SUCCESS
         }
         Cmd::Certs { out, domain, nodes } => {
