@@ -481,6 +481,13 @@ fn inbound_partner_acceptance_and_every_rejection_reason() {
                 Rejection::UnknownRevocation,
             ),
             (
+                // A stranger naming gamma: an unknown issuer, not gamma's missing CRL (the
+                // operator was told to fix the CRL settings of an impersonation).
+                "a stranger naming gamma",
+                Some(w.rogue.issue(&spec("sip.gamma.example")).unwrap()),
+                Rejection::UnknownIssuer,
+            ),
+            (
                 "wildcard without permission",
                 Some(
                     w.alpha
@@ -963,6 +970,119 @@ fn a_sub_ca_limited_to_its_domain_cannot_name_another_partner_by_uri_or_cn() {
     );
     // A dNSName outside the constraint: webpki refuses the chain itself.
     assert!(via_sub(spec("sip.zeta.example")).is_err(), "dNSName");
+}
+
+#[test]
+fn a_sub_ca_given_as_a_root_is_held_to_its_constraints_and_its_revocation() {
+    // A federation bundle as a partner's roots: the root and the carriers' sub-CAs. webpki
+    // anchors a chain at the sub-CA itself (anchors first), holds only dNSName SANs to an
+    // anchor's name constraints, and checks no anchor's revocation. Alpha's sub-CA (limited
+    // to alpha.example) issuing `sip:sip.zeta.example`, presented alone, was Zeta.
+    let w = World::new();
+    let sub = w
+        .alpha
+        .constrained_intermediate("Alpha Sub CA", &["alpha.example"])
+        .unwrap();
+    w.dir.write(
+        "alpha-ca.pem",
+        format!("{}{}", w.alpha.cert.cert_pem, sub.cert.cert_pem),
+    );
+    w.dir.write(
+        "alpha.crl",
+        format!(
+            "{}{}",
+            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
+            sub.crl(&[]).unwrap()
+        ),
+    );
+    let policy = w.policy(&["1.3"]);
+    let leaf_only = |s: Spec| {
+        let leaf = sub.issue(&s).unwrap();
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&versions("1.3"))
+            .unwrap()
+            .with_root_certificates(w.ours_roots())
+            .with_client_auth_cert(vec![leaf.der.clone()], key_of(&leaf))
+            .unwrap();
+        inbound_as(&policy, Arc::new(client), Some(&leaf))
+    };
+    assert_eq!(leaf_only(spec("sip.alpha.example")), Ok(()), "its own name");
+    let uri_only = Spec {
+        dns: Vec::new(),
+        uris: vec!["sip:sip.zeta.example".into()],
+        ..spec("sip.alpha.example")
+    };
+    assert_eq!(leaf_only(uri_only), Err(Rejection::NameNotTrusted), "URI");
+    let cn_only = Spec {
+        dns: Vec::new(),
+        uris: Vec::new(),
+        ..spec("sip.zeta.example")
+    };
+    assert_eq!(leaf_only(cn_only), Err(Rejection::NameNotTrusted), "CN");
+    // Outbound: dialling Zeta, that certificate alone is not Zeta.
+    let leaf = sub
+        .issue(&Spec {
+            dns: Vec::new(),
+            uris: vec!["sip:sip.zeta.example".into()],
+            ..spec("sip.alpha.example")
+        })
+        .unwrap();
+    assert_eq!(
+        outbound_chain(
+            &w,
+            &policy,
+            "1.3",
+            "zeta",
+            vec![leaf.der.clone()],
+            key_of(&leaf)
+        ),
+        Err(Rejection::NameMismatch),
+        "outbound"
+    );
+    // The root's CRL revokes the sub-CA: a root file that holds it does not load (it
+    // anchored everything it issued before, revoked or not).
+    w.dir.write(
+        "alpha.crl",
+        format!(
+            "{}{}",
+            w.alpha.crl(&[w.alpha_revoked, sub.cert.serial]).unwrap(),
+            sub.crl(&[]).unwrap()
+        ),
+    );
+    let err = TlsPolicy::load(&w.config(&["1.3"])).unwrap_err();
+    assert!(
+        err.to_string().contains("revoked by a configured CRL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_root_outside_its_validity_anchors_nothing() {
+    // webpki keeps no validity for a trust anchor: a partner's expired root still anchored
+    // its chains. Refused as expired now (not as an unknown issuer).
+    let w = World::new();
+    let lapsed = Ca::with_validity("Lapsed Root", Duration::days(-1)).unwrap();
+    w.dir.write(
+        "alpha-ca.pem",
+        format!("{}{}", w.alpha.cert.cert_pem, lapsed.cert.cert_pem),
+    );
+    w.dir.write(
+        "alpha.crl",
+        format!(
+            "{}{}",
+            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
+            lapsed.crl(&[]).unwrap()
+        ),
+    );
+    let policy = w.policy(&["1.3"]);
+    let by_lapsed = lapsed.issue(&spec("sip.alpha.example")).unwrap();
+    assert_eq!(
+        inbound(&w, &policy, "1.3", Some(&by_lapsed)),
+        Err(Rejection::Expired)
+    );
+    // The partner's current root still anchors.
+    let good = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    assert_eq!(inbound(&w, &policy, "1.3", Some(&good)), Ok(()));
 }
 
 #[test]

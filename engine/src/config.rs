@@ -853,10 +853,22 @@ impl Config {
             if !names.insert(p.name.clone()) {
                 e(format!("peer[{i}].name"), "duplicate peer name");
             }
+            let is_ip = |n: &str| {
+                n.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok()
+            };
             if p.server_name.is_empty() {
                 e(
                     format!("peer[{i}].server_name"),
                     "missing: the name expected in the peer's certificate",
+                );
+            } else if is_ip(&p.server_name) || p.trusted_names.iter().any(|t| is_ip(t)) {
+                // RFC 5922 identities are domain names: an address matched only a dNSName
+                // or CN holding its text, never the IP address SAN a CA would issue.
+                e(
+                    format!("peer[{i}].server_name"),
+                    "a domain name, not an IP address (RFC 5922: SIP identities are domain names; set address for where to connect)",
                 );
             } else if p.trusted_names.iter().any(|t| t.contains('*')) {
                 // Trusted names are names: `allow_wildcards` lets a *certificate's* dNSName
@@ -1367,6 +1379,24 @@ mod tests {
             .contains(&key)
         );
         assert!(with("\"*.acme.example\"", "").contains(&key));
+        // Identities are domain names (RFC 5922): an address on the list matched only a
+        // dNSName or CN holding its text, never a CA-issued IP address SAN.
+        let ip = |server: &str, trusted: &str| {
+            Config::parse(&format!(
+                "[[peer]]\nname = \"acme\"\nserver_name = \"{server}\"\nroots = \"acme.pem\"\ntrusted_names = [{trusted}]\n"
+            ))
+            .unwrap()
+            .validate(Path::new("x.toml"))
+            .into_iter()
+            .any(|e| e.key == "peer[0].server_name" && e.reason.contains("IP address"))
+        };
+        assert!(ip("192.0.2.10", ""));
+        assert!(ip("[2001:db8::1]", ""));
+        assert!(ip(
+            "sip.acme.example",
+            "\"sip.acme.example\", \"192.0.2.10\""
+        ));
+        assert!(!ip("sip.acme.example", "\"sip.acme.example\""));
     }
 
     #[test]

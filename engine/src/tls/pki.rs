@@ -105,6 +105,12 @@ impl Ca {
         Ca::create(name, Duration::days(3650), None, &[])
     }
 
+    /// A self-signed root CA valid from two days ago until `valid` from now (negative: one
+    /// that has expired), as tests of a lapsed root need.
+    pub fn with_validity(name: &str, valid: Duration) -> Result<Ca, String> {
+        Ca::create(name, valid, None, &[])
+    }
+
     /// A CA named `name` under this one (an intermediate: its certificate is issued, and can
     /// be revoked, by this CA), valid for five years.
     pub fn intermediate(&self, name: &str) -> Result<Ca, String> {

@@ -339,6 +339,13 @@ pub struct PeerTrust {
     shared_issuer: Vec<usize>,
     unknown: UnknownStatusPolicy,
     subjects: Vec<DistinguishedName>,
+    /// Each anchor's validity (notBefore, notAfter; seconds since the epoch), in the order
+    /// of `anchors`: webpki keeps none, and an expired root must not anchor a chain.
+    anchor_validity: Vec<(i64, i64)>,
+    /// The roots that carry name constraints, by subject: a sub-CA given as a root anchors
+    /// what it issued, and webpki holds only dNSName SANs to an anchor's constraints
+    /// ([`PeerTrust::ids_within`]).
+    constrained: Vec<(DistinguishedName, CertificateDer<'static>)>,
 }
 
 /// The issuer names (DER) of a presented chain, for [`PeerTrust::roots_named`].
@@ -369,11 +376,32 @@ impl PeerTrust {
     ) -> Result<PeerTrust, String> {
         let mut anchors = Vec::new();
         let mut subjects = Vec::new();
+        let mut anchor_validity = Vec::new();
+        let mut constrained = Vec::new();
+        // Roots that are not self-issued (a sub-CA given as a root): (issuer, serial, name).
+        let mut sub_cas = Vec::new();
         for r in roots {
             let a = webpki::anchor_from_trusted_cert(r)
                 .map_err(|e| format!("bad root certificate: {e}"))?
                 .to_owned();
-            subjects.push(DistinguishedName::in_sequence(a.subject.as_ref()));
+            let (_, x) = x509_parser::parse_x509_certificate(r.as_ref())
+                .map_err(|e| format!("bad root certificate: {e}"))?;
+            anchor_validity.push((
+                x.validity().not_before.timestamp(),
+                x.validity().not_after.timestamp(),
+            ));
+            if x.issuer().as_raw() != x.subject().as_raw() {
+                sub_cas.push((
+                    x.issuer().as_raw().to_vec(),
+                    x.tbs_certificate.raw_serial().to_vec(),
+                    x.subject().to_string(),
+                ));
+            }
+            let subject = DistinguishedName::in_sequence(a.subject.as_ref());
+            if a.name_constraints.is_some() {
+                constrained.push((subject.clone(), r.clone()));
+            }
+            subjects.push(subject);
             anchors.push(a);
         }
         if anchors.is_empty() {
@@ -387,6 +415,21 @@ impl PeerTrust {
                     .map_err(|e| format!("bad CRL: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // A sub-CA given as a root anchors what it issued, and webpki checks no anchor's
+        // revocation: one a configured CRL of its issuer revokes would vouch on regardless
+        // (a revoked sub-CA revokes what it issued). CRLs, like roots, change only on a
+        // (re)load, so checked here.
+        for (issuer, serial, name) in &sub_cas {
+            for c in &crls {
+                if DistinguishedName::in_sequence(c.issuer()).as_ref() == issuer.as_slice()
+                    && c.find_serial(serial).ok().flatten().is_some()
+                {
+                    return Err(format!(
+                        "root certificate {name} is revoked by a configured CRL of its issuer"
+                    ));
+                }
+            }
+        }
         Ok(PeerTrust {
             name: p.name.clone(),
             trusted_names: Config::peer_trusted_names(p)
@@ -405,7 +448,45 @@ impl PeerTrust {
                 UnknownRevocation::Allow => UnknownStatusPolicy::Allow,
             },
             subjects,
+            anchor_validity,
+            constrained,
         })
+    }
+
+    /// `ids` limited to what the name constraints of a root of this partner that issued a
+    /// certificate of the chain allow ([`within_name_constraints`], which does the same for
+    /// the CA certificates the peer presented). A sub-CA in `roots` limited to
+    /// `alpha.example` could otherwise issue `sip:sip.zeta.example` (or a CN) and pass as
+    /// partner zeta: webpki holds only dNSName SANs to an anchor's constraints. By issuer
+    /// name: another anchor of the same name, were there one, is held to them too.
+    fn ids_within<'i>(
+        &self,
+        ids: &'i [Identity],
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> std::borrow::Cow<'i, [Identity]> {
+        if self.constrained.is_empty() {
+            return std::borrow::Cow::Borrowed(ids);
+        }
+        let issuers = chain_issuers(ee, intermediates);
+        let mut out = ids.to_vec();
+        for (subject, root) in &self.constrained {
+            if issuers.iter().any(|i| i.as_slice() == subject.as_ref()) {
+                within_name_constraints(&mut out, std::slice::from_ref(root));
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// Is one of `ids` of this chain, within this partner's constrained roots, on its
+    /// trusted-server list?
+    fn trusts_chain(
+        &self,
+        ids: &[Identity],
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> bool {
+        self.trusts(&self.ids_within(ids, ee, intermediates))
     }
 
     /// Is one of `ids` on this partner's trusted-server list?
@@ -443,17 +524,68 @@ impl PeerTrust {
         revocation: Option<webpki::RevocationOptions<'_>>,
         eku: TlsEku,
     ) -> Result<(), webpki::Error> {
-        EndEntityCert::try_from(ee)?
+        let ee = EndEntityCert::try_from(ee)?;
+        let t = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let valid = |&(from, until): &(i64, i64)| from <= t && t <= until;
+        if self.anchor_validity.iter().all(valid) {
+            return ee
+                .verify_for_usage(
+                    algs.all,
+                    &self.anchors,
+                    intermediates,
+                    now,
+                    eku,
+                    revocation,
+                    None,
+                )
+                .map(|_| ());
+        }
+        // A root outside its validity anchors nothing (RFC 5280 §6.1 leaves it to the
+        // relying party; every certificate of a chain is held to its validity here). A
+        // chain only such a root would anchor is refused as expired, not as unknown.
+        let current: Vec<TrustAnchor<'static>> = self
+            .anchors
+            .iter()
+            .zip(&self.anchor_validity)
+            .filter(|(_, v)| valid(v))
+            .map(|(a, _)| a.clone())
+            .collect();
+        let r = ee
             .verify_for_usage(
                 algs.all,
-                &self.anchors,
+                &current,
                 intermediates,
                 now,
                 eku,
                 revocation,
                 None,
             )
-            .map(|_| ())
+            .map(|_| ());
+        if r != Err(webpki::Error::UnknownIssuer) {
+            return r;
+        }
+        let lapsed: Vec<(TrustAnchor<'static>, i64)> = self
+            .anchors
+            .iter()
+            .zip(&self.anchor_validity)
+            .filter(|(_, v)| !valid(v))
+            .map(|(a, v)| (a.clone(), v.1))
+            .collect();
+        for (a, until) in lapsed {
+            let one = [a];
+            if ee
+                .verify_for_usage(algs.all, &one, intermediates, now, eku, revocation, None)
+                .is_ok()
+            {
+                return Err(webpki::Error::CertExpired {
+                    time: now,
+                    not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                        u64::try_from(until).unwrap_or(0),
+                    )),
+                });
+            }
+        }
+        r
     }
 
     /// Verifies the chain against this partner's roots, CRLs and the EKU policy, as the
@@ -561,8 +693,11 @@ impl PeerTrust {
                     })
                     .build(),
             ),
-            // No CRL configured: status unknown for every certificate.
+            // No CRL configured: status unknown for every certificate — once the chain
+            // itself is good (a stranger's certificate is an unknown issuer to the
+            // operator, not a gap in the CRL settings).
             Err(_) if self.unknown == UnknownStatusPolicy::Deny => {
+                self.verify_with(algs, ee, intermediates, now, None, eku)?;
                 return Err(webpki::Error::UnknownRevocationStatus);
             }
             Err(_) => None,
@@ -584,7 +719,9 @@ fn owners<'p>(
 ) -> Vec<&'p Arc<PeerTrust>> {
     partners
         .iter()
-        .filter(|p| p.trusts(ids) && p.reaches_roots(algs, ee, intermediates, now))
+        .filter(|p| {
+            p.trusts_chain(ids, ee, intermediates) && p.reaches_roots(algs, ee, intermediates, now)
+        })
         .collect()
 }
 
@@ -841,8 +978,11 @@ impl ClientCertVerifier for PeerClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let (summary, ids) = chain_summary(ee, intermediates);
-        let candidates: Vec<&Arc<PeerTrust>> =
-            self.peers.iter().filter(|p| p.trusts(&ids)).collect();
+        let candidates: Vec<&Arc<PeerTrust>> = self
+            .peers
+            .iter()
+            .filter(|p| p.trusts_chain(&ids, ee, intermediates))
+            .collect();
         if candidates.is_empty() {
             return Err(reject(
                 Rejection::NameNotTrusted,
@@ -967,6 +1107,7 @@ impl ServerCertVerifier for PeerServerVerifier {
             return Err(reject(reason, summary, Some(&p.name), e.to_string()));
         }
         let wanted = server_name.to_str();
+        let ids = p.ids_within(&ids, ee, intermediates);
         let named: Vec<&Identity> = ids
             .iter()
             .filter(|i| i.matches(&wanted, p.allow_wildcards))
