@@ -1252,6 +1252,23 @@ fn one_client_connection_cannot_take_the_whole_table() {
         "an INFO past the connection's share"
     );
     assert!(n.take(&B).is_empty());
+    // A re-INVITE past the share: a stateless 503 (it keeps the dialog's To-tag), and its
+    // ACK — hop by hop, for our 503 — ends here; it went on to the callee, which never saw
+    // that INVITE.
+    let reinvite = bye
+        .replace("BYE sip:", "INVITE sip:")
+        .replace("CSeq: 2 BYE", "CSeq: 4 INVITE")
+        .replace("z9hG4bKpfbye", "z9hG4bKpfre");
+    n.send(&A, reinvite.as_bytes());
+    assert_eq!(status(&n.one(&A)), 503, "a re-INVITE past the share");
+    let ack = reinvite
+        .replace("INVITE sip:", "ACK sip:")
+        .replace("CSeq: 4 INVITE", "CSeq: 4 ACK");
+    n.send(&A, ack.as_bytes());
+    assert!(n.take(&B).is_empty(), "the 503's ACK reached the callee");
+    // The dialog's own ACKs still go through (another branch: a 2xx ACK).
+    n.send(&A, ack.replace("z9hG4bKpfre", "z9hG4bKpfack").as_bytes());
+    assert_eq!(method(&n.one(&B)), "ACK");
     n.refused.clear();
     n.send(&A, bye.as_bytes());
     assert_eq!(method(&n.one(&B)), "BYE");

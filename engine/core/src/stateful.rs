@@ -312,6 +312,10 @@ pub struct ShardProxy {
     /// The node is going away: every new request is answered 503 at the door (the work in
     /// progress, and what finishes it, goes on), so what is in flight reaches zero.
     draining: bool,
+    /// In-dialog INVITEs refused for room without a transaction (a stateless 503 keeps
+    /// their dialog's To-tag, so their ACK could not be told from the dialog's): their ACK
+    /// ends here. Oldest first, each kept 64·T1, at most [`MAX_STATELESS_REINVITES`].
+    stateless_reinvites: (HashSet<TxKey>, VecDeque<(Instant, TxKey)>),
     admit_credit: f32,
     /// RFC 7339: whose `oc` is honoured, the flows that advertised it and are trusted to
     /// (their new requests pass the door; their responses carry the feedback), the time
@@ -362,6 +366,10 @@ fn response_rank(code: u16, invite: bool) -> (u16, u8, u8, u16) {
 /// The most bytes of challenge values a fork's merged 401/407 carries from its branches
 /// (RFC 3261 §16.7 step 7); past it the rest are left out.
 const MERGED_CHALLENGE_BYTES: usize = 8 * 1024;
+
+/// In-dialog INVITEs refused for room whose ACK is remembered
+/// ([`StatefulProxy::remember_stateless_reinvite`]).
+const MAX_STATELESS_REINVITES: usize = 1024;
 
 /// The `WWW-Authenticate` and `Proxy-Authenticate` lines of a response, as (name, value).
 fn challenges_of(m: &Message<'_, '_>) -> Vec<(&'static str, Vec<u8>)> {
@@ -461,6 +469,7 @@ impl ShardProxy {
             timer_c: TIMER_C,
             admission: 1.0,
             draining: false,
+            stateless_reinvites: Default::default(),
             admit_credit: 0.0,
             oc_trust: oc::Trust::default(),
             oc_flows: HashSet::new(),
@@ -1266,6 +1275,9 @@ impl ShardProxy {
                 source: info.source.map(|s| s.ip()),
             }));
             self.stats.local_responses += 1;
+            if method == Method::Invite && ess.to.tag().is_some() {
+                self.remember_stateless_reinvite(now, key);
+            }
             return self.send_stateless(
                 flow,
                 msg,
@@ -1736,6 +1748,14 @@ impl ShardProxy {
         {
             return;
         }
+        // The ACK of a re-INVITE refused for room (its To-tag is the dialog's): not the
+        // callee's, which never saw that INVITE.
+        if !self.stateless_reinvites.0.is_empty()
+            && let Some(key) = TxKey::server(msg, ess)
+            && self.stateless_reinvites.0.remove(&key)
+        {
+            return;
+        }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
         let authz = self
@@ -1777,6 +1797,26 @@ impl ShardProxy {
                 });
             }
             _ => {}
+        }
+    }
+
+    /// Keeps `key`, an in-dialog INVITE answered 503 without a transaction, so that its ACK
+    /// ends here ([`Self::forward_ack`]); forgets those older than 64·T1 (its ACK comes at
+    /// once, or never), and takes no more than [`MAX_STATELESS_REINVITES`] (past that,
+    /// such an ACK goes on to the callee, which answers nothing to an ACK it cannot match).
+    fn remember_stateless_reinvite(&mut self, now: Instant, key: TxKey) {
+        let keep = self.timer_cfg.t1.saturating_mul(64);
+        let (set, order) = &mut self.stateless_reinvites;
+        while let Some((at, _)) = order.front() {
+            if now.saturating_duration_since(*at) < keep && order.len() < MAX_STATELESS_REINVITES {
+                break;
+            }
+            if let Some((_, k)) = order.pop_front() {
+                set.remove(&k);
+            }
+        }
+        if set.insert(key.clone()) {
+            order.push_back((now, key));
         }
     }
 
