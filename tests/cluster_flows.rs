@@ -87,6 +87,7 @@ fn node(name: &'static str, other: &'static str) -> Node {
                 domains: vec![],
                 relay_to: vec![],
                 assert_identity: true,
+                numbers: false,
                 node: true,
             }],
             ..PolicyConfig::default()

@@ -556,6 +556,7 @@ fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_cluster_node() {
                 domains: vec![],
                 relay_to: vec![],
                 assert_identity: false,
+                numbers: false,
                 node: true,
             }],
             ..Default::default()
@@ -1723,6 +1724,7 @@ fn carrier_policy() -> Policy {
                 domains: vec!["carrier.example".into()],
                 relay_to: vec![],
                 assert_identity: false,
+                numbers: false,
                 node: false,
             }],
             ..Default::default()

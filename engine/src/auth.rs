@@ -195,6 +195,7 @@ pub fn policy_config(cfg: &Config) -> PolicyConfig {
                 domains: p.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
                 relay_to: p.relay_to.clone(),
                 assert_identity: p.assert_identity,
+                numbers: p.numbers,
                 node: p.node,
             })
             .collect(),

@@ -335,6 +335,10 @@ pub struct PeerConfig {
     /// Send this partner P-Asserted-Identity for our authenticated users (RFC 3325: it is in
     /// our trust domain). Default true.
     pub assert_identity: bool,
+    /// Its From and P-Asserted-Identity may also be a global `tel:` number (RFC 3966; a
+    /// carrier asserts callers by number, which no domain holds). Default false: only SIP
+    /// URIs in its `domains`.
+    pub numbers: bool,
     /// Made from `[[cluster.nodes]]` at load (never written in a file): another node of our
     /// cluster, linked like a partner but trusted with any From (docs/CLUSTER.md).
     #[serde(skip)]
@@ -355,6 +359,7 @@ impl Default for PeerConfig {
             unknown_revocation: UnknownRevocation::Deny,
             relay_to: Vec::new(),
             assert_identity: true,
+            numbers: false,
             node: false,
         }
     }

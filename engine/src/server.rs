@@ -547,7 +547,7 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
             None => return Some(format!("partner {:?} added", p.name)),
             Some(o) if o != p => {
                 return Some(format!(
-                    "partner {:?} changed (domains, relay_to, assert_identity or node)",
+                    "partner {:?} changed (domains, relay_to, assert_identity, numbers or node)",
                     p.name
                 ));
             }

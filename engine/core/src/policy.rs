@@ -99,6 +99,9 @@ pub struct PartnerPolicy {
     /// Send it P-Asserted-Identity for our authenticated users (it is in our trust domain,
     /// RFC 3325). Default true.
     pub assert_identity: bool,
+    /// Its From and P-Asserted-Identity may also be a global `tel:` number (RFC 3966): a
+    /// carrier asserts its callers by number, which no domain holds. Default false.
+    pub numbers: bool,
     /// Another node of our own cluster: it authenticated and authorized the request before
     /// relaying it (its From may be any of ours or a partner's), so a lookup it asks for is
     /// allowed whatever the From; it still never registers, and is relayed to partners
@@ -251,7 +254,8 @@ impl CredentialStore for NoSubscribers {
 
 fn host_of(uri: &[u8]) -> Option<Vec<u8>> {
     let u = Uri::parse(uri).ok()?;
-    u.is_sip().then(|| u.host_lower().into_owned())
+    // One trailing dot (an absolute name) is the same host, as for our own domains.
+    u.is_sip().then(|| u.host_canonical().into_owned())
 }
 
 fn in_list(host: &[u8], list: &[String]) -> bool {
@@ -601,7 +605,7 @@ impl Policy {
             // says where the request may go, not who it may claim to be.
             Decision::ToFlow(_) => {
                 return match self.partner(&name).cloned() {
-                    Some(p) if p.node || asserted_in(msg, &p.domains) => allow(name),
+                    Some(p) if p.node || asserted_in(msg, &p) => allow(name),
                     Some(_) => Authz::Allow(Grant {
                         source: Source::PartnerUnasserted(name),
                     }),
@@ -655,7 +659,7 @@ impl Policy {
         }
         // An anonymous From claims nobody (RFC 3323 §4.1.1.3): who the caller is, the
         // partner asserts (P-Asserted-Identity, checked next), as for any other From.
-        let from_ok = host_of(ess.from.uri).is_some_and(|h| in_list(&h, &p.domains))
+        let from_ok = speaks_for(&p, ess.from.uri)
             || Uri::parse(ess.from.uri).is_ok_and(|u| is_anonymous(&u));
         if !from_ok {
             return self.deny(
@@ -669,7 +673,7 @@ impl Policy {
                 ),
             );
         }
-        if !asserted_in(msg, &p.domains) {
+        if !asserted_in(msg, &p) {
             return self.deny_pai(info, msg, name);
         }
         if let Decision::ToPeer(to) = decision
@@ -718,8 +722,8 @@ impl Policy {
             None => (true, true),
             Some(p) if p.node => (private, private),
             Some(p) => (
-                !asserted_in(msg, &p.domains) || private,
-                !rpid_in(msg, &p.domains) || private,
+                !asserted_in(msg, &p) || private,
+                !rpid_in(msg, p) || private,
             ),
         }
     }
@@ -752,7 +756,7 @@ impl Policy {
         // A partner's RPID passes only inside its domains (a node's: as its PAI does).
         let foreign_rpid = |name: &str| {
             self.partner(name)
-                .is_none_or(|p| !p.node && !rpid_in(msg, &p.domains))
+                .is_none_or(|p| !p.node && !rpid_in(msg, p))
         };
         match &grant.source {
             Source::Client(auth) => {
@@ -784,11 +788,11 @@ impl Policy {
     }
 }
 
-/// Is every P-Asserted-Identity of `msg` a SIP URI in one of `domains`? One that cannot be
-/// read (an unbalanced quote or bracket) is not: what this parser cannot split, a
-/// downstream one may read as something else.
-fn asserted_in(msg: &Message<'_, '_>, domains: &[String]) -> bool {
-    all_in(msg, HeaderName::PAssertedIdentity, domains)
+/// Is every P-Asserted-Identity of `msg` one partner `p` speaks for ([`speaks_for`])? One
+/// that cannot be read (an unbalanced quote or bracket) is not: what this parser cannot
+/// split, a downstream one may read as something else.
+fn asserted_in(msg: &Message<'_, '_>, p: &PartnerPolicy) -> bool {
+    all_in(msg, HeaderName::PAssertedIdentity, p)
 }
 
 /// Is every Remote-Party-ID of `msg` in one of `domains` (as [`asserted_in`])? RPID never
@@ -796,20 +800,50 @@ fn asserted_in(msg: &Message<'_, '_>, domains: &[String]) -> bool {
 /// PAI — removed from clients, kept from a partner only inside its domains. Unlike a PAI, a
 /// partner's RPID outside them (carriers write their own IP or a `tel:`) is removed, not
 /// refused: the request goes on without it.
-fn rpid_in(msg: &Message<'_, '_>, domains: &[String]) -> bool {
-    all_in(msg, HeaderName::RemotePartyId, domains)
+fn rpid_in(msg: &Message<'_, '_>, p: &PartnerPolicy) -> bool {
+    all_in(msg, HeaderName::RemotePartyId, p)
 }
 
-fn all_in(msg: &Message<'_, '_>, name: HeaderName, domains: &[String]) -> bool {
+fn all_in(msg: &Message<'_, '_>, name: HeaderName, p: &PartnerPolicy) -> bool {
     let Some(values) = msg.try_values(name) else {
         return false;
     };
     values.iter().all(|v| {
         NameAddr::parse(v.value)
             .filter(|na| !ambiguous_params(na.params))
-            .and_then(|na| host_of(na.uri))
-            .is_some_and(|h| in_list(&h, domains))
+            .is_some_and(|na| speaks_for(p, na.uri))
     })
+}
+
+/// May partner `p` claim `uri` as its caller: a SIP URI in one of its domains, or — where
+/// it asserts numbers (`numbers`) — a global `tel:` number?
+fn speaks_for(p: &PartnerPolicy, uri: &[u8]) -> bool {
+    host_of(uri).is_some_and(|h| in_list(&h, &p.domains)) || (p.numbers && global_tel(uri))
+}
+
+/// Is `uri` a global `tel:` number (RFC 3966 §3: `+`, digits and visual separators, then
+/// parameters, none of them a `phone-context`, which makes a number local to someone)?
+fn global_tel(uri: &[u8]) -> bool {
+    let Some(rest) = uri
+        .get(4..)
+        .filter(|_| uri[..4].eq_ignore_ascii_case(b"tel:"))
+    else {
+        return false;
+    };
+    let (number, params) = match memchr::memchr(b';', rest) {
+        Some(i) => rest.split_at(i),
+        None => (rest, &b""[..]),
+    };
+    let Some(digits) = number.strip_prefix(b"+") else {
+        return false;
+    };
+    digits.iter().any(u8::is_ascii_digit)
+        && digits
+            .iter()
+            .all(|&b| b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'(' | b')'))
+        && !params
+            .split(|&b| b == b';')
+            .any(|p| p.len() >= 13 && p[..13].eq_ignore_ascii_case(b"phone-context"))
 }
 
 /// Does a name-addr's parameter part hold a `<` or `>` outside a quoted string? No
@@ -895,6 +929,7 @@ mod tests {
             domains: vec![domain.into()],
             relay_to: relay.iter().map(|s| s.to_string()).collect(),
             assert_identity: true,
+            numbers: false,
             node: false,
         };
         Policy::new(
@@ -1738,6 +1773,18 @@ mod tests {
             )),
             407
         );
+        // A partner's host written absolute (one trailing dot) is the same host.
+        let text = req(
+            "INVITE",
+            bob,
+            "sip:carol@peer-a.test.",
+            bob,
+            "P-Asserted-Identity: <sip:carol@PEER-A.test.>\r\n",
+        );
+        assert_eq!(
+            outcome(&run(&mut p, &Principal::Partner("a".into()), &text, &local)),
+            0
+        );
         // A partner's anonymous call: allowed, its assertion still held to its domains.
         let pa = Principal::Partner("a".into());
         for (pai, want) in [
@@ -1769,6 +1816,42 @@ mod tests {
     }
 
     #[test]
+    fn a_carrier_that_asserts_numbers_may_send_tel_identities() {
+        // Carriers assert callers by number (`tel:+1…`), which no domain holds: refused (403)
+        // from every partner before; allowed from one with `numbers = true`, for global
+        // numbers only.
+        let bob = "sip:bob@example.com";
+        let local = Decision::Lookup { aor: bob.into() };
+        let pa = Principal::Partner("a".into());
+        let cases = [
+            ("tel:+1-555-123-4567", "", true),
+            (
+                "sip:x@peer-a.test",
+                "P-Asserted-Identity: <tel:+15551234>\r\n",
+                true,
+            ),
+            ("tel:+15551234;cpc=ordinary", "", true),
+            ("tel:5551234;phone-context=+1", "", false),
+            ("tel:+15551234;Phone-Context=example.com", "", false),
+            ("tel:+", "", false),
+            ("tel:+1555x", "", false),
+        ];
+        for numbers in [false, true] {
+            let mut p = policy();
+            p.cfg.partners[0].numbers = numbers;
+            for (from, pai, global) in cases {
+                let text = req("INVITE", bob, from, bob, pai);
+                let want = if numbers && global { 0 } else { 403 };
+                assert_eq!(
+                    outcome(&run(&mut p, &pa, &text, &local)),
+                    want,
+                    "{from} {pai} (numbers = {numbers})"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn an_asserted_identity_asked_private_stays_inside_the_trust_domain() {
         // RFC 3325 §5: with `Privacy: id`, P-Asserted-Identity is removed toward anyone
         // outside the trust domain — a partner we do not assert identities to
@@ -1779,6 +1862,7 @@ mod tests {
             domains: vec!["peer-c.test".into()],
             relay_to: vec![],
             assert_identity: false,
+            numbers: false,
             node: false,
         });
         let domains = vec!["example.com".to_string()];
