@@ -722,7 +722,7 @@ impl Policy {
             None => (true, true),
             Some(p) if p.node => (private, private),
             Some(p) => (
-                !asserted_in(msg, &p) || private,
+                !asserted_in(msg, p) || private,
                 !rpid_in(msg, p) || private,
             ),
         }
