@@ -721,10 +721,7 @@ impl Policy {
         match from_partner.and_then(|n| self.partner(n)) {
             None => (true, true),
             Some(p) if p.node => (private, private),
-            Some(p) => (
-                !asserted_in(msg, p) || private,
-                !rpid_in(msg, p) || private,
-            ),
+            Some(p) => (!asserted_in(msg, p) || private, !rpid_in(msg, p) || private),
         }
     }
 
