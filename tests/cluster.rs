@@ -695,11 +695,16 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
         let key = rustls::pki_types::PrivateKeyDer::from_pem_file(c.dir.join("rogue.key")).unwrap();
         let cfg = tls_config(&roots, Some((chain, key)), false);
         let r = Ua::tls(c.mtls[0], cfg, "node-a.example.com", "rogue", "example.com");
+        // A well-formed request (one without headers is answered by nobody, accepted or
+        // not): neither answered nor left open.
         let refused = match r {
             Err(_) => true,
             Ok(mut u) => {
-                u.send(b"OPTIONS sip:example.com SIP/2.0\r\n\r\n");
-                u.recv(Duration::from_secs(2)).is_none()
+                let opt = b"OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.9;branch=z9hG4bKrogue\r\nMax-Forwards: 70\r\nTo: <sip:example.com>\r\nFrom: <sip:rogue@example.com>;tag=r\r\nCall-ID: rogue-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+                let sent =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| u.send(opt))).is_ok();
+                !(sent && u.recv(Duration::from_secs(2)).is_some())
+                    && u.closed_within(Duration::from_secs(3))
             }
         };
         assert!(refused, "a node off the topology list got a link");

@@ -75,7 +75,15 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 /// Two registered UAs exchanging a MESSAGE every 50 ms until stopped.
 struct Background {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<(u32, u32, Vec<Duration>)>,
+    handle: Option<std::thread::JoinHandle<(u32, u32, Vec<Duration>)>>,
+}
+
+/// A test that fails before [`Background::check`] stops the load too (else it ran on into
+/// the next tests).
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Background {
@@ -93,7 +101,9 @@ impl Background {
             assert_eq!(b.register(600), 200);
             ready_tx.send(()).unwrap();
             let (mut sent, mut failed, mut lat) = (0, 0, Vec::new());
-            while !st.load(Ordering::Relaxed) {
+            // Bounded whatever happens to the test: no attack here lasts five minutes.
+            let end = Instant::now() + Duration::from_secs(300);
+            while !st.load(Ordering::Relaxed) && Instant::now() < end {
                 sent += 1;
                 let t0 = Instant::now();
                 let m = a.request(
@@ -125,13 +135,21 @@ impl Background {
         ready_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("background load registered");
-        Background { stop, handle }
+        Background {
+            stop,
+            handle: Some(handle),
+        }
     }
 
     /// Stops it and checks: no failure, p99 under `p99_max`.
-    fn check(self, p99_max: Duration) {
+    fn check(mut self, p99_max: Duration) {
         self.stop.store(true, Ordering::Relaxed);
-        let (sent, failed, mut lat) = self.handle.join().expect("background thread");
+        let (sent, failed, mut lat) = self
+            .handle
+            .take()
+            .expect("checked once")
+            .join()
+            .expect("background thread");
         lat.sort();
         let p99 = lat
             .get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1)))
@@ -929,7 +947,9 @@ fn flood(to: SocketAddr, id: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::J
     let reader = std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         let _ = r.set_read_timeout(Some(Duration::from_millis(100)));
-        while !st.load(Ordering::Relaxed) {
+        // Bounded like the writer, also when the test fails before it sets `stop`.
+        let end = Instant::now() + Duration::from_secs(30);
+        while !st.load(Ordering::Relaxed) && Instant::now() < end {
             if let Ok(0) = read_once(&mut r, &mut buf) {
                 return;
             }

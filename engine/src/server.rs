@@ -464,9 +464,9 @@ impl Running {
     }
 
     /// Waits for every shard to finish; `Err` lists shard failures.
-    pub fn join(self) -> Result<(), String> {
+    pub fn join(mut self) -> Result<(), String> {
         let mut errs = Vec::new();
-        for h in self.handles {
+        for h in std::mem::take(&mut self.handles) {
             match h.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => errs.push(e),
@@ -483,6 +483,17 @@ impl Running {
     /// All shards' latest metrics, merged.
     pub fn merged(&self) -> ShardMetrics {
         merge(&self.control)
+    }
+}
+
+/// A server dropped without [`Running::join`] (a caller that returned early, a test that
+/// failed half-way) is told to stop, so that its shards do not serve on unowned: they
+/// finish on their own threads, not waited for here.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            self.stop();
+        }
     }
 }
 
