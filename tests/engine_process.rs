@@ -5,7 +5,7 @@
 use sipring_tests::TempDir;
 use sipring_tests::process::{Server, sipring_bin};
 use sipring_tests::server::{Pki, admin, config, free_port};
-use sipring_tests::ua::{Ua, answer, invite, method, tls_config};
+use sipring_tests::ua::{Ua, answer, header_all, invite, method, tls_config};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -119,10 +119,25 @@ fn sigterm_drains_with_calls_in_flight() {
     alice.send(&msg);
     let (s, _) = alice.expect_final_or_provisional("503 while draining");
     assert_eq!(s, 503);
-    // ... but the call in flight completes.
+    // ... but the call in flight completes, its ACK included: it comes after the last
+    // transaction ended (before, the drain could stop in between, and bob — no ACK —
+    // tore the call down).
     bob.send(&answer(&inv, 200, "OK", "b1", "sip:bob@127.0.0.1"));
-    let (s, _) = alice.expect_final_or_provisional("200 while draining");
+    let (s, ok) = alice.expect_final_or_provisional("200 while draining");
     assert_eq!(s, 200);
+    std::thread::sleep(Duration::from_millis(1200));
+    let rr = header_all(&ok, "Record-Route").expect("Record-Route");
+    let ack = alice.request(
+        "ACK",
+        "sip:bob@127.0.0.1",
+        "<sip:bob@example.com>;tag=b1",
+        "drain-1",
+        1,
+        &format!("Route: {rr}\r\n"),
+        None,
+    );
+    alice.send(&ack);
+    assert_eq!(method(&bob.expect("the 2xx's ACK during the drain")), "ACK");
     // Then connections close and the process exits 0. (A recv timing out would pass for a
     // close: the connection must end, not merely fall silent.)
     assert!(

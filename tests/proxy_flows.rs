@@ -89,8 +89,11 @@ impl Net {
                     request,
                     flow,
                 } => {
-                    let Flow::Conn(fid) = flow else {
-                        panic!("register over a peer")
+                    // A cluster node's removal binds nothing to its link (the shard's
+                    // NODE_FLOW).
+                    let fid = match flow {
+                        Flow::Conn(fid) => fid,
+                        Flow::Peer(_) => u64::MAX,
                     };
                     let mut h = [Header::EMPTY; 64];
                     let Ok(Status::Complete(m)) =
@@ -1573,6 +1576,45 @@ fn partial_admission_spreads_what_it_admits_evenly() {
     n.proxy.set_admission(1.0);
     n.send(&A, &message("z9hG4bKpaz", "paz"));
     assert_eq!(n.take(&B).len(), 1, "all admitted again");
+}
+
+#[test]
+fn another_nodes_removal_passes_an_overloaded_door() {
+    // A device moved to another node, which passes the removal on: upkeep, not new work.
+    // Shed, it was never sent again, and this node kept routing to the stale flow.
+    let policy = Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: false,
+            partners: vec![sipring_core::policy::PartnerPolicy {
+                name: "node-c".into(),
+                domains: vec![],
+                relay_to: vec![],
+                assert_identity: false,
+                numbers: false,
+                node: true,
+            }],
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    );
+    let mut n = Net::build(policy, |c| c.nodes = vec!["node-c".into()]);
+    let node = Flow::Peer("node-c".into());
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.proxy.set_admission(0.02);
+    let removal = "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKrm1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=rm\r\nCall-ID: rm-1\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@10.0.0.2:5061;transport=tls>;expires=0\r\nContent-Length: 0\r\n\r\n";
+    n.send(&node, removal.as_bytes());
+    let r = n.one(&node);
+    assert_eq!(status(&r), 200, "{}", first_line(&r));
+    assert_eq!(n.proxy.stats().shed, 0);
+    // New work from the node is still shed (the door is not open to it).
+    n.send(&node, &message("z9hG4bKrm2", "rm-2"));
+    assert_eq!(status(&n.one(&node)), 503);
+    // The binding went: a call to bob finds nobody.
+    n.proxy.set_admission(1.0);
+    n.send(&A, &message("z9hG4bKrm3", "rm-3"));
+    assert!(n.take(&B).is_empty(), "routed to the removed binding");
 }
 
 /// A new MESSAGE from `a` to bob whose Via advertises RFC 7339 overload control.

@@ -385,6 +385,10 @@ fn least_loaded(control: &Control) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
+/// How long a drain that waited for transactions serves on after the last of them ended
+/// ([`Running::drain`]): the ACKs of the 2xx answers that ended them.
+pub const DRAIN_ACK_GRACE: Duration = Duration::from_secs(2);
+
 impl Running {
     /// Re-reads the configuration file (if any) and every TLS file; swaps the new policy in
     /// for new handshakes on every shard, or keeps the old one and says why.
@@ -393,20 +397,37 @@ impl Running {
     }
 
     /// Stops accepting; lets transactions finish for up to `drain_timeout_s`, then stops.
+    /// With connections still up it serves [`DRAIN_ACK_GRACE`] longer: a call answered at
+    /// the end of the drain has its 2xx's ACK still to come (end to end, along our
+    /// Record-Route), and without it the callee tears the call down.
     pub fn drain(&self) {
         self.control.draining.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(self.cfg.server.drain_timeout_s);
+        let in_progress = || {
+            self.merged()
+                .gauges
+                .get("sipring_requests_in_progress")
+                .copied()
+                .unwrap_or(0)
+        };
+        // Connections of any kind up (each `sipring_connections{kind}` series).
+        let connected = || {
+            self.merged()
+                .gauges
+                .iter()
+                .any(|(k, v)| k.starts_with("sipring_connections{") && *v > 0)
+        };
         while Instant::now() < deadline && !self.control.hurried() {
             // Snapshots are published every 500 ms: give the shards time to publish once
             // after draining began, then wait for requests still awaiting a final answer.
             std::thread::sleep(Duration::from_millis(600));
-            let busy = self
-                .merged()
-                .gauges
-                .get("sipring_requests_in_progress")
-                .copied()
-                .unwrap_or(0);
-            if busy == 0 {
+            if in_progress() == 0 {
+                // With connections up, a 2xx may have just gone out whose ACK is on its way
+                // (snapshots are too coarse to tell): a short grace. Idle: at once.
+                let end = deadline.min(Instant::now() + DRAIN_ACK_GRACE);
+                while connected() && Instant::now() < end && !self.control.hurried() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 break;
             }
         }

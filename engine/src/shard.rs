@@ -2089,11 +2089,29 @@ pub fn spawn_store_replies(shard: &Rc<Shard>) {
     };
     let s = shard.clone();
     glommio::spawn_local(async move {
+        let mut n = 0u32;
         while let Ok(f) = rx.recv().await {
             s.on_store_reply(f);
+            n = take_turns(n).await;
         }
     })
     .detach();
+}
+
+/// Messages a receiver handles in a row before it gives the shard back: a channel that
+/// never runs dry (a peer shard refilling it from its overflow queue, a busy trunk's
+/// relayed answers) returns at once from every `recv`, and glommio would run this task —
+/// no reads, no timers, no other receiver of the shard — until it did (as a connection's
+/// task yields after 16 events in a row).
+const MESH_IN_A_ROW: u32 = 64;
+
+/// Counts one message handled; every [`MESH_IN_A_ROW`], yields.
+async fn take_turns(n: u32) -> u32 {
+    if n + 1 < MESH_IN_A_ROW {
+        return n + 1;
+    }
+    futures_lite::future::yield_now().await;
+    0
 }
 
 /// Runs the mesh receivers of a shard (one task per peer shard).
@@ -2101,8 +2119,10 @@ pub fn spawn_mesh_receivers(shard: &Rc<Shard>, mut rx: Receivers<ShardMsg>) {
     for (_, stream) in rx.streams() {
         let s = shard.clone();
         glommio::spawn_local(async move {
+            let mut n = 0u32;
             while let Some(msg) = stream.recv().await {
                 s.on_mesh(msg);
+                n = take_turns(n).await;
             }
         })
         .detach();

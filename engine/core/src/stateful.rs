@@ -1180,7 +1180,13 @@ impl ShardProxy {
             self.stats.drained += 1;
             return self.shed(flow, msg, ess.call_id);
         }
-        if method != Method::Cancel && self.admission < 1.0 && !in_dialog(&self.proxy) {
+        // Another node's removal (a device moved there) is upkeep, not new work: shed, it
+        // was not sent again, and this node kept routing calls to the device's stale flow
+        // until the binding expired.
+        let upkeep = method == Method::Register
+            && self.came_from_node(flow)
+            && crate::registrar::removes_only(msg);
+        if method != Method::Cancel && self.admission < 1.0 && !upkeep && !in_dialog(&self.proxy) {
             let cooperating = self.oc_trust != oc::Trust::Off && self.cooperates(flow, ess);
             self.door.0 = self.door.0.saturating_add(1);
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
