@@ -53,7 +53,7 @@ cargo test -p sipring-tests --features netns-suite --test netns
 step "interop: Kamailio (MTLS federation), baresip (TLS), SIPp (TCP)"
 tests/interop/run.sh
 
-step "instruction-count gate (callgrind): parse and handshake vs benches/icount/baseline.txt"
+step "instruction-count gate (callgrind): parse, forward and handshake vs benches/icount/baseline.txt"
 benches/icount/run.sh
 
 if [ "${SIPRING_SKIP_VM:-0}" = 1 ]; then

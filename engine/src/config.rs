@@ -382,8 +382,8 @@ pub struct AuthSection {
     pub algorithms: Vec<String>,
     /// Out-of-dialog methods clients must authenticate for. A request that claims one of our
     /// domains in From, or goes to a partner, is challenged whatever its method. Default:
-    /// REGISTER, INVITE, MESSAGE, SUBSCRIBE, NOTIFY, PUBLISH, REFER, OPTIONS, INFO, UPDATE,
-    /// PRACK.
+    /// `sipring_core::policy::DEFAULT_CHALLENGE` (REGISTER, INVITE, MESSAGE, SUBSCRIBE,
+    /// NOTIFY, PUBLISH, REFER, OPTIONS, BYE, INFO, UPDATE, PRACK).
     pub challenge: Vec<String>,
     /// How long a nonce is accepted, in seconds (then `stale=true`). Default 300.
     pub nonce_expiry_s: u64,
@@ -622,8 +622,9 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the admin/metrics HTTP endpoint (keep it on loopback). `None` disables.
-    /// Default `127.0.0.1:9060`.
+    /// Address of the admin/metrics HTTP endpoint (keep it on loopback). Default
+    /// `127.0.0.1:9060`; a file always has one (TOML has no null), a program building a
+    /// `Config` may set `None` to run without it.
     pub address: Option<SocketAddr>,
     /// Whether `POST /reload` is served to a client that is not on loopback. Off by
     /// default: an endpoint opened beyond loopback for a scraper or a load balancer's health
