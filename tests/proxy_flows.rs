@@ -29,6 +29,8 @@ struct Net {
     refused: Vec<&'static str>,
     /// Lookups go unanswered (a store thread that died, a lost mesh message).
     lost_lookups: bool,
+    /// Lookups are answered "unavailable" (the AOR's shard or the store overloaded).
+    busy_lookups: bool,
 }
 
 impl Net {
@@ -64,6 +66,7 @@ impl Net {
             closed: Vec::new(),
             refused: Vec::new(),
             lost_lookups: false,
+            busy_lookups: false,
         }
     }
 
@@ -74,6 +77,10 @@ impl Net {
             match o {
                 Output::Send { flow, bytes } => self.inbox.push((flow, bytes.to_vec())),
                 Output::Lookup { .. } if self.lost_lookups => {}
+                Output::Lookup { token, .. } if self.busy_lookups => {
+                    self.proxy
+                        .handle_lookup(self.now, token, Lookup::Unavailable)
+                }
                 Output::Lookup { token, aor, .. } => {
                     let b = self.registrar.reaches(self.now, &self.store, &aor);
                     let r = if b.is_empty() {
@@ -366,6 +373,25 @@ fn a_430_from_the_flow_a_request_took_sends_it_over_the_devices_other_flow() {
     the_other_flow_answers(&mut n, &other, 430);
     n.take(&first);
     n.assert_idle_after_timers();
+}
+
+#[test]
+fn callers_refused_for_an_overloaded_lookup_do_not_come_back_together() {
+    // The AOR's shard (or the store) could not take the lookup: 503, with Retry-After spread
+    // over 2–9 s as at the door (it was 1 s for everyone).
+    let mut n = Net::new();
+    n.busy_lookups = true;
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        n.send(&A, &message(&format!("z9hG4bKbl{i}"), &format!("bl-{i}")));
+        let r = n.one(&A);
+        assert_eq!(status(&r), 503);
+        let v = sipring_tests::ua::header(&r, "Retry-After").expect("Retry-After");
+        let s: u32 = v.trim().parse().unwrap();
+        assert!((2..=9).contains(&s), "{s}");
+        seen.insert(s);
+    }
+    assert!(seen.len() >= 4, "{seen:?}");
 }
 
 #[test]

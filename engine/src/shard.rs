@@ -317,6 +317,10 @@ pub struct Shard {
     work: Cell<u32>,
     /// Overload episodes are logged at most once a second.
     overload_log: LogLimiter,
+    /// Its own limiters: relayed messages dropped at the mesh's hard bound, and the end of
+    /// an overload episode (a flapping shard wrote several a second, on every shard).
+    mesh_drop_log: LogLimiter,
+    caught_up_log: LogLimiter,
     /// Connections refused by a `[limits]` key are logged at most once a second.
     pub refusal_log: LogLimiter,
     /// Handshake timeouts (an overload symptom: they come in storms) likewise.
@@ -600,6 +604,8 @@ impl Shard {
             shedding: Shedding::default(),
             work: Cell::new(0),
             overload_log: LogLimiter::default(),
+            mesh_drop_log: LogLimiter::default(),
+            caught_up_log: LogLimiter::default(),
             refusal_log: LogLimiter::default(),
             timeout_log: LogLimiter::default(),
             policy_log: LogLimiter::default(),
@@ -766,7 +772,10 @@ impl Shard {
                             let reply = Reply {
                                 code: 503,
                                 reason: "Service Unavailable",
-                                headers: vec![("Retry-After", b"1".to_vec())],
+                                headers: vec![(
+                                    "Retry-After",
+                                    sipring_core::stateful::retry_after_spread(token).to_vec(),
+                                )],
                                 flow_holds: false,
                             };
                             self.proxy.borrow_mut().handle_register_reply(
@@ -1683,7 +1692,7 @@ impl Shard {
         if over_bytes || bound.is_some_and(|b| self.mesh_backlog.get() >= b) {
             drop(overflow);
             self.count("sipring_queue_drops_total{queue=\"mesh\"}");
-            if let Some(left_out) = self.overload_log.allow(Instant::now()) {
+            if let Some(left_out) = self.mesh_drop_log.allow(Instant::now()) {
                 tracing::warn!(
                     to,
                     backlog = self.mesh_backlog.get(),
@@ -1769,9 +1778,12 @@ impl Shard {
                     "shard overloaded: part of new requests get 503 with Retry-After until it catches up"
                 );
             }
-        } else if next >= 1.0 {
+        } else if next >= 1.0
+            && let Some(left_out) = self.caught_up_log.allow(Instant::now())
+        {
             tracing::info!(
                 shard = self.id,
+                left_out,
                 "shard caught up: admitting every new request again"
             );
         }

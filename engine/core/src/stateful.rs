@@ -367,6 +367,12 @@ fn response_rank(code: u16, invite: bool) -> (u16, u8, u8, u16) {
 /// (RFC 3261 §16.7 step 7); past it the rest are left out.
 const MERGED_CHALLENGE_BYTES: usize = 8 * 1024;
 
+/// A `Retry-After` value from 2 to 9 s, picked by `seed` (a counter: refusals in a row get
+/// every value in turn), so refused clients do not come back together.
+pub fn retry_after_spread(seed: u64) -> [u8; 1] {
+    [b'2' + (seed % 8) as u8]
+}
+
 /// In-dialog INVITEs refused for room whose ACK is remembered
 /// ([`StatefulProxy::remember_stateless_reinvite`]).
 const MAX_STATELESS_REINVITES: usize = 1024;
@@ -1048,8 +1054,7 @@ impl ShardProxy {
 
     /// 503 at the door, Retry-After spread over 2–9 s so shed clients do not return together.
     fn shed(&mut self, flow: &Flow, msg: &Message<'_, '_>, call_id: &[u8]) {
-        let id = self.unique();
-        let retry = [b'2' + (id % 8) as u8];
+        let retry = retry_after_spread(self.unique());
         self.send_stateless(
             flow,
             msg,
@@ -1896,7 +1901,17 @@ impl ShardProxy {
                 };
                 match self.proxy.after_lookup(method, result) {
                     Ok(targets) => self.fork(now, &key, &targets),
-                    Err(Decision::Respond(a)) => {
+                    Err(Decision::Respond(mut a)) => {
+                        // Overloaded (the AOR's shard or the store): Retry-After spread over
+                        // 2–9 s, as at the door, so refused callers do not return together.
+                        if a.code == 503 {
+                            let retry = retry_after_spread(self.unique());
+                            for (n, v) in &mut a.headers {
+                                if *n == "Retry-After" {
+                                    *v = retry.to_vec();
+                                }
+                            }
+                        }
                         self.answer(now, &key, a.code, a.reason, &a.headers)
                     }
                     Err(_) => {}
