@@ -7,7 +7,7 @@ use sipring::server::start;
 use sipring_load::stats::Summary;
 use sipring_tests::TempDir;
 use sipring_tests::process::bin;
-use sipring_tests::server::{Pki, config};
+use sipring_tests::server::{Pki, config, metric, wait_metrics};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
@@ -135,6 +135,18 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
     );
     assert_eq!(code, 0, "{table}");
     assert!(s.kinds["message"].count >= 300 && s.failed == 0, "{table}");
+    // `--count` counts measured transactions, and the rate is per the time they took: it
+    // counted warm-up ones too, and `seconds` was the planned duration whatever happened.
+    let (code, table, s) = run(
+        "count",
+        "message",
+        &[
+            "--users", "20", "--rate", "100", "--count", "40", "--prefix", "u",
+        ],
+    );
+    assert_eq!(code, 0, "{table}");
+    assert_eq!(s.kinds["message"].count, 40, "{table}");
+    assert!(s.seconds < 1.0, "measured for {} s\n{table}", s.seconds);
     let (code, table, s) = run(
         "call",
         "call",
@@ -409,7 +421,12 @@ fn a_restart_becomes_a_measured_reconnect_storm() {
         drop(out);
         r
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // Every UA registered (polled, bounded: a fixed sleep stopped the server mid-setup on a
+    // busy host, and no reconnect was measured), and held a moment.
+    wait_metrics(srv.admin_addr.unwrap(), "20 bindings", |m| {
+        metric(m, "sipring_bindings") == Some(20.0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
     srv.stop();
     srv.join().unwrap();
     // A stopped server has released its port (no listener left behind in the reuseport group).

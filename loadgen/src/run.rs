@@ -170,7 +170,14 @@ pub const MAX_PLANS: usize = 16;
 
 struct Pending {
     kind: &'static str,
+    /// When it was meant to go (its latency counts from here: no coordinated omission).
     t0: Instant,
+    /// When it went: its timeout counts from here (a re-registration whose reconnect took
+    /// longer than the timeout was failed within 100 ms of being sent).
+    sent_at: Instant,
+    /// Its CSeq number: an answer is its own only with it (a REGISTER's Call-ID is the
+    /// AOR's for every refresh; a BYE shares its INVITE's).
+    cseq: u64,
     measured: bool,
     ua: usize,
     invite: Option<InviteState>,
@@ -287,6 +294,12 @@ struct Shard {
     /// The run is ending: lost connections are not re-established.
     stopping: Cell<bool>,
     handshakes: Cell<usize>,
+    /// The end-of-run drain is over: what a handshake still out finds now is not counted
+    /// (it was counted lost with the rest).
+    drained: Cell<bool>,
+    /// The measured phase of this shard's plans (from the end of warm-up to the last
+    /// measured send, or the planned end): what `seconds` and the rates are per.
+    measured_span: Cell<Option<(Instant, Instant)>>,
     /// Setup registrations told to come back later (503 + Retry-After), not yet sent again.
     setup_retries: Cell<usize>,
     /// Some setup registration was told to retry.
@@ -361,14 +374,14 @@ impl Shard {
     fn start(
         &self,
         kind: &'static str,
-        call_id: String,
+        (call_id, cseq): (String, u64),
         t0: Instant,
         measured: bool,
         ua: usize,
         retry: Option<Retry>,
-        again: bool,
+        counted: bool,
     ) {
-        if !again {
+        if !counted {
             self.progress.sent.fetch_add(1, Ordering::Relaxed);
             self.stats.borrow_mut().sent(kind);
         }
@@ -381,10 +394,12 @@ impl Shard {
             Pending {
                 kind,
                 t0,
+                sent_at: Instant::now(),
+                cseq,
                 measured,
                 ua,
                 invite,
-                retry: if again { None } else { retry },
+                retry,
             },
         );
     }
@@ -429,6 +444,8 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
         active_calls: Cell::new(0),
         stopping: Cell::new(false),
         handshakes: Cell::new(0),
+        drained: Cell::new(false),
+        measured_span: Cell::new(None),
         setup_retries: Cell::new(0),
         setup_retried: Cell::new(false),
         seq: Cell::new(0),
@@ -451,7 +468,7 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
                     .pending
                     .borrow()
                     .iter()
-                    .filter(|(_, p)| now.duration_since(p.t0) > timeout)
+                    .filter(|(_, p)| now.duration_since(p.sent_at) > timeout)
                     .map(|(k, p)| (k.clone(), p.kind))
                     .collect();
                 for (k, kind) in expired {
@@ -468,7 +485,6 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
             }
         })
     };
-    let t_start = Instant::now();
     let mut tasks = Vec::new();
     let mut user_base = 0;
     for (index, plan) in plans.iter().enumerate() {
@@ -482,18 +498,20 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
         t.await;
     }
     shard.stopping.set(true);
-    // Let what is in flight finish, then count the rest as timeouts.
-    let end = Instant::now()
-        + plans
-            .iter()
-            .map(|p| p.timeout)
-            .max()
-            .unwrap_or(Duration::from_secs(5))
-            .min(Duration::from_secs(10));
+    // Let what is in flight finish: each transaction fails only when its own timeout has
+    // run (the sweeper goes on meanwhile), as it would mid-run — before, whatever was out
+    // 10 s after the end failed, though the same wait mid-run was a recorded success.
+    let max_timeout = plans
+        .iter()
+        .map(|p| p.timeout)
+        .max()
+        .unwrap_or(Duration::from_secs(5));
+    let end = Instant::now() + max_timeout + Duration::from_millis(200);
     while (!shard.pending.borrow().is_empty() || shard.handshakes.get() > 0) && Instant::now() < end
     {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
+    shard.drained.set(true);
     let left: Vec<&'static str> = shard
         .pending
         .borrow_mut()
@@ -511,32 +529,20 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
     barrier(
         &shard,
         &shard.progress.drained,
-        Duration::from_secs(10).min(
-            plans
-                .iter()
-                .map(|p| p.timeout)
-                .max()
-                .unwrap_or(Duration::from_secs(5)),
-        ) + Duration::from_secs(1),
+        max_timeout + Duration::from_secs(1),
     )
     .await;
     shard.uas.borrow_mut().clear();
     let mut st = shard.stats.borrow().clone();
-    st.seconds = plans
-        .iter()
-        .map(|p| p.duration.as_secs_f64())
-        .fold(0.0, f64::max)
-        .max(
-            t_start.elapsed().as_secs_f64().min(
-                plans
-                    .iter()
-                    .map(|p| (p.duration + p.warmup).as_secs_f64())
-                    .fold(0.0, f64::max),
-            ) - plans
-                .iter()
-                .map(|p| p.warmup.as_secs_f64())
-                .fold(0.0, f64::max),
-        );
+    // What was measured, as timed (a `--count` or a signal ends it early; the planned
+    // duration was reported whatever happened, and the rates with it).
+    st.seconds = match shard.measured_span.get() {
+        Some((a, b)) => b.duration_since(a).as_secs_f64(),
+        None => plans
+            .iter()
+            .map(|p| p.duration.as_secs_f64())
+            .fold(0.0, f64::max),
+    };
     st
 }
 
@@ -575,6 +581,9 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
     let limit = plan.count.map(|c| c.div_ceil(shard.n as u64));
     if plan.scenario == Scenario::Idle {
         idle(&shard, &plan, &users, end).await;
+        // Held until the end, or until a signal ended it.
+        let (a, b) = (start + plan.warmup, Instant::now().min(end));
+        shard.measured_span.set(Some((a, b.max(a))));
         return;
     }
     if rate <= 0.0 || users.is_empty() && plan.scenario != Scenario::Handshake {
@@ -582,8 +591,10 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
         return;
     }
     let mut i: u64 = 0;
+    // `--count` counts measured transactions (warm-up ones are not the run's).
+    let mut measured_n: u64 = 0;
     loop {
-        if limit.is_some_and(|l| i >= l) {
+        if limit.is_some_and(|l| measured_n >= l) {
             break;
         }
         let intended = start + intended_offset(i, rate, plan.ramp);
@@ -601,6 +612,7 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             st.max_lag_us = st.max_lag_us.max(lag.as_micros() as u64);
         }
         let measured = intended >= start + plan.warmup;
+        measured_n += u64::from(measured);
         match plan.scenario {
             Scenario::Register => {
                 // Every UA's first AOR, then every UA's second, and so on.
@@ -644,9 +656,10 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             Scenario::Handshake => {
                 let (s, p) = (shard.clone(), plan.clone());
                 shard.handshakes.set(shard.handshakes.get() + 1);
+                let n = i as usize;
                 glommio::spawn_local(async move {
                     let counted = s.handshakes.get();
-                    handshake_once(s.clone(), p, counted, intended, measured).await;
+                    handshake_once(s.clone(), p, n, intended, measured).await;
                     // After the final drain, the count was reset and the rest declared lost.
                     if counted > 0 && s.handshakes.get() > 0 {
                         s.handshakes.set(s.handshakes.get() - 1);
@@ -661,9 +674,24 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             glommio::yield_if_needed().await;
         }
     }
-    // Wait for calls to finish their hold and BYE.
+    // The measured phase ran from the end of warm-up to now (a `--count` reached, or the end).
+    let span = (
+        start + plan.warmup,
+        Instant::now().min(end).max(start + plan.warmup),
+    );
+    shard
+        .measured_span
+        .set(Some(match shard.measured_span.get() {
+            Some((a, b)) => (a.min(span.0), b.max(span.1)),
+            None => span,
+        }));
+    // Wait for calls to finish their hold and BYE, and for what is still out to be
+    // answered (an unregistration sent while a measured REGISTER or MESSAGE to the user is
+    // in flight would fail it: a failure of the generator's making).
     let deadline = Instant::now() + plan.hold + plan.timeout.min(Duration::from_secs(10));
-    while shard.active_calls.get() > 0 && Instant::now() < deadline {
+    while (shard.active_calls.get() > 0 || !shard.pending.borrow().is_empty())
+        && Instant::now() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     // Stop measuring, drain, then stop answering: wait (bounded) until every shard is done
@@ -1020,6 +1048,11 @@ fn on_response(
     let Some(p) = pending.get_mut(call_id) else {
         return;
     };
+    // Another transaction's answer on this Call-ID (a timed-out REGISTER's late 200, the
+    // INVITE's late final while its BYE is out): not this one's.
+    if cseq.map(|c| u64::from(c.seq)) != Some(p.cseq) {
+        return;
+    }
     if method == b"INVITE" && p.kind == "invite_200" {
         let (measured, t0) = (p.measured, p.t0);
         let st = p.invite.as_mut().expect("invite state");
@@ -1062,7 +1095,15 @@ fn on_response(
                 let due = Instant::now() + pl.hold;
                 glommio::timer::sleep(pl.hold).await;
                 let bye = bye_for(&u, &pl, &cid, &route, &remote, &to, s.next(), bye_cseq);
-                s.start("bye", cid, due, measured, 0, None, false);
+                s.start(
+                    "bye",
+                    (cid, u64::from(bye_cseq)),
+                    due,
+                    measured,
+                    0,
+                    None,
+                    false,
+                );
                 let _ = u.tx.try_send(bye);
             })
             .detach();
@@ -1100,7 +1141,19 @@ fn on_response(
         glommio::spawn_local(async move {
             glommio::timer::sleep(Duration::from_secs(after)).await;
             s.setup_retries.set(s.setup_retries.get() - 1);
-            send_register(&s, &pl, u, k, Instant::now(), false, pl.expires);
+            // The same registration, sent again: counted once (its challenge, if one comes
+            // now, is answered as the first's would have been).
+            register(
+                &s,
+                &pl,
+                u,
+                k,
+                Instant::now(),
+                false,
+                pl.expires,
+                "register",
+                Again::Shed,
+            );
         })
         .detach();
         return;
@@ -1117,7 +1170,17 @@ fn on_response(
         glommio::spawn_local(async move {
             glommio::timer::sleep(Duration::from_secs(after)).await;
             if !s.stopping.get() {
-                send_register_again(&s, &pl, u, 0, t0, true, pl.expires, "reconnect");
+                register(
+                    &s,
+                    &pl,
+                    u,
+                    0,
+                    t0,
+                    true,
+                    pl.expires,
+                    "reconnect",
+                    Again::Shed,
+                );
             }
         })
         .detach();
@@ -1337,7 +1400,16 @@ fn send_register_as(
     expires: u32,
     kind: &'static str,
 ) {
-    register(shard, plan, u, k, t0, measured, expires, kind, false);
+    register(shard, plan, u, k, t0, measured, expires, kind, Again::No);
+}
+
+/// Why a REGISTER is sent: first, again with credentials after a 401, or again after a
+/// 503 (its first send counted; a challenge may still come).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Again {
+    No,
+    Challenged,
+    Shed,
 }
 
 /// A REGISTER sent again with credentials after a 401.
@@ -1352,7 +1424,17 @@ fn send_register_again(
     expires: u32,
     kind: &'static str,
 ) {
-    register(shard, plan, u, k, t0, measured, expires, kind, true);
+    register(
+        shard,
+        plan,
+        u,
+        k,
+        t0,
+        measured,
+        expires,
+        kind,
+        Again::Challenged,
+    );
 }
 
 /// The user part of UA `user`'s `k`-th AOR: its own name first, then `<name>x<k>`.
@@ -1374,9 +1456,18 @@ fn register(
     measured: bool,
     expires: u32,
     kind: &'static str,
-    again: bool,
+    again: Again,
 ) {
+    // Counted when first sent; a challenge is answered once.
+    let counted = again != Again::No;
     let Some(ua) = shard.uas.borrow().get(&u).cloned() else {
+        // Its UA is not connected (setup failed, or between reconnects): load that could
+        // not be offered, counted as MESSAGE and INVITE count it (it vanished before).
+        if !counted {
+            shard.progress.sent.fetch_add(1, Ordering::Relaxed);
+            shard.stats.borrow_mut().sent(kind);
+        }
+        shard.fail(kind, "not_connected");
         return;
     };
     let seq = shard.next();
@@ -1393,18 +1484,25 @@ fn register(
         creds = ua.credentials("REGISTER", &ruri),
     );
     if shard.pending.borrow().contains_key(&call_id) {
-        // The previous REGISTER of this user is still out: count it as blocked, not as load.
-        shard.stats.borrow_mut().late_sends += 1;
+        // The previous REGISTER of this AOR is still out (its answer takes longer than the
+        // schedule's turn: users / rate): a phone would not send another, so this slot of
+        // the offered load fails, as `overlap` — before, it vanished from the counts and
+        // the tail as a "late send" of the generator.
+        if !counted {
+            shard.progress.sent.fetch_add(1, Ordering::Relaxed);
+            shard.stats.borrow_mut().sent(kind);
+        }
+        shard.fail(kind, "overlap");
         return;
     }
     shard.start(
         kind,
-        call_id.clone(),
+        (call_id.clone(), seq),
         t0,
         measured,
         u,
-        Some(Retry::Register { expires, k }),
-        again,
+        (again != Again::Challenged).then_some(Retry::Register { expires, k }),
+        counted,
     );
     shard.hand_to_writer(&ua, msg.into_bytes(), kind, &call_id);
 }
@@ -1479,11 +1577,12 @@ fn send_request_as(
     );
     shard.start(
         kind,
-        call_id.clone(),
+        (call_id.clone(), u64::from(cseq)),
         t0,
         measured,
         from,
-        Some(Retry::Request {
+        // Sent again with credentials: no third time.
+        (!retried).then_some(Retry::Request {
             to,
             method,
             body,
@@ -1498,18 +1597,23 @@ fn send_request_as(
 async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instant, measured: bool) {
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
     shard.stats.borrow_mut().sent("options");
-    let t0 = Instant::now();
     let stream = TcpStream::connect(plan.target(n)).await;
+    // Once the run's drain is over, this one was counted lost with the rest: nothing more.
+    let counts = |s: &Shard| !s.drained.get();
     let Ok(mut stream) = stream else {
-        shard.fail("options", "connect");
+        if counts(&shard) {
+            shard.fail("options", "connect");
+        }
         return;
     };
     let _ = stream.set_nodelay(true);
-    if measured {
+    // From when it was meant to start: a generator behind its schedule shows here (the
+    // TLS handshake below is timed alone; `options` is the whole, from the same start).
+    if measured && counts(&shard) {
         shard
             .stats
             .borrow_mut()
-            .latency("tcp_connect", t0.elapsed().as_micros() as u64);
+            .latency("tcp_connect", intended.elapsed().as_micros() as u64);
     }
     let mut sess = None;
     if let Some(cfg) = plan.tls_for(shard.next() as usize) {
@@ -1521,10 +1625,12 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
             return;
         };
         if let Err(e) = sipring_net::handshake::drive_handshake(&mut stream, &mut s).await {
-            shard.fail("options", &e.label());
+            if counts(&shard) {
+                shard.fail("options", &e.label());
+            }
             return;
         }
-        if measured {
+        if measured && counts(&shard) {
             shard
                 .stats
                 .borrow_mut()
@@ -1551,7 +1657,9 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
         None => opt.into_bytes(),
     };
     if stream.write_all(&out).await.is_err() {
-        shard.fail("options", "io");
+        if counts(&shard) {
+            shard.fail("options", "io");
+        }
         return;
     }
     let mut framer = Framer::new(Limits::default(), KeepaliveRole::Client);
@@ -1580,16 +1688,18 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
             break buf[..len].starts_with(b"SIP/2.0 200");
         }
     };
-    if ok {
-        shard.progress.answered.fetch_add(1, Ordering::Relaxed);
-        let mut st = shard.stats.borrow_mut();
-        if measured {
-            st.ok("options", intended.elapsed().as_micros() as u64);
+    if counts(&shard) {
+        if ok {
+            shard.progress.answered.fetch_add(1, Ordering::Relaxed);
+            let mut st = shard.stats.borrow_mut();
+            if measured {
+                st.ok("options", intended.elapsed().as_micros() as u64);
+            } else {
+                *st.answered.entry("options".into()).or_insert(0) += 1;
+            }
         } else {
-            *st.answered.entry("options".into()).or_insert(0) += 1;
+            shard.fail("options", "no_200");
         }
-    } else {
-        shard.fail("options", "no_200");
     }
     if let Some(s) = &mut sess {
         let _ = s.close();
