@@ -726,6 +726,10 @@ pub struct Authenticator {
     key: NodeKey,
     epoch: Instant,
     nonces: HashMap<u64, Vec<NcWindow>>,
+    /// The realm each connection last authenticated in: the realm to challenge a request
+    /// whose From names none of ours (an anonymous caller) with — the user's own, not the
+    /// first domain's, where its entry is not.
+    realm_of_flow: HashMap<u64, String>,
     failures: Arc<FailureLedger>,
     /// Tells apart the nonces of one millisecond: every challenge has its own, so two
     /// accounts challenged together on one connection never share a nonce-count window.
@@ -741,6 +745,7 @@ impl Authenticator {
             key,
             epoch,
             nonces: HashMap::new(),
+            realm_of_flow: HashMap::new(),
             serial: Default::default(),
         }
     }
@@ -951,7 +956,20 @@ impl Authenticator {
                 failure: Some((Failure::Replay, who())),
             };
         }
+        if !self
+            .realm_of_flow
+            .get(&flow)
+            .is_some_and(|r| r.eq_ignore_ascii_case(&c.realm))
+        {
+            self.realm_of_flow
+                .insert(flow, c.realm.to_ascii_lowercase());
+        }
         ok(Verdict::Authenticated(sub))
+    }
+
+    /// The realm `flow` last authenticated in, if it did.
+    pub fn realm_of(&self, flow: u64) -> Option<&str> {
+        self.realm_of_flow.get(&flow).map(String::as_str)
     }
 
     fn failed(
@@ -975,6 +993,7 @@ impl Authenticator {
     /// A flow closed: its nonces die with it.
     pub fn flow_closed(&mut self, flow: u64) {
         self.nonces.remove(&flow);
+        self.realm_of_flow.remove(&flow);
     }
 
     /// Flows with nonce state (a gauge; bounded by the connections).

@@ -461,11 +461,31 @@ impl Policy {
                 label: "ack_unauthenticated",
             });
         }
+        let fid = match flow {
+            Flow::Conn(id) => *id,
+            Flow::Peer(_) => 0,
+        };
         if cert_aors.is_empty() && needs_auth {
+            // The realm is the claimed AOR's domain. A From that names none of ours (an
+            // anonymous caller) is challenged in the domain its P-Preferred-Identity names,
+            // else the one this connection authenticated in (its REGISTER's), else the first:
+            // a user of another of our domains answering the first's realm could never
+            // pass, and each try counted as a failed login against its address.
             let realm = if in_our_domain {
                 String::from_utf8_lossy(&host).into_owned()
             } else {
-                domains.first().cloned().unwrap_or_default()
+                let ours = |h: &[u8]| {
+                    domains
+                        .iter()
+                        .find(|d| text::eq_ic(d.as_bytes(), h))
+                        .cloned()
+                };
+                msg.headers_named(HeaderName::PPreferredIdentity)
+                    .filter_map(|h| NameAddr::parse(h.value))
+                    .find_map(|na| ours(&na.uri().host_canonical()))
+                    .or_else(|| self.auth.realm_of(fid).and_then(|r| ours(r.as_bytes())))
+                    .or_else(|| domains.first().cloned())
+                    .unwrap_or_default()
             };
             let (primary, secondary) = if register {
                 (HeaderName::Authorization, HeaderName::ProxyAuthorization)
@@ -477,10 +497,6 @@ impl Policy {
                 .chain(msg.headers_named(secondary))
                 .map(|h| h.value)
                 .collect();
-            let fid = match flow {
-                Flow::Conn(id) => *id,
-                Flow::Peer(_) => 0,
-            };
             let checked = self.auth.verify(
                 now,
                 fid,
@@ -921,6 +937,16 @@ mod tests {
                 )],
             });
         }
+        // A user of our second domain.
+        store.insert(Subscriber {
+            username: "nina".into(),
+            realm: "example.net".into(),
+            aors: vec!["sip:nina@example.net".into()],
+            ha1: vec![(
+                Algorithm::Sha256,
+                Algorithm::Sha256.ha1("nina", "example.net", "pw"),
+            )],
+        });
         let partner = |name: &str, domain: &str, relay: &[&str]| PartnerPolicy {
             name: name.into(),
             domains: vec![domain.into()],
@@ -1801,8 +1827,7 @@ mod tests {
             );
             assert_eq!(outcome(&run(&mut p, &pa, &text, &local)), want, "{pai}");
         }
-        // An anonymous REGISTER is still for the AOR in To, and an `anonymous` user in
-        // another host is not anonymous.
+        // An `anonymous` user in another host is not anonymous.
         let r = run(
             &mut p,
             &pa,
@@ -1810,6 +1835,72 @@ mod tests {
             &local,
         );
         assert_eq!(outcome(&r), 403);
+        // A user of our second domain calling anonymously is challenged in its own realm —
+        // the one its P-Preferred-Identity names, or the one its connection registered in —
+        // not the first domain's, which it could never answer (each try a failed login).
+        let realm_of = |a: &Authz| match a {
+            Authz::Challenge { headers, .. } => {
+                let v = String::from_utf8_lossy(&headers[0].1).into_owned();
+                v.split("realm=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            }
+            other => panic!("{other:?}"),
+        };
+        let mut p = policy();
+        let anon = Principal::anonymous();
+        let invite = |extra: &str| {
+            req(
+                "INVITE",
+                "sip:carol@peer-a.test",
+                anonymous,
+                "sip:carol@peer-a.test",
+                extra,
+            )
+        };
+        assert_eq!(
+            realm_of(&run(&mut p, &anon, &invite(""), &to_a)),
+            "example.com"
+        );
+        assert_eq!(
+            realm_of(&run(
+                &mut p,
+                &anon,
+                &invite("P-Preferred-Identity: <sip:nina@example.net>\r\n"),
+                &to_a
+            )),
+            "example.net"
+        );
+        // Registered on this connection (flow 1) in example.net: that realm from then on.
+        let nonce = p.auth.nonce(Instant::now(), 1, "example.net");
+        let ha1 = Algorithm::Sha256.ha1("nina", "example.net", "pw");
+        let reg_creds = authorization(
+            Algorithm::Sha256,
+            "nina",
+            "example.net",
+            &ha1,
+            &nonce,
+            1,
+            "cn",
+            "REGISTER",
+            "sip:example.net",
+        );
+        let reg = req(
+            "REGISTER",
+            "sip:example.net",
+            "sip:nina@example.net",
+            "sip:nina@example.net",
+            &format!("Authorization: {reg_creds}\r\n"),
+        );
+        assert_eq!(outcome(&run(&mut p, &anon, &reg, &Decision::Register)), 0);
+        assert_eq!(
+            realm_of(&run(&mut p, &anon, &invite(""), &to_a)),
+            "example.net"
+        );
     }
 
     #[test]
