@@ -1083,6 +1083,27 @@ fn a_root_outside_its_validity_anchors_nothing() {
     // The partner's current root still anchors.
     let good = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
     assert_eq!(inbound(&w, &policy, "1.3", Some(&good)), Ok(()));
+    // A link up before a root lapses is verified again when it does: the root is never
+    // presented, so its notAfter was not among the times a link's chain is checked at.
+    let soon = Ca::with_validity("Soon Root", Duration::days(3)).unwrap();
+    w.dir.write(
+        "alpha-ca.pem",
+        format!("{}{}", w.alpha.cert.cert_pem, soon.cert.cert_pem),
+    );
+    let policy = w.policy(&["1.3"]);
+    let soon_after = sipring::tls::verify::summarize(soon.cert.der.as_ref())
+        .unwrap()
+        .not_after;
+    assert!(policy.anchor_expiries.contains(&soon_after));
+    let leaf = soon.issue(&spec("sip.alpha.example")).unwrap();
+    let chain =
+        sipring::conn::PeerChain::of(std::slice::from_ref(&leaf.der), 0, &policy.anchor_expiries)
+            .unwrap();
+    assert_eq!(
+        chain.expires.get(),
+        soon_after,
+        "checked again when its root lapses"
+    );
 }
 
 #[test]

@@ -36,6 +36,18 @@ fn aor_host(aor: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The AORs of `entry` outside its realm (each could never authenticate; see
+/// [`parse_subscribers`]), canonical.
+pub fn outside_realm(entry: &SubscriberEntry) -> Vec<String> {
+    let realm = entry.realm.trim_end_matches('.').to_ascii_lowercase();
+    entry
+        .aors
+        .iter()
+        .filter_map(|a| canonical_aor(a).ok())
+        .filter(|a| aor_host(a) != realm)
+        .collect()
+}
+
 /// Loads a subscriber file. Errors name the file and the entry.
 pub fn load_subscribers(path: &Path) -> Result<SubscriberTable, String> {
     let text = std::fs::read_to_string(path)
@@ -87,12 +99,23 @@ pub fn parse_subscribers(text: &str, origin: &str) -> Result<SubscriberTable, St
             .map_err(|e| at(&e))?;
         // A digest user is challenged in the realm of the AOR it claims (its host), so an
         // AOR in another domain could never authenticate: each try would count as a failed
-        // login against the phone's address until it was blocked. Refused here, by name.
+        // login against the phone's address until it was blocked. Left out here, by name
+        // (refusing the whole file, or the store's whole hash, locked everyone out for one
+        // dead alias); `sipring subscriber` refuses to write one.
         let realm = s.realm.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(a) = aors.iter().find(|a| aor_host(a) != realm) {
-            return Err(at(&format!(
-                "AOR {a} is not in realm {realm}: a user is challenged in the realm of the AOR it claims, so this one could never authenticate (give it its own entry, with its realm)"
-            )));
+        let (aors, outside): (Vec<String>, Vec<String>) =
+            aors.into_iter().partition(|a| aor_host(a) == realm);
+        for a in &outside {
+            tracing::warn!(
+                "{}",
+                at(&format!(
+                    "AOR {a} left out: it is not in realm {realm}, and a user is challenged in the realm of the AOR it claims (give it its own entry, with its realm)"
+                ))
+            );
+        }
+        if aors.is_empty() {
+            tracing::warn!("{}", at("left out: none of its AORs is in its realm"));
+            continue;
         }
         table.insert(Subscriber {
             username: s.username.clone(),
@@ -192,7 +215,11 @@ pub fn policy_config(cfg: &Config) -> PolicyConfig {
             .iter()
             .map(|p| PartnerPolicy {
                 name: p.name.clone(),
-                domains: p.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                domains: p
+                    .domains
+                    .iter()
+                    .map(|d| crate::config::domain_key(d))
+                    .collect(),
                 relay_to: p.relay_to.clone(),
                 assert_identity: p.assert_identity,
                 numbers: p.numbers,
@@ -205,6 +232,24 @@ pub fn policy_config(cfg: &Config) -> PolicyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domains_written_absolute_are_the_same_domains() {
+        // Hosts in messages lose their one trailing dot before they are compared: a partner
+        // (or our own) domain written `carrier.example.` matched nothing.
+        let mut cfg = Config::default();
+        cfg.server.domains = vec!["Example.COM.".into()];
+        cfg.peer = vec![crate::config::PeerConfig {
+            name: "c".into(),
+            domains: vec!["Carrier.Example.".into()],
+            ..Default::default()
+        }];
+        let p = policy_config(&cfg);
+        assert_eq!(p.partners[0].domains, vec!["carrier.example".to_string()]);
+        let proxy = crate::shard::proxy_config(&cfg, NodeKey::new([0; 32]));
+        assert_eq!(proxy.domains, vec!["example.com".to_string()]);
+        assert_eq!(proxy.peers[0].domain, "carrier.example");
+    }
 
     #[test]
     fn a_written_entry_loads_back_and_bad_files_name_the_entry() {
@@ -242,13 +287,6 @@ mod tests {
                 "not a sip: AOR",
             ),
             (
-                // An alias in another of our domains: challenged in that domain's realm,
-                // it could never authenticate (each try counted as a failed login).
-                "realm.toml",
-                "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\naors = [\"sip:bob@example.com\", \"sip:bob@example.net\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n",
-                "sip:bob@example.net is not in realm example.com",
-            ),
-            (
                 "key.toml",
                 "[[subscriber]]\nusername = \"bob\"\npassword = \"x\"\n",
                 "unknown field",
@@ -259,6 +297,25 @@ mod tests {
             let err = load_subscribers(&p).unwrap_err();
             assert!(err.contains(needle) && err.contains(name), "{err}");
         }
+        // An alias in another of our domains (challenged in that domain's realm, it could
+        // never authenticate: each try a failed login) is left out, not the whole file.
+        let p = dir.join("realm.toml");
+        std::fs::write(&p, "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\naors = [\"sip:bob@example.com\", \"sip:bob@example.net\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n[[subscriber]]\nusername = \"eve\"\nrealm = \"example.com\"\naors = [\"sip:eve@example.net\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n").unwrap();
+        let t = load_subscribers(&p).unwrap();
+        assert_eq!(
+            t.subscriber("bob", "example.com").unwrap().aors,
+            vec!["sip:bob@example.com".to_string()]
+        );
+        assert!(t.subscriber("eve", "example.com").is_none());
+        assert_eq!(
+            outside_realm(&SubscriberEntry::new(
+                "bob",
+                "example.com",
+                vec!["sip:bob@example.net".into()],
+                "x"
+            )),
+            vec!["sip:bob@example.net".to_string()]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

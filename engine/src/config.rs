@@ -306,6 +306,12 @@ pub enum UnknownRevocation {
     Allow,
 }
 
+/// A SIP domain as the policy compares it: lower case, without the one trailing dot an
+/// absolute name may be written with (hosts in messages are compared the same way).
+pub fn domain_key(d: &str) -> String {
+    d.strip_suffix('.').unwrap_or(d).to_ascii_lowercase()
+}
+
 /// `[[peer]]`: a federation partner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -859,22 +865,10 @@ impl Config {
             if !names.insert(p.name.clone()) {
                 e(format!("peer[{i}].name"), "duplicate peer name");
             }
-            let is_ip = |n: &str| {
-                n.trim_matches(['[', ']'])
-                    .parse::<std::net::IpAddr>()
-                    .is_ok()
-            };
             if p.server_name.is_empty() {
                 e(
                     format!("peer[{i}].server_name"),
                     "missing: the name expected in the peer's certificate",
-                );
-            } else if is_ip(&p.server_name) || p.trusted_names.iter().any(|t| is_ip(t)) {
-                // RFC 5922 identities are domain names: an address matched only a dNSName
-                // or CN holding its text, never the IP address SAN a CA would issue.
-                e(
-                    format!("peer[{i}].server_name"),
-                    "a domain name, not an IP address (RFC 5922: SIP identities are domain names; set address for where to connect)",
                 );
             } else if p.trusted_names.iter().any(|t| t.contains('*')) {
                 // Trusted names are names: `allow_wildcards` lets a *certificate's* dNSName
@@ -1231,6 +1225,30 @@ impl Config {
         errors
     }
 
+    /// What the configuration asks that works but is likely not what was meant: a partner
+    /// named by an IP address (RFC 5922 identities are domain names: an address matches
+    /// only a dNSName or CN holding its text — a self-signed box's CN — never an IP address
+    /// SAN a CA would issue). Logged at start.
+    pub fn identity_warnings(&self) -> Vec<String> {
+        let is_ip = |n: &str| {
+            n.trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok()
+        };
+        let mut out = Vec::new();
+        for p in &self.peer {
+            for n in std::iter::once(&p.server_name).chain(&p.trusted_names) {
+                if is_ip(n) {
+                    out.push(format!(
+                        "peer {:?}: {n} is an IP address: it matches only a certificate name (dNSName, or CN without SAN) holding that text, never an IP address SAN (RFC 5922: SIP identities are domain names)",
+                        p.name
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The effective trusted names of a peer (its `server_name` when none are listed).
     pub fn peer_trusted_names(p: &PeerConfig) -> Vec<String> {
         if p.trusted_names.is_empty() {
@@ -1385,24 +1403,29 @@ mod tests {
             .contains(&key)
         );
         assert!(with("\"*.acme.example\"", "").contains(&key));
-        // Identities are domain names (RFC 5922): an address on the list matched only a
-        // dNSName or CN holding its text, never a CA-issued IP address SAN.
+        // Identities are domain names (RFC 5922): an address on the list matches only a
+        // dNSName or CN holding its text (a self-signed box's CN), never a CA-issued IP
+        // address SAN — allowed (refusing it broke such setups), and said at start.
         let ip = |server: &str, trusted: &str| {
-            Config::parse(&format!(
+            let c = Config::parse(&format!(
                 "[[peer]]\nname = \"acme\"\nserver_name = \"{server}\"\nroots = \"acme.pem\"\ntrusted_names = [{trusted}]\n"
             ))
-            .unwrap()
-            .validate(Path::new("x.toml"))
-            .into_iter()
-            .any(|e| e.key == "peer[0].server_name" && e.reason.contains("IP address"))
+            .unwrap();
+            assert!(
+                !c.validate(Path::new("x.toml"))
+                    .iter()
+                    .any(|e| e.key == "peer[0].server_name"),
+                "refused"
+            );
+            c.identity_warnings().len()
         };
-        assert!(ip("192.0.2.10", ""));
-        assert!(ip("[2001:db8::1]", ""));
-        assert!(ip(
-            "sip.acme.example",
-            "\"sip.acme.example\", \"192.0.2.10\""
-        ));
-        assert!(!ip("sip.acme.example", "\"sip.acme.example\""));
+        assert_eq!(ip("192.0.2.10", ""), 1);
+        assert_eq!(ip("[2001:db8::1]", ""), 1);
+        assert_eq!(
+            ip("sip.acme.example", "\"sip.acme.example\", \"192.0.2.10\""),
+            1
+        );
+        assert_eq!(ip("sip.acme.example", "\"sip.acme.example\""), 0);
     }
 
     #[test]

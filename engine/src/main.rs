@@ -113,9 +113,17 @@ fn main() -> ExitCode {
             }
             let password = line.trim_end_matches(['\r', '\n']);
             let entry = sipring::auth::SubscriberEntry::new(&username, &realm, aor, password);
-            // What the server would refuse to load is refused here, with its reason.
+            // What the server would refuse, or leave out, is refused here, with its reason.
             if let Err(e) = sipring::auth::parse_subscribers(&entry.to_toml(), "the entry") {
                 eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+            let outside = sipring::auth::outside_realm(&entry);
+            if !outside.is_empty() {
+                eprintln!(
+                    "{}: not in realm {realm}: a user is challenged in the realm of the AOR it claims, so these could never authenticate (write an entry per realm)",
+                    outside.join(", ")
+                );
                 return ExitCode::FAILURE;
             }
             print!("{}", entry.to_toml());

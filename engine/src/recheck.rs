@@ -70,6 +70,7 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
     }
     if publish {
         let t = (crate::cluster::unix_ms() / 1000) as i64;
+        let anchors = shard.policy.load().anchor_expiries.clone();
         let mut q = r.queue.borrow_mut();
         for c in shard.conns.borrow().values() {
             // Checked at each expiry in its chain: one that still verifies (a presented root
@@ -78,7 +79,7 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
             if let Some(ch) = &c.chain
                 && ch.expires.get() < t
             {
-                ch.expires.set(ch.next_expiry(t));
+                ch.expires.set(ch.next_expiry(t, &anchors));
                 q.push(c.id);
             }
         }

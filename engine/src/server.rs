@@ -123,6 +123,9 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
             "auth.enabled = false: any client may register any address-of-record and send as anyone (closed labs only)"
         );
     }
+    for w in cfg.identity_warnings() {
+        tracing::warn!("{w}");
+    }
     let ktls = sys::ktls::probe();
     tracing::info!(ktls = %ktls.describe(), "kernel TLS probe");
     let store_subscribers = crate::auth::SharedSubscribers::default();

@@ -485,7 +485,7 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
             .server
             .domains
             .iter()
-            .map(|d| d.to_ascii_lowercase())
+            .map(|d| crate::config::domain_key(d))
             .collect(),
         local_hosts,
         via_host: uri_host(&cfg.server.hostname),
@@ -495,7 +495,7 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
             .iter()
             .flat_map(|p| {
                 p.domains.iter().map(move |d| PeerRoute {
-                    domain: d.to_ascii_lowercase(),
+                    domain: crate::config::domain_key(d),
                     peer: p.name.clone(),
                 })
             })

@@ -762,6 +762,8 @@ impl Proxy {
     }
 
     fn peer_for(&self, host: &[u8]) -> Option<String> {
+        // One trailing dot (an absolute name) is the same host.
+        let host = host.strip_suffix(b".").unwrap_or(host);
         self.cfg
             .peers
             .iter()

@@ -315,7 +315,13 @@ pub struct ShardProxy {
     /// In-dialog INVITEs refused for room without a transaction (a stateless 503 keeps
     /// their dialog's To-tag, so their ACK could not be told from the dialog's): their ACK
     /// ends here. Oldest first, each kept 64·T1, at most [`MAX_STATELESS_REINVITES`].
-    stateless_reinvites: (HashSet<TxKey>, VecDeque<(Instant, TxKey)>),
+    /// Kept as hashes (keyed per process: nobody can aim at another's), so that 1024 of
+    /// them cost 1024 words, not 1024 branches of up to a header line each.
+    stateless_reinvites: (
+        HashSet<u64>,
+        VecDeque<(Instant, u64)>,
+        std::hash::RandomState,
+    ),
     admit_credit: f32,
     /// RFC 7339: whose `oc` is honoured, the flows that advertised it and are trusted to
     /// (their new requests pass the door; their responses carry the feedback), the time
@@ -367,10 +373,12 @@ fn response_rank(code: u16, invite: bool) -> (u16, u8, u8, u16) {
 /// (RFC 3261 §16.7 step 7); past it the rest are left out.
 const MERGED_CHALLENGE_BYTES: usize = 8 * 1024;
 
-/// A `Retry-After` value from 2 to 9 s, picked by `seed` (a counter: refusals in a row get
-/// every value in turn), so refused clients do not come back together.
+/// A `Retry-After` value from 2 to 9 s, picked by `seed` (a counter), so refused clients do
+/// not come back together.
 pub fn retry_after_spread(seed: u64) -> [u8; 1] {
-    [b'2' + (seed % 8) as u8]
+    // Mixed (Fibonacci hashing): callers' seeds step by 2 or 3 (one counter gives a
+    // request several numbers), and `seed % 8` then visited only some of the values.
+    [b'2' + (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as u8]
 }
 
 /// In-dialog INVITEs refused for room whose ACK is remembered
@@ -784,13 +792,16 @@ impl ShardProxy {
         };
         self.stats.unanswered_lookups += 1;
         match p {
-            Pending::Server(key) | Pending::Register { key, .. } => self.answer(
-                now,
-                &key,
-                503,
-                "Service Unavailable",
-                &[("Retry-After", b"5".to_vec())],
-            ),
+            Pending::Server(key) | Pending::Register { key, .. } => {
+                let retry = retry_after_spread(self.unique()).to_vec();
+                self.answer(
+                    now,
+                    &key,
+                    503,
+                    "Service Unavailable",
+                    &[("Retry-After", retry)],
+                )
+            }
             Pending::Cancel(key) => {
                 self.answer(now, &key, 481, "Call/Transaction Does Not Exist", &[])
             }
@@ -1161,7 +1172,7 @@ impl ShardProxy {
                 }
                 return self.drive_server(now, &key);
             }
-            _ if method == Method::Ack => return self.forward_ack(now, flow, msg, ess),
+            _ if method == Method::Ack => return self.forward_ack(now, flow, msg, ess, &key),
             Some((true, _)) => {
                 if let Some(s) = self.servers.get_mut(&key) {
                     s.txn.handle_request_retransmit(now);
@@ -1289,13 +1300,14 @@ impl ShardProxy {
             if method == Method::Invite && ess.to.tag().is_some() {
                 self.remember_stateless_reinvite(now, key);
             }
+            let retry = retry_after_spread(self.unique());
             return self.send_stateless(
                 flow,
                 msg,
                 ess.call_id,
                 503,
                 "Service Unavailable",
-                &[("Retry-After", b"5")],
+                &[("Retry-After", &retry)],
             );
         }
         let to_tag = format!("sr{:x}", self.unique());
@@ -1750,6 +1762,7 @@ impl ShardProxy {
         flow: &Flow,
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
+        key: &TxKey,
     ) {
         // The ACK of a non-2xx we sent without a transaction: it ends here.
         if ess
@@ -1761,11 +1774,12 @@ impl ShardProxy {
         }
         // The ACK of a re-INVITE refused for room (its To-tag is the dialog's): not the
         // callee's, which never saw that INVITE.
-        if !self.stateless_reinvites.0.is_empty()
-            && let Some(key) = TxKey::server(msg, ess)
-            && self.stateless_reinvites.0.remove(&key)
-        {
-            return;
+        if !self.stateless_reinvites.0.is_empty() {
+            self.forget_stateless_reinvites(now);
+            let h = std::hash::BuildHasher::hash_one(&self.stateless_reinvites.2, key);
+            if self.stateless_reinvites.0.remove(&h) {
+                return;
+            }
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
         let info = self.flows.get(flow).cloned().unwrap_or_default();
@@ -1816,18 +1830,31 @@ impl ShardProxy {
     /// once, or never), and takes no more than [`MAX_STATELESS_REINVITES`] (past that,
     /// such an ACK goes on to the callee, which answers nothing to an ACK it cannot match).
     fn remember_stateless_reinvite(&mut self, now: Instant, key: TxKey) {
+        self.forget_stateless_reinvites(now);
+        let (set, order, hasher) = &mut self.stateless_reinvites;
+        if order.len() >= MAX_STATELESS_REINVITES
+            && let Some((_, k)) = order.pop_front()
+        {
+            set.remove(&k);
+        }
+        let h = std::hash::BuildHasher::hash_one(&*hasher, &key);
+        if set.insert(h) {
+            order.push_back((now, h));
+        }
+    }
+
+    /// Forgets the refused re-INVITEs older than 64·T1 (their ACK came at once, or never):
+    /// one that never gets its ACK does not keep the set, and the ACK path's look into it,
+    /// for good.
+    fn forget_stateless_reinvites(&mut self, now: Instant) {
         let keep = self.timer_cfg.t1.saturating_mul(64);
-        let (set, order) = &mut self.stateless_reinvites;
-        while let Some((at, _)) = order.front() {
-            if now.saturating_duration_since(*at) < keep && order.len() < MAX_STATELESS_REINVITES {
+        let (set, order, _) = &mut self.stateless_reinvites;
+        while let Some(&(at, k)) = order.front() {
+            if now.saturating_duration_since(at) < keep {
                 break;
             }
-            if let Some((_, k)) = order.pop_front() {
-                set.remove(&k);
-            }
-        }
-        if set.insert(key.clone()) {
-            order.push_back((now, key));
+            order.pop_front();
+            set.remove(&k);
         }
     }
 

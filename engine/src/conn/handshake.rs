@@ -223,7 +223,7 @@ async fn accept_tls(
             cert_aors: client_cert_aors(shard, chain),
         }
     };
-    let chain = PeerChain::of(chain, generation);
+    let chain = PeerChain::of(chain, generation, &policy_anchors(shard));
     let layer = choose_layer(shard, &stream, sess)?;
     Some(Established {
         stream,
@@ -452,7 +452,11 @@ async fn connect_peer(
         .metrics
         .borrow_mut()
         .record("handshake_outbound", t0.elapsed().as_micros() as u64);
-    let chain = PeerChain::of(sess.peer_certificates().unwrap_or_default(), generation);
+    let chain = PeerChain::of(
+        sess.peer_certificates().unwrap_or_default(),
+        generation,
+        &policy_anchors(shard),
+    );
     let layer = choose_layer(shard, &stream, sess)?;
     tracing::info!(peer = %name, %addr, "partner link up");
     Some((
@@ -488,4 +492,9 @@ pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
         }
     })
     .detach();
+}
+
+/// The partner roots' expiries of the policy in force ([`crate::tls::TlsPolicy`]).
+fn policy_anchors(shard: &Shard) -> std::sync::Arc<[i64]> {
+    shard.policy.load().anchor_expiries.clone()
 }

@@ -100,6 +100,7 @@ impl PeerChain {
     pub fn of(
         chain: &[rustls::pki_types::CertificateDer<'static>],
         generation: u64,
+        anchors: &[i64],
     ) -> Option<PeerChain> {
         if chain.is_empty() {
             return None;
@@ -109,14 +110,20 @@ impl PeerChain {
             expires: Cell::new(i64::MAX),
             generation: Cell::new(generation),
         };
-        chain.expires.set(chain.next_expiry(i64::MIN));
+        chain.expires.set(chain.next_expiry(i64::MIN, anchors));
         Some(chain)
     }
 
-    /// The earliest notAfter in the chain later than `after` (`i64::MAX`: none). A chain
-    /// checked at one certificate's expiry is checked again at the next one's (a presented
-    /// root webpki does not use may expire before the certificates that matter).
-    pub fn next_expiry(&self, after: i64) -> i64 {
+    /// The earliest notAfter in the chain, or of the partner roots `anchors`, later than
+    /// `after` (`i64::MAX`: none). A chain checked at one certificate's expiry is checked
+    /// again at the next one's (a presented root webpki does not use may expire before the
+    /// certificates that matter); a root that lapses (never presented) is one of them.
+    pub fn next_expiry(&self, after: i64, anchors: &[i64]) -> i64 {
+        let anchor = anchors
+            .iter()
+            .copied()
+            .find(|&t| t > after)
+            .unwrap_or(i64::MAX);
         self.certs
             .iter()
             .filter_map(|c| crate::tls::verify::summarize(c.as_ref()))
@@ -124,6 +131,7 @@ impl PeerChain {
             .filter(|&t| t > after)
             .min()
             .unwrap_or(i64::MAX)
+            .min(anchor)
     }
 }
 

@@ -302,6 +302,10 @@ pub struct TlsPolicy {
     pub outbound: HashMap<String, (Arc<ClientConfig>, ServerName<'static>)>,
     /// Partner trust (for lookups by name).
     pub partners: Arc<[Arc<PeerTrust>]>,
+    /// The notAfter of every partner root (seconds since the epoch): a link is verified
+    /// again at each, since a root that lapses anchors nothing (and a root is not presented,
+    /// so a link's own chain does not say when).
+    pub anchor_expiries: Arc<[i64]>,
     /// The server certificates, for expiry checks.
     pub certs: Vec<LoadedCert>,
     /// Signature algorithms, for re-checking a partner's chain after its handshake.
@@ -595,6 +599,10 @@ impl TlsPolicy {
             outbound.insert(p.name.clone(), (Arc::new(cc), name));
         }
 
+        let mut anchor_expiries: Vec<i64> =
+            partners.iter().flat_map(|p| p.anchor_expiries()).collect();
+        anchor_expiries.sort_unstable();
+        anchor_expiries.dedup();
         Ok(TlsPolicy {
             clients,
             clients_cert_optional,
@@ -603,6 +611,7 @@ impl TlsPolicy {
             peers,
             outbound,
             partners,
+            anchor_expiries: anchor_expiries.into(),
             certs,
             algs,
         })

@@ -489,6 +489,11 @@ impl PeerTrust {
         self.trusts(&self.ids_within(ids, ee, intermediates))
     }
 
+    /// The notAfter of each of its roots (seconds since the epoch).
+    pub fn anchor_expiries(&self) -> impl Iterator<Item = i64> + '_ {
+        self.anchor_validity.iter().map(|v| v.1)
+    }
+
     /// Is one of `ids` on this partner's trusted-server list?
     pub fn trusts(&self, ids: &[Identity]) -> bool {
         ids.iter().any(|i| self.trusts_one(i))
