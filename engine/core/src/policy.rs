@@ -789,7 +789,7 @@ impl Policy {
                 // Kept toward partners in our trust domain; toward clients, and partners
                 // outside it (`assert_identity = false`), only without `Privacy: id`
                 // (RFC 3325 §5).
-                if !dest_partner.is_some_and(|p| self.in_trust_domain(p)) && wants_id_privacy(msg) {
+                if !dest_partner.is_some_and(|p| self.in_trust_domain(p)) && withholds_id(msg) {
                     e.strip_pai = true;
                     e.strip_rpid = true;
                 } else {
@@ -882,6 +882,17 @@ fn ambiguous_params(params: &[u8]) -> bool {
 /// user: the `.invalid` domain is nobody's, RFC 2606)?
 fn is_anonymous(uri: &Uri<'_>) -> bool {
     uri.is_sip() && text::eq_ic(&uri.host_canonical(), b"anonymous.invalid")
+}
+
+/// Does the request withhold its caller's identity: `Privacy: id`, or an anonymous From
+/// (RFC 3323 §4.1.1.3: the caller who hides its From hides who it is; a node that asserted
+/// it to another node, whose callee then saw it, would have undone that)?
+fn withholds_id(msg: &Message<'_, '_>) -> bool {
+    wants_id_privacy(msg)
+        || msg
+            .header(HeaderName::From)
+            .and_then(|h| NameAddr::parse(h.value))
+            .is_some_and(|na| is_anonymous(&na.uri()))
 }
 
 /// Does the request ask that its asserted identity be withheld (`Privacy: id`, RFC 3325)?
@@ -1997,6 +2008,34 @@ mod tests {
             let (pai, _) = p.strips_response_identity(&m, Some("b"), to_partner);
             assert_eq!(pai, strip, "answer to {to} {privacy:?}");
         }
+        // An anonymous caller's identity, asserted by the node it called from, does not
+        // reach the callee on this node even without `Privacy: id` (it did: the node's PAI
+        // was passed to local users unless the request asked privacy).
+        let from_node = Grant {
+            source: Source::Partner("node-b".into()),
+        };
+        let text = req(
+            "INVITE",
+            "sip:bob@example.com",
+            "sip:anonymous@anonymous.invalid",
+            "sip:bob@example.com",
+            "P-Asserted-Identity: <sip:alice@example.com>\r\n",
+        );
+        let mut h = [Header::EMPTY; 32];
+        let Ok(Status::Complete(m)) =
+            parse(text.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+        else {
+            panic!()
+        };
+        assert!(
+            p.identity_edit(&from_node, &m, &Flow::Conn(3), None, &domains)
+                .strip_pai
+        );
+        assert!(
+            !p.identity_edit(&from_node, &m, &Flow::Peer("a".into()), None, &domains)
+                .strip_pai,
+            "kept toward a partner in our trust domain"
+        );
     }
 
     #[test]

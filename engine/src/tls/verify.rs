@@ -342,6 +342,10 @@ pub struct PeerTrust {
     /// Each anchor's validity (notBefore, notAfter; seconds since the epoch), in the order
     /// of `anchors`: webpki keeps none, and an expired root must not anchor a chain.
     anchor_validity: Vec<(i64, i64)>,
+    /// The anchors valid when the policy loaded, and the span (seconds, inclusive) in which
+    /// exactly those are: a bundle holding a lapsed root is verified against this set as
+    /// it is, not rebuilt for every chain.
+    current: (Vec<TrustAnchor<'static>>, i64, i64),
     /// The roots that carry name constraints, by subject: a sub-CA given as a root anchors
     /// what it issued, and webpki holds only dNSName SANs to an anchor's constraints
     /// ([`PeerTrust::ids_within`]).
@@ -430,6 +434,7 @@ impl PeerTrust {
                 }
             }
         }
+        let current = current_anchors(&anchors, &anchor_validity);
         Ok(PeerTrust {
             name: p.name.clone(),
             trusted_names: Config::peer_trusted_names(p)
@@ -448,6 +453,7 @@ impl PeerTrust {
                 UnknownRevocation::Allow => UnknownStatusPolicy::Allow,
             },
             subjects,
+            current,
             anchor_validity,
             constrained,
         })
@@ -532,41 +538,26 @@ impl PeerTrust {
         let ee = EndEntityCert::try_from(ee)?;
         let t = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         let valid = |&(from, until): &(i64, i64)| from <= t && t <= until;
-        if self.anchor_validity.iter().all(valid) {
-            return ee
-                .verify_for_usage(
-                    algs.all,
-                    &self.anchors,
-                    intermediates,
-                    now,
-                    eku,
-                    revocation,
-                    None,
-                )
-                .map(|_| ());
-        }
         // A root outside its validity anchors nothing (RFC 5280 §6.1 leaves it to the
         // relying party; every certificate of a chain is held to its validity here). A
         // chain only such a root would anchor is refused as expired, not as unknown.
-        let current: Vec<TrustAnchor<'static>> = self
-            .anchors
-            .iter()
-            .zip(&self.anchor_validity)
-            .filter(|(_, v)| valid(v))
-            .map(|(a, _)| a.clone())
-            .collect();
+        let rebuilt;
+        let current: &[TrustAnchor<'static>] = if (self.current.1..=self.current.2).contains(&t) {
+            &self.current.0
+        } else {
+            rebuilt = self
+                .anchors
+                .iter()
+                .zip(&self.anchor_validity)
+                .filter(|(_, v)| valid(v))
+                .map(|(a, _)| a.clone())
+                .collect::<Vec<_>>();
+            &rebuilt
+        };
         let r = ee
-            .verify_for_usage(
-                algs.all,
-                &current,
-                intermediates,
-                now,
-                eku,
-                revocation,
-                None,
-            )
+            .verify_for_usage(algs.all, current, intermediates, now, eku, revocation, None)
             .map(|_| ());
-        if r != Err(webpki::Error::UnknownIssuer) {
+        if r != Err(webpki::Error::UnknownIssuer) || current.len() == self.anchors.len() {
             return r;
         }
         let lapsed: Vec<(TrustAnchor<'static>, i64)> = self
@@ -709,6 +700,29 @@ impl PeerTrust {
         };
         self.verify_with(algs, ee, intermediates, now, revocation, eku)
     }
+}
+
+/// The anchors valid now, and the span (seconds since the epoch, inclusive) in which
+/// exactly those are valid (see [`PeerTrust`]'s `current`).
+fn current_anchors(
+    anchors: &[TrustAnchor<'static>],
+    validity: &[(i64, i64)],
+) -> (Vec<TrustAnchor<'static>>, i64, i64) {
+    let t = i64::try_from(crate::cluster::unix_ms() / 1000).unwrap_or(i64::MAX);
+    let (mut from, mut until) = (i64::MIN, i64::MAX);
+    let mut now_valid = Vec::new();
+    for (a, &(nb, na)) in anchors.iter().zip(validity) {
+        if nb <= t && t <= na {
+            now_valid.push(a.clone());
+            from = from.max(nb);
+            until = until.min(na);
+        } else if na < t {
+            from = from.max(na.saturating_add(1));
+        } else {
+            until = until.min(nb.saturating_sub(1));
+        }
+    }
+    (now_valid, from, until)
 }
 
 /// Whose a presented chain is: the partners that list one of its identities **and** whose
