@@ -573,10 +573,8 @@ fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_phone() {
     n.assert_idle_after_timers();
 }
 
-#[test]
-fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_cluster_node() {
-    // Another node of our cluster relays what we answer to its phone: 480, as to a phone
-    // (430 went through it to the caller).
+/// A proxy with open registration and one cluster node, `node-c`, as a partner link.
+fn with_node_c() -> Net {
     let policy = Policy::new(
         sipring_core::policy::PolicyConfig {
             authenticate: false,
@@ -594,7 +592,14 @@ fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_cluster_node() {
         Instant::now(),
         std::rc::Rc::new(sipring_core::policy::NoSubscribers),
     );
-    let mut n = Net::build(policy, |c| c.nodes = vec!["node-c".into()]);
+    Net::build(policy, |c| c.nodes = vec!["node-c".into()])
+}
+
+#[test]
+fn a_dialog_route_to_a_flow_that_failed_is_answered_480_to_a_cluster_node() {
+    // Another node of our cluster relays what we answer to its phone: 480, as to a phone
+    // (430 went through it to the caller).
+    let mut n = with_node_c();
     let node = Flow::Peer("node-c".into());
     let vias = "Via: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKn{}\r\nVia: SIP/2.0/TLS 10.0.0.9;branch=z9hG4bKphone{}\r\n";
     let up = bye_to_a_dead_callee(&mut n, &node, vias, "<sip:carol@example.com>", "flow-n");
@@ -1610,24 +1615,7 @@ fn partial_admission_spreads_what_it_admits_evenly() {
 fn another_nodes_removal_passes_an_overloaded_door() {
     // A device moved to another node, which passes the removal on: upkeep, not new work.
     // Shed, it was never sent again, and this node kept routing to the stale flow.
-    let policy = Policy::new(
-        sipring_core::policy::PolicyConfig {
-            authenticate: false,
-            partners: vec![sipring_core::policy::PartnerPolicy {
-                name: "node-c".into(),
-                domains: vec![],
-                relay_to: vec![],
-                assert_identity: false,
-                numbers: false,
-                node: true,
-            }],
-            ..Default::default()
-        },
-        sipring_core::auth::NodeKey::new([0; 32]),
-        Instant::now(),
-        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
-    );
-    let mut n = Net::build(policy, |c| c.nodes = vec!["node-c".into()]);
+    let mut n = with_node_c();
     let node = Flow::Peer("node-c".into());
     n.register("bob", &B, "10.0.0.2:5061");
     n.proxy.set_admission(0.02);

@@ -924,52 +924,76 @@ fn a_sub_ca_limited_to_its_domain_cannot_name_another_partner_by_uri_or_cn() {
         ),
     );
     let policy = w.policy(&["1.3"]);
-    let via_sub = |s: Spec| {
-        let leaf = sub.issue(&s).unwrap();
-        let client = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&versions("1.3"))
-            .unwrap()
-            .with_root_certificates(w.ours_roots())
-            .with_client_auth_cert(vec![leaf.der.clone(), sub.cert.der.clone()], key_of(&leaf))
-            .unwrap();
-        inbound_as(&policy, Arc::new(client), Some(&leaf))
-    };
-    assert_eq!(via_sub(spec("sip.alpha.example")), Ok(()), "its own name");
+    sub_ca_names_only_its_domain(&w, &policy, &sub, true);
+    // A dNSName outside the constraint: webpki refuses the chain itself.
+    assert!(
+        inbound_with(&w, &policy, &sub, spec("sip.zeta.example"), true).is_err(),
+        "dNSName"
+    );
+}
+
+/// A certificate `sub` issued, presented with `sub`'s own certificate (`with_sub`) or alone,
+/// dialling in as a partner.
+fn inbound_with(
+    w: &World,
+    policy: &TlsPolicy,
+    sub: &Ca,
+    s: Spec,
+    with_sub: bool,
+) -> Result<(), Rejection> {
+    let leaf = sub.issue(&s).unwrap();
+    let mut chain = vec![leaf.der.clone()];
+    if with_sub {
+        chain.push(sub.cert.der.clone());
+    }
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&versions("1.3"))
+        .unwrap()
+        .with_root_certificates(w.ours_roots())
+        .with_client_auth_cert(chain, key_of(&leaf))
+        .unwrap();
+    inbound_as(policy, Arc::new(client), Some(&leaf))
+}
+
+/// Alpha's sub-CA `sub` (limited to alpha.example) vouches for Alpha's name, and neither a
+/// `sip:sip.zeta.example` URI nor a CN-only sip.zeta.example it issues is Zeta, inbound or
+/// outbound; `with_sub`: the peer presents the sub-CA's certificate too.
+fn sub_ca_names_only_its_domain(w: &World, policy: &TlsPolicy, sub: &Ca, with_sub: bool) {
+    assert_eq!(
+        inbound_with(w, policy, sub, spec("sip.alpha.example"), with_sub),
+        Ok(()),
+        "its own name"
+    );
     let uri_only = Spec {
         dns: Vec::new(),
         uris: vec!["sip:sip.zeta.example".into()],
         ..spec("sip.alpha.example")
     };
-    assert_eq!(via_sub(uri_only), Err(Rejection::NameNotTrusted), "URI");
+    assert_eq!(
+        inbound_with(w, policy, sub, uri_only.clone(), with_sub),
+        Err(Rejection::NameNotTrusted),
+        "URI"
+    );
     let cn_only = Spec {
         dns: Vec::new(),
         uris: Vec::new(),
         ..spec("sip.zeta.example")
     };
-    assert_eq!(via_sub(cn_only), Err(Rejection::NameNotTrusted), "CN");
-    // Outbound the same: dialling Zeta, a server with Alpha's sub-CA's `sip:sip.zeta.example`
-    // certificate is not Zeta.
-    let leaf = sub
-        .issue(&Spec {
-            dns: Vec::new(),
-            uris: vec!["sip:sip.zeta.example".into()],
-            ..spec("sip.alpha.example")
-        })
-        .unwrap();
     assert_eq!(
-        outbound_chain(
-            &w,
-            &policy,
-            "1.3",
-            "zeta",
-            vec![leaf.der.clone(), sub.cert.der.clone()],
-            key_of(&leaf)
-        ),
+        inbound_with(w, policy, sub, cn_only, with_sub),
+        Err(Rejection::NameNotTrusted),
+        "CN"
+    );
+    let leaf = sub.issue(&uri_only).unwrap();
+    let mut chain = vec![leaf.der.clone()];
+    if with_sub {
+        chain.push(sub.cert.der.clone());
+    }
+    assert_eq!(
+        outbound_chain(w, policy, "1.3", "zeta", chain, key_of(&leaf)),
         Err(Rejection::NameMismatch),
         "outbound"
     );
-    // A dNSName outside the constraint: webpki refuses the chain itself.
-    assert!(via_sub(spec("sip.zeta.example")).is_err(), "dNSName");
 }
 
 #[test]
@@ -996,49 +1020,7 @@ fn a_sub_ca_given_as_a_root_is_held_to_its_constraints_and_its_revocation() {
         ),
     );
     let policy = w.policy(&["1.3"]);
-    let leaf_only = |s: Spec| {
-        let leaf = sub.issue(&s).unwrap();
-        let client = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&versions("1.3"))
-            .unwrap()
-            .with_root_certificates(w.ours_roots())
-            .with_client_auth_cert(vec![leaf.der.clone()], key_of(&leaf))
-            .unwrap();
-        inbound_as(&policy, Arc::new(client), Some(&leaf))
-    };
-    assert_eq!(leaf_only(spec("sip.alpha.example")), Ok(()), "its own name");
-    let uri_only = Spec {
-        dns: Vec::new(),
-        uris: vec!["sip:sip.zeta.example".into()],
-        ..spec("sip.alpha.example")
-    };
-    assert_eq!(leaf_only(uri_only), Err(Rejection::NameNotTrusted), "URI");
-    let cn_only = Spec {
-        dns: Vec::new(),
-        uris: Vec::new(),
-        ..spec("sip.zeta.example")
-    };
-    assert_eq!(leaf_only(cn_only), Err(Rejection::NameNotTrusted), "CN");
-    // Outbound: dialling Zeta, that certificate alone is not Zeta.
-    let leaf = sub
-        .issue(&Spec {
-            dns: Vec::new(),
-            uris: vec!["sip:sip.zeta.example".into()],
-            ..spec("sip.alpha.example")
-        })
-        .unwrap();
-    assert_eq!(
-        outbound_chain(
-            &w,
-            &policy,
-            "1.3",
-            "zeta",
-            vec![leaf.der.clone()],
-            key_of(&leaf)
-        ),
-        Err(Rejection::NameMismatch),
-        "outbound"
-    );
+    sub_ca_names_only_its_domain(&w, &policy, &sub, false);
     // The root's CRL revokes the sub-CA: a root file that holds it does not load (it
     // anchored everything it issued before, revoked or not).
     w.dir.write(
