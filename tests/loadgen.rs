@@ -146,7 +146,12 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
     );
     assert_eq!(code, 0, "{table}");
     assert_eq!(s.kinds["message"].count, 40, "{table}");
-    assert!(s.seconds < 1.0, "measured for {} s\n{table}", s.seconds);
+    // 40 at 100/s: 0.4 s, whatever the number of shards (split exactly).
+    assert!(
+        (0.35..=0.45).contains(&s.seconds),
+        "measured for {} s\n{table}",
+        s.seconds
+    );
     let (code, table, s) = run(
         "call",
         "call",

@@ -36,6 +36,20 @@ fn aor_host(aor: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Logs `line` once per process: the store's subscriber hash is read again every
+/// `subscribers_refresh_s`, and the same entry would be warned about at that pace.
+fn warn_once(line: String) {
+    static WARNED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    let mut seen = WARNED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if seen.insert(line.clone()) {
+        tracing::warn!("{line}");
+    }
+}
+
 /// The AORs of `entry` outside its realm (each could never authenticate; see
 /// [`parse_subscribers`]), canonical.
 pub fn outside_realm(entry: &SubscriberEntry) -> Vec<String> {
@@ -106,15 +120,12 @@ pub fn parse_subscribers(text: &str, origin: &str) -> Result<SubscriberTable, St
         let (aors, outside): (Vec<String>, Vec<String>) =
             aors.into_iter().partition(|a| aor_host(a) == realm);
         for a in &outside {
-            tracing::warn!(
-                "{}",
-                at(&format!(
-                    "AOR {a} left out: it is not in realm {realm}, and a user is challenged in the realm of the AOR it claims (give it its own entry, with its realm)"
-                ))
-            );
+            warn_once(at(&format!(
+                "AOR {a} left out: it is not in realm {realm}, and a user is challenged in the realm of the AOR it claims (give it its own entry, with its realm)"
+            )));
         }
         if aors.is_empty() {
-            tracing::warn!("{}", at("left out: none of its AORs is in its realm"));
+            warn_once(at("left out: none of its AORs is in its realm"));
             continue;
         }
         table.insert(Subscriber {

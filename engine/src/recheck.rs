@@ -99,6 +99,13 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
             continue;
         };
         chain.generation.set(generation);
+        // Under this policy's partner roots (a reload may bring ones that lapse sooner).
+        if c.principal.partner().is_some() {
+            let t = (crate::cluster::unix_ms() / 1000) as i64;
+            chain
+                .expires
+                .set(chain.next_expiry(t, &policy.anchor_expiries));
+        }
         let outbound = c.outbound;
         let Err((reason, detail)) = policy.recheck(&c.principal, outbound, &chain.certs) else {
             continue;

@@ -165,7 +165,7 @@ struct Common {
     /// Measured duration, seconds.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
-    /// Stop after this many transactions.
+    /// Stop after this many measured transactions (warm-up ones do not count).
     #[arg(long)]
     count: Option<u64>,
     /// Warm-up seconds (sent, not measured).

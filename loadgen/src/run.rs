@@ -365,6 +365,14 @@ impl Shard {
         }
     }
 
+    /// Widens the measured phase to `(a, b)`.
+    fn merge_span(&self, a: Instant, b: Instant) {
+        self.measured_span.set(Some(match self.measured_span.get() {
+            Some((x, y)) => (x.min(a), y.max(b)),
+            None => (a, b),
+        }));
+    }
+
     fn fail(&self, kind: &str, cause: &str) {
         self.progress.failed.fetch_add(1, Ordering::Relaxed);
         self.stats.borrow_mut().fail(kind, cause);
@@ -429,6 +437,13 @@ pub fn run(plans: Vec<Plan>, shards: usize, progress: Arc<Progress>) -> Result<S
     for h in handles {
         let s = h.join().map_err(|e| format!("shard failed: {e:?}"))?;
         total.merge(&s);
+    }
+    if total.seconds == 0.0 {
+        // No shard measured anything (no users anywhere): the planned duration.
+        total.seconds = plans
+            .iter()
+            .map(|p| p.duration.as_secs_f64())
+            .fold(0.0, f64::max);
     }
     Ok(total)
 }
@@ -512,6 +527,10 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     shard.drained.set(true);
+    // Registrations told to come back later that the run outlived: counted sent, so failed.
+    for _ in 0..shard.setup_retries.get() {
+        shard.fail("register", "status_503");
+    }
     let left: Vec<&'static str> = shard
         .pending
         .borrow_mut()
@@ -534,15 +553,14 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
     .await;
     shard.uas.borrow_mut().clear();
     let mut st = shard.stats.borrow().clone();
-    // What was measured, as timed (a `--count` or a signal ends it early; the planned
-    // duration was reported whatever happened, and the rates with it).
-    st.seconds = match shard.measured_span.get() {
-        Some((a, b)) => b.duration_since(a).as_secs_f64(),
-        None => plans
-            .iter()
-            .map(|p| p.duration.as_secs_f64())
-            .fold(0.0, f64::max),
-    };
+    // What was measured, as timed (a `--count` ends it at `count / rate`; an `idle` run at
+    // SIGTERM; the planned duration was reported whatever happened, and the rates with it).
+    // A shard that measured nothing (no users of its own) says 0: the merge takes the
+    // longest, and `run` falls back to the planned duration only if every shard did.
+    st.seconds = shard
+        .measured_span
+        .get()
+        .map_or(0.0, |(a, b)| b.duration_since(a).as_secs_f64());
     st
 }
 
@@ -578,12 +596,15 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
     let rate = plan.rate / shard.n as f64;
     let start = Instant::now();
     let end = start + plan.warmup + plan.duration;
-    let limit = plan.count.map(|c| c.div_ceil(shard.n as u64));
+    // `--count` split exactly: the first `c % n` shards take one more.
+    let limit = plan
+        .count
+        .map(|c| c / shard.n as u64 + u64::from((shard.id as u64) < c % shard.n as u64));
     if plan.scenario == Scenario::Idle {
         idle(&shard, &plan, &users, end).await;
         // Held until the end, or until a signal ended it.
         let (a, b) = (start + plan.warmup, Instant::now().min(end));
-        shard.measured_span.set(Some((a, b.max(a))));
+        shard.merge_span(a, b.max(a));
         return;
     }
     if rate <= 0.0 || users.is_empty() && plan.scenario != Scenario::Handshake {
@@ -674,21 +695,22 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             glommio::yield_if_needed().await;
         }
     }
-    // The measured phase ran from the end of warm-up to now (a `--count` reached, or the end).
-    let span = (
-        start + plan.warmup,
-        Instant::now().min(end).max(start + plan.warmup),
-    );
-    shard
-        .measured_span
-        .set(Some(match shard.measured_span.get() {
-            Some((a, b)) => (a.min(span.0), b.max(span.1)),
-            None => span,
-        }));
+    // The measured phase ran from the end of warm-up to the slot of the first transaction
+    // not sent (a `--count` reached), or to the end: `count / rate`, or `--duration`.
+    let next_slot = (start + intended_offset(i, rate, plan.ramp)).min(end);
+    let from = start + plan.warmup;
+    shard.merge_span(from, next_slot.max(from));
     // Wait for calls to finish their hold and BYE, and for what is still out to be
     // answered (an unregistration sent while a measured REGISTER or MESSAGE to the user is
     // in flight would fail it: a failure of the generator's making).
-    let deadline = Instant::now() + plan.hold + plan.timeout.min(Duration::from_secs(10));
+    // With `--unregister` everything gets its whole timeout (answered, or timed out by the
+    // sweeper), so no unregistration meets a REGISTER still out.
+    let wait = if plan.unregister {
+        plan.timeout + Duration::from_millis(200)
+    } else {
+        plan.timeout.min(Duration::from_secs(10))
+    };
+    let deadline = Instant::now() + plan.hold + wait;
     while (shard.active_calls.get() > 0 || !shard.pending.borrow().is_empty())
         && Instant::now() < deadline
     {
@@ -699,7 +721,7 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
     barrier(
         &shard,
         &shard.progress.quiet[index % MAX_PLANS],
-        plan.hold + plan.timeout.min(Duration::from_secs(10)) + Duration::from_secs(1),
+        plan.hold + wait + Duration::from_secs(1),
     )
     .await;
     if plan.unregister {
@@ -1133,14 +1155,19 @@ fn on_response(
             .min(10);
         shard.setup_retries.set(shard.setup_retries.get() + 1);
         shard.setup_retried.set(true);
-        let k = match p.retry {
-            Some(Retry::Register { k, .. }) => k,
-            _ => 0,
+        // The same registration: its own expiry (an unregistration stays one).
+        let (k, expires) = match p.retry {
+            Some(Retry::Register { k, expires }) => (k, expires),
+            _ => (0, plan.expires),
         };
         let (s, pl, u) = (shard.clone(), plan.clone(), p.ua);
         glommio::spawn_local(async move {
             glommio::timer::sleep(Duration::from_secs(after)).await;
             s.setup_retries.set(s.setup_retries.get() - 1);
+            if s.drained.get() {
+                // Counted failed by the drain, which it outlived.
+                return;
+            }
             // The same registration, sent again: counted once (its challenge, if one comes
             // now, is answered as the first's would have been).
             register(
@@ -1150,7 +1177,7 @@ fn on_response(
                 k,
                 Instant::now(),
                 false,
-                pl.expires,
+                expires,
                 "register",
                 Again::Shed,
             );
@@ -1181,6 +1208,9 @@ fn on_response(
                     "reconnect",
                     Again::Shed,
                 );
+            } else {
+                // The run ended while it waited: it was counted sent, so it fails.
+                s.fail("reconnect", "status_503");
             }
         })
         .detach();
@@ -1470,19 +1500,8 @@ fn register(
         shard.fail(kind, "not_connected");
         return;
     };
-    let seq = shard.next();
     let user = aor_user(&ua.user, k);
     let call_id = format!("reg-{}-{}", user, ua.local.port());
-    let ruri = format!("sip:{}", plan.domain);
-    let msg = format!(
-        "REGISTER {ruri} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=r{p}\r\nCall-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\n{creds}Content-Length: 0\r\n\r\n",
-        d = plan.domain,
-        v = via(&ua, seq),
-        u = user,
-        p = ua.local.port(),
-        l = ua.local,
-        creds = ua.credentials("REGISTER", &ruri),
-    );
     if shard.pending.borrow().contains_key(&call_id) {
         // The previous REGISTER of this AOR is still out (its answer takes longer than the
         // schedule's turn: users / rate): a phone would not send another, so this slot of
@@ -1495,6 +1514,18 @@ fn register(
         shard.fail(kind, "overlap");
         return;
     }
+    // (Checked before the credentials are computed: they use up a nonce count.)
+    let seq = shard.next();
+    let ruri = format!("sip:{}", plan.domain);
+    let msg = format!(
+        "REGISTER {ruri} SIP/2.0\r\nVia: {v}\r\nMax-Forwards: 70\r\nTo: <sip:{u}@{d}>\r\nFrom: <sip:{u}@{d}>;tag=r{p}\r\nCall-ID: {call_id}\r\nCSeq: {seq} REGISTER\r\nContact: <sip:{u}@{l};transport=tls;ob>\r\nExpires: {expires}\r\n{creds}Content-Length: 0\r\n\r\n",
+        d = plan.domain,
+        v = via(&ua, seq),
+        u = user,
+        p = ua.local.port(),
+        l = ua.local,
+        creds = ua.credentials("REGISTER", &ruri),
+    );
     shard.start(
         kind,
         (call_id.clone(), seq),

@@ -223,7 +223,13 @@ async fn accept_tls(
             cert_aors: client_cert_aors(shard, chain),
         }
     };
-    let chain = PeerChain::of(chain, generation, &policy_anchors(shard));
+    // Partner roots' expiries matter to partner links only (a phone's chain ends at the
+    // client roots).
+    let anchors: &[i64] = match principal {
+        Principal::Partner(_) => &policy.anchor_expiries,
+        _ => &[],
+    };
+    let chain = PeerChain::of(chain, generation, anchors);
     let layer = choose_layer(shard, &stream, sess)?;
     Some(Established {
         stream,

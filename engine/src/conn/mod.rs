@@ -110,7 +110,10 @@ impl PeerChain {
             expires: Cell::new(i64::MAX),
             generation: Cell::new(generation),
         };
-        chain.expires.set(chain.next_expiry(i64::MIN, anchors));
+        // From now: a presented certificate webpki did not use, or a partner root, that has
+        // lapsed already is no reason to check again at once.
+        let now = (crate::cluster::unix_ms() / 1000) as i64;
+        chain.expires.set(chain.next_expiry(now, anchors));
         Some(chain)
     }
 
