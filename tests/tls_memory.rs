@@ -910,6 +910,19 @@ fn a_sub_ca_limited_to_its_domain_cannot_name_another_partner_by_uri_or_cn() {
     // chain's dNSNames to that, but not a `sip:` URI's host or a CN, which RFC 5922 makes
     // identities: a certificate from Alpha's sub-CA naming only `sip:sip.zeta.example`, or
     // only CN=sip.zeta.example, was Zeta.
+    let (w, sub) = alpha_with_sub_ca();
+    let policy = w.policy(&["1.3"]);
+    sub_ca_names_only_its_domain(&w, &policy, &sub, true);
+    // A dNSName outside the constraint: webpki refuses the chain itself.
+    assert!(
+        inbound_with(&w, &policy, &sub, spec("sip.zeta.example"), true).is_err(),
+        "dNSName"
+    );
+}
+
+/// A world where Alpha's root has a sub-CA limited to alpha.example (nameConstraints), both
+/// with their CRLs in `alpha.crl`.
+fn alpha_with_sub_ca() -> (World, Ca) {
     let w = World::new();
     let sub = w
         .alpha
@@ -923,13 +936,7 @@ fn a_sub_ca_limited_to_its_domain_cannot_name_another_partner_by_uri_or_cn() {
             sub.crl(&[]).unwrap()
         ),
     );
-    let policy = w.policy(&["1.3"]);
-    sub_ca_names_only_its_domain(&w, &policy, &sub, true);
-    // A dNSName outside the constraint: webpki refuses the chain itself.
-    assert!(
-        inbound_with(&w, &policy, &sub, spec("sip.zeta.example"), true).is_err(),
-        "dNSName"
-    );
+    (w, sub)
 }
 
 /// A certificate `sub` issued, presented with `sub`'s own certificate (`with_sub`) or alone,
@@ -1002,22 +1009,10 @@ fn a_sub_ca_given_as_a_root_is_held_to_its_constraints_and_its_revocation() {
     // anchors a chain at the sub-CA itself (anchors first), holds only dNSName SANs to an
     // anchor's name constraints, and checks no anchor's revocation. Alpha's sub-CA (limited
     // to alpha.example) issuing `sip:sip.zeta.example`, presented alone, was Zeta.
-    let w = World::new();
-    let sub = w
-        .alpha
-        .constrained_intermediate("Alpha Sub CA", &["alpha.example"])
-        .unwrap();
+    let (w, sub) = alpha_with_sub_ca();
     w.dir.write(
         "alpha-ca.pem",
         format!("{}{}", w.alpha.cert.cert_pem, sub.cert.cert_pem),
-    );
-    w.dir.write(
-        "alpha.crl",
-        format!(
-            "{}{}",
-            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
-            sub.crl(&[]).unwrap()
-        ),
     );
     let policy = w.policy(&["1.3"]);
     sub_ca_names_only_its_domain(&w, &policy, &sub, false);
