@@ -1228,7 +1228,7 @@ impl Config {
     /// What the configuration asks that works but is likely not what was meant: a partner
     /// named by an IP address (RFC 5922 identities are domain names: an address matches
     /// only a dNSName or CN holding its text — a self-signed box's CN — never an IP address
-    /// SAN a CA would issue). Logged at start.
+    /// SAN a CA would issue). Logged at start and at each reload, once per name.
     pub fn identity_warnings(&self) -> Vec<String> {
         let is_ip = |n: &str| {
             n.trim_matches(['[', ']'])
@@ -1237,8 +1237,9 @@ impl Config {
         };
         let mut out = Vec::new();
         for p in &self.peer {
+            let mut said = std::collections::HashSet::new();
             for n in std::iter::once(&p.server_name).chain(&p.trusted_names) {
-                if is_ip(n) {
+                if is_ip(n) && said.insert(n.to_ascii_lowercase()) {
                     out.push(format!(
                         "peer {:?}: {n} is an IP address: it matches only a certificate name (dNSName, or CN without SAN) holding that text, never an IP address SAN (RFC 5922: SIP identities are domain names)",
                         p.name
@@ -1420,6 +1421,7 @@ mod tests {
             c.identity_warnings().len()
         };
         assert_eq!(ip("192.0.2.10", ""), 1);
+        assert_eq!(ip("192.0.2.10", "\"192.0.2.10\""), 1, "one name, said once");
         assert_eq!(ip("[2001:db8::1]", ""), 1);
         assert_eq!(
             ip("sip.acme.example", "\"sip.acme.example\", \"192.0.2.10\""),

@@ -680,6 +680,10 @@ impl Reloader {
             tracing::error!(%what, "reload refused: this change needs a restart; the previous TLS configuration and subscribers stay");
             return Err(format!("{what}: needs a restart"));
         }
+        // Partner names a reload may change (server_name, trusted_names): said again.
+        for w in cfg.identity_warnings() {
+            tracing::warn!("{w}");
+        }
         let loaded = TlsPolicy::load(&cfg)
             .map_err(|e| {
                 (
