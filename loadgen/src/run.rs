@@ -633,20 +633,24 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             st.max_lag_us = st.max_lag_us.max(lag.as_micros() as u64);
         }
         let measured = intended >= start + plan.warmup;
-        measured_n += u64::from(measured);
+        // Whether a transaction went out (counted, sent or failed) for `--count`: one
+        // dropped for overload control or blocked by `--max-concurrent` is not one.
+        let mut went = true;
         match plan.scenario {
             Scenario::Register => {
                 // Every UA's first AOR, then every UA's second, and so on.
                 let u = users[(i as usize) % users.len()];
                 let k = (i as usize / users.len()) % plan.aors_per_ua.max(1);
-                if !oc_drops(&shard, &plan, u) {
+                went = !oc_drops(&shard, &plan, u);
+                if went {
                     send_register(&shard, &plan, u, k, intended, measured, plan.expires);
                 }
             }
             Scenario::Message => {
                 let from = users[shard.rand(users.len())];
                 let to = callee(&shard, base, plan.users, from);
-                if !oc_drops(&shard, &plan, from) {
+                went = !oc_drops(&shard, &plan, from);
+                if went {
                     send_request(
                         &shard, &plan, from, to, "MESSAGE", "message", intended, measured, "hello",
                     );
@@ -655,9 +659,11 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             Scenario::Call => {
                 if shard.active_calls.get() * shard.n >= plan.max_concurrent {
                     shard.stats.borrow_mut().blocked_calls += 1;
+                    went = false;
                 } else {
                     let from = users[shard.rand(users.len())];
-                    if !oc_drops(&shard, &plan, from) {
+                    went = !oc_drops(&shard, &plan, from);
+                    if went {
                         let to = callee(&shard, base, plan.users, from);
                         shard.active_calls.set(shard.active_calls.get() + 1);
                         send_request(
@@ -690,6 +696,7 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
             }
             Scenario::Idle => unreachable!(),
         }
+        measured_n += u64::from(measured && went);
         i += 1;
         if i.is_multiple_of(64) {
             glommio::yield_if_needed().await;
