@@ -1635,14 +1635,30 @@ fn send_request_as(
 async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instant, measured: bool) {
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
     shard.stats.borrow_mut().sent("options");
-    let stream = TcpStream::connect(plan.target(n)).await;
+    // Bounded, as a UA's connect is: a server that accepts in the kernel and never serves
+    // (or a lost SYN) must not hold the task, and a descriptor, past the run.
+    let stream = futures_lite::future::or(
+        async {
+            TcpStream::connect(plan.target(n))
+                .await
+                .map_err(|_| "connect")
+        },
+        async {
+            glommio::timer::sleep(plan.timeout).await;
+            Err("timeout")
+        },
+    )
+    .await;
     // Once the run's drain is over, this one was counted lost with the rest: nothing more.
     let counts = |s: &Shard| !s.drained.get();
-    let Ok(mut stream) = stream else {
-        if counts(&shard) {
-            shard.fail("options", "connect");
+    let mut stream = match stream {
+        Ok(s) => s,
+        Err(cause) => {
+            if counts(&shard) {
+                shard.fail("options", cause);
+            }
+            return;
         }
-        return;
     };
     let _ = stream.set_nodelay(true);
     // From when it was meant to start: a generator behind its schedule shows here (the
@@ -1662,9 +1678,20 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
         let Ok(mut s) = TlsSession::client(cfg.clone(), name) else {
             return;
         };
-        if let Err(e) = sipring_net::handshake::drive_handshake(&mut stream, &mut s).await {
+        let handshake = futures_lite::future::or(
+            async {
+                sipring_net::handshake::drive_handshake(&mut stream, &mut s)
+                    .await
+                    .map_err(|e| e.label())
+            },
+            async {
+                glommio::timer::sleep(plan.timeout).await;
+                Err("timeout".to_string())
+            },
+        );
+        if let Err(cause) = handshake.await {
             if counts(&shard) {
-                shard.fail("options", &e.label());
+                shard.fail("options", &cause);
             }
             return;
         }
@@ -1708,9 +1735,15 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
         if Instant::now() > deadline {
             break false;
         }
-        let n = match stream.read(&mut tmp).await {
-            Ok(0) | Err(_) => break false,
-            Ok(n) => n,
+        // Each read bounded by what is left of the timeout (a server that never answers).
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = futures_lite::future::or(async { stream.read(&mut tmp).await.ok() }, async {
+            glommio::timer::sleep(left).await;
+            None
+        });
+        let n = match read.await {
+            None | Some(0) => break false,
+            Some(n) => n,
         };
         match &mut sess {
             Some(s) => {
