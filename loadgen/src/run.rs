@@ -887,20 +887,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
             shard.progress.sent.fetch_add(1, Ordering::Relaxed);
             let name = ServerName::try_from(plan.server_name.clone()).map_err(|_| ())?;
             let mut sess = TlsSession::client(cfg.clone(), name).map_err(|_| ())?;
-            // Bounded: a listener that accepted in the kernel but never serves (a server going
-            // down) must not hold the UA forever.
-            let handshake = futures_lite::future::or(
-                async {
-                    sipring_net::handshake::drive_handshake(&mut stream, &mut sess)
-                        .await
-                        .map_err(|e| e.label())
-                },
-                async {
-                    glommio::timer::sleep(plan.timeout).await;
-                    Err("timeout".to_string())
-                },
-            );
-            if let Err(cause) = handshake.await {
+            if let Err(cause) = bounded_handshake(&mut stream, &mut sess, plan.timeout).await {
                 shard.fail("tls_handshake", &cause);
                 return Err(());
             }
@@ -1631,6 +1618,28 @@ fn send_request_as(
     shard.hand_to_writer(&ua, msg.into_bytes(), kind, &call_id);
 }
 
+/// Drives a TLS handshake for at most `timeout`: a listener that accepted in the kernel but
+/// never serves (a server going down) must not hold the task, and its descriptor, for ever.
+/// `Err`: the failure's label (`timeout`, or the TLS error's).
+async fn bounded_handshake(
+    stream: &mut TcpStream,
+    sess: &mut TlsSession,
+    timeout: Duration,
+) -> Result<(), String> {
+    futures_lite::future::or(
+        async {
+            sipring_net::handshake::drive_handshake(stream, sess)
+                .await
+                .map_err(|e| e.label())
+        },
+        async {
+            glommio::timer::sleep(timeout).await;
+            Err("timeout".to_string())
+        },
+    )
+    .await
+}
+
 /// One `handshake` transaction: connect, handshake, OPTIONS, close.
 async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instant, measured: bool) {
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
@@ -1678,18 +1687,7 @@ async fn handshake_once(shard: Rc<Shard>, plan: Plan, n: usize, intended: Instan
         let Ok(mut s) = TlsSession::client(cfg.clone(), name) else {
             return;
         };
-        let handshake = futures_lite::future::or(
-            async {
-                sipring_net::handshake::drive_handshake(&mut stream, &mut s)
-                    .await
-                    .map_err(|e| e.label())
-            },
-            async {
-                glommio::timer::sleep(plan.timeout).await;
-                Err("timeout".to_string())
-            },
-        );
-        if let Err(cause) = handshake.await {
+        if let Err(cause) = bounded_handshake(&mut stream, &mut s, plan.timeout).await {
             if counts(&shard) {
                 shard.fail("options", &cause);
             }
