@@ -444,7 +444,8 @@ pub struct RegistrarSection {
     pub max_expires_s: u32,
     /// Expiry when the REGISTER gives none, in seconds. Default 3600.
     pub default_expires_s: u32,
-    /// Most contacts per address-of-record (more gets 403). Default 10.
+    /// Most contacts per address-of-record: a REGISTER naming more than this, or more than
+    /// twice this in all (removals too), gets 403. Default 10; at most 100.
     pub max_contacts: usize,
     /// Longest Contact value stored, and longest Path (RFC 3327, its values together), in
     /// bytes (longer gets 400). Default 1024.
@@ -1109,6 +1110,14 @@ impl Config {
                 "below 1024 bytes no real SIP message fits",
             );
         }
+        // A REGISTER is compared contact by contact with the AOR's bindings (quadratic in
+        // this): far past any one user's devices, and bounded.
+        if self.registrar.max_contacts > 100 {
+            e(
+                "registrar.max_contacts".into(),
+                "at most 100 (each REGISTER compares its contacts with every binding)",
+            );
+        }
         if self.limits.max_headers == 0 || self.limits.max_headers > 64 {
             e(
                 "limits.max_headers".into(),
@@ -1360,6 +1369,14 @@ mod tests {
         ] {
             assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
         }
+        assert!(
+            keys("[registrar]\nmax_contacts = 101\n")
+                .contains(&"registrar.max_contacts".to_string())
+        );
+        assert!(
+            !keys("[registrar]\nmax_contacts = 100\n")
+                .contains(&"registrar.max_contacts".to_string())
+        );
         // A lockout switched off without a word, or one whose arithmetic overflows.
         let k = keys("[auth]\nblock_s = 0\nfailure_window_s = 18446744073709551615\n");
         for key in ["auth.block_s", "auth.failure_window_s"] {

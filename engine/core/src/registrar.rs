@@ -741,6 +741,19 @@ impl Registrar {
             return self.ok(now, &[], false, &[]);
         }
 
+        // Before any contact is parsed or compared (each new one is compared with every
+        // binding: quadratic in the count): a REGISTER may remove each binding it may keep
+        // and name as many new ones, no more. One with thousands of contacts inside the
+        // message limit cost its shard a second or more before the 403 below.
+        if contacts.len() > 2 * self.cfg.max_contacts {
+            return Reply::err(403, "Too Many Contacts");
+        }
+        // RFC 5626 §6: without `Supported: outbound` the contact is an RFC 3261 binding and
+        // its reg-id is ignored, malformed or not.
+        let asked_outbound = msg
+            .values(HeaderName::Supported)
+            .iter()
+            .any(|v| text::eq_ic(v.value, b"outbound"));
         let mut new = Vec::with_capacity(contacts.len());
         let mut outbound = false;
         for c in &contacts {
@@ -781,6 +794,7 @@ impl Registrar {
             let reg_id = match na.param("reg-id") {
                 // A reg-id without an instance ID is ignored (RFC 5626 §6).
                 _ if instance.is_none() => None,
+                Some(v) if !asked_outbound => v.and_then(text::parse_u32),
                 Some(Some(v)) => match text::parse_u32(v) {
                     Some(r) => Some(r),
                     None => return Reply::err(400, "Bad reg-id"),
@@ -827,10 +841,7 @@ impl Registrar {
         // or, when the UA asked through an edge without it, 439.
         let with_reg_id = new.iter().filter(|c| c.binding.reg_id.is_some()).count();
         if with_reg_id > 0 {
-            let asked = msg
-                .values(HeaderName::Supported)
-                .iter()
-                .any(|v| text::eq_ic(v.value, b"outbound"));
+            let asked = asked_outbound;
             // The first hop is us when the REGISTER has one Via; else the edge proxy that
             // added the first Path URI must have said `ob` (one that added no Path cannot
             // keep the flow).
@@ -951,7 +962,10 @@ impl Registrar {
     fn ok(&self, now: Instant, bindings: &[Binding], outbound: bool, path: &[String]) -> Reply {
         let mut headers = Vec::with_capacity(bindings.len() + 1 + path.len());
         for b in bindings {
-            let left = b.expires_at.saturating_duration_since(now).as_secs();
+            // Rounded up: a live binding never reads `expires=0`, which says it went
+            // (RFC 3261 §10.2.2) to a UA that lists it.
+            let left = b.expires_at.saturating_duration_since(now);
+            let left = left.as_secs() + u64::from(left.subsec_nanos() > 0);
             let mut v = format!("<{}>;expires={left}", b.contact);
             if b.q != 1000 {
                 v.push_str(&format!(";q={}.{:03}", b.q / 1000, b.q % 1000));
@@ -1177,6 +1191,18 @@ mod tests {
             )
             .code,
             403
+        );
+        assert_eq!(st.bindings(), 1);
+        // Removals count too, up to twice the limit: five contacts are refused before any
+        // is compared (thousands of them cost the shard seconds), four are not.
+        let many = "Contact: <sip:b@h>;expires=0, <sip:c@h>;expires=0, <sip:d@h>;expires=0, <sip:e@h>;expires=0";
+        assert_eq!(
+            register(&reg, &mut st, t0, &format!("{many}, <sip:f@h>\r\n"), 2, 1).code,
+            403
+        );
+        assert_eq!(
+            register(&reg, &mut st, t0, &format!("{many}\r\n"), 2, 1).code,
+            200
         );
         assert_eq!(st.bindings(), 1);
         // Two new ones with one registered already: it makes room (it expires first).
@@ -1442,6 +1468,30 @@ mod tests {
         );
         assert_eq!(register(&reg, &mut st, t0, &two, 2, 11).code, 200);
         assert!(reg.lookup(t0, &st, aor).iter().all(|b| b.reg_id.is_none()));
+        // Nor does a malformed one matter without `Supported: outbound` (before: 400); with
+        // it, it is an error.
+        let bad = "Contact: <sip:alice@192.0.2.11>;+sip.instance=\"<urn:uuid:1>\";reg-id=x\r\n";
+        assert_eq!(register(&reg, &mut st, t0, bad, 3, 11).code, 200);
+        let asked = format!("{bad}Supported: outbound\r\n");
+        assert_eq!(register(&reg, &mut st, t0, &asked, 4, 11).code, 400);
+    }
+
+    #[test]
+    fn a_live_binding_is_never_listed_with_expires_0() {
+        let reg = Registrar::default();
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let r = register(&reg, &mut st, t0, "Contact: <sip:a@h>;expires=60\r\n", 1, 1);
+        assert_eq!(r.code, 200);
+        let later = t0 + Duration::from_millis(59_500);
+        let r = register(&reg, &mut st, later, "Contact: <sip:b@h>\r\n", 2, 1);
+        assert_eq!(r.code, 200);
+        let a = r
+            .headers
+            .iter()
+            .find(|(n, v)| *n == "Contact" && v.starts_with(b"<sip:a@h>"))
+            .expect("a listed");
+        assert_eq!(String::from_utf8_lossy(&a.1), "<sip:a@h>;expires=1");
     }
 
     #[test]
