@@ -460,6 +460,31 @@ fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
     the_other_flow_answers(&mut n, &other, 480);
 }
 
+#[test]
+fn a_flow_that_fails_is_not_the_one_failover_picks() {
+    // One device's two reg-ids over one connection (a device behind an edge proxy has all
+    // its flows on the edge's connection): that connection closes with the INVITE on it.
+    // The failover took the other reg-id, on the same dead connection, and the caller got
+    // 408 after Timer B (a MESSAGE, nothing at all) instead of 480 at once.
+    let mut n = Net::new();
+    for reg_id in [1, 2] {
+        let msg = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.2:5061;branch=z9hG4bKsb{reg_id}\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: sb-{reg_id}\r\nCSeq: 1 REGISTER\r\nSupported: outbound\r\nContact: <sip:bob@10.0.0.2:5061;transport=tls;ob>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-00000000000c>\";reg-id={reg_id}\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+        );
+        n.send(&B, msg.as_bytes());
+        assert_eq!(status(&n.one(&B)), 200);
+    }
+    n.send(&A, &invite("z9hG4bKsb3", "sb-3"));
+    n.take(&A);
+    assert_eq!(method(&n.one(&B)), "INVITE");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.pump();
+    let up: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert_eq!(up, [480], "not answered at once");
+    assert_eq!(n.proxy.stats().flow_failovers, 0);
+    n.assert_idle_after_timers();
+}
+
 /// Bob's device X over B and B2 (one instance, two flows) and device Y over C; alice's
 /// INVITE forks to both, Y declines with 603 (the caller gets nothing yet: X's branch is
 /// still out). Returns the flow X's INVITE took, X's other flow and the INVITE X got.

@@ -2129,7 +2129,7 @@ impl ShardProxy {
             match ev {
                 // An edge proxy's "this flow failed" (RFC 5626 §5.3): the device's next flow
                 // gets the request; the 430 goes no further.
-                Event::Response { status: 430, .. } if self.try_next_flow(now, key) => {}
+                Event::Response { status: 430, .. } if self.try_next_flow(now, key, None) => {}
                 Event::Response { status, message } => self.on_branch_response(
                     now,
                     server.as_ref(),
@@ -2157,7 +2157,9 @@ impl ShardProxy {
     /// counts as done) and this returns true. A branch we cancelled (a 2xx or 6xx came from
     /// another, Timer C, the caller's CANCEL) is not replaced: after a 6xx no new branch
     /// may start (RFC 3261 §16.7 step 5), nor may a request Timer C ended ring again.
-    fn try_next_flow(&mut self, now: Instant, key: &TxKey) -> bool {
+    /// `dead`: a connection that closed, which no fallback may use (a device behind one edge
+    /// proxy has every reg-id on the edge's connection).
+    fn try_next_flow(&mut self, now: Instant, key: &TxKey, dead: Option<&Flow>) -> bool {
         let Some(c) = self.clients.get(key) else {
             return false;
         };
@@ -2165,7 +2167,7 @@ impl ShardProxy {
             return false;
         };
         if c.by_token
-            || c.fallbacks.is_empty()
+            || c.fallbacks.iter().all(|t| Some(&t.flow) == dead)
             || c.cancel_sent
             || c.cancel_when_provisional
             || !self.servers.get(&sk).is_some_and(|s| {
@@ -2177,6 +2179,7 @@ impl ShardProxy {
         let c = self.clients.get_mut(key).expect("checked");
         c.final_received = true;
         let mut rest = std::mem::take(&mut c.fallbacks);
+        rest.retain(|t| Some(&t.flow) != dead);
         let next = Target {
             fallbacks: rest.split_off(1),
             ..rest.remove(0)
@@ -2435,7 +2438,7 @@ impl ShardProxy {
                 let by_token = c.by_token;
                 // A registered device's flow failed with the request on it: its other flow
                 // (another reg-id) gets it instead.
-                if matches!(flow, Flow::Conn(_)) && self.try_next_flow(now, k) {
+                if matches!(flow, Flow::Conn(_)) && self.try_next_flow(now, k, Some(flow)) {
                     self.remove_client(k);
                     continue;
                 }
