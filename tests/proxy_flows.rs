@@ -666,6 +666,31 @@ fn bye_to_a_dead_callee(
 }
 
 #[test]
+fn an_edge_proxys_430_reaches_a_phone_as_480_and_a_partner_as_430() {
+    // Bob behind an edge proxy (one flow, on B): the edge's flow to bob failed and it says
+    // 430. No other flow takes the request; a phone got the 430 as it came (RFC 5626 §11.5:
+    // an endpoint reads it as 400). 480 now; the proxy before us (a partner) still gets 430.
+    for from_partner in [false, true] {
+        let (carrier, mut n) = carrier_net();
+        n.register("bob", &B, "10.0.0.2:5061");
+        let (up, inv) = if from_partner {
+            let inv = "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sbc.carrier.example;branch=z9hG4bKe430\r\nMax-Forwards: 69\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=u1\r\nCall-ID: e430-p\r\nCSeq: 1 INVITE\r\nContact: <sip:x@sbc.carrier.example;transport=tls>\r\nContent-Length: 0\r\n\r\n";
+            (carrier.clone(), inv.as_bytes().to_vec())
+        } else {
+            (A, invite("z9hG4bKe430", "e430-a"))
+        };
+        n.send(&up, &inv);
+        n.take(&up);
+        let fwd = n.one(&B);
+        n.send(&B, &answer(&fwd, 430, "Flow Failed", "e1"));
+        assert_eq!(method(&n.one(&B)), "ACK");
+        let finals: Vec<u16> = n.take(&up).iter().map(|m| status(m)).collect();
+        let want = if from_partner { 430 } else { 480 };
+        assert_eq!(finals, [want], "from a partner: {from_partner}");
+    }
+}
+
+#[test]
 fn a_dialog_route_to_a_flow_that_failed_is_answered_430_to_a_proxy() {
     // RFC 5626 §5.3: toward the proxy before us (a partner), the flow's failure is 430.
     let (carrier, mut n) = carrier_net();

@@ -403,12 +403,12 @@ fn challenges_of(m: &Message<'_, '_>) -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// A 503 response rewritten as 500 (its status line only; everything else is kept).
-fn status_500(resp: &[u8]) -> Vec<u8> {
+fn with_status(resp: &[u8], line: &[u8]) -> Vec<u8> {
     let end = resp
         .windows(2)
         .position(|w| w == b"\r\n")
         .unwrap_or(resp.len());
-    let mut out = b"SIP/2.0 500 Server Internal Error".to_vec();
+    let mut out = line.to_vec();
     out.extend_from_slice(&resp[end..]);
     out
 }
@@ -2353,6 +2353,9 @@ impl ShardProxy {
             return;
         }
         let limits = self.limits;
+        let upstream_is_partner = self
+            .partner_of(&s.inbound)
+            .is_some_and(|p| !self.proxy.is_node(p));
         let s = self.servers.get_mut(sk).expect("checked");
         let (code, mut bytes) = s.best.take().expect("checked");
         if code == 408 && sk.method != KeyMethod::Invite {
@@ -2386,11 +2389,19 @@ impl ShardProxy {
         // §16.7 step 6: a 503 is not forwarded as ours ("this proxy is unavailable", RFC
         // 3261 §21.5.4): the upstream would stop sending to us; it becomes a 500.
         let code = if code == 503 {
-            bytes = status_500(&bytes).into();
+            bytes = with_status(&bytes, b"SIP/2.0 500 Server Internal Error").into();
             500
+        } else if code == 430 && !upstream_is_partner {
+            // An edge proxy's 430 (the device's flow to it failed, and no other flow took
+            // the request) is for the proxy before it (RFC 5626 §5.3): a phone never gets
+            // one (§11.5: it reads 400), nor a cluster node (it relays to a phone). The
+            // device is unreachable: 480, as for a flow of ours that failed.
+            bytes = with_status(&bytes, b"SIP/2.0 480 Temporarily Unavailable").into();
+            480
         } else {
             code
         };
+        let s = self.servers.get_mut(sk).expect("checked");
         s.final_sent = true;
         let _ = s.txn.send_response(now, code, bytes);
     }
