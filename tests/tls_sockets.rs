@@ -269,6 +269,77 @@ fn a_partner_that_is_down_is_not_dialled_once_per_request() {
     srv.join().unwrap();
 }
 
+#[test]
+fn a_partner_that_refuses_our_certificate_after_the_handshake_is_not_dialled_once_per_request() {
+    // Under TLS 1.3 our side of the handshake is done before the partner has checked our
+    // certificate: its refusal (it no longer trusts our CA) comes as the first record. The
+    // link counted as up, which cleared the backoff: each request dialled again.
+    let pki = Pki::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ours = pki_partner_issue(&pki, "sip.partner.example.com");
+    let other = Ca::new("A CA the partner trusts instead of ours").unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(other.cert.der.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let server_cfg = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![ours.0], ours.1)
+            .unwrap(),
+    );
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(64).flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let cfg = server_cfg.clone();
+            std::thread::spawn(move || {
+                let mut conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = s;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut tls = rustls::Stream::new(&mut conn, &mut s);
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf);
+            });
+        }
+    });
+    let mut cfg = config(&pki);
+    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let srv = start(cfg, None).expect("start");
+    let mut alice = registered_alice(&pki, &srv);
+    let t0 = std::time::Instant::now();
+    for i in 0..20 {
+        alice.send(&alice.request(
+            "MESSAGE",
+            "sip:bob@partner.example.com",
+            "<sip:bob@partner.example.com>",
+            &format!("refused-{i}"),
+            1,
+            "",
+            Some(("text/plain", "hi")),
+        ));
+        let (s, _) = alice.expect_final_or_provisional("answer for a partner that refuses us");
+        assert_eq!(s, 500, "a transport failure, at once");
+    }
+    let took = t0.elapsed();
+    let dials = dials.load(std::sync::atomic::Ordering::SeqCst) as f64;
+    assert!(
+        dials >= 1.0 && dials <= 1.0 + took.as_secs_f64().ceil(),
+        "{dials} dials for 20 requests in {took:?}"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
 /// alice, registered over TLS to `srv`, to send requests toward the partner.
 fn registered_alice(pki: &Pki, srv: &sipring::server::Running) -> Ua {
     let mut alice = Ua::tls(

@@ -258,8 +258,8 @@ pub enum PeerLink {
     Idle,
     /// Connecting; messages wait here.
     Connecting(VecDeque<(Rc<[u8]>, Option<Stamp>)>),
-    /// Up, as this connection.
-    Up(FlowId),
+    /// Up, as this connection, since the instant.
+    Up(FlowId, Instant),
 }
 
 /// One shard; see the module docs.
@@ -333,6 +333,9 @@ pub struct Shard {
     /// Connections closed for what their peer did (slow reader, framing lost, KeyUpdate
     /// flood) likewise: one peer can cause one per connection it opens.
     pub conn_log: LogLimiter,
+    /// Partner links that fail to come up, or come up (each follows a dial, which the
+    /// backoff bounds per partner; the limiter bounds them over many partners) likewise.
+    pub peer_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
     /// Bytes all connections hold for incomplete messages.
@@ -611,6 +614,7 @@ impl Shard {
             policy_log: LogLimiter::default(),
             reject_log: Default::default(),
             conn_log: LogLimiter::default(),
+            peer_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
             partial_total: Cell::new(0),
             queued_total: Cell::new(0),
@@ -900,7 +904,7 @@ impl Shard {
                 let mut peers = self.peers.borrow_mut();
                 let link = peers.entry(name.clone()).or_insert(PeerLink::Idle);
                 match link {
-                    PeerLink::Up(id) => {
+                    PeerLink::Up(id, _) => {
                         let id = *id;
                         drop(peers);
                         self.send_local(id, bytes, stamp);
@@ -1047,23 +1051,43 @@ impl Shard {
             .peers
             .borrow_mut()
             .insert(name.to_string(), PeerLink::Idle);
-        if let Some(PeerLink::Connecting(q)) = prev {
-            self.metrics
-                .borrow_mut()
-                .inc("sipring_queue_drops_total{queue=\"peer\"}", q.len() as u64);
-            // The dial failed: the next one waits — for a partner, not for another node of
-            // our cluster (its liveness key says when it is gone; one that restarted must
-            // be reachable at once, not after a backoff grown while it was down).
+        let now = Instant::now();
+        let failed = match prev {
+            Some(PeerLink::Connecting(q)) => {
+                self.metrics
+                    .borrow_mut()
+                    .inc("sipring_queue_drops_total{queue=\"peer\"}", q.len() as u64);
+                true
+            }
+            // A link that closed soon after its handshake failed as a dial does: under TLS
+            // 1.3 our side is done before the partner has checked our certificate, and
+            // its refusal (an expired certificate, a CA it no longer trusts) comes as the
+            // first record; a balancer with no backend accepts and closes. Counted as up,
+            // each was one dial (and a log line) per request.
+            Some(PeerLink::Up(_, since)) if now.duration_since(since) < PEER_PROVEN => true,
+            Some(PeerLink::Up(..)) => {
+                self.peer_backoff.borrow_mut().remove(name);
+                false
+            }
+            _ => false,
+        };
+        if failed {
+            // The next dial waits: for a partner 1 s, doubling per failure in a row to
+            // 30 s; for another node of our cluster a short fixed wait (its liveness key
+            // says when it is gone; one that restarted must be reachable soon, not after a
+            // backoff grown while it was down — but one whose port refuses, or that is
+            // draining, was dialled once per request).
             let node = self.cfg.peer.iter().any(|p| p.name == name && p.node);
             let mut backoff = self.peer_backoff.borrow_mut();
-            if !node {
-                let failures = backoff.get(name).map_or(0, |b| b.1).saturating_add(1);
-                let wait = PEER_BACKOFF.saturating_mul(1 << (failures - 1).min(5));
-                backoff.insert(
-                    name.to_string(),
-                    (Instant::now() + wait.min(PEER_BACKOFF_MAX), failures),
-                );
-            }
+            let failures = backoff.get(name).map_or(0, |b| b.1).saturating_add(1);
+            let wait = if node {
+                NODE_BACKOFF
+            } else {
+                PEER_BACKOFF
+                    .saturating_mul(1 << (failures - 1).min(5))
+                    .min(PEER_BACKOFF_MAX)
+            };
+            backoff.insert(name.to_string(), (now + wait, failures));
         }
         self.proxy
             .borrow_mut()
@@ -1071,13 +1095,13 @@ impl Shard {
         self.pump(None);
     }
 
-    /// An outbound partner link is up as connection `id`: flush what waited.
+    /// An outbound partner link is up as connection `id`: flush what waited. Its backoff
+    /// is forgotten once it has stayed up [`PEER_PROVEN`] (see [`Shard::peer_down`]).
     pub fn peer_up(self: &Rc<Self>, name: &str, id: FlowId) {
-        self.peer_backoff.borrow_mut().remove(name);
         let prev = self
             .peers
             .borrow_mut()
-            .insert(name.to_string(), PeerLink::Up(id));
+            .insert(name.to_string(), PeerLink::Up(id, Instant::now()));
         if let Some(PeerLink::Connecting(q)) = prev {
             for (b, s) in q {
                 self.send_local(id, b, s);
@@ -2073,6 +2097,10 @@ fn refused(shard: &Shard, ip: Option<IpAddr>, why: &str) {
 const PEER_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest such wait.
 const PEER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The wait before dialling another node of our cluster again after a failed dial.
+const NODE_BACKOFF: Duration = Duration::from_millis(200);
+/// How long a link must stay up to count as a dial that worked (one closed sooner failed).
+const PEER_PROVEN: Duration = Duration::from_secs(5);
 
 /// Mesh messages for one shard that found its channel full, oldest first.
 #[derive(Default)]

@@ -200,7 +200,9 @@ async fn accept_tls(
         match policy.partner_of(chain) {
             Some(p) => Principal::Partner(p),
             None => {
-                tracing::warn!(%remote, "verified partner certificate matches no single partner now (reloaded?); closing");
+                if let Some(left_out) = shard.reject_log[1].allow(Instant::now()) {
+                    tracing::warn!(%remote, left_out, "verified partner certificate matches no single partner now (reloaded? a resumed session whose certificate lapsed?); closing (refused partner handshakes: at most one line a second)");
+                }
                 linger_close(shard, stream).await;
                 return None;
             }
@@ -444,7 +446,9 @@ async fn connect_peer(
                 Some(Err(e)) => e.to_string(),
                 _ => "connect timeout".into(),
             };
-            tracing::warn!(peer = %name, %addr, error = %why, "cannot reach partner");
+            if let Some(left_out) = shard.peer_log.allow(Instant::now()) {
+                tracing::warn!(peer = %name, %addr, error = %why, left_out, "cannot reach partner (partner links failing or coming up: at most one line a second; sipring_peer_connect_failures_total counts all)");
+            }
             shard.count("sipring_peer_connect_failures_total");
             return None;
         }
@@ -464,7 +468,9 @@ async fn connect_peer(
         &policy_anchors(shard),
     );
     let layer = choose_layer(shard, &stream, sess)?;
-    tracing::info!(peer = %name, %addr, "partner link up");
+    if let Some(left_out) = shard.peer_log.allow(Instant::now()) {
+        tracing::info!(peer = %name, %addr, left_out, "partner link up (partner links failing or coming up: at most one line a second)");
+    }
     Some((
         Established {
             stream,
