@@ -524,6 +524,38 @@ fn balanced_accept_spreads_long_lived_connections_evenly() {
 }
 
 #[test]
+fn balanced_accept_spreads_a_burst_it_has_not_admitted_yet() {
+    // A burst of connections (here: 40 silent ones, each a handshake in progress): the
+    // accepting shard counted a handed socket only once its shard admitted it, so the
+    // whole burst went to whichever shard looked least loaded when it began.
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.accept = sipring::config::AcceptMode::Balanced;
+    cfg.tls.client_hello_timeout_ms = 10_000;
+    let srv = start(cfg, None).expect("start");
+    let addr = srv.listen_addrs[0];
+    let socks: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let admin = srv.admin_addr.unwrap();
+    wait_metrics(admin, "40 handshakes in progress", |m| {
+        metric(m, "sipring_handshakes_in_flight") == Some(40.0)
+    });
+    let m = admin_get(admin, "/metrics/shards");
+    for shard in 0..2 {
+        let n = metric(
+            &m,
+            &format!("sipring_handshakes_in_flight{{shard=\"{shard}\"}}"),
+        )
+        .unwrap_or(0.0);
+        assert!((18.0..=22.0).contains(&n), "shard {shard}: {n} of 40");
+    }
+    drop(socks);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn ipv6_listeners_and_every_method_passes_through() {
     let pki = Pki::new();
     let mut cfg = config(&pki);

@@ -321,7 +321,16 @@ async fn accept_loop(
         }
     };
     let mut backoff = Duration::from_millis(10);
+    let mut in_a_row = 0u32;
     loop {
+        // A full accept queue completes every accept at once: without a turn for the rest
+        // of the shard (its timers, shedding, connections, mesh), a connect flood it
+        // mostly refuses stalled it for as long as the queue stayed full.
+        in_a_row += 1;
+        if in_a_row == ACCEPTS_IN_A_ROW {
+            in_a_row = 0;
+            futures_lite::future::yield_now().await;
+        }
         let accepted =
             futures_lite::future::or(async { Some(listener.accept().await) }, stop()).await;
         let stream = match accepted {
@@ -361,14 +370,26 @@ async fn accept_loop(
         };
         backoff = Duration::from_millis(10);
         if shard.cfg.server.accept == AcceptMode::Balanced && shard.n > 1 {
-            // Hand the connection to the least-loaded shard (which checks the limits).
+            // Hand the connection to the least-loaded shard (which checks the limits),
+            // unless the process is at its budget (refused here, below: a handed socket
+            // holds a descriptor until its shard takes it).
             let target = least_loaded(&shard.control);
-            if target != shard.id {
+            let process_total: usize = shard
+                .control
+                .load
+                .iter()
+                .map(|l| l.load(Ordering::Relaxed))
+                .sum();
+            if target != shard.id && process_total < shard.control.budget {
                 shard.count("sipring_cross_shard_total{op=\"adopt\"}");
                 match sys::sock::into_owned_fd(stream) {
                     Ok(fd) => shard.adopt_elsewhere(target, fd, kind, client_auth),
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot hand a connection to another shard")
+                        if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
+                            tracing::warn!(error = %e, left_out, "cannot hand a connection to another shard; closed it (at most one line a second)");
+                        }
+                        glommio::timer::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 }
                 continue;
@@ -377,6 +398,9 @@ async fn accept_loop(
         admit(&shard, stream, kind, client_auth);
     }
 }
+
+/// Connections a listener accepts in a row before it yields to the rest of its shard.
+const ACCEPTS_IN_A_ROW: u32 = 32;
 
 /// The shard with the fewest connections and handshakes.
 fn least_loaded(control: &Control) -> usize {

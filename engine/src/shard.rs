@@ -130,7 +130,7 @@ pub enum ShardMsg {
     /// Serve this accepted connection here (balanced accept mode).
     Adopt {
         /// The socket.
-        fd: std::os::fd::OwnedFd,
+        fd: HandedFd,
         /// Listener kind.
         kind: ListenKind,
         /// Optional client auth on that listener.
@@ -1578,7 +1578,10 @@ impl Shard {
                 kind,
                 client_auth,
             } => {
-                admit(self, crate::sys::sock::from_owned_fd(fd), kind, client_auth);
+                // Out of the pending count first: `admit` counts it as a connection.
+                if let Some(fd) = fd.take() {
+                    admit(self, crate::sys::sock::from_owned_fd(fd), kind, client_auth);
+                }
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
             ShardMsg::Released { conn, aor } => self.release_place(conn, &aor),
@@ -1628,6 +1631,7 @@ impl Shard {
         kind: ListenKind,
         client_auth: ClientAuth,
     ) {
+        let fd = HandedFd::new(&self.control, to, fd);
         self.reply(
             to,
             ShardMsg::Adopt {
@@ -2019,6 +2023,41 @@ impl Shard {
     /// Is there nothing in flight (transactions, pending lookups)?
     pub fn idle(&self) -> bool {
         self.proxy.borrow().is_idle()
+    }
+}
+
+/// A socket handed to another shard (balanced accept mode): counted in that shard's load
+/// from the hand-off, not only once it admits it. Before, sockets waiting on the mesh
+/// counted nowhere: a burst passed the process's descriptor budget (EMFILE broke partner
+/// dials and reloads), and every one went to the same shard, the least loaded until it
+/// caught up.
+#[derive(Debug)]
+pub struct HandedFd {
+    fd: Option<std::os::fd::OwnedFd>,
+    control: Arc<Control>,
+    to: usize,
+}
+
+impl HandedFd {
+    fn new(control: &Arc<Control>, to: usize, fd: std::os::fd::OwnedFd) -> HandedFd {
+        control.load[to].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HandedFd {
+            fd: Some(fd),
+            control: control.clone(),
+            to,
+        }
+    }
+
+    /// The socket, no longer counted as pending.
+    fn take(mut self) -> Option<std::os::fd::OwnedFd> {
+        self.fd.take()
+    }
+}
+
+impl Drop for HandedFd {
+    fn drop(&mut self) {
+        // Taken or dropped with its message (the mesh refused it), the count goes back.
+        self.control.load[self.to].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
