@@ -493,6 +493,7 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
                 value,
                 "9999999999999",
                 "1",
+                &sipring::cluster::unix_ms().to_string(),
             ],
         );
         assert_eq!(r.trim(), "0", "an earlier life's write was applied");
@@ -500,6 +501,49 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
             redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"]),
             field
         );
+    }
+    // A field whose bindings all expired over a minute ago (a node retired, or replaced
+    // under another name) goes with the next write to its key by any node; one still live
+    // stays. Before, every write lengthened the key and such a field stayed for good.
+    {
+        let key = "b:{sip:pruned@example.com}";
+        let now = sipring::cluster::unix_ms();
+        let far = (now + 3_600_000).to_string();
+        redis_cli(
+            redis.live_port(),
+            &[
+                "-c",
+                "hset",
+                key,
+                "node-gone",
+                &format!("7 {}\n", now - 61_000),
+                "node-live",
+                &format!("7 {far}\n"),
+            ],
+        );
+        let r = redis_cli(
+            redis.live_port(),
+            &[
+                "-c",
+                "eval",
+                sipring::cluster::WRITE_FIELD,
+                "1",
+                key,
+                "node-z",
+                &format!("1 {far}\n"),
+                &far,
+                "1",
+                &now.to_string(),
+            ],
+        );
+        assert_eq!(r.trim(), "1");
+        let mut fields: Vec<String> = redis_cli(redis.live_port(), &["-c", "hkeys", key])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        fields.sort();
+        assert_eq!(fields, ["node-live", "node-z"]);
+        redis_cli(redis.live_port(), &["-c", "del", key]);
     }
     let mut caller = c.ua(2, "caller0");
     call(&mut caller, &mut callee, "cross-node-1");

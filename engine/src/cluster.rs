@@ -574,8 +574,9 @@ async fn write_field(
     aor: &str,
     field: &Field,
 ) -> redis::RedisResult<()> {
+    let now = unix_ms();
     let (value, latest) = match field {
-        Some((v, latest)) if *latest > unix_ms() => (v.as_str(), *latest),
+        Some((v, latest)) if *latest > now => (v.as_str(), *latest),
         _ => ("", 0),
     };
     redis::cmd("EVAL")
@@ -586,6 +587,7 @@ async fn write_field(
         .arg(value)
         .arg(latest)
         .arg(st.epoch)
+        .arg(now)
         .query_async::<i64>(c)
         .await
         .map(drop)
@@ -598,9 +600,21 @@ async fn write_field(
 /// expired), at one frozen clock. A field a later life of this node wrote (a greater epoch
 /// `ARGV[4]`, compared as decimal text: epochs pass Lua's exact numbers) is left alone: a
 /// write of an earlier life that arrives late loses.
+///
+/// Other nodes' fields whose bindings all expired more than a minute before `ARGV[5]` (the
+/// writer's clock, unix ms; the minute absorbs clock skew) go too. Nothing else removes
+/// them while the key lives: a node killed and replaced under another name, or retired,
+/// left its field for as long as any node kept the key alive (each write lengthens it),
+/// and so did a node whose bindings expired without a write. Never routed to (their
+/// expiry says so), they only held memory.
 pub const WRITE_FIELD: &str = "local cur = redis.call('HGET', KEYS[1], ARGV[1]) \
      if cur then local e = string.match(cur, '^(%d+) ') \
        if e and (#e > #ARGV[4] or (#e == #ARGV[4] and e > ARGV[4])) then return 0 end end \
+     local all = redis.call('HGETALL', KEYS[1]) \
+     for i = 1, #all, 2 do if all[i] ~= ARGV[1] then \
+       local x = string.match(all[i + 1], '^%d+ (%d+)') \
+       if x and tonumber(x) + 60000 < tonumber(ARGV[5]) then redis.call('HDEL', KEYS[1], all[i]) end \
+     end end \
      if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) end \
      redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \
      redis.call('PEXPIREAT', KEYS[1], ARGV[3], 'NX') \
@@ -716,7 +730,9 @@ fn masters(nodes: &str) -> Vec<String> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let master = f.get(2)?.split(',').any(|x| x == "master");
-            let failed = f.get(2)?.contains("fail");
+            // Flags compared whole: `nofailover` (a master of a cluster run with
+            // cluster-replica-no-failover) is no failure.
+            let failed = f.get(2)?.split(',').any(|x| x == "fail" || x == "fail?");
             (master && !failed).then(|| f.get(1)?.split('@').next().map(str::to_string))?
         })
         .collect()
@@ -1021,8 +1037,13 @@ mod tests {
         let nodes = "a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460\n\
                      b2 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
                      c3 127.0.0.1:7003@17003 master,fail - 0 0 2 disconnected\n\
-                     d4 127.0.0.1:7004@17004 master - 0 0 3 connected 5461-16383\n";
-        assert_eq!(masters(nodes), vec!["127.0.0.1:7001", "127.0.0.1:7004"]);
+                     d4 127.0.0.1:7004@17004 master - 0 0 3 connected 5461-10000\n\
+                     e5 127.0.0.1:7005@17005 master,nofailover - 0 0 4 connected 10001-16383\n\
+                     f6 127.0.0.1:7006@17006 master,fail? - 0 0 5 connected\n";
+        assert_eq!(
+            masters(nodes),
+            vec!["127.0.0.1:7001", "127.0.0.1:7004", "127.0.0.1:7005"]
+        );
     }
 
     #[test]
