@@ -328,8 +328,8 @@ struct State {
     alive: RefCell<HashMap<String, u64>>,
     /// The other nodes whose liveness key was read at least once (present or not). Until
     /// every one was — for at most `liveness_ms` after start — `alive` says nothing: a lookup
-    /// found no holder where it had not looked.
-    liveness_read: RefCell<HashSet<String>>,
+    /// found no holder where it had not looked. With the last successful read's instant.
+    liveness_read: RefCell<HashMap<String, Instant>>,
     started: Instant,
     cfg: ClusterConfig,
     epoch: u64,
@@ -400,7 +400,7 @@ async fn run(
     let st = Rc::new(State {
         conn: RefCell::new(None),
         alive: RefCell::new(HashMap::new()),
-        liveness_read: RefCell::new(HashSet::new()),
+        liveness_read: RefCell::new(HashMap::new()),
         started: Instant::now(),
         cfg,
         epoch,
@@ -958,7 +958,9 @@ async fn heartbeat(st: Rc<State>) {
                         .query_async(&mut c)
                         .await;
                     if r.is_ok() {
-                        st.liveness_read.borrow_mut().insert(n.clone());
+                        st.liveness_read
+                            .borrow_mut()
+                            .insert(n.clone(), Instant::now());
                     }
                     match r {
                         Ok(Some(epoch)) => {
@@ -972,7 +974,19 @@ async fn heartbeat(st: Rc<State>) {
                                 tracing::warn!(node = %n, "cluster node down: its liveness key expired; its users get 480 until they register elsewhere");
                             }
                         }
-                        Err(e) => st.failed("liveness", &e),
+                        Err(e) => {
+                            st.failed("liveness", &e);
+                            // Unreadable (its master down, no replica promoted yet) for
+                            // longer than a live node refreshes it: as if expired. It kept
+                            // the node alive for as long as the master was down, and every
+                            // request for its users waited on a dial.
+                            let stale = st.liveness_read.borrow().get(&n).is_none_or(|t| {
+                                t.elapsed() > Duration::from_millis(st.cfg.liveness_ms)
+                            });
+                            if stale && st.alive.borrow_mut().remove(&n).is_some() {
+                                tracing::warn!(node = %n, "cluster node down: its liveness key could not be read for longer than its liveness; its users get 480 until it is read again");
+                            }
+                        }
                     }
                     reading.borrow_mut().remove(&n);
                 });
