@@ -351,6 +351,10 @@ struct State {
     /// The process stops: no more heartbeats (one after the key's deletion would bring the
     /// node back to life for the others).
     stopping: std::cell::Cell<bool>,
+    /// A heartbeat's liveness write is on its way (the withdrawal waits for it: retried by
+    /// the client after the deletion, it set the key again, and the other nodes routed to a
+    /// node that had exited for another `liveness_ms`).
+    beating: std::cell::Cell<bool>,
 }
 
 impl State {
@@ -413,6 +417,7 @@ async fn run(
         claimed: std::cell::Cell::new(false),
         name_taken,
         stopping: std::cell::Cell::new(false),
+        beating: std::cell::Cell::new(false),
     });
     // Connect (and keep trying) in the background; until then requests fail fast.
     {
@@ -683,6 +688,13 @@ const DELETE_IF_OURS: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
 /// of the deletion on the connection), then the key goes if it is this life's.
 async fn withdraw(st: &State) -> bool {
     st.stopping.set(true);
+    // A beat still on its way (in the client's retries) lands before the deletion, not
+    // after it; bounded by the store timeout, as the beat is.
+    let timeout = Duration::from_millis(st.cfg.store_timeout_ms);
+    let t0 = Instant::now();
+    while st.beating.get() && t0.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let Some(mut c) = st.conn() else {
         return false;
     };
@@ -693,7 +705,6 @@ async fn withdraw(st: &State) -> bool {
         .arg(node_key(me))
         .arg(st.epoch);
     let del = cmd.query_async::<i64>(&mut c);
-    let timeout = Duration::from_millis(st.cfg.store_timeout_ms);
     match tokio::time::timeout(timeout, del).await {
         Ok(Ok(n)) => {
             tracing::info!(node = %me, held = n == 1, "liveness withdrawn: the other nodes stop routing here");
@@ -908,6 +919,7 @@ async fn heartbeat(st: Rc<State>) {
             // it (a store that restarted empty or lost writes in a failover — or this node
             // stalled past its liveness), what this node wrote may be gone too, so every
             // shard writes its bindings again. Another epoch's is never overwritten.
+            st.beating.set(true);
             let r: redis::RedisResult<Option<u64>> = redis::cmd("EVAL")
                 .arg(LIVENESS_IF_OURS)
                 .arg(1)
@@ -916,6 +928,7 @@ async fn heartbeat(st: Rc<State>) {
                 .arg(st.cfg.liveness_ms)
                 .query_async(&mut c)
                 .await;
+            st.beating.set(false);
             match r {
                 // Ours: set now, or by an earlier SET whose answer was lost.
                 Ok(prev) if !st.claimed.get() && prev.is_none_or(|e| e == st.epoch) => {
