@@ -843,6 +843,8 @@ async fn sweep_previous_life(st: Rc<State>) {
 async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::SharedSubscribers) {
     let period = Duration::from_secs(st.cfg.subscribers_refresh_s);
     let mut loaded = false;
+    // What the last read held: an unchanged hash is not parsed again.
+    let mut last: Option<u64> = None;
     loop {
         if let Some(mut c) = st.conn() {
             let r: redis::RedisResult<Vec<(String, String)>> =
@@ -850,8 +852,29 @@ async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::Shar
             match r {
                 Ok(entries) => {
                     let text: Vec<&str> = entries.iter().map(|(_, v)| v.as_str()).collect();
-                    match crate::auth::parse_subscribers(&text.join("\n"), &format!("store {key}"))
-                    {
+                    let text = text.join("\n");
+                    let digest = {
+                        use std::hash::{BuildHasher, BuildHasherDefault};
+                        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                            .hash_one(&text)
+                    };
+                    if last == Some(digest) {
+                        tokio::time::sleep(period).await;
+                        continue;
+                    }
+                    // Off this thread: parsing a large hash (100,000 subscribers, tens of MB
+                    // of TOML) here held up the heartbeat and every lookup and write queued
+                    // behind it, long enough for this node's liveness key to lapse.
+                    let source = format!("store {key}");
+                    let parsed = tokio::task::spawn_blocking(move || {
+                        crate::auth::parse_subscribers(&text, &source)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("parsing the subscribers failed: {e}")));
+                    if parsed.is_ok() {
+                        last = Some(digest);
+                    }
+                    match parsed {
                         Ok(t) if t.is_empty() && !into.0.load().is_empty() => {
                             // The key is gone (deleted, lost in a failover, a store restarted
                             // without persistence): keeping who could sign in beats locking
