@@ -641,6 +641,21 @@ fn bye_to_a_dead_callee(
     from: &str,
     call: &str,
 ) -> Vec<u8> {
+    bye_along_the_route(n, upstream, vias, from, call, |n, _| {
+        n.proxy.handle_flow_closed(n.now, &B);
+        n.pump();
+    })
+}
+
+/// As [`bye_to_a_dead_callee`], but what becomes of the BYE that reached B is `fail`'s.
+fn bye_along_the_route(
+    n: &mut Net,
+    upstream: &Flow,
+    vias: &str,
+    from: &str,
+    call: &str,
+    fail: impl FnOnce(&mut Net, &[u8]),
+) -> Vec<u8> {
     let via = |i: u32| vias.replace("{}", &i.to_string());
     n.register("bob", &B, "10.0.0.2:5061");
     let inv = format!(
@@ -659,17 +674,37 @@ fn bye_to_a_dead_callee(
         String::from_utf8_lossy(&rr)
     );
     n.send(upstream, bye.as_bytes());
-    assert_eq!(method(&n.one(&B)), "BYE");
-    n.proxy.handle_flow_closed(n.now, &B);
-    n.pump();
+    let fwd = n.one(&B);
+    assert_eq!(method(&fwd), "BYE");
+    fail(n, &fwd);
     n.one(upstream)
 }
 
 #[test]
-fn an_edge_proxys_430_reaches_a_phone_as_480_and_a_partner_as_430() {
+fn an_edge_proxys_430_on_a_dialog_route_reaches_a_partner_as_430_and_a_phone_as_480() {
+    // Along our dialog route the 430 is for the proxy before us (RFC 5626 §5.3): a
+    // partner's proxy gets it; a phone got it as it came (§11.5: it reads 400): 480 now.
+    let edge_430 = |n: &mut Net, fwd: &[u8]| {
+        n.send(&B, &answer(fwd, 430, "Flow Failed", "b1"));
+    };
+    let (carrier, mut n) = carrier_net();
+    let vias = "Via: SIP/2.0/TLS sbc.carrier.example;branch=z9hG4bKe4c{}\r\n";
+    let from = "<sip:x@carrier.example>";
+    let up = bye_along_the_route(&mut n, &carrier, vias, from, "e430-c", edge_430);
+    assert_eq!(status(&up), 430, "{}", first_line(&up));
+    let mut n = Net::new();
+    let vias = "Via: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKe4a{}\r\n";
+    let from = "<sip:alice@example.com>";
+    let up = bye_along_the_route(&mut n, &A, vias, from, "e430-a", edge_430);
+    assert_eq!(status(&up), 480, "{}", first_line(&up));
+}
+
+#[test]
+fn an_edge_proxys_430_for_a_user_we_looked_up_is_480_for_anyone() {
     // Bob behind an edge proxy (one flow, on B): the edge's flow to bob failed and it says
-    // 430. No other flow takes the request; a phone got the 430 as it came (RFC 5626 §11.5:
-    // an endpoint reads it as 400). 480 now; the proxy before us (a partner) still gets 430.
+    // 430. No other flow takes the request; we looked bob up, so the 430 is for us (RFC
+    // 5626 §5.3): a phone got it as it came (§11.5: it reads 400), and a partner's SBC
+    // passed it on to its phone. 480 to either now.
     for from_partner in [false, true] {
         let (carrier, mut n) = carrier_net();
         n.register("bob", &B, "10.0.0.2:5061");
@@ -685,8 +720,7 @@ fn an_edge_proxys_430_reaches_a_phone_as_480_and_a_partner_as_430() {
         n.send(&B, &answer(&fwd, 430, "Flow Failed", "e1"));
         assert_eq!(method(&n.one(&B)), "ACK");
         let finals: Vec<u16> = n.take(&up).iter().map(|m| status(m)).collect();
-        let want = if from_partner { 430 } else { 480 };
-        assert_eq!(finals, [want], "from a partner: {from_partner}");
+        assert_eq!(finals, [480], "from a partner: {from_partner}");
     }
 }
 

@@ -2256,6 +2256,7 @@ impl ShardProxy {
         }
         let Some(sk) = server else { return };
         let limits = self.limits;
+        let mut status = status;
         let upstream: Bytes = match resp {
             BranchResponse::Local(b) => b,
             BranchResponse::Downstream(b) => {
@@ -2268,6 +2269,7 @@ impl ShardProxy {
                     .get(sk)
                     .and_then(|s| self.partner_of(&s.inbound))
                     .filter(|p| !self.proxy.is_node(p));
+                let by_token = self.clients.get(key).is_some_and(|c| c.by_token);
                 let (proxy, policy) = (&self.proxy, &self.policy);
                 let Some(out) = with_parsed(&b, &limits, |m, _| {
                     let strip = policy.strips_response_identity(m, from_partner, to_partner);
@@ -2275,7 +2277,18 @@ impl ShardProxy {
                 }) else {
                     return;
                 };
-                out.into()
+                // An edge proxy's 430 (the device's flow to it failed; no other flow took
+                // the request, or it would not be here) on a branch to a registered contact
+                // is for us, the proxy that looked the user up (RFC 5626 §5.3): the device
+                // is unreachable, 480, as for a flow of ours that failed. On a dialog route
+                // it goes on to the proxy before us, a partner's; a phone never gets one
+                // (§11.5: it reads 400), nor another node (it relays to a phone).
+                if status == 430 && (!by_token || to_partner.is_none()) {
+                    status = 480;
+                    with_status(&out, b"SIP/2.0 480 Temporarily Unavailable").into()
+                } else {
+                    out.into()
+                }
             }
         };
         let Some(s) = self.servers.get_mut(sk) else {
@@ -2353,9 +2366,6 @@ impl ShardProxy {
             return;
         }
         let limits = self.limits;
-        let upstream_is_partner = self
-            .partner_of(&s.inbound)
-            .is_some_and(|p| !self.proxy.is_node(p));
         let s = self.servers.get_mut(sk).expect("checked");
         let (code, mut bytes) = s.best.take().expect("checked");
         if code == 408 && sk.method != KeyMethod::Invite {
@@ -2391,13 +2401,6 @@ impl ShardProxy {
         let code = if code == 503 {
             bytes = with_status(&bytes, b"SIP/2.0 500 Server Internal Error").into();
             500
-        } else if code == 430 && !upstream_is_partner {
-            // An edge proxy's 430 (the device's flow to it failed, and no other flow took
-            // the request) is for the proxy before it (RFC 5626 §5.3): a phone never gets
-            // one (§11.5: it reads 400), nor a cluster node (it relays to a phone). The
-            // device is unreachable: 480, as for a flow of ours that failed.
-            bytes = with_status(&bytes, b"SIP/2.0 480 Temporarily Unavailable").into();
-            480
         } else {
             code
         };
