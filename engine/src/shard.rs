@@ -333,9 +333,12 @@ pub struct Shard {
     /// Connections closed for what their peer did (slow reader, framing lost, KeyUpdate
     /// flood) likewise: one peer can cause one per connection it opens.
     pub conn_log: LogLimiter,
-    /// Partner links that fail to come up, or come up (each follows a dial, which the
-    /// backoff bounds per partner; the limiter bounds them over many partners) likewise.
+    /// Partner links that fail to come up (each follows a dial, which the backoff bounds
+    /// per partner; the limiter bounds them over many partners) likewise; and, apart (one
+    /// must not hide the other), links that come up.
     pub peer_log: LogLimiter,
+    /// See `peer_log`.
+    pub peer_up_log: LogLimiter,
     /// Read buffers lent to connections only while they have data (idle ones hold none).
     read_pool: RefCell<Vec<Vec<u8>>>,
     /// Bytes all connections hold for incomplete messages.
@@ -615,6 +618,7 @@ impl Shard {
             reject_log: Default::default(),
             conn_log: LogLimiter::default(),
             peer_log: LogLimiter::default(),
+            peer_up_log: LogLimiter::default(),
             read_pool: RefCell::new(Vec::new()),
             partial_total: Cell::new(0),
             queued_total: Cell::new(0),
@@ -969,8 +973,9 @@ impl Shard {
     pub fn conn_opened(&self, handle: ConnHandle) {
         let id = handle.id;
         self.rechecks.opened(&handle);
-        // A partner that connected to us is up: dial it again at once.
-        if let Some(p) = handle.principal.partner() {
+        // A partner that connected to us is up: dial it again at once. (Not our own dial:
+        // whether that worked is for `peer_down` to say, once the link has lasted.)
+        if let Some(p) = handle.principal.partner().filter(|_| !handle.outbound) {
             self.peer_backoff.borrow_mut().remove(p);
         }
         self.proxy.borrow_mut().set_flow_info(

@@ -447,7 +447,7 @@ async fn connect_peer(
                 _ => "connect timeout".into(),
             };
             if let Some(left_out) = shard.peer_log.allow(Instant::now()) {
-                tracing::warn!(peer = %name, %addr, error = %why, left_out, "cannot reach partner (partner links failing or coming up: at most one line a second; sipring_peer_connect_failures_total counts all)");
+                tracing::warn!(peer = %name, %addr, error = %why, left_out, "cannot reach partner (at most one line a second; sipring_peer_connect_failures_total counts all)");
             }
             shard.count("sipring_peer_connect_failures_total");
             return None;
@@ -468,8 +468,8 @@ async fn connect_peer(
         &policy_anchors(shard),
     );
     let layer = choose_layer(shard, &stream, sess)?;
-    if let Some(left_out) = shard.peer_log.allow(Instant::now()) {
-        tracing::info!(peer = %name, %addr, left_out, "partner link up (partner links failing or coming up: at most one line a second)");
+    if let Some(left_out) = shard.peer_up_log.allow(Instant::now()) {
+        tracing::info!(peer = %name, %addr, left_out, "partner link up (at most one line a second)");
     }
     Some((
         Established {
