@@ -592,7 +592,6 @@ async fn write_field(
         .arg(value)
         .arg(latest)
         .arg(st.epoch)
-        .arg(now)
         .query_async::<i64>(c)
         .await
         .map(drop)
@@ -606,8 +605,10 @@ async fn write_field(
 /// `ARGV[4]`, compared as decimal text: epochs pass Lua's exact numbers) is left alone: a
 /// write of an earlier life that arrives late loses.
 ///
-/// Other nodes' fields whose bindings all expired more than a minute before `ARGV[5]` (the
-/// writer's clock, unix ms; the minute absorbs clock skew) go too. Nothing else removes
+/// Other nodes' fields whose bindings all expired more than ten minutes ago by Redis's
+/// clock (`TIME`, one clock for every writer: a node whose own clock ran fast would have
+/// deleted the others' live fields; the ten minutes absorb skew between Redis and the
+/// nodes) go too. Nothing else removes
 /// them while the key lives: a node killed and replaced under another name, or retired,
 /// left its field for as long as any node kept the key alive (each write lengthens it),
 /// and so did a node whose bindings expired without a write. Never routed to (their
@@ -615,10 +616,12 @@ async fn write_field(
 pub const WRITE_FIELD: &str = "local cur = redis.call('HGET', KEYS[1], ARGV[1]) \
      if cur then local e = string.match(cur, '^(%d+) ') \
        if e and (#e > #ARGV[4] or (#e == #ARGV[4] and e > ARGV[4])) then return 0 end end \
+     local t = redis.call('TIME') \
+     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) \
      local all = redis.call('HGETALL', KEYS[1]) \
      for i = 1, #all, 2 do if all[i] ~= ARGV[1] then \
        local x = string.match(all[i + 1], '^%d+ (%d+)') \
-       if x and tonumber(x) + 60000 < tonumber(ARGV[5]) then redis.call('HDEL', KEYS[1], all[i]) end \
+       if x and tonumber(x) + 600000 < now then redis.call('HDEL', KEYS[1], all[i]) end \
      end end \
      if ARGV[2] == '' then return redis.call('HDEL', KEYS[1], ARGV[1]) end \
      redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) \

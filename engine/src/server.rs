@@ -321,6 +321,8 @@ async fn accept_loop(
         }
     };
     let mut backoff = Duration::from_millis(10);
+    // Its own: every successful accept resets the one above.
+    let mut handoff_backoff = Duration::from_millis(10);
     let mut in_a_row = 0u32;
     loop {
         // A full accept queue completes every accept at once: without a turn for the rest
@@ -383,13 +385,16 @@ async fn accept_loop(
             if target != shard.id && process_total < shard.control.budget {
                 shard.count("sipring_cross_shard_total{op=\"adopt\"}");
                 match sys::sock::into_owned_fd(stream) {
-                    Ok(fd) => shard.adopt_elsewhere(target, fd, kind, client_auth),
+                    Ok(fd) => {
+                        handoff_backoff = Duration::from_millis(10);
+                        shard.adopt_elsewhere(target, fd, kind, client_auth)
+                    }
                     Err(e) => {
                         if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
                             tracing::warn!(error = %e, left_out, "cannot hand a connection to another shard; closed it (at most one line a second)");
                         }
-                        glommio::timer::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        glommio::timer::sleep(handoff_backoff).await;
+                        handoff_backoff = (handoff_backoff * 2).min(Duration::from_secs(1));
                     }
                 }
                 continue;
@@ -468,7 +473,8 @@ impl Running {
         if let (Some(store), Some(c)) = (&self.control.store, &self.cfg.cluster)
             && !self.control.stopping.load(Ordering::Relaxed)
         {
-            store.withdraw(Duration::from_millis(c.store_timeout_ms));
+            // A beat on its way first (at most the store timeout), then the deletion.
+            store.withdraw(Duration::from_millis(2 * c.store_timeout_ms + 100));
         }
         self.control.stopping.store(true, Ordering::Relaxed);
         // The admin thread blocks in accept(): one connection wakes it to see `stopping` and
