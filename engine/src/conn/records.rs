@@ -94,14 +94,13 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
     };
     match typ {
         content::ALERT => {
-            if payload == [1, 0] {
-                Err("close_notify")
-            } else {
+            let r = alert_outcome(payload);
+            if r == Err("alert") {
                 // One per connection, which ends here: debug (a peer opening connections to
                 // send alerts must not write the log at its pace).
                 tracing::debug!(conn = conn.id, alert = ?payload, "TLS alert from peer");
-                Err("alert")
             }
+            r
         }
         content::HANDSHAKE => {
             let messages = handshake_messages(payload)?;
@@ -155,9 +154,34 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
     }
 }
 
+/// What an alert record from the peer does, as userspace rustls has it: close_notify
+/// (description 0) whatever its level (a peer that sends it as fatal still closes cleanly:
+/// the answers in progress are finished, not dropped); user_canceled as a warning is
+/// ignored (RFC 8446 §6.1: a close_notify follows it); any other ends the connection.
+fn alert_outcome(payload: &[u8]) -> Result<(), &'static str> {
+    match payload {
+        [_, 0] => Err("close_notify"),
+        [1, 90] => Ok(()),
+        _ => Err("alert"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::handshake_messages;
+    use super::{alert_outcome, handshake_messages};
+
+    #[test]
+    fn alerts_close_as_userspace_rustls_does() {
+        // A close_notify sent at fatal level was an `alert`: the answers in progress on the
+        // connection were dropped instead of finished.
+        assert_eq!(alert_outcome(&[1, 0]), Err("close_notify"));
+        assert_eq!(alert_outcome(&[2, 0]), Err("close_notify"));
+        // user_canceled, a warning, comes before the close_notify: not an abort.
+        assert_eq!(alert_outcome(&[1, 90]), Ok(()));
+        for other in [&[2u8, 90][..], &[2, 42], &[1, 42], &[0], &[]] {
+            assert_eq!(alert_outcome(other), Err("alert"), "{other:?}");
+        }
+    }
 
     #[test]
     fn handshake_records_are_split_into_whole_messages_or_refused() {
