@@ -18,6 +18,7 @@
 use crate::shard::Shard;
 use sipring_core::registrar::FlowId;
 use std::cell::{Cell, RefCell};
+use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 /// Chains verified per 10 ms tick (a chain costs tens of microseconds).
@@ -28,8 +29,13 @@ const RECHECK_PER_TICK: usize = 16;
 pub struct Rechecks {
     /// The policy generation this shard has queued its connections for.
     seen: Cell<u64>,
-    /// Connections still to check.
-    queue: RefCell<Vec<FlowId>>,
+    /// Connections still to check, first queued first (each once: `queued`). A reload
+    /// appends what it adds and keeps what an earlier one queued: reloads that came faster
+    /// than one pass (a provisioning portal reloading per subscriber change) emptied and
+    /// refilled the queue in the same order each time, and the connections at its back were
+    /// never checked (one a new CRL revoked stayed up).
+    queue: RefCell<VecDeque<FlowId>>,
+    queued: RefCell<HashSet<FlowId>>,
 }
 
 impl Rechecks {
@@ -41,8 +47,20 @@ impl Rechecks {
             .as_ref()
             .is_some_and(|c| c.generation.get() < self.seen.get())
         {
-            self.queue.borrow_mut().push(conn.id);
+            self.push(conn.id);
         }
+    }
+
+    fn push(&self, id: FlowId) {
+        if self.queued.borrow_mut().insert(id) {
+            self.queue.borrow_mut().push_back(id);
+        }
+    }
+
+    fn pop(&self) -> Option<FlowId> {
+        let id = self.queue.borrow_mut().pop_front()?;
+        self.queued.borrow_mut().remove(&id);
+        Some(id)
     }
 }
 
@@ -53,34 +71,33 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
     let generation = shard.control.tls_generation();
     if generation != r.seen.get() {
         r.seen.set(generation);
-        let mut q = r.queue.borrow_mut();
-        q.clear();
-        q.extend(
-            shard
-                .conns
-                .borrow()
-                .values()
-                .filter(|c| {
-                    c.chain
-                        .as_ref()
-                        .is_some_and(|ch| ch.generation.get() < generation)
-                })
-                .map(|c| c.id),
-        );
+        for c in shard.conns.borrow().values() {
+            if c.chain
+                .as_ref()
+                .is_some_and(|ch| ch.generation.get() < generation)
+            {
+                r.push(c.id);
+            }
+        }
     }
     if publish {
         let t = (crate::cluster::unix_ms() / 1000) as i64;
         let anchors = shard.policy.load().anchor_expiries.clone();
-        let mut q = r.queue.borrow_mut();
         for c in shard.conns.borrow().values() {
             // Checked at each expiry in its chain: one that still verifies (a presented root
             // webpki does not use expired) stays until the next. notAfter is the last valid
-            // second (RFC 5280 §4.1.2.5): past it, not at it.
+            // second (RFC 5280 §4.1.2.5): past it, not at it. Partner roots' expiries count
+            // for partner links only.
             if let Some(ch) = &c.chain
                 && ch.expires.get() < t
             {
-                ch.expires.set(ch.next_expiry(t, &anchors));
-                q.push(c.id);
+                let anchors = if c.principal.partner().is_some() {
+                    &anchors[..]
+                } else {
+                    &[]
+                };
+                ch.expires.set(ch.next_expiry(t, anchors));
+                r.push(c.id);
             }
         }
     }
@@ -89,7 +106,7 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
     }
     let policy = shard.policy.load_full();
     for _ in 0..RECHECK_PER_TICK {
-        let Some(id) = r.queue.borrow_mut().pop() else {
+        let Some(id) = r.pop() else {
             break;
         };
         let Some(c) = shard.conns.borrow().get(&id).cloned() else {
@@ -140,5 +157,29 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
             }
         }
         c.close("certificate_recheck");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rechecks;
+
+    #[test]
+    fn the_queue_is_first_in_first_out_and_holds_each_connection_once() {
+        // What a reload queues goes behind what earlier ones queued, and what is queued
+        // already keeps its place: connections at the back are reached however often the
+        // policy changes (the queue was emptied and refilled in one order per reload).
+        let r = Rechecks::default();
+        for id in [3, 1, 2] {
+            r.push(id);
+        }
+        assert_eq!(r.pop(), Some(3));
+        // A second reload queues everything again: 1 and 2 keep their places, 3 comes last.
+        for id in [2, 3, 1] {
+            r.push(id);
+        }
+        let order: Vec<_> = std::iter::from_fn(|| r.pop()).collect();
+        assert_eq!(order, [1, 2, 3]);
+        assert_eq!(r.pop(), None);
     }
 }
