@@ -168,9 +168,21 @@ impl CredentialStore for Credentials {
 
 /// Loads the configured subscribers (an empty table when none are configured).
 pub fn subscribers(cfg: &Config) -> Result<SubscriberTable, String> {
+    subscribers_read_once(cfg).map(|(t, _)| t)
+}
+
+/// [`subscribers`], and whether the file held nothing but whitespace: from one read (a
+/// second read to tell could see a file that a script had truncated, and then begun to
+/// write, while the first saw it empty).
+pub fn subscribers_read_once(cfg: &Config) -> Result<(SubscriberTable, bool), String> {
     match &cfg.auth.subscribers {
-        Some(p) => load_subscribers(p),
-        None => Ok(SubscriberTable::default()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
+            let blank = text.trim_ascii().is_empty();
+            parse_subscribers(&text, &p.display().to_string()).map(|t| (t, blank))
+        }
+        None => Ok((SubscriberTable::default(), false)),
     }
 }
 
@@ -313,6 +325,17 @@ mod tests {
         let p = dir.join("realm.toml");
         std::fs::write(&p, "[[subscriber]]\nusername = \"bob\"\nrealm = \"example.com\"\naors = [\"sip:bob@example.com\", \"sip:bob@example.net\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n[[subscriber]]\nusername = \"eve\"\nrealm = \"example.com\"\naors = [\"sip:eve@example.net\"]\nha1_md5 = \"0123456789abcdef0123456789abcdef\"\n").unwrap();
         let t = load_subscribers(&p).unwrap();
+        // Blank or not is told from the one read that was parsed (a reload refuses a blank
+        // file where there were subscribers; a comment says the emptiness is meant).
+        let mut cfg = Config::default();
+        for (text, blank) in [(" \n\t\n", true), ("# nobody\n", false)] {
+            let q = dir.join("blank.toml");
+            std::fs::write(&q, text).unwrap();
+            cfg.auth.subscribers = Some(q);
+            let (t, b) = subscribers_read_once(&cfg).unwrap();
+            assert!(t.is_empty());
+            assert_eq!(b, blank, "{text:?}");
+        }
         assert_eq!(
             t.subscriber("bob", "example.com").unwrap().aors,
             vec!["sip:bob@example.com".to_string()]

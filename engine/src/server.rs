@@ -723,20 +723,15 @@ impl Reloader {
                 )
             })
             .and_then(|p| {
-                crate::auth::subscribers(&cfg)
+                crate::auth::subscribers_read_once(&cfg)
                     .map_err(|e| ("auth.subscribers".to_string(), e.clone(), e))
-                    .and_then(|s| {
+                    .and_then(|(s, blank)| {
                         // An empty file (no byte but whitespace) where there were
                         // subscribers is a file caught mid-write (`… > file` truncates it
                         // first), not an operator removing everyone — who leaves a comment
                         // saying so: refused, as the cluster's empty table is.
                         let before = self.control.identity.subscribers.0.load().len();
-                        let blank = || {
-                            cfg.auth.subscribers.as_ref().is_some_and(|p| {
-                                std::fs::read(p).is_ok_and(|b| b.trim_ascii().is_empty())
-                            })
-                        };
-                        if s.is_empty() && before > 0 && blank() {
+                        if s.is_empty() && before > 0 && blank {
                             let why = format!(
                                 "the subscriber file has no subscribers (it had {before}): caught mid-write? \
                                  Write it elsewhere and rename it over"
