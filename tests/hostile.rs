@@ -906,6 +906,21 @@ fn the_admin_endpoint_cannot_be_held_or_made_to_reload_by_a_browser() {
     std::thread::sleep(sipring::admin::RELOAD_SPACING);
     let (third, _) = sipring_tests::server::admin(admin_addr, "POST", "/reload");
     assert!(third.starts_with("HTTP/1.0 200"), "{third}");
+    // A reload in progress elsewhere (a SIGHUP's): also told to come back, at once; it held
+    // the request's slot for as long as the other reload took.
+    std::thread::sleep(sipring::admin::RELOAD_SPACING);
+    {
+        let _sighup = srv.control.reload_lock.lock().unwrap();
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect(admin_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"POST /reload HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut busy = String::new();
+        let _ = s.read_to_string(&mut busy);
+        assert!(busy.starts_with("HTTP/1.0 429"), "{busy:?}");
+        assert!(t0.elapsed() < Duration::from_millis(500));
+    }
     // Per shard or merged, the same families: the process's own ones (reloads, kernel TLS)
     // were missing per shard.
     let per_shard = admin_get(admin_addr, "/metrics/shards");

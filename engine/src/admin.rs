@@ -98,7 +98,9 @@ fn spaced_reload(
     if last.is_some_and(|t| t.elapsed() < RELOAD_SPACING) {
         return None;
     }
-    let r = reloader.reload();
+    // A SIGHUP's reload in progress: answered at once too (it held the request's slot for
+    // as long as that reload took).
+    let r = reloader.try_reload()?;
     *last = Some(Instant::now());
     Some(r)
 }

@@ -687,6 +687,20 @@ impl Reloader {
             .reload_lock
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        self.reload_locked()
+    }
+
+    /// [`Reloader::reload`] unless another reload (a SIGHUP's) runs: `None` then, at once.
+    pub fn try_reload(&self) -> Option<Result<(), String>> {
+        let _one_at_a_time = match self.control.reload_lock.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.reload_locked())
+    }
+
+    fn reload_locked(&self) -> Result<(), String> {
         let cfg = match &self.path {
             Some(p) => match Config::load(p) {
                 Ok(c) => c,
