@@ -294,6 +294,59 @@ fn config_checks_shards_and_certificate_expiry() {
             .all(|c| c.name != "subscribers" && c.name != "auth.secret_file"),
         "{checks:?}"
     );
+    // CRLs: one past its nextUpdate passes the load (it is well formed) and closes what it
+    // covers at the next reload: a failure before then; one due within two days, a warning.
+    let partner = Ca::new("Partner CA").unwrap();
+    let roots = dir.write("partner-ca.pem", &partner.cert.cert_pem);
+    for (name, next, want) in [
+        ("stale", time::Duration::hours(-5), Verdict::Fail),
+        ("due", time::Duration::hours(10), Verdict::Warn),
+        ("fresh", time::Duration::days(30), Verdict::Pass),
+    ] {
+        let crl = dir.write(
+            &format!("{name}.crl"),
+            partner.crl_next_update(&[], next).unwrap(),
+        );
+        let mut cfg = cfg_with(cert(&format!("crl-{name}"), 200 * 24));
+        cfg.peer = vec![sipring::config::PeerConfig {
+            name: "partner".into(),
+            domains: vec!["partner.example.com".into()],
+            server_name: "sip.partner.example.com".into(),
+            roots: roots.clone(),
+            crls: vec![crl.clone()],
+            ..Default::default()
+        }];
+        let checks = run(&facts, Some(Ok(&cfg)));
+        assert_eq!(
+            verdict(&checks, &format!("CRL {}", crl.display())),
+            want,
+            "{checks:?}"
+        );
+        assert!(
+            checks.iter().all(|c| c.name != "partner roots"),
+            "{checks:?}"
+        );
+        if name == "fresh" {
+            // A partner root that lapses within 30 days: every link anchored there closes
+            // at that second.
+            let lapsing = Ca::with_validity("Lapsing CA", time::Duration::days(10)).unwrap();
+            cfg.peer[0].roots = dir.write("lapsing-ca.pem", &lapsing.cert.cert_pem);
+            cfg.peer[0].crls = vec![
+                dir.write(
+                    "lapsing.crl",
+                    lapsing
+                        .crl_next_update(&[], time::Duration::days(30))
+                        .unwrap(),
+                ),
+            ];
+            let checks = run(&facts, Some(Ok(&cfg)));
+            assert_eq!(
+                verdict(&checks, "partner roots"),
+                Verdict::Warn,
+                "{checks:?}"
+            );
+        }
+    }
     let mut cfg = cfg_with(cert("ok3", 200 * 24));
     cfg.tls.certificate[0].key = dir.write("bad.key", "junk");
     assert_eq!(

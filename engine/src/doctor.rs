@@ -169,7 +169,7 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
             "kernel",
             Warn,
             f.kernel.clone(),
-            "kernel older than 6.1: kTLS KeyUpdate and io_uring fixes are missing; upgrade to 6.1+",
+            "kernel older than 6.1: io_uring fixes are missing; upgrade to 6.1+ (kernel TLS for TLS 1.3 connections needs 6.14+: see the kernel TLS check)",
         )
     } else {
         check(
@@ -384,6 +384,42 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                             )
                         } else {
                             check(&name, Pass, format!("expires in {days} days"), "")
+                        });
+                    }
+                    // A partner whose root lapses loses every link at that second.
+                    if let Some(&first) = p.anchor_expiries.iter().filter(|&&t| t >= f.now).min() {
+                        let days = (first - f.now).div_euclid(86_400);
+                        if days <= 30 {
+                            out.push(check(
+                                "partner roots",
+                                Warn,
+                                format!("a partner root expires in {days} days"),
+                                "ask the partner for its new root, add it to the bundle and reload before then: at that second every link anchored only there closes",
+                            ));
+                        }
+                    }
+                    // A stale CRL passes the load (it is well formed) and then closes what
+                    // it covers at the next reload: a failing fetch job found by a SIGHUP.
+                    for (file, next) in crate::tls::crl_next_updates(c) {
+                        let Some(next) = next else { continue };
+                        let name = format!("CRL {}", file.display());
+                        let hours = (next - f.now).div_euclid(3600);
+                        out.push(if next <= f.now {
+                            check(
+                                &name,
+                                Fail,
+                                format!("past its nextUpdate ({} hours ago)", -hours),
+                                "fetch a fresh CRL: with unknown_revocation = \"deny\" every certificate it covers is refused, and at the next reload the live connections close",
+                            )
+                        } else if hours < 48 {
+                            check(
+                                &name,
+                                Warn,
+                                format!("next update due in {hours} hours"),
+                                "make sure the CRL fetch job runs before then",
+                            )
+                        } else {
+                            check(&name, Pass, format!("next update due in {} days", hours / 24), "")
                         });
                     }
                 }

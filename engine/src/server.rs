@@ -766,6 +766,12 @@ impl Reloader {
                     subscribers = n,
                     "TLS configuration reloaded (and the subscriber file)"
                 );
+                let now = (crate::cluster::unix_ms() / 1000) as i64;
+                for (file, next) in crate::tls::crl_next_updates(&cfg) {
+                    if let Some(next) = next.filter(|&t| t <= now) {
+                        tracing::warn!(file = %file.display(), hours_ago = (now - next) / 3600, "CRL past its nextUpdate: with unknown_revocation = \"deny\" the certificates it covers are refused, and their connections close now; fetch a fresh one and reload");
+                    }
+                }
                 Ok(())
             }
             Err((file, reason, whole)) => {

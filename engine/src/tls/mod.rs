@@ -131,6 +131,35 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
+/// Every CRL file the configuration names (partners', clients', the cluster's), with the
+/// earliest nextUpdate of its CRLs (unix seconds; `None`: none could be read, or none has
+/// one). A CRL past it says nothing of what was revoked since: under `unknown_revocation =
+/// "deny"` the connections it covers are refused, live ones at the next reload.
+pub fn crl_next_updates(cfg: &Config) -> Vec<(PathBuf, Option<i64>)> {
+    let files = cfg
+        .peer
+        .iter()
+        .flat_map(|p| p.crls.iter())
+        .chain(cfg.tls.client_crls.iter())
+        .chain(cfg.cluster.iter().flat_map(|c| c.crls.iter()));
+    let mut out: Vec<(PathBuf, Option<i64>)> = Vec::new();
+    for f in files {
+        if out.iter().any(|(p, _)| p == f) {
+            continue;
+        }
+        let next = load_crls(f).ok().and_then(|crls| {
+            crls.iter()
+                .filter_map(|c| {
+                    let (_, x) = x509_parser::parse_x509_crl(c.as_ref()).ok()?;
+                    Some(x.next_update()?.timestamp())
+                })
+                .min()
+        });
+        out.push((f.clone(), next));
+    }
+    out
+}
+
 /// Keeps one CRL per scope (issuer, issuing distribution point, authority key identifier),
 /// the newest (latest thisUpdate, then highest CRL number): the verifier reads the first CRL
 /// that covers a certificate, so an older one listed first (a file a job appends to, two
