@@ -41,6 +41,32 @@ fn bindable(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// Runs the store's write script as node `node` would: `value` for its field of `key`,
+/// which expires at `latest` (unix ms), in life `epoch`.
+fn write_field(
+    redis: &RedisCluster,
+    key: &str,
+    node: &str,
+    value: &str,
+    latest: &str,
+    epoch: &str,
+) -> String {
+    redis_cli(
+        redis.live_port(),
+        &[
+            "-c",
+            "eval",
+            sipring::cluster::WRITE_FIELD,
+            "1",
+            key,
+            node,
+            value,
+            latest,
+            epoch,
+        ],
+    )
+}
+
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
@@ -481,20 +507,7 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     let key = "b:{sip:callee0@example.com}";
     let field = redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"]);
     for value in ["1 9999999999999\n", ""] {
-        let r = redis_cli(
-            redis.live_port(),
-            &[
-                "-c",
-                "eval",
-                sipring::cluster::WRITE_FIELD,
-                "1",
-                key,
-                "node-a",
-                value,
-                "9999999999999",
-                "1",
-            ],
-        );
+        let r = write_field(&redis, key, "node-a", value, "9999999999999", "1");
         assert_eq!(r.trim(), "0", "an earlier life's write was applied");
         assert_eq!(
             redis_cli(redis.live_port(), &["-c", "hget", key, "node-a"]),
@@ -520,20 +533,7 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
                 &format!("7 {far}\n"),
             ],
         );
-        let r = redis_cli(
-            redis.live_port(),
-            &[
-                "-c",
-                "eval",
-                sipring::cluster::WRITE_FIELD,
-                "1",
-                key,
-                "node-z",
-                &format!("1 {far}\n"),
-                &far,
-                "1",
-            ],
-        );
+        let r = write_field(&redis, key, "node-z", &format!("1 {far}\n"), &far, "1");
         assert_eq!(r.trim(), "1");
         let mut fields: Vec<String> = redis_cli(redis.live_port(), &["-c", "hkeys", key])
             .lines()

@@ -175,23 +175,8 @@ fn outbound_refuses_a_partner_presenting_the_wrong_name() {
         .with_single_cert(vec![wrong.0], wrong.1)
         .unwrap(),
     );
-    std::thread::spawn(move || {
-        for s in listener.incoming().take(4).flatten() {
-            let cfg = server_cfg.clone();
-            std::thread::spawn(move || {
-                let mut conn = rustls::ServerConnection::new(cfg).unwrap();
-                let mut s = s;
-                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-                let mut tls = rustls::Stream::new(&mut conn, &mut s);
-                let mut buf = [0u8; 1024];
-                let _ = tls.read(&mut buf);
-            });
-        }
-    });
-    let mut cfg = config(&pki);
-    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
-    let srv = start(cfg, None).expect("start");
-    let mut alice = registered_alice(&pki, &srv);
+    fake_partner(listener, server_cfg, 4);
+    let (srv, mut alice) = toward_partner_at(&pki, port);
     alice.send(&alice.request(
         "MESSAGE",
         "sip:bob@partner.example.com",
@@ -296,26 +281,8 @@ fn a_partner_that_refuses_our_certificate_after_the_handshake_is_not_dialled_onc
             .with_single_cert(vec![ours.0], ours.1)
             .unwrap(),
     );
-    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = dials.clone();
-    std::thread::spawn(move || {
-        for s in listener.incoming().take(64).flatten() {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let cfg = server_cfg.clone();
-            std::thread::spawn(move || {
-                let mut conn = rustls::ServerConnection::new(cfg).unwrap();
-                let mut s = s;
-                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-                let mut tls = rustls::Stream::new(&mut conn, &mut s);
-                let mut buf = [0u8; 1024];
-                let _ = tls.read(&mut buf);
-            });
-        }
-    });
-    let mut cfg = config(&pki);
-    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
-    let srv = start(cfg, None).expect("start");
-    let mut alice = registered_alice(&pki, &srv);
+    let dials = fake_partner(listener, server_cfg, 64);
+    let (srv, mut alice) = toward_partner_at(&pki, port);
     // A request every 100 ms for 4.5 s: dials at 0, 1 and 3 s (the wait doubles: 1 s,
     // 2 s, 4 s), not one per request, nor one a second (our own dial's link once cleared
     // the backoff as it came up, so it never grew).
@@ -344,6 +311,41 @@ fn a_partner_that_refuses_our_certificate_after_the_handshake_is_not_dialled_onc
     );
     srv.stop();
     srv.join().unwrap();
+}
+
+/// A fake partner on `listener`: for each of its first `max` connections, a TLS handshake
+/// under `cfg` and one read. Counts the connections (our dials).
+fn fake_partner(
+    listener: std::net::TcpListener,
+    cfg: std::sync::Arc<rustls::ServerConfig>,
+    max: usize,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().take(max).flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let mut conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut s = s;
+                let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+                let mut tls = rustls::Stream::new(&mut conn, &mut s);
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf);
+            });
+        }
+    });
+    dials
+}
+
+/// A server whose partner is at 127.0.0.1:`port`, and alice registered to it.
+fn toward_partner_at(pki: &Pki, port: u16) -> (sipring::server::Running, Ua) {
+    let mut cfg = config(pki);
+    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let srv = start(cfg, None).expect("start");
+    let alice = registered_alice(pki, &srv);
+    (srv, alice)
 }
 
 /// alice, registered over TLS to `srv`, to send requests toward the partner.
