@@ -439,6 +439,7 @@ async fn run(
         });
     }
     tokio::task::spawn_local(heartbeat(st.clone()));
+    tokio::task::spawn_local(watch_clock(st.clone()));
     {
         let st = st.clone();
         tokio::task::spawn_local(async move {
@@ -910,6 +911,45 @@ async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::Shar
     }
 }
 
+/// How far this node's clock is ahead of Redis's (ms; negative: behind), from a `TIME`
+/// answer (`secs`, `micros`) that came back between `sent` and `received` (unix ms here):
+/// against the middle of the round trip.
+pub fn clock_skew_ms(sent: u64, received: u64, secs: u64, micros: u64) -> i64 {
+    let redis = secs as i64 * 1000 + micros as i64 / 1000;
+    (sent as i64 + received as i64) / 2 - redis
+}
+
+/// Skew past which a node says so: binding expiries are absolute times, compared across
+/// nodes (CLUSTER.md): a node behind the others by a binding's life writes bindings they
+/// read as expired.
+const SKEW_WARN_MS: i64 = 1000;
+
+/// Compares this node's clock with Redis's now and every minute; a skew past
+/// [`SKEW_WARN_MS`] is logged as a WARN (with its size), once a minute while it lasts.
+async fn watch_clock(st: Rc<State>) {
+    loop {
+        let Some(mut c) = st.conn() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        {
+            let sent = unix_ms();
+            let r: redis::RedisResult<(u64, u64)> = redis::cmd("TIME").query_async(&mut c).await;
+            let received = unix_ms();
+            // A slow answer says little about the clocks.
+            if let Ok((secs, micros)) = r
+                && received.saturating_sub(sent) < 500
+            {
+                let skew = clock_skew_ms(sent, received, secs, micros);
+                if skew.abs() > SKEW_WARN_MS {
+                    tracing::warn!(node = %st.cfg.node, skew_ms = skew, "this node's clock differs from the location store's (positive: ahead): binding expiries are compared across nodes, so a node behind by a binding's life has its users look expired to the others; synchronise the clocks (NTP)");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+}
+
 /// Refreshes this node's liveness key and reads the others' every `heartbeat_ms`. A node
 /// whose key is gone is dead to this one (logged once); a store error changes nothing.
 async fn heartbeat(st: Rc<State>) {
@@ -1083,6 +1123,14 @@ mod tests {
             master_url(&seeds("10.0.0.1:7000"), "10.0.0.2:7001"),
             "redis://10.0.0.2:7001"
         );
+    }
+
+    #[test]
+    fn clock_skew_is_measured_against_the_middle_of_the_round_trip() {
+        // Redis says 1000.250 s; asked at 1000.000 s and answered at 1000.100 s here: this
+        // node is 200 ms behind.
+        assert_eq!(clock_skew_ms(1_000_000, 1_000_100, 1000, 250_000), -200);
+        assert_eq!(clock_skew_ms(1_005_000, 1_005_000, 1000, 0), 5000);
     }
 
     #[test]
