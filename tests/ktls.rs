@@ -190,6 +190,107 @@ fn read_response(s: &mut StreamOwned<ClientConnection, TcpStream>) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// A TCP stream that keeps a copy of every byte it reads: the server's records as sent.
+struct Tap {
+    tcp: TcpStream,
+    seen: Vec<u8>,
+}
+
+impl Read for Tap {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.tcp.read(buf)?;
+        self.seen.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for Tap {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+#[test]
+fn tls12_gcm_nonces_do_not_repeat_across_the_hand_off() {
+    // TLS 1.2 AES-GCM: rustls sent our Finished with explicit nonce `iv XOR 0`, and the
+    // kernel, given rustls's `iv`, sent the first SIP response with the same one under the
+    // same key (GCM's forbidden nonce reuse). Every encrypted record the server sends must
+    // carry its own.
+    let pki = Pki::new();
+    let srv = server(&pki);
+    let cfg = tls_config(&pki.certs("ca.pem"), None, true);
+    let conn =
+        ClientConnection::new(cfg, ServerName::try_from("sip.example.com").unwrap()).unwrap();
+    let tcp = TcpStream::connect(srv.listen_addrs[0]).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = StreamOwned::new(
+        conn,
+        Tap {
+            tcp,
+            seen: Vec::new(),
+        },
+    );
+    for n in 1..4 {
+        s.write_all(register_bytes("gcm", n).as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let k = s.read(&mut tmp).expect("read");
+            assert!(k > 0, "connection closed");
+            buf.extend_from_slice(&tmp[..k]);
+        }
+        assert!(
+            buf.starts_with(b"SIP/2.0 200"),
+            "{}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    let suite = s.conn.negotiated_cipher_suite().unwrap().suite();
+    assert!(
+        matches!(
+            suite,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        ),
+        "{suite:?}"
+    );
+    // The server's records after its ChangeCipherSpec are encrypted: Finished (by rustls),
+    // then the answers (by the kernel, here); each starts with its explicit nonce.
+    let wire = &s.sock.seen;
+    let (mut at, mut encrypted, mut nonces) = (0, false, Vec::new());
+    while at + 5 <= wire.len() {
+        let typ = wire[at];
+        let len = usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+        let body = &wire[at + 5..(at + 5 + len).min(wire.len())];
+        if encrypted && body.len() >= 8 {
+            nonces.push(body[..8].to_vec());
+        }
+        encrypted |= typ == 20;
+        at += 5 + len;
+    }
+    assert!(
+        nonces.len() >= 4,
+        "Finished and three answers: {}",
+        nonces.len()
+    );
+    let mut unique = nonces.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        nonces.len(),
+        "a repeated GCM nonce: {nonces:02x?}"
+    );
+    assert_record_layer(&srv, "tls", 1.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
 #[test]
 fn a_message_pipelined_behind_finished_is_not_lost() {
     let pki = Pki::new();

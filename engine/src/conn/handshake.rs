@@ -78,7 +78,7 @@ fn into_kernel(
         KernelHandoff::Client(s, k) => (s, KernelConn::Client(k)),
     };
     let fd = stream.as_raw_fd();
-    let tx = sys::ktls::crypto_info(suite, secrets.tx.0, secrets.tx.1);
+    let tx = sys::ktls::tx_crypto_info(suite, secrets.tx.0, secrets.tx.1);
     let rx = sys::ktls::crypto_info(suite, secrets.rx.0, secrets.rx.1);
     let (Ok(tx), Ok(rx)) = (tx, rx) else {
         return Err((None, "crypto_info_failed"));

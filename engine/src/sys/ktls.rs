@@ -346,6 +346,37 @@ pub fn crypto_info(
     ktls::CryptoInfo::from_rustls(suite, (seq, secrets)).map_err(|e| e.to_string())
 }
 
+/// [`crypto_info`] for the sending direction, whose TLS 1.2 AES-GCM nonces must not repeat
+/// rustls's. RFC 5288 leaves the 8-byte explicit nonce to the sender: rustls writes
+/// `iv XOR j` for its record `j`, and the kernel writes the struct's `iv` as its first
+/// record's, then counts up by one (it XORs the sequence number only for TLS 1.3 and
+/// ChaCha20). Given rustls's `iv` unchanged, the kernel's first record reused the nonce of
+/// our Finished (record 0) under the same key: two GCM messages under one nonce give away
+/// the authentication key (forged records) and the XOR of the plaintexts. Started at
+/// `iv + seq` instead: every `iv XOR j` with `j < seq` is at most `iv + j < iv + seq`, and
+/// the kernel's count would need 2^64 records to wrap back to them.
+pub fn tx_crypto_info(
+    suite: rustls::SupportedCipherSuite,
+    seq: u64,
+    secrets: rustls::ConnectionTrafficSecrets,
+) -> Result<ktls::CryptoInfo, String> {
+    let mut info = crypto_info(suite, seq, secrets)?;
+    if matches!(suite, rustls::SupportedCipherSuite::Tls12(_)) {
+        match &mut info {
+            ktls::CryptoInfo::AesGcm128(i) => i.iv = past_rustls_nonces(i.iv, seq),
+            ktls::CryptoInfo::AesGcm256(i) => i.iv = past_rustls_nonces(i.iv, seq),
+            _ => {}
+        }
+    }
+    Ok(info)
+}
+
+/// The first explicit nonce the kernel may use after rustls sent records `0..seq` from
+/// `iv` (see [`tx_crypto_info`]).
+pub fn past_rustls_nonces(iv: [u8; 8], seq: u64) -> [u8; 8] {
+    u64::from_be_bytes(iv).wrapping_add(seq).to_be_bytes()
+}
+
 /// Reads one record's payload with its content type (non-blocking). Application data also
 /// arrives this way, as type 23; `Ok(None)` means nothing to read right now.
 pub fn recv_record(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<(u8, usize)>> {
@@ -430,6 +461,32 @@ pub fn send_close_notify(fd: RawFd) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// The kernel's TLS 1.2 AES-GCM nonces (its start, counting up) never repeat one rustls
+    /// used before the hand-off (`iv XOR j`, `j < seq`), whatever the key block's `iv`,
+    /// wrapping included. With rustls's `iv` unchanged, the first one did.
+    #[test]
+    fn the_kernels_tls12_nonces_never_repeat_rustls_ones() {
+        let ivs = [
+            0u64,
+            1,
+            0x8000_0000_0000_0000,
+            u64::MAX,
+            u64::MAX - 3,
+            0x0123_4567_89ab_cdef,
+        ];
+        for iv in ivs {
+            for seq in 1..=40u64 {
+                let start = u64::from_be_bytes(super::past_rustls_nonces(iv.to_be_bytes(), seq));
+                for k in 0..4096u64 {
+                    let kernel = start.wrapping_add(k);
+                    for j in 0..seq {
+                        assert_ne!(kernel, iv ^ j, "iv {iv:#x}, seq {seq}, kernel record {k}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The probe agrees with the kernel's list of registered ULPs (read after the probe,
     /// which may have auto-loaded the module): on this project's hosts the kernel has no TLS,
     /// in the kTLS VM it has.
