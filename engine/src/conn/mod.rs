@@ -71,7 +71,8 @@ pub struct KernelState {
     /// The kernel can take a new TX key on a live socket (TLS 1.3 KeyUpdate; Linux 6.14+).
     can_rekey: bool,
     records_sent: u64,
-    /// KeyUpdates from the peer since its last application data.
+    /// KeyUpdates (and warning alerts ignored) from the peer since its last application
+    /// data.
     peer_key_updates: u32,
 }
 
@@ -793,6 +794,12 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
                     }
                     if why == "close_notify" {
                         break finish_in_progress(&shard, &conn, &flow, why).await;
+                    }
+                    // Our TX key may be half switched (our KeyUpdate sent, the new key not
+                    // taken): what we would flush, close_notify included, the peer could
+                    // not read.
+                    if why == "key_update" {
+                        break Closing::Abort(why);
                     }
                     break Closing::Graceful(why);
                 }

@@ -94,7 +94,15 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
     };
     match typ {
         content::ALERT => {
-            let r = alert_outcome(payload);
+            let r = alert_outcome(payload, k.tls13);
+            if r.is_ok() {
+                // Ignored, as a KeyUpdate is answered: as many in a row, no more (a peer
+                // streaming warnings held its task for as long as it sent them).
+                k.peer_key_updates += 1;
+                if k.peer_key_updates > MAX_KEY_UPDATES_WITHOUT_DATA {
+                    return Err("alert_flood");
+                }
+            }
             if r == Err("alert") {
                 // One per connection, which ends here: debug (a peer opening connections to
                 // send alerts must not write the log at its pace).
@@ -156,12 +164,14 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
 
 /// What an alert record from the peer does, as userspace rustls has it: close_notify
 /// (description 0) whatever its level (a peer that sends it as fatal still closes cleanly:
-/// the answers in progress are finished, not dropped); user_canceled as a warning is
-/// ignored (RFC 8446 §6.1: a close_notify follows it); any other ends the connection.
-fn alert_outcome(payload: &[u8]) -> Result<(), &'static str> {
+/// the answers in progress are finished, not dropped); a warning is ignored under TLS 1.2
+/// (no_renegotiation and the like), and under TLS 1.3 only user_canceled is (RFC 8446
+/// §6.1: a close_notify follows it); any other ends the connection.
+fn alert_outcome(payload: &[u8], tls13: bool) -> Result<(), &'static str> {
     match payload {
         [_, 0] => Err("close_notify"),
         [1, 90] => Ok(()),
+        [1, _] if !tls13 => Ok(()),
         _ => Err("alert"),
     }
 }
@@ -174,13 +184,18 @@ mod tests {
     fn alerts_close_as_userspace_rustls_does() {
         // A close_notify sent at fatal level was an `alert`: the answers in progress on the
         // connection were dropped instead of finished.
-        assert_eq!(alert_outcome(&[1, 0]), Err("close_notify"));
-        assert_eq!(alert_outcome(&[2, 0]), Err("close_notify"));
-        // user_canceled, a warning, comes before the close_notify: not an abort.
-        assert_eq!(alert_outcome(&[1, 90]), Ok(()));
-        for other in [&[2u8, 90][..], &[2, 42], &[1, 42], &[0], &[]] {
-            assert_eq!(alert_outcome(other), Err("alert"), "{other:?}");
+        for tls13 in [false, true] {
+            assert_eq!(alert_outcome(&[1, 0], tls13), Err("close_notify"));
+            assert_eq!(alert_outcome(&[2, 0], tls13), Err("close_notify"));
+            // user_canceled, a warning, comes before the close_notify: not an abort.
+            assert_eq!(alert_outcome(&[1, 90], tls13), Ok(()));
+            for other in [&[2u8, 90][..], &[2, 42], &[0], &[]] {
+                assert_eq!(alert_outcome(other, tls13), Err("alert"), "{other:?}");
+            }
         }
+        // Other warnings: ignored under TLS 1.2 (no_renegotiation), fatal under TLS 1.3.
+        assert_eq!(alert_outcome(&[1, 100], false), Ok(()));
+        assert_eq!(alert_outcome(&[1, 100], true), Err("alert"));
     }
 
     #[test]

@@ -312,8 +312,37 @@ pub enum Dir {
     Rx,
 }
 
+/// One direction's key, IV and record number as the kernel takes them, wiped when dropped
+/// (set or not: a key the kernel refused is no less secret).
+pub struct KeyInfo(ktls::CryptoInfo);
+
+impl Drop for KeyInfo {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        match &mut self.0 {
+            ktls::CryptoInfo::AesGcm128(i) => {
+                i.key.zeroize();
+                i.iv.zeroize();
+                i.salt.zeroize();
+            }
+            ktls::CryptoInfo::AesGcm256(i) => {
+                i.key.zeroize();
+                i.iv.zeroize();
+                i.salt.zeroize();
+            }
+            ktls::CryptoInfo::Chacha20Poly1305(i) => {
+                i.key.zeroize();
+                i.iv.zeroize();
+            }
+            // Never built here (`kernel_cipher` offloads the three above only).
+            _ => {}
+        }
+    }
+}
+
 /// Installs a traffic key (with its record sequence number) for one direction.
-pub fn set_key(fd: RawFd, dir: Dir, info: &ktls::CryptoInfo) -> io::Result<()> {
+pub fn set_key(fd: RawFd, dir: Dir, info: &KeyInfo) -> io::Result<()> {
+    let info = &info.0;
     let opt = match dir {
         Dir::Tx => TLS_TX,
         Dir::Rx => TLS_RX,
@@ -342,8 +371,10 @@ pub fn crypto_info(
     suite: rustls::SupportedCipherSuite,
     seq: u64,
     secrets: rustls::ConnectionTrafficSecrets,
-) -> Result<ktls::CryptoInfo, String> {
-    ktls::CryptoInfo::from_rustls(suite, (seq, secrets)).map_err(|e| e.to_string())
+) -> Result<KeyInfo, String> {
+    ktls::CryptoInfo::from_rustls(suite, (seq, secrets))
+        .map(KeyInfo)
+        .map_err(|e| e.to_string())
 }
 
 /// [`crypto_info`] for the sending direction, whose TLS 1.2 AES-GCM nonces must not repeat
@@ -359,10 +390,10 @@ pub fn tx_crypto_info(
     suite: rustls::SupportedCipherSuite,
     seq: u64,
     secrets: rustls::ConnectionTrafficSecrets,
-) -> Result<ktls::CryptoInfo, String> {
+) -> Result<KeyInfo, String> {
     let mut info = crypto_info(suite, seq, secrets)?;
     if matches!(suite, rustls::SupportedCipherSuite::Tls12(_)) {
-        match &mut info {
+        match &mut info.0 {
             ktls::CryptoInfo::AesGcm128(i) => i.iv = past_rustls_nonces(i.iv, seq),
             ktls::CryptoInfo::AesGcm256(i) => i.iv = past_rustls_nonces(i.iv, seq),
             _ => {}
