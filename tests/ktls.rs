@@ -292,6 +292,35 @@ fn tls12_gcm_nonces_do_not_repeat_across_the_hand_off() {
 }
 
 #[test]
+fn a_record_that_fails_authentication_closes_the_connection_and_says_so() {
+    // A record corrupted or forged on the path: the kernel cannot decrypt it (EBADMSG). It
+    // read as the peer closing (a graceful close, nothing counted, no log line an operator
+    // sees); now the connection is cut at once and the reason counted.
+    let pki = Pki::new();
+    let srv = server(&pki);
+    let admin = srv.admin_addr.unwrap();
+    let mut s = raw(&pki, &srv);
+    s.write_all(register_bytes("bad", 1).as_bytes()).unwrap();
+    assert!(read_response(&mut s).starts_with("SIP/2.0 200"));
+    // An application-data record of 40 bytes that no key sealed, straight onto the socket.
+    let mut forged = vec![23u8, 3, 3, 0, 40];
+    forged.extend((0..40u8).map(|i| i.wrapping_mul(37)));
+    s.sock.write_all(&forged).unwrap();
+    let m = wait_metrics(admin, "connection gone", |m| {
+        metric(m, "sipring_connections{kind=\"tls\"}") == Some(0.0)
+    });
+    if expected_layer(true, true) == "kernel" {
+        assert_eq!(
+            metric(&m, "sipring_ktls_closes_total{reason=\"bad_record\"}"),
+            Some(1.0)
+        );
+    }
+    assert_record_layer(&srv, "tls", 1.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_message_pipelined_behind_finished_is_not_lost() {
     let pki = Pki::new();
     let srv = server(&pki);

@@ -623,6 +623,9 @@ impl Conn {
             }
         }
         let mut scratch = shard.take_read_buf();
+        // recvmsg found nothing after read said a control record waits: a few tries, not a
+        // spin.
+        let mut dry = 0;
         loop {
             match Pin::new(&mut io.stream).poll_read(cx, &mut scratch) {
                 Poll::Ready(Ok(0)) => {
@@ -646,12 +649,23 @@ impl Conn {
                         Ok(Some((typ, len))) => {
                             return Poll::Ready(Event::Data(scratch, len, Some(typ)));
                         }
-                        Ok(None) => continue,
-                        Err(_) => {
+                        Ok(None) if dry < 4 => {
+                            dry += 1;
+                            continue;
+                        }
+                        Ok(None) => {
                             shard.give_read_buf(scratch);
-                            return Poll::Ready(Event::Eof);
+                            return Poll::Ready(Event::Close(Closing::Abort("kernel_read")));
+                        }
+                        Err(e) => {
+                            shard.give_read_buf(scratch);
+                            return Poll::Ready(kernel_read_failed(shard, self, &e));
                         }
                     }
+                }
+                Poll::Ready(Err(e)) if matches!(io.layer, Layer::Kernel(_)) => {
+                    shard.give_read_buf(scratch);
+                    return Poll::Ready(kernel_read_failed(shard, self, &e));
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::debug!(conn = self.id, error = %e, "read failed");
@@ -712,6 +726,28 @@ fn held(conn: &Conn, partial: &[u8], now: Instant) -> usize {
         return 0;
     }
     partial.len()
+}
+
+/// A kTLS read that failed: a record that does not decrypt (EBADMSG: corrupted or forged on
+/// the path; the kernel has failed the socket) ends the connection at once, counted and
+/// logged (it read as the peer closing before); any other error is the peer gone.
+fn kernel_read_failed(shard: &Shard, conn: &Conn, e: &std::io::Error) -> Event {
+    if e.raw_os_error() != Some(libc::EBADMSG) {
+        tracing::debug!(conn = conn.id, error = %e, "read failed");
+        return Event::Eof;
+    }
+    shard.count("sipring_ktls_closes_total{reason=\"bad_record\"}");
+    if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+        tracing::warn!(
+            conn = conn.id,
+            remote = %conn.remote,
+            left_out,
+            "a TLS record from the peer failed authentication in the kernel (corrupted or \
+             forged on the path): closing (connection closures: at most one line a second; \
+             sipring_ktls_closes_total counts all)"
+        );
+    }
+    Event::Close(Closing::Abort("bad_record"))
 }
 
 /// Reads (or control records) a connection handles in a row without its socket running dry
