@@ -323,12 +323,39 @@ fn config_checks_shards_and_certificate_expiry() {
             "{checks:?}"
         );
         assert!(
-            checks.iter().all(|c| c.name != "partner roots"),
+            checks.iter().all(|c| c.name != "partner partner roots"),
             "{checks:?}"
         );
+        if name == "stale" {
+            // The partner's status left unknown allowed: the stale CRL is still read and
+            // nothing is refused for it: a warning.
+            cfg.peer[0].unknown_revocation = sipring::config::UnknownRevocation::Allow;
+            let checks = run(&facts, Some(Ok(&cfg)));
+            assert_eq!(
+                verdict(&checks, &format!("CRL {}", crl.display())),
+                Verdict::Warn
+            );
+            // A job that appends today's CRL to the file that holds last week's: the newer
+            // one is the one in use.
+            cfg.peer[0].unknown_revocation = sipring::config::UnknownRevocation::Deny;
+            let fresh = partner
+                .crl_next_update(&[], time::Duration::days(30))
+                .unwrap();
+            let both = dir.write(
+                "appended.crl",
+                format!("{}{fresh}", std::fs::read_to_string(&crl).unwrap()),
+            );
+            cfg.peer[0].crls = vec![both.clone()];
+            let checks = run(&facts, Some(Ok(&cfg)));
+            assert_eq!(
+                verdict(&checks, &format!("CRL {}", both.display())),
+                Verdict::Pass,
+                "{checks:?}"
+            );
+        }
         if name == "fresh" {
-            // A partner root that lapses within 30 days: every link anchored there closes
-            // at that second.
+            // A partner whose last root lapses within 30 days: every link to it closes at
+            // that second.
             let lapsing = Ca::with_validity("Lapsing CA", time::Duration::days(10)).unwrap();
             cfg.peer[0].roots = dir.write("lapsing-ca.pem", &lapsing.cert.cert_pem);
             cfg.peer[0].crls = vec![
@@ -341,8 +368,19 @@ fn config_checks_shards_and_certificate_expiry() {
             ];
             let checks = run(&facts, Some(Ok(&cfg)));
             assert_eq!(
-                verdict(&checks, "partner roots"),
+                verdict(&checks, "partner partner roots"),
                 Verdict::Warn,
+                "{checks:?}"
+            );
+            // Seen from a year on, every root of it has expired: a failure.
+            let later = HostFacts {
+                now: facts.now + 365 * 86_400,
+                ..facts.clone()
+            };
+            let checks = run(&later, Some(Ok(&cfg)));
+            assert_eq!(
+                verdict(&checks, "partner partner roots"),
+                Verdict::Fail,
                 "{checks:?}"
             );
         }

@@ -386,30 +386,57 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                             check(&name, Pass, format!("expires in {days} days"), "")
                         });
                     }
-                    // A partner whose root lapses loses every link at that second.
-                    if let Some(&first) = p.anchor_expiries.iter().filter(|&&t| t >= f.now).min() {
-                        let days = (first - f.now).div_euclid(86_400);
-                        if days <= 30 {
+                    // A partner whose roots have all lapsed is refused at every handshake;
+                    // one whose last root lapses soon loses every link at that second.
+                    for peer in c.peer.iter().filter(|p| !p.node) {
+                        let Ok(roots) = crate::tls::load_certs(&peer.roots) else {
+                            continue;
+                        };
+                        let Some(last) = roots
+                            .iter()
+                            .filter_map(|r| {
+                                x509_parser::parse_x509_certificate(r.as_ref())
+                                    .ok()
+                                    .map(|(_, x)| x.validity().not_after.timestamp())
+                            })
+                            .max()
+                        else {
+                            continue;
+                        };
+                        let name = format!("partner {} roots", peer.name);
+                        let days = (last - f.now).div_euclid(86_400);
+                        if last < f.now {
                             out.push(check(
-                                "partner roots",
+                                &name,
+                                Fail,
+                                format!("every root expired ({} days ago)", (f.now - last) / 86_400),
+                                "ask the partner for its current root, add it to its roots file and reload: every handshake with it is refused",
+                            ));
+                        } else if days <= 30 {
+                            out.push(check(
+                                &name,
                                 Warn,
-                                format!("a partner root expires in {days} days"),
-                                "ask the partner for its new root, add it to the bundle and reload before then: at that second every link anchored only there closes",
+                                format!("its last root expires in {days} days"),
+                                "ask the partner for its new root, add it to the bundle and reload before then: at that second every link to it closes",
                             ));
                         }
                     }
                     // A stale CRL passes the load (it is well formed) and then closes what
                     // it covers at the next reload: a failing fetch job found by a SIGHUP.
-                    for (file, next) in crate::tls::crl_next_updates(c) {
-                        let Some(next) = next else { continue };
-                        let name = format!("CRL {}", file.display());
+                    for due in crate::tls::crl_next_updates(c) {
+                        let Some(next) = due.next else { continue };
+                        let name = format!("CRL {}", due.file.display());
                         let hours = (next - f.now).div_euclid(3600);
                         out.push(if next <= f.now {
                             check(
                                 &name,
-                                Fail,
-                                format!("past its nextUpdate ({} hours ago)", -hours),
-                                "fetch a fresh CRL: with unknown_revocation = \"deny\" every certificate it covers is refused, and at the next reload the live connections close",
+                                if due.enforced { Fail } else { Warn },
+                                format!("past its nextUpdate ({} hours ago)", (f.now - next) / 3600),
+                                if due.enforced {
+                                    "fetch a fresh CRL: what it covers is refused (unknown_revocation = \"deny\"), and at the next reload the live connections close"
+                                } else {
+                                    "fetch a fresh CRL: it is still read (unknown_revocation = \"allow\"), but says nothing of what was revoked since"
+                                },
                             )
                         } else if hours < 48 {
                             check(

@@ -767,9 +767,9 @@ impl Reloader {
                     "TLS configuration reloaded (and the subscriber file)"
                 );
                 let now = (crate::cluster::unix_ms() / 1000) as i64;
-                for (file, next) in crate::tls::crl_next_updates(&cfg) {
-                    if let Some(next) = next.filter(|&t| t <= now) {
-                        tracing::warn!(file = %file.display(), hours_ago = (now - next) / 3600, "CRL past its nextUpdate: with unknown_revocation = \"deny\" the certificates it covers are refused, and their connections close now; fetch a fresh one and reload");
+                for due in crate::tls::crl_next_updates(&cfg) {
+                    if let Some(next) = due.next.filter(|&t| t <= now && due.enforced) {
+                        tracing::warn!(file = %due.file.display(), hours_ago = (now - next) / 3600, "CRL past its nextUpdate: the certificates it covers are refused (unknown_revocation = \"deny\"), and their connections close now; fetch a fresh one and reload");
                     }
                 }
                 Ok(())

@@ -131,31 +131,69 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
-/// Every CRL file the configuration names (partners', clients', the cluster's), with the
-/// earliest nextUpdate of its CRLs (unix seconds; `None`: none could be read, or none has
-/// one). A CRL past it says nothing of what was revoked since: under `unknown_revocation =
-/// "deny"` the connections it covers are refused, live ones at the next reload.
-pub fn crl_next_updates(cfg: &Config) -> Vec<(PathBuf, Option<i64>)> {
-    let files = cfg
+/// A CRL file the configuration names, and when the CRLs of it that are in use fall due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlDue {
+    /// The file.
+    pub file: PathBuf,
+    /// The earliest nextUpdate (unix seconds) among its CRLs that the verifier uses (the
+    /// newest per issuer over the scope's files: an older one a job left in the file is not
+    /// read); `None`: none in use, or none with a nextUpdate.
+    pub next: Option<i64>,
+    /// Whether a scope using it refuses unknown status (`unknown_revocation = "deny"`, and
+    /// clients' CRLs): past its nextUpdate, what it covers is refused, live connections at
+    /// the next reload. Otherwise a stale CRL is still read.
+    pub enforced: bool,
+}
+
+/// Every CRL file the configuration names (partners', clients', the cluster's), with when
+/// its CRLs in use fall due ([`CrlDue`]). Files that do not load are left out (the policy
+/// load names them).
+pub fn crl_next_updates(cfg: &Config) -> Vec<CrlDue> {
+    let scopes = cfg
         .peer
         .iter()
-        .flat_map(|p| p.crls.iter())
-        .chain(cfg.tls.client_crls.iter())
-        .chain(cfg.cluster.iter().flat_map(|c| c.crls.iter()));
-    let mut out: Vec<(PathBuf, Option<i64>)> = Vec::new();
-    for f in files {
-        if out.iter().any(|(p, _)| p == f) {
-            continue;
+        .map(|p| {
+            (
+                &p.crls,
+                p.unknown_revocation == crate::config::UnknownRevocation::Deny,
+            )
+        })
+        .chain(std::iter::once((&cfg.tls.client_crls, true)))
+        .chain(cfg.cluster.iter().map(|c| (&c.crls, true)));
+    let mut out: Vec<CrlDue> = Vec::new();
+    for (files, enforced) in scopes {
+        let mut all: Vec<(&PathBuf, CertificateRevocationListDer<'static>)> = Vec::new();
+        for f in files {
+            if let Ok(crls) = load_crls(f) {
+                all.extend(crls.into_iter().map(|c| (f, c)));
+            }
         }
-        let next = load_crls(f).ok().and_then(|crls| {
-            crls.iter()
-                .filter_map(|c| {
+        let kept = newest_crl_per_issuer(all.iter().map(|(_, c)| c.clone()).collect());
+        for f in files {
+            let next = all
+                .iter()
+                .filter(|(g, c)| *g == f && kept.contains(c))
+                .filter_map(|(_, c)| {
                     let (_, x) = x509_parser::parse_x509_crl(c.as_ref()).ok()?;
                     Some(x.next_update()?.timestamp())
                 })
-                .min()
-        });
-        out.push((f.clone(), next));
+                .min();
+            match out.iter_mut().find(|d| &d.file == f) {
+                Some(d) => {
+                    d.enforced |= enforced;
+                    d.next = match (d.next, next) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                None => out.push(CrlDue {
+                    file: f.clone(),
+                    next,
+                    enforced,
+                }),
+            }
+        }
     }
     out
 }
