@@ -101,6 +101,7 @@ fn into_kernel(
         can_rekey: shard.control.ktls.rekey(),
         records_sent: 0,
         peer_key_updates: 0,
+        warnings: 0,
     })
 }
 

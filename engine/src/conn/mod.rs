@@ -71,9 +71,10 @@ pub struct KernelState {
     /// The kernel can take a new TX key on a live socket (TLS 1.3 KeyUpdate; Linux 6.14+).
     can_rekey: bool,
     records_sent: u64,
-    /// KeyUpdates (and warning alerts ignored) from the peer since its last application
-    /// data.
+    /// KeyUpdates from the peer since its last application data.
     peer_key_updates: u32,
+    /// Warning alerts from the peer, ignored (see `records::MAX_WARNING_ALERTS`).
+    warnings: u8,
 }
 
 enum KernelConn {
@@ -655,6 +656,14 @@ impl Conn {
                         }
                         Ok(None) => {
                             shard.give_read_buf(scratch);
+                            shard.count("sipring_ktls_closes_total{reason=\"kernel_read\"}");
+                            if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+                                tracing::warn!(
+                                    conn = self.id,
+                                    left_out,
+                                    "the kernel announced a TLS control record and handed none up: closing (connection closures: at most one line a second)"
+                                );
+                            }
                             return Poll::Ready(Event::Close(Closing::Abort("kernel_read")));
                         }
                         Err(e) => {

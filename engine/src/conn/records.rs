@@ -54,6 +54,10 @@ pub(super) fn rekey_or_close(
     Ok(Rekey::Done)
 }
 
+/// Warning alerts a peer may send on one connection before it is closed (rustls's own
+/// limit in userspace).
+const MAX_WARNING_ALERTS: u8 = 4;
+
 /// KeyUpdates a peer may send in a row with no application data between them (rustls, in
 /// userspace, refuses a flood of them the same way): each costs two key derivations and
 /// two `setsockopt`s here.
@@ -96,10 +100,10 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
         content::ALERT => {
             let r = alert_outcome(payload, k.tls13);
             if r.is_ok() {
-                // Ignored, as a KeyUpdate is answered: as many in a row, no more (a peer
+                // Ignored, a few per connection, as userspace rustls allows (a peer
                 // streaming warnings held its task for as long as it sent them).
-                k.peer_key_updates += 1;
-                if k.peer_key_updates > MAX_KEY_UPDATES_WITHOUT_DATA {
+                k.warnings += 1;
+                if k.warnings > MAX_WARNING_ALERTS {
                     return Err("alert_flood");
                 }
             }
@@ -169,7 +173,7 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
 /// §6.1: a close_notify follows it); any other ends the connection.
 fn alert_outcome(payload: &[u8], tls13: bool) -> Result<(), &'static str> {
     match payload {
-        [_, 0] => Err("close_notify"),
+        [1 | 2, 0] => Err("close_notify"),
         [1, 90] => Ok(()),
         [1, _] if !tls13 => Ok(()),
         _ => Err("alert"),
@@ -189,7 +193,7 @@ mod tests {
             assert_eq!(alert_outcome(&[2, 0], tls13), Err("close_notify"));
             // user_canceled, a warning, comes before the close_notify: not an abort.
             assert_eq!(alert_outcome(&[1, 90], tls13), Ok(()));
-            for other in [&[2u8, 90][..], &[2, 42], &[0], &[]] {
+            for other in [&[2u8, 90][..], &[2, 42], &[3, 0], &[0], &[]] {
                 assert_eq!(alert_outcome(other, tls13), Err("alert"), "{other:?}");
             }
         }
