@@ -461,6 +461,36 @@ fn a_request_on_a_flow_that_fails_goes_to_the_devices_other_flow() {
 }
 
 #[test]
+fn a_sips_request_never_leaves_over_plain_tcp() {
+    // RFC 3261 §26.2.2, RFC 5630: sips means TLS on every hop to the target. Bob's device
+    // on the plain TCP listener got `INVITE sips:` in clear (SDES keys and all) while the
+    // caller's phone showed a secure call. Now only his TLS flows ring; with none, 480.
+    let tcp = Flow::Conn(sipring_core::proxy::PLAIN_FLOW_BIT | 9);
+    let sips_invite = |branch: &str, call: &str| {
+        String::from_utf8(invite(branch, call))
+            .unwrap()
+            .replacen("INVITE sip:", "INVITE sips:", 1)
+            .into_bytes()
+    };
+    let mut n = Net::new();
+    n.register("bob", &tcp, "10.0.0.9:40000");
+    n.send(&A, &sips_invite("z9hG4bKs1", "s-1"));
+    let up: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    assert!(up.contains(&480), "{up:?}");
+    assert!(n.take(&tcp).is_empty(), "sent over plain TCP");
+    // A sip: request still reaches him there.
+    n.send(&A, &invite("z9hG4bKs2", "s-2"));
+    assert_eq!(method(&n.one(&tcp)), "INVITE");
+    // With a TLS flow too, the sips request goes there only.
+    let mut n = Net::new();
+    n.register("bob", &tcp, "10.0.0.9:40000");
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &sips_invite("z9hG4bKs3", "s-3"));
+    assert_eq!(method(&n.one(&B)), "INVITE");
+    assert!(n.take(&tcp).is_empty(), "sent over plain TCP");
+}
+
+#[test]
 fn a_flow_that_fails_is_not_the_one_failover_picks() {
     // One device's two reg-ids over one connection (a device behind an edge proxy has all
     // its flows on the edge's connection): that connection closes with the INVITE on it.

@@ -28,7 +28,9 @@ use arc_swap::ArcSwap;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 use sipring_core::auth::NodeKey;
 use sipring_core::policy::{FlowInfo, Policy};
-use sipring_core::proxy::{Flow, Interface, Lookup, PeerRoute, Proxy, ProxyConfig, Transport};
+use sipring_core::proxy::{
+    Flow, Interface, Lookup, PLAIN_FLOW_BIT, PeerRoute, Proxy, ProxyConfig, Transport,
+};
 use sipring_core::registrar::{
     BindingStore, FlowId, MemoryStore, Registrar, RegistrarConfig, Reply, shard_for,
 };
@@ -400,8 +402,8 @@ impl std::fmt::Debug for Shard {
     }
 }
 
-/// The connection number's bits (below the shard's, `id << 48`).
-const CONN_NUMBER_MASK: u64 = (1 << 48) - 1;
+/// The connection number's bits (below the shard's, `id << 48`, and the plain-TCP bit, 47).
+const CONN_NUMBER_MASK: u64 = (1 << 47) - 1;
 
 /// Where this life's connection numbers start: at random, not at 1. Flow tokens and nonces
 /// name connections; with a kept `auth.secret_file` they verify after a restart, and a
@@ -417,7 +419,7 @@ fn first_conn_number() -> u64 {
         return 1;
     }
     // Room for 2^46 connections before the wrap.
-    (u64::from_be_bytes(b) & (CONN_NUMBER_MASK >> 2)).max(1)
+    (u64::from_be_bytes(b) & (CONN_NUMBER_MASK >> 1)).max(1)
 }
 
 /// How peers address each `[[listen]]` entry (its advertised host, its port, its transport).
@@ -667,11 +669,17 @@ impl Shard {
         }
     }
 
-    /// A fresh connection id owned by this shard.
-    pub fn new_conn_id(&self) -> FlowId {
+    /// A fresh connection id owned by this shard, for a connection of listener kind `kind`
+    /// (a plain TCP one carries [`PLAIN_FLOW_BIT`], so any shard can tell it is not TLS).
+    pub fn new_conn_id(&self, kind: ListenKind) -> FlowId {
         let c = self.next_conn.get();
         self.next_conn.set(((c + 1) & CONN_NUMBER_MASK).max(1));
-        ((self.id as u64) << 48) | c
+        let plain = if kind == ListenKind::Tcp {
+            PLAIN_FLOW_BIT
+        } else {
+            0
+        };
+        ((self.id as u64) << 48) | c | plain
     }
 
     /// Counts a metric.

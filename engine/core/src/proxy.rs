@@ -28,7 +28,21 @@ pub enum Flow {
     Peer(String),
 }
 
+/// Set in the id of a connection that is plain TCP (the `tcp` listener), by the engine that
+/// numbers connections: every shard can tell from the id alone whether a flow is TLS, for a
+/// binding made on another shard too.
+pub const PLAIN_FLOW_BIT: FlowId = 1 << 47;
+
 impl Flow {
+    /// Whether what is sent on this flow goes over TLS: partner and node links always; a
+    /// connection unless its id says plain TCP ([`PLAIN_FLOW_BIT`]).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Flow::Conn(id) => id & PLAIN_FLOW_BIT == 0,
+            Flow::Peer(_) => true,
+        }
+    }
+
     /// The token form used in Record-Route parameters: `c<hex>` or `p<name>`.
     pub fn encode(&self) -> String {
         match self {

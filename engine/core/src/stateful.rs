@@ -1927,7 +1927,38 @@ impl ShardProxy {
                     Method::Message
                 };
                 match self.proxy.after_lookup(method, result) {
-                    Ok(targets) => self.fork(now, &key, &targets),
+                    Ok(mut targets) => {
+                        // A sips Request-URI asks for TLS on every hop to the target (RFC
+                        // 3261 §26.2.2; RFC 5630 §3.1.3 drops the last hop's exception):
+                        // never the contact of a device on the plain TCP listener, where
+                        // the call would go on as "secure" with its SDES keys in clear.
+                        let limits = self.limits;
+                        let sips = with_parsed(&s.request, &limits, |m, _| {
+                            m.request_uri()
+                                .and_then(|u| crate::uri::Uri::parse(u).ok())
+                                .is_some_and(|u| u.scheme == crate::uri::Scheme::Sips)
+                        })
+                        .unwrap_or(false);
+                        if sips {
+                            targets.retain_mut(|t| {
+                                t.fallbacks.retain(|f| f.flow.is_tls());
+                                if !t.flow.is_tls() && !t.fallbacks.is_empty() {
+                                    let mut rest = std::mem::take(&mut t.fallbacks);
+                                    *t = Target {
+                                        fallbacks: rest.split_off(1),
+                                        ..rest.remove(0)
+                                    };
+                                }
+                                t.flow.is_tls()
+                            });
+                            if targets.is_empty() {
+                                self.answer(now, &key, 480, "No TLS Flow For SIPS", &[]);
+                                self.drive_server(now, &key);
+                                return;
+                            }
+                        }
+                        self.fork(now, &key, &targets)
+                    }
                     Err(Decision::Respond(mut a)) => {
                         // Overloaded (the AOR's shard or the store): Retry-After spread over
                         // 2–9 s, as at the door, so refused callers do not return together.

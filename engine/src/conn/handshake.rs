@@ -285,7 +285,7 @@ async fn open_inbound(
     let _ = stream.set_nodelay(true);
     keepalive(&shard, &stream);
     let est = accept_tls(&shard, stream, kind, client_auth, remote, slot).await?;
-    let conn = Conn::new(shard.new_conn_id(), est, kind, remote, listener);
+    let conn = Conn::new(shard.new_conn_id(kind), est, kind, remote, listener);
     Some(conn)
 }
 
@@ -490,7 +490,7 @@ pub fn spawn_peer_connect(shard: Rc<Shard>, name: String) {
         let opened = Box::pin(async {
             let (est, addr) = connect_peer(&shard, &name).await?;
             Some(Conn::new(
-                shard.new_conn_id(),
+                shard.new_conn_id(ListenKind::Mtls),
                 est,
                 ListenKind::Mtls,
                 addr,
