@@ -366,6 +366,8 @@ impl Proxy {
     }
 
     fn is_local_host(&self, host: &[u8]) -> bool {
+        // One trailing dot (an absolute name) is the same host, as for AORs.
+        let host = host.strip_suffix(b".").unwrap_or(host);
         self.cfg
             .local_hosts
             .iter()
@@ -374,7 +376,11 @@ impl Proxy {
 
     /// Is `host` this server (a local host name or address, or our Via host)?
     pub(crate) fn is_self(&self, host: &[u8]) -> bool {
-        self.is_local_host(host) || text::eq_ic(host, self.cfg.via_host.as_bytes())
+        self.is_local_host(host)
+            || text::eq_ic(
+                host.strip_suffix(b".").unwrap_or(host),
+                self.cfg.via_host.as_bytes(),
+            )
     }
 
     /// Does this URI name us: one of our hosts or domains, and (when it has one) one of our
@@ -398,6 +404,8 @@ impl Proxy {
     }
 
     fn is_our_domain(&self, host: &[u8]) -> bool {
+        // `example.com.` is `example.com` (the AOR drops the dot too: one user, one shard).
+        let host = host.strip_suffix(b".").unwrap_or(host);
         self.cfg
             .domains
             .iter()
@@ -1229,6 +1237,10 @@ mod tests {
         // the domain: it is ours and removed (was 403 "Route Not Allowed").
         case!("REGISTER sip:example.com", "Route: <sip:example.com;lr>\r\n" => Decision::Register);
         case!("INVITE sip:bob@example.com", "Route: <sip:example.com:5061;transport=tls;lr>\r\n" => Decision::Lookup { aor: "sip:bob@example.com".into() });
+        // An absolute name (one trailing dot) is the same domain or host (was 403 "Domain
+        // Not Served" and "Route Not Allowed"); the AOR drops the dot.
+        case!("INVITE sip:bob@example.com.", "" => Decision::Lookup { aor: "sip:bob@example.com".into() });
+        case!("INVITE sip:bob@example.com", "Route: <sip:proxy.example.com.;lr>\r\n" => Decision::Lookup { aor: "sip:bob@example.com".into() });
     }
 
     /// The Record-Route we add forwarding `s` from `a` to `b`.
