@@ -102,6 +102,7 @@ fn node(name: &'static str, other: &'static str) -> Node {
         Limits::default(),
         TimerConfig::default(),
         0,
+        Instant::now(),
     );
     let inbound_link = if name == "a" {
         FROM_B_AT_A

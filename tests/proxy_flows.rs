@@ -35,7 +35,7 @@ struct Net {
 
 impl Net {
     fn new() -> Net {
-        Net::with_policy(Policy::open())
+        Net::with_policy(Policy::open(Instant::now()))
     }
 
     fn with_policy(policy: Policy) -> Net {
@@ -59,6 +59,7 @@ impl Net {
                 Limits::default(),
                 TimerConfig::default(),
                 0,
+                Instant::now(),
             ),
             registrar: Registrar::default(),
             store: MemoryStore::default(),

@@ -156,7 +156,7 @@ fn bench_policy(c: &mut Criterion) {
         }, BatchSize::SmallInput)
     });
     // The same request without credentials, with authentication off: the baseline.
-    let mut open = Policy::open();
+    let mut open = Policy::open(Instant::now());
     let plain = "INVITE sip:u2@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bK1\r\nMax-Forwards: 70\r\nFrom: <sip:u1@example.com>;tag=a\r\nTo: <sip:u2@example.com>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
     g.bench_function("authorize_invite_off", |b| {
         b.iter(|| {

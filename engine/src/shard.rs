@@ -556,6 +556,7 @@ impl Shard {
             cfg.sip_limits(),
             TimerConfig::default(),
             id as u16,
+            control.identity.epoch,
         );
         proxy.set_max_aors_per_flow(r.max_aors_per_connection);
         proxy.set_shards(n as u16);
@@ -564,7 +565,6 @@ impl Shard {
         proxy.set_max_transaction_bytes(cfg.limits.max_transaction_bytes_per_shard);
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
         proxy.set_overload_control(cfg.limits.overload_control.trust());
-        proxy.set_overload_control_epoch(control.identity.epoch);
         let remember = r.remember_aors.div_ceil(n.max(1));
         let cluster = control.store.as_ref().map(|s| {
             let (reply, replies) = async_channel::unbounded();

@@ -281,14 +281,14 @@ impl Policy {
 
     /// No authentication, no partners: every client is taken at its word. For in-memory
     /// tests of routing only.
-    pub fn open() -> Policy {
+    pub fn open(now: Instant) -> Policy {
         Policy::new(
             PolicyConfig {
                 authenticate: false,
                 ..PolicyConfig::default()
             },
             NodeKey::new([0; 32]),
-            Instant::now(),
+            now,
             Rc::new(NoSubscribers),
         )
     }
@@ -1677,7 +1677,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // An open policy takes clients at their word (labs only), but partner rules hold.
-        let mut open = Policy::open();
+        let mut open = Policy::open(Instant::now());
         assert_eq!(
             outcome(&run(
                 &mut open,

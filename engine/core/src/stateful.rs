@@ -461,6 +461,7 @@ impl ShardProxy {
         limits: Limits,
         timer_cfg: TimerConfig,
         shard: u16,
+        now: Instant,
     ) -> Self {
         ShardProxy {
             proxy,
@@ -487,7 +488,7 @@ impl ShardProxy {
             admit_credit: 0.0,
             oc_trust: oc::Trust::default(),
             oc_flows: HashSet::new(),
-            oc_epoch: Instant::now(),
+            oc_epoch: now,
             door: (0, 0),
             oc_calm_until: None,
             oc_down: HashMap::new(),
@@ -631,7 +632,7 @@ impl ShardProxy {
         }
     }
 
-    /// The instant `oc-seq` counts from (default: when this proxy was made). Give every
+    /// The instant `oc-seq` counts from (default: `now` at [`ShardProxy::new`]). Give every
     /// shard the same one.
     pub fn set_overload_control_epoch(&mut self, epoch: Instant) {
         self.oc_epoch = epoch;

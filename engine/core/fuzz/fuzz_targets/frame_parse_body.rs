@@ -19,11 +19,11 @@ pub fn run(data: &[u8]) {
         std::time::Instant::now(),
         std::rc::Rc::new(sipring_core::policy::NoSubscribers),
     );
-    let mut proxies = [
-        ShardProxy::new(Proxy::new(ProxyConfig::default()), sipring_core::policy::Policy::open(), limits, TimerConfig::default(), 0),
-        ShardProxy::new(Proxy::new(ProxyConfig::default()), strict, limits, TimerConfig::default(), 0),
-    ];
     let now = std::time::Instant::now();
+    let mut proxies = [
+        ShardProxy::new(Proxy::new(ProxyConfig::default()), sipring_core::policy::Policy::open(now), limits, TimerConfig::default(), 0, now),
+        ShardProxy::new(Proxy::new(ProxyConfig::default()), strict, limits, TimerConfig::default(), 0, now),
+    ];
     let flow = Flow::Conn(1);
     let mut buf = data;
     for _ in 0..64 {
