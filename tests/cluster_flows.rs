@@ -175,11 +175,12 @@ impl World {
     /// Runs one node's outputs: the registrar and lookups inline (with the store model),
     /// sends onto the wire.
     fn pump(&mut self, at: At) {
-        loop {
+        // Bounded: two model nodes bouncing a message would otherwise spin the test.
+        for _ in 0..10_000 {
             let now = self.now;
             let n = self.node(at);
             let Some(o) = n.proxy.poll_output() else {
-                break;
+                return;
             };
             match o {
                 Output::Send { flow, bytes } => self.route(at, flow, bytes.to_vec()),
@@ -227,6 +228,7 @@ impl World {
                 other => panic!("unexpected output {other:?}"),
             }
         }
+        panic!("10,000 outputs from one node without a pause");
     }
 
     /// Where bytes a node sent on `flow` arrive.

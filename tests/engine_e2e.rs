@@ -745,13 +745,17 @@ fn a_reader_slower_than_its_write_queue_is_disconnected_and_the_shard_goes_on() 
     // The shard still serves others: a new UA registers and reaches alice.
     let mut carol = registered(&pki, &srv, "carol");
     carol.send(&big_message(&carol, "alice", "c-1", "hello alice", 100));
-    loop {
+    // Bounded: alice's own answers (at most the requests she sent) come first.
+    let mut reached = false;
+    for _ in 0..4096 {
         let m = alice.expect("carol's MESSAGE among alice's answers");
         if method(&m) == "MESSAGE" {
             alice.send(&answer(&m, 200, "OK", "a", "sip:alice@127.0.0.1"));
+            reached = true;
             break;
         }
     }
+    assert!(reached, "carol's MESSAGE never reached alice");
     assert_eq!(carol.expect_final_or_provisional("200").0, 200);
     srv.stop();
     srv.join().unwrap();

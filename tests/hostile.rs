@@ -820,6 +820,8 @@ fn the_admin_endpoint_cannot_be_held_or_made_to_reload_by_a_browser() {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut s = TcpStream::connect(admin_addr).unwrap();
+            // A write the server no longer reads ends the loop, not the test run.
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
             let chunk = vec![b'A'; 64 * 1024];
             let mut sent = 0usize;
             while sent < 64 << 20 && !stop.load(Ordering::Relaxed) {
@@ -896,22 +898,21 @@ fn the_admin_endpoint_cannot_be_held_or_made_to_reload_by_a_browser() {
         metric(&m, "sipring_reloads_total{result=\"ok\"}").unwrap_or(0.0),
         0.0
     );
-    // Reloads: one a second at most; one sooner is told to come back, at once.
+    // Reloads: one a second at most; one sooner is told to come back (not made to wait
+    // for its turn: that would be a 200 after the spacing).
     let (first, _) = sipring_tests::server::admin(admin_addr, "POST", "/reload");
-    let t0 = Instant::now();
     let (second, _) = sipring_tests::server::admin(admin_addr, "POST", "/reload");
     assert!(first.starts_with("HTTP/1.0 200"), "{first}");
     assert!(second.starts_with("HTTP/1.0 429"), "{second}");
-    assert!(t0.elapsed() < Duration::from_millis(500));
     std::thread::sleep(sipring::admin::RELOAD_SPACING);
     let (third, _) = sipring_tests::server::admin(admin_addr, "POST", "/reload");
     assert!(third.starts_with("HTTP/1.0 200"), "{third}");
-    // A reload in progress elsewhere (a SIGHUP's): also told to come back, at once; it held
-    // the request's slot for as long as the other reload took.
+    // A reload in progress elsewhere (a SIGHUP's): also told to come back while it runs
+    // (the lock is held until the answer is read: one that waited for the lock reads
+    // nothing before the timeout). It held the request's slot for that reload's length.
     std::thread::sleep(sipring::admin::RELOAD_SPACING);
     {
         let _sighup = srv.control.reload_lock.lock().unwrap();
-        let t0 = Instant::now();
         let mut s = TcpStream::connect(admin_addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         s.write_all(b"POST /reload HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -919,7 +920,6 @@ fn the_admin_endpoint_cannot_be_held_or_made_to_reload_by_a_browser() {
         let mut busy = String::new();
         let _ = s.read_to_string(&mut busy);
         assert!(busy.starts_with("HTTP/1.0 429"), "{busy:?}");
-        assert!(t0.elapsed() < Duration::from_millis(500));
     }
     // Per shard or merged, the same families: the process's own ones (reloads, kernel TLS)
     // were missing per shard.

@@ -110,6 +110,8 @@ impl Ua {
         domain: &str,
     ) -> std::io::Result<Ua> {
         tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        // A server that stops reading without closing fails the write, not the test run.
+        tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
         tcp.set_nodelay(true)?;
         let raw = tcp.try_clone()?;
         let conn = ClientConnection::new(cfg, ServerName::try_from(sni.to_string()).expect("name"))
@@ -137,6 +139,7 @@ impl Ua {
     pub fn tcp(addr: SocketAddr, user: &str, domain: &str) -> std::io::Result<Ua> {
         let tcp = TcpStream::connect(addr)?;
         tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
         let raw = tcp.try_clone()?;
         let local = raw.local_addr()?;
         Ok(Ua {
@@ -296,7 +299,8 @@ impl Ua {
 
     /// The next response, skipping 100 Trying; returns its status.
     pub fn expect_final_or_provisional(&mut self, what: &str) -> (u16, Vec<u8>) {
-        loop {
+        // Bounded: a server that answered 100 Trying forever would hold the test.
+        for _ in 0..64 {
             let m = self.expect(what);
             let s = status(&m)
                 .unwrap_or_else(|| panic!("{what}: expected a response, got {}", first_line(&m)));
@@ -304,6 +308,7 @@ impl Ua {
                 return (s, m);
             }
         }
+        panic!("{what}: 64 answers of 100 Trying and nothing else")
     }
 
     /// Registers `sip:user@domain` with its own connection as contact, answering a digest
