@@ -3,5 +3,6 @@
 //! ([`probe`]) live in `sipring-net`, shared with the load generator, as does CPU placement
 //! ([`cpus`]), which needs none.
 
+#[allow(unsafe_code)]
 pub mod ktls;
 pub use sipring_net::sys::{cpus, probe, sock};

@@ -3,6 +3,9 @@
 //! and child processes ([`process`]); CPU placement ([`cpus`]) needs none.
 
 pub mod cpus;
+#[allow(unsafe_code)]
 pub mod probe;
+#[allow(unsafe_code)]
 pub mod process;
+#[allow(unsafe_code)]
 pub mod sock;
