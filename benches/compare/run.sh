@@ -3,8 +3,10 @@
 #
 #   benches/compare/run.sh [OUT_DIR]        (as root on a Debian 12 host; ~10-15 minutes)
 #
-# Both servers get the same CPU (SERVER_CPU, default 0) and the load generator another
-# (LOAD_CPU, default 1). Each measurement alternates A/B/C (sipring, Kamailio, reflector)
+# Both servers get the same CPU (SERVER_CPU, default: the first this process may use) and
+# the load generator another (LOAD_CPU, default: the last), both from the allowed set.
+# Each server runs under `taskset -c SERVER_CPU` (sipring's shard then takes index 0 of
+# that one-CPU set). Each measurement alternates A/B/C (sipring, Kamailio, reflector)
 # at every step, so drift of a shared, noisy machine hits all three alike. Steps last
 # STEP_S seconds (default 5). A rate "passes" with zero failures and p99 <= 10 ms.
 # Everything lands in OUT_DIR (JSON per run, .hgrm, SVG plots, results.md).
@@ -12,8 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${1:-$ROOT/target/compare/$(date -u +%Y%m%dT%H%M%SZ)}
-SERVER_CPU=${SERVER_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
+CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
+LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 STEP_S=${STEP_S:-5}
 PARTS=${PARTS:-message call handshake idle}
 source benches/lib.sh # threads
@@ -38,7 +41,7 @@ mkdir -p "$W/run"
 cat > "$W/sipring.toml" <<EOF
 [server]
 shards = 1
-first_cpu = $SERVER_CPU
+first_cpu = 0
 domains = ["example.com"]
 hostname = "sip.example.com"
 local_hosts = ["127.0.0.1"]
@@ -63,7 +66,7 @@ EOF
 sed "s|@DIR@|$W|g" benches/compare/kamailio/kamailio.cfg > "$W/kamailio.cfg"
 sed "s|@DIR@|$W|g" benches/compare/kamailio/tls.cfg > "$W/tls.cfg"
 
-start_sipring() { SIPRING_LOG=warn "$SIPRING" run --config "$W/sipring.toml" >"$W/sipring.log" 2>&1 & echo $! > "$W/sipring.pid"; sleep 1; }
+start_sipring() { SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/sipring.toml" >"$W/sipring.log" 2>&1 & echo $! > "$W/sipring.pid"; sleep 1; }
 stop_sipring() { kill "$(cat "$W/sipring.pid")" 2>/dev/null || true; wait "$(cat "$W/sipring.pid")" 2>/dev/null || true; }
 # Kamailio 5.6 + OpenSSL 3 can crash with 2 TLS workers under concurrent handshakes
 # (upstream #3791): the handshake test uses 1 worker (KAM_WORKERS=1).

@@ -2,10 +2,12 @@
 # What server.spin_before_park_us buys and costs: idle CPU of one shard over 10 s, and
 # MESSAGE latency at a light load (500/s), with and without spinning, in one run.
 #
-#   benches/compare/spin.sh            (SERVER_CPU=0 LOAD_CPU=1 by default)
+#   benches/compare/spin.sh            (SERVER_CPU, LOAD_CPU: by default the first and the last CPU
+#                                      this process may use)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SERVER_CPU=${SERVER_CPU:-0}; LOAD_CPU=${LOAD_CPU:-1}
+CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}; LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 target/release/sipring certs --out "$W/pki" >/dev/null
@@ -14,7 +16,7 @@ for spin in 0 200; do
   cat > "$W/s.toml" <<CFG
 [server]
 shards = 1
-first_cpu = $SERVER_CPU
+first_cpu = 0
 spin_before_park_us = $spin
 hostname = "sip.example.com"
 local_hosts = ["127.0.0.1"]
@@ -31,7 +33,7 @@ enabled = false
 [admin]
 address = "127.0.0.1:15060"
 CFG
-  SIPRING_LOG=warn target/release/sipring run --config "$W/s.toml" > "$W/log" 2>&1 &
+  SIPRING_LOG=warn taskset -c "$SERVER_CPU" target/release/sipring run --config "$W/s.toml" > "$W/log" 2>&1 &
   pid=$!; sleep 2
   t0=$(awk '{print $14+$15}' /proc/$pid/stat); sleep 10; t1=$(awk '{print $14+$15}' /proc/$pid/stat)
   idle=$(python3 -c "print(round(($t1-$t0)/$hz/10*100,1))")

@@ -4,7 +4,8 @@
 #
 #   benches/scale/storm.sh [OUT_DIR]      (as root; N=100000 by default, ~5 minutes)
 #
-# The server runs on SERVER_CPU (default 0), sipring-load on LOAD_CPU (default 1), both on this
+# The server runs on SERVER_CPU (default: the first allowed CPU), sipring-load on LOAD_CPU
+# (default: the last allowed CPU), both on this
 # host. sipring-load holds N UAs (in GENS processes when one process may not hold them all: it
 # uses two descriptors per connection; idle scenario, CRLF keepalive every KEEPALIVE_S) spread over
 # 8 loopback source addresses and, with --reconnect, connects again and re-registers when the
@@ -17,8 +18,9 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${1:-$ROOT/target/scale/$(date -u +%Y%m%dT%H%M%SZ)}
 N=${N:-100000}
-SERVER_CPU=${SERVER_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
+CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
+SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
+LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
 IDLE_S=${IDLE_S:-30}
 KEEPALIVE_S=${KEEPALIVE_S:-30}
 SETUP_TIMEOUT_S=${SETUP_TIMEOUT_S:-600}
@@ -45,7 +47,7 @@ LOAD=$ROOT/target/release/sipring-load
 cat > "$W/sipring.toml" <<CFG
 [server]
 shards = 1
-first_cpu = $SERVER_CPU
+first_cpu = 0
 domains = ["example.com"]
 hostname = "sip.example.com"
 local_hosts = ["127.0.0.1"]
@@ -83,7 +85,7 @@ print(int(sum(float(l.split()[-1]) for l in t.splitlines()
               if (l.startswith(n + "{") or l.startswith(n + " ")) and 'shard="' not in l)))
 PY
 }
-start() { SIPRING_LOG=warn "$SIPRING" run --config "$W/sipring.toml" >>"$OUT/sipring.log" 2>&1 & echo $! > "$W/pid"; }
+start() { SIPRING_LOG=warn taskset -c "$SERVER_CPU" "$SIPRING" run --config "$W/sipring.toml" >>"$OUT/sipring.log" 2>&1 & echo $! > "$W/pid"; }
 rss_kib() { awk '/VmRSS/{print $2}' "/proc/$(cat "$W/pid")/status"; }
 ticks() { awk '{print $14+$15}' "/proc/$(cat "$W/pid")/stat"; }
 wait_for() { # wait_for COUNT TIMEOUT_S -> seconds until COUNT contacts are registered (or fails)
