@@ -13,7 +13,10 @@
 //!                                    └─► Close
 //! ```
 //!
-//! Everything here is `!Send` (`Rc`, `RefCell`); no lock is taken on the message path. A
+//! Everything here is `!Send` (`Rc`, `RefCell`); no lock is taken on the message path
+//! between shards. (In a cluster, the queues to and from the location store's thread are
+//! `async-channel`s: waking a parked side takes a short lock inside `event-listener`; see
+//! CLUSTER.md.) A
 //! message that finds a cross-shard channel full waits, in order, in a bounded overflow
 //! queue drained by one task per destination, so no two shards ever block on each other;
 //! past 4× `server.mesh_capacity` waiting (at least 1,024) new requests get 503 instead.
