@@ -351,6 +351,15 @@ fn flow_tag(key: &NodeKey, fi: &[u8], fo: &[u8], call_id: &[u8]) -> String {
 /// 80 bits: a forger gets one guess per request, and a guess costs a round trip.
 const FLOW_TAG_BYTES: usize = 10;
 
+/// Are two host names one: case aside, and one trailing dot (an absolute name) on either
+/// side (configured or received) aside, as for AORs.
+fn same_host(a: &[u8], b: &[u8]) -> bool {
+    fn strip(h: &[u8]) -> &[u8] {
+        h.strip_suffix(b".").unwrap_or(h)
+    }
+    text::eq_ic(strip(a), strip(b))
+}
+
 /// The branch prefix that marks our Via values.
 pub const BRANCH_PREFIX: &str = "z9hG4bKsr";
 
@@ -366,21 +375,15 @@ impl Proxy {
     }
 
     fn is_local_host(&self, host: &[u8]) -> bool {
-        // One trailing dot (an absolute name) is the same host, as for AORs.
-        let host = host.strip_suffix(b".").unwrap_or(host);
         self.cfg
             .local_hosts
             .iter()
-            .any(|h| text::eq_ic(h.as_bytes(), host))
+            .any(|h| same_host(h.as_bytes(), host))
     }
 
     /// Is `host` this server (a local host name or address, or our Via host)?
     pub(crate) fn is_self(&self, host: &[u8]) -> bool {
-        self.is_local_host(host)
-            || text::eq_ic(
-                host.strip_suffix(b".").unwrap_or(host),
-                self.cfg.via_host.as_bytes(),
-            )
+        self.is_local_host(host) || same_host(host, self.cfg.via_host.as_bytes())
     }
 
     /// Does this URI name us: one of our hosts or domains, and (when it has one) one of our
@@ -405,11 +408,10 @@ impl Proxy {
 
     fn is_our_domain(&self, host: &[u8]) -> bool {
         // `example.com.` is `example.com` (the AOR drops the dot too: one user, one shard).
-        let host = host.strip_suffix(b".").unwrap_or(host);
         self.cfg
             .domains
             .iter()
-            .any(|d| text::eq_ic(d.as_bytes(), host))
+            .any(|d| same_host(d.as_bytes(), host))
     }
 
     /// The loop-detection hash of a request (RFC 3261 §16.3 step 4, as RFC 5393 §4.2 has it:
@@ -1241,6 +1243,25 @@ mod tests {
         // Not Served" and "Route Not Allowed"); the AOR drops the dot.
         case!("INVITE sip:bob@example.com.", "" => Decision::Lookup { aor: "sip:bob@example.com".into() });
         case!("INVITE sip:bob@example.com", "Route: <sip:proxy.example.com.;lr>\r\n" => Decision::Lookup { aor: "sip:bob@example.com".into() });
+        // And a host configured with its dot still knows itself without one.
+        let dotted = Proxy::new(ProxyConfig {
+            local_hosts: vec!["proxy.example.com.".into()],
+            via_host: "proxy.example.com.".into(),
+            ..cfg()
+        });
+        for route in ["<sip:proxy.example.com;lr>", "<sip:proxy.example.com.;lr>"] {
+            assert_eq!(
+                decide_on(
+                    &dotted,
+                    &req("INVITE sip:bob@example.com", &format!("Route: {route}\r\n")),
+                    &f
+                ),
+                Decision::Lookup {
+                    aor: "sip:bob@example.com".into()
+                },
+                "{route}"
+            );
+        }
     }
 
     /// The Record-Route we add forwarding `s` from `a` to `b`.
