@@ -1939,7 +1939,8 @@ impl ShardProxy {
                                 .and_then(|u| crate::uri::Uri::parse(u).ok())
                                 .is_some_and(|u| u.scheme == crate::uri::Scheme::Sips)
                         })
-                        .unwrap_or(false);
+                        // Unreadable again (never, in practice): the safe side.
+                        .unwrap_or(true);
                         if sips {
                             targets.retain_mut(|t| {
                                 t.fallbacks.retain(|f| f.flow.is_tls());
@@ -1982,18 +1983,28 @@ impl ShardProxy {
                 inbound,
                 source,
             }) => {
+                // A sips ACK (late offer: its SDP may carry the keys) takes a TLS flow only,
+                // as its INVITE did.
+                let limits = self.limits;
+                let sips = with_parsed(&request, &limits, |m, _| {
+                    m.request_uri()
+                        .and_then(|u| crate::uri::Uri::parse(u).ok())
+                        .is_some_and(|u| u.scheme == crate::uri::Scheme::Sips)
+                })
+                .unwrap_or(true);
                 let (to, uri) = match result {
-                    Lookup::Found(b) => match b.into_iter().next() {
-                        Some(r) => (Flow::Conn(r.flow), Some(r.contact)),
-                        None => return,
-                    },
+                    Lookup::Found(b) => {
+                        match b.into_iter().find(|r| !sips || Flow::Conn(r.flow).is_tls()) {
+                            Some(r) => (Flow::Conn(r.flow), Some(r.contact)),
+                            None => return,
+                        }
+                    }
                     Lookup::Nodes(n) => match n.into_iter().next() {
                         Some(node) => (Flow::Peer(node), None),
                         None => return,
                     },
                     _ => return,
                 };
-                let limits = self.limits;
                 with_parsed(&request, &limits, |m, e| {
                     self.send_ack(&inbound, &to, uri.as_deref(), source.clone(), m, e)
                 });
