@@ -388,8 +388,17 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                     }
                     // A partner whose roots have all lapsed is refused at every handshake;
                     // one whose last root lapses soon loses every link at that second.
-                    for peer in c.peer.iter().filter(|p| !p.node) {
-                        let Ok(roots) = crate::tls::load_certs(&peer.roots) else {
+                    // Each partner's roots, and the cluster's (its nodes' links).
+                    let bundles =
+                        c.peer
+                            .iter()
+                            .filter(|p| !p.node)
+                            .map(|p| (format!("partner {} roots", p.name), &p.roots, "the partner"))
+                            .chain(c.cluster.iter().map(|k| {
+                                ("cluster roots".to_string(), &k.roots, "the cluster's CA")
+                            }));
+                    for (name, roots, whose) in bundles {
+                        let Ok(roots) = crate::tls::load_certs(roots) else {
                             continue;
                         };
                         let Some(last) = roots
@@ -403,21 +412,23 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                         else {
                             continue;
                         };
-                        let name = format!("partner {} roots", peer.name);
                         let days = (last - f.now).div_euclid(86_400);
                         if last < f.now {
                             out.push(check(
                                 &name,
                                 Fail,
-                                format!("every root expired ({} days ago)", (f.now - last) / 86_400),
-                                "ask the partner for its current root, add it to its roots file and reload: every handshake with it is refused",
+                                format!(
+                                    "every root expired ({} days ago)",
+                                    ((f.now - last) as u64).div_ceil(86_400)
+                                ),
+                                format!("get a current root from {whose}, add it to the roots file and reload: every handshake it anchors is refused"),
                             ));
                         } else if days <= 30 {
                             out.push(check(
                                 &name,
                                 Warn,
                                 format!("its last root expires in {days} days"),
-                                "ask the partner for its new root, add it to the bundle and reload before then: at that second every link to it closes",
+                                format!("get the new root from {whose}, add it to the bundle and reload before then: at that second every link it anchors closes"),
                             ));
                         }
                     }
@@ -431,9 +442,12 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                             check(
                                 &name,
                                 if due.enforced { Fail } else { Warn },
-                                format!("past its nextUpdate ({} hours ago)", (f.now - next) / 3600),
+                                format!(
+                                    "past its nextUpdate ({} hours ago)",
+                                    ((f.now - next) as u64).div_ceil(3600)
+                                ),
                                 if due.enforced {
-                                    "fetch a fresh CRL: what it covers is refused (unknown_revocation = \"deny\"), and at the next reload the live connections close"
+                                    "fetch a fresh CRL: every certificate it covers is refused (revocation status unknown), and at the next reload the live connections close"
                                 } else {
                                     "fetch a fresh CRL: it is still read (unknown_revocation = \"allow\"), but says nothing of what was revoked since"
                                 },

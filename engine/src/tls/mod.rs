@@ -159,7 +159,13 @@ pub fn crl_next_updates(cfg: &Config) -> Vec<CrlDue> {
                 p.unknown_revocation == crate::config::UnknownRevocation::Deny,
             )
         })
-        .chain(std::iter::once((&cfg.tls.client_crls, true)))
+        // Clients' CRLs are read only with client roots (and then always enforced).
+        .chain(
+            cfg.tls
+                .client_roots
+                .is_some()
+                .then_some((&cfg.tls.client_crls, true)),
+        )
         .chain(cfg.cluster.iter().map(|c| (&c.crls, true)));
     let mut out: Vec<CrlDue> = Vec::new();
     for (files, enforced) in scopes {
@@ -179,6 +185,9 @@ pub fn crl_next_updates(cfg: &Config) -> Vec<CrlDue> {
                     Some(x.next_update()?.timestamp())
                 })
                 .min();
+            // Enforced where this scope uses a CRL of it (a scope where a newer one in
+            // another file replaced it does not read it at all).
+            let enforced = enforced && next.is_some();
             match out.iter_mut().find(|d| &d.file == f) {
                 Some(d) => {
                     d.enforced |= enforced;
