@@ -17,6 +17,7 @@ OUT=${1:-$ROOT/target/compare/$(date -u +%Y%m%dT%H%M%SZ)}
 CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
 SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
 LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
+[ "$SERVER_CPU" != "$LOAD_CPU" ] || { echo "SERVER_CPU and LOAD_CPU are both $SERVER_CPU: this needs two allowed CPUs (Cpus_allowed_list: $(python3 -c 'import os; print(sorted(os.sched_getaffinity(0)))'))" >&2; exit 2; }
 STEP_S=${STEP_S:-5}
 PARTS=${PARTS:-message call handshake idle}
 source benches/lib.sh # threads

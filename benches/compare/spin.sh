@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
 SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}; LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
+[ "$SERVER_CPU" != "$LOAD_CPU" ] || { echo "SERVER_CPU and LOAD_CPU are both $SERVER_CPU: this needs two allowed CPUs (Cpus_allowed_list: $(python3 -c 'import os; print(sorted(os.sched_getaffinity(0)))'))" >&2; exit 2; }
 cargo build --release -p sipring -p sipring-load >/dev/null 2>&1
 W=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 target/release/sipring certs --out "$W/pki" >/dev/null

@@ -21,6 +21,7 @@ N=${N:-100000}
 CPUS=($(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'))
 SERVER_CPU=${SERVER_CPU:-${CPUS[0]}}
 LOAD_CPU=${LOAD_CPU:-${CPUS[-1]}}
+[ "$SERVER_CPU" != "$LOAD_CPU" ] || { echo "SERVER_CPU and LOAD_CPU are both $SERVER_CPU: this needs two allowed CPUs (Cpus_allowed_list: $(python3 -c 'import os; print(sorted(os.sched_getaffinity(0)))'))" >&2; exit 2; }
 IDLE_S=${IDLE_S:-30}
 KEEPALIVE_S=${KEEPALIVE_S:-30}
 SETUP_TIMEOUT_S=${SETUP_TIMEOUT_S:-600}
