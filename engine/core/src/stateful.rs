@@ -172,6 +172,8 @@ struct Server {
     to_tag: String,
     /// What the policy allowed (identity headers downstream).
     grant: Grant,
+    /// Its Request-URI is `sips:`: its branches go over TLS only.
+    sips: bool,
     /// The bytes it holds, as counted in the table's byte total.
     weight: usize,
 }
@@ -1340,6 +1342,9 @@ impl ShardProxy {
                 cancelled: false,
                 to_tag,
                 grant,
+                sips: msg
+                    .request_uri()
+                    .is_some_and(|u| u.get(..5).is_some_and(|s| s.eq_ignore_ascii_case(b"sips:"))),
                 weight: bytes.len(),
             },
         );
@@ -1933,15 +1938,7 @@ impl ShardProxy {
                         // 3261 §26.2.2; RFC 5630 §3.1.3 drops the last hop's exception):
                         // never the contact of a device on the plain TCP listener, where
                         // the call would go on as "secure" with its SDES keys in clear.
-                        let limits = self.limits;
-                        let sips = with_parsed(&s.request, &limits, |m, _| {
-                            m.request_uri()
-                                .and_then(|u| crate::uri::Uri::parse(u).ok())
-                                .is_some_and(|u| u.scheme == crate::uri::Scheme::Sips)
-                        })
-                        // Unreadable again (never, in practice): the safe side.
-                        .unwrap_or(true);
-                        if sips {
+                        if s.sips {
                             targets.retain_mut(|t| {
                                 t.fallbacks.retain(|f| f.flow.is_tls());
                                 if !t.flow.is_tls() && !t.fallbacks.is_empty() {
@@ -2305,14 +2302,16 @@ impl ShardProxy {
             BranchResponse::Downstream(b) => {
                 // Who answered, and to whom: what the answer asserts is checked as a
                 // request's would be.
-                let from = self.clients.get(key).map(|c| c.outbound.clone());
+                let (from, by_token) = match self.clients.get(key) {
+                    Some(c) => (Some(c.outbound.clone()), c.by_token),
+                    None => (None, false),
+                };
                 let from_partner = from.as_ref().and_then(|f| self.partner_of(f));
                 let to_partner = self
                     .servers
                     .get(sk)
                     .and_then(|s| self.partner_of(&s.inbound))
                     .filter(|p| !self.proxy.is_node(p));
-                let by_token = self.clients.get(key).is_some_and(|c| c.by_token);
                 let (proxy, policy) = (&self.proxy, &self.policy);
                 let Some(out) = with_parsed(&b, &limits, |m, _| {
                     let strip = policy.strips_response_identity(m, from_partner, to_partner);
