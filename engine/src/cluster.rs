@@ -26,6 +26,7 @@
 //! life at once.
 
 use crate::config::ClusterConfig;
+use crate::lanes::{LaneEnd, LaneTx, Replies, lane};
 use redis::cluster_async::ClusterConnection;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -94,7 +95,7 @@ struct Write {
 struct Ask {
     aor: String,
     token: u64,
-    reply: async_channel::Sender<Found>,
+    reply: Arc<Replies<Found>>,
     /// When it was queued: past the store timeout it is answered "store failed" unasked.
     at: Instant,
 }
@@ -102,8 +103,8 @@ struct Ask {
 /// A shard's handle on the store thread (cheap to clone; `Send`).
 #[derive(Debug, Clone)]
 pub struct Store {
-    writes: async_channel::Sender<Write>,
-    asks: async_channel::Sender<Ask>,
+    writes: LaneTx<Write>,
+    asks: LaneTx<Ask>,
     resync: Arc<AtomicU64>,
     /// This node's name.
     pub node: Rc<str>,
@@ -114,8 +115,8 @@ pub struct Store {
 /// The `Send` half that creates per-shard [`Store`] handles.
 #[derive(Debug, Clone)]
 pub struct StoreSender {
-    writes: async_channel::Sender<Write>,
-    asks: async_channel::Sender<Ask>,
+    writes: LaneTx<Write>,
+    asks: LaneTx<Ask>,
     resync: Arc<AtomicU64>,
     node: String,
     epoch: u64,
@@ -158,25 +159,21 @@ impl Store {
     /// newest value per AOR until the store has it, retrying while it fails. False when the
     /// queue is full (the caller counts it).
     pub fn write(&self, aor: &str, field: Option<(String, u64)>) -> bool {
-        self.writes
-            .try_send(Write {
-                aor: aor.to_string(),
-                field,
-            })
-            .is_ok()
+        self.writes.try_send(Write {
+            aor: aor.to_string(),
+            field,
+        })
     }
 
     /// Asks which live nodes hold `aor`; the answer comes on `reply` with `token`. False
     /// when the queue is full.
-    pub fn lookup(&self, aor: &str, token: u64, reply: &async_channel::Sender<Found>) -> bool {
-        self.asks
-            .try_send(Ask {
-                aor: aor.to_string(),
-                token,
-                reply: reply.clone(),
-                at: Instant::now(),
-            })
-            .is_ok()
+    pub fn lookup(&self, aor: &str, token: u64, reply: &Arc<Replies<Found>>) -> bool {
+        self.asks.try_send(Ask {
+            aor: aor.to_string(),
+            token,
+            reply: reply.clone(),
+            at: Instant::now(),
+        })
     }
 
     /// Bumped when the store lost what this node wrote (its liveness key was gone: a store
@@ -274,8 +271,8 @@ pub fn start(
     cfg: &ClusterConfig,
     subscribers: crate::auth::SharedSubscribers,
 ) -> std::io::Result<StoreSender> {
-    let (writes, write_rx) = async_channel::bounded(STORE_QUEUE);
-    let (asks, ask_rx) = async_channel::bounded(STORE_QUEUE);
+    let (writes, write_rx) = lane(STORE_QUEUE)?;
+    let (asks, ask_rx) = lane(STORE_QUEUE)?;
     let (withdraw, withdraw_rx) = async_channel::bounded(1);
     let resync = Arc::new(AtomicU64::new(0));
     // Unique per start: a node that comes back has a new epoch, so what it registered in its
@@ -378,13 +375,20 @@ async fn run(
     cfg: ClusterConfig,
     epoch: u64,
     (write_rx, ask_rx, withdraw_rx): (
-        async_channel::Receiver<Write>,
-        async_channel::Receiver<Ask>,
+        LaneEnd<Write>,
+        LaneEnd<Ask>,
         async_channel::Receiver<std::sync::mpsc::SyncSender<bool>>,
     ),
     (resync, name_taken): (Arc<AtomicU64>, Arc<AtomicBool>),
     subscribers: crate::auth::SharedSubscribers,
 ) {
+    let (write_rx, ask_rx) = match (write_rx.into_rx(), ask_rx.into_rx()) {
+        (Ok(w), Ok(a)) => (w, a),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "store thread: cannot watch its queues");
+            return;
+        }
+    };
     let seeds = seeds(&cfg.store);
     let timeout = Duration::from_millis(cfg.store_timeout_ms);
     let client = match redis::cluster::ClusterClient::builder(seeds)
@@ -457,7 +461,7 @@ async fn run(
     {
         let st = st.clone();
         tokio::task::spawn_local(async move {
-            while let Ok(w) = write_rx.recv().await {
+            while let Some(w) = write_rx.recv().await {
                 st.dirty.borrow_mut().insert(w.aor, w.field);
                 st.wake.notify_one();
             }
@@ -467,7 +471,7 @@ async fn run(
     // At most STORE_IN_FLIGHT lookups at the store at once: past it the thread stops taking
     // from the queue, the queue fills, and the shards' `try_send` counts `queue_full`.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
-    while let Ok(ask) = ask_rx.recv().await {
+    while let Some(ask) = ask_rx.recv().await {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
@@ -665,14 +669,11 @@ async fn serve(st: &State, ask: Ask) {
             }
         }
     };
-    let _ = ask
-        .reply
-        .send(Found {
-            token: ask.token,
-            nodes,
-            known,
-        })
-        .await;
+    ask.reply.push(Found {
+        token: ask.token,
+        nodes,
+        known,
+    });
 }
 
 /// Sets the liveness key `KEYS[1]` to this life's epoch `ARGV[1]` for `ARGV[2]` ms unless
@@ -1149,8 +1150,8 @@ mod tests {
 
     #[test]
     fn only_live_nodes_of_the_same_life_with_unexpired_bindings_are_routed_to() {
-        let (writes, _w) = async_channel::bounded(1);
-        let (asks, _a) = async_channel::bounded(1);
+        let (writes, _w) = lane(1).unwrap();
+        let (asks, _a) = lane(1).unwrap();
         let store = |node: &str, epoch| Store {
             writes: writes.clone(),
             asks: asks.clone(),

@@ -31,6 +31,7 @@ pub mod conn;
 pub mod control;
 pub mod doctor;
 pub mod labels;
+pub mod lanes;
 pub mod metrics;
 pub mod overload;
 pub mod recheck;

@@ -13,10 +13,9 @@
 //!                                    └─► Close
 //! ```
 //!
-//! Everything here is `!Send` (`Rc`, `RefCell`); no lock is taken on the message path
-//! between shards. (In a cluster, the queues to and from the location store's thread are
-//! `async-channel`s: waking a parked side takes a short lock inside `event-listener`; see
-//! CLUSTER.md.) A
+//! Everything here is `!Send` (`Rc`, `RefCell`); no lock is taken on the message path,
+//! between shards nor (in a cluster) to and from the location store's thread
+//! ([`crate::lanes`]). A
 //! message that finds a cross-shard channel full waits, in order, in a bounded overflow
 //! queue drained by one task per destination, so no two shards ever block on each other;
 //! past 4× `server.mesh_capacity` waiting (at least 1,024) new requests get 503 instead.
@@ -365,8 +364,9 @@ pub struct Shard {
 /// the lookups waiting for one (with what the local tables said).
 struct ClusterLink {
     store: crate::cluster::Store,
-    reply: async_channel::Sender<crate::cluster::Found>,
-    replies: RefCell<Option<async_channel::Receiver<crate::cluster::Found>>>,
+    reply: Arc<crate::lanes::Replies<crate::cluster::Found>>,
+    /// Whether the reply task has been started (once).
+    replies_started: Cell<bool>,
     waiting: RefCell<HashMap<u64, (Lookup, Option<Stamp>)>>,
     /// REGISTERs answered here whose removals go to the other nodes holding their AOR, by
     /// the token of the store read that names those nodes ([`REMOVAL_TOKEN`] set).
@@ -569,19 +569,16 @@ impl Shard {
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
         proxy.set_overload_control(cfg.limits.overload_control.trust());
         let remember = r.remember_aors.div_ceil(n.max(1));
-        let cluster = control.store.as_ref().map(|s| {
-            let (reply, replies) = async_channel::unbounded();
-            ClusterLink {
-                store: s.handle(),
-                reply,
-                replies: RefCell::new(Some(replies)),
-                waiting: RefCell::new(HashMap::new()),
-                removals: RefCell::new(HashMap::new()),
-                removal_seq: Cell::new(0),
-                removal_retry: RefCell::new(HashSet::new()),
-                removal_bytes: Cell::new(0),
-                resync: RefCell::new((0, Vec::new())),
-            }
+        let cluster = control.store.as_ref().map(|s| ClusterLink {
+            store: s.handle(),
+            reply: Arc::default(),
+            replies_started: Cell::new(false),
+            waiting: RefCell::new(HashMap::new()),
+            removals: RefCell::new(HashMap::new()),
+            removal_seq: Cell::new(0),
+            removal_retry: RefCell::new(HashSet::new()),
+            removal_bytes: Cell::new(0),
+            resync: RefCell::new((0, Vec::new())),
         });
         Shard {
             id,
@@ -2175,17 +2172,20 @@ fn channel_full<T>(e: glommio::GlommioError<T>) -> Option<T> {
 
 /// Feeds the location store's answers to the shard (a no-op when not clustered).
 pub fn spawn_store_replies(shard: &Rc<Shard>) {
-    let Some(rx) = shard
+    let Some(c) = shard
         .cluster
         .as_ref()
-        .and_then(|c| c.replies.borrow_mut().take())
+        .filter(|c| !c.replies_started.replace(true))
     else {
         return;
     };
+    let rx = c.reply.clone();
     let s = shard.clone();
+    // Runs as long as the shard's executor: the store thread holds its end until it stops.
     glommio::spawn_local(async move {
         let mut n = 0u32;
-        while let Ok(f) = rx.recv().await {
+        loop {
+            let f = std::future::poll_fn(|cx| rx.poll_pop(cx)).await;
             s.on_store_reply(f);
             n = take_turns(n).await;
         }
