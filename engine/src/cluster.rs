@@ -3,10 +3,10 @@
 //!
 //! The Redis client (the `redis` crate's cluster-async client: slot routing, MOVED/ASK and
 //! failover are its job) runs on tokio, so it lives on **one store thread per node** with a
-//! current-thread runtime. Shards never block on it: they `try_send` writes and lookups on
-//! two bounded `async-channel`s (runtime-neutral; lookups cannot crowd writes out), and
-//! lookups come back on each shard's own reply channel, which a glommio task awaits (glommio
-//! wakes a task from a foreign thread). The thread keeps the newest value per AOR until the
+//! current-thread runtime. Shards never block on it, nor take a lock to reach it: they push
+//! writes and lookups onto two bounded lock-free lanes (lookups cannot crowd writes out), and
+//! lookups come back on each shard's own lock-free reply queue, which a glommio task awaits
+//! ([`crate::lanes`]). The thread keeps the newest value per AOR until the
 //! store has it (retried while the store fails), and when its heartbeat finds this node's
 //! liveness key gone (the store lost data) the shards write all their bindings again.
 //!
@@ -382,7 +382,7 @@ async fn run(
     (resync, name_taken): (Arc<AtomicU64>, Arc<AtomicBool>),
     subscribers: crate::auth::SharedSubscribers,
 ) {
-    let (write_rx, ask_rx) = match (write_rx.into_rx(), ask_rx.into_rx()) {
+    let (mut write_rx, mut ask_rx) = match (write_rx.into_rx(), ask_rx.into_rx()) {
         (Ok(w), Ok(a)) => (w, a),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "store thread: cannot watch its queues");

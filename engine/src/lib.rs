@@ -11,7 +11,7 @@
 //!                   registrar slice, connections) ◄─► mesh ◄─► other shards
 //!  signals: SIGHUP ─► reload (ArcSwap the TLS policy and the subscribers)   SIGTERM ─► drain
 //!  admin thread: /metrics, /hgrm/<name>, /reload
-//!  store thread (`[cluster]` only): Redis Cluster client on tokio ◄─ async-channel ─► shards
+//!  store thread (`[cluster]` only): Redis Cluster client on tokio ◄─ lock-free lanes ─► shards
 //! ```
 //!
 //! Who a connection is (anonymous client, client certificate AORs, partner) is established
