@@ -61,6 +61,23 @@ impl World {
         w
     }
 
+    /// Alpha's roots and CRLs with a second CA of the partner's beside its own: `extra`'s
+    /// certificate in the roots file, its CRL revoking `revoked` in the CRL file.
+    fn alpha_bundle_with(&self, extra: &Ca, revoked: &[u64]) {
+        self.dir.write(
+            "alpha-ca.pem",
+            format!("{}{}", self.alpha.cert.cert_pem, extra.cert.cert_pem),
+        );
+        self.dir.write(
+            "alpha.crl",
+            format!(
+                "{}{}",
+                self.alpha.crl(&[self.alpha_revoked]).unwrap(),
+                extra.crl(revoked).unwrap()
+            ),
+        );
+    }
+
     fn config(&self, versions: &[&str]) -> Config {
         let peer =
             |name: &str, server_name: &str, ca: &str, crl: Option<&str>, trusted: &[&str]| {
@@ -768,18 +785,7 @@ fn a_partner_ca_re_keyed_under_its_name_keeps_its_crls_working() {
     let old_leaf = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
     let new_leaf = renewed.issue(&spec("sip.alpha.example")).unwrap();
     let new_revoked = renewed.issue(&spec("sip.alpha.example")).unwrap();
-    w.dir.write(
-        "alpha-ca.pem",
-        format!("{}{}", w.alpha.cert.cert_pem, renewed.cert.cert_pem),
-    );
-    w.dir.write(
-        "alpha.crl",
-        format!(
-            "{}{}",
-            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
-            renewed.crl(&[new_revoked.serial]).unwrap()
-        ),
-    );
+    w.alpha_bundle_with(&renewed, &[new_revoked.serial]);
     let policy = w.policy(&["1.3"]);
     assert_eq!(
         inbound(&w, &policy, "1.3", Some(&old_leaf)),
@@ -1039,18 +1045,7 @@ fn a_root_outside_its_validity_anchors_nothing() {
     // its chains. Refused as expired now (not as an unknown issuer).
     let w = World::new();
     let lapsed = Ca::with_validity("Lapsed Root", Duration::days(-1)).unwrap();
-    w.dir.write(
-        "alpha-ca.pem",
-        format!("{}{}", w.alpha.cert.cert_pem, lapsed.cert.cert_pem),
-    );
-    w.dir.write(
-        "alpha.crl",
-        format!(
-            "{}{}",
-            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
-            lapsed.crl(&[]).unwrap()
-        ),
-    );
+    w.alpha_bundle_with(&lapsed, &[]);
     let policy = w.policy(&["1.3"]);
     let by_lapsed = lapsed.issue(&spec("sip.alpha.example")).unwrap();
     assert_eq!(
