@@ -22,7 +22,8 @@ use sipring::tls::pki::{Ca, Issued, Spec, Usage};
 use sipring_core::auth::{Algorithm, authorization, parse_challenge};
 use sipring_tests::server::{Pki, config, metric, wait_metrics};
 use sipring_tests::ua::{
-    Ua, answer, branch, first_line, header, header_all, invite, method, status, tls_config,
+    Ua, answer, branch, bye, first_line, hang_up, header, header_all, invite, method, status,
+    tls_config,
 };
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -889,6 +890,109 @@ fn attack_4_flow_tokens_cannot_be_forged_or_moved() {
     });
     assert_eq!(metric(&m, "sipring_peer_connect_failures_total"), None);
     assert_eq!(refusals(&srv, "forged_flow_token"), 53.0);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+/// `b` answers the call `a` made as `inv` (To-tag `b1`), and `a` hears the 200.
+fn take_call(a: &mut Ua, b: &mut Ua, inv: &[u8]) {
+    b.send(&answer(
+        inv,
+        200,
+        "OK",
+        "b1",
+        &format!("sip:{}@{}", b.user, b.local),
+    ));
+    assert_eq!(a.expect_final_or_provisional("200 to INVITE").0, 200);
+}
+
+/// `ua`'s BYE `msg` again, as a new request with its digest credentials.
+fn with_credentials(ua: &Ua, msg: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(msg);
+    let ruri = text.split(' ').nth(1).unwrap();
+    let creds = ua.credentials("BYE", ruri);
+    assert!(!creds.is_empty(), "{} holds a challenge", ua.user);
+    text.replacen(
+        "Content-Length: 0\r\n",
+        &format!("{creds}Content-Length: 0\r\n"),
+        1,
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_party_that_reconnects_keeps_its_call_and_nobody_else_can_take_it() {
+    // A phone whose connection broke mid-call (NAT rebinding, Wi-Fi to LTE) connects again:
+    // its in-dialog requests come on a new connection with the dialog's route. Our route
+    // names its parties (keyed): the party that proves it is one of them goes on; before,
+    // anyone not on the dialog's connections got 404 and the call hung on the other side.
+    let w = World::new();
+    let srv = w.start(|_| {});
+    let mut alice = w.client(&srv, "alice");
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(alice.register(600), 200);
+    assert_eq!(bob.register(600), 200);
+    // The callee comes back and registers again: that binding is its proof, no challenge.
+    let inv = invite(&mut alice, &mut bob, "rc-1");
+    let rr = header_all(&inv, "Record-Route").unwrap();
+    assert!(rr.contains(";ui=") && rr.contains(";uo="), "{rr}");
+    take_call(&mut alice, &mut bob, &inv);
+    bob.kill();
+    let mut bob = w.client(&srv, "bob");
+    assert_eq!(bob.register(600), 200);
+    // Alice's requests to bob's new contact (his re-INVITE would have told her) follow the
+    // route to his closed connection: the binding he made since takes them.
+    let info = format!(
+        "INFO sip:bob@{bl};transport=tls;ob SIP/2.0\r\nVia: SIP/2.0/TLS {al};branch={br}\r\nMax-Forwards: 70\r\nRoute: {rr}\r\nFrom: <sip:alice@example.com>;tag=talice\r\nTo: <sip:bob@example.com>;tag=b1\r\nCall-ID: rc-1\r\nCSeq: 3 INFO\r\nContent-Length: 0\r\n\r\n",
+        bl = bob.local,
+        al = alice.local,
+        br = branch()
+    );
+    alice.send(info.as_bytes());
+    let got = bob.expect("INFO at bob's new connection");
+    assert_eq!(method(&got), "INFO");
+    bob.send(&answer(&got, 200, "OK", "b1", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("200 to INFO").0, 200);
+    wait_metrics(srv.admin_addr.unwrap(), "a dialog rebind", |m| {
+        metric(m, "sipring_dialog_rebinds_total") == Some(1.0)
+    });
+    hang_up(&mut bob, &mut alice, &inv, "rc-1");
+    // The caller comes back and registers nothing: challenged, and through with its digest.
+    let inv = invite(&mut alice, &mut bob, "rc-2");
+    take_call(&mut alice, &mut bob, &inv);
+    alice.kill();
+    let mut alice = w.client(&srv, "alice");
+    alice.send(&bye(&alice, &bob, &inv, "rc-2"));
+    let (code, challenge) = alice.expect_final_or_provisional("BYE from a new connection");
+    assert_eq!(code, 407, "{}", String::from_utf8_lossy(&challenge));
+    assert!(alice.take_challenge(&challenge));
+    alice.send(&with_credentials(&alice, &bye(&alice, &bob, &inv, "rc-2")));
+    let got = bob.expect("BYE at the callee");
+    assert_eq!(method(&got), "BYE");
+    bob.send(&answer(&got, 200, "OK", "b1", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("200 to BYE").0, 200);
+    // Mallory holds a dialog's route (she is a user too): as herself she is no party; as
+    // alice she is not alice.
+    let inv = invite(&mut alice, &mut bob, "rc-3");
+    take_call(&mut alice, &mut bob, &inv);
+    let mut mallory = w.client(&srv, "mallory");
+    assert_eq!(mallory.login(), 200);
+    let as_alice = String::from_utf8(bye(&mallory, &bob, &inv, "rc-3"))
+        .unwrap()
+        .replace("From: <sip:mallory@", "From: <sip:alice@");
+    for m in [bye(&mallory, &bob, &inv, "rc-3"), as_alice.into_bytes()] {
+        mallory.send(&with_credentials(&mallory, &m));
+        let (code, r) = mallory.expect_final_or_provisional("mallory's BYE");
+        assert_eq!(code, 403, "{}", String::from_utf8_lossy(&r));
+    }
+    assert!(
+        bob.recv(Duration::from_millis(300)).is_none(),
+        "bob received mallory's BYE"
+    );
+    wait_refusals(&srv, "dialog_not_party", 1.0);
+    assert_eq!(refusals(&srv, "dialog_not_party"), 1.0);
+    assert_eq!(refusals(&srv, "from_not_identity"), 1.0);
+    hang_up(&mut bob, &mut alice, &inv, "rc-3");
     srv.stop();
     srv.join().unwrap();
 }

@@ -126,7 +126,8 @@ impl Net {
                 Output::Refused(r)
                     if r.label == "transactions_full"
                         || r.label == "transactions_per_connection"
-                        || r.label == "register_aors_per_connection" =>
+                        || r.label == "register_aors_per_connection"
+                        || r.label == "dialog_not_party" =>
                 {
                     self.refused.push(r.label)
                 }
@@ -350,6 +351,89 @@ fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
     n.send(&B, &answer(&fwd, 200, "OK", "b1"));
     assert_eq!(status(&n.one(&A)), 200);
     rr
+}
+
+#[test]
+fn a_callee_that_reconnected_hangs_up_from_its_new_connection_and_nobody_else_can() {
+    // Bob's connection broke mid-call; he connected again and registered. His BYE on the
+    // new connection follows the dialog's route to alice (before: 404, and alice's call
+    // hung until her session timer). Carol, registered on her own connection, holding the
+    // route, reaches nobody, whatever From she writes.
+    let mut n = Net::new();
+    let rr = answered(&mut n, "z9hG4bKrc1", "rc-1");
+    assert!(
+        String::from_utf8_lossy(&rr).contains(";uo="),
+        "the callee is named"
+    );
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.register("bob", &B2, "10.0.0.3:5061");
+    n.register("carol", &C, "10.0.0.4:5061");
+    let bye = |from: &str, branch: &str| {
+        format!(
+            "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.9:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:{from}@example.com>;tag=b1\r\nCall-ID: rc-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+            String::from_utf8_lossy(&rr)
+        )
+    };
+    for (flow, from, branch) in [(&C, "bob", "z9hG4bKrc2"), (&C, "carol", "z9hG4bKrc3")] {
+        n.send(flow, bye(from, branch).as_bytes());
+        assert_eq!(status(&n.one(flow)), 403, "{from} on carol's connection");
+        assert!(n.take(&A).is_empty(), "alice got {from}'s BYE");
+    }
+    // A connection that registered nothing is nobody (an open server authenticates no
+    // one: its REGISTER is the proof).
+    n.send(&Flow::Conn(9), bye("bob", "z9hG4bKrc4").as_bytes());
+    assert_eq!(status(&n.one(&Flow::Conn(9))), 403);
+    assert_eq!(n.refused, ["dialog_not_party"; 3]);
+    n.send(&B2, bye("bob", "z9hG4bKrc5").as_bytes());
+    let at_alice = n.one(&A);
+    assert_eq!(method(&at_alice), "BYE");
+    n.send(&A, &answer(&at_alice, 200, "OK", "a1"));
+    assert_eq!(status(&n.one(&B2)), 200);
+    n.assert_idle_after_timers();
+}
+
+#[test]
+fn a_request_for_a_party_that_reconnected_reaches_the_binding_it_made_since() {
+    // The other way: alice's requests to bob follow the route to B, which closed. Bob
+    // registered again over B2: the binding with the request's target (bob's contact, as
+    // alice knows it) takes it. Another contact of bob's, or a To that is not bob, does
+    // not: 480 as before.
+    let mut n = Net::new();
+    let rr = answered(&mut n, "z9hG4bKrb1", "rb-1");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.register("bob", &B2, "10.0.0.3:5061");
+    let bye = |target: &str, to: &str, branch: &str| {
+        format!(
+            "BYE sip:bob@{target};transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:{to}@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: rb-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+            String::from_utf8_lossy(&rr)
+        )
+    };
+    // What the shard does when a send finds its connection gone.
+    let on_closed_b = |n: &mut Net| {
+        assert_eq!(method(&n.one(&B)), "BYE");
+        n.proxy.handle_flow_closed(n.now, &B);
+        n.pump();
+    };
+    for (target, to, branch) in [
+        ("10.0.0.2:5061", "bob", "z9hG4bKrb2"),
+        ("10.0.0.3:5061", "carol", "z9hG4bKrb3"),
+    ] {
+        n.send(&A, bye(target, to, branch).as_bytes());
+        on_closed_b(&mut n);
+        assert_eq!(status(&n.one(&A)), 480, "{target} {to}");
+        assert!(n.take(&B2).is_empty());
+    }
+    n.send(&A, bye("10.0.0.3:5061", "bob", "z9hG4bKrb4").as_bytes());
+    on_closed_b(&mut n);
+    let at_bob = n.one(&B2);
+    assert_eq!(
+        first_line(&at_bob),
+        "BYE sip:bob@10.0.0.3:5061;transport=tls SIP/2.0"
+    );
+    n.send(&B2, &answer(&at_bob, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(n.proxy.stats().dialog_rebinds, 1);
+    n.assert_idle_after_timers();
 }
 
 #[test]

@@ -200,6 +200,7 @@ fn bench_policy(c: &mut Criterion) {
             path: &[],
             overload_control: false,
             max_breadth: None,
+            parties: (None, None),
         },
     );
     let fwd = String::from_utf8(fwd).unwrap();

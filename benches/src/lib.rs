@@ -95,6 +95,8 @@ pub fn parse_and_forward(proxy: &sipring_core::proxy::Proxy, bytes: &[u8]) -> Ve
             path: &[],
             overload_control: false,
             max_breadth: None,
+            // An authenticated caller to a registered callee, as calls are: both named.
+            parties: (Some("sip:alice@example.com"), Some("sip:bob@example.com")),
         },
     )
 }

@@ -101,6 +101,7 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "relay_not_allowed",
         "unknown_partner",
         "forged_flow_token",
+        "dialog_not_party",
         "register_relay",
         "transactions_full",
         "transactions_per_connection"

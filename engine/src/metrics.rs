@@ -244,6 +244,9 @@ fn help(family: &str) -> &'static str {
         "sipring_flow_failovers_total" => {
             "Requests sent to a device's other flow because the one they were on failed (RFC 5626)."
         }
+        "sipring_dialog_rebinds_total" => {
+            "Requests on a dialog route whose party's connection had closed, sent to the binding it registered since over a new one."
+        }
         "sipring_overload_feedback_total" => {
             "Responses that told a client advertising overload control (RFC 7339) what share of new requests to drop."
         }

@@ -1892,6 +1892,8 @@ impl Shard {
             );
             m.counters
                 .insert("sipring_flow_failovers_total".into(), st.flow_failovers);
+            m.counters
+                .insert("sipring_dialog_rebinds_total".into(), st.dialog_rebinds);
             m.counters.insert(
                 "sipring_unanswered_lookups_total".into(),
                 st.unanswered_lookups,

@@ -388,7 +388,10 @@ impl Policy {
                     source: Source::Client(None),
                 });
             }
-            Decision::Register | Decision::Lookup { .. } | Decision::ToPeer(_) => {}
+            Decision::Register
+            | Decision::Lookup { .. }
+            | Decision::ToPeer(_)
+            | Decision::Reconnected(_) => {}
             // Answered or dropped here: nothing to authorize.
             _ => {
                 return Authz::Allow(Grant {
@@ -441,7 +444,9 @@ impl Policy {
         let claims_ours = in_our_domain || (claimed_uri.is_sip() && proxy.is_self(&host));
         let needs_auth = register
             || claims_ours
-            || matches!(decision, Decision::ToPeer(_))
+            // A party that reconnected shows who it is (the engine then checks that it is
+            // one of the dialog's: `Proxy::party_route`).
+            || matches!(decision, Decision::ToPeer(_) | Decision::Reconnected(_))
             // An extension method is challenged whatever the list: the list names the
             // methods an operator knows, and one nobody listed must not pass anonymously.
             || matches!(method, Method::Other(_))

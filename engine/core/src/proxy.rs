@@ -141,6 +141,12 @@ pub struct Hop<'a> {
     /// This branch's share of the request's breadth when it is forked in parallel
     /// (RFC 5393 §5.3): written as its `Max-Breadth`, replacing the one received.
     pub max_breadth: Option<u32>,
+    /// Who the dialog's parties are, where we know: the AOR the sender authenticated as
+    /// (`.0`, a client of ours) and the AOR whose binding the request goes to (`.1`). Each
+    /// is written, keyed, into our Record-Route, so a party that reconnects may follow the
+    /// dialog's route from its new connection once it shows it is that AOR
+    /// ([`Decision::Reconnected`]).
+    pub parties: (Option<&'a str>, Option<&'a str>),
 }
 
 /// Proxy settings.
@@ -230,6 +236,12 @@ pub enum Decision {
     },
     /// Forward over this flow (in-dialog, via our Record-Route flow tokens).
     ToFlow(Flow),
+    /// On our dialog route, from a connection that is neither of the dialog's: one of its
+    /// parties reconnected (a phone whose connection broke mid-call, RFC 5626 §4.4). It goes
+    /// on to the other party's flow once the sender is shown to be that party
+    /// ([`Proxy::party_route`]: a binding its connection holds, its certificate, or digest
+    /// for this request); anyone else is refused.
+    Reconnected(Vec<Party>),
     /// Forward to the federation peer with this name.
     ToPeer(String),
     /// A CANCEL: match it to the INVITE server transaction with the same branch.
@@ -238,6 +250,18 @@ pub enum Decision {
     Drop(&'static str),
     /// Refuse it for what it forged (a route we never signed): answer, count and log it.
     Refuse(Denial),
+}
+
+/// One party of a dialog we record-routed, as its route names it: who it is (keyed, not
+/// readable) and where requests from it go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    /// Its identity tag (the Record-Route's `ui` or `uo`).
+    pub tag: String,
+    /// Its flow token as the route carries it (`fi` or `fo`): the tag is keyed with it.
+    pub token: String,
+    /// The other party's flow: where its requests go.
+    pub to: Flow,
 }
 
 /// A registered contact, as a lookup returns it.
@@ -348,8 +372,52 @@ fn flow_tag(key: &NodeKey, fi: &[u8], fo: &[u8], call_id: &[u8]) -> String {
     key.tag(FLOW_TAG_BYTES, &[b"flow", fi, fo, call_id])
 }
 
+/// [`flow_tag`] of a route that names its parties too (`ui`, `uo`; absent ones empty): its
+/// own form, so removing them from a route breaks it. A route without them keeps the old
+/// form, which dialogs set up before them still carry.
+fn parties_flow_tag(
+    key: &NodeKey,
+    [fi, fo]: [&[u8]; 2],
+    call_id: &[u8],
+    [ui, uo]: [Option<&[u8]>; 2],
+) -> String {
+    key.tag(
+        FLOW_TAG_BYTES,
+        &parties_flow_parts([fi, fo], call_id, [ui, uo]),
+    )
+}
+
+fn parties_flow_parts<'a>(
+    [fi, fo]: [&'a [u8]; 2],
+    call_id: &'a [u8],
+    [ui, uo]: [Option<&'a [u8]>; 2],
+) -> [&'a [u8]; 6] {
+    [
+        b"flow-parties",
+        fi,
+        fo,
+        call_id,
+        ui.unwrap_or_default(),
+        uo.unwrap_or_default(),
+    ]
+}
+
 /// 80 bits: a forger gets one guess per request, and a guess costs a round trip.
 const FLOW_TAG_BYTES: usize = 10;
+
+/// The tag that names one party of a dialog in our Record-Route (`ui`/`uo`): keyed over its
+/// AOR, its flow token and the Call-ID, so it tells nobody who the party is, nor links its
+/// dialogs. Only compared with the tag of an AOR a sender has proven (the route's `ft`
+/// guards it from edits): 48 bits keep two AORs from sharing one.
+fn party_tag(key: &NodeKey, token: &[u8], call_id: &[u8], aor: &[u8]) -> String {
+    key.tag(PARTY_TAG_BYTES, &[b"party", token, call_id, aor])
+}
+
+const PARTY_TAG_BYTES: usize = 6;
+
+/// Room for one Record-Route entry of ours: a host name, both flow tokens, both party tags
+/// and the signature fit without growing.
+const RR_CAPACITY: usize = 160;
 
 /// Are two host names one: case aside, and one trailing dot (an absolute name) on either
 /// side (configured or received) aside, as for AORs.
@@ -471,7 +539,10 @@ impl Proxy {
         // trusted link, with our assertion of who sent it, to change the partner's users'
         // bindings — its To is checked only by our registrar.
         match d {
-            Decision::ToPeer(_) | Decision::ToFlow(_) | Decision::Lookup { .. }
+            Decision::ToPeer(_)
+            | Decision::ToFlow(_)
+            | Decision::Reconnected(_)
+            | Decision::Lookup { .. }
                 if msg.method() == Some(Method::Register) =>
             {
                 Decision::Refuse(Denial {
@@ -695,25 +766,7 @@ impl Proxy {
     /// fallback routes them to a partner (`ToPeer`: a UA that reconnected). Only consulted
     /// after `decide` accepted the token (a forged one is refused there).
     pub fn follows_our_dialog_route(&self, msg: &Message<'_, '_>) -> bool {
-        let has_tokens = |u: &Uri<'_>| u.param("fi").is_some() || u.param("fo").is_some();
-        if let Some(ruri) = msg.request_uri().and_then(|u| Uri::parse(u).ok())
-            && ruri.param("fi").is_some()
-            && self.is_self_uri(&ruri)
-        {
-            return true;
-        }
-        for r in msg.values(HeaderName::Route) {
-            let Some(uri) = NameAddr::parse(r.value).map(|na| na.uri()) else {
-                return false;
-            };
-            if !self.is_self_uri(&uri) {
-                return false;
-            }
-            if has_tokens(&uri) {
-                return true;
-            }
-        }
-        false
+        self.our_dialog_route(msg).is_some()
     }
 
     /// A request on one of our dialog routes (`uri` is our Record-Route with its flow
@@ -728,19 +781,9 @@ impl Proxy {
         reject: &dyn Fn(u16, &'static str) -> Decision,
     ) -> Decision {
         let (fi_raw, fo_raw) = (uri.param("fi").flatten(), uri.param("fo").flatten());
-        let signed = uri.param("ft").flatten().is_some_and(|t| {
-            self.cfg.key.verify_tag(
-                FLOW_TAG_BYTES,
-                &[
-                    b"flow",
-                    fi_raw.unwrap_or_default(),
-                    fo_raw.unwrap_or_default(),
-                    ess.call_id,
-                ],
-                t,
-            )
-        });
-        if !signed {
+        let ui = uri.param("ui").map(Option::unwrap_or_default);
+        let uo = uri.param("uo").map(Option::unwrap_or_default);
+        if !self.signed_route(uri, ess.call_id) {
             return if is_ack {
                 Decision::Drop("forged flow token")
             } else {
@@ -769,10 +812,118 @@ impl Proxy {
         match (fi, fo) {
             (Some(fi), Some(fo)) if came_from(&fi) => Decision::ToFlow(fo),
             (Some(fi), Some(fo)) if came_from(&fo) => Decision::ToFlow(fi),
-            // A partner's side is reachable whatever connection the other side uses now.
+            // From neither flow: a party that reconnected, if the route names its parties
+            // and a client sent it (a partner's flow is its name: it never "reconnects").
+            // Whoever proves to be one of them (`party_route`) reaches the other.
+            (Some(fi), Some(fo)) if inbound_peer.is_none() && (ui.is_some() || uo.is_some()) => {
+                let party = |tag: Option<&[u8]>, token: Option<&[u8]>, to: Flow| {
+                    Some(Party {
+                        tag: String::from_utf8_lossy(tag?).into_owned(),
+                        token: String::from_utf8_lossy(token?).into_owned(),
+                        to,
+                    })
+                };
+                let parties = [party(ui, fi_raw, fo), party(uo, fo_raw, fi)];
+                Decision::Reconnected(parties.into_iter().flatten().collect())
+            }
+            // A partner's side is reachable whatever connection the other side uses now (a
+            // route that names no party: set up before parties were named, or by a caller
+            // nobody authenticated).
             (Some(_), Some(Flow::Peer(p))) | (Some(Flow::Peer(p)), Some(_)) => Decision::ToPeer(p),
             _ => reject(404, "Dialog Flow Not Found"),
         }
+    }
+
+    /// Is `uri` (our Record-Route with flow tokens) one we signed for the dialog `call_id`?
+    fn signed_route(&self, uri: &Uri<'_>, call_id: &[u8]) -> bool {
+        let fi = uri.param("fi").flatten().unwrap_or_default();
+        let fo = uri.param("fo").flatten().unwrap_or_default();
+        let ui = uri.param("ui").map(Option::unwrap_or_default);
+        let uo = uri.param("uo").map(Option::unwrap_or_default);
+        uri.param("ft").flatten().is_some_and(|t| {
+            let key = &self.cfg.key;
+            if ui.is_none() && uo.is_none() {
+                key.verify_tag(FLOW_TAG_BYTES, &[b"flow", fi, fo, call_id], t)
+            } else {
+                let parts = parties_flow_parts([fi, fo], call_id, [ui, uo]);
+                key.verify_tag(FLOW_TAG_BYTES, &parts, t)
+            }
+        })
+    }
+
+    /// The request's dialog route of ours: a strict router's Request-URI, else the first
+    /// Route naming us with flow tokens (as [`Proxy::decide`] finds it).
+    fn our_dialog_route<'m>(&self, msg: &Message<'m, '_>) -> Option<Uri<'m>> {
+        let ruri = msg.request_uri().and_then(|u| Uri::parse(u).ok());
+        if let Some(u) = ruri.filter(|u| u.param("fi").is_some() && self.is_self_uri(u)) {
+            return Some(u);
+        }
+        for r in msg.values(HeaderName::Route) {
+            let uri = NameAddr::parse(r.value)?.uri();
+            if !self.is_self_uri(&uri) {
+                return None;
+            }
+            if uri.param("fi").is_some() || uri.param("fo").is_some() {
+                return Some(uri);
+            }
+        }
+        None
+    }
+
+    /// A request our dialog route sent to `gone`, a connection that has closed: the AOR
+    /// of the party that was on it, when the route names that party and the request's To
+    /// is it (to the party, To is its AOR). Its binding made since over a new connection
+    /// (it reconnected and registered again) may take the request: see the shard's
+    /// rebinding. `None`: the route names nobody there, or To is someone else.
+    pub fn party_gone(
+        &self,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        gone: &Flow,
+    ) -> Option<String> {
+        let uri = self.our_dialog_route(msg)?;
+        if !self.signed_route(&uri, ess.call_id) {
+            return None;
+        }
+        let token = gone.encode();
+        let side = |flow: &str, tag: &str| {
+            let t = uri.param(flow).flatten()?;
+            (t == token.as_bytes())
+                .then(|| uri.param(tag).flatten())
+                .flatten()
+        };
+        let tag = side("fi", "ui").or_else(|| side("fo", "uo"))?;
+        let aor = crate::registrar::aor_of(&ess.to.uri())?;
+        self.cfg
+            .key
+            .verify_tag(
+                PARTY_TAG_BYTES,
+                &[b"party", token.as_bytes(), ess.call_id, aor.as_bytes()],
+                tag,
+            )
+            .then_some(aor)
+    }
+
+    /// Where a request on a [`Decision::Reconnected`] route goes when its sender has shown
+    /// it is `aor` (a binding its connection holds, its certificate, its digest): to the
+    /// other party's flow, if `aor` is one of the route's parties. `None`: it is not one of
+    /// them. A dialog between two devices of one AOR names it twice: which side reconnected
+    /// cannot be told, and neither is chosen.
+    pub fn party_route<'p>(
+        &self,
+        parties: &'p [Party],
+        call_id: &[u8],
+        aor: &str,
+    ) -> Option<&'p Flow> {
+        let mut matching = parties.iter().filter(|p| {
+            self.cfg.key.verify_tag(
+                PARTY_TAG_BYTES,
+                &[b"party", p.token.as_bytes(), call_id, aor.as_bytes()],
+                p.tag.as_bytes(),
+            )
+        });
+        let first = matching.next()?;
+        matching.next().is_none().then_some(&first.to)
     }
 
     /// A configured partner or cluster node of this name?
@@ -957,7 +1108,27 @@ impl Proxy {
         };
         if self.cfg.record_route && creates_dialog {
             let (fi, fo) = (hop.inbound.encode(), hop.outbound.encode());
-            let ft = flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id);
+            // A party is named only on a client connection of ours (a partner's flow is its
+            // name, whatever connection it uses).
+            let party = |flow: &Flow, token: &str, aor: Option<&str>| {
+                aor.filter(|_| matches!(flow, Flow::Conn(_)))
+                    .map(|a| party_tag(&self.cfg.key, token.as_bytes(), ess.call_id, a.as_bytes()))
+            };
+            let ui = party(hop.inbound, &fi, hop.parties.0);
+            let uo = party(hop.outbound, &fo, hop.parties.1);
+            let ft = if ui.is_none() && uo.is_none() {
+                flow_tag(&self.cfg.key, fi.as_bytes(), fo.as_bytes(), ess.call_id)
+            } else {
+                parties_flow_tag(
+                    &self.cfg.key,
+                    [fi.as_bytes(), fo.as_bytes()],
+                    ess.call_id,
+                    [
+                        ui.as_deref().map(str::as_bytes),
+                        uo.as_deref().map(str::as_bytes),
+                    ],
+                )
+            };
             // §16.6 step 4: a Record-Route is sips exactly when the request it is read with
             // is (its Request-URI or top Route), where that side is TLS (sips implies it:
             // no `transport` parameter, RFC 5630). The upstream reads our inbound side with
@@ -975,16 +1146,28 @@ impl Proxy {
             let secure_out = new_uri.or(msg.request_uri()).is_some_and(sips)
                 || (!strict && route_sips(next_route));
             let rr = |i: &Interface, secure: bool| {
-                if secure && i.transport == Transport::Tls {
-                    format!("<sips:{}:{};lr;fi={fi};fo={fo};ft={ft}>", i.host, i.port)
+                use std::fmt::Write;
+                let mut v = String::with_capacity(RR_CAPACITY);
+                // Writing to a String cannot fail.
+                let _ = if secure && i.transport == Transport::Tls {
+                    write!(v, "<sips:{}:{};lr;fi={fi};fo={fo}", i.host, i.port)
                 } else {
-                    format!(
-                        "<sip:{}:{};transport={};lr;fi={fi};fo={fo};ft={ft}>",
+                    write!(
+                        v,
+                        "<sip:{}:{};transport={};lr;fi={fi};fo={fo}",
                         i.host,
                         i.port,
                         i.transport.uri_name()
                     )
+                };
+                for (name, tag) in [(";ui=", &ui), (";uo=", &uo)] {
+                    if let Some(t) = tag {
+                        v.push_str(name);
+                        v.push_str(t);
+                    }
                 }
+                let _ = write!(v, ";ft={ft}>");
+                v
             };
             // Downstream reads the set top first (our outbound side first), upstream
             // reversed (our inbound side first); two entries where the sides differ.
@@ -1149,6 +1332,7 @@ mod tests {
                 path: &[],
                 overload_control: false,
                 max_breadth: None,
+                parties: (None, None),
             },
         )
     }
@@ -1303,6 +1487,7 @@ mod tests {
                 path: &[],
                 overload_control: false,
                 max_breadth: None,
+                parties: (None, None),
             },
         ))
         .unwrap()
@@ -1448,6 +1633,139 @@ mod tests {
             &format!("{rr_in}, <sip:partner.net;lr>, {rr_out}"),
         );
         assert_eq!(code(decide_on(&p, &looped, &b)), 482);
+    }
+
+    /// Forwards the INVITE `inv` from `a` to `b`, the parties named; our Record-Route value.
+    fn record_route_naming(
+        p: &Proxy,
+        inv: &str,
+        (a, b): (&Flow, &Flow),
+        parties: (Option<&str>, Option<&str>),
+    ) -> String {
+        let i = p.default_interface();
+        let out = with_req(inv, |m, e| {
+            p.forward_request(
+                m,
+                e,
+                "z9hG4bKsrx",
+                Some(b"sip:bob@10.0.0.2:5061;transport=tls"),
+                &Hop {
+                    inbound: a,
+                    outbound: b,
+                    in_iface: &i,
+                    out_iface: &i,
+                    source: None,
+                    ident: &IdentityEdit::default(),
+                    path: &[],
+                    overload_control: false,
+                    max_breadth: None,
+                    parties,
+                },
+            )
+        });
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Record-Route: "))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn a_party_that_reconnected_follows_its_route_and_nobody_else_does() {
+        let p = Proxy::new(cfg());
+        let (a, b, new) = (Flow::Conn(7), Flow::Conn(9), Flow::Conn(11));
+        let inv = req(
+            "INVITE sip:bob@example.com",
+            "Contact: <sip:alice@10.0.0.1>\r\n",
+        );
+        let (alice, bob) = ("sip:alice@example.com", "sip:bob@example.com");
+        let rr = record_route_naming(&p, &inv, (&a, &b), (Some(alice), Some(bob)));
+        assert!(rr.contains(";ui=") && rr.contains(";uo="), "{rr}");
+        assert!(
+            !rr.contains("alice") && !rr.contains("bob"),
+            "it names nobody: {rr}"
+        );
+        let bye = req("BYE sip:alice@10.0.0.1", &format!("Route: {rr}\r\n")).in_dialog();
+        // On the dialog's own flows, as always.
+        assert_eq!(decide_on(&p, &bye, &b), Decision::ToFlow(a.clone()));
+        assert_eq!(decide_on(&p, &bye, &a), Decision::ToFlow(b.clone()));
+        // From another connection: a party that reconnected, which only the dialog's AORs
+        // are, each reaching the other — for this dialog only.
+        let Decision::Reconnected(parties) = decide_on(&p, &bye, &new) else {
+            panic!("{:?}", decide_on(&p, &bye, &new))
+        };
+        assert_eq!(p.party_route(&parties, b"c1", bob), Some(&a));
+        assert_eq!(p.party_route(&parties, b"c1", alice), Some(&b));
+        assert_eq!(
+            p.party_route(&parties, b"c1", "sip:mallory@example.com"),
+            None
+        );
+        assert_eq!(p.party_route(&parties, b"c2", bob), None);
+        // Nor is a REGISTER relayed that way.
+        let reg = req("REGISTER sip:alice@10.0.0.1", &format!("Route: {rr}\r\n")).in_dialog();
+        assert_eq!(code(decide_on(&p, &reg, &new)), 403);
+        // The parties are under the route's signature: dropped, swapped or copied from
+        // one side to the other, the route is refused.
+        let param = |name: &str| {
+            let at = rr.find(&format!(";{name}=")).unwrap();
+            let end = rr[at + 1..].find(';').map_or(rr.len(), |e| at + 1 + e);
+            rr[at..end].to_string()
+        };
+        let (ui, uo) = (param("ui"), param("uo"));
+        for forged in [
+            rr.replace(&ui, ""),
+            rr.replace(&uo, ""),
+            rr.replace(&ui, "").replace(&uo, ""),
+            rr.replace(&ui, "#")
+                .replace(&uo, &ui.replace("ui=", "uo="))
+                .replace('#', &uo.replace("uo=", "ui=")),
+            rr.replace(&uo, &uo.replace("uo=", "uo=0")),
+        ] {
+            assert_ne!(forged, rr);
+            let m = req("BYE sip:alice@10.0.0.1", &format!("Route: {forged}\r\n")).in_dialog();
+            assert_eq!(code(decide_on(&p, &m, &new)), 403, "{forged}");
+        }
+        // A partner is no party that reconnected (its flow is its name).
+        let from_partner = with_req(&bye, |m, e| {
+            p.decide(m, e, &Flow::Peer("partner".into()), Some("partner"))
+        });
+        assert_eq!(code(from_partner), 404);
+        // A caller nobody authenticated is not named: only the callee may come back.
+        let rr = record_route_naming(&p, &inv, (&a, &b), (None, Some(bob)));
+        assert!(!rr.contains(";ui=") && rr.contains(";uo="), "{rr}");
+        let bye = req("BYE sip:alice@10.0.0.1", &format!("Route: {rr}\r\n")).in_dialog();
+        let Decision::Reconnected(parties) = decide_on(&p, &bye, &new) else {
+            panic!()
+        };
+        assert_eq!(p.party_route(&parties, b"c1", bob), Some(&a));
+        assert_eq!(p.party_route(&parties, b"c1", alice), None);
+        // Two devices of one AOR in a call: which one reconnected cannot be told.
+        let rr = record_route_naming(&p, &inv, (&a, &b), (Some(bob), Some(bob)));
+        let bye = req("BYE sip:alice@10.0.0.1", &format!("Route: {rr}\r\n")).in_dialog();
+        let Decision::Reconnected(parties) = decide_on(&p, &bye, &new) else {
+            panic!()
+        };
+        assert_eq!(p.party_route(&parties, b"c1", bob), None);
+        // A partner's side is no party either: the client's side is, and only it reaches
+        // the partner from another connection (before, any client did).
+        let partner = Flow::Peer("partner".into());
+        let rr = record_route_naming(&p, &inv, (&a, &partner), (Some(alice), Some(bob)));
+        assert!(rr.contains(";ui=") && !rr.contains(";uo="), "{rr}");
+        let bye = req("BYE sip:alice@10.0.0.1", &format!("Route: {rr}\r\n")).in_dialog();
+        let Decision::Reconnected(parties) = decide_on(&p, &bye, &new) else {
+            panic!()
+        };
+        assert_eq!(p.party_route(&parties, b"c1", alice), Some(&partner));
+        assert_eq!(p.party_route(&parties, b"c1", bob), None);
+        // Routes that name nobody (made before parties were named) work as they did.
+        let rr = record_route_naming(&p, &inv, (&a, &partner), (None, None));
+        let bye = req("BYE sip:alice@10.0.0.1", &format!("Route: {rr}\r\n")).in_dialog();
+        assert_eq!(
+            decide_on(&p, &bye, &new),
+            Decision::ToPeer("partner".into())
+        );
+        assert_eq!(decide_on(&p, &bye, &a), Decision::ToFlow(partner));
     }
 
     #[test]
@@ -1676,6 +1994,7 @@ mod tests {
                         path: &[],
                         overload_control: false,
                         max_breadth: None,
+                        parties: (None, None),
                     },
                 ))
                 .unwrap()
@@ -1739,6 +2058,7 @@ mod tests {
                     path: &[],
                     overload_control: false,
                     max_breadth: None,
+                    parties: (None, None),
                 },
             ))
             .unwrap()
@@ -1767,6 +2087,7 @@ mod tests {
                         path: &[],
                         overload_control: false,
                         max_breadth: None,
+                        parties: (None, None),
                     },
                 ))
                 .unwrap()

@@ -98,7 +98,7 @@ fn same_but_port(a: &str, b: &str) -> bool {
 
 /// Are two contact URIs one (RFC 3261 §10.3 step 7 compares them by §19.1.4: a refresh that
 /// orders the parameters otherwise, or escapes the user part, is the same contact)?
-fn same_contact(a: &str, b: &str) -> bool {
+pub fn same_contact(a: &str, b: &str) -> bool {
     // A refresh usually writes its Contact as before: no parse for that.
     if a == b {
         return true;

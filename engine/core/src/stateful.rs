@@ -151,6 +151,9 @@ pub struct Stats {
     /// Requests sent to a device's other flow because the one they were on failed
     /// (RFC 5626 §5.3).
     pub flow_failovers: u64,
+    /// Requests on a dialog route whose party's connection had closed, sent to the binding
+    /// it made since over a new one (it reconnected and registered again).
+    pub dialog_rebinds: u64,
     /// Lookups, registrations and CANCEL questions that got no answer within 64·T1 (their
     /// requests were answered 503 or 481 then).
     pub unanswered_lookups: u64,
@@ -172,6 +175,12 @@ struct Server {
     to_tag: String,
     /// What the policy allowed (identity headers downstream).
     grant: Grant,
+    /// The AOR it was looked up for (a Record-Route names that party).
+    callee: Option<String>,
+    /// Its dialog route named a connection that had closed, and the party that was on it
+    /// is being looked up: only a binding of this contact (its Request-URI, the party's
+    /// remote target) may take it, and not over the closed connection. Set once.
+    rebind: Option<(Bytes, Flow)>,
     /// Its Request-URI is `sips:`: its branches go over TLS only.
     sips: bool,
     /// The bytes it holds, as counted in the table's byte total.
@@ -824,6 +833,51 @@ impl ShardProxy {
         }
     }
 
+    /// A [`Decision::Reconnected`] whose sender has already shown it is the party its From
+    /// names — its connection holds a binding of that AOR (it registered again after
+    /// reconnecting, RFC 5626 §4.2), or its certificate proves it — goes on to the other
+    /// party's flow with no challenge. Any other decision is returned as it is.
+    fn known_party(&self, flow: &Flow, ess: &Essentials<'_>, decision: Decision) -> Decision {
+        let Decision::Reconnected(parties) = &decision else {
+            return decision;
+        };
+        let Some(from) = crate::registrar::aor_of(&ess.from.uri()) else {
+            return decision;
+        };
+        let registered = self.flow_aors.get(flow).is_some_and(|a| a.contains(&from));
+        let certified = self.flows.get(flow).is_some_and(|i| {
+            matches!(&i.principal, crate::policy::Principal::Client { cert_aors } if cert_aors.contains(&from))
+        });
+        if !(registered || certified) {
+            return decision;
+        }
+        match self.proxy.party_route(parties, ess.call_id, &from) {
+            Some(to) => Decision::ToFlow(to.clone()),
+            None => decision,
+        }
+    }
+
+    /// A [`Decision::Reconnected`] the policy allowed: on to the other party's flow if the
+    /// AOR it authenticated is one of the dialog's parties; refused if not (an authenticated
+    /// user holding someone else's dialog route). Any other decision is returned as it is.
+    fn proven_party(&self, ess: &Essentials<'_>, decision: Decision, grant: &Grant) -> Decision {
+        let Decision::Reconnected(parties) = &decision else {
+            return decision;
+        };
+        let to = match &grant.source {
+            Source::Client(Some(aor)) => self.proxy.party_route(parties, ess.call_id, aor),
+            _ => None,
+        };
+        match to {
+            Some(to) => Decision::ToFlow(to.clone()),
+            None => Decision::Refuse(crate::policy::Denial {
+                code: 403,
+                reason: "Not A Party To This Dialog",
+                label: "dialog_not_party",
+            }),
+        }
+    }
+
     /// May `flow` register `aor`: it has (`Some(false)`), or it holds fewer than the most
     /// AORs a connection may register (`Some(true)`: a place is taken for it). `None`: no.
     fn flow_may_register(&mut self, flow: &Flow, aor: &str) -> Option<bool> {
@@ -1185,13 +1239,14 @@ impl ShardProxy {
             None => {}
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
+        let decision = self.known_party(flow, ess, decision);
         // The door: new work under overload. What finishes admitted work passes — a CANCEL,
         // and a request in a dialog, which is one routed by a flow token we signed. A To-tag
         // alone proves nothing: anyone can write one on a new INVITE or a REGISTER.
         // A request our signed dialog route sends to a partner's link (the UA reconnected
         // since: `ToPeer` by the token's fallback) is inside a dialog too.
         let in_dialog = |proxy: &Proxy| match &decision {
-            Decision::ToFlow(_) => true,
+            Decision::ToFlow(_) | Decision::Reconnected(_) => true,
             Decision::ToPeer(_) => proxy.follows_our_dialog_route(msg),
             _ => false,
         };
@@ -1220,7 +1275,7 @@ impl ShardProxy {
             .authorize(now, flow, &info, msg, ess, &decision, &self.proxy);
         self.drain_refusals();
         let (decision, grant) = match authz {
-            Authz::Allow(g) => (decision, g),
+            Authz::Allow(g) => (self.proven_party(ess, decision, &g), g),
             Authz::Challenge { code, headers } => (
                 Decision::Respond(crate::proxy::Answer {
                     code,
@@ -1342,6 +1397,8 @@ impl ShardProxy {
                 cancelled: false,
                 to_tag,
                 grant,
+                callee: None,
+                rebind: None,
                 sips: msg
                     .request_uri()
                     .is_some_and(|u| u.get(..5).is_some_and(|s| s.eq_ignore_ascii_case(b"sips:"))),
@@ -1412,6 +1469,9 @@ impl ShardProxy {
             Decision::Lookup { aor } => {
                 let token = self.unique();
                 self.wait_for(token, Pending::Server(key.clone()));
+                if let Some(s) = self.servers.get_mut(&key) {
+                    s.callee = Some(aor.clone());
+                }
                 let local_only = self.came_from_node(flow);
                 self.out.push_back(Output::Lookup {
                     token,
@@ -1424,7 +1484,8 @@ impl ShardProxy {
                 self.fork(now, &key, &[Target::to(Flow::Peer(p), None, Vec::new())])
             }
             Decision::Cancel => self.on_cancel(now, &key),
-            Decision::Drop(_) => {}
+            // Resolved or refused by `proven_party`.
+            Decision::Drop(_) | Decision::Reconnected(_) => {}
             Decision::Refuse(d) => {
                 self.refused(&d, msg, &info);
                 self.answer(now, &key, d.code, d.reason, &[]);
@@ -1689,6 +1750,10 @@ impl ShardProxy {
                 continue;
             }
             let inbound = self.route_flow(&s.inbound);
+            let caller = match &s.grant.source {
+                Source::Client(Some(aor)) => Some(aor.as_str()),
+                _ => None,
+            };
             let (in_iface, out_iface) = (self.iface_of(&s.inbound), self.iface_of(flow));
             let source = self.client_source(&s.inbound);
             let proxy = &self.proxy;
@@ -1709,6 +1774,7 @@ impl ShardProxy {
                     path,
                     overload_control,
                     max_breadth: breadth.map(|(total, n)| share(total, n, i)),
+                    parties: (caller, s.callee.as_deref()),
                 };
                 let out =
                     proxy.forward_request(m, e, &branch, uri.as_deref().map(str::as_bytes), &hop);
@@ -1788,6 +1854,7 @@ impl ShardProxy {
             }
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
+        let decision = self.known_party(flow, ess, decision);
         let info = self.flows.get(flow).cloned().unwrap_or_default();
         let authz = self
             .policy
@@ -1796,9 +1863,11 @@ impl ShardProxy {
         // An ACK cannot be challenged or answered: one that may not pass is dropped. One
         // that may carries what the policy granted (a partner's PAI outside its domains is
         // removed, as from any other in-dialog request).
-        let Authz::Allow(Grant { source }) = authz else {
+        let Authz::Allow(grant) = authz else {
             return;
         };
+        let decision = self.proven_party(ess, decision, &grant);
+        let Grant { source } = grant;
         match decision {
             Decision::ToFlow(f) => self.send_ack(flow, &f, None, source, msg, ess),
             Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, source, msg, ess),
@@ -1908,6 +1977,7 @@ impl ShardProxy {
             path: &[],
             overload_control: false,
             max_breadth: None,
+            parties: (None, None),
         };
         let out = self
             .proxy
@@ -1925,6 +1995,9 @@ impl ShardProxy {
                 };
                 if s.cancelled || s.final_sent {
                     return;
+                }
+                if let Some((target, gone)) = s.rebind.clone() {
+                    return self.rebound(now, &key, (&target, &gone), result);
                 }
                 let method_is_invite = key.method == KeyMethod::Invite;
                 let method = if method_is_invite {
@@ -2008,6 +2081,59 @@ impl ShardProxy {
             }
             Some(Pending::Cancel(_) | Pending::Register { .. }) | None => {}
         }
+    }
+
+    /// The lookup [`ShardProxy::try_rebind`] made: the party's bindings of `target` (the
+    /// Request-URI, kept) take the request, over TLS only for a sips one; with none (the
+    /// party has not registered again, or registered another contact, or on another node),
+    /// the answer is the one the closed connection gave before: 430 to a partner's proxy,
+    /// else 480.
+    fn rebound(
+        &mut self,
+        now: Instant,
+        key: &TxKey,
+        (target, gone): (&[u8], &Flow),
+        result: Lookup,
+    ) {
+        let Some(s) = self.servers.get(key) else {
+            return;
+        };
+        let sips = s.sips;
+        let target = String::from_utf8_lossy(target);
+        let reach = |r: crate::proxy::Reach| {
+            let flow = Flow::Conn(r.flow);
+            (crate::registrar::same_contact(&r.contact, &target)
+                && flow != *gone
+                && (!sips || flow.is_tls()))
+            .then(|| Target::to(flow, None, r.path))
+        };
+        let targets: Vec<Target> = match result {
+            Lookup::Found(b) => b
+                .into_iter()
+                .flat_map(|r| {
+                    let rest = r.fallbacks.clone();
+                    std::iter::once(r).chain(rest)
+                })
+                .filter_map(reach)
+                .take(1)
+                .collect(),
+            _ => Vec::new(),
+        };
+        if targets.is_empty() {
+            let to_proxy = self
+                .partner_of(&s.inbound)
+                .is_some_and(|p| !self.proxy.is_node(p));
+            let (code, reason) = if to_proxy {
+                (430, "Flow Failed")
+            } else {
+                (480, "Temporarily Unavailable")
+            };
+            self.answer(now, key, code, reason, &[]);
+        } else {
+            self.stats.dialog_rebinds += 1;
+            self.fork(now, key, &targets);
+        }
+        self.drive_server(now, key);
     }
 
     /// The answer to an [`Output::Register`].
@@ -2226,6 +2352,54 @@ impl ShardProxy {
         };
         self.stats.flow_failovers += 1;
         self.fork(now, &sk, &[next]);
+        true
+    }
+
+    /// The branch `key` went by a dialog route to `gone`, a connection that has closed: if
+    /// the route names the party that was on it and the request is for that party
+    /// ([`Proxy::party_gone`]), and nothing has answered or cancelled the request, the
+    /// party's AOR is looked up for a binding of the request's target (the party
+    /// reconnected and registered again, RFC 5626 §4.2), which then takes it. Returns
+    /// whether the lookup went out (the branch counts as done).
+    fn try_rebind(&mut self, key: &TxKey, gone: &Flow) -> bool {
+        let Some(c) = self.clients.get(key) else {
+            return false;
+        };
+        let Some(sk) = c.server.clone() else {
+            return false;
+        };
+        if c.cancel_sent || c.cancel_when_provisional {
+            return false;
+        }
+        let Some(s) = self.servers.get(&sk) else {
+            return false;
+        };
+        if s.final_sent || s.cancelled || s.rebind.is_some() {
+            return false;
+        }
+        let limits = self.limits;
+        let proxy = &self.proxy;
+        let Some((aor, target)) = with_parsed(&s.request, &limits, |m, e| {
+            let aor = proxy.party_gone(m, e, gone)?;
+            Some((aor, Bytes::from(m.request_uri()?.to_vec())))
+        })
+        .flatten() else {
+            return false;
+        };
+        let local_only = self.came_from_node(&s.inbound);
+        if let Some(s) = self.servers.get_mut(&sk) {
+            s.rebind = Some((target, gone.clone()));
+        }
+        if let Some(c) = self.clients.get_mut(key) {
+            c.final_received = true;
+        }
+        let token = self.unique();
+        self.wait_for(token, Pending::Server(sk));
+        self.out.push_back(Output::Lookup {
+            token,
+            aor,
+            local_only,
+        });
         true
     }
 
@@ -2495,6 +2669,12 @@ impl ShardProxy {
                 // A registered device's flow failed with the request on it: its other flow
                 // (another reg-id) gets it instead.
                 if matches!(flow, Flow::Conn(_)) && self.try_next_flow(now, k, Some(flow)) {
+                    self.remove_client(k);
+                    continue;
+                }
+                // A dialog's party whose connection closed: if it reconnected and registered
+                // again, its new binding takes the request.
+                if by_token && self.try_rebind(k, flow) {
                     self.remove_client(k);
                     continue;
                 }
