@@ -710,3 +710,39 @@ fn the_record_budget_rekeys_or_closes() {
     srv.stop();
     srv.join().unwrap();
 }
+
+#[test]
+fn a_socket_with_the_tls_ulp_and_no_key_is_plain_tcp_both_ways() {
+    // The hand-off attaches the ULP before it takes the session from rustls, so that a
+    // refusal leaves the connection in userspace (`ulp_failed`); a hand-off rustls refuses
+    // after it (not at a record boundary) keeps the session too, on a socket that has the
+    // ULP and no key. Both rest on this: such a socket carries bytes as plain TCP does.
+    use std::os::fd::AsRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut server, _) = l.accept().unwrap();
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    match sipring::sys::ktls::attach_ulp(server.as_raw_fd()) {
+        Ok(()) => {}
+        // The host's kernel has no TLS: nothing to attach (the VM run is the one that counts).
+        Err(e) if !expect_kernel() && e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => panic!("TCP_ULP tls: {e}"),
+    }
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let mut c = client.try_clone().unwrap();
+        let d = data.clone();
+        std::thread::spawn(move || c.write_all(&d).unwrap())
+    };
+    let mut got = vec![0; data.len()];
+    server.read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == data, "client to server");
+    server.write_all(&data).unwrap();
+    client.read_exact(&mut got).unwrap();
+    assert!(got == data, "server to client");
+    server.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(client.read(&mut got).unwrap(), 0, "FIN passes");
+}

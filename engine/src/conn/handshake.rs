@@ -64,6 +64,16 @@ fn into_kernel(
     if tls13 && !shard.control.ktls.rekey() && !shard.cfg.tls.ktls_tls13_without_rekey {
         return Err((Some(Box::new(sess)), "kernel_cannot_rekey"));
     }
+    // The ULP first, while the session is still ours: a socket with it and no key is plain
+    // TCP both ways, so a refusal here (ENOMEM, the module unloaded since the probe) leaves
+    // the connection in userspace instead of closing it.
+    let fd = stream.as_raw_fd();
+    if let Err(e) = sys::ktls::attach_ulp(fd) {
+        if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
+            tracing::warn!(error = %e, left_out, "TCP_ULP tls failed after the probe succeeded; this connection stays in userspace (at most one line a second)");
+        }
+        return Err((Some(Box::new(sess)), "ulp_failed"));
+    }
     let handoff = match sess.dangerous_into_kernel() {
         Ok(h) => h,
         Err(refused) => {
@@ -77,18 +87,11 @@ fn into_kernel(
         KernelHandoff::Server(s, k) => (s, KernelConn::Server(k)),
         KernelHandoff::Client(s, k) => (s, KernelConn::Client(k)),
     };
-    let fd = stream.as_raw_fd();
     let tx = sys::ktls::tx_crypto_info(suite, secrets.tx.0, secrets.tx.1);
     let rx = sys::ktls::crypto_info(suite, secrets.rx.0, secrets.rx.1);
     let (Ok(tx), Ok(rx)) = (tx, rx) else {
         return Err((None, "crypto_info_failed"));
     };
-    if let Err(e) = sys::ktls::attach_ulp(fd) {
-        if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
-            tracing::warn!(error = %e, left_out, "TCP_ULP tls failed after the probe succeeded (at most one line a second)");
-        }
-        return Err((None, "ulp_failed"));
-    }
     if sys::ktls::set_key(fd, sys::ktls::Dir::Tx, &tx).is_err()
         || sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &rx).is_err()
     {
