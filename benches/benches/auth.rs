@@ -15,6 +15,10 @@ use std::hint::black_box;
 use std::rc::Rc;
 use std::time::Instant;
 
+/// The allocator the engine ships with (`engine/src/main.rs`): measured as it runs.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn table() -> SubscriberTable {
     let mut t = SubscriberTable::default();
     for i in 0..10_000 {

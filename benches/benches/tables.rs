@@ -9,6 +9,10 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use sipring_core::registrar::{Binding, BindingStore, MemoryStore, Registrar};
 use std::time::{Duration, Instant};
 
+/// The allocator the engine ships with (`engine/src/main.rs`): measured as it runs.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn binding(i: u64, now: Instant) -> Binding {
     Binding {
         contact: format!(

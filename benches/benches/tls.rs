@@ -20,6 +20,10 @@ use sipring::tls::session::TlsSession;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The allocator the engine ships with (`engine/src/main.rs`): measured as it runs.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn pass(from: &mut TlsSession, to: &mut TlsSession) -> bool {
     let out = from.take_outgoing();
     if out.is_empty() {

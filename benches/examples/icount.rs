@@ -19,6 +19,10 @@ use sipring_core::{Framing, Header, Limits, Status, parse};
 use std::hint::black_box;
 use std::sync::Arc;
 
+/// The allocator the engine ships with (`engine/src/main.rs`): measured as it runs.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn parse_validate(bytes: &[u8]) -> usize {
     let mut h = [Header::EMPTY; 64];
     let limits = Limits::default();
