@@ -906,11 +906,12 @@ fn take_call(a: &mut Ua, b: &mut Ua, inv: &[u8]) {
     assert_eq!(a.expect_final_or_provisional("200 to INVITE").0, 200);
 }
 
-/// `ua`'s BYE `msg` again, as a new request with its digest credentials.
+/// `ua`'s request `msg` with its digest credentials.
 fn with_credentials(ua: &Ua, msg: &[u8]) -> Vec<u8> {
     let text = String::from_utf8_lossy(msg);
-    let ruri = text.split(' ').nth(1).unwrap();
-    let creds = ua.credentials("BYE", ruri);
+    let mut words = text.split(' ');
+    let (method, ruri) = (words.next().unwrap(), words.next().unwrap());
+    let creds = ua.credentials(method, ruri);
     assert!(!creds.is_empty(), "{} holds a challenge", ua.user);
     text.replacen(
         "Content-Length: 0\r\n",
@@ -957,16 +958,35 @@ fn a_party_that_reconnects_keeps_its_call_and_nobody_else_can_take_it() {
         metric(m, "sipring_dialog_rebinds_total") == Some(1.0)
     });
     hang_up(&mut bob, &mut alice, &inv, "rc-1");
-    // The caller comes back and registers nothing: challenged, and through with its digest.
+    // The caller comes back and registers nothing: its re-INVITE is challenged, and goes
+    // through with its digest; so does its ACK, which cannot be challenged, and so does
+    // what follows at once.
     let inv = invite(&mut alice, &mut bob, "rc-2");
     take_call(&mut alice, &mut bob, &inv);
     alice.kill();
     let mut alice = w.client(&srv, "alice");
-    alice.send(&bye(&alice, &bob, &inv, "rc-2"));
-    let (code, challenge) = alice.expect_final_or_provisional("BYE from a new connection");
+    let as_method = |m: Vec<u8>, method: &str, cseq: u32| {
+        String::from_utf8(m)
+            .unwrap()
+            .replacen("BYE sip:", &format!("{method} sip:"), 1)
+            .replace("CSeq: 2 BYE", &format!("CSeq: {cseq} {method}"))
+            .into_bytes()
+    };
+    let reinvite = |alice: &Ua| as_method(bye(alice, &bob, &inv, "rc-2"), "INVITE", 3);
+    alice.send(&reinvite(&alice));
+    let (code, challenge) = alice.expect_final_or_provisional("re-INVITE from a new connection");
     assert_eq!(code, 407, "{}", String::from_utf8_lossy(&challenge));
     assert!(alice.take_challenge(&challenge));
-    alice.send(&with_credentials(&alice, &bye(&alice, &bob, &inv, "rc-2")));
+    // (An ACK from it before it showed who it is reaches nobody.)
+    alice.send(&as_method(bye(&alice, &bob, &inv, "rc-2"), "ACK", 3));
+    alice.send(&with_credentials(&alice, &reinvite(&alice)));
+    let got = bob.expect("re-INVITE at the callee");
+    assert_eq!(method(&got), "INVITE");
+    bob.send(&answer(&got, 200, "OK", "b1", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("200 to re-INVITE").0, 200);
+    alice.send(&as_method(bye(&alice, &bob, &inv, "rc-2"), "ACK", 3));
+    assert_eq!(method(&bob.expect("ACK at the callee")), "ACK");
+    alice.send(&as_method(bye(&alice, &bob, &inv, "rc-2"), "BYE", 4));
     let got = bob.expect("BYE at the callee");
     assert_eq!(method(&got), "BYE");
     bob.send(&answer(&got, 200, "OK", "b1", "sip:bob@127.0.0.1"));

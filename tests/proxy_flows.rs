@@ -437,6 +437,62 @@ fn a_request_for_a_party_that_reconnected_reaches_the_binding_it_made_since() {
 }
 
 #[test]
+fn a_reinvite_to_a_party_that_reconnected_is_acked_and_can_be_cancelled() {
+    // The re-INVITE that finds bob's new binding is answered there; its ACK, which no
+    // lookup waits for, follows it (before, it went to the closed connection and bob,
+    // without it, ended the call). A CANCEL while the lookup is out is answered: 487.
+    let mut n = Net::new();
+    let rr = answered(&mut n, "z9hG4bKri1", "ri-1");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.register("bob", &B2, "10.0.0.3:5061");
+    let in_dialog = |method: &str, cseq: u32, branch: &str| {
+        format!(
+            "{method} sip:bob@10.0.0.3:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: ri-1\r\nCSeq: {cseq} {method}\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n",
+            String::from_utf8_lossy(&rr)
+        )
+    };
+    let to_closed_b = |n: &mut Net, msg: &str| {
+        n.send(&A, msg.as_bytes());
+        assert_eq!(status(&n.one(&A)), 100);
+        assert_eq!(method(&n.one(&B)), "INVITE");
+        n.proxy.handle_flow_closed(n.now, &B);
+        n.pump();
+    };
+    to_closed_b(&mut n, &in_dialog("INVITE", 2, "z9hG4bKri2"));
+    let at_bob = n.one(&B2);
+    assert_eq!(method(&at_bob), "INVITE");
+    n.send(&B2, &answer(&at_bob, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    n.send(&A, in_dialog("ACK", 2, "z9hG4bKri3").as_bytes());
+    assert_eq!(method(&n.one(&B2)), "ACK");
+    assert!(
+        n.take(&B).is_empty(),
+        "the ACK went to the closed connection"
+    );
+    // Until the detour expires (64·T1) the next one goes straight to B2, with no lookup.
+    let info = in_dialog("INFO", 3, "z9hG4bKri5");
+    n.send(&A, info.as_bytes());
+    let at_bob = n.one(&B2);
+    n.send(&B2, &answer(&at_bob, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(n.proxy.stats().dialog_rebinds, 1);
+    // Then a CANCEL while the rebinding lookup is out.
+    n.advance(Duration::from_secs(33));
+    n.lost_lookups = true;
+    let reinvite = in_dialog("INVITE", 4, "z9hG4bKri4");
+    to_closed_b(&mut n, &reinvite);
+    let cancel = reinvite
+        .replacen("INVITE sip:", "CANCEL sip:", 1)
+        .replace("CSeq: 4 INVITE", "CSeq: 4 CANCEL");
+    n.send(&A, cancel.as_bytes());
+    let mut got: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
+    got.sort_unstable();
+    assert_eq!(got, [200, 487]);
+    n.lost_lookups = false;
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn a_430_from_the_flow_a_request_took_sends_it_over_the_devices_other_flow() {
     // RFC 5626 §5.3: an edge proxy on the flow says it failed (430): the device's other
     // flow gets the request, and the caller never sees the 430.

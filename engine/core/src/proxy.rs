@@ -391,12 +391,15 @@ fn parties_flow_parts<'a>(
     [fi, fo]: [&'a [u8]; 2],
     call_id: &'a [u8],
     [ui, uo]: [Option<&'a [u8]>; 2],
-) -> [&'a [u8]; 6] {
+) -> [&'a [u8]; 7] {
+    // Which of them the route has: a tag added empty (`;ui`) is not one absent.
+    const PRESENT: [&[u8]; 4] = [b"", b"i", b"o", b"io"];
     [
         b"flow-parties",
         fi,
         fo,
         call_id,
+        PRESENT[usize::from(ui.is_some()) | usize::from(uo.is_some()) << 1],
         ui.unwrap_or_default(),
         uo.unwrap_or_default(),
     ]
@@ -1734,6 +1737,11 @@ mod tests {
         // A caller nobody authenticated is not named: only the callee may come back.
         let rr = record_route_naming(&p, &inv, (&a, &b), (None, Some(bob)));
         assert!(!rr.contains(";ui=") && rr.contains(";uo="), "{rr}");
+        for added in [";ui", ";ui="] {
+            let forged = rr.replace(";uo=", &format!("{added};uo="));
+            let m = req("BYE sip:alice@10.0.0.1", &format!("Route: {forged}\r\n")).in_dialog();
+            assert_eq!(code(decide_on(&p, &m, &new)), 403, "{forged}");
+        }
         let bye = req("BYE sip:alice@10.0.0.1", &format!("Route: {rr}\r\n")).in_dialog();
         let Decision::Reconnected(parties) = decide_on(&p, &bye, &new) else {
             panic!()

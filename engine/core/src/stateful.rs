@@ -237,6 +237,57 @@ enum TimerKey {
     Pending(u64),
 }
 
+/// Which way a [`Detours`] entry sends a dialog's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Detour {
+    /// Requests *from* this flow (a party's new connection, shown to be the party) go to
+    /// the entry's flow, the other party's.
+    From,
+    /// Requests *to* this flow (a party's closed connection) go to the entry's flow, the
+    /// binding it registered since.
+    To,
+}
+
+type DetourKey = (Detour, Flow, Box<[u8]>);
+
+/// Where a dialog's party that reconnected was last found, per (way, flow, Call-ID): the
+/// requests that follow at once take the same way without a second proof or lookup — the
+/// ACK of a re-INVITE above all, which cannot be challenged nor wait for a lookup. Each
+/// entry lasts 64·T1 from when it was made (a later request proves or looks up again); at
+/// most [`MAX_DETOURS`], oldest out first.
+#[derive(Debug, Default)]
+struct Detours {
+    map: HashMap<DetourKey, (Flow, Instant)>,
+    order: VecDeque<(Instant, DetourKey)>,
+}
+
+/// Dialog detours one shard keeps.
+const MAX_DETOURS: usize = 4096;
+
+impl Detours {
+    fn insert(&mut self, now: Instant, keep: std::time::Duration, key: DetourKey, to: Flow) {
+        while let Some((at, _)) = self.order.front() {
+            if *at > now && self.order.len() < MAX_DETOURS {
+                break;
+            }
+            let (at, k) = self.order.pop_front().expect("front");
+            if self.map.get(&k).is_some_and(|(_, until)| *until == at) {
+                self.map.remove(&k);
+            }
+        }
+        let until = now + keep;
+        self.map.insert(key.clone(), (to, until));
+        self.order.push_back((until, key));
+    }
+
+    fn get(&self, now: Instant, key: &DetourKey) -> Option<&Flow> {
+        self.map
+            .get(key)
+            .filter(|(_, until)| *until > now)
+            .map(|(f, _)| f)
+    }
+}
+
 #[derive(Debug)]
 enum Pending {
     /// A server transaction waits for a lookup or registrar answer.
@@ -333,6 +384,9 @@ pub struct ShardProxy {
         VecDeque<(Instant, u64)>,
         std::hash::RandomState,
     ),
+    /// Dialogs whose party reconnected, as last resolved: what follows at once (the ACK of
+    /// a re-INVITE, which cannot be challenged nor looked up again) goes the same way.
+    detours: Detours,
     admit_credit: f32,
     /// RFC 7339: whose `oc` is honoured, the flows that advertised it and are trusted to
     /// (their new requests pass the door; their responses carry the feedback), the time
@@ -496,6 +550,7 @@ impl ShardProxy {
             admission: 1.0,
             draining: false,
             stateless_reinvites: Default::default(),
+            detours: Detours::default(),
             admit_credit: 0.0,
             oc_trust: oc::Trust::default(),
             oc_flows: HashSet::new(),
@@ -833,11 +888,31 @@ impl ShardProxy {
         }
     }
 
-    /// A [`Decision::Reconnected`] whose sender has already shown it is the party its From
+    /// Before the policy: a dialog detour made moments ago ([`Detours`]) is taken — a
+    /// request to a party's closed connection goes to where the party was found since, one
+    /// from a party's new connection that showed itself goes on — and a
+    /// [`Decision::Reconnected`] whose sender has already shown it is the party its From
     /// names — its connection holds a binding of that AOR (it registered again after
     /// reconnecting, RFC 5626 §4.2), or its certificate proves it — goes on to the other
     /// party's flow with no challenge. Any other decision is returned as it is.
-    fn known_party(&self, flow: &Flow, ess: &Essentials<'_>, decision: Decision) -> Decision {
+    fn known_party(
+        &mut self,
+        now: Instant,
+        flow: &Flow,
+        ess: &Essentials<'_>,
+        decision: Decision,
+    ) -> Decision {
+        let way = match &decision {
+            Decision::ToFlow(to) => Some((Detour::To, to)),
+            Decision::Reconnected(_) => Some((Detour::From, flow)),
+            _ => None,
+        };
+        if let Some((way, f)) = way.filter(|_| !self.detours.map.is_empty()) {
+            let key = (way, f.clone(), Box::from(ess.call_id));
+            if let Some(to) = self.detours.get(now, &key) {
+                return Decision::ToFlow(to.clone());
+            }
+        }
         let Decision::Reconnected(parties) = &decision else {
             return decision;
         };
@@ -851,16 +926,38 @@ impl ShardProxy {
         if !(registered || certified) {
             return decision;
         }
-        match self.proxy.party_route(parties, ess.call_id, &from) {
-            Some(to) => Decision::ToFlow(to.clone()),
+        match self.proxy.party_route(parties, ess.call_id, &from).cloned() {
+            Some(to) => self.detour(now, Detour::From, flow, ess.call_id, to),
             None => decision,
         }
+    }
+
+    /// Remembers a dialog detour ([`Detours`]) and takes it.
+    fn detour(
+        &mut self,
+        now: Instant,
+        way: Detour,
+        flow: &Flow,
+        call_id: &[u8],
+        to: Flow,
+    ) -> Decision {
+        let keep = self.timer_cfg.t1.saturating_mul(64);
+        let key = (way, flow.clone(), Box::from(call_id));
+        self.detours.insert(now, keep, key, to.clone());
+        Decision::ToFlow(to)
     }
 
     /// A [`Decision::Reconnected`] the policy allowed: on to the other party's flow if the
     /// AOR it authenticated is one of the dialog's parties; refused if not (an authenticated
     /// user holding someone else's dialog route). Any other decision is returned as it is.
-    fn proven_party(&self, ess: &Essentials<'_>, decision: Decision, grant: &Grant) -> Decision {
+    fn proven_party(
+        &mut self,
+        now: Instant,
+        flow: &Flow,
+        ess: &Essentials<'_>,
+        decision: Decision,
+        grant: &Grant,
+    ) -> Decision {
         let Decision::Reconnected(parties) = &decision else {
             return decision;
         };
@@ -868,8 +965,9 @@ impl ShardProxy {
             Source::Client(Some(aor)) => self.proxy.party_route(parties, ess.call_id, aor),
             _ => None,
         };
-        match to {
-            Some(to) => Decision::ToFlow(to.clone()),
+        match to.cloned() {
+            // Remembered: the ACK of what it sends now (a re-INVITE) cannot be challenged.
+            Some(to) => self.detour(now, Detour::From, flow, ess.call_id, to),
             None => Decision::Refuse(crate::policy::Denial {
                 code: 403,
                 reason: "Not A Party To This Dialog",
@@ -1239,7 +1337,7 @@ impl ShardProxy {
             None => {}
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
-        let decision = self.known_party(flow, ess, decision);
+        let decision = self.known_party(now, flow, ess, decision);
         // The door: new work under overload. What finishes admitted work passes — a CANCEL,
         // and a request in a dialog, which is one routed by a flow token we signed. A To-tag
         // alone proves nothing: anyone can write one on a new INVITE or a REGISTER.
@@ -1275,7 +1373,7 @@ impl ShardProxy {
             .authorize(now, flow, &info, msg, ess, &decision, &self.proxy);
         self.drain_refusals();
         let (decision, grant) = match authz {
-            Authz::Allow(g) => (self.proven_party(ess, decision, &g), g),
+            Authz::Allow(g) => (self.proven_party(now, flow, ess, decision, &g), g),
             Authz::Challenge { code, headers } => (
                 Decision::Respond(crate::proxy::Answer {
                     code,
@@ -1854,7 +1952,7 @@ impl ShardProxy {
             }
         }
         let decision = self.proxy.decide(msg, ess, flow, self.partner_of(flow));
-        let decision = self.known_party(flow, ess, decision);
+        let decision = self.known_party(now, flow, ess, decision);
         let info = self.flows.get(flow).cloned().unwrap_or_default();
         let authz = self
             .policy
@@ -1866,7 +1964,7 @@ impl ShardProxy {
         let Authz::Allow(grant) = authz else {
             return;
         };
-        let decision = self.proven_party(ess, decision, &grant);
+        let decision = self.proven_party(now, flow, ess, decision, &grant);
         let Grant { source } = grant;
         match decision {
             Decision::ToFlow(f) => self.send_ack(flow, &f, None, source, msg, ess),
@@ -2131,6 +2229,15 @@ impl ShardProxy {
             self.answer(now, key, code, reason, &[]);
         } else {
             self.stats.dialog_rebinds += 1;
+            // What follows at once to the closed connection (the ACK of a re-INVITE, which
+            // waits for no lookup) goes the same way.
+            let limits = self.limits;
+            if let Some(call_id) = with_parsed(&s.request, &limits, |_, e| Box::from(e.call_id)) {
+                let keep = self.timer_cfg.t1.saturating_mul(64);
+                let to = targets[0].flow.clone();
+                self.detours
+                    .insert(now, keep, (Detour::To, gone.clone(), call_id), to);
+            }
             self.fork(now, key, &targets);
         }
         self.drive_server(now, key);
@@ -2389,6 +2496,10 @@ impl ShardProxy {
         let local_only = self.came_from_node(&s.inbound);
         if let Some(s) = self.servers.get_mut(&sk) {
             s.rebind = Some((target, gone.clone()));
+            // Not a branch any more: a CANCEL while the lookup is out is answered 487 at
+            // once (it found a branch with no client to cancel, and the INVITE was never
+            // answered).
+            s.branches.retain(|b| b != key);
         }
         if let Some(c) = self.clients.get_mut(key) {
             c.final_received = true;
