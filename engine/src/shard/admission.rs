@@ -1,0 +1,188 @@
+//! Admission: a connection's place in the shard's and the process's limits (per source,
+//! per shard, handshakes in flight), held from accept to close and released on drop.
+
+use super::*;
+
+/// An accepted connection's place in the shard's limits (its source address's count and the
+/// shard's load for balanced accept), held by its task from admission to its end, whatever
+/// the outcome (refused handshake, error, close) — released on drop.
+#[derive(Debug)]
+pub struct Admission {
+    shard: Rc<Shard>,
+    ip: Option<IpAddr>,
+}
+
+impl Admission {
+    /// Counts a connection from `ip` against the limits: its source's process-wide count
+    /// (`None` when that is full: taken and checked in one step, as every shard admits at
+    /// once), the shard's load and the process budget.
+    pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> Option<Admission> {
+        if let Some(ip) = ip
+            && !shard
+                .control
+                .per_source
+                .try_add(ip, shard.cfg.limits.max_connections_per_ip)
+        {
+            return None;
+        }
+        shard.control.load[shard.id].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Admission {
+            shard: shard.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            self.shard.control.per_source.sub(ip);
+        }
+        self.shard.control.load[self.shard.id].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A TLS handshake in progress: counted per shard and per source address from its start to
+/// its end, whatever the outcome (released on drop).
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    shard: Rc<Shard>,
+    ip: Option<IpAddr>,
+}
+
+impl HandshakeSlot {
+    /// A handshake from `ip` starts.
+    pub fn take(shard: &Rc<Shard>, ip: Option<IpAddr>) -> HandshakeSlot {
+        let ip = ip.map(sipring_core::auth::source_of);
+        shard.handshakes.set(shard.handshakes.get() + 1);
+        if let Some(ip) = ip {
+            *shard.handshakes_by_ip.borrow_mut().entry(ip).or_insert(0) += 1;
+        }
+        HandshakeSlot {
+            shard: shard.clone(),
+            ip,
+        }
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let s = &self.shard;
+        s.handshakes.set(s.handshakes.get().saturating_sub(1));
+        if let Some(ip) = self.ip {
+            let mut by_ip = s.handshakes_by_ip.borrow_mut();
+            if let Some(n) = by_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    by_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// A socket handed to another shard (balanced accept mode): counted in that shard's load
+/// from the hand-off, not only once it admits it. Before, sockets waiting on the mesh
+/// counted nowhere: a burst passed the process's descriptor budget (EMFILE broke partner
+/// dials and reloads), and every one went to the same shard, the least loaded until it
+/// caught up.
+#[derive(Debug)]
+pub struct HandedFd {
+    fd: Option<std::os::fd::OwnedFd>,
+    control: Arc<Control>,
+    to: usize,
+}
+
+impl HandedFd {
+    pub(super) fn new(control: &Arc<Control>, to: usize, fd: std::os::fd::OwnedFd) -> HandedFd {
+        control.load[to].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HandedFd {
+            fd: Some(fd),
+            control: control.clone(),
+            to,
+        }
+    }
+
+    /// The socket, no longer counted as pending.
+    pub(super) fn take(mut self) -> Option<std::os::fd::OwnedFd> {
+        self.fd.take()
+    }
+}
+
+impl Drop for HandedFd {
+    fn drop(&mut self) {
+        // Taken or dropped with its message (the mesh refused it), the count goes back.
+        self.control.load[self.to].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Applies the connection limits and serves the connection on this shard.
+pub fn admit(
+    shard: &Rc<Shard>,
+    stream: glommio::net::TcpStream,
+    kind: ListenKind,
+    client_auth: ClientAuth,
+) {
+    let limits = &shard.cfg.limits;
+    let ip = stream.peer_addr().map(|a| a.ip()).ok();
+    let total = shard.conns.borrow().len() + shard.handshakes.get();
+    let control = &shard.control;
+    let process_total: usize = control
+        .load
+        .iter()
+        .map(|l| l.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let handshakes_from = ip.map_or(0, |ip| shard.handshakes_from(ip));
+    let refuse = if process_total >= control.budget {
+        Some("max_connections")
+    } else if total >= limits.max_connections_per_shard {
+        Some("max_connections_per_shard")
+    } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
+        Some("max_handshakes_in_flight")
+    } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
+        Some("max_handshakes_per_ip")
+    } else {
+        None
+    };
+    // The per-source limit last: its check takes the place.
+    let admission = match refuse {
+        Some(why) => Err(why),
+        None => Admission::take(shard, ip).ok_or("max_connections_per_ip"),
+    };
+    let admission = match admission {
+        Ok(a) => a,
+        Err(why) => {
+            refused(shard, ip, why);
+            return;
+        }
+    };
+    // The handshake counts from now: its task may not run before the next accepts are
+    // admitted, and they must see it (before, a burst of accepts passed both handshake
+    // limits, none having started yet).
+    let slot = (kind != ListenKind::Tcp).then(|| HandshakeSlot::take(shard, ip));
+    glommio::spawn_local(crate::conn::serve_inbound(
+        shard.clone(),
+        stream,
+        kind,
+        client_auth,
+        admission,
+        slot,
+    ))
+    .detach();
+}
+
+/// Counts and (at most once a second) logs a connection refused by limit `why`.
+fn refused(shard: &Shard, ip: Option<IpAddr>, why: &str) {
+    shard.count(&format!(
+        "sipring_connections_refused_total{{limit=\"{why}\"}}"
+    ));
+    if let Some(left_out) = shard.refusal_log.allow(Instant::now()) {
+        tracing::warn!(
+            ?ip,
+            limit = why,
+            left_out,
+            "connection refused by limit (at most one line a second; \
+             sipring_connections_refused_total counts all)"
+        );
+    }
+}
