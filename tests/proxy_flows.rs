@@ -632,6 +632,32 @@ fn a_sips_request_never_leaves_over_plain_tcp() {
 }
 
 #[test]
+fn a_sips_ack_another_node_relays_is_looked_up_to_a_tls_flow_only() {
+    // A 2xx ACK relayed by another node of the cluster is looked up here (one hop) and sent
+    // statelessly. A sips one (a late offer: its SDP may carry the keys) takes a TLS flow
+    // of the user's only, as its INVITE did; with none it goes nowhere. A sip: one takes
+    // any.
+    let tcp = Flow::Conn(sipring_core::proxy::PLAIN_FLOW_BIT | 9);
+    let node = Flow::Peer("node-c".into());
+    let ack = |scheme: &str, branch: &str| {
+        format!(
+            "ACK {scheme}:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS node-c.example.com;branch={branch}\r\nMax-Forwards: 69\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: sa-1\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let mut n = with_node_c();
+    n.register("bob", &tcp, "10.0.0.9:40000");
+    n.send(&node, ack("sips", "z9hG4bKsa1").as_bytes());
+    assert!(n.take(&tcp).is_empty(), "a sips ACK went over plain TCP");
+    n.send(&node, ack("sip", "z9hG4bKsa2").as_bytes());
+    assert_eq!(method(&n.one(&tcp)), "ACK");
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&node, ack("sips", "z9hG4bKsa3").as_bytes());
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert!(n.take(&tcp).is_empty(), "a sips ACK went over plain TCP");
+    assert!(n.inbox.is_empty());
+}
+
+#[test]
 fn a_flow_that_fails_is_not_the_one_failover_picks() {
     // One device's two reg-ids over one connection (a device behind an edge proxy has all
     // its flows on the edge's connection): that connection closes with the INVITE on it.
