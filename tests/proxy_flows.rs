@@ -2086,6 +2086,33 @@ fn carrier_net() -> (Flow, Net) {
 }
 
 #[test]
+fn a_partners_via_gets_received_as_a_clients_does() {
+    // RFC 3261 §18.2.1: a sent-by that is a name (or another address) gets `received`,
+    // whoever sent it. Partners' Vias were passed on as they came (a `received` they wrote
+    // included).
+    let (_, mut n) = carrier_net();
+    let conn = Flow::Conn(77);
+    n.proxy.set_flow_info(
+        conn.clone(),
+        sipring_core::policy::FlowInfo {
+            principal: sipring_core::policy::Principal::Partner("carrier".into()),
+            source: Some(([203, 0, 113, 5], 40123).into()),
+            iface: None,
+        },
+    );
+    n.register("bob", &B, "10.0.0.2:5061");
+    let msg = "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sip.carrier.example;branch=z9hG4bKpv1;received=198.51.100.1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=1\r\nCall-ID: pv-1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+    n.send(&conn, msg.as_bytes());
+    let at_bob = String::from_utf8(n.one(&B)).unwrap();
+    assert!(
+        at_bob.contains(
+            "Via: SIP/2.0/TLS sip.carrier.example;branch=z9hG4bKpv1;received=203.0.113.5\r\n"
+        ),
+        "{at_bob}"
+    );
+}
+
+#[test]
 fn an_overloaded_partner_is_spared_the_share_it_asked_us_to_drop() {
     // RFC 7339 toward a partner: our Via advertises it, the partner's answer says drop 75 %,
     // and three in four of the next new requests for it are answered 503 here, without a

@@ -1104,13 +1104,12 @@ impl ShardProxy {
         .unwrap_or_else(|| self.proxy.default_interface())
     }
 
-    /// A client's address, for its Via (`received`, `rport`); none for partners.
+    /// The address a request came from, for its sender's Via: `received` where the sent-by
+    /// is not that address (a partner's is usually its name), `rport` where it asks (RFC
+    /// 3261 §18.2.1 applies to every sender, RFC 3581). None for a partner's name (a
+    /// transaction moved onto its link when the connection it came on closed).
     fn client_source(&self, flow: &Flow) -> Option<std::net::SocketAddr> {
-        let info = self.flows.get(flow)?;
-        match info.principal {
-            crate::policy::Principal::Client { .. } => info.source,
-            crate::policy::Principal::Partner(_) => None,
-        }
+        self.flows.get(flow)?.source
     }
 
     /// The partner-aware form of a flow for dialog routes.
