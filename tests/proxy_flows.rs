@@ -393,6 +393,31 @@ fn a_callee_that_reconnected_hangs_up_from_its_new_connection_and_nobody_else_ca
 }
 
 #[test]
+fn under_overload_a_route_holder_not_shown_to_be_the_party_is_new_work() {
+    // The door lets requests inside our dialogs pass. One on a dialog route from a
+    // connection not yet shown to be the dialog's party is still to be challenged: new
+    // work, shed under overload (a user holding a route sent past the door as fast as it
+    // liked, each costing a challenge, and new requests were shed in its place). The party
+    // whose new connection holds its binding passes.
+    let mut n = Net::new();
+    let rr = answered(&mut n, "z9hG4bKro1", "ro-1");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.register("bob", &B2, "10.0.0.3:5061");
+    n.proxy.set_overloaded(true);
+    let bye = |branch: &str| {
+        format!(
+            "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.9:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:bob@example.com>;tag=b1\r\nCall-ID: ro-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+            String::from_utf8_lossy(&rr)
+        )
+    };
+    n.send(&C, bye("z9hG4bKro2").as_bytes());
+    assert_eq!(status(&n.one(&C)), 503);
+    assert!(n.refused.is_empty(), "shed at the door, before any check");
+    n.send(&B2, bye("z9hG4bKro3").as_bytes());
+    assert_eq!(method(&n.one(&A)), "BYE");
+}
+
+#[test]
 fn a_request_for_a_party_that_reconnected_reaches_the_binding_it_made_since() {
     // The other way: alice's requests to bob follow the route to B, which closed. Bob
     // registered again over B2: the binding with the request's target (bob's contact, as

@@ -1341,13 +1341,19 @@ impl ShardProxy {
         // and a request in a dialog, which is one routed by a flow token we signed. A To-tag
         // alone proves nothing: anyone can write one on a new INVITE or a REGISTER.
         // A request our signed dialog route sends to a partner's link (the UA reconnected
-        // since: `ToPeer` by the token's fallback) is inside a dialog too.
-        let in_dialog = |proxy: &Proxy| match &decision {
-            Decision::ToFlow(_) | Decision::Reconnected(_) => true,
+        // since: `ToPeer` by the token's fallback) is inside a dialog too. One from a
+        // connection that is not yet shown to be the dialog's party (`Reconnected`: it is
+        // still to be challenged) is work like a new request's under overload — a user
+        // holding a route could otherwise send past the door as fast as it liked, each
+        // costing a challenge, and have new requests shed in its place — but it finishes
+        // a call while the node drains.
+        let in_dialog = |proxy: &Proxy, unproven: bool| match &decision {
+            Decision::ToFlow(_) => true,
+            Decision::Reconnected(_) => unproven,
             Decision::ToPeer(_) => proxy.follows_our_dialog_route(msg),
             _ => false,
         };
-        if method != Method::Cancel && self.draining && !in_dialog(&self.proxy) {
+        if method != Method::Cancel && self.draining && !in_dialog(&self.proxy, true) {
             self.stats.drained += 1;
             return self.shed(flow, msg, ess.call_id);
         }
@@ -1357,7 +1363,11 @@ impl ShardProxy {
         let upkeep = method == Method::Register
             && self.came_from_node(flow)
             && crate::registrar::removes_only(msg);
-        if method != Method::Cancel && self.admission < 1.0 && !upkeep && !in_dialog(&self.proxy) {
+        if method != Method::Cancel
+            && self.admission < 1.0
+            && !upkeep
+            && !in_dialog(&self.proxy, false)
+        {
             let cooperating = self.oc_trust != oc::Trust::Off && self.cooperates(flow, ess);
             self.door.0 = self.door.0.saturating_add(1);
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
