@@ -31,6 +31,8 @@ struct Net {
     lost_lookups: bool,
     /// Lookups are answered "unavailable" (the AOR's shard or the store overloaded).
     busy_lookups: bool,
+    /// What the proxy told the other shards of dialogs whose party moved.
+    detours: Vec<(Flow, Vec<u8>, Flow)>,
 }
 
 impl Net {
@@ -68,6 +70,7 @@ impl Net {
             refused: Vec::new(),
             lost_lookups: false,
             busy_lookups: false,
+            detours: Vec::new(),
         }
     }
 
@@ -121,6 +124,9 @@ impl Net {
                     self.proxy.handle_register_reply(self.now, token, reply);
                 }
                 Output::Close { flow, .. } => self.closed.push(flow),
+                Output::Detour { gone, call_id, to } => {
+                    self.detours.push((gone, call_id.to_vec(), to))
+                }
                 Output::Relay { .. } => panic!("a single shard never relays"),
                 Output::CancelElsewhere { .. } => panic!("a single shard asks no other"),
                 Output::Refused(r)
@@ -494,21 +500,47 @@ fn a_reinvite_to_a_party_that_reconnected_is_acked_and_can_be_cancelled() {
         n.take(&B).is_empty(),
         "the ACK went to the closed connection"
     );
-    // Until the detour expires (64·T1) the next one goes straight to B2, with no lookup.
-    let info = in_dialog("INFO", 3, "z9hG4bKri5");
-    n.send(&A, info.as_bytes());
-    let at_bob = n.one(&B2);
-    n.send(&B2, &answer(&at_bob, 200, "OK", "b1"));
-    assert_eq!(status(&n.one(&A)), 200);
+    // Every other shard is told (a partner's ACK may come on another of its connections):
+    // one that learns it sends the ACK there too.
+    assert_eq!(n.detours, [(B, b"ri-1".to_vec(), B2)]);
+    let mut other = Net::new();
+    let (gone, call_id, to) = n.detours[0].clone();
+    other.proxy.learn_detour(other.now, gone, &call_id, to);
+    other.send(&A, in_dialog("ACK", 2, "z9hG4bKri3b").as_bytes());
+    assert_eq!(method(&other.one(&B2)), "ACK");
+    // Meanwhile the next one goes straight to B2, with no lookup.
+    let info = |n: &mut Net, cseq: u32, branch: &str, at: &Flow| {
+        n.send(&A, in_dialog("INFO", cseq, branch).as_bytes());
+        let at_bob = n.one(at);
+        n.send(at, &answer(&at_bob, 200, "OK", "b1"));
+        assert_eq!(status(&n.one(&A)), 200);
+    };
+    info(&mut n, 3, "z9hG4bKri5", &B2);
     assert_eq!(n.proxy.stats().dialog_rebinds, 1);
+    // Bob moves again: the way to B2 is forgotten when B2 closes, and his next binding is
+    // looked up (before, the way to B2 stood and the request died there).
+    let b3 = Flow::Conn(5);
+    n.proxy.handle_flow_closed(n.now, &B2);
+    n.register("bob", &b3, "10.0.0.3:5061");
+    n.send(&A, in_dialog("INFO", 4, "z9hG4bKri6").as_bytes());
+    assert_eq!(method(&n.one(&B)), "INFO");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.pump();
+    let at_bob = n.one(&b3);
+    n.send(&b3, &answer(&at_bob, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(n.proxy.stats().dialog_rebinds, 2);
+    // The ways are forgotten after Timer C + 64·T1.
+    n.advance(Duration::from_secs(240));
+    n.proxy.handle_timeout(n.now);
+    assert_eq!(n.proxy.detours(), 0);
     // Then a CANCEL while the rebinding lookup is out.
-    n.advance(Duration::from_secs(33));
     n.lost_lookups = true;
-    let reinvite = in_dialog("INVITE", 4, "z9hG4bKri4");
+    let reinvite = in_dialog("INVITE", 5, "z9hG4bKri4");
     to_closed_b(&mut n, &reinvite);
     let cancel = reinvite
         .replacen("INVITE sip:", "CANCEL sip:", 1)
-        .replace("CSeq: 4 INVITE", "CSeq: 4 CANCEL");
+        .replace("CSeq: 5 INVITE", "CSeq: 5 CANCEL");
     n.send(&A, cancel.as_bytes());
     let mut got: Vec<u16> = n.take(&A).iter().map(|m| status(m)).collect();
     got.sort_unstable();

@@ -273,6 +273,9 @@ fn help(family: &str) -> &'static str {
         "sipring_sip_refusals_total" => "Requests refused for who sent them, by reason.",
         "sipring_auth_failure_sources" => "Source addresses tracked for failed attempts.",
         "sipring_auth_nonce_flows" => "Connections with nonce-count state.",
+        "sipring_dialog_detours" => {
+            "Dialogs whose party reconnected, with the way found for it kept for what follows (at most 4096 per shard)."
+        }
         "sipring_latency_seconds" => "Latency quantiles of each histogram, since the start.",
         "sipring_latency_bucketed_seconds" => {
             "Latency of each histogram in buckets (rate() them for a window)."

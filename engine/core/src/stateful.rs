@@ -32,7 +32,7 @@ use crate::matching::{KeyMethod, TxKey};
 use crate::overload_control::{self as oc, Feedback};
 use crate::parse::{Essentials, Framing, Limits, Message, Method, Status, parse};
 use crate::policy::{Authz, FlowInfo, Grant, Policy, Refusal, Source};
-use crate::proxy::{Decision, Flow, Lookup, Proxy, Target};
+use crate::proxy::{Decision, Flow, Lookup, Party, Proxy, Target};
 use crate::registrar::Reply;
 use crate::response::{ResponseParts, ack_for_non_2xx, cancel_for, error_response, response_to};
 use crate::transaction::{
@@ -117,6 +117,17 @@ pub enum Output {
         partner: String,
         /// The CANCEL as received.
         request: Bytes,
+    },
+    /// The party of dialog `call_id` that was on `gone` (a connection that closed) was found
+    /// on `to`: tell every other shard ([`ShardProxy::learn_detour`]), whose connections
+    /// (a partner's others) may carry what follows — an ACK above all.
+    Detour {
+        /// The closed connection.
+        gone: Flow,
+        /// The dialog.
+        call_id: Bytes,
+        /// Where the party is now.
+        to: Flow,
     },
 }
 
@@ -248,43 +259,80 @@ enum Detour {
     To,
 }
 
-type DetourKey = (Detour, Flow, Box<[u8]>);
-
-/// Where a dialog's party that reconnected was last found, per (way, flow, Call-ID): the
-/// requests that follow at once take the same way without a second proof or lookup — the
-/// ACK of a re-INVITE above all, which cannot be challenged nor wait for a lookup. Each
-/// entry lasts 64·T1 from when it was made (a later request proves or looks up again); at
-/// most [`MAX_DETOURS`], oldest out first.
+/// Where a dialog's party that reconnected was last found: the requests that follow take the
+/// same way without a second proof or lookup — the ACK of a re-INVITE above all, which can
+/// be neither challenged nor held for a lookup. Keyed by a keyed hash (per process: nobody
+/// can aim at another's entry) of the way, the flow and the Call-ID (and, for a party's
+/// new connection, the route's flow tokens: the dialogs a fork made share a Call-ID), so an
+/// entry costs a few words whatever the Call-ID's length. Each lasts Timer C + 64·T1 (a
+/// re-INVITE's answer may take Timer C, its ACK then follows), is dropped when either flow
+/// closes, and at most [`MAX_DETOURS`] are kept, oldest out first.
 #[derive(Debug, Default)]
 struct Detours {
-    map: HashMap<DetourKey, (Flow, Instant)>,
-    order: VecDeque<(Instant, DetourKey)>,
+    /// Key → (where to, the party's new connection for a [`Detour::From`] entry, until
+    /// when).
+    map: HashMap<u64, (Flow, Option<Flow>, Instant)>,
+    order: VecDeque<(Instant, u64)>,
+    keys: std::hash::RandomState,
 }
 
 /// Dialog detours one shard keeps.
 const MAX_DETOURS: usize = 4096;
 
 impl Detours {
-    fn insert(&mut self, now: Instant, keep: std::time::Duration, key: DetourKey, to: Flow) {
-        while let Some((at, _)) = self.order.front() {
-            if *at > now && self.order.len() < MAX_DETOURS {
-                break;
-            }
-            let (at, k) = self.order.pop_front().expect("front");
-            if self.map.get(&k).is_some_and(|(_, until)| *until == at) {
-                self.map.remove(&k);
-            }
+    fn key(&self, way: Detour, flow: &Flow, call_id: &[u8], route: &[Party]) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.keys.build_hasher();
+        way.hash(&mut h);
+        flow.hash(&mut h);
+        call_id.hash(&mut h);
+        for p in route {
+            p.token.hash(&mut h);
         }
-        let until = now + keep;
-        self.map.insert(key.clone(), (to, until));
+        h.finish()
+    }
+
+    fn insert(&mut self, now: Instant, until: Instant, key: u64, on: Option<Flow>, to: Flow) {
+        self.prune(now);
+        while self.order.len() >= MAX_DETOURS {
+            self.pop_oldest();
+        }
+        self.map.insert(key, (to, on, until));
         self.order.push_back((until, key));
     }
 
-    fn get(&self, now: Instant, key: &DetourKey) -> Option<&Flow> {
+    fn get(&self, now: Instant, key: u64) -> Option<&Flow> {
         self.map
-            .get(key)
-            .filter(|(_, until)| *until > now)
-            .map(|(f, _)| f)
+            .get(&key)
+            .filter(|(_, _, until)| *until > now)
+            .map(|(to, _, _)| to)
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((at, k)) = self.order.pop_front()
+            && self.map.get(&k).is_some_and(|(_, _, until)| *until == at)
+        {
+            self.map.remove(&k);
+        }
+    }
+
+    /// Drops what has expired (the shard's timer calls this every tick: an empty table is
+    /// what keeps in-dialog requests from hashing a key at all).
+    fn prune(&mut self, now: Instant) {
+        while self.order.front().is_some_and(|(at, _)| *at <= now) {
+            self.pop_oldest();
+        }
+    }
+
+    /// Drops the entries leading to `flow` (a party that moved again: its next request
+    /// looks it up anew) and those for requests from it. Not those for requests to it: a
+    /// closed connection is what they are about (and a send that finds it gone closes it
+    /// again).
+    fn flow_closed(&mut self, flow: &Flow) {
+        if !self.map.is_empty() {
+            self.map
+                .retain(|_, (to, on, _)| to != flow && on.as_ref() != Some(flow));
+        }
     }
 }
 
@@ -902,15 +950,20 @@ impl ShardProxy {
         ess: &Essentials<'_>,
         decision: Decision,
     ) -> Decision {
-        let way = match &decision {
-            Decision::ToFlow(to) => Some((Detour::To, to)),
-            Decision::Reconnected(_) => Some((Detour::From, flow)),
-            _ => None,
-        };
-        if let Some((way, f)) = way.filter(|_| !self.detours.map.is_empty()) {
-            let key = (way, f.clone(), Box::from(ess.call_id));
-            if let Some(to) = self.detours.get(now, &key) {
-                return Decision::ToFlow(to.clone());
+        if !self.detours.map.is_empty() {
+            let found = match &decision {
+                Decision::ToFlow(to) => {
+                    let key = self.detours.key(Detour::To, to, ess.call_id, &[]);
+                    self.detours.get(now, key)
+                }
+                Decision::Reconnected(parties) => {
+                    let key = self.detours.key(Detour::From, flow, ess.call_id, parties);
+                    self.detours.get(now, key)
+                }
+                _ => None,
+            };
+            if let Some(to) = found.cloned() {
+                return self.moved_on(now, ess.call_id, to);
             }
         }
         let Decision::Reconnected(parties) = &decision else {
@@ -927,24 +980,58 @@ impl ShardProxy {
             return decision;
         }
         match self.proxy.party_route(parties, ess.call_id, &from).cloned() {
-            Some(to) => self.detour(now, Detour::From, flow, ess.call_id, to),
+            Some(to) => self.reconnected_to(now, flow, ess.call_id, parties, to),
             None => decision,
         }
     }
 
-    /// Remembers a dialog detour ([`Detours`]) and takes it.
-    fn detour(
+    /// How long a [`Detours`] entry lasts.
+    fn detour_until(&self, now: Instant) -> Instant {
+        now + self.timer_c + self.timer_cfg.t1.saturating_mul(64)
+    }
+
+    /// A party's new connection `flow` was shown to be it: its requests on this route go to
+    /// `to`, the other party's flow (remembered, [`Detours`]), or where that party was found
+    /// since, if it reconnected too.
+    fn reconnected_to(
         &mut self,
         now: Instant,
-        way: Detour,
         flow: &Flow,
         call_id: &[u8],
+        route: &[Party],
         to: Flow,
     ) -> Decision {
-        let keep = self.timer_cfg.t1.saturating_mul(64);
-        let key = (way, flow.clone(), Box::from(call_id));
-        self.detours.insert(now, keep, key, to.clone());
+        let key = self.detours.key(Detour::From, flow, call_id, route);
+        let until = self.detour_until(now);
+        self.detours
+            .insert(now, until, key, Some(flow.clone()), to.clone());
+        self.moved_on(now, call_id, to)
+    }
+
+    /// Toward `to`, or where the party on it was found since it closed ([`Detours`]).
+    fn moved_on(&self, now: Instant, call_id: &[u8], to: Flow) -> Decision {
+        if !self.detours.map.is_empty() {
+            let key = self.detours.key(Detour::To, &to, call_id, &[]);
+            if let Some(next) = self.detours.get(now, key) {
+                return Decision::ToFlow(next.clone());
+            }
+        }
         Decision::ToFlow(to)
+    }
+
+    /// Another shard found where the party on `gone`, a closed connection, went in the
+    /// dialog `call_id` ([`Output::Detour`]): requests on this shard's connections (a
+    /// partner's other connections, another node's links) to `gone` go there too.
+    pub fn learn_detour(&mut self, now: Instant, gone: Flow, call_id: &[u8], to: Flow) {
+        self.tick_clock(now);
+        let key = self.detours.key(Detour::To, &gone, call_id, &[]);
+        let until = self.detour_until(now);
+        self.detours.insert(now, until, key, None, to);
+    }
+
+    /// Dialog detours held (a gauge; bounded by [`MAX_DETOURS`]).
+    pub fn detours(&self) -> usize {
+        self.detours.map.len()
     }
 
     /// A [`Decision::Reconnected`] the policy allowed: on to the other party's flow if the
@@ -967,7 +1054,7 @@ impl ShardProxy {
         };
         match to.cloned() {
             // Remembered: the ACK of what it sends now (a re-INVITE) cannot be challenged.
-            Some(to) => self.detour(now, Detour::From, flow, ess.call_id, to),
+            Some(to) => self.reconnected_to(now, flow, ess.call_id, parties, to),
             None => Decision::Refuse(crate::policy::Denial {
                 code: 403,
                 reason: "Not A Party To This Dialog",
@@ -2240,12 +2327,21 @@ impl ShardProxy {
             self.stats.dialog_rebinds += 1;
             // What follows at once to the closed connection (the ACK of a re-INVITE, which
             // waits for no lookup) goes the same way.
+            // Every shard learns it (`Output::Detour`): a partner's ACK may come on another
+            // of its connections.
             let limits = self.limits;
-            if let Some(call_id) = with_parsed(&s.request, &limits, |_, e| Box::from(e.call_id)) {
-                let keep = self.timer_cfg.t1.saturating_mul(64);
+            if let Some(call_id) =
+                with_parsed(&s.request, &limits, |_, e| Bytes::from(e.call_id.to_vec()))
+            {
                 let to = targets[0].flow.clone();
-                self.detours
-                    .insert(now, keep, (Detour::To, gone.clone(), call_id), to);
+                let k = self.detours.key(Detour::To, gone, &call_id, &[]);
+                let until = self.detour_until(now);
+                self.detours.insert(now, until, k, None, to.clone());
+                self.out.push_back(Output::Detour {
+                    gone: gone.clone(),
+                    call_id,
+                    to,
+                });
             }
             self.fork(now, key, &targets);
         }
@@ -2752,6 +2848,7 @@ impl ShardProxy {
     /// except a partner's, which are answered over the link to the partner. The engine
     /// calls it again when it finds a connection gone as it sends on it.
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
+        self.detours.flow_closed(flow);
         // A partner's connection: its requests still in progress are answered over the
         // link to it (RFC 3261 §18.2.2: a server whose connection closed SHOULD open one to
         // the sender), instead of cancelled — a carrier that recycles a connection mid-call
@@ -2871,6 +2968,7 @@ impl ShardProxy {
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.tick_clock(now);
+        self.detours.prune(now);
         while let Some(k) = self.timers.pop_expired(now) {
             match k {
                 TimerKey::Server(key) => {

@@ -115,6 +115,16 @@ pub enum ShardMsg {
         /// It was (and is cancelled).
         matched: bool,
     },
+    /// A dialog's party that was on `gone` (a closed connection) is on `to` now
+    /// ([`sipring_core::stateful::Output::Detour`]).
+    Detour {
+        /// The closed connection.
+        gone: Flow,
+        /// The dialog.
+        call_id: Vec<u8>,
+        /// Where the party is now.
+        to: Flow,
+    },
 }
 
 /// Mesh messages for one shard that found its channel full, oldest first.
@@ -321,6 +331,11 @@ impl Shard {
                 );
                 self.pump(None);
                 self.reply(from, ShardMsg::CancelReply { token, matched });
+            }
+            ShardMsg::Detour { gone, call_id, to } => {
+                self.proxy
+                    .borrow_mut()
+                    .learn_detour(Instant::now(), gone, &call_id, to);
             }
             ShardMsg::CancelReply { token, matched } => {
                 let done = {

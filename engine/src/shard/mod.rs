@@ -599,6 +599,19 @@ impl Shard {
                     self.reply(shard as usize, msg);
                 }
                 Output::Refused(r) => self.refused(&r),
+                Output::Detour { gone, call_id, to } => {
+                    // Best effort (dropped at the mesh's hard bound like a relayed
+                    // message): a shard that did not learn it sends to the closed
+                    // connection, as before.
+                    for shard in (0..self.n).filter(|&s| s != self.id) {
+                        let msg = ShardMsg::Detour {
+                            gone: gone.clone(),
+                            call_id: call_id.to_vec(),
+                            to: to.clone(),
+                        };
+                        self.mesh_send(shard, msg, false);
+                    }
+                }
                 Output::CancelElsewhere {
                     token,
                     partner,

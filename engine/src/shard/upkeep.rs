@@ -94,6 +94,8 @@ impl Shard {
             }
             let nonce_flows = self.proxy.borrow().policy().nonce_flows();
             m.set_gauge("sipring_auth_nonce_flows", nonce_flows as i64);
+            let detours = self.proxy.borrow().detours();
+            m.set_gauge("sipring_dialog_detours", detours as i64);
             let st = self.proxy.borrow().stats();
             m.counters
                 .insert("sipring_requests_forwarded_total".into(), st.forwarded);
