@@ -261,8 +261,8 @@ enum Detour {
 
 /// Where a dialog's party that reconnected was last found: the requests that follow take the
 /// same way without a second proof or lookup — the ACK of a re-INVITE above all, which can
-/// be neither challenged nor held for a lookup. Keyed by a keyed hash (per process: nobody
-/// can aim at another's entry) of the way, the flow and the Call-ID (and, for a party's
+/// be neither challenged nor held for a lookup. Keyed by a hash with a random key (per shard:
+/// nobody can aim at another's entry) of the way, the flow and the Call-ID (and, for a party's
 /// new connection, the route's flow tokens: the dialogs a fork made share a Call-ID), so an
 /// entry costs a few words whatever the Call-ID's length. Each lasts Timer C + 64·T1 (a
 /// re-INVITE's answer may take Timer C, its ACK then follows), is dropped when either flow
