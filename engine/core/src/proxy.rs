@@ -1319,6 +1319,18 @@ mod tests {
         a: &Flow,
         b: &Flow,
     ) -> Vec<u8> {
+        fwd_naming(p, m, e, (branch, uri), (a, b), (None, None))
+    }
+
+    /// [`fwd`], the dialog's parties named.
+    fn fwd_naming(
+        p: &Proxy,
+        m: &Message<'_, '_>,
+        e: &Essentials<'_>,
+        (branch, uri): (&str, Option<&[u8]>),
+        (a, b): (&Flow, &Flow),
+        parties: (Option<&str>, Option<&str>),
+    ) -> Vec<u8> {
         let i = p.default_interface();
         p.forward_request(
             m,
@@ -1335,7 +1347,7 @@ mod tests {
                 path: &[],
                 overload_control: false,
                 max_breadth: None,
-                parties: (None, None),
+                parties,
             },
         )
     }
@@ -1645,26 +1657,9 @@ mod tests {
         (a, b): (&Flow, &Flow),
         parties: (Option<&str>, Option<&str>),
     ) -> String {
-        let i = p.default_interface();
+        let target = Some(&b"sip:bob@10.0.0.2:5061;transport=tls"[..]);
         let out = with_req(inv, |m, e| {
-            p.forward_request(
-                m,
-                e,
-                "z9hG4bKsrx",
-                Some(b"sip:bob@10.0.0.2:5061;transport=tls"),
-                &Hop {
-                    inbound: a,
-                    outbound: b,
-                    in_iface: &i,
-                    out_iface: &i,
-                    source: None,
-                    ident: &IdentityEdit::default(),
-                    path: &[],
-                    overload_control: false,
-                    max_breadth: None,
-                    parties,
-                },
-            )
+            fwd_naming(p, m, e, ("z9hG4bKsrx", target), (a, b), parties)
         });
         String::from_utf8(out)
             .unwrap()
