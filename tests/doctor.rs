@@ -383,6 +383,27 @@ fn config_checks_shards_and_certificate_expiry() {
                 Verdict::Fail,
                 "{checks:?}"
             );
+            // The cluster's roots anchor every node link: the same rule, its own line.
+            cfg.peer[0].roots = roots.clone();
+            cfg.peer[0].crls = vec![crl.clone()];
+            cfg.cluster = Some(sipring::config::ClusterConfig {
+                node: "node-a".into(),
+                roots: dir.write("cluster-ca.pem", &lapsing.cert.cert_pem),
+                ..Default::default()
+            });
+            let checks = run(&facts, Some(Ok(&cfg)));
+            assert_eq!(
+                verdict(&checks, "cluster roots"),
+                Verdict::Warn,
+                "{checks:?}"
+            );
+            assert!(checks.iter().all(|c| c.name != "partner partner roots"));
+            let checks = run(&later, Some(Ok(&cfg)));
+            assert_eq!(
+                verdict(&checks, "cluster roots"),
+                Verdict::Fail,
+                "{checks:?}"
+            );
         }
     }
     let mut cfg = cfg_with(cert("ok3", 200 * 24));
