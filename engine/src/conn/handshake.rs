@@ -70,7 +70,7 @@ fn into_kernel(
     let fd = stream.as_raw_fd();
     if let Err(e) = sys::ktls::attach_ulp(fd) {
         if let Some(left_out) = shard.conn_log.allow(Instant::now()) {
-            tracing::warn!(error = %e, left_out, "TCP_ULP tls failed after the probe succeeded; this connection stays in userspace (at most one line a second)");
+            tracing::warn!(error = %e, left_out, "TCP_ULP tls refused for this connection (the start-up probe took it; ENOTCONN: the peer had already closed); it stays in userspace (at most one line a second)");
         }
         return Err((Some(Box::new(sess)), "ulp_failed"));
     }
