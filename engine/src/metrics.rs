@@ -274,7 +274,7 @@ fn help(family: &str) -> &'static str {
         "sipring_auth_failure_sources" => "Source addresses tracked for failed attempts.",
         "sipring_auth_nonce_flows" => "Connections with nonce-count state.",
         "sipring_dialog_detours" => {
-            "Dialogs whose party reconnected, with the way found for it kept for what follows (at most 4096 per shard)."
+            "Ways kept for dialogs whose party reconnected, for what follows (entries; a rebinding is held on every shard; at most 4096 per shard)."
         }
         "sipring_latency_seconds" => "Latency quantiles of each histogram, since the start.",
         "sipring_latency_bucketed_seconds" => {
