@@ -963,8 +963,10 @@ impl Config {
         if a.nonce_expiry_s == 0 {
             e("auth.nonce_expiry_s".into(), "must be positive");
         }
-        if a.max_failures == 0 {
-            e("auth.max_failures".into(), "must be positive");
+        // The failure ledger counts in 24 bits and saturates there: a larger bound would be
+        // one never reached, the lockout off without a word.
+        if !(1..=0xFF_FFFF).contains(&a.max_failures) {
+            e("auth.max_failures".into(), "between 1 and 16777215");
         }
         // 0 would switch the lockout off without a word (never blocked; a window that
         // forgets every failure at once); past a day the block arithmetic is meaningless.
@@ -976,10 +978,12 @@ impl Config {
                 e(key.into(), "between 1 and 86400");
             }
         }
-        if !(1024..=1 << 26).contains(&a.max_tracked_sources) {
+        // Shard 0 counts the slots in use for the gauge every 500 ms: 2^20 (16 MiB) is a
+        // millisecond or two of its loop; 2^26 (1 GiB) stalled it for tens to hundreds.
+        if !(1024..=1 << 20).contains(&a.max_tracked_sources) {
             e(
                 "auth.max_tracked_sources".into(),
-                "between 1024 and 67108864",
+                "between 1024 and 1048576",
             );
         }
         let r = &self.registrar;
@@ -1378,10 +1382,21 @@ mod tests {
                 .contains(&"registrar.max_contacts".to_string())
         );
         // A lockout switched off without a word, or one whose arithmetic overflows.
-        let k = keys("[auth]\nblock_s = 0\nfailure_window_s = 18446744073709551615\n");
-        for key in ["auth.block_s", "auth.failure_window_s"] {
+        // The same for a failure bound the ledger's 24-bit count never reaches, and a table
+        // whose gauge scan stalls shard 0.
+        let k = keys(
+            "[auth]\nblock_s = 0\nfailure_window_s = 18446744073709551615\nmax_failures = 16777216\nmax_tracked_sources = 2097152\n",
+        );
+        for key in [
+            "auth.block_s",
+            "auth.failure_window_s",
+            "auth.max_failures",
+            "auth.max_tracked_sources",
+        ] {
             assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
         }
+        let k = keys("[auth]\nmax_failures = 16777215\nmax_tracked_sources = 1048576\n");
+        assert!(!k.iter().any(|x| x.starts_with("auth.")), "{k:?}");
         let k = keys(
             "[registrar]\nmin_expires_s = 3600\ntimer_c_s = 600\n[cluster]\nnode = \"a\"\nstore = [\"10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\nroots = \"r.pem\"\n[[cluster.nodes]]\nname = \"a\"\naddress = \"127.0.0.1:5070\"\nidentity = \"a.example\"\n",
         );

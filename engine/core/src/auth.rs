@@ -828,8 +828,9 @@ impl Authenticator {
     /// Verifies the credentials in `values` (the `Authorization` or `Proxy-Authorization`
     /// values of a request) for a request with `method` and `request_uri` that arrived on
     /// `flow` from `source`. `realms` are the realms we answer for. The digest-uri must be
-    /// the Request-URI, or a URI `also_ok` accepts (one naming this server: SIPp and some
-    /// gateways put the next hop's address there; the response covers it either way).
+    /// the Request-URI, or a URI `also_ok` accepts (one naming this server, with no user:
+    /// SIPp and some gateways put the next hop's address there; the response covers it
+    /// either way).
     #[allow(clippy::too_many_arguments)] // the request's facts, one each
     pub fn verify(
         &mut self,

@@ -508,7 +508,13 @@ impl Policy {
                 info.source.map(|s| s.ip()),
                 method.as_bytes(),
                 msg.request_uri().unwrap_or_default(),
-                &|u| Uri::parse(u).is_ok_and(|u| proxy.is_self_uri(&u)),
+                // Besides the Request-URI, only a URI naming this server with no user (SIPp
+                // and some gateways write the next hop's address there): a digest for
+                // `sip:bob@example.com` must not pass for another target (RFC 3261 §22.4),
+                // as it did when any URI in our domains was accepted — an on-path attacker
+                // on plain TCP could hold a call to a local user back and send its
+                // credentials on toward any number.
+                &|u| Uri::parse(u).is_ok_and(|u| u.user.is_none() && proxy.is_self_uri(&u)),
                 &values,
                 domains,
                 &*self.store,
@@ -1038,6 +1044,43 @@ mod tests {
             ..Default::default()
         });
         p.authorize(Instant::now(), &Flow::Conn(1), &info, &m, &e, d, &proxy)
+    }
+
+    #[test]
+    fn a_digest_for_one_request_uri_does_not_pass_for_another() {
+        // RFC 3261 §22.4: the digest-uri is the Request-URI. Credentials made for a call
+        // to a local user, sent on with another target (an on-path attacker on plain TCP
+        // holding the call back), are refused — they passed while any URI in our domains
+        // did. The server's own address without a user (SIPp's style) still passes.
+        let bob = "sip:bob@example.com";
+        let alice = "sip:alice@example.com";
+        let to_a = Decision::ToPeer("a".into());
+        let mut p = policy();
+        let anon = Principal::anonymous();
+        let moved = req(
+            "INVITE",
+            "sip:+19005550100@peer-a.test",
+            alice,
+            "sip:+19005550100@peer-a.test",
+            &creds(&p, "alice", "pw", "INVITE", bob, 1),
+        );
+        assert!(
+            matches!(
+                run(&mut p, &anon, &moved, &to_a),
+                Authz::Challenge { code: 407, .. }
+            ),
+            "credentials for {bob} passed for another target"
+        );
+        assert_eq!(p.poll_refusal().map(|r| r.label), Some("auth_uri_mismatch"));
+        let sipp = req(
+            "INVITE",
+            bob,
+            alice,
+            bob,
+            &creds(&p, "alice", "pw", "INVITE", "sip:proxy.example.com", 2),
+        );
+        let local = Decision::Lookup { aor: bob.into() };
+        assert!(matches!(run(&mut p, &anon, &sipp, &local), Authz::Allow(_)));
     }
 
     #[test]

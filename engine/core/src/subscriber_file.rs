@@ -82,8 +82,10 @@ pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
 impl SubscriberEntry {
     /// An entry for `username@realm` with every algorithm's HA1 of `password`.
     pub fn new(username: &str, realm: &str, aors: Vec<String>, password: &str) -> SubscriberEntry {
-        // Challenges name the realm in lower case (our domains are), and the HA1 covers it.
-        let realm = realm.to_ascii_lowercase();
+        // Challenges name the realm in lower case without a trailing dot (our domains are;
+        // the loader reads the realm so), and the HA1 covers it: `--realm Example.COM.`
+        // wrote an entry that could never authenticate.
+        let realm = realm.trim_end_matches('.').to_ascii_lowercase();
         let h = |a: Algorithm| Some(a.ha1(username, &realm, password));
         SubscriberEntry {
             username: username.into(),
@@ -112,13 +114,13 @@ mod tests {
     fn an_entry_round_trips_through_its_toml() {
         let e = SubscriberEntry::new(
             "alice",
-            "Example.COM",
+            "Example.COM.",
             vec!["sip:a@example.com".into()],
             "pw",
         );
         assert_eq!(
             e.realm, "example.com",
-            "realms are lower case, as challenges name them"
+            "realms are lower case without a trailing dot, as challenges name them"
         );
         assert_eq!(
             e.ha1_sha256.as_deref(),
