@@ -33,6 +33,8 @@ struct Net {
     busy_lookups: bool,
     /// What the proxy told the other shards of dialogs whose party moved.
     detours: Vec<(Flow, Vec<u8>, Flow)>,
+    /// Registrations go unanswered (the AOR's shard stalled).
+    lost_registers: bool,
 }
 
 impl Net {
@@ -71,6 +73,7 @@ impl Net {
             lost_lookups: false,
             busy_lookups: false,
             detours: Vec::new(),
+            lost_registers: false,
         }
     }
 
@@ -94,6 +97,7 @@ impl Net {
                     };
                     self.proxy.handle_lookup(self.now, token, r);
                 }
+                Output::Register { .. } if self.lost_registers => {}
                 Output::Register {
                     token,
                     aor,
@@ -1587,6 +1591,49 @@ fn a_refused_register_gives_its_connections_aor_place_back() {
     assert_eq!(status(&n.one(&A)), 200, "u3 takes u1's place");
     n.send(&A, reg("u1", 600, 32).as_bytes());
     assert_eq!(status(&n.one(&A)), 403, "and the limit holds with it");
+}
+
+#[test]
+fn a_register_never_answered_gives_its_connections_aor_place_back() {
+    // A REGISTER whose AOR's shard never answers is answered 503 after 64·T1; the place it
+    // took among its connection's AORs stayed taken (a refused one gave it back), so after
+    // a stall the connection could register no new AOR until it reconnected.
+    let mut n = Net::new();
+    n.proxy.set_max_aors_per_flow(1);
+    let reg = |user: &str| {
+        format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKlost{user}\r\nTo: <sip:{user}@example.com>\r\nFrom: <sip:{user}@example.com>;tag=r\r\nCall-ID: lost-{user}\r\nCSeq: 1 REGISTER\r\nContact: <sip:{user}@10.0.0.1:5061;transport=tls>\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    n.lost_registers = true;
+    n.send(&A, reg("u1").as_bytes());
+    assert!(n.take(&A).is_empty());
+    n.advance(Duration::from_secs(33));
+    assert_eq!(status(&n.one(&A)), 503);
+    n.lost_registers = false;
+    n.send(&A, reg("u2").as_bytes());
+    assert_eq!(status(&n.one(&A)), 200, "u1's place was given back");
+}
+
+#[test]
+fn removals_sent_to_another_node_are_counted_in_the_tables_bytes() {
+    // The removal-only REGISTER sent to a node is a client transaction like any other: its
+    // bytes count while it waits (they were taken off at its end without ever being
+    // added, so the total drifted below what the table held and the byte bound slackened).
+    let mut n = with_node_c();
+    let node = Flow::Peer("node-c".into());
+    let register = b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKrm1\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: rm-1\r\nCSeq: 9 REGISTER\r\nContact: *\r\nExpires: 0\r\nContent-Length: 0\r\n\r\n";
+    assert!(n.proxy.send_removals(n.now, "node-c", register));
+    n.pump();
+    let sent = n.one(&node);
+    assert_eq!(method(&sent), "REGISTER");
+    assert!(
+        n.proxy.transaction_bytes() >= sent.len(),
+        "{}",
+        n.proxy.transaction_bytes()
+    );
+    n.send(&node, &answer(&sent, 200, "OK", "n1"));
+    assert_eq!(n.proxy.transaction_bytes(), 0);
 }
 
 #[test]

@@ -340,7 +340,7 @@ pub fn parse_credentials(value: &[u8]) -> Option<Credentials<'_>> {
     }
     i = scheme_end;
     let mut c = Credentials::default();
-    let mut have = 0u8;
+    let mut have = 0u16;
     loop {
         while i < v.len() && (is_lws(v[i]) || v[i] == b',') {
             i += 1;
@@ -408,27 +408,44 @@ pub fn parse_credentials(value: &[u8]) -> Option<Credentials<'_>> {
             Cow::Borrowed(std::str::from_utf8(&v[s..i]).ok()?)
         };
         let k = |n: &str| eq_ic(key, n.as_bytes());
+        // A parameter given twice is malformed (RFC 7616 §3.4 lists each once): which one a
+        // parser downstream reads (the first, the last) is its own choice, and ours must
+        // not be the other.
+        let once = |have: &mut u16, bit: u16| {
+            let again = *have & bit != 0;
+            *have |= bit;
+            (!again).then_some(())
+        };
         if k("username") {
-            (c.username, have) = (val, have | 1);
+            once(&mut have, 1)?;
+            c.username = val;
         } else if k("realm") {
-            (c.realm, have) = (val, have | 2);
+            once(&mut have, 2)?;
+            c.realm = val;
         } else if k("nonce") {
-            (c.nonce, have) = (val, have | 4);
+            once(&mut have, 4)?;
+            c.nonce = val;
         } else if k("uri") {
-            (c.uri, have) = (val, have | 8);
+            once(&mut have, 8)?;
+            c.uri = val;
         } else if k("response") {
-            (c.response, have) = (val, have | 16);
+            once(&mut have, 16)?;
+            c.response = val;
         } else if k("algorithm") {
+            once(&mut have, 32)?;
             c.algorithm = Some(val);
         } else if k("cnonce") {
+            once(&mut have, 64)?;
             c.cnonce = Some(val);
         } else if k("qop") {
+            once(&mut have, 128)?;
             c.qop = Some(val);
         } else if k("nc") {
+            once(&mut have, 256)?;
             c.nc = Some(val);
         }
     }
-    (have == 31).then_some(c)
+    (have & 31 == 31).then_some(c)
 }
 
 /// The realm in a `Digest` credentials value (to pick the credentials meant for us among
@@ -1109,6 +1126,9 @@ mod tests {
             b"Digest username=\"a, realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\"",
             b"Digest username=, realm=\"r\"",
             b"",
+            // A parameter twice: which one counts would be each parser's own choice.
+            b"Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", uri=\"v\", response=\"x\"",
+            b"Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\", response=\"x\", nc=00000001, NC=00000002",
         ] {
             assert_eq!(
                 parse_credentials(bad),

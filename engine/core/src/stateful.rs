@@ -906,6 +906,16 @@ impl ShardProxy {
             return;
         };
         self.stats.unanswered_lookups += 1;
+        // A REGISTER that took a new place among its connection's AORs gives it back, as a
+        // refused one does (the connection otherwise reached its AOR limit for good, with
+        // AORs it never bound counted as its own).
+        if let Pending::Register {
+            slot: Some((flow, aor, true)),
+            ..
+        } = &p
+        {
+            self.release_aor(flow, aor);
+        }
         match p {
             Pending::Server(key) | Pending::Register { key, .. } => {
                 let retry = retry_after_spread(self.unique()).to_vec();
@@ -1154,8 +1164,13 @@ impl ShardProxy {
         };
         let txn = ClientTransaction::new_non_invite(now, &self.timer_cfg, msg.into());
         self.index(&flow, TimerKey::Client(key.clone()));
-        self.clients
-            .insert(key.clone(), Client::new(txn, None, flow));
+        // Counted as every client transaction is (its end takes its weight off: uncounted,
+        // each removal drove the table's byte total lower than what it held).
+        let client = Client::new(txn, None, flow);
+        self.txn_bytes += client.weight;
+        if let Some(old) = self.clients.insert(key.clone(), client) {
+            self.txn_bytes = self.txn_bytes.saturating_sub(old.weight);
+        }
         self.drive_client(now, &key);
         true
     }
