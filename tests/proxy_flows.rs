@@ -363,6 +363,23 @@ fn answered(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
     rr
 }
 
+/// [`answered`], then bob's connection B closes and he registers again over B2 (contact
+/// `10.0.0.3:5061`): the Record-Route of the call.
+fn bob_reconnected(n: &mut Net, branch: &str, call: &str) -> Vec<u8> {
+    let rr = answered(n, branch, call);
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.register("bob", &B2, "10.0.0.3:5061");
+    rr
+}
+
+/// The callee's BYE of `call` to alice along `rr`, From `from`'s AOR.
+fn bye_to_alice(rr: &[u8], call: &str, from: &str, branch: &str) -> String {
+    format!(
+        "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.9:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:{from}@example.com>;tag=b1\r\nCall-ID: {call}\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
+        String::from_utf8_lossy(rr)
+    )
+}
+
 #[test]
 fn a_callee_that_reconnected_hangs_up_from_its_new_connection_and_nobody_else_can() {
     // Bob's connection broke mid-call; he connected again and registered. His BYE on the
@@ -370,20 +387,13 @@ fn a_callee_that_reconnected_hangs_up_from_its_new_connection_and_nobody_else_ca
     // hung until her session timer). Carol, registered on her own connection, holding the
     // route, reaches nobody, whatever From she writes.
     let mut n = Net::new();
-    let rr = answered(&mut n, "z9hG4bKrc1", "rc-1");
+    let rr = bob_reconnected(&mut n, "z9hG4bKrc1", "rc-1");
     assert!(
         String::from_utf8_lossy(&rr).contains(";uo="),
         "the callee is named"
     );
-    n.proxy.handle_flow_closed(n.now, &B);
-    n.register("bob", &B2, "10.0.0.3:5061");
     n.register("carol", &C, "10.0.0.4:5061");
-    let bye = |from: &str, branch: &str| {
-        format!(
-            "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.9:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:{from}@example.com>;tag=b1\r\nCall-ID: rc-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
-            String::from_utf8_lossy(&rr)
-        )
-    };
+    let bye = |from: &str, branch: &str| bye_to_alice(&rr, "rc-1", from, branch);
     for (flow, from, branch) in [(&C, "bob", "z9hG4bKrc2"), (&C, "carol", "z9hG4bKrc3")] {
         n.send(flow, bye(from, branch).as_bytes());
         assert_eq!(status(&n.one(flow)), 403, "{from} on carol's connection");
@@ -410,16 +420,9 @@ fn under_overload_a_route_holder_not_shown_to_be_the_party_is_new_work() {
     // liked, each costing a challenge, and new requests were shed in its place). The party
     // whose new connection holds its binding passes.
     let mut n = Net::new();
-    let rr = answered(&mut n, "z9hG4bKro1", "ro-1");
-    n.proxy.handle_flow_closed(n.now, &B);
-    n.register("bob", &B2, "10.0.0.3:5061");
+    let rr = bob_reconnected(&mut n, "z9hG4bKro1", "ro-1");
     n.proxy.set_overloaded(true);
-    let bye = |branch: &str| {
-        format!(
-            "BYE sip:alice@10.0.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.9:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:alice@example.com>;tag=a1\r\nFrom: <sip:bob@example.com>;tag=b1\r\nCall-ID: ro-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
-            String::from_utf8_lossy(&rr)
-        )
-    };
+    let bye = |branch: &str| bye_to_alice(&rr, "ro-1", "bob", branch);
     n.send(&C, bye("z9hG4bKro2").as_bytes());
     assert_eq!(status(&n.one(&C)), 503);
     assert!(n.refused.is_empty(), "shed at the door, before any check");
@@ -434,9 +437,7 @@ fn a_request_for_a_party_that_reconnected_reaches_the_binding_it_made_since() {
     // alice knows it) takes it. Another contact of bob's, or a To that is not bob, does
     // not: 480 as before.
     let mut n = Net::new();
-    let rr = answered(&mut n, "z9hG4bKrb1", "rb-1");
-    n.proxy.handle_flow_closed(n.now, &B);
-    n.register("bob", &B2, "10.0.0.3:5061");
+    let rr = bob_reconnected(&mut n, "z9hG4bKrb1", "rb-1");
     let bye = |target: &str, to: &str, branch: &str| {
         format!(
             "BYE sip:bob@{target};transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:{to}@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: rb-1\r\nCSeq: 5 BYE\r\nContent-Length: 0\r\n\r\n",
@@ -477,9 +478,7 @@ fn a_reinvite_to_a_party_that_reconnected_is_acked_and_can_be_cancelled() {
     // lookup waits for, follows it (before, it went to the closed connection and bob,
     // without it, ended the call). A CANCEL while the lookup is out is answered: 487.
     let mut n = Net::new();
-    let rr = answered(&mut n, "z9hG4bKri1", "ri-1");
-    n.proxy.handle_flow_closed(n.now, &B);
-    n.register("bob", &B2, "10.0.0.3:5061");
+    let rr = bob_reconnected(&mut n, "z9hG4bKri1", "ri-1");
     let in_dialog = |method: &str, cseq: u32, branch: &str| {
         format!(
             "{method} sip:bob@10.0.0.3:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: ri-1\r\nCSeq: {cseq} {method}\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n",
