@@ -1086,6 +1086,30 @@ impl ReplaceBranch for Vec<u8> {
 }
 
 #[test]
+fn a_cancel_of_a_non_invite_is_answered_200_and_changes_nothing() {
+    // RFC 3261 §9.2, §16.10: a CANCEL matching a pending non-INVITE request is answered
+    // 200 and has no effect (it was 481: only INVITEs were looked for). One matching
+    // nothing is still 481.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &message("z9hG4bKcm1", "cm-1"));
+    let at_bob = n.one(&B);
+    let cancel = |branch: &str| {
+        format!(
+            "CANCEL sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={branch}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: cm-1\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    n.send(&A, cancel("z9hG4bKcm1").as_bytes());
+    assert_eq!(status(&n.one(&A)), 200);
+    assert!(n.take(&B).is_empty(), "nothing to cancel downstream");
+    n.send(&A, cancel("z9hG4bKcm9").as_bytes());
+    assert_eq!(status(&n.one(&A)), 481);
+    n.send(&B, &answer(&at_bob, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&A)), 200, "the MESSAGE goes on");
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn cancel_waits_for_a_provisional_response() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");

@@ -1778,12 +1778,35 @@ impl ShardProxy {
                 });
                 return;
             }
-            return self.answer(now, cancel_key, 481, "Call/Transaction Does Not Exist", &[]);
+            // A CANCEL of a non-INVITE request of its sender's changes nothing, and is
+            // answered 200 (RFC 3261 §9.2, §16.10), not 481. (Looked for among the sender's
+            // transactions only: a rare request, and a bounded list.)
+            let code = if self.cancels_a_non_invite(cancel_key, from.as_ref()) {
+                (200, "OK")
+            } else {
+                (481, "Call/Transaction Does Not Exist")
+            };
+            return self.answer(now, cancel_key, code.0, code.1, &[]);
         };
         self.answer(now, cancel_key, 200, "OK", &[]);
         if pending {
             self.cancel_invite(now, &invite_key);
         }
+    }
+
+    /// Is there a non-INVITE server transaction from `from` that `cancel_key` names (its
+    /// branch and sent-by)?
+    fn cancels_a_non_invite(&self, cancel_key: &TxKey, from: Option<&Flow>) -> bool {
+        let Some(t) = from.and_then(|f| self.by_flow.get(f)) else {
+            return false;
+        };
+        t.keys.iter().any(|k| {
+            matches!(k, TimerKey::Server(s)
+                if s.branch == cancel_key.branch
+                    && s.sent_by == cancel_key.sent_by
+                    && !matches!(s.method, KeyMethod::Invite | KeyMethod::Cancel)
+                    && self.servers.contains_key(s))
+        })
     }
 
     /// Whether the INVITE server transaction `invite_key` came from `sender` (a connection,
