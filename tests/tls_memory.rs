@@ -835,6 +835,94 @@ fn a_certificate_revoked_in_one_of_its_cas_partitioned_lists_is_revoked_whatever
 }
 
 #[test]
+fn a_revocation_is_read_whatever_the_lists_of_each_level_of_the_chain() {
+    // Two levels, each with several lists: the root re-keyed under its name (the old
+    // key's list first in the file) and, under the new key, an issuing CA that partitions
+    // its lists (the end-entity list, which predates the revocation, first). The victim is
+    // listed only in the issuing CA's full list. Retrying one issuer's lists at a time
+    // never read the full list for the victim while the issuing CA's own check passed: one
+    // order put the root's new list first and passed on the end-entity list.
+    let w = World::new();
+    let renewed = Ca::new("Alpha CA").unwrap();
+    let issuing = renewed.intermediate("Alpha Issuing CA").unwrap();
+    let leaf = |issuing: &Ca| issuing.issue(&spec("sip.alpha.example")).unwrap();
+    let (victim, fine) = (leaf(&issuing), leaf(&issuing));
+    w.dir.write(
+        "alpha-ca.pem",
+        format!("{}{}", w.alpha.cert.cert_pem, renewed.cert.cert_pem),
+    );
+    w.dir.write(
+        "alpha.crl",
+        format!(
+            "{}{}{}{}",
+            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
+            issuing
+                .crl_for_end_entities(&[], "http://crl.alpha.example/users.crl")
+                .unwrap(),
+            renewed.crl(&[]).unwrap(),
+            issuing.crl(&[victim.serial]).unwrap(),
+        ),
+    );
+    let policy = w.policy(&["1.3"]);
+    let presenting = |leaf: &Issued| {
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&versions("1.3"))
+            .unwrap()
+            .with_root_certificates(w.ours_roots())
+            .with_client_auth_cert(
+                vec![leaf.der.clone(), issuing.cert.der.clone()],
+                key_of(leaf),
+            )
+            .unwrap();
+        inbound_as(&policy, Arc::new(client), Some(leaf))
+    };
+    assert_eq!(presenting(&fine), Ok(()));
+    assert_eq!(presenting(&victim), Err(Rejection::Revoked));
+}
+
+#[test]
+fn a_lapsed_client_root_authenticates_no_phone() {
+    // webpki keeps no anchor's validity: a `tls.client_roots` CA past its notAfter went on
+    // authenticating phones (a certificate proving an AOR skips digest). Partner roots
+    // were already held to theirs. Its expiry is also when phones' connections are checked
+    // again.
+    let w = World::new();
+    let phone_spec = Spec {
+        uris: vec!["sip:carol@example.com".into()],
+        usage: Usage::ClientOnly,
+        ..spec("phone.example.com")
+    };
+    let load = |root: &Ca| {
+        w.dir.write("phones-root.pem", &root.cert.cert_pem);
+        let mut cfg = w.config(&["1.3"]);
+        cfg.tls.client_roots = Some(w.dir.join("phones-root.pem"));
+        cfg.tls.client_crls = Vec::new();
+        TlsPolicy::load(&cfg).expect("policy loads")
+    };
+    let current = Ca::new("Phones CA").unwrap();
+    let p = load(&current);
+    let phone = current.issue(&phone_spec).unwrap();
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&phone.der)),
+        Ok(())
+    );
+    let lapsed = Ca::with_validity("Phones CA", Duration::days(-1)).unwrap();
+    let p = load(&lapsed);
+    let phone = lapsed.issue(&phone_spec).unwrap();
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&phone.der)),
+        Err(Rejection::Expired)
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert_eq!(p.client_anchor_expiries.len(), 1);
+    let lapsed_at = p.client_anchor_expiries[0];
+    assert!((now - 2 * 86_400..now).contains(&lapsed_at), "{lapsed_at}");
+}
+
+#[test]
 fn client_certificates_under_a_ca_with_several_lists_are_checked_against_each() {
     // The same two cases for phones' certificates (rustls's client verifier reads only the
     // first list that covers a certificate, too): a CA that partitions its lists, and a CA

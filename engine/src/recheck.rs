@@ -82,19 +82,23 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
     }
     if publish {
         let t = (crate::cluster::unix_ms() / 1000) as i64;
-        let anchors = shard.policy.load().anchor_expiries.clone();
+        let policy = shard.policy.load();
+        let (anchors, client_anchors) = (
+            policy.anchor_expiries.clone(),
+            policy.client_anchor_expiries.clone(),
+        );
         for c in shard.conns.borrow().values() {
             // Checked at each expiry in its chain: one that still verifies (a presented root
             // webpki does not use expired) stays until the next. notAfter is the last valid
             // second (RFC 5280 §4.1.2.5): past it, not at it. Partner roots' expiries count
-            // for partner links only.
+            // for partner links, the client roots' for phones.
             if let Some(ch) = &c.chain
                 && ch.expires.get() < t
             {
                 let anchors = if c.principal.partner().is_some() {
                     &anchors[..]
                 } else {
-                    &[]
+                    &client_anchors[..]
                 };
                 ch.expires.set(ch.next_expiry(t, anchors));
                 r.push(c.id);

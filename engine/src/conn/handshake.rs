@@ -229,11 +229,11 @@ async fn accept_tls(
             cert_aors: client_cert_aors(shard, chain),
         }
     };
-    // Partner roots' expiries matter to partner links only (a phone's chain ends at the
-    // client roots).
+    // Partner roots' expiries matter to partner links only, the client roots' to phones
+    // (a root is not presented, so the chain alone does not say when it lapses).
     let anchors: &[i64] = match principal {
         Principal::Partner(_) => &policy.anchor_expiries,
-        _ => &[],
+        _ => &policy.client_anchor_expiries,
     };
     let chain = PeerChain::of(chain, generation, anchors);
     let layer = choose_layer(shard, &stream, sess)?;

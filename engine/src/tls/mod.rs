@@ -382,6 +382,8 @@ pub struct TlsPolicy {
     /// again at each, since a root that lapses anchors nothing (and a root is not presented,
     /// so a link's own chain does not say when).
     pub anchor_expiries: Arc<[i64]>,
+    /// The same for `tls.client_roots`: a phone's connection is verified again at each.
+    pub client_anchor_expiries: Arc<[i64]>,
     /// The server certificates, for expiry checks.
     pub certs: Vec<LoadedCert>,
     /// Signature algorithms, for re-checking a partner's chain after its handshake.
@@ -566,10 +568,13 @@ impl TlsPolicy {
         };
 
         let clients = Arc::new(server_base(None)?);
+        let mut client_anchor_expiries = Vec::new();
         let (clients_cert_optional, clients_cert_required, client_verifier) =
             match &cfg.tls.client_roots {
                 Some(path) => {
                     let mut roots = RootCertStore::empty();
+                    let lapsing = verify::RootValidity::of(&load_certs(path)?);
+                    client_anchor_expiries = lapsing.expiries();
                     for r in load_certs(path)? {
                         roots
                             .add(r)
@@ -603,12 +608,20 @@ impl TlsPolicy {
                                 .map_err(|e| load_err(path, format!("client verifier: {e}")))
                         };
                         let mut all = orders.iter().map(one).collect::<Result<Vec<_>, _>>()?;
-                        Ok::<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsLoadError>(
+                        let crl_checked: Arc<dyn rustls::server::danger::ClientCertVerifier> =
                             if all.len() == 1 {
                                 all.remove(0)
                             } else {
                                 Arc::new(verify::CrlOrders(all))
-                            },
+                            };
+                        // webpki keeps no root's validity: a lapsed client root anchors
+                        // nothing (as for partners), at the handshake and at the recheck
+                        // its expiry brings.
+                        Ok::<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsLoadError>(
+                            Arc::new(verify::ValidRootsOnly {
+                                inner: crl_checked,
+                                roots: lapsing.clone(),
+                            }),
                         )
                     };
                     let required = verifier(false)?;
@@ -688,6 +701,7 @@ impl TlsPolicy {
             outbound,
             partners,
             anchor_expiries: anchor_expiries.into(),
+            client_anchor_expiries: client_anchor_expiries.into(),
             certs,
             algs,
         })

@@ -334,9 +334,9 @@ pub struct PeerTrust {
     pub server_name: String,
     anchors: Vec<TrustAnchor<'static>>,
     crls: Vec<CertRevocationList<'static>>,
-    /// The CRLs (by index) whose issuer an earlier one shares: each is also read first
-    /// ([`PeerTrust::verify_chain`]). Worked out once, at load; empty for most partners.
-    shared_issuer: Vec<usize>,
+    /// The other orders to read the CRLs in (by index; [`first_reads`]), worked out once,
+    /// at load; none for most partners.
+    orders: Vec<Vec<usize>>,
     unknown: UnknownStatusPolicy,
     subjects: Vec<DistinguishedName>,
     /// Each anchor's validity (notBefore, notAfter; seconds since the epoch), in the order
@@ -444,9 +444,12 @@ impl PeerTrust {
             allow_wildcards: p.allow_wildcards,
             server_name: p.server_name.to_ascii_lowercase(),
             anchors,
-            shared_issuer: (0..crls.len())
-                .filter(|&i| crls[..i].iter().any(|e| e.issuer() == crls[i].issuer()))
-                .collect(),
+            orders: first_reads(
+                &crls
+                    .iter()
+                    .map(|c| Some(c.issuer().to_vec()))
+                    .collect::<Vec<_>>(),
+            ),
             crls,
             unknown: match p.unknown_revocation {
                 UnknownRevocation::Deny => UnknownStatusPolicy::Deny,
@@ -630,26 +633,19 @@ impl PeerTrust {
         //   per key; read first, the other key's list fails the chain as a bad signature;
         // - a CA that partitions its lists (a full one and one for end entities, say) has
         //   several that cover one certificate, and only one of them may list it.
-        // So each list that shares its issuer with an earlier one is also read first in
-        // turn: a certificate any correctly signed list revokes is revoked (webpki reports
-        // `CertRevoked` only after the list's signature and expiry passed); otherwise a pass
-        // stands; otherwise the first answer that is not a signature failure; else the first.
+        // So the chain is read in every order that puts another choice of list first for
+        // the issuers with several ([`first_reads`]: every combination, one list per issuer,
+        // since each level of a chain reads its own): a certificate any correctly signed
+        // list revokes is revoked (webpki reports `CertRevoked` only after the list's
+        // signature and expiry passed); otherwise a pass stands; otherwise the first answer
+        // that is not a signature failure; else the first.
         if first == Err(webpki::Error::CertRevoked) {
             return first;
         }
         let mut passed = first.is_ok();
         let mut other = None;
-        for &i in &self.shared_issuer {
-            let c = &self.crls[i];
-            let order: Vec<&CertRevocationList<'_>> = std::iter::once(c)
-                .chain(
-                    self.crls
-                        .iter()
-                        .enumerate()
-                        .filter(|&(j, _)| j != i)
-                        .map(|(_, o)| o),
-                )
-                .collect();
+        for o in &self.orders {
+            let order: Vec<&CertRevocationList<'_>> = o.iter().map(|&i| &self.crls[i]).collect();
             match self.verify_with_crls(algs, ee, intermediates, now, eku, &order) {
                 Err(webpki::Error::CertRevoked) => return Err(webpki::Error::CertRevoked),
                 Ok(()) => passed = true,
@@ -843,8 +839,8 @@ fn in_dns_subtree(host: &str, subtree: &str) -> bool {
             .is_some_and(|rest| rest.ends_with('.'))
 }
 
-/// The orders to read `crls` in: as given, then, for each list that shares its issuer with
-/// an earlier one, that list first (see [`CrlOrders`]). One order when no issuer has two.
+/// The orders to read `crls` in: as given, then the others of [`first_reads`] (see
+/// [`CrlOrders`]). One order when no issuer has two lists.
 pub fn crl_orders(
     crls: &[CertificateRevocationListDer<'static>],
 ) -> Vec<Vec<CertificateRevocationListDer<'static>>> {
@@ -854,20 +850,62 @@ pub fn crl_orders(
             .map(|(_, x)| x.issuer().as_raw().to_vec())
     };
     let issuers: Vec<Option<Vec<u8>>> = crls.iter().map(issuer).collect();
-    let mut orders = vec![crls.to_vec()];
-    for (i, c) in crls.iter().enumerate() {
-        if issuers[i].is_some() && issuers[..i].contains(&issuers[i]) {
-            let mut o = vec![c.clone()];
-            o.extend(
-                crls.iter()
-                    .enumerate()
-                    .filter(|&(j, _)| j != i)
-                    .map(|(_, x)| x.clone()),
-            );
-            orders.push(o);
+    std::iter::once(crls.to_vec())
+        .chain(
+            first_reads(&issuers)
+                .into_iter()
+                .map(|o| o.into_iter().map(|i| crls[i].clone()).collect()),
+        )
+        .collect()
+}
+
+/// The most orders [`first_reads`] gives (a bundle with more issuers of several lists than
+/// that is read in the first [`MAX_CRL_ORDERS`] combinations).
+pub const MAX_CRL_ORDERS: usize = 64;
+
+/// webpki reads, for each certificate of a chain, the first list that covers it. Given the
+/// lists' issuers (by index; `None`: unreadable, a group of its own), the orders (by index)
+/// other than the configured one that put every other combination of lists first — one per
+/// issuer with several, each level of a chain reading its own issuer's — the rest after
+/// them as configured. A re-keyed root whose old list comes first, above an issuing CA that
+/// partitions its lists, needs the root's new list *and* the CA's full list first at once:
+/// trying one issuer's lists at a time never read the full list for the end entity, and a
+/// certificate it revoked passed.
+pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Vec<Vec<usize>> {
+    // Groups of lists by issuer, in order of first appearance; only those with several.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, who) in issuers.iter().enumerate() {
+        match who.as_ref().and_then(|w| {
+            groups
+                .iter_mut()
+                .find(|g| issuers[g[0]].as_ref() == Some(w))
+        }) {
+            Some(g) => g.push(i),
+            None => groups.push(vec![i]),
         }
     }
-    orders
+    groups.retain(|g| g.len() > 1);
+    let mut orders = Vec::new();
+    // Odometer over the groups: choice[k] is which list of group k is read first.
+    let mut choice = vec![0usize; groups.len()];
+    loop {
+        let mut k = 0;
+        while k < groups.len() {
+            choice[k] += 1;
+            if choice[k] < groups[k].len() {
+                break;
+            }
+            choice[k] = 0;
+            k += 1;
+        }
+        if k == groups.len() || orders.len() >= MAX_CRL_ORDERS {
+            return orders;
+        }
+        let first: Vec<usize> = groups.iter().zip(&choice).map(|(g, &c)| g[c]).collect();
+        let mut o = first.clone();
+        o.extend((0..issuers.len()).filter(|i| !first.contains(i)));
+        orders.push(o);
+    }
 }
 
 /// Client certificates against CRLs of which one issuer has several: webpki (behind rustls's
@@ -918,6 +956,112 @@ impl CrlOrders {
             (false, Some(r)) if signature(&first) => r,
             _ => first,
         }
+    }
+}
+
+/// Roots by subject with their validity (notBefore, notAfter; seconds since the epoch).
+#[derive(Debug, Clone, Default)]
+pub struct RootValidity(Arc<[(Vec<u8>, i64, i64)]>);
+
+impl RootValidity {
+    /// Of these roots (one that does not parse is left out: webpki refuses it anyway).
+    pub fn of(roots: &[CertificateDer<'_>]) -> RootValidity {
+        RootValidity(
+            roots
+                .iter()
+                .filter_map(|r| x509_parser::parse_x509_certificate(r.as_ref()).ok())
+                .map(|(_, x)| {
+                    let v = x.validity();
+                    (
+                        x.subject().as_raw().to_vec(),
+                        v.not_before.timestamp(),
+                        v.not_after.timestamp(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Every root's notAfter, sorted, once each.
+    pub fn expiries(&self) -> Vec<i64> {
+        let mut e: Vec<i64> = self.0.iter().map(|r| r.2).collect();
+        e.sort_unstable();
+        e.dedup();
+        e
+    }
+
+    /// Does a root named `issuer` (the top certificate's issuer) hold at `now`? None named
+    /// so: nothing to say (the verifier that passed the chain found its anchor).
+    fn holds(&self, issuer: &[u8], now: i64) -> bool {
+        let mut named = self.0.iter().filter(|r| r.0 == issuer).peekable();
+        named.peek().is_none() || named.any(|r| r.1 <= now && now <= r.2)
+    }
+}
+
+/// A client verifier that refuses a chain whose roots of that name have all lapsed (or are
+/// not yet valid): webpki keeps no anchor's validity, and an expired `tls.client_roots` CA
+/// went on authenticating phones (a certificate proving an AOR skips digest). By the name
+/// of the chain's top certificate's issuer, as for partners ([`PeerTrust`]).
+#[derive(Debug)]
+pub struct ValidRootsOnly {
+    /// What checks the chain, its CRLs and its EKU.
+    pub inner: Arc<dyn ClientCertVerifier>,
+    /// The roots' validity.
+    pub roots: RootValidity,
+}
+
+impl ClientCertVerifier for ValidRootsOnly {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let ok = self.inner.verify_client_cert(ee, intermediates, now)?;
+        let top = intermediates.last().unwrap_or(ee);
+        let issuer = x509_parser::parse_x509_certificate(top.as_ref())
+            .map(|(_, x)| x.issuer().as_raw().to_vec())
+            .unwrap_or_default();
+        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if self.roots.holds(&issuer, now) {
+            Ok(ok)
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::Expired))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -1178,6 +1322,24 @@ impl ServerCertVerifier for PeerServerVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_combination_of_first_lists_is_an_order() {
+        let (r, i) = (Some(b"R".to_vec()), Some(b"I".to_vec()));
+        // Root lists 0 and 2, issuing CA's 1 and 3; 4 unreadable.
+        let orders = first_reads(&[r.clone(), i.clone(), r.clone(), i.clone(), None]);
+        assert_eq!(
+            orders,
+            [
+                vec![2, 1, 0, 3, 4],
+                vec![0, 3, 1, 2, 4],
+                vec![2, 3, 0, 1, 4]
+            ]
+        );
+        assert!(first_reads(&[r, i, None, None]).is_empty());
+        let many: Vec<_> = (0..14).map(|n| Some(vec![n / 2])).collect();
+        assert_eq!(first_reads(&many).len(), MAX_CRL_ORDERS);
+    }
 
     #[test]
     fn wildcards_only_when_allowed_and_one_label() {
