@@ -97,7 +97,11 @@ impl Rejection {
                 C::Expired | C::ExpiredContext { .. } => Rejection::Expired,
                 C::NotValidYet | C::NotValidYetContext { .. } => Rejection::NotYetValid,
                 C::Revoked => Rejection::Revoked,
-                C::UnknownRevocationStatus => Rejection::UnknownRevocation,
+                // A CRL past its nextUpdate says nothing about what was revoked since: the
+                // status is unknown (it was counted as a bad certificate).
+                C::UnknownRevocationStatus
+                | C::ExpiredRevocationList
+                | C::ExpiredRevocationListContext { .. } => Rejection::UnknownRevocation,
                 C::UnknownIssuer => Rejection::UnknownIssuer,
                 C::NotValidForName | C::NotValidForNameContext { .. } => Rejection::NameMismatch,
                 C::InvalidPurpose | C::InvalidPurposeContext { .. } => Rejection::BadEku,
@@ -126,5 +130,28 @@ impl Rejection {
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.label())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rejection;
+    use rustls::{CertificateError as C, Error as E};
+
+    #[test]
+    fn a_stale_crl_is_an_unknown_status_not_a_bad_certificate() {
+        // rustls's client verifier reports a CRL past its nextUpdate (a phone's chain, once
+        // `tls.client_crls` went stale) as an expired list: what it says is unknown, as for
+        // partners (it was counted as `bad_certificate`).
+        for e in [C::ExpiredRevocationList, C::UnknownRevocationStatus] {
+            assert_eq!(
+                Rejection::of(&E::InvalidCertificate(e)),
+                Rejection::UnknownRevocation
+            );
+        }
+        assert_eq!(
+            Rejection::of(&E::InvalidCertificate(C::BadEncoding)),
+            Rejection::BadCertificate
+        );
     }
 }
