@@ -73,6 +73,10 @@ fn init_logs() {
         .init();
 }
 
+/// How long the shards get to stop once asked (they close their connections and end their
+/// loops within a tick or two).
+const SHARDS_STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
@@ -242,7 +246,9 @@ fn run(path: PathBuf) -> ExitCode {
         handle.close();
         let _ = hurry.join();
     }
-    match running.join() {
+    // Every shard was asked to stop (`drain` and the fatal path end in `stop`): one that
+    // does not within the bound is stuck, and the process exits without it.
+    match running.join_within(SHARDS_STOP_WITHIN) {
         Ok(()) if fatal => ExitCode::FAILURE,
         Ok(()) => {
             tracing::info!("stopped");

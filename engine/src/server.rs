@@ -519,19 +519,15 @@ impl Running {
 
     /// Waits for every shard to finish; `Err` lists shard failures.
     pub fn join(mut self) -> Result<(), String> {
-        let mut errs = Vec::new();
-        for h in std::mem::take(&mut self.handles) {
-            match h.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => errs.push(e),
-                Err(_) => errs.push("a shard panicked".into()),
-            }
-        }
-        if errs.is_empty() {
-            Ok(())
-        } else {
-            Err(errs.join("; "))
-        }
+        join_all(std::mem::take(&mut self.handles), None)
+    }
+
+    /// [`Running::join`], for at most `bound` once [`Running::stop`] has run: a shard whose
+    /// executor is stuck (a panic inside the runtime, seen once while draining) would
+    /// otherwise hold the process until its supervisor's SIGKILL. `Err` names those that
+    /// did not stop; the process then exits without them.
+    pub fn join_within(mut self, bound: Duration) -> Result<(), String> {
+        join_all(std::mem::take(&mut self.handles), Some(bound))
     }
 
     /// All shards' latest metrics, merged.
@@ -780,5 +776,69 @@ impl Reloader {
                 Err(whole)
             }
         }
+    }
+}
+
+/// Joins `handles` (shard threads), waiting at most `bound` for them to finish: `Err`
+/// lists the failures and the shards that did not stop in time (left running).
+fn join_all(
+    handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
+    bound: Option<Duration>,
+) -> Result<(), String> {
+    if let Some(bound) = bound {
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline && !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut errs = Vec::new();
+    let mut stuck = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        if bound.is_some() && !h.is_finished() {
+            stuck.push(i);
+            continue;
+        }
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errs.push(e),
+            Err(_) => errs.push("a shard panicked".into()),
+        }
+    }
+    if !stuck.is_empty() {
+        errs.push(format!(
+            "shards {stuck:?} did not stop within {:?}",
+            bound.unwrap_or_default()
+        ));
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_that_does_not_stop_does_not_hold_the_process() {
+        let done = std::thread::spawn(|| Ok(()));
+        let failed = std::thread::spawn(|| Err("shard 1: boom".to_string()));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        // Stuck until the test ends (the channel's sender is dropped then).
+        let stuck = std::thread::spawn(move || {
+            let _ = rx.recv();
+            Ok(())
+        });
+        // Without the bound this waits for the stuck shard for good.
+        let r = join_all(vec![done, failed, stuck], Some(Duration::from_millis(200)));
+        assert_eq!(
+            r,
+            Err("shard 1: boom; shards [2] did not stop within 200ms".to_string())
+        );
+        drop(tx);
+        let ok = std::thread::spawn(|| Ok(()));
+        assert_eq!(join_all(vec![ok], None), Ok(()));
     }
 }
