@@ -473,6 +473,67 @@ fn a_request_for_a_party_that_reconnected_reaches_the_binding_it_made_since() {
 }
 
 #[test]
+fn when_both_parties_reconnected_the_way_to_each_is_followed_through() {
+    // Alice and bob prove who they are by client certificate (so both are named in the
+    // route). Both connections break; bob registers again over B2, alice comes back over
+    // A2. Her first request goes to B, closed, and is rebound to B2; the next one follows
+    // both ways found (hers from A2, then bob's from B to B2) with no second lookup and
+    // nothing sent to B.
+    let policy = Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: true,
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    );
+    let mut n = Net::with_policy(policy);
+    let a2 = Flow::Conn(6);
+    let certified = |n: &mut Net, flow: &Flow, user: &str| {
+        n.proxy.set_flow_info(
+            flow.clone(),
+            sipring_core::policy::FlowInfo {
+                principal: sipring_core::policy::Principal::Client {
+                    cert_aors: vec![format!("sip:{user}@example.com")],
+                },
+                ..Default::default()
+            },
+        )
+    };
+    for (flow, user) in [(&A, "alice"), (&B, "bob"), (&B2, "bob"), (&a2, "alice")] {
+        certified(&mut n, flow, user);
+    }
+    let rr = answered(&mut n, "z9hG4bKbr1", "br-1");
+    let text = String::from_utf8_lossy(&rr).into_owned();
+    assert!(text.contains(";ui=") && text.contains(";uo="), "{text}");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.proxy.handle_flow_closed(n.now, &A);
+    n.register("bob", &B2, "10.0.0.3:5061");
+    let info = |cseq: u32, branch: &str| {
+        format!(
+            "INFO sip:bob@10.0.0.3:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.8:5061;branch={branch}\r\nMax-Forwards: 70\r\nRoute: {text}\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: br-1\r\nCSeq: {cseq} INFO\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    n.send(&a2, info(2, "z9hG4bKbr2").as_bytes());
+    assert_eq!(method(&n.one(&B)), "INFO");
+    n.proxy.handle_flow_closed(n.now, &B);
+    n.pump();
+    let at_bob = n.one(&B2);
+    n.send(&B2, &answer(&at_bob, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&a2)), 200);
+    n.send(&a2, info(3, "z9hG4bKbr3").as_bytes());
+    assert!(
+        n.take(&B).is_empty(),
+        "sent to bob's closed connection again"
+    );
+    let at_bob = n.one(&B2);
+    n.send(&B2, &answer(&at_bob, 200, "OK", "b1"));
+    assert_eq!(status(&n.one(&a2)), 200);
+    assert_eq!(n.proxy.stats().dialog_rebinds, 1);
+}
+
+#[test]
 fn a_reinvite_to_a_party_that_reconnected_is_acked_and_can_be_cancelled() {
     // The re-INVITE that finds bob's new binding is answered there; its ACK, which no
     // lookup waits for, follows it (before, it went to the closed connection and bob,
