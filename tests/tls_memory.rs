@@ -847,10 +847,8 @@ fn a_revocation_is_read_whatever_the_lists_of_each_level_of_the_chain() {
     let issuing = renewed.intermediate("Alpha Issuing CA").unwrap();
     let leaf = |issuing: &Ca| issuing.issue(&spec("sip.alpha.example")).unwrap();
     let (victim, fine) = (leaf(&issuing), leaf(&issuing));
-    w.dir.write(
-        "alpha-ca.pem",
-        format!("{}{}", w.alpha.cert.cert_pem, renewed.cert.cert_pem),
-    );
+    // Both roots; the lists written over with the four of this case.
+    w.alpha_bundle_with(&renewed, &[]);
     w.dir.write(
         "alpha.crl",
         format!(

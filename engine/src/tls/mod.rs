@@ -607,19 +607,11 @@ impl TlsPolicy {
                             b.build()
                                 .map_err(|e| load_err(path, format!("client verifier: {e}")))
                         };
-                        let mut all = orders.iter().map(one).collect::<Result<Vec<_>, _>>()?;
-                        let crl_checked: Arc<dyn rustls::server::danger::ClientCertVerifier> =
-                            if all.len() == 1 {
-                                all.remove(0)
-                            } else {
-                                Arc::new(verify::CrlOrders(all))
-                            };
-                        // webpki keeps no root's validity: a lapsed client root anchors
-                        // nothing (as for partners), at the handshake and at the recheck
-                        // its expiry brings.
+                        // Also holds the chain to its roots' validity (webpki keeps none),
+                        // at the handshake and at the recheck a root's expiry brings.
                         Ok::<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsLoadError>(
-                            Arc::new(verify::ValidRootsOnly {
-                                inner: crl_checked,
+                            Arc::new(verify::CrlOrders {
+                                orders: orders.iter().map(one).collect::<Result<Vec<_>, _>>()?,
                                 roots: lapsing.clone(),
                             }),
                         )

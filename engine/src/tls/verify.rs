@@ -915,9 +915,18 @@ pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Vec<Vec<usize>> {
 /// certificate) needs each such list read first in turn. One verifier per order of
 /// [`crl_orders`]; a certificate any of them finds revoked is revoked (rustls reports
 /// `Revoked` only from a list whose signature and expiry passed), else a pass stands, else
-/// the first answer that is not a list's bad signature.
+/// the first answer that is not a list's bad signature. Then a chain whose roots of that
+/// name have all lapsed (or are not yet valid) is refused: webpki keeps no anchor's
+/// validity, and an expired `tls.client_roots` CA went on authenticating phones (a
+/// certificate proving an AOR skips digest). By the name of the chain's top certificate's
+/// issuer, as for partners ([`PeerTrust`]). The client verifier, whatever the CRLs.
 #[derive(Debug)]
-pub struct CrlOrders(pub Vec<Arc<dyn ClientCertVerifier>>);
+pub struct CrlOrders {
+    /// One verifier per order of [`crl_orders`] (one when no issuer has two lists).
+    pub orders: Vec<Arc<dyn ClientCertVerifier>>,
+    /// The roots' validity.
+    pub roots: RootValidity,
+}
 
 impl CrlOrders {
     fn combine(
@@ -936,12 +945,12 @@ impl CrlOrders {
         let revoked = |r: &Result<ClientCertVerified, Error>| {
             matches!(r, Err(Error::InvalidCertificate(CertificateError::Revoked)))
         };
-        let first = verify(self.0[0].as_ref());
-        if self.0.len() == 1 || revoked(&first) {
+        let first = verify(self.orders[0].as_ref());
+        if self.orders.len() == 1 || revoked(&first) {
             return first;
         }
         let (mut passed, mut other) = (first.is_ok(), None);
-        for v in &self.0[1..] {
+        for v in &self.orders[1..] {
             match verify(v.as_ref()) {
                 r if revoked(&r) => return r,
                 Ok(_) => passed = true,
@@ -998,29 +1007,17 @@ impl RootValidity {
     }
 }
 
-/// A client verifier that refuses a chain whose roots of that name have all lapsed (or are
-/// not yet valid): webpki keeps no anchor's validity, and an expired `tls.client_roots` CA
-/// went on authenticating phones (a certificate proving an AOR skips digest). By the name
-/// of the chain's top certificate's issuer, as for partners ([`PeerTrust`]).
-#[derive(Debug)]
-pub struct ValidRootsOnly {
-    /// What checks the chain, its CRLs and its EKU.
-    pub inner: Arc<dyn ClientCertVerifier>,
-    /// The roots' validity.
-    pub roots: RootValidity,
-}
-
-impl ClientCertVerifier for ValidRootsOnly {
+impl ClientCertVerifier for CrlOrders {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        self.orders[0].offer_client_auth()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        self.orders[0].client_auth_mandatory()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        self.orders[0].root_hint_subjects()
     }
 
     fn verify_client_cert(
@@ -1029,7 +1026,7 @@ impl ClientCertVerifier for ValidRootsOnly {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let ok = self.inner.verify_client_cert(ee, intermediates, now)?;
+        let ok = self.combine(|v| v.verify_client_cert(ee, intermediates, now))?;
         let top = intermediates.last().unwrap_or(ee);
         let issuer = x509_parser::parse_x509_certificate(top.as_ref())
             .map(|(_, x)| x.issuer().as_raw().to_vec())
@@ -1048,7 +1045,7 @@ impl ClientCertVerifier for ValidRootsOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.orders[0].verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -1057,56 +1054,11 @@ impl ClientCertVerifier for ValidRootsOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.orders[0].verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-impl ClientCertVerifier for CrlOrders {
-    fn offer_client_auth(&self) -> bool {
-        self.0[0].offer_client_auth()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.0[0].client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.0[0].root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        ee: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        self.combine(|v| v.verify_client_cert(ee, intermediates, now))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.0[0].verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.0[0].verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0[0].supported_verify_schemes()
+        self.orders[0].supported_verify_schemes()
     }
 }
 
