@@ -285,13 +285,25 @@ async fn run_shard(
             accept_loop(s, listener, kind, client_auth).await
         }));
     }
+    // Accepting ends within 50 ms of draining: the accept tasks are cancelled (their futures,
+    // which own the listeners, are dropped, closing the ports). The accept tasks themselves
+    // wait on nothing but their listener (see `accept_loop`).
+    let stop_accepting = glommio::spawn_local({
+        let s = shard.clone();
+        async move {
+            while !s.control.draining() && !s.control.stopping() {
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+            for a in accepting {
+                a.cancel().await;
+            }
+        }
+    });
     tracing::debug!(shard = id, "shard running");
     shard::timer_loop(shard.clone()).await;
-    // The accept loops end (closing their listeners) within 50 ms of draining; wait for them
-    // so a stopped server has released its ports when `join` returns.
-    for a in accepting {
-        a.await;
-    }
+    // Wait for the listeners to be closed, so a stopped server has released its ports when
+    // `join` returns.
+    stop_accepting.await;
     // Stopping: ask every connection to close (close_notify after its queued output) and
     // give them a moment.
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
@@ -312,14 +324,6 @@ async fn accept_loop(
     kind: ListenKind,
     client_auth: ClientAuth,
 ) {
-    let stop = || async {
-        loop {
-            glommio::timer::sleep(Duration::from_millis(50)).await;
-            if shard.control.draining() {
-                return None;
-            }
-        }
-    };
     let mut backoff = Duration::from_millis(10);
     // Its own: every successful accept resets the one above.
     let mut handoff_backoff = Duration::from_millis(10);
@@ -333,12 +337,17 @@ async fn accept_loop(
             in_a_row = 0;
             futures_lite::future::yield_now().await;
         }
-        let accepted =
-            futures_lite::future::or(async { Some(listener.accept().await) }, stop()).await;
-        let stream = match accepted {
-            None => return, // draining: stop accepting (the listener closes with this task)
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
+        // Nothing but the listener may wake this task while it waits here: glommio's accept
+        // keeps a clone of the task's waker each time it is polled while pending, and a
+        // task's waker count is an i16. Raced against a 50 ms timer (how draining used to
+        // stop it), a listener that accepted nothing for 27 minutes hit that bound inside
+        // the timer's wake: glommio caught the panic, and the task was never scheduled
+        // again. The listener stopped accepting for good (connections waited in the
+        // backlog), and the next one to arrive overflowed the count (a debug build panics
+        // there). Draining cancels this task instead (see `run_shard`).
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
                 let e = std::io::Error::from(e);
                 let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                 shard.count(if out_of_fds {
@@ -820,6 +829,61 @@ fn join_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Why `accept_loop` waits on its listener alone: glommio 0.9's accept keeps a clone of
+    /// the task's waker each time it is polled while pending, and a task's waker count is an
+    /// i16. Raced against anything that wakes the task (draining's 50 ms timer did), the
+    /// 32,767th poll breaks the task. An accept in a task of its own is polled only by its
+    /// listener, however busy the rest of the shard is. If glommio stops keeping the clones,
+    /// the first half fails: the cancellation in `run_shard` could then go.
+    #[test]
+    fn an_accept_polled_again_and_again_breaks_its_task_and_one_left_alone_does_not() {
+        const POLLS: u32 = 40_000;
+        let raced = std::thread::spawn(|| {
+            glommio::LocalExecutorBuilder::default()
+                .make()
+                .unwrap()
+                .run(async {
+                    let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                    let mut n = 0;
+                    futures_lite::future::or(async { Some(l.accept().await) }, async {
+                        while n < POLLS {
+                            futures_lite::future::yield_now().await;
+                            n += 1;
+                        }
+                        None
+                    })
+                    .await
+                    .is_none()
+                })
+        })
+        .join();
+        assert!(
+            raced.is_err(),
+            "a pending accept polled {POLLS} times kept working"
+        );
+
+        let alone = std::thread::spawn(|| {
+            glommio::LocalExecutorBuilder::default()
+                .make()
+                .unwrap()
+                .run(async {
+                    let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                    let addr = l.local_addr().unwrap();
+                    let accepting = glommio::spawn_local(async move { l.accept().await.is_ok() });
+                    // The rest of the shard: POLLS turns of another task.
+                    for _ in 0..POLLS {
+                        futures_lite::future::yield_now().await;
+                    }
+                    let c = std::net::TcpStream::connect(addr).unwrap();
+                    let ok = accepting.await;
+                    drop(c);
+                    ok
+                })
+        })
+        .join();
+        assert_eq!(alone.ok(), Some(true));
+    }
 
     #[test]
     fn a_shard_that_does_not_stop_does_not_hold_the_process() {
