@@ -543,6 +543,62 @@ fn inbound_partner_acceptance_and_every_rejection_reason() {
 }
 
 #[test]
+fn the_mtls_certificate_request_names_the_partners_cas_unless_told_not_to() {
+    /// A partner's client that records the CA names our CertificateRequest gave it.
+    #[derive(Debug)]
+    struct Hints(Arc<CertifiedKey>, Arc<Mutex<Vec<Vec<u8>>>>);
+    impl rustls::client::ResolvesClientCert for Hints {
+        fn resolve(
+            &self,
+            hints: &[&[u8]],
+            _: &[rustls::SignatureScheme],
+        ) -> Option<Arc<CertifiedKey>> {
+            *self.1.lock().unwrap() = hints.iter().map(|h| h.to_vec()).collect();
+            Some(self.0.clone())
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+    let w = World::new();
+    let alpha = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    // A distinguished name holds its CN's bytes as they are.
+    let names = |seen: &[Vec<u8>], cn: &str| {
+        seen.iter()
+            .any(|h| h.windows(cn.len()).any(|w| w == cn.as_bytes()))
+    };
+    for v in ["1.3", "1.2"] {
+        for hints in [true, false] {
+            let mut cfg = w.config(&["1.2", "1.3"]);
+            cfg.tls.partner_ca_hints = hints;
+            let policy = TlsPolicy::load(&cfg).expect("policy loads");
+            let seen = Arc::new(Mutex::new(vec![b"untouched".to_vec()]));
+            let ck = CertifiedKey::from_der(vec![alpha.der.clone()], key_of(&alpha), &provider())
+                .unwrap();
+            let client = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&versions(v))
+                .unwrap()
+                .with_root_certificates(w.ours_roots())
+                .with_client_cert_resolver(Arc::new(Hints(Arc::new(ck), seen.clone())));
+            // The partner is authenticated either way.
+            assert_eq!(
+                inbound_as(&policy, Arc::new(client), Some(&alpha)),
+                Ok(()),
+                "TLS {v}, hints {hints}"
+            );
+            let seen = seen.lock().unwrap().clone();
+            if hints {
+                assert!(names(&seen, "Alpha CA"), "TLS {v}: {seen:?}");
+                assert!(names(&seen, "Beta CA"), "TLS {v}: {seen:?}");
+                assert!(!names(&seen, "Rogue CA"), "TLS {v}: {seen:?}");
+            } else {
+                assert_eq!(seen, Vec::<Vec<u8>>::new(), "TLS {v}");
+            }
+        }
+    }
+}
+
+#[test]
 fn a_partner_is_the_one_whose_roots_verified_it_and_a_san_hides_the_cn() {
     let w = World::new();
     for v in ["1.3", "1.2"] {

@@ -274,6 +274,12 @@ pub struct TlsConfig {
     /// (TLS 1.2); the kernel does not count for us. AES-GCM is safe to about 2^24.5 records.
     /// Default 8388608 (2^23).
     pub ktls_max_records: u64,
+    /// The `mtls` listener's CertificateRequest names the root CAs of every partner (and of
+    /// the cluster's nodes), so a partner holding several certificates can pick one we
+    /// trust; anyone who connects can read that list, and so who the federation's partners
+    /// are. false: it names none (TLS 1.2 and 1.3 allow that; a partner then presents its
+    /// default certificate). Default true.
+    pub partner_ca_hints: bool,
 }
 
 impl Default for TlsConfig {
@@ -291,6 +297,7 @@ impl Default for TlsConfig {
             ktls: true,
             ktls_tls13_without_rekey: false,
             ktls_max_records: 1 << 23,
+            partner_ca_hints: true,
         }
     }
 }

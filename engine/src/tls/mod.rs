@@ -464,7 +464,7 @@ impl TlsPolicy {
                 .map(|_| ())
                 .map_err(why)
         } else {
-            PeerClientVerifier::new(self.partners.clone(), self.algs)
+            PeerClientVerifier::new(self.partners.clone(), self.algs, false)
                 .verify_client_cert(ee, intermediates, now)
                 .map_err(why)?;
             match self.partner_of(chain) {
@@ -641,7 +641,11 @@ impl TlsPolicy {
         let partners: Arc<[Arc<PeerTrust>]> = partners.into();
         let peers = if cfg.listen.iter().any(|l| l.kind == ListenKind::Mtls) || !partners.is_empty()
         {
-            let v = Arc::new(PeerClientVerifier::new(partners.clone(), algs));
+            let v = Arc::new(PeerClientVerifier::new(
+                partners.clone(),
+                algs,
+                cfg.tls.partner_ca_hints,
+            ));
             Some(Arc::new(server_base(Some(v))?))
         } else {
             None

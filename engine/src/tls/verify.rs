@@ -1071,12 +1071,16 @@ pub struct PeerClientVerifier {
 }
 
 impl PeerClientVerifier {
-    /// A verifier over all partners.
-    pub fn new(peers: Arc<[Arc<PeerTrust>]>, algs: WebPkiSupportedAlgorithms) -> Self {
-        let hints = peers
-            .iter()
-            .flat_map(|p| p.subjects.iter().cloned())
-            .collect();
+    /// A verifier over all partners; `hints`: whether the CertificateRequest names their root
+    /// CAs (`tls.partner_ca_hints`).
+    pub fn new(peers: Arc<[Arc<PeerTrust>]>, algs: WebPkiSupportedAlgorithms, hints: bool) -> Self {
+        let hints = match hints {
+            true => peers
+                .iter()
+                .flat_map(|p| p.subjects.iter().cloned())
+                .collect(),
+            false => Vec::new(),
+        };
         PeerClientVerifier { peers, hints, algs }
     }
 }
