@@ -1504,6 +1504,44 @@ fn forking_to_two_bindings_delivers_one_final_answer() {
 }
 
 #[test]
+fn an_answer_kept_while_another_branch_rings_counts_in_the_transactions_bytes() {
+    // A fork's best answer so far waits while another branch rings (and a 401/407's
+    // challenges wait to go up together): up to `max_message` more per ringing INVITE, held
+    // beside the byte bound without counting in it.
+    let mut n = Net::new();
+    let (f1, f2) = ringing_at_two(&mut n, "call-kb");
+    n.take(&A);
+    let before = n.proxy.transaction_bytes();
+    let body = "x".repeat(20_000);
+    let busy = String::from_utf8(answer(&f1, 486, "Busy Here", "b1"))
+        .unwrap()
+        .replacen(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Type: text/plain\r\nContent-Length: 20000\r\n\r\n{body}"),
+            1,
+        );
+    assert!(busy.ends_with(&body));
+    n.send(&B, busy.as_bytes());
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert!(
+        n.take(&A).is_empty(),
+        "486 waits: another branch is still ringing"
+    );
+    let kept = n.proxy.transaction_bytes();
+    // Branch 1's request is no longer held; its 20 kB answer is.
+    assert!(kept > before + 15_000, "{before} -> {kept}");
+    // As good, not better: the first stays the best.
+    n.send(&B2, &answer(&f2, 486, "Busy Here", "b2"));
+    assert_eq!(method(&n.one(&B2)), "ACK");
+    let up = n.one(&A);
+    assert_eq!(status(&up), 486);
+    assert!(up.ends_with(body.as_bytes()));
+    // Sent, it is still held (sent again if the INVITE is), until the ACK or Timer H.
+    assert!(n.proxy.transaction_bytes() > 20_000);
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn a_head_other_readers_would_frame_differently_closes_the_connection() {
     // `Content_Length` is Content-Length to Kamailio's and OpenSIPS's stream readers, and a
     // first header line with leading white space (` l: 48`) one to lenient ones: we frame

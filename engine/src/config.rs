@@ -549,8 +549,8 @@ pub struct LimitsConfig {
     /// limited); a request beyond gets a stateless 503 with Retry-After. 0: no limit.
     /// Default 1024.
     pub max_transactions_per_connection: usize,
-    /// Most bytes the transactions of one shard hold (each keeps the request it received,
-    /// each branch the request it sent); past it new requests get 503 with Retry-After, as
+    /// Most bytes the transactions of one shard hold (each keeps the request it received and
+    /// the responses it keeps, each branch the request it sent); past it new requests get 503 with Retry-After, as
     /// past `max_transactions_per_shard`: a count alone let ringing INVITEs of up to
     /// `max_message` each hold gigabytes. Default 536870912 (512 MiB).
     pub max_transaction_bytes_per_shard: usize,

@@ -194,8 +194,19 @@ struct Server {
     rebind: Option<(Bytes, Flow)>,
     /// Its Request-URI is `sips:`: its branches go over TLS only.
     sips: bool,
-    /// The bytes it holds, as counted in the table's byte total.
+    /// The bytes it holds (its request, the response it would send again, the best answer
+    /// and the challenges it keeps), as counted in the table's byte total.
     weight: usize,
+}
+
+impl Server {
+    /// What [`Server::weight`] should be now.
+    fn held(&self) -> usize {
+        self.request.len()
+            + self.txn.last_response().map_or(0, |r| r.len())
+            + self.best.as_ref().map_or(0, |(_, b)| b.len())
+            + self.challenges.iter().map(|(_, v)| v.len()).sum::<usize>()
+    }
 }
 
 #[derive(Debug)]
@@ -689,8 +700,8 @@ impl ShardProxy {
         self.max_transactions_per_flow = n;
     }
 
-    /// Most bytes the transactions may hold (each keeps the request it received, each branch
-    /// the request it sent): past it new requests get 503 like past the count. A count alone
+    /// Most bytes the transactions may hold (each keeps the request it received and the
+    /// responses it keeps, each branch the request it sent): past it new requests get 503 like past the count. A count alone
     /// let ringing INVITEs of up to `max_message` each hold gigabytes. Default 512 MiB.
     pub fn set_max_transaction_bytes(&mut self, n: usize) {
         self.max_txn_bytes = n;
@@ -849,6 +860,15 @@ impl ShardProxy {
                 TimerKey::Client(k) => clients.get(k).is_some_and(|c| &c.outbound == flow),
                 TimerKey::TimerC(_) | TimerKey::Pending(_) => false,
             });
+        }
+    }
+
+    /// Counts again what a server transaction holds, after a response was kept or sent.
+    fn reweigh(&mut self, k: &TxKey) {
+        if let Some(s) = self.servers.get_mut(k) {
+            let held = s.held();
+            self.txn_bytes = (self.txn_bytes + held).saturating_sub(s.weight);
+            s.weight = held;
         }
     }
 
@@ -1750,6 +1770,7 @@ impl ShardProxy {
             s.final_sent = true;
         }
         let _ = s.txn.send_response(now, code, resp.into());
+        self.reweigh(key);
         self.drive_server(now, key);
     }
 
@@ -2817,6 +2838,7 @@ impl ShardProxy {
             }
         }
         self.maybe_send_best(now, sk);
+        self.reweigh(sk);
         self.drive_server(now, sk);
     }
 

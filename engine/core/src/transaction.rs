@@ -488,6 +488,12 @@ impl<M: Clone> ServerTransaction<M> {
         Ok(())
     }
 
+    /// The response it sends again if the request is retransmitted (RFC 3261 §17.2), if any.
+    #[must_use]
+    pub fn last_response(&self) -> Option<&M> {
+        self.last_response.as_ref()
+    }
+
     /// Whether a CANCEL is meaningful now: an INVITE with no final response sent.
     #[must_use]
     pub fn is_cancellable(&self) -> bool {
