@@ -840,22 +840,19 @@ mod tests {
     fn an_accept_polled_again_and_again_breaks_its_task_and_one_left_alone_does_not() {
         const POLLS: u32 = 40_000;
         let raced = std::thread::spawn(|| {
-            glommio::LocalExecutorBuilder::default()
-                .make()
-                .unwrap()
-                .run(async {
-                    let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                    let mut n = 0;
-                    futures_lite::future::or(async { Some(l.accept().await) }, async {
-                        while n < POLLS {
-                            futures_lite::future::yield_now().await;
-                            n += 1;
-                        }
-                        None
-                    })
-                    .await
-                    .is_none()
+            LocalExecutorBuilder::default().make().unwrap().run(async {
+                let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let mut n = 0;
+                futures_lite::future::or(async { Some(l.accept().await) }, async {
+                    while n < POLLS {
+                        futures_lite::future::yield_now().await;
+                        n += 1;
+                    }
+                    None
                 })
+                .await
+                .is_none()
+            })
         })
         .join();
         assert!(
@@ -864,22 +861,19 @@ mod tests {
         );
 
         let alone = std::thread::spawn(|| {
-            glommio::LocalExecutorBuilder::default()
-                .make()
-                .unwrap()
-                .run(async {
-                    let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                    let addr = l.local_addr().unwrap();
-                    let accepting = glommio::spawn_local(async move { l.accept().await.is_ok() });
-                    // The rest of the shard: POLLS turns of another task.
-                    for _ in 0..POLLS {
-                        futures_lite::future::yield_now().await;
-                    }
-                    let c = std::net::TcpStream::connect(addr).unwrap();
-                    let ok = accepting.await;
-                    drop(c);
-                    ok
-                })
+            LocalExecutorBuilder::default().make().unwrap().run(async {
+                let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = l.local_addr().unwrap();
+                let accepting = glommio::spawn_local(async move { l.accept().await.is_ok() });
+                // The rest of the shard: POLLS turns of another task.
+                for _ in 0..POLLS {
+                    futures_lite::future::yield_now().await;
+                }
+                let c = std::net::TcpStream::connect(addr).unwrap();
+                let ok = accepting.await;
+                drop(c);
+                ok
+            })
         })
         .join();
         assert_eq!(alone.ok(), Some(true));
