@@ -65,6 +65,8 @@ pub struct TlsSession {
     wire_body_left: usize,
     /// Records the peer sent during the handshake (at most [`MAX_HANDSHAKE_RECORDS`]).
     wire_records: u32,
+    /// Application data records we sent (rustls cuts plaintext into records of 16 KiB).
+    records_sent: u64,
 }
 
 impl std::fmt::Debug for TlsSession {
@@ -193,6 +195,7 @@ macro_rules! drive {
                     }
                     if !$self.pending.is_empty() {
                         let data = std::mem::take(&mut $self.pending);
+                        $self.records_sent += (data.len() as u64).div_ceil(1 << 14);
                         let guess = data.len() + (data.len() / (1 << 14) + 1) * 64;
                         write_into(
                             &mut $self.outgoing,
@@ -275,6 +278,7 @@ impl TlsSession {
             wire_header_len: 0,
             wire_body_left: 0,
             wire_records: 0,
+            records_sent: 0,
         }
     }
 
@@ -376,6 +380,11 @@ impl TlsSession {
             self.process()?;
         }
         Ok(())
+    }
+
+    /// Application data records sent so far (under every key).
+    pub fn records_sent(&self) -> u64 {
+        self.records_sent
     }
 
     /// Has close_notify been queued?

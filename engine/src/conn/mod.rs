@@ -265,8 +265,21 @@ impl Io {
     /// Called before application data goes to the kernel. The queue holds plaintext the
     /// kernel has not seen, so a KeyUpdate now precedes it correctly.
     fn maybe_rekey(&mut self, max_records: u64) -> Result<bool, &'static str> {
-        let Layer::Kernel(k) = &mut self.layer else {
-            return Ok(false);
+        let k = match &mut self.layer {
+            Layer::Kernel(k) => k,
+            // In userspace rustls sends a KeyUpdate itself under TLS 1.3; under TLS 1.2 it
+            // refuses to encrypt past the AEAD's limit (2^24 AES-GCM records), which cut
+            // the connection with the message being sent: a busy partner link in
+            // userspace (no kernel TLS, `tls.ktls = false`) lost one after ~9 hours at
+            // 500 messages a second. It retires at the kernel's budget instead.
+            Layer::User(s) => {
+                let spent = s.protocol() == Some(rustls::ProtocolVersion::TLSv1_2)
+                    && s.cipher_suite().is_some_and(|suite| {
+                        s.records_sent() >= ktls_record_budget(suite).min(max_records)
+                    });
+                return Ok(spent);
+            }
+            Layer::Plain => return Ok(false),
         };
         if k.records_sent < ktls_record_budget(k.suite).min(max_records) {
             return Ok(false);
@@ -535,7 +548,7 @@ impl Conn {
             if retire && !self.retiring.replace(true) {
                 tracing::info!(
                     conn = self.id,
-                    "kTLS connection reached its record budget and cannot rekey (TLS 1.2, or a kernel without KeyUpdate); closing gracefully"
+                    "TLS connection reached its record budget and cannot rekey (TLS 1.2, or a kernel without KeyUpdate); closing gracefully"
                 );
                 self.wake();
             }

@@ -4,7 +4,8 @@
 use super::*;
 
 /// Records we let one key protect: well below the AES-GCM confidentiality limit (2^24.5
-/// records, RFC 9147 §4.5.3) — the kernel does not count for us.
+/// records, RFC 9147 §4.5.3) — the kernel does not count for us, and rustls refuses a TLS
+/// 1.2 AES-GCM record past 2^24 in userspace.
 pub(super) fn ktls_record_budget(suite: rustls::SupportedCipherSuite) -> u64 {
     use rustls::CipherSuite as C;
     match suite.suite() {
