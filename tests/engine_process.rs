@@ -164,6 +164,63 @@ fn a_second_sigterm_cuts_the_drain_short() {
 }
 
 #[test]
+fn a_crl_that_lapses_while_running_is_shown_and_told() {
+    // A partner's CRL (unknown status refused, the default) falls due while the server
+    // runs: from then on every new connection it covers is refused, so a partner's link that
+    // drops cannot come back. Before, the operator heard of it only at the next reload.
+    let pki = Pki::new();
+    let dir = TempDir::new("crl-lapse");
+    let (path, port, admin_port) = write_config(&pki, &dir);
+    let ca = sipring::tls::pki::Ca::new("Lapsing CA").unwrap();
+    dir.write("partner-ca.pem", &ca.cert.cert_pem);
+    let due = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 12;
+    dir.write(
+        "partner-ca.crl",
+        ca.crl_next_update(&[], time::Duration::seconds(12))
+            .unwrap(),
+    );
+    let srv = Server::start(&path);
+    wait_up(port);
+    let log = srv.wait_log("sipring running");
+    assert!(log.contains("CRL falls due within a day"), "{log}");
+    // When, on /metrics: an alert is `sipring_tls_crl_next_update_seconds - time() < 86400`.
+    let admin_addr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let m = sipring_tests::server::admin_get(admin_addr, "/metrics");
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("sipring_tls_crl_next_update_seconds{file=\""))
+        .unwrap_or_else(|| panic!("no CRL gauge:\n{m}"));
+    assert!(line.contains("partner-ca.crl\"}"), "{line}");
+    let at: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((at - due).abs() <= 2, "{line}, due {due}");
+    // Told within a second or two of it.
+    let told = loop {
+        let log = srv.log();
+        if log.contains("CRL reached its nextUpdate") {
+            break log;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(now <= due + 2, "not told by {now}:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        told.matches("CRL reached its nextUpdate").count(),
+        1,
+        "{told}"
+    );
+    // Told once, not every 100 ms.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(srv.log().matches("CRL reached its nextUpdate").count(), 1);
+}
+
+#[test]
 fn sighup_reload_keeps_calls_up_and_refuses_a_corrupt_key() {
     let pki = Pki::new();
     let dir = TempDir::new("reload");

@@ -7,7 +7,7 @@ use crate::metrics::Snapshot;
 use crate::sys;
 use crate::tls::RejectCounters;
 use arc_swap::ArcSwap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Flags and publication slots shared by all shards and the control thread (atomics and
@@ -27,6 +27,12 @@ pub struct Control {
     pub stopped: AtomicUsize,
     /// Reloads applied / refused.
     pub reloads: [std::sync::atomic::AtomicU64; 2],
+    /// The CRL files the configuration names and when they fall due, replaced on reload:
+    /// `/metrics` shows them, and the control thread warns when one lapses.
+    pub crls: ArcSwap<Vec<crate::tls::CrlDue>>,
+    /// Unix seconds up to which a CRL's lapse was already told (at start, a reload, or by
+    /// [`Control::lapsed_crls`]).
+    pub crls_told: AtomicI64,
     /// One reload at a time (SIGHUP and the admin endpoint may ask together): the TLS
     /// policy and the subscribers then come from the same file. Not on the message path.
     pub reload_lock: std::sync::Mutex<()>,
@@ -148,6 +154,22 @@ pub struct Identity {
 }
 
 impl Control {
+    /// The CRL files whose CRLs in use lapsed (nextUpdate passed) since the last call, and
+    /// whose scope refuses unknown revocation status; `now` in unix seconds.
+    pub fn lapsed_crls(&self, now: i64) -> Vec<crate::tls::CrlDue> {
+        let told = self.crls_told.load(Ordering::Relaxed);
+        let crls = self.crls.load();
+        let lapsed: Vec<_> = crls
+            .iter()
+            .filter(|d| d.enforced && d.next.is_some_and(|t| t > told && t <= now))
+            .cloned()
+            .collect();
+        if !lapsed.is_empty() {
+            self.crls_told.fetch_max(now, Ordering::Relaxed);
+        }
+        lapsed
+    }
+
     /// Is the server draining (no new connections)?
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)

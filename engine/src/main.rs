@@ -221,6 +221,7 @@ fn run(path: PathBuf) -> ExitCode {
                 _ => break 'serve true,
             }
         }
+        running.watch_crls();
         if let Some(why) = running.fatal() {
             tracing::error!("{why}: stopping the process");
             running.stop();

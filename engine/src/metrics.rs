@@ -209,6 +209,9 @@ fn help(family: &str) -> &'static str {
         "sipring_client_hello_timeouts_total" => "Connections that sent no ClientHello in time.",
         "sipring_tls_rejections_total" => "Refused TLS peers by reason.",
         "sipring_ktls_available" => "1 when the kernel TLS probe succeeded.",
+        "sipring_tls_crl_next_update_seconds" => {
+            "When the CRLs in use of each CRL file fall due (nextUpdate, unix seconds)."
+        }
         "sipring_ktls_fallback_total" => "Connections kept in userspace TLS, by reason.",
         "sipring_messages_in_total" => "Framed messages received, by method or response.",
         "sipring_register_total" => "REGISTER outcomes by status.",
@@ -295,6 +298,20 @@ pub struct Snapshot {
 
 pub use sipring_net::hgrm::{HgrmRows, hgrm, parse_hgrm};
 pub use sipring_net::snake_label;
+
+/// A label value as the Prometheus text format writes it (`\`, `"` and line feeds escaped).
+pub fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {

@@ -154,6 +154,11 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         ktls,
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
+        crls: ArcSwap::from_pointee(crls_in_force(&cfg, false)),
+        crls_told: (crate::cluster::unix_ms() / 1000)
+            .try_into()
+            .unwrap_or(i64::MAX)
+            .into(),
         reload_lock: std::sync::Mutex::new(()),
         tls_generation: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
@@ -504,6 +509,16 @@ impl Running {
             .collect()
     }
 
+    /// Logs the CRLs that lapsed since the last call (the binary calls it every 100 ms): a
+    /// CRL read where unknown status is refused then stops every new connection whose
+    /// certificate it covers — partners' links that drop cannot come back — and before, the
+    /// operator heard of it only at the next reload.
+    pub fn watch_crls(&self) {
+        for due in self.control.lapsed_crls(unix_now()) {
+            tracing::warn!(file = %due.file.display(), "CRL reached its nextUpdate: new connections whose certificates it covers are refused (unknown_revocation = \"deny\"), connections up stay until a reload checks them again; fetch a fresh one and reload");
+        }
+    }
+
     /// Why this process must stop on its own, if it must: a shard that died, or another live
     /// process running as this cluster node.
     pub fn fatal(&self) -> Option<String> {
@@ -591,6 +606,17 @@ pub fn process_metrics(control: &Control) -> ShardMetrics {
         "sipring_ktls_available".into(),
         i64::from(control.ktls.available()),
     );
+    for due in control.crls.load().iter() {
+        if let Some(next) = due.next {
+            m.gauges.insert(
+                format!(
+                    "sipring_tls_crl_next_update_seconds{{file=\"{}\"}}",
+                    crate::metrics::label_value(&due.file.display().to_string())
+                ),
+                next,
+            );
+        }
+    }
     m
 }
 
@@ -771,12 +797,11 @@ impl Reloader {
                     subscribers = n,
                     "TLS configuration reloaded (and the subscriber file)"
                 );
-                let now = (crate::cluster::unix_ms() / 1000) as i64;
-                for due in crate::tls::crl_next_updates(&cfg) {
-                    if let Some(next) = due.next.filter(|&t| t <= now && due.enforced) {
-                        tracing::warn!(file = %due.file.display(), hours_ago = (now - next) / 3600, "CRL past its nextUpdate: the certificates it covers are refused (unknown_revocation = \"deny\"), and their connections close now; fetch a fresh one and reload");
-                    }
-                }
+                let crls = crls_in_force(&cfg, true);
+                self.control.crls.store(Arc::new(crls));
+                self.control
+                    .crls_told
+                    .fetch_max(unix_now(), Ordering::Relaxed);
                 Ok(())
             }
             Err((file, reason, whole)) => {
@@ -786,6 +811,36 @@ impl Reloader {
             }
         }
     }
+}
+
+/// Now, in unix seconds.
+fn unix_now() -> i64 {
+    (crate::cluster::unix_ms() / 1000)
+        .try_into()
+        .unwrap_or(i64::MAX)
+}
+
+/// The CRL files `cfg` names and when they fall due ([`Control::crls`]), after logging what
+/// an operator must act on: those lapsed (their certificates are refused) and those due
+/// within a day, in scopes that refuse unknown revocation status.
+fn crls_in_force(cfg: &Config, reloaded: bool) -> Vec<crate::tls::CrlDue> {
+    let now = unix_now();
+    let crls = crate::tls::crl_next_updates(cfg);
+    for due in crls.iter().filter(|d| d.enforced) {
+        match due.next {
+            Some(next) if next <= now && reloaded => {
+                tracing::warn!(file = %due.file.display(), hours_ago = (now - next) / 3600, "CRL past its nextUpdate: the certificates it covers are refused (unknown_revocation = \"deny\"), and their connections close now; fetch a fresh one and reload");
+            }
+            Some(next) if next <= now => {
+                tracing::warn!(file = %due.file.display(), hours_ago = (now - next) / 3600, "CRL past its nextUpdate: the certificates it covers are refused (unknown_revocation = \"deny\"); fetch a fresh one and reload");
+            }
+            Some(next) if next - now < 86_400 => {
+                tracing::warn!(file = %due.file.display(), hours_left = (next - now) / 3600, "CRL falls due within a day: from its nextUpdate the certificates it covers are refused (unknown_revocation = \"deny\"); fetch a fresh one and reload before then (sipring_tls_crl_next_update_seconds)");
+            }
+            _ => {}
+        }
+    }
+    crls
 }
 
 /// Joins `handles` (shard threads), waiting at most `bound` for them to finish: `Err`
