@@ -40,7 +40,7 @@ use sipring_core::stateful::{Output, ShardProxy};
 use sipring_core::transaction::TimerConfig;
 use sipring_core::{Framing, Header, Status, parse};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -364,7 +364,7 @@ impl Shard {
             waiting: RefCell::new(HashMap::new()),
             removals: RefCell::new(HashMap::new()),
             removal_seq: Cell::new(0),
-            removal_retry: RefCell::new(HashSet::new()),
+            removal_retry: RefCell::new(HashMap::new()),
             removal_bytes: Cell::new(0),
             resync: RefCell::new((0, Vec::new())),
         });

@@ -16,9 +16,11 @@ pub(super) struct ClusterLink {
     pub(super) removals: RefCell<HashMap<u64, (String, Vec<u8>)>>,
     /// The last removal token's number.
     pub(super) removal_seq: Cell<u64>,
-    /// AORs whose removal could not be asked for (the store's queue was full): their next
-    /// REGISTER asks again, even a refresh. Bounded like `removals`.
-    pub(super) removal_retry: RefCell<HashSet<String>>,
+    /// AORs whose removal could not be asked for (the store's queue was full), with when:
+    /// their next REGISTER asks again, even a refresh. Bounded like `removals`; an entry
+    /// older than the longest registration is moot (what it would remove has expired) and
+    /// makes room (an AOR that never registers here again held its place for good).
+    pub(super) removal_retry: RefCell<HashMap<String, Instant>>,
     /// The bytes of the REGISTERs held in `removals` (bounded by [`MAX_REMOVAL_BYTES`]).
     pub(super) removal_bytes: Cell<usize>,
     /// The store's resync generation this shard has answered, and the AORs it still has to
@@ -94,16 +96,27 @@ impl Shard {
         }
     }
 
+    /// Notes that `aor`'s removals elsewhere are to be asked again at its next REGISTER
+    /// here; when the table is full, entries older than the longest registration go first.
+    fn retry_removal(&self, c: &ClusterLink, aor: String) {
+        let mut retry = c.removal_retry.borrow_mut();
+        let now = Instant::now();
+        if retry.len() >= MAX_REMOVALS_WAITING {
+            let moot = Duration::from_secs(self.cfg.registrar.max_expires_s.into());
+            retry.retain(|_, at| now.duration_since(*at) < moot);
+        }
+        if retry.len() < MAX_REMOVALS_WAITING {
+            retry.insert(aor, now);
+        }
+    }
+
     /// Asks the store which other nodes hold `aor`, to send them what the REGISTER
     /// `request` (answered 200 here) removes ([`Shard::on_store_reply`] sends it).
     pub(super) fn remove_elsewhere(&self, aor: &str, request: &[u8]) {
         let Some(c) = &self.cluster else { return };
         let full = || {
             self.count("sipring_store_total{op=\"removal\",result=\"queue_full\"}");
-            let mut retry = c.removal_retry.borrow_mut();
-            if retry.len() < MAX_REMOVALS_WAITING {
-                retry.insert(aor.to_string());
-            }
+            self.retry_removal(c, aor.to_string());
         };
         if c.removals.borrow().len() >= MAX_REMOVALS_WAITING
             || c.removal_bytes.get() + request.len() > MAX_REMOVAL_BYTES
@@ -135,10 +148,7 @@ impl Shard {
                 // read yet): asked again at the AOR's next REGISTER here, as when the queue
                 // was full — dropped, the old node kept the device's stale binding.
                 self.count("sipring_store_total{op=\"removal\",result=\"error\"}");
-                let mut retry = c.removal_retry.borrow_mut();
-                if retry.len() < MAX_REMOVALS_WAITING {
-                    retry.insert(aor);
-                }
+                self.retry_removal(c, aor);
                 return;
             };
             let now = Instant::now();
@@ -371,12 +381,14 @@ impl Shard {
             // binding this node already holds asks nothing (the store read is what the
             // fan-out costs: one per refresh of every phone, before); the move that put
             // the binding here already removed it elsewhere.
-            let retry = |c: &ClusterLink| c.removal_retry.borrow_mut().remove(aor);
+            // A REGISTER with nothing to remove (a query) leaves a pending retry for the
+            // next one (it was taken, and lost, before).
+            let retry = |c: &ClusterLink| c.removal_retry.borrow_mut().remove(aor).is_some();
             if flow != NODE_FLOW
+                && sipring_core::registrar::removals_for_nodes(&m).is_some()
                 && self.cluster.as_ref().is_some_and(|c| {
                     retry(c) || bound_here || sipring_core::registrar::removes_any(&m)
                 })
-                && sipring_core::registrar::removals_for_nodes(&m).is_some()
             {
                 self.remove_elsewhere(aor, request);
             }
