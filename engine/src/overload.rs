@@ -125,7 +125,12 @@ impl Shedding {
         let previous = self.over.replace(over);
         let standing = over && (previous || fine.is_some());
         let calm = t.lag_us < limit_us / 2 && t.backlog <= t.mesh_capacity;
-        let run = if calm { self.calm.get() + 1 } else { 0 };
+        // Saturating: a shard calm for 2^32 ticks (497 days) would otherwise overflow it.
+        let run = if calm {
+            self.calm.get().saturating_add(1)
+        } else {
+            0
+        };
         self.calm.set(run);
         let step = if fine.is_some() && run <= FINE_TICKS {
             FINE_STEP

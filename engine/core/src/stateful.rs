@@ -1263,8 +1263,11 @@ impl ShardProxy {
         self.timers.next_deadline()
     }
 
+    /// A number no other transaction of any shard holds now: the shard in the top 16 bits,
+    /// a counter in the 48 below (it wraps there rather than spill into the shard's bits,
+    /// which route responses).
     fn unique(&mut self) -> u64 {
-        self.next_id += 1;
+        self.next_id = (self.next_id + 1) & ((1 << 48) - 1);
         (u64::from(self.shard) << 48) | self.next_id
     }
 
