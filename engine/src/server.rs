@@ -325,7 +325,7 @@ async fn run_shard(
 
 async fn accept_loop(
     shard: Rc<Shard>,
-    listener: glommio::net::TcpListener,
+    listener: sys::sock::Listener,
     kind: ListenKind,
     client_auth: ClientAuth,
 ) {
@@ -368,15 +368,7 @@ async fn accept_loop(
                     // connection off the queue and close it: the peer is told at once
                     // instead of waiting, and the loop does not spin on the same error.
                     shard.release_reserve_fd();
-                    if let Some(Ok(c)) =
-                        futures_lite::future::or(async { Some(listener.accept().await) }, async {
-                            glommio::timer::sleep(Duration::from_millis(5)).await;
-                            None
-                        })
-                        .await
-                    {
-                        drop(c);
-                    }
+                    let _ = listener.refuse_one();
                     shard.take_reserve_fd();
                 }
                 glommio::timer::sleep(backoff).await;

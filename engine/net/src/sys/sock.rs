@@ -126,14 +126,56 @@ pub fn listener_owner(port: u16) -> Option<(u32, String)> {
 
 impl BoundListener {
     /// Hands the socket to the current glommio executor.
-    pub fn into_glommio(self) -> glommio::net::TcpListener {
+    pub fn into_glommio(self) -> Listener {
         use std::os::fd::FromRawFd;
         let fd = self.fd;
         std::mem::forget(self);
         // SAFETY: `fd` came from `Socket::into_raw_fd` in `bind_reuseport`, is a bound and
         // listening TCP socket, and this struct was its only owner (we forget `self` so its
         // Drop does not close it); ownership moves to the glommio listener.
-        unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
+        let inner = unsafe { glommio::net::TcpListener::from_raw_fd(fd) };
+        Listener { inner, fd }
+    }
+}
+
+/// A listening socket on a glommio executor, with the descriptor it owns (glommio's
+/// listener does not give it out).
+#[derive(Debug)]
+pub struct Listener {
+    inner: glommio::net::TcpListener,
+    fd: RawFd,
+}
+
+impl Listener {
+    /// The next connection (io_uring).
+    pub async fn accept(&self) -> glommio::Result<glommio::net::TcpStream, ()> {
+        self.inner.accept().await
+    }
+
+    /// Takes one connection off the accept queue if one waits, without waiting, and closes
+    /// it at once (its peer learns now instead of timing out): a listener out of descriptors
+    /// does this with the one it keeps in reserve. `Ok(false)`: none waited. (A glommio
+    /// accept raced against a timer would do, but one dropped pending can still complete in
+    /// the kernel, and glommio never closes the descriptor it then carries.)
+    pub fn refuse_one(&self) -> std::io::Result<bool> {
+        use std::os::fd::BorrowedFd;
+        // SAFETY: `fd` is the descriptor `inner` owns, and `self` outlives this borrow, used
+        // for fcntl and accept4.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let s = socket2::SockRef::from(&fd);
+        // The listener blocks (glommio accepts through io_uring); glommio's own first try
+        // makes it non-blocking for one accept the same way.
+        s.set_nonblocking(true)?;
+        let r = s.accept();
+        let restored = s.set_nonblocking(false);
+        match r {
+            Ok((c, _)) => {
+                drop(c);
+                restored.map(|()| true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => restored.map(|()| false),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -269,4 +311,42 @@ pub fn free_port() -> Option<u16> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::time::Duration;
+
+    #[test]
+    fn a_listener_refuses_one_waiting_connection_without_waiting_and_accepts_on() {
+        let l = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1, 16)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let addr = l.local;
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async move {
+                let l = l.into_glommio();
+                // None waits: answered at once (the listener blocks otherwise).
+                assert!(!l.refuse_one().unwrap());
+                let mut refused = std::net::TcpStream::connect(addr).unwrap();
+                refused
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                assert!(l.refuse_one().unwrap());
+                // Its peer learns at once: end of stream (or a reset), not a timeout.
+                match refused.read(&mut [0u8; 1]) {
+                    Ok(0) => {}
+                    Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+                    Ok(n) => panic!("read {n} bytes"),
+                }
+                // And the listener accepts on as before.
+                let _kept = std::net::TcpStream::connect(addr).unwrap();
+                assert!(l.accept().await.is_ok());
+            });
+    }
 }
