@@ -272,8 +272,8 @@ pub struct TlsConfig {
     pub ktls_tls13_without_rekey: bool,
     /// Records one kernel TLS key may protect before we rekey (TLS 1.3) or close gracefully
     /// (TLS 1.2); the kernel does not count for us. AES-GCM is safe to about 2^24.5 records.
-    /// A TLS 1.2 connection in userspace closes gracefully there too (rustls cannot rekey
-    /// it, and refuses past 2^24); in userspace TLS 1.3 rustls rekeys by itself.
+    /// A TLS 1.2 AES-GCM connection in userspace closes gracefully there too (rustls cannot
+    /// rekey it, and refuses past 2^24); in userspace TLS 1.3 rustls rekeys by itself.
     /// Default 8388608 (2^23).
     pub ktls_max_records: u64,
     /// The `mtls` listener's CertificateRequest names the root CAs of every partner (and of

@@ -137,6 +137,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         None => None,
     };
     let epoch = Instant::now();
+    let started = unix_now();
     let control = Arc::new(Control {
         store,
         draining: AtomicBool::new(false),
@@ -154,11 +155,8 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         ktls,
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
-        crls: ArcSwap::from_pointee(crls_in_force(&cfg, false)),
-        crls_told: (crate::cluster::unix_ms() / 1000)
-            .try_into()
-            .unwrap_or(i64::MAX)
-            .into(),
+        crls: ArcSwap::from_pointee(crls_in_force(&cfg, false, started)),
+        crls_told: started.into(),
         reload_lock: std::sync::Mutex::new(()),
         tls_generation: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
@@ -651,7 +649,7 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
         let t = &mut c.tls;
         t.certificate.clear();
         (t.versions, t.cipher_suites, t.kx_groups) = Default::default();
-        t.resumption = false;
+        (t.resumption, t.partner_ca_hints) = Default::default();
         (t.client_roots, t.client_crls) = Default::default();
         c.peer.retain(|p| keep.contains(&p.name));
         // The order of [[peer]] tables means nothing.
@@ -789,11 +787,12 @@ impl Reloader {
                     subscribers = n,
                     "TLS configuration reloaded (and the subscriber file)"
                 );
-                let crls = crls_in_force(&cfg, true);
+                // What was told here is not told again by `watch_crls`: marked before the
+                // list it reads is replaced.
+                let now = unix_now();
+                let crls = crls_in_force(&cfg, true, now);
+                self.control.crls_told.fetch_max(now, Ordering::Relaxed);
                 self.control.crls.store(Arc::new(crls));
-                self.control
-                    .crls_told
-                    .fetch_max(unix_now(), Ordering::Relaxed);
                 Ok(())
             }
             Err((file, reason, whole)) => {
@@ -815,8 +814,7 @@ fn unix_now() -> i64 {
 /// The CRL files `cfg` names and when they fall due ([`Control::crls`]), after logging what
 /// an operator must act on: those lapsed (their certificates are refused) and those due
 /// within a day, in scopes that refuse unknown revocation status.
-fn crls_in_force(cfg: &Config, reloaded: bool) -> Vec<crate::tls::CrlDue> {
-    let now = unix_now();
+fn crls_in_force(cfg: &Config, reloaded: bool, now: i64) -> Vec<crate::tls::CrlDue> {
     let crls = crate::tls::crl_next_updates(cfg);
     for due in crls.iter().filter(|d| d.enforced) {
         match due.next {

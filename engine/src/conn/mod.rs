@@ -50,7 +50,7 @@ mod records;
 
 use handshake::{Established, LINGER, with_timeout};
 pub use handshake::{serve_inbound, spawn_peer_connect};
-use records::{Rekey, ktls_record_budget, on_control_record, rekey_or_close};
+use records::{Rekey, UNLIMITED_AEAD, ktls_record_budget, on_control_record, rekey_or_close};
 pub use sipring_net::handshake::{HandshakeError, drive_handshake};
 
 /// How the record layer runs after the handshake.
@@ -268,14 +268,15 @@ impl Io {
         let k = match &mut self.layer {
             Layer::Kernel(k) => k,
             // In userspace rustls sends a KeyUpdate itself under TLS 1.3; under TLS 1.2 it
-            // refuses to encrypt past the AEAD's limit (2^24 AES-GCM records), which cut
-            // the connection with the message being sent: a busy partner link in
-            // userspace (no kernel TLS, `tls.ktls = false`) lost one after ~9 hours at
-            // 500 messages a second. It retires at the kernel's budget instead.
+            // refuses to encrypt past the AEAD's limit (2^24 AES-GCM records; ChaCha20 has
+            // none), which cut the connection with the message being sent: a busy partner
+            // link in userspace (no kernel TLS, `tls.ktls = false`) lost one after ~9 hours
+            // at 500 messages a second. It retires at the kernel's budget instead.
             Layer::User(s) => {
                 let spent = s.protocol() == Some(rustls::ProtocolVersion::TLSv1_2)
                     && s.cipher_suite().is_some_and(|suite| {
-                        s.records_sent() >= ktls_record_budget(suite).min(max_records)
+                        let budget = ktls_record_budget(suite);
+                        budget < UNLIMITED_AEAD && s.records_sent() >= budget.min(max_records)
                     });
                 return Ok(spent);
             }

@@ -11,10 +11,14 @@ pub(super) fn ktls_record_budget(suite: rustls::SupportedCipherSuite) -> u64 {
     match suite.suite() {
         C::TLS13_CHACHA20_POLY1305_SHA256
         | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-        | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => 1 << 40,
+        | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => UNLIMITED_AEAD,
         _ => 1 << 23,
     }
 }
+
+/// The budget of an AEAD without a practical limit (ChaCha20-Poly1305): a kernel key still
+/// retires at `tls.ktls_max_records`; rustls in userspace never refuses one.
+pub(super) const UNLIMITED_AEAD: u64 = 1 << 40;
 
 /// Whether a KeyUpdate went out.
 pub(super) enum Rekey {

@@ -365,6 +365,7 @@ impl Shard {
             removals: RefCell::new(HashMap::new()),
             removal_seq: Cell::new(0),
             removal_retry: RefCell::new(HashMap::new()),
+            removal_retry_pruned: Cell::new(Instant::now()),
             removal_bytes: Cell::new(0),
             resync: RefCell::new((0, Vec::new())),
         });

@@ -21,6 +21,9 @@ pub(super) struct ClusterLink {
     /// older than the longest registration is moot (what it would remove has expired) and
     /// makes room (an AOR that never registers here again held its place for good).
     pub(super) removal_retry: RefCell<HashMap<String, Instant>>,
+    /// When `removal_retry` was last pruned (at most once a second: a full table of
+    /// fresh entries is not scanned again for every REGISTER of a store outage).
+    pub(super) removal_retry_pruned: Cell<Instant>,
     /// The bytes of the REGISTERs held in `removals` (bounded by [`MAX_REMOVAL_BYTES`]).
     pub(super) removal_bytes: Cell<usize>,
     /// The store's resync generation this shard has answered, and the AORs it still has to
@@ -101,11 +104,15 @@ impl Shard {
     fn retry_removal(&self, c: &ClusterLink, aor: String) {
         let mut retry = c.removal_retry.borrow_mut();
         let now = Instant::now();
-        if retry.len() >= MAX_REMOVALS_WAITING {
+        if retry.len() >= MAX_REMOVALS_WAITING
+            && now.duration_since(c.removal_retry_pruned.get()) >= Duration::from_secs(1)
+        {
+            c.removal_retry_pruned.set(now);
             let moot = Duration::from_secs(self.cfg.registrar.max_expires_s.into());
             retry.retain(|_, at| now.duration_since(*at) < moot);
         }
-        if retry.len() < MAX_REMOVALS_WAITING {
+        // An AOR already waiting is dated anew: this failure is what it would remove.
+        if retry.contains_key(&aor) || retry.len() < MAX_REMOVALS_WAITING {
             retry.insert(aor, now);
         }
     }
@@ -383,13 +390,14 @@ impl Shard {
             // the binding here already removed it elsewhere.
             // A REGISTER with nothing to remove (a query) leaves a pending retry for the
             // next one (it was taken, and lost, before).
-            let retry = |c: &ClusterLink| c.removal_retry.borrow_mut().remove(aor).is_some();
             if flow != NODE_FLOW
+                && let Some(c) = &self.cluster
+                && (bound_here
+                    || sipring_core::registrar::removes_any(&m)
+                    || c.removal_retry.borrow().contains_key(aor))
                 && sipring_core::registrar::removals_for_nodes(&m).is_some()
-                && self.cluster.as_ref().is_some_and(|c| {
-                    retry(c) || bound_here || sipring_core::registrar::removes_any(&m)
-                })
             {
+                c.removal_retry.borrow_mut().remove(aor);
                 self.remove_elsewhere(aor, request);
             }
         }

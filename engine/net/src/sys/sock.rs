@@ -331,13 +331,22 @@ mod tests {
             .unwrap()
             .run(async move {
                 let l = l.into_glommio();
+                // The listener is left blocking, as glommio's io_uring accept expects.
+                let blocking = |l: &Listener| {
+                    // SAFETY: `l.fd` is the descriptor `l` owns, which outlives this borrow
+                    // (fcntl only).
+                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(l.fd) };
+                    !socket2::SockRef::from(&fd).nonblocking().unwrap()
+                };
                 // None waits: answered at once (the listener blocks otherwise).
                 assert!(!l.refuse_one().unwrap());
+                assert!(blocking(&l));
                 let mut refused = std::net::TcpStream::connect(addr).unwrap();
                 refused
                     .set_read_timeout(Some(Duration::from_secs(5)))
                     .unwrap();
                 assert!(l.refuse_one().unwrap());
+                assert!(blocking(&l));
                 // Its peer learns at once: end of stream (or a reset), not a timeout.
                 match refused.read(&mut [0u8; 1]) {
                     Ok(0) => {}
