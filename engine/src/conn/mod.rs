@@ -261,9 +261,10 @@ impl Io {
     }
 
     /// kTLS: past the record budget (or asked by the peer), rekey (TLS 1.3) or retire the
-    /// key (TLS 1.2: `Ok(true)`, the connection is to end gracefully after this write).
-    /// Called before application data goes to the kernel. The queue holds plaintext the
-    /// kernel has not seen, so a KeyUpdate now precedes it correctly.
+    /// key (TLS 1.2: `Ok(true)`, the connection is to end gracefully after this write);
+    /// userspace TLS 1.2 under AES-GCM retires at the same budget. Called before application
+    /// data is written. The queue holds plaintext the kernel has not seen, so a KeyUpdate
+    /// now precedes it correctly.
     fn maybe_rekey(&mut self, max_records: u64) -> Result<bool, &'static str> {
         let k = match &mut self.layer {
             Layer::Kernel(k) => k,
