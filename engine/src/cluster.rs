@@ -28,7 +28,7 @@
 use crate::config::ClusterConfig;
 use crate::lanes::{LaneEnd, LaneTx, Replies, lane};
 use redis::cluster_async::ClusterConnection;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -324,10 +324,13 @@ struct State {
     conn: RefCell<Option<ClusterConnection>>,
     alive: RefCell<HashMap<String, u64>>,
     /// The other nodes whose liveness key was read at least once (present or not). Until
-    /// every one was — for at most `liveness_ms` after start — `alive` says nothing: a lookup
-    /// found no holder where it had not looked. With the last successful read's instant.
+    /// every one was — for at most `liveness_ms` after the store connected — `alive` says
+    /// nothing: a lookup found no holder where it had not looked. With the last successful
+    /// read's instant.
     liveness_read: RefCell<HashMap<String, Instant>>,
-    started: Instant,
+    /// When the store first connected ([`liveness_unsure`] counts from it: a node that
+    /// started while the store was unreachable has read no liveness key either).
+    connected: Cell<Option<Instant>>,
     cfg: ClusterConfig,
     epoch: u64,
     errors: crate::metrics::LogLimiter,
@@ -343,15 +346,15 @@ struct State {
     resync: Arc<AtomicU64>,
     /// This life holds the node's liveness key: until then nothing is written under the
     /// node's name (it may be another live process's), nor swept.
-    claimed: std::cell::Cell<bool>,
+    claimed: Cell<bool>,
     name_taken: Arc<AtomicBool>,
     /// The process stops: no more heartbeats (one after the key's deletion would bring the
     /// node back to life for the others).
-    stopping: std::cell::Cell<bool>,
+    stopping: Cell<bool>,
     /// A heartbeat's liveness write is on its way (the withdrawal waits for it: retried by
     /// the client after the deletion, it set the key again, and the other nodes routed to a
     /// node that had exited for another `liveness_ms`).
-    beating: std::cell::Cell<bool>,
+    beating: Cell<bool>,
 }
 
 impl State {
@@ -409,7 +412,7 @@ async fn run(
         conn: RefCell::new(None),
         alive: RefCell::new(HashMap::new()),
         liveness_read: RefCell::new(HashMap::new()),
-        started: Instant::now(),
+        connected: Cell::new(None),
         cfg,
         epoch,
         errors: crate::metrics::LogLimiter::default(),
@@ -418,10 +421,10 @@ async fn run(
         wake: tokio::sync::Notify::new(),
         write_failures: RefCell::new(WriteBackoff::default()),
         resync,
-        claimed: std::cell::Cell::new(false),
+        claimed: Cell::new(false),
         name_taken,
-        stopping: std::cell::Cell::new(false),
-        beating: std::cell::Cell::new(false),
+        stopping: Cell::new(false),
+        beating: Cell::new(false),
     });
     // Connect (and keep trying) in the background; until then requests fail fast.
     {
@@ -432,6 +435,7 @@ async fn run(
                     Ok(c) => {
                         tracing::info!(node = %st.cfg.node, epoch = st.epoch, "location store connected");
                         *st.conn.borrow_mut() = Some(c);
+                        st.connected.set(Some(Instant::now()));
                         return;
                     }
                     Err(e) => {
@@ -647,8 +651,12 @@ async fn serve(st: &State, ask: Ask) {
     // Bounded: a peer whose key cannot be read (its master down) is as dead as it would
     // have been before, once a liveness period has passed.
     let others = st.cfg.nodes.iter().filter(|n| n.name != me).count();
-    let unsure = st.liveness_read.borrow().len() < others
-        && st.started.elapsed() < Duration::from_millis(st.cfg.liveness_ms);
+    let unsure = liveness_unsure(
+        st.liveness_read.borrow().len(),
+        others,
+        st.connected.get(),
+        Duration::from_millis(st.cfg.liveness_ms),
+    );
     let nodes = match st.conn() {
         None => None,
         Some(_) if late || unsure => None,
@@ -1075,9 +1083,40 @@ async fn heartbeat(st: Rc<State>) {
     }
 }
 
+/// Whether which nodes live is not known yet: `read` of the `others` nodes' liveness keys
+/// were read, and the store connected at `connected`. At most `liveness` after connecting (a
+/// peer whose key cannot be read is then as dead as an expired one), counted from the
+/// connection, not from start: a node that started while the store was unreachable for
+/// longer than `liveness` took every node for dead until its first reads came back (480
+/// for users online elsewhere, and the removals a moved device needs dropped).
+fn liveness_unsure(
+    read: usize,
+    others: usize,
+    connected: Option<Instant>,
+    liveness: Duration,
+) -> bool {
+    read < others && connected.is_none_or(|t| t.elapsed() < liveness)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn which_nodes_live_is_unknown_until_read_or_a_liveness_after_connecting() {
+        let liveness = Duration::from_millis(3000);
+        let now = Instant::now();
+        // Not connected yet, however long after start: nothing was read.
+        assert!(liveness_unsure(0, 2, None, liveness));
+        // Just connected: unknown until both are read.
+        assert!(liveness_unsure(1, 2, Some(now), liveness));
+        assert!(!liveness_unsure(2, 2, Some(now), liveness));
+        // A peer whose key cannot be read is as dead as an expired one, a liveness after
+        // connecting (not after start: the store may have taken longer than that to reach).
+        let long_ago = now.checked_sub(Duration::from_secs(4)).unwrap();
+        assert!(!liveness_unsure(1, 2, Some(long_ago), liveness));
+        assert!(!liveness_unsure(0, 0, None, liveness));
+    }
 
     #[test]
     fn a_write_backs_off_for_its_own_failures_only() {
