@@ -29,7 +29,7 @@ use crate::config::ClusterConfig;
 use crate::lanes::{LaneEnd, LaneTx, Replies, lane};
 use redis::cluster_async::ClusterConnection;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -334,11 +334,8 @@ struct State {
     cfg: ClusterConfig,
     epoch: u64,
     errors: crate::metrics::LogLimiter,
-    /// The newest field per AOR not yet in the store (coalesced: a newer write replaces an
-    /// older one waiting). Bounded by the AORs this node wrote that the store has not taken.
-    dirty: RefCell<HashMap<String, Field>>,
-    /// AORs with a write at the store now: one at a time per AOR, so writes land in order.
-    writing: RefCell<HashSet<String>>,
+    /// Binding writes not yet in the store ([`Writes`]).
+    writes: RefCell<Writes>,
     /// Wakes the writer when `dirty` gains an entry or a write ends.
     wake: tokio::sync::Notify,
     /// Each AOR's failed writes in a row: its retry backoff.
@@ -416,8 +413,7 @@ async fn run(
         cfg,
         epoch,
         errors: crate::metrics::LogLimiter::default(),
-        dirty: RefCell::new(HashMap::new()),
-        writing: RefCell::new(HashSet::new()),
+        writes: RefCell::new(Writes::default()),
         wake: tokio::sync::Notify::new(),
         write_failures: RefCell::new(WriteBackoff::default()),
         resync,
@@ -466,7 +462,7 @@ async fn run(
         let st = st.clone();
         tokio::task::spawn_local(async move {
             while let Some(w) = write_rx.recv().await {
-                st.dirty.borrow_mut().insert(w.aor, w.field);
+                st.writes.borrow_mut().offer(w.aor, w.field, true);
                 st.wake.notify_one();
             }
         });
@@ -487,6 +483,64 @@ async fn run(
     }
 }
 
+/// Binding writes not yet in the store: the newest field per AOR (a newer write replaces an
+/// older one waiting), one write at the store at a time per AOR (so they land in order),
+/// and the AORs ready to be written next in the order they became ready. Bounded by the AORs
+/// this node wrote that the store has not taken.
+#[derive(Debug, Default)]
+struct Writes {
+    dirty: HashMap<String, Field>,
+    writing: HashSet<String>,
+    /// The AORs of `dirty` not in `writing`. Scanning `dirty` for them instead cost every
+    /// wake the AORs backing off (hundreds of thousands after hours with a master down), on
+    /// the one store thread.
+    ready: VecDeque<String>,
+}
+
+impl Writes {
+    /// `field` for `aor`: replacing what waits (`newest`: a new write), or only if nothing
+    /// newer waits (a failed write put back).
+    fn offer(&mut self, aor: String, field: Field, newest: bool) {
+        let was = self.dirty.contains_key(&aor);
+        if !was && !self.writing.contains(&aor) {
+            self.ready.push_back(aor.clone());
+        }
+        if newest || !was {
+            self.dirty.insert(aor, field);
+        }
+    }
+
+    /// Up to `max` writes to send now, each AOR then being written.
+    fn take(&mut self, max: usize) -> Vec<(String, Field)> {
+        let mut batch = Vec::new();
+        while batch.len() < max
+            && let Some(a) = self.ready.pop_front()
+        {
+            if !self.writing.contains(&a)
+                && let Some(f) = self.dirty.remove(&a)
+            {
+                self.writing.insert(a.clone());
+                batch.push((a, f));
+            }
+        }
+        batch
+    }
+
+    /// `aor`'s write ended (a failed one was offered back first): what waits for it is
+    /// ready.
+    fn done(&mut self, aor: &str) {
+        self.writing.remove(aor);
+        if self.dirty.contains_key(aor) {
+            self.ready.push_back(aor.to_string());
+        }
+    }
+
+    /// Writes waiting (not at the store).
+    fn waiting(&self) -> usize {
+        self.dirty.len()
+    }
+}
+
 /// Writes what `dirty` holds, at most STORE_IN_FLIGHT at once and one per AOR; a write that
 /// fails goes back (unless a newer one came meanwhile) and is tried again after
 /// [`WRITE_RETRY`]. Without a connection, writes wait (logged, at most a line a second).
@@ -494,11 +548,11 @@ async fn write_dirty(st: Rc<State>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
     loop {
         let Some(c) = st.conn().filter(|_| st.claimed.get()) else {
-            if !st.dirty.borrow().is_empty()
+            if st.writes.borrow().waiting() > 0
                 && let Some(left_out) = st.errors.allow(Instant::now())
             {
                 tracing::warn!(
-                    waiting = st.dirty.borrow().len(),
+                    waiting = st.writes.borrow().waiting(),
                     left_out,
                     "location store not connected: binding writes wait for it"
                 );
@@ -506,19 +560,7 @@ async fn write_dirty(st: Rc<State>) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let batch: Vec<(String, Field)> = {
-            let writing = st.writing.borrow();
-            let mut dirty = st.dirty.borrow_mut();
-            let aors: Vec<String> = dirty
-                .keys()
-                .filter(|a| !writing.contains(*a))
-                .take(256)
-                .cloned()
-                .collect();
-            aors.into_iter()
-                .filter_map(|a| dirty.remove(&a).map(|f| (a, f)))
-                .collect()
-        };
+        let batch = st.writes.borrow_mut().take(256);
         if batch.is_empty() {
             st.wake.notified().await;
             continue;
@@ -527,7 +569,6 @@ async fn write_dirty(st: Rc<State>) {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
-            st.writing.borrow_mut().insert(aor.clone());
             let (st, mut c) = (st.clone(), c.clone());
             tokio::task::spawn_local(async move {
                 let written = write_field(&st, &mut c, &aor, &field).await;
@@ -540,11 +581,11 @@ async fn write_dirty(st: Rc<State>) {
                     let wait = st.write_failures.borrow_mut().failed(&aor);
                     tokio::time::sleep(wait).await;
                     // A newer value that came meanwhile wins; else this one is tried again.
-                    st.dirty.borrow_mut().entry(aor.clone()).or_insert(field);
+                    st.writes.borrow_mut().offer(aor.clone(), field, false);
                 } else {
                     st.write_failures.borrow_mut().succeeded(&aor);
                 }
-                st.writing.borrow_mut().remove(&aor);
+                st.writes.borrow_mut().done(&aor);
                 st.wake.notify_one();
             });
         }
@@ -1101,6 +1142,45 @@ fn liveness_unsure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_wait_newest_per_aor_one_at_a_time_and_in_the_order_they_became_ready() {
+        let f = |n: u64| Some((format!("field {n}"), n));
+        let mut w = Writes::default();
+        w.offer("a".into(), f(1), true);
+        w.offer("b".into(), f(1), true);
+        w.offer("a".into(), f(2), true); // coalesced
+        assert_eq!(w.take(1), vec![("a".to_string(), f(2))]);
+        // a is at the store: a newer value waits, not ready (one write per AOR at a time).
+        w.offer("a".into(), f(3), true);
+        assert_eq!(w.take(10), vec![("b".to_string(), f(1))]);
+        assert_eq!(w.take(10), vec![]);
+        // a's write failed: put back, the newer value wins; ready once a's write is over.
+        w.offer("a".into(), f(2), false);
+        assert_eq!(w.take(10), vec![]);
+        w.done("a");
+        assert_eq!(w.take(10), vec![("a".to_string(), f(3))]);
+        w.done("a");
+        w.done("b");
+        // A failed write with nothing newer comes back as it was.
+        w.offer("c".into(), f(1), true);
+        let c = w.take(10);
+        w.offer("c".into(), f(1), false);
+        w.done("c");
+        assert_eq!(w.take(10), c);
+        w.done("c");
+        assert_eq!((w.waiting(), w.take(10)), (0, vec![]));
+        // Many AORs backing off cost a take nothing: only ready ones are looked at.
+        for i in 0..1000 {
+            w.offer(format!("x{i}"), f(1), true);
+        }
+        assert_eq!(w.take(1000).len(), 1000);
+        for i in 0..1000 {
+            w.offer(format!("x{i}"), f(2), true);
+        }
+        assert!(w.ready.is_empty());
+        assert_eq!(w.take(10), vec![]);
+    }
 
     #[test]
     fn which_nodes_live_is_unknown_until_read_or_a_liveness_after_connecting() {
