@@ -313,6 +313,102 @@ fn a_partner_that_refuses_our_certificate_after_the_handshake_is_not_dialled_onc
     srv.join().unwrap();
 }
 
+#[test]
+fn what_waited_for_a_partner_link_does_not_close_it_as_it_comes_up() {
+    // Up to 4 MiB could wait for a link being dialled, and all of it is handed to the link
+    // when it comes up; a partner that does not read at once (our flush arrives with its
+    // first records) left more than the link's own cap (`limits.write_queue_bytes`, 1 MiB)
+    // queued, and the new link was closed as a slow reader: everything lost, the dial
+    // counted as failed, and the next slow dial did it again.
+    let pki = Pki::new();
+    // Segments of a WAN link, not loopback's 64 KiB: the kernel sizes our send buffer by
+    // them, and with loopback's it took megabytes at once, hiding the queue.
+    let listener = {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_tcp_mss(1400).unwrap();
+        s.set_recv_buffer_size(64 * 1024).unwrap();
+        s.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        s.listen(16).unwrap();
+        std::net::TcpListener::from(s)
+    };
+    let port = listener.local_addr().unwrap().port();
+    let (chain, key) = pki_partner_issue(&pki, "sip.partner.example.com");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki.certs("ca.pem") {
+        roots.add(c).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let partner_cfg = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![chain], key)
+            .unwrap(),
+    );
+    // The partner: slow to handshake (the requests wait for the link), then slow to read.
+    let partner = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        let mut conn = rustls::ServerConnection::new(partner_cfg).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut s).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut tls = rustls::Stream::new(&mut conn, &mut s);
+        let (mut got, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
+        let closed = loop {
+            match tls.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break false,
+                Err(_) => break true,
+            }
+        };
+        let messages = got.windows(8).filter(|w| w == b"MESSAGE ").count();
+        (messages, closed)
+    });
+    let (srv, mut alice) = toward_partner_at(&pki, port);
+    // About 2 MB toward the partner while the link is being dialled.
+    let body = "x".repeat(1800);
+    for i in 0..900 {
+        alice.send(&alice.request(
+            "MESSAGE",
+            "sip:bob@partner.example.com",
+            "<sip:bob@partner.example.com>",
+            &format!("waits-{i}"),
+            1,
+            "",
+            Some(("text/plain", &body)),
+        ));
+    }
+    let (messages, closed) = partner.join().unwrap();
+    let m = sipring_tests::server::admin_get(srv.admin_addr.unwrap(), "/metrics");
+    let slow = metric(&m, "sipring_queue_drops_total{queue=\"connection\"}").unwrap_or(0.0);
+    assert_eq!(slow, 0.0, "the link was closed as a slow reader");
+    assert!(!closed, "the link was closed ({messages} messages read)");
+    assert!(messages > 100, "{messages} messages reached the partner");
+    srv.stop();
+    srv.join().unwrap();
+}
+
 /// A fake partner on `listener`: for each of its first `max` connections, a TLS handshake
 /// under `cfg` and one read. Counts the connections (our dials).
 fn fake_partner(

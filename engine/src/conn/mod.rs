@@ -153,7 +153,7 @@ enum Closing {
 
 /// What one queued write costs beyond its bytes (the entry and its allocation), counted
 /// against `limits.write_queue_bytes` so that many small writes cannot hide behind it.
-const QUEUED_ENTRY_COST: usize = size_of::<Queued>() + 16;
+pub(crate) const QUEUED_ENTRY_COST: usize = size_of::<Queued>() + 16;
 
 /// One bytes-on-the-wire chunk the socket could not take at once.
 struct Queued {

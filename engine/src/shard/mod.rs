@@ -726,9 +726,15 @@ impl Shard {
                     PeerLink::Connecting(q) => {
                         // Bounded in count and bytes while the dial lasts (at most the
                         // connect and handshake timeouts): 1,024 messages of up to
-                        // `max_message` each were 64 MiB per partner and shard.
-                        let held: usize = q.iter().map(|(b, _)| b.len()).sum();
-                        if q.len() < 1024 && held + bytes.len() <= PEER_QUEUE_BYTES {
+                        // `max_message` each were 64 MiB per partner and shard. And to half
+                        // what the link may queue once up (`limits.write_queue_bytes`, as
+                        // it counts): the link is handed all of it at once, and 4 MiB
+                        // against its 1 MiB closed it as a slow reader the moment it came
+                        // up, everything lost, and the dial counted failed.
+                        let cost = |b: &[u8]| b.len() + crate::conn::QUEUED_ENTRY_COST;
+                        let held: usize = q.iter().map(|(b, _)| cost(b)).sum();
+                        let cap = PEER_QUEUE_BYTES.min(self.cfg.limits.write_queue_bytes / 2);
+                        if q.len() < 1024 && held + cost(&bytes) <= cap {
                             q.push_back((bytes, stamp));
                         } else {
                             drop(peers);
