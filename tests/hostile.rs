@@ -631,6 +631,76 @@ fn a_peer_that_half_closes_still_gets_its_answers() {
 }
 
 #[test]
+fn what_is_queued_for_a_peer_that_half_closed_goes_out_while_its_answers_are_awaited() {
+    // A client half-closes (FIN) while it has not read its answers yet, so that the server
+    // holds them queued; its INVITE still rings. While the connection waits (up to 2 s) for
+    // that INVITE's answers, what is queued goes out as the client reads. Before, nothing was
+    // written until the close: the 180 came 2 s late (and a larger backlog would have passed
+    // the write cap and been dropped with the connection).
+    let pki = Pki::new();
+    let srv = server(&pki, |c| c.auth.enabled = false);
+    let tcp_addr = srv.listen_addrs[1];
+    let mut bob = Ua::tcp(tcp_addr, "bob", "example.com").unwrap();
+    assert_eq!(bob.register(600), 200);
+    // A small receive window over WAN-sized segments: what the server sends waits in its
+    // own queue, not in the kernel (loopback's 64 KiB segments take megabytes at once).
+    let mut s: TcpStream = {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(16 * 1024).unwrap();
+        s.set_tcp_mss(1400).unwrap();
+        s.connect(&tcp_addr.into()).unwrap();
+        s.into()
+    };
+    let local = s.local_addr().unwrap();
+    let n = 1500;
+    let options: Vec<u8> = (0..n)
+        .flat_map(|i| {
+            format!(
+                "OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKhq{i}\r\nMax-Forwards: 70\r\nTo: <sip:example.com>\r\nFrom: <sip:carol@example.com>;tag=c\r\nCall-ID: hq-{i}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+            )
+            .into_bytes()
+        })
+        .collect();
+    s.write_all(&options).unwrap();
+    s.write_all(format!(
+        "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKhqinv\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:carol@example.com>;tag=c\r\nCall-ID: hq-inv\r\nCSeq: 1 INVITE\r\nContact: <sip:carol@{local};transport=tcp>\r\nContent-Length: 0\r\n\r\n"
+    ).as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let fin = std::time::Instant::now();
+    let inv = bob.expect("the INVITE");
+    // The server has taken the FIN by now, and waits for the INVITE's answers.
+    std::thread::sleep(Duration::from_millis(200));
+    bob.send(&answer(&inv, 180, "Ringing", "b1", "sip:bob@127.0.0.1"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (mut got, mut buf) = (Vec::new(), vec![0u8; 16384]);
+    let mut ringing = None;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+        if ringing.is_none() && got.windows(11).any(|w| w == b"SIP/2.0 180") {
+            ringing = Some(fin.elapsed());
+        }
+    }
+    let ended = fin.elapsed();
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("SIP/2.0 200 OK\r\n").count(), n);
+    let ringing = ringing.expect("the 180");
+    // The connection waits 2 s for the INVITE's final answer, then closes: the 180 (sent
+    // 200 ms after the FIN) came well before that, not with the close.
+    assert!(
+        ended.saturating_sub(ringing) >= Duration::from_millis(500),
+        "the 180 arrived {ringing:?} after the FIN, the close {ended:?}"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn what_a_dropped_slow_reader_pipelined_is_not_served() {
     // A client that never reads pipelines requests: once its write queue passes the cap it
     // is dropped, and the requests left in the read that dropped it are not served (their

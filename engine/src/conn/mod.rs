@@ -462,6 +462,36 @@ impl Conn {
         }
     }
 
+    /// Writes what is queued as far as the socket takes it now, without waiting (for a task
+    /// that is not in [`Conn::poll_event`]): a KeyUpdate due first, as there.
+    fn flush_now(&self, shard: &Shard) {
+        let mut io = self.io.borrow_mut();
+        if io.out.is_empty() {
+            return;
+        }
+        let flushed = match io.maybe_rekey(shard.cfg.tls.ktls_max_records) {
+            Err(why) => Err(why),
+            Ok(retire) => {
+                if retire {
+                    self.retiring.set(true);
+                }
+                // No waker: the caller polls again; the task registers its own at its next
+                // flush.
+                let mut cx = Context::from_waker(Waker::noop());
+                match io.poll_flush(&mut cx, &mut |s| record_forward(shard, s)) {
+                    Poll::Ready(Err(())) => Err("write_error"),
+                    _ => Ok(()),
+                }
+            }
+        };
+        let out = io.out_bytes;
+        drop(io);
+        self.account_queue(shard, out);
+        if let Err(why) = flushed {
+            self.abort(why);
+        }
+    }
+
     /// Not closing yet?
     pub fn is_open(&self) -> bool {
         self.closing.get() == Closing::No
@@ -727,6 +757,11 @@ async fn finish_in_progress(
     let deadline = Instant::now() + FRAMING_DRAIN;
     while shard.proxy.borrow().in_progress_on(flow) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
+        // What is queued goes out meanwhile (the task flushes in `poll_event` only): the
+        // answers waited for here queue behind it, and reached the peer only at the close
+        // (up to 2 s late), or passed the write cap and closed the connection as a slow
+        // reader, everything queued lost.
+        conn.flush_now(shard);
         // Closed meanwhile (stopping, the idle sweep, a revoked certificate, a slow reader):
         // nothing more would be sent anyway.
         if conn.closing.get() != Closing::No {
