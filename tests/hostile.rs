@@ -667,7 +667,7 @@ fn what_is_queued_for_a_peer_that_half_closed_goes_out_while_its_answers_are_awa
         "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TCP {local};branch=z9hG4bKhqinv\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:carol@example.com>;tag=c\r\nCall-ID: hq-inv\r\nCSeq: 1 INVITE\r\nContact: <sip:carol@{local};transport=tcp>\r\nContent-Length: 0\r\n\r\n"
     ).as_bytes()).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
-    let fin = std::time::Instant::now();
+    let fin = Instant::now();
     let inv = bob.expect("the INVITE");
     // The server has taken the FIN by now, and waits for the INVITE's answers.
     std::thread::sleep(Duration::from_millis(200));
