@@ -105,6 +105,7 @@ fn into_kernel(
         records_sent: 0,
         peer_key_updates: 0,
         warnings: 0,
+        renegotiation_refused: false,
     })
 }
 

@@ -75,6 +75,8 @@ pub struct KernelState {
     peer_key_updates: u32,
     /// Warning alerts from the peer, ignored (see `records::MAX_WARNING_ALERTS`).
     warnings: u8,
+    /// A TLS 1.2 renegotiation the peer asked for was refused (the next one ends it).
+    renegotiation_refused: bool,
 }
 
 enum KernelConn {

@@ -159,7 +159,18 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
                         }
                         KernelConn::Server(_) => return Err("unexpected_handshake"),
                     },
-                    _ => return Err("unexpected_handshake"),
+                    _ => {
+                        let server = matches!(k.conn, KernelConn::Server(_));
+                        refuse_renegotiation(kind, server, k.tls13, k.renegotiation_refused)?;
+                        k.renegotiation_refused = true;
+                        // A warning the socket has no room for is not sent: the peer's
+                        // renegotiation then times out on its side, as it would fail anyway.
+                        match sys::ktls::send_record(fd, content::ALERT, &[1, NO_RENEGOTIATION]) {
+                            Ok(_) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => return Err("write_error"),
+                        }
+                    }
                 }
             }
             Ok(())
@@ -168,6 +179,28 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
         // TLS 1.3, RFC 8446 §5; renegotiation in TLS 1.2, which we do not do) — and 23 bytes
         // of wire for a record's worth of work: refused, as userspace rustls refuses it.
         _ => Err("unexpected_record"),
+    }
+}
+
+/// no_renegotiation (RFC 5246 §7.2.2), sent at warning level.
+const NO_RENEGOTIATION: u8 = 100;
+
+/// A handshake message other than KeyUpdate or NewSessionTicket after the handshake: under
+/// TLS 1.2, the renegotiation a server asks for (HelloRequest, 0, to us as client) or a
+/// client starts (ClientHello, 1, to us as server) is refused once with a no_renegotiation
+/// warning, as userspace rustls does, and ends the connection the second time; anything
+/// else ends it. A kernel connection was closed at the first one, where a userspace one
+/// went on: some SBCs renegotiate TLS 1.2 links periodically to rekey.
+fn refuse_renegotiation(
+    kind: u8,
+    server: bool,
+    tls13: bool,
+    refused_before: bool,
+) -> Result<(), &'static str> {
+    match (kind, server) {
+        (0, false) | (1, true) if !tls13 && !refused_before => Ok(()),
+        (0, false) | (1, true) if !tls13 => Err("renegotiation"),
+        _ => Err("unexpected_handshake"),
     }
 }
 
@@ -187,7 +220,32 @@ fn alert_outcome(payload: &[u8], tls13: bool) -> Result<(), &'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{alert_outcome, handshake_messages};
+    use super::{alert_outcome, handshake_messages, refuse_renegotiation};
+
+    #[test]
+    fn a_tls12_renegotiation_is_refused_once_then_ends_the_connection() {
+        // As userspace rustls: a server's HelloRequest to us (client), a client's ClientHello
+        // to us (server), under TLS 1.2.
+        for (kind, server) in [(0, false), (1, true)] {
+            assert_eq!(refuse_renegotiation(kind, server, false, false), Ok(()));
+            assert_eq!(
+                refuse_renegotiation(kind, server, false, true),
+                Err("renegotiation")
+            );
+            // TLS 1.3 has none.
+            assert_eq!(
+                refuse_renegotiation(kind, server, true, false),
+                Err("unexpected_handshake")
+            );
+        }
+        // The wrong way round, or another message: not a renegotiation.
+        for (kind, server) in [(0, true), (1, false), (2, false), (20, true)] {
+            assert_eq!(
+                refuse_renegotiation(kind, server, false, false),
+                Err("unexpected_handshake")
+            );
+        }
+    }
 
     #[test]
     fn alerts_close_as_userspace_rustls_does() {
