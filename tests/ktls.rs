@@ -714,6 +714,70 @@ fn the_record_budget_rekeys_or_closes() {
 }
 
 #[test]
+fn a_connection_whose_key_is_spent_answers_new_requests_503_until_its_call_is_answered() {
+    // TLS 1.2 cannot rekey: past its budget a connection ends, once what is in progress on
+    // it is answered. It stopped reading at once: what its peer sent meanwhile was read by
+    // nobody and discarded at the close (a partner's INVITEs failed 32 s later). Now new
+    // requests get 503 with Retry-After (sent elsewhere at once) while the call it carries
+    // is answered; then it closes.
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.auth.enabled = false;
+    cfg.tls.ktls_max_records = 6;
+    let srv = start(cfg, None).unwrap();
+    let ua = |user: &str, tls12: bool| {
+        let mut u = Ua::tls(
+            srv.listen_addrs[0],
+            tls_config(&pki.certs("ca.pem"), None, tls12),
+            "sip.example.com",
+            user,
+            "example.com",
+        )
+        .unwrap();
+        assert_eq!(u.register(600), 200);
+        u
+    };
+    // bob on TLS 1.3 (rekeyed by the kernel where it can, by rustls in userspace; left in
+    // userspace where the kernel cannot): his key never runs out.
+    let mut bob = ua("bob", false);
+    let mut alice = ua("alice", true);
+    let inv = sipring_tests::ua::invite(&mut alice, &mut bob, "spent-1");
+    bob.send(&answer(&inv, 180, "Ringing", "b1", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("180").0, 180);
+    // OPTIONS until alice's connection crosses its budget: then 503, not silence.
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        alice.send(&alice.request(
+            "OPTIONS",
+            "sip:sip.example.com",
+            "<sip:sip.example.com>",
+            &format!("spent-o{i}"),
+            1,
+            "",
+            None,
+        ));
+        let s = alice
+            .recv(Duration::from_secs(2))
+            .and_then(|r| sipring_tests::ua::status(&r));
+        statuses.push(s);
+        if s != Some(200) {
+            break;
+        }
+    }
+    assert_eq!(statuses.last(), Some(&Some(503)), "{statuses:?}");
+    // The call in progress is still answered over it, then it closes.
+    bob.send(&answer(&inv, 486, "Busy Here", "b1", "sip:bob@127.0.0.1"));
+    assert_eq!(alice.expect_final_or_provisional("486").0, 486);
+    assert!(
+        alice.closed_within(Duration::from_secs(5)),
+        "the connection ends"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_socket_with_the_tls_ulp_and_no_key_is_plain_tcp_both_ways() {
     // The hand-off attaches the ULP before it takes the session from rustls, so that a
     // refusal leaves the connection in userspace (`ulp_failed`); a hand-off rustls refuses

@@ -433,6 +433,9 @@ pub struct ShardProxy {
     /// The node is going away: every new request is answered 503 at the door (the work in
     /// progress, and what finishes it, goes on), so what is in flight reaches zero.
     draining: bool,
+    /// Connections going away ([`ShardProxy::set_flow_draining`]): the same, for the new
+    /// requests they bring. Dropped as each closes.
+    draining_flows: HashSet<Flow>,
     /// In-dialog INVITEs refused for room without a transaction (a stateless 503 keeps
     /// their dialog's To-tag, so their ACK could not be told from the dialog's): their ACK
     /// ends here. Oldest first, each kept 64·T1, at most [`MAX_STATELESS_REINVITES`].
@@ -608,6 +611,7 @@ impl ShardProxy {
             timer_c: TIMER_C,
             admission: 1.0,
             draining: false,
+            draining_flows: HashSet::new(),
             stateless_reinvites: Default::default(),
             detours: Detours::default(),
             admit_credit: 0.0,
@@ -731,6 +735,14 @@ impl ShardProxy {
     /// calls set up near the end were cut when it stopped.
     pub fn set_draining(&mut self) {
         self.draining = true;
+    }
+
+    /// One connection is going away (a TLS 1.2 key spent: it ends once what is in progress
+    /// on it is answered): new requests it brings are answered 503 with Retry-After at the
+    /// door, as when the node drains, so the peer sends them on another connection; CANCEL,
+    /// requests inside our dialogs and responses still pass.
+    pub fn set_flow_draining(&mut self, flow: &Flow) {
+        self.draining_flows.insert(flow.clone());
     }
 
     /// Answers a share of new requests 503 at the door (overload), from 0 to 1.
@@ -1478,7 +1490,9 @@ impl ShardProxy {
             Decision::ToPeer(_) => proxy.follows_our_dialog_route(msg),
             _ => false,
         };
-        if method != Method::Cancel && self.draining && !in_dialog(&self.proxy, true) {
+        let draining = self.draining
+            || (!self.draining_flows.is_empty() && self.draining_flows.contains(flow));
+        if method != Method::Cancel && draining && !in_dialog(&self.proxy, true) {
             self.stats.drained += 1;
             return self.shed(flow, msg, ess.call_id);
         }
@@ -2912,6 +2926,7 @@ impl ShardProxy {
     /// calls it again when it finds a connection gone as it sends on it.
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
         self.detours.flow_closed(flow);
+        self.draining_flows.remove(flow);
         // A partner's connection: its requests still in progress are answered over the
         // link to it (RFC 3261 §18.2.2: a server whose connection closed SHOULD open one to
         // the sender), instead of cancelled — a carrier that recycles a connection mid-call

@@ -313,8 +313,9 @@ enum Event {
     Eof,
     /// Close, gracefully or not.
     Close(Closing),
-    /// The kernel key is spent and cannot be replaced (TLS 1.2, or no kernel rekey): read
-    /// nothing more, let what is in progress be answered, then close gracefully.
+    /// Our key is spent and cannot be replaced (TLS 1.2, or no kernel rekey): new requests
+    /// are answered 503, what is in progress is answered, then the connection closes
+    /// gracefully. Handed to the task once.
     Retire,
 }
 
@@ -345,6 +346,8 @@ pub struct Conn {
     closing: Cell<Closing>,
     /// Its kernel key is spent ([`Event::Retire`]): what it sends still goes out.
     retiring: Cell<bool>,
+    /// [`Event::Retire`] was handed to its task (once).
+    retire_told: Cell<bool>,
     /// When the incomplete message now held began (its first byte), if one is.
     partial_since: Cell<Option<Instant>>,
     /// Bytes held for it (plaintext and undecrypted TLS input).
@@ -416,6 +419,7 @@ impl Conn {
             holds: RefCell::new(Vec::new()),
             closing: Cell::new(Closing::No),
             retiring: Cell::new(false),
+            retire_told: Cell::new(false),
             partial_since: Cell::new(None),
             partial_len: Cell::new(0),
             involved: Cell::new(0),
@@ -577,7 +581,8 @@ impl Conn {
             }
         };
         // This message still goes out, and so do the answers to what is in progress; the
-        // task then reads nothing more and closes gracefully ([`Event::Retire`]).
+        // task then answers new requests 503 and closes gracefully once nothing is in
+        // progress ([`Event::Retire`]).
         let retire = || {
             if retire && !self.retiring.replace(true) {
                 tracing::info!(
@@ -650,7 +655,7 @@ impl Conn {
         if let c @ (Closing::Graceful(_) | Closing::Abort(_)) = self.closing.get() {
             return Poll::Ready(Event::Close(c));
         }
-        if self.retiring.get() {
+        if self.retiring.get() && !self.retire_told.replace(true) {
             return Poll::Ready(Event::Retire);
         }
         let mut io = self.io.borrow_mut();
@@ -660,7 +665,9 @@ impl Conn {
                 // The close sequence flushes what is queued, then close_notify.
                 Ok(true) => {
                     self.retiring.set(true);
-                    return Poll::Ready(Event::Retire);
+                    if !self.retire_told.replace(true) {
+                        return Poll::Ready(Event::Retire);
+                    }
                 }
                 Err(why) => return Poll::Ready(Event::Close(Closing::Abort(why))),
             }
@@ -840,14 +847,29 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     let mut partial: Vec<u8> = Vec::new();
     // Events in a row that came without waiting (see READY_IN_A_ROW).
     let mut ready_in_a_row = 0u32;
+    // Its key spent ([`Event::Retire`]): until when it waits for what is in progress.
+    let mut retiring_until: Option<Instant> = None;
     let closing = 'conn: loop {
+        if let Some(until) = retiring_until
+            && (shard.proxy.borrow().in_progress_on(&flow) == 0 || Instant::now() >= until)
+        {
+            break Closing::Graceful("record_budget");
+        }
         let mut waited = false;
-        let ev = std::future::poll_fn(|cx| {
+        let wait = std::future::poll_fn(|cx| {
             let p = conn.poll_event(cx, &shard);
             waited |= p.is_pending();
             p
-        })
-        .await;
+        });
+        let ev = match retiring_until {
+            None => wait.await,
+            // Looked at again every 5 ms for the end of what is in progress (a read
+            // replaces its waker: nothing piles up while raced).
+            Some(_) => match with_timeout(Duration::from_millis(5), wait).await {
+                Some(ev) => ev,
+                None => continue,
+            },
+        };
         if waited {
             ready_in_a_row = 0;
         } else {
@@ -864,8 +886,19 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         let (scratch, n, control) = match ev {
             Event::Close(c) => break c,
             Event::Eof => break finish_in_progress(&shard, &conn, &flow, "peer_closed").await,
+            // Only our key is spent: the connection keeps reading until what is in progress
+            // on it is answered (at most FRAMING_DRAIN), new requests answered 503 with
+            // Retry-After so its peer sends them on another connection, in-dialog ones and
+            // responses as before; then it closes gracefully. Before, reading stopped at
+            // once, and what the peer sent meanwhile was discarded at the close (its INVITEs
+            // failed 32 s later). A link we dialled does not wait (`finish_in_progress`).
+            Event::Retire if matches!(flow, Flow::Peer(_)) => {
+                break Closing::Graceful("record_budget");
+            }
             Event::Retire => {
-                break finish_in_progress(&shard, &conn, &flow, "record_budget").await;
+                shard.proxy.borrow_mut().set_flow_draining(&flow);
+                retiring_until = Some(Instant::now() + FRAMING_DRAIN);
+                continue;
             }
             Event::Data(scratch, n, control) => (scratch, n, control),
         };
