@@ -477,6 +477,23 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    // And 600 more: a hash Redis no longer keeps compact, which the nodes read a page at a
+    // time (HSCAN), every page counted.
+    let mut fill = Command::new("redis-cli");
+    fill.args([
+        "-c",
+        "-p",
+        &redis.ports[0].to_string(),
+        "hset",
+        "subscribers",
+    ]);
+    for i in 0..600 {
+        let user = format!("filler{i}");
+        let e = sipring::auth::SubscriberEntry::new(&user, "example.com", vec![], "filler-secret");
+        fill.arg(format!("{user}@example.com")).arg(e.to_toml());
+    }
+    let out = fill.output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "600");
     let mut c = Cluster::new(&redis.seeds());
     for i in 0..3 {
         c.nodes[i].start();
@@ -559,6 +576,17 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     assert_eq!(roamer.register(600), 200);
     wait_stored(&redis, "roamer0", "node-b");
     assert_eq!(message(&mut caller, "roamer0", Some(&mut roamer), 12), 200);
+    // All 601 were read, not the first page's.
+    let log = c.nodes[1]
+        .server
+        .as_ref()
+        .unwrap()
+        .wait_log("subscribers read from the location store");
+    let line = log
+        .lines()
+        .find(|l| l.contains("subscribers read from the location store"))
+        .unwrap();
+    assert!(line.contains("601"), "{line}");
 
     // A second process configured as node A (a copied configuration; its own ports) must
     // not run as A: its writes and its start-up sweep would erase A's bindings. It waits

@@ -901,11 +901,9 @@ async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::Shar
     let mut last: Option<u64> = None;
     loop {
         if let Some(mut c) = st.conn() {
-            let r: redis::RedisResult<Vec<(String, String)>> =
-                redis::cmd("HGETALL").arg(&key).query_async(&mut c).await;
-            match r {
+            match read_hash(&mut c, &key).await {
                 Ok(entries) => {
-                    let text: Vec<&str> = entries.iter().map(|(_, v)| v.as_str()).collect();
+                    let text: Vec<&str> = entries.values().map(String::as_str).collect();
                     let text = text.join("\n");
                     let digest = {
                         use std::hash::{BuildHasher, BuildHasherDefault};
@@ -958,6 +956,36 @@ async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::Shar
             Duration::from_millis(500)
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Entries of a hash per `HSCAN` page: one `HGETALL` of a large subscriber hash (100,000
+/// entries, tens of MB) held the connection to its master — lookups and writes queued
+/// behind it — and had to arrive whole within `store_timeout_ms`, so it could fail every
+/// time; a page is a request of its own, each within the timeout.
+const HASH_PAGE: usize = 250;
+
+/// All of hash `key`, read a page at a time (`HSCAN`); a field the scan returns twice
+/// (allowed while the hash changes) counts once, in field order.
+async fn read_hash(
+    c: &mut ClusterConnection,
+    key: &str,
+) -> redis::RedisResult<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(HASH_PAGE)
+            .query_async(c)
+            .await?;
+        out.extend(page);
+        if next == 0 {
+            return Ok(out);
+        }
+        cursor = next;
     }
 }
 
