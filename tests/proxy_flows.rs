@@ -2020,6 +2020,56 @@ fn an_overloaded_shard_sheds_new_work_and_finishes_what_it_admitted() {
 }
 
 #[test]
+fn a_connection_going_away_refuses_its_clients_new_requests_but_not_a_partners() {
+    // A connection whose TLS key is spent ends once what is in progress on it either way is
+    // answered; meanwhile a client's new requests on it get 503 with Retry-After (it sends
+    // them on another connection), counted apart from a node's drain.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKgo1", "call-go"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    // The call rings at bob: in progress on A (its INVITE) and on B (ours to bob).
+    assert_eq!(n.proxy.in_progress_both_ways(&A), 1);
+    assert_eq!(n.proxy.in_progress_both_ways(&B), 1);
+    assert_eq!(n.proxy.in_progress_on(&B), 0);
+    n.proxy.set_flow_draining(&A);
+    n.send(&A, &message("z9hG4bKgo2", "go2"));
+    let r = String::from_utf8(n.one(&A)).unwrap();
+    assert!(
+        r.starts_with("SIP/2.0 503 ") && r.contains("\r\nRetry-After: "),
+        "{r}"
+    );
+    // Another connection's request passes; the call in progress finishes.
+    n.send(&C, &message("z9hG4bKgo3", "go3"));
+    assert_eq!(method(&n.one(&B)), "MESSAGE");
+    let st = n.proxy.stats();
+    assert_eq!((st.flow_drained, st.drained), (1, 0));
+    n.send(&B, &answer(&fwd, 486, "Busy Here", "b1"));
+    assert_eq!(status(&n.one(&A)), 486);
+    assert_eq!(n.proxy.in_progress_both_ways(&A), 0);
+    assert_eq!(n.proxy.in_progress_both_ways(&B), 1, "the MESSAGE from C");
+    // A partner's connection is not refused: a 503 reads to an SBC as "down", and what it
+    // has in progress is answered over our link to it once its connection closes.
+    let (_, mut n) = carrier_net();
+    let conn = Flow::Conn(77);
+    n.proxy.set_flow_info(
+        conn.clone(),
+        sipring_core::policy::FlowInfo {
+            principal: sipring_core::policy::Principal::Partner("carrier".into()),
+            source: Some(([203, 0, 113, 5], 40123).into()),
+            iface: None,
+        },
+    );
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.proxy.set_flow_draining(&conn);
+    let msg = "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sip.carrier.example;branch=z9hG4bKgo4\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=1\r\nCall-ID: go-4\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+    n.send(&conn, msg.as_bytes());
+    assert_eq!(method(&n.one(&B)), "MESSAGE");
+    assert!(n.take(&conn).is_empty());
+}
+
+#[test]
 fn a_draining_node_refuses_new_work_and_finishes_its_calls() {
     // SIGTERM: new requests get 503 with Retry-After at the door (their senders try another
     // server), whoever sends them; the call in progress is answered, ACKed and hung up.

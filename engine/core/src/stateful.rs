@@ -154,6 +154,9 @@ pub struct Stats {
     pub shed: u64,
     /// New requests answered 503 at the door because the node is draining.
     pub drained: u64,
+    /// New requests answered 503 at the door because their connection is going away
+    /// ([`ShardProxy::set_flow_draining`]).
+    pub flow_drained: u64,
     /// Responses that carried overload-control feedback (RFC 7339 `oc`) to a client.
     pub oc_feedback: u64,
     /// New requests answered 503 here because the partner they were going to asked, by
@@ -666,6 +669,28 @@ impl ShardProxy {
         self.servers.values().filter(|s| !s.final_sent).count() + self.pending.len()
     }
 
+    /// Requests in progress either way on `flow`: those it sent us not answered yet, and
+    /// those we sent over it with no final answer yet (a call ringing at a phone).
+    pub fn in_progress_both_ways(&self, flow: &Flow) -> usize {
+        let Some(t) = self.by_flow.get(flow) else {
+            return 0;
+        };
+        t.keys
+            .iter()
+            .filter(|k| match k {
+                TimerKey::Server(k) => self
+                    .servers
+                    .get(k)
+                    .is_some_and(|s| &s.inbound == flow && !s.final_sent),
+                TimerKey::Client(k) => self
+                    .clients
+                    .get(k)
+                    .is_some_and(|c| &c.outbound == flow && !c.final_received),
+                _ => false,
+            })
+            .count()
+    }
+
     /// Requests that arrived on `flow` and still wait for their final response: what a
     /// connection closing after a framing error waits for, so a valid request ahead of the
     /// garbage is answered.
@@ -741,8 +766,13 @@ impl ShardProxy {
     /// on it is answered): new requests it brings are answered 503 with Retry-After at the
     /// door, as when the node drains, so the peer sends them on another connection; CANCEL,
     /// requests inside our dialogs and responses still pass.
+    /// Not a partner's or a cluster node's connection: a 503 with Retry-After reads to an
+    /// SBC as "this destination is down", and a node's forwarded INVITE would fail upstream;
+    /// their requests in progress are answered over our link to them once it closes.
     pub fn set_flow_draining(&mut self, flow: &Flow) {
-        self.draining_flows.insert(flow.clone());
+        if self.partner_of(flow).is_none() {
+            self.draining_flows.insert(flow.clone());
+        }
     }
 
     /// Answers a share of new requests 503 at the door (overload), from 0 to 1.
@@ -1490,10 +1520,16 @@ impl ShardProxy {
             Decision::ToPeer(_) => proxy.follows_our_dialog_route(msg),
             _ => false,
         };
-        let draining = self.draining
-            || (!self.draining_flows.is_empty() && self.draining_flows.contains(flow));
-        if method != Method::Cancel && draining && !in_dialog(&self.proxy, true) {
-            self.stats.drained += 1;
+        let flow_draining = !self.draining_flows.is_empty() && self.draining_flows.contains(flow);
+        if method != Method::Cancel
+            && (self.draining || flow_draining)
+            && !in_dialog(&self.proxy, true)
+        {
+            if self.draining {
+                self.stats.drained += 1;
+            } else {
+                self.stats.flow_drained += 1;
+            }
             return self.shed(flow, msg, ess.call_id);
         }
         // Another node's removal (a device moved there) is upkeep, not new work: shed, it

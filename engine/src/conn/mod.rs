@@ -471,6 +471,11 @@ impl Conn {
     /// Writes what is queued as far as the socket takes it now, without waiting (for a task
     /// that is not in [`Conn::poll_event`]): a KeyUpdate due first, as there.
     fn flush_now(&self, shard: &Shard) {
+        // Closing (the shard's write budget may have dropped it): its queue is no longer
+        // counted, and must not be counted again.
+        if !self.is_open() {
+            return;
+        }
         let mut io = self.io.borrow_mut();
         if io.out.is_empty() {
             return;
@@ -825,6 +830,16 @@ const READY_IN_A_ROW: u32 = 16;
 /// How long a connection whose framing is lost waits for the answers to what it sent before.
 const FRAMING_DRAIN: Duration = Duration::from_secs(2);
 
+/// How long a connection whose key is spent waits for what is in progress on it (Timer B:
+/// a call ringing at a phone): the key's budget sits far below the AEAD's limit, so time
+/// is not short — at 500 messages a second this is 16,000 records of 2^23 left.
+const RETIRE_DRAIN: Duration = Duration::from_secs(32);
+
+/// And how long nothing must have been in progress before it closes: the ACK of a 2xx it
+/// just carried comes a round trip later (lost, the callee's 2xx goes unacknowledged and
+/// the call ends).
+const RETIRE_QUIET: Duration = Duration::from_millis(500);
+
 /// Records a forwarded message's latency (first byte read → last byte written).
 fn record_forward(shard: &Shard, s: Stamp) {
     shard.metrics.borrow_mut().record(
@@ -847,13 +862,21 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     let mut partial: Vec<u8> = Vec::new();
     // Events in a row that came without waiting (see READY_IN_A_ROW).
     let mut ready_in_a_row = 0u32;
-    // Its key spent ([`Event::Retire`]): until when it waits for what is in progress.
+    // Its key spent ([`Event::Retire`]): until when it waits for what is in progress, and
+    // since when nothing was.
     let mut retiring_until: Option<Instant> = None;
+    let mut quiet_since: Option<Instant> = None;
     let closing = 'conn: loop {
-        if let Some(until) = retiring_until
-            && (shard.proxy.borrow().in_progress_on(&flow) == 0 || Instant::now() >= until)
-        {
-            break Closing::Graceful("record_budget");
+        if let Some(until) = retiring_until {
+            let now = Instant::now();
+            if shard.proxy.borrow().in_progress_both_ways(&flow) > 0 {
+                quiet_since = None;
+            } else if quiet_since.is_none() {
+                quiet_since = Some(now);
+            }
+            if now >= until || quiet_since.is_some_and(|t| now - t >= RETIRE_QUIET) {
+                break Closing::Graceful("record_budget");
+            }
         }
         let mut waited = false;
         let wait = std::future::poll_fn(|cx| {
@@ -887,9 +910,11 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             Event::Close(c) => break c,
             Event::Eof => break finish_in_progress(&shard, &conn, &flow, "peer_closed").await,
             // Only our key is spent: the connection keeps reading until what is in progress
-            // on it is answered (at most FRAMING_DRAIN), new requests answered 503 with
-            // Retry-After so its peer sends them on another connection, in-dialog ones and
-            // responses as before; then it closes gracefully. Before, reading stopped at
+            // on it either way is answered (at most RETIRE_DRAIN) and RETIRE_QUIET has
+            // passed with nothing (the ACK of a 2xx just sent comes a round trip later),
+            // a client's new requests answered 503 with Retry-After so it sends them on
+            // another connection, in-dialog ones and responses as before; then it closes
+            // gracefully. Before, reading stopped at
             // once, and what the peer sent meanwhile was discarded at the close (its INVITEs
             // failed 32 s later). A link we dialled does not wait (`finish_in_progress`).
             Event::Retire if matches!(flow, Flow::Peer(_)) => {
@@ -897,7 +922,7 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             }
             Event::Retire => {
                 shard.proxy.borrow_mut().set_flow_draining(&flow);
-                retiring_until = Some(Instant::now() + FRAMING_DRAIN);
+                retiring_until = Some(Instant::now() + RETIRE_DRAIN);
                 continue;
             }
             Event::Data(scratch, n, control) => (scratch, n, control),

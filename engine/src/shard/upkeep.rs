@@ -116,6 +116,8 @@ impl Shard {
             m.counters
                 .insert("sipring_drain_refused_total".into(), st.drained);
             m.counters
+                .insert("sipring_retiring_refused_total".into(), st.flow_drained);
+            m.counters
                 .insert("sipring_overload_feedback_total".into(), st.oc_feedback);
             m.counters.insert(
                 "sipring_overload_partner_dropped_total".into(),
