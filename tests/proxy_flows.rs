@@ -2052,15 +2052,7 @@ fn a_connection_going_away_refuses_its_clients_new_requests_but_not_a_partners()
     // A partner's connection is not refused: a 503 reads to an SBC as "down", and what it
     // has in progress is answered over our link to it once its connection closes.
     let (_, mut n) = carrier_net();
-    let conn = Flow::Conn(77);
-    n.proxy.set_flow_info(
-        conn.clone(),
-        sipring_core::policy::FlowInfo {
-            principal: sipring_core::policy::Principal::Partner("carrier".into()),
-            source: Some(([203, 0, 113, 5], 40123).into()),
-            iface: None,
-        },
-    );
+    let conn = carrier_conn(&mut n);
     n.register("bob", &B, "10.0.0.2:5061");
     n.proxy.set_flow_draining(&conn);
     let msg = "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sip.carrier.example;branch=z9hG4bKgo4\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=1\r\nCall-ID: go-4\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
@@ -2361,12 +2353,8 @@ fn carrier_net() -> (Flow, Net) {
     (Flow::Peer("carrier".into()), n)
 }
 
-#[test]
-fn a_partners_via_gets_received_as_a_clients_does() {
-    // RFC 3261 §18.2.1: a sent-by that is a name (or another address) gets `received`,
-    // whoever sent it. Partners' Vias were passed on as they came (a `received` they wrote
-    // included).
-    let (_, mut n) = carrier_net();
+/// A connection of the `carrier` partner's (from 203.0.113.5) to [`carrier_net`]'s proxy.
+fn carrier_conn(n: &mut Net) -> Flow {
     let conn = Flow::Conn(77);
     n.proxy.set_flow_info(
         conn.clone(),
@@ -2376,6 +2364,16 @@ fn a_partners_via_gets_received_as_a_clients_does() {
             iface: None,
         },
     );
+    conn
+}
+
+#[test]
+fn a_partners_via_gets_received_as_a_clients_does() {
+    // RFC 3261 §18.2.1: a sent-by that is a name (or another address) gets `received`,
+    // whoever sent it. Partners' Vias were passed on as they came (a `received` they wrote
+    // included).
+    let (_, mut n) = carrier_net();
+    let conn = carrier_conn(&mut n);
     n.register("bob", &B, "10.0.0.2:5061");
     let msg = "MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS sip.carrier.example;branch=z9hG4bKpv1;received=198.51.100.1\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:x@carrier.example>;tag=1\r\nCall-ID: pv-1\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
     n.send(&conn, msg.as_bytes());

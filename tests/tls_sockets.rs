@@ -266,21 +266,7 @@ fn a_partner_that_refuses_our_certificate_after_the_handshake_is_not_dialled_onc
     let other = Ca::new("A CA the partner trusts instead of ours").unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(other.cert.der.clone()).unwrap();
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        std::sync::Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let server_cfg = std::sync::Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![ours.0], ours.1)
-            .unwrap(),
-    );
+    let server_cfg = partner_server(roots, ours, &[&rustls::version::TLS13]);
     let dials = fake_partner(listener, server_cfg, 64);
     let (srv, mut alice) = toward_partner_at(&pki, port);
     // A request every 100 ms for 4.5 s: dials at 0, 1 and 3 s (the wait doubles: 1 s,
@@ -344,21 +330,7 @@ fn what_waited_for_a_partner_link_does_not_close_it_as_it_comes_up() {
     for c in pki.certs("ca.pem") {
         roots.add(c).unwrap();
     }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        std::sync::Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
-    let partner_cfg = std::sync::Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(vec![chain], key)
-            .unwrap(),
-    );
+    let partner_cfg = partner_server(roots, (chain, key), rustls::DEFAULT_VERSIONS);
     // The partner: slow to handshake (the requests wait for the link), then slow to read.
     let partner = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -407,6 +379,29 @@ fn what_waited_for_a_partner_link_does_not_close_it_as_it_comes_up() {
     assert!(messages > 100, "{messages} messages reached the partner");
     srv.stop();
     srv.join().unwrap();
+}
+
+/// A partner's TLS server: its certificate, and client certificates verified against `roots`.
+fn partner_server(
+    roots: rustls::RootCertStore,
+    (chain, key): (CertificateDer<'static>, PrivateKeyDer<'static>),
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::sync::Arc<rustls::ServerConfig> {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![chain], key)
+            .unwrap(),
+    )
 }
 
 /// A fake partner on `listener`: for each of its first `max` connections, a TLS handshake

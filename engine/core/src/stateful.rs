@@ -672,29 +672,17 @@ impl ShardProxy {
     /// Requests in progress either way on `flow`: those it sent us not answered yet, and
     /// those we sent over it with no final answer yet (a call ringing at a phone).
     pub fn in_progress_both_ways(&self, flow: &Flow) -> usize {
-        let Some(t) = self.by_flow.get(flow) else {
-            return 0;
-        };
-        t.keys
-            .iter()
-            .filter(|k| match k {
-                TimerKey::Server(k) => self
-                    .servers
-                    .get(k)
-                    .is_some_and(|s| &s.inbound == flow && !s.final_sent),
-                TimerKey::Client(k) => self
-                    .clients
-                    .get(k)
-                    .is_some_and(|c| &c.outbound == flow && !c.final_received),
-                _ => false,
-            })
-            .count()
+        self.in_progress_of(flow, true)
     }
 
     /// Requests that arrived on `flow` and still wait for their final response: what a
     /// connection closing after a framing error waits for, so a valid request ahead of the
     /// garbage is answered.
     pub fn in_progress_on(&self, flow: &Flow) -> usize {
+        self.in_progress_of(flow, false)
+    }
+
+    fn in_progress_of(&self, flow: &Flow, sent_too: bool) -> usize {
         let Some(t) = self.by_flow.get(flow) else {
             return 0;
         };
@@ -705,6 +693,10 @@ impl ShardProxy {
                     .servers
                     .get(k)
                     .is_some_and(|s| &s.inbound == flow && !s.final_sent),
+                TimerKey::Client(k) if sent_too => self
+                    .clients
+                    .get(k)
+                    .is_some_and(|c| &c.outbound == flow && !c.final_received),
                 _ => false,
             })
             .count()
