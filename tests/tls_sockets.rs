@@ -381,6 +381,77 @@ fn what_waited_for_a_partner_link_does_not_close_it_as_it_comes_up() {
     srv.join().unwrap();
 }
 
+#[test]
+fn a_quiet_link_we_dialled_is_kept_up_by_pings_its_partner_answers() {
+    // The idle sweep closed our own link to a partner after `limits.idle_timeout_s` without
+    // traffic, healthy or not, and the next call waited for a dial and a handshake. Now a
+    // link quiet for half that is pinged (RFC 5626 CRLFCRLF), and the pong keeps it.
+    let pki = Pki::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki.certs("ca.pem") {
+        roots.add(c).unwrap();
+    }
+    let partner_cfg = partner_server(
+        roots,
+        pki_partner_issue(&pki, "sip.partner.example.com"),
+        rustls::DEFAULT_VERSIONS,
+    );
+    // The partner answers every ping with a pong, for 5 s; it counts the pings, and says
+    // whether we closed the link meanwhile.
+    let partner = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut conn = rustls::ServerConnection::new(partner_cfg).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        let mut tls = rustls::Stream::new(&mut conn, &mut s);
+        let (mut got, mut buf, mut pings) = (Vec::new(), vec![0u8; 16384], 0);
+        while std::time::Instant::now() < end {
+            match tls.read(&mut buf) {
+                Ok(0) => return (pings, true),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return (pings, true),
+            }
+            // What is not a ping is the MESSAGE (no body) that opened the link: dropped,
+            // unanswered.
+            while let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                if i == 0 {
+                    pings += 1;
+                    tls.write_all(b"\r\n").unwrap();
+                }
+                got.drain(..i + 4);
+            }
+        }
+        (pings, false)
+    });
+    let mut cfg = config(&pki);
+    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    cfg.limits.idle_timeout_s = 2;
+    let srv = start(cfg, None).expect("start");
+    let mut alice = registered_alice(&pki, &srv);
+    alice.send(&alice.request(
+        "MESSAGE",
+        "sip:bob@partner.example.com",
+        "<sip:bob@partner.example.com>",
+        "quiet-1",
+        1,
+        "",
+        None,
+    ));
+    let (pings, closed) = partner.join().unwrap();
+    assert!(!closed, "the link was closed after {pings} pings");
+    assert!(pings >= 2, "{pings} pings in 5 s");
+    srv.stop();
+    srv.join().unwrap();
+}
+
 /// A partner's TLS server: its certificate, and client certificates verified against `roots`.
 fn partner_server(
     roots: rustls::RootCertStore,

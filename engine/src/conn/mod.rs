@@ -340,6 +340,8 @@ pub struct Conn {
     io: RefCell<Io>,
     waker: Cell<Option<Waker>>,
     last_rx: Cell<Instant>,
+    /// When we last sent it an RFC 5626 ping (links we dialled: [`Conn::ping_if_quiet`]).
+    pinged: Cell<Option<Instant>>,
     /// Until when the bindings registered over it last, per AOR, as their owners last said
     /// (the idle sweep keeps it while one does). At most the AORs a connection may register.
     holds: RefCell<Vec<(Box<str>, Instant)>>,
@@ -416,6 +418,7 @@ impl Conn {
             }),
             waker: Cell::new(None),
             last_rx: Cell::new(Instant::now()),
+            pinged: Cell::new(None),
             holds: RefCell::new(Vec::new()),
             closing: Cell::new(Closing::No),
             retiring: Cell::new(false),
@@ -511,6 +514,23 @@ impl Conn {
     /// When the last complete message or keepalive arrived (for the shard's idle sweep).
     pub fn last_rx(&self) -> Instant {
         self.last_rx.get()
+    }
+
+    /// A link we dialled that received nothing for `quiet`: an RFC 5626 ping (CRLFCRLF),
+    /// once per quiet spell; the partner's pong (CRLF) counts as traffic. Without it the idle
+    /// sweep closed a healthy link after `limits.idle_timeout_s` of quiet, and the next call
+    /// waited for a dial and a handshake; a link whose partner stopped answering still closes
+    /// then. Whether a ping went out.
+    pub fn ping_if_quiet(&self, shard: &Shard, now: Instant, quiet: Duration) -> bool {
+        let since = self.last_rx.get();
+        if !self.outbound
+            || now.saturating_duration_since(since) < quiet
+            || self.pinged.get().is_some_and(|t| t >= since)
+        {
+            return false;
+        }
+        self.pinged.set(Some(now));
+        self.send(shard, b"\r\n\r\n", None).is_ok()
     }
 
     /// The bindings of `aor` registered over it last until `until` (`None`: it holds none of
@@ -1175,12 +1195,19 @@ fn deliver(
                 message = true;
             }
             Ok(Status::Complete(Frame::Ping)) => {
-                // RFC 5626 keepalive: activity. Lone CRLFs (pongs) are not.
+                // RFC 5626 keepalive: activity. Lone CRLFs are not (but for the pong to a
+                // ping of ours).
                 conn.last_rx.set(t0);
                 ping = true;
                 start += 4;
             }
-            Ok(Status::Complete(Frame::Pong)) => start += 2,
+            Ok(Status::Complete(Frame::Pong)) => {
+                // On a link we dialled, the answer to our ping ([`Conn::ping_if_quiet`]).
+                if conn.outbound {
+                    conn.last_rx.set(t0);
+                }
+                start += 2;
+            }
             Ok(Status::Partial) => {
                 pong(ping);
                 return Ok((start, message));

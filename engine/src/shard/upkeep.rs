@@ -153,7 +153,11 @@ impl Shard {
         let partial = Duration::from_millis(self.cfg.limits.partial_timeout_ms);
         let mut idle_out = Vec::new();
         let mut slow = Vec::new();
+        let mut ping = Vec::new();
         for c in self.conns.borrow().values().filter(|c| c.is_open()) {
+            if c.outbound && now.saturating_duration_since(c.last_rx()) >= idle / 2 {
+                ping.push(c.clone());
+            }
             if c.partial_since()
                 .is_some_and(|t| now.saturating_duration_since(t) >= partial)
             {
@@ -162,6 +166,13 @@ impl Shard {
                 && c.held_until().is_none_or(|t| now >= t)
             {
                 idle_out.push(c.clone());
+            }
+        }
+        // Links we dialled, quiet for half the idle timeout: pinged (outside the table's
+        // borrow: a send can close a connection).
+        for c in ping {
+            if c.ping_if_quiet(self, now, idle / 2) {
+                self.count("sipring_keepalive_pings_total");
             }
         }
         for c in idle_out {
