@@ -669,20 +669,10 @@ impl ShardProxy {
         self.servers.values().filter(|s| !s.final_sent).count() + self.pending.len()
     }
 
-    /// Requests in progress either way on `flow`: those it sent us not answered yet, and
-    /// those we sent over it with no final answer yet (a call ringing at a phone).
-    pub fn in_progress_both_ways(&self, flow: &Flow) -> usize {
-        self.in_progress_of(flow, true)
-    }
-
     /// Requests that arrived on `flow` and still wait for their final response: what a
     /// connection closing after a framing error waits for, so a valid request ahead of the
     /// garbage is answered.
     pub fn in_progress_on(&self, flow: &Flow) -> usize {
-        self.in_progress_of(flow, false)
-    }
-
-    fn in_progress_of(&self, flow: &Flow, sent_too: bool) -> usize {
         let Some(t) = self.by_flow.get(flow) else {
             return 0;
         };
@@ -693,10 +683,6 @@ impl ShardProxy {
                     .servers
                     .get(k)
                     .is_some_and(|s| &s.inbound == flow && !s.final_sent),
-                TimerKey::Client(k) if sent_too => self
-                    .clients
-                    .get(k)
-                    .is_some_and(|c| &c.outbound == flow && !c.final_received),
                 _ => false,
             })
             .count()
@@ -759,8 +745,7 @@ impl ShardProxy {
     /// door, as when the node drains, so the peer sends them on another connection; CANCEL,
     /// requests inside our dialogs and responses still pass.
     /// Not a partner's or a cluster node's connection: a 503 with Retry-After reads to an
-    /// SBC as "this destination is down", and a node's forwarded INVITE would fail upstream;
-    /// their requests in progress are answered over our link to them once it closes.
+    /// SBC as "this destination is down", and a node's forwarded INVITE would fail upstream.
     pub fn set_flow_draining(&mut self, flow: &Flow) {
         if self.partner_of(flow).is_none() {
             self.draining_flows.insert(flow.clone());

@@ -850,15 +850,13 @@ const READY_IN_A_ROW: u32 = 16;
 /// How long a connection whose framing is lost waits for the answers to what it sent before.
 const FRAMING_DRAIN: Duration = Duration::from_secs(2);
 
-/// How long a connection whose key is spent waits for what is in progress on it (Timer B:
-/// a call ringing at a phone): the key's budget sits far below the AEAD's limit, so time
-/// is not short — at 500 messages a second this is 16,000 records of 2^23 left.
-const RETIRE_DRAIN: Duration = Duration::from_secs(32);
-
-/// And how long nothing must have been in progress before it closes: the ACK of a 2xx it
-/// just carried comes a round trip later (lost, the callee's 2xx goes unacknowledged and
-/// the call ends).
+/// How long nothing a connection whose key is spent received must have been in progress
+/// before it closes (within [`FRAMING_DRAIN`]): the ACK of a 2xx it just carried comes a
+/// round trip later (lost, the callee's 2xx goes unacknowledged and the call ends).
 const RETIRE_QUIET: Duration = Duration::from_millis(500);
+
+/// How often a connection whose key is spent looks again at what is in progress on it.
+const RETIRE_POLL: Duration = Duration::from_millis(50);
 
 /// Records a forwarded message's latency (first byte read → last byte written).
 fn record_forward(shard: &Shard, s: Stamp) {
@@ -889,7 +887,7 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     let closing = 'conn: loop {
         if let Some(until) = retiring_until {
             let now = Instant::now();
-            if shard.proxy.borrow().in_progress_both_ways(&flow) > 0 {
+            if shard.proxy.borrow().in_progress_on(&flow) > 0 {
                 quiet_since = None;
             } else if quiet_since.is_none() {
                 quiet_since = Some(now);
@@ -906,9 +904,9 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         });
         let ev = match retiring_until {
             None => wait.await,
-            // Looked at again every 5 ms for the end of what is in progress (a read
+            // Looked at again every RETIRE_POLL for the end of what is in progress (a read
             // replaces its waker: nothing piles up while raced).
-            Some(_) => match with_timeout(Duration::from_millis(5), wait).await {
+            Some(_) => match with_timeout(RETIRE_POLL, wait).await {
                 Some(ev) => ev,
                 None => continue,
             },
@@ -929,20 +927,22 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
         let (scratch, n, control) = match ev {
             Event::Close(c) => break c,
             Event::Eof => break finish_in_progress(&shard, &conn, &flow, "peer_closed").await,
-            // Only our key is spent: the connection keeps reading until what is in progress
-            // on it either way is answered (at most RETIRE_DRAIN) and RETIRE_QUIET has
-            // passed with nothing (the ACK of a 2xx just sent comes a round trip later),
-            // a client's new requests answered 503 with Retry-After so it sends them on
-            // another connection, in-dialog ones and responses as before; then it closes
-            // gracefully. Before, reading stopped at
-            // once, and what the peer sent meanwhile was discarded at the close (its INVITEs
-            // failed 32 s later). A link we dialled does not wait (`finish_in_progress`).
+            // Only our key is spent: the connection keeps reading, for at most
+            // FRAMING_DRAIN, until what its peer sent is answered and RETIRE_QUIET has
+            // passed with nothing (the ACK of a 2xx just sent comes a round trip later);
+            // a client's new requests are answered 503 with Retry-After so it sends them
+            // on another connection, in-dialog ones and responses pass; then it closes
+            // gracefully. Before, reading stopped at once, and what the peer sent meanwhile
+            // was discarded at the close (its INVITEs failed 32 s later). Calls ringing at
+            // the peer are not waited for (a partner's are answered over our link once it
+            // closes; those of other shards are not counted here). A link we dialled does
+            // not wait (`finish_in_progress`).
             Event::Retire if matches!(flow, Flow::Peer(_)) => {
                 break Closing::Graceful("record_budget");
             }
             Event::Retire => {
                 shard.proxy.borrow_mut().set_flow_draining(&flow);
-                retiring_until = Some(Instant::now() + RETIRE_DRAIN);
+                retiring_until = Some(Instant::now() + FRAMING_DRAIN);
                 continue;
             }
             Event::Data(scratch, n, control) => (scratch, n, control),
