@@ -371,6 +371,13 @@ fn what_waited_for_a_partner_link_does_not_close_it_as_it_comes_up() {
             Some(("text/plain", &body)),
         ));
     }
+    // What found the dial queue full fails at once (503 from the link, 500 upstream), while
+    // the partner still handshakes; it waited for Timer F (32 s).
+    let mut failed = 0;
+    while let Some(r) = alice.recv(Duration::from_millis(1500)) {
+        failed += usize::from(r.starts_with(b"SIP/2.0 500 "));
+    }
+    assert!(failed > 100, "{failed} requests failed at once");
     let (messages, closed) = partner.join().unwrap();
     let m = sipring_tests::server::admin_get(srv.admin_addr.unwrap(), "/metrics");
     let slow = metric(&m, "sipring_queue_drops_total{queue=\"connection\"}").unwrap_or(0.0);

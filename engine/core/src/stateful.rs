@@ -2931,6 +2931,35 @@ impl ShardProxy {
         let _ = s.txn.send_response(now, code, bytes);
     }
 
+    /// A request this proxy sent to the link `flow` (a partner's or a cluster node's) was
+    /// dropped before it left (the link's dial queue was full): its branch fails now, as a
+    /// transport error (503, upstream as 500; 480 for a node, as when the node cannot be
+    /// reached), not after Timer B or F.
+    pub fn handle_send_dropped(&mut self, now: Instant, flow: &Flow, bytes: &[u8]) {
+        let limits = self.limits;
+        let Some(key) = with_parsed(bytes, &limits, |m, e| {
+            (m.is_request() && !crate::matching::is_ack(m))
+                .then(|| TxKey::client(e))
+                .flatten()
+        })
+        .flatten() else {
+            return;
+        };
+        let Some(c) = self.clients.get(&key) else {
+            return;
+        };
+        if &c.outbound != flow || c.final_received {
+            return;
+        }
+        let server = c.server.clone();
+        let (code, reason) = match flow {
+            Flow::Peer(n) if self.proxy.is_node(n) => (480, "Temporarily Unavailable"),
+            _ => (503, "Service Unavailable"),
+        };
+        self.fail_branch(now, server.as_ref(), &key, code, reason);
+        self.remove_client(&key);
+    }
+
     /// A flow closed: its client branches fail — 430 for a dialog route to it (RFC 5626
     /// §5.3), 480 for a registered contact on it or a link to the cluster node that held the
     /// user's flow, 503 for a partner link (RFC 3261 §8.1.3.1: a transport error) — and

@@ -739,6 +739,13 @@ impl Shard {
                         } else {
                             drop(peers);
                             self.count("sipring_queue_drops_total{queue=\"peer\"}");
+                            // Its transaction fails now, not 32 s later.
+                            self.proxy.borrow_mut().handle_send_dropped(
+                                Instant::now(),
+                                &Flow::Peer(name.clone()),
+                                &bytes,
+                            );
+                            self.pump(None);
                         }
                     }
                     PeerLink::Idle => {
