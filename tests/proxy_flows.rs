@@ -2130,6 +2130,52 @@ fn a_draining_node_passes_a_dialog_request_from_a_reconnected_ua_to_a_partner() 
 }
 
 #[test]
+fn what_went_out_on_a_replaced_partner_link_is_awaited_then_failed_alone() {
+    // A partner link whose TLS key is spent is replaced; the driver keeps the old one for
+    // the answers to what went out on it (`unanswered_on`), drops those answered
+    // (`retain_unanswered`), and fails the rest when it finally closes (`fail_unanswered`):
+    // 503 from the link, 500 upstream — and nothing sent since, over the new link.
+    let (carrier, mut n) = carrier_net();
+    let inv = |b: &str, call: &str| {
+        format!(
+            "INVITE sip:x@carrier.example SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch={b}\r\nMax-Forwards: 70\r\nTo: <sip:x@carrier.example>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    n.send(&A, inv("z9hG4bKrl1", "rl1").as_bytes());
+    n.send(&A, inv("z9hG4bKrl2", "rl2").as_bytes());
+    n.take(&A);
+    let sent = n.take(&carrier);
+    assert_eq!(sent.len(), 2);
+    // Both out on the old link, unanswered; the link is replaced now.
+    let mut unanswered = n.proxy.unanswered_on(&carrier);
+    assert_eq!(unanswered.len(), 2);
+    // A third goes out over the new link.
+    n.send(&A, inv("z9hG4bKrl3", "rl3").as_bytes());
+    n.take(&A);
+    let third = n.one(&carrier);
+    // The first is answered over the old link.
+    n.send(&carrier, &answer(&sent[0], 486, "Busy Here", "c1"));
+    assert_eq!(status(&n.one(&A)), 486);
+    n.proxy.retain_unanswered(&mut unanswered);
+    assert_eq!(unanswered.len(), 1);
+    // The old link closes with the second unanswered: it alone fails.
+    n.proxy.fail_unanswered(n.now, &carrier, &unanswered);
+    n.pump();
+    let up = n.take(&A);
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(status(&up[0]), 500);
+    assert_eq!(
+        sipring_tests::ua::header(&up[0], "Call-ID").as_deref(),
+        Some("rl2")
+    );
+    n.proxy.retain_unanswered(&mut unanswered);
+    assert!(unanswered.is_empty());
+    // The third still waits for its answer, and gets it.
+    n.send(&carrier, &answer(&third, 200, "OK", "c3"));
+    assert_eq!(status(&n.one(&A)), 200);
+}
+
+#[test]
 fn partial_admission_spreads_what_it_admits_evenly() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");

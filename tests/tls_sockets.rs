@@ -648,3 +648,198 @@ fn a_stalled_handshake_times_out_and_is_counted() {
     srv.stop();
     srv.join().unwrap();
 }
+
+/// What a fake partner saw on one of our links: the first line of each message, in order,
+/// and whether we closed the link.
+#[derive(Default)]
+struct LinkSeen {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A fake partner on `listener` answering what we send over each link we dial: MESSAGE 200,
+/// INVITE 180 (and 200 once `answer` is set, over the link the INVITE came on); for `run`.
+fn answering_partner(
+    listener: std::net::TcpListener,
+    cfg: std::sync::Arc<rustls::ServerConfig>,
+    answer: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    run: Duration,
+) -> std::sync::Arc<std::sync::Mutex<Vec<LinkSeen>>> {
+    use std::sync::atomic::Ordering;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<LinkSeen>::new()));
+    let all = seen.clone();
+    let end = std::time::Instant::now() + run;
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        while std::time::Instant::now() < end {
+            let Ok((s, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            let i = {
+                let mut v = all.lock().unwrap();
+                v.push(LinkSeen::default());
+                v.len() - 1
+            };
+            let (cfg, all, answer) = (cfg.clone(), all.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut conn = rustls::ServerConnection::new(cfg).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                let mut tls = rustls::Stream::new(&mut conn, &mut s);
+                let (mut got, mut buf) = (Vec::new(), vec![0u8; 16384]);
+                let mut ringing: Vec<Vec<u8>> = Vec::new();
+                while std::time::Instant::now() < end {
+                    match tls.read(&mut buf) {
+                        Ok(0) => {
+                            all.lock().unwrap()[i].closed = true;
+                            return;
+                        }
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => {
+                            all.lock().unwrap()[i].closed = true;
+                            return;
+                        }
+                    }
+                    while let Some(h) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let len = sipring_tests::ua::header(&got[..h + 4], "Content-Length")
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() < h + 4 + len {
+                            break;
+                        }
+                        let m: Vec<u8> = got.drain(..h + 4 + len).collect();
+                        let line = String::from_utf8_lossy(
+                            &m[..m.iter().position(|&b| b == b'\r').unwrap_or(0)],
+                        )
+                        .into_owned();
+                        all.lock().unwrap()[i].lines.push(line);
+                        let contact = "sip:bob@127.0.0.1";
+                        match sipring_tests::ua::method(&m).as_str() {
+                            "MESSAGE" => {
+                                let _ = tls.write_all(&sipring_tests::ua::answer(
+                                    &m, 200, "OK", "p1", contact,
+                                ));
+                            }
+                            "INVITE" => {
+                                let _ = tls.write_all(&sipring_tests::ua::answer(
+                                    &m, 180, "Ringing", "p2", contact,
+                                ));
+                                ringing.push(m);
+                            }
+                            _ => {}
+                        }
+                    }
+                    if answer.load(Ordering::SeqCst) {
+                        for m in ringing.drain(..) {
+                            let _ = tls.write_all(&sipring_tests::ua::answer(
+                                &m,
+                                200,
+                                "OK",
+                                "p2",
+                                "sip:bob@127.0.0.1",
+                            ));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    seen
+}
+
+#[test]
+fn a_partner_link_whose_key_is_spent_is_replaced_and_still_carries_its_calls_answers() {
+    // TLS 1.2 cannot rekey (nor can TLS 1.3 in a kernel without KeyUpdate): past
+    // `tls.ktls_max_records` the link we dialled to a partner closed at once, and every
+    // request in progress on it failed (503, upstream 500) — on a busy partner link, the
+    // calls being set up at that moment, every few hours. Now new messages go over a link
+    // dialled at once, and the spent one stays, reading, until what went out on it is
+    // answered.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pki = Pki::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki.certs("ca.pem") {
+        roots.add(c).unwrap();
+    }
+    let partner_cfg = partner_server(
+        roots,
+        pki_partner_issue(&pki, "sip.partner.example.com"),
+        &[&rustls::version::TLS12],
+    );
+    let answer = std::sync::Arc::new(AtomicBool::new(false));
+    let seen = answering_partner(
+        listener,
+        partner_cfg,
+        answer.clone(),
+        Duration::from_secs(20),
+    );
+    let mut cfg = config(&pki);
+    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    cfg.server.shards = 1;
+    // The first link carries the INVITE and at least 5 MESSAGEs, the second the rest.
+    cfg.tls.ktls_max_records = 8;
+    let srv = start(cfg, None).expect("start");
+    let mut alice = registered_alice(&pki, &srv);
+    alice.send(&alice.request(
+        "INVITE",
+        "sip:bob@partner.example.com",
+        "<sip:bob@partner.example.com>",
+        "spent-call",
+        1,
+        "",
+        None,
+    ));
+    assert_eq!(alice.expect_final_or_provisional("180").0, 180);
+    // MESSAGEs until the link has crossed its budget: each is answered.
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        alice.send(&alice.request(
+            "MESSAGE",
+            "sip:bob@partner.example.com",
+            "<sip:bob@partner.example.com>",
+            &format!("spent-m{i}"),
+            1,
+            "",
+            None,
+        ));
+        let r = alice.recv(Duration::from_secs(3)).expect("an answer");
+        statuses.push(sipring_tests::ua::status(&r));
+    }
+    assert!(statuses.iter().all(|s| *s == Some(200)), "{statuses:?}");
+    // The call that rang on the first link is answered over it, and reaches alice.
+    answer.store(true, Ordering::SeqCst);
+    let (code, _) = alice.expect_final_or_provisional("the call's answer");
+    assert_eq!(code, 200, "the call in progress on the spent link");
+    // Then the spent link closes, and the partner was dialled once more.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while !seen.lock().unwrap()[0].closed && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = seen.lock().unwrap();
+    assert!(seen[0].closed, "the spent link was not closed");
+    assert_eq!(seen.len(), 2, "links dialled: {}", seen.len());
+    assert!(
+        seen[0].lines[0].starts_with("INVITE "),
+        "{:?}",
+        seen[0].lines
+    );
+    assert!(
+        seen[1].lines.iter().any(|l| l.starts_with("MESSAGE ")) && !seen[1].closed,
+        "{:?}",
+        seen[1].lines
+    );
+    let m = sipring_tests::server::admin_get(srv.admin_addr.unwrap(), "/metrics");
+    assert_eq!(metric(&m, "sipring_peer_links_retired_total"), Some(1.0));
+    drop(seen);
+    srv.stop();
+    srv.join().unwrap();
+}

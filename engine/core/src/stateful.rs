@@ -2945,7 +2945,50 @@ impl ShardProxy {
         .flatten() else {
             return;
         };
-        let Some(c) = self.clients.get(&key) else {
+        self.fail_link_branch(now, flow, &key);
+    }
+
+    /// The requests sent to `flow` that still await their final answer (their client
+    /// transactions' keys). A link to a partner whose key is spent takes no new messages
+    /// (they go over a link dialled anew) but is kept for the answers to these, which its
+    /// partner sends back over it ([`ShardProxy::retain_unanswered`]).
+    pub fn unanswered_on(&self, flow: &Flow) -> Vec<TxKey> {
+        let Some(t) = self.by_flow.get(flow) else {
+            return Vec::new();
+        };
+        let mut keys: Vec<TxKey> = t
+            .keys
+            .iter()
+            .filter_map(|k| match k {
+                TimerKey::Client(k) => self
+                    .clients
+                    .get(k)
+                    .filter(|c| &c.outbound == flow && !c.final_received)
+                    .map(|_| k.clone()),
+                _ => None,
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Keeps those of `keys` that still await their final answer.
+    pub fn retain_unanswered(&self, keys: &mut Vec<TxKey>) {
+        keys.retain(|k| self.clients.get(k).is_some_and(|c| !c.final_received));
+    }
+
+    /// Those of `keys` still unanswered fail as if the link they went out on (to `flow`)
+    /// had failed: 503 (a partner; upstream as 500), 480 (a node of our cluster).
+    pub fn fail_unanswered(&mut self, now: Instant, flow: &Flow, keys: &[TxKey]) {
+        for k in keys {
+            self.fail_link_branch(now, flow, k);
+        }
+    }
+
+    /// A branch sent to a link (to a partner or node) fails, unless it was answered.
+    fn fail_link_branch(&mut self, now: Instant, flow: &Flow, key: &TxKey) {
+        let Some(c) = self.clients.get(key) else {
             return;
         };
         if &c.outbound != flow || c.final_received {
@@ -2956,8 +2999,8 @@ impl ShardProxy {
             Flow::Peer(n) if self.proxy.is_node(n) => (480, "Temporarily Unavailable"),
             _ => (503, "Service Unavailable"),
         };
-        self.fail_branch(now, server.as_ref(), &key, code, reason);
-        self.remove_client(&key);
+        self.fail_branch(now, server.as_ref(), key, code, reason);
+        self.remove_client(key);
     }
 
     /// A flow closed: its client branches fail — 430 for a dialog route to it (RFC 5626

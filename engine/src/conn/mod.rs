@@ -884,10 +884,20 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     // since when nothing was.
     let mut retiring_until: Option<Instant> = None;
     let mut quiet_since: Option<Instant> = None;
+    // A link we dialled whose key is spent: the requests that went out on it and await
+    // their answers (new messages go over a link dialled anew).
+    let mut retired: Option<Vec<sipring_core::matching::TxKey>> = None;
     let closing = 'conn: loop {
         if let Some(until) = retiring_until {
             let now = Instant::now();
-            if shard.proxy.borrow().in_progress_on(&flow) > 0 {
+            let busy = match &mut retired {
+                Some(unanswered) => {
+                    shard.proxy.borrow().retain_unanswered(unanswered);
+                    !unanswered.is_empty()
+                }
+                None => shard.proxy.borrow().in_progress_on(&flow) > 0,
+            };
+            if busy {
                 quiet_since = None;
             } else if quiet_since.is_none() {
                 quiet_since = Some(now);
@@ -935,12 +945,20 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             // gracefully. Before, reading stopped at once, and what the peer sent meanwhile
             // was discarded at the close (its INVITEs failed 32 s later). Calls ringing at
             // the peer are not waited for (a partner's are answered over our link once it
-            // closes; those of other shards are not counted here). A link we dialled does
-            // not wait (`finish_in_progress`).
-            Event::Retire if matches!(flow, Flow::Peer(_)) => {
-                break Closing::Graceful("record_budget");
-            }
+            // closes; those of other shards are not counted here).
+            //
+            // A link we dialled is replaced at once (new messages for the partner go over
+            // a link dialled now) and kept, reading, until what went out on it is
+            // answered — at most Timer C and 64·T1, the longest an INVITE branch lasts.
+            // Before, it closed at once and those requests failed (503; upstream 500).
             Event::Retire => {
+                if let Flow::Peer(name) = &flow {
+                    retired = Some(shard.retire_peer_link(name, conn.id));
+                    let longest = Duration::from_secs(shard.cfg.registrar.timer_c_s)
+                        + Duration::from_secs(32);
+                    retiring_until = Some(Instant::now() + longest);
+                    continue;
+                }
                 shard.proxy.borrow_mut().set_flow_draining(&flow);
                 retiring_until = Some(Instant::now() + FRAMING_DRAIN);
                 continue;
@@ -1072,9 +1090,14 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     };
     shard.conn_closed(conn.id);
     if let Flow::Peer(name) = &flow {
-        // At once, not after the close sequence: messages for the partner meanwhile start a
-        // new link instead of being dropped as sent to a connection that is gone.
-        shard.peer_down(name);
+        match &retired {
+            // Already replaced: what is still unanswered on it fails.
+            Some(unanswered) => shard.retired_peer_link_closed(name, unanswered),
+            // At once, not after the close sequence: messages for the partner meanwhile
+            // start a new link instead of being dropped as sent to a connection that is
+            // gone.
+            None => shard.peer_down(name),
+        }
     }
     // Counted until the close sequence ends, so a stopping shard waits for it.
     shard.closing.set(shard.closing.get() + 1);

@@ -937,6 +937,51 @@ impl Shard {
         }
     }
 
+    /// Our link to partner (or node) `name`, connection `id`, has spent its TLS key
+    /// (TLS 1.2, or a kernel that cannot rekey, past `tls.ktls_max_records`): new messages
+    /// for the partner go over a link dialled now, and this one stays only for the answers
+    /// to the requests that went out on it (returned). Before, it closed at once and those
+    /// requests failed (503, upstream 500): on a busy partner link, every call being set
+    /// up at that moment, every few hours.
+    pub fn retire_peer_link(
+        self: &Rc<Self>,
+        name: &str,
+        id: FlowId,
+    ) -> Vec<sipring_core::matching::TxKey> {
+        let mut peers = self.peers.borrow_mut();
+        if matches!(peers.get(name), Some(PeerLink::Up(up, _)) if *up == id) {
+            if self.control.stopping() {
+                peers.insert(name.to_string(), PeerLink::Idle);
+            } else {
+                peers.insert(name.to_string(), PeerLink::Connecting(VecDeque::new()));
+                drop(peers);
+                crate::conn::spawn_peer_connect(self.clone(), name.to_string());
+            }
+        }
+        self.count("sipring_peer_links_retired_total");
+        self.proxy
+            .borrow()
+            .unanswered_on(&Flow::Peer(name.to_string()))
+    }
+
+    /// A link retired by [`Shard::retire_peer_link`] closed: what went out on it and is
+    /// still unanswered fails as on a link that failed; the partner's current link stays.
+    pub fn retired_peer_link_closed(
+        self: &Rc<Self>,
+        name: &str,
+        unanswered: &[sipring_core::matching::TxKey],
+    ) {
+        if unanswered.is_empty() {
+            return;
+        }
+        self.proxy.borrow_mut().fail_unanswered(
+            Instant::now(),
+            &Flow::Peer(name.to_string()),
+            unanswered,
+        );
+        self.pump(None);
+    }
+
     /// Is there nothing in flight (transactions, pending lookups)?
     pub fn idle(&self) -> bool {
         self.proxy.borrow().is_idle()
