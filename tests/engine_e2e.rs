@@ -721,7 +721,11 @@ fn a_reader_that_stalls_is_queued_for_then_flushed_in_order() {
 #[test]
 fn a_reader_slower_than_its_write_queue_is_disconnected_and_the_shard_goes_on() {
     let pki = Pki::new();
-    let srv = one_shard(&pki, |cfg| cfg.limits.write_queue_bytes = 64 << 10);
+    let srv = one_shard(&pki, |cfg| {
+        cfg.limits.write_queue_bytes = 64 << 10;
+        // At most half a write queue (a partner link being dialled holds half).
+        cfg.limits.max_message = 16 << 10;
+    });
     let mut alice = registered(&pki, &srv, "alice");
     let mut bob = registered(&pki, &srv, "bob");
     let admin = srv.admin_addr.unwrap();

@@ -709,6 +709,7 @@ fn what_a_dropped_slow_reader_pipelined_is_not_served() {
     let srv = server(&pki, |c| {
         c.auth.enabled = false;
         c.limits.write_queue_bytes = 4096;
+        c.limits.max_message = 1024;
     });
     let s = {
         use socket2::{Domain, Socket, Type};

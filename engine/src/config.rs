@@ -1083,6 +1083,16 @@ impl Config {
                 "at least twice limits.max_message (a transaction holds its request and its branch's copy)",
             );
         }
+        // A link being dialled holds half of it: below twice a message (and its entry), a
+        // message of up to max_message sent while a partner link is dialled was dropped.
+        if self.limits.write_queue_bytes
+            < 2 * (self.limits.max_message + crate::conn::QUEUED_ENTRY_COST)
+        {
+            e(
+                "limits.write_queue_bytes".into(),
+                "at least twice limits.max_message (a partner link being dialled holds half of it, and one message must fit)",
+            );
+        }
         // Below one message, every message that spans two reads drops its connection.
         if self.limits.partial_bytes_per_shard < self.limits.max_message {
             e(
@@ -1376,6 +1386,7 @@ mod tests {
             "limits.max_uri",
             "limits.partial_bytes_per_shard",
             "limits.max_transaction_bytes_per_shard",
+            "limits.write_queue_bytes",
             "registrar.max_contacts",
             "registrar.max_contact_bytes",
             "registrar.max_aors_per_connection",
