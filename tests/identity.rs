@@ -469,6 +469,29 @@ fn a_source_that_keeps_failing_is_refused_on_every_shard() {
 }
 
 #[test]
+fn a_client_certificate_binds_its_aor_in_a_domain_written_absolute() {
+    // `domains = ["example.com."]` is example.com everywhere (one trailing dot), but the
+    // certificate's AORs were held to the domains as written: a phone with only its
+    // certificate was refused.
+    let w = World::new();
+    let users = phones(&w);
+    let cert = phone_cert(&users, "sip:carol@example.com", time::Duration::days(365));
+    let srv = w.start(|c| {
+        with_phones(&w, c);
+        for d in &mut c.server.domains {
+            if d == "example.com" {
+                d.push('.');
+            }
+        }
+    });
+    let mut carol = connect_phone(&w, &srv, &cert, "carol").unwrap();
+    carol.password = None;
+    assert_eq!(carol.register(600), 200);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_client_certificate_binds_its_aor() {
     let w = World::new();
     let users = phones(&w);

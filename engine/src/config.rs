@@ -409,10 +409,12 @@ pub struct AuthSection {
     pub failure_window_s: u64,
     /// How long an address that failed too often is refused (403), in seconds. Default 300.
     pub block_s: u64,
-    /// Slots in the failed-login table (one for the whole process, 16 bytes each): sources
-    /// are hashed into it, and two that share a slot share its count and its block. Size it
-    /// well above the sources that may fail at once (an attacker holding many IPv6 /64s
-    /// fills slots). Default 65536; at least 1024.
+    /// Slots in the failed-login table (one for the whole process, 16 bytes each): each
+    /// source is hashed to two, counts in both and is refused by a block marked with its
+    /// fingerprint (see `sipring_core::auth::FailureLedger`); one that never failed is
+    /// refused only when both its slots hold other sources' blocks. Size it well above the
+    /// sources that may fail at once (an attacker holding many IPv6 /64s fills slots).
+    /// Default 262144 (4 MiB); at least 1024.
     pub max_tracked_sources: usize,
     /// A file holding this node's secret (at least 32 bytes) that signs nonces and the flow
     /// tokens in our Record-Route. Keep it to make routes outlive a restart: a dialog with a
@@ -437,7 +439,7 @@ impl Default for AuthSection {
             max_failures: 10,
             failure_window_s: 60,
             block_s: 300,
-            max_tracked_sources: 65536,
+            max_tracked_sources: 1 << 18,
             secret_file: None,
         }
     }

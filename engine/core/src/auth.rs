@@ -635,19 +635,33 @@ impl NcWindow {
 const NONCES_PER_FLOW: usize = 32;
 
 /// Failed attempts per source, shared by every shard of a process: a fixed table of atomic
-/// counters indexed by a keyed hash of the source (an IPv4 address, or an IPv6 address's
-/// /64 — a host rotating through its prefix is one source). Memory is fixed whatever peers
-/// do; two sources that share a slot share its count (rare with a random key, and only
-/// ever stricter). Races between shards on one slot can lose a count, never a block.
+/// counters (an IPv4 address, or an IPv6 address's /64 — a host rotating through its prefix
+/// is one source). Memory is fixed whatever peers do; races between shards on one slot can
+/// lose a count, never a block.
+///
+/// Each source has [`LEDGER_WAYS`] slots, chosen by a keyed hash, and a 16-bit fingerprint
+/// from the same hash. Its failures count in all of its slots, and it has failed too often
+/// when the *least* of those counts says so (a count-min sketch: never less than its own
+/// failures, so sharing slots only ever makes it stricter). Its block is written, with its
+/// fingerprint, into one of its slots not holding another source's block, and refuses only
+/// that source; where every slot of it holds another's block, it is refused anyway (no
+/// source escapes by sharing slots). A source that never failed is refused only when all
+/// its slots hold other sources' blocks: with one slot per source, an attacker holding a
+/// tenth as many prefixes as there are slots (an IPv6 /48 has 65,536 /64s) refused one
+/// innocent source in ten; with two, about one in a hundred.
 pub struct FailureLedger {
     /// Per slot: the window's start (ms after `epoch`) in the top 40 bits, the count in the
     /// low 24.
     window: Box<[AtomicU64]>,
-    /// Per slot: refused until (ms after `epoch`; 0: not refused).
-    blocked_until: Box<[AtomicU64]>,
+    /// Per slot: refused until (ms after `epoch`; 0: not refused) in the top 48 bits, the
+    /// refused source's fingerprint in the low 16.
+    blocked: Box<[AtomicU64]>,
     key: std::collections::hash_map::RandomState,
     epoch: Instant,
 }
+
+/// Slots per source in the [`FailureLedger`].
+pub const LEDGER_WAYS: usize = 2;
 
 impl fmt::Debug for FailureLedger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -671,55 +685,93 @@ pub fn source_of(ip: IpAddr) -> IpAddr {
 }
 
 impl FailureLedger {
-    /// A ledger of at least `slots` counters (rounded up to a power of two); times count
-    /// from `epoch` (any instant before now).
+    /// A ledger of at least `slots` counters (rounded up to a power of two, at most 2^20);
+    /// times count from `epoch` (any instant before now).
     pub fn new(slots: usize, epoch: Instant) -> FailureLedger {
-        let n = slots.max(1).next_power_of_two();
+        let n = slots.clamp(1, 1 << 20).next_power_of_two();
         FailureLedger {
             window: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            blocked_until: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            blocked: (0..n).map(|_| AtomicU64::new(0)).collect(),
             key: std::collections::hash_map::RandomState::new(),
             epoch,
         }
     }
 
-    fn slot(&self, ip: IpAddr) -> usize {
+    /// A source's slots (20 bits of the hash each) and fingerprint (its top 16 bits).
+    fn slots(&self, ip: IpAddr) -> ([usize; LEDGER_WAYS], u64) {
         use std::hash::BuildHasher;
-        self.key.hash_one(source_of(ip)) as usize & (self.window.len() - 1)
+        let h = self.key.hash_one(source_of(ip));
+        let mask = self.window.len() as u64 - 1;
+        (
+            std::array::from_fn(|w| ((h >> (20 * w)) & mask) as usize),
+            h >> 48,
+        )
     }
 
     fn ms(&self, now: Instant) -> u64 {
-        // +1: 0 means "never" in `blocked_until`.
+        // +1: 0 means "never" in `blocked`.
         now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
-    /// Is `ip` refused at `now`?
+    /// Is `ip` refused at `now`? Its own block, or every slot of it holding one.
     pub fn is_blocked(&self, now: Instant, ip: IpAddr) -> bool {
-        self.ms(now) < self.blocked_until[self.slot(ip)].load(Ordering::Relaxed)
+        let (slots, fp) = self.slots(ip);
+        let t = self.ms(now);
+        let mut all = true;
+        for i in slots {
+            let b = self.blocked[i].load(Ordering::Relaxed);
+            let active = t < b >> 16;
+            if active && b & 0xffff == fp {
+                return true;
+            }
+            all &= active;
+        }
+        all
     }
 
     /// Counts one failure from `ip`; past `cfg.max_failures` within `cfg.failure_window`
     /// the source is refused for `cfg.block`.
     pub fn fail(&self, now: Instant, ip: IpAddr, cfg: &AuthConfig) {
-        let i = self.slot(ip);
+        let (slots, fp) = self.slots(ip);
         let t = self.ms(now);
         let window = cfg.failure_window.as_millis() as u64;
-        let mut reached = false;
-        let _ = self.window[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-            let (start, count) = (w >> 24, w & 0xff_ffff);
-            let (start, count) = if t.saturating_sub(start) >= window || start == 0 {
-                (t, 1)
-            } else {
-                (start, (count + 1).min(0xff_ffff))
-            };
-            reached = count >= u64::from(cfg.max_failures);
-            // Reaching the limit blocks and starts the count again (a source that keeps
-            // failing after its block is blocked again after as many more).
-            Some(if reached { 0 } else { start << 24 | count })
-        });
-        if reached {
-            self.blocked_until[i].fetch_max(t + cfg.block.as_millis() as u64, Ordering::Relaxed);
+        let mut least = u64::MAX;
+        for i in slots {
+            let mut count = 0;
+            let _ = self.window[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                let (start, c) = (w >> 24, w & 0xff_ffff);
+                let (start, c) = if t.saturating_sub(start) >= window || start == 0 {
+                    (t, 1)
+                } else {
+                    (start, (c + 1).min(0xff_ffff))
+                };
+                count = c;
+                Some(start << 24 | c)
+            });
+            least = least.min(count);
         }
+        if least < u64::from(cfg.max_failures) {
+            return;
+        }
+        // Reaching the limit blocks and starts the count again (a source that keeps
+        // failing after its block is blocked again after as many more).
+        for i in slots {
+            self.window[i].store(0, Ordering::Relaxed);
+        }
+        let until = (t + cfg.block.as_millis() as u64).min((1 << 48) - 1);
+        let mine = until << 16 | fp;
+        for i in slots {
+            let written = self.blocked[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                let (active, theirs) = (t < b >> 16, b & 0xffff != fp);
+                // Another source's block stays; ours is extended, never shortened.
+                (!(active && theirs) && b >> 16 < until).then_some(mine)
+            });
+            let b = self.blocked[i].load(Ordering::Relaxed);
+            if written.is_ok() || (t < b >> 16 && b & 0xffff == fp) {
+                return;
+            }
+        }
+        // Every slot holds another source's block: refused by `is_blocked` while they last.
     }
 
     /// Slots counting failures in their window or refusing now (a gauge; a scan).
@@ -730,7 +782,7 @@ impl FailureLedger {
             .filter(|&i| {
                 let w = self.window[i].load(Ordering::Relaxed);
                 (w != 0 && t.saturating_sub(w >> 24) < window)
-                    || t < self.blocked_until[i].load(Ordering::Relaxed)
+                    || t < self.blocked[i].load(Ordering::Relaxed) >> 16
             })
             .count()
     }
@@ -904,7 +956,14 @@ impl Authenticator {
             Ok(n) if qop.eq_ignore_ascii_case("auth") && nc_s.len() == 8 && n > 0 => n,
             _ => return self.failed(now, source, Failure::Malformed, who()),
         };
-        if !c.uri.as_bytes().eq_ignore_ascii_case(request_uri) && !also_ok(c.uri.as_bytes()) {
+        // The same URI by RFC 3261 §19.1.4 (the user part case-sensitive: `sip:BOB@…` is
+        // another user than `sip:bob@…`; the host and parameters are not).
+        let same_uri = c.uri.as_bytes() == request_uri
+            || matches!(
+                (crate::Uri::parse(c.uri.as_bytes()), crate::Uri::parse(request_uri)),
+                (Ok(a), Ok(b)) if a.equivalent(&b)
+            );
+        if !same_uri && !also_ok(c.uri.as_bytes()) {
             return self.failed(now, source, Failure::UriMismatch, who());
         }
         let Some(sub) = store.subscriber(&c.username, &c.realm) else {
@@ -1440,6 +1499,48 @@ mod tests {
         let tracked = a.tracked_sources(t);
         assert!((100..=128).contains(&tracked), "{tracked}");
         assert_eq!(a.failures.window.len(), 128);
+    }
+
+    #[test]
+    fn failing_sources_do_not_lock_out_those_that_never_failed() {
+        // One slot per source: an attacker failing from 16,384 IPv6 /64s (a /50) blocked
+        // every source sharing a slot with one of them, about 6 % of a 262,144-slot table,
+        // phones that never failed among them. Two slots and a fingerprint: about 0.4 %.
+        let t0 = Instant::now();
+        let cfg = AuthConfig {
+            max_failures: 10,
+            ..AuthConfig::default()
+        };
+        let l = FailureLedger::new(1 << 18, t0);
+        let attacker = |i: u128| IpAddr::V6(((0x2001_0db8_4000u128 << 80) | (i << 64) | 1).into());
+        for i in 0..1u128 << 14 {
+            for _ in 0..10 {
+                l.fail(t0, attacker(i), &cfg);
+            }
+        }
+        let escaped = (0..1u128 << 14)
+            .filter(|&i| !l.is_blocked(t0, attacker(i)))
+            .count();
+        assert_eq!(escaped, 0, "attacking sources not refused");
+        let innocent = (0..10_000u32)
+            .filter(|i| l.is_blocked(t0, IpAddr::V4((0xC633_6400 + i).into())))
+            .count();
+        assert!(
+            innocent < 150,
+            "{innocent} of 10,000 sources that never failed refused"
+        );
+        // A table far too small: every failing source is still refused.
+        let small = FailureLedger::new(128, t0);
+        let v4 = |i: u32| IpAddr::V4((0x0a00_0000 + i).into());
+        for i in 0..1000 {
+            for _ in 0..10 {
+                small.fail(t0, v4(i), &cfg);
+            }
+        }
+        assert!((0..1000).all(|i| small.is_blocked(t0, v4(i))));
+        // And each block ends with its time.
+        let later = t0 + cfg.block + Duration::from_millis(1);
+        assert!((0..1000).all(|i| !small.is_blocked(later, v4(i))));
     }
 
     #[test]

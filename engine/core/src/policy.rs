@@ -442,8 +442,19 @@ impl Policy {
         let in_our_domain = claimed_uri.is_sip() && in_list(&host, domains);
         let method = msg.method().expect("request");
         let claims_ours = in_our_domain || (claimed_uri.is_sip() && proxy.is_self(&host));
+        // A partner's domain is the partner's to claim: a client that does is challenged
+        // (and then refused, as no user of ours is one of its AORs) even where the method
+        // is not — before, with a short `auth.challenge`, an anonymous MESSAGE From
+        // `sip:ceo@<partner's domain>` reached our users as the partner's CEO.
+        let claims_partners = claimed_uri.is_sip()
+            && self
+                .cfg
+                .partners
+                .iter()
+                .any(|p| !p.node && in_list(&host, &p.domains));
         let needs_auth = register
             || claims_ours
+            || claims_partners
             // A party that reconnected shows who it is (the engine then checks that it is
             // one of the dialog's: `Proxy::party_route`).
             || matches!(decision, Decision::ToPeer(_) | Decision::Reconnected(_))
@@ -1040,7 +1051,7 @@ mod tests {
         };
         let proxy = crate::proxy::Proxy::new(crate::proxy::ProxyConfig {
             domains: DOMAINS.iter().map(|s| s.to_string()).collect(),
-            local_hosts: vec!["proxy.example.com".into()],
+            local_hosts: vec!["proxy.example.com".into(), "[2001:db8::10]".into()],
             ..Default::default()
         });
         p.authorize(Instant::now(), &Flow::Conn(1), &info, &m, &e, d, &proxy)
@@ -1072,14 +1083,52 @@ mod tests {
             "credentials for {bob} passed for another target"
         );
         assert_eq!(p.poll_refusal().map(|r| r.label), Some("auth_uri_mismatch"));
+        // The user part is case-sensitive (RFC 3261 §19.1.4): `BOB` is another user.
+        let other_case = req(
+            "INVITE",
+            "sip:BOB@example.com",
+            alice,
+            "sip:BOB@example.com",
+            &creds(&p, "alice", "pw", "INVITE", bob, 2),
+        );
+        let to_bob_upper = Decision::Lookup {
+            aor: "sip:BOB@example.com".into(),
+        };
+        assert!(
+            matches!(
+                run(&mut p, &anon, &other_case, &to_bob_upper),
+                Authz::Challenge { code: 407, .. }
+            ),
+            "credentials for {bob} passed for sip:BOB@example.com"
+        );
+        assert_eq!(p.poll_refusal().map(|r| r.label), Some("auth_uri_mismatch"));
+        // The host is not (nor the order of parameters).
+        let host_case = req(
+            "INVITE",
+            "sip:bob@EXAMPLE.com;transport=tls;x=1",
+            alice,
+            bob,
+            &creds(
+                &p,
+                "alice",
+                "pw",
+                "INVITE",
+                "sip:bob@example.com;x=1;transport=tls",
+                3,
+            ),
+        );
+        let local = Decision::Lookup { aor: bob.into() };
+        assert!(matches!(
+            run(&mut p, &anon, &host_case, &local),
+            Authz::Allow(_)
+        ));
         let sipp = req(
             "INVITE",
             bob,
             alice,
             bob,
-            &creds(&p, "alice", "pw", "INVITE", "sip:proxy.example.com", 2),
+            &creds(&p, "alice", "pw", "INVITE", "sip:proxy.example.com", 4),
         );
-        let local = Decision::Lookup { aor: bob.into() };
         assert!(matches!(run(&mut p, &anon, &sipp, &local), Authz::Allow(_)));
     }
 
@@ -1117,6 +1166,13 @@ mod tests {
                 407,
             ),
             ("an extension method", "FOO", "sip:x@elsewhere.org", 407),
+            ("a partner's domain", "MESSAGE", "sip:ceo@peer-a.test", 407),
+            (
+                "this server's IPv6 address, written otherwise",
+                "MESSAGE",
+                "sip:ceo@[2001:db8:0:0::10]",
+                407,
+            ),
         ] {
             let got = outcome(&run(
                 &mut p,

@@ -428,6 +428,15 @@ fn same_host(a: &[u8], b: &[u8]) -> bool {
     fn strip(h: &[u8]) -> &[u8] {
         h.strip_suffix(b".").unwrap_or(h)
     }
+    // An IPv6 reference has many spellings (`[2001:db8::10]`, `[2001:db8:0:0::10]`): as
+    // text, `sip:ceo@<our address>` written otherwise was not this server's.
+    fn v6(h: &[u8]) -> Option<std::net::Ipv6Addr> {
+        let inner = h.strip_prefix(b"[")?.strip_suffix(b"]")?;
+        std::str::from_utf8(inner).ok()?.parse().ok()
+    }
+    if a.first() == Some(&b'[') && b.first() == Some(&b'[') {
+        return v6(a).is_some_and(|x| v6(b) == Some(x));
+    }
     text::eq_ic(strip(a), strip(b))
 }
 

@@ -337,7 +337,7 @@ fn client_cert_aors(shard: &Shard, chain: &[rustls::pki_types::CertificateDer<'_
                 .server
                 .domains
                 .iter()
-                .any(|d| d.eq_ignore_ascii_case(host))
+                .any(|d| crate::config::domain_key(d).eq_ignore_ascii_case(host))
         })
         .collect()
 }
