@@ -2176,6 +2176,90 @@ fn what_went_out_on_a_replaced_partner_link_is_awaited_then_failed_alone() {
 }
 
 #[test]
+fn what_forwarding_adds_never_gets_a_connection_closed() {
+    // A request at the header limit, forwarded with our Via on top, was one line past it:
+    // the next hop (another node of ours) refused it and closed the link it came over; and
+    // a callee's answer copies the Vias (RFC 3261 §8.2.6.2) and adds its own lines, so the
+    // answer to a request just under the limit was over it here: the callee's connection
+    // was closed and the answer lost. Any caller could have a user's connection cut.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let msg = |vias: usize, call: &str| {
+        let vias: String = (0..vias)
+            .map(|i| format!("Via: SIP/2.0/TLS h{i}.example.net;branch=z9hG4bK{call}{i}\r\n"))
+            .collect();
+        format!(
+            "MESSAGE sip:bob@example.com SIP/2.0\r\n{vias}Max-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: {call}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let limits = Limits::default();
+    let headers = |m: &[u8]| {
+        let head = &m[..m.windows(4).position(|w| w == b"\r\n\r\n").unwrap()];
+        head.split(|&b| b == b'\n').count() - 1
+    };
+    // 57 Vias and 6 more: 64 once forwarded, within the limits.
+    n.send(&A, msg(57, "big1").as_bytes());
+    let fwd = n.one(&B);
+    assert_eq!(headers(&fwd), limits.max_headers);
+    // Bob's answer: every Via, and a few lines of his own.
+    let mut ok = answer(&fwd, 200, "OK", "b1");
+    let at = ok
+        .windows(16)
+        .position(|w| w == b"Content-Length: ")
+        .unwrap();
+    ok.splice(
+        at..at,
+        b"Server: phone/1.0\r\nAllow: INVITE, ACK, BYE, CANCEL, MESSAGE\r\nSupported: outbound\r\n"
+            .iter()
+            .copied(),
+    );
+    assert!(headers(&ok) > limits.max_headers);
+    n.send(&B, &ok);
+    assert!(n.closed.is_empty(), "closed: {:?}", n.closed);
+    let up = n.take(&A);
+    assert_eq!(up.len(), 1, "the answer reaches alice");
+    assert!(
+        up[0].starts_with(b"SIP/2.0 200 "),
+        "{}",
+        String::from_utf8_lossy(&up[0])
+    );
+    // 58 Vias and 6 more: at the header limit as sent, past it once forwarded: forwarded
+    // (a reader that refuses it answers so, and keeps the connection).
+    n.send(&A, msg(58, "big2").as_bytes());
+    assert!(headers(&n.one(&B)) > limits.max_headers);
+    // Within `max_message` as sent, past it once forwarded: the next hop could not delimit
+    // it (and closed the connection). 513, nothing sent.
+    let body_len = limits.max_message - msg(1, "big4").len() - 40;
+    let near = msg(1, "big4").replace(
+        "Content-Length: 0\r\n\r\n",
+        &format!(
+            "Content-Type: text/plain\r\nContent-Length: {body_len}\r\n\r\n{}",
+            "x".repeat(body_len)
+        ),
+    );
+    assert!(near.len() <= limits.max_message);
+    n.send(&A, near.as_bytes());
+    let up = n.take(&A);
+    assert_eq!(up.len(), 1);
+    assert!(
+        up[0].starts_with(b"SIP/2.0 513 "),
+        "{}",
+        String::from_utf8_lossy(&up[0])
+    );
+    assert!(n.take(&B).is_empty());
+    // Past the limit as sent: refused, and the connection stays (the framer delimited it).
+    n.send(&A, msg(60, "big3").as_bytes());
+    let up = n.take(&A);
+    assert_eq!(up.len(), 1);
+    assert!(
+        up[0].starts_with(b"SIP/2.0 513 "),
+        "{}",
+        String::from_utf8_lossy(&up[0])
+    );
+    assert!(n.closed.is_empty(), "closed: {:?}", n.closed);
+}
+
+#[test]
 fn partial_admission_spreads_what_it_admits_evenly() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");

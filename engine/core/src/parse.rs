@@ -862,11 +862,23 @@ impl Framer {
             [b'\n', ..] | [b'\r', _, ..] => return Err(ParseError::InvalidLineEnding),
             _ => {}
         }
-        let window = &buf[..buf.len().min(self.limits.max_message)];
+        // A response copies its request's Vias, Record-Routes and more around the lines its
+        // sender adds (RFC 3261 §8.2.6.2, §12.1.1): the answer to a request we forwarded
+        // at `max_message` may be larger, and could not be delimited, which closed the
+        // callee's connection and lost the answer.
+        let max_message = if buf
+            .get(..4)
+            .is_some_and(|b| b.eq_ignore_ascii_case(b"SIP/"))
+        {
+            self.limits.max_message + RESPONSE_SLACK
+        } else {
+            self.limits.max_message
+        };
+        let window = &buf[..buf.len().min(max_message)];
         let from = self.scanned.saturating_sub(3);
         let Some(p) = memchr::memmem::find(&window[from..], b"\r\n\r\n") else {
             self.scanned = window.len();
-            return if buf.len() >= self.limits.max_message {
+            return if buf.len() >= max_message {
                 Err(ParseError::HeadTooLarge)
             } else {
                 Ok(Status::Partial)
@@ -877,7 +889,7 @@ impl Framer {
         let cl = content_length_of(&buf[..head_len])?.ok_or(ParseError::MissingContentLength)?;
         let total = head_len
             .checked_add(cl)
-            .filter(|&t| t <= self.limits.max_message)
+            .filter(|&t| t <= max_message)
             .ok_or(ParseError::BodyTooLarge)?;
         if buf.len() < total {
             self.pending = Some(total);
@@ -892,6 +904,9 @@ impl Framer {
         Ok(Status::Complete(f))
     }
 }
+
+/// How much larger than `max_message` a response may be framed (see [`Framer::frame`]).
+pub const RESPONSE_SLACK: usize = 16 * 1024;
 
 /// Finds `Content-Length` (or `l`) in a head that ends with the blank line; `None` if absent.
 fn content_length_of(head: &[u8]) -> Result<Option<usize>, ParseError> {

@@ -411,3 +411,37 @@ proptest! {
         prop_assert_eq!(f.frame(&bytes), Ok(Status::Complete(Frame::Message(bytes.len()))));
     }
 }
+
+#[test]
+fn a_response_may_be_framed_a_little_past_max_message() {
+    // A response copies its request's Vias and Record-Routes around its own lines: the
+    // answer to a request at `max_message` is larger, and was not delimited (the callee's
+    // connection closed). A request is held to the limit.
+    let limits = Limits {
+        max_message: 4096,
+        ..Limits::default()
+    };
+    let sized = |start: &str, total: usize| {
+        let head = format!("{start}\r\nl: 0\r\n");
+        let pad = total - head.len() - "X: \r\n\r\n".len();
+        format!("{head}X: {}\r\n\r\n", "a".repeat(pad)).into_bytes()
+    };
+    let over = limits.max_message + 1000;
+    let response = sized("SIP/2.0 200 OK", over);
+    assert_eq!(
+        Framer::new(limits, KeepaliveRole::Server).frame(&response),
+        Ok(Status::Complete(Frame::Message(over)))
+    );
+    let request = sized("OPTIONS sip:a@b SIP/2.0", over);
+    assert!(
+        Framer::new(limits, KeepaliveRole::Server)
+            .frame(&request)
+            .is_err()
+    );
+    let far = sized("SIP/2.0 200 OK", limits.max_message + RESPONSE_SLACK + 1);
+    assert!(
+        Framer::new(limits, KeepaliveRole::Server)
+            .frame(&far)
+            .is_err()
+    );
+}

@@ -543,6 +543,13 @@ fn with_status(resp: &[u8], line: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Is this a response (its start line `SIP/2.0 …`)?
+fn is_response(bytes: &[u8]) -> bool {
+    bytes
+        .get(..4)
+        .is_some_and(|b| b.eq_ignore_ascii_case(b"SIP/"))
+}
+
 /// Re-reads a message this shard already accepted (and may have grown), within limits
 /// widened by what forwarding adds: before, a request accepted at the limits could not be
 /// re-read once forwarded, and its CANCEL or hop-by-hop ACK was silently never sent.
@@ -1319,6 +1326,18 @@ impl ShardProxy {
         let mut storage = [Header::EMPTY; 64];
         let msg = match parse(bytes, &mut storage, &self.limits, Framing::Stream) {
             Ok(Status::Complete(m)) => m,
+            // An answer to a request we forwarded copies its Vias, Record-Routes and more
+            // (RFC 3261 §8.2.6.2, §12.1.1) around ours, and may outgrow limits its request
+            // met: read within the limits widened for what we forwarded. Before, the
+            // callee's connection was closed (too many headers, a line too long) and the
+            // answer lost: any caller could have a registered user's connection cut.
+            Err(_) if is_response(bytes) => {
+                let limits = self.limits;
+                if with_parsed(bytes, &limits, |m, e| self.on_response(now, flow, m, e)).is_none() {
+                    self.stats.dropped_responses += 1;
+                }
+                return;
+            }
             Ok(Status::Partial) => return self.reject(flow, bytes, ParseError::Truncated),
             Err(e) => return self.reject(flow, bytes, e),
         };
@@ -1353,7 +1372,13 @@ impl ShardProxy {
         if let Some(resp) = error_response(bytes, e, tag.as_bytes()) {
             self.send(flow, resp.into());
         }
-        if e.closes_connection() {
+        // The framer delimited this message: too many headers, or a line too long, do not
+        // put the stream's framing in doubt (a message whose syntax does, does).
+        let framed = matches!(
+            e,
+            ParseError::TooManyHeaders | ParseError::HeaderLineTooLong
+        );
+        if e.closes_connection() && !framed {
             self.out.push_back(Output::Close {
                 flow: flow.clone(),
                 reason: e,
@@ -1999,6 +2024,7 @@ impl ShardProxy {
     fn fork(&mut self, now: Instant, server: &TxKey, targets: &[Target]) {
         let limits = self.limits;
         let mut dropped = 0;
+        let mut too_large = 0;
         // RFC 5393 §5.3: branches forked in parallel share the request's breadth (60 when it
         // carries none, at most 60), each at least 1; too little for them all is 440.
         let breadth = if targets.len() > 1 {
@@ -2065,6 +2091,16 @@ impl ShardProxy {
             }) else {
                 return;
             };
+            // What forwarding adds (our Via, Record-Routes, an asserted identity, `received`)
+            // may take a request accepted at `max_message` past it: the next hop's framer
+            // (another node of ours, with the same limits) could not delimit it and would
+            // close the connection it came over — a link every call of the node shares.
+            // Answered 513 instead (RFC 3261 §21.5.14). More header lines than the limit
+            // are forwarded: a reader that refuses them answers, and keeps the connection.
+            if out.len() > self.limits.max_message {
+                too_large += 1;
+                continue;
+            }
             let ckey = TxKey {
                 branch: branch.into_bytes().into(),
                 sent_by: Box::default(),
@@ -2095,6 +2131,15 @@ impl ShardProxy {
             }
             self.stats.forwarded += 1;
             self.drive_client(now, &ckey);
+        }
+        if too_large > 0
+            && self
+                .servers
+                .get(server)
+                .is_some_and(|s| s.branches.is_empty())
+        {
+            self.answer(now, server, 513, "Message Too Large", &[]);
+            return;
         }
         if dropped > 0 {
             self.stats.oc_dropped += dropped;
