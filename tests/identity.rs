@@ -1147,6 +1147,90 @@ fn recheck_closed(srv: &Running, reason: &str) -> f64 {
 }
 
 #[test]
+fn a_reload_with_a_server_certificate_out_of_date_is_refused() {
+    // An old pair restored (or a deploy hook that wrote the wrong file): the certificate
+    // and key match, so the reload was taken, and every handshake failed from then on —
+    // clients', partners', and ours as a client. Refused now; the one in force stays.
+    let w = World::new();
+    let path = w.pki.dir.join("stale-cert.toml");
+    let cfg = w.config();
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    let srv = start(cfg.clone(), Some(path.clone())).expect("start");
+    let read = |n: &str| std::fs::read_to_string(w.pki.dir.join(n)).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &read("ca.pem"),
+        rcgen::KeyPair::from_pem(&read("ca.key")).unwrap(),
+    )
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    for (name, from, until, said) in [
+        (
+            "old",
+            now - time::Duration::days(400),
+            now - time::Duration::days(35),
+            "expired",
+        ),
+        (
+            "early",
+            now + time::Duration::days(2),
+            now + time::Duration::days(400),
+            "not valid",
+        ),
+    ] {
+        let mut p = rcgen::CertificateParams::new(vec!["sip.example.com".to_string()]).unwrap();
+        (p.not_before, p.not_after) = (from, until);
+        let k = rcgen::KeyPair::generate().unwrap();
+        let c = p.signed_by(&k, &issuer).unwrap();
+        w.pki.dir.write(&format!("{name}.pem"), c.pem());
+        w.pki.dir.write(&format!("{name}.key"), k.serialize_pem());
+        let mut stale = cfg.clone();
+        stale.tls.certificate[0].cert = w.pki.dir.join(&format!("{name}.pem"));
+        stale.tls.certificate[0].key = w.pki.dir.join(&format!("{name}.key"));
+        std::fs::write(&path, toml::to_string(&stale).unwrap()).unwrap();
+        let e = srv.reload().unwrap_err();
+        assert!(
+            e.contains(&format!("{name}.pem")) && e.contains(said),
+            "{e}"
+        );
+        // The certificate in force still serves.
+        let mut alice = w.client(&srv, "alice");
+        alice.password = Some("pw-alice".into());
+        assert_eq!(alice.register(600), 200, "{name}");
+    }
+    // The same file renewed is taken.
+    std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+    srv.reload().expect("a certificate in date");
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_partner_another_relays_to_can_be_removed_by_a_reload() {
+    // Every name in `relay_to` must be a configured partner, and a change to a remaining
+    // partner's rules needs a restart: a partner another relays to could not be removed by
+    // a reload at all (a compromised key waited for a restart). Its name may now leave the
+    // others' `relay_to` with it; narrowing `relay_to` otherwise still needs a restart.
+    let w = World::new();
+    let path = w.pki.dir.join("relay-reload.toml");
+    let mut cfg = w.config();
+    cfg.peer[0].relay_to = vec![cfg.peer[1].name.clone()];
+    let write = |c: &Config| std::fs::write(&path, toml::to_string(c).unwrap()).unwrap();
+    write(&cfg);
+    let srv = start(cfg.clone(), Some(path.clone())).expect("start");
+    let mut narrowed = cfg.clone();
+    narrowed.peer[0].relay_to.clear();
+    write(&narrowed);
+    let e = srv.reload().unwrap_err();
+    assert!(e.contains("restart"), "{e}");
+    let mut removed = narrowed;
+    removed.peer.remove(1);
+    write(&removed);
+    srv.reload().expect("a partner another relayed to, removed");
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_reload_that_changes_who_a_partner_is_needs_a_restart() {
     // The shards judge partners by a SIP policy built at start; a reload swaps only the
     // TLS policy that names connections. A partner added or given other rights by a reload

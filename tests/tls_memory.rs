@@ -1244,6 +1244,48 @@ fn a_crl_past_its_next_update_is_no_crl() {
 }
 
 #[test]
+fn a_policy_reports_the_due_dates_of_the_crls_it_loaded() {
+    // The CRL gauge and warnings came from a second read of the files after the policy
+    // was built: a job that replaced a CRL between the two had them describe a CRL other
+    // than the one in force (a lapsing one reported as fresh, no alert). The policy now
+    // carries the due dates of the very CRLs it enforces.
+    let w = World::new();
+    // `crl_next_update` makes a CRL due that many days from now.
+    let due = |days: i64| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        now + days * 86_400
+    };
+    w.dir.write(
+        "alpha.crl",
+        w.alpha
+            .crl_next_update(&[w.alpha_revoked], Duration::days(1))
+            .unwrap(),
+    );
+    let cfg = w.config(&["1.3"]);
+    let policy = TlsPolicy::load(&cfg).expect("policy loads");
+    // Replaced right after the load, as a job renaming a fresh CRL into place would.
+    w.dir.write(
+        "alpha.crl",
+        w.alpha
+            .crl_next_update(&[w.alpha_revoked], Duration::days(30))
+            .unwrap(),
+    );
+    let of = |dues: &[sipring::tls::CrlDue]| {
+        dues.iter()
+            .find(|d| d.file.ends_with("alpha.crl"))
+            .and_then(|d| d.next)
+            .unwrap()
+    };
+    let in_force = of(&policy.crl_dues);
+    assert!((in_force - due(1)).abs() < 120, "{in_force} vs {}", due(1));
+    let on_disk = of(&sipring::tls::crl_next_updates(&cfg));
+    assert!((on_disk - due(30)).abs() < 120, "{on_disk} vs {}", due(30));
+}
+
+#[test]
 fn outbound_partner_acceptance_and_rejections() {
     let w = World::new();
     let policy = w.policy(&["1.2", "1.3"]);

@@ -120,13 +120,15 @@ pub fn tick(shard: &Shard, publish: bool, now: Instant) {
             continue;
         };
         chain.generation.set(generation);
-        // Under this policy's partner roots (a reload may bring ones that lapse sooner).
-        if c.principal.partner().is_some() {
-            let t = (crate::cluster::unix_ms() / 1000) as i64;
-            chain
-                .expires
-                .set(chain.next_expiry(t, &policy.anchor_expiries));
-        }
+        // Under this policy's roots (a reload may bring ones that lapse sooner): partner
+        // roots for a partner, the client roots for a phone (whose certificate goes on
+        // proving its AORs until then).
+        let anchors = match c.principal.partner() {
+            Some(_) => &policy.anchor_expiries,
+            None => &policy.client_anchor_expiries,
+        };
+        let t = (crate::cluster::unix_ms() / 1000) as i64;
+        chain.expires.set(chain.next_expiry(t, anchors));
         let outbound = c.outbound;
         let Err((reason, detail)) = policy.recheck(&c.principal, outbound, &chain.certs) else {
             continue;

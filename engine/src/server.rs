@@ -108,6 +108,14 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
     sys::probe::preflight(n).map_err(StartError)?;
     let policy =
         TlsPolicy::load(&cfg).map_err(|e| StartError(format!("TLS configuration: {e}")))?;
+    let now = unix_now();
+    for c in policy
+        .certs
+        .iter()
+        .filter(|c| now >= c.not_after || now < c.not_before)
+    {
+        tracing::error!(file = %c.file.display(), not_before = c.not_before, not_after = c.not_after, "server certificate outside its validity period: every handshake that presents it fails (clients', partners', and ours as a client); renew it and reload");
+    }
     let subscribers =
         crate::auth::subscribers(&cfg).map_err(|e| StartError(format!("auth.subscribers: {e}")))?;
     let key =
@@ -155,7 +163,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         ktls,
         stopped: AtomicUsize::new(0),
         reloads: Default::default(),
-        crls: ArcSwap::from_pointee(crls_in_force(&cfg, false, started)),
+        crls: ArcSwap::from_pointee(crls_in_force(policy.crl_dues.clone(), false, started)),
         crls_told: started.into(),
         reload_lock: std::sync::Mutex::new(()),
         tls_generation: Default::default(),
@@ -628,10 +636,19 @@ pub struct Reloader {
 fn needs_restart(running: &Config, new: &Config) -> Option<String> {
     let old = crate::auth::policy_config(running);
     let new_policy = crate::auth::policy_config(new);
+    let names: Vec<String> = new.peer.iter().map(|p| p.name.clone()).collect();
+    // A partner removed leaves the others' `relay_to` with it: theirs may drop its name
+    // (the validation insists every name there is configured), else it could not be
+    // removed by a reload at all.
+    let relaying_to_kept = |p: &sipring_core::policy::PartnerPolicy| {
+        let mut p = p.clone();
+        p.relay_to.retain(|r| names.contains(r));
+        p
+    };
     for p in &new_policy.partners {
         match old.partners.iter().find(|o| o.name == p.name) {
             None => return Some(format!("partner {:?} added", p.name)),
-            Some(o) if o != p => {
+            Some(o) if relaying_to_kept(o) != *p => {
                 return Some(format!(
                     "partner {:?} changed (domains, relay_to, assert_identity, numbers or node)",
                     p.name
@@ -655,6 +672,7 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
         // The order of [[peer]] tables means nothing.
         c.peer.sort_by(|a, b| a.name.cmp(&b.name));
         for p in &mut c.peer {
+            p.relay_to.retain(|r| keep.contains(r));
             (p.roots, p.crls, p.trusted_names) = Default::default();
             (p.server_name, p.allow_wildcards) = Default::default();
             p.unknown_revocation = Default::default();
@@ -665,7 +683,6 @@ fn needs_restart(running: &Config, new: &Config) -> Option<String> {
         c.auth.subscribers = None;
         c
     };
-    let names: Vec<String> = new.peer.iter().map(|p| p.name.clone()).collect();
     let (a, mut b) = (reloadable(running, &names), reloadable(new, &names));
     // A listener on port 0 was given its port at start (the running copy says which).
     for (n, r) in b.listen.iter_mut().zip(&a.listen) {
@@ -776,8 +793,39 @@ impl Reloader {
                         Ok((p, s))
                     })
             });
+        // A server certificate outside its validity (an old pair restored, a deploy hook
+        // that wrote the wrong file) would fail every handshake, clients' and partners'
+        // (ours as a client too): refused, the one in force stays.
+        let now = unix_now();
+        let loaded = loaded.and_then(|(p, subs)| {
+            match p
+                .certs
+                .iter()
+                .find(|c| now >= c.not_after || now < c.not_before)
+            {
+                Some(c) => {
+                    let why = if now >= c.not_after {
+                        format!(
+                            "certificate expired {} hours ago",
+                            (now - c.not_after) / 3600
+                        )
+                    } else {
+                        format!(
+                            "certificate not valid for another {} hours",
+                            (c.not_before - now) / 3600
+                        )
+                    };
+                    let file = c.file.display().to_string();
+                    Err((file.clone(), why.clone(), format!("{file}: {why}")))
+                }
+                None => Ok((p, subs)),
+            }
+        });
         match loaded {
             Ok((p, subs)) => {
+                // What was told here is not told again by `watch_crls`: marked before the
+                // list it reads is replaced.
+                let crls = crls_in_force(p.crl_dues.clone(), true, now);
                 self.policy.store(Arc::new(p));
                 self.control.tls_generation.fetch_add(1, Ordering::Release);
                 let n = subs.len();
@@ -787,10 +835,6 @@ impl Reloader {
                     subscribers = n,
                     "TLS configuration reloaded (and the subscriber file)"
                 );
-                // What was told here is not told again by `watch_crls`: marked before the
-                // list it reads is replaced.
-                let now = unix_now();
-                let crls = crls_in_force(&cfg, true, now);
                 self.control.crls_told.fetch_max(now, Ordering::Relaxed);
                 self.control.crls.store(Arc::new(crls));
                 Ok(())
@@ -814,8 +858,11 @@ fn unix_now() -> i64 {
 /// The CRL files `cfg` names and when they fall due ([`Control::crls`]), after logging what
 /// an operator must act on: those lapsed (their certificates are refused) and those due
 /// within a day, in scopes that refuse unknown revocation status.
-fn crls_in_force(cfg: &Config, reloaded: bool, now: i64) -> Vec<crate::tls::CrlDue> {
-    let crls = crate::tls::crl_next_updates(cfg);
+fn crls_in_force(
+    crls: Vec<crate::tls::CrlDue>,
+    reloaded: bool,
+    now: i64,
+) -> Vec<crate::tls::CrlDue> {
     for due in crls.iter().filter(|d| d.enforced) {
         match due.next {
             Some(next) if next <= now && reloaded => {

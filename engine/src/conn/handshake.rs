@@ -205,8 +205,18 @@ async fn accept_tls(
         match policy.partner_of(chain) {
             Some(p) => Principal::Partner(p),
             None => {
+                // Counted as the refusal it is (it was counted nowhere): a resumed session
+                // whose certificate lapsed since (rustls restores the chain from the ticket
+                // unverified), or one no partner names since a reload.
+                let now = (crate::cluster::unix_ms() / 1000) as i64;
+                let reason = match chain.first().and_then(|c| crate::tls::verify::summarize(c)) {
+                    Some(s) if now >= s.not_after => Rejection::Expired,
+                    Some(s) if now < s.not_before => Rejection::NotYetValid,
+                    _ => Rejection::NameNotTrusted,
+                };
+                shard.control.rejections.inc(reason);
                 if let Some(left_out) = shard.reject_log[1].allow(Instant::now()) {
-                    tracing::warn!(%remote, left_out, "verified partner certificate matches no single partner now (reloaded? a resumed session whose certificate lapsed?); closing (refused partner handshakes: at most one line a second)");
+                    tracing::warn!(%remote, reason = reason.label(), left_out, "verified partner certificate matches no single partner now (reloaded? a resumed session whose certificate lapsed?); closing (refused partner handshakes: at most one line a second)");
                 }
                 linger_close(shard, stream).await;
                 return None;

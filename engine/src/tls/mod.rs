@@ -131,6 +131,38 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
+/// The roots and CRLs one policy load reads, each file read once: what the policy enforces
+/// and what it reports (CRL due dates, root expiries) come from the same bytes, even while
+/// a job replaces the files.
+#[derive(Default)]
+struct Reads {
+    certs: HashMap<PathBuf, Vec<CertificateDer<'static>>>,
+    crls: HashMap<PathBuf, Vec<CertificateRevocationListDer<'static>>>,
+}
+
+impl Reads {
+    fn certs(&mut self, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsLoadError> {
+        if let Some(c) = self.certs.get(path) {
+            return Ok(c.clone());
+        }
+        let c = load_certs(path)?;
+        self.certs.insert(path.to_path_buf(), c.clone());
+        Ok(c)
+    }
+
+    fn crls(
+        &mut self,
+        path: &Path,
+    ) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsLoadError> {
+        if let Some(c) = self.crls.get(path) {
+            return Ok(c.clone());
+        }
+        let c = load_crls(path)?;
+        self.crls.insert(path.to_path_buf(), c.clone());
+        Ok(c)
+    }
+}
+
 /// A CRL file the configuration names, and when the CRLs of it that are in use fall due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrlDue {
@@ -150,6 +182,14 @@ pub struct CrlDue {
 /// its CRLs in use fall due ([`CrlDue`]). Files that do not load are left out (the policy
 /// load names them).
 pub fn crl_next_updates(cfg: &Config) -> Vec<CrlDue> {
+    crl_dues_of(cfg, &mut |f| load_crls(f).ok())
+}
+
+/// [`crl_next_updates`], reading each file through `read` (`None`: it does not load).
+fn crl_dues_of(
+    cfg: &Config,
+    read: &mut dyn FnMut(&Path) -> Option<Vec<CertificateRevocationListDer<'static>>>,
+) -> Vec<CrlDue> {
     let scopes = cfg
         .peer
         .iter()
@@ -171,7 +211,7 @@ pub fn crl_next_updates(cfg: &Config) -> Vec<CrlDue> {
     for (files, enforced) in scopes {
         let mut all: Vec<(&PathBuf, CertificateRevocationListDer<'static>)> = Vec::new();
         for f in files {
-            if let Ok(crls) = load_crls(f) {
+            if let Some(crls) = read(f) {
                 all.extend(crls.into_iter().map(|c| (f, c)));
             }
         }
@@ -356,6 +396,8 @@ pub struct LoadedCert {
     pub file: PathBuf,
     /// Leaf notAfter (Unix seconds).
     pub not_after: i64,
+    /// Leaf notBefore (Unix seconds).
+    pub not_before: i64,
     /// Our chain (for presenting as a client to peers too).
     pub chain: Vec<CertificateDer<'static>>,
 }
@@ -386,6 +428,10 @@ pub struct TlsPolicy {
     pub client_anchor_expiries: Arc<[i64]>,
     /// The server certificates, for expiry checks.
     pub certs: Vec<LoadedCert>,
+    /// When the CRLs this policy enforces fall due, from the very bytes it loaded: a job
+    /// that replaces a CRL file during a reload must not have the gauge and the warnings
+    /// describe another CRL than the one in force.
+    pub crl_dues: Vec<CrlDue>,
     /// Signature algorithms, for re-checking a partner's chain after its handshake.
     pub algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
@@ -500,6 +546,7 @@ impl TlsPolicy {
         let cfg_path = Path::new("(config)");
 
         // Server certificates.
+        let mut reads = Reads::default();
         let mut certs = Vec::new();
         let mut default = None;
         let mut by_name = HashMap::new();
@@ -520,6 +567,7 @@ impl TlsPolicy {
             certs.push(LoadedCert {
                 file: c.cert.clone(),
                 not_after: summary.not_after,
+                not_before: summary.not_before,
                 chain: chain.clone(),
             });
             for n in &c.sni {
@@ -573,9 +621,9 @@ impl TlsPolicy {
             match &cfg.tls.client_roots {
                 Some(path) => {
                     let mut roots = RootCertStore::empty();
-                    let lapsing = verify::RootValidity::of(&load_certs(path)?);
+                    let lapsing = verify::RootValidity::of(&reads.certs(path)?);
                     client_anchor_expiries = lapsing.expiries();
-                    for r in load_certs(path)? {
+                    for r in reads.certs(path)? {
                         roots
                             .add(r)
                             .map_err(|e| load_err(path, format!("bad root: {e}")))?;
@@ -583,10 +631,10 @@ impl TlsPolicy {
                     let roots = Arc::new(roots);
                     let mut crls = Vec::new();
                     for f in &cfg.tls.client_crls {
-                        crls.extend(load_crls(f)?);
+                        crls.extend(reads.crls(f)?);
                     }
                     let crls = newest_crl_per_issuer(crls);
-                    check_client_crls(path, &load_certs(path)?, &crls)?;
+                    check_client_crls(path, &reads.certs(path)?, &crls)?;
                     let orders = verify::crl_orders(&crls);
                     let verifier = |optional: bool| {
                         let one = |crls: &Vec<CertificateRevocationListDer<'static>>| {
@@ -629,10 +677,10 @@ impl TlsPolicy {
         // Partners.
         let mut partners = Vec::new();
         for p in &cfg.peer {
-            let roots = load_certs(&p.roots)?;
+            let roots = reads.certs(&p.roots)?;
             let mut crls = Vec::new();
             for f in &p.crls {
-                crls.extend(load_crls(f)?);
+                crls.extend(reads.crls(f)?);
             }
             let crls = newest_crl_per_issuer(crls);
             let t = PeerTrust::new(p, &roots, &crls).map_err(|e| load_err(&p.roots, e))?;
@@ -699,6 +747,7 @@ impl TlsPolicy {
             anchor_expiries: anchor_expiries.into(),
             client_anchor_expiries: client_anchor_expiries.into(),
             certs,
+            crl_dues: crl_dues_of(cfg, &mut |f| reads.crls(f).ok()),
             algs,
         })
     }

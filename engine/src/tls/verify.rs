@@ -106,6 +106,8 @@ pub struct CertSummary {
     pub subject: String,
     /// notAfter, as Unix seconds.
     pub not_after: i64,
+    /// notBefore, as Unix seconds.
+    pub not_before: i64,
 }
 
 /// Reads identities (RFC 5922 §7.1: SAN URIs `sip:domain` and dNSNames; the CN only when the
@@ -150,6 +152,7 @@ pub fn summarize(cert: &[u8]) -> Option<CertSummary> {
         issuer: printable(&x.issuer().to_string()).into_owned(),
         subject: printable(&x.subject().to_string()).into_owned(),
         not_after: x.validity().not_after.timestamp(),
+        not_before: x.validity().not_before.timestamp(),
     })
 }
 
