@@ -1135,6 +1135,44 @@ fn cancel_before_answer() {
     n.assert_idle_after_timers();
 }
 
+#[test]
+fn a_cancels_reason_is_passed_on_to_the_branches() {
+    // RFC 3326 §2: a proxy forwarding a CANCEL SHOULD copy its Reason. A ring-all answered
+    // elsewhere one hop up (another node of ours, a partner's fork) reached the phone here
+    // with no Reason: it showed a missed call.
+    let mut n = Net::new();
+    let fwd = ringing(&mut n, "call-r");
+    let cancel = String::from_utf8(cancel_of("call-r")).unwrap().replace(
+        "Content-Length: 0",
+        "Reason: SIP;cause=200;text=\"Call completed elsewhere\"\r\nReason: Q.850;cause=16\r\nContent-Length: 0",
+    );
+    n.send(&A, cancel.as_bytes());
+    assert_eq!(status(&n.one(&A)), 200);
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL");
+    assert_eq!(
+        sipring_tests::ua::header(&c, "Reason").as_deref(),
+        Some("SIP;cause=200;text=\"Call completed elsewhere\", Q.850;cause=16")
+    );
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert_eq!(status(&n.one(&A)), 487);
+    n.assert_idle_after_timers();
+    // Without one, none.
+    let mut n = Net::new();
+    let fwd = ringing(&mut n, "call-r2");
+    n.send(&A, &cancel_of("call-r2"));
+    n.take(&A);
+    let c = n.one(&B);
+    assert_eq!(sipring_tests::ua::header(&c, "Reason"), None);
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    n.take(&B);
+    n.take(&A);
+    n.assert_idle_after_timers();
+}
+
 trait ReplaceBranch {
     fn replace_branch(&self, b: &str) -> Vec<u8>;
 }

@@ -186,6 +186,10 @@ struct Server {
     got_2xx: bool,
     final_sent: bool,
     cancelled: bool,
+    /// The Reason of the CANCEL that cancelled it (RFC 3326), passed on in the CANCELs of
+    /// its branches: the phones of a ring-all answered elsewhere, one hop further down
+    /// (another node of ours, a partner's fork), showed a missed call.
+    cancel_reason: Option<Bytes>,
     to_tag: String,
     /// What the policy allowed (identity headers downstream).
     grant: Grant,
@@ -209,6 +213,7 @@ impl Server {
             + self.txn.last_response().map_or(0, |r| r.len())
             + self.best.as_ref().map_or(0, |(_, b)| b.len())
             + self.challenges.iter().map(|(_, v)| v.len()).sum::<usize>()
+            + self.cancel_reason.as_ref().map_or(0, |r| r.len())
     }
 }
 
@@ -541,6 +546,22 @@ fn with_status(resp: &[u8], line: &[u8]) -> Vec<u8> {
     let mut out = line.to_vec();
     out.extend_from_slice(&resp[end..]);
     out
+}
+
+/// The Reason values of a CANCEL (RFC 3326), joined as one list; none past a header line.
+fn reason_of(m: &Message<'_, '_>, limits: &Limits) -> Option<Bytes> {
+    let mut out: Vec<u8> = Vec::new();
+    for h in m
+        .headers()
+        .iter()
+        .filter(|h| h.raw_name.eq_ignore_ascii_case(b"Reason") && !h.value.is_empty())
+    {
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(h.value);
+    }
+    (!out.is_empty() && out.len() < limits.max_header_line).then(|| out.into())
 }
 
 /// Is this a response (its start line `SIP/2.0 …`)?
@@ -1679,6 +1700,7 @@ impl ShardProxy {
                 got_2xx: false,
                 final_sent: false,
                 cancelled: false,
+                cancel_reason: None,
                 to_tag,
                 grant,
                 callee: None,
@@ -1864,9 +1886,17 @@ impl ShardProxy {
             };
             return self.answer(now, cancel_key, code.0, code.1, &[]);
         };
+        // Read before the answer, which ends the CANCEL's transaction.
+        let limits = self.limits;
+        let reason = self
+            .servers
+            .get(cancel_key)
+            .filter(|_| pending)
+            .and_then(|c| with_parsed(&c.request, &limits, |m, _| reason_of(m, &limits)))
+            .flatten();
         self.answer(now, cancel_key, 200, "OK", &[]);
         if pending {
-            self.cancel_invite(now, &invite_key);
+            self.cancel_invite(now, &invite_key, reason);
         }
     }
 
@@ -1901,11 +1931,16 @@ impl ShardProxy {
 
     /// Cancels a pending INVITE server transaction: 487 at once while it waits for its
     /// lookup, otherwise CANCEL on each branch (whose 487 comes back up).
-    fn cancel_invite(&mut self, now: Instant, invite_key: &TxKey) {
+    fn cancel_invite(&mut self, now: Instant, invite_key: &TxKey, reason: Option<Bytes>) {
         let Some(s) = self.servers.get_mut(invite_key) else {
             return;
         };
         s.cancelled = true;
+        s.cancel_reason = reason;
+        self.reweigh(invite_key);
+        let Some(s) = self.servers.get(invite_key) else {
+            return;
+        };
         if s.branches.is_empty() {
             // Still waiting for a lookup: nothing downstream to cancel.
             self.answer(now, invite_key, 487, "Request Terminated", &[]);
@@ -1919,7 +1954,12 @@ impl ShardProxy {
     /// this shard's connections. True when it did (the asking shard answers the CANCEL 200).
     pub fn cancel_from_elsewhere(&mut self, now: Instant, partner: &str, request: &[u8]) -> bool {
         self.tick_clock(now);
-        let key = with_parsed(request, &self.limits, TxKey::server).flatten();
+        let limits = self.limits;
+        let Some((key, reason)) = with_parsed(request, &limits, |m, e| {
+            (TxKey::server(m, e), reason_of(m, &limits))
+        }) else {
+            return false;
+        };
         let Some(invite_key) = key.as_ref().and_then(TxKey::cancelled_invite) else {
             return false;
         };
@@ -1927,7 +1967,7 @@ impl ShardProxy {
             None => false,
             Some(pending) => {
                 if pending {
-                    self.cancel_invite(now, &invite_key);
+                    self.cancel_invite(now, &invite_key, reason);
                 }
                 true
             }
@@ -1992,13 +2032,14 @@ impl ShardProxy {
             Some(now + t1.saturating_mul(64)),
         );
         let c = &self.clients[invite_branch];
-        // Another branch answered (§16.7 step 10 cancels the rest): say so (RFC 3326).
-        let elsewhere = c
-            .server
-            .as_ref()
-            .and_then(|k| self.servers.get(k))
-            .is_some_and(|s| s.got_2xx);
-        let reason = elsewhere.then_some(crate::response::COMPLETED_ELSEWHERE);
+        // Another branch answered (§16.7 step 10 cancels the rest): say so (RFC 3326); or
+        // the Reason of the CANCEL that cancelled the call, passed on.
+        let server = c.server.as_ref().and_then(|k| self.servers.get(k));
+        let reason = match server {
+            Some(s) if s.got_2xx => Some(crate::response::COMPLETED_ELSEWHERE),
+            Some(s) => s.cancel_reason.as_deref(),
+            None => None,
+        };
         let Some(Some(cancel)) =
             with_parsed(c.txn.request(), &limits, |m, _| cancel_for(m, reason))
         else {
