@@ -136,6 +136,7 @@ impl Net {
                 Output::Refused(r)
                     if r.label == "transactions_full"
                         || r.label == "transactions_per_connection"
+                        || r.label == "transactions_per_identity"
                         || r.label == "register_aors_per_connection"
                         || r.label == "dialog_not_party" =>
                 {
@@ -470,6 +471,68 @@ fn a_request_for_a_party_that_reconnected_reaches_the_binding_it_made_since() {
     assert_eq!(status(&n.one(&A)), 200);
     assert_eq!(n.proxy.stats().dialog_rebinds, 1);
     n.assert_idle_after_timers();
+}
+
+#[test]
+fn one_account_over_many_connections_cannot_take_the_shards_table() {
+    // Each client connection has its share of the table; one account opening more
+    // connections had a share per connection, and took the whole table (every new request
+    // on the shard 503, partners' calls included). An authenticated identity has its own
+    // share: 4 connections' worth, and a sixteenth of the bytes.
+    let policy = Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: true,
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    );
+    let mut n = Net::with_policy(policy);
+    n.proxy.set_max_transactions_per_flow(2);
+    let certified = |n: &mut Net, flow: &Flow, user: &str| {
+        n.proxy.set_flow_info(
+            flow.clone(),
+            sipring_core::policy::FlowInfo {
+                principal: sipring_core::policy::Principal::Client {
+                    cert_aors: vec![format!("sip:{user}@example.com")],
+                },
+                ..Default::default()
+            },
+        )
+    };
+    certified(&mut n, &B, "bob");
+    n.register("bob", &B, "10.0.0.2:5061");
+    let call = |from: &str, i: usize| {
+        format!(
+            "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKid{from}{i}\r\nMax-Forwards: 70\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:{from}@example.com>;tag=a{i}\r\nCall-ID: id-{from}-{i}\r\nCSeq: 1 INVITE\r\nContact: <sip:{from}@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    // Mallory over six connections, two ringing calls on each while she may.
+    let mut rang = 0;
+    for c in 0..6u64 {
+        let flow = Flow::Conn(100 + c);
+        certified(&mut n, &flow, "mallory");
+        for i in 0..2 {
+            n.send(&flow, call("mallory", (c * 2 + i) as usize).as_bytes());
+            let up = n.take(&flow);
+            if let Some(fwd) = n.take(&B).pop() {
+                n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+                n.take(&flow);
+                rang += 1;
+            } else {
+                assert_eq!(status(&up[0]), 503, "{}", String::from_utf8_lossy(&up[0]));
+            }
+        }
+    }
+    assert_eq!(rang, 8, "four connections' worth");
+    assert_eq!(n.refused.last(), Some(&"transactions_per_identity"));
+    // Alice still gets through.
+    let alice = Flow::Conn(200);
+    certified(&mut n, &alice, "alice");
+    n.send(&alice, call("alice", 0).as_bytes());
+    assert_eq!(status(&n.one(&alice)), 100);
+    assert_eq!(method(&n.one(&B)), "INVITE");
 }
 
 #[test]

@@ -967,27 +967,51 @@ const HASH_PAGE: usize = 250;
 
 /// All of hash `key`, read a page at a time (`HSCAN`); a field the scan returns twice
 /// (allowed while the hash changes) counts once, in field order.
+///
+/// Pages are not one snapshot: a hash deleted (a `FLUSHALL`, a failover that lost it, an
+/// operator's `DEL` before writing it again) after the first pages were read gave those
+/// pages alone, and a refresh replaced the subscriber table with a fraction of it — users
+/// who could sign in a second before were refused. The read is whole only if the hash
+/// still holds as many fields as were read (`HLEN` after the scan); a hash gone meanwhile
+/// reads as empty (the caller keeps what it had), one that changed is read again, and
+/// after [`HASH_READS`] tries the read fails.
 async fn read_hash(
     c: &mut ClusterConnection,
     key: &str,
 ) -> redis::RedisResult<std::collections::BTreeMap<String, String>> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(key)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(HASH_PAGE)
-            .query_async(c)
-            .await?;
-        out.extend(page);
-        if next == 0 {
+    for _ in 0..HASH_READS {
+        let mut out = std::collections::BTreeMap::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(HASH_PAGE)
+                .query_async(c)
+                .await?;
+            out.extend(page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let now: usize = redis::cmd("HLEN").arg(key).query_async(c).await?;
+        if now == 0 {
+            return Ok(std::collections::BTreeMap::new());
+        }
+        if now == out.len() {
             return Ok(out);
         }
-        cursor = next;
     }
+    Err(redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "the hash changed during every read",
+    )))
 }
+
+/// Reads of a hash that changed while it was read, before giving up until the next refresh.
+const HASH_READS: usize = 3;
 
 /// How far this node's clock is ahead of Redis's (ms; negative: behind), from a `TIME`
 /// answer (`secs`, `micros`) that came back between `sent` and `received` (unix ms here):

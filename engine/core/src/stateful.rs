@@ -432,6 +432,10 @@ pub struct ShardProxy {
     by_flow: HashMap<Flow, FlowTxns>,
     max_transactions: usize,
     max_transactions_per_flow: usize,
+    /// Per authenticated identity (a client's AOR): its server transactions on this shard
+    /// and the bytes they hold. One account opening connections, each with its own share,
+    /// could otherwise take the shard's whole table, partners' calls included.
+    by_identity: HashMap<String, (usize, usize)>,
     /// The bytes the transactions hold (requests kept and sent), and its bound.
     txn_bytes: usize,
     max_txn_bytes: usize,
@@ -548,6 +552,45 @@ fn with_status(resp: &[u8], line: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One authenticated identity's share of a shard's transactions: as many as this many
+/// connections may hold (`max_transactions_per_flow` each; a PBX registered as one account
+/// carries its calls over a few), and at most this fraction of the table's bytes.
+const IDENTITY_CONNECTIONS: usize = 4;
+const IDENTITY_BYTES_SHARE: usize = 16;
+
+/// The identity a grant names: a client's authenticated AOR.
+fn identity_of(grant: &Grant) -> Option<&str> {
+    match &grant.source {
+        Source::Client(Some(aor)) => Some(aor),
+        _ => None,
+    }
+}
+
+/// A server transaction of `grant`'s identity, holding `weight` bytes, comes or goes.
+fn account_identity(
+    loads: &mut HashMap<String, (usize, usize)>,
+    grant: &Grant,
+    weight: usize,
+    comes: bool,
+) {
+    let Some(aor) = identity_of(grant) else {
+        return;
+    };
+    match (loads.get_mut(aor), comes) {
+        (Some(load), true) => *load = (load.0 + 1, load.1 + weight),
+        (None, true) => {
+            loads.insert(aor.to_string(), (1, weight));
+        }
+        (Some(load), false) if load.0 > 1 => {
+            *load = (load.0 - 1, load.1.saturating_sub(weight));
+        }
+        (Some(_), false) => {
+            loads.remove(aor);
+        }
+        (None, false) => {}
+    }
+}
+
 /// The Reason values of a CANCEL (RFC 3326), joined as one list; none past a header line.
 fn reason_of(m: &Message<'_, '_>, limits: &Limits) -> Option<Bytes> {
     let mut out: Vec<u8> = Vec::new();
@@ -637,6 +680,7 @@ impl ShardProxy {
             by_flow: HashMap::new(),
             max_transactions: 50_000,
             max_transactions_per_flow: 1024,
+            by_identity: HashMap::new(),
             txn_bytes: 0,
             max_txn_bytes: 512 << 20,
             timer_c: TIMER_C,
@@ -915,6 +959,9 @@ impl ShardProxy {
         if let Some(s) = self.servers.get_mut(k) {
             let held = s.held();
             self.txn_bytes = (self.txn_bytes + held).saturating_sub(s.weight);
+            if let Some(load) = identity_of(&s.grant).and_then(|a| self.by_identity.get_mut(a)) {
+                load.1 = (load.1 + held).saturating_sub(s.weight);
+            }
             s.weight = held;
         }
     }
@@ -922,6 +969,7 @@ impl ShardProxy {
     fn remove_server(&mut self, k: &TxKey) -> Option<Server> {
         let s = self.servers.remove(k)?;
         self.txn_bytes = self.txn_bytes.saturating_sub(s.weight);
+        account_identity(&mut self.by_identity, &s.grant, s.weight, false);
         self.timers.cancel(&TimerKey::Server(k.clone()));
         self.unindex(&s.inbound, true);
         Some(s)
@@ -1648,6 +1696,11 @@ impl ShardProxy {
             Some(("transactions_full", self.txn_bytes))
         } else if share > 0 && on_flow >= share && self.partner_of(flow).is_none() {
             Some(("transactions_per_connection", on_flow))
+        } else if let Some(&(n, held)) = identity_of(&grant).and_then(|a| self.by_identity.get(a))
+            && ((share > 0 && n >= share.saturating_mul(IDENTITY_CONNECTIONS))
+                || held + weight > self.max_txn_bytes / IDENTITY_BYTES_SHARE)
+        {
+            Some(("transactions_per_identity", n))
         } else {
             None
         };
@@ -1712,8 +1765,12 @@ impl ShardProxy {
             },
         );
         self.txn_bytes += bytes.len();
+        if let Some(s) = self.servers.get(&key) {
+            account_identity(&mut self.by_identity, &s.grant, bytes.len(), true);
+        }
         if let Some(old) = replaced {
             self.txn_bytes = self.txn_bytes.saturating_sub(old.weight);
+            account_identity(&mut self.by_identity, &old.grant, old.weight, false);
         }
         self.index(flow, TimerKey::Server(key.clone()));
         match decision {
