@@ -1163,6 +1163,19 @@ fn a_reload_with_a_server_certificate_out_of_date_is_refused() {
     )
     .unwrap();
     let now = time::OffsetDateTime::now_utc();
+    // A configuration whose main certificate is `name`, valid from `from` until `until`.
+    let issue = |name: &str, from: time::OffsetDateTime, until: time::OffsetDateTime| {
+        let mut p = rcgen::CertificateParams::new(vec!["sip.example.com".to_string()]).unwrap();
+        (p.not_before, p.not_after) = (from, until);
+        let k = rcgen::KeyPair::generate().unwrap();
+        let c = p.signed_by(&k, &issuer).unwrap();
+        w.pki.dir.write(&format!("{name}.pem"), c.pem());
+        w.pki.dir.write(&format!("{name}.key"), k.serialize_pem());
+        let mut with = cfg.clone();
+        with.tls.certificate[0].cert = w.pki.dir.join(&format!("{name}.pem"));
+        with.tls.certificate[0].key = w.pki.dir.join(&format!("{name}.key"));
+        with
+    };
     for (name, from, until, said) in [
         (
             "old",
@@ -1177,15 +1190,7 @@ fn a_reload_with_a_server_certificate_out_of_date_is_refused() {
             "not valid",
         ),
     ] {
-        let mut p = rcgen::CertificateParams::new(vec!["sip.example.com".to_string()]).unwrap();
-        (p.not_before, p.not_after) = (from, until);
-        let k = rcgen::KeyPair::generate().unwrap();
-        let c = p.signed_by(&k, &issuer).unwrap();
-        w.pki.dir.write(&format!("{name}.pem"), c.pem());
-        w.pki.dir.write(&format!("{name}.key"), k.serialize_pem());
-        let mut stale = cfg.clone();
-        stale.tls.certificate[0].cert = w.pki.dir.join(&format!("{name}.pem"));
-        stale.tls.certificate[0].key = w.pki.dir.join(&format!("{name}.key"));
+        let stale = issue(name, from, until);
         std::fs::write(&path, toml::to_string(&stale).unwrap()).unwrap();
         let e = srv.reload().unwrap_err();
         assert!(
@@ -1197,9 +1202,33 @@ fn a_reload_with_a_server_certificate_out_of_date_is_refused() {
         alice.password = Some("pw-alice".into());
         assert_eq!(alice.register(600), 200, "{name}");
     }
-    // The same file renewed is taken.
+    // The same file renewed is taken; and one whose notBefore is a minute ahead (the
+    // issuing CA's clock).
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
     srv.reload().expect("a certificate in date");
+    let fresh = issue(
+        "fresh",
+        now + time::Duration::minutes(1),
+        now + time::Duration::days(90),
+    );
+    std::fs::write(&path, toml::to_string(&fresh).unwrap()).unwrap();
+    srv.reload().expect("a CA's clock a minute ahead");
+    srv.stop();
+    srv.join().unwrap();
+    // One out of date already in force (a lapsed SNI certificate nobody removed) does not
+    // block every other reload: the start warns of it, reloads go on.
+    let mut legacy = issue(
+        "legacy",
+        now - time::Duration::days(400),
+        now - time::Duration::days(35),
+    );
+    legacy.tls.certificate[0].sni = vec!["legacy.example.com".into()];
+    let mut both = cfg.clone();
+    both.tls.certificate.push(legacy.tls.certificate[0].clone());
+    std::fs::write(&path, toml::to_string(&both).unwrap()).unwrap();
+    let srv = start(both, Some(path)).expect("start");
+    srv.reload()
+        .expect("the lapsed certificate was already in force");
     srv.stop();
     srv.join().unwrap();
 }

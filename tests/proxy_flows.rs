@@ -536,6 +536,60 @@ fn one_account_over_many_connections_cannot_take_the_shards_table() {
 }
 
 #[test]
+fn a_call_forked_to_many_bindings_counts_every_copy_against_its_callers_share() {
+    // The identity's byte share counted the request it sent, not the copies a fork holds:
+    // a call to an AOR with ten bindings held eleven copies and was charged one.
+    let policy = Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: true,
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    );
+    let mut n = Net::with_policy(policy);
+    // A sixteenth of it: 32 KiB.
+    n.proxy.set_max_transaction_bytes(512 << 10);
+    let certified = |n: &mut Net, flow: &Flow, user: &str| {
+        n.proxy.set_flow_info(
+            flow.clone(),
+            sipring_core::policy::FlowInfo {
+                principal: sipring_core::policy::Principal::Client {
+                    cert_aors: vec![format!("sip:{user}@example.com")],
+                },
+                ..Default::default()
+            },
+        )
+    };
+    let phones: Vec<Flow> = (0..10).map(|i| Flow::Conn(300 + i)).collect();
+    for (i, f) in phones.iter().enumerate() {
+        certified(&mut n, f, "mallory");
+        n.register("mallory", f, &format!("10.0.1.{i}:5061"));
+    }
+    let caller = Flow::Conn(400);
+    certified(&mut n, &caller, "mallory");
+    let pad = "x".repeat(1500);
+    let mut admitted = 0;
+    for i in 0..20 {
+        let inv = format!(
+            "INVITE sip:mallory@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKfk{i}\r\nMax-Forwards: 70\r\nTo: <sip:mallory@example.com>\r\nFrom: <sip:mallory@example.com>;tag=a{i}\r\nCall-ID: fork-{i}\r\nCSeq: 1 INVITE\r\nX-Pad: {pad}\r\nContent-Length: 0\r\n\r\n"
+        );
+        n.send(&caller, inv.as_bytes());
+        let up = n.take(&caller);
+        if status(&up[0]) == 100 {
+            admitted += 1;
+        }
+        for f in &phones {
+            n.take(f);
+        }
+    }
+    // Eleven copies of ~1.7 KiB each: one call, then the share (charged one copy: ~18).
+    assert!(admitted <= 2, "{admitted} calls admitted");
+    assert_eq!(n.refused.last(), Some(&"transactions_per_identity"));
+}
+
+#[test]
 fn when_both_parties_reconnected_the_way_to_each_is_followed_through() {
     // Alice and bob prove who they are by client certificate (so both are named in the
     // route). Both connections break; bob registers again over B2, alice comes back over

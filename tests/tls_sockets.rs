@@ -659,11 +659,13 @@ struct LinkSeen {
 
 /// A fake partner on `listener` answering what we send over each link we dial: MESSAGE 200,
 /// INVITE 180 (and 200 once `answer` is set, over the link the INVITE came on); for `run`.
+/// Links past the first `serves` are closed as they come.
 fn answering_partner(
     listener: std::net::TcpListener,
     cfg: std::sync::Arc<rustls::ServerConfig>,
     answer: std::sync::Arc<std::sync::atomic::AtomicBool>,
     run: Duration,
+    serves: usize,
 ) -> std::sync::Arc<std::sync::Mutex<Vec<LinkSeen>>> {
     use std::sync::atomic::Ordering;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<LinkSeen>::new()));
@@ -682,6 +684,10 @@ fn answering_partner(
                 v.push(LinkSeen::default());
                 v.len() - 1
             };
+            if i >= serves {
+                drop(s);
+                continue;
+            }
             let (cfg, all, answer) = (cfg.clone(), all.clone(), answer.clone());
             std::thread::spawn(move || {
                 let mut s = s;
@@ -781,6 +787,7 @@ fn a_partner_link_whose_key_is_spent_is_replaced_and_still_carries_its_calls_ans
         partner_cfg,
         answer.clone(),
         Duration::from_secs(20),
+        usize::MAX,
     );
     let mut cfg = config(&pki);
     cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
@@ -840,6 +847,82 @@ fn a_partner_link_whose_key_is_spent_is_replaced_and_still_carries_its_calls_ans
     let m = sipring_tests::server::admin_get(srv.admin_addr.unwrap(), "/metrics");
     assert_eq!(metric(&m, "sipring_peer_links_retired_total"), Some(1.0));
     drop(seen);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn a_spent_partner_link_still_carries_its_calls_answers_when_its_replacement_fails() {
+    // The partner's link is named by the partner, not the connection: the replacement's
+    // failed dial failed every request to the partner, those the spent link was kept for
+    // included (503, upstream 500), and their answers then came to nobody.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pki = Pki::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki.certs("ca.pem") {
+        roots.add(c).unwrap();
+    }
+    let partner_cfg = partner_server(
+        roots,
+        pki_partner_issue(&pki, "sip.partner.example.com"),
+        &[&rustls::version::TLS12],
+    );
+    let answer = std::sync::Arc::new(AtomicBool::new(false));
+    // One link served; the replacement is refused.
+    let seen = answering_partner(
+        listener,
+        partner_cfg,
+        answer.clone(),
+        Duration::from_secs(20),
+        1,
+    );
+    let mut cfg = config(&pki);
+    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    cfg.server.shards = 1;
+    cfg.tls.ktls_max_records = 8;
+    let srv = start(cfg, None).expect("start");
+    let mut alice = registered_alice(&pki, &srv);
+    alice.send(&alice.request(
+        "INVITE",
+        "sip:bob@partner.example.com",
+        "<sip:bob@partner.example.com>",
+        "spent-fail",
+        1,
+        "",
+        None,
+    ));
+    assert_eq!(alice.expect_final_or_provisional("180").0, 180);
+    // MESSAGEs until the link is spent and the replacement's dial has failed.
+    let mut messages = Vec::new();
+    for i in 0..10 {
+        alice.send(&alice.request(
+            "MESSAGE",
+            "sip:bob@partner.example.com",
+            "<sip:bob@partner.example.com>",
+            &format!("spent-fail-m{i}"),
+            1,
+            "",
+            None,
+        ));
+        let r = alice.recv(Duration::from_secs(5)).expect("an answer");
+        let call = sipring_tests::ua::header(&r, "Call-ID").unwrap_or_default();
+        messages.push((call, sipring_tests::ua::status(&r)));
+    }
+    assert!(
+        messages.iter().all(|(c, _)| c.starts_with("spent-fail-m")),
+        "the call was failed: {messages:?}"
+    );
+    assert!(
+        messages.iter().any(|(_, s)| *s != Some(200)),
+        "the replacement never failed: {messages:?}"
+    );
+    assert!(seen.lock().unwrap().len() >= 2, "no replacement dialled");
+    // The call still rings on the spent link, and its answer reaches alice.
+    answer.store(true, Ordering::SeqCst);
+    let (code, _) = alice.expect_final_or_provisional("the call's answer");
+    assert_eq!(code, 200);
     srv.stop();
     srv.join().unwrap();
 }

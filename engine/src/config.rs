@@ -1095,11 +1095,14 @@ impl Config {
                 "at least twice limits.max_message (a partner link being dialled holds half of it, and one message must fit)",
             );
         }
-        // Below one message, every message that spans two reads drops its connection.
-        if self.limits.partial_bytes_per_shard < self.limits.max_message {
+        // Below one message, every message that spans two reads drops its connection (a
+        // response may be a little larger: it copies its request's Vias around its own).
+        if self.limits.partial_bytes_per_shard
+            < self.limits.max_message + sipring_core::parse::RESPONSE_SLACK
+        {
             e(
                 "limits.partial_bytes_per_shard".into(),
-                "at least limits.max_message (one message read in parts must fit)",
+                "at least limits.max_message and 16 KiB (one message read in parts must fit; a response may be 16 KiB larger)",
             );
         }
         for (key, v) in [

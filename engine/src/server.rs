@@ -796,13 +796,17 @@ impl Reloader {
         // A server certificate outside its validity (an old pair restored, a deploy hook
         // that wrote the wrong file) would fail every handshake, clients' and partners'
         // (ours as a client too): refused, the one in force stays.
+        // Only a certificate this reload brings: one already in force (a lapsed SNI
+        // certificate nobody removed) must not block every other reload — a rotation of the
+        // main certificate, a subscriber revoked. A notBefore a few minutes ahead is an
+        // issuing CA's clock, not a wrong file.
         let now = unix_now();
+        let in_force = self.policy.load_full();
         let loaded = loaded.and_then(|(p, subs)| {
-            match p
-                .certs
-                .iter()
-                .find(|c| now >= c.not_after || now < c.not_before)
-            {
+            match p.certs.iter().find(|c| {
+                (now >= c.not_after || now + NOT_BEFORE_SKEW_S < c.not_before)
+                    && !in_force.certs.iter().any(|o| o.chain == c.chain)
+            }) {
                 Some(c) => {
                     let why = if now >= c.not_after {
                         format!(
@@ -858,6 +862,9 @@ fn unix_now() -> i64 {
 /// The CRL files `cfg` names and when they fall due ([`Control::crls`]), after logging what
 /// an operator must act on: those lapsed (their certificates are refused) and those due
 /// within a day, in scopes that refuse unknown revocation status.
+/// How far ahead of our clock a new server certificate's notBefore may be (its CA's clock).
+const NOT_BEFORE_SKEW_S: i64 = 300;
+
 fn crls_in_force(
     crls: Vec<crate::tls::CrlDue>,
     reloaded: bool,

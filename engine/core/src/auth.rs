@@ -736,7 +736,11 @@ impl FailureLedger {
         let t = self.ms(now);
         let window = cfg.failure_window.as_millis() as u64;
         let mut least = u64::MAX;
-        for i in slots {
+        for (w, &i) in slots.iter().enumerate() {
+            // Two ways landing on one slot count once.
+            if slots[..w].contains(&i) {
+                continue;
+            }
             let mut count = 0;
             let _ = self.window[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
                 let (start, c) = (w >> 24, w & 0xff_ffff);
@@ -753,11 +757,6 @@ impl FailureLedger {
         if least < u64::from(cfg.max_failures) {
             return;
         }
-        // Reaching the limit blocks and starts the count again (a source that keeps
-        // failing after its block is blocked again after as many more).
-        for i in slots {
-            self.window[i].store(0, Ordering::Relaxed);
-        }
         let until = (t + cfg.block.as_millis() as u64).min((1 << 48) - 1);
         let mine = until << 16 | fp;
         for i in slots {
@@ -768,10 +767,17 @@ impl FailureLedger {
             });
             let b = self.blocked[i].load(Ordering::Relaxed);
             if written.is_ok() || (t < b >> 16 && b & 0xffff == fp) {
+                // Blocked: the count starts again (a source that keeps failing after its
+                // block is blocked again after as many more).
+                for i in slots {
+                    self.window[i].store(0, Ordering::Relaxed);
+                }
                 return;
             }
         }
-        // Every slot holds another source's block: refused by `is_blocked` while they last.
+        // Every slot holds another source's block: refused by `is_blocked` while they last,
+        // and its count kept, so that it is refused again at its next failure after them
+        // (a fresh allowance then would have shortened its block).
     }
 
     /// Slots counting failures in their window or refusing now (a gauge; a scan).
@@ -1541,6 +1547,37 @@ mod tests {
         // And each block ends with its time.
         let later = t0 + cfg.block + Duration::from_millis(1);
         assert!((0..1000).all(|i| !small.is_blocked(later, v4(i))));
+    }
+
+    #[test]
+    fn a_source_sharing_its_slots_is_neither_counted_twice_nor_let_off_early() {
+        let t0 = Instant::now();
+        let cfg = AuthConfig {
+            max_failures: 10,
+            ..AuthConfig::default()
+        };
+        // One slot: both ways of every source land on it, and count once.
+        let l = FailureLedger::new(1, t0);
+        let (x, y) = (
+            IpAddr::V4([192, 0, 2, 1].into()),
+            IpAddr::V4([192, 0, 2, 2].into()),
+        );
+        for _ in 0..9 {
+            l.fail(t0, y, &cfg);
+        }
+        assert!(!l.is_blocked(t0, y), "counted twice");
+        l.fail(t0, y, &cfg);
+        assert!(l.is_blocked(t0, y));
+        // x reaches its limit while y's block holds the slot: refused while it lasts, and
+        // at its next failure after it (not given a fresh allowance of ten).
+        let late = t0 + cfg.block - Duration::from_secs(1);
+        for _ in 0..10 {
+            l.fail(late, x, &cfg);
+        }
+        assert!(l.is_blocked(late, x));
+        let after = t0 + cfg.block + Duration::from_secs(1);
+        l.fail(after, x, &cfg);
+        assert!(l.is_blocked(after, x), "let off early");
     }
 
     #[test]

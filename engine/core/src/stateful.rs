@@ -186,6 +186,10 @@ struct Server {
     got_2xx: bool,
     final_sent: bool,
     cancelled: bool,
+    /// The bytes of the branches it started (their requests), charged to its identity's
+    /// share with its own (`ShardProxy::by_identity`): a call forked to many bindings
+    /// holds a copy per branch.
+    branch_weight: usize,
     /// The Reason of the CANCEL that cancelled it (RFC 3326), passed on in the CANCELs of
     /// its branches: the phones of a ring-all answered elsewhere, one hop further down
     /// (another node of ours, a partner's fork), showed a missed call.
@@ -969,7 +973,12 @@ impl ShardProxy {
     fn remove_server(&mut self, k: &TxKey) -> Option<Server> {
         let s = self.servers.remove(k)?;
         self.txn_bytes = self.txn_bytes.saturating_sub(s.weight);
-        account_identity(&mut self.by_identity, &s.grant, s.weight, false);
+        account_identity(
+            &mut self.by_identity,
+            &s.grant,
+            s.weight + s.branch_weight,
+            false,
+        );
         self.timers.cancel(&TimerKey::Server(k.clone()));
         self.unindex(&s.inbound, true);
         Some(s)
@@ -1753,6 +1762,7 @@ impl ShardProxy {
                 got_2xx: false,
                 final_sent: false,
                 cancelled: false,
+                branch_weight: 0,
                 cancel_reason: None,
                 to_tag,
                 grant,
@@ -2123,6 +2133,8 @@ impl ShardProxy {
         let limits = self.limits;
         let mut dropped = 0;
         let mut too_large = 0;
+        let mut no_room = 0;
+        let mut created = 0;
         // RFC 5393 §5.3: branches forked in parallel share the request's breadth (60 when it
         // carries none, at most 60), each at least 1; too little for them all is 440.
         let breadth = if targets.len() > 1 {
@@ -2199,6 +2211,12 @@ impl ShardProxy {
                 too_large += 1;
                 continue;
             }
+            // The table's byte bound holds for every copy: a call forked to many bindings
+            // took a copy per branch past it.
+            if self.txn_bytes + out.len() > self.max_txn_bytes {
+                no_room += 1;
+                continue;
+            }
             let ckey = TxKey {
                 branch: branch.into_bytes().into(),
                 sent_by: Box::default(),
@@ -2216,10 +2234,18 @@ impl ShardProxy {
                 ..Client::new(txn, Some(server.clone()), flow.clone())
             };
             self.txn_bytes += client.weight;
+            if let Some(s) = self.servers.get_mut(server) {
+                s.branch_weight += client.weight;
+                if let Some(load) = identity_of(&s.grant).and_then(|a| self.by_identity.get_mut(a))
+                {
+                    load.1 += client.weight;
+                }
+            }
             if let Some(old) = self.clients.insert(ckey.clone(), client) {
                 self.txn_bytes = self.txn_bytes.saturating_sub(old.weight);
             }
             self.index(flow, TimerKey::Client(ckey.clone()));
+            created += 1;
             if method {
                 self.timers
                     .set(TimerKey::TimerC(ckey.clone()), Some(now + self.timer_c));
@@ -2230,13 +2256,25 @@ impl ShardProxy {
             self.stats.forwarded += 1;
             self.drive_client(now, &ckey);
         }
-        if too_large > 0
+        // Nothing went out, and nothing sent before still waits for its answer (a fallback
+        // to a device's other flow that did not fit): answered here, or never.
+        let none_live = |s: &Server, clients: &HashMap<TxKey, Client>| {
+            !s.branches
+                .iter()
+                .any(|b| clients.get(b).is_some_and(|c| !c.final_received))
+        };
+        if created == 0
+            && too_large + no_room > 0
             && self
                 .servers
                 .get(server)
-                .is_some_and(|s| s.branches.is_empty())
+                .is_some_and(|s| none_live(s, &self.clients))
         {
-            self.answer(now, server, 513, "Message Too Large", &[]);
+            if too_large > 0 {
+                self.answer(now, server, 513, "Message Too Large", &[]);
+            } else {
+                self.answer(now, server, 503, "Service Unavailable", &[]);
+            }
             return;
         }
         if dropped > 0 {
@@ -2408,6 +2446,13 @@ impl ShardProxy {
         let out = self
             .proxy
             .forward_request(msg, ess, &branch, uri.map(str::as_bytes), &hop);
+        // Past `max_message` once forwarded, the next hop (another node of ours) could not
+        // delimit it and would close the link it came over; an ACK cannot be answered, so
+        // it is dropped (as `fork` answers a request 513).
+        if out.len() > self.limits.max_message {
+            self.stats.dropped_requests += 1;
+            return;
+        }
         self.stats.acks_forwarded += 1;
         self.send(to, out.into());
     }
@@ -3153,6 +3198,14 @@ impl ShardProxy {
     /// except a partner's, which are answered over the link to the partner. The engine
     /// calls it again when it finds a connection gone as it sends on it.
     pub fn handle_flow_closed(&mut self, now: Instant, flow: &Flow) {
+        self.handle_flow_closed_keeping(now, flow, &[]);
+    }
+
+    /// [`ShardProxy::handle_flow_closed`], except the branches `keep`: requests that went
+    /// out over an earlier link to the same partner, kept open for their answers (a link
+    /// whose TLS key was spent) — the failure of the link that replaced it is not theirs.
+    pub fn handle_flow_closed_keeping(&mut self, now: Instant, flow: &Flow, keep: &[TxKey]) {
+        let keep: HashSet<&TxKey> = keep.iter().collect();
         self.detours.flow_closed(flow);
         self.draining_flows.remove(flow);
         // A partner's connection: its requests still in progress are answered over the
@@ -3180,6 +3233,9 @@ impl ShardProxy {
             .unwrap_or_default();
         for k in &keys {
             let TimerKey::Client(k) = k else { continue };
+            if keep.contains(k) {
+                continue;
+            }
             let Some(c) = self.clients.get(k) else {
                 continue;
             };
@@ -3250,7 +3306,24 @@ impl ShardProxy {
                 }
             }
         }
-        self.by_flow.remove(flow);
+        // What is kept stays indexed under the flow, live.
+        let kept: Vec<TimerKey> = keep
+            .iter()
+            .filter(|k| self.clients.get(**k).is_some_and(|c| &c.outbound == flow))
+            .map(|k| TimerKey::Client((*k).clone()))
+            .collect();
+        if kept.is_empty() {
+            self.by_flow.remove(flow);
+        } else {
+            self.by_flow.insert(
+                flow.clone(),
+                FlowTxns {
+                    live: kept.len(),
+                    servers: 0,
+                    keys: kept,
+                },
+            );
+        }
     }
 
     /// Timer C fired on an INVITE branch (RFC 3261 §16.8): one that rang is cancelled (and

@@ -884,18 +884,16 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     // since when nothing was.
     let mut retiring_until: Option<Instant> = None;
     let mut quiet_since: Option<Instant> = None;
-    // A link we dialled whose key is spent: the requests that went out on it and await
-    // their answers (new messages go over a link dialled anew).
-    let mut retired: Option<Vec<sipring_core::matching::TxKey>> = None;
+    // A link we dialled whose key is spent: new messages go over a link dialled anew, and
+    // the shard keeps the requests that went out on it and await their answers.
+    let mut retired = false;
     let closing = 'conn: loop {
         if let Some(until) = retiring_until {
             let now = Instant::now();
-            let busy = match &mut retired {
-                Some(unanswered) => {
-                    shard.proxy.borrow().retain_unanswered(unanswered);
-                    !unanswered.is_empty()
-                }
-                None => shard.proxy.borrow().in_progress_on(&flow) > 0,
+            let busy = if retired {
+                shard.retired_link_waits(conn.id)
+            } else {
+                shard.proxy.borrow().in_progress_on(&flow) > 0
             };
             if busy {
                 quiet_since = None;
@@ -953,7 +951,8 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             // Before, it closed at once and those requests failed (503; upstream 500).
             Event::Retire => {
                 if let Flow::Peer(name) = &flow {
-                    retired = Some(shard.retire_peer_link(name, conn.id));
+                    shard.retire_peer_link(name, conn.id);
+                    retired = true;
                     let longest = Duration::from_secs(shard.cfg.registrar.timer_c_s)
                         + Duration::from_secs(32);
                     retiring_until = Some(Instant::now() + longest);
@@ -1090,13 +1089,14 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
     };
     shard.conn_closed(conn.id);
     if let Flow::Peer(name) = &flow {
-        match &retired {
+        if retired {
             // Already replaced: what is still unanswered on it fails.
-            Some(unanswered) => shard.retired_peer_link_closed(name, unanswered),
+            shard.retired_peer_link_closed(conn.id);
+        } else {
             // At once, not after the close sequence: messages for the partner meanwhile
             // start a new link instead of being dropped as sent to a connection that is
             // gone.
-            None => shard.peer_down(name),
+            shard.peer_down(name);
         }
     }
     // Counted until the close sequence ends, so a stopping shard waits for it.

@@ -110,6 +110,10 @@ pub struct Shard {
     pub conns: RefCell<HashMap<FlowId, ConnHandle>>,
     /// Outbound partner links.
     pub peers: RefCell<HashMap<String, PeerLink>>,
+    /// Links to partners retired with their key spent, kept for the answers to what went
+    /// out on them: the partner, the connection, those requests (few: one per link that
+    /// reached its record budget, for at most Timer C).
+    retired: RefCell<Vec<(String, FlowId, Vec<sipring_core::matching::TxKey>)>>,
     /// Partners whose last dial failed: not dialled again before the instant (1 s after
     /// the first failure, doubling to 30 s), the failures in a row. Meanwhile what is sent
     /// to them fails at once: one request per dial against a partner that is down was a
@@ -385,6 +389,7 @@ impl Shard {
             known: RefCell::new(sipring_core::registrar::KnownAors::new(remember)),
             conns: RefCell::new(HashMap::new()),
             peers: RefCell::new(HashMap::new()),
+            retired: RefCell::new(Vec::new()),
             peer_backoff: RefCell::new(HashMap::new()),
             mesh,
             metrics: RefCell::new(ShardMetrics::default()),
@@ -758,9 +763,7 @@ impl Shard {
                         {
                             drop(peers);
                             self.count("sipring_queue_drops_total{queue=\"peer_down\"}");
-                            self.proxy
-                                .borrow_mut()
-                                .handle_flow_closed(now, &Flow::Peer(name.clone()));
+                            self.peer_flow_failed(name);
                             self.pump(None);
                             return;
                         }
@@ -917,9 +920,7 @@ impl Shard {
             };
             backoff.insert(name.to_string(), (now + wait, failures));
         }
-        self.proxy
-            .borrow_mut()
-            .handle_flow_closed(Instant::now(), &Flow::Peer(name.to_string()));
+        self.peer_flow_failed(name);
         self.pump(None);
     }
 
@@ -943,11 +944,7 @@ impl Shard {
     /// to the requests that went out on it (returned). Before, it closed at once and those
     /// requests failed (503, upstream 500): on a busy partner link, every call being set
     /// up at that moment, every few hours.
-    pub fn retire_peer_link(
-        self: &Rc<Self>,
-        name: &str,
-        id: FlowId,
-    ) -> Vec<sipring_core::matching::TxKey> {
+    pub fn retire_peer_link(self: &Rc<Self>, name: &str, id: FlowId) {
         let mut peers = self.peers.borrow_mut();
         if matches!(peers.get(name), Some(PeerLink::Up(up, _)) if *up == id) {
             if self.control.stopping() {
@@ -959,27 +956,57 @@ impl Shard {
             }
         }
         self.count("sipring_peer_links_retired_total");
-        self.proxy
+        let unanswered = self
+            .proxy
             .borrow()
-            .unanswered_on(&Flow::Peer(name.to_string()))
+            .unanswered_on(&Flow::Peer(name.to_string()));
+        self.retired
+            .borrow_mut()
+            .push((name.to_string(), id, unanswered));
+    }
+
+    /// Does retired link `id` still wait for answers to what went out on it?
+    pub fn retired_link_waits(&self, id: FlowId) -> bool {
+        let mut retired = self.retired.borrow_mut();
+        let Some((_, _, unanswered)) = retired.iter_mut().find(|r| r.1 == id) else {
+            return false;
+        };
+        self.proxy.borrow().retain_unanswered(unanswered);
+        !unanswered.is_empty()
     }
 
     /// A link retired by [`Shard::retire_peer_link`] closed: what went out on it and is
     /// still unanswered fails as on a link that failed; the partner's current link stays.
-    pub fn retired_peer_link_closed(
-        self: &Rc<Self>,
-        name: &str,
-        unanswered: &[sipring_core::matching::TxKey],
-    ) {
-        if unanswered.is_empty() {
+    pub fn retired_peer_link_closed(self: &Rc<Self>, id: FlowId) {
+        let gone = {
+            let mut retired = self.retired.borrow_mut();
+            let i = retired.iter().position(|r| r.1 == id);
+            i.map(|i| retired.swap_remove(i))
+        };
+        let Some((name, _, unanswered)) = gone.filter(|g| !g.2.is_empty()) else {
             return;
-        }
-        self.proxy.borrow_mut().fail_unanswered(
+        };
+        self.proxy
+            .borrow_mut()
+            .fail_unanswered(Instant::now(), &Flow::Peer(name), &unanswered);
+        self.pump(None);
+    }
+
+    /// The partner's link failed: its transactions fail, except those still awaiting their
+    /// answers on a link of it retired earlier (they have a link of their own).
+    fn peer_flow_failed(self: &Rc<Self>, name: &str) {
+        let keep: Vec<sipring_core::matching::TxKey> = self
+            .retired
+            .borrow()
+            .iter()
+            .filter(|r| r.0 == name)
+            .flat_map(|r| r.2.iter().cloned())
+            .collect();
+        self.proxy.borrow_mut().handle_flow_closed_keeping(
             Instant::now(),
             &Flow::Peer(name.to_string()),
-            unanswered,
+            &keep,
         );
-        self.pump(None);
     }
 
     /// Is there nothing in flight (transactions, pending lookups)?
