@@ -1163,6 +1163,11 @@ impl Config {
                 60_000,
             ),
             (
+                "limits.overload_control_lag_ms",
+                self.limits.overload_control_lag_ms,
+                60_000,
+            ),
+            (
                 "server.io_memory_kib",
                 self.server.io_memory_kib as u64,
                 1 << 30,
@@ -1362,7 +1367,7 @@ mod tests {
         }
         // Zeros that refuse or cut every connection, and a drain that overflows the clock.
         let k = keys(
-            "[server]\ndrain_timeout_s = 18446744073709551615\n[tls]\nclient_hello_timeout_ms = 0\n[limits]\ntcp_keepalive_s = 40000\ntcp_user_timeout_s = 3601\nmax_handshakes_per_ip = 0\npartial_timeout_ms = 0\noverload_lag_ms = 18446744073709551615\nidle_timeout_s = 0\nwrite_queue_bytes = 0\nmax_connections_per_ip = 0\nmax_connections_per_shard = 0\nmax_handshakes_in_flight = 0\n",
+            "[server]\ndrain_timeout_s = 18446744073709551615\n[tls]\nclient_hello_timeout_ms = 0\n[limits]\ntcp_keepalive_s = 40000\ntcp_user_timeout_s = 3601\nmax_handshakes_per_ip = 0\npartial_timeout_ms = 0\noverload_lag_ms = 18446744073709551615\noverload_control_lag_ms = 18446744073709551615\nidle_timeout_s = 0\nwrite_queue_bytes = 0\nmax_connections_per_ip = 0\nmax_connections_per_shard = 0\nmax_handshakes_in_flight = 0\n",
         );
         for key in [
             "server.drain_timeout_s",
@@ -1371,6 +1376,7 @@ mod tests {
             "limits.max_handshakes_per_ip",
             "limits.partial_timeout_ms",
             "limits.overload_lag_ms",
+            "limits.overload_control_lag_ms",
             "tls.client_hello_timeout_ms",
             "limits.idle_timeout_s",
             "limits.write_queue_bytes",

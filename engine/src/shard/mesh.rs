@@ -105,8 +105,9 @@ pub enum ShardMsg {
         token: u64,
         /// The partner that sent it.
         partner: String,
-        /// The CANCEL.
-        request: Vec<u8>,
+        /// The CANCEL: one copy shared by every shard asked (a partner's CANCELs padded to
+        /// `max_message` were copied once per shard, unbounded by the mesh's byte bound).
+        request: Arc<[u8]>,
     },
     /// The answer: whether the INVITE was here.
     CancelReply {
@@ -188,7 +189,8 @@ fn mesh_weight(msg: &ShardMsg) -> usize {
         ShardMsg::Send { bytes, .. } | ShardMsg::Response { bytes, .. } => bytes.len(),
         // A REGISTER relayed to its AOR's shard, or a partner's CANCEL asked of every other
         // shard, carries a whole request too (up to `limits.max_message` each).
-        ShardMsg::Register { request, .. } | ShardMsg::Cancel { request, .. } => request.len(),
+        ShardMsg::Register { request, .. } => request.len(),
+        ShardMsg::Cancel { request, .. } => request.len(),
         _ => 0,
     }
 }
@@ -434,6 +436,9 @@ impl Shard {
         let bound = match &msg {
             ShardMsg::Adopt { .. } => Some(hard),
             ShardMsg::Cancel { .. } => Some(hard.saturating_mul(2)),
+            // Best effort: a shard that did not learn of a rebind sends to the closed
+            // connection, as before it existed.
+            ShardMsg::Detour { .. } => Some(hard),
             ShardMsg::Send { bytes, .. } | ShardMsg::Response { bytes, .. } => {
                 Some(if provisional(bytes) {
                     hard

@@ -634,13 +634,14 @@ impl Shard {
                         continue;
                     }
                     self.count("sipring_cross_shard_total{op=\"cancel\"}");
+                    let request: Arc<[u8]> = request.as_ref().into();
                     let mut asked = 0;
                     for to in (0..self.n).filter(|&to| to != self.id) {
                         let msg = ShardMsg::Cancel {
                             from: self.id,
                             token,
                             partner: partner.clone(),
-                            request: request.to_vec(),
+                            request: request.clone(),
                         };
                         // Not refused for a full channel (it ends a call that rings on),
                         // but dropped at the hard bound like a relayed request: a shard
