@@ -469,6 +469,65 @@ fn a_source_that_keeps_failing_is_refused_on_every_shard() {
 }
 
 #[test]
+fn a_phone_certificate_proves_only_the_aors_its_cas_may_name() {
+    // webpki holds a URI SAN to no dNSName name constraint: a tenant's sub-CA limited to
+    // its own domain issued `sip:carol@example.com`, and the phone passed as carol with no
+    // digest. The AORs are held to the constraints of the chain's CAs now.
+    let w = World::new();
+    let root = Ca::new("Tenants Root").unwrap();
+    let ours = root
+        .constrained_intermediate("Our Phones CA", &["example.com"])
+        .unwrap();
+    let other = root
+        .constrained_intermediate("Tenant B CA", &["tenant-b.example"])
+        .unwrap();
+    w.pki.dir.write("phones-ca.pem", &root.cert.cert_pem);
+    w.pki.dir.write(
+        "phones.crl",
+        format!(
+            "{}{}{}",
+            root.crl(&[]).unwrap(),
+            ours.crl(&[]).unwrap(),
+            other.crl(&[]).unwrap()
+        ),
+    );
+    let srv = w.start(|c| with_phones(&w, c));
+    let phone = |ca: &Ca, host: &str| {
+        let leaf = ca
+            .issue(&Spec {
+                uris: vec!["sip:carol@example.com".into()],
+                usage: Usage::ClientOnly,
+                ..Spec::server(host)
+            })
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let cfg = tls_config(
+            &w.pki.certs("ca.pem"),
+            Some((vec![leaf.der.clone(), ca.cert.der.clone()], key)),
+            true,
+        );
+        let mut u = Ua::tls(
+            srv.listen_addrs[0],
+            cfg,
+            "sip.example.com",
+            "carol",
+            "example.com",
+        )
+        .expect("the chain verifies");
+        u.password = None;
+        u
+    };
+    assert_eq!(phone(&ours, "phone.example.com").register(600), 200);
+    assert_eq!(
+        phone(&other, "phone.tenant-b.example").register(600),
+        401,
+        "a tenant's CA spoke for our user"
+    );
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_client_certificate_binds_its_aor_in_a_domain_written_absolute() {
     // `domains = ["example.com."]` is example.com everywhere (one trailing dot), but the
     // certificate's AORs were held to the domains as written: a phone with only its

@@ -935,6 +935,59 @@ fn a_revocation_is_read_whatever_the_lists_of_each_level_of_the_chain() {
 }
 
 #[test]
+fn a_lapsed_client_root_is_told_by_the_root_that_anchors_the_chain() {
+    // The lapsed-root check named the root by the presented chain's top issuer: a phone
+    // could append any certificate to hide its lapsed root, a root re-keyed under the old
+    // name passed for the old key, and a chain ending in a cross-signature from a lapsed
+    // root was refused though a current root anchored it.
+    let w = World::new();
+    let phone_spec = Spec {
+        uris: vec!["sip:carol@example.com".into()],
+        usage: Usage::ClientOnly,
+        ..spec("phone.example.com")
+    };
+    let load = |roots: &[&Ca]| {
+        let pem: String = roots.iter().map(|r| r.cert.cert_pem.clone()).collect();
+        w.dir.write("phones-roots.pem", &pem);
+        let mut cfg = w.config(&["1.3"]);
+        cfg.tls.client_roots = Some(w.dir.join("phones-roots.pem"));
+        cfg.tls.client_crls = Vec::new();
+        TlsPolicy::load(&cfg).expect("policy loads")
+    };
+    let lapsed = Ca::with_validity("Phones CA", Duration::days(-1)).unwrap();
+    let phone = lapsed.issue(&phone_spec).unwrap();
+    // Any certificate appended.
+    let p = load(&[&lapsed]);
+    let unrelated = Ca::new("Unrelated").unwrap();
+    assert_eq!(
+        p.verify_client_chain(&[phone.der.clone(), unrelated.cert.der.clone()]),
+        Err(Rejection::Expired)
+    );
+    // The same name re-keyed: the old key's phones are not the new root's.
+    let rekeyed = Ca::new("Phones CA").unwrap();
+    let p = load(&[&lapsed, &rekeyed]);
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&phone.der)),
+        Err(Rejection::Expired)
+    );
+    let current = rekeyed.issue(&phone_spec).unwrap();
+    assert_eq!(
+        p.verify_client_chain(std::slice::from_ref(&current.der)),
+        Ok(())
+    );
+    // A current root anchors it, whatever the presented chain ends with.
+    let now = Ca::new("Phones CA 2").unwrap();
+    let old = Ca::with_validity("Old CA", Duration::days(-1)).unwrap();
+    let p = load(&[&now, &old]);
+    let phone = now.issue(&phone_spec).unwrap();
+    let stray = old.intermediate("Stray").unwrap();
+    assert_eq!(
+        p.verify_client_chain(&[phone.der.clone(), stray.cert.der.clone()]),
+        Ok(())
+    );
+}
+
+#[test]
 fn a_lapsed_client_root_authenticates_no_phone() {
     // webpki keeps no anchor's validity: a `tls.client_roots` CA past its notAfter went on
     // authenticating phones (a certificate proving an AOR skips digest). Partner roots

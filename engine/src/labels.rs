@@ -104,7 +104,8 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "dialog_not_party",
         "register_relay",
         "transactions_full",
-        "transactions_per_connection"
+        "transactions_per_connection",
+        "transactions_per_identity"
     )
 }
 

@@ -237,7 +237,7 @@ async fn accept_tls(
             return None;
         }
         Principal::Client {
-            cert_aors: client_cert_aors(shard, chain),
+            cert_aors: client_cert_aors(shard, &policy, chain),
         }
     };
     // Partner roots' expiries matter to partner links only, the client roots' to phones
@@ -333,12 +333,14 @@ async fn linger_close(shard: &Shard, mut stream: TcpStream) {
 pub(super) const LINGER: Duration = Duration::from_millis(250);
 
 /// The AORs a verified client certificate proves: its SAN `sip:user@domain` URIs in one of
-/// our domains (a certificate cannot speak for someone else's users).
-fn client_cert_aors(shard: &Shard, chain: &[rustls::pki_types::CertificateDer<'_>]) -> Vec<String> {
-    let Some(leaf) = chain.first() else {
-        return Vec::new();
-    };
-    crate::tls::verify::user_aors(leaf.as_ref())
+/// our domains (a certificate cannot speak for someone else's users), within the name
+/// constraints of its chain's CAs.
+fn client_cert_aors(
+    shard: &Shard,
+    policy: &crate::tls::TlsPolicy,
+    chain: &[rustls::pki_types::CertificateDer<'_>],
+) -> Vec<String> {
+    crate::tls::verify::user_aors_within(chain, &policy.client_constrained_roots)
         .into_iter()
         .filter(|aor| {
             let host = aor.rsplit_once('@').map_or("", |(_, h)| h);

@@ -426,6 +426,9 @@ pub struct TlsPolicy {
     pub anchor_expiries: Arc<[i64]>,
     /// The same for `tls.client_roots`: a phone's connection is verified again at each.
     pub client_anchor_expiries: Arc<[i64]>,
+    /// The `tls.client_roots` with name constraints: the AORs a phone's certificate proves
+    /// are held to them ([`verify::user_aors_within`]).
+    pub client_constrained_roots: Vec<CertificateDer<'static>>,
     /// The server certificates, for expiry checks.
     pub certs: Vec<LoadedCert>,
     /// When the CRLs this policy enforces fall due, from the very bytes it loaded: a job
@@ -617,12 +620,14 @@ impl TlsPolicy {
 
         let clients = Arc::new(server_base(None)?);
         let mut client_anchor_expiries = Vec::new();
+        let mut client_constrained_roots = Vec::new();
         let (clients_cert_optional, clients_cert_required, client_verifier) =
             match &cfg.tls.client_roots {
                 Some(path) => {
                     let mut roots = RootCertStore::empty();
                     let lapsing = verify::RootValidity::of(&reads.certs(path)?);
                     client_anchor_expiries = lapsing.expiries();
+                    client_constrained_roots = verify::constrained_roots(&reads.certs(path)?);
                     for r in reads.certs(path)? {
                         roots
                             .add(r)
@@ -661,6 +666,7 @@ impl TlsPolicy {
                             Arc::new(verify::CrlOrders {
                                 orders: orders.iter().map(one).collect::<Result<Vec<_>, _>>()?,
                                 roots: lapsing.clone(),
+                                algs,
                             }),
                         )
                     };
@@ -746,6 +752,7 @@ impl TlsPolicy {
             partners,
             anchor_expiries: anchor_expiries.into(),
             client_anchor_expiries: client_anchor_expiries.into(),
+            client_constrained_roots,
             certs,
             crl_dues: crl_dues_of(cfg, &mut |f| reads.crls(f).ok()),
             algs,

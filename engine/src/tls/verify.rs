@@ -929,6 +929,8 @@ pub struct CrlOrders {
     pub orders: Vec<Arc<dyn ClientCertVerifier>>,
     /// The roots' validity.
     pub roots: RootValidity,
+    /// Signature algorithms, to build a chain again on the roots that hold.
+    pub algs: WebPkiSupportedAlgorithms,
 }
 
 impl CrlOrders {
@@ -973,7 +975,11 @@ impl CrlOrders {
 
 /// Roots by subject with their validity (notBefore, notAfter; seconds since the epoch).
 #[derive(Debug, Clone, Default)]
-pub struct RootValidity(Arc<[(Vec<u8>, i64, i64)]>);
+pub struct RootValidity(Arc<[Root]>);
+
+/// One root of [`RootValidity`]: its subject, notBefore and notAfter (Unix seconds), and the
+/// anchor it makes.
+type Root = (Vec<u8>, i64, i64, TrustAnchor<'static>);
 
 impl RootValidity {
     /// Of these roots (one that does not parse is left out: webpki refuses it anyway).
@@ -981,14 +987,16 @@ impl RootValidity {
         RootValidity(
             roots
                 .iter()
-                .filter_map(|r| x509_parser::parse_x509_certificate(r.as_ref()).ok())
-                .map(|(_, x)| {
+                .filter_map(|r| {
+                    let (_, x) = x509_parser::parse_x509_certificate(r.as_ref()).ok()?;
+                    let anchor = webpki::anchor_from_trusted_cert(r).ok()?.to_owned();
                     let v = x.validity();
-                    (
+                    Some((
                         x.subject().as_raw().to_vec(),
                         v.not_before.timestamp(),
                         v.not_after.timestamp(),
-                    )
+                        anchor,
+                    ))
                 })
                 .collect(),
         )
@@ -1002,12 +1010,90 @@ impl RootValidity {
         e
     }
 
-    /// Does a root named `issuer` (the top certificate's issuer) hold at `now`? None named
-    /// so: nothing to say (the verifier that passed the chain found its anchor).
-    fn holds(&self, issuer: &[u8], now: i64) -> bool {
-        let mut named = self.0.iter().filter(|r| r.0 == issuer).peekable();
-        named.peek().is_none() || named.any(|r| r.1 <= now && now <= r.2)
+    /// Does a chain the verifier passed lead to a root that holds at `now`? Every root
+    /// holding, yes (the verifier found its anchor among them); else the chain is built
+    /// again on the roots that hold alone. Before, the root was taken to be the one named
+    /// by the presented chain's top issuer: a phone could append any certificate to hide a
+    /// lapsed root, a root re-keyed under its old name passed for the old key, and a chain
+    /// ending in a cross-signature from a lapsed root was refused though a current one
+    /// anchored it.
+    fn holds(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        ee: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> bool {
+        let t = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        let holds = |r: &&Root| r.1 <= t && t <= r.2;
+        if self.0.iter().all(|r| holds(&r)) {
+            return true;
+        }
+        let current: Vec<TrustAnchor<'static>> =
+            self.0.iter().filter(holds).map(|r| r.3.clone()).collect();
+        let Ok(ee) = EndEntityCert::try_from(ee) else {
+            return false;
+        };
+        ee.verify_for_usage(
+            algs.all,
+            &current,
+            intermediates,
+            now,
+            TlsEku::EITHER,
+            None,
+            None,
+        )
+        .is_ok()
     }
+}
+
+/// Those of `roots` with name constraints (a constrained CA given as a root; one whose
+/// extensions cannot be read counts as constrained).
+pub fn constrained_roots(roots: &[CertificateDer<'static>]) -> Vec<CertificateDer<'static>> {
+    roots
+        .iter()
+        .filter(|r| match x509_parser::parse_x509_certificate(r.as_ref()) {
+            Ok((_, x)) => !matches!(x.name_constraints(), Ok(None)),
+            Err(_) => false,
+        })
+        .cloned()
+        .collect()
+}
+
+/// The AORs a verified client certificate proves (its SAN `sip:user@domain` URIs), held to
+/// the dNSName name constraints of the CAs of its chain — those it presented, and the
+/// constrained roots (`constrained_roots`) that name one of its issuers. webpki holds a
+/// URI SAN to no dNSName constraint: a tenant's sub-CA limited to `tenant-a.example` could
+/// issue `sip:ceo@tenant-b.example`, and the phone passed as that user without a digest.
+pub fn user_aors_within(
+    chain: &[CertificateDer<'_>],
+    constrained_roots: &[CertificateDer<'static>],
+) -> Vec<String> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Vec::new();
+    };
+    let issuers = chain_issuers(leaf, intermediates);
+    let subject = |r: &CertificateDer<'_>| {
+        x509_parser::parse_x509_certificate(r.as_ref())
+            .ok()
+            .map(|(_, x)| x.subject().as_raw().to_vec())
+    };
+    let mut cas: Vec<CertificateDer<'_>> = intermediates.to_vec();
+    cas.extend(
+        constrained_roots
+            .iter()
+            .filter(|r| subject(r).is_some_and(|s| issuers.contains(&s)))
+            .cloned(),
+    );
+    user_aors(leaf.as_ref())
+        .into_iter()
+        .filter(|aor| {
+            let host = aor.rsplit_once('@').map_or("", |(_, h)| h);
+            let mut probe = vec![Identity::Sip(host.to_string())];
+            within_name_constraints(&mut probe, &cas);
+            !probe.is_empty()
+        })
+        .collect()
 }
 
 impl ClientCertVerifier for CrlOrders {
@@ -1030,12 +1116,7 @@ impl ClientCertVerifier for CrlOrders {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let ok = self.combine(|v| v.verify_client_cert(ee, intermediates, now))?;
-        let top = intermediates.last().unwrap_or(ee);
-        let issuer = x509_parser::parse_x509_certificate(top.as_ref())
-            .map(|(_, x)| x.issuer().as_raw().to_vec())
-            .unwrap_or_default();
-        let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-        if self.roots.holds(&issuer, now) {
+        if self.roots.holds(&self.algs, ee, intermediates, now) {
             Ok(ok)
         } else {
             Err(Error::InvalidCertificate(CertificateError::Expired))
