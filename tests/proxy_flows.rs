@@ -205,6 +205,34 @@ impl Net {
     }
 }
 
+impl Net {
+    /// A proxy that authenticates clients (by client certificate: [`certify`]).
+    fn certified() -> Net {
+        Net::with_policy(Policy::new(
+            sipring_core::policy::PolicyConfig {
+                authenticate: true,
+                ..Default::default()
+            },
+            sipring_core::auth::NodeKey::new([0; 32]),
+            Instant::now(),
+            std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+        ))
+    }
+}
+
+/// `flow` presented a client certificate proving `sip:<user>@example.com`.
+fn certify(n: &mut Net, flow: &Flow, user: &str) {
+    n.proxy.set_flow_info(
+        flow.clone(),
+        sipring_core::policy::FlowInfo {
+            principal: sipring_core::policy::Principal::Client {
+                cert_aors: vec![format!("sip:{user}@example.com")],
+            },
+            ..Default::default()
+        },
+    )
+}
+
 /// The Record-Route value of a request the proxy forwarded.
 fn record_route(fwd: &[u8]) -> Vec<u8> {
     with_msg(fwd, |m, _| {
@@ -479,29 +507,9 @@ fn one_account_over_many_connections_cannot_take_the_shards_table() {
     // connections had a share per connection, and took the whole table (every new request
     // on the shard 503, partners' calls included). An authenticated identity has its own
     // share: 4 connections' worth, and a sixteenth of the bytes.
-    let policy = Policy::new(
-        sipring_core::policy::PolicyConfig {
-            authenticate: true,
-            ..Default::default()
-        },
-        sipring_core::auth::NodeKey::new([0; 32]),
-        Instant::now(),
-        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
-    );
-    let mut n = Net::with_policy(policy);
+    let mut n = Net::certified();
     n.proxy.set_max_transactions_per_flow(2);
-    let certified = |n: &mut Net, flow: &Flow, user: &str| {
-        n.proxy.set_flow_info(
-            flow.clone(),
-            sipring_core::policy::FlowInfo {
-                principal: sipring_core::policy::Principal::Client {
-                    cert_aors: vec![format!("sip:{user}@example.com")],
-                },
-                ..Default::default()
-            },
-        )
-    };
-    certified(&mut n, &B, "bob");
+    certify(&mut n, &B, "bob");
     n.register("bob", &B, "10.0.0.2:5061");
     let call = |from: &str, i: usize| {
         format!(
@@ -512,7 +520,7 @@ fn one_account_over_many_connections_cannot_take_the_shards_table() {
     let mut rang = 0;
     for c in 0..6u64 {
         let flow = Flow::Conn(100 + c);
-        certified(&mut n, &flow, "mallory");
+        certify(&mut n, &flow, "mallory");
         for i in 0..2 {
             n.send(&flow, call("mallory", (c * 2 + i) as usize).as_bytes());
             let up = n.take(&flow);
@@ -529,7 +537,7 @@ fn one_account_over_many_connections_cannot_take_the_shards_table() {
     assert_eq!(n.refused.last(), Some(&"transactions_per_identity"));
     // Alice still gets through.
     let alice = Flow::Conn(200);
-    certified(&mut n, &alice, "alice");
+    certify(&mut n, &alice, "alice");
     n.send(&alice, call("alice", 0).as_bytes());
     assert_eq!(status(&n.one(&alice)), 100);
     assert_eq!(method(&n.one(&B)), "INVITE");
@@ -539,36 +547,16 @@ fn one_account_over_many_connections_cannot_take_the_shards_table() {
 fn a_call_forked_to_many_bindings_counts_every_copy_against_its_callers_share() {
     // The identity's byte share counted the request it sent, not the copies a fork holds:
     // a call to an AOR with ten bindings held eleven copies and was charged one.
-    let policy = Policy::new(
-        sipring_core::policy::PolicyConfig {
-            authenticate: true,
-            ..Default::default()
-        },
-        sipring_core::auth::NodeKey::new([0; 32]),
-        Instant::now(),
-        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
-    );
-    let mut n = Net::with_policy(policy);
+    let mut n = Net::certified();
     // A sixteenth of it: 32 KiB.
     n.proxy.set_max_transaction_bytes(512 << 10);
-    let certified = |n: &mut Net, flow: &Flow, user: &str| {
-        n.proxy.set_flow_info(
-            flow.clone(),
-            sipring_core::policy::FlowInfo {
-                principal: sipring_core::policy::Principal::Client {
-                    cert_aors: vec![format!("sip:{user}@example.com")],
-                },
-                ..Default::default()
-            },
-        )
-    };
     let phones: Vec<Flow> = (0..10).map(|i| Flow::Conn(300 + i)).collect();
     for (i, f) in phones.iter().enumerate() {
-        certified(&mut n, f, "mallory");
+        certify(&mut n, f, "mallory");
         n.register("mallory", f, &format!("10.0.1.{i}:5061"));
     }
     let caller = Flow::Conn(400);
-    certified(&mut n, &caller, "mallory");
+    certify(&mut n, &caller, "mallory");
     let pad = "x".repeat(1500);
     let mut admitted = 0;
     for i in 0..20 {
@@ -596,30 +584,10 @@ fn when_both_parties_reconnected_the_way_to_each_is_followed_through() {
     // A2. Her first request goes to B, closed, and is rebound to B2; the next one follows
     // both ways found (hers from A2, then bob's from B to B2) with no second lookup and
     // nothing sent to B.
-    let policy = Policy::new(
-        sipring_core::policy::PolicyConfig {
-            authenticate: true,
-            ..Default::default()
-        },
-        sipring_core::auth::NodeKey::new([0; 32]),
-        Instant::now(),
-        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
-    );
-    let mut n = Net::with_policy(policy);
+    let mut n = Net::certified();
     let a2 = Flow::Conn(6);
-    let certified = |n: &mut Net, flow: &Flow, user: &str| {
-        n.proxy.set_flow_info(
-            flow.clone(),
-            sipring_core::policy::FlowInfo {
-                principal: sipring_core::policy::Principal::Client {
-                    cert_aors: vec![format!("sip:{user}@example.com")],
-                },
-                ..Default::default()
-            },
-        )
-    };
     for (flow, user) in [(&A, "alice"), (&B, "bob"), (&B2, "bob"), (&a2, "alice")] {
-        certified(&mut n, flow, user);
+        certify(&mut n, flow, user);
     }
     let rr = answered(&mut n, "z9hG4bKbr1", "br-1");
     let text = String::from_utf8_lossy(&rr).into_owned();

@@ -760,15 +760,21 @@ fn answering_partner(
     seen
 }
 
-#[test]
-fn a_partner_link_whose_key_is_spent_is_replaced_and_still_carries_its_calls_answers() {
-    // TLS 1.2 cannot rekey (nor can TLS 1.3 in a kernel without KeyUpdate): past
-    // `tls.ktls_max_records` the link we dialled to a partner closed at once, and every
-    // request in progress on it failed (503, upstream 500) — on a busy partner link, the
-    // calls being set up at that moment, every few hours. Now new messages go over a link
-    // dialled at once, and the spent one stays, reading, until what went out on it is
-    // answered.
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// A TLS 1.2 partner (answering as [`answering_partner`], the first `serves` links) and a
+/// one-shard server whose keys are spent at 8 records, with alice's call to the partner
+/// ringing on the first link (Call-ID `call`); then her MESSAGEs `<call>-m0..m9`, one at a
+/// time: each answer's Call-ID and status.
+#[allow(clippy::type_complexity)] // one fixture for two tests
+fn ringing_on_a_link_that_spends_its_key(
+    call: &str,
+    serves: usize,
+) -> (
+    sipring::server::Running,
+    Ua,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::Mutex<Vec<LinkSeen>>>,
+    Vec<(String, Option<u16>)>,
+) {
     let pki = Pki::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -781,13 +787,13 @@ fn a_partner_link_whose_key_is_spent_is_replaced_and_still_carries_its_calls_ans
         pki_partner_issue(&pki, "sip.partner.example.com"),
         &[&rustls::version::TLS12],
     );
-    let answer = std::sync::Arc::new(AtomicBool::new(false));
+    let answer = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = answering_partner(
         listener,
         partner_cfg,
         answer.clone(),
         Duration::from_secs(20),
-        usize::MAX,
+        serves,
     );
     let mut cfg = config(&pki);
     cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
@@ -800,30 +806,49 @@ fn a_partner_link_whose_key_is_spent_is_replaced_and_still_carries_its_calls_ans
         "INVITE",
         "sip:bob@partner.example.com",
         "<sip:bob@partner.example.com>",
-        "spent-call",
+        call,
         1,
         "",
         None,
     ));
     assert_eq!(alice.expect_final_or_provisional("180").0, 180);
-    // MESSAGEs until the link has crossed its budget: each is answered.
-    let mut statuses = Vec::new();
+    let mut answers = Vec::new();
     for i in 0..10 {
         alice.send(&alice.request(
             "MESSAGE",
             "sip:bob@partner.example.com",
             "<sip:bob@partner.example.com>",
-            &format!("spent-m{i}"),
+            &format!("{call}-m{i}"),
             1,
             "",
             None,
         ));
-        let r = alice.recv(Duration::from_secs(3)).expect("an answer");
-        statuses.push(sipring_tests::ua::status(&r));
+        let r = alice.recv(Duration::from_secs(5)).expect("an answer");
+        let id = sipring_tests::ua::header(&r, "Call-ID").unwrap_or_default();
+        answers.push((id, sipring_tests::ua::status(&r)));
     }
-    assert!(statuses.iter().all(|s| *s == Some(200)), "{statuses:?}");
+    (srv, alice, answer, seen, answers)
+}
+
+#[test]
+fn a_partner_link_whose_key_is_spent_is_replaced_and_still_carries_its_calls_answers() {
+    // TLS 1.2 cannot rekey (nor can TLS 1.3 in a kernel without KeyUpdate): past
+    // `tls.ktls_max_records` the link we dialled to a partner closed at once, and every
+    // request in progress on it failed (503, upstream 500) — on a busy partner link, the
+    // calls being set up at that moment, every few hours. Now new messages go over a link
+    // dialled at once, and the spent one stays, reading, until what went out on it is
+    // answered.
+    let (srv, mut alice, answer, seen, answers) =
+        ringing_on_a_link_that_spends_its_key("spent", usize::MAX);
+    // Each MESSAGE, across the link's budget, is answered.
+    assert!(
+        answers
+            .iter()
+            .all(|(c, s)| c.starts_with("spent-m") && *s == Some(200)),
+        "{answers:?}"
+    );
     // The call that rang on the first link is answered over it, and reaches alice.
-    answer.store(true, Ordering::SeqCst);
+    answer.store(true, std::sync::atomic::Ordering::SeqCst);
     let (code, _) = alice.expect_final_or_provisional("the call's answer");
     assert_eq!(code, 200, "the call in progress on the spent link");
     // Then the spent link closes, and the partner was dialled once more.
@@ -856,71 +881,19 @@ fn a_spent_partner_link_still_carries_its_calls_answers_when_its_replacement_fai
     // The partner's link is named by the partner, not the connection: the replacement's
     // failed dial failed every request to the partner, those the spent link was kept for
     // included (503, upstream 500), and their answers then came to nobody.
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let pki = Pki::new();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in pki.certs("ca.pem") {
-        roots.add(c).unwrap();
-    }
-    let partner_cfg = partner_server(
-        roots,
-        pki_partner_issue(&pki, "sip.partner.example.com"),
-        &[&rustls::version::TLS12],
-    );
-    let answer = std::sync::Arc::new(AtomicBool::new(false));
-    // One link served; the replacement is refused.
-    let seen = answering_partner(
-        listener,
-        partner_cfg,
-        answer.clone(),
-        Duration::from_secs(20),
-        1,
-    );
-    let mut cfg = config(&pki);
-    cfg.peer[0].address = Some(format!("127.0.0.1:{port}").parse().unwrap());
-    cfg.server.shards = 1;
-    cfg.tls.ktls_max_records = 8;
-    let srv = start(cfg, None).expect("start");
-    let mut alice = registered_alice(&pki, &srv);
-    alice.send(&alice.request(
-        "INVITE",
-        "sip:bob@partner.example.com",
-        "<sip:bob@partner.example.com>",
-        "spent-fail",
-        1,
-        "",
-        None,
-    ));
-    assert_eq!(alice.expect_final_or_provisional("180").0, 180);
-    // MESSAGEs until the link is spent and the replacement's dial has failed.
-    let mut messages = Vec::new();
-    for i in 0..10 {
-        alice.send(&alice.request(
-            "MESSAGE",
-            "sip:bob@partner.example.com",
-            "<sip:bob@partner.example.com>",
-            &format!("spent-fail-m{i}"),
-            1,
-            "",
-            None,
-        ));
-        let r = alice.recv(Duration::from_secs(5)).expect("an answer");
-        let call = sipring_tests::ua::header(&r, "Call-ID").unwrap_or_default();
-        messages.push((call, sipring_tests::ua::status(&r)));
-    }
+    let (srv, mut alice, answer, seen, answers) =
+        ringing_on_a_link_that_spends_its_key("spent-fail", 1);
     assert!(
-        messages.iter().all(|(c, _)| c.starts_with("spent-fail-m")),
-        "the call was failed: {messages:?}"
+        answers.iter().all(|(c, _)| c.starts_with("spent-fail-m")),
+        "the call was failed: {answers:?}"
     );
     assert!(
-        messages.iter().any(|(_, s)| *s != Some(200)),
-        "the replacement never failed: {messages:?}"
+        answers.iter().any(|(_, s)| *s != Some(200)),
+        "the replacement never failed: {answers:?}"
     );
     assert!(seen.lock().unwrap().len() >= 2, "no replacement dialled");
     // The call still rings on the spent link, and its answer reaches alice.
-    answer.store(true, Ordering::SeqCst);
+    answer.store(true, std::sync::atomic::Ordering::SeqCst);
     let (code, _) = alice.expect_final_or_provisional("the call's answer");
     assert_eq!(code, 200);
     srv.stop();
