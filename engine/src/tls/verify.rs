@@ -452,7 +452,7 @@ impl PeerTrust {
                     .iter()
                     .map(|c| Some(c.issuer().to_vec()))
                     .collect::<Vec<_>>(),
-            ),
+            )?,
             crls,
             unknown: match p.unknown_revocation {
                 UnknownRevocation::Deny => UnknownStatusPolicy::Deny,
@@ -846,24 +846,25 @@ fn in_dns_subtree(host: &str, subtree: &str) -> bool {
 /// [`CrlOrders`]). One order when no issuer has two lists.
 pub fn crl_orders(
     crls: &[CertificateRevocationListDer<'static>],
-) -> Vec<Vec<CertificateRevocationListDer<'static>>> {
+) -> Result<Vec<Vec<CertificateRevocationListDer<'static>>>, String> {
     let issuer = |c: &CertificateRevocationListDer<'_>| {
         x509_parser::parse_x509_crl(c.as_ref())
             .ok()
             .map(|(_, x)| x.issuer().as_raw().to_vec())
     };
     let issuers: Vec<Option<Vec<u8>>> = crls.iter().map(issuer).collect();
-    std::iter::once(crls.to_vec())
+    Ok(std::iter::once(crls.to_vec())
         .chain(
-            first_reads(&issuers)
+            first_reads(&issuers)?
                 .into_iter()
                 .map(|o| o.into_iter().map(|i| crls[i].clone()).collect()),
         )
-        .collect()
+        .collect())
 }
 
-/// The most orders [`first_reads`] gives (a bundle with more issuers of several lists than
-/// that is read in the first [`MAX_CRL_ORDERS`] combinations).
+/// The most orders [`first_reads`] gives: CRLs that need more (seven issuers of two lists
+/// each, four of three) are refused at load — read in the first 64 combinations only, a
+/// certificate that only a later one revokes passed, and nothing said so.
 pub const MAX_CRL_ORDERS: usize = 64;
 
 /// webpki reads, for each certificate of a chain, the first list that covers it. Given the
@@ -874,7 +875,7 @@ pub const MAX_CRL_ORDERS: usize = 64;
 /// partitions its lists, needs the root's new list *and* the CA's full list first at once:
 /// trying one issuer's lists at a time never read the full list for the end entity, and a
 /// certificate it revoked passed.
-pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Vec<Vec<usize>> {
+pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Result<Vec<Vec<usize>>, String> {
     // Groups of lists by issuer, in order of first appearance; only those with several.
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, who) in issuers.iter().enumerate() {
@@ -888,6 +889,23 @@ pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Vec<Vec<usize>> {
         }
     }
     groups.retain(|g| g.len() > 1);
+    let needed = groups
+        .iter()
+        .try_fold(1usize, |n, g| n.checked_mul(g.len()))
+        .map_or(usize::MAX, |n| n - 1);
+    if needed > MAX_CRL_ORDERS {
+        return Err(format!(
+            "{} issuers publish several CRLs each: reading every combination of them takes {} \
+             orders, more than {MAX_CRL_ORDERS} (a revocation could go unread); give this \
+             scope fewer partitioned or re-keyed lists",
+            groups.len(),
+            if needed == usize::MAX {
+                "too many".to_string()
+            } else {
+                needed.to_string()
+            }
+        ));
+    }
     let mut orders = Vec::new();
     // Odometer over the groups: choice[k] is which list of group k is read first.
     let mut choice = vec![0usize; groups.len()];
@@ -901,8 +919,8 @@ pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Vec<Vec<usize>> {
             choice[k] = 0;
             k += 1;
         }
-        if k == groups.len() || orders.len() >= MAX_CRL_ORDERS {
-            return orders;
+        if k == groups.len() {
+            return Ok(orders);
         }
         let first: Vec<usize> = groups.iter().zip(&choice).map(|(g, &c)| g[c]).collect();
         let mut o = first.clone();
@@ -1367,7 +1385,7 @@ mod tests {
     fn every_combination_of_first_lists_is_an_order() {
         let (r, i) = (Some(b"R".to_vec()), Some(b"I".to_vec()));
         // Root lists 0 and 2, issuing CA's 1 and 3; 4 unreadable.
-        let orders = first_reads(&[r.clone(), i.clone(), r.clone(), i.clone(), None]);
+        let orders = first_reads(&[r.clone(), i.clone(), r.clone(), i.clone(), None]).unwrap();
         assert_eq!(
             orders,
             [
@@ -1376,9 +1394,13 @@ mod tests {
                 vec![2, 3, 0, 1, 4]
             ]
         );
-        assert!(first_reads(&[r, i, None, None]).is_empty());
-        let many: Vec<_> = (0..14).map(|n| Some(vec![n / 2])).collect();
-        assert_eq!(first_reads(&many).len(), MAX_CRL_ORDERS);
+        assert!(first_reads(&[r, i, None, None]).unwrap().is_empty());
+        // Six issuers of two lists: 63 orders, every one. Seven: refused, not read in part
+        // (a revocation only a later combination reads passed, and nothing said so).
+        let six: Vec<_> = (0..12).map(|n| Some(vec![n / 2])).collect();
+        assert_eq!(first_reads(&six).unwrap().len(), 63);
+        let seven: Vec<_> = (0..14).map(|n| Some(vec![n / 2])).collect();
+        assert!(first_reads(&seven).unwrap_err().contains("127 orders"));
     }
 
     #[test]
