@@ -528,6 +528,90 @@ fn a_phone_certificate_proves_only_the_aors_its_cas_may_name() {
 }
 
 #[test]
+fn a_phones_only_ca_barred_from_dns_names_still_proves_its_phones_aors() {
+    // A zero-length excluded dNSName is how a CA says it issues no DNS names at all (a CA
+    // for phones only): it does not bar the domain of a phone's `sip:user@domain`, and such
+    // a CA's phones sign in with their certificate.
+    let w = World::new();
+    let now = time::OffsetDateTime::now_utc();
+    let ca = |name: &str, excluded: bool| {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        (p.not_before, p.not_after) = (
+            now - time::Duration::days(1),
+            now + time::Duration::days(90),
+        );
+        if excluded {
+            p.name_constraints = Some(rcgen::NameConstraints {
+                permitted_subtrees: Vec::new(),
+                excluded_subtrees: vec![rcgen::GeneralSubtree::DnsName(String::new())],
+            });
+        }
+        (p, rcgen::KeyPair::generate().unwrap())
+    };
+    let (root_p, root_k) = ca("Phones Root", false);
+    let root = root_p.self_signed(&root_k).unwrap();
+    let root_issuer = rcgen::Issuer::new(root_p, root_k);
+    let (sub_p, sub_k) = ca("Phones Only CA", true);
+    let sub = sub_p.signed_by(&sub_k, &root_issuer).unwrap();
+    let sub_issuer = rcgen::Issuer::new(sub_p, sub_k);
+    let crl = |issuer: &rcgen::Issuer<'_, rcgen::KeyPair>| {
+        rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(7),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
+    };
+    w.pki.dir.write("phones-ca.pem", root.pem());
+    w.pki.dir.write(
+        "phones.crl",
+        format!("{}{}", crl(&root_issuer), crl(&sub_issuer)),
+    );
+    let mut leaf_p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_p.subject_alt_names = vec![rcgen::SanType::URI(
+        "sip:carol@example.com".try_into().unwrap(),
+    )];
+    leaf_p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    (leaf_p.not_before, leaf_p.not_after) = (
+        now - time::Duration::days(1),
+        now + time::Duration::days(30),
+    );
+    let leaf_k = rcgen::KeyPair::generate().unwrap();
+    let leaf = leaf_p.signed_by(&leaf_k, &sub_issuer).unwrap();
+    let srv = w.start(|c| with_phones(&w, c));
+    let key = PrivateKeyDer::from_pem_slice(leaf_k.serialize_pem().as_bytes()).unwrap();
+    let cfg = tls_config(
+        &w.pki.certs("ca.pem"),
+        Some((vec![leaf.der().clone(), sub.der().clone()], key)),
+        true,
+    );
+    let mut carol = Ua::tls(
+        srv.listen_addrs[0],
+        cfg,
+        "sip.example.com",
+        "carol",
+        "example.com",
+    )
+    .expect("the chain verifies");
+    carol.password = None;
+    assert_eq!(carol.register(600), 200);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn a_client_certificate_binds_its_aor_in_a_domain_written_absolute() {
     // `domains = ["example.com."]` is example.com everywhere (one trailing dot), but the
     // certificate's AORs were held to the domains as written: a phone with only its

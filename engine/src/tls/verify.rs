@@ -452,7 +452,7 @@ impl PeerTrust {
                     .iter()
                     .map(|c| Some(c.issuer().to_vec()))
                     .collect::<Vec<_>>(),
-            )?,
+            ),
             crls,
             unknown: match p.unknown_revocation {
                 UnknownRevocation::Deny => UnknownStatusPolicy::Deny,
@@ -782,6 +782,13 @@ fn chain_summary(
 /// share could otherwise issue `sip:carrier-b.example` and pass as partner B. A CA
 /// certificate whose constraints cannot be read keeps only the dNSName identities.
 pub fn within_name_constraints(ids: &mut Vec<Identity>, intermediates: &[CertificateDer<'_>]) {
+    constrain(ids, intermediates, false);
+}
+
+/// [`within_name_constraints`]; `users`: the identities are the domains of user AORs (a
+/// phone's `sip:user@domain`), which a zero-length excluded dNSName — the usual mark of a
+/// CA that issues no DNS names, such as one for phones only — does not exclude.
+fn constrain(ids: &mut Vec<Identity>, intermediates: &[CertificateDer<'_>], users: bool) {
     use x509_parser::extensions::GeneralName;
     /// The nameConstraints extension's OID (2.5.29.30) as DER: a certificate without these
     /// bytes has no constraints, and is not parsed.
@@ -814,7 +821,10 @@ pub fn within_name_constraints(ids: &mut Vec<Identity>, intermediates: &[Certifi
                 })
                 .collect()
         };
-        let (permitted, excluded) = (dns(&nc.permitted_subtrees), dns(&nc.excluded_subtrees));
+        let (permitted, mut excluded) = (dns(&nc.permitted_subtrees), dns(&nc.excluded_subtrees));
+        if users {
+            excluded.retain(|c| !c.is_empty() && c != ".");
+        }
         ids.retain(|i| {
             let host = match i {
                 Identity::Dns(h) | Identity::Sip(h) | Identity::Cn(h) => h,
@@ -846,25 +856,26 @@ fn in_dns_subtree(host: &str, subtree: &str) -> bool {
 /// [`CrlOrders`]). One order when no issuer has two lists.
 pub fn crl_orders(
     crls: &[CertificateRevocationListDer<'static>],
-) -> Result<Vec<Vec<CertificateRevocationListDer<'static>>>, String> {
+) -> Vec<Vec<CertificateRevocationListDer<'static>>> {
     let issuer = |c: &CertificateRevocationListDer<'_>| {
         x509_parser::parse_x509_crl(c.as_ref())
             .ok()
             .map(|(_, x)| x.issuer().as_raw().to_vec())
     };
     let issuers: Vec<Option<Vec<u8>>> = crls.iter().map(issuer).collect();
-    Ok(std::iter::once(crls.to_vec())
+    std::iter::once(crls.to_vec())
         .chain(
-            first_reads(&issuers)?
+            first_reads(&issuers)
                 .into_iter()
                 .map(|o| o.into_iter().map(|i| crls[i].clone()).collect()),
         )
-        .collect())
+        .collect()
 }
 
-/// The most orders [`first_reads`] gives: CRLs that need more (seven issuers of two lists
-/// each, four of three) are refused at load — read in the first 64 combinations only, a
-/// certificate that only a later one revokes passed, and nothing said so.
+/// The most orders [`first_reads`] gives (CRLs that need more — seven issuers of two lists
+/// each, four of three — are read in the first 64 combinations, and the load says so: a
+/// revocation only a later one reads could pass; lists split by distribution point are
+/// chosen by webpki itself and lose nothing).
 pub const MAX_CRL_ORDERS: usize = 64;
 
 /// webpki reads, for each certificate of a chain, the first list that covers it. Given the
@@ -875,7 +886,7 @@ pub const MAX_CRL_ORDERS: usize = 64;
 /// partitions its lists, needs the root's new list *and* the CA's full list first at once:
 /// trying one issuer's lists at a time never read the full list for the end entity, and a
 /// certificate it revoked passed.
-pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Result<Vec<Vec<usize>>, String> {
+pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Vec<Vec<usize>> {
     // Groups of lists by issuer, in order of first appearance; only those with several.
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, who) in issuers.iter().enumerate() {
@@ -894,17 +905,13 @@ pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Result<Vec<Vec<usize>>, Strin
         .try_fold(1usize, |n, g| n.checked_mul(g.len()))
         .map_or(usize::MAX, |n| n - 1);
     if needed > MAX_CRL_ORDERS {
-        return Err(format!(
-            "{} issuers publish several CRLs each: reading every combination of them takes {} \
-             orders, more than {MAX_CRL_ORDERS} (a revocation could go unread); give this \
-             scope fewer partitioned or re-keyed lists",
-            groups.len(),
-            if needed == usize::MAX {
-                "too many".to_string()
-            } else {
-                needed.to_string()
-            }
-        ));
+        tracing::warn!(
+            issuers = groups.len(),
+            orders = needed,
+            "issuers publish several CRLs each: they are read in the first {MAX_CRL_ORDERS} \
+             combinations only (a revocation only a later one reads could pass; lists split \
+             by distribution point lose nothing)"
+        );
     }
     let mut orders = Vec::new();
     // Odometer over the groups: choice[k] is which list of group k is read first.
@@ -919,8 +926,8 @@ pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Result<Vec<Vec<usize>>, Strin
             choice[k] = 0;
             k += 1;
         }
-        if k == groups.len() {
-            return Ok(orders);
+        if k == groups.len() || orders.len() >= MAX_CRL_ORDERS {
+            return orders;
         }
         let first: Vec<usize> = groups.iter().zip(&choice).map(|(g, &c)| g[c]).collect();
         let mut o = first.clone();
@@ -939,8 +946,9 @@ pub fn first_reads(issuers: &[Option<Vec<u8>>]) -> Result<Vec<Vec<usize>>, Strin
 /// the first answer that is not a list's bad signature. Then a chain whose roots of that
 /// name have all lapsed (or are not yet valid) is refused: webpki keeps no anchor's
 /// validity, and an expired `tls.client_roots` CA went on authenticating phones (a
-/// certificate proving an AOR skips digest). By the name of the chain's top certificate's
-/// issuer, as for partners ([`PeerTrust`]). The client verifier, whatever the CRLs.
+/// certificate proving an AOR skips digest). While a root is out of date, the chain is
+/// built again on the roots that hold ([`RootValidity`]). The client verifier, whatever the
+/// CRLs.
 #[derive(Debug)]
 pub struct CrlOrders {
     /// One verifier per order of [`crl_orders`] (one when no issuer has two lists).
@@ -993,7 +1001,7 @@ impl CrlOrders {
 
 /// Roots by subject with their validity (notBefore, notAfter; seconds since the epoch).
 #[derive(Debug, Clone, Default)]
-pub struct RootValidity(Arc<[Root]>);
+pub struct RootValidity(Arc<[Root]>, Arc<(Vec<TrustAnchor<'static>>, i64, i64)>);
 
 /// One root of [`RootValidity`]: its subject, notBefore and notAfter (Unix seconds), and the
 /// anchor it makes.
@@ -1002,22 +1010,27 @@ type Root = (Vec<u8>, i64, i64, TrustAnchor<'static>);
 impl RootValidity {
     /// Of these roots (one that does not parse is left out: webpki refuses it anyway).
     pub fn of(roots: &[CertificateDer<'_>]) -> RootValidity {
-        RootValidity(
-            roots
-                .iter()
-                .filter_map(|r| {
-                    let (_, x) = x509_parser::parse_x509_certificate(r.as_ref()).ok()?;
-                    let anchor = webpki::anchor_from_trusted_cert(r).ok()?.to_owned();
-                    let v = x.validity();
-                    Some((
-                        x.subject().as_raw().to_vec(),
-                        v.not_before.timestamp(),
-                        v.not_after.timestamp(),
-                        anchor,
-                    ))
-                })
-                .collect(),
-        )
+        let all: Arc<[Root]> = roots
+            .iter()
+            .filter_map(|r| {
+                let (_, x) = x509_parser::parse_x509_certificate(r.as_ref()).ok()?;
+                let anchor = webpki::anchor_from_trusted_cert(r).ok()?.to_owned();
+                let v = x.validity();
+                Some((
+                    x.subject().as_raw().to_vec(),
+                    v.not_before.timestamp(),
+                    v.not_after.timestamp(),
+                    anchor,
+                ))
+            })
+            .collect();
+        // The roots that hold now, and for how long that set stands: built again only
+        // outside that span (an expired root left in the bundle turned the check on for
+        // every handshake).
+        let anchors: Vec<TrustAnchor<'static>> = all.iter().map(|r| r.3.clone()).collect();
+        let validity: Vec<(i64, i64)> = all.iter().map(|r| (r.1, r.2)).collect();
+        let current = current_anchors(&anchors, &validity);
+        RootValidity(all, Arc::new(current))
     }
 
     /// Every root's notAfter, sorted, once each.
@@ -1047,17 +1060,28 @@ impl RootValidity {
         if self.0.iter().all(|r| holds(&r)) {
             return true;
         }
-        let current: Vec<TrustAnchor<'static>> =
-            self.0.iter().filter(holds).map(|r| r.3.clone()).collect();
+        let rebuilt;
+        let current: &[TrustAnchor<'static>] = if (self.1.1..=self.1.2).contains(&t) {
+            &self.1.0
+        } else {
+            rebuilt = self
+                .0
+                .iter()
+                .filter(holds)
+                .map(|r| r.3.clone())
+                .collect::<Vec<_>>();
+            &rebuilt
+        };
         let Ok(ee) = EndEntityCert::try_from(ee) else {
             return false;
         };
+        // As the client verifier holds it: clientAuth (where a certificate names any use).
         ee.verify_for_usage(
             algs.all,
-            &current,
+            current,
             intermediates,
             now,
-            TlsEku::EITHER,
+            webpki::KeyUsage::client_auth(),
             None,
             None,
         )
@@ -1108,7 +1132,7 @@ pub fn user_aors_within(
         .filter(|aor| {
             let host = aor.rsplit_once('@').map_or("", |(_, h)| h);
             let mut probe = vec![Identity::Sip(host.to_string())];
-            within_name_constraints(&mut probe, &cas);
+            constrain(&mut probe, &cas, true);
             !probe.is_empty()
         })
         .collect()
@@ -1385,7 +1409,7 @@ mod tests {
     fn every_combination_of_first_lists_is_an_order() {
         let (r, i) = (Some(b"R".to_vec()), Some(b"I".to_vec()));
         // Root lists 0 and 2, issuing CA's 1 and 3; 4 unreadable.
-        let orders = first_reads(&[r.clone(), i.clone(), r.clone(), i.clone(), None]).unwrap();
+        let orders = first_reads(&[r.clone(), i.clone(), r.clone(), i.clone(), None]);
         assert_eq!(
             orders,
             [
@@ -1394,13 +1418,9 @@ mod tests {
                 vec![2, 3, 0, 1, 4]
             ]
         );
-        assert!(first_reads(&[r, i, None, None]).unwrap().is_empty());
-        // Six issuers of two lists: 63 orders, every one. Seven: refused, not read in part
-        // (a revocation only a later combination reads passed, and nothing said so).
-        let six: Vec<_> = (0..12).map(|n| Some(vec![n / 2])).collect();
-        assert_eq!(first_reads(&six).unwrap().len(), 63);
-        let seven: Vec<_> = (0..14).map(|n| Some(vec![n / 2])).collect();
-        assert!(first_reads(&seven).unwrap_err().contains("127 orders"));
+        assert!(first_reads(&[r, i, None, None]).is_empty());
+        let many: Vec<_> = (0..14).map(|n| Some(vec![n / 2])).collect();
+        assert_eq!(first_reads(&many).len(), MAX_CRL_ORDERS);
     }
 
     #[test]
