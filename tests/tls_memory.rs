@@ -1140,6 +1140,25 @@ fn alpha_with_sub_ca() -> (World, Ca) {
     (w, sub)
 }
 
+#[test]
+fn a_ca_presented_beside_the_path_does_not_narrow_a_partners_names() {
+    // Beta's SBC sends the whole federation bundle as its chain, Alpha's constrained sub-CA
+    // among it: webpki builds Beta's path without it, but its `alpha.example` constraint
+    // dropped every identity of Beta's leaf, refused as name_not_trusted.
+    let (w, sub) = alpha_with_sub_ca();
+    let policy = w.policy(&["1.3"]);
+    let leaf = w.beta.issue(&spec("sip.beta.example")).unwrap();
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&versions("1.3"))
+        .unwrap()
+        .with_root_certificates(w.ours_roots())
+        .with_client_auth_cert(vec![leaf.der.clone(), sub.cert.der.clone()], key_of(&leaf))
+        .unwrap();
+    assert_eq!(inbound_as(&policy, Arc::new(client), Some(&leaf)), Ok(()));
+    // On Alpha's own path it still binds.
+    sub_ca_names_only_its_domain(&w, &policy, &sub, true);
+}
+
 /// A certificate `sub` issued, presented with `sub`'s own certificate (`with_sub`) or alone,
 /// dialling in as a partner.
 fn inbound_with(

@@ -356,6 +356,39 @@ pub struct PeerTrust {
 }
 
 /// The issuer names (DER) of a presented chain, for [`PeerTrust::roots_named`].
+/// The presented CA certificates that chain from `ee` by name (each the issuer of the one
+/// before it), in that order: those a path can use. A CA presented beside them (a bundle
+/// sent whole, a cross-certificate not taken) does not narrow the identities by its name
+/// constraints — that refused partners and phones it had nothing to do with.
+fn linked<'c>(
+    ee: &CertificateDer<'_>,
+    intermediates: &'c [CertificateDer<'c>],
+) -> Vec<CertificateDer<'c>> {
+    let names = |c: &CertificateDer<'_>| {
+        x509_parser::parse_x509_certificate(c.as_ref())
+            .ok()
+            .map(|(_, x)| (x.subject().as_raw().to_vec(), x.issuer().as_raw().to_vec()))
+    };
+    let cas: Vec<Option<(Vec<u8>, Vec<u8>)>> = intermediates.iter().map(names).collect();
+    let mut out = Vec::new();
+    let mut used = vec![false; intermediates.len()];
+    let Some((_, mut want)) = names(ee) else {
+        return out;
+    };
+    while let Some(i) =
+        (0..cas.len()).find(|&i| !used[i] && cas[i].as_ref().is_some_and(|(s, _)| *s == want))
+    {
+        used[i] = true;
+        out.push(intermediates[i].clone());
+        let (subject, issuer) = cas[i].clone().expect("matched");
+        if issuer == subject {
+            break;
+        }
+        want = issuer;
+    }
+    out
+}
+
 fn chain_issuers(ee: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Vec<Vec<u8>> {
     std::iter::once(ee)
         .chain(intermediates)
@@ -480,7 +513,7 @@ impl PeerTrust {
         if self.constrained.is_empty() {
             return std::borrow::Cow::Borrowed(ids);
         }
-        let issuers = chain_issuers(ee, intermediates);
+        let issuers = chain_issuers(ee, &linked(ee, intermediates));
         let mut out = ids.to_vec();
         for (subject, root) in &self.constrained {
             if issuers.iter().any(|i| i.as_slice() == subject.as_ref()) {
@@ -755,7 +788,7 @@ pub fn partner_of_chain(
 ) -> Option<String> {
     let (ee, intermediates) = chain.split_first()?;
     let mut ids = summarize(ee.as_ref())?.identities;
-    within_name_constraints(&mut ids, intermediates);
+    within_name_constraints(&mut ids, &linked(ee, intermediates));
     match owners(partners, algs, &ids, ee, intermediates, now).as_slice() {
         [p] if p.verify_chain(algs, ee, intermediates, now).is_ok() => Some(p.name.clone()),
         _ => None,
@@ -771,7 +804,7 @@ fn chain_summary(
 ) -> (CertSummary, Vec<Identity>) {
     let s = summarize(ee.as_ref()).unwrap_or_default();
     let mut ids = s.identities.clone();
-    within_name_constraints(&mut ids, intermediates);
+    within_name_constraints(&mut ids, &linked(ee, intermediates));
     (s, ids)
 }
 
@@ -1114,7 +1147,8 @@ pub fn user_aors_within(
     let Some((leaf, intermediates)) = chain.split_first() else {
         return Vec::new();
     };
-    let issuers = chain_issuers(leaf, intermediates);
+    let intermediates = linked(leaf, intermediates);
+    let issuers = chain_issuers(leaf, &intermediates);
     let subject = |r: &CertificateDer<'_>| {
         x509_parser::parse_x509_certificate(r.as_ref())
             .ok()
