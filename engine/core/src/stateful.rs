@@ -608,6 +608,9 @@ fn reason_of(m: &Message<'_, '_>, limits: &Limits) -> Option<Bytes> {
         }
         out.extend_from_slice(h.value);
     }
+    // A folded value goes out on one line (a reader that knows no folding would take the
+    // continuation for a line of its own).
+    crate::edit::unfold(&mut out);
     (!out.is_empty() && out.len() < limits.max_header_line).then(|| out.into())
 }
 
