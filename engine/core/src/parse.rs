@@ -725,6 +725,13 @@ impl<'b, 'h> Message<'b, 'h> {
                         return Err(ParseError::TooManyVias);
                     }
                 }
+                // A value our comma splitter cannot read (an unbalanced `<` or `"`) was
+                // skipped with the rest of its line: a Route to anyone went unseen, and was
+                // forwarded to a next hop that reads it (Kamailio takes `x=<` as a token).
+                HeaderName::Route | HeaderName::RecordRoute | HeaderName::Path => {
+                    text::split_commas(h.value, |_, _| true)
+                        .ok_or(ParseError::InvalidHeader(h.name))?;
+                }
                 _ => {}
             }
         }
@@ -750,6 +757,12 @@ impl<'b, 'h> Message<'b, 'h> {
         if let StartLine::Request { method, uri } = self.start {
             if cseq.method != method.as_bytes() {
                 return Err(ParseError::CSeqMethodMismatch);
+            }
+            // No URI production holds an unescaped `<`, `>` or `"` (RFC 3261 §25.1): one
+            // wrapped in `<…>` for a strict-routing next hop (§16.6 step 6) could end the
+            // Route value early and start another.
+            if memchr::memchr3(b'<', b'>', b'"', uri).is_some() {
+                return Err(ParseError::InvalidRequestUri);
             }
             let uri = Uri::parse(uri).map_err(|_| ParseError::InvalidRequestUri)?;
             if uri.headers.is_some() {

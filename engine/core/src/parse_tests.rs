@@ -212,6 +212,30 @@ fn validate_rejections() {
             "Via: SIP/2.0/TLS h;x=\"unterminated",
             ParseError::InvalidHeader(HeaderName::Via),
         ),
+        // A Route (or Record-Route, Path) value our splitter cannot read hid the rest of
+        // its line: a Route to anyone went unseen, and on to a next hop that reads it.
+        (
+            "Max-Forwards: 70",
+            "Max-Forwards: 70\r\nRoute: <sip:evil.example;lr>;x=<",
+            ParseError::InvalidHeader(HeaderName::Route),
+        ),
+        (
+            "Max-Forwards: 70",
+            "Max-Forwards: 70\r\nRoute: <sip:proxy.example.com;lr>, <sip:p.net;lr>;x=\"",
+            ParseError::InvalidHeader(HeaderName::Route),
+        ),
+        (
+            "Max-Forwards: 70",
+            "Max-Forwards: 70\r\nRecord-Route: <sip:a.example;lr>;x=<",
+            ParseError::InvalidHeader(HeaderName::RecordRoute),
+        ),
+        // No URI holds an unescaped `>`: wrapped for a strict next hop, it ended the Route
+        // value and began another.
+        (
+            "sip:bob@example.com SIP",
+            "sip:bob@example.com;x=>,<sip:evil.example;lr SIP",
+            ParseError::InvalidRequestUri,
+        ),
     ];
     for (from, to, want) in cases {
         let msg = base.replacen(from, to, 1);

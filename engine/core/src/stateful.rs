@@ -611,7 +611,9 @@ fn reason_of(m: &Message<'_, '_>, limits: &Limits) -> Option<Bytes> {
     // A folded value goes out on one line (a reader that knows no folding would take the
     // continuation for a line of its own).
     crate::edit::unfold(&mut out);
-    (!out.is_empty() && out.len() < limits.max_header_line).then(|| out.into())
+    // Within a header line once written (`Reason: ` and CRLF): the next hop refused a
+    // longer line, and the CANCEL, sent once, never reached the callee.
+    (!out.is_empty() && out.len() + 10 <= limits.max_header_line).then(|| out.into())
 }
 
 /// Is this a response (its start line `SIP/2.0 …`)?
