@@ -1262,6 +1262,22 @@ fn a_cancels_reason_is_passed_on_to_the_branches() {
     n.assert_idle_after_timers();
 }
 
+#[test]
+fn a_to_tag_without_a_value_is_refused() {
+    // `tag = token` (RFC 3261 §25.1): `;tag` alone read as no tag, and our answer then
+    // carried two (`;tag;tag=sr…`), its ACK not recognised as ours.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    let m = String::from_utf8(message("z9hG4bKvt", "vt-1"))
+        .unwrap()
+        .replace("To: <sip:bob@example.com>", "To: <sip:bob@example.com>;tag");
+    n.send(&A, m.as_bytes());
+    let up = n.one(&A);
+    assert_eq!(status(&up), 400, "{}", String::from_utf8_lossy(&up));
+    assert!(n.take(&B).is_empty());
+    assert!(n.closed.is_empty());
+}
+
 trait ReplaceBranch {
     fn replace_branch(&self, b: &str) -> Vec<u8>;
 }

@@ -745,13 +745,6 @@ impl<'b, 'h> Message<'b, 'h> {
         let from = NameAddr::parse(from).ok_or(ParseError::InvalidHeader(HeaderName::From))?;
         let to = to.ok_or(ParseError::MissingHeader(HeaderName::To))?;
         let to = NameAddr::parse(to).ok_or(ParseError::InvalidHeader(HeaderName::To))?;
-        // `tag = token` (RFC 3261 §25.1): a `;tag` without one read as no tag here, and
-        // our answer then carried two.
-        for (na, name) in [(&from, HeaderName::From), (&to, HeaderName::To)] {
-            if matches!(na.param("tag"), Some(None | Some(b""))) {
-                return Err(ParseError::InvalidHeader(name));
-            }
-        }
         let top_via = top_via.ok_or(ParseError::MissingHeader(HeaderName::Via))?;
         let max_forwards = match max_forwards {
             None => None,

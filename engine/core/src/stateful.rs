@@ -1442,6 +1442,15 @@ impl ShardProxy {
                 return;
             }
         };
+        // `tag = token` (RFC 3261 §25.1): a To `;tag` without one read as no tag, and our
+        // answer then carried two. (Looked for only where To has parameters: an initial
+        // request's has none.)
+        if msg.is_request()
+            && !ess.to.params.is_empty()
+            && matches!(ess.to.param("tag"), Some(None | Some(b"")))
+        {
+            return self.reject(flow, bytes, ParseError::InvalidHeader(HeaderName::To));
+        }
         if msg.is_request() {
             self.on_request(now, flow, &msg, &ess);
         } else {
