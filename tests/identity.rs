@@ -500,20 +500,9 @@ fn a_phone_certificate_proves_only_the_aors_its_cas_may_name() {
                 ..Spec::server(host)
             })
             .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-        let cfg = tls_config(
-            &w.pki.certs("ca.pem"),
-            Some((vec![leaf.der.clone(), ca.cert.der.clone()], key)),
-            true,
-        );
-        let mut u = Ua::tls(
-            srv.listen_addrs[0],
-            cfg,
-            "sip.example.com",
-            "carol",
-            "example.com",
-        )
-        .expect("the chain verifies");
+        let chain = vec![leaf.der.clone(), ca.cert.der.clone()];
+        let mut u = connect_phone_chain(&w, &srv, chain, &leaf.key_pem, "carol")
+            .expect("the chain verifies");
         u.password = None;
         u
     };
@@ -591,20 +580,9 @@ fn a_phones_only_ca_barred_from_dns_names_still_proves_its_phones_aors() {
     let leaf_k = rcgen::KeyPair::generate().unwrap();
     let leaf = leaf_p.signed_by(&leaf_k, &sub_issuer).unwrap();
     let srv = w.start(|c| with_phones(&w, c));
-    let key = PrivateKeyDer::from_pem_slice(leaf_k.serialize_pem().as_bytes()).unwrap();
-    let cfg = tls_config(
-        &w.pki.certs("ca.pem"),
-        Some((vec![leaf.der().clone(), sub.der().clone()], key)),
-        true,
-    );
-    let mut carol = Ua::tls(
-        srv.listen_addrs[0],
-        cfg,
-        "sip.example.com",
-        "carol",
-        "example.com",
-    )
-    .expect("the chain verifies");
+    let chain = vec![leaf.der().clone(), sub.der().clone()];
+    let mut carol = connect_phone_chain(&w, &srv, chain, &leaf_k.serialize_pem(), "carol")
+        .expect("the chain verifies");
     carol.password = None;
     assert_eq!(carol.register(600), 200);
     srv.stop();
@@ -1258,12 +1236,19 @@ fn with_phones(w: &World, c: &mut Config) {
 
 /// A connection to the first listener presenting `cert`.
 fn connect_phone(w: &World, srv: &Running, cert: &Issued, user: &str) -> std::io::Result<Ua> {
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let cfg = tls_config(
-        &w.pki.certs("ca.pem"),
-        Some((vec![cert.der.clone()], key)),
-        true,
-    );
+    connect_phone_chain(w, srv, vec![cert.der.clone()], &cert.key_pem, user)
+}
+
+/// [`connect_phone`] presenting `chain` (leaf first), whose leaf's key is `key_pem`.
+fn connect_phone_chain(
+    w: &World,
+    srv: &Running,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key_pem: &str,
+    user: &str,
+) -> std::io::Result<Ua> {
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let cfg = tls_config(&w.pki.certs("ca.pem"), Some((chain, key)), true);
     Ua::tls(
         srv.listen_addrs[0],
         cfg,

@@ -325,12 +325,7 @@ fn what_waited_for_a_partner_link_does_not_close_it_as_it_comes_up() {
         std::net::TcpListener::from(s)
     };
     let port = listener.local_addr().unwrap().port();
-    let (chain, key) = pki_partner_issue(&pki, "sip.partner.example.com");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in pki.certs("ca.pem") {
-        roots.add(c).unwrap();
-    }
-    let partner_cfg = partner_server(roots, (chain, key), rustls::DEFAULT_VERSIONS);
+    let partner_cfg = the_partner(&pki, rustls::DEFAULT_VERSIONS);
     // The partner: slow to handshake (the requests wait for the link), then slow to read.
     let partner = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -396,15 +391,7 @@ fn a_quiet_link_we_dialled_is_kept_up_by_pings_its_partner_answers() {
     let pki = Pki::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in pki.certs("ca.pem") {
-        roots.add(c).unwrap();
-    }
-    let partner_cfg = partner_server(
-        roots,
-        pki_partner_issue(&pki, "sip.partner.example.com"),
-        rustls::DEFAULT_VERSIONS,
-    );
+    let partner_cfg = the_partner(&pki, rustls::DEFAULT_VERSIONS);
     // The partner answers every ping with a pong, for 5 s; it counts the pings, and says
     // whether we closed the link meanwhile.
     let partner = std::thread::spawn(move || {
@@ -457,6 +444,23 @@ fn a_quiet_link_we_dialled_is_kept_up_by_pings_its_partner_answers() {
     assert!(pings >= 2, "{pings} pings in 5 s");
     srv.stop();
     srv.join().unwrap();
+}
+
+/// The demo partner's TLS server (sip.partner.example.com, from the partner CA), trusting
+/// our CA for the client certificates we dial with.
+fn the_partner(
+    pki: &Pki,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> std::sync::Arc<rustls::ServerConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki.certs("ca.pem") {
+        roots.add(c).unwrap();
+    }
+    partner_server(
+        roots,
+        pki_partner_issue(pki, "sip.partner.example.com"),
+        versions,
+    )
 }
 
 /// A partner's TLS server: its certificate, and client certificates verified against `roots`.
@@ -778,15 +782,7 @@ fn ringing_on_a_link_that_spends_its_key(
     let pki = Pki::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in pki.certs("ca.pem") {
-        roots.add(c).unwrap();
-    }
-    let partner_cfg = partner_server(
-        roots,
-        pki_partner_issue(&pki, "sip.partner.example.com"),
-        &[&rustls::version::TLS12],
-    );
+    let partner_cfg = the_partner(&pki, &[&rustls::version::TLS12]);
     let answer = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = answering_partner(
         listener,

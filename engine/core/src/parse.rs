@@ -879,10 +879,7 @@ impl Framer {
         // sender adds (RFC 3261 §8.2.6.2, §12.1.1): the answer to a request we forwarded
         // at `max_message` may be larger, and could not be delimited, which closed the
         // callee's connection and lost the answer.
-        let max_message = if buf
-            .get(..4)
-            .is_some_and(|b| b.eq_ignore_ascii_case(b"SIP/"))
-        {
+        let max_message = if is_response(buf) {
             self.limits.max_message + RESPONSE_SLACK
         } else {
             self.limits.max_message
@@ -916,6 +913,13 @@ impl Framer {
         self.pending = None;
         Ok(Status::Complete(f))
     }
+}
+
+/// Does this message start as a response (`SIP/2.0 …`)? Looked at before it is parsed.
+pub fn is_response(bytes: &[u8]) -> bool {
+    bytes
+        .get(..4)
+        .is_some_and(|b| b.eq_ignore_ascii_case(b"SIP/"))
 }
 
 /// How much larger than `max_message` a response may be framed (see [`Framer::frame`]).

@@ -616,13 +616,6 @@ fn reason_of(m: &Message<'_, '_>, limits: &Limits) -> Option<Bytes> {
     (!out.is_empty() && out.len() + 10 <= limits.max_header_line).then(|| out.into())
 }
 
-/// Is this a response (its start line `SIP/2.0 …`)?
-fn is_response(bytes: &[u8]) -> bool {
-    bytes
-        .get(..4)
-        .is_some_and(|b| b.eq_ignore_ascii_case(b"SIP/"))
-}
-
 /// Re-reads a message this shard already accepted (and may have grown), within limits
 /// widened by what forwarding adds: before, a request accepted at the limits could not be
 /// re-read once forwarded, and its CANCEL or hop-by-hop ACK was silently never sent.
@@ -1414,7 +1407,7 @@ impl ShardProxy {
             // met: read within the limits widened for what we forwarded. Before, the
             // callee's connection was closed (too many headers, a line too long) and the
             // answer lost: any caller could have a registered user's connection cut.
-            Err(_) if is_response(bytes) => {
+            Err(_) if crate::parse::is_response(bytes) => {
                 let limits = self.limits;
                 if with_parsed(bytes, &limits, |m, e| self.on_response(now, flow, m, e)).is_none() {
                     self.stats.dropped_responses += 1;
