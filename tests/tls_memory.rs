@@ -988,6 +988,50 @@ fn a_lapsed_client_root_is_told_by_the_root_that_anchors_the_chain() {
 }
 
 #[test]
+fn a_chain_built_again_on_the_current_root_is_read_against_its_crls() {
+    // While a client root is out of date, a chain the verifier passed is built again on the
+    // roots that hold. That path may pass through certificates the verifier's did not: here
+    // the phones' sub-CA cross-signed by the current root, a cross-signature the current
+    // root's list revokes. The rebuild read no CRLs, so the phone passed.
+    let w = World::new();
+    let phone_spec = Spec {
+        uris: vec!["sip:carol@example.com".into()],
+        usage: Usage::ClientOnly,
+        ..spec("phone.example.com")
+    };
+    let old = Ca::with_validity("Old Phones Root", Duration::days(-1)).unwrap();
+    let new = Ca::new("New Phones Root").unwrap();
+    let sub = old.intermediate("Phones Sub CA").unwrap();
+    let cross = sub.cross_signed_by(&new).unwrap();
+    let phone = sub.issue(&phone_spec).unwrap();
+    let chain = [phone.der.clone(), sub.cert.der.clone(), cross.der.clone()];
+    let load = |new_revokes: &[u64]| {
+        w.dir.write(
+            "phones-roots.pem",
+            format!("{}{}", old.cert.cert_pem, new.cert.cert_pem),
+        );
+        w.dir.write(
+            "phones.crl",
+            format!(
+                "{}{}{}",
+                old.crl(&[]).unwrap(),
+                new.crl(new_revokes).unwrap(),
+                sub.crl(&[]).unwrap()
+            ),
+        );
+        let mut cfg = w.config(&["1.3"]);
+        cfg.tls.client_roots = Some(w.dir.join("phones-roots.pem"));
+        cfg.tls.client_crls = vec![w.dir.join("phones.crl")];
+        TlsPolicy::load(&cfg).expect("policy loads")
+    };
+    assert_eq!(load(&[]).verify_client_chain(&chain), Ok(()));
+    assert_eq!(
+        load(&[cross.serial]).verify_client_chain(&chain),
+        Err(Rejection::Revoked)
+    );
+}
+
+#[test]
 fn a_lapsed_client_root_authenticates_no_phone() {
     // webpki keeps no anchor's validity: a `tls.client_roots` CA past its notAfter went on
     // authenticating phones (a certificate proving an AOR skips digest). Partner roots

@@ -697,8 +697,9 @@ impl Policy {
         }
         // An anonymous From claims nobody (RFC 3323 §4.1.1.3): who the caller is, the
         // partner asserts (P-Asserted-Identity, checked next), as for any other From.
-        let from_ok = speaks_for(&p, ess.from.uri)
-            || Uri::parse(ess.from.uri).is_ok_and(|u| is_anonymous(&u));
+        let from_ok = (speaks_for(&p, ess.from.uri)
+            || Uri::parse(ess.from.uri).is_ok_and(|u| is_anonymous(&u)))
+            && !display_holds_brackets(&ess.from);
         if !from_ok {
             return self.deny(
                 info,
@@ -845,9 +846,18 @@ fn all_in(msg: &Message<'_, '_>, name: HeaderName, p: &PartnerPolicy) -> bool {
     };
     values.iter().all(|v| {
         NameAddr::parse(v.value)
-            .filter(|na| !ambiguous_params(na.params))
+            .filter(|na| !ambiguous_params(na.params) && !display_holds_brackets(&na))
             .is_some_and(|na| speaks_for(p, na.uri))
     })
+}
+
+/// Does a name-addr's display name hold a `<` or `>`? A quoted one may (RFC 3261 §25.1),
+/// but `"<sip:ceo@ours>" <sip:x@partner>` is the partner's identity to a reader that
+/// skips the quoted string, and ours to one that takes the first `<…>` it meets: an
+/// identity a partner vouches for must read the same to every reader.
+fn display_holds_brackets(na: &NameAddr<'_>) -> bool {
+    na.display
+        .is_some_and(|d| memchr::memchr2(b'<', b'>', d).is_some())
 }
 
 /// May partner `p` claim `uri` as its caller: a SIP URI in one of its domains, or — where
@@ -1705,6 +1715,44 @@ mod tests {
                 ),
                 &local,
                 403,
+            ),
+            (
+                // A quoted display name holding a URI: the partner's identity to us, ours
+                // to a reader that takes the first `<…>`.
+                "partner PAI whose display name holds a URI",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: \"<sip:ceo@example.com>\" <sip:x@peer-a.test>\r\n",
+                ),
+                &local,
+                403,
+            ),
+            (
+                "partner From whose display name holds a URI",
+                &pa,
+                req("MESSAGE", bob, "sip:x@peer-a.test", bob, "").replace(
+                    "From: <sip:x@peer-a.test>",
+                    "From: \"<sip:ceo@example.com>\" <sip:x@peer-a.test>",
+                ),
+                &local,
+                403,
+            ),
+            (
+                "partner PAI whose display name is plain",
+                &pa,
+                req(
+                    "MESSAGE",
+                    bob,
+                    "sip:x@peer-a.test",
+                    bob,
+                    "P-Asserted-Identity: \"X (Alpha)\" <sip:x@peer-a.test>\r\n",
+                ),
+                &local,
+                0,
             ),
             (
                 "partner PAI with a quoted parameter holding brackets",

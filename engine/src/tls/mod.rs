@@ -641,6 +641,18 @@ impl TlsPolicy {
                     let crls = newest_crl_per_issuer(crls);
                     check_client_crls(path, &reads.certs(path)?, &crls)?;
                     let orders = verify::crl_orders(&crls);
+                    let parsed = orders
+                        .iter()
+                        .map(|o| {
+                            o.iter()
+                                .map(|c| {
+                                    webpki::OwnedCertRevocationList::from_der(c.as_ref())
+                                        .map(webpki::CertRevocationList::from)
+                                        .map_err(|e| load_err(path, format!("client CRL: {e}")))
+                                })
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                        .collect::<Result<Arc<[_]>, _>>()?;
                     let verifier = |optional: bool| {
                         let one = |crls: &Vec<CertificateRevocationListDer<'static>>| {
                             let mut b = WebPkiClientVerifier::builder_with_provider(
@@ -666,6 +678,7 @@ impl TlsPolicy {
                             Arc::new(verify::CrlOrders {
                                 orders: orders.iter().map(one).collect::<Result<Vec<_>, _>>()?,
                                 roots: lapsing.clone(),
+                                crls: parsed.clone(),
                                 algs,
                             }),
                         )

@@ -82,6 +82,7 @@ pub struct Issued {
 /// A certificate authority that can issue certificates and CRLs.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    params: CertificateParams,
     /// The CA certificate.
     pub cert: Issued,
     next_serial: std::cell::Cell<u64>,
@@ -174,9 +175,27 @@ impl Ca {
             serial,
         };
         Ok(Ca {
-            issuer: Issuer::new(p, key),
+            issuer: Issuer::new(p.clone(), key),
+            params: p,
             cert: issued,
             next_serial: std::cell::Cell::new(2),
+        })
+    }
+
+    /// This CA's certificate issued again by `other` (a cross-signature: the same name and
+    /// key, another issuer), valid as this one is.
+    pub fn cross_signed_by(&self, other: &Ca) -> Result<Issued, String> {
+        let mut p = self.params.clone();
+        let serial = other.next_serial.get();
+        other.next_serial.set(serial + 1);
+        p.serial_number = Some(SerialNumber::from(serial));
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(self.issuer.key(), &other.issuer).map_err(err)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: self.cert.key_pem.clone(),
+            der: cert.der().clone(),
+            serial,
         })
     }
 

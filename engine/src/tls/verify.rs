@@ -988,6 +988,10 @@ pub struct CrlOrders {
     pub orders: Vec<Arc<dyn ClientCertVerifier>>,
     /// The roots' validity.
     pub roots: RootValidity,
+    /// The CRLs of each order of `orders`, parsed (empty where none is configured): a
+    /// chain built again on the roots that hold is read against them, as the verifier
+    /// read the chain it built.
+    pub crls: Arc<[Vec<CertRevocationList<'static>>]>,
     /// Signature algorithms, to build a chain again on the roots that hold.
     pub algs: WebPkiSupportedAlgorithms,
 }
@@ -1080,18 +1084,22 @@ impl RootValidity {
     /// by the presented chain's top issuer: a phone could append any certificate to hide a
     /// lapsed root, a root re-keyed under its old name passed for the old key, and a chain
     /// ending in a cross-signature from a lapsed root was refused though a current one
-    /// anchored it.
+    /// anchored it. The chain built again is read against `crls` (one set per order, as
+    /// [`CrlOrders`]): it may pass through certificates the verifier's path did not (a
+    /// cross-signed CA that only the current root's list revokes), and was read against
+    /// none. Revoked in any order is revoked; else passed in any is passed.
     fn holds(
         &self,
         algs: &WebPkiSupportedAlgorithms,
         ee: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> bool {
+        crls: &[Vec<CertRevocationList<'static>>],
+    ) -> Result<(), CertificateError> {
         let t = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         let holds = |r: &&Root| r.1 <= t && t <= r.2;
         if self.0.iter().all(|r| holds(&r)) {
-            return true;
+            return Ok(());
         }
         let rebuilt;
         let current: &[TrustAnchor<'static>] = if (self.1.1..=self.1.2).contains(&t) {
@@ -1106,19 +1114,45 @@ impl RootValidity {
             &rebuilt
         };
         let Ok(ee) = EndEntityCert::try_from(ee) else {
-            return false;
+            return Err(CertificateError::BadEncoding);
         };
-        // As the client verifier holds it: clientAuth (where a certificate names any use).
-        ee.verify_for_usage(
-            algs.all,
-            current,
-            intermediates,
-            now,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .is_ok()
+        let none = [Vec::new()];
+        let orders = if crls.is_empty() { &none[..] } else { crls };
+        let (mut passed, mut other) = (false, None);
+        for order in orders {
+            let refs: Vec<&CertRevocationList<'_>> = order.iter().collect();
+            // As the client verifier reads a chain: every certificate of it, a list past its
+            // nextUpdate or a certificate no list covers refused as unknown status.
+            let revocation = RevocationOptionsBuilder::new(&refs).ok().map(|b| {
+                b.with_depth(RevocationCheckDepth::Chain)
+                    .with_status_policy(UnknownStatusPolicy::Deny)
+                    .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
+                    .build()
+            });
+            // As the client verifier holds it: clientAuth (where a certificate names any use).
+            match ee.verify_for_usage(
+                algs.all,
+                current,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                revocation,
+                None,
+            ) {
+                Err(webpki::Error::CertRevoked) => return Err(CertificateError::Revoked),
+                Ok(_) => passed = true,
+                Err(webpki::Error::UnknownRevocationStatus) => {
+                    other.get_or_insert(CertificateError::UnknownRevocationStatus);
+                }
+                Err(_) => {
+                    other.get_or_insert(CertificateError::Expired);
+                }
+            }
+        }
+        match (passed, other) {
+            (true, _) => Ok(()),
+            (false, other) => Err(other.unwrap_or(CertificateError::Expired)),
+        }
     }
 }
 
@@ -1192,11 +1226,10 @@ impl ClientCertVerifier for CrlOrders {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         let ok = self.combine(|v| v.verify_client_cert(ee, intermediates, now))?;
-        if self.roots.holds(&self.algs, ee, intermediates, now) {
-            Ok(ok)
-        } else {
-            Err(Error::InvalidCertificate(CertificateError::Expired))
-        }
+        self.roots
+            .holds(&self.algs, ee, intermediates, now, &self.crls)
+            .map_err(Error::InvalidCertificate)?;
+        Ok(ok)
     }
 
     fn verify_tls12_signature(
