@@ -846,7 +846,7 @@ fn all_in(msg: &Message<'_, '_>, name: HeaderName, p: &PartnerPolicy) -> bool {
     };
     values.iter().all(|v| {
         NameAddr::parse(v.value)
-            .filter(|na| !ambiguous_params(na.params) && !display_holds_brackets(&na))
+            .filter(|na| !ambiguous_params(na.params) && !display_holds_brackets(na))
             .is_some_and(|na| speaks_for(p, na.uri))
     })
 }
