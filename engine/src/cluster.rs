@@ -31,8 +31,8 @@ use redis::cluster_async::ClusterConnection;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Lookups waiting for the store thread, all shards together; past it a lookup is answered
@@ -121,6 +121,7 @@ pub struct StoreSender {
     node: String,
     epoch: u64,
     name_taken: Arc<AtomicBool>,
+    stop: Arc<OnceLock<String>>,
     withdraw: async_channel::Sender<std::sync::mpsc::SyncSender<bool>>,
 }
 
@@ -139,6 +140,13 @@ impl StoreSender {
     /// and its start-up sweep would erase the other's bindings. The process stops.
     pub fn name_taken(&self) -> bool {
         self.name_taken.load(Ordering::Relaxed)
+    }
+
+    /// Why the store thread stopped on its own, if it did: the node would go on outside
+    /// its cluster (every miss answered 503, no binding written, no heartbeat, so the other
+    /// nodes count it dead), so the process stops.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stop.get().map(String::as_str)
     }
 
     /// A handle for one shard.
@@ -238,15 +246,43 @@ pub fn seeds(store: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The `cluster.store` entry that is not a Redis address, if one is (checked before start:
-/// the store thread could only log it, and the node would run outside its cluster).
-pub fn bad_seed(store: &[String]) -> Option<String> {
+/// The seeds as the Redis client takes them. The client uses the first seed's user,
+/// password and database for every master it finds, and refuses a list whose seeds differ
+/// in them: a seed written without any takes the first's; one with others is refused, as is
+/// a list the client would not build (a unix socket, mixed TLS). Checked before start: the
+/// store thread could only log it, and the node would run outside its cluster.
+pub fn seed_infos(store: &[String]) -> Result<Vec<redis::ConnectionInfo>, String> {
     use redis::IntoConnectionInfo;
-    store
-        .iter()
-        .zip(seeds(store))
-        .find(|(_, s)| s.as_str().into_connection_info().is_err())
-        .map(|(a, _)| a.clone())
+    let mut infos = Vec::with_capacity(store.len());
+    for (a, s) in store.iter().zip(seeds(store)) {
+        infos.push(s.as_str().into_connection_info().map_err(|_| {
+            format!(
+                "{:?} is not a Redis address (host:port or redis://…)",
+                without_password(a)
+            )
+        })?);
+    }
+    let Some(first) = infos.first().map(|i| i.redis_settings().clone()) else {
+        return Ok(infos);
+    };
+    for (a, i) in store.iter().zip(infos.iter_mut()).skip(1) {
+        let r = i.redis_settings();
+        if r.username().is_none() && r.password().is_none() && r.db() == 0 {
+            *i = i.clone().set_redis_settings(first.clone());
+        } else if (r.username(), r.password(), r.db())
+            != (first.username(), first.password(), first.db())
+        {
+            return Err(format!(
+                "{:?} has another user, password or database than the first seed (the first \
+                 seed's are used for every master: write them on the first seed only)",
+                without_password(a)
+            ));
+        }
+    }
+    redis::cluster::ClusterClient::builder(infos.clone())
+        .build()
+        .map_err(|e| format!("not a usable Redis Cluster address list: {e}"))?;
+    Ok(infos)
 }
 
 /// A store address fit for a log line: the password of a `redis://user:password@host`
@@ -283,6 +319,7 @@ pub fn start(
         | 1;
     let cfg = cfg.clone();
     let name_taken = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(OnceLock::new());
     let sender = StoreSender {
         writes,
         asks,
@@ -290,6 +327,7 @@ pub fn start(
         node: cfg.node.clone(),
         epoch,
         name_taken: name_taken.clone(),
+        stop: stop.clone(),
         withdraw,
     };
     std::thread::Builder::new()
@@ -301,8 +339,10 @@ pub fn start(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    tracing::error!(error = %e, "store thread: cannot start its runtime");
-                    return;
+                    return stopped(
+                        &stop,
+                        format!("store thread: cannot start its runtime: {e}"),
+                    );
                 }
             };
             let local = tokio::task::LocalSet::new();
@@ -312,7 +352,7 @@ pub fn start(
                     cfg,
                     epoch,
                     (write_rx, ask_rx, withdraw_rx),
-                    (resync, name_taken),
+                    (resync, name_taken, stop),
                     subscribers,
                 ),
             );
@@ -320,8 +360,17 @@ pub fn start(
     Ok(sender)
 }
 
+/// Logs why the store thread stops and records it for [`StoreSender::stopped`].
+fn stopped(stop: &OnceLock<String>, why: String) {
+    tracing::error!("{why}; the node stops");
+    let _ = stop.set(why);
+}
+
 struct State {
     conn: RefCell<Option<ClusterConnection>>,
+    /// The first seed, as the client takes it: the sweep reaches each master with its
+    /// user, password and database.
+    first_seed: redis::ConnectionInfo,
     alive: RefCell<HashMap<String, u64>>,
     /// The other nodes whose liveness key was read at least once (present or not). Until
     /// every one was — for at most `liveness_ms` after the store connected — `alive` says
@@ -379,19 +428,21 @@ async fn run(
         LaneEnd<Ask>,
         async_channel::Receiver<std::sync::mpsc::SyncSender<bool>>,
     ),
-    (resync, name_taken): (Arc<AtomicU64>, Arc<AtomicBool>),
+    (resync, name_taken, stop): (Arc<AtomicU64>, Arc<AtomicBool>, Arc<OnceLock<String>>),
     subscribers: crate::auth::SharedSubscribers,
 ) {
     let (mut write_rx, mut ask_rx) = match (write_rx.into_rx(), ask_rx.into_rx()) {
         (Ok(w), Ok(a)) => (w, a),
         (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "store thread: cannot watch its queues");
-            return;
+            return stopped(&stop, format!("store thread: cannot watch its queues: {e}"));
         }
     };
-    let seeds = seeds(&cfg.store);
+    let seeds = match seed_infos(&cfg.store) {
+        Ok(s) => s,
+        Err(e) => return stopped(&stop, format!("cluster.store: {e}")),
+    };
     let timeout = Duration::from_millis(cfg.store_timeout_ms);
-    let client = match redis::cluster::ClusterClient::builder(seeds)
+    let client = match redis::cluster::ClusterClient::builder(seeds.clone())
         .connection_timeout(timeout)
         .response_timeout(timeout)
         .retries(2)
@@ -401,12 +452,15 @@ async fn run(
     {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "cluster.store: not a usable Redis Cluster address list");
-            return;
+            return stopped(
+                &stop,
+                format!("cluster.store: not a usable Redis Cluster address list: {e}"),
+            );
         }
     };
     let st = Rc::new(State {
         conn: RefCell::new(None),
+        first_seed: seeds[0].clone(),
         alive: RefCell::new(HashMap::new()),
         liveness_read: RefCell::new(HashMap::new()),
         connected: Cell::new(None),
@@ -776,16 +830,17 @@ async fn withdraw(st: &State) -> bool {
 const DELETE_IF_SAME: &str = "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
      return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0";
 
-/// The URL of one master, with the credentials (`redis://user:pass@…`) of the first
-/// configured seed: the sweep talks to each master directly and needs them too.
-fn master_url(seeds: &[String], addr: &str) -> String {
-    let auth = seeds
-        .first()
-        .and_then(|s| s.split_once("://"))
-        .and_then(|(_, rest)| rest.rsplit_once('@'))
-        .map(|(userinfo, _)| format!("{userinfo}@"))
-        .unwrap_or_default();
-    format!("redis://{auth}{addr}")
+/// One master, as `CLUSTER NODES` names it (`host:port`; an IPv6 host unbracketed), with
+/// the first seed's user, password and database: the sweep talks to each master directly.
+fn master_info(first: &redis::ConnectionInfo, addr: &str) -> Option<redis::ConnectionInfo> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse().ok()?;
+    Some(
+        first
+            .clone()
+            .set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port)),
+    )
 }
 
 /// The masters' addresses in a `CLUSTER NODES` reply.
@@ -824,15 +879,20 @@ async fn sweep_previous_life(st: Rc<State>) {
         Err(e) => return st.failed("sweep", &e),
     };
     let me = st.cfg.node.as_str();
-    let (mut scanned, mut cleared) = (0u64, 0u64);
+    let (mut scanned, mut cleared, mut failed) = (0u64, 0u64, 0u64);
     for addr in masters(&nodes) {
-        let conn = match redis::Client::open(master_url(&st.cfg.store, &addr)) {
+        let Some(info) = master_info(&st.first_seed, &addr) else {
+            failed += 1;
+            continue;
+        };
+        let conn = match redis::Client::open(info) {
             Ok(client) => client.get_multiplexed_async_connection().await,
             Err(e) => Err(e),
         };
         let mut m = match conn {
             Ok(m) => m,
             Err(e) => {
+                failed += 1;
                 st.failed("sweep", &e);
                 continue;
             }
@@ -850,18 +910,22 @@ async fn sweep_previous_life(st: Rc<State>) {
             let (next, keys) = match page {
                 Ok(p) => p,
                 Err(e) => {
+                    failed += 1;
                     st.failed("sweep", &e);
                     break;
                 }
             };
             for k in keys {
                 scanned += 1;
-                let v: Option<String> = redis::cmd("HGET")
-                    .arg(&k)
-                    .arg(me)
-                    .query_async(&mut m)
-                    .await
-                    .unwrap_or(None);
+                let v: Option<String> =
+                    match redis::cmd("HGET").arg(&k).arg(me).query_async(&mut m).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            failed += 1;
+                            st.failed("sweep", &e);
+                            None
+                        }
+                    };
                 if let Some(v) = v
                     && parse_value(&v).is_none_or(|(epoch, _)| epoch != st.epoch)
                 {
@@ -873,7 +937,11 @@ async fn sweep_previous_life(st: Rc<State>) {
                         .arg(&v)
                         .query_async(&mut m)
                         .await
-                        .unwrap_or(0);
+                        .unwrap_or_else(|e| {
+                            failed += 1;
+                            st.failed("sweep", &e);
+                            0
+                        });
                     cleared += n as u64;
                 }
             }
@@ -883,12 +951,23 @@ async fn sweep_previous_life(st: Rc<State>) {
             cursor = next;
         }
     }
-    tracing::info!(
-        node = %me,
-        scanned,
-        cleared,
-        "bindings of this node's previous life cleared from the location store"
-    );
+    if failed == 0 {
+        tracing::info!(
+            node = %me,
+            scanned,
+            cleared,
+            "bindings of this node's previous life cleared from the location store"
+        );
+    } else {
+        // Memory only: those fields are never routed to, and their TTL ends them.
+        tracing::warn!(
+            node = %me,
+            scanned,
+            cleared,
+            failed,
+            "bindings of this node's previous life partly cleared from the location store (requests failed: see the warnings above); what is left ends with its TTL"
+        );
+    }
 }
 
 /// Reads the subscriber hash `key` now and every `subscribers_refresh_s`, and swaps the
@@ -1296,15 +1375,51 @@ mod tests {
 
     #[test]
     fn the_sweep_reaches_each_master_with_the_seeds_credentials() {
-        let seeds = |s: &str| vec![s.to_string()];
-        assert_eq!(
-            master_url(&seeds("redis://sip:s3cret@10.0.0.1:7000"), "10.0.0.2:7001"),
-            "redis://sip:s3cret@10.0.0.2:7001"
+        let first = |s: &str| seed_infos(&[s.to_string()]).unwrap().remove(0);
+        let m = master_info(
+            &first("redis://sip:s3cret@10.0.0.1:7000/2"),
+            "10.0.0.2:7001",
+        )
+        .unwrap();
+        assert_eq!(m.addr().to_string(), "10.0.0.2:7001");
+        assert_eq!(m.redis_settings().username(), Some("sip"));
+        assert_eq!(m.redis_settings().password(), Some("s3cret"));
+        assert_eq!(m.redis_settings().db(), 2);
+        let m = master_info(&first("10.0.0.1:7000"), "10.0.0.2:7001").unwrap();
+        assert_eq!(m.redis_settings().password(), None);
+        // CLUSTER NODES writes an IPv6 master unbracketed: before, the URL built from it
+        // did not parse, and every such master was skipped.
+        let m = master_info(&first("[2001:db8::1]:7000"), "2001:db8::2:7001").unwrap();
+        assert!(
+            matches!(m.addr(), redis::ConnectionAddr::Tcp(h, 7001) if h == "2001:db8::2"),
+            "{:?}",
+            m.addr()
         );
-        assert_eq!(
-            master_url(&seeds("10.0.0.1:7000"), "10.0.0.2:7001"),
-            "redis://10.0.0.2:7001"
+    }
+
+    #[test]
+    fn a_seed_without_credentials_takes_the_first_seeds() {
+        // The client uses the first seed's credentials for every master and refused a list
+        // whose seeds differed: the store thread stopped at start, and the node ran outside
+        // its cluster (every miss 503, no heartbeat), with one log line.
+        let store = |s: &[&str]| seed_infos(&s.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        let infos = store(&["redis://u:pw@10.0.0.1:7000", "10.0.0.2:7000"]).unwrap();
+        assert_eq!(infos[1].redis_settings().password(), Some("pw"));
+        assert_eq!(infos[1].redis_settings().username(), Some("u"));
+        assert!(store(&["redis://u:pw@10.0.0.1:7000", "redis://u:pw@10.0.0.2:7000"]).is_ok());
+        let e = store(&["10.0.0.1:7000", "redis://u:pw@10.0.0.2:7000"]).unwrap_err();
+        assert!(e.contains("first seed") && !e.contains("pw"), "{e}");
+        assert!(
+            store(&[
+                "redis://u:pw@10.0.0.1:7000",
+                "redis://u:other@10.0.0.2:7000"
+            ])
+            .is_err()
         );
+        assert!(store(&["redis://10.0.0.1:7000/1", "redis://10.0.0.2:7000/2"]).is_err());
+        let e = store(&["10.0.0.1:7000", "unix:///run/redis.sock"]).unwrap_err();
+        assert!(e.contains("not a usable"), "{e}");
+        assert!(store(&["not a url://x"]).is_err());
     }
 
     #[test]

@@ -1198,14 +1198,8 @@ impl Config {
                     "cluster.store".into(),
                     "at least one Redis Cluster address (host:port)",
                 );
-            } else if let Some(bad) = crate::cluster::bad_seed(&c.store) {
-                e(
-                    "cluster.store".into(),
-                    &format!(
-                        "{:?} is not a Redis address (host:port or redis://…)",
-                        crate::cluster::without_password(&bad)
-                    ),
-                );
+            } else if let Err(why) = crate::cluster::seed_infos(&c.store) {
+                e("cluster.store".into(), &why);
             }
             if c.roots.as_os_str().is_empty() {
                 e(
@@ -1438,6 +1432,12 @@ mod tests {
         ] {
             assert!(!k.iter().any(|x| x == key), "{key} in {k:?}");
         }
+        // Seeds the Redis client refuses together (credentials on a later seed only): the
+        // store thread stopped at start and the node ran outside its cluster.
+        let k = keys(
+            "[cluster]\nnode = \"a\"\nstore = [\"10.0.0.1:7000\", \"redis://u:pw@10.0.0.2:7000\"]\nroots = \"r.pem\"\n[[cluster.nodes]]\nname = \"a\"\naddress = \"127.0.0.1:5070\"\nidentity = \"a.example\"\n",
+        );
+        assert!(k.iter().any(|x| x == "cluster.store"), "{k:?}");
     }
 
     #[test]

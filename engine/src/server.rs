@@ -526,6 +526,9 @@ impl Running {
                 "shards {failed:?} stopped on their own (see the panic above)"
             ));
         }
+        if let Some(why) = self.control.store.as_ref().and_then(|s| s.stopped()) {
+            return Some(why.to_string());
+        }
         match &self.control.store {
             Some(s) if s.name_taken() => Some(format!(
                 "another live process runs as cluster node {:?}",
