@@ -232,6 +232,25 @@ pub fn live_holders(
         .collect()
 }
 
+/// Does any other node whose liveness could not be read last (`unreadable`), and that no
+/// longer counts as alive for it (unread past its liveness), hold an unexpired binding
+/// among `fields`? Whether it lives is unknown, not "no".
+pub fn holders_unsure(
+    fields: &[(String, String)],
+    unreadable: &HashSet<String>,
+    alive: &HashMap<String, u64>,
+    me: &str,
+    now_ms: u64,
+) -> bool {
+    !unreadable.is_empty()
+        && fields.iter().any(|(node, v)| {
+            node != me
+                && unreadable.contains(node.as_str())
+                && !alive.contains_key(node.as_str())
+                && parse_value(v).is_some_and(|(_, latest)| latest > now_ms)
+        })
+}
+
 /// The Redis URLs of `cluster.store` (`host:port` means `redis://host:port`).
 pub fn seeds(store: &[String]) -> Vec<String> {
     store
@@ -377,6 +396,10 @@ struct State {
     /// nothing: a lookup found no holder where it had not looked. With the last successful
     /// read's instant.
     liveness_read: RefCell<HashMap<String, Instant>>,
+    /// The other nodes whose last liveness read failed (their key's master down, the store
+    /// unreachable): whether they live is unknown, not "no". A lookup whose AOR one of them
+    /// may hold is answered as a store error ([`holders_unsure`]).
+    unreadable: RefCell<HashSet<String>>,
     /// When the store first connected ([`liveness_unsure`] counts from it: a node that
     /// started while the store was unreachable has read no liveness key either).
     connected: Cell<Option<Instant>>,
@@ -463,6 +486,7 @@ async fn run(
         first_seed: seeds[0].clone(),
         alive: RefCell::new(HashMap::new()),
         liveness_read: RefCell::new(HashMap::new()),
+        unreadable: RefCell::new(HashSet::new()),
         connected: Cell::new(None),
         cfg,
         epoch,
@@ -763,7 +787,17 @@ async fn serve(st: &State, ask: Ask) {
             match r {
                 Ok(fields) => {
                     known = !fields.is_empty();
-                    Some(live_holders(&fields, &st.alive.borrow(), me, unix_ms()))
+                    let now = unix_ms();
+                    // A holder whose liveness could not be read at its last try (the
+                    // store just came back from an outage longer than a liveness, or its
+                    // key's master fails over): "no holder" would answer 480 for a user
+                    // online there, and drop the removal a moved device needs.
+                    let alive = st.alive.borrow();
+                    if holders_unsure(&fields, &st.unreadable.borrow(), &alive, me, now) {
+                        None
+                    } else {
+                        Some(live_holders(&fields, &alive, me, now))
+                    }
                 }
                 Err(e) => {
                     st.failed("lookup", &e);
@@ -1231,6 +1265,9 @@ async fn heartbeat(st: Rc<State>) {
                         st.liveness_read
                             .borrow_mut()
                             .insert(n.clone(), Instant::now());
+                        st.unreadable.borrow_mut().remove(&n);
+                    } else {
+                        st.unreadable.borrow_mut().insert(n.clone());
                     }
                     match r {
                         Ok(Some(epoch)) => {
@@ -1486,11 +1523,55 @@ mod tests {
         assert_eq!(live_holders(&fields, &alive, "me", now), vec!["a", "b"]);
         assert_eq!(live_holders(&fields, &alive, "a", now), vec!["b"]);
         // b restarted (a new epoch): what it stored in its previous life is not routed to.
+        let alive2 = alive.clone();
         let mut restarted = alive;
         restarted.insert("b".into(), 23);
         assert_eq!(live_holders(&fields, &restarted, "me", now), vec!["a"]);
         // a's liveness key expired: dead.
         restarted.remove("a");
         assert!(live_holders(&fields, &restarted, "me", now).is_empty());
+        // a's key could not be read at its last try (the store back from an outage longer
+        // than a liveness): unknown, not dead. "No holder" dropped the removal a moved
+        // device needed, and answered 480 for a user online on a. c (expired) and the
+        // asking node itself do not count.
+        // Unread for less than a liveness, a still counts as alive and is routed to.
+        let unreadable = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        let dead = &restarted;
+        assert!(holders_unsure(
+            &fields,
+            &unreadable(&["a"]),
+            dead,
+            "me",
+            now
+        ));
+        assert!(!holders_unsure(
+            &fields,
+            &unreadable(&["a"]),
+            &alive2,
+            "me",
+            now
+        ));
+        assert!(!holders_unsure(
+            &fields,
+            &unreadable(&["c"]),
+            dead,
+            "me",
+            now
+        ));
+        assert!(!holders_unsure(
+            &fields,
+            &unreadable(&["a"]),
+            dead,
+            "a",
+            now
+        ));
+        assert!(!holders_unsure(
+            &fields,
+            &unreadable(&["e"]),
+            dead,
+            "me",
+            now
+        ));
+        assert!(!holders_unsure(&fields, &unreadable(&[]), dead, "me", now));
     }
 }
