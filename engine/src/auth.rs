@@ -138,6 +138,26 @@ pub fn parse_subscribers(text: &str, origin: &str) -> Result<SubscriberTable, St
     Ok(table)
 }
 
+/// The subscribers of a store hash (`cluster.subscribers_key`: one `[[subscriber]]` table
+/// per field), each field read on its own, and the fields refused (with why). One bad
+/// field used to refuse the whole hash: the table froze, and a subscriber deleted or
+/// re-keyed since went on signing in. A refused field's subscriber cannot sign in (its
+/// entry is not taken) until it is mended.
+pub fn parse_store_subscribers<'a>(
+    fields: impl IntoIterator<Item = (&'a str, &'a str)>,
+    key: &str,
+) -> (SubscriberTable, Vec<String>) {
+    let mut table = SubscriberTable::default();
+    let mut refused = Vec::new();
+    for (field, value) in fields {
+        match parse_subscribers(value, &format!("store {key} field {field:?}")) {
+            Ok(t) => table.extend(t),
+            Err(e) => refused.push(e),
+        }
+    }
+    (table, refused)
+}
+
 /// The subscribers every shard reads, swapped whole on reload (readers never block).
 #[derive(Debug, Clone, Default)]
 pub struct SharedSubscribers(pub Arc<ArcSwap<SubscriberTable>>);
@@ -272,6 +292,29 @@ mod tests {
         let proxy = crate::shard::proxy_config(&cfg, NodeKey::new([0; 32]));
         assert_eq!(proxy.domains, vec!["example.com".to_string()]);
         assert_eq!(proxy.peers[0].domain, "carrier.example");
+    }
+
+    #[test]
+    fn a_bad_field_of_the_store_hash_refuses_that_entry_only() {
+        // One bad field refused the whole hash: the table froze (a subscriber deleted since
+        // went on signing in) and, before the first load, every node read it all again
+        // twice a second.
+        let alice = SubscriberEntry::new("alice", "example.com", vec![], "a").to_toml();
+        let bob = SubscriberEntry::new("bob", "example.com", vec![], "b").to_toml();
+        let bad = bob.replace("ha1_sha256 = \"", "ha1_sha256 = \"zz");
+        assert_ne!(bad, bob);
+        let (t, refused) = parse_store_subscribers(
+            [
+                ("alice@example.com", alice.as_str()),
+                ("bob@example.com", bad.as_str()),
+            ],
+            "subs",
+        );
+        assert_eq!(t.len(), 1);
+        assert!(t.subscriber("alice", "example.com").is_some());
+        assert!(t.subscriber("bob", "example.com").is_none());
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].contains("\"bob@example.com\""), "{refused:?}");
     }
 
     #[test]

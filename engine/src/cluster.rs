@@ -1010,63 +1010,78 @@ async fn sweep_previous_life(st: Rc<State>) {
 async fn refresh_subscribers(st: Rc<State>, key: String, into: crate::auth::SharedSubscribers) {
     let period = Duration::from_secs(st.cfg.subscribers_refresh_s);
     let mut loaded = false;
-    // What the last read held: an unchanged hash is not parsed again.
+    // What the last read held: an unchanged hash is not parsed (nor its refused fields
+    // logged) again.
     let mut last: Option<u64> = None;
+    // Reads failed before the first one: tried again soon, backing off to the period.
+    let mut failures = 0u32;
     loop {
+        let mut read = false;
         if let Some(mut c) = st.conn() {
             match read_hash(&mut c, &key).await {
                 Ok(entries) => {
-                    let text: Vec<&str> = entries.values().map(String::as_str).collect();
-                    let text = text.join("\n");
+                    read = true;
                     let digest = {
                         use std::hash::{BuildHasher, BuildHasherDefault};
                         BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                            .hash_one(&text)
+                            .hash_one(&entries)
                     };
                     if last == Some(digest) {
                         tokio::time::sleep(period).await;
                         continue;
                     }
+                    last = Some(digest);
                     // Off this thread: parsing a large hash (100,000 subscribers, tens of MB
                     // of TOML) here held up the heartbeat and every lookup and write queued
                     // behind it, long enough for this node's liveness key to lapse.
-                    let source = format!("store {key}");
+                    let k = key.clone();
                     let parsed = tokio::task::spawn_blocking(move || {
-                        crate::auth::parse_subscribers(&text, &source)
+                        crate::auth::parse_store_subscribers(
+                            entries.iter().map(|(f, v)| (f.as_str(), v.as_str())),
+                            &k,
+                        )
                     })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("parsing the subscribers failed: {e}")));
-                    if parsed.is_ok() {
-                        last = Some(digest);
-                    }
+                    .await;
                     match parsed {
-                        Ok(t) if t.is_empty() && !into.0.load().is_empty() => {
-                            // The key is gone (deleted, lost in a failover, a store restarted
-                            // without persistence): keeping who could sign in beats locking
-                            // everyone out.
-                            tracing::error!(key = %key, "subscribers in the store: none (the key is missing or empty); the previous ones stay");
-                        }
-                        Ok(t) => {
-                            let n = t.len();
-                            into.0.store(Arc::new(t));
-                            if !loaded {
-                                tracing::info!(key = %key, subscribers = n, "subscribers read from the location store");
-                                loaded = true;
-                            }
-                        }
                         Err(e) => {
-                            tracing::error!(error = %e, "subscribers in the store refused; the previous ones stay")
+                            last = None;
+                            tracing::error!(error = %e, "parsing the subscribers failed; the previous ones stay");
+                        }
+                        Ok((t, refused)) => {
+                            // Each field is read on its own: one bad entry used to refuse the
+                            // whole hash (the table froze, revocations ignored) and, before
+                            // the first load, had every node read it all again twice a
+                            // second.
+                            for e in refused.iter().take(8) {
+                                tracing::error!(error = %e, "subscriber entry in the store refused: that subscriber cannot sign in until it is mended");
+                            }
+                            if refused.len() > 8 {
+                                tracing::error!(more = refused.len() - 8, key = %key, "more subscriber entries in the store refused");
+                            }
+                            if t.is_empty() && !into.0.load().is_empty() {
+                                // The key is gone (deleted, lost in a failover, a store
+                                // restarted without persistence): keeping who could sign in
+                                // beats locking everyone out.
+                                tracing::error!(key = %key, "subscribers in the store: none (the key is missing or empty, or every entry was refused); the previous ones stay");
+                            } else {
+                                let n = t.len();
+                                into.0.store(Arc::new(t));
+                                if !loaded {
+                                    tracing::info!(key = %key, subscribers = n, refused = refused.len(), "subscribers read from the location store");
+                                    loaded = true;
+                                }
+                            }
                         }
                     }
                 }
                 Err(e) => st.failed("subscribers", &e),
             }
         }
-        // Until the first read, try again soon.
-        let wait = if loaded {
+        let wait = if loaded || read {
             period
         } else {
-            Duration::from_millis(500)
+            failures = failures.saturating_add(1);
+            Duration::from_millis(250u64 << failures.min(7)).min(period)
         };
         tokio::time::sleep(wait).await;
     }

@@ -277,6 +277,18 @@ impl SubscriberTable {
         }
     }
 
+    /// Adds (or replaces) every subscriber of `other`.
+    pub fn extend(&mut self, other: SubscriberTable) {
+        for (realm, users) in other.realms {
+            let mine = self.realms.entry(realm).or_default();
+            for (name, s) in users {
+                if mine.insert(name, s).is_none() {
+                    self.len += 1;
+                }
+            }
+        }
+    }
+
     /// Number of subscribers.
     pub fn len(&self) -> usize {
         self.len
