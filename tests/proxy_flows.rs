@@ -3028,6 +3028,51 @@ fn a_merged_challenge_still_fits_a_peers_message_limit() {
 }
 
 #[test]
+fn a_forks_kept_challenges_are_bounded_in_number_and_none_empty() {
+    // Each kept challenge counted only its value's bytes: a branch answering 401 with
+    // hundreds of empty or one-byte WWW-Authenticate lines was held (while another branch
+    // rang) at 40-80 bytes an entry counted as 0-1, and the empty ones went upstream as bad
+    // headers.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.register("bob", &B2, "10.0.0.3:5061");
+    n.send(&A, &message("z9hG4bKmany", "many-ch"));
+    let (f1, f2) = (n.one(&B), n.one(&B2));
+    let with = |resp: Vec<u8>, lines: &str| {
+        String::from_utf8(resp)
+            .unwrap()
+            .replacen("\r\n\r\n", &format!("\r\n{lines}\r\n"), 1)
+            .into_bytes()
+    };
+    n.send(
+        &B2,
+        &with(
+            answer(&f2, 401, "Unauthorized", "b2"),
+            "WWW-Authenticate: Digest realm=\"b2.example\", nonce=\"n\"\r\n",
+        ),
+    );
+    let many: String = (0..60)
+        .map(|i| format!("WWW-Authenticate: {i}\r\n"))
+        .chain((0..10).map(|_| "WWW-Authenticate: \r\n".to_string()))
+        .collect();
+    n.send(&B, &with(answer(&f1, 401, "Unauthorized", "b1"), &many));
+    let up = String::from_utf8(n.one(&A)).unwrap();
+    assert!(up.starts_with("SIP/2.0 401"), "{up}");
+    let lines: Vec<&str> = up
+        .split("\r\n")
+        .filter(|l| l.starts_with("WWW-Authenticate:"))
+        .collect();
+    assert!(lines.len() <= 1 + 32, "{} challenges went up", lines.len());
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l["WWW-Authenticate:".len()..].trim().is_empty()),
+        "{lines:?}"
+    );
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn a_request_at_the_via_limit_is_still_cancelled_after_forwarding_added_ours() {
     // 70 Via values (the limit), ours makes 71: the kept copy is re-read with room for it,
     // so the CANCEL reaches bob (before: answered 200 upstream, never sent downstream).

@@ -216,7 +216,7 @@ impl Server {
         self.request.len()
             + self.txn.last_response().map_or(0, |r| r.len())
             + self.best.as_ref().map_or(0, |(_, b)| b.len())
-            + self.challenges.iter().map(|(_, v)| v.len()).sum::<usize>()
+            + self.challenges.iter().map(challenge_weight).sum::<usize>()
             + self.cancel_reason.as_ref().map_or(0, |r| r.len())
     }
 }
@@ -516,6 +516,16 @@ fn response_rank(code: u16, invite: bool) -> (u16, u8, u8, u16) {
 /// (RFC 3261 §16.7 step 7); past it the rest are left out.
 const MERGED_CHALLENGE_BYTES: usize = 8 * 1024;
 
+/// The most challenges a fork's merged 401/407 carries (one per realm and algorithm of each
+/// branch is plenty).
+const MERGED_CHALLENGES: usize = 32;
+
+/// What one kept challenge costs: its name and value, and its entry (counted so that a
+/// thousand empty or one-byte lines do not pass for nothing).
+fn challenge_weight(c: &(&'static str, Vec<u8>)) -> usize {
+    64 + c.0.len() + c.1.len()
+}
+
 /// A `Retry-After` value from 2 to 9 s, picked by `seed` (a counter), so refused clients do
 /// not come back together.
 pub fn retry_after_spread(seed: u64) -> [u8; 1] {
@@ -540,7 +550,8 @@ fn challenges_of(m: &Message<'_, '_>) -> Vec<(&'static str, Vec<u8>)> {
             } else {
                 return None;
             };
-            Some((name, h.value.to_vec()))
+            // An empty one challenges nothing, and would go upstream as a bad header.
+            (!h.value.trim_ascii().is_empty()).then(|| (name, h.value.to_vec()))
         })
         .collect()
 }
@@ -3036,12 +3047,16 @@ impl ShardProxy {
                         // must still fit a peer's message limit (ten devices answering
                         // 60 KiB of Proxy-Authenticate each made one of 600 KiB, which cut
                         // the link to the node or partner it went to).
-                        let mut held: usize = s.challenges.iter().map(|(_, v)| v.len()).sum();
+                        // Each counted with its entry, and their number bounded too: a
+                        // thousand one-byte lines weighed a thousand bytes.
+                        let mut held: usize = s.challenges.iter().map(challenge_weight).sum();
                         for c in challenges_of(m) {
-                            if held + c.1.len() > MERGED_CHALLENGE_BYTES {
+                            if held + challenge_weight(&c) > MERGED_CHALLENGE_BYTES
+                                || s.challenges.len() >= MERGED_CHALLENGES
+                            {
                                 break;
                             }
-                            held += c.1.len();
+                            held += challenge_weight(&c);
                             s.challenges.push(c);
                         }
                     });
