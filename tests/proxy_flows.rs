@@ -2248,6 +2248,28 @@ fn a_draining_node_refuses_new_work_and_finishes_its_calls() {
 }
 
 #[test]
+fn the_ack_of_an_invite_with_a_to_tag_refused_at_the_door_ends_here() {
+    // An INVITE with a To-tag that no route of ours sends anywhere (here: to the carrier by
+    // its Request-URI) is new work: refused 503 while the node drains, without a
+    // transaction. Only the table-full refusal remembered it, so its ACK went on to the
+    // carrier, which never saw the INVITE.
+    let (carrier, mut n) = carrier_net();
+    n.proxy.set_draining();
+    let req = |m: &str, cseq: &str| {
+        format!(
+            "{m} sip:x@carrier.example SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bKst1\r\nMax-Forwards: 70\r\nTo: <sip:x@carrier.example>;tag=c9\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: st1\r\nCSeq: 1 {cseq}\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    n.send(&A, req("INVITE", "INVITE").as_bytes());
+    assert_eq!(status(&n.one(&A)), 503);
+    n.send(&A, req("ACK", "ACK").as_bytes());
+    assert!(
+        n.take(&carrier).is_empty(),
+        "the ACK of a refused INVITE went on"
+    );
+}
+
+#[test]
 fn a_draining_node_passes_a_dialog_request_from_a_reconnected_ua_to_a_partner() {
     // alice called the carrier, then her phone reconnected (new connection): her BYE follows
     // our signed route, whose token falls back to the carrier's link (ToPeer). It is inside

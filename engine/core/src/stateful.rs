@@ -1483,12 +1483,24 @@ impl ShardProxy {
     }
 
     /// 503 at the door, Retry-After spread over 2–9 s so shed clients do not return together.
-    fn shed(&mut self, flow: &Flow, msg: &Message<'_, '_>, call_id: &[u8]) {
+    fn shed(
+        &mut self,
+        now: Instant,
+        flow: &Flow,
+        msg: &Message<'_, '_>,
+        ess: &Essentials<'_>,
+        key: TxKey,
+    ) {
+        // An INVITE with a To-tag answered without a transaction: its ACK ends here, as at
+        // the table-full refusal (else it went on to a next hop that never saw the INVITE).
+        if msg.method() == Some(Method::Invite) && ess.to.tag().is_some() {
+            self.remember_stateless_reinvite(now, key);
+        }
         let retry = retry_after_spread(self.unique());
         self.send_stateless(
             flow,
             msg,
-            call_id,
+            ess.call_id,
             503,
             "Service Unavailable",
             &[("Retry-After", &retry)],
@@ -1628,7 +1640,7 @@ impl ShardProxy {
             } else {
                 self.stats.flow_drained += 1;
             }
-            return self.shed(flow, msg, ess.call_id);
+            return self.shed(now, flow, msg, ess, key);
         }
         // Another node's removal (a device moved there) is upkeep, not new work: shed, it
         // was not sent again, and this node kept routing calls to the device's stale flow
@@ -1646,7 +1658,7 @@ impl ShardProxy {
             self.door.1 = self.door.1.saturating_add(u32::from(cooperating));
             if !cooperating && !self.admit() {
                 self.stats.shed += 1;
-                return self.shed(flow, msg, ess.call_id);
+                return self.shed(now, flow, msg, ess, key);
             }
         }
         let info = self.flows.get(flow).cloned().unwrap_or_default();
@@ -1946,6 +1958,12 @@ impl ShardProxy {
         // from another connection.
         let sender = from.as_ref().map(|f| self.route_flow(f));
         let Some(pending) = self.cancellable(&invite_key, sender.as_ref()) else {
+            // A CANCEL of a non-INVITE request of its sender's changes nothing, and is
+            // answered 200 (RFC 3261 §9.2, §16.10), not 481. (Looked for among the sender's
+            // transactions only: a rare request, and a bounded list.)
+            if self.cancels_a_non_invite(cancel_key, from.as_ref()) {
+                return self.answer(now, cancel_key, 200, "OK", &[]);
+            }
             // A partner's connections may be owned by several shards: its INVITE may be on
             // another one. The others are asked before the CANCEL is answered.
             if self.shards > 1
@@ -1961,15 +1979,7 @@ impl ShardProxy {
                 });
                 return;
             }
-            // A CANCEL of a non-INVITE request of its sender's changes nothing, and is
-            // answered 200 (RFC 3261 §9.2, §16.10), not 481. (Looked for among the sender's
-            // transactions only: a rare request, and a bounded list.)
-            let code = if self.cancels_a_non_invite(cancel_key, from.as_ref()) {
-                (200, "OK")
-            } else {
-                (481, "Call/Transaction Does Not Exist")
-            };
-            return self.answer(now, cancel_key, code.0, code.1, &[]);
+            return self.answer(now, cancel_key, 481, "Call/Transaction Does Not Exist", &[]);
         };
         // Read before the answer, which ends the CANCEL's transaction.
         let limits = self.limits;
