@@ -5,6 +5,7 @@
 
 use sipring_core::policy::Policy;
 use sipring_core::proxy::{Flow, Lookup, Proxy, ProxyConfig};
+use sipring_core::registrar::BindingStore as _;
 use sipring_core::registrar::{MemoryStore, Registrar};
 use sipring_core::response::{ResponseParts, response_to};
 use sipring_core::stateful::{Output, ShardProxy};
@@ -130,6 +131,9 @@ impl Net {
                 Output::Close { flow, .. } => self.closed.push(flow),
                 Output::Detour { gone, call_id, to } => {
                     self.detours.push((gone, call_id.to_vec(), to))
+                }
+                Output::BindingFailed { aor, flow, contact } => {
+                    sipring_core::registrar::remove_binding(&mut self.store, &aor, flow, &contact);
                 }
                 Output::Relay { .. } => panic!("a single shard never relays"),
                 Output::CancelElsewhere { .. } => panic!("a single shard asks no other"),
@@ -720,6 +724,24 @@ fn a_430_from_the_flow_a_request_took_sends_it_over_the_devices_other_flow() {
     the_other_flow_answers(&mut n, &other, 430);
     n.take(&first);
     n.assert_idle_after_timers();
+    // The binding the 430 named is gone (RFC 5626 §7): the next call goes to the other
+    // flow at once. Before, the failed one stayed first until it expired or was registered
+    // again, each request paying a round trip to the dead flow.
+    let failed = match first {
+        Flow::Conn(id) => id,
+        _ => unreachable!(),
+    };
+    assert!(
+        n.store
+            .get("sip:bob@example.com")
+            .iter()
+            .all(|b| b.flow != failed),
+        "the failed binding stays"
+    );
+    n.send(&A, &invite("z9hG4bKf5", "f4-2"));
+    n.take(&A);
+    assert!(n.take(&first).is_empty(), "sent to the failed flow again");
+    assert_eq!(method(&n.one(&other)), "INVITE");
 }
 
 #[test]

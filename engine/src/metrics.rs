@@ -244,6 +244,9 @@ fn help(family: &str) -> &'static str {
         "sipring_unanswered_lookups_total" => {
             "Lookups, registrations and CANCEL questions with no answer within 64*T1 (their requests answered 503 or 481)."
         }
+        "sipring_bindings_flow_failed_total" => {
+            "Bindings removed because an edge proxy answered 430 Flow Failed for them (RFC 5626)."
+        }
         "sipring_flow_failovers_total" => {
             "Requests sent to a device's other flow because the one they were on failed (RFC 5626)."
         }

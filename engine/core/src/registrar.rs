@@ -400,6 +400,27 @@ impl MemoryStore {
     }
 }
 
+/// Removes `aor`'s binding of `contact` registered over `flow` (an edge proxy answered 430
+/// Flow Failed for it: RFC 5626 §5.3, §7). True when there was one.
+pub fn remove_binding(
+    store: &mut impl BindingStore,
+    aor: &str,
+    flow: FlowId,
+    contact: &str,
+) -> bool {
+    let old = store.get(aor);
+    let keep: Vec<Binding> = old
+        .iter()
+        .filter(|b| !(b.flow == flow && b.contact == contact))
+        .cloned()
+        .collect();
+    if keep.len() == old.len() {
+        return false;
+    }
+    store.put(aor, keep);
+    true
+}
+
 /// Updates the flow index of `aor` from `old` to `new` bindings: flows that stay are not
 /// touched (a refresh over the same connection costs no index work).
 fn reindex(

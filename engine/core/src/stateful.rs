@@ -129,6 +129,19 @@ pub enum Output {
         /// Where the party is now.
         to: Flow,
     },
+    /// An edge proxy answered 430 (Flow Failed, RFC 5626 §5.3) to a request sent to `aor`'s
+    /// binding `contact` over connection `flow`: the device's flow beyond the edge is gone,
+    /// and the binding must no longer be used (RFC 5626 §7: a proxy told that no further
+    /// message will be delivered on a flow invalidates the bindings that use it). The
+    /// AOR's owner removes that binding ([`crate::registrar::remove_binding`] on its store).
+    BindingFailed {
+        /// The AOR looked up.
+        aor: String,
+        /// The connection the binding was registered over.
+        flow: u64,
+        /// The binding's contact (the branch's Request-URI).
+        contact: String,
+    },
 }
 
 /// Counters a driver exports as metrics.
@@ -2810,9 +2823,23 @@ impl ShardProxy {
         let mut terminated = false;
         for ev in events {
             match ev {
-                // An edge proxy's "this flow failed" (RFC 5626 §5.3): the device's next flow
-                // gets the request; the 430 goes no further.
-                Event::Response { status: 430, .. } if self.try_next_flow(now, key, None) => {}
+                // An edge proxy's "this flow failed" (RFC 5626 §5.3): the binding goes, and
+                // the device's next flow gets the request; the 430 goes no further.
+                Event::Response {
+                    status: 430,
+                    message,
+                } => {
+                    self.binding_failed(key);
+                    if !self.try_next_flow(now, key, None) {
+                        self.on_branch_response(
+                            now,
+                            server.as_ref(),
+                            key,
+                            430,
+                            BranchResponse::Downstream(message),
+                        );
+                    }
+                }
                 Event::Response { status, message } => self.on_branch_response(
                     now,
                     server.as_ref(),
@@ -2832,6 +2859,44 @@ impl ShardProxy {
         } else {
             self.timers.set(TimerKey::Client(key.clone()), deadline);
         }
+    }
+
+    /// Branch `key` got a 430: if it went to a registered contact over one of our
+    /// connections (an edge proxy's, RFC 5626 §5.3), that binding is to be removed
+    /// ([`Output::BindingFailed`]). Before, it went on being looked up first until it
+    /// expired or was registered again, every request paying a round trip to the dead flow
+    /// and every call to a device with one flow getting 480.
+    fn binding_failed(&mut self, key: &TxKey) {
+        let Some(c) = self.clients.get(key).filter(|c| !c.by_token) else {
+            return;
+        };
+        let Flow::Conn(flow) = c.outbound else {
+            return;
+        };
+        let Some(aor) = c
+            .server
+            .as_ref()
+            .and_then(|sk| self.servers.get(sk))
+            .and_then(|s| s.callee.clone())
+        else {
+            return;
+        };
+        // The contact is the branch's Request-URI (`METHOD <uri> SIP/2.0`).
+        let line = c
+            .txn
+            .request()
+            .split(|&b| b == b'\r')
+            .next()
+            .unwrap_or_default();
+        let mut parts = line.splitn(3, |&b| b == b' ');
+        let Some(contact) = parts.nth(1).and_then(|u| std::str::from_utf8(u).ok()) else {
+            return;
+        };
+        self.out.push_back(Output::BindingFailed {
+            aor,
+            flow,
+            contact: contact.to_string(),
+        });
     }
 
     /// The branch `key` to a registered device failed (its connection died, or an edge proxy

@@ -91,6 +91,16 @@ pub enum ShardMsg {
         /// The AOR.
         aor: String,
     },
+    /// An edge proxy answered 430 for `aor`'s binding of `contact` over `conn`: the owner
+    /// removes it ([`sipring_core::stateful::Output::BindingFailed`]).
+    BindingFailed {
+        /// The AOR.
+        aor: String,
+        /// The connection the binding was registered over.
+        conn: FlowId,
+        /// The binding's contact.
+        contact: String,
+    },
     /// A connection closed: drop its bindings and fail its transactions.
     FlowClosed {
         /// The connection.
@@ -320,6 +330,9 @@ impl Shard {
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
             ShardMsg::Released { conn, aor } => self.release_place(conn, &aor),
+            ShardMsg::BindingFailed { aor, conn, contact } => {
+                self.remove_failed_binding(&aor, conn, &contact)
+            }
             ShardMsg::Cancel {
                 from,
                 token,

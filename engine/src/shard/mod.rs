@@ -605,6 +605,21 @@ impl Shard {
                     self.reply(shard as usize, msg);
                 }
                 Output::Refused(r) => self.refused(&r),
+                Output::BindingFailed { aor, flow, contact } => {
+                    let owner = shard_for(&aor, self.n).0 as usize;
+                    if owner == self.id {
+                        self.remove_failed_binding(&aor, flow, &contact);
+                    } else {
+                        // Best effort: lost at the mesh's bound, the binding stays until it
+                        // expires or is registered again, as before.
+                        let msg = ShardMsg::BindingFailed {
+                            aor,
+                            conn: flow,
+                            contact,
+                        };
+                        self.mesh_send(owner, msg, false);
+                    }
+                }
                 Output::Detour { gone, call_id, to } => {
                     // Best effort (dropped at the mesh's hard bound like a relayed
                     // message): a shard that did not learn it sends to the closed

@@ -407,6 +407,32 @@ impl Shard {
         reply
     }
 
+    /// Removes `aor`'s binding of `contact` over `conn`, for which an edge proxy answered
+    /// 430 Flow Failed (RFC 5626 §5.3, §7), on its owner (this shard): counted, written
+    /// through to the cluster's store, and its connection's place given back.
+    pub(super) fn remove_failed_binding(self: &Rc<Self>, aor: &str, conn: FlowId, contact: &str) {
+        let mut store = self.store.borrow_mut();
+        let before = store.bindings();
+        if !sipring_core::registrar::remove_binding(&mut *store, aor, conn, contact) {
+            return;
+        }
+        let changes = store.take_flow_changes();
+        let after = store.bindings();
+        drop(store);
+        self.account_bindings(changes, None);
+        self.write_through(aor);
+        self.release_places();
+        let mut m = self.metrics.borrow_mut();
+        m.gauge("sipring_bindings", after as i64 - before as i64);
+        m.inc("sipring_bindings_flow_failed_total", 1);
+        drop(m);
+        tracing::info!(
+            aor,
+            contact,
+            "binding removed: its edge proxy answered 430 Flow Failed (RFC 5626)"
+        );
+    }
+
     /// Tells the shards of the connections that no longer hold a binding of an AOR (the
     /// registrar's [`MemoryStore::take_released`]) to give back their place for it, before
     /// any answer to a later REGISTER of theirs (the mesh keeps order between two shards).
