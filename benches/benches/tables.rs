@@ -22,6 +22,7 @@ fn binding(i: u64, now: Instant) -> Binding {
         ),
         q: 1000,
         expires_at: now + Duration::from_secs(600),
+        granted: 600,
         call_id: format!("c{i}"),
         cseq: 1,
         flow: i,

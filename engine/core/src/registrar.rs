@@ -70,6 +70,9 @@ pub struct Binding {
     pub q: u16,
     /// When it expires.
     pub expires_at: Instant,
+    /// The expiry granted when it was registered or last refreshed, in seconds: it was
+    /// registered at `expires_at` less this ([`Binding::registered_at`]).
+    pub granted: u32,
     /// Call-ID of the REGISTER that created or last refreshed it.
     pub call_id: String,
     /// CSeq of that REGISTER.
@@ -86,6 +89,15 @@ pub struct Binding {
     /// The Path the REGISTER came through (RFC 3327), first hop first: requests to this
     /// contact carry it as Route.
     pub path: Vec<String>,
+}
+
+impl Binding {
+    /// When it was registered or last refreshed.
+    pub fn registered_at(&self) -> Instant {
+        self.expires_at
+            .checked_sub(Duration::from_secs(u64::from(self.granted)))
+            .unwrap_or(self.expires_at)
+    }
 }
 
 /// Are two contact URIs the same but for their port (RFC 3261 §19.1.4 otherwise)?
@@ -677,6 +689,24 @@ pub fn removals_for_nodes(msg: &Message<'_, '_>) -> Option<Vec<String>> {
     (!out.is_empty()).then_some(out)
 }
 
+/// A Call-ID as a binding keeps it: as written up to 64 bytes, else a digest of it (only
+/// equality is ever asked of it). A Call-ID is bounded only by the header-line limit
+/// (8 KiB): ten contacts of one REGISTER kept 80 KiB of it, outside the binding's bound
+/// (`max_contact_bytes`).
+fn stored_call_id(call_id: &[u8]) -> String {
+    use sha2::Digest;
+    if call_id.len() <= 64 {
+        return String::from_utf8_lossy(call_id).into_owned();
+    }
+    let d = sha2::Sha256::digest(call_id);
+    let mut s = String::with_capacity(1 + 32);
+    s.push('#');
+    for b in &d[..16] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
 /// Parses an expiry, saturating overlarge values (RFC 4475 §3.1.2.4 allows treating them as
 /// the maximum).
 fn parse_expires(v: &[u8]) -> Option<u32> {
@@ -720,7 +750,7 @@ impl Registrar {
         let header_expires = msg
             .header(HeaderName::Expires)
             .map(|h| parse_expires(h.value).unwrap_or(self.cfg.default_expires));
-        let call_id = String::from_utf8_lossy(ess.call_id).into_owned();
+        let call_id = stored_call_id(ess.call_id);
         let cseq = ess.cseq.seq;
         // Unfolded as it is stored: it goes out as Route on every request to the binding
         // (a fold kept in it would be a header of its own to the edge proxy downstream).
@@ -844,6 +874,7 @@ impl Registrar {
                     contact: String::from_utf8_lossy(na.uri).into_owned(),
                     q,
                     expires_at: now + Duration::from_secs(u64::from(expires)),
+                    granted: expires,
                     call_id: call_id.clone(),
                     cseq,
                     flow,
@@ -1058,14 +1089,16 @@ impl Registrar {
     }
 }
 
-/// The live bindings of `aor`: best `q` first; among equals, the most recently refreshed.
+/// The live bindings of `aor`: best `q` first; among equals, the most recently refreshed
+/// (not the one that expires last: a phone that registered again for 600 s over a new flow,
+/// the old one's 3600 s still running, was sent over the old one first).
 fn live_best_first<'s>(now: Instant, store: &'s impl BindingStore, aor: &str) -> Vec<&'s Binding> {
     let mut v: Vec<_> = store
         .get(aor)
         .iter()
         .filter(|b| b.expires_at > now)
         .collect();
-    v.sort_by_key(|b| (std::cmp::Reverse(b.q), std::cmp::Reverse(b.expires_at)));
+    v.sort_by_key(|b| (std::cmp::Reverse(b.q), std::cmp::Reverse(b.registered_at())));
     v
 }
 
@@ -1373,6 +1406,62 @@ mod tests {
         assert_eq!((b.len(), b[0].flow), (1, 12));
         assert_eq!(st.remove_flow(12), 1);
         assert!(st.is_empty());
+        // The latest refreshed, not the one that expires last: reg-id 1 for an hour, then
+        // (the phone found that flow bad) reg-id 2 for 600 s over another. Sorted by expiry,
+        // requests went on over reg-id 1's flow.
+        register(
+            &reg,
+            &mut st,
+            t0,
+            &format!("{inst}Expires: 3600\r\n"),
+            3,
+            21,
+        );
+        let later = t0 + Duration::from_secs(100);
+        register(
+            &reg,
+            &mut st,
+            later,
+            &format!("{flow2}Expires: 600\r\n"),
+            4,
+            22,
+        );
+        let b = reg.lookup(later, &st, "sip:alice@example.com");
+        assert_eq!((b.len(), b[0].flow), (1, 22));
+    }
+
+    #[test]
+    fn a_long_call_id_is_kept_as_a_digest_and_still_orders_refreshes() {
+        // A Call-ID is bounded only by the header-line limit (8 KiB): ten contacts kept ten
+        // copies of it, outside the binding's bound. Kept as a digest past 64 bytes; only
+        // equality is asked of it.
+        let reg = Registrar::default();
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let long = "x".repeat(4000);
+        let send = |st: &mut MemoryStore, call_id: &str, cseq: u32| {
+            let msg = format!(
+                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bK{cseq}\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n"
+            );
+            let mut h = [Header::EMPTY; 32];
+            let Ok(Status::Complete(m)) =
+                parse(msg.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
+            else {
+                panic!("parse")
+            };
+            let ess = m.validate(&Limits::default()).unwrap();
+            reg.handle_register(t0, &m, &ess, "sip:alice@example.com", 7, st)
+                .code
+        };
+        assert_eq!(send(&mut st, &long, 2), 200);
+        let kept = &st.get("sip:alice@example.com")[0].call_id;
+        assert!(kept.len() <= 64, "{} bytes kept", kept.len());
+        // The same Call-ID, an older CSeq: out of order, as before.
+        assert_eq!(send(&mut st, &long, 1), 400);
+        // Another long Call-ID (a reboot): not ordered against the first.
+        assert_eq!(send(&mut st, &format!("{long}y"), 1), 200);
+        assert_eq!(send(&mut st, "short", 1), 200);
+        assert_eq!(st.get("sip:alice@example.com")[0].call_id, "short");
     }
 
     #[test]
@@ -1708,6 +1797,7 @@ mod tests {
                                 contact: format!("sip:c{i}@h"),
                                 q: 1000,
                                 expires_at: now + Duration::from_secs(u64::from(ttl)),
+                                granted: u32::from(ttl),
                                 call_id: "c".into(),
                                 cseq: 1,
                                 flow: u64::from(flow) + u64::from(i),
@@ -1760,6 +1850,7 @@ mod tests {
             contact,
             q: 1000,
             expires_at: t0 + Duration::from_secs(ttl),
+            granted: ttl as u32,
             call_id: "c".into(),
             cseq: 1,
             flow,
