@@ -377,13 +377,16 @@ fn key_update_on_a_kernel_that_cannot_rekey_closes_cleanly() {
     s.write_all(register_bytes("kx", 2).as_bytes()).unwrap();
     let k = sipring::sys::ktls::probe();
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
+    let read = s.read_to_end(&mut buf);
     let answered = String::from_utf8_lossy(&buf).starts_with("SIP/2.0 200");
     if k.available() && !k.rekey() {
         assert!(
             !answered,
             "no answer after a KeyUpdate the kernel cannot follow"
         );
+        // Closed gracefully, with close_notify: our TX key was untouched (it was an
+        // abort, and what was queued was lost).
+        assert!(read.is_ok(), "closed without close_notify: {read:?}");
         wait_metrics(srv.admin_addr.unwrap(), "connection closed", |m| {
             metric(m, "sipring_connections{kind=\"tls\"}") == Some(0.0)
         });
@@ -709,6 +712,51 @@ fn the_record_budget_rekeys_or_closes() {
             );
         }
     }
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
+fn the_peers_close_notify_after_ours_is_read_not_reset() {
+    // A graceful close (here: a TLS 1.2 key's record budget) sends close_notify, then reads
+    // what the peer still sends for a moment, so that the socket closes with nothing unread:
+    // a FIN, not a RST, after the peer's close_notify answering ours. (A review feared that
+    // under kernel TLS the drain, stopping at that control record, left it unread and sent
+    // RST: on Debian 12's kernel it does not, with or without reading it.)
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.tls.ktls_max_records = 3;
+    cfg.auth.enabled = false;
+    let srv = start(cfg, None).unwrap();
+    let conn = ClientConnection::new(
+        tls_config(&pki.certs("ca.pem"), None, true),
+        ServerName::try_from("sip.example.com").unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(srv.listen_addrs[0]).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut s = StreamOwned::new(conn, tcp);
+    let mut tmp = [0u8; 4096];
+    // Four answers take the key past its budget of 3 records; then nothing more is sent
+    // and the server closes once idle.
+    for n in 1..5 {
+        s.write_all(register_bytes("cn", n).as_bytes()).unwrap();
+        assert!(read_response(&mut s).starts_with("SIP/2.0 200"));
+    }
+    loop {
+        match s.read(&mut tmp) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => panic!("before the server's close_notify: {e}"),
+        }
+    }
+    s.conn.send_close_notify();
+    while s.conn.wants_write() {
+        s.conn.write_tls(&mut s.sock).unwrap();
+    }
+    let r = s.sock.read(&mut tmp);
+    assert!(matches!(r, Ok(0)), "the server's close after ours: {r:?}");
     srv.stop();
     srv.join().unwrap();
 }

@@ -127,6 +127,13 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
                     // A KeyUpdate ends its record (RFC 8446 §5.1): what follows it in the
                     // same record was protected by the key it retires.
                     24 if i != last => return Err("key_update_not_last"),
+                    // TLS 1.2 has no KeyUpdate: handshake type 24 there is a stray message.
+                    24 if !k.tls13 => return Err("unexpected_handshake"),
+                    // A kernel that cannot take a new key (TLS 1.3 offloaded anyway,
+                    // `tls.ktls_tls13_without_rekey`): what the peer sends now cannot be
+                    // read. Our TX key is untouched, so what is queued still goes out, then
+                    // close_notify (it was an abort: queued answers were lost).
+                    24 if !k.can_rekey => return Err("key_update_unsupported"),
                     // KeyUpdate: new RX key; answer with our own update if the peer asked.
                     24 => {
                         let requested = match body {
@@ -142,11 +149,12 @@ pub(super) fn on_control_record(conn: &Conn, typ: u8, payload: &[u8]) -> Result<
                             KernelConn::Server(c) => c.update_rx_secret(),
                             KernelConn::Client(c) => c.update_rx_secret(),
                         }
-                        .map_err(|_| "key_update")?;
+                        .map_err(|_| "key_update_rx")?;
                         let info = sys::ktls::crypto_info(k.suite, seq, secrets)
-                            .map_err(|_| "key_update")?;
+                            .map_err(|_| "key_update_rx")?;
+                        // Refused for RX: our TX key is untouched, the close is graceful.
                         sys::ktls::set_key(fd, sys::ktls::Dir::Rx, &info)
-                            .map_err(|_| "key_update")?;
+                            .map_err(|_| "key_update_rx")?;
                         // Asked to update ours too: now, or (socket full) before our next write.
                         if requested && let Rekey::Later = rekey_or_close(fd, k)? {
                             k.records_sent = u64::MAX;
