@@ -815,6 +815,25 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
             .wait_log("node-x.example.com");
     }
 
+    // A freezes (SIGSTOP: its kernel still acknowledges, so no RST tells C's link to A
+    // that A is gone, as for a host that hangs or is cut off). A MESSAGE from C to A's user
+    // goes out over that link and waits. Once A's liveness key expires (3 s, then C's next
+    // beat), C closes its link to A: the request fails at once, 480. It waited for its 408
+    // (Timer F, 32 s), and every request over the link after it did the same until TCP
+    // gave up.
+    let a = c.nodes[0].server.as_ref().unwrap();
+    a.signal("STOP");
+    let t0 = Instant::now();
+    let frozen = message(&mut caller, "callee0", None, 60);
+    let took = t0.elapsed();
+    a.signal("CONT");
+    assert_eq!(frozen, 480, "a request to a frozen node, after {took:?}");
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    eprintln!("a request to a frozen node: {frozen} after {took:?}");
+    wait_metrics(c.nodes[2].admin, "C closed its link to A", |m| {
+        metric(m, "sipring_node_links_closed_total").unwrap_or(0.0) >= 1.0
+    });
+
     // kill -9 A: its user's calls get 480 at once (the link to A is refused), and still 480
     // once A is known dead (its liveness key gone).
     c.nodes[0].kill9();

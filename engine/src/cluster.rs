@@ -106,10 +106,33 @@ pub struct Store {
     writes: LaneTx<Write>,
     asks: LaneTx<Ask>,
     resync: Arc<AtomicU64>,
+    down: Arc<NodesDown>,
     /// This node's name.
     pub node: Rc<str>,
     /// This node's epoch (this process's life).
     pub epoch: u64,
+}
+
+/// Per other node, how many times it was found down ([`Store::down_generations`]).
+#[derive(Debug, Default)]
+pub struct NodesDown(Vec<(String, AtomicU64)>);
+
+impl NodesDown {
+    fn of(cfg: &ClusterConfig) -> NodesDown {
+        NodesDown(
+            cfg.nodes
+                .iter()
+                .filter(|n| n.name != cfg.node)
+                .map(|n| (n.name.clone(), AtomicU64::new(0)))
+                .collect(),
+        )
+    }
+
+    fn went_down(&self, node: &str) {
+        if let Some((_, g)) = self.0.iter().find(|(n, _)| n == node) {
+            g.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The `Send` half that creates per-shard [`Store`] handles.
@@ -118,6 +141,7 @@ pub struct StoreSender {
     writes: LaneTx<Write>,
     asks: LaneTx<Ask>,
     resync: Arc<AtomicU64>,
+    down: Arc<NodesDown>,
     node: String,
     epoch: u64,
     name_taken: Arc<AtomicBool>,
@@ -155,6 +179,7 @@ impl StoreSender {
             writes: self.writes.clone(),
             asks: self.asks.clone(),
             resync: self.resync.clone(),
+            down: self.down.clone(),
             node: self.node.as_str().into(),
             epoch: self.epoch,
         }
@@ -189,6 +214,17 @@ impl Store {
     /// liveness): every shard then writes all its bindings again.
     pub fn resync_generation(&self) -> u64 {
         self.resync.load(Ordering::Relaxed)
+    }
+
+    /// Each other node's down generation: it moves each time the node is found down (its
+    /// liveness key expired; not a key the store could not read). A shard whose link to the node
+    /// is up then closes it: a node whose host froze or was cut off sends no RST, and the
+    /// link stayed usable until TCP gave up, every request over it waiting for its 408.
+    pub fn down_generations(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.down
+            .0
+            .iter()
+            .map(|(n, g)| (n.as_str(), g.load(Ordering::Relaxed)))
     }
 
     /// The store value for this node's bindings of an AOR: `(expiry unix ms, flow,
@@ -339,10 +375,12 @@ pub fn start(
     let cfg = cfg.clone();
     let name_taken = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(OnceLock::new());
+    let down = Arc::new(NodesDown::of(&cfg));
     let sender = StoreSender {
         writes,
         asks,
         resync: resync.clone(),
+        down: down.clone(),
         node: cfg.node.clone(),
         epoch,
         name_taken: name_taken.clone(),
@@ -371,7 +409,7 @@ pub fn start(
                     cfg,
                     epoch,
                     (write_rx, ask_rx, withdraw_rx),
-                    (resync, name_taken, stop),
+                    (resync, name_taken, stop, down),
                     subscribers,
                 ),
             );
@@ -413,6 +451,8 @@ struct State {
     /// Each AOR's failed writes in a row: its retry backoff.
     write_failures: RefCell<WriteBackoff>,
     resync: Arc<AtomicU64>,
+    /// Bumped for a node found down ([`Store::down_generations`]).
+    down: Arc<NodesDown>,
     /// This life holds the node's liveness key: until then nothing is written under the
     /// node's name (it may be another live process's), nor swept.
     claimed: Cell<bool>,
@@ -451,7 +491,12 @@ async fn run(
         LaneEnd<Ask>,
         async_channel::Receiver<std::sync::mpsc::SyncSender<bool>>,
     ),
-    (resync, name_taken, stop): (Arc<AtomicU64>, Arc<AtomicBool>, Arc<OnceLock<String>>),
+    (resync, name_taken, stop, down): (
+        Arc<AtomicU64>,
+        Arc<AtomicBool>,
+        Arc<OnceLock<String>>,
+        Arc<NodesDown>,
+    ),
     subscribers: crate::auth::SharedSubscribers,
 ) {
     let (mut write_rx, mut ask_rx) = match (write_rx.into_rx(), ask_rx.into_rx()) {
@@ -495,6 +540,7 @@ async fn run(
         wake: tokio::sync::Notify::new(),
         write_failures: RefCell::new(WriteBackoff::default()),
         resync,
+        down,
         claimed: Cell::new(false),
         name_taken,
         stopping: Cell::new(false),
@@ -1293,7 +1339,8 @@ async fn heartbeat(st: Rc<State>) {
                         }
                         Ok(None) => {
                             if st.alive.borrow_mut().remove(&n).is_some() {
-                                tracing::warn!(node = %n, "cluster node down: its liveness key expired; its users get 480 until they register elsewhere");
+                                st.down.went_down(&n);
+                                tracing::warn!(node = %n, "cluster node down: its liveness key expired; its users get 480 until they register elsewhere; links to it are closed");
                             }
                         }
                         Err(e) => {
@@ -1305,8 +1352,9 @@ async fn heartbeat(st: Rc<State>) {
                             let stale = st.liveness_read.borrow().get(&n).is_none_or(|t| {
                                 t.elapsed() > Duration::from_millis(st.cfg.liveness_ms)
                             });
+                            // Not closed: the store failing to say is no sign of the node.
                             if stale && st.alive.borrow_mut().remove(&n).is_some() {
-                                tracing::warn!(node = %n, "cluster node down: its liveness key could not be read for longer than its liveness; its users get 480 until it is read again");
+                                tracing::warn!(node = %n, "cluster node unknown: its liveness key could not be read for longer than its liveness; lookups for its users answer 503 until it is read again");
                             }
                         }
                     }

@@ -244,6 +244,9 @@ fn help(family: &str) -> &'static str {
         "sipring_unanswered_lookups_total" => {
             "Lookups, registrations and CANCEL questions with no answer within 64*T1 (their requests answered 503 or 481)."
         }
+        "sipring_node_links_closed_total" => {
+            "Links to cluster nodes closed because the store found the node down."
+        }
         "sipring_bindings_flow_failed_total" => {
             "Bindings removed because an edge proxy answered 430 Flow Failed for them (RFC 5626)."
         }

@@ -372,6 +372,7 @@ impl Shard {
             removal_retry_pruned: Cell::new(Instant::now()),
             removal_bytes: Cell::new(0),
             resync: RefCell::new((0, Vec::new())),
+            seen_down: RefCell::new(HashMap::new()),
         });
         Shard {
             id,

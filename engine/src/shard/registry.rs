@@ -30,6 +30,9 @@ pub(super) struct ClusterLink {
     /// write again for it (a few thousand per tick, so a large table does not flood the
     /// write queue).
     pub(super) resync: RefCell<(u64, Vec<String>)>,
+    /// Each other node's down generation this shard has acted on
+    /// ([`crate::cluster::Store::down_generations`]).
+    pub(super) seen_down: RefCell<HashMap<String, u64>>,
 }
 
 /// AORs a shard writes again per tick (every 500 ms) after the store lost its data.
@@ -405,6 +408,40 @@ impl Shard {
         m.gauge("sipring_bindings", after as i64 - before as i64);
         m.inc(register_name(reply.code), 1);
         reply
+    }
+
+    /// Closes this shard's links to the nodes the store found down since the last call: a
+    /// node whose host froze or was cut off sends no RST, and its link stayed up until TCP
+    /// gave up (`limits.tcp_user_timeout_s`), every request and in-dialog message over it
+    /// waiting for its 408 after 32 s. Closed, what is in progress on it fails at once (480
+    /// for a node), and the next message dials again.
+    pub(super) fn close_links_to_down_nodes(&self) {
+        let Some(c) = &self.cluster else { return };
+        let mut down = Vec::new();
+        {
+            let mut seen = c.seen_down.borrow_mut();
+            for (node, generation) in c.store.down_generations() {
+                let last = seen.entry(node.to_string()).or_insert(0);
+                if generation > *last {
+                    *last = generation;
+                    down.push(node.to_string());
+                }
+            }
+        }
+        for node in down {
+            let id = match self.peers.borrow().get(&node) {
+                Some(PeerLink::Up(id, _)) => *id,
+                _ => continue,
+            };
+            if let Some(conn) = self.conns.borrow().get(&id) {
+                self.count("sipring_node_links_closed_total");
+                tracing::warn!(
+                    node,
+                    "closing the link to a cluster node the store found down"
+                );
+                conn.close("node_down");
+            }
+        }
     }
 
     /// Removes `aor`'s binding of `contact` over `conn`, for which an edge proxy answered

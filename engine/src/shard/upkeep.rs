@@ -66,6 +66,7 @@ impl Shard {
         crate::recheck::tick(self, publish, now);
         if publish {
             self.resync_store();
+            self.close_links_to_down_nodes();
             self.sweep_idle(now);
             let purged = self.store.borrow_mut().purge(now);
             let changes = self.store.borrow_mut().take_flow_changes();
