@@ -1552,6 +1552,7 @@ mod tests {
             writes: writes.clone(),
             asks: asks.clone(),
             resync: Arc::default(),
+            down: Arc::default(),
             node: node.into(),
             epoch,
         };
