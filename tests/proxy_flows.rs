@@ -1336,6 +1336,36 @@ fn a_cancel_of_a_non_invite_is_answered_200_and_changes_nothing() {
 }
 
 #[test]
+fn an_invite_sent_again_after_its_connection_closed_is_not_answered_by_the_old_branch() {
+    // The caller's connection closes while its INVITE rings: the transaction goes, its
+    // branch is cancelled. The caller connects again and sends the same INVITE (same
+    // branch and sent-by), which waits for its lookup. The old branch's 487 found the new
+    // transaction by its key and answered it (a best answer with no branch left is "all
+    // done"), and its lookup answer was dropped.
+    let mut n = Net::new();
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKre1", "re-1"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    n.take(&A);
+    n.proxy.handle_flow_closed(n.now, &A);
+    n.pump();
+    let cancel = n.one(&B);
+    assert_eq!(method(&cancel), "CANCEL");
+    n.lost_lookups = true;
+    n.send(&C, &invite("z9hG4bKre1", "re-1"));
+    assert_eq!(status(&n.one(&C)), 100);
+    n.send(&B, &answer(&cancel, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert!(
+        n.take(&C).is_empty(),
+        "the old branch's 487 answered the new INVITE"
+    );
+}
+
+#[test]
 fn cancel_waits_for_a_provisional_response() {
     let mut n = Net::new();
     n.register("bob", &B, "10.0.0.2:5061");

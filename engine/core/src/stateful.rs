@@ -208,6 +208,10 @@ struct Server {
     /// (another node of ours, a partner's fork), showed a missed call.
     cancel_reason: Option<Bytes>,
     to_tag: String,
+    /// Which transaction of its key this is: a lookup's answer is for the one that asked.
+    /// A sender may use a key again once its transaction is gone (an INVITE sent again on
+    /// a new connection after the first closed).
+    id: u64,
     /// What the policy allowed (identity headers downstream).
     grant: Grant,
     /// The AOR it was looked up for (a Record-Route names that party).
@@ -374,8 +378,8 @@ impl Detours {
 
 #[derive(Debug)]
 enum Pending {
-    /// A server transaction waits for a lookup or registrar answer.
-    Server(TxKey),
+    /// A server transaction (its key and [`Server::id`]) waits for a lookup's answer.
+    Server(TxKey, u64),
     /// A CANCEL's server transaction waits for the other shards to look for its INVITE.
     Cancel(TxKey),
     /// A REGISTER waits for its AOR's owner; `slot`: its connection, the AOR, and whether
@@ -994,6 +998,13 @@ impl ShardProxy {
 
     fn remove_server(&mut self, k: &TxKey) -> Option<Server> {
         let s = self.servers.remove(k)?;
+        // Its branches still running (a CANCEL's answer to come) now work for no one: a new
+        // transaction with the same key (the request sent again) is not theirs.
+        for b in &s.branches {
+            if let Some(c) = self.clients.get_mut(b) {
+                c.server = None;
+            }
+        }
         self.txn_bytes = self.txn_bytes.saturating_sub(s.weight);
         account_identity(
             &mut self.by_identity,
@@ -1063,7 +1074,8 @@ impl ShardProxy {
             self.release_aor(flow, aor);
         }
         match p {
-            Pending::Server(key) | Pending::Register { key, .. } => {
+            Pending::Server(key, id) if self.servers.get(&key).is_none_or(|s| s.id != id) => {}
+            Pending::Server(key, _) | Pending::Register { key, .. } => {
                 let retry = retry_after_spread(self.unique()).to_vec();
                 self.answer(
                     now,
@@ -1778,7 +1790,8 @@ impl ShardProxy {
                 &[("Retry-After", &retry)],
             );
         }
-        let to_tag = format!("sr{:x}", self.unique());
+        let id = self.unique();
+        let to_tag = format!("sr{id:x}");
         let txn = if method == Method::Invite {
             let trying = response_to(
                 msg,
@@ -1808,6 +1821,7 @@ impl ShardProxy {
                 branch_weight: 0,
                 cancel_reason: None,
                 to_tag,
+                id,
                 grant,
                 callee: None,
                 rebind: None,
@@ -1884,7 +1898,7 @@ impl ShardProxy {
             },
             Decision::Lookup { aor } => {
                 let token = self.unique();
-                self.wait_for(token, Pending::Server(key.clone()));
+                self.wait_for(token, Pending::Server(key.clone(), id));
                 if let Some(s) = self.servers.get_mut(&key) {
                     s.callee = Some(aor.clone());
                 }
@@ -2501,8 +2515,8 @@ impl ShardProxy {
     /// The answer to an [`Output::Lookup`].
     pub fn handle_lookup(&mut self, now: Instant, token: u64, result: Lookup) {
         match self.answered(token) {
-            Some(Pending::Server(key)) => {
-                let Some(s) = self.servers.get(&key) else {
+            Some(Pending::Server(key, id)) => {
+                let Some(s) = self.servers.get(&key).filter(|s| s.id == id) else {
                     return;
                 };
                 if s.cancelled || s.final_sent {
@@ -2969,6 +2983,7 @@ impl ShardProxy {
             return false;
         };
         let local_only = self.came_from_node(&s.inbound);
+        let server_id = s.id;
         if let Some(s) = self.servers.get_mut(&sk) {
             s.rebind = Some((target, gone.clone()));
             // Not a branch any more: a CANCEL while the lookup is out is answered 487 at
@@ -2980,7 +2995,7 @@ impl ShardProxy {
             c.final_received = true;
         }
         let token = self.unique();
-        self.wait_for(token, Pending::Server(sk));
+        self.wait_for(token, Pending::Server(sk, server_id));
         self.out.push_back(Output::Lookup {
             token,
             aor,
