@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 struct RedisCluster {
     ports: Vec<u16>,
     procs: Vec<Option<Child>>,
+    /// redis-cli's TLS arguments (`--tls --cacert …`) where the servers take TLS only.
+    cli_tls: Vec<String>,
     _dir: TempDir,
 }
 
@@ -68,7 +70,12 @@ fn write_field(
 }
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
+    redis_cli_with(&[], port, args)
+}
+
+fn redis_cli_with(tls: &[String], port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
+        .args(tls)
         .args(["-p", &port.to_string()])
         .args(args)
         .output()
@@ -78,11 +85,17 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 
 impl RedisCluster {
     fn start() -> RedisCluster {
+        RedisCluster::start_with(6, 1, &[], &[])
+    }
+
+    /// `n` servers, `replicas` per master; `server_tls`: redis-server's TLS arguments (its
+    /// plain port then 0), `cli_tls`: redis-cli's.
+    fn start_with(n: u16, replicas: u8, server_tls: &[String], cli_tls: &[String]) -> RedisCluster {
         let dir = TempDir::new("redis-cluster");
         // Six ports whose cluster-bus ports (+10000) are free too.
         let mut base = 20_000 + (std::process::id() % 900) as u16 * 10;
         let ports = loop {
-            let p: Vec<u16> = (base..base + 6).collect();
+            let p: Vec<u16> = (base..base + n).collect();
             if p.iter().all(|&x| bindable(x) && bindable(x + 10_000)) {
                 break p;
             }
@@ -94,10 +107,17 @@ impl RedisCluster {
             let d = dir.join(&p.to_string());
             std::fs::create_dir_all(&d).unwrap();
             let log = std::fs::File::create(d.join("redis.log")).unwrap();
+            let port_args: Vec<String> = if server_tls.is_empty() {
+                vec!["--port".into(), p.to_string()]
+            } else {
+                let mut a: Vec<String> = vec!["--port".into(), "0".into()];
+                a.extend(["--tls-port".into(), p.to_string()]);
+                a.extend(server_tls.iter().cloned());
+                a
+            };
             let child = Command::new("redis-server")
+                .args(&port_args)
                 .args([
-                    "--port",
-                    &p.to_string(),
                     "--bind",
                     "127.0.0.1",
                     "--cluster-enabled",
@@ -117,16 +137,19 @@ impl RedisCluster {
                 .expect("redis-server (apt install redis-server; tests/run.sh installs it)");
             procs.push(Some(child));
         }
+        let cli_tls = cli_tls.to_vec();
+        let cli = |p: u16, args: &[&str]| redis_cli_with(&cli_tls, p, args);
         for &p in &ports {
             wait_for(Duration::from_secs(10), "redis-server up", || {
-                redis_cli(p, &["ping"]).contains("PONG")
+                cli(p, &["ping"]).contains("PONG")
             });
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
+            .args(&cli_tls)
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -137,6 +160,7 @@ impl RedisCluster {
         let rc = RedisCluster {
             ports,
             procs,
+            cli_tls,
             _dir: dir,
         };
         rc.wait_ok(Duration::from_secs(20));
@@ -158,7 +182,7 @@ impl RedisCluster {
                 .zip(&self.procs)
                 .filter(|(_, c)| c.is_some())
                 .all(|(&p, _)| {
-                    let i = redis_cli(p, &["cluster", "info"]);
+                    let i = redis_cli_with(&self.cli_tls, p, &["cluster", "info"]);
                     i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384")
                 })
         });
@@ -293,6 +317,11 @@ fn free_port_on(ip: &str) -> u16 {
 
 impl Cluster {
     fn new(seeds: &[String]) -> Cluster {
+        Cluster::new_with(seeds, |_| {})
+    }
+
+    /// [`Cluster::new`], each node's `[cluster]` section edited by `edit`.
+    fn new_with(seeds: &[String], edit: impl Fn(&mut ClusterConfig)) -> Cluster {
         let pki = Pki::new();
         let dir = TempDir::new("cluster");
         let ca = Ca::new("sipring cluster CA").unwrap();
@@ -352,6 +381,9 @@ impl Cluster {
                 subscribers_refresh_s: 1,
                 ..ClusterConfig::default()
             });
+            if let Some(c) = cfg.cluster.as_mut() {
+                edit(c);
+            }
             let path = dir.write(&format!("{name}.toml"), toml::to_string(&cfg).unwrap());
             nodes.push(Node {
                 tls: tls[i],
@@ -1036,4 +1068,66 @@ fn three_nodes_share_one_location_service_and_survive_a_node_and_a_redis_master(
     );
     assert!(b.log().contains("liveness withdrawn"), "{}", b.log());
     let _ = &c.pki;
+}
+
+#[test]
+fn a_node_reaches_its_location_store_over_tls() {
+    // `rediss://` seeds and `cluster.store_ca`: subscribers' HA1s and the bindings do not
+    // cross the network in clear (before, TLS to Redis was not built in). The Redis servers
+    // here take TLS only (their plain port is 0): a binding in the store shows the node's
+    // client spoke TLS, and "previous life cleared" that the start-up sweep reached every
+    // master over TLS too.
+    let ca = Ca::new("redis CA").unwrap();
+    let certs = TempDir::new("redis-tls");
+    let mut spec = Spec::server("redis.example.com");
+    spec.ips.push("127.0.0.1".parse().unwrap());
+    let server = ca.issue(&spec).unwrap();
+    let ca_pem = certs.write("ca.pem", &ca.cert.cert_pem);
+    let cert = certs.write("redis.pem", &server.cert_pem);
+    let key = certs.write("redis.key", &server.key_pem);
+    let path = |p: &std::path::Path| p.display().to_string();
+    let server_tls: Vec<String> = [
+        "--tls-cert-file",
+        &path(&cert),
+        "--tls-key-file",
+        &path(&key),
+        "--tls-ca-cert-file",
+        &path(&ca_pem),
+        "--tls-cluster",
+        "yes",
+        "--tls-auth-clients",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let cli_tls = vec!["--tls".to_string(), "--cacert".into(), path(&ca_pem)];
+    let redis = RedisCluster::start_with(3, 0, &server_tls, &cli_tls);
+    let seeds: Vec<String> = redis
+        .ports
+        .iter()
+        .map(|p| format!("rediss://127.0.0.1:{p}"))
+        .collect();
+    let store_ca = ca_pem.clone();
+    let mut c = Cluster::new_with(&seeds, |cc| cc.store_ca = Some(store_ca.clone()));
+    c.nodes[0].start();
+    let a = c.nodes[0].server.as_ref().unwrap();
+    a.wait_log("location store connected");
+    a.wait_log("previous life cleared");
+    let mut u = c.ua(0, "callee0");
+    assert_eq!(u.register(600), 200);
+    let key = "b:{sip:callee0@example.com}";
+    wait_for(
+        Duration::from_secs(10),
+        "node-a's binding in the store, over TLS",
+        || {
+            redis_cli_with(&cli_tls, redis.ports[0], &["-c", "hget", key, "node-a"])
+                .contains("transport=tls")
+        },
+    );
+    assert!(
+        !a.log().contains("partly cleared"),
+        "the sweep failed somewhere: {}",
+        a.log()
+    );
 }

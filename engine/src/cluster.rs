@@ -340,6 +340,60 @@ pub fn seed_infos(store: &[String]) -> Result<Vec<redis::ConnectionInfo>, String
     Ok(infos)
 }
 
+/// TLS to the store: the roots and the client identity `cluster.store_ca`, `store_cert` and
+/// `store_key` name, read and checked. `None` when none is configured (with `rediss://`
+/// seeds the system's roots are trusted). `Err((key, why))`.
+pub fn store_tls(
+    c: &ClusterConfig,
+) -> Result<Option<redis::TlsCertificates>, (&'static str, String)> {
+    use rustls::pki_types::pem::PemObject;
+    let configured = c.store_ca.is_some() || c.store_cert.is_some() || c.store_key.is_some();
+    if configured && !c.store.iter().any(|s| s.starts_with("rediss://")) {
+        return Err((
+            "cluster.store_ca",
+            "TLS settings for the store need rediss:// seeds".into(),
+        ));
+    }
+    let read = |key: &'static str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| (key, format!("{}: {e}", p.display())))
+    };
+    let root_cert = match &c.store_ca {
+        Some(p) => {
+            let pem = read("cluster.store_ca", p)?;
+            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ("cluster.store_ca", format!("{}: {e}", p.display())))?;
+            if certs.is_empty() {
+                return Err((
+                    "cluster.store_ca",
+                    format!("{}: no PEM certificate", p.display()),
+                ));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match (&c.store_cert, &c.store_key) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("cluster.store_cert", cert)?,
+            client_key: read("cluster.store_key", key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err((
+                "cluster.store_cert",
+                "store_cert and store_key go together".into(),
+            ));
+        }
+    };
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
+}
+
 /// A store address fit for a log line: the password of a `redis://user:password@host`
 /// replaced by `…` (a seed refused at load is most often one whose password has a
 /// character that needs escaping).
@@ -428,6 +482,9 @@ struct State {
     /// The first seed, as the client takes it: the sweep reaches each master with its
     /// user, password and database.
     first_seed: redis::ConnectionInfo,
+    /// The store's TLS roots and client identity, if configured (the sweep's connections
+    /// take them too).
+    certs: Option<redis::TlsCertificates>,
     alive: RefCell<HashMap<String, u64>>,
     /// The other nodes whose liveness key was read at least once (present or not). Until
     /// every one was — for at most `liveness_ms` after the store connected — `alive` says
@@ -509,15 +566,21 @@ async fn run(
         Ok(s) => s,
         Err(e) => return stopped(&stop, format!("cluster.store: {e}")),
     };
+    let certs = match store_tls(&cfg) {
+        Ok(c) => c,
+        Err((key, why)) => return stopped(&stop, format!("{key}: {why}")),
+    };
     let timeout = Duration::from_millis(cfg.store_timeout_ms);
-    let client = match redis::cluster::ClusterClient::builder(seeds.clone())
+    let mut builder = redis::cluster::ClusterClient::builder(seeds.clone())
         .connection_timeout(timeout)
         .response_timeout(timeout)
         .retries(2)
         .min_retry_wait(50)
-        .max_retry_wait(200)
-        .build()
-    {
+        .max_retry_wait(200);
+    if let Some(c) = certs.clone() {
+        builder = builder.certs(c);
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             return stopped(
@@ -529,6 +592,7 @@ async fn run(
     let st = Rc::new(State {
         conn: RefCell::new(None),
         first_seed: seeds[0].clone(),
+        certs,
         alive: RefCell::new(HashMap::new()),
         liveness_read: RefCell::new(HashMap::new()),
         unreadable: RefCell::new(HashSet::new()),
@@ -916,11 +980,17 @@ fn master_info(first: &redis::ConnectionInfo, addr: &str) -> Option<redis::Conne
     let (host, port) = addr.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = port.parse().ok()?;
-    Some(
-        first
-            .clone()
-            .set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port)),
-    )
+    let host = host.to_string();
+    let addr = match first.addr() {
+        redis::ConnectionAddr::TcpTls { .. } => redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        },
+        _ => redis::ConnectionAddr::Tcp(host, port),
+    };
+    Some(first.clone().set_addr(addr))
 }
 
 /// The masters' addresses in a `CLUSTER NODES` reply.
@@ -965,7 +1035,11 @@ async fn sweep_previous_life(st: Rc<State>) {
             failed += 1;
             continue;
         };
-        let conn = match redis::Client::open(info) {
+        let client = match &st.certs {
+            Some(c) => redis::Client::build_with_tls(info, c.clone()),
+            None => redis::Client::open(info),
+        };
+        let conn = match client {
             Ok(client) => client.get_multiplexed_async_connection().await,
             Err(e) => Err(e),
         };
@@ -1487,6 +1561,13 @@ mod tests {
         assert_eq!(m.redis_settings().db(), 2);
         let m = master_info(&first("10.0.0.1:7000"), "10.0.0.2:7001").unwrap();
         assert_eq!(m.redis_settings().password(), None);
+        // TLS to the store: each master over TLS as well.
+        let m = master_info(&first("rediss://10.0.0.1:7000"), "10.0.0.2:7001").unwrap();
+        assert!(
+            matches!(m.addr(), redis::ConnectionAddr::TcpTls { host, port: 7001, insecure: false, .. } if host == "10.0.0.2"),
+            "{:?}",
+            m.addr()
+        );
         // CLUSTER NODES writes an IPv6 master unbracketed: before, the URL built from it
         // did not parse, and every such master was skipped.
         let m = master_info(&first("[2001:db8::1]:7000"), "2001:db8::2:7001").unwrap();

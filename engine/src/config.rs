@@ -63,6 +63,14 @@ pub struct ClusterConfig {
     /// Every node of the cluster, this one included (`[[cluster.nodes]]`): the topology is
     /// the list of trusted servers for inter-node links.
     pub nodes: Vec<NodeConfig>,
+    /// PEM roots trusted for the Redis servers' certificates, with `rediss://` seeds (TLS
+    /// to the store). Default none: the system's roots.
+    pub store_ca: Option<PathBuf>,
+    /// PEM certificate chain this node presents to Redis (`tls-auth-clients yes`), with
+    /// `store_key`. Default none.
+    pub store_cert: Option<PathBuf>,
+    /// PEM private key for `store_cert`. Default none.
+    pub store_key: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -78,6 +86,9 @@ impl Default for ClusterConfig {
             subscribers_key: None,
             subscribers_refresh_s: 30,
             nodes: Vec::new(),
+            store_ca: None,
+            store_cert: None,
+            store_key: None,
         }
     }
 }
@@ -1200,6 +1211,8 @@ impl Config {
                 );
             } else if let Err(why) = crate::cluster::seed_infos(&c.store) {
                 e("cluster.store".into(), &why);
+            } else if let Err((key, why)) = crate::cluster::store_tls(c) {
+                e(key.into(), &why);
             }
             if c.roots.as_os_str().is_empty() {
                 e(
@@ -1438,6 +1451,27 @@ mod tests {
             "[cluster]\nnode = \"a\"\nstore = [\"10.0.0.1:7000\", \"redis://u:pw@10.0.0.2:7000\"]\nroots = \"r.pem\"\n[[cluster.nodes]]\nname = \"a\"\naddress = \"127.0.0.1:5070\"\nidentity = \"a.example\"\n",
         );
         assert!(k.iter().any(|x| x == "cluster.store"), "{k:?}");
+        // TLS settings for the store without rediss:// seeds, a certificate without its key,
+        // a roots file that is not there: refused at load, not at the store thread's start.
+        let with = |store: &str, extra: &str| {
+            keys(&format!(
+                "[cluster]\nnode = \"a\"\nstore = [\"{store}\"]\nroots = \"r.pem\"\n{extra}[[cluster.nodes]]\nname = \"a\"\naddress = \"127.0.0.1:5070\"\nidentity = \"a.example\"\n"
+            ))
+        };
+        let k = with("10.0.0.1:7000", "store_ca = \"/nonexistent/ca.pem\"\n");
+        assert!(k.iter().any(|x| x == "cluster.store_ca"), "{k:?}");
+        let k = with(
+            "rediss://10.0.0.1:7000",
+            "store_ca = \"/nonexistent/ca.pem\"\n",
+        );
+        assert!(k.iter().any(|x| x == "cluster.store_ca"), "{k:?}");
+        let k = with("rediss://10.0.0.1:7000", "store_cert = \"/x.pem\"\n");
+        assert!(k.iter().any(|x| x == "cluster.store_cert"), "{k:?}");
+        assert!(
+            !with("rediss://10.0.0.1:7000", "")
+                .iter()
+                .any(|x| x.starts_with("cluster."))
+        );
     }
 
     #[test]
