@@ -1108,7 +1108,7 @@ fn a_node_reaches_its_location_store_over_tls() {
         .iter()
         .map(|p| format!("rediss://127.0.0.1:{p}"))
         .collect();
-    let store_ca = ca_pem.clone();
+    let store_ca = ca_pem;
     let mut c = Cluster::new_with(&seeds, |cc| cc.store_ca = Some(store_ca.clone()));
     c.nodes[0].start();
     let a = c.nodes[0].server.as_ref().unwrap();
