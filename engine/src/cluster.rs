@@ -113,9 +113,13 @@ pub struct Store {
     pub epoch: u64,
 }
 
+/// The bit that marks a store read's token as a removal's (the core's tokens carry a shard
+/// number below 2^15 in bits 48..63): one must reach every node that holds the AOR.
+pub const REMOVAL_TOKEN: u64 = 1 << 63;
+
 /// Per other node, how many times it was found down ([`Store::down_generations`]).
 #[derive(Debug, Default)]
-pub struct NodesDown(Vec<(String, AtomicU64)>);
+pub struct NodesDown(Vec<(String, AtomicU64, AtomicBool)>);
 
 impl NodesDown {
     fn of(cfg: &ClusterConfig) -> NodesDown {
@@ -123,14 +127,112 @@ impl NodesDown {
             cfg.nodes
                 .iter()
                 .filter(|n| n.name != cfg.node)
-                .map(|n| (n.name.clone(), AtomicU64::new(0)))
+                .map(|n| (n.name.clone(), AtomicU64::new(0), AtomicBool::new(false)))
                 .collect(),
         )
     }
 
+    /// Found down: the generation moves, and the node is down now.
     fn went_down(&self, node: &str) {
-        if let Some((_, g)) = self.0.iter().find(|(n, _)| n == node) {
+        if let Some((_, g, d)) = self.0.iter().find(|(n, ..)| n == node) {
+            d.store(true, Ordering::Relaxed);
             g.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Found alive again: a shard that had not yet acted on its going down leaves its
+    /// link alone.
+    fn came_up(&self, node: &str) {
+        if let Some((_, _, d)) = self.0.iter().find(|(n, ..)| n == node) {
+            d.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the other nodes' liveness keys said, read by read (the heartbeat's), and what each
+/// read changes ([`Liveness::on_read`]).
+#[derive(Debug, Default)]
+struct Liveness {
+    /// The nodes alive, with their epoch.
+    alive: HashMap<String, u64>,
+    /// The other nodes whose liveness key was read at least once (present or not), with
+    /// the last successful read's instant. Until every one was — for at most `liveness_ms`
+    /// after the store connected — `alive` says nothing: a lookup found no holder where it
+    /// had not looked.
+    read: HashMap<String, Instant>,
+    /// Nodes alive (or already unknown) whose last read failed (their key's master down,
+    /// the store unreachable): whether they live is unknown, not "no". Past their liveness
+    /// they leave `alive`, and a lookup whose AOR one of them may hold is answered as a
+    /// store error ([`holders_unsure`]). A node already dead does not become unknown for
+    /// a failed read: its stale fields are not routed to either way.
+    unknown: HashSet<String>,
+    /// Nodes read absent (their key expired or deleted): dead until read alive again.
+    dead: HashSet<String>,
+}
+
+/// What one liveness read changed.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Alive with a new epoch (up, or restarted).
+    Up(u64),
+    /// Read absent; `known`: it was alive or unknown before (else it was never seen, or
+    /// already dead). Its links are to be closed.
+    Down { known: bool },
+    /// Unread past its liveness: no longer counted alive.
+    Unknown,
+    /// Nothing that matters.
+    Same,
+}
+
+impl Liveness {
+    fn on_read(
+        &mut self,
+        node: &str,
+        r: Result<Option<u64>, ()>,
+        now: Instant,
+        liveness: Duration,
+    ) -> Seen {
+        match r {
+            Ok(found) => {
+                self.read.insert(node.to_string(), now);
+                let was_unknown = self.unknown.remove(node);
+                match found {
+                    Some(epoch) => {
+                        self.dead.remove(node);
+                        if self.alive.insert(node.to_string(), epoch) == Some(epoch) {
+                            Seen::Same
+                        } else {
+                            Seen::Up(epoch)
+                        }
+                    }
+                    None => {
+                        let was_alive = self.alive.remove(node).is_some();
+                        // Once per death, whether it was seen going (alive) or not (its key
+                        // unreadable meanwhile: a hung host whose Redis master failed over).
+                        if self.dead.insert(node.to_string()) {
+                            Seen::Down {
+                                known: was_alive || was_unknown,
+                            }
+                        } else {
+                            Seen::Same
+                        }
+                    }
+                }
+            }
+            Err(()) => {
+                if self.alive.contains_key(node) {
+                    self.unknown.insert(node.to_string());
+                }
+                let stale = self
+                    .read
+                    .get(node)
+                    .is_none_or(|t| now.saturating_duration_since(*t) > liveness);
+                if stale && self.alive.remove(node).is_some() {
+                    Seen::Unknown
+                } else {
+                    Seen::Same
+                }
+            }
         }
     }
 }
@@ -220,11 +322,15 @@ impl Store {
     /// liveness key expired; not a key the store could not read). A shard whose link to the node
     /// is up then closes it: a node whose host froze or was cut off sends no RST, and the
     /// link stayed usable until TCP gave up, every request over it waiting for its 408.
-    pub fn down_generations(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.down
-            .0
-            .iter()
-            .map(|(n, g)| (n.as_str(), g.load(Ordering::Relaxed)))
+    /// With whether it is down now: one found alive again since keeps its link.
+    pub fn down_generations(&self) -> impl Iterator<Item = (&str, u64, bool)> {
+        self.down.0.iter().map(|(n, g, d)| {
+            (
+                n.as_str(),
+                g.load(Ordering::Relaxed),
+                d.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// The store value for this node's bindings of an AOR: `(expiry unix ms, flow,
@@ -485,16 +591,8 @@ struct State {
     /// The store's TLS roots and client identity, if configured (the sweep's connections
     /// take them too).
     certs: Option<redis::TlsCertificates>,
-    alive: RefCell<HashMap<String, u64>>,
-    /// The other nodes whose liveness key was read at least once (present or not). Until
-    /// every one was — for at most `liveness_ms` after the store connected — `alive` says
-    /// nothing: a lookup found no holder where it had not looked. With the last successful
-    /// read's instant.
-    liveness_read: RefCell<HashMap<String, Instant>>,
-    /// The other nodes whose last liveness read failed (their key's master down, the store
-    /// unreachable): whether they live is unknown, not "no". A lookup whose AOR one of them
-    /// may hold is answered as a store error ([`holders_unsure`]).
-    unreadable: RefCell<HashSet<String>>,
+    /// The other nodes' liveness ([`Liveness`]).
+    liveness: RefCell<Liveness>,
     /// When the store first connected ([`liveness_unsure`] counts from it: a node that
     /// started while the store was unreachable has read no liveness key either).
     connected: Cell<Option<Instant>>,
@@ -593,9 +691,7 @@ async fn run(
         conn: RefCell::new(None),
         first_seed: seeds[0].clone(),
         certs,
-        alive: RefCell::new(HashMap::new()),
-        liveness_read: RefCell::new(HashMap::new()),
-        unreadable: RefCell::new(HashSet::new()),
+        liveness: RefCell::new(Liveness::default()),
         connected: Cell::new(None),
         cfg,
         epoch,
@@ -881,7 +977,7 @@ async fn serve(st: &State, ask: Ask) {
     // have been before, once a liveness period has passed.
     let others = st.cfg.nodes.iter().filter(|n| n.name != me).count();
     let unsure = liveness_unsure(
-        st.liveness_read.borrow().len(),
+        st.liveness.borrow().read.len(),
         others,
         st.connected.get(),
         Duration::from_millis(st.cfg.liveness_ms),
@@ -902,11 +998,18 @@ async fn serve(st: &State, ask: Ask) {
                     // store just came back from an outage longer than a liveness, or its
                     // key's master fails over): "no holder" would answer 480 for a user
                     // online there, and drop the removal a moved device needs.
-                    let alive = st.alive.borrow();
-                    if holders_unsure(&fields, &st.unreadable.borrow(), &alive, me, now) {
+                    let l = st.liveness.borrow();
+                    let alive = &l.alive;
+                    let holders = live_holders(&fields, alive, me, now);
+                    // A call still goes to the holders known alive; a removal must reach
+                    // every holder, so it is asked again later.
+                    let removal = ask.token & REMOVAL_TOKEN != 0;
+                    if (holders.is_empty() || removal)
+                        && holders_unsure(&fields, &l.unknown, alive, me, now)
+                    {
                         None
                     } else {
-                        Some(live_holders(&fields, &alive, me, now))
+                        Some(holders)
                     }
                 }
                 Err(e) => {
@@ -982,11 +1085,16 @@ fn master_info(first: &redis::ConnectionInfo, addr: &str) -> Option<redis::Conne
     let port = port.parse().ok()?;
     let host = host.to_string();
     let addr = match first.addr() {
-        redis::ConnectionAddr::TcpTls { .. } => redis::ConnectionAddr::TcpTls {
+        // As the seed says (`rediss://…/#insecure` skips the name check there too).
+        redis::ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => redis::ConnectionAddr::TcpTls {
             host,
             port,
-            insecure: false,
-            tls_params: None,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
         },
         _ => redis::ConnectionAddr::Tcp(host, port),
     };
@@ -1396,41 +1504,34 @@ async fn heartbeat(st: Rc<State>) {
                         .arg(node_key(&n))
                         .query_async(&mut c)
                         .await;
-                    if r.is_ok() {
-                        st.liveness_read
-                            .borrow_mut()
-                            .insert(n.clone(), Instant::now());
-                        st.unreadable.borrow_mut().remove(&n);
-                    } else {
-                        st.unreadable.borrow_mut().insert(n.clone());
+                    if let Err(e) = &r {
+                        st.failed("liveness", e);
                     }
-                    match r {
-                        Ok(Some(epoch)) => {
-                            let prev = st.alive.borrow_mut().insert(n.clone(), epoch);
-                            if prev != Some(epoch) {
-                                tracing::info!(node = %n, epoch, "cluster node up");
-                            }
+                    let seen = st.liveness.borrow_mut().on_read(
+                        &n,
+                        r.map_err(|_| ()),
+                        Instant::now(),
+                        Duration::from_millis(st.cfg.liveness_ms),
+                    );
+                    match seen {
+                        Seen::Up(epoch) => {
+                            st.down.came_up(&n);
+                            tracing::info!(node = %n, epoch, "cluster node up");
                         }
-                        Ok(None) => {
-                            if st.alive.borrow_mut().remove(&n).is_some() {
-                                st.down.went_down(&n);
+                        Seen::Down { known } => {
+                            st.down.went_down(&n);
+                            if known {
                                 tracing::warn!(node = %n, "cluster node down: its liveness key expired; its users get 480 until they register elsewhere; links to it are closed");
                             }
                         }
-                        Err(e) => {
-                            st.failed("liveness", &e);
-                            // Unreadable (its master down, no replica promoted yet) for
-                            // longer than a live node refreshes it: as if expired. It kept
-                            // the node alive for as long as the master was down, and every
-                            // request for its users waited on a dial.
-                            let stale = st.liveness_read.borrow().get(&n).is_none_or(|t| {
-                                t.elapsed() > Duration::from_millis(st.cfg.liveness_ms)
-                            });
-                            // Not closed: the store failing to say is no sign of the node.
-                            if stale && st.alive.borrow_mut().remove(&n).is_some() {
-                                tracing::warn!(node = %n, "cluster node unknown: its liveness key could not be read for longer than its liveness; lookups for its users answer 503 until it is read again");
-                            }
+                        // Unreadable (its master down, no replica promoted yet) for longer
+                        // than a live node refreshes it: no longer routed to (every request
+                        // for its users waited on a dial), and not closed either (the store
+                        // failing to say is no sign of the node).
+                        Seen::Unknown => {
+                            tracing::warn!(node = %n, "cluster node unknown: its liveness key could not be read for longer than its liveness; lookups for its users answer 503 until it is read again");
                         }
+                        Seen::Same => {}
                     }
                     reading.borrow_mut().remove(&n);
                 });
@@ -1575,6 +1676,45 @@ mod tests {
             matches!(m.addr(), redis::ConnectionAddr::Tcp(h, 7001) if h == "2001:db8::2"),
             "{:?}",
             m.addr()
+        );
+    }
+
+    #[test]
+    fn a_nodes_liveness_read_by_read() {
+        let t0 = Instant::now();
+        let (lv, s) = (Duration::from_secs(3), Duration::from_secs);
+        let mut l = Liveness::default();
+        // Never seen, read absent: dead (no WARN: nothing was lost), once.
+        assert_eq!(
+            l.on_read("a", Ok(None), t0, lv),
+            Seen::Down { known: false }
+        );
+        assert_eq!(l.on_read("a", Ok(None), t0, lv), Seen::Same);
+        // A dead node whose read fails does not become unknown: its stale fields (a node
+        // stopped, its bindings not yet expired) are not routed to either way, and lookups
+        // for users who moved on answered 503 for it.
+        assert_eq!(l.on_read("a", Err(()), t0, lv), Seen::Same);
+        assert!(!l.unknown.contains("a"));
+        assert_eq!(l.on_read("a", Ok(Some(7)), t0, lv), Seen::Up(7));
+        assert_eq!(l.on_read("a", Ok(Some(7)), t0, lv), Seen::Same);
+        // A failed read within its liveness: unknown, still alive.
+        assert_eq!(l.on_read("a", Err(()), t0 + s(1), lv), Seen::Same);
+        assert!(l.unknown.contains("a") && l.alive.contains_key("a"));
+        // Past its liveness: no longer alive.
+        assert_eq!(l.on_read("a", Err(()), t0 + s(4), lv), Seen::Unknown);
+        assert!(!l.alive.contains_key("a"));
+        // Then read absent (a hung host whose key's master failed over meanwhile): down,
+        // its links to be closed. It was missed: only a node still counted alive was.
+        assert_eq!(
+            l.on_read("a", Ok(None), t0 + s(5), lv),
+            Seen::Down { known: true }
+        );
+        assert!(!l.unknown.contains("a"));
+        // Back with a new life, and down again.
+        assert_eq!(l.on_read("a", Ok(Some(8)), t0 + s(6), lv), Seen::Up(8));
+        assert_eq!(
+            l.on_read("a", Ok(None), t0 + s(7), lv),
+            Seen::Down { known: true }
         );
     }
 

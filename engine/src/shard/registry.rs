@@ -38,9 +38,7 @@ pub(super) struct ClusterLink {
 /// AORs a shard writes again per tick (every 500 ms) after the store lost its data.
 const RESYNC_PER_TICK: usize = 2000;
 
-/// The bit that marks a store read's token as a removal's (the core's tokens carry a shard
-/// number below 2^15 in bits 48..63).
-const REMOVAL_TOKEN: u64 = 1 << 63;
+use crate::cluster::REMOVAL_TOKEN;
 
 /// REGISTERs whose removals wait for the store to name the nodes holding their AOR, per
 /// shard; past it the removal is not sent (counted): the bindings elsewhere then expire.
@@ -420,11 +418,15 @@ impl Shard {
         let mut down = Vec::new();
         {
             let mut seen = c.seen_down.borrow_mut();
-            for (node, generation) in c.store.down_generations() {
+            for (node, generation, down_now) in c.store.down_generations() {
                 let last = seen.entry(node.to_string()).or_insert(0);
                 if generation > *last {
                     *last = generation;
-                    down.push(node.to_string());
+                    // Found alive again since (a key briefly absent: a failover that lost
+                    // the write, a stall): its link is left alone.
+                    if down_now {
+                        down.push(node.to_string());
+                    }
                 }
             }
         }
