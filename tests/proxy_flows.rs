@@ -132,8 +132,19 @@ impl Net {
                 Output::Detour { gone, call_id, to } => {
                     self.detours.push((gone, call_id.to_vec(), to))
                 }
-                Output::BindingFailed { aor, flow, contact } => {
-                    sipring_core::registrar::remove_binding(&mut self.store, &aor, flow, &contact);
+                Output::BindingFailed {
+                    aor,
+                    flow,
+                    contact,
+                    path,
+                } => {
+                    sipring_core::registrar::remove_binding(
+                        &mut self.store,
+                        &aor,
+                        flow,
+                        &contact,
+                        &path,
+                    );
                 }
                 Output::Relay { .. } => panic!("a single shard never relays"),
                 Output::CancelElsewhere { .. } => panic!("a single shard asks no other"),
@@ -742,6 +753,43 @@ fn a_430_from_the_flow_a_request_took_sends_it_over_the_devices_other_flow() {
     n.take(&A);
     assert!(n.take(&first).is_empty(), "sent to the failed flow again");
     assert_eq!(method(&n.one(&other)), "INVITE");
+}
+
+#[test]
+fn an_edges_430_does_not_remove_the_binding_registered_again_since() {
+    // Behind an edge proxy the connection (and here the contact) is the same for every
+    // registration of a device: the edge's flow is named by the Path. The device's flow
+    // failed and it registered again (a new Path) while an INVITE was on its way over the
+    // old one; the edge's 430 for that INVITE removed the fresh binding too, and the
+    // device got 480 until its next refresh.
+    let mut n = Net::new();
+    let register = |n: &mut Net, cseq: u32, token: &str| {
+        let msg = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS edge.example.net;branch=z9hG4bKe{cseq}\r\nVia: SIP/2.0/TLS 10.0.0.9:5061;branch=z9hG4bKp{cseq}\r\nPath: <sip:{token}@edge.example.net;lr;ob>\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: pe-1\r\nCSeq: {cseq} REGISTER\r\nSupported: outbound, path\r\nContact: <sip:bob@10.0.0.9:5061;transport=tls;ob>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-0000000000e1>\";reg-id=1\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n"
+        );
+        n.send(&B, msg.as_bytes());
+        assert_eq!(status(&n.one(&B)), 200);
+    };
+    register(&mut n, 1, "old");
+    n.send(&A, &invite("z9hG4bKpe1", "pe-call"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    assert!(String::from_utf8_lossy(&fwd).contains("Route: <sip:old@edge"));
+    register(&mut n, 2, "new");
+    n.send(&B, &answer(&fwd, 430, "Flow Failed", "e1"));
+    n.take(&B);
+    n.take(&A);
+    let kept = n.store.get("sip:bob@example.com");
+    assert_eq!(kept.len(), 1, "the binding registered again was removed");
+    assert!(kept[0].path[0].contains("sip:new@"), "{:?}", kept[0].path);
+    // While the old Path's own binding is removed when it is the one that failed.
+    n.send(&A, &invite("z9hG4bKpe2", "pe-call-2"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    assert!(String::from_utf8_lossy(&fwd).contains("Route: <sip:new@edge"));
+    n.send(&B, &answer(&fwd, 430, "Flow Failed", "e2"));
+    n.take(&B);
+    assert!(n.store.get("sip:bob@example.com").is_empty());
 }
 
 #[test]
@@ -3143,6 +3191,22 @@ fn a_forks_kept_challenges_are_bounded_in_number_and_none_empty() {
             .all(|l| !l["WWW-Authenticate:".len()..].trim().is_empty()),
         "{lines:?}"
     );
+    n.assert_idle_after_timers();
+    // The other order: the branch with many lines answers first (and stays the best, its
+    // own lines going up as it wrote them). Its lines filled the bound, and the other
+    // branch's one real challenge was left out of the merged answer.
+    n.send(&A, &message("z9hG4bKmany2", "many-ch2"));
+    let (f1, f2) = (n.one(&B), n.one(&B2));
+    n.send(&B, &with(answer(&f1, 401, "Unauthorized", "b1"), &many));
+    n.send(
+        &B2,
+        &with(
+            answer(&f2, 401, "Unauthorized", "b2"),
+            "WWW-Authenticate: Digest realm=\"b2.example\", nonce=\"n\"\r\n",
+        ),
+    );
+    let up = String::from_utf8(n.one(&A)).unwrap();
+    assert!(up.contains("realm=\"b2.example\""), "{up}");
     n.assert_idle_after_timers();
 }
 

@@ -1005,7 +1005,7 @@ fn a_chain_built_again_on_the_current_root_is_read_against_its_crls() {
     let cross = sub.cross_signed_by(&new).unwrap();
     let phone = sub.issue(&phone_spec).unwrap();
     let chain = [phone.der.clone(), sub.cert.der.clone(), cross.der.clone()];
-    let load = |new_revokes: &[u64]| {
+    let load = |new_crl: String| {
         w.dir.write(
             "phones-roots.pem",
             format!("{}{}", old.cert.cert_pem, new.cert.cert_pem),
@@ -1015,7 +1015,7 @@ fn a_chain_built_again_on_the_current_root_is_read_against_its_crls() {
             format!(
                 "{}{}{}",
                 old.crl(&[]).unwrap(),
-                new.crl(new_revokes).unwrap(),
+                new_crl,
                 sub.crl(&[]).unwrap()
             ),
         );
@@ -1024,10 +1024,20 @@ fn a_chain_built_again_on_the_current_root_is_read_against_its_crls() {
         cfg.tls.client_crls = vec![w.dir.join("phones.crl")];
         TlsPolicy::load(&cfg).expect("policy loads")
     };
-    assert_eq!(load(&[]).verify_client_chain(&chain), Ok(()));
     assert_eq!(
-        load(&[cross.serial]).verify_client_chain(&chain),
+        load(new.crl(&[]).unwrap()).verify_client_chain(&chain),
+        Ok(())
+    );
+    assert_eq!(
+        load(new.crl(&[cross.serial]).unwrap()).verify_client_chain(&chain),
         Err(Rejection::Revoked)
+    );
+    // The current root's list past its nextUpdate: unknown status, as everywhere else (it
+    // read as an expired certificate).
+    let stale = new.crl_next_update(&[], Duration::days(-1)).unwrap();
+    assert_eq!(
+        load(stale).verify_client_chain(&chain),
+        Err(Rejection::UnknownRevocation)
     );
 }
 

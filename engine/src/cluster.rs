@@ -563,18 +563,40 @@ pub fn start(
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(
-                &rt,
-                run(
-                    cfg,
-                    epoch,
-                    (write_rx, ask_rx, withdraw_rx),
-                    (resync, name_taken, stop, down),
-                    subscribers,
-                ),
+            let main = run(
+                cfg,
+                epoch,
+                (write_rx, ask_rx, withdraw_rx),
+                (resync, name_taken, stop.clone(), down),
+                subscribers,
             );
+            local.block_on(&rt, guard(&stop, "main", main));
         })?;
     Ok(sender)
+}
+
+/// `task`, one of the store thread's long-lived tasks: one that panics stops the node (the
+/// thread went on without it, silently: no heartbeat, so the other nodes counted this one
+/// dead, or no binding written).
+fn guard<F: Future<Output = ()> + 'static>(
+    stop: &Arc<OnceLock<String>>,
+    what: &'static str,
+    task: F,
+) -> impl Future<Output = ()> + 'static {
+    let stop = stop.clone();
+    async move {
+        use futures_lite::FutureExt;
+        if std::panic::AssertUnwindSafe(task)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            stopped(
+                &stop,
+                format!("store thread: its {what} task panicked (see the panic above)"),
+            );
+        }
+    }
 }
 
 /// Logs why the store thread stops and records it for [`StoreSender::stopped`].
@@ -726,7 +748,7 @@ async fn run(
             }
         });
     }
-    tokio::task::spawn_local(heartbeat(st.clone()));
+    tokio::task::spawn_local(guard(&stop, "heartbeat", heartbeat(st.clone())));
     tokio::task::spawn_local(watch_clock(st.clone()));
     {
         let st = st.clone();
@@ -738,20 +760,21 @@ async fn run(
     }
     tokio::task::spawn_local(sweep_previous_life(st.clone()));
     if let Some(key) = st.cfg.subscribers_key.clone() {
-        tokio::task::spawn_local(refresh_subscribers(st.clone(), key, subscribers));
+        let task = refresh_subscribers(st.clone(), key, subscribers);
+        tokio::task::spawn_local(guard(&stop, "subscribers", task));
     }
     // Writes: taken from their queue into `dirty` at once (newest per AOR), written by
     // `write_dirty`, which keeps each until the store has it.
     {
         let st = st.clone();
-        tokio::task::spawn_local(async move {
+        tokio::task::spawn_local(guard(&stop, "write queue", async move {
             while let Some(w) = write_rx.recv().await {
                 st.writes.borrow_mut().offer(w.aor, w.field, true);
                 st.wake.notify_one();
             }
-        });
+        }));
     }
-    tokio::task::spawn_local(write_dirty(st.clone()));
+    tokio::task::spawn_local(guard(&stop, "writer", write_dirty(st.clone())));
     // At most STORE_IN_FLIGHT lookups at the store at once: past it the thread stops taking
     // from the queue, the queue fills, and the shards' `try_send` counts `queue_full`.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(STORE_IN_FLIGHT));
@@ -1677,6 +1700,24 @@ mod tests {
             "{:?}",
             m.addr()
         );
+    }
+
+    #[test]
+    fn a_store_task_that_panics_stops_the_node() {
+        // The thread went on without it, silently (no heartbeat: the other nodes counted
+        // this one dead; no writer: no binding reached the store).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let stop = Arc::new(OnceLock::new());
+        rt.block_on(guard(&stop, "heartbeat", async { panic!("a bug") }));
+        assert!(
+            stop.get().is_some_and(|s| s.contains("heartbeat")),
+            "{stop:?}"
+        );
+        let fine = Arc::new(OnceLock::new());
+        rt.block_on(guard(&fine, "writer", async {}));
+        assert!(fine.get().is_none());
     }
 
     #[test]

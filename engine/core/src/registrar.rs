@@ -412,18 +412,23 @@ impl MemoryStore {
     }
 }
 
-/// Removes `aor`'s binding of `contact` registered over `flow` (an edge proxy answered 430
-/// Flow Failed for it: RFC 5626 §5.3, §7). True when there was one.
+/// Removes `aor`'s binding of `contact` with Path `path` registered over `flow` (an edge
+/// proxy answered 430 Flow Failed for it: RFC 5626 §5.3, §7). True when there was one.
+/// The Path counts: behind an edge the connection (and often the contact) is the same for
+/// every registration of a device, and a binding registered again since holds a new one.
 pub fn remove_binding(
     store: &mut impl BindingStore,
     aor: &str,
     flow: FlowId,
     contact: &str,
+    path: &[String],
 ) -> bool {
+    let same_path =
+        |b: &Binding| b.path.len() == path.len() && b.path.iter().all(|p| path.contains(p));
     let old = store.get(aor);
     let keep: Vec<Binding> = old
         .iter()
-        .filter(|b| !(b.flow == flow && b.contact == contact))
+        .filter(|b| !(b.flow == flow && b.contact == contact && same_path(b)))
         .cloned()
         .collect();
     if keep.len() == old.len() {
@@ -998,7 +1003,7 @@ impl Registrar {
                     .iter()
                     .enumerate()
                     .filter(|(_, b)| !named(b))
-                    .min_by_key(|(_, b)| b.expires_at)
+                    .min_by_key(|(_, b)| b.registered_at())
                     .map(|(i, _)| i)
                     .expect("more bindings than this REGISTER named");
                 result.remove(oldest);
@@ -1428,6 +1433,31 @@ mod tests {
         );
         let b = reg.lookup(later, &st, "sip:alice@example.com");
         assert_eq!((b.len(), b[0].flow), (1, 22));
+    }
+
+    #[test]
+    fn a_full_aor_gives_up_the_binding_refreshed_longest_ago() {
+        // Not the one that expires first: a contact registered a moment ago for 300 s went
+        // before ones registered almost an hour ago for 3600 s.
+        let reg = Registrar::default();
+        let mut st = MemoryStore::default();
+        let t0 = Instant::now();
+        let max = reg.config().max_contacts;
+        for i in 0..max - 1 {
+            let c = format!("Contact: <sip:alice@10.0.0.{i}>\r\nExpires: 3600\r\n");
+            assert_eq!(register(&reg, &mut st, t0, &c, i as u32 + 1, 7).code, 200);
+        }
+        let fresh = "Contact: <sip:alice@10.0.1.1>\r\nExpires: 300\r\n";
+        let t1 = t0 + Duration::from_secs(3000);
+        assert_eq!(register(&reg, &mut st, t1, fresh, 100, 7).code, 200);
+        let one_more = "Contact: <sip:alice@10.0.1.2>\r\nExpires: 3600\r\n";
+        assert_eq!(register(&reg, &mut st, t1, one_more, 101, 7).code, 200);
+        let kept = st.get("sip:alice@example.com");
+        assert_eq!(kept.len(), max);
+        assert!(
+            kept.iter().any(|b| b.contact == "sip:alice@10.0.1.1"),
+            "the freshest binding went"
+        );
     }
 
     #[test]

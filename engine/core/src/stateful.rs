@@ -141,6 +141,10 @@ pub enum Output {
         flow: u64,
         /// The binding's contact (the branch's Request-URI).
         contact: String,
+        /// The binding's Path (the branch's Route values): behind an edge proxy the
+        /// connection and contact are shared by the device's registrations, and the Path
+        /// names the edge's flow. A binding registered again since (a new Path) stays.
+        path: Vec<String>,
     },
 }
 
@@ -387,6 +391,8 @@ enum Pending {
     /// in step with what the registrar holds).
     Register {
         key: TxKey,
+        /// [`Server::id`]: the answer is for the transaction that asked.
+        id: u64,
         slot: Option<(Flow, String, bool)>,
     },
     /// A 2xx ACK waits for a lookup to be forwarded statelessly.
@@ -536,6 +542,9 @@ const MERGED_CHALLENGE_BYTES: usize = 8 * 1024;
 /// The most challenges a fork's merged 401/407 carries (one per realm and algorithm of each
 /// branch is plenty).
 const MERGED_CHALLENGES: usize = 32;
+
+/// The most challenges kept from one branch's answer.
+const MERGED_PER_ANSWER: usize = 8;
 
 /// What one kept challenge costs: its name and value, and its entry (counted so that a
 /// thousand empty or one-byte lines do not pass for nothing).
@@ -1074,7 +1083,8 @@ impl ShardProxy {
             self.release_aor(flow, aor);
         }
         match p {
-            Pending::Server(key, id) if self.servers.get(&key).is_none_or(|s| s.id != id) => {}
+            Pending::Server(key, id) | Pending::Register { key, id, .. }
+                if self.servers.get(&key).is_none_or(|s| s.id != id) => {}
             Pending::Server(key, _) | Pending::Register { key, .. } => {
                 let retry = retry_after_spread(self.unique()).to_vec();
                 self.answer(
@@ -1855,6 +1865,7 @@ impl ShardProxy {
                         token,
                         Pending::Register {
                             key: key.clone(),
+                            id,
                             slot: None,
                         },
                     );
@@ -1882,6 +1893,7 @@ impl ShardProxy {
                             token,
                             Pending::Register {
                                 key: key.clone(),
+                                id,
                                 slot,
                             },
                         );
@@ -2682,7 +2694,7 @@ impl ShardProxy {
 
     /// The answer to an [`Output::Register`].
     pub fn handle_register_reply(&mut self, now: Instant, token: u64, reply: Reply) {
-        if let Some(Pending::Register { key, slot }) = self.answered(token) {
+        if let Some(Pending::Register { key, id, slot }) = self.answered(token) {
             // The connection's places follow what the registrar holds: refused, the place
             // this REGISTER took is given back (a UA whose REGISTERs fail — 423, a bad
             // Contact — must not use its connection's AORs up); answered 200, the AOR keeps
@@ -2699,7 +2711,11 @@ impl ShardProxy {
                     aors.retain(|a| *a != aor);
                 }
             }
-            self.answer(now, &key, reply.code, reply.reason, &reply.headers);
+            // Only to the transaction that asked: the same REGISTER sent again on a new
+            // connection (its first closed meanwhile) is another, with its own answer.
+            if self.servers.get(&key).is_some_and(|s| s.id == id) {
+                self.answer(now, &key, reply.code, reply.reason, &reply.headers);
+            }
         }
     }
 
@@ -2895,21 +2911,25 @@ impl ShardProxy {
         else {
             return;
         };
-        // The contact is the branch's Request-URI (`METHOD <uri> SIP/2.0`).
-        let line = c
-            .txn
-            .request()
-            .split(|&b| b == b'\r')
-            .next()
-            .unwrap_or_default();
-        let mut parts = line.splitn(3, |&b| b == b' ');
-        let Some(contact) = parts.nth(1).and_then(|u| std::str::from_utf8(u).ok()) else {
+        // The contact is the branch's Request-URI, its Path the Route values (a lookup
+        // branch carries no other).
+        let limits = self.limits;
+        let Some((contact, path)) = with_parsed(c.txn.request(), &limits, |m, _| {
+            let contact = String::from_utf8_lossy(m.request_uri()?).into_owned();
+            let path: Vec<String> = m
+                .headers_named(HeaderName::Route)
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                .collect();
+            Some((contact, path))
+        })
+        .flatten() else {
             return;
         };
         self.out.push_back(Output::BindingFailed {
             aor,
             flow,
-            contact: contact.to_string(),
+            contact,
+            path,
         });
     }
 
@@ -3140,7 +3160,9 @@ impl ShardProxy {
                         // Each counted with its entry, and their number bounded too: a
                         // thousand one-byte lines weighed a thousand bytes.
                         let mut held: usize = s.challenges.iter().map(challenge_weight).sum();
-                        for c in challenges_of(m) {
+                        // A few per answer: the first answer's own lines filled the bound and
+                        // left out the others' (its own go up as it wrote them anyway).
+                        for c in challenges_of(m).into_iter().take(MERGED_PER_ANSWER) {
                             if held + challenge_weight(&c) > MERGED_CHALLENGE_BYTES
                                 || s.challenges.len() >= MERGED_CHALLENGES
                             {

@@ -100,6 +100,8 @@ pub enum ShardMsg {
         conn: FlowId,
         /// The binding's contact.
         contact: String,
+        /// The binding's Path.
+        path: Vec<String>,
     },
     /// A connection closed: drop its bindings and fail its transactions.
     FlowClosed {
@@ -330,9 +332,12 @@ impl Shard {
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
             ShardMsg::Released { conn, aor } => self.release_place(conn, &aor),
-            ShardMsg::BindingFailed { aor, conn, contact } => {
-                self.remove_failed_binding(&aor, conn, &contact)
-            }
+            ShardMsg::BindingFailed {
+                aor,
+                conn,
+                contact,
+                path,
+            } => self.remove_failed_binding(&aor, conn, &contact, &path),
             ShardMsg::Cancel {
                 from,
                 token,

@@ -606,10 +606,15 @@ impl Shard {
                     self.reply(shard as usize, msg);
                 }
                 Output::Refused(r) => self.refused(&r),
-                Output::BindingFailed { aor, flow, contact } => {
+                Output::BindingFailed {
+                    aor,
+                    flow,
+                    contact,
+                    path,
+                } => {
                     let owner = shard_for(&aor, self.n).0 as usize;
                     if owner == self.id {
-                        self.remove_failed_binding(&aor, flow, &contact);
+                        self.remove_failed_binding(&aor, flow, &contact, &path);
                     } else {
                         // Best effort: lost at the mesh's bound, the binding stays until it
                         // expires or is registered again, as before.
@@ -617,6 +622,7 @@ impl Shard {
                             aor,
                             conn: flow,
                             contact,
+                            path,
                         };
                         self.mesh_send(owner, msg, false);
                     }

@@ -449,10 +449,16 @@ impl Shard {
     /// Removes `aor`'s binding of `contact` over `conn`, for which an edge proxy answered
     /// 430 Flow Failed (RFC 5626 §5.3, §7), on its owner (this shard): counted, written
     /// through to the cluster's store, and its connection's place given back.
-    pub(super) fn remove_failed_binding(self: &Rc<Self>, aor: &str, conn: FlowId, contact: &str) {
+    pub(super) fn remove_failed_binding(
+        self: &Rc<Self>,
+        aor: &str,
+        conn: FlowId,
+        contact: &str,
+        path: &[String],
+    ) {
         let mut store = self.store.borrow_mut();
         let before = store.bindings();
-        if !sipring_core::registrar::remove_binding(&mut *store, aor, conn, contact) {
+        if !sipring_core::registrar::remove_binding(&mut *store, aor, conn, contact, path) {
             return;
         }
         let changes = store.take_flow_changes();

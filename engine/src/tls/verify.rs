@@ -1141,7 +1141,9 @@ impl RootValidity {
             ) {
                 Err(webpki::Error::CertRevoked) => return Err(CertificateError::Revoked),
                 Ok(_) => passed = true,
-                Err(webpki::Error::UnknownRevocationStatus) => {
+                // A list past its nextUpdate says nothing: unknown status, as `classify` has it
+                // everywhere else (it read as an expired certificate).
+                Err(webpki::Error::UnknownRevocationStatus | webpki::Error::CrlExpired { .. }) => {
                     other.get_or_insert(CertificateError::UnknownRevocationStatus);
                 }
                 Err(_) => {
