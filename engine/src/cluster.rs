@@ -1863,41 +1863,19 @@ mod tests {
         // Unread for less than a liveness, a still counts as alive and is routed to.
         let unreadable = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
         let dead = &restarted;
-        assert!(holders_unsure(
-            &fields,
-            &unreadable(&["a"]),
-            dead,
-            "me",
-            now
-        ));
-        assert!(!holders_unsure(
-            &fields,
-            &unreadable(&["a"]),
-            &alive2,
-            "me",
-            now
-        ));
-        assert!(!holders_unsure(
-            &fields,
-            &unreadable(&["c"]),
-            dead,
-            "me",
-            now
-        ));
-        assert!(!holders_unsure(
-            &fields,
-            &unreadable(&["a"]),
-            dead,
-            "a",
-            now
-        ));
-        assert!(!holders_unsure(
-            &fields,
-            &unreadable(&["e"]),
-            dead,
-            "me",
-            now
-        ));
-        assert!(!holders_unsure(&fields, &unreadable(&[]), dead, "me", now));
+        for (unknown, alive, me, want) in [
+            (&["a"][..], dead, "me", true),
+            (&["a"], &alive2, "me", false),
+            (&["c"], dead, "me", false),
+            (&["a"], dead, "a", false),
+            (&["e"], dead, "me", false),
+            (&[], dead, "me", false),
+        ] {
+            assert_eq!(
+                holders_unsure(&fields, &unreadable(unknown), alive, me, now),
+                want,
+                "{unknown:?} unknown, asked by {me}"
+            );
+        }
     }
 }

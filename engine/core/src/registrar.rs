@@ -1121,8 +1121,21 @@ mod tests {
         cseq: u32,
         flow: FlowId,
     ) -> Reply {
+        register_call(reg, store, now, "reg-1", extra, cseq, flow)
+    }
+
+    /// [`register`] with its own Call-ID.
+    fn register_call(
+        reg: &Registrar,
+        store: &mut MemoryStore,
+        now: Instant,
+        call_id: &str,
+        extra: &str,
+        cseq: u32,
+        flow: FlowId,
+    ) -> Reply {
         let msg = format!(
-            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bK{cseq}\r\nTo: <sip:alice@Example.COM>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: reg-1\r\nCSeq: {cseq} REGISTER\r\n{extra}Content-Length: 0\r\n\r\n"
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bK{cseq}\r\nTo: <sip:alice@Example.COM>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n{extra}Content-Length: 0\r\n\r\n"
         );
         let mut h = [Header::EMPTY; 32];
         let Ok(Status::Complete(m)) =
@@ -1469,19 +1482,9 @@ mod tests {
         let mut st = MemoryStore::default();
         let t0 = Instant::now();
         let long = "x".repeat(4000);
+        let contact = "Contact: <sip:alice@10.0.0.1:5061;transport=tls>\r\n";
         let send = |st: &mut MemoryStore, call_id: &str, cseq: u32| {
-            let msg = format!(
-                "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bK{cseq}\r\nTo: <sip:alice@example.com>\r\nFrom: <sip:alice@example.com>;tag=1\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\nContact: <sip:alice@10.0.0.1:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n"
-            );
-            let mut h = [Header::EMPTY; 32];
-            let Ok(Status::Complete(m)) =
-                parse(msg.as_bytes(), &mut h, &Limits::default(), Framing::Stream)
-            else {
-                panic!("parse")
-            };
-            let ess = m.validate(&Limits::default()).unwrap();
-            reg.handle_register(t0, &m, &ess, "sip:alice@example.com", 7, st)
-                .code
+            register_call(&reg, st, t0, call_id, contact, cseq, 7).code
         };
         assert_eq!(send(&mut st, &long, 2), 200);
         let kept = &st.get("sip:alice@example.com")[0].call_id;
