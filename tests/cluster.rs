@@ -92,14 +92,18 @@ impl RedisCluster {
     /// plain port then 0), `cli_tls`: redis-cli's.
     fn start_with(n: u16, replicas: u8, server_tls: &[String], cli_tls: &[String]) -> RedisCluster {
         let dir = TempDir::new("redis-cluster");
-        // Six ports whose cluster-bus ports (+10000) are free too.
-        let mut base = 20_000 + (std::process::id() % 900) as u16 * 10;
+        // `n` ports whose cluster-bus ports (+10000) are free too.
+        // A range of its own per cluster started in this process: the tests run at once,
+        // and two that picked the same range raced to bind it.
+        static STARTED: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+        let nth = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut base = 20_000 + ((std::process::id() % 200) as u16 * 4 + nth % 4) * 10;
         let ports = loop {
             let p: Vec<u16> = (base..base + n).collect();
             if p.iter().all(|&x| bindable(x) && bindable(x + 10_000)) {
                 break p;
             }
-            base += 10;
+            base += 40;
             assert!(base < 29_000, "no free port range for redis");
         };
         let mut procs = Vec::new();
