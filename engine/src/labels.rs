@@ -94,6 +94,7 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "register_aors_per_connection",
         "register_bindings_per_ip",
         "from_not_identity",
+        "from_display",
         "partner_from_domain",
         "partner_pai_domain",
         "partner_register",

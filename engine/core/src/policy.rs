@@ -619,6 +619,22 @@ impl Policy {
             let detail = format!("{claimed} (authenticated as {})", identity.join(","));
             return self.deny(info, 403, reason, label, detail);
         }
+        // The identity we vouch for reads the same to every reader: a From written
+        // `"<sip:ceo@example.com>" <sip:alice@example.com>` is alice to us and the CEO to a
+        // phone that takes the first `<…>` (as a partner's is refused).
+        if !register && display_holds_brackets(&ess.from) {
+            let detail = format!(
+                "{claimed}: {}",
+                String::from_utf8_lossy(ess.from.display.unwrap_or_default())
+            );
+            return self.deny(
+                info,
+                403,
+                "From Display Name Holds A URI",
+                "from_display",
+                detail,
+            );
+        }
         Authz::Allow(Grant {
             source: Source::Client(Some(claimed)),
         })
@@ -1730,6 +1746,26 @@ mod tests {
                 ),
                 &local,
                 403,
+            ),
+            (
+                "client From whose display name holds a URI",
+                &cert_alice,
+                req("MESSAGE", bob, alice, bob, "").replace(
+                    "From: <sip:alice@example.com>",
+                    "From: \"<sip:ceo@example.com>\" <sip:alice@example.com>",
+                ),
+                &local,
+                403,
+            ),
+            (
+                "client From whose display name is plain",
+                &cert_alice,
+                req("MESSAGE", bob, alice, bob, "").replace(
+                    "From: <sip:alice@example.com>",
+                    "From: \"Alice (Sales)\" <sip:alice@example.com>",
+                ),
+                &local,
+                0,
             ),
             (
                 "partner From whose display name holds a URI",
