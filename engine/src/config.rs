@@ -781,6 +781,12 @@ impl Config {
         if let Some(c) = &mut self.cluster {
             fix(&mut c.roots);
             c.crls.iter_mut().for_each(fix);
+            for f in [&mut c.store_ca, &mut c.store_cert, &mut c.store_key]
+                .into_iter()
+                .flatten()
+            {
+                fix(f);
+            }
         }
         self
     }
@@ -1471,6 +1477,27 @@ mod tests {
             !with("rediss://10.0.0.1:7000", "")
                 .iter()
                 .any(|x| x.starts_with("cluster."))
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        // The store's TLS files were read relative to the working directory: under the
+        // shipped unit (working directory /) a `store_ca = "redis-ca.pem"` beside the
+        // configuration was not found.
+        let cfg = Config::parse(
+            "[auth]\nsubscribers = \"subs.toml\"\n[cluster]\nroots = \"nodes.pem\"\nstore_ca = \"redis-ca.pem\"\nstore_cert = \"/abs/me.pem\"\nstore_key = \"me.key\"\n",
+        )
+        .unwrap()
+        .resolve_paths(Path::new("/etc/sipring"));
+        let c = cfg.cluster.unwrap();
+        assert_eq!(c.roots, Path::new("/etc/sipring/nodes.pem"));
+        assert_eq!(c.store_ca.unwrap(), Path::new("/etc/sipring/redis-ca.pem"));
+        assert_eq!(c.store_cert.unwrap(), Path::new("/abs/me.pem"));
+        assert_eq!(c.store_key.unwrap(), Path::new("/etc/sipring/me.key"));
+        assert_eq!(
+            cfg.auth.subscribers.unwrap(),
+            Path::new("/etc/sipring/subs.toml")
         );
     }
 
