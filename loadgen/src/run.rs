@@ -593,13 +593,31 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
     while ready.load(Ordering::SeqCst) < shard.n && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    let rate = plan.rate / shard.n as f64;
+    // Split among the shards that send: every shard for handshakes; for the rest, the
+    // shards that own users (with fewer users than shards, a shard with none sleeps the
+    // run out, and its share of the rate and of `--count` was lost without a word), each
+    // in proportion to its users.
+    let senders = if plan.scenario == Scenario::Handshake {
+        shard.n
+    } else {
+        shard.n.min(plan.users).max(1)
+    };
+    let rate = if plan.scenario == Scenario::Handshake {
+        plan.rate / shard.n as f64
+    } else {
+        plan.rate * users.len() as f64 / plan.users.max(1) as f64
+    };
     let start = Instant::now();
     let end = start + plan.warmup + plan.duration;
-    // `--count` split exactly: the first `c % n` shards take one more.
-    let limit = plan
-        .count
-        .map(|c| c / shard.n as u64 + u64::from((shard.id as u64) < c % shard.n as u64));
+    // `--count` split exactly: the first `c % senders` sending shards take one more.
+    let limit = plan.count.map(|c| {
+        let s = senders as u64;
+        if shard.id as u64 >= s {
+            0
+        } else {
+            c / s + u64::from((shard.id as u64) < c % s)
+        }
+    });
     if plan.scenario == Scenario::Idle {
         idle(&shard, &plan, &users, end).await;
         // Held until the end, or until a signal ended it.
