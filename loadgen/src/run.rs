@@ -353,7 +353,7 @@ impl Shard {
     fn hand_to_writer(&self, ua: &Ua, bytes: Vec<u8>, kind: &str, call_id: &str) {
         if let Err(e) = ua.tx.try_send(bytes) {
             self.pending.borrow_mut().remove(call_id);
-            if kind == "invite_200" {
+            if matches!(kind, "invite_200" | "bye") {
                 self.active_calls
                     .set(self.active_calls.get().saturating_sub(1));
             }
@@ -487,11 +487,13 @@ async fn shard_main(id: usize, n: usize, plans: Arc<Vec<Plan>>, progress: Arc<Pr
                     .map(|(k, p)| (k.clone(), p.kind))
                     .collect();
                 for (k, kind) in expired {
+                    // A call holds its slot until its BYE is answered: a BYE that timed out
+                    // gives it back too (it leaked, and later calls counted as blocked).
                     let was_call = s
                         .pending
                         .borrow_mut()
                         .remove(&k)
-                        .is_some_and(|p| p.kind == "invite_200");
+                        .is_some_and(|p| matches!(p.kind, "invite_200" | "bye"));
                     if was_call {
                         s.active_calls.set(s.active_calls.get().saturating_sub(1));
                     }
@@ -1131,14 +1133,16 @@ fn on_response(
                 let bye = bye_for(&u, &pl, &cid, &route, &remote, &to, s.next(), bye_cseq);
                 s.start(
                     "bye",
-                    (cid, u64::from(bye_cseq)),
+                    (cid.clone(), u64::from(bye_cseq)),
                     due,
                     measured,
                     0,
                     None,
                     false,
                 );
-                let _ = u.tx.try_send(bye);
+                // A BYE that cannot be written fails now (connection_closed), and gives its
+                // call's slot back.
+                s.hand_to_writer(&u, bye, "bye", &cid);
             })
             .detach();
         } else {
