@@ -185,10 +185,10 @@ fn each_host_check_fails_with_a_fix() {
 fn config_checks_shards_and_certificate_expiry() {
     let dir = TempDir::new("doctor");
     let ca = Ca::new("Doctor CA").unwrap();
-    let cert = |name: &str, hours: i64| {
+    let cert_from = |name: &str, from_hours: i64, hours: i64| {
         let i = ca
             .issue(&Spec {
-                valid_from: time::Duration::days(-400),
+                valid_from: time::Duration::hours(from_hours),
                 valid_until: time::Duration::hours(hours),
                 ..Spec::server("sip.example.com")
             })
@@ -198,6 +198,7 @@ fn config_checks_shards_and_certificate_expiry() {
             dir.write(&format!("{name}.key"), &i.key_pem),
         )
     };
+    let cert = |name: &str, hours: i64| cert_from(name, -400 * 24, hours);
     let cfg_with = |c: (std::path::PathBuf, std::path::PathBuf)| Config {
         listen: vec![ListenConfig::default()],
         tls: sipring::config::TlsConfig {
@@ -227,6 +228,12 @@ fn config_checks_shards_and_certificate_expiry() {
             .unwrap();
         assert_eq!(c.verdict, want, "{c:?}");
     }
+    // Not valid yet (issued for tomorrow, or this clock behind): every handshake fails, as
+    // start and reload say; it read as PASS.
+    let cfg = cfg_with(cert_from("tomorrow", 24, 400 * 24));
+    let checks = run(&facts, Some(Ok(&cfg)));
+    let c = checks.iter().find(|c| c.name.contains("tomorrow")).unwrap();
+    assert_eq!(c.verdict, Verdict::Fail, "{c:?}");
     let mut cfg = cfg_with(cert("ok2", 200 * 24));
     cfg.server.shards = 64;
     let checks = run(&facts, Some(Ok(&cfg)));

@@ -375,6 +375,18 @@ pub fn run(f: &HostFacts, config: Option<Result<&Config, String>>) -> Vec<Check>
                                 format!("expired {} days ago", (-left as u64).div_ceil(86_400)),
                                 "renew it, then `kill -HUP` or POST /reload",
                             )
+                        } else if cert.not_before - 300 > f.now {
+                            // Not valid yet (a clock behind, or issued for later): every
+                            // handshake fails, as start and reload say; it read as PASS.
+                            check(
+                                &name,
+                                Fail,
+                                format!(
+                                    "not valid for another {} s (notBefore ahead of this clock)",
+                                    cert.not_before - f.now
+                                ),
+                                "check the clock (NTP), or use the certificate in force",
+                            )
                         } else if days <= 30 {
                             check(
                                 &name,

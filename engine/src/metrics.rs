@@ -244,6 +244,13 @@ fn help(family: &str) -> &'static str {
         "sipring_unanswered_lookups_total" => {
             "Lookups, registrations and CANCEL questions with no answer within 64*T1 (their requests answered 503 or 481)."
         }
+        "sipring_keepalive_pings_total" => "RFC 5626 pings sent on quiet links we dialled.",
+        "sipring_peer_links_retired_total" => {
+            "Links we dialled whose TLS key was spent, replaced by a new link."
+        }
+        "sipring_retiring_refused_total" => {
+            "New requests answered 503 on a connection whose TLS key is spent."
+        }
         "sipring_node_links_closed_total" => {
             "Links to cluster nodes closed because the store found the node down."
         }
