@@ -938,6 +938,27 @@ fn the_admin_endpoint_cannot_be_held_or_made_to_reload_by_a_browser() {
     let (status, _) = sipring_tests::server::admin(admin_addr, "GET", "/health");
     assert_eq!(status, "HTTP/1.0 200 OK");
     drop(silent);
+    // One source holds at most four slots: every slot held by one address (reconnecting
+    // each second) closed everyone else's scrapes and health checks unanswered. The rest of
+    // its connections are answered 503 at once.
+    let silent: Vec<TcpStream> = (0..sipring::admin::CONCURRENT)
+        .map(|_| connect_from(ATTACKER, admin_addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = sipring_tests::server::admin(admin_addr, "GET", "/health");
+    assert_eq!(status, "HTTP/1.0 200 OK", "one source held every slot");
+    let mut turned_away = 0;
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        turned_away += usize::from(out.starts_with("HTTP/1.0 503"));
+    }
+    assert_eq!(
+        turned_away,
+        sipring::admin::CONCURRENT - sipring::admin::PER_SOURCE
+    );
     // A request line trickled a byte at a time, each within the read timeout: cut at the
     // head deadline (1 s), not after its 16 KiB.
     let trickle = std::thread::spawn(move || {

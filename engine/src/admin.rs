@@ -16,8 +16,9 @@
 
 use crate::control::Control;
 use crate::server::{Reloader, Running, merge};
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -32,6 +33,10 @@ pub const HEAD_DEADLINE: Duration = Duration::from_secs(1);
 pub const DEADLINE: Duration = Duration::from_secs(5);
 /// Requests served at once, each on a thread of its own.
 pub const CONCURRENT: usize = 16;
+/// Requests served at once for one source address: whoever reached the port could hold
+/// every slot with silent connections (one a second each), and scrapes and health checks
+/// were closed unanswered.
+pub const PER_SOURCE: usize = 4;
 /// The least time between two reloads through the endpoint.
 pub const RELOAD_SPACING: Duration = Duration::from_secs(1);
 
@@ -47,6 +52,7 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
     let reloader = Reloader::of(running);
     let reloader = Arc::new(reloader);
     let busy = Arc::new(AtomicUsize::new(0));
+    let by_source: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let last_reload = Arc::new(std::sync::Mutex::new(None::<Instant>));
     std::thread::Builder::new()
         .name("sipring-admin".into())
@@ -57,16 +63,34 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
                 }
                 match stream {
                     Ok(s) => {
-                        // A slow client holds its own thread, not the endpoint.
-                        if busy.fetch_add(1, Ordering::AcqRel) >= CONCURRENT {
+                        let source = s.peer_addr().map(|a| a.ip().to_canonical()).ok();
+                        let per_source = source.map(|ip| {
+                            let mut m = by_source.lock().unwrap_or_else(|p| p.into_inner());
+                            let n = m.entry(ip).or_insert(0);
+                            *n += 1;
+                            (ip, *n)
+                        });
+                        // A slow client holds its own thread, not the endpoint; one source
+                        // holds at most PER_SOURCE of them. Refused: 503 (it was closed
+                        // unanswered), written without waiting.
+                        let full = busy.fetch_add(1, Ordering::AcqRel) >= CONCURRENT
+                            || per_source.is_some_and(|(_, n)| n > PER_SOURCE);
+                        if full {
                             busy.fetch_sub(1, Ordering::AcqRel);
+                            if let Some((ip, _)) = per_source {
+                                give_back(&by_source, ip);
+                            }
+                            let _ = s.set_nonblocking(true);
+                            let _ = (&s).write_all(
+                                b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                            );
                             continue;
                         }
                         let (control, reloader) = (control.clone(), reloader.clone());
                         let last_reload = last_reload.clone();
                         // The slot goes back however the request ends, a panic included
                         // (four panics would otherwise leave the endpoint dead).
-                        let slot = Slot(busy.clone());
+                        let slot = Slot(busy.clone(), source, by_source.clone());
                         let _ = std::thread::Builder::new()
                             .name("sipring-admin-req".into())
                             .spawn(move || {
@@ -105,12 +129,28 @@ fn spaced_reload(
     Some(r)
 }
 
-/// One request slot of [`CONCURRENT`], given back when dropped.
-struct Slot(Arc<AtomicUsize>);
+/// One request slot of [`CONCURRENT`] (and of its source's [`PER_SOURCE`]), given back
+/// when dropped.
+type SourceCounts = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+struct Slot(Arc<AtomicUsize>, Option<IpAddr>, SourceCounts);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.1 {
+            give_back(&self.2, ip);
+        }
+    }
+}
+
+/// One request of `ip` is over.
+fn give_back(counts: &std::sync::Mutex<HashMap<IpAddr, usize>>, ip: IpAddr) {
+    let mut m = counts.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = m.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&ip);
+        }
     }
 }
 
