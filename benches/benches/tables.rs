@@ -43,11 +43,14 @@ fn bench_registrar(c: &mut Criterion) {
     let mut g = c.benchmark_group("registrar_100k");
     g.throughput(Throughput::Elements(1));
     let mut i = 0u64;
+    // The AORs made before: a `format!` per lookup was timed with it.
+    let aors: Vec<String> = (0..100_000u64)
+        .map(|i| format!("sip:u{i}@example.com"))
+        .collect();
     g.bench_function("lookup", |b| {
         b.iter(|| {
             i = (i + 7919) % 100_000;
-            reg.lookup(now, &store, &format!("sip:u{i}@example.com"))
-                .len()
+            reg.lookup(now, &store, &aors[i as usize]).len()
         })
     });
     g.bench_function("insert_replace", |b| {
@@ -156,29 +159,33 @@ fn bench_mesh_hop(c: &mut Criterion) {
     g.bench_function("one_way_hop", |b| {
         b.iter_custom(|iters| {
             let mesh = MeshBuilder::<u64, _>::full(2, 1024);
-            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // Within the CPUs this process may use (an absolute id ran both executors on
+            // CPU 0 under `taskset -c 1`, and panicked under a cpuset without it).
+            let cpus = sipring::sys::cpus::allowed();
             let hs: Vec<_> = (0..2)
                 .map(|i| {
                     let m = mesh.clone();
-                    glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(i % cpus))
-                        .spawn(move || async move {
-                            let (tx, mut rx) = m.join().await.unwrap();
-                            let me = tx.peer_id();
-                            let t0 = Instant::now();
-                            if me == 0 {
-                                for n in 0..iters {
-                                    tx.send_to(1, n).await.unwrap();
-                                }
-                            } else {
-                                let streams = rx.streams();
-                                let (_, r) = &streams[0];
-                                for _ in 0..iters {
-                                    r.recv().await.unwrap();
-                                }
+                    glommio::LocalExecutorBuilder::new(glommio::Placement::Fixed(
+                        cpus[i % cpus.len()],
+                    ))
+                    .spawn(move || async move {
+                        let (tx, mut rx) = m.join().await.unwrap();
+                        let me = tx.peer_id();
+                        let t0 = Instant::now();
+                        if me == 0 {
+                            for n in 0..iters {
+                                tx.send_to(1, n).await.unwrap();
                             }
-                            (me, t0.elapsed())
-                        })
-                        .unwrap()
+                        } else {
+                            let streams = rx.streams();
+                            let (_, r) = &streams[0];
+                            for _ in 0..iters {
+                                r.recv().await.unwrap();
+                            }
+                        }
+                        (me, t0.elapsed())
+                    })
+                    .unwrap()
                 })
                 .collect();
             let results: Vec<(usize, Duration)> =
