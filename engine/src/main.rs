@@ -248,7 +248,20 @@ fn run(path: PathBuf) -> ExitCode {
         let _ = hurry.join();
     }
     // Every shard was asked to stop (`drain` and the fatal path end in `stop`): one that
-    // does not within the bound is stuck, and the process exits without it.
+    // does not within the bound is stuck, and the process exits without it. Meanwhile a
+    // SIGTERM or SIGINT exits at once: the handlers stayed installed with nobody reading
+    // them, and for up to SHARDS_STOP_WITHIN only SIGKILL stopped the process.
+    if let Ok(mut late) = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        std::thread::spawn(move || {
+            if late.forever().next().is_some() {
+                tracing::error!("signal while the shards stop: exiting now");
+                std::process::exit(1);
+            }
+        });
+    }
     match running.join_within(SHARDS_STOP_WITHIN) {
         Ok(()) if fatal => ExitCode::FAILURE,
         Ok(()) => {
