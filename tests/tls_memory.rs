@@ -1042,6 +1042,37 @@ fn a_chain_built_again_on_the_current_root_is_read_against_its_crls() {
 }
 
 #[test]
+fn a_chain_with_more_intermediates_than_any_real_one_is_refused_unread() {
+    // Each presented CA named after a trusted root costs a signature check with that root's
+    // key, once per order of CRLs: a hundred junk intermediates held a shard's thread for a
+    // second or more per handshake. More than eight are refused before any is read.
+    let w = World::new();
+    let phone_spec = Spec {
+        uris: vec!["sip:carol@example.com".into()],
+        usage: Usage::ClientOnly,
+        ..spec("phone.example.com")
+    };
+    let root = Ca::new("Phones CA").unwrap();
+    w.dir.write("phones-roots.pem", &root.cert.cert_pem);
+    let mut cfg = w.config(&["1.3"]);
+    cfg.tls.client_roots = Some(w.dir.join("phones-roots.pem"));
+    cfg.tls.client_crls = Vec::new();
+    let p = TlsPolicy::load(&cfg).expect("policy loads");
+    let sub = root.intermediate("Phones Sub CA").unwrap();
+    let phone = sub.issue(&phone_spec).unwrap();
+    let chain = |junk: usize| {
+        let mut c = vec![phone.der.clone(), sub.cert.der.clone()];
+        c.extend(std::iter::repeat_n(sub.cert.der.clone(), junk));
+        c
+    };
+    assert_eq!(p.verify_client_chain(&chain(7)), Ok(()));
+    assert_eq!(
+        p.verify_client_chain(&chain(8)),
+        Err(Rejection::BadCertificate)
+    );
+}
+
+#[test]
 fn a_lapsed_client_root_authenticates_no_phone() {
     // webpki keeps no anchor's validity: a `tls.client_roots` CA past its notAfter went on
     // authenticating phones (a certificate proving an AOR skips digest). Partner roots

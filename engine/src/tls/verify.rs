@@ -247,6 +247,28 @@ impl fmt::Display for Rejected {
 
 impl std::error::Error for Rejected {}
 
+/// The most CA certificates a peer may present with its own. Each one webpki may try costs
+/// signature checks with the root's key, and a chain is verified once per CRL order (up to
+/// 64): about a hundred junk intermediates named after a partner's root held a shard's
+/// thread for a second or more per handshake. Real chains have one to three.
+pub const MAX_INTERMEDIATES: usize = 8;
+
+/// Refusal of a chain longer than [`MAX_INTERMEDIATES`], before any signature is checked.
+fn too_long(ee: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Option<Error> {
+    (intermediates.len() > MAX_INTERMEDIATES).then(|| {
+        let (summary, _) = chain_summary(ee, &[]);
+        reject(
+            Rejection::BadCertificate,
+            summary,
+            None,
+            format!(
+                "{} intermediate certificates presented (at most {MAX_INTERMEDIATES})",
+                intermediates.len()
+            ),
+        )
+    })
+}
+
 fn reject(
     reason: Rejection,
     cert: CertSummary,
@@ -675,7 +697,12 @@ impl PeerTrust {
         // list revokes is revoked (webpki reports `CertRevoked` only after the list's
         // signature and expiry passed); otherwise a pass stands; otherwise the first answer
         // that is not a signature failure; else the first.
-        if first == Err(webpki::Error::CertRevoked) {
+        // Revoked is final; so is a chain that reaches no anchor (no list changes that), and
+        // trying every order of lists again for it only cost a forged chain's sender our CPU.
+        if matches!(
+            first,
+            Err(webpki::Error::CertRevoked | webpki::Error::UnknownIssuer)
+        ) {
             return first;
         }
         let mut passed = first.is_ok();
@@ -1014,7 +1041,11 @@ impl CrlOrders {
             matches!(r, Err(Error::InvalidCertificate(CertificateError::Revoked)))
         };
         let first = verify(self.orders[0].as_ref());
-        if self.orders.len() == 1 || revoked(&first) {
+        let unanchored = matches!(
+            first,
+            Err(Error::InvalidCertificate(CertificateError::UnknownIssuer))
+        );
+        if self.orders.len() == 1 || revoked(&first) || unanchored {
             return first;
         }
         let (mut passed, mut other) = (first.is_ok(), None);
@@ -1227,6 +1258,9 @@ impl ClientCertVerifier for CrlOrders {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        if let Some(e) = too_long(ee, intermediates) {
+            return Err(e);
+        }
         let ok = self.combine(|v| v.verify_client_cert(ee, intermediates, now))?;
         self.roots
             .holds(&self.algs, ee, intermediates, now, &self.crls)
@@ -1291,6 +1325,9 @@ impl ClientCertVerifier for PeerClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        if let Some(e) = too_long(ee, intermediates) {
+            return Err(e);
+        }
         let (summary, ids) = chain_summary(ee, intermediates);
         let candidates: Vec<&Arc<PeerTrust>> = self
             .peers
@@ -1404,6 +1441,9 @@ impl ServerCertVerifier for PeerServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        if let Some(e) = too_long(ee, intermediates) {
+            return Err(e);
+        }
         let (summary, ids) = chain_summary(ee, intermediates);
         let p = &self.peer;
         if let Err(e) = p.verify_server_chain(&self.algs, ee, intermediates, now) {
