@@ -205,7 +205,10 @@ impl Shard {
             .set(self.partial_total.get().saturating_sub(before) + after);
     }
 
-    /// Past `limits.partial_bytes_per_shard`, drops the connection holding the most.
+    /// Past `limits.partial_bytes_per_shard`, drops the connection holding the most: a
+    /// client's before a partner's or node's link, as for the write budget (many clients
+    /// each holding a little less than a busy carrier link's record in progress had the
+    /// link dropped, and every call on it with it).
     pub fn enforce_partial_budget(&self) {
         let budget = self.cfg.limits.partial_bytes_per_shard;
         while self.partial_total.get() > budget {
@@ -214,7 +217,7 @@ impl Shard {
                 .borrow()
                 .values()
                 .filter(|c| c.is_open() && c.partial_len() > 0)
-                .max_by_key(|c| c.partial_len())
+                .max_by_key(|c| (c.principal.partner().is_none(), c.partial_len()))
                 .cloned();
             let Some(c) = victim else { break };
             self.count("sipring_partial_budget_drops_total");
