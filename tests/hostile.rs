@@ -361,6 +361,30 @@ fn silent_connections_do_not_crowd_out_real_handshakes() {
     );
     bg.check(Duration::from_millis(500));
     drop(silent);
+    // One byte of a ClientHello, then silence: the first byte ended the ClientHello
+    // deadline, and the slot was held for the whole handshake timeout (5 s). It is closed
+    // at the ClientHello deadline now.
+    let before = metric(
+        &admin_get(srv.admin_addr.unwrap(), "/metrics"),
+        "sipring_client_hello_timeouts_total",
+    )
+    .unwrap_or(0.0);
+    let mut one_byte = connect_from(ATTACKER, tls).unwrap();
+    one_byte.write_all(&[0x16]).unwrap();
+    let t0 = Instant::now();
+    one_byte
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = one_byte.read_to_end(&mut rest);
+    let held = t0.elapsed();
+    assert!(
+        held < Duration::from_secs(3),
+        "one byte held a slot for {held:?}"
+    );
+    wait_metrics(srv.admin_addr.unwrap(), "a ClientHello deadline", |m| {
+        metric(m, "sipring_client_hello_timeouts_total").unwrap_or(0.0) > before
+    });
     srv.stop();
     srv.join().unwrap();
 }

@@ -56,6 +56,35 @@ impl std::error::Error for HandshakeError {
     }
 }
 
+/// Reads the peer's first flight (a client's ClientHello), one record at a time, until this
+/// side has something to send (its ServerHello, or an alert) or the handshake has ended;
+/// [`drive_handshake`] then does the rest. A server bounds this by its ClientHello deadline:
+/// bounded by the first byte alone, one byte then silence held a handshake slot for the
+/// whole handshake timeout.
+pub async fn read_first_flight(
+    stream: &mut TcpStream,
+    sess: &mut TlsSession,
+) -> Result<(), HandshakeError> {
+    let mut buf = vec![0u8; MAX_RECORD];
+    while sess.is_handshaking() && !sess.has_outgoing() {
+        glommio::yield_if_needed().await;
+        let want = sess.read_hint().min(buf.len());
+        let n = stream
+            .read(&mut buf[..want])
+            .await
+            .map_err(HandshakeError::Io)?;
+        if n == 0 {
+            return Err(HandshakeError::Closed);
+        }
+        if let Err(e) = sess.receive(&buf[..n]) {
+            let alert = sess.take_outgoing();
+            let _ = stream.write_all(&alert).await;
+            return Err(HandshakeError::Tls(e));
+        }
+    }
+    Ok(())
+}
+
 /// Drives a handshake to completion, reading exactly one TLS record at a time (so nothing the
 /// peer pipelines behind its Finished is read into userspace before a kernel hand-off). On a
 /// refusal the alert rustls wrote is sent before the error returns.

@@ -168,15 +168,16 @@ async fn accept_tls(
     // Taken when the connection was admitted (so a burst of accepts is counted before any
     // of their tasks runs), or now.
     let slot = slot.unwrap_or_else(|| crate::shard::HandshakeSlot::take(shard, Some(remote.ip())));
-    // A client speaks first (its ClientHello): a connection that stays silent holds a
-    // handshake slot for `tls.client_hello_timeout_ms` only, not the whole handshake timeout.
+    // A client speaks first (its ClientHello): a connection whose ClientHello is not in
+    // within `tls.client_hello_timeout_ms` (silent, or one byte and then silence: the first
+    // byte ended this deadline before) holds a handshake slot that long only, not the whole
+    // handshake timeout.
     let first = Duration::from_millis(shard.cfg.tls.client_hello_timeout_ms);
-    let spoke = with_timeout(first, stream.peek(&mut [0u8; 1])).await;
+    let spoke = with_timeout(first, read_first_flight(&mut stream, &mut sess)).await;
     let silent = match spoke {
-        Some(Ok(n)) if n > 0 => None,
-        // Closed before a word (a TCP health check): an aborted handshake.
-        Some(Ok(_)) => Some(Some(Err(HandshakeError::Closed))),
-        Some(Err(e)) => Some(Some(Err(HandshakeError::Io(e.into())))),
+        Some(Ok(())) => None,
+        // Closed before a word (a TCP health check): an aborted handshake; or refused.
+        Some(Err(e)) => Some(Some(Err(e))),
         None => {
             shard.count("sipring_client_hello_timeouts_total");
             Some(None)

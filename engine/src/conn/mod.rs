@@ -51,7 +51,7 @@ mod records;
 use handshake::{Established, LINGER, with_timeout};
 pub use handshake::{serve_inbound, spawn_peer_connect};
 use records::{Rekey, UNLIMITED_AEAD, ktls_record_budget, on_control_record, rekey_or_close};
-pub use sipring_net::handshake::{HandshakeError, drive_handshake};
+pub use sipring_net::handshake::{HandshakeError, drive_handshake, read_first_flight};
 
 /// How the record layer runs after the handshake.
 enum Layer {
