@@ -102,6 +102,7 @@ enabled = false
 max_connections_per_ip = 1000000
 max_handshakes_in_flight = 100000
 max_handshakes_per_ip = 100000
+max_handshakes_per_ip_per_s = 0
 CFG
     printf '%s\n' "$@"
   } > "$file"

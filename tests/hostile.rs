@@ -390,6 +390,59 @@ fn silent_connections_do_not_crowd_out_real_handshakes() {
 }
 
 #[test]
+fn a_source_starts_a_bounded_number_of_handshakes_a_second() {
+    // A replayed ClientHello costs its sender nothing and us a full handshake (~0.2 ms of
+    // CPU); closing at once frees its slot, so the in-flight limits never bound how often.
+    // Past its rate (here 10/s, a burst of 20) a source's new connections are refused at
+    // accept; another source's handshakes go on.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| c.limits.max_handshakes_per_ip_per_s = 10);
+    let tls = srv.listen_addrs[0];
+    // 60 connections at once: the first 20 or so are admitted (they wait for a ClientHello),
+    // the rest closed at accept.
+    let conns: Vec<_> = (0..60).map(|_| connect_from(ATTACKER, tls)).collect();
+    // Well within the ClientHello deadline (1 s), which would close the admitted ones too.
+    std::thread::sleep(Duration::from_millis(150));
+    let mut refused = 0;
+    for c in conns {
+        let Ok(mut s) = c else {
+            refused += 1;
+            continue;
+        };
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        // Closed (or reset) at accept; an admitted one is still waiting: WouldBlock.
+        match s.read(&mut b) {
+            Ok(0) => refused += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => refused += 1,
+            _ => {}
+        }
+    }
+    assert!(refused >= 30, "{refused} of 60 refused");
+    wait_metrics(srv.admin_addr.unwrap(), "refusals counted", |m| {
+        metric(
+            m,
+            "sipring_connections_refused_total{limit=\"max_handshakes_per_ip_per_s\"}",
+        )
+        .unwrap_or(0.0)
+            >= 30.0
+    });
+    // Another address is not held to the first one's rate.
+    let cfg = tls_config(&pki.certs("ca.pem"), None, false);
+    let tcp = connect_from(CLIENT, tls).unwrap();
+    let conn = rustls::ClientConnection::new(cfg, ServerName::try_from("sip.example.com").unwrap())
+        .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn
+            .complete_io(&mut s.sock)
+            .expect("another source's handshake");
+    }
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn trickles_and_stalled_messages_are_cut_and_their_memory_is_bounded() {
     let pki = Pki::new();
     let srv = server(&pki, |c| {

@@ -91,6 +91,7 @@ sni = ["sip.example.com"]
 [limits]
 max_handshakes_in_flight = 100000
 max_handshakes_per_ip = 100000
+max_handshakes_per_ip_per_s = 0
 max_connections_per_ip = 1000000
 [auth]
 enabled = false

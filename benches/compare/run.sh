@@ -56,6 +56,7 @@ sni = ["sip.example.com"]
 [limits]
 max_handshakes_in_flight = 100000
 max_handshakes_per_ip = 100000
+max_handshakes_per_ip_per_s = 0
 max_connections_per_ip = 1000000
 [auth]
 # Routing work only, as in the Kamailio config it is compared with (and earlier figures);

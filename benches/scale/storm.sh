@@ -66,6 +66,7 @@ max_handshakes_in_flight = 4096
 # The generators are one address; real phones are many (the per-source cap, 64 by default,
 # would measure the cap, not the storm).
 max_handshakes_per_ip = 4096
+max_handshakes_per_ip_per_s = 0
 max_connections_per_ip = 1000000
 max_connections_per_shard = 1000000
 [auth]

@@ -141,6 +141,10 @@ pub fn admit(
         Some("max_handshakes_in_flight")
     } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
         Some("max_handshakes_per_ip")
+    } else if kind != ListenKind::Tcp
+        && ip.is_some_and(|ip| !shard.handshake_allowed(ip, Instant::now()))
+    {
+        Some("max_handshakes_per_ip_per_s")
     } else {
         None
     };

@@ -132,6 +132,9 @@ pub struct Shard {
     pub handshakes: Cell<usize>,
     /// TLS handshakes in progress per source address (bounded by the handshakes in flight).
     handshakes_by_ip: RefCell<HashMap<IpAddr, usize>>,
+    /// New handshakes per source: tokens and when they were last topped up
+    /// (`limits.max_handshakes_per_ip_per_s`; bounded, see [`Shard::handshake_allowed`]).
+    handshake_rate: RefCell<HashMap<IpAddr, (f32, Instant)>>,
     /// A spare descriptor, given back for a moment when accept fails for want of them.
     reserve_fd: RefCell<Option<std::fs::File>>,
     /// Connections out of the table but still in their close sequence (flushing, close_notify).
@@ -399,6 +402,7 @@ impl Shard {
             cancels_asked: RefCell::new(HashMap::new()),
             handshakes: Cell::new(0),
             handshakes_by_ip: RefCell::new(HashMap::new()),
+            handshake_rate: RefCell::new(HashMap::new()),
             reserve_fd: RefCell::new(std::fs::File::open("/dev/null").ok()),
             closing: Cell::new(0),
             overflow: RefCell::new((0..n).map(|_| Default::default()).collect()),
@@ -423,6 +427,34 @@ impl Shard {
             cluster,
             flow_src: RefCell::new(HashMap::new()),
             rechecks: Default::default(),
+        }
+    }
+
+    /// May `ip` start one more TLS handshake now (`limits.max_handshakes_per_ip_per_s`, a
+    /// token bucket per source with a burst of twice the rate)? Takes the token when so.
+    /// The table is bounded: at 65,536 sources it forgets those whose bucket has refilled.
+    pub fn handshake_allowed(&self, ip: IpAddr, now: Instant) -> bool {
+        let rate = self.cfg.limits.max_handshakes_per_ip_per_s;
+        if rate == 0 {
+            return true;
+        }
+        let (rate, burst) = (rate as f32, 2.0 * rate as f32);
+        let mut t = self.handshake_rate.borrow_mut();
+        if t.len() >= 65_536 {
+            t.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f32() * rate < burst
+            });
+        }
+        let (tokens, at) = t
+            .entry(sipring_core::auth::source_of(ip))
+            .or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f32() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
