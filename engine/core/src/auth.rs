@@ -684,15 +684,26 @@ impl fmt::Debug for FailureLedger {
 }
 
 /// What a source is, for per-source limits and counts: an IPv4 address (an IPv4-mapped
-/// IPv6 address is its IPv4 address), or the /64 of an IPv6 address — one host (or one LAN)
-/// draws addresses from its /64 at will, so counting per /128 bounds nothing.
+/// IPv6 address is its IPv4 address, and so is one a translator wrote: NAT64's well-known
+/// `64:ff9b::/96`, RFC 6052, and 6to4's `2002::/16`, RFC 3056), or the /64 of an IPv6 address
+/// — one host (or one LAN) draws addresses from its /64 at will, so counting per /128 bounds
+/// nothing. Behind a NAT64 gateway every IPv4 client's address falls in one /64: counted as
+/// one source, one of them blocked or limited all of them.
 pub fn source_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6((u128::from(v6) >> 64 << 64).into()),
-        },
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                IpAddr::V4(v4)
+            } else if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
+                IpAddr::V4((bits as u32).into())
+            } else if bits >> 112 == 0x2002 {
+                IpAddr::V4(((bits >> 80) as u32).into())
+            } else {
+                IpAddr::V6((bits >> 64 << 64).into())
+            }
+        }
     }
 }
 
@@ -1590,6 +1601,17 @@ mod tests {
         let after = t0 + cfg.block + Duration::from_secs(1);
         l.fail(after, x, &cfg);
         assert!(l.is_blocked(after, x), "let off early");
+    }
+
+    #[test]
+    fn addresses_a_translator_wrote_are_the_ipv4_sources_inside() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source_of(ip("64:ff9b::c000:201")), ip("192.0.2.1"));
+        assert_eq!(source_of(ip("64:ff9b::c000:202")), ip("192.0.2.2"));
+        assert_eq!(source_of(ip("2002:c000:203::1")), ip("192.0.2.3"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.4")), ip("192.0.2.4"));
+        assert_eq!(source_of(ip("2001:db8:1:2:3::4")), ip("2001:db8:1:2::"));
+        assert_eq!(source_of(ip("192.0.2.5")), ip("192.0.2.5"));
     }
 
     #[test]
