@@ -67,20 +67,32 @@ pub async fn read_first_flight(
 ) -> Result<(), HandshakeError> {
     let mut buf = vec![0u8; MAX_RECORD];
     while sess.is_handshaking() && !sess.has_outgoing() {
-        glommio::yield_if_needed().await;
-        let want = sess.read_hint().min(buf.len());
-        let n = stream
-            .read(&mut buf[..want])
-            .await
-            .map_err(HandshakeError::Io)?;
-        if n == 0 {
-            return Err(HandshakeError::Closed);
-        }
-        if let Err(e) = sess.receive(&buf[..n]) {
-            let alert = sess.take_outgoing();
-            let _ = stream.write_all(&alert).await;
-            return Err(HandshakeError::Tls(e));
-        }
+        read_record(stream, sess, &mut buf).await?;
+    }
+    Ok(())
+}
+
+/// Reads one TLS record's worth (rustls's hint) into `sess`. A record is one read and one
+/// pass of rustls: a peer that cuts its flight into many small records does not keep the
+/// other connections of this core waiting. On a refusal the alert rustls wrote is sent.
+async fn read_record(
+    stream: &mut TcpStream,
+    sess: &mut TlsSession,
+    buf: &mut [u8],
+) -> Result<(), HandshakeError> {
+    glommio::yield_if_needed().await;
+    let want = sess.read_hint().min(buf.len());
+    let n = stream
+        .read(&mut buf[..want])
+        .await
+        .map_err(HandshakeError::Io)?;
+    if n == 0 {
+        return Err(HandshakeError::Closed);
+    }
+    if let Err(e) = sess.receive(&buf[..n]) {
+        let alert = sess.take_outgoing();
+        let _ = stream.write_all(&alert).await;
+        return Err(HandshakeError::Tls(e));
     }
     Ok(())
 }
@@ -101,21 +113,6 @@ pub async fn drive_handshake(
         if !sess.is_handshaking() {
             return Ok(());
         }
-        // A record is one read and one pass of rustls: a peer that cuts its flight into
-        // many small records does not keep the other connections of this core waiting.
-        glommio::yield_if_needed().await;
-        let want = sess.read_hint().min(buf.len());
-        let n = stream
-            .read(&mut buf[..want])
-            .await
-            .map_err(HandshakeError::Io)?;
-        if n == 0 {
-            return Err(HandshakeError::Closed);
-        }
-        if let Err(e) = sess.receive(&buf[..n]) {
-            let alert = sess.take_outgoing();
-            let _ = stream.write_all(&alert).await;
-            return Err(HandshakeError::Tls(e));
-        }
+        read_record(stream, sess, &mut buf).await?;
     }
 }
