@@ -52,6 +52,40 @@ fn partner_options(
 }
 
 #[test]
+fn clients_filling_the_handshake_slots_leave_room_for_partners() {
+    // The client listener takes at most seven eighths of the handshake slots: silent (or
+    // slow) connections to it, from however many addresses, kept partners and cluster nodes
+    // from dialling in on `mtls`, which shares the slots.
+    let pki = Pki::new();
+    let mut cfg = config(&pki);
+    cfg.server.shards = 1;
+    cfg.limits.max_handshakes_in_flight = 16;
+    cfg.limits.max_handshakes_per_ip = 100;
+    cfg.limits.max_handshakes_per_ip_per_s = 0;
+    let srv = start(cfg, None).expect("start");
+    let (tls, mtls) = (srv.listen_addrs[0], srv.listen_addrs[1]);
+    let silent: Vec<_> = (0..16)
+        .map(|_| std::net::TcpStream::connect(tls).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let good = (pki.certs("partner.pem"), pki.key("partner.key"));
+    let cfg = tls_config(&pki.certs("ca.pem"), Some((good.0, good.1)), false);
+    let u = Ua::tls(mtls, cfg, "sip.example.com", "p", "partner.example.com");
+    assert!(u.is_ok(), "the partner's handshake: {:?}", u.err());
+    wait_metrics(srv.admin_addr.unwrap(), "clients refused past 14", |m| {
+        metric(
+            m,
+            "sipring_connections_refused_total{limit=\"max_handshakes_in_flight\"}",
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    });
+    drop(silent);
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn mtls_listener_accepts_and_refuses_over_sockets() {
     let pki = Pki::new();
     let srv = start(config(&pki), None).expect("start");

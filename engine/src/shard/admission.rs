@@ -137,7 +137,7 @@ pub fn admit(
         Some("max_connections")
     } else if total >= limits.max_connections_per_shard {
         Some("max_connections_per_shard")
-    } else if kind != ListenKind::Tcp && shard.handshakes.get() >= limits.max_handshakes_in_flight {
+    } else if kind != ListenKind::Tcp && shard.handshakes.get() >= handshake_room(limits, kind) {
         Some("max_handshakes_in_flight")
     } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
         Some("max_handshakes_per_ip")
@@ -173,6 +173,17 @@ pub fn admit(
         slot,
     ))
     .detach();
+}
+
+/// Handshakes in flight past which a connection of `kind` is refused: the client listener
+/// leaves the last eighth to `mtls`, so clients (or anyone posing as many) filling the slots
+/// do not keep partners and cluster nodes from dialling in.
+fn handshake_room(limits: &crate::config::LimitsConfig, kind: ListenKind) -> usize {
+    let all = limits.max_handshakes_in_flight;
+    match kind {
+        ListenKind::Mtls => all,
+        _ => all - all / 8,
+    }
 }
 
 /// Counts and (at most once a second) logs a connection refused by limit `why`.
