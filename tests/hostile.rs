@@ -277,6 +277,60 @@ fn descriptor_exhaustion_is_refused_at_the_budget_and_the_server_keeps_serving()
 }
 
 #[test]
+fn at_a_full_budget_a_new_client_takes_the_place_of_an_old_anonymous_connection() {
+    // Connections on which nothing ever authenticated, held open (keepalives count as
+    // traffic), filled the budget, and every new phone was refused at accept until they
+    // went idle (15 minutes). Now a new connection takes the place of the oldest anonymous
+    // one past its grace; a registered phone's is never taken, nor a young one's.
+    let pki = Pki::new();
+    let srv = server(&pki, |c| {
+        c.limits.max_connections = 24;
+        c.limits.anonymous_grace_s = 1;
+    });
+    let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
+    let admin = srv.admin_addr.unwrap();
+    let refused = "sipring_connections_refused_total{limit=\"max_connections\"}";
+    let reclaimed = "sipring_connections_reclaimed_total";
+    // bob registered first: the oldest connection of all.
+    let mut bob = registered(&pki, tls, "bob");
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        if let Ok(s) = connect_from(ATTACKER, tcp) {
+            held.push(s);
+        }
+    }
+    // All young: the rest are refused, none taken.
+    let m = wait_metrics(admin, "refusals at the budget", |m| {
+        metric(m, refused).unwrap_or(0.0) >= 10.0
+    });
+    assert_eq!(metric(&m, reclaimed), None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held.len() > 23 && Instant::now() < deadline {
+        held.retain_mut(|s| !closed_now(s));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(held.len(), 23, "the budget less bob's place");
+    // Past the grace, keepalives and all: a new phone gets in and registers, in the place
+    // of the oldest attacker's connection, not bob's.
+    std::thread::sleep(Duration::from_millis(1200));
+    for s in &mut held {
+        s.write_all(b"\r\n\r\n").unwrap();
+    }
+    let _carol = registered(&pki, tls, "carol");
+    let m = wait_metrics(admin, "a reclaimed place", |m| {
+        metric(m, reclaimed).unwrap_or(0.0) >= 1.0
+    });
+    assert_eq!(metric(&m, reclaimed), Some(1.0), "one place for one phone");
+    assert!(
+        closed_within(&mut held[0], Duration::from_secs(2)),
+        "the oldest taken"
+    );
+    assert_eq!(bob.register(600), 200, "bob's connection kept its place");
+    srv.stop();
+    srv.join().unwrap();
+}
+
+#[test]
 fn one_source_is_bounded_across_shards() {
     let pki = Pki::new();
     let srv = server(&pki, |c| {

@@ -2263,6 +2263,59 @@ fn an_overloaded_shard_sheds_new_work_and_finishes_what_it_admitted() {
 }
 
 #[test]
+fn what_a_connection_has_to_lose_decides_whether_a_full_budget_may_take_its_place() {
+    // The driver closes an anonymous connection for a new one when its budget is full: only
+    // one on which nothing authenticated or registered, with nothing in progress.
+    use sipring_core::stateful::Standing;
+    // Calls from outside come in unauthenticated (INVITE is not challenged here).
+    let mut n = Net::with_policy(Policy::new(
+        sipring_core::policy::PolicyConfig {
+            authenticate: true,
+            challenge: vec!["REGISTER".into(), "MESSAGE".into()],
+            ..Default::default()
+        },
+        sipring_core::auth::NodeKey::new([0; 32]),
+        Instant::now(),
+        std::rc::Rc::new(sipring_core::policy::NoSubscribers),
+    ));
+    assert_eq!(n.proxy.standing(&A), Standing::Anonymous);
+    // bob registers (his certificate): known.
+    certify(&mut n, &B, "bob");
+    n.register("bob", &B, "10.0.0.2:5061");
+    assert_eq!(n.proxy.standing(&B), Standing::Known);
+    // An outside caller, unauthenticated and allowed so (From is not ours, the target is
+    // local), is busy while the call rings, and anonymous again once it is answered.
+    let outside = String::from_utf8(invite("z9hG4bKst1", "call-st"))
+        .unwrap()
+        .replace("sip:alice@example.com", "sip:x@elsewhere.example");
+    n.send(&A, outside.as_bytes());
+    n.take(&A);
+    let fwd = n.one(&B);
+    assert_eq!(n.proxy.standing(&A), Standing::Busy);
+    n.send(&B, &answer(&fwd, 486, "Busy Here", "b1"));
+    assert_eq!(status(&n.one(&A)), 486);
+    assert_eq!(n.proxy.standing(&A), Standing::Anonymous);
+    // A client whose request authenticated keeps its place from then on.
+    certify(&mut n, &C, "alice");
+    assert_eq!(n.proxy.standing(&C), Standing::Anonymous);
+    n.send(&C, &message("z9hG4bKst2", "st2"));
+    let at_bob = n.take(&B);
+    assert_eq!(method(at_bob.last().unwrap()), "MESSAGE");
+    assert_eq!(n.proxy.standing(&C), Standing::Known);
+    // One whose request was challenged has proven nothing.
+    n.send(&A, &message("z9hG4bKst3", "st3"));
+    assert_eq!(status(&n.one(&A)), 407);
+    assert_eq!(n.proxy.standing(&A), Standing::Anonymous);
+    // Closed: forgotten.
+    n.proxy.handle_flow_closed(n.now, &C);
+    assert_eq!(n.proxy.standing(&C), Standing::Anonymous);
+    // A partner's connection is always known.
+    let (_, mut n) = carrier_net();
+    let conn = carrier_conn(&mut n);
+    assert_eq!(n.proxy.standing(&conn), Standing::Known);
+}
+
+#[test]
 fn a_connection_going_away_refuses_its_clients_new_requests_but_not_a_partners() {
     // A connection whose TLS key is spent ends once what is in progress on it either way is
     // answered; meanwhile a client's new requests on it get 503 with Retry-After (it sends

@@ -534,6 +534,12 @@ pub struct LimitsConfig {
     /// of CPU and the sender a replayed ClientHello: the in-flight limits bound how many at
     /// once, not how often. Default 200.
     pub max_handshakes_per_ip_per_s: u32,
+    /// While the connection budget (`max_connections`, `max_connections_per_shard`) is full,
+    /// a new connection takes the place of the oldest anonymous one at least this old, in
+    /// seconds: a client connection on which nothing authenticated, nothing registered and
+    /// no request is in progress. Connections of partners, of registered phones, and with
+    /// a certificate's AOR are never taken. 0: never (the new one is refused). Default 10.
+    pub anonymous_grace_s: u64,
     /// Close connections that sent no complete message and no keepalive (CRLFCRLF) for this
     /// long, in seconds: bytes that trickle do not count; a connection is kept while a
     /// binding registered over it lasts. Default 900.
@@ -636,6 +642,7 @@ impl Default for LimitsConfig {
             max_handshakes_in_flight: 1024,
             max_handshakes_per_ip: 64,
             max_handshakes_per_ip_per_s: 200,
+            anonymous_grace_s: 10,
             idle_timeout_s: 900,
             tcp_keepalive_s: 300,
             tcp_user_timeout_s: 60,

@@ -437,6 +437,18 @@ struct FlowTxns {
     servers: usize,
 }
 
+/// What a connection has to lose ([`ShardProxy::standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// A partner's, or a client's on which a request authenticated (digest or its
+    /// certificate's AOR) or that registered an AOR: it keeps its place.
+    Known,
+    /// Anonymous, with a request waiting for its final response (a call ringing).
+    Busy,
+    /// Anonymous and with nothing in progress.
+    Anonymous,
+}
+
 /// The stateful proxy of one shard; see the module docs.
 #[derive(Debug)]
 pub struct ShardProxy {
@@ -454,6 +466,9 @@ pub struct ShardProxy {
     flows: HashMap<Flow, FlowInfo>,
     /// The AORs each connection registered (bounded: `max_aors_per_flow` each).
     flow_aors: HashMap<Flow, Vec<String>>,
+    /// Client connections on which a request authenticated (digest or a certificate's AOR):
+    /// they have standing and are never reclaimed ([`ShardProxy::may_reclaim`]).
+    proven: HashSet<Flow>,
     max_aors_per_flow: usize,
     /// The transactions each flow carries (server: came in on it; client: goes out on it).
     by_flow: HashMap<Flow, FlowTxns>,
@@ -715,6 +730,7 @@ impl ShardProxy {
             pending: HashMap::new(),
             flows: HashMap::new(),
             flow_aors: HashMap::new(),
+            proven: HashSet::new(),
             max_aors_per_flow: 16,
             by_flow: HashMap::new(),
             max_transactions: 50_000,
@@ -797,6 +813,24 @@ impl ShardProxy {
                 _ => false,
             })
             .count()
+    }
+
+    /// What `flow` has to lose here, for a driver whose connection budget is full and
+    /// would close an anonymous connection to make room for a new one (before, connections
+    /// that never authenticated, kept open by keepalives, filled the budget and every new
+    /// phone was refused at accept).
+    pub fn standing(&self, flow: &Flow) -> Standing {
+        if !matches!(flow, Flow::Conn(_))
+            || self.partner_of(flow).is_some()
+            || self.proven.contains(flow)
+            || self.flow_aors.contains_key(flow)
+        {
+            Standing::Known
+        } else if self.in_progress_on(flow) > 0 {
+            Standing::Busy
+        } else {
+            Standing::Anonymous
+        }
     }
 
     /// Index entries held for `flow` (live transactions plus not yet compacted ones): at most
@@ -1702,7 +1736,12 @@ impl ShardProxy {
             .authorize(now, flow, &info, msg, ess, &decision, &self.proxy);
         self.drain_refusals();
         let (decision, grant) = match authz {
-            Authz::Allow(g) => (self.proven_party(now, flow, ess, decision, &g), g),
+            Authz::Allow(g) => {
+                if matches!(g.source, Source::Client(Some(_))) && !self.proven.contains(flow) {
+                    self.proven.insert(flow.clone());
+                }
+                (self.proven_party(now, flow, ess, decision, &g), g)
+            }
             Authz::Challenge { code, headers } => (
                 Decision::Respond(crate::proxy::Answer {
                     code,
@@ -3356,6 +3395,7 @@ impl ShardProxy {
         self.oc_flows.remove(flow);
         self.oc_down.remove(flow);
         self.flow_aors.remove(flow);
+        self.proven.remove(flow);
         self.policy.flow_closed(flow);
         // Only what this flow carried: O(its transactions), not the table size. Lookups
         // and registrations still pending for its server transactions find them gone when

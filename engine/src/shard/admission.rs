@@ -2,6 +2,7 @@
 //! per shard, handshakes in flight), held from accept to close and released on drop.
 
 use super::*;
+use sipring_core::stateful::Standing;
 
 /// An accepted connection's place in the shard's limits (its source address's count and the
 /// shard's load for balanced accept), held by its task from admission to its end, whatever
@@ -133,17 +134,23 @@ pub fn admit(
         .map(|l| l.load(std::sync::atomic::Ordering::Relaxed))
         .sum();
     let handshakes_from = ip.map_or(0, |ip| shard.handshakes_from(ip));
-    let refuse = if process_total >= control.budget {
+    let now = Instant::now();
+    let full = if process_total >= control.budget {
         Some("max_connections")
     } else if total >= limits.max_connections_per_shard {
         Some("max_connections_per_shard")
+    } else {
+        None
+    };
+    // At the budget, the oldest anonymous connection past its grace makes room (the
+    // other limits first: a connection they refuse takes nobody's place).
+    let refuse = if full.is_some() && !reclaimable(shard, now) {
+        full
     } else if kind != ListenKind::Tcp && shard.handshakes.get() >= handshake_room(limits, kind) {
         Some("max_handshakes_in_flight")
     } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
         Some("max_handshakes_per_ip")
-    } else if kind != ListenKind::Tcp
-        && ip.is_some_and(|ip| !shard.handshake_allowed(ip, Instant::now()))
-    {
+    } else if kind != ListenKind::Tcp && ip.is_some_and(|ip| !shard.handshake_allowed(ip, now)) {
         Some("max_handshakes_per_ip_per_s")
     } else {
         None
@@ -153,6 +160,9 @@ pub fn admit(
         Some(why) => Err(why),
         None => Admission::take(shard, ip).ok_or("max_connections_per_ip"),
     };
+    if admission.is_ok() && full.is_some() {
+        reclaim(shard, now);
+    }
     let admission = match admission {
         Ok(a) => a,
         Err(why) => {
@@ -173,6 +183,72 @@ pub fn admit(
         slot,
     ))
     .detach();
+}
+
+/// Connections [`reclaimable`] and [`reclaim`] look at per new connection, at most: each
+/// one looked at leaves the queue or goes to its back, so a full budget of known
+/// connections costs an accept this many lookups once per grace period, not a scan.
+const RECLAIM_LOOK: usize = 16;
+
+/// Is there an anonymous connection [`reclaim`] would close now? Drops the entries it
+/// passes over on the way (closed, known; busy ones go to the back with a new grace).
+fn reclaimable(shard: &Shard, now: Instant) -> bool {
+    victim(shard, now).is_some()
+}
+
+/// The oldest anonymous connection past `limits.anonymous_grace_s`, left at the head of
+/// the queue.
+fn victim(shard: &Shard, now: Instant) -> Option<ConnHandle> {
+    let grace = Duration::from_secs(shard.cfg.limits.anonymous_grace_s);
+    let mut queue = shard.anonymous.borrow_mut();
+    for _ in 0..RECLAIM_LOOK {
+        let &(since, id) = queue.front()?;
+        if grace.is_zero() || now.saturating_duration_since(since) < grace {
+            return None;
+        }
+        let conn = shard
+            .conns
+            .borrow()
+            .get(&id)
+            .filter(|c| c.is_open() && c.held_until().is_none())
+            .cloned();
+        let standing = conn
+            .as_ref()
+            .map(|_| shard.proxy.borrow().standing(&Flow::Conn(id)));
+        match (conn, standing) {
+            (Some(c), Some(Standing::Anonymous)) => return Some(c),
+            (Some(_), Some(Standing::Busy)) => {
+                queue.pop_front();
+                queue.push_back((now, id));
+            }
+            _ => {
+                queue.pop_front();
+            }
+        }
+    }
+    None
+}
+
+/// Closes the oldest anonymous connection past its grace, if there is one (the budget is
+/// full and a new connection was admitted in its place).
+pub(super) fn reclaim(shard: &Shard, now: Instant) {
+    let Some(c) = victim(shard, now) else {
+        return;
+    };
+    shard.anonymous.borrow_mut().pop_front();
+    shard.count("sipring_connections_reclaimed_total");
+    if let Some(left_out) = shard.refusal_log.allow(now) {
+        tracing::warn!(
+            conn = c.id,
+            remote = %c.remote,
+            left_out,
+            "connection budget full: closed the oldest anonymous connection (nothing \
+             authenticated or registered on it, nothing in progress) for a new one; raise \
+             limits.max_connections if these are real clients (at most one line a second; \
+             sipring_connections_reclaimed_total counts all)"
+        );
+    }
+    c.drop_now("reclaimed");
 }
 
 /// Handshakes in flight past which a connection of `kind` is refused: the client listener

@@ -29,7 +29,7 @@ use crate::tls::TlsPolicy;
 use arc_swap::ArcSwap;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 use sipring_core::auth::NodeKey;
-use sipring_core::policy::{FlowInfo, Policy};
+use sipring_core::policy::{FlowInfo, Policy, Principal};
 use sipring_core::proxy::{
     Flow, Interface, Lookup, PLAIN_FLOW_BIT, PeerRoute, Proxy, ProxyConfig, Transport,
 };
@@ -188,6 +188,10 @@ pub struct Shard {
     flow_src: RefCell<HashMap<FlowId, (IpAddr, i64)>>,
     /// Connections whose certificates are to be checked again (reload, expiry).
     pub rechecks: crate::recheck::Rechecks,
+    /// Client connections that may be anonymous (no certificate AOR), oldest first, with
+    /// when they joined: those [`admission::reclaim`] may close while the budget is full.
+    /// Entries of closed or known ones are dropped as met, and by the sweep.
+    anonymous: RefCell<VecDeque<(Instant, FlowId)>>,
 }
 
 /// The flow a REGISTER from another cluster node is registered under: none of ours (it
@@ -392,6 +396,7 @@ impl Shard {
             }),
             known: RefCell::new(sipring_core::registrar::KnownAors::new(remember)),
             conns: RefCell::new(HashMap::new()),
+            anonymous: RefCell::new(VecDeque::new()),
             peers: RefCell::new(HashMap::new()),
             retired: RefCell::new(Vec::new()),
             peer_backoff: RefCell::new(HashMap::new()),
@@ -882,6 +887,11 @@ impl Shard {
                 &format!("sipring_connections_total{{kind=\"{kind}\",record_layer=\"{mode}\"}}"),
                 1,
             );
+        }
+        let anonymous = !handle.outbound
+            && matches!(&handle.principal, Principal::Client { cert_aors } if cert_aors.is_empty());
+        if anonymous && self.cfg.limits.anonymous_grace_s > 0 {
+            self.anonymous.borrow_mut().push_back((Instant::now(), id));
         }
         self.conns.borrow_mut().insert(id, handle);
     }
