@@ -1887,6 +1887,38 @@ fn timer_c_cancels_a_branch_that_rings_forever() {
 }
 
 #[test]
+fn a_callee_that_keeps_ringing_is_cancelled_at_the_ceiling() {
+    // Each provisional restarts Timer C (RFC 3261 §16.7 step 2), so a callee sending 180
+    // every 170 s held the caller's transaction, and its place in the tables, for as long
+    // as it liked. The branch's ceiling ends it as Timer C would.
+    let mut n = Net::new();
+    n.proxy.set_max_ring(Duration::from_secs(400));
+    n.register("bob", &B, "10.0.0.2:5061");
+    n.send(&A, &invite("z9hG4bKring1", "call-ring"));
+    n.take(&A);
+    let fwd = n.one(&B);
+    for _ in 0..2 {
+        n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+        assert_eq!(status(&n.one(&A)), 180);
+        n.advance(Duration::from_secs(170));
+        assert!(n.take(&B).is_empty(), "within Timer C and the ceiling");
+    }
+    // 340 s in: a new 180 would restart Timer C to 521 s; the ceiling is 400.
+    n.send(&B, &answer(&fwd, 180, "Ringing", "b1"));
+    n.take(&A);
+    n.advance(Duration::from_secs(59));
+    assert!(n.take(&B).is_empty());
+    n.advance(Duration::from_secs(1));
+    let c = n.one(&B);
+    assert_eq!(method(&c), "CANCEL", "cancelled at the ceiling");
+    n.send(&B, &answer(&c, 200, "OK", "b1"));
+    n.send(&B, &answer(&fwd, 487, "Request Terminated", "b1"));
+    assert_eq!(method(&n.one(&B)), "ACK");
+    assert_eq!(status(&n.one(&A)), 487);
+    n.assert_idle_after_timers();
+}
+
+#[test]
 fn transactions_are_capped() {
     let mut n = Net::new();
     n.proxy.set_max_transactions(3);

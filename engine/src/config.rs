@@ -481,6 +481,10 @@ pub struct RegistrarSection {
     /// Timer C (RFC 3261 §16.6, more than 3 minutes): an INVITE branch ringing this long is
     /// cancelled, in seconds. Default 181.
     pub timer_c_s: u64,
+    /// The longest an INVITE branch may ring, in seconds, however often its provisional
+    /// responses restart Timer C; then it is cancelled as at Timer C. At least `timer_c_s`,
+    /// at most a day. Default 600.
+    pub max_ring_s: u64,
 }
 
 impl Default for RegistrarSection {
@@ -494,6 +498,7 @@ impl Default for RegistrarSection {
             max_aors_per_connection: 16,
             remember_aors: 1_000_000,
             timer_c_s: 181,
+            max_ring_s: 600,
         }
     }
 }
@@ -1046,6 +1051,12 @@ impl Config {
                 "RFC 3261 §16.6 requires more than 3 minutes (181 or more), and at most a day",
             );
         }
+        if r.max_ring_s < r.timer_c_s || r.max_ring_s > 86_400 {
+            e(
+                "registrar.max_ring_s".into(),
+                "at least registrar.timer_c_s, and at most a day",
+            );
+        }
         if r.min_expires_s > 3600 {
             e(
                 "registrar.min_expires_s".into(),
@@ -1390,6 +1401,12 @@ mod tests {
             "cluster.store",
         ] {
             assert!(k.iter().any(|x| x == key), "{key} not in {k:?}");
+        }
+        // A ring ceiling below Timer C (it would cut what Timer C allows) or past a day.
+        for ring in ["100", "86401"] {
+            let k = keys(&format!("[registrar]\nmax_ring_s = {ring}\n"));
+            let ring_keys: Vec<_> = k.iter().filter(|x| x.starts_with("registrar.")).collect();
+            assert_eq!(ring_keys, ["registrar.max_ring_s"], "max_ring_s = {ring}");
         }
         // Zeros that refuse or cut every connection, and a drain that overflows the clock.
         let k = keys(

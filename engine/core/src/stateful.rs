@@ -42,6 +42,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
+/// The longest an INVITE branch rings by default ([`ShardProxy::set_max_ring`]).
+const MAX_RING: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Timer C's default: RFC 3261 §16.6 asks for more than 3 minutes.
 pub const TIMER_C: std::time::Duration = std::time::Duration::from_secs(181);
 
@@ -262,6 +265,9 @@ struct Client {
     /// The device's other flows, tried in turn if this branch's connection fails before
     /// the answer (RFC 5626 §5.3).
     fallbacks: Vec<Target>,
+    /// An INVITE branch: Timer C never runs past this, however often a provisional
+    /// restarts it ([`ShardProxy::set_max_ring`]).
+    ring_until: Option<Instant>,
 }
 
 impl Client {
@@ -277,6 +283,7 @@ impl Client {
             cancel_sent: false,
             by_token: false,
             fallbacks: Vec::new(),
+            ring_until: None,
         }
     }
 }
@@ -482,6 +489,7 @@ pub struct ShardProxy {
     txn_bytes: usize,
     max_txn_bytes: usize,
     timer_c: std::time::Duration,
+    max_ring: std::time::Duration,
     /// The fraction of new requests admitted (1.0: all), and the credit that spreads it.
     admission: f32,
     /// The node is going away: every new request is answered 503 at the door (the work in
@@ -739,6 +747,7 @@ impl ShardProxy {
             txn_bytes: 0,
             max_txn_bytes: 512 << 20,
             timer_c: TIMER_C,
+            max_ring: MAX_RING,
             admission: 1.0,
             draining: false,
             draining_flows: HashSet::new(),
@@ -996,6 +1005,13 @@ impl ShardProxy {
     /// Timer C (RFC 3261 §16.6: more than 3 minutes). Default 3 minutes 1 second.
     pub fn set_timer_c(&mut self, d: std::time::Duration) {
         self.timer_c = d;
+    }
+
+    /// The longest an INVITE branch may ring, however often its provisionals restart
+    /// Timer C: then it is cancelled as at Timer C (Kamailio's `max_inv_lifetime`).
+    /// Default 10 minutes.
+    pub fn set_max_ring(&mut self, d: std::time::Duration) {
+        self.max_ring = d;
     }
 
     /// Records that `key` (just inserted) runs over `flow`.
@@ -2337,6 +2353,7 @@ impl ShardProxy {
                 // No new Request-URI: the route named this connection.
                 by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
                 fallbacks: target.fallbacks.clone(),
+                ring_until: method.then(|| now + self.max_ring),
                 ..Client::new(txn, Some(server.clone()), flow.clone())
             };
             self.txn_bytes += client.weight;
@@ -3111,9 +3128,12 @@ impl ShardProxy {
                     cancel_now = true;
                 }
                 c.got_provisional = true;
-                // §16.7 step 2: a provisional (other than 100) restarts Timer C.
+                // §16.7 step 2: a provisional (other than 100) restarts Timer C, up to the
+                // branch's ceiling: a callee sending 180 every 170 s held the caller's
+                // transaction (and its place in the tables) for as long as it liked.
                 if status > 100 && key.method == KeyMethod::Invite && !c.cancel_sent {
-                    timer_c = Some(Some(now + self.timer_c));
+                    let at = now + self.timer_c;
+                    timer_c = Some(Some(c.ring_until.map_or(at, |u| at.min(u))));
                 }
             } else {
                 c.final_received = true;

@@ -947,13 +947,14 @@ async fn established(shard: Rc<Shard>, conn: Rc<Conn>, flow: Flow, role: Keepali
             //
             // A link we dialled is replaced at once (new messages for the partner go over
             // a link dialled now) and kept, reading, until what went out on it is
-            // answered — at most Timer C and 64·T1, the longest an INVITE branch lasts.
+            // answered — at most `registrar.max_ring_s` and 64·T1, the longest an INVITE
+            // branch lasts.
             // Before, it closed at once and those requests failed (503; upstream 500).
             Event::Retire => {
                 if let Flow::Peer(name) = &flow {
                     shard.retire_peer_link(name, conn.id);
                     retired = true;
-                    let longest = Duration::from_secs(shard.cfg.registrar.timer_c_s)
+                    let longest = Duration::from_secs(shard.cfg.registrar.max_ring_s)
                         + Duration::from_secs(32);
                     retiring_until = Some(Instant::now() + longest);
                     continue;

@@ -366,6 +366,7 @@ impl Shard {
         proxy.set_max_transactions_per_flow(cfg.limits.max_transactions_per_connection);
         proxy.set_max_transaction_bytes(cfg.limits.max_transaction_bytes_per_shard);
         proxy.set_timer_c(Duration::from_secs(r.timer_c_s));
+        proxy.set_max_ring(Duration::from_secs(r.max_ring_s));
         proxy.set_overload_control(cfg.limits.overload_control.trust());
         let remember = r.remember_aors.div_ceil(n.max(1));
         let cluster = control.store.as_ref().map(|s| ClusterLink {
