@@ -8,6 +8,12 @@
 //!   from beyond loopback unless `admin.remote_reload`).
 //! - `GET /health`: `200 ok`, or `503 draining`.
 //!
+//! A request whose `Host` names neither an IP address, `localhost`, this machine's host
+//! name nor one of `admin.hosts` is refused 403 (DNS rebinding: a web page the operator
+//! opens, whose name an attacker rebinds to this address, is same-origin with the endpoint
+//! and could read it). After the answer the rest of a request (a POST's body) is read and
+//! dropped, within limits, so the close is not a reset that loses the answer.
+//!
 //! Whoever reaches the port cannot hold it or the process's memory: a request is read
 //! within [`REQUEST_BYTES`] and [`HEAD_DEADLINE`], answered within [`DEADLINE`], and at most
 //! [`CONCURRENT`] are served at once (more are closed unanswered). Reloads are at most one
@@ -48,12 +54,26 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
         tracing::warn!(%local, "the admin endpoint listens beyond loopback: it has no authentication (metrics, reload); restrict who reaches it");
     }
     let control = running.control.clone();
-    let remote_reload = running.cfg.admin.remote_reload;
-    let reloader = Reloader::of(running);
-    let reloader = Arc::new(reloader);
+    let mut hosts: Vec<String> = running
+        .cfg
+        .admin
+        .hosts
+        .iter()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    hosts.push("localhost".into());
+    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        hosts.push(name.trim().to_ascii_lowercase());
+    }
+    let shared = Arc::new(Shared {
+        reloader: Reloader::of(running),
+        remote_reload: running.cfg.admin.remote_reload,
+        last_reload: std::sync::Mutex::new(None),
+        hosts,
+        host_log: std::sync::Mutex::new(crate::metrics::LogLimiter::default()),
+    });
     let busy = Arc::new(AtomicUsize::new(0));
     let by_source: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    let last_reload = Arc::new(std::sync::Mutex::new(None::<Instant>));
     std::thread::Builder::new()
         .name("sipring-admin".into())
         .spawn(move || {
@@ -86,8 +106,7 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
                             );
                             continue;
                         }
-                        let (control, reloader) = (control.clone(), reloader.clone());
-                        let last_reload = last_reload.clone();
+                        let (control, shared) = (control.clone(), shared.clone());
                         // The slot goes back however the request ends, a panic included
                         // (four panics would otherwise leave the endpoint dead).
                         let slot = Slot(busy.clone(), source, by_source.clone());
@@ -95,7 +114,7 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
                             .name("sipring-admin-req".into())
                             .spawn(move || {
                                 let _slot = slot;
-                                let _ = handle(s, &control, &reloader, remote_reload, &last_reload);
+                                let _ = handle(s, &control, &shared);
                             });
                     }
                     // Out of descriptors for a moment (closes still pending): wait, do not
@@ -105,6 +124,62 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
             }
         })?;
     Ok(local)
+}
+
+/// What every request's thread shares.
+struct Shared {
+    reloader: Reloader,
+    /// `admin.remote_reload`.
+    remote_reload: bool,
+    /// When the last reload through the endpoint was ([`spaced_reload`]).
+    last_reload: std::sync::Mutex<Option<Instant>>,
+    /// The names a request's `Host` may give (lower case), besides IP addresses.
+    hosts: Vec<String>,
+    /// Requests refused for their `Host` are logged at most once a second.
+    host_log: std::sync::Mutex<crate::metrics::LogLimiter>,
+}
+
+/// May a request saying `Host: value` be served: an IP address (with or without a port),
+/// or one of `names`.
+fn host_allowed(value: &str, names: &[String]) -> bool {
+    let v = value.trim();
+    if v.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let host = if let Some(rest) = v.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`: an address by its form.
+        return rest
+            .split_once(']')
+            .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        match v.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => v,
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.parse::<std::net::Ipv4Addr>().is_ok() || names.iter().any(|n| n.eq_ignore_ascii_case(host))
+}
+
+/// Reads and drops what the client still sends (a POST's body) after the answer, at most
+/// 1 MiB and 0.5 s, then closes: closing with unread input resets the connection, and the
+/// reset can reach the client before it read the answer. The write side is shut first,
+/// so even a client that sends more sees the answer end before any reset.
+fn drain_and_close(stream: &TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut left: u64 = 1 << 20;
+    let mut buf = [0u8; 4096];
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match (&*stream).read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n as u64),
+        }
+    }
 }
 
 /// Reloads, one at a time and at most one per [`RELOAD_SPACING`]; `None`: too soon after
@@ -154,13 +229,7 @@ fn give_back(counts: &std::sync::Mutex<HashMap<IpAddr, usize>>, ip: IpAddr) {
     }
 }
 
-fn handle(
-    stream: TcpStream,
-    control: &Arc<Control>,
-    reloader: &Reloader,
-    remote_reload: bool,
-    last_reload: &std::sync::Mutex<Option<Instant>>,
-) -> std::io::Result<()> {
+fn handle(stream: TcpStream, control: &Arc<Control>, shared: &Shared) -> std::io::Result<()> {
     // `::ffff:127.0.0.1` (a local client of an `[::]` listener) is loopback too.
     let local_peer = stream
         .peer_addr()
@@ -195,14 +264,37 @@ fn handle(
     let head = String::from_utf8_lossy(&head[..end]);
     let mut lines = head.lines();
     let line = lines.next().unwrap_or("");
-    let origin = lines.any(|h| {
-        h.split_once(':')
-            .is_some_and(|(name, _)| name.trim().eq_ignore_ascii_case("origin"))
-    });
+    let (mut origin, mut host) = (false, None);
+    for (name, value) in lines.filter_map(|h| h.split_once(':')) {
+        if name.trim().eq_ignore_ascii_case("origin") {
+            origin = true;
+        } else if name.trim().eq_ignore_ascii_case("host") {
+            host = Some(value.trim());
+        }
+    }
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    // No Host at all is a script's HTTP/1.0: a browser always sends one.
+    let foreign = host.filter(|h| !host_allowed(h, &shared.hosts));
+    if let Some(h) = foreign {
+        let log = shared.host_log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(left_out) = log.allow(Instant::now()) {
+            tracing::warn!(
+                host = h,
+                left_out,
+                "admin request refused: its Host is not an address, localhost, this \
+                 machine's name or in admin.hosts (a DNS-rebinding page, or a scraper's \
+                 name to add there; at most one line a second)"
+            );
+        }
+    }
     let (status, ctype, body) = match (method, path) {
+        _ if foreign.is_some() => (
+            "403 Forbidden",
+            "text/plain",
+            "this Host is not one of the endpoint's names (admin.hosts)\n".into(),
+        ),
         // All shards merged: what `sum(rate(...))` should see, each family once.
         ("GET", "/metrics") => (
             "200 OK",
@@ -244,12 +336,12 @@ fn handle(
             "text/plain",
             "a browser may not reload the server (Origin header)\n".into(),
         ),
-        ("POST", "/reload") if !local_peer && !remote_reload => (
+        ("POST", "/reload") if !local_peer && !shared.remote_reload => (
             "403 Forbidden",
             "text/plain",
             "reload from beyond loopback is off (admin.remote_reload); SIGHUP works\n".into(),
         ),
-        ("POST", "/reload") => match spaced_reload(reloader, last_reload) {
+        ("POST", "/reload") => match spaced_reload(&shared.reloader, &shared.last_reload) {
             None => (
                 "429 Too Many Requests\r\nRetry-After: 1",
                 "text/plain",
@@ -297,5 +389,47 @@ fn handle(
         stream.set_write_timeout(Some(left()))?;
         sent += s.write(&out[sent..(sent + 16 * 1024).min(out.len())])?;
     }
-    s.flush()
+    s.flush()?;
+    drain_and_close(&stream);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn a_host_is_an_address_or_a_listed_name() {
+        let names = [
+            "localhost".to_string(),
+            "node1".into(),
+            "scrape.example".into(),
+        ];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9060",
+            "10.1.2.3:80",
+            "[::1]:9060",
+            "[2001:db8::1]",
+            "::1",
+            "localhost:9060",
+            "LOCALHOST",
+            "node1",
+            "scrape.example.:9060",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok}");
+        }
+        for refused in [
+            "evil.example",
+            "evil.example:9060",
+            "node1.evil.example",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "[evil]:9060",
+            "",
+            "x",
+        ] {
+            assert!(!host_allowed(refused, &names), "{refused}");
+        }
+    }
 }

@@ -678,6 +678,11 @@ pub struct AdminConfig {
     /// check does not let whoever reaches it reload (each reload re-checks every
     /// certificate connection and starts new session tickets). SIGHUP always works.
     pub remote_reload: bool,
+    /// Names the endpoint may be addressed by (the request's `Host`), besides IP addresses,
+    /// `localhost` and this machine's host name: a request naming another is refused 403,
+    /// so a web page whose name was rebound to this address (DNS rebinding) cannot read the
+    /// metrics. List the name a Prometheus scraper uses. Default none.
+    pub hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -685,6 +690,7 @@ impl Default for AdminConfig {
         AdminConfig {
             address: Some("127.0.0.1:9060".parse().expect("literal")),
             remote_reload: false,
+            hosts: Vec::new(),
         }
     }
 }

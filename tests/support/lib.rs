@@ -309,7 +309,7 @@ pub mod server {
     ) -> std::io::Result<(String, String)> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(addr)?;
-        write!(s, "{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
         let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
