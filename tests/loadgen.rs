@@ -438,6 +438,10 @@ fn a_restart_becomes_a_measured_reconnect_storm() {
                 "--reconnect",
                 "--password",
                 "pw-{user}",
+                // From two source addresses: the connect that binds one (not blocking the
+                // generator's shard) sees the refusals too.
+                "--local-addrs",
+                "127.0.0.2-127.0.0.3",
             ],
         );
         drop(out);

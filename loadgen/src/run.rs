@@ -875,7 +875,7 @@ async fn connect(shard: &Rc<Shard>, plan: &Plan, u: usize, nth: usize) -> Result
     shard.progress.sent.fetch_add(1, Ordering::Relaxed);
     let stream = match plan.local_addrs.get(u % plan.local_addrs.len().max(1)) {
         Some(ip) if !plan.local_addrs.is_empty() => {
-            sipring_net::sys::sock::connect_from(*ip, target, plan.timeout)
+            sipring_net::sys::sock::connect_from(*ip, target, plan.timeout).await
         }
         _ => TcpStream::connect(target)
             .await

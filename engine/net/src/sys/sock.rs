@@ -202,9 +202,12 @@ pub fn try_clone(s: &glommio::net::TcpStream) -> std::io::Result<glommio::net::T
 }
 
 /// Connects from a chosen local address (to spread load-generator connections over several
-/// source addresses), with a timeout, and hands the socket to the current glommio executor.
-/// Blocking connect: meant for loopback and lab networks, where it completes at once.
-pub fn connect_from(
+/// source addresses), within `timeout`, and hands the socket to the current glommio
+/// executor. The connect does not block the executor: it is started non-blocking and its
+/// outcome polled every millisecond (glommio has no readiness wait for a socket it did not
+/// create). Before, a blocking `connect_timeout` stopped the whole shard's users for as
+/// long as one connect took.
+pub async fn connect_from(
     local: std::net::IpAddr,
     remote: SocketAddr,
     timeout: std::time::Duration,
@@ -218,9 +221,31 @@ pub fn connect_from(
     };
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
     s.bind(&SocketAddr::new(local, 0).into())?;
-    s.connect_timeout(&remote.into(), timeout)?;
+    match s.connect(&remote.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if let Some(e) = s.take_error()? {
+                    return Err(e);
+                }
+                if s.peer_addr().is_ok() {
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+        Err(e) => return Err(e),
+    }
     s.set_tcp_nodelay(true)?;
+    // Blocking again, as the sockets glommio makes itself are (its io_uring reads wait
+    // for data instead of failing with EAGAIN).
+    s.set_nonblocking(false)?;
     // SAFETY: `s` is a connected TCP socket that nothing else owns; `into_raw_fd` gives that
     // ownership to the glommio stream.
     Ok(unsafe { glommio::net::TcpStream::from_raw_fd(s.into_raw_fd()) })
