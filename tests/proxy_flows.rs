@@ -1916,6 +1916,32 @@ fn a_callee_that_keeps_ringing_is_cancelled_at_the_ceiling() {
     assert_eq!(method(&n.one(&B)), "ACK");
     assert_eq!(status(&n.one(&A)), 487);
     n.assert_idle_after_timers();
+    // The ceiling is the call's: a fallback to the device's other flow (its first answered
+    // 430 after ringing 340 s) rings for what is left of it, not 400 s more.
+    let mut n = Net::new();
+    n.proxy.set_max_ring(Duration::from_secs(400));
+    one_device_two_flows(&mut n);
+    n.send(&A, &invite("z9hG4bKring2", "call-ring2"));
+    n.take(&A);
+    let (first, other, fwd) = match n.take(&B).pop() {
+        Some(f) => (B, B2, f),
+        None => (B2, B, n.one(&B2)),
+    };
+    for _ in 0..2 {
+        n.send(&first, &answer(&fwd, 180, "Ringing", "e1"));
+        n.take(&A);
+        n.advance(Duration::from_secs(170));
+    }
+    n.send(&first, &answer(&fwd, 430, "Flow Failed", "e1"));
+    assert_eq!(method(&n.one(&first)), "ACK");
+    let fwd2 = n.one(&other);
+    assert_eq!(method(&fwd2), "INVITE");
+    n.send(&other, &answer(&fwd2, 180, "Ringing", "e2"));
+    n.take(&A);
+    n.advance(Duration::from_secs(59));
+    assert!(n.take(&other).is_empty());
+    n.advance(Duration::from_secs(1));
+    assert_eq!(method(&n.one(&other)), "CANCEL", "at the call's ceiling");
 }
 
 #[test]
@@ -2327,6 +2353,21 @@ fn what_a_connection_has_to_lose_decides_whether_a_full_budget_may_take_its_plac
     n.send(&B, &answer(&fwd, 486, "Busy Here", "b1"));
     assert_eq!(status(&n.one(&A)), 486);
     assert_eq!(n.proxy.standing(&A), Standing::Anonymous);
+    // Its next call is answered: its connection carries the dialog (bob's BYE comes back
+    // over it), and keeps its place.
+    n.send(
+        &A,
+        outside
+            .replace("z9hG4bKst1", "z9hG4bKst4")
+            .replace("call-st", "call-st4")
+            .as_bytes(),
+    );
+    n.take(&A);
+    let fwd = n.take(&B).pop().unwrap();
+    n.send(&B, &answer(&fwd, 200, "OK", "b2"));
+    assert_eq!(status(&n.one(&A)), 200);
+    assert_eq!(n.proxy.standing(&A), Standing::Known);
+    let a = Flow::Conn(9);
     // A client whose request authenticated keeps its place from then on.
     certify(&mut n, &C, "alice");
     assert_eq!(n.proxy.standing(&C), Standing::Anonymous);
@@ -2335,9 +2376,9 @@ fn what_a_connection_has_to_lose_decides_whether_a_full_budget_may_take_its_plac
     assert_eq!(method(at_bob.last().unwrap()), "MESSAGE");
     assert_eq!(n.proxy.standing(&C), Standing::Known);
     // One whose request was challenged has proven nothing.
-    n.send(&A, &message("z9hG4bKst3", "st3"));
-    assert_eq!(status(&n.one(&A)), 407);
-    assert_eq!(n.proxy.standing(&A), Standing::Anonymous);
+    n.send(&a, &message("z9hG4bKst3", "st3"));
+    assert_eq!(status(&n.one(&a)), 407);
+    assert_eq!(n.proxy.standing(&a), Standing::Anonymous);
     // Closed: forgotten.
     n.proxy.handle_flow_closed(n.now, &C);
     assert_eq!(n.proxy.standing(&C), Standing::Anonymous);

@@ -54,17 +54,11 @@ pub fn spawn(addr: SocketAddr, running: &Running) -> std::io::Result<SocketAddr>
         tracing::warn!(%local, "the admin endpoint listens beyond loopback: it has no authentication (metrics, reload); restrict who reaches it");
     }
     let control = running.control.clone();
-    let mut hosts: Vec<String> = running
-        .cfg
-        .admin
-        .hosts
-        .iter()
-        .map(|h| h.to_ascii_lowercase())
-        .collect();
-    hosts.push("localhost".into());
-    if let Ok(name) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-        hosts.push(name.trim().to_ascii_lowercase());
-    }
+    let hosts = own_names(
+        &running.cfg.admin.hosts,
+        std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
+        std::fs::read_to_string("/etc/hosts").ok(),
+    );
     let shared = Arc::new(Shared {
         reloader: Reloader::of(running),
         remote_reload: running.cfg.admin.remote_reload,
@@ -137,6 +131,41 @@ struct Shared {
     hosts: Vec<String>,
     /// Requests refused for their `Host` are logged at most once a second.
     host_log: std::sync::Mutex<crate::metrics::LogLimiter>,
+}
+
+/// The names a request's `Host` may give: `admin.hosts` (a port or trailing dot written
+/// there is dropped), `localhost`, this machine's host name, and the other names
+/// `/etc/hosts` gives it on the same line (Debian's `127.0.1.1 node1.example.net node1`:
+/// a scraper using the full name).
+fn own_names(
+    configured: &[String],
+    hostname: Option<String>,
+    etc_hosts: Option<String>,
+) -> Vec<String> {
+    let bare = |h: &str| {
+        let h = h.trim();
+        let h = match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => h,
+        };
+        h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase()
+    };
+    let mut names: Vec<String> = configured.iter().map(|h| bare(h)).collect();
+    names.push("localhost".into());
+    let me = hostname.map(|h| bare(&h)).filter(|h| !h.is_empty());
+    if let Some(me) = me {
+        for line in etc_hosts.iter().flat_map(|t| t.lines()) {
+            let line = line.split('#').next().unwrap_or("");
+            let aliases: Vec<String> = line.split_whitespace().skip(1).map(bare).collect();
+            if aliases.contains(&me) {
+                names.extend(aliases);
+            }
+        }
+        names.push(me);
+    }
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// May a request saying `Host: value` be served: an IP address (with or without a port),
@@ -275,8 +304,9 @@ fn handle(stream: TcpStream, control: &Arc<Control>, shared: &Shared) -> std::io
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    // No Host at all is a script's HTTP/1.0: a browser always sends one.
-    let foreign = host.filter(|h| !host_allowed(h, &shared.hosts));
+    // No Host at all is a script's HTTP/1.0: a browser always sends one. `/health` says
+    // only "ok" or "draining": a load balancer checking it by a name is not refused.
+    let foreign = host.filter(|h| path != "/health" && !host_allowed(h, &shared.hosts));
     if let Some(h) = foreign {
         let log = shared.host_log.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(left_out) = log.allow(Instant::now()) {
@@ -396,7 +426,20 @@ fn handle(stream: TcpStream, control: &Arc<Control>, shared: &Shared) -> std::io
 
 #[cfg(test)]
 mod tests {
-    use super::host_allowed;
+    use super::{host_allowed, own_names};
+
+    #[test]
+    fn the_names_are_the_configured_ones_localhost_and_the_machines() {
+        let names = own_names(
+            &["Scrape.Example.:9060".into()],
+            Some("node1\n".into()),
+            Some("127.0.0.1 localhost\n127.0.1.1 node1.example.net node1 # me\n10.0.0.9 other.example.net other\n".into()),
+        );
+        assert_eq!(
+            names,
+            ["localhost", "node1", "node1.example.net", "scrape.example"]
+        );
+    }
 
     #[test]
     fn a_host_is_an_address_or_a_listed_name() {

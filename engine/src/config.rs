@@ -541,9 +541,11 @@ pub struct LimitsConfig {
     pub max_handshakes_per_ip_per_s: u32,
     /// While the connection budget (`max_connections`, `max_connections_per_shard`) is full,
     /// a new connection takes the place of the oldest anonymous one at least this old, in
-    /// seconds: a client connection on which nothing authenticated, nothing registered and
-    /// no request is in progress. Connections of partners, of registered phones, and with
-    /// a certificate's AOR are never taken. 0: never (the new one is refused). Default 10.
+    /// seconds: a client connection on which nothing authenticated, nothing registered, no
+    /// call was answered and no request is in progress (another shard's, when the
+    /// accepting shard has none: that newcomer is refused, the next gets in). Connections
+    /// of partners, of registered phones, and with a certificate's AOR are never taken.
+    /// 0: never (the new one is refused). Default 10.
     pub anonymous_grace_s: u64,
     /// Close connections that sent no complete message and no keepalive (CRLFCRLF) for this
     /// long, in seconds: bytes that trickle do not count; a connection is kept while a

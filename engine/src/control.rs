@@ -42,6 +42,9 @@ pub struct Control {
     /// Connections (and handshakes) per shard, for the balanced accept mode and the
     /// process-wide connection budget.
     pub load: Vec<AtomicUsize>,
+    /// Anonymous client connections per shard past their grace, as each last counted (its
+    /// sweep): where a shard with none asks another to make room at a full budget.
+    pub anonymous: Vec<AtomicUsize>,
     /// Connections per source address, process-wide (all shards).
     pub per_source: PerSource,
     /// Registered bindings per source address, process-wide (`limits.max_bindings_per_ip`).

@@ -168,6 +168,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         reload_lock: std::sync::Mutex::new(()),
         tls_generation: Default::default(),
         load: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+        anonymous: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         per_source: PerSource::default(),
         bindings_per_source: PerSource::default(),
         budget: connection_budget(&cfg, n),

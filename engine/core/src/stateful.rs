@@ -232,6 +232,9 @@ struct Server {
     /// The bytes it holds (its request, the response it would send again, the best answer
     /// and the challenges it keeps), as counted in the table's byte total.
     weight: usize,
+    /// An INVITE: no branch of it rings past this ([`ShardProxy::set_max_ring`]), a
+    /// fallback to the device's other flow or a rebound branch included.
+    ring_until: Option<Instant>,
 }
 
 impl Server {
@@ -448,7 +451,8 @@ struct FlowTxns {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Standing {
     /// A partner's, or a client's on which a request authenticated (digest or its
-    /// certificate's AOR) or that registered an AOR: it keeps its place.
+    /// certificate's AOR), that registered an AOR, or that carries a call answered
+    /// through us: it keeps its place.
     Known,
     /// Anonymous, with a request waiting for its final response (a call ringing).
     Busy,
@@ -473,8 +477,9 @@ pub struct ShardProxy {
     flows: HashMap<Flow, FlowInfo>,
     /// The AORs each connection registered (bounded: `max_aors_per_flow` each).
     flow_aors: HashMap<Flow, Vec<String>>,
-    /// Client connections on which a request authenticated (digest or a certificate's AOR):
-    /// they have standing and are never reclaimed ([`ShardProxy::may_reclaim`]).
+    /// Client connections on which a request authenticated (digest or a certificate's AOR),
+    /// or that carry a call answered through us: they have standing
+    /// ([`ShardProxy::standing`]) and keep their place at a full connection budget.
     proven: HashSet<Flow>,
     max_aors_per_flow: usize,
     /// The transactions each flow carries (server: came in on it; client: goes out on it).
@@ -1894,6 +1899,7 @@ impl ShardProxy {
                     .request_uri()
                     .is_some_and(|u| u.get(..5).is_some_and(|s| s.eq_ignore_ascii_case(b"sips:"))),
                 weight: bytes.len(),
+                ring_until: (key.method == KeyMethod::Invite).then(|| now + self.max_ring),
             },
         );
         self.txn_bytes += bytes.len();
@@ -2353,7 +2359,7 @@ impl ShardProxy {
                 // No new Request-URI: the route named this connection.
                 by_token: uri.is_none() && matches!(flow, Flow::Conn(_)),
                 fallbacks: target.fallbacks.clone(),
-                ring_until: method.then(|| now + self.max_ring),
+                ring_until: s.ring_until,
                 ..Client::new(txn, Some(server.clone()), flow.clone())
             };
             self.txn_bytes += client.weight;
@@ -2370,8 +2376,10 @@ impl ShardProxy {
             self.index(flow, TimerKey::Client(ckey.clone()));
             created += 1;
             if method {
-                self.timers
-                    .set(TimerKey::TimerC(ckey.clone()), Some(now + self.timer_c));
+                let at = now + self.timer_c;
+                let ceiling = self.clients.get(&ckey).and_then(|c| c.ring_until);
+                let at = ceiling.map_or(at, |u| at.min(u));
+                self.timers.set(TimerKey::TimerC(ckey.clone()), Some(at));
             }
             if let Some(s) = self.servers.get_mut(server) {
                 s.branches.push(ckey.clone());
@@ -3205,6 +3213,16 @@ impl ShardProxy {
                 s.final_sent = true;
                 let _ = s.txn.send_response(now, status, upstream);
                 if sk.method == KeyMethod::Invite {
+                    // A call answered through us: both parties' connections carry its
+                    // dialog (the BYE, a re-INVITE), unauthenticated caller included, and
+                    // keep their place at a full budget ([`ShardProxy::standing`]).
+                    let caller = s.inbound.clone();
+                    let callee = self.clients.get(key).map(|c| c.outbound.clone());
+                    for f in std::iter::once(caller).chain(callee) {
+                        if matches!(f, Flow::Conn(_)) && !self.proven.contains(&f) {
+                            self.proven.insert(f);
+                        }
+                    }
                     let sk = sk.clone();
                     self.cancel_branches(now, &sk, Some(key));
                 }

@@ -143,8 +143,12 @@ pub fn admit(
         None
     };
     // At the budget, the oldest anonymous connection past its grace makes room (the
-    // other limits first: a connection they refuse takes nobody's place).
+    // other limits first: a connection they refuse takes nobody's place). With none here,
+    // another shard that has one is asked to close it, for the next newcomer.
     let refuse = if full.is_some() && !reclaimable(shard, now) {
+        if full == Some("max_connections") {
+            reclaim_elsewhere(shard);
+        }
         full
     } else if kind != ListenKind::Tcp && shard.handshakes.get() >= handshake_room(limits, kind) {
         Some("max_handshakes_in_flight")
@@ -190,10 +194,73 @@ pub fn admit(
 /// connections costs an accept this many lookups once per grace period, not a scan.
 const RECLAIM_LOOK: usize = 16;
 
+/// Connections closed to make room whose places are not free yet, per shard, at most: past
+/// it a newcomer is refused (each closed one holds its place until its task ends; a burst
+/// of accepts would otherwise pass the budget by as many, into the descriptor reserve).
+pub(super) const MAX_RECLAIMING: usize = 8;
+
+/// Entries the sweep drops from the head of the queue each time, at most: connections
+/// that registered or authenticated since they joined, ahead of the anonymous ones.
+const SWEEP_LOOK: usize = 4096;
+
 /// Is there an anonymous connection [`reclaim`] would close now? Drops the entries it
 /// passes over on the way (closed, known; busy ones go to the back with a new grace).
 fn reclaimable(shard: &Shard, now: Instant) -> bool {
-    victim(shard, now).is_some()
+    shard.reclaiming.borrow().len() < MAX_RECLAIMING && victim(shard, now).is_some()
+}
+
+/// The process budget is full and this shard has no anonymous connection to close: asks
+/// the shard that counted the most (in its last sweep) to close one. This newcomer is
+/// refused; the place is for the next.
+fn reclaim_elsewhere(shard: &Rc<Shard>) {
+    let counts = &shard.control.anonymous;
+    let most = (0..shard.n)
+        .filter(|&s| s != shard.id)
+        .map(|s| (counts[s].load(std::sync::atomic::Ordering::Relaxed), s))
+        .max();
+    if let Some((n, s)) = most
+        && n > 0
+    {
+        // Counted as taken: asked once per count until its next sweep says again.
+        counts[s].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        shard.mesh_send(s, ShardMsg::Reclaim, false);
+    }
+}
+
+/// The sweep's share of the queue's upkeep: drops from its head the entries of connections
+/// gone or known since (up to [`SWEEP_LOOK`]), sends busy ones to the back, and publishes
+/// how many anonymous ones past their grace remain (for [`reclaim_elsewhere`]).
+pub(super) fn tidy_queue(shard: &Shard, now: Instant) {
+    let grace = Duration::from_secs(shard.cfg.limits.anonymous_grace_s);
+    let conns = shard.conns.borrow();
+    let proxy = shard.proxy.borrow();
+    let mut queue = shard.anonymous.borrow_mut();
+    for _ in 0..SWEEP_LOOK {
+        let Some(&(_, id)) = queue.front() else { break };
+        let standing = conns
+            .get(&id)
+            .filter(|c| c.is_open() && c.held_until().is_none())
+            .map(|_| proxy.standing(&Flow::Conn(id)));
+        match standing {
+            Some(Standing::Anonymous) => break,
+            Some(Standing::Busy) => {
+                queue.pop_front();
+                queue.push_back((now, id));
+            }
+            _ => {
+                queue.pop_front();
+            }
+        }
+    }
+    // Entries of connections gone, further back: dropped when they are half the queue.
+    if queue.len() > 2 * conns.len() + 64 {
+        queue.retain(|(_, id)| conns.get(id).is_some_and(|c| c.is_open()));
+    }
+    let ripe = queue
+        .iter()
+        .take_while(|(since, _)| now.saturating_duration_since(*since) >= grace)
+        .count();
+    shard.control.anonymous[shard.id].store(ripe, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The oldest anonymous connection past `limits.anonymous_grace_s`, left at the head of
@@ -232,10 +299,14 @@ fn victim(shard: &Shard, now: Instant) -> Option<ConnHandle> {
 /// Closes the oldest anonymous connection past its grace, if there is one (the budget is
 /// full and a new connection was admitted in its place).
 pub(super) fn reclaim(shard: &Shard, now: Instant) {
+    if shard.reclaiming.borrow().len() >= MAX_RECLAIMING {
+        return;
+    }
     let Some(c) = victim(shard, now) else {
         return;
     };
     shard.anonymous.borrow_mut().pop_front();
+    shard.reclaiming.borrow_mut().push(c.id);
     shard.count("sipring_connections_reclaimed_total");
     if let Some(left_out) = shard.refusal_log.allow(now) {
         tracing::warn!(

@@ -103,6 +103,9 @@ pub enum ShardMsg {
         /// The binding's Path.
         path: Vec<String>,
     },
+    /// The connection budget is full and the asking shard has no anonymous connection to
+    /// close: close one here ([`super::admission::reclaim`]), for the next newcomer.
+    Reclaim,
     /// A connection closed: drop its bindings and fail its transactions.
     FlowClosed {
         /// The connection.
@@ -332,6 +335,7 @@ impl Shard {
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
             ShardMsg::Released { conn, aor } => self.release_place(conn, &aor),
+            ShardMsg::Reclaim => reclaim(self, Instant::now()),
             ShardMsg::BindingFailed {
                 aor,
                 conn,

@@ -52,6 +52,7 @@ mod registry;
 mod upkeep;
 
 pub use admission::{Admission, HandedFd, HandshakeSlot, admit};
+use admission::{reclaim, tidy_queue};
 pub use mesh::{
     MAX_CANCELS_ASKED, MESH_BACKLOG_BYTES, MESH_HARD, MESH_OVERFLOW, MESH_OVERFLOW_MIN, ShardMsg,
     spawn_mesh_receivers,
@@ -192,6 +193,10 @@ pub struct Shard {
     /// when they joined: those [`admission::reclaim`] may close while the budget is full.
     /// Entries of closed or known ones are dropped as met, and by the sweep.
     anonymous: RefCell<VecDeque<(Instant, FlowId)>>,
+    /// Connections closed to make room and not yet gone (at most
+    /// [`admission::MAX_RECLAIMING`]): each still holds its place in the budget until its
+    /// task ends, so a burst of newcomers must not close more than that ahead of them.
+    reclaiming: RefCell<Vec<FlowId>>,
 }
 
 /// The flow a REGISTER from another cluster node is registered under: none of ours (it
@@ -398,6 +403,7 @@ impl Shard {
             known: RefCell::new(sipring_core::registrar::KnownAors::new(remember)),
             conns: RefCell::new(HashMap::new()),
             anonymous: RefCell::new(VecDeque::new()),
+            reclaiming: RefCell::new(Vec::new()),
             peers: RefCell::new(HashMap::new()),
             retired: RefCell::new(Vec::new()),
             peer_backoff: RefCell::new(HashMap::new()),
@@ -903,6 +909,7 @@ impl Shard {
         let Some(h) = self.conns.borrow_mut().remove(&id) else {
             return;
         };
+        self.reclaiming.borrow_mut().retain(|c| *c != id);
         self.metrics.borrow_mut().gauge(
             &format!("sipring_connections{{kind=\"{}\"}}", kind_label(h.kind)),
             -1,

@@ -176,19 +176,7 @@ impl Shard {
                 self.count("sipring_keepalive_pings_total");
             }
         }
-        // The reclaim queue drops its entries as it meets them, and only at a full budget:
-        // without this, short-lived connections would pile up there for good.
-        {
-            let conns = self.conns.borrow();
-            let mut queue = self.anonymous.borrow_mut();
-            if queue.len() > 2 * conns.len() + 64 {
-                queue.retain(|(_, id)| {
-                    conns
-                        .get(id)
-                        .is_some_and(|c| c.is_open() && c.held_until().is_none())
-                });
-            }
-        }
+        tidy_queue(self, now);
         for c in idle_out {
             tracing::debug!(conn = c.id, remote = %c.remote, "idle timeout");
             self.count("sipring_idle_timeouts_total");
