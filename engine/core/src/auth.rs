@@ -683,6 +683,19 @@ impl fmt::Debug for FailureLedger {
     }
 }
 
+/// The failures a whole IPv6 /48 may have within the window, as a multiple of
+/// `max_failures` ([`FailureLedger::fail`]).
+pub const WIDE_FACTOR: u32 = 64;
+
+/// The /48 an IPv6 source belongs to, as a ledger key of its own (its low bit set, so it is
+/// never a /64's [`source_of`]); `None` for an IPv4 source (translated ones included).
+fn wide_of(ip: IpAddr) -> Option<IpAddr> {
+    match source_of(ip) {
+        IpAddr::V6(v6) => Some(IpAddr::V6((u128::from(v6) >> 80 << 80 | 1).into())),
+        IpAddr::V4(_) => None,
+    }
+}
+
 /// What a source is, for per-source limits and counts: an IPv4 address (an IPv4-mapped
 /// IPv6 address is its IPv4 address, and so is one a translator wrote: NAT64's well-known
 /// `64:ff9b::/96`, RFC 6052, and 6to4's `2002::/16`, RFC 3056), or the /64 of an IPv6 address
@@ -720,10 +733,11 @@ impl FailureLedger {
         }
     }
 
-    /// A source's slots (20 bits of the hash each) and fingerprint (its top 16 bits).
-    fn slots(&self, ip: IpAddr) -> ([usize; LEDGER_WAYS], u64) {
+    /// A source's slots (20 bits of the hash each) and fingerprint (its top 16 bits);
+    /// `key`: [`source_of`] an address, or [`wide_of`] it.
+    fn slots(&self, key: IpAddr) -> ([usize; LEDGER_WAYS], u64) {
         use std::hash::BuildHasher;
-        let h = self.key.hash_one(source_of(ip));
+        let h = self.key.hash_one(key);
         let mask = self.window.len() as u64 - 1;
         (
             std::array::from_fn(|w| ((h >> (20 * w)) & mask) as usize),
@@ -736,9 +750,15 @@ impl FailureLedger {
         now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
-    /// Is `ip` refused at `now`? Its own block, or every slot of it holding one.
+    /// Is `ip` refused at `now`? Its own block, its /48's (IPv6), or every slot of it
+    /// holding one.
     pub fn is_blocked(&self, now: Instant, ip: IpAddr) -> bool {
-        let (slots, fp) = self.slots(ip);
+        self.key_blocked(now, source_of(ip))
+            || wide_of(ip).is_some_and(|w| self.key_blocked(now, w))
+    }
+
+    fn key_blocked(&self, now: Instant, key: IpAddr) -> bool {
+        let (slots, fp) = self.slots(key);
         let t = self.ms(now);
         let mut all = true;
         for i in slots {
@@ -753,9 +773,20 @@ impl FailureLedger {
     }
 
     /// Counts one failure from `ip`; past `cfg.max_failures` within `cfg.failure_window`
-    /// the source is refused for `cfg.block`.
+    /// the source is refused for `cfg.block`. An IPv6 source's /48 counts it too, and is
+    /// refused whole past [`WIDE_FACTOR`] times as many: one site draws its /64s from its
+    /// /48 at will, and failing from each in turn took a slot per /64 — 65,536 of them,
+    /// the whole default table, so that phones that never failed found both their slots
+    /// held by others' blocks and were refused.
     pub fn fail(&self, now: Instant, ip: IpAddr, cfg: &AuthConfig) {
-        let (slots, fp) = self.slots(ip);
+        self.fail_key(now, source_of(ip), cfg.max_failures, cfg);
+        if let Some(w) = wide_of(ip) {
+            self.fail_key(now, w, cfg.max_failures.saturating_mul(WIDE_FACTOR), cfg);
+        }
+    }
+
+    fn fail_key(&self, now: Instant, key: IpAddr, max_failures: u32, cfg: &AuthConfig) {
+        let (slots, fp) = self.slots(key);
         let t = self.ms(now);
         let window = cfg.failure_window.as_millis() as u64;
         let mut least = u64::MAX;
@@ -777,7 +808,7 @@ impl FailureLedger {
             });
             least = least.min(count);
         }
-        if least < u64::from(cfg.max_failures) {
+        if least < u64::from(max_failures) {
             return;
         }
         let until = (t + cfg.block.as_millis() as u64).min((1 << 48) - 1);
@@ -1570,6 +1601,58 @@ mod tests {
         // And each block ends with its time.
         let later = t0 + cfg.block + Duration::from_millis(1);
         assert!((0..1000).all(|i| !small.is_blocked(later, v4(i))));
+    }
+
+    #[test]
+    fn a_site_failing_from_each_of_its_64s_in_turn_is_refused_whole() {
+        // Each /64 is a source, so a /48 had 65,536 of them: failing from each in turn (a
+        // blocked one is refused before it can fail again, as `Auth::verify` does) filled
+        // the default table, and most phones that never failed found both their slots held
+        // by others' blocks. The /48 counts every failure of its /64s and is refused whole
+        // past 64 × max_failures: a few dozen slots, not the table.
+        let t0 = Instant::now();
+        let cfg = AuthConfig::default();
+        let l = FailureLedger::new(cfg.max_tracked_sources, t0);
+        let site = |net: u128, i: u128| IpAddr::V6(((net << 80) | (i << 64) | 7).into());
+        let attack = 0x2001_0db8_4000u128;
+        let mut failed_from = 0;
+        for i in 0..1u128 << 15 {
+            for _ in 0..cfg.max_failures {
+                if l.is_blocked(t0, site(attack, i)) {
+                    break;
+                }
+                l.fail(t0, site(attack, i), &cfg);
+            }
+            failed_from += usize::from(l.key_blocked(t0, source_of(site(attack, i))));
+        }
+        assert!(
+            failed_from <= WIDE_FACTOR as usize + 1,
+            "{failed_from} /64s blocked one by one before their /48 was"
+        );
+        assert!(
+            l.tracked(t0, &cfg) < 200,
+            "{} slots taken",
+            l.tracked(t0, &cfg)
+        );
+        // The site is refused whole; nobody else is.
+        assert!(
+            l.is_blocked(t0, site(attack, 0xffff)),
+            "a /64 of the site that never failed"
+        );
+        let innocent = (0..10_000u128)
+            .filter(|&i| l.is_blocked(t0, site(0x2001_0db8_5000 + i, 1)))
+            .count()
+            + (0..10_000u32)
+                .filter(|i| l.is_blocked(t0, IpAddr::V4((0xC633_6400 + i).into())))
+                .count();
+        assert_eq!(innocent, 0, "sources that never failed refused");
+        // An IPv4 source is not a /48: ten failures, and only it is blocked.
+        let v4 = IpAddr::V4([198, 51, 100, 9].into());
+        for _ in 0..cfg.max_failures {
+            l.fail(t0, v4, &cfg);
+        }
+        assert!(l.is_blocked(t0, v4));
+        assert!(!l.is_blocked(t0, IpAddr::V4([198, 51, 100, 10].into())));
     }
 
     #[test]

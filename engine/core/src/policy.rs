@@ -524,8 +524,9 @@ impl Policy {
                 // `sip:bob@example.com` must not pass for another target (RFC 3261 §22.4),
                 // as it did when any URI in our domains was accepted — an on-path attacker
                 // on plain TCP could hold a call to a local user back and send its
-                // credentials on toward any number.
-                &|u| Uri::parse(u).is_ok_and(|u| u.user.is_none() && proxy.is_self_uri(&u)),
+                // credentials on toward any number. Not a domain we serve: credentials a
+                // phone made for `OPTIONS sip:example.com` passed for a call to anyone.
+                &|u| Uri::parse(u).is_ok_and(|u| u.user.is_none() && proxy.is_self_host_uri(&u)),
                 &values,
                 domains,
                 &*self.store,
@@ -1156,6 +1157,23 @@ mod tests {
             &creds(&p, "alice", "pw", "INVITE", "sip:proxy.example.com", 4),
         );
         assert!(matches!(run(&mut p, &anon, &sipp, &local), Authz::Allow(_)));
+        // A domain we serve is not this server: credentials for `OPTIONS sip:example.com`
+        // do not pass for a call.
+        let domain = req(
+            "INVITE",
+            bob,
+            alice,
+            bob,
+            &creds(&p, "alice", "pw", "INVITE", "sip:example.com", 5),
+        );
+        assert!(
+            matches!(
+                run(&mut p, &anon, &domain, &local),
+                Authz::Challenge { code: 407, .. }
+            ),
+            "credentials for sip:example.com passed for {bob}"
+        );
+        assert_eq!(p.poll_refusal().map(|r| r.label), Some("auth_uri_mismatch"));
     }
 
     #[test]

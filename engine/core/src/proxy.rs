@@ -477,6 +477,15 @@ impl Proxy {
                 .is_none_or(|p| p == self.cfg.via_port || self.cfg.ports.contains(&p))
     }
 
+    /// Does this URI name this server itself (a local host name or address, or our Via
+    /// host; and one of our ports when it has one), not merely a domain we serve?
+    pub fn is_self_host_uri(&self, uri: &Uri<'_>) -> bool {
+        self.is_self(uri.host)
+            && uri
+                .port
+                .is_none_or(|p| p == self.cfg.via_port || self.cfg.ports.contains(&p))
+    }
+
     /// The default interface (our Via host and port, TLS).
     pub fn default_interface(&self) -> Interface {
         Interface {
