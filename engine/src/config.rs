@@ -204,9 +204,13 @@ pub struct ListenConfig {
     /// is refused). Default `none`.
     pub client_auth: ClientAuth,
     /// The host peers reach this listener by, put in our Via and Record-Route toward flows
-    /// of this listener (a name or address; no port — the listener's is used). Default:
+    /// of this listener (a name or address; no port: see `advertise_port`). Default:
     /// `server.hostname`.
     pub advertise: Option<String>,
+    /// The port peers reach this listener by, when a NAT, a container's port mapping or a
+    /// load balancer forwards another to it: put in our Via and Record-Route toward its
+    /// flows, and a Route naming it is ours. Default: the listener's own port.
+    pub advertise_port: Option<u16>,
 }
 
 /// See [`ListenConfig::client_auth`].
@@ -230,6 +234,7 @@ impl Default for ListenConfig {
             backlog: 4096,
             client_auth: ClientAuth::None,
             advertise: None,
+            advertise_port: None,
         }
     }
 }
@@ -862,6 +867,12 @@ impl Config {
             }
             if l.backlog == 0 {
                 e(format!("listen[{i}].backlog"), "must be at least 1");
+            }
+            if l.advertise_port == Some(0) {
+                e(
+                    format!("listen[{i}].advertise_port"),
+                    "the port peers reach this listener by: 1 to 65535",
+                );
             }
         }
         if self.listen.iter().any(|l| l.kind == ListenKind::Mtls)

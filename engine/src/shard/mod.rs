@@ -235,7 +235,7 @@ pub fn interfaces(cfg: &Config) -> Vec<Interface> {
         .iter()
         .map(|l| Interface {
             host: uri_host(l.advertise.as_deref().unwrap_or(&cfg.server.hostname)),
-            port: l.address.port(),
+            port: l.advertise_port.unwrap_or(l.address.port()),
             transport: match l.kind {
                 ListenKind::Tcp => Transport::Tcp,
                 ListenKind::Tls | ListenKind::Mtls => Transport::Tls,
@@ -286,7 +286,7 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
         .iter()
         .find(|l| l.kind != ListenKind::Tcp)
         .or(cfg.listen.first())
-        .map_or(5061, |l| l.address.port());
+        .map_or(5061, |l| l.advertise_port.unwrap_or(l.address.port()));
     let ifaces = interfaces(cfg);
     let partner_interface = cfg
         .listen
@@ -294,7 +294,12 @@ pub fn proxy_config(cfg: &Config, key: NodeKey) -> ProxyConfig {
         .position(|l| l.kind == ListenKind::Mtls)
         .map(|i| ifaces[i].clone());
     ProxyConfig {
-        ports: cfg.listen.iter().map(|l| l.address.port()).collect(),
+        // Ours as peers write them: each listener's own port and the one it is reached by.
+        ports: cfg
+            .listen
+            .iter()
+            .flat_map(|l| [l.address.port()].into_iter().chain(l.advertise_port))
+            .collect(),
         partner_interface,
         domains: cfg
             .server
@@ -1142,6 +1147,21 @@ mod tests {
                 !p.is_self_uri(&Uri::parse(them.as_bytes()).unwrap()),
                 "{them}"
             );
+        }
+        // Behind a port mapping (a container's `-p 443:5061`, a load balancer): our Via and
+        // Record-Route name the port peers reach, and a Route naming it is ours. Before, the
+        // inner port went out (in-dialog requests never arrived) and a phone's preloaded
+        // Route to the public port was refused 403.
+        let mapped = Config::parse(
+            "[server]\nhostname = \"sip.example.com\"\ndomains = [\"example.com\"]\n\
+             [[listen]]\nkind = \"tls\"\naddress = \"0.0.0.0:5061\"\nadvertise_port = 443\n",
+        )
+        .unwrap();
+        assert_eq!(interfaces(&mapped)[0].port, 443);
+        let pm = Proxy::new(proxy_config(&mapped, NodeKey::new([1; 32])));
+        assert_eq!(pm.default_interface().port, 443);
+        for us in ["sip:sip.example.com:443;lr", "sip:sip.example.com:5061"] {
+            assert!(pm.is_self_uri(&Uri::parse(us.as_bytes()).unwrap()), "{us}");
         }
     }
 }
