@@ -508,11 +508,20 @@ impl Policy {
             } else {
                 (HeaderName::ProxyAuthorization, HeaderName::Authorization)
             };
-            let values: Vec<&[u8]> = msg
+            let mut values: Vec<&[u8]> = msg
                 .headers_named(primary)
                 .chain(msg.headers_named(secondary))
                 .map(|h| h.value)
                 .collect();
+            // Credentials for the realm this request is challenged in go first: a UA that
+            // answered challenges of two of our realms (its From's, and another's) sent both,
+            // and the first of ours was taken — then refused 403 as not its From.
+            if values.len() > 1 {
+                values.sort_by_key(|v| {
+                    !crate::auth::parse_credentials(v)
+                        .is_some_and(|c| text::eq_ic(c.realm.as_bytes(), realm.as_bytes()))
+                });
+            }
             let checked = self.auth.verify(
                 now,
                 fid,
@@ -2118,6 +2127,42 @@ mod tests {
             realm_of(&run(&mut p, &anon, &invite(""), &to_a)),
             "example.net"
         );
+    }
+
+    #[test]
+    fn of_two_credentials_the_one_for_the_challenged_realm_is_read() {
+        // A UA that answered challenges in two of our realms sends both: the one for its
+        // From's realm is the one read. The first of ours was taken, and the request was
+        // refused 403 as not its From.
+        let mut p = policy();
+        let anon = Principal::anonymous();
+        let bob = "sip:bob@example.com";
+        let nonce = p.auth.nonce(Instant::now(), 1, "example.net");
+        let ha1 = Algorithm::Sha256.ha1("nina", "example.net", "pw");
+        let nina = authorization(
+            Algorithm::Sha256,
+            "nina",
+            "example.net",
+            &ha1,
+            &nonce,
+            1,
+            "cn",
+            "INVITE",
+            bob,
+        );
+        let both = format!(
+            "{}Proxy-Authorization: {nina}\r\n",
+            creds(&p, "alice", "pw", "INVITE", bob, 1)
+        );
+        let invite = req("INVITE", bob, "sip:nina@example.net", bob, &both);
+        let local = Decision::Lookup { aor: bob.into() };
+        match run(&mut p, &anon, &invite, &local) {
+            Authz::Allow(g) => assert_eq!(
+                g.source,
+                Source::Client(Some("sip:nina@example.net".into()))
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
