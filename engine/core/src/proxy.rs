@@ -495,6 +495,23 @@ impl Proxy {
         }
     }
 
+    /// The AOR a Request-URI for one of our users names. A user at this server's own name
+    /// or address (`sip:bob@203.0.113.5`: SIPp's default `[service]@[remote_ip]`, a phone
+    /// dialling by address) is that user of our domain when we serve exactly one: AORs are
+    /// registered in domains only (a REGISTER for `bob@<address>` is refused), so such a
+    /// request was looked up as an AOR nobody can hold and answered 404 while bob was online.
+    /// With several domains it is ambiguous and stays as written.
+    fn target_aor(&self, ruri: &Uri<'_>) -> Option<String> {
+        let aor = crate::registrar::aor_of(ruri)?;
+        match self.cfg.domains.as_slice() {
+            [only] if !self.is_our_domain(ruri.host) && self.is_self(ruri.host) => {
+                let (user, _) = aor.rsplit_once('@')?;
+                Some(format!("{user}@{only}"))
+            }
+            _ => Some(aor),
+        }
+    }
+
     fn is_our_domain(&self, host: &[u8]) -> bool {
         // `example.com.` is `example.com` (the AOR drops the dot too: one user, one shard).
         self.cfg
@@ -734,7 +751,7 @@ impl Proxy {
             if exhausted {
                 return reject(483, "Too Many Hops");
             }
-            return match crate::registrar::aor_of(&ruri) {
+            return match self.target_aor(&ruri) {
                 Some(aor) => Decision::Lookup { aor },
                 None => reject(404, "Not Found"),
             };
@@ -1460,6 +1477,33 @@ mod tests {
         // Not Served" and "Route Not Allowed"); the AOR drops the dot.
         case!("INVITE sip:bob@example.com.", "" => Decision::Lookup { aor: "sip:bob@example.com".into() });
         case!("INVITE sip:bob@example.com", "Route: <sip:proxy.example.com.;lr>\r\n" => Decision::Lookup { aor: "sip:bob@example.com".into() });
+        // A user at this server's own name or address is that user of the one domain we
+        // serve (SIPp's `[service]@[remote_ip]`): it was looked up as `bob@127.0.0.1`, an
+        // AOR nobody can register, and answered 404.
+        for ruri in [
+            "INVITE sip:bob@127.0.0.1",
+            "INVITE sip:bob@127.0.0.1:5061;transport=tls",
+            "INVITE sip:bob@proxy.example.com",
+        ] {
+            assert_eq!(
+                decide_on(&p, &req(ruri, ""), &f),
+                Decision::Lookup {
+                    aor: "sip:bob@example.com".into()
+                },
+                "{ruri}"
+            );
+        }
+        // With two domains it is ambiguous, and stays as written.
+        let two = Proxy::new(ProxyConfig {
+            domains: vec!["example.com".into(), "example.net".into()],
+            ..cfg()
+        });
+        assert_eq!(
+            decide_on(&two, &req("INVITE sip:bob@127.0.0.1", ""), &f),
+            Decision::Lookup {
+                aor: "sip:bob@127.0.0.1".into()
+            }
+        );
         // And a host configured with its dot still knows itself without one.
         let dotted = Proxy::new(ProxyConfig {
             local_hosts: vec!["proxy.example.com.".into()],
