@@ -343,6 +343,7 @@ fn at_a_full_budget_another_shards_anonymous_connection_makes_room() {
         c.server.accept = sipring::config::AcceptMode::Balanced;
         c.limits.max_connections = 16;
         c.limits.anonymous_grace_s = 2;
+        c.limits.max_connections_per_ip = 8;
     });
     let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
     let admin = srv.admin_addr.unwrap();
@@ -355,9 +356,27 @@ fn at_a_full_budget_another_shards_anonymous_connection_makes_room() {
         held.push(connect_from(ATTACKER, tcp).unwrap());
     }
     std::thread::sleep(Duration::from_millis(2600));
+    // The attacker, at its per-source limit, knocks again: refused by that limit, it
+    // takes nobody's place (before, each knock at the full budget had another shard
+    // close a connection).
+    for _ in 0..5 {
+        if let Ok(mut s) = connect_from(ATTACKER, tcp) {
+            assert!(closed_within(&mut s, Duration::from_secs(2)));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let m = admin_get(admin, "/metrics");
+    assert_eq!(metric(&m, "sipring_connections_reclaimed_total"), None);
+    assert!(
+        metric(
+            &m,
+            "sipring_connections_refused_total{limit=\"max_connections_per_ip\"}"
+        )
+        .is_some()
+    );
     let try_once = || {
-        Ua::tls(
-            tls,
+        Ua::tls_over(
+            connect_from(CLIENT, tls).ok()?,
             tls_config(&pki.certs("ca.pem"), None, false),
             "sip.example.com",
             "carol",

@@ -781,7 +781,9 @@ impl FailureLedger {
     pub fn fail(&self, now: Instant, ip: IpAddr, cfg: &AuthConfig) {
         self.fail_key(now, source_of(ip), cfg.max_failures, cfg);
         if let Some(w) = wide_of(ip) {
-            self.fail_key(now, w, cfg.max_failures.saturating_mul(WIDE_FACTOR), cfg);
+            // Within what a slot can count (24 bits).
+            let wide = cfg.max_failures.saturating_mul(WIDE_FACTOR).min(0xff_ffff);
+            self.fail_key(now, w, wide, cfg);
         }
     }
 

@@ -142,15 +142,9 @@ pub fn admit(
     } else {
         None
     };
-    // At the budget, the oldest anonymous connection past its grace makes room (the
-    // other limits first: a connection they refuse takes nobody's place). With none here,
-    // another shard that has one is asked to close it, for the next newcomer.
-    let refuse = if full.is_some() && !reclaimable(shard, now) {
-        if full == Some("max_connections") {
-            reclaim_elsewhere(shard);
-        }
-        full
-    } else if kind != ListenKind::Tcp && shard.handshakes.get() >= handshake_room(limits, kind) {
+    let refuse = if kind != ListenKind::Tcp
+        && shard.handshakes.get() >= handshake_room(limits, kind)
+    {
         Some("max_handshakes_in_flight")
     } else if kind != ListenKind::Tcp && handshakes_from >= limits.max_handshakes_per_ip {
         Some("max_handshakes_per_ip")
@@ -164,9 +158,26 @@ pub fn admit(
         Some(why) => Err(why),
         None => Admission::take(shard, ip).ok_or("max_connections_per_ip"),
     };
-    if admission.is_ok() && full.is_some() {
-        reclaim(shard, now);
-    }
+    // At the budget, once every other limit passed (a connection they refuse takes
+    // nobody's place), the oldest anonymous connection past its grace makes room. With
+    // none here, another shard that has one is asked to close it, for the next newcomer.
+    let admission = match (admission, full) {
+        (Ok(a), Some(why)) => match room(shard, now) {
+            Room::Here => {
+                reclaim(shard, now);
+                Ok(a)
+            }
+            Room::Coming => Err(why),
+            Room::Nowhere => {
+                drop(a);
+                if why == "max_connections" {
+                    reclaim_elsewhere(shard);
+                }
+                Err(why)
+            }
+        },
+        (admission, _) => admission,
+    };
     let admission = match admission {
         Ok(a) => a,
         Err(why) => {
@@ -203,10 +214,26 @@ pub(super) const MAX_RECLAIMING: usize = 8;
 /// that registered or authenticated since they joined, ahead of the anonymous ones.
 const SWEEP_LOOK: usize = 4096;
 
-/// Is there an anonymous connection [`reclaim`] would close now? Drops the entries it
-/// passes over on the way (closed, known; busy ones go to the back with a new grace).
-fn reclaimable(shard: &Shard, now: Instant) -> bool {
-    shard.reclaiming.borrow().len() < MAX_RECLAIMING && victim(shard, now).is_some()
+/// Where a place could come from at a full budget.
+enum Room {
+    /// An anonymous connection of this shard past its grace ([`reclaim`] closes it).
+    Here,
+    /// This shard already closed [`MAX_RECLAIMING`] whose places are on their way.
+    Coming,
+    /// Nowhere on this shard.
+    Nowhere,
+}
+
+/// Where a place could come from now. Drops the queue entries it passes over on the way
+/// (closed, known; busy ones go to the back with a new grace).
+fn room(shard: &Shard, now: Instant) -> Room {
+    if shard.reclaiming.borrow().len() >= MAX_RECLAIMING {
+        Room::Coming
+    } else if victim(shard, now).is_some() {
+        Room::Here
+    } else {
+        Room::Nowhere
+    }
 }
 
 /// The process budget is full and this shard has no anonymous connection to close: asks
@@ -218,12 +245,32 @@ fn reclaim_elsewhere(shard: &Rc<Shard>) {
         .filter(|&s| s != shard.id)
         .map(|s| (counts[s].load(std::sync::atomic::Ordering::Relaxed), s))
         .max();
-    if let Some((n, s)) = most
-        && n > 0
+    // Counted as taken (never below zero, whoever else asks at once): asked once per
+    // count until its next sweep says again.
+    if let Some((_, s)) = most
+        && counts[s]
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
     {
-        // Counted as taken: asked once per count until its next sweep says again.
-        counts[s].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         shard.mesh_send(s, ShardMsg::Reclaim, false);
+    }
+}
+
+/// Another shard asked for a place ([`reclaim_elsewhere`]): closes one here if the
+/// budget is still full when the question arrives.
+pub(super) fn reclaim_asked(shard: &Shard, now: Instant) {
+    let total: usize = shard
+        .control
+        .load
+        .iter()
+        .map(|l| l.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    if total >= shard.control.budget {
+        reclaim(shard, now);
     }
 }
 
@@ -256,9 +303,18 @@ pub(super) fn tidy_queue(shard: &Shard, now: Instant) {
     if queue.len() > 2 * conns.len() + 64 {
         queue.retain(|(_, id)| conns.get(id).is_some_and(|c| c.is_open()));
     }
+    // Those that could be closed now (known and busy ones behind the head not counted),
+    // among the first SWEEP_LOOK past their grace.
     let ripe = queue
         .iter()
+        .take(SWEEP_LOOK)
         .take_while(|(since, _)| now.saturating_duration_since(*since) >= grace)
+        .filter(|(_, id)| {
+            conns
+                .get(id)
+                .is_some_and(|c| c.is_open() && c.held_until().is_none())
+                && proxy.standing(&Flow::Conn(*id)) == Standing::Anonymous
+        })
         .count();
     shard.control.anonymous[shard.id].store(ripe, std::sync::atomic::Ordering::Relaxed);
 }

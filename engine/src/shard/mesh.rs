@@ -335,7 +335,7 @@ impl Shard {
             }
             ShardMsg::FlowClosed { conn } => self.flow_closed(conn),
             ShardMsg::Released { conn, aor } => self.release_place(conn, &aor),
-            ShardMsg::Reclaim => reclaim(self, Instant::now()),
+            ShardMsg::Reclaim => reclaim_asked(self, Instant::now()),
             ShardMsg::BindingFailed {
                 aor,
                 conn,

@@ -52,7 +52,7 @@ mod registry;
 mod upkeep;
 
 pub use admission::{Admission, HandedFd, HandshakeSlot, admit};
-use admission::{reclaim, tidy_queue};
+use admission::{reclaim_asked, tidy_queue};
 pub use mesh::{
     MAX_CANCELS_ASKED, MESH_BACKLOG_BYTES, MESH_HARD, MESH_OVERFLOW, MESH_OVERFLOW_MIN, ShardMsg,
     spawn_mesh_receivers,
