@@ -289,7 +289,9 @@ fn at_a_full_budget_a_new_client_takes_the_place_of_an_old_anonymous_connection(
     });
     let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
     let admin = srv.admin_addr.unwrap();
-    let refused = "sipring_connections_refused_total{limit=\"max_connections\"}";
+    // Past the budget the attacker's newcomers are refused: it holds more anonymous
+    // connections than its share (limits.max_anonymous_per_ip 16).
+    let refused = "sipring_connections_refused_total{limit=\"max_anonymous_per_ip\"}";
     let reclaimed = "sipring_connections_reclaimed_total";
     // bob registered first: the oldest connection of all.
     let mut bob = registered(&pki, tls, "bob");
@@ -316,6 +318,15 @@ fn at_a_full_budget_a_new_client_takes_the_place_of_an_old_anonymous_connection(
     for s in &mut held {
         s.write_all(b"\r\n\r\n").unwrap();
     }
+    // The attacker's own newcomer does not take a place, past the grace too: reconnecting
+    // faster than the grace, it would otherwise push every other newcomer out.
+    let before = metric(&admin_get(admin, "/metrics"), refused).unwrap_or(0.0);
+    let mut again = connect_from(ATTACKER, tcp).unwrap();
+    assert!(closed_within(&mut again, Duration::from_secs(2)));
+    let m = wait_metrics(admin, "the attacker's newcomer refused", |m| {
+        metric(m, refused).unwrap_or(0.0) > before
+    });
+    assert_eq!(metric(&m, reclaimed), None);
     let _carol = registered(&pki, tls, "carol");
     let m = wait_metrics(admin, "a reclaimed place", |m| {
         metric(m, reclaimed).unwrap_or(0.0) >= 1.0

@@ -552,6 +552,11 @@ pub struct LimitsConfig {
     /// of partners, of registered phones, and with a certificate's AOR are never taken.
     /// 0: never (the new one is refused). Default 10.
     pub anonymous_grace_s: u64,
+    /// While the budget is full, a new connection from a source (an IPv4 address, an IPv6
+    /// /64) that already holds this many anonymous connections (all shards together) is
+    /// refused instead of taking another's place: one source reconnecting faster than
+    /// the grace cannot push everyone else's newcomers out. Default 16.
+    pub max_anonymous_per_ip: usize,
     /// Close connections that sent no complete message and no keepalive (CRLFCRLF) for this
     /// long, in seconds: bytes that trickle do not count; a connection is kept while a
     /// binding registered over it lasts. Default 900.
@@ -655,6 +660,7 @@ impl Default for LimitsConfig {
             max_handshakes_per_ip: 64,
             max_handshakes_per_ip_per_s: 200,
             anonymous_grace_s: 10,
+            max_anonymous_per_ip: 16,
             idle_timeout_s: 900,
             tcp_keepalive_s: 300,
             tcp_user_timeout_s: 60,

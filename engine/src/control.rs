@@ -47,6 +47,9 @@ pub struct Control {
     pub anonymous: Vec<AtomicUsize>,
     /// Connections per source address, process-wide (all shards).
     pub per_source: PerSource,
+    /// Of those, the ones still anonymous (nothing registered or authenticated on them as
+    /// far as the driver saw; `limits.max_anonymous_per_ip`).
+    pub anonymous_per_source: PerSource,
     /// Registered bindings per source address, process-wide (`limits.max_bindings_per_ip`).
     pub bindings_per_source: PerSource,
     /// The most connections the process holds: below RLIMIT_NOFILE, leaving descriptors for

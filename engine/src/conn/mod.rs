@@ -348,6 +348,8 @@ pub struct Conn {
     closing: Cell<Closing>,
     /// Its kernel key is spent ([`Event::Retire`]): what it sends still goes out.
     retiring: Cell<bool>,
+    /// Counted in its source's anonymous connections (`Shard::forget_anonymous`).
+    pub anonymous_counted: Cell<bool>,
     /// [`Event::Retire`] was handed to its task (once).
     retire_told: Cell<bool>,
     /// When the incomplete message now held began (its first byte), if one is.
@@ -422,6 +424,7 @@ impl Conn {
             holds: RefCell::new(Vec::new()),
             closing: Cell::new(Closing::No),
             retiring: Cell::new(false),
+            anonymous_counted: Cell::new(false),
             retire_told: Cell::new(false),
             partial_since: Cell::new(None),
             partial_len: Cell::new(0),

@@ -162,6 +162,15 @@ pub fn admit(
     // nobody's place), the oldest anonymous connection past its grace makes room. With
     // none here, another shard that has one is asked to close it, for the next newcomer.
     let admission = match (admission, full) {
+        // One source reconnecting faster than the grace would push every other newcomer
+        // out: past its share of anonymous connections it takes nobody's place.
+        (Ok(_), Some(_))
+            if ip.is_some_and(|ip| {
+                control.anonymous_per_source.get(ip) >= limits.max_anonymous_per_ip
+            }) =>
+        {
+            Err("max_anonymous_per_ip")
+        }
         (Ok(a), Some(why)) => match room(shard, now) {
             Room::Here => {
                 reclaim(shard, now);
@@ -284,15 +293,23 @@ pub(super) fn tidy_queue(shard: &Shard, now: Instant) {
     let mut queue = shard.anonymous.borrow_mut();
     for _ in 0..SWEEP_LOOK {
         let Some(&(_, id)) = queue.front() else { break };
-        let standing = conns
-            .get(&id)
-            .filter(|c| c.is_open() && c.held_until().is_none())
-            .map(|_| proxy.standing(&Flow::Conn(id)));
-        match standing {
-            Some(Standing::Anonymous) => break,
-            Some(Standing::Busy) => {
+        let conn = conns.get(&id).filter(|c| c.is_open());
+        let standing = conn.map(|c| {
+            if c.held_until().is_some() {
+                Standing::Known
+            } else {
+                proxy.standing(&Flow::Conn(id))
+            }
+        });
+        match (conn, standing) {
+            (_, Some(Standing::Anonymous)) => break,
+            (_, Some(Standing::Busy)) => {
                 queue.pop_front();
                 queue.push_back((now, id));
+            }
+            (Some(c), Some(Standing::Known)) => {
+                queue.pop_front();
+                shard.forget_anonymous(c);
             }
             _ => {
                 queue.pop_front();
@@ -333,16 +350,18 @@ fn victim(shard: &Shard, now: Instant) -> Option<ConnHandle> {
             .conns
             .borrow()
             .get(&id)
-            .filter(|c| c.is_open() && c.held_until().is_none())
+            .filter(|c| c.is_open())
             .cloned();
-        let standing = conn
-            .as_ref()
-            .map(|_| shard.proxy.borrow().standing(&Flow::Conn(id)));
+        let standing = conn.as_ref().map(|c| standing_of(shard, c));
         match (conn, standing) {
             (Some(c), Some(Standing::Anonymous)) => return Some(c),
             (Some(_), Some(Standing::Busy)) => {
                 queue.pop_front();
                 queue.push_back((now, id));
+            }
+            (Some(c), Some(Standing::Known)) => {
+                queue.pop_front();
+                shard.forget_anonymous(&c);
             }
             _ => {
                 queue.pop_front();
@@ -350,6 +369,15 @@ fn victim(shard: &Shard, now: Instant) -> Option<ConnHandle> {
         }
     }
     None
+}
+
+/// What an open connection has to lose: a binding held over it, or what the proxy says.
+fn standing_of(shard: &Shard, c: &crate::conn::Conn) -> Standing {
+    if c.held_until().is_some() {
+        Standing::Known
+    } else {
+        shard.proxy.borrow().standing(&Flow::Conn(c.id))
+    }
 }
 
 /// Closes the oldest anonymous connection past its grace, if there is one (the budget is

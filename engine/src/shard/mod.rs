@@ -904,8 +904,20 @@ impl Shard {
             && matches!(&handle.principal, Principal::Client { cert_aors } if cert_aors.is_empty());
         if anonymous && self.cfg.limits.anonymous_grace_s > 0 {
             self.anonymous.borrow_mut().push_back((Instant::now(), id));
+            self.control
+                .anonymous_per_source
+                .add_n(handle.remote.ip(), 1);
+            handle.anonymous_counted.set(true);
         }
         self.conns.borrow_mut().insert(id, handle);
+    }
+
+    /// `conn` is no longer anonymous (it registered, authenticated, or closed): out of its
+    /// source's count (`limits.max_anonymous_per_ip`).
+    pub fn forget_anonymous(&self, conn: &crate::conn::Conn) {
+        if conn.anonymous_counted.replace(false) {
+            self.control.anonymous_per_source.sub(conn.remote.ip());
+        }
     }
 
     /// A connection is gone: forget it, fail its transactions, drop its bindings — here and
@@ -915,6 +927,7 @@ impl Shard {
             return;
         };
         self.reclaiming.borrow_mut().retain(|c| *c != id);
+        self.forget_anonymous(&h);
         self.metrics.borrow_mut().gauge(
             &format!("sipring_connections{{kind=\"{}\"}}", kind_label(h.kind)),
             -1,

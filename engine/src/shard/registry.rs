@@ -275,6 +275,9 @@ impl Shard {
     pub(super) fn hold_conn(&self, flow: FlowId, aor: &str, hold: Option<Instant>) {
         if let Some(c) = self.conns.borrow().get(&flow) {
             c.hold(aor, hold);
+            if hold.is_some() {
+                self.forget_anonymous(c);
+            }
         }
     }
 
