@@ -29,6 +29,21 @@ fn canonical_aor(s: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{s:?} is not a sip: AOR with a user"))
 }
 
+/// `user` as the user part of a SIP URI: escaped as the registrar writes AORs
+/// (`sipring_core::registrar::aor_of`), so the AOR made of it is the one a REGISTER for it
+/// is stored under.
+fn uri_user(user: &str) -> String {
+    user.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.!~*'()&=+$,;?/".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// The host of a canonical AOR ([`canonical_aor`]), without a trailing dot.
 fn aor_host(aor: &str) -> String {
     sipring_core::Uri::parse(aor.as_bytes())
@@ -102,7 +117,9 @@ pub fn parse_subscribers(text: &str, origin: &str) -> Result<SubscriberTable, St
             return Err(at("no ha1_* hash"));
         }
         let aors = if s.aors.is_empty() {
-            vec![format!("sip:{}@{}", s.username, s.realm)]
+            // The username as a URI's user part (escaped where it must be): written as it
+            // came, `alice@example.com` or a space made no URI, and refused the whole file.
+            vec![format!("sip:{}@{}", uri_user(&s.username), s.realm)]
         } else {
             s.aors.clone()
         };
@@ -292,6 +309,36 @@ mod tests {
         let proxy = crate::shard::proxy_config(&cfg, NodeKey::new([0; 32]));
         assert_eq!(proxy.domains, vec!["example.com".to_string()]);
         assert_eq!(proxy.peers[0].domain, "carrier.example");
+    }
+
+    #[test]
+    fn a_username_that_is_no_uri_user_makes_an_escaped_aor_not_a_refused_file() {
+        // `sip:alice@example.com@example.com` parsed as no URI, and the whole file was
+        // refused: the server did not start, or a reload was refused.
+        let text = [
+            SubscriberEntry::new("alice@example.com", "example.com", vec![], "a").to_toml(),
+            SubscriberEntry::new("bob smith", "example.com", vec![], "b").to_toml(),
+            SubscriberEntry::new("carol", "example.com", vec![], "c").to_toml(),
+        ]
+        .concat();
+        let t = parse_subscribers(&text, "subscribers.toml").unwrap();
+        assert_eq!(
+            t.subscriber("alice@example.com", "example.com")
+                .unwrap()
+                .aors,
+            ["sip:alice%40example.com@example.com"]
+        );
+        assert_eq!(
+            t.subscriber("bob smith", "example.com").unwrap().aors,
+            ["sip:bob%20smith@example.com"]
+        );
+        // The AOR a REGISTER for that user is stored under.
+        let to = sipring_core::Uri::parse(b"sip:bob%20smith@example.com").unwrap();
+        assert_eq!(
+            sipring_core::registrar::aor_of(&to).unwrap(),
+            "sip:bob%20smith@example.com"
+        );
+        assert!(t.subscriber("carol", "example.com").is_some());
     }
 
     #[test]
