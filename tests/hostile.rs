@@ -289,9 +289,8 @@ fn at_a_full_budget_a_new_client_takes_the_place_of_an_old_anonymous_connection(
     });
     let (tls, tcp) = (srv.listen_addrs[0], srv.listen_addrs[1]);
     let admin = srv.admin_addr.unwrap();
-    // Past the budget the attacker's newcomers are refused: it holds more anonymous
-    // connections than its share (limits.max_anonymous_per_ip 16).
-    let refused = "sipring_connections_refused_total{limit=\"max_anonymous_per_ip\"}";
+    let refused = "sipring_connections_refused_total{limit=\"max_connections\"}";
+    let over_share = "sipring_connections_refused_total{limit=\"max_anonymous_per_ip\"}";
     let reclaimed = "sipring_connections_reclaimed_total";
     // bob registered first: the oldest connection of all.
     let mut bob = registered(&pki, tls, "bob");
@@ -318,13 +317,14 @@ fn at_a_full_budget_a_new_client_takes_the_place_of_an_old_anonymous_connection(
     for s in &mut held {
         s.write_all(b"\r\n\r\n").unwrap();
     }
-    // The attacker's own newcomer does not take a place, past the grace too: reconnecting
+    // The attacker's own newcomer takes no place past the grace either: it holds more
+    // anonymous connections than its share (limits.max_anonymous_per_ip 16); reconnecting
     // faster than the grace, it would otherwise push every other newcomer out.
-    let before = metric(&admin_get(admin, "/metrics"), refused).unwrap_or(0.0);
+    assert_eq!(metric(&m, over_share), None, "young: refused at the budget");
     let mut again = connect_from(ATTACKER, tcp).unwrap();
     assert!(closed_within(&mut again, Duration::from_secs(2)));
     let m = wait_metrics(admin, "the attacker's newcomer refused", |m| {
-        metric(m, refused).unwrap_or(0.0) > before
+        metric(m, over_share).is_some()
     });
     assert_eq!(metric(&m, reclaimed), None);
     let _carol = registered(&pki, tls, "carol");

@@ -162,29 +162,29 @@ pub fn admit(
     // nobody's place), the oldest anonymous connection past its grace makes room. With
     // none here, another shard that has one is asked to close it, for the next newcomer.
     let admission = match (admission, full) {
-        // One source reconnecting faster than the grace would push every other newcomer
-        // out: past its share of anonymous connections it takes nobody's place.
-        (Ok(_), Some(_))
-            if ip.is_some_and(|ip| {
+        (Ok(a), Some(why)) => {
+            // One source reconnecting faster than the grace would push every other
+            // newcomer out: past its share of anonymous connections it takes nobody's
+            // place (refused as such where it could have taken one).
+            let over_share = ip.is_some_and(|ip| {
                 control.anonymous_per_source.get(ip) >= limits.max_anonymous_per_ip
-            }) =>
-        {
-            Err("max_anonymous_per_ip")
-        }
-        (Ok(a), Some(why)) => match room(shard, now) {
-            Room::Here => {
-                reclaim(shard, now);
-                Ok(a)
-            }
-            Room::Coming => Err(why),
-            Room::Nowhere => {
-                drop(a);
-                if why == "max_connections" {
-                    reclaim_elsewhere(shard);
+            });
+            match room(shard, now) {
+                Room::Here if over_share => Err("max_anonymous_per_ip"),
+                Room::Here => {
+                    reclaim(shard, now);
+                    Ok(a)
                 }
-                Err(why)
+                Room::Coming => Err(why),
+                Room::Nowhere => {
+                    drop(a);
+                    if why == "max_connections" && !over_share {
+                        reclaim_elsewhere(shard);
+                    }
+                    Err(why)
+                }
             }
-        },
+        }
         (admission, _) => admission,
     };
     let admission = match admission {
