@@ -1244,6 +1244,59 @@ fn a_ca_presented_beside_the_path_does_not_narrow_a_partners_names() {
     sub_ca_names_only_its_domain(&w, &policy, &sub, true);
 }
 
+#[test]
+fn a_decoy_ca_of_the_sub_cas_name_does_not_lift_its_name_constraints() {
+    // Alpha's sub-CA is limited to alpha.example; webpki holds only dNSName SANs to that,
+    // so `sip:` URI and CN identities are held to it by sipring. A decoy CA certificate
+    // with the sub-CA's very name (issued by anyone, unconstrained), presented ahead of the
+    // real one, stood in for it: webpki tried the decoy, failed, and verified through the
+    // real sub-CA, while the name check read the decoy's (absent) constraints — and a leaf
+    // naming `sip:sip.zeta.example` passed as partner Zeta.
+    let (w, sub) = alpha_with_sub_ca();
+    let policy = w.policy(&["1.3"]);
+    let junk = Ca::new("Junk").unwrap();
+    let decoy = junk.intermediate("Alpha Sub CA").unwrap();
+    let as_zeta = Spec {
+        dns: Vec::new(),
+        uris: vec!["sip:sip.zeta.example".into()],
+        ..spec("sip.alpha.example")
+    };
+    let leaf = sub.issue(&as_zeta).unwrap();
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&versions("1.3"))
+        .unwrap()
+        .with_root_certificates(w.ours_roots())
+        .with_client_auth_cert(
+            vec![
+                leaf.der.clone(),
+                decoy.cert.der.clone(),
+                sub.cert.der.clone(),
+            ],
+            key_of(&leaf),
+        )
+        .unwrap();
+    assert_eq!(
+        inbound_as(&policy, Arc::new(client), Some(&leaf)),
+        Err(Rejection::NameNotTrusted)
+    );
+    // Its own name still passes through the decoy.
+    let own = sub.issue(&spec("sip.alpha.example")).unwrap();
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&versions("1.3"))
+        .unwrap()
+        .with_root_certificates(w.ours_roots())
+        .with_client_auth_cert(
+            vec![
+                own.der.clone(),
+                decoy.cert.der.clone(),
+                sub.cert.der.clone(),
+            ],
+            key_of(&own),
+        )
+        .unwrap();
+    assert_eq!(inbound_as(&policy, Arc::new(client), Some(&own)), Ok(()));
+}
+
 /// A certificate `sub` issued, presented with `sub`'s own certificate (`with_sub`) or alone,
 /// dialling in as a partner.
 fn inbound_with(

@@ -378,10 +378,14 @@ pub struct PeerTrust {
 }
 
 /// The issuer names (DER) of a presented chain, for [`PeerTrust::roots_named`].
-/// The presented CA certificates that chain from `ee` by name (each the issuer of the one
-/// before it), in that order: those a path can use. A CA presented beside them (a bundle
-/// sent whole, a cross-certificate not taken) does not narrow the identities by its name
-/// constraints — that refused partners and phones it had nothing to do with.
+/// The presented CA certificates that chain from `ee` by name: every one whose subject is
+/// the issuer of the leaf or of one already taken — those a path can use, whichever of them
+/// webpki's path went through. A CA presented beside them (a bundle sent whole, a
+/// cross-certificate of another name) does not narrow the identities by its name
+/// constraints — that refused partners and phones it had nothing to do with. Every CA of a
+/// wanted name is taken, not the first: a decoy presented ahead of the real sub-CA under the
+/// same name (webpki tries it, fails, and goes on to the real one) stood in for it, and the
+/// sub-CA's name constraints were never applied to `sip:` URI and CN identities.
 fn linked<'c>(
     ee: &CertificateDer<'_>,
     intermediates: &'c [CertificateDer<'c>],
@@ -394,19 +398,24 @@ fn linked<'c>(
     let cas: Vec<Option<(Vec<u8>, Vec<u8>)>> = intermediates.iter().map(names).collect();
     let mut out = Vec::new();
     let mut used = vec![false; intermediates.len()];
-    let Some((_, mut want)) = names(ee) else {
+    let Some((_, first)) = names(ee) else {
         return out;
     };
-    while let Some(i) =
-        (0..cas.len()).find(|&i| !used[i] && cas[i].as_ref().is_some_and(|(s, _)| *s == want))
-    {
-        used[i] = true;
-        out.push(intermediates[i].clone());
-        let (subject, issuer) = cas[i].clone().expect("matched");
-        if issuer == subject {
-            break;
+    let mut wanted = vec![first];
+    while let Some(want) = wanted.pop() {
+        for i in 0..cas.len() {
+            let Some((subject, issuer)) = cas[i].as_ref().filter(|(s, _)| *s == want) else {
+                continue;
+            };
+            if used[i] {
+                continue;
+            }
+            used[i] = true;
+            out.push(intermediates[i].clone());
+            if issuer != subject {
+                wanted.push(issuer.clone());
+            }
         }
-        want = issuer;
     }
     out
 }
