@@ -1297,6 +1297,51 @@ fn a_decoy_ca_of_the_sub_cas_name_does_not_lift_its_name_constraints() {
     assert_eq!(inbound_as(&policy, Arc::new(client), Some(&own)), Ok(()));
 }
 
+#[test]
+fn a_ca_limited_to_addresses_names_no_partner_by_cn_or_sip_uri() {
+    // A sub-CA whose only name constraint is an address range: webpki holds neither a CN
+    // (it checks the subject against directory-name subtrees only) nor a `sip:` URI SAN to
+    // it, and sipring read only dNSName constraints, so the CA counted as unconstrained for
+    // them and a CN-only (or URI-only) certificate it issued passed as partner Zeta.
+    let w = World::new();
+    let net = w
+        .alpha
+        .constrained_intermediate_with(
+            "Alpha Net CA",
+            vec![rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4(
+                [10, 0, 0, 0],
+                [255, 0, 0, 0],
+            ))],
+        )
+        .unwrap();
+    w.dir.write(
+        "alpha.crl",
+        format!(
+            "{}{}",
+            w.alpha.crl(&[w.alpha_revoked]).unwrap(),
+            net.crl(&[]).unwrap()
+        ),
+    );
+    let policy = w.policy(&["1.3"]);
+    let cn_only = Spec {
+        dns: Vec::new(),
+        uris: Vec::new(),
+        ..spec("sip.zeta.example")
+    };
+    let uri_only = Spec {
+        dns: Vec::new(),
+        uris: vec!["sip:sip.zeta.example".into()],
+        ..spec("x")
+    };
+    for (what, s) in [("CN", cn_only), ("URI", uri_only)] {
+        assert_eq!(
+            inbound_with(&w, &policy, &net, s, true),
+            Err(Rejection::NameNotTrusted),
+            "{what}"
+        );
+    }
+}
+
 /// A certificate `sub` issued, presented with `sub`'s own certificate (`with_sub`) or alone,
 /// dialling in as a partner.
 fn inbound_with(

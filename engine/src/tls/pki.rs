@@ -103,43 +103,54 @@ fn err(e: rcgen::Error) -> String {
 impl Ca {
     /// A new self-signed root CA named `name`, valid for ten years.
     pub fn new(name: &str) -> Result<Ca, String> {
-        Ca::create(name, Duration::days(3650), None, &[])
+        Ca::create(name, Duration::days(3650), None, Vec::new())
     }
 
     /// A self-signed root CA valid from two days ago until `valid` from now (negative: one
     /// that has expired), as tests of a lapsed root need.
     pub fn with_validity(name: &str, valid: Duration) -> Result<Ca, String> {
-        Ca::create(name, valid, None, &[])
+        Ca::create(name, valid, None, Vec::new())
     }
 
     /// A CA named `name` under this one (an intermediate: its certificate is issued, and can
     /// be revoked, by this CA), valid for five years.
     pub fn intermediate(&self, name: &str) -> Result<Ca, String> {
-        Ca::create(name, Duration::days(1825), Some(self), &[])
+        Ca::create(name, Duration::days(1825), Some(self), Vec::new())
     }
 
     /// An intermediate CA allowed to issue only names under these DNS domains (a
     /// nameConstraints extension with permitted dNSName subtrees), as a federation's root
     /// gives each carrier's sub-CA.
     pub fn constrained_intermediate(&self, name: &str, dns: &[&str]) -> Result<Ca, String> {
-        Ca::create(name, Duration::days(1825), Some(self), dns)
+        let permitted = dns
+            .iter()
+            .map(|d| rcgen::GeneralSubtree::DnsName(d.to_string()))
+            .collect::<Vec<_>>();
+        Ca::create(name, Duration::days(1825), Some(self), permitted)
+    }
+
+    /// An intermediate CA whose permitted subtrees are these, of any type (an IP address
+    /// range, a directory name: constraints a host name cannot be held to).
+    pub fn constrained_intermediate_with(
+        &self,
+        name: &str,
+        permitted: Vec<rcgen::GeneralSubtree>,
+    ) -> Result<Ca, String> {
+        Ca::create(name, Duration::days(1825), Some(self), permitted)
     }
 
     /// A CA certificate and key: self-signed (serial 1), or issued by `parent`; limited to
-    /// the DNS domains `permitted` when not empty.
+    /// the subtrees `permitted` when not empty.
     fn create(
         name: &str,
         valid: Duration,
         parent: Option<&Ca>,
-        permitted: &[&str],
+        permitted: Vec<rcgen::GeneralSubtree>,
     ) -> Result<Ca, String> {
         let mut p = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
         if !permitted.is_empty() {
             p.name_constraints = Some(rcgen::NameConstraints {
-                permitted_subtrees: permitted
-                    .iter()
-                    .map(|d| rcgen::GeneralSubtree::DnsName(d.to_string()))
-                    .collect(),
+                permitted_subtrees: permitted,
                 excluded_subtrees: Vec::new(),
             });
         }

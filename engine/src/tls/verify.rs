@@ -890,16 +890,50 @@ fn constrain(ids: &mut Vec<Identity>, intermediates: &[CertificateDer<'_>], user
                 })
                 .collect()
         };
+        let uri = |t: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>| -> Vec<String> {
+            t.iter()
+                .flatten()
+                .filter_map(|g| match g.base {
+                    GeneralName::URI(u) => Some(u.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect()
+        };
         let (permitted, mut excluded) = (dns(&nc.permitted_subtrees), dns(&nc.excluded_subtrees));
+        let (uri_permitted, uri_excluded) =
+            (uri(&nc.permitted_subtrees), uri(&nc.excluded_subtrees));
         if users {
             excluded.retain(|c| !c.is_empty() && c != ".");
         }
+        // Permitted subtrees of no type a host name can be held to (IP addresses, directory
+        // names only): a `sip:` URI or a CN names a host such a CA was not allowed to name —
+        // it was read as unconstrained, and a CA limited to addresses or URIs of its own
+        // could issue a CN-only certificate for any partner's name.
+        let none_for_hosts = nc
+            .permitted_subtrees
+            .as_ref()
+            .is_some_and(|t| !t.is_empty())
+            && permitted.is_empty()
+            && uri_permitted.is_empty();
         ids.retain(|i| {
             let host = match i {
                 Identity::Dns(h) | Identity::Sip(h) | Identity::Cn(h) => h,
             };
-            (permitted.is_empty() || permitted.iter().any(|c| in_dns_subtree(host, c)))
-                && !excluded.iter().any(|c| in_dns_subtree(host, c))
+            let dns_ok = (permitted.is_empty()
+                || permitted.iter().any(|c| in_dns_subtree(host, c)))
+                && !excluded.iter().any(|c| in_dns_subtree(host, c));
+            match i {
+                Identity::Dns(_) => dns_ok,
+                // A URI (and a CN, which has no type) is held to the URI subtrees too:
+                // RFC 5280 compares a URI constraint with the URI's host.
+                Identity::Sip(_) | Identity::Cn(_) => {
+                    dns_ok
+                        && !none_for_hosts
+                        && (uri_permitted.is_empty()
+                            || uri_permitted.iter().any(|c| in_uri_subtree(host, c)))
+                        && !uri_excluded.iter().any(|c| in_uri_subtree(host, c))
+                }
+            }
         });
     }
 }
@@ -919,6 +953,18 @@ fn in_dns_subtree(host: &str, subtree: &str) -> bool {
         || host
             .strip_suffix(subtree)
             .is_some_and(|rest| rest.ends_with('.'))
+}
+
+/// RFC 5280 §4.2.1.10: a URI's host is within a URI constraint that names that host, or,
+/// written with a leading period, any host below it (not the domain itself).
+fn in_uri_subtree(host: &str, subtree: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let subtree = subtree.strip_suffix('.').unwrap_or(subtree);
+    if subtree.starts_with('.') {
+        host.len() > subtree.len() && host.ends_with(subtree)
+    } else {
+        host == subtree
+    }
 }
 
 /// The orders to read `crls` in: as given, then the others of [`first_reads`] (see
