@@ -806,6 +806,52 @@ fn client_certificate_chains_are_checked_whole_and_again_when_resumed() {
 }
 
 #[test]
+fn a_client_root_its_issuers_crl_revokes_anchors_no_phone() {
+    // `tls.client_roots` holding a sub-CA as well as its root: webpki anchors a phone's
+    // chain at the sub-CA and checks no anchor's revocation, so phones under a sub-CA the
+    // root's CRL revokes went on proving AORs without a digest. It anchors nothing now; a
+    // phone presenting the sub-CA is held to the root's CRL and refused as revoked.
+    let w = World::new();
+    let root = Ca::new("Phones Root").unwrap();
+    let sub = root.intermediate("Phones Sub CA").unwrap();
+    let phone = sub
+        .issue(&Spec {
+            uris: vec!["sip:carol@example.com".into()],
+            usage: Usage::ClientOnly,
+            ..spec("phone.example.com")
+        })
+        .unwrap();
+    w.dir.write(
+        "phones-bundle.pem",
+        format!("{}{}", root.cert.cert_pem, sub.cert.cert_pem),
+    );
+    w.dir
+        .write("phones-root.crl", root.crl(&[sub.cert.serial]).unwrap());
+    w.dir.write("phones-sub.crl", sub.crl(&[]).unwrap());
+    let mut cfg = w.config(&["1.3"]);
+    cfg.tls.client_roots = Some(w.dir.join("phones-bundle.pem"));
+    cfg.tls.client_crls = vec![w.dir.join("phones-root.crl"), w.dir.join("phones-sub.crl")];
+    let policy = TlsPolicy::load(&cfg).expect("loads");
+    assert!(
+        policy
+            .verify_client_chain(std::slice::from_ref(&phone.der))
+            .is_err(),
+        "anchored at the revoked sub-CA"
+    );
+    assert_eq!(
+        policy.verify_client_chain(&[phone.der.clone(), sub.cert.der.clone()]),
+        Err(Rejection::Revoked)
+    );
+    // Not revoked: the same bundle anchors the phone.
+    w.dir.write("phones-root.crl", root.crl(&[]).unwrap());
+    let policy = TlsPolicy::load(&cfg).expect("loads");
+    assert_eq!(
+        policy.verify_client_chain(std::slice::from_ref(&phone.der)),
+        Ok(())
+    );
+}
+
+#[test]
 fn inbound_revocation_by_crl() {
     let w = World::new();
     let policy = w.policy(&["1.2", "1.3"]);
@@ -1419,8 +1465,10 @@ fn a_sub_ca_given_as_a_root_is_held_to_its_constraints_and_its_revocation() {
     );
     let policy = w.policy(&["1.3"]);
     sub_ca_names_only_its_domain(&w, &policy, &sub, false);
-    // The root's CRL revokes the sub-CA: a root file that holds it does not load (it
-    // anchored everything it issued before, revoked or not).
+    // The root's CRL revokes the sub-CA: the sub-CA anchors nothing (it anchored
+    // everything it issued, revoked or not), and the policy still loads — the load used to
+    // fail, so the reload after the CRL job fetched that list was refused and the old
+    // policy kept the revoked sub-CA, and every older list, in force.
     w.dir.write(
         "alpha.crl",
         format!(
@@ -1429,11 +1477,15 @@ fn a_sub_ca_given_as_a_root_is_held_to_its_constraints_and_its_revocation() {
             sub.crl(&[]).unwrap()
         ),
     );
-    let err = TlsPolicy::load(&w.config(&["1.3"])).unwrap_err();
-    assert!(
-        err.to_string().contains("revoked by a configured CRL"),
-        "{err}"
-    );
+    let policy = TlsPolicy::load(&w.config(&["1.3"])).expect("loads");
+    for with_sub in [false, true] {
+        assert!(
+            inbound_with(&w, &policy, &sub, spec("sip.alpha.example"), with_sub).is_err(),
+            "issued by the revoked sub-CA (presented with it: {with_sub})"
+        );
+    }
+    let good = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    assert_eq!(inbound(&w, &policy, "1.3", Some(&good)), Ok(()));
 }
 
 #[test]

@@ -624,21 +624,40 @@ impl TlsPolicy {
         let (clients_cert_optional, clients_cert_required, client_verifier) =
             match &cfg.tls.client_roots {
                 Some(path) => {
-                    let mut roots = RootCertStore::empty();
-                    let lapsing = verify::RootValidity::of(&reads.certs(path)?);
-                    client_anchor_expiries = lapsing.expiries();
-                    client_constrained_roots = verify::constrained_roots(&reads.certs(path)?);
-                    for r in reads.certs(path)? {
-                        roots
-                            .add(r)
-                            .map_err(|e| load_err(path, format!("bad root: {e}")))?;
-                    }
-                    let roots = Arc::new(roots);
                     let mut crls = Vec::new();
                     for f in &cfg.tls.client_crls {
                         crls.extend(reads.crls(f)?);
                     }
                     let crls = newest_crl_per_issuer(crls);
+                    // A sub-CA given as a client root that a configured CRL of its issuer
+                    // revokes anchors nothing: webpki checks no anchor's revocation, and
+                    // phones under a revoked CA went on proving AORs without a digest.
+                    let listed: Vec<webpki::CertRevocationList<'_>> = crls
+                        .iter()
+                        .filter_map(|c| webpki::OwnedCertRevocationList::from_der(c.as_ref()).ok())
+                        .map(webpki::CertRevocationList::from)
+                        .collect();
+                    let mut certs = reads.certs(path)?;
+                    let revoked = verify::revoked_roots(&certs, &listed);
+                    for (i, name) in revoked.iter().rev() {
+                        tracing::warn!(
+                            root = %name,
+                            "client root certificate revoked by a configured CRL of its issuer: \
+                             it anchors nothing (a revoked sub-CA revokes what it issued); \
+                             remove it from tls.client_roots"
+                        );
+                        certs.remove(*i);
+                    }
+                    let mut roots = RootCertStore::empty();
+                    let lapsing = verify::RootValidity::of(&certs);
+                    client_anchor_expiries = lapsing.expiries();
+                    client_constrained_roots = verify::constrained_roots(&certs);
+                    for r in certs {
+                        roots
+                            .add(r)
+                            .map_err(|e| load_err(path, format!("bad root: {e}")))?;
+                    }
+                    let roots = Arc::new(roots);
                     check_client_crls(path, &reads.certs(path)?, &crls)?;
                     let orders = verify::crl_orders(&crls);
                     let parsed = orders

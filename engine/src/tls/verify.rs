@@ -377,6 +377,32 @@ pub struct PeerTrust {
     constrained: Vec<(DistinguishedName, CertificateDer<'static>)>,
 }
 
+/// The roots of `roots` that are not self-issued (a sub-CA given as a root) and that a CRL
+/// of their issuer in `crls` revokes: each one's index and subject.
+pub fn revoked_roots(
+    roots: &[CertificateDer<'_>],
+    crls: &[CertRevocationList<'_>],
+) -> Vec<(usize, String)> {
+    roots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let (_, x) = x509_parser::parse_x509_certificate(r.as_ref()).ok()?;
+            let issuer = x.issuer().as_raw();
+            if issuer == x.subject().as_raw() {
+                return None;
+            }
+            let serial = x.tbs_certificate.raw_serial();
+            crls.iter()
+                .any(|c| {
+                    DistinguishedName::in_sequence(c.issuer()).as_ref() == issuer
+                        && c.find_serial(serial).ok().flatten().is_some()
+                })
+                .then(|| (i, x.subject().to_string()))
+        })
+        .collect()
+}
+
 /// The issuer names (DER) of a presented chain, for [`PeerTrust::roots_named`].
 /// The presented CA certificates that chain from `ee` by name: every one whose subject is
 /// the issuer of the leaf or of one already taken — those a path can use, whichever of them
@@ -445,39 +471,6 @@ impl PeerTrust {
         roots: &[CertificateDer<'static>],
         crls: &[CertificateRevocationListDer<'static>],
     ) -> Result<PeerTrust, String> {
-        let mut anchors = Vec::new();
-        let mut subjects = Vec::new();
-        let mut anchor_validity = Vec::new();
-        let mut constrained = Vec::new();
-        // Roots that are not self-issued (a sub-CA given as a root): (issuer, serial, name).
-        let mut sub_cas = Vec::new();
-        for r in roots {
-            let a = webpki::anchor_from_trusted_cert(r)
-                .map_err(|e| format!("bad root certificate: {e}"))?
-                .to_owned();
-            let (_, x) = x509_parser::parse_x509_certificate(r.as_ref())
-                .map_err(|e| format!("bad root certificate: {e}"))?;
-            anchor_validity.push((
-                x.validity().not_before.timestamp(),
-                x.validity().not_after.timestamp(),
-            ));
-            if x.issuer().as_raw() != x.subject().as_raw() {
-                sub_cas.push((
-                    x.issuer().as_raw().to_vec(),
-                    x.tbs_certificate.raw_serial().to_vec(),
-                    x.subject().to_string(),
-                ));
-            }
-            let subject = DistinguishedName::in_sequence(a.subject.as_ref());
-            if a.name_constraints.is_some() {
-                constrained.push((subject.clone(), r.clone()));
-            }
-            subjects.push(subject);
-            anchors.push(a);
-        }
-        if anchors.is_empty() {
-            return Err("no root certificate in file".into());
-        }
         let crls = crls
             .iter()
             .map(|c| {
@@ -489,17 +482,44 @@ impl PeerTrust {
         // A sub-CA given as a root anchors what it issued, and webpki checks no anchor's
         // revocation: one a configured CRL of its issuer revokes would vouch on regardless
         // (a revoked sub-CA revokes what it issued). CRLs, like roots, change only on a
-        // (re)load, so checked here.
-        for (issuer, serial, name) in &sub_cas {
-            for c in &crls {
-                if DistinguishedName::in_sequence(c.issuer()).as_ref() == issuer.as_slice()
-                    && c.find_serial(serial).ok().flatten().is_some()
-                {
-                    return Err(format!(
-                        "root certificate {name} is revoked by a configured CRL of its issuer"
-                    ));
-                }
+        // (re)load, so checked here; such a root anchors nothing. Before, the load failed:
+        // a reload after the CRL job fetched the list that revoked it was refused, and the
+        // old policy kept the revoked sub-CA and every older list in force.
+        let revoked = revoked_roots(roots, &crls);
+        for (_, name) in &revoked {
+            tracing::warn!(
+                partner = %p.name,
+                root = %name,
+                "root certificate revoked by a configured CRL of its issuer: it anchors nothing \
+                 (a revoked sub-CA revokes what it issued); remove it from the roots file"
+            );
+        }
+        let mut anchors = Vec::new();
+        let mut subjects = Vec::new();
+        let mut anchor_validity = Vec::new();
+        let mut constrained = Vec::new();
+        for (i, r) in roots.iter().enumerate() {
+            if revoked.iter().any(|(j, _)| *j == i) {
+                continue;
             }
+            let a = webpki::anchor_from_trusted_cert(r)
+                .map_err(|e| format!("bad root certificate: {e}"))?
+                .to_owned();
+            let (_, x) = x509_parser::parse_x509_certificate(r.as_ref())
+                .map_err(|e| format!("bad root certificate: {e}"))?;
+            anchor_validity.push((
+                x.validity().not_before.timestamp(),
+                x.validity().not_after.timestamp(),
+            ));
+            let subject = DistinguishedName::in_sequence(a.subject.as_ref());
+            if a.name_constraints.is_some() {
+                constrained.push((subject.clone(), r.clone()));
+            }
+            subjects.push(subject);
+            anchors.push(a);
+        }
+        if anchors.is_empty() && revoked.is_empty() {
+            return Err("no root certificate in file".into());
         }
         let current = current_anchors(&anchors, &anchor_validity);
         Ok(PeerTrust {
