@@ -108,7 +108,8 @@ impl World {
             CertConfig {
                 cert: self.dir.join("other.pem"),
                 key: self.dir.join("other.key"),
-                sni: vec!["sip.other-domain.example".into()],
+                // Written absolute and in capitals: SNI arrives lower case, without the dot.
+                sni: vec!["Sip.Other-Domain.Example.".into()],
             },
         ];
         cfg.peer = vec![

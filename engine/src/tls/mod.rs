@@ -574,7 +574,10 @@ impl TlsPolicy {
                 chain: chain.clone(),
             });
             for n in &c.sni {
-                by_name.insert(n.to_ascii_lowercase(), ck.clone());
+                // rustls hands over the SNI without a trailing dot: `sip.example.com.`
+                // written here matched nothing, and the default certificate went out.
+                let n = n.trim_end_matches('.').to_ascii_lowercase();
+                by_name.insert(n, ck.clone());
             }
             if default.is_none() {
                 default = Some(ck);
