@@ -175,6 +175,30 @@ impl<'b> NameAddr<'b> {
         })
     }
 
+    /// Are its parameters' values each a token, a host or a quoted string (RFC 3261 §25.1
+    /// gen-value) — no unquoted `<`, `>`, `,` or `"`? Held to for From and To: a bracketed
+    /// `<sip:alice@example.com>;tag=1, <sip:ceo@example.com>` was alice to us (tag
+    /// `1, <sip:ceo@…>`) and the CEO to a reader that splits on commas or takes the last
+    /// `<…>`.
+    pub fn plain_params(&self) -> bool {
+        // The usual `;tag=…` holds none of them: one pass, nothing split.
+        if !self
+            .params
+            .iter()
+            .any(|&b| matches!(b, b'<' | b'>' | b',' | b'"'))
+        {
+            return true;
+        }
+        let mut plain = true;
+        let _ = for_each_param(self.params, |_, val| {
+            plain &= val.is_none_or(|v| {
+                v.first() == Some(&b'"')
+                    || !v.iter().any(|&b| matches!(b, b'<' | b'>' | b',' | b'"'))
+            });
+        });
+        plain
+    }
+
     fn addr_spec(v: &'b [u8]) -> Option<NameAddr<'b>> {
         let semi = memchr::memchr(b';', v).unwrap_or(v.len());
         let uri = trim(&v[..semi]);
