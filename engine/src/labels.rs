@@ -95,6 +95,7 @@ pub fn refusal_name(label: &'static str) -> &'static str {
         "register_bindings_per_ip",
         "from_not_identity",
         "from_display",
+        "identity_params",
         "partner_from_domain",
         "partner_pai_domain",
         "partner_register",

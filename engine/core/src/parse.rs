@@ -742,13 +742,9 @@ impl<'b, 'h> Message<'b, 'h> {
         let cseq = cseq.ok_or(ParseError::MissingHeader(HeaderName::CSeq))?;
         let cseq = CSeq::parse(cseq).ok_or(ParseError::InvalidHeader(HeaderName::CSeq))?;
         let from = from.ok_or(ParseError::MissingHeader(HeaderName::From))?;
-        let from = NameAddr::parse(from)
-            .filter(NameAddr::plain_params)
-            .ok_or(ParseError::InvalidHeader(HeaderName::From))?;
+        let from = NameAddr::parse(from).ok_or(ParseError::InvalidHeader(HeaderName::From))?;
         let to = to.ok_or(ParseError::MissingHeader(HeaderName::To))?;
-        let to = NameAddr::parse(to)
-            .filter(NameAddr::plain_params)
-            .ok_or(ParseError::InvalidHeader(HeaderName::To))?;
+        let to = NameAddr::parse(to).ok_or(ParseError::InvalidHeader(HeaderName::To))?;
         let top_via = top_via.ok_or(ParseError::MissingHeader(HeaderName::Via))?;
         let max_forwards = match max_forwards {
             None => None,

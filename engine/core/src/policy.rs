@@ -370,6 +370,26 @@ impl Policy {
         proxy: &crate::proxy::Proxy,
     ) -> Authz {
         let domains = &proxy.config().domains;
+        // A From or To parameter value that is no token, host or quoted string:
+        // `<sip:alice@example.com>;tag=1, <sip:ceo@example.com>` is alice to us (her tag
+        // `1, <sip:ceo@…>`) and the CEO to a reader that splits on commas or takes the last
+        // `<…>`. Checked here, for every request whoever sends it, not in the parser: the
+        // usual `;tag=…` would pay for it on every message, responses included.
+        if !(ess.from.plain_params() && ess.to.plain_params()) {
+            let detail = String::from_utf8_lossy(if ess.from.plain_params() {
+                ess.to.params
+            } else {
+                ess.from.params
+            })
+            .into_owned();
+            return self.deny(
+                info,
+                400,
+                "Bad From Or To Parameter",
+                "identity_params",
+                detail,
+            );
+        }
         let partner_source = match (&info.principal, flow) {
             (Principal::Partner(p), _) => Some(p.clone()),
             (_, Flow::Peer(p)) => Some(p.clone()),
@@ -2127,6 +2147,41 @@ mod tests {
             realm_of(&run(&mut p, &anon, &invite(""), &to_a)),
             "example.net"
         );
+    }
+
+    #[test]
+    fn a_from_or_to_parameter_holding_another_address_is_refused() {
+        // `tag=1, <sip:ceo@example.com>`: alice's tag to us, a second address to a reader
+        // that splits on commas or takes the last `<…>`. Refused from clients and partners
+        // alike; a quoted value may hold anything.
+        let mut p = policy();
+        let bob = "sip:bob@example.com";
+        let local = Decision::Lookup { aor: bob.into() };
+        let anon = Principal::anonymous();
+        let partner = Principal::Partner("a".into());
+        for (who, principal) in [("client", &anon), ("partner", &partner)] {
+            for bad in [
+                req("MESSAGE", bob, "sip:alice@example.com", bob, "")
+                    .replace(";tag=f", ";tag=1, <sip:ceo@example.com>"),
+                req("MESSAGE", bob, "sip:alice@example.com", bob, "").replace(
+                    "To: <sip:bob@example.com>",
+                    "To: <sip:bob@example.com>;x=<sip:ceo@example.com>",
+                ),
+            ] {
+                match run(&mut p, principal, &bad, &local) {
+                    Authz::Deny(d) => {
+                        assert_eq!((d.code, d.label), (400, "identity_params"), "{who}")
+                    }
+                    other => panic!("{who}: {other:?}"),
+                }
+            }
+        }
+        let quoted = req("MESSAGE", bob, "sip:x@peer-a.test", bob, "")
+            .replace(";tag=f", ";tag=f;x=\"a, <b>\"");
+        assert!(matches!(
+            run(&mut p, &partner, &quoted, &local),
+            Authz::Allow(_)
+        ));
     }
 
     #[test]
