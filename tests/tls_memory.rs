@@ -725,9 +725,8 @@ fn of_two_crls_from_one_issuer_the_newest_counts() {
     });
 }
 
-#[test]
-fn client_certificate_chains_are_checked_whole_and_again_when_resumed() {
-    let w = World::new();
+/// A phones' root, its sub-CA, and a phone the sub-CA issued proving `sip:carol@example.com`.
+fn phones_pki() -> (Ca, Ca, Issued) {
     let root = Ca::new("Phones Root").unwrap();
     let sub = root.intermediate("Phones Sub CA").unwrap();
     let phone = sub
@@ -737,6 +736,13 @@ fn client_certificate_chains_are_checked_whole_and_again_when_resumed() {
             ..spec("phone.example.com")
         })
         .unwrap();
+    (root, sub, phone)
+}
+
+#[test]
+fn client_certificate_chains_are_checked_whole_and_again_when_resumed() {
+    let w = World::new();
+    let (root, sub, phone) = phones_pki();
     w.dir.write("phones-root.pem", &root.cert.cert_pem);
     w.dir.write("phones-sub.crl", sub.crl(&[]).unwrap());
     let policy_with = |root_crl: String| {
@@ -813,15 +819,7 @@ fn a_client_root_its_issuers_crl_revokes_anchors_no_phone() {
     // root's CRL revokes went on proving AORs without a digest. It anchors nothing now; a
     // phone presenting the sub-CA is held to the root's CRL and refused as revoked.
     let w = World::new();
-    let root = Ca::new("Phones Root").unwrap();
-    let sub = root.intermediate("Phones Sub CA").unwrap();
-    let phone = sub
-        .issue(&Spec {
-            uris: vec!["sip:carol@example.com".into()],
-            usage: Usage::ClientOnly,
-            ..spec("phone.example.com")
-        })
-        .unwrap();
+    let (root, sub, phone) = phones_pki();
     w.dir.write(
         "phones-bundle.pem",
         format!("{}{}", root.cert.cert_pem, sub.cert.cert_pem),

@@ -1092,6 +1092,23 @@ mod tests {
         format!("{hdr}: {v}\r\n")
     }
 
+    /// nina's credentials (our second domain, example.net) for `method` to `uri`.
+    fn nina_creds(p: &Policy, method: &str, uri: &str) -> String {
+        let nonce = p.auth.nonce(Instant::now(), 1, "example.net");
+        let ha1 = Algorithm::Sha256.ha1("nina", "example.net", "pw");
+        authorization(
+            Algorithm::Sha256,
+            "nina",
+            "example.net",
+            &ha1,
+            &nonce,
+            1,
+            "cn",
+            method,
+            uri,
+        )
+    }
+
     fn run(p: &mut Policy, who: &Principal, text: &str, d: &Decision) -> Authz {
         let mut h = [Header::EMPTY; 32];
         let Ok(Status::Complete(m)) =
@@ -2122,19 +2139,7 @@ mod tests {
             "example.net"
         );
         // Registered on this connection (flow 1) in example.net: that realm from then on.
-        let nonce = p.auth.nonce(Instant::now(), 1, "example.net");
-        let ha1 = Algorithm::Sha256.ha1("nina", "example.net", "pw");
-        let reg_creds = authorization(
-            Algorithm::Sha256,
-            "nina",
-            "example.net",
-            &ha1,
-            &nonce,
-            1,
-            "cn",
-            "REGISTER",
-            "sip:example.net",
-        );
+        let reg_creds = nina_creds(&p, "REGISTER", "sip:example.net");
         let reg = req(
             "REGISTER",
             "sip:example.net",
@@ -2192,19 +2197,7 @@ mod tests {
         let mut p = policy();
         let anon = Principal::anonymous();
         let bob = "sip:bob@example.com";
-        let nonce = p.auth.nonce(Instant::now(), 1, "example.net");
-        let ha1 = Algorithm::Sha256.ha1("nina", "example.net", "pw");
-        let nina = authorization(
-            Algorithm::Sha256,
-            "nina",
-            "example.net",
-            &ha1,
-            &nonce,
-            1,
-            "cn",
-            "INVITE",
-            bob,
-        );
+        let nina = nina_creds(&p, "INVITE", bob);
         let both = format!(
             "{}Proxy-Authorization: {nina}\r\n",
             creds(&p, "alice", "pw", "INVITE", bob, 1)
