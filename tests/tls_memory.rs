@@ -813,6 +813,37 @@ fn client_certificate_chains_are_checked_whole_and_again_when_resumed() {
 }
 
 #[test]
+fn a_reload_checks_the_aors_a_phones_certificate_still_proves() {
+    // The AORs a client certificate proved were taken at the handshake and stood for the
+    // connection's life; a reload (client roots now carrying name constraints) re-checked
+    // only the chain. The recheck now also asks whether each AOR is still proved.
+    let w = World::new();
+    let (root, sub, phone) = phones_pki();
+    w.dir.write("phones-root.pem", &root.cert.cert_pem);
+    let mut cfg = w.config(&["1.3"]);
+    cfg.tls.client_roots = Some(w.dir.join("phones-root.pem"));
+    cfg.tls.client_crls = Vec::new();
+    let policy = TlsPolicy::load(&cfg).expect("loads");
+    let chain = [phone.der.clone(), sub.cert.der.clone()];
+    let proving = |aors: &[&str]| sipring_core::policy::Principal::Client {
+        cert_aors: aors.iter().map(|a| a.to_string()).collect(),
+    };
+    assert_eq!(
+        policy
+            .recheck(&proving(&["sip:carol@example.com"]), false, &chain)
+            .map_err(|e| e.0),
+        Ok(())
+    );
+    // An AOR the certificate does not prove under this policy ends the connection.
+    assert_eq!(
+        policy
+            .recheck(&proving(&["sip:mallory@example.com"]), false, &chain)
+            .map_err(|e| e.0),
+        Err(Rejection::NameNotTrusted)
+    );
+}
+
+#[test]
 fn a_client_root_its_issuers_crl_revokes_anchors_no_phone() {
     // `tls.client_roots` holding a sub-CA as well as its root: webpki anchors a phone's
     // chain at the sub-CA and checks no anchor's revocation, so phones under a sub-CA the

@@ -491,9 +491,23 @@ impl TlsPolicy {
             (r, None) => (r, e.to_string()),
         };
         let Some(name) = principal.partner() else {
-            return self
-                .verify_client_chain(chain)
-                .map_err(|r| (r, String::new()));
+            self.verify_client_chain(chain)
+                .map_err(|r| (r, String::new()))?;
+            // The AORs its certificate proved at the handshake, still proved under this
+            // policy (a client root now carrying name constraints): before, they stood for
+            // the connection's life.
+            if let sipring_core::policy::Principal::Client { cert_aors } = principal {
+                let proven = verify::user_aors_within(chain, &self.client_constrained_roots);
+                if let Some(lost) = cert_aors.iter().find(|a| !proven.contains(a)) {
+                    return Err((
+                        Rejection::NameNotTrusted,
+                        format!(
+                            "its certificate no longer proves {lost} (client roots' name constraints)"
+                        ),
+                    ));
+                }
+            }
+            return Ok(());
         };
         let Some(p) = self.partners.iter().find(|p| p.name == name) else {
             return Err((
