@@ -991,7 +991,16 @@ impl Authenticator {
                     break;
                 }
                 Some(_) => {}
-                None if mine.is_none() && trimmed_scheme_is_digest(v) => mine = Some(Err(())),
+                // Credentials that do not parse count as a failed attempt only when they
+                // may be ours: a realm of ours, or none to be read. Another realm's (an
+                // RFC 7616 `username*` for a PBX behind us) is not ours to count.
+                None if mine.is_none()
+                    && trimmed_scheme_is_digest(v)
+                    && raw_realm(v)
+                        .is_none_or(|r| realms.iter().any(|x| eq_ic(x.as_bytes(), r))) =>
+                {
+                    mine = Some(Err(()))
+                }
                 None => {}
             }
         }
@@ -1139,6 +1148,30 @@ impl Authenticator {
     pub fn flows_tracked(&self) -> usize {
         self.nonces.len()
     }
+}
+
+/// The `realm="…"` of credentials that do not parse, read leniently (the first `realm`
+/// parameter with a quoted value), to tell whose they are.
+fn raw_realm(v: &[u8]) -> Option<&[u8]> {
+    let lower = v.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(i) = memchr::memmem::find(&lower[from..], b"realm") {
+        let at = from + i;
+        from = at + 5;
+        // A parameter name of its own: not `xrealm`.
+        if at > 0 && (lower[at - 1].is_ascii_alphanumeric() || lower[at - 1] == b'-') {
+            continue;
+        }
+        let rest = crate::text::trim(&v[at + 5..]);
+        let Some(rest) = rest.strip_prefix(b"=") else {
+            continue;
+        };
+        let rest = crate::text::trim(rest);
+        let rest = rest.strip_prefix(b"\"")?;
+        let end = memchr::memchr(b'"', rest)?;
+        return Some(&rest[..end]);
+    }
+    None
 }
 
 fn trimmed_scheme_is_digest(v: &[u8]) -> bool {
@@ -1544,6 +1577,38 @@ mod tests {
         );
         assert_eq!(f.auth.nonce_issued(&nonce, 1, "example.com"), Some((0, 0)));
         assert_eq!(f.auth.nonce_issued(&nonce, 1, "example.net"), None);
+    }
+
+    #[test]
+    fn credentials_that_do_not_parse_count_only_when_they_may_be_ours() {
+        // RFC 7616's `username*` (for a PBX behind us, in its realm) does not parse here: it
+        // counted as a failed attempt against the phone's address on every first try.
+        let mut f = fixture(&[Algorithm::Sha256]);
+        let mut verify = |v: &str| {
+            f.auth
+                .verify(
+                    f.t0,
+                    1,
+                    SRC,
+                    b"INVITE",
+                    b"sip:b@x",
+                    &|_| false,
+                    &[v.as_bytes()],
+                    &["example.com".into()],
+                    &f.store,
+                )
+                .failure
+                .map(|(why, _)| why)
+        };
+        let theirs = "Digest username*=UTF-8''%C3%A4, realm=\"pbx.other\", nonce=\"n\", uri=\"sip:b@x\", response=\"r\"";
+        assert_eq!(verify(theirs), None);
+        for ours in [
+            theirs.replace("pbx.other", "Example.com"),
+            "Digest username*=UTF-8''%C3%A4, nonce=\"n\"".to_string(),
+            "Digest".to_string(),
+        ] {
+            assert_eq!(verify(&ours), Some(Failure::Malformed), "{ours}");
+        }
     }
 
     #[test]
