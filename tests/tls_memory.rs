@@ -879,6 +879,45 @@ fn a_client_root_its_issuers_crl_revokes_anchors_no_phone() {
         policy.verify_client_chain(std::slice::from_ref(&phone.der)),
         Ok(())
     );
+    // Every client root revoked (the sub-CA alone, its root's list revoking it): the policy
+    // still loads (a refused reload kept the revoked root anchoring), and no phone passes.
+    w.dir.write("phones-sub.pem", &sub.cert.cert_pem);
+    w.dir
+        .write("phones-root.crl", root.crl(&[sub.cert.serial]).unwrap());
+    cfg.tls.client_roots = Some(w.dir.join("phones-sub.pem"));
+    cfg.tls.client_crls = vec![w.dir.join("phones-root.crl")];
+    let policy = TlsPolicy::load(&cfg).expect("loads with every client root revoked");
+    assert!(
+        policy
+            .verify_client_chain(std::slice::from_ref(&phone.der))
+            .is_err()
+    );
+}
+
+#[test]
+fn a_phones_ca_limited_to_directory_names_still_proves_its_aors() {
+    // A phones-only CA "technically constrained" to its organisation's directory names:
+    // no constraint of a host's type, which leaves a partner's `sip:` URI or CN nothing —
+    // but a phone's AOR is not a host name, and it must still be proved.
+    let root = Ca::new("Phones Root").unwrap();
+    let mut org = rcgen::DistinguishedName::new();
+    org.push(rcgen::DnType::OrganizationName, "sipring test PKI");
+    let sub = root
+        .constrained_intermediate_with(
+            "Phones Org CA",
+            vec![rcgen::GeneralSubtree::DirectoryName(org)],
+        )
+        .unwrap();
+    let phone = sub
+        .issue(&Spec {
+            uris: vec!["sip:carol@example.com".into()],
+            usage: Usage::ClientOnly,
+            ..spec("phone.example.com")
+        })
+        .unwrap();
+    let aors =
+        sipring::tls::verify::user_aors_within(&[phone.der.clone(), sub.cert.der.clone()], &[]);
+    assert_eq!(aors, ["sip:carol@example.com"]);
 }
 
 #[test]

@@ -1150,28 +1150,56 @@ impl Authenticator {
     }
 }
 
-/// The `realm="…"` of credentials that do not parse, read leniently (the first `realm`
-/// parameter with a quoted value), to tell whose they are.
+/// The `realm` of credentials that do not parse, read leniently to tell whose they are:
+/// the parameters after the scheme, quoted values skipped whole (so `opaque="realm=x"` is
+/// not it). `None`: none can be read.
 fn raw_realm(v: &[u8]) -> Option<&[u8]> {
-    let lower = v.to_ascii_lowercase();
-    let mut from = 0;
-    while let Some(i) = memchr::memmem::find(&lower[from..], b"realm") {
-        let at = from + i;
-        from = at + 5;
-        // A parameter name of its own: not `xrealm`.
-        if at > 0 && (lower[at - 1].is_ascii_alphanumeric() || lower[at - 1] == b'-') {
+    let lws = |i: &mut usize| {
+        while *i < v.len() && matches!(v[*i], b' ' | b'\t' | b'\r' | b'\n' | b',') {
+            *i += 1;
+        }
+    };
+    let mut i = 0;
+    lws(&mut i);
+    while i < v.len() && is_token(v[i]) {
+        i += 1;
+    }
+    loop {
+        lws(&mut i);
+        let name_at = i;
+        while i < v.len() && is_token(v[i]) {
+            i += 1;
+        }
+        let name = &v[name_at..i];
+        if name.is_empty() {
+            return None;
+        }
+        while i < v.len() && matches!(v[i], b' ' | b'\t') {
+            i += 1;
+        }
+        if v.get(i) != Some(&b'=') {
             continue;
         }
-        let rest = crate::text::trim(&v[at + 5..]);
-        let Some(rest) = rest.strip_prefix(b"=") else {
-            continue;
+        i += 1;
+        while i < v.len() && matches!(v[i], b' ' | b'\t') {
+            i += 1;
+        }
+        let value = if v.get(i) == Some(&b'"') {
+            let end = crate::text::skip_quoted(v, i + 1)?;
+            let inner = &v[i + 1..end - 1];
+            i = end;
+            inner
+        } else {
+            let at = i;
+            while i < v.len() && v[i] != b',' {
+                i += 1;
+            }
+            crate::text::trim(&v[at..i])
         };
-        let rest = crate::text::trim(rest);
-        let rest = rest.strip_prefix(b"\"")?;
-        let end = memchr::memchr(b'"', rest)?;
-        return Some(&rest[..end]);
+        if eq_ic(name, b"realm") {
+            return Some(value);
+        }
     }
-    None
 }
 
 fn trimmed_scheme_is_digest(v: &[u8]) -> bool {
@@ -1583,8 +1611,9 @@ mod tests {
     fn credentials_that_do_not_parse_count_only_when_they_may_be_ours() {
         // RFC 7616's `username*` (for a PBX behind us, in its realm) does not parse here: it
         // counted as a failed attempt against the phone's address on every first try.
-        let mut f = fixture(&[Algorithm::Sha256]);
-        let mut verify = |v: &str| {
+        // A fresh ledger each time: the fixture blocks a source after a few failures.
+        let verify = |v: &str| {
+            let mut f = fixture(&[Algorithm::Sha256]);
             f.auth
                 .verify(
                     f.t0,
@@ -1602,6 +1631,13 @@ mod tests {
         };
         let theirs = "Digest username*=UTF-8''%C3%A4, realm=\"pbx.other\", nonce=\"n\", uri=\"sip:b@x\", response=\"r\"";
         assert_eq!(verify(theirs), None);
+        // Read as parameters: a quoted value naming a realm is not the realm.
+        let decoy =
+            "Digest username*=UTF-8''%C3%A4, opaque=\"realm=1\", realm=\"pbx.other\", nonce=\"n\"";
+        assert_eq!(verify(decoy), None);
+        let hidden =
+            "Digest username*=UTF-8''%C3%A4, cnonce=\"realm=\", realm=\"example.com\", nonce=\"n\"";
+        assert_eq!(verify(hidden), Some(Failure::Malformed));
         for ours in [
             theirs.replace("pbx.other", "Example.com"),
             "Digest username*=UTF-8''%C3%A4, nonce=\"n\"".to_string(),

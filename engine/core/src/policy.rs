@@ -2168,6 +2168,9 @@ mod tests {
             for bad in [
                 req("MESSAGE", bob, "sip:alice@example.com", bob, "")
                     .replace(";tag=f", ";tag=1, <sip:ceo@example.com>"),
+                // A quoted string with more after it is no quoted string.
+                req("MESSAGE", bob, "sip:alice@example.com", bob, "")
+                    .replace(";tag=f", ";tag=f;x=\"y\", <sip:ceo@example.com>"),
                 req("MESSAGE", bob, "sip:alice@example.com", bob, "").replace(
                     "To: <sip:bob@example.com>",
                     "To: <sip:bob@example.com>;x=<sip:ceo@example.com>",

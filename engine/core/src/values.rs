@@ -191,10 +191,7 @@ impl<'b> NameAddr<'b> {
         }
         let mut plain = true;
         let _ = for_each_param(self.params, |_, val| {
-            plain &= val.is_none_or(|v| {
-                v.first() == Some(&b'"')
-                    || !v.iter().any(|&b| matches!(b, b'<' | b'>' | b',' | b'"'))
-            });
+            plain &= val.is_none_or(gen_value);
         });
         plain
     }
@@ -216,9 +213,8 @@ impl<'b> NameAddr<'b> {
         // `sip:alice@example.com;x=<sip:ceo@example.com>` as the CEO while we read alice.
         let mut bracket = false;
         for_each_param(params, |_, val| {
-            bracket |= val.is_some_and(|v| {
-                v.first() != Some(&b'"') && v.iter().any(|&b| b == b'<' || b == b'>')
-            });
+            bracket |=
+                val.is_some_and(|v| !whole_quoted(v) && v.iter().any(|&b| b == b'<' || b == b'>'));
         })
         .ok()?;
         if bracket {
@@ -273,6 +269,18 @@ impl<'b> CSeq<'b> {
         }
         Some(CSeq { seq, method })
     }
+}
+
+/// A parameter value that is one quoted string, whole: `"y"` — not `"y", <sip:ceo@…>`,
+/// which the parameter splitter hands over as one value starting with a quote.
+fn whole_quoted(v: &[u8]) -> bool {
+    v.first() == Some(&b'"') && text::skip_quoted(v, 1) == Some(v.len())
+}
+
+/// A gen-value (RFC 3261 §25.1): a token, a host or a quoted string — no unquoted `<`,
+/// `>`, `,` or `"`.
+fn gen_value(v: &[u8]) -> bool {
+    whole_quoted(v) || !v.iter().any(|&b| matches!(b, b'<' | b'>' | b',' | b'"'))
 }
 
 #[cfg(test)]

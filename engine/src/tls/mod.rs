@@ -665,6 +665,21 @@ impl TlsPolicy {
                         );
                         certs.remove(*i);
                     }
+                    // The CRL coverage is asked of the roots that anchor (a revoked one needs
+                    // no list of its own).
+                    let certs_checked = certs.clone();
+                    if certs.is_empty() {
+                        // Every client root revoked: the policy still loads (a refused
+                        // reload kept the revoked ones anchoring), and no client certificate
+                        // passes — anchored at a root made now, whose key is dropped.
+                        tracing::warn!(
+                            "every tls.client_roots certificate is revoked: no client certificate \
+                             is accepted until the file is mended"
+                        );
+                        let none = pki::Ca::new("sipring: no client root")
+                            .map_err(|e| load_err(path, e))?;
+                        certs.push(none.cert.der);
+                    }
                     let mut roots = RootCertStore::empty();
                     let lapsing = verify::RootValidity::of(&certs);
                     client_anchor_expiries = lapsing.expiries();
@@ -675,7 +690,7 @@ impl TlsPolicy {
                             .map_err(|e| load_err(path, format!("bad root: {e}")))?;
                     }
                     let roots = Arc::new(roots);
-                    check_client_crls(path, &reads.certs(path)?, &crls)?;
+                    check_client_crls(path, &certs_checked, &crls)?;
                     let orders = verify::crl_orders(&crls);
                     let parsed = orders
                         .iter()

@@ -946,9 +946,11 @@ fn constrain(ids: &mut Vec<Identity>, intermediates: &[CertificateDer<'_>], user
                 Identity::Dns(_) => dns_ok,
                 // A URI (and a CN, which has no type) is held to the URI subtrees too:
                 // RFC 5280 compares a URI constraint with the URI's host.
+                // (A phone's AOR domain is not held to that: a phones-only CA limited to
+                // directory names or e-mail addresses proves the AORs it issues.)
                 Identity::Sip(_) | Identity::Cn(_) => {
                     dns_ok
-                        && !none_for_hosts
+                        && (users || !none_for_hosts)
                         && (uri_permitted.is_empty()
                             || uri_permitted.iter().any(|c| in_uri_subtree(host, c)))
                         && !uri_excluded.iter().any(|c| in_uri_subtree(host, c))
