@@ -486,9 +486,10 @@ pub struct RegistrarSection {
     /// Timer C (RFC 3261 §16.6, more than 3 minutes): an INVITE branch ringing this long is
     /// cancelled, in seconds. Default 181.
     pub timer_c_s: u64,
-    /// The longest an INVITE branch may ring, in seconds, however often its provisional
-    /// responses restart Timer C; then it is cancelled as at Timer C. At least `timer_c_s`,
-    /// at most a day. Default 600.
+    /// The longest an INVITE may ring, in seconds from its arrival, however often its
+    /// provisional responses restart Timer C: every branch of it (a fallback to a device's
+    /// other flow included) is cancelled as at Timer C once it is reached. At least
+    /// `timer_c_s`, at most a day. Default 600.
     pub max_ring_s: u64,
 }
 

@@ -1012,9 +1012,9 @@ impl ShardProxy {
         self.timer_c = d;
     }
 
-    /// The longest an INVITE branch may ring, however often its provisionals restart
-    /// Timer C: then it is cancelled as at Timer C (Kamailio's `max_inv_lifetime`).
-    /// Default 10 minutes.
+    /// The longest an INVITE may ring from its arrival, however often provisionals restart
+    /// Timer C: each of its branches is cancelled as at Timer C then (Kamailio's
+    /// `max_inv_lifetime`). Default 10 minutes.
     pub fn set_max_ring(&mut self, d: std::time::Duration) {
         self.max_ring = d;
     }
