@@ -554,8 +554,9 @@ pub struct LimitsConfig {
     /// 0: never (the new one is refused). Default 10.
     pub anonymous_grace_s: u64,
     /// While the budget is full, a new connection from a source (an IPv4 address, an IPv6
-    /// /64) that already holds this many anonymous connections (all shards together) is
-    /// refused instead of taking another's place: one source reconnecting faster than
+    /// /64) that already holds this many anonymous connections, or from an IPv6 /48 that
+    /// holds 16 times as many (all shards together), is refused instead of taking another's
+    /// place: one source reconnecting faster than
     /// the grace cannot push everyone else's newcomers out. Default 16.
     pub max_anonymous_per_ip: usize,
     /// Close connections that sent no complete message and no keepalive (CRLFCRLF) for this

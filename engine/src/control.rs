@@ -50,6 +50,8 @@ pub struct Control {
     /// Of those, the ones still anonymous (nothing registered or authenticated on them as
     /// far as the driver saw; `limits.max_anonymous_per_ip`).
     pub anonymous_per_source: PerSource,
+    /// The same per IPv6 /48 (`sipring_core::auth::wide_of`): a site holding many /64s.
+    pub anonymous_per_site: PerSource,
     /// Registered bindings per source address, process-wide (`limits.max_bindings_per_ip`).
     pub bindings_per_source: PerSource,
     /// The most connections the process holds: below RLIMIT_NOFILE, leaving descriptors for

@@ -171,6 +171,7 @@ pub fn start(cfg: Config, config_path: Option<PathBuf>) -> Result<Running, Start
         anonymous: (0..n).map(|_| AtomicUsize::new(0)).collect(),
         per_source: PerSource::default(),
         anonymous_per_source: PerSource::default(),
+        anonymous_per_site: PerSource::default(),
         bindings_per_source: PerSource::default(),
         budget: connection_budget(&cfg, n),
         identity: Identity {

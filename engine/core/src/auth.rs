@@ -687,9 +687,10 @@ impl fmt::Debug for FailureLedger {
 /// `max_failures` ([`FailureLedger::fail`]).
 pub const WIDE_FACTOR: u32 = 64;
 
-/// The /48 an IPv6 source belongs to, as a ledger key of its own (its low bit set, so it is
-/// never a /64's [`source_of`]); `None` for an IPv4 source (translated ones included).
-fn wide_of(ip: IpAddr) -> Option<IpAddr> {
+/// The /48 an IPv6 source belongs to, as a key of its own (its low bit set, so it is never
+/// a /64's [`source_of`]); `None` for an IPv4 source (translated ones included). One site
+/// draws its /64s from its /48 at will: per-source limits count it as well.
+pub fn wide_of(ip: IpAddr) -> Option<IpAddr> {
     match source_of(ip) {
         IpAddr::V6(v6) => Some(IpAddr::V6((u128::from(v6) >> 80 << 80 | 1).into())),
         IpAddr::V4(_) => None,

@@ -2,6 +2,7 @@
 //! per shard, handshakes in flight), held from accept to close and released on drop.
 
 use super::*;
+use crate::control::PerSource;
 use sipring_core::stateful::Standing;
 
 /// An accepted connection's place in the shard's limits (its source address's count and the
@@ -167,7 +168,12 @@ pub fn admit(
             // newcomer out: past its share of anonymous connections it takes nobody's
             // place (refused as such where it could have taken one).
             let over_share = ip.is_some_and(|ip| {
-                control.anonymous_per_source.get(ip) >= limits.max_anonymous_per_ip
+                over_share(
+                    &control.anonymous_per_source,
+                    &control.anonymous_per_site,
+                    ip,
+                    limits.max_anonymous_per_ip,
+                )
             });
             match room(shard, now) {
                 Room::Here if over_share => Err("max_anonymous_per_ip"),
@@ -222,6 +228,19 @@ pub(super) const MAX_RECLAIMING: usize = 8;
 /// Entries the sweep drops from the head of the queue each time, at most: connections
 /// that registered or authenticated since they joined, ahead of the anonymous ones.
 const SWEEP_LOOK: usize = 4096;
+
+/// An IPv6 /48's share of anonymous connections, in shares of one source
+/// (`limits.max_anonymous_per_ip` each).
+pub(super) const SITE_SHARES: usize = 16;
+
+/// Has `ip`'s source its share of anonymous connections (`cap`), or the IPv6 /48 around it
+/// [`SITE_SHARES`] times as many? A site drawing its /64s from its /48 at will had a share
+/// per /64: 65,536 of them.
+fn over_share(per_source: &PerSource, per_site: &PerSource, ip: IpAddr, cap: usize) -> bool {
+    per_source.get(ip) >= cap
+        || sipring_core::auth::wide_of(ip)
+            .is_some_and(|site| per_site.get(site) >= cap.saturating_mul(SITE_SHARES))
+}
 
 /// Where a place could come from at a full budget.
 enum Room {
@@ -430,5 +449,46 @@ fn refused(shard: &Shard, ip: Option<IpAddr>, why: &str) {
             "connection refused by limit (at most one line a second; \
              sipring_connections_refused_total counts all)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_has_sixteen_shares_whatever_its_64s() {
+        let at = |net: u128, i: u128| IpAddr::V6(((net << 80) | (i << 64) | 9).into());
+        let site = 0x2001_0db8_0001u128;
+        let tables = || (PerSource::default(), PerSource::default());
+        let count = |(per_source, per_site): &(PerSource, PerSource), ip: IpAddr| {
+            per_source.add_n(ip, 1);
+            per_site.add_n(sipring_core::auth::wide_of(ip).unwrap(), 1);
+        };
+        let over = |(per_source, per_site): &(PerSource, PerSource), ip| {
+            over_share(per_source, per_site, ip, 16)
+        };
+        // One /64 at its share.
+        let t = tables();
+        for _ in 0..16 {
+            count(&t, at(site, 0));
+        }
+        assert!(over(&t, at(site, 0)));
+        assert!(!over(&t, at(site, 1)), "another /64 of the site");
+        // 15 from each of 17 /64s: each under its own share, the site at 255 of 256.
+        let t = tables();
+        for i in 0..17u128 {
+            for _ in 0..15 {
+                count(&t, at(site, i));
+            }
+        }
+        assert!(!over(&t, at(site, 1)), "255 of 256");
+        count(&t, at(site, 17));
+        for i in [1u128, 17, 99] {
+            assert!(over(&t, at(site, i)), "/64 {i}");
+        }
+        // Another site, and IPv4, have their own.
+        assert!(!over(&t, at(site + 1, 0)));
+        assert!(!over(&t, IpAddr::V4([192, 0, 2, 1].into())));
     }
 }

@@ -904,9 +904,11 @@ impl Shard {
             && matches!(&handle.principal, Principal::Client { cert_aors } if cert_aors.is_empty());
         if anonymous && self.cfg.limits.anonymous_grace_s > 0 {
             self.anonymous.borrow_mut().push_back((Instant::now(), id));
-            self.control
-                .anonymous_per_source
-                .add_n(handle.remote.ip(), 1);
+            let ip = handle.remote.ip();
+            self.control.anonymous_per_source.add_n(ip, 1);
+            if let Some(site) = sipring_core::auth::wide_of(ip) {
+                self.control.anonymous_per_site.add_n(site, 1);
+            }
             handle.anonymous_counted.set(true);
         }
         self.conns.borrow_mut().insert(id, handle);
@@ -916,7 +918,11 @@ impl Shard {
     /// source's count (`limits.max_anonymous_per_ip`).
     pub fn forget_anonymous(&self, conn: &crate::conn::Conn) {
         if conn.anonymous_counted.replace(false) {
-            self.control.anonymous_per_source.sub(conn.remote.ip());
+            let ip = conn.remote.ip();
+            self.control.anonymous_per_source.sub(ip);
+            if let Some(site) = sipring_core::auth::wide_of(ip) {
+                self.control.anonymous_per_site.sub(site);
+            }
         }
     }
 
