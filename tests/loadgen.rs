@@ -186,6 +186,16 @@ fn every_scenario_against_sipring_over_tls_and_mtls() {
         s.kinds["tls_handshake"].count >= 60 && s.kinds["options"].answered >= 60,
         "{table}"
     );
+    assert_eq!(s.blocked_calls, 0, "{table}");
+    // One handshake in flight at most, asked for 400 a second: most are not started
+    // (counted as blocked, not as failures), and those started all complete.
+    let (code, table, s) = run(
+        "handshake-capped",
+        "handshake",
+        &["--rate", "400", "--max-concurrent", "1"],
+    );
+    assert_eq!(code, 0, "{table}");
+    assert!(s.blocked_calls > 0 && s.failed == 0, "{table}");
     let (code, table, s) = run(
         "idle",
         "idle",

@@ -177,7 +177,7 @@ struct Common {
     /// Call hold time, seconds.
     #[arg(long, default_value_t = 1.0)]
     hold: f64,
-    /// Most calls up at once.
+    /// Most calls up at once (the `handshake` scenario: most handshakes in flight).
     #[arg(long, default_value_t = 10_000)]
     max_concurrent: usize,
     /// REGISTER expiry, seconds.

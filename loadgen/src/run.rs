@@ -700,6 +700,13 @@ async fn run_plan(shard: Rc<Shard>, plan: Plan, base: usize, index: usize) {
                     }
                 }
             }
+            // At most `--max-concurrent` in flight, all shards together, as calls: a server
+            // that slows down had the generator open sockets without bound, until its own
+            // descriptors ran out and it counted its own EMFILE as the server's failures.
+            Scenario::Handshake if shard.handshakes.get() * shard.n >= plan.max_concurrent => {
+                shard.stats.borrow_mut().blocked_calls += 1;
+                went = false;
+            }
             Scenario::Handshake => {
                 let (s, p) = (shard.clone(), plan.clone());
                 shard.handshakes.set(shard.handshakes.get() + 1);

@@ -169,7 +169,7 @@ impl Stats {
         let (sent, ok, failed) = self.totals();
         let _ = writeln!(
             s,
-            "transactions: {sent} sent, {ok} answered, {failed} failed; {} late sends (max lag {:.1} ms), {} calls blocked by max-concurrent",
+            "transactions: {sent} sent, {ok} answered, {failed} failed; {} late sends (max lag {:.1} ms), {} calls or handshakes blocked by max-concurrent",
             self.late_sends,
             self.max_lag_us as f64 / 1000.0,
             self.blocked_calls
@@ -302,7 +302,7 @@ pub struct Summary {
     pub late_sends: u64,
     /// Worst lag, ms.
     pub max_lag_ms: f64,
-    /// Calls not started (max concurrent).
+    /// Calls (or handshakes) not started: `--max-concurrent` were up (in flight).
     pub blocked_calls: u64,
     /// New requests dropped here as the server asked (RFC 7339).
     #[serde(default)]
