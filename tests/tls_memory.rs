@@ -1376,40 +1376,28 @@ fn a_decoy_ca_of_the_sub_cas_name_does_not_lift_its_name_constraints() {
         uris: vec!["sip:sip.zeta.example".into()],
         ..spec("sip.alpha.example")
     };
+    // A leaf presented with the decoy ahead of the real sub-CA.
+    let with_decoy = |leaf: &Issued| {
+        let client = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&versions("1.3"))
+            .unwrap()
+            .with_root_certificates(w.ours_roots())
+            .with_client_auth_cert(
+                vec![
+                    leaf.der.clone(),
+                    decoy.cert.der.clone(),
+                    sub.cert.der.clone(),
+                ],
+                key_of(leaf),
+            )
+            .unwrap();
+        inbound_as(&policy, Arc::new(client), Some(leaf))
+    };
     let leaf = sub.issue(&as_zeta).unwrap();
-    let client = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&versions("1.3"))
-        .unwrap()
-        .with_root_certificates(w.ours_roots())
-        .with_client_auth_cert(
-            vec![
-                leaf.der.clone(),
-                decoy.cert.der.clone(),
-                sub.cert.der.clone(),
-            ],
-            key_of(&leaf),
-        )
-        .unwrap();
-    assert_eq!(
-        inbound_as(&policy, Arc::new(client), Some(&leaf)),
-        Err(Rejection::NameNotTrusted)
-    );
+    assert_eq!(with_decoy(&leaf), Err(Rejection::NameNotTrusted));
     // Its own name still passes through the decoy.
     let own = sub.issue(&spec("sip.alpha.example")).unwrap();
-    let client = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&versions("1.3"))
-        .unwrap()
-        .with_root_certificates(w.ours_roots())
-        .with_client_auth_cert(
-            vec![
-                own.der.clone(),
-                decoy.cert.der.clone(),
-                sub.cert.der.clone(),
-            ],
-            key_of(&own),
-        )
-        .unwrap();
-    assert_eq!(inbound_as(&policy, Arc::new(client), Some(&own)), Ok(()));
+    assert_eq!(with_decoy(&own), Ok(()));
 }
 
 #[test]
