@@ -946,6 +946,42 @@ fn inbound_revocation_by_crl() {
 }
 
 #[test]
+fn a_forged_crl_naming_a_root_we_hold_does_not_hide_the_genuine_one() {
+    // CRLs are ranked newest-first per scope (issuer, distribution point, key id) before
+    // any signature is checked: a list under Alpha's name and key id, signed by another key,
+    // with a later thisUpdate (a fetch over plain HTTP, tampered), hid the genuine one, and
+    // every certificate of Alpha failed as a bad CRL signature. One naming a root we hold
+    // is checked against it first, and dropped.
+    let w = World::new();
+    let impostor = Ca::new("Alpha CA").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let forged = impostor
+        .crl_claiming(
+            &[],
+            now - Duration::hours(1),
+            now + Duration::days(30),
+            w.alpha.key_id(),
+        )
+        .unwrap();
+    let good = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    let revoked = w.alpha.issue(&spec("sip.alpha.example")).unwrap();
+    let with_revoked = w.alpha.crl(&[w.alpha_revoked, revoked.serial]).unwrap();
+    in_both_orders(
+        &w,
+        ("genuine", &with_revoked),
+        ("forged", &forged),
+        |policy, order| {
+            assert_eq!(inbound(&w, policy, "1.3", Some(&good)), Ok(()), "{order}");
+            assert_eq!(
+                inbound(&w, policy, "1.3", Some(&revoked)),
+                Err(Rejection::Revoked),
+                "{order}"
+            );
+        },
+    );
+}
+
+#[test]
 fn a_partner_ca_re_keyed_under_its_name_keeps_its_crls_working() {
     // A CA renewing its key under the same name (as a Windows CA does) publishes one CRL
     // per key, both in the partner's file. webpki reads the first CRL whose issuer *name*

@@ -182,20 +182,19 @@ pub struct CrlDue {
 /// its CRLs in use fall due ([`CrlDue`]). Files that do not load are left out (the policy
 /// load names them).
 pub fn crl_next_updates(cfg: &Config) -> Vec<CrlDue> {
-    crl_dues_of(cfg, &mut |f| load_crls(f).ok())
+    crl_dues_of(cfg, &mut Reads::default())
 }
 
-/// [`crl_next_updates`], reading each file through `read` (`None`: it does not load).
-fn crl_dues_of(
-    cfg: &Config,
-    read: &mut dyn FnMut(&Path) -> Option<Vec<CertificateRevocationListDer<'static>>>,
-) -> Vec<CrlDue> {
+/// [`crl_next_updates`], reading each file through `reads` (one that does not load is
+/// left out).
+fn crl_dues_of(cfg: &Config, reads: &mut Reads) -> Vec<CrlDue> {
     let scopes = cfg
         .peer
         .iter()
         .map(|p| {
             (
                 &p.crls,
+                Some(&p.roots),
                 p.unknown_revocation == crate::config::UnknownRevocation::Deny,
             )
         })
@@ -203,19 +202,20 @@ fn crl_dues_of(
         .chain(
             cfg.tls
                 .client_roots
-                .is_some()
-                .then_some((&cfg.tls.client_crls, true)),
+                .as_ref()
+                .map(|r| (&cfg.tls.client_crls, Some(r), true)),
         )
-        .chain(cfg.cluster.iter().map(|c| (&c.crls, true)));
+        .chain(cfg.cluster.iter().map(|c| (&c.crls, Some(&c.roots), true)));
     let mut out: Vec<CrlDue> = Vec::new();
-    for (files, enforced) in scopes {
+    for (files, roots, enforced) in scopes {
         let mut all: Vec<(&PathBuf, CertificateRevocationListDer<'static>)> = Vec::new();
         for f in files {
-            if let Some(crls) = read(f) {
+            if let Ok(crls) = reads.crls(f) {
                 all.extend(crls.into_iter().map(|c| (f, c)));
             }
         }
-        let kept = newest_crl_per_issuer(all.iter().map(|(_, c)| c.clone()).collect());
+        let issuers = roots.and_then(|r| reads.certs(r).ok()).unwrap_or_default();
+        let kept = newest_crl_per_issuer(all.iter().map(|(_, c)| c.clone()).collect(), &issuers);
         for f in files {
             let next = all
                 .iter()
@@ -250,10 +250,29 @@ fn crl_dues_of(
 /// Keeps one CRL per scope (issuer, issuing distribution point, authority key identifier),
 /// the newest (latest thisUpdate, then highest CRL number): the verifier reads the first CRL
 /// that covers a certificate, so an older one listed first (a file a job appends to, two
-/// files of one CA) would hide what the newer one revoked.
+/// files of one CA) would hide what the newer one revoked. A CRL whose issuer is among
+/// `issuers` (the scope's roots) and whose signature none of them verifies is dropped first,
+/// with a WARN: a forged list with a later thisUpdate (a fetch over plain HTTP, tampered)
+/// hid the genuine one, and every certificate of that issuer failed as a bad CRL signature.
+/// Lists of issuers we do not hold (intermediates, seen only at handshakes) are ranked as
+/// they are.
 pub fn newest_crl_per_issuer(
     crls: Vec<CertificateRevocationListDer<'static>>,
+    issuers: &[CertificateDer<'_>],
 ) -> Vec<CertificateRevocationListDer<'static>> {
+    let crls: Vec<_> = crls
+        .into_iter()
+        .filter(|c| match verify::crl_signed_by_known_issuer(c, issuers) {
+            Some(false) => {
+                tracing::warn!(
+                    "a CRL that names a root we hold as its issuer is not signed by it: \
+                     ignored (a tampered or corrupt list; the root's genuine one is used)"
+                );
+                false
+            }
+            _ => true,
+        })
+        .collect();
     /// A CRL's issuer (raw DER name) and rank: thisUpdate, then CRL number (as a big-endian
     /// integer: longer is larger). `None` when x509-parser cannot read it (webpki did).
     type Rank = (i64, usize, Vec<u8>);
@@ -645,7 +664,7 @@ impl TlsPolicy {
                     for f in &cfg.tls.client_crls {
                         crls.extend(reads.crls(f)?);
                     }
-                    let crls = newest_crl_per_issuer(crls);
+                    let crls = newest_crl_per_issuer(crls, &reads.certs(path)?);
                     // A sub-CA given as a client root that a configured CRL of its issuer
                     // revokes anchors nothing: webpki checks no anchor's revocation, and
                     // phones under a revoked CA went on proving AORs without a digest.
@@ -752,7 +771,7 @@ impl TlsPolicy {
             for f in &p.crls {
                 crls.extend(reads.crls(f)?);
             }
-            let crls = newest_crl_per_issuer(crls);
+            let crls = newest_crl_per_issuer(crls, &roots);
             let t = PeerTrust::new(p, &roots, &crls).map_err(|e| load_err(&p.roots, e))?;
             partners.push(Arc::new(t));
         }
@@ -818,7 +837,7 @@ impl TlsPolicy {
             client_anchor_expiries: client_anchor_expiries.into(),
             client_constrained_roots,
             certs,
-            crl_dues: crl_dues_of(cfg, &mut |f| reads.crls(f).ok()),
+            crl_dues: crl_dues_of(cfg, &mut reads),
             algs,
         })
     }

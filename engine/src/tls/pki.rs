@@ -309,12 +309,52 @@ impl Ca {
         )
     }
 
+    /// The key identifier of this CA's key, as its certificates and CRLs name it.
+    pub fn key_id(&self) -> Vec<u8> {
+        self.params.key_identifier(self.issuer.key())
+    }
+
+    /// A CRL this CA signs while claiming the authority key identifier `key_id` (another
+    /// CA's of the same name): a forged list, as tests of a tampered CRL fetch need.
+    pub fn crl_claiming(
+        &self,
+        revoked: &[u64],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+        key_id: Vec<u8>,
+    ) -> Result<String, String> {
+        self.crl_with(
+            revoked,
+            this_update,
+            next_update,
+            None,
+            KeyIdMethod::PreSpecified(key_id),
+        )
+    }
+
     fn crl_scoped(
         &self,
         revoked: &[u64],
         this_update: OffsetDateTime,
         next_update: OffsetDateTime,
         issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
+    ) -> Result<String, String> {
+        self.crl_with(
+            revoked,
+            this_update,
+            next_update,
+            issuing_distribution_point,
+            KeyIdMethod::Sha256,
+        )
+    }
+
+    fn crl_with(
+        &self,
+        revoked: &[u64],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+        issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
+        key_identifier_method: KeyIdMethod,
     ) -> Result<String, String> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
@@ -331,7 +371,7 @@ impl Ca {
                     invalidity_date: None,
                 })
                 .collect(),
-            key_identifier_method: KeyIdMethod::Sha256,
+            key_identifier_method,
         };
         params
             .signed_by(&self.issuer)

@@ -403,6 +403,28 @@ pub fn revoked_roots(
         .collect()
 }
 
+/// Is `crl` signed by one of `issuers` of its issuer's name? `None`: none of them has that
+/// name (an issuer we do not hold), or the list does not parse here.
+pub fn crl_signed_by_known_issuer(
+    crl: &CertificateRevocationListDer<'_>,
+    issuers: &[CertificateDer<'_>],
+) -> Option<bool> {
+    let (_, list) = x509_parser::parse_x509_crl(crl.as_ref()).ok()?;
+    let named: Vec<_> = issuers
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+        .filter(|(_, x)| x.subject().as_raw() == list.issuer().as_raw())
+        .collect();
+    if named.is_empty() {
+        return None;
+    }
+    Some(
+        named
+            .iter()
+            .any(|(_, x)| list.verify_signature(x.public_key()).is_ok()),
+    )
+}
+
 /// The issuer names (DER) of a presented chain, for [`PeerTrust::roots_named`].
 /// The presented CA certificates that chain from `ee` by name: every one whose subject is
 /// the issuer of the leaf or of one already taken — those a path can use, whichever of them
