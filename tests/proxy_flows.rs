@@ -2860,6 +2860,40 @@ fn carrier_policy() -> Policy {
     )
 }
 
+#[test]
+fn a_request_uri_maddr_naming_us_is_stripped_before_it_goes_on() {
+    // RFC 3261 §16.4: a Request-URI whose maddr names us is processed without it (and
+    // without a port or transport). Forwarded as it came, the carrier's proxy, which honours
+    // maddr, sent it straight back to us, round and round until 482.
+    let (carrier, mut n) = carrier_net();
+    let msg = |ruri: &str, b: &str| {
+        format!(
+            "MESSAGE {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1;branch=z9hG4bKmd{b}\r\nMax-Forwards: 70\r\nTo: <sip:x@carrier.example>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: md{b}\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    n.send(
+        &A,
+        msg(
+            "sip:x@carrier.example;maddr=proxy.example.com;transport=tls;user=phone",
+            "1",
+        )
+        .as_bytes(),
+    );
+    assert_eq!(
+        first_line(&n.one(&carrier)),
+        "MESSAGE sip:x@carrier.example;user=phone SIP/2.0"
+    );
+    // A maddr naming someone else is theirs to honour: it goes on as it came.
+    n.send(
+        &A,
+        msg("sip:x@carrier.example;maddr=192.0.2.50", "2").as_bytes(),
+    );
+    assert_eq!(
+        first_line(&n.one(&carrier)),
+        "MESSAGE sip:x@carrier.example;maddr=192.0.2.50 SIP/2.0"
+    );
+}
+
 /// A proxy with the `carrier` partner routed for `carrier.example`, and its flow.
 fn carrier_net() -> (Flow, Net) {
     let n = Net::build(carrier_policy(), |c| {

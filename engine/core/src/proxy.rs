@@ -477,6 +477,47 @@ impl Proxy {
                 .is_none_or(|p| p == self.cfg.via_port || self.cfg.ports.contains(&p))
     }
 
+    /// RFC 3261 §16.4: a Request-URI whose `maddr` names us (one of our hosts, addresses or
+    /// domains) is processed as if the `maddr`, and any port or `transport`, were not there:
+    /// the Request-URI to forward then, if `ruri` had one. Forwarded as it came, a partner's
+    /// proxy that honours `maddr` sent the request straight back, round and round until the
+    /// loop check answered 482.
+    pub fn without_our_maddr(&self, ruri: &[u8]) -> Option<String> {
+        let uri = Uri::parse(ruri).ok()?;
+        let maddr = uri.param("maddr").flatten()?;
+        if !(self.is_self(maddr) || self.is_our_domain(maddr)) {
+            return None;
+        }
+        let colon = ruri.iter().position(|&b| b == b':')?;
+        let mut out = String::from_utf8_lossy(&ruri[..=colon]).into_owned();
+        if let Some(user) = uri.user {
+            out.push_str(&String::from_utf8_lossy(user));
+            if let Some(pw) = uri.password {
+                out.push(':');
+                out.push_str(&String::from_utf8_lossy(pw));
+            }
+            out.push('@');
+        }
+        out.push_str(&String::from_utf8_lossy(uri.host));
+        text::for_each_param(uri.params, |name, value| {
+            if text::eq_ic(name, b"maddr") || text::eq_ic(name, b"transport") {
+                return;
+            }
+            out.push(';');
+            out.push_str(&String::from_utf8_lossy(name));
+            if let Some(v) = value {
+                out.push('=');
+                out.push_str(&String::from_utf8_lossy(v));
+            }
+        })
+        .ok()?;
+        if let Some(h) = uri.headers {
+            out.push('?');
+            out.push_str(&String::from_utf8_lossy(h));
+        }
+        Some(out)
+    }
+
     /// Does this URI name this server itself (a local host name or address, or our Via
     /// host; and one of our ports when it has one), not merely a domain we serve?
     pub fn is_self_host_uri(&self, uri: &Uri<'_>) -> bool {

@@ -1984,7 +1984,10 @@ impl ShardProxy {
             }
             Decision::ToFlow(f) => self.fork(now, &key, &[Target::to(f, None, Vec::new())]),
             Decision::ToPeer(p) => {
-                self.fork(now, &key, &[Target::to(Flow::Peer(p), None, Vec::new())])
+                let uri = msg
+                    .request_uri()
+                    .and_then(|r| self.proxy.without_our_maddr(r));
+                self.fork(now, &key, &[Target::to(Flow::Peer(p), uri, Vec::new())])
             }
             Decision::Cancel => self.on_cancel(now, &key),
             // Resolved or refused by `proven_party`.
