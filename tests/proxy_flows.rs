@@ -934,6 +934,28 @@ fn a_sips_ack_another_node_relays_is_looked_up_to_a_tls_flow_only() {
 }
 
 #[test]
+fn a_2xx_ack_another_node_relays_to_a_contact_behind_an_edge_proxy_keeps_its_path() {
+    // Every request to a contact registered through an edge proxy carries the binding's
+    // Path as Route (RFC 3327 §5.4); a 2xx ACK another node relayed here, looked up, went
+    // without it, and the edge proxy could not tell which flow it was for.
+    let node = Flow::Peer("node-c".into());
+    let mut n = with_node_c();
+    let reg = "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS edge.example.net;branch=z9hG4bKpa1\r\nVia: SIP/2.0/TLS 10.0.0.9:5061;branch=z9hG4bKpa2\r\nPath: <sip:f1@edge.example.net;lr;ob>\r\nTo: <sip:bob@example.com>\r\nFrom: <sip:bob@example.com>;tag=r\r\nCall-ID: pa-1\r\nCSeq: 1 REGISTER\r\nSupported: outbound, path\r\nContact: <sip:bob@10.0.0.9:5061;transport=tls;ob>;+sip.instance=\"<urn:uuid:00000000-0000-4000-8000-0000000000e2>\";reg-id=1\r\nExpires: 600\r\nContent-Length: 0\r\n\r\n";
+    n.send(&B, reg.as_bytes());
+    assert_eq!(status(&n.one(&B)), 200);
+    let ack = "ACK sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/TLS node-c.example.com;branch=z9hG4bKpa3\r\nMax-Forwards: 69\r\nTo: <sip:bob@example.com>;tag=b1\r\nFrom: <sip:alice@example.com>;tag=a1\r\nCall-ID: pa-2\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n";
+    n.send(&node, ack.as_bytes());
+    let at_edge = n.one(&B);
+    assert_eq!(method(&at_edge), "ACK");
+    assert_eq!(
+        sipring_tests::ua::header(&at_edge, "Route").as_deref(),
+        Some("<sip:f1@edge.example.net;lr;ob>"),
+        "{}",
+        String::from_utf8_lossy(&at_edge)
+    );
+}
+
+#[test]
 fn a_flow_that_fails_is_not_the_one_failover_picks() {
     // One device's two reg-ids over one connection (a device behind an edge proxy has all
     // its flows on the edge's connection): that connection closes with the INVITE on it.

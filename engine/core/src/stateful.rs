@@ -2467,8 +2467,8 @@ impl ShardProxy {
         let decision = self.proven_party(now, flow, ess, decision, &grant);
         let Grant { source } = grant;
         match decision {
-            Decision::ToFlow(f) => self.send_ack(flow, &f, None, source, msg, ess),
-            Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, source, msg, ess),
+            Decision::ToFlow(f) => self.send_ack(flow, &f, None, &[], source, msg, ess),
+            Decision::ToPeer(p) => self.send_ack(flow, &Flow::Peer(p), None, &[], source, msg, ess),
             // An ACK with a To-tag, no transaction and no route of ours: not the ACK of a
             // dialog we record-routed (its route set names us), so nobody's. Dropped, as
             // Kamailio's default script does — it would otherwise reach any registered
@@ -2537,11 +2537,13 @@ impl ShardProxy {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // where it goes (flow, Request-URI, Path), whose, what
     fn send_ack(
         &mut self,
         inbound: &Flow,
         to: &Flow,
         uri: Option<&str>,
+        path: &[String],
         source: Source,
         msg: &Message<'_, '_>,
         ess: &Essentials<'_>,
@@ -2572,7 +2574,7 @@ impl ShardProxy {
             out_iface: &self.iface_of(to),
             source: self.client_source(inbound),
             ident: &ident,
-            path: &[],
+            path,
             overload_control: false,
             max_breadth: None,
             parties: (None, None),
@@ -2667,21 +2669,23 @@ impl ShardProxy {
                         .is_some_and(|u| u.scheme == crate::uri::Scheme::Sips)
                 })
                 .unwrap_or(true);
-                let (to, uri) = match result {
+                // The binding's Path goes with it, as with every request to a contact
+                // registered behind an edge proxy (RFC 3327 §5.4).
+                let (to, uri, path) = match result {
                     Lookup::Found(b) => {
                         match b.into_iter().find(|r| !sips || Flow::Conn(r.flow).is_tls()) {
-                            Some(r) => (Flow::Conn(r.flow), Some(r.contact)),
+                            Some(r) => (Flow::Conn(r.flow), Some(r.contact), r.path),
                             None => return,
                         }
                     }
                     Lookup::Nodes(n) => match n.into_iter().next() {
-                        Some(node) => (Flow::Peer(node), None),
+                        Some(node) => (Flow::Peer(node), None, Vec::new()),
                         None => return,
                     },
                     _ => return,
                 };
                 with_parsed(&request, &limits, |m, e| {
-                    self.send_ack(&inbound, &to, uri.as_deref(), source.clone(), m, e)
+                    self.send_ack(&inbound, &to, uri.as_deref(), &path, source.clone(), m, e)
                 });
             }
             Some(Pending::Cancel(_) | Pending::Register { .. }) | None => {}
