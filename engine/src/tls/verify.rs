@@ -421,8 +421,67 @@ pub fn crl_signed_by_known_issuer(
     Some(
         named
             .iter()
-            .any(|(_, x)| list.verify_signature(x.public_key()).is_ok()),
+            .any(|(_, x)| signed_by(crl.as_ref(), x.public_key().raw)),
     )
+}
+
+/// A DER element: its tag, its contents, the whole element, and what follows it.
+type DerElement<'a> = (u8, &'a [u8], &'a [u8], &'a [u8]);
+
+/// The DER element at the start of `input`. Definite lengths only (DER).
+fn der_element(input: &[u8]) -> Option<DerElement<'_>> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |a, &b| (a << 8) | usize::from(b));
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let header = input.len() - rest.len();
+    Some((tag, &rest[..len], &input[..header + len], &rest[len..]))
+}
+
+/// Is the CRL `crl` (DER) signed by the key of the SubjectPublicKeyInfo `spki` (DER)? With
+/// the signature algorithms rustls's provider verifies certificates with (webpki's
+/// `verify_signature` is not public), matched as webpki matches them: the algorithm
+/// identifiers' contents, the key's and the signature's.
+fn signed_by(crl: &[u8], spki: &[u8]) -> bool {
+    let parts = || {
+        let (_, list, _, _) = der_element(crl)?;
+        let (_, _, tbs, rest) = der_element(list)?;
+        let (_, sig_alg, _, rest) = der_element(rest)?;
+        let (0x03, sig, _, _) = der_element(rest)? else {
+            return None;
+        };
+        let (_, key_info, _, _) = der_element(spki)?;
+        let (_, key_alg, _, rest) = der_element(key_info)?;
+        let (0x03, key, _, _) = der_element(rest)? else {
+            return None;
+        };
+        // BIT STRINGs: a leading count of unused bits, 0 for keys and signatures.
+        Some((tbs, sig_alg, sig.get(1..)?, key_alg, key.get(1..)?))
+    };
+    let Some((tbs, sig_alg, sig, key_alg, key)) = parts() else {
+        return false;
+    };
+    rustls::crypto::aws_lc_rs::default_provider()
+        .signature_verification_algorithms
+        .all
+        .iter()
+        .filter(|a| {
+            a.signature_alg_id().as_ref() == sig_alg && a.public_key_alg_id().as_ref() == key_alg
+        })
+        .any(|a| a.verify_signature(key, tbs, sig).is_ok())
 }
 
 /// The issuer names (DER) of a presented chain, for [`PeerTrust::roots_named`].
