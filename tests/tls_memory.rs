@@ -729,14 +729,17 @@ fn of_two_crls_from_one_issuer_the_newest_counts() {
 fn phones_pki() -> (Ca, Ca, Issued) {
     let root = Ca::new("Phones Root").unwrap();
     let sub = root.intermediate("Phones Sub CA").unwrap();
-    let phone = sub
-        .issue(&Spec {
-            uris: vec!["sip:carol@example.com".into()],
-            usage: Usage::ClientOnly,
-            ..spec("phone.example.com")
-        })
-        .unwrap();
+    let phone = sub.issue(&phone_spec()).unwrap();
     (root, sub, phone)
+}
+
+/// A phone's certificate proving `sip:carol@example.com` (client use only).
+fn phone_spec() -> Spec {
+    Spec {
+        uris: vec!["sip:carol@example.com".into()],
+        usage: Usage::ClientOnly,
+        ..spec("phone.example.com")
+    }
 }
 
 #[test]
@@ -908,13 +911,7 @@ fn a_phones_ca_limited_to_directory_names_still_proves_its_aors() {
             vec![rcgen::GeneralSubtree::DirectoryName(org)],
         )
         .unwrap();
-    let phone = sub
-        .issue(&Spec {
-            uris: vec!["sip:carol@example.com".into()],
-            usage: Usage::ClientOnly,
-            ..spec("phone.example.com")
-        })
-        .unwrap();
+    let phone = sub.issue(&phone_spec()).unwrap();
     let aors =
         sipring::tls::verify::user_aors_within(&[phone.der.clone(), sub.cert.der.clone()], &[]);
     assert_eq!(aors, ["sip:carol@example.com"]);
@@ -1092,11 +1089,7 @@ fn a_lapsed_client_root_is_told_by_the_root_that_anchors_the_chain() {
     // name passed for the old key, and a chain ending in a cross-signature from a lapsed
     // root was refused though a current root anchored it.
     let w = World::new();
-    let phone_spec = Spec {
-        uris: vec!["sip:carol@example.com".into()],
-        usage: Usage::ClientOnly,
-        ..spec("phone.example.com")
-    };
+    let phone_spec = phone_spec();
     let load = |roots: &[&Ca]| {
         let pem: String = roots.iter().map(|r| r.cert.cert_pem.clone()).collect();
         w.dir.write("phones-roots.pem", &pem);
@@ -1145,11 +1138,7 @@ fn a_chain_built_again_on_the_current_root_is_read_against_its_crls() {
     // the phones' sub-CA cross-signed by the current root, a cross-signature the current
     // root's list revokes. The rebuild read no CRLs, so the phone passed.
     let w = World::new();
-    let phone_spec = Spec {
-        uris: vec!["sip:carol@example.com".into()],
-        usage: Usage::ClientOnly,
-        ..spec("phone.example.com")
-    };
+    let phone_spec = phone_spec();
     let old = Ca::with_validity("Old Phones Root", Duration::days(-1)).unwrap();
     let new = Ca::new("New Phones Root").unwrap();
     let sub = old.intermediate("Phones Sub CA").unwrap();
@@ -1198,11 +1187,7 @@ fn a_chain_with_more_intermediates_than_any_real_one_is_refused_unread() {
     // key, once per order of CRLs: a hundred junk intermediates held a shard's thread for a
     // second or more per handshake. More than eight are refused before any is read.
     let w = World::new();
-    let phone_spec = Spec {
-        uris: vec!["sip:carol@example.com".into()],
-        usage: Usage::ClientOnly,
-        ..spec("phone.example.com")
-    };
+    let phone_spec = phone_spec();
     let root = Ca::new("Phones CA").unwrap();
     w.dir.write("phones-roots.pem", &root.cert.cert_pem);
     let mut cfg = w.config(&["1.3"]);
@@ -1230,11 +1215,7 @@ fn a_lapsed_client_root_authenticates_no_phone() {
     // were already held to theirs. Its expiry is also when phones' connections are checked
     // again.
     let w = World::new();
-    let phone_spec = Spec {
-        uris: vec!["sip:carol@example.com".into()],
-        usage: Usage::ClientOnly,
-        ..spec("phone.example.com")
-    };
+    let phone_spec = phone_spec();
     let load = |root: &Ca| {
         w.dir.write("phones-root.pem", &root.cert.cert_pem);
         let mut cfg = w.config(&["1.3"]);

@@ -215,7 +215,7 @@ pub fn admit(
     .detach();
 }
 
-/// Connections [`reclaimable`] and [`reclaim`] look at per new connection, at most: each
+/// Connections [`room`] and [`reclaim`] look at per new connection, at most: each
 /// one looked at leaves the queue or goes to its back, so a full budget of known
 /// connections costs an accept this many lookups once per grace period, not a scan.
 const RECLAIM_LOOK: usize = 16;
@@ -308,18 +308,11 @@ pub(super) fn reclaim_asked(shard: &Shard, now: Instant) {
 pub(super) fn tidy_queue(shard: &Shard, now: Instant) {
     let grace = Duration::from_secs(shard.cfg.limits.anonymous_grace_s);
     let conns = shard.conns.borrow();
-    let proxy = shard.proxy.borrow();
     let mut queue = shard.anonymous.borrow_mut();
     for _ in 0..SWEEP_LOOK {
         let Some(&(_, id)) = queue.front() else { break };
         let conn = conns.get(&id).filter(|c| c.is_open());
-        let standing = conn.map(|c| {
-            if c.held_until().is_some() {
-                Standing::Known
-            } else {
-                proxy.standing(&Flow::Conn(id))
-            }
-        });
+        let standing = conn.map(|c| standing_of(shard, c));
         match (conn, standing) {
             (_, Some(Standing::Anonymous)) => break,
             (_, Some(Standing::Busy)) => {
@@ -348,8 +341,7 @@ pub(super) fn tidy_queue(shard: &Shard, now: Instant) {
         .filter(|(_, id)| {
             conns
                 .get(id)
-                .is_some_and(|c| c.is_open() && c.held_until().is_none())
-                && proxy.standing(&Flow::Conn(*id)) == Standing::Anonymous
+                .is_some_and(|c| c.is_open() && standing_of(shard, c) == Standing::Anonymous)
         })
         .count();
     shard.control.anonymous[shard.id].store(ripe, std::sync::atomic::Ordering::Relaxed);
